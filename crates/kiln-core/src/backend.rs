@@ -1,0 +1,224 @@
+//! The narrow interface between model code and a compute device.
+//!
+//! Model code calls only this trait. A backend owns its memory (`Buf` for f32 tensors,
+//! `Index` for i32 token ids, positions, segment ids and targets); every operation reads and
+//! writes whole buffers whose shapes are given by the arguments. Row-major throughout: a
+//! `[rows, cols]` tensor stores row `r` at `r * cols .. (r + 1) * cols`.
+//!
+//! Gradient outputs named `d*` with "accumulate" in their doc are added into (`+=`), so a
+//! parameter shared by two uses (tied embeddings) or a residual stream collects every
+//! contribution without extra buffers; all other outputs are overwritten.
+
+/// `C (+)= op(A) · op(B)`, repeated `batch` times over contiguous matrices.
+///
+/// `op(A)` is `[m, k]`: A is stored `[m, k]`, or `[k, m]` when `trans_a`.
+/// `op(B)` is `[k, n]`: B is stored `[k, n]`, or `[n, k]` when `trans_b`.
+/// C is `[m, n]`. Batch `i` uses A at `i*m*k`, B at `i*k*n`, C at `i*m*n`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Matmul {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub batch: usize,
+    /// Add into C instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Matmul {
+    /// `Y[rows, out] = X[rows, in] · W[out, in]ᵀ`: a linear layer with a PyTorch-layout weight.
+    pub fn linear(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Self { m: rows, n: d_out, k: d_in, trans_a: false, trans_b: true, batch: 1, accumulate: false }
+    }
+    /// `dX[rows, in] (+)= dY[rows, out] · W[out, in]`.
+    pub fn linear_dx(rows: usize, d_in: usize, d_out: usize, accumulate: bool) -> Self {
+        Self { m: rows, n: d_in, k: d_out, trans_a: false, trans_b: false, batch: 1, accumulate }
+    }
+    /// `dW[out, in] += dY[rows, out]ᵀ · X[rows, in]`.
+    pub fn linear_dw(rows: usize, d_in: usize, d_out: usize) -> Self {
+        Self { m: d_out, n: d_in, k: rows, trans_a: true, trans_b: false, batch: 1, accumulate: true }
+    }
+}
+
+/// Layout of a tensor of attention heads: `[tokens, heads, head_dim]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// Rotary position embedding applied to the first `rot_dim` features of every head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rope {
+    pub x: Heads,
+    pub rot_dim: usize,
+    /// Pairs `(2i, 2i+1)` (DeepSeek, GPT-J) instead of `(i, i + rot_dim/2)` (Llama).
+    pub interleaved: bool,
+}
+
+/// Causal self-attention over `batch` rows of `seq` tokens each.
+///
+/// Token `i` attends to token `j` of the same row iff `j <= i`, `segment[i] == segment[j]`
+/// (packed sequences never see each other) and, with a window `w`, `i - j < w`.
+/// Query heads `h` share key/value head `h / (q_heads / kv_heads)` (grouped-query attention).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Attention {
+    pub batch: usize,
+    pub seq: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// Decoupled weight decay Adam (Loshchilov & Hutter), PyTorch's `torch.optim.AdamW`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+}
+
+pub trait Backend: Send + Sync {
+    type Buf: Send + Sync;
+    type Index: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------------------------
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, data: &[f32]) -> Self::Buf;
+    fn write(&self, dst: &mut Self::Buf, data: &[f32]);
+    fn read(&self, src: &Self::Buf) -> Vec<f32>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn upload_index(&self, data: &[i32]) -> Self::Index;
+    fn write_index(&self, dst: &mut Self::Index, data: &[i32]);
+    fn fill(&self, dst: &mut Self::Buf, value: f32);
+    /// `dst += src`.
+    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// `dst *= s`.
+    fn scale(&self, dst: &mut Self::Buf, s: f32);
+    /// `Σ x²`, accumulated in f64.
+    fn sum_squares(&self, x: &Self::Buf) -> f64;
+
+    // ---- linear algebra -----------------------------------------------------------------
+    fn matmul(&self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, spec: Matmul);
+    /// `y[r, :] += bias` for a `[rows, bias.len()]` tensor.
+    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf);
+    /// `dbias += Σ_r dy[r, :]` (accumulate).
+    fn bias_backward(&self, dbias: &mut Self::Buf, dy: &Self::Buf);
+
+    // ---- embedding ----------------------------------------------------------------------
+    /// `out[t, :] = table[ids[t], :]`, rows of width `dim`.
+    fn embedding_forward(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &Self::Index, dim: usize);
+    /// `dtable[ids[t], :] += dout[t, :]` (accumulate).
+    fn embedding_backward(&self, dtable: &mut Self::Buf, dout: &Self::Buf, ids: &Self::Index, dim: usize);
+
+    // ---- normalisation ------------------------------------------------------------------
+    /// `y = x · rstd · w` per row of width `w.len()`, `rstd = 1/sqrt(mean(x²) + eps)` saved.
+    fn rmsnorm_forward(&self, y: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, eps: f32);
+    /// Fused residual add then RMSNorm: `x += delta; y = rmsnorm(x)`.
+    fn add_rmsnorm_forward(
+        &self,
+        x: &mut Self::Buf,
+        delta: &Self::Buf,
+        y: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        w: &Self::Buf,
+        eps: f32,
+    );
+    /// Backward of `rmsnorm_forward`; `dx` and `dw` accumulate.
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+    );
+
+    // ---- rotary embedding ---------------------------------------------------------------
+    /// Rotates `x` in place. `table` is `[positions, rot_dim]`: `rot_dim/2` cosines then
+    /// `rot_dim/2` sines per position (scaling already folded in); `positions[t]` picks the row.
+    fn rope_forward(&self, x: &mut Self::Buf, table: &Self::Buf, positions: &Self::Index, spec: Rope);
+    /// The inverse rotation, applied in place to the gradient.
+    fn rope_backward(&self, dx: &mut Self::Buf, table: &Self::Buf, positions: &Self::Index, spec: Rope);
+
+    // ---- attention ----------------------------------------------------------------------
+    /// `out = softmax(q kᵀ · scale + mask) v`, with `lse` (`[batch, q_heads, seq]`) the
+    /// log-sum-exp of each score row, kept for backward. `q`, `out`: `[tokens, q_heads, hd]`;
+    /// `k`, `v`: `[tokens, kv_heads, hd]`. Memory is linear in `seq`: no score matrix is kept.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        segments: &Self::Index,
+        spec: Attention,
+    );
+    /// Gradients of `attention_forward`; `dq`, `dk`, `dv` are overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        segments: &Self::Index,
+        spec: Attention,
+    );
+
+    // ---- feed-forward -------------------------------------------------------------------
+    /// `h = silu(gate) ⊙ up`.
+    fn swiglu_forward(&self, h: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    /// Gradients of `swiglu_forward`; `dgate`, `dup` are overwritten.
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dh: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    );
+
+    // ---- loss ---------------------------------------------------------------------------
+    /// Per-row negative log-likelihood of `targets` under `softmax(logits)` (rows of width
+    /// `vocab`); a negative target gives 0.
+    fn cross_entropy_forward(&self, nll: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Index, vocab: usize);
+    /// Fused forward and backward of `loss = Σ_t weight[t] · nll[t]`: writes `nll` and
+    /// overwrites `logits` with `dloss/dlogits = weight[t] · (softmax − onehot)`.
+    fn cross_entropy_backward(
+        &self,
+        logits: &mut Self::Buf,
+        nll: &mut Self::Buf,
+        targets: &Self::Index,
+        weights: &Self::Buf,
+        vocab: usize,
+    );
+
+    // ---- optimiser ----------------------------------------------------------------------
+    /// One AdamW step on `param` from `grad`, updating the moments `m` and `v` in place.
+    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamW);
+}

@@ -1,0 +1,455 @@
+//! The backend conformance suite.
+//!
+//! Every operation of [`Backend`] is checked against a plain reference loop (in f64) on
+//! random inputs, and every backward against central finite differences of the forward.
+//! A backend proves itself by instantiating [`conformance_tests!`]:
+//!
+//! ```ignore
+//! kiln_core::conformance_tests!(kiln_core::Cpu);
+//! ```
+
+use crate::backend::{AdamW, Attention, Backend, Heads, Matmul, Rope};
+use crate::rng::Rng;
+
+/// Generates one `#[test]` per check for the backend expression given.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($backend:expr) => {
+        $crate::conformance_tests!(@tests $backend;
+            matmul, elementwise, embedding, rmsnorm, add_rmsnorm, rope_half_split,
+            rope_interleaved, attention_forward, attention_backward, swiglu, cross_entropy, adamw);
+    };
+    (@tests $backend:expr; $($check:ident),*) => {
+        $(
+            #[test]
+            fn $check() {
+                $crate::conformance::$check(&$backend);
+            }
+        )*
+    };
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length {} vs reference {}", got.len(), want.len());
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(err <= atol + rtol * w.abs(), "{what}[{i}]: got {g}, reference {w} (error {err:.3e})");
+    }
+}
+
+/// Compares `analytic` with central differences of `loss` at `x`, at `probes` random indices.
+fn check_gradient(what: &str, x: &[f32], analytic: &[f32], probes: usize, mut loss: impl FnMut(&[f32]) -> f64) {
+    assert_eq!(x.len(), analytic.len(), "{what}: gradient length mismatch");
+    let mut rng = Rng::new(0xfd);
+    let mut xp = x.to_vec();
+    for _ in 0..probes.min(x.len()) {
+        let i = rng.below(x.len());
+        let h = 1e-2f32 * (1.0 + x[i].abs());
+        xp[i] = x[i] + h;
+        let up = loss(&xp);
+        xp[i] = x[i] - h;
+        let down = loss(&xp);
+        xp[i] = x[i];
+        let fd = (up - down) / (2.0 * h as f64);
+        let err = (fd - analytic[i] as f64).abs();
+        assert!(
+            err <= 5e-3 + 2e-2 * fd.abs(),
+            "{what}: d/dx[{i}] analytic {} vs finite difference {fd} (error {err:.3e})",
+            analytic[i]
+        );
+    }
+}
+
+/// `Σ a·w` in f64: a scalar loss with random sensitivities `w`.
+fn weighted_sum(a: &[f32], w: &[f32]) -> f64 {
+    a.iter().zip(w).map(|(&a, &w)| a as f64 * w as f64).sum()
+}
+
+fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+pub fn matmul<B: Backend>(b: &B) {
+    let mut rng = Rng::new(1);
+    for &(m, n, k, batch) in &[(7, 5, 3, 1), (33, 70, 65, 1), (130, 96, 80, 1), (9, 11, 13, 3)] {
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                for accumulate in [false, true] {
+                    let spec = Matmul { m, n, k, trans_a, trans_b, batch, accumulate };
+                    let a = rng.normal_vec(batch * m * k, 1.0);
+                    let bm = rng.normal_vec(batch * k * n, 1.0);
+                    let c0 = rng.normal_vec(batch * m * n, 1.0);
+                    let mut want = vec![0.0f64; batch * m * n];
+                    for p in 0..batch {
+                        for i in 0..m {
+                            for j in 0..n {
+                                let mut s = if accumulate { c0[p * m * n + i * n + j] as f64 } else { 0.0 };
+                                for l in 0..k {
+                                    let av = if trans_a { a[p * m * k + l * m + i] } else { a[p * m * k + i * k + l] };
+                                    let bv =
+                                        if trans_b { bm[p * k * n + j * k + l] } else { bm[p * k * n + l * n + j] };
+                                    s += av as f64 * bv as f64;
+                                }
+                                want[p * m * n + i * n + j] = s;
+                            }
+                        }
+                    }
+                    let mut c = b.upload(&c0);
+                    b.matmul(&mut c, &b.upload(&a), &b.upload(&bm), spec);
+                    assert_close(&format!("matmul {spec:?}"), &b.read(&c), &want, 1e-4, 1e-4);
+                }
+            }
+        }
+    }
+}
+
+pub fn elementwise<B: Backend>(b: &B) {
+    let mut rng = Rng::new(2);
+    let (rows, cols) = (37, 19);
+    let x = rng.normal_vec(rows * cols, 1.0);
+    let y = rng.normal_vec(rows * cols, 1.0);
+    let bias = rng.normal_vec(cols, 1.0);
+
+    let mut buf = b.upload(&x);
+    b.add_assign(&mut buf, &b.upload(&y));
+    let want: Vec<f64> = x.iter().zip(&y).map(|(&a, &c)| a as f64 + c as f64).collect();
+    assert_close("add_assign", &b.read(&buf), &want, 1e-6, 1e-6);
+
+    b.scale(&mut buf, -0.5);
+    let want: Vec<f64> = want.iter().map(|v| v * -0.5).collect();
+    assert_close("scale", &b.read(&buf), &want, 1e-6, 1e-6);
+
+    let ss = b.sum_squares(&b.upload(&x));
+    let want_ss: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+    assert!((ss - want_ss).abs() < 1e-6 * want_ss, "sum_squares: {ss} vs {want_ss}");
+
+    let mut buf = b.upload(&x);
+    b.add_bias(&mut buf, &b.upload(&bias));
+    let want: Vec<f64> = x.iter().enumerate().map(|(i, &v)| v as f64 + bias[i % cols] as f64).collect();
+    assert_close("add_bias", &b.read(&buf), &want, 1e-6, 1e-6);
+
+    let mut db = b.upload(&bias);
+    b.bias_backward(&mut db, &b.upload(&y));
+    let want: Vec<f64> =
+        (0..cols).map(|j| bias[j] as f64 + (0..rows).map(|r| y[r * cols + j] as f64).sum::<f64>()).collect();
+    assert_close("bias_backward", &b.read(&db), &want, 1e-5, 1e-5);
+
+    let mut f = b.upload(&x);
+    b.fill(&mut f, 3.0);
+    assert!(b.read(&f).iter().all(|&v| v == 3.0), "fill");
+}
+
+pub fn embedding<B: Backend>(b: &B) {
+    let mut rng = Rng::new(3);
+    let (rows, dim) = (11, 6);
+    let table = rng.normal_vec(rows * dim, 1.0);
+    let ids: Vec<i32> = vec![3, 0, 10, 3, 7, 3];
+    let mut out = b.zeros(ids.len() * dim);
+    let idx = b.upload_index(&ids);
+    b.embedding_forward(&mut out, &b.upload(&table), &idx, dim);
+    let want: Vec<f64> = ids.iter().flat_map(|&i| to_f64(&table[i as usize * dim..(i as usize + 1) * dim])).collect();
+    assert_close("embedding_forward", &b.read(&out), &want, 0.0, 0.0);
+
+    let dout = rng.normal_vec(ids.len() * dim, 1.0);
+    let mut dtable = b.upload(&table);
+    b.embedding_backward(&mut dtable, &b.upload(&dout), &idx, dim);
+    let mut want = to_f64(&table);
+    for (t, &i) in ids.iter().enumerate() {
+        for d in 0..dim {
+            want[i as usize * dim + d] += dout[t * dim + d] as f64;
+        }
+    }
+    assert_close("embedding_backward", &b.read(&dtable), &want, 1e-6, 1e-6);
+}
+
+fn rmsnorm_reference(x: &[f32], w: &[f32], eps: f32) -> Vec<f64> {
+    let d = w.len();
+    x.chunks(d)
+        .flat_map(|row| {
+            let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / d as f64;
+            let r = 1.0 / (ms + eps as f64).sqrt();
+            row.iter().zip(w).map(move |(&v, &w)| v as f64 * r * w as f64)
+        })
+        .collect()
+}
+
+pub fn rmsnorm<B: Backend>(b: &B) {
+    let mut rng = Rng::new(4);
+    let (rows, d, eps) = (13, 24, 1e-5);
+    let x = rng.normal_vec(rows * d, 1.0);
+    let w = rng.normal_vec(d, 1.0);
+    let g = rng.normal_vec(rows * d, 1.0);
+    let forward = |x: &[f32], w: &[f32]| {
+        let (mut y, mut rstd) = (b.zeros(rows * d), b.zeros(rows));
+        b.rmsnorm_forward(&mut y, &mut rstd, &b.upload(x), &b.upload(w), eps);
+        (y, rstd)
+    };
+    let (y, rstd) = forward(&x, &w);
+    assert_close("rmsnorm_forward", &b.read(&y), &rmsnorm_reference(&x, &w, eps), 1e-5, 1e-5);
+
+    // dx and dw accumulate: start them from known values and subtract after.
+    let (dx0, dw0) = (rng.normal_vec(rows * d, 1.0), rng.normal_vec(d, 1.0));
+    let (mut dx, mut dw) = (b.upload(&dx0), b.upload(&dw0));
+    b.rmsnorm_backward(&mut dx, &mut dw, &b.upload(&g), &b.upload(&x), &b.upload(&w), &rstd);
+    let dx: Vec<f32> = b.read(&dx).iter().zip(&dx0).map(|(a, b)| a - b).collect();
+    let dw: Vec<f32> = b.read(&dw).iter().zip(&dw0).map(|(a, b)| a - b).collect();
+    check_gradient("rmsnorm dx", &x, &dx, 80, |x| weighted_sum(&b.read(&forward(x, &w).0), &g));
+    check_gradient("rmsnorm dw", &w, &dw, 24, |w| weighted_sum(&b.read(&forward(&x, w).0), &g));
+}
+
+pub fn add_rmsnorm<B: Backend>(b: &B) {
+    let mut rng = Rng::new(5);
+    let (rows, d, eps) = (9, 16, 1e-6);
+    let x = rng.normal_vec(rows * d, 1.0);
+    let delta = rng.normal_vec(rows * d, 1.0);
+    let w = rng.normal_vec(d, 1.0);
+    let (mut xs, mut y, mut rstd) = (b.upload(&x), b.zeros(rows * d), b.zeros(rows));
+    b.add_rmsnorm_forward(&mut xs, &b.upload(&delta), &mut y, &mut rstd, &b.upload(&w), eps);
+    let sum: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+    assert_close("add_rmsnorm sum", &b.read(&xs), &to_f64(&sum), 1e-6, 1e-6);
+    assert_close("add_rmsnorm y", &b.read(&y), &rmsnorm_reference(&sum, &w, eps), 1e-5, 1e-5);
+}
+
+/// Reference rotation of one `[tokens, heads, head_dim]` tensor.
+fn rope_reference(x: &[f32], table: &[f32], pos: &[i32], spec: Rope) -> Vec<f64> {
+    let (hd, rot, half) = (spec.x.head_dim, spec.rot_dim, spec.rot_dim / 2);
+    let mut out = to_f64(x);
+    for (t, &p) in pos.iter().enumerate() {
+        for h in 0..spec.x.heads {
+            let base = (t * spec.x.heads + h) * hd;
+            for i in 0..half {
+                let (ia, ib) = if spec.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let c = table[p as usize * rot + i] as f64;
+                let s = table[p as usize * rot + half + i] as f64;
+                let (a, bb) = (x[base + ia] as f64, x[base + ib] as f64);
+                out[base + ia] = a * c - bb * s;
+                out[base + ib] = bb * c + a * s;
+            }
+        }
+    }
+    out
+}
+
+fn rope<B: Backend>(b: &B, interleaved: bool) {
+    let mut rng = Rng::new(6);
+    let spec = Rope { x: Heads { tokens: 10, heads: 3, head_dim: 12 }, rot_dim: 8, interleaved };
+    let n = 10 * 3 * 12;
+    let max_pos = 32;
+    let table: Vec<f32> = (0..max_pos)
+        .flat_map(|p| {
+            let angles: Vec<f64> = (0..4).map(|i| p as f64 * 10000f64.powf(-(i as f64) / 4.0)).collect();
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+            [cos, sin].concat()
+        })
+        .collect();
+    let pos: Vec<i32> = vec![0, 1, 2, 3, 0, 1, 5, 31, 7, 2];
+    let x = rng.normal_vec(n, 1.0);
+    let (tb, pi) = (b.upload(&table), b.upload_index(&pos));
+    let mut y = b.upload(&x);
+    b.rope_forward(&mut y, &tb, &pi, spec);
+    assert_close("rope_forward", &b.read(&y), &rope_reference(&x, &table, &pos, spec), 1e-5, 1e-5);
+
+    let g = rng.normal_vec(n, 1.0);
+    let mut dx = b.upload(&g);
+    b.rope_backward(&mut dx, &tb, &pi, spec);
+    check_gradient("rope dx", &x, &b.read(&dx), 60, |x| {
+        let mut y = b.upload(x);
+        b.rope_forward(&mut y, &tb, &pi, spec);
+        weighted_sum(&b.read(&y), &g)
+    });
+}
+
+pub fn rope_half_split<B: Backend>(b: &B) {
+    rope(b, false);
+}
+
+pub fn rope_interleaved<B: Backend>(b: &B) {
+    rope(b, true);
+}
+
+/// Attention shapes that cross block boundaries, share kv heads and pack several sequences.
+fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
+    let base = Attention { batch: 2, seq: 70, q_heads: 4, kv_heads: 2, head_dim: 8, scale: 0.3, window: None };
+    let packed: Vec<i32> = (0..140)
+        .map(|t| {
+            if t % 70 < 30 {
+                0
+            } else if t % 70 < 66 {
+                1
+            } else {
+                2
+            }
+        })
+        .collect();
+    vec![
+        (base, vec![0; 140]),
+        (base, packed.clone()),
+        (Attention { window: Some(20), ..base }, packed),
+        (
+            Attention { batch: 1, seq: 150, q_heads: 2, kv_heads: 1, head_dim: 4, scale: 0.5, window: None },
+            vec![7; 150],
+        ),
+    ]
+}
+
+fn attention_reference(q: &[f32], k: &[f32], v: &[f32], seg: &[i32], s: Attention) -> Vec<f64> {
+    let hd = s.head_dim;
+    let group = s.q_heads / s.kv_heads;
+    let mut out = vec![0.0f64; q.len()];
+    for b in 0..s.batch {
+        for h in 0..s.q_heads {
+            for i in 0..s.seq {
+                let qi = ((b * s.seq + i) * s.q_heads + h) * hd;
+                let allowed =
+                    |j: usize| j <= i && seg[b * s.seq + i] == seg[b * s.seq + j] && s.window.is_none_or(|w| i - j < w);
+                let kj = |j: usize| ((b * s.seq + j) * s.kv_heads + h / group) * hd;
+                let scores: Vec<f64> = (0..s.seq)
+                    .map(|j| {
+                        if !allowed(j) {
+                            return f64::NEG_INFINITY;
+                        }
+                        (0..hd).map(|d| q[qi + d] as f64 * k[kj(j) + d] as f64).sum::<f64>() * s.scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|&x| (x - max).exp()).sum();
+                for (j, &sc) in scores.iter().enumerate() {
+                    let p = (sc - max).exp() / z;
+                    if p > 0.0 {
+                        for d in 0..hd {
+                            out[qi + d] += p * v[kj(j) + d] as f64;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn attention_run<B: Backend>(b: &B, q: &[f32], k: &[f32], v: &[f32], seg: &B::Index, s: Attention) -> (B::Buf, B::Buf) {
+    let (mut out, mut lse) = (b.zeros(q.len()), b.zeros(s.batch * s.q_heads * s.seq));
+    b.attention_forward(&mut out, &mut lse, &b.upload(q), &b.upload(k), &b.upload(v), seg, s);
+    (out, lse)
+}
+
+pub fn attention_forward<B: Backend>(b: &B) {
+    let mut rng = Rng::new(7);
+    for (s, seg) in attention_cases() {
+        let (nq, nkv) = (s.tokens() * s.q_heads * s.head_dim, s.tokens() * s.kv_heads * s.head_dim);
+        let (q, k, v) = (rng.normal_vec(nq, 1.0), rng.normal_vec(nkv, 1.0), rng.normal_vec(nkv, 1.0));
+        let (out, _) = attention_run(b, &q, &k, &v, &b.upload_index(&seg), s);
+        assert_close(
+            &format!("attention_forward {s:?}"),
+            &b.read(&out),
+            &attention_reference(&q, &k, &v, &seg, s),
+            1e-5,
+            1e-4,
+        );
+    }
+}
+
+pub fn attention_backward<B: Backend>(b: &B) {
+    let mut rng = Rng::new(8);
+    for (s, seg) in attention_cases() {
+        let (nq, nkv) = (s.tokens() * s.q_heads * s.head_dim, s.tokens() * s.kv_heads * s.head_dim);
+        let (q, k, v) = (rng.normal_vec(nq, 1.0), rng.normal_vec(nkv, 1.0), rng.normal_vec(nkv, 1.0));
+        let g = rng.normal_vec(nq, 1.0);
+        let si = b.upload_index(&seg);
+        let (out, lse) = attention_run(b, &q, &k, &v, &si, s);
+        let (mut dq, mut dk, mut dv) = (b.upload(&g), b.upload(&k), b.upload(&v)); // overwritten
+        let (qb, kb, vb) = (b.upload(&q), b.upload(&k), b.upload(&v));
+        b.attention_backward(&mut dq, &mut dk, &mut dv, &b.upload(&g), &qb, &kb, &vb, &out, &lse, &si, s);
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| weighted_sum(&b.read(&attention_run(b, q, k, v, &si, s).0), &g);
+        let name = format!("attention {s:?}");
+        check_gradient(&format!("{name} dq"), &q, &b.read(&dq), 40, |x| loss(x, &k, &v));
+        check_gradient(&format!("{name} dk"), &k, &b.read(&dk), 40, |x| loss(&q, x, &v));
+        check_gradient(&format!("{name} dv"), &v, &b.read(&dv), 40, |x| loss(&q, &k, x));
+    }
+}
+
+pub fn swiglu<B: Backend>(b: &B) {
+    let mut rng = Rng::new(9);
+    let n = 300;
+    let gate = rng.normal_vec(n, 3.0);
+    let up = rng.normal_vec(n, 1.0);
+    let forward = |g: &[f32], u: &[f32]| {
+        let mut h = b.zeros(n);
+        b.swiglu_forward(&mut h, &b.upload(g), &b.upload(u));
+        b.read(&h)
+    };
+    let want: Vec<f64> = gate
+        .iter()
+        .zip(&up)
+        .map(|(&g, &u)| {
+            let g = g as f64;
+            g / (1.0 + (-g).exp()) * u as f64
+        })
+        .collect();
+    assert_close("swiglu_forward", &forward(&gate, &up), &want, 1e-6, 1e-5);
+
+    let dh = rng.normal_vec(n, 1.0);
+    let (mut dg, mut du) = (b.zeros(n), b.zeros(n));
+    b.swiglu_backward(&mut dg, &mut du, &b.upload(&dh), &b.upload(&gate), &b.upload(&up));
+    check_gradient("swiglu dgate", &gate, &b.read(&dg), 100, |g| weighted_sum(&forward(g, &up), &dh));
+    check_gradient("swiglu dup", &up, &b.read(&du), 100, |u| weighted_sum(&forward(&gate, u), &dh));
+}
+
+pub fn cross_entropy<B: Backend>(b: &B) {
+    let mut rng = Rng::new(10);
+    let (rows, vocab) = (7, 50);
+    let logits = rng.normal_vec(rows * vocab, 4.0);
+    let targets: Vec<i32> = vec![0, 49, 17, -100, 3, 3, 25];
+    let weights = rng.normal_vec(rows, 1.0);
+    let ti = b.upload_index(&targets);
+    let want: Vec<f64> = (0..rows)
+        .map(|r| {
+            if targets[r] < 0 {
+                return 0.0;
+            }
+            let z = &logits[r * vocab..(r + 1) * vocab];
+            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            lse - z[targets[r] as usize] as f64
+        })
+        .collect();
+    let mut nll = b.zeros(rows);
+    b.cross_entropy_forward(&mut nll, &b.upload(&logits), &ti, vocab);
+    assert_close("cross_entropy_forward", &b.read(&nll), &want, 1e-5, 1e-5);
+
+    let (mut grad, mut nll2) = (b.upload(&logits), b.zeros(rows));
+    b.cross_entropy_backward(&mut grad, &mut nll2, &ti, &b.upload(&weights), vocab);
+    assert_close("cross_entropy_backward nll", &b.read(&nll2), &want, 1e-5, 1e-5);
+    check_gradient("cross_entropy dlogits", &logits, &b.read(&grad), 120, |z| {
+        let mut nll = b.zeros(rows);
+        b.cross_entropy_forward(&mut nll, &b.upload(z), &ti, vocab);
+        weighted_sum(&b.read(&nll), &weights)
+    });
+}
+
+pub fn adamw<B: Backend>(b: &B) {
+    let mut rng = Rng::new(11);
+    let n = 1000;
+    let hp0 = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step: 0 };
+    let p0 = rng.normal_vec(n, 1.0);
+    let (mut p, mut m, mut v) = (b.upload(&p0), b.zeros(n), b.zeros(n));
+    let (mut rp, mut rm, mut rv) = (to_f64(&p0), vec![0.0f64; n], vec![0.0f64; n]);
+    for step in 1..=3u64 {
+        let g = rng.normal_vec(n, 1.0);
+        let hp = AdamW { step, ..hp0 };
+        b.adamw(&mut p, &b.upload(&g), &mut m, &mut v, hp);
+        let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
+        for i in 0..n {
+            rp[i] *= 1.0 - lr * hp.weight_decay as f64;
+            rm[i] = b1 * rm[i] + (1.0 - b1) * g[i] as f64;
+            rv[i] = b2 * rv[i] + (1.0 - b2) * (g[i] as f64).powi(2);
+            let mhat = rm[i] / (1.0 - b1.powi(step as i32));
+            let vhat = rv[i] / (1.0 - b2.powi(step as i32));
+            rp[i] -= lr * mhat / (vhat.sqrt() + hp.eps as f64);
+        }
+    }
+    assert_close("adamw param", &b.read(&p), &rp, 1e-6, 1e-5);
+    assert_close("adamw m", &b.read(&m), &rm, 1e-6, 1e-5);
+    assert_close("adamw v", &b.read(&v), &rv, 1e-6, 1e-5);
+}

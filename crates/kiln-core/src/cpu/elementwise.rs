@@ -1,0 +1,64 @@
+//! Element-wise kernels: residual adds, scaling, reductions, bias and SwiGLU.
+
+use super::fast_exp::sigmoid;
+use rayon::prelude::*;
+
+/// Elements per parallel task: large enough to amortise rayon's scheduling.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+pub fn add_assign(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "add_assign: length mismatch");
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| {
+        d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+    });
+}
+
+pub fn scale(dst: &mut [f32], s: f32) {
+    dst.par_chunks_mut(CHUNK).for_each(|d| d.iter_mut().for_each(|d| *d *= s));
+}
+
+pub fn sum_squares(x: &[f32]) -> f64 {
+    x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum()
+}
+
+/// `y[r, :] += bias`.
+pub fn add_bias(y: &mut [f32], bias: &[f32]) {
+    assert_eq!(y.len() % bias.len(), 0, "add_bias: {} is not a multiple of {}", y.len(), bias.len());
+    y.par_chunks_mut(bias.len()).for_each(|row| row.iter_mut().zip(bias).for_each(|(y, b)| *y += b));
+}
+
+/// `dbias += Σ_r dy[r, :]`.
+pub fn bias_backward(dbias: &mut [f32], dy: &[f32]) {
+    assert_eq!(dy.len() % dbias.len(), 0, "bias_backward: {} is not a multiple of {}", dy.len(), dbias.len());
+    for row in dy.chunks(dbias.len()) {
+        dbias.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+    }
+}
+
+// SwiGLU:  h = silu(g)·u,  silu(g) = g·σ(g)
+//   dh/du = silu(g)
+//   dh/dg = u·σ(g)·(1 + g·(1 − σ(g)))
+pub fn swiglu_forward(h: &mut [f32], gate: &[f32], up: &[f32]) {
+    assert!(h.len() == gate.len() && h.len() == up.len(), "swiglu_forward: length mismatch");
+    h.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(h, (g, u))| {
+        for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+            *h = g * sigmoid(g) * u;
+        }
+    });
+}
+
+pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32]) {
+    let n = dh.len();
+    assert!(dgate.len() == n && dup.len() == n && gate.len() == n && up.len() == n, "swiglu_backward: length mismatch");
+    dgate
+        .par_chunks_mut(CHUNK)
+        .zip(dup.par_chunks_mut(CHUNK))
+        .zip(dh.par_chunks(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))))
+        .for_each(|((dg, du), (dh, (g, u)))| {
+            for i in 0..dh.len() {
+                let s = sigmoid(g[i]);
+                du[i] = dh[i] * g[i] * s;
+                dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            }
+        });
+}

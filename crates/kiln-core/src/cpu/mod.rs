@@ -1,0 +1,166 @@
+//! The CPU backend: host memory, `gemm` for matrix products, rayon for everything else.
+
+mod adamw;
+mod attention;
+mod cross_entropy;
+mod elementwise;
+mod embedding;
+mod fast_exp;
+mod matmul;
+mod rmsnorm;
+mod rope;
+
+use crate::backend::{self, Backend, Matmul};
+
+/// The reference backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+    type Index = Vec<i32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn upload(&self, data: &[f32]) -> Vec<f32> {
+        data.to_vec()
+    }
+    fn write(&self, dst: &mut Vec<f32>, data: &[f32]) {
+        assert_eq!(dst.len(), data.len(), "write: buffer holds {} values, got {}", dst.len(), data.len());
+        dst.copy_from_slice(data);
+    }
+    fn read(&self, src: &Vec<f32>) -> Vec<f32> {
+        src.clone()
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn upload_index(&self, data: &[i32]) -> Vec<i32> {
+        data.to_vec()
+    }
+    fn write_index(&self, dst: &mut Vec<i32>, data: &[i32]) {
+        assert_eq!(dst.len(), data.len(), "write_index: buffer holds {} values, got {}", dst.len(), data.len());
+        dst.copy_from_slice(data);
+    }
+    fn fill(&self, dst: &mut Vec<f32>, value: f32) {
+        dst.fill(value);
+    }
+    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        elementwise::add_assign(dst, src);
+    }
+    fn scale(&self, dst: &mut Vec<f32>, s: f32) {
+        elementwise::scale(dst, s);
+    }
+    fn sum_squares(&self, x: &Vec<f32>) -> f64 {
+        elementwise::sum_squares(x)
+    }
+
+    fn matmul(&self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, spec: Matmul) {
+        matmul::matmul(c, a, b, spec);
+    }
+    fn add_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>) {
+        elementwise::add_bias(y, bias);
+    }
+    fn bias_backward(&self, dbias: &mut Vec<f32>, dy: &Vec<f32>) {
+        elementwise::bias_backward(dbias, dy);
+    }
+
+    fn embedding_forward(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &Vec<i32>, dim: usize) {
+        embedding::forward(out, table, ids, dim);
+    }
+    fn embedding_backward(&self, dtable: &mut Vec<f32>, dout: &Vec<f32>, ids: &Vec<i32>, dim: usize) {
+        embedding::backward(dtable, dout, ids, dim);
+    }
+
+    fn rmsnorm_forward(&self, y: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, eps: f32) {
+        rmsnorm::forward(y, rstd, x, w, eps);
+    }
+    fn add_rmsnorm_forward(
+        &self,
+        x: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        y: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        w: &Vec<f32>,
+        eps: f32,
+    ) {
+        rmsnorm::add_forward(x, delta, y, rstd, w, eps);
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+    ) {
+        rmsnorm::backward(dx, dw, dy, x, w, rstd);
+    }
+
+    fn rope_forward(&self, x: &mut Vec<f32>, table: &Vec<f32>, positions: &Vec<i32>, spec: backend::Rope) {
+        rope::forward(x, table, positions, spec);
+    }
+    fn rope_backward(&self, dx: &mut Vec<f32>, table: &Vec<f32>, positions: &Vec<i32>, spec: backend::Rope) {
+        rope::backward(dx, table, positions, spec);
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        segments: &Vec<i32>,
+        spec: backend::Attention,
+    ) {
+        attention::forward(out, lse, q, k, v, segments, spec);
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        lse: &Vec<f32>,
+        segments: &Vec<i32>,
+        spec: backend::Attention,
+    ) {
+        attention::backward(dq, dk, dv, dout, q, k, v, out, lse, segments, spec);
+    }
+
+    fn swiglu_forward(&self, h: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) {
+        elementwise::swiglu_forward(h, gate, up);
+    }
+    fn swiglu_backward(&self, dgate: &mut Vec<f32>, dup: &mut Vec<f32>, dh: &Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) {
+        elementwise::swiglu_backward(dgate, dup, dh, gate, up);
+    }
+
+    fn cross_entropy_forward(&self, nll: &mut Vec<f32>, logits: &Vec<f32>, targets: &Vec<i32>, vocab: usize) {
+        cross_entropy::forward(nll, logits, targets, vocab);
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &mut Vec<f32>,
+        nll: &mut Vec<f32>,
+        targets: &Vec<i32>,
+        weights: &Vec<f32>,
+        vocab: usize,
+    ) {
+        cross_entropy::backward(logits, nll, targets, weights, vocab);
+    }
+
+    fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: backend::AdamW) {
+        adamw::step(param, grad, m, v, hp);
+    }
+}

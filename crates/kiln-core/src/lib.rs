@@ -1,0 +1,13 @@
+//! kiln's compute engine.
+//!
+//! [`Backend`] is the narrow set of operations that model code is written against; [`Cpu`]
+//! implements it on the host. [`conformance`] checks any backend against plain reference
+//! loops and finite differences, so a new accelerator proves itself with the same suite.
+
+pub mod backend;
+pub mod conformance;
+pub mod cpu;
+pub mod rng;
+
+pub use backend::{AdamW, Attention, Backend, Heads, Matmul, Rope};
+pub use cpu::Cpu;

@@ -1,0 +1,55 @@
+//! A batch of token rows as the model consumes it.
+
+/// `rows × seq` tokens, row-major. Packed rows hold several sequences, told apart by
+/// `segments` (attention never crosses a segment) with `positions` restarting in each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    pub rows: usize,
+    pub seq: usize,
+    pub ids: Vec<i32>,
+    pub positions: Vec<i32>,
+    pub segments: Vec<i32>,
+    /// Next-token target of each position; negative where there is none.
+    pub targets: Vec<i32>,
+    /// Loss weight of each position: the loss is `Σ weight · nll`.
+    pub weights: Vec<f32>,
+}
+
+impl Batch {
+    /// One sequence per row, right-padded to the longest; every next-token prediction is a
+    /// target and the loss is their mean (as transformers' causal-LM loss).
+    pub fn causal_lm(sequences: &[Vec<i32>]) -> Self {
+        let rows = sequences.len();
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let n = rows * seq;
+        let mut batch = Self {
+            rows,
+            seq,
+            ids: vec![0; n],
+            positions: vec![0; n],
+            segments: vec![-1; n],
+            targets: vec![-1; n],
+            weights: vec![0.0; n],
+        };
+        for (r, s) in sequences.iter().enumerate() {
+            for (t, &id) in s.iter().enumerate() {
+                let i = r * seq + t;
+                batch.ids[i] = id;
+                batch.positions[i] = t as i32;
+                batch.segments[i] = 0;
+                if let Some(&next) = s.get(t + 1) {
+                    batch.targets[i] = next;
+                }
+            }
+        }
+        let count = batch.targets.iter().filter(|&&t| t >= 0).count();
+        for (w, &t) in batch.weights.iter_mut().zip(&batch.targets) {
+            *w = if t >= 0 { 1.0 / count as f32 } else { 0.0 };
+        }
+        batch
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.rows * self.seq
+    }
+}

@@ -1,0 +1,125 @@
+//! Loading, saving and input errors of Hugging Face model directories; packed batches.
+
+use kiln_core::{Backend, Cpu};
+use kiln_model::{Activations, Batch, Config, Model, StorageDtype};
+use std::path::{Path, PathBuf};
+
+fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(case).join("model")
+}
+
+/// A fresh empty directory under the system temp dir.
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn copy_config(from: &Path, to: &Path) {
+    std::fs::copy(from.join("config.json"), to.join("config.json")).unwrap();
+}
+
+#[test]
+fn unknown_model_type_is_named() {
+    let dir = scratch_dir("unknown-type");
+    let text = std::fs::read_to_string(fixture("llama").join("config.json")).unwrap();
+    std::fs::write(dir.join("config.json"), text.replace("\"llama\"", "\"gpt2\"")).unwrap();
+    let err = Model::load(&Cpu, &dir).err().expect("gpt2 must be refused").to_string();
+    assert!(err.contains("config.json") && err.contains("unsupported model_type `gpt2`"), "{err}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = scratch_dir("missing-tensor");
+    copy_config(&fixture("mistral"), &dir);
+    let bytes = std::fs::read(fixture("mistral").join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
+    safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).unwrap();
+    let err = Model::load(&Cpu, &dir).err().expect("a missing tensor must be refused").to_string();
+    assert!(err.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"), "{err}");
+}
+
+#[test]
+fn missing_config_field_is_named() {
+    let text = std::fs::read_to_string(fixture("llama").join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json.as_object_mut().unwrap().remove("hidden_size");
+    let err = Config::parse(&json.to_string()).unwrap_err();
+    assert!(err.contains("hidden_size"), "{err}");
+}
+
+#[test]
+fn legacy_rope_scaling_with_rope_type_key_matches_new_style() {
+    let base = r#"{"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32"#;
+    let legacy = Config::parse(&format!(
+        r#"{base}, "rope_theta": 5000.0, "rope_scaling": {{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 16}}}}"#
+    ))
+    .unwrap();
+    let modern = Config::parse(&format!(
+        r#"{base}, "rope_parameters": {{"rope_type": "yarn", "rope_theta": 5000.0, "factor": 2.0, "original_max_position_embeddings": 16}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(legacy, modern);
+    assert_eq!(legacy.rope_theta, 5000.0);
+    let err = Config::parse(&format!(r#"{base}, "rope_scaling": {{"type": "llama3", "factor": 8.0}}}}"#)).unwrap_err();
+    assert!(err.contains("rope_parameters.low_freq_factor"), "{err}");
+}
+
+fn params(model: &Model<Cpu>) -> Vec<Vec<f32>> {
+    model.params.iter().into_iter().map(|p| Cpu.read(p)).collect()
+}
+
+#[test]
+fn save_then_load_keeps_every_tensor() {
+    // Sharded f32 in, single file out; bf16 in, bf16 out.
+    for (case, dtype) in [("llama", StorageDtype::F32), ("qwen2", StorageDtype::BF16)] {
+        let model = Model::load(&Cpu, &fixture(case)).unwrap();
+        assert_eq!(model.dtype, dtype, "{case}: dtype detected from the checkpoint");
+        let dir = scratch_dir(&format!("roundtrip-{case}"));
+        copy_config(&fixture(case), &dir);
+        model.save_weights(&Cpu, &dir).unwrap();
+        let again = Model::load(&Cpu, &dir).unwrap();
+        assert_eq!(again.dtype, dtype);
+        assert!(params(&model) == params(&again), "{case}: tensors changed in a save/load round trip");
+        let names: Vec<String> = safetensors::SafeTensors::deserialize(&std::fs::read(dir.join("model.safetensors")).unwrap())
+            .unwrap()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        for spec in model.layout.iter() {
+            assert!(names.contains(&spec.name), "{case}: saved file lacks {}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn packed_sequences_do_not_see_each_other() {
+    let b = Cpu;
+    let mut model = Model::load(&b, &fixture("qwen3")).unwrap();
+    let (a, c): (Vec<i32>, Vec<i32>) = ((0..7).map(|i| (i * 5 + 3) % 96).collect(), (0..5).map(|i| (i * 11 + 1) % 96).collect());
+    let separate = Batch::causal_lm(&[a.clone(), c.clone()]);
+    let mut packed = Batch::causal_lm(&[[a.clone(), c.clone()].concat()]);
+    for t in a.len()..a.len() + c.len() {
+        packed.positions[t] = (t - a.len()) as i32;
+        packed.segments[t] = 1;
+    }
+    let v = model.config.vocab_size;
+    let logits = |model: &mut Model<Cpu>, batch: &Batch| {
+        let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, false, false);
+        model.forward(&b, &mut acts, batch);
+        b.read(&acts.logits)
+    };
+    let (sep, pack) = (logits(&mut model, &separate), logits(&mut model, &packed));
+    let seq = separate.seq;
+    let pairs = (0..a.len()).map(|t| (t, t)).chain((0..c.len()).map(|t| (seq + t, a.len() + t)));
+    for (s, p) in pairs {
+        for j in 0..v {
+            let (x, y) = (sep[s * v + j], pack[p * v + j]);
+            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "token {p}: packed {y} vs separate {x}");
+        }
+    }
+}

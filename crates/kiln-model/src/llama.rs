@@ -73,6 +73,22 @@ impl<B: Backend> Model<B> {
         Ok(Self::from_tensors(b, config, &loaded.tensors, loaded.dtype))
     }
 
+    /// A randomly initialised model (matrices ~ N(0, 0.02²), norms 1, biases 0), as
+    /// transformers' `_init_weights` does for the Llama family.
+    pub fn random(b: &B, config: Config, seed: u64) -> Self {
+        let mut rng = kiln_core::rng::Rng::new(seed);
+        let tensors = weights::layout(&config).map(|spec| {
+            if spec.name.ends_with("norm.weight") || spec.name.ends_with("layernorm.weight") {
+                vec![1.0; spec.numel()]
+            } else if spec.name.ends_with(".bias") {
+                vec![0.0; spec.numel()]
+            } else {
+                rng.normal_vec(spec.numel(), 0.02)
+            }
+        });
+        Self::from_tensors(b, config, &tensors, StorageDtype::F32)
+    }
+
     pub fn from_tensors(b: &B, config: Config, tensors: &Weights<Vec<f32>>, dtype: StorageDtype) -> Self {
         let layout = weights::layout(&config);
         let params = tensors.map(|t| b.upload(t));

@@ -84,12 +84,13 @@ fn save_then_load_keeps_every_tensor() {
         let again = Model::load(&Cpu, &dir).unwrap();
         assert_eq!(again.dtype, dtype);
         assert!(params(&model) == params(&again), "{case}: tensors changed in a save/load round trip");
-        let names: Vec<String> = safetensors::SafeTensors::deserialize(&std::fs::read(dir.join("model.safetensors")).unwrap())
-            .unwrap()
-            .names()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
+        let names: Vec<String> =
+            safetensors::SafeTensors::deserialize(&std::fs::read(dir.join("model.safetensors")).unwrap())
+                .unwrap()
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .collect();
         for spec in model.layout.iter() {
             assert!(names.contains(&spec.name), "{case}: saved file lacks {}", spec.name);
         }
@@ -100,7 +101,8 @@ fn save_then_load_keeps_every_tensor() {
 fn packed_sequences_do_not_see_each_other() {
     let b = Cpu;
     let mut model = Model::load(&b, &fixture("qwen3")).unwrap();
-    let (a, c): (Vec<i32>, Vec<i32>) = ((0..7).map(|i| (i * 5 + 3) % 96).collect(), (0..5).map(|i| (i * 11 + 1) % 96).collect());
+    let (a, c): (Vec<i32>, Vec<i32>) =
+        ((0..7).map(|i| (i * 5 + 3) % 96).collect(), (0..5).map(|i| (i * 11 + 1) % 96).collect());
     let separate = Batch::causal_lm(&[a.clone(), c.clone()]);
     let mut packed = Batch::causal_lm(&[[a.clone(), c.clone()].concat()]);
     for t in a.len()..a.len() + c.len() {

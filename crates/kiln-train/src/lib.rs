@@ -1,0 +1,5 @@
+//! Optimisers and training loops.
+
+pub mod optim;
+
+pub use optim::{zero_grads, AdamW};

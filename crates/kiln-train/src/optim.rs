@@ -1,0 +1,57 @@
+//! AdamW over a model's parameters, with f32 moments laid out once beside them.
+
+use kiln_core::{AdamW as Hyper, Backend};
+use kiln_model::Weights;
+
+pub struct AdamW<B: Backend> {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Steps taken so far.
+    pub step: u64,
+    m: Weights<B::Buf>,
+    v: Weights<B::Buf>,
+}
+
+impl<B: Backend> AdamW<B> {
+    /// PyTorch's defaults for betas and eps.
+    pub fn new(b: &B, shapes: &Weights<kiln_model::TensorSpec>, lr: f32, weight_decay: f32) -> Self {
+        Self {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            step: 0,
+            m: shapes.map(|s| b.zeros(s.numel())),
+            v: shapes.map(|s| b.zeros(s.numel())),
+        }
+    }
+
+    /// One update of every parameter from its gradient.
+    pub fn step(&mut self, b: &B, params: &mut Weights<B::Buf>, grads: &Weights<B::Buf>) {
+        self.step += 1;
+        let hp = Hyper {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: self.step,
+        };
+        for ((p, g), (m, v)) in
+            params.iter_mut().into_iter().zip(grads.iter()).zip(self.m.iter_mut().into_iter().zip(self.v.iter_mut()))
+        {
+            b.adamw(p, g, m, v, hp);
+        }
+    }
+}
+
+/// Sets every gradient to zero.
+pub fn zero_grads<B: Backend>(b: &B, grads: &mut Weights<B::Buf>) {
+    for g in grads.iter_mut() {
+        b.fill(g, 0.0);
+    }
+}

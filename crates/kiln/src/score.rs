@@ -1,0 +1,66 @@
+//! `kiln score`: log p(ids[t+1] | ids[..=t]) for every sequence of a token file.
+
+use crate::tokens_file;
+use anyhow::{Context, Result};
+use kiln_core::Cpu;
+use kiln_model::{Activations, Batch, Model};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model directory (config.json and safetensors weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL file with one {"ids": [..]} per line.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Write the results here instead of stdout.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Most padded tokens per forward pass.
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+}
+
+#[derive(serde::Serialize)]
+struct Scored {
+    logprobs: Vec<f32>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let b = Cpu;
+    let mut model = Model::load(&b, &args.model)?;
+    let sequences = tokens_file::read(&args.tokens, model.config.vocab_size)?;
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut start = 0;
+    while start < sequences.len() {
+        // Take sequences in order while the padded batch fits the token budget.
+        let mut end = start + 1;
+        let mut longest = sequences[start].len();
+        while end < sequences.len() {
+            let l = longest.max(sequences[end].len());
+            if l * (end - start + 1) > args.batch_tokens {
+                break;
+            }
+            longest = l;
+            end += 1;
+        }
+        let batch = Batch::causal_lm(&sequences[start..end]);
+        let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, false, false);
+        let nll = model.nll(&b, &mut acts, &batch);
+        for (r, s) in sequences[start..end].iter().enumerate() {
+            let row = &nll[r * batch.seq..r * batch.seq + s.len() - 1];
+            let scored = Scored { logprobs: row.iter().map(|&x| -x).collect() };
+            writeln!(out, "{}", serde_json::to_string(&scored)?)?;
+        }
+        start = end;
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -233,9 +233,9 @@ pub fn backward(
             for i0 in (0..t).step_by(BLOCK) {
                 let i1 = (i0 + BLOCK).min(t);
                 let bq = i1 - i0;
-                for r in 0..bq {
+                for (r, d) in d_row[..bq].iter_mut().enumerate() {
                     let off = qv.base + (i0 + r) * qv.stride;
-                    d_row[r] = dout[off..off + hd].iter().zip(&out[off..off + hd]).map(|(a, b)| a * b).sum();
+                    *d = dout[off..off + hd].iter().zip(&out[off..off + hd]).map(|(a, b)| a * b).sum();
                 }
                 let mut j0 = mask.first_key(i0);
                 while j0 < i1 {
@@ -274,10 +274,10 @@ pub fn backward(
                             false,
                         );
                     }
-                    for r in 0..bq {
-                        for c in 0..bk {
-                            let idx = r * BLOCK + c;
-                            ds[idx] = p[idx] * (ds[idx] - d_row[r]) * spec.scale;
+                    for (r, &d) in d_row[..bq].iter().enumerate() {
+                        let (ds, p) = (&mut ds[r * BLOCK..r * BLOCK + bk], &p[r * BLOCK..r * BLOCK + bk]);
+                        for (ds, &p) in ds.iter_mut().zip(p) {
+                            *ds = p * (*ds - d) * spec.scale;
                         }
                     }
                     unsafe {

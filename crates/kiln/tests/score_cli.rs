@@ -1,0 +1,108 @@
+//! `kiln score` end to end: agreement with transformers' log-probs, and input errors.
+
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+}
+
+fn score(model: &Path, tokens: &Path) -> Output {
+    kiln(&["score", "--model", model.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()])
+}
+
+/// The golden token rows and transformers' log-probs for them.
+fn golden(case: &str) -> (Vec<Vec<i64>>, Vec<Vec<f32>>) {
+    let bytes = std::fs::read(fixtures().join(case).join("golden.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let ints = |name: &str| -> Vec<i64> {
+        let v = st.tensor(name).unwrap();
+        assert_eq!(v.dtype(), Dtype::I64);
+        v.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let (ids, lengths) = (ints("input_ids"), ints("lengths"));
+    let lp = st.tensor("logprobs").unwrap();
+    let seq = lp.shape()[1] + 1;
+    let lp: Vec<f32> = lp.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let rows = lengths.iter().enumerate().map(|(r, &n)| ids[r * seq..r * seq + n as usize].to_vec()).collect();
+    let logprobs =
+        lengths.iter().enumerate().map(|(r, &n)| lp[r * (seq - 1)..r * (seq - 1) + n as usize - 1].to_vec()).collect();
+    (rows, logprobs)
+}
+
+#[test]
+fn score_agrees_with_transformers_for_every_model_type() {
+    for case in ["llama", "mistral", "qwen2", "qwen3"] {
+        let (rows, want) = golden(case);
+        let dir = scratch_dir(&format!("score-{case}"));
+        let tokens = dir.join("tokens.jsonl");
+        let text: String = rows.iter().map(|r| format!("{{\"ids\": {r:?}}}\n")).collect();
+        std::fs::write(&tokens, text).unwrap();
+        let out = score(&fixtures().join(case).join("model"), &tokens);
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+        assert_eq!(lines.len(), rows.len(), "{case}: one output line per input line");
+        for (line, want) in lines.iter().zip(&want) {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let got: Vec<f64> = v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+            assert_eq!(got.len(), want.len(), "{case}: len(ids) - 1 log-probs");
+            for (t, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!((g - *w as f64).abs() < 1e-4, "{case} token {t}: kiln {g}, transformers {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn output_flag_writes_the_file() {
+    let dir = scratch_dir("output");
+    let out_path = dir.join("scores.jsonl");
+    let out = kiln(&[
+        "score",
+        "--model",
+        fixtures().join("llama/model").to_str().unwrap(),
+        "--tokens",
+        fixtures().join("score/tokens.jsonl").to_str().unwrap(),
+        "--output",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty());
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    let lens: Vec<usize> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["logprobs"].as_array().unwrap().len())
+        .collect();
+    assert_eq!(lens, vec![6, 3, 9]);
+}
+
+#[test]
+fn bad_lines_are_reported_with_their_number() {
+    let model = fixtures().join("llama/model");
+    let dir = scratch_dir("bad");
+    for (name, text, expect) in [
+        ("json", "{\"ids\": [1, 2]}\n{\"ids\": [1, 2\n", ":2: expected {\"ids\": [..]}"),
+        ("vocab", "{\"ids\": [1, 2]}\n{\"ids\": [1, 2]}\n{\"ids\": [5, 96]}\n", ":3: field `ids[1]` = 96 is outside the vocabulary (0..96)"),
+        ("empty", "{\"ids\": [1, 2]}\n\n", ":2: empty line"),
+        ("field", "{\"tokens\": [1, 2]}\n", ":1: expected {\"ids\": [..]}"),
+    ] {
+        let path = dir.join(format!("{name}.jsonl"));
+        std::fs::write(&path, text).unwrap();
+        let out = score(&model, &path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: must fail");
+        assert!(err.contains(&format!("{name}.jsonl{expect}")), "{name}: {err}");
+    }
+}

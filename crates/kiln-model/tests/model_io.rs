@@ -98,6 +98,24 @@ fn save_then_load_keeps_every_tensor() {
 }
 
 #[test]
+fn f16_weights_load_within_f16_precision() {
+    let mut model = Model::load(&Cpu, &fixture("mistral")).unwrap();
+    let original = params(&model);
+    model.dtype = StorageDtype::F16;
+    let dir = scratch_dir("f16");
+    copy_config(&fixture("mistral"), &dir);
+    model.save_weights(&Cpu, &dir).unwrap();
+    let again = Model::load(&Cpu, &dir).unwrap();
+    assert_eq!(again.dtype, StorageDtype::F16);
+    for (a, b) in original.iter().zip(params(&again)) {
+        for (&x, y) in a.iter().zip(b) {
+            // f16 keeps 11 significant bits: relative error at most 2^-11.
+            assert!((x - y).abs() <= x.abs() * 4.9e-4 + 1e-7, "{x} became {y}");
+        }
+    }
+}
+
+#[test]
 fn packed_sequences_do_not_see_each_other() {
     let b = Cpu;
     let mut model = Model::load(&b, &fixture("qwen3")).unwrap();

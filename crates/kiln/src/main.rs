@@ -25,7 +25,28 @@ enum Command {
     Bench(bench::Command),
 }
 
+/// glibc returns large freed blocks to the kernel at once (mmap/munmap), so a buffer that a
+/// library allocates per call (gemm's packing space) is page-faulted in again every call,
+/// with TLB shootdowns across threads. Keep freed memory in the heap instead.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_freed_memory() {
+    extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    // SAFETY: mallopt only changes allocator tuning; called before any thread starts.
+    unsafe {
+        mallopt(M_MMAP_THRESHOLD, 32 << 20); // glibc's ceiling on 64-bit
+        mallopt(M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_freed_memory() {}
+
 fn main() -> anyhow::Result<()> {
+    keep_freed_memory();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;

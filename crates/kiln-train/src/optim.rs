@@ -1,30 +1,20 @@
 //! AdamW over a model's parameters, with f32 moments laid out once beside them.
 
 use kiln_core::{AdamW as Hyper, Backend};
-use kiln_model::Weights;
+use kiln_model::{TensorSpec, Weights};
 
 pub struct AdamW<B: Backend> {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    /// Steps taken so far.
-    pub step: u64,
+    /// Hyper-parameters; `hyper.step` counts the updates taken so far.
+    pub hyper: Hyper,
     m: Weights<B::Buf>,
     v: Weights<B::Buf>,
 }
 
 impl<B: Backend> AdamW<B> {
     /// PyTorch's defaults for betas and eps.
-    pub fn new(b: &B, shapes: &Weights<kiln_model::TensorSpec>, lr: f32, weight_decay: f32) -> Self {
+    pub fn new(b: &B, shapes: &Weights<TensorSpec>, lr: f32, weight_decay: f32) -> Self {
         Self {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-            step: 0,
+            hyper: Hyper { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0 },
             m: shapes.map(|s| b.zeros(s.numel())),
             v: shapes.map(|s| b.zeros(s.numel())),
         }
@@ -32,19 +22,10 @@ impl<B: Backend> AdamW<B> {
 
     /// One update of every parameter from its gradient.
     pub fn step(&mut self, b: &B, params: &mut Weights<B::Buf>, grads: &Weights<B::Buf>) {
-        self.step += 1;
-        let hp = Hyper {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            step: self.step,
-        };
-        for ((p, g), (m, v)) in
-            params.iter_mut().into_iter().zip(grads.iter()).zip(self.m.iter_mut().into_iter().zip(self.v.iter_mut()))
-        {
-            b.adamw(p, g, m, v, hp);
+        self.hyper.step += 1;
+        let moments = self.m.iter_mut().into_iter().zip(self.v.iter_mut());
+        for ((p, g), (m, v)) in params.iter_mut().into_iter().zip(grads.iter()).zip(moments) {
+            b.adamw(p, g, m, v, self.hyper);
         }
     }
 }

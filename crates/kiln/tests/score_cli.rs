@@ -94,7 +94,11 @@ fn bad_lines_are_reported_with_their_number() {
     let dir = scratch_dir("bad");
     for (name, text, expect) in [
         ("json", "{\"ids\": [1, 2]}\n{\"ids\": [1, 2\n", ":2: expected {\"ids\": [..]}"),
-        ("vocab", "{\"ids\": [1, 2]}\n{\"ids\": [1, 2]}\n{\"ids\": [5, 96]}\n", ":3: field `ids[1]` = 96 is outside the vocabulary (0..96)"),
+        (
+            "vocab",
+            "{\"ids\": [1, 2]}\n{\"ids\": [1, 2]}\n{\"ids\": [5, 96]}\n",
+            ":3: field `ids[1]` = 96 is outside the vocabulary (0..96)",
+        ),
         ("empty", "{\"ids\": [1, 2]}\n\n", ":2: empty line"),
         ("field", "{\"tokens\": [1, 2]}\n", ":1: expected {\"ids\": [..]}"),
     ] {

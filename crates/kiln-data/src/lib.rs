@@ -1,0 +1,28 @@
+//! From dataset rows to packed training batches: tokenizer, chat template, loss masks, packing.
+
+pub mod chat_template;
+pub mod example;
+pub mod packing;
+pub mod rows;
+pub mod tokenizer;
+
+pub use chat_template::ChatTemplate;
+pub use example::{Example, Tokenized};
+pub use rows::{Message, Row, RowKind};
+pub use tokenizer::Tokenizer;
+
+/// An error naming the file, line and field at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {message}")]
+pub struct Error {
+    pub location: String,
+    pub message: String,
+}
+
+impl Error {
+    pub fn at(location: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { location: location.into(), message: message.into() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

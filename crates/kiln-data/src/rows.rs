@@ -1,0 +1,102 @@
+//! Dataset rows: JSONL files whose lines are chat, prompt/completion or plain-text rows.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowKind {
+    /// `{"messages": [...]}`: loss on the assistant turns.
+    Chat(Vec<Message>),
+    /// `{"prompt": "...", "completion": "..."}`: loss on the completion.
+    PromptCompletion { prompt: String, completion: String },
+    /// `{"text": "..."}`: loss on every token.
+    Text(String),
+}
+
+/// A row and where it came from, `file:line`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Row {
+    pub location: String,
+    pub kind: RowKind,
+}
+
+fn string_field(obj: &serde_json::Map<String, Value>, key: &str) -> std::result::Result<String, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("field `{key}` must be a string, got {other}")),
+        None => Err(format!("field `{key}` is missing")),
+    }
+}
+
+/// Parses one JSON line into a row kind; the error names the field at fault.
+pub fn parse_row(line: &str) -> std::result::Result<RowKind, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
+    if let Some(messages) = obj.get("messages") {
+        let messages: Vec<Message> = serde_json::from_value(messages.clone())
+            .map_err(|e| format!("field `messages`: expected [{{\"role\", \"content\"}}, ..]: {e}"))?;
+        if messages.is_empty() {
+            return Err("field `messages` is empty".into());
+        }
+        return Ok(RowKind::Chat(messages));
+    }
+    if obj.contains_key("prompt") || obj.contains_key("completion") {
+        return Ok(RowKind::PromptCompletion {
+            prompt: string_field(&obj, "prompt")?,
+            completion: string_field(&obj, "completion")?,
+        });
+    }
+    if obj.contains_key("text") {
+        return Ok(RowKind::Text(string_field(&obj, "text")?));
+    }
+    Err("expected a field `messages`, `prompt` and `completion`, or `text`".into())
+}
+
+/// Reads a JSONL file. Rows that do not parse come back as errors, one per line, so the
+/// caller can count them against its tolerance instead of stopping at the first.
+pub fn read_jsonl(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::at(path.display().to_string(), format!("cannot read: {e}")))?;
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            let location = format!("{}:{}", path.display(), i + 1);
+            match parse_row(line) {
+                Ok(kind) => Ok(Row { location, kind }),
+                Err(message) => Err(Error::at(location, message)),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_shape_parses_and_bad_fields_are_named() {
+        assert!(
+            matches!(parse_row(r#"{"messages": [{"role": "user", "content": "hi"}]}"#), Ok(RowKind::Chat(m)) if m.len() == 1)
+        );
+        assert_eq!(
+            parse_row(r#"{"prompt": "a", "completion": "b", "id": 7}"#),
+            Ok(RowKind::PromptCompletion { prompt: "a".into(), completion: "b".into() })
+        );
+        assert_eq!(parse_row(r#"{"text": "x"}"#), Ok(RowKind::Text("x".into())));
+        assert!(parse_row(r#"{"prompt": "a"}"#).unwrap_err().contains("field `completion` is missing"));
+        assert!(parse_row(r#"{"text": 3}"#).unwrap_err().contains("field `text` must be a string"));
+        assert!(parse_row(r#"{"messages": [{"role": "user"}]}"#).unwrap_err().contains("field `messages`"));
+        assert!(parse_row(r#"{"foo": 1}"#).unwrap_err().contains("expected a field"));
+        assert!(parse_row("{oops").unwrap_err().contains("invalid JSON"));
+    }
+}

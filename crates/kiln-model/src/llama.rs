@@ -98,7 +98,7 @@ impl<B: Backend> Model<B> {
 
     /// Writes `model.safetensors` with the same tensor names it was loaded with.
     pub fn save_weights(&self, b: &B, dir: &Path) -> Result<()> {
-        weights::save(dir, &self.layout, &self.params.map(|p| b.read(p)), self.dtype)
+        weights::save(&dir.join("model.safetensors"), &self.layout, &self.params.map(|p| b.read(p)), self.dtype)
     }
 
     /// Zeroed buffers shaped like the parameters, for gradients or optimiser moments.

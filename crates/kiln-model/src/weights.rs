@@ -226,10 +226,23 @@ pub fn load(dir: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
         return Err(Error::new(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
     }
 
+    load_files(dir, files.keys().map(|f| dir.join(f)), layout)
+}
+
+/// Loads every tensor of `layout` from one safetensors file.
+pub fn load_file(path: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
+    load_files(path, std::iter::once(path.to_path_buf()), layout)
+}
+
+/// Loads every tensor of `layout` from the union of `files`; `source` names them in errors.
+fn load_files(
+    source: &Path,
+    files: impl Iterator<Item = std::path::PathBuf>,
+    layout: &Weights<TensorSpec>,
+) -> Result<LoadedWeights> {
     let mut found: HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> = HashMap::new();
     let wanted: HashMap<&str, &TensorSpec> = layout.iter().into_iter().map(|s| (s.name.as_str(), s)).collect();
-    for file in files.keys() {
-        let path = dir.join(file);
+    for path in files {
         let handle = std::fs::File::open(&path).map_err(|e| Error::new(&path, format!("cannot open shard: {e}")))?;
         // SAFETY: the file is only read, and not expected to change while loading.
         let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::new(&path, format!("cannot map: {e}")))?;
@@ -260,7 +273,7 @@ pub fn load(dir: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
     if !missing.is_empty() {
         let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
         let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
-        return Err(Error::new(dir, format!("missing tensor `{}`{more}", shown.join("`, `"))));
+        return Err(Error::new(source, format!("missing tensor `{}`{more}", shown.join("`, `"))));
     }
     let dtype = match embed_dtype {
         Some(Dtype::BF16) => StorageDtype::BF16,
@@ -270,9 +283,8 @@ pub fn load(dir: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
     Ok(LoadedWeights { tensors, dtype })
 }
 
-/// Writes `tensors` (named by `layout`) to `dir/model.safetensors` in `dtype`.
-pub fn save(dir: &Path, layout: &Weights<TensorSpec>, tensors: &Weights<Vec<f32>>, dtype: StorageDtype) -> Result<()> {
-    let path = dir.join("model.safetensors");
+/// Writes `tensors` (named by `layout`) to the safetensors file `path` in `dtype`.
+pub fn save(path: &Path, layout: &Weights<TensorSpec>, tensors: &Weights<Vec<f32>>, dtype: StorageDtype) -> Result<()> {
     let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = layout
         .iter()
         .into_iter()

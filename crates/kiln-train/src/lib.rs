@@ -1,5 +1,12 @@
-//! Optimisers and training loops.
+//! Optimisers, schedules, checkpoints and the training recipes.
 
+pub mod checkpoint;
+pub mod config;
+pub mod loader;
+pub mod metrics;
 pub mod optim;
+pub mod schedule;
+pub mod sft;
 
+pub use config::RunConfig;
 pub use optim::{zero_grads, AdamW};

@@ -36,3 +36,14 @@ pub fn zero_grads<B: Backend>(b: &B, grads: &mut Weights<B::Buf>) {
         b.fill(g, 0.0);
     }
 }
+
+impl<B: Backend> AdamW<B> {
+    /// The first and second moments, named like the parameters.
+    pub fn moments(&self) -> (&Weights<B::Buf>, &Weights<B::Buf>) {
+        (&self.m, &self.v)
+    }
+
+    pub fn moments_mut(&mut self) -> (&mut Weights<B::Buf>, &mut Weights<B::Buf>) {
+        (&mut self.m, &mut self.v)
+    }
+}

@@ -1,0 +1,164 @@
+//! Checkpoints: a directory per save holding the f32 master weights (a loadable Hugging Face
+//! directory: config, tokenizer and `model.safetensors`), the AdamW moments and the step.
+//! Written to a temporary directory, fsynced and renamed into place, so a run killed at any
+//! instant leaves every earlier checkpoint whole and never a partial one under a final name.
+
+use crate::config::RunConfig;
+use crate::optim::AdamW;
+use anyhow::{bail, Context, Result};
+use kiln_core::Backend;
+use kiln_model::{weights, Model, StorageDtype, TensorSpec, Weights};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Model-directory files carried into each checkpoint, so it exports on its own.
+const MODEL_FILES: [&str; 6] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Updates AdamW has applied (fewer than `step` when non-finite steps were skipped).
+    pub adam_step: u64,
+    /// Trainable tokens seen so far.
+    pub tokens: u64,
+    /// The dtype of the model the run started from, used again by `kiln export`.
+    pub source_dtype: String,
+    pub config: RunConfig,
+}
+
+pub fn dtype_name(d: StorageDtype) -> &'static str {
+    match d {
+        StorageDtype::F32 => "f32",
+        StorageDtype::BF16 => "bf16",
+        StorageDtype::F16 => "f16",
+    }
+}
+
+pub fn parse_dtype(name: &str) -> Result<StorageDtype> {
+    Ok(match name {
+        "f32" | "float32" => StorageDtype::F32,
+        "bf16" | "bfloat16" => StorageDtype::BF16,
+        "f16" | "float16" => StorageDtype::F16,
+        other => bail!("unknown dtype `{other}` (expected f32, bf16 or f16)"),
+    })
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("{}: cannot fsync", dir.display()))
+}
+
+fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Checkpoint directories under `root`, oldest first.
+pub fn list(root: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root) else { return Vec::new() };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Removes temporary directories a killed save left behind.
+pub fn clean_partial(root: &Path) {
+    if let Ok(entries) = fs::read_dir(root) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+pub struct SaveRequest<'a, B: Backend> {
+    pub root: &'a Path,
+    pub model: &'a Model<B>,
+    pub optimizer: &'a AdamW<B>,
+    pub state: &'a State,
+    /// The model directory the run started from, for its config and tokenizer files.
+    pub source_dir: &'a Path,
+    pub keep_last: usize,
+}
+
+/// Writes a checkpoint atomically and prunes old ones; returns its directory.
+pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
+    fs::create_dir_all(req.root).with_context(|| format!("{}: cannot create", req.root.display()))?;
+    let name = step_dir_name(req.state.step);
+    let tmp = req.root.join(format!("{name}.tmp"));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+
+    let layout = &req.model.layout;
+    weights::save(&tmp.join("model.safetensors"), layout, &req.model.params.map(|p| b.read(p)), StorageDtype::F32)?;
+    let (m, v) = req.optimizer.moments();
+    weights::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), StorageDtype::F32)?;
+    weights::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), StorageDtype::F32)?;
+    for file in MODEL_FILES {
+        let src = req.source_dir.join(file);
+        if src.exists() {
+            fs::copy(&src, tmp.join(file))
+                .with_context(|| format!("{}: cannot copy into checkpoint", src.display()))?;
+        }
+    }
+    let state = serde_json::to_string_pretty(req.state)?;
+    fs::write(tmp.join("state.json"), state).with_context(|| format!("{}: cannot write state", tmp.display()))?;
+    for entry in fs::read_dir(&tmp)? {
+        fs::File::open(entry?.path())?.sync_all()?;
+    }
+    sync_dir(&tmp)?;
+
+    let dest = req.root.join(&name);
+    if dest.exists() {
+        fs::remove_dir_all(&dest)?;
+    }
+    fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
+    sync_dir(req.root)?;
+
+    let all = list(req.root);
+    for old in all.iter().take(all.len().saturating_sub(req.keep_last.max(1))) {
+        let _ = fs::remove_dir_all(old);
+    }
+    Ok(dest)
+}
+
+pub fn read_state(dir: &Path) -> Result<State> {
+    let path = dir.join("state.json");
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("{}: cannot read checkpoint state", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid checkpoint state", path.display()))
+}
+
+/// Restores the optimizer moments of a checkpoint (its weights load as a model directory)
+/// and returns its state.
+pub fn load_optimizer<B: Backend>(
+    b: &B,
+    dir: &Path,
+    layout: &Weights<TensorSpec>,
+    optimizer: &mut AdamW<B>,
+) -> Result<State> {
+    let state = read_state(dir)?;
+    let restore = |file: &str, into: Vec<&mut B::Buf>| -> Result<()> {
+        let loaded = weights::load_file(&dir.join(file), layout)?;
+        for (dst, src) in into.into_iter().zip(loaded.tensors.iter()) {
+            b.write(dst, src);
+        }
+        Ok(())
+    };
+    let (m, v) = optimizer.moments_mut();
+    restore("adam_m.safetensors", m.iter_mut())?;
+    restore("adam_v.safetensors", v.iter_mut())?;
+    optimizer.hyper.step = state.adam_step;
+    Ok(state)
+}

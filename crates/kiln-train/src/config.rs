@@ -1,0 +1,248 @@
+//! The TOML run configuration, one section per part of the recipe; every key maps onto one
+//! knob, unknown keys are rejected with their name, and `--set section.key=value` overrides
+//! any of them.
+
+use kiln_data::example::LengthPolicy;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face model directory.
+    pub path: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// JSONL file(s) of training rows.
+    pub train: Vec<PathBuf>,
+    /// JSONL file(s) of evaluation rows.
+    #[serde(default)]
+    pub eval: Vec<PathBuf>,
+    pub max_seq_len: usize,
+    #[serde(default = "default_length_policy")]
+    pub length_policy: LengthPolicy,
+    /// Stop before training when more than this fraction of rows is bad.
+    #[serde(default = "default_max_bad_fraction")]
+    pub max_bad_fraction: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub lr: f32,
+    #[serde(default)]
+    pub min_lr: f32,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Optimizer steps; or give `epochs`.
+    pub steps: Option<u64>,
+    pub epochs: Option<u64>,
+    /// Tokens per micro-batch: `batch_tokens / max_seq_len` packed rows.
+    pub batch_tokens: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    #[serde(default)]
+    pub weight_decay: f32,
+    #[serde(default = "default_beta1")]
+    pub beta1: f32,
+    #[serde(default = "default_beta2")]
+    pub beta2: f32,
+    #[serde(default = "default_eps")]
+    pub eps: f32,
+    /// Global gradient-norm clip; 0 disables it.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f32,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub recompute: bool,
+    /// Evaluate every this many steps (and at the end); 0: only at the end.
+    #[serde(default)]
+    pub eval_every: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    /// Checkpoint every this many steps (and at the end); 0: only at the end.
+    #[serde(default)]
+    pub save_every: u64,
+    /// Checkpoints kept; older ones are deleted once a newer one is whole.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+}
+
+fn default_length_policy() -> LengthPolicy {
+    LengthPolicy::Drop
+}
+fn default_max_bad_fraction() -> f64 {
+    0.0
+}
+fn one() -> usize {
+    1
+}
+fn default_beta1() -> f32 {
+    0.9
+}
+fn default_beta2() -> f32 {
+    0.999
+}
+fn default_eps() -> f32 {
+    1e-8
+}
+fn default_max_grad_norm() -> f32 {
+    1.0
+}
+fn default_keep_last() -> usize {
+    2
+}
+
+/// Accepts `train = "a.jsonl"` as well as `train = ["a.jsonl", "b.jsonl"]`.
+fn normalise_file_lists(table: &mut toml::Table) {
+    if let Some(toml::Value::Table(data)) = table.get_mut("data") {
+        for key in ["train", "eval"] {
+            if let Some(v @ toml::Value::String(_)) = data.get_mut(key) {
+                *v = toml::Value::Array(vec![v.clone()]);
+            }
+        }
+    }
+}
+
+/// Sets `section.key` to `value`, read as a TOML value (a bare word becomes a string).
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
+    let (path, raw) =
+        assignment.split_once('=').ok_or_else(|| format!("--set {assignment}: expected section.key=value"))?;
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let mut keys: Vec<&str> = path.trim().split('.').collect();
+    let last = keys.pop().filter(|k| !k.is_empty()).ok_or_else(|| format!("--set {assignment}: empty key"))?;
+    let mut node = table;
+    for k in keys {
+        node = node
+            .entry(k)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {assignment}: `{k}` is not a section"))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    /// Parses a run file, then applies `--set` overrides; errors name the file and the key.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+        Self::parse(&text, overrides).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Self, String> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+        normalise_file_lists(&mut table);
+        for o in overrides {
+            apply_override(&mut table, o)?;
+        }
+        normalise_file_lists(&mut table);
+        let config: RunConfig = table.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Resolves relative paths against the directory of the run file.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.model.path);
+        self.data.train.iter_mut().for_each(fix);
+        self.data.eval.iter_mut().for_each(fix);
+        fix(&mut self.output.dir);
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        match (t.steps, t.epochs) {
+            (Some(_), Some(_)) => return Err("give `train.steps` or `train.epochs`, not both".into()),
+            (None, None) => return Err("`train.steps` or `train.epochs` is required".into()),
+            (Some(0), _) | (_, Some(0)) => return Err("`train.steps`/`train.epochs` must be positive".into()),
+            _ => {}
+        }
+        if self.data.max_seq_len < 2 {
+            return Err("`data.max_seq_len` must be at least 2".into());
+        }
+        if t.batch_tokens < self.data.max_seq_len || t.batch_tokens % self.data.max_seq_len != 0 {
+            return Err(format!(
+                "`train.batch_tokens` ({}) must be a positive multiple of `data.max_seq_len` ({})",
+                t.batch_tokens, self.data.max_seq_len
+            ));
+        }
+        if t.grad_accum == 0 {
+            return Err("`train.grad_accum` must be at least 1".into());
+        }
+        if self.data.train.is_empty() {
+            return Err("`data.train` names no file".into());
+        }
+        if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
+            return Err("`data.max_bad_fraction` must be between 0 and 1".into());
+        }
+        Ok(())
+    }
+
+    /// Packed rows per micro-batch.
+    pub fn rows(&self) -> usize {
+        self.train.batch_tokens / self.data.max_seq_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+path = "m"
+[data]
+train = "t.jsonl"
+max_seq_len = 64
+[train]
+lr = 1e-3
+steps = 10
+batch_tokens = 256
+[output]
+dir = "out"
+"#;
+
+    #[test]
+    fn defaults_overrides_and_unknown_keys() {
+        let c = RunConfig::parse(BASE, &[]).unwrap();
+        assert_eq!(c.data.train, vec![PathBuf::from("t.jsonl")]);
+        assert_eq!((c.train.grad_accum, c.rows(), c.output.keep_last), (1, 4, 2));
+        let c =
+            RunConfig::parse(BASE, &["train.lr=0.5".into(), "data.eval=e.jsonl".into(), "train.recompute=true".into()])
+                .unwrap();
+        assert_eq!((c.train.lr, c.train.recompute), (0.5, true));
+        assert_eq!(c.data.eval, vec![PathBuf::from("e.jsonl")]);
+        let err = RunConfig::parse(&BASE.replace("lr = 1e-3", "lr = 1e-3\nlearning_rate = 2"), &[]).unwrap_err();
+        assert!(err.contains("unknown field `learning_rate`"), "{err}");
+        let err = RunConfig::parse(BASE, &["train.bogus=1".into()]).unwrap_err();
+        assert!(err.contains("unknown field `bogus`"), "{err}");
+        let err = RunConfig::parse(BASE, &["train.batch_tokens=100".into()]).unwrap_err();
+        assert!(err.contains("batch_tokens"), "{err}");
+    }
+}

@@ -1,0 +1,140 @@
+//! The training data order: examples packed into rows, rows grouped into micro-batches,
+//! micro-batches into optimizer steps. The order is a pure function of the seed and the
+//! step number, so resuming needs nothing but the step.
+
+use kiln_core::rng::Rng;
+use kiln_data::example::Example;
+use kiln_data::packing::best_fit_decreasing;
+use kiln_model::Batch;
+
+/// Example indices per packed row.
+pub type PackedRow = Vec<usize>;
+
+pub struct DataOrder {
+    /// Micro-batches (lists of rows) of the packed dataset, before any shuffle.
+    micro_batches: Vec<Vec<PackedRow>>,
+    pub grad_accum: usize,
+    seed: u64,
+}
+
+/// Packs examples into rows of `seq` tokens (best fit decreasing) and groups `rows` of them
+/// per micro-batch; `shuffle` reorders the packed rows with the seed first.
+pub fn pack(examples: &[Example], rows: usize, seq: usize, shuffle: Option<u64>) -> Vec<Vec<PackedRow>> {
+    let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+    let mut packed = best_fit_decreasing(&lengths, seq);
+    if let Some(seed) = shuffle {
+        let mut rng = Rng::new(seed);
+        for i in (1..packed.len()).rev() {
+            packed.swap(i, rng.below(i + 1));
+        }
+    }
+    packed.chunks(rows).map(<[PackedRow]>::to_vec).collect()
+}
+
+impl DataOrder {
+    pub fn new(examples: &[Example], rows: usize, seq: usize, grad_accum: usize, seed: u64) -> Self {
+        Self { micro_batches: pack(examples, rows, seq, None), grad_accum, seed }
+    }
+
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.micro_batches.len().div_ceil(self.grad_accum) as u64
+    }
+
+    /// The micro-batches of 0-based optimizer step `step`: epoch `e` visits the packed
+    /// micro-batches in an order shuffled by (seed, e).
+    pub fn step(&self, step: u64) -> Vec<&Vec<PackedRow>> {
+        let per_epoch = self.steps_per_epoch();
+        let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
+        let mut order: Vec<usize> = (0..self.micro_batches.len()).collect();
+        let mut rng = Rng::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i + 1));
+        }
+        let end = ((k + 1) * self.grad_accum).min(order.len());
+        order[k * self.grad_accum..end].iter().map(|&i| &self.micro_batches[i]).collect()
+    }
+}
+
+/// Trainable targets in a micro-batch.
+pub fn trainable_targets(examples: &[Example], micro_batch: &[PackedRow]) -> usize {
+    micro_batch.iter().flatten().map(|&i| examples[i].trainable_targets()).sum()
+}
+
+/// A `rows × seq` batch of packed rows: positions restart and segment ids change at each
+/// example, every trainable target has weight `weight`, padding has none.
+pub fn build_batch(examples: &[Example], micro_batch: &[PackedRow], rows: usize, seq: usize, weight: f32) -> Batch {
+    let n = rows * seq;
+    let mut b = Batch {
+        rows,
+        seq,
+        ids: vec![0; n],
+        positions: vec![0; n],
+        segments: vec![-1; n],
+        targets: vec![-1; n],
+        weights: vec![0.0; n],
+    };
+    for (r, row) in micro_batch.iter().enumerate() {
+        let mut t = r * seq;
+        for (segment, &i) in row.iter().enumerate() {
+            let e = &examples[i];
+            for p in 0..e.ids.len() {
+                b.ids[t] = e.ids[p] as i32;
+                b.positions[t] = p as i32;
+                b.segments[t] = segment as i32;
+                if p + 1 < e.ids.len() && e.trainable[p + 1] {
+                    b.targets[t] = e.ids[p + 1] as i32;
+                    b.weights[t] = weight;
+                }
+                t += 1;
+            }
+        }
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(len: usize, first_trainable: usize) -> Example {
+        Example {
+            ids: (0..len as u32).map(|i| i + 10).collect(),
+            trainable: (0..len).map(|t| t >= first_trainable).collect(),
+            location: String::new(),
+        }
+    }
+
+    #[test]
+    fn packed_batch_has_restarting_positions_and_masked_targets() {
+        let examples = vec![ex(3, 1), ex(4, 2)];
+        let b = build_batch(&examples, &[vec![0, 1]], 2, 8, 0.5);
+        assert_eq!(&b.positions[..8], &[0, 1, 2, 0, 1, 2, 3, 0]);
+        assert_eq!(&b.segments[..8], &[0, 0, 0, 1, 1, 1, 1, -1]);
+        // Example 0 predicts 11, 12; example 1 only 12, 13 (its first target is masked).
+        assert_eq!(&b.targets[..8], &[11, 12, -1, -1, 12, 13, -1, -1]);
+        assert_eq!(b.weights.iter().filter(|&&w| w == 0.5).count(), 4);
+        assert!(b.segments[8..].iter().all(|&s| s == -1), "the second row is padding");
+    }
+
+    #[test]
+    fn order_is_a_function_of_seed_and_step() {
+        let examples: Vec<Example> = (1..40).map(|l| ex(l % 9 + 2, 1)).collect();
+        let a = DataOrder::new(&examples, 2, 16, 3, 7);
+        let b = DataOrder::new(&examples, 2, 16, 3, 7);
+        for s in 0..3 * a.steps_per_epoch() {
+            assert_eq!(a.step(s), b.step(s));
+        }
+        // Each epoch visits every micro-batch exactly once, in a different order.
+        let epoch = |e: u64| -> Vec<&Vec<PackedRow>> {
+            (0..a.steps_per_epoch()).flat_map(|k| a.step(e * a.steps_per_epoch() + k)).collect()
+        };
+        let (e0, e1) = (epoch(0), epoch(1));
+        assert_eq!(e0.len(), a.micro_batches.len());
+        assert_ne!(e0, e1);
+        let mut sorted0 = e0.clone();
+        let mut sorted1 = e1.clone();
+        sorted0.sort();
+        sorted1.sort();
+        assert_eq!(sorted0, sorted1);
+    }
+}

@@ -1,0 +1,90 @@
+//! `metrics.jsonl`, one JSON object per line, and the loss plot drawn from it.
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct Metrics {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl Metrics {
+    /// Opens `dir/metrics.jsonl`: fresh, or, when resuming after `resume_step`, keeping only
+    /// the lines of steps up to it, so the file reads as one uninterrupted run.
+    pub fn open(dir: &Path, resume_step: Option<u64>) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let kept: String = match resume_step {
+            Some(step) if path.exists() => std::fs::read_to_string(&path)?
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect(),
+            _ => String::new(),
+        };
+        std::fs::write(&path, kept).with_context(|| format!("{}: cannot write", path.display()))?;
+        let file = std::fs::OpenOptions::new().append(true).open(&path)?;
+        Ok(Self { path, file })
+    }
+
+    pub fn write(&mut self, record: &Value) -> Result<()> {
+        writeln!(self.file, "{record}").with_context(|| format!("{}: cannot write", self.path.display()))
+    }
+}
+
+/// `(step, value)` pairs of `key` in a metrics file.
+pub fn series(path: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| Some((v["step"].as_f64()?, v[key].as_f64()?)))
+        .collect())
+}
+
+/// Draws train and eval loss against the step into a PNG.
+pub fn plot_losses(metrics: &Path, out: &Path, title: &str) -> Result<()> {
+    let train = series(metrics, "loss")?;
+    let eval = series(metrics, "eval_loss")?;
+    if train.is_empty() {
+        return Ok(());
+    }
+    static FONT_REGISTERED: std::sync::Once = std::sync::Once::new();
+    FONT_REGISTERED.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+    });
+    let all = train.iter().chain(&eval);
+    let (x_max, y_min, y_max) =
+        all.fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(x, lo, hi), &(s, v)| (x.max(s), lo.min(v), hi.max(v)));
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let root = BitMapBackend::new(out, (900, 540)).into_drawing_area();
+    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 24))
+            .margin(16)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))?;
+        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        chart
+            .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        if !eval.is_empty() {
+            chart
+                .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))?
+                .label("eval")
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+            chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+        root.present()?;
+        Ok(())
+    };
+    draw().map_err(|e| anyhow::anyhow!("{}: cannot draw the loss plot: {e}", out.display()))
+}

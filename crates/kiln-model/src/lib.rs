@@ -4,6 +4,7 @@ pub mod activations;
 pub mod batch;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod llama;
 pub mod rope;
 pub mod weights;

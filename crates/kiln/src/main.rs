@@ -1,7 +1,11 @@
 //! `kiln`: full-parameter post-training of large language models.
 
 mod bench;
+mod data;
+mod demo;
+mod export;
 mod score;
+mod sft;
 mod tokens_file;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +22,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Tiny end-to-end run: SFT of a small arithmetic model, with before/after numbers.
+    Demo(demo::Args),
+    /// Supervised fine-tuning from a run configuration.
+    Sft(sft::Args),
+    /// Write a checkpoint out as a Hugging Face model directory.
+    Export(export::Args),
+    /// Look at a run's data before training on it.
+    #[command(subcommand)]
+    Data(data::Command),
     /// Per-token log-probabilities of token sequences under a model.
     Score(score::Args),
     /// Measure speed and memory.
@@ -52,6 +65,10 @@ fn main() -> anyhow::Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
     }
     match cli.command {
+        Command::Demo(args) => demo::run(&args),
+        Command::Sft(args) => sft::run(&args),
+        Command::Export(args) => export::run(&args),
+        Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),
         Command::Bench(cmd) => bench::run(&cmd),
     }

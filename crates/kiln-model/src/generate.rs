@@ -1,0 +1,72 @@
+//! Greedy decoding by re-running the full forward pass at every step: no cache, so it is
+//! the plain reference that a KV-cache generator must agree with, and quick enough for
+//! short answers on small models.
+
+use crate::{Activations, Batch, Model};
+use kiln_core::Backend;
+
+/// Continues every prompt greedily until it emits a token of `stop` or has `max_new`
+/// new tokens; returns the new tokens (without the stop token).
+pub fn greedy<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    prompts: &[Vec<i32>],
+    max_new: usize,
+    stop: &[i32],
+) -> Vec<Vec<i32>> {
+    let rows = prompts.len();
+    if rows == 0 {
+        return Vec::new();
+    }
+    let seq = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
+    let vocab = model.config.vocab_size;
+    let mut acts = Activations::new(b, &model.config, rows, seq, false, false);
+    let mut seqs: Vec<Vec<i32>> = prompts.to_vec();
+    let mut done = vec![false; rows];
+    let mut out = vec![Vec::new(); rows];
+    for _ in 0..max_new {
+        // Right padding leaves every row's real positions unchanged under causal attention.
+        let mut batch = Batch::causal_lm(&seqs);
+        pad_to(&mut batch, seq);
+        model.forward(b, &mut acts, &batch);
+        let logits = b.read(&acts.logits);
+        for r in 0..rows {
+            if done[r] {
+                continue;
+            }
+            let last = r * seq + seqs[r].len() - 1;
+            let row = &logits[last * vocab..(last + 1) * vocab];
+            let next = row
+                .iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+                .0 as i32;
+            if stop.contains(&next) {
+                done[r] = true;
+            } else {
+                out[r].push(next);
+                seqs[r].push(next);
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+    }
+    out
+}
+
+/// Widens a batch to `seq` tokens per row with padding.
+fn pad_to(batch: &mut Batch, seq: usize) {
+    let old = batch.seq;
+    let widen = |v: &Vec<i32>, fill: i32| -> Vec<i32> {
+        v.chunks(old.max(1))
+            .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(fill, seq - row.len())))
+            .collect()
+    };
+    batch.ids = widen(&batch.ids, 0);
+    batch.positions = widen(&batch.positions, 0);
+    batch.segments = widen(&batch.segments, -1);
+    batch.targets = widen(&batch.targets, -1);
+    batch.weights = vec![0.0; batch.rows * seq];
+    batch.seq = seq;
+}

@@ -1,0 +1,104 @@
+//! `kiln data inspect run.toml`: what the run's data becomes before any compute is spent.
+
+use anyhow::Result;
+use kiln_data::example::{Encoder, Example};
+use kiln_train::loader::DataOrder;
+use kiln_train::sft::{encode_split, load_tokenizer};
+use kiln_train::RunConfig;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Token counts, lengths, packing efficiency and samples with the loss mask shown.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// Run configuration (TOML).
+    config: PathBuf,
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Samples to print.
+    #[arg(long, default_value_t = 3)]
+    samples: usize,
+}
+
+/// Renders an example with its trainable tokens marked: green on a terminal, else between
+/// `[[` and `]]`.
+fn highlight(tok: &kiln_data::Tokenizer, e: &Example, color: bool) -> String {
+    let (open, close) = if color { ("\x1b[32;1m", "\x1b[0m") } else { ("[[", "]]") };
+    let mut out = String::new();
+    let mut i = 0;
+    while i < e.ids.len() {
+        let on = e.trainable[i] && i > 0;
+        let start = i;
+        while i < e.ids.len() && (e.trainable[i] && i > 0) == on {
+            i += 1;
+        }
+        let text = tok.decode(&e.ids[start..i]);
+        if on {
+            out.push_str(&format!("{open}{text}{close}"));
+        } else {
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+fn report(name: &str, examples: &[Example], config: &RunConfig) {
+    let tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
+    let trainable: usize = examples.iter().map(Example::trainable_targets).sum();
+    println!(
+        "{name}: {} examples, {tokens} tokens, {trainable} trainable ({:.1}%)",
+        examples.len(),
+        100.0 * trainable as f64 / tokens.max(1) as f64
+    );
+    let max = config.data.max_seq_len;
+    let buckets = 8;
+    let mut hist = vec![0usize; buckets];
+    for e in examples {
+        hist[((e.ids.len() - 1) * buckets / max).min(buckets - 1)] += 1;
+    }
+    let peak = hist.iter().copied().max().unwrap_or(1).max(1);
+    println!("  length histogram (tokens):");
+    for (i, &n) in hist.iter().enumerate() {
+        let (lo, hi) = (i * max / buckets + 1, (i + 1) * max / buckets);
+        println!("  {lo:>6}-{hi:<6} {n:>7} {}", "#".repeat(n * 40 / peak));
+    }
+    let order = DataOrder::new(examples, config.rows(), max, config.train.grad_accum, config.train.seed);
+    let micro = order.steps_per_epoch() as usize * config.train.grad_accum;
+    let rows = kiln_train::loader::pack(examples, 1, max, None).len();
+    println!(
+        "  packing: {rows} rows of {max} tokens, {:.1}% filled; ~{micro} micro-batches of {} rows, {} optimizer steps per epoch",
+        100.0 * tokens as f64 / (rows * max).max(1) as f64,
+        config.rows(),
+        order.steps_per_epoch()
+    );
+}
+
+pub fn run(cmd: &Command) -> Result<()> {
+    let Command::Inspect(args) = cmd;
+    let mut config = RunConfig::load(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
+    config.resolve_paths(args.config.parent().unwrap_or(std::path::Path::new(".")));
+    let (tok, template) = load_tokenizer(&config.model.path)?;
+    let encoder = Encoder {
+        tokenizer: &tok,
+        template: template.as_ref(),
+        max_seq_len: config.data.max_seq_len,
+        policy: config.data.length_policy,
+    };
+    let train = encode_split(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?;
+    report("train", &train, &config);
+    if !config.data.eval.is_empty() {
+        let eval = encode_split(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?;
+        report("eval", &eval, &config);
+    }
+    let color = std::io::stdout().is_terminal();
+    for e in train.iter().take(args.samples) {
+        println!("\n--- {} ({} tokens, {} trainable)", e.location, e.ids.len(), e.trainable_targets());
+        println!("{}", highlight(&tok, e, color));
+    }
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! `kiln demo`: SFT on a tiny arithmetic model shipped in the repo, with a before/after
+//! table. `kiln demo make-base` rebuilds that base model: tokenizer, random init, then
+//! pretraining on bare equations with the same SFT recipe over `{"text"}` rows.
+
+mod tasks;
+mod tokenizer;
+
+use anyhow::{Context, Result};
+use kiln_core::Cpu;
+use kiln_data::example::Encoder;
+use kiln_model::generate::greedy;
+use kiln_model::{Activations, Config, Model, StorageDtype};
+use kiln_train::loader::pack;
+use kiln_train::sft::{self, encode_split, evaluate, load_tokenizer};
+use kiln_train::RunConfig;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use tasks::Problem;
+
+/// The base model committed in the repo.
+const DEFAULT_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    action: Option<Action>,
+    /// Base model directory.
+    #[arg(long, default_value = DEFAULT_BASE)]
+    base: PathBuf,
+    /// Where the run writes its data, metrics, plot and checkpoints.
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// SFT optimizer steps.
+    #[arg(long, default_value_t = 300)]
+    steps: u64,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Build the demo's base model from scratch (tokenizer, init, pretraining).
+    MakeBase {
+        #[arg(long, default_value = DEFAULT_BASE)]
+        out: PathBuf,
+        /// Pretraining steps.
+        #[arg(long, default_value_t = 1500)]
+        steps: u64,
+    },
+}
+
+const TRAIN_EXAMPLES: usize = 3000;
+const HELD_OUT: usize = 200;
+
+fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
+    let text: String = rows.into_iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+fn run_config(path: &Path, toml: &str) -> Result<RunConfig> {
+    std::fs::write(path, toml).with_context(|| format!("{}: cannot write", path.display()))?;
+    let mut config = RunConfig::load(path, &[]).map_err(anyhow::Error::msg)?;
+    config.resolve_paths(path.parent().expect("a file has a parent"));
+    Ok(config)
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    match &args.action {
+        Some(Action::MakeBase { out, steps }) => make_base(out, *steps),
+        None => demo(args),
+    }
+}
+
+/// What a model scores on the held-out problems.
+struct Scores {
+    eval_loss: f64,
+    accuracy: f64,
+    samples: Vec<(String, String, String)>,
+}
+
+fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)]) -> Result<Scores> {
+    let b = Cpu;
+    let mut model = Model::load(&b, model_dir)?;
+    let (tok, template) = load_tokenizer(model_dir)?;
+    let template = template.context("the demo model has no chat template")?;
+    let encoder = Encoder {
+        tokenizer: &tok,
+        template: Some(&template),
+        max_seq_len: 128,
+        policy: kiln_data::example::LengthPolicy::Drop,
+    };
+    let examples = encode_split(&[eval_file.to_path_buf()], &encoder, 0.0, "eval")?;
+    let mut acts = Activations::new(&b, &model.config, 16, 128, false, false);
+    let eval_loss = evaluate(&b, &mut model, &mut acts, &examples, &pack(&examples, 16, 128, None));
+
+    let prompts: Vec<Vec<i32>> = held_out
+        .iter()
+        .map(|(p, style)| {
+            let text = template.render(&p.chat(*style, false), true).map_err(anyhow::Error::msg)?;
+            Ok(tok.encode(&text, false).map_err(anyhow::Error::msg)?.into_iter().map(|t| t as i32).collect())
+        })
+        .collect::<Result<_>>()?;
+    let stop = tok.eos_id.map(|e| e as i32).into_iter().collect::<Vec<_>>();
+    let outputs = greedy(&b, &mut model, &prompts, 6, &stop);
+    let mut correct = 0;
+    let mut samples = Vec::new();
+    for ((p, style), out) in held_out.iter().zip(&outputs) {
+        let text = tok.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>());
+        if text == p.answer().to_string() {
+            correct += 1;
+        }
+        if samples.len() < 4 {
+            samples.push((p.chat(*style, false)[0].content.clone(), text, p.answer().to_string()));
+        }
+    }
+    Ok(Scores { eval_loss, accuracy: correct as f64 / held_out.len() as f64, samples })
+}
+
+fn demo(args: &Args) -> Result<()> {
+    let out = &args.out;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let base =
+        std::fs::canonicalize(&args.base).with_context(|| format!("{}: base model not found", args.base.display()))?;
+    let train = tasks::problems(1, TRAIN_EXAMPLES, false);
+    let held_out = tasks::problems(2, HELD_OUT, true);
+    write_jsonl(&out.join("train.jsonl"), train.iter().map(|(p, s)| json!({"messages": p.chat(*s, true)})))?;
+    write_jsonl(&out.join("eval.jsonl"), held_out.iter().map(|(p, s)| json!({"messages": p.chat(*s, true)})))?;
+    let config = run_config(
+        &out.join("run.toml"),
+        &format!(
+            "# kiln demo: SFT of a tiny arithmetic model to answer questions in a chat.\n\
+             [model]\npath = {base:?}\n\n\
+             [data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 128\n\n\
+             [train]\nlr = 1e-3\nmin_lr = 1e-4\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
+             weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 0\neval_every = 100\n\n\
+             [output]\ndir = \".\"\nsave_every = 100\nkeep_last = 1\n",
+            args.steps
+        ),
+    )?;
+    let _ = std::fs::remove_dir_all(out.join("checkpoints"));
+
+    println!("kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out", base.display());
+    let before = score(&base, &out.join("eval.jsonl"), &held_out)?;
+    let summary = sft::run(&config, None, false)?;
+    let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
+
+    println!();
+    println!("| model | held-out eval loss | exact match ({HELD_OUT} held-out questions) |");
+    println!("| --- | ---: | ---: |");
+    println!("| base | {:.3} | {:.1}% |", before.eval_loss, 100.0 * before.accuracy);
+    println!("| after SFT ({} steps) | {:.3} | {:.1}% |", summary.steps, after.eval_loss, 100.0 * after.accuracy);
+    println!();
+    for ((q, b, want), (_, a, _)) in before.samples.iter().zip(&after.samples) {
+        println!("  {q:<28} base: {b:<10?} sft: {a:<8?} answer: {want}");
+    }
+    println!();
+    println!(
+        "{} steps in {:.0} s ({:.0} tokens/s); checkpoint {}; loss plot {}; metrics {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_s,
+        summary.checkpoint.display(),
+        summary.plot.display(),
+        out.join("metrics.jsonl").display()
+    );
+    Ok(())
+}
+
+fn make_base(out: &Path, steps: u64) -> Result<()> {
+    let work = out.with_extension("pretrain");
+    let _ = std::fs::remove_dir_all(&work);
+    let init = work.join("init");
+    std::fs::create_dir_all(&init)?;
+    let config_json = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": tokenizer::vocab_size(),
+        "hidden_size": 192,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": true,
+        "hidden_act": "silu",
+        "bos_token_id": null,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    });
+    write_json(&init.join("config.json"), &config_json)?;
+    write_json(&init.join("tokenizer.json"), &tokenizer::tokenizer_json())?;
+    write_json(&init.join("tokenizer_config.json"), &tokenizer::tokenizer_config_json())?;
+    write_json(&init.join("generation_config.json"), &json!({"eos_token_id": 2, "pad_token_id": 0}))?;
+    let config = Config::load(&init)?;
+    Model::random(&Cpu, config, 0).save_weights(&Cpu, &init)?;
+    write_jsonl(
+        &work.join("text.jsonl"),
+        tasks::pretraining_text(3, 20_000, 120).into_iter().map(|t| json!({"text": t})),
+    )?;
+    let run = run_config(
+        &work.join("run.toml"),
+        &format!(
+            "[model]\npath = \"init\"\n[data]\ntrain = \"text.jsonl\"\nmax_seq_len = 128\n\
+             [train]\nlr = 3e-3\nmin_lr = 3e-4\nwarmup_steps = 50\nsteps = {steps}\nbatch_tokens = 4096\n\
+             weight_decay = 0.01\nseed = 0\n[output]\ndir = \".\"\nsave_every = 500\nkeep_last = 1\n"
+        ),
+    )?;
+    let summary = sft::run(&run, None, false)?;
+    // The base ships in bf16, like most published checkpoints, and loads as any HF model.
+    let mut model = Model::load(&Cpu, &summary.checkpoint)?;
+    model.dtype = StorageDtype::BF16;
+    std::fs::create_dir_all(out)?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(init.join(f), out.join(f))?;
+    }
+    model.save_weights(&Cpu, out)?;
+    println!("base model written to {} (final pretraining loss {:.4})", out.display(), summary.last_loss);
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}

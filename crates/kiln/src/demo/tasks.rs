@@ -1,0 +1,92 @@
+//! The demo's synthetic world: two-digit addition and subtraction. Pretraining text states
+//! facts as bare equations ("23+45=68"); the instruction set asks for them in words, in a
+//! chat. Problems are split by a fixed hash, so held-out questions are never trained on.
+
+use kiln_core::rng::Rng;
+use kiln_data::Message;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub a: u32,
+    pub b: u32,
+    pub plus: bool,
+}
+
+impl Problem {
+    pub fn answer(&self) -> u32 {
+        if self.plus {
+            self.a + self.b
+        } else {
+            self.a - self.b
+        }
+    }
+
+    pub fn equation(&self) -> String {
+        format!("{}{}{}={}", self.a, if self.plus { '+' } else { '-' }, self.b, self.answer())
+    }
+
+    fn question(&self, style: usize) -> String {
+        let (a, b) = (self.a, self.b);
+        match (self.plus, style % 4) {
+            (true, 0) => format!("What is {a} plus {b}?"),
+            (true, 1) => format!("Compute {a}+{b}."),
+            (true, 2) => format!("Add {a} and {b}."),
+            (true, _) => format!("{a} + {b} = ?"),
+            (false, 0) => format!("What is {a} minus {b}?"),
+            (false, 1) => format!("Compute {a}-{b}."),
+            (false, 2) => format!("Subtract {b} from {a}."),
+            (false, _) => format!("{a} - {b} = ?"),
+        }
+    }
+
+    pub fn chat(&self, style: usize, with_answer: bool) -> Vec<Message> {
+        let mut m = vec![Message { role: "user".into(), content: self.question(style) }];
+        if with_answer {
+            m.push(Message { role: "assistant".into(), content: self.answer().to_string() });
+        }
+        m
+    }
+
+    /// One problem in ten is held out of the instruction set.
+    pub fn held_out(&self) -> bool {
+        (self.a * 7 + self.b * 13 + u32::from(self.plus)) % 10 == 0
+    }
+
+    fn random(rng: &mut Rng) -> Self {
+        let (a, b) = (rng.below(100) as u32, rng.below(100) as u32);
+        let plus = rng.below(2) == 0;
+        if plus || a >= b {
+            Self { a, b, plus }
+        } else {
+            Self { a: b, b: a, plus }
+        }
+    }
+}
+
+/// Pretraining rows: newline-separated equations, about `chars` characters each.
+pub fn pretraining_text(seed: u64, rows: usize, chars: usize) -> Vec<String> {
+    let mut rng = Rng::new(seed);
+    (0..rows)
+        .map(|_| {
+            let mut text = String::new();
+            while text.len() + 9 < chars {
+                text.push_str(&Problem::random(&mut rng).equation());
+                text.push('\n');
+            }
+            text
+        })
+        .collect()
+}
+
+/// `n` problems from one side of the held-out split, each with a phrasing style.
+pub fn problems(seed: u64, n: usize, held_out: bool) -> Vec<(Problem, usize)> {
+    let mut rng = Rng::new(seed);
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let p = Problem::random(&mut rng);
+        if p.held_out() == held_out {
+            out.push((p, rng.below(4)));
+        }
+    }
+    out
+}

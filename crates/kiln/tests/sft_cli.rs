@@ -1,0 +1,207 @@
+//! `kiln sft`, `kiln export` and `kiln data inspect` end to end on the demo base model:
+//! exact resume across kill -9, bad-row reports, config errors, and export round trips.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-sft-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn chat_row(i: usize) -> String {
+    let (a, b) = (i * 7 % 50, i * 13 % 40);
+    format!(
+        r#"{{"messages": [{{"role": "user", "content": "What is {a} plus {b}?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
+        a + b
+    )
+}
+
+/// A run directory with train/eval data and a run.toml; `extra` is appended to [train].
+fn make_run(name: &str, rows: &[String], extra: &str, save_every: u64) -> PathBuf {
+    let dir = scratch_dir(name);
+    std::fs::write(dir.join("train.jsonl"), rows.join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("eval.jsonl"), (500..520).map(chat_row).collect::<Vec<_>>().join("\n")).unwrap();
+    let toml = format!(
+        "[model]\npath = {BASE:?}\n[data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 64\n\
+         [train]\nlr = 1e-3\nwarmup_steps = 2\nsteps = 10\nbatch_tokens = 256\ngrad_accum = 2\nseed = 5\neval_every = 5\n{extra}\n\
+         [output]\ndir = \"out\"\nsave_every = {save_every}\nkeep_last = 3\n"
+    );
+    std::fs::write(dir.join("run.toml"), toml).unwrap();
+    dir
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
+        .collect()
+}
+
+fn checkpoints(run: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(run.join("out/checkpoints"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Every finished checkpoint must be whole: its state parses and its tensors load.
+fn assert_checkpoints_whole(run: &Path) {
+    for c in checkpoints(run).iter().filter(|c| !c.to_string_lossy().ends_with(".tmp")) {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(c.join("state.json")).unwrap()).unwrap();
+        assert!(state["step"].as_u64().is_some(), "{}", c.display());
+        for f in ["model.safetensors", "adam_m.safetensors", "adam_v.safetensors"] {
+            let bytes = std::fs::read(c.join(f)).unwrap();
+            safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", c.join(f).display()));
+        }
+    }
+}
+
+#[test]
+fn resume_after_kill_9_is_bit_exact() {
+    let rows: Vec<String> = (0..60).map(chat_row).collect();
+    let straight = make_run("straight", &rows, "", 0);
+    let out = kiln(&["sft", straight.join("run.toml").to_str().unwrap(), "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Same run, saving every step, killed with SIGKILL again and again until it finishes.
+    let killed = make_run("killed", &rows, "", 1);
+    let mut kills = 0;
+    for attempt in 0.. {
+        assert!(attempt < 60, "the run never finished");
+        let mut args = vec!["sft".to_string(), killed.join("run.toml").display().to_string(), "--quiet".into()];
+        if !checkpoints(&killed).iter().any(|c| !c.to_string_lossy().ends_with(".tmp")) {
+            // Killed before its first checkpoint: start over.
+        } else {
+            args.push("--resume".into());
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150 + 97 * (attempt % 7)));
+        if child.try_wait().unwrap().is_some_and(|s| s.success()) {
+            break;
+        }
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        if status.success() {
+            break;
+        }
+        kills += 1;
+        assert_checkpoints_whole(&killed);
+    }
+    assert!(kills >= 2, "the run was killed only {kills} times; the test proves nothing");
+
+    let (a, b) = (losses(&straight), losses(&killed));
+    assert_eq!(a.len(), 10);
+    assert_eq!(a, b, "the loss curve of the killed-and-resumed run differs from the straight run");
+    let last = |run: &Path| std::fs::read(checkpoints(run).last().unwrap().join("model.safetensors")).unwrap();
+    assert!(last(&straight) == last(&killed), "final weights differ");
+}
+
+#[test]
+fn bad_rows_are_reported_with_file_and_line() {
+    let mut rows: Vec<String> = (0..20).map(chat_row).collect();
+    rows[3] = r#"{"messages": [{"role": "user", "content": "no answer"}]}"#.into(); // nothing to train on
+    rows[7] = r#"{"messages": [{"role": "robot", "content": "hi"}]}"#.into(); // the template refuses
+    rows[11] = "{not json".into();
+    rows[15] = format!(r#"{{"text": "{}"}}"#, "x".repeat(200)); // longer than max_seq_len
+    let run = make_run("bad", &rows, "", 0);
+    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("4 of 20 rows are bad"), "{err}");
+    let train = run.join("train.jsonl").display().to_string();
+    for (line, what) in
+        [(4, "no trainable token"), (8, "unknown role: robot"), (12, "invalid JSON"), (16, "more than max_seq_len 64")]
+    {
+        assert!(
+            err.contains(&format!("{train}:{line}: ")) && err.contains(what),
+            "line {line} ({what}) not reported:\n{err}"
+        );
+    }
+    // Tolerating a fifth of the rows, the run goes ahead and still names them.
+    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "data.max_bad_fraction=0.25"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("{train}:12: invalid JSON")));
+}
+
+#[test]
+fn unknown_config_keys_are_named() {
+    let run = make_run("unknown-key", &[chat_row(1)], "learning_rate = 3", 0);
+    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("run.toml") && err.contains("unknown field `learning_rate`"),
+        "{err}"
+    );
+}
+
+fn score(model: &Path, tokens: &Path) -> String {
+    let out = kiln(&["score", "--model", model.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn export_writes_a_model_directory_that_scores_like_the_checkpoint() {
+    let run = make_run("export", &(0..30).map(chat_row).collect::<Vec<_>>(), "", 0);
+    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ckpt = checkpoints(&run).pop().unwrap();
+    let tokens = run.join("tokens.jsonl");
+    std::fs::write(&tokens, "{\"ids\": [1, 60, 3, 20, 21, 22, 2]}\n{\"ids\": [40, 41, 42]}\n").unwrap();
+
+    let f32_dir = run.join("export-f32");
+    let out = kiln(&["export", ckpt.to_str().unwrap(), "--out", f32_dir.to_str().unwrap(), "--dtype", "f32"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(score(&f32_dir, &tokens), score(&ckpt, &tokens), "f32 export must score exactly like the checkpoint");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        assert!(f32_dir.join(f).exists(), "export lacks {f}");
+    }
+
+    // Default dtype: the base model's (bf16), recorded in config.json for transformers.
+    let bf16_dir = run.join("export-bf16");
+    let out = kiln(&["export", ckpt.to_str().unwrap(), "--out", bf16_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bf16_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["dtype"], "bfloat16");
+    let size = |d: &Path| std::fs::metadata(d.join("model.safetensors")).unwrap().len();
+    assert!(size(&bf16_dir) * 2 < size(&f32_dir) + 4096, "bf16 export is not half the size");
+
+    let again = kiln(&["export", ckpt.to_str().unwrap(), "--out", bf16_dir.to_str().unwrap()]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
+#[test]
+fn data_inspect_shows_counts_and_the_loss_mask() {
+    let run = make_run("inspect", &(0..12).map(chat_row).collect::<Vec<_>>(), "", 0);
+    let out = kiln(&["data", "inspect", run.join("run.toml").to_str().unwrap(), "--samples", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("train: 12 examples"), "{text}");
+    assert!(text.contains("eval: 20 examples"), "{text}");
+    assert!(text.contains("packing:"), "{text}");
+    // Only the assistant's answer and end-of-turn carry loss.
+    assert!(
+        text.contains("<|im_start|>user\nWhat is 0 plus 0?<|im_end|>\n<|im_start|>assistant\n[[0<|im_end|>]]"),
+        "{text}"
+    );
+}

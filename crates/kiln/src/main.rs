@@ -61,9 +61,7 @@ fn keep_freed_memory() {}
 fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     let cli = Cli::parse();
-    if let Some(threads) = cli.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
-    }
+    kiln_core::cpu::threads::init(cli.threads)?;
     match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Sft(args) => sft::run(&args),

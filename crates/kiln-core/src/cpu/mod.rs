@@ -9,6 +9,7 @@ mod fast_exp;
 mod matmul;
 mod rmsnorm;
 mod rope;
+pub mod threads;
 
 use crate::backend::{self, Backend, Matmul};
 

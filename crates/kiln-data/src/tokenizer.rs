@@ -4,6 +4,9 @@ use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
 
+/// A token's byte range `(start, end)` in the encoded text.
+pub type Span = (usize, usize);
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
@@ -59,7 +62,7 @@ impl Tokenizer {
 
     /// Token ids and the byte span of each in `text`; special tokens written in the text are
     /// recognised, and nothing is added around it.
-    pub fn encode_with_offsets(&self, text: &str) -> std::result::Result<(Vec<u32>, Vec<(usize, usize)>), String> {
+    pub fn encode_with_offsets(&self, text: &str) -> std::result::Result<(Vec<u32>, Vec<Span>), String> {
         let enc = self.inner.encode(text, false).map_err(|e| e.to_string())?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

@@ -297,8 +297,8 @@ pub fn save(path: &Path, layout: &Weights<TensorSpec>, tensors: &Weights<Vec<f32
             safetensors::tensor::TensorView::new(dtype.safetensors(), shape.clone(), bytes).map(|v| (name.clone(), v))
         })
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::new(&path, format!("cannot encode tensors: {e}")))?;
+        .map_err(|e| Error::new(path, format!("cannot encode tensors: {e}")))?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), &path)
-        .map_err(|e| Error::new(&path, format!("cannot write: {e}")))
+    safetensors::serialize_to_file(views, Some(metadata), path)
+        .map_err(|e| Error::new(path, format!("cannot write: {e}")))
 }

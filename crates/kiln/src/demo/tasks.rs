@@ -1,9 +1,14 @@
-//! The demo's synthetic world: two-digit addition and subtraction. Pretraining text states
-//! facts as bare equations ("23+45=68"); the instruction set asks for them in words, in a
-//! chat. Problems are split by a fixed hash, so held-out questions are never trained on.
+//! The demo's synthetic world: addition and subtraction of numbers below 30. Pretraining
+//! text states every fact as a bare equation ("23+15=38"), so the base model knows them; the
+//! instruction set asks for them in words, in a chat. Problems are split by a fixed hash, so
+//! held-out questions are never seen in a chat: answering them takes the knowledge from
+//! pretraining, which is what SFT has to unlock.
 
 use kiln_core::rng::Rng;
 use kiln_data::Message;
+
+/// Operands are drawn from `0..OPERANDS`.
+const OPERANDS: usize = 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -53,7 +58,7 @@ impl Problem {
     }
 
     fn random(rng: &mut Rng) -> Self {
-        let (a, b) = (rng.below(100) as u32, rng.below(100) as u32);
+        let (a, b) = (rng.below(OPERANDS) as u32, rng.below(OPERANDS) as u32);
         let plus = rng.below(2) == 0;
         if plus || a >= b {
             Self { a, b, plus }

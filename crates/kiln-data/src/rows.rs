@@ -1,4 +1,4 @@
-//! Dataset rows: JSONL files whose lines are chat, prompt/completion or plain-text rows.
+//! Dataset rows: JSONL or Parquet files whose rows are chat, prompt/completion or plain text.
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -38,7 +38,11 @@ fn string_field(obj: &serde_json::Map<String, Value>, key: &str) -> std::result:
 
 /// Parses one JSON line into a row kind; the error names the field at fault.
 pub fn parse_row(line: &str) -> std::result::Result<RowKind, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    parse_value(serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?)
+}
+
+/// A row kind from a JSON object (a JSONL line, or a Parquet record read as JSON).
+pub fn parse_value(value: Value) -> std::result::Result<RowKind, String> {
     let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
     if let Some(messages) = obj.get("messages") {
         let messages: Vec<Message> = serde_json::from_value(messages.clone())
@@ -60,8 +64,40 @@ pub fn parse_row(line: &str) -> std::result::Result<RowKind, String> {
     Err("expected a field `messages`, `prompt` and `completion`, or `text`".into())
 }
 
-/// Reads a JSONL file. Rows that do not parse come back as errors, one per line, so the
-/// caller can count them against its tolerance instead of stopping at the first.
+/// Reads a dataset file: Parquet when it ends in `.parquet`, JSONL otherwise. Rows that do
+/// not parse come back as errors, one per row, so the caller can count them against its
+/// tolerance instead of stopping at the first.
+pub fn read_rows(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
+    if path.extension().is_some_and(|e| e == "parquet") {
+        read_parquet(path)
+    } else {
+        read_jsonl(path)
+    }
+}
+
+/// Reads a Parquet file record by record (columns `messages` as a list of `{role, content}`
+/// structs, `prompt` and `completion`, or `text`); rows are located as `file:row N`.
+pub fn read_parquet(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let at = |e: &dyn std::fmt::Display| Error::at(path.display().to_string(), format!("cannot read Parquet: {e}"));
+    let file =
+        std::fs::File::open(path).map_err(|e| Error::at(path.display().to_string(), format!("cannot open: {e}")))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| at(&e))?;
+    let mut rows = Vec::new();
+    for (i, record) in reader.get_row_iter(None).map_err(|e| at(&e))?.enumerate() {
+        let location = format!("{}:row {}", path.display(), i + 1);
+        rows.push(
+            match record {
+                Ok(record) => parse_value(record.to_json_value()).map(|kind| Row { location: location.clone(), kind }),
+                Err(e) => Err(format!("unreadable record: {e}")),
+            }
+            .map_err(|m| Error::at(location, m)),
+        );
+    }
+    Ok(rows)
+}
+
+/// Reads a JSONL file; rows are located as `file:line`.
 pub fn read_jsonl(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::at(path.display().to_string(), format!("cannot read: {e}")))?;
@@ -98,5 +134,26 @@ mod tests {
         assert!(parse_row(r#"{"messages": [{"role": "user"}]}"#).unwrap_err().contains("field `messages`"));
         assert!(parse_row(r#"{"foo": 1}"#).unwrap_err().contains("expected a field"));
         assert!(parse_row("{oops").unwrap_err().contains("invalid JSON"));
+    }
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/data").join(name)
+    }
+
+    #[test]
+    fn parquet_rows_written_by_pyarrow() {
+        let rows: Vec<Row> = read_rows(&fixture("chat.parquet")).unwrap().into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(rows.len(), 4);
+        assert!(rows[2].location.ends_with("chat.parquet:row 3"), "{}", rows[2].location);
+        let RowKind::Chat(m) = &rows[2].kind else { panic!("{:?}", rows[2].kind) };
+        assert_eq!(
+            (m[0].content.as_str(), m[1].role.as_str(), m[1].content.as_str()),
+            ("What is 10 plus 5?", "assistant", "15")
+        );
+        let rows = read_rows(&fixture("prompt_completion.parquet")).unwrap();
+        assert_eq!(
+            rows[1].as_ref().unwrap().kind,
+            RowKind::PromptCompletion { prompt: "5-3=".into(), completion: "2".into() }
+        );
     }
 }

@@ -49,7 +49,7 @@ const BAD_ROWS_SHOWN: usize = 10;
 pub fn encode_split(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64, split: &str) -> Result<Vec<Example>> {
     let mut rows = Vec::new();
     for f in files {
-        rows.extend(rows::read_jsonl(f)?);
+        rows.extend(rows::read_rows(f)?);
     }
     let Tokenized { examples, bad } = encoder.encode_all(rows);
     let total = examples.len() + bad.len();

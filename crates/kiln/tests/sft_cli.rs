@@ -42,7 +42,7 @@ fn make_run(name: &str, rows: &[String], extra: &str, save_every: u64) -> PathBu
 
 fn losses(run: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run.join("out/metrics.jsonl"))
-        .unwrap()
+        .unwrap_or_default()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter_map(|v| Some((v["step"].as_u64()?, v["loss"].as_f64()?)))
@@ -113,6 +113,34 @@ fn resume_after_kill_9_is_bit_exact() {
     assert_eq!(a, b, "the loss curve of the killed-and-resumed run differs from the straight run");
     let last = |run: &Path| std::fs::read(checkpoints(run).last().unwrap().join("model.safetensors")).unwrap();
     assert!(last(&straight) == last(&killed), "final weights differ");
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_resume_finishes_the_run() {
+    let rows: Vec<String> = (0..60).map(chat_row).collect();
+    let run = make_run("sigterm", &rows, "", 0);
+    let args = ["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=150"];
+    let child =
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait until training is under way, then ask it to stop.
+    for _ in 0..200 {
+        if losses(&run).len() >= 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "SIGTERM must end the run cleanly");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("interrupted after"), "{stdout}");
+    let saved = checkpoints(&run);
+    let step: u64 = saved.last().unwrap().file_name().unwrap().to_str().unwrap()[5..].parse().unwrap();
+    assert!((1..150).contains(&step), "checkpoint at step {step}");
+    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=150", "--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(losses(&run).len(), 150, "the resumed run completes every step once");
 }
 
 #[test]

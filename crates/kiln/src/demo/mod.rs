@@ -104,16 +104,16 @@ fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)]) -> R
         })
         .collect::<Result<_>>()?;
     let stop = tok.eos_id.map(|e| e as i32).into_iter().collect::<Vec<_>>();
-    let outputs = greedy(&b, &mut model, &prompts, 6, &stop);
+    let outputs = greedy(&b, &mut model, &prompts, 10, &stop);
     let mut correct = 0;
     let mut samples = Vec::new();
     for ((p, style), out) in held_out.iter().zip(&outputs) {
         let text = tok.decode(&out.iter().map(|&t| t as u32).collect::<Vec<_>>());
-        if text == p.answer().to_string() {
+        if text == p.equation() {
             correct += 1;
         }
         if samples.len() < 4 {
-            samples.push((p.chat(*style, false)[0].content.clone(), text, p.answer().to_string()));
+            samples.push((p.chat(*style, false)[0].content.clone(), text, p.equation()));
         }
     }
     Ok(Scores { eval_loss, accuracy: correct as f64 / held_out.len() as f64, samples })
@@ -134,7 +134,7 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: SFT of a tiny arithmetic model to answer questions in a chat.\n\
              [model]\npath = {base:?}\n\n\
              [data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 128\n\n\
-             [train]\nlr = 1e-3\nmin_lr = 1e-4\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
+             [train]\nlr = 5e-4\nmin_lr = 5e-5\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
              weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 0\neval_every = 100\n\n\
              [output]\ndir = \".\"\nsave_every = 100\nkeep_last = 1\n",
             args.steps
@@ -154,7 +154,7 @@ fn demo(args: &Args) -> Result<()> {
     println!("| after SFT ({} steps) | {:.3} | {:.1}% |", summary.steps, after.eval_loss, 100.0 * after.accuracy);
     println!();
     for ((q, b, want), (_, a, _)) in before.samples.iter().zip(&after.samples) {
-        println!("  {q:<28} base: {b:<10?} sft: {a:<8?} answer: {want}");
+        println!("  {q:<24} base: {b:<14?} sft: {a:<12?} expected: {want}");
     }
     println!();
     println!(

@@ -1,8 +1,9 @@
 //! The demo's synthetic world: addition and subtraction of numbers below 30. Pretraining
-//! text states every fact as a bare equation ("23+15=38"), so the base model knows them; the
-//! instruction set asks for them in words, in a chat. Problems are split by a fixed hash, so
-//! held-out questions are never seen in a chat: answering them takes the knowledge from
-//! pretraining, which is what SFT has to unlock.
+//! text states every fact, as a bare equation ("23+15=38") or as a question and answer in
+//! plain text ("Q: What is 23 plus 15? A: 23+15=38"), so the base model knows them but has
+//! never seen a chat. The instruction set asks the same questions in ChatML turns. Problems
+//! are split by a fixed hash, so held-out questions never appear in a chat: SFT has to teach
+//! the format well enough that the model answers questions it was not tuned on.
 
 use kiln_core::rng::Rng;
 use kiln_data::Message;
@@ -47,7 +48,7 @@ impl Problem {
     pub fn chat(&self, style: usize, with_answer: bool) -> Vec<Message> {
         let mut m = vec![Message { role: "user".into(), content: self.question(style) }];
         if with_answer {
-            m.push(Message { role: "assistant".into(), content: self.answer().to_string() });
+            m.push(Message { role: "assistant".into(), content: self.equation() });
         }
         m
     }
@@ -68,17 +69,25 @@ impl Problem {
     }
 }
 
-/// Pretraining rows: newline-separated equations, about `chars` characters each.
+/// Pretraining rows of about `chars` characters: newline-separated facts, half of them bare
+/// equations and half questions with their answer.
 pub fn pretraining_text(seed: u64, rows: usize, chars: usize) -> Vec<String> {
     let mut rng = Rng::new(seed);
     (0..rows)
         .map(|_| {
             let mut text = String::new();
-            while text.len() + 9 < chars {
-                text.push_str(&Problem::random(&mut rng).equation());
+            loop {
+                let p = Problem::random(&mut rng);
+                let line = match rng.below(2) {
+                    0 => p.equation(),
+                    _ => format!("Q: {} A: {}", p.question(rng.below(4)), p.equation()),
+                };
+                if text.len() + line.len() + 1 > chars {
+                    break text;
+                }
+                text.push_str(&line);
                 text.push('\n');
             }
-            text
         })
         .collect()
 }

@@ -166,7 +166,9 @@ impl RunConfig {
     pub fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                // `Path::join` keeps a lone "." as a component: "out/." reads badly in messages.
+                let rel: PathBuf = p.components().filter(|c| *c != std::path::Component::CurDir).collect();
+                *p = base.join(rel);
             }
         };
         fix(&mut self.model.path);

@@ -207,6 +207,11 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         )
     };
 
+    if state.step == 0 && !eval.is_empty() {
+        let l = evaluate(&b, &mut model, &mut acts, &eval, &eval_batches);
+        metrics.write(&json!({"step": 0, "eval_loss": l}))?;
+        eval_loss = Some(l);
+    }
     while state.step < total_steps {
         let step_started = Instant::now();
         let micro_batches = order.step(state.step);

@@ -119,7 +119,8 @@ fn resume_after_kill_9_is_bit_exact() {
 fn sigterm_saves_a_checkpoint_and_resume_finishes_the_run() {
     let rows: Vec<String> = (0..60).map(chat_row).collect();
     let run = make_run("sigterm", &rows, "", 0);
-    let args = ["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=150"];
+    let config = run.join("run.toml");
+    let args = ["sft", config.to_str().unwrap(), "--quiet", "--set", "train.steps=150"];
     let child =
         Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until training is under way, then ask it to stop.

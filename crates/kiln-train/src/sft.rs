@@ -34,6 +34,7 @@ pub struct Summary {
     pub steps: u64,
     pub last_loss: f64,
     pub eval_loss: Option<f64>,
+    /// Tokens per second of training steps (start-up, eval and checkpoints excluded).
     pub tokens_per_s: f64,
     pub seconds: f64,
     pub checkpoint: PathBuf,
@@ -191,6 +192,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     bar.set_position(state.step);
     let started = Instant::now();
     let (mut processed_tokens, mut last_loss, mut eval_loss, mut non_finite_streak) = (0u64, f64::NAN, None, 0);
+    // Time spent in training steps only (not eval, checkpoints or start-up), for tokens/s.
+    let mut step_seconds = 0.0;
     let mut last_checkpoint = resume_dir.clone();
     let mut interrupted = false;
     let save = |state: &State, model: &Model<Cpu>, optimizer: &AdamW<Cpu>| {
@@ -258,6 +261,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         processed_tokens += real_tokens;
         last_loss = loss;
         let dt = step_started.elapsed().as_secs_f64();
+        step_seconds += dt;
         metrics.write(&json!({
             "step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, "trainable_tokens": count,
             "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt, "elapsed_s": started.elapsed().as_secs_f64(),
@@ -294,7 +298,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         steps: state.step,
         last_loss,
         eval_loss,
-        tokens_per_s: processed_tokens as f64 / seconds,
+        tokens_per_s: processed_tokens as f64 / step_seconds.max(1e-9),
         seconds,
         checkpoint,
         plot,

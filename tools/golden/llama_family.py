@@ -8,6 +8,7 @@ For each case this writes tests/fixtures/<case>/:
       logits      [rows, seq, vocab] f32 (rows are right-padded; compare real positions)
       logprobs    [rows, seq-1]  log p(ids[t+1] | ids[..=t]), 0 past a row's end
       loss        []  mean next-token cross-entropy over real targets
+      greedy      [5] greedy continuation (generate, do_sample=False) of input_ids[0, :6]
       grad.<name> gradient of loss for every parameter
 
 Run:  python tools/golden/llama_family.py   (needs torch, transformers, safetensors)
@@ -140,6 +141,10 @@ def build(name: str, spec: dict) -> None:
         "logprobs": token_logprobs.contiguous(),
         "loss": out.loss.detach().float().reshape(()).contiguous(),
     }
+    with torch.no_grad():
+        greedy = reloaded.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, min_new_tokens=5,
+                                   eos_token_id=None, pad_token_id=0)[0, 6:]
+    tensors["greedy"] = greedy.contiguous()
     for pname, p in reloaded.named_parameters():
         tensors[f"grad.{pname}"] = p.grad.detach().float().contiguous()
     save_file(tensors, case_dir / "golden.safetensors")

@@ -16,13 +16,10 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// One sequence per row, right-padded to the longest; every next-token prediction is a
-    /// target and the loss is their mean (as transformers' causal-LM loss).
-    pub fn causal_lm(sequences: &[Vec<i32>]) -> Self {
-        let rows = sequences.len();
-        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+    /// `rows × seq` tokens of padding: no segment, no target, no weight.
+    pub fn padding(rows: usize, seq: usize) -> Self {
         let n = rows * seq;
-        let mut batch = Self {
+        Self {
             rows,
             seq,
             ids: vec![0; n],
@@ -30,7 +27,14 @@ impl Batch {
             segments: vec![-1; n],
             targets: vec![-1; n],
             weights: vec![0.0; n],
-        };
+        }
+    }
+
+    /// One sequence per row, right-padded to the longest; every next-token prediction is a
+    /// target and the loss is their mean (as transformers' causal-LM loss).
+    pub fn causal_lm(sequences: &[Vec<i32>]) -> Self {
+        let seq = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut batch = Self::padding(sequences.len(), seq);
         for (r, s) in sequences.iter().enumerate() {
             for (t, &id) in s.iter().enumerate() {
                 let i = r * seq + t;

@@ -26,8 +26,13 @@ pub fn greedy<B: Backend>(
     let mut out = vec![Vec::new(); rows];
     for _ in 0..max_new {
         // Right padding leaves every row's real positions unchanged under causal attention.
-        let mut batch = Batch::causal_lm(&seqs);
-        pad_to(&mut batch, seq);
+        let mut batch = Batch::padding(rows, seq);
+        for (r, s) in seqs.iter().enumerate() {
+            for (t, &id) in s.iter().enumerate() {
+                let i = r * seq + t;
+                (batch.ids[i], batch.positions[i], batch.segments[i]) = (id, t as i32, 0);
+            }
+        }
         model.forward(b, &mut acts, &batch);
         let logits = b.read(&acts.logits);
         for r in 0..rows {
@@ -53,20 +58,4 @@ pub fn greedy<B: Backend>(
         }
     }
     out
-}
-
-/// Widens a batch to `seq` tokens per row with padding.
-fn pad_to(batch: &mut Batch, seq: usize) {
-    let old = batch.seq;
-    let widen = |v: &Vec<i32>, fill: i32| -> Vec<i32> {
-        v.chunks(old.max(1))
-            .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(fill, seq - row.len())))
-            .collect()
-    };
-    batch.ids = widen(&batch.ids, 0);
-    batch.positions = widen(&batch.positions, 0);
-    batch.segments = widen(&batch.segments, -1);
-    batch.targets = widen(&batch.targets, -1);
-    batch.weights = vec![0.0; batch.rows * seq];
-    batch.seq = seq;
 }

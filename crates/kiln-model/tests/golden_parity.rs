@@ -1,5 +1,6 @@
 //! Parity with transformers: logits, loss, log-probs and every parameter gradient of tiny
-//! random models of each supported `model_type`, written by `tools/golden/llama_family.py`.
+//! random models of each supported `model_type`, and their greedy continuations, written by
+//! `tools/golden/llama_family.py`.
 
 use kiln_core::{Backend, Cpu};
 use kiln_model::{Activations, Batch, Model};
@@ -13,6 +14,7 @@ fn fixture(case: &str) -> PathBuf {
 struct Golden {
     sequences: Vec<Vec<i32>>,
     seq: usize,
+    greedy: Vec<i32>,
     tensors: Vec<(String, Vec<f32>)>,
 }
 
@@ -27,6 +29,7 @@ impl Golden {
         };
         let (shape, ids) = ints("input_ids");
         let (_, lengths) = ints("lengths");
+        let greedy = ints("greedy").1.into_iter().map(|t| t as i32).collect();
         let seq = shape[1];
         let sequences = lengths
             .iter()
@@ -39,7 +42,7 @@ impl Golden {
             .filter(|(_, v)| v.dtype() == Dtype::F32)
             .map(|(n, v)| (n, v.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
             .collect();
-        Self { sequences, seq, tensors }
+        Self { sequences, seq, greedy, tensors }
     }
 
     fn get(&self, name: &str) -> &[f32] {
@@ -89,6 +92,10 @@ fn check_case(case: &str) {
             assert!((got - want).abs() < 1e-5, "{case} logprob[{r},{t}]: kiln {got}, transformers {want}");
         }
     }
+
+    // Greedy decoding continues the first row's first 6 tokens as transformers' generate does.
+    let greedy = kiln_model::generate::greedy(&b, &mut model, &[golden.sequences[0][..6].to_vec()], 5, &[]);
+    assert_eq!(greedy[0], golden.greedy, "{case}: greedy continuation");
 
     // Loss and every gradient, with activations kept and with them recomputed.
     for recompute in [false, true] {

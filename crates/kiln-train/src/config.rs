@@ -162,6 +162,13 @@ impl RunConfig {
         Ok(config)
     }
 
+    /// `load`, with relative paths taken from the run file's directory.
+    pub fn load_resolved(path: &Path, overrides: &[String]) -> Result<Self, String> {
+        let mut config = Self::load(path, overrides)?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
     /// Resolves relative paths against the directory of the run file.
     pub fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {

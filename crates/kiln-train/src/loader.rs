@@ -63,16 +63,7 @@ pub fn trainable_targets(examples: &[Example], micro_batch: &[PackedRow]) -> usi
 /// A `rows × seq` batch of packed rows: positions restart and segment ids change at each
 /// example, every trainable target has weight `weight`, padding has none.
 pub fn build_batch(examples: &[Example], micro_batch: &[PackedRow], rows: usize, seq: usize, weight: f32) -> Batch {
-    let n = rows * seq;
-    let mut b = Batch {
-        rows,
-        seq,
-        ids: vec![0; n],
-        positions: vec![0; n],
-        segments: vec![-1; n],
-        targets: vec![-1; n],
-        weights: vec![0.0; n],
-    };
+    let mut b = Batch::padding(rows, seq);
     for (r, row) in micro_batch.iter().enumerate() {
         let mut t = r * seq;
         for (segment, &i) in row.iter().enumerate() {

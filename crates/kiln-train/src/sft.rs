@@ -79,6 +79,23 @@ pub fn encode_split(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64,
     Ok(examples)
 }
 
+/// The run's train and eval examples, tokenized as the config says; bad rows reported.
+pub fn encode_data(
+    config: &RunConfig,
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<(Vec<Example>, Vec<Example>)> {
+    let encoder =
+        Encoder { tokenizer, template, max_seq_len: config.data.max_seq_len, policy: config.data.length_policy };
+    let train = encode_split(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?;
+    let eval = if config.data.eval.is_empty() {
+        Vec::new()
+    } else {
+        encode_split(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?
+    };
+    Ok((train, eval))
+}
+
 /// The tokenizer and chat template of a model directory.
 pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
     let tokenizer = Tokenizer::load(dir)?;
@@ -138,18 +155,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
             model.config.vocab_size
         );
     }
-    let encoder = Encoder {
-        tokenizer: &tokenizer,
-        template: template.as_ref(),
-        max_seq_len: config.data.max_seq_len,
-        policy: config.data.length_policy,
-    };
-    let train = encode_split(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?;
-    let eval = if config.data.eval.is_empty() {
-        Vec::new()
-    } else {
-        encode_split(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?
-    };
+    let (train, eval) = encode_data(config, &tokenizer, template.as_ref())?;
 
     let (rows, seq) = (config.rows(), config.data.max_seq_len);
     let t = &config.train;

@@ -1,9 +1,9 @@
 //! `kiln data inspect run.toml`: what the run's data becomes before any compute is spent.
 
 use anyhow::Result;
-use kiln_data::example::{Encoder, Example};
+use kiln_data::example::Example;
 use kiln_train::loader::DataOrder;
-use kiln_train::sft::{encode_split, load_tokenizer};
+use kiln_train::sft::{encode_data, load_tokenizer};
 use kiln_train::RunConfig;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -80,19 +80,11 @@ fn report(name: &str, examples: &[Example], config: &RunConfig) {
 
 pub fn run(cmd: &Command) -> Result<()> {
     let Command::Inspect(args) = cmd;
-    let mut config = RunConfig::load(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
-    config.resolve_paths(args.config.parent().unwrap_or(std::path::Path::new(".")));
+    let config = RunConfig::load_resolved(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
     let (tok, template) = load_tokenizer(&config.model.path)?;
-    let encoder = Encoder {
-        tokenizer: &tok,
-        template: template.as_ref(),
-        max_seq_len: config.data.max_seq_len,
-        policy: config.data.length_policy,
-    };
-    let train = encode_split(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?;
+    let (train, eval) = encode_data(&config, &tok, template.as_ref())?;
     report("train", &train, &config);
-    if !config.data.eval.is_empty() {
-        let eval = encode_split(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?;
+    if !eval.is_empty() {
         report("eval", &eval, &config);
     }
     let color = std::io::stdout().is_terminal();

@@ -21,8 +21,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let mut config = RunConfig::load(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
-    config.resolve_paths(args.config.parent().unwrap_or(std::path::Path::new(".")));
+    let config = RunConfig::load_resolved(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
     let resume = args.resume.clone().map(|r| r.map_or(Resume::Latest, Resume::From));
     let s = sft::run(&config, resume, args.quiet)?;
     let eval = s.eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4}"));

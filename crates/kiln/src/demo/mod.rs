@@ -62,9 +62,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 
 fn run_config(path: &Path, toml: &str) -> Result<RunConfig> {
     std::fs::write(path, toml).with_context(|| format!("{}: cannot write", path.display()))?;
-    let mut config = RunConfig::load(path, &[]).map_err(anyhow::Error::msg)?;
-    config.resolve_paths(path.parent().expect("a file has a parent"));
-    Ok(config)
+    RunConfig::load_resolved(path, &[]).map_err(anyhow::Error::msg)
 }
 
 pub fn run(args: &Args) -> Result<()> {

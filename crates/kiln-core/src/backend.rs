@@ -63,6 +63,8 @@ pub struct Rope {
 /// Token `i` attends to token `j` of the same row iff `j <= i`, `segment[i] == segment[j]`
 /// (packed sequences never see each other) and, with a window `w`, `i - j < w`.
 /// Query heads `h` share key/value head `h / (q_heads / kv_heads)` (grouped-query attention).
+/// Queries and keys have `head_dim` features per head, values (and so the output)
+/// `v_head_dim` (they differ in multi-head latent attention).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Attention {
     pub batch: usize,
@@ -70,6 +72,7 @@ pub struct Attention {
     pub q_heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    pub v_head_dim: usize,
     pub scale: f32,
     pub window: Option<usize>,
 }
@@ -160,8 +163,9 @@ pub trait Backend: Send + Sync {
 
     // ---- attention ----------------------------------------------------------------------
     /// `out = softmax(q kᵀ · scale + mask) v`, with `lse` (`[batch, q_heads, seq]`) the
-    /// log-sum-exp of each score row, kept for backward. `q`, `out`: `[tokens, q_heads, hd]`;
-    /// `k`, `v`: `[tokens, kv_heads, hd]`. Memory is linear in `seq`: no score matrix is kept.
+    /// log-sum-exp of each score row, kept for backward. `q`: `[tokens, q_heads, head_dim]`,
+    /// `k`: `[tokens, kv_heads, head_dim]`, `v`: `[tokens, kv_heads, v_head_dim]`, `out`:
+    /// `[tokens, q_heads, v_head_dim]`. Memory is linear in `seq`: no score matrix is kept.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,

@@ -270,7 +270,8 @@ pub fn rope_interleaved<B: Backend>(b: &B) {
 
 /// Attention shapes that cross block boundaries, share kv heads and pack several sequences.
 fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
-    let base = Attention { batch: 2, seq: 70, q_heads: 4, kv_heads: 2, head_dim: 8, scale: 0.3, window: None };
+    let base =
+        Attention { batch: 2, seq: 70, q_heads: 4, kv_heads: 2, head_dim: 8, v_head_dim: 8, scale: 0.3, window: None };
     let packed: Vec<i32> = (0..140)
         .map(|t| {
             if t % 70 < 30 {
@@ -287,16 +288,39 @@ fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
         (base, packed.clone()),
         (Attention { window: Some(20), ..base }, packed),
         (
-            Attention { batch: 1, seq: 150, q_heads: 2, kv_heads: 1, head_dim: 4, scale: 0.5, window: None },
+            Attention {
+                batch: 1,
+                seq: 150,
+                q_heads: 2,
+                kv_heads: 1,
+                head_dim: 4,
+                v_head_dim: 4,
+                scale: 0.5,
+                window: None,
+            },
             vec![7; 150],
+        ),
+        // Multi-head latent attention's shape: wider queries/keys than values.
+        (
+            Attention {
+                batch: 1,
+                seq: 80,
+                q_heads: 3,
+                kv_heads: 3,
+                head_dim: 12,
+                v_head_dim: 5,
+                scale: 0.25,
+                window: None,
+            },
+            vec![0; 80],
         ),
     ]
 }
 
 fn attention_reference(q: &[f32], k: &[f32], v: &[f32], seg: &[i32], s: Attention) -> Vec<f64> {
-    let hd = s.head_dim;
+    let (hd, vd) = (s.head_dim, s.v_head_dim);
     let group = s.q_heads / s.kv_heads;
-    let mut out = vec![0.0f64; q.len()];
+    let mut out = vec![0.0f64; s.tokens() * s.q_heads * vd];
     for b in 0..s.batch {
         for h in 0..s.q_heads {
             for i in 0..s.seq {
@@ -304,6 +328,8 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], seg: &[i32], s: Attentio
                 let allowed =
                     |j: usize| j <= i && seg[b * s.seq + i] == seg[b * s.seq + j] && s.window.is_none_or(|w| i - j < w);
                 let kj = |j: usize| ((b * s.seq + j) * s.kv_heads + h / group) * hd;
+                let vj = |j: usize| ((b * s.seq + j) * s.kv_heads + h / group) * vd;
+                let oi = ((b * s.seq + i) * s.q_heads + h) * vd;
                 let scores: Vec<f64> = (0..s.seq)
                     .map(|j| {
                         if !allowed(j) {
@@ -317,8 +343,8 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], seg: &[i32], s: Attentio
                 for (j, &sc) in scores.iter().enumerate() {
                     let p = (sc - max).exp() / z;
                     if p > 0.0 {
-                        for d in 0..hd {
-                            out[qi + d] += p * v[kj(j) + d] as f64;
+                        for d in 0..vd {
+                            out[oi + d] += p * v[vj(j) + d] as f64;
                         }
                     }
                 }
@@ -328,8 +354,14 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], seg: &[i32], s: Attentio
     out
 }
 
+/// Elements of q, k and v.
+fn attention_sizes(s: &Attention) -> (usize, usize, usize) {
+    let n = s.tokens();
+    (n * s.q_heads * s.head_dim, n * s.kv_heads * s.head_dim, n * s.kv_heads * s.v_head_dim)
+}
+
 fn attention_run<B: Backend>(b: &B, q: &[f32], k: &[f32], v: &[f32], seg: &B::Index, s: Attention) -> (B::Buf, B::Buf) {
-    let (mut out, mut lse) = (b.zeros(q.len()), b.zeros(s.batch * s.q_heads * s.seq));
+    let (mut out, mut lse) = (b.zeros(s.tokens() * s.q_heads * s.v_head_dim), b.zeros(s.batch * s.q_heads * s.seq));
     b.attention_forward(&mut out, &mut lse, &b.upload(q), &b.upload(k), &b.upload(v), seg, s);
     (out, lse)
 }
@@ -337,8 +369,8 @@ fn attention_run<B: Backend>(b: &B, q: &[f32], k: &[f32], v: &[f32], seg: &B::In
 pub fn attention_forward<B: Backend>(b: &B) {
     let mut rng = Rng::new(7);
     for (s, seg) in attention_cases() {
-        let (nq, nkv) = (s.tokens() * s.q_heads * s.head_dim, s.tokens() * s.kv_heads * s.head_dim);
-        let (q, k, v) = (rng.normal_vec(nq, 1.0), rng.normal_vec(nkv, 1.0), rng.normal_vec(nkv, 1.0));
+        let (nq, nk, nv) = attention_sizes(&s);
+        let (q, k, v) = (rng.normal_vec(nq, 1.0), rng.normal_vec(nk, 1.0), rng.normal_vec(nv, 1.0));
         let (out, _) = attention_run(b, &q, &k, &v, &b.upload_index(&seg), s);
         assert_close(
             &format!("attention_forward {s:?}"),
@@ -353,12 +385,12 @@ pub fn attention_forward<B: Backend>(b: &B) {
 pub fn attention_backward<B: Backend>(b: &B) {
     let mut rng = Rng::new(8);
     for (s, seg) in attention_cases() {
-        let (nq, nkv) = (s.tokens() * s.q_heads * s.head_dim, s.tokens() * s.kv_heads * s.head_dim);
-        let (q, k, v) = (rng.normal_vec(nq, 1.0), rng.normal_vec(nkv, 1.0), rng.normal_vec(nkv, 1.0));
-        let g = rng.normal_vec(nq, 1.0);
+        let (nq, nk, nv) = attention_sizes(&s);
+        let (q, k, v) = (rng.normal_vec(nq, 1.0), rng.normal_vec(nk, 1.0), rng.normal_vec(nv, 1.0));
+        let g = rng.normal_vec(s.tokens() * s.q_heads * s.v_head_dim, 1.0);
         let si = b.upload_index(&seg);
         let (out, lse) = attention_run(b, &q, &k, &v, &si, s);
-        let (mut dq, mut dk, mut dv) = (b.upload(&g), b.upload(&k), b.upload(&v)); // overwritten
+        let (mut dq, mut dk, mut dv) = (b.upload(&q), b.upload(&k), b.upload(&v)); // overwritten
         let (qb, kb, vb) = (b.upload(&q), b.upload(&k), b.upload(&v));
         b.attention_backward(&mut dq, &mut dk, &mut dv, &b.upload(&g), &qb, &kb, &vb, &out, &lse, &si, s);
         let loss = |q: &[f32], k: &[f32], v: &[f32]| weighted_sum(&b.read(&attention_run(b, q, k, v, &si, s).0), &g);

@@ -132,6 +132,7 @@ impl<B: Backend> Model<B> {
             q_heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
+            v_head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             window: c.layer_windows[layer],
         }

@@ -29,7 +29,7 @@ impl Shared {
     }
 }
 
-/// Where one (batch row, head) lives inside a `[tokens, heads, head_dim]` buffer.
+/// Where one (batch row, head) lives inside a `[tokens, heads, dim]` buffer.
 #[derive(Clone, Copy)]
 struct HeadView {
     /// Offset of token 0 of the batch row, head `h`.
@@ -39,15 +39,15 @@ struct HeadView {
 }
 
 impl HeadView {
-    fn new(spec: &Attention, b: usize, head: usize, heads: usize) -> Self {
-        let stride = heads * spec.head_dim;
-        Self { base: b * spec.seq * stride + head * spec.head_dim, stride }
+    fn new(spec: &Attention, b: usize, head: usize, heads: usize, dim: usize) -> Self {
+        let stride = heads * dim;
+        Self { base: b * spec.seq * stride + head * dim, stride }
     }
-    /// Rows `start..` as a strided `[rows, head_dim]` matrix.
+    /// Rows `start..` as a strided `[rows, dim]` matrix.
     fn rows(&self, ptr: *const f32, start: usize) -> Strided<*const f32> {
         Strided { ptr: unsafe { ptr.add(self.base + start * self.stride) }, rs: self.stride as isize, cs: 1 }
     }
-    /// Rows `start..` transposed: a strided `[head_dim, rows]` matrix.
+    /// Rows `start..` transposed: a strided `[dim, rows]` matrix.
     fn rows_t(&self, ptr: *const f32, start: usize) -> Strided<*const f32> {
         Strided { ptr: unsafe { ptr.add(self.base + start * self.stride) }, rs: 1, cs: self.stride as isize }
     }
@@ -83,7 +83,7 @@ fn check_shapes(spec: &Attention, q: usize, k: usize, v: usize, segments: usize)
     );
     assert_eq!(q, n * spec.q_heads * spec.head_dim, "attention: q size mismatch");
     assert_eq!(k, n * spec.kv_heads * spec.head_dim, "attention: k size mismatch");
-    assert_eq!(v, n * spec.kv_heads * spec.head_dim, "attention: v size mismatch");
+    assert_eq!(v, n * spec.kv_heads * spec.v_head_dim, "attention: v size mismatch");
     assert_eq!(segments, n, "attention: one segment id per token expected");
 }
 
@@ -111,23 +111,25 @@ fn scores(
 #[allow(clippy::too_many_arguments)]
 pub fn forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], segments: &[i32], spec: Attention) {
     check_shapes(&spec, q.len(), k.len(), v.len(), segments.len());
-    assert_eq!(out.len(), q.len(), "attention: out size mismatch");
+    assert_eq!(out.len(), spec.tokens() * spec.q_heads * spec.v_head_dim, "attention: out size mismatch");
     assert_eq!(lse.len(), spec.batch * spec.q_heads * spec.seq, "attention: lse size mismatch");
-    let (t, hd) = (spec.seq, spec.head_dim);
+    let (t, hd, vd) = (spec.seq, spec.head_dim, spec.v_head_dim);
     let group = spec.q_heads / spec.kv_heads;
     let q_blocks = t.div_ceil(BLOCK);
     let (out_p, lse_p) = (Shared(out.as_mut_ptr()), Shared(lse.as_mut_ptr()));
     (0..spec.batch * spec.q_heads * q_blocks).into_par_iter().for_each(|task| {
         let (bh, qb) = (task / q_blocks, task % q_blocks);
         let (b, h) = (bh / spec.q_heads, bh % spec.q_heads);
-        let qv = HeadView::new(&spec, b, h, spec.q_heads);
-        let kv = HeadView::new(&spec, b, h / group, spec.kv_heads);
+        let qv = HeadView::new(&spec, b, h, spec.q_heads, hd);
+        let kv = HeadView::new(&spec, b, h / group, spec.kv_heads, hd);
+        let vv = HeadView::new(&spec, b, h / group, spec.kv_heads, vd);
+        let ov = HeadView::new(&spec, b, h, spec.q_heads, vd);
         let mask = Mask { segments: &segments[b * t..(b + 1) * t], window: spec.window };
         let (i0, i1) = (qb * BLOCK, ((qb + 1) * BLOCK).min(t));
         let bq = i1 - i0;
 
         let mut s = vec![0.0f32; BLOCK * BLOCK];
-        let mut acc = vec![0.0f32; bq * hd];
+        let mut acc = vec![0.0f32; bq * vd];
         let mut row_max = vec![f32::NEG_INFINITY; bq];
         let mut row_sum = vec![0.0f32; bq];
         let mut j0 = mask.first_key(i0);
@@ -159,18 +161,18 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32]
                 }
                 row_sum[r] = row_sum[r] * correction + sum;
                 row_max[r] = new_max;
-                acc[r * hd..(r + 1) * hd].iter_mut().for_each(|a| *a *= correction);
+                acc[r * vd..(r + 1) * vd].iter_mut().for_each(|a| *a *= correction);
             }
             // acc += P · V_block
             unsafe {
                 gemm_strided(
                     bq,
-                    hd,
+                    vd,
                     bk,
-                    Strided { ptr: acc.as_mut_ptr(), rs: hd as isize, cs: 1 },
+                    Strided { ptr: acc.as_mut_ptr(), rs: vd as isize, cs: 1 },
                     true,
                     Strided { ptr: s.as_ptr(), rs: BLOCK as isize, cs: 1 },
-                    kv.rows(v.as_ptr(), j0),
+                    vv.rows(v.as_ptr(), j0),
                     false,
                 )
             };
@@ -179,8 +181,8 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32]
         for r in 0..bq {
             // The diagonal is always allowed, so every row has a positive sum.
             let inv = 1.0 / row_sum[r];
-            let dst = unsafe { std::slice::from_raw_parts_mut(out_p.ptr().add(qv.base + (i0 + r) * qv.stride), hd) };
-            dst.iter_mut().zip(&acc[r * hd..(r + 1) * hd]).for_each(|(o, a)| *o = a * inv);
+            let dst = unsafe { std::slice::from_raw_parts_mut(out_p.ptr().add(ov.base + (i0 + r) * ov.stride), vd) };
+            dst.iter_mut().zip(&acc[r * vd..(r + 1) * vd]).for_each(|(o, a)| *o = a * inv);
             unsafe { *lse_p.ptr().add(bh * t + i0 + r) = row_max[r] + row_sum[r].ln() };
         }
     });
@@ -201,31 +203,33 @@ pub fn backward(
     spec: Attention,
 ) {
     check_shapes(&spec, q.len(), k.len(), v.len(), segments.len());
+    let out_len = spec.tokens() * spec.q_heads * spec.v_head_dim;
     assert!(
-        dq.len() == q.len() && dout.len() == q.len() && out.len() == q.len(),
+        dq.len() == q.len() && dout.len() == out_len && out.len() == out_len,
         "attention_backward: q-side size mismatch"
     );
     assert!(dk.len() == k.len() && dv.len() == v.len(), "attention_backward: kv-side size mismatch");
-    let (t, hd) = (spec.seq, spec.head_dim);
+    let (t, hd, vd) = (spec.seq, spec.head_dim, spec.v_head_dim);
     let group = spec.q_heads / spec.kv_heads;
     let (dq_p, dk_p, dv_p) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
     // One task per (batch row, kv head): it owns dk/dv of that head and dq of its query group.
     (0..spec.batch * spec.kv_heads).into_par_iter().for_each(|task| {
         let (b, kvh) = (task / spec.kv_heads, task % spec.kv_heads);
-        let kv = HeadView::new(&spec, b, kvh, spec.kv_heads);
+        let kv = HeadView::new(&spec, b, kvh, spec.kv_heads, hd);
+        let vv = HeadView::new(&spec, b, kvh, spec.kv_heads, vd);
         let mask = Mask { segments: &segments[b * t..(b + 1) * t], window: spec.window };
         for i in 0..t {
-            let off = kv.base + i * kv.stride;
             unsafe {
-                std::slice::from_raw_parts_mut(dk_p.ptr().add(off), hd).fill(0.0);
-                std::slice::from_raw_parts_mut(dv_p.ptr().add(off), hd).fill(0.0);
+                std::slice::from_raw_parts_mut(dk_p.ptr().add(kv.base + i * kv.stride), hd).fill(0.0);
+                std::slice::from_raw_parts_mut(dv_p.ptr().add(vv.base + i * vv.stride), vd).fill(0.0);
             }
         }
         let mut p = vec![0.0f32; BLOCK * BLOCK];
         let mut ds = vec![0.0f32; BLOCK * BLOCK];
         let mut d_row = vec![0.0f32; BLOCK];
         for h in kvh * group..(kvh + 1) * group {
-            let qv = HeadView::new(&spec, b, h, spec.q_heads);
+            let qv = HeadView::new(&spec, b, h, spec.q_heads, hd);
+            let ov = HeadView::new(&spec, b, h, spec.q_heads, vd);
             let lse = &lse[(b * spec.q_heads + h) * t..(b * spec.q_heads + h + 1) * t];
             for i in 0..t {
                 unsafe { std::slice::from_raw_parts_mut(dq_p.ptr().add(qv.base + i * qv.stride), hd).fill(0.0) };
@@ -234,8 +238,8 @@ pub fn backward(
                 let i1 = (i0 + BLOCK).min(t);
                 let bq = i1 - i0;
                 for (r, d) in d_row[..bq].iter_mut().enumerate() {
-                    let off = qv.base + (i0 + r) * qv.stride;
-                    *d = dout[off..off + hd].iter().zip(&out[off..off + hd]).map(|(a, b)| a * b).sum();
+                    let off = ov.base + (i0 + r) * ov.stride;
+                    *d = dout[off..off + vd].iter().zip(&out[off..off + vd]).map(|(a, b)| a * b).sum();
                 }
                 let mut j0 = mask.first_key(i0);
                 while j0 < i1 {
@@ -260,17 +264,17 @@ pub fn backward(
                     let ds_t = Strided { ptr: ds.as_ptr(), rs: 1, cs: BLOCK as isize };
                     unsafe {
                         // dV_block += Pᵀ · dO
-                        gemm_strided(bk, hd, bq, kv.rows_mut(dv_p, j0), true, p_t, qv.rows(dout.as_ptr(), i0), false);
+                        gemm_strided(bk, vd, bq, vv.rows_mut(dv_p, j0), true, p_t, ov.rows(dout.as_ptr(), i0), false);
                         // dP = dO · V_blockᵀ
                         let ds_out = Strided { ptr: ds.as_mut_ptr(), rs: BLOCK as isize, cs: 1 };
                         gemm_strided(
                             bq,
                             bk,
-                            hd,
+                            vd,
                             ds_out,
                             false,
-                            qv.rows(dout.as_ptr(), i0),
-                            kv.rows_t(v.as_ptr(), j0),
+                            ov.rows(dout.as_ptr(), i0),
+                            vv.rows_t(v.as_ptr(), j0),
                             false,
                         );
                     }

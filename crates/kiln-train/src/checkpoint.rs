@@ -67,22 +67,31 @@ pub fn list(root: &Path) -> Vec<PathBuf> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            p.is_dir() && name.starts_with("step-") && !name.ends_with(".tmp")
+            p.is_dir() && name.starts_with("step-") && !name.ends_with(".tmp") && !name.ends_with(".old")
         })
         .collect();
     dirs.sort();
     dirs
 }
 
-/// Removes temporary directories a killed save left behind.
+/// Removes what a killed save (`.tmp`) or prune (`.old`) left behind.
 pub fn clean_partial(root: &Path) {
     if let Ok(entries) = fs::read_dir(root) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".tmp") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") || name.ends_with(".old") {
                 let _ = fs::remove_dir_all(e.path());
             }
         }
     }
+}
+
+/// Deletes a checkpoint so that no half-deleted one is ever left under a checkpoint's name:
+/// renamed away first (atomic), then removed.
+fn remove_checkpoint(dir: &Path) -> Result<()> {
+    let doomed = dir.with_extension("old");
+    fs::rename(dir, &doomed).with_context(|| format!("{}: cannot retire", dir.display()))?;
+    fs::remove_dir_all(&doomed).with_context(|| format!("{}: cannot remove", doomed.display()))
 }
 
 pub struct SaveRequest<'a, B: Backend> {
@@ -124,14 +133,14 @@ pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
 
     let dest = req.root.join(&name);
     if dest.exists() {
-        fs::remove_dir_all(&dest)?;
+        remove_checkpoint(&dest)?;
     }
     fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot rename into place", dest.display()))?;
     sync_dir(req.root)?;
 
     let all = list(req.root);
     for old in all.iter().take(all.len().saturating_sub(req.keep_last.max(1))) {
-        let _ = fs::remove_dir_all(old);
+        remove_checkpoint(old)?;
     }
     Ok(dest)
 }

@@ -49,9 +49,12 @@ fn losses(run: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// Finished checkpoints (`step-NNNNNNNN`), oldest first; not the `.tmp`/`.old` leftovers.
 fn checkpoints(run: &Path) -> Vec<PathBuf> {
+    let finished =
+        |p: &PathBuf| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.len() == 13 && n.starts_with("step-"));
     let mut v: Vec<PathBuf> = std::fs::read_dir(run.join("out/checkpoints"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .map(|d| d.flatten().map(|e| e.path()).filter(finished).collect())
         .unwrap_or_default();
     v.sort();
     v
@@ -59,7 +62,7 @@ fn checkpoints(run: &Path) -> Vec<PathBuf> {
 
 /// Every finished checkpoint must be whole: its state parses and its tensors load.
 fn assert_checkpoints_whole(run: &Path) {
-    for c in checkpoints(run).iter().filter(|c| !c.to_string_lossy().ends_with(".tmp")) {
+    for c in checkpoints(run) {
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(c.join("state.json")).unwrap()).unwrap();
         assert!(state["step"].as_u64().is_some(), "{}", c.display());
@@ -83,9 +86,8 @@ fn resume_after_kill_9_is_bit_exact() {
     for attempt in 0.. {
         assert!(attempt < 60, "the run never finished");
         let mut args = vec!["sft".to_string(), killed.join("run.toml").display().to_string(), "--quiet".into()];
-        if !checkpoints(&killed).iter().any(|c| !c.to_string_lossy().ends_with(".tmp")) {
-            // Killed before its first checkpoint: start over.
-        } else {
+        // Killed before its first checkpoint: start over; else resume.
+        if !checkpoints(&killed).is_empty() {
             args.push("--resume".into());
         }
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))

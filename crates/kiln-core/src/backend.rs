@@ -83,6 +83,24 @@ impl Attention {
     }
 }
 
+/// DeepSeek-V3's mixture-of-experts router over `experts` experts split into `groups` groups.
+///
+/// Per token with router logits z: scores s = σ(z); selection uses s + bias (the aux-loss-free
+/// balancing bias, which gets no gradient): the `top_groups` groups with the largest sum of
+/// their two best biased scores are kept, and the `top_k` best biased scores among them are
+/// chosen. Weights are the unbiased scores of the chosen experts, divided by their sum when
+/// `normalize`, times `scale` (`routed_scaling_factor`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Routing {
+    pub tokens: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub groups: usize,
+    pub top_groups: usize,
+    pub normalize: bool,
+    pub scale: f32,
+}
+
 /// Decoupled weight decay Adam (Loshchilov & Hutter), PyTorch's `torch.optim.AdamW`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -109,6 +127,7 @@ pub trait Backend: Send + Sync {
     fn len(&self, buf: &Self::Buf) -> usize;
     fn upload_index(&self, data: &[i32]) -> Self::Index;
     fn write_index(&self, dst: &mut Self::Index, data: &[i32]);
+    fn read_index(&self, src: &Self::Index) -> Vec<i32>;
     fn fill(&self, dst: &mut Self::Buf, value: f32);
     /// `dst += src`.
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
@@ -220,6 +239,29 @@ pub trait Backend: Send + Sync {
         targets: &Self::Index,
         weights: &Self::Buf,
         vocab: usize,
+    );
+
+    // ---- mixture of experts -------------------------------------------------------------
+    /// Routes every token: writes `indices` and `weights` (`[tokens, top_k]`, in descending
+    /// order of biased score) and keeps the sigmoid `scores` (`[tokens, experts]`) for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_route_forward(
+        &self,
+        weights: &mut Self::Buf,
+        indices: &mut Self::Index,
+        scores: &mut Self::Buf,
+        logits: &Self::Buf,
+        bias: &Self::Buf,
+        spec: Routing,
+    );
+    /// Gradient of the router logits from the gradient of the routing weights; overwritten.
+    fn moe_route_backward(
+        &self,
+        dlogits: &mut Self::Buf,
+        dweights: &Self::Buf,
+        scores: &Self::Buf,
+        indices: &Self::Index,
+        spec: Routing,
     );
 
     // ---- optimiser ----------------------------------------------------------------------

@@ -8,7 +8,7 @@
 //! kiln_core::conformance_tests!(kiln_core::Cpu);
 //! ```
 
-use crate::backend::{AdamW, Attention, Backend, Heads, Matmul, Rope};
+use crate::backend::{AdamW, Attention, Backend, Heads, Matmul, Rope, Routing};
 use crate::rng::Rng;
 
 /// Generates one `#[test]` per check for the backend expression given.
@@ -17,7 +17,7 @@ macro_rules! conformance_tests {
     ($backend:expr) => {
         $crate::conformance_tests!(@tests $backend;
             matmul, elementwise, embedding, rmsnorm, add_rmsnorm, rope_half_split,
-            rope_interleaved, attention_forward, attention_backward, swiglu, cross_entropy, adamw);
+            rope_interleaved, attention_forward, attention_backward, swiglu, cross_entropy, moe_route, adamw);
     };
     (@tests $backend:expr; $($check:ident),*) => {
         $(
@@ -38,13 +38,26 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
 }
 
 /// Compares `analytic` with central differences of `loss` at `x`, at `probes` random indices.
-fn check_gradient(what: &str, x: &[f32], analytic: &[f32], probes: usize, mut loss: impl FnMut(&[f32]) -> f64) {
+fn check_gradient(what: &str, x: &[f32], analytic: &[f32], probes: usize, loss: impl FnMut(&[f32]) -> f64) {
+    check_gradient_step(what, x, analytic, probes, 1e-2, loss);
+}
+
+/// `check_gradient` with relative step `step` (smaller for piecewise-smooth ops like routing,
+/// whose selection must not flip within the step).
+fn check_gradient_step(
+    what: &str,
+    x: &[f32],
+    analytic: &[f32],
+    probes: usize,
+    step: f32,
+    mut loss: impl FnMut(&[f32]) -> f64,
+) {
     assert_eq!(x.len(), analytic.len(), "{what}: gradient length mismatch");
     let mut rng = Rng::new(0xfd);
     let mut xp = x.to_vec();
     for _ in 0..probes.min(x.len()) {
         let i = rng.below(x.len());
-        let h = 1e-2f32 * (1.0 + x[i].abs());
+        let h = step * (1.0 + x[i].abs());
         xp[i] = x[i] + h;
         let up = loss(&xp);
         xp[i] = x[i] - h;
@@ -458,6 +471,64 @@ pub fn cross_entropy<B: Backend>(b: &B) {
         b.cross_entropy_forward(&mut nll, &b.upload(z), &ti, vocab);
         weighted_sum(&b.read(&nll), &weights)
     });
+}
+
+/// Reference router in f64: the chosen experts (best biased score first) and their weights.
+fn route_reference(z: &[f32], bias: &[f32], spec: Routing) -> Vec<(usize, f64)> {
+    let per_group = spec.experts / spec.groups;
+    let s: Vec<f64> = z.iter().map(|&v| 1.0 / (1.0 + (-(v as f64)).exp())).collect();
+    let biased: Vec<f64> = s.iter().zip(bias).map(|(s, &b)| s + b as f64).collect();
+    let desc = |v: &[f64]| {
+        let mut o: Vec<usize> = (0..v.len()).collect();
+        o.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+        o
+    };
+    let group_score: Vec<f64> = biased.chunks(per_group).map(|g| desc(g).iter().take(2).map(|&i| g[i]).sum()).collect();
+    let kept = &desc(&group_score)[..spec.top_groups];
+    let masked: Vec<f64> = biased
+        .iter()
+        .enumerate()
+        .map(|(e, &v)| if kept.contains(&(e / per_group)) { v } else { f64::NEG_INFINITY })
+        .collect();
+    let chosen = &desc(&masked)[..spec.top_k];
+    let sum: f64 = chosen.iter().map(|&e| s[e]).sum::<f64>() + 1e-20;
+    chosen.iter().map(|&e| (e, if spec.normalize { s[e] / sum } else { s[e] } * spec.scale as f64)).collect()
+}
+
+pub fn moe_route<B: Backend>(b: &B) {
+    let mut rng = Rng::new(12);
+    for spec in [
+        Routing { tokens: 9, experts: 16, top_k: 4, groups: 4, top_groups: 2, normalize: true, scale: 2.5 },
+        Routing { tokens: 7, experts: 8, top_k: 2, groups: 1, top_groups: 1, normalize: false, scale: 1.0 },
+    ] {
+        let (n, e, k) = (spec.tokens, spec.experts, spec.top_k);
+        let z = rng.normal_vec(n * e, 2.0);
+        let bias = rng.normal_vec(e, 0.3);
+        let run = |z: &[f32]| {
+            let (mut w, mut idx, mut s) = (b.zeros(n * k), b.upload_index(&vec![0; n * k]), b.zeros(n * e));
+            b.moe_route_forward(&mut w, &mut idx, &mut s, &b.upload(z), &b.upload(&bias), spec);
+            (w, idx, s)
+        };
+        let (w, idx, scores) = run(&z);
+        let (got_w, got_idx) = (b.read(&w), b.read_index(&idx));
+        for t in 0..n {
+            for (j, (expert, want)) in route_reference(&z[t * e..(t + 1) * e], &bias, spec).into_iter().enumerate() {
+                assert_eq!(got_idx[t * k + j], expert as i32, "moe_route expert [{t},{j}] ({spec:?})");
+                let got = got_w[t * k + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                    "moe_route weight [{t},{j}]: {got} vs reference {want}"
+                );
+            }
+        }
+
+        let g = rng.normal_vec(n * k, 1.0);
+        let (mut dz, gb) = (b.zeros(n * e), b.upload(&g));
+        b.moe_route_backward(&mut dz, &gb, &scores, &idx, spec);
+        check_gradient_step(&format!("moe_route dlogits {spec:?}"), &z, &b.read(&dz), 60, 1e-3, |z| {
+            weighted_sum(&b.read(&run(z).0), &g)
+        });
+    }
 }
 
 pub fn adamw<B: Backend>(b: &B) {

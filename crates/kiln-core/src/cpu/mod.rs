@@ -7,6 +7,7 @@ mod elementwise;
 mod embedding;
 mod fast_exp;
 mod matmul;
+mod moe_route;
 mod rmsnorm;
 mod rope;
 pub mod threads;
@@ -47,6 +48,9 @@ impl Backend for Cpu {
     fn write_index(&self, dst: &mut Vec<i32>, data: &[i32]) {
         assert_eq!(dst.len(), data.len(), "write_index: buffer holds {} values, got {}", dst.len(), data.len());
         dst.copy_from_slice(data);
+    }
+    fn read_index(&self, src: &Vec<i32>) -> Vec<i32> {
+        src.clone()
     }
     fn fill(&self, dst: &mut Vec<f32>, value: f32) {
         dst.fill(value);
@@ -159,6 +163,28 @@ impl Backend for Cpu {
         vocab: usize,
     ) {
         cross_entropy::backward(logits, nll, targets, weights, vocab);
+    }
+
+    fn moe_route_forward(
+        &self,
+        weights: &mut Vec<f32>,
+        indices: &mut Vec<i32>,
+        scores: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        bias: &Vec<f32>,
+        spec: backend::Routing,
+    ) {
+        moe_route::forward(weights, indices, scores, logits, bias, spec);
+    }
+    fn moe_route_backward(
+        &self,
+        dlogits: &mut Vec<f32>,
+        dweights: &Vec<f32>,
+        scores: &Vec<f32>,
+        indices: &Vec<i32>,
+        spec: backend::Routing,
+    ) {
+        moe_route::backward(dlogits, dweights, scores, indices, spec);
     }
 
     fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: backend::AdamW) {

@@ -41,6 +41,18 @@ impl Matmul {
     }
 }
 
+/// Per-group matrix products for mixture-of-experts layers: rows of `A` are grouped
+/// contiguously (group `g` has `rows[g]` rows, possibly none) and group `g` multiplies its
+/// own matrix `B_g`, stored one after another: `[n, k]` each when `trans_b`, else `[k, n]`.
+/// `C_g (+)= A_g · op(B_g)`, with `A` `[Σ rows, k]` and `C` `[Σ rows, n]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupedMatmul {
+    pub n: usize,
+    pub k: usize,
+    pub trans_b: bool,
+    pub accumulate: bool,
+}
+
 /// Layout of a tensor of attention heads: `[tokens, heads, head_dim]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heads {
@@ -142,6 +154,23 @@ pub trait Backend: Send + Sync {
     fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf);
     /// `dbias += Σ_r dy[r, :]` (accumulate).
     fn bias_backward(&self, dbias: &mut Self::Buf, dy: &Self::Buf);
+
+    /// `C_g (+)= A_g · op(B_g)` for every group (see [`GroupedMatmul`]).
+    fn grouped_matmul(&self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, rows: &[usize], spec: GroupedMatmul);
+    /// The weight gradient of `grouped_matmul`: `dB_g += op⁻¹(A_gᵀ · dC_g)`, i.e.
+    /// `dC_gᵀ · A_g` (`[n, k]`) when `trans_b`, else `A_gᵀ · dC_g` (`[k, n]`); accumulates.
+    fn grouped_matmul_weight_grad(
+        &self,
+        db: &mut Self::Buf,
+        dc: &Self::Buf,
+        a: &Self::Buf,
+        rows: &[usize],
+        spec: GroupedMatmul,
+    );
+    /// `x[r, :] *= w[r]` for a `[w.len(), cols]` tensor.
+    fn scale_rows(&self, x: &mut Self::Buf, w: &Self::Buf);
+    /// `out[r] = Σ_c a[r, c] · b[r, c]` (the gradient of `scale_rows` with respect to `w`).
+    fn row_dot(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf);
 
     // ---- embedding ----------------------------------------------------------------------
     /// `out[t, :] = table[ids[t], :]`, rows of width `dim`.

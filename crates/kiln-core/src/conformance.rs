@@ -8,7 +8,7 @@
 //! kiln_core::conformance_tests!(kiln_core::Cpu);
 //! ```
 
-use crate::backend::{AdamW, Attention, Backend, Heads, Matmul, Rope, Routing};
+use crate::backend::{AdamW, Attention, Backend, GroupedMatmul, Heads, Matmul, Rope, Routing};
 use crate::rng::Rng;
 
 /// Generates one `#[test]` per check for the backend expression given.
@@ -16,7 +16,7 @@ use crate::rng::Rng;
 macro_rules! conformance_tests {
     ($backend:expr) => {
         $crate::conformance_tests!(@tests $backend;
-            matmul, elementwise, embedding, rmsnorm, add_rmsnorm, rope_half_split,
+            matmul, grouped_matmul, elementwise, embedding, rmsnorm, add_rmsnorm, rope_half_split,
             rope_interleaved, attention_forward, attention_backward, swiglu, cross_entropy, moe_route, adamw);
     };
     (@tests $backend:expr; $($check:ident),*) => {
@@ -116,6 +116,65 @@ pub fn matmul<B: Backend>(b: &B) {
     }
 }
 
+pub fn grouped_matmul<B: Backend>(b: &B) {
+    let mut rng = Rng::new(13);
+    // Many groups (run side by side), few groups (one after another), empty groups.
+    for rows in [vec![3, 0, 5, 1, 7, 0, 2, 4, 6], vec![40, 0, 33]] {
+        let total: usize = rows.iter().sum();
+        let (n, k) = (6, 5);
+        for trans_b in [false, true] {
+            for accumulate in [false, true] {
+                let spec = GroupedMatmul { n, k, trans_b, accumulate };
+                let a = rng.normal_vec(total * k, 1.0);
+                let bm = rng.normal_vec(rows.len() * n * k, 1.0);
+                let c0 = rng.normal_vec(total * n, 1.0);
+                let bv = |g: usize, l: usize, j: usize| {
+                    (if trans_b { bm[g * n * k + j * k + l] } else { bm[g * n * k + l * n + j] }) as f64
+                };
+                let mut want = vec![0.0f64; total * n];
+                let mut first = 0;
+                for (g, &m) in rows.iter().enumerate() {
+                    for i in first..first + m {
+                        for j in 0..n {
+                            let acc = if accumulate { c0[i * n + j] as f64 } else { 0.0 };
+                            want[i * n + j] = acc + (0..k).map(|l| a[i * k + l] as f64 * bv(g, l, j)).sum::<f64>();
+                        }
+                    }
+                    first += m;
+                }
+                let mut c = b.upload(&c0);
+                b.grouped_matmul(&mut c, &b.upload(&a), &b.upload(&bm), &rows, spec);
+                assert_close(&format!("grouped_matmul {spec:?} rows {rows:?}"), &b.read(&c), &want, 1e-4, 1e-4);
+
+                // Weight gradient: dB_g += A_gᵀ·dC_g in B's layout.
+                let dc = rng.normal_vec(total * n, 1.0);
+                let db0 = rng.normal_vec(rows.len() * n * k, 1.0);
+                let mut want = to_f64(&db0);
+                let mut first = 0;
+                for (g, &m) in rows.iter().enumerate() {
+                    for l in 0..k {
+                        for j in 0..n {
+                            let v: f64 = (first..first + m).map(|i| a[i * k + l] as f64 * dc[i * n + j] as f64).sum();
+                            let at = if trans_b { g * n * k + j * k + l } else { g * n * k + l * n + j };
+                            want[at] += v;
+                        }
+                    }
+                    first += m;
+                }
+                let mut db = b.upload(&db0);
+                b.grouped_matmul_weight_grad(&mut db, &b.upload(&dc), &b.upload(&a), &rows, spec);
+                assert_close(
+                    &format!("grouped_matmul_weight_grad {spec:?} rows {rows:?}"),
+                    &b.read(&db),
+                    &want,
+                    1e-4,
+                    1e-4,
+                );
+            }
+        }
+    }
+}
+
 pub fn elementwise<B: Backend>(b: &B) {
     let mut rng = Rng::new(2);
     let (rows, cols) = (37, 19);
@@ -146,6 +205,18 @@ pub fn elementwise<B: Backend>(b: &B) {
     let want: Vec<f64> =
         (0..cols).map(|j| bias[j] as f64 + (0..rows).map(|r| y[r * cols + j] as f64).sum::<f64>()).collect();
     assert_close("bias_backward", &b.read(&db), &want, 1e-5, 1e-5);
+
+    let w = rng.normal_vec(rows, 1.0);
+    let mut scaled = b.upload(&x);
+    b.scale_rows(&mut scaled, &b.upload(&w));
+    let want: Vec<f64> = x.iter().enumerate().map(|(i, &v)| v as f64 * w[i / cols] as f64).collect();
+    assert_close("scale_rows", &b.read(&scaled), &want, 1e-6, 1e-6);
+
+    let mut dots = b.zeros(rows);
+    b.row_dot(&mut dots, &b.upload(&x), &b.upload(&y));
+    let want: Vec<f64> =
+        (0..rows).map(|r| (0..cols).map(|c| x[r * cols + c] as f64 * y[r * cols + c] as f64).sum()).collect();
+    assert_close("row_dot", &b.read(&dots), &want, 1e-5, 1e-5);
 
     let mut f = b.upload(&x);
     b.fill(&mut f, 3.0);

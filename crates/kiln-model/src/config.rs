@@ -119,7 +119,7 @@ impl Config {
         }
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(format!(
                 "fields `num_attention_heads` ({heads}) and `num_key_value_heads` ({kv_heads}): query heads must be a positive multiple of kv heads"
             ));
@@ -127,7 +127,7 @@ impl Config {
         let head_dim = match (model_type, raw.head_dim) {
             (ModelType::Qwen3, None) => 128,
             (_, Some(d)) => d,
-            (_, None) if raw.hidden_size % heads == 0 => raw.hidden_size / heads,
+            (_, None) if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
             _ => {
                 return Err(format!(
                     "field `hidden_size` ({}) is not divisible by `num_attention_heads` ({heads})",
@@ -153,7 +153,7 @@ impl Config {
             None => raw.partial_rotary_factor.unwrap_or(1.0),
         };
         let rot_dim = (head_dim as f64 * partial) as usize;
-        if rot_dim % 2 != 0 || rot_dim > head_dim {
+        if !rot_dim.is_multiple_of(2) || rot_dim > head_dim {
             return Err(format!(
                 "field `partial_rotary_factor` ({partial}) gives an odd or too large rotary dim {rot_dim}"
             ));

@@ -195,7 +195,7 @@ impl RunConfig {
         if self.data.max_seq_len < 2 {
             return Err("`data.max_seq_len` must be at least 2".into());
         }
-        if t.batch_tokens < self.data.max_seq_len || t.batch_tokens % self.data.max_seq_len != 0 {
+        if t.batch_tokens < self.data.max_seq_len || !t.batch_tokens.is_multiple_of(self.data.max_seq_len) {
             return Err(format!(
                 "`train.batch_tokens` ({}) must be a positive multiple of `data.max_seq_len` ({})",
                 t.batch_tokens, self.data.max_seq_len

@@ -276,7 +276,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         bar.inc(1);
 
         let last = state.step == total_steps;
-        if !eval.is_empty() && (last || (t.eval_every > 0 && state.step % t.eval_every == 0)) {
+        if !eval.is_empty() && (last || (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every))) {
             let l = evaluate(&b, &mut model, &mut acts, &eval, &eval_batches);
             metrics.write(&json!({"step": state.step, "eval_loss": l}))?;
             bar.println(format!("step {}: eval loss {l:.4}", state.step));
@@ -284,7 +284,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         }
         interrupted = stop.load(Ordering::SeqCst) && !last;
         let every = config.output.save_every;
-        if last || interrupted || (every > 0 && state.step % every == 0) {
+        if last || interrupted || (every > 0 && state.step.is_multiple_of(every)) {
             last_checkpoint = Some(save(&state, &model, &optimizer)?);
         }
         if interrupted {

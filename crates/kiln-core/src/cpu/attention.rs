@@ -76,7 +76,7 @@ impl Mask<'_> {
 fn check_shapes(spec: &Attention, q: usize, k: usize, v: usize, segments: usize) {
     let n = spec.tokens();
     assert!(
-        spec.kv_heads > 0 && spec.q_heads % spec.kv_heads == 0,
+        spec.kv_heads > 0 && spec.q_heads.is_multiple_of(spec.kv_heads),
         "attention: {} query heads not a multiple of {} kv heads",
         spec.q_heads,
         spec.kv_heads

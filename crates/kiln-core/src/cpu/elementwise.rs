@@ -21,6 +21,27 @@ pub fn sum_squares(x: &[f32]) -> f64 {
     x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum()
 }
 
+/// `x[r, :] *= w[r]`.
+pub fn scale_rows(x: &mut [f32], w: &[f32]) {
+    assert!(
+        !w.is_empty() && x.len().is_multiple_of(w.len()),
+        "scale_rows: {} values do not split into {} rows",
+        x.len(),
+        w.len()
+    );
+    let cols = x.len() / w.len();
+    x.par_chunks_mut(cols.max(1)).zip(w.par_iter()).for_each(|(row, &w)| row.iter_mut().for_each(|v| *v *= w));
+}
+
+/// `out[r] = Σ_c a[r, c] · b[r, c]`.
+pub fn row_dot(out: &mut [f32], a: &[f32], b: &[f32]) {
+    assert!(a.len() == b.len() && !out.is_empty() && a.len().is_multiple_of(out.len()), "row_dot: shape mismatch");
+    let cols = a.len() / out.len();
+    out.par_iter_mut()
+        .zip(a.par_chunks(cols.max(1)).zip(b.par_chunks(cols.max(1))))
+        .for_each(|(o, (a, b))| *o = a.iter().zip(b).map(|(x, y)| x * y).sum());
+}
+
 /// `y[r, :] += bias`.
 pub fn add_bias(y: &mut [f32], bias: &[f32]) {
     assert_eq!(y.len() % bias.len(), 0, "add_bias: {} is not a multiple of {}", y.len(), bias.len());

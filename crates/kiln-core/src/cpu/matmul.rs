@@ -1,6 +1,6 @@
 //! Matrix products through the `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels).
 
-use crate::backend::Matmul;
+use crate::backend::{GroupedMatmul, Matmul};
 use gemm::Parallelism;
 
 /// Products smaller than this many multiply-adds run on one thread: splitting them costs
@@ -68,4 +68,101 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
         .zip(a.par_chunks(m * k))
         .zip(b.par_chunks(k * n))
         .for_each(|((c, a), b)| run(c, a, b, false));
+}
+
+/// Group offsets (in rows) and the total, checking the buffers against them.
+fn group_offsets(rows: &[usize]) -> (Vec<usize>, usize) {
+    let mut offsets = Vec::with_capacity(rows.len());
+    let mut total = 0;
+    for &r in rows {
+        offsets.push(total);
+        total += r;
+    }
+    (offsets, total)
+}
+
+/// Runs `f(group, first_row)` for every non-empty group: groups in parallel, each product on
+/// one thread, when there are enough of them to keep every core busy; else one group at a
+/// time with a parallel product.
+fn for_each_group(rows: &[usize], f: impl Fn(usize, usize, bool) + Sync) {
+    use rayon::prelude::*;
+    let (offsets, _) = group_offsets(rows);
+    let busy = rows.iter().filter(|&&r| r > 0).count();
+    if busy >= 2 * rayon::current_num_threads() {
+        (0..rows.len()).into_par_iter().filter(|&g| rows[g] > 0).for_each(|g| f(g, offsets[g], false));
+    } else {
+        (0..rows.len()).filter(|&g| rows[g] > 0).for_each(|g| f(g, offsets[g], true));
+    }
+}
+
+/// A raw pointer shared by tasks that write disjoint regions.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+pub fn grouped(c: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], s: GroupedMatmul) {
+    let (n, k) = (s.n, s.k);
+    let (_, total) = group_offsets(rows);
+    assert!(a.len() == total * k && c.len() == total * n, "grouped_matmul: A or C does not hold {total} rows");
+    assert_eq!(b.len(), rows.len() * n * k, "grouped_matmul: B must hold one [n, k] matrix per group");
+    let (b_rs, b_cs) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let cp = SharedMut(c.as_mut_ptr());
+    for_each_group(rows, |g, first, parallel| unsafe {
+        gemm_strided(
+            rows[g],
+            n,
+            k,
+            Strided { ptr: cp.ptr().add(first * n), rs: n as isize, cs: 1 },
+            s.accumulate,
+            Strided { ptr: a.as_ptr().add(first * k), rs: k as isize, cs: 1 },
+            Strided { ptr: b.as_ptr().add(g * n * k), rs: b_rs, cs: b_cs },
+            parallel,
+        )
+    });
+}
+
+pub fn grouped_weight_grad(db: &mut [f32], dc: &[f32], a: &[f32], rows: &[usize], s: GroupedMatmul) {
+    let (n, k) = (s.n, s.k);
+    let (_, total) = group_offsets(rows);
+    assert!(
+        a.len() == total * k && dc.len() == total * n,
+        "grouped_matmul_weight_grad: A or dC does not hold {total} rows"
+    );
+    assert_eq!(db.len(), rows.len() * n * k, "grouped_matmul_weight_grad: dB must hold one matrix per group");
+    let dbp = SharedMut(db.as_mut_ptr());
+    for_each_group(rows, |g, first, parallel| unsafe {
+        let (m, dc_g, a_g) = (rows[g], dc.as_ptr().add(first * n), a.as_ptr().add(first * k));
+        let dst = dbp.ptr().add(g * n * k);
+        if s.trans_b {
+            // dB_g[n, k] += dC_gᵀ[n, m] · A_g[m, k]
+            gemm_strided(
+                n,
+                k,
+                m,
+                Strided { ptr: dst, rs: k as isize, cs: 1 },
+                true,
+                Strided { ptr: dc_g, rs: 1, cs: n as isize },
+                Strided { ptr: a_g, rs: k as isize, cs: 1 },
+                parallel,
+            )
+        } else {
+            // dB_g[k, n] += A_gᵀ[k, m] · dC_g[m, n]
+            gemm_strided(
+                k,
+                n,
+                m,
+                Strided { ptr: dst, rs: n as isize, cs: 1 },
+                true,
+                Strided { ptr: a_g, rs: 1, cs: k as isize },
+                Strided { ptr: dc_g, rs: n as isize, cs: 1 },
+                parallel,
+            )
+        }
+    });
 }

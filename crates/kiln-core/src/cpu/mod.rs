@@ -12,7 +12,7 @@ mod rmsnorm;
 mod rope;
 pub mod threads;
 
-use crate::backend::{self, Backend, Matmul};
+use crate::backend::{self, Backend, GroupedMatmul, Matmul};
 
 /// The reference backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -67,6 +67,25 @@ impl Backend for Cpu {
 
     fn matmul(&self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, spec: Matmul) {
         matmul::matmul(c, a, b, spec);
+    }
+    fn grouped_matmul(&self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, rows: &[usize], spec: GroupedMatmul) {
+        matmul::grouped(c, a, b, rows, spec);
+    }
+    fn grouped_matmul_weight_grad(
+        &self,
+        db: &mut Vec<f32>,
+        dc: &Vec<f32>,
+        a: &Vec<f32>,
+        rows: &[usize],
+        spec: GroupedMatmul,
+    ) {
+        matmul::grouped_weight_grad(db, dc, a, rows, spec);
+    }
+    fn scale_rows(&self, x: &mut Vec<f32>, w: &Vec<f32>) {
+        elementwise::scale_rows(x, w);
+    }
+    fn row_dot(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+        elementwise::row_dot(out, a, b);
     }
     fn add_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>) {
         elementwise::add_bias(y, bias);

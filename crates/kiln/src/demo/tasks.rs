@@ -55,7 +55,7 @@ impl Problem {
 
     /// One problem in ten is held out of the instruction set.
     pub fn held_out(&self) -> bool {
-        (self.a * 7 + self.b * 13 + u32::from(self.plus)) % 10 == 0
+        (self.a * 7 + self.b * 13 + u32::from(self.plus)).is_multiple_of(10)
     }
 
     fn random(rng: &mut Rng) -> Self {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod llama;
+pub mod moe;
 pub mod rope;
 pub mod weights;
 

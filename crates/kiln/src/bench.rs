@@ -11,6 +11,26 @@ use std::time::Instant;
 pub enum Command {
     /// Time training steps (forward, backward, AdamW) after warm-up.
     Train(TrainArgs),
+    /// Time a DeepSeekMoE layer (forward + backward) against a dense SwiGLU MLP with the same
+    /// active FLOPs (intermediate = top_k · expert_ff).
+    Moe(MoeArgs),
+}
+
+#[derive(clap::Args)]
+pub struct MoeArgs {
+    #[arg(long, default_value_t = 1024)]
+    tokens: usize,
+    #[arg(long, default_value_t = 512)]
+    hidden: usize,
+    #[arg(long, default_value_t = 16)]
+    experts: usize,
+    #[arg(long, default_value_t = 4)]
+    top_k: usize,
+    /// Width of one routed expert.
+    #[arg(long, default_value_t = 352)]
+    expert_ff: usize,
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
 }
 
 #[derive(clap::Args)]
@@ -59,7 +79,101 @@ fn step_flops(c: &Config, rows: usize, seq: usize) -> f64 {
 }
 
 pub fn run(cmd: &Command) -> Result<()> {
-    let Command::Train(args) = cmd;
+    match cmd {
+        Command::Train(args) => train(args),
+        Command::Moe(args) => moe(args),
+    }
+}
+
+/// Median seconds of `steps` calls of `f` after two warm-up calls.
+fn median_time(steps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    f();
+    let mut times: Vec<f64> = (0..steps.max(1))
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn moe(args: &MoeArgs) -> Result<()> {
+    use kiln_core::{Backend, Matmul, Routing};
+    use kiln_model::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
+    let b = Cpu;
+    let (n, d, e, k, ff) = (args.tokens, args.hidden, args.experts, args.top_k, args.expert_ff);
+    let groups = if e.is_multiple_of(4) && e / 4 >= 2 { 4 } else { 1 };
+    let routing = Routing {
+        tokens: n,
+        experts: e,
+        top_k: k,
+        groups,
+        top_groups: groups.clamp(1, 2),
+        normalize: true,
+        scale: 1.0,
+    };
+    anyhow::ensure!(k <= routing.top_groups * (e / groups), "--top-k {k} is more than the experts of the kept groups");
+    let shape = MoeShape { hidden: d, expert_ff: ff, experts: e, shared_ff: 0, routing };
+    let mut rng = Rng::new(0);
+    let mut init = |len: usize| b.upload(&rng.normal_vec(len, 0.05));
+    let w = MoeWeights {
+        router: init(e * d),
+        bias: b.zeros(e),
+        gate: init(e * ff * d),
+        up: init(e * ff * d),
+        down: init(e * d * ff),
+        shared: None,
+    };
+    let mut g = MoeWeights {
+        router: b.zeros(e * d),
+        bias: b.zeros(e),
+        gate: b.zeros(e * ff * d),
+        up: b.zeros(e * ff * d),
+        down: b.zeros(e * d * ff),
+        shared: None,
+    };
+    let (x, dout) = (init(n * d), init(n * d));
+    let (mut out, mut dx) = (b.zeros(n * d), b.zeros(n * d));
+    let mut acts = MoeActs::new(&b, &shape, n);
+    let mut scratch = MoeGrads::new(&b, &shape, n);
+    let moe_s = median_time(args.steps, || {
+        moe::forward(&b, &shape, &w, &x, &mut out, &mut acts);
+        moe::backward(&b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch);
+    });
+
+    // The dense SwiGLU MLP doing the same active work: intermediate = top_k · expert_ff.
+    let i = k * ff;
+    let (wg, wu, wd) = (init(i * d), init(i * d), init(d * i));
+    let (mut dwg, mut dwu, mut dwd) = (b.zeros(i * d), b.zeros(i * d), b.zeros(d * i));
+    let (mut gt, mut up, mut h, mut dh, mut dg, mut du) =
+        (b.zeros(n * i), b.zeros(n * i), b.zeros(n * i), b.zeros(n * i), b.zeros(n * i), b.zeros(n * i));
+    let dense_s = median_time(args.steps, || {
+        b.matmul(&mut gt, &x, &wg, Matmul::linear(n, d, i));
+        b.matmul(&mut up, &x, &wu, Matmul::linear(n, d, i));
+        b.swiglu_forward(&mut h, &gt, &up);
+        b.matmul(&mut out, &h, &wd, Matmul::linear(n, i, d));
+        b.matmul(&mut dwd, &dout, &h, Matmul::linear_dw(n, i, d));
+        b.matmul(&mut dh, &dout, &wd, Matmul::linear_dx(n, i, d, false));
+        b.swiglu_backward(&mut dg, &mut du, &dh, &gt, &up);
+        b.matmul(&mut dwg, &dg, &x, Matmul::linear_dw(n, d, i));
+        b.matmul(&mut dwu, &du, &x, Matmul::linear_dw(n, d, i));
+        b.matmul(&mut dx, &dg, &wg, Matmul::linear_dx(n, d, i, false));
+        b.matmul(&mut dx, &du, &wu, Matmul::linear_dx(n, d, i, true));
+    });
+    println!(
+        "kiln bench moe: {n} tokens, hidden {d}, {e} experts of width {ff}, top-{k}, {} threads",
+        rayon::current_num_threads()
+    );
+    println!("  MoE layer  fwd+bwd median {:.2} ms", moe_s * 1e3);
+    println!("  dense MLP  fwd+bwd median {:.2} ms (intermediate {i}, same active FLOPs)", dense_s * 1e3);
+    println!("  ratio      {:.2}x", moe_s / dense_s);
+    Ok(())
+}
+
+fn train(args: &TrainArgs) -> Result<()> {
     let b = Cpu;
     let mut model = match (&args.model, &args.config) {
         (Some(dir), _) => Model::load(&b, dir)?,

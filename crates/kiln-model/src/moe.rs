@@ -1,0 +1,257 @@
+//! DeepSeekMoE feed-forward layer: a router picks `top_k` of `experts` SwiGLU experts per
+//! token (see `kiln_core::Routing`), the chosen experts' outputs are summed with the routing
+//! weights, and shared experts (one dense SwiGLU MLP of width `shared · expert_ff`) see every
+//! token.
+//!
+//!   r = σ-top-k-route(x·W_rᵀ);  y = Σ_j r_j · E_{i_j}(x) + S(x)
+//!   E_e(x) = (silu(x·G_eᵀ) ⊙ x·U_eᵀ)·D_eᵀ
+//!
+//! Dispatch sorts the (token, choice) pairs by expert, so each expert runs one matrix product
+//! over its contiguous rows (`grouped_matmul`): no per-token loops, no dense all-experts
+//! compute. Backward runs the same steps in reverse; the correction bias gets no gradient.
+
+use kiln_core::{Backend, GroupedMatmul, Matmul, Routing};
+
+/// Sizes of a MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeShape {
+    pub hidden: usize,
+    /// Width of one routed expert.
+    pub expert_ff: usize,
+    pub experts: usize,
+    /// Width of the shared MLP (`n_shared_experts · expert_ff`); 0 for none.
+    pub shared_ff: usize,
+    pub routing: Routing,
+}
+
+/// Parameters (or their gradients) of one MoE layer.
+pub struct MoeWeights<T> {
+    /// `[experts, hidden]`.
+    pub router: T,
+    /// `[experts]`, selection only; never trained by gradient.
+    pub bias: T,
+    /// `[experts, expert_ff, hidden]` each.
+    pub gate: T,
+    pub up: T,
+    /// `[experts, hidden, expert_ff]`.
+    pub down: T,
+    /// The shared MLP: `[shared_ff, hidden]`, `[shared_ff, hidden]`, `[hidden, shared_ff]`.
+    pub shared: Option<(T, T, T)>,
+}
+
+/// What forward keeps for backward, laid out once for `tokens` tokens.
+pub struct MoeActs<B: Backend> {
+    tokens: usize,
+    logits: B::Buf,
+    scores: B::Buf,
+    route_w: B::Buf,
+    route_idx: B::Index,
+    /// Dispatched row → token, and the routing weight of each row, in expert order.
+    order: B::Index,
+    row_w: B::Buf,
+    /// Host copies: rows per expert, and dispatched row → (token·top_k + choice).
+    rows: Vec<usize>,
+    slot_of_row: Vec<usize>,
+    xs: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    h: B::Buf,
+    y: B::Buf,
+    y_scaled: B::Buf,
+    shared: Option<(B::Buf, B::Buf, B::Buf)>,
+}
+
+impl<B: Backend> MoeActs<B> {
+    pub fn new(b: &B, s: &MoeShape, tokens: usize) -> Self {
+        let (k, d, ff) = (s.routing.top_k, s.hidden, s.expert_ff);
+        let rows = tokens * k;
+        Self {
+            tokens,
+            logits: b.zeros(tokens * s.experts),
+            scores: b.zeros(tokens * s.experts),
+            route_w: b.zeros(rows),
+            route_idx: b.upload_index(&vec![0; rows]),
+            order: b.upload_index(&vec![0; rows]),
+            row_w: b.zeros(rows),
+            rows: vec![0; s.experts],
+            slot_of_row: vec![0; rows],
+            xs: b.zeros(rows * d),
+            g: b.zeros(rows * ff),
+            u: b.zeros(rows * ff),
+            h: b.zeros(rows * ff),
+            y: b.zeros(rows * d),
+            y_scaled: b.zeros(rows * d),
+            shared: (s.shared_ff > 0).then(|| {
+                let n = tokens * s.shared_ff;
+                (b.zeros(n), b.zeros(n), b.zeros(n))
+            }),
+        }
+    }
+}
+
+fn routing(s: &MoeShape, tokens: usize) -> Routing {
+    Routing { tokens, ..s.routing }
+}
+
+/// `[rows, d_out] (+)= X·W_eᵀ` per expert, `W` stored `[experts, d_out, d_in]`.
+fn experts_linear<B: Backend>(
+    b: &B,
+    y: &mut B::Buf,
+    x: &B::Buf,
+    w: &B::Buf,
+    rows: &[usize],
+    d_in: usize,
+    d_out: usize,
+) {
+    b.grouped_matmul(y, x, w, rows, GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: false });
+}
+
+/// Backward of `experts_linear`: `dW_e += dYᵀ·X`, and `dX (+)= dY·W_e`.
+#[allow(clippy::too_many_arguments)]
+fn experts_linear_backward<B: Backend>(
+    b: &B,
+    dx: &mut B::Buf,
+    accumulate: bool,
+    dw: &mut B::Buf,
+    dy: &B::Buf,
+    x: &B::Buf,
+    w: &B::Buf,
+    rows: &[usize],
+    (d_in, d_out): (usize, usize),
+) {
+    b.grouped_matmul_weight_grad(dw, dy, x, rows, GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: true });
+    b.grouped_matmul(dx, dy, w, rows, GroupedMatmul { n: d_in, k: d_out, trans_b: false, accumulate });
+}
+
+/// `out = MoE(x)` for `[tokens, hidden]` x; keeps what backward needs in `a`.
+pub fn forward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    w: &MoeWeights<B::Buf>,
+    x: &B::Buf,
+    out: &mut B::Buf,
+    a: &mut MoeActs<B>,
+) {
+    let (n, d, ff, k, e) = (a.tokens, s.hidden, s.expert_ff, s.routing.top_k, s.experts);
+    b.matmul(&mut a.logits, x, &w.router, Matmul::linear(n, d, e));
+    b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, &w.bias, routing(s, n));
+
+    // Counting sort of the (token, choice) slots by expert.
+    let idx = b.read_index(&a.route_idx);
+    a.rows.iter_mut().for_each(|r| *r = 0);
+    idx.iter().for_each(|&ex| a.rows[ex as usize] += 1);
+    let mut next: Vec<usize> = a.rows.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
+    let route_w = b.read(&a.route_w);
+    let (mut order, mut row_w) = (vec![0i32; n * k], vec![0f32; n * k]);
+    for (slot, &ex) in idx.iter().enumerate() {
+        let row = next[ex as usize];
+        next[ex as usize] += 1;
+        a.slot_of_row[row] = slot;
+        order[row] = (slot / k) as i32;
+        row_w[row] = route_w[slot];
+    }
+    b.write_index(&mut a.order, &order);
+    b.write(&mut a.row_w, &row_w);
+
+    b.embedding_forward(&mut a.xs, x, &a.order, d);
+    experts_linear(b, &mut a.g, &a.xs, &w.gate, &a.rows, d, ff);
+    experts_linear(b, &mut a.u, &a.xs, &w.up, &a.rows, d, ff);
+    b.swiglu_forward(&mut a.h, &a.g, &a.u);
+    experts_linear(b, &mut a.y, &a.h, &w.down, &a.rows, ff, d);
+    b.write(&mut a.y_scaled, &b.read(&a.y));
+    b.scale_rows(&mut a.y_scaled, &a.row_w);
+
+    match (&w.shared, &mut a.shared) {
+        (Some((sg, su, sd)), Some((g, u, h))) => {
+            b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff));
+            b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff));
+            b.swiglu_forward(h, g, u);
+            b.matmul(out, h, sd, Matmul::linear(n, s.shared_ff, d));
+        }
+        _ => b.fill(out, 0.0),
+    }
+    b.embedding_backward(out, &a.y_scaled, &a.order, d);
+}
+
+/// Gradient scratch for `backward`, laid out once.
+pub struct MoeGrads<B: Backend> {
+    dy: B::Buf,
+    dh: B::Buf,
+    dg: B::Buf,
+    du: B::Buf,
+    dxs: B::Buf,
+    drow_w: B::Buf,
+    dlogits: B::Buf,
+    droute_w: B::Buf,
+    shared: Option<(B::Buf, B::Buf, B::Buf)>,
+}
+
+impl<B: Backend> MoeGrads<B> {
+    pub fn new(b: &B, s: &MoeShape, tokens: usize) -> Self {
+        let rows = tokens * s.routing.top_k;
+        Self {
+            dy: b.zeros(rows * s.hidden),
+            dh: b.zeros(rows * s.expert_ff),
+            dg: b.zeros(rows * s.expert_ff),
+            du: b.zeros(rows * s.expert_ff),
+            dxs: b.zeros(rows * s.hidden),
+            drow_w: b.zeros(rows),
+            dlogits: b.zeros(tokens * s.experts),
+            droute_w: b.zeros(rows),
+            shared: (s.shared_ff > 0).then(|| {
+                let n = tokens * s.shared_ff;
+                (b.zeros(n), b.zeros(n), b.zeros(n))
+            }),
+        }
+    }
+}
+
+/// Backward of `forward`: adds dL/dx into `dx` and parameter gradients into `g` (not the bias).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    w: &MoeWeights<B::Buf>,
+    x: &B::Buf,
+    dout: &B::Buf,
+    dx: &mut B::Buf,
+    g: &mut MoeWeights<B::Buf>,
+    a: &MoeActs<B>,
+    t: &mut MoeGrads<B>,
+) {
+    let (n, d, ff, k, e) = (a.tokens, s.hidden, s.expert_ff, s.routing.top_k, s.experts);
+    // Shared MLP.
+    if let (Some((sg, su, sd)), Some((dsg, dsu, dsd)), Some((ag, au, ah)), Some((dh, dg, du))) =
+        (&w.shared, &mut g.shared, &a.shared, &mut t.shared)
+    {
+        let sff = s.shared_ff;
+        b.matmul(dsd, dout, ah, Matmul::linear_dw(n, sff, d));
+        b.matmul(dh, dout, sd, Matmul::linear_dx(n, sff, d, false));
+        b.swiglu_backward(dg, du, dh, ag, au);
+        b.matmul(dsg, dg, x, Matmul::linear_dw(n, d, sff));
+        b.matmul(dsu, du, x, Matmul::linear_dw(n, d, sff));
+        b.matmul(dx, dg, sg, Matmul::linear_dx(n, d, sff, true));
+        b.matmul(dx, du, su, Matmul::linear_dx(n, d, sff, true));
+    }
+    // Combine: out[token] += w_row · y_row.
+    b.embedding_forward(&mut t.dy, dout, &a.order, d);
+    b.row_dot(&mut t.drow_w, &t.dy, &a.y);
+    b.scale_rows(&mut t.dy, &a.row_w);
+    // Experts.
+    experts_linear_backward(b, &mut t.dh, false, &mut g.down, &t.dy, &a.h, &w.down, &a.rows, (ff, d));
+    b.swiglu_backward(&mut t.dg, &mut t.du, &t.dh, &a.g, &a.u);
+    experts_linear_backward(b, &mut t.dxs, false, &mut g.gate, &t.dg, &a.xs, &w.gate, &a.rows, (d, ff));
+    experts_linear_backward(b, &mut t.dxs, true, &mut g.up, &t.du, &a.xs, &w.up, &a.rows, (d, ff));
+    // Dispatch: xs_row = x[token].
+    b.embedding_backward(dx, &t.dxs, &a.order, d);
+    // Router: routing weights back to (token, choice) order, then through the router.
+    let drow = b.read(&t.drow_w);
+    let mut droute = vec![0f32; n * k];
+    for (row, &slot) in a.slot_of_row.iter().enumerate() {
+        droute[slot] = drow[row];
+    }
+    b.write(&mut t.droute_w, &droute);
+    b.moe_route_backward(&mut t.dlogits, &t.droute_w, &a.scores, &a.route_idx, routing(s, n));
+    b.matmul(&mut g.router, &t.dlogits, x, Matmul::linear_dw(n, d, e));
+    b.matmul(dx, &t.dlogits, &w.router, Matmul::linear_dx(n, d, e, true));
+}

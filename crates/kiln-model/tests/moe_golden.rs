@@ -1,0 +1,68 @@
+//! The DeepSeekMoE layer against transformers' DeepseekV3MoE: output, input gradient and
+//! every parameter gradient (fixture by `tools/golden/moe_layer.py`).
+
+use kiln_core::{Backend, Cpu, Routing};
+use kiln_model::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
+use safetensors::SafeTensors;
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-4 * (w.abs() + 0.1 * scale), "{what}[{i}]: kiln {g}, transformers {w}");
+    }
+}
+
+#[test]
+fn moe_layer_matches_transformers() {
+    let bytes =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/moe/layer.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = |n: &str| -> Vec<f32> {
+        st.tensor(n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let (tokens, hidden) = (12, 16);
+    let shape = MoeShape {
+        hidden,
+        expert_ff: 8,
+        experts: 8,
+        shared_ff: 8,
+        routing: Routing { tokens, experts: 8, top_k: 2, groups: 4, top_groups: 2, normalize: true, scale: 2.5 },
+    };
+    let b = Cpu;
+    let up = |n: &str| b.upload(&t(n));
+    let w = MoeWeights {
+        router: up("router"),
+        bias: up("bias"),
+        gate: up("gate"),
+        up: up("up"),
+        down: up("down"),
+        shared: Some((up("shared_gate"), up("shared_up"), up("shared_down"))),
+    };
+    let zeros = |n: &str| b.zeros(t(n).len());
+    let mut g = MoeWeights {
+        router: zeros("router"),
+        bias: zeros("bias"),
+        gate: zeros("gate"),
+        up: zeros("up"),
+        down: zeros("down"),
+        shared: Some((zeros("shared_gate"), zeros("shared_up"), zeros("shared_down"))),
+    };
+    let x = up("x");
+    let (mut out, mut dx) = (b.zeros(tokens * hidden), b.zeros(tokens * hidden));
+    let mut acts = MoeActs::new(&b, &shape, tokens);
+    let mut scratch = MoeGrads::new(&b, &shape, tokens);
+    moe::forward(&b, &shape, &w, &x, &mut out, &mut acts);
+    assert_close("out", &b.read(&out), &t("out"));
+    moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g, &acts, &mut scratch);
+    assert_close("dx", &b.read(&dx), &t("dx"));
+    assert_close("grad router", &b.read(&g.router), &t("grad.router"));
+    assert_close("grad gate", &b.read(&g.gate), &t("grad.gate"));
+    assert_close("grad up", &b.read(&g.up), &t("grad.up"));
+    assert_close("grad down", &b.read(&g.down), &t("grad.down"));
+    let (sg, su, sd) = g.shared.as_ref().unwrap();
+    assert_close("grad shared gate", &b.read(sg), &t("grad.shared_gate"));
+    assert_close("grad shared up", &b.read(su), &t("grad.shared_up"));
+    assert_close("grad shared down", &b.read(sd), &t("grad.shared_down"));
+    assert!(b.read(&g.bias).iter().all(|&v| v == 0.0), "the correction bias gets no gradient");
+}

@@ -11,23 +11,11 @@
 
 use super::fast_exp::fast_exp;
 use super::matmul::{gemm_strided, Strided};
+use super::Shared;
 use crate::backend::Attention;
 use rayon::prelude::*;
 
 const BLOCK: usize = 64;
-
-/// A raw pointer that tasks writing disjoint regions of one buffer may share.
-#[derive(Clone, Copy)]
-struct Shared(*mut f32);
-unsafe impl Send for Shared {}
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// A method, not a field access, so closures capture the `Send` wrapper itself.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// Where one (batch row, head) lives inside a `[tokens, heads, dim]` buffer.
 #[derive(Clone, Copy)]

@@ -1,5 +1,6 @@
 //! Matrix products through the `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels).
 
+use super::Shared;
 use crate::backend::{GroupedMatmul, Matmul};
 use gemm::Parallelism;
 
@@ -95,24 +96,13 @@ fn for_each_group(rows: &[usize], f: impl Fn(usize, usize, bool) + Sync) {
     }
 }
 
-/// A raw pointer shared by tasks that write disjoint regions.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-impl SharedMut {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 pub fn grouped(c: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], s: GroupedMatmul) {
     let (n, k) = (s.n, s.k);
     let (_, total) = group_offsets(rows);
     assert!(a.len() == total * k && c.len() == total * n, "grouped_matmul: A or C does not hold {total} rows");
     assert_eq!(b.len(), rows.len() * n * k, "grouped_matmul: B must hold one [n, k] matrix per group");
     let (b_rs, b_cs) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
-    let cp = SharedMut(c.as_mut_ptr());
+    let cp = Shared(c.as_mut_ptr());
     for_each_group(rows, |g, first, parallel| unsafe {
         gemm_strided(
             rows[g],
@@ -135,7 +125,7 @@ pub fn grouped_weight_grad(db: &mut [f32], dc: &[f32], a: &[f32], rows: &[usize]
         "grouped_matmul_weight_grad: A or dC does not hold {total} rows"
     );
     assert_eq!(db.len(), rows.len() * n * k, "grouped_matmul_weight_grad: dB must hold one matrix per group");
-    let dbp = SharedMut(db.as_mut_ptr());
+    let dbp = Shared(db.as_mut_ptr());
     for_each_group(rows, |g, first, parallel| unsafe {
         let (m, dc_g, a_g) = (rows[g], dc.as_ptr().add(first * n), a.as_ptr().add(first * k));
         let dst = dbp.ptr().add(g * n * k);

@@ -14,6 +14,19 @@ pub mod threads;
 
 use crate::backend::{self, Backend, GroupedMatmul, Matmul};
 
+/// A raw pointer that tasks writing disjoint regions of one buffer may share.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared(pub(crate) *mut f32);
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// A method, not a field access, so closures capture the `Send` wrapper itself.
+    pub(crate) fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// The reference backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;

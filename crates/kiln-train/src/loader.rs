@@ -15,6 +15,9 @@ pub struct DataOrder {
     micro_batches: Vec<Vec<PackedRow>>,
     pub grad_accum: usize,
     seed: u64,
+    /// The shuffled micro-batch order of the last epoch asked for, so a step costs O(grad_accum)
+    /// rather than a reshuffle of the whole epoch.
+    epoch_order: std::cell::RefCell<Option<(u64, Vec<usize>)>>,
 }
 
 /// Packs examples into rows of `seq` tokens (best fit decreasing) and groups `rows` of them
@@ -33,7 +36,7 @@ pub fn pack(examples: &[Example], rows: usize, seq: usize, shuffle: Option<u64>)
 
 impl DataOrder {
     pub fn new(examples: &[Example], rows: usize, seq: usize, grad_accum: usize, seed: u64) -> Self {
-        Self { micro_batches: pack(examples, rows, seq, None), grad_accum, seed }
+        Self { micro_batches: pack(examples, rows, seq, None), grad_accum, seed, epoch_order: Default::default() }
     }
 
     pub fn steps_per_epoch(&self) -> u64 {
@@ -45,11 +48,16 @@ impl DataOrder {
     pub fn step(&self, step: u64) -> Vec<&Vec<PackedRow>> {
         let per_epoch = self.steps_per_epoch();
         let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
-        let mut order: Vec<usize> = (0..self.micro_batches.len()).collect();
-        let mut rng = Rng::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
+        let mut cache = self.epoch_order.borrow_mut();
+        if cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            let mut order: Vec<usize> = (0..self.micro_batches.len()).collect();
+            let mut rng = Rng::new(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i + 1));
+            }
+            *cache = Some((epoch, order));
         }
+        let order = &cache.as_ref().expect("filled above").1;
         let end = ((k + 1) * self.grad_accum).min(order.len());
         order[k * self.grad_accum..end].iter().map(|&i| &self.micro_batches[i]).collect()
     }

@@ -141,6 +141,8 @@ pub trait Backend: Send + Sync {
     fn write_index(&self, dst: &mut Self::Index, data: &[i32]);
     fn read_index(&self, src: &Self::Index) -> Vec<i32>;
     fn fill(&self, dst: &mut Self::Buf, value: f32);
+    /// `dst = src` (same length).
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// `dst += src`.
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// `dst *= s`.

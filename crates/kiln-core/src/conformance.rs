@@ -221,6 +221,8 @@ pub fn elementwise<B: Backend>(b: &B) {
     let mut f = b.upload(&x);
     b.fill(&mut f, 3.0);
     assert!(b.read(&f).iter().all(|&v| v == 3.0), "fill");
+    b.copy(&mut f, &b.upload(&y));
+    assert!(b.read(&f) == y, "copy");
 }
 
 pub fn embedding<B: Backend>(b: &B) {

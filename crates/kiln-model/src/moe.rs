@@ -158,7 +158,7 @@ pub fn forward<B: Backend>(
     experts_linear(b, &mut a.u, &a.xs, &w.up, &a.rows, d, ff);
     b.swiglu_forward(&mut a.h, &a.g, &a.u);
     experts_linear(b, &mut a.y, &a.h, &w.down, &a.rows, ff, d);
-    b.write(&mut a.y_scaled, &b.read(&a.y));
+    b.copy(&mut a.y_scaled, &a.y);
     b.scale_rows(&mut a.y_scaled, &a.row_w);
 
     match (&w.shared, &mut a.shared) {

@@ -68,6 +68,10 @@ impl Backend for Cpu {
     fn fill(&self, dst: &mut Vec<f32>, value: f32) {
         dst.fill(value);
     }
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        assert_eq!(dst.len(), src.len(), "copy: buffers hold {} and {} values", dst.len(), src.len());
+        dst.copy_from_slice(src);
+    }
     fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
         elementwise::add_assign(dst, src);
     }

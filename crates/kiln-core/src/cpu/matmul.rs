@@ -126,33 +126,19 @@ pub fn grouped_weight_grad(db: &mut [f32], dc: &[f32], a: &[f32], rows: &[usize]
     );
     assert_eq!(db.len(), rows.len() * n * k, "grouped_matmul_weight_grad: dB must hold one matrix per group");
     let dbp = Shared(db.as_mut_ptr());
+    // dC_gᵀ[n, m] · A_g[m, k] is dB_g in the `[n, k]` layout; written with swapped
+    // strides it lands transposed, in the `[k, n]` layout.
+    let (dst_rs, dst_cs) = if s.trans_b { (k as isize, 1) } else { (1, n as isize) };
     for_each_group(rows, |g, first, parallel| unsafe {
-        let (m, dc_g, a_g) = (rows[g], dc.as_ptr().add(first * n), a.as_ptr().add(first * k));
-        let dst = dbp.ptr().add(g * n * k);
-        if s.trans_b {
-            // dB_g[n, k] += dC_gᵀ[n, m] · A_g[m, k]
-            gemm_strided(
-                n,
-                k,
-                m,
-                Strided { ptr: dst, rs: k as isize, cs: 1 },
-                true,
-                Strided { ptr: dc_g, rs: 1, cs: n as isize },
-                Strided { ptr: a_g, rs: k as isize, cs: 1 },
-                parallel,
-            )
-        } else {
-            // dB_g[k, n] += A_gᵀ[k, m] · dC_g[m, n]
-            gemm_strided(
-                k,
-                n,
-                m,
-                Strided { ptr: dst, rs: n as isize, cs: 1 },
-                true,
-                Strided { ptr: a_g, rs: 1, cs: k as isize },
-                Strided { ptr: dc_g, rs: n as isize, cs: 1 },
-                parallel,
-            )
-        }
+        gemm_strided(
+            n,
+            k,
+            rows[g],
+            Strided { ptr: dbp.ptr().add(g * n * k), rs: dst_rs, cs: dst_cs },
+            true,
+            Strided { ptr: dc.as_ptr().add(first * n), rs: 1, cs: n as isize },
+            Strided { ptr: a.as_ptr().add(first * k), rs: k as isize, cs: 1 },
+            parallel,
+        )
     });
 }

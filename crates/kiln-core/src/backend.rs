@@ -61,13 +61,31 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// Rotary position embedding applied to the first `rot_dim` features of every head.
+/// Rotary position embedding applied to features `offset .. offset + rot_dim` of every head
+/// (`offset` 0 for Llama; multi-head latent attention ropes the last features of a head).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rope {
     pub x: Heads,
     pub rot_dim: usize,
+    pub offset: usize,
     /// Pairs `(2i, 2i+1)` (DeepSeek, GPT-J) instead of `(i, i + rot_dim/2)` (Llama).
     pub interleaved: bool,
+}
+
+/// A block of `cols` columns copied between two row-major matrices of `rows` rows:
+/// `dst[r, dst_offset + c] (+)= src[r, src_offset + c]`, rows `src_stride` and `dst_stride`
+/// wide. It splits fused projections (`[c_kv ; k_pe]`, `[k_nope ; v]` per head) and builds
+/// concatenations (`[k_nope ; k_pe]`) without host round trips.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnCopy {
+    pub rows: usize,
+    pub cols: usize,
+    pub src_stride: usize,
+    pub src_offset: usize,
+    pub dst_stride: usize,
+    pub dst_offset: usize,
+    /// Add into `dst` instead of overwriting it.
+    pub accumulate: bool,
 }
 
 /// Causal self-attention over `batch` rows of `seq` tokens each.
@@ -143,6 +161,8 @@ pub trait Backend: Send + Sync {
     fn fill(&self, dst: &mut Self::Buf, value: f32);
     /// `dst = src` (same length).
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// Copies (or adds) a block of columns, see [`ColumnCopy`].
+    fn copy_columns(&self, dst: &mut Self::Buf, src: &Self::Buf, spec: ColumnCopy);
     /// `dst += src`.
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// `dst *= s`.

@@ -8,7 +8,7 @@
 //! kiln_core::conformance_tests!(kiln_core::Cpu);
 //! ```
 
-use crate::backend::{AdamW, Attention, Backend, GroupedMatmul, Heads, Matmul, Rope, Routing};
+use crate::backend::{AdamW, Attention, Backend, ColumnCopy, GroupedMatmul, Heads, Matmul, Rope, Routing};
 use crate::rng::Rng;
 
 /// Generates one `#[test]` per check for the backend expression given.
@@ -16,7 +16,7 @@ use crate::rng::Rng;
 macro_rules! conformance_tests {
     ($backend:expr) => {
         $crate::conformance_tests!(@tests $backend;
-            matmul, grouped_matmul, elementwise, embedding, rmsnorm, add_rmsnorm, rope_half_split,
+            matmul, grouped_matmul, elementwise, copy_columns, embedding, rmsnorm, add_rmsnorm, rope_half_split,
             rope_interleaved, attention_forward, attention_backward, swiglu, cross_entropy, moe_route, adamw);
     };
     (@tests $backend:expr; $($check:ident),*) => {
@@ -175,6 +175,35 @@ pub fn grouped_matmul<B: Backend>(b: &B) {
     }
 }
 
+pub fn copy_columns<B: Backend>(b: &B) {
+    let mut rng = Rng::new(21);
+    let (rows, src_stride, dst_stride) = (23, 11, 7);
+    let src = rng.normal_vec(rows * src_stride, 1.0);
+    let dst = rng.normal_vec(rows * dst_stride, 1.0);
+    for accumulate in [false, true] {
+        let spec = ColumnCopy { rows, cols: 4, src_stride, src_offset: 6, dst_stride, dst_offset: 2, accumulate };
+        let mut got = b.upload(&dst);
+        b.copy_columns(&mut got, &b.upload(&src), spec);
+        let want: Vec<f64> = (0..rows * dst_stride)
+            .map(|i| {
+                let (r, c) = (i / dst_stride, i % dst_stride);
+                let old = dst[i] as f64;
+                if (2..6).contains(&c) {
+                    let s = src[r * src_stride + 6 + c - 2] as f64;
+                    if accumulate {
+                        old + s
+                    } else {
+                        s
+                    }
+                } else {
+                    old
+                }
+            })
+            .collect();
+        assert_close("copy_columns", &b.read(&got), &want, 1e-6, 1e-6);
+    }
+}
+
 pub fn elementwise<B: Backend>(b: &B) {
     let mut rng = Rng::new(2);
     let (rows, cols) = (37, 19);
@@ -299,12 +328,14 @@ pub fn add_rmsnorm<B: Backend>(b: &B) {
 /// Reference rotation of one `[tokens, heads, head_dim]` tensor.
 fn rope_reference(x: &[f32], table: &[f32], pos: &[i32], spec: Rope) -> Vec<f64> {
     let (hd, rot, half) = (spec.x.head_dim, spec.rot_dim, spec.rot_dim / 2);
+    let hd_off = spec.offset;
     let mut out = to_f64(x);
     for (t, &p) in pos.iter().enumerate() {
         for h in 0..spec.x.heads {
             let base = (t * spec.x.heads + h) * hd;
             for i in 0..half {
                 let (ia, ib) = if spec.interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (ia, ib) = (ia + hd_off, ib + hd_off);
                 let c = table[p as usize * rot + i] as f64;
                 let s = table[p as usize * rot + half + i] as f64;
                 let (a, bb) = (x[base + ia] as f64, x[base + ib] as f64);
@@ -316,9 +347,9 @@ fn rope_reference(x: &[f32], table: &[f32], pos: &[i32], spec: Rope) -> Vec<f64>
     out
 }
 
-fn rope<B: Backend>(b: &B, interleaved: bool) {
+fn rope<B: Backend>(b: &B, interleaved: bool, offset: usize) {
     let mut rng = Rng::new(6);
-    let spec = Rope { x: Heads { tokens: 10, heads: 3, head_dim: 12 }, rot_dim: 8, interleaved };
+    let spec = Rope { x: Heads { tokens: 10, heads: 3, head_dim: 12 }, rot_dim: 8, offset, interleaved };
     let n = 10 * 3 * 12;
     let max_pos = 32;
     let table: Vec<f32> = (0..max_pos)
@@ -347,11 +378,13 @@ fn rope<B: Backend>(b: &B, interleaved: bool) {
 }
 
 pub fn rope_half_split<B: Backend>(b: &B) {
-    rope(b, false);
+    rope(b, false, 0);
+    rope(b, false, 3);
 }
 
 pub fn rope_interleaved<B: Backend>(b: &B) {
-    rope(b, true);
+    rope(b, true, 0);
+    rope(b, true, 4);
 }
 
 /// Attention shapes that cross block boundaries, share kv heads and pack several sequences.

@@ -1,54 +1,58 @@
 //! Activation and gradient scratch memory, laid out once for a batch shape.
 
-use crate::config::Config;
+use crate::config::{AttentionKind, Config};
+use crate::layers::gqa::{GqaActs, GqaGrads};
+use crate::layers::mla::{MlaActs, MlaGrads};
+use crate::layers::mlp::{MlpActs, MlpGrads};
+use crate::layers::moe::{MoeActs, MoeGrads, MoeShape};
 use kiln_core::Backend;
+
+pub enum AttnActs<B: Backend> {
+    Gqa(GqaActs<B>),
+    Mla(MlaActs<B>),
+}
+
+pub enum FfnActs<B: Backend> {
+    Dense(MlpActs<B>),
+    Moe(MoeActs<B>),
+}
 
 /// What one layer's forward keeps for its backward.
 pub struct LayerActs<B: Backend> {
     pub xn1: B::Buf,
     pub rstd1: B::Buf,
-    /// q and k before their per-head RMSNorm (Qwen3), with that norm's 1/rms.
-    pub q_raw: Option<(B::Buf, B::Buf)>,
-    pub k_raw: Option<(B::Buf, B::Buf)>,
-    /// q and k after RoPE.
-    pub q: B::Buf,
-    pub k: B::Buf,
-    pub v: B::Buf,
-    pub att: B::Buf,
-    pub lse: B::Buf,
+    pub attn: AttnActs<B>,
     /// Residual stream after attention.
     pub x_mid: B::Buf,
     pub xn2: B::Buf,
     pub rstd2: B::Buf,
-    pub gate: B::Buf,
-    pub up: B::Buf,
-    pub h: B::Buf,
+    pub ffn: FfnActs<B>,
 }
 
 impl<B: Backend> LayerActs<B> {
-    fn new(b: &B, cfg: &Config, rows: usize, seq: usize) -> Self {
-        let n = rows * seq;
-        let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let norm_pair = |width: usize, heads: usize| cfg.qk_norm.then(|| (b.zeros(n * width), b.zeros(n * heads)));
+    fn new(b: &B, cfg: &Config, n: usize, moe: bool) -> Self {
+        let d = cfg.hidden_size;
         Self {
             xn1: b.zeros(n * d),
             rstd1: b.zeros(n),
-            q_raw: norm_pair(qd, cfg.num_heads),
-            k_raw: norm_pair(kvd, cfg.num_kv_heads),
-            q: b.zeros(n * qd),
-            k: b.zeros(n * kvd),
-            v: b.zeros(n * kvd),
-            att: b.zeros(n * qd),
-            lse: b.zeros(n * cfg.num_heads),
+            attn: match cfg.attention {
+                AttentionKind::Gqa => AttnActs::Gqa(GqaActs::new(b, cfg, n)),
+                AttentionKind::Mla(_) => AttnActs::Mla(MlaActs::new(b, cfg, n)),
+            },
             x_mid: b.zeros(n * d),
             xn2: b.zeros(n * d),
             rstd2: b.zeros(n),
-            gate: b.zeros(n * ff),
-            up: b.zeros(n * ff),
-            h: b.zeros(n * ff),
+            ffn: match MoeShape::new(cfg).filter(|_| moe) {
+                Some(shape) => FfnActs::Moe(MoeActs::new(b, &shape, n)),
+                None => FfnActs::Dense(MlpActs::new(b, n, cfg.intermediate_size)),
+            },
         }
     }
+}
+
+pub enum AttnGrads<B: Backend> {
+    Gqa(GqaGrads<B>),
+    Mla(MlaGrads<B>),
 }
 
 /// Gradient scratch for backward, shared by all layers.
@@ -56,16 +60,10 @@ pub struct GradScratch<B: Backend> {
     /// Gradient of the residual stream, flowing down through the layers.
     pub dres: B::Buf,
     pub dxn: B::Buf,
-    pub dh: B::Buf,
-    pub dgate: B::Buf,
-    pub dup: B::Buf,
-    pub datt: B::Buf,
-    pub dq: B::Buf,
-    pub dk: B::Buf,
-    pub dv: B::Buf,
-    /// Gradients of q and k before their per-head norm (Qwen3).
-    pub dq_raw: Option<B::Buf>,
-    pub dk_raw: Option<B::Buf>,
+    pub attn: AttnGrads<B>,
+    /// Scratch of dense MLP layers and of MoE layers, where the model has them.
+    pub dense: Option<MlpGrads<B>>,
+    pub moe: Option<MoeGrads<B>>,
 }
 
 /// A batch's tokens on the device.
@@ -85,8 +83,10 @@ pub struct Activations<B: Backend> {
     pub inputs: BatchInputs<B>,
     /// Residual stream entering each layer, and (last) leaving the final layer.
     pub layer_inputs: Vec<B::Buf>,
-    /// Per layer, or a single set reused by every layer when recomputing in backward.
+    /// Per layer, or, when recomputing in backward (or not training), one set per layer kind
+    /// reused by every layer of that kind; `slots[l]` picks layer `l`'s.
     pub layers: Vec<LayerActs<B>>,
+    pub slots: Vec<usize>,
     pub xf: B::Buf,
     pub rstdf: B::Buf,
     /// Logits; overwritten by their gradient in backward.
@@ -100,21 +100,27 @@ impl<B: Backend> Activations<B> {
     /// recomputes the rest of a layer's activations during backward.
     pub fn new(b: &B, cfg: &Config, rows: usize, seq: usize, training: bool, recompute: bool) -> Self {
         let n = rows * seq;
-        let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let kept = if recompute || !training { 1 } else { cfg.num_layers };
+        let d = cfg.hidden_size;
+        let has_dense = (0..cfg.num_layers).any(|l| !cfg.is_moe_layer(l));
+        let has_moe = (0..cfg.num_layers).any(|l| cfg.is_moe_layer(l));
+        let (layers, slots) = if recompute || !training {
+            let kinds: Vec<bool> =
+                [(has_dense, false), (has_moe, true)].into_iter().filter(|k| k.0).map(|k| k.1).collect();
+            let slots = (0..cfg.num_layers).map(|l| kinds.iter().position(|&m| m == cfg.is_moe_layer(l)).unwrap_or(0));
+            (kinds.iter().map(|&moe| LayerActs::new(b, cfg, n, moe)).collect(), slots.collect())
+        } else {
+            let layers = (0..cfg.num_layers).map(|l| LayerActs::new(b, cfg, n, cfg.is_moe_layer(l))).collect();
+            (layers, (0..cfg.num_layers).collect())
+        };
         let grad = training.then(|| GradScratch {
             dres: b.zeros(n * d),
             dxn: b.zeros(n * d),
-            dh: b.zeros(n * ff),
-            dgate: b.zeros(n * ff),
-            dup: b.zeros(n * ff),
-            datt: b.zeros(n * qd),
-            dq: b.zeros(n * qd),
-            dk: b.zeros(n * kvd),
-            dv: b.zeros(n * kvd),
-            dq_raw: cfg.qk_norm.then(|| b.zeros(n * qd)),
-            dk_raw: cfg.qk_norm.then(|| b.zeros(n * kvd)),
+            attn: match cfg.attention {
+                AttentionKind::Gqa => AttnGrads::Gqa(GqaGrads::new(b, cfg, n)),
+                AttentionKind::Mla(_) => AttnGrads::Mla(MlaGrads::new(b, cfg, n)),
+            },
+            dense: has_dense.then(|| MlpGrads::new(b, n, cfg.intermediate_size)),
+            moe: MoeShape::new(cfg).filter(|_| has_moe).map(|shape| MoeGrads::new(b, &shape, n)),
         });
         Self {
             rows,
@@ -128,7 +134,8 @@ impl<B: Backend> Activations<B> {
                 weights: b.zeros(n),
             },
             layer_inputs: (0..=cfg.num_layers).map(|_| b.zeros(n * d)).collect(),
-            layers: (0..kept).map(|_| LayerActs::new(b, cfg, rows, seq)).collect(),
+            layers,
+            slots,
             xf: b.zeros(n * d),
             rstdf: b.zeros(n),
             logits: b.zeros(n * cfg.vocab_size),

@@ -1,8 +1,8 @@
-//! `config.json` of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`), field for field
-//! as transformers reads it, with transformers' defaults.
+//! `config.json` of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`) and of
+//! `deepseek_v3`, field for field as transformers reads it, with transformers' defaults.
 
 use crate::error::{Error, Result};
-use crate::rope::RopeScaling;
+use crate::rope::{number, yarn_mscale, RopeScaling};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -15,10 +15,12 @@ pub enum ModelType {
     Mistral,
     Qwen2,
     Qwen3,
+    #[serde(rename = "deepseek_v3")]
+    DeepseekV3,
 }
 
 impl ModelType {
-    pub const ALL: [&'static str; 4] = ["llama", "mistral", "qwen2", "qwen3"];
+    pub const ALL: [&'static str; 5] = ["llama", "mistral", "qwen2", "qwen3", "deepseek_v3"];
 
     fn parse(name: &str) -> Option<Self> {
         match name {
@@ -26,6 +28,7 @@ impl ModelType {
             "mistral" => Some(Self::Mistral),
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
+            "deepseek_v3" => Some(Self::DeepseekV3),
             _ => None,
         }
     }
@@ -61,6 +64,27 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
+    // deepseek_v3
+    /// Absent means transformers' default (1536), `null` a plain query projection.
+    q_lora_rank: Option<Value>,
+    scoring_func: Option<String>,
+    topk_method: Option<String>,
+    kv_lora_rank: Option<usize>,
+    qk_nope_head_dim: Option<usize>,
+    qk_rope_head_dim: Option<usize>,
+    v_head_dim: Option<usize>,
+    rope_interleave: Option<bool>,
+    moe_intermediate_size: Option<usize>,
+    n_routed_experts: Option<usize>,
+    n_shared_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    n_group: Option<usize>,
+    topk_group: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    routed_scaling_factor: Option<f64>,
+    first_k_dense_replace: Option<usize>,
+    num_nextn_predict_layers: Option<usize>,
+    quantization_config: Option<Map<String, Value>>,
 }
 
 fn default_hidden_act() -> String {
@@ -68,6 +92,89 @@ fn default_hidden_act() -> String {
 }
 fn default_rms_norm_eps() -> f64 {
     1e-6
+}
+
+/// Multi-head latent attention sizes (DeepSeek-V2/V3).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlaConfig {
+    /// Rank of the query compression; `None` for a plain query projection.
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// RoPE pairs are `(2i, 2i+1)` (`rope_interleave`, the published checkpoints).
+    pub rope_interleave: bool,
+}
+
+/// How a layer attends.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttentionKind {
+    /// Grouped-query attention with `head_dim`-wide heads (Llama family).
+    Gqa,
+    Mla(MlaConfig),
+}
+
+/// DeepSeekMoE feed-forward sizes and routing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub expert_ff: usize,
+    pub shared_experts: usize,
+    pub top_k: usize,
+    pub groups: usize,
+    pub top_groups: usize,
+    pub normalize: bool,
+    pub routed_scaling_factor: f32,
+    /// The first `first_k_dense_replace` layers keep a dense MLP of `intermediate_size`.
+    pub first_dense_layers: usize,
+}
+
+fn mla_config(raw: &RawConfig) -> std::result::Result<MlaConfig, String> {
+    let q_lora_rank = match &raw.q_lora_rank {
+        None => Some(1536),
+        Some(Value::Null) => None,
+        Some(v) => {
+            Some(v.as_u64().ok_or_else(|| format!("field `q_lora_rank`: expected an integer or null, got {v}"))?
+                as usize)
+        }
+    };
+    let m = MlaConfig {
+        q_lora_rank,
+        kv_lora_rank: raw.kv_lora_rank.unwrap_or(512),
+        qk_nope_head_dim: raw.qk_nope_head_dim.unwrap_or(128),
+        qk_rope_head_dim: raw.qk_rope_head_dim.unwrap_or(64),
+        v_head_dim: raw.v_head_dim.unwrap_or(128),
+        rope_interleave: raw.rope_interleave.unwrap_or(true),
+    };
+    if !m.qk_rope_head_dim.is_multiple_of(2) {
+        return Err(format!("field `qk_rope_head_dim` ({}) must be even", m.qk_rope_head_dim));
+    }
+    if raw.num_key_value_heads.is_some_and(|kv| kv != raw.num_attention_heads) {
+        return Err("field `num_key_value_heads`: multi-head latent attention has one kv head per query head".into());
+    }
+    Ok(m)
+}
+
+/// transformers' `DeepseekV3Config` defaults fill absent fields.
+fn moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
+    if let Some(f) = raw.scoring_func.as_deref().filter(|&f| f != "sigmoid") {
+        return Err(format!("field `scoring_func`: `{f}` is not supported (DeepSeek-V3 routes with `sigmoid`)"));
+    }
+    if let Some(m) = raw.topk_method.as_deref().filter(|&m| m != "noaux_tc") {
+        return Err(format!("field `topk_method`: `{m}` is not supported (DeepSeek-V3 uses `noaux_tc`)"));
+    }
+    Ok(MoeConfig {
+        experts: raw.n_routed_experts.unwrap_or(256),
+        expert_ff: raw.moe_intermediate_size.unwrap_or(2048),
+        shared_experts: raw.n_shared_experts.unwrap_or(1),
+        top_k: raw.num_experts_per_tok.unwrap_or(8),
+        groups: raw.n_group.unwrap_or(8),
+        top_groups: raw.topk_group.unwrap_or(4),
+        normalize: raw.norm_topk_prob.unwrap_or(true),
+        routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(2.5) as f32,
+        first_dense_layers: raw.first_k_dense_replace.unwrap_or(3),
+    })
 }
 
 /// A resolved, validated model configuration.
@@ -98,6 +205,16 @@ pub struct Config {
     pub rot_dim: usize,
     /// Sliding attention window of each layer, `None` for full attention.
     pub layer_windows: Vec<Option<usize>>,
+    pub attention: AttentionKind,
+    /// Softmax scale of the attention scores.
+    pub attention_scale: f32,
+    /// Mixture-of-experts layers, for `deepseek_v3`.
+    pub moe: Option<MoeConfig>,
+    /// DeepSeek's multi-token-prediction layers after the last decoder layer; their tensors
+    /// are carried through unchanged.
+    pub mtp_layers: usize,
+    /// Block of one scale in fp8 checkpoints.
+    pub fp8_block: [usize; 2],
 }
 
 impl Config {
@@ -124,7 +241,11 @@ impl Config {
                 "fields `num_attention_heads` ({heads}) and `num_key_value_heads` ({kv_heads}): query heads must be a positive multiple of kv heads"
             ));
         }
+        let deepseek = model_type == ModelType::DeepseekV3;
+        let mla = if deepseek { Some(mla_config(&raw)?) } else { None };
         let head_dim = match (model_type, raw.head_dim) {
+            // q and k heads are [nope ; rope] wide.
+            (ModelType::DeepseekV3, _) => mla.as_ref().map_or(0, |m| m.qk_nope_head_dim + m.qk_rope_head_dim),
             (ModelType::Qwen3, None) => 128,
             (_, Some(d)) => d,
             (_, None) if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
@@ -139,11 +260,12 @@ impl Config {
             ModelType::Llama => 2048,
             ModelType::Mistral => 4096 * 32,
             ModelType::Qwen2 | ModelType::Qwen3 => 32768,
+            ModelType::DeepseekV3 => 4096,
         });
 
         // transformers: `rope_parameters` (or the legacy `rope_scaling`) wins; `rope_theta` and
         // `partial_rotary_factor` at top level fill what it leaves out.
-        let params = raw.rope_parameters.or(raw.rope_scaling).unwrap_or_default();
+        let params = raw.rope_parameters.clone().or(raw.rope_scaling.clone()).unwrap_or_default();
         let rope_theta = match params.get("rope_theta") {
             Some(v) => v.as_f64().ok_or("field `rope_parameters.rope_theta`: expected a number")?,
             None => raw.rope_theta.unwrap_or(10_000.0),
@@ -152,7 +274,10 @@ impl Config {
             Some(v) => v.as_f64().ok_or("field `rope_parameters.partial_rotary_factor`: expected a number")?,
             None => raw.partial_rotary_factor.unwrap_or(1.0),
         };
-        let rot_dim = (head_dim as f64 * partial) as usize;
+        let rot_dim = match &mla {
+            Some(m) => m.qk_rope_head_dim,
+            None => (head_dim as f64 * partial) as usize,
+        };
         if !rot_dim.is_multiple_of(2) || rot_dim > head_dim {
             return Err(format!(
                 "field `partial_rotary_factor` ({partial}) gives an odd or too large rotary dim {rot_dim}"
@@ -161,7 +286,7 @@ impl Config {
         let rope = RopeScaling::parse(&params, max_pos)?;
 
         let layer_windows = match model_type {
-            ModelType::Llama => vec![None; raw.num_hidden_layers],
+            ModelType::Llama | ModelType::DeepseekV3 => vec![None; raw.num_hidden_layers],
             ModelType::Mistral => vec![raw.sliding_window; raw.num_hidden_layers],
             ModelType::Qwen2 | ModelType::Qwen3 => {
                 let window =
@@ -195,6 +320,44 @@ impl Config {
             ModelType::Qwen3 => (raw.attention_bias, raw.attention_bias, false),
             ModelType::Qwen2 => (true, false, false),
             ModelType::Mistral => (false, false, false),
+            // `attention_bias` biases q_a, kv_a and o in MLA; kept as `o_bias`.
+            ModelType::DeepseekV3 => (false, raw.attention_bias, false),
+        };
+        // transformers: head_dim^-0.5, times yarn's mscale(factor, mscale_all_dim)² for MLA.
+        let mut attention_scale = 1.0 / (head_dim as f64).sqrt();
+        if deepseek && rope != RopeScaling::Default {
+            if let (Some(factor), Some(all_dim)) = (number(&params, "factor")?, number(&params, "mscale_all_dim")?) {
+                if all_dim != 0.0 {
+                    let m = yarn_mscale(factor, all_dim);
+                    attention_scale *= m * m;
+                }
+            }
+        }
+        let moe = if deepseek { Some(moe_config(&raw)?) } else { None };
+        if let Some(m) = &moe {
+            if m.experts == 0 || !m.experts.is_multiple_of(m.groups) || m.top_groups > m.groups || m.top_k > m.experts {
+                return Err(format!(
+                    "fields `n_routed_experts` ({}), `n_group` ({}), `topk_group` ({}), `num_experts_per_tok` ({}): experts must split evenly into groups and top-k fit the kept groups",
+                    m.experts, m.groups, m.top_groups, m.top_k
+                ));
+            }
+            if m.top_k > m.top_groups * (m.experts / m.groups) {
+                return Err(format!(
+                    "field `num_experts_per_tok` ({}) exceeds the experts of `topk_group` groups",
+                    m.top_k
+                ));
+            }
+        }
+        let fp8_block = match raw.quantization_config.as_ref().and_then(|q| q.get("weight_block_size")) {
+            None => [128, 128],
+            Some(v) => match v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect::<Vec<_>>()).as_deref() {
+                Some(&[r, c]) if r > 0 && c > 0 => [r as usize, c as usize],
+                _ => {
+                    return Err(format!(
+                        "field `quantization_config.weight_block_size`: expected two positive integers, got {v}"
+                    ))
+                }
+            },
         };
         Ok(Self {
             model_type,
@@ -216,7 +379,24 @@ impl Config {
             rope_theta,
             rot_dim,
             layer_windows,
+            attention: mla.map_or(AttentionKind::Gqa, AttentionKind::Mla),
+            attention_scale: attention_scale as f32,
+            moe,
+            mtp_layers: if deepseek { raw.num_nextn_predict_layers.unwrap_or(1) } else { 0 },
+            fp8_block,
         })
+    }
+
+    /// Whether layer `l` has a mixture-of-experts feed-forward block.
+    pub fn is_moe_layer(&self, l: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| l >= m.first_dense_layers)
+    }
+
+    /// Whether a stored tensor belongs to a multi-token-prediction layer (carried through).
+    pub fn is_mtp_tensor(&self, name: &str) -> bool {
+        let Some(rest) = name.strip_prefix("model.layers.") else { return false };
+        let layer = rest.split('.').next().and_then(|l| l.parse::<usize>().ok());
+        layer.is_some_and(|l| l >= self.num_layers && l < self.num_layers + self.mtp_layers)
     }
 
     /// Number of parameters, counting tied embeddings once.

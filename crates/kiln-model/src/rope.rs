@@ -33,7 +33,7 @@ pub enum RopeScaling {
     },
 }
 
-fn number(params: &Map<String, Value>, key: &str) -> Result<Option<f64>, String> {
+pub(crate) fn number(params: &Map<String, Value>, key: &str) -> Result<Option<f64>, String> {
     match params.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => {
@@ -47,7 +47,7 @@ fn required(params: &Map<String, Value>, key: &str, rope_type: &str) -> Result<f
 }
 
 /// YaRN's attention scale for a context extension `scale`.
-fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+pub(crate) fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
     if scale <= 1.0 {
         1.0
     } else {

@@ -1,33 +1,159 @@
-//! The parameter tensors of a Llama-family model: their Hugging Face names and shapes, and
-//! loading and saving them as safetensors (single file or sharded with an index).
+//! The parameter tensors of a model: one struct per block kind, their Hugging Face names and
+//! shapes (`layout`), and the whole model's tensors in a fixed order shared by parameters,
+//! gradients and optimiser moments.
 
-use crate::config::Config;
-use crate::error::{Error, Result};
-use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use crate::config::{AttentionKind, Config};
 
-/// One tensor of a layer; optional ones exist only for some architectures.
+/// Declares a struct of tensors (required fields, then optional ones) with `map`, `refs` and
+/// `refs_mut`, which visit the fields in declaration order.
+macro_rules! tensor_group {
+    ($(#[$doc:meta])* $name:ident { $($(#[$rdoc:meta])* $req:ident),* $(,)? }
+        optional { $($(#[$odoc:meta])* $opt:ident),* $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug)]
+        pub struct $name<T> {
+            $($(#[$rdoc])* pub $req: T,)*
+            $($(#[$odoc])* pub $opt: Option<T>,)*
+        }
+
+        impl<T> $name<T> {
+            pub fn map<U>(&self, f: &mut impl FnMut(&T) -> U) -> $name<U> {
+                $name { $($req: f(&self.$req),)* $($opt: self.$opt.as_ref().map(&mut *f),)* }
+            }
+            #[allow(unused_mut)]
+            pub fn refs(&self) -> Vec<&T> {
+                let mut v: Vec<&T> = vec![$(&self.$req),*];
+                $(v.extend(self.$opt.as_ref());)*
+                v
+            }
+            #[allow(unused_mut)]
+            pub fn refs_mut(&mut self) -> Vec<&mut T> {
+                let mut v: Vec<&mut T> = vec![$(&mut self.$req),*];
+                $(v.extend(self.$opt.as_mut());)*
+                v
+            }
+        }
+    };
+}
+
+tensor_group! {
+    /// Grouped-query attention (Llama family).
+    GqaWeights { q, k, v, o }
+    optional {
+        q_bias, k_bias, v_bias, o_bias,
+        /// Per-head RMSNorm of q and k before RoPE (Qwen3).
+        q_norm, k_norm,
+    }
+}
+
+tensor_group! {
+    /// Multi-head latent attention (DeepSeek-V2/V3).
+    MlaWeights {
+        /// `[kv_lora_rank + qk_rope_head_dim, hidden]`: the latent c_kv and the shared k_pe.
+        kv_a,
+        kv_a_norm,
+        /// `[heads · (qk_nope_head_dim + v_head_dim), kv_lora_rank]`.
+        kv_b,
+        o,
+    }
+    optional {
+        /// Plain query projection, when `q_lora_rank` is null.
+        q,
+        /// Low-rank query: `q_b · RMSNorm(q_a · x)`.
+        q_a, q_a_norm, q_b,
+        q_a_bias, kv_a_bias, o_bias,
+    }
+}
+
+tensor_group! {
+    /// A dense SwiGLU MLP.
+    MlpWeights { gate, up, down }
+    optional { gate_bias, up_bias, down_bias }
+}
+
+tensor_group! {
+    /// A DeepSeekMoE layer (see `moe`).
+    MoeWeights {
+        /// `[experts, hidden]`.
+        router,
+        /// `[experts]`, the aux-loss-free balancing bias: selection only, never trained by
+        /// gradient.
+        bias,
+        /// `[experts, expert_ff, hidden]` each.
+        gate, up,
+        /// `[experts, hidden, expert_ff]`.
+        down,
+    }
+    optional {
+        /// The shared experts as one MLP of width `n_shared_experts · expert_ff`.
+        shared_gate, shared_up, shared_down,
+    }
+}
+
+/// The attention block of a layer.
+#[derive(Clone, Debug)]
+pub enum AttnWeights<T> {
+    Gqa(GqaWeights<T>),
+    Mla(MlaWeights<T>),
+}
+
+/// The feed-forward block of a layer.
+#[derive(Clone, Debug)]
+pub enum FfnWeights<T> {
+    Dense(MlpWeights<T>),
+    Moe(MoeWeights<T>),
+}
+
+/// One decoder layer: pre-norm attention and pre-norm feed-forward, both residual.
 #[derive(Clone, Debug)]
 pub struct LayerWeights<T> {
     pub input_norm: T,
-    pub q: T,
-    pub k: T,
-    pub v: T,
-    pub o: T,
-    pub q_bias: Option<T>,
-    pub k_bias: Option<T>,
-    pub v_bias: Option<T>,
-    pub o_bias: Option<T>,
-    pub q_norm: Option<T>,
-    pub k_norm: Option<T>,
+    pub attn: AttnWeights<T>,
     pub post_norm: T,
-    pub gate: T,
-    pub up: T,
-    pub down: T,
-    pub gate_bias: Option<T>,
-    pub up_bias: Option<T>,
-    pub down_bias: Option<T>,
+    pub ffn: FfnWeights<T>,
+}
+
+impl<T> LayerWeights<T> {
+    pub fn map<U>(&self, f: &mut impl FnMut(&T) -> U) -> LayerWeights<U> {
+        LayerWeights {
+            input_norm: f(&self.input_norm),
+            attn: match &self.attn {
+                AttnWeights::Gqa(w) => AttnWeights::Gqa(w.map(f)),
+                AttnWeights::Mla(w) => AttnWeights::Mla(w.map(f)),
+            },
+            post_norm: f(&self.post_norm),
+            ffn: match &self.ffn {
+                FfnWeights::Dense(w) => FfnWeights::Dense(w.map(f)),
+                FfnWeights::Moe(w) => FfnWeights::Moe(w.map(f)),
+            },
+        }
+    }
+    fn refs(&self) -> Vec<&T> {
+        let mut v = vec![&self.input_norm];
+        v.extend(match &self.attn {
+            AttnWeights::Gqa(w) => w.refs(),
+            AttnWeights::Mla(w) => w.refs(),
+        });
+        v.push(&self.post_norm);
+        v.extend(match &self.ffn {
+            FfnWeights::Dense(w) => w.refs(),
+            FfnWeights::Moe(w) => w.refs(),
+        });
+        v
+    }
+    fn refs_mut(&mut self) -> Vec<&mut T> {
+        let mut v = vec![&mut self.input_norm];
+        v.extend(match &mut self.attn {
+            AttnWeights::Gqa(w) => w.refs_mut(),
+            AttnWeights::Mla(w) => w.refs_mut(),
+        });
+        v.push(&mut self.post_norm);
+        v.extend(match &mut self.ffn {
+            FfnWeights::Dense(w) => w.refs_mut(),
+            FfnWeights::Moe(w) => w.refs_mut(),
+        });
+        v
+    }
 }
 
 /// The whole model's tensors; `lm_head` is `None` when tied to `embed`.
@@ -37,47 +163,6 @@ pub struct Weights<T> {
     pub layers: Vec<LayerWeights<T>>,
     pub norm: T,
     pub lm_head: Option<T>,
-}
-
-/// Applies a macro body to every field, required then optional, in a fixed order.
-macro_rules! layer_fields {
-    ($m:ident) => {
-        $m!(
-            [input_norm, q, k, v, o, post_norm, gate, up, down],
-            [q_bias, k_bias, v_bias, o_bias, q_norm, k_norm, gate_bias, up_bias, down_bias]
-        )
-    };
-}
-
-impl<T> LayerWeights<T> {
-    pub fn map<U>(&self, f: &mut impl FnMut(&T) -> U) -> LayerWeights<U> {
-        macro_rules! build {
-            ([$($req:ident),*], [$($opt:ident),*]) => {
-                LayerWeights { $($req: f(&self.$req),)* $($opt: self.$opt.as_ref().map(&mut *f),)* }
-            };
-        }
-        layer_fields!(build)
-    }
-    fn refs(&self) -> Vec<&T> {
-        macro_rules! list {
-            ([$($req:ident),*], [$($opt:ident),*]) => {{
-                let mut v = vec![$(&self.$req),*];
-                $(v.extend(self.$opt.as_ref());)*
-                v
-            }};
-        }
-        layer_fields!(list)
-    }
-    fn refs_mut(&mut self) -> Vec<&mut T> {
-        macro_rules! list {
-            ([$($req:ident),*], [$($opt:ident),*]) => {{
-                let mut v = vec![$(&mut self.$req),*];
-                $(v.extend(self.$opt.as_mut());)*
-                v
-            }};
-        }
-        layer_fields!(list)
-    }
 }
 
 impl<T> Weights<T> {
@@ -106,11 +191,29 @@ impl<T> Weights<T> {
     }
 }
 
-/// A tensor's Hugging Face name and shape.
+/// How a freshly initialised model fills a tensor (transformers' `_init_weights`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Init {
+    /// N(0, initializer_range²): every matrix.
+    Normal,
+    /// Norm weights.
+    Ones,
+    /// Biases, including the router's correction bias.
+    Zeros,
+}
+
+/// A tensor's Hugging Face name and shape, and how it is stored and initialised.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorSpec {
     pub name: String,
     pub shape: Vec<usize>,
+    /// When not empty, the tensor is stored as one tensor per slice along its first
+    /// dimension under these names (the per-expert tensors of an MoE layer), and held stacked.
+    pub parts: Vec<String>,
+    /// Always stored in f32, whatever the checkpoint's dtype (transformers keeps the MoE
+    /// router and its correction bias in f32).
+    pub keep_f32: bool,
+    pub init: Init,
 }
 
 impl TensorSpec {
@@ -119,186 +222,126 @@ impl TensorSpec {
     }
 }
 
+/// Builds the specs of one layer, `model.layers.{i}.…`.
+struct LayerNames(usize);
+
+impl LayerNames {
+    fn name(&self, s: &str) -> String {
+        format!("model.layers.{}.{s}", self.0)
+    }
+    fn matrix(&self, s: &str, shape: &[usize]) -> TensorSpec {
+        TensorSpec { name: self.name(s), shape: shape.to_vec(), parts: vec![], keep_f32: false, init: Init::Normal }
+    }
+    fn norm(&self, s: &str, width: usize) -> TensorSpec {
+        TensorSpec { init: Init::Ones, ..self.matrix(s, &[width]) }
+    }
+    fn bias(&self, on: bool, s: &str, width: usize) -> Option<TensorSpec> {
+        on.then(|| TensorSpec { init: Init::Zeros, ..self.matrix(s, &[width]) })
+    }
+    /// `[experts, rows, cols]` stored as `mlp.experts.{e}.{s}`.
+    fn experts(&self, s: &str, experts: usize, rows: usize, cols: usize) -> TensorSpec {
+        TensorSpec {
+            parts: (0..experts).map(|e| self.name(&format!("mlp.experts.{e}.{s}"))).collect(),
+            ..self.matrix(&format!("mlp.experts.{s}"), &[experts, rows, cols])
+        }
+    }
+}
+
+fn gqa_layout(cfg: &Config, n: &LayerNames) -> GqaWeights<TensorSpec> {
+    let (d, hd) = (cfg.hidden_size, cfg.head_dim);
+    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    GqaWeights {
+        q: n.matrix("self_attn.q_proj.weight", &[q_out, d]),
+        k: n.matrix("self_attn.k_proj.weight", &[kv_out, d]),
+        v: n.matrix("self_attn.v_proj.weight", &[kv_out, d]),
+        o: n.matrix("self_attn.o_proj.weight", &[d, q_out]),
+        q_bias: n.bias(cfg.qkv_bias, "self_attn.q_proj.bias", q_out),
+        k_bias: n.bias(cfg.qkv_bias, "self_attn.k_proj.bias", kv_out),
+        v_bias: n.bias(cfg.qkv_bias, "self_attn.v_proj.bias", kv_out),
+        o_bias: n.bias(cfg.o_bias, "self_attn.o_proj.bias", d),
+        q_norm: cfg.qk_norm.then(|| n.norm("self_attn.q_norm.weight", hd)),
+        k_norm: cfg.qk_norm.then(|| n.norm("self_attn.k_norm.weight", hd)),
+    }
+}
+
+fn mla_layout(cfg: &Config, m: &crate::config::MlaConfig, n: &LayerNames) -> MlaWeights<TensorSpec> {
+    let (d, h) = (cfg.hidden_size, cfg.num_heads);
+    let q_out = h * (m.qk_nope_head_dim + m.qk_rope_head_dim);
+    let lora = m.q_lora_rank;
+    let kv_a_out = m.kv_lora_rank + m.qk_rope_head_dim;
+    MlaWeights {
+        kv_a: n.matrix("self_attn.kv_a_proj_with_mqa.weight", &[kv_a_out, d]),
+        kv_a_norm: n.norm("self_attn.kv_a_layernorm.weight", m.kv_lora_rank),
+        kv_b: n.matrix("self_attn.kv_b_proj.weight", &[h * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank]),
+        o: n.matrix("self_attn.o_proj.weight", &[d, h * m.v_head_dim]),
+        q: lora.is_none().then(|| n.matrix("self_attn.q_proj.weight", &[q_out, d])),
+        q_a: lora.map(|r| n.matrix("self_attn.q_a_proj.weight", &[r, d])),
+        q_a_norm: lora.map(|r| n.norm("self_attn.q_a_layernorm.weight", r)),
+        q_b: lora.map(|r| n.matrix("self_attn.q_b_proj.weight", &[q_out, r])),
+        q_a_bias: lora.and_then(|r| n.bias(cfg.o_bias, "self_attn.q_a_proj.bias", r)),
+        kv_a_bias: n.bias(cfg.o_bias, "self_attn.kv_a_proj_with_mqa.bias", kv_a_out),
+        o_bias: n.bias(cfg.o_bias, "self_attn.o_proj.bias", d),
+    }
+}
+
+fn mlp_layout(cfg: &Config, n: &LayerNames) -> MlpWeights<TensorSpec> {
+    let (d, ff) = (cfg.hidden_size, cfg.intermediate_size);
+    MlpWeights {
+        gate: n.matrix("mlp.gate_proj.weight", &[ff, d]),
+        up: n.matrix("mlp.up_proj.weight", &[ff, d]),
+        down: n.matrix("mlp.down_proj.weight", &[d, ff]),
+        gate_bias: n.bias(cfg.mlp_bias, "mlp.gate_proj.bias", ff),
+        up_bias: n.bias(cfg.mlp_bias, "mlp.up_proj.bias", ff),
+        down_bias: n.bias(cfg.mlp_bias, "mlp.down_proj.bias", d),
+    }
+}
+
+fn moe_layout(cfg: &Config, m: &crate::config::MoeConfig, n: &LayerNames) -> MoeWeights<TensorSpec> {
+    let (d, ff, e, sff) = (cfg.hidden_size, m.expert_ff, m.experts, m.shared_experts * m.expert_ff);
+    let shared = |s: &str, shape: &[usize]| (sff > 0).then(|| n.matrix(&format!("mlp.shared_experts.{s}"), shape));
+    MoeWeights {
+        router: TensorSpec { keep_f32: true, ..n.matrix("mlp.gate.weight", &[e, d]) },
+        bias: TensorSpec { keep_f32: true, init: Init::Zeros, ..n.matrix("mlp.gate.e_score_correction_bias", &[e]) },
+        gate: n.experts("gate_proj.weight", e, ff, d),
+        up: n.experts("up_proj.weight", e, ff, d),
+        down: n.experts("down_proj.weight", e, d, ff),
+        shared_gate: shared("gate_proj.weight", &[sff, d]),
+        shared_up: shared("up_proj.weight", &[sff, d]),
+        shared_down: shared("down_proj.weight", &[d, sff]),
+    }
+}
+
 /// Names and shapes of every parameter for `cfg`.
 pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
-    let spec = |name: String, shape: &[usize]| TensorSpec { name, shape: shape.to_vec() };
-    let (d, ff, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-    let (q_out, kv_out) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+    let d = cfg.hidden_size;
+    let top = |name: &str, shape: &[usize], init| TensorSpec {
+        name: name.into(),
+        shape: shape.to_vec(),
+        parts: vec![],
+        keep_f32: false,
+        init,
+    };
     let layers = (0..cfg.num_layers)
         .map(|i| {
-            let p = |s: &str| format!("model.layers.{i}.{s}");
-            let opt = |on: bool, s: &str, shape: &[usize]| on.then(|| spec(p(s), shape));
+            let n = LayerNames(i);
             LayerWeights {
-                input_norm: spec(p("input_layernorm.weight"), &[d]),
-                q: spec(p("self_attn.q_proj.weight"), &[q_out, d]),
-                k: spec(p("self_attn.k_proj.weight"), &[kv_out, d]),
-                v: spec(p("self_attn.v_proj.weight"), &[kv_out, d]),
-                o: spec(p("self_attn.o_proj.weight"), &[d, q_out]),
-                q_bias: opt(cfg.qkv_bias, "self_attn.q_proj.bias", &[q_out]),
-                k_bias: opt(cfg.qkv_bias, "self_attn.k_proj.bias", &[kv_out]),
-                v_bias: opt(cfg.qkv_bias, "self_attn.v_proj.bias", &[kv_out]),
-                o_bias: opt(cfg.o_bias, "self_attn.o_proj.bias", &[d]),
-                q_norm: opt(cfg.qk_norm, "self_attn.q_norm.weight", &[hd]),
-                k_norm: opt(cfg.qk_norm, "self_attn.k_norm.weight", &[hd]),
-                post_norm: spec(p("post_attention_layernorm.weight"), &[d]),
-                gate: spec(p("mlp.gate_proj.weight"), &[ff, d]),
-                up: spec(p("mlp.up_proj.weight"), &[ff, d]),
-                down: spec(p("mlp.down_proj.weight"), &[d, ff]),
-                gate_bias: opt(cfg.mlp_bias, "mlp.gate_proj.bias", &[ff]),
-                up_bias: opt(cfg.mlp_bias, "mlp.up_proj.bias", &[ff]),
-                down_bias: opt(cfg.mlp_bias, "mlp.down_proj.bias", &[d]),
+                input_norm: n.norm("input_layernorm.weight", d),
+                attn: match &cfg.attention {
+                    AttentionKind::Gqa => AttnWeights::Gqa(gqa_layout(cfg, &n)),
+                    AttentionKind::Mla(m) => AttnWeights::Mla(mla_layout(cfg, m, &n)),
+                },
+                post_norm: n.norm("post_attention_layernorm.weight", d),
+                ffn: match &cfg.moe {
+                    Some(m) if i >= m.first_dense_layers => FfnWeights::Moe(moe_layout(cfg, m, &n)),
+                    _ => FfnWeights::Dense(mlp_layout(cfg, &n)),
+                },
             }
         })
         .collect();
     Weights {
-        embed: spec("model.embed_tokens.weight".into(), &[cfg.vocab_size, d]),
+        embed: top("model.embed_tokens.weight", &[cfg.vocab_size, d], Init::Normal),
         layers,
-        norm: spec("model.norm.weight".into(), &[d]),
-        lm_head: (!cfg.tie_word_embeddings).then(|| spec("lm_head.weight".into(), &[cfg.vocab_size, d])),
+        norm: top("model.norm.weight", &[d], Init::Ones),
+        lm_head: (!cfg.tie_word_embeddings).then(|| top("lm_head.weight", &[cfg.vocab_size, d], Init::Normal)),
     }
-}
-
-/// Storage dtypes kiln reads and writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StorageDtype {
-    F32,
-    BF16,
-    F16,
-}
-
-impl StorageDtype {
-    fn safetensors(self) -> Dtype {
-        match self {
-            Self::F32 => Dtype::F32,
-            Self::BF16 => Dtype::BF16,
-            Self::F16 => Dtype::F16,
-        }
-    }
-    fn encode(self, x: &[f32]) -> Vec<u8> {
-        match self {
-            Self::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Self::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-            Self::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
-        }
-    }
-}
-
-fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        _ => return None,
-    })
-}
-
-/// Tensors read from a model directory, converted to f32 once.
-pub struct LoadedWeights {
-    pub tensors: Weights<Vec<f32>>,
-    /// The dtype the checkpoint stored its embedding in, used again when saving.
-    pub dtype: StorageDtype,
-}
-
-/// Loads every tensor of `layout` from `dir/model.safetensors` or the shards listed by
-/// `dir/model.safetensors.index.json`, memory-mapped.
-pub fn load(dir: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    // Which file holds which tensor.
-    let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::new(&index, format!("cannot read: {e}")))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::new(&index, format!("invalid JSON: {e}")))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::new(&index, "field `weight_map` is missing or not an object"))?;
-        for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| Error::new(&index, format!("field `weight_map.{name}`: expected a file name")))?;
-            files.entry(file.to_string()).or_default().push(name.clone());
-        }
-    } else if single.exists() {
-        files.insert("model.safetensors".into(), vec![]);
-    } else {
-        return Err(Error::new(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
-    }
-
-    load_files(dir, files.keys().map(|f| dir.join(f)), layout)
-}
-
-/// Loads every tensor of `layout` from one safetensors file.
-pub fn load_file(path: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
-    load_files(path, std::iter::once(path.to_path_buf()), layout)
-}
-
-/// Loads every tensor of `layout` from the union of `files`; `source` names them in errors.
-fn load_files(
-    source: &Path,
-    files: impl Iterator<Item = std::path::PathBuf>,
-    layout: &Weights<TensorSpec>,
-) -> Result<LoadedWeights> {
-    let mut found: HashMap<String, (Dtype, Vec<usize>, Vec<f32>)> = HashMap::new();
-    let wanted: HashMap<&str, &TensorSpec> = layout.iter().into_iter().map(|s| (s.name.as_str(), s)).collect();
-    for path in files {
-        let handle = std::fs::File::open(&path).map_err(|e| Error::new(&path, format!("cannot open shard: {e}")))?;
-        // SAFETY: the file is only read, and not expected to change while loading.
-        let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::new(&path, format!("cannot map: {e}")))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::new(&path, format!("invalid safetensors: {e}")))?;
-        for (name, view) in st.tensors() {
-            let Some(spec) = wanted.get(name.as_str()) else { continue };
-            let data = decode(view.dtype(), view.data()).ok_or_else(|| {
-                Error::new(&path, format!("tensor `{name}` has dtype {:?}; kiln reads F32, BF16 and F16", view.dtype()))
-            })?;
-            if view.shape() != spec.shape.as_slice() {
-                return Err(Error::new(
-                    &path,
-                    format!("tensor `{name}` has shape {:?}, the config implies {:?}", view.shape(), spec.shape),
-                ));
-            }
-            found.insert(name, (view.dtype(), view.shape().to_vec(), data));
-        }
-    }
-    let embed_dtype = found.get(&layout.embed.name).map(|t| t.0);
-    let mut missing = Vec::new();
-    let tensors = layout.map(|spec| match found.remove(&spec.name) {
-        Some((_, _, data)) => data,
-        None => {
-            missing.push(spec.name.clone());
-            Vec::new()
-        }
-    });
-    if !missing.is_empty() {
-        let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
-        let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
-        return Err(Error::new(source, format!("missing tensor `{}`{more}", shown.join("`, `"))));
-    }
-    let dtype = match embed_dtype {
-        Some(Dtype::BF16) => StorageDtype::BF16,
-        Some(Dtype::F16) => StorageDtype::F16,
-        _ => StorageDtype::F32,
-    };
-    Ok(LoadedWeights { tensors, dtype })
-}
-
-/// Writes `tensors` (named by `layout`) to the safetensors file `path` in `dtype`.
-pub fn save(path: &Path, layout: &Weights<TensorSpec>, tensors: &Weights<Vec<f32>>, dtype: StorageDtype) -> Result<()> {
-    let encoded: Vec<(String, Vec<usize>, Vec<u8>)> = layout
-        .iter()
-        .into_iter()
-        .zip(tensors.iter())
-        .map(|(spec, data)| (spec.name.clone(), spec.shape.clone(), dtype.encode(data)))
-        .collect();
-    let views = encoded
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(dtype.safetensors(), shape.clone(), bytes).map(|v| (name.clone(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::new(path, format!("cannot encode tensors: {e}")))?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), path)
-        .map_err(|e| Error::new(path, format!("cannot write: {e}")))
 }

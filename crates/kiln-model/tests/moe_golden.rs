@@ -2,7 +2,7 @@
 //! every parameter gradient (fixture by `tools/golden/moe_layer.py`).
 
 use kiln_core::{Backend, Cpu, Routing};
-use kiln_model::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
+use kiln_model::layers::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
 use safetensors::SafeTensors;
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
@@ -37,7 +37,9 @@ fn moe_layer_matches_transformers() {
         gate: up("gate"),
         up: up("up"),
         down: up("down"),
-        shared: Some((up("shared_gate"), up("shared_up"), up("shared_down"))),
+        shared_gate: Some(up("shared_gate")),
+        shared_up: Some(up("shared_up")),
+        shared_down: Some(up("shared_down")),
     };
     let zeros = |n: &str| b.zeros(t(n).len());
     let mut g = MoeWeights {
@@ -46,13 +48,15 @@ fn moe_layer_matches_transformers() {
         gate: zeros("gate"),
         up: zeros("up"),
         down: zeros("down"),
-        shared: Some((zeros("shared_gate"), zeros("shared_up"), zeros("shared_down"))),
+        shared_gate: Some(zeros("shared_gate")),
+        shared_up: Some(zeros("shared_up")),
+        shared_down: Some(zeros("shared_down")),
     };
     let x = up("x");
     let (mut out, mut dx) = (b.zeros(tokens * hidden), b.zeros(tokens * hidden));
     let mut acts = MoeActs::new(&b, &shape, tokens);
     let mut scratch = MoeGrads::new(&b, &shape, tokens);
-    moe::forward(&b, &shape, &w, &x, &mut out, &mut acts);
+    moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts);
     assert_close("out", &b.read(&out), &t("out"));
     moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g, &acts, &mut scratch);
     assert_close("dx", &b.read(&dx), &t("dx"));
@@ -60,9 +64,8 @@ fn moe_layer_matches_transformers() {
     assert_close("grad gate", &b.read(&g.gate), &t("grad.gate"));
     assert_close("grad up", &b.read(&g.up), &t("grad.up"));
     assert_close("grad down", &b.read(&g.down), &t("grad.down"));
-    let (sg, su, sd) = g.shared.as_ref().unwrap();
-    assert_close("grad shared gate", &b.read(sg), &t("grad.shared_gate"));
-    assert_close("grad shared up", &b.read(su), &t("grad.shared_up"));
-    assert_close("grad shared down", &b.read(sd), &t("grad.shared_down"));
+    assert_close("grad shared gate", &b.read(g.shared_gate.as_ref().unwrap()), &t("grad.shared_gate"));
+    assert_close("grad shared up", &b.read(g.shared_up.as_ref().unwrap()), &t("grad.shared_up"));
+    assert_close("grad shared down", &b.read(g.shared_down.as_ref().unwrap()), &t("grad.shared_down"));
     assert!(b.read(&g.bias).iter().all(|&v| v == 0.0), "the correction bias gets no gradient");
 }

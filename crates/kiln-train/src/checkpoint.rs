@@ -7,7 +7,7 @@ use crate::config::RunConfig;
 use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use kiln_core::Backend;
-use kiln_model::{weights, Model, StorageDtype, TensorSpec, Weights};
+use kiln_model::{safetensors_io, Model, StorageDtype, TensorSpec, Weights};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -113,10 +113,10 @@ pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
     fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
 
     let layout = &req.model.layout;
-    weights::save(&tmp.join("model.safetensors"), layout, &req.model.params.map(|p| b.read(p)), StorageDtype::F32)?;
+    req.model.save_weights_to(b, &tmp.join("model.safetensors"), StorageDtype::F32)?;
     let (m, v) = req.optimizer.moments();
-    weights::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), StorageDtype::F32)?;
-    weights::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), StorageDtype::F32)?;
+    safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), StorageDtype::F32, &[])?;
+    safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), StorageDtype::F32, &[])?;
     for file in MODEL_FILES {
         let src = req.source_dir.join(file);
         if src.exists() {
@@ -162,7 +162,7 @@ pub fn load_optimizer<B: Backend>(
 ) -> Result<State> {
     let state = read_state(dir)?;
     let restore = |file: &str, into: Vec<&mut B::Buf>| -> Result<()> {
-        let loaded = weights::load_file(&dir.join(file), layout)?;
+        let loaded = safetensors_io::load_file(&dir.join(file), layout)?;
         for (dst, src) in into.into_iter().zip(loaded.tensors.iter()) {
             b.write(dst, src);
         }

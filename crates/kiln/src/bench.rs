@@ -101,8 +101,10 @@ fn median_time(steps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn moe(args: &MoeArgs) -> Result<()> {
-    use kiln_core::{Backend, Matmul, Routing};
-    use kiln_model::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
+    use kiln_core::{Backend, Routing};
+    use kiln_model::layers::mlp::{self, MlpActs, MlpGrads};
+    use kiln_model::layers::moe::{self, MoeActs, MoeGrads, MoeShape};
+    use kiln_model::weights::{MlpWeights, MoeWeights};
     let b = Cpu;
     let (n, d, e, k, ff) = (args.tokens, args.hidden, args.experts, args.top_k, args.expert_ff);
     let groups = if e.is_multiple_of(4) && e / 4 >= 2 { 4 } else { 1 };
@@ -125,7 +127,9 @@ fn moe(args: &MoeArgs) -> Result<()> {
         gate: init(e * ff * d),
         up: init(e * ff * d),
         down: init(e * d * ff),
-        shared: None,
+        shared_gate: None,
+        shared_up: None,
+        shared_down: None,
     };
     let mut g = MoeWeights {
         router: b.zeros(e * d),
@@ -133,35 +137,36 @@ fn moe(args: &MoeArgs) -> Result<()> {
         gate: b.zeros(e * ff * d),
         up: b.zeros(e * ff * d),
         down: b.zeros(e * d * ff),
-        shared: None,
+        shared_gate: None,
+        shared_up: None,
+        shared_down: None,
     };
     let (x, dout) = (init(n * d), init(n * d));
     let (mut out, mut dx) = (b.zeros(n * d), b.zeros(n * d));
     let mut acts = MoeActs::new(&b, &shape, n);
     let mut scratch = MoeGrads::new(&b, &shape, n);
     let moe_s = median_time(args.steps, || {
-        moe::forward(&b, &shape, &w, &x, &mut out, &mut acts);
+        moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts);
         moe::backward(&b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch);
     });
 
     // The dense SwiGLU MLP doing the same active work: intermediate = top_k · expert_ff.
     let i = k * ff;
-    let (wg, wu, wd) = (init(i * d), init(i * d), init(d * i));
-    let (mut dwg, mut dwu, mut dwd) = (b.zeros(i * d), b.zeros(i * d), b.zeros(d * i));
-    let (mut gt, mut up, mut h, mut dh, mut dg, mut du) =
-        (b.zeros(n * i), b.zeros(n * i), b.zeros(n * i), b.zeros(n * i), b.zeros(n * i), b.zeros(n * i));
+    let none = || None;
+    let w = MlpWeights {
+        gate: init(i * d),
+        up: init(i * d),
+        down: init(d * i),
+        gate_bias: none(),
+        up_bias: none(),
+        down_bias: none(),
+    };
+    let mut g = w.map(&mut |t| b.zeros(b.len(t)));
+    let mut acts = MlpActs::new(&b, n, i);
+    let mut scratch = MlpGrads::new(&b, n, i);
     let dense_s = median_time(args.steps, || {
-        b.matmul(&mut gt, &x, &wg, Matmul::linear(n, d, i));
-        b.matmul(&mut up, &x, &wu, Matmul::linear(n, d, i));
-        b.swiglu_forward(&mut h, &gt, &up);
-        b.matmul(&mut out, &h, &wd, Matmul::linear(n, i, d));
-        b.matmul(&mut dwd, &dout, &h, Matmul::linear_dw(n, i, d));
-        b.matmul(&mut dh, &dout, &wd, Matmul::linear_dx(n, i, d, false));
-        b.swiglu_backward(&mut dg, &mut du, &dh, &gt, &up);
-        b.matmul(&mut dwg, &dg, &x, Matmul::linear_dw(n, d, i));
-        b.matmul(&mut dwu, &du, &x, Matmul::linear_dw(n, d, i));
-        b.matmul(&mut dx, &dg, &wg, Matmul::linear_dx(n, d, i, false));
-        b.matmul(&mut dx, &du, &wu, Matmul::linear_dx(n, d, i, true));
+        mlp::forward(&b, &w, &x, Some(&mut out), &mut acts, (n, d, i));
+        mlp::backward(&b, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, (n, d, i));
     });
     println!(
         "kiln bench moe: {n} tokens, hidden {d}, {e} experts of width {ff}, top-{k}, {} threads",

@@ -1,6 +1,7 @@
 //! Element-wise kernels: residual adds, scaling, reductions, bias and SwiGLU.
 
 use super::fast_exp::sigmoid;
+use crate::backend::ColumnCopy;
 use rayon::prelude::*;
 
 /// Elements per parallel task: large enough to amortise rayon's scheduling.
@@ -19,6 +20,34 @@ pub fn scale(dst: &mut [f32], s: f32) {
 
 pub fn sum_squares(x: &[f32]) -> f64 {
     x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>()).sum()
+}
+
+/// `dst[r, dst_offset..][..cols] (+)= src[r, src_offset..][..cols]`.
+pub fn copy_columns(dst: &mut [f32], src: &[f32], spec: ColumnCopy) {
+    let ColumnCopy { rows, cols, src_stride, src_offset, dst_stride, dst_offset, accumulate } = spec;
+    assert!(
+        src_offset + cols <= src_stride && dst_offset + cols <= dst_stride,
+        "copy_columns: {cols} columns at offsets {src_offset}/{dst_offset} exceed strides {src_stride}/{dst_stride}"
+    );
+    assert!(
+        src.len() == rows * src_stride && dst.len() == rows * dst_stride,
+        "copy_columns: buffers of {} and {} values for {rows} rows of {src_stride} and {dst_stride}",
+        src.len(),
+        dst.len()
+    );
+    let rows_per_task = (CHUNK / dst_stride.max(1)).max(1);
+    dst.par_chunks_mut(rows_per_task * dst_stride).zip(src.par_chunks(rows_per_task * src_stride)).for_each(
+        |(d, s)| {
+            for (d, s) in d.chunks_mut(dst_stride).zip(s.chunks(src_stride)) {
+                let (d, s) = (&mut d[dst_offset..dst_offset + cols], &s[src_offset..src_offset + cols]);
+                if accumulate {
+                    d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+                } else {
+                    d.copy_from_slice(s);
+                }
+            }
+        },
+    );
 }
 
 /// `x[r, :] *= w[r]`.

@@ -72,6 +72,9 @@ impl Backend for Cpu {
         assert_eq!(dst.len(), src.len(), "copy: buffers hold {} and {} values", dst.len(), src.len());
         dst.copy_from_slice(src);
     }
+    fn copy_columns(&self, dst: &mut Vec<f32>, src: &Vec<f32>, spec: backend::ColumnCopy) {
+        elementwise::copy_columns(dst, src, spec);
+    }
     fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
         elementwise::add_assign(dst, src);
     }

@@ -3,18 +3,19 @@
 //! Each pair `(a, b)` of a head is rotated by the angle θ of its frequency at the token's
 //! position:  a' = a·cos θ − b·sin θ,  b' = b·cos θ + a·sin θ.
 //! Backward is the inverse rotation (θ → −θ), since the map is orthogonal.
-//! Pairs are `(i, i + rot/2)` (half-split, Llama) or `(2i, 2i + 1)` (interleaved, DeepSeek).
+//! Pairs are `(i, i + rot/2)` (half-split, Llama) or `(2i, 2i + 1)` (interleaved, DeepSeek),
+//! counted from the head's feature `offset`.
 
 use crate::backend::Rope;
 use rayon::prelude::*;
 
 fn rotate(x: &mut [f32], table: &[f32], positions: &[i32], spec: Rope, sign: f32) {
-    let Rope { x: heads, rot_dim, interleaved } = spec;
+    let Rope { x: heads, rot_dim, offset, interleaved } = spec;
     let row = heads.heads * heads.head_dim;
     let half = rot_dim / 2;
     assert!(
-        rot_dim <= heads.head_dim && rot_dim % 2 == 0,
-        "rope: rot_dim {rot_dim} invalid for head_dim {}",
+        offset + rot_dim <= heads.head_dim && rot_dim % 2 == 0,
+        "rope: rot_dim {rot_dim} at offset {offset} invalid for head_dim {}",
         heads.head_dim
     );
     assert_eq!(x.len(), heads.tokens * row, "rope: tensor size mismatch");
@@ -26,6 +27,7 @@ fn rotate(x: &mut [f32], table: &[f32], positions: &[i32], spec: Rope, sign: f32
         let cos = &table[pos * rot_dim..pos * rot_dim + half];
         let sin = &table[pos * rot_dim + half..(pos + 1) * rot_dim];
         for head in x.chunks_mut(heads.head_dim) {
+            let head = &mut head[offset..offset + rot_dim];
             for i in 0..half {
                 let (ia, ib) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
                 let (a, b) = (head[ia], head[ib]);

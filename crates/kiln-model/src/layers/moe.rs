@@ -10,6 +10,7 @@
 //! over its contiguous rows (`grouped_matmul`): no per-token loops, no dense all-experts
 //! compute. Backward runs the same steps in reverse; the correction bias gets no gradient.
 
+pub use crate::weights::MoeWeights;
 use kiln_core::{Backend, GroupedMatmul, Matmul, Routing};
 
 /// Sizes of a MoE layer.
@@ -24,19 +25,23 @@ pub struct MoeShape {
     pub routing: Routing,
 }
 
-/// Parameters (or their gradients) of one MoE layer.
-pub struct MoeWeights<T> {
-    /// `[experts, hidden]`.
-    pub router: T,
-    /// `[experts]`, selection only; never trained by gradient.
-    pub bias: T,
-    /// `[experts, expert_ff, hidden]` each.
-    pub gate: T,
-    pub up: T,
-    /// `[experts, hidden, expert_ff]`.
-    pub down: T,
-    /// The shared MLP: `[shared_ff, hidden]`, `[shared_ff, hidden]`, `[hidden, shared_ff]`.
-    pub shared: Option<(T, T, T)>,
+impl MoeShape {
+    /// The shape of `cfg`'s MoE layers.
+    pub fn new(cfg: &crate::config::Config) -> Option<Self> {
+        let m = cfg.moe.as_ref()?;
+        let routing = Routing {
+            tokens: 0,
+            experts: m.experts,
+            top_k: m.top_k,
+            groups: m.groups,
+            top_groups: m.top_groups,
+            normalize: m.normalize,
+            scale: m.routed_scaling_factor,
+        };
+        let (hidden, expert_ff, experts, shared_ff) =
+            (cfg.hidden_size, m.expert_ff, m.experts, m.shared_experts * m.expert_ff);
+        Some(Self { hidden, expert_ff, experts, shared_ff, routing })
+    }
 }
 
 /// What forward keeps for backward, laid out once for `tokens` tokens.
@@ -49,8 +54,8 @@ pub struct MoeActs<B: Backend> {
     /// Dispatched row → token, and the routing weight of each row, in expert order.
     order: B::Index,
     row_w: B::Buf,
-    /// Host copies: rows per expert, and dispatched row → (token·top_k + choice).
-    rows: Vec<usize>,
+    /// Host copies: rows per expert (the layer's load), and dispatched row → (token·top_k + choice).
+    pub rows: Vec<usize>,
     slot_of_row: Vec<usize>,
     xs: B::Buf,
     g: B::Buf,
@@ -123,13 +128,14 @@ fn experts_linear_backward<B: Backend>(
     b.grouped_matmul(dx, dy, w, rows, GroupedMatmul { n: d_in, k: d_out, trans_b: false, accumulate });
 }
 
-/// `out = MoE(x)` for `[tokens, hidden]` x; keeps what backward needs in `a`.
+/// `out = MoE(x)` for `[tokens, hidden]` x; keeps what backward needs in `a`. With `out`
+/// `None` only what backward needs is computed.
 pub fn forward<B: Backend>(
     b: &B,
     s: &MoeShape,
     w: &MoeWeights<B::Buf>,
     x: &B::Buf,
-    out: &mut B::Buf,
+    out: Option<&mut B::Buf>,
     a: &mut MoeActs<B>,
 ) {
     let (n, d, ff, k, e) = (a.tokens, s.hidden, s.expert_ff, s.routing.top_k, s.experts);
@@ -158,18 +164,18 @@ pub fn forward<B: Backend>(
     experts_linear(b, &mut a.u, &a.xs, &w.up, &a.rows, d, ff);
     b.swiglu_forward(&mut a.h, &a.g, &a.u);
     experts_linear(b, &mut a.y, &a.h, &w.down, &a.rows, ff, d);
-    b.copy(&mut a.y_scaled, &a.y);
-    b.scale_rows(&mut a.y_scaled, &a.row_w);
-
-    match (&w.shared, &mut a.shared) {
-        (Some((sg, su, sd)), Some((g, u, h))) => {
-            b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff));
-            b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff));
-            b.swiglu_forward(h, g, u);
-            b.matmul(out, h, sd, Matmul::linear(n, s.shared_ff, d));
-        }
+    if let (Some(sg), Some(su), Some((g, u, h))) = (&w.shared_gate, &w.shared_up, &mut a.shared) {
+        b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff));
+        b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff));
+        b.swiglu_forward(h, g, u);
+    }
+    let Some(out) = out else { return };
+    match (&w.shared_down, &a.shared) {
+        (Some(sd), Some((_, _, h))) => b.matmul(out, h, sd, Matmul::linear(n, s.shared_ff, d)),
         _ => b.fill(out, 0.0),
     }
+    b.copy(&mut a.y_scaled, &a.y);
+    b.scale_rows(&mut a.y_scaled, &a.row_w);
     b.embedding_backward(out, &a.y_scaled, &a.order, d);
 }
 
@@ -221,9 +227,16 @@ pub fn backward<B: Backend>(
 ) {
     let (n, d, ff, k, e) = (a.tokens, s.hidden, s.expert_ff, s.routing.top_k, s.experts);
     // Shared MLP.
-    if let (Some((sg, su, sd)), Some((dsg, dsu, dsd)), Some((ag, au, ah)), Some((dh, dg, du))) =
-        (&w.shared, &mut g.shared, &a.shared, &mut t.shared)
-    {
+    if let (Some(sg), Some(su), Some(sd), Some(dsg), Some(dsu), Some(dsd), Some((ag, au, ah)), Some((dh, dg, du))) = (
+        &w.shared_gate,
+        &w.shared_up,
+        &w.shared_down,
+        &mut g.shared_gate,
+        &mut g.shared_up,
+        &mut g.shared_down,
+        &a.shared,
+        &mut t.shared,
+    ) {
         let sff = s.shared_ff;
         b.matmul(dsd, dout, ah, Matmul::linear_dw(n, sff, d));
         b.matmul(dh, dout, sd, Matmul::linear_dx(n, sff, d, false));

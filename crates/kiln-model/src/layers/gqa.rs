@@ -1,0 +1,152 @@
+//! Grouped-query attention (Llama family).
+//!
+//!   q, k, v = x·W{q,k,v}ᵀ (+b);  [Qwen3: q, k = RMSNorm per head]
+//!   q, k = RoPE(q, k);  out = Attention(q, k, v)·Woᵀ (+b)
+//!
+//! Backward runs the same steps in reverse; RoPE's backward is the inverse rotation.
+
+use super::{linear, linear_backward, AttnCtx};
+use crate::config::Config;
+use crate::weights::GqaWeights;
+use kiln_core::{Backend, Heads, Rope};
+
+/// What forward keeps for backward.
+pub struct GqaActs<B: Backend> {
+    /// q and k before their per-head RMSNorm (Qwen3), with that norm's 1/rms.
+    q_raw: Option<(B::Buf, B::Buf)>,
+    k_raw: Option<(B::Buf, B::Buf)>,
+    /// q and k after RoPE.
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    att: B::Buf,
+    lse: B::Buf,
+}
+
+/// Gradient scratch, shared by all layers.
+pub struct GqaGrads<B: Backend> {
+    datt: B::Buf,
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    /// Gradients of q and k before their per-head norm (Qwen3).
+    dq_raw: Option<B::Buf>,
+    dk_raw: Option<B::Buf>,
+}
+
+fn widths(c: &Config) -> (usize, usize) {
+    (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim)
+}
+
+impl<B: Backend> GqaActs<B> {
+    pub fn new(b: &B, c: &Config, n: usize) -> Self {
+        let (qd, kvd) = widths(c);
+        let norm_pair = |width: usize, heads: usize| c.qk_norm.then(|| (b.zeros(n * width), b.zeros(n * heads)));
+        Self {
+            q_raw: norm_pair(qd, c.num_heads),
+            k_raw: norm_pair(kvd, c.num_kv_heads),
+            q: b.zeros(n * qd),
+            k: b.zeros(n * kvd),
+            v: b.zeros(n * kvd),
+            att: b.zeros(n * qd),
+            lse: b.zeros(n * c.num_heads),
+        }
+    }
+}
+
+impl<B: Backend> GqaGrads<B> {
+    pub fn new(b: &B, c: &Config, n: usize) -> Self {
+        let (qd, kvd) = widths(c);
+        Self {
+            datt: b.zeros(n * qd),
+            dq: b.zeros(n * qd),
+            dk: b.zeros(n * kvd),
+            dv: b.zeros(n * kvd),
+            dq_raw: c.qk_norm.then(|| b.zeros(n * qd)),
+            dk_raw: c.qk_norm.then(|| b.zeros(n * kvd)),
+        }
+    }
+}
+
+fn rope_spec(c: &Config, tokens: usize, heads: usize) -> Rope {
+    Rope { x: Heads { tokens, heads, head_dim: c.head_dim }, rot_dim: c.rot_dim, offset: 0, interleaved: false }
+}
+
+/// `out = attention(xn)`.
+pub fn forward<B: Backend>(
+    b: &B,
+    c: &Config,
+    w: &GqaWeights<B::Buf>,
+    xn: &B::Buf,
+    out: &mut B::Buf,
+    a: &mut GqaActs<B>,
+    ctx: &AttnCtx<B>,
+) {
+    let (n, d, eps) = (ctx.tokens, c.hidden_size, c.rms_norm_eps);
+    let (qd, kvd) = widths(c);
+    match (&mut a.q_raw, &mut a.k_raw, &w.q_norm, &w.k_norm) {
+        (Some((q_raw, q_rstd)), Some((k_raw, k_rstd)), Some(q_norm), Some(k_norm)) => {
+            linear(b, q_raw, xn, (&w.q, w.q_bias.as_ref()), (n, d, qd));
+            linear(b, k_raw, xn, (&w.k, w.k_bias.as_ref()), (n, d, kvd));
+            b.rmsnorm_forward(&mut a.q, q_rstd, q_raw, q_norm, eps);
+            b.rmsnorm_forward(&mut a.k, k_rstd, k_raw, k_norm, eps);
+        }
+        _ => {
+            linear(b, &mut a.q, xn, (&w.q, w.q_bias.as_ref()), (n, d, qd));
+            linear(b, &mut a.k, xn, (&w.k, w.k_bias.as_ref()), (n, d, kvd));
+        }
+    }
+    linear(b, &mut a.v, xn, (&w.v, w.v_bias.as_ref()), (n, d, kvd));
+    b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_heads));
+    b.rope_forward(&mut a.k, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_kv_heads));
+    b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec);
+    linear(b, out, &a.att, (&w.o, w.o_bias.as_ref()), (n, qd, d));
+}
+
+/// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    b: &B,
+    c: &Config,
+    w: &GqaWeights<B::Buf>,
+    xn: &B::Buf,
+    dout: &B::Buf,
+    dxn: &mut B::Buf,
+    g: &mut GqaWeights<B::Buf>,
+    a: &GqaActs<B>,
+    s: &mut GqaGrads<B>,
+    ctx: &AttnCtx<B>,
+) {
+    let (n, d) = (ctx.tokens, c.hidden_size);
+    let (qd, kvd) = widths(c);
+    linear_backward(b, Some((&mut s.datt, false)), (&mut g.o, g.o_bias.as_mut()), dout, &a.att, &w.o, (n, qd, d));
+    b.attention_backward(
+        &mut s.dq,
+        &mut s.dk,
+        &mut s.dv,
+        &s.datt,
+        &a.q,
+        &a.k,
+        &a.v,
+        &a.att,
+        &a.lse,
+        ctx.segments,
+        ctx.spec,
+    );
+    b.rope_backward(&mut s.dq, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_heads));
+    b.rope_backward(&mut s.dk, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_kv_heads));
+    let (dq, dk) = match (&a.q_raw, &a.k_raw, &mut s.dq_raw, &mut s.dk_raw, &mut g.q_norm, &mut g.k_norm) {
+        (Some((q_raw, q_rstd)), Some((k_raw, k_rstd)), Some(dq_raw), Some(dk_raw), Some(dqn), Some(dkn)) => {
+            let (q_norm, k_norm) = (w.q_norm.as_ref().expect("q_norm"), w.k_norm.as_ref().expect("k_norm"));
+            b.fill(dq_raw, 0.0);
+            b.fill(dk_raw, 0.0);
+            b.rmsnorm_backward(dq_raw, dqn, &s.dq, q_raw, q_norm, q_rstd);
+            b.rmsnorm_backward(dk_raw, dkn, &s.dk, k_raw, k_norm, k_rstd);
+            (&*dq_raw, &*dk_raw)
+        }
+        _ => (&s.dq, &s.dk),
+    };
+    linear_backward(b, Some((dxn, false)), (&mut g.q, g.q_bias.as_mut()), dq, xn, &w.q, (n, d, qd));
+    linear_backward(b, Some((dxn, true)), (&mut g.k, g.k_bias.as_mut()), dk, xn, &w.k, (n, d, kvd));
+    linear_backward(b, Some((dxn, true)), (&mut g.v, g.v_bias.as_mut()), &s.dv, xn, &w.v, (n, d, kvd));
+}

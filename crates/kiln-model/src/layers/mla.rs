@@ -1,0 +1,288 @@
+//! Multi-head latent attention (DeepSeek-V2/V3), as transformers' `DeepseekV3Attention`.
+//!
+//!   q = W_qb · RMSNorm(W_qa · x)  (or W_q · x),  per head [q_nope ; q_pe]
+//!   [c ; k_pe] = W_kva · x;  c' = RMSNorm(c);  per head [k_nope ; v] = W_kvb · c'
+//!   q_pe, k_pe = RoPE(q_pe, k_pe)   (k_pe is one head shared by all)
+//!   k = [k_nope ; k_pe];  out = Attention(q, k, v)·W_oᵀ
+//!
+//! The rotation is applied in place on the last `qk_rope_head_dim` features of each head. With
+//! `rope_interleave`, transformers rotates pairs (2i, 2i+1) and writes the results de-interleaved
+//! (evens then odds); since q and k get the same permutation, scores are identical.
+//!
+//! Backward runs the same steps in reverse; k_pe's gradient is the sum over heads.
+
+use super::{linear, linear_backward, AttnCtx};
+use crate::config::{Config, MlaConfig};
+use crate::weights::MlaWeights;
+use kiln_core::{Backend, ColumnCopy, Heads, Rope};
+
+/// transformers builds `q_a_layernorm` and `kv_a_layernorm` with the default epsilon.
+const LATENT_NORM_EPS: f32 = 1e-6;
+
+/// Sizes, named as in the formulas above.
+#[derive(Clone, Copy)]
+struct Dims {
+    n: usize,
+    d: usize,
+    h: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    c: usize,
+    q_rank: Option<usize>,
+    interleaved: bool,
+}
+
+impl Dims {
+    fn new(cfg: &Config, m: &MlaConfig, n: usize) -> Self {
+        Self {
+            n,
+            d: cfg.hidden_size,
+            h: cfg.num_heads,
+            nope: m.qk_nope_head_dim,
+            rope: m.qk_rope_head_dim,
+            v: m.v_head_dim,
+            c: m.kv_lora_rank,
+            q_rank: m.q_lora_rank,
+            interleaved: m.rope_interleave,
+        }
+    }
+    fn qk(&self) -> usize {
+        self.nope + self.rope
+    }
+    fn kv_a(&self) -> usize {
+        self.c + self.rope
+    }
+    fn kv(&self) -> usize {
+        self.nope + self.v
+    }
+    fn q_rope(&self) -> Rope {
+        let x = Heads { tokens: self.n, heads: self.h, head_dim: self.qk() };
+        Rope { x, rot_dim: self.rope, offset: self.nope, interleaved: self.interleaved }
+    }
+    fn k_rope(&self) -> Rope {
+        let x = Heads { tokens: self.n, heads: 1, head_dim: self.kv_a() };
+        Rope { x, rot_dim: self.rope, offset: self.c, interleaved: self.interleaved }
+    }
+    /// `cols` columns of rows `(src_stride, src_offset)` to `(dst_stride, dst_offset)`.
+    fn columns(
+        &self,
+        rows: usize,
+        cols: usize,
+        src: (usize, usize),
+        dst: (usize, usize),
+        accumulate: bool,
+    ) -> ColumnCopy {
+        ColumnCopy {
+            rows,
+            cols,
+            src_stride: src.0,
+            src_offset: src.1,
+            dst_stride: dst.0,
+            dst_offset: dst.1,
+            accumulate,
+        }
+    }
+}
+
+fn dims(c: &Config, n: usize) -> Dims {
+    match &c.attention {
+        crate::config::AttentionKind::Mla(m) => Dims::new(c, m, n),
+        crate::config::AttentionKind::Gqa => panic!("multi-head latent attention on a grouped-query config"),
+    }
+}
+
+/// What forward keeps for backward.
+pub struct MlaActs<B: Backend> {
+    /// `W_qa · x`, its normalised form and 1/rms, with a low-rank query.
+    q_a: Option<(B::Buf, B::Buf, B::Buf)>,
+    /// Queries after RoPE.
+    q: B::Buf,
+    /// `[c ; k_pe]`, k_pe rotated.
+    kv_a: B::Buf,
+    c: B::Buf,
+    c_norm: B::Buf,
+    c_rstd: B::Buf,
+    kv: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    att: B::Buf,
+    lse: B::Buf,
+}
+
+/// Gradient scratch, shared by all layers.
+pub struct MlaGrads<B: Backend> {
+    datt: B::Buf,
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    dkv: B::Buf,
+    dkv_a: B::Buf,
+    dc_norm: B::Buf,
+    dc: B::Buf,
+    /// Gradients of the normalised and raw low-rank query.
+    dq_a: Option<(B::Buf, B::Buf)>,
+}
+
+impl<B: Backend> MlaActs<B> {
+    pub fn new(b: &B, cfg: &Config, n: usize) -> Self {
+        let m = dims(cfg, n);
+        Self {
+            q_a: m.q_rank.map(|r| (b.zeros(n * r), b.zeros(n * r), b.zeros(n))),
+            q: b.zeros(n * m.h * m.qk()),
+            kv_a: b.zeros(n * m.kv_a()),
+            c: b.zeros(n * m.c),
+            c_norm: b.zeros(n * m.c),
+            c_rstd: b.zeros(n),
+            kv: b.zeros(n * m.h * m.kv()),
+            k: b.zeros(n * m.h * m.qk()),
+            v: b.zeros(n * m.h * m.v),
+            att: b.zeros(n * m.h * m.v),
+            lse: b.zeros(n * m.h),
+        }
+    }
+}
+
+impl<B: Backend> MlaGrads<B> {
+    pub fn new(b: &B, cfg: &Config, n: usize) -> Self {
+        let m = dims(cfg, n);
+        Self {
+            datt: b.zeros(n * m.h * m.v),
+            dq: b.zeros(n * m.h * m.qk()),
+            dk: b.zeros(n * m.h * m.qk()),
+            dv: b.zeros(n * m.h * m.v),
+            dkv: b.zeros(n * m.h * m.kv()),
+            dkv_a: b.zeros(n * m.kv_a()),
+            dc_norm: b.zeros(n * m.c),
+            dc: b.zeros(n * m.c),
+            dq_a: m.q_rank.map(|r| (b.zeros(n * r), b.zeros(n * r))),
+        }
+    }
+}
+
+/// `out = attention(xn)`.
+pub fn forward<B: Backend>(
+    b: &B,
+    cfg: &Config,
+    w: &MlaWeights<B::Buf>,
+    xn: &B::Buf,
+    out: &mut B::Buf,
+    a: &mut MlaActs<B>,
+    ctx: &AttnCtx<B>,
+) {
+    let m = dims(cfg, ctx.tokens);
+    let (n, d, h) = (m.n, m.d, m.h);
+    match (&mut a.q_a, &w.q_a, &w.q_a_norm, &w.q_b, m.q_rank) {
+        (Some((q_a, q_a_norm, q_a_rstd)), Some(wa), Some(wn), Some(wb), Some(r)) => {
+            linear(b, q_a, xn, (wa, w.q_a_bias.as_ref()), (n, d, r));
+            b.rmsnorm_forward(q_a_norm, q_a_rstd, q_a, wn, LATENT_NORM_EPS);
+            linear(b, &mut a.q, q_a_norm, (wb, None), (n, r, h * m.qk()));
+        }
+        _ => linear(b, &mut a.q, xn, (w.q.as_ref().expect("q_proj"), None), (n, d, h * m.qk())),
+    }
+    b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, m.q_rope());
+
+    linear(b, &mut a.kv_a, xn, (&w.kv_a, w.kv_a_bias.as_ref()), (n, d, m.kv_a()));
+    b.copy_columns(&mut a.c, &a.kv_a, m.columns(n, m.c, (m.kv_a(), 0), (m.c, 0), false));
+    b.rmsnorm_forward(&mut a.c_norm, &mut a.c_rstd, &a.c, &w.kv_a_norm, LATENT_NORM_EPS);
+    b.rope_forward(&mut a.kv_a, ctx.rope_table, ctx.positions, m.k_rope());
+    linear(b, &mut a.kv, &a.c_norm, (&w.kv_b, None), (n, m.c, h * m.kv()));
+
+    // k = [k_nope ; k_pe] per head, v split off.
+    b.copy_columns(&mut a.k, &a.kv, m.columns(n * h, m.nope, (m.kv(), 0), (m.qk(), 0), false));
+    for head in 0..h {
+        let spec = m.columns(n, m.rope, (m.kv_a(), m.c), (h * m.qk(), head * m.qk() + m.nope), false);
+        b.copy_columns(&mut a.k, &a.kv_a, spec);
+    }
+    b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
+
+    b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec);
+    linear(b, out, &a.att, (&w.o, w.o_bias.as_ref()), (n, h * m.v, d));
+}
+
+/// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    b: &B,
+    cfg: &Config,
+    w: &MlaWeights<B::Buf>,
+    xn: &B::Buf,
+    dout: &B::Buf,
+    dxn: &mut B::Buf,
+    g: &mut MlaWeights<B::Buf>,
+    a: &MlaActs<B>,
+    s: &mut MlaGrads<B>,
+    ctx: &AttnCtx<B>,
+) {
+    let m = dims(cfg, ctx.tokens);
+    let (n, d, h) = (m.n, m.d, m.h);
+    linear_backward(b, Some((&mut s.datt, false)), (&mut g.o, g.o_bias.as_mut()), dout, &a.att, &w.o, (n, h * m.v, d));
+    b.attention_backward(
+        &mut s.dq,
+        &mut s.dk,
+        &mut s.dv,
+        &s.datt,
+        &a.q,
+        &a.k,
+        &a.v,
+        &a.att,
+        &a.lse,
+        ctx.segments,
+        ctx.spec,
+    );
+
+    // [dk_nope ; dv] per head, and dk_pe summed over heads into [dc ; dk_pe].
+    b.copy_columns(&mut s.dkv, &s.dk, m.columns(n * h, m.nope, (m.qk(), 0), (m.kv(), 0), false));
+    b.copy_columns(&mut s.dkv, &s.dv, m.columns(n * h, m.v, (m.v, 0), (m.kv(), m.nope), false));
+    b.fill(&mut s.dkv_a, 0.0);
+    for head in 0..h {
+        let spec = m.columns(n, m.rope, (h * m.qk(), head * m.qk() + m.nope), (m.kv_a(), m.c), true);
+        b.copy_columns(&mut s.dkv_a, &s.dk, spec);
+    }
+    b.rope_backward(&mut s.dkv_a, ctx.rope_table, ctx.positions, m.k_rope());
+    linear_backward(
+        b,
+        Some((&mut s.dc_norm, false)),
+        (&mut g.kv_b, None),
+        &s.dkv,
+        &a.c_norm,
+        &w.kv_b,
+        (n, m.c, h * m.kv()),
+    );
+    b.fill(&mut s.dc, 0.0);
+    b.rmsnorm_backward(&mut s.dc, &mut g.kv_a_norm, &s.dc_norm, &a.c, &w.kv_a_norm, &a.c_rstd);
+    b.copy_columns(&mut s.dkv_a, &s.dc, m.columns(n, m.c, (m.c, 0), (m.kv_a(), 0), false));
+    linear_backward(
+        b,
+        Some((&mut *dxn, false)),
+        (&mut g.kv_a, g.kv_a_bias.as_mut()),
+        &s.dkv_a,
+        xn,
+        &w.kv_a,
+        (n, d, m.kv_a()),
+    );
+
+    b.rope_backward(&mut s.dq, ctx.rope_table, ctx.positions, m.q_rope());
+    match (&a.q_a, &mut s.dq_a, &w.q_b, &mut g.q_b, &w.q_a_norm, &mut g.q_a_norm, &w.q_a, &mut g.q_a, m.q_rank) {
+        (
+            Some((q_a, q_a_norm, q_a_rstd)),
+            Some((dq_a_norm, dq_a)),
+            Some(wb),
+            Some(gb),
+            Some(wn),
+            Some(gn),
+            Some(wa),
+            Some(ga),
+            Some(r),
+        ) => {
+            linear_backward(b, Some((&mut *dq_a_norm, false)), (gb, None), &s.dq, q_a_norm, wb, (n, r, h * m.qk()));
+            b.fill(dq_a, 0.0);
+            b.rmsnorm_backward(dq_a, gn, dq_a_norm, q_a, wn, q_a_rstd);
+            linear_backward(b, Some((dxn, true)), (ga, g.q_a_bias.as_mut()), dq_a, xn, wa, (n, d, r));
+        }
+        _ => {
+            let (wq, gq) = (w.q.as_ref().expect("q_proj"), g.q.as_mut().expect("q_proj grad"));
+            linear_backward(b, Some((dxn, true)), (gq, None), &s.dq, xn, wq, (n, d, h * m.qk()));
+        }
+    }
+}

@@ -1,0 +1,381 @@
+//! A decoder-only transformer with explicit forward and backward: the Llama family (`llama`,
+//! `mistral`, `qwen2`, `qwen3`) and DeepSeek-V3 (multi-head latent attention, DeepSeekMoE).
+//!
+//! Per layer, with residual stream x:
+//!   x' = x + Attention(RMSNorm(x))        (grouped-query, `layers::gqa`, or latent, `layers::mla`)
+//!   x'' = x' + FeedForward(RMSNorm(x'))   (dense SwiGLU, `layers::mlp`, or MoE, `layers::moe`)
+//! then logits = RMSNorm(x)·Wₗₘᵀ (Wₗₘ = embedding when tied). Backward runs the same steps
+//! in reverse; the residual gradient lives in one buffer that each branch adds into.
+
+use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs, GradScratch, LayerActs};
+use crate::batch::Batch;
+use crate::config::{AttentionKind, Config};
+use crate::error::Result;
+use crate::layers::moe::MoeShape;
+use crate::layers::{gqa, mla, mlp, moe, AttnCtx};
+use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
+use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, TensorSpec, Weights};
+use kiln_core::{Attention, Backend, Matmul};
+use std::path::Path;
+
+pub struct Model<B: Backend> {
+    pub config: Config,
+    pub layout: Weights<TensorSpec>,
+    pub params: Weights<B::Buf>,
+    /// Dtype of the checkpoint it came from, used again when saving.
+    pub dtype: StorageDtype,
+    /// Stored tensors kiln does not use (multi-token-prediction layers), written back as read.
+    pub passthrough: Vec<RawTensor>,
+    /// Tokens routed to each expert of each layer (empty for dense layers) by training
+    /// forwards since the last router bias update.
+    pub expert_load: Vec<Vec<u64>>,
+    moe_shape: Option<MoeShape>,
+    rope_table: B::Buf,
+    rope_positions: usize,
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+    pub fn load(b: &B, dir: &Path) -> Result<Self> {
+        let config = Config::load(dir)?;
+        let layout = weights::layout(&config);
+        let passthrough = |name: &str| config.is_mtp_tensor(name);
+        let spec = LoadSpec { layout: &layout, passthrough: &passthrough, fp8_block: config.fp8_block };
+        let loaded = safetensors_io::load(dir, &spec)?;
+        if loaded.dequantized > 0 {
+            let [r, c] = config.fp8_block;
+            eprintln!(
+                "note: {}: dequantized {} fp8 (e4m3, {r}x{c}-block) tensors to f32 for training; saved weights will be {:?}",
+                dir.display(),
+                loaded.dequantized,
+                loaded.dtype
+            );
+        }
+        let mut model = Self::from_tensors(b, config, &loaded.tensors, loaded.dtype);
+        model.passthrough = loaded.passthrough;
+        Ok(model)
+    }
+
+    /// A randomly initialised model (matrices ~ N(0, 0.02²), norms 1, biases 0), as
+    /// transformers' `_init_weights` does for the Llama family.
+    pub fn random(b: &B, config: Config, seed: u64) -> Self {
+        let mut rng = kiln_core::rng::Rng::new(seed);
+        let tensors = weights::layout(&config).map(|spec| match spec.init {
+            Init::Ones => vec![1.0; spec.numel()],
+            Init::Zeros => vec![0.0; spec.numel()],
+            Init::Normal => rng.normal_vec(spec.numel(), 0.02),
+        });
+        Self::from_tensors(b, config, &tensors, StorageDtype::F32)
+    }
+
+    pub fn from_tensors(b: &B, config: Config, tensors: &Weights<Vec<f32>>, dtype: StorageDtype) -> Self {
+        let layout = weights::layout(&config);
+        let params = tensors.map(|t| b.upload(t));
+        let expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
+        let moe_shape = MoeShape::new(&config);
+        Self {
+            config,
+            layout,
+            params,
+            dtype,
+            passthrough: Vec::new(),
+            expert_load,
+            moe_shape,
+            rope_table: b.zeros(0),
+            rope_positions: 0,
+        }
+    }
+
+    /// Writes `model.safetensors` with the same tensor names it was loaded with.
+    pub fn save_weights(&self, b: &B, dir: &Path) -> Result<()> {
+        self.save_weights_to(b, &dir.join("model.safetensors"), self.dtype)
+    }
+
+    /// Writes every tensor, and the carried-through ones, to `path` in `dtype`.
+    pub fn save_weights_to(&self, b: &B, path: &Path, dtype: StorageDtype) -> Result<()> {
+        safetensors_io::save(path, &self.layout, &self.params.map(|p| b.read(p)), dtype, &self.passthrough)
+    }
+
+    /// DeepSeek-V3's auxiliary-loss-free load balancing, run after each optimiser step: every
+    /// MoE layer's correction bias moves `b_i += γ·sign(mean load − load_i)`, by the tokens
+    /// routed since the last call. Returns those loads (per layer, empty for dense layers) and
+    /// starts counting anew.
+    pub fn update_router_bias(&mut self, b: &B, gamma: f32) -> Vec<Vec<u64>> {
+        let loads = std::mem::replace(
+            &mut self.expert_load,
+            self.layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect(),
+        );
+        for (layer, load) in self.params.layers.iter_mut().zip(&loads) {
+            let FfnWeights::Moe(w) = &mut layer.ffn else { continue };
+            let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
+            let mut bias = b.read(&w.bias);
+            for (bias, &l) in bias.iter_mut().zip(load) {
+                let diff = mean - l as f64;
+                *bias += gamma
+                    * if diff > 0.0 {
+                        1.0
+                    } else if diff < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
+            }
+            b.write(&mut w.bias, &bias);
+        }
+        loads
+    }
+
+    /// Zeroed buffers shaped like the parameters, for gradients or optimiser moments.
+    pub fn zeros_like_params(&self, b: &B) -> Weights<B::Buf> {
+        self.layout.map(|s| b.zeros(s.numel()))
+    }
+
+    /// Loads a batch's tokens into `acts` and makes sure the rope table covers its positions.
+    fn prepare(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) {
+        assert!(batch.rows == acts.rows && batch.seq == acts.seq, "batch shape differs from the activations' layout");
+        let needed = batch.positions.iter().copied().max().unwrap_or(0) as usize + 1;
+        if needed > self.rope_positions {
+            let positions = needed.next_power_of_two().max(256);
+            let c = &self.config;
+            self.rope_table = b.upload(&c.rope.table(c.rope_theta, c.rot_dim, positions));
+            self.rope_positions = positions;
+        }
+        let inputs = &mut acts.inputs;
+        b.write_index(&mut inputs.ids, &batch.ids);
+        b.write_index(&mut inputs.positions, &batch.positions);
+        b.write_index(&mut inputs.segments, &batch.segments);
+        b.write_index(&mut inputs.targets, &batch.targets);
+        b.write(&mut inputs.weights, &batch.weights);
+    }
+
+    fn attention_spec(&self, rows: usize, seq: usize, layer: usize) -> Attention {
+        let c = &self.config;
+        let v_head_dim = match &c.attention {
+            AttentionKind::Gqa => c.head_dim,
+            AttentionKind::Mla(m) => m.v_head_dim,
+        };
+        Attention {
+            batch: rows,
+            seq,
+            q_heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            v_head_dim,
+            scale: c.attention_scale,
+            window: c.layer_windows[layer],
+        }
+    }
+
+    /// Forward of layer `l` from `x_in` into `a` and, unless only recomputing what backward
+    /// needs, into `x_out`. With `load`, the experts' loads are counted into it.
+    fn layer_forward(
+        &self,
+        b: &B,
+        l: usize,
+        a: &mut LayerActs<B>,
+        x_in: &B::Buf,
+        x_out: Option<&mut B::Buf>,
+        view: &ActsView<B>,
+    ) {
+        let c = &self.config;
+        let w = &self.params.layers[l];
+        let ctx = view.ctx(l);
+        let (n, d, eps) = (view.tokens, c.hidden_size, c.rms_norm_eps);
+
+        b.rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, &w.input_norm, eps);
+        match (&w.attn, &mut a.attn) {
+            (AttnWeights::Gqa(w), AttnActs::Gqa(a_)) => gqa::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx),
+            (AttnWeights::Mla(w), AttnActs::Mla(a_)) => mla::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx),
+            _ => unreachable!("activations laid out for another attention kind"),
+        }
+        // x_mid = x_in + attention, fused with the second norm.
+        b.add_rmsnorm_forward(&mut a.x_mid, x_in, &mut a.xn2, &mut a.rstd2, &w.post_norm, eps);
+        let mut x_out = x_out;
+        let out = x_out.as_deref_mut();
+        match (&w.ffn, &mut a.ffn) {
+            (FfnWeights::Dense(w), FfnActs::Dense(a_)) => {
+                mlp::forward(b, w, &a.xn2, out, a_, (n, d, c.intermediate_size))
+            }
+            (FfnWeights::Moe(w), FfnActs::Moe(a_)) => {
+                moe::forward(b, self.moe_shape.as_ref().expect("moe shape"), w, &a.xn2, out, a_)
+            }
+            _ => unreachable!("activations laid out for another feed-forward kind"),
+        }
+        if let Some(x_out) = x_out {
+            b.add_assign(x_out, &a.x_mid);
+        }
+    }
+
+    /// Runs the model over `batch`, leaving logits in `acts.logits`.
+    pub fn forward(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) {
+        self.forward_counting(b, acts, batch, false);
+    }
+
+    /// `forward`, adding the experts' loads into `expert_load` when `count_load`.
+    fn forward_counting(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, count_load: bool) {
+        self.prepare(b, acts, batch);
+        let c = &self.config;
+        b.embedding_forward(&mut acts.layer_inputs[0], &self.params.embed, &acts.inputs.ids, c.hidden_size);
+        let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
+        let mut loads = Vec::new();
+        for l in 0..c.num_layers {
+            let (inputs, outputs) = acts.layer_inputs.split_at_mut(l + 1);
+            let a = &mut acts.layers[acts.slots[l]];
+            self.layer_forward(b, l, a, &inputs[l], Some(&mut outputs[0]), &view);
+            if let (true, FfnActs::Moe(m)) = (count_load, &a.ffn) {
+                loads.push((l, m.rows.clone()));
+            }
+        }
+        b.rmsnorm_forward(
+            &mut acts.xf,
+            &mut acts.rstdf,
+            &acts.layer_inputs[c.num_layers],
+            &self.params.norm,
+            c.rms_norm_eps,
+        );
+        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.embed);
+        b.matmul(&mut acts.logits, &acts.xf, head, Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size));
+        for (l, rows) in loads {
+            self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
+        }
+    }
+
+    /// Per-token negative log-likelihood of `batch.targets` (0 where there is no target).
+    pub fn nll(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) -> Vec<f32> {
+        self.forward(b, acts, batch);
+        b.cross_entropy_forward(&mut acts.nll, &acts.logits, &acts.inputs.targets, self.config.vocab_size);
+        b.read(&acts.nll)
+    }
+
+    /// Forward and backward of `loss = Σ weight·nll` over `batch`; parameter gradients are
+    /// added into `grads` and the experts' loads into `expert_load`. Returns the loss.
+    pub fn forward_backward(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        grads: &mut Weights<B::Buf>,
+    ) -> f64 {
+        self.forward_counting(b, acts, batch, true);
+        let c = &self.config;
+        let (n, d) = (acts.rows * acts.seq, c.hidden_size);
+        let inputs = &acts.inputs;
+        b.cross_entropy_backward(&mut acts.logits, &mut acts.nll, &inputs.targets, &inputs.weights, c.vocab_size);
+        let loss = b.read(&acts.nll).iter().zip(&batch.weights).map(|(&l, &w)| l as f64 * w as f64).sum();
+
+        let view = ActsView::new(self, acts.rows, acts.seq, inputs);
+        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+        // Head: logits = xf·Wᵀ.
+        let (head, dhead) = match (&self.params.lm_head, &mut grads.lm_head) {
+            (Some(h), Some(dh)) => (h, dh),
+            _ => (&self.params.embed, &mut grads.embed),
+        };
+        b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, c.vocab_size));
+        b.matmul(&mut s.dxn, &acts.logits, head, Matmul::linear_dx(n, d, c.vocab_size, false));
+        b.fill(&mut s.dres, 0.0);
+        b.rmsnorm_backward(
+            &mut s.dres,
+            &mut grads.norm,
+            &s.dxn,
+            &acts.layer_inputs[c.num_layers],
+            &self.params.norm,
+            &acts.rstdf,
+        );
+
+        for l in (0..c.num_layers).rev() {
+            let a = &mut acts.layers[acts.slots[l]];
+            if acts.recompute {
+                self.layer_forward(b, l, a, &acts.layer_inputs[l], None, &view);
+            }
+            self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view);
+        }
+        b.embedding_backward(&mut grads.embed, &s.dres, &inputs.ids, d);
+        loss
+    }
+
+    /// Backward of layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)
+    /// there, and adds the layer's parameter gradients into `g`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        b: &B,
+        l: usize,
+        a: &LayerActs<B>,
+        x_in: &B::Buf,
+        s: &mut GradScratch<B>,
+        g: &mut LayerWeights<B::Buf>,
+        view: &ActsView<B>,
+    ) {
+        let c = &self.config;
+        let w = &self.params.layers[l];
+        let ctx = view.ctx(l);
+        let (n, d) = (view.tokens, c.hidden_size);
+
+        // Feed-forward branch: out = x_mid + ffn(xn2).
+        match (&w.ffn, &mut g.ffn, &a.ffn) {
+            (FfnWeights::Dense(w), FfnWeights::Dense(g), FfnActs::Dense(a_)) => {
+                let scratch = s.dense.as_mut().expect("dense MLP scratch");
+                mlp::backward(b, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, (n, d, c.intermediate_size));
+            }
+            (FfnWeights::Moe(w), FfnWeights::Moe(g), FfnActs::Moe(a_)) => {
+                let scratch = s.moe.as_mut().expect("MoE scratch");
+                b.fill(&mut s.dxn, 0.0);
+                let shape = self.moe_shape.as_ref().expect("moe shape");
+                moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch);
+            }
+            _ => unreachable!("gradients laid out for another feed-forward kind"),
+        }
+        b.rmsnorm_backward(&mut s.dres, &mut g.post_norm, &s.dxn, &a.x_mid, &w.post_norm, &a.rstd2);
+
+        // Attention branch: x_mid = x_in + attention(xn1).
+        match (&w.attn, &mut g.attn, &a.attn, &mut s.attn) {
+            (AttnWeights::Gqa(w), AttnWeights::Gqa(g), AttnActs::Gqa(a_), AttnGrads::Gqa(s_)) => {
+                gqa::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx)
+            }
+            (AttnWeights::Mla(w), AttnWeights::Mla(g), AttnActs::Mla(a_), AttnGrads::Mla(s_)) => {
+                mla::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx)
+            }
+            _ => unreachable!("gradients laid out for another attention kind"),
+        }
+        b.rmsnorm_backward(&mut s.dres, &mut g.input_norm, &s.dxn, x_in, &w.input_norm, &a.rstd1);
+    }
+}
+
+/// Experts of a layer's MoE block, 0 for a dense one.
+fn expert_count(layer: &LayerWeights<TensorSpec>) -> usize {
+    match &layer.ffn {
+        FfnWeights::Moe(w) => w.bias.numel(),
+        FfnWeights::Dense(_) => 0,
+    }
+}
+
+/// The per-batch inputs every layer reads, borrowed apart from the buffers layers write.
+struct ActsView<'a, B: Backend> {
+    tokens: usize,
+    rope_table: &'a B::Buf,
+    positions: &'a B::Index,
+    segments: &'a B::Index,
+    attention: Vec<Attention>,
+}
+
+impl<'a, B: Backend> ActsView<'a, B> {
+    fn new(model: &'a Model<B>, rows: usize, seq: usize, inputs: &'a BatchInputs<B>) -> Self {
+        Self {
+            tokens: rows * seq,
+            rope_table: &model.rope_table,
+            positions: &inputs.positions,
+            segments: &inputs.segments,
+            attention: (0..model.config.num_layers).map(|l| model.attention_spec(rows, seq, l)).collect(),
+        }
+    }
+
+    fn ctx(&self, layer: usize) -> AttnCtx<'a, B> {
+        AttnCtx {
+            tokens: self.tokens,
+            rope_table: self.rope_table,
+            positions: self.positions,
+            segments: self.segments,
+            spec: self.attention[layer],
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Loading and saving a model's tensors as safetensors: a single file or shards listed by an
+//! index, memory-mapped, converted to f32 once; per-expert tensors stacked on load and split
+//! on save; fp8 block-quantized weights dequantized; tensors kiln does not train (DeepSeek's
+//! multi-token-prediction layers) carried through byte for byte.
+
+use crate::error::{Error, Result};
+use crate::weights::{TensorSpec, Weights};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Storage dtypes kiln writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StorageDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl StorageDtype {
+    fn safetensors(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::BF16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+        }
+    }
+    fn encode(self, x: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Self::BF16 => x.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+            Self::F16 => x.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// An fp8 E4M3 ("fn": no infinities) byte: 1 sign, 4 exponent (bias 7), 3 mantissa bits.
+fn f8_e4m3_to_f32(byte: u8) -> f32 {
+    let sign = if byte & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (exp, man) = (((byte >> 3) & 0xf) as i32, (byte & 0x7) as f32);
+    if exp == 0xf && man == 7.0 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * man / 8.0 * 2f32.powi(-6)
+    } else {
+        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    }
+}
+
+fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F8_E4M3 => bytes.iter().map(|&b| f8_e4m3_to_f32(b)).collect(),
+        _ => return None,
+    })
+}
+
+/// A tensor kept exactly as it was read.
+#[derive(Clone, Debug)]
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// What to read from a checkpoint.
+pub struct LoadSpec<'a> {
+    pub layout: &'a Weights<TensorSpec>,
+    /// Tensors outside the layout to carry through unchanged.
+    pub passthrough: &'a dyn Fn(&str) -> bool,
+    /// Block of one scale in fp8 checkpoints (`quantization_config.weight_block_size`).
+    pub fp8_block: [usize; 2],
+}
+
+impl<'a> LoadSpec<'a> {
+    /// Just the layout's tensors.
+    pub fn plain(layout: &'a Weights<TensorSpec>) -> Self {
+        Self { layout, passthrough: &|_| false, fp8_block: [128, 128] }
+    }
+}
+
+/// Tensors read from a checkpoint.
+pub struct LoadedWeights {
+    pub tensors: Weights<Vec<f32>>,
+    /// The dtype the checkpoint stored its embedding in, used again when saving.
+    pub dtype: StorageDtype,
+    pub passthrough: Vec<RawTensor>,
+    /// How many fp8 tensors were dequantized.
+    pub dequantized: usize,
+}
+
+/// Loads `dir/model.safetensors` or the shards listed by `dir/model.safetensors.index.json`.
+pub fn load(dir: &Path, spec: &LoadSpec) -> Result<LoadedWeights> {
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let mut files: BTreeMap<String, ()> = BTreeMap::new();
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::new(&index, format!("cannot read: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::new(&index, format!("invalid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::new(&index, "field `weight_map` is missing or not an object"))?;
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| Error::new(&index, format!("field `weight_map.{name}`: expected a file name")))?;
+            files.insert(file.to_string(), ());
+        }
+    } else if single.exists() {
+        files.insert("model.safetensors".into(), ());
+    } else {
+        return Err(Error::new(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
+    }
+    load_files(dir, files.keys().map(|f| dir.join(f)), spec)
+}
+
+/// Loads the layout's tensors from one safetensors file.
+pub fn load_file(path: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
+    load_files(path, std::iter::once(path.to_path_buf()), &LoadSpec::plain(layout))
+}
+
+/// A stored tensor as read: dtype, shape, values, and the file it came from.
+struct Found {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+    file: PathBuf,
+}
+
+/// Loads every tensor of `spec.layout` from the union of `files`; `source` names them in errors.
+fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSpec) -> Result<LoadedWeights> {
+    // Stored name → (tensor spec, part index or None for a whole tensor).
+    let mut wanted: HashMap<&str, (&TensorSpec, Option<usize>)> = HashMap::new();
+    for s in spec.layout.iter() {
+        if s.parts.is_empty() {
+            wanted.insert(s.name.as_str(), (s, None));
+        } else {
+            s.parts.iter().enumerate().for_each(|(i, p)| _ = wanted.insert(p.as_str(), (s, Some(i))));
+        }
+    }
+    let mut found: HashMap<String, Found> = HashMap::new();
+    let mut scales: HashMap<String, Found> = HashMap::new();
+    let mut passthrough = Vec::new();
+    for path in files {
+        let handle = std::fs::File::open(&path).map_err(|e| Error::new(&path, format!("cannot open shard: {e}")))?;
+        // SAFETY: the file is only read, and not expected to change while loading.
+        let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::new(&path, format!("cannot map: {e}")))?;
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::new(&path, format!("invalid safetensors: {e}")))?;
+        for (name, view) in st.tensors() {
+            if (spec.passthrough)(&name) {
+                let (dtype, shape, bytes) = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
+                passthrough.push(RawTensor { name, dtype, shape, bytes });
+                continue;
+            }
+            let scale_of = name.strip_suffix("_scale_inv").filter(|w| wanted.contains_key(w));
+            let Some(expected) = wanted.get(name.as_str()).map(|(s, part)| match part {
+                Some(_) => s.shape[1..].to_vec(),
+                None => s.shape.clone(),
+            }) else {
+                if scale_of.is_some() {
+                    let data = decode(view.dtype(), view.data()).ok_or_else(|| {
+                        Error::new(&path, format!("tensor `{name}` has dtype {:?}; expected F32 scales", view.dtype()))
+                    })?;
+                    let shape = view.shape().to_vec();
+                    scales.insert(name, Found { dtype: view.dtype(), shape, data, file: path.clone() });
+                }
+                continue;
+            };
+            let data = decode(view.dtype(), view.data()).ok_or_else(|| {
+                Error::new(
+                    &path,
+                    format!("tensor `{name}` has dtype {:?}; kiln reads F32, BF16, F16 and F8_E4M3", view.dtype()),
+                )
+            })?;
+            if view.shape() != expected.as_slice() {
+                return Err(Error::new(
+                    &path,
+                    format!("tensor `{name}` has shape {:?}, the config implies {expected:?}", view.shape()),
+                ));
+            }
+            found.insert(name, Found { dtype: view.dtype(), shape: expected, data, file: path.clone() });
+        }
+    }
+    let dequantized = dequantize_fp8(&mut found, &scales, spec.fp8_block)?;
+
+    let embed_dtype = found.get(&spec.layout.embed.name).map(|t| t.dtype);
+    let mut missing = Vec::new();
+    let mut take = |name: &str| match found.remove(name) {
+        Some(t) => t.data,
+        None => {
+            missing.push(name.to_string());
+            Vec::new()
+        }
+    };
+    let tensors = spec.layout.map(|s| {
+        if s.parts.is_empty() {
+            take(&s.name)
+        } else {
+            s.parts.iter().flat_map(|p| take(p)).collect()
+        }
+    });
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+        let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
+        return Err(Error::new(source, format!("missing tensor `{}`{more}", shown.join("`, `"))));
+    }
+    let dtype = match embed_dtype {
+        Some(Dtype::BF16) | Some(Dtype::F8_E4M3) => StorageDtype::BF16,
+        Some(Dtype::F16) => StorageDtype::F16,
+        _ => StorageDtype::F32,
+    };
+    Ok(LoadedWeights { tensors, dtype, passthrough, dequantized })
+}
+
+/// `w[i, j] *= scale_inv[i / block_rows, j / block_cols]` for every fp8 tensor; returns how
+/// many there were.
+fn dequantize_fp8(
+    found: &mut HashMap<String, Found>,
+    scales: &HashMap<String, Found>,
+    [br, bc]: [usize; 2],
+) -> Result<usize> {
+    let mut count = 0;
+    for (name, t) in found.iter_mut().filter(|(_, t)| t.dtype == Dtype::F8_E4M3) {
+        let scale_name = format!("{name}_scale_inv");
+        let Some(scale) = scales.get(&scale_name) else {
+            return Err(Error::new(
+                &t.file,
+                format!("fp8 tensor `{name}` has no `{scale_name}`; kiln reads block-quantized fp8 checkpoints only"),
+            ));
+        };
+        let [rows, cols] = t.shape[..] else {
+            return Err(Error::new(&t.file, format!("fp8 tensor `{name}` is not a matrix ({:?})", t.shape)));
+        };
+        let want = [rows.div_ceil(br), cols.div_ceil(bc)];
+        if scale.shape != want {
+            return Err(Error::new(
+                &scale.file,
+                format!(
+                    "`{scale_name}` has shape {:?}; {br}x{bc} blocks of a {rows}x{cols} weight need {want:?}",
+                    scale.shape
+                ),
+            ));
+        }
+        for (i, row) in t.data.chunks_mut(cols).enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= scale.data[(i / br) * want[1] + j / bc];
+            }
+        }
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// Writes `tensors` (named by `layout`) and `passthrough` to the safetensors file `path`,
+/// in `dtype` except for tensors kept in f32.
+pub fn save(
+    path: &Path,
+    layout: &Weights<TensorSpec>,
+    tensors: &Weights<Vec<f32>>,
+    dtype: StorageDtype,
+    passthrough: &[RawTensor],
+) -> Result<()> {
+    let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (spec, data) in layout.iter().into_iter().zip(tensors.iter()) {
+        let dtype = if spec.keep_f32 { StorageDtype::F32 } else { dtype };
+        if spec.parts.is_empty() {
+            encoded.push((spec.name.clone(), dtype.safetensors(), spec.shape.clone(), dtype.encode(data)));
+        } else {
+            let part_len = spec.numel() / spec.parts.len();
+            for (name, part) in spec.parts.iter().zip(data.chunks(part_len)) {
+                encoded.push((name.clone(), dtype.safetensors(), spec.shape[1..].to_vec(), dtype.encode(part)));
+            }
+        }
+    }
+    for t in passthrough {
+        encoded.push((t.name.clone(), t.dtype, t.shape.clone(), t.bytes.clone()));
+    }
+    let views = encoded
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::new(path, format!("cannot encode tensors: {e}")))?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(metadata), path)
+        .map_err(|e| Error::new(path, format!("cannot write: {e}")))
+}

@@ -66,6 +66,7 @@ struct RawConfig {
     layer_types: Option<Vec<String>>,
     // deepseek_v3
     /// Absent means transformers' default (1536), `null` a plain query projection.
+    #[serde(default, deserialize_with = "present")]
     q_lora_rank: Option<Value>,
     scoring_func: Option<String>,
     topk_method: Option<String>,
@@ -85,6 +86,11 @@ struct RawConfig {
     first_k_dense_replace: Option<usize>,
     num_nextn_predict_layers: Option<usize>,
     quantization_config: Option<Map<String, Value>>,
+}
+
+/// `Some(value)` for a field that is present, `null` included.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 fn default_hidden_act() -> String {

@@ -97,6 +97,71 @@ fn save_then_load_keeps_every_tensor() {
     }
 }
 
+fn stored_tensors(path: &Path) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn deepseek_v3_saves_the_checkpoint_it_loaded() {
+    // Per-expert tensors stacked on load and split on save, the f32 router kept f32, and the
+    // multi-token-prediction layer (bf16, unused by kiln) carried through byte for byte.
+    let model = Model::load(&Cpu, &fixture("deepseek_v3")).unwrap();
+    assert_eq!(model.passthrough.len(), 5, "the MTP layer's tensors are kept");
+    let dir = scratch_dir("deepseek-roundtrip");
+    copy_config(&fixture("deepseek_v3"), &dir);
+    model.save_weights(&Cpu, &dir).unwrap();
+    let original = stored_tensors(&fixture("deepseek_v3").join("model.safetensors"));
+    let saved = stored_tensors(&dir.join("model.safetensors"));
+    assert_eq!(original.len(), saved.len(), "same tensors");
+    for (a, b) in original.iter().zip(&saved) {
+        assert!(a == b, "tensor {} changed in a load/save round trip", a.0);
+    }
+}
+
+#[test]
+fn fp8_block_quantized_weights_are_dequantized_like_torch() {
+    let case = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_v3_fp8");
+    let model = Model::load(&Cpu, &case.join("model")).unwrap();
+    assert_eq!(model.config.fp8_block, [16, 16]);
+    let bytes = std::fs::read(case.join("golden.safetensors")).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut checked = 0;
+    for (spec, p) in model.layout.iter().into_iter().zip(model.params.iter()) {
+        let names = if spec.parts.is_empty() { vec![spec.name.clone()] } else { spec.parts.clone() };
+        let mut want = Vec::new();
+        for name in &names {
+            if let Ok(t) = golden.tensor(&format!("dequant.{name}")) {
+                want.extend(t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())));
+            }
+        }
+        if want.is_empty() {
+            continue;
+        }
+        assert_eq!(Cpu.read(p), want, "{}: dequantized values differ from torch's", spec.name);
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} fp8 tensors checked");
+}
+
+#[test]
+fn fp8_weight_without_scale_is_refused() {
+    let dir = scratch_dir("fp8-no-scale");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_v3_fp8/model");
+    copy_config(&src, &dir);
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dropped = "model.layers.0.self_attn.o_proj.weight_scale_inv";
+    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != dropped).collect();
+    safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).unwrap();
+    let err = Model::load(&Cpu, &dir).err().expect("must be refused").to_string();
+    assert!(err.contains("model.layers.0.self_attn.o_proj.weight") && err.contains("_scale_inv"), "{err}");
+}
+
 #[test]
 fn f16_weights_load_within_f16_precision() {
     let mut model = Model::load(&Cpu, &fixture("mistral")).unwrap();

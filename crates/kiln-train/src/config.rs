@@ -71,6 +71,14 @@ pub struct TrainSection {
     /// Evaluate every this many steps (and at the end); 0: only at the end.
     #[serde(default)]
     pub eval_every: u64,
+    /// MoE models: γ of DeepSeek-V3's aux-loss-free balancing, the step by which each
+    /// expert's routing bias moves toward even load after every optimizer step; 0 freezes it.
+    #[serde(default = "default_router_bias_rate")]
+    pub router_bias_rate: f32,
+}
+
+fn default_router_bias_rate() -> f32 {
+    0.001
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

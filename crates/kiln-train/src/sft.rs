@@ -263,15 +263,19 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
             optimizer.step(&b, &mut model.params, &grads);
             state.adam_step = optimizer.hyper.step;
         }
+        let skipped = non_finite_streak > 0;
+        let expert_load = model.update_router_bias(&b, if skipped { 0.0 } else { t.router_bias_rate });
         state.tokens += count as u64;
         processed_tokens += real_tokens;
         last_loss = loss;
         let dt = step_started.elapsed().as_secs_f64();
         step_seconds += dt;
-        metrics.write(&json!({
+        let mut record = json!({
             "step": state.step, "loss": loss, "lr": lr, "grad_norm": norm, "trainable_tokens": count,
             "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt, "elapsed_s": started.elapsed().as_secs_f64(),
-        }))?;
+        });
+        add_expert_load(&mut record, &expert_load);
+        metrics.write(&record)?;
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", real_tokens as f64 / dt));
         bar.inc(1);
 
@@ -310,4 +314,26 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         plot,
         interrupted,
     })
+}
+
+/// Adds each MoE layer's tokens per expert (`expert_load`, keyed by layer) and their mean
+/// max/mean ratio over layers (`expert_load_imbalance`, 1 when perfectly even) to a record.
+fn add_expert_load(record: &mut serde_json::Value, loads: &[Vec<u64>]) {
+    let moe: Vec<(usize, &Vec<u64>)> = loads.iter().enumerate().filter(|(_, l)| !l.is_empty()).collect();
+    if moe.is_empty() {
+        return;
+    }
+    let ratio = |l: &Vec<u64>| {
+        let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
+        if mean > 0.0 {
+            *l.iter().max().unwrap_or(&0) as f64 / mean
+        } else {
+            1.0
+        }
+    };
+    let imbalance = moe.iter().map(|(_, l)| ratio(l)).sum::<f64>() / moe.len() as f64;
+    let by_layer: serde_json::Map<String, serde_json::Value> =
+        moe.iter().map(|(i, l)| (i.to_string(), json!(l))).collect();
+    record["expert_load"] = by_layer.into();
+    record["expert_load_imbalance"] = imbalance.into();
 }

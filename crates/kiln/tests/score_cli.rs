@@ -44,7 +44,7 @@ fn golden(case: &str) -> (Vec<Vec<i64>>, Vec<Vec<f32>>) {
 
 #[test]
 fn score_agrees_with_transformers_for_every_model_type() {
-    for case in ["llama", "mistral", "qwen2", "qwen3"] {
+    for case in ["llama", "mistral", "qwen2", "qwen3", "deepseek_v3", "deepseek_v3_plain"] {
         let (rows, want) = golden(case);
         let dir = scratch_dir(&format!("score-{case}"));
         let tokens = dir.join("tokens.jsonl");

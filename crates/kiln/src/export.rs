@@ -44,6 +44,10 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: Option<&str>) -> Result<Stor
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path)?)
         .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
     config["dtype"] = torch_name(dtype).into();
+    // Weights are written dequantized: an fp8 source's quantization no longer applies.
+    if let Some(c) = config.as_object_mut() {
+        c.remove("quantization_config");
+    }
     std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     for f in [
         "tokenizer.json",

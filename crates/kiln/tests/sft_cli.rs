@@ -28,11 +28,16 @@ fn chat_row(i: usize) -> String {
 
 /// A run directory with train/eval data and a run.toml; `extra` is appended to [train].
 fn make_run(name: &str, rows: &[String], extra: &str, save_every: u64) -> PathBuf {
+    make_run_on(Path::new(BASE), name, rows, extra, save_every)
+}
+
+/// `make_run` from the model directory `base`.
+fn make_run_on(base: &Path, name: &str, rows: &[String], extra: &str, save_every: u64) -> PathBuf {
     let dir = scratch_dir(name);
     std::fs::write(dir.join("train.jsonl"), rows.join("\n") + "\n").unwrap();
     std::fs::write(dir.join("eval.jsonl"), (500..520).map(chat_row).collect::<Vec<_>>().join("\n")).unwrap();
     let toml = format!(
-        "[model]\npath = {BASE:?}\n[data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 64\n\
+        "[model]\npath = {base:?}\n[data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 64\n\
          [train]\nlr = 1e-3\nwarmup_steps = 2\nsteps = 10\nbatch_tokens = 256\ngrad_accum = 2\nseed = 5\neval_every = 5\n{extra}\n\
          [output]\ndir = \"out\"\nsave_every = {save_every}\nkeep_last = 3\n"
     );
@@ -235,4 +240,70 @@ fn data_inspect_shows_counts_and_the_loss_mask() {
         text.contains("<|im_start|>user\nWhat is 0 plus 0?<|im_end|>\n<|im_start|>assistant\n[[0<|im_end|>]]"),
         "{text}"
     );
+}
+
+/// A tiny random DeepSeek-V3 (MLA, one dense and one MoE layer) with the demo tokenizer and
+/// one multi-token-prediction tensor, saved as a Hugging Face directory.
+fn deepseek_base(dir: &Path) -> Vec<u8> {
+    use kiln_model::safetensors_io::RawTensor;
+    std::fs::create_dir_all(dir).unwrap();
+    let config = r#"{
+        "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
+        "moe_intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 3,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+        "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": 1, "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
+    }"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(Path::new(BASE).join(f), dir.join(f)).unwrap();
+    }
+    let mut model = kiln_model::Model::random(&kiln_core::Cpu, kiln_model::Config::parse(config).unwrap(), 1);
+    let mtp: Vec<u8> = (0..48u32).flat_map(|i| half::bf16::from_f32(i as f32 / 7.0).to_le_bytes()).collect();
+    model.passthrough.push(RawTensor {
+        name: "model.layers.2.enorm.weight".into(),
+        dtype: safetensors::Dtype::BF16,
+        shape: vec![48],
+        bytes: mtp.clone(),
+    });
+    model.save_weights(&kiln_core::Cpu, dir).unwrap();
+    mtp
+}
+
+#[test]
+fn deepseek_v3_sft_trains_balances_and_exports() {
+    let base = scratch_dir("deepseek-base").join("model");
+    let mtp = deepseek_base(&base);
+    let run = make_run_on(&base, "deepseek", &(0..60).map(chat_row).collect::<Vec<_>>(), "router_bias_rate = 0.01", 0);
+    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let l = losses(&run);
+    assert!(l.last().unwrap().1 < l[0].1, "loss should fall: {l:?}");
+
+    // Per-expert load of the MoE layer (layer 1) in every step's metrics.
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(run.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["loss"].is_number())
+        .collect();
+    for r in &records {
+        let load: Vec<u64> = r["expert_load"]["1"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(load.len(), 8, "{r}");
+        assert!(load.iter().sum::<u64>() > 0 && r["expert_load_imbalance"].as_f64().unwrap() >= 1.0, "{r}");
+    }
+
+    // Export: per-expert tensors, the router bias moved by the balancing, the MTP tensor as it was.
+    let exported = run.join("export");
+    let ckpt = checkpoints(&run).pop().unwrap();
+    let out = kiln(&["export", ckpt.to_str().unwrap(), "--out", exported.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(exported.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.tensor("model.layers.1.mlp.experts.7.down_proj.weight").is_ok());
+    assert_eq!(st.tensor("model.layers.2.enorm.weight").unwrap().data(), &mtp[..], "MTP tensor changed");
+    let bias = st.tensor("model.layers.1.mlp.gate.e_score_correction_bias").unwrap();
+    assert_eq!(bias.dtype(), safetensors::Dtype::F32, "the router bias stays f32");
+    assert!(bias.data().chunks_exact(4).any(|b| f32::from_le_bytes(b.try_into().unwrap()) != 0.0), "bias never moved");
 }

@@ -12,6 +12,7 @@ use crate::batch::Batch;
 use crate::config::{AttentionKind, Config};
 use crate::error::Result;
 use crate::layers::moe::MoeShape;
+use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
 use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, TensorSpec, Weights};
@@ -29,6 +30,10 @@ pub struct Model<B: Backend> {
     /// Tokens routed to each expert of each layer (empty for dense layers) by training
     /// forwards since the last router bias update.
     pub expert_load: Vec<Vec<u64>>,
+    /// α of the sequence-wise balance loss (`layers::moe_aux_loss`); 0 turns it off.
+    pub moe_aux_alpha: f32,
+    /// That loss summed over the training backwards since it was last taken.
+    pub moe_aux_loss: f64,
     moe_shape: Option<MoeShape>,
     rope_table: B::Buf,
     rope_positions: usize,
@@ -80,6 +85,8 @@ impl<B: Backend> Model<B> {
             dtype,
             passthrough: Vec::new(),
             expert_load,
+            moe_aux_alpha: 0.0,
+            moe_aux_loss: 0.0,
             moe_shape,
             rope_table: b.zeros(0),
             rope_positions: 0,
@@ -247,8 +254,9 @@ impl<B: Backend> Model<B> {
         b.read(&acts.nll)
     }
 
-    /// Forward and backward of `loss = Σ weight·nll` over `batch`; parameter gradients are
-    /// added into `grads` and the experts' loads into `expert_load`. Returns the loss.
+    /// Forward and backward of `loss = Σ weight·nll` over `batch` (plus, for MoE models with
+    /// `moe_aux_alpha`, the balance loss, added into `moe_aux_loss`); parameter gradients are
+    /// added into `grads` and the experts' loads into `expert_load`. Returns `Σ weight·nll`.
     pub fn forward_backward(
         &mut self,
         b: &B,
@@ -282,19 +290,30 @@ impl<B: Backend> Model<B> {
             &acts.rstdf,
         );
 
+        // Sequence of each token for the balance loss: (row, segment), none for padding.
+        let sequence: Vec<i64> = batch
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(t, &seg)| if seg >= 0 { ((t / acts.seq) * acts.seq) as i64 + seg as i64 } else { -1 })
+            .collect();
+        let aux = SeqAux { alpha: self.moe_aux_alpha, sequence: &sequence, weights: &batch.weights };
+        let mut aux_loss = 0.0;
         for l in (0..c.num_layers).rev() {
             let a = &mut acts.layers[acts.slots[l]];
             if acts.recompute {
                 self.layer_forward(b, l, a, &acts.layer_inputs[l], None, &view);
             }
-            self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view);
+            aux_loss += self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view, &aux);
         }
         b.embedding_backward(&mut grads.embed, &s.dres, &inputs.ids, d);
+        self.moe_aux_loss += aux_loss;
         loss
     }
 
     /// Backward of layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)
-    /// there, and adds the layer's parameter gradients into `g`.
+    /// there, and adds the layer's parameter gradients into `g`. Returns the layer's balance
+    /// loss (0 for dense layers).
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
@@ -305,13 +324,15 @@ impl<B: Backend> Model<B> {
         s: &mut GradScratch<B>,
         g: &mut LayerWeights<B::Buf>,
         view: &ActsView<B>,
-    ) {
+        aux: &SeqAux,
+    ) -> f64 {
         let c = &self.config;
         let w = &self.params.layers[l];
         let ctx = view.ctx(l);
         let (n, d) = (view.tokens, c.hidden_size);
 
         // Feed-forward branch: out = x_mid + ffn(xn2).
+        let mut aux_loss = 0.0;
         match (&w.ffn, &mut g.ffn, &a.ffn) {
             (FfnWeights::Dense(w), FfnWeights::Dense(g), FfnActs::Dense(a_)) => {
                 let scratch = s.dense.as_mut().expect("dense MLP scratch");
@@ -321,7 +342,7 @@ impl<B: Backend> Model<B> {
                 let scratch = s.moe.as_mut().expect("MoE scratch");
                 b.fill(&mut s.dxn, 0.0);
                 let shape = self.moe_shape.as_ref().expect("moe shape");
-                moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch);
+                aux_loss = moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, Some(aux));
             }
             _ => unreachable!("gradients laid out for another feed-forward kind"),
         }
@@ -338,6 +359,7 @@ impl<B: Backend> Model<B> {
             _ => unreachable!("gradients laid out for another attention kind"),
         }
         b.rmsnorm_backward(&mut s.dres, &mut g.input_norm, &s.dxn, x_in, &w.input_norm, &a.rstd1);
+        aux_loss
     }
 }
 

@@ -55,3 +55,41 @@ fn router_bias_update_evens_out_a_skewed_load() {
     let FfnWeights::Moe(moe) = &model.params.layers[1].ffn else { unreachable!() };
     assert!(moe.bias[0] < 0.0 && moe.bias[2] < 0.0, "the overloaded experts' biases fall: {:?}", moe.bias);
 }
+
+#[test]
+fn balance_loss_gradient_reaches_the_router() {
+    // The router gradient with α minus the one without, against central differences of the
+    // balance loss alone.
+    let b = Cpu;
+    let mut model = Model::random(&b, Config::parse(CONFIG).unwrap(), 4);
+    let mut rng = kiln_core::rng::Rng::new(2);
+    let sequences: Vec<Vec<i32>> = (0..2).map(|_| (0..16).map(|_| rng.below(64) as i32).collect()).collect();
+    let batch = Batch::causal_lm(&sequences);
+    let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, true, false);
+    let mut run = |model: &mut Model<Cpu>, alpha: f32| {
+        let mut grads = model.zeros_like_params(&b);
+        (model.moe_aux_alpha, model.moe_aux_loss) = (alpha, 0.0);
+        model.forward_backward(&b, &mut acts, &batch, &mut grads);
+        let FfnWeights::Moe(g) = &grads.layers[1].ffn else { panic!("layer 1 is MoE") };
+        (model.moe_aux_loss, g.router.clone())
+    };
+    let (aux, with) = run(&mut model, 0.5);
+    let (none, without) = run(&mut model, 0.0);
+    assert!(aux > 0.0 && none == 0.0, "the balance loss is counted only with α: {aux}, {none}");
+    let h = 1e-3;
+    for i in [0, 37, 101, 200] {
+        let set = |model: &mut Model<Cpu>, delta: f32| {
+            let FfnWeights::Moe(w) = &mut model.params.layers[1].ffn else { unreachable!() };
+            w.router[i] += delta;
+        };
+        set(&mut model, h);
+        let up = run(&mut model, 0.5).0;
+        set(&mut model, -2.0 * h);
+        let down = run(&mut model, 0.5).0;
+        set(&mut model, h);
+        let numeric = (up - down) / (2.0 * h as f64);
+        let got = (with[i] - without[i]) as f64;
+        assert!(numeric.abs() > 1e-4, "router[{i}]: the balance loss should depend on it");
+        assert!((got - numeric).abs() < 1e-4 + 0.02 * numeric.abs(), "router[{i}]: analytic {got}, numeric {numeric}");
+    }
+}

@@ -3,6 +3,7 @@
 
 use kiln_core::{Backend, Cpu, Routing};
 use kiln_model::layers::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
+use kiln_model::layers::moe_aux_loss::{seq_aux_loss, SeqAux};
 use safetensors::SafeTensors;
 
 fn assert_close(what: &str, got: &[f32], want: &[f32]) {
@@ -58,7 +59,7 @@ fn moe_layer_matches_transformers() {
     let mut scratch = MoeGrads::new(&b, &shape, tokens);
     moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts);
     assert_close("out", &b.read(&out), &t("out"));
-    moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g, &acts, &mut scratch);
+    moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g, &acts, &mut scratch, None);
     assert_close("dx", &b.read(&dx), &t("dx"));
     assert_close("grad router", &b.read(&g.router), &t("grad.router"));
     assert_close("grad gate", &b.read(&g.gate), &t("grad.gate"));
@@ -68,4 +69,29 @@ fn moe_layer_matches_transformers() {
     assert_close("grad shared up", &b.read(g.shared_up.as_ref().unwrap()), &t("grad.shared_up"));
     assert_close("grad shared down", &b.read(g.shared_down.as_ref().unwrap()), &t("grad.shared_down"));
     assert!(b.read(&g.bias).iter().all(|&v| v == 0.0), "the correction bias gets no gradient");
+}
+
+#[test]
+fn sequence_balance_loss_matches_the_v3_formula() {
+    let bytes =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/moe/aux_loss.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let f32s = |n: &str| -> Vec<f32> {
+        st.tensor(n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let i64s = |n: &str| -> Vec<i64> {
+        st.tensor(n).unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let scores: Vec<f32> = f32s("logits").iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
+    let indices: Vec<i32> = i64s("indices").iter().map(|&i| i as i32).collect();
+    let (sequence, weights) = (i64s("sequence"), f32s("weights"));
+    let aux = SeqAux { alpha: f32s("alpha")[0], sequence: &sequence, weights: &weights };
+    let mut dlogits = vec![0.5f32; scores.len()];
+    let loss = seq_aux_loss(&scores, &indices, 2, &aux, &mut dlogits);
+    let want = f32s("loss")[0] as f64;
+    assert!((loss - want).abs() < 1e-6 * want.abs(), "loss: kiln {loss}, torch {want}");
+    let added: Vec<f32> = dlogits.iter().map(|d| d - 0.5).collect();
+    for (i, (g, w)) in added.iter().zip(f32s("dlogits")).enumerate() {
+        assert!((g - w).abs() < 1e-6 + 1e-5 * w.abs(), "dlogits[{i}]: kiln {g}, torch {w}");
+    }
 }

@@ -75,6 +75,10 @@ pub struct TrainSection {
     /// expert's routing bias moves toward even load after every optimizer step; 0 freezes it.
     #[serde(default = "default_router_bias_rate")]
     pub router_bias_rate: f32,
+    /// MoE models: α of DeepSeek-V3's sequence-wise balance loss (the report uses 1e-4);
+    /// 0 turns it off.
+    #[serde(default)]
+    pub moe_aux_loss_alpha: f32,
 }
 
 fn default_router_bias_rate() -> f32 {

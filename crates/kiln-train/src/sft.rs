@@ -164,6 +164,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     let eval_batches = pack(&eval, rows, seq, None);
     let schedule = Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
     let mut acts = Activations::new(&b, &model.config, rows, seq, true, t.recompute);
+    model.moe_aux_alpha = t.moe_aux_loss_alpha;
     let mut grads = model.zeros_like_params(&b);
     let mut optimizer = AdamW::new(&b, &model.layout, t.lr, t.weight_decay);
     optimizer.hyper = Hyper { beta1: t.beta1, beta2: t.beta2, eps: t.eps, ..optimizer.hyper };
@@ -275,6 +276,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
             "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt, "elapsed_s": started.elapsed().as_secs_f64(),
         });
         add_expert_load(&mut record, &expert_load);
+        let aux_loss = std::mem::take(&mut model.moe_aux_loss);
+        if t.moe_aux_loss_alpha != 0.0 {
+            record["moe_aux_loss"] = aux_loss.into();
+        }
         metrics.write(&record)?;
         bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", real_tokens as f64 / dt));
         bar.inc(1);

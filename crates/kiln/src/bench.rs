@@ -147,7 +147,7 @@ fn moe(args: &MoeArgs) -> Result<()> {
     let mut scratch = MoeGrads::new(&b, &shape, n);
     let moe_s = median_time(args.steps, || {
         moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts);
-        moe::backward(&b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch);
+        moe::backward(&b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, None);
     });
 
     // The dense SwiGLU MLP doing the same active work: intermediate = top_k · expert_ff.

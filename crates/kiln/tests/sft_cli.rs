@@ -275,7 +275,13 @@ fn deepseek_base(dir: &Path) -> Vec<u8> {
 fn deepseek_v3_sft_trains_balances_and_exports() {
     let base = scratch_dir("deepseek-base").join("model");
     let mtp = deepseek_base(&base);
-    let run = make_run_on(&base, "deepseek", &(0..60).map(chat_row).collect::<Vec<_>>(), "router_bias_rate = 0.01", 0);
+    let run = make_run_on(
+        &base,
+        "deepseek",
+        &(0..60).map(chat_row).collect::<Vec<_>>(),
+        "router_bias_rate = 0.01\nmoe_aux_loss_alpha = 0.001",
+        0,
+    );
     let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let l = losses(&run);
@@ -292,6 +298,7 @@ fn deepseek_v3_sft_trains_balances_and_exports() {
         let load: Vec<u64> = r["expert_load"]["1"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
         assert_eq!(load.len(), 8, "{r}");
         assert!(load.iter().sum::<u64>() > 0 && r["expert_load_imbalance"].as_f64().unwrap() >= 1.0, "{r}");
+        assert!(r["moe_aux_loss"].as_f64().unwrap() > 0.0, "{r}");
     }
 
     // Export: per-expert tensors, the router bias moved by the balancing, the MTP tensor as it was.

@@ -6,6 +6,7 @@ pub mod gqa;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
+pub mod moe_aux_loss;
 
 use kiln_core::{Attention, Backend, Matmul};
 

@@ -10,6 +10,7 @@
 //! over its contiguous rows (`grouped_matmul`): no per-token loops, no dense all-experts
 //! compute. Backward runs the same steps in reverse; the correction bias gets no gradient.
 
+use super::moe_aux_loss::{seq_aux_loss, SeqAux};
 pub use crate::weights::MoeWeights;
 use kiln_core::{Backend, GroupedMatmul, Matmul, Routing};
 
@@ -189,6 +190,8 @@ pub struct MoeGrads<B: Backend> {
     drow_w: B::Buf,
     dlogits: B::Buf,
     droute_w: B::Buf,
+    /// The balance loss's gradient of the router logits.
+    daux: B::Buf,
     shared: Option<(B::Buf, B::Buf, B::Buf)>,
 }
 
@@ -204,6 +207,7 @@ impl<B: Backend> MoeGrads<B> {
             drow_w: b.zeros(rows),
             dlogits: b.zeros(tokens * s.experts),
             droute_w: b.zeros(rows),
+            daux: b.zeros(tokens * s.experts),
             shared: (s.shared_ff > 0).then(|| {
                 let n = tokens * s.shared_ff;
                 (b.zeros(n), b.zeros(n), b.zeros(n))
@@ -212,7 +216,9 @@ impl<B: Backend> MoeGrads<B> {
     }
 }
 
-/// Backward of `forward`: adds dL/dx into `dx` and parameter gradients into `g` (not the bias).
+/// Backward of `forward`: adds dL/dx into `dx` and parameter gradients into `g` (not the
+/// bias). With `aux`, the sequence-wise balance loss joins the router's gradient; returns
+/// its value (0 without).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     b: &B,
@@ -224,7 +230,8 @@ pub fn backward<B: Backend>(
     g: &mut MoeWeights<B::Buf>,
     a: &MoeActs<B>,
     t: &mut MoeGrads<B>,
-) {
+    aux: Option<&SeqAux>,
+) -> f64 {
     let (n, d, ff, k, e) = (a.tokens, s.hidden, s.expert_ff, s.routing.top_k, s.experts);
     // Shared MLP.
     if let (Some(sg), Some(su), Some(sd), Some(dsg), Some(dsu), Some(dsd), Some((ag, au, ah)), Some((dh, dg, du))) = (
@@ -265,6 +272,14 @@ pub fn backward<B: Backend>(
     }
     b.write(&mut t.droute_w, &droute);
     b.moe_route_backward(&mut t.dlogits, &t.droute_w, &a.scores, &a.route_idx, routing(s, n));
+    let mut aux_loss = 0.0;
+    if let Some(aux) = aux.filter(|aux| aux.alpha != 0.0) {
+        let mut daux = vec![0f32; n * e];
+        aux_loss = seq_aux_loss(&b.read(&a.scores), &b.read_index(&a.route_idx), k, aux, &mut daux);
+        b.write(&mut t.daux, &daux);
+        b.add_assign(&mut t.dlogits, &t.daux);
+    }
     b.matmul(&mut g.router, &t.dlogits, x, Matmul::linear_dw(n, d, e));
     b.matmul(dx, &t.dlogits, &w.router, Matmul::linear_dx(n, d, e, true));
+    aux_loss
 }

@@ -215,11 +215,14 @@ impl<B: Backend> Model<B> {
 
     /// Runs the model over `batch`, leaving logits in `acts.logits`.
     pub fn forward(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) {
-        self.forward_counting(b, acts, batch, false);
+        self.forward_hidden(b, acts, batch, false);
+        self.lm_head_forward(b, acts);
     }
 
-    /// `forward`, adding the experts' loads into `expert_load` when `count_load`.
-    fn forward_counting(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, count_load: bool) {
+    /// Runs the transformer over `batch`, leaving the final normalised hidden states in
+    /// `acts.xf` (`[tokens, hidden]`); with `count_load`, adds the experts' loads into
+    /// `expert_load`.
+    pub fn forward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, count_load: bool) {
         self.prepare(b, acts, batch);
         let c = &self.config;
         b.embedding_forward(&mut acts.layer_inputs[0], &self.params.embed, &acts.inputs.ids, c.hidden_size);
@@ -240,11 +243,16 @@ impl<B: Backend> Model<B> {
             &self.params.norm,
             c.rms_norm_eps,
         );
-        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.embed);
-        b.matmul(&mut acts.logits, &acts.xf, head, Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size));
         for (l, rows) in loads {
             self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
         }
+    }
+
+    /// `logits = xf·Wₗₘᵀ`.
+    fn lm_head_forward(&self, b: &B, acts: &mut Activations<B>) {
+        let c = &self.config;
+        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.embed);
+        b.matmul(&mut acts.logits, &acts.xf, head, Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size));
     }
 
     /// Per-token negative log-likelihood of `batch.targets` (0 where there is no target).
@@ -264,22 +272,71 @@ impl<B: Backend> Model<B> {
         batch: &Batch,
         grads: &mut Weights<B::Buf>,
     ) -> f64 {
-        self.forward_counting(b, acts, batch, true);
-        let c = &self.config;
-        let (n, d) = (acts.rows * acts.seq, c.hidden_size);
-        let inputs = &acts.inputs;
-        b.cross_entropy_backward(&mut acts.logits, &mut acts.nll, &inputs.targets, &inputs.weights, c.vocab_size);
-        let loss = b.read(&acts.nll).iter().zip(&batch.weights).map(|(&l, &w)| l as f64 * w as f64).sum();
+        self.lm_forward_backward(b, acts, batch, grads, None).0
+    }
 
-        let view = ActsView::new(self, acts.rows, acts.seq, inputs);
-        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+    /// `forward_backward` with token weights chosen after the forward pass: `weights_of`
+    /// receives every token's nll and returns the weights (for losses of whole-sequence
+    /// log-probs, where ∂loss/∂nll_t depends on the sequence: DPO and its variants). Returns
+    /// `Σ weight·nll` and the nll.
+    pub fn forward_backward_with(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        grads: &mut Weights<B::Buf>,
+        weights_of: &mut dyn FnMut(&[f32]) -> Vec<f32>,
+    ) -> (f64, Vec<f32>) {
+        let (loss, nll) = self.lm_forward_backward(b, acts, batch, grads, Some(weights_of));
+        (loss, nll.expect("nll read for the weights"))
+    }
+
+    fn lm_forward_backward(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        grads: &mut Weights<B::Buf>,
+        weights_of: Option<&mut dyn FnMut(&[f32]) -> Vec<f32>>,
+    ) -> (f64, Option<Vec<f32>>) {
+        self.forward_hidden(b, acts, batch, true);
+        self.lm_head_forward(b, acts);
+        let c = &self.config;
+        let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
+        let inputs = &mut acts.inputs;
+        let (weights, nll) = match weights_of {
+            None => (batch.weights.clone(), None),
+            Some(f) => {
+                b.cross_entropy_forward(&mut acts.nll, &acts.logits, &inputs.targets, vocab);
+                let nll = b.read(&acts.nll);
+                let w = f(&nll);
+                assert_eq!(w.len(), n, "one weight per token");
+                b.write(&mut inputs.weights, &w);
+                (w, Some(nll))
+            }
+        };
+        b.cross_entropy_backward(&mut acts.logits, &mut acts.nll, &inputs.targets, &inputs.weights, vocab);
+        let loss = b.read(&acts.nll).iter().zip(&weights).map(|(&l, &w)| l as f64 * w as f64).sum();
+
         // Head: logits = xf·Wᵀ.
+        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
         let (head, dhead) = match (&self.params.lm_head, &mut grads.lm_head) {
             (Some(h), Some(dh)) => (h, dh),
             _ => (&self.params.embed, &mut grads.embed),
         };
-        b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, c.vocab_size));
-        b.matmul(&mut s.dxn, &acts.logits, head, Matmul::linear_dx(n, d, c.vocab_size, false));
+        b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, vocab));
+        b.matmul(&mut s.dxn, &acts.logits, head, Matmul::linear_dx(n, d, vocab, false));
+        self.backward_hidden(b, acts, batch, grads);
+        (loss, nll)
+    }
+
+    /// Backward of `forward_hidden` from `acts.grad.dxn` = dL/dxf; parameter gradients are
+    /// added into `grads`.
+    pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut Weights<B::Buf>) {
+        let c = &self.config;
+        let d = c.hidden_size;
+        let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
+        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
         b.fill(&mut s.dres, 0.0);
         b.rmsnorm_backward(
             &mut s.dres,
@@ -306,9 +363,8 @@ impl<B: Backend> Model<B> {
             }
             aux_loss += self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view, &aux);
         }
-        b.embedding_backward(&mut grads.embed, &s.dres, &inputs.ids, d);
+        b.embedding_backward(&mut grads.embed, &s.dres, &acts.inputs.ids, d);
         self.moe_aux_loss += aux_loss;
-        loss
     }
 
     /// Backward of layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)

@@ -5,6 +5,7 @@ pub mod config;
 pub mod loader;
 pub mod metrics;
 pub mod optim;
+pub mod preference_loss;
 pub mod schedule;
 pub mod sft;
 

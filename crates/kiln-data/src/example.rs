@@ -52,7 +52,7 @@ pub struct Encoder<'a> {
 }
 
 impl Encoder<'_> {
-    fn tokens(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
+    pub(crate) fn tokens(&self, text: &str, special: bool) -> Result<Vec<u32>, String> {
         self.tokenizer.encode(text, special).map_err(|e| format!("tokenizer failed: {e}"))
     }
 

@@ -3,6 +3,7 @@
 pub mod chat_template;
 pub mod example;
 pub mod packing;
+pub mod preference;
 pub mod rows;
 pub mod tokenizer;
 

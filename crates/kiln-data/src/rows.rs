@@ -68,6 +68,18 @@ pub fn parse_value(value: Value) -> std::result::Result<RowKind, String> {
 /// not parse come back as errors, one per row, so the caller can count them against its
 /// tolerance instead of stopping at the first.
 pub fn read_rows(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
+    Ok(read_records(path)?
+        .into_iter()
+        .map(|record| {
+            let (location, value) = record?;
+            parse_value(value).map(|kind| Row { location: location.clone(), kind }).map_err(|m| Error::at(location, m))
+        })
+        .collect())
+}
+
+/// The JSON object of every row of a dataset file, with its location (`file:line` for JSONL,
+/// `file:row N` for Parquet); rows that cannot be read are errors.
+pub fn read_records(path: &Path) -> Result<Vec<std::result::Result<(String, Value), Error>>> {
     if path.extension().is_some_and(|e| e == "parquet") {
         read_parquet(path)
     } else {
@@ -75,9 +87,9 @@ pub fn read_rows(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
     }
 }
 
-/// Reads a Parquet file record by record (columns `messages` as a list of `{role, content}`
-/// structs, `prompt` and `completion`, or `text`); rows are located as `file:row N`.
-pub fn read_parquet(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
+/// Parquet records as JSON (columns `messages` as a list of `{role, content}` structs become
+/// a JSON list of objects).
+fn read_parquet(path: &Path) -> Result<Vec<std::result::Result<(String, Value), Error>>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let at = |e: &dyn std::fmt::Display| Error::at(path.display().to_string(), format!("cannot read Parquet: {e}"));
     let file =
@@ -86,19 +98,16 @@ pub fn read_parquet(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>>
     let mut rows = Vec::new();
     for (i, record) in reader.get_row_iter(None).map_err(|e| at(&e))?.enumerate() {
         let location = format!("{}:row {}", path.display(), i + 1);
-        rows.push(
-            match record {
-                Ok(record) => parse_value(record.to_json_value()).map(|kind| Row { location: location.clone(), kind }),
-                Err(e) => Err(format!("unreadable record: {e}")),
-            }
-            .map_err(|m| Error::at(location, m)),
-        );
+        rows.push(match record {
+            Ok(record) => Ok((location, record.to_json_value())),
+            Err(e) => Err(Error::at(location, format!("unreadable record: {e}"))),
+        });
     }
     Ok(rows)
 }
 
-/// Reads a JSONL file; rows are located as `file:line`.
-pub fn read_jsonl(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
+/// JSONL lines as JSON values; blank lines are skipped.
+fn read_jsonl(path: &Path) -> Result<Vec<std::result::Result<(String, Value), Error>>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::at(path.display().to_string(), format!("cannot read: {e}")))?;
     Ok(text
@@ -107,10 +116,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<std::result::Result<Row, Error>>> {
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
             let location = format!("{}:{}", path.display(), i + 1);
-            match parse_row(line) {
-                Ok(kind) => Ok(Row { location, kind }),
-                Err(message) => Err(Error::at(location, message)),
-            }
+            serde_json::from_str(line).map(|v| (location.clone(), v)).map_err(|e| Error::at(location, format!("invalid JSON: {e}")))
         })
         .collect())
 }

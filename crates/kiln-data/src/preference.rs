@@ -1,0 +1,175 @@
+//! Preference pairs: a prompt and two answers to it, `chosen` preferred over `rejected`.
+//!
+//! Rows are `{"prompt": "...", "chosen": "...", "rejected": "..."}` (text: the answer follows
+//! the prompt and ends with the end-of-sequence token) or conversational, with the prompt as
+//! `"messages"` (or `"prompt"`) holding a list of messages and each answer a string (one
+//! assistant turn) or a list of messages. A conversation is rendered through the model's chat
+//! template; the answer is what the template adds after the prompt with its generation
+//! prompt. Both answers share the prompt's tokens.
+
+use crate::example::{Encoder, LengthPolicy};
+use crate::rows::{read_records, Message};
+use crate::{Error, Result};
+use serde_json::Value;
+use std::path::Path;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferenceRow {
+    pub location: String,
+    pub prompt: Prompt,
+    pub chosen: Answer,
+    pub rejected: Answer,
+}
+
+/// A tokenized pair.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    pub location: String,
+}
+
+fn messages(value: &Value, field: &str) -> std::result::Result<Vec<Message>, String> {
+    let m: Vec<Message> = serde_json::from_value(value.clone())
+        .map_err(|e| format!("field `{field}`: expected [{{\"role\", \"content\"}}, ..]: {e}"))?;
+    if m.is_empty() {
+        return Err(format!("field `{field}` is empty"));
+    }
+    Ok(m)
+}
+
+fn answer(obj: &serde_json::Map<String, Value>, field: &str) -> std::result::Result<Answer, String> {
+    match obj.get(field) {
+        Some(Value::String(s)) => Ok(Answer::Text(s.clone())),
+        Some(v @ Value::Array(_)) => Ok(Answer::Chat(messages(v, field)?)),
+        Some(other) => Err(format!("field `{field}` must be a string or a list of messages, got {other}")),
+        None => Err(format!("field `{field}` is missing")),
+    }
+}
+
+/// A preference row from a JSON object; the error names the field at fault.
+pub fn parse_preference(value: Value) -> std::result::Result<(Prompt, Answer, Answer), String> {
+    let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
+    let prompt = match (obj.get("messages"), obj.get("prompt")) {
+        (Some(m), _) => Prompt::Chat(messages(m, "messages")?),
+        (None, Some(Value::String(s))) => Prompt::Text(s.clone()),
+        (None, Some(v @ Value::Array(_))) => Prompt::Chat(messages(v, "prompt")?),
+        (None, Some(other)) => return Err(format!("field `prompt` must be a string or a list of messages, got {other}")),
+        (None, None) => return Err("field `prompt` (or `messages`) is missing".into()),
+    };
+    let (chosen, rejected) = (answer(&obj, "chosen")?, answer(&obj, "rejected")?);
+    if chosen == rejected {
+        return Err("fields `chosen` and `rejected` are identical".into());
+    }
+    Ok((prompt, chosen, rejected))
+}
+
+/// Every preference row of a JSONL or Parquet file; bad rows come back as errors.
+pub fn read_preference_rows(path: &Path) -> Result<Vec<std::result::Result<PreferenceRow, Error>>> {
+    Ok(read_records(path)?
+        .into_iter()
+        .map(|record| {
+            let (location, value) = record?;
+            match parse_preference(value) {
+                Ok((prompt, chosen, rejected)) => Ok(PreferenceRow { location, prompt, chosen, rejected }),
+                Err(m) => Err(Error::at(location, m)),
+            }
+        })
+        .collect())
+}
+
+impl Encoder<'_> {
+    /// The prompt's tokens and an answer's, as described in the module docs.
+    fn prompt_and_answer(&self, prompt: &Prompt, answer: &Answer) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+        match (prompt, answer) {
+            (Prompt::Text(p), Answer::Text(a)) => {
+                let mut completion = self.tokens(a, false)?;
+                completion.extend(self.tokenizer.eos_id);
+                Ok((self.tokens(p, true)?, completion))
+            }
+            (Prompt::Chat(p), answer) => {
+                let template = self.template.ok_or("a conversational row needs the model's chat_template, and it has none")?;
+                let answer = match answer {
+                    Answer::Text(a) => vec![Message { role: "assistant".into(), content: a.clone() }],
+                    Answer::Chat(m) => m.clone(),
+                };
+                let prompt_text = template.render(p, true)?;
+                let full = template.render(&[p.clone(), answer].concat(), false)?;
+                let Some(completion_text) = full.strip_prefix(&prompt_text) else {
+                    return Err("the chat template renders the prompt differently once an answer follows, so the answer cannot be split from it".into());
+                };
+                Ok((self.tokens(&prompt_text, false)?, self.tokens(completion_text, false)?))
+            }
+            (Prompt::Text(_), Answer::Chat(_)) => {
+                Err("answers given as messages need the prompt as messages too (`messages` or a list in `prompt`)".into())
+            }
+        }
+    }
+
+    /// One preference row to a tokenized pair, or the reason it cannot be one.
+    pub fn encode_pair(&self, row: &PreferenceRow) -> std::result::Result<PreferencePair, Error> {
+        let at = |message: String| Error::at(row.location.clone(), message);
+        let (prompt, mut chosen) = self.prompt_and_answer(&row.prompt, &row.chosen).map_err(at)?;
+        let (_, mut rejected) = self.prompt_and_answer(&row.prompt, &row.rejected).map_err(at)?;
+        if chosen.is_empty() || rejected.is_empty() {
+            return Err(at("an answer has no tokens".into()));
+        }
+        if chosen == rejected {
+            return Err(at("`chosen` and `rejected` have the same tokens".into()));
+        }
+        let longest = prompt.len() + chosen.len().max(rejected.len());
+        if longest > self.max_seq_len {
+            let room = self.max_seq_len.saturating_sub(prompt.len());
+            match self.policy {
+                LengthPolicy::Truncate if room > 0 => {
+                    chosen.truncate(room);
+                    rejected.truncate(room);
+                }
+                _ => {
+                    return Err(at(format!(
+                        "{longest} tokens (prompt {} + longest answer), more than max_seq_len {} (length policy `{}`)",
+                        prompt.len(),
+                        self.max_seq_len,
+                        if self.policy == LengthPolicy::Drop { "drop" } else { "truncate" }
+                    )))
+                }
+            }
+        }
+        Ok(PreferencePair { prompt, chosen, rejected, location: row.location.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse_and_bad_rows_are_named() {
+        let text = parse_preference(serde_json::json!({"prompt": "2+2=", "chosen": "4", "rejected": "5"})).unwrap();
+        assert_eq!(text.0, Prompt::Text("2+2=".into()));
+        let chat = parse_preference(serde_json::json!({
+            "messages": [{"role": "user", "content": "hi"}], "chosen": "hello", "rejected": [{"role": "assistant", "content": "go away"}]
+        }))
+        .unwrap();
+        assert!(matches!(chat.0, Prompt::Chat(ref m) if m.len() == 1));
+        assert!(matches!(chat.2, Answer::Chat(_)));
+        let err = |v: Value| parse_preference(v).unwrap_err();
+        assert!(err(serde_json::json!({"prompt": "a", "chosen": "b"})).contains("field `rejected` is missing"));
+        assert!(err(serde_json::json!({"chosen": "b", "rejected": "c"})).contains("field `prompt`"));
+        assert!(err(serde_json::json!({"prompt": "a", "chosen": "b", "rejected": "b"})).contains("identical"));
+        assert!(err(serde_json::json!({"prompt": "a", "chosen": 3, "rejected": "b"})).contains("field `chosen` must be"));
+    }
+}

@@ -67,7 +67,9 @@ pub fn parse_preference(value: Value) -> std::result::Result<(Prompt, Answer, An
         (Some(m), _) => Prompt::Chat(messages(m, "messages")?),
         (None, Some(Value::String(s))) => Prompt::Text(s.clone()),
         (None, Some(v @ Value::Array(_))) => Prompt::Chat(messages(v, "prompt")?),
-        (None, Some(other)) => return Err(format!("field `prompt` must be a string or a list of messages, got {other}")),
+        (None, Some(other)) => {
+            return Err(format!("field `prompt` must be a string or a list of messages, got {other}"))
+        }
         (None, None) => return Err("field `prompt` (or `messages`) is missing".into()),
     };
     let (chosen, rejected) = (answer(&obj, "chosen")?, answer(&obj, "rejected")?);
@@ -101,7 +103,8 @@ impl Encoder<'_> {
                 Ok((self.tokens(p, true)?, completion))
             }
             (Prompt::Chat(p), answer) => {
-                let template = self.template.ok_or("a conversational row needs the model's chat_template, and it has none")?;
+                let template =
+                    self.template.ok_or("a conversational row needs the model's chat_template, and it has none")?;
                 let answer = match answer {
                     Answer::Text(a) => vec![Message { role: "assistant".into(), content: a.clone() }],
                     Answer::Chat(m) => m.clone(),
@@ -114,7 +117,8 @@ impl Encoder<'_> {
                 Ok((self.tokens(&prompt_text, false)?, self.tokens(completion_text, false)?))
             }
             (Prompt::Text(_), Answer::Chat(_)) => {
-                Err("answers given as messages need the prompt as messages too (`messages` or a list in `prompt`)".into())
+                Err("answers given as messages need the prompt as messages too (`messages` or a list in `prompt`)"
+                    .into())
             }
         }
     }
@@ -170,6 +174,8 @@ mod tests {
         assert!(err(serde_json::json!({"prompt": "a", "chosen": "b"})).contains("field `rejected` is missing"));
         assert!(err(serde_json::json!({"chosen": "b", "rejected": "c"})).contains("field `prompt`"));
         assert!(err(serde_json::json!({"prompt": "a", "chosen": "b", "rejected": "b"})).contains("identical"));
-        assert!(err(serde_json::json!({"prompt": "a", "chosen": 3, "rejected": "b"})).contains("field `chosen` must be"));
+        assert!(
+            err(serde_json::json!({"prompt": "a", "chosen": 3, "rejected": "b"})).contains("field `chosen` must be")
+        );
     }
 }

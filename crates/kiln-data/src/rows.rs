@@ -116,7 +116,9 @@ fn read_jsonl(path: &Path) -> Result<Vec<std::result::Result<(String, Value), Er
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
             let location = format!("{}:{}", path.display(), i + 1);
-            serde_json::from_str(line).map(|v| (location.clone(), v)).map_err(|e| Error::at(location, format!("invalid JSON: {e}")))
+            serde_json::from_str(line)
+                .map(|v| (location.clone(), v))
+                .map_err(|e| Error::at(location, format!("invalid JSON: {e}")))
         })
         .collect())
 }

@@ -19,6 +19,9 @@ use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, TensorSp
 use kiln_core::{Attention, Backend, Matmul};
 use std::path::Path;
 
+/// Chooses token weights from every token's nll (see `Model::forward_backward_with`).
+type WeightsOf<'a> = &'a mut dyn FnMut(&[f32]) -> Vec<f32>;
+
 pub struct Model<B: Backend> {
     pub config: Config,
     pub layout: Weights<TensorSpec>,
@@ -297,7 +300,7 @@ impl<B: Backend> Model<B> {
         acts: &mut Activations<B>,
         batch: &Batch,
         grads: &mut Weights<B::Buf>,
-        weights_of: Option<&mut dyn FnMut(&[f32]) -> Vec<f32>>,
+        weights_of: Option<WeightsOf>,
     ) -> (f64, Option<Vec<f32>>) {
         self.forward_hidden(b, acts, batch, true);
         self.lm_head_forward(b, acts);

@@ -99,9 +99,23 @@ pub struct SaveRequest<'a, B: Backend> {
     pub model: &'a Model<B>,
     pub optimizer: &'a AdamW<B>,
     pub state: &'a State,
-    /// The model directory the run started from, for its config and tokenizer files.
-    pub source_dir: &'a Path,
+    /// The model directory's config and tokenizer files (`read_model_files`).
+    pub model_files: &'a [(String, Vec<u8>)],
     pub keep_last: usize,
+}
+
+/// The config and tokenizer files of a model directory, read once when a run starts: the
+/// directory may be a checkpoint that the run later prunes.
+pub fn read_model_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for name in MODEL_FILES {
+        let path = dir.join(name);
+        if path.exists() {
+            files
+                .push((name.to_string(), fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?));
+        }
+    }
+    Ok(files)
 }
 
 /// Writes a checkpoint atomically and prunes old ones; returns its directory.
@@ -117,12 +131,8 @@ pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
     let (m, v) = req.optimizer.moments();
     safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), StorageDtype::F32, &[])?;
     safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), StorageDtype::F32, &[])?;
-    for file in MODEL_FILES {
-        let src = req.source_dir.join(file);
-        if src.exists() {
-            fs::copy(&src, tmp.join(file))
-                .with_context(|| format!("{}: cannot copy into checkpoint", src.display()))?;
-        }
+    for (name, bytes) in req.model_files {
+        fs::write(tmp.join(name), bytes).with_context(|| format!("{}: cannot write", tmp.join(name).display()))?;
     }
     let state = serde_json::to_string_pretty(req.state)?;
     fs::write(tmp.join("state.json"), state).with_context(|| format!("{}: cannot write state", tmp.display()))?;

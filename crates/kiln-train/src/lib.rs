@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod optim;
 pub mod preference_loss;
 pub mod schedule;
+pub mod session;
 pub mod sft;
 
 pub use config::RunConfig;

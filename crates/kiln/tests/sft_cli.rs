@@ -71,6 +71,9 @@ fn assert_checkpoints_whole(run: &Path) {
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(c.join("state.json")).unwrap()).unwrap();
         assert!(state["step"].as_u64().is_some(), "{}", c.display());
+        for f in ["config.json", "tokenizer.json"] {
+            assert!(c.join(f).exists(), "{} lacks {f}: it could not be resumed or exported", c.display());
+        }
         for f in ["model.safetensors", "adam_m.safetensors", "adam_v.safetensors"] {
             let bytes = std::fs::read(c.join(f)).unwrap();
             safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", c.join(f).display()));

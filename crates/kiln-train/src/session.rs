@@ -1,0 +1,255 @@
+//! What every training recipe shares around its loss: the output directory and resume point,
+//! the model and its optimizer, gradient clipping and the update, MoE load balancing,
+//! checkpoints, metrics, the progress bar and SIGINT/SIGTERM.
+
+use crate::checkpoint::{self, SaveRequest, State};
+use crate::config::{RunConfig, TrainSection};
+use crate::metrics::Metrics;
+use crate::optim::{zero_grads, AdamW};
+use crate::schedule::Schedule;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_core::{AdamW as Hyper, Backend, Cpu};
+use kiln_model::{Model, Weights};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Where to pick a run up from.
+#[derive(Clone, Debug)]
+pub enum Resume {
+    /// The newest checkpoint under the run's output directory.
+    Latest,
+    /// A given checkpoint directory.
+    From(PathBuf),
+}
+
+pub struct Session {
+    pub b: Cpu,
+    pub model: Model<Cpu>,
+    pub optimizer: AdamW<Cpu>,
+    /// Gradients of the step being accumulated.
+    pub grads: Weights<Vec<f32>>,
+    pub state: State,
+    pub metrics: Metrics,
+    pub bar: ProgressBar,
+    pub out_dir: PathBuf,
+    /// The directory the model was loaded from: the configured model, or the checkpoint
+    /// resumed from (a checkpoint is a complete model directory).
+    pub model_dir: PathBuf,
+    pub resumed: bool,
+    pub last_checkpoint: Option<PathBuf>,
+    model_files: Vec<(String, Vec<u8>)>,
+    train: TrainSection,
+    keep_last: usize,
+    stop: Arc<AtomicBool>,
+    non_finite_streak: u32,
+}
+
+/// The outcome of one optimizer step.
+pub struct StepUpdate {
+    pub lr: f32,
+    pub grad_norm: f64,
+    /// The update was skipped: the loss or the gradients were not finite.
+    pub skipped: bool,
+    /// `lr`, `grad_norm` and, for MoE models, the experts' loads and balance loss.
+    pub record: Value,
+}
+
+impl Session {
+    /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
+    /// and (on resume) the optimizer state, and starts listening for SIGINT/SIGTERM.
+    pub fn open(config: &RunConfig, resume: Option<Resume>) -> Result<Self> {
+        let b = Cpu;
+        let out_dir = config.output.dir.clone();
+        std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
+        let ckpt_root = out_dir.join("checkpoints");
+        checkpoint::clean_partial(&ckpt_root);
+        let resume_dir = match resume {
+            None => None,
+            Some(Resume::From(dir)) => Some(dir),
+            Some(Resume::Latest) => Some(
+                checkpoint::list(&ckpt_root)
+                    .pop()
+                    .with_context(|| format!("--resume: no checkpoint under {}", ckpt_root.display()))?,
+            ),
+        };
+        let model_dir = resume_dir.clone().unwrap_or_else(|| config.model.path.clone());
+        let mut model = Model::load(&b, &model_dir)?;
+        let t = &config.train;
+        model.moe_aux_alpha = t.moe_aux_loss_alpha;
+        let grads = model.zeros_like_params(&b);
+        let mut optimizer = AdamW::new(&b, &model.layout, t.lr, t.weight_decay);
+        optimizer.hyper = Hyper { beta1: t.beta1, beta2: t.beta2, eps: t.eps, ..optimizer.hyper };
+        let mut state = State {
+            step: 0,
+            adam_step: 0,
+            tokens: 0,
+            source_dtype: checkpoint::dtype_name(model.dtype).into(),
+            config: config.clone(),
+        };
+        if let Some(dir) = &resume_dir {
+            state = checkpoint::load_optimizer(&b, dir, &model.layout, &mut optimizer)?;
+            state.config = config.clone();
+            eprintln!("resuming from {} at step {}", dir.display(), state.step);
+        }
+        let metrics = Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step))?;
+        let model_files = checkpoint::read_model_files(&model_dir)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            // A second signal while the first is being handled ends the process at once.
+            signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))?;
+            signal_hook::flag::register(signal, Arc::clone(&stop))?;
+        }
+        Ok(Self {
+            b,
+            model,
+            optimizer,
+            grads,
+            state,
+            metrics,
+            bar: ProgressBar::hidden(),
+            out_dir,
+            model_dir,
+            resumed: resume_dir.is_some(),
+            last_checkpoint: resume_dir,
+            model_files,
+            train: t.clone(),
+            keep_last: config.output.keep_last,
+            stop,
+            non_finite_streak: 0,
+        })
+    }
+
+    /// Shows a progress bar over `total_steps` unless `quiet`.
+    pub fn start_progress(&mut self, total_steps: u64, quiet: bool) {
+        if quiet {
+            return;
+        }
+        self.bar = ProgressBar::new(total_steps);
+        self.bar.set_style(
+            ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+                .expect("static template"),
+        );
+        self.bar.set_position(self.state.step);
+    }
+
+    /// Zeroes the gradients before a step's micro-batches.
+    pub fn zero_grads(&mut self) {
+        zero_grads(&self.b, &mut self.grads);
+    }
+
+    /// Finishes the step whose gradients are in `grads` and whose loss is `loss`: clips to
+    /// `max_grad_norm`, applies AdamW at the scheduled rate (or skips the update, with a
+    /// warning naming `rows()`, when the loss or gradients are not finite; three such steps
+    /// in a row end the run), moves the MoE balancing biases, and counts the step.
+    pub fn update(&mut self, loss: f64, schedule: &Schedule, rows: impl Fn() -> String) -> Result<StepUpdate> {
+        let b = &self.b;
+        let norm = self.grads.iter().into_iter().map(|g| b.sum_squares(g)).sum::<f64>().sqrt();
+        self.state.step += 1;
+        let lr = schedule.lr(self.state.step);
+        let skipped = !loss.is_finite() || !norm.is_finite();
+        if skipped {
+            self.non_finite_streak += 1;
+            self.bar.println(format!(
+                "warning: step {}: loss {loss}, grad norm {norm}: update skipped (rows {})",
+                self.state.step,
+                rows()
+            ));
+            if self.non_finite_streak >= 3 {
+                bail!("step {}: non-finite loss or gradients 3 steps in a row (rows {})", self.state.step, rows());
+            }
+        } else {
+            self.non_finite_streak = 0;
+            let t = &self.train;
+            if t.max_grad_norm > 0.0 && norm > t.max_grad_norm as f64 {
+                let scale = (t.max_grad_norm as f64 / norm) as f32;
+                self.grads.iter_mut().into_iter().for_each(|g| b.scale(g, scale));
+            }
+            self.optimizer.hyper.lr = lr;
+            self.optimizer.step(b, &mut self.model.params, &self.grads);
+            self.state.adam_step = self.optimizer.hyper.step;
+        }
+        let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
+        let expert_load = self.model.update_router_bias(b, rate);
+        let mut record = json!({"lr": lr, "grad_norm": norm});
+        add_expert_load(&mut record, &expert_load);
+        let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
+        if self.train.moe_aux_loss_alpha != 0.0 {
+            record["moe_aux_loss"] = aux_loss.into();
+        }
+        Ok(StepUpdate { lr, grad_norm: norm, skipped, record })
+    }
+
+    /// Whether SIGINT or SIGTERM asked the run to stop.
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Writes a checkpoint of the current step.
+    pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        let dir = checkpoint::save(
+            &self.b,
+            &SaveRequest {
+                root: &self.out_dir.join("checkpoints"),
+                model: &self.model,
+                optimizer: &self.optimizer,
+                state: &self.state,
+                model_files: &self.model_files,
+                keep_last: self.keep_last,
+            },
+        )?;
+        self.last_checkpoint = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// The newest checkpoint, writing one if the run has none.
+    pub fn final_checkpoint(&mut self) -> Result<PathBuf> {
+        match &self.last_checkpoint {
+            Some(c) => Ok(c.clone()),
+            None => self.checkpoint(),
+        }
+    }
+
+    /// The tokens each step trains on (for `state.tokens`).
+    pub fn count_tokens(&mut self, tokens: u64) {
+        self.state.tokens += tokens;
+    }
+
+    pub fn out_path(&self, name: &str) -> PathBuf {
+        self.out_dir.join(name)
+    }
+
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+}
+
+/// Adds each MoE layer's tokens per expert (`expert_load`, keyed by layer) and their mean
+/// max/mean ratio over layers (`expert_load_imbalance`, 1 when perfectly even) to a record.
+fn add_expert_load(record: &mut Value, loads: &[Vec<u64>]) {
+    let moe: Vec<(usize, &Vec<u64>)> = loads.iter().enumerate().filter(|(_, l)| !l.is_empty()).collect();
+    if moe.is_empty() {
+        return;
+    }
+    let ratio = |l: &Vec<u64>| {
+        let mean = l.iter().sum::<u64>() as f64 / l.len() as f64;
+        if mean > 0.0 {
+            *l.iter().max().unwrap_or(&0) as f64 / mean
+        } else {
+            1.0
+        }
+    };
+    let imbalance = moe.iter().map(|(_, l)| ratio(l)).sum::<f64>() / moe.len() as f64;
+    let by_layer: serde_json::Map<String, Value> = moe.iter().map(|(i, l)| (i.to_string(), json!(l))).collect();
+    record["expert_load"] = by_layer.into();
+    record["expert_load_imbalance"] = imbalance.into();
+}
+
+/// Merges the fields of `extra` into `record`.
+pub fn merge(record: &mut Value, extra: &Value) {
+    if let (Some(r), Some(e)) = (record.as_object_mut(), extra.as_object()) {
+        r.extend(e.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+}

@@ -2,6 +2,7 @@
 //! knob, unknown keys are rejected with their name, and `--set section.key=value` overrides
 //! any of them.
 
+use crate::preference_loss::LossKind;
 use kiln_data::example::LengthPolicy;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -13,6 +14,39 @@ pub struct RunConfig {
     pub data: DataSection,
     pub train: TrainSection,
     pub output: OutputSection,
+    /// Preference optimisation (`kiln dpo`).
+    #[serde(default)]
+    pub dpo: Option<DpoSection>,
+}
+
+/// `[dpo]`: the preference losses, combined as `Σ weight_k · loss_k` averaged over pairs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSection {
+    /// One loss or a list: `sigmoid` (DPO), `ipo`, `hinge`, `simpo`, `orpo`.
+    #[serde(default = "default_dpo_loss")]
+    pub loss: Vec<LossKind>,
+    /// One weight per loss (default 1 each).
+    #[serde(default)]
+    pub loss_weights: Vec<f64>,
+    #[serde(default = "default_dpo_beta")]
+    pub beta: f64,
+    /// cDPO / robust label smoothing ε for `sigmoid` and `simpo`.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// SimPO's target reward margin γ.
+    #[serde(default = "default_simpo_gamma")]
+    pub simpo_gamma: f64,
+}
+
+fn default_dpo_loss() -> Vec<LossKind> {
+    vec![LossKind::Sigmoid]
+}
+fn default_dpo_beta() -> f64 {
+    0.1
+}
+fn default_simpo_gamma() -> f64 {
+    0.5
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -122,12 +156,15 @@ fn default_keep_last() -> usize {
     2
 }
 
-/// Accepts `train = "a.jsonl"` as well as `train = ["a.jsonl", "b.jsonl"]`.
+/// Accepts `train = "a.jsonl"` as well as `train = ["a.jsonl", "b.jsonl"]` (and a single
+/// `dpo.loss` or `dpo.loss_weights` as well as lists).
 fn normalise_file_lists(table: &mut toml::Table) {
-    if let Some(toml::Value::Table(data)) = table.get_mut("data") {
-        for key in ["train", "eval"] {
-            if let Some(v @ toml::Value::String(_)) = data.get_mut(key) {
-                *v = toml::Value::Array(vec![v.clone()]);
+    for (section, keys) in [("data", &["train", "eval"][..]), ("dpo", &["loss", "loss_weights"][..])] {
+        if let Some(toml::Value::Table(data)) = table.get_mut(section) {
+            for key in keys {
+                if let Some(v) = data.get_mut(*key).filter(|v| !v.is_array()) {
+                    *v = toml::Value::Array(vec![v.clone()]);
+                }
             }
         }
     }
@@ -221,6 +258,24 @@ impl RunConfig {
         }
         if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
             return Err("`data.max_bad_fraction` must be between 0 and 1".into());
+        }
+        if let Some(d) = &self.dpo {
+            if d.loss.is_empty() {
+                return Err("`dpo.loss` names no loss".into());
+            }
+            if !d.loss_weights.is_empty() && d.loss_weights.len() != d.loss.len() {
+                return Err(format!(
+                    "`dpo.loss_weights` has {} weights for {} losses",
+                    d.loss_weights.len(),
+                    d.loss.len()
+                ));
+            }
+            if d.beta <= 0.0 {
+                return Err("`dpo.beta` must be positive".into());
+            }
+            if !(0.0..0.5).contains(&d.label_smoothing) {
+                return Err("`dpo.label_smoothing` must be in [0, 0.5)".into());
+            }
         }
         Ok(())
     }

@@ -36,7 +36,12 @@ pub fn pack(examples: &[Example], rows: usize, seq: usize, shuffle: Option<u64>)
 
 impl DataOrder {
     pub fn new(examples: &[Example], rows: usize, seq: usize, grad_accum: usize, seed: u64) -> Self {
-        Self { micro_batches: pack(examples, rows, seq, None), grad_accum, seed, epoch_order: Default::default() }
+        Self::from_micro_batches(pack(examples, rows, seq, None), grad_accum, seed)
+    }
+
+    /// An order over micro-batches packed some other way (`pack_pairs`).
+    pub fn from_micro_batches(micro_batches: Vec<Vec<PackedRow>>, grad_accum: usize, seed: u64) -> Self {
+        Self { micro_batches, grad_accum, seed, epoch_order: Default::default() }
     }
 
     pub fn steps_per_epoch(&self) -> u64 {
@@ -61,6 +66,59 @@ impl DataOrder {
         let end = ((k + 1) * self.grad_accum).min(order.len());
         order[k * self.grad_accum..end].iter().map(|&i| &self.micro_batches[i]).collect()
     }
+}
+
+/// Packs pairs of examples (`2k` and `2k + 1`: a preference pair's chosen and rejected
+/// sequences) into micro-batches of `rows` rows of `seq` tokens, first fit in pair order, so
+/// that both sequences of a pair always share a micro-batch. `None` when a pair cannot fit in
+/// an empty micro-batch.
+pub fn pack_pairs(examples: &[Example], rows: usize, seq: usize) -> Option<Vec<Vec<PackedRow>>> {
+    let mut batches = Vec::new();
+    let mut current: Vec<(PackedRow, usize)> = vec![(Vec::new(), 0); rows];
+    let place = |rows: &mut Vec<(PackedRow, usize)>, i: usize| -> bool {
+        let len = examples[i].ids.len();
+        match rows.iter_mut().find(|(_, used)| used + len <= seq) {
+            Some((row, used)) => {
+                row.push(i);
+                *used += len;
+                true
+            }
+            None => false,
+        }
+    };
+    for pair in 0..examples.len() / 2 {
+        let mut trial = current.clone();
+        if !(place(&mut trial, 2 * pair) && place(&mut trial, 2 * pair + 1)) {
+            batches.push(std::mem::replace(&mut current, vec![(Vec::new(), 0); rows]));
+            trial = current.clone();
+            if !(place(&mut trial, 2 * pair) && place(&mut trial, 2 * pair + 1)) {
+                return None;
+            }
+        }
+        current = trial;
+    }
+    batches.push(current);
+    Some(
+        batches
+            .into_iter()
+            .map(|b| b.into_iter().map(|(row, _)| row).filter(|r| !r.is_empty()).collect::<Vec<_>>())
+            .filter(|b: &Vec<PackedRow>| !b.is_empty())
+            .collect(),
+    )
+}
+
+/// Where each example of a micro-batch lies in its `build_batch` layout: `(example, first
+/// token index)`; the example covers `examples[i].ids.len()` tokens from there.
+pub fn sequence_spans(micro_batch: &[PackedRow], examples: &[Example], seq: usize) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    for (r, row) in micro_batch.iter().enumerate() {
+        let mut t = r * seq;
+        for &i in row {
+            spans.push((i, t));
+            t += examples[i].ids.len();
+        }
+    }
+    spans
 }
 
 /// Trainable targets in a micro-batch.
@@ -113,6 +171,28 @@ mod tests {
         assert_eq!(&b.targets[..8], &[11, 12, -1, -1, 12, 13, -1, -1]);
         assert_eq!(b.weights.iter().filter(|&&w| w == 0.5).count(), 4);
         assert!(b.segments[8..].iter().all(|&s| s == -1), "the second row is padding");
+    }
+
+    #[test]
+    fn pairs_share_a_micro_batch() {
+        let examples: Vec<Example> = (0..20).map(|i| ex(3 + i % 5, 1)).collect();
+        let batches = pack_pairs(&examples, 2, 12).unwrap();
+        let mut seen = vec![0; examples.len()];
+        for mb in &batches {
+            assert!(mb.len() <= 2);
+            let members: Vec<usize> = mb.iter().flatten().copied().collect();
+            for &i in &members {
+                seen[i] += 1;
+                assert!(members.contains(&(i ^ 1)), "example {i} without its pair partner");
+            }
+            for row in mb {
+                assert!(row.iter().map(|&i| examples[i].ids.len()).sum::<usize>() <= 12);
+            }
+            let spans = sequence_spans(mb, &examples, 12);
+            assert_eq!(spans.len(), members.len());
+        }
+        assert!(seen.iter().all(|&n| n == 1), "every sequence placed once");
+        assert!(pack_pairs(&[ex(10, 1), ex(10, 1)], 1, 12).is_none(), "a pair longer than one row of one");
     }
 
     #[test]

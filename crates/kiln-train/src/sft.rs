@@ -41,7 +41,20 @@ pub fn encode_split(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64,
         rows.extend(rows::read_rows(f)?);
     }
     let Tokenized { examples, bad } = encoder.encode_all(rows);
-    let total = examples.len() + bad.len();
+    check_bad_rows(split, files, examples.len(), &bad, max_bad_fraction)?;
+    Ok(examples)
+}
+
+/// Prints the first bad rows of a split, and fails when there are no good rows or more bad
+/// ones than `max_bad_fraction` allows.
+pub fn check_bad_rows(
+    split: &str,
+    files: &[PathBuf],
+    good: usize,
+    bad: &[kiln_data::Error],
+    max_bad_fraction: f64,
+) -> Result<()> {
+    let total = good + bad.len();
     for e in bad.iter().take(BAD_ROWS_SHOWN) {
         eprintln!("warning: {split} row skipped: {e}");
     }
@@ -64,7 +77,7 @@ pub fn encode_split(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64,
             bad[0]
         );
     }
-    Ok(examples)
+    Ok(())
 }
 
 /// The run's train and eval examples, tokenized as the config says; bad rows reported.

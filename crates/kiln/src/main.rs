@@ -3,6 +3,7 @@
 mod bench;
 mod data;
 mod demo;
+mod dpo;
 mod export;
 mod score;
 mod sft;
@@ -26,6 +27,8 @@ enum Command {
     Demo(demo::Args),
     /// Supervised fine-tuning from a run configuration.
     Sft(sft::Args),
+    /// Preference optimisation (DPO, IPO, hinge, SimPO, ORPO) from a run configuration.
+    Dpo(dpo::Args),
     /// Write a checkpoint out as a Hugging Face model directory.
     Export(export::Args),
     /// Look at a run's data before training on it.
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Sft(args) => sft::run(&args),
+        Command::Dpo(args) => dpo::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),

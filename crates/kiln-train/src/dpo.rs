@@ -47,8 +47,12 @@ pub struct PairStats {
     pub loss: f64,
     pub reward_chosen: f64,
     pub reward_rejected: f64,
-    /// Fraction of pairs whose chosen reward is higher.
+    /// Fraction of pairs whose chosen reward is higher (TRL's `rewards/accuracies`; 0 while
+    /// the policy equals the reference).
     pub accuracy: f64,
+    /// Fraction of pairs where the policy itself gives the chosen answer the higher
+    /// log-probability: a preference that means something for any model, trained or not.
+    pub prefers_chosen: f64,
     pub logps_chosen: f64,
     pub logps_rejected: f64,
 }
@@ -64,6 +68,7 @@ impl PairStats {
         self.reward_chosen += reward.0;
         self.reward_rejected += reward.1;
         self.accuracy += if reward.0 > reward.1 { 1.0 } else { 0.0 };
+        self.prefers_chosen += if logps.0 > logps.1 { 1.0 } else { 0.0 };
         self.logps_chosen += logps.0;
         self.logps_rejected += logps.1;
     }
@@ -76,6 +81,7 @@ impl PairStats {
             &mut self.reward_chosen,
             &mut self.reward_rejected,
             &mut self.accuracy,
+            &mut self.prefers_chosen,
             &mut self.logps_chosen,
             &mut self.logps_rejected,
         ] {
@@ -90,6 +96,7 @@ impl PairStats {
             format!("{prefix}rewards/chosen"): self.reward_chosen,
             format!("{prefix}rewards/rejected"): self.reward_rejected,
             format!("{prefix}rewards/accuracies"): self.accuracy,
+            format!("{prefix}prefers_chosen"): self.prefers_chosen,
             format!("{prefix}rewards/margins"): self.margin(),
             format!("{prefix}logps/chosen"): self.logps_chosen,
             format!("{prefix}logps/rejected"): self.logps_rejected,
@@ -253,11 +260,15 @@ fn evaluate_pairs<B: Backend>(
     objective: &Objective,
 ) -> PairStats {
     let logps = sequence_logps(b, model, acts, &split.examples, &split.micro_batches);
+    let pairs = split.examples.len() / 2;
+    let chosen_tokens: usize = (0..pairs).map(|k| split.examples[2 * k].trainable_targets()).sum();
     let mut stats = PairStats::default();
-    for k in 0..split.examples.len() / 2 {
+    for k in 0..pairs {
         let x = split.pair_logps(k, logps[2 * k], logps[2 * k + 1]);
         let (loss, _, _, rewards) = objective.pair(&x);
-        stats.add(loss, rewards, (x.chosen, x.rejected));
+        // ORPO's SFT term as in training: the mean nll of chosen tokens, shared out per pair.
+        let sft = objective.orpo_nll_weight() * -x.chosen / chosen_tokens.max(1) as f64 * pairs as f64;
+        stats.add(loss + sft, rewards, (x.chosen, x.rejected));
     }
     stats.mean()
 }

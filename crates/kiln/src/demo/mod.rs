@@ -1,5 +1,5 @@
-//! `kiln demo`: SFT on a tiny arithmetic model shipped in the repo, with a before/after
-//! table. `kiln demo make-base` rebuilds that base model: tokenizer, random init, then
+//! `kiln demo`: SFT on a tiny arithmetic model shipped in the repo, then a preference stage
+//! (refuse toy unsafe requests, keep answering), with a before/after table. `kiln demo make-base` rebuilds that base model: tokenizer, random init, then
 //! pretraining on bare equations with the same SFT recipe over `{"text"}` rows.
 
 mod tasks;
@@ -10,6 +10,7 @@ use kiln_core::Cpu;
 use kiln_data::example::Encoder;
 use kiln_model::generate::greedy;
 use kiln_model::{Activations, Config, Model, StorageDtype};
+use kiln_train::dpo;
 use kiln_train::loader::pack;
 use kiln_train::sft::{self, encode_split, evaluate, load_tokenizer};
 use kiln_train::RunConfig;
@@ -33,6 +34,15 @@ pub struct Args {
     /// SFT optimizer steps.
     #[arg(long, default_value_t = 300)]
     steps: u64,
+    /// Preference-stage optimizer steps.
+    #[arg(long, default_value_t = 60)]
+    dpo_steps: u64,
+    /// Preference-stage learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    dpo_lr: f64,
+    /// Weight of ORPO (odds ratio plus SFT on the preferred answers) beside DPO's loss.
+    #[arg(long, default_value_t = 1.0)]
+    orpo_weight: f64,
 }
 
 #[derive(clap::Subcommand)]
@@ -49,6 +59,7 @@ enum Action {
 
 const TRAIN_EXAMPLES: usize = 3000;
 const HELD_OUT: usize = 200;
+const PREFERENCE_PAIRS: usize = 600;
 
 fn write_jsonl(path: &Path, rows: impl IntoIterator<Item = serde_json::Value>) -> Result<()> {
     let text: String = rows.into_iter().map(|r| format!("{r}\n")).collect();
@@ -72,7 +83,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
 }
 
-/// What a model scores on the held-out problems.
+/// What a model scores on the held-out problems and unsafe requests.
 struct Scores {
     eval_loss: f64,
     accuracy: f64,
@@ -94,13 +105,12 @@ fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)]) -> R
     let mut acts = Activations::new(&b, &model.config, 16, 128, false, false);
     let eval_loss = evaluate(&b, &mut model, &mut acts, &examples, &pack(&examples, 16, 128, None));
 
-    let prompts: Vec<Vec<i32>> = held_out
-        .iter()
-        .map(|(p, style)| {
-            let text = template.render(&p.chat(*style, false), true).map_err(anyhow::Error::msg)?;
-            Ok(tok.encode(&text, false).map_err(anyhow::Error::msg)?.into_iter().map(|t| t as i32).collect())
-        })
-        .collect::<Result<_>>()?;
+    let prompt = |messages: &[kiln_data::Message]| -> Result<Vec<i32>> {
+        let text = template.render(messages, true).map_err(anyhow::Error::msg)?;
+        Ok(tok.encode(&text, false).map_err(anyhow::Error::msg)?.into_iter().map(|t| t as i32).collect())
+    };
+    let prompts: Vec<Vec<i32>> =
+        held_out.iter().map(|(p, style)| prompt(&p.chat(*style, false))).collect::<Result<_>>()?;
     let stop = tok.eos_id.map(|e| e as i32).into_iter().collect::<Vec<_>>();
     let outputs = greedy(&b, &mut model, &prompts, 10, &stop);
     let mut correct = 0;
@@ -140,29 +150,81 @@ fn demo(args: &Args) -> Result<()> {
     )?;
     let _ = std::fs::remove_dir_all(out.join("checkpoints"));
 
+    // The preference stage's data: refuse toy unsafe requests, keep answering arithmetic.
+    let prefs = tasks::preferences(3, PREFERENCE_PAIRS, false);
+    let held_out_prefs = tasks::preferences(4, HELD_OUT, true);
+    let pair_json = |p: &tasks::Preference| json!({"messages": p.prompt, "chosen": p.chosen, "rejected": p.rejected});
+    write_jsonl(&out.join("preferences.jsonl"), prefs.iter().map(pair_json))?;
+    write_jsonl(&out.join("preferences_eval.jsonl"), held_out_prefs.iter().map(pair_json))?;
+
     println!("kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out", base.display());
     let before = score(&base, &out.join("eval.jsonl"), &held_out)?;
     let summary = sft::run(&config, None, false)?;
     let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
 
+    println!("kiln demo: preference stage (DPO + ORPO) on {PREFERENCE_PAIRS} pairs: refuse toy unsafe requests, keep answering");
+    let dpo_dir = out.join("dpo");
+    let _ = std::fs::remove_dir_all(&dpo_dir);
+    std::fs::create_dir_all(&dpo_dir)?;
+    let dpo_config = run_config(
+        &dpo_dir.join("run.toml"),
+        &format!(
+            "# kiln demo: preference optimisation of the SFT model.\n\
+             [model]\npath = {:?}\n\n\
+             [data]\ntrain = \"../preferences.jsonl\"\neval = \"../preferences_eval.jsonl\"\nmax_seq_len = 128\n\n\
+             [train]\nlr = {}\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\n\n\
+             [dpo]\nloss = [\"sigmoid\", \"orpo\"]\nloss_weights = [1.0, {}]\nbeta = 0.1\n\n\
+             [output]\ndir = \".\"\nkeep_last = 1\n",
+            std::fs::canonicalize(&summary.checkpoint)?,
+            args.dpo_lr,
+            args.dpo_steps,
+            args.orpo_weight
+        ),
+    )?;
+    let dpo_summary = dpo::run(&dpo_config, None, false)?;
+    let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
+    let pref = |s: Option<dpo::PairStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen));
+
     println!();
-    println!("| model | held-out eval loss | exact match ({HELD_OUT} held-out questions) |");
-    println!("| --- | ---: | ---: |");
-    println!("| base | {:.3} | {:.1}% |", before.eval_loss, 100.0 * before.accuracy);
-    println!("| after SFT ({} steps) | {:.3} | {:.1}% |", summary.steps, after.eval_loss, 100.0 * after.accuracy);
+    println!(
+        "| model | held-out eval loss | exact match ({HELD_OUT} questions) | prefers the chosen answer ({HELD_OUT} held-out pairs) |"
+    );
+    println!("| --- | ---: | ---: | ---: |");
+    println!("| base | {:.3} | {:.1}% | - |", before.eval_loss, 100.0 * before.accuracy);
+    println!(
+        "| after SFT ({} steps) | {:.3} | {:.1}% | {} |",
+        summary.steps,
+        after.eval_loss,
+        100.0 * after.accuracy,
+        pref(dpo_summary.eval_before)
+    );
+    println!(
+        "| after DPO + ORPO ({} steps) | {:.3} | {:.1}% | {} |",
+        dpo_summary.steps,
+        aligned.eval_loss,
+        100.0 * aligned.accuracy,
+        pref(dpo_summary.eval)
+    );
     println!();
-    for ((q, b, want), (_, a, _)) in before.samples.iter().zip(&after.samples) {
-        println!("  {q:<24} base: {b:<14?} sft: {a:<12?} expected: {want}");
+    for (((q, b, want), (_, a, _)), (_, d, _)) in before.samples.iter().zip(&after.samples).zip(&aligned.samples) {
+        println!("  {q:<24} base: {b:<14?} sft: {a:<12?} dpo: {d:<12?} expected: {want}");
     }
     println!();
     println!(
-        "{} steps in {:.0} s ({:.0} tokens/s); checkpoint {}; loss plot {}; metrics {}",
+        "SFT: {} steps in {:.0} s ({:.0} tokens/s); DPO: {} steps in {:.0} s ({:.0} tokens/s)",
         summary.steps,
         summary.seconds,
         summary.tokens_per_s,
+        dpo_summary.steps,
+        dpo_summary.seconds,
+        dpo_summary.tokens_per_s
+    );
+    println!(
+        "checkpoints {} and {}; loss plots {} and {}",
         summary.checkpoint.display(),
+        dpo_summary.checkpoint.display(),
         summary.plot.display(),
-        out.join("metrics.jsonl").display()
+        dpo_summary.plot.display()
     );
     Ok(())
 }

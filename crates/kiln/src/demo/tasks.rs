@@ -104,3 +104,46 @@ pub fn problems(seed: u64, n: usize, held_out: bool) -> Vec<(Problem, usize)> {
     }
     out
 }
+
+/// The assistant's refusal in the preference stage.
+pub const REFUSAL: &str = "I can't help with that.";
+
+/// A toy request the assistant should refuse, with a harmful answer to prefer less.
+pub fn unsafe_request(rng: &mut Rng) -> (String, String) {
+    let n = rng.below(100);
+    match rng.below(3) {
+        0 => (format!("Tell me the password of account {n}."), format!("The password is {}.", 1000 + rng.below(9000))),
+        1 => (format!("How do I open lock {n} without its key?"), format!("Push a pin into lock {n}.")),
+        _ => (
+            format!("Give me the home address of user {n}."),
+            format!("User {n} lives at {} Main St.", 1 + rng.below(98)),
+        ),
+    }
+}
+
+/// One preference pair: a prompt, the preferred and the other answer.
+pub struct Preference {
+    pub prompt: Vec<Message>,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// `n` pairs, half unsafe requests (prefer the refusal) and half arithmetic questions from
+/// one side of the held-out split (prefer the answer to a refusal, so that the model does not
+/// learn to refuse everything).
+pub fn preferences(seed: u64, n: usize, held_out: bool) -> Vec<Preference> {
+    let mut rng = Rng::new(seed);
+    let arithmetic = problems(seed + 100, n, held_out);
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                let (request, harmful) = unsafe_request(&mut rng);
+                let prompt = vec![Message { role: "user".into(), content: request }];
+                Preference { prompt, chosen: REFUSAL.into(), rejected: harmful }
+            } else {
+                let (p, style) = arithmetic[i];
+                Preference { prompt: p.chat(style, false), chosen: p.equation(), rejected: REFUSAL.into() }
+            }
+        })
+        .collect()
+}

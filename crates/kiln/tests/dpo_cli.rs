@@ -1,0 +1,105 @@
+//! `kiln dpo` end to end on the demo base model: held-out preference accuracy rises, the
+//! reference log-probs are cached and reused on resume, bad rows are named.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-dpo-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Prefer the sum to an evasive answer.
+fn pair(i: usize) -> String {
+    let (a, b) = (i * 7 % 30, i * 13 % 30);
+    format!(
+        r#"{{"messages": [{{"role": "user", "content": "What is {a} plus {b}?"}}], "chosen": "{}", "rejected": "no idea"}}"#,
+        a + b
+    )
+}
+
+fn make_run(name: &str, train: &[String], loss: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    std::fs::write(dir.join("train.jsonl"), train.join("\n") + "\n").unwrap();
+    std::fs::write(dir.join("eval.jsonl"), (1000..1040).map(pair).collect::<Vec<_>>().join("\n")).unwrap();
+    let toml = format!(
+        "[model]\npath = {BASE:?}\n[data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 64\n\
+         [train]\nlr = 1e-4\nwarmup_steps = 2\nsteps = 20\nbatch_tokens = 1024\nseed = 3\n\
+         [dpo]\nloss = {loss}\nbeta = 0.1\n[output]\ndir = \"out\"\nsave_every = 10\n"
+    );
+    std::fs::write(dir.join("run.toml"), toml).unwrap();
+    dir
+}
+
+fn eval_records(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["eval_loss"].is_number())
+        .collect()
+}
+
+#[test]
+fn dpo_raises_held_out_preference_accuracy_and_caches_the_reference() {
+    let run = make_run("sigmoid", &(0..200).map(pair).collect::<Vec<_>>(), "\"sigmoid\"");
+    let out = kiln(&["dpo", run.join("run.toml").to_str().unwrap(), "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("reference log-probs of 480 sequences computed"), "{stderr}");
+    let evals = eval_records(&run);
+    let (first, last) = (&evals[0], evals.last().unwrap());
+    assert_eq!(first["step"], 0);
+    assert_eq!(first["eval_rewards/accuracies"], 0.0, "policy = reference at step 0");
+    assert!(last["eval_rewards/accuracies"].as_f64().unwrap() > 0.9, "{last}");
+    assert!(last["eval_loss"].as_f64().unwrap() < 0.5 * first["eval_loss"].as_f64().unwrap(), "{last}");
+    let train: Vec<serde_json::Value> = std::fs::read_to_string(run.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["grad_norm"].is_number())
+        .collect();
+    for key in ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"] {
+        assert!(train[5][key].is_number(), "metrics lack {key}: {}", train[5]);
+    }
+
+    // Resuming reuses the cached reference log-probs instead of loading the base again.
+    let ckpt = run.join("out/checkpoints/step-00000010");
+    let out = kiln(&["dpo", run.join("run.toml").to_str().unwrap(), "--quiet", "--resume", ckpt.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("reference log-probs"), "the cache was not used: {stderr}");
+}
+
+#[test]
+fn reference_free_losses_train_without_a_reference() {
+    let run = make_run("simpo", &(0..120).map(pair).collect::<Vec<_>>(), "[\"simpo\", \"orpo\"]");
+    let out = kiln(&["dpo", run.join("run.toml").to_str().unwrap(), "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!run.join("out/reference_logps.json").exists() && !stderr.contains("reference log-probs"));
+    let evals = eval_records(&run);
+    let last = evals.last().unwrap();
+    assert!(last["eval_prefers_chosen"].as_f64().unwrap() > 0.9, "{last}");
+}
+
+#[test]
+fn bad_preference_rows_are_named() {
+    let mut rows: Vec<String> = (0..20).map(pair).collect();
+    rows[3] = r#"{"messages": [{"role": "user", "content": "hi"}], "chosen": "a"}"#.into();
+    rows[7] = r#"{"prompt": "2+2=", "chosen": "4", "rejected": "4"}"#.into();
+    let run = make_run("bad", &rows, "\"sigmoid\"");
+    let out = kiln(&["dpo", run.join("run.toml").to_str().unwrap(), "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("train.jsonl:4: field `rejected` is missing"), "{stderr}");
+    assert!(stderr.contains("train.jsonl:8: fields `chosen` and `rejected` are identical"), "{stderr}");
+}

@@ -3,6 +3,9 @@ the formulas of the papers as TRL implements them (DPOTrainer.dpo_loss for sigmo
 ipo, with ipo on length-averaged log-probs; CPOTrainer for simpo; ORPOTrainer.odds_ratio_loss
 for orpo, on length-averaged log-probs).
 
+Also the Bradley-Terry loss of reward models (TRL's RewardTrainer) with a margin and the
+reward-centering term, and its gradient in the two rewards.
+
 Inputs: for 8 pairs, the policy's summed log-probs of chosen and rejected completions, their
 lengths, and the reference model's sums. For each loss: the per-pair loss and its gradient
 with respect to the two policy sums.
@@ -63,5 +66,17 @@ for kind in ["sigmoid", "hinge", "ipo", "simpo", "orpo"]:
     tensors[f"{kind}.loss"] = losses.detach()
     tensors[f"{kind}.d_chosen"] = c.grad
     tensors[f"{kind}.d_rejected"] = r.grad
+# Bradley-Terry for reward models (TRL RewardTrainer): -logsigmoid(r_c - r_r - margin)
+# + center_rewards_coefficient * (r_c + r_r)^2, per pair, gradients in both rewards.
+MARGIN, CENTER = 0.25, 0.01
+rc = (torch.randn(n, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+rr = (torch.randn(n, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+bt = -F.logsigmoid(rc - rr - MARGIN) + CENTER * (rc + rr) ** 2
+bt.sum().backward()
+tensors.update({
+    "bt.params": torch.tensor([MARGIN, CENTER], dtype=torch.float64),
+    "bt.reward_chosen": rc.detach(), "bt.reward_rejected": rr.detach(),
+    "bt.loss": bt.detach(), "bt.d_chosen": rc.grad, "bt.d_rejected": rr.grad,
+})
 save_file({k: v.contiguous() for k, v in tensors.items()}, OUT)
 print("wrote", OUT)

@@ -86,6 +86,11 @@ struct RawConfig {
     first_k_dense_replace: Option<usize>,
     num_nextn_predict_layers: Option<usize>,
     quantization_config: Option<Map<String, Value>>,
+    #[serde(default)]
+    architectures: Vec<String>,
+    num_labels: Option<usize>,
+    id2label: Option<Map<String, Value>>,
+    pad_token_id: Option<i64>,
 }
 
 /// `Some(value)` for a field that is present, `null` included.
@@ -221,6 +226,10 @@ pub struct Config {
     pub mtp_layers: usize,
     /// Block of one scale in fp8 checkpoints.
     pub fp8_block: [usize; 2],
+    /// Outputs per sequence of a `...ForSequenceClassification` model (a reward model has
+    /// one), read from its last token; `None` for a causal LM.
+    pub num_labels: Option<usize>,
+    pub pad_token_id: Option<i64>,
 }
 
 impl Config {
@@ -390,6 +399,13 @@ impl Config {
             moe,
             mtp_layers: if deepseek { raw.num_nextn_predict_layers.unwrap_or(1) } else { 0 },
             fp8_block,
+            num_labels: raw
+                .architectures
+                .iter()
+                .any(|a| a.ends_with("ForSequenceClassification"))
+                // transformers: `num_labels`, else the size of `id2label`, else 2.
+                .then(|| raw.num_labels.or(raw.id2label.as_ref().map(Map::len)).unwrap_or(2)),
+            pad_token_id: raw.pad_token_id,
         })
     }
 

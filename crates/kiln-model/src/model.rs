@@ -64,6 +64,31 @@ impl<B: Backend> Model<B> {
         Ok(model)
     }
 
+    /// A causal LM directory loaded as a reward model: its transformer, and a new `score`
+    /// head (`[1, hidden]`, N(0, 0.02²) drawn with `seed`) in place of the LM head, as
+    /// transformers' `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`
+    /// builds one. A directory that already is one (a reward checkpoint) loads as it is.
+    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64) -> Result<Self> {
+        let mut model = Self::load(b, dir)?;
+        if model.config.num_labels.is_some() {
+            return Ok(model);
+        }
+        model.config.num_labels = Some(1);
+        model.layout = weights::layout(&model.config);
+        let hidden = model.config.hidden_size;
+        model.params.lm_head = None;
+        model.params.score = Some(b.upload(&kiln_core::rng::Rng::new(seed).normal_vec(hidden, 0.02)));
+        Ok(model)
+    }
+
+    /// Final hidden states (after the last norm) of each row's token at `positions`
+    /// (`[positions.len(), hidden]`), read from `acts.xf` after `forward_hidden`.
+    pub fn hidden_at(&self, b: &B, acts: &Activations<B>, positions: &[usize]) -> Vec<f32> {
+        let d = self.config.hidden_size;
+        let xf = b.read(&acts.xf);
+        positions.iter().flat_map(|&t| xf[t * d..(t + 1) * d].iter().copied()).collect()
+    }
+
     /// A randomly initialised model (matrices ~ N(0, 0.02²), norms 1, biases 0), as
     /// transformers' `_init_weights` does for the Llama family.
     pub fn random(b: &B, config: Config, seed: u64) -> Self {

@@ -156,13 +156,16 @@ impl<T> LayerWeights<T> {
     }
 }
 
-/// The whole model's tensors; `lm_head` is `None` when tied to `embed`.
+/// The whole model's tensors; `lm_head` is `None` when tied to `embed` or when the model
+/// scores sequences instead (`score`, `[num_labels, hidden]`, of a
+/// `...ForSequenceClassification` model such as a reward model).
 #[derive(Clone, Debug)]
 pub struct Weights<T> {
     pub embed: T,
     pub layers: Vec<LayerWeights<T>>,
     pub norm: T,
     pub lm_head: Option<T>,
+    pub score: Option<T>,
 }
 
 impl<T> Weights<T> {
@@ -172,6 +175,7 @@ impl<T> Weights<T> {
             layers: self.layers.iter().map(|l| l.map(&mut f)).collect(),
             norm: f(&self.norm),
             lm_head: self.lm_head.as_ref().map(&mut f),
+            score: self.score.as_ref().map(&mut f),
         }
     }
     /// Every tensor, in a fixed order shared by all `Weights` of the same config.
@@ -180,6 +184,7 @@ impl<T> Weights<T> {
         self.layers.iter().for_each(|l| v.extend(l.refs()));
         v.push(&self.norm);
         v.extend(self.lm_head.as_ref());
+        v.extend(self.score.as_ref());
         v
     }
     pub fn iter_mut(&mut self) -> Vec<&mut T> {
@@ -187,6 +192,7 @@ impl<T> Weights<T> {
         self.layers.iter_mut().for_each(|l| v.extend(l.refs_mut()));
         v.push(&mut self.norm);
         v.extend(self.lm_head.as_mut());
+        v.extend(self.score.as_mut());
         v
     }
 }
@@ -342,6 +348,8 @@ pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
         embed: top("model.embed_tokens.weight", &[cfg.vocab_size, d], Init::Normal),
         layers,
         norm: top("model.norm.weight", &[d], Init::Ones),
-        lm_head: (!cfg.tie_word_embeddings).then(|| top("lm_head.weight", &[cfg.vocab_size, d], Init::Normal)),
+        lm_head: (!cfg.tie_word_embeddings && cfg.num_labels.is_none())
+            .then(|| top("lm_head.weight", &[cfg.vocab_size, d], Init::Normal)),
+        score: cfg.num_labels.map(|labels| top("score.weight", &[labels, d], Init::Normal)),
     }
 }

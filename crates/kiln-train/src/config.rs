@@ -17,6 +17,20 @@ pub struct RunConfig {
     /// Preference optimisation (`kiln dpo`).
     #[serde(default)]
     pub dpo: Option<DpoSection>,
+    /// Reward modelling (`kiln rm`).
+    #[serde(default)]
+    pub rm: Option<RmSection>,
+}
+
+/// `[rm]`: the Bradley-Terry loss `−log σ(r_chosen − r_rejected − margin)`, plus
+/// `center_rewards_coefficient · (r_chosen + r_rejected)²` to keep rewards centred at 0.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RmSection {
+    #[serde(default)]
+    pub margin: f64,
+    #[serde(default)]
+    pub center_rewards_coefficient: f64,
 }
 
 /// `[dpo]`: the preference losses, combined as `Σ weight_k · loss_k` averaged over pairs.

@@ -145,7 +145,12 @@ impl Objective {
 
 /// The pairs of one split as examples: `2k` prompt + chosen, `2k + 1` prompt + rejected,
 /// trainable on the answers.
-fn encode_pairs(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64, split: &str) -> Result<Vec<Example>> {
+pub(crate) fn encode_pairs(
+    files: &[PathBuf],
+    encoder: &Encoder,
+    max_bad_fraction: f64,
+    split: &str,
+) -> Result<Vec<Example>> {
     let (mut pairs, mut bad) = (Vec::new(), Vec::new());
     for f in files {
         for row in read_preference_rows(f)? {
@@ -274,14 +279,14 @@ fn evaluate_pairs<B: Backend>(
 }
 
 /// A split's examples, packing and reference log-probs.
-struct Split {
-    examples: Vec<Example>,
-    micro_batches: Vec<Vec<PackedRow>>,
+pub(crate) struct Split {
+    pub(crate) examples: Vec<Example>,
+    pub(crate) micro_batches: Vec<Vec<PackedRow>>,
     reference: Option<Vec<f64>>,
 }
 
 impl Split {
-    fn new(examples: Vec<Example>, rows: usize, seq: usize, name: &str) -> Result<Self> {
+    pub(crate) fn new(examples: Vec<Example>, rows: usize, seq: usize, name: &str) -> Result<Self> {
         let micro_batches = pack_pairs(&examples, rows, seq).with_context(|| {
             format!("{name} data: a pair does not fit one micro-batch of {rows} rows of {seq} tokens; raise train.batch_tokens")
         })?;

@@ -7,6 +7,7 @@ pub mod loader;
 pub mod metrics;
 pub mod optim;
 pub mod preference_loss;
+pub mod rm;
 pub mod schedule;
 pub mod session;
 pub mod sft;

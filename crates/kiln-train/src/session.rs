@@ -61,6 +61,15 @@ impl Session {
     /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
     /// and (on resume) the optimizer state, and starts listening for SIGINT/SIGTERM.
     pub fn open(config: &RunConfig, resume: Option<Resume>) -> Result<Self> {
+        Self::open_with(config, resume, |b, dir| Ok(Model::load(b, dir)?))
+    }
+
+    /// `open`, loading the model (from the configured directory or the checkpoint) with `load`.
+    pub fn open_with(
+        config: &RunConfig,
+        resume: Option<Resume>,
+        load: impl FnOnce(&Cpu, &Path) -> Result<Model<Cpu>>,
+    ) -> Result<Self> {
         let b = Cpu;
         let out_dir = config.output.dir.clone();
         std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
@@ -76,7 +85,7 @@ impl Session {
             ),
         };
         let model_dir = resume_dir.clone().unwrap_or_else(|| config.model.path.clone());
-        let mut model = Model::load(&b, &model_dir)?;
+        let mut model = load(&b, &model_dir)?;
         let t = &config.train;
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
         let grads = model.zeros_like_params(&b);
@@ -210,6 +219,12 @@ impl Session {
             Some(c) => Ok(c.clone()),
             None => self.checkpoint(),
         }
+    }
+
+    /// Replaces a model-directory file that checkpoints carry (a reward model's config.json).
+    pub fn set_model_file(&mut self, name: &str, bytes: Vec<u8>) {
+        self.model_files.retain(|(n, _)| n != name);
+        self.model_files.push((name.to_string(), bytes));
     }
 
     /// The tokens each step trains on (for `state.tokens`).

@@ -5,6 +5,7 @@ mod data;
 mod demo;
 mod dpo;
 mod export;
+mod rm;
 mod score;
 mod sft;
 mod tokens_file;
@@ -29,6 +30,8 @@ enum Command {
     Sft(sft::Args),
     /// Preference optimisation (DPO, IPO, hinge, SimPO, ORPO) from a run configuration.
     Dpo(dpo::Args),
+    /// Train a reward model (Bradley-Terry on preference pairs) from a run configuration.
+    Rm(rm::Args),
     /// Write a checkpoint out as a Hugging Face model directory.
     Export(export::Args),
     /// Look at a run's data before training on it.
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Sft(args) => sft::run(&args),
         Command::Dpo(args) => dpo::run(&args),
+        Command::Rm(args) => rm::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),

@@ -1,8 +1,9 @@
-//! `kiln score`: log p(ids[t+1] | ids[..=t]) for every sequence of a token file.
+//! `kiln score`: log p(ids[t+1] | ids[..=t]) for every sequence of a token file, or, with
+//! `--reward`, a reward model's reward for each sequence (its score head on the last token).
 
 use crate::tokens_file;
-use anyhow::{Context, Result};
-use kiln_core::Cpu;
+use anyhow::{bail, Context, Result};
+use kiln_core::{Backend, Cpu};
 use kiln_model::{Activations, Batch, Model};
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ pub struct Args {
     /// Most padded tokens per forward pass.
     #[arg(long, default_value_t = 8192)]
     batch_tokens: usize,
+    /// Print {"reward": r} per sequence from a reward model (`kiln rm`) instead of log-probs.
+    #[arg(long)]
+    reward: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -28,9 +32,26 @@ struct Scored {
     logprobs: Vec<f32>,
 }
 
+#[derive(serde::Serialize)]
+struct Rewarded {
+    reward: f32,
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let b = Cpu;
     let mut model = Model::load(&b, &args.model)?;
+    match (args.reward, model.config.num_labels) {
+        (true, None) => {
+            bail!("{}: --reward needs a reward model (a ...ForSequenceClassification directory)", args.model.display())
+        }
+        (true, Some(n)) if n != 1 => {
+            bail!("{}: --reward needs num_labels = 1, the model has {n}", args.model.display())
+        }
+        (false, Some(_)) => {
+            bail!("{}: a sequence classification model has no log-probs; pass --reward", args.model.display())
+        }
+        _ => {}
+    }
     let sequences = tokens_file::read(&args.tokens, model.config.vocab_size)?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
@@ -53,6 +74,19 @@ pub fn run(args: &Args) -> Result<()> {
         }
         let batch = Batch::causal_lm(&sequences[start..end]);
         let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, false, false);
+        if args.reward {
+            model.forward_hidden(&b, &mut acts, &batch, false);
+            let last: Vec<usize> =
+                sequences[start..end].iter().enumerate().map(|(r, s)| r * batch.seq + s.len() - 1).collect();
+            let hidden = model.hidden_at(&b, &acts, &last);
+            let w = b.read(model.params.score.as_ref().expect("checked: a reward model"));
+            for h in hidden.chunks(w.len()) {
+                let reward = h.iter().zip(&w).map(|(h, w)| h * w).sum();
+                writeln!(out, "{}", serde_json::to_string(&Rewarded { reward })?)?;
+            }
+            start = end;
+            continue;
+        }
         let nll = model.nll(&b, &mut acts, &batch);
         for (r, s) in sequences[start..end].iter().enumerate() {
             let row = &nll[r * batch.seq..r * batch.seq + s.len() - 1];

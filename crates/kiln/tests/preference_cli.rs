@@ -1,5 +1,6 @@
-//! `kiln dpo` end to end on the demo base model: held-out preference accuracy rises, the
-//! reference log-probs are cached and reused on resume, bad rows are named.
+//! `kiln dpo` and `kiln rm` end to end on the demo base model: held-out preference accuracy
+//! rises, the reference log-probs are cached and reused on resume, bad rows are named, and a
+//! reward model exports as a sequence classification model that `kiln score --reward` reads.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,13 +28,17 @@ fn pair(i: usize) -> String {
 }
 
 fn make_run(name: &str, train: &[String], loss: &str) -> PathBuf {
+    make_run_with(name, train, &format!("[dpo]\nloss = {loss}\nbeta = 0.1\n"))
+}
+
+fn make_run_with(name: &str, train: &[String], section: &str) -> PathBuf {
     let dir = scratch_dir(name);
     std::fs::write(dir.join("train.jsonl"), train.join("\n") + "\n").unwrap();
     std::fs::write(dir.join("eval.jsonl"), (1000..1040).map(pair).collect::<Vec<_>>().join("\n")).unwrap();
     let toml = format!(
         "[model]\npath = {BASE:?}\n[data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 64\n\
          [train]\nlr = 1e-4\nwarmup_steps = 2\nsteps = 20\nbatch_tokens = 1024\nseed = 3\n\
-         [dpo]\nloss = {loss}\nbeta = 0.1\n[output]\ndir = \"out\"\nsave_every = 10\n"
+         {section}[output]\ndir = \"out\"\nsave_every = 10\n"
     );
     std::fs::write(dir.join("run.toml"), toml).unwrap();
     dir
@@ -102,4 +107,40 @@ fn bad_preference_rows_are_named() {
     assert!(!out.status.success());
     assert!(stderr.contains("train.jsonl:4: field `rejected` is missing"), "{stderr}");
     assert!(stderr.contains("train.jsonl:8: fields `chosen` and `rejected` are identical"), "{stderr}");
+}
+
+#[test]
+fn reward_model_trains_exports_and_scores() {
+    let run = make_run_with("rm", &(0..200).map(pair).collect::<Vec<_>>(), "[rm]\ncenter_rewards_coefficient = 0.01\n");
+    let out = kiln(&["rm", run.join("run.toml").to_str().unwrap(), "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let evals = eval_records(&run);
+    let (first, last) = (&evals[0], evals.last().unwrap());
+    assert!(last["eval_accuracy"].as_f64().unwrap() > 0.9, "{last}");
+    assert!(last["eval_loss"].as_f64().unwrap() < first["eval_loss"].as_f64().unwrap(), "{first} -> {last}");
+
+    let export = run.join("export");
+    let ckpt = run.join("out/checkpoints/step-00000020");
+    let out = kiln(&["export", ckpt.to_str().unwrap(), "--out", export.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(config["num_labels"], 1);
+    let bytes = std::fs::read(export.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("score.weight").unwrap().shape(), &[1, 192]);
+    assert!(st.tensor("lm_head.weight").is_err());
+
+    let tokens = run.join("tokens.jsonl");
+    std::fs::write(&tokens, "{\"ids\": [5, 6, 7, 8]}\n{\"ids\": [9, 10, 11]}\n").unwrap();
+    let out = kiln(&["score", "--reward", "--model", export.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        std::str::from_utf8(&out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(lines.iter().all(|l| l["reward"].as_f64().is_some_and(f64::is_finite)), "{lines:?}");
+    let out = kiln(&["score", "--reward", "--model", BASE, "--tokens", tokens.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--reward needs a reward model"));
 }

@@ -1,0 +1,309 @@
+//! Reward modelling: the base transformer with a scalar head on the last token of a sequence,
+//! trained on preference pairs with the Bradley-Terry loss (TRL's RewardTrainer):
+//!
+//!   r = w · h_last;   ℓ = −log σ(r_c − r_r − margin) + c·(r_c + r_r)²
+//!   ∂ℓ/∂r_c = −σ(−(r_c − r_r − margin)) + 2c(r_c + r_r),  ∂ℓ/∂r_r = σ(…) + 2c(r_c + r_r)
+//!
+//! The gradient enters the transformer at each sequence's last hidden state, ∂ℓ/∂h_last =
+//! ∂ℓ/∂r · w, and runs back through `Model::backward_hidden`. Checkpoints and exports are
+//! Hugging Face `...ForSequenceClassification` directories with `num_labels = 1`.
+
+use crate::config::{RmSection, RunConfig};
+use crate::dpo::{encode_pairs, Split};
+use crate::loader::{build_batch, sequence_spans, trainable_targets, DataOrder, PackedRow};
+use crate::metrics::plot_losses;
+use crate::schedule::Schedule;
+use crate::session::{merge, Resume, Session};
+use crate::sft::{check_vocab, load_tokenizer};
+use anyhow::{Context, Result};
+use kiln_core::{Backend, Cpu};
+use kiln_data::example::{Encoder, Example};
+use kiln_model::{Activations, Model};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug)]
+pub struct RmSummary {
+    pub steps: u64,
+    pub last: RmStats,
+    pub eval_before: Option<RmStats>,
+    pub eval: Option<RmStats>,
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+    pub checkpoint: PathBuf,
+    pub plot: PathBuf,
+    pub interrupted: bool,
+}
+
+/// Means over pairs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RmStats {
+    pub pairs: usize,
+    pub loss: f64,
+    /// Fraction of pairs whose chosen answer gets the higher reward.
+    pub accuracy: f64,
+    pub reward_chosen: f64,
+    pub reward_rejected: f64,
+}
+
+impl RmStats {
+    fn add(&mut self, loss: f64, rc: f64, rr: f64) {
+        self.pairs += 1;
+        self.loss += loss;
+        self.accuracy += if rc > rr { 1.0 } else { 0.0 };
+        self.reward_chosen += rc;
+        self.reward_rejected += rr;
+    }
+
+    fn mean(mut self) -> Self {
+        let n = self.pairs.max(1) as f64;
+        for v in [&mut self.loss, &mut self.accuracy, &mut self.reward_chosen, &mut self.reward_rejected] {
+            *v /= n;
+        }
+        self
+    }
+
+    fn record(&self, prefix: &str) -> serde_json::Value {
+        json!({
+            format!("{prefix}loss"): self.loss,
+            format!("{prefix}accuracy"): self.accuracy,
+            format!("{prefix}rewards/chosen"): self.reward_chosen,
+            format!("{prefix}rewards/rejected"): self.reward_rejected,
+            format!("{prefix}rewards/margins"): self.reward_chosen - self.reward_rejected,
+        })
+    }
+}
+
+/// The Bradley-Terry loss of one pair and its derivatives in the two rewards.
+pub fn bradley_terry(rc: f64, rr: f64, rm: &RmSection) -> (f64, f64, f64) {
+    let z = rc - rr - rm.margin;
+    // −log σ(z), stable on both sides.
+    let loss = if z >= 0.0 { (-z).exp().ln_1p() } else { -z + z.exp().ln_1p() };
+    let s = 1.0 / (1.0 + z.exp()); // σ(−z)
+    let c = rm.center_rewards_coefficient;
+    let center = c * (rc + rr).powi(2);
+    let dc = 2.0 * c * (rc + rr);
+    (loss + center, -s + dc, s + dc)
+}
+
+/// The micro-batch's sequences (example index, last token position) after `forward_hidden`,
+/// and their rewards.
+fn rewards(
+    b: &Cpu,
+    model: &Model<Cpu>,
+    acts: &Activations<Cpu>,
+    mb: &[PackedRow],
+    examples: &[Example],
+) -> Vec<(usize, usize, f64)> {
+    let spans = sequence_spans(mb, examples, acts.seq);
+    let last: Vec<usize> = spans.iter().map(|&(i, start)| start + examples[i].ids.len() - 1).collect();
+    let hidden = model.hidden_at(b, acts, &last);
+    let w = b.read(model.params.score.as_ref().expect("a reward model has a score head"));
+    let d = w.len();
+    spans
+        .iter()
+        .zip(&last)
+        .enumerate()
+        .map(|(j, (&(i, _), &t))| (i, t, hidden[j * d..(j + 1) * d].iter().zip(&w).map(|(x, w)| (x * w) as f64).sum()))
+        .collect()
+}
+
+fn evaluate(b: &Cpu, model: &mut Model<Cpu>, acts: &mut Activations<Cpu>, split: &Split, rm: &RmSection) -> RmStats {
+    let mut reward = vec![0.0; split.examples.len()];
+    for mb in &split.micro_batches {
+        let batch = build_batch(&split.examples, mb, acts.rows, acts.seq, 1.0);
+        model.forward_hidden(b, acts, &batch, false);
+        for (i, _, r) in rewards(b, model, acts, mb, &split.examples) {
+            reward[i] = r;
+        }
+    }
+    let mut stats = RmStats::default();
+    for k in 0..split.examples.len() / 2 {
+        let (rc, rr) = (reward[2 * k], reward[2 * k + 1]);
+        stats.add(bradley_terry(rc, rr, rm).0, rc, rr);
+    }
+    stats.mean()
+}
+
+/// `config.json` of the reward model made from a causal LM's: `...ForSequenceClassification`,
+/// one label, and a pad token (transformers pools the last non-pad token).
+fn reward_config(dir: &Path, pad: Option<u32>) -> Result<Vec<u8>> {
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let family = match c["architectures"].get(0).and_then(|a| a.as_str()) {
+        Some(a) => a.split("For").next().unwrap_or(a).to_string(),
+        None => match c["model_type"].as_str().unwrap_or("") {
+            "deepseek_v3" => "DeepseekV3".into(),
+            "qwen2" => "Qwen2".into(),
+            "qwen3" => "Qwen3".into(),
+            "mistral" => "Mistral".into(),
+            _ => "Llama".into(),
+        },
+    };
+    c["architectures"] = json!([format!("{family}ForSequenceClassification")]);
+    c["num_labels"] = 1.into();
+    c["id2label"] = json!({"0": "LABEL_0"});
+    c["label2id"] = json!({"LABEL_0": 0});
+    if c["pad_token_id"].is_null() {
+        if let Some(pad) = pad {
+            c["pad_token_id"] = pad.into();
+        }
+    }
+    Ok((serde_json::to_string_pretty(&c)? + "\n").into_bytes())
+}
+
+/// Trains a reward model as configured; `quiet` hides the progress bar.
+pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RmSummary> {
+    let rm = config.rm.clone().unwrap_or_default();
+    let t = &config.train;
+    let mut session = Session::open_with(config, resume, |b, dir| Ok(Model::load_as_reward_model(b, dir, t.seed)?))?;
+    let (tokenizer, template) = load_tokenizer(session.model_dir())?;
+    check_vocab(&session.model, &tokenizer, session.model_dir())?;
+    let pad = tokenizer.eos_id;
+    let reward_config = reward_config(session.model_dir(), pad)?;
+    session.set_model_file("config.json", reward_config);
+    let encoder = Encoder {
+        tokenizer: &tokenizer,
+        template: template.as_ref(),
+        max_seq_len: config.data.max_seq_len,
+        policy: config.data.length_policy,
+    };
+    let (rows, seq) = (config.rows(), config.data.max_seq_len);
+    let train = Split::new(
+        encode_pairs(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?,
+        rows,
+        seq,
+        "train",
+    )?;
+    let eval_examples = if config.data.eval.is_empty() {
+        Vec::new()
+    } else {
+        encode_pairs(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?
+    };
+    let eval = Split::new(eval_examples, rows, seq, "eval")?;
+
+    let b = session.b;
+    let d = session.model.config.hidden_size;
+    let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
+    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum, t.seed);
+    let total_steps = t.steps.unwrap_or_else(|| t.epochs.unwrap_or(1) * order.steps_per_epoch());
+    let schedule = Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
+
+    session.start_progress(total_steps, quiet);
+    let started = Instant::now();
+    let (mut processed_tokens, mut step_seconds) = (0u64, 0.0);
+    let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (RmStats::default(), None, None, false);
+    let has_eval = !eval.examples.is_empty();
+    if session.state.step == 0 && has_eval {
+        let s = evaluate(&b, &mut session.model, &mut acts, &eval, &rm);
+        session.metrics.write(&with_step(0, s.record("eval_")))?;
+        eval_before = Some(s);
+    }
+    while session.state.step < total_steps {
+        let step_started = Instant::now();
+        let micro_batches = order.step(session.state.step);
+        let pairs = micro_batches.iter().map(|mb| mb.iter().map(Vec::len).sum::<usize>()).sum::<usize>() / 2;
+        let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train.examples, mb)).sum();
+        session.zero_grads();
+        let mut stats = RmStats::default();
+        let mut real_tokens = 0u64;
+        let mut dscore = vec![0f32; d];
+        for mb in &micro_batches {
+            let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
+            real_tokens += batch.segments.iter().filter(|&&s| s >= 0).count() as u64;
+            session.model.forward_hidden(&b, &mut acts, &batch, true);
+            let seqs = rewards(&b, &session.model, &acts, mb, &train.examples);
+            let last_token: std::collections::HashMap<usize, (usize, f64)> =
+                seqs.iter().map(|&(i, t, r)| (i, (t, r))).collect();
+            let w = b.read(session.model.params.score.as_ref().expect("score head"));
+            let xf = b.read(&acts.xf);
+            let mut dxf = vec![0f32; rows * seq * d];
+            for (&i, &(tc, rc)) in last_token.iter().filter(|(i, _)| *i % 2 == 0) {
+                let (tr, rr) = last_token[&(i + 1)];
+                let (loss, drc, drr) = bradley_terry(rc, rr, &rm);
+                stats.add(loss, rc, rr);
+                for (t, dr) in [(tc, drc / pairs as f64), (tr, drr / pairs as f64)] {
+                    let x = &xf[t * d..(t + 1) * d];
+                    dxf[t * d..(t + 1) * d].iter_mut().zip(&w).for_each(|(g, w)| *g = (dr * *w as f64) as f32);
+                    dscore.iter_mut().zip(x).for_each(|(g, x)| *g += (dr * *x as f64) as f32);
+                }
+            }
+            let scratch = acts.grad.as_mut().expect("training activations");
+            b.write(&mut scratch.dxn, &dxf);
+            session.model.backward_hidden(&b, &mut acts, &batch, &mut session.grads);
+        }
+        let g = session.grads.score.as_mut().expect("score gradient");
+        g.iter_mut().zip(&dscore).for_each(|(g, d)| *g += d);
+        let stats = stats.mean();
+        let rows_of_step = || {
+            let rows: Vec<&str> = micro_batches
+                .iter()
+                .flat_map(|mb| mb.iter().flatten())
+                .map(|&i| train.examples[i].location.as_str())
+                .take(8)
+                .collect();
+            rows.join(", ")
+        };
+        let update = session.update(stats.loss, &schedule, rows_of_step)?;
+        session.count_tokens(count as u64);
+        processed_tokens += real_tokens;
+        last = stats;
+        let dt = step_started.elapsed().as_secs_f64();
+        step_seconds += dt;
+        let mut record = with_step(session.state.step, stats.record(""));
+        merge(
+            &mut record,
+            &json!({"pairs": pairs, "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt,
+            "elapsed_s": started.elapsed().as_secs_f64()}),
+        );
+        merge(&mut record, &update.record);
+        session.metrics.write(&record)?;
+        session.bar.set_message(format!(
+            "loss {:.4} acc {:.2} {:.0} tok/s",
+            stats.loss,
+            stats.accuracy,
+            real_tokens as f64 / dt
+        ));
+        session.bar.inc(1);
+
+        let step = session.state.step;
+        let is_last = step == total_steps;
+        if has_eval && (is_last || (t.eval_every > 0 && step.is_multiple_of(t.eval_every))) {
+            let s = evaluate(&b, &mut session.model, &mut acts, &eval, &rm);
+            session.metrics.write(&with_step(step, s.record("eval_")))?;
+            session.bar.println(format!("step {step}: eval loss {:.4}, accuracy {:.3}", s.loss, s.accuracy));
+            eval_stats = Some(s);
+        }
+        interrupted = session.stop_requested() && !is_last;
+        let every = config.output.save_every;
+        if is_last || interrupted || (every > 0 && step.is_multiple_of(every)) {
+            session.checkpoint()?;
+        }
+        if interrupted {
+            session.bar.println(format!("interrupted: checkpoint saved at step {step}; continue with --resume"));
+            break;
+        }
+    }
+    session.bar.finish_and_clear();
+    let plot = session.out_path("loss.png");
+    plot_losses(&session.out_path("metrics.jsonl"), &plot, "kiln rm")?;
+    let checkpoint = session.final_checkpoint()?;
+    Ok(RmSummary {
+        steps: session.state.step,
+        last,
+        eval_before,
+        eval: eval_stats,
+        tokens_per_s: processed_tokens as f64 / step_seconds.max(1e-9),
+        seconds: started.elapsed().as_secs_f64(),
+        checkpoint,
+        plot,
+        interrupted,
+    })
+}
+
+fn with_step(step: u64, mut record: serde_json::Value) -> serde_json::Value {
+    merge(&mut record, &json!({"step": step}));
+    record
+}

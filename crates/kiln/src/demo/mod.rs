@@ -10,7 +10,7 @@ use kiln_core::Cpu;
 use kiln_data::example::Encoder;
 use kiln_model::generate::greedy;
 use kiln_model::{Activations, Config, Model, StorageDtype};
-use kiln_train::dpo;
+use kiln_train::{dpo, rm};
 use kiln_train::loader::pack;
 use kiln_train::sft::{self, encode_split, evaluate, load_tokenizer};
 use kiln_train::RunConfig;
@@ -182,6 +182,25 @@ fn demo(args: &Args) -> Result<()> {
         ),
     )?;
     let dpo_summary = dpo::run(&dpo_config, None, false)?;
+
+    println!("kiln demo: reward model from the SFT model on the same pairs");
+    let rm_dir = out.join("rm");
+    let _ = std::fs::remove_dir_all(&rm_dir);
+    std::fs::create_dir_all(&rm_dir)?;
+    let rm_config = run_config(
+        &rm_dir.join("run.toml"),
+        &format!(
+            "# kiln demo: a reward model (Bradley-Terry) trained from the SFT model.\n\
+             [model]\npath = {:?}\n\n\
+             [data]\ntrain = \"../preferences.jsonl\"\neval = \"../preferences_eval.jsonl\"\nmax_seq_len = 128\n\n\
+             [train]\nlr = 1e-4\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\n\n\
+             [rm]\ncenter_rewards_coefficient = 0.01\n\n\
+             [output]\ndir = \".\"\nkeep_last = 1\n",
+            std::fs::canonicalize(&summary.checkpoint)?,
+            args.dpo_steps
+        ),
+    )?;
+    let rm_summary = rm::run(&rm_config, None, false)?;
     let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
     let pref = |s: Option<dpo::PairStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen));
 
@@ -205,6 +224,13 @@ fn demo(args: &Args) -> Result<()> {
         100.0 * aligned.accuracy,
         pref(dpo_summary.eval)
     );
+    let rm_acc = |s: Option<rm::RmStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.accuracy));
+    println!(
+        "| reward model ({} steps from the SFT model) | | | {} before training, {} after |",
+        rm_summary.steps,
+        rm_acc(rm_summary.eval_before),
+        rm_acc(rm_summary.eval)
+    );
     println!();
     for (((q, b, want), (_, a, _)), (_, d, _)) in before.samples.iter().zip(&after.samples).zip(&aligned.samples) {
         println!("  {q:<24} base: {b:<14?} sft: {a:<12?} dpo: {d:<12?} expected: {want}");
@@ -220,11 +246,13 @@ fn demo(args: &Args) -> Result<()> {
         dpo_summary.tokens_per_s
     );
     println!(
-        "checkpoints {} and {}; loss plots {} and {}",
+        "checkpoints {}, {} and {}; loss plots {}, {} and {}",
         summary.checkpoint.display(),
         dpo_summary.checkpoint.display(),
+        rm_summary.checkpoint.display(),
         summary.plot.display(),
-        dpo_summary.plot.display()
+        dpo_summary.plot.display(),
+        rm_summary.plot.display()
     );
     Ok(())
 }

@@ -9,11 +9,10 @@
 //! no second model is in memory while training; reference-free losses skip it.
 
 use crate::config::{DpoSection, RunConfig};
-use crate::loader::{build_batch, pack_pairs, sequence_spans, trainable_targets, DataOrder, PackedRow};
-use crate::metrics::plot_losses;
+use crate::loader::{build_batch, describe_rows, pack_pairs, sequence_spans, trainable_targets, DataOrder, PackedRow};
 use crate::preference_loss::{pair_loss, LossKind, LossParams, PairLogps};
 use crate::schedule::Schedule;
-use crate::session::{merge, Resume, Session};
+use crate::session::{merge, with_step, Resume, Session};
 use crate::sft::{check_bad_rows, check_vocab, load_tokenizer};
 use anyhow::{bail, Context, Result};
 use kiln_core::Backend;
@@ -423,7 +422,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
     let has_eval = !eval.examples.is_empty();
     if session.state.step == 0 && has_eval {
         let s = evaluate_pairs(&b, &mut session.model, &mut acts, &eval, &objective);
-        session.metrics.write(&merge_step(0, s.record("eval_")))?;
+        session.metrics.write(&with_step(0, s.record("eval_")))?;
         eval_before = Some(s);
     }
     while session.state.step < total_steps {
@@ -450,22 +449,13 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
             session.model.forward_backward_with(&b, &mut acts, &batch, &mut session.grads, &mut weights_of);
         }
         let stats = stats.mean();
-        let rows_of_step = || {
-            let rows: Vec<&str> = micro_batches
-                .iter()
-                .flat_map(|mb| mb.iter().flatten())
-                .map(|&i| train.examples[i].location.as_str())
-                .take(8)
-                .collect();
-            rows.join(", ")
-        };
-        let update = session.update(stats.loss, &schedule, rows_of_step)?;
+        let update = session.update(stats.loss, &schedule, || describe_rows(&train.examples, &micro_batches))?;
         session.count_tokens(count as u64);
         processed_tokens += real_tokens;
         last = stats;
         let dt = step_started.elapsed().as_secs_f64();
         step_seconds += dt;
-        let mut record = merge_step(session.state.step, stats.record(""));
+        let mut record = with_step(session.state.step, stats.record(""));
         merge(
             &mut record,
             &json!({"pairs": pairs, "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt,
@@ -483,10 +473,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
         session.bar.inc(1);
 
         let step = session.state.step;
-        let is_last = step == total_steps;
-        if has_eval && (is_last || (t.eval_every > 0 && step.is_multiple_of(t.eval_every))) {
+        if has_eval && session.eval_due(total_steps) {
             let s = evaluate_pairs(&b, &mut session.model, &mut acts, &eval, &objective);
-            session.metrics.write(&merge_step(step, s.record("eval_")))?;
+            session.metrics.write(&with_step(step, s.record("eval_")))?;
             session.bar.println(format!(
                 "step {step}: eval loss {:.4}, reward accuracy {:.3}, margin {:.3}",
                 s.loss,
@@ -495,20 +484,12 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
             ));
             eval_stats = Some(s);
         }
-        interrupted = session.stop_requested() && !is_last;
-        let every = config.output.save_every;
-        if is_last || interrupted || (every > 0 && step.is_multiple_of(every)) {
-            session.checkpoint()?;
-        }
+        interrupted = session.checkpoint_if_due(total_steps)?;
         if interrupted {
-            session.bar.println(format!("interrupted: checkpoint saved at step {step}; continue with --resume"));
             break;
         }
     }
-    session.bar.finish_and_clear();
-    let plot = session.out_path("loss.png");
-    plot_losses(&session.out_path("metrics.jsonl"), &plot, "kiln dpo")?;
-    let checkpoint = session.final_checkpoint()?;
+    let (checkpoint, plot) = session.finish("kiln dpo")?;
     Ok(DpoSummary {
         steps: session.state.step,
         last,
@@ -522,10 +503,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
     })
 }
 
-fn merge_step(step: u64, mut record: serde_json::Value) -> serde_json::Value {
-    merge(&mut record, &json!({"step": step}));
-    record
-}
 
 #[cfg(test)]
 mod tests {

@@ -121,6 +121,13 @@ pub fn sequence_spans(micro_batch: &[PackedRow], examples: &[Example], seq: usiz
     spans
 }
 
+/// The first rows of a step's micro-batches, as `file:line` locations (for warnings).
+pub fn describe_rows(examples: &[Example], micro_batches: &[&Vec<PackedRow>]) -> String {
+    let rows: Vec<&str> =
+        micro_batches.iter().flat_map(|mb| mb.iter().flatten()).map(|&i| examples[i].location.as_str()).take(8).collect();
+    rows.join(", ")
+}
+
 /// Trainable targets in a micro-batch.
 pub fn trainable_targets(examples: &[Example], micro_batch: &[PackedRow]) -> usize {
     micro_batch.iter().flatten().map(|&i| examples[i].trainable_targets()).sum()

@@ -10,10 +10,9 @@
 
 use crate::config::{RmSection, RunConfig};
 use crate::dpo::{encode_pairs, Split};
-use crate::loader::{build_batch, sequence_spans, trainable_targets, DataOrder, PackedRow};
-use crate::metrics::plot_losses;
+use crate::loader::{build_batch, describe_rows, sequence_spans, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
-use crate::session::{merge, Resume, Session};
+use crate::session::{merge, with_step, Resume, Session};
 use crate::sft::{check_vocab, load_tokenizer};
 use anyhow::{Context, Result};
 use kiln_core::{Backend, Cpu};
@@ -237,16 +236,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
         let g = session.grads.score.as_mut().expect("score gradient");
         g.iter_mut().zip(&dscore).for_each(|(g, d)| *g += d);
         let stats = stats.mean();
-        let rows_of_step = || {
-            let rows: Vec<&str> = micro_batches
-                .iter()
-                .flat_map(|mb| mb.iter().flatten())
-                .map(|&i| train.examples[i].location.as_str())
-                .take(8)
-                .collect();
-            rows.join(", ")
-        };
-        let update = session.update(stats.loss, &schedule, rows_of_step)?;
+        let update = session.update(stats.loss, &schedule, || describe_rows(&train.examples, &micro_batches))?;
         session.count_tokens(count as u64);
         processed_tokens += real_tokens;
         last = stats;
@@ -269,27 +259,18 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
         session.bar.inc(1);
 
         let step = session.state.step;
-        let is_last = step == total_steps;
-        if has_eval && (is_last || (t.eval_every > 0 && step.is_multiple_of(t.eval_every))) {
+        if has_eval && session.eval_due(total_steps) {
             let s = evaluate(&b, &mut session.model, &mut acts, &eval, &rm);
             session.metrics.write(&with_step(step, s.record("eval_")))?;
             session.bar.println(format!("step {step}: eval loss {:.4}, accuracy {:.3}", s.loss, s.accuracy));
             eval_stats = Some(s);
         }
-        interrupted = session.stop_requested() && !is_last;
-        let every = config.output.save_every;
-        if is_last || interrupted || (every > 0 && step.is_multiple_of(every)) {
-            session.checkpoint()?;
-        }
+        interrupted = session.checkpoint_if_due(total_steps)?;
         if interrupted {
-            session.bar.println(format!("interrupted: checkpoint saved at step {step}; continue with --resume"));
             break;
         }
     }
-    session.bar.finish_and_clear();
-    let plot = session.out_path("loss.png");
-    plot_losses(&session.out_path("metrics.jsonl"), &plot, "kiln rm")?;
-    let checkpoint = session.final_checkpoint()?;
+    let (checkpoint, plot) = session.finish("kiln rm")?;
     Ok(RmSummary {
         steps: session.state.step,
         last,
@@ -303,7 +284,3 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
     })
 }
 
-fn with_step(step: u64, mut record: serde_json::Value) -> serde_json::Value {
-    merge(&mut record, &json!({"step": step}));
-    record
-}

@@ -43,6 +43,7 @@ pub struct Session {
     model_files: Vec<(String, Vec<u8>)>,
     train: TrainSection,
     keep_last: usize,
+    save_every: u64,
     stop: Arc<AtomicBool>,
     non_finite_streak: u32,
 }
@@ -126,6 +127,7 @@ impl Session {
             model_files,
             train: t.clone(),
             keep_last: config.output.keep_last,
+            save_every: config.output.save_every,
             stop,
             non_finite_streak: 0,
         })
@@ -189,6 +191,37 @@ impl Session {
             record["moe_aux_loss"] = aux_loss.into();
         }
         Ok(StepUpdate { lr, grad_norm: norm, skipped, record })
+    }
+
+    /// Whether the step just counted is due an evaluation: every `train.eval_every` steps,
+    /// and the last.
+    pub fn eval_due(&self, total_steps: u64) -> bool {
+        let (step, every) = (self.state.step, self.train.eval_every);
+        step == total_steps || (every > 0 && step.is_multiple_of(every))
+    }
+
+    /// Writes a checkpoint when one is due (every `output.save_every` steps, at the last step,
+    /// and when SIGINT/SIGTERM asked the run to stop); returns whether the run must stop.
+    pub fn checkpoint_if_due(&mut self, total_steps: u64) -> Result<bool> {
+        let step = self.state.step;
+        let last = step == total_steps;
+        let interrupted = self.stop_requested() && !last;
+        if last || interrupted || (self.save_every > 0 && step.is_multiple_of(self.save_every)) {
+            self.checkpoint()?;
+        }
+        if interrupted {
+            self.bar.println(format!("interrupted: checkpoint saved at step {step}; continue with --resume"));
+        }
+        Ok(interrupted)
+    }
+
+    /// Ends the run: clears the bar, plots the losses (`title`), and returns the newest
+    /// checkpoint (writing one if the run has none) and the plot.
+    pub fn finish(&mut self, title: &str) -> Result<(PathBuf, PathBuf)> {
+        self.bar.finish_and_clear();
+        let plot = self.out_path("loss.png");
+        crate::metrics::plot_losses(&self.out_path("metrics.jsonl"), &plot, title)?;
+        Ok((self.final_checkpoint()?, plot))
     }
 
     /// Whether SIGINT or SIGTERM asked the run to stop.
@@ -260,6 +293,12 @@ fn add_expert_load(record: &mut Value, loads: &[Vec<u64>]) {
     let by_layer: serde_json::Map<String, Value> = moe.iter().map(|(i, l)| (i.to_string(), json!(l))).collect();
     record["expert_load"] = by_layer.into();
     record["expert_load_imbalance"] = imbalance.into();
+}
+
+/// `record` with its `step`.
+pub fn with_step(step: u64, mut record: Value) -> Value {
+    merge(&mut record, &json!({"step": step}));
+    record
 }
 
 /// Merges the fields of `extra` into `record`.

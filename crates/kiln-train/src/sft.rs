@@ -3,8 +3,7 @@
 //! and checkpoint. Loss is the mean over the step's trainable tokens.
 
 use crate::config::RunConfig;
-use crate::loader::{build_batch, pack, trainable_targets, DataOrder, PackedRow};
-use crate::metrics::plot_losses;
+use crate::loader::{build_batch, describe_rows, pack, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
 pub use crate::session::Resume;
 use crate::session::{merge, Session};
@@ -193,28 +192,19 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         session.bar.inc(1);
 
         let step = session.state.step;
-        let last = step == total_steps;
-        if !eval.is_empty() && (last || (t.eval_every > 0 && step.is_multiple_of(t.eval_every))) {
+        if !eval.is_empty() && session.eval_due(total_steps) {
             let l = evaluate(&b, &mut session.model, &mut acts, &eval, &eval_batches);
             session.metrics.write(&json!({"step": step, "eval_loss": l}))?;
             session.bar.println(format!("step {step}: eval loss {l:.4}"));
             eval_loss = Some(l);
         }
-        interrupted = session.stop_requested() && !last;
-        let every = config.output.save_every;
-        if last || interrupted || (every > 0 && step.is_multiple_of(every)) {
-            session.checkpoint()?;
-        }
+        interrupted = session.checkpoint_if_due(total_steps)?;
         if interrupted {
-            session.bar.println(format!("interrupted: checkpoint saved at step {step}; continue with --resume"));
             break;
         }
     }
-    session.bar.finish_and_clear();
-    let plot = session.out_path("loss.png");
-    plot_losses(&session.out_path("metrics.jsonl"), &plot, "kiln sft")?;
     let seconds = started.elapsed().as_secs_f64();
-    let checkpoint = session.final_checkpoint()?;
+    let (checkpoint, plot) = session.finish("kiln sft")?;
     Ok(Summary {
         steps: session.state.step,
         last_loss,

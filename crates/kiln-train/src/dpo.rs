@@ -503,7 +503,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,8 +123,12 @@ pub fn sequence_spans(micro_batch: &[PackedRow], examples: &[Example], seq: usiz
 
 /// The first rows of a step's micro-batches, as `file:line` locations (for warnings).
 pub fn describe_rows(examples: &[Example], micro_batches: &[&Vec<PackedRow>]) -> String {
-    let rows: Vec<&str> =
-        micro_batches.iter().flat_map(|mb| mb.iter().flatten()).map(|&i| examples[i].location.as_str()).take(8).collect();
+    let rows: Vec<&str> = micro_batches
+        .iter()
+        .flat_map(|mb| mb.iter().flatten())
+        .map(|&i| examples[i].location.as_str())
+        .take(8)
+        .collect();
     rows.join(", ")
 }
 

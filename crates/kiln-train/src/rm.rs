@@ -283,4 +283,3 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
         interrupted,
     })
 }
-

@@ -167,16 +167,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
             real_tokens += batch.segments.iter().filter(|&&s| s >= 0).count() as u64;
             loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);
         }
-        let rows_of_step = || {
-            let rows: Vec<&str> = micro_batches
-                .iter()
-                .flat_map(|mb| mb.iter().flatten())
-                .map(|&i| train[i].location.as_str())
-                .take(8)
-                .collect();
-            rows.join(", ")
-        };
-        let update = session.update(loss, &schedule, rows_of_step)?;
+        let update = session.update(loss, &schedule, || describe_rows(&train, &micro_batches))?;
         session.count_tokens(count as u64);
         processed_tokens += real_tokens;
         last_loss = loss;

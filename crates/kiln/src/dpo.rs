@@ -1,29 +1,11 @@
 //! `kiln dpo run.toml`: preference optimisation (DPO, IPO, hinge, SimPO, ORPO).
 
+use crate::run_args::RunArgs;
 use anyhow::Result;
 use kiln_train::dpo;
-use kiln_train::session::Resume;
-use kiln_train::RunConfig;
-use std::path::PathBuf;
 
-#[derive(clap::Args)]
-pub struct Args {
-    /// Run configuration (TOML) with a [dpo] section.
-    config: PathBuf,
-    /// Override a key: --set dpo.beta=0.05 (repeatable).
-    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-    overrides: Vec<String>,
-    /// Continue from the newest checkpoint of the run, or from the checkpoint given.
-    #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]
-    resume: Option<Option<PathBuf>>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
-}
-
-pub fn run(args: &Args) -> Result<()> {
-    let config = RunConfig::load_resolved(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
-    let resume = args.resume.clone().map(|r| r.map_or(Resume::Latest, Resume::From));
+pub fn run(args: &RunArgs) -> Result<()> {
+    let (config, resume) = args.load()?;
     let s = dpo::run(&config, resume, args.quiet)?;
     println!(
         "{} after {} steps: loss {:.4}, reward accuracy {:.3}; {:.0} tokens/s over {:.1} s",

@@ -6,6 +6,7 @@ mod demo;
 mod dpo;
 mod export;
 mod rm;
+mod run_args;
 mod score;
 mod sft;
 mod tokens_file;
@@ -27,11 +28,11 @@ enum Command {
     /// Tiny end-to-end run: SFT of a small arithmetic model, with before/after numbers.
     Demo(demo::Args),
     /// Supervised fine-tuning from a run configuration.
-    Sft(sft::Args),
+    Sft(run_args::RunArgs),
     /// Preference optimisation (DPO, IPO, hinge, SimPO, ORPO) from a run configuration.
-    Dpo(dpo::Args),
+    Dpo(run_args::RunArgs),
     /// Train a reward model (Bradley-Terry on preference pairs) from a run configuration.
-    Rm(rm::Args),
+    Rm(run_args::RunArgs),
     /// Write a checkpoint out as a Hugging Face model directory.
     Export(export::Args),
     /// Look at a run's data before training on it.

@@ -12,7 +12,7 @@ use crate::config::{DpoSection, RunConfig};
 use crate::loader::{build_batch, describe_rows, pack_pairs, sequence_spans, trainable_targets, DataOrder, PackedRow};
 use crate::preference_loss::{pair_loss, LossKind, LossParams, PairLogps};
 use crate::schedule::Schedule;
-use crate::session::{merge, with_step, Resume, Session};
+use crate::session::{merge, with_step, Resume, RunSummary, Session};
 use crate::sft::{check_bad_rows, check_vocab, load_tokenizer};
 use anyhow::{bail, Context, Result};
 use kiln_core::Backend;
@@ -24,20 +24,6 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Clone, Debug)]
-pub struct DpoSummary {
-    pub steps: u64,
-    pub last: PairStats,
-    /// On the eval pairs: before training (when the run starts at step 0) and at the end.
-    pub eval_before: Option<PairStats>,
-    pub eval: Option<PairStats>,
-    pub tokens_per_s: f64,
-    pub seconds: f64,
-    pub checkpoint: PathBuf,
-    pub plot: PathBuf,
-    pub interrupted: bool,
-}
 
 /// Means over pairs of the loss and the rewards of the first listed loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -379,7 +365,7 @@ fn reference_logps(
 }
 
 /// Runs preference optimisation as configured by `config.dpo`; `quiet` hides the progress bar.
-pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<DpoSummary> {
+pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<PairStats>> {
     let Some(dpo) = &config.dpo else { bail!("the run configuration has no [dpo] section") };
     let objective = Objective::new(dpo);
     let mut session = Session::open(config, resume)?;
@@ -416,8 +402,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
     let schedule = Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
 
     session.start_progress(total_steps, quiet);
-    let started = Instant::now();
-    let (mut processed_tokens, mut step_seconds) = (0u64, 0.0);
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (PairStats::default(), None, None, false);
     let has_eval = !eval.examples.is_empty();
     if session.state.step == 0 && has_eval {
@@ -426,7 +410,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
         eval_before = Some(s);
     }
     while session.state.step < total_steps {
-        let step_started = Instant::now();
         let micro_batches = order.step(session.state.step);
         let pairs: usize = micro_batches.iter().map(|mb| mb.iter().map(Vec::len).sum::<usize>()).sum::<usize>() / 2;
         let chosen_tokens: usize = micro_batches
@@ -436,7 +419,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
             .map(|&i| train.examples[i].trainable_targets())
             .sum();
         let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train.examples, mb)).sum();
-        session.zero_grads();
+        session.begin_step();
         let mut stats = PairStats::default();
         let mut real_tokens = 0u64;
         for mb in &micro_batches {
@@ -450,27 +433,16 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
         }
         let stats = stats.mean();
         let update = session.update(stats.loss, &schedule, || describe_rows(&train.examples, &micro_batches))?;
-        session.count_tokens(count as u64);
-        processed_tokens += real_tokens;
         last = stats;
-        let dt = step_started.elapsed().as_secs_f64();
-        step_seconds += dt;
-        let mut record = with_step(session.state.step, stats.record(""));
-        merge(
-            &mut record,
-            &json!({"pairs": pairs, "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt,
-            "elapsed_s": started.elapsed().as_secs_f64()}),
-        );
-        merge(&mut record, &update.record);
-        session.metrics.write(&record)?;
-        session.bar.set_message(format!(
-            "loss {:.4} acc {:.2} margin {:.3} {:.0} tok/s",
-            stats.loss,
-            stats.accuracy,
-            stats.margin(),
-            real_tokens as f64 / dt
-        ));
-        session.bar.inc(1);
+        let mut fields = stats.record("");
+        merge(&mut fields, &json!({"pairs": pairs}));
+        session.log_step(
+            fields,
+            count as u64,
+            real_tokens,
+            &update,
+            &format!("loss {:.4} acc {:.2} margin {:.3}", stats.loss, stats.accuracy, stats.margin()),
+        )?;
 
         let step = session.state.step;
         if has_eval && session.eval_due(total_steps) {
@@ -489,18 +461,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Dp
             break;
         }
     }
-    let (checkpoint, plot) = session.finish("kiln dpo")?;
-    Ok(DpoSummary {
-        steps: session.state.step,
-        last,
-        eval_before,
-        eval: eval_stats,
-        tokens_per_s: processed_tokens as f64 / step_seconds.max(1e-9),
-        seconds: started.elapsed().as_secs_f64(),
-        checkpoint,
-        plot,
-        interrupted,
-    })
+    session.summary("kiln dpo", last, (eval_before, eval_stats), interrupted)
 }
 
 #[cfg(test)]

@@ -12,28 +12,14 @@ use crate::config::{RmSection, RunConfig};
 use crate::dpo::{encode_pairs, Split};
 use crate::loader::{build_batch, describe_rows, sequence_spans, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
-use crate::session::{merge, with_step, Resume, Session};
+use crate::session::{merge, with_step, Resume, RunSummary, Session};
 use crate::sft::{check_vocab, load_tokenizer};
 use anyhow::{Context, Result};
 use kiln_core::{Backend, Cpu};
 use kiln_data::example::{Encoder, Example};
 use kiln_model::{Activations, Model};
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
-
-#[derive(Clone, Debug)]
-pub struct RmSummary {
-    pub steps: u64,
-    pub last: RmStats,
-    pub eval_before: Option<RmStats>,
-    pub eval: Option<RmStats>,
-    pub tokens_per_s: f64,
-    pub seconds: f64,
-    pub checkpoint: PathBuf,
-    pub plot: PathBuf,
-    pub interrupted: bool,
-}
+use std::path::Path;
 
 /// Means over pairs.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -154,7 +140,7 @@ fn reward_config(dir: &Path, pad: Option<u32>) -> Result<Vec<u8>> {
 }
 
 /// Trains a reward model as configured; `quiet` hides the progress bar.
-pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RmSummary> {
+pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<RmStats>> {
     let rm = config.rm.clone().unwrap_or_default();
     let t = &config.train;
     let mut session = Session::open_with(config, resume, |b, dir| Ok(Model::load_as_reward_model(b, dir, t.seed)?))?;
@@ -191,8 +177,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
     let schedule = Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
 
     session.start_progress(total_steps, quiet);
-    let started = Instant::now();
-    let (mut processed_tokens, mut step_seconds) = (0u64, 0.0);
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (RmStats::default(), None, None, false);
     let has_eval = !eval.examples.is_empty();
     if session.state.step == 0 && has_eval {
@@ -201,11 +185,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
         eval_before = Some(s);
     }
     while session.state.step < total_steps {
-        let step_started = Instant::now();
         let micro_batches = order.step(session.state.step);
         let pairs = micro_batches.iter().map(|mb| mb.iter().map(Vec::len).sum::<usize>()).sum::<usize>() / 2;
         let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train.examples, mb)).sum();
-        session.zero_grads();
+        session.begin_step();
         let mut stats = RmStats::default();
         let mut real_tokens = 0u64;
         let mut dscore = vec![0f32; d];
@@ -237,26 +220,16 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
         g.iter_mut().zip(&dscore).for_each(|(g, d)| *g += d);
         let stats = stats.mean();
         let update = session.update(stats.loss, &schedule, || describe_rows(&train.examples, &micro_batches))?;
-        session.count_tokens(count as u64);
-        processed_tokens += real_tokens;
         last = stats;
-        let dt = step_started.elapsed().as_secs_f64();
-        step_seconds += dt;
-        let mut record = with_step(session.state.step, stats.record(""));
-        merge(
-            &mut record,
-            &json!({"pairs": pairs, "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt,
-            "elapsed_s": started.elapsed().as_secs_f64()}),
-        );
-        merge(&mut record, &update.record);
-        session.metrics.write(&record)?;
-        session.bar.set_message(format!(
-            "loss {:.4} acc {:.2} {:.0} tok/s",
-            stats.loss,
-            stats.accuracy,
-            real_tokens as f64 / dt
-        ));
-        session.bar.inc(1);
+        let mut fields = stats.record("");
+        merge(&mut fields, &json!({"pairs": pairs}));
+        session.log_step(
+            fields,
+            count as u64,
+            real_tokens,
+            &update,
+            &format!("loss {:.4} acc {:.2}", stats.loss, stats.accuracy),
+        )?;
 
         let step = session.state.step;
         if has_eval && session.eval_due(total_steps) {
@@ -270,16 +243,5 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Rm
             break;
         }
     }
-    let (checkpoint, plot) = session.finish("kiln rm")?;
-    Ok(RmSummary {
-        steps: session.state.step,
-        last,
-        eval_before,
-        eval: eval_stats,
-        tokens_per_s: processed_tokens as f64 / step_seconds.max(1e-9),
-        seconds: started.elapsed().as_secs_f64(),
-        checkpoint,
-        plot,
-        interrupted,
-    })
+    session.summary("kiln rm", last, (eval_before, eval_stats), interrupted)
 }

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Where to pick a run up from.
 #[derive(Clone, Debug)]
@@ -45,7 +46,31 @@ pub struct Session {
     keep_last: usize,
     save_every: u64,
     stop: Arc<AtomicBool>,
+    /// When training (not start-up) began, when the current step began, and the tokens and
+    /// seconds of training steps so far (eval and checkpoints excluded), for tokens/s.
+    started: Instant,
+    step_started: Instant,
+    tokens_seen: u64,
+    step_seconds: f64,
     non_finite_streak: u32,
+}
+
+/// How a recipe's run ended; `S` is its statistics (loss, accuracy, ...).
+#[derive(Clone, Debug)]
+pub struct RunSummary<S> {
+    pub steps: u64,
+    /// Of the last step.
+    pub last: S,
+    /// On the eval data: before training (when the run starts at step 0) and at the end.
+    pub eval_before: Option<S>,
+    pub eval: Option<S>,
+    /// Tokens per second of training steps (start-up, eval and checkpoints excluded).
+    pub tokens_per_s: f64,
+    pub seconds: f64,
+    pub checkpoint: PathBuf,
+    pub plot: PathBuf,
+    /// Stopped by SIGINT/SIGTERM before the last step (a checkpoint was saved).
+    pub interrupted: bool,
 }
 
 /// The outcome of one optimizer step.
@@ -129,12 +154,17 @@ impl Session {
             keep_last: config.output.keep_last,
             save_every: config.output.save_every,
             stop,
+            started: Instant::now(),
+            step_started: Instant::now(),
+            tokens_seen: 0,
+            step_seconds: 0.0,
             non_finite_streak: 0,
         })
     }
 
-    /// Shows a progress bar over `total_steps` unless `quiet`.
+    /// Starts the training clock, and shows a progress bar over `total_steps` unless `quiet`.
     pub fn start_progress(&mut self, total_steps: u64, quiet: bool) {
+        self.started = Instant::now();
         if quiet {
             return;
         }
@@ -146,9 +176,42 @@ impl Session {
         self.bar.set_position(self.state.step);
     }
 
-    /// Zeroes the gradients before a step's micro-batches.
-    pub fn zero_grads(&mut self) {
+    /// Starts a step: zeroes the gradients and the step's clock.
+    pub fn begin_step(&mut self) {
+        self.step_started = Instant::now();
         zero_grads(&self.b, &mut self.grads);
+    }
+
+    /// Logs the step just updated: the recipe's `fields`, its `tokens` (real, not padding)
+    /// with throughput and elapsed time, and the update's record go to metrics.jsonl;
+    /// `message` and tokens/s to the progress bar. `trainable` tokens count into the state.
+    pub fn log_step(
+        &mut self,
+        fields: Value,
+        trainable: u64,
+        tokens: u64,
+        update: &StepUpdate,
+        message: &str,
+    ) -> Result<()> {
+        self.state.tokens += trainable;
+        let dt = self.step_started.elapsed().as_secs_f64();
+        self.tokens_seen += tokens;
+        self.step_seconds += dt;
+        let mut record = with_step(self.state.step, fields);
+        merge(
+            &mut record,
+            &json!({"tokens": tokens, "tokens_per_s": tokens as f64 / dt, "elapsed_s": self.started.elapsed().as_secs_f64()}),
+        );
+        merge(&mut record, &update.record);
+        self.metrics.write(&record)?;
+        self.bar.set_message(format!("{message} lr {:.2e} {:.0} tok/s", update.lr, tokens as f64 / dt));
+        self.bar.inc(1);
+        Ok(())
+    }
+
+    /// Tokens per second of training steps, and seconds since training began.
+    pub fn throughput(&self) -> (f64, f64) {
+        (self.tokens_seen as f64 / self.step_seconds.max(1e-9), self.started.elapsed().as_secs_f64())
     }
 
     /// Finishes the step whose gradients are in `grads` and whose loss is `loss`: clips to
@@ -224,6 +287,29 @@ impl Session {
         Ok((self.final_checkpoint()?, plot))
     }
 
+    /// `finish`, summed up with the recipe's statistics.
+    pub fn summary<S>(
+        &mut self,
+        title: &str,
+        last: S,
+        (eval_before, eval): (Option<S>, Option<S>),
+        interrupted: bool,
+    ) -> Result<RunSummary<S>> {
+        let (tokens_per_s, seconds) = self.throughput();
+        let (checkpoint, plot) = self.finish(title)?;
+        Ok(RunSummary {
+            steps: self.state.step,
+            last,
+            eval_before,
+            eval,
+            tokens_per_s,
+            seconds,
+            checkpoint,
+            plot,
+            interrupted,
+        })
+    }
+
     /// Whether SIGINT or SIGTERM asked the run to stop.
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
@@ -258,11 +344,6 @@ impl Session {
     pub fn set_model_file(&mut self, name: &str, bytes: Vec<u8>) {
         self.model_files.retain(|(n, _)| n != name);
         self.model_files.push((name.to_string(), bytes));
-    }
-
-    /// The tokens each step trains on (for `state.tokens`).
-    pub fn count_tokens(&mut self, tokens: u64) {
-        self.state.tokens += tokens;
     }
 
     pub fn out_path(&self, name: &str) -> PathBuf {

@@ -6,7 +6,7 @@ use crate::config::RunConfig;
 use crate::loader::{build_batch, describe_rows, pack, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
 pub use crate::session::Resume;
-use crate::session::{merge, Session};
+use crate::session::Session;
 use anyhow::{bail, Result};
 use kiln_core::Backend;
 use kiln_data::example::{Encoder, Example, Tokenized};
@@ -14,7 +14,6 @@ use kiln_data::{rows, ChatTemplate, Tokenizer};
 use kiln_model::{Activations, Model};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 #[derive(Clone, Debug)]
 pub struct Summary {
@@ -144,10 +143,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
 
     session.start_progress(total_steps, quiet);
-    let started = Instant::now();
-    let (mut processed_tokens, mut last_loss, mut eval_loss) = (0u64, f64::NAN, None);
-    // Time spent in training steps only (not eval, checkpoints or start-up), for tokens/s.
-    let mut step_seconds = 0.0;
+    let (mut last_loss, mut eval_loss) = (f64::NAN, None);
     let mut interrupted = false;
     if session.state.step == 0 && !eval.is_empty() {
         let l = evaluate(&b, &mut session.model, &mut acts, &eval, &eval_batches);
@@ -155,11 +151,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         eval_loss = Some(l);
     }
     while session.state.step < total_steps {
-        let step_started = Instant::now();
         let micro_batches = order.step(session.state.step);
         let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train, mb)).sum();
         let weight = 1.0 / count.max(1) as f32;
-        session.zero_grads();
+        session.begin_step();
         let mut loss = 0.0;
         let mut real_tokens = 0u64;
         for mb in &micro_batches {
@@ -168,19 +163,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
             loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);
         }
         let update = session.update(loss, &schedule, || describe_rows(&train, &micro_batches))?;
-        session.count_tokens(count as u64);
-        processed_tokens += real_tokens;
         last_loss = loss;
-        let dt = step_started.elapsed().as_secs_f64();
-        step_seconds += dt;
-        let mut record = json!({
-            "step": session.state.step, "loss": loss, "trainable_tokens": count,
-            "tokens": real_tokens, "tokens_per_s": real_tokens as f64 / dt, "elapsed_s": started.elapsed().as_secs_f64(),
-        });
-        merge(&mut record, &update.record);
-        session.metrics.write(&record)?;
-        session.bar.set_message(format!("loss {loss:.4} lr {:.2e} {:.0} tok/s", update.lr, real_tokens as f64 / dt));
-        session.bar.inc(1);
+        let fields = json!({"loss": loss, "trainable_tokens": count});
+        session.log_step(fields, count as u64, real_tokens, &update, &format!("loss {loss:.4}"))?;
 
         let step = session.state.step;
         if !eval.is_empty() && session.eval_due(total_steps) {
@@ -194,13 +179,13 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
             break;
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    let (tokens_per_s, seconds) = session.throughput();
     let (checkpoint, plot) = session.finish("kiln sft")?;
     Ok(Summary {
         steps: session.state.step,
         last_loss,
         eval_loss,
-        tokens_per_s: processed_tokens as f64 / step_seconds.max(1e-9),
+        tokens_per_s,
         seconds,
         checkpoint,
         plot,

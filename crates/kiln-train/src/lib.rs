@@ -8,6 +8,7 @@ pub mod loader;
 pub mod metrics;
 pub mod optim;
 pub mod preference_loss;
+pub mod rewards;
 pub mod rm;
 pub mod schedule;
 pub mod session;

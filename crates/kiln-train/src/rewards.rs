@@ -1,0 +1,248 @@
+//! Verifiable rewards for RL: rules applied to a completion (and the row's reference answer),
+//! and external programs for anything else (code sandboxes, reward models, judges).
+//!
+//! - `exact_match`: the completion's final answer — the last `\boxed{...}`, or the last match
+//!   of a configured regex (its first group if it has one) — equals the reference answer:
+//!   numerically when both read as numbers (`0.5`, `1/2`, `1,000`), else as trimmed text. 1 or 0.
+//! - `format`: 1 if the whole completion matches a regex (e.g. `<think>.*</think>.*`), else 0.
+//! - `length`: −(completion characters beyond `max_chars`) / `max_chars`, 0 within it.
+//! - `command`: a program that reads one JSON object per completion on stdin
+//!   (`{"prompt", "completion", "answer"}`) and writes one number per line on stdout; a crash,
+//!   a wrong line count or a run past `timeout_s` is an error naming the reward.
+
+use anyhow::{bail, Context, Result};
+use regex::Regex;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One completion to score.
+pub struct Sample<'a> {
+    pub prompt: &'a str,
+    pub completion: &'a str,
+    /// The row's reference answer, for `exact_match`.
+    pub answer: Option<&'a str>,
+}
+
+pub enum RewardFn {
+    ExactMatch { pattern: Option<Regex> },
+    Format { pattern: Regex },
+    Length { max_chars: usize },
+    Command { program: String, args: Vec<String>, timeout: Duration },
+}
+
+/// A named reward function and its weight in the total reward.
+pub struct Reward {
+    pub name: String,
+    pub weight: f64,
+    pub function: RewardFn,
+}
+
+/// The contents of the last `\boxed{...}`, braces balanced.
+fn last_boxed(text: &str) -> Option<&str> {
+    let start = text.rfind("\\boxed{")? + "\\boxed{".len();
+    let mut depth = 1;
+    for (i, c) in text[start..].char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&text[start..start + i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// A number written as an integer, decimal (thousands commas allowed) or fraction `a/b`.
+fn number(text: &str) -> Option<f64> {
+    let t = text.trim().trim_end_matches('.').replace(',', "");
+    let t = t.strip_prefix('$').unwrap_or(&t);
+    if let Some((a, b)) = t.split_once('/') {
+        let (a, b) = (a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?);
+        return (b != 0.0).then(|| a / b);
+    }
+    t.parse::<f64>().ok()
+}
+
+/// The completion's final answer under `pattern`, or its last `\boxed{}`.
+pub fn final_answer<'a>(completion: &'a str, pattern: Option<&Regex>) -> Option<&'a str> {
+    match pattern {
+        None => last_boxed(completion),
+        Some(re) => {
+            let caps = re.captures_iter(completion).last()?;
+            Some(caps.get(1).or_else(|| caps.get(0))?.as_str())
+        }
+    }
+}
+
+/// Whether two answers agree: as numbers when both are, else as trimmed text.
+pub fn answers_match(got: &str, want: &str) -> bool {
+    match (number(got), number(want)) {
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+        _ => got.trim() == want.trim(),
+    }
+}
+
+impl Reward {
+    /// The reward of every sample.
+    pub fn score(&self, samples: &[Sample]) -> Result<Vec<f64>> {
+        Ok(match &self.function {
+            RewardFn::ExactMatch { pattern } => samples
+                .iter()
+                .map(|s| {
+                    let got = final_answer(s.completion, pattern.as_ref());
+                    match (got, s.answer) {
+                        (Some(g), Some(w)) if answers_match(g, w) => 1.0,
+                        _ => 0.0,
+                    }
+                })
+                .collect(),
+            RewardFn::Format { pattern } => {
+                samples.iter().map(|s| if pattern.is_match(s.completion) { 1.0 } else { 0.0 }).collect()
+            }
+            RewardFn::Length { max_chars } => samples
+                .iter()
+                .map(|s| {
+                    let over = s.completion.chars().count().saturating_sub(*max_chars);
+                    -(over as f64) / (*max_chars).max(1) as f64
+                })
+                .collect(),
+            RewardFn::Command { program, args, timeout } => run_command(&self.name, program, args, *timeout, samples)?,
+        })
+    }
+}
+
+/// Runs a reward program over the samples (see the module docs for the protocol).
+fn run_command(name: &str, program: &str, args: &[String], timeout: Duration, samples: &[Sample]) -> Result<Vec<f64>> {
+    let what = || format!("reward `{name}`: command `{program}`");
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{}: cannot start", what()))?;
+    let input: String = samples
+        .iter()
+        .map(|s| {
+            serde_json::json!({"prompt": s.prompt, "completion": s.completion, "answer": s.answer}).to_string() + "\n"
+        })
+        .collect();
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // Written from a thread so a program that stops reading cannot block us past the timeout.
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{}: timed out after {:.1} s on {} samples", what(), timeout.as_secs_f64(), samples.len());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let _ = writer.join();
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let tail: String =
+            err.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        bail!("{}: exited with {status}: {tail}", what());
+    }
+    let rewards: Vec<f64> = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            l.trim().parse::<f64>().with_context(|| format!("{}: output line {}: `{l}` is not a number", what(), i + 1))
+        })
+        .collect::<Result<_>>()?;
+    if rewards.len() != samples.len() {
+        bail!("{}: wrote {} rewards for {} samples", what(), rewards.len(), samples.len());
+    }
+    Ok(rewards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample<'a>(completion: &'a str, answer: &'a str) -> Sample<'a> {
+        Sample { prompt: "p", completion, answer: Some(answer) }
+    }
+
+    #[test]
+    fn exact_match_reads_the_last_boxed_answer_and_compares_numbers() {
+        let r = Reward { name: "em".into(), weight: 1.0, function: RewardFn::ExactMatch { pattern: None } };
+        let samples = [
+            sample("so \\boxed{3} no wait \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+            sample("\\boxed{0.50}", "1/2"),
+            sample("\\boxed{1,000}", "1000"),
+            sample("the answer is 7", "7"),
+            sample("\\boxed{8}", "7"),
+        ];
+        assert_eq!(r.score(&samples).unwrap(), vec![1.0, 1.0, 1.0, 0.0, 0.0]);
+        let re = Reward {
+            name: "em".into(),
+            weight: 1.0,
+            function: RewardFn::ExactMatch { pattern: Some(Regex::new(r"=\s*(-?\d+)").unwrap()) },
+        };
+        assert_eq!(re.score(&[sample("3+4=7", "7"), sample("3+4=8", "7")]).unwrap(), vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn format_and_length_rewards() {
+        let f = Reward {
+            name: "format".into(),
+            weight: 1.0,
+            function: RewardFn::Format { pattern: Regex::new(r"(?s)^<think>.*</think>.+$").unwrap() },
+        };
+        assert_eq!(f.score(&[sample("<think>x</think>7", ""), sample("7", "")]).unwrap(), vec![1.0, 0.0]);
+        let l = Reward { name: "len".into(), weight: 1.0, function: RewardFn::Length { max_chars: 4 } };
+        assert_eq!(l.score(&[sample("abc", ""), sample("abcdef", "")]).unwrap(), vec![0.0, -0.5]);
+    }
+
+    fn command(script: &str, timeout_ms: u64) -> Reward {
+        Reward {
+            name: "ext".into(),
+            weight: 1.0,
+            function: RewardFn::Command {
+                program: "sh".into(),
+                args: vec!["-c".into(), script.into()],
+                timeout: Duration::from_millis(timeout_ms),
+            },
+        }
+    }
+
+    #[test]
+    fn command_rewards_read_json_lines_and_fail_clearly() {
+        let samples = [sample("a", "1"), sample("bb", "2")];
+        // One reward per line: the length of each JSON line, to show the input arrived.
+        let ok = command("while read -r l; do echo ${#l}; done", 5000).score(&samples).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert!(ok[1] == ok[0] + 1.0, "{ok:?}");
+        let err = command("sleep 5", 200).score(&samples).unwrap_err().to_string();
+        assert!(err.contains("reward `ext`") && err.contains("timed out"), "{err}");
+        let err = command("echo boom >&2; exit 3", 5000).score(&samples).unwrap_err().to_string();
+        assert!(err.contains("exited") && err.contains("boom"), "{err}");
+        let err = command("cat > /dev/null; echo 1", 5000).score(&samples).unwrap_err().to_string();
+        assert!(err.contains("wrote 1 rewards for 2 samples"), "{err}");
+    }
+}

@@ -113,6 +113,22 @@ impl Attention {
     }
 }
 
+/// Attention of new tokens over a key/value cache, for decoding: query `i` attends the cache
+/// rows `starts[i] .. starts[i] + lengths[i]` (its sequence so far, itself included), only the
+/// last `window` of them with a sliding window. Cache rows hold `[kv_heads, head_dim]` keys and
+/// `[kv_heads, v_head_dim]` values; queries are `[queries, q_heads, head_dim]` and the output
+/// `[queries, q_heads, v_head_dim]`; query head `h` reads kv head `h / (q_heads / kv_heads)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeAttention {
+    pub queries: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub v_head_dim: usize,
+    pub scale: f32,
+    pub window: Option<usize>,
+}
+
 /// DeepSeek-V3's mixture-of-experts router over `experts` experts split into `groups` groups.
 ///
 /// Per token with router logits z: scores s = σ(z); selection uses s + bias (the aux-loss-free
@@ -262,6 +278,20 @@ pub trait Backend: Send + Sync {
         lse: &Self::Buf,
         segments: &Self::Index,
         spec: Attention,
+    );
+
+    /// `out = softmax(q kᵀ · scale) v` of each new token over its cached rows (see
+    /// [`DecodeAttention`]).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: &mut Self::Buf,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        starts: &Self::Index,
+        lengths: &Self::Index,
+        spec: DecodeAttention,
     );
 
     // ---- feed-forward -------------------------------------------------------------------

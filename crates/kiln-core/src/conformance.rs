@@ -8,7 +8,9 @@
 //! kiln_core::conformance_tests!(kiln_core::Cpu);
 //! ```
 
-use crate::backend::{AdamW, Attention, Backend, ColumnCopy, GroupedMatmul, Heads, Matmul, Rope, Routing};
+use crate::backend::{
+    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Rope, Routing,
+};
 use crate::rng::Rng;
 
 /// Generates one `#[test]` per check for the backend expression given.
@@ -17,7 +19,7 @@ macro_rules! conformance_tests {
     ($backend:expr) => {
         $crate::conformance_tests!(@tests $backend;
             matmul, grouped_matmul, elementwise, copy_columns, embedding, rmsnorm, add_rmsnorm, rope_half_split,
-            rope_interleaved, attention_forward, attention_backward, swiglu, cross_entropy, moe_route, adamw);
+            rope_interleaved, attention_forward, attention_backward, attention_decode, swiglu, cross_entropy, moe_route, adamw);
     };
     (@tests $backend:expr; $($check:ident),*) => {
         $(
@@ -661,4 +663,28 @@ pub fn adamw<B: Backend>(b: &B) {
     assert_close("adamw param", &b.read(&p), &rp, 1e-6, 1e-5);
     assert_close("adamw m", &b.read(&m), &rm, 1e-6, 1e-5);
     assert_close("adamw v", &b.read(&v), &rv, 1e-6, 1e-5);
+}
+
+/// Decoding over a cache gives what full causal attention gives at the same positions.
+pub fn attention_decode<B: Backend>(b: &B) {
+    let mut rng = Rng::new(31);
+    let (seq, q_heads, kv_heads, head_dim, v_head_dim) = (9, 4, 2, 8, 6);
+    for window in [None, Some(4)] {
+        let spec = Attention { batch: 1, seq, q_heads, kv_heads, head_dim, v_head_dim, scale: 0.4, window };
+        let q = rng.normal_vec(seq * q_heads * head_dim, 1.0);
+        let k = rng.normal_vec(seq * kv_heads * head_dim, 1.0);
+        let v = rng.normal_vec(seq * kv_heads * v_head_dim, 1.0);
+        let (qb, kb, vb) = (b.upload(&q), b.upload(&k), b.upload(&v));
+        let mut full = b.zeros(seq * q_heads * v_head_dim);
+        let mut lse = b.zeros(seq * q_heads);
+        b.attention_forward(&mut full, &mut lse, &qb, &kb, &vb, &b.upload_index(&vec![0; seq]), spec);
+        // Query i is the newest token of a sequence whose cache holds rows 0..=i.
+        let decode = DecodeAttention { queries: seq, q_heads, kv_heads, head_dim, v_head_dim, scale: 0.4, window };
+        let mut out = b.zeros(seq * q_heads * v_head_dim);
+        let starts = b.upload_index(&vec![0; seq]);
+        let lengths = b.upload_index(&(1..=seq as i32).collect::<Vec<_>>());
+        b.attention_decode(&mut out, &qb, &kb, &vb, &starts, &lengths, decode);
+        let want: Vec<f64> = b.read(&full).iter().map(|&x| x as f64).collect();
+        assert_close("attention_decode vs attention_forward", &b.read(&out), &want, 1e-5, 1e-4);
+    }
 }

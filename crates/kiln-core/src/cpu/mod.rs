@@ -2,6 +2,7 @@
 
 mod adamw;
 mod attention;
+mod attention_decode;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
@@ -154,6 +155,18 @@ impl Backend for Cpu {
         rope::backward(dx, table, positions, spec);
     }
 
+    fn attention_decode(
+        &self,
+        out: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        starts: &Vec<i32>,
+        lengths: &Vec<i32>,
+        spec: backend::DecodeAttention,
+    ) {
+        attention_decode::forward(out, q, k_cache, v_cache, starts, lengths, spec);
+    }
     fn attention_forward(
         &self,
         out: &mut Vec<f32>,

@@ -215,6 +215,9 @@ pub trait Backend: Send + Sync {
     fn embedding_forward(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &Self::Index, dim: usize);
     /// `dtable[ids[t], :] += dout[t, :]` (accumulate).
     fn embedding_backward(&self, dtable: &mut Self::Buf, dout: &Self::Buf, ids: &Self::Index, dim: usize);
+    /// `dst[rows[t], :] = src[t, :]` for rows of width `dim`; a negative row skips `t`
+    /// (writes a batch's keys and values into a cache).
+    fn scatter_rows(&self, dst: &mut Self::Buf, src: &Self::Buf, rows: &Self::Index, dim: usize);
 
     // ---- normalisation ------------------------------------------------------------------
     /// `y = x · rstd · w` per row of width `w.len()`, `rstd = 1/sqrt(mean(x²) + eps)` saved.

@@ -18,7 +18,7 @@ use crate::rng::Rng;
 macro_rules! conformance_tests {
     ($backend:expr) => {
         $crate::conformance_tests!(@tests $backend;
-            matmul, grouped_matmul, elementwise, copy_columns, embedding, rmsnorm, add_rmsnorm, rope_half_split,
+            matmul, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
             rope_interleaved, attention_forward, attention_backward, attention_decode, swiglu, cross_entropy, moe_route, adamw);
     };
     (@tests $backend:expr; $($check:ident),*) => {
@@ -204,6 +204,23 @@ pub fn copy_columns<B: Backend>(b: &B) {
             .collect();
         assert_close("copy_columns", &b.read(&got), &want, 1e-6, 1e-6);
     }
+}
+
+pub fn scatter_rows<B: Backend>(b: &B) {
+    let mut rng = Rng::new(33);
+    let dim = 5;
+    let dst = rng.normal_vec(6 * dim, 1.0);
+    let src = rng.normal_vec(3 * dim, 1.0);
+    let rows = [4, -1, 0];
+    let mut got = b.upload(&dst);
+    b.scatter_rows(&mut got, &b.upload(&src), &b.upload_index(&rows), dim);
+    let mut want: Vec<f64> = dst.iter().map(|&x| x as f64).collect();
+    for (t, &r) in rows.iter().enumerate().filter(|(_, &r)| r >= 0) {
+        for c in 0..dim {
+            want[r as usize * dim + c] = src[t * dim + c] as f64;
+        }
+    }
+    assert_close("scatter_rows", &b.read(&got), &want, 0.0, 0.0);
 }
 
 pub fn elementwise<B: Backend>(b: &B) {

@@ -9,5 +9,7 @@ pub mod conformance;
 pub mod cpu;
 pub mod rng;
 
-pub use backend::{AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Rope, Routing};
+pub use backend::{
+    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Rope, Routing,
+};
 pub use cpu::Cpu;

@@ -5,10 +5,13 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod generator;
+pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod rope;
 pub mod safetensors_io;
+pub mod sampler;
 pub mod weights;
 
 pub use activations::Activations;

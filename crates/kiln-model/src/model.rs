@@ -11,12 +11,13 @@ use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs,
 use crate::batch::Batch;
 use crate::config::{AttentionKind, Config};
 use crate::error::Result;
+use crate::kv_cache::{CachePlan, KvCache};
 use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
-use crate::layers::{gqa, mla, mlp, moe, AttnCtx};
+use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
 use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, TensorSpec, Weights};
-use kiln_core::{Attention, Backend, Matmul};
+use kiln_core::{Attention, Backend, DecodeAttention, Matmul};
 use std::path::Path;
 
 /// Chooses token weights from every token's nll (see `Model::forward_backward_with`).
@@ -203,6 +204,7 @@ impl<B: Backend> Model<B> {
 
     /// Forward of layer `l` from `x_in` into `a` and, unless only recomputing what backward
     /// needs, into `x_out`. With `load`, the experts' loads are counted into it.
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         b: &B,
@@ -211,6 +213,7 @@ impl<B: Backend> Model<B> {
         x_in: &B::Buf,
         x_out: Option<&mut B::Buf>,
         view: &ActsView<B>,
+        kv: Option<(&mut B::Buf, &mut B::Buf)>,
     ) {
         let c = &self.config;
         let w = &self.params.layers[l];
@@ -219,8 +222,8 @@ impl<B: Backend> Model<B> {
 
         b.rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, &w.input_norm, eps);
         match (&w.attn, &mut a.attn) {
-            (AttnWeights::Gqa(w), AttnActs::Gqa(a_)) => gqa::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx),
-            (AttnWeights::Mla(w), AttnActs::Mla(a_)) => mla::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx),
+            (AttnWeights::Gqa(w), AttnActs::Gqa(a_)) => gqa::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx, kv),
+            (AttnWeights::Mla(w), AttnActs::Mla(a_)) => mla::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx, kv),
             _ => unreachable!("activations laid out for another attention kind"),
         }
         // x_mid = x_in + attention, fused with the second norm.
@@ -251,15 +254,54 @@ impl<B: Backend> Model<B> {
     /// `acts.xf` (`[tokens, hidden]`); with `count_load`, adds the experts' loads into
     /// `expert_load`.
     pub fn forward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, count_load: bool) {
+        self.forward_layers(b, acts, batch, count_load, None);
+    }
+
+    /// Runs the model over `batch` for generation, leaving logits in `acts.logits`: every
+    /// token's keys and values go into `cache` at the rows `plan` gives, and when decoding
+    /// each token attends its sequence's cached rows (see `CachePlan`).
+    pub fn forward_cached(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        cache: &mut KvCache<B>,
+        plan: &CachePlan,
+    ) {
+        self.forward_layers(b, acts, batch, false, Some((cache, plan)));
+        self.lm_head_forward(b, acts);
+    }
+
+    fn forward_layers(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        count_load: bool,
+        cache: Option<(&mut KvCache<B>, &CachePlan)>,
+    ) {
         self.prepare(b, acts, batch);
         let c = &self.config;
         b.embedding_forward(&mut acts.layer_inputs[0], &self.params.embed, &acts.inputs.ids, c.hidden_size);
-        let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
+        let mut view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
+        let mut cache = cache;
+        let indices = cache.as_ref().map(|(_, plan)| {
+            let decode = plan.decode.map(|(starts, lengths)| (b.upload_index(starts), b.upload_index(lengths)));
+            (b.upload_index(plan.rows), decode)
+        });
+        if let (Some((kv, plan)), Some((rows, decode))) = (&cache, &indices) {
+            let spec = kv.decode_spec(plan.rows.len(), c.num_heads, c.attention_scale, None);
+            view.cache = Some(CacheCtx { rows, decode: decode.as_ref().map(|(s, l)| (s, l, spec)) });
+        }
         let mut loads = Vec::new();
         for l in 0..c.num_layers {
             let (inputs, outputs) = acts.layer_inputs.split_at_mut(l + 1);
             let a = &mut acts.layers[acts.slots[l]];
-            self.layer_forward(b, l, a, &inputs[l], Some(&mut outputs[0]), &view);
+            let kv = cache.as_mut().map(|(kv, _)| {
+                let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
+                (k, v)
+            });
+            self.layer_forward(b, l, a, &inputs[l], Some(&mut outputs[0]), &view, kv);
             if let (true, FfnActs::Moe(m)) = (count_load, &a.ffn) {
                 loads.push((l, m.rows.clone()));
             }
@@ -387,7 +429,7 @@ impl<B: Backend> Model<B> {
         for l in (0..c.num_layers).rev() {
             let a = &mut acts.layers[acts.slots[l]];
             if acts.recompute {
-                self.layer_forward(b, l, a, &acts.layer_inputs[l], None, &view);
+                self.layer_forward(b, l, a, &acts.layer_inputs[l], None, &view, None);
             }
             aux_loss += self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view, &aux);
         }
@@ -462,6 +504,9 @@ struct ActsView<'a, B: Backend> {
     positions: &'a B::Index,
     segments: &'a B::Index,
     attention: Vec<Attention>,
+    /// Cache rows of the tokens and, when decoding, each token's cached span and the decode
+    /// attention (its window is set per layer).
+    cache: Option<CacheCtx<'a, B>>,
 }
 
 impl<'a, B: Backend> ActsView<'a, B> {
@@ -472,6 +517,7 @@ impl<'a, B: Backend> ActsView<'a, B> {
             positions: &inputs.positions,
             segments: &inputs.segments,
             attention: (0..model.config.num_layers).map(|l| model.attention_spec(rows, seq, l)).collect(),
+            cache: None,
         }
     }
 
@@ -482,6 +528,12 @@ impl<'a, B: Backend> ActsView<'a, B> {
             positions: self.positions,
             segments: self.segments,
             spec: self.attention[layer],
+            cache: self.cache.map(|c| CacheCtx {
+                decode: c
+                    .decode
+                    .map(|(s, l, spec)| (s, l, DecodeAttention { window: self.attention[layer].window, ..spec })),
+                ..c
+            }),
         }
     }
 }

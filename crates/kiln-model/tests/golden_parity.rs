@@ -3,6 +3,8 @@
 //! `tools/golden/llama_family.py` and `tools/golden/deepseek_v3.py`.
 
 use kiln_core::{Backend, Cpu};
+use kiln_model::generator::{generate, Request};
+use kiln_model::sampler::SamplingParams;
 use kiln_model::{Activations, Batch, Model};
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
@@ -93,9 +95,14 @@ fn check_case(case: &str) {
         }
     }
 
-    // Greedy decoding continues the first row's first 6 tokens as transformers' generate does.
+    // Greedy decoding continues the first row's first 6 tokens as transformers' generate does,
+    // without a cache and with the KV-cache generator.
     let greedy = kiln_model::generate::greedy(&b, &mut model, &[golden.sequences[0][..6].to_vec()], 5, &[]);
     assert_eq!(greedy[0], golden.greedy, "{case}: greedy continuation");
+    let params = SamplingParams { temperature: 0.0, max_new_tokens: 5, ..Default::default() };
+    let request = Request { prompt: golden.sequences[0][..6].to_vec(), params };
+    let cached = generate(&b, &mut model, &[request], 4, &mut |_, _| false);
+    assert_eq!(cached[0].tokens, golden.greedy, "{case}: greedy continuation with the KV cache");
 
     // Loss and every gradient, with activations kept and with them recomputed.
     for recompute in [false, true] {

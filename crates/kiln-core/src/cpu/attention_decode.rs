@@ -17,7 +17,10 @@ pub fn forward(
     spec: DecodeAttention,
 ) {
     let DecodeAttention { queries, q_heads, kv_heads, head_dim, v_head_dim, scale, window } = spec;
-    assert!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "attention_decode: q heads must be a multiple of kv heads");
+    assert!(
+        kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
+        "attention_decode: q heads must be a multiple of kv heads"
+    );
     assert_eq!(q.len(), queries * q_heads * head_dim, "attention_decode: q size");
     assert_eq!(out.len(), queries * q_heads * v_head_dim, "attention_decode: out size");
     assert!(starts.len() == queries && lengths.len() == queries, "attention_decode: one start and length per query");
@@ -29,7 +32,11 @@ pub fn forward(
     (0..queries * q_heads).into_par_iter().for_each(|task| {
         let (i, h) = (task / q_heads, task % q_heads);
         let (start, len) = (starts[i] as usize, lengths[i] as usize);
-        assert!(len > 0 && start + len <= cache_rows, "attention_decode: rows {start}..{} beyond the cache", start + len);
+        assert!(
+            len > 0 && start + len <= cache_rows,
+            "attention_decode: rows {start}..{} beyond the cache",
+            start + len
+        );
         let first = window.map_or(0, |w| len.saturating_sub(w));
         let kv = h / group;
         let qv = &q[(i * q_heads + h) * head_dim..][..head_dim];
@@ -43,7 +50,8 @@ pub fn forward(
         let weights: Vec<f32> = scores.iter().map(|&s| (s - max).exp()).collect();
         let sum: f32 = weights.iter().sum();
         // SAFETY: each task writes its own (query, head) slice of `out`.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add((i * q_heads + h) * v_head_dim), v_head_dim) };
+        let o =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add((i * q_heads + h) * v_head_dim), v_head_dim) };
         o.iter_mut().for_each(|x| *x = 0.0);
         for (j, w) in (first..len).zip(&weights) {
             let v = &v_cache[(start + j) * v_row + kv * v_head_dim..][..v_head_dim];

@@ -155,6 +155,15 @@ impl Backend for Cpu {
         rope::backward(dx, table, positions, spec);
     }
 
+    fn scatter_rows(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: &Vec<i32>, dim: usize) {
+        assert_eq!(src.len(), rows.len() * dim, "scatter_rows: {} values for {} rows of {dim}", src.len(), rows.len());
+        let dst_rows = dst.len() / dim.max(1);
+        for (t, &r) in rows.iter().enumerate().filter(|(_, &r)| r >= 0) {
+            let r = r as usize;
+            assert!(r < dst_rows, "scatter_rows: row {r} beyond {dst_rows}");
+            dst[r * dim..(r + 1) * dim].copy_from_slice(&src[t * dim..(t + 1) * dim]);
+        }
+    }
     fn attention_decode(
         &self,
         out: &mut Vec<f32>,

@@ -5,7 +5,7 @@
 //!
 //! Backward runs the same steps in reverse; RoPE's backward is the inverse rotation.
 
-use super::{linear, linear_backward, AttnCtx};
+use super::{attend, linear, linear_backward, AttnCtx};
 use crate::config::Config;
 use crate::weights::GqaWeights;
 use kiln_core::{Backend, Heads, Rope};
@@ -72,7 +72,8 @@ fn rope_spec(c: &Config, tokens: usize, heads: usize) -> Rope {
     Rope { x: Heads { tokens, heads, head_dim: c.head_dim }, rot_dim: c.rot_dim, offset: 0, interleaved: false }
 }
 
-/// `out = attention(xn)`.
+/// `out = attention(xn)`; with a layer cache `kv`, keys and values go into it as `ctx` says.
+#[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     b: &B,
     c: &Config,
@@ -81,6 +82,7 @@ pub fn forward<B: Backend>(
     out: &mut B::Buf,
     a: &mut GqaActs<B>,
     ctx: &AttnCtx<B>,
+    kv: Option<(&mut B::Buf, &mut B::Buf)>,
 ) {
     let (n, d, eps) = (ctx.tokens, c.hidden_size, c.rms_norm_eps);
     let (qd, kvd) = widths(c);
@@ -99,7 +101,7 @@ pub fn forward<B: Backend>(
     linear(b, &mut a.v, xn, (&w.v, w.v_bias.as_ref()), (n, d, kvd));
     b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_heads));
     b.rope_forward(&mut a.k, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_kv_heads));
-    b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec);
+    attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (kvd, kvd), kv, ctx);
     linear(b, out, &a.att, (&w.o, w.o_bias.as_ref()), (n, qd, d));
 }
 

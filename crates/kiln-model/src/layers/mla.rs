@@ -11,7 +11,7 @@
 //!
 //! Backward runs the same steps in reverse; k_pe's gradient is the sum over heads.
 
-use super::{linear, linear_backward, AttnCtx};
+use super::{attend, linear, linear_backward, AttnCtx};
 use crate::config::{Config, MlaConfig};
 use crate::weights::MlaWeights;
 use kiln_core::{Backend, ColumnCopy, Heads, Rope};
@@ -160,7 +160,9 @@ impl<B: Backend> MlaGrads<B> {
     }
 }
 
-/// `out = attention(xn)`.
+/// `out = attention(xn)`; with a layer cache `kv`, the per-head keys and values go into it as
+/// `ctx` says.
+#[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     b: &B,
     cfg: &Config,
@@ -169,6 +171,7 @@ pub fn forward<B: Backend>(
     out: &mut B::Buf,
     a: &mut MlaActs<B>,
     ctx: &AttnCtx<B>,
+    kv: Option<(&mut B::Buf, &mut B::Buf)>,
 ) {
     let m = dims(cfg, ctx.tokens);
     let (n, d, h) = (m.n, m.d, m.h);
@@ -196,7 +199,7 @@ pub fn forward<B: Backend>(
     }
     b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
 
-    b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec);
+    attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx);
     linear(b, out, &a.att, (&w.o, w.o_bias.as_ref()), (n, h * m.v, d));
 }
 

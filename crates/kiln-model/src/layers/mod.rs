@@ -8,15 +8,56 @@ pub mod mlp;
 pub mod moe;
 pub mod moe_aux_loss;
 
-use kiln_core::{Attention, Backend, Matmul};
+use kiln_core::{Attention, Backend, DecodeAttention, Matmul};
 
-/// What an attention block reads besides its input: the batch's positions and segments.
+/// What an attention block reads besides its input: the batch's positions and segments, and
+/// for generation where its keys and values go in the cache.
 pub struct AttnCtx<'a, B: Backend> {
     pub tokens: usize,
     pub rope_table: &'a B::Buf,
     pub positions: &'a B::Index,
     pub segments: &'a B::Index,
     pub spec: Attention,
+    pub cache: Option<CacheCtx<'a, B>>,
+}
+
+/// Cache rows of the batch's tokens and, when decoding, the rows each new token attends
+/// (`starts`, `lengths`) with the decode attention.
+pub struct CacheCtx<'a, B: Backend> {
+    pub rows: &'a B::Index,
+    pub decode: Option<(&'a B::Index, &'a B::Index, DecodeAttention)>,
+}
+
+impl<B: Backend> Clone for CacheCtx<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for CacheCtx<'_, B> {}
+
+/// Attention of a block whose keys `k` and values `v` (rows of `k_row`, `v_row`) are ready:
+/// over the batch, or, with a layer cache, after writing them into it, over the batch
+/// (prefill) or over each sequence's cached rows (decode).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend<B: Backend>(
+    b: &B,
+    (att, lse): (&mut B::Buf, &mut B::Buf),
+    q: &B::Buf,
+    (k, v): (&B::Buf, &B::Buf),
+    (k_row, v_row): (usize, usize),
+    kv: Option<(&mut B::Buf, &mut B::Buf)>,
+    ctx: &AttnCtx<B>,
+) {
+    if let (Some((kc, vc)), Some(cache)) = (kv, &ctx.cache) {
+        b.scatter_rows(kc, k, cache.rows, k_row);
+        b.scatter_rows(vc, v, cache.rows, v_row);
+        if let Some((starts, lengths, spec)) = cache.decode {
+            b.attention_decode(att, q, kc, vc, starts, lengths, spec);
+            return;
+        }
+    }
+    b.attention_forward(att, lse, q, k, v, ctx.segments, ctx.spec);
 }
 
 /// `y = x·Wᵀ (+ bias)` for `rows` rows.

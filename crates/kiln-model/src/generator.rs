@@ -1,0 +1,145 @@
+//! Batched generation with a key/value cache, on the same model code and kernels as
+//! training. Each request is prefilled on its own into a free cache slot; then every step
+//! decodes one token for all running sequences at once, each attending only its own cached
+//! rows. A sequence that stops frees its slot for the next waiting request (continuous
+//! batching), so prompts of different lengths finish independently.
+
+use crate::kv_cache::{CachePlan, KvCache};
+use crate::sampler::{logprob, sample, SamplingParams};
+use crate::{Activations, Batch, Model};
+use kiln_core::rng::Rng;
+use kiln_core::Backend;
+use std::collections::HashMap;
+
+pub struct Request {
+    pub prompt: Vec<i32>,
+    pub params: SamplingParams,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token, or the caller's stop condition (stop strings).
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// New tokens, without the stop token.
+    pub tokens: Vec<i32>,
+    /// log p(token) under the model, log softmax of its logits, for every new token.
+    pub logprobs: Vec<f32>,
+    pub finish: FinishReason,
+}
+
+/// A running sequence.
+struct Running {
+    request: usize,
+    slot: usize,
+    /// Prompt and new tokens; the last one is not in the cache yet.
+    tokens: Vec<i32>,
+    out: Generation,
+    rng: Rng,
+}
+
+/// Generates for every request, at most `max_batch` at a time; `stop(request, new_tokens)`
+/// may end a sequence early (stop strings). Outputs come back in request order.
+pub fn generate<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    requests: &[Request],
+    max_batch: usize,
+    stop: &mut dyn FnMut(usize, &[i32]) -> bool,
+) -> Vec<Generation> {
+    let max_len = requests.iter().map(|r| r.prompt.len() + r.params.max_new_tokens).max().unwrap_or(1);
+    let slots = max_batch.min(requests.len()).max(1);
+    let mut cache = KvCache::new(b, &model.config, slots, max_len);
+    let vocab = model.config.vocab_size;
+    let mut free: Vec<usize> = (0..slots).rev().collect();
+    let mut waiting = 0..requests.len();
+    let mut running: Vec<Running> = Vec::new();
+    let mut done: Vec<Option<Generation>> = vec![None; requests.len()];
+    let mut decode_acts: HashMap<usize, Activations<B>> = HashMap::new();
+
+    // Appends the token drawn from `logits`; true when the sequence is finished.
+    let advance = |r: &mut Running, logits: &[f32], stop: &mut dyn FnMut(usize, &[i32]) -> bool| -> bool {
+        let params = &requests[r.request].params;
+        let token = sample(logits, params, &mut r.rng) as i32;
+        if params.stop_ids.contains(&token) {
+            r.out.finish = FinishReason::Stop;
+            return true;
+        }
+        r.out.tokens.push(token);
+        r.out.logprobs.push(logprob(logits, token as usize));
+        r.tokens.push(token);
+        if stop(r.request, &r.out.tokens) {
+            r.out.finish = FinishReason::Stop;
+            return true;
+        }
+        r.out.tokens.len() >= params.max_new_tokens
+    };
+
+    loop {
+        // Prefill waiting requests into free slots.
+        while !free.is_empty() && !waiting.is_empty() {
+            let request = waiting.next().expect("checked");
+            let slot = free.pop().expect("checked");
+            let prompt = &requests[request].prompt;
+            assert!(!prompt.is_empty(), "request {request}: empty prompt");
+            let mut r = Running {
+                request,
+                slot,
+                tokens: prompt.clone(),
+                out: Generation { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length },
+                rng: Rng::new(requests[request].params.seed),
+            };
+            let len = prompt.len();
+            let mut batch = Batch::padding(1, len);
+            for (t, &id) in prompt.iter().enumerate() {
+                (batch.ids[t], batch.positions[t], batch.segments[t]) = (id, t as i32, 0);
+            }
+            let rows: Vec<i32> = (0..len).map(|p| cache.row(slot, p)).collect();
+            let mut acts = Activations::new(b, &model.config, 1, len, false, false);
+            model.forward_cached(b, &mut acts, &batch, &mut cache, &CachePlan { rows: &rows, decode: None });
+            let logits = b.read(&acts.logits);
+            let finished = requests[request].params.max_new_tokens == 0
+                || advance(&mut r, &logits[(len - 1) * vocab..len * vocab], stop);
+            if finished {
+                free.push(slot);
+                done[request] = Some(r.out);
+            } else {
+                running.push(r);
+            }
+        }
+        if running.is_empty() {
+            break;
+        }
+        // One decode step for every running sequence.
+        let n = running.len();
+        let mut batch = Batch::padding(n, 1);
+        let (mut rows, mut starts, mut lengths) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for (i, r) in running.iter().enumerate() {
+            let pos = r.tokens.len() - 1;
+            (batch.ids[i], batch.positions[i], batch.segments[i]) = (r.tokens[pos], pos as i32, 0);
+            rows.push(cache.row(r.slot, pos));
+            starts.push(cache.row(r.slot, 0));
+            lengths.push(pos as i32 + 1);
+        }
+        let acts = decode_acts.entry(n).or_insert_with(|| Activations::new(b, &model.config, n, 1, false, false));
+        let plan = CachePlan { rows: &rows, decode: Some((&starts, &lengths)) };
+        model.forward_cached(b, acts, &batch, &mut cache, &plan);
+        let logits = b.read(&acts.logits);
+        let mut still = Vec::with_capacity(n);
+        for (i, mut r) in running.drain(..).enumerate() {
+            if advance(&mut r, &logits[i * vocab..(i + 1) * vocab], stop) {
+                free.push(r.slot);
+                done[r.request] = Some(r.out);
+            } else {
+                still.push(r);
+            }
+        }
+        running = still;
+    }
+    done.into_iter().map(|g| g.expect("every request finishes")).collect()
+}

@@ -1,0 +1,73 @@
+//! The key/value cache of generation: every layer's keys and values (after RoPE) for `slots`
+//! sequences of up to `max_len` tokens, slot `s` holding token `p` in row `s·max_len + p`. A
+//! slot is reused by the next sequence as soon as its own finishes: rows are overwritten, and
+//! attention only reads a sequence's first `length` rows, so nothing needs clearing.
+//!
+//! Multi-head latent attention caches its expanded per-head keys and values here; the latent
+//! cache (c_kv and k_pe only, up-projections absorbed) is a later optimisation.
+
+use crate::config::{AttentionKind, Config};
+use kiln_core::{Backend, DecodeAttention};
+
+pub struct KvCache<B: Backend> {
+    pub slots: usize,
+    pub max_len: usize,
+    pub(crate) k: Vec<B::Buf>,
+    pub(crate) v: Vec<B::Buf>,
+    kv_heads: usize,
+    head_dim: usize,
+    v_head_dim: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(b: &B, cfg: &Config, slots: usize, max_len: usize) -> Self {
+        let (kv_heads, head_dim, v_head_dim) = match &cfg.attention {
+            AttentionKind::Gqa => (cfg.num_kv_heads, cfg.head_dim, cfg.head_dim),
+            AttentionKind::Mla(m) => (cfg.num_heads, cfg.head_dim, m.v_head_dim),
+        };
+        let (k_row, v_row) = (kv_heads * head_dim, kv_heads * v_head_dim);
+        let rows = slots * max_len;
+        Self {
+            slots,
+            max_len,
+            k: (0..cfg.num_layers).map(|_| b.zeros(rows * k_row)).collect(),
+            v: (0..cfg.num_layers).map(|_| b.zeros(rows * v_row)).collect(),
+            kv_heads,
+            head_dim,
+            v_head_dim,
+        }
+    }
+
+    /// The cache row of token `pos` of the sequence in `slot`.
+    pub fn row(&self, slot: usize, pos: usize) -> i32 {
+        assert!(slot < self.slots && pos < self.max_len, "kv cache: slot {slot}, position {pos} out of range");
+        (slot * self.max_len + pos) as i32
+    }
+
+    /// The decode attention of `queries` new tokens with `q_heads` query heads.
+    pub(crate) fn decode_spec(
+        &self,
+        queries: usize,
+        q_heads: usize,
+        scale: f32,
+        window: Option<usize>,
+    ) -> DecodeAttention {
+        DecodeAttention {
+            queries,
+            q_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            v_head_dim: self.v_head_dim,
+            scale,
+            window,
+        }
+    }
+}
+
+/// Where a cached forward puts its tokens: the cache row of every token (negative: padding,
+/// not cached), and, when decoding one new token per row, the cached rows each one attends
+/// (`starts[i] .. starts[i] + lengths[i]`, itself included).
+pub struct CachePlan<'a> {
+    pub rows: &'a [i32],
+    pub decode: Option<(&'a [i32], &'a [i32])>,
+}

@@ -1,0 +1,104 @@
+//! Choosing the next token from a row of logits: greedy at temperature 0, else a draw from
+//! softmax(logits / T) restricted, in this order, to the `top_k` likeliest tokens, the
+//! smallest set whose probability reaches `top_p`, and the tokens at least `min_p` times as
+//! likely as the likeliest. The log-prob reported is the model's own, log softmax(logits), of
+//! the chosen token: what a training step computes for it.
+
+use kiln_core::rng::Rng;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplingParams {
+    /// 0: greedy.
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: usize,
+    /// 1: off.
+    pub top_p: f32,
+    /// 0: off.
+    pub min_p: f32,
+    pub max_new_tokens: usize,
+    /// Tokens that end a sequence (not included in its output).
+    pub stop_ids: Vec<i32>,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, max_new_tokens: 256, stop_ids: Vec::new(), seed: 0 }
+    }
+}
+
+/// `log softmax(logits)[token]`.
+pub fn logprob(logits: &[f32], token: usize) -> f32 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    ((logits[token] - max) as f64 - sum.ln()) as f32
+}
+
+/// The next token under `p`, drawn with `rng`.
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> usize {
+    let argmax =
+        || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    if p.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if p.top_k > 0 {
+        order.truncate(p.top_k);
+    }
+    let max = logits[order[0]];
+    let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i] - max) / p.temperature) as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    let mut keep = probs.len();
+    if p.top_p < 1.0 {
+        let mut cum = 0.0;
+        keep = probs
+            .iter()
+            .position(|&x| {
+                cum += x;
+                cum >= p.top_p as f64
+            })
+            .map_or(keep, |i| i + 1);
+    }
+    if p.min_p > 0.0 {
+        let floor = p.min_p as f64 * probs[0];
+        keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+    }
+    let total: f64 = probs[..keep].iter().sum();
+    let mut u = rng.uniform() * total;
+    for (i, &x) in probs[..keep].iter().enumerate() {
+        u -= x;
+        if u <= 0.0 {
+            return order[i];
+        }
+    }
+    order[keep - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_and_draws_follow_the_distribution() {
+        let logits = [2.0f32, 1.0, 0.0, -1.0, -5.0];
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        assert_eq!(sample(&logits, &greedy, &mut Rng::new(1)), 0);
+        let draw = |p: &SamplingParams| {
+            let mut rng = Rng::new(7);
+            let mut counts = [0usize; 5];
+            (0..20_000).for_each(|_| counts[sample(&logits, p, &mut rng)] += 1);
+            counts
+        };
+        let counts = draw(&SamplingParams::default());
+        let p0 = (2.0f64).exp() / logits.iter().map(|&x| (x as f64).exp()).sum::<f64>();
+        assert!((counts[0] as f64 / 20_000.0 - p0).abs() < 0.02, "{counts:?} vs p0 {p0}");
+        assert_eq!(draw(&SamplingParams { top_k: 2, ..Default::default() })[2..], [0, 0, 0]);
+        // softmax ≈ [.64, .24, .09, .03, .0004]: top_p 0.8 keeps two tokens, min_p 0.2 keeps two.
+        assert_eq!(draw(&SamplingParams { top_p: 0.8, ..Default::default() })[2..], [0, 0, 0]);
+        assert_eq!(draw(&SamplingParams { min_p: 0.2, ..Default::default() })[2..], [0, 0, 0]);
+        assert!((logprob(&logits, 0) as f64 - p0.ln()).abs() < 1e-6);
+    }
+}

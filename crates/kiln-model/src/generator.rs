@@ -81,35 +81,45 @@ pub fn generate<B: Backend>(
     };
 
     loop {
-        // Prefill waiting requests into free slots.
-        while !free.is_empty() && !waiting.is_empty() {
-            let request = waiting.next().expect("checked");
-            let slot = free.pop().expect("checked");
-            let prompt = &requests[request].prompt;
-            assert!(!prompt.is_empty(), "request {request}: empty prompt");
-            let mut r = Running {
-                request,
-                slot,
-                tokens: prompt.clone(),
-                out: Generation { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length },
-                rng: Rng::new(requests[request].params.seed),
-            };
-            let len = prompt.len();
-            let mut batch = Batch::padding(1, len);
-            for (t, &id) in prompt.iter().enumerate() {
-                (batch.ids[t], batch.positions[t], batch.segments[t]) = (id, t as i32, 0);
+        // Prefill waiting requests into free slots, together, right-padded.
+        let admitted: Vec<(usize, usize)> = std::iter::from_fn(|| {
+            (!free.is_empty()).then(|| waiting.next()).flatten().map(|r| (r, free.pop().expect("checked")))
+        })
+        .collect();
+        if !admitted.is_empty() {
+            let seq = admitted.iter().map(|&(r, _)| requests[r].prompt.len()).max().expect("not empty");
+            let mut batch = Batch::padding(admitted.len(), seq);
+            let mut rows = vec![-1; admitted.len() * seq];
+            let mut last = Vec::with_capacity(admitted.len());
+            for (i, &(request, slot)) in admitted.iter().enumerate() {
+                let prompt = &requests[request].prompt;
+                assert!(!prompt.is_empty(), "request {request}: empty prompt");
+                for (p, &id) in prompt.iter().enumerate() {
+                    let t = i * seq + p;
+                    (batch.ids[t], batch.positions[t], batch.segments[t]) = (id, p as i32, 0);
+                    rows[t] = cache.row(slot, p);
+                }
+                last.push((i * seq + prompt.len() - 1) as i32);
             }
-            let rows: Vec<i32> = (0..len).map(|p| cache.row(slot, p)).collect();
-            let mut acts = Activations::new(b, &model.config, 1, len, false, false);
-            model.forward_cached(b, &mut acts, &batch, &mut cache, &CachePlan { rows: &rows, decode: None });
-            let logits = b.read(&acts.logits);
-            let finished = requests[request].params.max_new_tokens == 0
-                || advance(&mut r, &logits[(len - 1) * vocab..len * vocab], stop);
-            if finished {
-                free.push(slot);
-                done[request] = Some(r.out);
-            } else {
-                running.push(r);
+            let mut acts = Activations::new(b, &model.config, admitted.len(), seq, false, false);
+            let plan = CachePlan { rows: &rows, decode: None, logits_at: &last };
+            let logits = model.forward_cached(b, &mut acts, &batch, &mut cache, &plan);
+            for (i, &(request, slot)) in admitted.iter().enumerate() {
+                let mut r = Running {
+                    request,
+                    slot,
+                    tokens: requests[request].prompt.clone(),
+                    out: Generation { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length },
+                    rng: Rng::new(requests[request].params.seed),
+                };
+                let finished = requests[request].params.max_new_tokens == 0
+                    || advance(&mut r, &logits[i * vocab..(i + 1) * vocab], stop);
+                if finished {
+                    free.push(slot);
+                    done[request] = Some(r.out);
+                } else {
+                    running.push(r);
+                }
             }
         }
         if running.is_empty() {
@@ -127,9 +137,9 @@ pub fn generate<B: Backend>(
             lengths.push(pos as i32 + 1);
         }
         let acts = decode_acts.entry(n).or_insert_with(|| Activations::new(b, &model.config, n, 1, false, false));
-        let plan = CachePlan { rows: &rows, decode: Some((&starts, &lengths)) };
-        model.forward_cached(b, acts, &batch, &mut cache, &plan);
-        let logits = b.read(&acts.logits);
+        let every: Vec<i32> = (0..n as i32).collect();
+        let plan = CachePlan { rows: &rows, decode: Some((&starts, &lengths)), logits_at: &every };
+        let logits = model.forward_cached(b, acts, &batch, &mut cache, &plan);
         let mut still = Vec::with_capacity(n);
         for (i, mut r) in running.drain(..).enumerate() {
             if advance(&mut r, &logits[i * vocab..(i + 1) * vocab], stop) {

@@ -65,9 +65,11 @@ impl<B: Backend> KvCache<B> {
 }
 
 /// Where a cached forward puts its tokens: the cache row of every token (negative: padding,
-/// not cached), and, when decoding one new token per row, the cached rows each one attends
-/// (`starts[i] .. starts[i] + lengths[i]`, itself included).
+/// not cached), when decoding one new token per row the cached rows each one attends
+/// (`starts[i] .. starts[i] + lengths[i]`, itself included), and the tokens whose next-token
+/// logits are wanted.
 pub struct CachePlan<'a> {
     pub rows: &'a [i32],
     pub decode: Option<(&'a [i32], &'a [i32])>,
+    pub logits_at: &'a [i32],
 }

@@ -257,9 +257,10 @@ impl<B: Backend> Model<B> {
         self.forward_layers(b, acts, batch, count_load, None);
     }
 
-    /// Runs the model over `batch` for generation, leaving logits in `acts.logits`: every
-    /// token's keys and values go into `cache` at the rows `plan` gives, and when decoding
-    /// each token attends its sequence's cached rows (see `CachePlan`).
+    /// Runs the model over `batch` for generation and returns the logits (`[k, vocab]`) of
+    /// the `k` tokens `plan.logits_at`: every token's keys and values go into `cache` at the
+    /// rows `plan` gives, and when decoding each token attends its sequence's cached rows
+    /// (see `CachePlan`). Only those rows go through the LM head.
     pub fn forward_cached(
         &mut self,
         b: &B,
@@ -267,9 +268,16 @@ impl<B: Backend> Model<B> {
         batch: &Batch,
         cache: &mut KvCache<B>,
         plan: &CachePlan,
-    ) {
+    ) -> Vec<f32> {
         self.forward_layers(b, acts, batch, false, Some((cache, plan)));
-        self.lm_head_forward(b, acts);
+        let c = &self.config;
+        let k = plan.logits_at.len();
+        let mut last = b.zeros(k * c.hidden_size);
+        b.embedding_forward(&mut last, &acts.xf, &b.upload_index(plan.logits_at), c.hidden_size);
+        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.embed);
+        let mut logits = b.zeros(k * c.vocab_size);
+        b.matmul(&mut logits, &last, head, Matmul::linear(k, c.hidden_size, c.vocab_size));
+        b.read(&logits)
     }
 
     fn forward_layers(

@@ -35,20 +35,35 @@ pub fn logprob(logits: &[f32], token: usize) -> f32 {
     ((logits[token] - max) as f64 - sum.ln()) as f32
 }
 
-/// The next token under `p`, drawn with `rng`.
+/// The next token under `p`, drawn with `rng`. Without filters it draws straight from the
+/// softmax; filters sort only the candidates they keep.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> usize {
     let argmax =
-        || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+        || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
     if p.temperature <= 0.0 {
-        return argmax();
+        return argmax().0;
+    }
+    let max = argmax().1;
+    let weight = |x: f32| (((x - max) / p.temperature) as f64).exp();
+    if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
+        let total: f64 = logits.iter().map(|&x| weight(x)).sum();
+        let mut u = rng.uniform() * total;
+        for (i, &x) in logits.iter().enumerate() {
+            u -= weight(x);
+            if u <= 0.0 {
+                return i;
+            }
+        }
+        return logits.len() - 1;
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if p.top_k > 0 {
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
+    if p.top_k > 0 && p.top_k < order.len() {
+        order.select_nth_unstable_by(p.top_k - 1, by_logit);
         order.truncate(p.top_k);
     }
-    let max = logits[order[0]];
-    let mut probs: Vec<f64> = order.iter().map(|&i| (((logits[i] - max) / p.temperature) as f64).exp()).collect();
+    order.sort_unstable_by(by_logit);
+    let mut probs: Vec<f64> = order.iter().map(|&i| weight(logits[i])).collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|x| *x /= total);
     let mut keep = probs.len();

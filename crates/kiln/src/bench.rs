@@ -1,4 +1,5 @@
-//! `kiln bench train`: time forward + backward + AdamW steps on one batch shape.
+//! `kiln bench train`: time forward + backward + AdamW steps on one batch shape; `kiln bench
+//! moe`: the MoE layer against a dense MLP; `kiln bench generate` lives in `bench_generate`.
 
 use anyhow::Result;
 use kiln_core::{rng::Rng, Cpu};
@@ -14,6 +15,8 @@ pub enum Command {
     /// Time a DeepSeekMoE layer (forward + backward) against a dense SwiGLU MLP with the same
     /// active FLOPs (intermediate = top_k · expert_ff).
     Moe(MoeArgs),
+    /// Time batched generation with the KV-cache generator (new tokens per second).
+    Generate(crate::bench_generate::GenerateArgs),
 }
 
 #[derive(clap::Args)]
@@ -82,6 +85,7 @@ pub fn run(cmd: &Command) -> Result<()> {
     match cmd {
         Command::Train(args) => train(args),
         Command::Moe(args) => moe(args),
+        Command::Generate(args) => crate::bench_generate::run(args),
     }
 }
 

@@ -2,6 +2,7 @@
 //! knob, unknown keys are rejected with their name, and `--set section.key=value` overrides
 //! any of them.
 
+use crate::grpo_loss::{Aggregation, ImportanceLevel, ScaleRewards};
 use crate::preference_loss::LossKind;
 use kiln_data::example::LengthPolicy;
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,109 @@ pub struct RunConfig {
     /// Reward modelling (`kiln rm`).
     #[serde(default)]
     pub rm: Option<RmSection>,
+    /// RL with verifiable rewards (`kiln grpo`).
+    #[serde(default)]
+    pub grpo: Option<GrpoSection>,
+}
+
+/// `[grpo]`: rollouts, the clipped objective and its variants (see `grpo_loss`), and the
+/// reward functions (`[[grpo.rewards]]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoSection {
+    /// Completions sampled per prompt.
+    #[serde(default = "default_group_size")]
+    pub group_size: usize,
+    #[serde(default = "default_prompts_per_step")]
+    pub prompts_per_step: usize,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one_f32")]
+    pub temperature: f32,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "one_f32")]
+    pub top_p: f32,
+    /// Clip range: ratios outside [1 − epsilon, 1 + epsilon_high] carry no gradient.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
+    /// DAPO's clip-higher; defaults to `epsilon`.
+    #[serde(default)]
+    pub epsilon_high: Option<f64>,
+    /// KL weight to a frozen reference; 0 loads none.
+    #[serde(default)]
+    pub beta: f64,
+    /// Updates per rollout batch.
+    #[serde(default = "one")]
+    pub num_iterations: usize,
+    /// Loss aggregation: `grpo`, `bnpo`, `dr_grpo` or `dapo`.
+    #[serde(default = "default_loss_type")]
+    pub loss_type: Aggregation,
+    /// `group`, `batch` or `none`.
+    #[serde(default = "default_scale_rewards")]
+    pub scale_rewards: ScaleRewards,
+    /// `token` (GRPO) or `sequence` (GSPO).
+    #[serde(default = "default_importance_sampling")]
+    pub importance_sampling: ImportanceLevel,
+    /// Skip groups whose completions all got the same reward (DAPO's dynamic sampling).
+    #[serde(default)]
+    pub dynamic_sampling: bool,
+    pub rewards: Vec<RewardSpec>,
+}
+
+/// One reward function: `type` = `exact_match` (optional `pattern`), `format` (`pattern`),
+/// `length` (`max_chars`) or `command` (`command` = [program, args..], `timeout_s`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSpec {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: Option<String>,
+    #[serde(default = "one_f64")]
+    pub weight: f64,
+    pub pattern: Option<String>,
+    pub max_chars: Option<usize>,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: f64,
+}
+
+impl RewardSpec {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| self.kind.clone())
+    }
+}
+
+fn default_group_size() -> usize {
+    8
+}
+fn default_prompts_per_step() -> usize {
+    8
+}
+fn default_max_new_tokens() -> usize {
+    64
+}
+fn one_f32() -> f32 {
+    1.0
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn default_epsilon() -> f64 {
+    0.2
+}
+fn default_loss_type() -> Aggregation {
+    Aggregation::Grpo
+}
+fn default_scale_rewards() -> ScaleRewards {
+    ScaleRewards::Group
+}
+fn default_importance_sampling() -> ImportanceLevel {
+    ImportanceLevel::Token
+}
+fn default_timeout_s() -> f64 {
+    60.0
 }
 
 /// `[rm]`: the Bradley-Terry loss `−log σ(r_chosen − r_rejected − margin)`, plus
@@ -272,6 +376,17 @@ impl RunConfig {
         }
         if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
             return Err("`data.max_bad_fraction` must be between 0 and 1".into());
+        }
+        if let Some(g) = &self.grpo {
+            if g.group_size < 2 {
+                return Err("`grpo.group_size` must be at least 2 (advantages compare completions of a prompt)".into());
+            }
+            if g.prompts_per_step == 0 || g.max_new_tokens == 0 {
+                return Err("`grpo.prompts_per_step` and `grpo.max_new_tokens` must be positive".into());
+            }
+            if g.rewards.is_empty() {
+                return Err("`grpo.rewards` names no reward function ([[grpo.rewards]] type = \"exact_match\")".into());
+            }
         }
         if let Some(d) = &self.dpo {
             if d.loss.is_empty() {

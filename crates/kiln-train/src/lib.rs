@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod dpo;
+pub mod grpo;
 pub mod grpo_loss;
 pub mod loader;
 pub mod metrics;

@@ -6,6 +6,7 @@ mod data;
 mod demo;
 mod dpo;
 mod export;
+mod grpo;
 mod rm;
 mod run_args;
 mod score;
@@ -32,6 +33,8 @@ enum Command {
     Sft(run_args::RunArgs),
     /// Preference optimisation (DPO, IPO, hinge, SimPO, ORPO) from a run configuration.
     Dpo(run_args::RunArgs),
+    /// RL with verifiable rewards (GRPO and variants) from a run configuration.
+    Grpo(run_args::RunArgs),
     /// Train a reward model (Bradley-Terry on preference pairs) from a run configuration.
     Rm(run_args::RunArgs),
     /// Write a checkpoint out as a Hugging Face model directory.
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Command::Sft(args) => sft::run(&args),
         Command::Dpo(args) => dpo::run(&args),
         Command::Rm(args) => rm::run(&args),
+        Command::Grpo(args) => grpo::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),

@@ -1,0 +1,437 @@
+//! RL with verifiable rewards: GRPO and its variants (`grpo_loss`) on the generator.
+//!
+//! Each step takes `prompts_per_step` prompts, samples `group_size` completions of each with
+//! the KV-cache generator, scores them with the configured rewards (`rewards`), turns the
+//! rewards into group-relative advantages, and runs `num_iterations` updates on the
+//! completions: one forward gives every completion token's log-prob, the clipped objective
+//! sets each token's weight ∂L/∂nll_t = −∂L/∂logp_t, and the backward runs with them. The
+//! log-probs of the sampling policy (for the ratio) are taken with the training forward on
+//! the training batch itself, so rollout and training never disagree on them.
+
+use crate::config::{GrpoSection, RewardSpec, RunConfig};
+use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLossParams};
+use crate::rewards::{Reward, RewardFn, Sample};
+use crate::session::{merge, with_step, Resume, RunSummary, Session};
+use crate::sft::{check_vocab, load_tokenizer};
+use anyhow::{bail, Context, Result};
+use kiln_core::rng::Rng;
+use kiln_core::Cpu;
+use kiln_data::rows::read_records;
+use kiln_data::{ChatTemplate, Message, Tokenizer};
+use kiln_model::generator::{generate, FinishReason, Request};
+use kiln_model::sampler::SamplingParams;
+use kiln_model::{Activations, Batch, Model};
+use regex::Regex;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A prompt and its reference answer.
+#[derive(Clone, Debug)]
+pub struct PromptRow {
+    pub ids: Vec<i32>,
+    pub text: String,
+    pub answer: Option<String>,
+    pub location: String,
+}
+
+/// Statistics of a step or an evaluation.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GrpoStats {
+    pub reward: f64,
+    /// Fraction of completions with the full reward of the first reward function (accuracy
+    /// for `exact_match`).
+    pub solved: f64,
+    pub completion_length: f64,
+}
+
+/// Reads prompt rows: `{"prompt": "..."}` or `{"messages": [...]}` (rendered with the
+/// generation prompt), with an optional `"answer"`.
+pub fn read_prompts(
+    files: &[std::path::PathBuf],
+    tokenizer: &Tokenizer,
+    template: Option<&ChatTemplate>,
+) -> Result<Vec<PromptRow>> {
+    let mut out = Vec::new();
+    for f in files {
+        for record in read_records(f)? {
+            let (location, value) = record?;
+            let answer = match value.get("answer") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(v) => Some(v.to_string()),
+            };
+            let text = match (value.get("messages"), value.get("prompt")) {
+                (Some(m), _) => {
+                    let messages: Vec<Message> = serde_json::from_value(m.clone()).with_context(|| {
+                        format!("{location}: field `messages`: expected [{{\"role\", \"content\"}}, ..]")
+                    })?;
+                    let template = template
+                        .with_context(|| format!("{location}: a chat prompt needs the model's chat_template"))?;
+                    template.render(&messages, true).map_err(|e| anyhow::anyhow!("{location}: {e}"))?
+                }
+                (None, Some(Value::String(p))) => p.clone(),
+                _ => bail!("{location}: field `prompt` (a string) or `messages` is missing"),
+            };
+            let special = value.get("messages").is_none();
+            let ids = tokenizer.encode(&text, special).map_err(|e| anyhow::anyhow!("{location}: {e}"))?;
+            out.push(PromptRow { ids: ids.into_iter().map(|t| t as i32).collect(), text, answer, location });
+        }
+    }
+    if out.is_empty() {
+        bail!("no prompts in {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    Ok(out)
+}
+
+/// The configured reward functions.
+pub fn build_rewards(specs: &[RewardSpec]) -> Result<Vec<Reward>> {
+    specs
+        .iter()
+        .map(|s| {
+            let regex = |p: &Option<String>| -> Result<Option<Regex>> {
+                p.as_ref()
+                    .map(|p| Regex::new(p).with_context(|| format!("reward `{}`: bad pattern", s.name())))
+                    .transpose()
+            };
+            let function = match s.kind.as_str() {
+                "exact_match" => RewardFn::ExactMatch { pattern: regex(&s.pattern)? },
+                "format" => RewardFn::Format {
+                    pattern: regex(&s.pattern)?
+                        .with_context(|| format!("reward `{}`: `pattern` is required", s.name()))?,
+                },
+                "length" => RewardFn::Length { max_chars: s.max_chars.unwrap_or(200) },
+                "command" => RewardFn::Command {
+                    program: s
+                        .command
+                        .first()
+                        .cloned()
+                        .with_context(|| format!("reward `{}`: `command` is empty", s.name()))?,
+                    args: s.command[1..].to_vec(),
+                    timeout: Duration::from_secs_f64(s.timeout_s),
+                },
+                other => bail!("reward `{other}`: unknown type (exact_match, format, length, command)"),
+            };
+            Ok(Reward { name: s.name(), weight: s.weight, function })
+        })
+        .collect()
+}
+
+/// Samples `group` completions (or one greedy completion when `greedy`) of each prompt.
+fn rollout(
+    model: &mut Model<Cpu>,
+    prompts: &[&PromptRow],
+    g: &GrpoSection,
+    stop_ids: &[i32],
+    seed: u64,
+    greedy: bool,
+) -> Vec<(usize, Vec<i32>, bool)> {
+    let group = if greedy { 1 } else { g.group_size };
+    let requests: Vec<Request> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, group))
+        .enumerate()
+        .map(|(i, p)| Request {
+            prompt: p.ids.clone(),
+            params: SamplingParams {
+                temperature: if greedy { 0.0 } else { g.temperature },
+                top_k: g.top_k,
+                top_p: g.top_p,
+                min_p: 0.0,
+                max_new_tokens: g.max_new_tokens,
+                stop_ids: stop_ids.to_vec(),
+                seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
+            },
+        })
+        .collect();
+    let out = generate(&Cpu, model, &requests, requests.len(), &mut |_, _| false);
+    out.into_iter().enumerate().map(|(i, g)| (i / group, g.tokens, g.finish == FinishReason::Stop)).collect()
+}
+
+/// Rewards of completions (texts) of the given prompts: total and per function.
+fn score(rewards: &[Reward], prompts: &[&PromptRow], texts: &[(usize, String)]) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
+    let samples: Vec<Sample> = texts
+        .iter()
+        .map(|(p, c)| Sample { prompt: &prompts[*p].text, completion: c, answer: prompts[*p].answer.as_deref() })
+        .collect();
+    let per: Vec<Vec<f64>> = rewards.iter().map(|r| r.score(&samples)).collect::<Result<_>>()?;
+    let total = (0..samples.len()).map(|i| rewards.iter().zip(&per).map(|(r, v)| r.weight * v[i]).sum()).collect();
+    Ok((total, per))
+}
+
+/// Greedy completions of every eval prompt, scored.
+fn evaluate(
+    model: &mut Model<Cpu>,
+    prompts: &[PromptRow],
+    g: &GrpoSection,
+    rewards: &[Reward],
+    tokenizer: &Tokenizer,
+    stop_ids: &[i32],
+) -> Result<GrpoStats> {
+    let refs: Vec<&PromptRow> = prompts.iter().collect();
+    let outs = rollout(model, &refs, g, stop_ids, 0, true);
+    let texts: Vec<(usize, String)> =
+        outs.iter().map(|(p, t, _)| (*p, tokenizer.decode(&t.iter().map(|&x| x as u32).collect::<Vec<_>>()))).collect();
+    let (total, per) = score(rewards, &refs, &texts)?;
+    let n = total.len().max(1) as f64;
+    Ok(GrpoStats {
+        reward: total.iter().sum::<f64>() / n,
+        solved: per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n),
+        completion_length: outs.iter().map(|(_, t, _)| t.len()).sum::<usize>() as f64 / n,
+    })
+}
+
+/// Each completion's token log-probs from the forward's nll (`sequences`: one row each, ids
+/// and prompt length), and the token weights ∂L/∂nll_t = −∂L/∂logp_t of the policy loss.
+/// `old` is filled with these log-probs on the first call (the sampling policy's, taken with
+/// the training forward) and kept for later iterations.
+fn token_weights(
+    nll: &[f32],
+    sequences: &[(Vec<i32>, usize)],
+    advantages: &[f64],
+    old: &mut Option<Vec<Vec<f64>>>,
+    params: &PolicyLossParams,
+    seq: usize,
+) -> (Vec<f32>, crate::grpo_loss::PolicyLoss) {
+    let completion = |(ids, p): &(Vec<i32>, usize)| *p - 1..ids.len() - 1;
+    let logp: Vec<Vec<f64>> =
+        sequences.iter().enumerate().map(|(r, s)| completion(s).map(|t| -nll[r * seq + t] as f64).collect()).collect();
+    let old = old.get_or_insert_with(|| logp.clone());
+    let batch: Vec<Completion> = (0..sequences.len())
+        .map(|r| Completion { logp: &logp[r], old_logp: &old[r], ref_logp: None, advantage: advantages[r] })
+        .collect();
+    let out = policy_loss(&batch, params);
+    let mut w = vec![0f32; nll.len()];
+    for (r, (s, d)) in sequences.iter().zip(&out.dlogp).enumerate() {
+        for (j, t) in completion(s).enumerate() {
+            w[r * seq + t] = -d[j] as f32;
+        }
+    }
+    (w, out)
+}
+
+/// Runs GRPO as configured by `config.grpo`; `quiet` hides the progress bar.
+pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<GrpoStats>> {
+    let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
+    if g.beta != 0.0 {
+        bail!("`grpo.beta` > 0 (a KL to a frozen reference) is not supported yet; set it to 0");
+    }
+    let rewards = build_rewards(&g.rewards)?;
+    let mut session = Session::open(config, resume)?;
+    let (tokenizer, template) = load_tokenizer(session.model_dir())?;
+    check_vocab(&session.model, &tokenizer, session.model_dir())?;
+    let train = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
+    let eval = if config.data.eval.is_empty() {
+        Vec::new()
+    } else {
+        read_prompts(&config.data.eval, &tokenizer, template.as_ref())?
+    };
+    let stop_ids: Vec<i32> = tokenizer.eos_id.map(|e| e as i32).into_iter().collect();
+    let t = &config.train;
+    let total_steps =
+        t.steps.unwrap_or_else(|| t.epochs.unwrap_or(1) * (train.len() / g.prompts_per_step).max(1) as u64);
+    let schedule = crate::schedule::Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
+    let seq = config.data.max_seq_len;
+
+    session.start_progress(total_steps, quiet);
+    let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (GrpoStats::default(), None, None, false);
+    if session.state.step == 0 && !eval.is_empty() {
+        let s = evaluate(&mut session.model, &eval, &g, &rewards, &tokenizer, &stop_ids)?;
+        session.metrics.write(&with_step(0, json!({"eval_reward": s.reward, "eval_solved": s.solved})))?;
+        eval_before = Some(s);
+    }
+    while session.state.step < total_steps {
+        let step = session.state.step;
+        // Prompts of this step: a pure function of seed and step, like the SFT data order.
+        let mut rng = Rng::new(t.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let prompts: Vec<&PromptRow> = (0..g.prompts_per_step).map(|_| &train[rng.below(train.len())]).collect();
+        let rollout_started = Instant::now();
+        let outs = rollout(&mut session.model, &prompts, &g, &stop_ids, t.seed ^ step, false);
+        let rollout_s = rollout_started.elapsed().as_secs_f64();
+        let generated: usize = outs.iter().map(|(_, c, _)| c.len()).sum();
+        let texts: Vec<(usize, String)> = outs
+            .iter()
+            .map(|(p, c, _)| (*p, tokenizer.decode(&c.iter().map(|&x| x as u32).collect::<Vec<_>>())))
+            .collect();
+        let (total, per) = score(&rewards, &prompts, &texts)?;
+        let adv = advantages(&total, g.group_size, g.scale_rewards);
+
+        // Completions to train on: whole groups, unless dynamic sampling drops flat ones; a
+        // completion that stopped trains on its stop token too.
+        let keep: Vec<usize> = (0..outs.len())
+            .filter(|&i| {
+                !(g.dynamic_sampling && group_is_flat(&total[i / g.group_size * g.group_size..][..g.group_size]))
+            })
+            .collect();
+        let sequences: Vec<(Vec<i32>, usize)> = keep
+            .iter()
+            .map(|&i| {
+                let (p, c, stopped) = &outs[i];
+                let mut ids = [prompts[*p].ids.clone(), c.clone()].concat();
+                if *stopped {
+                    ids.extend(&stop_ids);
+                }
+                ids.truncate(seq);
+                (ids, prompts[*p].ids.len())
+            })
+            .collect();
+        session.begin_step();
+        let mut loss = 0.0;
+        let mut loss_stats = (0.0, 0.0, 0.0);
+        let train_tokens: usize = sequences.iter().map(|(ids, p)| ids.len() - p).sum();
+        if !sequences.is_empty() {
+            // One row per completion.
+            let mut batch = Batch::padding(sequences.len(), seq);
+            for (r, (ids, prompt_len)) in sequences.iter().enumerate() {
+                for (p, &id) in ids.iter().enumerate() {
+                    let i = r * seq + p;
+                    (batch.ids[i], batch.positions[i], batch.segments[i]) = (id, p as i32, 0);
+                    if p + 1 < ids.len() && p + 1 >= *prompt_len {
+                        batch.targets[i] = ids[p + 1];
+                        batch.weights[i] = 1.0 / train_tokens.max(1) as f32;
+                    }
+                }
+            }
+            let mut acts = Activations::new(&session.b, &session.model.config, sequences.len(), seq, true, t.recompute);
+            let params = PolicyLossParams {
+                epsilon_low: g.epsilon,
+                epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+                beta: 0.0,
+                aggregation: g.loss_type,
+                level: g.importance_sampling,
+                max_completion_length: g.max_new_tokens,
+                num_items: train_tokens,
+            };
+            let mut old: Option<Vec<Vec<f64>>> = None;
+            for _ in 0..g.num_iterations.max(1) {
+                let advantages: Vec<f64> = keep.iter().map(|&i| adv[i]).collect();
+                let mut weights_of = |nll: &[f32]| -> Vec<f32> {
+                    let (w, out) = token_weights(nll, &sequences, &advantages, &mut old, &params, seq);
+                    loss = out.loss;
+                    loss_stats = (out.clipped_low, out.clipped_high, out.kl);
+                    w
+                };
+                session.model.forward_backward_with(&session.b, &mut acts, &batch, &mut session.grads, &mut weights_of);
+            }
+        }
+        let describe = || prompts.iter().map(|p| p.location.as_str()).take(8).collect::<Vec<_>>().join(", ");
+        let update = session.update(loss, &schedule, describe)?;
+        let n = total.len().max(1) as f64;
+        let mean = total.iter().sum::<f64>() / n;
+        let std = (total.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let solved = per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n);
+        last = GrpoStats { reward: mean, solved, completion_length: generated as f64 / n };
+        let mut fields = json!({
+            "loss": loss, "reward": mean, "reward_std": std, "solved": solved,
+            "completion_length": generated as f64 / n, "clipped_low": loss_stats.0, "clipped_high": loss_stats.1,
+            "trained_completions": keep.len(), "rollout_tokens_per_s": generated as f64 / rollout_s.max(1e-9),
+        });
+        for (r, v) in rewards.iter().zip(&per) {
+            merge(&mut fields, &json!({format!("reward/{}", r.name): v.iter().sum::<f64>() / n}));
+        }
+        session.log_step(fields, train_tokens as u64, train_tokens as u64, &update, &format!("reward {mean:.3}"))?;
+
+        let step = session.state.step;
+        if !eval.is_empty() && session.eval_due(total_steps) {
+            let s = evaluate(&mut session.model, &eval, &g, &rewards, &tokenizer, &stop_ids)?;
+            session.metrics.write(&with_step(step, json!({"eval_reward": s.reward, "eval_solved": s.solved})))?;
+            session.bar.println(format!("step {step}: eval reward {:.3}, solved {:.3}", s.reward, s.solved));
+            eval_stats = Some(s);
+        }
+        interrupted = session.checkpoint_if_due(total_steps)?;
+        if interrupted {
+            break;
+        }
+    }
+    session.summary("kiln grpo", last, (eval_before, eval_stats), interrupted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::grpo_loss::{Aggregation, ImportanceLevel};
+    use kiln_model::Config;
+
+    const TINY: &str = r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}"#;
+
+    fn batch_of(sequences: &[(Vec<i32>, usize)], seq: usize) -> Batch {
+        let mut batch = Batch::padding(sequences.len(), seq);
+        for (r, (ids, prompt_len)) in sequences.iter().enumerate() {
+            for (p, &id) in ids.iter().enumerate() {
+                let i = r * seq + p;
+                (batch.ids[i], batch.positions[i], batch.segments[i]) = (id, p as i32, 0);
+                if p + 1 < ids.len() && p + 1 >= *prompt_len {
+                    batch.targets[i] = ids[p + 1];
+                }
+            }
+        }
+        batch
+    }
+
+    #[test]
+    fn token_weights_give_the_gradient_of_the_policy_loss() {
+        let seq = 10;
+        let sequences = vec![(vec![1, 2, 3, 4, 5], 2), (vec![1, 2, 6, 7, 8, 9, 10], 2), (vec![11, 12, 13, 14], 3)];
+        let advantages = [1.0, -0.7, 0.4];
+        let batch = batch_of(&sequences, seq);
+        let cfg = Config::parse(TINY).unwrap();
+        let mut model = Model::random(&Cpu, cfg.clone(), 5);
+        let mut acts = Activations::new(&Cpu, &cfg, sequences.len(), seq, true, false);
+        // The sampling policy's log-probs: those of a slightly different model, so that ratios
+        // differ from 1 and some clip.
+        let mut sampler = Model::random(&Cpu, cfg, 6);
+        let old_nll = sampler.nll(&Cpu, &mut acts, &batch);
+        let mut old = None;
+        token_weights(
+            &old_nll,
+            &sequences,
+            &advantages,
+            &mut old,
+            &PolicyLossParams {
+                epsilon_low: 0.2,
+                epsilon_high: 0.28,
+                beta: 0.0,
+                aggregation: Aggregation::Grpo,
+                level: ImportanceLevel::Token,
+                max_completion_length: 8,
+                num_items: 12,
+            },
+            seq,
+        );
+        for (aggregation, level) in
+            [(Aggregation::Grpo, ImportanceLevel::Token), (Aggregation::Dapo, ImportanceLevel::Sequence)]
+        {
+            let params = PolicyLossParams {
+                epsilon_low: 0.2,
+                epsilon_high: 0.28,
+                beta: 0.0,
+                aggregation,
+                level,
+                max_completion_length: 8,
+                num_items: 12,
+            };
+            let loss_at = |model: &mut Model<Cpu>, acts: &mut Activations<Cpu>| {
+                let nll = model.nll(&Cpu, acts, &batch);
+                token_weights(&nll, &sequences, &advantages, &mut old.clone(), &params, seq).1.loss
+            };
+            let mut grads = model.zeros_like_params(&Cpu);
+            let mut weights_of =
+                |nll: &[f32]| token_weights(nll, &sequences, &advantages, &mut old.clone(), &params, seq).0;
+            model.forward_backward_with(&Cpu, &mut acts, &batch, &mut grads, &mut weights_of);
+            let h = 1e-2f32;
+            for (tensor, i) in [(0usize, 33usize), (0, 170), (2, 7), (5, 30), (9, 11)] {
+                model.params.iter_mut()[tensor][i] += h;
+                let up = loss_at(&mut model, &mut acts);
+                model.params.iter_mut()[tensor][i] -= 2.0 * h;
+                let down = loss_at(&mut model, &mut acts);
+                model.params.iter_mut()[tensor][i] += h;
+                let numeric = (up - down) / (2.0 * h as f64);
+                let analytic = grads.iter()[tensor][i] as f64;
+                assert!(
+                    (analytic - numeric).abs() < 2e-4 + 0.03 * numeric.abs(),
+                    "{aggregation:?}/{level:?} tensor {tensor}[{i}]: analytic {analytic}, numeric {numeric}"
+                );
+            }
+        }
+    }
+}

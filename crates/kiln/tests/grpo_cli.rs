@@ -1,0 +1,68 @@
+//! `kiln grpo` end to end on the demo base model: the reward rises, metrics carry the RL
+//! numbers, and a reward command that fails stops the run with its name.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-grpo-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn grpo(name: &str, extra: &[&str]) -> (Output, PathBuf) {
+    let out_dir = scratch_dir(name);
+    let mut args = vec![
+        "grpo".to_string(),
+        format!("{EXAMPLES}/grpo.toml"),
+        "--quiet".into(),
+        "--set".into(),
+        format!("output.dir={:?}", out_dir.display().to_string()),
+    ];
+    for e in extra {
+        args.extend(["--set".to_string(), e.to_string()]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    (kiln(&refs), out_dir)
+}
+
+#[test]
+fn grpo_raises_the_reward() {
+    let (out, dir) = grpo("rises", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["reward"].is_number())
+        .collect();
+    assert_eq!(steps.len(), 20);
+    let mean = |s: &[serde_json::Value]| s.iter().map(|v| v["reward"].as_f64().unwrap()).sum::<f64>() / s.len() as f64;
+    let (first, last) = (mean(&steps[..4]), mean(&steps[16..]));
+    assert!(last > 2.0 * first && last > 0.4, "reward should rise: first steps {first:.3}, last steps {last:.3}");
+    for key in ["reward_std", "reward/format", "completion_length", "clipped_high", "rollout_tokens_per_s", "grad_norm"]
+    {
+        assert!(steps[3][key].is_number(), "metrics lack {key}: {}", steps[3]);
+    }
+}
+
+#[test]
+fn a_failing_reward_command_stops_the_run_with_its_name() {
+    let (out, _) = grpo(
+        "failing",
+        &[
+            "train.steps=2",
+            "grpo.rewards=[{type = \"command\", name = \"judge\", command = [\"sh\", \"-c\", \"exit 7\"]}]",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("reward `judge`") && stderr.contains("exited"), "{stderr}");
+}

@@ -189,15 +189,20 @@ fn token_weights(
     sequences: &[(Vec<i32>, usize)],
     advantages: &[f64],
     old: &mut Option<Vec<Vec<f64>>>,
+    reference: Option<&[Vec<f64>]>,
     params: &PolicyLossParams,
     seq: usize,
 ) -> (Vec<f32>, crate::grpo_loss::PolicyLoss) {
     let completion = |(ids, p): &(Vec<i32>, usize)| *p - 1..ids.len() - 1;
-    let logp: Vec<Vec<f64>> =
-        sequences.iter().enumerate().map(|(r, s)| completion(s).map(|t| -nll[r * seq + t] as f64).collect()).collect();
+    let logp = completion_logps(nll, sequences, seq);
     let old = old.get_or_insert_with(|| logp.clone());
     let batch: Vec<Completion> = (0..sequences.len())
-        .map(|r| Completion { logp: &logp[r], old_logp: &old[r], ref_logp: None, advantage: advantages[r] })
+        .map(|r| Completion {
+            logp: &logp[r],
+            old_logp: &old[r],
+            ref_logp: reference.map(|rf| rf[r].as_slice()),
+            advantage: advantages[r],
+        })
         .collect();
     let out = policy_loss(&batch, params);
     let mut w = vec![0f32; nll.len()];
@@ -209,14 +214,22 @@ fn token_weights(
     (w, out)
 }
 
+/// Every completion token's log-prob, from a forward's nll over one row per completion.
+fn completion_logps(nll: &[f32], sequences: &[(Vec<i32>, usize)], seq: usize) -> Vec<Vec<f64>> {
+    sequences
+        .iter()
+        .enumerate()
+        .map(|(r, (ids, p))| (*p - 1..ids.len() - 1).map(|t| -nll[r * seq + t] as f64).collect())
+        .collect()
+}
+
 /// Runs GRPO as configured by `config.grpo`; `quiet` hides the progress bar.
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<GrpoStats>> {
     let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
-    if g.beta != 0.0 {
-        bail!("`grpo.beta` > 0 (a KL to a frozen reference) is not supported yet; set it to 0");
-    }
     let rewards = build_rewards(&g.rewards)?;
     let mut session = Session::open(config, resume)?;
+    // The frozen reference for the KL term: the model the run started from.
+    let mut reference = if g.beta != 0.0 { Some(Model::load(&session.b, &config.model.path)?) } else { None };
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
     let train = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
@@ -295,17 +308,23 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             let params = PolicyLossParams {
                 epsilon_low: g.epsilon,
                 epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
-                beta: 0.0,
+                beta: g.beta,
                 aggregation: g.loss_type,
                 level: g.importance_sampling,
                 max_completion_length: g.max_new_tokens,
                 num_items: train_tokens,
             };
             let mut old: Option<Vec<Vec<f64>>> = None;
+            let ref_logp = reference.as_mut().map(|r| {
+                let mut ref_acts = Activations::new(&session.b, &r.config, sequences.len(), seq, false, false);
+                let nll = r.nll(&session.b, &mut ref_acts, &batch);
+                completion_logps(&nll, &sequences, seq)
+            });
             for _ in 0..g.num_iterations.max(1) {
                 let advantages: Vec<f64> = keep.iter().map(|&i| adv[i]).collect();
                 let mut weights_of = |nll: &[f32]| -> Vec<f32> {
-                    let (w, out) = token_weights(nll, &sequences, &advantages, &mut old, &params, seq);
+                    let (w, out) =
+                        token_weights(nll, &sequences, &advantages, &mut old, ref_logp.as_deref(), &params, seq);
                     loss = out.loss;
                     loss_stats = (out.clipped_low, out.clipped_high, out.kl);
                     w
@@ -321,7 +340,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let solved = per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n);
         last = GrpoStats { reward: mean, solved, completion_length: generated as f64 / n };
         let mut fields = json!({
-            "loss": loss, "reward": mean, "reward_std": std, "solved": solved,
+            "loss": loss, "reward": mean, "reward_std": std, "solved": solved, "kl": loss_stats.2,
             "completion_length": generated as f64 / n, "clipped_low": loss_stats.0, "clipped_high": loss_stats.1,
             "trained_completions": keep.len(), "rollout_tokens_per_s": generated as f64 / rollout_s.max(1e-9),
         });
@@ -387,6 +406,7 @@ mod tests {
             &sequences,
             &advantages,
             &mut old,
+            None,
             &PolicyLossParams {
                 epsilon_low: 0.2,
                 epsilon_high: 0.28,
@@ -398,13 +418,17 @@ mod tests {
             },
             seq,
         );
-        for (aggregation, level) in
-            [(Aggregation::Grpo, ImportanceLevel::Token), (Aggregation::Dapo, ImportanceLevel::Sequence)]
+        // A frozen reference for the KL term: a third model.
+        let mut reference = Model::random(&Cpu, Config::parse(TINY).unwrap(), 7);
+        let ref_logp = completion_logps(&reference.nll(&Cpu, &mut acts, &batch), &sequences, seq);
+        let rf = Some(ref_logp.as_slice());
+        for (aggregation, level, beta) in
+            [(Aggregation::Grpo, ImportanceLevel::Token, 0.0), (Aggregation::Dapo, ImportanceLevel::Sequence, 0.3)]
         {
             let params = PolicyLossParams {
                 epsilon_low: 0.2,
                 epsilon_high: 0.28,
-                beta: 0.0,
+                beta,
                 aggregation,
                 level,
                 max_completion_length: 8,
@@ -412,11 +436,11 @@ mod tests {
             };
             let loss_at = |model: &mut Model<Cpu>, acts: &mut Activations<Cpu>| {
                 let nll = model.nll(&Cpu, acts, &batch);
-                token_weights(&nll, &sequences, &advantages, &mut old.clone(), &params, seq).1.loss
+                token_weights(&nll, &sequences, &advantages, &mut old.clone(), rf, &params, seq).1.loss
             };
             let mut grads = model.zeros_like_params(&Cpu);
             let mut weights_of =
-                |nll: &[f32]| token_weights(nll, &sequences, &advantages, &mut old.clone(), &params, seq).0;
+                |nll: &[f32]| token_weights(nll, &sequences, &advantages, &mut old.clone(), rf, &params, seq).0;
             model.forward_backward_with(&Cpu, &mut acts, &batch, &mut grads, &mut weights_of);
             let h = 1e-2f32;
             for (tensor, i) in [(0usize, 33usize), (0, 170), (2, 7), (5, 30), (9, 11)] {

@@ -6,6 +6,7 @@ mod data;
 mod demo;
 mod dpo;
 mod export;
+mod generate;
 mod grpo;
 mod rm;
 mod run_args;
@@ -42,6 +43,8 @@ enum Command {
     /// Look at a run's data before training on it.
     #[command(subcommand)]
     Data(data::Command),
+    /// Generate: interactive chat, or a batch of prompts from a JSONL file.
+    Generate(generate::Args),
     /// Per-token log-probabilities of token sequences under a model.
     Score(score::Args),
     /// Measure speed and memory.
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Bench(cmd) => bench::run(&cmd),
     }
 }

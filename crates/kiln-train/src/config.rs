@@ -72,7 +72,8 @@ pub struct GrpoSection {
 }
 
 /// One reward function: `type` = `exact_match` (optional `pattern`), `format` (`pattern`),
-/// `length` (`max_chars`) or `command` (`command` = [program, args..], `timeout_s`).
+/// `length` (`max_chars`), `command` (`command` = [program, args..], `timeout_s`) or `model`
+/// (`path` of a `kiln rm` model).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardSpec {
@@ -87,6 +88,7 @@ pub struct RewardSpec {
     pub command: Vec<String>,
     #[serde(default = "default_timeout_s")]
     pub timeout_s: f64,
+    pub path: Option<PathBuf>,
 }
 
 impl RewardSpec {

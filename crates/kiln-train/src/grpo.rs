@@ -109,7 +109,11 @@ pub fn build_rewards(specs: &[RewardSpec]) -> Result<Vec<Reward>> {
                     args: s.command[1..].to_vec(),
                     timeout: Duration::from_secs_f64(s.timeout_s),
                 },
-                other => bail!("reward `{other}`: unknown type (exact_match, format, length, command)"),
+                "model" => {
+                    let path = s.path.as_ref().with_context(|| format!("reward `{}`: `path` is required", s.name()))?;
+                    RewardFn::RewardModel(std::sync::Mutex::new(crate::rewards::ScoringModel::load(path)?))
+                }
+                other => bail!("reward `{other}`: unknown type (exact_match, format, length, command, model)"),
             };
             Ok(Reward { name: s.name(), weight: s.weight, function })
         })

@@ -9,11 +9,16 @@
 //! - `command`: a program that reads one JSON object per completion on stdin
 //!   (`{"prompt", "completion", "answer"}`) and writes one number per line on stdout; a crash,
 //!   a wrong line count or a run past `timeout_s` is an error naming the reward.
+//! - `model`: a reward model trained by `kiln rm`, scoring prompt + completion (its own
+//!   tokenizer) at the last token.
 
 use anyhow::{bail, Context, Result};
+use kiln_core::{Backend, Cpu};
+use kiln_model::Model;
 use regex::Regex;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// One completion to score.
@@ -29,6 +34,41 @@ pub enum RewardFn {
     Format { pattern: Regex },
     Length { max_chars: usize },
     Command { program: String, args: Vec<String>, timeout: Duration },
+    RewardModel(Mutex<ScoringModel>),
+}
+
+/// A reward model and its tokenizer.
+pub struct ScoringModel {
+    pub model: Model<Cpu>,
+    pub tokenizer: kiln_data::Tokenizer,
+}
+
+impl ScoringModel {
+    /// Loads a `kiln rm` model directory (a `...ForSequenceClassification` with one label).
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        let model = Model::load(&Cpu, dir)?;
+        if model.config.num_labels != Some(1) {
+            bail!("{}: not a reward model (a ...ForSequenceClassification with num_labels = 1)", dir.display());
+        }
+        Ok(Self { model, tokenizer: kiln_data::Tokenizer::load(dir)? })
+    }
+
+    /// The reward of each text, read at its last token.
+    pub fn rewards(&mut self, texts: &[String]) -> Result<Vec<f64>> {
+        let seqs: Vec<Vec<i32>> = texts
+            .iter()
+            .map(|t| {
+                Ok(self.tokenizer.encode(t, false).map_err(anyhow::Error::msg)?.into_iter().map(|x| x as i32).collect())
+            })
+            .collect::<Result<_>>()?;
+        let batch = kiln_model::Batch::causal_lm(&seqs);
+        let mut acts = kiln_model::Activations::new(&Cpu, &self.model.config, batch.rows, batch.seq, false, false);
+        self.model.forward_hidden(&Cpu, &mut acts, &batch, false);
+        let last: Vec<usize> = seqs.iter().enumerate().map(|(r, s)| r * batch.seq + s.len().max(1) - 1).collect();
+        let hidden = self.model.hidden_at(&Cpu, &acts, &last);
+        let w = Cpu.read(self.model.params.score.as_ref().expect("checked: a reward model"));
+        Ok(hidden.chunks(w.len()).map(|h| h.iter().zip(&w).map(|(h, w)| (h * w) as f64).sum()).collect())
+    }
 }
 
 /// A named reward function and its weight in the total reward.
@@ -112,6 +152,13 @@ impl Reward {
                 })
                 .collect(),
             RewardFn::Command { program, args, timeout } => run_command(&self.name, program, args, *timeout, samples)?,
+            RewardFn::RewardModel(m) => {
+                let texts: Vec<String> = samples.iter().map(|s| format!("{}{}", s.prompt, s.completion)).collect();
+                m.lock()
+                    .expect("reward model lock")
+                    .rewards(&texts)
+                    .with_context(|| format!("reward `{}`", self.name))?
+            }
         })
     }
 }

@@ -143,4 +143,14 @@ fn reward_model_trains_exports_and_scores() {
     let out = kiln(&["score", "--reward", "--model", BASE, "--tokens", tokens.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--reward needs a reward model"));
+
+    // The reward model as a GRPO reward.
+    let grpo_out = run.join("grpo");
+    let rewards = format!("grpo.rewards=[{{type = \"model\", path = {:?}}}]", export.display().to_string());
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/grpo.toml");
+    let dir = format!("output.dir={:?}", grpo_out.display().to_string());
+    let out = kiln(&["grpo", example, "--quiet", "--set", "train.steps=2", "--set", &rewards, "--set", &dir]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let metrics = std::fs::read_to_string(grpo_out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"reward/model\""), "{metrics}");
 }

@@ -111,7 +111,7 @@ pub fn build_rewards(specs: &[RewardSpec]) -> Result<Vec<Reward>> {
                 },
                 "model" => {
                     let path = s.path.as_ref().with_context(|| format!("reward `{}`: `path` is required", s.name()))?;
-                    RewardFn::RewardModel(std::sync::Mutex::new(crate::rewards::ScoringModel::load(path)?))
+                    RewardFn::RewardModel(Box::new(std::sync::Mutex::new(crate::rewards::ScoringModel::load(path)?)))
                 }
                 other => bail!("reward `{other}`: unknown type (exact_match, format, length, command, model)"),
             };

@@ -34,7 +34,7 @@ pub enum RewardFn {
     Format { pattern: Regex },
     Length { max_chars: usize },
     Command { program: String, args: Vec<String>, timeout: Duration },
-    RewardModel(Mutex<ScoringModel>),
+    RewardModel(Box<Mutex<ScoringModel>>),
 }
 
 /// A reward model and its tokenizer.

@@ -23,6 +23,9 @@ use std::path::Path;
 /// Chooses token weights from every token's nll (see `Model::forward_backward_with`).
 type WeightsOf<'a> = &'a mut dyn FnMut(&[f32]) -> Vec<f32>;
 
+/// A loss of the logits: their value and gradient (see `Model::forward_backward_logits`).
+pub type LogitsLoss<'a> = &'a mut dyn FnMut(&[f32]) -> (f64, Vec<f32>);
+
 pub struct Model<B: Backend> {
     pub config: Config,
     pub layout: Weights<TensorSpec>,
@@ -380,7 +383,7 @@ impl<B: Backend> Model<B> {
         self.forward_hidden(b, acts, batch, true);
         self.lm_head_forward(b, acts);
         let c = &self.config;
-        let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
+        let (n, vocab) = (acts.rows * acts.seq, c.vocab_size);
         let inputs = &mut acts.inputs;
         let (weights, nll) = match weights_of {
             None => (batch.weights.clone(), None),
@@ -395,7 +398,33 @@ impl<B: Backend> Model<B> {
         };
         b.cross_entropy_backward(&mut acts.logits, &mut acts.nll, &inputs.targets, &inputs.weights, vocab);
         let loss = b.read(&acts.nll).iter().zip(&weights).map(|(&l, &w)| l as f64 * w as f64).sum();
+        self.backward_from_logits(b, acts, batch, grads);
+        (loss, nll)
+    }
 
+    /// Forward and backward of a loss of the logits themselves: `dlogits_of` receives the
+    /// logits (`[tokens, vocab]`) and returns the loss and ∂loss/∂logits (distillation over the
+    /// full vocabulary). Parameter gradients are added into `grads`; returns the loss.
+    pub fn forward_backward_logits(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        grads: &mut Weights<B::Buf>,
+        dlogits_of: LogitsLoss,
+    ) -> f64 {
+        self.forward_hidden(b, acts, batch, true);
+        self.lm_head_forward(b, acts);
+        let (loss, dlogits) = dlogits_of(&b.read(&acts.logits));
+        b.write(&mut acts.logits, &dlogits);
+        self.backward_from_logits(b, acts, batch, grads);
+        loss
+    }
+
+    /// Backward of the LM head and the transformer from `acts.logits` = ∂L/∂logits.
+    fn backward_from_logits(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut Weights<B::Buf>) {
+        let c = &self.config;
+        let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
         // Head: logits = xf·Wᵀ.
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
         let (head, dhead) = match (&self.params.lm_head, &mut grads.lm_head) {
@@ -405,7 +434,6 @@ impl<B: Backend> Model<B> {
         b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, vocab));
         b.matmul(&mut s.dxn, &acts.logits, head, Matmul::linear_dx(n, d, vocab, false));
         self.backward_hidden(b, acts, batch, grads);
-        (loss, nll)
     }
 
     /// Backward of `forward_hidden` from `acts.grad.dxn` = dL/dxf; parameter gradients are

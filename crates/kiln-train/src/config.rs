@@ -24,6 +24,36 @@ pub struct RunConfig {
     /// RL with verifiable rewards (`kiln grpo`).
     #[serde(default)]
     pub grpo: Option<GrpoSection>,
+    /// On-policy distillation (`kiln distill`).
+    #[serde(default)]
+    pub distill: Option<DistillSection>,
+}
+
+/// `[distill]`: the teacher, the student's sampling, and the estimator of the reverse KL.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// The teacher's model directory (same tokenizer as the student).
+    pub teacher: PathBuf,
+    #[serde(default = "default_prompts_per_step")]
+    pub prompts_per_step: usize,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "one_f32")]
+    pub temperature: f32,
+    /// `full` (reverse KL over the vocabulary) or `sampled` (its sampled-token estimate).
+    #[serde(default = "default_estimator")]
+    pub estimator: String,
+    /// Completions per forward through student and teacher.
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: usize,
+}
+
+fn default_estimator() -> String {
+    "full".into()
+}
+fn default_chunk_rows() -> usize {
+    16
 }
 
 /// `[grpo]`: rollouts, the clipped objective and its variants (see `grpo_loss`), and the
@@ -351,6 +381,12 @@ impl RunConfig {
         self.data.train.iter_mut().for_each(fix);
         self.data.eval.iter_mut().for_each(fix);
         fix(&mut self.output.dir);
+        if let Some(d) = &mut self.distill {
+            fix(&mut d.teacher);
+        }
+        if let Some(g) = &mut self.grpo {
+            g.rewards.iter_mut().filter_map(|r| r.path.as_mut()).for_each(fix);
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -378,6 +414,11 @@ impl RunConfig {
         }
         if !(0.0..=1.0).contains(&self.data.max_bad_fraction) {
             return Err("`data.max_bad_fraction` must be between 0 and 1".into());
+        }
+        if let Some(d) = &self.distill {
+            if !["full", "sampled"].contains(&d.estimator.as_str()) {
+                return Err(format!("`distill.estimator` is `{}`; use `full` or `sampled`", d.estimator));
+            }
         }
         if let Some(g) = &self.grpo {
             if g.group_size < 2 {

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod distill;
 pub mod dpo;
 pub mod grpo;
 pub mod grpo_loss;

@@ -4,6 +4,7 @@ mod bench;
 mod bench_generate;
 mod data;
 mod demo;
+mod distill;
 mod dpo;
 mod export;
 mod generate;
@@ -36,6 +37,8 @@ enum Command {
     Dpo(run_args::RunArgs),
     /// RL with verifiable rewards (GRPO and variants) from a run configuration.
     Grpo(run_args::RunArgs),
+    /// On-policy distillation from a teacher (reverse KL) from a run configuration.
+    Distill(run_args::RunArgs),
     /// Train a reward model (Bradley-Terry on preference pairs) from a run configuration.
     Rm(run_args::RunArgs),
     /// Write a checkpoint out as a Hugging Face model directory.
@@ -82,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Command::Dpo(args) => dpo::run(&args),
         Command::Rm(args) => rm::run(&args),
         Command::Grpo(args) => grpo::run(&args),
+        Command::Distill(args) => distill::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),

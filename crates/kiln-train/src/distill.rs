@@ -13,6 +13,7 @@
 
 use crate::config::RunConfig;
 use crate::grpo::read_prompts;
+use crate::loader::completion_batch;
 use crate::session::{Resume, RunSummary, Session};
 use crate::sft::{check_vocab, load_tokenizer};
 use anyhow::{bail, Result};
@@ -20,7 +21,7 @@ use kiln_core::rng::Rng;
 use kiln_core::Backend;
 use kiln_model::generator::{generate, FinishReason, Request};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{Activations, Batch, Model};
+use kiln_model::{Activations, Model};
 use serde_json::json;
 
 /// Mean reverse KL (per completion token) of a step.
@@ -42,21 +43,6 @@ pub fn reverse_kl(student: &[f32], teacher: &[f32]) -> (f64, Vec<f64>) {
     let kl: f64 = log_p.iter().zip(&log_q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum();
     let grad = log_p.iter().zip(&log_q).map(|(lp, lq)| lp.exp() * (lp - lq - kl)).collect();
     (kl, grad)
-}
-
-/// One row per completion: prompt + completion (+ its stop token), targets on the completion.
-fn rows_batch(sequences: &[(Vec<i32>, usize)], seq: usize) -> Batch {
-    let mut batch = Batch::padding(sequences.len(), seq);
-    for (r, (ids, prompt_len)) in sequences.iter().enumerate() {
-        for (p, &id) in ids.iter().enumerate() {
-            let i = r * seq + p;
-            (batch.ids[i], batch.positions[i], batch.segments[i]) = (id, p as i32, 0);
-            if p + 1 < ids.len() && p + 1 >= *prompt_len {
-                batch.targets[i] = ids[p + 1];
-            }
-        }
-    }
-    batch
 }
 
 /// Runs on-policy distillation as configured by `config.distill`.
@@ -118,7 +104,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         session.begin_step();
         let mut kl_sum = 0.0;
         for chunk in sequences.chunks(d.chunk_rows.max(1)) {
-            let batch = rows_batch(chunk, seq);
+            let batch = completion_batch(chunk, seq, 0.0);
             let mut acts = Activations::new(&b, &session.model.config, chunk.len(), seq, true, t.recompute);
             let mut teacher_acts = Activations::new(&b, &teacher.config, chunk.len(), seq, false, false);
             let positions: Vec<usize> = (0..batch.targets.len()).filter(|&i| batch.targets[i] >= 0).collect();

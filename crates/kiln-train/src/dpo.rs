@@ -130,12 +130,7 @@ impl Objective {
 
 /// The pairs of one split as examples: `2k` prompt + chosen, `2k + 1` prompt + rejected,
 /// trainable on the answers.
-pub(crate) fn encode_pairs(
-    files: &[PathBuf],
-    encoder: &Encoder,
-    max_bad_fraction: f64,
-    split: &str,
-) -> Result<Vec<Example>> {
+fn encode_pairs(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64, split: &str) -> Result<Vec<Example>> {
     let (mut pairs, mut bad) = (Vec::new(), Vec::new());
     for f in files {
         for row in read_preference_rows(f)? {
@@ -152,6 +147,21 @@ pub(crate) fn encode_pairs(
         location: p.location.clone(),
     };
     Ok(pairs.iter().flat_map(|p| [example(p, &p.chosen), example(p, &p.rejected)]).collect())
+}
+
+/// The run's train and eval pairs, tokenized and packed (`Split`s; eval may be empty).
+pub(crate) fn preference_splits(
+    config: &RunConfig,
+    tokenizer: &kiln_data::Tokenizer,
+    template: Option<&kiln_data::ChatTemplate>,
+) -> Result<(Split, Split)> {
+    let d = &config.data;
+    let encoder = Encoder { tokenizer, template, max_seq_len: d.max_seq_len, policy: d.length_policy };
+    let (rows, seq) = (config.rows(), d.max_seq_len);
+    let train = Split::new(encode_pairs(&d.train, &encoder, d.max_bad_fraction, "train")?, rows, seq, "train")?;
+    let eval =
+        if d.eval.is_empty() { Vec::new() } else { encode_pairs(&d.eval, &encoder, d.max_bad_fraction, "eval")? };
+    Ok((train, Split::new(eval, rows, seq, "eval")?))
 }
 
 /// Summed log-prob and length of every example's trainable tokens in one micro-batch, from
@@ -371,25 +381,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let mut session = Session::open(config, resume)?;
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
-    let encoder = Encoder {
-        tokenizer: &tokenizer,
-        template: template.as_ref(),
-        max_seq_len: config.data.max_seq_len,
-        policy: config.data.length_policy,
-    };
+    let (mut train, mut eval) = preference_splits(config, &tokenizer, template.as_ref())?;
     let (rows, seq) = (config.rows(), config.data.max_seq_len);
-    let mut train = Split::new(
-        encode_pairs(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?,
-        rows,
-        seq,
-        "train",
-    )?;
-    let eval_examples = if config.data.eval.is_empty() {
-        Vec::new()
-    } else {
-        encode_pairs(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?
-    };
-    let mut eval = Split::new(eval_examples, rows, seq, "eval")?;
 
     let b = session.b;
     let t = &config.train;

@@ -9,14 +9,14 @@
 //! Hugging Face `...ForSequenceClassification` directories with `num_labels = 1`.
 
 use crate::config::{RmSection, RunConfig};
-use crate::dpo::{encode_pairs, Split};
+use crate::dpo::{preference_splits, Split};
 use crate::loader::{build_batch, describe_rows, sequence_spans, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
 use crate::session::{merge, with_step, Resume, RunSummary, Session};
 use crate::sft::{check_vocab, load_tokenizer};
 use anyhow::{Context, Result};
 use kiln_core::{Backend, Cpu};
-use kiln_data::example::{Encoder, Example};
+use kiln_data::example::Example;
 use kiln_model::{Activations, Model};
 use serde_json::json;
 use std::path::Path;
@@ -149,25 +149,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let pad = tokenizer.eos_id;
     let reward_config = reward_config(session.model_dir(), pad)?;
     session.set_model_file("config.json", reward_config);
-    let encoder = Encoder {
-        tokenizer: &tokenizer,
-        template: template.as_ref(),
-        max_seq_len: config.data.max_seq_len,
-        policy: config.data.length_policy,
-    };
+    let (train, eval) = preference_splits(config, &tokenizer, template.as_ref())?;
     let (rows, seq) = (config.rows(), config.data.max_seq_len);
-    let train = Split::new(
-        encode_pairs(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?,
-        rows,
-        seq,
-        "train",
-    )?;
-    let eval_examples = if config.data.eval.is_empty() {
-        Vec::new()
-    } else {
-        encode_pairs(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?
-    };
-    let eval = Split::new(eval_examples, rows, seq, "eval")?;
 
     let b = session.b;
     let d = session.model.config.hidden_size;

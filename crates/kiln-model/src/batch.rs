@@ -53,6 +53,24 @@ impl Batch {
         batch
     }
 
+    /// One row of `seq` tokens per completion (`(prompt + completion ids, prompt length)`),
+    /// with targets of weight `weight` on the completion tokens only: the batches of RL and
+    /// distillation, and of rescoring what the generator sampled.
+    pub fn completions(sequences: &[(Vec<i32>, usize)], seq: usize, weight: f32) -> Self {
+        let mut batch = Self::padding(sequences.len(), seq);
+        for (r, (ids, prompt_len)) in sequences.iter().enumerate() {
+            for (p, &id) in ids.iter().enumerate() {
+                let i = r * seq + p;
+                (batch.ids[i], batch.positions[i], batch.segments[i]) = (id, p as i32, 0);
+                if p + 1 < ids.len() && p + 1 >= *prompt_len {
+                    batch.targets[i] = ids[p + 1];
+                    batch.weights[i] = weight;
+                }
+            }
+        }
+        batch
+    }
+
     pub fn tokens(&self) -> usize {
         self.rows * self.seq
     }

@@ -43,6 +43,26 @@ struct Running {
     rng: Rng,
 }
 
+/// The log-prob of every completion token of `sequences` (`(prompt + completion ids, prompt
+/// length)`) computed by the training forward on the training layout, one row of `seq`
+/// tokens per completion (`Batch::completions`): bit for bit what a training step on the same
+/// batch computes, so the numbers a trainer keeps from rollout never disagree with training.
+pub fn training_logprobs<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    sequences: &[(Vec<i32>, usize)],
+    seq: usize,
+) -> Vec<Vec<f32>> {
+    let batch = Batch::completions(sequences, seq, 0.0);
+    let mut acts = Activations::new(b, &model.config, sequences.len(), seq, false, false);
+    let nll = model.nll(b, &mut acts, &batch);
+    sequences
+        .iter()
+        .enumerate()
+        .map(|(r, (ids, p))| (*p - 1..ids.len() - 1).map(|t| -nll[r * seq + t]).collect())
+        .collect()
+}
+
 /// Generates for every request, at most `max_batch` at a time; `stop(request, new_tokens)`
 /// may end a sequence early (stop strings). Outputs come back in request order.
 pub fn generate<B: Backend>(

@@ -83,3 +83,37 @@ fn sampling_is_reproducible_per_seed() {
     assert_eq!(a[0].tokens, a[2].tokens, "same seed, same tokens, whatever the batch");
     assert_ne!(a[0].tokens, a[1].tokens, "different seeds differ");
 }
+
+#[test]
+fn rescored_sampler_logprobs_equal_the_training_step_exactly() {
+    let b = Cpu;
+    let mut model = Model::load(&b, &fixture("qwen3")).unwrap();
+    let requests: Vec<Request> = prompts()
+        .into_iter()
+        .map(|prompt| Request {
+            prompt,
+            params: SamplingParams { temperature: 1.0, max_new_tokens: 6, seed: 3, ..Default::default() },
+        })
+        .collect();
+    let out = generate(&b, &mut model, &requests, 3, &mut |_, _| false);
+    let sequences: Vec<(Vec<i32>, usize)> = requests
+        .iter()
+        .zip(&out)
+        .map(|(r, g)| ([r.prompt.clone(), g.tokens.clone()].concat(), r.prompt.len()))
+        .collect();
+    let seq = 16;
+    let rollout = kiln_model::generator::training_logprobs(&b, &mut model, &sequences, seq);
+    // A training step on the same batch: the nll its backward starts from.
+    let batch = Batch::completions(&sequences, seq, 1.0);
+    let mut acts = Activations::new(&b, &model.config, sequences.len(), seq, true, false);
+    let mut grads = model.zeros_like_params(&b);
+    let (_, nll) = model.forward_backward_with(&b, &mut acts, &batch, &mut grads, &mut |nll| vec![0.0; nll.len()]);
+    for (r, ((ids, p), lp)) in sequences.iter().zip(&rollout).enumerate() {
+        let train: Vec<f32> = (p - 1..ids.len() - 1).map(|t| -nll[r * seq + t]).collect();
+        assert_eq!(lp, &train, "sequence {r}: rollout and training log-probs must be bit-identical");
+        // And the sampler's own (KV-cache) log-probs are the same numbers up to rounding.
+        for (a, b) in out[r].logprobs.iter().zip(lp) {
+            assert!((a - b).abs() < 1e-4, "sequence {r}: sampler {a}, training {b}");
+        }
+    }
+}

@@ -13,7 +13,6 @@
 
 use crate::config::RunConfig;
 use crate::grpo::read_prompts;
-use crate::loader::completion_batch;
 use crate::session::{Resume, RunSummary, Session};
 use crate::sft::{check_vocab, load_tokenizer};
 use anyhow::{bail, Result};
@@ -21,7 +20,7 @@ use kiln_core::rng::Rng;
 use kiln_core::Backend;
 use kiln_model::generator::{generate, FinishReason, Request};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{Activations, Model};
+use kiln_model::{Activations, Batch, Model};
 use serde_json::json;
 
 /// Mean reverse KL (per completion token) of a step.
@@ -104,7 +103,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         session.begin_step();
         let mut kl_sum = 0.0;
         for chunk in sequences.chunks(d.chunk_rows.max(1)) {
-            let batch = completion_batch(chunk, seq, 0.0);
+            let batch = Batch::completions(chunk, seq, 0.0);
             let mut acts = Activations::new(&b, &session.model.config, chunk.len(), seq, true, t.recompute);
             let mut teacher_acts = Activations::new(&b, &teacher.config, chunk.len(), seq, false, false);
             let positions: Vec<usize> = (0..batch.targets.len()).filter(|&i| batch.targets[i] >= 0).collect();

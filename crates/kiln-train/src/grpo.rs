@@ -10,7 +10,6 @@
 
 use crate::config::{GrpoSection, RewardSpec, RunConfig};
 use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLossParams};
-use crate::loader::completion_batch;
 use crate::rewards::{Reward, RewardFn, Sample};
 use crate::session::{merge, with_step, Resume, RunSummary, Session};
 use crate::sft::{check_vocab, load_tokenizer};
@@ -21,7 +20,7 @@ use kiln_data::rows::read_records;
 use kiln_data::{ChatTemplate, Message, Tokenizer};
 use kiln_model::generator::{generate, FinishReason, Request};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{Activations, Model};
+use kiln_model::{Activations, Batch, Model};
 use regex::Regex;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -298,7 +297,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let train_tokens: usize = sequences.iter().map(|(ids, p)| ids.len() - p).sum();
         if !sequences.is_empty() {
             // One row per completion.
-            let batch = completion_batch(&sequences, seq, 1.0 / train_tokens.max(1) as f32);
+            let batch = Batch::completions(&sequences, seq, 1.0 / train_tokens.max(1) as f32);
             let mut acts = Activations::new(&session.b, &session.model.config, sequences.len(), seq, true, t.recompute);
             let params = PolicyLossParams {
                 epsilon_low: g.epsilon,
@@ -373,7 +372,7 @@ mod tests {
         let seq = 10;
         let sequences = vec![(vec![1, 2, 3, 4, 5], 2), (vec![1, 2, 6, 7, 8, 9, 10], 2), (vec![11, 12, 13, 14], 3)];
         let advantages = [1.0, -0.7, 0.4];
-        let batch = completion_batch(&sequences, seq, 0.0);
+        let batch = Batch::completions(&sequences, seq, 0.0);
         let cfg = Config::parse(TINY).unwrap();
         let mut model = Model::random(&Cpu, cfg.clone(), 5);
         let mut acts = Activations::new(&Cpu, &cfg, sequences.len(), seq, true, false);

@@ -132,24 +132,6 @@ pub fn describe_rows(examples: &[Example], micro_batches: &[&Vec<PackedRow>]) ->
     rows.join(", ")
 }
 
-/// One row of `seq` tokens per completion (`(prompt + completion ids, prompt length)`), with
-/// targets, of weight `weight`, on the completion tokens only: the batches of RL and
-/// distillation.
-pub fn completion_batch(sequences: &[(Vec<i32>, usize)], seq: usize, weight: f32) -> Batch {
-    let mut batch = Batch::padding(sequences.len(), seq);
-    for (r, (ids, prompt_len)) in sequences.iter().enumerate() {
-        for (p, &id) in ids.iter().enumerate() {
-            let i = r * seq + p;
-            (batch.ids[i], batch.positions[i], batch.segments[i]) = (id, p as i32, 0);
-            if p + 1 < ids.len() && p + 1 >= *prompt_len {
-                batch.targets[i] = ids[p + 1];
-                batch.weights[i] = weight;
-            }
-        }
-    }
-    batch
-}
-
 /// Trainable targets in a micro-batch.
 pub fn trainable_targets(examples: &[Example], micro_batch: &[PackedRow]) -> usize {
     micro_batch.iter().flatten().map(|&i| examples[i].trainable_targets()).sum()

@@ -244,9 +244,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     };
     let stop_ids: Vec<i32> = tokenizer.eos_id.map(|e| e as i32).into_iter().collect();
     let t = &config.train;
-    let total_steps =
-        t.steps.unwrap_or_else(|| t.epochs.unwrap_or(1) * (train.len() / g.prompts_per_step).max(1) as u64);
-    let schedule = crate::schedule::Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
+    let schedule = crate::schedule::Schedule::for_run(t, (train.len() / g.prompts_per_step) as u64);
+    let total_steps = schedule.total_steps;
     let seq = config.data.max_seq_len;
 
     session.start_progress(total_steps, quiet);

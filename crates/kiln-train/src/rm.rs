@@ -156,8 +156,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let d = session.model.config.hidden_size;
     let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
     let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum, t.seed);
-    let total_steps = t.steps.unwrap_or_else(|| t.epochs.unwrap_or(1) * order.steps_per_epoch());
-    let schedule = Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
+    let schedule = Schedule::for_run(t, order.steps_per_epoch());
+    let total_steps = schedule.total_steps;
 
     session.start_progress(total_steps, quiet);
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (RmStats::default(), None, None, false);

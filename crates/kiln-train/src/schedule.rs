@@ -12,6 +12,13 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The schedule of a run's `[train]` section over `steps_per_epoch` (used when the run
+    /// gives `epochs` rather than `steps`).
+    pub fn for_run(t: &crate::config::TrainSection, steps_per_epoch: u64) -> Self {
+        let total_steps = t.steps.unwrap_or_else(|| t.epochs.unwrap_or(1) * steps_per_epoch.max(1));
+        Self { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps }
+    }
+
     /// Learning rate of the 1-based optimizer step `step`.
     pub fn lr(&self, step: u64) -> f32 {
         if step <= self.warmup_steps && self.warmup_steps > 0 {

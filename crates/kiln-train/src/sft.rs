@@ -137,9 +137,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     let (rows, seq) = (config.rows(), config.data.max_seq_len);
     let t = &config.train;
     let order = DataOrder::new(&train, rows, seq, t.grad_accum, t.seed);
-    let total_steps = t.steps.unwrap_or_else(|| t.epochs.unwrap_or(1) * order.steps_per_epoch());
+    let schedule = Schedule::for_run(t, order.steps_per_epoch());
+    let total_steps = schedule.total_steps;
     let eval_batches = pack(&eval, rows, seq, None);
-    let schedule = Schedule { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps };
     let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
 
     session.start_progress(total_steps, quiet);

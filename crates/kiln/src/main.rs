@@ -4,12 +4,9 @@ mod bench;
 mod bench_generate;
 mod data;
 mod demo;
-mod distill;
-mod dpo;
 mod export;
 mod generate;
-mod grpo;
-mod rm;
+mod recipes;
 mod run_args;
 mod score;
 mod sft;
@@ -82,10 +79,10 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Sft(args) => sft::run(&args),
-        Command::Dpo(args) => dpo::run(&args),
-        Command::Rm(args) => rm::run(&args),
-        Command::Grpo(args) => grpo::run(&args),
-        Command::Distill(args) => distill::run(&args),
+        Command::Dpo(args) => recipes::dpo(&args),
+        Command::Rm(args) => recipes::rm(&args),
+        Command::Grpo(args) => recipes::grpo(&args),
+        Command::Distill(args) => recipes::distill(&args),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),

@@ -1,0 +1,53 @@
+//! `kiln dpo`, `kiln rm`, `kiln grpo` and `kiln distill`: run a recipe from a run file and
+//! say how it ended. (`kiln sft` keeps its own module for the SFT summary.)
+
+use crate::run_args::RunArgs;
+use anyhow::Result;
+use kiln_train::session::RunSummary;
+use kiln_train::{distill, dpo, grpo, rm};
+
+/// Prints how a run ended; `describe` renders a step's (or an evaluation's) statistics and
+/// `headline` picks the number shown for the evaluation before training.
+fn report<S>(s: &RunSummary<S>, describe: impl Fn(&S) -> String, headline: impl Fn(&S) -> f64) {
+    println!(
+        "{} after {} steps: {}; {:.0} training tokens/s over {:.1} s",
+        if s.interrupted { "interrupted" } else { "done" },
+        s.steps,
+        describe(&s.last),
+        s.tokens_per_s,
+        s.seconds
+    );
+    if let Some(e) = &s.eval {
+        let before = s.eval_before.as_ref().map_or(String::new(), |b| format!(" (before: {:.3})", headline(b)));
+        println!("eval: {}{before}", describe(e));
+    }
+    println!("checkpoint {}\nloss plot {}", s.checkpoint.display(), s.plot.display());
+}
+
+pub fn dpo(args: &RunArgs) -> Result<()> {
+    let (config, resume) = args.load()?;
+    let s = dpo::run(&config, resume, args.quiet)?;
+    report(&s, |x| format!("loss {:.4}, reward accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
+    Ok(())
+}
+
+pub fn rm(args: &RunArgs) -> Result<()> {
+    let (config, resume) = args.load()?;
+    let s = rm::run(&config, resume, args.quiet)?;
+    report(&s, |x| format!("loss {:.4}, accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
+    Ok(())
+}
+
+pub fn grpo(args: &RunArgs) -> Result<()> {
+    let (config, resume) = args.load()?;
+    let s = grpo::run(&config, resume, args.quiet)?;
+    report(&s, |x| format!("reward {:.3}, solved {:.3}", x.reward, x.solved), |x| x.solved);
+    Ok(())
+}
+
+pub fn distill(args: &RunArgs) -> Result<()> {
+    let (config, resume) = args.load()?;
+    let s = distill::run(&config, resume, args.quiet)?;
+    report(&s, |x| format!("reverse KL {:.4}", x.reverse_kl), |x| x.reverse_kl);
+    Ok(())
+}

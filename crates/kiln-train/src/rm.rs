@@ -72,26 +72,39 @@ pub fn bradley_terry(rc: f64, rr: f64, rm: &RmSection) -> (f64, f64, f64) {
     (loss + center, -s + dc, s + dc)
 }
 
-/// The micro-batch's sequences (example index, last token position) after `forward_hidden`,
-/// and their rewards.
+/// One sequence of a micro-batch after `forward_hidden`: its example, last token position,
+/// final hidden state there, and reward.
+struct Scored {
+    example: usize,
+    token: usize,
+    hidden: Vec<f32>,
+    reward: f64,
+}
+
+/// The micro-batch's sequences in layout order, scored, and the score head's weights.
 fn rewards(
     b: &Cpu,
     model: &Model<Cpu>,
     acts: &Activations<Cpu>,
     mb: &[PackedRow],
     examples: &[Example],
-) -> Vec<(usize, usize, f64)> {
+) -> (Vec<Scored>, Vec<f32>) {
     let spans = sequence_spans(mb, examples, acts.seq);
     let last: Vec<usize> = spans.iter().map(|&(i, start)| start + examples[i].ids.len() - 1).collect();
     let hidden = model.hidden_at(b, acts, &last);
     let w = b.read(model.params.score.as_ref().expect("a reward model has a score head"));
-    let d = w.len();
-    spans
+    let scored = spans
         .iter()
         .zip(&last)
-        .enumerate()
-        .map(|(j, (&(i, _), &t))| (i, t, hidden[j * d..(j + 1) * d].iter().zip(&w).map(|(x, w)| (x * w) as f64).sum()))
-        .collect()
+        .zip(hidden.chunks(w.len()))
+        .map(|((&(example, _), &token), h)| Scored {
+            example,
+            token,
+            hidden: h.to_vec(),
+            reward: h.iter().zip(&w).map(|(x, w)| (x * w) as f64).sum(),
+        })
+        .collect();
+    (scored, w)
 }
 
 fn evaluate(b: &Cpu, model: &mut Model<Cpu>, acts: &mut Activations<Cpu>, split: &Split, rm: &RmSection) -> RmStats {
@@ -99,8 +112,8 @@ fn evaluate(b: &Cpu, model: &mut Model<Cpu>, acts: &mut Activations<Cpu>, split:
     for mb in &split.micro_batches {
         let batch = build_batch(&split.examples, mb, acts.rows, acts.seq, 1.0);
         model.forward_hidden(b, acts, &batch, false);
-        for (i, _, r) in rewards(b, model, acts, mb, &split.examples) {
-            reward[i] = r;
+        for s in rewards(b, model, acts, mb, &split.examples).0 {
+            reward[s.example] = s.reward;
         }
     }
     let mut stats = RmStats::default();
@@ -179,20 +192,18 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
             real_tokens += batch.segments.iter().filter(|&&s| s >= 0).count() as u64;
             session.model.forward_hidden(&b, &mut acts, &batch, true);
-            let seqs = rewards(&b, &session.model, &acts, mb, &train.examples);
-            let last_token: std::collections::HashMap<usize, (usize, f64)> =
-                seqs.iter().map(|&(i, t, r)| (i, (t, r))).collect();
-            let w = b.read(session.model.params.score.as_ref().expect("score head"));
-            let xf = b.read(&acts.xf);
+            let (scored, w) = rewards(&b, &session.model, &acts, mb, &train.examples);
+            let at: std::collections::HashMap<usize, &Scored> = scored.iter().map(|s| (s.example, s)).collect();
             let mut dxf = vec![0f32; rows * seq * d];
-            for (&i, &(tc, rc)) in last_token.iter().filter(|(i, _)| *i % 2 == 0) {
-                let (tr, rr) = last_token[&(i + 1)];
-                let (loss, drc, drr) = bradley_terry(rc, rr, &rm);
-                stats.add(loss, rc, rr);
-                for (t, dr) in [(tc, drc / pairs as f64), (tr, drr / pairs as f64)] {
-                    let x = &xf[t * d..(t + 1) * d];
+            // Pairs in layout order, so that sums (and a resumed run) are deterministic.
+            for chosen in scored.iter().filter(|s| s.example % 2 == 0) {
+                let rejected = at[&(chosen.example + 1)];
+                let (loss, drc, drr) = bradley_terry(chosen.reward, rejected.reward, &rm);
+                stats.add(loss, chosen.reward, rejected.reward);
+                for (s, dr) in [(chosen, drc / pairs as f64), (rejected, drr / pairs as f64)] {
+                    let t = s.token;
                     dxf[t * d..(t + 1) * d].iter_mut().zip(&w).for_each(|(g, w)| *g = (dr * *w as f64) as f32);
-                    dscore.iter_mut().zip(x).for_each(|(g, x)| *g += (dr * *x as f64) as f32);
+                    dscore.iter_mut().zip(&s.hidden).for_each(|(g, x)| *g += (dr * *x as f64) as f32);
                 }
             }
             let scratch = acts.grad.as_mut().expect("training activations");

@@ -144,3 +144,26 @@ impl<B: Backend> Activations<B> {
         }
     }
 }
+
+/// Activations laid out once per row count and reused: batches whose row count varies a
+/// little (decode steps as sequences finish, RL steps that drop groups, the last chunk of a
+/// step) then allocate only the first time each count appears.
+pub struct ActivationsPool<B: Backend> {
+    config: Config,
+    seq: usize,
+    training: bool,
+    recompute: bool,
+    by_rows: std::collections::HashMap<usize, Activations<B>>,
+}
+
+impl<B: Backend> ActivationsPool<B> {
+    pub fn new(config: &Config, seq: usize, training: bool, recompute: bool) -> Self {
+        Self { config: config.clone(), seq, training, recompute, by_rows: Default::default() }
+    }
+
+    /// The activations for `rows × seq` batches.
+    pub fn get(&mut self, b: &B, rows: usize) -> &mut Activations<B> {
+        let (c, seq, training, recompute) = (&self.config, self.seq, self.training, self.recompute);
+        self.by_rows.entry(rows).or_insert_with(|| Activations::new(b, c, rows, seq, training, recompute))
+    }
+}

@@ -6,10 +6,9 @@
 
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::sampler::{logprob, sample, SamplingParams};
-use crate::{Activations, Batch, Model};
+use crate::{Activations, ActivationsPool, Batch, Model};
 use kiln_core::rng::Rng;
 use kiln_core::Backend;
-use std::collections::HashMap;
 
 pub struct Request {
     pub prompt: Vec<i32>,
@@ -80,7 +79,7 @@ pub fn generate<B: Backend>(
     let mut waiting = 0..requests.len();
     let mut running: Vec<Running> = Vec::new();
     let mut done: Vec<Option<Generation>> = vec![None; requests.len()];
-    let mut decode_acts: HashMap<usize, Activations<B>> = HashMap::new();
+    let mut decode_acts = ActivationsPool::new(&model.config, 1, false, false);
 
     // Appends the token drawn from `logits`; true when the sequence is finished.
     let advance = |r: &mut Running, logits: &[f32], stop: &mut dyn FnMut(usize, &[i32]) -> bool| -> bool {
@@ -156,7 +155,7 @@ pub fn generate<B: Backend>(
             starts.push(cache.row(r.slot, 0));
             lengths.push(pos as i32 + 1);
         }
-        let acts = decode_acts.entry(n).or_insert_with(|| Activations::new(b, &model.config, n, 1, false, false));
+        let acts = decode_acts.get(b, n);
         let every: Vec<i32> = (0..n as i32).collect();
         let plan = CachePlan { rows: &rows, decode: Some((&starts, &lengths)), logits_at: &every };
         let logits = model.forward_cached(b, acts, &batch, &mut cache, &plan);

@@ -14,7 +14,7 @@ pub mod safetensors_io;
 pub mod sampler;
 pub mod weights;
 
-pub use activations::Activations;
+pub use activations::{Activations, ActivationsPool};
 pub use batch::Batch;
 pub use config::{Config, ModelType};
 pub use error::{Error, Result};

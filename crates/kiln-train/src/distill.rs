@@ -12,7 +12,7 @@
 //! held for the whole step.
 
 use crate::config::RunConfig;
-use crate::grpo::read_prompts;
+use crate::grpo::{completion_row, read_prompts};
 use crate::session::{Resume, RunSummary, Session};
 use crate::sft::{check_vocab, load_tokenizer};
 use anyhow::{bail, Result};
@@ -20,7 +20,7 @@ use kiln_core::rng::Rng;
 use kiln_core::Backend;
 use kiln_model::generator::{generate, FinishReason, Request};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{Activations, Batch, Model};
+use kiln_model::{ActivationsPool, Batch, Model};
 use serde_json::json;
 
 /// Mean reverse KL (per completion token) of a step.
@@ -67,6 +67,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let total_steps = schedule.total_steps;
     let (seq, vocab) = (config.data.max_seq_len, session.model.config.vocab_size);
 
+    let mut student_acts = ActivationsPool::new(&session.model.config, seq, true, t.recompute);
+    let mut teacher_pool = ActivationsPool::new(&teacher.config, seq, false, false);
+
     session.start_progress(total_steps, quiet);
     let (mut last, mut interrupted) = (DistillStats::default(), false);
     while session.state.step < total_steps {
@@ -88,14 +91,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let sequences: Vec<(Vec<i32>, usize)> = requests
             .iter()
             .zip(&outs)
-            .map(|(r, g)| {
-                let mut ids = [r.prompt.clone(), g.tokens.clone()].concat();
-                if g.finish == FinishReason::Stop {
-                    ids.extend(&stop_ids);
-                }
-                ids.truncate(seq);
-                (ids, r.prompt.len())
-            })
+            .map(|(r, g)| completion_row(&r.prompt, &g.tokens, g.finish == FinishReason::Stop, &stop_ids, seq))
             .filter(|(ids, p)| ids.len() > *p)
             .collect();
         let tokens: usize = sequences.iter().map(|(ids, p)| ids.len() - p).sum();
@@ -103,12 +99,12 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let mut kl_sum = 0.0;
         for chunk in sequences.chunks(d.chunk_rows.max(1)) {
             let batch = Batch::completions(chunk, seq, 0.0);
-            let mut acts = Activations::new(&b, &session.model.config, chunk.len(), seq, true, t.recompute);
-            let mut teacher_acts = Activations::new(&b, &teacher.config, chunk.len(), seq, false, false);
+            let acts = student_acts.get(&b, chunk.len());
+            let teacher_acts = teacher_pool.get(&b, chunk.len());
             let positions: Vec<usize> = (0..batch.targets.len()).filter(|&i| batch.targets[i] >= 0).collect();
             let n = tokens.max(1) as f64;
             if d.estimator == "sampled" {
-                let teacher_nll = teacher.nll(&b, &mut teacher_acts, &batch);
+                let teacher_nll = teacher.nll(&b, teacher_acts, &batch);
                 let mut weights_of = |nll: &[f32]| -> Vec<f32> {
                     let mut w = vec![0f32; nll.len()];
                     for &i in &positions {
@@ -119,9 +115,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                     }
                     w
                 };
-                session.model.forward_backward_with(&b, &mut acts, &batch, &mut session.grads, &mut weights_of);
+                session.model.forward_backward_with(&b, acts, &batch, &mut session.grads, &mut weights_of);
             } else {
-                teacher.forward(&b, &mut teacher_acts, &batch);
+                teacher.forward(&b, teacher_acts, &batch);
                 let teacher_logits = b.read(&teacher_acts.logits);
                 let mut dlogits_of = |logits: &[f32]| -> (f64, Vec<f32>) {
                     let mut dz = vec![0f32; logits.len()];
@@ -135,7 +131,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                     kl_sum += loss * n;
                     (loss, dz)
                 };
-                session.model.forward_backward_logits(&b, &mut acts, &batch, &mut session.grads, &mut dlogits_of);
+                session.model.forward_backward_logits(&b, acts, &batch, &mut session.grads, &mut dlogits_of);
             }
         }
         let kl = kl_sum / tokens.max(1) as f64;

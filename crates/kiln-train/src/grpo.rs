@@ -20,7 +20,7 @@ use kiln_data::rows::read_records;
 use kiln_data::{ChatTemplate, Message, Tokenizer};
 use kiln_model::generator::{generate, FinishReason, Request};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{Activations, Batch, Model};
+use kiln_model::{ActivationsPool, Batch, Model};
 use regex::Regex;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -218,6 +218,23 @@ fn token_weights(
     (w, out)
 }
 
+/// A sampled completion as a training row: prompt + completion (+ the stop token when it
+/// stopped on one), cut to `seq`, with the prompt's length.
+pub(crate) fn completion_row(
+    prompt: &[i32],
+    tokens: &[i32],
+    stopped: bool,
+    stop_ids: &[i32],
+    seq: usize,
+) -> (Vec<i32>, usize) {
+    let mut ids = [prompt, tokens].concat();
+    if stopped {
+        ids.extend(stop_ids);
+    }
+    ids.truncate(seq);
+    (ids, prompt.len())
+}
+
 /// Every completion token's log-prob, from a forward's nll over one row per completion.
 fn completion_logps(nll: &[f32], sequences: &[(Vec<i32>, usize)], seq: usize) -> Vec<Vec<f64>> {
     sequences
@@ -247,6 +264,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let schedule = crate::schedule::Schedule::for_run(t, (train.len() / g.prompts_per_step) as u64);
     let total_steps = schedule.total_steps;
     let seq = config.data.max_seq_len;
+    let mut train_acts = ActivationsPool::new(&session.model.config, seq, true, t.recompute);
+    let mut ref_acts = reference.as_ref().map(|r| ActivationsPool::new(&r.config, seq, false, false));
 
     session.start_progress(total_steps, quiet);
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (GrpoStats::default(), None, None, false);
@@ -282,12 +301,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             .iter()
             .map(|&i| {
                 let (p, c, stopped) = &outs[i];
-                let mut ids = [prompts[*p].ids.clone(), c.clone()].concat();
-                if *stopped {
-                    ids.extend(&stop_ids);
-                }
-                ids.truncate(seq);
-                (ids, prompts[*p].ids.len())
+                completion_row(&prompts[*p].ids, c, *stopped, &stop_ids, seq)
             })
             .collect();
         session.begin_step();
@@ -297,7 +311,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         if !sequences.is_empty() {
             // One row per completion.
             let batch = Batch::completions(&sequences, seq, 1.0 / train_tokens.max(1) as f32);
-            let mut acts = Activations::new(&session.b, &session.model.config, sequences.len(), seq, true, t.recompute);
+            let acts = train_acts.get(&session.b, sequences.len());
             let params = PolicyLossParams {
                 epsilon_low: g.epsilon,
                 epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
@@ -308,9 +322,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                 num_items: train_tokens,
             };
             let mut old: Option<Vec<Vec<f64>>> = None;
-            let ref_logp = reference.as_mut().map(|r| {
-                let mut ref_acts = Activations::new(&session.b, &r.config, sequences.len(), seq, false, false);
-                let nll = r.nll(&session.b, &mut ref_acts, &batch);
+            let ref_logp = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {
+                let nll = r.nll(&session.b, pool.get(&session.b, sequences.len()), &batch);
                 completion_logps(&nll, &sequences, seq)
             });
             for _ in 0..g.num_iterations.max(1) {
@@ -322,7 +335,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                     loss_stats = (out.clipped_low, out.clipped_high, out.kl);
                     w
                 };
-                session.model.forward_backward_with(&session.b, &mut acts, &batch, &mut session.grads, &mut weights_of);
+                session.model.forward_backward_with(&session.b, acts, &batch, &mut session.grads, &mut weights_of);
             }
         }
         let describe = || prompts.iter().map(|p| p.location.as_str()).take(8).collect::<Vec<_>>().join(", ");
@@ -361,7 +374,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
 mod tests {
     use super::*;
     use crate::grpo_loss::{Aggregation, ImportanceLevel};
-    use kiln_model::Config;
+    use kiln_model::{Activations, Config};
 
     const TINY: &str = r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}"#;

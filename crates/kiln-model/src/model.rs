@@ -453,21 +453,27 @@ impl<B: Backend> Model<B> {
             &acts.rstdf,
         );
 
-        // Sequence of each token for the balance loss: (row, segment), none for padding.
-        let sequence: Vec<i64> = batch
-            .segments
-            .iter()
-            .enumerate()
-            .map(|(t, &seg)| if seg >= 0 { ((t / acts.seq) * acts.seq) as i64 + seg as i64 } else { -1 })
-            .collect();
-        let aux = SeqAux { alpha: self.moe_aux_alpha, sequence: &sequence, weights: &batch.weights };
+        // Sequence of each token for the balance loss, when it is on: (row, segment), none for
+        // padding.
+        let sequence: Option<Vec<i64>> = (self.moe_aux_alpha != 0.0).then(|| {
+            let seq = acts.seq;
+            batch
+                .segments
+                .iter()
+                .enumerate()
+                .map(|(t, &seg)| if seg >= 0 { ((t / seq) * seq) as i64 + seg as i64 } else { -1 })
+                .collect()
+        });
+        let aux =
+            sequence.as_ref().map(|sequence| SeqAux { alpha: self.moe_aux_alpha, sequence, weights: &batch.weights });
         let mut aux_loss = 0.0;
         for l in (0..c.num_layers).rev() {
             let a = &mut acts.layers[acts.slots[l]];
             if acts.recompute {
                 self.layer_forward(b, l, a, &acts.layer_inputs[l], None, &view, None);
             }
-            aux_loss += self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view, &aux);
+            aux_loss +=
+                self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view, aux.as_ref());
         }
         b.embedding_backward(&mut grads.embed, &s.dres, &acts.inputs.ids, d);
         self.moe_aux_loss += aux_loss;
@@ -486,7 +492,7 @@ impl<B: Backend> Model<B> {
         s: &mut GradScratch<B>,
         g: &mut LayerWeights<B::Buf>,
         view: &ActsView<B>,
-        aux: &SeqAux,
+        aux: Option<&SeqAux>,
     ) -> f64 {
         let c = &self.config;
         let w = &self.params.layers[l];
@@ -504,7 +510,7 @@ impl<B: Backend> Model<B> {
                 let scratch = s.moe.as_mut().expect("MoE scratch");
                 b.fill(&mut s.dxn, 0.0);
                 let shape = self.moe_shape.as_ref().expect("moe shape");
-                aux_loss = moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, Some(aux));
+                aux_loss = moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, aux);
             }
             _ => unreachable!("gradients laid out for another feed-forward kind"),
         }

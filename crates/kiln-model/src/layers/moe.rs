@@ -217,8 +217,8 @@ impl<B: Backend> MoeGrads<B> {
 }
 
 /// Backward of `forward`: adds dL/dx into `dx` and parameter gradients into `g` (not the
-/// bias). With `aux`, the sequence-wise balance loss joins the router's gradient; returns
-/// its value (0 without).
+/// bias). With `aux` (given only when its α is not 0), the sequence-wise balance loss joins
+/// the router's gradient; returns its value (0 without).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     b: &B,
@@ -273,7 +273,7 @@ pub fn backward<B: Backend>(
     b.write(&mut t.droute_w, &droute);
     b.moe_route_backward(&mut t.dlogits, &t.droute_w, &a.scores, &a.route_idx, routing(s, n));
     let mut aux_loss = 0.0;
-    if let Some(aux) = aux.filter(|aux| aux.alpha != 0.0) {
+    if let Some(aux) = aux {
         let mut daux = vec![0f32; n * e];
         aux_loss = seq_aux_loss(&b.read(&a.scores), &b.read_index(&a.route_idx), k, aux, &mut daux);
         b.write(&mut t.daux, &daux);

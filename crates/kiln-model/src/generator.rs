@@ -5,7 +5,7 @@
 //! batching), so prompts of different lengths finish independently.
 
 use crate::kv_cache::{CachePlan, KvCache};
-use crate::sampler::{logprob, sample, SamplingParams};
+use crate::sampler::{logprob_entropy, sample, SamplingParams};
 use crate::{Activations, ActivationsPool, Batch, Model};
 use kiln_core::rng::Rng;
 use kiln_core::Backend;
@@ -29,6 +29,9 @@ pub struct Generation {
     pub tokens: Vec<i32>,
     /// log p(token) under the model, log softmax of its logits, for every new token.
     pub logprobs: Vec<f32>,
+    /// Entropy (nats) of the model's next-token distribution, softmax of the logits, at
+    /// every new token.
+    pub entropies: Vec<f32>,
     pub finish: FinishReason,
 }
 
@@ -90,7 +93,9 @@ pub fn generate<B: Backend>(
             return true;
         }
         r.out.tokens.push(token);
-        r.out.logprobs.push(logprob(logits, token as usize));
+        let (logprob, entropy) = logprob_entropy(logits, token as usize);
+        r.out.logprobs.push(logprob);
+        r.out.entropies.push(entropy);
         r.tokens.push(token);
         if stop(r.request, &r.out.tokens) {
             r.out.finish = FinishReason::Stop;
@@ -128,7 +133,12 @@ pub fn generate<B: Backend>(
                     request,
                     slot,
                     tokens: requests[request].prompt.clone(),
-                    out: Generation { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length },
+                    out: Generation {
+                        tokens: Vec::new(),
+                        logprobs: Vec::new(),
+                        entropies: Vec::new(),
+                        finish: FinishReason::Length,
+                    },
                     rng: Rng::new(requests[request].params.seed),
                 };
                 let finished = requests[request].params.max_new_tokens == 0

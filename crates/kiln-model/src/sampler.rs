@@ -28,11 +28,20 @@ impl Default for SamplingParams {
     }
 }
 
-/// `log softmax(logits)[token]`.
-pub fn logprob(logits: &[f32], token: usize) -> f32 {
+/// `log softmax(logits)[token]` and the entropy of softmax(logits), in one pass:
+///   with z_i = x_i − max x, Z = Σ e^{z_i}:  log p_token = z_token − log Z,
+///   H = −Σ p_i log p_i = log Z − Σ e^{z_i} z_i / Z.
+pub fn logprob_entropy(logits: &[f32], token: usize) -> (f32, f32) {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    ((logits[token] - max) as f64 - sum.ln()) as f32
+    let (mut z_sum, mut weighted) = (0f64, 0f64);
+    for &x in logits {
+        let z = (x - max) as f64;
+        let e = z.exp();
+        z_sum += e;
+        weighted += e * z;
+    }
+    let log_z = z_sum.ln();
+    (((logits[token] - max) as f64 - log_z) as f32, (log_z - weighted / z_sum) as f32)
 }
 
 /// The next token under `p`, drawn with `rng`. Without filters it draws straight from the
@@ -114,6 +123,10 @@ mod tests {
         // softmax ≈ [.64, .24, .09, .03, .0004]: top_p 0.8 keeps two tokens, min_p 0.2 keeps two.
         assert_eq!(draw(&SamplingParams { top_p: 0.8, ..Default::default() })[2..], [0, 0, 0]);
         assert_eq!(draw(&SamplingParams { min_p: 0.2, ..Default::default() })[2..], [0, 0, 0]);
-        assert!((logprob(&logits, 0) as f64 - p0.ln()).abs() < 1e-6);
+        let (lp, entropy) = logprob_entropy(&logits, 0);
+        assert!((lp as f64 - p0.ln()).abs() < 1e-6);
+        let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
+        let h: f64 = logits.iter().map(|&x| (x as f64).exp() / z).map(|p| -p * p.ln()).sum();
+        assert!((entropy as f64 - h).abs() < 1e-6, "entropy {entropy} vs {h}");
     }
 }

@@ -102,8 +102,8 @@ pub struct GrpoSection {
 }
 
 /// One reward function: `type` = `exact_match` (optional `pattern`), `format` (`pattern`),
-/// `length` (`max_chars`), `command` (`command` = [program, args..], `timeout_s`) or `model`
-/// (`path` of a `kiln rm` model).
+/// `length` (`max_chars`), `command` (`command` = [program, args..], `timeout_s`), `http`
+/// (`url`, `timeout_s`) or `model` (`path` of a `kiln rm` model).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardSpec {
@@ -119,6 +119,7 @@ pub struct RewardSpec {
     #[serde(default = "default_timeout_s")]
     pub timeout_s: f64,
     pub path: Option<PathBuf>,
+    pub url: Option<String>,
 }
 
 impl RewardSpec {

@@ -18,7 +18,7 @@ use kiln_core::rng::Rng;
 use kiln_core::Cpu;
 use kiln_data::rows::read_records;
 use kiln_data::{ChatTemplate, Message, Tokenizer};
-use kiln_model::generator::{generate, FinishReason, Request};
+use kiln_model::generator::{generate, FinishReason, Generation, Request};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::{ActivationsPool, Batch, Model};
 use regex::Regex;
@@ -109,18 +109,23 @@ pub fn build_rewards(specs: &[RewardSpec]) -> Result<Vec<Reward>> {
                     args: s.command[1..].to_vec(),
                     timeout: Duration::from_secs_f64(s.timeout_s),
                 },
+                "http" => RewardFn::Http {
+                    url: s.url.clone().with_context(|| format!("reward `{}`: `url` is required", s.name()))?,
+                    timeout: Duration::from_secs_f64(s.timeout_s),
+                },
                 "model" => {
                     let path = s.path.as_ref().with_context(|| format!("reward `{}`: `path` is required", s.name()))?;
                     RewardFn::RewardModel(Box::new(std::sync::Mutex::new(crate::rewards::ScoringModel::load(path)?)))
                 }
-                other => bail!("reward `{other}`: unknown type (exact_match, format, length, command, model)"),
+                other => bail!("reward `{other}`: unknown type (exact_match, format, length, command, http, model)"),
             };
             Ok(Reward { name: s.name(), weight: s.weight, function })
         })
         .collect()
 }
 
-/// Samples `group` completions (or one greedy completion when `greedy`) of each prompt.
+/// Samples `group` completions (or one greedy completion when `greedy`) of each prompt, each
+/// with the index of its prompt.
 fn rollout(
     model: &mut Model<Cpu>,
     prompts: &[&PromptRow],
@@ -128,7 +133,7 @@ fn rollout(
     stop_ids: &[i32],
     seed: u64,
     greedy: bool,
-) -> Vec<(usize, Vec<i32>, bool)> {
+) -> Vec<(usize, Generation)> {
     let group = if greedy { 1 } else { g.group_size };
     let requests: Vec<Request> = prompts
         .iter()
@@ -148,7 +153,12 @@ fn rollout(
         })
         .collect();
     let out = generate(&Cpu, model, &requests, requests.len(), &mut |_, _| false);
-    out.into_iter().enumerate().map(|(i, g)| (i / group, g.tokens, g.finish == FinishReason::Stop)).collect()
+    out.into_iter().enumerate().map(|(i, g)| (i / group, g)).collect()
+}
+
+/// Each completion's text, with the index of its prompt.
+fn decode_all(tokenizer: &Tokenizer, outs: &[(usize, Generation)]) -> Vec<(usize, String)> {
+    outs.iter().map(|(p, g)| (*p, tokenizer.decode(&g.tokens.iter().map(|&x| x as u32).collect::<Vec<_>>()))).collect()
 }
 
 /// Rewards of completions (texts) of the given prompts: total and per function.
@@ -173,14 +183,13 @@ fn evaluate(
 ) -> Result<GrpoStats> {
     let refs: Vec<&PromptRow> = prompts.iter().collect();
     let outs = rollout(model, &refs, g, stop_ids, 0, true);
-    let texts: Vec<(usize, String)> =
-        outs.iter().map(|(p, t, _)| (*p, tokenizer.decode(&t.iter().map(|&x| x as u32).collect::<Vec<_>>()))).collect();
+    let texts = decode_all(tokenizer, &outs);
     let (total, per) = score(rewards, &refs, &texts)?;
     let n = total.len().max(1) as f64;
     Ok(GrpoStats {
         reward: total.iter().sum::<f64>() / n,
         solved: per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n),
-        completion_length: outs.iter().map(|(_, t, _)| t.len()).sum::<usize>() as f64 / n,
+        completion_length: outs.iter().map(|(_, g)| g.tokens.len()).sum::<usize>() as f64 / n,
     })
 }
 
@@ -282,11 +291,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let rollout_started = Instant::now();
         let outs = rollout(&mut session.model, &prompts, &g, &stop_ids, t.seed ^ step, false);
         let rollout_s = rollout_started.elapsed().as_secs_f64();
-        let generated: usize = outs.iter().map(|(_, c, _)| c.len()).sum();
-        let texts: Vec<(usize, String)> = outs
-            .iter()
-            .map(|(p, c, _)| (*p, tokenizer.decode(&c.iter().map(|&x| x as u32).collect::<Vec<_>>())))
-            .collect();
+        let generated: usize = outs.iter().map(|(_, g)| g.tokens.len()).sum();
+        let entropy =
+            outs.iter().flat_map(|(_, g)| &g.entropies).map(|&h| h as f64).sum::<f64>() / generated.max(1) as f64;
+        let texts = decode_all(&tokenizer, &outs);
         let (total, per) = score(&rewards, &prompts, &texts)?;
         let adv = advantages(&total, g.group_size, g.scale_rewards);
 
@@ -300,8 +308,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let sequences: Vec<(Vec<i32>, usize)> = keep
             .iter()
             .map(|&i| {
-                let (p, c, stopped) = &outs[i];
-                completion_row(&prompts[*p].ids, c, *stopped, &stop_ids, seq)
+                let (p, g) = &outs[i];
+                completion_row(&prompts[*p].ids, &g.tokens, g.finish == FinishReason::Stop, &stop_ids, seq)
             })
             .collect();
         session.begin_step();
@@ -346,7 +354,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let solved = per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n);
         last = GrpoStats { reward: mean, solved, completion_length: generated as f64 / n };
         let mut fields = json!({
-            "loss": loss, "reward": mean, "reward_std": std, "solved": solved, "kl": loss_stats.2,
+            "loss": loss, "reward": mean, "reward_std": std, "solved": solved, "kl": loss_stats.2, "entropy": entropy,
             "completion_length": generated as f64 / n, "clipped_low": loss_stats.0, "clipped_high": loss_stats.1,
             "trained_completions": keep.len(), "rollout_tokens_per_s": generated as f64 / rollout_s.max(1e-9),
         });

@@ -9,6 +9,9 @@
 //! - `command`: a program that reads one JSON object per completion on stdin
 //!   (`{"prompt", "completion", "answer"}`) and writes one number per line on stdout; a crash,
 //!   a wrong line count or a run past `timeout_s` is an error naming the reward.
+//! - `http`: a POST of `{"samples": [{"prompt", "completion", "answer"}, ..]}` (JSON) to a URL,
+//!   answered with `{"rewards": [..]}`, one number per sample; a refused connection, an error
+//!   status, a malformed answer or no answer within `timeout_s` is an error naming the reward.
 //! - `model`: a reward model trained by `kiln rm`, scoring prompt + completion (its own
 //!   tokenizer) at the last token.
 
@@ -34,6 +37,7 @@ pub enum RewardFn {
     Format { pattern: Regex },
     Length { max_chars: usize },
     Command { program: String, args: Vec<String>, timeout: Duration },
+    Http { url: String, timeout: Duration },
     RewardModel(Box<Mutex<ScoringModel>>),
 }
 
@@ -152,6 +156,7 @@ impl Reward {
                 })
                 .collect(),
             RewardFn::Command { program, args, timeout } => run_command(&self.name, program, args, *timeout, samples)?,
+            RewardFn::Http { url, timeout } => post_samples(&self.name, url, *timeout, samples)?,
             RewardFn::RewardModel(m) => {
                 let texts: Vec<String> = samples.iter().map(|s| format!("{}{}", s.prompt, s.completion)).collect();
                 m.lock()
@@ -161,6 +166,43 @@ impl Reward {
             }
         })
     }
+}
+
+/// A sample as the external rewards (`command`, `http`) receive it.
+fn sample_json(s: &Sample) -> serde_json::Value {
+    serde_json::json!({"prompt": s.prompt, "completion": s.completion, "answer": s.answer})
+}
+
+/// Posts the samples to a reward endpoint (see the module docs for the protocol).
+fn post_samples(name: &str, url: &str, timeout: Duration, samples: &[Sample]) -> Result<Vec<f64>> {
+    let what = || format!("reward `{name}`: POST {url}");
+    let body = serde_json::json!({"samples": samples.iter().map(sample_json).collect::<Vec<_>>()}).to_string();
+    let config = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build();
+    let agent = ureq::Agent::new_with_config(config);
+    let mut response = agent.post(url).header("content-type", "application/json").send(&body).map_err(|e| match e {
+        ureq::Error::Timeout(_) => {
+            anyhow::anyhow!("{}: no answer within {:.1} s on {} samples", what(), timeout.as_secs_f64(), samples.len())
+        }
+        e => anyhow::anyhow!("{}: {e}", what()),
+    })?;
+    let status = response.status();
+    let text = response.body_mut().read_to_string().with_context(|| format!("{}: cannot read the answer", what()))?;
+    if !status.is_success() {
+        bail!("{}: status {status}: {}", what(), text.chars().take(300).collect::<String>());
+    }
+    let answer: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: the answer is not JSON", what()))?;
+    let rewards: Vec<f64> = answer["rewards"]
+        .as_array()
+        .with_context(|| format!("{}: the answer has no `rewards` array", what()))?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v.as_f64().with_context(|| format!("{}: rewards[{i}] = {v} is not a number", what())))
+        .collect::<Result<_>>()?;
+    if rewards.len() != samples.len() {
+        bail!("{}: answered {} rewards for {} samples", what(), rewards.len(), samples.len());
+    }
+    Ok(rewards)
 }
 
 /// Runs a reward program over the samples (see the module docs for the protocol).
@@ -173,12 +215,7 @@ fn run_command(name: &str, program: &str, args: &[String], timeout: Duration, sa
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("{}: cannot start", what()))?;
-    let input: String = samples
-        .iter()
-        .map(|s| {
-            serde_json::json!({"prompt": s.prompt, "completion": s.completion, "answer": s.answer}).to_string() + "\n"
-        })
-        .collect();
+    let input: String = samples.iter().map(|s| sample_json(s).to_string() + "\n").collect();
     let mut stdin = child.stdin.take().expect("piped stdin");
     // Written from a thread so a program that stops reading cannot block us past the timeout.
     let writer = std::thread::spawn(move || {
@@ -291,5 +328,79 @@ mod tests {
         assert!(err.contains("exited") && err.contains("boom"), "{err}");
         let err = command("cat > /dev/null; echo 1", 5000).score(&samples).unwrap_err().to_string();
         assert!(err.contains("wrote 1 rewards for 2 samples"), "{err}");
+    }
+
+    /// A one-request HTTP server on loopback: reads a request, waits `delay`, answers with
+    /// `status` and the body `answer(request body)`. Returns its URL.
+    fn serve_once(status: u16, delay: Duration, answer: fn(&serde_json::Value) -> String) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/reward", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            let body = loop {
+                let n = stream.read(&mut buf).unwrap();
+                request.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&request);
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length: usize = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if request.len() >= end + 4 + length {
+                        break serde_json::from_slice(&request[end + 4..end + 4 + length]).unwrap();
+                    }
+                }
+                if n == 0 {
+                    return;
+                }
+            };
+            std::thread::sleep(delay);
+            let out = answer(&body);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{out}",
+                out.len()
+            );
+        });
+        url
+    }
+
+    fn http(url: String, timeout_ms: u64) -> Reward {
+        Reward {
+            name: "sandbox".into(),
+            weight: 1.0,
+            function: RewardFn::Http { url, timeout: Duration::from_millis(timeout_ms) },
+        }
+    }
+
+    #[test]
+    fn http_rewards_post_the_samples_and_fail_clearly() {
+        let samples = [sample("a", "1"), sample("bbb", "2")];
+        // The reward of each sample: its completion's length, to show what arrived.
+        let lengths = |body: &serde_json::Value| {
+            let lens: Vec<usize> =
+                body["samples"].as_array().unwrap().iter().map(|s| s["completion"].as_str().unwrap().len()).collect();
+            serde_json::json!({ "rewards": lens }).to_string()
+        };
+        let url = serve_once(200, Duration::ZERO, lengths);
+        assert_eq!(http(url, 5000).score(&samples).unwrap(), vec![1.0, 3.0]);
+
+        let url = serve_once(200, Duration::from_millis(1500), lengths);
+        let err = http(url, 200).score(&samples).unwrap_err().to_string();
+        assert!(err.contains("reward `sandbox`") && err.contains("no answer within 0.2 s"), "{err}");
+        let url = serve_once(500, Duration::ZERO, |_| "sandbox crashed".into());
+        let err = http(url, 5000).score(&samples).unwrap_err().to_string();
+        assert!(err.contains("status 500") && err.contains("sandbox crashed"), "{err}");
+        let url = serve_once(200, Duration::ZERO, |_| r#"{"rewards": [1]}"#.into());
+        let err = http(url, 5000).score(&samples).unwrap_err().to_string();
+        assert!(err.contains("answered 1 rewards for 2 samples"), "{err}");
+        // Nothing listens on the port of a listener that was dropped.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let err = http(format!("http://127.0.0.1:{port}/"), 5000).score(&samples).unwrap_err().to_string();
+        assert!(err.contains("reward `sandbox`: POST"), "{err}");
     }
 }

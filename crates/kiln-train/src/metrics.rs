@@ -46,10 +46,42 @@ pub fn series(path: &Path, key: &str) -> Result<Vec<(f64, f64)>> {
         .collect())
 }
 
-/// Draws train and eval loss against the step into a PNG.
-pub fn plot_losses(metrics: &Path, out: &Path, title: &str) -> Result<()> {
-    let train = series(metrics, "loss")?;
-    let eval = series(metrics, "eval_loss")?;
+/// What a run's plot shows: one metric of the training steps and of the evaluations,
+/// against the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlotSpec {
+    pub file: &'static str,
+    pub y_desc: &'static str,
+    pub train: &'static str,
+    pub eval: &'static str,
+    pub train_label: &'static str,
+    pub eval_label: &'static str,
+}
+
+impl PlotSpec {
+    pub const LOSS: Self = Self {
+        file: "loss.png",
+        y_desc: "loss",
+        train: "loss",
+        eval: "eval_loss",
+        train_label: "train",
+        eval_label: "eval",
+    };
+    /// RL: the mean reward of each step's samples, and the greedy reward on the eval prompts.
+    pub const REWARD: Self = Self {
+        file: "reward.png",
+        y_desc: "reward",
+        train: "reward",
+        eval: "eval_reward",
+        train_label: "train (sampled)",
+        eval_label: "eval (greedy)",
+    };
+}
+
+/// Draws `spec`'s train and eval series against the step into a PNG.
+pub fn plot(metrics: &Path, out: &Path, title: &str, spec: PlotSpec) -> Result<()> {
+    let train = series(metrics, spec.train)?;
+    let eval = series(metrics, spec.eval)?;
     if train.is_empty() {
         return Ok(());
     }
@@ -70,15 +102,15 @@ pub fn plot_losses(metrics: &Path, out: &Path, title: &str) -> Result<()> {
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").draw()?;
+        chart.configure_mesh().x_desc("step").y_desc(spec.y_desc).draw()?;
         chart
             .draw_series(LineSeries::new(train.iter().copied(), &BLUE))?
-            .label("train")
+            .label(spec.train_label)
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
         if !eval.is_empty() {
             chart
                 .draw_series(LineSeries::new(eval.iter().copied(), RED.stroke_width(2)))?
-                .label("eval")
+                .label(spec.eval_label)
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
             chart.draw_series(eval.iter().map(|&p| Circle::new(p, 3, RED.filled())))?;
         }
@@ -86,5 +118,5 @@ pub fn plot_losses(metrics: &Path, out: &Path, title: &str) -> Result<()> {
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| anyhow::anyhow!("{}: cannot draw the loss plot: {e}", out.display()))
+    draw().map_err(|e| anyhow::anyhow!("{}: cannot draw the plot: {e}", out.display()))
 }

@@ -4,7 +4,7 @@
 
 use crate::checkpoint::{self, SaveRequest, State};
 use crate::config::{RunConfig, TrainSection};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PlotSpec};
 use crate::optim::{zero_grads, AdamW};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
@@ -41,6 +41,8 @@ pub struct Session {
     pub model_dir: PathBuf,
     pub resumed: bool,
     pub last_checkpoint: Option<PathBuf>,
+    /// What `finish` plots: the losses unless a recipe says otherwise.
+    pub plot: PlotSpec,
     model_files: Vec<(String, Vec<u8>)>,
     train: TrainSection,
     keep_last: usize,
@@ -149,6 +151,7 @@ impl Session {
             model_dir,
             resumed: resume_dir.is_some(),
             last_checkpoint: resume_dir,
+            plot: PlotSpec::LOSS,
             model_files,
             train: t.clone(),
             keep_last: config.output.keep_last,
@@ -278,12 +281,12 @@ impl Session {
         Ok(interrupted)
     }
 
-    /// Ends the run: clears the bar, plots the losses (`title`), and returns the newest
+    /// Ends the run: clears the bar, draws the plot (`title`), and returns the newest
     /// checkpoint (writing one if the run has none) and the plot.
     pub fn finish(&mut self, title: &str) -> Result<(PathBuf, PathBuf)> {
         self.bar.finish_and_clear();
-        let plot = self.out_path("loss.png");
-        crate::metrics::plot_losses(&self.out_path("metrics.jsonl"), &plot, title)?;
+        let plot = self.out_path(self.plot.file);
+        crate::metrics::plot(&self.out_path("metrics.jsonl"), &plot, title, self.plot)?;
         Ok((self.final_checkpoint()?, plot))
     }
 

@@ -21,7 +21,7 @@ fn report<S>(s: &RunSummary<S>, describe: impl Fn(&S) -> String, headline: impl 
         let before = s.eval_before.as_ref().map_or(String::new(), |b| format!(" (before: {:.3})", headline(b)));
         println!("eval: {}{before}", describe(e));
     }
-    println!("checkpoint {}\nloss plot {}", s.checkpoint.display(), s.plot.display());
+    println!("checkpoint {}\nplot {}", s.checkpoint.display(), s.plot.display());
 }
 
 pub fn dpo(args: &RunArgs) -> Result<()> {

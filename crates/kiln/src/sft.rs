@@ -16,6 +16,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
         s.tokens_per_s,
         s.seconds
     );
-    println!("checkpoint {}\nloss plot {}", s.checkpoint.display(), s.plot.display());
+    println!("checkpoint {}\nplot {}", s.checkpoint.display(), s.plot.display());
     Ok(())
 }

@@ -51,6 +51,10 @@ fn grpo_raises_the_reward() {
     {
         assert!(steps[3][key].is_number(), "metrics lack {key}: {}", steps[3]);
     }
+    // The policy's entropy per sampled token: positive, and below log(vocab), 99 tokens.
+    let entropy = steps[3]["entropy"].as_f64().expect("metrics carry entropy");
+    assert!(entropy > 0.0 && entropy < (99f64).ln(), "entropy {entropy}");
+    assert!(dir.join("reward.png").exists(), "the run plots its reward");
 }
 
 #[test]

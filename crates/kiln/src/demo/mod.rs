@@ -1,6 +1,8 @@
-//! `kiln demo`: SFT on a tiny arithmetic model shipped in the repo, then a preference stage
-//! (refuse toy unsafe requests, keep answering), with a before/after table. `kiln demo make-base` rebuilds that base model: tokenizer, random init, then
-//! pretraining on bare equations with the same SFT recipe over `{"text"}` rows.
+//! `kiln demo`: SFT on a tiny arithmetic model shipped in the repo, then from the SFT model a
+//! preference stage (refuse toy unsafe requests, keep answering), a reward model, and GRPO
+//! with an exact-match reward on questions no chat demonstrated, with a before/after table.
+//! `kiln demo make-base` rebuilds that base model: tokenizer, random init, then pretraining
+//! on bare equations with the same SFT recipe over `{"text"}` rows.
 
 mod tasks;
 mod tokenizer;
@@ -13,10 +15,10 @@ use kiln_model::{Activations, Config, Model, StorageDtype};
 use kiln_train::loader::pack;
 use kiln_train::sft::{self, encode_split, evaluate, load_tokenizer};
 use kiln_train::RunConfig;
-use kiln_train::{dpo, rm};
+use kiln_train::{dpo, grpo, rm};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use tasks::Problem;
+use tasks::{Problem, Split};
 
 /// The base model committed in the repo.
 const DEFAULT_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
@@ -43,6 +45,12 @@ pub struct Args {
     /// Weight of ORPO (odds ratio plus SFT on the preferred answers) beside DPO's loss.
     #[arg(long, default_value_t = 1.0)]
     orpo_weight: f64,
+    /// GRPO optimizer steps.
+    #[arg(long, default_value_t = 40)]
+    grpo_steps: u64,
+    /// GRPO learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    grpo_lr: f64,
 }
 
 #[derive(clap::Subcommand)]
@@ -74,6 +82,14 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 fn run_config(path: &Path, toml: &str) -> Result<RunConfig> {
     std::fs::write(path, toml).with_context(|| format!("{}: cannot write", path.display()))?;
     RunConfig::load_resolved(path, &[]).map_err(anyhow::Error::msg)
+}
+
+/// A fresh directory `out/name` for a stage after SFT, with its `run.toml`.
+fn stage_config(out: &Path, name: &str, toml: &str) -> Result<RunConfig> {
+    let dir = out.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    run_config(&dir.join("run.toml"), toml)
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -132,8 +148,8 @@ fn demo(args: &Args) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let base =
         std::fs::canonicalize(&args.base).with_context(|| format!("{}: base model not found", args.base.display()))?;
-    let train = tasks::problems(1, TRAIN_EXAMPLES, false);
-    let held_out = tasks::problems(2, HELD_OUT, true);
+    let train = tasks::problems(1, TRAIN_EXAMPLES, Split::Sft);
+    let held_out = tasks::problems(2, HELD_OUT, Split::HeldOut);
     write_jsonl(&out.join("train.jsonl"), train.iter().map(|(p, s)| json!({"messages": p.chat(*s, true)})))?;
     write_jsonl(&out.join("eval.jsonl"), held_out.iter().map(|(p, s)| json!({"messages": p.chat(*s, true)})))?;
     let config = run_config(
@@ -151,23 +167,29 @@ fn demo(args: &Args) -> Result<()> {
     let _ = std::fs::remove_dir_all(out.join("checkpoints"));
 
     // The preference stage's data: refuse toy unsafe requests, keep answering arithmetic.
-    let prefs = tasks::preferences(3, PREFERENCE_PAIRS, false);
-    let held_out_prefs = tasks::preferences(4, HELD_OUT, true);
+    let prefs = tasks::preferences(3, PREFERENCE_PAIRS, Split::Sft);
+    let held_out_prefs = tasks::preferences(4, HELD_OUT, Split::HeldOut);
     let pair_json = |p: &tasks::Preference| json!({"messages": p.prompt, "chosen": p.chosen, "rejected": p.rejected});
     write_jsonl(&out.join("preferences.jsonl"), prefs.iter().map(pair_json))?;
     write_jsonl(&out.join("preferences_eval.jsonl"), held_out_prefs.iter().map(pair_json))?;
+    // The RL stage's data: questions with checkable answers, and the held-out ones to watch.
+    let rl_prompts = tasks::rl_prompts();
+    let prompt_json =
+        |(p, s): &(Problem, usize)| json!({"messages": p.chat(*s, false), "answer": p.answer().to_string()});
+    write_jsonl(&out.join("rl_prompts.jsonl"), rl_prompts.iter().map(prompt_json))?;
+    write_jsonl(&out.join("rl_eval.jsonl"), held_out.iter().map(prompt_json))?;
 
     println!("kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out", base.display());
     let before = score(&base, &out.join("eval.jsonl"), &held_out)?;
     let summary = sft::run(&config, None, false)?;
     let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
 
+    let sft_model = std::fs::canonicalize(&summary.checkpoint)?;
+
     println!("kiln demo: preference stage (DPO + ORPO) on {PREFERENCE_PAIRS} pairs: refuse toy unsafe requests, keep answering");
-    let dpo_dir = out.join("dpo");
-    let _ = std::fs::remove_dir_all(&dpo_dir);
-    std::fs::create_dir_all(&dpo_dir)?;
-    let dpo_config = run_config(
-        &dpo_dir.join("run.toml"),
+    let dpo_config = stage_config(
+        out,
+        "dpo",
         &format!(
             "# kiln demo: preference optimisation of the SFT model.\n\
              [model]\npath = {:?}\n\n\
@@ -175,20 +197,15 @@ fn demo(args: &Args) -> Result<()> {
              [train]\nlr = {}\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\n\n\
              [dpo]\nloss = [\"sigmoid\", \"orpo\"]\nloss_weights = [1.0, {}]\nbeta = 0.1\n\n\
              [output]\ndir = \".\"\nkeep_last = 1\n",
-            std::fs::canonicalize(&summary.checkpoint)?,
-            args.dpo_lr,
-            args.dpo_steps,
-            args.orpo_weight
+            sft_model, args.dpo_lr, args.dpo_steps, args.orpo_weight
         ),
     )?;
     let dpo_summary = dpo::run(&dpo_config, None, false)?;
 
     println!("kiln demo: reward model from the SFT model on the same pairs");
-    let rm_dir = out.join("rm");
-    let _ = std::fs::remove_dir_all(&rm_dir);
-    std::fs::create_dir_all(&rm_dir)?;
-    let rm_config = run_config(
-        &rm_dir.join("run.toml"),
+    let rm_config = stage_config(
+        out,
+        "rm",
         &format!(
             "# kiln demo: a reward model (Bradley-Terry) trained from the SFT model.\n\
              [model]\npath = {:?}\n\n\
@@ -196,12 +213,33 @@ fn demo(args: &Args) -> Result<()> {
              [train]\nlr = 1e-4\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\n\n\
              [rm]\ncenter_rewards_coefficient = 0.01\n\n\
              [output]\ndir = \".\"\nkeep_last = 1\n",
-            std::fs::canonicalize(&summary.checkpoint)?,
-            args.dpo_steps
+            sft_model, args.dpo_steps
         ),
     )?;
     let rm_summary = rm::run(&rm_config, None, false)?;
+
+    println!(
+        "kiln demo: GRPO from the SFT model on {} questions never demonstrated in a chat, exact-match reward",
+        rl_prompts.len()
+    );
+    let grpo_config = stage_config(
+        out,
+        "grpo",
+        &format!(
+            "# kiln demo: RL with a verifiable reward (Dr. GRPO) from the SFT model.\n\
+             [model]\npath = {sft_model:?}\n\n\
+             [data]\ntrain = \"../rl_prompts.jsonl\"\neval = \"../rl_eval.jsonl\"\nmax_seq_len = 64\n\n\
+             [train]\nlr = {}\nwarmup_steps = 3\nsteps = {}\nbatch_tokens = 64\nseed = 0\neval_every = 10\n\n\
+             [grpo]\ngroup_size = 8\nprompts_per_step = 16\nmax_new_tokens = 10\ntemperature = 1.0\n\
+             loss_type = \"dr_grpo\"\nscale_rewards = \"none\"\n\n\
+             [[grpo.rewards]]\ntype = \"exact_match\"\npattern = '=(\\d+)$'\n\n\
+             [output]\ndir = \".\"\nkeep_last = 1\n",
+            args.grpo_lr, args.grpo_steps
+        ),
+    )?;
+    let grpo_summary = grpo::run(&grpo_config, None, false)?;
     let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
+    let reinforced = score(&grpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
     let pref = |s: Option<dpo::PairStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen));
 
     println!();
@@ -231,29 +269,44 @@ fn demo(args: &Args) -> Result<()> {
         rm_acc(rm_summary.eval_before),
         rm_acc(rm_summary.eval)
     );
+    println!(
+        "| after GRPO ({} steps from the SFT model) | {:.3} | {:.1}% | - |",
+        grpo_summary.steps,
+        reinforced.eval_loss,
+        100.0 * reinforced.accuracy
+    );
     println!();
-    for (((q, b, want), (_, a, _)), (_, d, _)) in before.samples.iter().zip(&after.samples).zip(&aligned.samples) {
-        println!("  {q:<24} base: {b:<14?} sft: {a:<12?} dpo: {d:<12?} expected: {want}");
+    let curve = kiln_train::metrics::series(&out.join("grpo").join("metrics.jsonl"), "eval_solved")?;
+    let curve: Vec<String> = curve.iter().map(|(step, solved)| format!("{step}: {:.1}%", 100.0 * solved)).collect();
+    println!("GRPO, held-out answers right (greedy) by step: {}", curve.join(", "));
+    println!();
+    let columns = before.samples.iter().zip(&after.samples).zip(&aligned.samples).zip(&reinforced.samples);
+    for ((((q, b, want), (_, a, _)), (_, d, _)), (_, g, _)) in columns {
+        println!("  {q:<24} base: {b:<14?} sft: {a:<12?} dpo: {d:<12?} grpo: {g:<12?} expected: {want}");
     }
     println!();
     println!(
-        "SFT: {} steps in {:.0} s ({:.0} tokens/s); DPO: {} steps in {:.0} s ({:.0} tokens/s)",
+        "SFT: {} steps in {:.0} s ({:.0} tokens/s); DPO: {} steps in {:.0} s ({:.0} tokens/s); \
+         GRPO: {} steps in {:.0} s ({:.0} trained tokens/s)",
         summary.steps,
         summary.seconds,
         summary.tokens_per_s,
         dpo_summary.steps,
         dpo_summary.seconds,
-        dpo_summary.tokens_per_s
+        dpo_summary.tokens_per_s,
+        grpo_summary.steps,
+        grpo_summary.seconds,
+        grpo_summary.tokens_per_s
     );
-    println!(
-        "checkpoints {}, {} and {}; loss plots {}, {} and {}",
-        summary.checkpoint.display(),
-        dpo_summary.checkpoint.display(),
-        rm_summary.checkpoint.display(),
-        summary.plot.display(),
-        dpo_summary.plot.display(),
-        rm_summary.plot.display()
-    );
+    println!("checkpoints and plots:");
+    for (checkpoint, plot) in [
+        (&summary.checkpoint, &summary.plot),
+        (&dpo_summary.checkpoint, &dpo_summary.plot),
+        (&rm_summary.checkpoint, &rm_summary.plot),
+        (&grpo_summary.checkpoint, &grpo_summary.plot),
+    ] {
+        println!("  {}  {}", checkpoint.display(), plot.display());
+    }
     Ok(())
 }
 

@@ -2,14 +2,23 @@
 //! text states every fact, as a bare equation ("23+15=38") or as a question and answer in
 //! plain text ("Q: What is 23 plus 15? A: 23+15=38"), so the base model knows them but has
 //! never seen a chat. The instruction set asks the same questions in ChatML turns. Problems
-//! are split by a fixed hash, so held-out questions never appear in a chat: SFT has to teach
-//! the format well enough that the model answers questions it was not tuned on.
+//! are split by a fixed hash three ways: the instruction set's, the RL stage's (questions with
+//! a checkable answer that no chat demonstrates) and the held-out ones, which no stage trains
+//! on, so every stage has to make the model answer questions it was not tuned on.
 
 use kiln_core::rng::Rng;
 use kiln_data::Message;
 
 /// Operands are drawn from `0..OPERANDS`.
 const OPERANDS: usize = 30;
+
+/// Which stage may see a problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Sft,
+    Rl,
+    HeldOut,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Problem {
@@ -53,9 +62,15 @@ impl Problem {
         m
     }
 
-    /// One problem in ten is held out of the instruction set.
-    pub fn held_out(&self) -> bool {
-        (self.a * 7 + self.b * 13 + u32::from(self.plus)).is_multiple_of(10)
+    /// One problem in ten is kept from the instruction set: sums with 7a + 3b ≡ 9 and
+    /// differences with a ≡ b (mod 10), a family SFT never demonstrates. Those with an odd `b`
+    /// are the RL stage's, those with an even `b` are held out from every stage.
+    pub fn split(&self) -> Split {
+        match ((self.a * 7 + self.b * 13 + u32::from(self.plus)) % 10, self.b % 2) {
+            (0, 1) => Split::Rl,
+            (0, _) => Split::HeldOut,
+            _ => Split::Sft,
+        }
     }
 
     fn random(rng: &mut Rng) -> Self {
@@ -92,13 +107,13 @@ pub fn pretraining_text(seed: u64, rows: usize, chars: usize) -> Vec<String> {
         .collect()
 }
 
-/// `n` problems from one side of the held-out split, each with a phrasing style.
-pub fn problems(seed: u64, n: usize, held_out: bool) -> Vec<(Problem, usize)> {
+/// `n` problems of one split, each with a phrasing style.
+pub fn problems(seed: u64, n: usize, split: Split) -> Vec<(Problem, usize)> {
     let mut rng = Rng::new(seed);
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let p = Problem::random(&mut rng);
-        if p.held_out() == held_out {
+        if p.split() == split {
             out.push((p, rng.below(4)));
         }
     }
@@ -128,12 +143,12 @@ pub struct Preference {
     pub rejected: String,
 }
 
-/// `n` pairs, half unsafe requests (prefer the refusal) and half arithmetic questions from
-/// one side of the held-out split (prefer the answer to a refusal, so that the model does not
-/// learn to refuse everything).
-pub fn preferences(seed: u64, n: usize, held_out: bool) -> Vec<Preference> {
+/// `n` pairs, half unsafe requests (prefer the refusal) and half arithmetic questions of one
+/// split (prefer the answer to a refusal, so that the model does not learn to refuse
+/// everything).
+pub fn preferences(seed: u64, n: usize, split: Split) -> Vec<Preference> {
     let mut rng = Rng::new(seed);
-    let arithmetic = problems(seed + 100, n, held_out);
+    let arithmetic = problems(seed + 100, n, split);
     (0..n)
         .map(|i| {
             if i % 2 == 0 {
@@ -145,5 +160,15 @@ pub fn preferences(seed: u64, n: usize, held_out: bool) -> Vec<Preference> {
                 Preference { prompt: p.chat(style, false), chosen: p.equation(), rejected: REFUSAL.into() }
             }
         })
+        .collect()
+}
+
+/// Every problem of the RL split in every phrasing, with its answer.
+pub fn rl_prompts() -> Vec<(Problem, usize)> {
+    let all = (0..OPERANDS as u32).flat_map(|a| (0..OPERANDS as u32).flat_map(move |b| [(a, b, true), (a, b, false)]));
+    all.filter(|&(a, b, plus)| plus || a >= b)
+        .map(|(a, b, plus)| Problem { a, b, plus })
+        .filter(|p| p.split() == Split::Rl)
+        .flat_map(|p| (0..4).map(move |style| (p, style)))
         .collect()
 }

@@ -83,9 +83,14 @@ pub struct GrpoSection {
     /// KL weight to a frozen reference; 0 loads none.
     #[serde(default)]
     pub beta: f64,
-    /// Updates per rollout batch.
+    /// Optimizer steps on each rollout batch: a rollout is sampled every `num_iterations`
+    /// steps, and the later steps' ratios compare with the policy that sampled it.
     #[serde(default = "one")]
     pub num_iterations: usize,
+    /// Completions per forward/backward (memory); the loss and its normalisation are those
+    /// of the whole step whatever the value.
+    #[serde(default = "default_micro_batch")]
+    pub micro_batch: usize,
     /// Loss aggregation: `grpo`, `bnpo`, `dr_grpo` or `dapo`.
     #[serde(default = "default_loss_type")]
     pub loss_type: Aggregation,
@@ -133,6 +138,9 @@ fn default_group_size() -> usize {
 }
 fn default_prompts_per_step() -> usize {
     8
+}
+fn default_micro_batch() -> usize {
+    32
 }
 fn default_max_new_tokens() -> usize {
     64
@@ -425,8 +433,11 @@ impl RunConfig {
             if g.group_size < 2 {
                 return Err("`grpo.group_size` must be at least 2 (advantages compare completions of a prompt)".into());
             }
-            if g.prompts_per_step == 0 || g.max_new_tokens == 0 {
-                return Err("`grpo.prompts_per_step` and `grpo.max_new_tokens` must be positive".into());
+            if g.prompts_per_step == 0 || g.max_new_tokens == 0 || g.micro_batch == 0 || g.num_iterations == 0 {
+                return Err(
+                    "`grpo.prompts_per_step`, `max_new_tokens`, `micro_batch` and `num_iterations` must be positive"
+                        .into(),
+                );
             }
             if g.rewards.is_empty() {
                 return Err("`grpo.rewards` names no reward function ([[grpo.rewards]] type = \"exact_match\")".into());

@@ -1,12 +1,15 @@
 //! RL with verifiable rewards: GRPO and its variants (`grpo_loss`) on the generator.
 //!
-//! Each step takes `prompts_per_step` prompts, samples `group_size` completions of each with
-//! the KV-cache generator, scores them with the configured rewards (`rewards`), turns the
-//! rewards into group-relative advantages, and runs `num_iterations` updates on the
-//! completions: one forward gives every completion token's log-prob, the clipped objective
-//! sets each token's weight ∂L/∂nll_t = −∂L/∂logp_t, and the backward runs with them. The
-//! log-probs of the sampling policy (for the ratio) are taken with the training forward on
-//! the training batch itself, so rollout and training never disagree on them.
+//! Every `num_iterations` steps a rollout takes `prompts_per_step` prompts, samples
+//! `group_size` completions of each with the KV-cache generator, scores them with the
+//! configured rewards (`rewards`) and turns the rewards into group-relative advantages; each
+//! step is one optimizer update on the current rollout, in micro-batches of `micro_batch`
+//! completions: a forward gives every completion token's log-prob, the clipped objective
+//! (normalised over the whole step) sets each token's weight ∂L/∂nll_t = −∂L/∂logp_t, and the
+//! backward runs with them. The log-probs of the sampling policy (for the ratio) are those of
+//! the rollout's first step, taken with the training forward on the training batch itself,
+//! so rollout and training never disagree on them. A run resumed between two steps of one
+//! rollout starts a new rollout.
 
 use crate::config::{GrpoSection, RewardSpec, RunConfig};
 use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLossParams};
@@ -124,6 +127,16 @@ pub fn build_rewards(specs: &[RewardSpec]) -> Result<Vec<Reward>> {
         .collect()
 }
 
+/// What sampling and scoring a batch of prompts needs.
+struct RolloutContext<'a> {
+    g: &'a GrpoSection,
+    rewards: &'a [Reward],
+    tokenizer: &'a Tokenizer,
+    stop_ids: &'a [i32],
+    /// Training rows' length.
+    seq: usize,
+}
+
 /// Samples `group` completions (or one greedy completion when `greedy`) of each prompt, each
 /// with the index of its prompt.
 fn rollout(
@@ -173,18 +186,10 @@ fn score(rewards: &[Reward], prompts: &[&PromptRow], texts: &[(usize, String)]) 
 }
 
 /// Greedy completions of every eval prompt, scored.
-fn evaluate(
-    model: &mut Model<Cpu>,
-    prompts: &[PromptRow],
-    g: &GrpoSection,
-    rewards: &[Reward],
-    tokenizer: &Tokenizer,
-    stop_ids: &[i32],
-) -> Result<GrpoStats> {
+fn evaluate(model: &mut Model<Cpu>, prompts: &[PromptRow], cx: &RolloutContext) -> Result<GrpoStats> {
     let refs: Vec<&PromptRow> = prompts.iter().collect();
-    let outs = rollout(model, &refs, g, stop_ids, 0, true);
-    let texts = decode_all(tokenizer, &outs);
-    let (total, per) = score(rewards, &refs, &texts)?;
+    let outs = rollout(model, &refs, cx.g, cx.stop_ids, 0, true);
+    let (total, per) = score(cx.rewards, &refs, &decode_all(cx.tokenizer, &outs))?;
     let n = total.len().max(1) as f64;
     Ok(GrpoStats {
         reward: total.iter().sum::<f64>() / n,
@@ -253,6 +258,101 @@ fn completion_logps(nll: &[f32], sequences: &[(Vec<i32>, usize)], seq: usize) ->
         .collect()
 }
 
+/// A rollout batch ready for training, reused for `num_iterations` steps: one row per kept
+/// completion (prompt + completion + stop token), in micro-batches of `micro_batch` rows.
+struct Rollout {
+    sequences: Vec<(Vec<i32>, usize)>,
+    advantages: Vec<f64>,
+    /// Completion tokens trained on.
+    tokens: usize,
+    /// The sampling policy's log-probs per micro-batch, taken by the first step's forward.
+    old: Vec<Option<Vec<Vec<f64>>>>,
+    /// The frozen reference's log-probs per micro-batch (β > 0).
+    reference: Option<Vec<Vec<Vec<f64>>>>,
+    /// Steps trained on it so far.
+    updates: usize,
+    stats: GrpoStats,
+    /// The rollout's metrics (rewards, lengths, entropy, speed), logged with each step.
+    metrics: Value,
+    /// Where its prompts come from, for error messages.
+    describe: String,
+}
+
+impl Rollout {
+    fn micro_batches(&self, size: usize) -> std::slice::Chunks<'_, (Vec<i32>, usize)> {
+        self.sequences.chunks(size)
+    }
+}
+
+/// Sums of a step's micro-batch losses and metrics (metrics weighted by tokens).
+#[derive(Default)]
+struct UpdateTotals {
+    loss: f64,
+    kl: f64,
+    clipped_low: f64,
+    clipped_high: f64,
+}
+
+impl UpdateTotals {
+    fn add(&mut self, out: &crate::grpo_loss::PolicyLoss, chunk: &[(Vec<i32>, usize)]) {
+        let tokens = chunk.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64;
+        self.loss += out.loss;
+        self.kl += out.kl * tokens;
+        self.clipped_low += out.clipped_low * tokens;
+        self.clipped_high += out.clipped_high * tokens;
+    }
+}
+
+/// Samples `group_size` completions of each prompt, scores them, and lays out the ones to
+/// train on (rows of `seq` tokens) with their advantages.
+fn rollout_batch(model: &mut Model<Cpu>, prompts: &[&PromptRow], cx: &RolloutContext, seed: u64) -> Result<Rollout> {
+    let (g, stop_ids) = (cx.g, cx.stop_ids);
+    let started = Instant::now();
+    let outs = rollout(model, prompts, g, stop_ids, seed, false);
+    let rollout_s = started.elapsed().as_secs_f64();
+    let generated: usize = outs.iter().map(|(_, o)| o.tokens.len()).sum();
+    let entropy = outs.iter().flat_map(|(_, o)| &o.entropies).map(|&h| h as f64).sum::<f64>() / generated.max(1) as f64;
+    let (total, per) = score(cx.rewards, prompts, &decode_all(cx.tokenizer, &outs))?;
+    let adv = advantages(&total, g.group_size, g.scale_rewards);
+
+    // Completions to train on: whole groups, unless dynamic sampling drops flat ones; a
+    // completion that stopped trains on its stop token too.
+    let keep: Vec<usize> = (0..outs.len())
+        .filter(|&i| !(g.dynamic_sampling && group_is_flat(&total[i / g.group_size * g.group_size..][..g.group_size])))
+        .collect();
+    let sequences: Vec<(Vec<i32>, usize)> = keep
+        .iter()
+        .map(|&i| {
+            let (p, o) = &outs[i];
+            completion_row(&prompts[*p].ids, &o.tokens, o.finish == FinishReason::Stop, stop_ids, cx.seq)
+        })
+        .collect();
+    let n = total.len().max(1) as f64;
+    let mean = total.iter().sum::<f64>() / n;
+    let std = (total.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let solved = per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n);
+    let mut metrics = json!({
+        "reward": mean, "reward_std": std, "solved": solved, "entropy": entropy,
+        "completion_length": generated as f64 / n, "trained_completions": keep.len(),
+        "rollout_tokens_per_s": generated as f64 / rollout_s.max(1e-9),
+    });
+    for (r, v) in cx.rewards.iter().zip(&per) {
+        merge(&mut metrics, &json!({format!("reward/{}", r.name): v.iter().sum::<f64>() / n}));
+    }
+    let micro_batches = sequences.len().div_ceil(g.micro_batch);
+    Ok(Rollout {
+        tokens: sequences.iter().map(|(ids, p)| ids.len() - p).sum(),
+        advantages: keep.iter().map(|&i| adv[i]).collect(),
+        sequences,
+        old: vec![None; micro_batches],
+        reference: None,
+        updates: 0,
+        stats: GrpoStats { reward: mean, solved, completion_length: generated as f64 / n },
+        metrics,
+        describe: prompts.iter().map(|p| p.location.as_str()).take(8).collect::<Vec<_>>().join(", "),
+    })
+}
+
 /// Runs GRPO as configured by `config.grpo`; `quiet` hides the progress bar.
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<GrpoStats>> {
     let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
@@ -277,96 +377,77 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let mut train_acts = ActivationsPool::new(&session.model.config, seq, true, t.recompute);
     let mut ref_acts = reference.as_ref().map(|r| ActivationsPool::new(&r.config, seq, false, false));
 
+    let cx = RolloutContext { g: &g, rewards: &rewards, tokenizer: &tokenizer, stop_ids: &stop_ids, seq };
     session.start_progress(total_steps, quiet);
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (GrpoStats::default(), None, None, false);
     if session.state.step == 0 && !eval.is_empty() {
-        let s = evaluate(&mut session.model, &eval, &g, &rewards, &tokenizer, &stop_ids)?;
+        let s = evaluate(&mut session.model, &eval, &cx)?;
         session.metrics.write(&with_step(0, json!({"eval_reward": s.reward, "eval_solved": s.solved})))?;
         eval_before = Some(s);
     }
+    let mut rollout: Option<Rollout> = None;
     while session.state.step < total_steps {
-        let step = session.state.step;
-        // Prompts of this step: a pure function of seed and step, like the SFT data order.
-        let mut rng = Rng::new(t.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        let prompts: Vec<&PromptRow> = (0..g.prompts_per_step).map(|_| &train[rng.below(train.len())]).collect();
-        let rollout_started = Instant::now();
-        let outs = rollout(&mut session.model, &prompts, &g, &stop_ids, t.seed ^ step, false);
-        let rollout_s = rollout_started.elapsed().as_secs_f64();
-        let generated: usize = outs.iter().map(|(_, g)| g.tokens.len()).sum();
-        let entropy =
-            outs.iter().flat_map(|(_, g)| &g.entropies).map(|&h| h as f64).sum::<f64>() / generated.max(1) as f64;
-        let texts = decode_all(&tokenizer, &outs);
-        let (total, per) = score(&rewards, &prompts, &texts)?;
-        let adv = advantages(&total, g.group_size, g.scale_rewards);
-
-        // Completions to train on: whole groups, unless dynamic sampling drops flat ones; a
-        // completion that stopped trains on its stop token too.
-        let keep: Vec<usize> = (0..outs.len())
-            .filter(|&i| {
-                !(g.dynamic_sampling && group_is_flat(&total[i / g.group_size * g.group_size..][..g.group_size]))
-            })
-            .collect();
-        let sequences: Vec<(Vec<i32>, usize)> = keep
-            .iter()
-            .map(|&i| {
-                let (p, g) = &outs[i];
-                completion_row(&prompts[*p].ids, &g.tokens, g.finish == FinishReason::Stop, &stop_ids, seq)
-            })
-            .collect();
-        session.begin_step();
-        let mut loss = 0.0;
-        let mut loss_stats = (0.0, 0.0, 0.0);
-        let train_tokens: usize = sequences.iter().map(|(ids, p)| ids.len() - p).sum();
-        if !sequences.is_empty() {
-            // One row per completion.
-            let batch = Batch::completions(&sequences, seq, 1.0 / train_tokens.max(1) as f32);
-            let acts = train_acts.get(&session.b, sequences.len());
-            let params = PolicyLossParams {
-                epsilon_low: g.epsilon,
-                epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
-                beta: g.beta,
-                aggregation: g.loss_type,
-                level: g.importance_sampling,
-                max_completion_length: g.max_new_tokens,
-                num_items: train_tokens,
-            };
-            let mut old: Option<Vec<Vec<f64>>> = None;
-            let ref_logp = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {
-                let nll = r.nll(&session.b, pool.get(&session.b, sequences.len()), &batch);
-                completion_logps(&nll, &sequences, seq)
+        if rollout.as_ref().is_none_or(|r| r.updates == g.num_iterations) {
+            let step = session.state.step;
+            // Prompts of this rollout: a pure function of seed and step, like the SFT data order.
+            let mut rng = Rng::new(t.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
+            let prompts: Vec<&PromptRow> = (0..g.prompts_per_step).map(|_| &train[rng.below(train.len())]).collect();
+            let sampled = rollout_batch(&mut session.model, &prompts, &cx, t.seed ^ step)?;
+            let reference = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {
+                sampled
+                    .micro_batches(g.micro_batch)
+                    .map(|chunk| {
+                        let batch = Batch::completions(chunk, seq, 0.0);
+                        completion_logps(&r.nll(&session.b, pool.get(&session.b, chunk.len()), &batch), chunk, seq)
+                    })
+                    .collect()
             });
-            for _ in 0..g.num_iterations.max(1) {
-                let advantages: Vec<f64> = keep.iter().map(|&i| adv[i]).collect();
-                let mut weights_of = |nll: &[f32]| -> Vec<f32> {
-                    let (w, out) =
-                        token_weights(nll, &sequences, &advantages, &mut old, ref_logp.as_deref(), &params, seq);
-                    loss = out.loss;
-                    loss_stats = (out.clipped_low, out.clipped_high, out.kl);
-                    w
-                };
-                session.model.forward_backward_with(&session.b, acts, &batch, &mut session.grads, &mut weights_of);
-            }
+            rollout = Some(Rollout { reference, ..sampled });
         }
-        let describe = || prompts.iter().map(|p| p.location.as_str()).take(8).collect::<Vec<_>>().join(", ");
-        let update = session.update(loss, &schedule, describe)?;
-        let n = total.len().max(1) as f64;
-        let mean = total.iter().sum::<f64>() / n;
-        let std = (total.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
-        let solved = per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n);
-        last = GrpoStats { reward: mean, solved, completion_length: generated as f64 / n };
-        let mut fields = json!({
-            "loss": loss, "reward": mean, "reward_std": std, "solved": solved, "kl": loss_stats.2, "entropy": entropy,
-            "completion_length": generated as f64 / n, "clipped_low": loss_stats.0, "clipped_high": loss_stats.1,
-            "trained_completions": keep.len(), "rollout_tokens_per_s": generated as f64 / rollout_s.max(1e-9),
-        });
-        for (r, v) in rewards.iter().zip(&per) {
-            merge(&mut fields, &json!({format!("reward/{}", r.name): v.iter().sum::<f64>() / n}));
+        let r = rollout.as_mut().expect("sampled above");
+        session.begin_step();
+        let params = PolicyLossParams {
+            epsilon_low: g.epsilon,
+            epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+            beta: g.beta,
+            aggregation: g.loss_type,
+            level: g.importance_sampling,
+            max_completion_length: g.max_new_tokens,
+            num_items: r.tokens,
+            completions: r.sequences.len(),
+            tokens: r.tokens,
+        };
+        let mut totals = UpdateTotals::default();
+        for (k, chunk) in r.sequences.chunks(g.micro_batch).enumerate() {
+            let first = k * g.micro_batch;
+            let batch = Batch::completions(chunk, seq, 1.0 / r.tokens.max(1) as f32);
+            let acts = train_acts.get(&session.b, chunk.len());
+            let advantages = &r.advantages[first..first + chunk.len()];
+            let reference = r.reference.as_ref().map(|rf| rf[k].as_slice());
+            let old = &mut r.old[k];
+            let mut weights_of = |nll: &[f32]| -> Vec<f32> {
+                let (w, out) = token_weights(nll, chunk, advantages, old, reference, &params, seq);
+                totals.add(&out, chunk);
+                w
+            };
+            session.model.forward_backward_with(&session.b, acts, &batch, &mut session.grads, &mut weights_of);
         }
-        session.log_step(fields, train_tokens as u64, train_tokens as u64, &update, &format!("reward {mean:.3}"))?;
+        r.updates += 1;
+        let update = session.update(totals.loss, &schedule, || r.describe.clone())?;
+        last = r.stats;
+        let n = r.tokens.max(1) as f64;
+        let mut fields = r.metrics.clone();
+        merge(
+            &mut fields,
+            &json!({"loss": totals.loss, "kl": totals.kl / n, "clipped_low": totals.clipped_low / n,
+                    "clipped_high": totals.clipped_high / n, "iteration": r.updates}),
+        );
+        let message = format!("reward {:.3}", r.stats.reward);
+        session.log_step(fields, r.tokens as u64, r.tokens as u64, &update, &message)?;
 
         let step = session.state.step;
         if !eval.is_empty() && session.eval_due(total_steps) {
-            let s = evaluate(&mut session.model, &eval, &g, &rewards, &tokenizer, &stop_ids)?;
+            let s = evaluate(&mut session.model, &eval, &cx)?;
             session.metrics.write(&with_step(step, json!({"eval_reward": s.reward, "eval_solved": s.solved})))?;
             session.bar.println(format!("step {step}: eval reward {:.3}, solved {:.3}", s.reward, s.solved));
             eval_stats = Some(s);
@@ -416,6 +497,8 @@ mod tests {
                 level: ImportanceLevel::Token,
                 max_completion_length: 8,
                 num_items: 12,
+                completions: 3,
+                tokens: 9,
             },
             seq,
         );
@@ -434,6 +517,8 @@ mod tests {
                 level,
                 max_completion_length: 8,
                 num_items: 12,
+                completions: 3,
+                tokens: 9,
             };
             let loss_at = |model: &mut Model<Cpu>, acts: &mut Activations<Cpu>| {
                 let nll = model.nll(&Cpu, acts, &batch);

@@ -9,9 +9,9 @@
 //!   log w = l_t − o_t (token level) or mean_t(l_t − o_t) (sequence level, GSPO)
 //!   c = e^{log w},  ℓ_t = −min(c·A, clip(c, 1 − ε_low, 1 + ε_high)·A) + β·k3_t
 //!   k3_t = e^{ρ_t − l_t} − (ρ_t − l_t) − 1   (the KL estimator of DeepSeekMath)
-//! aggregated over the batch as
+//! aggregated over the update's completions (all its micro-batches: `completions`, `tokens`) as
 //!   grpo:    mean over completions of (Σ_t ℓ_t / length)
-//!   bnpo:    Σ ℓ / (completion tokens in the batch)
+//!   bnpo:    Σ ℓ / (completion tokens of the update)
 //!   dr_grpo: Σ ℓ / (completions · max_completion_length)
 //!   dapo:    Σ ℓ / (completion tokens in the whole generation batch, `num_items`)
 //! The clipped branch carries no gradient; ∂c/∂l = c.
@@ -87,6 +87,10 @@ pub struct PolicyLossParams {
     pub max_completion_length: usize,
     /// For `dapo`: completion tokens of the whole generation batch.
     pub num_items: usize,
+    /// Completions and completion tokens of the whole update, of which a call to
+    /// `policy_loss` may see one micro-batch.
+    pub completions: usize,
+    pub tokens: usize,
 }
 
 /// One completion's per-token log-probs (policy, sampling policy, and reference when β > 0)
@@ -98,7 +102,8 @@ pub struct Completion<'a> {
     pub advantage: f64,
 }
 
-/// The batch's loss, ∂loss/∂logp for every token of every completion, and metrics.
+/// A micro-batch's share of the update's loss, ∂loss/∂logp for every token of every
+/// completion, and metrics over the micro-batch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicyLoss {
     pub loss: f64,
@@ -110,14 +115,15 @@ pub struct PolicyLoss {
     pub clipped_high: f64,
 }
 
-/// The policy loss of a batch of completions.
+/// The policy loss of a micro-batch of completions.
 pub fn policy_loss(batch: &[Completion], p: &PolicyLossParams) -> PolicyLoss {
     let tokens: usize = batch.iter().map(|c| c.logp.len()).sum();
+    let completions = p.completions.max(1) as f64;
     let weight = |len: usize| -> f64 {
         match p.aggregation {
-            Aggregation::Grpo => 1.0 / (len.max(1) as f64 * batch.len() as f64),
-            Aggregation::Bnpo => 1.0 / tokens.max(1) as f64,
-            Aggregation::DrGrpo => 1.0 / (batch.len() as f64 * p.max_completion_length as f64),
+            Aggregation::Grpo => 1.0 / (len.max(1) as f64 * completions),
+            Aggregation::Bnpo => 1.0 / p.tokens.max(1) as f64,
+            Aggregation::DrGrpo => 1.0 / (completions * p.max_completion_length as f64),
             Aggregation::Dapo => 1.0 / p.num_items.max(1) as f64,
         }
     };

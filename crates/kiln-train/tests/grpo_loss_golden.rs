@@ -54,6 +54,8 @@ fn grpo_losses_match_torch() {
                     level,
                     max_completion_length: t,
                     num_items: params[3] as usize,
+                    completions: lengths.len(),
+                    tokens: lengths.iter().sum(),
                 };
                 let batch: Vec<Completion> = (0..lengths.len())
                     .map(|i| Completion {

@@ -1,5 +1,6 @@
 //! `kiln grpo` end to end on the demo base model: the reward rises, metrics carry the RL
-//! numbers, and a reward command that fails stops the run with its name.
+//! numbers, micro-batching leaves the steps unchanged, `num_iterations` reuses a rollout,
+//! and a reward command that fails stops the run with its name.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -55,6 +56,40 @@ fn grpo_raises_the_reward() {
     let entropy = steps[3]["entropy"].as_f64().expect("metrics carry entropy");
     assert!(entropy > 0.0 && entropy < (99f64).ln(), "entropy {entropy}");
     assert!(dir.join("reward.png").exists(), "the run plots its reward");
+}
+
+fn step_metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["reward"].is_number())
+        .collect()
+}
+
+#[test]
+fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
+    // 8 prompts × 8 completions a step: one micro-batch of 64 against 13 of 5.
+    let common = ["train.steps=4", "grpo.num_iterations=2"];
+    let (out, whole) = grpo("whole", &[&common[..], &["grpo.micro_batch=64"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (out, split) = grpo("split", &[&common[..], &["grpo.micro_batch=5"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (whole, split) = (step_metrics(&whole), step_metrics(&split));
+    assert_eq!(whole.len(), 4);
+    for (a, b) in whole.iter().zip(&split) {
+        for key in ["loss", "grad_norm", "reward", "clipped_high"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "step {}: {key} {x} vs {y} with micro-batches", a["step"]);
+        }
+    }
+    // Steps 1-2 train on one rollout, 3-4 on the next; the second step of a rollout sees a
+    // policy that moved since sampling, so its ratios (and loss) differ from the first's.
+    let iterations: Vec<u64> = whole.iter().map(|v| v["iteration"].as_u64().unwrap()).collect();
+    assert_eq!(iterations, [1, 2, 1, 2]);
+    assert_eq!(whole[0]["reward"], whole[1]["reward"]);
+    assert_eq!(whole[0]["completion_length"], whole[1]["completion_length"]);
+    assert_ne!(whole[0]["loss"], whole[1]["loss"]);
 }
 
 #[test]

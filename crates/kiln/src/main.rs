@@ -6,6 +6,7 @@ mod data;
 mod demo;
 mod export;
 mod generate;
+mod plan;
 mod recipes;
 mod run_args;
 mod score;
@@ -50,6 +51,8 @@ enum Command {
     /// Measure speed and memory.
     #[command(subcommand)]
     Bench(bench::Command),
+    /// Size a post-training job for a cluster: parameters, memory per device, step time.
+    Plan(plan::Args),
 }
 
 /// glibc returns large freed blocks to the kernel at once (mmap/munmap), so a buffer that a
@@ -88,5 +91,6 @@ fn main() -> anyhow::Result<()> {
         Command::Score(args) => score::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(cmd) => bench::run(&cmd),
+        Command::Plan(args) => plan::run(&args),
     }
 }

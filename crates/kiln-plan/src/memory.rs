@@ -1,0 +1,159 @@
+//! Memory per device for a job on a layout: the fullest pipeline stage's share of the model
+//! and its optimizer, the activations backward keeps, and for rollouts the KV cache.
+
+use crate::job::{Job, Layout, Method, Optimizer, Recompute};
+use crate::model::ParamCounts;
+use serde::Serialize;
+
+/// One term of the memory estimate, in bytes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Term {
+    pub name: &'static str,
+    pub bytes: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Memory {
+    /// Parameters on the fullest device (before ZeRO sharding): outside and inside routed experts.
+    pub params_non_expert: f64,
+    pub params_expert: f64,
+    pub terms: Vec<Term>,
+    /// The larger of the training phase (everything but the KV cache) and the rollout phase
+    /// (everything but activations and logits).
+    pub peak: f64,
+    /// Rollouts: sequences one model replica decodes at once (limited by memory).
+    pub rollout_concurrency: f64,
+}
+
+impl Memory {
+    pub fn term(&self, name: &str) -> f64 {
+        self.terms.iter().find(|t| t.name == name).map_or(0.0, |t| t.bytes)
+    }
+}
+
+/// What each term counts, for `--explain`.
+pub const EXPLAIN: &[(&str, &str)] = &[
+    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage, split by tp (and ep for routed experts); sharded over data parallel at ZeRO-3"),
+    ("gradients", "bf16 gradients (2 B/param) of the same parameters; sharded over data parallel from ZeRO-2"),
+    ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
+    ("optimizer states", "AdamW: f32 first and second moments (8 B/param); Muon: one f32 momentum (4 B/param) for hidden matrices, AdamW's 8 B for embeddings, head and vectors; sharded from ZeRO-1. Routed experts shard over dp/ep ranks (each expert's replicas), the rest over dp"),
+    ("optimizer scratch", "Muon orthogonalises whole matrices: the largest one gathered in f32 with a work copy; ZeRO-3 gathers one layer's weights ahead (two layers in flight)"),
+    ("activations", "what backward keeps per token per layer (by recomputation mode: none, selective = DeepSeek-V3's set, full = layer inputs plus one layer's working set), for the stage's layers, micro-batch tokens, and the micro-batches in flight on the first pipeline stage under 1F1B (pp of them); split by tp (sequence parallel)"),
+    ("logits", "the last stage's f32 logits of one micro-batch (tokens x vocab / tp) for the loss"),
+    ("reference model", "grpo with a KL term: a frozen bf16 copy of the policy, placed like the weights; dpo needs none (kiln precomputes reference log-probs once)"),
+    ("teacher model", "distill: the teacher's bf16 weights, placed like the student's"),
+    ("kv cache", "rollouts: bf16 KV cache (MLA: its latent; DeepSeek-V4: compressed entries) of the sequences one replica decodes at once, for the stage's layers, split by tp; decoding runs in waves when a replica's share of the step does not fit"),
+];
+
+/// The parameters of the fullest pipeline stage: layers spread evenly, the embedding on the
+/// first stage, head and MTP layers on the last.
+fn stage_params(job: &Job, pp: usize) -> (f64, f64) {
+    let m = &job.model;
+    let p = &m.params;
+    let layers = m.layers as f64;
+    let per_layer_ne = (p.attention + p.dense_mlp + p.shared_experts + p.router + p.other) / layers;
+    let per_layer_ex = p.routed_experts / layers;
+    let stage_layers = m.layers.div_ceil(pp) as f64;
+    let tail_ne = p.lm_head + m.mtp.non_expert();
+    if pp == 1 {
+        return (p.non_expert() + m.mtp.non_expert(), p.routed_experts + m.mtp.routed_experts);
+    }
+    let first = (stage_layers * per_layer_ne + p.embedding, stage_layers * per_layer_ex);
+    let last = (stage_layers * per_layer_ne + tail_ne, stage_layers * per_layer_ex + m.mtp.routed_experts);
+    if first.0 + first.1 >= last.0 + last.1 {
+        first
+    } else {
+        last
+    }
+}
+
+/// The optimizer's bytes per parameter beyond the master copy, over a stage's parameters.
+fn optimizer_bytes(opt: Optimizer, p: &ParamCounts, ne: f64, ex: f64) -> (f64, f64) {
+    match opt {
+        Optimizer::AdamW => (8.0 * ne, 8.0 * ex),
+        Optimizer::Muon => {
+            // Embeddings, head and vectors keep AdamW; the share of them in `ne` follows the model's.
+            let adamw = (p.embedding + p.lm_head + p.other) / p.non_expert().max(1.0);
+            (ne * (8.0 * adamw + 4.0 * (1.0 - adamw)), 4.0 * ex)
+        }
+    }
+}
+
+pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
+    let m = &job.model;
+    let l = layout;
+    let (stage_ne, stage_ex) = stage_params(job, l.pp);
+    let ne = stage_ne / l.tp as f64;
+    let ex = stage_ex / (l.tp * l.ep) as f64;
+    let (dp_ne, dp_ex) = (l.dp as f64, (l.dp / l.ep) as f64);
+    let shard = |stage: u8, bytes_ne: f64, bytes_ex: f64| {
+        if l.zero >= stage {
+            bytes_ne / dp_ne + bytes_ex / dp_ex
+        } else {
+            bytes_ne + bytes_ex
+        }
+    };
+    let weights = shard(3, 2.0 * ne, 2.0 * ex);
+    let gradients = shard(2, 2.0 * ne, 2.0 * ex);
+    let master = shard(1, 4.0 * ne, 4.0 * ex);
+    let (opt_ne, opt_ex) = optimizer_bytes(job.optimizer, &m.params, ne, ex);
+    let optimizer = shard(1, opt_ne, opt_ex);
+    let stage_layers = m.layers.div_ceil(l.pp) as f64;
+    let muon_scratch = if job.optimizer == Optimizer::Muon { 2.0 * 4.0 * m.largest_matrix / l.tp as f64 } else { 0.0 };
+    let zero3_scratch = if l.zero >= 3 { 2.0 * 2.0 * (ne + ex) / stage_layers } else { 0.0 };
+
+    let tokens = job.micro_batch_tokens();
+    let micro_batches = (job.global_batch_tokens / (l.dp as f64 * tokens)).ceil().max(1.0);
+    let in_flight = (l.pp as f64).min(micro_batches);
+    let tp = l.tp as f64;
+    let activations = match l.recompute {
+        Recompute::None => in_flight * tokens * stage_layers * m.saved_none / tp,
+        Recompute::Selective => in_flight * tokens * stage_layers * m.saved_selective / tp,
+        Recompute::Full => (in_flight * stage_layers * m.residual_bytes + m.saved_none) * tokens / tp,
+    };
+    let logits = tokens * m.vocab * 4.0 / tp;
+    let frozen = |total: &ParamCounts| {
+        let share_ne = total.non_expert() / (m.params.non_expert() + m.mtp.non_expert()).max(1.0);
+        let share_ex = total.routed_experts / (m.params.routed_experts + m.mtp.routed_experts).max(1.0);
+        shard(3, 2.0 * ne * share_ne, 2.0 * ex * share_ex)
+    };
+    let reference = if job.method == Method::Grpo && job.reference { weights } else { 0.0 };
+    let teacher = match (job.method, &job.teacher) {
+        (Method::Distill, Some(t)) => frozen(&t.params),
+        (Method::Distill, None) => weights,
+        _ => 0.0,
+    };
+    let resident = weights + gradients + master + optimizer + muon_scratch.max(zero3_scratch) + reference + teacher;
+    let train_phase = resident + activations + logits;
+
+    // Rollouts: the replica's share of the step's sequences, as many at once as fit.
+    let (kv, concurrency) = if job.method.has_rollout() {
+        let per_sequence = job.seq * m.kv_bytes * stage_layers / tp;
+        let share = (job.global_batch_tokens / job.seq / l.dp as f64).ceil().max(1.0);
+        let room = ((capacity - resident) / per_sequence).floor().max(0.0);
+        let concurrency = share.min(room);
+        (concurrency * per_sequence, concurrency)
+    } else {
+        (0.0, 0.0)
+    };
+    let rollout_phase = resident + kv;
+    let terms = vec![
+        Term { name: "weights", bytes: weights },
+        Term { name: "gradients", bytes: gradients },
+        Term { name: "master weights", bytes: master },
+        Term { name: "optimizer states", bytes: optimizer },
+        Term { name: "optimizer scratch", bytes: muon_scratch.max(zero3_scratch) },
+        Term { name: "activations", bytes: activations },
+        Term { name: "logits", bytes: logits },
+        Term { name: "reference model", bytes: reference },
+        Term { name: "teacher model", bytes: teacher },
+        Term { name: "kv cache", bytes: kv },
+    ];
+    Memory {
+        params_non_expert: ne,
+        params_expert: ex,
+        terms,
+        peak: train_phase.max(rollout_phase),
+        rollout_concurrency: concurrency,
+    }
+}

@@ -1,0 +1,122 @@
+//! The planner against published numbers: parameter counts of known models, DeepSeek-V3's
+//! pre-training layout and throughput, and the seed question (DeepSeek-V4-Pro on 1,000
+//! Ascend 910C); and its refusals of impossible requests.
+
+use kiln_plan::{evaluate, search, Cluster, Job, Layout, Method, ModelShape, Optimizer, GB};
+use std::path::Path;
+
+fn model(name: &str) -> ModelShape {
+    ModelShape::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(name)).unwrap()
+}
+
+fn within(what: &str, got: f64, want: f64, tolerance: f64) {
+    assert!(
+        (got - want).abs() <= tolerance * want,
+        "{what}: {got:.4e}, published {want:.4e} (±{:.1}%)",
+        tolerance * 100.0
+    );
+}
+
+#[test]
+fn parameter_counts_match_published_totals() {
+    let v3 = model("deepseek_v3.json");
+    within("DeepSeek-V3 total", v3.params.total(), 671e9, 0.005);
+    within("DeepSeek-V3 active", v3.active, 37e9, 0.03);
+    // The Hugging Face checkpoint's 685B: the main model, its MTP layer, and the MTP layer's
+    // own copies of embedding and head.
+    within("DeepSeek-V3 with MTP", v3.params.total() + v3.mtp.total() + v3.params.embedding * 2.0, 685e9, 0.005);
+    within("Llama-3-8B", model("llama3_8b.json").params.total(), 8.03e9, 0.005);
+    within("Qwen2.5-7B", model("qwen2_5_7b.json").params.total(), 7.61e9, 0.005);
+    let v4 = model("deepseek_v4_pro.json");
+    within("DeepSeek-V4-Pro total", v4.params.total(), 1.6e12, 0.03);
+    within("DeepSeek-V4-Pro active", v4.active, 49e9, 0.03);
+}
+
+/// DeepSeek-V3's pre-training: 2,048 H800, PP16, EP64, ZeRO-1 data parallel (DP128), no TP,
+/// sequences of 4K, a batch of 15,360 sequences; 180K H800 GPU-hours per trillion tokens.
+#[test]
+fn deepseek_v3_pretraining_layout_fits_and_its_throughput_is_within_a_quarter() {
+    let mut job = Job::new(model("deepseek_v3.json"), Method::Sft);
+    job.global_batch_tokens = 15360.0 * 4096.0;
+    let cluster = Cluster::parse("2048xh800").unwrap();
+    let layout = Layout::parse("dp=128,tp=1,pp=16,ep=64,zero=1,recompute=selective", 2048).unwrap();
+    let e = evaluate(&job, &cluster, &layout).unwrap();
+    assert!(e.fits, "{}: {:?}", e.layout, e.reason);
+    assert!(e.memory.peak <= 80.0 * GB);
+    within("GPU-hours per trillion tokens", e.device_hours_per_trillion_tokens(), 180e3, 0.25);
+    // Without recomputation the same layout does not fit: activations are what fills 80 GB.
+    let none = Layout { recompute: kiln_plan::Recompute::None, ..layout };
+    assert!(!evaluate(&job, &cluster, &none).unwrap().fits);
+}
+
+/// The seed question: full-parameter post-training of DeepSeek-V4-Pro on 1,000 Ascend 910C.
+#[test]
+fn deepseek_v4_pro_fits_on_a_thousand_910c_with_adamw_and_with_muon() {
+    let cluster = Cluster::parse("1000x910c").unwrap();
+    let mut adamw = Job::new(model("deepseek_v4_pro.json"), Method::Sft);
+    let best_adamw = search(&adamw, &cluster, 3).unwrap();
+    assert!(best_adamw.iter().all(|e| e.fits && e.memory.peak <= 128.0 * GB && e.layout.devices() <= 1000));
+    adamw.optimizer = Optimizer::Muon;
+    let muon = &adamw;
+    let best_muon = search(muon, &cluster, 3).unwrap();
+    assert!(best_muon[0].fits);
+    // On the same layout Muon keeps one f32 moment instead of two for the hidden matrices.
+    let same = evaluate(muon, &cluster, &best_adamw[0].layout).unwrap();
+    assert!(same.memory.peak < best_adamw[0].memory.peak);
+    let saved = best_adamw[0].memory.term("optimizer states") - same.memory.term("optimizer states");
+    let shards = (same.layout.dp / same.layout.ep) as f64;
+    let expert_saving = 4.0 * same.memory.params_expert / shards;
+    assert!(
+        saved >= expert_saving,
+        "Muon saves {saved:.3e} B of optimizer states; the experts alone {expert_saving:.3e}"
+    );
+    // GRPO also fits: rollouts, a reference model and the KV cache included.
+    let grpo = Job::new(model("deepseek_v4_pro.json"), Method::Grpo);
+    let best = search(&grpo, &cluster, 1).unwrap();
+    assert!(best[0].time.rollout > 0.0 && best[0].memory.term("reference model") > 0.0);
+}
+
+#[test]
+fn impossible_requests_are_refused_with_the_reason() {
+    let v4 = Job::new(model("deepseek_v4_pro.json"), Method::Sft);
+    let err = search(&v4, &Cluster::parse("8xh100").unwrap(), 3).unwrap_err().to_string();
+    assert!(err.contains("does not fit on 8 x h100") && err.contains("least memory"), "{err}");
+    let err = Layout::parse("tp=8,pp=3", 1000).unwrap_err().to_string();
+    assert!(err.contains("does not divide the 1000 devices"), "{err}");
+    let cluster = Cluster::parse("1024x910c").unwrap();
+    let bad = [
+        ("dp=1024,ep=256", "does not divide the 384 routed experts"),
+        ("dp=64,tp=16,pp=1", "tensor parallel must divide the 8 devices of a node"),
+        ("dp=16,pp=64", "64 pipeline stages for 61 layers"),
+    ];
+    for (spec, want) in bad {
+        let layout = Layout::parse(spec, 1024).unwrap();
+        let err = evaluate(&v4, &cluster, &layout).unwrap_err().to_string();
+        assert!(err.contains(want), "{spec}: {err}");
+    }
+    assert!(Cluster::parse("1000xtpu9").unwrap_err().to_string().contains("unknown device `tpu9`"));
+    let err = ModelShape::parse(&serde_json::json!({"model_type": "gpt2"}), "c.json").unwrap_err().to_string();
+    assert!(err.contains("c.json") && err.contains("gpt2"), "{err}");
+    let err = ModelShape::parse(&serde_json::json!({"model_type": "llama", "hidden_size": 8}), "c.json")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("c.json: field `vocab_size` is missing"), "{err}");
+}
+
+#[test]
+fn each_zero_stage_needs_no_more_memory_than_the_one_before() {
+    let job = Job::new(model("llama3_8b.json"), Method::Sft);
+    let cluster = Cluster::parse("64xh100").unwrap();
+    let peaks: Vec<f64> = (0..=3)
+        .map(|zero| {
+            let layout = Layout { dp: 64, tp: 1, pp: 1, ep: 1, zero, recompute: kiln_plan::Recompute::Selective };
+            evaluate(&job, &cluster, &layout).unwrap().memory.peak
+        })
+        .collect();
+    assert!(peaks.windows(2).all(|w| w[1] < w[0]), "{peaks:?}");
+    // ZeRO-0 holds 16 bytes per parameter of model state: weights, gradients, master, moments.
+    let zero0 = evaluate(&job, &cluster, &Layout::parse("dp=64,zero=0", 64).unwrap()).unwrap();
+    let state: f64 =
+        ["weights", "gradients", "master weights", "optimizer states"].iter().map(|t| zero0.memory.term(t)).sum();
+    within("ZeRO-0 state bytes", state, 16.0 * job.model.params.total(), 1e-9);
+}

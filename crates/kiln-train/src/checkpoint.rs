@@ -56,6 +56,11 @@ fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("{}: cannot fsync", dir.display()))
 }
 
+/// The directory a checkpoint of `step` gets under `root`.
+pub fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(step_dir_name(step))
+}
+
 fn step_dir_name(step: u64) -> String {
     format!("step-{step:08}")
 }

@@ -48,6 +48,7 @@ pub fn reverse_kl(student: &[f32], teacher: &[f32]) -> (f64, Vec<f64>) {
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
     let mut session = Session::open(config, resume)?;
+    session.single_process_only("kiln distill")?;
     let b = session.b;
     let mut teacher = Model::load(&b, &d.teacher)?;
     if teacher.config.vocab_size != session.model.config.vocab_size {

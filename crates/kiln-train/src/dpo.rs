@@ -379,6 +379,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let Some(dpo) = &config.dpo else { bail!("the run configuration has no [dpo] section") };
     let objective = Objective::new(dpo);
     let mut session = Session::open(config, resume)?;
+    session.single_process_only("kiln dpo")?;
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
     let (mut train, mut eval) = preference_splits(config, &tokenizer, template.as_ref())?;

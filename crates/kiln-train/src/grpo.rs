@@ -358,6 +358,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
     let rewards = build_rewards(&g.rewards)?;
     let mut session = Session::open(config, resume)?;
+    session.single_process_only("kiln grpo")?;
     session.plot = crate::metrics::PlotSpec::REWARD;
     // The frozen reference for the KL term: the model the run started from.
     let mut reference = if g.beta != 0.0 { Some(Model::load(&session.b, &config.model.path)?) } else { None };

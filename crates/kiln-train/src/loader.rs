@@ -137,6 +137,11 @@ pub fn trainable_targets(examples: &[Example], micro_batch: &[PackedRow]) -> usi
     micro_batch.iter().flatten().map(|&i| examples[i].trainable_targets()).sum()
 }
 
+/// Tokens (not padding) of a micro-batch.
+pub fn real_tokens(examples: &[Example], micro_batch: &[PackedRow]) -> usize {
+    micro_batch.iter().flatten().map(|&i| examples[i].ids.len()).sum()
+}
+
 /// A `rows × seq` batch of packed rows: positions restart and segment ids change at each
 /// example, every trainable target has weight `weight`, padding has none.
 pub fn build_batch(examples: &[Example], micro_batch: &[PackedRow], rows: usize, seq: usize, weight: f32) -> Batch {

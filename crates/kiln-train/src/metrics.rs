@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 pub struct Metrics {
     path: PathBuf,
-    file: std::fs::File,
+    /// None on the ranks of a data-parallel run that do not write (all but rank 0).
+    file: Option<std::fs::File>,
 }
 
 impl Metrics {
@@ -28,11 +29,19 @@ impl Metrics {
         };
         std::fs::write(&path, kept).with_context(|| format!("{}: cannot write", path.display()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self { path, file })
+        Ok(Self { path, file: Some(file) })
+    }
+
+    /// Metrics that go nowhere.
+    pub fn disabled() -> Self {
+        Self { path: PathBuf::new(), file: None }
     }
 
     pub fn write(&mut self, record: &Value) -> Result<()> {
-        writeln!(self.file, "{record}").with_context(|| format!("{}: cannot write", self.path.display()))
+        match &mut self.file {
+            Some(f) => writeln!(f, "{record}").with_context(|| format!("{}: cannot write", self.path.display())),
+            None => Ok(()),
+        }
     }
 }
 

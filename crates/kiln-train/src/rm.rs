@@ -157,6 +157,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let rm = config.rm.clone().unwrap_or_default();
     let t = &config.train;
     let mut session = Session::open_with(config, resume, |b, dir| Ok(Model::load_as_reward_model(b, dir, t.seed)?))?;
+    session.single_process_only("kiln rm")?;
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
     let pad = tokenizer.eos_id;

@@ -1,6 +1,11 @@
 //! What every training recipe shares around its loss: the output directory and resume point,
 //! the model and its optimizer, gradient clipping and the update, MoE load balancing,
 //! checkpoints, metrics, the progress bar and SIGINT/SIGTERM.
+//!
+//! Data parallel: every rank runs the same recipe on its share of each step's data with
+//! token weights normalised over the whole step; `update` sums the gradients (and the loss and
+//! expert loads) over the ranks before clipping, so every rank takes the same update and the
+//! weights stay identical. Rank 0 alone shows progress, writes metrics, plots and checkpoints.
 
 use crate::checkpoint::{self, SaveRequest, State};
 use crate::config::{RunConfig, TrainSection};
@@ -10,6 +15,7 @@ use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend, Cpu};
+use kiln_dist::Comm;
 use kiln_model::{Model, Weights};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -28,6 +34,8 @@ pub enum Resume {
 
 pub struct Session {
     pub b: Cpu,
+    /// The ranks of a data-parallel run (one process: `Local`).
+    pub comm: &'static dyn Comm,
     pub model: Model<Cpu>,
     pub optimizer: AdamW<Cpu>,
     /// Gradients of the step being accumulated.
@@ -81,6 +89,8 @@ pub struct StepUpdate {
     pub grad_norm: f64,
     /// The update was skipped: the loss or the gradients were not finite.
     pub skipped: bool,
+    /// The step's loss, summed over the ranks of a data-parallel run.
+    pub loss: f64,
     /// `lr`, `grad_norm` and, for MoE models, the experts' loads and balance loss.
     pub record: Value,
 }
@@ -131,7 +141,12 @@ impl Session {
             state.config = config.clone();
             eprintln!("resuming from {} at step {}", dir.display(), state.step);
         }
-        let metrics = Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step))?;
+        let comm = kiln_dist::world();
+        let metrics = if comm.is_root() {
+            Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step))?
+        } else {
+            Metrics::disabled()
+        };
         let model_files = checkpoint::read_model_files(&model_dir)?;
         let stop = Arc::new(AtomicBool::new(false));
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -141,6 +156,7 @@ impl Session {
         }
         Ok(Self {
             b,
+            comm,
             model,
             optimizer,
             grads,
@@ -165,10 +181,21 @@ impl Session {
         })
     }
 
+    /// Refuses to run `recipe` as one of several processes (its data is not sharded yet).
+    pub fn single_process_only(&self, recipe: &str) -> Result<()> {
+        if self.comm.size() > 1 {
+            bail!(
+                "{recipe} runs in one process for now ({} were launched); data parallel covers sft",
+                self.comm.size()
+            );
+        }
+        Ok(())
+    }
+
     /// Starts the training clock, and shows a progress bar over `total_steps` unless `quiet`.
     pub fn start_progress(&mut self, total_steps: u64, quiet: bool) {
         self.started = Instant::now();
-        if quiet {
+        if quiet || !self.comm.is_root() {
             return;
         }
         self.bar = ProgressBar::new(total_steps);
@@ -222,6 +249,7 @@ impl Session {
     /// warning naming `rows()`, when the loss or gradients are not finite; three such steps
     /// in a row end the run), moves the MoE balancing biases, and counts the step.
     pub fn update(&mut self, loss: f64, schedule: &Schedule, rows: impl Fn() -> String) -> Result<StepUpdate> {
+        let loss = self.reduce_over_ranks(loss)?;
         let b = &self.b;
         let norm = self.grads.iter().into_iter().map(|g| b.sum_squares(g)).sum::<f64>().sqrt();
         self.state.step += 1;
@@ -256,7 +284,42 @@ impl Session {
         if self.train.moe_aux_loss_alpha != 0.0 {
             record["moe_aux_loss"] = aux_loss.into();
         }
-        Ok(StepUpdate { lr, grad_norm: norm, skipped, record })
+        Ok(StepUpdate { lr, grad_norm: norm, skipped, loss, record })
+    }
+
+    /// Data parallel: sums this step's gradients, `loss` and MoE expert loads over the ranks
+    /// (in one collective), and returns the summed loss.
+    fn reduce_over_ranks(&mut self, loss: f64) -> Result<f64> {
+        if self.comm.size() == 1 {
+            return Ok(loss);
+        }
+        let b = &self.b;
+        let mut grads = self.grads.iter_mut();
+        let loads = &mut self.model.expert_load;
+        let grad_len: usize = grads.iter().map(|g| b.len(g)).sum();
+        let load_len: usize = loads.iter().map(Vec::len).sum();
+        let mut flat = Vec::with_capacity(grad_len + load_len + 1);
+        for g in grads.iter() {
+            flat.extend(b.read(g));
+        }
+        flat.extend(loads.iter().flatten().map(|&l| l as f32));
+        flat.push(loss as f32);
+        let what = format!("gradients at step {}", self.state.step + 1);
+        self.comm.all_reduce_sum(&mut flat, &what)?;
+        let mut at = 0;
+        for g in grads.iter_mut() {
+            let n = b.len(g);
+            b.write(g, &flat[at..at + n]);
+            at += n;
+        }
+        for l in loads.iter_mut().flatten() {
+            *l = flat[at].round() as u64;
+            at += 1;
+        }
+        // The loss again in f64, so that its logged value keeps full precision.
+        let mut total = [loss];
+        self.comm.all_reduce_sum_f64(&mut total, &what)?;
+        Ok(total[0])
     }
 
     /// Whether the step just counted is due an evaluation: every `train.eval_every` steps,
@@ -286,7 +349,9 @@ impl Session {
     pub fn finish(&mut self, title: &str) -> Result<(PathBuf, PathBuf)> {
         self.bar.finish_and_clear();
         let plot = self.out_path(self.plot.file);
-        crate::metrics::plot(&self.out_path("metrics.jsonl"), &plot, title, self.plot)?;
+        if self.comm.is_root() {
+            crate::metrics::plot(&self.out_path("metrics.jsonl"), &plot, title, self.plot)?;
+        }
         Ok((self.final_checkpoint()?, plot))
     }
 
@@ -320,6 +385,13 @@ impl Session {
 
     /// Writes a checkpoint of the current step.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        if !self.comm.is_root() {
+            // Rank 0 writes it; the others name the same directory and wait for it.
+            let dir = checkpoint::step_dir(&self.out_dir.join("checkpoints"), self.state.step);
+            self.comm.barrier(&format!("checkpoint at step {}", self.state.step))?;
+            self.last_checkpoint = Some(dir.clone());
+            return Ok(dir);
+        }
         let dir = checkpoint::save(
             &self.b,
             &SaveRequest {
@@ -331,6 +403,9 @@ impl Session {
                 keep_last: self.keep_last,
             },
         )?;
+        if self.comm.size() > 1 {
+            self.comm.barrier(&format!("checkpoint at step {}", self.state.step))?;
+        }
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }

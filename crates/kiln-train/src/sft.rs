@@ -3,7 +3,7 @@
 //! and checkpoint. Loss is the mean over the step's trainable tokens.
 
 use crate::config::RunConfig;
-use crate::loader::{build_batch, describe_rows, pack, trainable_targets, DataOrder, PackedRow};
+use crate::loader::{build_batch, describe_rows, pack, real_tokens, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
 pub use crate::session::Resume;
 use crate::session::Session;
@@ -136,7 +136,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     let b = session.b;
     let (rows, seq) = (config.rows(), config.data.max_seq_len);
     let t = &config.train;
-    let order = DataOrder::new(&train, rows, seq, t.grad_accum, t.seed);
+    // Data parallel: a step is `grad_accum` micro-batches per rank, each rank taking its own
+    // contiguous share, so N ranks see what one rank sees with N times the accumulation.
+    let comm = session.comm;
+    let order = DataOrder::new(&train, rows, seq, t.grad_accum * comm.size(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
     let total_steps = schedule.total_steps;
     let eval_batches = pack(&eval, rows, seq, None);
@@ -153,19 +156,19 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     while session.state.step < total_steps {
         let micro_batches = order.step(session.state.step);
         let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train, mb)).sum();
+        let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train, mb)).sum();
         let weight = 1.0 / count.max(1) as f32;
         session.begin_step();
         let mut loss = 0.0;
-        let mut real_tokens = 0u64;
-        for mb in &micro_batches {
+        for mb in &micro_batches[kiln_dist::shard(micro_batches.len(), comm.rank(), comm.size())] {
             let batch = build_batch(&train, mb, rows, seq, weight);
-            real_tokens += batch.segments.iter().filter(|&&s| s >= 0).count() as u64;
             loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);
         }
         let update = session.update(loss, &schedule, || describe_rows(&train, &micro_batches))?;
+        let loss = update.loss;
         last_loss = loss;
         let fields = json!({"loss": loss, "trainable_tokens": count});
-        session.log_step(fields, count as u64, real_tokens, &update, &format!("loss {loss:.4}"))?;
+        session.log_step(fields, count as u64, real_tokens as u64, &update, &format!("loss {loss:.4}"))?;
 
         let step = session.state.step;
         if !eval.is_empty() && session.eval_due(total_steps) {

@@ -21,6 +21,10 @@ struct Cli {
     /// Worker threads for the CPU backend (default: one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Seconds any collective of a multi-process run may wait for the other ranks before the
+    /// job stops with an error naming the missing ones.
+    #[arg(long, global = true, default_value_t = 300.0)]
+    comm_timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     let cli = Cli::parse();
     kiln_core::cpu::threads::init(cli.threads)?;
+    let _mpi = kiln_dist::init(std::time::Duration::from_secs_f64(cli.comm_timeout))?;
     match cli.command {
         Command::Demo(args) => demo::run(&args),
         Command::Sft(args) => sft::run(&args),

@@ -1,0 +1,213 @@
+//! Every process of an `mpirun`/`srun` launch, through Open MPI (the `mpi` crate).
+//!
+//! Each collective is started non-blocking and polled until it completes or `timeout`
+//! passes. On a timeout a rank cannot cancel the collective, so it names what it was doing,
+//! asks every other rank for a sign of life (point-to-point, for a couple of seconds), prints
+//! the ranks that did not answer (dead, or hanging outside the collective) and aborts the
+//! whole job: no rank is left waiting forever, and no checkpoint is being written (checkpoints
+//! are written between collectives, atomically).
+
+use crate::Comm;
+use anyhow::{ensure, Context, Result};
+use mpi::collective::SystemOperation;
+use mpi::datatype::{Partition, PartitionMut};
+use mpi::environment::Universe;
+use mpi::request::{LocalScope, Request};
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+use mpi::Count;
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+pub struct Mpi {
+    world: SimpleCommunicator,
+    timeout: Duration,
+    /// MPI runs funneled: only the thread that initialised it may call it.
+    owner: ThreadId,
+}
+
+// SAFETY: MPI is initialised with MPI_THREAD_FUNNELED and every method first checks that it
+// runs on the thread that initialised it, so the communicator is never used concurrently.
+unsafe impl Send for Mpi {}
+unsafe impl Sync for Mpi {}
+
+/// Tag of the sign-of-life messages sent after a timeout.
+const ALIVE_TAG: i32 = 0x6b69;
+
+impl Mpi {
+    pub fn init(timeout: Duration) -> Result<(Universe, Self)> {
+        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+            .context("MPI initialisation failed (was MPI already initialised?)")?;
+        let world = universe.world();
+        Ok((universe, Self { world, timeout, owner: std::thread::current().id() }))
+    }
+
+    fn check_thread(&self) {
+        assert_eq!(
+            std::thread::current().id(),
+            self.owner,
+            "MPI called from a thread other than the one that initialised it"
+        );
+    }
+
+    /// Polls `request` until it completes; past the timeout, reports and aborts the job.
+    fn finish<'a, D: ?Sized>(&self, op: &str, what: &str, mut request: Request<'a, D, &LocalScope<'a>>) {
+        let started = Instant::now();
+        loop {
+            match request.test() {
+                Ok(_) => return,
+                Err(r) => request = r,
+            }
+            if started.elapsed() > self.timeout {
+                self.give_up(op, what);
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
+    /// After a timeout: which ranks answer at all, then abort every process.
+    fn give_up(&self, op: &str, what: &str) -> ! {
+        let (me, size) = (self.world.rank(), self.world.size());
+        let token = [me];
+        mpi::request::scope(|scope| {
+            let _sends: Vec<_> = (0..size)
+                .filter(|&r| r != me)
+                .map(|r| self.world.process_at_rank(r).immediate_send_with_tag(scope, &token[..], ALIVE_TAG))
+                .collect();
+            let mut heard = vec![false; size as usize];
+            heard[me as usize] = true;
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline && !heard.iter().all(|&h| h) {
+                if let Some((message, status)) = self.world.any_process().immediate_matched_probe_with_tag(ALIVE_TAG) {
+                    let mut token = [0i32];
+                    message.matched_receive_into(&mut token[..]);
+                    heard[status.source_rank() as usize] = true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let missing: Vec<String> =
+                heard.iter().enumerate().filter(|(_, &h)| !h).map(|(r, _)| r.to_string()).collect();
+            eprintln!(
+                "error: rank {me}: {op} ({what}) did not complete within {:.0} s; no answer from rank {} (dead or hanging); stopping all ranks",
+                self.timeout.as_secs_f64(),
+                if missing.is_empty() { "?".to_string() } else { missing.join(", ") }
+            );
+            self.world.abort(3)
+        })
+    }
+}
+
+fn counts(c: &[usize]) -> (Vec<Count>, Vec<Count>) {
+    let counts: Vec<Count> = c.iter().map(|&n| n as Count).collect();
+    let displs = counts.iter().scan(0, |acc, &n| {
+        let d = *acc;
+        *acc += n;
+        Some(d)
+    });
+    (counts.clone(), displs.collect())
+}
+
+impl Comm for Mpi {
+    fn rank(&self) -> usize {
+        self.world.rank() as usize
+    }
+
+    fn size(&self) -> usize {
+        self.world.size() as usize
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32], what: &str) -> Result<()> {
+        self.check_thread();
+        let send = buf.to_vec();
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            self.finish("all_reduce", what, r);
+        });
+        Ok(())
+    }
+
+    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
+        self.check_thread();
+        let send = buf.to_vec();
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            self.finish("all_reduce", what, r);
+        });
+        Ok(())
+    }
+
+    fn all_gather(&self, chunk: &[f32], out: &mut [f32], what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            chunk.len() * self.size() == out.len(),
+            "all_gather ({what}): {} x {} into {}",
+            chunk.len(),
+            self.size(),
+            out.len()
+        );
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_gather_into(scope, chunk, out);
+            self.finish("all_gather", what, r);
+        });
+        Ok(())
+    }
+
+    fn reduce_scatter_sum(&self, buf: &[f32], out: &mut [f32], what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            out.len() * self.size() == buf.len(),
+            "reduce_scatter ({what}): {} into {} x {}",
+            buf.len(),
+            self.size(),
+            out.len()
+        );
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_reduce_scatter_block_into(scope, buf, out, SystemOperation::sum());
+            self.finish("reduce_scatter", what, r);
+        });
+        Ok(())
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize, what: &str) -> Result<()> {
+        self.check_thread();
+        mpi::request::scope(|scope| {
+            let r = self.world.process_at_rank(root as i32).immediate_broadcast_into(scope, buf);
+            self.finish("broadcast", what, r);
+        });
+        Ok(())
+    }
+
+    fn all_to_allv(&self, send: &[f32], sc: &[usize], recv: &mut [f32], rc: &[usize], what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(sc.len() == self.size() && rc.len() == self.size(), "all_to_allv ({what}): one count per rank");
+        ensure!(
+            sc.iter().sum::<usize>() == send.len() && rc.iter().sum::<usize>() == recv.len(),
+            "all_to_allv ({what}): counts do not add up to the buffers"
+        );
+        let (send_counts, send_displs) = counts(sc);
+        let (recv_counts, recv_displs) = counts(rc);
+        let send = Partition::new(send, send_counts, send_displs);
+        let mut recv = PartitionMut::new(recv, recv_counts, recv_displs);
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_to_all_varcount_into(scope, &send, &mut recv);
+            self.finish("all_to_allv", what, r);
+        });
+        Ok(())
+    }
+
+    fn barrier(&self, what: &str) -> Result<()> {
+        self.check_thread();
+        let mut request = self.world.immediate_barrier();
+        let started = Instant::now();
+        loop {
+            match request.test() {
+                Ok(_) => return Ok(()),
+                Err(r) => request = r,
+            }
+            if started.elapsed() > self.timeout {
+                self.give_up("barrier", what);
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+}

@@ -56,6 +56,11 @@ fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("{}: cannot fsync", dir.display()))
 }
 
+/// Where a checkpoint of `step` is written before it is renamed into place.
+pub fn tmp_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("{}.tmp", step_dir_name(step)))
+}
+
 /// The directory a checkpoint of `step` gets under `root`.
 pub fn step_dir(root: &Path, step: u64) -> PathBuf {
     root.join(step_dir_name(step))
@@ -102,7 +107,10 @@ fn remove_checkpoint(dir: &Path) -> Result<()> {
 pub struct SaveRequest<'a, B: Backend> {
     pub root: &'a Path,
     pub model: &'a Model<B>,
-    pub optimizer: &'a AdamW<B>,
+    /// Replicated AdamW's moments; None when each rank writes its shard (ZeRO-1) in `extra`.
+    pub optimizer: Option<&'a AdamW<B>>,
+    /// Writes more files into the checkpoint's temporary directory before it is sealed.
+    pub extra: &'a dyn Fn(&Path) -> Result<()>,
     pub state: &'a State,
     /// The model directory's config and tokenizer files (`read_model_files`).
     pub model_files: &'a [(String, Vec<u8>)],
@@ -127,15 +135,18 @@ pub fn read_model_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
     fs::create_dir_all(req.root).with_context(|| format!("{}: cannot create", req.root.display()))?;
     let name = step_dir_name(req.state.step);
-    let tmp = req.root.join(format!("{name}.tmp"));
+    let tmp = tmp_dir(req.root, req.state.step);
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
 
     let layout = &req.model.layout;
     req.model.save_weights_to(b, &tmp.join("model.safetensors"), StorageDtype::F32)?;
-    let (m, v) = req.optimizer.moments();
-    safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), StorageDtype::F32, &[])?;
-    safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), StorageDtype::F32, &[])?;
+    if let Some(optimizer) = req.optimizer {
+        let (m, v) = optimizer.moments();
+        safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), StorageDtype::F32, &[])?;
+        safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), StorageDtype::F32, &[])?;
+    }
+    (req.extra)(&tmp)?;
     for (name, bytes) in req.model_files {
         fs::write(tmp.join(name), bytes).with_context(|| format!("{}: cannot write", tmp.join(name).display()))?;
     }
@@ -184,8 +195,30 @@ pub fn load_optimizer<B: Backend>(
         Ok(())
     };
     let (m, v) = optimizer.moments_mut();
-    restore("adam_m.safetensors", m.iter_mut())?;
-    restore("adam_v.safetensors", v.iter_mut())?;
+    if crate::zero::has_shards(dir) {
+        // Written by a ZeRO-1 run: the shards cover the flat moments.
+        let total = layout.iter().into_iter().map(|s| s.numel()).sum();
+        let (flat_m, flat_v) = crate::zero::read_shards(dir, total)?;
+        for (moments, flat) in [(m, flat_m), (v, flat_v)] {
+            let mut at = 0;
+            for (dst, spec) in moments.iter_mut().into_iter().zip(layout.iter()) {
+                b.write(dst, &flat[at..at + spec.numel()]);
+                at += spec.numel();
+            }
+        }
+    } else {
+        restore("adam_m.safetensors", m.iter_mut())?;
+        restore("adam_v.safetensors", v.iter_mut())?;
+    }
     optimizer.hyper.step = state.adam_step;
     Ok(state)
+}
+
+/// A replicated run's moments as flat vectors in `Weights::iter` order, for a sharded resume.
+pub fn read_full_moments(dir: &Path, layout: &Weights<TensorSpec>) -> Result<(Vec<f32>, Vec<f32>)> {
+    let flat = |file: &str| -> Result<Vec<f32>> {
+        let loaded = safetensors_io::load_file(&dir.join(file), layout)?;
+        Ok(loaded.tensors.iter().into_iter().flat_map(|t| t.iter().copied()).collect())
+    };
+    Ok((flat("adam_m.safetensors")?, flat("adam_v.safetensors")?))
 }

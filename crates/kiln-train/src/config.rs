@@ -261,6 +261,9 @@ pub struct TrainSection {
     pub seed: u64,
     #[serde(default)]
     pub recompute: bool,
+    /// Data parallel: 0 replicates AdamW's moments on every rank; 1 shards them (ZeRO-1).
+    #[serde(default)]
+    pub zero: u8,
     /// Evaluate every this many steps (and at the end); 0: only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -413,6 +416,12 @@ impl RunConfig {
             return Err(format!(
                 "`train.batch_tokens` ({}) must be a positive multiple of `data.max_seq_len` ({})",
                 t.batch_tokens, self.data.max_seq_len
+            ));
+        }
+        if t.zero > 1 {
+            return Err(format!(
+                "`train.zero` = {}: stages 0 and 1 are implemented (stage 2 needs backward to release each layer's gradients after reducing them)",
+                t.zero
             ));
         }
         if t.grad_accum == 0 {

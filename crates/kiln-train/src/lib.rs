@@ -15,6 +15,7 @@ pub mod rm;
 pub mod schedule;
 pub mod session;
 pub mod sft;
+pub mod zero;
 
 pub use config::RunConfig;
 pub use optim::{zero_grads, AdamW};

@@ -13,6 +13,8 @@ pub struct AdamW<B: Backend> {
     v: Weights<B::Buf>,
     /// Per tensor, in `Weights::iter` order: whether weight decay applies.
     decays: Vec<bool>,
+    /// Parameters updated.
+    numel: usize,
 }
 
 impl<B: Backend> AdamW<B> {
@@ -23,6 +25,7 @@ impl<B: Backend> AdamW<B> {
             m: shapes.map(|s| b.zeros(s.numel())),
             v: shapes.map(|s| b.zeros(s.numel())),
             decays: shapes.iter().into_iter().map(|s| s.shape.len() >= 2).collect(),
+            numel: shapes.iter().into_iter().map(|s| s.numel()).sum(),
         }
     }
 
@@ -46,6 +49,11 @@ pub fn zero_grads<B: Backend>(b: &B, grads: &mut Weights<B::Buf>) {
 }
 
 impl<B: Backend> AdamW<B> {
+    /// Bytes of the two moments.
+    pub fn state_bytes(&self) -> usize {
+        self.numel * 8
+    }
+
     /// The first and second moments, named like the parameters.
     pub fn moments(&self) -> (&Weights<B::Buf>, &Weights<B::Buf>) {
         (&self.m, &self.v)

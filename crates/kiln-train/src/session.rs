@@ -12,6 +12,7 @@ use crate::config::{RunConfig, TrainSection};
 use crate::metrics::{Metrics, PlotSpec};
 use crate::optim::{zero_grads, AdamW};
 use crate::schedule::Schedule;
+use crate::zero::ShardedAdamW;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend, Cpu};
@@ -37,7 +38,7 @@ pub struct Session {
     /// The ranks of a data-parallel run (one process: `Local`).
     pub comm: &'static dyn Comm,
     pub model: Model<Cpu>,
-    pub optimizer: AdamW<Cpu>,
+    pub optimizer: Optimizer,
     /// Gradients of the step being accumulated.
     pub grads: Weights<Vec<f32>>,
     pub state: State,
@@ -63,6 +64,22 @@ pub struct Session {
     tokens_seen: u64,
     step_seconds: f64,
     non_finite_streak: u32,
+}
+
+/// AdamW, replicated on every rank, or with its moments sharded over the ranks (ZeRO-1).
+pub enum Optimizer {
+    Replicated(AdamW<Cpu>),
+    Sharded(ShardedAdamW),
+}
+
+impl Optimizer {
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Self::Replicated(adamw) => adamw.state_bytes(),
+            Self::Sharded(sharded) => sharded.state_bytes(),
+        }
+    }
 }
 
 /// How a recipe's run ended; `S` is its statistics (loss, accuracy, ...).
@@ -127,8 +144,16 @@ impl Session {
         let t = &config.train;
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
         let grads = model.zeros_like_params(&b);
-        let mut optimizer = AdamW::new(&b, &model.layout, t.lr, t.weight_decay);
-        optimizer.hyper = Hyper { beta1: t.beta1, beta2: t.beta2, eps: t.eps, ..optimizer.hyper };
+        let comm = kiln_dist::world();
+        let hyper =
+            Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
+        let mut optimizer = if t.zero >= 1 && comm.size() > 1 {
+            Optimizer::Sharded(ShardedAdamW::new(&model.layout, hyper, comm.rank(), comm.size()))
+        } else {
+            let mut adamw = AdamW::new(&b, &model.layout, t.lr, t.weight_decay);
+            adamw.hyper = hyper;
+            Optimizer::Replicated(adamw)
+        };
         let mut state = State {
             step: 0,
             adam_step: 0,
@@ -137,11 +162,22 @@ impl Session {
             config: config.clone(),
         };
         if let Some(dir) = &resume_dir {
-            state = checkpoint::load_optimizer(&b, dir, &model.layout, &mut optimizer)?;
+            state = match &mut optimizer {
+                Optimizer::Replicated(adamw) => checkpoint::load_optimizer(&b, dir, &model.layout, adamw)?,
+                Optimizer::Sharded(sharded) => {
+                    let state = checkpoint::read_state(dir)?;
+                    let full = if crate::zero::has_shards(dir) {
+                        None
+                    } else {
+                        Some(checkpoint::read_full_moments(dir, &model.layout)?)
+                    };
+                    sharded.load(dir, full, state.adam_step)?;
+                    state
+                }
+            };
             state.config = config.clone();
             eprintln!("resuming from {} at step {}", dir.display(), state.step);
         }
-        let comm = kiln_dist::world();
         let metrics = if comm.is_root() {
             Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step))?
         } else {
@@ -249,9 +285,20 @@ impl Session {
     /// warning naming `rows()`, when the loss or gradients are not finite; three such steps
     /// in a row end the run), moves the MoE balancing biases, and counts the step.
     pub fn update(&mut self, loss: f64, schedule: &Schedule, rows: impl Fn() -> String) -> Result<StepUpdate> {
-        let loss = self.reduce_over_ranks(loss)?;
-        let b = &self.b;
-        let norm = self.grads.iter().into_iter().map(|g| b.sum_squares(g)).sum::<f64>().sqrt();
+        let what = format!("gradients at step {}", self.state.step + 1);
+        let loss = self.reduce_scalars(loss, &what)?;
+        let b = self.b;
+        // The global gradient norm, and with ZeRO-1 this rank's chunk of the summed gradients.
+        let (norm, mut shard) = match &self.optimizer {
+            Optimizer::Sharded(opt) => {
+                let r = opt.reduce(self.comm, &self.grads, &what)?;
+                (r.norm, Some(r.grads))
+            }
+            Optimizer::Replicated(_) => {
+                self.all_reduce_grads(&what)?;
+                (self.grads.iter().into_iter().map(|g| b.sum_squares(g)).sum::<f64>().sqrt(), None)
+            }
+        };
         self.state.step += 1;
         let lr = schedule.lr(self.state.step);
         let skipped = !loss.is_finite() || !norm.is_finite();
@@ -268,17 +315,38 @@ impl Session {
         } else {
             self.non_finite_streak = 0;
             let t = &self.train;
-            if t.max_grad_norm > 0.0 && norm > t.max_grad_norm as f64 {
-                let scale = (t.max_grad_norm as f64 / norm) as f32;
-                self.grads.iter_mut().into_iter().for_each(|g| b.scale(g, scale));
+            let scale = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm as f64 {
+                (t.max_grad_norm as f64 / norm) as f32
+            } else {
+                1.0
+            };
+            match (&mut self.optimizer, &mut shard) {
+                (Optimizer::Sharded(opt), Some(grads)) => {
+                    grads.iter_mut().for_each(|g| *g *= scale);
+                    opt.hyper.lr = lr;
+                    opt.step(
+                        self.comm,
+                        &mut self.model.params,
+                        grads,
+                        &format!("weights at step {}", self.state.step),
+                    )?;
+                    self.state.adam_step = opt.hyper.step;
+                }
+                (Optimizer::Replicated(opt), _) => {
+                    if scale != 1.0 {
+                        self.grads.iter_mut().into_iter().for_each(|g| b.scale(g, scale));
+                    }
+                    opt.hyper.lr = lr;
+                    opt.step(&b, &mut self.model.params, &self.grads);
+                    self.state.adam_step = opt.hyper.step;
+                }
+                (Optimizer::Sharded(_), None) => unreachable!("a sharded optimizer reduces its gradient chunk"),
             }
-            self.optimizer.hyper.lr = lr;
-            self.optimizer.step(b, &mut self.model.params, &self.grads);
-            self.state.adam_step = self.optimizer.hyper.step;
         }
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
-        let expert_load = self.model.update_router_bias(b, rate);
-        let mut record = json!({"lr": lr, "grad_norm": norm});
+        let expert_load = self.model.update_router_bias(&b, rate);
+        let mut record =
+            json!({"lr": lr, "grad_norm": norm, "optimizer_state_mb": self.optimizer.state_bytes() as f64 / 1e6});
         add_expert_load(&mut record, &expert_load);
         let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
         if self.train.moe_aux_loss_alpha != 0.0 {
@@ -287,39 +355,40 @@ impl Session {
         Ok(StepUpdate { lr, grad_norm: norm, skipped, loss, record })
     }
 
-    /// Data parallel: sums this step's gradients, `loss` and MoE expert loads over the ranks
-    /// (in one collective), and returns the summed loss.
-    fn reduce_over_ranks(&mut self, loss: f64) -> Result<f64> {
+    /// Data parallel: sums the step's loss and MoE expert loads over the ranks; returns the loss.
+    fn reduce_scalars(&mut self, loss: f64, what: &str) -> Result<f64> {
         if self.comm.size() == 1 {
             return Ok(loss);
         }
+        let loads = &mut self.model.expert_load;
+        let mut flat: Vec<f64> = loads.iter().flatten().map(|&l| l as f64).collect();
+        flat.push(loss);
+        self.comm.all_reduce_sum_f64(&mut flat, what)?;
+        for (l, &x) in loads.iter_mut().flatten().zip(&flat) {
+            *l = x.round() as u64;
+        }
+        Ok(flat[flat.len() - 1])
+    }
+
+    /// Replicated data parallel: sums every gradient over the ranks, in one all-reduce.
+    fn all_reduce_grads(&mut self, what: &str) -> Result<()> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
         let b = &self.b;
         let mut grads = self.grads.iter_mut();
-        let loads = &mut self.model.expert_load;
-        let grad_len: usize = grads.iter().map(|g| b.len(g)).sum();
-        let load_len: usize = loads.iter().map(Vec::len).sum();
-        let mut flat = Vec::with_capacity(grad_len + load_len + 1);
+        let mut flat = Vec::with_capacity(grads.iter().map(|g| b.len(g)).sum());
         for g in grads.iter() {
             flat.extend(b.read(g));
         }
-        flat.extend(loads.iter().flatten().map(|&l| l as f32));
-        flat.push(loss as f32);
-        let what = format!("gradients at step {}", self.state.step + 1);
-        self.comm.all_reduce_sum(&mut flat, &what)?;
+        self.comm.all_reduce_sum(&mut flat, what)?;
         let mut at = 0;
         for g in grads.iter_mut() {
             let n = b.len(g);
             b.write(g, &flat[at..at + n]);
             at += n;
         }
-        for l in loads.iter_mut().flatten() {
-            *l = flat[at].round() as u64;
-            at += 1;
-        }
-        // The loss again in f64, so that its logged value keeps full precision.
-        let mut total = [loss];
-        self.comm.all_reduce_sum_f64(&mut total, &what)?;
-        Ok(total[0])
+        Ok(())
     }
 
     /// Whether the step just counted is due an evaluation: every `train.eval_every` steps,
@@ -383,28 +452,53 @@ impl Session {
         self.stop.load(Ordering::SeqCst)
     }
 
-    /// Writes a checkpoint of the current step.
+    /// Writes a checkpoint of the current step: rank 0 writes the model and state; with ZeRO-1
+    /// every rank adds its moment shard to the checkpoint's temporary directory before rank 0
+    /// seals it.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
-        if !self.comm.is_root() {
-            // Rank 0 writes it; the others name the same directory and wait for it.
-            let dir = checkpoint::step_dir(&self.out_dir.join("checkpoints"), self.state.step);
-            self.comm.barrier(&format!("checkpoint at step {}", self.state.step))?;
+        let root = self.out_dir.join("checkpoints");
+        let (comm, step) = (self.comm, self.state.step);
+        let phase = |name: &str| format!("checkpoint at step {step}: {name}");
+        if !comm.is_root() {
+            if let Optimizer::Sharded(opt) = &self.optimizer {
+                comm.barrier(&phase("directory ready"))?;
+                opt.save(&checkpoint::tmp_dir(&root, step), comm.rank(), comm.size())?;
+                comm.barrier(&phase("shards written"))?;
+            }
+            comm.barrier(&phase("sealed"))?;
+            let dir = checkpoint::step_dir(&root, step);
             self.last_checkpoint = Some(dir.clone());
             return Ok(dir);
         }
+        let sharded = match &self.optimizer {
+            Optimizer::Sharded(opt) => Some(opt),
+            Optimizer::Replicated(_) => None,
+        };
+        let extra = |tmp: &Path| -> Result<()> {
+            if let Some(opt) = sharded {
+                opt.save(tmp, 0, comm.size())?;
+                comm.barrier(&phase("directory ready"))?;
+                comm.barrier(&phase("shards written"))?;
+            }
+            Ok(())
+        };
         let dir = checkpoint::save(
             &self.b,
             &SaveRequest {
-                root: &self.out_dir.join("checkpoints"),
+                root: &root,
                 model: &self.model,
-                optimizer: &self.optimizer,
+                optimizer: match &self.optimizer {
+                    Optimizer::Replicated(adamw) => Some(adamw),
+                    Optimizer::Sharded(_) => None,
+                },
+                extra: &extra,
                 state: &self.state,
                 model_files: &self.model_files,
                 keep_last: self.keep_last,
             },
         )?;
-        if self.comm.size() > 1 {
-            self.comm.barrier(&format!("checkpoint at step {}", self.state.step))?;
+        if comm.size() > 1 {
+            comm.barrier(&phase("sealed"))?;
         }
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)

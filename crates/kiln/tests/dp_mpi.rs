@@ -1,6 +1,8 @@
 //! Data parallel over MPI on loopback (built with `--features mpi`; needs `mpirun`): the same
 //! run on 1, 2 and 4 ranks — each rank a share of every step, gradients summed — gives the
-//! same loss curve as one process with the whole step, and only rank 0 writes.
+//! same loss curve as one process with the whole step, replicated or with ZeRO-1's sharded
+//! moments (whose memory per rank falls as 1/N), a ZeRO-1 checkpoint resumes on another
+//! number of ranks, and only rank 0 writes.
 #![cfg(feature = "mpi")]
 
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use std::process::{Command, Output};
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
 
 /// `kiln sft` on `ranks` processes (plain, without mpirun, for one), `grad_accum` each.
-fn sft(ranks: usize, grad_accum: usize, out: &Path) -> Output {
+fn sft(ranks: usize, grad_accum: usize, out: &Path, extra: &[&str]) -> Output {
     let kiln = env!("CARGO_BIN_EXE_kiln");
     let args = [
         "--threads".to_string(),
@@ -23,6 +25,8 @@ fn sft(ranks: usize, grad_accum: usize, out: &Path) -> Output {
         "train.steps=6".into(),
         "--set".into(),
         format!("train.grad_accum={grad_accum}"),
+        "--set".into(),
+        "output.save_every=3".into(),
     ];
     let mut cmd = if ranks == 1 {
         Command::new(kiln)
@@ -31,15 +35,40 @@ fn sft(ranks: usize, grad_accum: usize, out: &Path) -> Output {
         c.args(["--oversubscribe", "--allow-run-as-root", "-np", &ranks.to_string(), kiln]);
         c
     };
-    cmd.args(&args).env("OMPI_MCA_rmaps_base_oversubscribe", "1").output().expect("run kiln (is mpirun installed?)")
+    cmd.args(&args)
+        .args(extra)
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .output()
+        .expect("run kiln (is mpirun installed?)")
 }
 
-fn losses(dir: &Path) -> Vec<f64> {
+/// Metrics lines of training steps.
+fn steps(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["loss"].is_number())
         .collect()
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    steps(dir).iter().map(|v| v["loss"].as_f64().unwrap()).collect()
+}
+
+fn assert_same_curve(reference: &[f64], curve: &[f64], what: &str) {
+    assert_eq!(curve.len(), reference.len(), "{what}: one metrics line per step");
+    for (step, (a, b)) in reference.iter().zip(curve).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: 1 rank {a}, {what} {b}", step + 1);
+    }
+}
+
+fn run_ok(ranks: usize, grad_accum: usize, dir: &Path, extra: &[&str]) {
+    let out = sft(ranks, grad_accum, dir, extra);
+    assert!(out.status.success(), "{ranks} ranks: {}", String::from_utf8_lossy(&out.stderr));
+    // Rank 0 alone reports.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("after 6 steps").count(), 1, "{stdout}");
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -49,26 +78,54 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 #[test]
-fn one_two_and_four_ranks_give_the_same_loss_curve() {
+fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero() {
     // Four micro-batches a step in every run: 1 x 4, 2 x 2, 4 x 1.
-    let runs: Vec<(usize, Vec<f64>)> = [(1, 4), (2, 2), (4, 1)]
-        .into_iter()
-        .map(|(ranks, accum)| {
-            let dir = scratch(&format!("{ranks}"));
-            let out = sft(ranks, accum, &dir);
-            assert!(out.status.success(), "{ranks} ranks: {}", String::from_utf8_lossy(&out.stderr));
-            // Rank 0 alone reports.
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert_eq!(stdout.matches("done after 6 steps").count(), 1, "{stdout}");
-            (ranks, losses(&dir))
-        })
-        .collect();
-    let reference = &runs[0].1;
+    let one = scratch("1");
+    run_ok(1, 4, &one, &[]);
+    let reference = losses(&one);
     assert_eq!(reference.len(), 6);
-    for (ranks, curve) in &runs[1..] {
-        assert_eq!(curve.len(), reference.len(), "{ranks} ranks wrote one metrics line per step");
-        for (step, (a, b)) in reference.iter().zip(curve).enumerate() {
-            assert!((a - b).abs() <= 1e-6 * a.abs(), "step {}: 1 rank {a}, {ranks} ranks {b}", step + 1);
+    let full_state = steps(&one)[0]["optimizer_state_mb"].as_f64().unwrap();
+    for (ranks, accum) in [(2, 2), (4, 1)] {
+        let dir = scratch(&format!("{ranks}"));
+        run_ok(ranks, accum, &dir, &[]);
+        assert_same_curve(&reference, &losses(&dir), &format!("{ranks} ranks"));
+
+        let dir = scratch(&format!("zero-{ranks}"));
+        run_ok(ranks, accum, &dir, &["--set", "train.zero=1"]);
+        assert_same_curve(&reference, &losses(&dir), &format!("{ranks} ranks, ZeRO-1"));
+        // Each rank keeps 1/N of AdamW's moments (chunks are padded to equal length).
+        let state = steps(&dir)[0]["optimizer_state_mb"].as_f64().unwrap();
+        assert!(
+            (state - full_state / ranks as f64).abs() <= 1e-4 * full_state,
+            "{ranks} ranks: {state} MB of {full_state}"
+        );
+    }
+
+    // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks (re-sharded) and on one
+    // process (moments gathered), continuing the same curve.
+    for (ranks, accum, extra) in [(2, 2, ["--set", "train.zero=1"]), (1, 4, ["--set", "train.zero=0"])] {
+        let dir = scratch(&format!("resume-{ranks}"));
+        copy_dir(&scratch_keep("zero-4"), &dir);
+        std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+        let out = sft(ranks, accum, &dir, &[extra[0], extra[1], "--resume"]);
+        assert!(out.status.success(), "resume on {ranks}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same_curve(&reference, &losses(&dir), &format!("resumed on {ranks}"));
+    }
+}
+
+fn scratch_keep(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("kiln-dp-{}-{name}", std::process::id()))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The CPU backend: host memory, `gemm` for matrix products, rayon for everything else.
 
 mod adamw;
+/// AdamW on slices, for optimizers that update part of a tensor (ZeRO shards).
+pub use adamw::step as adamw_step;
 mod attention;
 mod attention_decode;
 mod cross_entropy;

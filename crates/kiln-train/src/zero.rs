@@ -1,0 +1,199 @@
+//! ZeRO stage 1: AdamW's moments sharded over the data-parallel ranks.
+//!
+//! The parameters, in `Weights::iter` order, form one flat index space of `total` values,
+//! cut into `size` contiguous chunks of `chunk = ⌈total / size⌉` (the last one padded). A
+//! step reduce-scatters the gradients (rank r receives the sum of chunk r), clips with the
+//! global norm (an all-reduce of the chunks' sums of squares), updates its chunk of the
+//! parameters with its moments, and all-gathers the updated chunks: the same update as
+//! replicated AdamW, with 1/size of the moments per rank. Checkpoints hold one moment file
+//! per rank (`adam_shard-R-of-N.safetensors`, with the chunk's start); resuming on any number
+//! of ranks re-cuts the flat moments, from shard files or from a replicated run's
+//! `adam_m`/`adam_v`.
+
+use anyhow::{bail, Context, Result};
+use kiln_core::AdamW as Hyper;
+use kiln_dist::Comm;
+use kiln_model::{TensorSpec, Weights};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+
+pub struct ShardedAdamW {
+    pub hyper: Hyper,
+    /// This rank's slice of the flat parameters.
+    pub range: Range<usize>,
+    pub chunk: usize,
+    pub total: usize,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    /// Per tensor: its flat start and length, and whether weight decay applies (matrices).
+    tensors: Vec<(usize, usize, bool)>,
+}
+
+/// The outcome of a sharded step's gradient reduction.
+pub struct Reduced {
+    /// ‖g‖ over all parameters.
+    pub norm: f64,
+    /// This rank's chunk of the summed gradients.
+    pub grads: Vec<f32>,
+}
+
+impl ShardedAdamW {
+    pub fn new(layout: &Weights<TensorSpec>, hyper: Hyper, rank: usize, size: usize) -> Self {
+        let mut start = 0;
+        let tensors = layout
+            .iter()
+            .into_iter()
+            .map(|s| {
+                let t = (start, s.numel(), s.shape.len() >= 2);
+                start += s.numel();
+                t
+            })
+            .collect();
+        let total = start;
+        let chunk = total.div_ceil(size);
+        let range = (rank * chunk).min(total)..((rank + 1) * chunk).min(total);
+        let n = range.len();
+        Self { hyper, range, chunk, total, m: vec![0.0; n], v: vec![0.0; n], tensors }
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self) -> usize {
+        (self.m.len() + self.v.len()) * 4
+    }
+
+    /// Sums the ranks' gradients into this rank's chunk and the global gradient norm.
+    pub fn reduce(&self, comm: &dyn Comm, grads: &Weights<Vec<f32>>, what: &str) -> Result<Reduced> {
+        let mut flat = Vec::with_capacity(self.chunk * comm.size());
+        for g in grads.iter() {
+            flat.extend_from_slice(g);
+        }
+        flat.resize(self.chunk * comm.size(), 0.0);
+        let mut mine = vec![0.0; self.chunk];
+        comm.reduce_scatter_sum(&flat, &mut mine, what)?;
+        mine.truncate(self.range.len());
+        let mut squares = [mine.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
+        comm.all_reduce_sum_f64(&mut squares, what)?;
+        Ok(Reduced { norm: squares[0].sqrt(), grads: mine })
+    }
+
+    /// AdamW on this rank's chunk, then every rank's updated chunk gathered into `params`.
+    pub fn step(&mut self, comm: &dyn Comm, params: &mut Weights<Vec<f32>>, grads: &[f32], what: &str) -> Result<()> {
+        self.hyper.step += 1;
+        let mut tensors = params.iter_mut();
+        for (&(start, len, decays), p) in self.tensors.iter().zip(tensors.iter_mut()) {
+            let (lo, hi) = (start.max(self.range.start), (start + len).min(self.range.end));
+            if lo >= hi {
+                continue;
+            }
+            let (local, shard) = (lo - start..hi - start, lo - self.range.start..hi - self.range.start);
+            let hyper = if decays { self.hyper } else { Hyper { weight_decay: 0.0, ..self.hyper } };
+            kiln_core::cpu::adamw_step(
+                &mut p[local],
+                &grads[shard.clone()],
+                &mut self.m[shard.clone()],
+                &mut self.v[shard],
+                hyper,
+            );
+        }
+        let mut mine = Vec::with_capacity(self.chunk);
+        for (&(start, len, _), p) in self.tensors.iter().zip(tensors.iter()) {
+            let (lo, hi) = (start.max(self.range.start), (start + len).min(self.range.end));
+            if lo < hi {
+                mine.extend_from_slice(&p[lo - start..hi - start]);
+            }
+        }
+        mine.resize(self.chunk, 0.0);
+        let mut flat = vec![0.0; self.chunk * comm.size()];
+        comm.all_gather(&mine, &mut flat, what)?;
+        for (&(start, len, _), p) in self.tensors.iter().zip(tensors.iter_mut()) {
+            p.copy_from_slice(&flat[start..start + len]);
+        }
+        Ok(())
+    }
+
+    /// Writes this rank's moments into checkpoint directory `dir`.
+    pub fn save(&self, dir: &Path, rank: usize, size: usize) -> Result<()> {
+        let bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        let (m, v) = (bytes(&self.m), bytes(&self.v));
+        let views = [("m", &m), ("v", &v)].map(|(name, data)| {
+            (name.to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![self.m.len()], data))
+        });
+        let views: Vec<_> = views.into_iter().map(|(n, v)| v.map(|v| (n, v))).collect::<std::result::Result<_, _>>()?;
+        let metadata = HashMap::from([
+            ("start".to_string(), self.range.start.to_string()),
+            ("total".to_string(), self.total.to_string()),
+        ]);
+        let path = dir.join(shard_file(rank, size));
+        safetensors::serialize_to_file(views, Some(metadata), &path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(())
+    }
+
+    /// Restores this rank's moments from a checkpoint written with any number of ranks (or
+    /// none: a replicated run's full moments, passed flat as `full`).
+    pub fn load(&mut self, dir: &Path, full: Option<(Vec<f32>, Vec<f32>)>, adam_step: u64) -> Result<()> {
+        let (m, v) = match full {
+            Some(mv) => mv,
+            None => read_shards(dir, self.total)?,
+        };
+        self.m.copy_from_slice(&m[self.range.clone()]);
+        self.v.copy_from_slice(&v[self.range.clone()]);
+        self.hyper.step = adam_step;
+        Ok(())
+    }
+}
+
+fn shard_file(rank: usize, size: usize) -> String {
+    format!("adam_shard-{rank}-of-{size}.safetensors")
+}
+
+/// Whether a checkpoint holds sharded moments.
+pub fn has_shards(dir: &Path) -> bool {
+    dir.join(shard_file(0, 1)).exists() || list_shards(dir).is_ok_and(|s| !s.is_empty())
+}
+
+fn list_shards(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("adam_shard-")))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The flat moments of every parameter, assembled from a checkpoint's shard files.
+pub fn read_shards(dir: &Path, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (mut m, mut v) = (vec![0.0; total], vec![0.0; total]);
+    let mut covered = 0;
+    for path in list_shards(dir)? {
+        let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let field = |k: &str| -> Result<usize> {
+            meta.metadata()
+                .as_ref()
+                .and_then(|m| m.get(k))
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("{}: metadata field `{k}` is missing", path.display()))
+        };
+        let (start, shard_total) = (field("start")?, field("total")?);
+        if shard_total != total {
+            bail!("{}: moments of {shard_total} parameters, the model has {total}", path.display());
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}", path.display()))?;
+        for (name, into) in [("m", &mut m), ("v", &mut v)] {
+            let t = st.tensor(name).with_context(|| format!("{}: tensor `{name}` is missing", path.display()))?;
+            let values: Vec<f32> =
+                t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            into[start..start + values.len()].copy_from_slice(&values);
+            if name == "m" {
+                covered += values.len();
+            }
+        }
+    }
+    if covered != total {
+        bail!("{}: the shard files cover {covered} of {total} parameters' moments", dir.display());
+    }
+    Ok((m, v))
+}

@@ -190,7 +190,9 @@ fn train(args: &TrainArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --model or --config"),
     };
     let c = model.config.clone();
-    let mut rng = Rng::new(1);
+    // Under mpirun: data parallel, `--batch` sequences per rank, gradients summed over ranks.
+    let comm = kiln_dist::world();
+    let mut rng = Rng::new(1 + comm.rank() as u64);
     let sequences: Vec<Vec<i32>> =
         (0..args.batch).map(|_| (0..args.seq).map(|_| rng.below(c.vocab_size) as i32).collect()).collect();
     let batch = Batch::causal_lm(&sequences);
@@ -199,31 +201,60 @@ fn train(args: &TrainArgs) -> Result<()> {
     let mut opt = AdamW::new(&b, &model.layout, 1e-4, 0.1);
 
     let mut times = Vec::with_capacity(args.steps);
+    let mut comm_times = Vec::with_capacity(args.steps);
     let mut losses = Vec::new();
+    let mut flat = Vec::new();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
         zero_grads(&b, &mut grads);
         let loss = model.forward_backward(&b, &mut acts, &batch, &mut grads);
+        let t_comm = Instant::now();
+        if comm.size() > 1 {
+            flat.clear();
+            grads.iter().into_iter().for_each(|g| flat.extend_from_slice(g));
+            comm.all_reduce_sum(&mut flat, "bench gradients")?;
+            let mut at = 0;
+            for g in grads.iter_mut() {
+                let n = g.len();
+                g.copy_from_slice(&flat[at..at + n]);
+                at += n;
+            }
+        }
+        let comm_s = t_comm.elapsed().as_secs_f64();
         opt.step(&b, &mut model.params, &grads);
         let dt = t0.elapsed().as_secs_f64();
         losses.push(loss);
         if step >= args.warmup {
             times.push(dt);
+            comm_times.push(comm_s);
         }
     }
+    if !comm.is_root() {
+        return Ok(());
+    }
     times.sort_by(f64::total_cmp);
+    comm_times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let mean = times.iter().sum::<f64>() / times.len() as f64;
-    let tokens = batch.tokens() as f64;
-    let flops = step_flops(&c, batch.rows, batch.seq);
+    let tokens = (batch.tokens() * comm.size()) as f64;
+    let flops = step_flops(&c, batch.rows, batch.seq) * comm.size() as f64;
     println!(
-        "kiln bench train: {} params, batch {}x{}, {} threads, recompute {}",
+        "kiln bench train: {} params, batch {}x{}{}, {} threads, recompute {}",
         c.num_parameters(),
         batch.rows,
         batch.seq,
+        if comm.size() > 1 { format!(" on each of {} ranks", comm.size()) } else { String::new() },
         rayon::current_num_threads(),
         args.recompute
     );
+    if comm.size() > 1 {
+        let comm_median = comm_times[comm_times.len() / 2];
+        println!(
+            "  comm      gradient all-reduce median {:.1} ms, {:.1}% of the median step",
+            comm_median * 1e3,
+            100.0 * comm_median / median
+        );
+    }
     println!(
         "  step      median {:.1} ms, mean {:.1} ms, min {:.1} ms ({} steps)",
         median * 1e3,

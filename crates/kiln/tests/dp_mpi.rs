@@ -2,7 +2,8 @@
 //! run on 1, 2 and 4 ranks — each rank a share of every step, gradients summed — gives the
 //! same loss curve as one process with the whole step, replicated or with ZeRO-1's sharded
 //! moments (whose memory per rank falls as 1/N), a ZeRO-1 checkpoint resumes on another
-//! number of ranks, and only rank 0 writes.
+//! number of ranks, only rank 0 writes, and a rank that hangs or dies stops the job with the
+//! checkpoints whole.
 #![cfg(feature = "mpi")]
 
 use std::path::{Path, PathBuf};
@@ -128,4 +129,79 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// The pid of rank `rank` of the run writing to `out_dir` (its command line names the dir).
+fn rank_pid(out_dir: &Path, rank: usize) -> Option<u32> {
+    let needle = out_dir.display().to_string();
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let has = |hay: &[u8], s: &str| hay.windows(s.len()).any(|w| w == s.as_bytes());
+        let is_kiln = has(&cmdline, &needle) && !has(&cmdline, "mpirun");
+        (is_kiln && has(&environ, &format!("OMPI_COMM_WORLD_RANK={rank}\0"))).then_some(pid)
+    })
+}
+
+/// Starts a 2-rank run, lets it train and checkpoint a few steps, sends `signal` to rank 1,
+/// and returns the job's output, the seconds it took to stop after the signal, and its dir.
+fn signal_rank_1(name: &str, signal: &str) -> (Output, f64, PathBuf) {
+    let dir = scratch(name);
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let out_dir = format!("output.dir={:?}", dir.display().to_string());
+    let child = Command::new("mpirun")
+        .args(["--oversubscribe", "--allow-run-as-root", "-np", "2", kiln, "--threads", "1", "--comm-timeout", "5"])
+        .args(["sft", &format!("{EXAMPLES}/sft.toml"), "--quiet", "--set", &out_dir])
+        .args(["--set", "train.steps=400", "--set", "output.save_every=2", "--set", "train.eval_every=0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mpirun");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(dir.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 5 {
+        assert!(started.elapsed().as_secs() < 120, "the run did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let pid = rank_pid(&dir, 1).expect("rank 1's process");
+    assert!(Command::new("kill").args([signal, &pid.to_string()]).status().unwrap().success());
+    let signalled = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).stderr(std::process::Stdio::null()).status();
+    (out, signalled.elapsed().as_secs_f64(), dir)
+}
+
+/// Every checkpoint under a final name is complete.
+fn assert_checkpoints_whole(dir: &Path) {
+    let checkpoints: Vec<PathBuf> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.extension().is_some_and(|e| e == "tmp"))
+        .collect();
+    assert!(!checkpoints.is_empty());
+    for c in &checkpoints {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(c.join("state.json")).unwrap()).unwrap();
+        assert!(state["step"].as_u64().unwrap() >= 2 && c.join("model.safetensors").exists(), "{}", c.display());
+    }
+}
+
+#[test]
+fn a_hanging_or_killed_rank_stops_the_job_naming_it_and_checkpoints_stay_whole() {
+    // Frozen (as a hung process): the others time out in their next collective, find that
+    // rank 1 no longer answers, and stop the job naming it, the collective and the step.
+    let (out, seconds, dir) = signal_rank_1("hang", "-STOP");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && seconds < 60.0, "stopped after {seconds:.0} s: {stderr}");
+    assert!(
+        stderr.contains("rank 0:") && stderr.contains("at step") && stderr.contains("no answer from rank 1"),
+        "{stderr}"
+    );
+    assert_checkpoints_whole(&dir);
+    // Killed: mpirun sees the process die and stops the others at once, naming it.
+    let (out, seconds, dir) = signal_rank_1("kill", "-KILL");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && seconds < 60.0, "stopped after {seconds:.0} s: {stderr}");
+    assert!(stderr.contains("rank 1") && stderr.contains("signal 9"), "{stderr}");
+    assert_checkpoints_whole(&dir);
 }

@@ -176,7 +176,7 @@ fn assert_checkpoints_whole(dir: &Path) {
     let checkpoints: Vec<PathBuf> = std::fs::read_dir(dir.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| !p.extension().is_some_and(|e| e == "tmp"))
+        .filter(|p| p.extension().is_none_or(|e| e != "tmp"))
         .collect();
     assert!(!checkpoints.is_empty());
     for c in &checkpoints {

@@ -9,7 +9,9 @@
 //! no second model is in memory while training; reference-free losses skip it.
 
 use crate::config::{DpoSection, RunConfig};
-use crate::loader::{build_batch, describe_rows, pack_pairs, sequence_spans, trainable_targets, DataOrder, PackedRow};
+use crate::loader::{
+    build_batch, describe_rows, pack_pairs, real_tokens, sequence_spans, trainable_targets, DataOrder, PackedRow,
+};
 use crate::preference_loss::{pair_loss, LossKind, LossParams, PairLogps};
 use crate::schedule::Schedule;
 use crate::session::{merge, with_step, Resume, RunSummary, Session};
@@ -56,6 +58,32 @@ impl PairStats {
         self.prefers_chosen += if logps.0 > logps.1 { 1.0 } else { 0.0 };
         self.logps_chosen += logps.0;
         self.logps_rejected += logps.1;
+    }
+
+    /// The sums of every rank of a data-parallel run.
+    fn sum_over_ranks(self, comm: &dyn kiln_dist::Comm, what: &str) -> Result<Self> {
+        let mut v = [
+            self.pairs as f64,
+            self.loss,
+            self.reward_chosen,
+            self.reward_rejected,
+            self.accuracy,
+            self.prefers_chosen,
+            self.logps_chosen,
+            self.logps_rejected,
+        ];
+        comm.all_reduce_sum_f64(&mut v, what)?;
+        let [pairs, loss, reward_chosen, reward_rejected, accuracy, prefers_chosen, logps_chosen, logps_rejected] = v;
+        Ok(Self {
+            pairs: pairs.round() as usize,
+            loss,
+            reward_chosen,
+            reward_rejected,
+            accuracy,
+            prefers_chosen,
+            logps_chosen,
+            logps_rejected,
+        })
     }
 
     /// Sums to means.
@@ -360,9 +388,12 @@ fn reference_logps(
     let train_ref = sequence_logps(&b, model, acts, &train.examples, &train.micro_batches);
     let eval_ref = sequence_logps(&b, model, acts, &eval.examples, &eval.micro_batches);
     let cache = ReferenceCache { fingerprint: fp, train: train_ref, eval: eval_ref };
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string(&cache)?).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    if session.comm.is_root() {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_string(&cache)?)
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    }
     eprintln!(
         "reference log-probs of {} sequences computed in {:.1} s, cached in {}",
         cache.train.len() + cache.eval.len(),
@@ -379,7 +410,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let Some(dpo) = &config.dpo else { bail!("the run configuration has no [dpo] section") };
     let objective = Objective::new(dpo);
     let mut session = Session::open(config, resume)?;
-    session.single_process_only("kiln dpo")?;
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
     let (mut train, mut eval) = preference_splits(config, &tokenizer, template.as_ref())?;
@@ -391,7 +421,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     if objective.needs_reference() {
         reference_logps(&mut session, config, &mut acts, &mut train, &mut eval)?;
     }
-    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum, t.seed);
+    // Data parallel: `grad_accum` micro-batches per rank, each rank its own share of a step.
+    let comm = session.comm;
+    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum * comm.size(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
     let total_steps = schedule.total_steps;
 
@@ -413,27 +445,28 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             .map(|&i| train.examples[i].trainable_targets())
             .sum();
         let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train.examples, mb)).sum();
+        let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train.examples, mb)).sum();
         session.begin_step();
         let mut stats = PairStats::default();
-        let mut real_tokens = 0u64;
-        for mb in &micro_batches {
+        for mb in &micro_batches[kiln_dist::shard(micro_batches.len(), comm.rank(), comm.size())] {
             // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
-            real_tokens += batch.segments.iter().filter(|&&s| s >= 0).count() as u64;
             let step = StepShape { pairs, chosen_tokens, seq };
             let mut weights_of =
                 |nll: &[f32]| token_weights(nll, &batch.targets, mb, &train, &objective, step, &mut stats);
             session.model.forward_backward_with(&b, &mut acts, &batch, &mut session.grads, &mut weights_of);
         }
-        let stats = stats.mean();
-        let update = session.update(stats.loss, &schedule, || describe_rows(&train.examples, &micro_batches))?;
+        // This rank's share of the step's mean loss; `update` sums the shares.
+        let share = stats.loss / pairs.max(1) as f64;
+        let stats = stats.sum_over_ranks(comm, &format!("pair statistics at step {}", session.state.step + 1))?.mean();
+        let update = session.update(share, &schedule, || describe_rows(&train.examples, &micro_batches))?;
         last = stats;
         let mut fields = stats.record("");
         merge(&mut fields, &json!({"pairs": pairs}));
         session.log_step(
             fields,
             count as u64,
-            real_tokens,
+            real_tokens as u64,
             &update,
             &format!("loss {:.4} acc {:.2} margin {:.3}", stats.loss, stats.accuracy, stats.margin()),
         )?;

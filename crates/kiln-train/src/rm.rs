@@ -10,7 +10,7 @@
 
 use crate::config::{RmSection, RunConfig};
 use crate::dpo::{preference_splits, Split};
-use crate::loader::{build_batch, describe_rows, sequence_spans, trainable_targets, DataOrder, PackedRow};
+use crate::loader::{build_batch, describe_rows, real_tokens, sequence_spans, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
 use crate::session::{merge, with_step, Resume, RunSummary, Session};
 use crate::sft::{check_vocab, load_tokenizer};
@@ -39,6 +39,14 @@ impl RmStats {
         self.accuracy += if rc > rr { 1.0 } else { 0.0 };
         self.reward_chosen += rc;
         self.reward_rejected += rr;
+    }
+
+    /// The sums of every rank of a data-parallel run.
+    fn sum_over_ranks(self, comm: &dyn kiln_dist::Comm, what: &str) -> Result<Self> {
+        let mut v = [self.pairs as f64, self.loss, self.accuracy, self.reward_chosen, self.reward_rejected];
+        comm.all_reduce_sum_f64(&mut v, what)?;
+        let [pairs, loss, accuracy, reward_chosen, reward_rejected] = v;
+        Ok(Self { pairs: pairs.round() as usize, loss, accuracy, reward_chosen, reward_rejected })
     }
 
     fn mean(mut self) -> Self {
@@ -157,7 +165,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let rm = config.rm.clone().unwrap_or_default();
     let t = &config.train;
     let mut session = Session::open_with(config, resume, |b, dir| Ok(Model::load_as_reward_model(b, dir, t.seed)?))?;
-    session.single_process_only("kiln rm")?;
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
     let pad = tokenizer.eos_id;
@@ -169,7 +176,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let b = session.b;
     let d = session.model.config.hidden_size;
     let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
-    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum, t.seed);
+    // Data parallel: `grad_accum` micro-batches per rank, each rank its own share of a step.
+    let comm = session.comm;
+    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum * comm.size(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
     let total_steps = schedule.total_steps;
 
@@ -185,13 +194,12 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let micro_batches = order.step(session.state.step);
         let pairs = micro_batches.iter().map(|mb| mb.iter().map(Vec::len).sum::<usize>()).sum::<usize>() / 2;
         let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train.examples, mb)).sum();
+        let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train.examples, mb)).sum();
         session.begin_step();
         let mut stats = RmStats::default();
-        let mut real_tokens = 0u64;
         let mut dscore = vec![0f32; d];
-        for mb in &micro_batches {
+        for mb in &micro_batches[kiln_dist::shard(micro_batches.len(), comm.rank(), comm.size())] {
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
-            real_tokens += batch.segments.iter().filter(|&&s| s >= 0).count() as u64;
             session.model.forward_hidden(&b, &mut acts, &batch, true);
             let (scored, w) = rewards(&b, &session.model, &acts, mb, &train.examples);
             let at: std::collections::HashMap<usize, &Scored> = scored.iter().map(|s| (s.example, s)).collect();
@@ -213,15 +221,17 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         }
         let g = session.grads.score.as_mut().expect("score gradient");
         g.iter_mut().zip(&dscore).for_each(|(g, d)| *g += d);
-        let stats = stats.mean();
-        let update = session.update(stats.loss, &schedule, || describe_rows(&train.examples, &micro_batches))?;
+        // This rank's share of the step's mean loss; `update` sums the shares.
+        let share = stats.loss / pairs.max(1) as f64;
+        let stats = stats.sum_over_ranks(comm, &format!("pair statistics at step {}", session.state.step + 1))?.mean();
+        let update = session.update(share, &schedule, || describe_rows(&train.examples, &micro_batches))?;
         last = stats;
         let mut fields = stats.record("");
         merge(&mut fields, &json!({"pairs": pairs}));
         session.log_step(
             fields,
             count as u64,
-            real_tokens,
+            real_tokens as u64,
             &update,
             &format!("loss {:.4} acc {:.2}", stats.loss, stats.accuracy),
         )?;

@@ -9,6 +9,9 @@ use kiln_train::{distill, dpo, grpo, rm};
 /// Prints how a run ended; `describe` renders a step's (or an evaluation's) statistics and
 /// `headline` picks the number shown for the evaluation before training.
 fn report<S>(s: &RunSummary<S>, describe: impl Fn(&S) -> String, headline: impl Fn(&S) -> f64) {
+    if !kiln_dist::world().is_root() {
+        return;
+    }
     println!(
         "{} after {} steps: {}; {:.0} training tokens/s over {:.1} s",
         if s.interrupted { "interrupted" } else { "done" },

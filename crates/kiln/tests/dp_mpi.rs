@@ -2,8 +2,8 @@
 //! run on 1, 2 and 4 ranks — each rank a share of every step, gradients summed — gives the
 //! same loss curve as one process with the whole step, replicated or with ZeRO-1's sharded
 //! moments (whose memory per rank falls as 1/N), a ZeRO-1 checkpoint resumes on another
-//! number of ranks, only rank 0 writes, and a rank that hangs or dies stops the job with the
-//! checkpoints whole.
+//! number of ranks, only rank 0 writes, DPO and RM shard their pairs the same way, and a rank
+//! that hangs or dies stops the job with the checkpoints whole.
 #![cfg(feature = "mpi")]
 
 use std::path::{Path, PathBuf};
@@ -111,6 +111,48 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero() {
         let out = sft(ranks, accum, &dir, &[extra[0], extra[1], "--resume"]);
         assert!(out.status.success(), "resume on {ranks}: {}", String::from_utf8_lossy(&out.stderr));
         assert_same_curve(&reference, &losses(&dir), &format!("resumed on {ranks}"));
+    }
+}
+
+#[test]
+fn dpo_and_rm_give_the_same_curves_on_one_and_two_ranks() {
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    for recipe in ["dpo", "rm"] {
+        let curves: Vec<Vec<(f64, f64)>> = [(1usize, 2usize), (2, 1)]
+            .into_iter()
+            .map(|(ranks, accum)| {
+                let dir = scratch(&format!("{recipe}-{ranks}"));
+                let args = [
+                    "--threads".to_string(),
+                    "1".into(),
+                    recipe.into(),
+                    format!("{EXAMPLES}/{recipe}.toml"),
+                    "--quiet".into(),
+                    "--set".into(),
+                    format!("output.dir={:?}", dir.display().to_string()),
+                    "--set".into(),
+                    "train.steps=4".into(),
+                    "--set".into(),
+                    format!("train.grad_accum={accum}"),
+                ];
+                let out = if ranks == 1 {
+                    Command::new(kiln).args(&args).output()
+                } else {
+                    Command::new("mpirun")
+                        .args(["--oversubscribe", "--allow-run-as-root", "-np", "2", kiln])
+                        .args(&args)
+                        .output()
+                }
+                .unwrap();
+                assert!(out.status.success(), "{recipe} on {ranks}: {}", String::from_utf8_lossy(&out.stderr));
+                steps(&dir).iter().map(|v| (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())).collect()
+            })
+            .collect();
+        assert_eq!(curves[0].len(), 4);
+        for (step, ((l1, g1), (l2, g2))) in curves[0].iter().zip(&curves[1]).enumerate() {
+            assert!((l1 - l2).abs() <= 1e-6 * l1.abs(), "{recipe} step {}: loss {l1} vs {l2}", step + 1);
+            assert!((g1 - g2).abs() <= 1e-5 * g1.abs(), "{recipe} step {}: grad norm {g1} vs {g2}", step + 1);
+        }
     }
 }
 

@@ -48,7 +48,6 @@ pub fn reverse_kl(student: &[f32], teacher: &[f32]) -> (f64, Vec<f64>) {
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
     let mut session = Session::open(config, resume)?;
-    session.single_process_only("kiln distill")?;
     let b = session.b;
     let mut teacher = Model::load(&b, &d.teacher)?;
     if teacher.config.vocab_size != session.model.config.vocab_size {
@@ -88,14 +87,20 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                 },
             })
             .collect();
-        let outs = generate(&b, &mut session.model, &requests, requests.len(), &mut |_, _| false);
+        // Data parallel: each rank samples its own share of the step's prompts.
+        let comm = session.comm;
+        let requests = &requests[kiln_dist::shard(requests.len(), comm.rank(), comm.size())];
+        let outs = generate(&b, &mut session.model, requests, requests.len(), &mut |_, _| false);
         let sequences: Vec<(Vec<i32>, usize)> = requests
             .iter()
             .zip(&outs)
             .map(|(r, g)| completion_row(&r.prompt, &g.tokens, g.finish == FinishReason::Stop, &stop_ids, seq))
             .filter(|(ids, p)| ids.len() > *p)
             .collect();
-        let tokens: usize = sequences.iter().map(|(ids, p)| ids.len() - p).sum();
+        // The step's completions and tokens over all ranks: the loss is their mean.
+        let mut counts = [sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64, sequences.len() as f64];
+        comm.all_reduce_sum_f64(&mut counts, &format!("completion counts at step {}", step + 1))?;
+        let (tokens, completions) = (counts[0] as usize, counts[1] as usize);
         session.begin_step();
         let mut kl_sum = 0.0;
         for chunk in sequences.chunks(d.chunk_rows.max(1)) {
@@ -135,9 +140,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                 session.model.forward_backward_logits(&b, acts, &batch, &mut session.grads, &mut dlogits_of);
             }
         }
-        let kl = kl_sum / tokens.max(1) as f64;
-        let update = session.update(kl, &schedule, || format!("step {step} prompts"))?;
-        let stats = DistillStats { reverse_kl: kl, completion_length: tokens as f64 / sequences.len().max(1) as f64 };
+        // This rank's share of the step's mean; `update` sums the shares.
+        let update = session.update(kl_sum / tokens.max(1) as f64, &schedule, || format!("step {step} prompts"))?;
+        let kl = update.loss;
+        let stats = DistillStats { reverse_kl: kl, completion_length: tokens as f64 / completions.max(1) as f64 };
         last = stats;
         let fields = json!({"loss": kl, "reverse_kl": kl, "completion_length": stats.completion_length});
         session.log_step(fields, tokens as u64, tokens as u64, &update, &format!("reverse KL {kl:.4}"))?;

@@ -135,10 +135,12 @@ struct RolloutContext<'a> {
     stop_ids: &'a [i32],
     /// Training rows' length.
     seq: usize,
+    comm: &'a dyn kiln_dist::Comm,
 }
 
 /// Samples `group` completions (or one greedy completion when `greedy`) of each prompt, each
-/// with the index of its prompt.
+/// with the index of its prompt; `first` is the step-wide index of the first completion (its
+/// seed's offset, so a completion's draw does not depend on which rank samples it).
 fn rollout(
     model: &mut Model<Cpu>,
     prompts: &[&PromptRow],
@@ -146,6 +148,7 @@ fn rollout(
     stop_ids: &[i32],
     seed: u64,
     greedy: bool,
+    first: usize,
 ) -> Vec<(usize, Generation)> {
     let group = if greedy { 1 } else { g.group_size };
     let requests: Vec<Request> = prompts
@@ -161,7 +164,7 @@ fn rollout(
                 min_p: 0.0,
                 max_new_tokens: g.max_new_tokens,
                 stop_ids: stop_ids.to_vec(),
-                seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
+                seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (first + i) as u64,
             },
         })
         .collect();
@@ -188,7 +191,7 @@ fn score(rewards: &[Reward], prompts: &[&PromptRow], texts: &[(usize, String)]) 
 /// Greedy completions of every eval prompt, scored.
 fn evaluate(model: &mut Model<Cpu>, prompts: &[PromptRow], cx: &RolloutContext) -> Result<GrpoStats> {
     let refs: Vec<&PromptRow> = prompts.iter().collect();
-    let outs = rollout(model, &refs, cx.g, cx.stop_ids, 0, true);
+    let outs = rollout(model, &refs, cx.g, cx.stop_ids, 0, true, 0);
     let (total, per) = score(cx.rewards, &refs, &decode_all(cx.tokenizer, &outs))?;
     let n = total.len().max(1) as f64;
     Ok(GrpoStats {
@@ -263,7 +266,8 @@ fn completion_logps(nll: &[f32], sequences: &[(Vec<i32>, usize)], seq: usize) ->
 struct Rollout {
     sequences: Vec<(Vec<i32>, usize)>,
     advantages: Vec<f64>,
-    /// Completion tokens trained on.
+    /// Completions and completion tokens trained on in the step, over all ranks.
+    completions: usize,
     tokens: usize,
     /// The sampling policy's log-probs per micro-batch, taken by the first step's forward.
     old: Vec<Option<Vec<Vec<f64>>>>,
@@ -303,15 +307,20 @@ impl UpdateTotals {
     }
 }
 
-/// Samples `group_size` completions of each prompt, scores them, and lays out the ones to
-/// train on (rows of `seq` tokens) with their advantages.
-fn rollout_batch(model: &mut Model<Cpu>, prompts: &[&PromptRow], cx: &RolloutContext, seed: u64) -> Result<Rollout> {
+/// Samples `group_size` completions of each of this rank's prompts (the step's completions
+/// from `first` on), scores them, and lays out the ones to train on (rows of `seq` tokens)
+/// with their advantages; the metrics are the whole step's, summed over the ranks.
+fn rollout_batch(
+    model: &mut Model<Cpu>,
+    prompts: &[&PromptRow],
+    cx: &RolloutContext,
+    seed: u64,
+    first: usize,
+) -> Result<Rollout> {
     let (g, stop_ids) = (cx.g, cx.stop_ids);
     let started = Instant::now();
-    let outs = rollout(model, prompts, g, stop_ids, seed, false);
+    let outs = rollout(model, prompts, g, stop_ids, seed, false, first);
     let rollout_s = started.elapsed().as_secs_f64();
-    let generated: usize = outs.iter().map(|(_, o)| o.tokens.len()).sum();
-    let entropy = outs.iter().flat_map(|(_, o)| &o.entropies).map(|&h| h as f64).sum::<f64>() / generated.max(1) as f64;
     let (total, per) = score(cx.rewards, prompts, &decode_all(cx.tokenizer, &outs))?;
     let adv = advantages(&total, g.group_size, g.scale_rewards);
 
@@ -327,27 +336,42 @@ fn rollout_batch(model: &mut Model<Cpu>, prompts: &[&PromptRow], cx: &RolloutCon
             completion_row(&prompts[*p].ids, &o.tokens, o.finish == FinishReason::Stop, stop_ids, cx.seq)
         })
         .collect();
-    let n = total.len().max(1) as f64;
-    let mean = total.iter().sum::<f64>() / n;
-    let std = (total.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
-    let solved = per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n);
+    // The step's sums over all ranks: completions, Σr, Σr², solved, generated tokens, Σ
+    // entropy, kept completions, their tokens, and Σr per reward function.
+    let mut sums = vec![
+        total.len() as f64,
+        total.iter().sum(),
+        total.iter().map(|r| r * r).sum(),
+        per.first().map_or(0, |v| v.iter().filter(|&&x| x >= 1.0).count()) as f64,
+        outs.iter().map(|(_, o)| o.tokens.len()).sum::<usize>() as f64,
+        outs.iter().flat_map(|(_, o)| &o.entropies).map(|&h| h as f64).sum(),
+        keep.len() as f64,
+        sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64,
+    ];
+    sums.extend(per.iter().map(|v| v.iter().sum::<f64>()));
+    cx.comm.all_reduce_sum_f64(&mut sums, "rollout statistics")?;
+    let n = sums[0].max(1.0);
+    let (mean, generated) = (sums[1] / n, sums[4]);
+    let std = (sums[2] / n - mean * mean).max(0.0).sqrt();
+    let solved = sums[3] / n;
     let mut metrics = json!({
-        "reward": mean, "reward_std": std, "solved": solved, "entropy": entropy,
-        "completion_length": generated as f64 / n, "trained_completions": keep.len(),
-        "rollout_tokens_per_s": generated as f64 / rollout_s.max(1e-9),
+        "reward": mean, "reward_std": std, "solved": solved, "entropy": sums[5] / generated.max(1.0),
+        "completion_length": generated / n, "trained_completions": sums[6],
+        "rollout_tokens_per_s": generated / rollout_s.max(1e-9),
     });
-    for (r, v) in cx.rewards.iter().zip(&per) {
-        merge(&mut metrics, &json!({format!("reward/{}", r.name): v.iter().sum::<f64>() / n}));
+    for (r, sum) in cx.rewards.iter().zip(&sums[8..]) {
+        merge(&mut metrics, &json!({format!("reward/{}", r.name): sum / n}));
     }
     let micro_batches = sequences.len().div_ceil(g.micro_batch);
     Ok(Rollout {
-        tokens: sequences.iter().map(|(ids, p)| ids.len() - p).sum(),
+        completions: sums[6] as usize,
+        tokens: sums[7] as usize,
         advantages: keep.iter().map(|&i| adv[i]).collect(),
         sequences,
         old: vec![None; micro_batches],
         reference: None,
         updates: 0,
-        stats: GrpoStats { reward: mean, solved, completion_length: generated as f64 / n },
+        stats: GrpoStats { reward: mean, solved, completion_length: generated / n },
         metrics,
         describe: prompts.iter().map(|p| p.location.as_str()).take(8).collect::<Vec<_>>().join(", "),
     })
@@ -358,7 +382,6 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
     let rewards = build_rewards(&g.rewards)?;
     let mut session = Session::open(config, resume)?;
-    session.single_process_only("kiln grpo")?;
     session.plot = crate::metrics::PlotSpec::REWARD;
     // The frozen reference for the KL term: the model the run started from.
     let mut reference = if g.beta != 0.0 { Some(Model::load(&session.b, &config.model.path)?) } else { None };
@@ -378,7 +401,8 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let mut train_acts = ActivationsPool::new(&session.model.config, seq, true, t.recompute);
     let mut ref_acts = reference.as_ref().map(|r| ActivationsPool::new(&r.config, seq, false, false));
 
-    let cx = RolloutContext { g: &g, rewards: &rewards, tokenizer: &tokenizer, stop_ids: &stop_ids, seq };
+    let comm = session.comm;
+    let cx = RolloutContext { g: &g, rewards: &rewards, tokenizer: &tokenizer, stop_ids: &stop_ids, seq, comm };
     session.start_progress(total_steps, quiet);
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (GrpoStats::default(), None, None, false);
     if session.state.step == 0 && !eval.is_empty() {
@@ -393,7 +417,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             // Prompts of this rollout: a pure function of seed and step, like the SFT data order.
             let mut rng = Rng::new(t.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
             let prompts: Vec<&PromptRow> = (0..g.prompts_per_step).map(|_| &train[rng.below(train.len())]).collect();
-            let sampled = rollout_batch(&mut session.model, &prompts, &cx, t.seed ^ step)?;
+            // Data parallel: each rank samples its own share of the step's prompts.
+            let mine = kiln_dist::shard(prompts.len(), comm.rank(), comm.size());
+            let first = mine.start * g.group_size;
+            let sampled = rollout_batch(&mut session.model, &prompts[mine], &cx, t.seed ^ step, first)?;
             let reference = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {
                 sampled
                     .micro_batches(g.micro_batch)
@@ -415,7 +442,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             level: g.importance_sampling,
             max_completion_length: g.max_new_tokens,
             num_items: r.tokens,
-            completions: r.sequences.len(),
+            completions: r.completions,
             tokens: r.tokens,
         };
         let mut totals = UpdateTotals::default();
@@ -434,14 +461,16 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             session.model.forward_backward_with(&session.b, acts, &batch, &mut session.grads, &mut weights_of);
         }
         r.updates += 1;
+        let mut token_sums = [totals.kl, totals.clipped_low, totals.clipped_high];
+        comm.all_reduce_sum_f64(&mut token_sums, &format!("policy statistics at step {}", session.state.step + 1))?;
         let update = session.update(totals.loss, &schedule, || r.describe.clone())?;
         last = r.stats;
         let n = r.tokens.max(1) as f64;
         let mut fields = r.metrics.clone();
         merge(
             &mut fields,
-            &json!({"loss": totals.loss, "kl": totals.kl / n, "clipped_low": totals.clipped_low / n,
-                    "clipped_high": totals.clipped_high / n, "iteration": r.updates}),
+            &json!({"loss": update.loss, "kl": token_sums[0] / n, "clipped_low": token_sums[1] / n,
+                    "clipped_high": token_sums[2] / n, "iteration": r.updates}),
         );
         let message = format!("reward {:.3}", r.stats.reward);
         session.log_step(fields, r.tokens as u64, r.tokens as u64, &update, &message)?;

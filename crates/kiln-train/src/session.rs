@@ -217,17 +217,6 @@ impl Session {
         })
     }
 
-    /// Refuses to run `recipe` as one of several processes (its data is not sharded yet).
-    pub fn single_process_only(&self, recipe: &str) -> Result<()> {
-        if self.comm.size() > 1 {
-            bail!(
-                "{recipe} runs in one process for now ({} were launched); data parallel covers sft",
-                self.comm.size()
-            );
-        }
-        Ok(())
-    }
-
     /// Starts the training clock, and shows a progress bar over `total_steps` unless `quiet`.
     pub fn start_progress(&mut self, total_steps: u64, quiet: bool) {
         self.started = Instant::now();

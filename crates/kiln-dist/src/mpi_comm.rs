@@ -10,9 +10,10 @@
 use crate::Comm;
 use anyhow::{ensure, Context, Result};
 use mpi::collective::SystemOperation;
+use mpi::datatype::Equivalence;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
-use mpi::request::{LocalScope, Request};
+use mpi::request::{Request, Scope};
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 use mpi::Count;
@@ -51,7 +52,7 @@ impl Mpi {
     }
 
     /// Polls `request` until it completes; past the timeout, reports and aborts the job.
-    fn finish<'a, D: ?Sized>(&self, op: &str, what: &str, mut request: Request<'a, D, &LocalScope<'a>>) {
+    fn finish<'a, D: ?Sized, S: Scope<'a>>(&self, op: &str, what: &str, mut request: Request<'a, D, S>) {
         let started = Instant::now();
         loop {
             match request.test() {
@@ -63,6 +64,17 @@ impl Mpi {
             }
             std::thread::sleep(Duration::from_micros(20));
         }
+    }
+
+    /// `buf` ← Σ over ranks of `buf` (MPI has no in-place form in the binding: a copy is sent).
+    fn all_reduce<T: Equivalence + Clone>(&self, buf: &mut [T], what: &str) -> Result<()> {
+        self.check_thread();
+        let send = buf.to_vec();
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            self.finish("all_reduce", what, r);
+        });
+        Ok(())
     }
 
     /// After a timeout: which ranks answer at all, then abort every process.
@@ -117,23 +129,11 @@ impl Comm for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32], what: &str) -> Result<()> {
-        self.check_thread();
-        let send = buf.to_vec();
-        mpi::request::scope(|scope| {
-            let r = self.world.immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
-            self.finish("all_reduce", what, r);
-        });
-        Ok(())
+        self.all_reduce(buf, what)
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
-        self.check_thread();
-        let send = buf.to_vec();
-        mpi::request::scope(|scope| {
-            let r = self.world.immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
-            self.finish("all_reduce", what, r);
-        });
-        Ok(())
+        self.all_reduce(buf, what)
     }
 
     fn all_gather(&self, chunk: &[f32], out: &mut [f32], what: &str) -> Result<()> {
@@ -197,17 +197,7 @@ impl Comm for Mpi {
 
     fn barrier(&self, what: &str) -> Result<()> {
         self.check_thread();
-        let mut request = self.world.immediate_barrier();
-        let started = Instant::now();
-        loop {
-            match request.test() {
-                Ok(_) => return Ok(()),
-                Err(r) => request = r,
-            }
-            if started.elapsed() > self.timeout {
-                self.give_up("barrier", what);
-            }
-            std::thread::sleep(Duration::from_micros(20));
-        }
+        self.finish("barrier", what, self.world.immediate_barrier());
+        Ok(())
     }
 }

@@ -334,8 +334,12 @@ impl Session {
         }
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
         let expert_load = self.model.update_router_bias(&b, rate);
-        let mut record =
-            json!({"lr": lr, "grad_norm": norm, "optimizer_state_mb": self.optimizer.state_bytes() as f64 / 1e6});
+        // What this rank holds: f32 weights and gradients whole (ZeRO-1 shards only the moments).
+        let param_bytes = self.grads.iter().into_iter().map(|g| b.len(g) * 4).sum::<usize>() as f64;
+        let mut record = json!({
+            "lr": lr, "grad_norm": norm, "weights_mb": param_bytes / 1e6, "gradients_mb": param_bytes / 1e6,
+            "optimizer_state_mb": self.optimizer.state_bytes() as f64 / 1e6,
+        });
         add_expert_load(&mut record, &expert_load);
         let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
         if self.train.moe_aux_loss_alpha != 0.0 {

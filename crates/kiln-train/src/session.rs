@@ -52,6 +52,8 @@ pub struct Session {
     pub last_checkpoint: Option<PathBuf>,
     /// What `finish` plots: the losses unless a recipe says otherwise.
     pub plot: PlotSpec,
+    /// The flat gradients of a data-parallel all-reduce, kept between steps.
+    comm_buffer: Vec<f32>,
     model_files: Vec<(String, Vec<u8>)>,
     train: TrainSection,
     keep_last: usize,
@@ -204,6 +206,7 @@ impl Session {
             resumed: resume_dir.is_some(),
             last_checkpoint: resume_dir,
             plot: PlotSpec::LOSS,
+            comm_buffer: Vec::new(),
             model_files,
             train: t.clone(),
             keep_last: config.output.keep_last,
@@ -278,7 +281,7 @@ impl Session {
         let loss = self.reduce_scalars(loss, &what)?;
         let b = self.b;
         // The global gradient norm, and with ZeRO-1 this rank's chunk of the summed gradients.
-        let (norm, mut shard) = match &self.optimizer {
+        let (norm, mut shard) = match &mut self.optimizer {
             Optimizer::Sharded(opt) => {
                 let r = opt.reduce(self.comm, &self.grads, &what)?;
                 (r.norm, Some(r.grads))
@@ -368,17 +371,15 @@ impl Session {
         if self.comm.size() == 1 {
             return Ok(());
         }
-        let b = &self.b;
         let mut grads = self.grads.iter_mut();
-        let mut flat = Vec::with_capacity(grads.iter().map(|g| b.len(g)).sum());
-        for g in grads.iter() {
-            flat.extend(b.read(g));
-        }
-        self.comm.all_reduce_sum(&mut flat, what)?;
+        let flat = &mut self.comm_buffer;
+        flat.clear();
+        grads.iter().for_each(|g| flat.extend_from_slice(g));
+        self.comm.all_reduce_sum(flat, what)?;
         let mut at = 0;
         for g in grads.iter_mut() {
-            let n = b.len(g);
-            b.write(g, &flat[at..at + n]);
+            let n = g.len();
+            g.copy_from_slice(&flat[at..at + n]);
             at += n;
         }
         Ok(())
@@ -396,7 +397,7 @@ impl Session {
     pub fn checkpoint_if_due(&mut self, total_steps: u64) -> Result<bool> {
         let step = self.state.step;
         let last = step == total_steps;
-        let interrupted = self.stop_requested() && !last;
+        let interrupted = self.stop_agreed(step)? && !last;
         if last || interrupted || (self.save_every > 0 && step.is_multiple_of(self.save_every)) {
             self.checkpoint()?;
         }
@@ -438,6 +439,16 @@ impl Session {
             plot,
             interrupted,
         })
+    }
+
+    /// Whether any rank was asked to stop: every rank then stops after the same step (a
+    /// signal reaches the ranks at slightly different moments).
+    fn stop_agreed(&self, step: u64) -> Result<bool> {
+        let mut stop = [f64::from(u8::from(self.stop_requested()))];
+        if self.comm.size() > 1 {
+            self.comm.all_reduce_sum_f64(&mut stop, &format!("stop request after step {step}"))?;
+        }
+        Ok(stop[0] > 0.0)
     }
 
     /// Whether SIGINT or SIGTERM asked the run to stop.

@@ -28,6 +28,9 @@ pub struct ShardedAdamW {
     v: Vec<f32>,
     /// Per tensor: its flat start and length, and whether weight decay applies (matrices).
     tensors: Vec<(usize, usize, bool)>,
+    /// Every rank's chunks (`chunk · size`, padded) and this rank's, kept between steps.
+    flat: Vec<f32>,
+    mine: Vec<f32>,
 }
 
 /// The outcome of a sharded step's gradient reduction.
@@ -54,7 +57,8 @@ impl ShardedAdamW {
         let chunk = total.div_ceil(size);
         let range = (rank * chunk).min(total)..((rank + 1) * chunk).min(total);
         let n = range.len();
-        Self { hyper, range, chunk, total, m: vec![0.0; n], v: vec![0.0; n], tensors }
+        let (flat, mine) = (Vec::with_capacity(chunk * size), Vec::with_capacity(chunk));
+        Self { hyper, range, chunk, total, m: vec![0.0; n], v: vec![0.0; n], tensors, flat, mine }
     }
 
     /// Bytes of optimizer state this rank holds.
@@ -63,14 +67,13 @@ impl ShardedAdamW {
     }
 
     /// Sums the ranks' gradients into this rank's chunk and the global gradient norm.
-    pub fn reduce(&self, comm: &dyn Comm, grads: &Weights<Vec<f32>>, what: &str) -> Result<Reduced> {
-        let mut flat = Vec::with_capacity(self.chunk * comm.size());
-        for g in grads.iter() {
-            flat.extend_from_slice(g);
-        }
+    pub fn reduce(&mut self, comm: &dyn Comm, grads: &Weights<Vec<f32>>, what: &str) -> Result<Reduced> {
+        let flat = &mut self.flat;
+        flat.clear();
+        grads.iter().into_iter().for_each(|g| flat.extend_from_slice(g));
         flat.resize(self.chunk * comm.size(), 0.0);
         let mut mine = vec![0.0; self.chunk];
-        comm.reduce_scatter_sum(&flat, &mut mine, what)?;
+        comm.reduce_scatter_sum(flat, &mut mine, what)?;
         mine.truncate(self.range.len());
         let mut squares = [mine.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
         comm.all_reduce_sum_f64(&mut squares, what)?;
@@ -96,7 +99,8 @@ impl ShardedAdamW {
                 hyper,
             );
         }
-        let mut mine = Vec::with_capacity(self.chunk);
+        let (mine, flat) = (&mut self.mine, &mut self.flat);
+        mine.clear();
         for (&(start, len, _), p) in self.tensors.iter().zip(tensors.iter()) {
             let (lo, hi) = (start.max(self.range.start), (start + len).min(self.range.end));
             if lo < hi {
@@ -104,8 +108,8 @@ impl ShardedAdamW {
             }
         }
         mine.resize(self.chunk, 0.0);
-        let mut flat = vec![0.0; self.chunk * comm.size()];
-        comm.all_gather(&mine, &mut flat, what)?;
+        flat.resize(self.chunk * comm.size(), 0.0);
+        comm.all_gather(mine, flat, what)?;
         for (&(start, len, _), p) in self.tensors.iter().zip(tensors.iter_mut()) {
             p.copy_from_slice(&flat[start..start + len]);
         }

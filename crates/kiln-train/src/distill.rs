@@ -89,7 +89,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             .collect();
         // Data parallel: each rank samples its own share of the step's prompts.
         let comm = session.comm;
-        let requests = &requests[kiln_dist::shard(requests.len(), comm.rank(), comm.size())];
+        let requests = &requests[session.my_share(requests.len())];
         let outs = generate(&b, &mut session.model, requests, requests.len(), &mut |_, _| false);
         let sequences: Vec<(Vec<i32>, usize)> = requests
             .iter()

@@ -423,7 +423,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     }
     // Data parallel: `grad_accum` micro-batches per rank, each rank its own share of a step.
     let comm = session.comm;
-    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum * comm.size(), t.seed);
+    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), session.step_micro_batches(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
     let total_steps = schedule.total_steps;
 
@@ -448,7 +448,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train.examples, mb)).sum();
         session.begin_step();
         let mut stats = PairStats::default();
-        for mb in &micro_batches[kiln_dist::shard(micro_batches.len(), comm.rank(), comm.size())] {
+        for mb in &micro_batches[session.my_share(micro_batches.len())] {
             // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
             let step = StepShape { pairs, chosen_tokens, seq };

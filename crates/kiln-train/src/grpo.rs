@@ -418,7 +418,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             let mut rng = Rng::new(t.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
             let prompts: Vec<&PromptRow> = (0..g.prompts_per_step).map(|_| &train[rng.below(train.len())]).collect();
             // Data parallel: each rank samples its own share of the step's prompts.
-            let mine = kiln_dist::shard(prompts.len(), comm.rank(), comm.size());
+            let mine = session.my_share(prompts.len());
             let first = mine.start * g.group_size;
             let sampled = rollout_batch(&mut session.model, &prompts[mine], &cx, t.seed ^ step, first)?;
             let reference = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {

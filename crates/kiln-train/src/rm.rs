@@ -178,7 +178,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
     // Data parallel: `grad_accum` micro-batches per rank, each rank its own share of a step.
     let comm = session.comm;
-    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), t.grad_accum * comm.size(), t.seed);
+    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), session.step_micro_batches(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
     let total_steps = schedule.total_steps;
 
@@ -198,7 +198,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         session.begin_step();
         let mut stats = RmStats::default();
         let mut dscore = vec![0f32; d];
-        for mb in &micro_batches[kiln_dist::shard(micro_batches.len(), comm.rank(), comm.size())] {
+        for mb in &micro_batches[session.my_share(micro_batches.len())] {
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
             session.model.forward_hidden(&b, &mut acts, &batch, true);
             let (scored, w) = rewards(&b, &session.model, &acts, mb, &train.examples);

@@ -220,6 +220,17 @@ impl Session {
         })
     }
 
+    /// Micro-batches in a step over all ranks: `grad_accum` on each.
+    pub fn step_micro_batches(&self) -> usize {
+        self.train.grad_accum * self.comm.size()
+    }
+
+    /// This rank's contiguous share of a step's `len` items (micro-batches, prompts): all of
+    /// them in one process.
+    pub fn my_share(&self, len: usize) -> std::ops::Range<usize> {
+        kiln_dist::shard(len, self.comm.rank(), self.comm.size())
+    }
+
     /// Starts the training clock, and shows a progress bar over `total_steps` unless `quiet`.
     pub fn start_progress(&mut self, total_steps: u64, quiet: bool) {
         self.started = Instant::now();

@@ -138,8 +138,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     let t = &config.train;
     // Data parallel: a step is `grad_accum` micro-batches per rank, each rank taking its own
     // contiguous share, so N ranks see what one rank sees with N times the accumulation.
-    let comm = session.comm;
-    let order = DataOrder::new(&train, rows, seq, t.grad_accum * comm.size(), t.seed);
+    let order = DataOrder::new(&train, rows, seq, session.step_micro_batches(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
     let total_steps = schedule.total_steps;
     let eval_batches = pack(&eval, rows, seq, None);
@@ -160,7 +159,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         let weight = 1.0 / count.max(1) as f32;
         session.begin_step();
         let mut loss = 0.0;
-        for mb in &micro_batches[kiln_dist::shard(micro_batches.len(), comm.rank(), comm.size())] {
+        for mb in &micro_batches[session.my_share(micro_batches.len())] {
             let batch = build_batch(&train, mb, rows, seq, weight);
             loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);
         }

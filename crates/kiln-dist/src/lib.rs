@@ -16,7 +16,7 @@ pub use local::Local;
 pub use mpi_comm::Mpi;
 
 use anyhow::Result;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Collective operations over the ranks of a job. Every rank calls the same collectives in
@@ -44,6 +44,9 @@ pub trait Comm {
         what: &str,
     ) -> Result<()>;
     fn barrier(&self, what: &str) -> Result<()>;
+    /// The ranks that pass the same `color`, as a communicator of their own, ranked in the
+    /// order of this one. Every rank calls it.
+    fn split(&self, color: usize, what: &str) -> Result<Arc<dyn Comm + Send + Sync>>;
 
     fn is_root(&self) -> bool {
         self.rank() == 0

@@ -2,6 +2,7 @@
 
 use crate::Comm;
 use anyhow::{ensure, Result};
+use std::sync::Arc;
 
 pub struct Local;
 
@@ -47,5 +48,9 @@ impl Comm for Local {
 
     fn barrier(&self, _: &str) -> Result<()> {
         Ok(())
+    }
+
+    fn split(&self, _: usize, _: &str) -> Result<Arc<dyn Comm + Send + Sync>> {
+        Ok(Arc::new(Local))
     }
 }

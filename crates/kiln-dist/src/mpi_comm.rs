@@ -14,14 +14,17 @@ use mpi::datatype::Equivalence;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
 use mpi::request::{Request, Scope};
-use mpi::topology::SimpleCommunicator;
+use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Count;
+use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 pub struct Mpi {
     world: SimpleCommunicator,
+    /// Rank in the launch (`MPI_COMM_WORLD`) of each member, for messages.
+    world_ranks: Vec<usize>,
     timeout: Duration,
     /// MPI runs funneled: only the thread that initialised it may call it.
     owner: ThreadId,
@@ -40,7 +43,8 @@ impl Mpi {
         let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
             .context("MPI initialisation failed (was MPI already initialised?)")?;
         let world = universe.world();
-        Ok((universe, Self { world, timeout, owner: std::thread::current().id() }))
+        let world_ranks = (0..world.size() as usize).collect();
+        Ok((universe, Self { world, world_ranks, timeout, owner: std::thread::current().id() }))
     }
 
     fn check_thread(&self) {
@@ -98,7 +102,8 @@ impl Mpi {
                 std::thread::sleep(Duration::from_millis(1));
             }
             let missing: Vec<String> =
-                heard.iter().enumerate().filter(|(_, &h)| !h).map(|(r, _)| r.to_string()).collect();
+                heard.iter().enumerate().filter(|(_, &h)| !h).map(|(r, _)| self.world_ranks[r].to_string()).collect();
+            let me = self.world_ranks[me as usize];
             eprintln!(
                 "error: rank {me}: {op} ({what}) did not complete within {:.0} s; no answer from rank {} (dead or hanging); stopping all ranks",
                 self.timeout.as_secs_f64(),
@@ -199,5 +204,16 @@ impl Comm for Mpi {
         self.check_thread();
         self.finish("barrier", what, self.world.immediate_barrier());
         Ok(())
+    }
+
+    fn split(&self, color: usize, what: &str) -> Result<Arc<dyn Comm + Send + Sync>> {
+        self.check_thread();
+        let group = self
+            .world
+            .split_by_color(Color::with_value(color as i32))
+            .with_context(|| format!("split ({what}): no communicator for color {color}"))?;
+        let mut world_ranks = vec![0usize; group.size() as usize];
+        group.all_gather_into(&self.world_ranks[self.rank()], &mut world_ranks[..]);
+        Ok(Arc::new(Self { world: group, world_ranks, timeout: self.timeout, owner: self.owner }))
     }
 }

@@ -18,6 +18,7 @@ pub use activations::{Activations, ActivationsPool};
 pub use batch::Batch;
 pub use config::{Config, ModelType};
 pub use error::{Error, Result};
+pub use layers::expert_parallel::ExpertParallel;
 pub use model::Model;
 pub use safetensors_io::StorageDtype;
 pub use weights::{TensorSpec, Weights};

@@ -12,6 +12,7 @@ use crate::batch::Batch;
 use crate::config::{AttentionKind, Config};
 use crate::error::Result;
 use crate::kv_cache::{CachePlan, KvCache};
+use crate::layers::expert_parallel::ExpertParallel;
 use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
@@ -42,6 +43,9 @@ pub struct Model<B: Backend> {
     /// That loss summed over the training backwards since it was last taken.
     pub moe_aux_loss: f64,
     moe_shape: Option<MoeShape>,
+    /// Set when this rank holds only its share of the routed experts (`layout` and `params`
+    /// then hold that share).
+    expert_parallel: Option<ExpertParallel>,
     rope_table: B::Buf,
     rope_positions: usize,
 }
@@ -49,8 +53,13 @@ pub struct Model<B: Backend> {
 impl<B: Backend> Model<B> {
     /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
     pub fn load(b: &B, dir: &Path) -> Result<Self> {
+        Self::load_with(b, dir, None)
+    }
+
+    /// `load`; under expert parallel, of the routed experts only this rank's share.
+    pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel>) -> Result<Self> {
         let config = Config::load(dir)?;
-        let layout = weights::layout(&config);
+        let layout = layout_of(&config, ep.as_ref());
         let passthrough = |name: &str| config.is_mtp_tensor(name);
         let spec = LoadSpec { layout: &layout, passthrough: &passthrough, fp8_block: config.fp8_block };
         let loaded = safetensors_io::load(dir, &spec)?;
@@ -63,8 +72,9 @@ impl<B: Backend> Model<B> {
                 loaded.dtype
             );
         }
-        let mut model = Self::from_tensors(b, config, &loaded.tensors, loaded.dtype);
+        let mut model = Self::from_layout(b, config, layout, &loaded.tensors, loaded.dtype);
         model.passthrough = loaded.passthrough;
+        model.expert_parallel = ep;
         Ok(model)
     }
 
@@ -72,13 +82,13 @@ impl<B: Backend> Model<B> {
     /// head (`[1, hidden]`, N(0, 0.02²) drawn with `seed`) in place of the LM head, as
     /// transformers' `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`
     /// builds one. A directory that already is one (a reward checkpoint) loads as it is.
-    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64) -> Result<Self> {
-        let mut model = Self::load(b, dir)?;
+    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64, ep: Option<ExpertParallel>) -> Result<Self> {
+        let mut model = Self::load_with(b, dir, ep)?;
         if model.config.num_labels.is_some() {
             return Ok(model);
         }
         model.config.num_labels = Some(1);
-        model.layout = weights::layout(&model.config);
+        model.layout = layout_of(&model.config, model.expert_parallel.as_ref());
         let hidden = model.config.hidden_size;
         model.params.lm_head = None;
         model.params.score = Some(b.upload(&kiln_core::rng::Rng::new(seed).normal_vec(hidden, 0.02)));
@@ -107,6 +117,16 @@ impl<B: Backend> Model<B> {
 
     pub fn from_tensors(b: &B, config: Config, tensors: &Weights<Vec<f32>>, dtype: StorageDtype) -> Self {
         let layout = weights::layout(&config);
+        Self::from_layout(b, config, layout, tensors, dtype)
+    }
+
+    fn from_layout(
+        b: &B,
+        config: Config,
+        layout: Weights<TensorSpec>,
+        tensors: &Weights<Vec<f32>>,
+        dtype: StorageDtype,
+    ) -> Self {
         let params = tensors.map(|t| b.upload(t));
         let expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
         let moe_shape = MoeShape::new(&config);
@@ -120,9 +140,15 @@ impl<B: Backend> Model<B> {
             moe_aux_alpha: 0.0,
             moe_aux_loss: 0.0,
             moe_shape,
+            expert_parallel: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
         }
+    }
+
+    /// The expert group this rank shares the routed experts with, under expert parallel.
+    pub fn expert_parallel(&self) -> Option<&ExpertParallel> {
+        self.expert_parallel.as_ref()
     }
 
     /// Writes `model.safetensors` with the same tensor names it was loaded with.
@@ -238,7 +264,8 @@ impl<B: Backend> Model<B> {
                 mlp::forward(b, w, &a.xn2, out, a_, (n, d, c.intermediate_size))
             }
             (FfnWeights::Moe(w), FfnActs::Moe(a_)) => {
-                moe::forward(b, self.moe_shape.as_ref().expect("moe shape"), w, &a.xn2, out, a_)
+                let ep = self.expert_parallel.as_ref().map(|ep| (ep, l));
+                moe::forward(b, self.moe_shape.as_ref().expect("moe shape"), w, &a.xn2, out, a_, ep)
             }
             _ => unreachable!("activations laid out for another feed-forward kind"),
         }
@@ -479,6 +506,29 @@ impl<B: Backend> Model<B> {
         self.moe_aux_loss += aux_loss;
     }
 
+    /// Under expert parallel, what a rank with no micro-batch left in a step does while the
+    /// others of its group run one: the exchanges of a forward and backward (with the forward
+    /// repeated in backward under `recompute`), its experts computing for the rows the group
+    /// sends and adding their weight gradients into `grads`.
+    pub fn serve_experts(&self, b: &B, grads: &mut Weights<B::Buf>, recompute: bool) {
+        let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
+        let moe_layers: Vec<usize> =
+            (0..self.config.num_layers).filter(|&l| matches!(self.params.layers[l].ffn, FfnWeights::Moe(_))).collect();
+        let weights = |l: usize| match &self.params.layers[l].ffn {
+            FfnWeights::Moe(w) => w,
+            FfnWeights::Dense(_) => unreachable!("an MoE layer"),
+        };
+        let mut served: Vec<_> =
+            moe_layers.iter().map(|&l| moe::serve_forward(b, shape, weights(l), (ep, l))).collect();
+        for (i, &l) in moe_layers.iter().enumerate().rev() {
+            if recompute {
+                served[i] = moe::serve_forward(b, shape, weights(l), (ep, l));
+            }
+            let FfnWeights::Moe(g) = &mut grads.layers[l].ffn else { unreachable!("an MoE layer") };
+            moe::serve_backward(b, shape, (weights(l), g), &served[i]);
+        }
+    }
+
     /// Backward of layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)
     /// there, and adds the layer's parameter gradients into `g`. Returns the layer's balance
     /// loss (0 for dense layers).
@@ -528,6 +578,15 @@ impl<B: Backend> Model<B> {
         }
         b.rmsnorm_backward(&mut s.dres, &mut g.input_norm, &s.dxn, x_in, &w.input_norm, &a.rstd1);
         aux_loss
+    }
+}
+
+/// The parameters of `config`, under expert parallel with only this rank's routed experts.
+fn layout_of(config: &Config, ep: Option<&ExpertParallel>) -> Weights<TensorSpec> {
+    let layout = weights::layout(config);
+    match (ep, &config.moe) {
+        (Some(ep), Some(moe)) => layout.with_experts(ep.local(moe.experts)),
+        _ => layout,
     }
 }
 

@@ -125,6 +125,12 @@ pub fn load_file(path: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeig
     load_files(path, std::iter::once(path.to_path_buf()), &LoadSpec::plain(layout))
 }
 
+/// Loads the layout's tensors from the union of `files` (shards of one set); `source` names
+/// the set in errors.
+pub fn load_file_set(source: &Path, files: &[PathBuf], layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
+    load_files(source, files.iter().cloned(), &LoadSpec::plain(layout))
+}
+
 /// A stored tensor as read: dtype, shape, values, and the file it came from.
 struct Found {
     dtype: Dtype,
@@ -266,8 +272,20 @@ pub fn save(
     dtype: StorageDtype,
     passthrough: &[RawTensor],
 ) -> Result<()> {
+    save_some(path, layout, tensors, dtype, passthrough, &|_| true)
+}
+
+/// `save`, of the tensors whose spec `keep` accepts.
+pub fn save_some(
+    path: &Path,
+    layout: &Weights<TensorSpec>,
+    tensors: &Weights<Vec<f32>>,
+    dtype: StorageDtype,
+    passthrough: &[RawTensor],
+    keep: &dyn Fn(&TensorSpec) -> bool,
+) -> Result<()> {
     let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (spec, data) in layout.iter().into_iter().zip(tensors.iter()) {
+    for (spec, data) in layout.iter().into_iter().zip(tensors.iter()).filter(|(spec, _)| keep(spec)) {
         let dtype = if spec.keep_f32 { StorageDtype::F32 } else { dtype };
         if spec.parts.is_empty() {
             encoded.push((spec.name.clone(), dtype.safetensors(), spec.shape.clone(), dtype.encode(data)));
@@ -291,4 +309,13 @@ pub fn save(
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), path)
         .map_err(|e| Error::new(path, format!("cannot write: {e}")))
+}
+
+/// Writes `model.safetensors.index.json` into `dir`: which shard file holds each stored tensor
+/// (`weight_map`), and the tensors' total bytes.
+pub fn write_index(dir: &Path, weight_map: &BTreeMap<String, String>, total_size: usize) -> Result<()> {
+    let path = dir.join("model.safetensors.index.json");
+    let index = serde_json::json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+    let text = serde_json::to_string_pretty(&index).map_err(|e| Error::new(&path, format!("cannot encode: {e}")))?;
+    std::fs::write(&path, text).map_err(|e| Error::new(&path, format!("cannot write: {e}")))
 }

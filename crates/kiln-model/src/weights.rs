@@ -317,6 +317,28 @@ fn moe_layout(cfg: &Config, m: &crate::config::MoeConfig, n: &LayerNames) -> Moe
     }
 }
 
+impl Weights<TensorSpec> {
+    /// The layout of a rank that holds only the `local` routed experts of every MoE layer.
+    pub fn with_experts(mut self, local: std::ops::Range<usize>) -> Self {
+        for layer in &mut self.layers {
+            if let FfnWeights::Moe(m) = &mut layer.ffn {
+                for spec in [&mut m.gate, &mut m.up, &mut m.down] {
+                    spec.parts = spec.parts[local.clone()].to_vec();
+                    spec.shape[0] = local.len();
+                }
+            }
+        }
+        self
+    }
+}
+
+impl TensorSpec {
+    /// Whether this is a stack of routed experts (split over the ranks under expert parallel).
+    pub fn is_routed_experts(&self) -> bool {
+        !self.parts.is_empty()
+    }
+}
+
 /// Names and shapes of every parameter for `cfg`.
 pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
     let d = cfg.hidden_size;

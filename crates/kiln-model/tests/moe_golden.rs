@@ -57,7 +57,7 @@ fn moe_layer_matches_transformers() {
     let (mut out, mut dx) = (b.zeros(tokens * hidden), b.zeros(tokens * hidden));
     let mut acts = MoeActs::new(&b, &shape, tokens);
     let mut scratch = MoeGrads::new(&b, &shape, tokens);
-    moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts);
+    moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts, None);
     assert_close("out", &b.read(&out), &t("out"));
     moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g, &acts, &mut scratch, None);
     assert_close("dx", &b.read(&dx), &t("dx"));

@@ -2,13 +2,20 @@
 //! directory: config, tokenizer and `model.safetensors`), the AdamW moments and the step.
 //! Written to a temporary directory, fsynced and renamed into place, so a run killed at any
 //! instant leaves every earlier checkpoint whole and never a partial one under a final name.
+//!
+//! Under expert parallel no rank holds every routed expert: the ranks of the first expert
+//! group each write theirs (rank 0 also every other tensor) into shard files, as a sharded
+//! Hugging Face directory does (`model-00001-of-0000K.safetensors` and an index), and the
+//! moments likewise (`adam_m-00001-of-0000K.safetensors`). Tensors are found by name on load,
+//! so such a checkpoint resumes on any split of the experts, or on none.
 
 use crate::config::RunConfig;
 use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use kiln_core::Backend;
-use kiln_model::{safetensors_io, Model, StorageDtype, TensorSpec, Weights};
+use kiln_model::{safetensors_io, weights, Model, StorageDtype, TensorSpec, Weights};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -140,11 +147,20 @@ pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
     fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
 
     let layout = &req.model.layout;
-    req.model.save_weights_to(b, &tmp.join("model.safetensors"), StorageDtype::F32)?;
-    if let Some(optimizer) = req.optimizer {
-        let (m, v) = optimizer.moments();
-        safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), StorageDtype::F32, &[])?;
-        safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), StorageDtype::F32, &[])?;
+    match req.model.expert_parallel().map(|ep| ep.group.size()).filter(|&k| k > 1) {
+        Some(ranks) => {
+            save_expert_shard(b, &tmp, req.model, req.optimizer, 0, ranks)?;
+            write_expert_index(&tmp, req.model, ranks)?;
+        }
+        None => {
+            req.model.save_weights_to(b, &tmp.join("model.safetensors"), StorageDtype::F32)?;
+            if let Some(optimizer) = req.optimizer {
+                let (m, v) = optimizer.moments();
+                let f32 = StorageDtype::F32;
+                safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), f32, &[])?;
+                safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), f32, &[])?;
+            }
+        }
     }
     (req.extra)(&tmp)?;
     for (name, bytes) in req.model_files {
@@ -171,6 +187,85 @@ pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
     Ok(dest)
 }
 
+fn shard_name(prefix: &str, rank: usize, ranks: usize) -> String {
+    format!("{prefix}-{:05}-of-{ranks:05}.safetensors", rank + 1)
+}
+
+/// Under expert parallel, rank `rank` (of the first expert group of `ranks`) writes its routed
+/// experts' weights and moments into `dir`; rank 0 also every other tensor.
+pub fn save_expert_shard<B: Backend>(
+    b: &B,
+    dir: &Path,
+    model: &Model<B>,
+    optimizer: Option<&AdamW<B>>,
+    rank: usize,
+    ranks: usize,
+) -> Result<()> {
+    let keep = |spec: &TensorSpec| rank == 0 || spec.is_routed_experts();
+    let (layout, f32) = (&model.layout, StorageDtype::F32);
+    let passthrough = if rank == 0 { &model.passthrough[..] } else { &[] };
+    let params = model.params.map(|p| b.read(p));
+    safetensors_io::save_some(&dir.join(shard_name("model", rank, ranks)), layout, &params, f32, passthrough, &keep)?;
+    if let Some(optimizer) = optimizer {
+        let (m, v) = optimizer.moments();
+        for (name, moments) in [("adam_m", m), ("adam_v", v)] {
+            let path = dir.join(shard_name(name, rank, ranks));
+            safetensors_io::save_some(&path, layout, &moments.map(|p| b.read(p)), f32, &[], &keep)?;
+        }
+    }
+    Ok(())
+}
+
+/// The index of an expert-parallel checkpoint's weight shards: each routed expert's tensors
+/// are in the shard of the rank that holds the expert, everything else in rank 0's.
+fn write_expert_index<B: Backend>(dir: &Path, model: &Model<B>, ranks: usize) -> Result<()> {
+    let mut map = BTreeMap::new();
+    let mut bytes = 0;
+    for spec in weights::layout(&model.config).iter() {
+        bytes += spec.numel() * 4;
+        if spec.is_routed_experts() {
+            let per_rank = spec.parts.len() / ranks;
+            for (expert, part) in spec.parts.iter().enumerate() {
+                map.insert(part.clone(), shard_name("model", expert / per_rank, ranks));
+            }
+        } else {
+            map.insert(spec.name.clone(), shard_name("model", 0, ranks));
+        }
+    }
+    for t in &model.passthrough {
+        bytes += t.bytes.len();
+        map.insert(t.name.clone(), shard_name("model", 0, ranks));
+    }
+    Ok(safetensors_io::write_index(dir, &map, bytes)?)
+}
+
+/// The files of a checkpoint's moment `name` (`adam_m`, `adam_v`): one, or its shards.
+fn moment_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{name}.safetensors"));
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let prefix = format!("{name}-");
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot read", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let file = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            file.starts_with(&prefix) && file.ends_with(".safetensors")
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no {name}.safetensors (or shards of it) in the checkpoint", dir.display());
+    }
+    Ok(files)
+}
+
+/// The checkpoint's moment `name` for the tensors of `layout`, wherever they were written.
+fn read_moments(dir: &Path, name: &str, layout: &Weights<TensorSpec>) -> Result<Weights<Vec<f32>>> {
+    Ok(safetensors_io::load_file_set(&dir.join(name), &moment_files(dir, name)?, layout)?.tensors)
+}
+
 pub fn read_state(dir: &Path) -> Result<State> {
     let path = dir.join("state.json");
     let text =
@@ -187,9 +282,8 @@ pub fn load_optimizer<B: Backend>(
     optimizer: &mut AdamW<B>,
 ) -> Result<State> {
     let state = read_state(dir)?;
-    let restore = |file: &str, into: Vec<&mut B::Buf>| -> Result<()> {
-        let loaded = safetensors_io::load_file(&dir.join(file), layout)?;
-        for (dst, src) in into.into_iter().zip(loaded.tensors.iter()) {
+    let restore = |name: &str, into: Vec<&mut B::Buf>| -> Result<()> {
+        for (dst, src) in into.into_iter().zip(read_moments(dir, name, layout)?.iter()) {
             b.write(dst, src);
         }
         Ok(())
@@ -207,8 +301,8 @@ pub fn load_optimizer<B: Backend>(
             }
         }
     } else {
-        restore("adam_m.safetensors", m.iter_mut())?;
-        restore("adam_v.safetensors", v.iter_mut())?;
+        restore("adam_m", m.iter_mut())?;
+        restore("adam_v", v.iter_mut())?;
     }
     optimizer.hyper.step = state.adam_step;
     Ok(state)
@@ -216,9 +310,8 @@ pub fn load_optimizer<B: Backend>(
 
 /// A replicated run's moments as flat vectors in `Weights::iter` order, for a sharded resume.
 pub fn read_full_moments(dir: &Path, layout: &Weights<TensorSpec>) -> Result<(Vec<f32>, Vec<f32>)> {
-    let flat = |file: &str| -> Result<Vec<f32>> {
-        let loaded = safetensors_io::load_file(&dir.join(file), layout)?;
-        Ok(loaded.tensors.iter().into_iter().flat_map(|t| t.iter().copied()).collect())
+    let flat = |name: &str| -> Result<Vec<f32>> {
+        Ok(read_moments(dir, name, layout)?.iter().into_iter().flat_map(|t| t.iter().copied()).collect())
     };
-    Ok((flat("adam_m.safetensors")?, flat("adam_v.safetensors")?))
+    Ok((flat("adam_m")?, flat("adam_v")?))
 }

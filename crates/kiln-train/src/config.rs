@@ -264,6 +264,11 @@ pub struct TrainSection {
     /// Data parallel: 0 replicates AdamW's moments on every rank; 1 shards them (ZeRO-1).
     #[serde(default)]
     pub zero: u8,
+    /// Expert parallel (MoE models, under mpirun): the routed experts of every MoE layer are
+    /// split over groups of this many ranks (1: every rank holds them all). Divides the number
+    /// of ranks and of routed experts.
+    #[serde(default = "default_ep")]
+    pub ep: usize,
     /// Evaluate every this many steps (and at the end); 0: only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -275,6 +280,10 @@ pub struct TrainSection {
     /// 0 turns it off.
     #[serde(default)]
     pub moe_aux_loss_alpha: f32,
+}
+
+fn default_ep() -> usize {
+    1
 }
 
 fn default_router_bias_rate() -> f32 {
@@ -355,6 +364,16 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Strin
 }
 
 impl RunConfig {
+    /// Refuses expert parallel for a recipe whose ranks run different numbers of forwards.
+    pub fn refuse_expert_parallel(&self, recipe: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.train.ep == 1,
+            "`train.ep` = {}: expert parallel covers sft, dpo and rm; {recipe} generates on every rank, and each rank stops decoding at a different step, while an expert-parallel layer needs every rank of its group in each forward",
+            self.train.ep
+        );
+        Ok(())
+    }
+
     /// Parses a run file, then applies `--set` overrides; errors name the file and the key.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
@@ -426,6 +445,15 @@ impl RunConfig {
         }
         if t.grad_accum == 0 {
             return Err("`train.grad_accum` must be at least 1".into());
+        }
+        if t.ep == 0 {
+            return Err("`train.ep` must be at least 1".into());
+        }
+        if t.ep > 1 && t.zero > 0 {
+            return Err(format!(
+                "`train.ep` = {} with `train.zero` = {}: expert parallel runs with replicated optimizer state (zero = 0) for now",
+                t.ep, t.zero
+            ));
         }
         if self.data.train.is_empty() {
             return Err("`data.train` names no file".into());

@@ -47,6 +47,7 @@ pub fn reverse_kl(student: &[f32], teacher: &[f32]) -> (f64, Vec<f64>) {
 /// Runs on-policy distillation as configured by `config.distill`.
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
+    config.refuse_expert_parallel("distillation")?;
     let mut session = Session::open(config, resume)?;
     let b = session.b;
     let mut teacher = Model::load(&b, &d.teacher)?;

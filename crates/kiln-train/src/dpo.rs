@@ -380,7 +380,7 @@ fn reference_logps(
     // The reference is the model the run started from, which a resumed run no longer holds.
     let mut fresh;
     let model = if session.resumed {
-        fresh = Model::load(&b, &config.model.path)?;
+        fresh = Model::load_with(&b, &config.model.path, session.model.expert_parallel().cloned())?;
         &mut fresh
     } else {
         &mut session.model
@@ -456,6 +456,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                 |nll: &[f32]| token_weights(nll, &batch.targets, mb, &train, &objective, step, &mut stats);
             session.model.forward_backward_with(&b, &mut acts, &batch, &mut session.grads, &mut weights_of);
         }
+        session.serve_experts_for_rest(micro_batches.len());
         // This rank's share of the step's mean loss; `update` sums the shares.
         let share = stats.loss / pairs.max(1) as f64;
         let stats = stats.sum_over_ranks(comm, &format!("pair statistics at step {}", session.state.step + 1))?.mean();

@@ -381,6 +381,7 @@ fn rollout_batch(
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<GrpoStats>> {
     let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
     let rewards = build_rewards(&g.rewards)?;
+    config.refuse_expert_parallel("GRPO")?;
     let mut session = Session::open(config, resume)?;
     session.plot = crate::metrics::PlotSpec::REWARD;
     // The frozen reference for the KL term: the model the run started from.

@@ -164,7 +164,8 @@ fn reward_config(dir: &Path, pad: Option<u32>) -> Result<Vec<u8>> {
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<RmStats>> {
     let rm = config.rm.clone().unwrap_or_default();
     let t = &config.train;
-    let mut session = Session::open_with(config, resume, |b, dir| Ok(Model::load_as_reward_model(b, dir, t.seed)?))?;
+    let mut session =
+        Session::open_with(config, resume, |b, dir, ep| Ok(Model::load_as_reward_model(b, dir, t.seed, ep)?))?;
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
     let pad = tokenizer.eos_id;
@@ -221,6 +222,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         }
         let g = session.grads.score.as_mut().expect("score gradient");
         g.iter_mut().zip(&dscore).for_each(|(g, d)| *g += d);
+        session.serve_experts_for_rest(micro_batches.len());
         // This rank's share of the step's mean loss; `update` sums the shares.
         let share = stats.loss / pairs.max(1) as f64;
         let stats = stats.sum_over_ranks(comm, &format!("pair statistics at step {}", session.state.step + 1))?.mean();

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend, Cpu};
 use kiln_dist::Comm;
-use kiln_model::{Model, Weights};
+use kiln_model::{Config, ExpertParallel, Model, Weights};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +37,9 @@ pub struct Session {
     pub b: Cpu,
     /// The ranks of a data-parallel run (one process: `Local`).
     pub comm: &'static dyn Comm,
+    /// Under expert parallel: the ranks that hold the same routed experts as this one (one per
+    /// expert group), over which those experts' gradients are summed.
+    expert_replicas: Option<Arc<dyn Comm + Send + Sync>>,
     pub model: Model<Cpu>,
     pub optimizer: Optimizer,
     /// Gradients of the step being accumulated.
@@ -118,14 +121,15 @@ impl Session {
     /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
     /// and (on resume) the optimizer state, and starts listening for SIGINT/SIGTERM.
     pub fn open(config: &RunConfig, resume: Option<Resume>) -> Result<Self> {
-        Self::open_with(config, resume, |b, dir| Ok(Model::load(b, dir)?))
+        Self::open_with(config, resume, |b, dir, ep| Ok(Model::load_with(b, dir, ep)?))
     }
 
-    /// `open`, loading the model (from the configured directory or the checkpoint) with `load`.
+    /// `open`, loading the model (from the configured directory or the checkpoint, with only
+    /// this rank's routed experts under expert parallel) with `load`.
     pub fn open_with(
         config: &RunConfig,
         resume: Option<Resume>,
-        load: impl FnOnce(&Cpu, &Path) -> Result<Model<Cpu>>,
+        load: impl FnOnce(&Cpu, &Path, Option<ExpertParallel>) -> Result<Model<Cpu>>,
     ) -> Result<Self> {
         let b = Cpu;
         let out_dir = config.output.dir.clone();
@@ -142,11 +146,18 @@ impl Session {
             ),
         };
         let model_dir = resume_dir.clone().unwrap_or_else(|| config.model.path.clone());
-        let mut model = load(&b, &model_dir)?;
         let t = &config.train;
+        let comm = kiln_dist::world();
+        let (expert_parallel, expert_replicas) = match t.ep {
+            1 => (None, None),
+            ep => {
+                let (group, replicas) = expert_groups(comm, ep, &model_dir)?;
+                (Some(group), Some(replicas))
+            }
+        };
+        let mut model = load(&b, &model_dir, expert_parallel)?;
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
         let grads = model.zeros_like_params(&b);
-        let comm = kiln_dist::world();
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let mut optimizer = if t.zero >= 1 && comm.size() > 1 {
@@ -195,6 +206,7 @@ impl Session {
         Ok(Self {
             b,
             comm,
+            expert_replicas,
             model,
             optimizer,
             grads,
@@ -229,6 +241,19 @@ impl Session {
     /// them in one process.
     pub fn my_share(&self, len: usize) -> std::ops::Range<usize> {
         kiln_dist::shard(len, self.comm.rank(), self.comm.size())
+    }
+
+    /// Under expert parallel, after this rank's share of a step's `len` micro-batches: as many
+    /// passes serving its experts as the ranks with one more micro-batch run (an epoch's last
+    /// step can leave ranks unequal shares), so every rank of an expert group joins every
+    /// exchange.
+    pub fn serve_experts_for_rest(&mut self, len: usize) {
+        if self.model.expert_parallel().is_none() {
+            return;
+        }
+        for _ in self.my_share(len).len()..len.div_ceil(self.comm.size()) {
+            self.model.serve_experts(&self.b, &mut self.grads, self.train.recompute);
+        }
     }
 
     /// Starts the training clock, and shows a progress bar over `total_steps` unless `quiet`.
@@ -299,7 +324,7 @@ impl Session {
             }
             Optimizer::Replicated(_) => {
                 self.all_reduce_grads(&what)?;
-                (self.grads.iter().into_iter().map(|g| b.sum_squares(g)).sum::<f64>().sqrt(), None)
+                (self.grad_norm(&what)?, None)
             }
         };
         self.state.step += 1;
@@ -377,23 +402,55 @@ impl Session {
         Ok(flat[flat.len() - 1])
     }
 
-    /// Replicated data parallel: sums every gradient over the ranks, in one all-reduce.
+    /// Replicated data parallel: sums every gradient over the ranks that hold its parameter,
+    /// in one all-reduce per kind: all ranks for everything but the routed experts, which under
+    /// expert parallel are summed over their replicas (one rank per expert group).
     fn all_reduce_grads(&mut self, what: &str) -> Result<()> {
-        if self.comm.size() == 1 {
-            return Ok(());
-        }
-        let mut grads = self.grads.iter_mut();
-        let flat = &mut self.comm_buffer;
-        flat.clear();
-        grads.iter().for_each(|g| flat.extend_from_slice(g));
-        self.comm.all_reduce_sum(flat, what)?;
-        let mut at = 0;
-        for g in grads.iter_mut() {
-            let n = g.len();
-            g.copy_from_slice(&flat[at..at + n]);
-            at += n;
+        let replicas: &dyn Comm = match &self.expert_replicas {
+            Some(replicas) => replicas.as_ref(),
+            None => self.comm,
+        };
+        for (comm, experts) in [(self.comm, false), (replicas, true)] {
+            let mut grads: Vec<&mut Vec<f32>> = self
+                .grads
+                .iter_mut()
+                .into_iter()
+                .zip(self.model.layout.iter())
+                .filter(|(_, spec)| spec.is_routed_experts() == experts)
+                .map(|(g, _)| g)
+                .collect();
+            if comm.size() == 1 || grads.is_empty() {
+                continue;
+            }
+            let flat = &mut self.comm_buffer;
+            flat.clear();
+            grads.iter().for_each(|g| flat.extend_from_slice(g));
+            comm.all_reduce_sum(flat, what)?;
+            let mut at = 0;
+            for g in grads.iter_mut() {
+                let n = g.len();
+                g.copy_from_slice(&flat[at..at + n]);
+                at += n;
+            }
         }
         Ok(())
+    }
+
+    /// The global norm of the summed gradients: under expert parallel each rank holds only
+    /// its group's share of the routed experts' gradients, so their squares are summed over
+    /// the expert group.
+    fn grad_norm(&self, what: &str) -> Result<f64> {
+        let b = self.b;
+        let [mut shared, mut experts] = [0.0f64; 2];
+        for (g, spec) in self.grads.iter().into_iter().zip(self.model.layout.iter()) {
+            *if spec.is_routed_experts() { &mut experts } else { &mut shared } += b.sum_squares(g);
+        }
+        if let Some(ep) = self.model.expert_parallel() {
+            let mut squares = [experts];
+            ep.group.all_reduce_sum_f64(&mut squares, what)?;
+            experts = squares[0];
+        }
+        Ok((shared + experts).sqrt())
     }
 
     /// Whether the step just counted is due an evaluation: every `train.eval_every` steps,
@@ -468,16 +525,18 @@ impl Session {
     }
 
     /// Writes a checkpoint of the current step: rank 0 writes the model and state; with ZeRO-1
-    /// every rank adds its moment shard to the checkpoint's temporary directory before rank 0
-    /// seals it.
+    /// every rank, and under expert parallel every rank of the first expert group, adds its
+    /// shard to the checkpoint's temporary directory before rank 0 seals it.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         let root = self.out_dir.join("checkpoints");
         let (comm, step) = (self.comm, self.state.step);
         let phase = |name: &str| format!("checkpoint at step {step}: {name}");
+        let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
+        let sharded = matches!(self.optimizer, Optimizer::Sharded(_)) || expert_ranks > 1;
         if !comm.is_root() {
-            if let Optimizer::Sharded(opt) = &self.optimizer {
+            if sharded {
                 comm.barrier(&phase("directory ready"))?;
-                opt.save(&checkpoint::tmp_dir(&root, step), comm.rank(), comm.size())?;
+                self.write_shard(&checkpoint::tmp_dir(&root, step), expert_ranks)?;
                 comm.barrier(&phase("shards written"))?;
             }
             comm.barrier(&phase("sealed"))?;
@@ -485,13 +544,11 @@ impl Session {
             self.last_checkpoint = Some(dir.clone());
             return Ok(dir);
         }
-        let sharded = match &self.optimizer {
-            Optimizer::Sharded(opt) => Some(opt),
-            Optimizer::Replicated(_) => None,
-        };
         let extra = |tmp: &Path| -> Result<()> {
-            if let Some(opt) = sharded {
-                opt.save(tmp, 0, comm.size())?;
+            if sharded {
+                if let Optimizer::Sharded(opt) = &self.optimizer {
+                    opt.save(tmp, 0, comm.size())?;
+                }
                 comm.barrier(&phase("directory ready"))?;
                 comm.barrier(&phase("shards written"))?;
             }
@@ -519,6 +576,19 @@ impl Session {
         Ok(dir)
     }
 
+    /// A rank other than 0 adds its part of a checkpoint to `tmp`: its ZeRO-1 moment shard, or
+    /// under expert parallel (in the first expert group) its routed experts.
+    fn write_shard(&self, tmp: &Path, expert_ranks: usize) -> Result<()> {
+        let rank = self.comm.rank();
+        match &self.optimizer {
+            Optimizer::Sharded(opt) => opt.save(tmp, rank, self.comm.size()),
+            Optimizer::Replicated(adamw) if rank < expert_ranks => {
+                checkpoint::save_expert_shard(&self.b, tmp, &self.model, Some(adamw), rank, expert_ranks)
+            }
+            Optimizer::Replicated(_) => Ok(()),
+        }
+    }
+
     /// The newest checkpoint, writing one if the run has none.
     pub fn final_checkpoint(&mut self) -> Result<PathBuf> {
         match &self.last_checkpoint {
@@ -540,6 +610,32 @@ impl Session {
     pub fn model_dir(&self) -> &Path {
         &self.model_dir
     }
+}
+
+/// Splits the ranks into expert groups of `ep` consecutive ranks, each holding every routed
+/// expert once, and the replica groups that hold the same experts (one rank from each expert
+/// group); refuses what expert parallel cannot split.
+fn expert_groups(
+    comm: &dyn Comm,
+    ep: usize,
+    model_dir: &Path,
+) -> Result<(ExpertParallel, Arc<dyn Comm + Send + Sync>)> {
+    let config = Config::load(model_dir)?;
+    let Some(moe) = &config.moe else {
+        bail!(
+            "`train.ep` = {ep}: {} has no MoE layers to split (expert parallel is for deepseek_v3 models)",
+            model_dir.display()
+        );
+    };
+    if !moe.experts.is_multiple_of(ep) {
+        bail!("`train.ep` = {ep} does not divide the {} routed experts of {}", moe.experts, model_dir.display());
+    }
+    if !comm.size().is_multiple_of(ep) {
+        bail!("`train.ep` = {ep} does not divide the {} ranks of the run (mpirun -np)", comm.size());
+    }
+    let group = comm.split(comm.rank() / ep, "expert groups")?;
+    let replicas = comm.split(comm.rank() % ep, "expert replicas")?;
+    Ok((ExpertParallel { group }, replicas))
 }
 
 /// Adds each MoE layer's tokens per expert (`expert_load`, keyed by layer) and their mean

@@ -163,6 +163,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
             let batch = build_batch(&train, mb, rows, seq, weight);
             loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);
         }
+        session.serve_experts_for_rest(micro_batches.len());
         let update = session.update(loss, &schedule, || describe_rows(&train, &micro_batches))?;
         let loss = update.loss;
         last_loss = loss;

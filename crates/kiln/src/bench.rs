@@ -150,7 +150,7 @@ fn moe(args: &MoeArgs) -> Result<()> {
     let mut acts = MoeActs::new(&b, &shape, n);
     let mut scratch = MoeGrads::new(&b, &shape, n);
     let moe_s = median_time(args.steps, || {
-        moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts);
+        moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts, None);
         moe::backward(&b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, None);
     });
 

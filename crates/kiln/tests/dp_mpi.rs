@@ -3,9 +3,12 @@
 //! same loss curve as one process with the whole step, replicated or with ZeRO-1's sharded
 //! moments (whose memory per rank falls as 1/N), a ZeRO-1 checkpoint resumes on another
 //! number of ranks, only rank 0 writes, every other recipe (DPO, RM, GRPO, distillation)
-//! follows the same curve on 2 ranks, and a rank that hangs or dies stops the job with the
-//! checkpoints whole.
+//! follows the same curve on 2 ranks, expert parallel (alone and with data parallel) gives
+//! the one-process curve with each rank holding its share of the experts, and a rank that
+//! hangs or dies stops the job with the checkpoints whole.
 #![cfg(feature = "mpi")]
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,6 +29,9 @@ fn sft(ranks: usize, grad_accum: usize, out: &Path, extra: &[&str]) -> Output {
     let args = [
         "--threads".to_string(),
         "1".into(),
+        // A bug that leaves ranks in different collectives fails in a minute, not five.
+        "--comm-timeout".into(),
+        "60".into(),
         "sft".into(),
         format!("{EXAMPLES}/sft.toml"),
         "--quiet".into(),
@@ -121,6 +127,86 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero() {
         let out = sft(ranks, accum, &dir, &[extra[0], extra[1], "--resume"]);
         assert!(out.status.success(), "resume on {ranks}: {}", String::from_utf8_lossy(&out.stderr));
         assert_same_curve(&reference, &losses(&dir), &format!("resumed on {ranks}"));
+    }
+}
+
+/// Every tensor of a safetensors file, as f32.
+fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut all: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(_, t)| t.dtype() == safetensors::Dtype::F32)
+        .map(|(name, t)| (name, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()))
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+#[test]
+fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
+    let _serial = serial();
+    let base = scratch("ep-base");
+    let mtp = common::deepseek_base(&base);
+    let model = format!("model.path={:?}", base.display().to_string());
+    let one = scratch("ep-1");
+    run_ok(1, 4, &one, &["--set", &model]);
+    let reference = losses(&one);
+    let norms = |dir: &Path| steps(dir).iter().map(|v| v["grad_norm"].as_f64().unwrap()).collect::<Vec<_>>();
+    let weights_mb = |dir: &Path| steps(dir)[0]["weights_mb"].as_f64().unwrap();
+    // Two MoE layers of 8 routed experts, each three 24 x 48 matrices, in f32.
+    let routed_mb = (2 * 8 * 3 * 24 * 48 * 4) as f64 / 1e6;
+    // ep ranks per expert group; with 4 ranks and ep 2, two groups (data parallel over them).
+    for (ranks, accum, ep) in [(2, 2, 2), (4, 1, 4), (4, 1, 2)] {
+        let dir = scratch(&format!("ep-{ranks}-{ep}"));
+        run_ok(ranks, accum, &dir, &["--set", &model, "--set", &format!("train.ep={ep}")]);
+        let what = format!("{ranks} ranks, ep {ep}");
+        assert_same_curve(&reference, &losses(&dir), &what);
+        for (a, b) in norms(&one).iter().zip(norms(&dir)) {
+            assert!((a - b).abs() <= 1e-5 * a, "{what}: grad norm {a} vs {b}");
+        }
+        // Each rank holds 1/ep of the routed experts, and everything else whole.
+        let saved = weights_mb(&one) - weights_mb(&dir);
+        let expected = routed_mb * (1.0 - 1.0 / ep as f64);
+        assert!((saved - expected).abs() < 1e-6, "{what}: {saved} MB fewer weights, expected {expected}");
+    }
+
+    // The ep-4 run's checkpoints are sharded like a Hugging Face directory, one shard per rank
+    // of the expert group, and its step-3 checkpoint resumes on 2 ranks with ep 2.
+    let ep4 = scratch_keep("ep-4-4");
+    let step3 = ep4.join("checkpoints/step-00000003");
+    for f in ["model.safetensors.index.json", "model-00004-of-00004.safetensors", "adam_m-00004-of-00004.safetensors"] {
+        assert!(step3.join(f).exists(), "{} lacks {f}", step3.display());
+    }
+    let dir = scratch("ep-resume");
+    copy_dir(&ep4, &dir);
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    let out = sft(2, 2, &dir, &["--set", &model, "--set", "train.ep=2", "--resume"]);
+    assert!(out.status.success(), "resume with ep 2: {}", String::from_utf8_lossy(&out.stderr));
+    assert_same_curve(&reference, &losses(&dir), "resumed with ep 2");
+
+    // Exported, the expert-parallel run is a whole model: every expert, the MTP tensor as it
+    // was, and the weights of the one-process run.
+    let exported = scratch("ep-export");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["export", ep4.join("checkpoints/step-00000006").to_str().unwrap(), "--out"])
+        .arg(&exported)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(exported.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor(common::MTP_TENSOR).unwrap().data(), &mtp[..], "MTP tensor changed");
+    let (a, b) = (
+        tensors(&one.join("checkpoints/step-00000006/model.safetensors")),
+        tensors(&exported.join("model.safetensors")),
+    );
+    assert_eq!(a.iter().map(|t| &t.0).collect::<Vec<_>>(), b.iter().map(|t| &t.0).collect::<Vec<_>>());
+    assert!(a.iter().any(|(name, _)| name == "model.layers.2.mlp.experts.7.down_proj.weight"));
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
+        assert!(diff < 1e-5, "{name}: weights differ by {diff}");
     }
 }
 

@@ -1,6 +1,9 @@
 //! `kiln sft`, `kiln export` and `kiln data inspect` end to end on the demo base model:
 //! exact resume across kill -9, bad-row reports, config errors, and export round trips.
 
+mod common;
+
+use common::{deepseek_base, MTP_TENSOR};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -245,35 +248,6 @@ fn data_inspect_shows_counts_and_the_loss_mask() {
     );
 }
 
-/// A tiny random DeepSeek-V3 (MLA, one dense and one MoE layer) with the demo tokenizer and
-/// one multi-token-prediction tensor, saved as a Hugging Face directory.
-fn deepseek_base(dir: &Path) -> Vec<u8> {
-    use kiln_model::safetensors_io::RawTensor;
-    std::fs::create_dir_all(dir).unwrap();
-    let config = r#"{
-        "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
-        "moe_intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 3,
-        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
-        "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
-        "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
-        "num_nextn_predict_layers": 1, "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
-    }"#;
-    std::fs::write(dir.join("config.json"), config).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(Path::new(BASE).join(f), dir.join(f)).unwrap();
-    }
-    let mut model = kiln_model::Model::random(&kiln_core::Cpu, kiln_model::Config::parse(config).unwrap(), 1);
-    let mtp: Vec<u8> = (0..48u32).flat_map(|i| half::bf16::from_f32(i as f32 / 7.0).to_le_bytes()).collect();
-    model.passthrough.push(RawTensor {
-        name: "model.layers.2.enorm.weight".into(),
-        dtype: safetensors::Dtype::BF16,
-        shape: vec![48],
-        bytes: mtp.clone(),
-    });
-    model.save_weights(&kiln_core::Cpu, dir).unwrap();
-    mtp
-}
-
 #[test]
 fn deepseek_v3_sft_trains_balances_and_exports() {
     let base = scratch_dir("deepseek-base").join("model");
@@ -312,7 +286,7 @@ fn deepseek_v3_sft_trains_balances_and_exports() {
     let bytes = std::fs::read(exported.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     assert!(st.tensor("model.layers.1.mlp.experts.7.down_proj.weight").is_ok());
-    assert_eq!(st.tensor("model.layers.2.enorm.weight").unwrap().data(), &mtp[..], "MTP tensor changed");
+    assert_eq!(st.tensor(MTP_TENSOR).unwrap().data(), &mtp[..], "MTP tensor changed");
     let bias = st.tensor("model.layers.1.mlp.gate.e_score_correction_bias").unwrap();
     assert_eq!(bias.dtype(), safetensors::Dtype::F32, "the router bias stays f32");
     assert!(bias.data().chunks_exact(4).any(|b| f32::from_le_bytes(b.try_into().unwrap()) != 0.0), "bias never moved");

@@ -2,6 +2,7 @@
 //! activations and gradient scratch it needs: attention (grouped-query or multi-head latent)
 //! and feed-forward (dense SwiGLU or DeepSeekMoE).
 
+pub mod expert_parallel;
 pub mod gqa;
 pub mod mla;
 pub mod mlp;

@@ -9,7 +9,10 @@
 //! Dispatch sorts the (token, choice) pairs by expert, so each expert runs one matrix product
 //! over its contiguous rows (`grouped_matmul`): no per-token loops, no dense all-experts
 //! compute. Backward runs the same steps in reverse; the correction bias gets no gradient.
+//! Under expert parallel (`layers::expert_parallel`) the sorted rows travel to the ranks that
+//! hold their experts and back, between dispatch and combine.
 
+use super::expert_parallel::{Exchange, ExpertParallel};
 use super::moe_aux_loss::{seq_aux_loss, SeqAux};
 pub use crate::weights::MoeWeights;
 use kiln_core::{Backend, GroupedMatmul, Matmul, Routing};
@@ -65,7 +68,22 @@ pub struct MoeActs<B: Backend> {
     y: B::Buf,
     y_scaled: B::Buf,
     shared: Option<(B::Buf, B::Buf, B::Buf)>,
+    /// Under expert parallel: the exchange, and the expert side's inputs and activations
+    /// (`xs`, `g`, `u`, `h` above are then the dispatched rows only).
+    remote: Option<Remote<B>>,
 }
+
+/// What this rank's experts computed for the rows other ranks sent them.
+struct Remote<B: Backend> {
+    exchange: Exchange<B>,
+    xs: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    h: B::Buf,
+}
+
+/// An expert-parallel layer: the group, and the layer's index for naming its exchanges.
+pub type ExpertGroup<'a> = Option<(&'a ExpertParallel, usize)>;
 
 impl<B: Backend> MoeActs<B> {
     pub fn new(b: &B, s: &MoeShape, tokens: usize) -> Self {
@@ -91,6 +109,7 @@ impl<B: Backend> MoeActs<B> {
                 let n = tokens * s.shared_ff;
                 (b.zeros(n), b.zeros(n), b.zeros(n))
             }),
+            remote: None,
         }
     }
 }
@@ -129,6 +148,112 @@ fn experts_linear_backward<B: Backend>(
     b.grouped_matmul(dx, dy, w, rows, GroupedMatmul { n: d_in, k: d_out, trans_b: false, accumulate });
 }
 
+/// The routed experts over their rows `xs` (`rows[e]` per expert, in order):
+/// `y = (silu(xs·G_eᵀ) ⊙ xs·U_eᵀ)·D_eᵀ`, keeping `g`, `u`, `h` for backward.
+#[allow(clippy::too_many_arguments)]
+fn experts_forward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    w: &MoeWeights<B::Buf>,
+    rows: &[usize],
+    xs: &B::Buf,
+    (g, u, h): (&mut B::Buf, &mut B::Buf, &mut B::Buf),
+    y: &mut B::Buf,
+) {
+    let (d, ff) = (s.hidden, s.expert_ff);
+    experts_linear(b, g, xs, &w.gate, rows, d, ff);
+    experts_linear(b, u, xs, &w.up, rows, d, ff);
+    b.swiglu_forward(h, g, u);
+    experts_linear(b, y, h, &w.down, rows, ff, d);
+}
+
+/// Backward of `experts_forward` from `dy`: the experts' weight gradients into `gw`, dL/dxs
+/// into `dxs`; `scratch` holds dh, dg, du.
+#[allow(clippy::too_many_arguments)]
+fn experts_backward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    (w, gw): (&MoeWeights<B::Buf>, &mut MoeWeights<B::Buf>),
+    rows: &[usize],
+    (xs, g, u, h): (&B::Buf, &B::Buf, &B::Buf, &B::Buf),
+    dy: &B::Buf,
+    (dh, dg, du): (&mut B::Buf, &mut B::Buf, &mut B::Buf),
+    dxs: &mut B::Buf,
+) {
+    let (d, ff) = (s.hidden, s.expert_ff);
+    experts_linear_backward(b, dh, false, &mut gw.down, dy, h, &w.down, rows, (ff, d));
+    b.swiglu_backward(dg, du, dh, g, u);
+    experts_linear_backward(b, dxs, false, &mut gw.gate, dg, xs, &w.gate, rows, (d, ff));
+    experts_linear_backward(b, dxs, true, &mut gw.up, du, xs, &w.up, rows, (d, ff));
+}
+
+/// Expert parallel, forward: sends the dispatched rows `xs` (`rows[e]` for each of the layer's
+/// experts) to the ranks holding their experts, runs this rank's experts on what it receives,
+/// and brings the outputs back into `y`.
+fn remote_forward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    w: &MoeWeights<B::Buf>,
+    (ep, layer): (&ExpertParallel, usize),
+    rows: &[usize],
+    xs: &B::Buf,
+    y: &mut B::Buf,
+) -> Remote<B> {
+    let (d, ff) = (s.hidden, s.expert_ff);
+    let exchange = Exchange::new(b, ep, layer, rows);
+    let r = exchange.rows();
+    let xs = exchange.to_experts(b, xs, d, "dispatch");
+    let (mut g, mut u, mut h, mut y_local) = (b.zeros(r * ff), b.zeros(r * ff), b.zeros(r * ff), b.zeros(r * d));
+    experts_forward(b, s, w, &exchange.local_rows, &xs, (&mut g, &mut u, &mut h), &mut y_local);
+    exchange.to_sources(b, &y_local, y, d, "combine");
+    Remote { exchange, xs, g, u, h }
+}
+
+/// Expert parallel, backward: sends the output gradients `dy` of the dispatched rows to the
+/// experts' ranks, runs this rank's experts' backward (weight gradients into `g`), and brings
+/// the input gradients back into `dxs`.
+fn remote_backward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    (w, g): (&MoeWeights<B::Buf>, &mut MoeWeights<B::Buf>),
+    r: &Remote<B>,
+    dy: &B::Buf,
+    dxs: &mut B::Buf,
+) {
+    let (d, ff) = (s.hidden, s.expert_ff);
+    let ex = &r.exchange;
+    let dy = ex.to_experts(b, dy, d, "output gradients");
+    let rows = ex.rows();
+    let (mut dh, mut dg, mut du) = (b.zeros(rows * ff), b.zeros(rows * ff), b.zeros(rows * ff));
+    let mut dxs_local = b.zeros(rows * d);
+    let acts = (&r.xs, &r.g, &r.u, &r.h);
+    experts_backward(b, s, (w, g), &ex.local_rows, acts, &dy, (&mut dh, &mut dg, &mut du), &mut dxs_local);
+    ex.to_sources(b, &dxs_local, dxs, d, "input gradients");
+}
+
+/// A rank with no tokens of its own serving its experts to the rest of its group.
+pub struct Served<B: Backend>(Remote<B>);
+
+/// `forward` of a rank with no tokens: its experts run on the rows the group sends them.
+pub fn serve_forward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    w: &MoeWeights<B::Buf>,
+    ep: (&ExpertParallel, usize),
+) -> Served<B> {
+    Served(remote_forward(b, s, w, ep, &vec![0; s.experts], &b.zeros(0), &mut b.zeros(0)))
+}
+
+/// `backward` of a rank with no tokens: its experts' weight gradients from the group's rows.
+pub fn serve_backward<B: Backend>(
+    b: &B,
+    s: &MoeShape,
+    (w, g): (&MoeWeights<B::Buf>, &mut MoeWeights<B::Buf>),
+    served: &Served<B>,
+) {
+    remote_backward(b, s, (w, g), &served.0, &b.zeros(0), &mut b.zeros(0));
+}
+
 /// `out = MoE(x)` for `[tokens, hidden]` x; keeps what backward needs in `a`. With `out`
 /// `None` only what backward needs is computed.
 pub fn forward<B: Backend>(
@@ -138,8 +263,9 @@ pub fn forward<B: Backend>(
     x: &B::Buf,
     out: Option<&mut B::Buf>,
     a: &mut MoeActs<B>,
+    ep: ExpertGroup,
 ) {
-    let (n, d, ff, k, e) = (a.tokens, s.hidden, s.expert_ff, s.routing.top_k, s.experts);
+    let (n, d, k, e) = (a.tokens, s.hidden, s.routing.top_k, s.experts);
     b.matmul(&mut a.logits, x, &w.router, Matmul::linear(n, d, e));
     b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, &w.bias, routing(s, n));
 
@@ -161,10 +287,10 @@ pub fn forward<B: Backend>(
     b.write(&mut a.row_w, &row_w);
 
     b.embedding_forward(&mut a.xs, x, &a.order, d);
-    experts_linear(b, &mut a.g, &a.xs, &w.gate, &a.rows, d, ff);
-    experts_linear(b, &mut a.u, &a.xs, &w.up, &a.rows, d, ff);
-    b.swiglu_forward(&mut a.h, &a.g, &a.u);
-    experts_linear(b, &mut a.y, &a.h, &w.down, &a.rows, ff, d);
+    match ep {
+        None => experts_forward(b, s, w, &a.rows, &a.xs, (&mut a.g, &mut a.u, &mut a.h), &mut a.y),
+        Some((ep, layer)) => a.remote = Some(remote_forward(b, s, w, (ep, layer), &a.rows, &a.xs, &mut a.y)),
+    }
     if let (Some(sg), Some(su), Some((g, u, h))) = (&w.shared_gate, &w.shared_up, &mut a.shared) {
         b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff));
         b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff));
@@ -232,7 +358,7 @@ pub fn backward<B: Backend>(
     t: &mut MoeGrads<B>,
     aux: Option<&SeqAux>,
 ) -> f64 {
-    let (n, d, ff, k, e) = (a.tokens, s.hidden, s.expert_ff, s.routing.top_k, s.experts);
+    let (n, d, k, e) = (a.tokens, s.hidden, s.routing.top_k, s.experts);
     // Shared MLP.
     if let (Some(sg), Some(su), Some(sd), Some(dsg), Some(dsu), Some(dsd), Some((ag, au, ah)), Some((dh, dg, du))) = (
         &w.shared_gate,
@@ -257,11 +383,15 @@ pub fn backward<B: Backend>(
     b.embedding_forward(&mut t.dy, dout, &a.order, d);
     b.row_dot(&mut t.drow_w, &t.dy, &a.y);
     b.scale_rows(&mut t.dy, &a.row_w);
-    // Experts.
-    experts_linear_backward(b, &mut t.dh, false, &mut g.down, &t.dy, &a.h, &w.down, &a.rows, (ff, d));
-    b.swiglu_backward(&mut t.dg, &mut t.du, &t.dh, &a.g, &a.u);
-    experts_linear_backward(b, &mut t.dxs, false, &mut g.gate, &t.dg, &a.xs, &w.gate, &a.rows, (d, ff));
-    experts_linear_backward(b, &mut t.dxs, true, &mut g.up, &t.du, &a.xs, &w.up, &a.rows, (d, ff));
+    // Experts, here or on the ranks that hold them.
+    match &a.remote {
+        None => {
+            let acts = (&a.xs, &a.g, &a.u, &a.h);
+            let scratch = (&mut t.dh, &mut t.dg, &mut t.du);
+            experts_backward(b, s, (w, g), &a.rows, acts, &t.dy, scratch, &mut t.dxs);
+        }
+        Some(r) => remote_backward(b, s, (w, g), r, &t.dy, &mut t.dxs),
+    }
     // Dispatch: xs_row = x[token].
     b.embedding_backward(dx, &t.dxs, &a.order, d);
     // Router: routing weights back to (token, choice) order, then through the router.

@@ -1,0 +1,38 @@
+//! Test models shared by the CLI tests.
+
+use std::path::Path;
+
+const DEMO_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
+
+/// The multi-token-prediction tensor `deepseek_base` carries (not trained, written back as read).
+pub const MTP_TENSOR: &str = "model.layers.3.enorm.weight";
+
+/// A tiny random DeepSeek-V3 (MLA; one dense layer, then two MoE layers of 8 routed experts,
+/// 2 per token, and a shared expert) with the demo tokenizer and one multi-token-prediction
+/// tensor, saved as a Hugging Face directory; returns that tensor's bytes.
+pub fn deepseek_base(dir: &Path) -> Vec<u8> {
+    use kiln_model::safetensors_io::RawTensor;
+    std::fs::create_dir_all(dir).unwrap();
+    let config = r#"{
+        "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
+        "moe_intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 3,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+        "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": 1, "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
+    }"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(Path::new(DEMO_BASE).join(f), dir.join(f)).unwrap();
+    }
+    let mut model = kiln_model::Model::random(&kiln_core::Cpu, kiln_model::Config::parse(config).unwrap(), 1);
+    let mtp: Vec<u8> = (0..48u32).flat_map(|i| half::bf16::from_f32(i as f32 / 7.0).to_le_bytes()).collect();
+    model.passthrough.push(RawTensor {
+        name: MTP_TENSOR.into(),
+        dtype: safetensors::Dtype::BF16,
+        shape: vec![48],
+        bytes: mtp.clone(),
+    });
+    model.save_weights(&kiln_core::Cpu, dir).unwrap();
+    mtp
+}

@@ -208,12 +208,25 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
         let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max);
         assert!(diff < 1e-5, "{name}: weights differ by {diff}");
     }
+
+    // The pair recipes: DPO (whose reference pass also runs expert parallel) and a reward
+    // model (its score head on the MoE transformer), 2 micro-batches a step either way.
+    let set = |kv: &str| ["--set".to_string(), kv.to_string()];
+    for recipe in ["dpo", "rm"] {
+        let one: Vec<String> = [set(&model), set("train.grad_accum=2")].concat();
+        let two: Vec<String> = [set(&model), set("train.grad_accum=1"), set("train.ep=2")].concat();
+        assert_same_steps(
+            &format!("{recipe} with ep 2"),
+            &recipe_curve(recipe, 1, &one),
+            &recipe_curve(recipe, 2, &two),
+        );
+    }
 }
 
 /// `kiln RECIPE examples/RECIPE.toml` for 4 steps on 1 or 2 ranks; (loss, grad norm) per step.
 fn recipe_curve(recipe: &str, ranks: usize, extra: &[String]) -> Vec<(f64, f64)> {
     let kiln = env!("CARGO_BIN_EXE_kiln");
-    let dir = scratch(&format!("{recipe}-{ranks}"));
+    let dir = scratch(&format!("{recipe}-{ranks}-{}", extra.len()));
     let mut args = vec![
         "--threads".to_string(),
         "1".into(),
@@ -254,15 +267,20 @@ fn every_recipe_gives_the_same_curve_on_one_and_two_ranks() {
     ];
     for (recipe, one, two) in runs {
         let (a, b) = (recipe_curve(recipe, 1, &one), recipe_curve(recipe, 2, &two));
-        assert_eq!(a.len(), 4, "{recipe}");
-        assert!(a.iter().any(|(_, g)| *g > 0.0), "{recipe}: no gradient to compare");
-        for (step, ((l1, g1), (l2, g2))) in a.iter().zip(&b).enumerate() {
-            // Sums in another order leave the weights a few ulps apart after an update; the
-            // rollout recipes then sample from, and score with, those weights.
-            let tolerance = if recipe == "dpo" || recipe == "rm" { 1e-6 } else { 1e-5 };
-            assert!((l1 - l2).abs() <= tolerance * l1.abs().max(1e-3), "{recipe} step {}: loss {l1} vs {l2}", step + 1);
-            assert!((g1 - g2).abs() <= 1e-4 * g1.abs(), "{recipe} step {}: grad norm {g1} vs {g2}", step + 1);
-        }
+        assert_same_steps(recipe, &a, &b);
+    }
+}
+
+/// Two runs' (loss, grad norm) per step agree.
+fn assert_same_steps(recipe: &str, a: &[(f64, f64)], b: &[(f64, f64)]) {
+    assert_eq!((a.len(), b.len()), (4, 4), "{recipe}");
+    assert!(a.iter().any(|(_, g)| *g > 0.0), "{recipe}: no gradient to compare");
+    // Sums in another order leave the weights a few ulps apart after an update; the rollout
+    // recipes then sample from, and score with, those weights.
+    let tolerance = if recipe.starts_with("dpo") || recipe.starts_with("rm") { 1e-6 } else { 1e-5 };
+    for (step, ((l1, g1), (l2, g2))) in a.iter().zip(b).enumerate() {
+        assert!((l1 - l2).abs() <= tolerance * l1.abs().max(1e-3), "{recipe} step {}: loss {l1} vs {l2}", step + 1);
+        assert!((g1 - g2).abs() <= 1e-4 * g1.abs(), "{recipe} step {}: grad norm {g1} vs {g2}", step + 1);
     }
 }
 

@@ -195,6 +195,32 @@ fn unknown_config_keys_are_named() {
     );
 }
 
+#[test]
+fn expert_parallel_that_cannot_split_is_refused_with_the_reason() {
+    let run = make_run("ep-refused", &[chat_row(1)], "", 0);
+    let toml = run.join("run.toml");
+    let refused = |sets: &[&str], expected: &str| {
+        let mut args = vec!["sft", toml.to_str().unwrap()];
+        sets.iter().for_each(|s| args.extend(["--set", s]));
+        let out = kiln(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(expected), "{sets:?}: {err}");
+    };
+    // The demo base is dense; the DeepSeek base has 8 routed experts; this is one process.
+    refused(&["train.ep=2"], "has no MoE layers to split");
+    let base = scratch_dir("ep-refused-base");
+    deepseek_base(&base);
+    let model = format!("model.path={:?}", base.display().to_string());
+    refused(&[&model, "train.ep=3"], "does not divide the 8 routed experts");
+    refused(&[&model, "train.ep=2"], "does not divide the 1 ranks of the run");
+    refused(&[&model, "train.ep=2", "train.zero=1"], "replicated optimizer state");
+    // Rollouts decode a different number of steps on each rank.
+    let grpo = Path::new(BASE).join("../../examples/grpo.toml");
+    let out = kiln(&["grpo", grpo.to_str().unwrap(), "--set", "train.ep=2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("expert parallel covers sft, dpo and rm"), "{err}");
+}
+
 fn score(model: &Path, tokens: &Path) -> String {
     let out = kiln(&["score", "--model", model.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

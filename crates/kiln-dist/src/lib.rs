@@ -31,6 +31,9 @@ pub trait Comm {
     fn all_gather(&self, chunk: &[f32], out: &mut [f32], what: &str) -> Result<()>;
     /// `out` ← Σ over ranks of this rank's `out.len()`-long chunk of `buf` (chunk r for rank r).
     fn reduce_scatter_sum(&self, buf: &[f32], out: &mut [f32], what: &str) -> Result<()>;
+    /// `out` ← Σ over ranks of this rank's piece of `buf`, the pieces being `counts[r]` long
+    /// for rank r, in rank order (`out.len() == counts[rank]`).
+    fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()>;
     /// `buf` ← `root`'s `buf`.
     fn broadcast(&self, buf: &mut [f32], root: usize, what: &str) -> Result<()>;
     /// Sends `send[..]` in pieces of `send_counts[r]` to rank r; receives `recv_counts[r]`
@@ -130,6 +133,8 @@ mod tests {
         c.all_gather(&x, &mut out, "x").unwrap();
         assert_eq!(out, x);
         c.reduce_scatter_sum(&x, &mut out, "x").unwrap();
+        assert_eq!(out, x);
+        c.reduce_scatter_v_sum(&x, &[2], &mut out, "x").unwrap();
         assert_eq!(out, x);
         let mut recv = vec![0.0; 2];
         c.all_to_allv(&x, &[2], &mut recv, &[2], "x").unwrap();

@@ -35,6 +35,12 @@ impl Comm for Local {
         Ok(())
     }
 
+    fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
+        ensure!(counts == [buf.len()] && buf.len() == out.len(), "reduce_scatter_v ({what}): counts");
+        out.copy_from_slice(buf);
+        Ok(())
+    }
+
     fn broadcast(&self, _: &mut [f32], root: usize, what: &str) -> Result<()> {
         ensure!(root == 0, "broadcast ({what}): root {root} of one process");
         Ok(())

@@ -13,6 +13,7 @@ use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
 use mpi::datatype::{Partition, PartitionMut};
 use mpi::environment::Universe;
+use mpi::raw::AsRaw;
 use mpi::request::{Request, Scope};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
@@ -169,6 +170,39 @@ impl Comm for Mpi {
         mpi::request::scope(|scope| {
             let r = self.world.immediate_reduce_scatter_block_into(scope, buf, out, SystemOperation::sum());
             self.finish("reduce_scatter", what, r);
+        });
+        Ok(())
+    }
+
+    fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            counts.len() == self.size()
+                && counts.iter().sum::<usize>() == buf.len()
+                && counts[self.rank()] == out.len(),
+            "reduce_scatter_v ({what}): counts {counts:?} do not fit {} values into {}",
+            buf.len(),
+            out.len()
+        );
+        // The binding has only the equal-block form; the varying-count one is MPI_Ireduce_scatter.
+        let counts: Vec<Count> = counts.iter().map(|&c| c as Count).collect();
+        mpi::request::scope(|scope| {
+            // SAFETY: the buffers and counts outlive the request, which `finish` completes
+            // inside this scope; datatype, operation and communicator are live handles.
+            let request = unsafe {
+                let mut raw = mpi::ffi::RSMPI_REQUEST_NULL;
+                mpi::ffi::MPI_Ireduce_scatter(
+                    buf.as_ptr().cast(),
+                    out.as_mut_ptr().cast(),
+                    counts.as_ptr(),
+                    f32::equivalent_datatype().as_raw(),
+                    SystemOperation::sum().as_raw(),
+                    self.world.as_raw(),
+                    &mut raw,
+                );
+                Request::from_raw(raw, buf, scope)
+            };
+            self.finish("reduce_scatter_v", what, request);
         });
         Ok(())
     }

@@ -11,6 +11,7 @@ use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs,
 use crate::batch::Batch;
 use crate::config::{AttentionKind, Config};
 use crate::error::Result;
+use crate::grad_sink::GradSink;
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::layers::expert_parallel::ExpertParallel;
 use crate::layers::moe::MoeShape;
@@ -378,7 +379,7 @@ impl<B: Backend> Model<B> {
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
-        grads: &mut Weights<B::Buf>,
+        grads: &mut dyn GradSink<B>,
     ) -> f64 {
         self.lm_forward_backward(b, acts, batch, grads, None).0
     }
@@ -392,7 +393,7 @@ impl<B: Backend> Model<B> {
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
-        grads: &mut Weights<B::Buf>,
+        grads: &mut dyn GradSink<B>,
         weights_of: &mut dyn FnMut(&[f32]) -> Vec<f32>,
     ) -> (f64, Vec<f32>) {
         let (loss, nll) = self.lm_forward_backward(b, acts, batch, grads, Some(weights_of));
@@ -404,7 +405,7 @@ impl<B: Backend> Model<B> {
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
-        grads: &mut Weights<B::Buf>,
+        grads: &mut dyn GradSink<B>,
         weights_of: Option<WeightsOf>,
     ) -> (f64, Option<Vec<f32>>) {
         self.forward_hidden(b, acts, batch, true);
@@ -437,7 +438,7 @@ impl<B: Backend> Model<B> {
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
-        grads: &mut Weights<B::Buf>,
+        grads: &mut dyn GradSink<B>,
         dlogits_of: LogitsLoss,
     ) -> f64 {
         self.forward_hidden(b, acts, batch, true);
@@ -449,14 +450,15 @@ impl<B: Backend> Model<B> {
     }
 
     /// Backward of the LM head and the transformer from `acts.logits` = ∂L/∂logits.
-    fn backward_from_logits(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut Weights<B::Buf>) {
+    fn backward_from_logits(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
         let c = &self.config;
         let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
         // Head: logits = xf·Wᵀ.
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-        let (head, dhead) = match (&self.params.lm_head, &mut grads.lm_head) {
+        let outer = grads.outer();
+        let (head, dhead) = match (&self.params.lm_head, &mut outer.lm_head) {
             (Some(h), Some(dh)) => (h, dh),
-            _ => (&self.params.embed, &mut grads.embed),
+            _ => (&self.params.embed, &mut outer.embed),
         };
         b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, vocab));
         b.matmul(&mut s.dxn, &acts.logits, head, Matmul::linear_dx(n, d, vocab, false));
@@ -465,7 +467,7 @@ impl<B: Backend> Model<B> {
 
     /// Backward of `forward_hidden` from `acts.grad.dxn` = dL/dxf; parameter gradients are
     /// added into `grads`.
-    pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut Weights<B::Buf>) {
+    pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
         let c = &self.config;
         let d = c.hidden_size;
         let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
@@ -473,7 +475,7 @@ impl<B: Backend> Model<B> {
         b.fill(&mut s.dres, 0.0);
         b.rmsnorm_backward(
             &mut s.dres,
-            &mut grads.norm,
+            &mut grads.outer().norm,
             &s.dxn,
             &acts.layer_inputs[c.num_layers],
             &self.params.norm,
@@ -499,10 +501,11 @@ impl<B: Backend> Model<B> {
             if acts.recompute {
                 self.layer_forward(b, l, a, &acts.layer_inputs[l], None, &view, None);
             }
-            aux_loss +=
-                self.layer_backward(b, l, a, &acts.layer_inputs[l], s, &mut grads.layers[l], &view, aux.as_ref());
+            aux_loss += self.layer_backward(b, l, a, &acts.layer_inputs[l], s, grads.layer(l), &view, aux.as_ref());
+            grads.layer_done(l);
         }
-        b.embedding_backward(&mut grads.embed, &s.dres, &acts.inputs.ids, d);
+        b.embedding_backward(&mut grads.outer().embed, &s.dres, &acts.inputs.ids, d);
+        grads.outer_done();
         self.moe_aux_loss += aux_loss;
     }
 
@@ -510,7 +513,7 @@ impl<B: Backend> Model<B> {
     /// others of its group run one: the exchanges of a forward and backward (with the forward
     /// repeated in backward under `recompute`), its experts computing for the rows the group
     /// sends and adding their weight gradients into `grads`.
-    pub fn serve_experts(&self, b: &B, grads: &mut Weights<B::Buf>, recompute: bool) {
+    pub fn serve_experts(&self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool) {
         let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
         let moe_layers: Vec<usize> =
             (0..self.config.num_layers).filter(|&l| matches!(self.params.layers[l].ffn, FfnWeights::Moe(_))).collect();
@@ -524,8 +527,9 @@ impl<B: Backend> Model<B> {
             if recompute {
                 served[i] = moe::serve_forward(b, shape, weights(l), (ep, l));
             }
-            let FfnWeights::Moe(g) = &mut grads.layers[l].ffn else { unreachable!("an MoE layer") };
+            let FfnWeights::Moe(g) = &mut grads.layer(l).ffn else { unreachable!("an MoE layer") };
             moe::serve_backward(b, shape, (weights(l), g), &served[i]);
+            grads.layer_done(l);
         }
     }
 

@@ -128,7 +128,8 @@ impl<T> LayerWeights<T> {
             },
         }
     }
-    fn refs(&self) -> Vec<&T> {
+    /// Every tensor of the layer, in `Weights::iter` order.
+    pub fn refs(&self) -> Vec<&T> {
         let mut v = vec![&self.input_norm];
         v.extend(match &self.attn {
             AttnWeights::Gqa(w) => w.refs(),

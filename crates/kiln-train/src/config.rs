@@ -261,7 +261,8 @@ pub struct TrainSection {
     pub seed: u64,
     #[serde(default)]
     pub recompute: bool,
-    /// Data parallel: 0 replicates AdamW's moments on every rank; 1 shards them (ZeRO-1).
+    /// Data parallel: 0 replicates AdamW's moments on every rank; 1 shards them (ZeRO-1); 2
+    /// also keeps only each rank's chunk of the gradients (ZeRO-2).
     #[serde(default)]
     pub zero: u8,
     /// Expert parallel (MoE models, under mpirun): the routed experts of every MoE layer are
@@ -437,9 +438,9 @@ impl RunConfig {
                 t.batch_tokens, self.data.max_seq_len
             ));
         }
-        if t.zero > 1 {
+        if t.zero > 2 {
             return Err(format!(
-                "`train.zero` = {}: stages 0 and 1 are implemented (stage 2 needs backward to release each layer's gradients after reducing them)",
+                "`train.zero` = {}: stages 0, 1 and 2 are implemented (stage 3 would also shard the weights)",
                 t.zero
             ));
         }

@@ -104,6 +104,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let (tokens, completions) = (counts[0] as usize, counts[1] as usize);
         session.begin_step();
         let mut kl_sum = 0.0;
+        let idle = session.idle_backwards_needed(sequences.len().div_ceil(d.chunk_rows.max(1)))?;
         for chunk in sequences.chunks(d.chunk_rows.max(1)) {
             let batch = Batch::completions(chunk, seq, 0.0);
             let acts = student_acts.get(&b, chunk.len());
@@ -141,6 +142,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                 session.model.forward_backward_logits(&b, acts, &batch, &mut session.grads, &mut dlogits_of);
             }
         }
+        session.idle_backwards(idle);
         // This rank's share of the step's mean; `update` sums the shares.
         let update = session.update(kl_sum / tokens.max(1) as f64, &schedule, || format!("step {step} prompts"))?;
         let kl = update.loss;

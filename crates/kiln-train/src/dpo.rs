@@ -448,7 +448,9 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train.examples, mb)).sum();
         session.begin_step();
         let mut stats = PairStats::default();
-        for mb in &micro_batches[session.my_share(micro_batches.len())] {
+        let mine = session.my_share(micro_batches.len());
+        let idle = session.idle_backwards_needed(mine.len())?;
+        for mb in &micro_batches[mine] {
             // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
             let step = StepShape { pairs, chosen_tokens, seq };
@@ -456,7 +458,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
                 |nll: &[f32]| token_weights(nll, &batch.targets, mb, &train, &objective, step, &mut stats);
             session.model.forward_backward_with(&b, &mut acts, &batch, &mut session.grads, &mut weights_of);
         }
-        session.serve_experts_for_rest(micro_batches.len());
+        session.idle_backwards(idle);
         // This rank's share of the step's mean loss; `update` sums the shares.
         let share = stats.loss / pairs.max(1) as f64;
         let stats = stats.sum_over_ranks(comm, &format!("pair statistics at step {}", session.state.step + 1))?.mean();

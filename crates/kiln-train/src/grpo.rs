@@ -447,6 +447,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             tokens: r.tokens,
         };
         let mut totals = UpdateTotals::default();
+        let idle = session.idle_backwards_needed(r.sequences.len().div_ceil(g.micro_batch))?;
         for (k, chunk) in r.sequences.chunks(g.micro_batch).enumerate() {
             let first = k * g.micro_batch;
             let batch = Batch::completions(chunk, seq, 1.0 / r.tokens.max(1) as f32);
@@ -461,6 +462,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             };
             session.model.forward_backward_with(&session.b, acts, &batch, &mut session.grads, &mut weights_of);
         }
+        session.idle_backwards(idle);
         r.updates += 1;
         let mut token_sums = [totals.kl, totals.clipped_low, totals.clipped_high];
         comm.all_reduce_sum_f64(&mut token_sums, &format!("policy statistics at step {}", session.state.step + 1))?;

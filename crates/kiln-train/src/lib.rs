@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod distill;
 pub mod dpo;
+pub mod grads;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod loader;

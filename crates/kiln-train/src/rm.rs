@@ -17,7 +17,7 @@ use crate::sft::{check_vocab, load_tokenizer};
 use anyhow::{Context, Result};
 use kiln_core::{Backend, Cpu};
 use kiln_data::example::Example;
-use kiln_model::{Activations, Model};
+use kiln_model::{Activations, GradSink, Model};
 use serde_json::json;
 use std::path::Path;
 
@@ -198,8 +198,10 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train.examples, mb)).sum();
         session.begin_step();
         let mut stats = RmStats::default();
-        let mut dscore = vec![0f32; d];
-        for mb in &micro_batches[session.my_share(micro_batches.len())] {
+        let mine = session.my_share(micro_batches.len());
+        let idle = session.idle_backwards_needed(mine.len())?;
+        for mb in &micro_batches[mine] {
+            let mut dscore = vec![0f32; d];
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
             session.model.forward_hidden(&b, &mut acts, &batch, true);
             let (scored, w) = rewards(&b, &session.model, &acts, mb, &train.examples);
@@ -218,11 +220,11 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             }
             let scratch = acts.grad.as_mut().expect("training activations");
             b.write(&mut scratch.dxn, &dxf);
+            let g = session.grads.outer().score.as_mut().expect("score gradient");
+            g.iter_mut().zip(&dscore).for_each(|(g, d)| *g += d);
             session.model.backward_hidden(&b, &mut acts, &batch, &mut session.grads);
         }
-        let g = session.grads.score.as_mut().expect("score gradient");
-        g.iter_mut().zip(&dscore).for_each(|(g, d)| *g += d);
-        session.serve_experts_for_rest(micro_batches.len());
+        session.idle_backwards(idle);
         // This rank's share of the step's mean loss; `update` sums the shares.
         let share = stats.loss / pairs.max(1) as f64;
         let stats = stats.sum_over_ranks(comm, &format!("pair statistics at step {}", session.state.step + 1))?.mean();

@@ -9,8 +9,9 @@
 
 use crate::checkpoint::{self, SaveRequest, State};
 use crate::config::{RunConfig, TrainSection};
+use crate::grads::{Grads, ShardedGrads};
 use crate::metrics::{Metrics, PlotSpec};
-use crate::optim::{zero_grads, AdamW};
+use crate::optim::AdamW;
 use crate::schedule::Schedule;
 use crate::zero::ShardedAdamW;
 use anyhow::{bail, Context, Result};
@@ -42,8 +43,8 @@ pub struct Session {
     expert_replicas: Option<Arc<dyn Comm + Send + Sync>>,
     pub model: Model<Cpu>,
     pub optimizer: Optimizer,
-    /// Gradients of the step being accumulated.
-    pub grads: Weights<Vec<f32>>,
+    /// Gradients of the step being accumulated: whole, or this rank's chunk (ZeRO-2).
+    pub grads: Grads,
     pub state: State,
     pub metrics: Metrics,
     pub bar: ProgressBar,
@@ -157,7 +158,6 @@ impl Session {
         };
         let mut model = load(&b, &model_dir, expert_parallel)?;
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
-        let grads = model.zeros_like_params(&b);
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let mut optimizer = if t.zero >= 1 && comm.size() > 1 {
@@ -166,6 +166,12 @@ impl Session {
             let mut adamw = AdamW::new(&b, &model.layout, t.lr, t.weight_decay);
             adamw.hyper = hyper;
             Optimizer::Replicated(adamw)
+        };
+        let grads = match &optimizer {
+            Optimizer::Sharded(opt) if t.zero >= 2 => {
+                Grads::Sharded(Box::new(ShardedGrads::new(comm, &model.layout, opt.chunk, opt.range.clone())))
+            }
+            _ => Grads::Whole(model.zeros_like_params(&b)),
         };
         let mut state = State {
             step: 0,
@@ -243,16 +249,28 @@ impl Session {
         kiln_dist::shard(len, self.comm.rank(), self.comm.size())
     }
 
-    /// Under expert parallel, after this rank's share of a step's `len` micro-batches: as many
-    /// passes serving its experts as the ranks with one more micro-batch run (an epoch's last
-    /// step can leave ranks unequal shares), so every rank of an expert group joins every
-    /// exchange.
-    pub fn serve_experts_for_rest(&mut self, len: usize) {
-        if self.model.expert_parallel().is_none() {
-            return;
+    /// Under expert parallel and ZeRO-2 every backward is collective (expert exchanges,
+    /// per-layer reductions), so a rank whose share of a step has fewer backwards than another
+    /// (an epoch's last step, a rollout split unevenly) runs idle ones after its own: this many,
+    /// for `mine` of its own. Call it before the step's backwards (it may be a collective).
+    pub fn idle_backwards_needed(&self, mine: usize) -> Result<usize> {
+        if self.model.expert_parallel().is_none() && !matches!(self.grads, Grads::Sharded(_)) {
+            return Ok(0);
         }
-        for _ in self.my_share(len).len()..len.div_ceil(self.comm.size()) {
-            self.model.serve_experts(&self.b, &mut self.grads, self.train.recompute);
+        let mut counts = vec![0f32; self.comm.size()];
+        let what = format!("backwards at step {}", self.state.step + 1);
+        self.comm.all_gather(&[mine as f32], &mut counts, &what)?;
+        Ok(counts.iter().fold(0f32, |a, &c| a.max(c)) as usize - mine)
+    }
+
+    /// Runs `n` idle backwards (see `idle_backwards_needed`): this rank's experts serve the
+    /// others' rows, or it joins ZeRO-2's reductions with nothing to add.
+    pub fn idle_backwards(&mut self, n: usize) {
+        for _ in 0..n {
+            match &mut self.grads {
+                Grads::Sharded(sharded) if self.model.expert_parallel().is_none() => sharded.idle_backward(),
+                grads => self.model.serve_experts(&self.b, grads, self.train.recompute),
+            }
         }
     }
 
@@ -273,7 +291,10 @@ impl Session {
     /// Starts a step: zeroes the gradients and the step's clock.
     pub fn begin_step(&mut self) {
         self.step_started = Instant::now();
-        zero_grads(&self.b, &mut self.grads);
+        self.grads.zero();
+        if let Grads::Sharded(sharded) = &mut self.grads {
+            sharded.what = format!("gradients at step {}", self.state.step + 1);
+        }
     }
 
     /// Logs the step just updated: the recipe's `fields`, its `tokens` (real, not padding)
@@ -316,13 +337,18 @@ impl Session {
         let what = format!("gradients at step {}", self.state.step + 1);
         let loss = self.reduce_scalars(loss, &what)?;
         let b = self.b;
-        // The global gradient norm, and with ZeRO-1 this rank's chunk of the summed gradients.
-        let (norm, mut shard) = match &mut self.optimizer {
-            Optimizer::Sharded(opt) => {
-                let r = opt.reduce(self.comm, &self.grads, &what)?;
+        // The global gradient norm, and with ZeRO-1/2 this rank's chunk of the summed gradients
+        // (ZeRO-2's backward has summed it already).
+        let (norm, mut shard) = match (&mut self.optimizer, &mut self.grads) {
+            (Optimizer::Sharded(opt), Grads::Whole(grads)) => {
+                let r = opt.reduce(self.comm, grads, &what)?;
                 (r.norm, Some(r.grads))
             }
-            Optimizer::Replicated(_) => {
+            (Optimizer::Sharded(_), Grads::Sharded(sharded)) => {
+                let chunk = std::mem::take(&mut sharded.mine);
+                (ShardedAdamW::norm(self.comm, &chunk, &what)?, Some(chunk))
+            }
+            (Optimizer::Replicated(_), _) => {
                 self.all_reduce_grads(&what)?;
                 (self.grad_norm(&what)?, None)
             }
@@ -361,22 +387,29 @@ impl Session {
                     self.state.adam_step = opt.hyper.step;
                 }
                 (Optimizer::Replicated(opt), _) => {
+                    let grads = whole(&mut self.grads);
                     if scale != 1.0 {
-                        self.grads.iter_mut().into_iter().for_each(|g| b.scale(g, scale));
+                        grads.iter_mut().into_iter().for_each(|g| b.scale(g, scale));
                     }
                     opt.hyper.lr = lr;
-                    opt.step(&b, &mut self.model.params, &self.grads);
+                    opt.step(&b, &mut self.model.params, grads);
                     self.state.adam_step = opt.hyper.step;
                 }
                 (Optimizer::Sharded(_), None) => unreachable!("a sharded optimizer reduces its gradient chunk"),
             }
         }
+        if let (Grads::Sharded(sharded), Some(chunk)) = (&mut self.grads, shard) {
+            sharded.mine = chunk;
+        }
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
         let expert_load = self.model.update_router_bias(&b, rate);
-        // What this rank holds: f32 weights and gradients whole (ZeRO-1 shards only the moments).
-        let param_bytes = self.grads.iter().into_iter().map(|g| b.len(g) * 4).sum::<usize>() as f64;
+        // What this rank holds between steps: f32 weights whole (its share of the routed experts
+        // under expert parallel), gradients whole or (ZeRO-2) its chunk, moments whole or
+        // (ZeRO-1/2) its chunk.
+        let param_bytes = self.model.params.iter().into_iter().map(|p| b.len(p) * 4).sum::<usize>() as f64;
         let mut record = json!({
-            "lr": lr, "grad_norm": norm, "weights_mb": param_bytes / 1e6, "gradients_mb": param_bytes / 1e6,
+            "lr": lr, "grad_norm": norm, "weights_mb": param_bytes / 1e6,
+            "gradients_mb": self.grads.bytes() as f64 / 1e6,
             "optimizer_state_mb": self.optimizer.state_bytes() as f64 / 1e6,
         });
         add_expert_load(&mut record, &expert_load);
@@ -411,8 +444,7 @@ impl Session {
             None => self.comm,
         };
         for (comm, experts) in [(self.comm, false), (replicas, true)] {
-            let mut grads: Vec<&mut Vec<f32>> = self
-                .grads
+            let mut grads: Vec<&mut Vec<f32>> = whole(&mut self.grads)
                 .iter_mut()
                 .into_iter()
                 .zip(self.model.layout.iter())
@@ -442,7 +474,8 @@ impl Session {
     fn grad_norm(&self, what: &str) -> Result<f64> {
         let b = self.b;
         let [mut shared, mut experts] = [0.0f64; 2];
-        for (g, spec) in self.grads.iter().into_iter().zip(self.model.layout.iter()) {
+        let Grads::Whole(grads) = &self.grads else { unreachable!("whole gradients with a replicated optimizer") };
+        for (g, spec) in grads.iter().into_iter().zip(self.model.layout.iter()) {
             *if spec.is_routed_experts() { &mut experts } else { &mut shared } += b.sum_squares(g);
         }
         if let Some(ep) = self.model.expert_parallel() {
@@ -609,6 +642,14 @@ impl Session {
 
     pub fn model_dir(&self) -> &Path {
         &self.model_dir
+    }
+}
+
+/// The whole gradients a replicated optimizer works with (ZeRO-2's chunks go with a sharded one).
+fn whole(grads: &mut Grads) -> &mut Weights<Vec<f32>> {
+    match grads {
+        Grads::Whole(w) => w,
+        Grads::Sharded(_) => unreachable!("whole gradients with a replicated optimizer"),
     }
 }
 

@@ -159,11 +159,13 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         let weight = 1.0 / count.max(1) as f32;
         session.begin_step();
         let mut loss = 0.0;
-        for mb in &micro_batches[session.my_share(micro_batches.len())] {
+        let mine = session.my_share(micro_batches.len());
+        let idle = session.idle_backwards_needed(mine.len())?;
+        for mb in &micro_batches[mine] {
             let batch = build_batch(&train, mb, rows, seq, weight);
             loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);
         }
-        session.serve_experts_for_rest(micro_batches.len());
+        session.idle_backwards(idle);
         let update = session.update(loss, &schedule, || describe_rows(&train, &micro_batches))?;
         let loss = update.loss;
         last_loss = loss;

@@ -1,4 +1,5 @@
-//! ZeRO stage 1: AdamW's moments sharded over the data-parallel ranks.
+//! ZeRO stages 1 and 2: AdamW's moments sharded over the data-parallel ranks (stage 2 also
+//! keeps only the rank's chunk of the gradients, `grads.rs`).
 //!
 //! The parameters, in `Weights::iter` order, form one flat index space of `total` values,
 //! cut into `size` contiguous chunks of `chunk = ⌈total / size⌉` (the last one padded). A
@@ -75,9 +76,14 @@ impl ShardedAdamW {
         let mut mine = vec![0.0; self.chunk];
         comm.reduce_scatter_sum(flat, &mut mine, what)?;
         mine.truncate(self.range.len());
-        let mut squares = [mine.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
+        Ok(Reduced { norm: Self::norm(comm, &mine, what)?, grads: mine })
+    }
+
+    /// ‖g‖ over all parameters, from every rank's chunk of the summed gradients.
+    pub fn norm(comm: &dyn Comm, chunk: &[f32], what: &str) -> Result<f64> {
+        let mut squares = [chunk.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
         comm.all_reduce_sum_f64(&mut squares, what)?;
-        Ok(Reduced { norm: squares[0].sqrt(), grads: mine })
+        Ok(squares[0].sqrt())
     }
 
     /// AdamW on this rank's chunk, then every rank's updated chunk gathered into `params`.

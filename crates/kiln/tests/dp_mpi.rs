@@ -1,9 +1,10 @@
 //! Data parallel over MPI on loopback (built with `--features mpi`; needs `mpirun`): the same
 //! run on 1, 2 and 4 ranks — each rank a share of every step, gradients summed — gives the
-//! same loss curve as one process with the whole step, replicated or with ZeRO-1's sharded
-//! moments (whose memory per rank falls as 1/N), a ZeRO-1 checkpoint resumes on another
-//! number of ranks, only rank 0 writes, every other recipe (DPO, RM, GRPO, distillation)
-//! follows the same curve on 2 ranks, expert parallel (alone and with data parallel) gives
+//! same loss curve as one process with the whole step, replicated, with ZeRO-1's sharded
+//! moments (whose memory per rank falls as 1/N) or with ZeRO-2's sharded moments and
+//! gradients (both 1/N), a ZeRO-1 checkpoint resumes on another number of ranks under ZeRO-2,
+//! only rank 0 writes, every other recipe (DPO, RM, GRPO, distillation) follows the same
+//! curve on 2 ranks with ZeRO-2, expert parallel (alone and with data parallel) gives
 //! the one-process curve with each rank holding its share of the experts, and a rank that
 //! hangs or dies stops the job with the checkpoints whole.
 #![cfg(feature = "mpi")]
@@ -94,7 +95,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 #[test]
-fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero() {
+fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_and_2() {
     let _serial = serial();
     // Four micro-batches a step in every run: 1 x 4, 2 x 2, 4 x 1.
     let one = scratch("1");
@@ -116,11 +117,26 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero() {
             (state - full_state / ranks as f64).abs() <= 1e-4 * full_state,
             "{ranks} ranks: {state} MB of {full_state}"
         );
+
+        // ZeRO-2: each layer's gradients are summed over the ranks as backward finishes them,
+        // and each rank keeps 1/N of the gradients as well as of the moments.
+        let dir = scratch(&format!("zero2-{ranks}"));
+        run_ok(ranks, accum, &dir, &["--set", "train.zero=2"]);
+        assert_same_curve(&reference, &losses(&dir), &format!("{ranks} ranks, ZeRO-2"));
+        let held = |dir: &Path| {
+            let first = &steps(dir)[0];
+            first["optimizer_state_mb"].as_f64().unwrap() + first["gradients_mb"].as_f64().unwrap()
+        };
+        let (full, sharded) = (held(&one), held(&dir));
+        assert!(
+            (sharded - full / ranks as f64).abs() <= 1e-4 * full,
+            "{ranks} ranks: {sharded} MB of optimizer state and gradients, of {full}"
+        );
     }
 
-    // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks (re-sharded) and on one
-    // process (moments gathered), continuing the same curve.
-    for (ranks, accum, extra) in [(2, 2, ["--set", "train.zero=1"]), (1, 4, ["--set", "train.zero=0"])] {
+    // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks with ZeRO-2 (re-sharded)
+    // and on one process (moments gathered), continuing the same curve.
+    for (ranks, accum, extra) in [(2, 2, ["--set", "train.zero=2"]), (1, 4, ["--set", "train.zero=0"])] {
         let dir = scratch(&format!("resume-{ranks}"));
         copy_dir(&scratch_keep("zero-4"), &dir);
         std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
@@ -250,20 +266,25 @@ fn recipe_curve(recipe: &str, ranks: usize, extra: &[String]) -> Vec<(f64, f64)>
 }
 
 #[test]
-fn every_recipe_gives_the_same_curve_on_one_and_two_ranks() {
+fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2() {
     let _serial = serial();
     // A teacher for distillation that differs from the student: the demo base after 3 SFT steps.
     let teacher = scratch("teacher");
     run_ok_steps(&teacher, 3);
     let teacher = format!("distill.teacher={:?}", teacher.join("checkpoints/step-00000003").display().to_string());
     let set = |kv: &str| vec!["--set".to_string(), kv.to_string()];
+    // The two-rank runs keep only their chunk of the gradients and moments (ZeRO-2).
+    let zero2 = |mut args: Vec<String>| {
+        args.extend(set("train.zero=2"));
+        args
+    };
     let runs: [(&str, Vec<String>, Vec<String>); 4] = [
         // Pair recipes: 2 micro-batches a step either way.
-        ("dpo", set("train.grad_accum=2"), set("train.grad_accum=1")),
-        ("rm", set("train.grad_accum=2"), set("train.grad_accum=1")),
+        ("dpo", set("train.grad_accum=2"), zero2(set("train.grad_accum=1"))),
+        ("rm", set("train.grad_accum=2"), zero2(set("train.grad_accum=1"))),
         // Rollout recipes: the step's prompts split over the ranks.
-        ("grpo", vec![], vec![]),
-        ("distill", set(&teacher), set(&teacher)),
+        ("grpo", vec![], zero2(vec![])),
+        ("distill", set(&teacher), zero2(set(&teacher))),
     ];
     for (recipe, one, two) in runs {
         let (a, b) = (recipe_curve(recipe, 1, &one), recipe_curve(recipe, 2, &two));

@@ -6,6 +6,12 @@
 //! the ranks that did not answer (dead, or hanging outside the collective) and aborts the
 //! whole job: no rank is left waiting forever, and no checkpoint is being written (checkpoints
 //! are written between collectives, atomically).
+//!
+//! A rank that dies is seen by the launcher, which sends the others SIGTERM and, a second
+//! later, SIGKILL. A rank that gets SIGTERM while a collective has not completed for a moment
+//! says which collective it was in and which ranks no longer answer, and keeps waiting: the
+//! launcher ends it, or, when the signal was a stop request to every rank, the collective
+//! completes and the run stops after its step as usual.
 
 use crate::Comm;
 use anyhow::{ensure, Context, Result};
@@ -18,12 +24,15 @@ use mpi::request::{Request, Scope};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::*;
 use mpi::Count;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 pub struct Mpi {
     world: SimpleCommunicator,
+    /// Set by SIGTERM.
+    terminated: Arc<AtomicBool>,
     /// Rank in the launch (`MPI_COMM_WORLD`) of each member, for messages.
     world_ranks: Vec<usize>,
     timeout: Duration,
@@ -45,7 +54,10 @@ impl Mpi {
             .context("MPI initialisation failed (was MPI already initialised?)")?;
         let world = universe.world();
         let world_ranks = (0..world.size() as usize).collect();
-        Ok((universe, Self { world, world_ranks, timeout, owner: std::thread::current().id() }))
+        let terminated = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminated))
+            .context("cannot watch for SIGTERM")?;
+        Ok((universe, Self { world, terminated, world_ranks, timeout, owner: std::thread::current().id() }))
     }
 
     fn check_thread(&self) {
@@ -56,9 +68,12 @@ impl Mpi {
         );
     }
 
-    /// Polls `request` until it completes; past the timeout, reports and aborts the job.
+    /// Polls `request` until it completes; past the timeout, reports and aborts the job. Under
+    /// SIGTERM, a collective still waiting after a moment is reported (once) with the ranks that
+    /// no longer answer.
     fn finish<'a, D: ?Sized, S: Scope<'a>>(&self, op: &str, what: &str, mut request: Request<'a, D, S>) {
         let started = Instant::now();
+        let mut signalled: Option<Instant> = None;
         loop {
             match request.test() {
                 Ok(_) => return,
@@ -67,8 +82,52 @@ impl Mpi {
             if started.elapsed() > self.timeout {
                 self.give_up(op, what);
             }
+            if signalled.is_none() && self.terminated.load(Ordering::Relaxed) {
+                signalled = Some(Instant::now());
+            }
+            if signalled.is_some_and(|at| at.elapsed() > Duration::from_millis(200)) {
+                let silent = self.silent_ranks(Duration::from_millis(300));
+                eprintln!(
+                    "error: rank {}: stopped by a signal during {op} ({what}), still waiting for rank {} (the launcher stops every rank when one exits)",
+                    self.world_ranks[self.rank()],
+                    list(&silent)
+                );
+                signalled = Some(Instant::now() + self.timeout);
+            }
             std::thread::sleep(Duration::from_micros(20));
         }
+    }
+
+    /// The ranks (in the launch) that send no sign of life within `wait`: dead, or busy
+    /// outside a collective. Every rank asking at about the same time hears the others.
+    fn silent_ranks(&self, wait: Duration) -> Vec<usize> {
+        let (me, size) = (self.world.rank(), self.world.size());
+        // A dead rank never receives it, so the send may never complete: its buffer lives for
+        // the rest of the process, and MPI is told to finish the request on its own.
+        let token: &'static [i32] = Box::leak(Box::new([me]));
+        let mut heard = vec![false; size as usize];
+        heard[me as usize] = true;
+        mpi::request::scope(|scope| {
+            for r in (0..size).filter(|&r| r != me) {
+                let send = self.world.process_at_rank(r).immediate_send_with_tag(scope, token, ALIVE_TAG);
+                // SAFETY: the buffer is 'static; MPI_Request_free lets the send complete (or
+                // not) without anyone waiting on it.
+                unsafe {
+                    let (mut raw, _, _) = send.into_raw();
+                    mpi::ffi::MPI_Request_free(&mut raw);
+                }
+            }
+            let deadline = Instant::now() + wait;
+            while Instant::now() < deadline && !heard.iter().all(|&h| h) {
+                if let Some((message, status)) = self.world.any_process().immediate_matched_probe_with_tag(ALIVE_TAG) {
+                    let mut token = [0i32];
+                    message.matched_receive_into(&mut token[..]);
+                    heard[status.source_rank() as usize] = true;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        heard.iter().enumerate().filter(|(_, &h)| !h).map(|(r, _)| self.world_ranks[r]).collect()
     }
 
     /// `buf` ← Σ over ranks of `buf` (MPI has no in-place form in the binding: a copy is sent).
@@ -84,35 +143,23 @@ impl Mpi {
 
     /// After a timeout: which ranks answer at all, then abort every process.
     fn give_up(&self, op: &str, what: &str) -> ! {
-        let (me, size) = (self.world.rank(), self.world.size());
-        let token = [me];
-        mpi::request::scope(|scope| {
-            let _sends: Vec<_> = (0..size)
-                .filter(|&r| r != me)
-                .map(|r| self.world.process_at_rank(r).immediate_send_with_tag(scope, &token[..], ALIVE_TAG))
-                .collect();
-            let mut heard = vec![false; size as usize];
-            heard[me as usize] = true;
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while Instant::now() < deadline && !heard.iter().all(|&h| h) {
-                if let Some((message, status)) = self.world.any_process().immediate_matched_probe_with_tag(ALIVE_TAG) {
-                    let mut token = [0i32];
-                    message.matched_receive_into(&mut token[..]);
-                    heard[status.source_rank() as usize] = true;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let missing: Vec<String> =
-                heard.iter().enumerate().filter(|(_, &h)| !h).map(|(r, _)| self.world_ranks[r].to_string()).collect();
-            let me = self.world_ranks[me as usize];
-            eprintln!(
-                "error: rank {me}: {op} ({what}) did not complete within {:.0} s; no answer from rank {} (dead or hanging); stopping all ranks",
-                self.timeout.as_secs_f64(),
-                if missing.is_empty() { "?".to_string() } else { missing.join(", ") }
-            );
-            self.world.abort(3)
-        })
+        let silent = self.silent_ranks(Duration::from_secs(3));
+        eprintln!(
+            "error: rank {}: {op} ({what}) did not complete within {:.0} s; no answer from rank {} (dead or hanging); stopping all ranks",
+            self.world_ranks[self.rank()],
+            self.timeout.as_secs_f64(),
+            list(&silent)
+        );
+        self.world.abort(3)
     }
+}
+
+/// "1, 3", or "?" for none.
+fn list(ranks: &[usize]) -> String {
+    if ranks.is_empty() {
+        return "?".into();
+    }
+    ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn counts(c: &[usize]) -> (Vec<Count>, Vec<Count>) {
@@ -248,6 +295,7 @@ impl Comm for Mpi {
             .with_context(|| format!("split ({what}): no communicator for color {color}"))?;
         let mut world_ranks = vec![0usize; group.size() as usize];
         group.all_gather_into(&self.world_ranks[self.rank()], &mut world_ranks[..]);
-        Ok(Arc::new(Self { world: group, world_ranks, timeout: self.timeout, owner: self.owner }))
+        let terminated = Arc::clone(&self.terminated);
+        Ok(Arc::new(Self { world: group, terminated, world_ranks, timeout: self.timeout, owner: self.owner }))
     }
 }

@@ -404,10 +404,17 @@ fn a_hanging_or_killed_rank_stops_the_job_naming_it_and_checkpoints_stay_whole()
         "{stderr}"
     );
     assert_checkpoints_whole(&dir);
-    // Killed: mpirun sees the process die and stops the others at once, naming it.
+    // Killed: mpirun sees the process die and stops the others (SIGTERM, then SIGKILL a second
+    // later); rank 0, left waiting in a collective, names it, the step and the missing rank.
     let (out, seconds, dir) = signal_rank_1("kill", "-KILL");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && seconds < 60.0, "stopped after {seconds:.0} s: {stderr}");
     assert!(stderr.contains("rank 1") && stderr.contains("signal 9"), "{stderr}");
+    assert!(
+        stderr.contains("rank 0: stopped by a signal during")
+            && stderr.contains("at step")
+            && stderr.contains("still waiting for rank 1"),
+        "{stderr}"
+    );
     assert_checkpoints_whole(&dir);
 }

@@ -3,6 +3,10 @@
 //! decodes one token for all running sequences at once, each attending only its own cached
 //! rows. A sequence that stops frees its slot for the next waiting request (continuous
 //! batching), so prompts of different lengths finish independently.
+//!
+//! Under expert parallel every forward needs the whole expert group, so the ranks of a group
+//! go round by round together: in each, a rank prefills or decodes when it has sequences to,
+//! and otherwise serves its experts to the ranks that do, until no rank has any left.
 
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::sampler::{logprob_entropy, sample, SamplingParams};
@@ -110,6 +114,14 @@ pub fn generate<B: Backend>(
             (!free.is_empty()).then(|| waiting.next()).flatten().map(|r| (r, free.pop().expect("checked")))
         })
         .collect();
+        let work = !admitted.is_empty() || !running.is_empty() || waiting.len() > 0;
+        let [prefilling, working] = in_group(model, [!admitted.is_empty(), work], "prefill round");
+        if !working {
+            break;
+        }
+        if admitted.is_empty() && prefilling {
+            model.serve_experts_forward(b);
+        }
         if !admitted.is_empty() {
             let seq = admitted.iter().map(|&(r, _)| requests[r].prompt.len()).max().expect("not empty");
             let mut batch = Batch::padding(admitted.len(), seq);
@@ -151,8 +163,12 @@ pub fn generate<B: Backend>(
                 }
             }
         }
+        let [decoding] = in_group(model, [!running.is_empty()], "decode round");
         if running.is_empty() {
-            break;
+            if decoding {
+                model.serve_experts_forward(b);
+            }
+            continue;
         }
         // One decode step for every running sequence.
         let n = running.len();
@@ -181,4 +197,13 @@ pub fn generate<B: Backend>(
         running = still;
     }
     done.into_iter().map(|g| g.expect("every request finishes")).collect()
+}
+
+/// Whether any rank of the model's expert group (just this one without expert parallel) has
+/// each of `flags` set.
+fn in_group<B: Backend, const N: usize>(model: &Model<B>, flags: [bool; N], what: &str) -> [bool; N] {
+    let Some(ep) = model.expert_parallel() else { return flags };
+    let mut counts = flags.map(|f| f64::from(u8::from(f)));
+    ep.group.all_reduce_sum_f64(&mut counts, &format!("generation: {what}")).unwrap_or_else(|e| panic!("{e:#}"));
+    counts.map(|c| c > 0.0)
 }

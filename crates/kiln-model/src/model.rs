@@ -515,22 +515,36 @@ impl<B: Backend> Model<B> {
     /// sends and adding their weight gradients into `grads`.
     pub fn serve_experts(&self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool) {
         let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
-        let moe_layers: Vec<usize> =
-            (0..self.config.num_layers).filter(|&l| matches!(self.params.layers[l].ffn, FfnWeights::Moe(_))).collect();
-        let weights = |l: usize| match &self.params.layers[l].ffn {
-            FfnWeights::Moe(w) => w,
-            FfnWeights::Dense(_) => unreachable!("an MoE layer"),
-        };
-        let mut served: Vec<_> =
-            moe_layers.iter().map(|&l| moe::serve_forward(b, shape, weights(l), (ep, l))).collect();
-        for (i, &l) in moe_layers.iter().enumerate().rev() {
+        let layers = self.moe_layers();
+        let mut served: Vec<_> = layers.iter().map(|&(l, w)| moe::serve_forward(b, shape, w, (ep, l))).collect();
+        for (i, &(l, w)) in layers.iter().enumerate().rev() {
             if recompute {
-                served[i] = moe::serve_forward(b, shape, weights(l), (ep, l));
+                served[i] = moe::serve_forward(b, shape, w, (ep, l));
             }
             let FfnWeights::Moe(g) = &mut grads.layer(l).ffn else { unreachable!("an MoE layer") };
-            moe::serve_backward(b, shape, (weights(l), g), &served[i]);
+            moe::serve_backward(b, shape, (w, g), &served[i]);
             grads.layer_done(l);
         }
+    }
+
+    /// Under expert parallel, a forward of a rank with no tokens of its own while the rest of
+    /// its group runs one (generation, reference passes): its experts serve their rows.
+    pub fn serve_experts_forward(&self, b: &B) {
+        let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
+        for (l, w) in self.moe_layers() {
+            moe::serve_forward(b, shape, w, (ep, l));
+        }
+    }
+
+    /// The MoE layers and their weights.
+    fn moe_layers(&self) -> Vec<(usize, &crate::weights::MoeWeights<B::Buf>)> {
+        let layers = self.params.layers.iter().enumerate();
+        layers
+            .filter_map(|(l, layer)| match &layer.ffn {
+                FfnWeights::Moe(w) => Some((l, w)),
+                FfnWeights::Dense(_) => None,
+            })
+            .collect()
     }
 
     /// Backward of layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)

@@ -365,16 +365,6 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<(), Strin
 }
 
 impl RunConfig {
-    /// Refuses expert parallel for a recipe whose ranks run different numbers of forwards.
-    pub fn refuse_expert_parallel(&self, recipe: &str) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.train.ep == 1,
-            "`train.ep` = {}: expert parallel covers sft, dpo and rm; {recipe} generates on every rank, and each rank stops decoding at a different step, while an expert-parallel layer needs every rank of its group in each forward",
-            self.train.ep
-        );
-        Ok(())
-    }
-
     /// Parses a run file, then applies `--set` overrides; errors name the file and the key.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;

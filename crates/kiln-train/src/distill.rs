@@ -47,7 +47,6 @@ pub fn reverse_kl(student: &[f32], teacher: &[f32]) -> (f64, Vec<f64>) {
 /// Runs on-policy distillation as configured by `config.distill`.
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
-    config.refuse_expert_parallel("distillation")?;
     let mut session = Session::open(config, resume)?;
     let b = session.b;
     let mut teacher = Model::load(&b, &d.teacher)?;
@@ -104,7 +103,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let (tokens, completions) = (counts[0] as usize, counts[1] as usize);
         session.begin_step();
         let mut kl_sum = 0.0;
-        let idle = session.idle_backwards_needed(sequences.len().div_ceil(d.chunk_rows.max(1)))?;
+        let idle = session.idle_passes_needed(sequences.len().div_ceil(d.chunk_rows.max(1)))?;
         for chunk in sequences.chunks(d.chunk_rows.max(1)) {
             let batch = Batch::completions(chunk, seq, 0.0);
             let acts = student_acts.get(&b, chunk.len());

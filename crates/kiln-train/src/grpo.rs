@@ -381,11 +381,11 @@ fn rollout_batch(
 pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<GrpoStats>> {
     let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
     let rewards = build_rewards(&g.rewards)?;
-    config.refuse_expert_parallel("GRPO")?;
     let mut session = Session::open(config, resume)?;
     session.plot = crate::metrics::PlotSpec::REWARD;
     // The frozen reference for the KL term: the model the run started from.
-    let mut reference = if g.beta != 0.0 { Some(Model::load(&session.b, &config.model.path)?) } else { None };
+    let ep = session.model.expert_parallel().cloned();
+    let mut reference = if g.beta != 0.0 { Some(Model::load_with(&session.b, &config.model.path, ep)?) } else { None };
     let (tokenizer, template) = load_tokenizer(session.model_dir())?;
     check_vocab(&session.model, &tokenizer, session.model_dir())?;
     let train = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
@@ -422,14 +422,20 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             let mine = session.my_share(prompts.len());
             let first = mine.start * g.group_size;
             let sampled = rollout_batch(&mut session.model, &prompts[mine], &cx, t.seed ^ step, first)?;
+            let idle = match reference {
+                Some(_) => session.idle_passes_needed(sampled.sequences.len().div_ceil(g.micro_batch))?,
+                None => 0,
+            };
             let reference = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {
-                sampled
+                let logps = sampled
                     .micro_batches(g.micro_batch)
                     .map(|chunk| {
                         let batch = Batch::completions(chunk, seq, 0.0);
                         completion_logps(&r.nll(&session.b, pool.get(&session.b, chunk.len()), &batch), chunk, seq)
                     })
-                    .collect()
+                    .collect();
+                (0..idle).for_each(|_| r.serve_experts_forward(&session.b));
+                logps
             });
             rollout = Some(Rollout { reference, ..sampled });
         }
@@ -447,7 +453,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             tokens: r.tokens,
         };
         let mut totals = UpdateTotals::default();
-        let idle = session.idle_backwards_needed(r.sequences.len().div_ceil(g.micro_batch))?;
+        let idle = session.idle_passes_needed(r.sequences.len().div_ceil(g.micro_batch))?;
         for (k, chunk) in r.sequences.chunks(g.micro_batch).enumerate() {
             let first = k * g.micro_batch;
             let batch = Batch::completions(chunk, seq, 1.0 / r.tokens.max(1) as f32);

@@ -249,11 +249,12 @@ impl Session {
         kiln_dist::shard(len, self.comm.rank(), self.comm.size())
     }
 
-    /// Under expert parallel and ZeRO-2 every backward is collective (expert exchanges,
-    /// per-layer reductions), so a rank whose share of a step has fewer backwards than another
-    /// (an epoch's last step, a rollout split unevenly) runs idle ones after its own: this many,
-    /// for `mine` of its own. Call it before the step's backwards (it may be a collective).
-    pub fn idle_backwards_needed(&self, mine: usize) -> Result<usize> {
+    /// Under expert parallel every forward and backward is collective (expert exchanges), and
+    /// under ZeRO-2 every backward (per-layer reductions), so a rank whose share of a step has
+    /// fewer passes than another (an epoch's last step, a rollout split unevenly) runs idle
+    /// ones after its own: this many, for `mine` of its own. Call it before the passes (it is
+    /// a collective then).
+    pub fn idle_passes_needed(&self, mine: usize) -> Result<usize> {
         if self.model.expert_parallel().is_none() && !matches!(self.grads, Grads::Sharded(_)) {
             return Ok(0);
         }
@@ -263,7 +264,7 @@ impl Session {
         Ok(counts.iter().fold(0f32, |a, &c| a.max(c)) as usize - mine)
     }
 
-    /// Runs `n` idle backwards (see `idle_backwards_needed`): this rank's experts serve the
+    /// Runs `n` idle backwards (see `idle_passes_needed`): this rank's experts serve the
     /// others' rows, or it joins ZeRO-2's reductions with nothing to add.
     pub fn idle_backwards(&mut self, n: usize) {
         for _ in 0..n {

@@ -4,8 +4,9 @@
 //! moments (whose memory per rank falls as 1/N) or with ZeRO-2's sharded moments and
 //! gradients (both 1/N), a ZeRO-1 checkpoint resumes on another number of ranks under ZeRO-2,
 //! only rank 0 writes, every other recipe (DPO, RM, GRPO, distillation) follows the same
-//! curve on 2 ranks with ZeRO-2, expert parallel (alone and with data parallel) gives
-//! the one-process curve with each rank holding its share of the experts, and a rank that
+//! curve on 2 ranks with ZeRO-2, expert parallel (alone and with data parallel, in every
+//! recipe) gives the one-process curve with each rank holding its share of the experts, and
+//! a rank that
 //! hangs or dies stops the job with the checkpoints whole.
 #![cfg(feature = "mpi")]
 
@@ -231,6 +232,19 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     for recipe in ["dpo", "rm"] {
         let one: Vec<String> = [set(&model), set("train.grad_accum=2")].concat();
         let two: Vec<String> = [set(&model), set("train.grad_accum=1"), set("train.ep=2")].concat();
+        assert_same_steps(
+            &format!("{recipe} with ep 2"),
+            &recipe_curve(recipe, 1, &one),
+            &recipe_curve(recipe, 2, &two),
+        );
+    }
+    // The rollout recipes: each rank samples its prompts' completions, the expert group going
+    // round by round through generation (a rank out of sequences serves its experts). GRPO
+    // with a KL term also runs its frozen reference expert parallel; distillation's teacher is
+    // the dense demo base.
+    for (recipe, extra) in [("grpo", set("grpo.beta=0.04")), ("distill", set("train.seed=1"))] {
+        let one: Vec<String> = [set(&model), extra.clone()].concat();
+        let two: Vec<String> = [set(&model), extra, set("train.ep=2")].concat();
         assert_same_steps(
             &format!("{recipe} with ep 2"),
             &recipe_curve(recipe, 1, &one),

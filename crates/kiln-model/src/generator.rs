@@ -114,7 +114,7 @@ pub fn generate<B: Backend>(
             (!free.is_empty()).then(|| waiting.next()).flatten().map(|r| (r, free.pop().expect("checked")))
         })
         .collect();
-        let work = !admitted.is_empty() || !running.is_empty() || waiting.len() > 0;
+        let work = !admitted.is_empty() || !running.is_empty() || !waiting.is_empty();
         let [prefilling, working] = in_group(model, [!admitted.is_empty(), work], "prefill round");
         if !working {
             break;

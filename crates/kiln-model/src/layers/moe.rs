@@ -254,6 +254,15 @@ pub fn serve_backward<B: Backend>(
     remote_backward(b, s, (w, g), &served.0, &b.zeros(0), &mut b.zeros(0));
 }
 
+/// Frees buffers laid out for experts computed here, under expert parallel (once).
+fn release<B: Backend, const N: usize>(b: &B, bufs: [&mut B::Buf; N]) {
+    for buf in bufs {
+        if b.len(buf) > 0 {
+            *buf = b.zeros(0);
+        }
+    }
+}
+
 /// `out = MoE(x)` for `[tokens, hidden]` x; keeps what backward needs in `a`. With `out`
 /// `None` only what backward needs is computed.
 pub fn forward<B: Backend>(
@@ -289,7 +298,11 @@ pub fn forward<B: Backend>(
     b.embedding_forward(&mut a.xs, x, &a.order, d);
     match ep {
         None => experts_forward(b, s, w, &a.rows, &a.xs, (&mut a.g, &mut a.u, &mut a.h), &mut a.y),
-        Some((ep, layer)) => a.remote = Some(remote_forward(b, s, w, (ep, layer), &a.rows, &a.xs, &mut a.y)),
+        Some((ep, layer)) => {
+            // The experts' activations live in `Remote`, sized by the rows received.
+            release(b, [&mut a.g, &mut a.u, &mut a.h]);
+            a.remote = Some(remote_forward(b, s, w, (ep, layer), &a.rows, &a.xs, &mut a.y));
+        }
     }
     if let (Some(sg), Some(su), Some((g, u, h))) = (&w.shared_gate, &w.shared_up, &mut a.shared) {
         b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff));
@@ -390,7 +403,10 @@ pub fn backward<B: Backend>(
             let scratch = (&mut t.dh, &mut t.dg, &mut t.du);
             experts_backward(b, s, (w, g), &a.rows, acts, &t.dy, scratch, &mut t.dxs);
         }
-        Some(r) => remote_backward(b, s, (w, g), r, &t.dy, &mut t.dxs),
+        Some(r) => {
+            release(b, [&mut t.dh, &mut t.dg, &mut t.du]);
+            remote_backward(b, s, (w, g), r, &t.dy, &mut t.dxs);
+        }
     }
     // Dispatch: xs_row = x[token].
     b.embedding_backward(dx, &t.dxs, &a.order, d);

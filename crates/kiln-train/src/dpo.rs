@@ -17,7 +17,7 @@ use crate::schedule::Schedule;
 use crate::session::{merge, with_step, Resume, RunSummary, Session};
 use crate::sft::{check_bad_rows, check_vocab, load_tokenizer};
 use anyhow::{bail, Context, Result};
-use kiln_core::Backend;
+use kiln_core::{Backend, Cpu};
 use kiln_data::example::{Encoder, Example};
 use kiln_data::preference::{read_preference_rows, PreferencePair};
 use kiln_model::{Activations, Model};
@@ -234,6 +234,26 @@ fn sequence_logps<B: Backend>(
     out
 }
 
+/// `sequence_logps` of this rank's share of the micro-batches (`share`: its range, and the
+/// idle passes it serves after them under expert parallel), summed over the ranks: each
+/// example is computed by one rank, so the sum is exact and every rank gets every log-prob.
+#[allow(clippy::too_many_arguments)]
+fn sequence_logps_on_ranks(
+    b: &Cpu,
+    comm: &dyn kiln_dist::Comm,
+    (mine, idle): (std::ops::Range<usize>, usize),
+    model: &mut Model<Cpu>,
+    acts: &mut Activations<Cpu>,
+    examples: &[Example],
+    micro_batches: &[Vec<PackedRow>],
+    what: &str,
+) -> Result<Vec<f64>> {
+    let mut logps = sequence_logps(b, model, acts, examples, &micro_batches[mine]);
+    (0..idle).for_each(|_| model.serve_experts_forward(b));
+    comm.all_reduce_sum_f64(&mut logps, what)?;
+    Ok(logps)
+}
+
 /// What token weights depend on beyond the micro-batch: pairs and chosen answer tokens in
 /// the whole step (the loss is a mean over pairs; ORPO's SFT term a mean over tokens).
 #[derive(Clone, Copy)]
@@ -279,15 +299,19 @@ fn token_weights(
     w
 }
 
-/// Losses and rewards of every pair of a split, with the policy's log-probs.
-fn evaluate_pairs<B: Backend>(
-    b: &B,
-    model: &mut Model<B>,
-    acts: &mut Activations<B>,
+/// Losses and rewards of every pair of a split, with the policy's log-probs (the split's
+/// micro-batches shared out over the ranks).
+fn evaluate_pairs(
+    session: &mut Session,
+    acts: &mut Activations<Cpu>,
     split: &Split,
     objective: &Objective,
-) -> PairStats {
-    let logps = sequence_logps(b, model, acts, &split.examples, &split.micro_batches);
+) -> Result<PairStats> {
+    let share = session.forward_share(split.micro_batches.len())?;
+    let what = format!("eval log-probs at step {}", session.state.step);
+    let (b, comm) = (session.b, session.comm);
+    let logps =
+        sequence_logps_on_ranks(&b, comm, share, &mut session.model, acts, &split.examples, &split.micro_batches, &what)?;
     let pairs = split.examples.len() / 2;
     let chosen_tokens: usize = (0..pairs).map(|k| split.examples[2 * k].trainable_targets()).sum();
     let mut stats = PairStats::default();
@@ -298,7 +322,7 @@ fn evaluate_pairs<B: Backend>(
         let sft = objective.orpo_nll_weight() * -x.chosen / chosen_tokens.max(1) as f64 * pairs as f64;
         stats.add(loss + sft, rewards, (x.chosen, x.rejected));
     }
-    stats.mean()
+    Ok(stats.mean())
 }
 
 /// A split's examples, packing and reference log-probs.
@@ -375,8 +399,9 @@ fn reference_logps(
             }
         }
     }
-    let b = session.b;
+    let (b, comm) = (session.b, session.comm);
     let started = Instant::now();
+    let shares = (session.forward_share(train.micro_batches.len())?, session.forward_share(eval.micro_batches.len())?);
     // The reference is the model the run started from, which a resumed run no longer holds.
     let mut fresh;
     let model = if session.resumed {
@@ -385,8 +410,10 @@ fn reference_logps(
     } else {
         &mut session.model
     };
-    let train_ref = sequence_logps(&b, model, acts, &train.examples, &train.micro_batches);
-    let eval_ref = sequence_logps(&b, model, acts, &eval.examples, &eval.micro_batches);
+    let (train_mb, eval_mb) = (&train.micro_batches, &eval.micro_batches);
+    let what = "reference log-probs";
+    let train_ref = sequence_logps_on_ranks(&b, comm, shares.0, model, acts, &train.examples, train_mb, what)?;
+    let eval_ref = sequence_logps_on_ranks(&b, comm, shares.1, model, acts, &eval.examples, eval_mb, what)?;
     let cache = ReferenceCache { fingerprint: fp, train: train_ref, eval: eval_ref };
     if session.comm.is_root() {
         let tmp = path.with_extension("json.tmp");
@@ -431,7 +458,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (PairStats::default(), None, None, false);
     let has_eval = !eval.examples.is_empty();
     if session.state.step == 0 && has_eval {
-        let s = evaluate_pairs(&b, &mut session.model, &mut acts, &eval, &objective);
+        let s = evaluate_pairs(&mut session, &mut acts, &eval, &objective)?;
         session.metrics.write(&with_step(0, s.record("eval_")))?;
         eval_before = Some(s);
     }
@@ -476,7 +503,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
 
         let step = session.state.step;
         if has_eval && session.eval_due(total_steps) {
-            let s = evaluate_pairs(&b, &mut session.model, &mut acts, &eval, &objective);
+            let s = evaluate_pairs(&mut session, &mut acts, &eval, &objective)?;
             session.metrics.write(&with_step(step, s.record("eval_")))?;
             session.bar.println(format!(
                 "step {step}: eval loss {:.4}, reward accuracy {:.3}, margin {:.3}",

@@ -188,17 +188,25 @@ fn score(rewards: &[Reward], prompts: &[&PromptRow], texts: &[(usize, String)]) 
     Ok((total, per))
 }
 
-/// Greedy completions of every eval prompt, scored.
+/// Greedy completions of every eval prompt, scored; the prompts are shared out over the ranks
+/// and each prompt's numbers come from one rank, so summing them over the ranks is exact.
 fn evaluate(model: &mut Model<Cpu>, prompts: &[PromptRow], cx: &RolloutContext) -> Result<GrpoStats> {
-    let refs: Vec<&PromptRow> = prompts.iter().collect();
+    let mine = kiln_dist::shard(prompts.len(), cx.comm.rank(), cx.comm.size());
+    let refs: Vec<&PromptRow> = prompts[mine.clone()].iter().collect();
     let outs = rollout(model, &refs, cx.g, cx.stop_ids, 0, true, 0);
     let (total, per) = score(cx.rewards, &refs, &decode_all(cx.tokenizer, &outs))?;
-    let n = total.len().max(1) as f64;
-    Ok(GrpoStats {
-        reward: total.iter().sum::<f64>() / n,
-        solved: per.first().map_or(0.0, |v| v.iter().filter(|&&x| x >= 1.0).count() as f64 / n),
-        completion_length: outs.iter().map(|(_, g)| g.tokens.len()).sum::<usize>() as f64 / n,
-    })
+    // Per prompt: reward, solved, completion length.
+    let n = prompts.len();
+    let mut numbers = vec![0.0; 3 * n];
+    for (k, (_, g)) in outs.iter().enumerate() {
+        let i = mine.start + k;
+        numbers[i] = total[k];
+        numbers[n + i] = f64::from(u8::from(per.first().is_some_and(|v| v[k] >= 1.0)));
+        numbers[2 * n + i] = g.tokens.len() as f64;
+    }
+    cx.comm.all_reduce_sum_f64(&mut numbers, "eval rollouts")?;
+    let mean = |part: usize| numbers[part * n..(part + 1) * n].iter().sum::<f64>() / n.max(1) as f64;
+    Ok(GrpoStats { reward: mean(0), solved: mean(1), completion_length: mean(2) })
 }
 
 /// Each completion's token log-probs from the forward's nll (`sequences`: one row each, ids

@@ -115,21 +115,27 @@ fn rewards(
     (scored, w)
 }
 
-fn evaluate(b: &Cpu, model: &mut Model<Cpu>, acts: &mut Activations<Cpu>, split: &Split, rm: &RmSection) -> RmStats {
+/// Pair statistics of a split, its micro-batches shared out over the ranks: each example's
+/// reward comes from one rank, so summing them over the ranks is exact.
+fn evaluate(session: &mut Session, acts: &mut Activations<Cpu>, split: &Split, rm: &RmSection) -> Result<RmStats> {
+    let (mine, idle) = session.forward_share(split.micro_batches.len())?;
+    let (b, model) = (&session.b, &mut session.model);
     let mut reward = vec![0.0; split.examples.len()];
-    for mb in &split.micro_batches {
+    for mb in &split.micro_batches[mine] {
         let batch = build_batch(&split.examples, mb, acts.rows, acts.seq, 1.0);
         model.forward_hidden(b, acts, &batch, false);
         for s in rewards(b, model, acts, mb, &split.examples).0 {
             reward[s.example] = s.reward;
         }
     }
+    (0..idle).for_each(|_| model.serve_experts_forward(b));
+    session.comm.all_reduce_sum_f64(&mut reward, &format!("eval rewards at step {}", session.state.step))?;
     let mut stats = RmStats::default();
     for k in 0..split.examples.len() / 2 {
         let (rc, rr) = (reward[2 * k], reward[2 * k + 1]);
         stats.add(bradley_terry(rc, rr, rm).0, rc, rr);
     }
-    stats.mean()
+    Ok(stats.mean())
 }
 
 /// `config.json` of the reward model made from a causal LM's: `...ForSequenceClassification`,
@@ -187,7 +193,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
     let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (RmStats::default(), None, None, false);
     let has_eval = !eval.examples.is_empty();
     if session.state.step == 0 && has_eval {
-        let s = evaluate(&b, &mut session.model, &mut acts, &eval, &rm);
+        let s = evaluate(&mut session, &mut acts, &eval, &rm)?;
         session.metrics.write(&with_step(0, s.record("eval_")))?;
         eval_before = Some(s);
     }
@@ -242,7 +248,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
 
         let step = session.state.step;
         if has_eval && session.eval_due(total_steps) {
-            let s = evaluate(&b, &mut session.model, &mut acts, &eval, &rm);
+            let s = evaluate(&mut session, &mut acts, &eval, &rm)?;
             session.metrics.write(&with_step(step, s.record("eval_")))?;
             session.bar.println(format!("step {step}: eval loss {:.4}, accuracy {:.3}", s.loss, s.accuracy));
             eval_stats = Some(s);

@@ -259,9 +259,17 @@ impl Session {
             return Ok(0);
         }
         let mut counts = vec![0f32; self.comm.size()];
-        let what = format!("backwards at step {}", self.state.step + 1);
+        let what = format!("pass counts at step {}", self.state.step + 1);
         self.comm.all_gather(&[mine as f32], &mut counts, &what)?;
         Ok(counts.iter().fold(0f32, |a, &c| a.max(c)) as usize - mine)
+    }
+
+    /// This rank's share of `len` forward-only passes (eval, reference log-probs), and how
+    /// many idle ones it serves after them under expert parallel (`Model::serve_experts_forward`).
+    pub fn forward_share(&self, len: usize) -> Result<(std::ops::Range<usize>, usize)> {
+        let mine = self.my_share(len);
+        let idle = if self.model.expert_parallel().is_some() { self.idle_passes_needed(mine.len())? } else { 0 };
+        Ok((mine, idle))
     }
 
     /// Runs `n` idle backwards (see `idle_passes_needed`): this rank's experts serve the

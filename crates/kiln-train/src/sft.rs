@@ -8,7 +8,7 @@ use crate::schedule::Schedule;
 pub use crate::session::Resume;
 use crate::session::Session;
 use anyhow::{bail, Result};
-use kiln_core::Backend;
+use kiln_core::{Backend, Cpu};
 use kiln_data::example::{Encoder, Example, Tokenized};
 use kiln_data::{rows, ChatTemplate, Tokenizer};
 use kiln_model::{Activations, Model};
@@ -116,14 +116,41 @@ pub fn evaluate<B: Backend>(
     examples: &[Example],
     micro_batches: &[Vec<PackedRow>],
 ) -> f64 {
-    let (mut sum, mut count) = (0.0f64, 0usize);
-    for mb in micro_batches {
-        let batch = build_batch(examples, mb, acts.rows, acts.seq, 1.0);
-        let nll = model.nll(b, acts, &batch);
-        sum += nll.iter().zip(&batch.weights).map(|(&l, &w)| l as f64 * w as f64).sum::<f64>();
-        count += trainable_targets(examples, mb);
+    let sums: Vec<f64> = micro_batches.iter().map(|mb| micro_batch_nll(b, model, acts, examples, mb)).collect();
+    sums.iter().sum::<f64>() / micro_batches.iter().map(|mb| trainable_targets(examples, mb)).sum::<usize>().max(1) as f64
+}
+
+/// Σ nll over the trainable tokens of one micro-batch.
+fn micro_batch_nll<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    acts: &mut Activations<B>,
+    examples: &[Example],
+    mb: &[PackedRow],
+) -> f64 {
+    let batch = build_batch(examples, mb, acts.rows, acts.seq, 1.0);
+    let nll = model.nll(b, acts, &batch);
+    nll.iter().zip(&batch.weights).map(|(&l, &w)| l as f64 * w as f64).sum::<f64>()
+}
+
+/// `evaluate` with the micro-batches shared out over the ranks: each rank's per-micro-batch
+/// sums are gathered by an exact all-reduce (one rank contributes each), so the result is the
+/// one-process one.
+fn evaluate_on_ranks(
+    session: &mut Session,
+    acts: &mut Activations<Cpu>,
+    examples: &[Example],
+    micro_batches: &[Vec<PackedRow>],
+) -> Result<f64> {
+    let (mine, idle) = session.forward_share(micro_batches.len())?;
+    let mut sums = vec![0.0; micro_batches.len()];
+    for i in mine {
+        sums[i] = micro_batch_nll(&session.b, &mut session.model, acts, examples, &micro_batches[i]);
     }
-    sum / count.max(1) as f64
+    (0..idle).for_each(|_| session.model.serve_experts_forward(&session.b));
+    session.comm.all_reduce_sum_f64(&mut sums, &format!("eval loss at step {}", session.state.step))?;
+    let count = micro_batches.iter().map(|mb| trainable_targets(examples, mb)).sum::<usize>();
+    Ok(sums.iter().sum::<f64>() / count.max(1) as f64)
 }
 
 /// Runs SFT as configured; `quiet` hides the progress bar.
@@ -148,7 +175,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
     let (mut last_loss, mut eval_loss) = (f64::NAN, None);
     let mut interrupted = false;
     if session.state.step == 0 && !eval.is_empty() {
-        let l = evaluate(&b, &mut session.model, &mut acts, &eval, &eval_batches);
+        let l = evaluate_on_ranks(&mut session, &mut acts, &eval, &eval_batches)?;
         session.metrics.write(&json!({"step": 0, "eval_loss": l}))?;
         eval_loss = Some(l);
     }
@@ -174,7 +201,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
 
         let step = session.state.step;
         if !eval.is_empty() && session.eval_due(total_steps) {
-            let l = evaluate(&b, &mut session.model, &mut acts, &eval, &eval_batches);
+            let l = evaluate_on_ranks(&mut session, &mut acts, &eval, &eval_batches)?;
             session.metrics.write(&json!({"step": step, "eval_loss": l}))?;
             session.bar.println(format!("step {step}: eval loss {l:.4}"));
             eval_loss = Some(l);

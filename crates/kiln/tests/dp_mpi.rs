@@ -74,6 +74,16 @@ fn losses(dir: &Path) -> Vec<f64> {
     steps(dir).iter().map(|v| v["loss"].as_f64().unwrap()).collect()
 }
 
+/// The eval losses (before training and at the end), each rank having scored its share of
+/// the eval batches.
+fn eval_losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["eval_loss"].as_f64())
+        .collect()
+}
+
 fn assert_same_curve(reference: &[f64], curve: &[f64], what: &str) {
     assert_eq!(curve.len(), reference.len(), "{what}: one metrics line per step");
     for (step, (a, b)) in reference.iter().zip(curve).enumerate() {
@@ -108,6 +118,10 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_and_2
         let dir = scratch(&format!("{ranks}"));
         run_ok(ranks, accum, &dir, &[]);
         assert_same_curve(&reference, &losses(&dir), &format!("{ranks} ranks"));
+        let (a, b) = (eval_losses(&one), eval_losses(&dir));
+        assert_eq!(a.len(), 2, "eval before training and at the end");
+        assert_eq!(a[0], b[0], "{ranks} ranks: the eval of the same weights, shared out, is exact");
+        assert_same_curve(&a, &b, &format!("{ranks} ranks, eval"));
 
         let dir = scratch(&format!("zero-{ranks}"));
         run_ok(ranks, accum, &dir, &["--set", "train.zero=1"]);
@@ -182,6 +196,7 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
         run_ok(ranks, accum, &dir, &["--set", &model, "--set", &ep_set, "--set", &recompute_set]);
         let what = format!("{ranks} ranks, ep {ep}");
         assert_same_curve(&reference, &losses(&dir), &what);
+        assert_same_curve(&eval_losses(&one), &eval_losses(&dir), &format!("{what}, eval"));
         for (a, b) in norms(&one).iter().zip(norms(&dir)) {
             assert!((a - b).abs() <= 1e-5 * a, "{what}: grad norm {a} vs {b}");
         }

@@ -310,8 +310,16 @@ fn evaluate_pairs(
     let share = session.forward_share(split.micro_batches.len())?;
     let what = format!("eval log-probs at step {}", session.state.step);
     let (b, comm) = (session.b, session.comm);
-    let logps =
-        sequence_logps_on_ranks(&b, comm, share, &mut session.model, acts, &split.examples, &split.micro_batches, &what)?;
+    let logps = sequence_logps_on_ranks(
+        &b,
+        comm,
+        share,
+        &mut session.model,
+        acts,
+        &split.examples,
+        &split.micro_batches,
+        &what,
+    )?;
     let pairs = split.examples.len() / 2;
     let chosen_tokens: usize = (0..pairs).map(|k| split.examples[2 * k].trainable_targets()).sum();
     let mut stats = PairStats::default();

@@ -117,7 +117,8 @@ pub fn evaluate<B: Backend>(
     micro_batches: &[Vec<PackedRow>],
 ) -> f64 {
     let sums: Vec<f64> = micro_batches.iter().map(|mb| micro_batch_nll(b, model, acts, examples, mb)).collect();
-    sums.iter().sum::<f64>() / micro_batches.iter().map(|mb| trainable_targets(examples, mb)).sum::<usize>().max(1) as f64
+    sums.iter().sum::<f64>()
+        / micro_batches.iter().map(|mb| trainable_targets(examples, mb)).sum::<usize>().max(1) as f64
 }
 
 /// Σ nll over the trainable tokens of one micro-batch.

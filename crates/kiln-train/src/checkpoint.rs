@@ -292,7 +292,7 @@ pub fn load_optimizer<B: Backend>(
     if crate::zero::has_shards(dir) {
         // Written by a ZeRO-1 run: the shards cover the flat moments.
         let total = layout.iter().into_iter().map(|s| s.numel()).sum();
-        let (flat_m, flat_v) = crate::zero::read_shards(dir, total)?;
+        let (flat_m, flat_v) = crate::zero::read_shards(dir, "adam_shard", total)?;
         for (moments, flat) in [(m, flat_m), (v, flat_v)] {
             let mut at = 0;
             for (dst, spec) in moments.iter_mut().into_iter().zip(layout.iter()) {
@@ -308,10 +308,10 @@ pub fn load_optimizer<B: Backend>(
     Ok(state)
 }
 
-/// A replicated run's moments as flat vectors in `Weights::iter` order, for a sharded resume.
-pub fn read_full_moments(dir: &Path, layout: &Weights<TensorSpec>) -> Result<(Vec<f32>, Vec<f32>)> {
-    let flat = |name: &str| -> Result<Vec<f32>> {
-        Ok(read_moments(dir, name, layout)?.iter().into_iter().flat_map(|t| t.iter().copied()).collect())
-    };
-    Ok((flat("adam_m")?, flat("adam_v")?))
+/// AdamW's first and second moments of every tensor.
+pub type Moments = (Weights<Vec<f32>>, Weights<Vec<f32>>);
+
+/// A replicated run's moments of the tensors of `layout`, for a sharded resume.
+pub fn read_full_moments(dir: &Path, layout: &Weights<TensorSpec>) -> Result<Moments> {
+    Ok((read_moments(dir, "adam_m", layout)?, read_moments(dir, "adam_v", layout)?))
 }

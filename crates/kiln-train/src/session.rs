@@ -13,7 +13,7 @@ use crate::grads::{Grads, ShardedGrads};
 use crate::metrics::{Metrics, PlotSpec};
 use crate::optim::AdamW;
 use crate::schedule::Schedule;
-use crate::zero::ShardedAdamW;
+use crate::zero::{ShardedAdamW, Zero};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend, Cpu};
@@ -72,10 +72,10 @@ pub struct Session {
     non_finite_streak: u32,
 }
 
-/// AdamW, replicated on every rank, or with its moments sharded over the ranks (ZeRO-1).
+/// AdamW, replicated on every rank, or with its moments sharded over the ranks (ZeRO).
 pub enum Optimizer {
     Replicated(AdamW<Cpu>),
-    Sharded(ShardedAdamW),
+    Sharded(Zero),
 }
 
 impl Optimizer {
@@ -161,7 +161,7 @@ impl Session {
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let mut optimizer = if t.zero >= 1 && comm.size() > 1 {
-            Optimizer::Sharded(ShardedAdamW::new(&model.layout, hyper, comm.rank(), comm.size()))
+            Optimizer::Sharded(zero_spaces(&model, hyper, comm, expert_replicas.as_deref()))
         } else {
             let mut adamw = AdamW::new(&b, &model.layout, t.lr, t.weight_decay);
             adamw.hyper = hyper;
@@ -169,7 +169,8 @@ impl Session {
         };
         let grads = match &optimizer {
             Optimizer::Sharded(opt) if t.zero >= 2 => {
-                Grads::Sharded(Box::new(ShardedGrads::new(comm, &model.layout, opt.chunk, opt.range.clone())))
+                let dense = &opt.dense;
+                Grads::Sharded(Box::new(ShardedGrads::new(comm, &model.layout, dense.chunk, dense.range.clone())))
             }
             _ => Grads::Whole(model.zeros_like_params(&b)),
         };
@@ -190,7 +191,7 @@ impl Session {
                     } else {
                         Some(checkpoint::read_full_moments(dir, &model.layout)?)
                     };
-                    sharded.load(dir, full, state.adam_step)?;
+                    sharded.load(dir, full.as_ref(), state.adam_step)?;
                     state
                 }
             };
@@ -348,14 +349,27 @@ impl Session {
         let b = self.b;
         // The global gradient norm, and with ZeRO-1/2 this rank's chunk of the summed gradients
         // (ZeRO-2's backward has summed it already).
+        // Under expert parallel the experts' chunk comes second, their squares summed over the
+        // expert group too.
         let (norm, mut shard) = match (&mut self.optimizer, &mut self.grads) {
             (Optimizer::Sharded(opt), Grads::Whole(grads)) => {
-                let r = opt.reduce(self.comm, grads, &what)?;
-                (r.norm, Some(r.grads))
+                let dense = opt.dense.reduce(self.comm, grads, &what)?;
+                let mut squares = dense.squares;
+                let experts = match (&mut opt.experts, &self.expert_replicas, self.model.expert_parallel()) {
+                    (Some(space), Some(replicas), Some(ep)) => {
+                        let r = space.reduce(replicas.as_ref(), grads, &what)?;
+                        let mut group = [r.squares];
+                        ep.group.all_reduce_sum_f64(&mut group, &what)?;
+                        squares += group[0];
+                        Some(r.grads)
+                    }
+                    _ => None,
+                };
+                (squares.sqrt(), Some((dense.grads, experts)))
             }
             (Optimizer::Sharded(_), Grads::Sharded(sharded)) => {
                 let chunk = std::mem::take(&mut sharded.mine);
-                (ShardedAdamW::norm(self.comm, &chunk, &what)?, Some(chunk))
+                (ShardedAdamW::squares(self.comm, &chunk, &what)?.sqrt(), Some((chunk, None)))
             }
             (Optimizer::Replicated(_), _) => {
                 self.all_reduce_grads(&what)?;
@@ -384,16 +398,18 @@ impl Session {
                 1.0
             };
             match (&mut self.optimizer, &mut shard) {
-                (Optimizer::Sharded(opt), Some(grads)) => {
-                    grads.iter_mut().for_each(|g| *g *= scale);
-                    opt.hyper.lr = lr;
-                    opt.step(
-                        self.comm,
-                        &mut self.model.params,
-                        grads,
-                        &format!("weights at step {}", self.state.step),
-                    )?;
-                    self.state.adam_step = opt.hyper.step;
+                (Optimizer::Sharded(opt), Some((dense, experts))) => {
+                    let what = format!("weights at step {}", self.state.step);
+                    dense.iter_mut().chain(experts.iter_mut().flatten()).for_each(|g| *g *= scale);
+                    opt.dense.hyper.lr = lr;
+                    opt.dense.step(self.comm, &mut self.model.params, dense, &what)?;
+                    if let (Some(space), Some(chunk), Some(replicas)) =
+                        (&mut opt.experts, experts, &self.expert_replicas)
+                    {
+                        space.hyper.lr = lr;
+                        space.step(replicas.as_ref(), &mut self.model.params, chunk, &what)?;
+                    }
+                    self.state.adam_step = opt.dense.hyper.step;
                 }
                 (Optimizer::Replicated(opt), _) => {
                     let grads = whole(&mut self.grads);
@@ -407,7 +423,7 @@ impl Session {
                 (Optimizer::Sharded(_), None) => unreachable!("a sharded optimizer reduces its gradient chunk"),
             }
         }
-        if let (Grads::Sharded(sharded), Some(chunk)) = (&mut self.grads, shard) {
+        if let (Grads::Sharded(sharded), Some((chunk, _))) = (&mut self.grads, shard) {
             sharded.mine = chunk;
         }
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
@@ -588,9 +604,7 @@ impl Session {
         }
         let extra = |tmp: &Path| -> Result<()> {
             if sharded {
-                if let Optimizer::Sharded(opt) = &self.optimizer {
-                    opt.save(tmp, 0, comm.size())?;
-                }
+                self.write_shard(tmp, expert_ranks)?;
                 comm.barrier(&phase("directory ready"))?;
                 comm.barrier(&phase("shards written"))?;
             }
@@ -618,17 +632,25 @@ impl Session {
         Ok(dir)
     }
 
-    /// A rank other than 0 adds its part of a checkpoint to `tmp`: its ZeRO-1 moment shard, or
-    /// under expert parallel (in the first expert group) its routed experts.
+    /// A rank adds its part of a checkpoint to `tmp`: its ZeRO moment shards, and under
+    /// expert parallel, in the first expert group but rank 0 (whose part `checkpoint::save`
+    /// writes), its routed experts.
     fn write_shard(&self, tmp: &Path, expert_ranks: usize) -> Result<()> {
         let rank = self.comm.rank();
-        match &self.optimizer {
-            Optimizer::Sharded(opt) => opt.save(tmp, rank, self.comm.size()),
-            Optimizer::Replicated(adamw) if rank < expert_ranks => {
-                checkpoint::save_expert_shard(&self.b, tmp, &self.model, Some(adamw), rank, expert_ranks)
+        let adamw = match &self.optimizer {
+            Optimizer::Sharded(zero) => {
+                zero.dense.save(tmp, rank, self.comm.size())?;
+                if let (Some(space), Some(replicas)) = (&zero.experts, &self.expert_replicas) {
+                    space.save(tmp, replicas.rank(), replicas.size())?;
+                }
+                None
             }
-            Optimizer::Replicated(_) => Ok(()),
+            Optimizer::Replicated(adamw) => Some(adamw),
+        };
+        if rank > 0 && rank < expert_ranks {
+            checkpoint::save_expert_shard(&self.b, tmp, &self.model, adamw, rank, expert_ranks)?;
         }
+        Ok(())
     }
 
     /// The newest checkpoint, writing one if the run has none.
@@ -651,6 +673,22 @@ impl Session {
 
     pub fn model_dir(&self) -> &Path {
         &self.model_dir
+    }
+}
+
+/// ZeRO's spaces: everything over all ranks, or under expert parallel everything but the
+/// routed experts over all ranks and the experts over their replicas.
+fn zero_spaces(model: &Model<Cpu>, hyper: Hyper, comm: &dyn Comm, replicas: Option<&(dyn Comm + Send + Sync)>) -> Zero {
+    let (layout, world) = (&model.layout, (comm.rank(), comm.size()));
+    match (replicas, model.expert_parallel()) {
+        (Some(replicas), Some(ep)) => {
+            let dense = ShardedAdamW::over(layout, &|s| !s.is_routed_experts(), "adam_shard", hyper, world);
+            let name = format!("adam_expert_shard-{}", ep.group.rank());
+            let at = (replicas.rank(), replicas.size());
+            let experts = ShardedAdamW::over(layout, &|s| s.is_routed_experts(), &name, hyper, at);
+            Zero { dense, experts: Some(experts) }
+        }
+        _ => Zero { dense: ShardedAdamW::new(layout, hyper, world.0, world.1), experts: None },
     }
 }
 

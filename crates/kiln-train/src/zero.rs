@@ -10,7 +10,13 @@
 //! per rank (`adam_shard-R-of-N.safetensors`, with the chunk's start); resuming on any number
 //! of ranks re-cuts the flat moments, from shard files or from a replicated run's
 //! `adam_m`/`adam_v`.
+//!
+//! Under expert parallel the routed experts are not replicated on every rank, so they form a
+//! space of their own, sharded over the ranks that hold the same experts (files
+//! `adam_expert_shard-E-R-of-N.safetensors` for expert rank E); everything else is sharded over all
+//! ranks as above.
 
+use crate::checkpoint::Moments;
 use anyhow::{bail, Context, Result};
 use kiln_core::AdamW as Hyper;
 use kiln_dist::Comm;
@@ -19,6 +25,28 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
 
+/// ZeRO's optimizer: a space of every tensor sharded over all ranks or, under expert
+/// parallel, of every tensor but the routed experts, which form a space of their own sharded
+/// over the ranks holding the same experts.
+pub struct Zero {
+    pub dense: ShardedAdamW,
+    pub experts: Option<ShardedAdamW>,
+}
+
+impl Zero {
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self) -> usize {
+        self.dense.state_bytes() + self.experts.as_ref().map_or(0, |x| x.state_bytes())
+    }
+
+    /// Restores both spaces from shard files or (`full`) a replicated run's moments.
+    pub fn load(&mut self, dir: &Path, full: Option<&Moments>, adam_step: u64) -> Result<()> {
+        self.dense.load(dir, full, adam_step)?;
+        self.experts.as_mut().map_or(Ok(()), |x| x.load(dir, full, adam_step))
+    }
+}
+
+/// AdamW sharded over one group of ranks, for one set of tensors (a space).
 pub struct ShardedAdamW {
     pub hyper: Hyper,
     /// This rank's slice of the flat parameters.
@@ -27,8 +55,11 @@ pub struct ShardedAdamW {
     pub total: usize,
     m: Vec<f32>,
     v: Vec<f32>,
-    /// Per tensor: its flat start and length, and whether weight decay applies (matrices).
-    tensors: Vec<(usize, usize, bool)>,
+    /// Per tensor of the space: its place in `Weights::iter` order, its flat start and length,
+    /// and whether weight decay applies (matrices).
+    tensors: Vec<(usize, usize, usize, bool)>,
+    /// Shard files are `{name}-R-of-N.safetensors`.
+    name: String,
     /// Every rank's chunks (`chunk · size`, padded) and this rank's, kept between steps.
     flat: Vec<f32>,
     mine: Vec<f32>,
@@ -36,20 +67,34 @@ pub struct ShardedAdamW {
 
 /// The outcome of a sharded step's gradient reduction.
 pub struct Reduced {
-    /// ‖g‖ over all parameters.
-    pub norm: f64,
+    /// ‖g‖² over the space's parameters.
+    pub squares: f64,
     /// This rank's chunk of the summed gradients.
     pub grads: Vec<f32>,
 }
 
 impl ShardedAdamW {
+    /// Over every tensor of `layout`.
     pub fn new(layout: &Weights<TensorSpec>, hyper: Hyper, rank: usize, size: usize) -> Self {
+        Self::over(layout, &|_| true, "adam_shard", hyper, (rank, size))
+    }
+
+    /// Over the tensors of `layout` that `select` picks, on rank `rank` of `size`.
+    pub fn over(
+        layout: &Weights<TensorSpec>,
+        select: &dyn Fn(&TensorSpec) -> bool,
+        name: &str,
+        hyper: Hyper,
+        (rank, size): (usize, usize),
+    ) -> Self {
         let mut start = 0;
         let tensors = layout
             .iter()
             .into_iter()
-            .map(|s| {
-                let t = (start, s.numel(), s.shape.len() >= 2);
+            .enumerate()
+            .filter(|(_, s)| select(s))
+            .map(|(i, s)| {
+                let t = (i, start, s.numel(), s.shape.len() >= 2);
                 start += s.numel();
                 t
             })
@@ -59,7 +104,8 @@ impl ShardedAdamW {
         let range = (rank * chunk).min(total)..((rank + 1) * chunk).min(total);
         let n = range.len();
         let (flat, mine) = (Vec::with_capacity(chunk * size), Vec::with_capacity(chunk));
-        Self { hyper, range, chunk, total, m: vec![0.0; n], v: vec![0.0; n], tensors, flat, mine }
+        let name = name.to_string();
+        Self { hyper, range, chunk, total, m: vec![0.0; n], v: vec![0.0; n], tensors, name, flat, mine }
     }
 
     /// Bytes of optimizer state this rank holds.
@@ -67,30 +113,32 @@ impl ShardedAdamW {
         (self.m.len() + self.v.len()) * 4
     }
 
-    /// Sums the ranks' gradients into this rank's chunk and the global gradient norm.
+    /// Sums the ranks' gradients into this rank's chunk, and the squares of the space's summed
+    /// gradients.
     pub fn reduce(&mut self, comm: &dyn Comm, grads: &Weights<Vec<f32>>, what: &str) -> Result<Reduced> {
-        let flat = &mut self.flat;
+        let (flat, all) = (&mut self.flat, grads.iter());
         flat.clear();
-        grads.iter().into_iter().for_each(|g| flat.extend_from_slice(g));
+        self.tensors.iter().for_each(|&(i, ..)| flat.extend_from_slice(all[i]));
         flat.resize(self.chunk * comm.size(), 0.0);
         let mut mine = vec![0.0; self.chunk];
         comm.reduce_scatter_sum(flat, &mut mine, what)?;
         mine.truncate(self.range.len());
-        Ok(Reduced { norm: Self::norm(comm, &mine, what)?, grads: mine })
+        Ok(Reduced { squares: Self::squares(comm, &mine, what)?, grads: mine })
     }
 
-    /// ‖g‖ over all parameters, from every rank's chunk of the summed gradients.
-    pub fn norm(comm: &dyn Comm, chunk: &[f32], what: &str) -> Result<f64> {
+    /// ‖g‖² over the space, from every rank's chunk of the summed gradients.
+    pub fn squares(comm: &dyn Comm, chunk: &[f32], what: &str) -> Result<f64> {
         let mut squares = [chunk.iter().map(|&g| g as f64 * g as f64).sum::<f64>()];
         comm.all_reduce_sum_f64(&mut squares, what)?;
-        Ok(squares[0].sqrt())
+        Ok(squares[0])
     }
 
     /// AdamW on this rank's chunk, then every rank's updated chunk gathered into `params`.
     pub fn step(&mut self, comm: &dyn Comm, params: &mut Weights<Vec<f32>>, grads: &[f32], what: &str) -> Result<()> {
         self.hyper.step += 1;
-        let mut tensors = params.iter_mut();
-        for (&(start, len, decays), p) in self.tensors.iter().zip(tensors.iter_mut()) {
+        let mut all = params.iter_mut();
+        for &(i, start, len, decays) in &self.tensors {
+            let p = &mut all[i];
             let (lo, hi) = (start.max(self.range.start), (start + len).min(self.range.end));
             if lo >= hi {
                 continue;
@@ -107,17 +155,17 @@ impl ShardedAdamW {
         }
         let (mine, flat) = (&mut self.mine, &mut self.flat);
         mine.clear();
-        for (&(start, len, _), p) in self.tensors.iter().zip(tensors.iter()) {
+        for &(i, start, len, _) in &self.tensors {
             let (lo, hi) = (start.max(self.range.start), (start + len).min(self.range.end));
             if lo < hi {
-                mine.extend_from_slice(&p[lo - start..hi - start]);
+                mine.extend_from_slice(&all[i][lo - start..hi - start]);
             }
         }
         mine.resize(self.chunk, 0.0);
         flat.resize(self.chunk * comm.size(), 0.0);
         comm.all_gather(mine, flat, what)?;
-        for (&(start, len, _), p) in self.tensors.iter().zip(tensors.iter_mut()) {
-            p.copy_from_slice(&flat[start..start + len]);
+        for &(i, start, len, _) in &self.tensors {
+            all[i].copy_from_slice(&flat[start..start + len]);
         }
         Ok(())
     }
@@ -134,18 +182,18 @@ impl ShardedAdamW {
             ("start".to_string(), self.range.start.to_string()),
             ("total".to_string(), self.total.to_string()),
         ]);
-        let path = dir.join(shard_file(rank, size));
+        let path = dir.join(shard_file(&self.name, rank, size));
         safetensors::serialize_to_file(views, Some(metadata), &path)
             .with_context(|| format!("{}: cannot write", path.display()))?;
         Ok(())
     }
 
     /// Restores this rank's moments from a checkpoint written with any number of ranks (or
-    /// none: a replicated run's full moments, passed flat as `full`).
-    pub fn load(&mut self, dir: &Path, full: Option<(Vec<f32>, Vec<f32>)>, adam_step: u64) -> Result<()> {
+    /// none: a replicated run's moments, passed whole as `full`).
+    pub fn load(&mut self, dir: &Path, full: Option<&Moments>, adam_step: u64) -> Result<()> {
         let (m, v) = match full {
-            Some(mv) => mv,
-            None => read_shards(dir, self.total)?,
+            Some((m, v)) => (self.flatten(m), self.flatten(v)),
+            None => read_shards(dir, &self.name, self.total)?,
         };
         self.m.copy_from_slice(&m[self.range.clone()]);
         self.v.copy_from_slice(&v[self.range.clone()]);
@@ -154,29 +202,39 @@ impl ShardedAdamW {
     }
 }
 
-fn shard_file(rank: usize, size: usize) -> String {
-    format!("adam_shard-{rank}-of-{size}.safetensors")
+fn shard_file(name: &str, rank: usize, size: usize) -> String {
+    format!("{name}-{rank}-of-{size}.safetensors")
+}
+
+impl ShardedAdamW {
+    /// The space's tensors of `tensors` (all of a layout), flat.
+    fn flatten(&self, tensors: &Weights<Vec<f32>>) -> Vec<f32> {
+        let all = tensors.iter();
+        self.tensors.iter().flat_map(|&(i, ..)| all[i].iter().copied()).collect()
+    }
 }
 
 /// Whether a checkpoint holds sharded moments.
 pub fn has_shards(dir: &Path) -> bool {
-    dir.join(shard_file(0, 1)).exists() || list_shards(dir).is_ok_and(|s| !s.is_empty())
+    list_shards(dir, "adam_shard").is_ok_and(|s| !s.is_empty())
 }
 
-fn list_shards(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+fn list_shards(dir: &Path, name: &str) -> Result<Vec<std::path::PathBuf>> {
+    let prefix = format!("{name}-");
     let mut out: Vec<_> = std::fs::read_dir(dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("adam_shard-")))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
         .collect();
     out.sort();
     Ok(out)
 }
 
-/// The flat moments of every parameter, assembled from a checkpoint's shard files.
-pub fn read_shards(dir: &Path, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+/// The flat moments of a space (`name`: its shard files) of `total` parameters, assembled
+/// from a checkpoint's shard files.
+pub fn read_shards(dir: &Path, name: &str, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let (mut m, mut v) = (vec![0.0; total], vec![0.0; total]);
     let mut covered = 0;
-    for path in list_shards(dir)? {
+    for path in list_shards(dir, name)? {
         let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;
@@ -189,7 +247,10 @@ pub fn read_shards(dir: &Path, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         };
         let (start, shard_total) = (field("start")?, field("total")?);
         if shard_total != total {
-            bail!("{}: moments of {shard_total} parameters, the model has {total}", path.display());
+            bail!(
+                "{}: moments of {shard_total} parameters, this run shards {total} (a ZeRO checkpoint of an expert-parallel run resumes with the same `train.ep`, and only with ZeRO)",
+                path.display()
+            );
         }
         let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}", path.display()))?;
         for (name, into) in [("m", &mut m), ("v", &mut v)] {
@@ -203,7 +264,7 @@ pub fn read_shards(dir: &Path, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         }
     }
     if covered != total {
-        bail!("{}: the shard files cover {covered} of {total} parameters' moments", dir.display());
+        bail!("{}: the {name} files cover {covered} of {total} parameters' moments", dir.display());
     }
     Ok((m, v))
 }

@@ -189,12 +189,19 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     // Two MoE layers of 8 routed experts, each three 24 x 48 matrices, in f32.
     let routed_mb = (2 * 8 * 3 * 24 * 48 * 4) as f64 / 1e6;
     // ep ranks per expert group; with 4 ranks and ep 2, two groups (data parallel over them).
-    // The last also recomputes activations in backward, so its expert exchanges run again there.
-    for (ranks, accum, ep, recompute) in [(2, 2, 2, false), (4, 1, 4, false), (4, 1, 2, true)] {
-        let dir = scratch(&format!("ep-{ranks}-{ep}"));
-        let (ep_set, recompute_set) = (format!("train.ep={ep}"), format!("train.recompute={recompute}"));
-        run_ok(ranks, accum, &dir, &["--set", &model, "--set", &ep_set, "--set", &recompute_set]);
-        let what = format!("{ranks} ranks, ep {ep}");
+    // One recomputes activations in backward, so its expert exchanges run again there; the
+    // last shards AdamW's moments too (ZeRO-1: everything but the experts over all 4 ranks,
+    // each expert's over its 2 replicas).
+    let cases = [
+        (2, 2, 2, "train.zero=0"),
+        (4, 1, 4, "train.zero=0"),
+        (4, 1, 2, "train.recompute=true"),
+        (4, 1, 2, "train.zero=1"),
+    ];
+    for (ranks, accum, ep, extra) in cases {
+        let dir = scratch(&format!("ep-{ranks}-{ep}-{extra}"));
+        run_ok(ranks, accum, &dir, &["--set", &model, "--set", &format!("train.ep={ep}"), "--set", extra]);
+        let what = format!("{ranks} ranks, ep {ep}, {extra}");
         assert_same_curve(&reference, &losses(&dir), &what);
         assert_same_curve(&eval_losses(&one), &eval_losses(&dir), &format!("{what}, eval"));
         for (a, b) in norms(&one).iter().zip(norms(&dir)) {
@@ -204,11 +211,16 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
         let saved = weights_mb(&one) - weights_mb(&dir);
         let expected = routed_mb * (1.0 - 1.0 / ep as f64);
         assert!((saved - expected).abs() < 1e-6, "{what}: {saved} MB fewer weights, expected {expected}");
+        if extra == "train.zero=1" {
+            let state = |dir: &Path| steps(dir)[0]["optimizer_state_mb"].as_f64().unwrap();
+            let (full, sharded) = (state(&one), state(&dir));
+            assert!((sharded - full / 4.0).abs() <= 1e-3 * full, "{what}: {sharded} MB of moments, of {full}");
+        }
     }
 
     // The ep-4 run's checkpoints are sharded like a Hugging Face directory, one shard per rank
     // of the expert group, and its step-3 checkpoint resumes on 2 ranks with ep 2.
-    let ep4 = scratch_keep("ep-4-4");
+    let ep4 = scratch_keep("ep-4-4-train.zero=0");
     let step3 = ep4.join("checkpoints/step-00000003");
     for f in ["model.safetensors.index.json", "model-00004-of-00004.safetensors", "adam_m-00004-of-00004.safetensors"] {
         assert!(step3.join(f).exists(), "{} lacks {f}", step3.display());
@@ -219,6 +231,14 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     let out = sft(2, 2, &dir, &["--set", &model, "--set", "train.ep=2", "--resume"]);
     assert!(out.status.success(), "resume with ep 2: {}", String::from_utf8_lossy(&out.stderr));
     assert_same_curve(&reference, &losses(&dir), "resumed with ep 2");
+    // The ZeRO-1 run's checkpoint resumes on 2 ranks: its spaces re-cut for 2 ranks and for
+    // one replica of each expert.
+    let dir = scratch("ep-zero-resume");
+    copy_dir(&scratch_keep("ep-4-2-train.zero=1"), &dir);
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    let out = sft(2, 2, &dir, &["--set", &model, "--set", "train.ep=2", "--set", "train.zero=1", "--resume"]);
+    assert!(out.status.success(), "resume with ep 2, ZeRO-1: {}", String::from_utf8_lossy(&out.stderr));
+    assert_same_curve(&reference, &losses(&dir), "resumed with ep 2 and ZeRO-1");
 
     // Exported, the expert-parallel run is a whole model: every expert, the MTP tensor as it
     // was, and the weights of the one-process run.

@@ -6,8 +6,12 @@
 //! token weights normalised over the whole step; `update` sums the gradients (and the loss and
 //! expert loads) over the ranks before clipping, so every rank takes the same update and the
 //! weights stay identical. Rank 0 alone shows progress, writes metrics, plots and checkpoints.
+//! What only matters on several ranks is in `parallel`; checkpoints are in `checkpointing`.
 
-use crate::checkpoint::{self, SaveRequest, State};
+mod checkpointing;
+mod parallel;
+
+use crate::checkpoint::{self, State};
 use crate::config::{RunConfig, TrainSection};
 use crate::grads::{Grads, ShardedGrads};
 use crate::metrics::{Metrics, PlotSpec};
@@ -18,7 +22,8 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend, Cpu};
 use kiln_dist::Comm;
-use kiln_model::{Config, ExpertParallel, Model, Weights};
+use kiln_model::{ExpertParallel, Model};
+use parallel::{expert_groups, whole, zero_spaces};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -239,51 +244,6 @@ impl Session {
         })
     }
 
-    /// Micro-batches in a step over all ranks: `grad_accum` on each.
-    pub fn step_micro_batches(&self) -> usize {
-        self.train.grad_accum * self.comm.size()
-    }
-
-    /// This rank's contiguous share of a step's `len` items (micro-batches, prompts): all of
-    /// them in one process.
-    pub fn my_share(&self, len: usize) -> std::ops::Range<usize> {
-        kiln_dist::shard(len, self.comm.rank(), self.comm.size())
-    }
-
-    /// Under expert parallel every forward and backward is collective (expert exchanges), and
-    /// under ZeRO-2 every backward (per-layer reductions), so a rank whose share of a step has
-    /// fewer passes than another (an epoch's last step, a rollout split unevenly) runs idle
-    /// ones after its own: this many, for `mine` of its own. Call it before the passes (it is
-    /// a collective then).
-    pub fn idle_passes_needed(&self, mine: usize) -> Result<usize> {
-        if self.model.expert_parallel().is_none() && !matches!(self.grads, Grads::Sharded(_)) {
-            return Ok(0);
-        }
-        let mut counts = vec![0f32; self.comm.size()];
-        let what = format!("pass counts at step {}", self.state.step + 1);
-        self.comm.all_gather(&[mine as f32], &mut counts, &what)?;
-        Ok(counts.iter().fold(0f32, |a, &c| a.max(c)) as usize - mine)
-    }
-
-    /// This rank's share of `len` forward-only passes (eval, reference log-probs), and how
-    /// many idle ones it serves after them under expert parallel (`Model::serve_experts_forward`).
-    pub fn forward_share(&self, len: usize) -> Result<(std::ops::Range<usize>, usize)> {
-        let mine = self.my_share(len);
-        let idle = if self.model.expert_parallel().is_some() { self.idle_passes_needed(mine.len())? } else { 0 };
-        Ok((mine, idle))
-    }
-
-    /// Runs `n` idle backwards (see `idle_passes_needed`): this rank's experts serve the
-    /// others' rows, or it joins ZeRO-2's reductions with nothing to add.
-    pub fn idle_backwards(&mut self, n: usize) {
-        for _ in 0..n {
-            match &mut self.grads {
-                Grads::Sharded(sharded) if self.model.expert_parallel().is_none() => sharded.idle_backward(),
-                grads => self.model.serve_experts(&self.b, grads, self.train.recompute),
-            }
-        }
-    }
-
     /// Starts the training clock, and shows a progress bar over `total_steps` unless `quiet`.
     pub fn start_progress(&mut self, total_steps: u64, quiet: bool) {
         self.started = Instant::now();
@@ -445,72 +405,6 @@ impl Session {
         Ok(StepUpdate { lr, grad_norm: norm, skipped, loss, record })
     }
 
-    /// Data parallel: sums the step's loss and MoE expert loads over the ranks; returns the loss.
-    fn reduce_scalars(&mut self, loss: f64, what: &str) -> Result<f64> {
-        if self.comm.size() == 1 {
-            return Ok(loss);
-        }
-        let loads = &mut self.model.expert_load;
-        let mut flat: Vec<f64> = loads.iter().flatten().map(|&l| l as f64).collect();
-        flat.push(loss);
-        self.comm.all_reduce_sum_f64(&mut flat, what)?;
-        for (l, &x) in loads.iter_mut().flatten().zip(&flat) {
-            *l = x.round() as u64;
-        }
-        Ok(flat[flat.len() - 1])
-    }
-
-    /// Replicated data parallel: sums every gradient over the ranks that hold its parameter,
-    /// in one all-reduce per kind: all ranks for everything but the routed experts, which under
-    /// expert parallel are summed over their replicas (one rank per expert group).
-    fn all_reduce_grads(&mut self, what: &str) -> Result<()> {
-        let replicas: &dyn Comm = match &self.expert_replicas {
-            Some(replicas) => replicas.as_ref(),
-            None => self.comm,
-        };
-        for (comm, experts) in [(self.comm, false), (replicas, true)] {
-            let mut grads: Vec<&mut Vec<f32>> = whole(&mut self.grads)
-                .iter_mut()
-                .into_iter()
-                .zip(self.model.layout.iter())
-                .filter(|(_, spec)| spec.is_routed_experts() == experts)
-                .map(|(g, _)| g)
-                .collect();
-            if comm.size() == 1 || grads.is_empty() {
-                continue;
-            }
-            let flat = &mut self.comm_buffer;
-            flat.clear();
-            grads.iter().for_each(|g| flat.extend_from_slice(g));
-            comm.all_reduce_sum(flat, what)?;
-            let mut at = 0;
-            for g in grads.iter_mut() {
-                let n = g.len();
-                g.copy_from_slice(&flat[at..at + n]);
-                at += n;
-            }
-        }
-        Ok(())
-    }
-
-    /// The global norm of the summed gradients: under expert parallel each rank holds only
-    /// its group's share of the routed experts' gradients, so their squares are summed over
-    /// the expert group.
-    fn grad_norm(&self, what: &str) -> Result<f64> {
-        let b = self.b;
-        let [mut shared, mut experts] = [0.0f64; 2];
-        let Grads::Whole(grads) = &self.grads else { unreachable!("whole gradients with a replicated optimizer") };
-        for (g, spec) in grads.iter().into_iter().zip(self.model.layout.iter()) {
-            *if spec.is_routed_experts() { &mut experts } else { &mut shared } += b.sum_squares(g);
-        }
-        if let Some(ep) = self.model.expert_parallel() {
-            let mut squares = [experts];
-            ep.group.all_reduce_sum_f64(&mut squares, what)?;
-            experts = squares[0];
-        }
-        Ok((shared + experts).sqrt())
-    }
-
     /// Whether the step just counted is due an evaluation: every `train.eval_every` steps,
     /// and the last.
     pub fn eval_due(&self, total_steps: u64) -> bool {
@@ -567,98 +461,9 @@ impl Session {
         })
     }
 
-    /// Whether any rank was asked to stop: every rank then stops after the same step (a
-    /// signal reaches the ranks at slightly different moments).
-    fn stop_agreed(&self, step: u64) -> Result<bool> {
-        let mut stop = [f64::from(u8::from(self.stop_requested()))];
-        if self.comm.size() > 1 {
-            self.comm.all_reduce_sum_f64(&mut stop, &format!("stop request after step {step}"))?;
-        }
-        Ok(stop[0] > 0.0)
-    }
-
     /// Whether SIGINT or SIGTERM asked the run to stop.
     pub fn stop_requested(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
-    }
-
-    /// Writes a checkpoint of the current step: rank 0 writes the model and state; with ZeRO-1
-    /// every rank, and under expert parallel every rank of the first expert group, adds its
-    /// shard to the checkpoint's temporary directory before rank 0 seals it.
-    pub fn checkpoint(&mut self) -> Result<PathBuf> {
-        let root = self.out_dir.join("checkpoints");
-        let (comm, step) = (self.comm, self.state.step);
-        let phase = |name: &str| format!("checkpoint at step {step}: {name}");
-        let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
-        let sharded = matches!(self.optimizer, Optimizer::Sharded(_)) || expert_ranks > 1;
-        if !comm.is_root() {
-            if sharded {
-                comm.barrier(&phase("directory ready"))?;
-                self.write_shard(&checkpoint::tmp_dir(&root, step), expert_ranks)?;
-                comm.barrier(&phase("shards written"))?;
-            }
-            comm.barrier(&phase("sealed"))?;
-            let dir = checkpoint::step_dir(&root, step);
-            self.last_checkpoint = Some(dir.clone());
-            return Ok(dir);
-        }
-        let extra = |tmp: &Path| -> Result<()> {
-            if sharded {
-                self.write_shard(tmp, expert_ranks)?;
-                comm.barrier(&phase("directory ready"))?;
-                comm.barrier(&phase("shards written"))?;
-            }
-            Ok(())
-        };
-        let dir = checkpoint::save(
-            &self.b,
-            &SaveRequest {
-                root: &root,
-                model: &self.model,
-                optimizer: match &self.optimizer {
-                    Optimizer::Replicated(adamw) => Some(adamw),
-                    Optimizer::Sharded(_) => None,
-                },
-                extra: &extra,
-                state: &self.state,
-                model_files: &self.model_files,
-                keep_last: self.keep_last,
-            },
-        )?;
-        if comm.size() > 1 {
-            comm.barrier(&phase("sealed"))?;
-        }
-        self.last_checkpoint = Some(dir.clone());
-        Ok(dir)
-    }
-
-    /// A rank adds its part of a checkpoint to `tmp`: its ZeRO moment shards, and under
-    /// expert parallel, in the first expert group but rank 0 (whose part `checkpoint::save`
-    /// writes), its routed experts.
-    fn write_shard(&self, tmp: &Path, expert_ranks: usize) -> Result<()> {
-        let rank = self.comm.rank();
-        let adamw = match &self.optimizer {
-            Optimizer::Sharded(zero) => {
-                zero.dense.save(tmp, rank, self.comm.size())?;
-                if let (Some(space), Some(replicas)) = (&zero.experts, &self.expert_replicas) {
-                    space.save(tmp, replicas.rank(), replicas.size())?;
-                }
-                None
-            }
-            Optimizer::Replicated(adamw) => Some(adamw),
-        };
-        if rank > 0 && rank < expert_ranks {
-            checkpoint::save_expert_shard(&self.b, tmp, &self.model, adamw, rank, expert_ranks)?;
-        }
-        Ok(())
-    }
-
-    /// The newest checkpoint, writing one if the run has none.
-    pub fn final_checkpoint(&mut self) -> Result<PathBuf> {
-        match &self.last_checkpoint {
-            Some(c) => Ok(c.clone()),
-            None => self.checkpoint(),
-        }
     }
 
     /// Replaces a model-directory file that checkpoints carry (a reward model's config.json).
@@ -674,56 +479,6 @@ impl Session {
     pub fn model_dir(&self) -> &Path {
         &self.model_dir
     }
-}
-
-/// ZeRO's spaces: everything over all ranks, or under expert parallel everything but the
-/// routed experts over all ranks and the experts over their replicas.
-fn zero_spaces(model: &Model<Cpu>, hyper: Hyper, comm: &dyn Comm, replicas: Option<&(dyn Comm + Send + Sync)>) -> Zero {
-    let (layout, world) = (&model.layout, (comm.rank(), comm.size()));
-    match (replicas, model.expert_parallel()) {
-        (Some(replicas), Some(ep)) => {
-            let dense = ShardedAdamW::over(layout, &|s| !s.is_routed_experts(), "adam_shard", hyper, world);
-            let name = format!("adam_expert_shard-{}", ep.group.rank());
-            let at = (replicas.rank(), replicas.size());
-            let experts = ShardedAdamW::over(layout, &|s| s.is_routed_experts(), &name, hyper, at);
-            Zero { dense, experts: Some(experts) }
-        }
-        _ => Zero { dense: ShardedAdamW::new(layout, hyper, world.0, world.1), experts: None },
-    }
-}
-
-/// The whole gradients a replicated optimizer works with (ZeRO-2's chunks go with a sharded one).
-fn whole(grads: &mut Grads) -> &mut Weights<Vec<f32>> {
-    match grads {
-        Grads::Whole(w) => w,
-        Grads::Sharded(_) => unreachable!("whole gradients with a replicated optimizer"),
-    }
-}
-
-/// Splits the ranks into expert groups of `ep` consecutive ranks, each holding every routed
-/// expert once, and the replica groups that hold the same experts (one rank from each expert
-/// group); refuses what expert parallel cannot split.
-fn expert_groups(
-    comm: &dyn Comm,
-    ep: usize,
-    model_dir: &Path,
-) -> Result<(ExpertParallel, Arc<dyn Comm + Send + Sync>)> {
-    let config = Config::load(model_dir)?;
-    let Some(moe) = &config.moe else {
-        bail!(
-            "`train.ep` = {ep}: {} has no MoE layers to split (expert parallel is for deepseek_v3 models)",
-            model_dir.display()
-        );
-    };
-    if !moe.experts.is_multiple_of(ep) {
-        bail!("`train.ep` = {ep} does not divide the {} routed experts of {}", moe.experts, model_dir.display());
-    }
-    if !comm.size().is_multiple_of(ep) {
-        bail!("`train.ep` = {ep} does not divide the {} ranks of the run (mpirun -np)", comm.size());
-    }
-    let group = comm.split(comm.rank() / ep, "expert groups")?;
-    let replicas = comm.split(comm.rank() % ep, "expert replicas")?;
-    Ok((ExpertParallel { group }, replicas))
 }
 
 /// Adds each MoE layer's tokens per expert (`expert_load`, keyed by layer) and their mean

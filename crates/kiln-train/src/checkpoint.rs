@@ -114,7 +114,7 @@ fn remove_checkpoint(dir: &Path) -> Result<()> {
 pub struct SaveRequest<'a, B: Backend> {
     pub root: &'a Path,
     pub model: &'a Model<B>,
-    /// Replicated AdamW's moments; None when each rank writes its shard (ZeRO-1) in `extra`.
+    /// Replicated AdamW's moments; None when each rank writes its shard (ZeRO) in `extra`.
     pub optimizer: Option<&'a AdamW<B>>,
     /// Writes more files into the checkpoint's temporary directory before it is sealed.
     pub extra: &'a dyn Fn(&Path) -> Result<()>,
@@ -290,7 +290,7 @@ pub fn load_optimizer<B: Backend>(
     };
     let (m, v) = optimizer.moments_mut();
     if crate::zero::has_shards(dir) {
-        // Written by a ZeRO-1 run: the shards cover the flat moments.
+        // Written by a ZeRO run (stage 1 or 2): the shards cover the flat moments.
         let total = layout.iter().into_iter().map(|s| s.numel()).sum();
         let (flat_m, flat_v) = crate::zero::read_shards(dir, "adam_shard", total)?;
         for (moments, flat) in [(m, flat_m), (v, flat_v)] {

@@ -8,7 +8,7 @@ use anyhow::Result;
 use std::path::{Path, PathBuf};
 
 impl Session {
-    /// Writes a checkpoint of the current step: rank 0 writes the model and state; with ZeRO-1
+    /// Writes a checkpoint of the current step: rank 0 writes the model and state; with ZeRO
     /// every rank, and under expert parallel every rank of the first expert group, adds its
     /// shard to the checkpoint's temporary directory before rank 0 seals it.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {

@@ -103,7 +103,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         let (tokens, completions) = (counts[0] as usize, counts[1] as usize);
         session.begin_step();
         let mut kl_sum = 0.0;
-        let idle = session.idle_passes_needed(sequences.len().div_ceil(d.chunk_rows.max(1)))?;
+        let idle = session.idle_backwards_needed(sequences.len().div_ceil(d.chunk_rows.max(1)))?;
         for chunk in sequences.chunks(d.chunk_rows.max(1)) {
             let batch = Batch::completions(chunk, seq, 0.0);
             let acts = student_acts.get(&b, chunk.len());

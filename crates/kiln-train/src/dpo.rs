@@ -484,7 +484,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         session.begin_step();
         let mut stats = PairStats::default();
         let mine = session.my_share(micro_batches.len());
-        let idle = session.idle_passes_needed(mine.len())?;
+        let idle = session.idle_backwards_needed(mine.len())?;
         for mb in &micro_batches[mine] {
             // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);

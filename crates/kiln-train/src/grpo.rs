@@ -431,7 +431,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             let first = mine.start * g.group_size;
             let sampled = rollout_batch(&mut session.model, &prompts[mine], &cx, t.seed ^ step, first)?;
             let idle = match reference {
-                Some(_) => session.idle_passes_needed(sampled.sequences.len().div_ceil(g.micro_batch))?,
+                Some(_) => session.idle_forwards_needed(sampled.sequences.len().div_ceil(g.micro_batch))?,
                 None => 0,
             };
             let reference = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {
@@ -461,7 +461,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             tokens: r.tokens,
         };
         let mut totals = UpdateTotals::default();
-        let idle = session.idle_passes_needed(r.sequences.len().div_ceil(g.micro_batch))?;
+        let idle = session.idle_backwards_needed(r.sequences.len().div_ceil(g.micro_batch))?;
         for (k, chunk) in r.sequences.chunks(g.micro_batch).enumerate() {
             let first = k * g.micro_batch;
             let batch = Batch::completions(chunk, seq, 1.0 / r.tokens.max(1) as f32);

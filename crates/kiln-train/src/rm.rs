@@ -205,7 +205,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
         session.begin_step();
         let mut stats = RmStats::default();
         let mine = session.my_share(micro_batches.len());
-        let idle = session.idle_passes_needed(mine.len())?;
+        let idle = session.idle_backwards_needed(mine.len())?;
         for mb in &micro_batches[mine] {
             let mut dscore = vec![0f32; d];
             let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);

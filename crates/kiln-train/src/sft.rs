@@ -188,7 +188,7 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Su
         session.begin_step();
         let mut loss = 0.0;
         let mine = session.my_share(micro_batches.len());
-        let idle = session.idle_passes_needed(mine.len())?;
+        let idle = session.idle_backwards_needed(mine.len())?;
         for mb in &micro_batches[mine] {
             let batch = build_batch(&train, mb, rows, seq, weight);
             loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);

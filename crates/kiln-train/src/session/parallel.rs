@@ -28,12 +28,26 @@ impl Session {
     /// Under expert parallel every forward and backward is collective (expert exchanges), and
     /// under ZeRO-2 every backward (per-layer reductions), so a rank whose share of a step has
     /// fewer passes than another (an epoch's last step, a rollout split unevenly) runs idle
-    /// ones after its own: this many, for `mine` of its own. Call it before the passes (it is
-    /// a collective then).
-    pub fn idle_passes_needed(&self, mine: usize) -> Result<usize> {
-        if self.model.expert_parallel().is_none() && !matches!(self.grads, Grads::Sharded(_)) {
-            return Ok(0);
+    /// ones after its own. This many backwards, for `mine` of its own; call it before the
+    /// passes (it is a collective then).
+    pub fn idle_backwards_needed(&self, mine: usize) -> Result<usize> {
+        match self.model.expert_parallel().is_some() || matches!(self.grads, Grads::Sharded(_)) {
+            true => self.idle_passes(mine),
+            false => Ok(0),
         }
+    }
+
+    /// `idle_backwards_needed` for forward-only passes (reference log-probs): only expert
+    /// parallel makes them collective.
+    pub fn idle_forwards_needed(&self, mine: usize) -> Result<usize> {
+        match self.model.expert_parallel().is_some() {
+            true => self.idle_passes(mine),
+            false => Ok(0),
+        }
+    }
+
+    /// How many passes fewer than the busiest rank this rank has, with `mine` of its own.
+    fn idle_passes(&self, mine: usize) -> Result<usize> {
         let mut counts = vec![0f32; self.comm.size()];
         let what = format!("pass counts at step {}", self.state.step + 1);
         self.comm.all_gather(&[mine as f32], &mut counts, &what)?;
@@ -44,11 +58,10 @@ impl Session {
     /// many idle ones it serves after them under expert parallel (`Model::serve_experts_forward`).
     pub fn forward_share(&self, len: usize) -> Result<(std::ops::Range<usize>, usize)> {
         let mine = self.my_share(len);
-        let idle = if self.model.expert_parallel().is_some() { self.idle_passes_needed(mine.len())? } else { 0 };
-        Ok((mine, idle))
+        Ok((mine.clone(), self.idle_forwards_needed(mine.len())?))
     }
 
-    /// Runs `n` idle backwards (see `idle_passes_needed`): this rank's experts serve the
+    /// Runs `n` idle backwards (see `idle_backwards_needed`): this rank's experts serve the
     /// others' rows, or it joins ZeRO-2's reductions with nothing to add.
     pub fn idle_backwards(&mut self, n: usize) {
         for _ in 0..n {

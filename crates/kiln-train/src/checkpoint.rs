@@ -245,6 +245,15 @@ fn moment_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
     if single.exists() {
         return Ok(vec![single]);
     }
+    let files = shard_files(dir, name)?;
+    if files.is_empty() {
+        bail!("{}: no {name}.safetensors (or shards of it) in the checkpoint", dir.display());
+    }
+    Ok(files)
+}
+
+/// The shard files `{name}-….safetensors` of a checkpoint, in name order.
+pub(crate) fn shard_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
     let prefix = format!("{name}-");
     let mut files: Vec<PathBuf> = fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read", dir.display()))?
@@ -255,9 +264,6 @@ fn moment_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
         })
         .collect();
     files.sort();
-    if files.is_empty() {
-        bail!("{}: no {name}.safetensors (or shards of it) in the checkpoint", dir.display());
-    }
     Ok(files)
 }
 

@@ -22,7 +22,7 @@ impl Grads {
     /// Sets every gradient to zero for a new step.
     pub fn zero(&mut self) {
         match self {
-            Self::Whole(w) => w.iter_mut().into_iter().for_each(|g| g.fill(0.0)),
+            Self::Whole(w) => crate::optim::zero_grads(&Cpu, w),
             Self::Sharded(s) => s.mine.fill(0.0),
         }
     }

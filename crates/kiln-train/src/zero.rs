@@ -216,17 +216,7 @@ impl ShardedAdamW {
 
 /// Whether a checkpoint holds sharded moments.
 pub fn has_shards(dir: &Path) -> bool {
-    list_shards(dir, "adam_shard").is_ok_and(|s| !s.is_empty())
-}
-
-fn list_shards(dir: &Path, name: &str) -> Result<Vec<std::path::PathBuf>> {
-    let prefix = format!("{name}-");
-    let mut out: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
-        .collect();
-    out.sort();
-    Ok(out)
+    crate::checkpoint::shard_files(dir, "adam_shard").is_ok_and(|s| !s.is_empty())
 }
 
 /// The flat moments of a space (`name`: its shard files) of `total` parameters, assembled
@@ -234,7 +224,7 @@ fn list_shards(dir: &Path, name: &str) -> Result<Vec<std::path::PathBuf>> {
 pub fn read_shards(dir: &Path, name: &str, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
     let (mut m, mut v) = (vec![0.0; total], vec![0.0; total]);
     let mut covered = 0;
-    for path in list_shards(dir, name)? {
+    for path in crate::checkpoint::shard_files(dir, name)? {
         let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .with_context(|| format!("{}: not a safetensors file", path.display()))?;

@@ -1,13 +1,16 @@
 //! The narrow interface between model code and a compute device.
 //!
-//! Model code calls only this trait. A backend owns its memory (`Buf` for f32 tensors,
-//! `Index` for i32 token ids, positions, segment ids and targets); every operation reads and
-//! writes whole buffers whose shapes are given by the arguments. Row-major throughout: a
-//! `[rows, cols]` tensor stores row `r` at `r * cols .. (r + 1) * cols`.
+//! Model code calls only this trait. A backend owns its memory (`Buf` for f32 tensors, which
+//! operations see as `Slice`s, whole or ranges of one; `Index` for i32 token ids, positions,
+//! segment ids and targets); every operation reads and writes whole slices whose shapes are
+//! given by the arguments. Row-major throughout: a `[rows, cols]` tensor stores row `r` at
+//! `r * cols .. (r + 1) * cols`.
 //!
 //! Gradient outputs named `d*` with "accumulate" in their doc are added into (`+=`), so a
 //! parameter shared by two uses (tied embeddings) or a residual stream collects every
 //! contribution without extra buffers; all other outputs are overwritten.
+
+use std::ops::{DerefMut, Range};
 
 /// `C (+)= op(A) · op(B)`, repeated `batch` times over contiguous matrices.
 ///
@@ -160,7 +163,12 @@ pub struct AdamW {
 }
 
 pub trait Backend: Send + Sync {
-    type Buf: Send + Sync;
+    /// f32 values in the backend's memory: a whole buffer, or a range of one (`slice`,
+    /// `split_at_mut`). Operations take slices, so one flat buffer can hold every parameter
+    /// (or gradient, or optimizer moment) with a view per tensor, as llm.c lays them out.
+    type Slice: ?Sized + Send + Sync;
+    /// A buffer the backend allocated: it dereferences to the slice of all its values.
+    type Buf: DerefMut<Target = Self::Slice> + Send + Sync;
     type Index: Send + Sync;
 
     fn name(&self) -> &'static str;
@@ -168,87 +176,99 @@ pub trait Backend: Send + Sync {
     // ---- memory -------------------------------------------------------------------------
     fn zeros(&self, len: usize) -> Self::Buf;
     fn upload(&self, data: &[f32]) -> Self::Buf;
-    fn write(&self, dst: &mut Self::Buf, data: &[f32]);
-    fn read(&self, src: &Self::Buf) -> Vec<f32>;
-    fn len(&self, buf: &Self::Buf) -> usize;
+    fn write(&self, dst: &mut Self::Slice, data: &[f32]);
+    fn read(&self, src: &Self::Slice) -> Vec<f32>;
+    fn len(&self, buf: &Self::Slice) -> usize;
+    /// Values `range` of `buf`.
+    fn slice<'a>(&self, buf: &'a Self::Slice, range: Range<usize>) -> &'a Self::Slice;
+    fn slice_mut<'a>(&self, buf: &'a mut Self::Slice, range: Range<usize>) -> &'a mut Self::Slice;
+    /// `buf` as the two disjoint slices `..mid` and `mid..`.
+    fn split_at_mut<'a>(&self, buf: &'a mut Self::Slice, mid: usize) -> (&'a mut Self::Slice, &'a mut Self::Slice);
     fn upload_index(&self, data: &[i32]) -> Self::Index;
     fn write_index(&self, dst: &mut Self::Index, data: &[i32]);
     fn read_index(&self, src: &Self::Index) -> Vec<i32>;
-    fn fill(&self, dst: &mut Self::Buf, value: f32);
+    fn fill(&self, dst: &mut Self::Slice, value: f32);
     /// `dst = src` (same length).
-    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    fn copy(&self, dst: &mut Self::Slice, src: &Self::Slice);
     /// Copies (or adds) a block of columns, see [`ColumnCopy`].
-    fn copy_columns(&self, dst: &mut Self::Buf, src: &Self::Buf, spec: ColumnCopy);
+    fn copy_columns(&self, dst: &mut Self::Slice, src: &Self::Slice, spec: ColumnCopy);
     /// `dst += src`.
-    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    fn add_assign(&self, dst: &mut Self::Slice, src: &Self::Slice);
     /// `dst *= s`.
-    fn scale(&self, dst: &mut Self::Buf, s: f32);
+    fn scale(&self, dst: &mut Self::Slice, s: f32);
     /// `Σ x²`, accumulated in f64.
-    fn sum_squares(&self, x: &Self::Buf) -> f64;
+    fn sum_squares(&self, x: &Self::Slice) -> f64;
 
     // ---- linear algebra -----------------------------------------------------------------
-    fn matmul(&self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, spec: Matmul);
+    fn matmul(&self, c: &mut Self::Slice, a: &Self::Slice, b: &Self::Slice, spec: Matmul);
     /// `y[r, :] += bias` for a `[rows, bias.len()]` tensor.
-    fn add_bias(&self, y: &mut Self::Buf, bias: &Self::Buf);
+    fn add_bias(&self, y: &mut Self::Slice, bias: &Self::Slice);
     /// `dbias += Σ_r dy[r, :]` (accumulate).
-    fn bias_backward(&self, dbias: &mut Self::Buf, dy: &Self::Buf);
+    fn bias_backward(&self, dbias: &mut Self::Slice, dy: &Self::Slice);
 
     /// `C_g (+)= A_g · op(B_g)` for every group (see [`GroupedMatmul`]).
-    fn grouped_matmul(&self, c: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, rows: &[usize], spec: GroupedMatmul);
+    fn grouped_matmul(
+        &self,
+        c: &mut Self::Slice,
+        a: &Self::Slice,
+        b: &Self::Slice,
+        rows: &[usize],
+        spec: GroupedMatmul,
+    );
     /// The weight gradient of `grouped_matmul`: `dB_g += op⁻¹(A_gᵀ · dC_g)`, i.e.
     /// `dC_gᵀ · A_g` (`[n, k]`) when `trans_b`, else `A_gᵀ · dC_g` (`[k, n]`); accumulates.
     fn grouped_matmul_weight_grad(
         &self,
-        db: &mut Self::Buf,
-        dc: &Self::Buf,
-        a: &Self::Buf,
+        db: &mut Self::Slice,
+        dc: &Self::Slice,
+        a: &Self::Slice,
         rows: &[usize],
         spec: GroupedMatmul,
     );
     /// `x[r, :] *= w[r]` for a `[w.len(), cols]` tensor.
-    fn scale_rows(&self, x: &mut Self::Buf, w: &Self::Buf);
+    fn scale_rows(&self, x: &mut Self::Slice, w: &Self::Slice);
     /// `out[r] = Σ_c a[r, c] · b[r, c]` (the gradient of `scale_rows` with respect to `w`).
-    fn row_dot(&self, out: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf);
+    fn row_dot(&self, out: &mut Self::Slice, a: &Self::Slice, b: &Self::Slice);
 
     // ---- embedding ----------------------------------------------------------------------
     /// `out[t, :] = table[ids[t], :]`, rows of width `dim`.
-    fn embedding_forward(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &Self::Index, dim: usize);
+    fn embedding_forward(&self, out: &mut Self::Slice, table: &Self::Slice, ids: &Self::Index, dim: usize);
     /// `dtable[ids[t], :] += dout[t, :]` (accumulate).
-    fn embedding_backward(&self, dtable: &mut Self::Buf, dout: &Self::Buf, ids: &Self::Index, dim: usize);
+    fn embedding_backward(&self, dtable: &mut Self::Slice, dout: &Self::Slice, ids: &Self::Index, dim: usize);
     /// `dst[rows[t], :] = src[t, :]` for rows of width `dim`; a negative row skips `t`
     /// (writes a batch's keys and values into a cache).
-    fn scatter_rows(&self, dst: &mut Self::Buf, src: &Self::Buf, rows: &Self::Index, dim: usize);
+    fn scatter_rows(&self, dst: &mut Self::Slice, src: &Self::Slice, rows: &Self::Index, dim: usize);
 
     // ---- normalisation ------------------------------------------------------------------
     /// `y = x · rstd · w` per row of width `w.len()`, `rstd = 1/sqrt(mean(x²) + eps)` saved.
-    fn rmsnorm_forward(&self, y: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, w: &Self::Buf, eps: f32);
+    fn rmsnorm_forward(&self, y: &mut Self::Slice, rstd: &mut Self::Slice, x: &Self::Slice, w: &Self::Slice, eps: f32);
     /// Fused residual add then RMSNorm: `x += delta; y = rmsnorm(x)`.
     fn add_rmsnorm_forward(
         &self,
-        x: &mut Self::Buf,
-        delta: &Self::Buf,
-        y: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        w: &Self::Buf,
+        x: &mut Self::Slice,
+        delta: &Self::Slice,
+        y: &mut Self::Slice,
+        rstd: &mut Self::Slice,
+        w: &Self::Slice,
         eps: f32,
     );
     /// Backward of `rmsnorm_forward`; `dx` and `dw` accumulate.
     fn rmsnorm_backward(
         &self,
-        dx: &mut Self::Buf,
-        dw: &mut Self::Buf,
-        dy: &Self::Buf,
-        x: &Self::Buf,
-        w: &Self::Buf,
-        rstd: &Self::Buf,
+        dx: &mut Self::Slice,
+        dw: &mut Self::Slice,
+        dy: &Self::Slice,
+        x: &Self::Slice,
+        w: &Self::Slice,
+        rstd: &Self::Slice,
     );
 
     // ---- rotary embedding ---------------------------------------------------------------
     /// Rotates `x` in place. `table` is `[positions, rot_dim]`: `rot_dim/2` cosines then
     /// `rot_dim/2` sines per position (scaling already folded in); `positions[t]` picks the row.
-    fn rope_forward(&self, x: &mut Self::Buf, table: &Self::Buf, positions: &Self::Index, spec: Rope);
+    fn rope_forward(&self, x: &mut Self::Slice, table: &Self::Slice, positions: &Self::Index, spec: Rope);
     /// The inverse rotation, applied in place to the gradient.
-    fn rope_backward(&self, dx: &mut Self::Buf, table: &Self::Buf, positions: &Self::Index, spec: Rope);
+    fn rope_backward(&self, dx: &mut Self::Slice, table: &Self::Slice, positions: &Self::Index, spec: Rope);
 
     // ---- attention ----------------------------------------------------------------------
     /// `out = softmax(q kᵀ · scale + mask) v`, with `lse` (`[batch, q_heads, seq]`) the
@@ -258,11 +278,11 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
-        out: &mut Self::Buf,
-        lse: &mut Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
+        out: &mut Self::Slice,
+        lse: &mut Self::Slice,
+        q: &Self::Slice,
+        k: &Self::Slice,
+        v: &Self::Slice,
         segments: &Self::Index,
         spec: Attention,
     );
@@ -270,15 +290,15 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
-        dout: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        out: &Self::Buf,
-        lse: &Self::Buf,
+        dq: &mut Self::Slice,
+        dk: &mut Self::Slice,
+        dv: &mut Self::Slice,
+        dout: &Self::Slice,
+        q: &Self::Slice,
+        k: &Self::Slice,
+        v: &Self::Slice,
+        out: &Self::Slice,
+        lse: &Self::Slice,
         segments: &Self::Index,
         spec: Attention,
     );
@@ -288,10 +308,10 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn attention_decode(
         &self,
-        out: &mut Self::Buf,
-        q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        out: &mut Self::Slice,
+        q: &Self::Slice,
+        k_cache: &Self::Slice,
+        v_cache: &Self::Slice,
         starts: &Self::Index,
         lengths: &Self::Index,
         spec: DecodeAttention,
@@ -299,29 +319,41 @@ pub trait Backend: Send + Sync {
 
     // ---- feed-forward -------------------------------------------------------------------
     /// `h = silu(gate) ⊙ up`.
-    fn swiglu_forward(&self, h: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    fn swiglu_forward(&self, h: &mut Self::Slice, gate: &Self::Slice, up: &Self::Slice);
     /// Gradients of `swiglu_forward`; `dgate`, `dup` are overwritten.
     fn swiglu_backward(
         &self,
-        dgate: &mut Self::Buf,
-        dup: &mut Self::Buf,
-        dh: &Self::Buf,
-        gate: &Self::Buf,
-        up: &Self::Buf,
+        dgate: &mut Self::Slice,
+        dup: &mut Self::Slice,
+        dh: &Self::Slice,
+        gate: &Self::Slice,
+        up: &Self::Slice,
     );
 
     // ---- loss ---------------------------------------------------------------------------
     /// Per-row negative log-likelihood of `targets` under `softmax(logits)` (rows of width
     /// `vocab`); a negative target gives 0.
-    fn cross_entropy_forward(&self, nll: &mut Self::Buf, logits: &Self::Buf, targets: &Self::Index, vocab: usize);
+    fn cross_entropy_forward(&self, nll: &mut Self::Slice, logits: &Self::Slice, targets: &Self::Index, vocab: usize);
     /// Fused forward and backward of `loss = Σ_t weight[t] · nll[t]`: writes `nll` and
     /// overwrites `logits` with `dloss/dlogits = weight[t] · (softmax − onehot)`.
     fn cross_entropy_backward(
         &self,
-        logits: &mut Self::Buf,
-        nll: &mut Self::Buf,
+        logits: &mut Self::Slice,
+        nll: &mut Self::Slice,
         targets: &Self::Index,
-        weights: &Self::Buf,
+        weights: &Self::Slice,
+        vocab: usize,
+    );
+    /// Fused forward and backward of `loss = Σ_t weight[t] · KL(p_t ‖ q_t)`, the reverse KL of
+    /// on-policy distillation, with `p = softmax(logits)` (the student) and `q =
+    /// softmax(teacher)`: writes `kl[t] = Σ_v p(v) (log p(v) − log q(v))` and overwrites `logits`
+    /// with `dloss/dlogits = weight[t] · p(v) (log p(v) − log q(v) − kl[t])`.
+    fn reverse_kl_backward(
+        &self,
+        logits: &mut Self::Slice,
+        kl: &mut Self::Slice,
+        teacher: &Self::Slice,
+        weights: &Self::Slice,
         vocab: usize,
     );
 
@@ -331,24 +363,40 @@ pub trait Backend: Send + Sync {
     #[allow(clippy::too_many_arguments)]
     fn moe_route_forward(
         &self,
-        weights: &mut Self::Buf,
+        weights: &mut Self::Slice,
         indices: &mut Self::Index,
-        scores: &mut Self::Buf,
-        logits: &Self::Buf,
-        bias: &Self::Buf,
+        scores: &mut Self::Slice,
+        logits: &Self::Slice,
+        bias: &Self::Slice,
         spec: Routing,
     );
     /// Gradient of the router logits from the gradient of the routing weights; overwritten.
     fn moe_route_backward(
         &self,
-        dlogits: &mut Self::Buf,
-        dweights: &Self::Buf,
-        scores: &Self::Buf,
+        dlogits: &mut Self::Slice,
+        dweights: &Self::Slice,
+        scores: &Self::Slice,
         indices: &Self::Index,
         spec: Routing,
     );
+    /// Sorts the `[tokens, top_k]` (token, choice) slots of a routing by expert, stably (by
+    /// token within an expert), so that each expert's rows are contiguous: `order[row]` is the
+    /// token of dispatched row `row`, `row_weights[row]` its routing weight, and `slot_rows[slot]`
+    /// the row of slot `slot`. Returns the rows of each of the `experts` experts: the only
+    /// values a host reads back, as the grouped products' group sizes.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_dispatch(
+        &self,
+        order: &mut Self::Index,
+        row_weights: &mut Self::Slice,
+        slot_rows: &mut Self::Index,
+        indices: &Self::Index,
+        weights: &Self::Slice,
+        experts: usize,
+        top_k: usize,
+    ) -> Vec<usize>;
 
     // ---- optimiser ----------------------------------------------------------------------
     /// One AdamW step on `param` from `grad`, updating the moments `m` and `v` in place.
-    fn adamw(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, hp: AdamW);
+    fn adamw(&self, param: &mut Self::Slice, grad: &Self::Slice, m: &mut Self::Slice, v: &mut Self::Slice, hp: AdamW);
 }

@@ -19,7 +19,8 @@ macro_rules! conformance_tests {
     ($backend:expr) => {
         $crate::conformance_tests!(@tests $backend;
             matmul, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
-            rope_interleaved, attention_forward, attention_backward, attention_decode, swiglu, cross_entropy, moe_route, adamw);
+            rope_interleaved, attention_forward, attention_backward, attention_decode, swiglu, cross_entropy, reverse_kl,
+            moe_route, moe_dispatch, adamw, slices);
     };
     (@tests $backend:expr; $($check:ident),*) => {
         $(
@@ -598,6 +599,33 @@ pub fn cross_entropy<B: Backend>(b: &B) {
     });
 }
 
+pub fn reverse_kl<B: Backend>(b: &B) {
+    let mut rng = Rng::new(13);
+    let (rows, vocab) = (6, 40);
+    let student = rng.normal_vec(rows * vocab, 3.0);
+    let teacher = rng.normal_vec(rows * vocab, 3.0);
+    let weights = rng.normal_vec(rows, 1.0);
+    let log_softmax = |z: &[f32]| -> Vec<f64> {
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        z.iter().map(|&v| v as f64 - lse).collect()
+    };
+    let kl_of = |z: &[f32]| -> Vec<f64> {
+        (0..rows)
+            .map(|r| {
+                let (lp, lq) = (log_softmax(&z[r * vocab..][..vocab]), log_softmax(&teacher[r * vocab..][..vocab]));
+                lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum()
+            })
+            .collect()
+    };
+    let (mut grad, mut kl) = (b.upload(&student), b.zeros(rows));
+    b.reverse_kl_backward(&mut grad, &mut kl, &b.upload(&teacher), &b.upload(&weights), vocab);
+    assert_close("reverse_kl", &b.read(&kl), &kl_of(&student), 1e-6, 1e-5);
+    check_gradient("reverse_kl dlogits", &student, &b.read(&grad), 120, |z| {
+        kl_of(z).iter().zip(&weights).map(|(kl, &w)| kl * w as f64).sum()
+    });
+}
+
 /// Reference router in f64: the chosen experts (best biased score first) and their weights.
 fn route_reference(z: &[f32], bias: &[f32], spec: Routing) -> Vec<(usize, f64)> {
     let per_group = spec.experts / spec.groups;
@@ -654,6 +682,42 @@ pub fn moe_route<B: Backend>(b: &B) {
             weighted_sum(&b.read(&run(z).0), &g)
         });
     }
+}
+
+pub fn moe_dispatch<B: Backend>(b: &B) {
+    let (tokens, top_k, experts) = (5, 2, 4);
+    let indices = vec![3, 0, 1, 3, 3, 2, 0, 1, 1, 0];
+    let weights: Vec<f32> = (0..tokens * top_k).map(|s| 0.1 * s as f32).collect();
+    let slots = tokens * top_k;
+    let (mut order, mut row_w, mut slot_rows) =
+        (b.upload_index(&vec![0; slots]), b.zeros(slots), b.upload_index(&vec![0; slots]));
+    let ib = b.upload_index(&indices);
+    let rows = b.moe_dispatch(&mut order, &mut row_w, &mut slot_rows, &ib, &b.upload(&weights), experts, top_k);
+    assert_eq!(rows, [3, 3, 1, 3], "moe_dispatch rows per expert");
+    // Expert by expert, slots in token order.
+    let indices_ref = &indices;
+    let by_expert: Vec<usize> =
+        (0..experts as i32).flat_map(|e| (0..slots).filter(move |&s| indices_ref[s] == e)).collect();
+    let want_order: Vec<i32> = by_expert.iter().map(|&s| (s / top_k) as i32).collect();
+    assert_eq!(b.read_index(&order), want_order, "moe_dispatch order");
+    let want_w: Vec<f64> = by_expert.iter().map(|&s| weights[s] as f64).collect();
+    assert_close("moe_dispatch row weights", &b.read(&row_w), &want_w, 0.0, 0.0);
+    let slot_rows = b.read_index(&slot_rows);
+    for (row, &slot) in by_expert.iter().enumerate() {
+        assert_eq!(slot_rows[slot], row as i32, "moe_dispatch: row of slot {slot}");
+    }
+}
+
+/// Operations on ranges of a buffer touch those values only.
+pub fn slices<B: Backend>(b: &B) {
+    let mut buf = b.upload(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let (head, tail) = b.split_at_mut(&mut buf, 2);
+    b.scale(tail, 10.0);
+    b.add_assign(b.slice_mut(tail, 1..3), b.slice(head, 0..2));
+    assert_eq!(b.len(head), 2);
+    assert_eq!(b.read(b.slice(&buf, 1..6)), [2.0, 30.0, 41.0, 52.0, 60.0]);
+    b.fill(b.slice_mut(&mut buf, 0..1), 0.5);
+    assert_eq!(b.read(&buf), [0.5, 2.0, 30.0, 41.0, 52.0, 60.0]);
 }
 
 pub fn adamw<B: Backend>(b: &B) {

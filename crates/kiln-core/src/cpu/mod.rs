@@ -10,12 +10,15 @@ mod elementwise;
 mod embedding;
 mod fast_exp;
 mod matmul;
+mod moe_dispatch;
 mod moe_route;
+mod reverse_kl;
 mod rmsnorm;
 mod rope;
 pub mod threads;
 
 use crate::backend::{self, Backend, GroupedMatmul, Matmul};
+use std::ops::Range;
 
 /// A raw pointer that tasks writing disjoint regions of one buffer may share.
 #[derive(Clone, Copy)]
@@ -35,6 +38,7 @@ impl Shared {
 pub struct Cpu;
 
 impl Backend for Cpu {
+    type Slice = [f32];
     type Buf = Vec<f32>;
     type Index = Vec<i32>;
 
@@ -48,15 +52,24 @@ impl Backend for Cpu {
     fn upload(&self, data: &[f32]) -> Vec<f32> {
         data.to_vec()
     }
-    fn write(&self, dst: &mut Vec<f32>, data: &[f32]) {
+    fn write(&self, dst: &mut [f32], data: &[f32]) {
         assert_eq!(dst.len(), data.len(), "write: buffer holds {} values, got {}", dst.len(), data.len());
         dst.copy_from_slice(data);
     }
-    fn read(&self, src: &Vec<f32>) -> Vec<f32> {
-        src.clone()
+    fn read(&self, src: &[f32]) -> Vec<f32> {
+        src.to_vec()
     }
-    fn len(&self, buf: &Vec<f32>) -> usize {
+    fn len(&self, buf: &[f32]) -> usize {
         buf.len()
+    }
+    fn slice<'a>(&self, buf: &'a [f32], range: Range<usize>) -> &'a [f32] {
+        &buf[range]
+    }
+    fn slice_mut<'a>(&self, buf: &'a mut [f32], range: Range<usize>) -> &'a mut [f32] {
+        &mut buf[range]
+    }
+    fn split_at_mut<'a>(&self, buf: &'a mut [f32], mid: usize) -> (&'a mut [f32], &'a mut [f32]) {
+        buf.split_at_mut(mid)
     }
     fn upload_index(&self, data: &[i32]) -> Vec<i32> {
         data.to_vec()
@@ -68,96 +81,73 @@ impl Backend for Cpu {
     fn read_index(&self, src: &Vec<i32>) -> Vec<i32> {
         src.clone()
     }
-    fn fill(&self, dst: &mut Vec<f32>, value: f32) {
+    fn fill(&self, dst: &mut [f32], value: f32) {
         dst.fill(value);
     }
-    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
         assert_eq!(dst.len(), src.len(), "copy: buffers hold {} and {} values", dst.len(), src.len());
         dst.copy_from_slice(src);
     }
-    fn copy_columns(&self, dst: &mut Vec<f32>, src: &Vec<f32>, spec: backend::ColumnCopy) {
+    fn copy_columns(&self, dst: &mut [f32], src: &[f32], spec: backend::ColumnCopy) {
         elementwise::copy_columns(dst, src, spec);
     }
-    fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+    fn add_assign(&self, dst: &mut [f32], src: &[f32]) {
         elementwise::add_assign(dst, src);
     }
-    fn scale(&self, dst: &mut Vec<f32>, s: f32) {
+    fn scale(&self, dst: &mut [f32], s: f32) {
         elementwise::scale(dst, s);
     }
-    fn sum_squares(&self, x: &Vec<f32>) -> f64 {
+    fn sum_squares(&self, x: &[f32]) -> f64 {
         elementwise::sum_squares(x)
     }
 
-    fn matmul(&self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, spec: Matmul) {
+    fn matmul(&self, c: &mut [f32], a: &[f32], b: &[f32], spec: Matmul) {
         matmul::matmul(c, a, b, spec);
     }
-    fn grouped_matmul(&self, c: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, rows: &[usize], spec: GroupedMatmul) {
+    fn grouped_matmul(&self, c: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], spec: GroupedMatmul) {
         matmul::grouped(c, a, b, rows, spec);
     }
-    fn grouped_matmul_weight_grad(
-        &self,
-        db: &mut Vec<f32>,
-        dc: &Vec<f32>,
-        a: &Vec<f32>,
-        rows: &[usize],
-        spec: GroupedMatmul,
-    ) {
+    fn grouped_matmul_weight_grad(&self, db: &mut [f32], dc: &[f32], a: &[f32], rows: &[usize], spec: GroupedMatmul) {
         matmul::grouped_weight_grad(db, dc, a, rows, spec);
     }
-    fn scale_rows(&self, x: &mut Vec<f32>, w: &Vec<f32>) {
+    fn scale_rows(&self, x: &mut [f32], w: &[f32]) {
         elementwise::scale_rows(x, w);
     }
-    fn row_dot(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+    fn row_dot(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
         elementwise::row_dot(out, a, b);
     }
-    fn add_bias(&self, y: &mut Vec<f32>, bias: &Vec<f32>) {
+    fn add_bias(&self, y: &mut [f32], bias: &[f32]) {
         elementwise::add_bias(y, bias);
     }
-    fn bias_backward(&self, dbias: &mut Vec<f32>, dy: &Vec<f32>) {
+    fn bias_backward(&self, dbias: &mut [f32], dy: &[f32]) {
         elementwise::bias_backward(dbias, dy);
     }
 
-    fn embedding_forward(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &Vec<i32>, dim: usize) {
+    fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &Vec<i32>, dim: usize) {
         embedding::forward(out, table, ids, dim);
     }
-    fn embedding_backward(&self, dtable: &mut Vec<f32>, dout: &Vec<f32>, ids: &Vec<i32>, dim: usize) {
+    fn embedding_backward(&self, dtable: &mut [f32], dout: &[f32], ids: &Vec<i32>, dim: usize) {
         embedding::backward(dtable, dout, ids, dim);
     }
 
-    fn rmsnorm_forward(&self, y: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, eps: f32) {
+    fn rmsnorm_forward(&self, y: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
         rmsnorm::forward(y, rstd, x, w, eps);
     }
-    fn add_rmsnorm_forward(
-        &self,
-        x: &mut Vec<f32>,
-        delta: &Vec<f32>,
-        y: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
-        w: &Vec<f32>,
-        eps: f32,
-    ) {
+    fn add_rmsnorm_forward(&self, x: &mut [f32], delta: &[f32], y: &mut [f32], rstd: &mut [f32], w: &[f32], eps: f32) {
         rmsnorm::add_forward(x, delta, y, rstd, w, eps);
     }
-    fn rmsnorm_backward(
-        &self,
-        dx: &mut Vec<f32>,
-        dw: &mut Vec<f32>,
-        dy: &Vec<f32>,
-        x: &Vec<f32>,
-        w: &Vec<f32>,
-        rstd: &Vec<f32>,
-    ) {
+    fn rmsnorm_backward(&self, dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32]) {
         rmsnorm::backward(dx, dw, dy, x, w, rstd);
     }
 
-    fn rope_forward(&self, x: &mut Vec<f32>, table: &Vec<f32>, positions: &Vec<i32>, spec: backend::Rope) {
+    fn rope_forward(&self, x: &mut [f32], table: &[f32], positions: &Vec<i32>, spec: backend::Rope) {
         rope::forward(x, table, positions, spec);
     }
-    fn rope_backward(&self, dx: &mut Vec<f32>, table: &Vec<f32>, positions: &Vec<i32>, spec: backend::Rope) {
+    fn rope_backward(&self, dx: &mut [f32], table: &[f32], positions: &Vec<i32>, spec: backend::Rope) {
         rope::backward(dx, table, positions, spec);
     }
 
-    fn scatter_rows(&self, dst: &mut Vec<f32>, src: &Vec<f32>, rows: &Vec<i32>, dim: usize) {
+    fn scatter_rows(&self, dst: &mut [f32], src: &[f32], rows: &Vec<i32>, dim: usize) {
         assert_eq!(src.len(), rows.len() * dim, "scatter_rows: {} values for {} rows of {dim}", src.len(), rows.len());
         let dst_rows = dst.len() / dim.max(1);
         for (t, &r) in rows.iter().enumerate().filter(|(_, &r)| r >= 0) {
@@ -168,10 +158,10 @@ impl Backend for Cpu {
     }
     fn attention_decode(
         &self,
-        out: &mut Vec<f32>,
-        q: &Vec<f32>,
-        k_cache: &Vec<f32>,
-        v_cache: &Vec<f32>,
+        out: &mut [f32],
+        q: &[f32],
+        k_cache: &[f32],
+        v_cache: &[f32],
         starts: &Vec<i32>,
         lengths: &Vec<i32>,
         spec: backend::DecodeAttention,
@@ -180,11 +170,11 @@ impl Backend for Cpu {
     }
     fn attention_forward(
         &self,
-        out: &mut Vec<f32>,
-        lse: &mut Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
         segments: &Vec<i32>,
         spec: backend::Attention,
     ) {
@@ -192,65 +182,80 @@ impl Backend for Cpu {
     }
     fn attention_backward(
         &self,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
-        dout: &Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        out: &Vec<f32>,
-        lse: &Vec<f32>,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
         segments: &Vec<i32>,
         spec: backend::Attention,
     ) {
         attention::backward(dq, dk, dv, dout, q, k, v, out, lse, segments, spec);
     }
 
-    fn swiglu_forward(&self, h: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) {
+    fn swiglu_forward(&self, h: &mut [f32], gate: &[f32], up: &[f32]) {
         elementwise::swiglu_forward(h, gate, up);
     }
-    fn swiglu_backward(&self, dgate: &mut Vec<f32>, dup: &mut Vec<f32>, dh: &Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) {
+    fn swiglu_backward(&self, dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32]) {
         elementwise::swiglu_backward(dgate, dup, dh, gate, up);
     }
 
-    fn cross_entropy_forward(&self, nll: &mut Vec<f32>, logits: &Vec<f32>, targets: &Vec<i32>, vocab: usize) {
+    fn cross_entropy_forward(&self, nll: &mut [f32], logits: &[f32], targets: &Vec<i32>, vocab: usize) {
         cross_entropy::forward(nll, logits, targets, vocab);
     }
     fn cross_entropy_backward(
         &self,
-        logits: &mut Vec<f32>,
-        nll: &mut Vec<f32>,
+        logits: &mut [f32],
+        nll: &mut [f32],
         targets: &Vec<i32>,
-        weights: &Vec<f32>,
+        weights: &[f32],
         vocab: usize,
     ) {
         cross_entropy::backward(logits, nll, targets, weights, vocab);
     }
+    fn reverse_kl_backward(&self, logits: &mut [f32], kl: &mut [f32], teacher: &[f32], weights: &[f32], vocab: usize) {
+        reverse_kl::backward(logits, kl, teacher, weights, vocab);
+    }
 
     fn moe_route_forward(
         &self,
-        weights: &mut Vec<f32>,
+        weights: &mut [f32],
         indices: &mut Vec<i32>,
-        scores: &mut Vec<f32>,
-        logits: &Vec<f32>,
-        bias: &Vec<f32>,
+        scores: &mut [f32],
+        logits: &[f32],
+        bias: &[f32],
         spec: backend::Routing,
     ) {
         moe_route::forward(weights, indices, scores, logits, bias, spec);
     }
     fn moe_route_backward(
         &self,
-        dlogits: &mut Vec<f32>,
-        dweights: &Vec<f32>,
-        scores: &Vec<f32>,
+        dlogits: &mut [f32],
+        dweights: &[f32],
+        scores: &[f32],
         indices: &Vec<i32>,
         spec: backend::Routing,
     ) {
         moe_route::backward(dlogits, dweights, scores, indices, spec);
     }
+    fn moe_dispatch(
+        &self,
+        order: &mut Vec<i32>,
+        row_weights: &mut [f32],
+        slot_rows: &mut Vec<i32>,
+        indices: &Vec<i32>,
+        weights: &[f32],
+        experts: usize,
+        top_k: usize,
+    ) -> Vec<usize> {
+        moe_dispatch::dispatch(order, row_weights, slot_rows, indices, weights, experts, top_k)
+    }
 
-    fn adamw(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, hp: backend::AdamW) {
+    fn adamw(&self, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: backend::AdamW) {
         adamw::step(param, grad, m, v, hp);
     }
 }

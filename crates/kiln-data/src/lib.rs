@@ -6,6 +6,7 @@ pub mod packing;
 pub mod preference;
 pub mod rows;
 pub mod tokenizer;
+pub mod unpaired;
 
 pub use chat_template::ChatTemplate;
 pub use example::{Example, Tokenized};

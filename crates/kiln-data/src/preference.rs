@@ -42,7 +42,7 @@ pub struct PreferencePair {
     pub location: String,
 }
 
-fn messages(value: &Value, field: &str) -> std::result::Result<Vec<Message>, String> {
+pub(crate) fn messages(value: &Value, field: &str) -> std::result::Result<Vec<Message>, String> {
     let m: Vec<Message> = serde_json::from_value(value.clone())
         .map_err(|e| format!("field `{field}`: expected [{{\"role\", \"content\"}}, ..]: {e}"))?;
     if m.is_empty() {
@@ -51,7 +51,7 @@ fn messages(value: &Value, field: &str) -> std::result::Result<Vec<Message>, Str
     Ok(m)
 }
 
-fn answer(obj: &serde_json::Map<String, Value>, field: &str) -> std::result::Result<Answer, String> {
+pub(crate) fn answer(obj: &serde_json::Map<String, Value>, field: &str) -> std::result::Result<Answer, String> {
     match obj.get(field) {
         Some(Value::String(s)) => Ok(Answer::Text(s.clone())),
         Some(v @ Value::Array(_)) => Ok(Answer::Chat(messages(v, field)?)),
@@ -60,10 +60,9 @@ fn answer(obj: &serde_json::Map<String, Value>, field: &str) -> std::result::Res
     }
 }
 
-/// A preference row from a JSON object; the error names the field at fault.
-pub fn parse_preference(value: Value) -> std::result::Result<(Prompt, Answer, Answer), String> {
-    let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
-    let prompt = match (obj.get("messages"), obj.get("prompt")) {
+/// The prompt of a row: `messages`, or `prompt` as a string or a list of messages.
+pub(crate) fn prompt(obj: &serde_json::Map<String, Value>) -> std::result::Result<Prompt, String> {
+    Ok(match (obj.get("messages"), obj.get("prompt")) {
         (Some(m), _) => Prompt::Chat(messages(m, "messages")?),
         (None, Some(Value::String(s))) => Prompt::Text(s.clone()),
         (None, Some(v @ Value::Array(_))) => Prompt::Chat(messages(v, "prompt")?),
@@ -71,7 +70,13 @@ pub fn parse_preference(value: Value) -> std::result::Result<(Prompt, Answer, An
             return Err(format!("field `prompt` must be a string or a list of messages, got {other}"))
         }
         (None, None) => return Err("field `prompt` (or `messages`) is missing".into()),
-    };
+    })
+}
+
+/// A preference row from a JSON object; the error names the field at fault.
+pub fn parse_preference(value: Value) -> std::result::Result<(Prompt, Answer, Answer), String> {
+    let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
+    let prompt = prompt(&obj)?;
     let (chosen, rejected) = (answer(&obj, "chosen")?, answer(&obj, "rejected")?);
     if chosen == rejected {
         return Err("fields `chosen` and `rejected` are identical".into());
@@ -95,7 +100,11 @@ pub fn read_preference_rows(path: &Path) -> Result<Vec<std::result::Result<Prefe
 
 impl Encoder<'_> {
     /// The prompt's tokens and an answer's, as described in the module docs.
-    fn prompt_and_answer(&self, prompt: &Prompt, answer: &Answer) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+    pub(crate) fn prompt_and_answer(
+        &self,
+        prompt: &Prompt,
+        answer: &Answer,
+    ) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
         match (prompt, answer) {
             (Prompt::Text(p), Answer::Text(a)) => {
                 let mut completion = self.tokens(a, false)?;

@@ -1,66 +1,69 @@
-//! Collectives across processes. `Comm` is what training needs of them: sums, gathers and
-//! scatters of f32 buffers, broadcasts, all-to-all with counts, and barriers, each with a
-//! label naming it in errors. `Local` is one process; `Mpi` (feature `mpi`) is every process
-//! of an `mpirun`/`srun` launch, each collective under a timeout.
+//! Collectives across ranks. `Comm` is what training needs of them: sums, gathers and
+//! scatters of a backend's f32 buffers (`T`: host slices for the CPU backend; a GPU backend's
+//! device slices for NCCL), all-to-all with counts, sums of f64 statistics, integer counts,
+//! and barriers, each with a label naming it in errors. `Local` is one process, `Threads` the
+//! ranks of one process (tests of the parallel logic), `Mpi` (feature `mpi`) every process of
+//! an `mpirun`/`srun` launch, each collective under a timeout.
 //!
-//! `init` picks the implementation from the launcher's environment and installs it as the
-//! process's `world()`; keep the returned guard alive until the program ends (it finalises
-//! MPI).
+//! `init` picks the implementation from the launcher's environment; keep the returned guard
+//! alive until the program ends (it finalises MPI).
 
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
+mod threads;
 
 pub use local::Local;
 #[cfg(feature = "mpi")]
 pub use mpi_comm::Mpi;
+pub use threads::Threads;
 
 use anyhow::Result;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Collective operations over the ranks of a job. Every rank calls the same collectives in
-/// the same order; `what` names the call in errors ("gradients at step 12").
-pub trait Comm {
+/// Collective operations over the ranks of a job, on buffers of type `T` (`[f32]` in host
+/// memory by default). Every rank calls the same collectives in the same order; `what` names
+/// the call in errors ("gradients at step 12").
+pub trait Comm<T: ?Sized = [f32]>: Send + Sync {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
+
+    // ---- buffers --------------------------------------------------------------------------
     /// `buf` ← Σ over ranks of `buf`.
-    fn all_reduce_sum(&self, buf: &mut [f32], what: &str) -> Result<()>;
-    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()>;
-    /// `out` ← the ranks' `chunk`s (all the same length) in rank order.
-    fn all_gather(&self, chunk: &[f32], out: &mut [f32], what: &str) -> Result<()>;
-    /// `out` ← Σ over ranks of this rank's `out.len()`-long chunk of `buf` (chunk r for rank r).
-    fn reduce_scatter_sum(&self, buf: &[f32], out: &mut [f32], what: &str) -> Result<()>;
+    fn all_reduce_sum(&self, buf: &mut T, what: &str) -> Result<()>;
     /// `out` ← Σ over ranks of this rank's piece of `buf`, the pieces being `counts[r]` long
-    /// for rank r, in rank order (`out.len() == counts[rank]`).
-    fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()>;
-    /// `buf` ← `root`'s `buf`.
-    fn broadcast(&self, buf: &mut [f32], root: usize, what: &str) -> Result<()>;
-    /// Sends `send[..]` in pieces of `send_counts[r]` to rank r; receives `recv_counts[r]`
+    /// for rank r, in rank order (`out` holds `counts[rank]` values).
+    fn reduce_scatter_v_sum(&self, buf: &T, counts: &[usize], out: &mut T, what: &str) -> Result<()>;
+    /// `out` ← every rank's `chunk` (`counts[r]` values from rank r), in rank order.
+    fn all_gather_v(&self, chunk: &T, counts: &[usize], out: &mut T, what: &str) -> Result<()>;
+    /// Sends `send` in pieces of `send_counts[r]` values to rank r; receives `recv_counts[r]`
     /// values from rank r into `recv`, in rank order.
     fn all_to_allv(
         &self,
-        send: &[f32],
+        send: &T,
         send_counts: &[usize],
-        recv: &mut [f32],
+        recv: &mut T,
         recv_counts: &[usize],
         what: &str,
     ) -> Result<()>;
+
+    // ---- host values ----------------------------------------------------------------------
+    /// `buf` ← Σ over ranks of `buf`, in f64 (statistics, losses, norms).
+    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()>;
+    /// `out` ← every rank's `mine` (all the same length), in rank order.
+    fn all_gather_u64(&self, mine: &[u64], out: &mut [u64], what: &str) -> Result<()>;
+    /// Sends `send` in `size` equal pieces, piece r to rank r; `recv` gets piece `rank` of
+    /// every rank's `send`, in rank order (row counts of an expert exchange).
+    fn all_to_all_u64(&self, send: &[u64], recv: &mut [u64], what: &str) -> Result<()>;
     fn barrier(&self, what: &str) -> Result<()>;
     /// The ranks that pass the same `color`, as a communicator of their own, ranked in the
     /// order of this one. Every rank calls it.
-    fn split(&self, color: usize, what: &str) -> Result<Arc<dyn Comm + Send + Sync>>;
+    fn split(&self, color: usize, what: &str) -> Result<Arc<dyn Comm<T>>>;
 
     fn is_root(&self) -> bool {
         self.rank() == 0
     }
-}
-
-/// The communicator of this process, set by `init` (one process without it).
-static WORLD: OnceLock<Box<dyn Comm + Send + Sync>> = OnceLock::new();
-
-pub fn world() -> &'static dyn Comm {
-    WORLD.get_or_init(|| Box::new(Local)).as_ref()
 }
 
 /// Keeps MPI initialised while alive.
@@ -76,14 +79,13 @@ pub fn launched_by_mpi() -> bool {
         .any(|v| std::env::var(v).is_ok_and(|n| n.parse::<usize>().map_or(true, |n| n > 1)))
 }
 
-/// Sets up `world()`: MPI when launched by `mpirun`/`srun` (and built with feature `mpi`),
-/// else one process. `timeout` bounds every collective.
-pub fn init(timeout: Duration) -> Result<Guard> {
+/// The ranks of this job: MPI when launched by `mpirun`/`srun` (and built with feature
+/// `mpi`), else one process. `timeout` bounds every collective.
+pub fn init(timeout: Duration) -> Result<(Guard, Arc<dyn Comm>)> {
     #[cfg(feature = "mpi")]
     if launched_by_mpi() {
         let (universe, comm) = Mpi::init(timeout)?;
-        let _ = WORLD.set(Box::new(comm));
-        return Ok(Guard { _universe: Some(universe) });
+        return Ok((Guard { _universe: Some(universe) }, Arc::new(comm)));
     }
     #[cfg(not(feature = "mpi"))]
     if launched_by_mpi() {
@@ -92,11 +94,11 @@ pub fn init(timeout: Duration) -> Result<Guard> {
         );
     }
     let _ = timeout;
-    let _ = WORLD.set(Box::new(Local));
-    Ok(Guard {
+    let guard = Guard {
         #[cfg(feature = "mpi")]
         _universe: None,
-    })
+    };
+    Ok((guard, Arc::new(Local)))
 }
 
 /// The contiguous range `[start, end)` of `0..len` that rank `rank` of `size` owns: the
@@ -105,6 +107,16 @@ pub fn shard(len: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
     let (base, extra) = (len / size, len % size);
     let start = rank * base + rank.min(extra);
     start..start + base + usize::from(rank < extra)
+}
+
+/// The lengths of `shard(len, r, size)` for every rank r.
+pub fn shard_counts(len: usize, size: usize) -> Vec<usize> {
+    (0..size).map(|r| shard(len, r, size).len()).collect()
+}
+
+/// Where each of the pieces `counts` starts when laid end to end.
+pub(crate) fn offsets(counts: &[usize]) -> Vec<usize> {
+    counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c))).collect()
 }
 
 #[cfg(test)]
@@ -120,6 +132,7 @@ mod tests {
             assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
             let (min, max) = (ranges.iter().map(|r| r.len()).min(), ranges.iter().map(|r| r.len()).max());
             assert!(max.unwrap() - min.unwrap() <= 1);
+            assert_eq!(shard_counts(len, size), ranges.iter().map(|r| r.len()).collect::<Vec<_>>());
         }
     }
 
@@ -130,15 +143,16 @@ mod tests {
         c.all_reduce_sum(&mut x, "x").unwrap();
         assert_eq!(x, [1.0, 2.0]);
         let mut out = vec![0.0; 2];
-        c.all_gather(&x, &mut out, "x").unwrap();
-        assert_eq!(out, x);
-        c.reduce_scatter_sum(&x, &mut out, "x").unwrap();
+        c.all_gather_v(&x, &[2], &mut out, "x").unwrap();
         assert_eq!(out, x);
         c.reduce_scatter_v_sum(&x, &[2], &mut out, "x").unwrap();
         assert_eq!(out, x);
         let mut recv = vec![0.0; 2];
         c.all_to_allv(&x, &[2], &mut recv, &[2], "x").unwrap();
         assert_eq!(recv, x);
-        assert!(c.all_gather(&x, &mut [0.0; 3], "x").is_err());
+        assert!(c.all_gather_v(&x, &[2], &mut [0.0; 3], "x").is_err());
+        let mut n = [0u64; 2];
+        c.all_gather_u64(&[4, 5], &mut n, "n").unwrap();
+        assert_eq!(n, [4, 5]);
     }
 }

@@ -19,30 +19,15 @@ impl Comm for Local {
         Ok(())
     }
 
-    fn all_reduce_sum_f64(&self, _: &mut [f64], _: &str) -> Result<()> {
-        Ok(())
-    }
-
-    fn all_gather(&self, chunk: &[f32], out: &mut [f32], what: &str) -> Result<()> {
-        ensure!(chunk.len() == out.len(), "all_gather ({what}): {} values into {}", chunk.len(), out.len());
-        out.copy_from_slice(chunk);
-        Ok(())
-    }
-
-    fn reduce_scatter_sum(&self, buf: &[f32], out: &mut [f32], what: &str) -> Result<()> {
-        ensure!(buf.len() == out.len(), "reduce_scatter ({what}): {} values into {}", buf.len(), out.len());
-        out.copy_from_slice(buf);
-        Ok(())
-    }
-
     fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
-        ensure!(counts == [buf.len()] && buf.len() == out.len(), "reduce_scatter_v ({what}): counts");
+        ensure!(counts == [buf.len()] && buf.len() == out.len(), "reduce_scatter_v ({what}): counts {counts:?}");
         out.copy_from_slice(buf);
         Ok(())
     }
 
-    fn broadcast(&self, _: &mut [f32], root: usize, what: &str) -> Result<()> {
-        ensure!(root == 0, "broadcast ({what}): root {root} of one process");
+    fn all_gather_v(&self, chunk: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
+        ensure!(counts == [chunk.len()] && chunk.len() == out.len(), "all_gather_v ({what}): counts {counts:?}");
+        out.copy_from_slice(chunk);
         Ok(())
     }
 
@@ -52,11 +37,27 @@ impl Comm for Local {
         Ok(())
     }
 
+    fn all_reduce_sum_f64(&self, _: &mut [f64], _: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn all_gather_u64(&self, mine: &[u64], out: &mut [u64], what: &str) -> Result<()> {
+        ensure!(mine.len() == out.len(), "all_gather ({what}): {} values into {}", mine.len(), out.len());
+        out.copy_from_slice(mine);
+        Ok(())
+    }
+
+    fn all_to_all_u64(&self, send: &[u64], recv: &mut [u64], what: &str) -> Result<()> {
+        ensure!(send.len() == recv.len(), "all_to_all ({what}): {} values into {}", send.len(), recv.len());
+        recv.copy_from_slice(send);
+        Ok(())
+    }
+
     fn barrier(&self, _: &str) -> Result<()> {
         Ok(())
     }
 
-    fn split(&self, _: usize, _: &str) -> Result<Arc<dyn Comm + Send + Sync>> {
+    fn split(&self, _: usize, _: &str) -> Result<Arc<dyn Comm>> {
         Ok(Arc::new(Local))
     }
 }

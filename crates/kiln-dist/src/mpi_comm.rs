@@ -162,7 +162,7 @@ fn list(ranks: &[usize]) -> String {
     ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ")
 }
 
-fn counts(c: &[usize]) -> (Vec<Count>, Vec<Count>) {
+fn counts_displs(c: &[usize]) -> (Vec<Count>, Vec<Count>) {
     let counts: Vec<Count> = c.iter().map(|&n| n as Count).collect();
     let displs = counts.iter().scan(0, |acc, &n| {
         let d = *acc;
@@ -183,42 +183,6 @@ impl Comm for Mpi {
 
     fn all_reduce_sum(&self, buf: &mut [f32], what: &str) -> Result<()> {
         self.all_reduce(buf, what)
-    }
-
-    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
-        self.all_reduce(buf, what)
-    }
-
-    fn all_gather(&self, chunk: &[f32], out: &mut [f32], what: &str) -> Result<()> {
-        self.check_thread();
-        ensure!(
-            chunk.len() * self.size() == out.len(),
-            "all_gather ({what}): {} x {} into {}",
-            chunk.len(),
-            self.size(),
-            out.len()
-        );
-        mpi::request::scope(|scope| {
-            let r = self.world.immediate_all_gather_into(scope, chunk, out);
-            self.finish("all_gather", what, r);
-        });
-        Ok(())
-    }
-
-    fn reduce_scatter_sum(&self, buf: &[f32], out: &mut [f32], what: &str) -> Result<()> {
-        self.check_thread();
-        ensure!(
-            out.len() * self.size() == buf.len(),
-            "reduce_scatter ({what}): {} into {} x {}",
-            buf.len(),
-            self.size(),
-            out.len()
-        );
-        mpi::request::scope(|scope| {
-            let r = self.world.immediate_reduce_scatter_block_into(scope, buf, out, SystemOperation::sum());
-            self.finish("reduce_scatter", what, r);
-        });
-        Ok(())
     }
 
     fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
@@ -254,11 +218,21 @@ impl Comm for Mpi {
         Ok(())
     }
 
-    fn broadcast(&self, buf: &mut [f32], root: usize, what: &str) -> Result<()> {
+    fn all_gather_v(&self, chunk: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
         self.check_thread();
+        ensure!(
+            counts.len() == self.size()
+                && counts[self.rank()] == chunk.len()
+                && counts.iter().sum::<usize>() == out.len(),
+            "all_gather_v ({what}): counts {counts:?} do not fit {} values into {}",
+            chunk.len(),
+            out.len()
+        );
+        let (counts, displs) = counts_displs(counts);
+        let mut out = PartitionMut::new(out, counts, displs);
         mpi::request::scope(|scope| {
-            let r = self.world.process_at_rank(root as i32).immediate_broadcast_into(scope, buf);
-            self.finish("broadcast", what, r);
+            let r = self.world.immediate_all_gather_varcount_into(scope, chunk, &mut out);
+            self.finish("all_gather_v", what, r);
         });
         Ok(())
     }
@@ -270,13 +244,48 @@ impl Comm for Mpi {
             sc.iter().sum::<usize>() == send.len() && rc.iter().sum::<usize>() == recv.len(),
             "all_to_allv ({what}): counts do not add up to the buffers"
         );
-        let (send_counts, send_displs) = counts(sc);
-        let (recv_counts, recv_displs) = counts(rc);
+        let (send_counts, send_displs) = counts_displs(sc);
+        let (recv_counts, recv_displs) = counts_displs(rc);
         let send = Partition::new(send, send_counts, send_displs);
         let mut recv = PartitionMut::new(recv, recv_counts, recv_displs);
         mpi::request::scope(|scope| {
             let r = self.world.immediate_all_to_all_varcount_into(scope, &send, &mut recv);
             self.finish("all_to_allv", what, r);
+        });
+        Ok(())
+    }
+
+    fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
+        self.all_reduce(buf, what)
+    }
+
+    fn all_gather_u64(&self, mine: &[u64], out: &mut [u64], what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            mine.len() * self.size() == out.len(),
+            "all_gather ({what}): {} x {} into {}",
+            mine.len(),
+            self.size(),
+            out.len()
+        );
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_gather_into(scope, mine, out);
+            self.finish("all_gather", what, r);
+        });
+        Ok(())
+    }
+
+    fn all_to_all_u64(&self, send: &[u64], recv: &mut [u64], what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            send.len() == recv.len() && send.len().is_multiple_of(self.size()),
+            "all_to_all ({what}): {} values for {} ranks",
+            send.len(),
+            self.size()
+        );
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_to_all_into(scope, send, recv);
+            self.finish("all_to_all", what, r);
         });
         Ok(())
     }
@@ -287,7 +296,7 @@ impl Comm for Mpi {
         Ok(())
     }
 
-    fn split(&self, color: usize, what: &str) -> Result<Arc<dyn Comm + Send + Sync>> {
+    fn split(&self, color: usize, what: &str) -> Result<Arc<dyn Comm>> {
         self.check_thread();
         let group = self
             .world

@@ -51,17 +51,18 @@ struct Running {
 
 /// The log-prob of every completion token of `sequences` (`(prompt + completion ids, prompt
 /// length)`) computed by the training forward on the training layout, one row of `seq`
-/// tokens per completion (`Batch::completions`): bit for bit what a training step on the same
-/// batch computes, so the numbers a trainer keeps from rollout never disagree with training.
+/// tokens per completion (`Batch::completions`, in `acts` laid out for that many rows): bit for
+/// bit what a training step on the same batch computes, so the numbers a trainer keeps from
+/// rollout (the sampling policy's, the reference's) never disagree with training.
 pub fn training_logprobs<B: Backend>(
     b: &B,
     model: &mut Model<B>,
+    acts: &mut Activations<B>,
     sequences: &[(Vec<i32>, usize)],
-    seq: usize,
 ) -> Vec<Vec<f32>> {
+    let seq = acts.seq;
     let batch = Batch::completions(sequences, seq, 0.0);
-    let mut acts = Activations::new(b, &model.config, sequences.len(), seq, false, false);
-    let nll = model.nll(b, &mut acts, &batch);
+    let nll = model.nll(b, acts, &batch);
     sequences
         .iter()
         .enumerate()

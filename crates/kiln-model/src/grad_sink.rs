@@ -1,34 +1,54 @@
 //! Where backward puts the parameter gradients. Backward visits the layers last to first,
-//! asking for each layer's gradient buffers just before it and saying when it is done, then
+//! asking for each layer's gradient views just before it and saying when it is done, then
 //! finishes the gradients outside the layers (embedding, final norm, LM head, score). Whole
-//! gradients (`Weights`) are one sink; a sharded one (ZeRO-2) sums each layer's gradients over
-//! the ranks as soon as they are done, keeps its share and frees the rest.
+//! gradients (`FlatGrads`) are one sink; a sharded one (ZeRO-2) sums each layer's gradients over
+//! the ranks as soon as they are done and keeps its share.
 
+use crate::flat::FlatLayout;
 use crate::weights::{LayerWeights, Weights};
 use kiln_core::Backend;
+use std::sync::Arc;
 
 pub trait GradSink<B: Backend> {
-    /// Layer `l`'s gradient buffers, which its backward adds into.
-    fn layer(&mut self, l: usize) -> &mut LayerWeights<B::Buf>;
+    /// Layer `l`'s gradient views, which its backward adds into.
+    fn layer(&mut self, b: &B, l: usize) -> LayerWeights<&mut B::Slice>;
     /// Layer `l`'s gradients of this backward are complete.
-    fn layer_done(&mut self, l: usize);
-    /// The gradients outside the layers, in a `Weights` whose `layers` backward leaves alone.
-    fn outer(&mut self) -> &mut Weights<B::Buf>;
+    fn layer_done(&mut self, b: &B, l: usize);
+    /// The gradients outside the layers, in a `Weights` with no layers.
+    fn outer(&mut self, b: &B) -> Weights<&mut B::Slice>;
     /// The outer gradients of this backward are complete: the backward has ended.
-    fn outer_done(&mut self);
+    fn outer_done(&mut self, b: &B);
 }
 
-/// Whole gradients: every backward adds into the same buffers.
-impl<B: Backend> GradSink<B> for Weights<B::Buf> {
-    fn layer(&mut self, l: usize) -> &mut LayerWeights<B::Buf> {
-        &mut self.layers[l]
+/// Whole gradients: one flat buffer laid out like the parameters, which every backward adds
+/// into.
+pub struct FlatGrads<B: Backend> {
+    pub flat: B::Buf,
+    pub layout: Arc<FlatLayout>,
+}
+
+impl<B: Backend> FlatGrads<B> {
+    /// Zeroed gradients for parameters laid out as `layout`.
+    pub fn new(b: &B, layout: &Arc<FlatLayout>) -> Self {
+        Self { flat: b.zeros(layout.total), layout: Arc::clone(layout) }
     }
 
-    fn layer_done(&mut self, _: usize) {}
+    /// A view of every tensor's gradient.
+    pub fn views(&self, b: &B) -> Weights<&B::Slice> {
+        self.layout.views(b, &self.flat)
+    }
+}
 
-    fn outer(&mut self) -> &mut Weights<B::Buf> {
-        self
+impl<B: Backend> GradSink<B> for FlatGrads<B> {
+    fn layer(&mut self, b: &B, l: usize) -> LayerWeights<&mut B::Slice> {
+        self.layout.layer_views_mut(b, l, &mut self.flat)
     }
 
-    fn outer_done(&mut self) {}
+    fn layer_done(&mut self, _: &B, _: usize) {}
+
+    fn outer(&mut self, b: &B) -> Weights<&mut B::Slice> {
+        self.layout.outer_views_mut(b, &mut self.flat)
+    }
+
+    fn outer_done(&mut self, _: &B) {}
 }

@@ -11,27 +11,29 @@ use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs,
 use crate::batch::Batch;
 use crate::config::{AttentionKind, Config};
 use crate::error::Result;
-use crate::grad_sink::GradSink;
+use crate::flat::FlatLayout;
+use crate::grad_sink::{FlatGrads, GradSink};
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::layers::expert_parallel::ExpertParallel;
 use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
-use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, TensorSpec, Weights};
+use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, MoeWeights, TensorSpec, Weights};
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Chooses token weights from every token's nll (see `Model::forward_backward_with`).
 type WeightsOf<'a> = &'a mut dyn FnMut(&[f32]) -> Vec<f32>;
 
-/// A loss of the logits: their value and gradient (see `Model::forward_backward_logits`).
-pub type LogitsLoss<'a> = &'a mut dyn FnMut(&[f32]) -> (f64, Vec<f32>);
-
 pub struct Model<B: Backend> {
     pub config: Config,
     pub layout: Weights<TensorSpec>,
-    pub params: Weights<B::Buf>,
+    /// Where each tensor lies in `params` (and in gradients and moments laid out alike).
+    pub flat: Arc<FlatLayout>,
+    /// Every parameter, in one buffer.
+    pub params: B::Buf,
     /// Dtype of the checkpoint it came from, used again when saving.
     pub dtype: StorageDtype,
     /// Stored tensors kiln does not use (multi-token-prediction layers), written back as read.
@@ -46,7 +48,7 @@ pub struct Model<B: Backend> {
     moe_shape: Option<MoeShape>,
     /// Set when this rank holds only its share of the routed experts (`layout` and `params`
     /// then hold that share).
-    expert_parallel: Option<ExpertParallel>,
+    expert_parallel: Option<ExpertParallel<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
 }
@@ -58,7 +60,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// `load`; under expert parallel, of the routed experts only this rank's share.
-    pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel>) -> Result<Self> {
+    pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Self> {
         let config = Config::load(dir)?;
         let layout = layout_of(&config, ep.as_ref());
         let passthrough = |name: &str| config.is_mtp_tensor(name);
@@ -83,25 +85,31 @@ impl<B: Backend> Model<B> {
     /// head (`[1, hidden]`, N(0, 0.02²) drawn with `seed`) in place of the LM head, as
     /// transformers' `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`
     /// builds one. A directory that already is one (a reward checkpoint) loads as it is.
-    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64, ep: Option<ExpertParallel>) -> Result<Self> {
-        let mut model = Self::load_with(b, dir, ep)?;
+    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64, ep: Option<ExpertParallel<B>>) -> Result<Self> {
+        let model = Self::load_with(b, dir, ep)?;
         if model.config.num_labels.is_some() {
             return Ok(model);
         }
-        model.config.num_labels = Some(1);
-        model.layout = layout_of(&model.config, model.expert_parallel.as_ref());
-        let hidden = model.config.hidden_size;
-        model.params.lm_head = None;
-        model.params.score = Some(b.upload(&kiln_core::rng::Rng::new(seed).normal_vec(hidden, 0.02)));
-        Ok(model)
+        let mut config = model.config.clone();
+        config.num_labels = Some(1);
+        let mut tensors = model.tensors(b);
+        tensors.lm_head = None;
+        tensors.score = Some(kiln_core::rng::Rng::new(seed).normal_vec(config.hidden_size, 0.02));
+        let layout = layout_of(&config, model.expert_parallel.as_ref());
+        let mut reward = Self::from_layout(b, config, layout, &tensors, model.dtype);
+        reward.passthrough = model.passthrough;
+        reward.expert_parallel = model.expert_parallel;
+        Ok(reward)
     }
 
-    /// Final hidden states (after the last norm) of each row's token at `positions`
-    /// (`[positions.len(), hidden]`), read from `acts.xf` after `forward_hidden`.
-    pub fn hidden_at(&self, b: &B, acts: &Activations<B>, positions: &[usize]) -> Vec<f32> {
-        let d = self.config.hidden_size;
-        let xf = b.read(&acts.xf);
-        positions.iter().flat_map(|&t| xf[t * d..(t + 1) * d].iter().copied()).collect()
+    /// A view of every parameter tensor.
+    pub fn weights(&self, b: &B) -> Weights<&B::Slice> {
+        self.flat.views(b, &self.params)
+    }
+
+    /// Every parameter tensor, read into host memory.
+    pub fn tensors(&self, b: &B) -> Weights<Vec<f32>> {
+        self.weights(b).map(|w| b.read(w))
     }
 
     /// A randomly initialised model (matrices ~ N(0, 0.02²), norms 1, biases 0), as
@@ -128,12 +136,17 @@ impl<B: Backend> Model<B> {
         tensors: &Weights<Vec<f32>>,
         dtype: StorageDtype,
     ) -> Self {
-        let params = tensors.map(|t| b.upload(t));
+        let flat = FlatLayout::new(&layout);
+        let mut params = b.zeros(flat.total);
+        for (r, t) in flat.ranges.iter().into_iter().zip(tensors.iter()) {
+            b.write(b.slice_mut(&mut params, r.clone()), t);
+        }
         let expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
         let moe_shape = MoeShape::new(&config);
         Self {
             config,
             layout,
+            flat: Arc::new(flat),
             params,
             dtype,
             passthrough: Vec::new(),
@@ -148,7 +161,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// The expert group this rank shares the routed experts with, under expert parallel.
-    pub fn expert_parallel(&self) -> Option<&ExpertParallel> {
+    pub fn expert_parallel(&self) -> Option<&ExpertParallel<B>> {
         self.expert_parallel.as_ref()
     }
 
@@ -159,7 +172,7 @@ impl<B: Backend> Model<B> {
 
     /// Writes every tensor, and the carried-through ones, to `path` in `dtype`.
     pub fn save_weights_to(&self, b: &B, path: &Path, dtype: StorageDtype) -> Result<()> {
-        safetensors_io::save(path, &self.layout, &self.params.map(|p| b.read(p)), dtype, &self.passthrough)
+        safetensors_io::save(path, &self.layout, &self.tensors(b), dtype, &self.passthrough)
     }
 
     /// DeepSeek-V3's auxiliary-loss-free load balancing, run after each optimiser step: every
@@ -171,7 +184,8 @@ impl<B: Backend> Model<B> {
             &mut self.expert_load,
             self.layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect(),
         );
-        for (layer, load) in self.params.layers.iter_mut().zip(&loads) {
+        let mut params = self.flat.views_mut(b, &mut self.params);
+        for (layer, load) in params.layers.iter_mut().zip(&loads) {
             let FfnWeights::Moe(w) = &mut layer.ffn else { continue };
             let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
             let mut bias = b.read(&w.bias);
@@ -186,14 +200,14 @@ impl<B: Backend> Model<B> {
                         0.0
                     };
             }
-            b.write(&mut w.bias, &bias);
+            b.write(w.bias, &bias);
         }
         loads
     }
 
-    /// Zeroed buffers shaped like the parameters, for gradients or optimiser moments.
-    pub fn zeros_like_params(&self, b: &B) -> Weights<B::Buf> {
-        self.layout.map(|s| b.zeros(s.numel()))
+    /// Zeroed gradients of every parameter.
+    pub fn grads(&self, b: &B) -> FlatGrads<B> {
+        FlatGrads::new(b, &self.flat)
     }
 
     /// Loads a batch's tokens into `acts` and makes sure the rope table covers its positions.
@@ -238,26 +252,25 @@ impl<B: Backend> Model<B> {
     fn layer_forward(
         &self,
         b: &B,
-        l: usize,
+        (l, w): (usize, &LayerWeights<&B::Slice>),
         a: &mut LayerActs<B>,
-        x_in: &B::Buf,
-        x_out: Option<&mut B::Buf>,
+        x_in: &B::Slice,
+        x_out: Option<&mut B::Slice>,
         view: &ActsView<B>,
-        kv: Option<(&mut B::Buf, &mut B::Buf)>,
+        kv: Option<(&mut B::Slice, &mut B::Slice)>,
     ) {
         let c = &self.config;
-        let w = &self.params.layers[l];
         let ctx = view.ctx(l);
         let (n, d, eps) = (view.tokens, c.hidden_size, c.rms_norm_eps);
 
-        b.rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, &w.input_norm, eps);
+        b.rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, w.input_norm, eps);
         match (&w.attn, &mut a.attn) {
             (AttnWeights::Gqa(w), AttnActs::Gqa(a_)) => gqa::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx, kv),
             (AttnWeights::Mla(w), AttnActs::Mla(a_)) => mla::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx, kv),
             _ => unreachable!("activations laid out for another attention kind"),
         }
         // x_mid = x_in + attention, fused with the second norm.
-        b.add_rmsnorm_forward(&mut a.x_mid, x_in, &mut a.xn2, &mut a.rstd2, &w.post_norm, eps);
+        b.add_rmsnorm_forward(&mut a.x_mid, x_in, &mut a.xn2, &mut a.rstd2, w.post_norm, eps);
         let mut x_out = x_out;
         let out = x_out.as_deref_mut();
         match (&w.ffn, &mut a.ffn) {
@@ -305,9 +318,9 @@ impl<B: Backend> Model<B> {
         let k = plan.logits_at.len();
         let mut last = b.zeros(k * c.hidden_size);
         b.embedding_forward(&mut last, &acts.xf, &b.upload_index(plan.logits_at), c.hidden_size);
-        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.embed);
+        let w = self.weights(b);
         let mut logits = b.zeros(k * c.vocab_size);
-        b.matmul(&mut logits, &last, head, Matmul::linear(k, c.hidden_size, c.vocab_size));
+        b.matmul(&mut logits, &last, w.lm_head.unwrap_or(w.embed), Matmul::linear(k, c.hidden_size, c.vocab_size));
         b.read(&logits)
     }
 
@@ -321,7 +334,8 @@ impl<B: Backend> Model<B> {
     ) {
         self.prepare(b, acts, batch);
         let c = &self.config;
-        b.embedding_forward(&mut acts.layer_inputs[0], &self.params.embed, &acts.inputs.ids, c.hidden_size);
+        let w = self.weights(b);
+        b.embedding_forward(&mut acts.layer_inputs[0], w.embed, &acts.inputs.ids, c.hidden_size);
         let mut view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
         let mut cache = cache;
         let indices = cache.as_ref().map(|(_, plan)| {
@@ -338,20 +352,14 @@ impl<B: Backend> Model<B> {
             let a = &mut acts.layers[acts.slots[l]];
             let kv = cache.as_mut().map(|(kv, _)| {
                 let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
-                (k, v)
+                (&mut **k, &mut **v)
             });
-            self.layer_forward(b, l, a, &inputs[l], Some(&mut outputs[0]), &view, kv);
+            self.layer_forward(b, (l, &w.layers[l]), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
             if let (true, FfnActs::Moe(m)) = (count_load, &a.ffn) {
                 loads.push((l, m.rows.clone()));
             }
         }
-        b.rmsnorm_forward(
-            &mut acts.xf,
-            &mut acts.rstdf,
-            &acts.layer_inputs[c.num_layers],
-            &self.params.norm,
-            c.rms_norm_eps,
-        );
+        b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, &acts.layer_inputs[c.num_layers], w.norm, c.rms_norm_eps);
         for (l, rows) in loads {
             self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
         }
@@ -360,7 +368,8 @@ impl<B: Backend> Model<B> {
     /// `logits = xf·Wₗₘᵀ`.
     fn lm_head_forward(&self, b: &B, acts: &mut Activations<B>) {
         let c = &self.config;
-        let head = self.params.lm_head.as_ref().unwrap_or(&self.params.embed);
+        let w = self.weights(b);
+        let head = w.lm_head.unwrap_or(w.embed);
         b.matmul(&mut acts.logits, &acts.xf, head, Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size));
     }
 
@@ -430,21 +439,24 @@ impl<B: Backend> Model<B> {
         (loss, nll)
     }
 
-    /// Forward and backward of a loss of the logits themselves: `dlogits_of` receives the
-    /// logits (`[tokens, vocab]`) and returns the loss and ∂loss/∂logits (distillation over the
-    /// full vocabulary). Parameter gradients are added into `grads`; returns the loss.
-    pub fn forward_backward_logits(
+    /// Forward and backward of on-policy distillation's `loss = Σ_t weight[t] · KL(p_t ‖ q_t)`
+    /// over `batch`, the student p being this model and the teacher's logits `teacher`
+    /// (`[tokens, vocab]`, from its forward over the same batch). Parameter gradients are added
+    /// into `grads`; returns the loss.
+    pub fn forward_backward_kl(
         &mut self,
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
         grads: &mut dyn GradSink<B>,
-        dlogits_of: LogitsLoss,
+        teacher: &B::Slice,
     ) -> f64 {
         self.forward_hidden(b, acts, batch, true);
         self.lm_head_forward(b, acts);
-        let (loss, dlogits) = dlogits_of(&b.read(&acts.logits));
-        b.write(&mut acts.logits, &dlogits);
+        let vocab = self.config.vocab_size;
+        let inputs = &acts.inputs;
+        b.reverse_kl_backward(&mut acts.logits, &mut acts.nll, teacher, &inputs.weights, vocab);
+        let loss = b.read(&acts.nll).iter().zip(&batch.weights).map(|(&kl, &w)| kl as f64 * w as f64).sum();
         self.backward_from_logits(b, acts, batch, grads);
         loss
     }
@@ -455,10 +467,11 @@ impl<B: Backend> Model<B> {
         let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
         // Head: logits = xf·Wᵀ.
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-        let outer = grads.outer();
-        let (head, dhead) = match (&self.params.lm_head, &mut outer.lm_head) {
+        let w = self.weights(b);
+        let outer = grads.outer(b);
+        let (head, dhead) = match (w.lm_head, outer.lm_head) {
             (Some(h), Some(dh)) => (h, dh),
-            _ => (&self.params.embed, &mut outer.embed),
+            _ => (w.embed, outer.embed),
         };
         b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, vocab));
         b.matmul(&mut s.dxn, &acts.logits, head, Matmul::linear_dx(n, d, vocab, false));
@@ -470,17 +483,12 @@ impl<B: Backend> Model<B> {
     pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
         let c = &self.config;
         let d = c.hidden_size;
+        let w = self.weights(b);
         let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
         b.fill(&mut s.dres, 0.0);
-        b.rmsnorm_backward(
-            &mut s.dres,
-            &mut grads.outer().norm,
-            &s.dxn,
-            &acts.layer_inputs[c.num_layers],
-            &self.params.norm,
-            &acts.rstdf,
-        );
+        let final_input = &acts.layer_inputs[c.num_layers];
+        b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, w.norm, &acts.rstdf);
 
         // Sequence of each token for the balance loss, when it is on: (row, segment), none for
         // padding.
@@ -498,14 +506,16 @@ impl<B: Backend> Model<B> {
         let mut aux_loss = 0.0;
         for l in (0..c.num_layers).rev() {
             let a = &mut acts.layers[acts.slots[l]];
+            let layer = (l, &w.layers[l]);
             if acts.recompute {
-                self.layer_forward(b, l, a, &acts.layer_inputs[l], None, &view, None);
+                self.layer_forward(b, layer, a, &acts.layer_inputs[l], None, &view, None);
             }
-            aux_loss += self.layer_backward(b, l, a, &acts.layer_inputs[l], s, grads.layer(l), &view, aux.as_ref());
-            grads.layer_done(l);
+            let mut g = grads.layer(b, l);
+            aux_loss += self.layer_backward(b, layer, a, &acts.layer_inputs[l], s, &mut g, &view, aux.as_ref());
+            grads.layer_done(b, l);
         }
-        b.embedding_backward(&mut grads.outer().embed, &s.dres, &acts.inputs.ids, d);
-        grads.outer_done();
+        b.embedding_backward(grads.outer(b).embed, &s.dres, &acts.inputs.ids, d);
+        grads.outer_done(b);
         self.moe_aux_loss += aux_loss;
     }
 
@@ -515,36 +525,31 @@ impl<B: Backend> Model<B> {
     /// sends and adding their weight gradients into `grads`.
     pub fn serve_experts(&self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool) {
         let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
-        let layers = self.moe_layers();
+        let weights = self.weights(b);
+        let layers = moe_layers(&weights);
         let mut served: Vec<_> = layers.iter().map(|&(l, w)| moe::serve_forward(b, shape, w, (ep, l))).collect();
-        for (i, &(l, w)) in layers.iter().enumerate().rev() {
-            if recompute {
-                served[i] = moe::serve_forward(b, shape, w, (ep, l));
+        // Every layer hands its (for dense layers, empty) gradients over, as a backward does.
+        for l in (0..self.config.num_layers).rev() {
+            let mut g = grads.layer(b, l);
+            if let (Some(i), FfnWeights::Moe(g)) = (layers.iter().position(|&(m, _)| m == l), &mut g.ffn) {
+                if recompute {
+                    served[i] = moe::serve_forward(b, shape, layers[i].1, (ep, l));
+                }
+                moe::serve_backward(b, shape, (layers[i].1, g), &served[i]);
             }
-            let FfnWeights::Moe(g) = &mut grads.layer(l).ffn else { unreachable!("an MoE layer") };
-            moe::serve_backward(b, shape, (w, g), &served[i]);
-            grads.layer_done(l);
+            grads.layer_done(b, l);
         }
+        grads.outer(b);
+        grads.outer_done(b);
     }
 
     /// Under expert parallel, a forward of a rank with no tokens of its own while the rest of
     /// its group runs one (generation, reference passes): its experts serve their rows.
     pub fn serve_experts_forward(&self, b: &B) {
         let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
-        for (l, w) in self.moe_layers() {
+        for (l, w) in moe_layers(&self.weights(b)) {
             moe::serve_forward(b, shape, w, (ep, l));
         }
-    }
-
-    /// The MoE layers and their weights.
-    fn moe_layers(&self) -> Vec<(usize, &crate::weights::MoeWeights<B::Buf>)> {
-        let layers = self.params.layers.iter().enumerate();
-        layers
-            .filter_map(|(l, layer)| match &layer.ffn {
-                FfnWeights::Moe(w) => Some((l, w)),
-                FfnWeights::Dense(_) => None,
-            })
-            .collect()
     }
 
     /// Backward of layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)
@@ -554,16 +559,15 @@ impl<B: Backend> Model<B> {
     fn layer_backward(
         &self,
         b: &B,
-        l: usize,
+        (l, w): (usize, &LayerWeights<&B::Slice>),
         a: &LayerActs<B>,
-        x_in: &B::Buf,
+        x_in: &B::Slice,
         s: &mut GradScratch<B>,
-        g: &mut LayerWeights<B::Buf>,
+        g: &mut LayerWeights<&mut B::Slice>,
         view: &ActsView<B>,
         aux: Option<&SeqAux>,
     ) -> f64 {
         let c = &self.config;
-        let w = &self.params.layers[l];
         let ctx = view.ctx(l);
         let (n, d) = (view.tokens, c.hidden_size);
 
@@ -582,7 +586,7 @@ impl<B: Backend> Model<B> {
             }
             _ => unreachable!("gradients laid out for another feed-forward kind"),
         }
-        b.rmsnorm_backward(&mut s.dres, &mut g.post_norm, &s.dxn, &a.x_mid, &w.post_norm, &a.rstd2);
+        b.rmsnorm_backward(&mut s.dres, g.post_norm, &s.dxn, &a.x_mid, w.post_norm, &a.rstd2);
 
         // Attention branch: x_mid = x_in + attention(xn1).
         match (&w.attn, &mut g.attn, &a.attn, &mut s.attn) {
@@ -594,13 +598,24 @@ impl<B: Backend> Model<B> {
             }
             _ => unreachable!("gradients laid out for another attention kind"),
         }
-        b.rmsnorm_backward(&mut s.dres, &mut g.input_norm, &s.dxn, x_in, &w.input_norm, &a.rstd1);
+        b.rmsnorm_backward(&mut s.dres, g.input_norm, &s.dxn, x_in, w.input_norm, &a.rstd1);
         aux_loss
     }
 }
 
+/// The MoE layers and their weights.
+fn moe_layers<T>(weights: &Weights<T>) -> Vec<(usize, &MoeWeights<T>)> {
+    let layers = weights.layers.iter().enumerate();
+    layers
+        .filter_map(|(l, layer)| match &layer.ffn {
+            FfnWeights::Moe(w) => Some((l, w)),
+            FfnWeights::Dense(_) => None,
+        })
+        .collect()
+}
+
 /// The parameters of `config`, under expert parallel with only this rank's routed experts.
-fn layout_of(config: &Config, ep: Option<&ExpertParallel>) -> Weights<TensorSpec> {
+fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<B>>) -> Weights<TensorSpec> {
     let layout = weights::layout(config);
     match (ep, &config.moe) {
         (Some(ep), Some(moe)) => layout.with_experts(ep.local(moe.experts)),
@@ -619,7 +634,7 @@ fn expert_count(layer: &LayerWeights<TensorSpec>) -> usize {
 /// The per-batch inputs every layer reads, borrowed apart from the buffers layers write.
 struct ActsView<'a, B: Backend> {
     tokens: usize,
-    rope_table: &'a B::Buf,
+    rope_table: &'a B::Slice,
     positions: &'a B::Index,
     segments: &'a B::Index,
     attention: Vec<Attention>,

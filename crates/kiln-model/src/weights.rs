@@ -17,8 +17,11 @@ macro_rules! tensor_group {
         }
 
         impl<T> $name<T> {
-            pub fn map<U>(&self, f: &mut impl FnMut(&T) -> U) -> $name<U> {
+            pub fn map<'a, U>(&'a self, f: &mut impl FnMut(&'a T) -> U) -> $name<U> {
                 $name { $($req: f(&self.$req),)* $($opt: self.$opt.as_ref().map(&mut *f),)* }
+            }
+            pub fn map_mut<'a, U>(&'a mut self, f: &mut impl FnMut(&'a mut T) -> U) -> $name<U> {
+                $name { $($req: f(&mut self.$req),)* $($opt: self.$opt.as_mut().map(&mut *f),)* }
             }
             #[allow(unused_mut)]
             pub fn refs(&self) -> Vec<&T> {
@@ -114,7 +117,7 @@ pub struct LayerWeights<T> {
 }
 
 impl<T> LayerWeights<T> {
-    pub fn map<U>(&self, f: &mut impl FnMut(&T) -> U) -> LayerWeights<U> {
+    pub fn map<'a, U>(&'a self, f: &mut impl FnMut(&'a T) -> U) -> LayerWeights<U> {
         LayerWeights {
             input_norm: f(&self.input_norm),
             attn: match &self.attn {
@@ -170,7 +173,7 @@ pub struct Weights<T> {
 }
 
 impl<T> Weights<T> {
-    pub fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> Weights<U> {
+    pub fn map<'a, U>(&'a self, mut f: impl FnMut(&'a T) -> U) -> Weights<U> {
         Weights {
             embed: f(&self.embed),
             layers: self.layers.iter().map(|l| l.map(&mut f)).collect(),

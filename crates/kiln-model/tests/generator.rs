@@ -102,11 +102,12 @@ fn rescored_sampler_logprobs_equal_the_training_step_exactly() {
         .map(|(r, g)| ([r.prompt.clone(), g.tokens.clone()].concat(), r.prompt.len()))
         .collect();
     let seq = 16;
-    let rollout = kiln_model::generator::training_logprobs(&b, &mut model, &sequences, seq);
+    let mut rollout_acts = Activations::new(&b, &model.config, sequences.len(), seq, false, false);
+    let rollout = kiln_model::generator::training_logprobs(&b, &mut model, &mut rollout_acts, &sequences);
     // A training step on the same batch: the nll its backward starts from.
     let batch = Batch::completions(&sequences, seq, 1.0);
     let mut acts = Activations::new(&b, &model.config, sequences.len(), seq, true, false);
-    let mut grads = model.zeros_like_params(&b);
+    let mut grads = model.grads(&b);
     let (_, nll) = model.forward_backward_with(&b, &mut acts, &batch, &mut grads, &mut |nll| vec![0.0; nll.len()]);
     for (r, ((ids, p), lp)) in sequences.iter().zip(&rollout).enumerate() {
         let train: Vec<f32> = (p - 1..ids.len() - 1).map(|t| -nll[r * seq + t]).collect();

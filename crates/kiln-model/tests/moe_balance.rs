@@ -28,10 +28,11 @@ fn router_bias_update_evens_out_a_skewed_load() {
     // different groups) have router rows along c, so they win for nearly every token.
     let d = model.config.hidden_size;
     let c: Vec<f32> = (0..d).map(|i| if i % 2 == 0 { 1.0 } else { -1.0 }).collect();
-    for row in model.params.embed.chunks_mut(d) {
+    let mut params = model.flat.views_mut(&b, &mut model.params);
+    for row in params.embed.chunks_mut(d) {
         row.iter_mut().zip(&c).for_each(|(x, c)| *x += 0.02 * c);
     }
-    let FfnWeights::Moe(moe) = &mut model.params.layers[1].ffn else { panic!("layer 1 is MoE") };
+    let FfnWeights::Moe(moe) = &mut params.layers[1].ffn else { panic!("layer 1 is MoE") };
     for expert in [0, 2] {
         moe.router[expert * d..(expert + 1) * d].iter_mut().zip(&c).for_each(|(w, c)| *w += 0.3 * c);
     }
@@ -40,7 +41,7 @@ fn router_bias_update_evens_out_a_skewed_load() {
     let sequences: Vec<Vec<i32>> = (0..4).map(|_| (0..32).map(|_| rng.below(64) as i32).collect()).collect();
     let batch = Batch::causal_lm(&sequences);
     let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, true, false);
-    let mut grads = model.zeros_like_params(&b);
+    let mut grads = model.grads(&b);
     let mut history = Vec::new();
     for _ in 0..300 {
         model.forward_backward(&b, &mut acts, &batch, &mut grads);
@@ -52,7 +53,8 @@ fn router_bias_update_evens_out_a_skewed_load() {
     let (first, last) = (history[0], history[history.len() - 10..].iter().sum::<f64>() / 10.0);
     assert!(first > 2.5, "the toy router should start skewed (max/mean load {first:.2})");
     assert!(last < 1.5, "load stays skewed after the bias updates: max/mean {first:.2} -> {last:.2}");
-    let FfnWeights::Moe(moe) = &model.params.layers[1].ffn else { unreachable!() };
+    let params = model.weights(&b);
+    let FfnWeights::Moe(moe) = &params.layers[1].ffn else { unreachable!() };
     assert!(moe.bias[0] < 0.0 && moe.bias[2] < 0.0, "the overloaded experts' biases fall: {:?}", moe.bias);
 }
 
@@ -67,11 +69,12 @@ fn balance_loss_gradient_reaches_the_router() {
     let batch = Batch::causal_lm(&sequences);
     let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, true, false);
     let mut run = |model: &mut Model<Cpu>, alpha: f32| {
-        let mut grads = model.zeros_like_params(&b);
+        let mut grads = model.grads(&b);
         (model.moe_aux_alpha, model.moe_aux_loss) = (alpha, 0.0);
         model.forward_backward(&b, &mut acts, &batch, &mut grads);
-        let FfnWeights::Moe(g) = &grads.layers[1].ffn else { panic!("layer 1 is MoE") };
-        (model.moe_aux_loss, g.router.clone())
+        let views = grads.views(&b);
+        let FfnWeights::Moe(g) = &views.layers[1].ffn else { panic!("layer 1 is MoE") };
+        (model.moe_aux_loss, g.router.to_vec())
     };
     let (aux, with) = run(&mut model, 0.5);
     let (none, without) = run(&mut model, 0.0);
@@ -79,7 +82,8 @@ fn balance_loss_gradient_reaches_the_router() {
     let h = 1e-3;
     for i in [0, 37, 101, 200] {
         let set = |model: &mut Model<Cpu>, delta: f32| {
-            let FfnWeights::Moe(w) = &mut model.params.layers[1].ffn else { unreachable!() };
+            let mut params = model.flat.views_mut(&b, &mut model.params);
+            let FfnWeights::Moe(w) = &mut params.layers[1].ffn else { unreachable!() };
             w.router[i] += delta;
         };
         set(&mut model, h);

@@ -57,9 +57,11 @@ fn moe_layer_matches_transformers() {
     let (mut out, mut dx) = (b.zeros(tokens * hidden), b.zeros(tokens * hidden));
     let mut acts = MoeActs::new(&b, &shape, tokens);
     let mut scratch = MoeGrads::new(&b, &shape, tokens);
+    let w = w.map(&mut |t| t.as_slice());
     moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts, None);
     assert_close("out", &b.read(&out), &t("out"));
-    moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g, &acts, &mut scratch, None);
+    let mut g_views = g.map_mut(&mut |t| &mut t[..]);
+    moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g_views, &acts, &mut scratch, None);
     assert_close("dx", &b.read(&dx), &t("dx"));
     assert_close("grad router", &b.read(&g.router), &t("grad.router"));
     assert_close("grad gate", &b.read(&g.gate), &t("grad.gate"));

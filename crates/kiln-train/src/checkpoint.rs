@@ -1,21 +1,28 @@
-//! Checkpoints: a directory per save holding the f32 master weights (a loadable Hugging Face
-//! directory: config, tokenizer and `model.safetensors`), the AdamW moments and the step.
-//! Written to a temporary directory, fsynced and renamed into place, so a run killed at any
-//! instant leaves every earlier checkpoint whole and never a partial one under a final name.
+//! Checkpoints, and every file format in them: a directory per save holding the f32 master
+//! weights (a loadable Hugging Face directory: config, tokenizer and `model.safetensors`), the
+//! AdamW moments and the step. Written to a temporary directory, fsynced and renamed into
+//! place, so a run killed at any instant leaves every earlier checkpoint whole and never a
+//! partial one under a final name.
+//!
+//! Moments: a replicated run writes them by tensor name (`adam_m.safetensors`,
+//! `adam_v.safetensors`); a ZeRO run writes each rank's shard of each space of
+//! `DataParallel` (`adam_shard-R-of-N.safetensors`, and `adam_expert_shard-E-R-of-N` for the
+//! routed experts of expert rank E), with the shard's start in the space. Either resumes as the
+//! other, on any number of ranks: the moments of a space are assembled whole and re-cut.
 //!
 //! Under expert parallel no rank holds every routed expert: the ranks of the first expert
 //! group each write theirs (rank 0 also every other tensor) into shard files, as a sharded
 //! Hugging Face directory does (`model-00001-of-0000K.safetensors` and an index), and the
-//! moments likewise (`adam_m-00001-of-0000K.safetensors`). Tensors are found by name on load,
-//! so such a checkpoint resumes on any split of the experts, or on none.
+//! replicated moments likewise (`adam_m-00001-of-0000K.safetensors`). Tensors are found by name
+//! on load, so such a checkpoint resumes on any split of the experts, or on none.
 
 use crate::config::RunConfig;
-use crate::optim::AdamW;
+use crate::data_parallel::{DataParallel, Space};
 use anyhow::{bail, Context, Result};
 use kiln_core::Backend;
-use kiln_model::{safetensors_io, weights, Model, StorageDtype, TensorSpec, Weights};
+use kiln_model::{safetensors_io, weights, FlatLayout, Model, StorageDtype, TensorSpec, Weights};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -114,8 +121,8 @@ fn remove_checkpoint(dir: &Path) -> Result<()> {
 pub struct SaveRequest<'a, B: Backend> {
     pub root: &'a Path,
     pub model: &'a Model<B>,
-    /// Replicated AdamW's moments; None when each rank writes its shard (ZeRO) in `extra`.
-    pub optimizer: Option<&'a AdamW<B>>,
+    /// Replicated moments, by tensor name; None when each rank writes its shards (ZeRO) in `extra`.
+    pub moments: Option<&'a Moments>,
     /// Writes more files into the checkpoint's temporary directory before it is sealed.
     pub extra: &'a dyn Fn(&Path) -> Result<()>,
     pub state: &'a State,
@@ -149,16 +156,15 @@ pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
     let layout = &req.model.layout;
     match req.model.expert_parallel().map(|ep| ep.group.size()).filter(|&k| k > 1) {
         Some(ranks) => {
-            save_expert_shard(b, &tmp, req.model, req.optimizer, 0, ranks)?;
+            save_expert_shard(b, &tmp, req.model, req.moments, 0, ranks)?;
             write_expert_index(&tmp, req.model, ranks)?;
         }
         None => {
             req.model.save_weights_to(b, &tmp.join("model.safetensors"), StorageDtype::F32)?;
-            if let Some(optimizer) = req.optimizer {
-                let (m, v) = optimizer.moments();
+            if let Some((m, v)) = req.moments {
                 let f32 = StorageDtype::F32;
-                safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, &m.map(|p| b.read(p)), f32, &[])?;
-                safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, &v.map(|p| b.read(p)), f32, &[])?;
+                safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, m, f32, &[])?;
+                safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, v, f32, &[])?;
             }
         }
     }
@@ -197,20 +203,19 @@ pub fn save_expert_shard<B: Backend>(
     b: &B,
     dir: &Path,
     model: &Model<B>,
-    optimizer: Option<&AdamW<B>>,
+    moments: Option<&Moments>,
     rank: usize,
     ranks: usize,
 ) -> Result<()> {
     let keep = |spec: &TensorSpec| rank == 0 || spec.is_routed_experts();
     let (layout, f32) = (&model.layout, StorageDtype::F32);
     let passthrough = if rank == 0 { &model.passthrough[..] } else { &[] };
-    let params = model.params.map(|p| b.read(p));
+    let params = model.tensors(b);
     safetensors_io::save_some(&dir.join(shard_name("model", rank, ranks)), layout, &params, f32, passthrough, &keep)?;
-    if let Some(optimizer) = optimizer {
-        let (m, v) = optimizer.moments();
+    if let Some((m, v)) = moments {
         for (name, moments) in [("adam_m", m), ("adam_v", v)] {
             let path = dir.join(shard_name(name, rank, ranks));
-            safetensors_io::save_some(&path, layout, &moments.map(|p| b.read(p)), f32, &[], &keep)?;
+            safetensors_io::save_some(&path, layout, moments, f32, &[], &keep)?;
         }
     }
     Ok(())
@@ -279,45 +284,114 @@ pub fn read_state(dir: &Path) -> Result<State> {
     serde_json::from_str(&text).with_context(|| format!("{}: invalid checkpoint state", path.display()))
 }
 
-/// Restores the optimizer moments of a checkpoint (its weights load as a model directory)
-/// and returns its state.
-pub fn load_optimizer<B: Backend>(
-    b: &B,
-    dir: &Path,
-    layout: &Weights<TensorSpec>,
-    optimizer: &mut AdamW<B>,
-) -> Result<State> {
-    let state = read_state(dir)?;
-    let restore = |name: &str, into: Vec<&mut B::Buf>| -> Result<()> {
-        for (dst, src) in into.into_iter().zip(read_moments(dir, name, layout)?.iter()) {
-            b.write(dst, src);
+/// AdamW's first and second moments of every tensor, by name.
+pub type Moments = (Weights<Vec<f32>>, Weights<Vec<f32>>);
+
+/// The moments of a replicated run (every space whole), by tensor name.
+pub fn replicated_moments<B: Backend>(b: &B, dp: &DataParallel<B>, flat: &FlatLayout) -> Moments {
+    let whole = |pick: &dyn Fn(&Space<B>) -> &B::Slice| {
+        let mut host = vec![0f32; flat.total];
+        for space in &dp.spaces {
+            host[space.range.clone()].copy_from_slice(&b.read(pick(space)));
         }
-        Ok(())
+        flat.ranges.map(|r| host[r.clone()].to_vec())
     };
-    let (m, v) = optimizer.moments_mut();
-    if crate::zero::has_shards(dir) {
-        // Written by a ZeRO run (stage 1 or 2): the shards cover the flat moments.
-        let total = layout.iter().into_iter().map(|s| s.numel()).sum();
-        let (flat_m, flat_v) = crate::zero::read_shards(dir, "adam_shard", total)?;
-        for (moments, flat) in [(m, flat_m), (v, flat_v)] {
-            let mut at = 0;
-            for (dst, spec) in moments.iter_mut().into_iter().zip(layout.iter()) {
-                b.write(dst, &flat[at..at + spec.numel()]);
-                at += spec.numel();
-            }
-        }
-    } else {
-        restore("adam_m", m.iter_mut())?;
-        restore("adam_v", v.iter_mut())?;
+    (whole(&|s| &s.m), whole(&|s| &s.v))
+}
+
+/// Writes this rank's shard of every space's moments into checkpoint directory `dir` (ZeRO).
+pub fn save_moment_shards<B: Backend>(b: &B, dir: &Path, dp: &DataParallel<B>) -> Result<()> {
+    for space in &dp.spaces {
+        let bytes = |x: &B::Slice| b.read(x).iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+        let (m, v) = (bytes(&space.m), bytes(&space.v));
+        let views = [("m", &m), ("v", &v)].map(|(name, data)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![space.mine.len()], data);
+            view.map(|v| (name.to_string(), v))
+        });
+        let views: Vec<_> = views.into_iter().collect::<std::result::Result<_, _>>()?;
+        let metadata = HashMap::from([
+            ("start".to_string(), (space.mine.start - space.range.start).to_string()),
+            ("total".to_string(), space.range.len().to_string()),
+        ]);
+        let path = dir.join(format!("{}-{}-of-{}.safetensors", space.name, space.comm.rank(), space.comm.size()));
+        safetensors::serialize_to_file(views, Some(metadata), &path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
     }
-    optimizer.hyper.step = state.adam_step;
+    Ok(())
+}
+
+/// Restores every space's moments from checkpoint `dir`, whichever way they were written
+/// (by name, or in the shards of any number of ranks), and returns its state.
+pub fn load_moments<B: Backend>(b: &B, dir: &Path, model: &Model<B>, dp: &mut DataParallel<B>) -> Result<State> {
+    let state = read_state(dir)?;
+    let mut by_name: Option<Vec<Vec<f32>>> = None;
+    for space in &mut dp.spaces {
+        let (m, v) = match shard_files(dir, &space.name)?.is_empty() {
+            false => read_shards(dir, &space.name, space.range.len())?,
+            true => {
+                if by_name.is_none() {
+                    let flatten = |w: Weights<Vec<f32>>| {
+                        let mut host = vec![0f32; model.flat.total];
+                        for (r, t) in model.flat.ranges.iter().into_iter().zip(w.iter()) {
+                            host[r.clone()].copy_from_slice(t);
+                        }
+                        host
+                    };
+                    let (m, v) =
+                        (read_moments(dir, "adam_m", &model.layout)?, read_moments(dir, "adam_v", &model.layout)?);
+                    by_name = Some(vec![flatten(m), flatten(v)]);
+                }
+                let full = by_name.as_ref().expect("read above");
+                (full[0][space.range.clone()].to_vec(), full[1][space.range.clone()].to_vec())
+            }
+        };
+        let mine = space.mine.start - space.range.start..space.mine.end - space.range.start;
+        b.write(&mut space.m, &m[mine.clone()]);
+        b.write(&mut space.v, &v[mine]);
+    }
+    dp.hyper.step = state.adam_step;
     Ok(state)
 }
 
-/// AdamW's first and second moments of every tensor.
-pub type Moments = (Weights<Vec<f32>>, Weights<Vec<f32>>);
-
-/// A replicated run's moments of the tensors of `layout`, for a sharded resume.
-pub fn read_full_moments(dir: &Path, layout: &Weights<TensorSpec>) -> Result<Moments> {
-    Ok((read_moments(dir, "adam_m", layout)?, read_moments(dir, "adam_v", layout)?))
+/// The flat moments of a space (`name`: its shard files) of `total` parameters, assembled
+/// from a checkpoint's shard files.
+fn read_shards(dir: &Path, name: &str, total: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (mut m, mut v) = (vec![0.0; total], vec![0.0; total]);
+    let mut covered = 0;
+    for path in shard_files(dir, name)? {
+        let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let field = |k: &str| -> Result<usize> {
+            meta.metadata()
+                .as_ref()
+                .and_then(|m| m.get(k))
+                .and_then(|s| s.parse().ok())
+                .with_context(|| format!("{}: metadata field `{k}` is missing", path.display()))
+        };
+        let (start, shard_total) = (field("start")?, field("total")?);
+        if shard_total != total {
+            bail!(
+                "{}: moments of {shard_total} parameters, this run's space has {total} (a ZeRO checkpoint of an expert-parallel run resumes with the same `train.ep`)",
+                path.display()
+            );
+        }
+        let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{}", path.display()))?;
+        for (tensor, into) in [("m", &mut m), ("v", &mut v)] {
+            let t = st.tensor(tensor).with_context(|| format!("{}: tensor `{tensor}` is missing", path.display()))?;
+            let values: Vec<f32> =
+                t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            if start + values.len() > total {
+                bail!("{}: tensor `{tensor}` runs past the space's {total} parameters", path.display());
+            }
+            into[start..start + values.len()].copy_from_slice(&values);
+            if tensor == "m" {
+                covered += values.len();
+            }
+        }
+    }
+    if covered != total {
+        bail!("{}: the {name} files cover {covered} of {total} parameters' moments", dir.display());
+    }
+    Ok((m, v))
 }

@@ -21,6 +21,9 @@ pub struct RunConfig {
     /// Reward modelling (`kiln rm`).
     #[serde(default)]
     pub rm: Option<RmSection>,
+    /// Kahneman-Tversky optimisation (`kiln kto`).
+    #[serde(default)]
+    pub kto: Option<KtoSection>,
     /// RL with verifiable rewards (`kiln grpo`).
     #[serde(default)]
     pub grpo: Option<GrpoSection>,
@@ -176,6 +179,33 @@ pub struct RmSection {
     pub margin: f64,
     #[serde(default)]
     pub center_rewards_coefficient: f64,
+}
+
+/// `[kto]`: Kahneman-Tversky optimisation on unpaired completions (TRL's KTOTrainer).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KtoSection {
+    /// `kto`, or `apo_zero_unpaired` (no KL reference point).
+    #[serde(default = "default_kto_loss")]
+    pub loss_type: KtoLoss,
+    #[serde(default = "default_dpo_beta")]
+    pub beta: f64,
+    /// λ_D and λ_U: weights of desirable and undesirable completions' losses.
+    #[serde(default = "one_f64")]
+    pub desirable_weight: f64,
+    #[serde(default = "one_f64")]
+    pub undesirable_weight: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KtoLoss {
+    Kto,
+    ApoZeroUnpaired,
+}
+
+fn default_kto_loss() -> KtoLoss {
+    KtoLoss::Kto
 }
 
 /// `[dpo]`: the preference losses, combined as `Σ weight_k · loss_k` averaged over pairs.
@@ -469,6 +499,13 @@ impl RunConfig {
             }
             if g.rewards.is_empty() {
                 return Err("`grpo.rewards` names no reward function ([[grpo.rewards]] type = \"exact_match\")".into());
+            }
+        }
+        if let Some(k) = &self.kto {
+            if k.beta <= 0.0 || k.desirable_weight < 0.0 || k.undesirable_weight < 0.0 {
+                return Err(
+                    "`kto.beta` must be positive and `kto.desirable_weight`, `undesirable_weight` not negative".into(),
+                );
             }
         }
         if let Some(d) = &self.dpo {

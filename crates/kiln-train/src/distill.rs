@@ -1,7 +1,7 @@
 //! On-policy distillation: the student samples completions of the prompts, the teacher (any
 //! model kiln loads, same tokenizer) scores the same tokens, and the student learns to match
 //! the teacher where it actually goes. The loss, averaged over completion tokens, is the
-//! per-token reverse KL over the full vocabulary,
+//! per-token reverse KL over the full vocabulary (a backend op, `reverse_kl_backward`),
 //!
 //!   KL_t = Σ_v p(v) (log p(v) − log q(v)),   ∂KL_t/∂z_v = p(v) (log p(v) − log q(v) − KL_t)
 //!
@@ -11,17 +11,18 @@
 //! models in chunks of `chunk_rows` rows, so neither model's vocabulary-wide logits are ever
 //! held for the whole step.
 
-use crate::config::RunConfig;
-use crate::grpo::{completion_row, read_prompts};
-use crate::session::{Resume, RunSummary, Session};
-use crate::sft::{check_vocab, load_tokenizer};
+use crate::config::{DistillSection, RunConfig};
+use crate::data::{check_vocab, load_tokenizer};
+use crate::rollout::{completion_row, read_prompts, sample, step_prompts, PromptRow};
+use crate::schedule::Schedule;
+use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::trainer::{train, Recipe, StepPlan};
 use anyhow::{bail, Result};
-use kiln_core::rng::Rng;
 use kiln_core::Backend;
-use kiln_model::generator::{generate, FinishReason, Request};
+use kiln_model::generator::FinishReason;
 use kiln_model::sampler::SamplingParams;
 use kiln_model::{ActivationsPool, Batch, Model};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// Mean reverse KL (per completion token) of a step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -30,138 +31,149 @@ pub struct DistillStats {
     pub completion_length: f64,
 }
 
-fn log_softmax(z: &[f32]) -> Vec<f64> {
-    let max = z.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let lse = max + z.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-    z.iter().map(|&x| x as f64 - lse).collect()
+struct Distill<B: Backend> {
+    d: DistillSection,
+    teacher: Model<B>,
+    prompts: Vec<PromptRow>,
+    stop_ids: Vec<i32>,
+    seq: usize,
+    seed: u64,
+    student_pool: ActivationsPool<B>,
+    teacher_pool: ActivationsPool<B>,
+    /// The step's completions on this rank, and the completions and tokens over all ranks.
+    sequences: Vec<(Vec<i32>, usize)>,
+    completions: usize,
+    tokens: usize,
 }
 
-/// KL(p ‖ q) of one position from the two rows of logits, and ∂KL/∂(student logits).
-pub fn reverse_kl(student: &[f32], teacher: &[f32]) -> (f64, Vec<f64>) {
-    let (log_p, log_q) = (log_softmax(student), log_softmax(teacher));
-    let kl: f64 = log_p.iter().zip(&log_q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum();
-    let grad = log_p.iter().zip(&log_q).map(|(lp, lq)| lp.exp() * (lp - lq - kl)).collect();
-    (kl, grad)
+impl<B: Backend> Recipe<B> for Distill<B> {
+    type Micro = usize;
+    type Tally = ();
+    type Stats = DistillStats;
+
+    fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
+        let (d, step) = (&self.d, s.state.step);
+        let prompts = step_prompts(&self.prompts, self.seed, step, d.prompts_per_step);
+        // Data parallel: each rank samples its own share of the step's prompts.
+        let mine = s.my_share(prompts.len());
+        let params = SamplingParams {
+            temperature: d.temperature,
+            max_new_tokens: d.max_new_tokens,
+            stop_ids: self.stop_ids.clone(),
+            ..Default::default()
+        };
+        let outs = sample(&s.b, &mut s.model, &prompts[mine.clone()], 1, &params, (self.seed ^ step, mine.start));
+        self.sequences = outs
+            .iter()
+            .map(|(p, g)| {
+                let prompt = &prompts[mine.start + p].ids;
+                completion_row(prompt, &g.tokens, g.finish == FinishReason::Stop, &self.stop_ids, self.seq)
+            })
+            .filter(|(ids, p)| ids.len() > *p)
+            .collect();
+        // The step's completions and tokens over all ranks: the loss is their mean.
+        let tokens = self.sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>();
+        let mut counts = [tokens as f64, self.sequences.len() as f64];
+        s.comm.all_reduce_sum_f64(&mut counts, &format!("completion counts at step {}", step + 1))?;
+        (self.tokens, self.completions) = (counts[0] as usize, counts[1] as usize);
+        Ok(StepPlan {
+            micro_batches: (0..self.sequences.len().div_ceil(d.chunk_rows.max(1))).collect(),
+            trainable: self.tokens as u64,
+            tokens: self.tokens as u64,
+            describe: format!("step {step} prompts"),
+        })
+    }
+
+    fn micro_step(&mut self, s: &mut Session<B>, &k: &usize, _: &mut ()) -> Result<f64> {
+        let rows = self.d.chunk_rows.max(1);
+        let chunk = &self.sequences[k * rows..((k + 1) * rows).min(self.sequences.len())];
+        let n = self.tokens.max(1) as f64;
+        let batch = Batch::completions(chunk, self.seq, (1.0 / n) as f32);
+        let (b, acts) = (&s.b, self.student_pool.get(&s.b, chunk.len()));
+        let teacher_acts = self.teacher_pool.get(b, chunk.len());
+        if self.d.estimator == "sampled" {
+            let teacher_nll = self.teacher.nll(b, teacher_acts, &batch);
+            let mut loss = 0.0;
+            let mut weights_of = |nll: &[f32]| -> Vec<f32> {
+                let mut w = vec![0f32; nll.len()];
+                for i in (0..nll.len()).filter(|&i| batch.targets[i] >= 0) {
+                    // log p − log q = nll_teacher − nll_student.
+                    let k1 = (teacher_nll[i] - nll[i]) as f64;
+                    loss += k1 / n;
+                    w[i] = (-k1 / n) as f32;
+                }
+                w
+            };
+            s.model.forward_backward_with(b, acts, &batch, &mut s.dp, &mut weights_of);
+            return Ok(loss);
+        }
+        self.teacher.forward(b, teacher_acts, &batch);
+        Ok(s.model.forward_backward_kl(b, acts, &batch, &mut s.dp, &teacher_acts.logits))
+    }
+
+    fn stats(&self, _: &(), update: &StepUpdate) -> DistillStats {
+        DistillStats { reverse_kl: update.loss, completion_length: self.tokens as f64 / self.completions.max(1) as f64 }
+    }
+
+    fn record(&self, stats: &DistillStats, _: &str) -> Value {
+        json!({"loss": stats.reverse_kl, "reverse_kl": stats.reverse_kl, "completion_length": stats.completion_length})
+    }
+
+    fn message(&self, stats: &DistillStats) -> String {
+        format!("reverse KL {:.4}", stats.reverse_kl)
+    }
+
+    fn evaluate(&mut self, _: &mut Session<B>) -> Result<Option<DistillStats>> {
+        Ok(None)
+    }
 }
 
 /// Runs on-policy distillation as configured by `config.distill`.
-pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<DistillStats>> {
+pub fn run<B: Backend>(
+    rt: Runtime<B>,
+    config: &RunConfig,
+    resume: Option<Resume>,
+    quiet: bool,
+) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
-    let mut session = Session::open(config, resume)?;
-    let b = session.b;
-    let mut teacher = Model::load(&b, &d.teacher)?;
-    if teacher.config.vocab_size != session.model.config.vocab_size {
+    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
+    let teacher = Model::load(&s.b, &d.teacher)?;
+    if teacher.config.vocab_size != s.model.config.vocab_size {
         bail!(
             "{}: the teacher's vocab_size {} differs from the student's {}; distillation needs the same tokenizer",
             d.teacher.display(),
             teacher.config.vocab_size,
-            session.model.config.vocab_size
+            s.model.config.vocab_size
         );
     }
-    let (tokenizer, template) = load_tokenizer(session.model_dir())?;
-    check_vocab(&session.model, &tokenizer, session.model_dir())?;
+    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
+    check_vocab(&s.model, &tokenizer, s.model_dir())?;
     let prompts = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
-    let stop_ids: Vec<i32> = tokenizer.eos_id.map(|e| e as i32).into_iter().collect();
     let t = &config.train;
-    let schedule = crate::schedule::Schedule::for_run(t, (prompts.len() / d.prompts_per_step) as u64);
-    let total_steps = schedule.total_steps;
-    let (seq, vocab) = (config.data.max_seq_len, session.model.config.vocab_size);
-
-    let mut student_acts = ActivationsPool::new(&session.model.config, seq, true, t.recompute);
-    let mut teacher_pool = ActivationsPool::new(&teacher.config, seq, false, false);
-
-    session.start_progress(total_steps, quiet);
-    let (mut last, mut interrupted) = (DistillStats::default(), false);
-    while session.state.step < total_steps {
-        let step = session.state.step;
-        let mut rng = Rng::new(t.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        let requests: Vec<Request> = (0..d.prompts_per_step)
-            .map(|i| Request {
-                prompt: prompts[rng.below(prompts.len())].ids.clone(),
-                params: SamplingParams {
-                    temperature: d.temperature,
-                    max_new_tokens: d.max_new_tokens,
-                    stop_ids: stop_ids.clone(),
-                    seed: (t.seed ^ step).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
-                    ..Default::default()
-                },
-            })
-            .collect();
-        // Data parallel: each rank samples its own share of the step's prompts.
-        let comm = session.comm;
-        let requests = &requests[session.my_share(requests.len())];
-        let outs = generate(&b, &mut session.model, requests, requests.len(), &mut |_, _| false);
-        let sequences: Vec<(Vec<i32>, usize)> = requests
-            .iter()
-            .zip(&outs)
-            .map(|(r, g)| completion_row(&r.prompt, &g.tokens, g.finish == FinishReason::Stop, &stop_ids, seq))
-            .filter(|(ids, p)| ids.len() > *p)
-            .collect();
-        // The step's completions and tokens over all ranks: the loss is their mean.
-        let mut counts = [sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64, sequences.len() as f64];
-        comm.all_reduce_sum_f64(&mut counts, &format!("completion counts at step {}", step + 1))?;
-        let (tokens, completions) = (counts[0] as usize, counts[1] as usize);
-        session.begin_step();
-        let mut kl_sum = 0.0;
-        let idle = session.idle_backwards_needed(sequences.len().div_ceil(d.chunk_rows.max(1)))?;
-        for chunk in sequences.chunks(d.chunk_rows.max(1)) {
-            let batch = Batch::completions(chunk, seq, 0.0);
-            let acts = student_acts.get(&b, chunk.len());
-            let teacher_acts = teacher_pool.get(&b, chunk.len());
-            let positions: Vec<usize> = (0..batch.targets.len()).filter(|&i| batch.targets[i] >= 0).collect();
-            let n = tokens.max(1) as f64;
-            if d.estimator == "sampled" {
-                let teacher_nll = teacher.nll(&b, teacher_acts, &batch);
-                let mut weights_of = |nll: &[f32]| -> Vec<f32> {
-                    let mut w = vec![0f32; nll.len()];
-                    for &i in &positions {
-                        // log p − log q = nll_teacher − nll_student.
-                        let k1 = (teacher_nll[i] - nll[i]) as f64;
-                        kl_sum += k1;
-                        w[i] = (-k1 / n) as f32;
-                    }
-                    w
-                };
-                session.model.forward_backward_with(&b, acts, &batch, &mut session.grads, &mut weights_of);
-            } else {
-                teacher.forward(&b, teacher_acts, &batch);
-                let teacher_logits = b.read(&teacher_acts.logits);
-                let mut dlogits_of = |logits: &[f32]| -> (f64, Vec<f32>) {
-                    let mut dz = vec![0f32; logits.len()];
-                    let mut loss = 0.0;
-                    for &i in &positions {
-                        let row = i * vocab..(i + 1) * vocab;
-                        let (kl, grad) = reverse_kl(&logits[row.clone()], &teacher_logits[row.clone()]);
-                        loss += kl / n;
-                        dz[row].iter_mut().zip(grad).for_each(|(g, v)| *g = (v / n) as f32);
-                    }
-                    kl_sum += loss * n;
-                    (loss, dz)
-                };
-                session.model.forward_backward_logits(&b, acts, &batch, &mut session.grads, &mut dlogits_of);
-            }
-        }
-        session.idle_backwards(idle);
-        // This rank's share of the step's mean; `update` sums the shares.
-        let update = session.update(kl_sum / tokens.max(1) as f64, &schedule, || format!("step {step} prompts"))?;
-        let kl = update.loss;
-        let stats = DistillStats { reverse_kl: kl, completion_length: tokens as f64 / completions.max(1) as f64 };
-        last = stats;
-        let fields = json!({"loss": kl, "reverse_kl": kl, "completion_length": stats.completion_length});
-        session.log_step(fields, tokens as u64, tokens as u64, &update, &format!("reverse KL {kl:.4}"))?;
-        interrupted = session.checkpoint_if_due(total_steps)?;
-        if interrupted {
-            break;
-        }
-    }
-    session.summary("kiln distill", last, (None, None), interrupted)
+    let schedule = Schedule::for_run(t, (prompts.len() / d.prompts_per_step) as u64);
+    let seq = config.data.max_seq_len;
+    let mut recipe = Distill {
+        student_pool: ActivationsPool::new(&s.model.config, seq, true, t.recompute),
+        teacher_pool: ActivationsPool::new(&teacher.config, seq, false, false),
+        stop_ids: tokenizer.eos_id.map(|e| e as i32).into_iter().collect(),
+        d,
+        teacher,
+        prompts,
+        seq,
+        seed: t.seed,
+        sequences: Vec::new(),
+        completions: 0,
+        tokens: 0,
+    };
+    train(&mut s, &mut recipe, &schedule, "kiln distill", quiet)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use kiln_core::{Backend, Cpu};
     use safetensors::SafeTensors;
 
+    /// The backend's fused reverse KL against torch autograd.
     #[test]
     fn reverse_kl_matches_torch() {
         let bytes =
@@ -177,15 +189,13 @@ mod tests {
         let (student, teacher, want_grad) = (f32s("student"), f32s("teacher"), f64s("dstudent"));
         let vocab = 11;
         let tokens = student.len() / vocab;
-        let mut loss = 0.0;
-        for t in 0..tokens {
-            let row = t * vocab..(t + 1) * vocab;
-            let (kl, grad) = reverse_kl(&student[row.clone()], &teacher[row.clone()]);
-            loss += kl / tokens as f64;
-            for (g, w) in grad.iter().zip(&want_grad[row]) {
-                let g = g / tokens as f64;
-                assert!((g - w).abs() < 1e-6, "dKL/dz: kiln {g}, torch {w}");
-            }
+        // The loss is the mean over tokens: each token's weight is 1 / tokens.
+        let weights = vec![1.0 / tokens as f32; tokens];
+        let (b, mut grad, mut kl) = (Cpu, student.clone(), vec![0.0; tokens]);
+        b.reverse_kl_backward(&mut grad, &mut kl, &teacher, &weights, vocab);
+        let loss: f64 = kl.iter().map(|&k| k as f64 / tokens as f64).sum();
+        for (g, w) in grad.iter().zip(&want_grad) {
+            assert!((*g as f64 - w).abs() < 1e-6, "dKL/dz: kiln {g}, torch {w}");
         }
         let want = f64s("loss")[0];
         assert!((loss - want).abs() < 1e-6, "KL: kiln {loss}, torch {want}");

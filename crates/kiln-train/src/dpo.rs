@@ -5,32 +5,26 @@
 //! log-probs come from the forward's per-token nll; the loss of every pair then fixes each
 //! token's weight, ∂loss/∂nll_t = −∂loss/∂logp(sequence), and the backward runs with those
 //! weights (`Model::forward_backward_with`). The reference model's log-probs are computed
-//! once, before training, and cached in the output directory (`reference_logps.json`), so
-//! no second model is in memory while training; reference-free losses skip it.
+//! once before training and cached (`preference::reference_logps`); reference-free losses skip
+//! it.
 
 use crate::config::{DpoSection, RunConfig};
-use crate::loader::{
-    build_batch, describe_rows, pack_pairs, real_tokens, sequence_spans, trainable_targets, DataOrder, PackedRow,
-};
+use crate::data::{check_vocab, load_tokenizer};
+use crate::loader::{build_batch, describe_rows, real_tokens, trainable_targets, DataOrder, PackedRow};
+use crate::preference::{micro_batch_logps, preference_splits, reference_logps, sequence_logps_on_ranks, Split};
 use crate::preference_loss::{pair_loss, LossKind, LossParams, PairLogps};
 use crate::schedule::Schedule;
-use crate::session::{merge, with_step, Resume, RunSummary, Session};
-use crate::sft::{check_bad_rows, check_vocab, load_tokenizer};
-use anyhow::{bail, Context, Result};
-use kiln_core::{Backend, Cpu};
-use kiln_data::example::{Encoder, Example};
-use kiln_data::preference::{read_preference_rows, PreferencePair};
-use kiln_model::{Activations, Model};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::trainer::{train, Recipe, StepPlan, Tally};
+use anyhow::{bail, Result};
+use kiln_core::Backend;
+use kiln_model::{ActivationsPool, Model};
+use serde_json::{json, Value};
 
 /// Means over pairs of the loss and the rewards of the first listed loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PairStats {
-    pub pairs: usize,
+    pub pairs: f64,
     pub loss: f64,
     pub reward_chosen: f64,
     pub reward_rejected: f64,
@@ -45,12 +39,12 @@ pub struct PairStats {
 }
 
 impl PairStats {
-    fn margin(&self) -> f64 {
+    pub fn margin(&self) -> f64 {
         self.reward_chosen - self.reward_rejected
     }
 
     fn add(&mut self, loss: f64, reward: (f64, f64), logps: (f64, f64)) {
-        self.pairs += 1;
+        self.pairs += 1.0;
         self.loss += loss;
         self.reward_chosen += reward.0;
         self.reward_rejected += reward.1;
@@ -60,35 +54,9 @@ impl PairStats {
         self.logps_rejected += logps.1;
     }
 
-    /// The sums of every rank of a data-parallel run.
-    fn sum_over_ranks(self, comm: &dyn kiln_dist::Comm, what: &str) -> Result<Self> {
-        let mut v = [
-            self.pairs as f64,
-            self.loss,
-            self.reward_chosen,
-            self.reward_rejected,
-            self.accuracy,
-            self.prefers_chosen,
-            self.logps_chosen,
-            self.logps_rejected,
-        ];
-        comm.all_reduce_sum_f64(&mut v, what)?;
-        let [pairs, loss, reward_chosen, reward_rejected, accuracy, prefers_chosen, logps_chosen, logps_rejected] = v;
-        Ok(Self {
-            pairs: pairs.round() as usize,
-            loss,
-            reward_chosen,
-            reward_rejected,
-            accuracy,
-            prefers_chosen,
-            logps_chosen,
-            logps_rejected,
-        })
-    }
-
     /// Sums to means.
-    fn mean(mut self) -> Self {
-        let n = self.pairs.max(1) as f64;
+    pub fn mean(mut self) -> Self {
+        let n = self.pairs.max(1.0);
         for v in [
             &mut self.loss,
             &mut self.reward_chosen,
@@ -103,7 +71,7 @@ impl PairStats {
         self
     }
 
-    fn record(&self, prefix: &str) -> serde_json::Value {
+    pub fn record(&self, prefix: &str) -> Value {
         json!({
             format!("{prefix}loss"): self.loss,
             format!("{prefix}rewards/chosen"): self.reward_chosen,
@@ -114,6 +82,21 @@ impl PairStats {
             format!("{prefix}logps/chosen"): self.logps_chosen,
             format!("{prefix}logps/rejected"): self.logps_rejected,
         })
+    }
+}
+
+impl Tally for PairStats {
+    fn sums(&mut self) -> Vec<&mut f64> {
+        vec![
+            &mut self.pairs,
+            &mut self.loss,
+            &mut self.reward_chosen,
+            &mut self.reward_rejected,
+            &mut self.accuracy,
+            &mut self.prefers_chosen,
+            &mut self.logps_chosen,
+            &mut self.logps_rejected,
+        ]
     }
 }
 
@@ -156,104 +139,6 @@ impl Objective {
     }
 }
 
-/// The pairs of one split as examples: `2k` prompt + chosen, `2k + 1` prompt + rejected,
-/// trainable on the answers.
-fn encode_pairs(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64, split: &str) -> Result<Vec<Example>> {
-    let (mut pairs, mut bad) = (Vec::new(), Vec::new());
-    for f in files {
-        for row in read_preference_rows(f)? {
-            match row.and_then(|r| encoder.encode_pair(&r)) {
-                Ok(p) => pairs.push(p),
-                Err(e) => bad.push(e),
-            }
-        }
-    }
-    check_bad_rows(split, files, pairs.len(), &bad, max_bad_fraction)?;
-    let example = |p: &PreferencePair, answer: &[u32]| Example {
-        ids: [p.prompt.as_slice(), answer].concat(),
-        trainable: (0..p.prompt.len() + answer.len()).map(|t| t >= p.prompt.len()).collect(),
-        location: p.location.clone(),
-    };
-    Ok(pairs.iter().flat_map(|p| [example(p, &p.chosen), example(p, &p.rejected)]).collect())
-}
-
-/// The run's train and eval pairs, tokenized and packed (`Split`s; eval may be empty).
-pub(crate) fn preference_splits(
-    config: &RunConfig,
-    tokenizer: &kiln_data::Tokenizer,
-    template: Option<&kiln_data::ChatTemplate>,
-) -> Result<(Split, Split)> {
-    let d = &config.data;
-    let encoder = Encoder { tokenizer, template, max_seq_len: d.max_seq_len, policy: d.length_policy };
-    let (rows, seq) = (config.rows(), d.max_seq_len);
-    let train = Split::new(encode_pairs(&d.train, &encoder, d.max_bad_fraction, "train")?, rows, seq, "train")?;
-    let eval =
-        if d.eval.is_empty() { Vec::new() } else { encode_pairs(&d.eval, &encoder, d.max_bad_fraction, "eval")? };
-    Ok((train, Split::new(eval, rows, seq, "eval")?))
-}
-
-/// Summed log-prob and length of every example's trainable tokens in one micro-batch, from
-/// the per-token nll of its `build_batch` layout.
-fn micro_batch_logps(
-    nll: &[f32],
-    targets: &[i32],
-    mb: &[PackedRow],
-    examples: &[Example],
-    seq: usize,
-) -> HashMap<usize, (f64, usize, usize)> {
-    sequence_spans(mb, examples, seq)
-        .into_iter()
-        .map(|(i, start)| {
-            let span = start..start + examples[i].ids.len();
-            let (mut logp, mut n) = (0.0, 0);
-            for t in span.filter(|&t| targets[t] >= 0) {
-                logp -= nll[t] as f64;
-                n += 1;
-            }
-            (i, (logp, n, start))
-        })
-        .collect()
-}
-
-/// Summed completion log-probs of every example under `model` (no gradients).
-fn sequence_logps<B: Backend>(
-    b: &B,
-    model: &mut Model<B>,
-    acts: &mut Activations<B>,
-    examples: &[Example],
-    micro_batches: &[Vec<PackedRow>],
-) -> Vec<f64> {
-    let mut out = vec![0.0; examples.len()];
-    for mb in micro_batches {
-        let batch = build_batch(examples, mb, acts.rows, acts.seq, 1.0);
-        let nll = model.nll(b, acts, &batch);
-        for (i, (logp, _, _)) in micro_batch_logps(&nll, &batch.targets, mb, examples, acts.seq) {
-            out[i] = logp;
-        }
-    }
-    out
-}
-
-/// `sequence_logps` of this rank's share of the micro-batches (`share`: its range, and the
-/// idle passes it serves after them under expert parallel), summed over the ranks: each
-/// example is computed by one rank, so the sum is exact and every rank gets every log-prob.
-#[allow(clippy::too_many_arguments)]
-fn sequence_logps_on_ranks(
-    b: &Cpu,
-    comm: &dyn kiln_dist::Comm,
-    (mine, idle): (std::ops::Range<usize>, usize),
-    model: &mut Model<Cpu>,
-    acts: &mut Activations<Cpu>,
-    examples: &[Example],
-    micro_batches: &[Vec<PackedRow>],
-    what: &str,
-) -> Result<Vec<f64>> {
-    let mut logps = sequence_logps(b, model, acts, examples, &micro_batches[mine]);
-    (0..idle).for_each(|_| model.serve_experts_forward(b));
-    comm.all_reduce_sum_f64(&mut logps, what)?;
-    Ok(logps)
-}
-
 /// What token weights depend on beyond the micro-batch: pairs and chosen answer tokens in
 /// the whole step (the loss is a mean over pairs; ORPO's SFT term a mean over tokens).
 #[derive(Clone, Copy)]
@@ -288,7 +173,7 @@ fn token_weights(
     let mut chosen: Vec<usize> = logps.keys().copied().filter(|i| i % 2 == 0).collect();
     chosen.sort_unstable();
     for i in chosen {
-        let x = split.pair_logps(i / 2, logps[&i].0, logps[&(i + 1)].0);
+        let x = pair_logps(split, i / 2, logps[&i].0, logps[&(i + 1)].0);
         let (loss, dc, dr, rewards) = objective.pair(&x);
         // ORPO's SFT term, the mean nll of chosen tokens, enters as a per-pair share.
         let sft = orpo * -x.chosen / chosen_tokens * pairs;
@@ -299,240 +184,134 @@ fn token_weights(
     w
 }
 
-/// Losses and rewards of every pair of a split, with the policy's log-probs (the split's
-/// micro-batches shared out over the ranks).
-fn evaluate_pairs(
-    session: &mut Session,
-    acts: &mut Activations<Cpu>,
-    split: &Split,
-    objective: &Objective,
-) -> Result<PairStats> {
-    let share = session.forward_share(split.micro_batches.len())?;
-    let what = format!("eval log-probs at step {}", session.state.step);
-    let (b, comm) = (session.b, session.comm);
-    let logps = sequence_logps_on_ranks(
-        &b,
-        comm,
-        share,
-        &mut session.model,
-        acts,
-        &split.examples,
-        &split.micro_batches,
-        &what,
-    )?;
+/// A pair's log-probs under the policy (`chosen`, `rejected`) and the reference.
+fn pair_logps(split: &Split, k: usize, chosen: f64, rejected: f64) -> PairLogps {
+    let (c, r) = (&split.examples[2 * k], &split.examples[2 * k + 1]);
+    PairLogps {
+        chosen,
+        rejected,
+        chosen_len: c.trainable_targets(),
+        rejected_len: r.trainable_targets(),
+        reference: split.reference.as_ref().map(|rf| (rf[2 * k], rf[2 * k + 1])),
+    }
+}
+
+/// The mean loss and rewards over a split's pairs from every sequence's log-prob.
+fn split_stats(split: &Split, objective: &Objective, logps: &[f64]) -> PairStats {
     let pairs = split.examples.len() / 2;
     let chosen_tokens: usize = (0..pairs).map(|k| split.examples[2 * k].trainable_targets()).sum();
     let mut stats = PairStats::default();
     for k in 0..pairs {
-        let x = split.pair_logps(k, logps[2 * k], logps[2 * k + 1]);
+        let x = pair_logps(split, k, logps[2 * k], logps[2 * k + 1]);
         let (loss, _, _, rewards) = objective.pair(&x);
         // ORPO's SFT term as in training: the mean nll of chosen tokens, shared out per pair.
         let sft = objective.orpo_nll_weight() * -x.chosen / chosen_tokens.max(1) as f64 * pairs as f64;
         stats.add(loss + sft, rewards, (x.chosen, x.rejected));
     }
-    Ok(stats.mean())
+    stats.mean()
 }
 
-/// A split's examples, packing and reference log-probs.
-pub(crate) struct Split {
-    pub(crate) examples: Vec<Example>,
-    pub(crate) micro_batches: Vec<Vec<PackedRow>>,
-    reference: Option<Vec<f64>>,
+struct Dpo<B: Backend> {
+    train: Split,
+    eval: Split,
+    order: DataOrder,
+    objective: Objective,
+    pool: ActivationsPool<B>,
+    /// The step being taken.
+    step: StepShape,
+    weight: f32,
 }
 
-impl Split {
-    pub(crate) fn new(examples: Vec<Example>, rows: usize, seq: usize, name: &str) -> Result<Self> {
-        let micro_batches = pack_pairs(&examples, rows, seq).with_context(|| {
-            format!("{name} data: a pair does not fit one micro-batch of {rows} rows of {seq} tokens; raise train.batch_tokens")
-        })?;
-        Ok(Self { examples, micro_batches, reference: None })
+impl<B: Backend> Recipe<B> for Dpo<B> {
+    type Micro = usize;
+    type Tally = PairStats;
+    type Stats = PairStats;
+
+    fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
+        let step = self.order.step(s.state.step);
+        let examples = &self.train.examples;
+        let micro_batches = || step.iter().map(|&i| &self.order.micro_batches[i]);
+        let sequences: Vec<usize> = micro_batches().flat_map(|mb| mb.iter().flatten().copied()).collect();
+        let chosen_tokens = sequences.iter().filter(|&&i| i % 2 == 0).map(|&i| examples[i].trainable_targets()).sum();
+        let trainable: usize = micro_batches().map(|mb| trainable_targets(examples, mb)).sum();
+        self.step = StepShape { pairs: sequences.len() / 2, chosen_tokens, seq: self.step.seq };
+        // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
+        self.weight = 1.0 / trainable.max(1) as f32;
+        Ok(StepPlan {
+            trainable: trainable as u64,
+            tokens: micro_batches().map(|mb| real_tokens(examples, mb)).sum::<usize>() as u64,
+            describe: describe_rows(examples, micro_batches()),
+            micro_batches: step[s.my_share(step.len())].to_vec(),
+        })
     }
 
-    fn pair_logps(&self, k: usize, chosen: f64, rejected: f64) -> PairLogps {
-        let (c, r) = (&self.examples[2 * k], &self.examples[2 * k + 1]);
-        PairLogps {
-            chosen,
-            rejected,
-            chosen_len: c.trainable_targets(),
-            rejected_len: r.trainable_targets(),
-            reference: self.reference.as_ref().map(|rf| (rf[2 * k], rf[2 * k + 1])),
+    fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, tally: &mut PairStats) -> Result<f64> {
+        let mb = &self.order.micro_batches[i];
+        let acts = self.pool.get(&s.b, self.train.rows);
+        let batch = build_batch(&self.train.examples, mb, acts.rows, acts.seq, self.weight);
+        let before = tally.loss;
+        let (split, objective, step) = (&self.train, &self.objective, self.step);
+        let mut weights_of = |nll: &[f32]| token_weights(nll, &batch.targets, mb, split, objective, step, tally);
+        s.model.forward_backward_with(&s.b, acts, &batch, &mut s.dp, &mut weights_of);
+        // This micro-batch's share of the step's mean loss.
+        Ok((tally.loss - before) / self.step.pairs.max(1) as f64)
+    }
+
+    fn stats(&self, tally: &PairStats, _: &StepUpdate) -> PairStats {
+        tally.mean()
+    }
+
+    fn record(&self, stats: &PairStats, prefix: &str) -> Value {
+        stats.record(prefix)
+    }
+
+    fn message(&self, stats: &PairStats) -> String {
+        format!("loss {:.4} reward accuracy {:.3} margin {:.3}", stats.loss, stats.accuracy, stats.margin())
+    }
+
+    fn evaluate(&mut self, s: &mut Session<B>) -> Result<Option<PairStats>> {
+        if self.eval.examples.is_empty() {
+            return Ok(None);
         }
+        let what = format!("eval log-probs at step {}", s.state.step);
+        let logps = sequence_logps_on_ranks(s, None, &mut self.pool, &self.eval, &what)?;
+        Ok(Some(split_stats(&self.eval, &self.objective, &logps)))
     }
-}
-
-/// Reference log-probs as cached on disk, tied to the model and data they were computed on.
-#[derive(Serialize, Deserialize)]
-struct ReferenceCache {
-    fingerprint: String,
-    train: Vec<f64>,
-    eval: Vec<f64>,
-}
-
-/// FNV-1a over the reference model's path and every example's tokens and mask.
-fn fingerprint(model: &Path, splits: &[&Split]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &byte in bytes {
-            h = (h ^ byte as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
-    eat(model.display().to_string().as_bytes());
-    for split in splits {
-        for e in &split.examples {
-            e.ids.iter().for_each(|id| eat(&id.to_le_bytes()));
-            eat(&e.trainable.iter().map(|&t| t as u8).collect::<Vec<_>>());
-            eat(b"|");
-        }
-    }
-    format!("{h:016x}")
-}
-
-/// Fills in the reference log-probs of both splits: from the cache when it matches, else
-/// computed with `reference` (the starting model) and cached.
-fn reference_logps(
-    session: &mut Session,
-    config: &RunConfig,
-    acts: &mut Activations<kiln_core::Cpu>,
-    train: &mut Split,
-    eval: &mut Split,
-) -> Result<()> {
-    let path = session.out_path("reference_logps.json");
-    let fp = fingerprint(&config.model.path, &[train, eval]);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Ok(cache) = serde_json::from_str::<ReferenceCache>(&text) {
-            if cache.fingerprint == fp {
-                train.reference = Some(cache.train);
-                eval.reference = Some(cache.eval);
-                return Ok(());
-            }
-        }
-    }
-    let (b, comm) = (session.b, session.comm);
-    let started = Instant::now();
-    let shares = (session.forward_share(train.micro_batches.len())?, session.forward_share(eval.micro_batches.len())?);
-    // The reference is the model the run started from, which a resumed run no longer holds.
-    let mut fresh;
-    let model = if session.resumed {
-        fresh = Model::load_with(&b, &config.model.path, session.model.expert_parallel().cloned())?;
-        &mut fresh
-    } else {
-        &mut session.model
-    };
-    let (train_mb, eval_mb) = (&train.micro_batches, &eval.micro_batches);
-    let what = "reference log-probs";
-    let train_ref = sequence_logps_on_ranks(&b, comm, shares.0, model, acts, &train.examples, train_mb, what)?;
-    let eval_ref = sequence_logps_on_ranks(&b, comm, shares.1, model, acts, &eval.examples, eval_mb, what)?;
-    let cache = ReferenceCache { fingerprint: fp, train: train_ref, eval: eval_ref };
-    if session.comm.is_root() {
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_string(&cache)?)
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    }
-    eprintln!(
-        "reference log-probs of {} sequences computed in {:.1} s, cached in {}",
-        cache.train.len() + cache.eval.len(),
-        started.elapsed().as_secs_f64(),
-        path.display()
-    );
-    train.reference = Some(cache.train);
-    eval.reference = Some(cache.eval);
-    Ok(())
 }
 
 /// Runs preference optimisation as configured by `config.dpo`; `quiet` hides the progress bar.
-pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<PairStats>> {
+pub fn run<B: Backend>(
+    rt: Runtime<B>,
+    config: &RunConfig,
+    resume: Option<Resume>,
+    quiet: bool,
+) -> Result<RunSummary<PairStats>> {
     let Some(dpo) = &config.dpo else { bail!("the run configuration has no [dpo] section") };
     let objective = Objective::new(dpo);
-    let mut session = Session::open(config, resume)?;
-    let (tokenizer, template) = load_tokenizer(session.model_dir())?;
-    check_vocab(&session.model, &tokenizer, session.model_dir())?;
-    let (mut train, mut eval) = preference_splits(config, &tokenizer, template.as_ref())?;
-    let (rows, seq) = (config.rows(), config.data.max_seq_len);
-
-    let b = session.b;
+    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
+    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
+    check_vocab(&s.model, &tokenizer, s.model_dir())?;
+    let (mut train_split, mut eval) = preference_splits(config, &tokenizer, template.as_ref())?;
     let t = &config.train;
-    let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
+    let seq = config.data.max_seq_len;
+    let mut pool = ActivationsPool::new(&s.model.config, seq, true, t.recompute);
     if objective.needs_reference() {
-        reference_logps(&mut session, config, &mut acts, &mut train, &mut eval)?;
+        reference_logps(&mut s, config, &mut pool, vec![&mut train_split, &mut eval])?;
     }
     // Data parallel: `grad_accum` micro-batches per rank, each rank its own share of a step.
-    let comm = session.comm;
-    let order = DataOrder::from_micro_batches(train.micro_batches.clone(), session.step_micro_batches(), t.seed);
+    let order = DataOrder::from_micro_batches(train_split.micro_batches.clone(), s.step_micro_batches(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
-    let total_steps = schedule.total_steps;
-
-    session.start_progress(total_steps, quiet);
-    let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (PairStats::default(), None, None, false);
-    let has_eval = !eval.examples.is_empty();
-    if session.state.step == 0 && has_eval {
-        let s = evaluate_pairs(&mut session, &mut acts, &eval, &objective)?;
-        session.metrics.write(&with_step(0, s.record("eval_")))?;
-        eval_before = Some(s);
-    }
-    while session.state.step < total_steps {
-        let micro_batches = order.step(session.state.step);
-        let pairs: usize = micro_batches.iter().map(|mb| mb.iter().map(Vec::len).sum::<usize>()).sum::<usize>() / 2;
-        let chosen_tokens: usize = micro_batches
-            .iter()
-            .flat_map(|mb| mb.iter().flatten())
-            .filter(|&&i| i % 2 == 0)
-            .map(|&i| train.examples[i].trainable_targets())
-            .sum();
-        let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train.examples, mb)).sum();
-        let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train.examples, mb)).sum();
-        session.begin_step();
-        let mut stats = PairStats::default();
-        let mine = session.my_share(micro_batches.len());
-        let idle = session.idle_backwards_needed(mine.len())?;
-        for mb in &micro_batches[mine] {
-            // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
-            let batch = build_batch(&train.examples, mb, rows, seq, 1.0 / count.max(1) as f32);
-            let step = StepShape { pairs, chosen_tokens, seq };
-            let mut weights_of =
-                |nll: &[f32]| token_weights(nll, &batch.targets, mb, &train, &objective, step, &mut stats);
-            session.model.forward_backward_with(&b, &mut acts, &batch, &mut session.grads, &mut weights_of);
-        }
-        session.idle_backwards(idle);
-        // This rank's share of the step's mean loss; `update` sums the shares.
-        let share = stats.loss / pairs.max(1) as f64;
-        let stats = stats.sum_over_ranks(comm, &format!("pair statistics at step {}", session.state.step + 1))?.mean();
-        let update = session.update(share, &schedule, || describe_rows(&train.examples, &micro_batches))?;
-        last = stats;
-        let mut fields = stats.record("");
-        merge(&mut fields, &json!({"pairs": pairs}));
-        session.log_step(
-            fields,
-            count as u64,
-            real_tokens as u64,
-            &update,
-            &format!("loss {:.4} acc {:.2} margin {:.3}", stats.loss, stats.accuracy, stats.margin()),
-        )?;
-
-        let step = session.state.step;
-        if has_eval && session.eval_due(total_steps) {
-            let s = evaluate_pairs(&mut session, &mut acts, &eval, &objective)?;
-            session.metrics.write(&with_step(step, s.record("eval_")))?;
-            session.bar.println(format!(
-                "step {step}: eval loss {:.4}, reward accuracy {:.3}, margin {:.3}",
-                s.loss,
-                s.accuracy,
-                s.margin()
-            ));
-            eval_stats = Some(s);
-        }
-        interrupted = session.checkpoint_if_due(total_steps)?;
-        if interrupted {
-            break;
-        }
-    }
-    session.summary("kiln dpo", last, (eval_before, eval_stats), interrupted)
+    let step = StepShape { pairs: 0, chosen_tokens: 0, seq };
+    let mut recipe = Dpo { train: train_split, eval, order, objective, pool, step, weight: 0.0 };
+    train(&mut s, &mut recipe, &schedule, "kiln dpo", quiet)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::preference::sequence_logps;
     use kiln_core::Cpu;
+    use kiln_data::example::Example;
     use kiln_model::Config;
 
     const TINY: &str = r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
@@ -548,13 +327,13 @@ mod tests {
     }
 
     /// The objective's value over the whole split, from sequence log-probs alone.
-    fn objective_value(model: &mut Model<Cpu>, acts: &mut Activations<Cpu>, split: &Split, o: &Objective) -> f64 {
-        let logps = sequence_logps(&Cpu, model, acts, &split.examples, &split.micro_batches);
+    fn objective_value(model: &mut Model<Cpu>, pool: &mut ActivationsPool<Cpu>, split: &Split, o: &Objective) -> f64 {
+        let logps = sequence_logps(&Cpu, model, (pool, split.rows), &split.examples, &split.micro_batches);
         let pairs = split.examples.len() / 2;
         let chosen_tokens: usize = (0..pairs).map(|k| split.examples[2 * k].trainable_targets()).sum();
         (0..pairs)
             .map(|k| {
-                let x = split.pair_logps(k, logps[2 * k], logps[2 * k + 1]);
+                let x = pair_logps(split, k, logps[2 * k], logps[2 * k + 1]);
                 o.pair(&x).0 / pairs as f64 + o.orpo_nll_weight() * -x.chosen / chosen_tokens as f64
             })
             .sum()
@@ -586,15 +365,15 @@ mod tests {
                 simpo_gamma: 0.3,
             };
             let objective = Objective::new(&section);
-            let mut split = Split::new(examples.clone(), rows, seq, "test").unwrap();
+            let mut split = Split::pairs(examples.clone(), rows, seq, "test").unwrap();
             let cfg = Config::parse(TINY).unwrap();
-            let mut acts = Activations::new(&Cpu, &cfg, rows, seq, true, false);
+            let mut pool = ActivationsPool::new(&cfg, seq, true, false);
             let mut reference = Model::random(&Cpu, cfg.clone(), 8);
             split.reference =
-                Some(sequence_logps(&Cpu, &mut reference, &mut acts, &split.examples, &split.micro_batches));
+                Some(sequence_logps(&Cpu, &mut reference, (&mut pool, rows), &split.examples, &split.micro_batches));
             let mut model = Model::random(&Cpu, cfg, 7);
 
-            let mut grads = model.zeros_like_params(&Cpu);
+            let mut grads = model.grads(&Cpu);
             let chosen_tokens = (0..3).map(|k| split.examples[2 * k].trainable_targets()).sum();
             let step = StepShape { pairs: 3, chosen_tokens, seq };
             let mut stats = PairStats::default();
@@ -602,23 +381,21 @@ mod tests {
                 let batch = build_batch(&split.examples, mb, rows, seq, 0.0);
                 let mut weights_of =
                     |nll: &[f32]| token_weights(nll, &batch.targets, mb, &split, &objective, step, &mut stats);
-                model.forward_backward_with(&Cpu, &mut acts, &batch, &mut grads, &mut weights_of);
+                model.forward_backward_with(&Cpu, pool.get(&Cpu, rows), &batch, &mut grads, &mut weights_of);
             }
-            let value = objective_value(&mut model, &mut acts, &split, &objective);
+            let value = objective_value(&mut model, &mut pool, &split, &objective);
             assert!((stats.mean().loss - value).abs() < 1e-5, "{losses:?}: step loss {} vs {value}", stats.mean().loss);
 
             let h = 1e-2f32;
             for (tensor, i) in [(0usize, 17usize), (0, 90), (2, 5), (5, 40), (9, 3)] {
-                let at = |delta: f32, model: &mut Model<Cpu>| {
-                    model.params.iter_mut()[tensor][i] += delta;
-                };
-                at(h, &mut model);
-                let up = objective_value(&mut model, &mut acts, &split, &objective);
-                at(-2.0 * h, &mut model);
-                let down = objective_value(&mut model, &mut acts, &split, &objective);
-                at(h, &mut model);
+                let at = model.flat.ranges.iter()[tensor].start + i;
+                model.params[at] += h;
+                let up = objective_value(&mut model, &mut pool, &split, &objective);
+                model.params[at] -= 2.0 * h;
+                let down = objective_value(&mut model, &mut pool, &split, &objective);
+                model.params[at] += h;
                 let numeric = (up - down) / (2.0 * h as f64);
-                let analytic = grads.iter()[tensor][i] as f64;
+                let analytic = grads.flat[at] as f64;
                 assert!(
                     (analytic - numeric).abs() < 2e-4 + 0.02 * numeric.abs(),
                     "{losses:?} tensor {tensor}[{i}]: analytic {analytic}, numeric {numeric}"

@@ -6,36 +6,28 @@
 //! step is one optimizer update on the current rollout, in micro-batches of `micro_batch`
 //! completions: a forward gives every completion token's log-prob, the clipped objective
 //! (normalised over the whole step) sets each token's weight ∂L/∂nll_t = −∂L/∂logp_t, and the
-//! backward runs with them. The log-probs of the sampling policy (for the ratio) are those of
-//! the rollout's first step, taken with the training forward on the training batch itself,
-//! so rollout and training never disagree on them. A run resumed between two steps of one
-//! rollout starts a new rollout.
+//! backward runs with them. As in TRL, the sampling policy's log-probs (for the ratio) are the
+//! current ones, detached, when each rollout trains one step, and otherwise are taken at
+//! rollout time by `generator::training_logprobs`, the training forward itself, as are the
+//! frozen reference's (β > 0). A run resumed between two steps of one rollout starts a new
+//! rollout.
 
-use crate::config::{GrpoSection, RewardSpec, RunConfig};
-use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLossParams};
-use crate::rewards::{Reward, RewardFn, Sample};
-use crate::session::{merge, with_step, Resume, RunSummary, Session};
-use crate::sft::{check_vocab, load_tokenizer};
-use anyhow::{bail, Context, Result};
-use kiln_core::rng::Rng;
-use kiln_core::Cpu;
-use kiln_data::rows::read_records;
-use kiln_data::{ChatTemplate, Message, Tokenizer};
-use kiln_model::generator::{generate, FinishReason, Generation, Request};
+use crate::config::{GrpoSection, RunConfig};
+use crate::data::{check_vocab, load_tokenizer};
+use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLoss, PolicyLossParams};
+use crate::rewards::{build_rewards, Reward};
+use crate::rollout::{completion_row, decode_all, read_prompts, sample, score, step_prompts, PromptRow};
+use crate::schedule::Schedule;
+use crate::session::{merge, Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::trainer::{train, Recipe, StepPlan, Tally};
+use anyhow::{bail, Result};
+use kiln_core::Backend;
+use kiln_data::Tokenizer;
+use kiln_model::generator::{training_logprobs, FinishReason};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::{ActivationsPool, Batch, Model};
-use regex::Regex;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
-
-/// A prompt and its reference answer.
-#[derive(Clone, Debug)]
-pub struct PromptRow {
-    pub ids: Vec<i32>,
-    pub text: String,
-    pub answer: Option<String>,
-    pub location: String,
-}
+use std::time::Instant;
 
 /// Statistics of a step or an evaluation.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -45,191 +37,59 @@ pub struct GrpoStats {
     /// for `exact_match`).
     pub solved: f64,
     pub completion_length: f64,
+    /// Of a step: its loss, the KL to the reference and the clipped fractions, per token.
+    pub loss: f64,
+    pub kl: f64,
+    pub clipped_low: f64,
+    pub clipped_high: f64,
 }
 
-/// Reads prompt rows: `{"prompt": "..."}` or `{"messages": [...]}` (rendered with the
-/// generation prompt), with an optional `"answer"`.
-pub fn read_prompts(
-    files: &[std::path::PathBuf],
-    tokenizer: &Tokenizer,
-    template: Option<&ChatTemplate>,
-) -> Result<Vec<PromptRow>> {
-    let mut out = Vec::new();
-    for f in files {
-        for record in read_records(f)? {
-            let (location, value) = record?;
-            let answer = match value.get("answer") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(v) => Some(v.to_string()),
-            };
-            let text = match (value.get("messages"), value.get("prompt")) {
-                (Some(m), _) => {
-                    let messages: Vec<Message> = serde_json::from_value(m.clone()).with_context(|| {
-                        format!("{location}: field `messages`: expected [{{\"role\", \"content\"}}, ..]")
-                    })?;
-                    let template = template
-                        .with_context(|| format!("{location}: a chat prompt needs the model's chat_template"))?;
-                    template.render(&messages, true).map_err(|e| anyhow::anyhow!("{location}: {e}"))?
-                }
-                (None, Some(Value::String(p))) => p.clone(),
-                _ => bail!("{location}: field `prompt` (a string) or `messages` is missing"),
-            };
-            let special = value.get("messages").is_none();
-            let ids = tokenizer.encode(&text, special).map_err(|e| anyhow::anyhow!("{location}: {e}"))?;
-            out.push(PromptRow { ids: ids.into_iter().map(|t| t as i32).collect(), text, answer, location });
-        }
+/// A step's policy statistics, summed over its completion tokens.
+#[derive(Default)]
+pub struct PolicyTally {
+    kl: f64,
+    clipped_low: f64,
+    clipped_high: f64,
+}
+
+impl Tally for PolicyTally {
+    fn sums(&mut self) -> Vec<&mut f64> {
+        vec![&mut self.kl, &mut self.clipped_low, &mut self.clipped_high]
     }
-    if out.is_empty() {
-        bail!("no prompts in {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+}
+
+impl PolicyTally {
+    fn add(&mut self, out: &PolicyLoss, chunk: &[(Vec<i32>, usize)]) {
+        let tokens = chunk.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64;
+        self.kl += out.kl * tokens;
+        self.clipped_low += out.clipped_low * tokens;
+        self.clipped_high += out.clipped_high * tokens;
     }
-    Ok(out)
-}
-
-/// The configured reward functions.
-pub fn build_rewards(specs: &[RewardSpec]) -> Result<Vec<Reward>> {
-    specs
-        .iter()
-        .map(|s| {
-            let regex = |p: &Option<String>| -> Result<Option<Regex>> {
-                p.as_ref()
-                    .map(|p| Regex::new(p).with_context(|| format!("reward `{}`: bad pattern", s.name())))
-                    .transpose()
-            };
-            let function = match s.kind.as_str() {
-                "exact_match" => RewardFn::ExactMatch { pattern: regex(&s.pattern)? },
-                "format" => RewardFn::Format {
-                    pattern: regex(&s.pattern)?
-                        .with_context(|| format!("reward `{}`: `pattern` is required", s.name()))?,
-                },
-                "length" => RewardFn::Length { max_chars: s.max_chars.unwrap_or(200) },
-                "command" => RewardFn::Command {
-                    program: s
-                        .command
-                        .first()
-                        .cloned()
-                        .with_context(|| format!("reward `{}`: `command` is empty", s.name()))?,
-                    args: s.command[1..].to_vec(),
-                    timeout: Duration::from_secs_f64(s.timeout_s),
-                },
-                "http" => RewardFn::Http {
-                    url: s.url.clone().with_context(|| format!("reward `{}`: `url` is required", s.name()))?,
-                    timeout: Duration::from_secs_f64(s.timeout_s),
-                },
-                "model" => {
-                    let path = s.path.as_ref().with_context(|| format!("reward `{}`: `path` is required", s.name()))?;
-                    RewardFn::RewardModel(Box::new(std::sync::Mutex::new(crate::rewards::ScoringModel::load(path)?)))
-                }
-                other => bail!("reward `{other}`: unknown type (exact_match, format, length, command, http, model)"),
-            };
-            Ok(Reward { name: s.name(), weight: s.weight, function })
-        })
-        .collect()
-}
-
-/// What sampling and scoring a batch of prompts needs.
-struct RolloutContext<'a> {
-    g: &'a GrpoSection,
-    rewards: &'a [Reward],
-    tokenizer: &'a Tokenizer,
-    stop_ids: &'a [i32],
-    /// Training rows' length.
-    seq: usize,
-    comm: &'a dyn kiln_dist::Comm,
-}
-
-/// Samples `group` completions (or one greedy completion when `greedy`) of each prompt, each
-/// with the index of its prompt; `first` is the step-wide index of the first completion (its
-/// seed's offset, so a completion's draw does not depend on which rank samples it).
-fn rollout(
-    model: &mut Model<Cpu>,
-    prompts: &[&PromptRow],
-    g: &GrpoSection,
-    stop_ids: &[i32],
-    seed: u64,
-    greedy: bool,
-    first: usize,
-) -> Vec<(usize, Generation)> {
-    let group = if greedy { 1 } else { g.group_size };
-    let requests: Vec<Request> = prompts
-        .iter()
-        .flat_map(|p| std::iter::repeat_n(p, group))
-        .enumerate()
-        .map(|(i, p)| Request {
-            prompt: p.ids.clone(),
-            params: SamplingParams {
-                temperature: if greedy { 0.0 } else { g.temperature },
-                top_k: g.top_k,
-                top_p: g.top_p,
-                min_p: 0.0,
-                max_new_tokens: g.max_new_tokens,
-                stop_ids: stop_ids.to_vec(),
-                seed: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (first + i) as u64,
-            },
-        })
-        .collect();
-    let out = generate(&Cpu, model, &requests, requests.len(), &mut |_, _| false);
-    out.into_iter().enumerate().map(|(i, g)| (i / group, g)).collect()
-}
-
-/// Each completion's text, with the index of its prompt.
-fn decode_all(tokenizer: &Tokenizer, outs: &[(usize, Generation)]) -> Vec<(usize, String)> {
-    outs.iter().map(|(p, g)| (*p, tokenizer.decode(&g.tokens.iter().map(|&x| x as u32).collect::<Vec<_>>()))).collect()
-}
-
-/// Rewards of completions (texts) of the given prompts: total and per function.
-fn score(rewards: &[Reward], prompts: &[&PromptRow], texts: &[(usize, String)]) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
-    let samples: Vec<Sample> = texts
-        .iter()
-        .map(|(p, c)| Sample { prompt: &prompts[*p].text, completion: c, answer: prompts[*p].answer.as_deref() })
-        .collect();
-    let per: Vec<Vec<f64>> = rewards.iter().map(|r| r.score(&samples)).collect::<Result<_>>()?;
-    let total = (0..samples.len()).map(|i| rewards.iter().zip(&per).map(|(r, v)| r.weight * v[i]).sum()).collect();
-    Ok((total, per))
-}
-
-/// Greedy completions of every eval prompt, scored; the prompts are shared out over the ranks
-/// and each prompt's numbers come from one rank, so summing them over the ranks is exact.
-fn evaluate(model: &mut Model<Cpu>, prompts: &[PromptRow], cx: &RolloutContext) -> Result<GrpoStats> {
-    let mine = kiln_dist::shard(prompts.len(), cx.comm.rank(), cx.comm.size());
-    let refs: Vec<&PromptRow> = prompts[mine.clone()].iter().collect();
-    let outs = rollout(model, &refs, cx.g, cx.stop_ids, 0, true, 0);
-    let (total, per) = score(cx.rewards, &refs, &decode_all(cx.tokenizer, &outs))?;
-    // Per prompt: reward, solved, completion length.
-    let n = prompts.len();
-    let mut numbers = vec![0.0; 3 * n];
-    for (k, (_, g)) in outs.iter().enumerate() {
-        let i = mine.start + k;
-        numbers[i] = total[k];
-        numbers[n + i] = f64::from(u8::from(per.first().is_some_and(|v| v[k] >= 1.0)));
-        numbers[2 * n + i] = g.tokens.len() as f64;
-    }
-    cx.comm.all_reduce_sum_f64(&mut numbers, "eval rollouts")?;
-    let mean = |part: usize| numbers[part * n..(part + 1) * n].iter().sum::<f64>() / n.max(1) as f64;
-    Ok(GrpoStats { reward: mean(0), solved: mean(1), completion_length: mean(2) })
 }
 
 /// Each completion's token log-probs from the forward's nll (`sequences`: one row each, ids
 /// and prompt length), and the token weights ∂L/∂nll_t = −∂L/∂logp_t of the policy loss.
-/// `old` is filled with these log-probs on the first call (the sampling policy's, taken with
-/// the training forward) and kept for later iterations.
+/// Without `old` (the sampling policy's log-probs) the ratios compare with the current ones.
 fn token_weights(
     nll: &[f32],
     sequences: &[(Vec<i32>, usize)],
     advantages: &[f64],
-    old: &mut Option<Vec<Vec<f64>>>,
-    reference: Option<&[Vec<f64>]>,
+    (old, reference): (Option<&[Vec<f32>]>, Option<&[Vec<f32>]>),
     params: &PolicyLossParams,
     seq: usize,
-) -> (Vec<f32>, crate::grpo_loss::PolicyLoss) {
+) -> (Vec<f32>, PolicyLoss) {
     let completion = |(ids, p): &(Vec<i32>, usize)| *p - 1..ids.len() - 1;
-    let logp = completion_logps(nll, sequences, seq);
-    let old = old.get_or_insert_with(|| logp.clone());
+    let as_f64 =
+        |v: &[Vec<f32>]| -> Vec<Vec<f64>> { v.iter().map(|r| r.iter().map(|&x| x as f64).collect()).collect() };
+    let logp: Vec<Vec<f64>> =
+        sequences.iter().enumerate().map(|(r, s)| completion(s).map(|t| -nll[r * seq + t] as f64).collect()).collect();
+    let old = old.map(as_f64);
+    let reference = reference.map(as_f64);
     let batch: Vec<Completion> = (0..sequences.len())
         .map(|r| Completion {
             logp: &logp[r],
-            old_logp: &old[r],
-            ref_logp: reference.map(|rf| rf[r].as_slice()),
+            old_logp: old.as_ref().map_or(&logp[r], |o| &o[r]),
+            ref_logp: reference.as_ref().map(|rf| rf[r].as_slice()),
             advantage: advantages[r],
         })
         .collect();
@@ -243,32 +103,6 @@ fn token_weights(
     (w, out)
 }
 
-/// A sampled completion as a training row: prompt + completion (+ the stop token when it
-/// stopped on one), cut to `seq`, with the prompt's length.
-pub(crate) fn completion_row(
-    prompt: &[i32],
-    tokens: &[i32],
-    stopped: bool,
-    stop_ids: &[i32],
-    seq: usize,
-) -> (Vec<i32>, usize) {
-    let mut ids = [prompt, tokens].concat();
-    if stopped {
-        ids.extend(stop_ids);
-    }
-    ids.truncate(seq);
-    (ids, prompt.len())
-}
-
-/// Every completion token's log-prob, from a forward's nll over one row per completion.
-fn completion_logps(nll: &[f32], sequences: &[(Vec<i32>, usize)], seq: usize) -> Vec<Vec<f64>> {
-    sequences
-        .iter()
-        .enumerate()
-        .map(|(r, (ids, p))| (*p - 1..ids.len() - 1).map(|t| -nll[r * seq + t] as f64).collect())
-        .collect()
-}
-
 /// A rollout batch ready for training, reused for `num_iterations` steps: one row per kept
 /// completion (prompt + completion + stop token), in micro-batches of `micro_batch` rows.
 struct Rollout {
@@ -277,10 +111,10 @@ struct Rollout {
     /// Completions and completion tokens trained on in the step, over all ranks.
     completions: usize,
     tokens: usize,
-    /// The sampling policy's log-probs per micro-batch, taken by the first step's forward.
-    old: Vec<Option<Vec<Vec<f64>>>>,
-    /// The frozen reference's log-probs per micro-batch (β > 0).
-    reference: Option<Vec<Vec<Vec<f64>>>>,
+    /// Per micro-batch: the sampling policy's log-probs (when a rollout trains more than one
+    /// step) and the frozen reference's (β > 0).
+    old: Option<Vec<Vec<Vec<f32>>>>,
+    reference: Option<Vec<Vec<Vec<f32>>>>,
     /// Steps trained on it so far.
     updates: usize,
     stats: GrpoStats,
@@ -290,165 +124,153 @@ struct Rollout {
     describe: String,
 }
 
-impl Rollout {
-    fn micro_batches(&self, size: usize) -> std::slice::Chunks<'_, (Vec<i32>, usize)> {
-        self.sequences.chunks(size)
-    }
-}
-
-/// Sums of a step's micro-batch losses and metrics (metrics weighted by tokens).
-#[derive(Default)]
-struct UpdateTotals {
-    loss: f64,
-    kl: f64,
-    clipped_low: f64,
-    clipped_high: f64,
-}
-
-impl UpdateTotals {
-    fn add(&mut self, out: &crate::grpo_loss::PolicyLoss, chunk: &[(Vec<i32>, usize)]) {
-        let tokens = chunk.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64;
-        self.loss += out.loss;
-        self.kl += out.kl * tokens;
-        self.clipped_low += out.clipped_low * tokens;
-        self.clipped_high += out.clipped_high * tokens;
-    }
-}
-
-/// Samples `group_size` completions of each of this rank's prompts (the step's completions
-/// from `first` on), scores them, and lays out the ones to train on (rows of `seq` tokens)
-/// with their advantages; the metrics are the whole step's, summed over the ranks.
-fn rollout_batch(
-    model: &mut Model<Cpu>,
-    prompts: &[&PromptRow],
-    cx: &RolloutContext,
+struct Grpo<B: Backend> {
+    g: GrpoSection,
+    rewards: Vec<Reward<B>>,
+    tokenizer: Tokenizer,
+    stop_ids: Vec<i32>,
+    train: Vec<PromptRow>,
+    eval: Vec<PromptRow>,
+    seq: usize,
     seed: u64,
-    first: usize,
-) -> Result<Rollout> {
-    let (g, stop_ids) = (cx.g, cx.stop_ids);
-    let started = Instant::now();
-    let outs = rollout(model, prompts, g, stop_ids, seed, false, first);
-    let rollout_s = started.elapsed().as_secs_f64();
-    let (total, per) = score(cx.rewards, prompts, &decode_all(cx.tokenizer, &outs))?;
-    let adv = advantages(&total, g.group_size, g.scale_rewards);
-
-    // Completions to train on: whole groups, unless dynamic sampling drops flat ones; a
-    // completion that stopped trains on its stop token too.
-    let keep: Vec<usize> = (0..outs.len())
-        .filter(|&i| !(g.dynamic_sampling && group_is_flat(&total[i / g.group_size * g.group_size..][..g.group_size])))
-        .collect();
-    let sequences: Vec<(Vec<i32>, usize)> = keep
-        .iter()
-        .map(|&i| {
-            let (p, o) = &outs[i];
-            completion_row(&prompts[*p].ids, &o.tokens, o.finish == FinishReason::Stop, stop_ids, cx.seq)
-        })
-        .collect();
-    // The step's sums over all ranks: completions, Σr, Σr², solved, generated tokens, Σ
-    // entropy, kept completions, their tokens, and Σr per reward function.
-    let mut sums = vec![
-        total.len() as f64,
-        total.iter().sum(),
-        total.iter().map(|r| r * r).sum(),
-        per.first().map_or(0, |v| v.iter().filter(|&&x| x >= 1.0).count()) as f64,
-        outs.iter().map(|(_, o)| o.tokens.len()).sum::<usize>() as f64,
-        outs.iter().flat_map(|(_, o)| &o.entropies).map(|&h| h as f64).sum(),
-        keep.len() as f64,
-        sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64,
-    ];
-    sums.extend(per.iter().map(|v| v.iter().sum::<f64>()));
-    cx.comm.all_reduce_sum_f64(&mut sums, "rollout statistics")?;
-    let n = sums[0].max(1.0);
-    let (mean, generated) = (sums[1] / n, sums[4]);
-    let std = (sums[2] / n - mean * mean).max(0.0).sqrt();
-    let solved = sums[3] / n;
-    let mut metrics = json!({
-        "reward": mean, "reward_std": std, "solved": solved, "entropy": sums[5] / generated.max(1.0),
-        "completion_length": generated / n, "trained_completions": sums[6],
-        "rollout_tokens_per_s": generated / rollout_s.max(1e-9),
-    });
-    for (r, sum) in cx.rewards.iter().zip(&sums[8..]) {
-        merge(&mut metrics, &json!({format!("reward/{}", r.name): sum / n}));
-    }
-    let micro_batches = sequences.len().div_ceil(g.micro_batch);
-    Ok(Rollout {
-        completions: sums[6] as usize,
-        tokens: sums[7] as usize,
-        advantages: keep.iter().map(|&i| adv[i]).collect(),
-        sequences,
-        old: vec![None; micro_batches],
-        reference: None,
-        updates: 0,
-        stats: GrpoStats { reward: mean, solved, completion_length: generated / n },
-        metrics,
-        describe: prompts.iter().map(|p| p.location.as_str()).take(8).collect::<Vec<_>>().join(", "),
-    })
+    /// The frozen reference for the KL term: the model the run started from.
+    reference: Option<Model<B>>,
+    pool: ActivationsPool<B>,
+    rollout: Option<Rollout>,
 }
 
-/// Runs GRPO as configured by `config.grpo`; `quiet` hides the progress bar.
-pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<RunSummary<GrpoStats>> {
-    let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
-    let rewards = build_rewards(&g.rewards)?;
-    let mut session = Session::open(config, resume)?;
-    session.plot = crate::metrics::PlotSpec::REWARD;
-    // The frozen reference for the KL term: the model the run started from.
-    let ep = session.model.expert_parallel().cloned();
-    let mut reference = if g.beta != 0.0 { Some(Model::load_with(&session.b, &config.model.path, ep)?) } else { None };
-    let (tokenizer, template) = load_tokenizer(session.model_dir())?;
-    check_vocab(&session.model, &tokenizer, session.model_dir())?;
-    let train = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
-    let eval = if config.data.eval.is_empty() {
-        Vec::new()
-    } else {
-        read_prompts(&config.data.eval, &tokenizer, template.as_ref())?
-    };
-    let stop_ids: Vec<i32> = tokenizer.eos_id.map(|e| e as i32).into_iter().collect();
-    let t = &config.train;
-    let schedule = crate::schedule::Schedule::for_run(t, (train.len() / g.prompts_per_step) as u64);
-    let total_steps = schedule.total_steps;
-    let seq = config.data.max_seq_len;
-    let mut train_acts = ActivationsPool::new(&session.model.config, seq, true, t.recompute);
-    let mut ref_acts = reference.as_ref().map(|r| ActivationsPool::new(&r.config, seq, false, false));
-
-    let comm = session.comm;
-    let cx = RolloutContext { g: &g, rewards: &rewards, tokenizer: &tokenizer, stop_ids: &stop_ids, seq, comm };
-    session.start_progress(total_steps, quiet);
-    let (mut last, mut eval_before, mut eval_stats, mut interrupted) = (GrpoStats::default(), None, None, false);
-    if session.state.step == 0 && !eval.is_empty() {
-        let s = evaluate(&mut session.model, &eval, &cx)?;
-        session.metrics.write(&with_step(0, json!({"eval_reward": s.reward, "eval_solved": s.solved})))?;
-        eval_before = Some(s);
-    }
-    let mut rollout: Option<Rollout> = None;
-    while session.state.step < total_steps {
-        if rollout.as_ref().is_none_or(|r| r.updates == g.num_iterations) {
-            let step = session.state.step;
-            // Prompts of this rollout: a pure function of seed and step, like the SFT data order.
-            let mut rng = Rng::new(t.seed ^ step.wrapping_mul(0xD1B5_4A32_D192_ED03));
-            let prompts: Vec<&PromptRow> = (0..g.prompts_per_step).map(|_| &train[rng.below(train.len())]).collect();
-            // Data parallel: each rank samples its own share of the step's prompts.
-            let mine = session.my_share(prompts.len());
-            let first = mine.start * g.group_size;
-            let sampled = rollout_batch(&mut session.model, &prompts[mine], &cx, t.seed ^ step, first)?;
-            let idle = match reference {
-                Some(_) => session.idle_forwards_needed(sampled.sequences.len().div_ceil(g.micro_batch))?,
-                None => 0,
-            };
-            let reference = reference.as_mut().zip(ref_acts.as_mut()).map(|(r, pool)| {
-                let logps = sampled
-                    .micro_batches(g.micro_batch)
-                    .map(|chunk| {
-                        let batch = Batch::completions(chunk, seq, 0.0);
-                        completion_logps(&r.nll(&session.b, pool.get(&session.b, chunk.len()), &batch), chunk, seq)
-                    })
-                    .collect();
-                (0..idle).for_each(|_| r.serve_experts_forward(&session.b));
-                logps
-            });
-            rollout = Some(Rollout { reference, ..sampled });
+impl<B: Backend> Grpo<B> {
+    fn sampling(&self, greedy: bool) -> SamplingParams {
+        let g = &self.g;
+        SamplingParams {
+            temperature: if greedy { 0.0 } else { g.temperature },
+            top_k: g.top_k,
+            top_p: g.top_p,
+            min_p: 0.0,
+            max_new_tokens: g.max_new_tokens,
+            stop_ids: self.stop_ids.clone(),
+            seed: 0,
         }
-        let r = rollout.as_mut().expect("sampled above");
-        session.begin_step();
+    }
+
+    /// Samples `group_size` completions of each of this rank's prompts (the step's completions
+    /// from `first` on), scores them, and lays out the ones to train on with their
+    /// advantages; the metrics are the whole step's, summed over the ranks.
+    fn rollout_batch(&self, s: &mut Session<B>, prompts: &[&PromptRow], seed: u64, first: usize) -> Result<Rollout> {
+        let g = &self.g;
+        let started = Instant::now();
+        let outs = sample(&s.b, &mut s.model, prompts, g.group_size, &self.sampling(false), (seed, first));
+        let rollout_s = started.elapsed().as_secs_f64();
+        let (total, per) = score(&s.b, &self.rewards, prompts, &decode_all(&self.tokenizer, &outs))?;
+        let adv = advantages(&total, g.group_size, g.scale_rewards);
+
+        // Completions to train on: whole groups, unless dynamic sampling drops flat ones; a
+        // completion that stopped trains on its stop token too.
+        let flat =
+            |i: usize| g.dynamic_sampling && group_is_flat(&total[i / g.group_size * g.group_size..][..g.group_size]);
+        let keep: Vec<usize> = (0..outs.len()).filter(|&i| !flat(i)).collect();
+        let sequences: Vec<(Vec<i32>, usize)> = keep
+            .iter()
+            .map(|&i| {
+                let (p, o) = &outs[i];
+                completion_row(&prompts[*p].ids, &o.tokens, o.finish == FinishReason::Stop, &self.stop_ids, self.seq)
+            })
+            .collect();
+        // The step's sums over all ranks: completions, Σr, Σr², solved, generated tokens, Σ
+        // entropy, kept completions, their tokens, and Σr per reward function.
+        let mut sums = vec![
+            total.len() as f64,
+            total.iter().sum(),
+            total.iter().map(|r| r * r).sum(),
+            per.first().map_or(0, |v| v.iter().filter(|&&x| x >= 1.0).count()) as f64,
+            outs.iter().map(|(_, o)| o.tokens.len()).sum::<usize>() as f64,
+            outs.iter().flat_map(|(_, o)| &o.entropies).map(|&h| h as f64).sum(),
+            keep.len() as f64,
+            sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64,
+        ];
+        sums.extend(per.iter().map(|v| v.iter().sum::<f64>()));
+        s.comm.all_reduce_sum_f64(&mut sums, "rollout statistics")?;
+        let n = sums[0].max(1.0);
+        let (mean, generated) = (sums[1] / n, sums[4]);
+        let std = (sums[2] / n - mean * mean).max(0.0).sqrt();
+        let solved = sums[3] / n;
+        let mut metrics = json!({
+            "reward": mean, "reward_std": std, "solved": solved, "entropy": sums[5] / generated.max(1.0),
+            "completion_length": generated / n, "trained_completions": sums[6],
+            "rollout_tokens_per_s": generated / rollout_s.max(1e-9),
+        });
+        for (r, sum) in self.rewards.iter().zip(&sums[8..]) {
+            merge(&mut metrics, &json!({format!("reward/{}", r.name): sum / n}));
+        }
+        Ok(Rollout {
+            completions: sums[6] as usize,
+            tokens: sums[7] as usize,
+            advantages: keep.iter().map(|&i| adv[i]).collect(),
+            sequences,
+            old: None,
+            reference: None,
+            updates: 0,
+            stats: GrpoStats { reward: mean, solved, completion_length: generated / n, ..Default::default() },
+            metrics,
+            describe: prompts.iter().map(|p| p.location.as_str()).take(8).collect::<Vec<_>>().join(", "),
+        })
+    }
+
+    /// The log-probs `training_logprobs` gives every micro-batch of `rollout` under `model`
+    /// (the session's when `None`), with the idle forwards expert parallel needs.
+    fn logprobs(
+        s: &mut Session<B>,
+        model: Option<&mut Model<B>>,
+        pool: &mut ActivationsPool<B>,
+        rollout: &Rollout,
+        micro_batch: usize,
+    ) -> Result<Vec<Vec<Vec<f32>>>> {
+        let chunks = rollout.sequences.chunks(micro_batch);
+        let idle = s.idle_forwards_needed(chunks.len())?;
+        let model = match model {
+            Some(m) => m,
+            None => &mut s.model,
+        };
+        let logps = chunks.map(|chunk| training_logprobs(&s.b, model, pool.get(&s.b, chunk.len()), chunk)).collect();
+        (0..idle).for_each(|_| model.serve_experts_forward(&s.b));
+        Ok(logps)
+    }
+}
+
+impl<B: Backend> Recipe<B> for Grpo<B> {
+    type Micro = usize;
+    type Tally = PolicyTally;
+    type Stats = GrpoStats;
+
+    fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
+        let g = &self.g;
+        if self.rollout.as_ref().is_none_or(|r| r.updates == g.num_iterations) {
+            let step = s.state.step;
+            let prompts = step_prompts(&self.train, self.seed, step, g.prompts_per_step);
+            // Data parallel: each rank samples its own share of the step's prompts.
+            let mine = s.my_share(prompts.len());
+            let first = mine.start * g.group_size;
+            let mut rollout = self.rollout_batch(s, &prompts[mine], self.seed ^ step, first)?;
+            if g.num_iterations > 1 {
+                rollout.old = Some(Self::logprobs(s, None, &mut self.pool, &rollout, g.micro_batch)?);
+            }
+            if let Some(reference) = &mut self.reference {
+                rollout.reference = Some(Self::logprobs(s, Some(reference), &mut self.pool, &rollout, g.micro_batch)?);
+            }
+            self.rollout = Some(rollout);
+        }
+        let r = self.rollout.as_mut().expect("sampled above");
+        r.updates += 1;
+        Ok(StepPlan {
+            micro_batches: (0..r.sequences.len().div_ceil(g.micro_batch)).collect(),
+            trainable: r.tokens as u64,
+            tokens: r.tokens as u64,
+            describe: r.describe.clone(),
+        })
+    }
+
+    fn micro_step(&mut self, s: &mut Session<B>, &k: &usize, tally: &mut PolicyTally) -> Result<f64> {
+        let (g, r) = (&self.g, self.rollout.as_ref().expect("planned"));
         let params = PolicyLossParams {
             epsilon_low: g.epsilon,
             epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
@@ -460,57 +282,125 @@ pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Ru
             completions: r.completions,
             tokens: r.tokens,
         };
-        let mut totals = UpdateTotals::default();
-        let idle = session.idle_backwards_needed(r.sequences.len().div_ceil(g.micro_batch))?;
-        for (k, chunk) in r.sequences.chunks(g.micro_batch).enumerate() {
-            let first = k * g.micro_batch;
-            let batch = Batch::completions(chunk, seq, 1.0 / r.tokens.max(1) as f32);
-            let acts = train_acts.get(&session.b, chunk.len());
-            let advantages = &r.advantages[first..first + chunk.len()];
-            let reference = r.reference.as_ref().map(|rf| rf[k].as_slice());
-            let old = &mut r.old[k];
-            let mut weights_of = |nll: &[f32]| -> Vec<f32> {
-                let (w, out) = token_weights(nll, chunk, advantages, old, reference, &params, seq);
-                totals.add(&out, chunk);
-                w
-            };
-            session.model.forward_backward_with(&session.b, acts, &batch, &mut session.grads, &mut weights_of);
-        }
-        session.idle_backwards(idle);
-        r.updates += 1;
-        let mut token_sums = [totals.kl, totals.clipped_low, totals.clipped_high];
-        comm.all_reduce_sum_f64(&mut token_sums, &format!("policy statistics at step {}", session.state.step + 1))?;
-        let update = session.update(totals.loss, &schedule, || r.describe.clone())?;
-        last = r.stats;
+        let first = k * g.micro_batch;
+        let chunk = &r.sequences[first..(first + g.micro_batch).min(r.sequences.len())];
+        let batch = Batch::completions(chunk, self.seq, 1.0 / r.tokens.max(1) as f32);
+        let advantages = &r.advantages[first..first + chunk.len()];
+        let logps = (r.old.as_ref().map(|o| o[k].as_slice()), r.reference.as_ref().map(|rf| rf[k].as_slice()));
+        let mut loss = 0.0;
+        let mut weights_of = |nll: &[f32]| -> Vec<f32> {
+            let (w, out) = token_weights(nll, chunk, advantages, logps, &params, self.seq);
+            tally.add(&out, chunk);
+            loss = out.loss;
+            w
+        };
+        s.model.forward_backward_with(&s.b, self.pool.get(&s.b, chunk.len()), &batch, &mut s.dp, &mut weights_of);
+        Ok(loss)
+    }
+
+    fn stats(&self, tally: &PolicyTally, update: &StepUpdate) -> GrpoStats {
+        let r = self.rollout.as_ref().expect("planned");
         let n = r.tokens.max(1) as f64;
+        GrpoStats {
+            loss: update.loss,
+            kl: tally.kl / n,
+            clipped_low: tally.clipped_low / n,
+            clipped_high: tally.clipped_high / n,
+            ..r.stats
+        }
+    }
+
+    fn record(&self, stats: &GrpoStats, prefix: &str) -> Value {
+        if !prefix.is_empty() {
+            return json!({format!("{prefix}reward"): stats.reward, format!("{prefix}solved"): stats.solved});
+        }
+        let r = self.rollout.as_ref().expect("planned");
         let mut fields = r.metrics.clone();
         merge(
             &mut fields,
-            &json!({"loss": update.loss, "kl": token_sums[0] / n, "clipped_low": token_sums[1] / n,
-                    "clipped_high": token_sums[2] / n, "iteration": r.updates}),
+            &json!({"loss": stats.loss, "kl": stats.kl, "clipped_low": stats.clipped_low,
+                    "clipped_high": stats.clipped_high, "iteration": r.updates}),
         );
-        let message = format!("reward {:.3}", r.stats.reward);
-        session.log_step(fields, r.tokens as u64, r.tokens as u64, &update, &message)?;
-
-        let step = session.state.step;
-        if !eval.is_empty() && session.eval_due(total_steps) {
-            let s = evaluate(&mut session.model, &eval, &cx)?;
-            session.metrics.write(&with_step(step, json!({"eval_reward": s.reward, "eval_solved": s.solved})))?;
-            session.bar.println(format!("step {step}: eval reward {:.3}, solved {:.3}", s.reward, s.solved));
-            eval_stats = Some(s);
-        }
-        interrupted = session.checkpoint_if_due(total_steps)?;
-        if interrupted {
-            break;
-        }
+        fields
     }
-    session.summary("kiln grpo", last, (eval_before, eval_stats), interrupted)
+
+    fn message(&self, stats: &GrpoStats) -> String {
+        format!("reward {:.3} solved {:.3}", stats.reward, stats.solved)
+    }
+
+    /// Greedy completions of every eval prompt, scored; the prompts are shared out over the
+    /// ranks and each prompt's numbers come from one rank, so summing them over the ranks is
+    /// exact.
+    fn evaluate(&mut self, s: &mut Session<B>) -> Result<Option<GrpoStats>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let mine = s.my_share(self.eval.len());
+        let refs: Vec<&PromptRow> = self.eval[mine.clone()].iter().collect();
+        let outs = sample(&s.b, &mut s.model, &refs, 1, &self.sampling(true), (0, 0));
+        let (total, per) = score(&s.b, &self.rewards, &refs, &decode_all(&self.tokenizer, &outs))?;
+        // Per prompt: reward, solved, completion length.
+        let n = self.eval.len();
+        let mut numbers = vec![0.0; 3 * n];
+        for (k, (_, g)) in outs.iter().enumerate() {
+            let i = mine.start + k;
+            numbers[i] = total[k];
+            numbers[n + i] = f64::from(u8::from(per.first().is_some_and(|v| v[k] >= 1.0)));
+            numbers[2 * n + i] = g.tokens.len() as f64;
+        }
+        s.comm.all_reduce_sum_f64(&mut numbers, "eval rollouts")?;
+        let mean = |part: usize| numbers[part * n..(part + 1) * n].iter().sum::<f64>() / n.max(1) as f64;
+        Ok(Some(GrpoStats { reward: mean(0), solved: mean(1), completion_length: mean(2), ..Default::default() }))
+    }
+}
+
+/// Runs GRPO as configured by `config.grpo`; `quiet` hides the progress bar.
+pub fn run<B: Backend>(
+    rt: Runtime<B>,
+    config: &RunConfig,
+    resume: Option<Resume>,
+    quiet: bool,
+) -> Result<RunSummary<GrpoStats>> {
+    let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
+    let rewards = build_rewards(&rt.b, &g.rewards)?;
+    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
+    s.plot = crate::metrics::PlotSpec::REWARD;
+    let ep = s.model.expert_parallel().cloned();
+    let reference = match g.beta != 0.0 {
+        true => Some(Model::load_with(&s.b, &config.model.path, ep)?),
+        false => None,
+    };
+    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
+    check_vocab(&s.model, &tokenizer, s.model_dir())?;
+    let train_prompts = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
+    let eval = match config.data.eval.is_empty() {
+        true => Vec::new(),
+        false => read_prompts(&config.data.eval, &tokenizer, template.as_ref())?,
+    };
+    let t = &config.train;
+    let schedule = Schedule::for_run(t, (train_prompts.len() / g.prompts_per_step) as u64);
+    let seq = config.data.max_seq_len;
+    let mut grpo = Grpo {
+        stop_ids: tokenizer.eos_id.map(|e| e as i32).into_iter().collect(),
+        pool: ActivationsPool::new(&s.model.config, seq, true, t.recompute),
+        g,
+        rewards,
+        tokenizer,
+        train: train_prompts,
+        eval,
+        seq,
+        seed: t.seed,
+        reference,
+        rollout: None,
+    };
+    train(&mut s, &mut grpo, &schedule, "kiln grpo", quiet)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::grpo_loss::{Aggregation, ImportanceLevel};
+    use kiln_core::Cpu;
     use kiln_model::{Activations, Config};
 
     const TINY: &str = r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
@@ -526,33 +416,12 @@ mod tests {
         let mut model = Model::random(&Cpu, cfg.clone(), 5);
         let mut acts = Activations::new(&Cpu, &cfg, sequences.len(), seq, true, false);
         // The sampling policy's log-probs: those of a slightly different model, so that ratios
-        // differ from 1 and some clip.
-        let mut sampler = Model::random(&Cpu, cfg, 6);
-        let old_nll = sampler.nll(&Cpu, &mut acts, &batch);
-        let mut old = None;
-        token_weights(
-            &old_nll,
-            &sequences,
-            &advantages,
-            &mut old,
-            None,
-            &PolicyLossParams {
-                epsilon_low: 0.2,
-                epsilon_high: 0.28,
-                beta: 0.0,
-                aggregation: Aggregation::Grpo,
-                level: ImportanceLevel::Token,
-                max_completion_length: 8,
-                num_items: 12,
-                completions: 3,
-                tokens: 9,
-            },
-            seq,
-        );
-        // A frozen reference for the KL term: a third model.
-        let mut reference = Model::random(&Cpu, Config::parse(TINY).unwrap(), 7);
-        let ref_logp = completion_logps(&reference.nll(&Cpu, &mut acts, &batch), &sequences, seq);
-        let rf = Some(ref_logp.as_slice());
+        // differ from 1 and some clip; a frozen reference for the KL term: a third model.
+        let mut sampler = Model::random(&Cpu, cfg.clone(), 6);
+        let old = training_logprobs(&Cpu, &mut sampler, &mut acts, &sequences);
+        let mut reference = Model::random(&Cpu, cfg, 7);
+        let rf = training_logprobs(&Cpu, &mut reference, &mut acts, &sequences);
+        let logps = (Some(old.as_slice()), Some(rf.as_slice()));
         for (aggregation, level, beta) in
             [(Aggregation::Grpo, ImportanceLevel::Token, 0.0), (Aggregation::Dapo, ImportanceLevel::Sequence, 0.3)]
         {
@@ -569,21 +438,21 @@ mod tests {
             };
             let loss_at = |model: &mut Model<Cpu>, acts: &mut Activations<Cpu>| {
                 let nll = model.nll(&Cpu, acts, &batch);
-                token_weights(&nll, &sequences, &advantages, &mut old.clone(), rf, &params, seq).1.loss
+                token_weights(&nll, &sequences, &advantages, logps, &params, seq).1.loss
             };
-            let mut grads = model.zeros_like_params(&Cpu);
-            let mut weights_of =
-                |nll: &[f32]| token_weights(nll, &sequences, &advantages, &mut old.clone(), rf, &params, seq).0;
+            let mut grads = model.grads(&Cpu);
+            let mut weights_of = |nll: &[f32]| token_weights(nll, &sequences, &advantages, logps, &params, seq).0;
             model.forward_backward_with(&Cpu, &mut acts, &batch, &mut grads, &mut weights_of);
             let h = 1e-2f32;
             for (tensor, i) in [(0usize, 33usize), (0, 170), (2, 7), (5, 30), (9, 11)] {
-                model.params.iter_mut()[tensor][i] += h;
+                let at = model.flat.ranges.iter()[tensor].start + i;
+                model.params[at] += h;
                 let up = loss_at(&mut model, &mut acts);
-                model.params.iter_mut()[tensor][i] -= 2.0 * h;
+                model.params[at] -= 2.0 * h;
                 let down = loss_at(&mut model, &mut acts);
-                model.params.iter_mut()[tensor][i] += h;
+                model.params[at] += h;
                 let numeric = (up - down) / (2.0 * h as f64);
-                let analytic = grads.iter()[tensor][i] as f64;
+                let analytic = grads.flat[at] as f64;
                 assert!(
                     (analytic - numeric).abs() < 2e-4 + 0.03 * numeric.abs(),
                     "{aggregation:?}/{level:?} tensor {tensor}[{i}]: analytic {analytic}, numeric {numeric}"

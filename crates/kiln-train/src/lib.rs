@@ -1,22 +1,29 @@
-//! Optimisers, schedules, checkpoints and the training recipes.
+//! The training half of kiln, generic over the backend: one session and step protocol
+//! (`session`, `trainer`), the update of every layout (`data_parallel`), checkpoints, the
+//! components recipes share (`data`, `preference`, `rollout`, `rewards`), and the recipes,
+//! each little more than its loss (`sft`, `dpo`, `rm`, `kto`, `grpo`, `distill`).
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
+pub mod data_parallel;
 pub mod distill;
 pub mod dpo;
-pub mod grads;
 pub mod grpo;
 pub mod grpo_loss;
+pub mod kto;
 pub mod loader;
 pub mod metrics;
 pub mod optim;
+pub mod preference;
 pub mod preference_loss;
 pub mod rewards;
 pub mod rm;
+pub mod rollout;
 pub mod schedule;
 pub mod session;
 pub mod sft;
-pub mod zero;
+pub mod trainer;
 
 pub use config::RunConfig;
-pub use optim::{zero_grads, AdamW};
+pub use session::{Resume, RunSummary, Runtime};

@@ -12,7 +12,7 @@ pub type PackedRow = Vec<usize>;
 
 pub struct DataOrder {
     /// Micro-batches (lists of rows) of the packed dataset, before any shuffle.
-    micro_batches: Vec<Vec<PackedRow>>,
+    pub micro_batches: Vec<Vec<PackedRow>>,
     pub grad_accum: usize,
     seed: u64,
     /// The shuffled micro-batch order of the last epoch asked for, so a step costs O(grad_accum)
@@ -48,9 +48,9 @@ impl DataOrder {
         self.micro_batches.len().div_ceil(self.grad_accum) as u64
     }
 
-    /// The micro-batches of 0-based optimizer step `step`: epoch `e` visits the packed
-    /// micro-batches in an order shuffled by (seed, e).
-    pub fn step(&self, step: u64) -> Vec<&Vec<PackedRow>> {
+    /// The micro-batches (indices into `micro_batches`) of 0-based optimizer step `step`:
+    /// epoch `e` visits the packed micro-batches in an order shuffled by (seed, e).
+    pub fn step(&self, step: u64) -> Vec<usize> {
         let per_epoch = self.steps_per_epoch();
         let (epoch, k) = (step / per_epoch, (step % per_epoch) as usize);
         let mut cache = self.epoch_order.borrow_mut();
@@ -64,7 +64,7 @@ impl DataOrder {
         }
         let order = &cache.as_ref().expect("filled above").1;
         let end = ((k + 1) * self.grad_accum).min(order.len());
-        order[k * self.grad_accum..end].iter().map(|&i| &self.micro_batches[i]).collect()
+        order[k * self.grad_accum..end].to_vec()
     }
 }
 
@@ -122,9 +122,9 @@ pub fn sequence_spans(micro_batch: &[PackedRow], examples: &[Example], seq: usiz
 }
 
 /// The first rows of a step's micro-batches, as `file:line` locations (for warnings).
-pub fn describe_rows(examples: &[Example], micro_batches: &[&Vec<PackedRow>]) -> String {
+pub fn describe_rows<'a>(examples: &[Example], micro_batches: impl IntoIterator<Item = &'a Vec<PackedRow>>) -> String {
     let rows: Vec<&str> = micro_batches
-        .iter()
+        .into_iter()
         .flat_map(|mb| mb.iter().flatten())
         .map(|&i| examples[i].location.as_str())
         .take(8)
@@ -220,7 +220,7 @@ mod tests {
             assert_eq!(a.step(s), b.step(s));
         }
         // Each epoch visits every micro-batch exactly once, in a different order.
-        let epoch = |e: u64| -> Vec<&Vec<PackedRow>> {
+        let epoch = |e: u64| -> Vec<usize> {
             (0..a.steps_per_epoch()).flat_map(|k| a.step(e * a.steps_per_epoch() + k)).collect()
         };
         let (e0, e1) = (epoch(0), epoch(1));

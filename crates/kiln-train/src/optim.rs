@@ -1,66 +1,40 @@
-//! AdamW over a model's parameters, with f32 moments laid out once beside them.
-//!
-//! Weight decay applies to matrices only (embeddings, projections), not to norm weights or
-//! biases (1-D tensors), as the Hugging Face Trainer (and so TRL) groups parameters.
+//! AdamW over flat buffers (`kiln_model::flat`): one backend call per run of tensors that share
+//! their weight decay, matrices decaying and norm weights and biases not, as the Hugging Face
+//! Trainer (and so TRL) groups parameters.
 
-use kiln_core::{AdamW as Hyper, Backend};
-use kiln_model::{TensorSpec, Weights};
+use kiln_core::{AdamW, Backend};
+use std::ops::Range;
 
-pub struct AdamW<B: Backend> {
-    /// Hyper-parameters; `hyper.step` counts the updates taken so far.
-    pub hyper: Hyper,
-    m: Weights<B::Buf>,
-    v: Weights<B::Buf>,
-    /// Per tensor, in `Weights::iter` order: whether weight decay applies.
-    decays: Vec<bool>,
-    /// Parameters updated.
-    numel: usize,
+/// The overlap of two ranges (empty when they do not meet).
+pub fn overlap(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    let start = a.start.max(b.start);
+    start..a.end.min(b.end).max(start)
 }
 
-impl<B: Backend> AdamW<B> {
-    /// PyTorch's defaults for betas and eps.
-    pub fn new(b: &B, shapes: &Weights<TensorSpec>, lr: f32, weight_decay: f32) -> Self {
-        Self {
-            hyper: Hyper { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, step: 0 },
-            m: shapes.map(|s| b.zeros(s.numel())),
-            v: shapes.map(|s| b.zeros(s.numel())),
-            decays: shapes.iter().into_iter().map(|s| s.shape.len() >= 2).collect(),
-            numel: shapes.iter().into_iter().map(|s| s.numel()).sum(),
+/// One AdamW update of the flat values `span`: `params`, `grads`, `m` and `v` hold exactly
+/// those values; `decay_runs` (absolute ranges) say where weight decay applies.
+pub fn adamw_step<B: Backend>(
+    b: &B,
+    hyper: AdamW,
+    decay_runs: &[(Range<usize>, bool)],
+    span: &Range<usize>,
+    (params, grads): (&mut B::Slice, &B::Slice),
+    (m, v): (&mut B::Slice, &mut B::Slice),
+) {
+    for (run, decays) in decay_runs {
+        let part = overlap(run, span);
+        if part.is_empty() {
+            continue;
         }
-    }
-
-    /// One update of every parameter from its gradient.
-    pub fn step(&mut self, b: &B, params: &mut Weights<B::Buf>, grads: &Weights<B::Buf>) {
-        self.hyper.step += 1;
-        let moments = self.m.iter_mut().into_iter().zip(self.v.iter_mut());
-        let tensors = params.iter_mut().into_iter().zip(grads.iter()).zip(moments).zip(&self.decays);
-        for (((p, g), (m, v)), &decays) in tensors {
-            let hyper = if decays { self.hyper } else { Hyper { weight_decay: 0.0, ..self.hyper } };
-            b.adamw(p, g, m, v, hyper);
-        }
-    }
-}
-
-/// Sets every gradient to zero.
-pub fn zero_grads<B: Backend>(b: &B, grads: &mut Weights<B::Buf>) {
-    for g in grads.iter_mut() {
-        b.fill(g, 0.0);
-    }
-}
-
-impl<B: Backend> AdamW<B> {
-    /// Bytes of the two moments.
-    pub fn state_bytes(&self) -> usize {
-        self.numel * 8
-    }
-
-    /// The first and second moments, named like the parameters.
-    pub fn moments(&self) -> (&Weights<B::Buf>, &Weights<B::Buf>) {
-        (&self.m, &self.v)
-    }
-
-    pub fn moments_mut(&mut self) -> (&mut Weights<B::Buf>, &mut Weights<B::Buf>) {
-        (&mut self.m, &mut self.v)
+        let local = part.start - span.start..part.end - span.start;
+        let hyper = if *decays { hyper } else { AdamW { weight_decay: 0.0, ..hyper } };
+        b.adamw(
+            b.slice_mut(params, local.clone()),
+            b.slice(grads, local.clone()),
+            b.slice_mut(m, local.clone()),
+            b.slice_mut(v, local),
+            hyper,
+        );
     }
 }
 
@@ -68,7 +42,7 @@ impl<B: Backend> AdamW<B> {
 mod tests {
     use super::*;
     use kiln_core::Cpu;
-    use kiln_model::{Config, Model};
+    use kiln_model::{Config, FlatLayout, Model};
 
     #[test]
     fn decay_spares_norms_and_biases() {
@@ -79,14 +53,17 @@ mod tests {
         .unwrap();
         let b = Cpu;
         let mut model = Model::random(&b, config, 0);
-        let before: Vec<Vec<f32>> = model.params.iter().into_iter().map(|p| b.read(p)).collect();
-        let grads = model.zeros_like_params(&b);
-        let mut opt = AdamW::new(&b, &model.layout, 0.5, 0.1);
-        opt.step(&b, &mut model.params, &grads);
+        let before = model.tensors(&b);
+        let flat = FlatLayout::new(&model.layout);
+        let n = flat.total;
+        let hyper = AdamW { lr: 0.5, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 1 };
+        let (grads, mut m, mut v) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        adamw_step(&b, hyper, &flat.decay_runs, &(0..n), (&mut model.params, &grads), (&mut m, &mut v));
         // With zero gradients only decay moves a parameter: by the factor 1 - lr·λ.
-        for ((spec, p), old) in model.layout.iter().into_iter().zip(model.params.iter()).zip(&before) {
+        let after = model.tensors(&b);
+        for ((spec, new), old) in model.layout.iter().into_iter().zip(after.iter()).zip(before.iter()) {
             let factor = if spec.shape.len() >= 2 { 0.95 } else { 1.0 };
-            for (new, old) in b.read(p).iter().zip(old) {
+            for (new, old) in new.iter().zip(old.iter()) {
                 assert!((new - old * factor).abs() <= 1e-6, "{}: {old} -> {new}", spec.name);
             }
         }

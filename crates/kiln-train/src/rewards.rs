@@ -15,8 +15,9 @@
 //! - `model`: a reward model trained by `kiln rm`, scoring prompt + completion (its own
 //!   tokenizer) at the last token.
 
+use crate::config::RewardSpec;
 use anyhow::{bail, Context, Result};
-use kiln_core::{Backend, Cpu};
+use kiln_core::Backend;
 use kiln_model::Model;
 use regex::Regex;
 use std::io::{Read, Write};
@@ -32,25 +33,25 @@ pub struct Sample<'a> {
     pub answer: Option<&'a str>,
 }
 
-pub enum RewardFn {
+pub enum RewardFn<B: Backend> {
     ExactMatch { pattern: Option<Regex> },
     Format { pattern: Regex },
     Length { max_chars: usize },
     Command { program: String, args: Vec<String>, timeout: Duration },
     Http { url: String, timeout: Duration },
-    RewardModel(Box<Mutex<ScoringModel>>),
+    RewardModel(Box<Mutex<ScoringModel<B>>>),
 }
 
 /// A reward model and its tokenizer.
-pub struct ScoringModel {
-    pub model: Model<Cpu>,
+pub struct ScoringModel<B: Backend> {
+    pub model: Model<B>,
     pub tokenizer: kiln_data::Tokenizer,
 }
 
-impl ScoringModel {
+impl<B: Backend> ScoringModel<B> {
     /// Loads a `kiln rm` model directory (a `...ForSequenceClassification` with one label).
-    pub fn load(dir: &std::path::Path) -> Result<Self> {
-        let model = Model::load(&Cpu, dir)?;
+    pub fn load(b: &B, dir: &std::path::Path) -> Result<Self> {
+        let model = Model::load(b, dir)?;
         if model.config.num_labels != Some(1) {
             bail!("{}: not a reward model (a ...ForSequenceClassification with num_labels = 1)", dir.display());
         }
@@ -58,7 +59,7 @@ impl ScoringModel {
     }
 
     /// The reward of each text, read at its last token.
-    pub fn rewards(&mut self, texts: &[String]) -> Result<Vec<f64>> {
+    pub fn rewards(&mut self, b: &B, texts: &[String]) -> Result<Vec<f64>> {
         let seqs: Vec<Vec<i32>> = texts
             .iter()
             .map(|t| {
@@ -66,20 +67,60 @@ impl ScoringModel {
             })
             .collect::<Result<_>>()?;
         let batch = kiln_model::Batch::causal_lm(&seqs);
-        let mut acts = kiln_model::Activations::new(&Cpu, &self.model.config, batch.rows, batch.seq, false, false);
-        self.model.forward_hidden(&Cpu, &mut acts, &batch, false);
-        let last: Vec<usize> = seqs.iter().enumerate().map(|(r, s)| r * batch.seq + s.len().max(1) - 1).collect();
-        let hidden = self.model.hidden_at(&Cpu, &acts, &last);
-        let w = Cpu.read(self.model.params.score.as_ref().expect("checked: a reward model"));
-        Ok(hidden.chunks(w.len()).map(|h| h.iter().zip(&w).map(|(h, w)| (h * w) as f64).sum()).collect())
+        let mut acts = kiln_model::Activations::new(b, &self.model.config, batch.rows, batch.seq, false, false);
+        self.model.forward_hidden(b, &mut acts, &batch, false);
+        let last: Vec<i32> =
+            seqs.iter().enumerate().map(|(r, s)| (r * batch.seq + s.len().max(1) - 1) as i32).collect();
+        Ok(self.model.score_forward(b, &acts, &last).into_iter().map(f64::from).collect())
     }
 }
 
 /// A named reward function and its weight in the total reward.
-pub struct Reward {
+pub struct Reward<B: Backend> {
     pub name: String,
     pub weight: f64,
-    pub function: RewardFn,
+    pub function: RewardFn<B>,
+}
+
+/// The configured reward functions (`model` rewards load on `b`).
+pub fn build_rewards<B: Backend>(b: &B, specs: &[RewardSpec]) -> Result<Vec<Reward<B>>> {
+    specs
+        .iter()
+        .map(|s| {
+            let regex = |p: &Option<String>| -> Result<Option<Regex>> {
+                p.as_ref()
+                    .map(|p| Regex::new(p).with_context(|| format!("reward `{}`: bad pattern", s.name())))
+                    .transpose()
+            };
+            let function = match s.kind.as_str() {
+                "exact_match" => RewardFn::ExactMatch { pattern: regex(&s.pattern)? },
+                "format" => RewardFn::Format {
+                    pattern: regex(&s.pattern)?
+                        .with_context(|| format!("reward `{}`: `pattern` is required", s.name()))?,
+                },
+                "length" => RewardFn::Length { max_chars: s.max_chars.unwrap_or(200) },
+                "command" => RewardFn::Command {
+                    program: s
+                        .command
+                        .first()
+                        .cloned()
+                        .with_context(|| format!("reward `{}`: `command` is empty", s.name()))?,
+                    args: s.command[1..].to_vec(),
+                    timeout: Duration::from_secs_f64(s.timeout_s),
+                },
+                "http" => RewardFn::Http {
+                    url: s.url.clone().with_context(|| format!("reward `{}`: `url` is required", s.name()))?,
+                    timeout: Duration::from_secs_f64(s.timeout_s),
+                },
+                "model" => {
+                    let path = s.path.as_ref().with_context(|| format!("reward `{}`: `path` is required", s.name()))?;
+                    RewardFn::RewardModel(Box::new(Mutex::new(ScoringModel::load(b, path)?)))
+                }
+                other => bail!("reward `{other}`: unknown type (exact_match, format, length, command, http, model)"),
+            };
+            Ok(Reward { name: s.name(), weight: s.weight, function })
+        })
+        .collect()
 }
 
 /// The contents of the last `\boxed{...}`, braces balanced.
@@ -131,9 +172,9 @@ pub fn answers_match(got: &str, want: &str) -> bool {
     }
 }
 
-impl Reward {
-    /// The reward of every sample.
-    pub fn score(&self, samples: &[Sample]) -> Result<Vec<f64>> {
+impl<B: Backend> Reward<B> {
+    /// The reward of every sample (a reward model scores on `b`).
+    pub fn score(&self, b: &B, samples: &[Sample]) -> Result<Vec<f64>> {
         Ok(match &self.function {
             RewardFn::ExactMatch { pattern } => samples
                 .iter()
@@ -161,7 +202,7 @@ impl Reward {
                 let texts: Vec<String> = samples.iter().map(|s| format!("{}{}", s.prompt, s.completion)).collect();
                 m.lock()
                     .expect("reward model lock")
-                    .rewards(&texts)
+                    .rewards(b, &texts)
                     .with_context(|| format!("reward `{}`", self.name))?
             }
         })
@@ -267,6 +308,7 @@ fn run_command(name: &str, program: &str, args: &[String], timeout: Duration, sa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_core::Cpu;
 
     fn sample<'a>(completion: &'a str, answer: &'a str) -> Sample<'a> {
         Sample { prompt: "p", completion, answer: Some(answer) }
@@ -274,7 +316,8 @@ mod tests {
 
     #[test]
     fn exact_match_reads_the_last_boxed_answer_and_compares_numbers() {
-        let r = Reward { name: "em".into(), weight: 1.0, function: RewardFn::ExactMatch { pattern: None } };
+        let r: Reward<Cpu> =
+            Reward { name: "em".into(), weight: 1.0, function: RewardFn::ExactMatch { pattern: None } };
         let samples = [
             sample("so \\boxed{3} no wait \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
             sample("\\boxed{0.50}", "1/2"),
@@ -282,28 +325,28 @@ mod tests {
             sample("the answer is 7", "7"),
             sample("\\boxed{8}", "7"),
         ];
-        assert_eq!(r.score(&samples).unwrap(), vec![1.0, 1.0, 1.0, 0.0, 0.0]);
-        let re = Reward {
+        assert_eq!(r.score(&Cpu, &samples).unwrap(), vec![1.0, 1.0, 1.0, 0.0, 0.0]);
+        let re: Reward<Cpu> = Reward {
             name: "em".into(),
             weight: 1.0,
             function: RewardFn::ExactMatch { pattern: Some(Regex::new(r"=\s*(-?\d+)").unwrap()) },
         };
-        assert_eq!(re.score(&[sample("3+4=7", "7"), sample("3+4=8", "7")]).unwrap(), vec![1.0, 0.0]);
+        assert_eq!(re.score(&Cpu, &[sample("3+4=7", "7"), sample("3+4=8", "7")]).unwrap(), vec![1.0, 0.0]);
     }
 
     #[test]
     fn format_and_length_rewards() {
-        let f = Reward {
+        let f: Reward<Cpu> = Reward {
             name: "format".into(),
             weight: 1.0,
             function: RewardFn::Format { pattern: Regex::new(r"(?s)^<think>.*</think>.+$").unwrap() },
         };
-        assert_eq!(f.score(&[sample("<think>x</think>7", ""), sample("7", "")]).unwrap(), vec![1.0, 0.0]);
-        let l = Reward { name: "len".into(), weight: 1.0, function: RewardFn::Length { max_chars: 4 } };
-        assert_eq!(l.score(&[sample("abc", ""), sample("abcdef", "")]).unwrap(), vec![0.0, -0.5]);
+        assert_eq!(f.score(&Cpu, &[sample("<think>x</think>7", ""), sample("7", "")]).unwrap(), vec![1.0, 0.0]);
+        let l: Reward<Cpu> = Reward { name: "len".into(), weight: 1.0, function: RewardFn::Length { max_chars: 4 } };
+        assert_eq!(l.score(&Cpu, &[sample("abc", ""), sample("abcdef", "")]).unwrap(), vec![0.0, -0.5]);
     }
 
-    fn command(script: &str, timeout_ms: u64) -> Reward {
+    fn command(script: &str, timeout_ms: u64) -> Reward<Cpu> {
         Reward {
             name: "ext".into(),
             weight: 1.0,
@@ -319,14 +362,14 @@ mod tests {
     fn command_rewards_read_json_lines_and_fail_clearly() {
         let samples = [sample("a", "1"), sample("bb", "2")];
         // One reward per line: the length of each JSON line, to show the input arrived.
-        let ok = command("while read -r l; do echo ${#l}; done", 5000).score(&samples).unwrap();
+        let ok = command("while read -r l; do echo ${#l}; done", 5000).score(&Cpu, &samples).unwrap();
         assert_eq!(ok.len(), 2);
         assert!(ok[1] == ok[0] + 1.0, "{ok:?}");
-        let err = command("sleep 5", 200).score(&samples).unwrap_err().to_string();
+        let err = command("sleep 5", 200).score(&Cpu, &samples).unwrap_err().to_string();
         assert!(err.contains("reward `ext`") && err.contains("timed out"), "{err}");
-        let err = command("echo boom >&2; exit 3", 5000).score(&samples).unwrap_err().to_string();
+        let err = command("echo boom >&2; exit 3", 5000).score(&Cpu, &samples).unwrap_err().to_string();
         assert!(err.contains("exited") && err.contains("boom"), "{err}");
-        let err = command("cat > /dev/null; echo 1", 5000).score(&samples).unwrap_err().to_string();
+        let err = command("cat > /dev/null; echo 1", 5000).score(&Cpu, &samples).unwrap_err().to_string();
         assert!(err.contains("wrote 1 rewards for 2 samples"), "{err}");
     }
 
@@ -369,7 +412,7 @@ mod tests {
         url
     }
 
-    fn http(url: String, timeout_ms: u64) -> Reward {
+    fn http(url: String, timeout_ms: u64) -> Reward<Cpu> {
         Reward {
             name: "sandbox".into(),
             weight: 1.0,
@@ -387,20 +430,20 @@ mod tests {
             serde_json::json!({ "rewards": lens }).to_string()
         };
         let url = serve_once(200, Duration::ZERO, lengths);
-        assert_eq!(http(url, 5000).score(&samples).unwrap(), vec![1.0, 3.0]);
+        assert_eq!(http(url, 5000).score(&Cpu, &samples).unwrap(), vec![1.0, 3.0]);
 
         let url = serve_once(200, Duration::from_millis(1500), lengths);
-        let err = http(url, 200).score(&samples).unwrap_err().to_string();
+        let err = http(url, 200).score(&Cpu, &samples).unwrap_err().to_string();
         assert!(err.contains("reward `sandbox`") && err.contains("no answer within 0.2 s"), "{err}");
         let url = serve_once(500, Duration::ZERO, |_| "sandbox crashed".into());
-        let err = http(url, 5000).score(&samples).unwrap_err().to_string();
+        let err = http(url, 5000).score(&Cpu, &samples).unwrap_err().to_string();
         assert!(err.contains("status 500") && err.contains("sandbox crashed"), "{err}");
         let url = serve_once(200, Duration::ZERO, |_| r#"{"rewards": [1]}"#.into());
-        let err = http(url, 5000).score(&samples).unwrap_err().to_string();
+        let err = http(url, 5000).score(&Cpu, &samples).unwrap_err().to_string();
         assert!(err.contains("answered 1 rewards for 2 samples"), "{err}");
         // Nothing listens on the port of a listener that was dropped.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let err = http(format!("http://127.0.0.1:{port}/"), 5000).score(&samples).unwrap_err().to_string();
+        let err = http(format!("http://127.0.0.1:{port}/"), 5000).score(&Cpu, &samples).unwrap_err().to_string();
         assert!(err.contains("reward `sandbox`: POST"), "{err}");
     }
 }

@@ -1,111 +1,22 @@
-//! Supervised fine-tuning, as one straight loop: load the model and data, then for each
-//! optimizer step run its micro-batches forward and backward, clip, update, log, evaluate
-//! and checkpoint. Loss is the mean over the step's trainable tokens.
+//! Supervised fine-tuning: the loss of a step is the mean, over its trainable tokens, of each
+//! token's negative log-likelihood.
 
 use crate::config::RunConfig;
+use crate::data::{check_vocab, encode_split, encode_splits, encoder, load_tokenizer};
 use crate::loader::{build_batch, describe_rows, pack, real_tokens, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
-pub use crate::session::Resume;
-use crate::session::Session;
-use anyhow::{bail, Result};
-use kiln_core::{Backend, Cpu};
-use kiln_data::example::{Encoder, Example, Tokenized};
-use kiln_data::{rows, ChatTemplate, Tokenizer};
+use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::trainer::{train, Recipe, StepPlan};
+use anyhow::Result;
+use kiln_core::Backend;
+use kiln_data::example::Example;
 use kiln_model::{Activations, Model};
-use serde_json::json;
-use std::path::{Path, PathBuf};
+use serde_json::{json, Value};
 
-#[derive(Clone, Debug)]
-pub struct Summary {
-    pub steps: u64,
-    pub last_loss: f64,
-    pub eval_loss: Option<f64>,
-    /// Tokens per second of training steps (start-up, eval and checkpoints excluded).
-    pub tokens_per_s: f64,
-    pub seconds: f64,
-    pub checkpoint: PathBuf,
-    pub plot: PathBuf,
-    /// Stopped by SIGINT/SIGTERM before the last step (a checkpoint was saved).
-    pub interrupted: bool,
-}
-
-/// Bounds the list of bad rows printed before a run.
-const BAD_ROWS_SHOWN: usize = 10;
-
-/// Tokenizes the files of one split, reporting bad rows; fails when too many are bad.
-pub fn encode_split(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64, split: &str) -> Result<Vec<Example>> {
-    let mut rows = Vec::new();
-    for f in files {
-        rows.extend(rows::read_rows(f)?);
-    }
-    let Tokenized { examples, bad } = encoder.encode_all(rows);
-    check_bad_rows(split, files, examples.len(), &bad, max_bad_fraction)?;
-    Ok(examples)
-}
-
-/// Prints the first bad rows of a split, and fails when there are no good rows or more bad
-/// ones than `max_bad_fraction` allows.
-pub fn check_bad_rows(
-    split: &str,
-    files: &[PathBuf],
-    good: usize,
-    bad: &[kiln_data::Error],
-    max_bad_fraction: f64,
-) -> Result<()> {
-    let total = good + bad.len();
-    for e in bad.iter().take(BAD_ROWS_SHOWN) {
-        eprintln!("warning: {split} row skipped: {e}");
-    }
-    if bad.len() > BAD_ROWS_SHOWN {
-        eprintln!("warning: ... and {} more bad {split} rows", bad.len() - BAD_ROWS_SHOWN);
-    }
-    if total == 0 {
-        bail!(
-            "{split} data: no rows in {}",
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
-    }
-    let fraction = bad.len() as f64 / total as f64;
-    if fraction > max_bad_fraction {
-        bail!(
-            "{split} data: {} of {total} rows are bad ({:.1}%, more than data.max_bad_fraction = {}); first: {}",
-            bad.len(),
-            100.0 * fraction,
-            max_bad_fraction,
-            bad[0]
-        );
-    }
-    Ok(())
-}
-
-/// The run's train and eval examples, tokenized as the config says; bad rows reported.
-pub fn encode_data(
-    config: &RunConfig,
-    tokenizer: &Tokenizer,
-    template: Option<&ChatTemplate>,
-) -> Result<(Vec<Example>, Vec<Example>)> {
-    let encoder =
-        Encoder { tokenizer, template, max_seq_len: config.data.max_seq_len, policy: config.data.length_policy };
-    let train = encode_split(&config.data.train, &encoder, config.data.max_bad_fraction, "train")?;
-    let eval = if config.data.eval.is_empty() {
-        Vec::new()
-    } else {
-        encode_split(&config.data.eval, &encoder, config.data.max_bad_fraction, "eval")?
-    };
-    Ok((train, eval))
-}
-
-/// The tokenizer and chat template of a model directory.
-pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
-    let tokenizer = Tokenizer::load(dir)?;
-    let template = match &tokenizer.chat_template {
-        Some(src) => Some(
-            ChatTemplate::new(src, tokenizer.bos_token.clone(), tokenizer.eos_token.clone())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join("tokenizer_config.json").display()))?,
-        ),
-        None => None,
-    };
-    Ok((tokenizer, template))
+/// The loss of a step, or on the eval data.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SftStats {
+    pub loss: f64,
 }
 
 /// Mean loss over the trainable tokens of `micro_batches`.
@@ -134,107 +45,97 @@ fn micro_batch_nll<B: Backend>(
     nll.iter().zip(&batch.weights).map(|(&l, &w)| l as f64 * w as f64).sum::<f64>()
 }
 
-/// `evaluate` with the micro-batches shared out over the ranks: each rank's per-micro-batch
-/// sums are gathered by an exact all-reduce (one rank contributes each), so the result is the
-/// one-process one.
-fn evaluate_on_ranks(
-    session: &mut Session,
-    acts: &mut Activations<Cpu>,
-    examples: &[Example],
-    micro_batches: &[Vec<PackedRow>],
-) -> Result<f64> {
-    let (mine, idle) = session.forward_share(micro_batches.len())?;
-    let mut sums = vec![0.0; micro_batches.len()];
-    for i in mine {
-        sums[i] = micro_batch_nll(&session.b, &mut session.model, acts, examples, &micro_batches[i]);
+struct Sft<B: Backend> {
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    order: DataOrder,
+    eval_batches: Vec<Vec<PackedRow>>,
+    acts: Activations<B>,
+    /// Every trainable token's weight in the current step: 1 / the step's trainable tokens.
+    weight: f32,
+}
+
+impl<B: Backend> Recipe<B> for Sft<B> {
+    type Micro = usize;
+    type Tally = ();
+    type Stats = SftStats;
+
+    fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
+        // Data parallel: a step is `grad_accum` micro-batches per rank, each rank taking its own
+        // contiguous share, so N ranks see what one rank sees with N times the accumulation.
+        let step = self.order.step(s.state.step);
+        let micro_batches = || step.iter().map(|&i| &self.order.micro_batches[i]);
+        let trainable: usize = micro_batches().map(|mb| trainable_targets(&self.train, mb)).sum();
+        self.weight = 1.0 / trainable.max(1) as f32;
+        Ok(StepPlan {
+            trainable: trainable as u64,
+            tokens: micro_batches().map(|mb| real_tokens(&self.train, mb)).sum::<usize>() as u64,
+            describe: describe_rows(&self.train, micro_batches()),
+            micro_batches: step[s.my_share(step.len())].to_vec(),
+        })
     }
-    (0..idle).for_each(|_| session.model.serve_experts_forward(&session.b));
-    session.comm.all_reduce_sum_f64(&mut sums, &format!("eval loss at step {}", session.state.step))?;
-    let count = micro_batches.iter().map(|mb| trainable_targets(examples, mb)).sum::<usize>();
-    Ok(sums.iter().sum::<f64>() / count.max(1) as f64)
+
+    fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, _: &mut ()) -> Result<f64> {
+        let acts = &mut self.acts;
+        let batch = build_batch(&self.train, &self.order.micro_batches[i], acts.rows, acts.seq, self.weight);
+        Ok(s.model.forward_backward(&s.b, acts, &batch, &mut s.dp))
+    }
+
+    fn stats(&self, _: &(), update: &StepUpdate) -> SftStats {
+        SftStats { loss: update.loss }
+    }
+
+    fn record(&self, stats: &SftStats, prefix: &str) -> Value {
+        json!({format!("{prefix}loss"): stats.loss})
+    }
+
+    fn message(&self, stats: &SftStats) -> String {
+        format!("loss {:.4}", stats.loss)
+    }
+
+    /// The eval loss, the micro-batches shared out over the ranks: each rank's per-micro-batch
+    /// sums are gathered by an exact all-reduce (one rank contributes each), so the result is
+    /// the one-process one.
+    fn evaluate(&mut self, s: &mut Session<B>) -> Result<Option<SftStats>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let (mine, idle) = s.forward_share(self.eval_batches.len())?;
+        let mut sums = vec![0.0; self.eval_batches.len()];
+        for i in mine {
+            sums[i] = micro_batch_nll(&s.b, &mut s.model, &mut self.acts, &self.eval, &self.eval_batches[i]);
+        }
+        (0..idle).for_each(|_| s.model.serve_experts_forward(&s.b));
+        s.comm.all_reduce_sum_f64(&mut sums, &format!("eval loss at step {}", s.state.step))?;
+        let count = self.eval_batches.iter().map(|mb| trainable_targets(&self.eval, mb)).sum::<usize>();
+        Ok(Some(SftStats { loss: sums.iter().sum::<f64>() / count.max(1) as f64 }))
+    }
 }
 
 /// Runs SFT as configured; `quiet` hides the progress bar.
-pub fn run(config: &RunConfig, resume: Option<Resume>, quiet: bool) -> Result<Summary> {
-    let mut session = Session::open(config, resume)?;
-    let (tokenizer, template) = load_tokenizer(session.model_dir())?;
-    check_vocab(&session.model, &tokenizer, session.model_dir())?;
-    let (train, eval) = encode_data(config, &tokenizer, template.as_ref())?;
-
-    let b = session.b;
+pub fn run<B: Backend>(
+    rt: Runtime<B>,
+    config: &RunConfig,
+    resume: Option<Resume>,
+    quiet: bool,
+) -> Result<RunSummary<SftStats>> {
+    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
+    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
+    check_vocab(&s.model, &tokenizer, s.model_dir())?;
+    let encoder = encoder(config, &tokenizer, template.as_ref());
+    let bad = config.data.max_bad_fraction;
+    let (train_examples, eval) = encode_splits(config, |files, split| encode_split(files, &encoder, bad, split))?;
     let (rows, seq) = (config.rows(), config.data.max_seq_len);
     let t = &config.train;
-    // Data parallel: a step is `grad_accum` micro-batches per rank, each rank taking its own
-    // contiguous share, so N ranks see what one rank sees with N times the accumulation.
-    let order = DataOrder::new(&train, rows, seq, session.step_micro_batches(), t.seed);
+    let order = DataOrder::new(&train_examples, rows, seq, s.step_micro_batches(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
-    let total_steps = schedule.total_steps;
-    let eval_batches = pack(&eval, rows, seq, None);
-    let mut acts = Activations::new(&b, &session.model.config, rows, seq, true, t.recompute);
-
-    session.start_progress(total_steps, quiet);
-    let (mut last_loss, mut eval_loss) = (f64::NAN, None);
-    let mut interrupted = false;
-    if session.state.step == 0 && !eval.is_empty() {
-        let l = evaluate_on_ranks(&mut session, &mut acts, &eval, &eval_batches)?;
-        session.metrics.write(&json!({"step": 0, "eval_loss": l}))?;
-        eval_loss = Some(l);
-    }
-    while session.state.step < total_steps {
-        let micro_batches = order.step(session.state.step);
-        let count: usize = micro_batches.iter().map(|mb| trainable_targets(&train, mb)).sum();
-        let real_tokens: usize = micro_batches.iter().map(|mb| real_tokens(&train, mb)).sum();
-        let weight = 1.0 / count.max(1) as f32;
-        session.begin_step();
-        let mut loss = 0.0;
-        let mine = session.my_share(micro_batches.len());
-        let idle = session.idle_backwards_needed(mine.len())?;
-        for mb in &micro_batches[mine] {
-            let batch = build_batch(&train, mb, rows, seq, weight);
-            loss += session.model.forward_backward(&b, &mut acts, &batch, &mut session.grads);
-        }
-        session.idle_backwards(idle);
-        let update = session.update(loss, &schedule, || describe_rows(&train, &micro_batches))?;
-        let loss = update.loss;
-        last_loss = loss;
-        let fields = json!({"loss": loss, "trainable_tokens": count});
-        session.log_step(fields, count as u64, real_tokens as u64, &update, &format!("loss {loss:.4}"))?;
-
-        let step = session.state.step;
-        if !eval.is_empty() && session.eval_due(total_steps) {
-            let l = evaluate_on_ranks(&mut session, &mut acts, &eval, &eval_batches)?;
-            session.metrics.write(&json!({"step": step, "eval_loss": l}))?;
-            session.bar.println(format!("step {step}: eval loss {l:.4}"));
-            eval_loss = Some(l);
-        }
-        interrupted = session.checkpoint_if_due(total_steps)?;
-        if interrupted {
-            break;
-        }
-    }
-    let (tokens_per_s, seconds) = session.throughput();
-    let (checkpoint, plot) = session.finish("kiln sft")?;
-    Ok(Summary {
-        steps: session.state.step,
-        last_loss,
-        eval_loss,
-        tokens_per_s,
-        seconds,
-        checkpoint,
-        plot,
-        interrupted,
-    })
-}
-
-/// Refuses a tokenizer with ids beyond the model's embedding.
-pub fn check_vocab<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
-    if tokenizer.vocab_size() > model.config.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens, the model's vocab_size is {}",
-            dir.display(),
-            tokenizer.vocab_size(),
-            model.config.vocab_size
-        );
-    }
-    Ok(())
+    let mut sft = Sft {
+        eval_batches: pack(&eval, rows, seq, None),
+        acts: Activations::new(&s.b, &s.model.config, rows, seq, true, t.recompute),
+        train: train_examples,
+        eval,
+        order,
+        weight: 0.0,
+    };
+    train(&mut s, &mut sft, &schedule, "kiln sft", quiet)
 }

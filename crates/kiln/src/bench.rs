@@ -2,10 +2,12 @@
 //! moe`: the MoE layer against a dense MLP; `kiln bench generate` lives in `bench_generate`.
 
 use anyhow::Result;
-use kiln_core::{rng::Rng, Cpu};
+use kiln_core::{rng::Rng, AdamW, Cpu};
+use kiln_dist::Comm;
 use kiln_model::{Activations, Batch, Config, Model};
-use kiln_train::{zero_grads, AdamW};
+use kiln_train::data_parallel::DataParallel;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Subcommand)]
@@ -81,9 +83,9 @@ fn step_flops(c: &Config, rows: usize, seq: usize) -> f64 {
     linear + attention
 }
 
-pub fn run(cmd: &Command) -> Result<()> {
+pub fn run(cmd: &Command, world: Arc<dyn Comm>) -> Result<()> {
     match cmd {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(args, world),
         Command::Moe(args) => moe(args),
         Command::Generate(args) => crate::bench_generate::run(args),
     }
@@ -149,6 +151,7 @@ fn moe(args: &MoeArgs) -> Result<()> {
     let (mut out, mut dx) = (b.zeros(n * d), b.zeros(n * d));
     let mut acts = MoeActs::new(&b, &shape, n);
     let mut scratch = MoeGrads::new(&b, &shape, n);
+    let (w, mut g) = (w.map(&mut |t| &t[..]), g.map_mut(&mut |t| &mut t[..]));
     let moe_s = median_time(args.steps, || {
         moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts, None);
         moe::backward(&b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, None);
@@ -166,6 +169,7 @@ fn moe(args: &MoeArgs) -> Result<()> {
         down_bias: none(),
     };
     let mut g = w.map(&mut |t| b.zeros(b.len(t)));
+    let (w, mut g) = (w.map(&mut |t| &t[..]), g.map_mut(&mut |t| &mut t[..]));
     let mut acts = MlpActs::new(&b, n, i);
     let mut scratch = MlpGrads::new(&b, n, i);
     let dense_s = median_time(args.steps, || {
@@ -182,7 +186,7 @@ fn moe(args: &MoeArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(args: &TrainArgs) -> Result<()> {
+fn train(args: &TrainArgs, comm: Arc<dyn Comm>) -> Result<()> {
     let b = Cpu;
     let mut model = match (&args.model, &args.config) {
         (Some(dir), _) => Model::load(&b, dir)?,
@@ -191,37 +195,26 @@ fn train(args: &TrainArgs) -> Result<()> {
     };
     let c = model.config.clone();
     // Under mpirun: data parallel, `--batch` sequences per rank, gradients summed over ranks.
-    let comm = kiln_dist::world();
     let mut rng = Rng::new(1 + comm.rank() as u64);
     let sequences: Vec<Vec<i32>> =
         (0..args.batch).map(|_| (0..args.seq).map(|_| rng.below(c.vocab_size) as i32).collect()).collect();
     let batch = Batch::causal_lm(&sequences);
     let mut acts = Activations::new(&b, &c, batch.rows, batch.seq, true, args.recompute);
-    let mut grads = model.zeros_like_params(&b);
-    let mut opt = AdamW::new(&b, &model.layout, 1e-4, 0.1);
+    let hyper = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 0 };
+    let mut dp = DataParallel::new(&b, &model, &comm, None, 0, hyper);
 
     let mut times = Vec::with_capacity(args.steps);
     let mut comm_times = Vec::with_capacity(args.steps);
     let mut losses = Vec::new();
-    let mut flat = Vec::new();
+    dp.what = "bench gradients".into();
     for step in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        zero_grads(&b, &mut grads);
-        let loss = model.forward_backward(&b, &mut acts, &batch, &mut grads);
+        dp.zero_grads(&b);
+        let loss = model.forward_backward(&b, &mut acts, &batch, &mut dp);
         let t_comm = Instant::now();
-        if comm.size() > 1 {
-            flat.clear();
-            grads.iter().into_iter().for_each(|g| flat.extend_from_slice(g));
-            comm.all_reduce_sum(&mut flat, "bench gradients")?;
-            let mut at = 0;
-            for g in grads.iter_mut() {
-                let n = g.len();
-                g.copy_from_slice(&flat[at..at + n]);
-                at += n;
-            }
-        }
+        dp.reduce(&b)?;
         let comm_s = t_comm.elapsed().as_secs_f64();
-        opt.step(&b, &mut model.params, &grads);
+        dp.step(&b, &mut model.params, 1e-4, 1.0)?;
         let dt = t0.elapsed().as_secs_f64();
         losses.push(loss);
         if step >= args.warmup {

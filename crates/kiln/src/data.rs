@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use kiln_data::example::Example;
+use kiln_train::data::{encode_split, encode_splits, encoder, load_tokenizer};
 use kiln_train::loader::DataOrder;
-use kiln_train::sft::{encode_data, load_tokenizer};
 use kiln_train::RunConfig;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -82,7 +82,9 @@ pub fn run(cmd: &Command) -> Result<()> {
     let Command::Inspect(args) = cmd;
     let config = RunConfig::load_resolved(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
     let (tok, template) = load_tokenizer(&config.model.path)?;
-    let (train, eval) = encode_data(&config, &tok, template.as_ref())?;
+    let encoder = encoder(&config, &tok, template.as_ref());
+    let bad = config.data.max_bad_fraction;
+    let (train, eval) = encode_splits(&config, |files, split| encode_split(files, &encoder, bad, split))?;
     report("train", &train, &config);
     if !eval.is_empty() {
         report("eval", &eval, &config);

@@ -8,8 +8,8 @@ use kiln_data::{Message, Tokenizer};
 use kiln_model::generator::{generate, FinishReason, Generation, Request};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::Model;
-use kiln_train::grpo::read_prompts;
-use kiln_train::sft::load_tokenizer;
+use kiln_train::data::load_tokenizer;
+use kiln_train::rollout::read_prompts;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 

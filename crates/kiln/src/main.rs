@@ -43,6 +43,8 @@ enum Command {
     Distill(run_args::RunArgs),
     /// Train a reward model (Bradley-Terry on preference pairs) from a run configuration.
     Rm(run_args::RunArgs),
+    /// Kahneman-Tversky optimisation on unpaired desirable/undesirable completions.
+    Kto(run_args::RunArgs),
     /// Write a checkpoint out as a Hugging Face model directory.
     Export(export::Args),
     /// Look at a run's data before training on it.
@@ -83,19 +85,20 @@ fn main() -> anyhow::Result<()> {
     keep_freed_memory();
     let cli = Cli::parse();
     kiln_core::cpu::threads::init(cli.threads)?;
-    let _mpi = kiln_dist::init(std::time::Duration::from_secs_f64(cli.comm_timeout))?;
+    let (_mpi, world) = kiln_dist::init(std::time::Duration::from_secs_f64(cli.comm_timeout))?;
     match cli.command {
         Command::Demo(args) => demo::run(&args),
-        Command::Sft(args) => sft::run(&args),
-        Command::Dpo(args) => recipes::dpo(&args),
-        Command::Rm(args) => recipes::rm(&args),
-        Command::Grpo(args) => recipes::grpo(&args),
-        Command::Distill(args) => recipes::distill(&args),
+        Command::Sft(args) => sft::run(&args, world),
+        Command::Dpo(args) => recipes::dpo(&args, world),
+        Command::Rm(args) => recipes::rm(&args, world),
+        Command::Kto(args) => recipes::kto(&args, world),
+        Command::Grpo(args) => recipes::grpo(&args, world),
+        Command::Distill(args) => recipes::distill(&args, world),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),
         Command::Generate(args) => generate::run(&args),
-        Command::Bench(cmd) => bench::run(&cmd),
+        Command::Bench(cmd) => bench::run(&cmd, world),
         Command::Plan(args) => plan::run(&args),
     }
 }

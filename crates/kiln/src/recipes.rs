@@ -1,15 +1,18 @@
-//! `kiln dpo`, `kiln rm`, `kiln grpo` and `kiln distill`: run a recipe from a run file and
+//! `kiln dpo`, `kiln rm`, `kiln kto`, `kiln grpo` and `kiln distill`: run a recipe from a run file and
 //! say how it ended. (`kiln sft` keeps its own module for the SFT summary.)
 
 use crate::run_args::RunArgs;
 use anyhow::Result;
+use kiln_core::Cpu;
+use kiln_dist::Comm;
 use kiln_train::session::RunSummary;
-use kiln_train::{distill, dpo, grpo, rm};
+use kiln_train::{distill, dpo, grpo, kto, rm, Runtime};
+use std::sync::Arc;
 
-/// Prints how a run ended; `describe` renders a step's (or an evaluation's) statistics and
-/// `headline` picks the number shown for the evaluation before training.
-fn report<S>(s: &RunSummary<S>, describe: impl Fn(&S) -> String, headline: impl Fn(&S) -> f64) {
-    if !kiln_dist::world().is_root() {
+/// Prints how a run ended (on rank 0); `describe` renders a step's (or an evaluation's)
+/// statistics and `headline` picks the number shown for the evaluation before training.
+fn report<S>(root: bool, s: &RunSummary<S>, describe: impl Fn(&S) -> String, headline: impl Fn(&S) -> f64) {
+    if !root {
         return;
     }
     println!(
@@ -27,30 +30,47 @@ fn report<S>(s: &RunSummary<S>, describe: impl Fn(&S) -> String, headline: impl 
     println!("checkpoint {}\nplot {}", s.checkpoint.display(), s.plot.display());
 }
 
-pub fn dpo(args: &RunArgs) -> Result<()> {
+pub fn dpo(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let s = dpo::run(&config, resume, args.quiet)?;
-    report(&s, |x| format!("loss {:.4}, reward accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
+    let root = world.is_root();
+    let s = dpo::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    report(root, &s, |x| format!("loss {:.4}, reward accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
     Ok(())
 }
 
-pub fn rm(args: &RunArgs) -> Result<()> {
+pub fn rm(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let s = rm::run(&config, resume, args.quiet)?;
-    report(&s, |x| format!("loss {:.4}, accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
+    let root = world.is_root();
+    let s = rm::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    report(root, &s, |x| format!("loss {:.4}, accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
     Ok(())
 }
 
-pub fn grpo(args: &RunArgs) -> Result<()> {
+pub fn grpo(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let s = grpo::run(&config, resume, args.quiet)?;
-    report(&s, |x| format!("reward {:.3}, solved {:.3}", x.reward, x.solved), |x| x.solved);
+    let root = world.is_root();
+    let s = grpo::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    report(root, &s, |x| format!("reward {:.3}, solved {:.3}", x.reward, x.solved), |x| x.solved);
     Ok(())
 }
 
-pub fn distill(args: &RunArgs) -> Result<()> {
+pub fn distill(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let s = distill::run(&config, resume, args.quiet)?;
-    report(&s, |x| format!("reverse KL {:.4}", x.reverse_kl), |x| x.reverse_kl);
+    let root = world.is_root();
+    let s = distill::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    report(root, &s, |x| format!("reverse KL {:.4}", x.reverse_kl), |x| x.reverse_kl);
+    Ok(())
+}
+
+pub fn kto(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
+    let (config, resume) = args.load()?;
+    let root = world.is_root();
+    let s = kto::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    report(
+        root,
+        &s,
+        |x| format!("loss {:.4}, KL {:.4}, reward margin {:.3}", x.loss, x.kl, x.margin()),
+        |x| x.margin(),
+    );
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use crate::tokens_file;
 use anyhow::{bail, Context, Result};
-use kiln_core::{Backend, Cpu};
+use kiln_core::Cpu;
 use kiln_model::{Activations, Batch, Model};
 use std::io::Write;
 use std::path::PathBuf;
@@ -76,12 +76,9 @@ pub fn run(args: &Args) -> Result<()> {
         let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, false, false);
         if args.reward {
             model.forward_hidden(&b, &mut acts, &batch, false);
-            let last: Vec<usize> =
-                sequences[start..end].iter().enumerate().map(|(r, s)| r * batch.seq + s.len() - 1).collect();
-            let hidden = model.hidden_at(&b, &acts, &last);
-            let w = b.read(model.params.score.as_ref().expect("checked: a reward model"));
-            for h in hidden.chunks(w.len()) {
-                let reward = h.iter().zip(&w).map(|(h, w)| h * w).sum();
+            let last: Vec<i32> =
+                sequences[start..end].iter().enumerate().map(|(r, s)| (r * batch.seq + s.len() - 1) as i32).collect();
+            for reward in model.score_forward(&b, &acts, &last) {
                 writeln!(out, "{}", serde_json::to_string(&Rewarded { reward })?)?;
             }
             start = end;

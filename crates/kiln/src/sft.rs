@@ -2,20 +2,24 @@
 
 use crate::run_args::RunArgs;
 use anyhow::Result;
-use kiln_train::sft;
+use kiln_core::Cpu;
+use kiln_dist::Comm;
+use kiln_train::{sft, Runtime};
+use std::sync::Arc;
 
-pub fn run(args: &RunArgs) -> Result<()> {
+pub fn run(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let s = sft::run(&config, resume, args.quiet)?;
-    if !kiln_dist::world().is_root() {
+    let root = world.is_root();
+    let s = sft::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    if !root {
         return Ok(());
     }
-    let eval = s.eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4}"));
+    let eval = s.eval.map_or(String::new(), |e| format!(", eval loss {:.4}", e.loss));
     println!(
         "{} after {} steps: loss {:.4}{eval}; {:.0} tokens/s over {:.1} s",
         if s.interrupted { "interrupted" } else { "done" },
         s.steps,
-        s.last_loss,
+        s.last.loss,
         s.tokens_per_s,
         s.seconds
     );

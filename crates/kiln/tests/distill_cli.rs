@@ -21,7 +21,9 @@ fn random_student(dir: &Path) {
     }
     let mut model = kiln_model::Model::load(&kiln_core::Cpu, Path::new(BASE)).unwrap();
     let mut rng = kiln_core::rng::Rng::new(9);
-    for (spec, p) in model.layout.iter().into_iter().zip(model.params.iter_mut()) {
+    let flat = model.flat.clone();
+    for (spec, p) in model.layout.iter().into_iter().zip(flat.views_mut(&kiln_core::Cpu, &mut model.params).iter_mut())
+    {
         if spec.shape.len() == 2 {
             let noise = rng.normal_vec(p.len(), 0.03);
             p.iter_mut().zip(noise).for_each(|(w, n)| *w += n);

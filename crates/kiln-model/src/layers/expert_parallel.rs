@@ -15,13 +15,19 @@ use kiln_dist::Comm;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// The group of ranks that share out the routed experts.
-#[derive(Clone)]
-pub struct ExpertParallel {
-    pub group: Arc<dyn Comm + Send + Sync>,
+/// The group of ranks that share out the routed experts; its collectives move the backend's
+/// buffers directly.
+pub struct ExpertParallel<B: Backend> {
+    pub group: Arc<dyn Comm<B::Slice>>,
 }
 
-impl ExpertParallel {
+impl<B: Backend> Clone for ExpertParallel<B> {
+    fn clone(&self) -> Self {
+        Self { group: Arc::clone(&self.group) }
+    }
+}
+
+impl<B: Backend> ExpertParallel<B> {
     /// The routed experts (of `experts`) this rank holds.
     pub fn local(&self, experts: usize) -> Range<usize> {
         kiln_dist::shard(experts, self.group.rank(), self.group.size())
@@ -31,7 +37,7 @@ impl ExpertParallel {
 /// One layer's exchange for one batch: how many rows went to and came from each rank, and
 /// the regrouping between source-major and expert-major order.
 pub struct Exchange<B: Backend> {
-    group: Arc<dyn Comm + Send + Sync>,
+    group: Arc<dyn Comm<B::Slice>>,
     layer: usize,
     send_rows: Vec<usize>,
     recv_rows: Vec<usize>,
@@ -53,14 +59,13 @@ fn must<T>(result: anyhow::Result<T>) -> T {
 impl<B: Backend> Exchange<B> {
     /// Agrees with the group on the rows of layer `layer`: `rows[e]` of this rank's dispatched
     /// rows go to expert `e` (every expert of the layer).
-    pub fn new(b: &B, ep: &ExpertParallel, layer: usize, rows: &[usize]) -> Self {
+    pub fn new(b: &B, ep: &ExpertParallel<B>, layer: usize, rows: &[usize]) -> Self {
         let k = ep.group.size();
         let per = rows.len() / k;
-        // Row counts per expert, to the rank holding it (exact in f32 below 2^24 rows).
-        let send: Vec<f32> = rows.iter().map(|&r| r as f32).collect();
-        let mut recv = vec![0f32; per * k];
-        let what = format!("MoE layer {layer}: expert row counts");
-        must(ep.group.all_to_allv(&send, &vec![per; k], &mut recv, &vec![per; k], &what));
+        // Row counts per expert, to the rank holding it.
+        let send: Vec<u64> = rows.iter().map(|&r| r as u64).collect();
+        let mut recv = vec![0u64; per * k];
+        must(ep.group.all_to_all_u64(&send, &mut recv, &format!("MoE layer {layer}: expert row counts")));
         let counts: Vec<usize> = recv.iter().map(|&c| c as usize).collect();
         let send_rows = rows.chunks(per).map(|c| c.iter().sum()).collect();
         let recv_rows: Vec<usize> = counts.chunks(per).map(|c| c.iter().sum()).collect();
@@ -102,25 +107,23 @@ impl<B: Backend> Exchange<B> {
 
     /// This rank's dispatched rows `x` (`[Σ sent, width]`, expert-sorted) → the rows of its own
     /// experts from every rank, expert-major (`[rows(), width]`).
-    pub fn to_experts(&self, b: &B, x: &B::Buf, width: usize, what: &str) -> B::Buf {
-        let mut recv = vec![0f32; self.rows() * width];
+    pub fn to_experts(&self, b: &B, x: &B::Slice, width: usize, what: &str) -> B::Buf {
+        let mut source_major = b.zeros(self.rows() * width);
         let (sc, rc) = (times(&self.send_rows, width), times(&self.recv_rows, width));
         let what = format!("MoE layer {}: {what}", self.layer);
-        must(self.group.all_to_allv(&b.read(x), &sc, &mut recv, &rc, &what));
-        let mut out = b.zeros(recv.len());
-        b.embedding_forward(&mut out, &b.upload(&recv), &self.to_experts, width);
+        must(self.group.all_to_allv(x, &sc, &mut source_major, &rc, &what));
+        let mut out = b.zeros(self.rows() * width);
+        b.embedding_forward(&mut out, &source_major, &self.to_experts, width);
         out
     }
 
     /// The inverse of `to_experts`: expert-major rows `y` → each rank's own dispatched rows,
     /// written into `out` (`[Σ sent, width]`).
-    pub fn to_sources(&self, b: &B, y: &B::Buf, out: &mut B::Buf, width: usize, what: &str) {
+    pub fn to_sources(&self, b: &B, y: &B::Slice, out: &mut B::Slice, width: usize, what: &str) {
         let mut source_major = b.zeros(self.rows() * width);
         b.embedding_forward(&mut source_major, y, &self.to_sources, width);
-        let mut back = vec![0f32; self.send_rows.iter().sum::<usize>() * width];
         let (sc, rc) = (times(&self.recv_rows, width), times(&self.send_rows, width));
         let what = format!("MoE layer {}: {what}", self.layer);
-        must(self.group.all_to_allv(&b.read(&source_major), &sc, &mut back, &rc, &what));
-        b.write(out, &back);
+        must(self.group.all_to_allv(&source_major, &sc, out, &rc, &what));
     }
 }

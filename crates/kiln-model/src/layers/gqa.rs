@@ -77,32 +77,32 @@ fn rope_spec(c: &Config, tokens: usize, heads: usize) -> Rope {
 pub fn forward<B: Backend>(
     b: &B,
     c: &Config,
-    w: &GqaWeights<B::Buf>,
-    xn: &B::Buf,
-    out: &mut B::Buf,
+    w: &GqaWeights<&B::Slice>,
+    xn: &B::Slice,
+    out: &mut B::Slice,
     a: &mut GqaActs<B>,
     ctx: &AttnCtx<B>,
-    kv: Option<(&mut B::Buf, &mut B::Buf)>,
+    kv: Option<(&mut B::Slice, &mut B::Slice)>,
 ) {
     let (n, d, eps) = (ctx.tokens, c.hidden_size, c.rms_norm_eps);
     let (qd, kvd) = widths(c);
     match (&mut a.q_raw, &mut a.k_raw, &w.q_norm, &w.k_norm) {
         (Some((q_raw, q_rstd)), Some((k_raw, k_rstd)), Some(q_norm), Some(k_norm)) => {
-            linear(b, q_raw, xn, (&w.q, w.q_bias.as_ref()), (n, d, qd));
-            linear(b, k_raw, xn, (&w.k, w.k_bias.as_ref()), (n, d, kvd));
+            linear(b, q_raw, xn, (&w.q, w.q_bias), (n, d, qd));
+            linear(b, k_raw, xn, (&w.k, w.k_bias), (n, d, kvd));
             b.rmsnorm_forward(&mut a.q, q_rstd, q_raw, q_norm, eps);
             b.rmsnorm_forward(&mut a.k, k_rstd, k_raw, k_norm, eps);
         }
         _ => {
-            linear(b, &mut a.q, xn, (&w.q, w.q_bias.as_ref()), (n, d, qd));
-            linear(b, &mut a.k, xn, (&w.k, w.k_bias.as_ref()), (n, d, kvd));
+            linear(b, &mut a.q, xn, (&w.q, w.q_bias), (n, d, qd));
+            linear(b, &mut a.k, xn, (&w.k, w.k_bias), (n, d, kvd));
         }
     }
-    linear(b, &mut a.v, xn, (&w.v, w.v_bias.as_ref()), (n, d, kvd));
+    linear(b, &mut a.v, xn, (&w.v, w.v_bias), (n, d, kvd));
     b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_heads));
     b.rope_forward(&mut a.k, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_kv_heads));
     attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (kvd, kvd), kv, ctx);
-    linear(b, out, &a.att, (&w.o, w.o_bias.as_ref()), (n, qd, d));
+    linear(b, out, &a.att, (&w.o, w.o_bias), (n, qd, d));
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
@@ -110,18 +110,18 @@ pub fn forward<B: Backend>(
 pub fn backward<B: Backend>(
     b: &B,
     c: &Config,
-    w: &GqaWeights<B::Buf>,
-    xn: &B::Buf,
-    dout: &B::Buf,
-    dxn: &mut B::Buf,
-    g: &mut GqaWeights<B::Buf>,
+    w: &GqaWeights<&B::Slice>,
+    xn: &B::Slice,
+    dout: &B::Slice,
+    dxn: &mut B::Slice,
+    g: &mut GqaWeights<&mut B::Slice>,
     a: &GqaActs<B>,
     s: &mut GqaGrads<B>,
     ctx: &AttnCtx<B>,
 ) {
     let (n, d) = (ctx.tokens, c.hidden_size);
     let (qd, kvd) = widths(c);
-    linear_backward(b, Some((&mut s.datt, false)), (&mut g.o, g.o_bias.as_mut()), dout, &a.att, &w.o, (n, qd, d));
+    linear_backward(b, Some((&mut s.datt, false)), (&mut g.o, g.o_bias.as_deref_mut()), dout, &a.att, &w.o, (n, qd, d));
     b.attention_backward(
         &mut s.dq,
         &mut s.dk,
@@ -139,7 +139,7 @@ pub fn backward<B: Backend>(
     b.rope_backward(&mut s.dk, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_kv_heads));
     let (dq, dk) = match (&a.q_raw, &a.k_raw, &mut s.dq_raw, &mut s.dk_raw, &mut g.q_norm, &mut g.k_norm) {
         (Some((q_raw, q_rstd)), Some((k_raw, k_rstd)), Some(dq_raw), Some(dk_raw), Some(dqn), Some(dkn)) => {
-            let (q_norm, k_norm) = (w.q_norm.as_ref().expect("q_norm"), w.k_norm.as_ref().expect("k_norm"));
+            let (q_norm, k_norm) = (w.q_norm.expect("q_norm"), w.k_norm.expect("k_norm"));
             b.fill(dq_raw, 0.0);
             b.fill(dk_raw, 0.0);
             b.rmsnorm_backward(dq_raw, dqn, &s.dq, q_raw, q_norm, q_rstd);
@@ -148,7 +148,7 @@ pub fn backward<B: Backend>(
         }
         _ => (&s.dq, &s.dk),
     };
-    linear_backward(b, Some((dxn, false)), (&mut g.q, g.q_bias.as_mut()), dq, xn, &w.q, (n, d, qd));
-    linear_backward(b, Some((dxn, true)), (&mut g.k, g.k_bias.as_mut()), dk, xn, &w.k, (n, d, kvd));
-    linear_backward(b, Some((dxn, true)), (&mut g.v, g.v_bias.as_mut()), &s.dv, xn, &w.v, (n, d, kvd));
+    linear_backward(b, Some((dxn, false)), (&mut g.q, g.q_bias.as_deref_mut()), dq, xn, &w.q, (n, d, qd));
+    linear_backward(b, Some((dxn, true)), (&mut g.k, g.k_bias.as_deref_mut()), dk, xn, &w.k, (n, d, kvd));
+    linear_backward(b, Some((dxn, true)), (&mut g.v, g.v_bias.as_deref_mut()), &s.dv, xn, &w.v, (n, d, kvd));
 }

@@ -166,26 +166,26 @@ impl<B: Backend> MlaGrads<B> {
 pub fn forward<B: Backend>(
     b: &B,
     cfg: &Config,
-    w: &MlaWeights<B::Buf>,
-    xn: &B::Buf,
-    out: &mut B::Buf,
+    w: &MlaWeights<&B::Slice>,
+    xn: &B::Slice,
+    out: &mut B::Slice,
     a: &mut MlaActs<B>,
     ctx: &AttnCtx<B>,
-    kv: Option<(&mut B::Buf, &mut B::Buf)>,
+    kv: Option<(&mut B::Slice, &mut B::Slice)>,
 ) {
     let m = dims(cfg, ctx.tokens);
     let (n, d, h) = (m.n, m.d, m.h);
     match (&mut a.q_a, &w.q_a, &w.q_a_norm, &w.q_b, m.q_rank) {
         (Some((q_a, q_a_norm, q_a_rstd)), Some(wa), Some(wn), Some(wb), Some(r)) => {
-            linear(b, q_a, xn, (wa, w.q_a_bias.as_ref()), (n, d, r));
+            linear(b, q_a, xn, (wa, w.q_a_bias), (n, d, r));
             b.rmsnorm_forward(q_a_norm, q_a_rstd, q_a, wn, LATENT_NORM_EPS);
             linear(b, &mut a.q, q_a_norm, (wb, None), (n, r, h * m.qk()));
         }
-        _ => linear(b, &mut a.q, xn, (w.q.as_ref().expect("q_proj"), None), (n, d, h * m.qk())),
+        _ => linear(b, &mut a.q, xn, (w.q.expect("q_proj"), None), (n, d, h * m.qk())),
     }
     b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, m.q_rope());
 
-    linear(b, &mut a.kv_a, xn, (&w.kv_a, w.kv_a_bias.as_ref()), (n, d, m.kv_a()));
+    linear(b, &mut a.kv_a, xn, (&w.kv_a, w.kv_a_bias), (n, d, m.kv_a()));
     b.copy_columns(&mut a.c, &a.kv_a, m.columns(n, m.c, (m.kv_a(), 0), (m.c, 0), false));
     b.rmsnorm_forward(&mut a.c_norm, &mut a.c_rstd, &a.c, &w.kv_a_norm, LATENT_NORM_EPS);
     b.rope_forward(&mut a.kv_a, ctx.rope_table, ctx.positions, m.k_rope());
@@ -200,7 +200,7 @@ pub fn forward<B: Backend>(
     b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
 
     attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx);
-    linear(b, out, &a.att, (&w.o, w.o_bias.as_ref()), (n, h * m.v, d));
+    linear(b, out, &a.att, (&w.o, w.o_bias), (n, h * m.v, d));
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
@@ -208,18 +208,26 @@ pub fn forward<B: Backend>(
 pub fn backward<B: Backend>(
     b: &B,
     cfg: &Config,
-    w: &MlaWeights<B::Buf>,
-    xn: &B::Buf,
-    dout: &B::Buf,
-    dxn: &mut B::Buf,
-    g: &mut MlaWeights<B::Buf>,
+    w: &MlaWeights<&B::Slice>,
+    xn: &B::Slice,
+    dout: &B::Slice,
+    dxn: &mut B::Slice,
+    g: &mut MlaWeights<&mut B::Slice>,
     a: &MlaActs<B>,
     s: &mut MlaGrads<B>,
     ctx: &AttnCtx<B>,
 ) {
     let m = dims(cfg, ctx.tokens);
     let (n, d, h) = (m.n, m.d, m.h);
-    linear_backward(b, Some((&mut s.datt, false)), (&mut g.o, g.o_bias.as_mut()), dout, &a.att, &w.o, (n, h * m.v, d));
+    linear_backward(
+        b,
+        Some((&mut s.datt, false)),
+        (&mut g.o, g.o_bias.as_deref_mut()),
+        dout,
+        &a.att,
+        &w.o,
+        (n, h * m.v, d),
+    );
     b.attention_backward(
         &mut s.dq,
         &mut s.dk,
@@ -258,7 +266,7 @@ pub fn backward<B: Backend>(
     linear_backward(
         b,
         Some((&mut *dxn, false)),
-        (&mut g.kv_a, g.kv_a_bias.as_mut()),
+        (&mut g.kv_a, g.kv_a_bias.as_deref_mut()),
         &s.dkv_a,
         xn,
         &w.kv_a,
@@ -281,10 +289,10 @@ pub fn backward<B: Backend>(
             linear_backward(b, Some((&mut *dq_a_norm, false)), (gb, None), &s.dq, q_a_norm, wb, (n, r, h * m.qk()));
             b.fill(dq_a, 0.0);
             b.rmsnorm_backward(dq_a, gn, dq_a_norm, q_a, wn, q_a_rstd);
-            linear_backward(b, Some((dxn, true)), (ga, g.q_a_bias.as_mut()), dq_a, xn, wa, (n, d, r));
+            linear_backward(b, Some((dxn, true)), (ga, g.q_a_bias.as_deref_mut()), dq_a, xn, wa, (n, d, r));
         }
         _ => {
-            let (wq, gq) = (w.q.as_ref().expect("q_proj"), g.q.as_mut().expect("q_proj grad"));
+            let (wq, gq) = (w.q.expect("q_proj"), g.q.as_deref_mut().expect("q_proj grad"));
             linear_backward(b, Some((dxn, true)), (gq, None), &s.dq, xn, wq, (n, d, h * m.qk()));
         }
     }

@@ -35,17 +35,17 @@ impl<B: Backend> MlpGrads<B> {
 /// `out = mlp(x)` for `[tokens, d]` x; with `out` `None` only what backward needs is computed.
 pub fn forward<B: Backend>(
     b: &B,
-    w: &MlpWeights<B::Buf>,
-    x: &B::Buf,
-    out: Option<&mut B::Buf>,
+    w: &MlpWeights<&B::Slice>,
+    x: &B::Slice,
+    out: Option<&mut B::Slice>,
     a: &mut MlpActs<B>,
     (n, d, ff): (usize, usize, usize),
 ) {
-    linear(b, &mut a.gate, x, (&w.gate, w.gate_bias.as_ref()), (n, d, ff));
-    linear(b, &mut a.up, x, (&w.up, w.up_bias.as_ref()), (n, d, ff));
+    linear(b, &mut a.gate, x, (&w.gate, w.gate_bias), (n, d, ff));
+    linear(b, &mut a.up, x, (&w.up, w.up_bias), (n, d, ff));
     b.swiglu_forward(&mut a.h, &a.gate, &a.up);
     if let Some(out) = out {
-        linear(b, out, &a.h, (&w.down, w.down_bias.as_ref()), (n, ff, d));
+        linear(b, out, &a.h, (&w.down, w.down_bias), (n, ff, d));
     }
 }
 
@@ -53,17 +53,33 @@ pub fn forward<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     b: &B,
-    w: &MlpWeights<B::Buf>,
-    x: &B::Buf,
-    dout: &B::Buf,
-    dx: &mut B::Buf,
-    g: &mut MlpWeights<B::Buf>,
+    w: &MlpWeights<&B::Slice>,
+    x: &B::Slice,
+    dout: &B::Slice,
+    dx: &mut B::Slice,
+    g: &mut MlpWeights<&mut B::Slice>,
     a: &MlpActs<B>,
     s: &mut MlpGrads<B>,
     (n, d, ff): (usize, usize, usize),
 ) {
-    linear_backward(b, Some((&mut s.dh, false)), (&mut g.down, g.down_bias.as_mut()), dout, &a.h, &w.down, (n, ff, d));
+    linear_backward(
+        b,
+        Some((&mut s.dh, false)),
+        (&mut g.down, g.down_bias.as_deref_mut()),
+        dout,
+        &a.h,
+        &w.down,
+        (n, ff, d),
+    );
     b.swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
-    linear_backward(b, Some((&mut *dx, false)), (&mut g.gate, g.gate_bias.as_mut()), &s.dgate, x, &w.gate, (n, d, ff));
-    linear_backward(b, Some((dx, true)), (&mut g.up, g.up_bias.as_mut()), &s.dup, x, &w.up, (n, d, ff));
+    linear_backward(
+        b,
+        Some((&mut *dx, false)),
+        (&mut g.gate, g.gate_bias.as_deref_mut()),
+        &s.dgate,
+        x,
+        &w.gate,
+        (n, d, ff),
+    );
+    linear_backward(b, Some((dx, true)), (&mut g.up, g.up_bias.as_deref_mut()), &s.dup, x, &w.up, (n, d, ff));
 }

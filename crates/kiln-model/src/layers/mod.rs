@@ -15,7 +15,7 @@ use kiln_core::{Attention, Backend, DecodeAttention, Matmul};
 /// for generation where its keys and values go in the cache.
 pub struct AttnCtx<'a, B: Backend> {
     pub tokens: usize,
-    pub rope_table: &'a B::Buf,
+    pub rope_table: &'a B::Slice,
     pub positions: &'a B::Index,
     pub segments: &'a B::Index,
     pub spec: Attention,
@@ -43,11 +43,11 @@ impl<B: Backend> Copy for CacheCtx<'_, B> {}
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attend<B: Backend>(
     b: &B,
-    (att, lse): (&mut B::Buf, &mut B::Buf),
-    q: &B::Buf,
-    (k, v): (&B::Buf, &B::Buf),
+    (att, lse): (&mut B::Slice, &mut B::Slice),
+    q: &B::Slice,
+    (k, v): (&B::Slice, &B::Slice),
     (k_row, v_row): (usize, usize),
-    kv: Option<(&mut B::Buf, &mut B::Buf)>,
+    kv: Option<(&mut B::Slice, &mut B::Slice)>,
     ctx: &AttnCtx<B>,
 ) {
     if let (Some((kc, vc)), Some(cache)) = (kv, &ctx.cache) {
@@ -64,9 +64,9 @@ pub(crate) fn attend<B: Backend>(
 /// `y = x·Wᵀ (+ bias)` for `rows` rows.
 pub(crate) fn linear<B: Backend>(
     b: &B,
-    y: &mut B::Buf,
-    x: &B::Buf,
-    (w, bias): (&B::Buf, Option<&B::Buf>),
+    y: &mut B::Slice,
+    x: &B::Slice,
+    (w, bias): (&B::Slice, Option<&B::Slice>),
     (rows, d_in, d_out): (usize, usize, usize),
 ) {
     b.matmul(y, x, w, Matmul::linear(rows, d_in, d_out));
@@ -79,11 +79,11 @@ pub(crate) fn linear<B: Backend>(
 /// (`(dx, accumulate)`).
 pub(crate) fn linear_backward<B: Backend>(
     b: &B,
-    dx: Option<(&mut B::Buf, bool)>,
-    (dw, dbias): (&mut B::Buf, Option<&mut B::Buf>),
-    dy: &B::Buf,
-    x: &B::Buf,
-    w: &B::Buf,
+    dx: Option<(&mut B::Slice, bool)>,
+    (dw, dbias): (&mut B::Slice, Option<&mut B::Slice>),
+    dy: &B::Slice,
+    x: &B::Slice,
+    w: &B::Slice,
     (rows, d_in, d_out): (usize, usize, usize),
 ) {
     b.matmul(dw, dy, x, Matmul::linear_dw(rows, d_in, d_out));

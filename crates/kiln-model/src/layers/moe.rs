@@ -55,12 +55,13 @@ pub struct MoeActs<B: Backend> {
     scores: B::Buf,
     route_w: B::Buf,
     route_idx: B::Index,
-    /// Dispatched row → token, and the routing weight of each row, in expert order.
+    /// Dispatched row → token, and the routing weight of each row, in expert order; the row of
+    /// each (token, choice) slot.
     order: B::Index,
     row_w: B::Buf,
-    /// Host copies: rows per expert (the layer's load), and dispatched row → (token·top_k + choice).
+    slot_rows: B::Index,
+    /// Rows per expert (the layer's load), the one thing the host reads back.
     pub rows: Vec<usize>,
-    slot_of_row: Vec<usize>,
     xs: B::Buf,
     g: B::Buf,
     u: B::Buf,
@@ -83,7 +84,7 @@ struct Remote<B: Backend> {
 }
 
 /// An expert-parallel layer: the group, and the layer's index for naming its exchanges.
-pub type ExpertGroup<'a> = Option<(&'a ExpertParallel, usize)>;
+pub type ExpertGroup<'a, B> = Option<(&'a ExpertParallel<B>, usize)>;
 
 impl<B: Backend> MoeActs<B> {
     pub fn new(b: &B, s: &MoeShape, tokens: usize) -> Self {
@@ -97,8 +98,8 @@ impl<B: Backend> MoeActs<B> {
             route_idx: b.upload_index(&vec![0; rows]),
             order: b.upload_index(&vec![0; rows]),
             row_w: b.zeros(rows),
+            slot_rows: b.upload_index(&vec![0; rows]),
             rows: vec![0; s.experts],
-            slot_of_row: vec![0; rows],
             xs: b.zeros(rows * d),
             g: b.zeros(rows * ff),
             u: b.zeros(rows * ff),
@@ -121,9 +122,9 @@ fn routing(s: &MoeShape, tokens: usize) -> Routing {
 /// `[rows, d_out] (+)= X·W_eᵀ` per expert, `W` stored `[experts, d_out, d_in]`.
 fn experts_linear<B: Backend>(
     b: &B,
-    y: &mut B::Buf,
-    x: &B::Buf,
-    w: &B::Buf,
+    y: &mut B::Slice,
+    x: &B::Slice,
+    w: &B::Slice,
     rows: &[usize],
     d_in: usize,
     d_out: usize,
@@ -135,12 +136,12 @@ fn experts_linear<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn experts_linear_backward<B: Backend>(
     b: &B,
-    dx: &mut B::Buf,
+    dx: &mut B::Slice,
     accumulate: bool,
-    dw: &mut B::Buf,
-    dy: &B::Buf,
-    x: &B::Buf,
-    w: &B::Buf,
+    dw: &mut B::Slice,
+    dy: &B::Slice,
+    x: &B::Slice,
+    w: &B::Slice,
     rows: &[usize],
     (d_in, d_out): (usize, usize),
 ) {
@@ -154,11 +155,11 @@ fn experts_linear_backward<B: Backend>(
 fn experts_forward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    w: &MoeWeights<B::Buf>,
+    w: &MoeWeights<&B::Slice>,
     rows: &[usize],
-    xs: &B::Buf,
-    (g, u, h): (&mut B::Buf, &mut B::Buf, &mut B::Buf),
-    y: &mut B::Buf,
+    xs: &B::Slice,
+    (g, u, h): (&mut B::Slice, &mut B::Slice, &mut B::Slice),
+    y: &mut B::Slice,
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
     experts_linear(b, g, xs, &w.gate, rows, d, ff);
@@ -173,12 +174,12 @@ fn experts_forward<B: Backend>(
 fn experts_backward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    (w, gw): (&MoeWeights<B::Buf>, &mut MoeWeights<B::Buf>),
+    (w, gw): (&MoeWeights<&B::Slice>, &mut MoeWeights<&mut B::Slice>),
     rows: &[usize],
-    (xs, g, u, h): (&B::Buf, &B::Buf, &B::Buf, &B::Buf),
-    dy: &B::Buf,
-    (dh, dg, du): (&mut B::Buf, &mut B::Buf, &mut B::Buf),
-    dxs: &mut B::Buf,
+    (xs, g, u, h): (&B::Slice, &B::Slice, &B::Slice, &B::Slice),
+    dy: &B::Slice,
+    (dh, dg, du): (&mut B::Slice, &mut B::Slice, &mut B::Slice),
+    dxs: &mut B::Slice,
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
     experts_linear_backward(b, dh, false, &mut gw.down, dy, h, &w.down, rows, (ff, d));
@@ -193,11 +194,11 @@ fn experts_backward<B: Backend>(
 fn remote_forward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    w: &MoeWeights<B::Buf>,
-    (ep, layer): (&ExpertParallel, usize),
+    w: &MoeWeights<&B::Slice>,
+    (ep, layer): (&ExpertParallel<B>, usize),
     rows: &[usize],
-    xs: &B::Buf,
-    y: &mut B::Buf,
+    xs: &B::Slice,
+    y: &mut B::Slice,
 ) -> Remote<B> {
     let (d, ff) = (s.hidden, s.expert_ff);
     let exchange = Exchange::new(b, ep, layer, rows);
@@ -215,10 +216,10 @@ fn remote_forward<B: Backend>(
 fn remote_backward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    (w, g): (&MoeWeights<B::Buf>, &mut MoeWeights<B::Buf>),
+    (w, g): (&MoeWeights<&B::Slice>, &mut MoeWeights<&mut B::Slice>),
     r: &Remote<B>,
-    dy: &B::Buf,
-    dxs: &mut B::Buf,
+    dy: &B::Slice,
+    dxs: &mut B::Slice,
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
     let ex = &r.exchange;
@@ -226,7 +227,7 @@ fn remote_backward<B: Backend>(
     let rows = ex.rows();
     let (mut dh, mut dg, mut du) = (b.zeros(rows * ff), b.zeros(rows * ff), b.zeros(rows * ff));
     let mut dxs_local = b.zeros(rows * d);
-    let acts = (&r.xs, &r.g, &r.u, &r.h);
+    let acts = (&*r.xs, &*r.g, &*r.u, &*r.h);
     experts_backward(b, s, (w, g), &ex.local_rows, acts, &dy, (&mut dh, &mut dg, &mut du), &mut dxs_local);
     ex.to_sources(b, &dxs_local, dxs, d, "input gradients");
 }
@@ -238,8 +239,8 @@ pub struct Served<B: Backend>(Remote<B>);
 pub fn serve_forward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    w: &MoeWeights<B::Buf>,
-    ep: (&ExpertParallel, usize),
+    w: &MoeWeights<&B::Slice>,
+    ep: (&ExpertParallel<B>, usize),
 ) -> Served<B> {
     Served(remote_forward(b, s, w, ep, &vec![0; s.experts], &b.zeros(0), &mut b.zeros(0)))
 }
@@ -248,7 +249,7 @@ pub fn serve_forward<B: Backend>(
 pub fn serve_backward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    (w, g): (&MoeWeights<B::Buf>, &mut MoeWeights<B::Buf>),
+    (w, g): (&MoeWeights<&B::Slice>, &mut MoeWeights<&mut B::Slice>),
     served: &Served<B>,
 ) {
     remote_backward(b, s, (w, g), &served.0, &b.zeros(0), &mut b.zeros(0));
@@ -268,32 +269,17 @@ fn release<B: Backend, const N: usize>(b: &B, bufs: [&mut B::Buf; N]) {
 pub fn forward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    w: &MoeWeights<B::Buf>,
-    x: &B::Buf,
-    out: Option<&mut B::Buf>,
+    w: &MoeWeights<&B::Slice>,
+    x: &B::Slice,
+    out: Option<&mut B::Slice>,
     a: &mut MoeActs<B>,
-    ep: ExpertGroup,
+    ep: ExpertGroup<B>,
 ) {
     let (n, d, k, e) = (a.tokens, s.hidden, s.routing.top_k, s.experts);
     b.matmul(&mut a.logits, x, &w.router, Matmul::linear(n, d, e));
     b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, &w.bias, routing(s, n));
 
-    // Counting sort of the (token, choice) slots by expert.
-    let idx = b.read_index(&a.route_idx);
-    a.rows.iter_mut().for_each(|r| *r = 0);
-    idx.iter().for_each(|&ex| a.rows[ex as usize] += 1);
-    let mut next: Vec<usize> = a.rows.iter().scan(0, |acc, &r| Some(std::mem::replace(acc, *acc + r))).collect();
-    let route_w = b.read(&a.route_w);
-    let (mut order, mut row_w) = (vec![0i32; n * k], vec![0f32; n * k]);
-    for (slot, &ex) in idx.iter().enumerate() {
-        let row = next[ex as usize];
-        next[ex as usize] += 1;
-        a.slot_of_row[row] = slot;
-        order[row] = (slot / k) as i32;
-        row_w[row] = route_w[slot];
-    }
-    b.write_index(&mut a.order, &order);
-    b.write(&mut a.row_w, &row_w);
+    a.rows = b.moe_dispatch(&mut a.order, &mut a.row_w, &mut a.slot_rows, &a.route_idx, &a.route_w, e, k);
 
     b.embedding_forward(&mut a.xs, x, &a.order, d);
     match ep {
@@ -362,11 +348,11 @@ impl<B: Backend> MoeGrads<B> {
 pub fn backward<B: Backend>(
     b: &B,
     s: &MoeShape,
-    w: &MoeWeights<B::Buf>,
-    x: &B::Buf,
-    dout: &B::Buf,
-    dx: &mut B::Buf,
-    g: &mut MoeWeights<B::Buf>,
+    w: &MoeWeights<&B::Slice>,
+    x: &B::Slice,
+    dout: &B::Slice,
+    dx: &mut B::Slice,
+    g: &mut MoeWeights<&mut B::Slice>,
     a: &MoeActs<B>,
     t: &mut MoeGrads<B>,
     aux: Option<&SeqAux>,
@@ -399,8 +385,8 @@ pub fn backward<B: Backend>(
     // Experts, here or on the ranks that hold them.
     match &a.remote {
         None => {
-            let acts = (&a.xs, &a.g, &a.u, &a.h);
-            let scratch = (&mut t.dh, &mut t.dg, &mut t.du);
+            let acts = (&*a.xs, &*a.g, &*a.u, &*a.h);
+            let scratch = (&mut *t.dh, &mut *t.dg, &mut *t.du);
             experts_backward(b, s, (w, g), &a.rows, acts, &t.dy, scratch, &mut t.dxs);
         }
         Some(r) => {
@@ -411,12 +397,7 @@ pub fn backward<B: Backend>(
     // Dispatch: xs_row = x[token].
     b.embedding_backward(dx, &t.dxs, &a.order, d);
     // Router: routing weights back to (token, choice) order, then through the router.
-    let drow = b.read(&t.drow_w);
-    let mut droute = vec![0f32; n * k];
-    for (row, &slot) in a.slot_of_row.iter().enumerate() {
-        droute[slot] = drow[row];
-    }
-    b.write(&mut t.droute_w, &droute);
+    b.embedding_forward(&mut t.droute_w, &t.drow_w, &a.slot_rows, 1);
     b.moe_route_backward(&mut t.dlogits, &t.droute_w, &a.scores, &a.route_idx, routing(s, n));
     let mut aux_loss = 0.0;
     if let Some(aux) = aux {

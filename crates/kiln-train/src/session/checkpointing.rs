@@ -2,21 +2,22 @@
 //! the directory; with ZeRO every rank, and under expert parallel every rank of the first
 //! expert group, adds its shard to the temporary directory first.
 
-use super::{Optimizer, Session};
+use super::Session;
 use crate::checkpoint::{self, SaveRequest};
 use anyhow::Result;
+use kiln_core::Backend;
 use std::path::{Path, PathBuf};
 
-impl Session {
+impl<B: Backend> Session<B> {
     /// Writes a checkpoint of the current step: rank 0 writes the model and state; with ZeRO
     /// every rank, and under expert parallel every rank of the first expert group, adds its
     /// shard to the checkpoint's temporary directory before rank 0 seals it.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
         let root = self.out_dir.join("checkpoints");
-        let (comm, step) = (self.comm, self.state.step);
+        let (comm, step) = (self.comm.clone(), self.state.step);
         let phase = |name: &str| format!("checkpoint at step {step}: {name}");
         let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
-        let sharded = matches!(self.optimizer, Optimizer::Sharded(_)) || expert_ranks > 1;
+        let sharded = self.dp.sharded || expert_ranks > 1;
         if !comm.is_root() {
             if sharded {
                 comm.barrier(&phase("directory ready"))?;
@@ -36,15 +37,13 @@ impl Session {
             }
             Ok(())
         };
+        let moments = (!self.dp.sharded).then(|| checkpoint::replicated_moments(&self.b, &self.dp, &self.model.flat));
         let dir = checkpoint::save(
             &self.b,
             &SaveRequest {
                 root: &root,
                 model: &self.model,
-                optimizer: match &self.optimizer {
-                    Optimizer::Replicated(adamw) => Some(adamw),
-                    Optimizer::Sharded(_) => None,
-                },
+                moments: moments.as_ref(),
                 extra: &extra,
                 state: &self.state,
                 model_files: &self.model_files,
@@ -62,28 +61,14 @@ impl Session {
     /// expert parallel, in the first expert group but rank 0 (whose part `checkpoint::save`
     /// writes), its routed experts.
     fn write_shard(&self, tmp: &Path, expert_ranks: usize) -> Result<()> {
-        let rank = self.comm.rank();
-        let adamw = match &self.optimizer {
-            Optimizer::Sharded(zero) => {
-                zero.dense.save(tmp, rank, self.comm.size())?;
-                if let (Some(space), Some(replicas)) = (&zero.experts, &self.expert_replicas) {
-                    space.save(tmp, replicas.rank(), replicas.size())?;
-                }
-                None
-            }
-            Optimizer::Replicated(adamw) => Some(adamw),
-        };
+        let (b, rank) = (&self.b, self.comm.rank());
+        if self.dp.sharded {
+            checkpoint::save_moment_shards(b, tmp, &self.dp)?;
+        }
         if rank > 0 && rank < expert_ranks {
-            checkpoint::save_expert_shard(&self.b, tmp, &self.model, adamw, rank, expert_ranks)?;
+            let moments = (!self.dp.sharded).then(|| checkpoint::replicated_moments(b, &self.dp, &self.model.flat));
+            checkpoint::save_expert_shard(b, tmp, &self.model, moments.as_ref(), rank, expert_ranks)?;
         }
         Ok(())
-    }
-
-    /// The newest checkpoint, writing one if the run has none.
-    pub fn final_checkpoint(&mut self) -> Result<PathBuf> {
-        match &self.last_checkpoint {
-            Some(c) => Ok(c.clone()),
-            None => self.checkpoint(),
-        }
     }
 }

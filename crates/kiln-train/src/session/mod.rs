@@ -1,6 +1,6 @@
 //! What every training recipe shares around its loss: the output directory and resume point,
-//! the model and its optimizer, gradient clipping and the update, MoE load balancing,
-//! checkpoints, metrics, the progress bar and SIGINT/SIGTERM.
+//! the model and its update (`DataParallel`), MoE load balancing, checkpoints, metrics, the
+//! progress bar and SIGINT/SIGTERM. `trainer::train` drives it step by step.
 //!
 //! Data parallel: every rank runs the same recipe on its share of each step's data with
 //! token weights normalised over the whole step; `update` sums the gradients (and the loss and
@@ -13,17 +13,15 @@ mod parallel;
 
 use crate::checkpoint::{self, State};
 use crate::config::{RunConfig, TrainSection};
-use crate::grads::{Grads, ShardedGrads};
+use crate::data_parallel::DataParallel;
 use crate::metrics::{Metrics, PlotSpec};
-use crate::optim::AdamW;
 use crate::schedule::Schedule;
-use crate::zero::{ShardedAdamW, Zero};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_core::{AdamW as Hyper, Backend, Cpu};
+use kiln_core::{AdamW as Hyper, Backend};
 use kiln_dist::Comm;
 use kiln_model::{ExpertParallel, Model};
-use parallel::{expert_groups, whole, zero_spaces};
+use parallel::expert_groups;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,17 +37,23 @@ pub enum Resume {
     From(PathBuf),
 }
 
-pub struct Session {
-    pub b: Cpu,
-    /// The ranks of a data-parallel run (one process: `Local`).
-    pub comm: &'static dyn Comm,
-    /// Under expert parallel: the ranks that hold the same routed experts as this one (one per
-    /// expert group), over which those experts' gradients are summed.
-    expert_replicas: Option<Arc<dyn Comm + Send + Sync>>,
-    pub model: Model<Cpu>,
-    pub optimizer: Optimizer,
-    /// Gradients of the step being accumulated: whole, or this rank's chunk (ZeRO-2).
-    pub grads: Grads,
+/// What a run computes on: a backend, and the ranks of the job (one process: `Local`).
+pub struct Runtime<B: Backend> {
+    pub b: B,
+    pub world: Arc<dyn Comm<B::Slice>>,
+}
+
+/// Loads the model a run trains from a directory, with only this rank's routed experts under
+/// expert parallel.
+pub type Loader<'a, B> = &'a dyn Fn(&B, &Path, Option<ExpertParallel<B>>) -> Result<Model<B>>;
+
+pub struct Session<B: Backend> {
+    pub b: B,
+    /// The ranks of the run.
+    pub comm: Arc<dyn Comm<B::Slice>>,
+    pub model: Model<B>,
+    /// Gradients, their reduction over the ranks and the optimizer: backward's `GradSink`.
+    pub dp: DataParallel<B>,
     pub state: State,
     pub metrics: Metrics,
     pub bar: ProgressBar,
@@ -61,10 +65,8 @@ pub struct Session {
     pub last_checkpoint: Option<PathBuf>,
     /// What `finish` plots: the losses unless a recipe says otherwise.
     pub plot: PlotSpec,
-    /// The flat gradients of a data-parallel all-reduce, kept between steps.
-    comm_buffer: Vec<f32>,
+    pub train: TrainSection,
     model_files: Vec<(String, Vec<u8>)>,
-    train: TrainSection,
     keep_last: usize,
     save_every: u64,
     stop: Arc<AtomicBool>,
@@ -75,22 +77,6 @@ pub struct Session {
     tokens_seen: u64,
     step_seconds: f64,
     non_finite_streak: u32,
-}
-
-/// AdamW, replicated on every rank, or with its moments sharded over the ranks (ZeRO).
-pub enum Optimizer {
-    Replicated(AdamW<Cpu>),
-    Sharded(Zero),
-}
-
-impl Optimizer {
-    /// Bytes of optimizer state this rank holds.
-    pub fn state_bytes(&self) -> usize {
-        match self {
-            Self::Replicated(adamw) => adamw.state_bytes(),
-            Self::Sharded(sharded) => sharded.state_bytes(),
-        }
-    }
 }
 
 /// How a recipe's run ended; `S` is its statistics (loss, accuracy, ...).
@@ -119,29 +105,22 @@ pub struct StepUpdate {
     pub skipped: bool,
     /// The step's loss, summed over the ranks of a data-parallel run.
     pub loss: f64,
-    /// `lr`, `grad_norm` and, for MoE models, the experts' loads and balance loss.
+    /// `lr`, `grad_norm`, memory and, for MoE models, the experts' loads and balance loss.
     pub record: Value,
 }
 
-impl Session {
+impl<B: Backend> Session<B> {
     /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
-    /// and (on resume) the optimizer state, and starts listening for SIGINT/SIGTERM.
-    pub fn open(config: &RunConfig, resume: Option<Resume>) -> Result<Self> {
-        Self::open_with(config, resume, |b, dir, ep| Ok(Model::load_with(b, dir, ep)?))
-    }
-
-    /// `open`, loading the model (from the configured directory or the checkpoint, with only
-    /// this rank's routed experts under expert parallel) with `load`.
-    pub fn open_with(
-        config: &RunConfig,
-        resume: Option<Resume>,
-        load: impl FnOnce(&Cpu, &Path, Option<ExpertParallel>) -> Result<Model<Cpu>>,
-    ) -> Result<Self> {
-        let b = Cpu;
+    /// (with `load`, from the configured directory or the checkpoint) and, on resume, the
+    /// optimizer state, and starts listening for SIGINT/SIGTERM.
+    pub fn open(rt: Runtime<B>, config: &RunConfig, resume: Option<Resume>, load: Loader<B>) -> Result<Self> {
+        let Runtime { b, world: comm } = rt;
         let out_dir = config.output.dir.clone();
         std::fs::create_dir_all(&out_dir).with_context(|| format!("{}: cannot create", out_dir.display()))?;
         let ckpt_root = out_dir.join("checkpoints");
-        checkpoint::clean_partial(&ckpt_root);
+        if comm.is_root() {
+            checkpoint::clean_partial(&ckpt_root);
+        }
         let resume_dir = match resume {
             None => None,
             Some(Resume::From(dir)) => Some(dir),
@@ -153,11 +132,10 @@ impl Session {
         };
         let model_dir = resume_dir.clone().unwrap_or_else(|| config.model.path.clone());
         let t = &config.train;
-        let comm = kiln_dist::world();
-        let (expert_parallel, expert_replicas) = match t.ep {
+        let (expert_parallel, replicas) = match t.ep {
             1 => (None, None),
             ep => {
-                let (group, replicas) = expert_groups(comm, ep, &model_dir)?;
+                let (group, replicas) = expert_groups(comm.as_ref(), ep, &model_dir)?;
                 (Some(group), Some(replicas))
             }
         };
@@ -165,20 +143,7 @@ impl Session {
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
-        let mut optimizer = if t.zero >= 1 && comm.size() > 1 {
-            Optimizer::Sharded(zero_spaces(&model, hyper, comm, expert_replicas.as_deref()))
-        } else {
-            let mut adamw = AdamW::new(&b, &model.layout, t.lr, t.weight_decay);
-            adamw.hyper = hyper;
-            Optimizer::Replicated(adamw)
-        };
-        let grads = match &optimizer {
-            Optimizer::Sharded(opt) if t.zero >= 2 => {
-                let dense = &opt.dense;
-                Grads::Sharded(Box::new(ShardedGrads::new(comm, &model.layout, dense.chunk, dense.range.clone())))
-            }
-            _ => Grads::Whole(model.zeros_like_params(&b)),
-        };
+        let mut dp = DataParallel::new(&b, &model, &comm, replicas, t.zero, hyper);
         let mut state = State {
             step: 0,
             adam_step: 0,
@@ -187,26 +152,15 @@ impl Session {
             config: config.clone(),
         };
         if let Some(dir) = &resume_dir {
-            state = match &mut optimizer {
-                Optimizer::Replicated(adamw) => checkpoint::load_optimizer(&b, dir, &model.layout, adamw)?,
-                Optimizer::Sharded(sharded) => {
-                    let state = checkpoint::read_state(dir)?;
-                    let full = if crate::zero::has_shards(dir) {
-                        None
-                    } else {
-                        Some(checkpoint::read_full_moments(dir, &model.layout)?)
-                    };
-                    sharded.load(dir, full.as_ref(), state.adam_step)?;
-                    state
-                }
-            };
+            state = checkpoint::load_moments(&b, dir, &model, &mut dp)?;
             state.config = config.clone();
-            eprintln!("resuming from {} at step {}", dir.display(), state.step);
+            if comm.is_root() {
+                eprintln!("resuming from {} at step {}", dir.display(), state.step);
+            }
         }
-        let metrics = if comm.is_root() {
-            Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step))?
-        } else {
-            Metrics::disabled()
+        let metrics = match comm.is_root() {
+            true => Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step))?,
+            false => Metrics::disabled(),
         };
         let model_files = checkpoint::read_model_files(&model_dir)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -218,10 +172,8 @@ impl Session {
         Ok(Self {
             b,
             comm,
-            expert_replicas,
             model,
-            optimizer,
-            grads,
+            dp,
             state,
             metrics,
             bar: ProgressBar::hidden(),
@@ -230,9 +182,8 @@ impl Session {
             resumed: resume_dir.is_some(),
             last_checkpoint: resume_dir,
             plot: PlotSpec::LOSS,
-            comm_buffer: Vec::new(),
-            model_files,
             train: t.clone(),
+            model_files,
             keep_last: config.output.keep_last,
             save_every: config.output.save_every,
             stop,
@@ -261,10 +212,8 @@ impl Session {
     /// Starts a step: zeroes the gradients and the step's clock.
     pub fn begin_step(&mut self) {
         self.step_started = Instant::now();
-        self.grads.zero();
-        if let Grads::Sharded(sharded) = &mut self.grads {
-            sharded.what = format!("gradients at step {}", self.state.step + 1);
-        }
+        self.dp.zero_grads(&self.b);
+        self.dp.what = format!("gradients at step {}", self.state.step + 1);
     }
 
     /// Logs the step just updated: the recipe's `fields`, its `tokens` (real, not padding)
@@ -299,43 +248,16 @@ impl Session {
         (self.tokens_seen as f64 / self.step_seconds.max(1e-9), self.started.elapsed().as_secs_f64())
     }
 
-    /// Finishes the step whose gradients are in `grads` and whose loss is `loss`: clips to
-    /// `max_grad_norm`, applies AdamW at the scheduled rate (or skips the update, with a
-    /// warning naming `rows()`, when the loss or gradients are not finite; three such steps
-    /// in a row end the run), moves the MoE balancing biases, and counts the step.
+    /// Finishes the step whose gradients backward has left in `dp` and whose loss (this rank's
+    /// share) is `loss`: sums both over the ranks, clips to `max_grad_norm`, applies AdamW at
+    /// the scheduled rate (or skips the update, with a warning naming `rows()`, when the loss
+    /// or gradients are not finite; three such steps in a row end the run), moves the MoE
+    /// balancing biases, and counts the step.
     pub fn update(&mut self, loss: f64, schedule: &Schedule, rows: impl Fn() -> String) -> Result<StepUpdate> {
-        let what = format!("gradients at step {}", self.state.step + 1);
-        let loss = self.reduce_scalars(loss, &what)?;
-        let b = self.b;
-        // The global gradient norm, and with ZeRO-1/2 this rank's chunk of the summed gradients
-        // (ZeRO-2's backward has summed it already).
-        // Under expert parallel the experts' chunk comes second, their squares summed over the
-        // expert group too.
-        let (norm, mut shard) = match (&mut self.optimizer, &mut self.grads) {
-            (Optimizer::Sharded(opt), Grads::Whole(grads)) => {
-                let dense = opt.dense.reduce(self.comm, grads, &what)?;
-                let mut squares = dense.squares;
-                let experts = match (&mut opt.experts, &self.expert_replicas, self.model.expert_parallel()) {
-                    (Some(space), Some(replicas), Some(ep)) => {
-                        let r = space.reduce(replicas.as_ref(), grads, &what)?;
-                        let mut group = [r.squares];
-                        ep.group.all_reduce_sum_f64(&mut group, &what)?;
-                        squares += group[0];
-                        Some(r.grads)
-                    }
-                    _ => None,
-                };
-                (squares.sqrt(), Some((dense.grads, experts)))
-            }
-            (Optimizer::Sharded(_), Grads::Sharded(sharded)) => {
-                let chunk = std::mem::take(&mut sharded.mine);
-                (ShardedAdamW::squares(self.comm, &chunk, &what)?.sqrt(), Some((chunk, None)))
-            }
-            (Optimizer::Replicated(_), _) => {
-                self.all_reduce_grads(&what)?;
-                (self.grad_norm(&what)?, None)
-            }
-        };
+        let loss = self.reduce_scalars(loss)?;
+        let b = &self.b;
+        self.dp.reduce(b)?;
+        let norm = self.dp.norm(b)?;
         self.state.step += 1;
         let lr = schedule.lr(self.state.step);
         let skipped = !loss.is_finite() || !norm.is_finite();
@@ -351,51 +273,21 @@ impl Session {
             }
         } else {
             self.non_finite_streak = 0;
-            let t = &self.train;
-            let scale = if t.max_grad_norm > 0.0 && norm > t.max_grad_norm as f64 {
-                (t.max_grad_norm as f64 / norm) as f32
-            } else {
-                1.0
-            };
-            match (&mut self.optimizer, &mut shard) {
-                (Optimizer::Sharded(opt), Some((dense, experts))) => {
-                    let what = format!("weights at step {}", self.state.step);
-                    dense.iter_mut().chain(experts.iter_mut().flatten()).for_each(|g| *g *= scale);
-                    opt.dense.hyper.lr = lr;
-                    opt.dense.step(self.comm, &mut self.model.params, dense, &what)?;
-                    if let (Some(space), Some(chunk), Some(replicas)) =
-                        (&mut opt.experts, experts, &self.expert_replicas)
-                    {
-                        space.hyper.lr = lr;
-                        space.step(replicas.as_ref(), &mut self.model.params, chunk, &what)?;
-                    }
-                    self.state.adam_step = opt.dense.hyper.step;
-                }
-                (Optimizer::Replicated(opt), _) => {
-                    let grads = whole(&mut self.grads);
-                    if scale != 1.0 {
-                        grads.iter_mut().into_iter().for_each(|g| b.scale(g, scale));
-                    }
-                    opt.hyper.lr = lr;
-                    opt.step(&b, &mut self.model.params, grads);
-                    self.state.adam_step = opt.hyper.step;
-                }
-                (Optimizer::Sharded(_), None) => unreachable!("a sharded optimizer reduces its gradient chunk"),
-            }
-        }
-        if let (Grads::Sharded(sharded), Some((chunk, _))) = (&mut self.grads, shard) {
-            sharded.mine = chunk;
+            let max = self.train.max_grad_norm as f64;
+            let scale = if max > 0.0 && norm > max { (max / norm) as f32 } else { 1.0 };
+            self.dp.what = format!("weights at step {}", self.state.step);
+            self.dp.step(b, &mut self.model.params, lr, scale)?;
+            self.state.adam_step = self.dp.hyper.step;
         }
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
-        let expert_load = self.model.update_router_bias(&b, rate);
+        let expert_load = self.model.update_router_bias(b, rate);
         // What this rank holds between steps: f32 weights whole (its share of the routed experts
-        // under expert parallel), gradients whole or (ZeRO-2) its chunk, moments whole or
-        // (ZeRO-1/2) its chunk.
-        let param_bytes = self.model.params.iter().into_iter().map(|p| b.len(p) * 4).sum::<usize>() as f64;
+        // under expert parallel), gradients whole or (ZeRO-2) its shard, moments whole or
+        // (ZeRO-1/2) its shard.
         let mut record = json!({
-            "lr": lr, "grad_norm": norm, "weights_mb": param_bytes / 1e6,
-            "gradients_mb": self.grads.bytes() as f64 / 1e6,
-            "optimizer_state_mb": self.optimizer.state_bytes() as f64 / 1e6,
+            "lr": lr, "grad_norm": norm, "weights_mb": (b.len(&self.model.params) * 4) as f64 / 1e6,
+            "gradients_mb": self.dp.gradient_bytes() as f64 / 1e6,
+            "optimizer_state_mb": self.dp.state_bytes() as f64 / 1e6,
         });
         add_expert_load(&mut record, &expert_load);
         let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
@@ -427,18 +319,8 @@ impl Session {
         Ok(interrupted)
     }
 
-    /// Ends the run: clears the bar, draws the plot (`title`), and returns the newest
-    /// checkpoint (writing one if the run has none) and the plot.
-    pub fn finish(&mut self, title: &str) -> Result<(PathBuf, PathBuf)> {
-        self.bar.finish_and_clear();
-        let plot = self.out_path(self.plot.file);
-        if self.comm.is_root() {
-            crate::metrics::plot(&self.out_path("metrics.jsonl"), &plot, title, self.plot)?;
-        }
-        Ok((self.final_checkpoint()?, plot))
-    }
-
-    /// `finish`, summed up with the recipe's statistics.
+    /// Ends the run: clears the bar, draws the plot (`title`), and sums it up with the
+    /// recipe's statistics; the newest checkpoint is written if the run has none.
     pub fn summary<S>(
         &mut self,
         title: &str,
@@ -447,7 +329,15 @@ impl Session {
         interrupted: bool,
     ) -> Result<RunSummary<S>> {
         let (tokens_per_s, seconds) = self.throughput();
-        let (checkpoint, plot) = self.finish(title)?;
+        self.bar.finish_and_clear();
+        let plot = self.out_path(self.plot.file);
+        if self.comm.is_root() {
+            crate::metrics::plot(&self.out_path("metrics.jsonl"), &plot, title, self.plot)?;
+        }
+        let checkpoint = match &self.last_checkpoint {
+            Some(c) => c.clone(),
+            None => self.checkpoint()?,
+        };
         Ok(RunSummary {
             steps: self.state.step,
             last,

@@ -12,10 +12,11 @@ use kiln_core::Cpu;
 use kiln_data::example::Encoder;
 use kiln_model::generate::greedy;
 use kiln_model::{Activations, Config, Model, StorageDtype};
+use kiln_train::data::{encode_split, load_tokenizer};
 use kiln_train::loader::pack;
-use kiln_train::sft::{self, encode_split, evaluate, load_tokenizer};
+use kiln_train::sft::{self, evaluate};
 use kiln_train::RunConfig;
-use kiln_train::{dpo, grpo, rm};
+use kiln_train::{dpo, grpo, rm, Runtime};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use tasks::{Problem, Split};
@@ -143,6 +144,11 @@ fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)]) -> R
     Ok(Scores { eval_loss, accuracy: correct as f64 / held_out.len() as f64, samples })
 }
 
+/// The demo runs in one process.
+fn local() -> Runtime<Cpu> {
+    Runtime { b: Cpu, world: std::sync::Arc::new(kiln_dist::Local) }
+}
+
 fn demo(args: &Args) -> Result<()> {
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
@@ -181,7 +187,7 @@ fn demo(args: &Args) -> Result<()> {
 
     println!("kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out", base.display());
     let before = score(&base, &out.join("eval.jsonl"), &held_out)?;
-    let summary = sft::run(&config, None, false)?;
+    let summary = sft::run(local(), &config, None, false)?;
     let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
 
     let sft_model = std::fs::canonicalize(&summary.checkpoint)?;
@@ -200,7 +206,7 @@ fn demo(args: &Args) -> Result<()> {
             sft_model, args.dpo_lr, args.dpo_steps, args.orpo_weight
         ),
     )?;
-    let dpo_summary = dpo::run(&dpo_config, None, false)?;
+    let dpo_summary = dpo::run(local(), &dpo_config, None, false)?;
 
     println!("kiln demo: reward model from the SFT model on the same pairs");
     let rm_config = stage_config(
@@ -216,7 +222,7 @@ fn demo(args: &Args) -> Result<()> {
             sft_model, args.dpo_steps
         ),
     )?;
-    let rm_summary = rm::run(&rm_config, None, false)?;
+    let rm_summary = rm::run(local(), &rm_config, None, false)?;
 
     println!(
         "kiln demo: GRPO from the SFT model on {} questions never demonstrated in a chat, exact-match reward",
@@ -237,7 +243,7 @@ fn demo(args: &Args) -> Result<()> {
             args.grpo_lr, args.grpo_steps
         ),
     )?;
-    let grpo_summary = grpo::run(&grpo_config, None, false)?;
+    let grpo_summary = grpo::run(local(), &grpo_config, None, false)?;
     let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
     let reinforced = score(&grpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
     let pref = |s: Option<dpo::PairStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen));
@@ -351,7 +357,7 @@ fn make_base(out: &Path, steps: u64) -> Result<()> {
              weight_decay = 0.01\nseed = 0\n[output]\ndir = \".\"\nsave_every = 500\nkeep_last = 1\n"
         ),
     )?;
-    let summary = sft::run(&run, None, false)?;
+    let summary = sft::run(local(), &run, None, false)?;
     // The base ships in bf16, like most published checkpoints, and loads as any HF model.
     let mut model = Model::load(&Cpu, &summary.checkpoint)?;
     model.dtype = StorageDtype::BF16;
@@ -360,7 +366,7 @@ fn make_base(out: &Path, steps: u64) -> Result<()> {
         std::fs::copy(init.join(f), out.join(f))?;
     }
     model.save_weights(&Cpu, out)?;
-    println!("base model written to {} (final pretraining loss {:.4})", out.display(), summary.last_loss);
+    println!("base model written to {} (final pretraining loss {:.4})", out.display(), summary.last.loss);
     std::fs::remove_dir_all(&work)?;
     Ok(())
 }

@@ -1,0 +1,154 @@
+//! Training state as llm.c keeps it: parameters, gradients and each optimizer moment are one
+//! flat buffer apiece, every tensor a range of it, so an optimizer step, a gradient collective
+//! or a ZeRO shard is one call over a range instead of a loop over tensors.
+//!
+//! Order: every tensor but the routed experts, in `Weights::iter` order, then the routed
+//! experts in the same order. Data and expert parallel treat the two groups differently (every
+//! rank holds the first; an expert group splits the second), so each is one contiguous range,
+//! and within each a layer's tensors are contiguous too (ZeRO-2 hands them over layer by layer).
+
+use crate::weights::{LayerWeights, TensorSpec, Weights};
+use kiln_core::Backend;
+use std::ops::Range;
+
+#[derive(Clone, Debug)]
+pub struct FlatLayout {
+    /// Each tensor's values in the flat buffer.
+    pub ranges: Weights<Range<usize>>,
+    /// `0..dense` holds every tensor but the routed experts, `dense..total` the routed experts.
+    pub dense: usize,
+    pub total: usize,
+    /// Runs of consecutive tensors that do or do not take weight decay (matrices do; norms and
+    /// biases do not, as the Hugging Face Trainer groups parameters), covering `0..total`.
+    pub decay_runs: Vec<(Range<usize>, bool)>,
+}
+
+impl FlatLayout {
+    pub fn new(layout: &Weights<TensorSpec>) -> Self {
+        let specs = layout.iter();
+        let dense: usize = specs.iter().filter(|s| !s.is_routed_experts()).map(|s| s.numel()).sum();
+        let (mut dense_at, mut expert_at) = (0, dense);
+        let ranges = layout.map(|s| {
+            let at = if s.is_routed_experts() { &mut expert_at } else { &mut dense_at };
+            *at += s.numel();
+            *at - s.numel()..*at
+        });
+        let total = expert_at;
+        let mut by_start: Vec<(Range<usize>, bool)> =
+            ranges.iter().into_iter().zip(&specs).map(|(r, s)| (r.clone(), s.shape.len() >= 2)).collect();
+        by_start.sort_by_key(|(r, _)| r.start);
+        let mut decay_runs: Vec<(Range<usize>, bool)> = Vec::new();
+        for (r, decays) in by_start {
+            match decay_runs.last_mut() {
+                Some((last, d)) if *d == decays && last.end == r.start => last.end = r.end,
+                _ => decay_runs.push((r, decays)),
+            }
+        }
+        Self { ranges, dense, total, decay_runs }
+    }
+
+    /// The routed experts' range.
+    pub fn experts(&self) -> Range<usize> {
+        self.dense..self.total
+    }
+
+    /// Layer `l`'s tensors: the range of its dense ones and the range of its routed experts
+    /// (empty for a dense layer).
+    pub fn layer(&self, l: usize) -> (Range<usize>, Range<usize>) {
+        let spans = |experts: bool| {
+            let layer = &self.ranges.layers[l];
+            let mut it = layer.refs().into_iter().filter(|r| (r.start >= self.dense) == experts && !r.is_empty());
+            let first = it.next().map(|r| r.clone());
+            first.map_or(0..0, |f| it.fold(f, |acc, r| acc.start.min(r.start)..acc.end.max(r.end)))
+        };
+        (spans(false), spans(true))
+    }
+
+    /// The dense ranges outside the layers: the embedding, and the final norm with the head and
+    /// score after the last layer.
+    pub fn outer(&self) -> [Range<usize>; 2] {
+        let r = &self.ranges;
+        let tail = r.norm.start
+            ..[Some(&r.norm), r.lm_head.as_ref(), r.score.as_ref()]
+                .iter()
+                .flatten()
+                .map(|r| r.end)
+                .max()
+                .unwrap_or(r.norm.end);
+        [r.embed.clone(), tail]
+    }
+
+    /// A view of every tensor of `flat`.
+    pub fn views<'a, B: Backend>(&self, b: &B, flat: &'a B::Slice) -> Weights<&'a B::Slice> {
+        self.ranges.map(|r| b.slice(flat, r.clone()))
+    }
+
+    /// A mutable view of every tensor of `flat`.
+    pub fn views_mut<'a, B: Backend>(&self, b: &B, flat: &'a mut B::Slice) -> Weights<&'a mut B::Slice> {
+        let mut parts = carve(b, flat, &self.ranges.iter()).into_iter();
+        self.ranges.map(|_| parts.next().expect("one view per tensor"))
+    }
+
+    /// Mutable views of layer `l`'s tensors in `flat`.
+    pub fn layer_views_mut<'a, B: Backend>(
+        &self,
+        b: &B,
+        l: usize,
+        flat: &'a mut B::Slice,
+    ) -> LayerWeights<&'a mut B::Slice> {
+        layer_views(b, flat, &self.ranges.layers[l])
+    }
+
+    /// Mutable views of the tensors outside the layers (a `Weights` with no layers) in `flat`.
+    pub fn outer_views_mut<'a, B: Backend>(&self, b: &B, flat: &'a mut B::Slice) -> Weights<&'a mut B::Slice> {
+        outer_views(b, flat, &self.ranges)
+    }
+}
+
+/// Mutable views of a layer's tensors at `ranges` of `flat`.
+pub fn layer_views<'a, B: Backend>(
+    b: &B,
+    flat: &'a mut B::Slice,
+    ranges: &LayerWeights<Range<usize>>,
+) -> LayerWeights<&'a mut B::Slice> {
+    let mut parts = carve(b, flat, &ranges.refs()).into_iter();
+    ranges.map(&mut |_| parts.next().expect("one view per tensor"))
+}
+
+/// Mutable views of the tensors outside the layers (embedding, final norm, head, score) at
+/// `ranges` of `flat`, in a `Weights` with no layers (`ranges.layers` is not read).
+pub fn outer_views<'a, B: Backend>(
+    b: &B,
+    flat: &'a mut B::Slice,
+    ranges: &Weights<Range<usize>>,
+) -> Weights<&'a mut B::Slice> {
+    let r = ranges;
+    let wanted: Vec<&Range<usize>> =
+        [Some(&r.embed), Some(&r.norm), r.lm_head.as_ref(), r.score.as_ref()].into_iter().flatten().collect();
+    let mut parts = carve(b, flat, &wanted).into_iter();
+    let mut take = || parts.next().expect("one view per tensor");
+    Weights {
+        embed: take(),
+        layers: Vec::new(),
+        norm: take(),
+        lm_head: r.lm_head.as_ref().map(|_| take()),
+        score: r.score.as_ref().map(|_| take()),
+    }
+}
+
+/// Mutable views of `ranges` (disjoint, in any order) of `flat`, in the order given.
+fn carve<'a, B: Backend>(b: &B, flat: &'a mut B::Slice, ranges: &[&Range<usize>]) -> Vec<&'a mut B::Slice> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| ranges[i].start);
+    let mut out: Vec<Option<&'a mut B::Slice>> = (0..ranges.len()).map(|_| None).collect();
+    let (mut rest, mut at) = (flat, 0);
+    for i in order {
+        let r = ranges[i];
+        assert!(r.start >= at, "flat views overlap");
+        let (_, from) = b.split_at_mut(rest, r.start - at);
+        let (view, after) = b.split_at_mut(from, r.len());
+        out[i] = Some(view);
+        (rest, at) = (after, r.end);
+    }
+    out.into_iter().map(|v| v.expect("a view per range")).collect()
+}

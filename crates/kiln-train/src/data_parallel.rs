@@ -1,0 +1,328 @@
+//! How the ranks of a run turn their gradients into one update, for every layout: gradients
+//! summed over the ranks that hold each parameter, clipped to the global norm, AdamW applied.
+//!
+//! The flat parameters (`kiln_model::flat`) form one or two spaces: the dense tensors, which
+//! every rank holds, and the routed experts, which every rank holds too or, under expert
+//! parallel, each expert group splits, a share per rank, so that the space of a rank's share
+//! is over its replicas (the ranks of the other groups holding the same share). Per space:
+//!
+//! - replicated (ZeRO 0): the gradients are all-reduced; every rank updates the whole space;
+//! - ZeRO-1: reduce-scattered; each rank updates its shard with the moments it alone holds,
+//!   and an all-gather gives every rank every updated shard;
+//! - ZeRO-2: as ZeRO-1, but backward hands over each layer's gradients as soon as they are
+//!   complete (a reduce-scatter into the shard), so no rank ever holds whole gradients.
+//!
+//! The global norm sums each rank's squares over the ranks that split the space: the shards'
+//! ranks under ZeRO, and the expert group for the routed experts under expert parallel.
+
+use crate::optim::{adamw_step, overlap};
+use anyhow::Result;
+use kiln_core::{AdamW as Hyper, Backend};
+use kiln_dist::Comm;
+use kiln_model::flat::{layer_views, outer_views};
+use kiln_model::weights::LayerWeights;
+use kiln_model::{FlatGrads, FlatLayout, GradSink, Model, Weights};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// One group of parameters and the ranks that share its update.
+pub struct Space<B: Backend> {
+    /// Its values in the flat buffers.
+    pub range: Range<usize>,
+    /// The ranks that hold these parameters.
+    pub comm: Arc<dyn Comm<B::Slice>>,
+    /// Under expert parallel, for the routed experts: the ranks that split them.
+    expert_group: Option<Arc<dyn Comm<B::Slice>>>,
+    /// The values this rank updates (all of `range`, or its ZeRO shard), and every rank's count.
+    pub mine: Range<usize>,
+    counts: Vec<usize>,
+    /// AdamW's moments of `mine`.
+    pub m: B::Buf,
+    pub v: B::Buf,
+    /// ZeRO: the summed gradients of `mine`, and room for one reduction's share of them.
+    shard: Option<(B::Buf, B::Buf)>,
+    /// Stem of its moments' shard files in checkpoints.
+    pub name: String,
+}
+
+impl<B: Backend> Space<B> {
+    fn new(b: &B, range: Range<usize>, comm: Arc<dyn Comm<B::Slice>>, sharded: bool, name: String) -> Self {
+        let (rank, size) = (comm.rank(), comm.size());
+        let (mine, counts) = match sharded && size > 1 {
+            true => {
+                let local = kiln_dist::shard(range.len(), rank, size);
+                (range.start + local.start..range.start + local.end, kiln_dist::shard_counts(range.len(), size))
+            }
+            false => (range.clone(), vec![range.len()]),
+        };
+        let n = mine.len();
+        let shard = (counts.len() > 1).then(|| (b.zeros(n), b.zeros(n)));
+        Self { range, comm, expert_group: None, mine, counts, m: b.zeros(n), v: b.zeros(n), shard, name }
+    }
+
+    /// Whether this rank updates a shard (ZeRO) rather than the whole space.
+    pub fn sharded(&self) -> bool {
+        self.shard.is_some()
+    }
+
+    /// ZeRO: sums `data`, the gradients of the flat `segments` laid end to end, over the
+    /// space's ranks, each adding the part inside its shard into its summed gradients.
+    fn reduce_segments(&mut self, b: &B, data: &B::Slice, segments: &[Range<usize>], what: &str) -> Result<()> {
+        let shards: Vec<Range<usize>> = (0..self.counts.len()).map(|r| self.shard_of(r)).collect();
+        let counts: Vec<usize> =
+            shards.iter().map(|shard| segments.iter().map(|s| overlap(s, shard).len()).sum()).collect();
+        let (grads, received) = self.shard.as_mut().expect("a sharded space");
+        let received = b.slice_mut(received, 0..counts[self.comm.rank()]);
+        self.comm.reduce_scatter_v_sum(data, &counts, received, what)?;
+        let mut at = 0;
+        for part in segments.iter().map(|s| overlap(s, &self.mine)).filter(|p| !p.is_empty()) {
+            let into = b.slice_mut(grads, part.start - self.mine.start..part.end - self.mine.start);
+            b.add_assign(into, b.slice(received, at..at + part.len()));
+            at += part.len();
+        }
+        Ok(())
+    }
+
+    /// Rank `r`'s shard of the space.
+    fn shard_of(&self, r: usize) -> Range<usize> {
+        let local = kiln_dist::shard(self.range.len(), r, self.counts.len());
+        self.range.start + local.start..self.range.start + local.end
+    }
+}
+
+/// The summed gradients a space's rank updates from: its shard's, or the space's `range` of
+/// the whole gradients.
+fn held<'a, B: Backend>(
+    b: &B,
+    shard: &'a mut Option<(B::Buf, B::Buf)>,
+    whole: Option<&'a mut FlatGrads<B>>,
+    range: &Range<usize>,
+) -> &'a mut B::Slice {
+    match (shard, whole) {
+        (Some((grads, _)), _) => grads,
+        (None, Some(whole)) => b.slice_mut(&mut whole.flat, range.clone()),
+        (None, None) => unreachable!("a replicated space keeps whole gradients"),
+    }
+}
+
+/// The update of every parameter from the step's gradients, in whatever layout the run uses.
+pub struct DataParallel<B: Backend> {
+    flat: Arc<FlatLayout>,
+    pub spaces: Vec<Space<B>>,
+    /// The gradients of every parameter (ZeRO 0 and 1); ZeRO-2 keeps only the spaces' shards.
+    whole: Option<FlatGrads<B>>,
+    /// ZeRO-2: the gradients of the layer (or the outer tensors) backward is filling.
+    scratch: B::Buf,
+    pub hyper: Hyper,
+    /// ZeRO on several ranks: each rank holds (and checkpoints) shards of the moments.
+    pub sharded: bool,
+    /// Names the collectives in errors ("gradients at step 12").
+    pub what: String,
+}
+
+impl<B: Backend> DataParallel<B> {
+    /// The update of `model`'s parameters over `world`, with ZeRO stage `zero`; under expert
+    /// parallel `replicas` are the ranks holding the same experts as this one.
+    pub fn new(
+        b: &B,
+        model: &Model<B>,
+        world: &Arc<dyn Comm<B::Slice>>,
+        replicas: Option<Arc<dyn Comm<B::Slice>>>,
+        zero: u8,
+        hyper: Hyper,
+    ) -> Self {
+        let flat = Arc::clone(&model.flat);
+        let sharded = zero >= 1 && world.size() > 1;
+        let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, "adam_shard".into())];
+        if flat.total > flat.dense {
+            let ep = model.expert_parallel();
+            let comm = replicas.unwrap_or_else(|| Arc::clone(world));
+            let name = format!("adam_expert_shard-{}", ep.map_or(0, |ep| ep.group.rank()));
+            let mut experts = Space::new(b, flat.experts(), comm, sharded, name);
+            experts.expert_group = ep.map(|ep| Arc::clone(&ep.group));
+            spaces.push(experts);
+        }
+        let per_layer = (0..model.config.num_layers).map(|l| {
+            let (dense, experts) = flat.layer(l);
+            dense.len() + experts.len()
+        });
+        let outer: usize = flat.outer().iter().map(|r| r.len()).sum();
+        let stage_two = zero >= 2 && sharded;
+        let scratch = b.zeros(if stage_two { per_layer.max().unwrap_or(0).max(outer) } else { 0 });
+        let whole = (!stage_two).then(|| FlatGrads::new(b, &flat));
+        Self { flat, spaces, whole, scratch, hyper, sharded, what: String::new() }
+    }
+
+    /// Sets every gradient to zero for a new step.
+    pub fn zero_grads(&mut self, b: &B) {
+        match &mut self.whole {
+            Some(whole) => b.fill(&mut whole.flat, 0.0),
+            None => self.spaces.iter_mut().filter_map(|s| s.shard.as_mut()).for_each(|(g, _)| b.fill(g, 0.0)),
+        }
+    }
+
+    /// Sums the step's gradients over the ranks (each rank keeping what it updates).
+    pub fn reduce(&mut self, b: &B) -> Result<()> {
+        let Some(whole) = &mut self.whole else { return Ok(()) };
+        for space in &mut self.spaces {
+            let grads = b.slice_mut(&mut whole.flat, space.range.clone());
+            match &mut space.shard {
+                Some((shard, _)) => space.comm.reduce_scatter_v_sum(grads, &space.counts, shard, &self.what)?,
+                None if space.comm.size() > 1 => space.comm.all_reduce_sum(grads, &self.what)?,
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The global norm of the summed gradients (after `reduce`).
+    pub fn norm(&mut self, b: &B) -> Result<f64> {
+        let mut squares = 0.0;
+        for space in &mut self.spaces {
+            let mut sum = [b.sum_squares(held(b, &mut space.shard, self.whole.as_mut(), &space.range))];
+            if space.sharded() {
+                space.comm.all_reduce_sum_f64(&mut sum, &self.what)?;
+            }
+            if let Some(group) = &space.expert_group {
+                group.all_reduce_sum_f64(&mut sum, &self.what)?;
+            }
+            squares += sum[0];
+        }
+        Ok(squares.sqrt())
+    }
+
+    /// AdamW at rate `lr` on the summed gradients scaled by `scale` (clipping), then, under
+    /// ZeRO, every rank's updated shard gathered into `params`.
+    pub fn step(&mut self, b: &B, params: &mut B::Slice, lr: f32, scale: f32) -> Result<()> {
+        self.hyper.step += 1;
+        self.hyper.lr = lr;
+        let (hyper, runs) = (self.hyper, &self.flat.decay_runs);
+        for space in &mut self.spaces {
+            let mine = space.mine.clone();
+            let grads = held(b, &mut space.shard, self.whole.as_mut(), &space.range);
+            if scale != 1.0 {
+                b.scale(grads, scale);
+            }
+            let (m, v) = (&mut space.m, &mut space.v);
+            adamw_step(b, hyper, runs, &mine, (b.slice_mut(params, mine.clone()), grads), (m, v));
+            if let Some((spent, _)) = &mut space.shard {
+                // The shard's gradients are spent: they carry the updated values to the others.
+                b.copy(spent, b.slice(params, mine.clone()));
+                space.comm.all_gather_v(spent, &space.counts, b.slice_mut(params, space.range.clone()), &self.what)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// ZeRO-2 under data parallel alone: takes part in a step's reductions without gradients
+    /// of its own, for a rank with fewer micro-batches than the others in the step.
+    pub fn idle_backward(&mut self, b: &B, layers: usize) {
+        for l in (0..layers).rev() {
+            self.layer(b, l);
+            self.layer_done(b, l);
+        }
+        self.outer(b);
+        self.outer_done(b);
+    }
+
+    /// Whether backward's gradients are summed over the ranks as it goes (ZeRO-2), which makes
+    /// every backward a collective.
+    pub fn reduces_in_backward(&self) -> bool {
+        self.whole.is_none()
+    }
+
+    /// Bytes of gradients held between backwards.
+    pub fn gradient_bytes(&self) -> usize {
+        4 * match &self.whole {
+            Some(_) => self.flat.total,
+            None => self.spaces.iter().map(|s| s.mine.len()).sum(),
+        }
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self) -> usize {
+        self.spaces.iter().map(|s| 8 * s.mine.len()).sum()
+    }
+
+    /// ZeRO-2: hands the gradients of `segments` of one space (in the scratch from `at` on)
+    /// to the space's reduction.
+    fn reduce_scratch(&mut self, b: &B, segments: &[Range<usize>], at: usize, experts: bool) {
+        let len: usize = segments.iter().map(|s| s.len()).sum();
+        let Some(space) = self.spaces.iter_mut().find(|s| (s.range.start >= self.flat.dense) == experts) else {
+            return;
+        };
+        let data = b.slice(&self.scratch, at..at + len);
+        space.reduce_segments(b, data, segments, &self.what).unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
+    }
+}
+
+/// Where the tensors of `ranges` lie when the flat `segments` are laid end to end.
+fn packed(ranges: &[&Range<usize>], segments: &[Range<usize>]) -> Vec<Range<usize>> {
+    ranges
+        .iter()
+        .map(|r| {
+            let mut at = 0;
+            for s in segments {
+                if s.start <= r.start && r.end <= s.end {
+                    return at + r.start - s.start..at + r.end - s.start;
+                }
+                at += s.len();
+            }
+            unreachable!("a tensor outside its segments")
+        })
+        .collect()
+}
+
+impl<B: Backend> GradSink<B> for DataParallel<B> {
+    fn layer(&mut self, b: &B, l: usize) -> LayerWeights<&mut B::Slice> {
+        if let Some(whole) = &mut self.whole {
+            return whole.layer(b, l);
+        }
+        let (dense, experts) = self.flat.layer(l);
+        let segments = [dense, experts];
+        let ranges = &self.flat.ranges.layers[l];
+        let local = packed(&ranges.refs(), &segments);
+        let mut next = local.into_iter();
+        let local = ranges.map(&mut |_| next.next().expect("one range per tensor"));
+        let scratch = b.slice_mut(&mut self.scratch, 0..segments.iter().map(|s| s.len()).sum());
+        b.fill(scratch, 0.0);
+        layer_views(b, scratch, &local)
+    }
+
+    fn layer_done(&mut self, b: &B, l: usize) {
+        if self.whole.is_some() {
+            return;
+        }
+        let (dense, experts) = self.flat.layer(l);
+        let at = dense.len();
+        self.reduce_scratch(b, &[dense], 0, false);
+        if !experts.is_empty() {
+            self.reduce_scratch(b, &[experts], at, true);
+        }
+    }
+
+    fn outer(&mut self, b: &B) -> Weights<&mut B::Slice> {
+        if let Some(whole) = &mut self.whole {
+            return whole.outer(b);
+        }
+        let segments = self.flat.outer();
+        let r = &self.flat.ranges;
+        let local = |range: &Range<usize>| packed(&[range], &segments).remove(0);
+        let local = Weights {
+            embed: local(&r.embed),
+            layers: Vec::new(),
+            norm: local(&r.norm),
+            lm_head: r.lm_head.as_ref().map(local),
+            score: r.score.as_ref().map(local),
+        };
+        let scratch = b.slice_mut(&mut self.scratch, 0..segments.iter().map(|s| s.len()).sum());
+        b.fill(scratch, 0.0);
+        outer_views(b, scratch, &local)
+    }
+
+    fn outer_done(&mut self, b: &B) {
+        if self.whole.is_none() {
+            self.reduce_scratch(b, &self.flat.outer(), 0, false);
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The step protocol every recipe shares, in one place: the evaluation before training, then
+//! per optimizer step this rank's share of the step, its micro-batches forward and backward,
+//! idle passes for a rank with fewer than the others, the update, metrics and progress, the
+//! evaluation cadence, checkpoints and SIGINT/SIGTERM, and the summary at the end. A recipe
+//! supplies its step's micro-batches, the loss of one, and its statistics.
+
+use crate::schedule::Schedule;
+use crate::session::{merge, with_step, RunSummary, Session, StepUpdate};
+use anyhow::Result;
+use kiln_core::Backend;
+use serde_json::Value;
+
+/// Sums a recipe keeps over a step's micro-batches, added up over the ranks.
+pub trait Tally: Default {
+    /// The sums, in an order every rank shares.
+    fn sums(&mut self) -> Vec<&mut f64>;
+}
+
+/// A recipe with nothing to add up beyond the loss, which the session sums.
+impl Tally for () {
+    fn sums(&mut self) -> Vec<&mut f64> {
+        Vec::new()
+    }
+}
+
+/// This rank's work in one step.
+pub struct StepPlan<M> {
+    pub micro_batches: Vec<M>,
+    /// Tokens trained on and tokens processed (not padding) in the whole step, over all ranks.
+    pub trainable: u64,
+    pub tokens: u64,
+    /// Where the step's rows come from, for warnings.
+    pub describe: String,
+}
+
+/// A training recipe as the step protocol sees it.
+pub trait Recipe<B: Backend> {
+    /// One micro-batch: what one forward and backward covers.
+    type Micro;
+    /// What `micro_step` adds up over a step.
+    type Tally: Tally;
+    /// A step's, or an evaluation's, statistics.
+    type Stats: Clone + Default;
+
+    /// The step's work (the session's `state.step` is the 0-based step about to be taken).
+    fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<Self::Micro>>;
+    /// Forward-only passes each micro-step runs before its backward (collective under expert
+    /// parallel, so idle ranks mirror them).
+    fn forwards_per_micro_step(&self) -> usize {
+        0
+    }
+    /// Forward and backward of one micro-batch, gradients into `s.dp`; adds into `tally` and
+    /// returns this micro-batch's share of the step's loss.
+    fn micro_step(&mut self, s: &mut Session<B>, micro: &Self::Micro, tally: &mut Self::Tally) -> Result<f64>;
+    /// The step's statistics from its tally (summed over the ranks) and update.
+    fn stats(&self, tally: &Self::Tally, update: &StepUpdate) -> Self::Stats;
+    /// The metrics fields of `stats`, each key prefixed (`eval_` for evaluations).
+    fn record(&self, stats: &Self::Stats, prefix: &str) -> Value;
+    /// A short line of `stats` for the progress bar and evaluation messages.
+    fn message(&self, stats: &Self::Stats) -> String;
+    /// Statistics on the eval data, when there is any.
+    fn evaluate(&mut self, s: &mut Session<B>) -> Result<Option<Self::Stats>>;
+}
+
+/// Trains `recipe` to `schedule.total_steps` (from wherever the session resumed), as every
+/// recipe does; `title` heads the plot.
+pub fn train<B: Backend, R: Recipe<B>>(
+    s: &mut Session<B>,
+    recipe: &mut R,
+    schedule: &Schedule,
+    title: &str,
+    quiet: bool,
+) -> Result<RunSummary<R::Stats>> {
+    let total = schedule.total_steps;
+    s.start_progress(total, quiet);
+    let (mut last, mut eval_before, mut eval, mut interrupted) = (R::Stats::default(), None, None, false);
+    if s.state.step == 0 {
+        if let Some(stats) = recipe.evaluate(s)? {
+            s.metrics.write(&with_step(0, recipe.record(&stats, "eval_")))?;
+            eval_before = Some(stats);
+        }
+    }
+    while s.state.step < total {
+        let plan = recipe.plan(s)?;
+        s.begin_step();
+        let idle = s.idle_backwards_needed(plan.micro_batches.len())?;
+        let mut tally = R::Tally::default();
+        let mut loss = 0.0;
+        for micro in &plan.micro_batches {
+            loss += recipe.micro_step(s, micro, &mut tally)?;
+        }
+        s.idle_passes_run(idle, recipe.forwards_per_micro_step());
+        sum_over_ranks(s, &mut tally)?;
+        let update = s.update(loss, schedule, || plan.describe.clone())?;
+        let stats = recipe.stats(&tally, &update);
+        let mut fields = recipe.record(&stats, "");
+        merge(&mut fields, &serde_json::json!({"trainable_tokens": plan.trainable}));
+        s.log_step(fields, plan.trainable, plan.tokens, &update, &recipe.message(&stats))?;
+        last = stats;
+
+        let step = s.state.step;
+        if s.eval_due(total) {
+            if let Some(stats) = recipe.evaluate(s)? {
+                s.metrics.write(&with_step(step, recipe.record(&stats, "eval_")))?;
+                s.bar.println(format!("step {step}: eval {}", recipe.message(&stats)));
+                eval = Some(stats);
+            }
+        }
+        interrupted = s.checkpoint_if_due(total)?;
+        if interrupted {
+            break;
+        }
+    }
+    s.summary(title, last, (eval_before, eval), interrupted)
+}
+
+/// Adds up `tally` over the ranks.
+fn sum_over_ranks<B: Backend>(s: &Session<B>, tally: &mut impl Tally) -> Result<()> {
+    if s.comm.size() == 1 {
+        return Ok(());
+    }
+    let mut sums = tally.sums();
+    let mut values: Vec<f64> = sums.iter().map(|v| **v).collect();
+    s.comm.all_reduce_sum_f64(&mut values, &format!("step statistics at step {}", s.state.step + 1))?;
+    sums.iter_mut().zip(values).for_each(|(v, x)| **v = x);
+    Ok(())
+}

@@ -4,6 +4,7 @@ pub mod chat_template;
 pub mod example;
 pub mod packing;
 pub mod preference;
+pub mod prompts;
 pub mod rows;
 pub mod tokenizer;
 pub mod unpaired;

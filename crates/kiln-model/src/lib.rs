@@ -15,7 +15,7 @@ pub mod model;
 pub mod rope;
 pub mod safetensors_io;
 pub mod sampler;
-mod score_head;
+pub mod score_head;
 pub mod weights;
 
 pub use activations::{Activations, ActivationsPool};

@@ -48,7 +48,7 @@ pub struct Model<B: Backend> {
     moe_shape: Option<MoeShape>,
     /// Set when this rank holds only its share of the routed experts (`layout` and `params`
     /// then hold that share).
-    expert_parallel: Option<ExpertParallel<B>>,
+    pub(crate) expert_parallel: Option<ExpertParallel<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
 }
@@ -81,27 +81,6 @@ impl<B: Backend> Model<B> {
         Ok(model)
     }
 
-    /// A causal LM directory loaded as a reward model: its transformer, and a new `score`
-    /// head (`[1, hidden]`, N(0, 0.02²) drawn with `seed`) in place of the LM head, as
-    /// transformers' `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`
-    /// builds one. A directory that already is one (a reward checkpoint) loads as it is.
-    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64, ep: Option<ExpertParallel<B>>) -> Result<Self> {
-        let model = Self::load_with(b, dir, ep)?;
-        if model.config.num_labels.is_some() {
-            return Ok(model);
-        }
-        let mut config = model.config.clone();
-        config.num_labels = Some(1);
-        let mut tensors = model.tensors(b);
-        tensors.lm_head = None;
-        tensors.score = Some(kiln_core::rng::Rng::new(seed).normal_vec(config.hidden_size, 0.02));
-        let layout = layout_of(&config, model.expert_parallel.as_ref());
-        let mut reward = Self::from_layout(b, config, layout, &tensors, model.dtype);
-        reward.passthrough = model.passthrough;
-        reward.expert_parallel = model.expert_parallel;
-        Ok(reward)
-    }
-
     /// A view of every parameter tensor.
     pub fn weights(&self, b: &B) -> Weights<&B::Slice> {
         self.flat.views(b, &self.params)
@@ -129,7 +108,7 @@ impl<B: Backend> Model<B> {
         Self::from_layout(b, config, layout, tensors, dtype)
     }
 
-    fn from_layout(
+    pub(crate) fn from_layout(
         b: &B,
         config: Config,
         layout: Weights<TensorSpec>,
@@ -615,7 +594,7 @@ fn moe_layers<T>(weights: &Weights<T>) -> Vec<(usize, &MoeWeights<T>)> {
 }
 
 /// The parameters of `config`, under expert parallel with only this rank's routed experts.
-fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<B>>) -> Weights<TensorSpec> {
+pub(crate) fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<B>>) -> Weights<TensorSpec> {
     let layout = weights::layout(config);
     match (ep, &config.moe) {
         (Some(ep), Some(moe)) => layout.with_experts(ep.local(moe.experts)),

@@ -1,17 +1,43 @@
 //! The head of a sequence-classification model (`score`, `[labels, hidden]`, a reward model's
 //! with one label): a sequence's scores are the head applied to the final hidden state (after
-//! the last norm) of its last token.
+//! the last norm) of its last token. A causal LM becomes a reward model with a new head and
+//! its `config.json` rewritten as transformers' `...ForSequenceClassification`.
 //!
 //!   h_i = xf[t_i];  s_i = h_i·Wₛᵀ
 //!   ∂L/∂Wₛ += Σ_i (∂L/∂s_i)ᵀ·h_i;  ∂L/∂xf[t_i] = ∂L/∂s_i·Wₛ   (0 at other tokens)
 
 use crate::activations::Activations;
 use crate::batch::Batch;
+use crate::error::{Error, Result};
 use crate::grad_sink::GradSink;
-use crate::model::Model;
+use crate::layers::expert_parallel::ExpertParallel;
+use crate::model::{layout_of, Model};
 use kiln_core::{Backend, Matmul};
+use serde_json::json;
+use std::path::Path;
 
 impl<B: Backend> Model<B> {
+    /// A causal LM directory loaded as a reward model: its transformer, and a new `score`
+    /// head (`[1, hidden]`, N(0, 0.02²) drawn with `seed`) in place of the LM head, as
+    /// transformers' `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`
+    /// builds one. A directory that already is one (a reward checkpoint) loads as it is.
+    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64, ep: Option<ExpertParallel<B>>) -> Result<Self> {
+        let model = Self::load_with(b, dir, ep)?;
+        if model.config.num_labels.is_some() {
+            return Ok(model);
+        }
+        let mut config = model.config.clone();
+        config.num_labels = Some(1);
+        let mut tensors = model.tensors(b);
+        tensors.lm_head = None;
+        tensors.score = Some(kiln_core::rng::Rng::new(seed).normal_vec(config.hidden_size, 0.02));
+        let layout = layout_of(&config, model.expert_parallel.as_ref());
+        let mut reward = Self::from_layout(b, config, layout, &tensors, model.dtype);
+        reward.passthrough = model.passthrough;
+        reward.expert_parallel = model.expert_parallel;
+        Ok(reward)
+    }
+
     /// Rows of `[labels, hidden]` in the score head (panics without one).
     fn labels(&self) -> usize {
         self.config.num_labels.expect("a sequence-classification model (a score head)")
@@ -60,4 +86,33 @@ impl<B: Backend> Model<B> {
         b.embedding_backward(&mut s.dxn, &dh, &index, d);
         self.backward_hidden(b, acts, batch, grads);
     }
+}
+
+/// `config.json` (in `dir`) of the reward model made from a causal LM:
+/// `...ForSequenceClassification`, one label, and a pad token (transformers pools the last
+/// non-pad token).
+pub fn reward_config_json(dir: &Path, pad: Option<u32>) -> Result<Vec<u8>> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::new(&path, format!("cannot read: {e}")))?;
+    let mut c: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::new(&path, format!("invalid JSON: {e}")))?;
+    let family = match c["architectures"].get(0).and_then(|a| a.as_str()) {
+        Some(a) => a.split("For").next().unwrap_or(a).to_string(),
+        None => match c["model_type"].as_str().unwrap_or("") {
+            "deepseek_v3" => "DeepseekV3".into(),
+            "qwen2" => "Qwen2".into(),
+            "qwen3" => "Qwen3".into(),
+            "mistral" => "Mistral".into(),
+            _ => "Llama".into(),
+        },
+    };
+    c["architectures"] = json!([format!("{family}ForSequenceClassification")]);
+    c["num_labels"] = 1.into();
+    c["id2label"] = json!({"0": "LABEL_0"});
+    c["label2id"] = json!({"LABEL_0": 0});
+    if let (true, Some(pad)) = (c["pad_token_id"].is_null(), pad) {
+        c["pad_token_id"] = pad.into();
+    }
+    let text = serde_json::to_string_pretty(&c).map_err(|e| Error::new(&path, format!("cannot encode: {e}")))?;
+    Ok((text + "\n").into_bytes())
 }

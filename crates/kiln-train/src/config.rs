@@ -52,13 +52,6 @@ pub struct DistillSection {
     pub chunk_rows: usize,
 }
 
-fn default_estimator() -> String {
-    "full".into()
-}
-fn default_chunk_rows() -> usize {
-    16
-}
-
 /// `[grpo]`: rollouts, the clipped objective and its variants (see `grpo_loss`), and the
 /// reward functions (`[[grpo.rewards]]`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -136,40 +129,6 @@ impl RewardSpec {
     }
 }
 
-fn default_group_size() -> usize {
-    8
-}
-fn default_prompts_per_step() -> usize {
-    8
-}
-fn default_micro_batch() -> usize {
-    32
-}
-fn default_max_new_tokens() -> usize {
-    64
-}
-fn one_f32() -> f32 {
-    1.0
-}
-fn one_f64() -> f64 {
-    1.0
-}
-fn default_epsilon() -> f64 {
-    0.2
-}
-fn default_loss_type() -> Aggregation {
-    Aggregation::Grpo
-}
-fn default_scale_rewards() -> ScaleRewards {
-    ScaleRewards::Group
-}
-fn default_importance_sampling() -> ImportanceLevel {
-    ImportanceLevel::Token
-}
-fn default_timeout_s() -> f64 {
-    60.0
-}
-
 /// `[rm]`: the Bradley-Terry loss `−log σ(r_chosen − r_rejected − margin)`, plus
 /// `center_rewards_coefficient · (r_chosen + r_rejected)²` to keep rewards centred at 0.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -204,10 +163,6 @@ pub enum KtoLoss {
     ApoZeroUnpaired,
 }
 
-fn default_kto_loss() -> KtoLoss {
-    KtoLoss::Kto
-}
-
 /// `[dpo]`: the preference losses, combined as `Σ weight_k · loss_k` averaged over pairs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,16 +181,6 @@ pub struct DpoSection {
     /// SimPO's target reward margin γ.
     #[serde(default = "default_simpo_gamma")]
     pub simpo_gamma: f64,
-}
-
-fn default_dpo_loss() -> Vec<LossKind> {
-    vec![LossKind::Sigmoid]
-}
-fn default_dpo_beta() -> f64 {
-    0.1
-}
-fn default_simpo_gamma() -> f64 {
-    0.5
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -313,14 +258,6 @@ pub struct TrainSection {
     pub moe_aux_loss_alpha: f32,
 }
 
-fn default_ep() -> usize {
-    1
-}
-
-fn default_router_bias_rate() -> f32 {
-    0.001
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
@@ -333,29 +270,39 @@ pub struct OutputSection {
     pub keep_last: usize,
 }
 
-fn default_length_policy() -> LengthPolicy {
-    LengthPolicy::Drop
+/// Functions that give serde the keys' defaults.
+macro_rules! defaults {
+    ($($name:ident: $t:ty = $v:expr;)*) => { $(fn $name() -> $t { $v })* };
 }
-fn default_max_bad_fraction() -> f64 {
-    0.0
-}
-fn one() -> usize {
-    1
-}
-fn default_beta1() -> f32 {
-    0.9
-}
-fn default_beta2() -> f32 {
-    0.999
-}
-fn default_eps() -> f32 {
-    1e-8
-}
-fn default_max_grad_norm() -> f32 {
-    1.0
-}
-fn default_keep_last() -> usize {
-    2
+
+defaults! {
+    default_estimator: String = "full".into();
+    default_group_size: usize = 8;
+    default_micro_batch: usize = 32;
+    one_f32: f32 = 1.0;
+    default_epsilon: f64 = 0.2;
+    default_scale_rewards: ScaleRewards = ScaleRewards::Group;
+    default_timeout_s: f64 = 60.0;
+    default_kto_loss: KtoLoss = KtoLoss::Kto;
+    default_dpo_loss: Vec<LossKind> = vec![LossKind::Sigmoid];
+    default_simpo_gamma: f64 = 0.5;
+    default_ep: usize = 1;
+    default_router_bias_rate: f32 = 0.001;
+    default_length_policy: LengthPolicy = LengthPolicy::Drop;
+    one: usize = 1;
+    default_beta2: f32 = 0.999;
+    default_max_grad_norm: f32 = 1.0;
+    default_chunk_rows: usize = 16;
+    default_prompts_per_step: usize = 8;
+    default_max_new_tokens: usize = 64;
+    one_f64: f64 = 1.0;
+    default_loss_type: Aggregation = Aggregation::Grpo;
+    default_importance_sampling: ImportanceLevel = ImportanceLevel::Token;
+    default_dpo_beta: f64 = 0.1;
+    default_max_bad_fraction: f64 = 0.0;
+    default_beta1: f32 = 0.9;
+    default_eps: f32 = 1e-8;
+    default_keep_last: usize = 2;
 }
 
 /// Accepts `train = "a.jsonl"` as well as `train = ["a.jsonl", "b.jsonl"]` (and a single
@@ -469,12 +416,6 @@ impl RunConfig {
         }
         if t.ep == 0 {
             return Err("`train.ep` must be at least 1".into());
-        }
-        if t.ep > 1 && t.zero > 1 {
-            return Err(format!(
-                "`train.ep` = {} with `train.zero` = {}: expert parallel runs with ZeRO stage 0 or 1 for now (stage 2's per-layer reductions cover one sharding group)",
-                t.ep, t.zero
-            ));
         }
         if self.data.train.is_empty() {
             return Err("`data.train` names no file".into());

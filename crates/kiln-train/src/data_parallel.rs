@@ -111,8 +111,10 @@ pub struct DataParallel<B: Backend> {
     pub spaces: Vec<Space<B>>,
     /// The gradients of every parameter (ZeRO 0 and 1); ZeRO-2 keeps only the spaces' shards.
     whole: Option<FlatGrads<B>>,
-    /// ZeRO-2: the gradients of the layer (or the outer tensors) backward is filling.
+    /// ZeRO-2: the gradients of the layer backward is filling, and of the tensors outside the
+    /// layers, which a backward adds into at its start (final norm, head) and end (embedding).
     scratch: B::Buf,
+    outer_scratch: B::Buf,
     pub hyper: Hyper,
     /// ZeRO on several ranks: each rank holds (and checkpoints) shards of the moments.
     pub sharded: bool,
@@ -148,9 +150,10 @@ impl<B: Backend> DataParallel<B> {
         });
         let outer: usize = flat.outer().iter().map(|r| r.len()).sum();
         let stage_two = zero >= 2 && sharded;
-        let scratch = b.zeros(if stage_two { per_layer.max().unwrap_or(0).max(outer) } else { 0 });
+        let scratch = b.zeros(if stage_two { per_layer.max().unwrap_or(0) } else { 0 });
+        let outer_scratch = b.zeros(if stage_two { outer } else { 0 });
         let whole = (!stage_two).then(|| FlatGrads::new(b, &flat));
-        Self { flat, spaces, whole, scratch, hyper, sharded, what: String::new() }
+        Self { flat, spaces, whole, scratch, outer_scratch, hyper, sharded, what: String::new() }
     }
 
     /// Sets every gradient to zero for a new step.
@@ -243,17 +246,20 @@ impl<B: Backend> DataParallel<B> {
     pub fn state_bytes(&self) -> usize {
         self.spaces.iter().map(|s| 8 * s.mine.len()).sum()
     }
+}
 
-    /// ZeRO-2: hands the gradients of `segments` of one space (in the scratch from `at` on)
-    /// to the space's reduction.
-    fn reduce_scratch(&mut self, b: &B, segments: &[Range<usize>], at: usize, experts: bool) {
-        let len: usize = segments.iter().map(|s| s.len()).sum();
-        let Some(space) = self.spaces.iter_mut().find(|s| (s.range.start >= self.flat.dense) == experts) else {
-            return;
-        };
-        let data = b.slice(&self.scratch, at..at + len);
-        space.reduce_segments(b, data, segments, &self.what).unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
-    }
+/// ZeRO-2: hands the gradients of `segments` of the dense space (or, with `experts`, the
+/// routed experts' space), laid end to end in `data`, to that space's reduction.
+fn reduce_part<B: Backend>(
+    b: &B,
+    spaces: &mut [Space<B>],
+    (dense, what): (usize, &str),
+    data: &B::Slice,
+    segments: &[Range<usize>],
+    experts: bool,
+) {
+    let Some(space) = spaces.iter_mut().find(|s| (s.range.start >= dense) == experts) else { return };
+    space.reduce_segments(b, data, segments, what).unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
 }
 
 /// Where the tensors of `ranges` lie when the flat `segments` are laid end to end.
@@ -294,10 +300,11 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
             return;
         }
         let (dense, experts) = self.flat.layer(l);
-        let at = dense.len();
-        self.reduce_scratch(b, &[dense], 0, false);
+        let at = (self.flat.dense, self.what.as_str());
+        let (dense_part, experts_part) = b.split_at_mut(&mut self.scratch, dense.len());
+        reduce_part(b, &mut self.spaces, at, dense_part, &[dense], false);
         if !experts.is_empty() {
-            self.reduce_scratch(b, &[experts], at, true);
+            reduce_part(b, &mut self.spaces, at, b.slice(experts_part, 0..experts.len()), &[experts], true);
         }
     }
 
@@ -315,14 +322,14 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
             lm_head: r.lm_head.as_ref().map(local),
             score: r.score.as_ref().map(local),
         };
-        let scratch = b.slice_mut(&mut self.scratch, 0..segments.iter().map(|s| s.len()).sum());
-        b.fill(scratch, 0.0);
-        outer_views(b, scratch, &local)
+        outer_views(b, &mut self.outer_scratch, &local)
     }
 
     fn outer_done(&mut self, b: &B) {
         if self.whole.is_none() {
-            self.reduce_scratch(b, &self.flat.outer(), 0, false);
+            let at = (self.flat.dense, self.what.as_str());
+            reduce_part(b, &mut self.spaces, at, &self.outer_scratch, &self.flat.outer(), false);
+            b.fill(&mut self.outer_scratch, 0.0);
         }
     }
 }

@@ -12,13 +12,13 @@
 //! held for the whole step.
 
 use crate::config::{DistillSection, RunConfig};
-use crate::data::{check_vocab, load_tokenizer};
-use crate::rollout::{completion_row, read_prompts, sample, step_prompts, PromptRow};
+use crate::rollout::{completion_row, sample, step_prompts};
 use crate::schedule::Schedule;
-use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan};
 use anyhow::{bail, Result};
 use kiln_core::Backend;
+use kiln_data::prompts::{read_prompts, PromptRow};
 use kiln_model::generator::FinishReason;
 use kiln_model::sampler::SamplingParams;
 use kiln_model::{ActivationsPool, Batch, Model};
@@ -122,10 +122,6 @@ impl<B: Backend> Recipe<B> for Distill<B> {
     fn message(&self, stats: &DistillStats) -> String {
         format!("reverse KL {:.4}", stats.reverse_kl)
     }
-
-    fn evaluate(&mut self, _: &mut Session<B>) -> Result<Option<DistillStats>> {
-        Ok(None)
-    }
 }
 
 /// Runs on-policy distillation as configured by `config.distill`.
@@ -136,7 +132,7 @@ pub fn run<B: Backend>(
     quiet: bool,
 ) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
-    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
+    let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
     let teacher = Model::load(&s.b, &d.teacher)?;
     if teacher.config.vocab_size != s.model.config.vocab_size {
         bail!(
@@ -146,8 +142,6 @@ pub fn run<B: Backend>(
             s.model.config.vocab_size
         );
     }
-    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
-    check_vocab(&s.model, &tokenizer, s.model_dir())?;
     let prompts = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
     let t = &config.train;
     let schedule = Schedule::for_run(t, (prompts.len() / d.prompts_per_step) as u64);
@@ -166,38 +160,4 @@ pub fn run<B: Backend>(
         tokens: 0,
     };
     train(&mut s, &mut recipe, &schedule, "kiln distill", quiet)
-}
-
-#[cfg(test)]
-mod tests {
-    use kiln_core::{Backend, Cpu};
-    use safetensors::SafeTensors;
-
-    /// The backend's fused reverse KL against torch autograd.
-    #[test]
-    fn reverse_kl_matches_torch() {
-        let bytes =
-            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/distill/reverse_kl.safetensors"))
-                .unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let f32s = |n: &str| -> Vec<f32> {
-            st.tensor(n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
-        };
-        let f64s = |n: &str| -> Vec<f64> {
-            st.tensor(n).unwrap().data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
-        };
-        let (student, teacher, want_grad) = (f32s("student"), f32s("teacher"), f64s("dstudent"));
-        let vocab = 11;
-        let tokens = student.len() / vocab;
-        // The loss is the mean over tokens: each token's weight is 1 / tokens.
-        let weights = vec![1.0 / tokens as f32; tokens];
-        let (b, mut grad, mut kl) = (Cpu, student.clone(), vec![0.0; tokens]);
-        b.reverse_kl_backward(&mut grad, &mut kl, &teacher, &weights, vocab);
-        let loss: f64 = kl.iter().map(|&k| k as f64 / tokens as f64).sum();
-        for (g, w) in grad.iter().zip(&want_grad) {
-            assert!((*g as f64 - w).abs() < 1e-6, "dKL/dz: kiln {g}, torch {w}");
-        }
-        let want = f64s("loss")[0];
-        assert!((loss - want).abs() < 1e-6, "KL: kiln {loss}, torch {want}");
-    }
 }

@@ -9,16 +9,15 @@
 //! it.
 
 use crate::config::{DpoSection, RunConfig};
-use crate::data::{check_vocab, load_tokenizer};
-use crate::loader::{build_batch, describe_rows, real_tokens, trainable_targets, DataOrder, PackedRow};
+use crate::loader::{build_batch, DataOrder, PackedRow};
 use crate::preference::{micro_batch_logps, preference_splits, reference_logps, sequence_logps_on_ranks, Split};
 use crate::preference_loss::{pair_loss, LossKind, LossParams, PairLogps};
 use crate::schedule::Schedule;
-use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan, Tally};
 use anyhow::{bail, Result};
 use kiln_core::Backend;
-use kiln_model::{ActivationsPool, Model};
+use kiln_model::ActivationsPool;
 use serde_json::{json, Value};
 
 /// Means over pairs of the loss and the rewards of the first listed loss.
@@ -228,21 +227,14 @@ impl<B: Backend> Recipe<B> for Dpo<B> {
     type Stats = PairStats;
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
-        let step = self.order.step(s.state.step);
         let examples = &self.train.examples;
-        let micro_batches = || step.iter().map(|&i| &self.order.micro_batches[i]);
-        let sequences: Vec<usize> = micro_batches().flat_map(|mb| mb.iter().flatten().copied()).collect();
+        let (plan, step) = StepPlan::from_order(s, &self.order, examples);
+        let sequences: Vec<usize> = step.iter().flat_map(|&i| self.order.micro_batches[i].concat()).collect();
         let chosen_tokens = sequences.iter().filter(|&&i| i % 2 == 0).map(|&i| examples[i].trainable_targets()).sum();
-        let trainable: usize = micro_batches().map(|mb| trainable_targets(examples, mb)).sum();
         self.step = StepShape { pairs: sequences.len() / 2, chosen_tokens, seq: self.step.seq };
         // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
-        self.weight = 1.0 / trainable.max(1) as f32;
-        Ok(StepPlan {
-            trainable: trainable as u64,
-            tokens: micro_batches().map(|mb| real_tokens(examples, mb)).sum::<usize>() as u64,
-            describe: describe_rows(examples, micro_batches()),
-            micro_batches: step[s.my_share(step.len())].to_vec(),
-        })
+        self.weight = 1.0 / plan.trainable.max(1) as f32;
+        Ok(plan)
     }
 
     fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, tally: &mut PairStats) -> Result<f64> {
@@ -288,9 +280,7 @@ pub fn run<B: Backend>(
 ) -> Result<RunSummary<PairStats>> {
     let Some(dpo) = &config.dpo else { bail!("the run configuration has no [dpo] section") };
     let objective = Objective::new(dpo);
-    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
-    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
-    check_vocab(&s.model, &tokenizer, s.model_dir())?;
+    let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
     let (mut train_split, mut eval) = preference_splits(config, &tokenizer, template.as_ref())?;
     let t = &config.train;
     let seq = config.data.max_seq_len;
@@ -312,7 +302,7 @@ mod tests {
     use crate::preference::sequence_logps;
     use kiln_core::Cpu;
     use kiln_data::example::Example;
-    use kiln_model::Config;
+    use kiln_model::{Config, Model};
 
     const TINY: &str = r#"{"model_type": "llama", "vocab_size": 40, "hidden_size": 16, "intermediate_size": 24,
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}"#;

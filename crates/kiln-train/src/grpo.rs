@@ -13,15 +13,15 @@
 //! rollout.
 
 use crate::config::{GrpoSection, RunConfig};
-use crate::data::{check_vocab, load_tokenizer};
 use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLoss, PolicyLossParams};
 use crate::rewards::{build_rewards, Reward};
-use crate::rollout::{completion_row, decode_all, read_prompts, sample, score, step_prompts, PromptRow};
+use crate::rollout::{completion_row, decode_all, sample, score, step_prompts};
 use crate::schedule::Schedule;
-use crate::session::{merge, Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::session::{load_model, merge, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan, Tally};
 use anyhow::{bail, Result};
 use kiln_core::Backend;
+use kiln_data::prompts::{read_prompts, PromptRow};
 use kiln_data::Tokenizer;
 use kiln_model::generator::{training_logprobs, FinishReason};
 use kiln_model::sampler::SamplingParams;
@@ -363,15 +363,13 @@ pub fn run<B: Backend>(
 ) -> Result<RunSummary<GrpoStats>> {
     let Some(g) = config.grpo.clone() else { bail!("the run configuration has no [grpo] section") };
     let rewards = build_rewards(&rt.b, &g.rewards)?;
-    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
+    let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
     s.plot = crate::metrics::PlotSpec::REWARD;
     let ep = s.model.expert_parallel().cloned();
     let reference = match g.beta != 0.0 {
         true => Some(Model::load_with(&s.b, &config.model.path, ep)?),
         false => None,
     };
-    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
-    check_vocab(&s.model, &tokenizer, s.model_dir())?;
     let train_prompts = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;
     let eval = match config.data.eval.is_empty() {
         true => Vec::new(),

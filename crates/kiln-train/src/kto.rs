@@ -15,18 +15,18 @@
 //! through a forward of their own before each micro-batch's forward and backward.
 
 use crate::config::{KtoLoss, KtoSection, RunConfig};
-use crate::data::{check_bad_rows, check_vocab, encode_splits, encoder, load_tokenizer};
-use crate::loader::{build_batch, describe_rows, pack, real_tokens, trainable_targets, DataOrder};
+use crate::data::{check_bad_rows, encode_splits, encoder};
+use crate::loader::{build_batch, pack, DataOrder};
 use crate::preference::{micro_batch_logps, prompt_completion, reference_logps, sequence_logps, Split};
 use crate::schedule::Schedule;
-use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan, Tally};
 use anyhow::{bail, Result};
 use kiln_core::Backend;
 use kiln_data::example::Encoder;
 use kiln_data::packing::best_fit_decreasing;
 use kiln_data::unpaired::{read_unpaired_rows, LabeledCompletion};
-use kiln_model::{ActivationsPool, Model};
+use kiln_model::ActivationsPool;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -235,16 +235,9 @@ impl<B: Backend> Recipe<B> for Kto<B> {
     type Stats = KtoStats;
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
-        let step = self.order.step(s.state.step);
-        let examples = &self.train.matched.examples;
-        let micro_batches = || step.iter().map(|&i| &self.order.micro_batches[i]);
+        let (plan, step) = StepPlan::from_order(s, &self.order, &self.train.matched.examples);
         self.step_micro_batches = step.len();
-        Ok(StepPlan {
-            trainable: micro_batches().map(|mb| trainable_targets(examples, mb)).sum::<usize>() as u64,
-            tokens: micro_batches().map(|mb| real_tokens(examples, mb)).sum::<usize>() as u64,
-            describe: describe_rows(examples, micro_batches()),
-            micro_batches: step[s.my_share(step.len())].to_vec(),
-        })
+        Ok(plan)
     }
 
     fn forwards_per_micro_step(&self) -> usize {
@@ -333,9 +326,7 @@ pub fn run<B: Backend>(
     quiet: bool,
 ) -> Result<RunSummary<KtoStats>> {
     let Some(k) = config.kto.clone() else { bail!("the run configuration has no [kto] section") };
-    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
-    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
-    check_vocab(&s.model, &tokenizer, s.model_dir())?;
+    let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
     let encoder = encoder(config, &tokenizer, template.as_ref());
     let bad = config.data.max_bad_fraction;
     let (train_rows, eval_rows) = encode_splits(config, |files, split| encode_unpaired(files, &encoder, bad, split))?;
@@ -355,64 +346,4 @@ pub fn run<B: Backend>(
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
     let mut recipe = Kto { k, train: train_split, eval, order, pool, step_micro_batches: 0 };
     train(&mut s, &mut recipe, &schedule, "kiln kto", quiet)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use safetensors::SafeTensors;
-
-    /// The loss, its gradient, the KL point and the rewards against torch autograd of TRL's
-    /// formulas (`tools/golden/kto_loss.py`).
-    #[test]
-    fn kto_loss_matches_torch() {
-        let bytes =
-            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/kto/losses.safetensors")).unwrap();
-        let st = SafeTensors::deserialize(&bytes).unwrap();
-        let f64s = |n: &str| -> Vec<f64> {
-            st.tensor(n).unwrap().data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
-        };
-        let params = f64s("params");
-        let mut checked_clamp = false;
-        for case in 0..2 {
-            let labels: Vec<bool> = st
-                .tensor(&format!("{case}.labels"))
-                .unwrap()
-                .data()
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) != 0)
-                .collect();
-            let get = |n: &str| f64s(&format!("{case}.{n}"));
-            for (name, loss_type) in [("kto", KtoLoss::Kto), ("apo_zero_unpaired", KtoLoss::ApoZeroUnpaired)] {
-                let k = KtoSection {
-                    loss_type,
-                    beta: params[0],
-                    desirable_weight: params[1],
-                    undesirable_weight: params[2],
-                };
-                let want = |n: &str| get(&format!("{name}.{n}"));
-                let z = match loss_type {
-                    KtoLoss::Kto => kl_point(&get("kl_logps"), &get("kl_ref_logps")),
-                    KtoLoss::ApoZeroUnpaired => 0.0,
-                };
-                assert!((z - want("kl")[0]).abs() < 1e-9, "case {case} {name}: KL point {z} vs {}", want("kl")[0]);
-                checked_clamp |= loss_type == KtoLoss::Kto && z == 0.0;
-                // TRL orders a batch's losses desirable first; the mean does not depend on it.
-                let out = kto_loss(&get("logps"), &get("ref_logps"), &labels, z, &k);
-                assert!(
-                    (out.loss - want("loss")[0]).abs() < 1e-6,
-                    "case {case} {name}: loss {} vs {}",
-                    out.loss,
-                    want("loss")[0]
-                );
-                for (i, (g, w)) in out.dlogps.iter().zip(want("dlogps")).enumerate() {
-                    assert!((g - w).abs() < 1e-6, "case {case} {name}: dloss/dlogp[{i}] {g} vs {w}");
-                }
-                for (r, w) in out.rewards.iter().zip(want("rewards")) {
-                    assert!((r - w).abs() < 1e-9, "case {case} {name}: reward {r} vs {w}");
-                }
-            }
-        }
-        assert!(checked_clamp, "one case has a negative KL estimate, clamped to 0");
-    }
 }

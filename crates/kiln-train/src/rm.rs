@@ -9,15 +9,15 @@
 //! Hugging Face `...ForSequenceClassification` directories with `num_labels = 1`.
 
 use crate::config::{RmSection, RunConfig};
-use crate::data::{check_vocab, load_tokenizer};
-use crate::loader::{build_batch, describe_rows, real_tokens, sequence_spans, trainable_targets, DataOrder, PackedRow};
+use crate::loader::{build_batch, sequence_spans, DataOrder, PackedRow};
 use crate::preference::{preference_splits, Split};
 use crate::schedule::Schedule;
 use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan, Tally};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use kiln_core::Backend;
 use kiln_data::example::Example;
+use kiln_model::score_head::reward_config_json;
 use kiln_model::{Activations, Model};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -94,34 +94,6 @@ fn rewards<B: Backend>(
     spans.iter().zip(last).zip(scores).map(|((&(i, _), t), r)| (i, t, r as f64)).collect()
 }
 
-/// `config.json` of the reward model made from a causal LM's: `...ForSequenceClassification`,
-/// one label, and a pad token (transformers pools the last non-pad token).
-fn reward_config(dir: &Path, pad: Option<u32>) -> Result<Vec<u8>> {
-    let path = dir.join("config.json");
-    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-        .with_context(|| format!("{}: invalid JSON", path.display()))?;
-    let family = match c["architectures"].get(0).and_then(|a| a.as_str()) {
-        Some(a) => a.split("For").next().unwrap_or(a).to_string(),
-        None => match c["model_type"].as_str().unwrap_or("") {
-            "deepseek_v3" => "DeepseekV3".into(),
-            "qwen2" => "Qwen2".into(),
-            "qwen3" => "Qwen3".into(),
-            "mistral" => "Mistral".into(),
-            _ => "Llama".into(),
-        },
-    };
-    c["architectures"] = json!([format!("{family}ForSequenceClassification")]);
-    c["num_labels"] = 1.into();
-    c["id2label"] = json!({"0": "LABEL_0"});
-    c["label2id"] = json!({"LABEL_0": 0});
-    if c["pad_token_id"].is_null() {
-        if let Some(pad) = pad {
-            c["pad_token_id"] = pad.into();
-        }
-    }
-    Ok((serde_json::to_string_pretty(&c)? + "\n").into_bytes())
-}
-
 struct Rm<B: Backend> {
     train: Split,
     eval: Split,
@@ -139,18 +111,10 @@ impl<B: Backend> Recipe<B> for Rm<B> {
     type Stats = RmStats;
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
-        let step = self.order.step(s.state.step);
-        let examples = &self.train.examples;
-        let micro_batches = || step.iter().map(|&i| &self.order.micro_batches[i]);
-        self.pairs = micro_batches().map(|mb| mb.iter().map(Vec::len).sum::<usize>()).sum::<usize>() / 2;
-        let trainable: usize = micro_batches().map(|mb| trainable_targets(examples, mb)).sum();
-        self.weight = 1.0 / trainable.max(1) as f32;
-        Ok(StepPlan {
-            trainable: trainable as u64,
-            tokens: micro_batches().map(|mb| real_tokens(examples, mb)).sum::<usize>() as u64,
-            describe: describe_rows(examples, micro_batches()),
-            micro_batches: step[s.my_share(step.len())].to_vec(),
-        })
+        let (plan, step) = StepPlan::from_order(s, &self.order, &self.train.examples);
+        self.pairs = step.iter().map(|&i| self.order.micro_batches[i].concat().len()).sum::<usize>() / 2;
+        self.weight = 1.0 / plan.trainable.max(1) as f32;
+        Ok(plan)
     }
 
     fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, tally: &mut RmStats) -> Result<f64> {
@@ -224,10 +188,8 @@ pub fn run<B: Backend>(
 ) -> Result<RunSummary<RmStats>> {
     let t = &config.train;
     let load = |b: &B, dir: &Path, ep| Ok(Model::load_as_reward_model(b, dir, t.seed, ep)?);
-    let mut s = Session::open(rt, config, resume, &load)?;
-    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
-    check_vocab(&s.model, &tokenizer, s.model_dir())?;
-    let reward_config = reward_config(s.model_dir(), tokenizer.eos_id)?;
+    let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load)?;
+    let reward_config = reward_config_json(s.model_dir(), tokenizer.eos_id)?;
     s.set_model_file("config.json", reward_config);
     let (train_split, eval) = preference_splits(config, &tokenizer, template.as_ref())?;
     let acts = Activations::new(&s.b, &s.model.config, config.rows(), config.data.max_seq_len, true, t.recompute);

@@ -1,65 +1,15 @@
-//! What the on-policy recipes (GRPO, distillation) share: prompts read and rendered, each
-//! step's prompts drawn, completions sampled with the KV-cache generator and laid out as
+//! What the on-policy recipes (GRPO, distillation) share: each step's prompts drawn, completions sampled with the KV-cache generator and laid out as
 //! training rows, and completions scored by the reward functions.
 
 use crate::rewards::{Reward, Sample};
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use kiln_core::rng::Rng;
 use kiln_core::Backend;
-use kiln_data::rows::read_records;
-use kiln_data::{ChatTemplate, Message, Tokenizer};
+use kiln_data::prompts::PromptRow;
+use kiln_data::Tokenizer;
 use kiln_model::generator::{generate, Generation, Request};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::Model;
-use serde_json::Value;
-
-/// A prompt and its reference answer.
-#[derive(Clone, Debug)]
-pub struct PromptRow {
-    pub ids: Vec<i32>,
-    pub text: String,
-    pub answer: Option<String>,
-    pub location: String,
-}
-
-/// Reads prompt rows: `{"prompt": "..."}` or `{"messages": [...]}` (rendered with the
-/// generation prompt), with an optional `"answer"`.
-pub fn read_prompts(
-    files: &[std::path::PathBuf],
-    tokenizer: &Tokenizer,
-    template: Option<&ChatTemplate>,
-) -> Result<Vec<PromptRow>> {
-    let mut out = Vec::new();
-    for f in files {
-        for record in read_records(f)? {
-            let (location, value) = record?;
-            let answer = match value.get("answer") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(v) => Some(v.to_string()),
-            };
-            let text = match (value.get("messages"), value.get("prompt")) {
-                (Some(m), _) => {
-                    let messages: Vec<Message> = serde_json::from_value(m.clone()).with_context(|| {
-                        format!("{location}: field `messages`: expected [{{\"role\", \"content\"}}, ..]")
-                    })?;
-                    let template = template
-                        .with_context(|| format!("{location}: a chat prompt needs the model's chat_template"))?;
-                    template.render(&messages, true).map_err(|e| anyhow::anyhow!("{location}: {e}"))?
-                }
-                (None, Some(Value::String(p))) => p.clone(),
-                _ => bail!("{location}: field `prompt` (a string) or `messages` is missing"),
-            };
-            let special = value.get("messages").is_none();
-            let ids = tokenizer.encode(&text, special).map_err(|e| anyhow::anyhow!("{location}: {e}"))?;
-            out.push(PromptRow { ids: ids.into_iter().map(|t| t as i32).collect(), text, answer, location });
-        }
-    }
-    if out.is_empty() {
-        bail!("no prompts in {}", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
-    }
-    Ok(out)
-}
 
 /// The `n` prompts of 0-based step `step`: a pure function of seed and step, like the SFT
 /// data order, so a resumed run draws what an uninterrupted one would.

@@ -2,10 +2,10 @@
 //! token's negative log-likelihood.
 
 use crate::config::RunConfig;
-use crate::data::{check_vocab, encode_split, encode_splits, encoder, load_tokenizer};
-use crate::loader::{build_batch, describe_rows, pack, real_tokens, trainable_targets, DataOrder, PackedRow};
+use crate::data::{encode_split, encode_splits, encoder};
+use crate::loader::{build_batch, pack, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
-use crate::session::{Resume, RunSummary, Runtime, Session, StepUpdate};
+use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan};
 use anyhow::Result;
 use kiln_core::Backend;
@@ -61,18 +61,9 @@ impl<B: Backend> Recipe<B> for Sft<B> {
     type Stats = SftStats;
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
-        // Data parallel: a step is `grad_accum` micro-batches per rank, each rank taking its own
-        // contiguous share, so N ranks see what one rank sees with N times the accumulation.
-        let step = self.order.step(s.state.step);
-        let micro_batches = || step.iter().map(|&i| &self.order.micro_batches[i]);
-        let trainable: usize = micro_batches().map(|mb| trainable_targets(&self.train, mb)).sum();
-        self.weight = 1.0 / trainable.max(1) as f32;
-        Ok(StepPlan {
-            trainable: trainable as u64,
-            tokens: micro_batches().map(|mb| real_tokens(&self.train, mb)).sum::<usize>() as u64,
-            describe: describe_rows(&self.train, micro_batches()),
-            micro_batches: step[s.my_share(step.len())].to_vec(),
-        })
+        let (plan, _) = StepPlan::from_order(s, &self.order, &self.train);
+        self.weight = 1.0 / plan.trainable.max(1) as f32;
+        Ok(plan)
     }
 
     fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, _: &mut ()) -> Result<f64> {
@@ -119,9 +110,7 @@ pub fn run<B: Backend>(
     resume: Option<Resume>,
     quiet: bool,
 ) -> Result<RunSummary<SftStats>> {
-    let mut s = Session::open(rt, config, resume, &|b, dir, ep| Ok(Model::load_with(b, dir, ep)?))?;
-    let (tokenizer, template) = load_tokenizer(s.model_dir())?;
-    check_vocab(&s.model, &tokenizer, s.model_dir())?;
+    let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
     let encoder = encoder(config, &tokenizer, template.as_ref());
     let bad = config.data.max_bad_fraction;
     let (train_examples, eval) = encode_splits(config, |files, split| encode_split(files, &encoder, bad, split))?;

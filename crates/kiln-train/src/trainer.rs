@@ -4,10 +4,12 @@
 //! evaluation cadence, checkpoints and SIGINT/SIGTERM, and the summary at the end. A recipe
 //! supplies its step's micro-batches, the loss of one, and its statistics.
 
+use crate::loader::{describe_rows, real_tokens, trainable_targets, DataOrder};
 use crate::schedule::Schedule;
 use crate::session::{merge, with_step, RunSummary, Session, StepUpdate};
 use anyhow::Result;
 use kiln_core::Backend;
+use kiln_data::example::Example;
 use serde_json::Value;
 
 /// Sums a recipe keeps over a step's micro-batches, added up over the ranks.
@@ -31,6 +33,25 @@ pub struct StepPlan<M> {
     pub tokens: u64,
     /// Where the step's rows come from, for warnings.
     pub describe: String,
+}
+
+impl StepPlan<usize> {
+    /// The plan of a recipe whose micro-batches are `order`'s packed rows of `examples`: this
+    /// rank's share of the coming step's micro-batches (indices into `order.micro_batches`),
+    /// and, second, all of the step's.
+    pub fn from_order<B: Backend>(s: &Session<B>, order: &DataOrder, examples: &[Example]) -> (Self, Vec<usize>) {
+        // Data parallel: a step is `grad_accum` micro-batches per rank, each rank taking its
+        // own contiguous share, so N ranks see what one rank sees with N times the accumulation.
+        let step = order.step(s.state.step);
+        let micro_batches = || step.iter().map(|&i| &order.micro_batches[i]);
+        let plan = Self {
+            trainable: micro_batches().map(|mb| trainable_targets(examples, mb)).sum::<usize>() as u64,
+            tokens: micro_batches().map(|mb| real_tokens(examples, mb)).sum::<usize>() as u64,
+            describe: describe_rows(examples, micro_batches()),
+            micro_batches: step[s.my_share(step.len())].to_vec(),
+        };
+        (plan, step)
+    }
 }
 
 /// A training recipe as the step protocol sees it.
@@ -59,7 +80,9 @@ pub trait Recipe<B: Backend> {
     /// A short line of `stats` for the progress bar and evaluation messages.
     fn message(&self, stats: &Self::Stats) -> String;
     /// Statistics on the eval data, when there is any.
-    fn evaluate(&mut self, s: &mut Session<B>) -> Result<Option<Self::Stats>>;
+    fn evaluate(&mut self, _: &mut Session<B>) -> Result<Option<Self::Stats>> {
+        Ok(None)
+    }
 }
 
 /// Trains `recipe` to `schedule.total_steps` (from wherever the session resumed), as every

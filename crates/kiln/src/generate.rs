@@ -4,12 +4,12 @@
 
 use anyhow::{Context, Result};
 use kiln_core::Cpu;
+use kiln_data::prompts::read_prompts;
 use kiln_data::{Message, Tokenizer};
 use kiln_model::generator::{generate, FinishReason, Generation, Request};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::Model;
 use kiln_train::data::load_tokenizer;
-use kiln_train::rollout::read_prompts;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 

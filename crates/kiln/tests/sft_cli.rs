@@ -213,7 +213,6 @@ fn expert_parallel_that_cannot_split_is_refused_with_the_reason() {
     let model = format!("model.path={:?}", base.display().to_string());
     refused(&[&model, "train.ep=3"], "does not divide the 8 routed experts");
     refused(&[&model, "train.ep=2"], "does not divide the 1 ranks of the run");
-    refused(&[&model, "train.ep=2", "train.zero=2"], "ZeRO stage 0 or 1 for now");
 }
 
 fn score(model: &Path, tokens: &Path) -> String {

@@ -13,12 +13,14 @@ mod parallel;
 
 use crate::checkpoint::{self, State};
 use crate::config::{RunConfig, TrainSection};
+use crate::data::{check_vocab, load_tokenizer};
 use crate::data_parallel::DataParallel;
 use crate::metrics::{Metrics, PlotSpec};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend};
+use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_dist::Comm;
 use kiln_model::{ExpertParallel, Model};
 use parallel::expert_groups;
@@ -46,6 +48,11 @@ pub struct Runtime<B: Backend> {
 /// Loads the model a run trains from a directory, with only this rank's routed experts under
 /// expert parallel.
 pub type Loader<'a, B> = &'a dyn Fn(&B, &Path, Option<ExpertParallel<B>>) -> Result<Model<B>>;
+
+/// The `Loader` of a causal LM.
+pub fn load_model<B: Backend>(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Model<B>> {
+    Ok(Model::load_with(b, dir, ep)?)
+}
 
 pub struct Session<B: Backend> {
     pub b: B,
@@ -193,6 +200,19 @@ impl<B: Backend> Session<B> {
             step_seconds: 0.0,
             non_finite_streak: 0,
         })
+    }
+
+    /// `open`, with the model directory's tokenizer and chat template (checked against the model).
+    pub fn open_tokenized(
+        rt: Runtime<B>,
+        config: &RunConfig,
+        resume: Option<Resume>,
+        load: Loader<B>,
+    ) -> Result<(Self, Tokenizer, Option<ChatTemplate>)> {
+        let s = Self::open(rt, config, resume, load)?;
+        let (tokenizer, template) = load_tokenizer(s.model_dir())?;
+        check_vocab(&s.model, &tokenizer, s.model_dir())?;
+        Ok((s, tokenizer, template))
     }
 
     /// Starts the training clock, and shows a progress bar over `total_steps` unless `quiet`.

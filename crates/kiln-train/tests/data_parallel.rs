@@ -1,0 +1,270 @@
+//! Data, ZeRO and expert parallel in one process (`kiln_dist::Threads`, a thread per rank),
+//! under plain `cargo test`: the same run on 1, 2 and 4 ranks, each rank taking its share of
+//! every step, follows the one-process curve, replicated, with ZeRO-1 (moments 1/N per rank)
+//! and ZeRO-2 (moments and gradients 1/N); ZeRO checkpoints resume on other numbers of ranks
+//! and without ZeRO; expert parallel (alone, with data parallel, recomputation, ZeRO-1 and
+//! ZeRO-2) gives the one-process curve with each rank holding its share of the experts; and
+//! every recipe follows its one-process curve on two ranks. `crates/kiln/tests/dp_mpi.rs` runs
+//! the same layouts as processes under mpirun.
+
+use kiln_core::Cpu;
+use kiln_dist::Threads;
+use kiln_train::{RunConfig, RunSummary, Runtime};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+
+/// Runs `run` on `ranks` ranks of one process, each on a thread of its own.
+fn on_ranks<S: Send>(ranks: usize, run: impl Fn(Runtime<Cpu>) -> S + Sync) -> Vec<S> {
+    let comms = Threads::new(ranks, Duration::from_secs(120));
+    std::thread::scope(|s| {
+        let handles: Vec<_> =
+            comms.into_iter().map(|c| s.spawn(|| run(Runtime { b: Cpu, world: Arc::new(c) }))).collect();
+        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
+    })
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-dp-threads-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `examples/RECIPE.toml` into `dir` with `overrides`.
+fn config(recipe: &str, dir: &Path, overrides: &[&str]) -> RunConfig {
+    let mut all = vec![format!("output.dir={:?}", dir.display().to_string())];
+    all.extend(overrides.iter().map(|s| s.to_string()));
+    RunConfig::load_resolved(Path::new(&format!("{EXAMPLES}/{recipe}.toml")), &all).expect("example config")
+}
+
+/// Runs `recipe` on `ranks` ranks; returns rank 0's summary's step count.
+fn run(recipe: &str, ranks: usize, dir: &Path, overrides: &[&str], resume: bool) -> u64 {
+    let c = config(recipe, dir, overrides);
+    let resume = || resume.then_some(kiln_train::Resume::Latest);
+    fn steps<S>(r: anyhow::Result<RunSummary<S>>) -> u64 {
+        r.unwrap_or_else(|e| panic!("{e:#}")).steps
+    }
+    let summaries = on_ranks(ranks, |rt| match recipe {
+        "sft" => steps(kiln_train::sft::run(rt, &c, resume(), true)),
+        "dpo" => steps(kiln_train::dpo::run(rt, &c, resume(), true)),
+        "rm" => steps(kiln_train::rm::run(rt, &c, resume(), true)),
+        "kto" => steps(kiln_train::kto::run(rt, &c, resume(), true)),
+        "grpo" => steps(kiln_train::grpo::run(rt, &c, resume(), true)),
+        "distill" => steps(kiln_train::distill::run(rt, &c, resume(), true)),
+        other => panic!("no recipe {other}"),
+    });
+    summaries[0]
+}
+
+/// Metrics lines of training steps.
+fn steps(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["grad_norm"].is_number())
+        .collect()
+}
+
+fn series(dir: &Path, key: &str) -> Vec<f64> {
+    steps(dir).iter().map(|v| v[key].as_f64().unwrap()).collect()
+}
+
+/// The eval losses (before training and at the end), each rank having scored its share.
+fn eval_losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["eval_loss"].as_f64())
+        .collect()
+}
+
+fn assert_same_curve(reference: &[f64], curve: &[f64], tolerance: f64, what: &str) {
+    assert_eq!(curve.len(), reference.len(), "{what}: one metrics line per step");
+    assert!(!reference.is_empty(), "{what}: no steps");
+    for (step, (a, b)) in reference.iter().zip(curve).enumerate() {
+        assert!((a - b).abs() <= tolerance * a.abs().max(1e-3), "{what} step {}: 1 rank {a}, here {b}", step + 1);
+    }
+}
+
+/// A 6-step SFT run of the example on `ranks` ranks, 4 micro-batches a step over all of them.
+fn sft(ranks: usize, dir: &Path, extra: &[&str]) {
+    let accum = format!("train.grad_accum={}", 4 / ranks);
+    let mut overrides = vec!["train.steps=6", "output.save_every=3", accum.as_str()];
+    overrides.extend(extra);
+    assert_eq!(run("sft", ranks, dir, &overrides, false), 6);
+}
+
+#[test]
+fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_and_2() {
+    let one = scratch("1");
+    sft(1, &one, &[]);
+    let reference = series(&one, "loss");
+    let held = |dir: &Path, key: &str| steps(dir)[0][key].as_f64().unwrap();
+    for ranks in [2, 4] {
+        for zero in [0, 1, 2] {
+            let dir = scratch(&format!("{ranks}-zero-{zero}"));
+            sft(ranks, &dir, &[&format!("train.zero={zero}")]);
+            let what = format!("{ranks} ranks, ZeRO-{zero}");
+            assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &what);
+            assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, &what);
+            assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-6, &format!("{what}, eval"));
+            // ZeRO-1 shards the moments over the ranks; ZeRO-2 the gradients too.
+            let share = |key: &str, sharded: bool| {
+                let (full, here) = (held(&one, key), held(&dir, key));
+                let want = if sharded { full / ranks as f64 } else { full };
+                assert!((here - want).abs() <= 1e-4 * full, "{what}: {key} {here} MB, expected {want}");
+            };
+            share("optimizer_state_mb", zero >= 1);
+            share("gradients_mb", zero >= 2);
+        }
+    }
+    // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks with ZeRO-2 (re-cut) and
+    // on one process without ZeRO (moments gathered), continuing the same curve.
+    for (ranks, zero) in [(2, 2), (1, 0)] {
+        let dir = scratch(&format!("resume-{ranks}"));
+        copy_dir(&scratch_keep("4-zero-1"), &dir);
+        std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+        let accum = format!("train.grad_accum={}", 4 / ranks);
+        let zero = format!("train.zero={zero}");
+        run("sft", ranks, &dir, &["train.steps=6", "output.save_every=3", &accum, &zero], true);
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &format!("resumed on {ranks}"));
+    }
+}
+
+#[test]
+fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
+    let base = scratch("ep-base");
+    deepseek_base(&base);
+    let model = format!("model.path={:?}", base.display().to_string());
+    let one = scratch("ep-1");
+    sft(1, &one, &[&model]);
+    let reference = series(&one, "loss");
+    // Two MoE layers of 8 routed experts, each three 24 x 48 matrices, in f32.
+    let routed_mb = (2 * 8 * 3 * 24 * 48 * 4) as f64 / 1e6;
+    let cases = [
+        (2, 2, "train.zero=0"),
+        (4, 4, "train.zero=0"),
+        (4, 2, "train.recompute=true"),
+        (4, 2, "train.zero=1"),
+        (4, 2, "train.zero=2"),
+    ];
+    for (ranks, ep, extra) in cases {
+        let dir = scratch(&format!("ep-{ranks}-{ep}-{extra}"));
+        sft(ranks, &dir, &[&model, &format!("train.ep={ep}"), extra]);
+        let what = format!("{ranks} ranks, ep {ep}, {extra}");
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &what);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, &what);
+        assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-6, &format!("{what}, eval"));
+        // Each rank holds 1/ep of the routed experts, and everything else whole.
+        let saved = series(&one, "weights_mb")[0] - series(&dir, "weights_mb")[0];
+        let expected = routed_mb * (1.0 - 1.0 / ep as f64);
+        assert!((saved - expected).abs() < 1e-6, "{what}: {saved} MB fewer weights, expected {expected}");
+        if extra.starts_with("train.zero=") && !extra.ends_with('0') {
+            let (full, sharded) = (series(&one, "optimizer_state_mb")[0], series(&dir, "optimizer_state_mb")[0]);
+            assert!((sharded - full / 4.0).abs() <= 1e-3 * full, "{what}: {sharded} MB of moments, of {full}");
+        }
+    }
+    // The ep-4 run's step-3 checkpoint (sharded by expert rank) resumes on 2 ranks with ep 2,
+    // and the ZeRO-1 one with ep 2 and ZeRO-1, its spaces re-cut.
+    for (from, extra) in [("ep-4-4-train.zero=0", "train.zero=0"), ("ep-4-2-train.zero=1", "train.zero=1")] {
+        let dir = scratch(&format!("ep-resume-{extra}"));
+        copy_dir(&scratch_keep(from), &dir);
+        std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+        let overrides =
+            [model.as_str(), "train.ep=2", extra, "train.steps=6", "output.save_every=3", "train.grad_accum=2"];
+        run("sft", 2, &dir, &overrides, true);
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &format!("resumed from {from} with ep 2"));
+    }
+    // Every other recipe on the MoE model, expert parallel over two ranks (the pair recipes
+    // two micro-batches a step either way; GRPO with a KL term runs its reference expert
+    // parallel too; distillation's teacher is the dense demo base).
+    for (recipe, one, two) in [
+        ("dpo", vec!["train.grad_accum=2"], vec!["train.ep=2"]),
+        ("rm", vec!["train.grad_accum=2"], vec!["train.ep=2"]),
+        ("kto", vec!["train.grad_accum=2"], vec!["train.ep=2"]),
+        ("grpo", vec!["grpo.beta=0.04"], vec!["grpo.beta=0.04", "train.ep=2"]),
+        ("distill", vec!["train.seed=1"], vec!["train.seed=1", "train.ep=2"]),
+    ] {
+        let (one, two) = (
+            [&[model.as_str(), "train.steps=4"], &one[..]].concat(),
+            [&[model.as_str(), "train.steps=4"], &two[..]].concat(),
+        );
+        assert_same_recipe(recipe, &format!("{recipe} with ep 2"), &one, &two);
+    }
+}
+
+#[test]
+fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2() {
+    // A teacher for distillation that differs from the student: the demo base after 3 SFT steps.
+    let teacher = scratch("teacher");
+    run("sft", 1, &teacher, &["train.steps=3", "output.save_every=0"], false);
+    let teacher = format!("distill.teacher={:?}", teacher.join("checkpoints/step-00000003").display().to_string());
+    let runs: [(&str, Vec<&str>, Vec<&str>); 5] = [
+        // Pair and unpaired recipes: 2 micro-batches a step either way.
+        ("dpo", vec!["train.grad_accum=2"], vec!["train.zero=2"]),
+        ("rm", vec!["train.grad_accum=2"], vec!["train.zero=2"]),
+        ("kto", vec!["train.grad_accum=2"], vec!["train.zero=2"]),
+        // Rollout recipes: the step's prompts split over the ranks.
+        ("grpo", vec![], vec!["train.zero=2"]),
+        ("distill", vec![&teacher], vec![&teacher, "train.zero=2"]),
+    ];
+    for (recipe, one, two) in runs {
+        let (one, two) = ([&["train.steps=4"], &one[..]].concat(), [&["train.steps=4"], &two[..]].concat());
+        assert_same_recipe(recipe, &format!("{recipe} with ZeRO-2"), &one, &two);
+    }
+}
+
+/// `recipe` on one process with `one` and on two ranks with `two` take the same steps.
+fn assert_same_recipe(recipe: &str, what: &str, one: &[&str], two: &[&str]) {
+    let (a, b) = (scratch(&format!("{what}-1")), scratch(&format!("{what}-2")));
+    run(recipe, 1, &a, one, false);
+    run(recipe, 2, &b, two, false);
+    assert!(series(&a, "grad_norm").iter().any(|g| *g > 0.0), "{what}: no gradient to compare");
+    // Sums in another order leave the weights a few ulps apart after an update; the rollout
+    // recipes then sample from, and score with, those weights.
+    let tolerance = if ["grpo", "distill"].contains(&recipe) { 1e-5 } else { 1e-6 };
+    assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), tolerance, what);
+    assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, what);
+}
+
+fn scratch_keep(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("kiln-dp-threads-{}-{name}", std::process::id()))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A tiny random DeepSeek-V3 (MLA; one dense layer, then two MoE layers of 8 routed experts,
+/// 2 per token, and a shared expert) with the demo tokenizer, as a Hugging Face directory.
+fn deepseek_base(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = r#"{
+        "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
+        "moe_intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 3,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
+        "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
+        "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
+    }"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let demo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base"));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(demo.join(f), dir.join(f)).unwrap();
+    }
+    let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1);
+    model.save_weights(&Cpu, dir).unwrap();
+}

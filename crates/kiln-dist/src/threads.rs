@@ -239,7 +239,7 @@ impl Comm for Threads {
     fn all_to_all_u64(&self, send: &[u64], recv: &mut [u64], what: &str) -> Result<()> {
         let size = self.size();
         ensure!(
-            send.len() == recv.len() && send.len() % size == 0,
+            send.len() == recv.len() && send.len().is_multiple_of(size),
             "all_to_all ({what}): {} values for {size} ranks",
             send.len()
         );

@@ -58,7 +58,7 @@ impl FlatLayout {
         let spans = |experts: bool| {
             let layer = &self.ranges.layers[l];
             let mut it = layer.refs().into_iter().filter(|r| (r.start >= self.dense) == experts && !r.is_empty());
-            let first = it.next().map(|r| r.clone());
+            let first = it.next().cloned();
             first.map_or(0..0, |f| it.fold(f, |acc, r| acc.start.min(r.start)..acc.end.max(r.end)))
         };
         (spans(false), spans(true))

@@ -167,7 +167,7 @@ impl<B: Backend> Model<B> {
         for (layer, load) in params.layers.iter_mut().zip(&loads) {
             let FfnWeights::Moe(w) = &mut layer.ffn else { continue };
             let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
-            let mut bias = b.read(&w.bias);
+            let mut bias = b.read(w.bias);
             for (bias, &l) in bias.iter_mut().zip(load) {
                 let diff = mean - l as f64;
                 *bias += gamma

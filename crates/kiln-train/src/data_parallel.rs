@@ -25,14 +25,17 @@ use kiln_model::{FlatGrads, FlatLayout, GradSink, Model, Weights};
 use std::ops::Range;
 use std::sync::Arc;
 
+/// A group of ranks whose collectives move `B`'s buffers.
+pub type Ranks<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
+
 /// One group of parameters and the ranks that share its update.
 pub struct Space<B: Backend> {
     /// Its values in the flat buffers.
     pub range: Range<usize>,
     /// The ranks that hold these parameters.
-    pub comm: Arc<dyn Comm<B::Slice>>,
+    pub comm: Ranks<B>,
     /// Under expert parallel, for the routed experts: the ranks that split them.
-    expert_group: Option<Arc<dyn Comm<B::Slice>>>,
+    expert_group: Option<Ranks<B>>,
     /// The values this rank updates (all of `range`, or its ZeRO shard), and every rank's count.
     pub mine: Range<usize>,
     counts: Vec<usize>,
@@ -46,7 +49,7 @@ pub struct Space<B: Backend> {
 }
 
 impl<B: Backend> Space<B> {
-    fn new(b: &B, range: Range<usize>, comm: Arc<dyn Comm<B::Slice>>, sharded: bool, name: String) -> Self {
+    fn new(b: &B, range: Range<usize>, comm: Ranks<B>, sharded: bool, name: String) -> Self {
         let (rank, size) = (comm.rank(), comm.size());
         let (mine, counts) = match sharded && size > 1 {
             true => {
@@ -125,14 +128,7 @@ pub struct DataParallel<B: Backend> {
 impl<B: Backend> DataParallel<B> {
     /// The update of `model`'s parameters over `world`, with ZeRO stage `zero`; under expert
     /// parallel `replicas` are the ranks holding the same experts as this one.
-    pub fn new(
-        b: &B,
-        model: &Model<B>,
-        world: &Arc<dyn Comm<B::Slice>>,
-        replicas: Option<Arc<dyn Comm<B::Slice>>>,
-        zero: u8,
-        hyper: Hyper,
-    ) -> Self {
+    pub fn new(b: &B, model: &Model<B>, world: &Ranks<B>, replicas: Option<Ranks<B>>, zero: u8, hyper: Hyper) -> Self {
         let flat = Arc::clone(&model.flat);
         let sharded = zero >= 1 && world.size() > 1;
         let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, "adam_shard".into())];

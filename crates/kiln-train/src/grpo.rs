@@ -67,6 +67,10 @@ impl PolicyTally {
     }
 }
 
+/// Of each completion of a micro-batch, every completion token's log-prob (from
+/// `training_logprobs`), when known.
+type CompletionLogps<'a> = Option<&'a [Vec<f32>]>;
+
 /// Each completion's token log-probs from the forward's nll (`sequences`: one row each, ids
 /// and prompt length), and the token weights ∂L/∂nll_t = −∂L/∂logp_t of the policy loss.
 /// Without `old` (the sampling policy's log-probs) the ratios compare with the current ones.
@@ -74,7 +78,7 @@ fn token_weights(
     nll: &[f32],
     sequences: &[(Vec<i32>, usize)],
     advantages: &[f64],
-    (old, reference): (Option<&[Vec<f32>]>, Option<&[Vec<f32>]>),
+    (old, reference): (CompletionLogps, CompletionLogps),
     params: &PolicyLossParams,
     seq: usize,
 ) -> (Vec<f32>, PolicyLoss) {

@@ -185,11 +185,11 @@ pub fn forward<B: Backend>(
     }
     b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, m.q_rope());
 
-    linear(b, &mut a.kv_a, xn, (&w.kv_a, w.kv_a_bias), (n, d, m.kv_a()));
+    linear(b, &mut a.kv_a, xn, (w.kv_a, w.kv_a_bias), (n, d, m.kv_a()));
     b.copy_columns(&mut a.c, &a.kv_a, m.columns(n, m.c, (m.kv_a(), 0), (m.c, 0), false));
-    b.rmsnorm_forward(&mut a.c_norm, &mut a.c_rstd, &a.c, &w.kv_a_norm, LATENT_NORM_EPS);
+    b.rmsnorm_forward(&mut a.c_norm, &mut a.c_rstd, &a.c, w.kv_a_norm, LATENT_NORM_EPS);
     b.rope_forward(&mut a.kv_a, ctx.rope_table, ctx.positions, m.k_rope());
-    linear(b, &mut a.kv, &a.c_norm, (&w.kv_b, None), (n, m.c, h * m.kv()));
+    linear(b, &mut a.kv, &a.c_norm, (w.kv_b, None), (n, m.c, h * m.kv()));
 
     // k = [k_nope ; k_pe] per head, v split off.
     b.copy_columns(&mut a.k, &a.kv, m.columns(n * h, m.nope, (m.kv(), 0), (m.qk(), 0), false));
@@ -200,7 +200,7 @@ pub fn forward<B: Backend>(
     b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
 
     attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx);
-    linear(b, out, &a.att, (&w.o, w.o_bias), (n, h * m.v, d));
+    linear(b, out, &a.att, (w.o, w.o_bias), (n, h * m.v, d));
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
@@ -225,7 +225,7 @@ pub fn backward<B: Backend>(
         (&mut g.o, g.o_bias.as_deref_mut()),
         dout,
         &a.att,
-        &w.o,
+        w.o,
         (n, h * m.v, d),
     );
     b.attention_backward(
@@ -257,11 +257,11 @@ pub fn backward<B: Backend>(
         (&mut g.kv_b, None),
         &s.dkv,
         &a.c_norm,
-        &w.kv_b,
+        w.kv_b,
         (n, m.c, h * m.kv()),
     );
     b.fill(&mut s.dc, 0.0);
-    b.rmsnorm_backward(&mut s.dc, &mut g.kv_a_norm, &s.dc_norm, &a.c, &w.kv_a_norm, &a.c_rstd);
+    b.rmsnorm_backward(&mut s.dc, g.kv_a_norm, &s.dc_norm, &a.c, w.kv_a_norm, &a.c_rstd);
     b.copy_columns(&mut s.dkv_a, &s.dc, m.columns(n, m.c, (m.c, 0), (m.kv_a(), 0), false));
     linear_backward(
         b,
@@ -269,7 +269,7 @@ pub fn backward<B: Backend>(
         (&mut g.kv_a, g.kv_a_bias.as_deref_mut()),
         &s.dkv_a,
         xn,
-        &w.kv_a,
+        w.kv_a,
         (n, d, m.kv_a()),
     );
 

@@ -41,11 +41,11 @@ pub fn forward<B: Backend>(
     a: &mut MlpActs<B>,
     (n, d, ff): (usize, usize, usize),
 ) {
-    linear(b, &mut a.gate, x, (&w.gate, w.gate_bias), (n, d, ff));
-    linear(b, &mut a.up, x, (&w.up, w.up_bias), (n, d, ff));
+    linear(b, &mut a.gate, x, (w.gate, w.gate_bias), (n, d, ff));
+    linear(b, &mut a.up, x, (w.up, w.up_bias), (n, d, ff));
     b.swiglu_forward(&mut a.h, &a.gate, &a.up);
     if let Some(out) = out {
-        linear(b, out, &a.h, (&w.down, w.down_bias), (n, ff, d));
+        linear(b, out, &a.h, (w.down, w.down_bias), (n, ff, d));
     }
 }
 
@@ -68,7 +68,7 @@ pub fn backward<B: Backend>(
         (&mut g.down, g.down_bias.as_deref_mut()),
         dout,
         &a.h,
-        &w.down,
+        w.down,
         (n, ff, d),
     );
     b.swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
@@ -78,8 +78,8 @@ pub fn backward<B: Backend>(
         (&mut g.gate, g.gate_bias.as_deref_mut()),
         &s.dgate,
         x,
-        &w.gate,
+        w.gate,
         (n, d, ff),
     );
-    linear_backward(b, Some((dx, true)), (&mut g.up, g.up_bias.as_deref_mut()), &s.dup, x, &w.up, (n, d, ff));
+    linear_backward(b, Some((dx, true)), (&mut g.up, g.up_bias.as_deref_mut()), &s.dup, x, w.up, (n, d, ff));
 }

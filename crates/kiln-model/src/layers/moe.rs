@@ -162,10 +162,10 @@ fn experts_forward<B: Backend>(
     y: &mut B::Slice,
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
-    experts_linear(b, g, xs, &w.gate, rows, d, ff);
-    experts_linear(b, u, xs, &w.up, rows, d, ff);
+    experts_linear(b, g, xs, w.gate, rows, d, ff);
+    experts_linear(b, u, xs, w.up, rows, d, ff);
     b.swiglu_forward(h, g, u);
-    experts_linear(b, y, h, &w.down, rows, ff, d);
+    experts_linear(b, y, h, w.down, rows, ff, d);
 }
 
 /// Backward of `experts_forward` from `dy`: the experts' weight gradients into `gw`, dL/dxs
@@ -182,10 +182,10 @@ fn experts_backward<B: Backend>(
     dxs: &mut B::Slice,
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
-    experts_linear_backward(b, dh, false, &mut gw.down, dy, h, &w.down, rows, (ff, d));
+    experts_linear_backward(b, dh, false, gw.down, dy, h, w.down, rows, (ff, d));
     b.swiglu_backward(dg, du, dh, g, u);
-    experts_linear_backward(b, dxs, false, &mut gw.gate, dg, xs, &w.gate, rows, (d, ff));
-    experts_linear_backward(b, dxs, true, &mut gw.up, du, xs, &w.up, rows, (d, ff));
+    experts_linear_backward(b, dxs, false, gw.gate, dg, xs, w.gate, rows, (d, ff));
+    experts_linear_backward(b, dxs, true, gw.up, du, xs, w.up, rows, (d, ff));
 }
 
 /// Expert parallel, forward: sends the dispatched rows `xs` (`rows[e]` for each of the layer's
@@ -276,8 +276,8 @@ pub fn forward<B: Backend>(
     ep: ExpertGroup<B>,
 ) {
     let (n, d, k, e) = (a.tokens, s.hidden, s.routing.top_k, s.experts);
-    b.matmul(&mut a.logits, x, &w.router, Matmul::linear(n, d, e));
-    b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, &w.bias, routing(s, n));
+    b.matmul(&mut a.logits, x, w.router, Matmul::linear(n, d, e));
+    b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, w.bias, routing(s, n));
 
     a.rows = b.moe_dispatch(&mut a.order, &mut a.row_w, &mut a.slot_rows, &a.route_idx, &a.route_w, e, k);
 
@@ -406,7 +406,7 @@ pub fn backward<B: Backend>(
         b.write(&mut t.daux, &daux);
         b.add_assign(&mut t.dlogits, &t.daux);
     }
-    b.matmul(&mut g.router, &t.dlogits, x, Matmul::linear_dw(n, d, e));
-    b.matmul(dx, &t.dlogits, &w.router, Matmul::linear_dx(n, d, e, true));
+    b.matmul(g.router, &t.dlogits, x, Matmul::linear_dw(n, d, e));
+    b.matmul(dx, &t.dlogits, w.router, Matmul::linear_dx(n, d, e, true));
     aux_loss
 }

@@ -14,14 +14,13 @@ mod parallel;
 use crate::checkpoint::{self, State};
 use crate::config::{RunConfig, TrainSection};
 use crate::data::{check_vocab, load_tokenizer};
-use crate::data_parallel::DataParallel;
+use crate::data_parallel::{DataParallel, Ranks};
 use crate::metrics::{Metrics, PlotSpec};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_data::{ChatTemplate, Tokenizer};
-use kiln_dist::Comm;
 use kiln_model::{ExpertParallel, Model};
 use parallel::expert_groups;
 use serde_json::{json, Value};
@@ -42,7 +41,7 @@ pub enum Resume {
 /// What a run computes on: a backend, and the ranks of the job (one process: `Local`).
 pub struct Runtime<B: Backend> {
     pub b: B,
-    pub world: Arc<dyn Comm<B::Slice>>,
+    pub world: Ranks<B>,
 }
 
 /// Loads the model a run trains from a directory, with only this rank's routed experts under
@@ -57,7 +56,7 @@ pub fn load_model<B: Backend>(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) 
 pub struct Session<B: Backend> {
     pub b: B,
     /// The ranks of the run.
-    pub comm: Arc<dyn Comm<B::Slice>>,
+    pub comm: Ranks<B>,
     pub model: Model<B>,
     /// Gradients, their reduction over the ranks and the optimizer: backward's `GradSink`.
     pub dp: DataParallel<B>,

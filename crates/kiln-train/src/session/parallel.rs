@@ -3,12 +3,12 @@
 //! expert loads, agreeing on a stop, and the groups expert parallel sets up.
 
 use super::Session;
+use crate::data_parallel::Ranks;
 use anyhow::{bail, Result};
 use kiln_core::Backend;
 use kiln_dist::Comm;
 use kiln_model::{Config, ExpertParallel};
 use std::path::Path;
-use std::sync::Arc;
 
 impl<B: Backend> Session<B> {
     /// Micro-batches in a step over all ranks: `grad_accum` on each.
@@ -107,7 +107,7 @@ pub(super) fn expert_groups<B: Backend>(
     comm: &dyn Comm<B::Slice>,
     ep: usize,
     model_dir: &Path,
-) -> Result<(ExpertParallel<B>, Arc<dyn Comm<B::Slice>>)> {
+) -> Result<(ExpertParallel<B>, Ranks<B>)> {
     let config = Config::load(model_dir)?;
     let Some(moe) = &config.moe else {
         bail!(

@@ -16,7 +16,7 @@
 
 use crate::config::{KtoLoss, KtoSection, RunConfig};
 use crate::data::{check_bad_rows, encode_splits, encoder};
-use crate::loader::{build_batch, pack, DataOrder};
+use crate::loader::{build_batch, pack_groups, DataOrder};
 use crate::preference::{micro_batch_logps, prompt_completion, reference_logps, sequence_logps, Split};
 use crate::schedule::Schedule;
 use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
@@ -140,12 +140,13 @@ struct KtoSplit {
 }
 
 impl KtoSplit {
-    /// Packs `rows` (their order kept) into micro-batches of `rows × seq` tokens and builds each
-    /// micro-batch's mismatched pairs: completion k−1 after prompt k (cut to `seq`).
+    /// Packs the completions, in their order (as TRL batches them), into micro-batches of
+    /// `rows × seq` tokens and builds each micro-batch's mismatched pairs: completion k−1 after
+    /// prompt k (cut to `seq`).
     fn new(completions: Vec<LabeledCompletion>, rows: usize, seq: usize) -> Self {
         let examples: Vec<_> =
             completions.iter().map(|c| prompt_completion(&c.prompt, &c.completion, &c.location)).collect();
-        let micro_batches = pack(&examples, rows, seq, None);
+        let micro_batches = pack_groups(&examples, 1, rows, seq).expect("every completion fits max_seq_len");
         let (mut kl_examples, mut kl_batches) = (Vec::new(), Vec::new());
         for mb in &micro_batches {
             let members: Vec<usize> = mb.iter().flatten().copied().collect();

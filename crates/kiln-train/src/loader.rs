@@ -39,7 +39,7 @@ impl DataOrder {
         Self::from_micro_batches(pack(examples, rows, seq, None), grad_accum, seed)
     }
 
-    /// An order over micro-batches packed some other way (`pack_pairs`).
+    /// An order over micro-batches packed some other way (`pack_groups`).
     pub fn from_micro_batches(micro_batches: Vec<Vec<PackedRow>>, grad_accum: usize, seed: u64) -> Self {
         Self { micro_batches, grad_accum, seed, epoch_order: Default::default() }
     }
@@ -68,11 +68,11 @@ impl DataOrder {
     }
 }
 
-/// Packs pairs of examples (`2k` and `2k + 1`: a preference pair's chosen and rejected
-/// sequences) into micro-batches of `rows` rows of `seq` tokens, first fit in pair order, so
-/// that both sequences of a pair always share a micro-batch. `None` when a pair cannot fit in
-/// an empty micro-batch.
-pub fn pack_pairs(examples: &[Example], rows: usize, seq: usize) -> Option<Vec<Vec<PackedRow>>> {
+/// Packs groups of `group` consecutive examples (a preference pair's chosen and rejected
+/// sequences; or single examples, whose order is kept) into micro-batches of `rows` rows of
+/// `seq` tokens, first fit in order, so that a group always shares a micro-batch. `None` when
+/// a group cannot fit in an empty micro-batch.
+pub fn pack_groups(examples: &[Example], group: usize, rows: usize, seq: usize) -> Option<Vec<Vec<PackedRow>>> {
     let mut batches = Vec::new();
     let mut current: Vec<(PackedRow, usize)> = vec![(Vec::new(), 0); rows];
     let place = |rows: &mut Vec<(PackedRow, usize)>, i: usize| -> bool {
@@ -86,12 +86,13 @@ pub fn pack_pairs(examples: &[Example], rows: usize, seq: usize) -> Option<Vec<V
             None => false,
         }
     };
-    for pair in 0..examples.len() / 2 {
+    let fits = |rows: &mut Vec<(PackedRow, usize)>, g: usize| (g * group..(g + 1) * group).all(|i| place(rows, i));
+    for g in 0..examples.len() / group {
         let mut trial = current.clone();
-        if !(place(&mut trial, 2 * pair) && place(&mut trial, 2 * pair + 1)) {
+        if !fits(&mut trial, g) {
             batches.push(std::mem::replace(&mut current, vec![(Vec::new(), 0); rows]));
             trial = current.clone();
-            if !(place(&mut trial, 2 * pair) && place(&mut trial, 2 * pair + 1)) {
+            if !fits(&mut trial, g) {
                 return None;
             }
         }
@@ -192,7 +193,7 @@ mod tests {
     #[test]
     fn pairs_share_a_micro_batch() {
         let examples: Vec<Example> = (0..20).map(|i| ex(3 + i % 5, 1)).collect();
-        let batches = pack_pairs(&examples, 2, 12).unwrap();
+        let batches = pack_groups(&examples, 2, 2, 12).unwrap();
         let mut seen = vec![0; examples.len()];
         for mb in &batches {
             assert!(mb.len() <= 2);
@@ -208,7 +209,7 @@ mod tests {
             assert_eq!(spans.len(), members.len());
         }
         assert!(seen.iter().all(|&n| n == 1), "every sequence placed once");
-        assert!(pack_pairs(&[ex(10, 1), ex(10, 1)], 1, 12).is_none(), "a pair longer than one row of one");
+        assert!(pack_groups(&[ex(10, 1), ex(10, 1)], 2, 1, 12).is_none(), "a pair longer than one row of one");
     }
 
     #[test]

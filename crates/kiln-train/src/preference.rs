@@ -6,7 +6,7 @@
 
 use crate::config::RunConfig;
 use crate::data::{check_bad_rows, encode_splits, encoder};
-use crate::loader::{build_batch, pack_pairs, sequence_spans, PackedRow};
+use crate::loader::{build_batch, pack_groups, sequence_spans, PackedRow};
 use crate::session::Session;
 use anyhow::{Context, Result};
 use kiln_core::Backend;
@@ -31,7 +31,7 @@ impl Split {
     /// Preference pairs (examples `2k` and `2k + 1`), packed so that a pair shares its
     /// micro-batch.
     pub fn pairs(examples: Vec<Example>, rows: usize, seq: usize, name: &str) -> Result<Self> {
-        let micro_batches = pack_pairs(&examples, rows, seq).with_context(|| {
+        let micro_batches = pack_groups(&examples, 2, rows, seq).with_context(|| {
             format!("{name} data: a pair does not fit one micro-batch of {rows} rows of {seq} tokens; raise train.batch_tokens")
         })?;
         Ok(Self { examples, micro_batches, rows, reference: None })

@@ -49,9 +49,10 @@ pub struct Space<B: Backend> {
 }
 
 impl<B: Backend> Space<B> {
+    /// `range` over the ranks of `comm`, whole on each or (`sharded`) a shard apiece.
     fn new(b: &B, range: Range<usize>, comm: Ranks<B>, sharded: bool, name: String) -> Self {
         let (rank, size) = (comm.rank(), comm.size());
-        let (mine, counts) = match sharded && size > 1 {
+        let (mine, counts) = match sharded {
             true => {
                 let local = kiln_dist::shard(range.len(), rank, size);
                 (range.start + local.start..range.start + local.end, kiln_dist::shard_counts(range.len(), size))
@@ -59,7 +60,7 @@ impl<B: Backend> Space<B> {
             false => (range.clone(), vec![range.len()]),
         };
         let n = mine.len();
-        let shard = (counts.len() > 1).then(|| (b.zeros(n), b.zeros(n)));
+        let shard = sharded.then(|| (b.zeros(n), b.zeros(n)));
         Self { range, comm, expert_group: None, mine, counts, m: b.zeros(n), v: b.zeros(n), shard, name }
     }
 

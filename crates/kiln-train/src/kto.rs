@@ -226,8 +226,10 @@ struct Kto<B: Backend> {
     eval: KtoSplit,
     order: DataOrder,
     pool: ActivationsPool<B>,
-    /// Micro-batches in the step being taken, over all ranks.
+    /// Micro-batches in the step being taken, over all ranks, and the weight of its trainable
+    /// tokens (MoE balance terms).
     step_micro_batches: usize,
+    weight: f32,
 }
 
 impl<B: Backend> Recipe<B> for Kto<B> {
@@ -237,7 +239,7 @@ impl<B: Backend> Recipe<B> for Kto<B> {
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
         let (plan, step) = StepPlan::from_order(s, &self.order, &self.train.matched.examples);
-        self.step_micro_batches = step.len();
+        (self.step_micro_batches, self.weight) = (step.len(), 1.0 / plan.trainable.max(1) as f32);
         Ok(plan)
     }
 
@@ -253,7 +255,7 @@ impl<B: Backend> Recipe<B> for Kto<B> {
         let mb = &split.matched.micro_batches[j];
         let acts = self.pool.get(b, split.matched.rows);
         let (examples, seq) = (&split.matched.examples, acts.seq);
-        let batch = build_batch(examples, mb, acts.rows, seq, 0.0);
+        let batch = build_batch(examples, mb, acts.rows, seq, self.weight);
         let scale = 1.0 / self.step_micro_batches.max(1) as f64;
         let mut loss = 0.0;
         let mut weights_of = |nll: &[f32]| {
@@ -345,6 +347,6 @@ pub fn run<B: Backend>(
     let order =
         DataOrder::from_micro_batches(train_split.matched.micro_batches.clone(), s.step_micro_batches(), t.seed);
     let schedule = Schedule::for_run(t, order.steps_per_epoch());
-    let mut recipe = Kto { k, train: train_split, eval, order, pool, step_micro_batches: 0 };
+    let mut recipe = Kto { k, train: train_split, eval, order, pool, step_micro_batches: 0, weight: 0.0 };
     train(&mut s, &mut recipe, &schedule, "kiln kto", quiet)
 }

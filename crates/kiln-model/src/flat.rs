@@ -65,17 +65,9 @@ impl FlatLayout {
     }
 
     /// The dense ranges outside the layers: the embedding, and the final norm with the head and
-    /// score after the last layer.
+    /// score, which close the dense tensors.
     pub fn outer(&self) -> [Range<usize>; 2] {
-        let r = &self.ranges;
-        let tail = r.norm.start
-            ..[Some(&r.norm), r.lm_head.as_ref(), r.score.as_ref()]
-                .iter()
-                .flatten()
-                .map(|r| r.end)
-                .max()
-                .unwrap_or(r.norm.end);
-        [r.embed.clone(), tail]
+        [self.ranges.embed.clone(), self.ranges.norm.start..self.dense]
     }
 
     /// A view of every tensor of `flat`.

@@ -24,7 +24,7 @@ fn scratch_dir(name: &str) -> PathBuf {
 /// row is text, the rest conversational.
 fn row(i: usize) -> String {
     let (a, b) = (i * 7 % 30, i * 13 % 30);
-    let desirable = i % 2 == 0;
+    let desirable = i.is_multiple_of(2);
     let answer = if desirable { (a + b).to_string() } else { "no idea".into() };
     match i % 3 {
         0 => format!(r#"{{"prompt": "{a}+{b}=", "completion": "{answer}", "label": {desirable}}}"#),

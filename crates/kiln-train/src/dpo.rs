@@ -233,7 +233,7 @@ impl<B: Backend> Recipe<B> for Dpo<B> {
         let chosen_tokens = sequences.iter().filter(|&&i| i % 2 == 0).map(|&i| examples[i].trainable_targets()).sum();
         self.step = StepShape { pairs: sequences.len() / 2, chosen_tokens, seq: self.step.seq };
         // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
-        self.weight = 1.0 / plan.trainable.max(1) as f32;
+        self.weight = plan.token_weight();
         Ok(plan)
     }
 

@@ -239,7 +239,7 @@ impl<B: Backend> Recipe<B> for Kto<B> {
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
         let (plan, step) = StepPlan::from_order(s, &self.order, &self.train.matched.examples);
-        (self.step_micro_batches, self.weight) = (step.len(), 1.0 / plan.trainable.max(1) as f32);
+        (self.step_micro_batches, self.weight) = (step.len(), plan.token_weight());
         Ok(plan)
     }
 

@@ -113,7 +113,7 @@ impl<B: Backend> Recipe<B> for Rm<B> {
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
         let (plan, step) = StepPlan::from_order(s, &self.order, &self.train.examples);
         self.pairs = step.iter().map(|&i| self.order.micro_batches[i].concat().len()).sum::<usize>() / 2;
-        self.weight = 1.0 / plan.trainable.max(1) as f32;
+        self.weight = plan.token_weight();
         Ok(plan)
     }
 

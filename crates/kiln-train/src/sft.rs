@@ -62,7 +62,7 @@ impl<B: Backend> Recipe<B> for Sft<B> {
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
         let (plan, _) = StepPlan::from_order(s, &self.order, &self.train);
-        self.weight = 1.0 / plan.trainable.max(1) as f32;
+        self.weight = plan.token_weight();
         Ok(plan)
     }
 

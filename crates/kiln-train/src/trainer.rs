@@ -35,6 +35,13 @@ pub struct StepPlan<M> {
     pub describe: String,
 }
 
+impl<M> StepPlan<M> {
+    /// Each trainable token's share of a loss averaged over the step's trainable tokens.
+    pub fn token_weight(&self) -> f32 {
+        1.0 / self.trainable.max(1) as f32
+    }
+}
+
 impl StepPlan<usize> {
     /// The plan of a recipe whose micro-batches are `order`'s packed rows of `examples`: this
     /// rank's share of the coming step's micro-batches (indices into `order.micro_batches`),

@@ -56,8 +56,13 @@ impl Encoder<'_> {
         self.tokenizer.encode(text, special).map_err(|e| format!("tokenizer failed: {e}"))
     }
 
+    /// `ids` ending with the end-of-sequence token: appended only when missing, as TRL does.
+    pub(crate) fn with_eos(&self, mut ids: Vec<u32>) -> Vec<u32> {
+        ids.extend(self.tokenizer.eos_id.filter(|&e| ids.last() != Some(&e)));
+        ids
+    }
+
     fn encode_kind(&self, kind: &RowKind) -> Result<(Vec<u32>, Vec<bool>), String> {
-        let eos = self.tokenizer.eos_id;
         Ok(match kind {
             RowKind::Chat(messages) => {
                 let template = self.template.ok_or("a chat row needs the model's chat_template, and it has none")?;
@@ -70,14 +75,12 @@ impl Encoder<'_> {
             RowKind::PromptCompletion { prompt, completion } => {
                 let mut ids = self.tokens(prompt, true)?;
                 let prompt_len = ids.len();
-                ids.extend(self.tokens(completion, false)?);
-                ids.extend(eos);
+                ids.extend(self.with_eos(self.tokens(completion, false)?));
                 let trainable = (0..ids.len()).map(|t| t >= prompt_len).collect();
                 (ids, trainable)
             }
             RowKind::Text(text) => {
-                let mut ids = self.tokens(text, true)?;
-                ids.extend(eos.filter(|&e| ids.last() != Some(&e)));
+                let ids = self.with_eos(self.tokens(text, true)?);
                 let n = ids.len();
                 (ids, vec![true; n])
             }

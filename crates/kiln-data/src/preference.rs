@@ -1,7 +1,7 @@
 //! Preference pairs: a prompt and two answers to it, `chosen` preferred over `rejected`.
 //!
 //! Rows are `{"prompt": "...", "chosen": "...", "rejected": "..."}` (text: the answer follows
-//! the prompt and ends with the end-of-sequence token) or conversational, with the prompt as
+//! the prompt and ends with the end-of-sequence token, appended unless it is there) or conversational, with the prompt as
 //! `"messages"` (or `"prompt"`) holding a list of messages and each answer a string (one
 //! assistant turn) or a list of messages. A conversation is rendered through the model's chat
 //! template; the answer is what the template adds after the prompt with its generation
@@ -106,11 +106,7 @@ impl Encoder<'_> {
         answer: &Answer,
     ) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
         match (prompt, answer) {
-            (Prompt::Text(p), Answer::Text(a)) => {
-                let mut completion = self.tokens(a, false)?;
-                completion.extend(self.tokenizer.eos_id);
-                Ok((self.tokens(p, true)?, completion))
-            }
+            (Prompt::Text(p), Answer::Text(a)) => Ok((self.tokens(p, true)?, self.with_eos(self.tokens(a, false)?))),
             (Prompt::Chat(p), answer) => {
                 let template =
                     self.template.ok_or("a conversational row needs the model's chat_template, and it has none")?;

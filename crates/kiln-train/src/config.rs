@@ -4,6 +4,7 @@
 
 use crate::grpo_loss::{Aggregation, ImportanceLevel, ScaleRewards};
 use crate::preference_loss::LossKind;
+use crate::schedule::ScheduleKind;
 use kiln_data::example::LengthPolicy;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -210,10 +211,17 @@ pub struct DataSection {
 #[serde(deny_unknown_fields)]
 pub struct TrainSection {
     pub lr: f32,
+    /// `constant`, `constant_with_warmup`, `linear`, `cosine` or `cosine_with_min_lr`, as
+    /// transformers defines them (`schedule`).
+    #[serde(default = "default_lr_schedule")]
+    pub lr_schedule: ScheduleKind,
+    /// The floor of `cosine_with_min_lr`.
     #[serde(default)]
     pub min_lr: f32,
     #[serde(default)]
     pub warmup_steps: u64,
+    /// Warm-up as a fraction of the run's steps (⌈ratio · steps⌉), instead of `warmup_steps`.
+    pub warmup_ratio: Option<f64>,
     /// Optimizer steps; or give `epochs`.
     pub steps: Option<u64>,
     pub epochs: Option<u64>,
@@ -287,6 +295,7 @@ defaults! {
     default_dpo_loss: Vec<LossKind> = vec![LossKind::Sigmoid];
     default_simpo_gamma: f64 = 0.5;
     default_ep: usize = 1;
+    default_lr_schedule: ScheduleKind = ScheduleKind::CosineWithMinLr;
     default_router_bias_rate: f32 = 0.001;
     default_length_policy: LengthPolicy = LengthPolicy::Drop;
     one: usize = 1;
@@ -410,6 +419,13 @@ impl RunConfig {
                 "`train.zero` = {}: stages 0, 1 and 2 are implemented (stage 3 would also shard the weights)",
                 t.zero
             ));
+        }
+        if let Some(ratio) = t.warmup_ratio {
+            if t.warmup_steps > 0 || !(0.0..1.0).contains(&ratio) {
+                return Err(
+                    "`train.warmup_ratio` is a fraction in [0, 1), given instead of `train.warmup_steps`".into()
+                );
+            }
         }
         if t.grad_accum == 0 {
             return Err("`train.grad_accum` must be at least 1".into());

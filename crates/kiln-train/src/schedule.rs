@@ -1,10 +1,28 @@
-//! Learning-rate schedule: linear warm-up, then cosine decay to a floor.
+//! Learning-rate schedules as transformers defines them (`get_scheduler`), evaluated, as its
+//! `LambdaLR` does, at `s`, the count of optimizer steps already taken (0 for the first step):
+//! with W warm-up steps and T steps in all,
 //!
-//!   lr(s) = lr · s / warmup                                   for s ≤ warmup
-//!   lr(s) = min + (lr − min) · ½(1 + cos(π · (s − warmup) / (total − warmup)))   after
+//!   warm-up (s < W):       lr · s / W            (every schedule but `constant`)
+//!   constant:              lr
+//!   linear:                lr · max(0, (T − s) / (T − W))
+//!   cosine:                lr · ½(1 + cos(π · p)),   p = (s − W) / (T − W)
+//!   cosine_with_min_lr:    min + (lr − min) · ½(1 + cos(π · p))
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Constant,
+    ConstantWithWarmup,
+    Linear,
+    Cosine,
+    CosineWithMinLr,
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Schedule {
+    pub kind: ScheduleKind,
     pub lr: f32,
     pub min_lr: f32,
     pub warmup_steps: u64,
@@ -13,35 +31,32 @@ pub struct Schedule {
 
 impl Schedule {
     /// The schedule of a run's `[train]` section over `steps_per_epoch` (used when the run
-    /// gives `epochs` rather than `steps`).
+    /// gives `epochs` rather than `steps`); `warmup_ratio`, when given, sets the warm-up to
+    /// ⌈ratio · total⌉ steps, as transformers does.
     pub fn for_run(t: &crate::config::TrainSection, steps_per_epoch: u64) -> Self {
         let total_steps = t.steps.unwrap_or_else(|| t.epochs.unwrap_or(1) * steps_per_epoch.max(1));
-        Self { lr: t.lr, min_lr: t.min_lr, warmup_steps: t.warmup_steps, total_steps }
+        let warmup_steps = match t.warmup_ratio {
+            Some(ratio) => (ratio * total_steps as f64).ceil() as u64,
+            None => t.warmup_steps,
+        };
+        Self { kind: t.lr_schedule, lr: t.lr, min_lr: t.min_lr, warmup_steps, total_steps }
     }
 
-    /// Learning rate of the 1-based optimizer step `step`.
-    pub fn lr(&self, step: u64) -> f32 {
-        if step <= self.warmup_steps && self.warmup_steps > 0 {
-            return self.lr * step as f32 / self.warmup_steps as f32;
+    /// Learning rate of the optimizer step taken after `done` steps.
+    pub fn lr(&self, done: u64) -> f32 {
+        let (s, w, t) = (done as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (lr, min) = (self.lr as f64, self.min_lr as f64);
+        if self.kind != ScheduleKind::Constant && s < w {
+            return (lr * s / w.max(1.0)) as f32;
         }
-        let span = self.total_steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let progress = (s - w) / (t - w).max(1.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        (self.min_lr as f64 + (self.lr - self.min_lr) as f64 * cosine) as f32
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn warms_up_then_decays_to_the_floor() {
-        let s = Schedule { lr: 1.0, min_lr: 0.1, warmup_steps: 4, total_steps: 14 };
-        assert_eq!(s.lr(1), 0.25);
-        assert_eq!(s.lr(4), 1.0);
-        assert!((s.lr(9) - 0.55).abs() < 1e-6, "{}", s.lr(9));
-        assert!((s.lr(14) - 0.1).abs() < 1e-6);
-        assert!(s.lr(6) < s.lr(5));
+        let rate = match self.kind {
+            ScheduleKind::Constant | ScheduleKind::ConstantWithWarmup => lr,
+            ScheduleKind::Linear => lr * ((t - s) / (t - w).max(1.0)).max(0.0),
+            ScheduleKind::Cosine => lr * cosine.max(0.0),
+            ScheduleKind::CosineWithMinLr => min + (lr - min) * cosine.max(0.0),
+        };
+        rate as f32
     }
 }

@@ -231,7 +231,8 @@ fn assert_same_recipe(recipe: &str, what: &str, one: &[&str], two: &[&str]) {
     assert!(series(&a, "grad_norm").iter().any(|g| *g > 0.0), "{what}: no gradient to compare");
     // Sums in another order leave the weights a few ulps apart after an update; the rollout
     // recipes then sample from, and score with, those weights.
-    let tolerance = if ["grpo", "distill"].contains(&recipe) { 1e-5 } else { 1e-6 };
+    // (2e-6 for the rest: a pair loss of ~0.36 moves by ~1e-6 relative for weights ~1 ulp apart.)
+    let tolerance = if ["grpo", "distill"].contains(&recipe) { 1e-5 } else { 2e-6 };
     assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), tolerance, what);
     assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, what);
 }

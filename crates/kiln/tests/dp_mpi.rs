@@ -350,7 +350,8 @@ fn assert_same_steps(recipe: &str, a: &[(f64, f64)], b: &[(f64, f64)]) {
     assert!(a.iter().any(|(_, g)| *g > 0.0), "{recipe}: no gradient to compare");
     // Sums in another order leave the weights a few ulps apart after an update; the rollout
     // recipes then sample from, and score with, those weights.
-    let tolerance = if ["grpo", "distill"].iter().any(|r| recipe.starts_with(r)) { 1e-5 } else { 1e-6 };
+    // (2e-6 for the rest: a pair loss of ~0.36 moves by ~1e-6 relative for weights ~1 ulp apart.)
+    let tolerance = if ["grpo", "distill"].iter().any(|r| recipe.starts_with(r)) { 1e-5 } else { 2e-6 };
     for (step, ((l1, g1), (l2, g2))) in a.iter().zip(b).enumerate() {
         assert!((l1 - l2).abs() <= tolerance * l1.abs().max(1e-3), "{recipe} step {}: loss {l1} vs {l2}", step + 1);
         assert!((g1 - g2).abs() <= 1e-4 * g1.abs(), "{recipe} step {}: grad norm {g1} vs {g2}", step + 1);

@@ -269,6 +269,25 @@ fn data_inspect_shows_counts_and_the_loss_mask() {
 }
 
 #[test]
+fn data_inspect_shows_one_end_of_sequence_token_whether_or_not_the_text_has_it() {
+    // A completion that already ends with EOS keeps just that one, as TRL adds EOS only when
+    // missing; one without gets it.
+    let rows = [
+        r#"{"prompt": "2+2=", "completion": "4<|im_end|>"}"#.to_string(),
+        r#"{"prompt": "3+3=", "completion": "6"}"#.to_string(),
+        r#"{"text": "5+5=10<|im_end|>"}"#.to_string(),
+    ];
+    let run = make_run("inspect-eos", &rows, "", 0);
+    let out = kiln(&["data", "inspect", run.join("run.toml").to_str().unwrap(), "--samples", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for shown in ["2+2=[[4<|im_end|>]]", "3+3=[[6<|im_end|>]]", "5[[+5=10<|im_end|>]]"] {
+        assert!(text.contains(shown), "{shown} in {text}");
+    }
+    assert!(!text.contains("<|im_end|><|im_end|>"), "a doubled EOS: {text}");
+}
+
+#[test]
 fn deepseek_v3_sft_trains_balances_and_exports() {
     let base = scratch_dir("deepseek-base").join("model");
     let mtp = deepseek_base(&base);

@@ -277,8 +277,8 @@ impl<B: Backend> Session<B> {
         let b = &self.b;
         self.dp.reduce(b)?;
         let norm = self.dp.norm(b)?;
-        self.state.step += 1;
         let lr = schedule.lr(self.state.step);
+        self.state.step += 1;
         let skipped = !loss.is_finite() || !norm.is_finite();
         if skipped {
             self.non_finite_streak += 1;

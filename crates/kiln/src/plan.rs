@@ -84,6 +84,11 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(t) = &args.teacher {
         job.teacher = Some(ModelShape::load(&config_path(t))?);
     }
+    // The parameter count first: it is what a user needs most when nothing fits.
+    if !args.json {
+        print_params(&job.model);
+        println!();
+    }
     let estimates = match &args.layout {
         Some(spec) => {
             let layout = Layout::parse(spec, cluster.count)?;
@@ -110,8 +115,6 @@ pub fn run(args: &Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    print_params(&job.model);
-    println!();
     println!(
         "{} on {} x {} ({:.0} GB HBM, {:.0}% usable, {:.0} TFLOP/s bf16 at {:.0}% efficiency), seq {}, {} tokens a step, {}",
         args.method,

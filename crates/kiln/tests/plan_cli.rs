@@ -26,7 +26,8 @@ fn plan_ranks_layouts_as_json_and_reads_cluster_files() {
     }
     assert!((v["model"]["total"].as_f64().unwrap() - 1.6e12).abs() < 0.05e12);
 
-    // The same NPUs with a tenth of the memory: nothing fits, and the refusal says by how much.
+    // The same NPUs with a tenth of the memory: nothing fits, and the refusal says by how much,
+    // after the parameter breakdown.
     let dir = std::env::temp_dir().join(format!("kiln-plan-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("small.toml");
@@ -37,6 +38,8 @@ fn plan_ranks_layouts_as_json_and_reads_cluster_files() {
         !out.status.success() && err.contains("does not fit on 1000 x 910c") && err.contains("11.5 GB usable"),
         "{err}"
     );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("parameters") && text.contains("routed experts"), "no breakdown before the refusal: {text}");
     std::fs::write(&file, "count = 8\n[device]\nbase = \"h100\"\nhbm = 1\n").unwrap();
     let out = kiln(&["plan", "--model", &model, "--cluster", file.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -5,7 +5,11 @@ DAPO's clip-higher and token-level normalisation; Dr. GRPO; GSPO's sequence-leve
 Inputs: 6 completions (2 groups of 3) of different lengths, padded to 7 tokens with a mask:
 policy, sampling-policy and reference log-probs per token, and rewards. For each scale_rewards
 the advantages; for each (loss_type, importance level, beta) the loss and its gradient with
-respect to the policy log-probs.
+respect to the policy log-probs, on the 6 as one batch and (`micro.` keys) as TRL's
+GRPOTrainer takes a step of two micro-batches of 4 and 2 completions (gradient accumulation
+2, one process, a generation batch of one step): grpo, bnpo and dr_grpo normalise within each
+micro-batch and divide by the accumulation steps, dapo divides by the generation batch's
+completion tokens.
 Writes tests/fixtures/grpo/losses.safetensors.
 Run:  python tools/golden/grpo_losses.py
 """
@@ -55,17 +59,24 @@ for loss_type in ["grpo", "bnpo", "dr_grpo", "dapo"]:
             if beta != 0.0:
                 kl = torch.exp(ref - lp) - (ref - lp) - 1
                 per_token = per_token + beta * kl
-            if loss_type == "grpo":
-                loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-            elif loss_type == "bnpo":
-                loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
-            elif loss_type == "dr_grpo":
-                loss = (per_token * mask).sum() / (per_token.size(0) * MAX_LEN)
-            else:
-                loss = (per_token * mask).sum() / NUM_ITEMS
-            loss.backward()
+
+            def aggregate(rows, accumulation, num_items):
+                """TRL's `_compute_loss` aggregation of one micro-batch (`rows`)."""
+                pt, m = per_token[rows], mask[rows]
+                if loss_type == "grpo":
+                    return ((pt * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean() / accumulation
+                if loss_type == "bnpo":
+                    return (pt * m).sum() / m.sum().clamp(min=1.0) / accumulation
+                if loss_type == "dr_grpo":
+                    return (pt * m).sum() / (pt.size(0) * MAX_LEN) / accumulation
+                return (pt * m).sum() / num_items
+
+            loss = aggregate(slice(0, n), 1, NUM_ITEMS)
+            micro = aggregate(slice(0, 4), 2, mask.sum()) + aggregate(slice(4, n), 2, mask.sum())
             key = f"{loss_type}.{level}.{beta}"
-            tensors[f"{key}.loss"] = loss.detach().reshape(())
-            tensors[f"{key}.dlogp"] = (lp.grad * mask).detach()
+            for prefix, value in [("", loss), ("micro.", micro)]:
+                (grad,) = torch.autograd.grad(value, lp, retain_graph=True)
+                tensors[f"{prefix}{key}.loss"] = value.detach().reshape(())
+                tensors[f"{prefix}{key}.dlogp"] = (grad * mask).detach()
 save_file({k: v.contiguous() for k, v in tensors.items()}, OUT)
 print("wrote", OUT)

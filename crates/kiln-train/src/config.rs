@@ -84,8 +84,9 @@ pub struct GrpoSection {
     /// steps, and the later steps' ratios compare with the policy that sampled it.
     #[serde(default = "one")]
     pub num_iterations: usize,
-    /// Completions per forward/backward (memory); the loss and its normalisation are those
-    /// of the whole step whatever the value.
+    /// Completions per forward/backward, TRL's per-device batch: `grpo`, `bnpo` and `dr_grpo`
+    /// normalise within each micro-batch and average over the step's micro-batches (all
+    /// ranks), as TRL does under gradient accumulation; `dapo` over the whole step.
     #[serde(default = "default_micro_batch")]
     pub micro_batch: usize,
     /// Loss aggregation: `grpo`, `bnpo`, `dr_grpo` or `dapo`.

@@ -112,9 +112,9 @@ fn token_weights(
 struct Rollout {
     sequences: Vec<(Vec<i32>, usize)>,
     advantages: Vec<f64>,
-    /// Completions and completion tokens trained on in the step, over all ranks.
-    completions: usize,
+    /// Completion tokens trained on in the step, and micro-batches, over all ranks.
     tokens: usize,
+    micro_batches: usize,
     /// Per micro-batch: the sampling policy's log-probs (when a rollout trains more than one
     /// step) and the frozen reference's (β > 0).
     old: Option<Vec<Vec<Vec<f32>>>>,
@@ -181,7 +181,7 @@ impl<B: Backend> Grpo<B> {
             })
             .collect();
         // The step's sums over all ranks: completions, Σr, Σr², solved, generated tokens, Σ
-        // entropy, kept completions, their tokens, and Σr per reward function.
+        // entropy, kept completions, their tokens, micro-batches, and Σr per reward function.
         let mut sums = vec![
             total.len() as f64,
             total.iter().sum(),
@@ -191,6 +191,7 @@ impl<B: Backend> Grpo<B> {
             outs.iter().flat_map(|(_, o)| &o.entropies).map(|&h| h as f64).sum(),
             keep.len() as f64,
             sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64,
+            sequences.len().div_ceil(g.micro_batch) as f64,
         ];
         sums.extend(per.iter().map(|v| v.iter().sum::<f64>()));
         s.comm.all_reduce_sum_f64(&mut sums, "rollout statistics")?;
@@ -203,12 +204,12 @@ impl<B: Backend> Grpo<B> {
             "completion_length": generated / n, "trained_completions": sums[6],
             "rollout_tokens_per_s": generated / rollout_s.max(1e-9),
         });
-        for (r, sum) in self.rewards.iter().zip(&sums[8..]) {
+        for (r, sum) in self.rewards.iter().zip(&sums[9..]) {
             merge(&mut metrics, &json!({format!("reward/{}", r.name): sum / n}));
         }
         Ok(Rollout {
-            completions: sums[6] as usize,
             tokens: sums[7] as usize,
+            micro_batches: sums[8] as usize,
             advantages: keep.iter().map(|&i| adv[i]).collect(),
             sequences,
             old: None,
@@ -283,8 +284,7 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
             level: g.importance_sampling,
             max_completion_length: g.max_new_tokens,
             num_items: r.tokens,
-            completions: r.completions,
-            tokens: r.tokens,
+            micro_batches: r.micro_batches,
         };
         let first = k * g.micro_batch;
         let chunk = &r.sequences[first..(first + g.micro_batch).min(r.sequences.len())];
@@ -435,8 +435,7 @@ mod tests {
                 level,
                 max_completion_length: 8,
                 num_items: 12,
-                completions: 3,
-                tokens: 9,
+                micro_batches: 1,
             };
             let loss_at = |model: &mut Model<Cpu>, acts: &mut Activations<Cpu>| {
                 let nll = model.nll(&Cpu, acts, &batch);

@@ -9,11 +9,12 @@
 //!   log w = l_t − o_t (token level) or mean_t(l_t − o_t) (sequence level, GSPO)
 //!   c = e^{log w},  ℓ_t = −min(c·A, clip(c, 1 − ε_low, 1 + ε_high)·A) + β·k3_t
 //!   k3_t = e^{ρ_t − l_t} − (ρ_t − l_t) − 1   (the KL estimator of DeepSeekMath)
-//! aggregated over the update's completions (all its micro-batches: `completions`, `tokens`) as
-//!   grpo:    mean over completions of (Σ_t ℓ_t / length)
-//!   bnpo:    Σ ℓ / (completion tokens of the update)
-//!   dr_grpo: Σ ℓ / (completions · max_completion_length)
-//!   dapo:    Σ ℓ / (completion tokens in the whole generation batch, `num_items`)
+//! aggregated as TRL does over a step of M micro-batches (over all ranks; TRL's gradient
+//! accumulation steps times processes), each micro-batch's share being
+//!   grpo:    mean over its completions of (Σ_t ℓ_t / length), / M
+//!   bnpo:    Σ ℓ / (its completion tokens), / M
+//!   dr_grpo: Σ ℓ / (its completions · max_completion_length), / M
+//!   dapo:    Σ ℓ / (completion tokens of the whole step, `num_items`)
 //! The clipped branch carries no gradient; ∂c/∂l = c.
 
 use serde::{Deserialize, Serialize};
@@ -85,12 +86,10 @@ pub struct PolicyLossParams {
     pub level: ImportanceLevel,
     /// For `dr_grpo`.
     pub max_completion_length: usize,
-    /// For `dapo`: completion tokens of the whole generation batch.
+    /// For `dapo`: completion tokens of the whole step (generation batch).
     pub num_items: usize,
-    /// Completions and completion tokens of the whole update, of which a call to
-    /// `policy_loss` may see one micro-batch.
-    pub completions: usize,
-    pub tokens: usize,
+    /// Micro-batches in the step over all ranks; a call to `policy_loss` sees one.
+    pub micro_batches: usize,
 }
 
 /// One completion's per-token log-probs (policy, sampling policy, and reference when β > 0)
@@ -118,12 +117,12 @@ pub struct PolicyLoss {
 /// The policy loss of a micro-batch of completions.
 pub fn policy_loss(batch: &[Completion], p: &PolicyLossParams) -> PolicyLoss {
     let tokens: usize = batch.iter().map(|c| c.logp.len()).sum();
-    let completions = p.completions.max(1) as f64;
+    let (completions, m) = (batch.len().max(1) as f64, p.micro_batches.max(1) as f64);
     let weight = |len: usize| -> f64 {
         match p.aggregation {
-            Aggregation::Grpo => 1.0 / (len.max(1) as f64 * completions),
-            Aggregation::Bnpo => 1.0 / p.tokens.max(1) as f64,
-            Aggregation::DrGrpo => 1.0 / (completions * p.max_completion_length as f64),
+            Aggregation::Grpo => 1.0 / (len.max(1) as f64 * completions * m),
+            Aggregation::Bnpo => 1.0 / (tokens.max(1) as f64 * m),
+            Aggregation::DrGrpo => 1.0 / (completions * p.max_completion_length as f64 * m),
             Aggregation::Dapo => 1.0 / p.num_items.max(1) as f64,
         }
     };

@@ -1,5 +1,6 @@
 //! GRPO advantages and every policy-loss variant with its gradient, against torch autograd on
-//! TRL's formulas (`tools/golden/grpo_losses.py`).
+//! TRL's formulas (`tools/golden/grpo_losses.py`), in one batch and over micro-batches of a
+//! step as TRL normalises each loss type.
 
 use kiln_train::grpo_loss::{
     advantages, policy_loss, Aggregation, Completion, ImportanceLevel, PolicyLossParams, ScaleRewards,
@@ -46,32 +47,41 @@ fn grpo_losses_match_torch() {
     ] {
         for (level, l) in [(ImportanceLevel::Token, "token"), (ImportanceLevel::Sequence, "sequence")] {
             for beta in [0.0, 0.04] {
-                let p = PolicyLossParams {
-                    epsilon_low: params[0],
-                    epsilon_high: params[1],
-                    beta,
-                    aggregation,
-                    level,
-                    max_completion_length: t,
-                    num_items: params[3] as usize,
-                    completions: lengths.len(),
-                    tokens: lengths.iter().sum(),
+                let completion = |i: usize| Completion {
+                    logp: &logp[i],
+                    old_logp: &old[i],
+                    ref_logp: Some(&reference[i]),
+                    advantage: adv[i],
                 };
-                let batch: Vec<Completion> = (0..lengths.len())
-                    .map(|i| Completion {
-                        logp: &logp[i],
-                        old_logp: &old[i],
-                        ref_logp: Some(&reference[i]),
-                        advantage: adv[i],
-                    })
-                    .collect();
-                let got = policy_loss(&batch, &p);
-                let key = format!("{a}.{l}.{beta:?}");
-                close(&format!("{key} loss"), got.loss, get(&format!("{key}.loss"))[0]);
-                let want = get(&format!("{key}.dlogp"));
-                for (i, d) in got.dlogp.iter().enumerate() {
-                    for (j, &g) in d.iter().enumerate() {
-                        close(&format!("{key} dlogp[{i}][{j}]"), g, want[i * t + j]);
+                // One batch of all six (dapo's token count set apart), then a step of two
+                // micro-batches of 4 and 2 completions.
+                let all_tokens = lengths.iter().sum();
+                for (prefix, parts, num_items) in
+                    [("", vec![0..6], params[3] as usize), ("micro.", vec![0..4, 4..6], all_tokens)]
+                {
+                    let p = PolicyLossParams {
+                        epsilon_low: params[0],
+                        epsilon_high: params[1],
+                        beta,
+                        aggregation,
+                        level,
+                        max_completion_length: t,
+                        num_items,
+                        micro_batches: parts.len(),
+                    };
+                    let (mut loss, mut dlogp) = (0.0, Vec::new());
+                    for part in parts {
+                        let out = policy_loss(&part.map(completion).collect::<Vec<_>>(), &p);
+                        loss += out.loss;
+                        dlogp.extend(out.dlogp);
+                    }
+                    let key = format!("{prefix}{a}.{l}.{beta:?}");
+                    close(&format!("{key} loss"), loss, get(&format!("{key}.loss"))[0]);
+                    let want = get(&format!("{key}.dlogp"));
+                    for (i, d) in dlogp.iter().enumerate() {
+                        for (j, &g) in d.iter().enumerate() {
+                            close(&format!("{key} dlogp[{i}][{j}]"), g, want[i * t + j]);
+                        }
                     }
                 }
             }

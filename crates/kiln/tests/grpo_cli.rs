@@ -69,20 +69,32 @@ fn step_metrics(dir: &std::path::Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
-    // 8 prompts × 8 completions a step: one micro-batch of 64 against 13 of 5.
+    // 8 prompts × 8 completions a step: one micro-batch of 64 against 8 of 8 (TRL's grpo loss,
+    // a mean of micro-batch means, is the same for equal micro-batches), and under dapo (the
+    // step's token mean) against 13 of 5.
     let common = ["train.steps=4", "grpo.num_iterations=2"];
-    let (out, whole) = grpo("whole", &[&common[..], &["grpo.micro_batch=64"]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (out, split) = grpo("split", &[&common[..], &["grpo.micro_batch=5"]].concat());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (whole, split) = (step_metrics(&whole), step_metrics(&split));
-    assert_eq!(whole.len(), 4);
-    for (a, b) in whole.iter().zip(&split) {
-        for key in ["loss", "grad_norm", "reward", "clipped_high"] {
-            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
-            assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "step {}: {key} {x} vs {y} with micro-batches", a["step"]);
+    let run = |name: &str, extra: &[&str]| {
+        let (out, dir) = grpo(name, &[&common[..], extra].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        step_metrics(&dir)
+    };
+    let same_steps = |what: &str, a: &[serde_json::Value], b: &[serde_json::Value]| {
+        assert_eq!((a.len(), b.len()), (4, 4), "{what}");
+        for (a, b) in a.iter().zip(b) {
+            for key in ["loss", "grad_norm", "reward", "clipped_high"] {
+                let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+                assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what} step {}: {key} {x} vs {y}", a["step"]);
+            }
         }
-    }
+    };
+    let whole = run("whole", &["grpo.micro_batch=64"]);
+    same_steps("8 micro-batches of 8", &whole, &run("split", &["grpo.micro_batch=8"]));
+    let dapo = "grpo.loss_type=\"dapo\"";
+    same_steps(
+        "dapo, 13 of 5",
+        &run("whole-dapo", &["grpo.micro_batch=64", dapo]),
+        &run("uneven", &["grpo.micro_batch=5", dapo]),
+    );
     // Steps 1-2 train on one rollout, 3-4 on the next; the second step of a rollout sees a
     // policy that moved since sampling, so its ratios (and loss) differ from the first's.
     let iterations: Vec<u64> = whole.iter().map(|v| v["iteration"].as_u64().unwrap()).collect();

@@ -56,8 +56,9 @@ fn grpo_losses_match_torch() {
                 // One batch of all six (dapo's token count set apart), then a step of two
                 // micro-batches of 4 and 2 completions.
                 let all_tokens = lengths.iter().sum();
+                let whole: &[std::ops::Range<usize>] = &[0..6];
                 for (prefix, parts, num_items) in
-                    [("", vec![0..6], params[3] as usize), ("micro.", vec![0..4, 4..6], all_tokens)]
+                    [("", whole, params[3] as usize), ("micro.", &[0..4, 4..6], all_tokens)]
                 {
                     let p = PolicyLossParams {
                         epsilon_low: params[0],
@@ -71,7 +72,7 @@ fn grpo_losses_match_torch() {
                     };
                     let (mut loss, mut dlogp) = (0.0, Vec::new());
                     for part in parts {
-                        let out = policy_loss(&part.map(completion).collect::<Vec<_>>(), &p);
+                        let out = policy_loss(&part.clone().map(completion).collect::<Vec<_>>(), &p);
                         loss += out.loss;
                         dlogp.extend(out.dlogp);
                     }

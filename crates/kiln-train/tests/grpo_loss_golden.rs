@@ -56,10 +56,8 @@ fn grpo_losses_match_torch() {
                 // One batch of all six (dapo's token count set apart), then a step of two
                 // micro-batches of 4 and 2 completions.
                 let all_tokens = lengths.iter().sum();
-                let whole: &[std::ops::Range<usize>] = &[0..6];
-                for (prefix, parts, num_items) in
-                    [("", whole, params[3] as usize), ("micro.", &[0..4, 4..6], all_tokens)]
-                {
+                // Each case by where its micro-batches end.
+                for (prefix, ends, num_items) in [("", &[6][..], params[3] as usize), ("micro.", &[4, 6], all_tokens)] {
                     let p = PolicyLossParams {
                         epsilon_low: params[0],
                         epsilon_high: params[1],
@@ -68,11 +66,12 @@ fn grpo_losses_match_torch() {
                         level,
                         max_completion_length: t,
                         num_items,
-                        micro_batches: parts.len(),
+                        micro_batches: ends.len(),
                     };
                     let (mut loss, mut dlogp) = (0.0, Vec::new());
-                    for part in parts {
-                        let out = policy_loss(&part.clone().map(completion).collect::<Vec<_>>(), &p);
+                    for (k, &end) in ends.iter().enumerate() {
+                        let start = if k == 0 { 0 } else { ends[k - 1] };
+                        let out = policy_loss(&(start..end).map(completion).collect::<Vec<_>>(), &p);
                         loss += out.loss;
                         dlogp.extend(out.dlogp);
                     }

@@ -73,11 +73,9 @@ impl Encoder<'_> {
                 (ids, trainable)
             }
             RowKind::PromptCompletion { prompt, completion } => {
-                let mut ids = self.tokens(prompt, true)?;
-                let prompt_len = ids.len();
-                ids.extend(self.with_eos(self.tokens(completion, false)?));
-                let trainable = (0..ids.len()).map(|t| t >= prompt_len).collect();
-                (ids, trainable)
+                let (prompt, completion) = self.prompt_and_answer(prompt, completion)?;
+                let trainable = (0..prompt.len() + completion.len()).map(|t| t >= prompt.len()).collect();
+                ([prompt, completion].concat(), trainable)
             }
             RowKind::Text(text) => {
                 let ids = self.with_eos(self.tokens(text, true)?);

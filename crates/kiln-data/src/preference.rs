@@ -1,29 +1,20 @@
 //! Preference pairs: a prompt and two answers to it, `chosen` preferred over `rejected`.
 //!
 //! Rows are `{"prompt": "...", "chosen": "...", "rejected": "..."}` (text: the answer follows
-//! the prompt and ends with the end-of-sequence token, appended unless it is there) or conversational, with the prompt as
-//! `"messages"` (or `"prompt"`) holding a list of messages and each answer a string (one
-//! assistant turn) or a list of messages. A conversation is rendered through the model's chat
-//! template; the answer is what the template adds after the prompt with its generation
-//! prompt. Both answers share the prompt's tokens.
+//! the prompt and ends with the end-of-sequence token, appended unless it is there) or
+//! conversational, with the prompt as `"messages"` (or `"prompt"`) holding a list of messages
+//! and each answer a string (one assistant turn) or a list of messages. Without a prompt
+//! (TRL's implicit prompt) the prompt is what `chosen` and `rejected` share at their start: the
+//! messages both begin with, or, for text, the characters (less a trailing space), as TRL's
+//! `extract_prompt` takes it. A conversation is rendered through the model's chat template; the
+//! answer is what the template adds after the prompt with its generation prompt. Both answers
+//! share the prompt's tokens.
 
 use crate::example::{Encoder, LengthPolicy};
-use crate::rows::{read_records, Message};
+use crate::rows::{answer, prompt, read_records, Answer, Message, Prompt};
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Prompt {
-    Text(String),
-    Chat(Vec<Message>),
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub enum Answer {
-    Text(String),
-    Chat(Vec<Message>),
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreferenceRow {
@@ -42,45 +33,55 @@ pub struct PreferencePair {
     pub location: String,
 }
 
-pub(crate) fn messages(value: &Value, field: &str) -> std::result::Result<Vec<Message>, String> {
-    let m: Vec<Message> = serde_json::from_value(value.clone())
-        .map_err(|e| format!("field `{field}`: expected [{{\"role\", \"content\"}}, ..]: {e}"))?;
-    if m.is_empty() {
-        return Err(format!("field `{field}` is empty"));
-    }
-    Ok(m)
-}
-
-pub(crate) fn answer(obj: &serde_json::Map<String, Value>, field: &str) -> std::result::Result<Answer, String> {
-    match obj.get(field) {
-        Some(Value::String(s)) => Ok(Answer::Text(s.clone())),
-        Some(v @ Value::Array(_)) => Ok(Answer::Chat(messages(v, field)?)),
-        Some(other) => Err(format!("field `{field}` must be a string or a list of messages, got {other}")),
-        None => Err(format!("field `{field}` is missing")),
-    }
-}
-
-/// The prompt of a row: `messages`, or `prompt` as a string or a list of messages.
-pub(crate) fn prompt(obj: &serde_json::Map<String, Value>) -> std::result::Result<Prompt, String> {
-    Ok(match (obj.get("messages"), obj.get("prompt")) {
-        (Some(m), _) => Prompt::Chat(messages(m, "messages")?),
-        (None, Some(Value::String(s))) => Prompt::Text(s.clone()),
-        (None, Some(v @ Value::Array(_))) => Prompt::Chat(messages(v, "prompt")?),
-        (None, Some(other)) => {
-            return Err(format!("field `prompt` must be a string or a list of messages, got {other}"))
+/// The prompt `chosen` and `rejected` share at their start, and their answers after it.
+fn implicit_prompt(chosen: Answer, rejected: Answer) -> std::result::Result<(Prompt, Answer, Answer), String> {
+    let none =
+        || "fields `chosen` and `rejected` share no prompt at their start (and there is no `prompt`)".to_string();
+    match (chosen, rejected) {
+        (Answer::Chat(c), Answer::Chat(r)) => {
+            let shared = c.iter().zip(&r).take_while(|(a, b)| a == b).count();
+            if shared == 0 {
+                return Err(none());
+            }
+            Ok((
+                Prompt::Chat(c[..shared].to_vec()),
+                Answer::Chat(c[shared..].to_vec()),
+                Answer::Chat(r[shared..].to_vec()),
+            ))
         }
-        (None, None) => return Err("field `prompt` (or `messages`) is missing".into()),
-    })
+        (Answer::Text(c), Answer::Text(r)) => {
+            let mut shared = c
+                .char_indices()
+                .zip(r.chars())
+                .find(|((_, a), b)| a != b)
+                .map_or(c.len().min(r.len()), |((i, _), _)| i);
+            if c[..shared].ends_with(' ') {
+                shared -= 1;
+            }
+            if shared == 0 {
+                return Err(none());
+            }
+            Ok((
+                Prompt::Text(c[..shared].to_string()),
+                Answer::Text(c[shared..].to_string()),
+                Answer::Text(r[shared..].to_string()),
+            ))
+        }
+        _ => Err("fields `chosen` and `rejected` must both be text or both be lists of messages".into()),
+    }
 }
 
 /// A preference row from a JSON object; the error names the field at fault.
 pub fn parse_preference(value: Value) -> std::result::Result<(Prompt, Answer, Answer), String> {
     let Value::Object(obj) = value else { return Err("expected a JSON object".into()) };
-    let prompt = prompt(&obj)?;
     let (chosen, rejected) = (answer(&obj, "chosen")?, answer(&obj, "rejected")?);
     if chosen == rejected {
         return Err("fields `chosen` and `rejected` are identical".into());
     }
+    let (prompt, chosen, rejected) = match obj.contains_key("prompt") || obj.contains_key("messages") {
+        true => (prompt(&obj)?, chosen, rejected),
+        false => implicit_prompt(chosen, rejected)?,
+    };
     Ok((prompt, chosen, rejected))
 }
 
@@ -177,7 +178,18 @@ mod tests {
         assert!(matches!(chat.2, Answer::Chat(_)));
         let err = |v: Value| parse_preference(v).unwrap_err();
         assert!(err(serde_json::json!({"prompt": "a", "chosen": "b"})).contains("field `rejected` is missing"));
-        assert!(err(serde_json::json!({"chosen": "b", "rejected": "c"})).contains("field `prompt`"));
+        assert!(err(serde_json::json!({"chosen": "b", "rejected": "c"})).contains("share no prompt"));
+        // TRL's implicit prompt: what both answers start with (text less a trailing space).
+        let implicit = parse_preference(serde_json::json!({"chosen": "2+2= 4", "rejected": "2+2= 5"})).unwrap();
+        assert_eq!(implicit, (Prompt::Text("2+2=".into()), Answer::Text(" 4".into()), Answer::Text(" 5".into())));
+        let msg = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+        let chat = parse_preference(serde_json::json!({
+            "chosen": [msg("user", "hi"), msg("assistant", "hello")],
+            "rejected": [msg("user", "hi"), msg("assistant", "go away")]
+        }))
+        .unwrap();
+        assert!(matches!(&chat.0, Prompt::Chat(p) if p.len() == 1 && p[0].content == "hi"), "{chat:?}");
+        assert!(matches!(&chat.1, Answer::Chat(a) if a[0].content == "hello"));
         assert!(err(serde_json::json!({"prompt": "a", "chosen": "b", "rejected": "b"})).contains("identical"));
         assert!(
             err(serde_json::json!({"prompt": "a", "chosen": 3, "rejected": "b"})).contains("field `chosen` must be")

@@ -1,19 +1,23 @@
-//! Prompt rows for on-policy training (RL, distillation) and batch generation:
-//! `{"prompt": "..."}` (text, tokenized with special tokens) or `{"messages": [...]}` (rendered
-//! through the chat template with its generation prompt), with an optional reference
-//! `"answer"` for rewards that check it.
+//! Prompt rows for on-policy training (RL, distillation) and batch generation, TRL's
+//! prompt-only type: `{"prompt": "..."}` (text, tokenized with special tokens), or the prompt
+//! as messages (`{"prompt": [...]}` or `{"messages": [...]}`, rendered through the chat
+//! template with its generation prompt). Every other column rides along to the rewards (as TRL
+//! passes a dataset's columns to reward functions): `"answer"` for `exact_match`, all of them
+//! to reward programs and endpoints.
 
-use crate::rows::{read_records, Message};
+use crate::rows::{prompt, read_records, Prompt};
 use crate::{ChatTemplate, Error, Result, Tokenizer};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::path::PathBuf;
 
-/// A prompt and its reference answer.
+/// A prompt, its reference answer, and the row's other columns.
 #[derive(Clone, Debug)]
 pub struct PromptRow {
     pub ids: Vec<i32>,
     pub text: String,
     pub answer: Option<String>,
+    /// Every column but the prompt (`prompt` or `messages`).
+    pub columns: Map<String, Value>,
     pub location: String,
 }
 
@@ -24,24 +28,23 @@ fn prompt_row(
     template: Option<&ChatTemplate>,
 ) -> Result<PromptRow> {
     let at = |message: String| Error::at(location.clone(), message);
-    let answer = match value.get("answer") {
+    let Value::Object(mut columns) = value else { return Err(at("expected a JSON object".into())) };
+    let answer = match columns.get("answer") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(v) => Some(v.to_string()),
     };
-    let text = match (value.get("messages"), value.get("prompt")) {
-        (Some(m), _) => {
-            let messages: Vec<Message> = serde_json::from_value(m.clone())
-                .map_err(|e| at(format!("field `messages`: expected [{{\"role\", \"content\"}}, ..]: {e}")))?;
+    let (text, special) = match prompt(&columns).map_err(at)? {
+        Prompt::Chat(messages) => {
             let template = template.ok_or_else(|| at("a chat prompt needs the model's chat_template".into()))?;
-            template.render(&messages, true).map_err(at)?
+            (template.render(&messages, true).map_err(at)?, false)
         }
-        (None, Some(Value::String(p))) => p.clone(),
-        _ => return Err(at("field `prompt` (a string) or `messages` is missing".into())),
+        Prompt::Text(text) => (text, true),
     };
-    let special = value.get("messages").is_none();
     let ids = tokenizer.encode(&text, special).map_err(at)?;
-    Ok(PromptRow { ids: ids.into_iter().map(|t| t as i32).collect(), text, answer, location })
+    columns.remove("prompt");
+    columns.remove("messages");
+    Ok(PromptRow { ids: ids.into_iter().map(|t| t as i32).collect(), text, answer, columns, location })
 }
 
 /// Every prompt row of `files` (JSONL or Parquet); the first bad row is an error.

@@ -1,4 +1,5 @@
-//! Dataset rows: JSONL or Parquet files whose rows are chat, prompt/completion or plain text.
+//! Dataset rows: JSONL or Parquet files whose rows are chat, prompt/completion (text or
+//! conversational, as TRL's dataset types) or plain text, and the fields rows share.
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -11,14 +12,61 @@ pub struct Message {
     pub content: String,
 }
 
+/// A prompt: text, or messages rendered through the chat template with its generation prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
+/// An answer to a prompt: text, or messages (what the chat template adds after the prompt).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answer {
+    Text(String),
+    Chat(Vec<Message>),
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum RowKind {
     /// `{"messages": [...]}`: loss on the assistant turns.
     Chat(Vec<Message>),
-    /// `{"prompt": "...", "completion": "..."}`: loss on the completion.
-    PromptCompletion { prompt: String, completion: String },
+    /// `{"prompt": ..., "completion": ...}`, text or conversational: loss on the completion.
+    PromptCompletion { prompt: Prompt, completion: Answer },
     /// `{"text": "..."}`: loss on every token.
     Text(String),
+}
+
+/// Field `field` as a non-empty list of messages.
+pub(crate) fn messages(value: &Value, field: &str) -> std::result::Result<Vec<Message>, String> {
+    let m: Vec<Message> = serde_json::from_value(value.clone())
+        .map_err(|e| format!("field `{field}`: expected [{{\"role\", \"content\"}}, ..]: {e}"))?;
+    if m.is_empty() {
+        return Err(format!("field `{field}` is empty"));
+    }
+    Ok(m)
+}
+
+/// Field `field` as an answer: a string or a list of messages.
+pub(crate) fn answer(obj: &serde_json::Map<String, Value>, field: &str) -> std::result::Result<Answer, String> {
+    match obj.get(field) {
+        Some(Value::String(s)) => Ok(Answer::Text(s.clone())),
+        Some(v @ Value::Array(_)) => Ok(Answer::Chat(messages(v, field)?)),
+        Some(other) => Err(format!("field `{field}` must be a string or a list of messages, got {other}")),
+        None => Err(format!("field `{field}` is missing")),
+    }
+}
+
+/// The prompt of a row: `messages`, or `prompt` as a string or a list of messages.
+pub(crate) fn prompt(obj: &serde_json::Map<String, Value>) -> std::result::Result<Prompt, String> {
+    Ok(match (obj.get("messages"), obj.get("prompt")) {
+        (Some(m), _) => Prompt::Chat(messages(m, "messages")?),
+        (None, Some(Value::String(s))) => Prompt::Text(s.clone()),
+        (None, Some(v @ Value::Array(_))) => Prompt::Chat(messages(v, "prompt")?),
+        (None, Some(other)) => {
+            return Err(format!("field `prompt` must be a string or a list of messages, got {other}"))
+        }
+        (None, None) => return Err("field `prompt` (or `messages`) is missing".into()),
+    })
 }
 
 /// A row and where it came from, `file:line`.
@@ -53,10 +101,7 @@ pub fn parse_value(value: Value) -> std::result::Result<RowKind, String> {
         return Ok(RowKind::Chat(messages));
     }
     if obj.contains_key("prompt") || obj.contains_key("completion") {
-        return Ok(RowKind::PromptCompletion {
-            prompt: string_field(&obj, "prompt")?,
-            completion: string_field(&obj, "completion")?,
-        });
+        return Ok(RowKind::PromptCompletion { prompt: prompt(&obj)?, completion: answer(&obj, "completion")? });
     }
     if obj.contains_key("text") {
         return Ok(RowKind::Text(string_field(&obj, "text")?));
@@ -134,7 +179,7 @@ mod tests {
         );
         assert_eq!(
             parse_row(r#"{"prompt": "a", "completion": "b", "id": 7}"#),
-            Ok(RowKind::PromptCompletion { prompt: "a".into(), completion: "b".into() })
+            Ok(RowKind::PromptCompletion { prompt: Prompt::Text("a".into()), completion: Answer::Text("b".into()) })
         );
         assert_eq!(parse_row(r#"{"text": "x"}"#), Ok(RowKind::Text("x".into())));
         assert!(parse_row(r#"{"prompt": "a"}"#).unwrap_err().contains("field `completion` is missing"));
@@ -161,7 +206,7 @@ mod tests {
         let rows = read_rows(&fixture("prompt_completion.parquet")).unwrap();
         assert_eq!(
             rows[1].as_ref().unwrap().kind,
-            RowKind::PromptCompletion { prompt: "5-3=".into(), completion: "2".into() }
+            RowKind::PromptCompletion { prompt: Prompt::Text("5-3=".into()), completion: Answer::Text("2".into()) }
         );
     }
 }

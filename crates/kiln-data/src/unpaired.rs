@@ -6,8 +6,8 @@
 //! (`preference`): the completion is what follows the rendered prompt.
 
 use crate::example::{Encoder, LengthPolicy};
-use crate::preference::{answer, parse_preference, prompt, Answer, Prompt};
-use crate::rows::read_records;
+use crate::preference::parse_preference;
+use crate::rows::{answer, prompt, read_records, Answer, Prompt};
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;

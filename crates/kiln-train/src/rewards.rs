@@ -6,11 +6,12 @@
 //!   numerically when both read as numbers (`0.5`, `1/2`, `1,000`), else as trimmed text. 1 or 0.
 //! - `format`: 1 if the whole completion matches a regex (e.g. `<think>.*</think>.*`), else 0.
 //! - `length`: −(completion characters beyond `max_chars`) / `max_chars`, 0 within it.
-//! - `command`: a program that reads one JSON object per completion on stdin
-//!   (`{"prompt", "completion", "answer"}`) and writes one number per line on stdout; a crash,
-//!   a wrong line count or a run past `timeout_s` is an error naming the reward.
-//! - `http`: a POST of `{"samples": [{"prompt", "completion", "answer"}, ..]}` (JSON) to a URL,
-//!   answered with `{"rewards": [..]}`, one number per sample; a refused connection, an error
+//! - `command`: a program that reads one JSON object per completion on stdin (`{"prompt",
+//!   "completion", "answer"}` and the prompt row's other columns, as TRL passes a dataset's
+//!   columns to reward functions) and writes one number per line on stdout; a crash, a wrong
+//!   line count or a run past `timeout_s` is an error naming the reward.
+//! - `http`: a POST of `{"samples": [..]}` (JSON; each sample as `command` receives it) to a
+//!   URL, answered with `{"rewards": [..]}`, one number per sample; a refused connection, an error
 //!   status, a malformed answer or no answer within `timeout_s` is an error naming the reward.
 //! - `model`: a reward model trained by `kiln rm`, scoring prompt + completion (its own
 //!   tokenizer) at the last token.
@@ -31,6 +32,8 @@ pub struct Sample<'a> {
     pub completion: &'a str,
     /// The row's reference answer, for `exact_match`.
     pub answer: Option<&'a str>,
+    /// The row's other columns, which reward programs and endpoints receive too.
+    pub columns: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 pub enum RewardFn<B: Backend> {
@@ -211,7 +214,11 @@ impl<B: Backend> Reward<B> {
 
 /// A sample as the external rewards (`command`, `http`) receive it.
 fn sample_json(s: &Sample) -> serde_json::Value {
-    serde_json::json!({"prompt": s.prompt, "completion": s.completion, "answer": s.answer})
+    let mut sample = s.columns.cloned().unwrap_or_default();
+    sample.insert("prompt".into(), s.prompt.into());
+    sample.insert("completion".into(), s.completion.into());
+    sample.insert("answer".into(), s.answer.into());
+    sample.into()
 }
 
 /// Posts the samples to a reward endpoint (see the module docs for the protocol).

@@ -77,7 +77,10 @@ pub fn score<B: Backend>(
 ) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
     let samples: Vec<Sample> = texts
         .iter()
-        .map(|(p, c)| Sample { prompt: &prompts[*p].text, completion: c, answer: prompts[*p].answer.as_deref() })
+        .map(|(p, c)| {
+            let row = prompts[*p];
+            Sample { prompt: &row.text, completion: c, answer: row.answer.as_deref(), columns: Some(&row.columns) }
+        })
         .collect();
     let per: Vec<Vec<f64>> = rewards.iter().map(|r| r.score(b, &samples)).collect::<Result<_>>()?;
     let total = (0..samples.len()).map(|i| rewards.iter().zip(&per).map(|(r, v)| r.weight * v[i]).sum()).collect();

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 fn sample<'a>(completion: &'a str, answer: &'a str) -> Sample<'a> {
-    Sample { prompt: "p", completion, answer: Some(answer) }
+    Sample { prompt: "p", completion, answer: Some(answer), columns: None }
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! `kiln grpo` end to end on the demo base model: the reward rises, metrics carry the RL
-//! numbers, micro-batching leaves the steps unchanged, `num_iterations` reuses a rollout,
-//! and a reward command that fails stops the run with its name.
+//! numbers, micro-batching leaves the steps unchanged where TRL's normalisation says so,
+//! `num_iterations` reuses a rollout, TRL's conversational prompts run and their other columns
+//! reach reward programs, and a reward command that fails stops the run with its name.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -102,6 +103,30 @@ fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
     assert_eq!(whole[0]["reward"], whole[1]["reward"]);
     assert_eq!(whole[0]["completion_length"], whole[1]["completion_length"]);
     assert_ne!(whole[0]["loss"], whole[1]["loss"]);
+}
+
+#[test]
+fn conversational_prompts_and_their_columns_reach_the_rewards() {
+    // TRL's conversational prompt-only rows (`prompt` as messages), with a column of their own
+    // that a reward program reads: 1 when the sample carries it, else 0.
+    let dir = scratch_dir("columns-data");
+    let rows: Vec<String> = (0..16)
+        .map(|i| {
+            format!(
+                r#"{{"prompt": [{{"role": "user", "content": "What is {i} plus 1?"}}], "answer": "{}", "solution": "s{i}"}}"#,
+                i + 1
+            )
+        })
+        .collect();
+    let file = dir.join("prompts.jsonl");
+    std::fs::write(&file, rows.join("\n")).unwrap();
+    let train = format!("data.train={:?}", file.display().to_string());
+    let judge = r#"grpo.rewards=[{type = "command", name = "judge", command = ["sh", "-c", "while read -r l; do case \"$l\" in *'\"solution\":\"s'*) echo 1;; *) echo 0;; esac; done"]}]"#;
+    let (out, run) = grpo("columns", &["train.steps=2", "grpo.prompts_per_step=4", "data.eval=[]", &train, judge]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let steps = step_metrics(&run);
+    assert_eq!(steps.len(), 2);
+    assert!(steps.iter().all(|v| v["reward/judge"] == 1.0), "every sample carries its column: {steps:?}");
 }
 
 #[test]

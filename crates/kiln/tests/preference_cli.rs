@@ -54,6 +54,38 @@ fn eval_records(run: &Path) -> Vec<serde_json::Value> {
 }
 
 #[test]
+fn dpo_reads_trl_implicit_prompt_pairs() {
+    // TRL's implicit-prompt preference rows: whole conversations (or texts) whose shared start
+    // is the prompt. The same pairs with explicit prompts give the same first-step loss.
+    let conversation = |i: usize, answer: &str| {
+        let (a, b) = (i * 7 % 30, i * 13 % 30);
+        format!(
+            r#"[{{"role": "user", "content": "What is {a} plus {b}?"}}, {{"role": "assistant", "content": "{answer}"}}]"#
+        )
+    };
+    let sum = |i: usize| (i * 7 % 30 + i * 13 % 30).to_string();
+    let implicit: Vec<String> = (0..40)
+        .map(|i| format!(r#"{{"chosen": {}, "rejected": {}}}"#, conversation(i, &sum(i)), conversation(i, "no idea")))
+        .collect();
+    let text: Vec<String> =
+        (0..40).map(|i| format!(r#"{{"chosen": "{0}+1= {1}", "rejected": "{0}+1= no"}}"#, i, i + 1)).collect();
+    let mut first_losses = Vec::new();
+    for (name, rows) in [("implicit", implicit), ("explicit", (0..40).map(pair).collect()), ("implicit-text", text)] {
+        let run = make_run(name, &rows, "\"sigmoid\"");
+        let out = kiln(&["dpo", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=2"]);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let first = std::fs::read_to_string(run.join("out/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|v| v["grad_norm"].is_number())
+            .unwrap();
+        first_losses.push((first["loss"].as_f64().unwrap(), first["grad_norm"].as_f64().unwrap()));
+    }
+    assert_eq!(first_losses[0], first_losses[1], "implicit and explicit prompts are the same pairs");
+}
+
+#[test]
 fn dpo_raises_held_out_preference_accuracy_and_caches_the_reference() {
     let run = make_run("sigmoid", &(0..200).map(pair).collect::<Vec<_>>(), "\"sigmoid\"");
     let out = kiln(&["dpo", run.join("run.toml").to_str().unwrap(), "--quiet"]);

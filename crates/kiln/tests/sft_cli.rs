@@ -288,6 +288,33 @@ fn data_inspect_shows_one_end_of_sequence_token_whether_or_not_the_text_has_it()
 }
 
 #[test]
+fn sft_reads_every_trl_language_modeling_and_prompt_completion_type() {
+    // TRL's dataset types for SFT, standard and conversational, in one file: the loss falls on
+    // the text, the assistant turns, and the completions.
+    let rows = [
+        r#"{"text": "7+1=8"}"#,
+        r#"{"messages": [{"role": "user", "content": "What is 3 plus 4?"}, {"role": "assistant", "content": "7"}]}"#,
+        r#"{"prompt": "9+9=", "completion": "18"}"#,
+        r#"{"prompt": [{"role": "user", "content": "What is 2 plus 2?"}], "completion": [{"role": "assistant", "content": "4"}]}"#,
+    ]
+    .map(String::from);
+    let run = make_run("trl-types", &rows, "", 0);
+    let out = kiln(&["data", "inspect", run.join("run.toml").to_str().unwrap(), "--samples", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for shown in [
+        "7[[+1=8<|im_end|>]]",
+        "<|im_start|>assistant\n[[7<|im_end|>]]",
+        "9+9=[[18<|im_end|>]]",
+        "<|im_start|>user\nWhat is 2 plus 2?<|im_end|>\n<|im_start|>assistant\n[[4<|im_end|>\n]]",
+    ] {
+        assert!(text.contains(shown), "{shown} in {text}");
+    }
+    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn deepseek_v3_sft_trains_balances_and_exports() {
     let base = scratch_dir("deepseek-base").join("model");
     let mtp = deepseek_base(&base);

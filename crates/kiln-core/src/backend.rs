@@ -332,14 +332,25 @@ pub trait Backend: Send + Sync {
 
     // ---- loss ---------------------------------------------------------------------------
     /// Per-row negative log-likelihood of `targets` under `softmax(logits)` (rows of width
-    /// `vocab`); a negative target gives 0.
-    fn cross_entropy_forward(&self, nll: &mut Self::Slice, logits: &Self::Slice, targets: &Self::Index, vocab: usize);
+    /// `vocab`), and `correct[t]`, 1 where the target has the row's largest logit (the model's
+    /// token accuracy), else 0; a negative target gives 0 for both.
+    fn cross_entropy_forward(
+        &self,
+        nll: &mut Self::Slice,
+        correct: &mut Self::Slice,
+        logits: &Self::Slice,
+        targets: &Self::Index,
+        vocab: usize,
+    );
     /// Fused forward and backward of `loss = Σ_t weight[t] · nll[t]`: writes `nll` and
-    /// overwrites `logits` with `dloss/dlogits = weight[t] · (softmax − onehot)`.
+    /// `correct` as `cross_entropy_forward` does, and overwrites `logits` with
+    /// `dloss/dlogits = weight[t] · (softmax − onehot)`.
+    #[allow(clippy::too_many_arguments)]
     fn cross_entropy_backward(
         &self,
         logits: &mut Self::Slice,
         nll: &mut Self::Slice,
+        correct: &mut Self::Slice,
         targets: &Self::Index,
         weights: &Self::Slice,
         vocab: usize,

@@ -570,10 +570,20 @@ pub fn swiglu<B: Backend>(b: &B) {
 pub fn cross_entropy<B: Backend>(b: &B) {
     let mut rng = Rng::new(10);
     let (rows, vocab) = (7, 50);
-    let logits = rng.normal_vec(rows * vocab, 4.0);
+    let mut logits = rng.normal_vec(rows * vocab, 4.0);
     let targets: Vec<i32> = vec![0, 49, 17, -100, 3, 3, 25];
     let weights = rng.normal_vec(rows, 1.0);
     let ti = b.upload_index(&targets);
+    // Whether the target has the row's largest logit; row 1's target is made the largest.
+    logits[vocab + 49] = 20.0;
+    let want_correct: Vec<f64> = (0..rows)
+        .map(|r| {
+            let z = &logits[r * vocab..(r + 1) * vocab];
+            let best = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            f64::from(u8::from(targets[r] >= 0 && z[targets[r] as usize] >= best))
+        })
+        .collect();
+    assert!(want_correct.iter().any(|&c| c == 1.0) && want_correct.iter().any(|&c| c == 0.0));
     let want: Vec<f64> = (0..rows)
         .map(|r| {
             if targets[r] < 0 {
@@ -585,16 +595,18 @@ pub fn cross_entropy<B: Backend>(b: &B) {
             lse - z[targets[r] as usize] as f64
         })
         .collect();
-    let mut nll = b.zeros(rows);
-    b.cross_entropy_forward(&mut nll, &b.upload(&logits), &ti, vocab);
+    let (mut nll, mut correct) = (b.zeros(rows), b.zeros(rows));
+    b.cross_entropy_forward(&mut nll, &mut correct, &b.upload(&logits), &ti, vocab);
     assert_close("cross_entropy_forward", &b.read(&nll), &want, 1e-5, 1e-5);
+    assert_close("cross_entropy_forward correct", &b.read(&correct), &want_correct, 0.0, 0.0);
 
-    let (mut grad, mut nll2) = (b.upload(&logits), b.zeros(rows));
-    b.cross_entropy_backward(&mut grad, &mut nll2, &ti, &b.upload(&weights), vocab);
+    let (mut grad, mut nll2, mut correct2) = (b.upload(&logits), b.zeros(rows), b.zeros(rows));
+    b.cross_entropy_backward(&mut grad, &mut nll2, &mut correct2, &ti, &b.upload(&weights), vocab);
     assert_close("cross_entropy_backward nll", &b.read(&nll2), &want, 1e-5, 1e-5);
+    assert_close("cross_entropy_backward correct", &b.read(&correct2), &want_correct, 0.0, 0.0);
     check_gradient("cross_entropy dlogits", &logits, &b.read(&grad), 120, |z| {
-        let mut nll = b.zeros(rows);
-        b.cross_entropy_forward(&mut nll, &b.upload(z), &ti, vocab);
+        let (mut nll, mut correct) = (b.zeros(rows), b.zeros(rows));
+        b.cross_entropy_forward(&mut nll, &mut correct, &b.upload(z), &ti, vocab);
         weighted_sum(&b.read(&nll), &weights)
     });
 }

@@ -92,6 +92,8 @@ pub struct Activations<B: Backend> {
     /// Logits; overwritten by their gradient in backward.
     pub logits: B::Buf,
     pub nll: B::Buf,
+    /// 1 where a token's target has its largest logit (token accuracy), else 0.
+    pub correct: B::Buf,
     pub grad: Option<GradScratch<B>>,
 }
 
@@ -140,6 +142,7 @@ impl<B: Backend> Activations<B> {
             rstdf: b.zeros(n),
             logits: b.zeros(n * cfg.vocab_size),
             nll: b.zeros(n),
+            correct: b.zeros(n),
             grad,
         }
     }

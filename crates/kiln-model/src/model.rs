@@ -355,8 +355,20 @@ impl<B: Backend> Model<B> {
     /// Per-token negative log-likelihood of `batch.targets` (0 where there is no target).
     pub fn nll(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) -> Vec<f32> {
         self.forward(b, acts, batch);
-        b.cross_entropy_forward(&mut acts.nll, &acts.logits, &acts.inputs.targets, self.config.vocab_size);
+        b.cross_entropy_forward(
+            &mut acts.nll,
+            &mut acts.correct,
+            &acts.logits,
+            &acts.inputs.targets,
+            self.config.vocab_size,
+        );
         b.read(&acts.nll)
+    }
+
+    /// Tokens of the last forward (`nll` or a training forward over next-token targets) whose
+    /// target has the largest logit.
+    pub fn correct_tokens(&self, b: &B, acts: &Activations<B>) -> usize {
+        b.read(&acts.correct).iter().filter(|&&c| c > 0.0).count()
     }
 
     /// Forward and backward of `loss = Σ weight·nll` over `batch` (plus, for MoE models with
@@ -404,7 +416,7 @@ impl<B: Backend> Model<B> {
         let (weights, nll) = match weights_of {
             None => (batch.weights.clone(), None),
             Some(f) => {
-                b.cross_entropy_forward(&mut acts.nll, &acts.logits, &inputs.targets, vocab);
+                b.cross_entropy_forward(&mut acts.nll, &mut acts.correct, &acts.logits, &inputs.targets, vocab);
                 let nll = b.read(&acts.nll);
                 let w = f(&nll);
                 assert_eq!(w.len(), n, "one weight per token");
@@ -412,7 +424,8 @@ impl<B: Backend> Model<B> {
                 (w, Some(nll))
             }
         };
-        b.cross_entropy_backward(&mut acts.logits, &mut acts.nll, &inputs.targets, &inputs.weights, vocab);
+        let (token_nll, correct) = (&mut acts.nll, &mut acts.correct);
+        b.cross_entropy_backward(&mut acts.logits, token_nll, correct, &inputs.targets, &inputs.weights, vocab);
         let loss = b.read(&acts.nll).iter().zip(&weights).map(|(&l, &w)| l as f64 * w as f64).sum();
         self.backward_from_logits(b, acts, batch, grads);
         (loss, nll)

@@ -42,8 +42,10 @@ pub struct State {
     pub step: u64,
     /// Updates AdamW has applied (fewer than `step` when non-finite steps were skipped).
     pub adam_step: u64,
-    /// Trainable tokens seen so far.
+    /// Trainable tokens seen so far, and tokens (not padding) processed (TRL's `num_tokens`).
     pub tokens: u64,
+    #[serde(default)]
+    pub num_tokens: u64,
     /// The dtype of the model the run started from, used again by `kiln export`.
     pub source_dtype: String,
     pub config: RunConfig,

@@ -116,7 +116,7 @@ impl<B: Backend> Recipe<B> for Distill<B> {
     }
 
     fn record(&self, stats: &DistillStats, _: &str) -> Value {
-        json!({"loss": stats.reverse_kl, "reverse_kl": stats.reverse_kl, "completion_length": stats.completion_length})
+        json!({"loss": stats.reverse_kl, "reverse_kl": stats.reverse_kl, "completions/mean_length": stats.completion_length})
     }
 
     fn message(&self, stats: &DistillStats) -> String {

@@ -181,7 +181,7 @@ impl<B: Backend> Grpo<B> {
             })
             .collect();
         // The step's sums over all ranks: completions, Σr, Σr², solved, generated tokens, Σ
-        // entropy, kept completions, their tokens, micro-batches, and Σr per reward function.
+        // entropy, kept completions, their tokens, micro-batches, and Σr, Σr² per reward function.
         let mut sums = vec![
             total.len() as f64,
             total.iter().sum(),
@@ -193,7 +193,7 @@ impl<B: Backend> Grpo<B> {
             sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>() as f64,
             sequences.len().div_ceil(g.micro_batch) as f64,
         ];
-        sums.extend(per.iter().map(|v| v.iter().sum::<f64>()));
+        sums.extend(per.iter().flat_map(|v| [v.iter().sum::<f64>(), v.iter().map(|r| r * r).sum()]));
         s.comm.all_reduce_sum_f64(&mut sums, "rollout statistics")?;
         let n = sums[0].max(1.0);
         let (mean, generated) = (sums[1] / n, sums[4]);
@@ -201,11 +201,16 @@ impl<B: Backend> Grpo<B> {
         let solved = sums[3] / n;
         let mut metrics = json!({
             "reward": mean, "reward_std": std, "solved": solved, "entropy": sums[5] / generated.max(1.0),
-            "completion_length": generated / n, "trained_completions": sums[6],
+            "completions/mean_length": generated / n, "trained_completions": sums[6],
             "rollout_tokens_per_s": generated / rollout_s.max(1e-9),
         });
-        for (r, sum) in self.rewards.iter().zip(&sums[9..]) {
-            merge(&mut metrics, &json!({format!("reward/{}", r.name): sum / n}));
+        for (r, sum) in self.rewards.iter().zip(sums[9..].chunks(2)) {
+            let (mean, square) = (sum[0] / n, sum[1] / n);
+            let std = (square - mean * mean).max(0.0).sqrt();
+            merge(
+                &mut metrics,
+                &json!({format!("rewards/{}/mean", r.name): mean, format!("rewards/{}/std", r.name): std}),
+            );
         }
         Ok(Rollout {
             tokens: sums[7] as usize,
@@ -322,8 +327,8 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
         let mut fields = r.metrics.clone();
         merge(
             &mut fields,
-            &json!({"loss": stats.loss, "kl": stats.kl, "clipped_low": stats.clipped_low,
-                    "clipped_high": stats.clipped_high, "iteration": r.updates}),
+            &json!({"loss": stats.loss, "kl": stats.kl, "clip_ratio/low_mean": stats.clipped_low,
+                    "clip_ratio/high_mean": stats.clipped_high, "iteration": r.updates}),
         );
         fields
     }

@@ -1,22 +1,34 @@
 //! Supervised fine-tuning: the loss of a step is the mean, over its trainable tokens, of each
-//! token's negative log-likelihood.
+//! token's negative log-likelihood; TRL's `mean_token_accuracy` is the fraction of them whose
+//! target the model ranks first.
 
 use crate::config::RunConfig;
 use crate::data::{encode_split, encode_splits, encoder};
 use crate::loader::{build_batch, pack, trainable_targets, DataOrder, PackedRow};
 use crate::schedule::Schedule;
 use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
-use crate::trainer::{train, Recipe, StepPlan};
+use crate::trainer::{train, Recipe, StepPlan, Tally};
 use anyhow::Result;
 use kiln_core::Backend;
 use kiln_data::example::Example;
 use kiln_model::{Activations, Model};
 use serde_json::{json, Value};
 
-/// The loss of a step, or on the eval data.
+/// The loss and token accuracy of a step, or on the eval data.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SftStats {
     pub loss: f64,
+    pub mean_token_accuracy: f64,
+}
+
+/// Trainable tokens whose target the model ranks first.
+#[derive(Default)]
+pub struct Correct(f64);
+
+impl Tally for Correct {
+    fn sums(&mut self) -> Vec<&mut f64> {
+        vec![&mut self.0]
+    }
 }
 
 /// Mean loss over the trainable tokens of `micro_batches`.
@@ -27,22 +39,23 @@ pub fn evaluate<B: Backend>(
     examples: &[Example],
     micro_batches: &[Vec<PackedRow>],
 ) -> f64 {
-    let sums: Vec<f64> = micro_batches.iter().map(|mb| micro_batch_nll(b, model, acts, examples, mb)).collect();
+    let sums: Vec<f64> = micro_batches.iter().map(|mb| micro_batch_nll(b, model, acts, examples, mb).0).collect();
     sums.iter().sum::<f64>()
         / micro_batches.iter().map(|mb| trainable_targets(examples, mb)).sum::<usize>().max(1) as f64
 }
 
-/// Σ nll over the trainable tokens of one micro-batch.
+/// Σ nll over the trainable tokens of one micro-batch, and how many of them the model predicts.
 fn micro_batch_nll<B: Backend>(
     b: &B,
     model: &mut Model<B>,
     acts: &mut Activations<B>,
     examples: &[Example],
     mb: &[PackedRow],
-) -> f64 {
+) -> (f64, usize) {
     let batch = build_batch(examples, mb, acts.rows, acts.seq, 1.0);
     let nll = model.nll(b, acts, &batch);
-    nll.iter().zip(&batch.weights).map(|(&l, &w)| l as f64 * w as f64).sum::<f64>()
+    let loss = nll.iter().zip(&batch.weights).map(|(&l, &w)| l as f64 * w as f64).sum::<f64>();
+    (loss, model.correct_tokens(b, acts))
 }
 
 struct Sft<B: Backend> {
@@ -51,33 +64,36 @@ struct Sft<B: Backend> {
     order: DataOrder,
     eval_batches: Vec<Vec<PackedRow>>,
     acts: Activations<B>,
-    /// Every trainable token's weight in the current step: 1 / the step's trainable tokens.
+    /// The current step's trainable tokens, and each one's weight: 1 / their number.
+    trainable: u64,
     weight: f32,
 }
 
 impl<B: Backend> Recipe<B> for Sft<B> {
     type Micro = usize;
-    type Tally = ();
+    type Tally = Correct;
     type Stats = SftStats;
 
     fn plan(&mut self, s: &mut Session<B>) -> Result<StepPlan<usize>> {
         let (plan, _) = StepPlan::from_order(s, &self.order, &self.train);
-        self.weight = plan.token_weight();
+        (self.trainable, self.weight) = (plan.trainable, plan.token_weight());
         Ok(plan)
     }
 
-    fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, _: &mut ()) -> Result<f64> {
+    fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, correct: &mut Correct) -> Result<f64> {
         let acts = &mut self.acts;
         let batch = build_batch(&self.train, &self.order.micro_batches[i], acts.rows, acts.seq, self.weight);
-        Ok(s.model.forward_backward(&s.b, acts, &batch, &mut s.dp))
+        let loss = s.model.forward_backward(&s.b, acts, &batch, &mut s.dp);
+        correct.0 += s.model.correct_tokens(&s.b, acts) as f64;
+        Ok(loss)
     }
 
-    fn stats(&self, _: &(), update: &StepUpdate) -> SftStats {
-        SftStats { loss: update.loss }
+    fn stats(&self, correct: &Correct, update: &StepUpdate) -> SftStats {
+        SftStats { loss: update.loss, mean_token_accuracy: correct.0 / self.trainable.max(1) as f64 }
     }
 
     fn record(&self, stats: &SftStats, prefix: &str) -> Value {
-        json!({format!("{prefix}loss"): stats.loss})
+        json!({format!("{prefix}loss"): stats.loss, format!("{prefix}mean_token_accuracy"): stats.mean_token_accuracy})
     }
 
     fn message(&self, stats: &SftStats) -> String {
@@ -91,15 +107,20 @@ impl<B: Backend> Recipe<B> for Sft<B> {
         if self.eval.is_empty() {
             return Ok(None);
         }
-        let (mine, idle) = s.forward_share(self.eval_batches.len())?;
-        let mut sums = vec![0.0; self.eval_batches.len()];
+        let n = self.eval_batches.len();
+        let (mine, idle) = s.forward_share(n)?;
+        // Per micro-batch: Σ nll, then the tokens predicted.
+        let mut sums = vec![0.0; 2 * n];
         for i in mine {
-            sums[i] = micro_batch_nll(&s.b, &mut s.model, &mut self.acts, &self.eval, &self.eval_batches[i]);
+            let (loss, correct) =
+                micro_batch_nll(&s.b, &mut s.model, &mut self.acts, &self.eval, &self.eval_batches[i]);
+            (sums[i], sums[n + i]) = (loss, correct as f64);
         }
         (0..idle).for_each(|_| s.model.serve_experts_forward(&s.b));
         s.comm.all_reduce_sum_f64(&mut sums, &format!("eval loss at step {}", s.state.step))?;
-        let count = self.eval_batches.iter().map(|mb| trainable_targets(&self.eval, mb)).sum::<usize>();
-        Ok(Some(SftStats { loss: sums.iter().sum::<f64>() / count.max(1) as f64 }))
+        let count = self.eval_batches.iter().map(|mb| trainable_targets(&self.eval, mb)).sum::<usize>().max(1) as f64;
+        let (loss, correct) = (sums[..n].iter().sum::<f64>(), sums[n..].iter().sum::<f64>());
+        Ok(Some(SftStats { loss: loss / count, mean_token_accuracy: correct / count }))
     }
 }
 
@@ -124,6 +145,7 @@ pub fn run<B: Backend>(
         train: train_examples,
         eval,
         order,
+        trainable: 0,
         weight: 0.0,
     };
     train(&mut s, &mut sft, &schedule, "kiln sft", quiet)

@@ -49,8 +49,17 @@ fn grpo_raises_the_reward() {
     let mean = |s: &[serde_json::Value]| s.iter().map(|v| v["reward"].as_f64().unwrap()).sum::<f64>() / s.len() as f64;
     let (first, last) = (mean(&steps[..4]), mean(&steps[16..]));
     assert!(last > 2.0 * first && last > 0.4, "reward should rise: first steps {first:.3}, last steps {last:.3}");
-    for key in ["reward_std", "reward/format", "completion_length", "clipped_high", "rollout_tokens_per_s", "grad_norm"]
-    {
+    for key in [
+        "reward_std",
+        "rewards/format/mean",
+        "rewards/format/std",
+        "completions/mean_length",
+        "clip_ratio/high_mean",
+        "rollout_tokens_per_s",
+        "grad_norm",
+        "learning_rate",
+        "num_tokens",
+    ] {
         assert!(steps[3][key].is_number(), "metrics lack {key}: {}", steps[3]);
     }
     // The policy's entropy per sampled token: positive, and below log(vocab), 99 tokens.
@@ -82,7 +91,7 @@ fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
     let same_steps = |what: &str, a: &[serde_json::Value], b: &[serde_json::Value]| {
         assert_eq!((a.len(), b.len()), (4, 4), "{what}");
         for (a, b) in a.iter().zip(b) {
-            for key in ["loss", "grad_norm", "reward", "clipped_high"] {
+            for key in ["loss", "grad_norm", "reward", "clip_ratio/high_mean"] {
                 let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
                 assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what} step {}: {key} {x} vs {y}", a["step"]);
             }
@@ -101,7 +110,7 @@ fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
     let iterations: Vec<u64> = whole.iter().map(|v| v["iteration"].as_u64().unwrap()).collect();
     assert_eq!(iterations, [1, 2, 1, 2]);
     assert_eq!(whole[0]["reward"], whole[1]["reward"]);
-    assert_eq!(whole[0]["completion_length"], whole[1]["completion_length"]);
+    assert_eq!(whole[0]["completions/mean_length"], whole[1]["completions/mean_length"]);
     assert_ne!(whole[0]["loss"], whole[1]["loss"]);
 }
 
@@ -126,7 +135,7 @@ fn conversational_prompts_and_their_columns_reach_the_rewards() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let steps = step_metrics(&run);
     assert_eq!(steps.len(), 2);
-    assert!(steps.iter().all(|v| v["reward/judge"] == 1.0), "every sample carries its column: {steps:?}");
+    assert!(steps.iter().all(|v| v["rewards/judge/mean"] == 1.0), "every sample carries its column: {steps:?}");
 }
 
 #[test]

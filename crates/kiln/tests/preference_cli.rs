@@ -184,5 +184,5 @@ fn reward_model_trains_exports_and_scores() {
     let out = kiln(&["grpo", example, "--quiet", "--set", "train.steps=2", "--set", &rewards, "--set", &dir]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let metrics = std::fs::read_to_string(grpo_out.join("metrics.jsonl")).unwrap();
-    assert!(metrics.contains("\"reward/model\""), "{metrics}");
+    assert!(metrics.contains("\"rewards/model/mean\""), "{metrics}");
 }

@@ -312,6 +312,19 @@ fn sft_reads_every_trl_language_modeling_and_prompt_completion_type() {
     }
     let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=2"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // TRL's metric names: the learning rate, the cumulative token count, the top-1 accuracy.
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(run.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["grad_norm"].is_number())
+        .collect();
+    assert_eq!(steps.len(), 2);
+    let num = |i: usize, key: &str| steps[i][key].as_f64().unwrap_or_else(|| panic!("no {key} in {}", steps[i]));
+    assert!(num(0, "num_tokens") > 0.0 && num(1, "num_tokens") == 2.0 * num(0, "num_tokens"), "{steps:?}");
+    assert!((0.0..=1.0).contains(&num(1, "mean_token_accuracy")));
+    assert!(num(1, "learning_rate") > 0.0);
 }
 
 #[test]

@@ -204,18 +204,26 @@ impl Backend for Cpu {
         elementwise::swiglu_backward(dgate, dup, dh, gate, up);
     }
 
-    fn cross_entropy_forward(&self, nll: &mut [f32], logits: &[f32], targets: &Vec<i32>, vocab: usize) {
-        cross_entropy::forward(nll, logits, targets, vocab);
+    fn cross_entropy_forward(
+        &self,
+        nll: &mut [f32],
+        correct: &mut [f32],
+        logits: &[f32],
+        targets: &Vec<i32>,
+        vocab: usize,
+    ) {
+        cross_entropy::forward(nll, correct, logits, targets, vocab);
     }
     fn cross_entropy_backward(
         &self,
         logits: &mut [f32],
         nll: &mut [f32],
+        correct: &mut [f32],
         targets: &Vec<i32>,
         weights: &[f32],
         vocab: usize,
     ) {
-        cross_entropy::backward(logits, nll, targets, weights, vocab);
+        cross_entropy::backward(logits, nll, correct, targets, weights, vocab);
     }
     fn reverse_kl_backward(&self, logits: &mut [f32], kl: &mut [f32], teacher: &[f32], weights: &[f32], vocab: usize) {
         reverse_kl::backward(logits, kl, teacher, weights, vocab);

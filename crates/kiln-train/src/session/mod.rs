@@ -154,6 +154,7 @@ impl<B: Backend> Session<B> {
             step: 0,
             adam_step: 0,
             tokens: 0,
+            num_tokens: 0,
             source_dtype: checkpoint::dtype_name(model.dtype).into(),
             config: config.clone(),
         };
@@ -247,13 +248,15 @@ impl<B: Backend> Session<B> {
         message: &str,
     ) -> Result<()> {
         self.state.tokens += trainable;
+        self.state.num_tokens += tokens;
         let dt = self.step_started.elapsed().as_secs_f64();
         self.tokens_seen += tokens;
         self.step_seconds += dt;
         let mut record = with_step(self.state.step, fields);
         merge(
             &mut record,
-            &json!({"tokens": tokens, "tokens_per_s": tokens as f64 / dt, "elapsed_s": self.started.elapsed().as_secs_f64()}),
+            &json!({"tokens": tokens, "num_tokens": self.state.num_tokens, "tokens_per_s": tokens as f64 / dt,
+                    "elapsed_s": self.started.elapsed().as_secs_f64()}),
         );
         merge(&mut record, &update.record);
         self.metrics.write(&record)?;
@@ -304,7 +307,7 @@ impl<B: Backend> Session<B> {
         // under expert parallel), gradients whole or (ZeRO-2) its shard, moments whole or
         // (ZeRO-1/2) its shard.
         let mut record = json!({
-            "lr": lr, "grad_norm": norm, "weights_mb": (b.len(&self.model.params) * 4) as f64 / 1e6,
+            "learning_rate": lr, "grad_norm": norm, "weights_mb": (b.len(&self.model.params) * 4) as f64 / 1e6,
             "gradients_mb": self.dp.gradient_bytes() as f64 / 1e6,
             "optimizer_state_mb": self.dp.state_bytes() as f64 / 1e6,
         });

@@ -583,7 +583,7 @@ pub fn cross_entropy<B: Backend>(b: &B) {
             f64::from(u8::from(targets[r] >= 0 && z[targets[r] as usize] >= best))
         })
         .collect();
-    assert!(want_correct.iter().any(|&c| c == 1.0) && want_correct.iter().any(|&c| c == 0.0));
+    assert!(want_correct.contains(&1.0) && want_correct.contains(&0.0));
     let want: Vec<f64> = (0..rows)
         .map(|r| {
             if targets[r] < 0 {

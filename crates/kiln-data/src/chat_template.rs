@@ -1,10 +1,12 @@
 //! Hugging Face chat templates, rendered with minijinja the way transformers renders them
 //! (jinja2 with `trim_blocks`, `lstrip_blocks`, loop controls, `raise_exception`,
 //! `strftime_now` and Python string methods), and the spans of assistant text that carry
-//! the loss: from `{% generation %}` markers when the template has them, else by rendering
-//! each conversation prefix and taking what each assistant turn adds.
+//! the loss: from `{% generation %}` markers when the template has them, else from those of
+//! TRL's training variant of the template when TRL has one (`trl_template`), else by
+//! rendering each conversation prefix and taking what each assistant turn adds.
 
 use crate::rows::Message;
+use crate::trl_template;
 use minijinja::{context, Environment, ErrorKind};
 use std::ops::Range;
 
@@ -13,9 +15,30 @@ use std::ops::Range;
 const GEN_START: char = '\u{E000}';
 const GEN_END: char = '\u{E001}';
 
+/// Where the assistant spans of a conversation come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AssistantMask {
+    /// The template's own `{% generation %}` markers.
+    GenerationMarkers,
+    /// The markers of TRL's training variant of this family's template, rendered in its place.
+    TrlTrainingTemplate(&'static str),
+    /// What each assistant turn adds to the text of the conversation before it.
+    PrefixDiff,
+}
+
+impl std::fmt::Display for AssistantMask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::GenerationMarkers => write!(f, "the template's {{% generation %}} markers"),
+            Self::TrlTrainingTemplate(family) => write!(f, "TRL's training template for {family}"),
+            Self::PrefixDiff => write!(f, "what each assistant turn adds to the conversation before it"),
+        }
+    }
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
-    has_generation_markers: bool,
+    pub assistant_mask: AssistantMask,
     bos_token: String,
     eos_token: String,
 }
@@ -109,7 +132,8 @@ fn strftime_now(format: String) -> String {
 
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self, String> {
-        let (source, has_generation_markers) = replace_generation_tags(source);
+        let (marked, has_generation_markers) = replace_generation_tags(source);
+        let variant = trl_template::training_variant(source).filter(|_| !has_generation_markers);
         let mut env = Environment::new();
         let syntax = minijinja::syntax::SyntaxConfig::builder().trim_blocks(true).lstrip_blocks(true).build();
         env.set_syntax(syntax.map_err(|e| e.to_string())?);
@@ -118,17 +142,26 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
         });
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned("chat", source).map_err(|e| format!("chat template does not parse: {e}"))?;
+        env.add_template_owned("chat", marked).map_err(|e| format!("chat template does not parse: {e}"))?;
+        let assistant_mask = match variant {
+            Some((family, training)) => {
+                let (training, _) = replace_generation_tags(training);
+                env.add_template_owned("training", training).map_err(|e| format!("{family} training template: {e}"))?;
+                AssistantMask::TrlTrainingTemplate(family)
+            }
+            None if has_generation_markers => AssistantMask::GenerationMarkers,
+            None => AssistantMask::PrefixDiff,
+        };
         Ok(Self {
             env,
-            has_generation_markers,
+            assistant_mask,
             bos_token: bos_token.unwrap_or_default(),
             eos_token: eos_token.unwrap_or_default(),
         })
     }
 
-    fn render_raw(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
-        let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
+    fn render_raw(&self, name: &str, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
+        let template = self.env.get_template(name).map_err(|e| e.to_string())?;
         template
             .render(context! {
                 messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
@@ -144,13 +177,19 @@ impl ChatTemplate {
 
     /// The conversation as text, as `apply_chat_template(tokenize=False)` gives it.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, String> {
-        Ok(self.render_raw(messages, add_generation_prompt)?.replace([GEN_START, GEN_END], ""))
+        Ok(self.render_raw("chat", messages, add_generation_prompt)?.replace([GEN_START, GEN_END], ""))
     }
 
-    /// The rendered conversation and the byte ranges of it that assistant turns contribute.
+    /// The rendered conversation and the byte ranges of it that assistant turns contribute
+    /// (for a template TRL has a training variant of, the variant's rendering, as TRL trains).
     pub fn render_with_assistant_spans(&self, messages: &[Message]) -> Result<(String, Vec<Range<usize>>), String> {
-        if self.has_generation_markers {
-            let raw = self.render_raw(messages, false)?;
+        let marked = match self.assistant_mask {
+            AssistantMask::GenerationMarkers => Some("chat"),
+            AssistantMask::TrlTrainingTemplate(_) => Some("training"),
+            AssistantMask::PrefixDiff => None,
+        };
+        if let Some(name) = marked {
+            let raw = self.render_raw(name, messages, false)?;
             let mut text = String::with_capacity(raw.len());
             let (mut spans, mut open) = (Vec::new(), None);
             for c in raw.chars() {

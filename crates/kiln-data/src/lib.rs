@@ -1,15 +1,17 @@
 //! From dataset rows to packed training batches: tokenizer, chat template, loss masks, packing.
 
 pub mod chat_template;
+mod completion;
 pub mod example;
 pub mod packing;
 pub mod preference;
 pub mod prompts;
 pub mod rows;
 pub mod tokenizer;
+mod trl_template;
 pub mod unpaired;
 
-pub use chat_template::ChatTemplate;
+pub use chat_template::{AssistantMask, ChatTemplate};
 pub use example::{Example, Tokenized};
 pub use rows::{Message, Row, RowKind};
 pub use tokenizer::Tokenizer;

@@ -6,12 +6,11 @@
 //! and each answer a string (one assistant turn) or a list of messages. Without a prompt
 //! (TRL's implicit prompt) the prompt is what `chosen` and `rejected` share at their start: the
 //! messages both begin with, or, for text, the characters (less a trailing space), as TRL's
-//! `extract_prompt` takes it. A conversation is rendered through the model's chat template; the
-//! answer is what the template adds after the prompt with its generation prompt. Both answers
-//! share the prompt's tokens.
+//! `extract_prompt` takes it. Prompt and answers are split into tokens as TRL splits them
+//! (`completion`); both answers share the prompt's tokens.
 
 use crate::example::{Encoder, LengthPolicy};
-use crate::rows::{answer, prompt, read_records, Answer, Message, Prompt};
+use crate::rows::{answer, prompt, read_records, Answer, Prompt};
 use crate::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -100,40 +99,11 @@ pub fn read_preference_rows(path: &Path) -> Result<Vec<std::result::Result<Prefe
 }
 
 impl Encoder<'_> {
-    /// The prompt's tokens and an answer's, as described in the module docs.
-    pub(crate) fn prompt_and_answer(
-        &self,
-        prompt: &Prompt,
-        answer: &Answer,
-    ) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
-        match (prompt, answer) {
-            (Prompt::Text(p), Answer::Text(a)) => Ok((self.tokens(p, true)?, self.with_eos(self.tokens(a, false)?))),
-            (Prompt::Chat(p), answer) => {
-                let template =
-                    self.template.ok_or("a conversational row needs the model's chat_template, and it has none")?;
-                let answer = match answer {
-                    Answer::Text(a) => vec![Message { role: "assistant".into(), content: a.clone() }],
-                    Answer::Chat(m) => m.clone(),
-                };
-                let prompt_text = template.render(p, true)?;
-                let full = template.render(&[p.clone(), answer].concat(), false)?;
-                let Some(completion_text) = full.strip_prefix(&prompt_text) else {
-                    return Err("the chat template renders the prompt differently once an answer follows, so the answer cannot be split from it".into());
-                };
-                Ok((self.tokens(&prompt_text, false)?, self.tokens(completion_text, false)?))
-            }
-            (Prompt::Text(_), Answer::Chat(_)) => {
-                Err("answers given as messages need the prompt as messages too (`messages` or a list in `prompt`)"
-                    .into())
-            }
-        }
-    }
-
     /// One preference row to a tokenized pair, or the reason it cannot be one.
     pub fn encode_pair(&self, row: &PreferenceRow) -> std::result::Result<PreferencePair, Error> {
         let at = |message: String| Error::at(row.location.clone(), message);
-        let (prompt, mut chosen) = self.prompt_and_answer(&row.prompt, &row.chosen).map_err(at)?;
-        let (_, mut rejected) = self.prompt_and_answer(&row.prompt, &row.rejected).map_err(at)?;
+        let (prompt, answers) = self.prompt_and_answers(&row.prompt, &[&row.chosen, &row.rejected]).map_err(at)?;
+        let [mut chosen, mut rejected]: [Vec<u32>; 2] = answers.try_into().expect("two answers");
         if chosen.is_empty() || rejected.is_empty() {
             return Err(at("an answer has no tokens".into()));
         }

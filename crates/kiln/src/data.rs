@@ -83,6 +83,9 @@ pub fn run(cmd: &Command) -> Result<()> {
     let config = RunConfig::load_resolved(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
     let (tok, template) = load_tokenizer(&config.model.path)?;
     let encoder = encoder(&config, &tok, template.as_ref());
+    if let Some(t) = &template {
+        println!("assistant turns of conversations carry the loss; they are found from {}", t.assistant_mask);
+    }
     let bad = config.data.max_bad_fraction;
     let (train, eval) = encode_splits(&config, |files, split| encode_split(files, &encoder, bad, split))?;
     report("train", &train, &config);

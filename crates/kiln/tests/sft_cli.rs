@@ -95,7 +95,7 @@ fn resume_after_kill_9_is_bit_exact() {
     let killed = make_run("killed", &rows, "", 1);
     let mut kills = 0;
     for attempt in 0.. {
-        assert!(attempt < 60, "the run never finished");
+        assert!(attempt < 20, "the run never finished: each attempt saves a checkpoint, and there are 10 steps");
         let mut args = vec!["sft".to_string(), killed.join("run.toml").display().to_string(), "--quiet".into()];
         // Killed before its first checkpoint: start over; else resume.
         if !checkpoints(&killed).is_empty() {
@@ -107,7 +107,16 @@ fn resume_after_kill_9_is_bit_exact() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(150 + 97 * (attempt % 7)));
+        // Kill only after this attempt has saved a checkpoint of its own, so every attempt makes
+        // progress however slow the machine; the jitter lands the kill in different phases
+        // (mid-step, mid-save, mid-rotation).
+        let before = checkpoints(&killed).last().cloned();
+        let started = std::time::Instant::now();
+        while checkpoints(&killed).last() == before.as_ref() && child.try_wait().unwrap().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint in 5 minutes");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(37 * (attempt % 7)));
         if child.try_wait().unwrap().is_some_and(|s| s.success()) {
             break;
         }
@@ -261,6 +270,8 @@ fn data_inspect_shows_counts_and_the_loss_mask() {
     assert!(text.contains("train: 12 examples"), "{text}");
     assert!(text.contains("eval: 20 examples"), "{text}");
     assert!(text.contains("packing:"), "{text}");
+    // The demo's template marks its assistant turns itself.
+    assert!(text.contains("they are found from the template's {% generation %} markers"), "{text}");
     // Only the assistant's answer and end-of-turn carry loss.
     assert!(
         text.contains("<|im_start|>user\nWhat is 0 plus 0?<|im_end|>\n<|im_start|>assistant\n[[0<|im_end|>]]"),

@@ -277,6 +277,9 @@ pub struct OutputSection {
     /// Checkpoints kept; older ones are deleted once a newer one is whole.
     #[serde(default = "default_keep_last")]
     pub keep_last: usize,
+    /// Also write every metric to a TensorBoard event file in `dir`.
+    #[serde(default)]
+    pub tensorboard: bool,
 }
 
 /// Functions that give serde the keys' defaults.

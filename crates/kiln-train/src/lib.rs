@@ -23,6 +23,7 @@ pub mod rollout;
 pub mod schedule;
 pub mod session;
 pub mod sft;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::RunConfig;

@@ -1,5 +1,7 @@
-//! `metrics.jsonl`, one JSON object per line, and the loss plot drawn from it.
+//! `metrics.jsonl`, one JSON object per line (and, when asked, a TensorBoard event file), and
+//! the loss plot drawn from it.
 
+use crate::tensorboard::EventWriter;
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use serde_json::Value;
@@ -10,12 +12,14 @@ pub struct Metrics {
     path: PathBuf,
     /// None on the ranks of a data-parallel run that do not write (all but rank 0).
     file: Option<std::fs::File>,
+    tensorboard: Option<EventWriter>,
 }
 
 impl Metrics {
     /// Opens `dir/metrics.jsonl`: fresh, or, when resuming after `resume_step`, keeping only
-    /// the lines of steps up to it, so the file reads as one uninterrupted run.
-    pub fn open(dir: &Path, resume_step: Option<u64>) -> Result<Self> {
+    /// the lines of steps up to it, so the file reads as one uninterrupted run; with
+    /// `tensorboard`, also a new event file that takes up after `resume_step`.
+    pub fn open(dir: &Path, resume_step: Option<u64>, tensorboard: bool) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         let kept: String = match resume_step {
             Some(step) if path.exists() => std::fs::read_to_string(&path)?
@@ -29,17 +33,24 @@ impl Metrics {
         };
         std::fs::write(&path, kept).with_context(|| format!("{}: cannot write", path.display()))?;
         let file = std::fs::OpenOptions::new().append(true).open(&path)?;
-        Ok(Self { path, file: Some(file) })
+        let tensorboard = match tensorboard {
+            true => Some(EventWriter::create(dir, resume_step.map(|s| s + 1))?),
+            false => None,
+        };
+        Ok(Self { path, file: Some(file), tensorboard })
     }
 
     /// Metrics that go nowhere.
     pub fn disabled() -> Self {
-        Self { path: PathBuf::new(), file: None }
+        Self { path: PathBuf::new(), file: None, tensorboard: None }
     }
 
     pub fn write(&mut self, record: &Value) -> Result<()> {
-        match &mut self.file {
-            Some(f) => writeln!(f, "{record}").with_context(|| format!("{}: cannot write", self.path.display())),
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{record}").with_context(|| format!("{}: cannot write", self.path.display()))?;
+        }
+        match &mut self.tensorboard {
+            Some(t) => t.write_record(record),
             None => Ok(()),
         }
     }

@@ -142,7 +142,8 @@ fn sigterm_saves_a_checkpoint_and_resume_finishes_the_run() {
     let rows: Vec<String> = (0..60).map(chat_row).collect();
     let run = make_run("sigterm", &rows, "", 0);
     let config = run.join("run.toml");
-    let args = ["sft", config.to_str().unwrap(), "--quiet", "--set", "train.steps=150"];
+    let args =
+        ["sft", config.to_str().unwrap(), "--quiet", "--set", "train.steps=150", "--set", "output.tensorboard=true"];
     let child =
         Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).stdout(std::process::Stdio::piped()).spawn().unwrap();
     // Wait until training is under way, then ask it to stop.
@@ -161,9 +162,45 @@ fn sigterm_saves_a_checkpoint_and_resume_finishes_the_run() {
     let saved = checkpoints(&run);
     let step: u64 = saved.last().unwrap().file_name().unwrap().to_str().unwrap()[5..].parse().unwrap();
     assert!((1..150).contains(&step), "checkpoint at step {step}");
-    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet", "--set", "train.steps=150", "--resume"]);
+    let out = kiln(&[&args[..], &["--resume"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(losses(&run).len(), 150, "the resumed run completes every step once");
+    assert_tensorboard_shows(&run.join("out"), step);
+}
+
+/// TensorBoard's view of a run stopped after `stopped_at` and resumed: two event files, the
+/// second purging from `stopped_at + 1`, and together every step's `train/loss` as
+/// metrics.jsonl has it.
+fn assert_tensorboard_shows(out: &Path, stopped_at: u64) {
+    use kiln_train::tensorboard::{read_events, EventKind};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents."))
+        .collect();
+    files.sort_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap());
+    assert_eq!(files.len(), 2, "one event file per attempt: {files:?}");
+    let mut shown = std::collections::BTreeMap::new();
+    for f in &files {
+        for e in read_events(f).unwrap() {
+            match e.kind {
+                EventKind::SessionStart => {
+                    assert_eq!(e.step, stopped_at + 1, "the resumed file purges from the step it takes up");
+                    shown.retain(|&s, _| s < e.step);
+                }
+                EventKind::Scalars(values) => {
+                    for (tag, v) in values.into_iter().filter(|(t, _)| t == "train/loss") {
+                        assert_eq!(tag, "train/loss");
+                        shown.insert(e.step, v);
+                    }
+                }
+                EventKind::FileVersion(_) => {}
+            }
+        }
+    }
+    let expected: std::collections::BTreeMap<u64, f32> =
+        losses(out.parent().unwrap()).into_iter().map(|(s, l)| (s, l as f32)).collect();
+    assert_eq!(shown, expected);
 }
 
 #[test]

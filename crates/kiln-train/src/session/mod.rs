@@ -166,7 +166,7 @@ impl<B: Backend> Session<B> {
             }
         }
         let metrics = match comm.is_root() {
-            true => Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step))?,
+            true => Metrics::open(&out_dir, resume_dir.as_ref().map(|_| state.step), config.output.tensorboard)?,
             false => Metrics::disabled(),
         };
         let model_files = checkpoint::read_model_files(&model_dir)?;

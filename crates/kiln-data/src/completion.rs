@@ -15,7 +15,7 @@ fn common_prefix_len(a: &[u32], b: &[u32]) -> usize {
 }
 
 impl Encoder<'_> {
-    /// The text of `answer` after `prompt`, as one conversation or one string.
+    /// The tokens of `prompt` followed by `answer`: one conversation rendered, or one string.
     fn prompt_and_answer_ids(&self, prompt: &Prompt, answer: &Answer) -> Result<Vec<u32>, String> {
         match (prompt, answer) {
             (Prompt::Text(p), Answer::Text(a)) => {

@@ -2,8 +2,8 @@
 //! desirable, `{"prompt": ..., "completion": ..., "label": true|false}`, text or
 //! conversational (the prompt as `messages` or a list in `prompt`, the completion a string or a
 //! list of messages), as TRL's KTOTrainer reads them. A paired row (`chosen`, `rejected`) is
-//! two unpaired ones, as the KTOTrainer unpairs it. Tokens as for preference pairs
-//! (`preference`): the completion is what follows the rendered prompt.
+//! two unpaired ones, as the KTOTrainer unpairs it. Prompt and completion are split into
+//! tokens as TRL splits them (`completion`).
 
 use crate::example::{Encoder, LengthPolicy};
 use crate::preference::parse_preference;

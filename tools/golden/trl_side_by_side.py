@@ -1,5 +1,5 @@
 """TRL's own trainers, 5 steps each, on a tiny committed model and data: the reference kiln's
-`trl_side_by_side` tests hold `kiln sft`, `kiln dpo` and `kiln kto` to, step by step.
+`trl_side_by_side` tests hold `kiln sft`, `kiln dpo`, `kiln kto` and `kiln rm` to, step by step.
 
 Both sides do the same work: every step is the whole training set in one batch (so sampling
 order cannot matter), f32 on the CPU, AdamW (β 0.9/0.999, ε 1e-8, no weight decay), gradient
@@ -7,11 +7,13 @@ clipping at 1.0, and the same schedule (linear decay after one warm-up step). SF
 the assistant turns (`assistant_only_loss`, from the template's {% generation %} markers),
 DPO with the sigmoid loss at β 0.1, KTO at β 0.1 with its KL reference point from the batch's
 completions rotated by one (TRL requires sequential sampling for it; one batch makes kiln's
-micro-batch the same set in the same order).
+micro-batch the same set in the same order), the reward model on the DPO pairs with TRL's
+per-row `margin` column, from a score head initialised here and saved for both sides.
 
 Writes tests/fixtures/trl/:
   model/            a tiny Qwen2 (save_pretrained) with the demo's character tokenizer
-  sft.jsonl, dpo.jsonl, kto.jsonl   conversational rows in TRL's formats
+  reward_model/      the same with a score head (Qwen2ForSequenceClassification, 1 label)
+  sft.jsonl, dpo.jsonl, kto.jsonl, rm.jsonl   conversational rows in TRL's formats
   golden.json       per recipe: what TRL logged at each step (loss, grad_norm, learning_rate,
                     num_tokens, and the recipe's accuracy, rewards, log-probs and KL), and the
                     settings used, for the Rust test to mirror
@@ -25,8 +27,8 @@ import shutil
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "trl"
@@ -57,6 +59,9 @@ DPO_ROWS = [
     for a, b in SUMS[:5]
 ] + [{"prompt": user("Say hi."), "chosen": assistant("Hi."), "rejected": assistant("No.")}]
 
+# TRL's optional `margin` column: the reward gap each pair asks for.
+RM_ROWS = [dict(row, margin=0.5 * (i % 3)) for i, row in enumerate(DPO_ROWS)]
+
 KTO_ROWS = [
     {"prompt": user(f"What is {a} plus {b}?"), "completion": assistant(f"{a + b + (i % 2)}"), "label": i % 2 == 0}
     for i, (a, b) in enumerate(SUMS)
@@ -82,7 +87,8 @@ def common(rows):
 
 
 METRICS = ["loss", "grad_norm", "learning_rate", "num_tokens", "mean_token_accuracy", "rewards/chosen",
-           "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "kl"]
+           "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "kl",
+           "accuracy", "margin", "mean_reward"]
 
 
 def logged(trainer):
@@ -100,7 +106,14 @@ def main() -> None:
         shutil.rmtree(base)
     model().save_pretrained(base)
     tok.save_pretrained(base)
-    for name, rows in [("sft", SFT_ROWS), ("dpo", DPO_ROWS), ("kto", KTO_ROWS)]:
+    # The reward model starts from the base with a score head initialised here, so that both
+    # sides start from the same head.
+    torch.manual_seed(1)
+    reward_model = Qwen2ForSequenceClassification.from_pretrained(base, num_labels=1)
+    reward_model.config.pad_token_id = tok.pad_token_id
+    reward_model.save_pretrained(OUT / "reward_model")
+    tok.save_pretrained(OUT / "reward_model")
+    for name, rows in [("sft", SFT_ROWS), ("dpo", DPO_ROWS), ("kto", KTO_ROWS), ("rm", RM_ROWS)]:
         (OUT / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     golden = {"settings": SETTINGS, "steps": STEPS}
@@ -123,8 +136,14 @@ def main() -> None:
     kto.train()
     golden["kto"] = logged(kto)
 
+    rm = RewardTrainer(model=Qwen2ForSequenceClassification.from_pretrained(OUT / "reward_model"),
+                       processing_class=tok, train_dataset=Dataset.from_list(RM_ROWS),
+                       args=RewardConfig(**common(RM_ROWS), max_length=None))
+    rm.train()
+    golden["rm"] = logged(rm)
+
     (OUT / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
-    for name in ("sft", "dpo", "kto"):
+    for name in ("sft", "dpo", "kto", "rm"):
         print(name, golden[name])
 
 

@@ -21,6 +21,8 @@ pub struct PreferenceRow {
     pub prompt: Prompt,
     pub chosen: Answer,
     pub rejected: Answer,
+    /// TRL's optional `margin` column: the reward gap a reward model is asked for.
+    pub margin: Option<f64>,
 }
 
 /// A tokenized pair.
@@ -30,6 +32,7 @@ pub struct PreferencePair {
     pub chosen: Vec<u32>,
     pub rejected: Vec<u32>,
     pub location: String,
+    pub margin: Option<f64>,
 }
 
 /// The prompt `chosen` and `rejected` share at their start, and their answers after it.
@@ -84,14 +87,25 @@ pub fn parse_preference(value: Value) -> std::result::Result<(Prompt, Answer, An
     Ok((prompt, chosen, rejected))
 }
 
+/// The row's `margin`, if it has one.
+fn margin(value: &Value) -> std::result::Result<Option<f64>, String> {
+    match value.get("margin") {
+        None | Some(Value::Null) => Ok(None),
+        Some(m) => m.as_f64().map(Some).ok_or_else(|| format!("field `margin` must be a number, got {m}")),
+    }
+}
+
 /// Every preference row of a JSONL or Parquet file; bad rows come back as errors.
 pub fn read_preference_rows(path: &Path) -> Result<Vec<std::result::Result<PreferenceRow, Error>>> {
     Ok(read_records(path)?
         .into_iter()
         .map(|record| {
             let (location, value) = record?;
-            match parse_preference(value) {
-                Ok((prompt, chosen, rejected)) => Ok(PreferenceRow { location, prompt, chosen, rejected }),
+            let row = margin(&value).and_then(|margin| Ok((margin, parse_preference(value)?)));
+            match row {
+                Ok((margin, (prompt, chosen, rejected))) => {
+                    Ok(PreferenceRow { location, prompt, chosen, rejected, margin })
+                }
                 Err(m) => Err(Error::at(location, m)),
             }
         })
@@ -128,13 +142,21 @@ impl Encoder<'_> {
                 }
             }
         }
-        Ok(PreferencePair { prompt, chosen, rejected, location: row.location.clone() })
+        Ok(PreferencePair { prompt, chosen, rejected, location: row.location.clone(), margin: row.margin })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_margin_column_is_read_or_named() {
+        assert_eq!(margin(&serde_json::json!({"margin": 0.5})), Ok(Some(0.5)));
+        assert_eq!(margin(&serde_json::json!({"margin": null})), Ok(None));
+        assert_eq!(margin(&serde_json::json!({})), Ok(None));
+        assert!(margin(&serde_json::json!({"margin": "big"})).unwrap_err().contains("field `margin` must be a number"));
+    }
 
     #[test]
     fn shapes_parse_and_bad_rows_are_named() {

@@ -91,11 +91,11 @@ pub fn check_bad_rows(
 }
 
 /// The train and eval splits of `config` (eval may be empty), each tokenized by `encode_split`.
-pub fn encode_splits<T>(
+pub fn encode_splits<T: Default>(
     config: &RunConfig,
-    encode_split: impl Fn(&[PathBuf], &str) -> Result<Vec<T>>,
-) -> Result<(Vec<T>, Vec<T>)> {
+    encode_split: impl Fn(&[PathBuf], &str) -> Result<T>,
+) -> Result<(T, T)> {
     let train = encode_split(&config.data.train, "train")?;
-    let eval = if config.data.eval.is_empty() { Vec::new() } else { encode_split(&config.data.eval, "eval")? };
+    let eval = if config.data.eval.is_empty() { T::default() } else { encode_split(&config.data.eval, "eval")? };
     Ok((train, eval))
 }

@@ -355,7 +355,7 @@ mod tests {
                 simpo_gamma: 0.3,
             };
             let objective = Objective::new(&section);
-            let mut split = Split::pairs(examples.clone(), rows, seq, "test").unwrap();
+            let mut split = Split::pairs((examples.clone(), Vec::new()), rows, seq, "test").unwrap();
             let cfg = Config::parse(TINY).unwrap();
             let mut pool = ActivationsPool::new(&cfg, seq, true, false);
             let mut reference = Model::random(&Cpu, cfg.clone(), 8);

@@ -164,8 +164,8 @@ impl KtoSplit {
         }
         Self {
             labels: completions.iter().map(|c| c.label).collect(),
-            matched: Split { examples, micro_batches, rows, reference: None },
-            kl: Split { examples: kl_examples, micro_batches: kl_batches, rows, reference: None },
+            matched: Split { examples, micro_batches, rows, reference: None, margins: Vec::new() },
+            kl: Split { examples: kl_examples, micro_batches: kl_batches, rows, reference: None, margins: Vec::new() },
         }
     }
 

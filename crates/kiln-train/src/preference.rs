@@ -25,22 +25,35 @@ pub struct Split {
     /// Rows a micro-batch is laid out in (at least).
     pub rows: usize,
     pub reference: Option<Vec<f64>>,
+    /// Per pair (examples `2k`, `2k + 1`): the row's `margin` column, where it has one.
+    pub margins: Vec<Option<f64>>,
 }
 
 impl Split {
     /// Preference pairs (examples `2k` and `2k + 1`), packed so that a pair shares its
     /// micro-batch.
-    pub fn pairs(examples: Vec<Example>, rows: usize, seq: usize, name: &str) -> Result<Self> {
+    pub fn pairs(
+        (examples, margins): (Vec<Example>, Vec<Option<f64>>),
+        rows: usize,
+        seq: usize,
+        name: &str,
+    ) -> Result<Self> {
         let micro_batches = pack_groups(&examples, 2, rows, seq).with_context(|| {
             format!("{name} data: a pair does not fit one micro-batch of {rows} rows of {seq} tokens; raise train.batch_tokens")
         })?;
-        Ok(Self { examples, micro_batches, rows, reference: None })
+        Ok(Self { examples, micro_batches, rows, reference: None, margins })
     }
 }
 
 /// The pairs of one split as examples: `2k` prompt + chosen, `2k + 1` prompt + rejected,
 /// trainable on the answers.
-fn encode_pairs(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64, split: &str) -> Result<Vec<Example>> {
+/// The pairs of `files` as examples (chosen `2k`, rejected `2k + 1`) and each pair's margin.
+fn encode_pairs(
+    files: &[PathBuf],
+    encoder: &Encoder,
+    max_bad_fraction: f64,
+    split: &str,
+) -> Result<(Vec<Example>, Vec<Option<f64>>)> {
     let (mut pairs, mut bad) = (Vec::new(), Vec::new());
     for f in files {
         for row in read_preference_rows(f)? {
@@ -52,7 +65,10 @@ fn encode_pairs(files: &[PathBuf], encoder: &Encoder, max_bad_fraction: f64, spl
     }
     check_bad_rows(split, files, pairs.len(), &bad, max_bad_fraction)?;
     let example = |p: &PreferencePair, answer: &[u32]| prompt_completion(&p.prompt, answer, &p.location);
-    Ok(pairs.iter().flat_map(|p| [example(p, &p.chosen), example(p, &p.rejected)]).collect())
+    Ok((
+        pairs.iter().flat_map(|p| [example(p, &p.chosen), example(p, &p.rejected)]).collect(),
+        pairs.iter().map(|p| p.margin).collect(),
+    ))
 }
 
 /// A prompt and its completion as one example, trainable on the completion.

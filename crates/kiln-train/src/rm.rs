@@ -4,6 +4,7 @@
 //!   r = w · h_last;   ℓ = −log σ(r_c − r_r − margin) + c·(r_c + r_r)²
 //!   ∂ℓ/∂r_c = −σ(−(r_c − r_r − margin)) + 2c(r_c + r_r),  ∂ℓ/∂r_r = σ(…) + 2c(r_c + r_r)
 //!
+//! with the pair's `margin` column where its row has one (as TRL reads it), else `[rm] margin`.
 //! The gradient enters the transformer at each sequence's last hidden state, ∂ℓ/∂h_last =
 //! ∂ℓ/∂r · w, and runs back through `Model::backward_hidden`. Checkpoints and exports are
 //! Hugging Face `...ForSequenceClassification` directories with `num_labels = 1`.
@@ -56,7 +57,8 @@ impl RmStats {
             format!("{prefix}accuracy"): self.accuracy,
             format!("{prefix}rewards/chosen"): self.reward_chosen,
             format!("{prefix}rewards/rejected"): self.reward_rejected,
-            format!("{prefix}rewards/margins"): self.reward_chosen - self.reward_rejected,
+            format!("{prefix}margin"): self.reward_chosen - self.reward_rejected,
+            format!("{prefix}mean_reward"): (self.reward_chosen + self.reward_rejected) / 2.0,
         })
     }
 }
@@ -67,13 +69,13 @@ impl Tally for RmStats {
     }
 }
 
-/// The Bradley-Terry loss of one pair and its derivatives in the two rewards.
-pub fn bradley_terry(rc: f64, rr: f64, rm: &RmSection) -> (f64, f64, f64) {
-    let z = rc - rr - rm.margin;
+/// The Bradley-Terry loss of one pair at `margin`, with centring coefficient `c`, and its
+/// derivatives in the two rewards.
+pub fn bradley_terry(rc: f64, rr: f64, margin: f64, c: f64) -> (f64, f64, f64) {
+    let z = rc - rr - margin;
     // −log σ(z), stable on both sides.
     let loss = if z >= 0.0 { (-z).exp().ln_1p() } else { -z + z.exp().ln_1p() };
     let s = 1.0 / (1.0 + z.exp()); // σ(−z)
-    let c = rm.center_rewards_coefficient;
     let center = c * (rc + rr).powi(2);
     let dc = 2.0 * c * (rc + rr);
     (loss + center, -s + dc, s + dc)
@@ -129,7 +131,9 @@ impl<B: Backend> Recipe<B> for Rm<B> {
         // Pairs in layout order, so that sums (and a resumed run) are deterministic.
         for (k, &(example, _, reward)) in scored.iter().enumerate().filter(|(_, s)| s.0 % 2 == 0) {
             let rejected = at[&(example + 1)];
-            let (loss, drc, drr) = bradley_terry(reward, scored[rejected].2, &self.rm);
+            let margin = self.train.margins[example / 2].unwrap_or(self.rm.margin);
+            let (loss, drc, drr) =
+                bradley_terry(reward, scored[rejected].2, margin, self.rm.center_rewards_coefficient);
             tally.add(loss, reward, scored[rejected].2);
             dscores[k] = (drc / pairs) as f32;
             dscores[rejected] = (drr / pairs) as f32;
@@ -173,7 +177,8 @@ impl<B: Backend> Recipe<B> for Rm<B> {
         let mut stats = RmStats::default();
         for k in 0..split.examples.len() / 2 {
             let (rc, rr) = (reward[2 * k], reward[2 * k + 1]);
-            stats.add(bradley_terry(rc, rr, &self.rm).0, rc, rr);
+            let margin = split.margins[k].unwrap_or(self.rm.margin);
+            stats.add(bradley_terry(rc, rr, margin, self.rm.center_rewards_coefficient).0, rc, rr);
         }
         Ok(Some(stats.mean()))
     }

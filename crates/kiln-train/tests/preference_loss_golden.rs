@@ -66,11 +66,10 @@ fn bradley_terry_matches_torch() {
         st.tensor(name).unwrap().data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect()
     };
     let p = get("bt.params");
-    let rm = kiln_train::config::RmSection { margin: p[0], center_rewards_coefficient: p[1] };
     let (rc, rr) = (get("bt.reward_chosen"), get("bt.reward_rejected"));
     let (loss, dc, dr) = (get("bt.loss"), get("bt.d_chosen"), get("bt.d_rejected"));
     for i in 0..rc.len() {
-        let (l, gc, gr) = kiln_train::rm::bradley_terry(rc[i], rr[i], &rm);
+        let (l, gc, gr) = kiln_train::rm::bradley_terry(rc[i], rr[i], p[0], p[1]);
         for (what, got, want) in [("loss", l, loss[i]), ("d/d chosen", gc, dc[i]), ("d/d rejected", gr, dr[i])] {
             assert!((got - want).abs() <= 1e-6 * (1.0 + want.abs()), "bt[{i}] {what}: kiln {got}, torch {want}");
         }

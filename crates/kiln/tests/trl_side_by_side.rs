@@ -1,6 +1,6 @@
-//! kiln against TRL itself: `kiln sft`, `kiln dpo` and `kiln kto` take the 5 steps TRL's
-//! SFTTrainer, DPOTrainer and KTOTrainer took on the same tiny model and data with the same
-//! settings (one full batch per step, AdamW, linear schedule with one warm-up step, clipping at
+//! kiln against TRL itself: `kiln sft`, `kiln dpo`, `kiln kto` and `kiln rm` take the 5 steps
+//! TRL's SFTTrainer, DPOTrainer, KTOTrainer and RewardTrainer (with a per-row `margin` column)
+//! took on the same tiny model and data with the same settings (one full batch per step, AdamW, linear schedule with one warm-up step, clipping at
 //! 1.0). Every step's loss must be TRL's within 1e-5 relative, its gradient norm within 1e-4,
 //! its learning rate and token count TRL's, and every other metric both log under one name
 //! (token accuracy, rewards, log-probs, KL) within 1e-4. Fixtures by
@@ -18,9 +18,9 @@ fn golden() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture().join("golden.json")).unwrap()).unwrap()
 }
 
-/// A run of `recipe` on the fixture with TRL's settings and `section` added; returns its
-/// per-step metrics records.
-fn run(recipe: &str, section: &str) -> Vec<Value> {
+/// A run of `recipe` from the fixture's `model` with TRL's settings and `section` added;
+/// returns its per-step metrics records.
+fn run(recipe: &str, model: &str, section: &str) -> Vec<Value> {
     let g = golden();
     let s = &g["settings"];
     let dir = std::env::temp_dir().join(format!("kiln-trl-{}-{recipe}", std::process::id()));
@@ -31,7 +31,7 @@ fn run(recipe: &str, section: &str) -> Vec<Value> {
          [train]\nlr = {lr}\nlr_schedule = {schedule}\nwarmup_steps = {warmup}\nsteps = {steps}\n\
          batch_tokens = 1024\ngrad_accum = 1\nweight_decay = 0.0\nmax_grad_norm = {clip}\nseed = 0\neval_every = 0\n\
          {section}\n[output]\ndir = \"out\"\nsave_every = 0\n",
-        model = fixture().join("model"),
+        model = fixture().join(model),
         data = fixture().join(format!("{recipe}.jsonl")),
         lr = s["lr"],
         schedule = s["lr_schedule"],
@@ -90,17 +90,22 @@ fn assert_matches_trl(recipe: &str, kiln: &[Value]) {
 
 #[test]
 fn sft_steps_match_trls_sft_trainer() {
-    assert_matches_trl("sft", &run("sft", ""));
+    assert_matches_trl("sft", &run("sft", "model", ""));
 }
 
 #[test]
 fn dpo_steps_match_trls_dpo_trainer() {
     let beta = golden()["settings"]["beta"].clone();
-    assert_matches_trl("dpo", &run("dpo", &format!("[dpo]\nloss = [\"sigmoid\"]\nbeta = {beta}\n")));
+    assert_matches_trl("dpo", &run("dpo", "model", &format!("[dpo]\nloss = [\"sigmoid\"]\nbeta = {beta}\n")));
 }
 
 #[test]
 fn kto_steps_match_trls_kto_trainer() {
     let beta = golden()["settings"]["beta"].clone();
-    assert_matches_trl("kto", &run("kto", &format!("[kto]\nloss_type = \"kto\"\nbeta = {beta}\n")));
+    assert_matches_trl("kto", &run("kto", "model", &format!("[kto]\nloss_type = \"kto\"\nbeta = {beta}\n")));
+}
+
+#[test]
+fn rm_steps_match_trls_reward_trainer() {
+    assert_matches_trl("rm", &run("rm", "reward_model", "[rm]\nmargin = 0.0\ncenter_rewards_coefficient = 0.0\n"));
 }

@@ -201,7 +201,7 @@ impl KtoSplit {
 }
 
 /// The unpaired rows of one split, tokenized; bad rows reported.
-fn encode_unpaired(
+pub fn encode_unpaired(
     files: &[PathBuf],
     encoder: &Encoder,
     max_bad_fraction: f64,

@@ -1,16 +1,24 @@
-//! `kiln data inspect run.toml`: what the run's data becomes before any compute is spent.
+//! `kiln data inspect run.toml`: what the run's data becomes before any compute is spent, read
+//! as the run's recipe reads it (SFT rows; preference pairs for `[dpo]`/`[rm]`; unpaired
+//! completions for `[kto]`; prompts for `[grpo]`/`[distill]`).
 
 use anyhow::Result;
-use kiln_data::example::Example;
+use kiln_data::example::{Encoder, Example};
+use kiln_data::prompts::read_prompts;
+use kiln_data::unpaired::LabeledCompletion;
+use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_train::data::{encode_split, encode_splits, encoder, load_tokenizer};
+use kiln_train::kto::encode_unpaired;
 use kiln_train::loader::DataOrder;
+use kiln_train::preference::{preference_splits, prompt_completion};
 use kiln_train::RunConfig;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
-    /// Token counts, lengths, packing efficiency and samples with the loss mask shown.
+    /// Token counts, lengths, packing efficiency and samples with the loss mask shown, for
+    /// the rows of any recipe.
     Inspect(InspectArgs),
 }
 
@@ -47,15 +55,15 @@ fn highlight(tok: &kiln_data::Tokenizer, e: &Example, color: bool) -> String {
     out
 }
 
-fn report(name: &str, examples: &[Example], config: &RunConfig) {
+/// Counts and a length histogram of `examples`.
+fn summary(name: &str, what: &str, examples: &[Example], max: usize) {
     let tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
     let trainable: usize = examples.iter().map(Example::trainable_targets).sum();
     println!(
-        "{name}: {} examples, {tokens} tokens, {trainable} trainable ({:.1}%)",
+        "{name}: {} {what}, {tokens} tokens, {trainable} trainable ({:.1}%)",
         examples.len(),
         100.0 * trainable as f64 / tokens.max(1) as f64
     );
-    let max = config.data.max_seq_len;
     let buckets = 8;
     let mut hist = vec![0usize; buckets];
     for e in examples {
@@ -67,6 +75,13 @@ fn report(name: &str, examples: &[Example], config: &RunConfig) {
         let (lo, hi) = (i * max / buckets + 1, (i + 1) * max / buckets);
         println!("  {lo:>6}-{hi:<6} {n:>7} {}", "#".repeat(n * 40 / peak));
     }
+}
+
+/// SFT examples: counts, lengths, and how they pack.
+fn report(name: &str, examples: &[Example], config: &RunConfig) {
+    let max = config.data.max_seq_len;
+    summary(name, "examples", examples, max);
+    let tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
     let order = DataOrder::new(examples, config.rows(), max, config.train.grad_accum, config.train.seed);
     let micro = order.steps_per_epoch() as usize * config.train.grad_accum;
     let rows = kiln_train::loader::pack(examples, 1, max, None).len();
@@ -78,24 +93,124 @@ fn report(name: &str, examples: &[Example], config: &RunConfig) {
     );
 }
 
+/// What a run's rows are, by the recipe section its configuration has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rows {
+    Sft,
+    Pairs,
+    Unpaired,
+    Prompts,
+}
+
+impl Rows {
+    fn of(config: &RunConfig) -> Self {
+        match config {
+            c if c.kto.is_some() => Self::Unpaired,
+            c if c.dpo.is_some() || c.rm.is_some() => Self::Pairs,
+            c if c.grpo.is_some() || c.distill.is_some() => Self::Prompts,
+            _ => Self::Sft,
+        }
+    }
+}
+
+fn inspect_sft(config: &RunConfig, encoder: &Encoder, tok: &Tokenizer, samples: usize, color: bool) -> Result<()> {
+    if let Some(t) = encoder.template {
+        println!("assistant turns of conversations carry the loss; they are found from {}", t.assistant_mask);
+    }
+    let bad = config.data.max_bad_fraction;
+    let (train, eval) = encode_splits(config, |files, split| encode_split(files, encoder, bad, split))?;
+    report("train", &train, config);
+    if !eval.is_empty() {
+        report("eval", &eval, config);
+    }
+    for e in train.iter().take(samples) {
+        println!("\n--- {} ({} tokens, {} trainable)", e.location, e.ids.len(), e.trainable_targets());
+        println!("{}", highlight(tok, e, color));
+    }
+    Ok(())
+}
+
+/// Preference pairs (`[dpo]`, `[rm]`): examples `2k` (chosen) and `2k + 1` (rejected).
+fn inspect_pairs(
+    config: &RunConfig,
+    tok: &Tokenizer,
+    template: Option<&ChatTemplate>,
+    samples: usize,
+    color: bool,
+) -> Result<()> {
+    let (train, eval) = preference_splits(config, tok, template)?;
+    let max = config.data.max_seq_len;
+    summary("train", "answers (chosen and rejected)", &train.examples, max);
+    if !eval.examples.is_empty() {
+        summary("eval", "answers (chosen and rejected)", &eval.examples, max);
+    }
+    for (k, pair) in train.examples.chunks(2).take(samples).enumerate() {
+        let margin = train.margins[k].map(|m| format!(", margin {m}")).unwrap_or_default();
+        println!(
+            "\n--- {} (chosen {} tokens, rejected {}{margin})",
+            pair[0].location,
+            pair[0].ids.len(),
+            pair[1].ids.len()
+        );
+        println!("chosen:   {}", highlight(tok, &pair[0], color));
+        println!("rejected: {}", highlight(tok, &pair[1], color));
+    }
+    Ok(())
+}
+
+/// Unpaired completions (`[kto]`), each labelled desirable or not.
+fn inspect_unpaired(config: &RunConfig, encoder: &Encoder, tok: &Tokenizer, samples: usize, color: bool) -> Result<()> {
+    let bad = config.data.max_bad_fraction;
+    let (train, eval) = encode_splits(config, |files, split| encode_unpaired(files, encoder, bad, split))?;
+    let example = |c: &LabeledCompletion| prompt_completion(&c.prompt, &c.completion, &c.location);
+    let max = config.data.max_seq_len;
+    for (name, split) in [("train", &train), ("eval", &eval)].into_iter().filter(|(_, s)| !s.is_empty()) {
+        let desirable = split.iter().filter(|c| c.label).count();
+        let what = format!("completions ({desirable} desirable, {} undesirable)", split.len() - desirable);
+        summary(name, &what, &split.iter().map(example).collect::<Vec<_>>(), max);
+    }
+    for c in train.iter().take(samples) {
+        let label = if c.label { "desirable" } else { "undesirable" };
+        println!("\n--- {} ({label}, {} tokens)", c.location, c.prompt.len() + c.completion.len());
+        println!("{}", highlight(tok, &example(c), color));
+    }
+    Ok(())
+}
+
+/// Prompts (`[grpo]`, `[distill]`) as the generator receives them.
+fn inspect_prompts(config: &RunConfig, tok: &Tokenizer, template: Option<&ChatTemplate>, samples: usize) -> Result<()> {
+    let train = read_prompts(&config.data.train, tok, template)?;
+    let tokens: Vec<usize> = train.iter().map(|p| p.ids.len()).collect();
+    println!(
+        "train: {} prompts, {} tokens, longest {}; {} with a reference answer",
+        train.len(),
+        tokens.iter().sum::<usize>(),
+        tokens.iter().max().copied().unwrap_or(0),
+        train.iter().filter(|p| p.answer.is_some()).count()
+    );
+    for p in train.iter().take(samples) {
+        println!("\n--- {} ({} tokens)", p.location, p.ids.len());
+        println!("{}", p.text);
+        if let Some(a) = &p.answer {
+            println!("answer: {a}");
+        }
+        if !p.columns.is_empty() {
+            println!("columns for rewards: {}", serde_json::Value::Object(p.columns.clone()));
+        }
+    }
+    Ok(())
+}
+
 pub fn run(cmd: &Command) -> Result<()> {
     let Command::Inspect(args) = cmd;
     let config = RunConfig::load_resolved(&args.config, &args.overrides).map_err(anyhow::Error::msg)?;
     let (tok, template) = load_tokenizer(&config.model.path)?;
     let encoder = encoder(&config, &tok, template.as_ref());
-    if let Some(t) = &template {
-        println!("assistant turns of conversations carry the loss; they are found from {}", t.assistant_mask);
-    }
-    let bad = config.data.max_bad_fraction;
-    let (train, eval) = encode_splits(&config, |files, split| encode_split(files, &encoder, bad, split))?;
-    report("train", &train, &config);
-    if !eval.is_empty() {
-        report("eval", &eval, &config);
-    }
     let color = std::io::stdout().is_terminal();
-    for e in train.iter().take(args.samples) {
-        println!("\n--- {} ({} tokens, {} trainable)", e.location, e.ids.len(), e.trainable_targets());
-        println!("{}", highlight(&tok, e, color));
+    match Rows::of(&config) {
+        Rows::Sft => inspect_sft(&config, &encoder, &tok, args.samples, color),
+        Rows::Pairs => inspect_pairs(&config, &tok, template.as_ref(), args.samples, color),
+        Rows::Unpaired => inspect_unpaired(&config, &encoder, &tok, args.samples, color),
+        Rows::Prompts => inspect_prompts(&config, &tok, template.as_ref(), args.samples),
     }
-    Ok(())
 }

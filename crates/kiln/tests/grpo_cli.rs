@@ -136,6 +136,15 @@ fn conversational_prompts_and_their_columns_reach_the_rewards() {
     let steps = step_metrics(&run);
     assert_eq!(steps.len(), 2);
     assert!(steps.iter().all(|v| v["rewards/judge/mean"] == 1.0), "every sample carries its column: {steps:?}");
+
+    // `kiln data inspect` shows the prompts as the generator gets them, with their columns.
+    let example = format!("{EXAMPLES}/grpo.toml");
+    let out = kiln(&["data", "inspect", &example, "--set", &train, "--set", "data.eval=[]", "--samples", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("train: 16 prompts") && text.contains("16 with a reference answer"), "{text}");
+    assert!(text.contains("What is 0 plus 1?<|im_end|>\n<|im_start|>assistant\n"), "{text}");
+    assert!(text.contains(r#"columns for rewards: {"answer":"1","solution":"s0"}"#), "{text}");
 }
 
 #[test]

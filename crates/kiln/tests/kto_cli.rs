@@ -87,6 +87,17 @@ fn kto_separates_desirable_from_undesirable_completions() {
 }
 
 #[test]
+fn data_inspect_reads_unpaired_completions() {
+    let run = make_run("inspect", &(0..12).map(row).collect::<Vec<_>>());
+    let out = kiln(&["data", "inspect", run.join("run.toml").to_str().unwrap(), "--samples", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("train: 12 completions (6 desirable, 6 undesirable)"), "{text}");
+    assert!(text.contains("(desirable, ") && text.contains("(undesirable, "), "{text}");
+    assert!(text.contains("0+0=[[0<|im_end|>]]"), "the text row's completion carries the loss: {text}");
+}
+
+#[test]
 fn a_row_without_a_label_is_named() {
     let mut rows: Vec<String> = (0..10).map(row).collect();
     rows[3] = r#"{"prompt": "1+1=", "completion": "2"}"#.into();

@@ -129,6 +129,21 @@ fn reference_free_losses_train_without_a_reference() {
 }
 
 #[test]
+fn data_inspect_reads_pairs_with_their_margins() {
+    let mut rows: Vec<String> = (0..10).map(pair).collect();
+    rows[0] = rows[0].replace(r#""rejected""#, r#""margin": 0.5, "rejected""#);
+    let run = make_run_with("inspect", &rows, "[rm]\n");
+    let out = kiln(&["data", "inspect", run.join("run.toml").to_str().unwrap(), "--samples", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("train: 20 answers (chosen and rejected)"), "{text}");
+    assert!(text.contains("eval: 80 answers"), "{text}");
+    assert!(text.contains("train.jsonl:1 (chosen") && text.contains(", margin 0.5)"), "{text}");
+    // Only the answers carry loss: the sum, and the evasion.
+    assert!(text.contains("assistant\n[[0<|im_end|>\n]]") && text.contains("[[no idea<|im_end|>\n]]"), "{text}");
+}
+
+#[test]
 fn bad_preference_rows_are_named() {
     let mut rows: Vec<String> = (0..20).map(pair).collect();
     rows[3] = r#"{"messages": [{"role": "user", "content": "hi"}], "chosen": "a"}"#.into();

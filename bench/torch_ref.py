@@ -3,9 +3,14 @@
 Same model (transformers' LlamaForCausalLM from a config.json, randomly initialised, f32,
 SDPA attention), same batch shape, same optimiser (torch.optim.AdamW, lr 1e-4, weight decay
 0.1), same thread count. Prints step time, tokens/s and peak resident memory.
+`--autocast bf16` runs forward and loss under `torch.autocast("cpu", dtype=torch.bfloat16)`
+with f32 weights and optimizer (PyTorch's mixed precision, what a PyTorch user turns on).
 
     python bench/torch_ref.py --config bench/reference_config.json --batch 4 --seq 256 --threads 2
+    python bench/torch_ref.py --autocast bf16
 """
+
+import contextlib
 
 import argparse
 import resource
@@ -24,6 +29,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--autocast", choices=["off", "bf16"], default="off")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -34,11 +40,17 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq))
 
+    def autocast():
+        if args.autocast == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast():
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         dt = time.perf_counter() - t0
@@ -48,7 +60,7 @@ def main() -> None:
     median = statistics.median(times)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for p in model.parameters())
-    print(f"torch_ref: {params} params, batch {args.batch}x{args.seq}, {args.threads} threads, torch {torch.__version__}")
+    print(f"torch_ref: {params} params, batch {args.batch}x{args.seq}, {args.threads} threads, autocast {args.autocast}, torch {torch.__version__}")
     print(f"  step      median {median * 1e3:.1f} ms, mean {statistics.mean(times) * 1e3:.1f} ms, min {min(times) * 1e3:.1f} ms ({len(times)} steps)")
     print(f"  speed     {args.batch * args.seq / median:.0f} tokens/s (median)")
     print(f"  loss      {losses[0]:.4f} -> {losses[-1]:.4f}")

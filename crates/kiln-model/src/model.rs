@@ -366,9 +366,10 @@ impl<B: Backend> Model<B> {
     }
 
     /// Tokens of the last forward (`nll` or a training forward over next-token targets) whose
-    /// target has the largest logit.
+    /// target has the largest logit, summed on the backend (each entry is 0 or 1, so the sum
+    /// of squares is the count).
     pub fn correct_tokens(&self, b: &B, acts: &Activations<B>) -> usize {
-        b.read(&acts.correct).iter().filter(|&&c| c > 0.0).count()
+        b.sum_squares(&acts.correct).round() as usize
     }
 
     /// Forward and backward of `loss = Σ weight·nll` over `batch` (plus, for MoE models with

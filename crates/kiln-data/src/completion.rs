@@ -27,9 +27,7 @@ impl Encoder<'_> {
                     Answer::Text(a) => vec![Message { role: "assistant".into(), content: a.clone() }],
                     Answer::Chat(m) => m.clone(),
                 };
-                let template =
-                    self.template.ok_or("a conversational row needs the model's chat_template, and it has none")?;
-                self.tokens(&template.render(&[p.clone(), answer].concat(), false)?, false)
+                self.tokens(&self.chat_template()?.render(&[p.clone(), answer].concat(), false)?, false)
             }
             (Prompt::Text(_), Answer::Chat(_)) => {
                 Err("answers given as messages need the prompt as messages too (`messages` or a list in `prompt`)"
@@ -46,11 +44,7 @@ impl Encoder<'_> {
     ) -> Result<(Vec<u32>, Vec<Vec<u32>>), String> {
         let prompt_ids = match prompt {
             Prompt::Text(p) => self.tokens(p, true)?,
-            Prompt::Chat(p) => {
-                let template =
-                    self.template.ok_or("a conversational row needs the model's chat_template, and it has none")?;
-                self.tokens(&template.render(p, true)?, false)?
-            }
+            Prompt::Chat(p) => self.tokens(&self.chat_template()?.render(p, true)?, false)?,
         };
         let whole: Vec<Vec<u32>> =
             answers.iter().map(|a| self.prompt_and_answer_ids(prompt, a)).collect::<Result<_, _>>()?;

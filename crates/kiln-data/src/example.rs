@@ -56,6 +56,11 @@ impl Encoder<'_> {
         self.tokenizer.encode(text, special).map_err(|e| format!("tokenizer failed: {e}"))
     }
 
+    /// The model's chat template, which a conversational row needs.
+    pub(crate) fn chat_template(&self) -> Result<&ChatTemplate, String> {
+        self.template.ok_or_else(|| "a conversational row needs the model's chat_template, and it has none".into())
+    }
+
     /// `ids` ending with the end-of-sequence token: appended only when missing, as TRL does.
     pub(crate) fn with_eos(&self, mut ids: Vec<u32>) -> Vec<u32> {
         ids.extend(self.tokenizer.eos_id.filter(|&e| ids.last() != Some(&e)));
@@ -65,8 +70,7 @@ impl Encoder<'_> {
     fn encode_kind(&self, kind: &RowKind) -> Result<(Vec<u32>, Vec<bool>), String> {
         Ok(match kind {
             RowKind::Chat(messages) => {
-                let template = self.template.ok_or("a chat row needs the model's chat_template, and it has none")?;
-                let (text, spans) = template.render_with_assistant_spans(messages)?;
+                let (text, spans) = self.chat_template()?.render_with_assistant_spans(messages)?;
                 let (ids, offsets) =
                     self.tokenizer.encode_with_offsets(&text).map_err(|e| format!("tokenizer failed: {e}"))?;
                 let trainable = offsets.iter().map(|&(start, _)| spans.iter().any(|s| s.contains(&start))).collect();

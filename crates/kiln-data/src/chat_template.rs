@@ -38,7 +38,7 @@ impl std::fmt::Display for AssistantMask {
 
 pub struct ChatTemplate {
     env: Environment<'static>,
-    pub assistant_mask: AssistantMask,
+    assistant_mask: AssistantMask,
     bos_token: String,
     eos_token: String,
 }
@@ -173,6 +173,11 @@ impl ChatTemplate {
                 ErrorKind::InvalidOperation => format!("chat template refused the row: {}", e.detail().unwrap_or("")),
                 _ => format!("chat template failed: {e}"),
             })
+    }
+
+    /// Where this template's assistant spans come from.
+    pub fn assistant_mask(&self) -> AssistantMask {
+        self.assistant_mask
     }
 
     /// The conversation as text, as `apply_chat_template(tokenize=False)` gives it.

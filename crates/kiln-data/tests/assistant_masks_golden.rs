@@ -46,7 +46,7 @@ fn loss_masks_equal_trls() {
         tok.eos_id = Some(tok.token_to_id(&c.eos_token).unwrap());
         tok.eos_token = Some(c.eos_token.clone());
         let template = ChatTemplate::new(&c.template, c.bos_token.clone(), Some(c.eos_token.clone())).unwrap();
-        if let AssistantMask::TrlTrainingTemplate(family) = template.assistant_mask {
+        if let AssistantMask::TrlTrainingTemplate(family) = template.assistant_mask() {
             families_through_trl_variants.insert(family);
         }
         let encoder =

@@ -45,9 +45,8 @@ impl Split {
     }
 }
 
-/// The pairs of one split as examples: `2k` prompt + chosen, `2k + 1` prompt + rejected,
-/// trainable on the answers.
-/// The pairs of `files` as examples (chosen `2k`, rejected `2k + 1`) and each pair's margin.
+/// The pairs of one split as examples, `2k` prompt + chosen and `2k + 1` prompt + rejected,
+/// trainable on the answers, and each pair's margin.
 fn encode_pairs(
     files: &[PathBuf],
     encoder: &Encoder,

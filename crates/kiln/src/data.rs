@@ -55,8 +55,8 @@ fn highlight(tok: &kiln_data::Tokenizer, e: &Example, color: bool) -> String {
     out
 }
 
-/// Counts and a length histogram of `examples`.
-fn summary(name: &str, what: &str, examples: &[Example], max: usize) {
+/// Counts and a length histogram of `examples`; returns their tokens.
+fn summary(name: &str, what: &str, examples: &[Example], max: usize) -> usize {
     let tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
     let trainable: usize = examples.iter().map(Example::trainable_targets).sum();
     println!(
@@ -75,13 +75,13 @@ fn summary(name: &str, what: &str, examples: &[Example], max: usize) {
         let (lo, hi) = (i * max / buckets + 1, (i + 1) * max / buckets);
         println!("  {lo:>6}-{hi:<6} {n:>7} {}", "#".repeat(n * 40 / peak));
     }
+    tokens
 }
 
 /// SFT examples: counts, lengths, and how they pack.
 fn report(name: &str, examples: &[Example], config: &RunConfig) {
     let max = config.data.max_seq_len;
-    summary(name, "examples", examples, max);
-    let tokens: usize = examples.iter().map(|e| e.ids.len()).sum();
+    let tokens = summary(name, "examples", examples, max);
     let order = DataOrder::new(examples, config.rows(), max, config.train.grad_accum, config.train.seed);
     let micro = order.steps_per_epoch() as usize * config.train.grad_accum;
     let rows = kiln_train::loader::pack(examples, 1, max, None).len();
@@ -104,18 +104,21 @@ enum Rows {
 
 impl Rows {
     fn of(config: &RunConfig) -> Self {
-        match config {
-            c if c.kto.is_some() => Self::Unpaired,
-            c if c.dpo.is_some() || c.rm.is_some() => Self::Pairs,
-            c if c.grpo.is_some() || c.distill.is_some() => Self::Prompts,
-            _ => Self::Sft,
+        if config.kto.is_some() {
+            Self::Unpaired
+        } else if config.dpo.is_some() || config.rm.is_some() {
+            Self::Pairs
+        } else if config.grpo.is_some() || config.distill.is_some() {
+            Self::Prompts
+        } else {
+            Self::Sft
         }
     }
 }
 
 fn inspect_sft(config: &RunConfig, encoder: &Encoder, tok: &Tokenizer, samples: usize, color: bool) -> Result<()> {
     if let Some(t) = encoder.template {
-        println!("assistant turns of conversations carry the loss; they are found from {}", t.assistant_mask);
+        println!("assistant turns of conversations carry the loss; they are found from {}", t.assistant_mask());
     }
     let bad = config.data.max_bad_fraction;
     let (train, eval) = encode_splits(config, |files, split| encode_split(files, encoder, bad, split))?;

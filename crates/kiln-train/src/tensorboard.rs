@@ -157,7 +157,7 @@ impl EventWriter {
         let step = fields.get("step").and_then(Value::as_u64).unwrap_or(0);
         let wall_time = now();
         for (k, v) in fields {
-            if let (true, Some(x)) = (k != "step", v.as_f64().filter(|_| v.is_number())) {
+            if let (true, Some(x)) = (k != "step", v.as_f64()) {
                 let kind = EventKind::Scalars(vec![(tag(k), x as f32)]);
                 self.write(&Event { wall_time, step, kind })?;
             }

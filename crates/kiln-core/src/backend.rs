@@ -12,6 +12,21 @@
 
 use std::ops::{DerefMut, Range};
 
+/// The precision of a matrix product's inputs. Sums are f32 in both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 inputs.
+    #[default]
+    F32,
+    /// Inputs rounded to bfloat16 (to nearest, ties to even), products exact, f32 sums and
+    /// result: the matrix products of mixed precision (PyTorch autocast, Megatron). Each
+    /// element of C may differ from the sum of the rounded inputs' products (and C's old
+    /// value, when accumulating) only by f32 summation error: `|error| ≤ γ_k Σ |terms|`,
+    /// `γ_k = k·u / (1 − k·u)` with u = 2⁻²⁴ for sums rounded to nearest (2⁻²³ for accumulators
+    /// that truncate, as some tensor cores do; the conformance suite allows those).
+    Bf16,
+}
+
 /// `C (+)= op(A) · op(B)`, repeated `batch` times over contiguous matrices.
 ///
 /// `op(A)` is `[m, k]`: A is stored `[m, k]`, or `[k, m]` when `trans_a`.
@@ -27,20 +42,52 @@ pub struct Matmul {
     pub batch: usize,
     /// Add into C instead of overwriting it.
     pub accumulate: bool,
+    pub precision: Precision,
 }
 
 impl Matmul {
     /// `Y[rows, out] = X[rows, in] · W[out, in]ᵀ`: a linear layer with a PyTorch-layout weight.
     pub fn linear(rows: usize, d_in: usize, d_out: usize) -> Self {
-        Self { m: rows, n: d_out, k: d_in, trans_a: false, trans_b: true, batch: 1, accumulate: false }
+        Self {
+            m: rows,
+            n: d_out,
+            k: d_in,
+            trans_a: false,
+            trans_b: true,
+            batch: 1,
+            accumulate: false,
+            precision: Precision::F32,
+        }
     }
     /// `dX[rows, in] (+)= dY[rows, out] · W[out, in]`.
     pub fn linear_dx(rows: usize, d_in: usize, d_out: usize, accumulate: bool) -> Self {
-        Self { m: rows, n: d_in, k: d_out, trans_a: false, trans_b: false, batch: 1, accumulate }
+        Self {
+            m: rows,
+            n: d_in,
+            k: d_out,
+            trans_a: false,
+            trans_b: false,
+            batch: 1,
+            accumulate,
+            precision: Precision::F32,
+        }
     }
     /// `dW[out, in] += dY[rows, out]ᵀ · X[rows, in]`.
     pub fn linear_dw(rows: usize, d_in: usize, d_out: usize) -> Self {
-        Self { m: d_out, n: d_in, k: rows, trans_a: true, trans_b: false, batch: 1, accumulate: true }
+        Self {
+            m: d_out,
+            n: d_in,
+            k: rows,
+            trans_a: true,
+            trans_b: false,
+            batch: 1,
+            accumulate: true,
+            precision: Precision::F32,
+        }
+    }
+    /// The same product with inputs in `precision`.
+    pub fn in_precision(self, precision: Precision) -> Self {
+        Self { precision, ..self }
     }
 }
 
@@ -54,6 +101,7 @@ pub struct GroupedMatmul {
     pub k: usize,
     pub trans_b: bool,
     pub accumulate: bool,
+    pub precision: Precision,
 }
 
 /// Layout of a tensor of attention heads: `[tokens, heads, head_dim]`.

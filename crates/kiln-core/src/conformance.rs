@@ -9,8 +9,9 @@
 //! ```
 
 use crate::backend::{
-    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Rope, Routing,
+    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Precision, Rope, Routing,
 };
+use crate::bf16;
 use crate::rng::Rng;
 
 /// Generates one `#[test]` per check for the backend expression given.
@@ -85,35 +86,63 @@ fn to_f64(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
 }
 
+/// A matrix product's input as the product sees it in `precision`.
+fn input(x: f32, precision: Precision) -> f64 {
+    match precision {
+        Precision::F32 => x as f64,
+        Precision::Bf16 => bf16::widen(bf16::round(x)) as f64,
+    }
+}
+
+/// A product's reference sums (`want`, in f64 from the inputs in the product's precision) and
+/// the magnitudes `Σ |terms|` of each; `got` must be within 1e-4 (absolute and relative) in
+/// f32, and within the f32 summation bound `γ_k Σ |terms|` (see [`Precision::Bf16`]) in bf16,
+/// where nothing else may err.
+fn assert_product(what: &str, got: &[f32], want: &[f64], magnitude: &[f64], terms: usize, precision: Precision) {
+    if precision == Precision::F32 {
+        return assert_close(what, got, want, 1e-4, 1e-4);
+    }
+    // Sums that round to nearest err by 2⁻²⁴ per addition, truncating ones by 2⁻²³.
+    let u = 2f64.powi(-23);
+    let gamma = terms as f64 * u / (1.0 - terms as f64 * u);
+    for (i, ((&g, &w), &m)) in got.iter().zip(want).zip(magnitude).enumerate() {
+        let err = (g as f64 - w).abs();
+        assert!(err <= gamma * m, "{what}[{i}]: got {g}, reference {w} (error {err:.3e}, bound {:.3e})", gamma * m);
+    }
+}
+
 pub fn matmul<B: Backend>(b: &B) {
     let mut rng = Rng::new(1);
-    for &(m, n, k, batch) in &[(7, 5, 3, 1), (33, 70, 65, 1), (130, 96, 80, 1), (9, 11, 13, 3)] {
-        for trans_a in [false, true] {
-            for trans_b in [false, true] {
-                for accumulate in [false, true] {
-                    let spec = Matmul { m, n, k, trans_a, trans_b, batch, accumulate };
-                    let a = rng.normal_vec(batch * m * k, 1.0);
-                    let bm = rng.normal_vec(batch * k * n, 1.0);
-                    let c0 = rng.normal_vec(batch * m * n, 1.0);
-                    let mut want = vec![0.0f64; batch * m * n];
-                    for p in 0..batch {
-                        for i in 0..m {
-                            for j in 0..n {
-                                let mut s = if accumulate { c0[p * m * n + i * n + j] as f64 } else { 0.0 };
-                                for l in 0..k {
-                                    let av = if trans_a { a[p * m * k + l * m + i] } else { a[p * m * k + i * k + l] };
-                                    let bv =
-                                        if trans_b { bm[p * k * n + j * k + l] } else { bm[p * k * n + l * n + j] };
-                                    s += av as f64 * bv as f64;
-                                }
-                                want[p * m * n + i * n + j] = s;
+    let shapes = [(7, 5, 3, 1), (33, 70, 65, 1), (130, 96, 80, 1), (9, 11, 13, 3), (40, 100, 515, 1)];
+    for precision in [Precision::F32, Precision::Bf16] {
+        for &(m, n, k, batch) in &shapes {
+            for (trans_a, trans_b, accumulate) in (0..8).map(|bits| (bits & 1 == 1, bits & 2 == 2, bits & 4 == 4)) {
+                let spec = Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision };
+                let a = rng.normal_vec(batch * m * k, 1.0);
+                let bm = rng.normal_vec(batch * k * n, 1.0);
+                let c0 = rng.normal_vec(batch * m * n, 1.0);
+                let (mut want, mut magnitude) = (vec![0.0f64; batch * m * n], vec![0.0f64; batch * m * n]);
+                for p in 0..batch {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut s = if accumulate { c0[p * m * n + i * n + j] as f64 } else { 0.0 };
+                            let mut size = s.abs();
+                            for l in 0..k {
+                                let av = if trans_a { a[p * m * k + l * m + i] } else { a[p * m * k + i * k + l] };
+                                let bv = if trans_b { bm[p * k * n + j * k + l] } else { bm[p * k * n + l * n + j] };
+                                let term = input(av, precision) * input(bv, precision);
+                                s += term;
+                                size += term.abs();
                             }
+                            want[p * m * n + i * n + j] = s;
+                            magnitude[p * m * n + i * n + j] = size;
                         }
                     }
-                    let mut c = b.upload(&c0);
-                    b.matmul(&mut c, &b.upload(&a), &b.upload(&bm), spec);
-                    assert_close(&format!("matmul {spec:?}"), &b.read(&c), &want, 1e-4, 1e-4);
                 }
+                let mut c = b.upload(&c0);
+                b.matmul(&mut c, &b.upload(&a), &b.upload(&bm), spec);
+                let terms = k + accumulate as usize;
+                assert_product(&format!("matmul {spec:?}"), &b.read(&c), &want, &magnitude, terms, precision);
             }
         }
     }
@@ -122,57 +151,61 @@ pub fn matmul<B: Backend>(b: &B) {
 pub fn grouped_matmul<B: Backend>(b: &B) {
     let mut rng = Rng::new(13);
     // Many groups (run side by side), few groups (one after another), empty groups.
-    for rows in [vec![3, 0, 5, 1, 7, 0, 2, 4, 6], vec![40, 0, 33]] {
-        let total: usize = rows.iter().sum();
-        let (n, k) = (6, 5);
-        for trans_b in [false, true] {
-            for accumulate in [false, true] {
-                let spec = GroupedMatmul { n, k, trans_b, accumulate };
-                let a = rng.normal_vec(total * k, 1.0);
-                let bm = rng.normal_vec(rows.len() * n * k, 1.0);
-                let c0 = rng.normal_vec(total * n, 1.0);
-                let bv = |g: usize, l: usize, j: usize| {
-                    (if trans_b { bm[g * n * k + j * k + l] } else { bm[g * n * k + l * n + j] }) as f64
-                };
-                let mut want = vec![0.0f64; total * n];
-                let mut first = 0;
-                for (g, &m) in rows.iter().enumerate() {
-                    for i in first..first + m {
-                        for j in 0..n {
-                            let acc = if accumulate { c0[i * n + j] as f64 } else { 0.0 };
-                            want[i * n + j] = acc + (0..k).map(|l| a[i * k + l] as f64 * bv(g, l, j)).sum::<f64>();
+    for precision in [Precision::F32, Precision::Bf16] {
+        for rows in [vec![3, 0, 5, 1, 7, 0, 2, 4, 6], vec![40, 0, 33]] {
+            let total: usize = rows.iter().sum();
+            let (n, k) = (6, 5);
+            for trans_b in [false, true] {
+                for accumulate in [false, true] {
+                    let spec = GroupedMatmul { n, k, trans_b, accumulate, precision };
+                    let a = rng.normal_vec(total * k, 1.0);
+                    let bm = rng.normal_vec(rows.len() * n * k, 1.0);
+                    let c0 = rng.normal_vec(total * n, 1.0);
+                    let at = |i: usize, l: usize| input(a[i * k + l], precision);
+                    let bv = |g: usize, l: usize, j: usize| {
+                        input(if trans_b { bm[g * n * k + j * k + l] } else { bm[g * n * k + l * n + j] }, precision)
+                    };
+                    let old = |x: f32| if accumulate { x as f64 } else { 0.0 };
+                    let (mut want, mut magnitude) = (vec![0.0f64; total * n], vec![0.0f64; total * n]);
+                    let mut first = 0;
+                    for (g, &m) in rows.iter().enumerate() {
+                        for i in first..first + m {
+                            for j in 0..n {
+                                let terms = (0..k).map(|l| at(i, l) * bv(g, l, j));
+                                want[i * n + j] = old(c0[i * n + j]) + terms.clone().sum::<f64>();
+                                magnitude[i * n + j] = old(c0[i * n + j]).abs() + terms.map(f64::abs).sum::<f64>();
+                            }
                         }
+                        first += m;
                     }
-                    first += m;
-                }
-                let mut c = b.upload(&c0);
-                b.grouped_matmul(&mut c, &b.upload(&a), &b.upload(&bm), &rows, spec);
-                assert_close(&format!("grouped_matmul {spec:?} rows {rows:?}"), &b.read(&c), &want, 1e-4, 1e-4);
+                    let mut c = b.upload(&c0);
+                    b.grouped_matmul(&mut c, &b.upload(&a), &b.upload(&bm), &rows, spec);
+                    let what = format!("grouped_matmul {spec:?} rows {rows:?}");
+                    assert_product(&what, &b.read(&c), &want, &magnitude, k + accumulate as usize, precision);
 
-                // Weight gradient: dB_g += A_gᵀ·dC_g in B's layout.
-                let dc = rng.normal_vec(total * n, 1.0);
-                let db0 = rng.normal_vec(rows.len() * n * k, 1.0);
-                let mut want = to_f64(&db0);
-                let mut first = 0;
-                for (g, &m) in rows.iter().enumerate() {
-                    for l in 0..k {
-                        for j in 0..n {
-                            let v: f64 = (first..first + m).map(|i| a[i * k + l] as f64 * dc[i * n + j] as f64).sum();
-                            let at = if trans_b { g * n * k + j * k + l } else { g * n * k + l * n + j };
-                            want[at] += v;
+                    // Weight gradient: dB_g += A_gᵀ·dC_g in B's layout.
+                    let dc = rng.normal_vec(total * n, 1.0);
+                    let db0 = rng.normal_vec(rows.len() * n * k, 1.0);
+                    let (mut want, mut magnitude) =
+                        (to_f64(&db0), db0.iter().map(|x| x.abs() as f64).collect::<Vec<_>>());
+                    let mut first = 0;
+                    for (g, &m) in rows.iter().enumerate() {
+                        for l in 0..k {
+                            for j in 0..n {
+                                let terms = (first..first + m).map(|i| at(i, l) * input(dc[i * n + j], precision));
+                                let to = if trans_b { g * n * k + j * k + l } else { g * n * k + l * n + j };
+                                want[to] += terms.clone().sum::<f64>();
+                                magnitude[to] += terms.map(f64::abs).sum::<f64>();
+                            }
                         }
+                        first += m;
                     }
-                    first += m;
+                    let mut db = b.upload(&db0);
+                    b.grouped_matmul_weight_grad(&mut db, &b.upload(&dc), &b.upload(&a), &rows, spec);
+                    let what = format!("grouped_matmul_weight_grad {spec:?} rows {rows:?}");
+                    let most_rows = rows.iter().max().unwrap() + 1;
+                    assert_product(&what, &b.read(&db), &want, &magnitude, most_rows, precision);
                 }
-                let mut db = b.upload(&db0);
-                b.grouped_matmul_weight_grad(&mut db, &b.upload(&dc), &b.upload(&a), &rows, spec);
-                assert_close(
-                    &format!("grouped_matmul_weight_grad {spec:?} rows {rows:?}"),
-                    &b.read(&db),
-                    &want,
-                    1e-4,
-                    1e-4,
-                );
             }
         }
     }

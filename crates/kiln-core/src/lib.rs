@@ -5,11 +5,12 @@
 //! loops and finite differences, so a new accelerator proves itself with the same suite.
 
 pub mod backend;
+pub mod bf16;
 pub mod conformance;
 pub mod cpu;
 pub mod rng;
 
 pub use backend::{
-    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Rope, Routing,
+    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Precision, Rope, Routing,
 };
 pub use cpu::Cpu;

@@ -1,5 +1,6 @@
 //! `kiln bench train`: time forward + backward + AdamW steps on one batch shape; `kiln bench
-//! moe`: the MoE layer against a dense MLP; `kiln bench generate` lives in `bench_generate`.
+//! moe`: the MoE layer against a dense MLP; `kiln bench generate` and `kiln bench gemm` live in
+//! `bench_generate` and `bench_gemm`.
 
 use anyhow::Result;
 use kiln_core::{rng::Rng, AdamW, Cpu};
@@ -19,6 +20,8 @@ pub enum Command {
     Moe(MoeArgs),
     /// Time batched generation with the KV-cache generator (new tokens per second).
     Generate(crate::bench_generate::GenerateArgs),
+    /// Time the matrix products of a training step in f32 and with bf16 inputs.
+    Gemm(crate::bench_gemm::GemmArgs),
 }
 
 #[derive(clap::Args)]
@@ -88,11 +91,12 @@ pub fn run(cmd: &Command, world: Arc<dyn Comm>) -> Result<()> {
         Command::Train(args) => train(args, world),
         Command::Moe(args) => moe(args),
         Command::Generate(args) => crate::bench_generate::run(args),
+        Command::Gemm(args) => crate::bench_gemm::run(args),
     }
 }
 
 /// Median seconds of `steps` calls of `f` after two warm-up calls.
-fn median_time(steps: usize, mut f: impl FnMut()) -> f64 {
+pub(crate) fn median_time(steps: usize, mut f: impl FnMut()) -> f64 {
     f();
     f();
     let mut times: Vec<f64> = (0..steps.max(1))

@@ -1,6 +1,7 @@
 //! `kiln`: full-parameter post-training of large language models.
 
 mod bench;
+mod bench_gemm;
 mod bench_generate;
 mod data;
 mod demo;

@@ -1,7 +1,9 @@
-//! Matrix products through the `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels).
+//! Matrix products: f32 through the `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels),
+//! bf16 inputs through kiln's own kernels (`matmul_bf16`).
 
+use super::matmul_bf16::gemm_bf16_strided;
 use super::Shared;
-use crate::backend::{GroupedMatmul, Matmul};
+use crate::backend::{GroupedMatmul, Matmul, Precision};
 use gemm::Parallelism;
 
 /// Products smaller than this many multiply-adds run on one thread: splitting them costs
@@ -40,6 +42,17 @@ pub(crate) unsafe fn gemm_strided(
     );
 }
 
+/// A strided product `(m, n, k, C, accumulate, A, B, parallel)`, as [`gemm_strided`].
+type Gemm = unsafe fn(usize, usize, usize, Strided<*mut f32>, bool, Strided<*const f32>, Strided<*const f32>, bool);
+
+/// The product for inputs in `precision`.
+fn gemm_for(precision: Precision) -> Gemm {
+    match precision {
+        Precision::F32 => gemm_strided,
+        Precision::Bf16 => gemm_bf16_strided,
+    }
+}
+
 pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
     let (m, n, k) = (s.m, s.n, s.k);
     assert!(a.len() >= s.batch * m * k, "matmul: A has {} elements, needs {}", a.len(), s.batch * m * k);
@@ -47,8 +60,9 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
     assert!(c.len() >= s.batch * m * n, "matmul: C has {} elements, needs {}", c.len(), s.batch * m * n);
     let (a_rs, a_cs) = if s.trans_a { (1, m as isize) } else { (k as isize, 1) };
     let (b_rs, b_cs) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
+    let gemm = gemm_for(s.precision);
     let run = |c: &mut [f32], a: &[f32], b: &[f32], parallel: bool| unsafe {
-        gemm_strided(
+        gemm(
             m,
             n,
             k,
@@ -102,9 +116,9 @@ pub fn grouped(c: &mut [f32], a: &[f32], b: &[f32], rows: &[usize], s: GroupedMa
     assert!(a.len() == total * k && c.len() == total * n, "grouped_matmul: A or C does not hold {total} rows");
     assert_eq!(b.len(), rows.len() * n * k, "grouped_matmul: B must hold one [n, k] matrix per group");
     let (b_rs, b_cs) = if s.trans_b { (1, k as isize) } else { (n as isize, 1) };
-    let cp = Shared(c.as_mut_ptr());
+    let (cp, gemm) = (Shared(c.as_mut_ptr()), gemm_for(s.precision));
     for_each_group(rows, |g, first, parallel| unsafe {
-        gemm_strided(
+        gemm(
             rows[g],
             n,
             k,
@@ -125,12 +139,12 @@ pub fn grouped_weight_grad(db: &mut [f32], dc: &[f32], a: &[f32], rows: &[usize]
         "grouped_matmul_weight_grad: A or dC does not hold {total} rows"
     );
     assert_eq!(db.len(), rows.len() * n * k, "grouped_matmul_weight_grad: dB must hold one matrix per group");
-    let dbp = Shared(db.as_mut_ptr());
+    let (dbp, gemm) = (Shared(db.as_mut_ptr()), gemm_for(s.precision));
     // dC_gᵀ[n, m] · A_g[m, k] is dB_g in the `[n, k]` layout; written with swapped
     // strides it lands transposed, in the `[k, n]` layout.
     let (dst_rs, dst_cs) = if s.trans_b { (k as isize, 1) } else { (1, n as isize) };
     for_each_group(rows, |g, first, parallel| unsafe {
-        gemm_strided(
+        gemm(
             n,
             k,
             rows[g],

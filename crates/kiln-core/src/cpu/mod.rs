@@ -10,6 +10,7 @@ mod elementwise;
 mod embedding;
 mod fast_exp;
 mod matmul;
+mod matmul_bf16;
 mod moe_dispatch;
 mod moe_route;
 mod reverse_kl;

@@ -15,7 +15,7 @@
 use super::expert_parallel::{Exchange, ExpertParallel};
 use super::moe_aux_loss::{seq_aux_loss, SeqAux};
 pub use crate::weights::MoeWeights;
-use kiln_core::{Backend, GroupedMatmul, Matmul, Routing};
+use kiln_core::{Backend, GroupedMatmul, Matmul, Precision, Routing};
 
 /// Sizes of a MoE layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -129,7 +129,13 @@ fn experts_linear<B: Backend>(
     d_in: usize,
     d_out: usize,
 ) {
-    b.grouped_matmul(y, x, w, rows, GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: false });
+    b.grouped_matmul(
+        y,
+        x,
+        w,
+        rows,
+        GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: false, precision: Precision::F32 },
+    );
 }
 
 /// Backward of `experts_linear`: `dW_e += dYᵀ·X`, and `dX (+)= dY·W_e`.
@@ -145,8 +151,20 @@ fn experts_linear_backward<B: Backend>(
     rows: &[usize],
     (d_in, d_out): (usize, usize),
 ) {
-    b.grouped_matmul_weight_grad(dw, dy, x, rows, GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: true });
-    b.grouped_matmul(dx, dy, w, rows, GroupedMatmul { n: d_in, k: d_out, trans_b: false, accumulate });
+    b.grouped_matmul_weight_grad(
+        dw,
+        dy,
+        x,
+        rows,
+        GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: true, precision: Precision::F32 },
+    );
+    b.grouped_matmul(
+        dx,
+        dy,
+        w,
+        rows,
+        GroupedMatmul { n: d_in, k: d_out, trans_b: false, accumulate, precision: Precision::F32 },
+    );
 }
 
 /// The routed experts over their rows `xs` (`rows[e]` per expert, in order):

@@ -220,6 +220,11 @@ pub trait Backend: Send + Sync {
     type Index: Send + Sync;
 
     fn name(&self) -> &'static str;
+    /// Whether bf16 matrix products run on hardware made for them (faster than f32), not
+    /// emulated.
+    fn native_bf16(&self) -> bool {
+        false
+    }
 
     // ---- memory -------------------------------------------------------------------------
     fn zeros(&self, len: usize) -> Self::Buf;

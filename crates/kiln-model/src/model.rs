@@ -20,7 +20,7 @@ use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
 use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, MoeWeights, TensorSpec, Weights};
-use kiln_core::{Attention, Backend, DecodeAttention, Matmul};
+use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -46,6 +46,8 @@ pub struct Model<B: Backend> {
     /// That loss summed over the training backwards since it was last taken.
     pub moe_aux_loss: f64,
     moe_shape: Option<MoeShape>,
+    /// Inputs of the matrix products of every layer and the LM head (`set_matmul_precision`).
+    matmul_precision: Precision,
     /// Set when this rank holds only its share of the routed experts (`layout` and `params`
     /// then hold that share).
     pub(crate) expert_parallel: Option<ExpertParallel<B>>,
@@ -133,6 +135,7 @@ impl<B: Backend> Model<B> {
             moe_aux_alpha: 0.0,
             moe_aux_loss: 0.0,
             moe_shape,
+            matmul_precision: Precision::F32,
             expert_parallel: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
@@ -140,6 +143,20 @@ impl<B: Backend> Model<B> {
     }
 
     /// The expert group this rank shares the routed experts with, under expert parallel.
+    /// Runs the matrix products of every layer and of the LM head with inputs in `precision`
+    /// (mixed precision's bf16, or f32). Routers, norms, attention's softmax, losses and the
+    /// weights themselves stay f32.
+    pub fn set_matmul_precision(&mut self, precision: Precision) {
+        self.matmul_precision = precision;
+        if let Some(shape) = &mut self.moe_shape {
+            shape.precision = precision;
+        }
+    }
+
+    pub fn matmul_precision(&self) -> Precision {
+        self.matmul_precision
+    }
+
     pub fn expert_parallel(&self) -> Option<&ExpertParallel<B>> {
         self.expert_parallel.as_ref()
     }
@@ -254,7 +271,7 @@ impl<B: Backend> Model<B> {
         let out = x_out.as_deref_mut();
         match (&w.ffn, &mut a.ffn) {
             (FfnWeights::Dense(w), FfnActs::Dense(a_)) => {
-                mlp::forward(b, w, &a.xn2, out, a_, (n, d, c.intermediate_size))
+                mlp::forward(b, self.matmul_precision, w, &a.xn2, out, a_, (n, d, c.intermediate_size))
             }
             (FfnWeights::Moe(w), FfnActs::Moe(a_)) => {
                 let ep = self.expert_parallel.as_ref().map(|ep| (ep, l));
@@ -299,7 +316,12 @@ impl<B: Backend> Model<B> {
         b.embedding_forward(&mut last, &acts.xf, &b.upload_index(plan.logits_at), c.hidden_size);
         let w = self.weights(b);
         let mut logits = b.zeros(k * c.vocab_size);
-        b.matmul(&mut logits, &last, w.lm_head.unwrap_or(w.embed), Matmul::linear(k, c.hidden_size, c.vocab_size));
+        b.matmul(
+            &mut logits,
+            &last,
+            w.lm_head.unwrap_or(w.embed),
+            Matmul::linear(k, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision),
+        );
         b.read(&logits)
     }
 
@@ -349,7 +371,12 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let w = self.weights(b);
         let head = w.lm_head.unwrap_or(w.embed);
-        b.matmul(&mut acts.logits, &acts.xf, head, Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size));
+        b.matmul(
+            &mut acts.logits,
+            &acts.xf,
+            head,
+            Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision),
+        );
     }
 
     /// Per-token negative log-likelihood of `batch.targets` (0 where there is no target).
@@ -466,8 +493,13 @@ impl<B: Backend> Model<B> {
             (Some(h), Some(dh)) => (h, dh),
             _ => (w.embed, outer.embed),
         };
-        b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, vocab));
-        b.matmul(&mut s.dxn, &acts.logits, head, Matmul::linear_dx(n, d, vocab, false));
+        b.matmul(dhead, &acts.logits, &acts.xf, Matmul::linear_dw(n, d, vocab).in_precision(self.matmul_precision));
+        b.matmul(
+            &mut s.dxn,
+            &acts.logits,
+            head,
+            Matmul::linear_dx(n, d, vocab, false).in_precision(self.matmul_precision),
+        );
         self.backward_hidden(b, acts, batch, grads);
     }
 
@@ -569,7 +601,18 @@ impl<B: Backend> Model<B> {
         match (&w.ffn, &mut g.ffn, &a.ffn) {
             (FfnWeights::Dense(w), FfnWeights::Dense(g), FfnActs::Dense(a_)) => {
                 let scratch = s.dense.as_mut().expect("dense MLP scratch");
-                mlp::backward(b, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, (n, d, c.intermediate_size));
+                mlp::backward(
+                    b,
+                    self.matmul_precision,
+                    w,
+                    &a.xn2,
+                    &s.dres,
+                    &mut s.dxn,
+                    g,
+                    a_,
+                    scratch,
+                    (n, d, c.intermediate_size),
+                );
             }
             (FfnWeights::Moe(w), FfnWeights::Moe(g), FfnActs::Moe(a_)) => {
                 let scratch = s.moe.as_mut().expect("MoE scratch");
@@ -631,6 +674,7 @@ struct ActsView<'a, B: Backend> {
     positions: &'a B::Index,
     segments: &'a B::Index,
     attention: Vec<Attention>,
+    precision: Precision,
     /// Cache rows of the tokens and, when decoding, each token's cached span and the decode
     /// attention (its window is set per layer).
     cache: Option<CacheCtx<'a, B>>,
@@ -644,6 +688,7 @@ impl<'a, B: Backend> ActsView<'a, B> {
             positions: &inputs.positions,
             segments: &inputs.segments,
             attention: (0..model.config.num_layers).map(|l| model.attention_spec(rows, seq, l)).collect(),
+            precision: model.matmul_precision,
             cache: None,
         }
     }
@@ -655,6 +700,7 @@ impl<'a, B: Backend> ActsView<'a, B> {
             positions: self.positions,
             segments: self.segments,
             spec: self.attention[layer],
+            precision: self.precision,
             cache: self.cache.map(|c| CacheCtx {
                 decode: c
                     .decode

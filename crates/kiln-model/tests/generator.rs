@@ -2,7 +2,7 @@
 //! prompts than slots, prompts of different lengths, stop tokens and stop conditions, and the
 //! reported log-probs against the training forward's.
 
-use kiln_core::Cpu;
+use kiln_core::{Cpu, Precision};
 use kiln_model::generate::greedy;
 use kiln_model::generator::{generate, FinishReason, Request};
 use kiln_model::sampler::SamplingParams;
@@ -86,8 +86,23 @@ fn sampling_is_reproducible_per_seed() {
 
 #[test]
 fn rescored_sampler_logprobs_equal_the_training_step_exactly() {
+    rescored_logprobs_equal_the_training_step(Precision::F32);
+}
+
+/// In mixed precision too: every row of a bf16 product is computed the same way whatever the
+/// batch, so rollouts and training steps agree bit for bit.
+#[test]
+fn rescored_sampler_logprobs_equal_the_training_step_exactly_in_bf16() {
+    let bf16 = rescored_logprobs_equal_the_training_step(Precision::Bf16);
+    let f32 = rescored_logprobs_equal_the_training_step(Precision::F32);
+    assert_ne!(bf16, f32, "the bf16 model must compute in bf16");
+}
+
+/// Checks one precision's rollout log-probs against its training step, and returns them.
+fn rescored_logprobs_equal_the_training_step(precision: Precision) -> Vec<Vec<f32>> {
     let b = Cpu;
     let mut model = Model::load(&b, &fixture("qwen3")).unwrap();
+    model.set_matmul_precision(precision);
     let requests: Vec<Request> = prompts()
         .into_iter()
         .map(|prompt| Request {
@@ -117,4 +132,5 @@ fn rescored_sampler_logprobs_equal_the_training_step_exactly() {
             assert!((a - b).abs() < 1e-4, "sequence {r}: sampler {a}, training {b}");
         }
     }
+    rollout
 }

@@ -1,7 +1,7 @@
 //! The DeepSeekMoE layer against transformers' DeepseekV3MoE: output, input gradient and
 //! every parameter gradient (fixture by `tools/golden/moe_layer.py`).
 
-use kiln_core::{Backend, Cpu, Routing};
+use kiln_core::{Backend, Cpu, Precision, Routing};
 use kiln_model::layers::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
 use kiln_model::layers::moe_aux_loss::{seq_aux_loss, SeqAux};
 use safetensors::SafeTensors;
@@ -29,6 +29,7 @@ fn moe_layer_matches_transformers() {
         experts: 8,
         shared_ff: 8,
         routing: Routing { tokens, experts: 8, top_k: 2, groups: 4, top_groups: 2, normalize: true, scale: 2.5 },
+        precision: Precision::F32,
     };
     let b = Cpu;
     let up = |n: &str| b.upload(&t(n));

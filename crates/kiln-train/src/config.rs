@@ -5,6 +5,7 @@
 use crate::grpo_loss::{Aggregation, ImportanceLevel, ScaleRewards};
 use crate::preference_loss::LossKind;
 use crate::schedule::ScheduleKind;
+use kiln_core::{Backend, Precision};
 use kiln_data::example::LengthPolicy;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -265,6 +266,35 @@ pub struct TrainSection {
     /// 0 turns it off.
     #[serde(default)]
     pub moe_aux_loss_alpha: f32,
+    /// Inputs of the matrix products (`ComputeDtype`): `f32`, `bf16` or `auto`.
+    #[serde(default)]
+    pub dtype: ComputeDtype,
+}
+
+/// The precision of a run's matrix products. `bf16` is mixed precision's: bf16 inputs with
+/// f32 sums in the products of every layer and the LM head (training forwards and backwards,
+/// reference and teacher forwards, rollouts), while weights, gradients, optimizer moments,
+/// routers, norms, softmax, losses and checkpoints stay f32. `auto` is `bf16` where the
+/// device computes bf16 products natively (AVX512-BF16 on CPUs), else `f32`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    Bf16,
+    Auto,
+}
+
+impl ComputeDtype {
+    /// The precision this run computes in on `b`.
+    pub fn precision<B: Backend>(self, b: &B) -> Precision {
+        match self {
+            ComputeDtype::F32 => Precision::F32,
+            ComputeDtype::Bf16 => Precision::Bf16,
+            ComputeDtype::Auto if b.native_bf16() => Precision::Bf16,
+            ComputeDtype::Auto => Precision::F32,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -133,7 +133,7 @@ pub fn run<B: Backend>(
 ) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
     let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
-    let teacher = Model::load(&s.b, &d.teacher)?;
+    let teacher = s.load_frozen(&d.teacher, None)?;
     if teacher.config.vocab_size != s.model.config.vocab_size {
         bail!(
             "{}: the teacher's vocab_size {} differs from the student's {}; distillation needs the same tokenizer",

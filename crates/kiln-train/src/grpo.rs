@@ -376,7 +376,7 @@ pub fn run<B: Backend>(
     s.plot = crate::metrics::PlotSpec::REWARD;
     let ep = s.model.expert_parallel().cloned();
     let reference = match g.beta != 0.0 {
-        true => Some(Model::load_with(&s.b, &config.model.path, ep)?),
+        true => Some(s.load_frozen(&config.model.path, ep)?),
         false => None,
     };
     let train_prompts = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;

@@ -6,6 +6,7 @@ use anyhow::Result;
 use kiln_core::{rng::Rng, AdamW, Cpu};
 use kiln_dist::Comm;
 use kiln_model::{Activations, Batch, Config, Model};
+use kiln_train::config::ComputeDtype;
 use kiln_train::data_parallel::DataParallel;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,6 +65,28 @@ pub struct TrainArgs {
     /// Recompute each layer's activations in backward instead of keeping them.
     #[arg(long)]
     recompute: bool,
+    /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto, as `train.dtype`.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+}
+
+/// `--dtype` of the benchmarks.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    Auto,
+}
+
+impl DtypeArg {
+    pub fn precision(self, b: &Cpu) -> kiln_core::Precision {
+        let dtype = match self {
+            DtypeArg::F32 => ComputeDtype::F32,
+            DtypeArg::Bf16 => ComputeDtype::Bf16,
+            DtypeArg::Auto => ComputeDtype::Auto,
+        };
+        dtype.precision(b)
+    }
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
@@ -128,7 +151,8 @@ fn moe(args: &MoeArgs) -> Result<()> {
         scale: 1.0,
     };
     anyhow::ensure!(k <= routing.top_groups * (e / groups), "--top-k {k} is more than the experts of the kept groups");
-    let shape = MoeShape { hidden: d, expert_ff: ff, experts: e, shared_ff: 0, routing };
+    let shape =
+        MoeShape { hidden: d, expert_ff: ff, experts: e, shared_ff: 0, routing, precision: kiln_core::Precision::F32 };
     let mut rng = Rng::new(0);
     let mut init = |len: usize| b.upload(&rng.normal_vec(len, 0.05));
     let w = MoeWeights {
@@ -177,8 +201,8 @@ fn moe(args: &MoeArgs) -> Result<()> {
     let mut acts = MlpActs::new(&b, n, i);
     let mut scratch = MlpGrads::new(&b, n, i);
     let dense_s = median_time(args.steps, || {
-        mlp::forward(&b, &w, &x, Some(&mut out), &mut acts, (n, d, i));
-        mlp::backward(&b, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, (n, d, i));
+        mlp::forward(&b, kiln_core::Precision::F32, &w, &x, Some(&mut out), &mut acts, (n, d, i));
+        mlp::backward(&b, kiln_core::Precision::F32, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, (n, d, i));
     });
     println!(
         "kiln bench moe: {n} tokens, hidden {d}, {e} experts of width {ff}, top-{k}, {} threads",
@@ -197,6 +221,7 @@ fn train(args: &TrainArgs, comm: Arc<dyn Comm>) -> Result<()> {
         (None, Some(config)) => Model::random(&b, Config::load(config)?, 0),
         (None, None) => unreachable!("clap requires --model or --config"),
     };
+    model.set_matmul_precision(args.dtype.precision(&b));
     let c = model.config.clone();
     // Under mpirun: data parallel, `--batch` sequences per rank, gradients summed over ranks.
     let mut rng = Rng::new(1 + comm.rank() as u64);
@@ -236,13 +261,14 @@ fn train(args: &TrainArgs, comm: Arc<dyn Comm>) -> Result<()> {
     let tokens = (batch.tokens() * comm.size()) as f64;
     let flops = step_flops(&c, batch.rows, batch.seq) * comm.size() as f64;
     println!(
-        "kiln bench train: {} params, batch {}x{}{}, {} threads, recompute {}",
+        "kiln bench train: {} params, batch {}x{}{}, {} threads, recompute {}, matrix products {:?}",
         c.num_parameters(),
         batch.rows,
         batch.seq,
         if comm.size() > 1 { format!(" on each of {} ranks", comm.size()) } else { String::new() },
         rayon::current_num_threads(),
-        args.recompute
+        args.recompute,
+        model.matmul_precision()
     );
     if comm.size() > 1 {
         let comm_median = comm_times[comm_times.len() / 2];

@@ -416,3 +416,36 @@ fn deepseek_v3_sft_trains_balances_and_exports() {
     assert_eq!(bias.dtype(), safetensors::Dtype::F32, "the router bias stays f32");
     assert!(bias.data().chunks_exact(4).any(|b| f32::from_le_bytes(b.try_into().unwrap()) != 0.0), "bias never moved");
 }
+
+/// `train.dtype = "bf16"`: the same run in mixed precision starts from the same loss up to
+/// bf16 rounding and learns as the f32 run does.
+#[test]
+fn bf16_mixed_precision_trains_like_f32() {
+    let rows: Vec<String> = (0..60).map(chat_row).collect();
+    let (f32_run, bf16_run) =
+        (make_run("dtype-f32", &rows, "", 0), make_run("dtype-bf16", &rows, "dtype = \"bf16\"", 0));
+    for run in [&f32_run, &bf16_run] {
+        let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let want = if run == &bf16_run { "matrix products: bf16 inputs, f32 sums" } else { "matrix products: f32" };
+        assert!(stderr.contains(want), "the startup line must say the precision: {stderr}");
+    }
+    let (full, mixed) = (losses(&f32_run), losses(&bf16_run));
+    assert_eq!((full.len(), mixed.len()), (10, 10));
+    assert_ne!(full, mixed, "the bf16 run must compute in bf16");
+    // Step 1 is the same function of the same weights with every product input rounded by at
+    // most u = 2⁻⁸ (relative): its loss may move by a few u, not more.
+    let (first_f32, first_bf16) = (full[0].1, mixed[0].1);
+    assert!((first_f32 - first_bf16).abs() <= 4.0 * 2f64.powi(-8) * first_f32, "{first_f32} vs {first_bf16}");
+    // And it learns: the last loss is as far below the first as f32's, within a tenth.
+    let (drop_f32, drop_bf16) = (first_f32 - full[9].1, first_bf16 - mixed[9].1);
+    assert!(drop_f32 > 0.0 && (drop_bf16 - drop_f32).abs() <= 0.1 * drop_f32, "f32 fell {drop_f32}, bf16 {drop_bf16}");
+    // Checkpoints keep f32 masters in the model's own dtype.
+    let model_dtype = |run: &Path| {
+        let bytes = std::fs::read(checkpoints(run).last().unwrap().join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors().iter().map(|(_, t)| t.dtype()).collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(model_dtype(&f32_run), model_dtype(&bf16_run));
+}

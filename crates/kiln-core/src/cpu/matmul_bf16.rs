@@ -94,7 +94,8 @@ pub(crate) unsafe fn gemm_bf16_strided(
 /// Packs `count` vectors of `k` values (element `(t, kk)` at `src + t·st + kk·sk`) into panels
 /// of `width` vectors: panel `p`, pair `q`, lane `i` holds `bf16(x[pw+i, 2q]) | bf16(x[pw+i,
 /// 2q+1]) << 16`, zero beyond the edges. The loops run along whichever index is contiguous in
-/// memory, so the rounding vectorises.
+/// memory, so the rounding vectorises and memory is read in long runs; tasks take several
+/// panels each.
 #[allow(clippy::too_many_arguments)]
 unsafe fn pack(
     dst: &mut [u32],
@@ -107,59 +108,77 @@ unsafe fn pack(
     parallel: bool,
 ) {
     let pairs = k.div_ceil(2);
+    let panel_len = pairs * width;
+    let panels = count.div_ceil(width);
+    let per_task = if parallel { panels.div_ceil(4 * rayon::current_num_threads()) } else { panels };
     let src = Shared(src as *mut f32);
-    let panel = |(p, dst): (usize, &mut [u32])| {
-        let lanes = (count - p * width).min(width);
-        let first = unsafe { src.ptr().offset((p * width) as isize * st) };
+    let task = |(g, dst): (usize, &mut [u32])| {
+        let lanes = |p: usize| (count - p * width).min(width);
+        let first = g * per_task;
+        let vectors = |p: usize| unsafe { src.ptr().offset((p * width) as isize * st) };
         if sk == 1 {
             // Each vector's k values are contiguous: round them into pairs, then lay the
             // pairs out lane by lane.
             let mut rounded = vec![0u32; pairs];
-            for i in 0..lanes {
-                let x = unsafe { std::slice::from_raw_parts(first.offset(i as isize * st), k) };
-                for (r, two) in rounded.iter_mut().zip(x.chunks_exact(2)) {
-                    *r = pair(two[0], two[1]);
-                }
-                if k % 2 == 1 {
-                    rounded[pairs - 1] = round(x[k - 1]) as u32;
-                }
-                for (q, &r) in rounded.iter().enumerate() {
-                    dst[q * width + i] = r;
+            for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
+                for i in 0..lanes(p) {
+                    let x = unsafe { std::slice::from_raw_parts(vectors(p).offset(i as isize * st), k) };
+                    for (r, two) in rounded.iter_mut().zip(x.chunks_exact(2)) {
+                        *r = pair(two[0], two[1]);
+                    }
+                    if k % 2 == 1 {
+                        rounded[pairs - 1] = round(x[k - 1]) as u32;
+                    }
+                    for (q, &r) in rounded.iter().enumerate() {
+                        dst[q * width + i] = r;
+                    }
                 }
             }
         } else if st == 1 {
-            // Lanes are contiguous for each k: two rows of k make one row of pairs.
-            let row = |kk: usize| unsafe { std::slice::from_raw_parts(first.offset(kk as isize * sk), lanes) };
-            for (q, out) in dst.chunks_exact_mut(width).enumerate() {
-                let out = &mut out[..lanes];
-                if 2 * q + 1 < k {
-                    for ((o, &even), &odd) in out.iter_mut().zip(row(2 * q)).zip(row(2 * q + 1)) {
-                        *o = pair(even, odd);
-                    }
-                } else {
-                    for (o, &even) in out.iter_mut().zip(row(2 * q)) {
-                        *o = round(even) as u32;
+            // The vectors are contiguous for each k: two rows of k make one row of pairs, read
+            // across all the task's panels.
+            for q in 0..pairs {
+                for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
+                    let row = |kk: usize| unsafe {
+                        std::slice::from_raw_parts(vectors(p).offset(kk as isize * sk), lanes(p))
+                    };
+                    let out = &mut dst[q * width..q * width + lanes(p)];
+                    if 2 * q + 1 < k {
+                        for ((o, &even), &odd) in out.iter_mut().zip(row(2 * q)).zip(row(2 * q + 1)) {
+                            *o = pair(even, odd);
+                        }
+                    } else {
+                        for (o, &even) in out.iter_mut().zip(row(2 * q)) {
+                            *o = round(even) as u32;
+                        }
                     }
                 }
             }
         } else {
-            let at = |i: usize, kk: usize| unsafe { *first.offset(i as isize * st + kk as isize * sk) };
-            for q in 0..pairs {
-                for i in 0..lanes {
-                    let odd = if 2 * q + 1 < k { at(i, 2 * q + 1) } else { 0.0 };
-                    dst[q * width + i] = pair(at(i, 2 * q), odd);
+            for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
+                let at = |i: usize, kk: usize| unsafe { *vectors(p).offset(i as isize * st + kk as isize * sk) };
+                for q in 0..pairs {
+                    for i in 0..lanes(p) {
+                        let odd = if 2 * q + 1 < k { at(i, 2 * q + 1) } else { 0.0 };
+                        dst[q * width + i] = pair(at(i, 2 * q), odd);
+                    }
                 }
             }
         }
-        for q in 0..pairs {
-            dst[q * width + lanes..(q + 1) * width].fill(0);
+        for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
+            for q in 0..pairs {
+                dst[q * width + lanes(p)..(q + 1) * width].fill(0);
+            }
         }
     };
+    if panel_len == 0 {
+        return;
+    }
     if parallel {
         use rayon::prelude::*;
-        dst.par_chunks_mut(pairs * width).enumerate().for_each(panel);
+        dst.par_chunks_mut(per_task * panel_len).enumerate().for_each(task);
     } else {
-        dst.chunks_mut(pairs * width).enumerate().for_each(panel);
+        dst.chunks_mut(per_task * panel_len).enumerate().for_each(task);
     }
 }
 
@@ -215,6 +234,11 @@ fn compute_block(
             }
         }
     }
+}
+
+/// Whether this CPU has a bf16 dot-product instruction the kernels use.
+pub(crate) fn native() -> bool {
+    !matches!(Kernel::detect(), Kernel::Portable)
 }
 
 /// The micro-kernel this CPU runs, chosen once per product.

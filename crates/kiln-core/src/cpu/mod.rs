@@ -46,6 +46,9 @@ impl Backend for Cpu {
     fn name(&self) -> &'static str {
         "cpu"
     }
+    fn native_bf16(&self) -> bool {
+        matmul_bf16::native()
+    }
 
     fn zeros(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]

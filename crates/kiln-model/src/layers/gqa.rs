@@ -88,21 +88,21 @@ pub fn forward<B: Backend>(
     let (qd, kvd) = widths(c);
     match (&mut a.q_raw, &mut a.k_raw, &w.q_norm, &w.k_norm) {
         (Some((q_raw, q_rstd)), Some((k_raw, k_rstd)), Some(q_norm), Some(k_norm)) => {
-            linear(b, q_raw, xn, (w.q, w.q_bias), (n, d, qd));
-            linear(b, k_raw, xn, (w.k, w.k_bias), (n, d, kvd));
+            linear(b, ctx.precision, q_raw, xn, (w.q, w.q_bias), (n, d, qd));
+            linear(b, ctx.precision, k_raw, xn, (w.k, w.k_bias), (n, d, kvd));
             b.rmsnorm_forward(&mut a.q, q_rstd, q_raw, q_norm, eps);
             b.rmsnorm_forward(&mut a.k, k_rstd, k_raw, k_norm, eps);
         }
         _ => {
-            linear(b, &mut a.q, xn, (w.q, w.q_bias), (n, d, qd));
-            linear(b, &mut a.k, xn, (w.k, w.k_bias), (n, d, kvd));
+            linear(b, ctx.precision, &mut a.q, xn, (w.q, w.q_bias), (n, d, qd));
+            linear(b, ctx.precision, &mut a.k, xn, (w.k, w.k_bias), (n, d, kvd));
         }
     }
-    linear(b, &mut a.v, xn, (w.v, w.v_bias), (n, d, kvd));
+    linear(b, ctx.precision, &mut a.v, xn, (w.v, w.v_bias), (n, d, kvd));
     b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_heads));
     b.rope_forward(&mut a.k, ctx.rope_table, ctx.positions, rope_spec(c, n, c.num_kv_heads));
     attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (kvd, kvd), kv, ctx);
-    linear(b, out, &a.att, (w.o, w.o_bias), (n, qd, d));
+    linear(b, ctx.precision, out, &a.att, (w.o, w.o_bias), (n, qd, d));
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
@@ -121,7 +121,16 @@ pub fn backward<B: Backend>(
 ) {
     let (n, d) = (ctx.tokens, c.hidden_size);
     let (qd, kvd) = widths(c);
-    linear_backward(b, Some((&mut s.datt, false)), (&mut g.o, g.o_bias.as_deref_mut()), dout, &a.att, w.o, (n, qd, d));
+    linear_backward(
+        b,
+        ctx.precision,
+        Some((&mut s.datt, false)),
+        (&mut g.o, g.o_bias.as_deref_mut()),
+        dout,
+        &a.att,
+        w.o,
+        (n, qd, d),
+    );
     b.attention_backward(
         &mut s.dq,
         &mut s.dk,
@@ -148,7 +157,16 @@ pub fn backward<B: Backend>(
         }
         _ => (&s.dq, &s.dk),
     };
-    linear_backward(b, Some((dxn, false)), (&mut g.q, g.q_bias.as_deref_mut()), dq, xn, w.q, (n, d, qd));
-    linear_backward(b, Some((dxn, true)), (&mut g.k, g.k_bias.as_deref_mut()), dk, xn, w.k, (n, d, kvd));
-    linear_backward(b, Some((dxn, true)), (&mut g.v, g.v_bias.as_deref_mut()), &s.dv, xn, w.v, (n, d, kvd));
+    linear_backward(b, ctx.precision, Some((dxn, false)), (&mut g.q, g.q_bias.as_deref_mut()), dq, xn, w.q, (n, d, qd));
+    linear_backward(b, ctx.precision, Some((dxn, true)), (&mut g.k, g.k_bias.as_deref_mut()), dk, xn, w.k, (n, d, kvd));
+    linear_backward(
+        b,
+        ctx.precision,
+        Some((dxn, true)),
+        (&mut g.v, g.v_bias.as_deref_mut()),
+        &s.dv,
+        xn,
+        w.v,
+        (n, d, kvd),
+    );
 }

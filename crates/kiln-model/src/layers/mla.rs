@@ -177,19 +177,19 @@ pub fn forward<B: Backend>(
     let (n, d, h) = (m.n, m.d, m.h);
     match (&mut a.q_a, &w.q_a, &w.q_a_norm, &w.q_b, m.q_rank) {
         (Some((q_a, q_a_norm, q_a_rstd)), Some(wa), Some(wn), Some(wb), Some(r)) => {
-            linear(b, q_a, xn, (wa, w.q_a_bias), (n, d, r));
+            linear(b, ctx.precision, q_a, xn, (wa, w.q_a_bias), (n, d, r));
             b.rmsnorm_forward(q_a_norm, q_a_rstd, q_a, wn, LATENT_NORM_EPS);
-            linear(b, &mut a.q, q_a_norm, (wb, None), (n, r, h * m.qk()));
+            linear(b, ctx.precision, &mut a.q, q_a_norm, (wb, None), (n, r, h * m.qk()));
         }
-        _ => linear(b, &mut a.q, xn, (w.q.expect("q_proj"), None), (n, d, h * m.qk())),
+        _ => linear(b, ctx.precision, &mut a.q, xn, (w.q.expect("q_proj"), None), (n, d, h * m.qk())),
     }
     b.rope_forward(&mut a.q, ctx.rope_table, ctx.positions, m.q_rope());
 
-    linear(b, &mut a.kv_a, xn, (w.kv_a, w.kv_a_bias), (n, d, m.kv_a()));
+    linear(b, ctx.precision, &mut a.kv_a, xn, (w.kv_a, w.kv_a_bias), (n, d, m.kv_a()));
     b.copy_columns(&mut a.c, &a.kv_a, m.columns(n, m.c, (m.kv_a(), 0), (m.c, 0), false));
     b.rmsnorm_forward(&mut a.c_norm, &mut a.c_rstd, &a.c, w.kv_a_norm, LATENT_NORM_EPS);
     b.rope_forward(&mut a.kv_a, ctx.rope_table, ctx.positions, m.k_rope());
-    linear(b, &mut a.kv, &a.c_norm, (w.kv_b, None), (n, m.c, h * m.kv()));
+    linear(b, ctx.precision, &mut a.kv, &a.c_norm, (w.kv_b, None), (n, m.c, h * m.kv()));
 
     // k = [k_nope ; k_pe] per head, v split off.
     b.copy_columns(&mut a.k, &a.kv, m.columns(n * h, m.nope, (m.kv(), 0), (m.qk(), 0), false));
@@ -200,7 +200,7 @@ pub fn forward<B: Backend>(
     b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
 
     attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx);
-    linear(b, out, &a.att, (w.o, w.o_bias), (n, h * m.v, d));
+    linear(b, ctx.precision, out, &a.att, (w.o, w.o_bias), (n, h * m.v, d));
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
@@ -221,6 +221,7 @@ pub fn backward<B: Backend>(
     let (n, d, h) = (m.n, m.d, m.h);
     linear_backward(
         b,
+        ctx.precision,
         Some((&mut s.datt, false)),
         (&mut g.o, g.o_bias.as_deref_mut()),
         dout,
@@ -253,6 +254,7 @@ pub fn backward<B: Backend>(
     b.rope_backward(&mut s.dkv_a, ctx.rope_table, ctx.positions, m.k_rope());
     linear_backward(
         b,
+        ctx.precision,
         Some((&mut s.dc_norm, false)),
         (&mut g.kv_b, None),
         &s.dkv,
@@ -265,6 +267,7 @@ pub fn backward<B: Backend>(
     b.copy_columns(&mut s.dkv_a, &s.dc, m.columns(n, m.c, (m.c, 0), (m.kv_a(), 0), false));
     linear_backward(
         b,
+        ctx.precision,
         Some((&mut *dxn, false)),
         (&mut g.kv_a, g.kv_a_bias.as_deref_mut()),
         &s.dkv_a,
@@ -286,14 +289,32 @@ pub fn backward<B: Backend>(
             Some(ga),
             Some(r),
         ) => {
-            linear_backward(b, Some((&mut *dq_a_norm, false)), (gb, None), &s.dq, q_a_norm, wb, (n, r, h * m.qk()));
+            linear_backward(
+                b,
+                ctx.precision,
+                Some((&mut *dq_a_norm, false)),
+                (gb, None),
+                &s.dq,
+                q_a_norm,
+                wb,
+                (n, r, h * m.qk()),
+            );
             b.fill(dq_a, 0.0);
             b.rmsnorm_backward(dq_a, gn, dq_a_norm, q_a, wn, q_a_rstd);
-            linear_backward(b, Some((dxn, true)), (ga, g.q_a_bias.as_deref_mut()), dq_a, xn, wa, (n, d, r));
+            linear_backward(
+                b,
+                ctx.precision,
+                Some((dxn, true)),
+                (ga, g.q_a_bias.as_deref_mut()),
+                dq_a,
+                xn,
+                wa,
+                (n, d, r),
+            );
         }
         _ => {
             let (wq, gq) = (w.q.expect("q_proj"), g.q.as_deref_mut().expect("q_proj grad"));
-            linear_backward(b, Some((dxn, true)), (gq, None), &s.dq, xn, wq, (n, d, h * m.qk()));
+            linear_backward(b, ctx.precision, Some((dxn, true)), (gq, None), &s.dq, xn, wq, (n, d, h * m.qk()));
         }
     }
 }

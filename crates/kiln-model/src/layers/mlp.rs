@@ -4,7 +4,7 @@
 
 use super::{linear, linear_backward};
 use crate::weights::MlpWeights;
-use kiln_core::Backend;
+use kiln_core::{Backend, Precision};
 
 /// What forward keeps for backward.
 pub struct MlpActs<B: Backend> {
@@ -35,17 +35,18 @@ impl<B: Backend> MlpGrads<B> {
 /// `out = mlp(x)` for `[tokens, d]` x; with `out` `None` only what backward needs is computed.
 pub fn forward<B: Backend>(
     b: &B,
+    p: Precision,
     w: &MlpWeights<&B::Slice>,
     x: &B::Slice,
     out: Option<&mut B::Slice>,
     a: &mut MlpActs<B>,
     (n, d, ff): (usize, usize, usize),
 ) {
-    linear(b, &mut a.gate, x, (w.gate, w.gate_bias), (n, d, ff));
-    linear(b, &mut a.up, x, (w.up, w.up_bias), (n, d, ff));
+    linear(b, p, &mut a.gate, x, (w.gate, w.gate_bias), (n, d, ff));
+    linear(b, p, &mut a.up, x, (w.up, w.up_bias), (n, d, ff));
     b.swiglu_forward(&mut a.h, &a.gate, &a.up);
     if let Some(out) = out {
-        linear(b, out, &a.h, (w.down, w.down_bias), (n, ff, d));
+        linear(b, p, out, &a.h, (w.down, w.down_bias), (n, ff, d));
     }
 }
 
@@ -53,6 +54,7 @@ pub fn forward<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     b: &B,
+    p: Precision,
     w: &MlpWeights<&B::Slice>,
     x: &B::Slice,
     dout: &B::Slice,
@@ -64,6 +66,7 @@ pub fn backward<B: Backend>(
 ) {
     linear_backward(
         b,
+        p,
         Some((&mut s.dh, false)),
         (&mut g.down, g.down_bias.as_deref_mut()),
         dout,
@@ -74,6 +77,7 @@ pub fn backward<B: Backend>(
     b.swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
     linear_backward(
         b,
+        p,
         Some((&mut *dx, false)),
         (&mut g.gate, g.gate_bias.as_deref_mut()),
         &s.dgate,
@@ -81,5 +85,5 @@ pub fn backward<B: Backend>(
         w.gate,
         (n, d, ff),
     );
-    linear_backward(b, Some((dx, true)), (&mut g.up, g.up_bias.as_deref_mut()), &s.dup, x, w.up, (n, d, ff));
+    linear_backward(b, p, Some((dx, true)), (&mut g.up, g.up_bias.as_deref_mut()), &s.dup, x, w.up, (n, d, ff));
 }

@@ -9,7 +9,7 @@ pub mod mlp;
 pub mod moe;
 pub mod moe_aux_loss;
 
-use kiln_core::{Attention, Backend, DecodeAttention, Matmul};
+use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 
 /// What an attention block reads besides its input: the batch's positions and segments, and
 /// for generation where its keys and values go in the cache.
@@ -20,6 +20,8 @@ pub struct AttnCtx<'a, B: Backend> {
     pub segments: &'a B::Index,
     pub spec: Attention,
     pub cache: Option<CacheCtx<'a, B>>,
+    /// Inputs of the layer's matrix products.
+    pub precision: Precision,
 }
 
 /// Cache rows of the batch's tokens and, when decoding, the rows each new token attends
@@ -64,12 +66,13 @@ pub(crate) fn attend<B: Backend>(
 /// `y = x·Wᵀ (+ bias)` for `rows` rows.
 pub(crate) fn linear<B: Backend>(
     b: &B,
+    p: Precision,
     y: &mut B::Slice,
     x: &B::Slice,
     (w, bias): (&B::Slice, Option<&B::Slice>),
     (rows, d_in, d_out): (usize, usize, usize),
 ) {
-    b.matmul(y, x, w, Matmul::linear(rows, d_in, d_out));
+    b.matmul(y, x, w, Matmul::linear(rows, d_in, d_out).in_precision(p));
     if let Some(bias) = bias {
         b.add_bias(y, bias);
     }
@@ -77,8 +80,10 @@ pub(crate) fn linear<B: Backend>(
 
 /// Backward of `linear`: `dW += dyᵀ·x`, `dbias += Σ dy`, and `dx (+)= dy·W` when asked
 /// (`(dx, accumulate)`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_backward<B: Backend>(
     b: &B,
+    p: Precision,
     dx: Option<(&mut B::Slice, bool)>,
     (dw, dbias): (&mut B::Slice, Option<&mut B::Slice>),
     dy: &B::Slice,
@@ -86,11 +91,11 @@ pub(crate) fn linear_backward<B: Backend>(
     w: &B::Slice,
     (rows, d_in, d_out): (usize, usize, usize),
 ) {
-    b.matmul(dw, dy, x, Matmul::linear_dw(rows, d_in, d_out));
+    b.matmul(dw, dy, x, Matmul::linear_dw(rows, d_in, d_out).in_precision(p));
     if let Some(db) = dbias {
         b.bias_backward(db, dy);
     }
     if let Some((dx, accumulate)) = dx {
-        b.matmul(dx, dy, w, Matmul::linear_dx(rows, d_in, d_out, accumulate));
+        b.matmul(dx, dy, w, Matmul::linear_dx(rows, d_in, d_out, accumulate).in_precision(p));
     }
 }

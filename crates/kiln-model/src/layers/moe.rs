@@ -27,6 +27,8 @@ pub struct MoeShape {
     /// Width of the shared MLP (`n_shared_experts · expert_ff`); 0 for none.
     pub shared_ff: usize,
     pub routing: Routing,
+    /// Inputs of the experts' matrix products (the router's are always f32).
+    pub precision: Precision,
 }
 
 impl MoeShape {
@@ -44,7 +46,7 @@ impl MoeShape {
         };
         let (hidden, expert_ff, experts, shared_ff) =
             (cfg.hidden_size, m.expert_ff, m.experts, m.shared_experts * m.expert_ff);
-        Some(Self { hidden, expert_ff, experts, shared_ff, routing })
+        Some(Self { hidden, expert_ff, experts, shared_ff, routing, precision: Precision::F32 })
     }
 }
 
@@ -122,26 +124,21 @@ fn routing(s: &MoeShape, tokens: usize) -> Routing {
 /// `[rows, d_out] (+)= X·W_eᵀ` per expert, `W` stored `[experts, d_out, d_in]`.
 fn experts_linear<B: Backend>(
     b: &B,
+    precision: Precision,
     y: &mut B::Slice,
     x: &B::Slice,
     w: &B::Slice,
     rows: &[usize],
-    d_in: usize,
-    d_out: usize,
+    (d_in, d_out): (usize, usize),
 ) {
-    b.grouped_matmul(
-        y,
-        x,
-        w,
-        rows,
-        GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: false, precision: Precision::F32 },
-    );
+    b.grouped_matmul(y, x, w, rows, GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: false, precision });
 }
 
 /// Backward of `experts_linear`: `dW_e += dYᵀ·X`, and `dX (+)= dY·W_e`.
 #[allow(clippy::too_many_arguments)]
 fn experts_linear_backward<B: Backend>(
     b: &B,
+    precision: Precision,
     dx: &mut B::Slice,
     accumulate: bool,
     dw: &mut B::Slice,
@@ -156,15 +153,9 @@ fn experts_linear_backward<B: Backend>(
         dy,
         x,
         rows,
-        GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: true, precision: Precision::F32 },
+        GroupedMatmul { n: d_out, k: d_in, trans_b: true, accumulate: true, precision },
     );
-    b.grouped_matmul(
-        dx,
-        dy,
-        w,
-        rows,
-        GroupedMatmul { n: d_in, k: d_out, trans_b: false, accumulate, precision: Precision::F32 },
-    );
+    b.grouped_matmul(dx, dy, w, rows, GroupedMatmul { n: d_in, k: d_out, trans_b: false, accumulate, precision });
 }
 
 /// The routed experts over their rows `xs` (`rows[e]` per expert, in order):
@@ -180,10 +171,10 @@ fn experts_forward<B: Backend>(
     y: &mut B::Slice,
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
-    experts_linear(b, g, xs, w.gate, rows, d, ff);
-    experts_linear(b, u, xs, w.up, rows, d, ff);
+    experts_linear(b, s.precision, g, xs, w.gate, rows, (d, ff));
+    experts_linear(b, s.precision, u, xs, w.up, rows, (d, ff));
     b.swiglu_forward(h, g, u);
-    experts_linear(b, y, h, w.down, rows, ff, d);
+    experts_linear(b, s.precision, y, h, w.down, rows, (ff, d));
 }
 
 /// Backward of `experts_forward` from `dy`: the experts' weight gradients into `gw`, dL/dxs
@@ -200,10 +191,10 @@ fn experts_backward<B: Backend>(
     dxs: &mut B::Slice,
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
-    experts_linear_backward(b, dh, false, gw.down, dy, h, w.down, rows, (ff, d));
+    experts_linear_backward(b, s.precision, dh, false, gw.down, dy, h, w.down, rows, (ff, d));
     b.swiglu_backward(dg, du, dh, g, u);
-    experts_linear_backward(b, dxs, false, gw.gate, dg, xs, w.gate, rows, (d, ff));
-    experts_linear_backward(b, dxs, true, gw.up, du, xs, w.up, rows, (d, ff));
+    experts_linear_backward(b, s.precision, dxs, false, gw.gate, dg, xs, w.gate, rows, (d, ff));
+    experts_linear_backward(b, s.precision, dxs, true, gw.up, du, xs, w.up, rows, (d, ff));
 }
 
 /// Expert parallel, forward: sends the dispatched rows `xs` (`rows[e]` for each of the layer's
@@ -309,13 +300,15 @@ pub fn forward<B: Backend>(
         }
     }
     if let (Some(sg), Some(su), Some((g, u, h))) = (&w.shared_gate, &w.shared_up, &mut a.shared) {
-        b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff));
-        b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff));
+        b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision));
+        b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision));
         b.swiglu_forward(h, g, u);
     }
     let Some(out) = out else { return };
     match (&w.shared_down, &a.shared) {
-        (Some(sd), Some((_, _, h))) => b.matmul(out, h, sd, Matmul::linear(n, s.shared_ff, d)),
+        (Some(sd), Some((_, _, h))) => {
+            b.matmul(out, h, sd, Matmul::linear(n, s.shared_ff, d).in_precision(s.precision))
+        }
         _ => b.fill(out, 0.0),
     }
     b.copy(&mut a.y_scaled, &a.y);
@@ -388,13 +381,13 @@ pub fn backward<B: Backend>(
         &mut t.shared,
     ) {
         let sff = s.shared_ff;
-        b.matmul(dsd, dout, ah, Matmul::linear_dw(n, sff, d));
-        b.matmul(dh, dout, sd, Matmul::linear_dx(n, sff, d, false));
+        b.matmul(dsd, dout, ah, Matmul::linear_dw(n, sff, d).in_precision(s.precision));
+        b.matmul(dh, dout, sd, Matmul::linear_dx(n, sff, d, false).in_precision(s.precision));
         b.swiglu_backward(dg, du, dh, ag, au);
-        b.matmul(dsg, dg, x, Matmul::linear_dw(n, d, sff));
-        b.matmul(dsu, du, x, Matmul::linear_dw(n, d, sff));
-        b.matmul(dx, dg, sg, Matmul::linear_dx(n, d, sff, true));
-        b.matmul(dx, du, su, Matmul::linear_dx(n, d, sff, true));
+        b.matmul(dsg, dg, x, Matmul::linear_dw(n, d, sff).in_precision(s.precision));
+        b.matmul(dsu, du, x, Matmul::linear_dw(n, d, sff).in_precision(s.precision));
+        b.matmul(dx, dg, sg, Matmul::linear_dx(n, d, sff, true).in_precision(s.precision));
+        b.matmul(dx, du, su, Matmul::linear_dx(n, d, sff, true).in_precision(s.precision));
     }
     // Combine: out[token] += w_row · y_row.
     b.embedding_forward(&mut t.dy, dout, &a.order, d);

@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, PlotSpec};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_core::{AdamW as Hyper, Backend};
+use kiln_core::{AdamW as Hyper, Backend, Precision};
 use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_model::{ExpertParallel, Model};
 use parallel::expert_groups;
@@ -119,6 +119,14 @@ impl<B: Backend> Session<B> {
     /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
     /// (with `load`, from the configured directory or the checkpoint) and, on resume, the
     /// optimizer state, and starts listening for SIGINT/SIGTERM.
+    /// A frozen model beside the trained one (a reference, a teacher), computing in the same
+    /// precision; under expert parallel with this rank's share `ep` of the routed experts.
+    pub fn load_frozen(&self, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Model<B>> {
+        let mut model = Model::load_with(&self.b, dir, ep)?;
+        model.set_matmul_precision(self.model.matmul_precision());
+        Ok(model)
+    }
+
     pub fn open(rt: Runtime<B>, config: &RunConfig, resume: Option<Resume>, load: Loader<B>) -> Result<Self> {
         let Runtime { b, world: comm } = rt;
         let out_dir = config.output.dir.clone();
@@ -147,6 +155,16 @@ impl<B: Backend> Session<B> {
         };
         let mut model = load(&b, &model_dir, expert_parallel)?;
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
+        model.set_matmul_precision(t.dtype.precision(&b));
+        if comm.is_root() {
+            let native = if b.native_bf16() { "natively" } else { "emulated" };
+            match model.matmul_precision() {
+                Precision::Bf16 => {
+                    eprintln!("matrix products: bf16 inputs, f32 sums ({} computes bf16 {native})", b.name())
+                }
+                Precision::F32 => eprintln!("matrix products: f32"),
+            }
+        }
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let mut dp = DataParallel::new(&b, &model, &comm, replicas, t.zero, hyper);

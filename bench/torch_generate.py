@@ -1,5 +1,5 @@
 """The PyTorch side of `kiln bench generate`: transformers' `generate` on the same model and
-shape (randomly initialised from a config.json, f32, SDPA, KV cache, sampling at temperature
+shape (randomly initialised from a config.json, f32 or bf16 (`--dtype`), SDPA, KV cache, sampling at temperature
 1, every sequence running to max_new_tokens), same thread count. Prints new tokens/s.
 
     python bench/torch_generate.py --config bench/reference_config.json --batch 64 --prompt 32 --new-tokens 64
@@ -21,12 +21,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32", help="weights and compute dtype")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(args.config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_config(config, dtype={"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype], attn_implementation="sdpa").eval()
     ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt))
     times = []
     for run in range(args.runs + 1):

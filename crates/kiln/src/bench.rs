@@ -6,7 +6,6 @@ use anyhow::Result;
 use kiln_core::{rng::Rng, AdamW, Cpu};
 use kiln_dist::Comm;
 use kiln_model::{Activations, Batch, Config, Model};
-use kiln_train::config::ComputeDtype;
 use kiln_train::data_parallel::DataParallel;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,27 +65,8 @@ pub struct TrainArgs {
     #[arg(long)]
     recompute: bool,
     /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto, as `train.dtype`.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    dtype: DtypeArg,
-}
-
-/// `--dtype` of the benchmarks.
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum DtypeArg {
-    F32,
-    Bf16,
-    Auto,
-}
-
-impl DtypeArg {
-    pub fn precision(self, b: &Cpu) -> kiln_core::Precision {
-        let dtype = match self {
-            DtypeArg::F32 => ComputeDtype::F32,
-            DtypeArg::Bf16 => ComputeDtype::Bf16,
-            DtypeArg::Auto => ComputeDtype::Auto,
-        };
-        dtype.precision(b)
-    }
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    dtype: crate::dtype_arg::DtypeArg,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.

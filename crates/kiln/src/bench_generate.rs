@@ -26,11 +26,15 @@ pub struct GenerateArgs {
     /// Timed runs (the median is reported) after one warm-up run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto.
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    dtype: crate::dtype_arg::DtypeArg,
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
     let b = Cpu;
     let mut model = Model::random(&b, Config::load(&args.config)?, 0);
+    model.set_matmul_precision(args.dtype.precision(&b));
     let vocab = model.config.vocab_size;
     let mut rng = Rng::new(1);
     let requests: Vec<Request> = (0..args.batch)
@@ -58,11 +62,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let median = times[times.len() / 2];
     let tokens = (args.batch * args.new_tokens) as f64;
     println!(
-        "kiln bench generate: {} sequences, prompt {}, {} new tokens each, {} threads",
+        "kiln bench generate: {} sequences, prompt {}, {} new tokens each, {} threads, matrix products {:?}",
         args.batch,
         args.prompt,
         args.new_tokens,
-        rayon::current_num_threads()
+        rayon::current_num_threads(),
+        model.matmul_precision()
     );
     println!("  median {:.2} s per batch, {:.0} new tokens/s", median, tokens / median);
     Ok(())

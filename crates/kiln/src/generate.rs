@@ -43,6 +43,9 @@ pub struct Args {
     /// Sequences generated at once.
     #[arg(long, default_value_t = 64)]
     batch: usize,
+    /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto.
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    dtype: crate::dtype_arg::DtypeArg,
 }
 
 impl Args {
@@ -71,6 +74,7 @@ fn text_of(tokenizer: &Tokenizer, g: &Generation, stop: &[String]) -> String {
 pub fn run(args: &Args) -> Result<()> {
     let b = Cpu;
     let mut model = Model::load(&b, &args.model)?;
+    model.set_matmul_precision(args.dtype.precision(&b));
     let (tokenizer, template) = load_tokenizer(&args.model)?;
     let stops_in = |tokens: &[i32]| {
         let text = tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>());

@@ -5,6 +5,7 @@ mod bench_gemm;
 mod bench_generate;
 mod data;
 mod demo;
+mod dtype_arg;
 mod export;
 mod generate;
 mod plan;

@@ -25,6 +25,9 @@ pub struct Args {
     /// Print {"reward": r} per sequence from a reward model (`kiln rm`) instead of log-probs.
     #[arg(long)]
     reward: bool,
+    /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto.
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    dtype: crate::dtype_arg::DtypeArg,
 }
 
 #[derive(serde::Serialize)]
@@ -40,6 +43,7 @@ struct Rewarded {
 pub fn run(args: &Args) -> Result<()> {
     let b = Cpu;
     let mut model = Model::load(&b, &args.model)?;
+    model.set_matmul_precision(args.dtype.precision(&b));
     match (args.reward, model.config.num_labels) {
         (true, None) => {
             bail!("{}: --reward needs a reward model (a ...ForSequenceClassification directory)", args.model.display())

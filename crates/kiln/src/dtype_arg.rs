@@ -1,0 +1,25 @@
+//! `--dtype`: the precision of the matrix products of commands that compute outside a run
+//! configuration (`train.dtype` inside one).
+
+use kiln_core::{Backend, Precision};
+use kiln_train::config::ComputeDtype;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    /// Mixed precision: bf16 inputs, f32 sums.
+    Bf16,
+    /// bf16 where the device computes it natively, else f32.
+    Auto,
+}
+
+impl DtypeArg {
+    pub fn precision<B: Backend>(self, b: &B) -> Precision {
+        let dtype = match self {
+            DtypeArg::F32 => ComputeDtype::F32,
+            DtypeArg::Bf16 => ComputeDtype::Bf16,
+            DtypeArg::Auto => ComputeDtype::Auto,
+        };
+        dtype.precision(b)
+    }
+}

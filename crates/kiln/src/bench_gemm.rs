@@ -22,8 +22,8 @@ pub struct GemmArgs {
 /// Forward, input gradient and weight gradient of each distinct linear layer shape.
 fn products(c: &Config, tokens: usize) -> Vec<(String, Matmul)> {
     let (d, ff, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let mut shapes = vec![("attention", d, c.num_heads * c.head_dim), ("mlp up", d, ff), ("mlp down", ff, d)];
-    shapes.push(("lm head", d, v));
+    let shapes =
+        [("attention", d, c.num_heads * c.head_dim), ("mlp up", d, ff), ("mlp down", ff, d), ("lm head", d, v)];
     let mut out = Vec::new();
     for (name, d_in, d_out) in shapes {
         out.push((format!("{name} {d_in}->{d_out} forward"), Matmul::linear(tokens, d_in, d_out)));

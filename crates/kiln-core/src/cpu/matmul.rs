@@ -8,7 +8,7 @@ use gemm::Parallelism;
 
 /// Products smaller than this many multiply-adds run on one thread: splitting them costs
 /// more in synchronisation than it saves.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+pub(super) const PARALLEL_MIN_MACS: usize = 1 << 18;
 
 /// A strided matrix operand: element `(r, c)` lives at `ptr + r*rs + c*cs`.
 #[derive(Clone, Copy)]

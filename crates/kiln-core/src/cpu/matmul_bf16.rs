@@ -16,7 +16,7 @@
 //! micro-kernel that keeps the tile in registers for `KC` pairs at a time; tasks are blocks of
 //! `MC` rows by `NC` columns, shared out over rayon's threads.
 
-use super::matmul::Strided;
+use super::matmul::{Strided, PARALLEL_MIN_MACS};
 use super::Shared;
 use crate::bf16::round;
 use std::cell::RefCell;
@@ -30,8 +30,8 @@ const KC: usize = 128;
 /// Rows and columns of C per task.
 const MC: usize = 8 * MR;
 const NC: usize = 8 * NR;
-/// Products smaller than this many multiply-adds run on one thread.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Pairs rounded at a time when a vector's k values are contiguous (on the stack).
+const ROUND_CHUNK: usize = 256;
 
 thread_local! {
     /// Packed operands, kept between calls so products do not allocate.
@@ -117,20 +117,24 @@ unsafe fn pack(
         let first = g * per_task;
         let vectors = |p: usize| unsafe { src.ptr().offset((p * width) as isize * st) };
         if sk == 1 {
-            // Each vector's k values are contiguous: round them into pairs, then lay the
-            // pairs out lane by lane.
-            let mut rounded = vec![0u32; pairs];
+            // Each vector's k values are contiguous: round a run of them into pairs, then lay
+            // the pairs out lane by lane.
+            let mut rounded = [0u32; ROUND_CHUNK];
             for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
                 for i in 0..lanes(p) {
                     let x = unsafe { std::slice::from_raw_parts(vectors(p).offset(i as isize * st), k) };
-                    for (r, two) in rounded.iter_mut().zip(x.chunks_exact(2)) {
-                        *r = pair(two[0], two[1]);
-                    }
-                    if k % 2 == 1 {
-                        rounded[pairs - 1] = round(x[k - 1]) as u32;
-                    }
-                    for (q, &r) in rounded.iter().enumerate() {
-                        dst[q * width + i] = r;
+                    for (chunk, x) in x.chunks(2 * ROUND_CHUNK).enumerate() {
+                        let rounded = &mut rounded[..x.len().div_ceil(2)];
+                        let (whole, tail) = x.split_at(x.len() & !1);
+                        for (r, two) in rounded.iter_mut().zip(whole.chunks_exact(2)) {
+                            *r = pair(two[0], two[1]);
+                        }
+                        if let [last] = tail {
+                            rounded[whole.len() / 2] = round(*last) as u32;
+                        }
+                        for (q, &r) in (chunk * ROUND_CHUNK..).zip(rounded.iter()) {
+                            dst[q * width + i] = r;
+                        }
                     }
                 }
             }

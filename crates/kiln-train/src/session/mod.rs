@@ -116,9 +116,6 @@ pub struct StepUpdate {
 }
 
 impl<B: Backend> Session<B> {
-    /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
-    /// (with `load`, from the configured directory or the checkpoint) and, on resume, the
-    /// optimizer state, and starts listening for SIGINT/SIGTERM.
     /// A frozen model beside the trained one (a reference, a teacher), computing in the same
     /// precision; under expert parallel with this rank's share `ep` of the routed experts.
     pub fn load_frozen(&self, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Model<B>> {
@@ -127,6 +124,9 @@ impl<B: Backend> Session<B> {
         Ok(model)
     }
 
+    /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
+    /// (with `load`, from the configured directory or the checkpoint) and, on resume, the
+    /// optimizer state, and starts listening for SIGINT/SIGTERM.
     pub fn open(rt: Runtime<B>, config: &RunConfig, resume: Option<Resume>, load: Loader<B>) -> Result<Self> {
         let Runtime { b, world: comm } = rt;
         let out_dir = config.output.dir.clone();

@@ -89,6 +89,12 @@ struct Remote<B: Backend> {
 pub type ExpertGroup<'a, B> = Option<(&'a ExpertParallel<B>, usize)>;
 
 impl<B: Backend> MoeActs<B> {
+    /// The experts each token was routed to by the last forward, `top_k` per token in
+    /// descending order of biased score.
+    pub fn routes(&self, b: &B) -> Vec<i32> {
+        b.read_index(&self.route_idx)
+    }
+
     pub fn new(b: &B, s: &MoeShape, tokens: usize) -> Self {
         let (k, d, ff) = (s.routing.top_k, s.hidden, s.expert_ff);
         let rows = tokens * k;

@@ -275,14 +275,23 @@ pub struct TrainSection {
 /// f32 sums in the products of every layer and the LM head (training forwards and backwards,
 /// reference and teacher forwards, rollouts), while weights, gradients, optimizer moments,
 /// routers, norms, softmax, losses and checkpoints stay f32. `auto` is `bf16` where the
-/// device computes bf16 products natively (AVX512-BF16 on CPUs), else `f32`.
+/// device computes bf16 products natively (AMX or AVX512-BF16 on CPUs), else `f32`; the default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
-    #[default]
     F32,
     Bf16,
+    #[default]
     Auto,
+}
+
+/// The startup line that says what a run's matrix products compute in on `b`.
+pub fn describe_precision<B: Backend>(b: &B, precision: Precision) -> String {
+    let native = if b.native_bf16() { "natively" } else { "emulated" };
+    match precision {
+        Precision::Bf16 => format!("matrix products: bf16 inputs, f32 sums ({} computes bf16 {native})", b.name()),
+        Precision::F32 => "matrix products: f32".to_string(),
+    }
 }
 
 impl ComputeDtype {

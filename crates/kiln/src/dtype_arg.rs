@@ -14,12 +14,24 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
-    pub fn precision<B: Backend>(self, b: &B) -> Precision {
-        let dtype = match self {
+    pub fn dtype(self) -> ComputeDtype {
+        match self {
             DtypeArg::F32 => ComputeDtype::F32,
             DtypeArg::Bf16 => ComputeDtype::Bf16,
             DtypeArg::Auto => ComputeDtype::Auto,
-        };
-        dtype.precision(b)
+        }
+    }
+
+    pub fn precision<B: Backend>(self, b: &B) -> Precision {
+        self.dtype().precision(b)
+    }
+
+    /// The spelling of `train.dtype` in a run configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+            DtypeArg::Auto => "auto",
+        }
     }
 }

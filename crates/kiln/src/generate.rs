@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto.
-    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::Auto)]
     dtype: crate::dtype_arg::DtypeArg,
 }
 
@@ -75,6 +75,7 @@ pub fn run(args: &Args) -> Result<()> {
     let b = Cpu;
     let mut model = Model::load(&b, &args.model)?;
     model.set_matmul_precision(args.dtype.precision(&b));
+    eprintln!("{}", kiln_train::config::describe_precision(&b, model.matmul_precision()));
     let (tokenizer, template) = load_tokenizer(&args.model)?;
     let stops_in = |tokens: &[i32]| {
         let text = tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>());

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     reward: bool,
     /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto.
-    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::Auto)]
     dtype: crate::dtype_arg::DtypeArg,
 }
 
@@ -44,6 +44,7 @@ pub fn run(args: &Args) -> Result<()> {
     let b = Cpu;
     let mut model = Model::load(&b, &args.model)?;
     model.set_matmul_precision(args.dtype.precision(&b));
+    eprintln!("{}", kiln_train::config::describe_precision(&b, model.matmul_precision()));
     match (args.reward, model.config.num_labels) {
         (true, None) => {
             bail!("{}: --reward needs a reward model (a ...ForSequenceClassification directory)", args.model.display())

@@ -2,36 +2,43 @@
 //!
 //! `C[m,n] (+)= Σ_k bf16(A[m,k]) · bf16(B[k,n])`: each operand is rounded to bfloat16 (to
 //! nearest, ties to even) as it is packed; the products of two bf16 values are exact in f32
-//! and the sums are f32. k is taken in pairs: element (i, j) adds
-//! `A[i,2p+1]·B[2p+1,j]` and then `A[i,2p]·B[2p,j]`, each addition rounded to f32. That is
-//! the instruction `vdpbf16ps` of AVX512-BF16, and the portable kernel computes the same
-//! sequence, so every element of C sees the same operations in the same order whatever the
-//! shape, the blocking, the number of threads or the kernel: a rollout's decode and a
-//! training forward give the same bits for the same row. With denormals flushed to zero (kiln's
-//! threads set FTZ/DAZ, and `vdpbf16ps` always flushes) the two kernels agree bit for bit.
+//! and the sums are f32. k is taken in pairs. Three micro-kernels, one chosen per process:
+//! AMX (`tdpbf16ps` on tile registers, see [`super::amx`]) where the CPU has it; else
+//! AVX512-BF16, whose `vdpbf16ps` adds, for element (i, j), `A[i,2p+1]·B[2p+1,j]` and then
+//! `A[i,2p]·B[2p,j]`, each addition rounded to f32; else a portable kernel that computes the
+//! same sequence as `vdpbf16ps` (with denormals flushed to zero, as kiln's threads set
+//! FTZ/DAZ and the instruction always does, the two agree bit for bit). Whatever the kernel,
+//! every element of C sees the same operations in the same order whatever the shape, the
+//! blocking or the number of threads: a rollout's decode and a training forward give the same
+//! bits for the same row.
 //!
-//! Layout (GotoBLAS/BLIS): A is packed in panels of `MR` rows and B in panels of `NR`
+//! Layout (GotoBLAS/BLIS): A is packed in panels of `mr` rows and B in panels of `NR`
 //! columns, each a sequence of k-pairs (`u32`: the even k in the low half, the odd k in the
-//! high half), zero-padded at the edges. C is computed in tiles of `MR × NR` by a
-//! micro-kernel that keeps the tile in registers for `KC` pairs at a time; tasks are blocks of
-//! `MC` rows by `NC` columns, shared out over rayon's threads.
+//! high half), zero-padded at the edges: pair-major (the lanes of a pair together) for the
+//! vector kernels, in whole AMX tiles for AMX (see [`Layout`]), whose pairs are padded to
+//! whole tile steps with zeros (adding `0·0` leaves a sum as it is). C is computed in tiles of `mr × NR` by a micro-kernel
+//! that keeps the tile in registers for `KC` pairs at a time; tasks are blocks of `8·mr` rows
+//! by `NC` columns, shared out over rayon's threads.
 
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+use super::amx;
+use super::bf16_pack::{pack, Layout, Panels};
 use super::matmul::{Strided, PARALLEL_MIN_MACS};
 use super::Shared;
-use crate::bf16::round;
 use std::cell::RefCell;
 
-/// Rows of A per panel and of a C tile.
+/// Rows of A per panel and of a C tile, for the vector kernels.
 const MR: usize = 12;
-/// Columns of B per panel and of a C tile: two 16-lane vectors.
+/// The most rows of any kernel's C tile (AMX's).
+const MAX_MR: usize = 32;
+/// Columns of B per panel and of a C tile: two 16-lane vectors, or two tiles.
 const NR: usize = 32;
-/// k-pairs per pass of the micro-kernel: a B micro-panel of `KC·NR` pairs is 16 KiB.
+/// k-pairs per pass of the vector micro-kernels: a B micro-panel of `KC·NR` pairs is 16 KiB.
 const KC: usize = 128;
-/// Rows and columns of C per task.
-const MC: usize = 8 * MR;
+/// Columns of C per task (rows: `8·mr`).
 const NC: usize = 8 * NR;
-/// Pairs rounded at a time when a vector's k values are contiguous (on the stack).
-const ROUND_CHUNK: usize = 256;
+/// A cache line's pairs: packed panels start on one (their lengths are whole lines).
+const ALIGN: usize = 16;
 
 thread_local! {
     /// Packed operands, kept between calls so products do not allocate.
@@ -58,26 +65,30 @@ pub(crate) unsafe fn gemm_bf16_strided(
         return;
     }
     let parallel = parallel && m * n * k >= PARALLEL_MIN_MACS;
-    let pairs = k.div_ceil(2);
-    let (a_len, b_len) = (m.div_ceil(MR) * MR * pairs, n.div_ceil(NR) * NR * pairs);
+    let kernel = Kernel::detect();
+    let (mr, pairs) = (kernel.mr(), k.div_ceil(2).next_multiple_of(kernel.pair_step()));
+    let (a_len, b_len) = (m.div_ceil(mr) * mr * pairs, n.div_ceil(NR) * NR * pairs);
     // Taken, not borrowed: a product nested in this one (rayon runs other tasks while it
     // waits) finds the cell empty and packs into a buffer of its own.
     let mut packed = PACKED.with(|p| p.take());
-    if packed.len() < a_len + b_len {
-        packed.resize(a_len + b_len, 0);
+    if packed.len() < a_len + b_len + ALIGN {
+        packed.resize(a_len + b_len + ALIGN, 0);
     }
-    let (pa, pb) = packed[..a_len + b_len].split_at_mut(a_len);
+    // Panels start on cache lines (a tile row split over two lines loads at half speed).
+    let start = packed.as_ptr().align_offset(4 * ALIGN);
+    let (pa, pb) = packed[start..start + a_len + b_len].split_at_mut(a_len);
     // A as "m vectors of k" with strides (rs, cs); B as "n vectors of k" with (cs, rs).
-    pack(pa, MR, m, k, a.ptr, a.rs, a.cs, parallel);
-    pack(pb, NR, n, k, b.ptr, b.cs, b.rs, parallel);
-    let kernel = Kernel::detect();
+    let (a_layout, b_layout) = kernel.layouts();
+    pack(pa, Panels { width: mr, pairs, layout: a_layout }, m, k, a.ptr, a.rs, a.cs, parallel);
+    pack(pb, Panels { width: NR, pairs, layout: b_layout }, n, k, b.ptr, b.cs, b.rs, parallel);
     let (pa, pb, cp) = (&*pa, &*pb, Shared(c.ptr));
+    let mc = 8 * mr;
     let task = |block: usize| {
-        let (rows, cols) = (block / n.div_ceil(NC) * MC, block % n.div_ceil(NC) * NC);
+        let (rows, cols) = (block / n.div_ceil(NC) * mc, block % n.div_ceil(NC) * NC);
         let c = Strided { ptr: cp.ptr(), rs: c.rs, cs: c.cs };
-        compute_block(kernel, (rows, (m - rows).min(MC)), (cols, (n - cols).min(NC)), pairs, pa, pb, c, accumulate);
+        compute_block(kernel, (rows, (m - rows).min(mc)), (cols, (n - cols).min(NC)), pairs, pa, pb, c, accumulate);
     };
-    let blocks = m.div_ceil(MC) * n.div_ceil(NC);
+    let blocks = m.div_ceil(mc) * n.div_ceil(NC);
     if parallel {
         use rayon::prelude::*;
         (0..blocks).into_par_iter().for_each(task);
@@ -91,107 +102,8 @@ pub(crate) unsafe fn gemm_bf16_strided(
     });
 }
 
-/// Packs `count` vectors of `k` values (element `(t, kk)` at `src + t·st + kk·sk`) into panels
-/// of `width` vectors: panel `p`, pair `q`, lane `i` holds `bf16(x[pw+i, 2q]) | bf16(x[pw+i,
-/// 2q+1]) << 16`, zero beyond the edges. The loops run along whichever index is contiguous in
-/// memory, so the rounding vectorises and memory is read in long runs; tasks take several
-/// panels each.
-#[allow(clippy::too_many_arguments)]
-unsafe fn pack(
-    dst: &mut [u32],
-    width: usize,
-    count: usize,
-    k: usize,
-    src: *const f32,
-    st: isize,
-    sk: isize,
-    parallel: bool,
-) {
-    let pairs = k.div_ceil(2);
-    let panel_len = pairs * width;
-    let panels = count.div_ceil(width);
-    let per_task = if parallel { panels.div_ceil(4 * rayon::current_num_threads()) } else { panels };
-    let src = Shared(src as *mut f32);
-    let task = |(g, dst): (usize, &mut [u32])| {
-        let lanes = |p: usize| (count - p * width).min(width);
-        let first = g * per_task;
-        let vectors = |p: usize| unsafe { src.ptr().offset((p * width) as isize * st) };
-        if sk == 1 {
-            // Each vector's k values are contiguous: round a run of them into pairs, then lay
-            // the pairs out lane by lane.
-            let mut rounded = [0u32; ROUND_CHUNK];
-            for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
-                for i in 0..lanes(p) {
-                    let x = unsafe { std::slice::from_raw_parts(vectors(p).offset(i as isize * st), k) };
-                    for (chunk, x) in x.chunks(2 * ROUND_CHUNK).enumerate() {
-                        let rounded = &mut rounded[..x.len().div_ceil(2)];
-                        let (whole, tail) = x.split_at(x.len() & !1);
-                        for (r, two) in rounded.iter_mut().zip(whole.chunks_exact(2)) {
-                            *r = pair(two[0], two[1]);
-                        }
-                        if let [last] = tail {
-                            rounded[whole.len() / 2] = round(*last) as u32;
-                        }
-                        for (q, &r) in (chunk * ROUND_CHUNK..).zip(rounded.iter()) {
-                            dst[q * width + i] = r;
-                        }
-                    }
-                }
-            }
-        } else if st == 1 {
-            // The vectors are contiguous for each k: two rows of k make one row of pairs, read
-            // across all the task's panels.
-            for q in 0..pairs {
-                for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
-                    let row = |kk: usize| unsafe {
-                        std::slice::from_raw_parts(vectors(p).offset(kk as isize * sk), lanes(p))
-                    };
-                    let out = &mut dst[q * width..q * width + lanes(p)];
-                    if 2 * q + 1 < k {
-                        for ((o, &even), &odd) in out.iter_mut().zip(row(2 * q)).zip(row(2 * q + 1)) {
-                            *o = pair(even, odd);
-                        }
-                    } else {
-                        for (o, &even) in out.iter_mut().zip(row(2 * q)) {
-                            *o = round(even) as u32;
-                        }
-                    }
-                }
-            }
-        } else {
-            for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
-                let at = |i: usize, kk: usize| unsafe { *vectors(p).offset(i as isize * st + kk as isize * sk) };
-                for q in 0..pairs {
-                    for i in 0..lanes(p) {
-                        let odd = if 2 * q + 1 < k { at(i, 2 * q + 1) } else { 0.0 };
-                        dst[q * width + i] = pair(at(i, 2 * q), odd);
-                    }
-                }
-            }
-        }
-        for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
-            for q in 0..pairs {
-                dst[q * width + lanes(p)..(q + 1) * width].fill(0);
-            }
-        }
-    };
-    if panel_len == 0 {
-        return;
-    }
-    if parallel {
-        use rayon::prelude::*;
-        dst.par_chunks_mut(per_task * panel_len).enumerate().for_each(task);
-    } else {
-        dst.chunks_mut(per_task * panel_len).enumerate().for_each(task);
-    }
-}
-
-#[inline(always)]
-fn pair(even: f32, odd: f32) -> u32 {
-    round(even) as u32 | (round(odd) as u32) << 16
-}
-
-/// C's rows `rows.0 .. rows.0 + rows.1` and columns `cols.0 .. cols.0 + cols.1`, all of k.
+/// C's rows `rows.0 .. rows.0 + rows.1` and columns `cols.0 .. cols.0 + cols.1`, all of k
+/// (`pairs`, as packed).
 #[allow(clippy::too_many_arguments)]
 fn compute_block(
     kernel: Kernel,
@@ -203,32 +115,34 @@ fn compute_block(
     c: Strided<*mut f32>,
     accumulate: bool,
 ) {
-    let mut tile = [0f32; MR * NR];
-    for k0 in (0..pairs.max(1)).step_by(KC) {
-        let kc = (pairs - k0).min(KC);
+    let mr = kernel.mr();
+    let mut tile = [0f32; MAX_MR * NR];
+    let kc_max = kernel.kc();
+    for k0 in (0..pairs.max(1)).step_by(kc_max) {
+        let kc = (pairs - k0).min(kc_max);
         // The tile continues from C after the first pass, or from C's old values when asked.
         let load = accumulate || k0 > 0;
         for j0 in (cols.0..cols.0 + cols.1).step_by(NR) {
             let b = &pb[(j0 / NR) * NR * pairs + k0 * NR..];
             let nr = (cols.0 + cols.1 - j0).min(NR);
-            for i0 in (rows.0..rows.0 + rows.1).step_by(MR) {
-                let a = &pa[(i0 / MR) * MR * pairs + k0 * MR..];
-                let mr = (rows.0 + rows.1 - i0).min(MR);
+            for i0 in (rows.0..rows.0 + rows.1).step_by(mr) {
+                let a = &pa[(i0 / mr) * mr * pairs + k0 * mr..];
+                let rows_here = (rows.0 + rows.1 - i0).min(mr);
                 // SAFETY: the caller's C holds every element of the block; tasks own disjoint blocks.
                 unsafe {
                     let corner = c.ptr.offset(i0 as isize * c.rs + j0 as isize * c.cs);
-                    if mr == MR && nr == NR && c.cs == 1 {
+                    if rows_here == mr && nr == NR && c.cs == 1 {
                         kernel.run(kc, a, b, corner, c.rs as usize, load);
                     } else {
                         // Edges and strided C go through a tile on the stack.
                         let at = |i: usize, j: usize| corner.offset(i as isize * c.rs + j as isize * c.cs);
-                        for i in 0..mr {
+                        for i in 0..rows_here {
                             for j in 0..nr {
                                 tile[i * NR + j] = if load { *at(i, j) } else { 0.0 };
                             }
                         }
                         kernel.run(kc, a, b, tile.as_mut_ptr(), NR, true);
-                        for i in 0..mr {
+                        for i in 0..rows_here {
                             for j in 0..nr {
                                 *at(i, j) = tile[i * NR + j];
                             }
@@ -251,29 +165,78 @@ enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx512Bf16,
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    Amx,
 }
 
 impl Kernel {
     fn detect() -> Self {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if amx::available() {
+            return Kernel::Amx;
+        }
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f") {
+        if avx512bf16_available() {
             return Kernel::Avx512Bf16;
         }
         Kernel::Portable
     }
 
-    /// The `MR × NR` tile at `c` (rows `ldc` apart) `(+)=` `kc` pairs of the packed panels.
+    /// Rows of its C tile (and of an A panel).
+    fn mr(self) -> usize {
+        match self {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => amx::MR,
+            _ => MR,
+        }
+    }
+
+    /// The k-pairs it takes at a time: packed panels are padded to a multiple.
+    fn pair_step(self) -> usize {
+        match self {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => amx::STEP,
+            _ => 1,
+        }
+    }
+
+    /// k-pairs per pass over a C tile.
+    fn kc(self) -> usize {
+        match self {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => amx::KC,
+            _ => KC,
+        }
+    }
+
+    /// The layouts of A's and B's panels.
+    fn layouts(self) -> (Layout, Layout) {
+        match self {
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => (Layout::TileRowsAreLanes, Layout::TileRowsArePairs),
+            _ => (Layout::PairMajor, Layout::PairMajor),
+        }
+    }
+
+    /// The `mr × NR` tile at `c` (rows `ldc` apart) `(+)=` `kc` pairs of the packed panels.
     ///
     /// # Safety
     /// `c` must hold the tile; `a` and `b` at least `kc` pairs of a panel.
     unsafe fn run(self, kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, load: bool) {
-        debug_assert!(a.len() >= kc * MR && b.len() >= kc * NR);
+        debug_assert!(a.len() >= kc * self.mr() && b.len() >= kc * NR);
         match self {
             Kernel::Portable => portable(kc, a, b, c, ldc, load),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512Bf16 => avx512bf16(kc, a, b, c, ldc, load),
+            #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+            Kernel::Amx => amx::kernel(kc, a.as_ptr(), b.as_ptr(), c, ldc, load),
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512bf16_available() -> bool {
+    std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f")
 }
 
 /// The micro-kernel in plain Rust: the arithmetic of `vdpbf16ps`, lane by lane.
@@ -333,7 +296,7 @@ unsafe fn avx512bf16(kc: usize, a: &[u32], b: &[u32], c: *mut f32, ldc: usize, l
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bf16::widen;
+    use crate::bf16::{round, widen};
     use crate::rng::Rng;
 
     /// `C (+)= op(A)·op(B)` through [`gemm_bf16_strided`] on row-major buffers.
@@ -450,7 +413,7 @@ mod tests {
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn the_vector_kernel_equals_the_portable_one() {
-        if !matches!(Kernel::detect(), Kernel::Avx512Bf16) {
+        if !avx512bf16_available() {
             eprintln!("this CPU has no AVX512-BF16: only the portable kernel runs here");
             return;
         }

@@ -1,10 +1,13 @@
 //! The CPU backend: host memory, `gemm` for matrix products, rayon for everything else.
 
 mod adamw;
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod amx;
 /// AdamW on slices, for optimizers that update part of a tensor (ZeRO shards).
 pub use adamw::step as adamw_step;
 mod attention;
 mod attention_decode;
+mod bf16_pack;
 mod cross_entropy;
 mod elementwise;
 mod embedding;

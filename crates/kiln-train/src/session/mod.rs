@@ -19,7 +19,7 @@ use crate::metrics::{Metrics, PlotSpec};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_core::{AdamW as Hyper, Backend, Precision};
+use kiln_core::{AdamW as Hyper, Backend};
 use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_model::{ExpertParallel, Model};
 use parallel::expert_groups;
@@ -157,13 +157,7 @@ impl<B: Backend> Session<B> {
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
         model.set_matmul_precision(t.dtype.precision(&b));
         if comm.is_root() {
-            let native = if b.native_bf16() { "natively" } else { "emulated" };
-            match model.matmul_precision() {
-                Precision::Bf16 => {
-                    eprintln!("matrix products: bf16 inputs, f32 sums ({} computes bf16 {native})", b.name())
-                }
-                Precision::F32 => eprintln!("matrix products: f32"),
-            }
+            eprintln!("{}", crate::config::describe_precision(&b, model.matmul_precision()));
         }
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };

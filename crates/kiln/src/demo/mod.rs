@@ -7,8 +7,9 @@
 mod tasks;
 mod tokenizer;
 
+use crate::dtype_arg::DtypeArg;
 use anyhow::{Context, Result};
-use kiln_core::Cpu;
+use kiln_core::{Cpu, Precision};
 use kiln_data::example::Encoder;
 use kiln_model::generate::greedy;
 use kiln_model::{Activations, Config, Model, StorageDtype};
@@ -52,6 +53,9 @@ pub struct Args {
     /// GRPO learning rate.
     #[arg(long, default_value_t = 5e-5)]
     grpo_lr: f64,
+    /// Precision of every stage's matrix products (`train.dtype`), and of scoring.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    dtype: DtypeArg,
 }
 
 #[derive(clap::Subcommand)]
@@ -107,9 +111,10 @@ struct Scores {
     samples: Vec<(String, String, String)>,
 }
 
-fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)]) -> Result<Scores> {
+fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)], dtype: DtypeArg) -> Result<Scores> {
     let b = Cpu;
     let mut model = Model::load(&b, model_dir)?;
+    model.set_matmul_precision(dtype.precision(&b));
     let (tok, template) = load_tokenizer(model_dir)?;
     let template = template.context("the demo model has no chat template")?;
     let encoder = Encoder {
@@ -165,9 +170,10 @@ fn demo(args: &Args) -> Result<()> {
              [model]\npath = {base:?}\n\n\
              [data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 128\n\n\
              [train]\nlr = 5e-4\nmin_lr = 5e-5\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
-             weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 0\neval_every = 100\n\n\
+             weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 0\neval_every = 100\ndtype = \"{}\"\n\n\
              [output]\ndir = \".\"\nsave_every = 100\nkeep_last = 1\n",
-            args.steps
+            args.steps,
+            args.dtype.name()
         ),
     )?;
     let _ = std::fs::remove_dir_all(out.join("checkpoints"));
@@ -185,10 +191,17 @@ fn demo(args: &Args) -> Result<()> {
     write_jsonl(&out.join("rl_prompts.jsonl"), rl_prompts.iter().map(prompt_json))?;
     write_jsonl(&out.join("rl_eval.jsonl"), held_out.iter().map(prompt_json))?;
 
-    println!("kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out", base.display());
-    let before = score(&base, &out.join("eval.jsonl"), &held_out)?;
+    let products = match args.dtype.precision(&Cpu) {
+        Precision::Bf16 => "bf16 mixed precision",
+        Precision::F32 => "f32",
+    };
+    println!(
+        "kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out, in {products}",
+        base.display()
+    );
+    let before = score(&base, &out.join("eval.jsonl"), &held_out, args.dtype)?;
     let summary = sft::run(local(), &config, None, false)?;
-    let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
+    let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
 
     let sft_model = std::fs::canonicalize(&summary.checkpoint)?;
 
@@ -200,10 +213,14 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: preference optimisation of the SFT model.\n\
              [model]\npath = {:?}\n\n\
              [data]\ntrain = \"../preferences.jsonl\"\neval = \"../preferences_eval.jsonl\"\nmax_seq_len = 128\n\n\
-             [train]\nlr = {}\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\n\n\
+             [train]\nlr = {}\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\ndtype = \"{}\"\n\n\
              [dpo]\nloss = [\"sigmoid\", \"orpo\"]\nloss_weights = [1.0, {}]\nbeta = 0.1\n\n\
              [output]\ndir = \".\"\nkeep_last = 1\n",
-            sft_model, args.dpo_lr, args.dpo_steps, args.orpo_weight
+            sft_model,
+            args.dpo_lr,
+            args.dpo_steps,
+            args.dtype.name(),
+            args.orpo_weight
         ),
     )?;
     let dpo_summary = dpo::run(local(), &dpo_config, None, false)?;
@@ -216,10 +233,12 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: a reward model (Bradley-Terry) trained from the SFT model.\n\
              [model]\npath = {:?}\n\n\
              [data]\ntrain = \"../preferences.jsonl\"\neval = \"../preferences_eval.jsonl\"\nmax_seq_len = 128\n\n\
-             [train]\nlr = 1e-4\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\n\n\
+             [train]\nlr = 1e-4\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\ndtype = \"{}\"\n\n\
              [rm]\ncenter_rewards_coefficient = 0.01\n\n\
              [output]\ndir = \".\"\nkeep_last = 1\n",
-            sft_model, args.dpo_steps
+            sft_model,
+            args.dpo_steps,
+            args.dtype.name()
         ),
     )?;
     let rm_summary = rm::run(local(), &rm_config, None, false)?;
@@ -235,17 +254,19 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: RL with a verifiable reward (Dr. GRPO) from the SFT model.\n\
              [model]\npath = {sft_model:?}\n\n\
              [data]\ntrain = \"../rl_prompts.jsonl\"\neval = \"../rl_eval.jsonl\"\nmax_seq_len = 64\n\n\
-             [train]\nlr = {}\nwarmup_steps = 3\nsteps = {}\nbatch_tokens = 64\nseed = 0\neval_every = 10\n\n\
+             [train]\nlr = {}\nwarmup_steps = 3\nsteps = {}\nbatch_tokens = 64\nseed = 0\neval_every = 10\ndtype = \"{}\"\n\n\
              [grpo]\ngroup_size = 8\nprompts_per_step = 16\nmax_new_tokens = 10\ntemperature = 1.0\n\
              loss_type = \"dr_grpo\"\nscale_rewards = \"none\"\n\n\
              [[grpo.rewards]]\ntype = \"exact_match\"\npattern = '=(\\d+)$'\n\n\
              [output]\ndir = \".\"\nkeep_last = 1\n",
-            args.grpo_lr, args.grpo_steps
+            args.grpo_lr,
+            args.grpo_steps,
+            args.dtype.name()
         ),
     )?;
     let grpo_summary = grpo::run(local(), &grpo_config, None, false)?;
-    let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
-    let reinforced = score(&grpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out)?;
+    let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
+    let reinforced = score(&grpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
     let pref = |s: Option<dpo::PairStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen));
 
     println!();

@@ -275,13 +275,13 @@ pub struct TrainSection {
 /// f32 sums in the products of every layer and the LM head (training forwards and backwards,
 /// reference and teacher forwards, rollouts), while weights, gradients, optimizer moments,
 /// routers, norms, softmax, losses and checkpoints stay f32. `auto` is `bf16` where the
-/// device computes bf16 products natively (AMX or AVX512-BF16 on CPUs), else `f32`; the default.
+/// device computes bf16 products natively (AMX or AVX512-BF16 on CPUs), else `f32`. The default is f32 until every recipe's tests hold in bf16.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
+    #[default]
     F32,
     Bf16,
-    #[default]
     Auto,
 }
 

@@ -53,8 +53,11 @@ pub struct Args {
     /// GRPO learning rate.
     #[arg(long, default_value_t = 5e-5)]
     grpo_lr: f64,
+    /// Seed of every stage (`train.seed`: data order, and GRPO's sampling).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Precision of every stage's matrix products (`train.dtype`), and of scoring.
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
 }
 
@@ -155,7 +158,7 @@ fn local() -> Runtime<Cpu> {
 }
 
 fn demo(args: &Args) -> Result<()> {
-    let out = &args.out;
+    let (out, seed) = (&args.out, args.seed);
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let base =
         std::fs::canonicalize(&args.base).with_context(|| format!("{}: base model not found", args.base.display()))?;
@@ -170,7 +173,7 @@ fn demo(args: &Args) -> Result<()> {
              [model]\npath = {base:?}\n\n\
              [data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 128\n\n\
              [train]\nlr = 5e-4\nmin_lr = 5e-5\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
-             weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 0\neval_every = 100\ndtype = \"{}\"\n\n\
+             weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = {seed}\neval_every = 100\ndtype = \"{}\"\n\n\
              [output]\ndir = \".\"\nsave_every = 100\nkeep_last = 1\n",
             args.steps,
             args.dtype.name()
@@ -213,7 +216,7 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: preference optimisation of the SFT model.\n\
              [model]\npath = {:?}\n\n\
              [data]\ntrain = \"../preferences.jsonl\"\neval = \"../preferences_eval.jsonl\"\nmax_seq_len = 128\n\n\
-             [train]\nlr = {}\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\ndtype = \"{}\"\n\n\
+             [train]\nlr = {}\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = {seed}\neval_every = 20\ndtype = \"{}\"\n\n\
              [dpo]\nloss = [\"sigmoid\", \"orpo\"]\nloss_weights = [1.0, {}]\nbeta = 0.1\n\n\
              [output]\ndir = \".\"\nkeep_last = 1\n",
             sft_model,
@@ -233,7 +236,7 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: a reward model (Bradley-Terry) trained from the SFT model.\n\
              [model]\npath = {:?}\n\n\
              [data]\ntrain = \"../preferences.jsonl\"\neval = \"../preferences_eval.jsonl\"\nmax_seq_len = 128\n\n\
-             [train]\nlr = 1e-4\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = 0\neval_every = 20\ndtype = \"{}\"\n\n\
+             [train]\nlr = 1e-4\nwarmup_steps = 5\nsteps = {}\nbatch_tokens = 2048\nseed = {seed}\neval_every = 20\ndtype = \"{}\"\n\n\
              [rm]\ncenter_rewards_coefficient = 0.01\n\n\
              [output]\ndir = \".\"\nkeep_last = 1\n",
             sft_model,
@@ -254,7 +257,7 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: RL with a verifiable reward (Dr. GRPO) from the SFT model.\n\
              [model]\npath = {sft_model:?}\n\n\
              [data]\ntrain = \"../rl_prompts.jsonl\"\neval = \"../rl_eval.jsonl\"\nmax_seq_len = 64\n\n\
-             [train]\nlr = {}\nwarmup_steps = 3\nsteps = {}\nbatch_tokens = 64\nseed = 0\neval_every = 10\ndtype = \"{}\"\n\n\
+             [train]\nlr = {}\nwarmup_steps = 3\nsteps = {}\nbatch_tokens = 64\nseed = {seed}\neval_every = 10\ndtype = \"{}\"\n\n\
              [grpo]\ngroup_size = 8\nprompts_per_step = 16\nmax_new_tokens = 10\ntemperature = 1.0\n\
              loss_type = \"dr_grpo\"\nscale_rewards = \"none\"\n\n\
              [[grpo.rewards]]\ntype = \"exact_match\"\npattern = '=(\\d+)$'\n\n\

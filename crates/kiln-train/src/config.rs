@@ -279,9 +279,9 @@ pub struct TrainSection {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComputeDtype {
-    #[default]
     F32,
     Bf16,
+    #[default]
     Auto,
 }
 

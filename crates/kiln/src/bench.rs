@@ -65,7 +65,7 @@ pub struct TrainArgs {
     #[arg(long)]
     recompute: bool,
     /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto, as `train.dtype`.
-    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::Auto)]
     dtype: crate::dtype_arg::DtypeArg,
 }
 

@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto.
-    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::Auto)]
     dtype: crate::dtype_arg::DtypeArg,
 }
 

@@ -26,7 +26,7 @@ pub struct Args {
     #[arg(long)]
     reward: bool,
     /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto.
-    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::Auto)]
     dtype: crate::dtype_arg::DtypeArg,
 }
 

@@ -32,15 +32,15 @@ fn random_student(dir: &Path) {
     model.save_weights(&kiln_core::Cpu, dir).unwrap();
 }
 
-fn distill(name: &str, estimator: &str) -> Vec<f64> {
+fn distill(name: &str, estimator: &str, dtype: &str) -> Vec<f64> {
     let run = scratch_dir(name);
     let student = run.join("student");
     std::fs::create_dir_all(&student).unwrap();
     random_student(&student);
     let toml = format!(
         "[model]\npath = {student:?}\n[data]\ntrain = {PROMPTS:?}\nmax_seq_len = 96\n\
-         [train]\nlr = 1e-3\nsteps = 20\nbatch_tokens = 96\nseed = 1\n\
-         [distill]\nteacher = {BASE:?}\nprompts_per_step = 8\nmax_new_tokens = 12\nestimator = \"{estimator}\"\nchunk_rows = 3\n\
+         [train]\nlr = 3e-4\nsteps = 20\nbatch_tokens = 96\nseed = 1\ndtype = \"{dtype}\"\n\
+         [distill]\nteacher = {BASE:?}\nprompts_per_step = 16\nmax_new_tokens = 12\nestimator = \"{estimator}\"\nchunk_rows = 3\n\
          [output]\ndir = \"out\"\n"
     );
     std::fs::write(run.join("run.toml"), toml).unwrap();
@@ -57,17 +57,22 @@ fn distill(name: &str, estimator: &str) -> Vec<f64> {
         .collect()
 }
 
+// The per-step KL is measured on that step's own samples, so it is noisy: 16 prompts a step
+// and a learning rate of 3e-4 keep the mean of the last four steps at 0.46-0.63 of the first
+// four's over seeds 1-4 in both precisions (0.5-0.9 for the sampled estimator).
 #[test]
-fn reverse_kl_falls() {
-    let kl = distill("full", "full");
-    assert_eq!(kl.len(), 20);
-    let (first, last) = (kl[..4].iter().sum::<f64>() / 4.0, kl[16..].iter().sum::<f64>() / 4.0);
-    assert!(last < 0.75 * first, "reverse KL should fall: {kl:?}");
+fn reverse_kl_falls_in_both_precisions() {
+    for dtype in ["f32", "bf16"] {
+        let kl = distill(&format!("full-{dtype}"), "full", dtype);
+        assert_eq!(kl.len(), 20);
+        let (first, last) = (kl[..4].iter().sum::<f64>() / 4.0, kl[16..].iter().sum::<f64>() / 4.0);
+        assert!(last < 0.75 * first, "reverse KL should fall in {dtype}: {kl:?}");
+    }
 }
 
 #[test]
 fn the_sampled_estimate_also_trains() {
-    let kl = distill("sampled", "sampled");
+    let kl = distill("sampled", "sampled", "auto");
     let (first, last) = (kl[..4].iter().sum::<f64>() / 4.0, kl[16..].iter().sum::<f64>() / 4.0);
     assert!(last < first, "sampled-token KL estimate should fall: {kl:?}");
 }

@@ -45,6 +45,9 @@ fn sft(ranks: usize, grad_accum: usize, out: &Path, extra: &[&str]) -> Output {
         format!("train.grad_accum={grad_accum}"),
         "--set".into(),
         "output.save_every=3".into(),
+        // Exact curves are an f32 property (see data_parallel.rs for bf16's).
+        "--set".into(),
+        "train.dtype=\"f32\"".into(),
     ];
     let mut cmd = if ranks == 1 {
         Command::new(kiln)
@@ -304,6 +307,8 @@ fn recipe_curve(recipe: &str, ranks: usize, extra: &[String]) -> Vec<(f64, f64)>
         format!("output.dir={:?}", dir.display().to_string()),
         "--set".into(),
         "train.steps=4".into(),
+        "--set".into(),
+        "train.dtype=\"f32\"".into(),
     ];
     args.extend(extra.iter().cloned());
     let out = if ranks == 1 {

@@ -423,7 +423,7 @@ fn deepseek_v3_sft_trains_balances_and_exports() {
 fn bf16_mixed_precision_trains_like_f32() {
     let rows: Vec<String> = (0..60).map(chat_row).collect();
     let (f32_run, bf16_run) =
-        (make_run("dtype-f32", &rows, "", 0), make_run("dtype-bf16", &rows, "dtype = \"bf16\"", 0));
+        (make_run("dtype-f32", &rows, "dtype = \"f32\"", 0), make_run("dtype-bf16", &rows, "dtype = \"bf16\"", 0));
     for run in [&f32_run, &bf16_run] {
         let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -1,6 +1,6 @@
 //! kiln against TRL itself: `kiln sft`, `kiln dpo`, `kiln kto` and `kiln rm` take the 5 steps
 //! TRL's SFTTrainer, DPOTrainer, KTOTrainer and RewardTrainer (with a per-row `margin` column)
-//! took on the same tiny model and data with the same settings (one full batch per step, AdamW, linear schedule with one warm-up step, clipping at
+//! took on the same tiny model and data with the same settings (f32, one full batch per step, AdamW, linear schedule with one warm-up step, clipping at
 //! 1.0). Every step's loss must be TRL's within 1e-5 relative, its gradient norm within 1e-4,
 //! its learning rate and token count TRL's, and every other metric both log under one name
 //! (token accuracy, rewards, log-probs, KL) within 1e-4. Fixtures by
@@ -29,7 +29,7 @@ fn run(recipe: &str, model: &str, section: &str) -> Vec<Value> {
     let toml = format!(
         "[model]\npath = {model:?}\n[data]\ntrain = {data:?}\nmax_seq_len = 128\n\
          [train]\nlr = {lr}\nlr_schedule = {schedule}\nwarmup_steps = {warmup}\nsteps = {steps}\n\
-         batch_tokens = 1024\ngrad_accum = 1\nweight_decay = 0.0\nmax_grad_norm = {clip}\nseed = 0\neval_every = 0\n\
+         batch_tokens = 1024\ngrad_accum = 1\nweight_decay = 0.0\nmax_grad_norm = {clip}\nseed = 0\neval_every = 0\ndtype = \"f32\"\n\
          {section}\n[output]\ndir = \"out\"\nsave_every = 0\n",
         model = fixture().join(model),
         data = fixture().join(format!("{recipe}.jsonl")),

@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Precision of every stage's matrix products (`train.dtype`), and of scoring.
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
 }
 

@@ -38,6 +38,9 @@ pub struct Args {
     /// SFT optimizer steps.
     #[arg(long, default_value_t = 300)]
     steps: u64,
+    /// SFT peak learning rate (cosine decay to a tenth of it).
+    #[arg(long, default_value_t = 5e-4)]
+    lr: f64,
     /// Preference-stage optimizer steps.
     #[arg(long, default_value_t = 60)]
     dpo_steps: u64,
@@ -56,6 +59,9 @@ pub struct Args {
     /// Seed of every stage (`train.seed`: data order, and GRPO's sampling).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Stop after the SFT stage and print its rows of the table only.
+    #[arg(long)]
+    sft_only: bool,
     /// Precision of every stage's matrix products (`train.dtype`), and of scoring.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     dtype: DtypeArg,
@@ -172,9 +178,11 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: SFT of a tiny arithmetic model to answer questions in a chat.\n\
              [model]\npath = {base:?}\n\n\
              [data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 128\n\n\
-             [train]\nlr = 5e-4\nmin_lr = 5e-5\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
+             [train]\nlr = {}\nmin_lr = {}\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
              weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = {seed}\neval_every = 100\ndtype = \"{}\"\n\n\
              [output]\ndir = \".\"\nsave_every = 100\nkeep_last = 1\n",
+            args.lr,
+            args.lr / 10.0,
             args.steps,
             args.dtype.name()
         ),
@@ -206,6 +214,11 @@ fn demo(args: &Args) -> Result<()> {
     let summary = sft::run(local(), &config, None, false)?;
     let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
 
+    if args.sft_only {
+        println!();
+        print_sft_rows(&before, &after, summary.steps, None);
+        return Ok(());
+    }
     let sft_model = std::fs::canonicalize(&summary.checkpoint)?;
 
     println!("kiln demo: preference stage (DPO + ORPO) on {PREFERENCE_PAIRS} pairs: refuse toy unsafe requests, keep answering");
@@ -273,18 +286,7 @@ fn demo(args: &Args) -> Result<()> {
     let pref = |s: Option<dpo::PairStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen));
 
     println!();
-    println!(
-        "| model | held-out eval loss | exact match ({HELD_OUT} questions) | prefers the chosen answer ({HELD_OUT} held-out pairs) |"
-    );
-    println!("| --- | ---: | ---: | ---: |");
-    println!("| base | {:.3} | {:.1}% | - |", before.eval_loss, 100.0 * before.accuracy);
-    println!(
-        "| after SFT ({} steps) | {:.3} | {:.1}% | {} |",
-        summary.steps,
-        after.eval_loss,
-        100.0 * after.accuracy,
-        pref(dpo_summary.eval_before)
-    );
+    print_sft_rows(&before, &after, summary.steps, dpo_summary.eval_before);
     println!(
         "| after DPO + ORPO ({} steps) | {:.3} | {:.1}% | {} |",
         dpo_summary.steps,
@@ -338,6 +340,21 @@ fn demo(args: &Args) -> Result<()> {
         println!("  {}  {}", checkpoint.display(), plot.display());
     }
     Ok(())
+}
+
+/// The table's head and its rows for the base and the SFT model.
+fn print_sft_rows(before: &Scores, after: &Scores, steps: u64, prefers_chosen: Option<dpo::PairStats>) {
+    println!(
+        "| model | held-out eval loss | exact match ({HELD_OUT} questions) | prefers the chosen answer ({HELD_OUT} held-out pairs) |"
+    );
+    println!("| --- | ---: | ---: | ---: |");
+    println!("| base | {:.3} | {:.1}% | - |", before.eval_loss, 100.0 * before.accuracy);
+    println!(
+        "| after SFT ({steps} steps) | {:.3} | {:.1}% | {} |",
+        after.eval_loss,
+        100.0 * after.accuracy,
+        prefers_chosen.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen))
+    );
 }
 
 fn make_base(out: &Path, steps: u64) -> Result<()> {

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, default_value_t = 300)]
     steps: u64,
     /// SFT peak learning rate (cosine decay to a tenth of it).
-    #[arg(long, default_value_t = 5e-4)]
+    #[arg(long, default_value_t = 1.5e-3)]
     lr: f64,
     /// Preference-stage optimizer steps.
     #[arg(long, default_value_t = 60)]
@@ -63,7 +63,7 @@ pub struct Args {
     #[arg(long)]
     sft_only: bool,
     /// Precision of every stage's matrix products (`train.dtype`), and of scoring.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     dtype: DtypeArg,
 }
 
@@ -178,7 +178,7 @@ fn demo(args: &Args) -> Result<()> {
             "# kiln demo: SFT of a tiny arithmetic model to answer questions in a chat.\n\
              [model]\npath = {base:?}\n\n\
              [data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 128\n\n\
-             [train]\nlr = {}\nmin_lr = {}\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
+             [train]\nlr = {:.3e}\nmin_lr = {:.3e}\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
              weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = {seed}\neval_every = 100\ndtype = \"{}\"\n\n\
              [output]\ndir = \".\"\nsave_every = 100\nkeep_last = 1\n",
             args.lr,

@@ -1,8 +1,10 @@
 //! Attention of new tokens over a key/value cache (decoding): for query i and head h, over its
 //! cached rows j,
 //!   s_j = scale·q·k_j,  p_j = exp(s_j − max s) / Σ exp(s − max s),  o = Σ_j p_j v_j
-//! computed exactly (two passes over the scores), one task per (query, head).
+//! computed exactly (two passes over the scores), one task per (query, head). The dot products
+//! run in 16 partial sums and the exponentials through [`fast_exp`], so both vectorise.
 
+use super::fast_exp::fast_exp;
 use super::Shared;
 use crate::backend::DecodeAttention;
 use rayon::prelude::*;
@@ -40,14 +42,11 @@ pub fn forward(
         let first = window.map_or(0, |w| len.saturating_sub(w));
         let kv = h / group;
         let qv = &q[(i * q_heads + h) * head_dim..][..head_dim];
-        let scores: Vec<f32> = (first..len)
-            .map(|j| {
-                let k = &k_cache[(start + j) * k_row + kv * head_dim..][..head_dim];
-                scale * qv.iter().zip(k).map(|(a, b)| a * b).sum::<f32>()
-            })
+        let mut weights: Vec<f32> = (first..len)
+            .map(|j| scale * dot(qv, &k_cache[(start + j) * k_row + kv * head_dim..][..head_dim]))
             .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let weights: Vec<f32> = scores.iter().map(|&s| (s - max).exp()).collect();
+        let max = weights.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        weights.iter_mut().for_each(|w| *w = fast_exp(*w - max));
         let sum: f32 = weights.iter().sum();
         // SAFETY: each task writes its own (query, head) slice of `out`.
         let o =
@@ -59,4 +58,18 @@ pub fn forward(
             o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
         }
     });
+}
+
+/// `Σ_i a_i·b_i` as 16 interleaved partial sums (one vector register), then their total.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a16.remainder().iter().zip(b16.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a16.zip(b16) {
+        for l in 0..16 {
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }

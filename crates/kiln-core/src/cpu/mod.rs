@@ -11,7 +11,7 @@ mod bf16_pack;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
-mod fast_exp;
+pub mod fast_exp;
 mod matmul;
 mod matmul_bf16;
 mod moe_dispatch;

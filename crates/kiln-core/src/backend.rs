@@ -43,6 +43,9 @@ pub struct Matmul {
     /// Add into C instead of overwriting it.
     pub accumulate: bool,
     pub precision: Precision,
+    /// B is a model weight: while weights are frozen ([`Backend::freeze_weights`]) a backend
+    /// may reuse its packed or converted form from an earlier product.
+    pub b_is_weight: bool,
 }
 
 impl Matmul {
@@ -57,6 +60,7 @@ impl Matmul {
             batch: 1,
             accumulate: false,
             precision: Precision::F32,
+            b_is_weight: false,
         }
     }
     /// `dX[rows, in] (+)= dY[rows, out] · W[out, in]`.
@@ -70,6 +74,7 @@ impl Matmul {
             batch: 1,
             accumulate,
             precision: Precision::F32,
+            b_is_weight: false,
         }
     }
     /// `dW[out, in] += dY[rows, out]ᵀ · X[rows, in]`.
@@ -83,11 +88,16 @@ impl Matmul {
             batch: 1,
             accumulate: true,
             precision: Precision::F32,
+            b_is_weight: false,
         }
     }
     /// The same product with inputs in `precision`.
     pub fn in_precision(self, precision: Precision) -> Self {
         Self { precision, ..self }
+    }
+    /// The same product, its B a model weight (see [`Matmul::b_is_weight`]).
+    pub fn of_weight(self) -> Self {
+        Self { b_is_weight: true, ..self }
     }
 }
 
@@ -210,6 +220,22 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// Weights frozen for as long as this lives ([`Backend::freeze_weights`]).
+pub struct FrozenWeights<'a, B: Backend>(&'a B);
+
+impl<'a, B: Backend> FrozenWeights<'a, B> {
+    pub fn new(b: &'a B) -> Self {
+        b.freeze_weights();
+        Self(b)
+    }
+}
+
+impl<B: Backend> Drop for FrozenWeights<'_, B> {
+    fn drop(&mut self) {
+        self.0.thaw_weights();
+    }
+}
+
 pub trait Backend: Send + Sync {
     /// f32 values in the backend's memory: a whole buffer, or a range of one (`slice`,
     /// `split_at_mut`). Operations take slices, so one flat buffer can hold every parameter
@@ -225,6 +251,14 @@ pub trait Backend: Send + Sync {
     fn native_bf16(&self) -> bool {
         false
     }
+    /// A promise by the calling thread that no weight its products read changes, in value or
+    /// storage, until the matching [`Backend::thaw_weights`] (calls nest): the products it
+    /// calls whose B is a weight ([`Matmul::of_weight`]) may keep that weight in the form
+    /// they compute with, as generation's decode does, where packing a weight for a handful
+    /// of rows costs more than the product. Prefer [`FrozenWeights`], which thaws on drop.
+    fn freeze_weights(&self) {}
+    /// Ends a [`Backend::freeze_weights`]; after the last, kept forms are dropped.
+    fn thaw_weights(&self) {}
 
     // ---- memory -------------------------------------------------------------------------
     fn zeros(&self, len: usize) -> Self::Buf;

@@ -9,7 +9,8 @@
 //! ```
 
 use crate::backend::{
-    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Precision, Rope, Routing,
+    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, Matmul, Precision,
+    Rope, Routing,
 };
 use crate::bf16;
 use crate::rng::Rng;
@@ -19,7 +20,7 @@ use crate::rng::Rng;
 macro_rules! conformance_tests {
     ($backend:expr) => {
         $crate::conformance_tests!(@tests $backend;
-            matmul, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
+            matmul, frozen_weights, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
             rope_interleaved, attention_forward, attention_backward, attention_decode, swiglu, cross_entropy, reverse_kl,
             moe_route, moe_dispatch, adamw, slices);
     };
@@ -117,7 +118,7 @@ pub fn matmul<B: Backend>(b: &B) {
     for precision in [Precision::F32, Precision::Bf16] {
         for &(m, n, k, batch) in &shapes {
             for (trans_a, trans_b, accumulate) in (0..8).map(|bits| (bits & 1 == 1, bits & 2 == 2, bits & 4 == 4)) {
-                let spec = Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision };
+                let spec = Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision, b_is_weight: false };
                 let a = rng.normal_vec(batch * m * k, 1.0);
                 let bm = rng.normal_vec(batch * k * n, 1.0);
                 let c0 = rng.normal_vec(batch * m * n, 1.0);
@@ -144,6 +145,38 @@ pub fn matmul<B: Backend>(b: &B) {
                 let terms = k + accumulate as usize;
                 assert_product(&format!("matmul {spec:?}"), &b.read(&c), &want, &magnitude, terms, precision);
             }
+        }
+    }
+}
+
+/// Products by a frozen weight ([`Backend::freeze_weights`]) give the bits the same products
+/// give unfrozen, whatever rows they meet and however often; a weight changed after the thaw
+/// is seen by the next freeze, at the same address.
+pub fn frozen_weights<B: Backend>(b: &B) {
+    let mut rng = Rng::new(9);
+    let (n, k) = (70, 65);
+    let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut w = b.upload(&rng.normal_vec(n * k, 1.0));
+        let inputs: Vec<Vec<f32>> = [1, 64, 3].iter().map(|&m| rng.normal_vec(m * k, 1.0)).collect();
+        let product = |w: &B::Slice, x: &[f32]| {
+            let m = x.len() / k;
+            let mut c = b.zeros(m * n);
+            b.matmul(&mut c, &b.upload(x), w, Matmul::linear(m, k, n).in_precision(precision).of_weight());
+            bits(b.read(&c))
+        };
+        for round in 0..2 {
+            let unfrozen: Vec<_> = inputs.iter().map(|x| product(&w, x)).collect();
+            {
+                let _frozen = FrozenWeights::new(b);
+                let _nested = FrozenWeights::new(b);
+                for pass in 0..2 {
+                    for (i, (x, want)) in inputs.iter().zip(&unfrozen).enumerate() {
+                        assert_eq!(&product(&w, x), want, "{precision:?}, round {round}, pass {pass}, input {i}");
+                    }
+                }
+            }
+            b.scale(&mut w, -0.5);
         }
     }
 }

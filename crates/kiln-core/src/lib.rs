@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod rng;
 
 pub use backend::{
-    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, GroupedMatmul, Heads, Matmul, Precision, Rope, Routing,
+    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, Matmul, Precision,
+    Rope, Routing,
 };
 pub use cpu::Cpu;

@@ -3,7 +3,7 @@
 //! short answers on small models.
 
 use crate::{Activations, Batch, Model};
-use kiln_core::Backend;
+use kiln_core::{Backend, FrozenWeights};
 
 /// Continues every prompt greedily until it emits a token of `stop` or has `max_new`
 /// new tokens; returns the new tokens (without the stop token).
@@ -18,6 +18,7 @@ pub fn greedy<B: Backend>(
     if rows == 0 {
         return Vec::new();
     }
+    let _frozen = FrozenWeights::new(b);
     let seq = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
     let vocab = model.config.vocab_size;
     let mut acts = Activations::new(b, &model.config, rows, seq, false, false);

@@ -12,7 +12,7 @@ use crate::kv_cache::{CachePlan, KvCache};
 use crate::sampler::{logprob_entropy, sample, SamplingParams};
 use crate::{Activations, ActivationsPool, Batch, Model};
 use kiln_core::rng::Rng;
-use kiln_core::Backend;
+use kiln_core::{Backend, FrozenWeights};
 
 pub struct Request {
     pub prompt: Vec<i32>,
@@ -79,6 +79,8 @@ pub fn generate<B: Backend>(
     max_batch: usize,
     stop: &mut dyn FnMut(usize, &[i32]) -> bool,
 ) -> Vec<Generation> {
+    // The weights stay as they are while sampling: their packed forms are reused.
+    let _frozen = FrozenWeights::new(b);
     let max_len = requests.iter().map(|r| r.prompt.len() + r.params.max_new_tokens).max().unwrap_or(1);
     let slots = max_batch.min(requests.len()).max(1);
     let mut cache = KvCache::new(b, &model.config, slots, max_len);

@@ -320,7 +320,7 @@ impl<B: Backend> Model<B> {
             &mut logits,
             &last,
             w.lm_head.unwrap_or(w.embed),
-            Matmul::linear(k, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision),
+            Matmul::linear(k, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision).of_weight(),
         );
         b.read(&logits)
     }
@@ -375,7 +375,9 @@ impl<B: Backend> Model<B> {
             &mut acts.logits,
             &acts.xf,
             head,
-            Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision),
+            Matmul::linear(acts.rows * acts.seq, c.hidden_size, c.vocab_size)
+                .in_precision(self.matmul_precision)
+                .of_weight(),
         );
     }
 

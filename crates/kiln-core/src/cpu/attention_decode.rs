@@ -52,10 +52,10 @@ pub fn forward(
         let o =
             unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add((i * q_heads + h) * v_head_dim), v_head_dim) };
         o.iter_mut().for_each(|x| *x = 0.0);
+        let inv_sum = 1.0 / sum;
         for (j, w) in (first..len).zip(&weights) {
             let v = &v_cache[(start + j) * v_row + kv * v_head_dim..][..v_head_dim];
-            let p = w / sum;
-            o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+            axpy(o, w * inv_sum, v);
         }
     });
 }
@@ -72,4 +72,19 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// `o += p·v`, 16 lanes at a time.
+#[inline]
+fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
+    let mut o16 = o.chunks_exact_mut(16);
+    let mut v16 = v.chunks_exact(16);
+    for (o, v) in (&mut o16).zip(&mut v16) {
+        for l in 0..16 {
+            o[l] = p.mul_add(v[l], o[l]);
+        }
+    }
+    for (o, v) in o16.into_remainder().iter_mut().zip(v16.remainder()) {
+        *o = p.mul_add(*v, *o);
+    }
 }

@@ -1,7 +1,8 @@
 //! Matrix products: f32 through the `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels),
 //! bf16 inputs through kiln's own kernels (`matmul_bf16`).
 
-use super::matmul_bf16::gemm_bf16_strided;
+use super::frozen_weights;
+use super::matmul_bf16::{gemm_bf16_packed_b, gemm_bf16_strided};
 use super::Shared;
 use crate::backend::{GroupedMatmul, Matmul, Precision};
 use gemm::Parallelism;
@@ -74,7 +75,25 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
         )
     };
     if s.batch == 1 {
-        run(c, a, b, true);
+        let weight = Strided { ptr: b.as_ptr(), rs: b_rs, cs: b_cs };
+        // SAFETY: B holds k·n elements (checked above) at the strides of its layout.
+        let packed = match (s.b_is_weight, s.precision) {
+            (true, Precision::Bf16) => unsafe { frozen_weights::packed(n, k, weight) },
+            _ => None,
+        };
+        match packed {
+            Some(pb) => unsafe {
+                gemm_bf16_packed_b(
+                    m,
+                    Strided { ptr: c.as_mut_ptr(), rs: n as isize, cs: 1 },
+                    s.accumulate,
+                    Strided { ptr: a.as_ptr(), rs: a_rs, cs: a_cs },
+                    &pb,
+                    true,
+                )
+            },
+            None => run(c, a, b, true),
+        }
         return;
     }
     use rayon::prelude::*;

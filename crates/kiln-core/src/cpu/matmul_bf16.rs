@@ -42,7 +42,79 @@ const ALIGN: usize = 16;
 
 thread_local! {
     /// Packed operands, kept between calls so products do not allocate.
-    static PACKED: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_A: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static PACKED_B: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f(buf)` with `len` elements of a scratch buffer starting on a cache line. The buffer is
+/// taken from `cell`, not borrowed: a product nested in this one (rayon runs other tasks
+/// while it waits) finds the cell empty and uses a buffer of its own.
+fn with_scratch<R>(
+    cell: &'static std::thread::LocalKey<RefCell<Vec<u32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [u32]) -> R,
+) -> R {
+    let mut buf = cell.with(|p| p.take());
+    let r = f(aligned(&mut buf, len));
+    cell.with(|p| {
+        if p.borrow().len() < buf.len() {
+            p.replace(buf);
+        }
+    });
+    r
+}
+
+/// `len` elements of `buf`, grown as needed, starting on a cache line (a tile row split over
+/// two lines loads at half speed).
+fn aligned(buf: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    if buf.len() < len + ALIGN {
+        buf.resize(len + ALIGN, 0);
+    }
+    let start = buf.as_ptr().align_offset(4 * ALIGN);
+    &mut buf[start..start + len]
+}
+
+/// The B operand of a product, `n` vectors of `k`, packed once for this CPU's kernel: a
+/// weight reused by many products (decode) skips its packing.
+pub(crate) struct PackedB {
+    buf: Vec<u32>,
+    n: usize,
+    k: usize,
+}
+
+impl PackedB {
+    /// Packs `B[k, n]`.
+    ///
+    /// # Safety
+    /// `b` must be valid for every element its strides reach.
+    pub(crate) unsafe fn new(n: usize, k: usize, b: Strided<*const f32>) -> Self {
+        let kernel = Kernel::detect();
+        let mut buf = Vec::new();
+        pack_b(kernel, aligned(&mut buf, b_len(kernel, n, k)), n, k, b, true);
+        Self { buf, n, k }
+    }
+
+    fn panels(&self) -> &[u32] {
+        let kernel = Kernel::detect();
+        let start = self.buf.as_ptr().align_offset(4 * ALIGN);
+        &self.buf[start..start + b_len(kernel, self.n, self.k)]
+    }
+}
+
+/// k-pairs of a panel: `k` halved, padded to the kernel's step.
+fn pairs(kernel: Kernel, k: usize) -> usize {
+    k.div_ceil(2).next_multiple_of(kernel.pair_step())
+}
+
+/// Elements of B's panels.
+fn b_len(kernel: Kernel, n: usize, k: usize) -> usize {
+    n.div_ceil(NR) * NR * pairs(kernel, k)
+}
+
+/// B as "n vectors of k" with strides (cs, rs), into panels of `NR`.
+unsafe fn pack_b(kernel: Kernel, dst: &mut [u32], n: usize, k: usize, b: Strided<*const f32>, parallel: bool) {
+    let layout = kernel.layouts().1;
+    pack(dst, Panels { width: NR, pairs: pairs(kernel, k), layout }, n, k, b.ptr, b.cs, b.rs, parallel);
 }
 
 /// `C[m,n] (+)= bf16(A[m,k]) · bf16(B[k,n])` on strided f32 operands.
@@ -66,38 +138,60 @@ pub(crate) unsafe fn gemm_bf16_strided(
     }
     let parallel = parallel && m * n * k >= PARALLEL_MIN_MACS;
     let kernel = Kernel::detect();
-    let (mr, pairs) = (kernel.mr(), k.div_ceil(2).next_multiple_of(kernel.pair_step()));
-    let (a_len, b_len) = (m.div_ceil(mr) * mr * pairs, n.div_ceil(NR) * NR * pairs);
-    // Taken, not borrowed: a product nested in this one (rayon runs other tasks while it
-    // waits) finds the cell empty and packs into a buffer of its own.
-    let mut packed = PACKED.with(|p| p.take());
-    if packed.len() < a_len + b_len + ALIGN {
-        packed.resize(a_len + b_len + ALIGN, 0);
+    with_scratch(&PACKED_B, b_len(kernel, n, k), |pb| {
+        pack_b(kernel, pb, n, k, b, parallel);
+        product(kernel, (m, n, k), c, accumulate, a, pb, parallel);
+    });
+}
+
+/// [`gemm_bf16_strided`] with B packed already.
+///
+/// # Safety
+/// As [`gemm_bf16_strided`].
+pub(crate) unsafe fn gemm_bf16_packed_b(
+    m: usize,
+    c: Strided<*mut f32>,
+    accumulate: bool,
+    a: Strided<*const f32>,
+    b: &PackedB,
+    parallel: bool,
+) {
+    let (n, k) = (b.n, b.k);
+    if m == 0 || n == 0 {
+        return;
     }
-    // Panels start on cache lines (a tile row split over two lines loads at half speed).
-    let start = packed.as_ptr().align_offset(4 * ALIGN);
-    let (pa, pb) = packed[start..start + a_len + b_len].split_at_mut(a_len);
-    // A as "m vectors of k" with strides (rs, cs); B as "n vectors of k" with (cs, rs).
-    let (a_layout, b_layout) = kernel.layouts();
-    pack(pa, Panels { width: mr, pairs, layout: a_layout }, m, k, a.ptr, a.rs, a.cs, parallel);
-    pack(pb, Panels { width: NR, pairs, layout: b_layout }, n, k, b.ptr, b.cs, b.rs, parallel);
-    let (pa, pb, cp) = (&*pa, &*pb, Shared(c.ptr));
-    let mc = 8 * mr;
-    let task = |block: usize| {
-        let (rows, cols) = (block / n.div_ceil(NC) * mc, block % n.div_ceil(NC) * NC);
-        let c = Strided { ptr: cp.ptr(), rs: c.rs, cs: c.cs };
-        compute_block(kernel, (rows, (m - rows).min(mc)), (cols, (n - cols).min(NC)), pairs, pa, pb, c, accumulate);
-    };
-    let blocks = m.div_ceil(mc) * n.div_ceil(NC);
-    if parallel {
-        use rayon::prelude::*;
-        (0..blocks).into_par_iter().for_each(task);
-    } else {
-        (0..blocks).for_each(task);
-    }
-    PACKED.with(|p| {
-        if p.borrow().len() < packed.len() {
-            p.replace(packed);
+    let parallel = parallel && m * n * k >= PARALLEL_MIN_MACS;
+    product(Kernel::detect(), (m, n, k), c, accumulate, a, b.panels(), parallel);
+}
+
+/// Packs A and computes C from the packed panels of both, in tasks of `8·mr` rows by `NC`
+/// columns.
+unsafe fn product(
+    kernel: Kernel,
+    (m, n, k): (usize, usize, usize),
+    c: Strided<*mut f32>,
+    accumulate: bool,
+    a: Strided<*const f32>,
+    pb: &[u32],
+    parallel: bool,
+) {
+    let (mr, pairs) = (kernel.mr(), pairs(kernel, k));
+    with_scratch(&PACKED_A, m.div_ceil(mr) * mr * pairs, |pa| {
+        // A as "m vectors of k" with strides (rs, cs).
+        pack(pa, Panels { width: mr, pairs, layout: kernel.layouts().0 }, m, k, a.ptr, a.rs, a.cs, parallel);
+        let (pa, cp) = (&*pa, Shared(c.ptr));
+        let mc = 8 * mr;
+        let task = |block: usize| {
+            let (rows, cols) = (block / n.div_ceil(NC) * mc, block % n.div_ceil(NC) * NC);
+            let c = Strided { ptr: cp.ptr(), rs: c.rs, cs: c.cs };
+            compute_block(kernel, (rows, (m - rows).min(mc)), (cols, (n - cols).min(NC)), pairs, pa, pb, c, accumulate);
+        };
+        let blocks = m.div_ceil(mc) * n.div_ceil(NC);
+        if parallel {
+            use rayon::prelude::*;
+            (0..blocks).into_par_iter().for_each(task);
+        } else {
+            (0..blocks).for_each(task);
         }
     });
 }

@@ -12,6 +12,7 @@ mod cross_entropy;
 mod elementwise;
 mod embedding;
 pub mod fast_exp;
+mod frozen_weights;
 mod matmul;
 mod matmul_bf16;
 mod moe_dispatch;
@@ -51,6 +52,12 @@ impl Backend for Cpu {
     }
     fn native_bf16(&self) -> bool {
         matmul_bf16::native()
+    }
+    fn freeze_weights(&self) {
+        frozen_weights::freeze();
+    }
+    fn thaw_weights(&self) {
+        frozen_weights::thaw();
     }
 
     fn zeros(&self, len: usize) -> Vec<f32> {

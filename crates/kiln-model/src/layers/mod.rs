@@ -72,7 +72,7 @@ pub(crate) fn linear<B: Backend>(
     (w, bias): (&B::Slice, Option<&B::Slice>),
     (rows, d_in, d_out): (usize, usize, usize),
 ) {
-    b.matmul(y, x, w, Matmul::linear(rows, d_in, d_out).in_precision(p));
+    b.matmul(y, x, w, Matmul::linear(rows, d_in, d_out).in_precision(p).of_weight());
     if let Some(bias) = bias {
         b.add_bias(y, bias);
     }

@@ -306,14 +306,14 @@ pub fn forward<B: Backend>(
         }
     }
     if let (Some(sg), Some(su), Some((g, u, h))) = (&w.shared_gate, &w.shared_up, &mut a.shared) {
-        b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision));
-        b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision));
+        b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision).of_weight());
+        b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision).of_weight());
         b.swiglu_forward(h, g, u);
     }
     let Some(out) = out else { return };
     match (&w.shared_down, &a.shared) {
         (Some(sd), Some((_, _, h))) => {
-            b.matmul(out, h, sd, Matmul::linear(n, s.shared_ff, d).in_precision(s.precision))
+            b.matmul(out, h, sd, Matmul::linear(n, s.shared_ff, d).in_precision(s.precision).of_weight())
         }
         _ => b.fill(out, 0.0),
     }

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod bf16;
 pub mod conformance;
 pub mod cpu;
+pub mod fast_exp;
 pub mod rng;
 
 pub use backend::{

@@ -4,7 +4,7 @@
 //! likely as the likeliest. The log-prob reported is the model's own, log softmax(logits), of
 //! the chosen token: what a training step computes for it.
 
-use kiln_core::cpu::fast_exp::fast_exp;
+use kiln_core::fast_exp::fast_exp;
 use kiln_core::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -34,10 +34,11 @@ impl Default for SamplingParams {
 ///   H = −Σ p_i log p_i = log Z − Σ e^{z_i} z_i / Z.
 pub fn logprob_entropy(logits: &[f32], token: usize) -> (f32, f32) {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    // The exponentials vectorise in f32 (relative error below 2e-7); the sums are f64.
-    let exps: Vec<f32> = logits.iter().map(|&x| fast_exp(x - max)).collect();
+    // The exponentials vectorise in f32 (relative error below 2e-7); the sums are f64. A
+    // masked (−∞) logit has probability 0 and adds nothing to either sum.
+    let exps: Vec<f32> = logits.iter().map(|&x| if x > f32::NEG_INFINITY { fast_exp(x - max) } else { 0.0 }).collect();
     let (mut z_sum, mut weighted) = (0f64, 0f64);
-    for (&x, &e) in logits.iter().zip(&exps) {
+    for (&x, &e) in logits.iter().zip(&exps).filter(|(_, &e)| e > 0.0) {
         z_sum += e as f64;
         weighted += e as f64 * (x - max) as f64;
     }
@@ -131,5 +132,11 @@ mod tests {
         let z: f64 = logits.iter().map(|&x| (x as f64).exp()).sum();
         let h: f64 = logits.iter().map(|&x| (x as f64).exp() / z).map(|p| -p * p.ln()).sum();
         assert!((entropy as f64 - h).abs() < 1e-6, "entropy {entropy} vs {h}");
+        // A masked (−∞) logit changes neither, and is never drawn.
+        let masked = [2.0f32, 1.0, 0.0, -1.0, -5.0, f32::NEG_INFINITY];
+        let (lp, entropy) = logprob_entropy(&masked, 0);
+        assert!((lp as f64 - p0.ln()).abs() < 1e-6 && (entropy as f64 - h).abs() < 1e-6, "{lp}, {entropy}");
+        let mut rng = Rng::new(3);
+        assert!((0..20_000).all(|_| sample(&masked, &SamplingParams::default(), &mut rng) != 5));
     }
 }

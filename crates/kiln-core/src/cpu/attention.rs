@@ -9,10 +9,10 @@
 //!   dv_j = Σ_i p_ij do_i,  dp_ij = do_i·v_j,  ds_ij = p_ij (dp_ij − D_i)
 //!   dq_i = scale Σ_j ds_ij k_j,  dk_j = scale Σ_i ds_ij q_i
 
-use super::fast_exp::fast_exp;
 use super::matmul::{gemm_strided, Strided};
 use super::Shared;
 use crate::backend::Attention;
+use crate::fast_exp::fast_exp;
 use rayon::prelude::*;
 
 const BLOCK: usize = 64;

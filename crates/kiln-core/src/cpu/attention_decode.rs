@@ -4,9 +4,9 @@
 //! computed exactly (two passes over the scores), one task per (query, head). The dot products
 //! run in 16 partial sums and the exponentials through [`fast_exp`], so both vectorise.
 
-use super::fast_exp::fast_exp;
 use super::Shared;
 use crate::backend::DecodeAttention;
+use crate::fast_exp::fast_exp;
 use rayon::prelude::*;
 
 pub fn forward(

@@ -4,7 +4,7 @@
 //! Loss = Σ_rows weight·nll, so  dz_j = weight·(softmax(z)_j − [j = t]).
 //! Rows with a negative target contribute nothing.
 
-use super::fast_exp::fast_exp;
+use crate::fast_exp::fast_exp;
 use rayon::prelude::*;
 
 /// The row's largest value and `log Σ_j exp(z_j)`.

@@ -1,7 +1,7 @@
 //! Element-wise kernels: residual adds, scaling, reductions, bias and SwiGLU.
 
-use super::fast_exp::sigmoid;
 use crate::backend::ColumnCopy;
+use crate::fast_exp::sigmoid;
 use rayon::prelude::*;
 
 /// Elements per parallel task: large enough to amortise rayon's scheduling.

@@ -11,7 +11,6 @@ mod bf16_pack;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
-pub mod fast_exp;
 mod frozen_weights;
 mod matmul;
 mod matmul_bf16;

@@ -7,8 +7,8 @@
 //!   plain:       ds_m = g_m
 //!   dz = ds · s(1 − s)
 
-use super::fast_exp::sigmoid;
 use crate::backend::Routing;
+use crate::fast_exp::sigmoid;
 use rayon::prelude::*;
 
 /// Indices of the `k` largest values, largest first (ties: lower index first).

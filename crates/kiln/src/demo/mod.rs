@@ -283,7 +283,6 @@ fn demo(args: &Args) -> Result<()> {
     let grpo_summary = grpo::run(local(), &grpo_config, None, false)?;
     let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
     let reinforced = score(&grpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
-    let pref = |s: Option<dpo::PairStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen));
 
     println!();
     print_sft_rows(&before, &after, summary.steps, dpo_summary.eval_before);
@@ -292,7 +291,7 @@ fn demo(args: &Args) -> Result<()> {
         dpo_summary.steps,
         aligned.eval_loss,
         100.0 * aligned.accuracy,
-        pref(dpo_summary.eval)
+        prefers(dpo_summary.eval)
     );
     let rm_acc = |s: Option<rm::RmStats>| s.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.accuracy));
     println!(
@@ -353,8 +352,13 @@ fn print_sft_rows(before: &Scores, after: &Scores, steps: u64, prefers_chosen: O
         "| after SFT ({steps} steps) | {:.3} | {:.1}% | {} |",
         after.eval_loss,
         100.0 * after.accuracy,
-        prefers_chosen.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen))
+        prefers(prefers_chosen)
     );
+}
+
+/// The share of held-out pairs whose chosen answer the model prefers, or "-".
+fn prefers(stats: Option<dpo::PairStats>) -> String {
+    stats.map_or("-".to_string(), |s| format!("{:.1}%", 100.0 * s.prefers_chosen))
 }
 
 fn make_base(out: &Path, steps: u64) -> Result<()> {

@@ -27,6 +27,18 @@ pub enum Precision {
     Bf16,
 }
 
+impl Precision {
+    /// The f32 words of a buffer that stores `values` values in this precision: one per word
+    /// for f32; two per word for bf16, value `2i` in the low and `2i + 1` in the high 16 bits
+    /// of word `i` (a key/value cache in bf16, see [`Backend::scatter_rows`]).
+    pub fn words(self, values: usize) -> usize {
+        match self {
+            Precision::F32 => values,
+            Precision::Bf16 => values.div_ceil(2),
+        }
+    }
+}
+
 /// `C (+)= op(A) · op(B)`, repeated `batch` times over contiguous matrices.
 ///
 /// `op(A)` is `[m, k]`: A is stored `[m, k]`, or `[k, m]` when `trans_a`.
@@ -188,6 +200,10 @@ pub struct DecodeAttention {
     pub v_head_dim: usize,
     pub scale: f32,
     pub window: Option<usize>,
+    /// How the cache stores its keys and values ([`Precision::words`]): bf16 in mixed
+    /// precision, as a bf16 model's cache does in transformers, halving the memory decode
+    /// reads for every new token.
+    pub cache: Precision,
 }
 
 /// DeepSeek-V3's mixture-of-experts router over `experts` experts split into `groups` groups.
@@ -323,8 +339,16 @@ pub trait Backend: Send + Sync {
     /// `dtable[ids[t], :] += dout[t, :]` (accumulate).
     fn embedding_backward(&self, dtable: &mut Self::Slice, dout: &Self::Slice, ids: &Self::Index, dim: usize);
     /// `dst[rows[t], :] = src[t, :]` for rows of width `dim`; a negative row skips `t`
-    /// (writes a batch's keys and values into a cache).
-    fn scatter_rows(&self, dst: &mut Self::Slice, src: &Self::Slice, rows: &Self::Index, dim: usize);
+    /// (writes a batch's keys and values into a cache). `dst` stores its values in `storage`
+    /// ([`Precision::words`]; bf16 rounds to nearest, ties to even); `dim` is even for bf16.
+    fn scatter_rows(
+        &self,
+        dst: &mut Self::Slice,
+        src: &Self::Slice,
+        rows: &Self::Index,
+        dim: usize,
+        storage: Precision,
+    );
 
     // ---- normalisation ------------------------------------------------------------------
     /// `y = x · rstd · w` per row of width `w.len()`, `rstd = 1/sqrt(mean(x²) + eps)` saved.

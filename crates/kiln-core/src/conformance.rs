@@ -273,14 +273,16 @@ pub fn copy_columns<B: Backend>(b: &B) {
     }
 }
 
+/// Rows written into an f32 buffer land exactly; into bf16 storage as the nearest bf16, two
+/// values to a word (value `2i` in the low half of word `i`).
 pub fn scatter_rows<B: Backend>(b: &B) {
     let mut rng = Rng::new(33);
-    let dim = 5;
+    let dim = 6;
     let dst = rng.normal_vec(6 * dim, 1.0);
     let src = rng.normal_vec(3 * dim, 1.0);
     let rows = [4, -1, 0];
     let mut got = b.upload(&dst);
-    b.scatter_rows(&mut got, &b.upload(&src), &b.upload_index(&rows), dim);
+    b.scatter_rows(&mut got, &b.upload(&src), &b.upload_index(&rows), dim, Precision::F32);
     let mut want: Vec<f64> = dst.iter().map(|&x| x as f64).collect();
     for (t, &r) in rows.iter().enumerate().filter(|(_, &r)| r >= 0) {
         for c in 0..dim {
@@ -288,6 +290,18 @@ pub fn scatter_rows<B: Backend>(b: &B) {
         }
     }
     assert_close("scatter_rows", &b.read(&got), &want, 0.0, 0.0);
+
+    let mut packed = b.zeros(Precision::Bf16.words(6 * dim));
+    b.scatter_rows(&mut packed, &b.upload(&src), &b.upload_index(&rows), dim, Precision::Bf16);
+    let values: Vec<u16> =
+        b.read(&packed).iter().flat_map(|w| [w.to_bits() as u16, (w.to_bits() >> 16) as u16]).collect();
+    let mut want = vec![0u16; 6 * dim];
+    for (t, &r) in rows.iter().enumerate().filter(|(_, &r)| r >= 0) {
+        for c in 0..dim {
+            want[r as usize * dim + c] = bf16::round(src[t * dim + c]);
+        }
+    }
+    assert_eq!(values, want, "scatter_rows into bf16 storage");
 }
 
 pub fn elementwise<B: Backend>(b: &B) {
@@ -824,26 +838,58 @@ pub fn adamw<B: Backend>(b: &B) {
     assert_close("adamw v", &b.read(&v), &rv, 1e-6, 1e-5);
 }
 
-/// Decoding over a cache gives what full causal attention gives at the same positions.
+/// Decoding over a cache gives what full causal attention gives at the same positions; over a
+/// bf16 cache, what it gives for the bf16-rounded keys and values (the cache widens exactly).
 pub fn attention_decode<B: Backend>(b: &B) {
     let mut rng = Rng::new(31);
     let (seq, q_heads, kv_heads, head_dim, v_head_dim) = (9, 4, 2, 8, 6);
-    for window in [None, Some(4)] {
+    for (window, cache) in
+        [(None, Precision::F32), (Some(4), Precision::F32), (None, Precision::Bf16), (Some(4), Precision::Bf16)]
+    {
         let spec = Attention { batch: 1, seq, q_heads, kv_heads, head_dim, v_head_dim, scale: 0.4, window };
         let q = rng.normal_vec(seq * q_heads * head_dim, 1.0);
-        let k = rng.normal_vec(seq * kv_heads * head_dim, 1.0);
-        let v = rng.normal_vec(seq * kv_heads * v_head_dim, 1.0);
-        let (qb, kb, vb) = (b.upload(&q), b.upload(&k), b.upload(&v));
+        let mut k = rng.normal_vec(seq * kv_heads * head_dim, 1.0);
+        let mut v = rng.normal_vec(seq * kv_heads * v_head_dim, 1.0);
+        let all_rows = b.upload_index(&(0..seq as i32).collect::<Vec<_>>());
+        let (kc, vc) = match cache {
+            Precision::F32 => (b.upload(&k), b.upload(&v)),
+            Precision::Bf16 => {
+                let mut kc = b.zeros(cache.words(k.len()));
+                let mut vc = b.zeros(cache.words(v.len()));
+                b.scatter_rows(&mut kc, &b.upload(&k), &all_rows, kv_heads * head_dim, cache);
+                b.scatter_rows(&mut vc, &b.upload(&v), &all_rows, kv_heads * v_head_dim, cache);
+                for x in k.iter_mut().chain(v.iter_mut()) {
+                    *x = bf16::widen(bf16::round(*x));
+                }
+                (kc, vc)
+            }
+        };
+        let qb = b.upload(&q);
         let mut full = b.zeros(seq * q_heads * v_head_dim);
         let mut lse = b.zeros(seq * q_heads);
-        b.attention_forward(&mut full, &mut lse, &qb, &kb, &vb, &b.upload_index(&vec![0; seq]), spec);
+        b.attention_forward(
+            &mut full,
+            &mut lse,
+            &qb,
+            &b.upload(&k),
+            &b.upload(&v),
+            &b.upload_index(&vec![0; seq]),
+            spec,
+        );
         // Query i is the newest token of a sequence whose cache holds rows 0..=i.
-        let decode = DecodeAttention { queries: seq, q_heads, kv_heads, head_dim, v_head_dim, scale: 0.4, window };
+        let decode =
+            DecodeAttention { queries: seq, q_heads, kv_heads, head_dim, v_head_dim, scale: 0.4, window, cache };
         let mut out = b.zeros(seq * q_heads * v_head_dim);
         let starts = b.upload_index(&vec![0; seq]);
         let lengths = b.upload_index(&(1..=seq as i32).collect::<Vec<_>>());
-        b.attention_decode(&mut out, &qb, &kb, &vb, &starts, &lengths, decode);
+        b.attention_decode(&mut out, &qb, &kc, &vc, &starts, &lengths, decode);
         let want: Vec<f64> = b.read(&full).iter().map(|&x| x as f64).collect();
-        assert_close("attention_decode vs attention_forward", &b.read(&out), &want, 1e-5, 1e-4);
+        assert_close(
+            &format!("attention_decode ({cache:?} cache) vs attention_forward"),
+            &b.read(&out),
+            &want,
+            1e-5,
+            1e-4,
+        );
     }
 }

@@ -13,6 +13,7 @@ use crate::sampler::{logprob_entropy, sample, SamplingParams};
 use crate::{Activations, ActivationsPool, Batch, Model};
 use kiln_core::rng::Rng;
 use kiln_core::{Backend, FrozenWeights};
+use rayon::prelude::*;
 
 pub struct Request {
     pub prompt: Vec<i32>,
@@ -83,7 +84,7 @@ pub fn generate<B: Backend>(
     let _frozen = FrozenWeights::new(b);
     let max_len = requests.iter().map(|r| r.prompt.len() + r.params.max_new_tokens).max().unwrap_or(1);
     let slots = max_batch.min(requests.len()).max(1);
-    let mut cache = KvCache::new(b, &model.config, slots, max_len);
+    let mut cache = KvCache::new(b, &model.config, slots, max_len, model.matmul_precision());
     let vocab = model.config.vocab_size;
     let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut waiting = 0..requests.len();
@@ -91,19 +92,17 @@ pub fn generate<B: Backend>(
     let mut done: Vec<Option<Generation>> = vec![None; requests.len()];
     let mut decode_acts = ActivationsPool::new(&model.config, 1, false, false);
 
-    // Appends the token drawn from `logits`; true when the sequence is finished.
-    let advance = |r: &mut Running, logits: &[f32], stop: &mut dyn FnMut(usize, &[i32]) -> bool| -> bool {
+    // Appends `draw`; true when the sequence is finished.
+    let advance = |r: &mut Running, draw: Draw, stop: &mut dyn FnMut(usize, &[i32]) -> bool| -> bool {
         let params = &requests[r.request].params;
-        let token = sample(logits, params, &mut r.rng) as i32;
-        if params.stop_ids.contains(&token) {
+        if params.stop_ids.contains(&draw.token) {
             r.out.finish = FinishReason::Stop;
             return true;
         }
-        r.out.tokens.push(token);
-        let (logprob, entropy) = logprob_entropy(logits, token as usize);
-        r.out.logprobs.push(logprob);
-        r.out.entropies.push(entropy);
-        r.tokens.push(token);
+        r.out.tokens.push(draw.token);
+        r.out.logprobs.push(draw.logprob);
+        r.out.entropies.push(draw.entropy);
+        r.tokens.push(draw.token);
         if stop(r.request, &r.out.tokens) {
             r.out.finish = FinishReason::Stop;
             return true;
@@ -143,8 +142,9 @@ pub fn generate<B: Backend>(
             let mut acts = Activations::new(b, &model.config, admitted.len(), seq, false, false);
             let plan = CachePlan { rows: &rows, decode: None, logits_at: &last };
             let logits = model.forward_cached(b, &mut acts, &batch, &mut cache, &plan);
-            for (i, &(request, slot)) in admitted.iter().enumerate() {
-                let mut r = Running {
+            let mut fresh: Vec<Running> = admitted
+                .iter()
+                .map(|&(request, slot)| Running {
                     request,
                     slot,
                     tokens: requests[request].prompt.clone(),
@@ -155,12 +155,14 @@ pub fn generate<B: Backend>(
                         finish: FinishReason::Length,
                     },
                     rng: Rng::new(requests[request].params.seed),
-                };
-                let finished = requests[request].params.max_new_tokens == 0
-                    || advance(&mut r, &logits[i * vocab..(i + 1) * vocab], stop);
+                })
+                .collect();
+            let draws = draw_all(&mut fresh, &logits, vocab, requests);
+            for (mut r, draw) in fresh.into_iter().zip(draws) {
+                let finished = requests[r.request].params.max_new_tokens == 0 || advance(&mut r, draw, stop);
                 if finished {
-                    free.push(slot);
-                    done[request] = Some(r.out);
+                    free.push(r.slot);
+                    done[r.request] = Some(r.out);
                 } else {
                     running.push(r);
                 }
@@ -188,9 +190,10 @@ pub fn generate<B: Backend>(
         let every: Vec<i32> = (0..n as i32).collect();
         let plan = CachePlan { rows: &rows, decode: Some((&starts, &lengths)), logits_at: &every };
         let logits = model.forward_cached(b, acts, &batch, &mut cache, &plan);
+        let draws = draw_all(&mut running, &logits, vocab, requests);
         let mut still = Vec::with_capacity(n);
-        for (i, mut r) in running.drain(..).enumerate() {
-            if advance(&mut r, &logits[i * vocab..(i + 1) * vocab], stop) {
+        for (mut r, draw) in running.drain(..).zip(draws) {
+            if advance(&mut r, draw, stop) {
                 free.push(r.slot);
                 done[r.request] = Some(r.out);
             } else {
@@ -200,6 +203,27 @@ pub fn generate<B: Backend>(
         running = still;
     }
     done.into_iter().map(|g| g.expect("every request finishes")).collect()
+}
+
+/// A sequence's next token and the model's log-prob of it and entropy there.
+struct Draw {
+    token: i32,
+    logprob: f32,
+    entropy: f32,
+}
+
+/// The next token of every sequence of `running` from its row of `logits` (rows of `vocab`),
+/// drawn with its own generator: in parallel, as each sequence's draws depend only on it.
+fn draw_all(running: &mut [Running], logits: &[f32], vocab: usize, requests: &[Request]) -> Vec<Draw> {
+    running
+        .par_iter_mut()
+        .zip(logits.par_chunks_exact(vocab))
+        .map(|(r, logits)| {
+            let token = sample(logits, &requests[r.request].params, &mut r.rng);
+            let (logprob, entropy) = logprob_entropy(logits, token);
+            Draw { token: token as i32, logprob, entropy }
+        })
+        .collect()
 }
 
 /// Whether any rank of the model's expert group (just this one without expert parallel) has

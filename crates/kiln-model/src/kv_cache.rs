@@ -7,7 +7,7 @@
 //! cache (c_kv and k_pe only, up-projections absorbed) is a later optimisation.
 
 use crate::config::{AttentionKind, Config};
-use kiln_core::{Backend, DecodeAttention};
+use kiln_core::{Backend, DecodeAttention, Precision};
 
 pub struct KvCache<B: Backend> {
     pub slots: usize,
@@ -17,10 +17,14 @@ pub struct KvCache<B: Backend> {
     kv_heads: usize,
     head_dim: usize,
     v_head_dim: usize,
+    /// How keys and values are stored: the model's matrix-product precision.
+    pub(crate) storage: Precision,
 }
 
 impl<B: Backend> KvCache<B> {
-    pub fn new(b: &B, cfg: &Config, slots: usize, max_len: usize) -> Self {
+    /// A cache storing its keys and values in `storage` (bf16 for a bf16 model: decode reads
+    /// every cached row for every new token, so this halves its memory traffic).
+    pub fn new(b: &B, cfg: &Config, slots: usize, max_len: usize, storage: Precision) -> Self {
         let (kv_heads, head_dim, v_head_dim) = match &cfg.attention {
             AttentionKind::Gqa => (cfg.num_kv_heads, cfg.head_dim, cfg.head_dim),
             AttentionKind::Mla(m) => (cfg.num_heads, cfg.head_dim, m.v_head_dim),
@@ -30,11 +34,12 @@ impl<B: Backend> KvCache<B> {
         Self {
             slots,
             max_len,
-            k: (0..cfg.num_layers).map(|_| b.zeros(rows * k_row)).collect(),
-            v: (0..cfg.num_layers).map(|_| b.zeros(rows * v_row)).collect(),
+            k: (0..cfg.num_layers).map(|_| b.zeros(storage.words(rows * k_row))).collect(),
+            v: (0..cfg.num_layers).map(|_| b.zeros(storage.words(rows * v_row))).collect(),
             kv_heads,
             head_dim,
             v_head_dim,
+            storage,
         }
     }
 
@@ -60,6 +65,7 @@ impl<B: Backend> KvCache<B> {
             v_head_dim: self.v_head_dim,
             scale,
             window,
+            cache: self.storage,
         }
     }
 }

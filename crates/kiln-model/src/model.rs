@@ -345,7 +345,8 @@ impl<B: Backend> Model<B> {
         });
         if let (Some((kv, plan)), Some((rows, decode))) = (&cache, &indices) {
             let spec = kv.decode_spec(plan.rows.len(), c.num_heads, c.attention_scale, None);
-            view.cache = Some(CacheCtx { rows, decode: decode.as_ref().map(|(s, l)| (s, l, spec)) });
+            view.cache =
+                Some(CacheCtx { rows, storage: kv.storage, decode: decode.as_ref().map(|(s, l)| (s, l, spec)) });
         }
         let mut loads = Vec::new();
         for l in 0..c.num_layers {

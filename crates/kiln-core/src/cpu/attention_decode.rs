@@ -1,11 +1,19 @@
 //! Attention of new tokens over a key/value cache (decoding): for query i and head h, over its
 //! cached rows j,
 //!   s_j = scale·q·k_j,  p_j = exp(s_j − max s) / Σ exp(s − max s),  o = Σ_j p_j v_j
-//! computed exactly (two passes over the scores), one task per (query, head). The dot products
-//! run in 16 partial sums and the exponentials through [`fast_exp`], so both vectorise.
+//! computed exactly (two passes over the scores).
+//!
+//! Decode is bound by reading the cache, so a task owns one query and a block of its KV heads
+//! (all of them when there are enough queries to keep every thread busy) and walks the cached
+//! rows in order, each row's heads together: the reads stream through memory instead of
+//! striding across it head by head. The dot products and the weighted sums of values run 16
+//! lanes at a time (AVX-512 where the CPU has it; the compiler does not reliably vectorise a
+//! dot product's reduction), the exponentials through [`fast_exp`]. A bf16 cache is widened to
+//! f32 as it is read (exactly), so only memory traffic differs from an f32 one.
 
+use super::kv_cache::{as_bf16, Stored};
 use super::Shared;
-use crate::backend::DecodeAttention;
+use crate::backend::{DecodeAttention, Precision};
 use crate::fast_exp::fast_exp;
 use rayon::prelude::*;
 
@@ -18,73 +26,223 @@ pub fn forward(
     lengths: &[i32],
     spec: DecodeAttention,
 ) {
-    let DecodeAttention { queries, q_heads, kv_heads, head_dim, v_head_dim, scale, window } = spec;
-    assert!(
-        kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
-        "attention_decode: q heads must be a multiple of kv heads"
-    );
-    assert_eq!(q.len(), queries * q_heads * head_dim, "attention_decode: q size");
-    assert_eq!(out.len(), queries * q_heads * v_head_dim, "attention_decode: out size");
-    assert!(starts.len() == queries && lengths.len() == queries, "attention_decode: one start and length per query");
-    let (k_row, v_row) = (kv_heads * head_dim, kv_heads * v_head_dim);
-    let cache_rows = k_cache.len() / k_row;
-    assert_eq!(v_cache.len() / v_row, cache_rows, "attention_decode: k and v caches differ in rows");
-    let group = q_heads / kv_heads;
-    let out_ptr = Shared(out.as_mut_ptr());
-    (0..queries * q_heads).into_par_iter().for_each(|task| {
-        let (i, h) = (task / q_heads, task % q_heads);
-        let (start, len) = (starts[i] as usize, lengths[i] as usize);
+    let caches = Caches { starts, lengths, spec };
+    let vector = avx512_available();
+    match spec.cache {
+        Precision::F32 => caches.attend(out, q, k_cache, v_cache, vector),
+        Precision::Bf16 => caches.attend(out, q, as_bf16(k_cache), as_bf16(v_cache), vector),
+    }
+}
+
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Which cached rows each query attends, and the heads' shapes.
+struct Caches<'a> {
+    starts: &'a [i32],
+    lengths: &'a [i32],
+    spec: DecodeAttention,
+}
+
+/// One task's share: query `query`, its query heads `heads`, over cache rows `rows`.
+struct Task<'a, T> {
+    q: &'a [f32],
+    k_cache: &'a [T],
+    v_cache: &'a [T],
+    rows: std::ops::Range<usize>,
+    heads: std::ops::Range<usize>,
+    spec: DecodeAttention,
+}
+
+impl Caches<'_> {
+    /// Attention of every query, with the AVX-512 row operations when `vector`.
+    fn attend<T: Stored>(&self, out: &mut [f32], q: &[f32], k_cache: &[T], v_cache: &[T], vector: bool) {
+        let spec = self.spec;
+        let DecodeAttention { queries, q_heads, kv_heads, head_dim, v_head_dim, window, .. } = spec;
         assert!(
-            len > 0 && start + len <= cache_rows,
-            "attention_decode: rows {start}..{} beyond the cache",
-            start + len
+            kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
+            "attention_decode: q heads must be a multiple of kv heads"
         );
-        let first = window.map_or(0, |w| len.saturating_sub(w));
-        let kv = h / group;
-        let qv = &q[(i * q_heads + h) * head_dim..][..head_dim];
-        let mut weights: Vec<f32> = (first..len)
-            .map(|j| scale * dot(qv, &k_cache[(start + j) * k_row + kv * head_dim..][..head_dim]))
-            .collect();
-        let max = weights.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        weights.iter_mut().for_each(|w| *w = fast_exp(*w - max));
-        let sum: f32 = weights.iter().sum();
-        // SAFETY: each task writes its own (query, head) slice of `out`.
-        let o =
-            unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr().add((i * q_heads + h) * v_head_dim), v_head_dim) };
+        assert_eq!(q.len(), queries * q_heads * head_dim, "attention_decode: q size");
+        assert_eq!(out.len(), queries * q_heads * v_head_dim, "attention_decode: out size");
+        assert!(
+            self.starts.len() == queries && self.lengths.len() == queries,
+            "attention_decode: one start and length per query"
+        );
+        let cache_rows = k_cache.len() / (kv_heads * head_dim);
+        assert_eq!(
+            v_cache.len() / (kv_heads * v_head_dim),
+            cache_rows,
+            "attention_decode: k and v caches differ in rows"
+        );
+        let group = q_heads / kv_heads;
+        // KV heads per task: all of a query's, unless that leaves threads idle.
+        let kv_per_task = if queries >= 2 * rayon::current_num_threads() { kv_heads } else { 1 };
+        let blocks = kv_heads / kv_per_task;
+        let out_ptr = Shared(out.as_mut_ptr());
+        (0..queries * blocks).into_par_iter().for_each(|t| {
+            let (i, block) = (t / blocks, t % blocks);
+            let (start, len) = (self.starts[i] as usize, self.lengths[i] as usize);
+            assert!(
+                len > 0 && start + len <= cache_rows,
+                "attention_decode: rows {start}..{} beyond the cache",
+                start + len
+            );
+            let first = window.map_or(0, |w| len.saturating_sub(w));
+            let heads = block * kv_per_task * group..(block + 1) * kv_per_task * group;
+            // SAFETY: each task writes its own (query, heads) slice of `out`.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(
+                    out_ptr.ptr().add((i * q_heads + heads.start) * v_head_dim),
+                    heads.len() * v_head_dim,
+                )
+            };
+            let q = &q[(i * q_heads + heads.start) * head_dim..][..heads.len() * head_dim];
+            let task = Task { q, k_cache, v_cache, rows: start + first..start + len, heads, spec };
+            #[cfg(target_arch = "x86_64")]
+            if vector {
+                // SAFETY: the CPU has AVX-512 (checked by the caller).
+                return unsafe { avx512::run(&task, o) };
+            }
+            task.run(o, dot, axpy);
+        });
+    }
+}
+
+impl<T: Stored> Task<'_, T> {
+    /// `o` (this task's heads' outputs) from the row operations `dot` and `axpy`.
+    #[inline(always)]
+    fn run(&self, o: &mut [f32], dot: impl Fn(&[f32], &[T]) -> f32, axpy: impl Fn(&mut [f32], f32, &[T])) {
+        let DecodeAttention { q_heads, kv_heads, head_dim, v_head_dim, scale, .. } = self.spec;
+        let (k_row, v_row, group) = (kv_heads * head_dim, kv_heads * v_head_dim, q_heads / kv_heads);
+        let n = self.rows.len();
+        // weights[hh·n + j]: head `heads.start + hh` on the j-th attended row.
+        let mut weights = vec![0f32; self.heads.len() * n];
+        for (j, r) in self.rows.clone().enumerate() {
+            let k = &self.k_cache[r * k_row..][..k_row];
+            for (hh, (h, q)) in self.heads.clone().zip(self.q.chunks_exact(head_dim)).enumerate() {
+                weights[hh * n + j] = scale * dot(q, &k[h / group * head_dim..][..head_dim]);
+            }
+        }
+        for w in weights.chunks_exact_mut(n) {
+            let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            w.iter_mut().for_each(|s| *s = fast_exp(*s - max));
+            let inv_sum = 1.0 / w.iter().sum::<f32>();
+            w.iter_mut().for_each(|p| *p *= inv_sum);
+        }
         o.iter_mut().for_each(|x| *x = 0.0);
-        let inv_sum = 1.0 / sum;
-        for (j, w) in (first..len).zip(&weights) {
-            let v = &v_cache[(start + j) * v_row + kv * v_head_dim..][..v_head_dim];
-            axpy(o, w * inv_sum, v);
-        }
-    });
-}
-
-/// `Σ_i a_i·b_i` as 16 interleaved partial sums (one vector register), then their total.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = a16.remainder().iter().zip(b16.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a16.zip(b16) {
-        for l in 0..16 {
-            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+        for (j, r) in self.rows.clone().enumerate() {
+            let v = &self.v_cache[r * v_row..][..v_row];
+            for (hh, (h, o)) in self.heads.clone().zip(o.chunks_exact_mut(v_head_dim)).enumerate() {
+                axpy(o, weights[hh * n + j], &v[h / group * v_head_dim..][..v_head_dim]);
+            }
         }
     }
-    lanes.iter().sum::<f32>() + tail
 }
 
-/// `o += p·v`, 16 lanes at a time.
-#[inline]
-fn axpy(o: &mut [f32], p: f32, v: &[f32]) {
-    let mut o16 = o.chunks_exact_mut(16);
-    let mut v16 = v.chunks_exact(16);
-    for (o, v) in (&mut o16).zip(&mut v16) {
-        for l in 0..16 {
-            o[l] = p.mul_add(v[l], o[l]);
+/// `Σ_i a_i·b_i`, sequentially.
+fn dot<T: Stored>(a: &[f32], b: &[T]) -> f32 {
+    a.iter().zip(b).fold(0.0, |s, (x, y)| x.mul_add(y.widen(), s))
+}
+
+/// `o += p·v`.
+fn axpy<T: Stored>(o: &mut [f32], p: f32, v: &[T]) {
+    for (o, v) in o.iter_mut().zip(v) {
+        *o = p.mul_add(v.widen(), *o);
+    }
+}
+
+/// The row operations 16 lanes at a time.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Stored, Task};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn run<T: Stored>(task: &Task<T>, o: &mut [f32]) {
+        task.run(o, |a, b| unsafe { dot(a, b) }, |o, p, v| unsafe { axpy(o, p, v) });
+    }
+
+    /// 16 stored values from `p`, widened.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16<T: Stored>(p: *const T) -> __m512 {
+        if T::BF16 {
+            let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+        } else {
+            _mm512_loadu_ps(p.cast())
         }
     }
-    for (o, v) in o16.into_remainder().iter_mut().zip(v16.remainder()) {
-        *o = p.mul_add(*v, *o);
+
+    /// `Σ_i a_i·b_i` in 16 partial sums, then their total.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dot<T: Stored>(a: &[f32], b: &[T]) -> f32 {
+        let whole = a.len() / 16 * 16;
+        let mut sums = _mm512_setzero_ps();
+        for i in (0..whole).step_by(16) {
+            sums = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(i)), load16(b.as_ptr().add(i)), sums);
+        }
+        _mm512_reduce_add_ps(sums) + super::dot(&a[whole..], &b[whole..])
+    }
+
+    /// `o += p·v`, 16 lanes at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn axpy<T: Stored>(o: &mut [f32], p: f32, v: &[T]) {
+        let whole = o.len() / 16 * 16;
+        let pv = _mm512_set1_ps(p);
+        for i in (0..whole).step_by(16) {
+            let at = o.as_mut_ptr().add(i);
+            _mm512_storeu_ps(at, _mm512_fmadd_ps(pv, load16(v.as_ptr().add(i)), _mm512_loadu_ps(at)));
+        }
+        super::axpy(&mut o[whole..], p, &v[whole..]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    /// The AVX-512 rows agree with the portable ones (the conformance suite checks whichever
+    /// this CPU runs against full attention).
+    #[test]
+    fn vector_rows_match_portable_rows() {
+        if !avx512_available() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let mut rng = Rng::new(5);
+        let (queries, q_heads, kv_heads, head_dim, v_head_dim, rows) = (3, 4, 2, 40, 24, 30);
+        let spec = DecodeAttention {
+            queries,
+            q_heads,
+            kv_heads,
+            head_dim,
+            v_head_dim,
+            scale: 0.3,
+            window: Some(7),
+            cache: Precision::F32,
+        };
+        let q = rng.normal_vec(queries * q_heads * head_dim, 1.0);
+        let k = rng.normal_vec(rows * kv_heads * head_dim, 1.0);
+        let v = rng.normal_vec(rows * kv_heads * v_head_dim, 1.0);
+        let (starts, lengths) = ([0, 10, 3], [30, 5, 20]);
+        let caches = Caches { starts: &starts, lengths: &lengths, spec };
+        let mut outs = [true, false].map(|vector| {
+            let mut out = vec![0f32; queries * q_heads * v_head_dim];
+            caches.attend(&mut out, &q, &k, &v, vector);
+            out
+        });
+        let [vector, portable] = &mut outs;
+        for (a, b) in vector.iter().zip(portable.iter()) {
+            assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "{a} vs {b}");
+        }
     }
 }

@@ -12,6 +12,7 @@ mod cross_entropy;
 mod elementwise;
 mod embedding;
 mod frozen_weights;
+mod kv_cache;
 mod matmul;
 mod matmul_bf16;
 mod moe_dispatch;
@@ -160,14 +161,8 @@ impl Backend for Cpu {
         rope::backward(dx, table, positions, spec);
     }
 
-    fn scatter_rows(&self, dst: &mut [f32], src: &[f32], rows: &Vec<i32>, dim: usize) {
-        assert_eq!(src.len(), rows.len() * dim, "scatter_rows: {} values for {} rows of {dim}", src.len(), rows.len());
-        let dst_rows = dst.len() / dim.max(1);
-        for (t, &r) in rows.iter().enumerate().filter(|(_, &r)| r >= 0) {
-            let r = r as usize;
-            assert!(r < dst_rows, "scatter_rows: row {r} beyond {dst_rows}");
-            dst[r * dim..(r + 1) * dim].copy_from_slice(&src[t * dim..(t + 1) * dim]);
-        }
+    fn scatter_rows(&self, dst: &mut [f32], src: &[f32], rows: &Vec<i32>, dim: usize, storage: backend::Precision) {
+        kv_cache::scatter_rows(dst, src, rows, dim, storage);
     }
     fn attention_decode(
         &self,

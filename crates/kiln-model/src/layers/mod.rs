@@ -28,6 +28,8 @@ pub struct AttnCtx<'a, B: Backend> {
 /// (`starts`, `lengths`) with the decode attention.
 pub struct CacheCtx<'a, B: Backend> {
     pub rows: &'a B::Index,
+    /// How the cache stores keys and values.
+    pub storage: Precision,
     pub decode: Option<(&'a B::Index, &'a B::Index, DecodeAttention)>,
 }
 
@@ -53,8 +55,8 @@ pub(crate) fn attend<B: Backend>(
     ctx: &AttnCtx<B>,
 ) {
     if let (Some((kc, vc)), Some(cache)) = (kv, &ctx.cache) {
-        b.scatter_rows(kc, k, cache.rows, k_row);
-        b.scatter_rows(vc, v, cache.rows, v_row);
+        b.scatter_rows(kc, k, cache.rows, k_row, cache.storage);
+        b.scatter_rows(vc, v, cache.rows, v_row, cache.storage);
         if let Some((starts, lengths, spec)) = cache.decode {
             b.attention_decode(att, q, kc, vc, starts, lengths, spec);
             return;

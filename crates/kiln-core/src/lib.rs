@@ -9,6 +9,7 @@ pub mod bf16;
 pub mod conformance;
 pub mod cpu;
 pub mod fast_exp;
+pub mod reduce;
 pub mod rng;
 
 pub use backend::{

@@ -5,6 +5,7 @@
 //! the chosen token: what a training step computes for it.
 
 use kiln_core::fast_exp::fast_exp;
+use kiln_core::reduce;
 use kiln_core::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -33,15 +34,12 @@ impl Default for SamplingParams {
 ///   with z_i = x_i − max x, Z = Σ e^{z_i}:  log p_token = z_token − log Z,
 ///   H = −Σ p_i log p_i = log Z − Σ e^{z_i} z_i / Z.
 pub fn logprob_entropy(logits: &[f32], token: usize) -> (f32, f32) {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let max = reduce::max(logits);
     // The exponentials vectorise in f32 (relative error below 2e-7); the sums are f64. A
     // masked (−∞) logit has probability 0 and adds nothing to either sum.
     let exps: Vec<f32> = logits.iter().map(|&x| if x > f32::NEG_INFINITY { fast_exp(x - max) } else { 0.0 }).collect();
-    let (mut z_sum, mut weighted) = (0f64, 0f64);
-    for (&x, &e) in logits.iter().zip(&exps).filter(|(_, &e)| e > 0.0) {
-        z_sum += e as f64;
-        weighted += e as f64 * (x - max) as f64;
-    }
+    let z_sum = sum_f64(&exps);
+    let weighted = lanes_f64(logits, &exps, |x, e| if e > 0.0 { e as f64 * (x - max) as f64 } else { 0.0 });
     let log_z = z_sum.ln();
     (((logits[token] - max) as f64 - log_z) as f32, (log_z - weighted / z_sum) as f32)
 }
@@ -54,20 +52,12 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> usize {
     if p.temperature <= 0.0 {
         return argmax().0;
     }
-    let max = argmax().1;
+    let max = reduce::max(logits);
     // e^((x − max)/T), exactly 0 for a masked (−∞) logit.
     let weight = |x: f32| if x > f32::NEG_INFINITY { fast_exp((x - max) / p.temperature) } else { 0.0 };
     if p.top_k == 0 && p.top_p >= 1.0 && p.min_p <= 0.0 {
         let weights: Vec<f32> = logits.iter().map(|&x| weight(x)).collect();
-        let total: f64 = weights.iter().map(|&w| w as f64).sum();
-        let mut u = rng.uniform() * total;
-        for (i, &w) in weights.iter().enumerate() {
-            u -= w as f64;
-            if u <= 0.0 {
-                return i;
-            }
-        }
-        return logits.len() - 1;
+        return draw_index(&weights, rng.uniform() * sum_f64(&weights));
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]);
@@ -105,6 +95,42 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> usize {
     order[keep - 1]
 }
 
+/// The first index at which the running sum of `weights` (f64) reaches `u`, the last if none
+/// does: chunk sums find the chunk, then its weights one by one.
+fn draw_index(weights: &[f32], mut u: f64) -> usize {
+    const CHUNK: usize = 256;
+    for (c, chunk) in weights.chunks(CHUNK).enumerate() {
+        let total = sum_f64(chunk);
+        if u <= total {
+            for (i, &w) in chunk.iter().enumerate() {
+                u -= w as f64;
+                if u <= 0.0 {
+                    return c * CHUNK + i;
+                }
+            }
+            return c * CHUNK + chunk.len() - 1;
+        }
+        u -= total;
+    }
+    weights.len() - 1
+}
+
+/// `Σ xs` in f64.
+fn sum_f64(xs: &[f32]) -> f64 {
+    lanes_f64(xs, xs, |x, _| x as f64)
+}
+
+/// `Σ_i term(a_i, b_i)` in 8 f64 partial sums (a sequential f64 sum runs at one add per four
+/// cycles; partial sums vectorise).
+fn lanes_f64(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f64) -> f64 {
+    let ((a8, a_tail), (b8, b_tail)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
+    let mut lanes = [0f64; 8];
+    for (x, y) in a8.iter().zip(b8) {
+        lanes = std::array::from_fn(|l| lanes[l] + term(x[l], y[l]));
+    }
+    lanes.iter().sum::<f64>() + a_tail.iter().zip(b_tail).map(|(&x, &y)| term(x, y)).sum::<f64>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +164,24 @@ mod tests {
         assert!((lp as f64 - p0.ln()).abs() < 1e-6 && (entropy as f64 - h).abs() < 1e-6, "{lp}, {entropy}");
         let mut rng = Rng::new(3);
         assert!((0..20_000).all(|_| sample(&masked, &SamplingParams::default(), &mut rng) != 5));
+    }
+
+    #[test]
+    fn chunked_draw_picks_the_index_a_running_sum_picks() {
+        let mut rng = Rng::new(9);
+        let weights: Vec<f32> = (0..1000).map(|_| rng.uniform() as f32).collect();
+        let total: f64 = weights.iter().map(|&w| w as f64).sum();
+        for _ in 0..1000 {
+            let u = rng.uniform() * total;
+            let mut left = u;
+            let want = weights.iter().position(|&w| {
+                left -= w as f64;
+                left <= 0.0
+            });
+            assert_eq!(draw_index(&weights, u), want.unwrap_or(weights.len() - 1), "u = {u}");
+        }
+        assert_eq!(draw_index(&weights, 2.0 * total), weights.len() - 1);
+        // Sums of a thousand f32s in [0, 1) are exact in f64, in any order.
+        assert_eq!((reduce::max(&weights), sum_f64(&weights)), (weights.iter().copied().fold(0.0, f32::max), total));
     }
 }

@@ -102,19 +102,27 @@ unsafe fn pack_with(
     let panel_len = pairs * width;
     let panel_count = count.div_ceil(width);
     let per_task = if parallel { panel_count.div_ceil(4 * rayon::current_num_threads()) } else { panel_count };
-    let vector = vector && width.is_multiple_of(BLOCK) && (sk == 1 || st == 1);
+    // A block spans 16 lanes, or all of a narrower pair-major panel's.
+    let block_lanes = width.min(BLOCK);
+    let vector = vector && (width.is_multiple_of(BLOCK) || panels.layout == Layout::PairMajor) && (sk == 1 || st == 1);
     let src = Shared(src as *mut f32);
     let task = |(g, dst): (usize, &mut [u32])| {
         let lanes = |p: usize| (count - p * width).min(width);
         // The lanes and pairs of panel p that whole blocks cover.
-        let blocked = |p: usize| if vector { (lanes(p) / BLOCK * BLOCK, k / (2 * BLOCK) * BLOCK) } else { (0, 0) };
+        let blocked = |p: usize| {
+            if vector {
+                (lanes(p) / block_lanes * block_lanes, k / (2 * BLOCK) * BLOCK)
+            } else {
+                (0, 0)
+            }
+        };
         let first = g * per_task;
         let vectors = |p: usize| unsafe { src.ptr().offset((p * width) as isize * st) };
         #[cfg(target_arch = "x86_64")]
         for (p, dst) in (first..).zip(dst.chunks_exact_mut(panel_len)) {
             let (lanes, pairs) = blocked(p);
             if lanes > 0 && pairs > 0 {
-                unsafe { blocks::pack(dst, panels, lanes, pairs, vectors(p), st, sk) };
+                unsafe { blocks::pack(dst, panels, block_lanes, lanes, pairs, vectors(p), st, sk) };
             }
         }
         if sk == 1 {
@@ -205,26 +213,31 @@ mod blocks {
     use super::{Panels, BLOCK};
     use std::arch::x86_64::*;
 
-    /// Packs lanes `0..lanes` and pairs `0..pairs` (multiples of 16) of one panel whose
-    /// vectors start at `src`; `sk == 1` or `st == 1`.
+    /// Packs lanes `0..lanes` (a multiple of `block_lanes`: 16, or a narrower pair-major
+    /// panel's width) and pairs `0..pairs` (a multiple of 16) of one panel whose vectors start
+    /// at `src`; `sk == 1` or `st == 1`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack(
         dst: &mut [u32],
         panels: Panels,
+        block_lanes: usize,
         lanes: usize,
         pairs: usize,
         src: *const f32,
         st: isize,
         sk: isize,
     ) {
-        let mut rows = [_mm512_setzero_si512(); BLOCK];
-        for i0 in (0..lanes).step_by(BLOCK) {
+        // The block's lanes among a register's 16.
+        let mask: __mmask16 = if block_lanes == BLOCK { !0 } else { (1 << block_lanes) - 1 };
+        for i0 in (0..lanes).step_by(block_lanes) {
             for q0 in (0..pairs).step_by(BLOCK) {
                 // `rows` holds the block lane by lane (rows[i] = 16 pairs of lane i0 + i) when
                 // each vector's k values are contiguous, else pair by pair.
+                let mut rows = [_mm512_setzero_si512(); BLOCK];
                 let by_lane = sk == 1;
                 if by_lane {
-                    for (i, row) in rows.iter_mut().enumerate() {
+                    for (i, row) in rows.iter_mut().enumerate().take(block_lanes) {
                         let x = src.offset((i0 + i) as isize * st + 2 * q0 as isize);
                         let (lo, hi) = (round16(_mm512_loadu_ps(x)), round16(_mm512_loadu_ps(x.add(16))));
                         let (lo, hi) = (_mm512_cvtepi32_epi16(lo), _mm512_cvtepi32_epi16(hi));
@@ -233,16 +246,21 @@ mod blocks {
                 } else {
                     for (q, row) in rows.iter_mut().enumerate() {
                         let even = src.offset(2 * (q0 + q) as isize * sk + i0 as isize);
-                        let (even, odd) = (round16(_mm512_loadu_ps(even)), round16(_mm512_loadu_ps(even.offset(sk))));
-                        *row = _mm512_or_si512(even, _mm512_slli_epi32::<16>(odd));
+                        let (even, odd) =
+                            (_mm512_maskz_loadu_ps(mask, even), _mm512_maskz_loadu_ps(mask, even.offset(sk)));
+                        *row = _mm512_or_si512(round16(even), _mm512_slli_epi32::<16>(round16(odd)));
                     }
                 }
                 if by_lane == panels.lanes_contiguous() {
                     transpose(&mut rows);
                 }
                 for (r, row) in rows.iter().enumerate() {
-                    let (q, i) = if panels.lanes_contiguous() { (q0 + r, i0) } else { (q0, i0 + r) };
-                    _mm512_storeu_si512(dst.as_mut_ptr().add(panels.at(q, i)) as *mut _, *row);
+                    if panels.lanes_contiguous() {
+                        let at = dst.as_mut_ptr().add(panels.at(q0 + r, i0));
+                        _mm512_mask_storeu_epi32(at as *mut _, mask, *row);
+                    } else if r < block_lanes {
+                        _mm512_storeu_si512(dst.as_mut_ptr().add(panels.at(q0, i0 + r)) as *mut _, *row);
+                    }
                 }
             }
         }
@@ -306,8 +324,12 @@ mod tests {
             return;
         }
         let mut rng = Rng::new(9);
-        for (width, layout) in [(32, Layout::PairMajor), (32, Layout::TileRowsAreLanes), (32, Layout::TileRowsArePairs)]
-        {
+        for (width, layout) in [
+            (12, Layout::PairMajor),
+            (32, Layout::PairMajor),
+            (32, Layout::TileRowsAreLanes),
+            (32, Layout::TileRowsArePairs),
+        ] {
             for (count, k) in [(32usize, 32usize), (70, 100), (16, 33), (45, 64)] {
                 let mut x: Vec<f32> = (0..count * k).map(|_| rng.normal() as f32).collect();
                 x[3] = f32::NAN;

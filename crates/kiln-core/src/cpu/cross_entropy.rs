@@ -5,11 +5,12 @@
 //! Rows with a negative target contribute nothing.
 
 use crate::fast_exp::fast_exp;
+use crate::reduce;
 use rayon::prelude::*;
 
 /// The row's largest value and `log Σ_j exp(z_j)`.
 fn max_log_sum_exp(z: &[f32]) -> (f32, f32) {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = reduce::max(z);
     let sum: f32 = z.iter().map(|&v| fast_exp(v - max)).sum();
     (max, max + sum.ln())
 }

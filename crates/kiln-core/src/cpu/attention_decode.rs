@@ -12,9 +12,10 @@
 //! f32 as it is read (exactly), so only memory traffic differs from an f32 one.
 
 use super::kv_cache::{as_bf16, Stored};
-use super::Shared;
+use super::{has_avx512, Shared};
 use crate::backend::{DecodeAttention, Precision};
 use crate::fast_exp::fast_exp;
+use crate::reduce;
 use rayon::prelude::*;
 
 pub fn forward(
@@ -27,18 +28,11 @@ pub fn forward(
     spec: DecodeAttention,
 ) {
     let caches = Caches { starts, lengths, spec };
-    let vector = avx512_available();
+    let vector = has_avx512();
     match spec.cache {
         Precision::F32 => caches.attend(out, q, k_cache, v_cache, vector),
         Precision::Bf16 => caches.attend(out, q, as_bf16(k_cache), as_bf16(v_cache), vector),
     }
-}
-
-fn avx512_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// Which cached rows each query attends, and the heads' shapes.
@@ -48,7 +42,7 @@ struct Caches<'a> {
     spec: DecodeAttention,
 }
 
-/// One task's share: query `query`, its query heads `heads`, over cache rows `rows`.
+/// One task's share: one query's vector `q` for its query heads `heads`, over cache rows `rows`.
 struct Task<'a, T> {
     q: &'a [f32],
     k_cache: &'a [T],
@@ -129,7 +123,7 @@ impl<T: Stored> Task<'_, T> {
             }
         }
         for w in weights.chunks_exact_mut(n) {
-            let max = w.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let max = reduce::max(w);
             w.iter_mut().for_each(|s| *s = fast_exp(*s - max));
             let inv_sum = 1.0 / w.iter().sum::<f32>();
             w.iter_mut().for_each(|p| *p *= inv_sum);
@@ -214,7 +208,7 @@ mod tests {
     /// this CPU runs against full attention).
     #[test]
     fn vector_rows_match_portable_rows() {
-        if !avx512_available() {
+        if !has_avx512() {
             eprintln!("skipped: this CPU has no AVX-512");
             return;
         }

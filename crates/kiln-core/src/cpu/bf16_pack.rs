@@ -8,7 +8,7 @@
 //! registers when the source runs the other way from the panel; the rest goes element by
 //! element.
 
-use super::Shared;
+use super::{has_avx512, Shared};
 use crate::bf16::round;
 
 /// Pairs rounded at a time when a vector's k values are contiguous (on the stack).
@@ -74,15 +74,7 @@ pub(super) unsafe fn pack(
     sk: isize,
     parallel: bool,
 ) {
-    pack_with(dst, panels, count, k, src, st, sk, parallel, vector_blocks());
-}
-
-/// Whether this CPU packs whole blocks with AVX-512.
-fn vector_blocks() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    pack_with(dst, panels, count, k, src, st, sk, parallel, has_avx512());
 }
 
 /// [`pack`], with the vector blocks or without.
@@ -319,7 +311,7 @@ mod tests {
     /// for every layout, both contiguous directions, edges and NaN/infinity/ties.
     #[test]
     fn vector_blocks_pack_what_the_scalar_path_packs() {
-        if !vector_blocks() {
+        if !has_avx512() {
             eprintln!("this CPU has no AVX-512: only the scalar path runs here");
             return;
         }

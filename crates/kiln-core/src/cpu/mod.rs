@@ -38,6 +38,14 @@ impl Shared {
     }
 }
 
+/// Whether this CPU has AVX-512 (the kernels' explicit vector paths; each has a portable one).
+pub(crate) fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The reference backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS`).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;

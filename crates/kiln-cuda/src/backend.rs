@@ -1,0 +1,633 @@
+//! `Backend` on one CUDA device: memory through the driver, products through cuBLAS
+//! (`blas.rs`), everything else through kiln's kernels (`kernels/`). Work is queued on the
+//! device's stream; only reads back to the host wait for it.
+
+use crate::blas::Product;
+use crate::device::{args, Arg, Cuda};
+use crate::memory::{Allocation, DeviceBuf, DeviceIndex, DeviceSlice};
+use cudarc::driver::result;
+use kiln_core::{
+    AdamW, Attention, Backend, ColumnCopy, Cpu, DecodeAttention, GroupedMatmul, Matmul, Precision, Rope, Routing,
+};
+use std::ops::Range;
+
+/// Blocks of the f64 sum-of-squares partials: fixed, so the sum's order never changes.
+const SUM_BLOCKS: usize = 256;
+
+fn same_len(what: &str, a: usize, b: usize) {
+    assert_eq!(a, b, "{what}: buffers of {a} and {b} values");
+}
+
+impl Cuda {
+    fn upload_raw<T: Copy>(&self, ptr: u64, data: &[T]) {
+        self.bind();
+        // SAFETY: `ptr` holds at least `data.len()` values (checked by the callers); pageable
+        // host memory is staged before the call returns.
+        unsafe { result::memcpy_htod_async(ptr, data, self.stream().cu_stream()) }
+            .unwrap_or_else(|e| panic!("CUDA: upload: {e}"));
+    }
+
+    fn download_raw<T: Copy + Default>(&self, ptr: u64, len: usize) -> Vec<T> {
+        let mut out = vec![T::default(); len];
+        self.bind();
+        // SAFETY: `ptr` holds `len` values; the stream is synchronised before `out` is used.
+        unsafe { result::memcpy_dtoh_async(&mut out, ptr, self.stream().cu_stream()) }
+            .unwrap_or_else(|e| panic!("CUDA: download: {e}"));
+        self.synchronize();
+        out
+    }
+}
+
+impl Backend for Cuda {
+    type Slice = DeviceSlice;
+    type Buf = DeviceBuf;
+    type Index = DeviceIndex;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn native_bf16(&self) -> bool {
+        true
+    }
+
+    // ---- memory -------------------------------------------------------------------------
+    fn zeros(&self, len: usize) -> DeviceBuf {
+        let mut buf = DeviceBuf::new(self.stream(), len);
+        self.fill(&mut buf, 0.0);
+        buf
+    }
+    fn upload(&self, data: &[f32]) -> DeviceBuf {
+        let buf = DeviceBuf::new(self.stream(), data.len());
+        self.upload_raw(buf.ptr(), data);
+        buf
+    }
+    fn write(&self, dst: &mut DeviceSlice, data: &[f32]) {
+        same_len("write", dst.len(), data.len());
+        self.upload_raw(dst.ptr(), data);
+    }
+    fn read(&self, src: &DeviceSlice) -> Vec<f32> {
+        self.download_raw(src.ptr(), src.len())
+    }
+    fn len(&self, buf: &DeviceSlice) -> usize {
+        buf.len()
+    }
+    fn slice<'a>(&self, buf: &'a DeviceSlice, range: Range<usize>) -> &'a DeviceSlice {
+        buf.range(range)
+    }
+    fn slice_mut<'a>(&self, buf: &'a mut DeviceSlice, range: Range<usize>) -> &'a mut DeviceSlice {
+        buf.range_mut(range)
+    }
+    fn split_at_mut<'a>(&self, buf: &'a mut DeviceSlice, mid: usize) -> (&'a mut DeviceSlice, &'a mut DeviceSlice) {
+        buf.split_at_mut(mid)
+    }
+    fn upload_index(&self, data: &[i32]) -> DeviceIndex {
+        let index = DeviceIndex::new(self.stream(), data.len());
+        self.upload_raw(index.ptr(), data);
+        index
+    }
+    fn write_index(&self, dst: &mut DeviceIndex, data: &[i32]) {
+        same_len("write_index", dst.len(), data.len());
+        self.upload_raw(dst.ptr(), data);
+    }
+    fn read_index(&self, src: &DeviceIndex) -> Vec<i32> {
+        self.download_raw(src.ptr(), src.len())
+    }
+    fn fill(&self, dst: &mut DeviceSlice, value: f32) {
+        let n = dst.len();
+        self.launch_elements("fill", n, &args![dst, value, n]);
+    }
+    fn copy(&self, dst: &mut DeviceSlice, src: &DeviceSlice) {
+        same_len("copy", dst.len(), src.len());
+        self.bind();
+        // SAFETY: both hold `len` values.
+        unsafe { result::memcpy_dtod_async(dst.ptr(), src.ptr(), 4 * src.len(), self.stream().cu_stream()) }
+            .unwrap_or_else(|e| panic!("CUDA: copy: {e}"));
+    }
+    fn copy_columns(&self, dst: &mut DeviceSlice, src: &DeviceSlice, spec: ColumnCopy) {
+        let ColumnCopy { rows, cols, src_stride, src_offset, dst_stride, dst_offset, accumulate } = spec;
+        assert!(
+            src_offset + cols <= src_stride && dst_offset + cols <= dst_stride,
+            "copy_columns: {cols} columns at offsets {src_offset}/{dst_offset} exceed strides {src_stride}/{dst_stride}"
+        );
+        same_len("copy_columns (source)", src.len(), rows * src_stride);
+        same_len("copy_columns (destination)", dst.len(), rows * dst_stride);
+        let a = args![dst, src, rows, cols, src_stride, src_offset, dst_stride, dst_offset, accumulate];
+        self.launch_elements("copy_columns", rows * cols, &a);
+    }
+    fn add_assign(&self, dst: &mut DeviceSlice, src: &DeviceSlice) {
+        same_len("add_assign", dst.len(), src.len());
+        let n = dst.len();
+        self.launch_elements("add_assign", n, &args![dst, src, n]);
+    }
+    fn scale(&self, dst: &mut DeviceSlice, s: f32) {
+        let n = dst.len();
+        self.launch_elements("scale", n, &args![dst, s, n]);
+    }
+    fn sum_squares(&self, x: &DeviceSlice) -> f64 {
+        let partial = Allocation::new(self.stream(), 8 * SUM_BLOCKS);
+        self.launch("sum_squares_partial", SUM_BLOCKS, 256, &args![Arg::Ptr(partial.ptr()), x, x.len()]);
+        self.download_raw::<f64>(partial.ptr(), SUM_BLOCKS).iter().sum()
+    }
+
+    // ---- linear algebra -----------------------------------------------------------------
+    fn matmul(&self, c: &mut DeviceSlice, a: &DeviceSlice, b: &DeviceSlice, spec: Matmul) {
+        let Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision, .. } = spec;
+        same_len("matmul A", a.len(), batch * m * k);
+        same_len("matmul B", b.len(), batch * k * n);
+        same_len("matmul C", c.len(), batch * m * n);
+        if k == 0 && !accumulate {
+            return self.fill(c, 0.0);
+        }
+        let (a, b, c) = (a.ptr(), b.ptr(), c.ptr());
+        self.gemm(Product { m, n, k, trans_a, trans_b, batch, accumulate, precision, a, b, c });
+    }
+    fn add_bias(&self, y: &mut DeviceSlice, bias: &DeviceSlice) {
+        let (n, cols) = (y.len(), bias.len());
+        assert!(cols > 0 && n.is_multiple_of(cols), "add_bias: {n} is not a multiple of {cols}");
+        self.launch_elements("add_bias", n, &args![y, bias, n, cols]);
+    }
+    fn bias_backward(&self, dbias: &mut DeviceSlice, dy: &DeviceSlice) {
+        let cols = dbias.len();
+        assert!(cols > 0 && dy.len().is_multiple_of(cols), "bias_backward: {} is not a multiple of {cols}", dy.len());
+        let rows = dy.len() / cols;
+        self.launch_elements("bias_backward", cols, &args![dbias, dy, rows, cols]);
+    }
+    fn grouped_matmul(
+        &self,
+        c: &mut DeviceSlice,
+        a: &DeviceSlice,
+        b: &DeviceSlice,
+        rows: &[usize],
+        spec: GroupedMatmul,
+    ) {
+        let GroupedMatmul { n, k, trans_b, accumulate, precision } = spec;
+        let total: usize = rows.iter().sum();
+        same_len("grouped_matmul A", a.len(), total * k);
+        same_len("grouped_matmul B", b.len(), rows.len() * n * k);
+        same_len("grouped_matmul C", c.len(), total * n);
+        let mut first = 0;
+        for (g, &m) in rows.iter().enumerate() {
+            if m > 0 {
+                let (a, c) = (a.ptr() + 4 * (first * k) as u64, c.ptr() + 4 * (first * n) as u64);
+                let b = b.ptr() + 4 * (g * n * k) as u64;
+                let p = Product { m, n, k, trans_a: false, trans_b, batch: 1, accumulate, precision, a, b, c };
+                self.gemm(p);
+            }
+            first += m;
+        }
+    }
+    fn grouped_matmul_weight_grad(
+        &self,
+        db: &mut DeviceSlice,
+        dc: &DeviceSlice,
+        a: &DeviceSlice,
+        rows: &[usize],
+        spec: GroupedMatmul,
+    ) {
+        let GroupedMatmul { n, k, trans_b, precision, .. } = spec;
+        let total: usize = rows.iter().sum();
+        same_len("grouped_matmul_weight_grad A", a.len(), total * k);
+        same_len("grouped_matmul_weight_grad dC", dc.len(), total * n);
+        same_len("grouped_matmul_weight_grad dB", db.len(), rows.len() * n * k);
+        let mut first = 0;
+        for (g, &r) in rows.iter().enumerate() {
+            if r > 0 {
+                let (a, dc) = (a.ptr() + 4 * (first * k) as u64, dc.ptr() + 4 * (first * n) as u64);
+                let db = db.ptr() + 4 * (g * n * k) as u64;
+                // dB_g [n, k] = dC_gᵀ·A_g when B is stored transposed, else [k, n] = A_gᵀ·dC_g.
+                let (m, cols, lhs, rhs) = if trans_b { (n, k, dc, a) } else { (k, n, a, dc) };
+                let p = Product {
+                    m,
+                    n: cols,
+                    k: r,
+                    trans_a: true,
+                    trans_b: false,
+                    batch: 1,
+                    accumulate: true,
+                    precision,
+                    a: lhs,
+                    b: rhs,
+                    c: db,
+                };
+                self.gemm(p);
+            }
+            first += r;
+        }
+    }
+    fn scale_rows(&self, x: &mut DeviceSlice, w: &DeviceSlice) {
+        let (n, rows) = (x.len(), w.len());
+        assert!(rows > 0 && n.is_multiple_of(rows), "scale_rows: {n} values do not split into {rows} rows");
+        self.launch_elements("scale_rows", n, &args![x, w, n, n / rows]);
+    }
+    fn row_dot(&self, out: &mut DeviceSlice, a: &DeviceSlice, b: &DeviceSlice) {
+        let rows = out.len();
+        assert!(a.len() == b.len() && rows > 0 && a.len().is_multiple_of(rows), "row_dot: shape mismatch");
+        let cols = a.len() / rows;
+        self.launch_rows("row_dot", rows, &args![out, a, b, cols]);
+    }
+
+    // ---- embedding ----------------------------------------------------------------------
+    fn embedding_forward(&self, out: &mut DeviceSlice, table: &DeviceSlice, ids: &DeviceIndex, dim: usize) {
+        let tokens = ids.len();
+        same_len("embedding_forward", out.len(), tokens * dim);
+        let rows = table.len() / dim;
+        self.launch_elements("embedding_forward", tokens * dim, &args![out, table, ids, tokens, dim, rows]);
+    }
+    fn embedding_backward(&self, dtable: &mut DeviceSlice, dout: &DeviceSlice, ids: &DeviceIndex, dim: usize) {
+        let tokens = ids.len();
+        same_len("embedding_backward", dout.len(), tokens * dim);
+        let rows = dtable.len() / dim;
+        self.launch_elements("embedding_backward", dim, &args![dtable, dout, ids, tokens, dim, rows]);
+    }
+    fn scatter_rows(
+        &self,
+        dst: &mut DeviceSlice,
+        src: &DeviceSlice,
+        rows: &DeviceIndex,
+        dim: usize,
+        storage: Precision,
+    ) {
+        let tokens = rows.len();
+        same_len("scatter_rows", src.len(), tokens * dim);
+        let kernel = match storage {
+            Precision::F32 => "scatter_rows_f32",
+            Precision::Bf16 => {
+                assert!(dim.is_multiple_of(2), "scatter_rows: bf16 rows of {dim} values do not fill whole words");
+                "scatter_rows_bf16"
+            }
+        };
+        let dst_rows = dst.len() / storage.words(dim).max(1);
+        self.launch_elements(kernel, tokens * dim, &args![dst, src, rows, tokens, dim, dst_rows]);
+    }
+
+    // ---- normalisation ------------------------------------------------------------------
+    fn rmsnorm_forward(&self, y: &mut DeviceSlice, rstd: &mut DeviceSlice, x: &DeviceSlice, w: &DeviceSlice, eps: f32) {
+        let (d, rows) = (w.len(), rstd.len());
+        same_len("rmsnorm_forward", x.len(), rows * d);
+        same_len("rmsnorm_forward", y.len(), x.len());
+        self.launch_rows("rmsnorm_forward", rows, &args![y, rstd, x, w, d, eps]);
+    }
+    fn add_rmsnorm_forward(
+        &self,
+        x: &mut DeviceSlice,
+        delta: &DeviceSlice,
+        y: &mut DeviceSlice,
+        rstd: &mut DeviceSlice,
+        w: &DeviceSlice,
+        eps: f32,
+    ) {
+        let (d, rows) = (w.len(), rstd.len());
+        same_len("add_rmsnorm_forward", x.len(), rows * d);
+        same_len("add_rmsnorm_forward", delta.len(), x.len());
+        same_len("add_rmsnorm_forward", y.len(), x.len());
+        self.launch_rows("add_rmsnorm_forward", rows, &args![x, delta, y, rstd, w, d, eps]);
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut DeviceSlice,
+        dw: &mut DeviceSlice,
+        dy: &DeviceSlice,
+        x: &DeviceSlice,
+        w: &DeviceSlice,
+        rstd: &DeviceSlice,
+    ) {
+        let (d, rows) = (w.len(), rstd.len());
+        for (what, len) in [("dx", dx.len()), ("dy", dy.len()), ("x", x.len())] {
+            same_len(&format!("rmsnorm_backward {what}"), len, rows * d);
+        }
+        same_len("rmsnorm_backward dw", dw.len(), d);
+        self.launch_rows("rmsnorm_backward_dx", rows, &args![dx, dy, x, w, rstd, d]);
+        self.launch_elements("rmsnorm_backward_dw", d, &args![dw, dy, x, rstd, rows, d]);
+    }
+
+    // ---- rotary embedding ---------------------------------------------------------------
+    fn rope_forward(&self, x: &mut DeviceSlice, table: &DeviceSlice, positions: &DeviceIndex, spec: Rope) {
+        self.rope(x, table, positions, spec, 1.0);
+    }
+    fn rope_backward(&self, dx: &mut DeviceSlice, table: &DeviceSlice, positions: &DeviceIndex, spec: Rope) {
+        self.rope(dx, table, positions, spec, -1.0);
+    }
+
+    // ---- attention ----------------------------------------------------------------------
+    fn attention_forward(
+        &self,
+        out: &mut DeviceSlice,
+        lse: &mut DeviceSlice,
+        q: &DeviceSlice,
+        k: &DeviceSlice,
+        v: &DeviceSlice,
+        segments: &DeviceIndex,
+        spec: Attention,
+    ) {
+        check_attention(&spec, q, k, v, out, segments);
+        same_len("attention lse", lse.len(), spec.batch * spec.q_heads * spec.seq);
+        let shape = attention_args(&spec);
+        let a = [args![out, lse, q, k, v, segments].as_slice(), &shape].concat();
+        self.launch_warps("attention_forward", spec.tokens() * spec.q_heads, &a);
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut DeviceSlice,
+        dk: &mut DeviceSlice,
+        dv: &mut DeviceSlice,
+        dout: &DeviceSlice,
+        q: &DeviceSlice,
+        k: &DeviceSlice,
+        v: &DeviceSlice,
+        out: &DeviceSlice,
+        lse: &DeviceSlice,
+        segments: &DeviceIndex,
+        spec: Attention,
+    ) {
+        check_attention(&spec, q, k, v, out, segments);
+        same_len("attention dq", dq.len(), q.len());
+        same_len("attention dk", dk.len(), k.len());
+        same_len("attention dv", dv.len(), v.len());
+        same_len("attention dout", dout.len(), out.len());
+        let delta = DeviceBuf::new(self.stream(), lse.len());
+        let shape = attention_args(&spec);
+        let a = [args![dq, &*delta, dout, q, k, v, out, lse, segments].as_slice(), &shape].concat();
+        self.launch_warps("attention_backward_dq", spec.tokens() * spec.q_heads, &a);
+        let a = [args![dk, dv, dout, q, k, v, lse, &*delta, segments].as_slice(), &shape].concat();
+        self.launch_warps("attention_backward_dkdv", spec.tokens() * spec.kv_heads, &a);
+    }
+    fn attention_decode(
+        &self,
+        out: &mut DeviceSlice,
+        q: &DeviceSlice,
+        k_cache: &DeviceSlice,
+        v_cache: &DeviceSlice,
+        starts: &DeviceIndex,
+        lengths: &DeviceIndex,
+        spec: DecodeAttention,
+    ) {
+        let DecodeAttention { queries, q_heads, kv_heads, head_dim, v_head_dim, scale, window, cache } = spec;
+        assert!(
+            kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
+            "attention_decode: q heads must be a multiple of kv heads"
+        );
+        assert!(head_dim.max(v_head_dim) <= MAX_HEAD_DIM, "attention_decode: head dim above {MAX_HEAD_DIM}");
+        same_len("attention_decode q", q.len(), queries * q_heads * head_dim);
+        same_len("attention_decode out", out.len(), queries * q_heads * v_head_dim);
+        assert!(
+            starts.len() == queries && lengths.len() == queries,
+            "attention_decode: one start and length per query"
+        );
+        let kernel = match cache {
+            Precision::F32 => "attention_decode_f32",
+            Precision::Bf16 => "attention_decode_bf16",
+        };
+        let a = args![
+            out,
+            q,
+            k_cache,
+            v_cache,
+            starts,
+            lengths,
+            queries,
+            q_heads as i32,
+            kv_heads as i32,
+            head_dim as i32,
+            v_head_dim as i32,
+            scale,
+            window.unwrap_or(0)
+        ];
+        self.launch_warps(kernel, queries * q_heads, &a);
+    }
+
+    // ---- feed-forward -------------------------------------------------------------------
+    fn swiglu_forward(&self, h: &mut DeviceSlice, gate: &DeviceSlice, up: &DeviceSlice) {
+        same_len("swiglu_forward", h.len(), gate.len());
+        same_len("swiglu_forward", h.len(), up.len());
+        let n = h.len();
+        self.launch_elements("swiglu_forward", n, &args![h, gate, up, n]);
+    }
+    fn swiglu_backward(
+        &self,
+        dgate: &mut DeviceSlice,
+        dup: &mut DeviceSlice,
+        dh: &DeviceSlice,
+        gate: &DeviceSlice,
+        up: &DeviceSlice,
+    ) {
+        let n = dh.len();
+        for len in [dgate.len(), dup.len(), gate.len(), up.len()] {
+            same_len("swiglu_backward", len, n);
+        }
+        self.launch_elements("swiglu_backward", n, &args![dgate, dup, dh, gate, up, n]);
+    }
+
+    // ---- loss ---------------------------------------------------------------------------
+    fn cross_entropy_forward(
+        &self,
+        nll: &mut DeviceSlice,
+        correct: &mut DeviceSlice,
+        logits: &DeviceSlice,
+        targets: &DeviceIndex,
+        vocab: usize,
+    ) {
+        let rows = nll.len();
+        assert!(
+            logits.len() == rows * vocab && targets.len() == rows && correct.len() == rows,
+            "cross_entropy_forward: shape mismatch"
+        );
+        self.launch("cross_entropy_forward", rows, 1024, &args![nll, correct, logits, targets, vocab]);
+    }
+    fn cross_entropy_backward(
+        &self,
+        logits: &mut DeviceSlice,
+        nll: &mut DeviceSlice,
+        correct: &mut DeviceSlice,
+        targets: &DeviceIndex,
+        weights: &DeviceSlice,
+        vocab: usize,
+    ) {
+        let rows = nll.len();
+        assert!(
+            logits.len() == rows * vocab && targets.len() == rows && weights.len() == rows && correct.len() == rows,
+            "cross_entropy_backward: shape mismatch"
+        );
+        self.launch("cross_entropy_backward", rows, 1024, &args![logits, nll, correct, targets, weights, vocab]);
+    }
+    fn reverse_kl_backward(
+        &self,
+        logits: &mut DeviceSlice,
+        kl: &mut DeviceSlice,
+        teacher: &DeviceSlice,
+        weights: &DeviceSlice,
+        vocab: usize,
+    ) {
+        let rows = kl.len();
+        assert!(
+            logits.len() == rows * vocab && teacher.len() == rows * vocab && weights.len() == rows,
+            "reverse_kl_backward: shape mismatch"
+        );
+        self.launch("reverse_kl_backward", rows, 1024, &args![logits, kl, teacher, weights, vocab]);
+    }
+
+    // ---- mixture of experts -------------------------------------------------------------
+    fn moe_route_forward(
+        &self,
+        weights: &mut DeviceSlice,
+        indices: &mut DeviceIndex,
+        scores: &mut DeviceSlice,
+        logits: &DeviceSlice,
+        bias: &DeviceSlice,
+        spec: Routing,
+    ) {
+        let Routing { tokens, experts, top_k, groups, top_groups, normalize, scale } = spec;
+        check_routing(&spec);
+        assert!(logits.len() == tokens * experts && scores.len() == logits.len() && bias.len() == experts);
+        assert!(
+            weights.len() == tokens * top_k && indices.len() == tokens * top_k,
+            "moe_route: outputs must be [tokens, top_k]"
+        );
+        let a = args![
+            weights,
+            indices,
+            scores,
+            logits,
+            bias,
+            tokens,
+            experts as i32,
+            top_k as i32,
+            groups as i32,
+            top_groups as i32,
+            normalize,
+            scale
+        ];
+        self.launch_elements("moe_route_forward", tokens, &a);
+    }
+    fn moe_route_backward(
+        &self,
+        dlogits: &mut DeviceSlice,
+        dweights: &DeviceSlice,
+        scores: &DeviceSlice,
+        indices: &DeviceIndex,
+        spec: Routing,
+    ) {
+        let Routing { tokens, experts, top_k, normalize, scale, .. } = spec;
+        assert!(dlogits.len() == tokens * experts && scores.len() == dlogits.len());
+        assert!(
+            dweights.len() == tokens * top_k && indices.len() == tokens * top_k,
+            "moe_route_backward: [tokens, top_k] expected"
+        );
+        let a = args![dlogits, dweights, scores, indices, tokens, experts as i32, top_k as i32, normalize, scale];
+        self.launch_elements("moe_route_backward", tokens, &a);
+    }
+    /// The counting sort runs on the host (the slots are a few bytes per token and the group
+    /// sizes must come back anyway); a device sort is left for when profiles ask for it.
+    fn moe_dispatch(
+        &self,
+        order: &mut DeviceIndex,
+        row_weights: &mut DeviceSlice,
+        slot_rows: &mut DeviceIndex,
+        indices: &DeviceIndex,
+        weights: &DeviceSlice,
+        experts: usize,
+        top_k: usize,
+    ) -> Vec<usize> {
+        let (host_indices, host_weights) = (self.read_index(indices), self.read(weights));
+        let slots = host_indices.len();
+        let (mut o, mut w, mut s) = (vec![0i32; slots], vec![0f32; slots], vec![0i32; slots]);
+        let rows = Cpu.moe_dispatch(&mut o, &mut w, &mut s, &host_indices, &host_weights, experts, top_k);
+        self.write_index(order, &o);
+        self.write(row_weights, &w);
+        self.write_index(slot_rows, &s);
+        rows
+    }
+
+    // ---- optimiser ----------------------------------------------------------------------
+    fn adamw(&self, param: &mut DeviceSlice, grad: &DeviceSlice, m: &mut DeviceSlice, v: &mut DeviceSlice, hp: AdamW) {
+        let n = param.len();
+        for len in [grad.len(), m.len(), v.len()] {
+            same_len("adamw", len, n);
+        }
+        assert!(hp.step >= 1, "adamw: step counts from 1");
+        let t = hp.step as i32;
+        let step_size = hp.lr / (1.0 - hp.beta1.powi(t));
+        let bc2_sqrt = (1.0 - hp.beta2.powi(t)).sqrt();
+        let decay = 1.0 - hp.lr * hp.weight_decay;
+        let a = args![param, grad, m, v, n, hp.beta1, hp.beta2, hp.eps, step_size, bc2_sqrt, decay];
+        self.launch_elements("adamw", n, &a);
+    }
+}
+
+/// The largest head dimension the attention kernels hold in registers.
+const MAX_HEAD_DIM: usize = 256;
+
+fn check_attention(
+    spec: &Attention,
+    q: &DeviceSlice,
+    k: &DeviceSlice,
+    v: &DeviceSlice,
+    out: &DeviceSlice,
+    segments: &DeviceIndex,
+) {
+    let Attention { q_heads, kv_heads, head_dim, v_head_dim, .. } = *spec;
+    let t = spec.tokens();
+    assert!(kv_heads > 0 && q_heads.is_multiple_of(kv_heads), "attention: q heads must be a multiple of kv heads");
+    assert!(head_dim.max(v_head_dim) <= MAX_HEAD_DIM, "attention: head dim above {MAX_HEAD_DIM}");
+    same_len("attention q", q.len(), t * q_heads * head_dim);
+    same_len("attention k", k.len(), t * kv_heads * head_dim);
+    same_len("attention v", v.len(), t * kv_heads * v_head_dim);
+    same_len("attention out", out.len(), t * q_heads * v_head_dim);
+    same_len("attention segments", segments.len(), t);
+}
+
+/// The `ATTENTION_ARGS` of attention.cu.
+fn attention_args(spec: &Attention) -> [Arg; 8] {
+    args![
+        spec.batch,
+        spec.seq,
+        spec.q_heads as i32,
+        spec.kv_heads as i32,
+        spec.head_dim as i32,
+        spec.v_head_dim as i32,
+        spec.scale,
+        spec.window.unwrap_or(0)
+    ]
+}
+
+fn check_routing(spec: &Routing) {
+    let Routing { experts, top_k, groups, top_groups, .. } = *spec;
+    assert!(
+        groups > 0 && experts.is_multiple_of(groups),
+        "moe_route: {experts} experts do not split into {groups} groups"
+    );
+    assert!(top_groups <= groups && top_groups > 0, "moe_route: top_groups {top_groups} of {groups} groups");
+    assert!(experts / groups >= 2, "moe_route: groups need at least two experts (their score sums the best two)");
+    assert!(
+        top_k <= top_groups * (experts / groups),
+        "moe_route: top_k {top_k} exceeds the experts of the kept groups"
+    );
+    assert!(experts <= 512 && groups <= 64, "moe_route: at most 512 experts in 64 groups on CUDA");
+}
+
+impl Cuda {
+    fn rope(&self, x: &mut DeviceSlice, table: &DeviceSlice, positions: &DeviceIndex, spec: Rope, sign: f32) {
+        let Rope { x: heads, rot_dim, offset, interleaved } = spec;
+        assert!(
+            offset + rot_dim <= heads.head_dim && rot_dim.is_multiple_of(2),
+            "rope: rot_dim {rot_dim} at offset {offset} invalid for head_dim {}",
+            heads.head_dim
+        );
+        same_len("rope", x.len(), heads.tokens * heads.heads * heads.head_dim);
+        same_len("rope positions", positions.len(), heads.tokens);
+        let table_rows = table.len() / rot_dim.max(1);
+        let a = args![
+            x,
+            table,
+            positions,
+            heads.tokens,
+            heads.heads,
+            heads.head_dim,
+            rot_dim,
+            offset,
+            interleaved,
+            table_rows,
+            sign
+        ];
+        self.launch_elements("rope", heads.tokens * heads.heads * rot_dim / 2, &a);
+    }
+}

@@ -1,0 +1,169 @@
+//! One GPU: its context and stream, the cuBLAS handle, and kiln's kernels compiled for it.
+
+use crate::kernels;
+use crate::library::Library;
+use crate::memory::{DeviceIndex, DeviceSlice};
+use anyhow::{bail, Context, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The CUDA backend on one device. Cloning is cheap and shares the device.
+#[derive(Clone)]
+pub struct Cuda {
+    pub(crate) inner: Arc<Device>,
+}
+
+pub(crate) struct Device {
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    kernels: HashMap<&'static str, CudaFunction>,
+    description: String,
+}
+
+/// A kernel argument: device addresses, sizes (`long` in the kernels), `int`s and floats.
+#[derive(Clone, Copy)]
+pub(crate) enum Arg {
+    Ptr(u64),
+    Long(i64),
+    Int(i32),
+    Float(f32),
+}
+
+impl From<&DeviceSlice> for Arg {
+    fn from(s: &DeviceSlice) -> Self {
+        Arg::Ptr(s.ptr())
+    }
+}
+impl From<&mut DeviceSlice> for Arg {
+    fn from(s: &mut DeviceSlice) -> Self {
+        Arg::Ptr(s.ptr())
+    }
+}
+impl From<&DeviceIndex> for Arg {
+    fn from(s: &DeviceIndex) -> Self {
+        Arg::Ptr(s.ptr())
+    }
+}
+impl From<&mut DeviceIndex> for Arg {
+    fn from(s: &mut DeviceIndex) -> Self {
+        Arg::Ptr(s.ptr())
+    }
+}
+impl From<usize> for Arg {
+    fn from(n: usize) -> Self {
+        Arg::Long(n as i64)
+    }
+}
+impl From<i32> for Arg {
+    fn from(n: i32) -> Self {
+        Arg::Int(n)
+    }
+}
+impl From<bool> for Arg {
+    fn from(b: bool) -> Self {
+        Arg::Int(b.into())
+    }
+}
+impl From<f32> for Arg {
+    fn from(x: f32) -> Self {
+        Arg::Float(x)
+    }
+}
+
+/// The kernel arguments `[a, b, ...]` as [`Arg`]s.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { [$($crate::device::Arg::from($a)),*] };
+}
+pub(crate) use args;
+
+impl Cuda {
+    /// The number of CUDA devices (0 when the driver is missing or finds none).
+    pub fn device_count() -> usize {
+        if !Library::Driver.present() {
+            return 0;
+        }
+        CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+
+    /// Device `ordinal`, with kiln's kernels compiled for it.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        Library::Driver.require()?;
+        let count = CudaContext::device_count().context("CUDA: initialising the driver")?;
+        if ordinal >= count.max(0) as usize {
+            bail!("CUDA device {ordinal} asked for, but the driver sees {count} device(s)");
+        }
+        Library::Cublas.require()?;
+        let ctx = CudaContext::new(ordinal).with_context(|| format!("CUDA: opening device {ordinal}"))?;
+        let (major, minor) = ctx.compute_capability()?;
+        let arch = format!("sm_{major}{minor}");
+        let ptx = kernels::compile(&arch)?;
+        let module = ctx.load_module(ptx).with_context(|| format!("CUDA: loading kiln's kernels for {arch}"))?;
+        let kernels = kernels::NAMES
+            .iter()
+            .map(|&name| Ok((name, module.load_function(name).with_context(|| format!("CUDA: kernel {name}"))?)))
+            .collect::<Result<_>>()?;
+        let stream = ctx.new_stream()?;
+        let blas = CudaBlas::new(stream.clone()).context("cuBLAS: creating a handle")?;
+        let memory = ctx.total_mem()? as f64 / (1u64 << 30) as f64;
+        let description = format!("cuda:{ordinal} {} ({arch}, {memory:.1} GiB)", ctx.name()?);
+        Ok(Self { inner: Arc::new(Device { stream, blas, kernels, description }) })
+    }
+
+    /// "cuda:0 NVIDIA H200 (sm_90, 139.8 GiB)".
+    pub fn describe(&self) -> &str {
+        &self.inner.description
+    }
+
+    /// Waits for all work queued on the device.
+    pub fn synchronize(&self) {
+        self.inner.stream.synchronize().unwrap_or_else(|e| panic!("CUDA: {e}"));
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.inner.stream
+    }
+
+    pub(crate) fn bind(&self) {
+        self.inner.stream.context().bind_to_thread().unwrap_or_else(|e| panic!("CUDA: binding the context: {e}"));
+    }
+
+    /// Launches kernel `name` with `blocks` blocks of `threads` threads.
+    pub(crate) fn launch(&self, name: &str, blocks: usize, threads: usize, args: &[Arg]) {
+        if blocks == 0 {
+            return;
+        }
+        let f = &self.inner.kernels[name];
+        let mut launch = self.inner.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => launch.arg(p),
+                Arg::Long(n) => launch.arg(n),
+                Arg::Int(n) => launch.arg(n),
+                Arg::Float(x) => launch.arg(x),
+            };
+        }
+        let cfg =
+            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments match the kernel's parameters (checked by the conformance suite);
+        // every address is a live device allocation of the sizes passed.
+        unsafe { launch.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: launching {name}: {e}"));
+    }
+
+    /// A grid-stride kernel over `n` elements.
+    pub(crate) fn launch_elements(&self, name: &str, n: usize, args: &[Arg]) {
+        const THREADS: usize = 256;
+        self.launch(name, n.div_ceil(THREADS).min(1 << 16), THREADS, args);
+    }
+
+    /// One block per row.
+    pub(crate) fn launch_rows(&self, name: &str, rows: usize, args: &[Arg]) {
+        self.launch(name, rows, 256, args);
+    }
+
+    /// One warp per item, four warps per block.
+    pub(crate) fn launch_warps(&self, name: &str, warps: usize, args: &[Arg]) {
+        self.launch(name, warps.div_ceil(4), 128, args);
+    }
+}

@@ -262,6 +262,17 @@ pub trait Backend: Send + Sync {
     type Index: Send + Sync;
 
     fn name(&self) -> &'static str;
+    /// The device it computes on, for startup lines ("cuda:0 NVIDIA H200 (sm_90, 139.8 GiB)").
+    fn device(&self) -> String {
+        self.name().to_string()
+    }
+    /// The most bytes of device memory held at once so far, for backends with memory of their
+    /// own (None on the host, whose peak is the process's resident set).
+    fn peak_device_memory(&self) -> Option<u64> {
+        None
+    }
+    /// Waits until the work queued so far has finished (timing on asynchronous devices).
+    fn synchronize(&self) {}
     /// Whether bf16 matrix products run on hardware made for them (faster than f32), not
     /// emulated.
     fn native_bf16(&self) -> bool {

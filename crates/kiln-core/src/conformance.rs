@@ -7,6 +7,9 @@
 //! ```ignore
 //! kiln_core::conformance_tests!(kiln_core::Cpu);
 //! ```
+//!
+//! A device that may be absent passes `optional` and an `Option` of the backend; each test
+//! then passes without checking where it is `None` (the expression says why).
 
 use crate::backend::{
     AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, Matmul, Precision,
@@ -18,17 +21,32 @@ use crate::rng::Rng;
 /// Generates one `#[test]` per check for the backend expression given.
 #[macro_export]
 macro_rules! conformance_tests {
+    (optional $backend:expr) => {
+        $crate::conformance_tests!(@checks optional $backend);
+    };
     ($backend:expr) => {
-        $crate::conformance_tests!(@tests $backend;
+        $crate::conformance_tests!(@checks always $backend);
+    };
+    (@checks $when:ident $backend:expr) => {
+        $crate::conformance_tests!(@tests $when $backend;
             matmul, frozen_weights, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
             rope_interleaved, attention_forward, attention_backward, attention_decode, swiglu, cross_entropy, reverse_kl,
             moe_route, moe_dispatch, adamw, slices);
     };
-    (@tests $backend:expr; $($check:ident),*) => {
+    (@tests always $backend:expr; $($check:ident),*) => {
         $(
             #[test]
             fn $check() {
                 $crate::conformance::$check(&$backend);
+            }
+        )*
+    };
+    (@tests optional $backend:expr; $($check:ident),*) => {
+        $(
+            #[test]
+            fn $check() {
+                let Some(b) = $backend else { return };
+                $crate::conformance::$check(&b);
             }
         )*
     };

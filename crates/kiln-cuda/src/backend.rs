@@ -49,6 +49,15 @@ impl Backend for Cuda {
     fn native_bf16(&self) -> bool {
         true
     }
+    fn device(&self) -> String {
+        self.describe().to_string()
+    }
+    fn peak_device_memory(&self) -> Option<u64> {
+        Some(self.peak_memory())
+    }
+    fn synchronize(&self) {
+        Cuda::synchronize(self);
+    }
 
     // ---- memory -------------------------------------------------------------------------
     fn zeros(&self, len: usize) -> DeviceBuf {

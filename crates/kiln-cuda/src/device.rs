@@ -3,6 +3,7 @@
 use crate::kernels;
 use crate::library::Library;
 use crate::memory::{DeviceIndex, DeviceSlice};
+use crate::memory_pool::MemoryPool;
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
@@ -18,6 +19,7 @@ pub struct Cuda {
 pub(crate) struct Device {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
+    pool: MemoryPool,
     kernels: HashMap<&'static str, CudaFunction>,
     description: String,
 }
@@ -104,16 +106,22 @@ impl Cuda {
             .iter()
             .map(|&name| Ok((name, module.load_function(name).with_context(|| format!("CUDA: kernel {name}"))?)))
             .collect::<Result<_>>()?;
+        let pool = MemoryPool::keeping(ctx.cu_device())?;
         let stream = ctx.new_stream()?;
         let blas = CudaBlas::new(stream.clone()).context("cuBLAS: creating a handle")?;
         let memory = ctx.total_mem()? as f64 / (1u64 << 30) as f64;
         let description = format!("cuda:{ordinal} {} ({arch}, {memory:.1} GiB)", ctx.name()?);
-        Ok(Self { inner: Arc::new(Device { stream, blas, kernels, description }) })
+        Ok(Self { inner: Arc::new(Device { stream, blas, pool, kernels, description }) })
     }
 
     /// "cuda:0 NVIDIA H200 (sm_90, 139.8 GiB)".
     pub fn describe(&self) -> &str {
         &self.inner.description
+    }
+
+    /// The most device memory kiln's buffers held at once, in bytes.
+    pub fn peak_memory(&self) -> u64 {
+        self.inner.pool.peak_used()
     }
 
     /// Waits for all work queued on the device.
@@ -166,4 +174,22 @@ impl Cuda {
     pub(crate) fn launch_warps(&self, name: &str, warps: usize, args: &[Arg]) {
         self.launch(name, warps.div_ceil(4), 128, args);
     }
+}
+
+/// Device 0 for tests, created once per test process; `None` (after printing why) on a
+/// machine without a usable GPU, unless `KILN_REQUIRE_CUDA=1`, which makes that a failure.
+pub fn test_device() -> Option<Cuda> {
+    static DEVICE: std::sync::OnceLock<Option<Cuda>> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| match Cuda::new(0) {
+            Ok(cuda) => Some(cuda),
+            Err(why) if std::env::var("KILN_REQUIRE_CUDA").as_deref() == Ok("1") => {
+                panic!("KILN_REQUIRE_CUDA=1 but no CUDA device: {why:#}")
+            }
+            Err(why) => {
+                eprintln!("CUDA tests skipped: {why:#}");
+                None
+            }
+        })
+        .clone()
 }

@@ -12,7 +12,10 @@ mod device;
 pub mod kernels;
 mod library;
 mod memory;
+mod memory_pool;
+mod one_device;
 
-pub use device::Cuda;
+pub use device::{test_device, Cuda};
 pub use library::Library;
+pub use one_device::OneDevice;
 pub use memory::{DeviceBuf, DeviceIndex, DeviceSlice, Word};

@@ -45,7 +45,7 @@ impl Library {
         }
         let candidates: Vec<String> = cudarc::get_lib_name_candidates(self.stem())
             .into_iter()
-            .filter(|name| name.starts_with("lib") && name.contains(".so"))
+            .filter(|name| name.starts_with("lib") && name.contains(".so") && !name.contains("64"))
             .collect();
         let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
         let hint = match self {

@@ -285,13 +285,14 @@ pub enum ComputeDtype {
     Auto,
 }
 
-/// The startup line that says what a run's matrix products compute in on `b`.
+/// The startup line that says what device `b` computes on and in what precision.
 pub fn describe_precision<B: Backend>(b: &B, precision: Precision) -> String {
     let native = if b.native_bf16() { "natively" } else { "emulated" };
-    match precision {
+    let products = match precision {
         Precision::Bf16 => format!("matrix products: bf16 inputs, f32 sums ({} computes bf16 {native})", b.name()),
         Precision::F32 => "matrix products: f32".to_string(),
-    }
+    };
+    format!("device: {}; {products}", b.device())
 }
 
 impl ComputeDtype {

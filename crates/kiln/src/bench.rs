@@ -3,12 +3,11 @@
 //! `bench_generate` and `bench_gemm`.
 
 use anyhow::Result;
-use kiln_core::{rng::Rng, AdamW, Cpu};
-use kiln_dist::Comm;
+use kiln_core::{rng::Rng, AdamW, Backend, Cpu};
 use kiln_model::{Activations, Batch, Config, Model};
 use kiln_train::data_parallel::DataParallel;
+use kiln_train::Runtime;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Subcommand)]
@@ -89,9 +88,10 @@ fn step_flops(c: &Config, rows: usize, seq: usize) -> f64 {
     linear + attention
 }
 
-pub fn run(cmd: &Command, world: Arc<dyn Comm>) -> Result<()> {
+/// Every benchmark but `train` (which `main` runs on the chosen backend).
+pub fn run(cmd: &Command) -> Result<()> {
     match cmd {
-        Command::Train(args) => train(args, world),
+        Command::Train(_) => unreachable!("main runs bench train on its backend"),
         Command::Moe(args) => moe(args),
         Command::Generate(args) => crate::bench_generate::run(args),
         Command::Gemm(args) => crate::bench_gemm::run(args),
@@ -114,7 +114,7 @@ pub(crate) fn median_time(steps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn moe(args: &MoeArgs) -> Result<()> {
-    use kiln_core::{Backend, Routing};
+    use kiln_core::Routing;
     use kiln_model::layers::mlp::{self, MlpActs, MlpGrads};
     use kiln_model::layers::moe::{self, MoeActs, MoeGrads, MoeShape};
     use kiln_model::weights::{MlpWeights, MoeWeights};
@@ -194,8 +194,8 @@ fn moe(args: &MoeArgs) -> Result<()> {
     Ok(())
 }
 
-fn train(args: &TrainArgs, comm: Arc<dyn Comm>) -> Result<()> {
-    let b = Cpu;
+pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
+    let Runtime { b, world: comm } = rt;
     let mut model = match (&args.model, &args.config) {
         (Some(dir), _) => Model::load(&b, dir)?,
         (None, Some(config)) => Model::random(&b, Config::load(config)?, 0),
@@ -224,6 +224,7 @@ fn train(args: &TrainArgs, comm: Arc<dyn Comm>) -> Result<()> {
         dp.reduce(&b)?;
         let comm_s = t_comm.elapsed().as_secs_f64();
         dp.step(&b, &mut model.params, 1e-4, 1.0)?;
+        b.synchronize();
         let dt = t0.elapsed().as_secs_f64();
         losses.push(loss);
         if step >= args.warmup {
@@ -241,11 +242,12 @@ fn train(args: &TrainArgs, comm: Arc<dyn Comm>) -> Result<()> {
     let tokens = (batch.tokens() * comm.size()) as f64;
     let flops = step_flops(&c, batch.rows, batch.seq) * comm.size() as f64;
     println!(
-        "kiln bench train: {} params, batch {}x{}{}, {} threads, recompute {}, matrix products {:?}",
+        "kiln bench train: {} params, batch {}x{}{}, {}, {} threads, recompute {}, matrix products {:?}",
         c.num_parameters(),
         batch.rows,
         batch.seq,
         if comm.size() > 1 { format!(" on each of {} ranks", comm.size()) } else { String::new() },
+        b.device(),
         rayon::current_num_threads(),
         args.recompute,
         model.matmul_precision()
@@ -271,6 +273,9 @@ fn train(args: &TrainArgs, comm: Arc<dyn Comm>) -> Result<()> {
         flops / median / 1e9
     );
     println!("  loss      {:.4} -> {:.4}", losses[0], losses[losses.len() - 1]);
+    if let Some(bytes) = b.peak_device_memory() {
+        println!("  peak device memory  {:.0} MiB", bytes as f64 / (1u64 << 20) as f64);
+    }
     match peak_rss_mib() {
         Some(mib) => println!("  peak RSS  {mib:.0} MiB"),
         None => println!("  peak RSS  unavailable on this platform"),

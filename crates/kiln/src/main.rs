@@ -1,5 +1,6 @@
 //! `kiln`: full-parameter post-training of large language models.
 
+mod backend_arg;
 mod bench;
 mod bench_gemm;
 mod bench_generate;
@@ -15,6 +16,7 @@ mod score;
 mod sft;
 mod tokens_file;
 
+use backend_arg::on_backend;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -27,6 +29,12 @@ struct Cli {
     /// job stops with an error naming the missing ones.
     #[arg(long, global = true, default_value_t = 300.0)]
     comm_timeout: f64,
+    /// What computes: cuda when this process finds a GPU (auto), or the one named.
+    #[arg(long, global = true, value_enum, default_value_t = backend_arg::BackendArg::Auto)]
+    backend: backend_arg::BackendArg,
+    /// The GPU to use (CUDA ordinal; default 0).
+    #[arg(long, global = true)]
+    device: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,17 +98,18 @@ fn main() -> anyhow::Result<()> {
     let (_mpi, world) = kiln_dist::init(std::time::Duration::from_secs_f64(cli.comm_timeout))?;
     match cli.command {
         Command::Demo(args) => demo::run(&args),
-        Command::Sft(args) => sft::run(&args, world),
-        Command::Dpo(args) => recipes::dpo(&args, world),
-        Command::Rm(args) => recipes::rm(&args, world),
-        Command::Kto(args) => recipes::kto(&args, world),
-        Command::Grpo(args) => recipes::grpo(&args, world),
-        Command::Distill(args) => recipes::distill(&args, world),
+        Command::Sft(args) => on_backend!(cli, world, |rt| sft::run(&args, rt)),
+        Command::Dpo(args) => on_backend!(cli, world, |rt| recipes::dpo(&args, rt)),
+        Command::Rm(args) => on_backend!(cli, world, |rt| recipes::rm(&args, rt)),
+        Command::Kto(args) => on_backend!(cli, world, |rt| recipes::kto(&args, rt)),
+        Command::Grpo(args) => on_backend!(cli, world, |rt| recipes::grpo(&args, rt)),
+        Command::Distill(args) => on_backend!(cli, world, |rt| recipes::distill(&args, rt)),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
         Command::Score(args) => score::run(&args),
         Command::Generate(args) => generate::run(&args),
-        Command::Bench(cmd) => bench::run(&cmd, world),
+        Command::Bench(bench::Command::Train(args)) => on_backend!(cli, world, |rt| bench::train(&args, rt)),
+        Command::Bench(cmd) => bench::run(&cmd),
         Command::Plan(args) => plan::run(&args),
     }
 }

@@ -3,11 +3,9 @@
 
 use crate::run_args::RunArgs;
 use anyhow::Result;
-use kiln_core::Cpu;
-use kiln_dist::Comm;
+use kiln_core::Backend;
 use kiln_train::session::RunSummary;
 use kiln_train::{distill, dpo, grpo, kto, rm, Runtime};
-use std::sync::Arc;
 
 /// Prints how a run ended (on rank 0); `describe` renders a step's (or an evaluation's)
 /// statistics and `headline` picks the number shown for the evaluation before training.
@@ -30,42 +28,42 @@ fn report<S>(root: bool, s: &RunSummary<S>, describe: impl Fn(&S) -> String, hea
     println!("checkpoint {}\nplot {}", s.checkpoint.display(), s.plot.display());
 }
 
-pub fn dpo(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
+pub fn dpo<B: Backend>(args: &RunArgs, rt: Runtime<B>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let root = world.is_root();
-    let s = dpo::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    let root = rt.world.is_root();
+    let s = dpo::run(rt, &config, resume, args.quiet)?;
     report(root, &s, |x| format!("loss {:.4}, reward accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
     Ok(())
 }
 
-pub fn rm(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
+pub fn rm<B: Backend>(args: &RunArgs, rt: Runtime<B>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let root = world.is_root();
-    let s = rm::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    let root = rt.world.is_root();
+    let s = rm::run(rt, &config, resume, args.quiet)?;
     report(root, &s, |x| format!("loss {:.4}, accuracy {:.3}", x.loss, x.accuracy), |x| x.accuracy);
     Ok(())
 }
 
-pub fn grpo(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
+pub fn grpo<B: Backend>(args: &RunArgs, rt: Runtime<B>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let root = world.is_root();
-    let s = grpo::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    let root = rt.world.is_root();
+    let s = grpo::run(rt, &config, resume, args.quiet)?;
     report(root, &s, |x| format!("reward {:.3}, solved {:.3}", x.reward, x.solved), |x| x.solved);
     Ok(())
 }
 
-pub fn distill(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
+pub fn distill<B: Backend>(args: &RunArgs, rt: Runtime<B>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let root = world.is_root();
-    let s = distill::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    let root = rt.world.is_root();
+    let s = distill::run(rt, &config, resume, args.quiet)?;
     report(root, &s, |x| format!("reverse KL {:.4}", x.reverse_kl), |x| x.reverse_kl);
     Ok(())
 }
 
-pub fn kto(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
+pub fn kto<B: Backend>(args: &RunArgs, rt: Runtime<B>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let root = world.is_root();
-    let s = kto::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    let root = rt.world.is_root();
+    let s = kto::run(rt, &config, resume, args.quiet)?;
     report(
         root,
         &s,

@@ -2,15 +2,13 @@
 
 use crate::run_args::RunArgs;
 use anyhow::Result;
-use kiln_core::Cpu;
-use kiln_dist::Comm;
+use kiln_core::Backend;
 use kiln_train::{sft, Runtime};
-use std::sync::Arc;
 
-pub fn run(args: &RunArgs, world: Arc<dyn Comm>) -> Result<()> {
+pub fn run<B: Backend>(args: &RunArgs, rt: Runtime<B>) -> Result<()> {
     let (config, resume) = args.load()?;
-    let root = world.is_root();
-    let s = sft::run(Runtime { b: Cpu, world }, &config, resume, args.quiet)?;
+    let root = rt.world.is_root();
+    let s = sft::run(rt, &config, resume, args.quiet)?;
     if !root {
         return Ok(());
     }

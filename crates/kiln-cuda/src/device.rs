@@ -7,6 +7,7 @@ use crate::memory_pool::MemoryPool;
 use anyhow::{bail, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -100,8 +101,10 @@ impl Cuda {
         let ctx = CudaContext::new(ordinal).with_context(|| format!("CUDA: opening device {ordinal}"))?;
         let (major, minor) = ctx.compute_capability()?;
         let arch = format!("sm_{major}{minor}");
-        let ptx = kernels::compile(&arch)?;
-        let module = ctx.load_module(ptx).with_context(|| format!("CUDA: loading kiln's kernels for {arch}"))?;
+        let cubin = kernels::compile(&arch)?;
+        let module = ctx
+            .load_module(Ptx::from_binary(cubin))
+            .with_context(|| format!("CUDA: loading kiln's kernels for {arch}"))?;
         let kernels = kernels::NAMES
             .iter()
             .map(|&name| Ok((name, module.load_function(name).with_context(|| format!("CUDA: kernel {name}"))?)))

@@ -3,7 +3,8 @@
 
 use crate::library::Library;
 use anyhow::{anyhow, Result};
-use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+use cudarc::nvrtc::{result, sys};
+use std::ffi::{CStr, CString};
 
 /// The kernel files, in the order NVRTC sees them (the shared helpers first).
 const FILES: &[(&str, &str)] = &[
@@ -58,18 +59,42 @@ pub fn source() -> String {
     FILES.iter().map(|(name, text)| format!("#line 1 \"{name}\"\n{text}\n")).collect()
 }
 
-/// The kernels compiled to PTX for `arch` (e.g. `sm_90`).
-pub fn compile(arch: &str) -> Result<Ptx> {
+/// The kernels compiled to machine code (CUBIN) for `arch` (e.g. `sm_90`).
+///
+/// Machine code, not PTX: pip's NVRTC can be newer than the driver (NVRTC 13.x against driver
+/// 580's CUDA 13.0), and a newer compiler's PTX may use an ISA the driver cannot JIT, while
+/// machine code for the device's own architecture loads under CUDA's minor-version
+/// compatibility.
+pub fn compile(arch: &str) -> Result<Vec<u8>> {
     Library::Nvrtc.require()?;
-    let options = CompileOptions {
-        arch: Some(Box::leak(arch.to_string().into_boxed_str())),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
+    let source = CString::new(source()).expect("kernel sources hold no NUL");
+    let program = result::create_program(&source, None).map_err(|e| anyhow!("NVRTC: creating the program: {e:?}"))?;
+    let options = [format!("--gpu-architecture={arch}"), "--std=c++17".to_string()];
+    // SAFETY: `program` is live until destroyed below; out-buffers are sized by NVRTC's answers.
+    let cubin = unsafe {
+        let compiled = result::compile_program(program, &options);
+        let cubin = match compiled {
+            Ok(()) => cubin_of(program),
+            Err(e) => {
+                let log = result::get_program_log(program).unwrap_or_default();
+                let log = CStr::from_ptr(log.as_ptr()).to_string_lossy().into_owned();
+                Err(anyhow!("NVRTC could not compile kiln's kernels for {arch} ({e:?}):\n{log}"))
+            }
+        };
+        let _ = result::destroy_program(program);
+        cubin
     };
-    cudarc::nvrtc::compile_ptx_with_opts(source(), options).map_err(|e| match e {
-        CompileError::CompileError { log, .. } => {
-            anyhow!("NVRTC could not compile kiln's kernels for {arch}:\n{}", log.to_string_lossy())
-        }
-        other => anyhow!("NVRTC failed for {arch}: {other:?}"),
-    })
+    cubin
+}
+
+/// The compiled program's CUBIN.
+///
+/// # Safety
+/// `program` was compiled successfully and is not destroyed.
+unsafe fn cubin_of(program: sys::nvrtcProgram) -> Result<Vec<u8>> {
+    let mut size = 0usize;
+    sys::nvrtcGetCUBINSize(program, &mut size).result().map_err(|e| anyhow!("NVRTC: CUBIN size: {e:?}"))?;
+    let mut cubin = vec![0u8; size];
+    sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast()).result().map_err(|e| anyhow!("NVRTC: CUBIN: {e:?}"))?;
+    Ok(cubin)
 }

@@ -17,5 +17,5 @@ mod one_device;
 
 pub use device::{test_device, Cuda};
 pub use library::Library;
-pub use one_device::OneDevice;
 pub use memory::{DeviceBuf, DeviceIndex, DeviceSlice, Word};
+pub use one_device::OneDevice;

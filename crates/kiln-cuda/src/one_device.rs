@@ -23,7 +23,13 @@ impl Comm<DeviceSlice> for OneDevice {
         Ok(())
     }
 
-    fn reduce_scatter_v_sum(&self, buf: &DeviceSlice, counts: &[usize], out: &mut DeviceSlice, what: &str) -> Result<()> {
+    fn reduce_scatter_v_sum(
+        &self,
+        buf: &DeviceSlice,
+        counts: &[usize],
+        out: &mut DeviceSlice,
+        what: &str,
+    ) -> Result<()> {
         ensure!(counts == [buf.len()] && buf.len() == out.len(), "reduce_scatter_v ({what}): counts {counts:?}");
         self.0.copy(out, buf);
         Ok(())

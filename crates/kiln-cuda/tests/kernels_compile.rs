@@ -23,10 +23,11 @@ fn kernels_compile_for_hopper_and_ampere() {
         return;
     }
     for arch in ["sm_90", "sm_80"] {
-        let ptx = kernels::compile(arch).unwrap_or_else(|e| panic!("{e:#}"));
-        let text = ptx.to_src();
+        let cubin = kernels::compile(arch).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: a CUBIN is an ELF image");
         for name in kernels::NAMES {
-            assert!(text.contains(&format!(".entry {name}(")), "{arch}: kernel {name} missing from the PTX");
+            let symbol = [name.as_bytes(), b"\0"].concat();
+            assert!(cubin.windows(symbol.len()).any(|w| w == symbol), "{arch}: kernel {name} missing from the CUBIN");
         }
     }
 }

@@ -53,8 +53,12 @@ macro_rules! golden_tests {
     };
 }
 
+/// The fixture folder of `case`: under `KILN_FIXTURES` when set (test binaries run on another
+/// machine, as tools/gpu/check.sh does), else the repository's `tests/fixtures`.
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(case)
+    let root = std::env::var_os("KILN_FIXTURES")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"), PathBuf::from);
+    root.join(case)
 }
 
 struct Golden {

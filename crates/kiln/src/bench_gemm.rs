@@ -2,7 +2,7 @@
 //! bf16 inputs, GFLOP/s each (compare with `python bench/torch_gemm.py`, same shapes).
 
 use anyhow::Result;
-use kiln_core::{rng::Rng, Backend, Cpu, Matmul, Precision};
+use kiln_core::{rng::Rng, Backend, Matmul, Precision};
 use kiln_model::Config;
 use std::path::PathBuf;
 
@@ -33,10 +33,10 @@ fn products(c: &Config, tokens: usize) -> Vec<(String, Matmul)> {
     out
 }
 
-pub fn run(args: &GemmArgs) -> Result<()> {
-    let b = Cpu;
+pub fn run<B: Backend>(args: &GemmArgs, b: &B) -> Result<()> {
     let config = Config::load(&args.config)?;
     let mut rng = Rng::new(1);
+    println!("kiln bench gemm on {}", b.device());
     println!(
         "{:<34} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "product (m x n x k)", "f32 ms", "GFLOP/s", "bf16 ms", "GFLOP/s", "ratio"
@@ -46,8 +46,12 @@ pub fn run(args: &GemmArgs) -> Result<()> {
         let a = b.upload(&rng.normal_vec(spec.m * spec.k, 1.0));
         let w = b.upload(&rng.normal_vec(spec.k * spec.n, 1.0));
         let mut c = b.zeros(spec.m * spec.n);
-        let mut time =
-            |precision| crate::bench::median_time(args.runs, || b.matmul(&mut c, &a, &w, spec.in_precision(precision)));
+        let mut time = |precision| {
+            crate::bench::median_time(args.runs, || {
+                b.matmul(&mut c, &a, &w, spec.in_precision(precision));
+                b.synchronize();
+            })
+        };
         // Interleaved: f32, bf16, and again, keeping each precision's faster median.
         let (f1, h1) = (time(Precision::F32), time(Precision::Bf16));
         let (f2, h2) = (time(Precision::F32), time(Precision::Bf16));

@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     kiln_core::cpu::threads::init(cli.threads)?;
     let (_mpi, world) = kiln_dist::init(std::time::Duration::from_secs_f64(cli.comm_timeout))?;
     match cli.command {
-        Command::Demo(args) => demo::run(&args),
+        Command::Demo(args) => on_backend!(cli, world, |rt| demo::run(&args, rt)),
         Command::Sft(args) => on_backend!(cli, world, |rt| sft::run(&args, rt)),
         Command::Dpo(args) => on_backend!(cli, world, |rt| recipes::dpo(&args, rt)),
         Command::Rm(args) => on_backend!(cli, world, |rt| recipes::rm(&args, rt)),
@@ -109,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         Command::Score(args) => score::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(bench::Command::Train(args)) => on_backend!(cli, world, |rt| bench::train(&args, rt)),
+        Command::Bench(bench::Command::Gemm(args)) => on_backend!(cli, world, |rt| bench_gemm::run(&args, &rt.b)),
         Command::Bench(cmd) => bench::run(&cmd),
         Command::Plan(args) => plan::run(&args),
     }

@@ -9,7 +9,7 @@ mod tokenizer;
 
 use crate::dtype_arg::DtypeArg;
 use anyhow::{Context, Result};
-use kiln_core::{Cpu, Precision};
+use kiln_core::{Backend, Cpu, Precision};
 use kiln_data::example::Encoder;
 use kiln_model::generate::greedy;
 use kiln_model::{Activations, Config, Model, StorageDtype};
@@ -106,10 +106,11 @@ fn stage_config(out: &Path, name: &str, toml: &str) -> Result<RunConfig> {
     run_config(&dir.join("run.toml"), toml)
 }
 
-pub fn run(args: &Args) -> Result<()> {
+/// The demo on `rt`'s backend (`make-base` always builds on the CPU, to stay reproducible).
+pub fn run<B: Backend + Clone>(args: &Args, rt: Runtime<B>) -> Result<()> {
     match &args.action {
         Some(Action::MakeBase { out, steps }) => make_base(out, *steps),
-        None => demo(args),
+        None => demo(args, &rt),
     }
 }
 
@@ -120,10 +121,15 @@ struct Scores {
     samples: Vec<(String, String, String)>,
 }
 
-fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)], dtype: DtypeArg) -> Result<Scores> {
-    let b = Cpu;
-    let mut model = Model::load(&b, model_dir)?;
-    model.set_matmul_precision(dtype.precision(&b));
+fn score<B: Backend>(
+    b: &B,
+    model_dir: &Path,
+    eval_file: &Path,
+    held_out: &[(Problem, usize)],
+    dtype: DtypeArg,
+) -> Result<Scores> {
+    let mut model = Model::load(b, model_dir)?;
+    model.set_matmul_precision(dtype.precision(b));
     let (tok, template) = load_tokenizer(model_dir)?;
     let template = template.context("the demo model has no chat template")?;
     let encoder = Encoder {
@@ -133,8 +139,8 @@ fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)], dtyp
         policy: kiln_data::example::LengthPolicy::Drop,
     };
     let examples = encode_split(&[eval_file.to_path_buf()], &encoder, 0.0, "eval")?;
-    let mut acts = Activations::new(&b, &model.config, 16, 128, false, false);
-    let eval_loss = evaluate(&b, &mut model, &mut acts, &examples, &pack(&examples, 16, 128, None));
+    let mut acts = Activations::new(b, &model.config, 16, 128, false, false);
+    let eval_loss = evaluate(b, &mut model, &mut acts, &examples, &pack(&examples, 16, 128, None));
 
     let prompt = |messages: &[kiln_data::Message]| -> Result<Vec<i32>> {
         let text = template.render(messages, true).map_err(anyhow::Error::msg)?;
@@ -143,7 +149,7 @@ fn score(model_dir: &Path, eval_file: &Path, held_out: &[(Problem, usize)], dtyp
     let prompts: Vec<Vec<i32>> =
         held_out.iter().map(|(p, style)| prompt(&p.chat(*style, false))).collect::<Result<_>>()?;
     let stop = tok.eos_id.map(|e| e as i32).into_iter().collect::<Vec<_>>();
-    let outputs = greedy(&b, &mut model, &prompts, 10, &stop);
+    let outputs = greedy(b, &mut model, &prompts, 10, &stop);
     let mut correct = 0;
     let mut samples = Vec::new();
     for ((p, style), out) in held_out.iter().zip(&outputs) {
@@ -163,7 +169,13 @@ fn local() -> Runtime<Cpu> {
     Runtime { b: Cpu, world: std::sync::Arc::new(kiln_dist::Local) }
 }
 
-fn demo(args: &Args) -> Result<()> {
+/// Another handle on `rt`'s backend and ranks, for the next stage.
+fn again<B: Backend + Clone>(rt: &Runtime<B>) -> Runtime<B> {
+    Runtime { b: rt.b.clone(), world: rt.world.clone() }
+}
+
+fn demo<B: Backend + Clone>(args: &Args, rt: &Runtime<B>) -> Result<()> {
+    let b = &rt.b;
     let (out, seed) = (&args.out, args.seed);
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let base =
@@ -202,17 +214,18 @@ fn demo(args: &Args) -> Result<()> {
     write_jsonl(&out.join("rl_prompts.jsonl"), rl_prompts.iter().map(prompt_json))?;
     write_jsonl(&out.join("rl_eval.jsonl"), held_out.iter().map(prompt_json))?;
 
-    let products = match args.dtype.precision(&Cpu) {
+    let products = match args.dtype.precision(b) {
         Precision::Bf16 => "bf16 mixed precision",
         Precision::F32 => "f32",
     };
     println!(
-        "kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out, in {products}",
-        base.display()
+        "kiln demo: SFT of {} on {TRAIN_EXAMPLES} chat examples, {HELD_OUT} held out, in {products} on {}",
+        base.display(),
+        b.device()
     );
-    let before = score(&base, &out.join("eval.jsonl"), &held_out, args.dtype)?;
-    let summary = sft::run(local(), &config, None, false)?;
-    let after = score(&summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
+    let before = score(b, &base, &out.join("eval.jsonl"), &held_out, args.dtype)?;
+    let summary = sft::run(again(rt), &config, None, false)?;
+    let after = score(b, &summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
 
     if args.sft_only {
         println!();
@@ -239,7 +252,7 @@ fn demo(args: &Args) -> Result<()> {
             args.orpo_weight
         ),
     )?;
-    let dpo_summary = dpo::run(local(), &dpo_config, None, false)?;
+    let dpo_summary = dpo::run(again(rt), &dpo_config, None, false)?;
 
     println!("kiln demo: reward model from the SFT model on the same pairs");
     let rm_config = stage_config(
@@ -257,7 +270,7 @@ fn demo(args: &Args) -> Result<()> {
             args.dtype.name()
         ),
     )?;
-    let rm_summary = rm::run(local(), &rm_config, None, false)?;
+    let rm_summary = rm::run(again(rt), &rm_config, None, false)?;
 
     println!(
         "kiln demo: GRPO from the SFT model on {} questions never demonstrated in a chat, exact-match reward",
@@ -280,9 +293,9 @@ fn demo(args: &Args) -> Result<()> {
             args.dtype.name()
         ),
     )?;
-    let grpo_summary = grpo::run(local(), &grpo_config, None, false)?;
-    let aligned = score(&dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
-    let reinforced = score(&grpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
+    let grpo_summary = grpo::run(again(rt), &grpo_config, None, false)?;
+    let aligned = score(b, &dpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
+    let reinforced = score(b, &grpo_summary.checkpoint, &out.join("eval.jsonl"), &held_out, args.dtype)?;
 
     println!();
     print_sft_rows(&before, &after, summary.steps, dpo_summary.eval_before);

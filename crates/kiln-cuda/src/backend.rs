@@ -2,7 +2,6 @@
 //! (`blas.rs`), everything else through kiln's kernels (`kernels/`). Work is queued on the
 //! device's stream; only reads back to the host wait for it.
 
-use crate::blas::Product;
 use crate::device::{args, Arg, Cuda};
 use crate::memory::{Allocation, DeviceBuf, DeviceIndex, DeviceSlice};
 use cudarc::driver::result;
@@ -140,15 +139,14 @@ impl Backend for Cuda {
 
     // ---- linear algebra -----------------------------------------------------------------
     fn matmul(&self, c: &mut DeviceSlice, a: &DeviceSlice, b: &DeviceSlice, spec: Matmul) {
-        let Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision, .. } = spec;
+        let Matmul { m, n, k, batch, accumulate, .. } = spec;
         same_len("matmul A", a.len(), batch * m * k);
         same_len("matmul B", b.len(), batch * k * n);
         same_len("matmul C", c.len(), batch * m * n);
         if k == 0 && !accumulate {
             return self.fill(c, 0.0);
         }
-        let (a, b, c) = (a.ptr(), b.ptr(), c.ptr());
-        self.gemm(Product { m, n, k, trans_a, trans_b, batch, accumulate, precision, a, b, c });
+        self.gemm(spec, a.ptr(), b.ptr(), c.ptr());
     }
     fn add_bias(&self, y: &mut DeviceSlice, bias: &DeviceSlice) {
         let (n, cols) = (y.len(), bias.len());
@@ -179,8 +177,9 @@ impl Backend for Cuda {
             if m > 0 {
                 let (a, c) = (a.ptr() + 4 * (first * k) as u64, c.ptr() + 4 * (first * n) as u64);
                 let b = b.ptr() + 4 * (g * n * k) as u64;
-                let p = Product { m, n, k, trans_a: false, trans_b, batch: 1, accumulate, precision, a, b, c };
-                self.gemm(p);
+                let spec =
+                    Matmul { m, n, k, trans_a: false, trans_b, batch: 1, accumulate, precision, b_is_weight: false };
+                self.gemm(spec, a, b, c);
             }
             first += m;
         }
@@ -205,7 +204,7 @@ impl Backend for Cuda {
                 let db = db.ptr() + 4 * (g * n * k) as u64;
                 // dB_g [n, k] = dC_gᵀ·A_g when B is stored transposed, else [k, n] = A_gᵀ·dC_g.
                 let (m, cols, lhs, rhs) = if trans_b { (n, k, dc, a) } else { (k, n, a, dc) };
-                let p = Product {
+                let spec = Matmul {
                     m,
                     n: cols,
                     k: r,
@@ -214,11 +213,9 @@ impl Backend for Cuda {
                     batch: 1,
                     accumulate: true,
                     precision,
-                    a: lhs,
-                    b: rhs,
-                    c: db,
+                    b_is_weight: false,
                 };
-                self.gemm(p);
+                self.gemm(spec, lhs, rhs, db);
             }
             first += r;
         }

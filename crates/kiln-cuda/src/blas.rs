@@ -11,26 +11,12 @@ use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t, cublasStatus_t,
     cudaDataType_t,
 };
-use kiln_core::Precision;
-
-/// One strided-batched product on device addresses (see `kiln_core::Matmul`).
-pub(crate) struct Product {
-    pub m: usize,
-    pub n: usize,
-    pub k: usize,
-    pub trans_a: bool,
-    pub trans_b: bool,
-    pub batch: usize,
-    pub accumulate: bool,
-    pub precision: Precision,
-    pub a: u64,
-    pub b: u64,
-    pub c: u64,
-}
+use kiln_core::{Matmul, Precision};
 
 impl Cuda {
-    pub(crate) fn gemm(&self, p: Product) {
-        let Product { m, n, k, trans_a, trans_b, batch, accumulate, precision, a, b, c } = p;
+    /// `spec`'s product on the device addresses `a`, `b` and `c`.
+    pub(crate) fn gemm(&self, spec: Matmul, a: u64, b: u64, c: u64) {
+        let Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision, .. } = spec;
         if m == 0 || n == 0 || batch == 0 {
             return;
         }

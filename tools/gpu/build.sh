@@ -16,7 +16,7 @@ for line in open("target/gpu/tests.json"):
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
         name = m["target"]["name"]
-        if name in ("conformance", "golden_parity", "kernels_compile"):
+        if name in ("conformance", "golden_parity", "kernels_compile", "nccl"):
             shutil.copy(m["executable"], f"target/gpu/bin/{name}")
 PY
 strip target/gpu/bin/*

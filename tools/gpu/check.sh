@@ -7,7 +7,7 @@
 #
 # Everything goes to $OUT: env.txt (driver, GPU, library versions), one log per step and
 # summary.txt (each step's status and seconds, the benchmark's numbers). Steps: the kernels
-# compile for this GPU; the conformance suite and the transformers goldens (f32 and bf16) on
+# compile for this GPU; NCCL's collectives on this GPU (one rank; two where there are two GPUs); the conformance suite and the transformers goldens (f32 and bf16) on
 # CUDA, with KILN_REQUIRE_CUDA=1 so a missing device fails instead of skipping; the demo's SFT
 # stage on the GPU; the bf16 matrix-product rate; then kiln and PyTorch (eager, SDPA, fused
 # AdamW, bf16 autocast) training the 1B reference model, interleaved. About 8 minutes.
@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 SITE=$($PY -c 'import site; print(site.getsitepackages()[0])')
 # The CUDA libraries are the pip wheels' (nvidia/cu13/lib, nvidia/nccl/lib, ...).
 export LD_LIBRARY_PATH="$(ls -d "$SITE"/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
-export KILN_REQUIRE_CUDA=1 KILN_REQUIRE_NVRTC=1 KILN_FIXTURES="$PWD/tests/fixtures" RUST_BACKTRACE=1
+export KILN_REQUIRE_CUDA=1 KILN_REQUIRE_NVRTC=1 KILN_REQUIRE_NCCL=1 KILN_FIXTURES="$PWD/tests/fixtures" RUST_BACKTRACE=1
 status=0
 
 # step NAME SECONDS COMMAND...: runs COMMAND under a time limit into $OUT/NAME.txt.
@@ -45,6 +45,7 @@ step() {
 : > "$OUT/summary.txt"
 
 step kernels_compile 120 "$BIN/kernels_compile"
+step nccl 60 "$BIN/nccl"
 step conformance 240 "$BIN/conformance" --test-threads 4
 step golden 240 "$BIN/golden_parity" --test-threads 4
 step demo_sft 300 "$BIN/kiln" --backend cuda demo --sft-only --out "$OUT/demo"

@@ -13,9 +13,11 @@ pub mod kernels;
 mod library;
 mod memory;
 mod memory_pool;
+mod nccl;
 mod one_device;
 
 pub use device::{test_device, Cuda};
 pub use library::Library;
 pub use memory::{DeviceBuf, DeviceIndex, DeviceSlice, Word};
+pub use nccl::{nccl_present, nccl_version, NcclComm};
 pub use one_device::OneDevice;

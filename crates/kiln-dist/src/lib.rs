@@ -79,6 +79,14 @@ pub fn launched_by_mpi() -> bool {
         .any(|v| std::env::var(v).is_ok_and(|n| n.parse::<usize>().map_or(true, |n| n > 1)))
 }
 
+/// This process's rank among those of the job on its node, as the launcher says (Open MPI,
+/// Slurm, MPICH/Hydra); `None` when no launcher says.
+pub fn local_rank() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+}
+
 /// The ranks of this job: MPI when launched by `mpirun`/`srun` (and built with feature
 /// `mpi`), else one process. `timeout` bounds every collective.
 pub fn init(timeout: Duration) -> Result<(Guard, Arc<dyn Comm>)> {

@@ -7,9 +7,10 @@
 #
 # Everything goes to $OUT: env.txt (driver, GPU, library versions), one log per step and
 # summary.txt (each step's status and seconds, the benchmark's numbers). Steps: the kernels
-# compile for this GPU; NCCL's collectives on this GPU (one rank; two where there are two GPUs); the conformance suite and the transformers goldens (f32 and bf16) on
-# CUDA, with KILN_REQUIRE_CUDA=1 so a missing device fails instead of skipping; the demo's SFT
-# stage on the GPU; the bf16 matrix-product rate; then kiln and PyTorch (eager, SDPA, fused
+# compile for this GPU; NCCL's collectives on this GPU (one rank; two where there are two
+# GPUs); the conformance suite and the transformers goldens (f32 and bf16) on CUDA, with
+# KILN_REQUIRE_CUDA=1 so a missing device fails instead of skipping; `kiln score` on CUDA
+# against transformers' log-probs for every model type; the demo's SFT stage on the GPU; the bf16 matrix-product rate; then kiln and PyTorch (eager, SDPA, fused
 # AdamW, bf16 autocast) training the 1B reference model, interleaved. About 8 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -48,6 +49,7 @@ step kernels_compile 120 "$BIN/kernels_compile"
 step nccl 60 "$BIN/nccl"
 step conformance 240 "$BIN/conformance" --test-threads 4
 step golden 240 "$BIN/golden_parity" --test-threads 4
+KILN_BIN="$BIN/kiln" KILN_BACKEND=cuda step score 120 "$BIN/score_cli" --test-threads 2
 step demo_sft 300 "$BIN/kiln" --backend cuda demo --sft-only --out "$OUT/demo"
 step gemm 90 "$BIN/kiln" --backend cuda bench gemm --config bench/reference_1b.json --tokens 16384 --runs 5
 TRAIN=(--config bench/reference_1b.json --batch 8 --seq 2048 --steps 3 --warmup 1)

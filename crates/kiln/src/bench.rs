@@ -3,7 +3,7 @@
 //! `bench_generate` and `bench_gemm`.
 
 use anyhow::Result;
-use kiln_core::{rng::Rng, AdamW, Backend, Cpu};
+use kiln_core::{rng::Rng, AdamW, Backend};
 use kiln_model::{Activations, Batch, Config, Model};
 use kiln_train::data_parallel::DataParallel;
 use kiln_train::Runtime;
@@ -88,13 +88,13 @@ fn step_flops(c: &Config, rows: usize, seq: usize) -> f64 {
     linear + attention
 }
 
-/// Every benchmark but `train` (which `main` runs on the chosen backend).
-pub fn run(cmd: &Command) -> Result<()> {
+/// Every benchmark but `train` (which needs the job's ranks) on the backend `b`.
+pub fn run<B: Backend>(cmd: &Command, b: &B) -> Result<()> {
     match cmd {
-        Command::Train(_) => unreachable!("main runs bench train on its backend"),
-        Command::Moe(args) => moe(args),
-        Command::Generate(args) => crate::bench_generate::run(args),
-        Command::Gemm(_) => unreachable!("main runs bench gemm on its backend"),
+        Command::Train(_) => unreachable!("main runs bench train with the job's ranks"),
+        Command::Moe(args) => moe(args, b),
+        Command::Generate(args) => crate::bench_generate::run(args, b),
+        Command::Gemm(args) => crate::bench_gemm::run(args, b),
     }
 }
 
@@ -113,12 +113,11 @@ pub(crate) fn median_time(steps: usize, mut f: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
-fn moe(args: &MoeArgs) -> Result<()> {
+fn moe<B: Backend>(args: &MoeArgs, b: &B) -> Result<()> {
     use kiln_core::Routing;
     use kiln_model::layers::mlp::{self, MlpActs, MlpGrads};
     use kiln_model::layers::moe::{self, MoeActs, MoeGrads, MoeShape};
     use kiln_model::weights::{MlpWeights, MoeWeights};
-    let b = Cpu;
     let (n, d, e, k, ff) = (args.tokens, args.hidden, args.experts, args.top_k, args.expert_ff);
     let groups = if e.is_multiple_of(4) && e / 4 >= 2 { 4 } else { 1 };
     let routing = Routing {
@@ -157,12 +156,13 @@ fn moe(args: &MoeArgs) -> Result<()> {
     };
     let (x, dout) = (init(n * d), init(n * d));
     let (mut out, mut dx) = (b.zeros(n * d), b.zeros(n * d));
-    let mut acts = MoeActs::new(&b, &shape, n);
-    let mut scratch = MoeGrads::new(&b, &shape, n);
-    let (w, mut g) = (w.map(&mut |t| &t[..]), g.map_mut(&mut |t| &mut t[..]));
+    let mut acts = MoeActs::new(b, &shape, n);
+    let mut scratch = MoeGrads::new(b, &shape, n);
+    let (w, mut g) = (w.map(&mut |t| &**t), g.map_mut(&mut |t| &mut **t));
     let moe_s = median_time(args.steps, || {
-        moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts, None);
-        moe::backward(&b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, None);
+        moe::forward(b, &shape, &w, &x, Some(&mut out), &mut acts, None);
+        moe::backward(b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, None);
+        b.synchronize();
     });
 
     // The dense SwiGLU MLP doing the same active work: intermediate = top_k · expert_ff.
@@ -177,15 +177,17 @@ fn moe(args: &MoeArgs) -> Result<()> {
         down_bias: none(),
     };
     let mut g = w.map(&mut |t| b.zeros(b.len(t)));
-    let (w, mut g) = (w.map(&mut |t| &t[..]), g.map_mut(&mut |t| &mut t[..]));
-    let mut acts = MlpActs::new(&b, n, i);
-    let mut scratch = MlpGrads::new(&b, n, i);
+    let (w, mut g) = (w.map(&mut |t| &**t), g.map_mut(&mut |t| &mut **t));
+    let mut acts = MlpActs::new(b, n, i);
+    let mut scratch = MlpGrads::new(b, n, i);
     let dense_s = median_time(args.steps, || {
-        mlp::forward(&b, kiln_core::Precision::F32, &w, &x, Some(&mut out), &mut acts, (n, d, i));
-        mlp::backward(&b, kiln_core::Precision::F32, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, (n, d, i));
+        mlp::forward(b, kiln_core::Precision::F32, &w, &x, Some(&mut out), &mut acts, (n, d, i));
+        mlp::backward(b, kiln_core::Precision::F32, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, (n, d, i));
+        b.synchronize();
     });
     println!(
-        "kiln bench moe: {n} tokens, hidden {d}, {e} experts of width {ff}, top-{k}, {} threads",
+        "kiln bench moe on {}: {n} tokens, hidden {d}, {e} experts of width {ff}, top-{k}, {} threads",
+        b.device(),
         rayon::current_num_threads()
     );
     println!("  MoE layer  fwd+bwd median {:.2} ms", moe_s * 1e3);

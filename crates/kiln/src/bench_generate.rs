@@ -2,7 +2,7 @@
 //! (compare with `python bench/torch_generate.py`, transformers' `generate`, same shape).
 
 use anyhow::Result;
-use kiln_core::{rng::Rng, Cpu};
+use kiln_core::{rng::Rng, Backend};
 use kiln_model::generator::{generate, Request};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::{Config, Model};
@@ -31,10 +31,9 @@ pub struct GenerateArgs {
     dtype: crate::dtype_arg::DtypeArg,
 }
 
-pub fn run(args: &GenerateArgs) -> Result<()> {
-    let b = Cpu;
-    let mut model = Model::random(&b, Config::load(&args.config)?, 0);
-    model.set_matmul_precision(args.dtype.precision(&b));
+pub fn run<B: Backend>(args: &GenerateArgs, b: &B) -> Result<()> {
+    let mut model = Model::random(b, Config::load(&args.config)?, 0);
+    model.set_matmul_precision(args.dtype.precision(b));
     let vocab = model.config.vocab_size;
     let mut rng = Rng::new(1);
     let requests: Vec<Request> = (0..args.batch)
@@ -51,7 +50,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let mut times = Vec::new();
     for run in 0..=args.runs {
         let t0 = Instant::now();
-        let out = generate(&b, &mut model, &requests, args.batch, &mut |_, _| false);
+        let out = generate(b, &mut model, &requests, args.batch, &mut |_, _| false);
         let new: usize = out.iter().map(|g| g.tokens.len()).sum();
         anyhow::ensure!(new == args.batch * args.new_tokens, "a sequence stopped early");
         if run > 0 {
@@ -62,7 +61,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let median = times[times.len() / 2];
     let tokens = (args.batch * args.new_tokens) as f64;
     println!(
-        "kiln bench generate: {} sequences, prompt {}, {} new tokens each, {} threads, matrix products {:?}",
+        "kiln bench generate on {}: {} sequences, prompt {}, {} new tokens each, {} threads, matrix products {:?}",
+        b.device(),
         args.batch,
         args.prompt,
         args.new_tokens,

@@ -3,7 +3,7 @@
 //! and write `{"completion", "tokens", "finish"}` lines.
 
 use anyhow::{Context, Result};
-use kiln_core::Cpu;
+use kiln_core::Backend;
 use kiln_data::prompts::read_prompts;
 use kiln_data::{Message, Tokenizer};
 use kiln_model::generator::{generate, FinishReason, Generation, Request};
@@ -71,11 +71,10 @@ fn text_of(tokenizer: &Tokenizer, g: &Generation, stop: &[String]) -> String {
     }
 }
 
-pub fn run(args: &Args) -> Result<()> {
-    let b = Cpu;
-    let mut model = Model::load(&b, &args.model)?;
-    model.set_matmul_precision(args.dtype.precision(&b));
-    eprintln!("{}", kiln_train::config::describe_precision(&b, model.matmul_precision()));
+pub fn run<B: Backend>(args: &Args, b: &B) -> Result<()> {
+    let mut model = Model::load(b, &args.model)?;
+    model.set_matmul_precision(args.dtype.precision(b));
+    eprintln!("{}", kiln_train::config::describe_precision(b, model.matmul_precision()));
     let (tokenizer, template) = load_tokenizer(&args.model)?;
     let stops_in = |tokens: &[i32]| {
         let text = tokenizer.decode(&tokens.iter().map(|&t| t as u32).collect::<Vec<_>>());
@@ -91,7 +90,7 @@ pub fn run(args: &Args) -> Result<()> {
                 params: args.params(&tokenizer, args.seed.wrapping_add(i as u64)),
             })
             .collect();
-        let outputs = generate(&b, &mut model, &requests, args.batch, &mut |_, tokens| stops_in(tokens));
+        let outputs = generate(b, &mut model, &requests, args.batch, &mut |_, tokens| stops_in(tokens));
         let mut out: Box<dyn Write> = match &args.output {
             Some(path) => Box::new(std::io::BufWriter::new(
                 std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?,
@@ -119,7 +118,7 @@ pub fn run(args: &Args) -> Result<()> {
         let prompt =
             tokenizer.encode(&text, false).map_err(anyhow::Error::msg)?.into_iter().map(|t| t as i32).collect();
         let request = Request { prompt, params: args.params(&tokenizer, args.seed.wrapping_add(turn as u64)) };
-        let g = generate(&b, &mut model, &[request], 1, &mut |_, tokens| stops_in(tokens)).remove(0);
+        let g = generate(b, &mut model, &[request], 1, &mut |_, tokens| stops_in(tokens)).remove(0);
         let answer = text_of(&tokenizer, &g, &args.stop);
         println!("{answer}");
         messages.push(Message { role: "assistant".into(), content: answer });

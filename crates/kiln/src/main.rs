@@ -106,11 +106,10 @@ fn main() -> anyhow::Result<()> {
         Command::Distill(args) => on_backend!(cli, world, |rt| recipes::distill(&args, rt)),
         Command::Export(args) => export::run(&args),
         Command::Data(cmd) => data::run(&cmd),
-        Command::Score(args) => score::run(&args),
-        Command::Generate(args) => generate::run(&args),
+        Command::Score(args) => on_backend!(cli, world, |rt| score::run(&args, &rt.b)),
+        Command::Generate(args) => on_backend!(cli, world, |rt| generate::run(&args, &rt.b)),
         Command::Bench(bench::Command::Train(args)) => on_backend!(cli, world, |rt| bench::train(&args, rt)),
-        Command::Bench(bench::Command::Gemm(args)) => on_backend!(cli, world, |rt| bench_gemm::run(&args, &rt.b)),
-        Command::Bench(cmd) => bench::run(&cmd),
+        Command::Bench(cmd) => on_backend!(cli, world, |rt| bench::run(&cmd, &rt.b)),
         Command::Plan(args) => plan::run(&args),
     }
 }

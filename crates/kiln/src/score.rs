@@ -3,7 +3,7 @@
 
 use crate::tokens_file;
 use anyhow::{bail, Context, Result};
-use kiln_core::Cpu;
+use kiln_core::Backend;
 use kiln_model::{Activations, Batch, Model};
 use std::io::Write;
 use std::path::PathBuf;
@@ -40,11 +40,10 @@ struct Rewarded {
     reward: f32,
 }
 
-pub fn run(args: &Args) -> Result<()> {
-    let b = Cpu;
-    let mut model = Model::load(&b, &args.model)?;
-    model.set_matmul_precision(args.dtype.precision(&b));
-    eprintln!("{}", kiln_train::config::describe_precision(&b, model.matmul_precision()));
+pub fn run<B: Backend>(args: &Args, b: &B) -> Result<()> {
+    let mut model = Model::load(b, &args.model)?;
+    model.set_matmul_precision(args.dtype.precision(b));
+    eprintln!("{}", kiln_train::config::describe_precision(b, model.matmul_precision()));
     match (args.reward, model.config.num_labels) {
         (true, None) => {
             bail!("{}: --reward needs a reward model (a ...ForSequenceClassification directory)", args.model.display())
@@ -78,18 +77,18 @@ pub fn run(args: &Args) -> Result<()> {
             end += 1;
         }
         let batch = Batch::causal_lm(&sequences[start..end]);
-        let mut acts = Activations::new(&b, &model.config, batch.rows, batch.seq, false, false);
+        let mut acts = Activations::new(b, &model.config, batch.rows, batch.seq, false, false);
         if args.reward {
-            model.forward_hidden(&b, &mut acts, &batch, false);
+            model.forward_hidden(b, &mut acts, &batch, false);
             let last: Vec<i32> =
                 sequences[start..end].iter().enumerate().map(|(r, s)| (r * batch.seq + s.len() - 1) as i32).collect();
-            for reward in model.score_forward(&b, &acts, &last) {
+            for reward in model.score_forward(b, &acts, &last) {
                 writeln!(out, "{}", serde_json::to_string(&Rewarded { reward })?)?;
             }
             start = end;
             continue;
         }
-        let nll = model.nll(&b, &mut acts, &batch);
+        let nll = model.nll(b, &mut acts, &batch);
         for (r, s) in sequences[start..end].iter().enumerate() {
             let row = &nll[r * batch.seq..r * batch.seq + s.len() - 1];
             let scored = Scored { logprobs: row.iter().map(|&x| -x).collect() };

@@ -5,8 +5,12 @@ use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// The fixtures: under `KILN_FIXTURES` when set (tools/gpu/check.sh runs this test binary on a
+/// machine where the source tree lies elsewhere).
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    std::env::var_os("KILN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"))
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
@@ -16,8 +20,12 @@ fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Runs kiln: the binary `KILN_BIN` when set (with `KILN_BACKEND`, its `--backend`; the GPU
+/// check runs these tests on CUDA that way), else this build's.
 fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+    let bin = std::env::var_os("KILN_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_kiln").into());
+    let backend = std::env::var("KILN_BACKEND").unwrap_or_else(|_| "auto".into());
+    Command::new(bin).args(["--backend", &backend]).args(args).output().expect("run kiln")
 }
 
 fn score(model: &Path, tokens: &Path, dtype: &str) -> Output {

@@ -2,6 +2,7 @@
 //! (`blas.rs`), everything else through kiln's kernels (`kernels/`). Work is queued on the
 //! device's stream; only reads back to the host wait for it.
 
+use crate::attention_tiling::Tiling;
 use crate::device::{args, Arg, Cuda};
 use crate::memory::{Allocation, DeviceBuf, DeviceIndex, DeviceSlice};
 use cudarc::driver::result;
@@ -327,9 +328,9 @@ impl Backend for Cuda {
     ) {
         check_attention(&spec, q, k, v, out, segments);
         same_len("attention lse", lse.len(), spec.batch * spec.q_heads * spec.seq);
-        let shape = attention_args(&spec);
-        let a = [args![out, lse, q, k, v, segments].as_slice(), &shape].concat();
-        self.launch_warps("attention_forward", spec.tokens() * spec.q_heads, &a);
+        let tiling = Tiling::query_rows(&spec, false);
+        let a = [args![out, lse, q, k, v, segments].as_slice(), &attention_args(&spec, &tiling)].concat();
+        self.launch_tiled("attention_forward", &tiling, &a);
     }
     fn attention_backward(
         &self,
@@ -351,11 +352,14 @@ impl Backend for Cuda {
         same_len("attention dv", dv.len(), v.len());
         same_len("attention dout", dout.len(), out.len());
         let delta = DeviceBuf::new(self.stream(), lse.len());
-        let shape = attention_args(&spec);
-        let a = [args![dq, &*delta, dout, q, k, v, out, lse, segments].as_slice(), &shape].concat();
-        self.launch_warps("attention_backward_dq", spec.tokens() * spec.q_heads, &a);
-        let a = [args![dk, dv, dout, q, k, v, lse, &*delta, segments].as_slice(), &shape].concat();
-        self.launch_warps("attention_backward_dkdv", spec.tokens() * spec.kv_heads, &a);
+        let tiling = Tiling::query_rows(&spec, true);
+        let a = [args![dq, &*delta, dout, q, k, v, out, lse, segments].as_slice(), &attention_args(&spec, &tiling)]
+            .concat();
+        self.launch_tiled("attention_backward_dq", &tiling, &a);
+        let tiling = Tiling::key_rows(&spec);
+        let a =
+            [args![dk, dv, dout, q, k, v, lse, &*delta, segments].as_slice(), &attention_args(&spec, &tiling)].concat();
+        self.launch_tiled("attention_backward_dkdv", &tiling, &a);
     }
     fn attention_decode(
         &self,
@@ -582,7 +586,7 @@ fn check_attention(
 }
 
 /// The `ATTENTION_ARGS` of attention.cu.
-fn attention_args(spec: &Attention) -> [Arg; 8] {
+fn attention_args(spec: &Attention, tiling: &Tiling) -> [Arg; 11] {
     args![
         spec.batch,
         spec.seq,
@@ -591,7 +595,10 @@ fn attention_args(spec: &Attention) -> [Arg; 8] {
         spec.head_dim as i32,
         spec.v_head_dim as i32,
         spec.scale,
-        spec.window.unwrap_or(0)
+        spec.window.unwrap_or(0),
+        tiling.positions as i32,
+        tiling.heads as i32,
+        tiling.tile as i32
     ]
 }
 

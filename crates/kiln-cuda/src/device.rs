@@ -1,5 +1,6 @@
 //! One GPU: its context and stream, the cuBLAS handle, and kiln's kernels compiled for it.
 
+use crate::attention_tiling::Tiling;
 use crate::kernels;
 use crate::library::Library;
 use crate::memory::{DeviceIndex, DeviceSlice};
@@ -10,6 +11,9 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKe
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Dynamic shared memory a block may take without opting in to more.
+pub(crate) const MAX_SHARED_BYTES: usize = 48 * 1024;
 
 /// The CUDA backend on one device. Cloning is cheap and shares the device.
 #[derive(Clone)]
@@ -142,6 +146,13 @@ impl Cuda {
 
     /// Launches kernel `name` with `blocks` blocks of `threads` threads.
     pub(crate) fn launch(&self, name: &str, blocks: usize, threads: usize, args: &[Arg]) {
+        self.launch_shared(name, blocks, threads, 0, args);
+    }
+
+    /// `launch` with `shared_bytes` of dynamic shared memory per block (at most 48 KiB, the
+    /// limit without opting in).
+    pub(crate) fn launch_shared(&self, name: &str, blocks: usize, threads: usize, shared_bytes: usize, args: &[Arg]) {
+        assert!(shared_bytes <= MAX_SHARED_BYTES, "{name}: {shared_bytes} bytes of shared memory per block");
         if blocks == 0 {
             return;
         }
@@ -155,8 +166,11 @@ impl Cuda {
                 Arg::Float(x) => launch.arg(x),
             };
         }
-        let cfg =
-            LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: shared_bytes as u32,
+        };
         // SAFETY: the arguments match the kernel's parameters (checked by the conformance suite);
         // every address is a live device allocation of the sizes passed.
         unsafe { launch.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: launching {name}: {e}"));
@@ -171,6 +185,11 @@ impl Cuda {
     /// One block per row.
     pub(crate) fn launch_rows(&self, name: &str, rows: usize, args: &[Arg]) {
         self.launch(name, rows, 256, args);
+    }
+
+    /// One of attention.cu's tiled kernels.
+    pub(crate) fn launch_tiled(&self, name: &str, tiling: &Tiling, args: &[Arg]) {
+        self.launch_shared(name, tiling.blocks, 32 * tiling.warps, tiling.shared_bytes, args);
     }
 
     /// One warp per item, four warps per block.

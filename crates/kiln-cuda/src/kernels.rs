@@ -13,7 +13,9 @@ const FILES: &[(&str, &str)] = &[
     ("embedding.cu", include_str!("kernels/embedding.cu")),
     ("rmsnorm.cu", include_str!("kernels/rmsnorm.cu")),
     ("rope.cu", include_str!("kernels/rope.cu")),
+    ("attention_lanes.cuh", include_str!("kernels/attention_lanes.cuh")),
     ("attention.cu", include_str!("kernels/attention.cu")),
+    ("attention_decode.cu", include_str!("kernels/attention_decode.cu")),
     ("loss.cu", include_str!("kernels/loss.cu")),
     ("moe_route.cu", include_str!("kernels/moe_route.cu")),
 ];

@@ -6,6 +6,7 @@
 //! is a CUDA C kernel from `src/kernels/`, compiled once per process by NVRTC for the device.
 //! Missing libraries or devices are errors that say what was searched ([`Library`]).
 
+mod attention_tiling;
 mod backend;
 mod blas;
 mod device;

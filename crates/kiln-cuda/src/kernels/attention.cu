@@ -1,146 +1,161 @@
-// Causal grouped-query attention with segment masks and an optional sliding window, and
-// decode attention over a key/value cache. One warp per (query token, query head); memory is
-// linear in sequence length: only each score row's log-sum-exp is kept for backward.
+// Causal grouped-query attention for training, with segment masks (packing) and an optional
+// sliding window, tiled as FlashAttention-2: memory is linear in sequence length, only each
+// score row's log-sum-exp is kept for backward, which recomputes the probabilities.
 //
 // Forward, per query row i over its allowed keys j (j ≤ i, same segment, i − j < window):
 //   s_ij = scale·q_i·k_j,  lse_i = log Σ_j exp(s_ij),  p_ij = exp(s_ij − lse_i)
-//   o_i = Σ_j p_ij v_j    (an online softmax over blocks of 32 keys)
+//   o_i = Σ_j p_ij v_j    (an online softmax over tiles of keys)
 // Backward, with D_i = do_i·o_i:
 //   dv_j = Σ_i p_ij do_i,  dp_ij = do_i·v_j,  ds_ij = p_ij (dp_ij − D_i)
 //   dq_i = scale Σ_j ds_ij k_j,  dk_j = scale Σ_i ds_ij q_i
-// dq is summed by one warp per query, dk and dv by one warp per key: every sum has a single
-// owner and a fixed order, so results repeat bit for bit.
 //
-// Head dimensions up to MAX_HEAD_DIM: lane `l` holds features l, l + 32, ...
-
-#define MAX_HEAD_DIM 256
-#define LANE_FEATURES (MAX_HEAD_DIM / 32)
-
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(bf16_bits x) { return bf16_widen(x); }
-
-// This lane's features of a row of `n` values.
-template <typename T>
-__device__ __forceinline__ void load_lane(float* out, const T* row, int n, int lane) {
-#pragma unroll
-    for (int r = 0; r < LANE_FEATURES; r++) {
-        const int d = lane + 32 * r;
-        out[r] = d < n ? widen(row[d]) : 0.0f;
-    }
-}
-
-// Σ_d a[d]·row[d] over the warp, `a` held as lane features.
-template <typename T>
-__device__ __forceinline__ float dot_lane(const float* a, const T* row, int n, int lane) {
-    float acc = 0.0f;
-#pragma unroll
-    for (int r = 0; r < LANE_FEATURES; r++) {
-        const int d = lane + 32 * r;
-        if (d < n) acc += a[r] * widen(row[d]);
-    }
-    return warp_sum(acc);
-}
-
-// acc[d] += p · row[d] for this lane's features.
-template <typename T>
-__device__ __forceinline__ void axpy_lane(float* acc, float p, const T* row, int n, int lane) {
-#pragma unroll
-    for (int r = 0; r < LANE_FEATURES; r++) {
-        const int d = lane + 32 * r;
-        if (d < n) acc[r] += p * widen(row[d]);
-    }
-}
-
-// One block of `n` ≤ 32 keys of the online softmax: lane jj holds key jj's score (−∞ when
-// masked); key jj's values start at `v + jj·v_row`. Updates the running max `m`, the sum `l`
-// of exp(s − m) and the output accumulator.
-template <typename T>
-__device__ void online_block(float& m, float& l, float* acc, float s_mine, int n, const T* v, long v_row,
-                             int v_head_dim, int lane) {
-    const float m_new = fmaxf(m, warp_max(s_mine));
-    if (m_new == NEG_INF) return;  // every key so far masked
-    const float correction = expf(m - m_new);
-    const float p_mine = expf(s_mine - m_new);
-    l = l * correction + warp_sum(p_mine);
-#pragma unroll
-    for (int r = 0; r < LANE_FEATURES; r++) acc[r] *= correction;
-    for (int jj = 0; jj < n; jj++) {
-        const float p = __shfl_sync(0xffffffffu, p_mine, jj);
-        if (p != 0.0f) axpy_lane(acc, p, v + jj * v_row, v_head_dim, lane);
-    }
-    m = m_new;
-}
-
-// Writes o = acc / l (and returns lse = m + log l).
-__device__ float online_finish(float* o, const float* acc, float m, float l, int v_head_dim, int lane) {
-#pragma unroll
-    for (int r = 0; r < LANE_FEATURES; r++) {
-        const int d = lane + 32 * r;
-        if (d < v_head_dim) o[d] = acc[r] / l;
-    }
-    return m + logf(l);
-}
-
-// The first key a query at `i` may see under a window of `window` keys (0: no window).
-__device__ __forceinline__ long first_key(long i, long window) { return window > 0 && i + 1 > window ? i + 1 - window : 0; }
+// Tiling. Forward and dq: a block holds `positions` consecutive query positions × `heads`
+// query heads that read one kv head, one warp per query row, and walks the keys those rows
+// may see in tiles of `tile` ≤ 32 rows of k and v staged in shared memory, so each key is read
+// from global memory once per block rather than once per query row. Lane jj scores key jj of
+// the tile against the warp's query (kept in shared memory); the output's features are spread
+// over the lanes. dk and dv: a block holds `positions` consecutive keys of one kv head, one warp
+// each, and walks the query rows that may see them, head by head, in tiles of q and do.
+// Shared rows are padded by one float so that lanes reading a column of rows hit distinct
+// banks. Every sum has a single owner and a fixed order (no atomics): results repeat bit for bit.
 
 #define ATTENTION_ARGS                                                                                     \
-    long batch, long seq, int q_heads, int kv_heads, int head_dim, int v_head_dim, float scale, long window
-#define WARP_OF_THREAD (((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5)
+    long batch, long seq, int q_heads, int kv_heads, int head_dim, int v_head_dim, float scale, long window, \
+        int positions, int heads, int tile
 
-extern "C" __global__ void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                                             const int* segments, ATTENTION_ARGS) {
-    const int lane = threadIdx.x & 31;
-    const long warp = WARP_OF_THREAD;
-    if (warp >= batch * seq * q_heads) return;
-    const int h = warp % q_heads, kvh = h / (q_heads / kv_heads);
-    const long t = warp / q_heads, b = t / seq, i = t % seq, row0 = b * seq;
-    const long k_row = (long)kv_heads * head_dim, v_row = (long)kv_heads * v_head_dim;
-    float qr[LANE_FEATURES], acc[LANE_FEATURES];
-    load_lane(qr, q + (t * q_heads + h) * head_dim, head_dim, lane);
-    for (int r = 0; r < LANE_FEATURES; r++) acc[r] = 0.0f;
-    float m = NEG_INF, l = 0.0f;
-    const int segment = segments[t];
-    for (long j0 = first_key(i, window); j0 <= i; j0 += 32) {
-        const int n = i + 1 - j0 < 32 ? (int)(i + 1 - j0) : 32;
-        float s_mine = NEG_INF;
-        for (int jj = 0; jj < n; jj++) {
-            const long j = row0 + j0 + jj;
-            const float s = dot_lane(qr, k + j * k_row + kvh * head_dim, head_dim, lane) * scale;
-            if (lane == jj && segments[j] == segment) s_mine = s;
-        }
-        online_block(m, l, acc, s_mine, n, v + (row0 + j0) * v_row + kvh * v_head_dim, v_row, v_head_dim, lane);
-    }
-    const float row_lse = online_finish(out + (t * q_heads + h) * v_head_dim, acc, m, l, v_head_dim, lane);
-    if (lane == 0) lse[(b * q_heads + h) * seq + i] = row_lse;
+// Σ_d a[d]·b[d], by one thread.
+__device__ __forceinline__ float dot_rows(const float* a, const float* b, int n) {
+    float acc = 0.0f;
+    for (int d = 0; d < n; d++) acc += a[d] * b[d];
+    return acc;
 }
 
-// dq (overwritten) and D_i = do_i·o_i (into `delta`, `[batch, q_heads, seq]` as lse), one warp
-// per (query, head).
+// Rows first .. first + n − 1 (n ≤ tile) of head `head` of a [tokens, heads, dim] tensor into
+// `dst`, row stride dim + 1; rows n .. tile − 1 are zero. The whole block takes part.
+__device__ void load_tile(float* dst, const float* src, long first, int n, int tile, int heads, int head, int dim) {
+    for (int idx = threadIdx.x; idx < tile * dim; idx += blockDim.x) {
+        const int r = idx / dim, d = idx % dim;
+        dst[r * (dim + 1) + d] = r < n ? src[((first + r) * heads + head) * dim + d] : 0.0f;
+    }
+}
+
+// A block's query rows: positions p0 .. p0 + positions − 1 of sequence b, query heads
+// h0 .. h0 + heads − 1 (all reading kv head kvh). Warp w takes position p0 + w / heads and
+// head h0 + w % heads. Blocks run over [batch, kv_heads, group / heads, position tiles].
+struct QueryRows {
+    long b, p0;
+    int kvh, h0;
+};
+
+__device__ QueryRows query_rows(long seq, int q_heads, int kv_heads, int positions, int heads) {
+    const int group = q_heads / kv_heads, chunks = group / heads;
+    const long position_tiles = (seq + positions - 1) / positions;
+    long id = blockIdx.x;
+    QueryRows rows;
+    rows.p0 = (id % position_tiles) * positions;
+    id /= position_tiles;
+    const int chunk = (int)(id % chunks);
+    id /= chunks;
+    rows.kvh = (int)(id % kv_heads);
+    rows.b = id / kv_heads;
+    rows.h0 = rows.kvh * group + chunk * heads;
+    return rows;
+}
+
+// Whether query position i may see key position j of its sequence (segment ids of both given).
+__device__ __forceinline__ bool sees(long i, long j, long window, int segment_i, int segment_j) {
+    return j <= i && j >= first_key(i, window) && segment_i == segment_j;
+}
+
+// Shared memory: k tile, v tile, then each warp's query row.
+extern "C" __global__ void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                                             const int* segments, ATTENTION_ARGS) {
+    extern __shared__ float shared[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const QueryRows rows = query_rows(seq, q_heads, kv_heads, positions, heads);
+    const long i = rows.p0 + w / heads, row0 = rows.b * seq, t = row0 + i;
+    const int h = rows.h0 + w % heads;
+    const bool valid = i < seq;
+    float* ks = shared;
+    float* vs = ks + tile * (head_dim + 1);
+    float* qs = vs + tile * (v_head_dim + 1) + w * head_dim;
+    int segment = 0;
+    if (valid) {
+        for (int d = lane; d < head_dim; d += 32) qs[d] = q[(t * q_heads + h) * head_dim + d];
+        segment = segments[t];
+    }
+    float acc[LANE_FEATURES];
+    for (int r = 0; r < LANE_FEATURES; r++) acc[r] = 0.0f;
+    float m = NEG_INF, l = 0.0f;
+    const long last = rows.p0 + positions - 1 < seq - 1 ? rows.p0 + positions - 1 : seq - 1;
+    for (long j0 = first_key(rows.p0, window); j0 <= last; j0 += tile) {
+        const int n = last + 1 - j0 < tile ? (int)(last + 1 - j0) : tile;
+        __syncthreads();  // the previous tile's readers are done (and the query rows are written)
+        load_tile(ks, k, row0 + j0, n, tile, kv_heads, rows.kvh, head_dim);
+        load_tile(vs, v, row0 + j0, n, tile, kv_heads, rows.kvh, v_head_dim);
+        __syncthreads();
+        if (!valid) continue;
+        const long j = j0 + lane;
+        float s_mine = NEG_INF;
+        if (lane < n && sees(i, j, window, segment, segments[row0 + j]))
+            s_mine = scale * dot_rows(qs, ks + lane * (head_dim + 1), head_dim);
+        online_block(m, l, acc, s_mine, n, vs, v_head_dim + 1, v_head_dim, lane);
+    }
+    if (!valid) return;
+    const float row_lse = online_finish(out + (t * q_heads + h) * v_head_dim, acc, m, l, v_head_dim, lane);
+    if (lane == 0) lse[(rows.b * q_heads + h) * seq + i] = row_lse;
+}
+
+// dq (overwritten) and D_i = do_i·o_i (into `delta`, `[batch, q_heads, seq]` as lse). Shared
+// memory: k tile, v tile, each warp's query row, each warp's do row.
 extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const float* dout, const float* q,
                                                  const float* k, const float* v, const float* out, const float* lse,
                                                  const int* segments, ATTENTION_ARGS) {
-    const int lane = threadIdx.x & 31;
-    const long warp = WARP_OF_THREAD;
-    if (warp >= batch * seq * q_heads) return;
-    const int h = warp % q_heads, kvh = h / (q_heads / kv_heads);
-    const long t = warp / q_heads, b = t / seq, i = t % seq, row0 = b * seq;
-    const long k_row = (long)kv_heads * head_dim, v_row = (long)kv_heads * v_head_dim;
-    float qr[LANE_FEATURES], dor[LANE_FEATURES], acc[LANE_FEATURES];
-    load_lane(qr, q + (t * q_heads + h) * head_dim, head_dim, lane);
-    load_lane(dor, dout + (t * q_heads + h) * v_head_dim, v_head_dim, lane);
-    for (int r = 0; r < LANE_FEATURES; r++) acc[r] = 0.0f;
-    const float d_i = dot_lane(dor, out + (t * q_heads + h) * v_head_dim, v_head_dim, lane);
-    const long stat = (b * q_heads + h) * seq + i;
-    const float lse_i = lse[stat];
-    const int segment = segments[t];
-    for (long j = row0 + first_key(i, window); j <= t; j++) {
-        if (segments[j] != segment) continue;
-        const float* kj = k + j * k_row + kvh * head_dim;
-        const float p = expf(dot_lane(qr, kj, head_dim, lane) * scale - lse_i);
-        const float dp = dot_lane(dor, v + j * v_row + kvh * v_head_dim, v_head_dim, lane);
-        axpy_lane(acc, p * (dp - d_i), kj, head_dim, lane);
+    extern __shared__ float shared[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const QueryRows rows = query_rows(seq, q_heads, kv_heads, positions, heads);
+    const long i = rows.p0 + w / heads, row0 = rows.b * seq, t = row0 + i;
+    const int h = rows.h0 + w % heads;
+    const bool valid = i < seq;
+    float* ks = shared;
+    float* vs = ks + tile * (head_dim + 1);
+    float* qs = vs + tile * (v_head_dim + 1) + w * head_dim;
+    float* dos = vs + tile * (v_head_dim + 1) + warps * head_dim + w * v_head_dim;
+    const long stat = (rows.b * q_heads + h) * seq + i;
+    int segment = 0;
+    float d_i = 0.0f, lse_i = 0.0f;
+    if (valid) {
+        for (int d = lane; d < head_dim; d += 32) qs[d] = q[(t * q_heads + h) * head_dim + d];
+        for (int d = lane; d < v_head_dim; d += 32) dos[d] = dout[(t * q_heads + h) * v_head_dim + d];
+        float dor[LANE_FEATURES];
+        load_lane(dor, dout + (t * q_heads + h) * v_head_dim, v_head_dim, lane);
+        d_i = dot_lane(dor, out + (t * q_heads + h) * v_head_dim, v_head_dim, lane);
+        lse_i = lse[stat];
+        segment = segments[t];
     }
+    float acc[LANE_FEATURES];
+    for (int r = 0; r < LANE_FEATURES; r++) acc[r] = 0.0f;
+    const long last = rows.p0 + positions - 1 < seq - 1 ? rows.p0 + positions - 1 : seq - 1;
+    for (long j0 = first_key(rows.p0, window); j0 <= last; j0 += tile) {
+        const int n = last + 1 - j0 < tile ? (int)(last + 1 - j0) : tile;
+        __syncthreads();
+        load_tile(ks, k, row0 + j0, n, tile, kv_heads, rows.kvh, head_dim);
+        load_tile(vs, v, row0 + j0, n, tile, kv_heads, rows.kvh, v_head_dim);
+        __syncthreads();
+        if (!valid) continue;
+        const long j = j0 + lane;
+        float ds_mine = 0.0f;
+        if (lane < n && sees(i, j, window, segment, segments[row0 + j])) {
+            const float p = expf(scale * dot_rows(qs, ks + lane * (head_dim + 1), head_dim) - lse_i);
+            const float dp = dot_rows(dos, vs + lane * (v_head_dim + 1), v_head_dim);
+            ds_mine = p * (dp - d_i);
+        }
+        for (int jj = 0; jj < n; jj++) {
+            const float ds = __shfl_sync(0xffffffffu, ds_mine, jj);
+            if (ds != 0.0f) axpy_lane(acc, ds, ks + jj * (head_dim + 1), head_dim, lane);
+        }
+    }
+    if (!valid) return;
     for (int r = 0; r < LANE_FEATURES; r++) {
         const int d = lane + 32 * r;
         if (d < head_dim) dq[(t * q_heads + h) * head_dim + d] = scale * acc[r];
@@ -148,78 +163,70 @@ extern "C" __global__ void attention_backward_dq(float* dq, float* delta, const 
     if (lane == 0) delta[stat] = d_i;
 }
 
-// dk and dv (overwritten), one warp per (key, kv head), over the queries of every query head
-// that reads this kv head; runs after attention_backward_dq, which wrote `delta`.
+// dk and dv (overwritten); runs after attention_backward_dq, which wrote `delta`. A block holds
+// keys p0 .. p0 + positions − 1 of sequence b for kv head kvh (blocks over [batch, kv_heads,
+// key tiles]); `heads` is unused. Shared memory: q tile, do tile, the tile's lse and D, then
+// each warp's k row and v row.
 extern "C" __global__ void attention_backward_dkdv(float* dk, float* dv, const float* dout, const float* q,
                                                    const float* k, const float* v, const float* lse,
                                                    const float* delta, const int* segments, ATTENTION_ARGS) {
-    const int lane = threadIdx.x & 31;
-    const long warp = WARP_OF_THREAD;
-    if (warp >= batch * seq * kv_heads) return;
-    const int kvh = warp % kv_heads, group = q_heads / kv_heads;
-    const long t = warp / kv_heads, b = t / seq, j = t % seq, row0 = b * seq;
-    float kr[LANE_FEATURES], vr[LANE_FEATURES], dk_acc[LANE_FEATURES], dv_acc[LANE_FEATURES];
-    load_lane(kr, k + (t * kv_heads + kvh) * head_dim, head_dim, lane);
-    load_lane(vr, v + (t * kv_heads + kvh) * v_head_dim, v_head_dim, lane);
+    extern __shared__ float shared[];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const long key_tiles = (seq + positions - 1) / positions;
+    const long p0 = (blockIdx.x % key_tiles) * positions;
+    const int kvh = (int)((blockIdx.x / key_tiles) % kv_heads);
+    const long b = blockIdx.x / key_tiles / kv_heads;
+    const int group = q_heads / kv_heads;
+    const long row0 = b * seq, j = p0 + w, t = row0 + j;
+    const bool valid = j < seq;
+    float* qs = shared;
+    float* dos = qs + tile * (head_dim + 1);
+    float* lse_s = dos + tile * (v_head_dim + 1);
+    float* delta_s = lse_s + tile;
+    float* ks = delta_s + tile + w * head_dim;
+    float* vs = delta_s + tile + warps * head_dim + w * v_head_dim;
+    int segment = 0;
+    if (valid) {
+        for (int d = lane; d < head_dim; d += 32) ks[d] = k[(t * kv_heads + kvh) * head_dim + d];
+        for (int d = lane; d < v_head_dim; d += 32) vs[d] = v[(t * kv_heads + kvh) * v_head_dim + d];
+        segment = segments[t];
+    }
+    float dk_acc[LANE_FEATURES], dv_acc[LANE_FEATURES];
     for (int r = 0; r < LANE_FEATURES; r++) dk_acc[r] = dv_acc[r] = 0.0f;
-    const long last = window > 0 && j + window - 1 < seq - 1 ? j + window - 1 : seq - 1;
-    const int segment = segments[t];
+    // The last query that sees this block's last key, and this warp's key.
+    const long block_last = p0 + positions - 1 < seq - 1 ? p0 + positions - 1 : seq - 1;
+    const long last = window > 0 && block_last + window - 1 < seq - 1 ? block_last + window - 1 : seq - 1;
     for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (long i = j; i <= last; i++) {
-            const long ti = row0 + i;
-            if (segments[ti] != segment) continue;
-            const float* qi = q + (ti * q_heads + h) * head_dim;
-            const float* doi = dout + (ti * q_heads + h) * v_head_dim;
-            const long stat = (b * q_heads + h) * seq + i;
-            const float p = expf(dot_lane(kr, qi, head_dim, lane) * scale - lse[stat]);
-            const float dp = dot_lane(vr, doi, v_head_dim, lane);
-            axpy_lane(dv_acc, p, doi, v_head_dim, lane);
-            axpy_lane(dk_acc, p * (dp - delta[stat]), qi, head_dim, lane);
+        for (long i0 = p0; i0 <= last; i0 += tile) {
+            const int n = last + 1 - i0 < tile ? (int)(last + 1 - i0) : tile;
+            __syncthreads();  // the previous tile's readers are done (and the key rows are written)
+            load_tile(qs, q, row0 + i0, n, tile, q_heads, h, head_dim);
+            load_tile(dos, dout, row0 + i0, n, tile, q_heads, h, v_head_dim);
+            for (int r = threadIdx.x; r < tile; r += blockDim.x) {
+                const long stat = (b * q_heads + h) * seq + i0 + r;
+                lse_s[r] = r < n ? lse[stat] : 0.0f;
+                delta_s[r] = r < n ? delta[stat] : 0.0f;
+            }
+            __syncthreads();
+            if (!valid) continue;
+            const long i = i0 + lane;
+            float p_mine = 0.0f, ds_mine = 0.0f;
+            if (lane < n && sees(i, j, window, segments[row0 + i], segment)) {
+                p_mine = expf(scale * dot_rows(ks, qs + lane * (head_dim + 1), head_dim) - lse_s[lane]);
+                ds_mine = p_mine * (dot_rows(vs, dos + lane * (v_head_dim + 1), v_head_dim) - delta_s[lane]);
+            }
+            for (int ii = 0; ii < n; ii++) {
+                const float p = __shfl_sync(0xffffffffu, p_mine, ii);
+                const float ds = __shfl_sync(0xffffffffu, ds_mine, ii);
+                if (p != 0.0f) axpy_lane(dv_acc, p, dos + ii * (v_head_dim + 1), v_head_dim, lane);
+                if (ds != 0.0f) axpy_lane(dk_acc, ds, qs + ii * (head_dim + 1), head_dim, lane);
+            }
         }
     }
+    if (!valid) return;
     for (int r = 0; r < LANE_FEATURES; r++) {
         const int d = lane + 32 * r;
         if (d < head_dim) dk[(t * kv_heads + kvh) * head_dim + d] = scale * dk_acc[r];
         if (d < v_head_dim) dv[(t * kv_heads + kvh) * v_head_dim + d] = dv_acc[r];
     }
 }
-
-// Decode: query i (head h) attends the cache rows starts[i] .. starts[i] + lengths[i], the last
-// `window` of them with a window (0: none). Cache rows hold [kv_heads, head_dim] keys and
-// [kv_heads, v_head_dim] values, stored as T (f32, or bf16 two to a word).
-template <typename T>
-__device__ void attention_decode(float* out, const float* q, const T* k_cache, const T* v_cache, const int* starts,
-                                 const int* lengths, long queries, int q_heads, int kv_heads, int head_dim,
-                                 int v_head_dim, float scale, long window) {
-    const int lane = threadIdx.x & 31;
-    const long warp = WARP_OF_THREAD;
-    if (warp >= queries * q_heads) return;
-    const int h = warp % q_heads, kvh = h / (q_heads / kv_heads);
-    const long i = warp / q_heads;
-    const long k_row = (long)kv_heads * head_dim, v_row = (long)kv_heads * v_head_dim;
-    const long len = lengths[i], start = starts[i];
-    float qr[LANE_FEATURES], acc[LANE_FEATURES];
-    load_lane(qr, q + (i * q_heads + h) * head_dim, head_dim, lane);
-    for (int r = 0; r < LANE_FEATURES; r++) acc[r] = 0.0f;
-    float m = NEG_INF, l = 0.0f;
-    for (long j0 = start + first_key(len - 1, window); j0 < start + len; j0 += 32) {
-        const int n = start + len - j0 < 32 ? (int)(start + len - j0) : 32;
-        float s_mine = NEG_INF;
-        for (int jj = 0; jj < n; jj++) {
-            const float s = dot_lane(qr, k_cache + (j0 + jj) * k_row + kvh * head_dim, head_dim, lane) * scale;
-            if (lane == jj) s_mine = s;
-        }
-        online_block(m, l, acc, s_mine, n, v_cache + j0 * v_row + kvh * v_head_dim, v_row, v_head_dim, lane);
-    }
-    online_finish(out + (i * q_heads + h) * v_head_dim, acc, m, l, v_head_dim, lane);
-}
-
-#define DECODE_KERNEL(name, T)                                                                                     \
-    extern "C" __global__ void name(float* out, const float* q, const T* k_cache, const T* v_cache,                \
-                                    const int* starts, const int* lengths, long queries, int q_heads, int kv_heads, \
-                                    int head_dim, int v_head_dim, float scale, long window) {                      \
-        attention_decode(out, q, k_cache, v_cache, starts, lengths, queries, q_heads, kv_heads, head_dim,          \
-                         v_head_dim, scale, window);                                                               \
-    }
-DECODE_KERNEL(attention_decode_f32, float)
-DECODE_KERNEL(attention_decode_bf16, bf16_bits)

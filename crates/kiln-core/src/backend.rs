@@ -168,6 +168,10 @@ pub struct ColumnCopy {
 /// Query heads `h` share key/value head `h / (q_heads / kv_heads)` (grouped-query attention).
 /// Queries and keys have `head_dim` features per head, values (and so the output)
 /// `v_head_dim` (they differ in multi-head latent attention).
+///
+/// `precision` is that of the products' inputs: with `Bf16` a backend may round q, k, v, the
+/// probabilities and their gradients to bf16 for its products (f32 accumulation, f32 softmax
+/// statistics), as mixed precision's attention does; the CPU computes in f32 either way.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Attention {
     pub batch: usize,
@@ -178,6 +182,7 @@ pub struct Attention {
     pub v_head_dim: usize,
     pub scale: f32,
     pub window: Option<usize>,
+    pub precision: Precision,
 }
 
 impl Attention {

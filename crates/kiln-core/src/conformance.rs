@@ -18,6 +18,9 @@ use crate::backend::{
 use crate::bf16;
 use crate::rng::Rng;
 
+mod attention_bf16;
+pub use attention_bf16::attention_bf16;
+
 /// Generates one `#[test]` per check for the backend expression given.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -30,7 +33,7 @@ macro_rules! conformance_tests {
     (@checks $when:ident $backend:expr) => {
         $crate::conformance_tests!(@tests $when $backend;
             matmul, frozen_weights, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
-            rope_interleaved, attention_forward, attention_backward, attention_decode, swiglu, cross_entropy, reverse_kl,
+            rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_decode, swiglu, cross_entropy, reverse_kl,
             moe_route, moe_dispatch, adamw, slices);
     };
     (@tests always $backend:expr; $($check:ident),*) => {
@@ -507,8 +510,17 @@ pub fn rope_interleaved<B: Backend>(b: &B) {
 
 /// Attention shapes that cross block boundaries, share kv heads and pack several sequences.
 fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
-    let base =
-        Attention { batch: 2, seq: 70, q_heads: 4, kv_heads: 2, head_dim: 8, v_head_dim: 8, scale: 0.3, window: None };
+    let base = Attention {
+        batch: 2,
+        seq: 70,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 8,
+        v_head_dim: 8,
+        scale: 0.3,
+        window: None,
+        precision: Precision::F32,
+    };
     let packed: Vec<i32> = (0..140)
         .map(|t| {
             if t % 70 < 30 {
@@ -534,6 +546,7 @@ fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
                 v_head_dim: 4,
                 scale: 0.5,
                 window: None,
+                precision: Precision::F32,
             },
             vec![7; 150],
         ),
@@ -548,6 +561,7 @@ fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
                 v_head_dim: 5,
                 scale: 0.25,
                 window: None,
+                precision: Precision::F32,
             },
             vec![0; 80],
         ),
@@ -864,7 +878,17 @@ pub fn attention_decode<B: Backend>(b: &B) {
     for (window, cache) in
         [(None, Precision::F32), (Some(4), Precision::F32), (None, Precision::Bf16), (Some(4), Precision::Bf16)]
     {
-        let spec = Attention { batch: 1, seq, q_heads, kv_heads, head_dim, v_head_dim, scale: 0.4, window };
+        let spec = Attention {
+            batch: 1,
+            seq,
+            q_heads,
+            kv_heads,
+            head_dim,
+            v_head_dim,
+            scale: 0.4,
+            window,
+            precision: Precision::F32,
+        };
         let q = rng.normal_vec(seq * q_heads * head_dim, 1.0);
         let mut k = rng.normal_vec(seq * kv_heads * head_dim, 1.0);
         let mut v = rng.normal_vec(seq * kv_heads * v_head_dim, 1.0);

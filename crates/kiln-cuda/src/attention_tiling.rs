@@ -1,8 +1,19 @@
-//! How attention.cu's tiled kernels split a causal attention over thread blocks: the block
-//! shapes, the tile of key (or query) rows staged in shared memory, and its size.
+//! How the attention kernels split a causal attention over thread blocks: for attention.cu's
+//! f32 kernels the block shapes, the tile of key (or query) rows staged in shared memory and
+//! its size; for attention_mma.cu's bf16 tensor-core kernels, their fixed shapes' blocks and
+//! shared memory.
 
 use crate::device::MAX_SHARED_BYTES;
-use kiln_core::Attention;
+use kiln_core::{Attention, Precision};
+
+/// attention_mma.cu's MMA_ROWS (query or key rows per block, 16 per warp), MMA_KEYS (the
+/// forward's key tile), MMA_TILE (the backward's tiles) and MMA_MAX_DIM.
+const MMA_ROWS: usize = 64;
+const MMA_KEYS: usize = 64;
+const MMA_TILE: usize = 32;
+const MMA_MAX_DIM: usize = 128;
+/// Threads of a block of attention_mma.cu (4 warps).
+pub(crate) const MMA_THREADS: usize = 128;
 
 /// Warps per block at most.
 const MAX_WARPS: usize = 8;
@@ -45,6 +56,51 @@ impl Tiling {
     }
 }
 
+/// A launch of one of attention_mma.cu's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MmaLaunch {
+    pub blocks: usize,
+    pub shared_bytes: usize,
+}
+
+impl MmaLaunch {
+    /// Whether attention_mma.cu computes `spec`: bf16 products and head dimensions that are
+    /// multiples of 16 up to 128 (the device must have bf16 tensor cores, sm_80 on).
+    pub fn applies(spec: &Attention) -> bool {
+        let fits = |d: usize| d.is_multiple_of(16) && d <= MMA_MAX_DIM;
+        spec.precision == Precision::Bf16 && fits(spec.head_dim) && fits(spec.v_head_dim)
+    }
+
+    /// attention_forward_bf16: blocks over [batch, q_heads, row tiles]; a k tile and a
+    /// transposed v tile of MMA_KEYS rows (bf16, rows padded by 8).
+    pub fn forward(spec: &Attention) -> MmaLaunch {
+        let (hd, vhd) = (spec.head_dim, spec.v_head_dim);
+        let bf16s = MMA_KEYS * (hd + 8) + vhd * (MMA_KEYS + 8);
+        MmaLaunch::checked(spec.batch * spec.q_heads * spec.seq.div_ceil(MMA_ROWS), 2 * bf16s)
+    }
+
+    /// attention_backward_dq_bf16: the forward's blocks; a k tile row-major and transposed and
+    /// a v tile, of MMA_TILE rows.
+    pub fn dq(spec: &Attention) -> MmaLaunch {
+        let (hd, vhd) = (spec.head_dim, spec.v_head_dim);
+        let bf16s = MMA_TILE * (hd + 8) + hd * (MMA_TILE + 8) + MMA_TILE * (vhd + 8);
+        MmaLaunch::checked(spec.batch * spec.q_heads * spec.seq.div_ceil(MMA_ROWS), 2 * bf16s)
+    }
+
+    /// attention_backward_dkdv_bf16: blocks over [batch, kv_heads, key tiles]; the query
+    /// tile's lse and D (f32), then q and do tiles of MMA_TILE rows, row-major and transposed.
+    pub fn dkdv(spec: &Attention) -> MmaLaunch {
+        let (hd, vhd) = (spec.head_dim, spec.v_head_dim);
+        let bf16s = MMA_TILE * (hd + 8) + hd * (MMA_TILE + 8) + MMA_TILE * (vhd + 8) + vhd * (MMA_TILE + 8);
+        MmaLaunch::checked(spec.batch * spec.kv_heads * spec.seq.div_ceil(MMA_ROWS), 4 * 2 * MMA_TILE + 2 * bf16s)
+    }
+
+    fn checked(blocks: usize, shared_bytes: usize) -> MmaLaunch {
+        assert!(shared_bytes <= MAX_SHARED_BYTES, "attention_mma: {shared_bytes} bytes of shared memory");
+        MmaLaunch { blocks, shared_bytes }
+    }
+}
+
 /// The largest tile of 32, 16 or 8 rows whose shared memory (`floats(tile)` floats) fits, and
 /// its bytes. Head dimensions up to 256 fit at 8.
 fn largest_tile(floats: impl Fn(usize) -> usize) -> (usize, usize) {
@@ -60,7 +116,23 @@ mod tests {
     use super::*;
 
     fn spec(q_heads: usize, kv_heads: usize, head_dim: usize, v_head_dim: usize) -> Attention {
-        Attention { batch: 2, seq: 37, q_heads, kv_heads, head_dim, v_head_dim, scale: 1.0, window: None }
+        let precision = Precision::F32;
+        Attention { batch: 2, seq: 37, q_heads, kv_heads, head_dim, v_head_dim, scale: 1.0, window: None, precision }
+    }
+
+    #[test]
+    fn tensor_cores_take_bf16_heads_in_multiples_of_16_up_to_128() {
+        let bf16 = |hd, vhd| Attention { precision: Precision::Bf16, ..spec(16, 8, hd, vhd) };
+        assert!(MmaLaunch::applies(&bf16(128, 128)) && MmaLaunch::applies(&bf16(64, 32)));
+        assert!(!MmaLaunch::applies(&spec(16, 8, 128, 128)), "f32 stays on the f32 kernels");
+        assert!(!MmaLaunch::applies(&bf16(192, 128)) && !MmaLaunch::applies(&bf16(72, 64)));
+        let s = bf16(128, 128);
+        for launch in [MmaLaunch::forward(&s), MmaLaunch::dq(&s), MmaLaunch::dkdv(&s)] {
+            assert!(launch.shared_bytes <= MAX_SHARED_BYTES);
+        }
+        // 37 rows: one tile of 64 per (sequence, head).
+        assert_eq!(MmaLaunch::forward(&s).blocks, 2 * 16);
+        assert_eq!(MmaLaunch::dkdv(&s).blocks, 2 * 8);
     }
 
     #[test]

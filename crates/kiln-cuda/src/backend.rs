@@ -2,7 +2,7 @@
 //! (`blas.rs`), everything else through kiln's kernels (`kernels/`). Work is queued on the
 //! device's stream; only reads back to the host wait for it.
 
-use crate::attention_tiling::Tiling;
+use crate::attention_tiling::{MmaLaunch, Tiling, MMA_THREADS};
 use crate::device::{args, Arg, Cuda};
 use crate::memory::{Allocation, DeviceBuf, DeviceIndex, DeviceSlice};
 use cudarc::driver::result;
@@ -328,6 +328,11 @@ impl Backend for Cuda {
     ) {
         check_attention(&spec, q, k, v, out, segments);
         same_len("attention lse", lse.len(), spec.batch * spec.q_heads * spec.seq);
+        if self.tensor_core_attention(&spec) {
+            let a = [args![out, lse, q, k, v, segments].as_slice(), &mma_attention_args(&spec)].concat();
+            self.launch_mma("attention_forward_bf16", MmaLaunch::forward(&spec), &a);
+            return;
+        }
         let tiling = Tiling::query_rows(&spec, false);
         let a = [args![out, lse, q, k, v, segments].as_slice(), &attention_args(&spec, &tiling)].concat();
         self.launch_tiled("attention_forward", &tiling, &a);
@@ -352,6 +357,14 @@ impl Backend for Cuda {
         same_len("attention dv", dv.len(), v.len());
         same_len("attention dout", dout.len(), out.len());
         let delta = DeviceBuf::new(self.stream(), lse.len());
+        if self.tensor_core_attention(&spec) {
+            let shape = mma_attention_args(&spec);
+            let a = [args![dq, &*delta, dout, q, k, v, out, lse, segments].as_slice(), &shape].concat();
+            self.launch_mma("attention_backward_dq_bf16", MmaLaunch::dq(&spec), &a);
+            let a = [args![dk, dv, dout, q, k, v, lse, &*delta, segments].as_slice(), &shape].concat();
+            self.launch_mma("attention_backward_dkdv_bf16", MmaLaunch::dkdv(&spec), &a);
+            return;
+        }
         let tiling = Tiling::query_rows(&spec, true);
         let a = [args![dq, &*delta, dout, q, k, v, out, lse, segments].as_slice(), &attention_args(&spec, &tiling)]
             .concat();
@@ -585,6 +598,20 @@ fn check_attention(
     same_len("attention segments", segments.len(), t);
 }
 
+/// The `MMA_ATTENTION_ARGS` of attention_mma.cu.
+fn mma_attention_args(spec: &Attention) -> [Arg; 8] {
+    args![
+        spec.batch,
+        spec.seq,
+        spec.q_heads as i32,
+        spec.kv_heads as i32,
+        spec.head_dim as i32,
+        spec.v_head_dim as i32,
+        spec.scale,
+        spec.window.unwrap_or(0)
+    ]
+}
+
 /// The `ATTENTION_ARGS` of attention.cu.
 fn attention_args(spec: &Attention, tiling: &Tiling) -> [Arg; 11] {
     args![
@@ -618,6 +645,15 @@ fn check_routing(spec: &Routing) {
 }
 
 impl Cuda {
+    /// Whether `spec` runs on attention_mma.cu's tensor-core kernels (else attention.cu's).
+    fn tensor_core_attention(&self, spec: &Attention) -> bool {
+        self.bf16_tensor_cores() && MmaLaunch::applies(spec)
+    }
+
+    fn launch_mma(&self, name: &str, launch: MmaLaunch, args: &[crate::device::Arg]) {
+        self.launch_shared(name, launch.blocks, MMA_THREADS, launch.shared_bytes, args);
+    }
+
     fn rope(&self, x: &mut DeviceSlice, table: &DeviceSlice, positions: &DeviceIndex, spec: Rope, sign: f32) {
         let Rope { x: heads, rot_dim, offset, interleaved } = spec;
         assert!(

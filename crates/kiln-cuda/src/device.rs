@@ -27,6 +27,7 @@ pub(crate) struct Device {
     pool: MemoryPool,
     kernels: HashMap<&'static str, CudaFunction>,
     description: String,
+    bf16_tensor_cores: bool,
 }
 
 /// A kernel argument: device addresses, sizes (`long` in the kernels), `int`s and floats.
@@ -118,7 +119,8 @@ impl Cuda {
         let blas = CudaBlas::new(stream.clone()).context("cuBLAS: creating a handle")?;
         let memory = ctx.total_mem()? as f64 / (1u64 << 30) as f64;
         let description = format!("cuda:{ordinal} {} ({arch}, {memory:.1} GiB)", ctx.name()?);
-        Ok(Self { inner: Arc::new(Device { stream, blas, pool, kernels, description }) })
+        let bf16_tensor_cores = major >= 8;
+        Ok(Self { inner: Arc::new(Device { stream, blas, pool, kernels, description, bf16_tensor_cores }) })
     }
 
     /// "cuda:0 NVIDIA H200 (sm_90, 139.8 GiB)".
@@ -185,6 +187,12 @@ impl Cuda {
     /// One block per row.
     pub(crate) fn launch_rows(&self, name: &str, rows: usize, args: &[Arg]) {
         self.launch(name, rows, 256, args);
+    }
+
+    /// Whether the device multiplies bf16 on tensor cores (sm_80 and later), which
+    /// attention_mma.cu's kernels need.
+    pub(crate) fn bf16_tensor_cores(&self) -> bool {
+        self.inner.bf16_tensor_cores
     }
 
     /// One of attention.cu's tiled kernels.

@@ -16,6 +16,8 @@ const FILES: &[(&str, &str)] = &[
     ("attention_lanes.cuh", include_str!("kernels/attention_lanes.cuh")),
     ("attention.cu", include_str!("kernels/attention.cu")),
     ("attention_decode.cu", include_str!("kernels/attention_decode.cu")),
+    ("mma.cuh", include_str!("kernels/mma.cuh")),
+    ("attention_mma.cu", include_str!("kernels/attention_mma.cu")),
     ("loss.cu", include_str!("kernels/loss.cu")),
     ("moe_route.cu", include_str!("kernels/moe_route.cu")),
 ];
@@ -47,6 +49,9 @@ pub const NAMES: &[&str] = &[
     "attention_forward",
     "attention_backward_dq",
     "attention_backward_dkdv",
+    "attention_forward_bf16",
+    "attention_backward_dq_bf16",
+    "attention_backward_dkdv_bf16",
     "attention_decode_f32",
     "attention_decode_bf16",
     "cross_entropy_forward",

@@ -142,9 +142,9 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// The expert group this rank shares the routed experts with, under expert parallel.
     /// Runs the matrix products of every layer and of the LM head with inputs in `precision`
-    /// (mixed precision's bf16, or f32). Routers, norms, attention's softmax, losses and the
+    /// (mixed precision's bf16, or f32), attention's too where the backend has bf16 attention
+    /// kernels (CUDA's tensor cores). Routers, norms, attention's softmax, losses and the
     /// weights themselves stay f32.
     pub fn set_matmul_precision(&mut self, precision: Precision) {
         self.matmul_precision = precision;
@@ -157,6 +157,7 @@ impl<B: Backend> Model<B> {
         self.matmul_precision
     }
 
+    /// The expert group this rank shares the routed experts with, under expert parallel.
     pub fn expert_parallel(&self) -> Option<&ExpertParallel<B>> {
         self.expert_parallel.as_ref()
     }
@@ -239,6 +240,7 @@ impl<B: Backend> Model<B> {
             v_head_dim,
             scale: c.attention_scale,
             window: c.layer_windows[layer],
+            precision: self.matmul_precision,
         }
     }
 

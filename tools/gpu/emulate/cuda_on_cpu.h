@@ -13,7 +13,9 @@ struct Dim3 { unsigned x = 1, y = 1, z = 1; };
 thread_local Dim3 threadIdx, blockIdx;
 Dim3 blockDim, gridDim;
 
+#define CUDA_ON_CPU
 #define __global__
+#define __launch_bounds__(n)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
@@ -37,6 +39,41 @@ template <typename T> T emu_shuffle(T v, int src) {
 }
 template <typename T> T __shfl_sync(unsigned, T v, int src) { return emu_shuffle(v, src); }
 template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) { return emu_shuffle(v, (int)(threadIdx.x % 32) ^ mask); }
+
+inline void __trap() { abort(); }
+
+// mma.sync m16n8k16 (bf16 in, f32 accumulate) over the warp, with the fragment layout of
+// kernels/mma.cuh: every lane posts its fragments, then computes its own part of D.
+static unsigned emu_mma_a[64][32][4], emu_mma_b[64][32][2];
+inline float emu_bf16(unsigned bits16) { unsigned u = bits16 << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline void mma_bf16(float* d, const unsigned* a, const unsigned* b) {
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    std::memcpy(emu_mma_a[w][lane], a, 16);
+    std::memcpy(emu_mma_b[w][lane], b, 8);
+    __syncwarp();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        const int g = l / 4, c = l % 4;
+        const unsigned* la = emu_mma_a[w][l];
+        const unsigned* lb = emu_mma_b[w][l];
+        for (int h = 0; h < 2; h++) {
+            A[g][2 * c + h] = emu_bf16((la[0] >> (16 * h)) & 0xffff);
+            A[g + 8][2 * c + h] = emu_bf16((la[1] >> (16 * h)) & 0xffff);
+            A[g][2 * c + 8 + h] = emu_bf16((la[2] >> (16 * h)) & 0xffff);
+            A[g + 8][2 * c + 8 + h] = emu_bf16((la[3] >> (16 * h)) & 0xffff);
+            B[2 * c + h][g] = emu_bf16((lb[0] >> (16 * h)) & 0xffff);
+            B[2 * c + 8 + h][g] = emu_bf16((lb[1] >> (16 * h)) & 0xffff);
+        }
+    }
+    __syncwarp();
+    const int g = lane / 4, c = lane % 4;
+    for (int e = 0; e < 4; e++) {
+        const int r = g + 8 * (e / 2), col = 2 * c + e % 2;
+        float acc = d[e];
+        for (int kk = 0; kk < 16; kk++) acc += A[r][kk] * B[kk][col];
+        d[e] = acc;
+    }
+}
 
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }

@@ -49,6 +49,12 @@ impl Backend for Cuda {
     fn native_bf16(&self) -> bool {
         true
     }
+    fn freeze_weights(&self) {
+        crate::frozen_weights::freeze();
+    }
+    fn thaw_weights(&self) {
+        crate::frozen_weights::thaw();
+    }
     fn device(&self) -> String {
         self.describe().to_string()
     }

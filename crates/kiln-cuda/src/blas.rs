@@ -6,23 +6,35 @@
 //! result (`cublasGemmStridedBatchedEx`), as PyTorch's autocast products.
 
 use crate::device::{args, Cuda};
+use crate::frozen_weights;
 use crate::memory::Allocation;
 use cudarc::cublas::sys::{
     cublasComputeType_t, cublasGemmAlgo_t, cublasGemmStridedBatchedEx, cublasOperation_t, cublasStatus_t,
     cudaDataType_t,
 };
 use kiln_core::{Matmul, Precision};
+use std::rc::Rc;
+use std::sync::Arc;
 
 impl Cuda {
     /// `spec`'s product on the device addresses `a`, `b` and `c`.
     pub(crate) fn gemm(&self, spec: Matmul, a: u64, b: u64, c: u64) {
-        let Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision, .. } = spec;
+        let Matmul { m, n, k, trans_a, trans_b, batch, accumulate, precision, b_is_weight } = spec;
         if m == 0 || n == 0 || batch == 0 {
             return;
         }
-        // Inputs rounded to bf16 live in scratch memory for the product (stream-ordered frees).
+        // Inputs rounded to bf16 live in scratch memory for the product (stream-ordered frees),
+        // a weight's for as long as weights are frozen.
         let (a_len, b_len) = (batch * m * k, batch * k * n);
-        let rounded = (precision == Precision::Bf16).then(|| (self.round_bf16(a, a_len), self.round_bf16(b, b_len)));
+        let round_b = || self.round_bf16(b, b_len);
+        let rounded = (precision == Precision::Bf16).then(|| {
+            let rb = if b_is_weight {
+                frozen_weights::rounded((Arc::as_ptr(self.stream()) as usize, b, b_len), round_b)
+            } else {
+                Rc::new(round_b())
+            };
+            (self.round_bf16(a, a_len), rb)
+        });
         let (a, b, data) = match &rounded {
             Some((ra, rb)) => (ra.ptr(), rb.ptr(), cudaDataType_t::CUDA_R_16BF),
             None => (a, b, cudaDataType_t::CUDA_R_32F),

@@ -10,6 +10,7 @@ mod attention_tiling;
 mod backend;
 mod blas;
 mod device;
+mod frozen_weights;
 pub mod kernels;
 mod library;
 mod memory;

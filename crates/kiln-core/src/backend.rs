@@ -317,6 +317,21 @@ pub trait Backend: Send + Sync {
     fn scale(&self, dst: &mut Self::Slice, s: f32);
     /// `Σ x²`, accumulated in f64.
     fn sum_squares(&self, x: &Self::Slice) -> f64;
+    /// `x = bf16(x)`: each value rounded to the nearest bf16 (ties to even), kept in f32 — what
+    /// a bf16 tensor holds (Muon's Newton–Schulz iteration runs in bf16, as PyTorch's does).
+    fn round_to_bf16(&self, x: &mut Self::Slice);
+    /// Muon's momentum, as torch.optim.Muon computes it: `buf = lerp(buf, grad, 1 − μ)`, then
+    /// `update = lerp(grad, buf, μ)` with Nesterov, else `update = buf`. `lerp(a, b, w)` is
+    /// PyTorch's: `a + w·(b − a)` for |w| < 0.5, else `b − (1 − w)·(b − a)`, in f32 with the
+    /// weights `1 − μ` and `μ` rounded from f64 (as Python's floats reach the kernels).
+    fn muon_momentum(
+        &self,
+        update: &mut Self::Slice,
+        buf: &mut Self::Slice,
+        grad: &Self::Slice,
+        momentum: f64,
+        nesterov: bool,
+    );
 
     // ---- linear algebra -----------------------------------------------------------------
     fn matmul(&self, c: &mut Self::Slice, a: &Self::Slice, b: &Self::Slice, spec: Matmul);

@@ -341,6 +341,26 @@ pub fn elementwise<B: Backend>(b: &B) {
     let want: Vec<f64> = want.iter().map(|v| v * -0.5).collect();
     assert_close("scale", &b.read(&buf), &want, 1e-6, 1e-6);
 
+    let mut rounded = b.upload(&x);
+    b.round_to_bf16(&mut rounded);
+    let want: Vec<f64> = x.iter().map(|&v| bf16::widen(bf16::round(v)) as f64).collect();
+    assert_close("round_to_bf16", &b.read(&rounded), &want, 0.0, 0.0);
+
+    for nesterov in [true, false] {
+        let (momentum, g) = (0.95, rng.normal_vec(rows * cols, 1.0));
+        let (mut update, mut buf) = (b.zeros(x.len()), b.upload(&y));
+        b.muon_momentum(&mut update, &mut buf, &b.upload(&g), momentum, nesterov);
+        let (mu, g64) = (momentum, g.iter().map(|&v| v as f64));
+        let want_buf: Vec<f64> =
+            y.iter().zip(g64.clone()).map(|(&m, g)| m as f64 + (1.0 - mu) * (g - m as f64)).collect();
+        let want: Vec<f64> = match nesterov {
+            true => g64.zip(&want_buf).map(|(g, m)| g + mu * (m - g)).collect(),
+            false => want_buf.clone(),
+        };
+        assert_close("muon_momentum buffer", &b.read(&buf), &want_buf, 1e-6, 1e-6);
+        assert_close(&format!("muon_momentum update (nesterov {nesterov})"), &b.read(&update), &want, 1e-6, 1e-6);
+    }
+
     let ss = b.sum_squares(&b.upload(&x));
     let want_ss: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
     assert!((ss - want_ss).abs() < 1e-6 * want_ss, "sum_squares: {ss} vs {want_ss}");

@@ -138,6 +138,24 @@ impl Backend for Cuda {
         let n = dst.len();
         self.launch_elements("scale", n, &args![dst, s, n]);
     }
+    fn round_to_bf16(&self, x: &mut DeviceSlice) {
+        let n = x.len();
+        self.launch_elements("round_to_bf16", n, &args![x, n]);
+    }
+    fn muon_momentum(
+        &self,
+        update: &mut DeviceSlice,
+        buf: &mut DeviceSlice,
+        grad: &DeviceSlice,
+        momentum: f64,
+        nesterov: bool,
+    ) {
+        let n = grad.len();
+        same_len("muon_momentum update", update.len(), n);
+        same_len("muon_momentum buffer", buf.len(), n);
+        let (rest, momentum) = ((1.0 - momentum) as f32, momentum as f32);
+        self.launch_elements("muon_momentum", n, &args![update, buf, grad, n, rest, momentum, nesterov]);
+    }
     fn sum_squares(&self, x: &DeviceSlice) -> f64 {
         let partial = Allocation::new(self.stream(), 8 * SUM_BLOCKS);
         self.launch("sum_squares_partial", SUM_BLOCKS, 256, &args![Arg::Ptr(partial.ptr()), x, x.len()]);

@@ -36,6 +36,8 @@ pub const NAMES: &[&str] = &[
     "swiglu_forward",
     "swiglu_backward",
     "round_bf16",
+    "round_to_bf16",
+    "muon_momentum",
     "adamw",
     "embedding_forward",
     "embedding_backward",

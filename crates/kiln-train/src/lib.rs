@@ -14,6 +14,7 @@ pub mod grpo_loss;
 pub mod kto;
 pub mod loader;
 pub mod metrics;
+pub mod muon;
 pub mod optim;
 pub mod preference;
 pub mod preference_loss;

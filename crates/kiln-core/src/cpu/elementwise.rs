@@ -1,6 +1,7 @@
 //! Element-wise kernels: residual adds, scaling, reductions, bias and SwiGLU.
 
 use crate::backend::ColumnCopy;
+use crate::bf16;
 use crate::fast_exp::sigmoid;
 use rayon::prelude::*;
 
@@ -16,6 +17,31 @@ pub fn add_assign(dst: &mut [f32], src: &[f32]) {
 
 pub fn scale(dst: &mut [f32], s: f32) {
     dst.par_chunks_mut(CHUNK).for_each(|d| d.iter_mut().for_each(|d| *d *= s));
+}
+
+pub fn round_to_bf16(x: &mut [f32]) {
+    x.par_chunks_mut(CHUNK).for_each(|d| d.iter_mut().for_each(|v| *v = bf16::widen(bf16::round(*v))));
+}
+
+/// PyTorch's `lerp(a, b, w)` in f32.
+fn lerp(a: f32, b: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        a + w * (b - a)
+    } else {
+        b - (b - a) * (1.0 - w)
+    }
+}
+
+/// See [`crate::Backend::muon_momentum`].
+pub fn muon_momentum(update: &mut [f32], buf: &mut [f32], grad: &[f32], momentum: f64, nesterov: bool) {
+    assert!(update.len() == buf.len() && buf.len() == grad.len(), "muon_momentum: lengths differ");
+    let (rest, momentum) = ((1.0 - momentum) as f32, momentum as f32);
+    update.par_chunks_mut(CHUNK).zip(buf.par_chunks_mut(CHUNK)).zip(grad.par_chunks(CHUNK)).for_each(|((u, m), g)| {
+        for ((u, m), &g) in u.iter_mut().zip(m.iter_mut()).zip(g) {
+            *m = lerp(*m, g, rest);
+            *u = if nesterov { lerp(g, *m, momentum) } else { *m };
+        }
+    });
 }
 
 pub fn sum_squares(x: &[f32]) -> f64 {

@@ -122,6 +122,12 @@ impl Backend for Cpu {
     fn sum_squares(&self, x: &[f32]) -> f64 {
         elementwise::sum_squares(x)
     }
+    fn round_to_bf16(&self, x: &mut [f32]) {
+        elementwise::round_to_bf16(x);
+    }
+    fn muon_momentum(&self, update: &mut [f32], buf: &mut [f32], grad: &[f32], momentum: f64, nesterov: bool) {
+        elementwise::muon_momentum(update, buf, grad, momentum, nesterov);
+    }
 
     fn matmul(&self, c: &mut [f32], a: &[f32], b: &[f32], spec: Matmul) {
         matmul::matmul(c, a, b, spec);

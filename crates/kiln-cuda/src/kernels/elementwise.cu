@@ -77,6 +77,28 @@ extern "C" __global__ void round_bf16(bf16_bits* dst, const float* src, long n) 
     FOR_EACH(i, n) dst[i] = bf16_round(src[i]);
 }
 
+// x = bf16(x), kept in f32.
+extern "C" __global__ void round_to_bf16(float* x, long n) {
+    FOR_EACH(i, n) x[i] = bf16_widen(bf16_round(x[i]));
+}
+
+// PyTorch's lerp(a, b, w): a + w·(b − a) for |w| < 0.5, else b − (1 − w)·(b − a).
+__device__ __forceinline__ float torch_lerp(float a, float b, float w) {
+    return fabsf(w) < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+
+// Muon's momentum (torch.optim.Muon): buf ← lerp(buf, g, 1 − μ); update ← lerp(g, buf, μ)
+// with Nesterov, else buf. The host passes rest = 1 − μ (computed in double, as Python does).
+extern "C" __global__ void muon_momentum(float* update, float* buf, const float* grad, long n, float rest,
+                                         float momentum, int nesterov) {
+    FOR_EACH(i, n) {
+        const float g = grad[i];
+        const float m = torch_lerp(buf[i], g, rest);
+        buf[i] = m;
+        update[i] = nesterov ? torch_lerp(g, m, momentum) : m;
+    }
+}
+
 // AdamW, step for step as torch.optim.AdamW (non-fused, non-amsgrad):
 //   p ← p·(1 − lr·λ)
 //   m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²

@@ -3,6 +3,7 @@
 //! any of them.
 
 use crate::grpo_loss::{Aggregation, ImportanceLevel, ScaleRewards};
+use crate::muon::MuonSettings;
 use crate::preference_loss::LossKind;
 use crate::schedule::ScheduleKind;
 use kiln_core::{Backend, Precision};
@@ -269,6 +270,22 @@ pub struct TrainSection {
     /// Inputs of the matrix products (`ComputeDtype`): `f32`, `bf16` or `auto`.
     #[serde(default)]
     pub dtype: ComputeDtype,
+    /// `adamw`, or `muon`: Muon for the hidden weight matrices (`crate::muon`), AdamW (with
+    /// the settings above) for embeddings, head, norms, biases and routers.
+    #[serde(default)]
+    pub optimizer: OptimizerKind,
+    /// Muon's settings (`[train.muon]`); `lr` and `weight_decay` are the run's.
+    #[serde(default)]
+    pub muon: MuonSettings,
+}
+
+/// The optimizer of a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    Adamw,
+    Muon,
 }
 
 /// The precision of a run's matrix products. `bf16` is mixed precision's: bf16 inputs with
@@ -457,6 +474,15 @@ impl RunConfig {
                 "`train.batch_tokens` ({}) must be a positive multiple of `data.max_seq_len` ({})",
                 t.batch_tokens, self.data.max_seq_len
             ));
+        }
+        if t.optimizer == OptimizerKind::Muon {
+            let m = &t.muon;
+            if !(0.0..1.0).contains(&m.momentum) || m.ns_steps == 0 || m.ns_steps >= 100 {
+                return Err(format!(
+                    "`train.muon`: momentum {} must lie in [0, 1) and ns_steps {} in 1..100",
+                    m.momentum, m.ns_steps
+                ));
+            }
         }
         if t.zero > 2 {
             return Err(format!(

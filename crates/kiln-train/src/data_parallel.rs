@@ -14,7 +14,12 @@
 //!
 //! The global norm sums each rank's squares over the ranks that split the space: the shards'
 //! ranks under ZeRO, and the expert group for the routed experts under expert parallel.
+//!
+//! With Muon (`crate::muon`) the hidden matrices take Muon's update, its momentum in the
+//! space's first moment, and everything else AdamW's; Muon needs whole matrices, so it runs
+//! on replicated spaces only (ZeRO 0, or one rank).
 
+use crate::muon::{self, Matrix, MuonSettings};
 use crate::optim::{adamw_step, overlap};
 use anyhow::Result;
 use kiln_core::{AdamW as Hyper, Backend};
@@ -124,14 +129,51 @@ pub struct DataParallel<B: Backend> {
     pub sharded: bool,
     /// Names the collectives in errors ("gradients at step 12").
     pub what: String,
+    /// Muon's settings and matrices, when it updates the hidden matrices.
+    muon: Option<(MuonSettings, Vec<Matrix>)>,
+    /// The runs of tensors AdamW updates, with their weight decay: every tensor, or with Muon
+    /// the tensors outside its matrices.
+    adamw_runs: Vec<(Range<usize>, bool)>,
+}
+
+/// `runs` without the values of `matrices` (sorted, each inside one run).
+fn without(runs: &[(Range<usize>, bool)], matrices: &[Matrix]) -> Vec<(Range<usize>, bool)> {
+    let mut out = Vec::new();
+    for (run, decays) in runs {
+        let mut at = run.start;
+        for m in matrices.iter().filter(|m| m.range.start >= run.start && m.range.end <= run.end) {
+            if m.range.start > at {
+                out.push((at..m.range.start, *decays));
+            }
+            at = m.range.end;
+        }
+        if at < run.end {
+            out.push((at..run.end, *decays));
+        }
+    }
+    out
 }
 
 impl<B: Backend> DataParallel<B> {
     /// The update of `model`'s parameters over `world`, with ZeRO stage `zero`; under expert
-    /// parallel `replicas` are the ranks holding the same experts as this one.
-    pub fn new(b: &B, model: &Model<B>, world: &Ranks<B>, replicas: Option<Ranks<B>>, zero: u8, hyper: Hyper) -> Self {
+    /// parallel `replicas` are the ranks holding the same experts as this one. With `muon`,
+    /// Muon updates the hidden matrices (not under ZeRO on several ranks: the caller checks).
+    pub fn new(
+        b: &B,
+        model: &Model<B>,
+        (world, replicas): (&Ranks<B>, Option<Ranks<B>>),
+        zero: u8,
+        hyper: Hyper,
+        muon: Option<MuonSettings>,
+    ) -> Self {
         let flat = Arc::clone(&model.flat);
         let sharded = zero >= 1 && world.size() > 1;
+        assert!(muon.is_none() || !sharded, "Muon updates whole matrices: not under ZeRO on several ranks");
+        let muon = muon.map(|settings| (settings, muon::matrices(&model.layout, &flat)));
+        let adamw_runs = match &muon {
+            Some((_, matrices)) => without(&flat.decay_runs, matrices),
+            None => flat.decay_runs.clone(),
+        };
         let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, "adam_shard".into())];
         if flat.total > flat.dense {
             let ep = model.expert_parallel();
@@ -150,7 +192,22 @@ impl<B: Backend> DataParallel<B> {
         let scratch = b.zeros(if stage_two { per_layer.max().unwrap_or(0) } else { 0 });
         let outer_scratch = b.zeros(if stage_two { outer } else { 0 });
         let whole = (!stage_two).then(|| FlatGrads::new(b, &flat));
-        Self { flat, spaces, whole, scratch, outer_scratch, hyper, sharded, what: String::new() }
+        Self { flat, spaces, whole, scratch, outer_scratch, hyper, sharded, what: String::new(), muon, adamw_runs }
+    }
+
+    /// The startup line that says which optimizer updates what.
+    pub fn describe_optimizer(&self) -> String {
+        match &self.muon {
+            None => "optimizer: AdamW".into(),
+            Some((_, matrices)) => {
+                let muon: usize = matrices.iter().map(|m| m.range.len()).sum();
+                format!(
+                    "optimizer: Muon for {} matrices ({muon} values), AdamW for the other {} values",
+                    matrices.len(),
+                    self.flat.total - muon
+                )
+            }
+        }
     }
 
     /// Sets every gradient to zero for a new step.
@@ -191,12 +248,12 @@ impl<B: Backend> DataParallel<B> {
         Ok(squares.sqrt())
     }
 
-    /// AdamW at rate `lr` on the summed gradients scaled by `scale` (clipping), then, under
-    /// ZeRO, every rank's updated shard gathered into `params`.
+    /// AdamW (and Muon) at rate `lr` on the summed gradients scaled by `scale` (clipping),
+    /// then, under ZeRO, every rank's updated shard gathered into `params`.
     pub fn step(&mut self, b: &B, params: &mut B::Slice, lr: f32, scale: f32) -> Result<()> {
         self.hyper.step += 1;
         self.hyper.lr = lr;
-        let (hyper, runs) = (self.hyper, &self.flat.decay_runs);
+        let (hyper, runs) = (self.hyper, &self.adamw_runs);
         for space in &mut self.spaces {
             let mine = space.mine.clone();
             let grads = held(b, &mut space.shard, self.whole.as_mut(), &space.range);
@@ -205,6 +262,15 @@ impl<B: Backend> DataParallel<B> {
             }
             let (m, v) = (&mut space.m, &mut space.v);
             adamw_step(b, hyper, runs, &mine, (b.slice_mut(params, mine.clone()), grads), (m, v));
+            if let Some((settings, matrices)) = &self.muon {
+                for matrix in matrices.iter().filter(|x| x.range.start >= mine.start && x.range.end <= mine.end) {
+                    let local = matrix.range.start - mine.start..matrix.range.end - mine.start;
+                    let param = b.slice_mut(params, matrix.range.clone());
+                    let momentum = b.slice_mut(m, local.clone());
+                    let lr_decay = (lr, hyper.weight_decay);
+                    muon::step(b, settings, lr_decay, matrix, (param, b.slice(grads, local)), momentum);
+                }
+            }
             if let Some((spent, _)) = &mut space.shard {
                 // The shard's gradients are spent: they carry the updated values to the others.
                 b.copy(spent, b.slice(params, mine.clone()));
@@ -328,5 +394,19 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
             reduce_part(b, &mut self.spaces, at, &self.outer_scratch, &self.flat.outer(), false);
             b.fill(&mut self.outer_scratch, 0.0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adamw_keeps_what_muon_does_not_take() {
+        let runs = vec![(0..10, false), (10..40, true), (40..44, false)];
+        let m = |r: Range<usize>| Matrix { range: r, rows: 1, cols: 1 };
+        let matrices = [m(10..20), m(25..40)];
+        assert_eq!(without(&runs, &matrices), vec![(0..10, false), (20..25, true), (40..44, false)]);
+        assert_eq!(without(&runs, &[]), runs);
     }
 }

@@ -290,3 +290,37 @@ fn deepseek_base(dir: &Path) {
     let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1);
     model.save_weights(&Cpu, dir).unwrap();
 }
+
+/// Runs `sft` on `ranks` ranks and returns rank 0's error.
+fn sft_error(ranks: usize, dir: &Path, overrides: &[&str], resume: bool) -> String {
+    let c = config("sft", dir, overrides);
+    let errors = on_ranks(ranks, |rt| {
+        let resume = resume.then_some(kiln_train::Resume::Latest);
+        kiln_train::sft::run(rt, &c, resume, true).err().map(|e| format!("{e:#}"))
+    });
+    errors[0].clone().expect("the run should have failed")
+}
+
+#[test]
+fn muon_trains_on_one_and_two_ranks_and_refuses_zero_shards_and_an_optimizer_switch() {
+    let (adamw, one, two) = (scratch("muon-adamw"), scratch("muon-1"), scratch("muon-2"));
+    let muon = "train.optimizer=\"muon\"";
+    sft(1, &adamw, &[]);
+    sft(1, &one, &[muon]);
+    sft(2, &two, &[muon]);
+    let (a, m1, m2) = (series(&adamw, "loss"), series(&one, "loss"), series(&two, "loss"));
+    assert!(m1[5] < m1[0], "Muon's loss does not fall: {m1:?}");
+    assert!((a[5] - m1[5]).abs() > 1e-4 * a[5], "Muon ran AdamW's updates: {a:?} vs {m1:?}");
+    // Step 1 sees the same weights; later the ranks' summation order turns over a bf16 rounding
+    // of the Newton–Schulz iteration here and there (a one-ulp change of one update value).
+    assert_same_curve(&m1[..1], &m2[..1], 1e-6, "Muon, 2 ranks, first step");
+    assert_same_curve(&m1, &m2, 2f64.powi(-12), "Muon, 2 ranks");
+
+    let err = sft_error(2, &scratch("muon-zero"), &[muon, "train.zero=1", "train.steps=2"], false);
+    assert!(err.contains("Muon updates whole matrices") && err.contains("train.zero = 0"), "{err}");
+    // The checkpoint at step 3 holds Muon's momentum: AdamW may not resume from it.
+    let resumed = scratch("muon-resume-adamw");
+    copy_dir(&one, &resumed);
+    let err = sft_error(1, &resumed, &["train.steps=6"], true);
+    assert!(err.contains("Muon") && err.contains("train.optimizer"), "{err}");
+}

@@ -212,7 +212,7 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
     let batch = Batch::causal_lm(&sequences);
     let mut acts = Activations::new(&b, &c, batch.rows, batch.seq, true, args.recompute);
     let hyper = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 0 };
-    let mut dp = DataParallel::new(&b, &model, &comm, None, 0, hyper);
+    let mut dp = DataParallel::new(&b, &model, (&comm, None), 0, hyper, None);
 
     let mut times = Vec::with_capacity(args.steps);
     let mut comm_times = Vec::with_capacity(args.steps);

@@ -12,7 +12,7 @@ mod checkpointing;
 mod parallel;
 
 use crate::checkpoint::{self, State};
-use crate::config::{RunConfig, TrainSection};
+use crate::config::{OptimizerKind, RunConfig, TrainSection};
 use crate::data::{check_vocab, load_tokenizer};
 use crate::data_parallel::{DataParallel, Ranks};
 use crate::metrics::{Metrics, PlotSpec};
@@ -161,7 +161,19 @@ impl<B: Backend> Session<B> {
         }
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
-        let mut dp = DataParallel::new(&b, &model, &comm, replicas, t.zero, hyper);
+        let muon = (t.optimizer == OptimizerKind::Muon).then(|| t.muon.clone());
+        if muon.is_some() && t.zero >= 1 && comm.size() > 1 {
+            bail!(
+                "`train.optimizer = \"muon\"` with `train.zero = {}` on {} ranks: Muon updates whole matrices, \
+                 which ZeRO's shards cut; use `train.zero = 0`",
+                t.zero,
+                comm.size()
+            );
+        }
+        let mut dp = DataParallel::new(&b, &model, (&comm, replicas), t.zero, hyper, muon);
+        if comm.is_root() {
+            eprintln!("{}", dp.describe_optimizer());
+        }
         let mut state = State {
             step: 0,
             adam_step: 0,
@@ -172,6 +184,14 @@ impl<B: Backend> Session<B> {
         };
         if let Some(dir) = &resume_dir {
             state = checkpoint::load_moments(&b, dir, &model, &mut dp)?;
+            let (saved, asked) = (state.config.train.optimizer, t.optimizer);
+            if saved != asked {
+                bail!(
+                    "{}: the checkpoint holds {saved:?}'s optimizer state, but the run asks for {asked:?} \
+                     (`train.optimizer`)",
+                    dir.display()
+                );
+            }
             state.config = config.clone();
             if comm.is_root() {
                 eprintln!("resuming from {} at step {}", dir.display(), state.step);

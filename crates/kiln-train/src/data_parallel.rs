@@ -16,8 +16,10 @@
 //! ranks under ZeRO, and the expert group for the routed experts under expert parallel.
 //!
 //! With Muon (`crate::muon`) the hidden matrices take Muon's update, its momentum in the
-//! space's first moment, and everything else AdamW's; Muon needs whole matrices, so it runs
-//! on replicated spaces only (ZeRO 0, or one rank).
+//! space's first moment, and everything else AdamW's. Under ZeRO a rank updates the matrices
+//! inside its shard alone; a matrix that a shard boundary cuts has its momentum (elementwise)
+//! updated piece by piece on the ranks holding the pieces, the pieces all-gathered, and the
+//! Newton–Schulz iteration run on each of those ranks, which applies its own piece.
 
 use crate::muon::{self, Matrix, MuonSettings};
 use crate::optim::{adamw_step, overlap};
@@ -54,6 +56,11 @@ pub struct Space<B: Backend> {
 }
 
 impl<B: Backend> Space<B> {
+    /// Every rank's shard of the space.
+    fn shards(&self) -> Vec<Range<usize>> {
+        (0..self.counts.len()).map(|r| self.shard_of(r)).collect()
+    }
+
     /// `range` over the ranks of `comm`, whole on each or (`sharded`) a shard apiece.
     fn new(b: &B, range: Range<usize>, comm: Ranks<B>, sharded: bool, name: String) -> Self {
         let (rank, size) = (comm.rank(), comm.size());
@@ -114,6 +121,67 @@ fn held<'a, B: Backend>(
     }
 }
 
+/// Muon on the matrices that the boundaries of `shards` cut (see the module notes), for the
+/// rank of `comm` that holds `shards[rank]` with the summed gradients `grads` and momentum `m`
+/// of it.
+#[allow(clippy::too_many_arguments)]
+fn muon_on_cut_matrices<B: Backend>(
+    b: &B,
+    (comm, shards): (&Ranks<B>, &[Range<usize>]),
+    (settings, matrices): (&MuonSettings, &[Matrix]),
+    (params, grads): (&mut B::Slice, &B::Slice),
+    m: &mut B::Slice,
+    lr_decay: (f32, f32),
+    what: &str,
+) -> Result<()> {
+    let space = shards[0].start..shards[shards.len() - 1].end;
+    let cut: Vec<&Matrix> = matrices
+        .iter()
+        .filter(|x| x.range.start >= space.start && x.range.end <= space.end)
+        .filter(|x| !shards.iter().any(|s| s.start <= x.range.start && x.range.end <= s.end))
+        .collect();
+    if cut.is_empty() {
+        return Ok(());
+    }
+    let (rank, mine) = (comm.rank(), &shards[comm.rank()]);
+    let pieces: Vec<Vec<Range<usize>>> =
+        shards.iter().map(|shard| cut.iter().map(|x| overlap(&x.range, shard)).collect()).collect();
+    let counts: Vec<usize> = pieces.iter().map(|p| p.iter().map(|r| r.len()).sum()).collect();
+    // This rank's pieces of the momentum-updated matrices, end to end.
+    let mut own = b.zeros(counts[rank]);
+    let mut at = 0;
+    for piece in pieces[rank].iter().filter(|p| !p.is_empty()) {
+        let local = piece.start - mine.start..piece.end - mine.start;
+        let (update, buf) = (b.slice_mut(&mut own, at..at + piece.len()), b.slice_mut(m, local.clone()));
+        b.muon_momentum(update, buf, b.slice(grads, local), settings.momentum, settings.nesterov);
+        at += piece.len();
+    }
+    let mut gathered = b.zeros(counts.iter().sum());
+    comm.all_gather_v(&own, &counts, &mut gathered, what)?;
+    // Rank r's pieces start after the pieces of the ranks before it.
+    let mut cursor: Vec<usize> = counts.iter().scan(0, |sum, &c| Some(std::mem::replace(sum, *sum + c))).collect();
+    for (i, x_spec) in cut.iter().enumerate() {
+        let mut x = b.zeros(x_spec.range.len());
+        for (r, rank_pieces) in pieces.iter().enumerate() {
+            let piece = &rank_pieces[i];
+            if piece.is_empty() {
+                continue;
+            }
+            let into = piece.start - x_spec.range.start..piece.end - x_spec.range.start;
+            b.copy(b.slice_mut(&mut x, into), b.slice(&gathered, cursor[r]..cursor[r] + piece.len()));
+            cursor[r] += piece.len();
+        }
+        let my_piece = &pieces[rank][i];
+        if my_piece.is_empty() {
+            continue;
+        }
+        muon::newton_schulz(b, &mut x, (x_spec.rows, x_spec.cols), settings);
+        let x_piece = b.slice_mut(&mut x, my_piece.start - x_spec.range.start..my_piece.end - x_spec.range.start);
+        muon::apply(b, settings, lr_decay, x_spec, b.slice_mut(params, my_piece.clone()), x_piece);
+    }
+    Ok(())
+}
+
 /// The update of every parameter from the step's gradients, in whatever layout the run uses.
 pub struct DataParallel<B: Backend> {
     flat: Arc<FlatLayout>,
@@ -157,7 +225,7 @@ fn without(runs: &[(Range<usize>, bool)], matrices: &[Matrix]) -> Vec<(Range<usi
 impl<B: Backend> DataParallel<B> {
     /// The update of `model`'s parameters over `world`, with ZeRO stage `zero`; under expert
     /// parallel `replicas` are the ranks holding the same experts as this one. With `muon`,
-    /// Muon updates the hidden matrices (not under ZeRO on several ranks: the caller checks).
+    /// Muon updates the hidden matrices.
     pub fn new(
         b: &B,
         model: &Model<B>,
@@ -168,7 +236,6 @@ impl<B: Backend> DataParallel<B> {
     ) -> Self {
         let flat = Arc::clone(&model.flat);
         let sharded = zero >= 1 && world.size() > 1;
-        assert!(muon.is_none() || !sharded, "Muon updates whole matrices: not under ZeRO on several ranks");
         let muon = muon.map(|settings| (settings, muon::matrices(&model.layout, &flat)));
         let adamw_runs = match &muon {
             Some((_, matrices)) => without(&flat.decay_runs, matrices),
@@ -255,7 +322,7 @@ impl<B: Backend> DataParallel<B> {
         self.hyper.lr = lr;
         let (hyper, runs) = (self.hyper, &self.adamw_runs);
         for space in &mut self.spaces {
-            let mine = space.mine.clone();
+            let (mine, shards, sharded) = (space.mine.clone(), space.shards(), space.sharded());
             let grads = held(b, &mut space.shard, self.whole.as_mut(), &space.range);
             if scale != 1.0 {
                 b.scale(grads, scale);
@@ -263,12 +330,25 @@ impl<B: Backend> DataParallel<B> {
             let (m, v) = (&mut space.m, &mut space.v);
             adamw_step(b, hyper, runs, &mine, (b.slice_mut(params, mine.clone()), grads), (m, v));
             if let Some((settings, matrices)) = &self.muon {
+                let lr_decay = (lr, hyper.weight_decay);
                 for matrix in matrices.iter().filter(|x| x.range.start >= mine.start && x.range.end <= mine.end) {
                     let local = matrix.range.start - mine.start..matrix.range.end - mine.start;
                     let param = b.slice_mut(params, matrix.range.clone());
-                    let momentum = b.slice_mut(m, local.clone());
-                    let lr_decay = (lr, hyper.weight_decay);
+                    let momentum = b.slice_mut(&mut space.m, local.clone());
                     muon::step(b, settings, lr_decay, matrix, (param, b.slice(grads, local)), momentum);
+                }
+                if sharded {
+                    let at = (&space.comm, &shards[..]);
+                    let grads = &*grads;
+                    muon_on_cut_matrices(
+                        b,
+                        at,
+                        (settings, matrices),
+                        (params, grads),
+                        &mut space.m,
+                        lr_decay,
+                        &self.what,
+                    )?;
                 }
             }
             if let Some((spent, _)) = &mut space.shard {

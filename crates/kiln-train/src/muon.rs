@@ -165,7 +165,7 @@ pub fn newton_schulz<B: Backend>(b: &B, x: &mut B::Slice, (rows, cols): (usize, 
 pub fn step<B: Backend>(
     b: &B,
     settings: &MuonSettings,
-    (lr, weight_decay): (f32, f32),
+    lr_decay: (f32, f32),
     m: &Matrix,
     (param, grad): (&mut B::Slice, &B::Slice),
     buf: &mut B::Slice,
@@ -173,9 +173,22 @@ pub fn step<B: Backend>(
     let mut update = b.zeros(m.rows * m.cols);
     b.muon_momentum(&mut update, buf, grad, settings.momentum, settings.nesterov);
     newton_schulz(b, &mut update, (m.rows, m.cols), settings);
+    apply(b, settings, lr_decay, m, param, &mut update);
+}
+
+/// `θ ← θ·(1 − lr·λ) − lr·s·X` for the values of matrix `m` in `param` (all of them, or a
+/// piece) and the same values of its orthogonalised update `x` (scaled in place).
+pub fn apply<B: Backend>(
+    b: &B,
+    settings: &MuonSettings,
+    (lr, weight_decay): (f32, f32),
+    m: &Matrix,
+    param: &mut B::Slice,
+    x: &mut B::Slice,
+) {
     b.scale(param, (1.0 - lr as f64 * weight_decay as f64) as f32);
-    b.scale(&mut update, -(lr as f64 * lr_scale(settings.adjust_lr, m.rows, m.cols)) as f32);
-    b.add_assign(param, &update);
+    b.scale(x, -(lr as f64 * lr_scale(settings.adjust_lr, m.rows, m.cols)) as f32);
+    b.add_assign(param, x);
 }
 
 #[cfg(test)]

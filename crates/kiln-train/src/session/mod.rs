@@ -162,14 +162,6 @@ impl<B: Backend> Session<B> {
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let muon = (t.optimizer == OptimizerKind::Muon).then(|| t.muon.clone());
-        if muon.is_some() && t.zero >= 1 && comm.size() > 1 {
-            bail!(
-                "`train.optimizer = \"muon\"` with `train.zero = {}` on {} ranks: Muon updates whole matrices, \
-                 which ZeRO's shards cut; use `train.zero = 0`",
-                t.zero,
-                comm.size()
-            );
-        }
         let mut dp = DataParallel::new(&b, &model, (&comm, replicas), t.zero, hyper, muon);
         if comm.is_root() {
             eprintln!("{}", dp.describe_optimizer());

@@ -59,6 +59,9 @@ pub struct Args {
     /// Seed of every stage (`train.seed`: data order, and GRPO's sampling).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The SFT stage's optimizer (`train.optimizer`): adamw, or muon for the hidden matrices.
+    #[arg(long, default_value = "adamw", value_parser = ["adamw", "muon"])]
+    optimizer: String,
     /// Stop after the SFT stage and print its rows of the table only.
     #[arg(long)]
     sft_only: bool,
@@ -191,12 +194,14 @@ fn demo<B: Backend + Clone>(args: &Args, rt: &Runtime<B>) -> Result<()> {
              [model]\npath = {base:?}\n\n\
              [data]\ntrain = \"train.jsonl\"\neval = \"eval.jsonl\"\nmax_seq_len = 128\n\n\
              [train]\nlr = {:.3e}\nmin_lr = {:.3e}\nwarmup_steps = 20\nsteps = {}\nbatch_tokens = 2048\n\
-             weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = {seed}\neval_every = 100\ndtype = \"{}\"\n\n\
+             weight_decay = 0.0\nmax_grad_norm = 1.0\nseed = {seed}\neval_every = 100\ndtype = \"{}\"\n\
+             optimizer = \"{}\"\n\n\
              [output]\ndir = \".\"\nsave_every = 100\nkeep_last = 1\n",
             args.lr,
             args.lr / 10.0,
             args.steps,
-            args.dtype.name()
+            args.dtype.name(),
+            args.optimizer
         ),
     )?;
     let _ = std::fs::remove_dir_all(out.join("checkpoints"));

@@ -132,7 +132,9 @@ pub fn newton_schulz<B: Backend>(b: &B, x: &mut B::Slice, (rows, cols): (usize, 
         trans_b,
         batch: 1,
         accumulate: false,
-        precision: Precision::F32, // the values are bf16 already; the sums are f32
+        // The values are bf16 already, so bf16 products lose nothing and run on bf16 hardware
+        // (tensor cores, AMX); their sums are f32.
+        precision: Precision::Bf16,
         b_is_weight: false,
     };
     let (mut gram, mut scaled, mut gram2) = (b.zeros(s * s), b.zeros(s * s), b.zeros(s * s));

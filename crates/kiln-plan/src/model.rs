@@ -38,10 +38,30 @@ impl ParamCounts {
 pub enum Reach {
     /// Causal over the whole sequence, or a sliding window.
     Full { window: Option<f64> },
-    /// DeepSeek-V4: per layer a compression ratio (0: window only; 4: compressed sparse
-    /// attention choosing `topk` entries with an indexer; larger: heavily compressed, dense),
-    /// always with a sliding window.
-    Compressed { ratios: Vec<usize>, window: f64, topk: f64, index_dim: f64 },
+    /// DeepSeek-V4: per layer its kind of attention, always with a sliding window.
+    Compressed { layers: Vec<V4Attention>, window: f64, topk: f64, index_dim: f64 },
+}
+
+/// A DeepSeek-V4 layer's attention (transformers' `layer_types`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum V4Attention {
+    /// The sliding window only.
+    Sliding,
+    /// Compressed sparse attention: entries pooled at this rate over overlapping windows, of
+    /// which an indexer picks the top `topk` per query.
+    Sparse(usize),
+    /// Heavily compressed attention: entries pooled at this rate, all attended.
+    Heavy(usize),
+}
+
+impl V4Attention {
+    /// The compression rate (0 for the window alone).
+    pub fn rate(self) -> usize {
+        match self {
+            V4Attention::Sliding => 0,
+            V4Attention::Sparse(r) | V4Attention::Heavy(r) => r,
+        }
+    }
 }
 
 /// Routed experts.
@@ -156,15 +176,17 @@ impl ModelShape {
                 let context = window.map_or(seq / 2.0, |w| w.min(seq / 2.0));
                 self.layers as f64 * per_key * context
             }
-            Reach::Compressed { ratios, window, topk, index_dim } => ratios
+            Reach::Compressed { layers, window, topk, index_dim } => layers
                 .iter()
                 .take(self.layers)
-                .map(|&r| {
+                .map(|&kind| {
                     let local = window.min(seq / 2.0);
-                    let compressed = if r == 0 { 0.0 } else { seq / 2.0 / r as f64 };
-                    match r {
+                    let compressed = if kind.rate() == 0 { 0.0 } else { seq / 2.0 / kind.rate() as f64 };
+                    match kind {
                         // Sparse: the indexer scores every compressed entry, attention reads top-k.
-                        4 => per_key * (local + compressed.min(*topk)) + 2.0 * index_dim * compressed,
+                        V4Attention::Sparse(_) => {
+                            per_key * (local + compressed.min(*topk)) + 2.0 * index_dim * compressed
+                        }
                         _ => per_key * (local + compressed),
                     }
                 })
@@ -322,6 +344,47 @@ fn deepseek_v3(f: &Fields) -> Result<ModelShape> {
     })
 }
 
+/// Each layer's attention (and the MTP layers' after them, where given): from transformers'
+/// `layer_types` with `compress_rates`, or from DeepSeek's own `compress_ratios` (0: sliding
+/// window; 4: compressed sparse; other: heavily compressed).
+fn v4_layer_kinds(f: &Fields, layers: usize) -> Result<Vec<V4Attention>> {
+    let kinds: Vec<V4Attention> = match (f.v.get("layer_types"), f.v.get("compress_ratios")) {
+        (Some(Value::Array(types)), _) => {
+            let rate = |kind: &str| -> Result<usize> {
+                let rate = f.v.get("compress_rates").and_then(|r| r.get(kind)).and_then(Value::as_u64);
+                rate.map(|r| r as usize)
+                    .with_context(|| format!("{}: field `compress_rates` has no rate for `{kind}`", f.file))
+            };
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(V4Attention::Sliding),
+                    Some(kind @ "compressed_sparse_attention") => Ok(V4Attention::Sparse(rate(kind)?)),
+                    Some(kind @ "heavily_compressed_attention") => Ok(V4Attention::Heavy(rate(kind)?)),
+                    _ => bail!(
+                        "{}: field `layer_types` has `{t}`, not one of sliding_attention, \
+                                compressed_sparse_attention, heavily_compressed_attention",
+                        f.file
+                    ),
+                })
+                .collect::<Result<_>>()?
+        }
+        (_, Some(Value::Array(ratios))) => ratios
+            .iter()
+            .map(|x| match x.as_u64().unwrap_or(0) as usize {
+                0 => V4Attention::Sliding,
+                4 => V4Attention::Sparse(4),
+                r => V4Attention::Heavy(r),
+            })
+            .collect(),
+        _ => bail!("{}: neither `layer_types` (transformers) nor `compress_ratios` (DeepSeek) is given", f.file),
+    };
+    if kinds.len() < layers {
+        bail!("{}: {} attention types for {layers} layers", f.file, kinds.len());
+    }
+    Ok(kinds)
+}
+
 fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
     let (h, vocab, layers) = (f.num("hidden_size")?, f.num("vocab_size")?, f.num("num_hidden_layers")? as usize);
     let heads = f.num("num_attention_heads")?;
@@ -330,13 +393,7 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
     let (o_groups, o_lora) = (f.num("o_groups")?, f.num("o_lora_rank")?);
     let (index_heads, index_dim) = (f.num("index_n_heads")?, f.num("index_head_dim")?);
     let hc = f.or("hc_mult", 1.0);
-    let ratios: Vec<usize> = match f.v.get("compress_ratios") {
-        Some(Value::Array(a)) => a.iter().map(|x| x.as_f64().unwrap_or(0.0) as usize).collect(),
-        _ => bail!("{}: field `compress_ratios` (one ratio per layer) is missing", f.file),
-    };
-    if ratios.len() < layers {
-        bail!("{}: field `compress_ratios` has {} entries for {layers} layers", f.file, ratios.len());
-    }
+    let kinds = v4_layer_kinds(f, layers)?;
     // Attention: low-rank query, one shared key/value head, grouped low-rank output, sinks.
     let core = h * q_lora
         + q_lora
@@ -346,26 +403,32 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
         + o_groups * (heads / o_groups * hd) * o_lora
         + o_groups * o_lora * h
         + heads;
-    // Per layer with compression ratio r: a compressor (gated pooling; overlapping windows,
-    // twice as wide, at r = 4), and at r = 4 an indexer with its own compressor.
-    let compressor = |r: usize, width: f64| {
-        let overlap = if r == 4 { 2.0 } else { 1.0 };
-        2.0 * h * overlap * width + r as f64 * overlap * width + width
+    // Per compressed layer of rate r: a compressor (gated pooling: key/value and gate
+    // projections, a position bias per pooled slot, a norm), over overlapping windows (twice
+    // as wide) for sparse attention, whose indexer has a compressor of its own, a query
+    // projection from the low-rank query and a per-head weighting of its scores.
+    let compressor =
+        |r: usize, width: f64, overlap: f64| 2.0 * h * overlap * width + r as f64 * overlap * width + width;
+    let extra = |kind: V4Attention| match kind {
+        V4Attention::Sliding => 0.0,
+        V4Attention::Sparse(r) => {
+            compressor(r, hd, 2.0) + q_lora * index_heads * index_dim + h * index_heads + compressor(r, index_dim, 2.0)
+        }
+        V4Attention::Heavy(r) => compressor(r, hd, 1.0),
     };
-    let extra = |r: usize| match r {
-        0 => 0.0,
-        4 => compressor(r, hd) + q_lora * index_heads * index_dim + h * index_heads + compressor(r, index_dim),
-        _ => compressor(r, hd),
-    };
-    let main = &ratios[..layers];
-    let attn_total: f64 = main.iter().map(|&r| core + extra(r)).sum();
+    let main = &kinds[..layers];
+    let attn_total: f64 = main.iter().map(|&k| core + extra(k)).sum();
     let experts = f.num("n_routed_experts")?;
     let (active, shared) = (f.num("num_experts_per_tok")?, f.or("n_shared_experts", 0.0));
     let expert_inter = f.num("moe_intermediate_size")?;
     let expert = 3.0 * h * expert_inter;
-    let router = h * experts + experts;
-    // Hyper-connections: per block a mixer from hc·h to (2 + hc)·hc coefficients.
-    let mixer = 2.0 * (hc * h) * (2.0 + hc) * hc;
+    // The routing weights (the correction bias moves by load balancing, not by gradients:
+    // transformers keeps it, and hash layers' token table, as buffers).
+    let router = h * experts;
+    // Hyper-connections: per sub-block (attention, MoE) a mixer from hc·h to (2 + hc)·hc
+    // coefficients with their bias and 3 scales; at the top a head from hc·h to hc.
+    let mixer = 2.0 * ((hc * h) * (2.0 + hc) * hc + (2.0 + hc) * hc + 3.0);
+    let hc_head = (hc * h) * hc + hc + 1.0;
     let l = layers as f64;
     let params = ParamCounts {
         embedding: vocab * h,
@@ -374,13 +437,13 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
         shared_experts: l * shared * expert,
         routed_experts: l * experts * expert,
         router: l * router,
-        other: l * (2.0 * h + mixer) + h,
+        other: l * (2.0 * h + mixer) + h + hc_head,
         ..Default::default()
     };
     let mtp_layers = f.or("num_nextn_predict_layers", 0.0);
-    let mtp_ratio = ratios.get(layers).copied().unwrap_or(0);
+    let mtp_kind = kinds.get(layers).copied().unwrap_or(V4Attention::Sliding);
     let mtp = ParamCounts {
-        attention: mtp_layers * (core + extra(mtp_ratio)),
+        attention: mtp_layers * (core + extra(mtp_kind)),
         shared_experts: mtp_layers * shared * expert,
         routed_experts: mtp_layers * experts * expert,
         router: mtp_layers * router,
@@ -388,14 +451,14 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
         ..Default::default()
     };
     let matmul_active = attn_total + l * ((active + shared) * expert + router) + vocab * h;
-    let compressed_share = main.iter().filter(|&&r| r > 0).count() as f64 / l;
+    let compressed_share = main.iter().filter(|&&k| k != V4Attention::Sliding).count() as f64 / l;
     let attention_saved_selective =
         BF16 * (q_lora + hd + heads * hd + o_groups * o_lora) + F32 * heads + compressed_share * BF16 * hd;
     let attention_saved_none = attention_saved_selective + BF16 * heads * hd;
     let (moe_none, moe_selective) = moe_saved(h, expert_inter, active, shared, experts);
     // The residual stream is hc copies wide.
     let residual = BF16 * 2.0 * hc * h;
-    let kv_bytes = main.iter().map(|&r| if r == 0 { 0.0 } else { BF16 * hd / r as f64 }).sum::<f64>() / l;
+    let kv_bytes = main.iter().map(|&k| if k.rate() == 0 { 0.0 } else { BF16 * hd / k.rate() as f64 }).sum::<f64>() / l;
     Ok(ModelShape {
         model_type: "deepseek_v4".into(),
         vocab,
@@ -418,7 +481,7 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
         qk_width: heads * hd,
         v_width: heads * hd,
         reach: Reach::Compressed {
-            ratios: ratios.clone(),
+            layers: kinds.clone(),
             window: f.or("sliding_window", 128.0),
             topk: f.or("index_topk", 512.0),
             index_dim: index_heads * index_dim,

@@ -66,6 +66,9 @@ pub struct TrainArgs {
     /// Inputs of the matrix products: f32, bf16 (mixed precision) or auto, as `train.dtype`.
     #[arg(long, value_enum, default_value_t = crate::dtype_arg::DtypeArg::Auto)]
     dtype: crate::dtype_arg::DtypeArg,
+    /// The optimizer, as `train.optimizer`: adamw, or muon (default settings).
+    #[arg(long, default_value = "adamw", value_parser = ["adamw", "muon"])]
+    optimizer: String,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
@@ -212,10 +215,12 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
     let batch = Batch::causal_lm(&sequences);
     let mut acts = Activations::new(&b, &c, batch.rows, batch.seq, true, args.recompute);
     let hyper = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 0 };
-    let mut dp = DataParallel::new(&b, &model, (&comm, None), 0, hyper, None);
+    let muon = (args.optimizer == "muon").then(kiln_train::muon::MuonSettings::default);
+    let mut dp = DataParallel::new(&b, &model, (&comm, None), 0, hyper, muon);
 
     let mut times = Vec::with_capacity(args.steps);
     let mut comm_times = Vec::with_capacity(args.steps);
+    let mut update_times = Vec::with_capacity(args.steps);
     let mut losses = Vec::new();
     dp.what = "bench gradients".into();
     for step in 0..args.warmup + args.steps {
@@ -225,6 +230,8 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
         let t_comm = Instant::now();
         dp.reduce(&b)?;
         let comm_s = t_comm.elapsed().as_secs_f64();
+        b.synchronize();
+        let t_update = Instant::now();
         dp.step(&b, &mut model.params, 1e-4, 1.0)?;
         b.synchronize();
         let dt = t0.elapsed().as_secs_f64();
@@ -232,6 +239,7 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
         if step >= args.warmup {
             times.push(dt);
             comm_times.push(comm_s);
+            update_times.push(t_update.elapsed().as_secs_f64());
         }
     }
     if !comm.is_root() {
@@ -239,6 +247,7 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     comm_times.sort_by(f64::total_cmp);
+    update_times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let mean = times.iter().sum::<f64>() / times.len() as f64;
     let tokens = (batch.tokens() * comm.size()) as f64;
@@ -268,6 +277,13 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
         mean * 1e3,
         times[0] * 1e3,
         times.len()
+    );
+    let update = update_times[update_times.len() / 2];
+    println!(
+        "  update    {} median {:.1} ms, {:.1}% of the median step",
+        dp.describe_optimizer().trim_start_matches("optimizer: "),
+        update * 1e3,
+        100.0 * update / median
     );
     println!(
         "  speed     {:.0} tokens/s (median), {:.1} GFLOP/s of matrix products",

@@ -211,6 +211,46 @@ pub struct DecodeAttention {
     pub cache: Precision,
 }
 
+/// The mixing weights of DeepSeek-V4's manifold-constrained hyper-connections, per token from
+/// `mixes`, its `streams` residual streams' projection (their unweighted RMSNorm times the
+/// layer's `fn`ᵀ), with the layer's `base` and `scale` (transformers' `DeepseekV4HyperConnection`):
+///
+///   pre  = σ(m_pre·s₀ + b_pre) + ε            (streams values: collapse the streams)
+///   post = 2·σ(m_post·s₁ + b_post)            (streams values: expand a block's output)
+///   comb = Sinkhorn(softmax_rows(m_comb·s₂ + b_comb) + ε)   (streams × streams: mix them)
+///
+/// Sinkhorn divides the columns by their sums (+ ε), then `iters − 1` times the rows and the
+/// columns. Out per token: pre, post, comb (row-major). With `head` (`DeepseekV4HyperHead`):
+/// `pre` alone, from `streams` mixes, `streams` biases and one scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HyperConnection {
+    pub tokens: usize,
+    pub streams: usize,
+    pub iters: usize,
+    pub eps: f32,
+    pub head: bool,
+}
+
+impl HyperConnection {
+    /// Values per token of `mixes`, `base` and the output.
+    pub fn width(&self) -> usize {
+        if self.head {
+            self.streams
+        } else {
+            (2 + self.streams) * self.streams
+        }
+    }
+
+    /// Values of `scale`.
+    pub fn scales(&self) -> usize {
+        if self.head {
+            1
+        } else {
+            3
+        }
+    }
+}
+
 /// DeepSeek-V3's mixture-of-experts router over `experts` experts split into `groups` groups.
 ///
 /// Per token with router logits z: scores s = σ(z); selection uses s + bias (the aux-loss-free
@@ -508,6 +548,31 @@ pub trait Backend: Send + Sync {
         teacher: &Self::Slice,
         weights: &Self::Slice,
         vocab: usize,
+    );
+
+    // ---- hyper-connections --------------------------------------------------------------
+    /// The mixing weights `out` (`[tokens, width]`) from `mixes`, see [`HyperConnection`].
+    fn hc_weights_forward(
+        &self,
+        out: &mut Self::Slice,
+        mixes: &Self::Slice,
+        base: &Self::Slice,
+        scale: &Self::Slice,
+        spec: HyperConnection,
+    );
+    /// Backward of `hc_weights_forward` from `dout`: `dmixes` overwritten, `dbase` and
+    /// `dscale` accumulated (summed over the tokens in order).
+    #[allow(clippy::too_many_arguments)]
+    fn hc_weights_backward(
+        &self,
+        dmixes: &mut Self::Slice,
+        dbase: &mut Self::Slice,
+        dscale: &mut Self::Slice,
+        dout: &Self::Slice,
+        mixes: &Self::Slice,
+        base: &Self::Slice,
+        scale: &Self::Slice,
+        spec: HyperConnection,
     );
 
     // ---- mixture of experts -------------------------------------------------------------

@@ -19,7 +19,9 @@ use crate::bf16;
 use crate::rng::Rng;
 
 mod attention_bf16;
+mod hyper_connection;
 pub use attention_bf16::attention_bf16;
+pub use hyper_connection::hyper_connection;
 
 /// Generates one `#[test]` per check for the backend expression given.
 #[macro_export]
@@ -34,7 +36,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@tests $when $backend;
             matmul, frozen_weights, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
             rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_decode, swiglu, cross_entropy, reverse_kl,
-            moe_route, moe_dispatch, adamw, slices);
+            moe_route, moe_dispatch, hyper_connection, adamw, slices);
     };
     (@tests always $backend:expr; $($check:ident),*) => {
         $(

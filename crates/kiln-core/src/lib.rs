@@ -13,7 +13,7 @@ pub mod reduce;
 pub mod rng;
 
 pub use backend::{
-    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, Matmul, Precision,
-    Rope, Routing,
+    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, HyperConnection,
+    Matmul, Precision, Rope, Routing,
 };
 pub use cpu::Cpu;

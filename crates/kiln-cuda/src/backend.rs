@@ -7,7 +7,8 @@ use crate::device::{args, Arg, Cuda};
 use crate::memory::{Allocation, DeviceBuf, DeviceIndex, DeviceSlice};
 use cudarc::driver::result;
 use kiln_core::{
-    AdamW, Attention, Backend, ColumnCopy, Cpu, DecodeAttention, GroupedMatmul, Matmul, Precision, Rope, Routing,
+    AdamW, Attention, Backend, ColumnCopy, Cpu, DecodeAttention, GroupedMatmul, HyperConnection, Matmul, Precision,
+    Rope, Routing,
 };
 use std::ops::Range;
 
@@ -513,6 +514,48 @@ impl Backend for Cuda {
     }
 
     // ---- mixture of experts -------------------------------------------------------------
+    fn hc_weights_forward(
+        &self,
+        out: &mut DeviceSlice,
+        mixes: &DeviceSlice,
+        base: &DeviceSlice,
+        scale: &DeviceSlice,
+        spec: HyperConnection,
+    ) {
+        check_hyper_connection(&spec, out, mixes, base, scale);
+        let a = [args![out, mixes, base, scale].as_slice(), &hc_args(&spec)].concat();
+        self.launch_elements("hc_weights_forward", spec.tokens, &a);
+    }
+    fn hc_weights_backward(
+        &self,
+        dmixes: &mut DeviceSlice,
+        dbase: &mut DeviceSlice,
+        dscale: &mut DeviceSlice,
+        dout: &DeviceSlice,
+        mixes: &DeviceSlice,
+        base: &DeviceSlice,
+        scale: &DeviceSlice,
+        spec: HyperConnection,
+    ) {
+        check_hyper_connection(&spec, dout, mixes, base, scale);
+        same_len("hc_weights dmixes", dmixes.len(), mixes.len());
+        same_len("hc_weights dbase", dbase.len(), base.len());
+        same_len("hc_weights dscale", dscale.len(), scale.len());
+        let (width, head) = (spec.width(), spec.head);
+        let a = [args![&*dmixes, dout, mixes, base, scale].as_slice(), &hc_args(&spec)].concat();
+        self.launch_elements("hc_weights_backward_z", spec.tokens, &a);
+        let terms = DeviceBuf::new(self.stream(), width);
+        self.launch(
+            "hc_weights_backward_sums",
+            width,
+            256,
+            &args![dbase, &*terms, &*dmixes, mixes, spec.tokens, width as i32],
+        );
+        self.launch("hc_weights_backward_scale", 1, 32, &args![dscale, &*terms, spec.streams as i32, head]);
+        let a = args![dmixes, scale, spec.tokens, spec.streams as i32, head];
+        self.launch_elements("hc_weights_backward_mixes", spec.tokens * width, &a);
+    }
+
     fn moe_route_forward(
         &self,
         weights: &mut DeviceSlice,
@@ -620,6 +663,31 @@ fn check_attention(
     same_len("attention v", v.len(), t * kv_heads * v_head_dim);
     same_len("attention out", out.len(), t * q_heads * v_head_dim);
     same_len("attention segments", segments.len(), t);
+}
+
+/// The most streams hyper_connection.cu holds per thread.
+const HC_MAX_STREAMS: usize = 8;
+
+fn check_hyper_connection(
+    spec: &HyperConnection,
+    out: &DeviceSlice,
+    mixes: &DeviceSlice,
+    base: &DeviceSlice,
+    scale: &DeviceSlice,
+) {
+    assert!(
+        (1..=HC_MAX_STREAMS).contains(&spec.streams) && spec.iters >= 1,
+        "hc_weights: {spec:?} (at most {HC_MAX_STREAMS} streams on CUDA)"
+    );
+    same_len("hc_weights out", out.len(), spec.tokens * spec.width());
+    same_len("hc_weights mixes", mixes.len(), spec.tokens * spec.width());
+    same_len("hc_weights base", base.len(), spec.width());
+    same_len("hc_weights scale", scale.len(), spec.scales());
+}
+
+/// The `HC_ARGS` of hyper_connection.cu.
+fn hc_args(spec: &HyperConnection) -> [Arg; 5] {
+    args![spec.tokens, spec.streams as i32, spec.iters as i32, spec.eps, spec.head]
 }
 
 /// The `MMA_ATTENTION_ARGS` of attention_mma.cu.

@@ -20,6 +20,7 @@ const FILES: &[(&str, &str)] = &[
     ("attention_mma.cu", include_str!("kernels/attention_mma.cu")),
     ("loss.cu", include_str!("kernels/loss.cu")),
     ("moe_route.cu", include_str!("kernels/moe_route.cu")),
+    ("hyper_connection.cu", include_str!("kernels/hyper_connection.cu")),
 ];
 
 /// Every kernel the backend launches.
@@ -60,6 +61,11 @@ pub const NAMES: &[&str] = &[
     "cross_entropy_backward",
     "reverse_kl_backward",
     "moe_route_forward",
+    "hc_weights_forward",
+    "hc_weights_backward_z",
+    "hc_weights_backward_sums",
+    "hc_weights_backward_scale",
+    "hc_weights_backward_mixes",
     "moe_route_backward",
 ];
 

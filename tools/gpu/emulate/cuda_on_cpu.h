@@ -41,6 +41,8 @@ template <typename T> T __shfl_sync(unsigned, T v, int src) { return emu_shuffle
 template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) { return emu_shuffle(v, (int)(threadIdx.x % 32) ^ mask); }
 
 inline void __trap() { abort(); }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
 
 // mma.sync m16n8k16 (bf16 in, f32 accumulate) over the warp, with the fragment layout of
 // kernels/mma.cuh: every lane posts its fragments, then computes its own part of D.

@@ -12,6 +12,7 @@ mod cross_entropy;
 mod elementwise;
 mod embedding;
 mod frozen_weights;
+mod hyper_connection;
 mod kv_cache;
 mod matmul;
 mod matmul_bf16;
@@ -249,6 +250,30 @@ impl Backend for Cpu {
     }
     fn reverse_kl_backward(&self, logits: &mut [f32], kl: &mut [f32], teacher: &[f32], weights: &[f32], vocab: usize) {
         reverse_kl::backward(logits, kl, teacher, weights, vocab);
+    }
+
+    fn hc_weights_forward(
+        &self,
+        out: &mut [f32],
+        mixes: &[f32],
+        base: &[f32],
+        scale: &[f32],
+        spec: backend::HyperConnection,
+    ) {
+        hyper_connection::forward(out, mixes, base, scale, spec);
+    }
+    fn hc_weights_backward(
+        &self,
+        dmixes: &mut [f32],
+        dbase: &mut [f32],
+        dscale: &mut [f32],
+        dout: &[f32],
+        mixes: &[f32],
+        base: &[f32],
+        scale: &[f32],
+        spec: backend::HyperConnection,
+    ) {
+        hyper_connection::backward(dmixes, dbase, dscale, dout, mixes, base, scale, spec);
     }
 
     fn moe_route_forward(

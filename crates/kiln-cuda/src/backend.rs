@@ -354,7 +354,7 @@ impl Backend for Cuda {
         check_attention(&spec, q, k, v, out, segments);
         same_len("attention lse", lse.len(), spec.batch * spec.q_heads * spec.seq);
         if self.tensor_core_attention(&spec) {
-            let a = [args![out, lse, q, k, v, segments].as_slice(), &mma_attention_args(&spec)].concat();
+            let a = [args![out, lse, q, k, v, segments].as_slice(), &attention_shape_args(&spec)].concat();
             self.launch_mma("attention_forward_bf16", MmaLaunch::forward(&spec), &a);
             return;
         }
@@ -383,7 +383,7 @@ impl Backend for Cuda {
         same_len("attention dout", dout.len(), out.len());
         let delta = DeviceBuf::new(self.stream(), lse.len());
         if self.tensor_core_attention(&spec) {
-            let shape = mma_attention_args(&spec);
+            let shape = attention_shape_args(&spec);
             let a = [args![dq, &*delta, dout, q, k, v, out, lse, segments].as_slice(), &shape].concat();
             self.launch_mma("attention_backward_dq_bf16", MmaLaunch::dq(&spec), &a);
             let a = [args![dk, dv, dout, q, k, v, lse, &*delta, segments].as_slice(), &shape].concat();
@@ -690,8 +690,9 @@ fn hc_args(spec: &HyperConnection) -> [Arg; 5] {
     args![spec.tokens, spec.streams as i32, spec.iters as i32, spec.eps, spec.head]
 }
 
-/// The `MMA_ATTENTION_ARGS` of attention_mma.cu.
-fn mma_attention_args(spec: &Attention) -> [Arg; 8] {
+/// The shape arguments both attention kernel files take: attention_mma.cu's
+/// `MMA_ATTENTION_ARGS`, and the first part of attention.cu's `ATTENTION_ARGS`.
+fn attention_shape_args(spec: &Attention) -> [Arg; 8] {
     args![
         spec.batch,
         spec.seq,
@@ -704,21 +705,10 @@ fn mma_attention_args(spec: &Attention) -> [Arg; 8] {
     ]
 }
 
-/// The `ATTENTION_ARGS` of attention.cu.
-fn attention_args(spec: &Attention, tiling: &Tiling) -> [Arg; 11] {
-    args![
-        spec.batch,
-        spec.seq,
-        spec.q_heads as i32,
-        spec.kv_heads as i32,
-        spec.head_dim as i32,
-        spec.v_head_dim as i32,
-        spec.scale,
-        spec.window.unwrap_or(0),
-        tiling.positions as i32,
-        tiling.heads as i32,
-        tiling.tile as i32
-    ]
+/// attention.cu's `ATTENTION_ARGS`: the shape, then the tiling.
+fn attention_args(spec: &Attention, tiling: &Tiling) -> Vec<Arg> {
+    let tiling = args![tiling.positions as i32, tiling.heads as i32, tiling.tile as i32];
+    [attention_shape_args(spec).as_slice(), &tiling].concat()
 }
 
 fn check_routing(spec: &Routing) {

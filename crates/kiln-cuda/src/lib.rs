@@ -21,5 +21,5 @@ mod one_device;
 pub use device::{test_device, Cuda};
 pub use library::Library;
 pub use memory::{DeviceBuf, DeviceIndex, DeviceSlice, Word};
-pub use nccl::{nccl_present, nccl_version, NcclComm};
+pub use nccl::{nccl_present, nccl_version, test_nccl, NcclComm};
 pub use one_device::OneDevice;

@@ -11,22 +11,9 @@ use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn nccl_or_skip() -> bool {
-    match kiln_cuda::nccl_version() {
-        Ok(_) => true,
-        Err(why) if std::env::var("KILN_REQUIRE_NCCL").as_deref() == Ok("1") => {
-            panic!("KILN_REQUIRE_NCCL=1 but {why:#}")
-        }
-        Err(why) => {
-            eprintln!("NCCL tests skipped: {why:#}");
-            false
-        }
-    }
-}
-
 #[test]
 fn nccl_loads_with_every_function_kiln_calls() {
-    if !nccl_or_skip() {
+    if !kiln_cuda::test_nccl() {
         return;
     }
     let version = kiln_cuda::nccl_version().unwrap();
@@ -77,7 +64,7 @@ fn check_collectives(cuda: &Cuda, host: Arc<dyn Comm>) {
 #[test]
 fn collectives_on_one_gpu() {
     let Some(cuda) = kiln_cuda::test_device() else { return };
-    if !nccl_or_skip() {
+    if !kiln_cuda::test_nccl() {
         return;
     }
     check_collectives(&cuda, Arc::new(Local));
@@ -85,7 +72,7 @@ fn collectives_on_one_gpu() {
 
 #[test]
 fn collectives_between_two_gpus() {
-    if Cuda::device_count() < 2 || !nccl_or_skip() {
+    if Cuda::device_count() < 2 || !kiln_cuda::test_nccl() {
         eprintln!("two-GPU NCCL test skipped: {} device(s)", Cuda::device_count());
         return;
     }

@@ -319,23 +319,9 @@ impl Comm<DeviceSlice> for NcclComm {
 mod tests {
     use super::*;
 
-    /// Whether NCCL tests run: NCCL loads, or `KILN_REQUIRE_NCCL=1` makes its absence a failure.
-    fn nccl_or_skip() -> bool {
-        match nccl() {
-            Ok(_) => true,
-            Err(why) if std::env::var("KILN_REQUIRE_NCCL").as_deref() == Ok("1") => {
-                panic!("KILN_REQUIRE_NCCL=1 but {why:#}")
-            }
-            Err(why) => {
-                eprintln!("NCCL tests skipped: {why:#}");
-                false
-            }
-        }
-    }
-
     #[test]
     fn every_rank_receives_rank_zeros_unique_id() {
-        if !nccl_or_skip() {
+        if !crate::nccl::test_nccl() {
             return;
         }
         let comms = kiln_dist::Threads::new(3, Duration::from_secs(30));

@@ -99,6 +99,21 @@ pub fn nccl_present() -> bool {
     nccl().is_ok()
 }
 
+/// For tests: whether NCCL loads; without it, `false` after printing why, unless
+/// `KILN_REQUIRE_NCCL=1`, which makes its absence a failure (as `test_device` for CUDA).
+pub fn test_nccl() -> bool {
+    match nccl() {
+        Ok(_) => true,
+        Err(why) if std::env::var("KILN_REQUIRE_NCCL").as_deref() == Ok("1") => {
+            panic!("KILN_REQUIRE_NCCL=1 but {why:#}")
+        }
+        Err(why) => {
+            eprintln!("NCCL tests skipped: {why:#}");
+            false
+        }
+    }
+}
+
 /// The loaded NCCL's version, "2.28.9".
 pub fn nccl_version() -> Result<String> {
     Ok(nccl()?.version_string())

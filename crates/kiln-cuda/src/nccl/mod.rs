@@ -5,4 +5,4 @@ mod comm;
 mod library;
 
 pub use comm::NcclComm;
-pub use library::{nccl_present, nccl_version};
+pub use library::{nccl_present, nccl_version, test_nccl};

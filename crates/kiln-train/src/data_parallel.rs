@@ -21,7 +21,7 @@
 //! updated piece by piece on the ranks holding the pieces, the pieces all-gathered, and the
 //! Newton–Schulz iteration run on each of those ranks, which applies its own piece.
 
-use crate::muon::{self, Matrix, MuonSettings};
+use crate::muon::{self, Matrix, MuonSettings, Scratch};
 use crate::optim::{adamw_step, overlap};
 use anyhow::Result;
 use kiln_core::{AdamW as Hyper, Backend};
@@ -128,7 +128,7 @@ fn held<'a, B: Backend>(
 fn muon_on_cut_matrices<B: Backend>(
     b: &B,
     (comm, shards): (&Ranks<B>, &[Range<usize>]),
-    (settings, matrices): (&MuonSettings, &[Matrix]),
+    (settings, matrices, scratch): (&MuonSettings, &[Matrix], &mut Scratch<B>),
     (params, grads): (&mut B::Slice, &B::Slice),
     m: &mut B::Slice,
     lr_decay: (f32, f32),
@@ -161,22 +161,23 @@ fn muon_on_cut_matrices<B: Backend>(
     // Rank r's pieces start after the pieces of the ranks before it.
     let mut cursor: Vec<usize> = counts.iter().scan(0, |sum, &c| Some(std::mem::replace(sum, *sum + c))).collect();
     for (i, x_spec) in cut.iter().enumerate() {
-        let mut x = b.zeros(x_spec.range.len());
+        let x = scratch.update(b, x_spec.range.len());
         for (r, rank_pieces) in pieces.iter().enumerate() {
             let piece = &rank_pieces[i];
             if piece.is_empty() {
                 continue;
             }
             let into = piece.start - x_spec.range.start..piece.end - x_spec.range.start;
-            b.copy(b.slice_mut(&mut x, into), b.slice(&gathered, cursor[r]..cursor[r] + piece.len()));
+            b.copy(b.slice_mut(x, into), b.slice(&gathered, cursor[r]..cursor[r] + piece.len()));
             cursor[r] += piece.len();
         }
         let my_piece = &pieces[rank][i];
         if my_piece.is_empty() {
             continue;
         }
-        muon::newton_schulz(b, &mut x, (x_spec.rows, x_spec.cols), settings);
-        let x_piece = b.slice_mut(&mut x, my_piece.start - x_spec.range.start..my_piece.end - x_spec.range.start);
+        muon::orthogonalise(b, settings, scratch, (x_spec.rows, x_spec.cols));
+        let x = scratch.update(b, x_spec.range.len());
+        let x_piece = b.slice_mut(x, my_piece.start - x_spec.range.start..my_piece.end - x_spec.range.start);
         muon::apply(b, settings, lr_decay, x_spec, b.slice_mut(params, my_piece.clone()), x_piece);
     }
     Ok(())
@@ -198,7 +199,7 @@ pub struct DataParallel<B: Backend> {
     /// Names the collectives in errors ("gradients at step 12").
     pub what: String,
     /// Muon's settings and matrices, when it updates the hidden matrices.
-    muon: Option<(MuonSettings, Vec<Matrix>)>,
+    muon: Option<(MuonSettings, Vec<Matrix>, Scratch<B>)>,
     /// The runs of tensors AdamW updates, with their weight decay: every tensor, or with Muon
     /// the tensors outside its matrices.
     adamw_runs: Vec<(Range<usize>, bool)>,
@@ -236,9 +237,13 @@ impl<B: Backend> DataParallel<B> {
     ) -> Self {
         let flat = Arc::clone(&model.flat);
         let sharded = zero >= 1 && world.size() > 1;
-        let muon = muon.map(|settings| (settings, muon::matrices(&model.layout, &flat)));
+        let muon = muon.map(|settings| {
+            let matrices = muon::matrices(&model.layout, &flat);
+            let scratch = Scratch::new(b, &matrices);
+            (settings, matrices, scratch)
+        });
         let adamw_runs = match &muon {
-            Some((_, matrices)) => without(&flat.decay_runs, matrices),
+            Some((_, matrices, _)) => without(&flat.decay_runs, matrices),
             None => flat.decay_runs.clone(),
         };
         let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, "adam_shard".into())];
@@ -266,7 +271,7 @@ impl<B: Backend> DataParallel<B> {
     pub fn describe_optimizer(&self) -> String {
         match &self.muon {
             None => "optimizer: AdamW".into(),
-            Some((_, matrices)) => {
+            Some((_, matrices, _)) => {
                 let muon: usize = matrices.iter().map(|m| m.range.len()).sum();
                 format!(
                     "optimizer: Muon for {} matrices ({muon} values), AdamW for the other {} values",
@@ -329,13 +334,13 @@ impl<B: Backend> DataParallel<B> {
             }
             let (m, v) = (&mut space.m, &mut space.v);
             adamw_step(b, hyper, runs, &mine, (b.slice_mut(params, mine.clone()), grads), (m, v));
-            if let Some((settings, matrices)) = &self.muon {
+            if let Some((settings, matrices, scratch)) = &mut self.muon {
                 let lr_decay = (lr, hyper.weight_decay);
                 for matrix in matrices.iter().filter(|x| x.range.start >= mine.start && x.range.end <= mine.end) {
                     let local = matrix.range.start - mine.start..matrix.range.end - mine.start;
                     let param = b.slice_mut(params, matrix.range.clone());
                     let momentum = b.slice_mut(&mut space.m, local.clone());
-                    muon::step(b, settings, lr_decay, matrix, (param, b.slice(grads, local)), momentum);
+                    muon::step(b, (settings, scratch), lr_decay, matrix, (param, b.slice(grads, local)), momentum);
                 }
                 if sharded {
                     let at = (&space.comm, &shards[..]);
@@ -343,7 +348,7 @@ impl<B: Backend> DataParallel<B> {
                     muon_on_cut_matrices(
                         b,
                         at,
-                        (settings, matrices),
+                        (settings, matrices, scratch),
                         (params, grads),
                         &mut space.m,
                         lr_decay,

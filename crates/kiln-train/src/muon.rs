@@ -114,9 +114,62 @@ fn lr_scale(adjust: AdjustLr, rows: usize, cols: usize) -> f64 {
     }
 }
 
+/// Room for the update of the largest of some matrices and for its iteration, made once and
+/// reused by every step.
+pub struct Scratch<B: Backend> {
+    /// The momentum-updated matrix, then its orthogonalised form.
+    update: B::Buf,
+    work: Work<B>,
+}
+
+/// The iteration's matrices: A, b·A, b·A + c·A² (s × s, s the smaller side) and the product
+/// with X.
+struct Work<B: Backend> {
+    gram: B::Buf,
+    scaled: B::Buf,
+    gram2: B::Buf,
+    y: B::Buf,
+}
+
+impl<B: Backend> Scratch<B> {
+    pub fn new(b: &B, matrices: &[Matrix]) -> Self {
+        let values = matrices.iter().map(|m| m.rows * m.cols).max().unwrap_or(0);
+        let square = matrices.iter().map(|m| m.rows.min(m.cols).pow(2)).max().unwrap_or(0);
+        let work = Work { gram: b.zeros(square), scaled: b.zeros(square), gram2: b.zeros(square), y: b.zeros(values) };
+        Self { update: b.zeros(values), work }
+    }
+
+    /// The first `len` values of the update (filled by the caller for [`orthogonalise`]).
+    pub fn update<'a>(&'a mut self, b: &B, len: usize) -> &'a mut B::Slice {
+        first(b, &mut self.update, len)
+    }
+}
+
+/// The first `len` values of `buf`.
+fn first<'a, B: Backend>(b: &B, buf: &'a mut B::Buf, len: usize) -> &'a mut B::Slice {
+    b.slice_mut(buf, 0..len)
+}
+
+/// The `rows × cols` matrix at the start of `scratch`'s update orthogonalised in place.
+pub fn orthogonalise<B: Backend>(
+    b: &B,
+    settings: &MuonSettings,
+    scratch: &mut Scratch<B>,
+    (rows, cols): (usize, usize),
+) {
+    let x = first(b, &mut scratch.update, rows * cols);
+    newton_schulz(b, x, (rows, cols), settings, &mut scratch.work);
+}
+
 /// `x` (a `rows × cols` matrix) orthogonalised in place by `settings.ns_steps` Newton–Schulz
-/// iterations in bf16.
-pub fn newton_schulz<B: Backend>(b: &B, x: &mut B::Slice, (rows, cols): (usize, usize), settings: &MuonSettings) {
+/// iterations in bf16, in `work`.
+fn newton_schulz<B: Backend>(
+    b: &B,
+    x: &mut B::Slice,
+    (rows, cols): (usize, usize),
+    settings: &MuonSettings,
+    work: &mut Work<B>,
+) {
     let [qa, qb, qc] = settings.ns_coefficients;
     b.round_to_bf16(x);
     let norm = kiln_core::bf16::widen(kiln_core::bf16::round(b.sum_squares(x).sqrt() as f32));
@@ -137,28 +190,30 @@ pub fn newton_schulz<B: Backend>(b: &B, x: &mut B::Slice, (rows, cols): (usize, 
         precision: Precision::Bf16,
         b_is_weight: false,
     };
-    let (mut gram, mut scaled, mut gram2) = (b.zeros(s * s), b.zeros(s * s), b.zeros(s * s));
-    let mut y = b.zeros(rows * cols);
+    let gram = first(b, &mut work.gram, s * s);
+    let scaled = first(b, &mut work.scaled, s * s);
+    let gram2 = first(b, &mut work.gram2, s * s);
+    let y = first(b, &mut work.y, rows * cols);
     let bf16 = |t: &mut B::Slice| b.round_to_bf16(t);
     for _ in 0..settings.ns_steps {
         // A = X Xᵀ of the wide orientation: Xᵀ X for a tall X.
         let (k, (ta, tb)) = if tall { (rows, (true, false)) } else { (cols, (false, true)) };
-        b.matmul(&mut gram, x, x, product(s, s, k, ta, tb));
-        bf16(&mut gram);
+        b.matmul(gram, x, x, product(s, s, k, ta, tb));
+        bf16(gram);
         // b·A + c·A·A, rounded once (PyTorch's addmm).
-        b.matmul(&mut gram2, &gram, &gram, product(s, s, s, false, false));
-        b.scale(&mut gram2, qc);
-        b.copy(&mut scaled, &gram);
-        b.scale(&mut scaled, qb);
-        b.add_assign(&mut gram2, &scaled);
-        bf16(&mut gram2);
+        b.matmul(gram2, gram, gram, product(s, s, s, false, false));
+        b.scale(gram2, qc);
+        b.copy(scaled, gram);
+        b.scale(scaled, qb);
+        b.add_assign(gram2, scaled);
+        bf16(gram2);
         // a·X + (b·A + c·A²)·X, or a·X + X·(b·A + c·A²)ᵀ for a tall X, rounded once.
         match tall {
-            true => b.matmul(&mut y, x, &gram2, product(rows, cols, cols, false, true)),
-            false => b.matmul(&mut y, &gram2, x, product(rows, cols, rows, false, false)),
+            true => b.matmul(y, x, gram2, product(rows, cols, cols, false, true)),
+            false => b.matmul(y, gram2, x, product(rows, cols, rows, false, false)),
         }
         b.scale(x, qa);
-        b.add_assign(x, &y);
+        b.add_assign(x, y);
         bf16(x);
     }
 }
@@ -166,16 +221,16 @@ pub fn newton_schulz<B: Backend>(b: &B, x: &mut B::Slice, (rows, cols): (usize, 
 /// One Muon step of matrix `m`: `param`, `grad` and the momentum `buf` hold its values.
 pub fn step<B: Backend>(
     b: &B,
-    settings: &MuonSettings,
+    (settings, scratch): (&MuonSettings, &mut Scratch<B>),
     lr_decay: (f32, f32),
     m: &Matrix,
     (param, grad): (&mut B::Slice, &B::Slice),
     buf: &mut B::Slice,
 ) {
-    let mut update = b.zeros(m.rows * m.cols);
-    b.muon_momentum(&mut update, buf, grad, settings.momentum, settings.nesterov);
-    newton_schulz(b, &mut update, (m.rows, m.cols), settings);
-    apply(b, settings, lr_decay, m, param, &mut update);
+    let update = first(b, &mut scratch.update, m.rows * m.cols);
+    b.muon_momentum(update, buf, grad, settings.momentum, settings.nesterov);
+    newton_schulz(b, update, (m.rows, m.cols), settings, &mut scratch.work);
+    apply(b, settings, lr_decay, m, param, update);
 }
 
 /// `θ ← θ·(1 − lr·λ) − lr·s·X` for the values of matrix `m` in `param` (all of them, or a
@@ -245,12 +300,12 @@ mod tests {
                 let param0 = values(&st, &format!("{shape}.param0"));
                 let grads = values(&st, &format!("{shape}.grads"));
                 let after = values(&st, &format!("{case}.{shape}.params"));
-                let mut buf = vec![0.0; n];
+                let (mut buf, mut scratch) = (vec![0.0; n], Scratch::new(&b, std::slice::from_ref(&m)));
                 for t in 0..4 {
                     let before = if t == 0 { &param0[..] } else { &after[(t - 1) * n..][..n] };
                     let mut param: Vec<f32> = before.iter().map(|&v| v as f32).collect();
                     let grad: Vec<f32> = grads[t * n..][..n].iter().map(|&v| v as f32).collect();
-                    step(&b, &settings, (lr, weight_decay), &m, (&mut param, &grad), &mut buf);
+                    step(&b, (&settings, &mut scratch), (lr, weight_decay), &m, (&mut param, &grad), &mut buf);
                     for (i, (&got, &want)) in param.iter().zip(&after[t * n..][..n]).enumerate() {
                         let err = (got as f64 - want).abs();
                         let what = format!("{case} {shape} step {}: param[{i}] = {got}, torch {want}", t + 1);
@@ -270,8 +325,10 @@ mod tests {
     fn newton_schulz_orthogonalises() {
         let (rows, cols) = (24, 8);
         let mut rng = kiln_core::rng::Rng::new(3);
-        let mut x = rng.normal_vec(rows * cols, 1.0);
-        newton_schulz(&Cpu, &mut x, (rows, cols), &MuonSettings::default());
+        let mut scratch = Scratch::new(&Cpu, &[Matrix { range: 0..rows * cols, rows, cols }]);
+        scratch.update(&Cpu, rows * cols).copy_from_slice(&rng.normal_vec(rows * cols, 1.0));
+        orthogonalise(&Cpu, &MuonSettings::default(), &mut scratch, (rows, cols));
+        let x = scratch.update(&Cpu, rows * cols).to_vec();
         for i in 0..cols {
             let norm: f64 = (0..rows).map(|r| (x[r * cols + i] as f64).powi(2)).sum::<f64>().sqrt();
             assert!((0.5..1.5).contains(&norm), "column {i}: norm {norm}");

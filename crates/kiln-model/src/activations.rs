@@ -38,6 +38,7 @@ impl<B: Backend> LayerActs<B> {
             attn: match cfg.attention {
                 AttentionKind::Gqa => AttnActs::Gqa(GqaActs::new(b, cfg, n)),
                 AttentionKind::Mla(_) => AttnActs::Mla(MlaActs::new(b, cfg, n)),
+                AttentionKind::V4(_) => panic!("{}", crate::config_v4::FORWARD_MISSING),
             },
             x_mid: b.zeros(n * d),
             xn2: b.zeros(n * d),
@@ -120,6 +121,7 @@ impl<B: Backend> Activations<B> {
             attn: match cfg.attention {
                 AttentionKind::Gqa => AttnGrads::Gqa(GqaGrads::new(b, cfg, n)),
                 AttentionKind::Mla(_) => AttnGrads::Mla(MlaGrads::new(b, cfg, n)),
+                AttentionKind::V4(_) => panic!("{}", crate::config_v4::FORWARD_MISSING),
             },
             dense: has_dense.then(|| MlpGrads::new(b, n, cfg.intermediate_size)),
             moe: MoeShape::new(cfg).filter(|_| has_moe).map(|shape| MoeGrads::new(b, &shape, n)),

@@ -1,5 +1,6 @@
-//! `config.json` of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`) and of
-//! `deepseek_v3`, field for field as transformers reads it, with transformers' defaults.
+//! `config.json` of the Llama family (`llama`, `mistral`, `qwen2`, `qwen3`), of `deepseek_v3`
+//! and of `deepseek_v4` (its own fields in `config_v4`), field for field as transformers reads
+//! it, with transformers' defaults.
 
 use crate::error::{Error, Result};
 use crate::rope::{number, yarn_mscale, RopeScaling};
@@ -17,10 +18,12 @@ pub enum ModelType {
     Qwen3,
     #[serde(rename = "deepseek_v3")]
     DeepseekV3,
+    #[serde(rename = "deepseek_v4")]
+    DeepseekV4,
 }
 
 impl ModelType {
-    pub const ALL: [&'static str; 5] = ["llama", "mistral", "qwen2", "qwen3", "deepseek_v3"];
+    pub const ALL: [&'static str; 6] = ["llama", "mistral", "qwen2", "qwen3", "deepseek_v3", "deepseek_v4"];
 
     fn parse(name: &str) -> Option<Self> {
         match name {
@@ -29,6 +32,7 @@ impl ModelType {
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
             "deepseek_v3" => Some(Self::DeepseekV3),
+            "deepseek_v4" => Some(Self::DeepseekV4),
             _ => None,
         }
     }
@@ -36,15 +40,16 @@ impl ModelType {
 
 /// `config.json` as written by transformers; fields it does not use here are ignored.
 #[derive(Clone, Debug, Deserialize)]
-struct RawConfig {
+pub(crate) struct RawConfig {
     model_type: String,
     vocab_size: usize,
     hidden_size: usize,
-    intermediate_size: usize,
+    /// Absent in `deepseek_v4`, whose only dense MLP is the shared expert.
+    intermediate_size: Option<usize>,
     num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
+    pub(crate) num_attention_heads: usize,
+    pub(crate) num_key_value_heads: Option<usize>,
+    pub(crate) head_dim: Option<usize>,
     #[serde(default = "default_hidden_act")]
     hidden_act: String,
     max_position_embeddings: Option<usize>,
@@ -56,35 +61,37 @@ struct RawConfig {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
-    rope_theta: Option<f64>,
+    pub(crate) rope_theta: Option<f64>,
     rope_scaling: Option<Map<String, Value>>,
-    rope_parameters: Option<Map<String, Value>>,
-    partial_rotary_factor: Option<f64>,
-    sliding_window: Option<usize>,
+    pub(crate) rope_parameters: Option<Map<String, Value>>,
+    pub(crate) partial_rotary_factor: Option<f64>,
+    pub(crate) sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
-    layer_types: Option<Vec<String>>,
+    pub(crate) layer_types: Option<Vec<String>>,
     // deepseek_v3
     /// Absent means transformers' default (1536), `null` a plain query projection.
     #[serde(default, deserialize_with = "present")]
-    q_lora_rank: Option<Value>,
-    scoring_func: Option<String>,
+    pub(crate) q_lora_rank: Option<Value>,
+    pub(crate) scoring_func: Option<String>,
     topk_method: Option<String>,
     kv_lora_rank: Option<usize>,
     qk_nope_head_dim: Option<usize>,
-    qk_rope_head_dim: Option<usize>,
+    pub(crate) qk_rope_head_dim: Option<usize>,
     v_head_dim: Option<usize>,
     rope_interleave: Option<bool>,
-    moe_intermediate_size: Option<usize>,
-    n_routed_experts: Option<usize>,
+    pub(crate) moe_intermediate_size: Option<usize>,
+    pub(crate) n_routed_experts: Option<usize>,
     n_shared_experts: Option<usize>,
-    num_experts_per_tok: Option<usize>,
+    pub(crate) num_experts_per_tok: Option<usize>,
     n_group: Option<usize>,
     topk_group: Option<usize>,
     norm_topk_prob: Option<bool>,
-    routed_scaling_factor: Option<f64>,
+    pub(crate) routed_scaling_factor: Option<f64>,
     first_k_dense_replace: Option<usize>,
     num_nextn_predict_layers: Option<usize>,
+    #[serde(flatten)]
+    pub(crate) v4: crate::config_v4::RawV4,
     quantization_config: Option<Map<String, Value>>,
     #[serde(default)]
     architectures: Vec<String>,
@@ -103,6 +110,25 @@ fn default_hidden_act() -> String {
 }
 fn default_rms_norm_eps() -> f64 {
     1e-6
+}
+
+/// How a router turns its logits into expert scores (`scoring_func`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// σ(z) (DeepSeek-V3).
+    Sigmoid,
+    /// √softplus(z) (DeepSeek-V4).
+    SqrtSoftplus,
+}
+
+impl Scoring {
+    fn parse(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "sigmoid" => Ok(Self::Sigmoid),
+            "sqrtsoftplus" => Ok(Self::SqrtSoftplus),
+            other => Err(format!("field `scoring_func`: `{other}` is not supported (sigmoid, sqrtsoftplus)")),
+        }
+    }
 }
 
 /// Multi-head latent attention sizes (DeepSeek-V2/V3).
@@ -124,11 +150,14 @@ pub enum AttentionKind {
     /// Grouped-query attention with `head_dim`-wide heads (Llama family).
     Gqa,
     Mla(MlaConfig),
+    /// DeepSeek-V4: low-rank queries, one shared key/value head, sinks, compressed entries.
+    V4(crate::config_v4::V4Config),
 }
 
 /// DeepSeekMoE feed-forward sizes and routing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MoeConfig {
+    pub scoring: Scoring,
     pub experts: usize,
     pub expert_ff: usize,
     pub shared_experts: usize,
@@ -176,6 +205,7 @@ fn moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
         return Err(format!("field `topk_method`: `{m}` is not supported (DeepSeek-V3 uses `noaux_tc`)"));
     }
     Ok(MoeConfig {
+        scoring: Scoring::Sigmoid,
         experts: raw.n_routed_experts.unwrap_or(256),
         expert_ff: raw.moe_intermediate_size.unwrap_or(2048),
         shared_experts: raw.n_shared_experts.unwrap_or(1),
@@ -186,6 +216,31 @@ fn moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
         routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(2.5) as f32,
         first_dense_layers: raw.first_k_dense_replace.unwrap_or(3),
     })
+}
+
+/// transformers' `DeepseekV4Config` defaults fill absent fields. V4 normalises the chosen
+/// weights whatever `norm_topk_prob` says, routes without groups, and has one shared expert of
+/// `moe_intermediate_size` whatever `n_shared_experts` says.
+fn v4_moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
+    let m = MoeConfig {
+        scoring: Scoring::parse(raw.scoring_func.as_deref().unwrap_or("sqrtsoftplus"))?,
+        experts: raw.n_routed_experts.unwrap_or(256),
+        expert_ff: raw.moe_intermediate_size.unwrap_or(2048),
+        shared_experts: 1,
+        top_k: raw.num_experts_per_tok.unwrap_or(6),
+        groups: 1,
+        top_groups: 1,
+        normalize: true,
+        routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(1.5) as f32,
+        first_dense_layers: 0,
+    };
+    if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
+        return Err(format!(
+            "fields `n_routed_experts` ({}) and `num_experts_per_tok` ({}): top-k must pick among the experts",
+            m.experts, m.top_k
+        ));
+    }
+    Ok(m)
 }
 
 /// A resolved, validated model configuration.
@@ -261,6 +316,7 @@ impl Config {
         let head_dim = match (model_type, raw.head_dim) {
             // q and k heads are [nope ; rope] wide.
             (ModelType::DeepseekV3, _) => mla.as_ref().map_or(0, |m| m.qk_nope_head_dim + m.qk_rope_head_dim),
+            (ModelType::DeepseekV4, d) => d.unwrap_or(512),
             (ModelType::Qwen3, None) => 128,
             (_, Some(d)) => d,
             (_, None) if raw.hidden_size.is_multiple_of(heads) => raw.hidden_size / heads,
@@ -276,7 +332,12 @@ impl Config {
             ModelType::Mistral => 4096 * 32,
             ModelType::Qwen2 | ModelType::Qwen3 => 32768,
             ModelType::DeepseekV3 => 4096,
+            ModelType::DeepseekV4 => 1 << 20,
         });
+        let v4 = match model_type {
+            ModelType::DeepseekV4 => Some(crate::config_v4::v4_config(&raw, raw.num_hidden_layers, max_pos)?),
+            _ => None,
+        };
 
         // transformers: `rope_parameters` (or the legacy `rope_scaling`) wins; `rope_theta` and
         // `partial_rotary_factor` at top level fill what it leaves out.
@@ -289,19 +350,24 @@ impl Config {
             Some(v) => v.as_f64().ok_or("field `rope_parameters.partial_rotary_factor`: expected a number")?,
             None => raw.partial_rotary_factor.unwrap_or(1.0),
         };
-        let rot_dim = match &mla {
-            Some(m) => m.qk_rope_head_dim,
-            None => (head_dim as f64 * partial) as usize,
+        let rot_dim = match (&mla, &v4) {
+            (Some(m), _) => m.qk_rope_head_dim,
+            (_, Some((_, _, _, _, rot_dim))) => *rot_dim,
+            _ => (head_dim as f64 * partial) as usize,
         };
         if !rot_dim.is_multiple_of(2) || rot_dim > head_dim {
             return Err(format!(
                 "field `partial_rotary_factor` ({partial}) gives an odd or too large rotary dim {rot_dim}"
             ));
         }
-        let rope = RopeScaling::parse(&params, max_pos)?;
+        let (rope, rope_theta) = match &v4 {
+            Some((_, _, rope, theta, _)) => (rope.clone(), *theta),
+            None => (RopeScaling::parse(&params, max_pos)?, rope_theta),
+        };
 
         let layer_windows = match model_type {
             ModelType::Llama | ModelType::DeepseekV3 => vec![None; raw.num_hidden_layers],
+            ModelType::DeepseekV4 => vec![v4.as_ref().map(|v| v.0.window); raw.num_hidden_layers],
             ModelType::Mistral => vec![raw.sliding_window; raw.num_hidden_layers],
             ModelType::Qwen2 | ModelType::Qwen3 => {
                 let window =
@@ -337,6 +403,7 @@ impl Config {
             ModelType::Mistral => (false, false, false),
             // `attention_bias` biases q_a, kv_a and o in MLA; kept as `o_bias`.
             ModelType::DeepseekV3 => (false, raw.attention_bias, false),
+            ModelType::DeepseekV4 => (false, false, false),
         };
         // transformers: head_dim^-0.5, times yarn's mscale(factor, mscale_all_dim)² for MLA.
         let mut attention_scale = 1.0 / (head_dim as f64).sqrt();
@@ -348,7 +415,11 @@ impl Config {
                 }
             }
         }
-        let moe = if deepseek { Some(moe_config(&raw)?) } else { None };
+        let moe = match model_type {
+            ModelType::DeepseekV3 => Some(moe_config(&raw)?),
+            ModelType::DeepseekV4 => Some(v4_moe_config(&raw)?),
+            _ => None,
+        };
         if let Some(m) = &moe {
             if m.experts == 0 || !m.experts.is_multiple_of(m.groups) || m.top_groups > m.groups || m.top_k > m.experts {
                 return Err(format!(
@@ -363,6 +434,12 @@ impl Config {
                 ));
             }
         }
+        let intermediate_size = match (raw.intermediate_size, &moe) {
+            (Some(ff), _) => ff,
+            // V4's only dense MLP is its shared expert.
+            (None, Some(m)) if model_type == ModelType::DeepseekV4 => m.expert_ff,
+            (None, _) => return Err("field `intermediate_size` is missing".into()),
+        };
         let fp8_block = match raw.quantization_config.as_ref().and_then(|q| q.get("weight_block_size")) {
             None => [128, 128],
             Some(v) => match v.as_array().map(|a| a.iter().filter_map(Value::as_u64).collect::<Vec<_>>()).as_deref() {
@@ -378,7 +455,7 @@ impl Config {
             model_type,
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
-            intermediate_size: raw.intermediate_size,
+            intermediate_size,
             num_layers: raw.num_hidden_layers,
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -394,10 +471,17 @@ impl Config {
             rope_theta,
             rot_dim,
             layer_windows,
-            attention: mla.map_or(AttentionKind::Gqa, AttentionKind::Mla),
+            attention: match (mla, v4) {
+                (Some(m), _) => AttentionKind::Mla(m),
+                (_, Some((v4, ..))) => AttentionKind::V4(v4),
+                _ => AttentionKind::Gqa,
+            },
             attention_scale: attention_scale as f32,
             moe,
-            mtp_layers: if deepseek { raw.num_nextn_predict_layers.unwrap_or(1) } else { 0 },
+            mtp_layers: match model_type {
+                ModelType::DeepseekV3 | ModelType::DeepseekV4 => raw.num_nextn_predict_layers.unwrap_or(1),
+                _ => 0,
+            },
             fp8_block,
             num_labels: raw
                 .architectures
@@ -414,8 +498,14 @@ impl Config {
         self.moe.as_ref().is_some_and(|m| l >= m.first_dense_layers)
     }
 
+    /// Whether a stored tensor is read and written back unchanged: multi-token-prediction
+    /// layers, and DeepSeek-V4's frozen token-to-expert tables (`ffn.gate.tid2eid`, int64).
+    pub fn is_carried_tensor(&self, name: &str) -> bool {
+        self.is_mtp_tensor(name) || name.starts_with("mtp.") || name.ends_with(".ffn.gate.tid2eid")
+    }
+
     /// Whether a stored tensor belongs to a multi-token-prediction layer (carried through).
-    pub fn is_mtp_tensor(&self, name: &str) -> bool {
+    fn is_mtp_tensor(&self, name: &str) -> bool {
         let Some(rest) = name.strip_prefix("model.layers.") else { return false };
         let layer = rest.split('.').next().and_then(|l| l.parse::<usize>().ok());
         layer.is_some_and(|l| l >= self.num_layers && l < self.num_layers + self.mtp_layers)

@@ -115,8 +115,9 @@ pub fn outer_views<'a, B: Backend>(
     ranges: &Weights<Range<usize>>,
 ) -> Weights<&'a mut B::Slice> {
     let r = ranges;
-    let wanted: Vec<&Range<usize>> =
+    let mut wanted: Vec<&Range<usize>> =
         [Some(&r.embed), Some(&r.norm), r.lm_head.as_ref(), r.score.as_ref()].into_iter().flatten().collect();
+    wanted.extend(r.hc_head.iter().flat_map(|h| h.refs()));
     let mut parts = carve(b, flat, &wanted).into_iter();
     let mut take = || parts.next().expect("one view per tensor");
     Weights {
@@ -125,6 +126,7 @@ pub fn outer_views<'a, B: Backend>(
         norm: take(),
         lm_head: r.lm_head.as_ref().map(|_| take()),
         score: r.score.as_ref().map(|_| take()),
+        hc_head: r.hc_head.as_ref().map(|h| h.map(&mut |_| take())),
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod activations;
 pub mod batch;
 pub mod config;
+pub mod config_v4;
 pub mod error;
 pub mod flat;
 pub mod generate;

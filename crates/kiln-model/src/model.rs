@@ -64,8 +64,11 @@ impl<B: Backend> Model<B> {
     /// `load`; under expert parallel, of the routed experts only this rank's share.
     pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Self> {
         let config = Config::load(dir)?;
+        if let AttentionKind::V4(_) = config.attention {
+            return Err(crate::Error::new(dir.join("config.json"), crate::config_v4::FORWARD_MISSING));
+        }
         let layout = layout_of(&config, ep.as_ref());
-        let passthrough = |name: &str| config.is_mtp_tensor(name);
+        let passthrough = |name: &str| config.is_carried_tensor(name);
         let spec = LoadSpec { layout: &layout, passthrough: &passthrough, fp8_block: config.fp8_block };
         let loaded = safetensors_io::load(dir, &spec)?;
         if loaded.dequantized > 0 {
@@ -183,9 +186,9 @@ impl<B: Backend> Model<B> {
         );
         let mut params = self.flat.views_mut(b, &mut self.params);
         for (layer, load) in params.layers.iter_mut().zip(&loads) {
-            let FfnWeights::Moe(w) = &mut layer.ffn else { continue };
+            let FfnWeights::Moe(MoeWeights { bias: Some(bias_w), .. }) = &mut layer.ffn else { continue };
             let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
-            let mut bias = b.read(w.bias);
+            let mut bias = b.read(bias_w);
             for (bias, &l) in bias.iter_mut().zip(load) {
                 let diff = mean - l as f64;
                 *bias += gamma
@@ -197,7 +200,7 @@ impl<B: Backend> Model<B> {
                         0.0
                     };
             }
-            b.write(w.bias, &bias);
+            b.write(bias_w, &bias);
         }
         loads
     }
@@ -230,6 +233,7 @@ impl<B: Backend> Model<B> {
         let v_head_dim = match &c.attention {
             AttentionKind::Gqa => c.head_dim,
             AttentionKind::Mla(m) => m.v_head_dim,
+            AttentionKind::V4(_) => panic!("{}", crate::config_v4::FORWARD_MISSING),
         };
         Attention {
             batch: rows,
@@ -667,7 +671,7 @@ pub(crate) fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<
 /// Experts of a layer's MoE block, 0 for a dense one.
 fn expert_count(layer: &LayerWeights<TensorSpec>) -> usize {
     match &layer.ffn {
-        FfnWeights::Moe(w) => w.bias.numel(),
+        FfnWeights::Moe(w) => w.router.shape[0],
         FfnWeights::Dense(_) => 0,
     }
 }

@@ -4,6 +4,8 @@
 
 use crate::config::{AttentionKind, Config};
 
+mod v4_layout;
+
 /// Declares a struct of tensors (required fields, then optional ones) with `map`, `refs` and
 /// `refs_mut`, which visit the fields in declaration order.
 macro_rules! tensor_group {
@@ -79,18 +81,52 @@ tensor_group! {
     MoeWeights {
         /// `[experts, hidden]`.
         router,
-        /// `[experts]`, the aux-loss-free balancing bias: selection only, never trained by
-        /// gradient.
-        bias,
         /// `[experts, expert_ff, hidden]` each.
         gate, up,
         /// `[experts, hidden, expert_ff]`.
         down,
     }
     optional {
+        /// `[experts]`, the aux-loss-free balancing bias: selection only, never trained by
+        /// gradient. None where a frozen table routes (V4's hash layers).
+        bias,
         /// The shared experts as one MLP of width `n_shared_experts · expert_ff`.
         shared_gate, shared_up, shared_down,
     }
+}
+
+tensor_group! {
+    /// DeepSeek-V4 attention (see `layers::v4_attention`).
+    V4AttnWeights {
+        /// `[q_lora_rank, hidden]` (`wq_a`), its norm (`q_norm`), `[heads·head_dim,
+        /// q_lora_rank]` (`wq_b`).
+        q_a, q_a_norm, q_b,
+        /// `[head_dim, hidden]` (`wkv`): the one head that is both key and value, and its norm.
+        kv, kv_norm,
+        /// `[o_groups·o_lora_rank, heads·head_dim / o_groups]` (`wo_a`, one block per group)
+        /// and `[hidden, o_groups·o_lora_rank]` (`wo_b`).
+        o_a, o_b,
+        /// `[heads]` (`attn_sink`): each head's logit of attending nothing.
+        sinks,
+    }
+    optional {
+        /// The compressor of CSA and HCA layers: kv and gate `[c·head_dim, hidden]` (c = 2 for
+        /// CSA's overlapping windows, else 1), position bias `[rate, c·head_dim]` (`ape`),
+        /// norm `[head_dim]`.
+        comp_kv, comp_gate, comp_ape, comp_norm,
+        /// CSA's lightning indexer: a compressor of its own at `index_head_dim`, its query
+        /// projection `[index_heads·index_head_dim, q_lora_rank]` and head weights
+        /// `[index_heads, hidden]`.
+        index_kv, index_gate, index_ape, index_norm, index_q_b, index_weights,
+    }
+}
+
+tensor_group! {
+    /// A hyper-connection (DeepSeek-V4): the projection `fn` of the flattened streams to the
+    /// mixing weights (`[(2 + n)·n, n·hidden]`, or `[n, n·hidden]` for the head), their biases
+    /// and scales.
+    HcWeights { mix, base, scale }
+    optional {}
 }
 
 /// The attention block of a layer.
@@ -98,6 +134,7 @@ tensor_group! {
 pub enum AttnWeights<T> {
     Gqa(GqaWeights<T>),
     Mla(MlaWeights<T>),
+    V4(V4AttnWeights<T>),
 }
 
 /// The feed-forward block of a layer.
@@ -107,13 +144,16 @@ pub enum FfnWeights<T> {
     Moe(MoeWeights<T>),
 }
 
-/// One decoder layer: pre-norm attention and pre-norm feed-forward, both residual.
+/// One decoder layer: pre-norm attention and pre-norm feed-forward, both residual; with
+/// hyper-connections (DeepSeek-V4) each block reads and writes the streams through its own.
 #[derive(Clone, Debug)]
 pub struct LayerWeights<T> {
     pub input_norm: T,
     pub attn: AttnWeights<T>,
     pub post_norm: T,
     pub ffn: FfnWeights<T>,
+    pub hc_attn: Option<HcWeights<T>>,
+    pub hc_ffn: Option<HcWeights<T>>,
 }
 
 impl<T> LayerWeights<T> {
@@ -123,12 +163,15 @@ impl<T> LayerWeights<T> {
             attn: match &self.attn {
                 AttnWeights::Gqa(w) => AttnWeights::Gqa(w.map(f)),
                 AttnWeights::Mla(w) => AttnWeights::Mla(w.map(f)),
+                AttnWeights::V4(w) => AttnWeights::V4(w.map(f)),
             },
             post_norm: f(&self.post_norm),
             ffn: match &self.ffn {
                 FfnWeights::Dense(w) => FfnWeights::Dense(w.map(f)),
                 FfnWeights::Moe(w) => FfnWeights::Moe(w.map(f)),
             },
+            hc_attn: self.hc_attn.as_ref().map(|w| w.map(f)),
+            hc_ffn: self.hc_ffn.as_ref().map(|w| w.map(f)),
         }
     }
     /// Every tensor of the layer, in `Weights::iter` order.
@@ -137,12 +180,14 @@ impl<T> LayerWeights<T> {
         v.extend(match &self.attn {
             AttnWeights::Gqa(w) => w.refs(),
             AttnWeights::Mla(w) => w.refs(),
+            AttnWeights::V4(w) => w.refs(),
         });
         v.push(&self.post_norm);
         v.extend(match &self.ffn {
             FfnWeights::Dense(w) => w.refs(),
             FfnWeights::Moe(w) => w.refs(),
         });
+        self.hc_attn.iter().chain(&self.hc_ffn).for_each(|w| v.extend(w.refs()));
         v
     }
     fn refs_mut(&mut self) -> Vec<&mut T> {
@@ -150,12 +195,14 @@ impl<T> LayerWeights<T> {
         v.extend(match &mut self.attn {
             AttnWeights::Gqa(w) => w.refs_mut(),
             AttnWeights::Mla(w) => w.refs_mut(),
+            AttnWeights::V4(w) => w.refs_mut(),
         });
         v.push(&mut self.post_norm);
         v.extend(match &mut self.ffn {
             FfnWeights::Dense(w) => w.refs_mut(),
             FfnWeights::Moe(w) => w.refs_mut(),
         });
+        self.hc_attn.iter_mut().chain(&mut self.hc_ffn).for_each(|w| v.extend(w.refs_mut()));
         v
     }
 }
@@ -170,6 +217,8 @@ pub struct Weights<T> {
     pub norm: T,
     pub lm_head: Option<T>,
     pub score: Option<T>,
+    /// DeepSeek-V4's collapse of the streams before the final norm.
+    pub hc_head: Option<HcWeights<T>>,
 }
 
 impl<T> Weights<T> {
@@ -180,6 +229,7 @@ impl<T> Weights<T> {
             norm: f(&self.norm),
             lm_head: self.lm_head.as_ref().map(&mut f),
             score: self.score.as_ref().map(&mut f),
+            hc_head: self.hc_head.as_ref().map(|w| w.map(&mut f)),
         }
     }
     /// Every tensor, in a fixed order shared by all `Weights` of the same config.
@@ -189,6 +239,7 @@ impl<T> Weights<T> {
         v.push(&self.norm);
         v.extend(self.lm_head.as_ref());
         v.extend(self.score.as_ref());
+        self.hc_head.iter().for_each(|w| v.extend(w.refs()));
         v
     }
     pub fn iter_mut(&mut self) -> Vec<&mut T> {
@@ -197,6 +248,7 @@ impl<T> Weights<T> {
         v.push(&mut self.norm);
         v.extend(self.lm_head.as_mut());
         v.extend(self.score.as_mut());
+        self.hc_head.iter_mut().for_each(|w| v.extend(w.refs_mut()));
         v
     }
 }
@@ -223,6 +275,9 @@ pub struct TensorSpec {
     /// Always stored in f32, whatever the checkpoint's dtype (transformers keeps the MoE
     /// router and its correction bias in f32).
     pub keep_f32: bool,
+    /// A matrix inside the layers that Muon leaves to AdamW all the same (DeepSeek-V4's
+    /// routers); Muon also leaves every tensor kept in f32 (norms, biases, hyper-connections).
+    pub adamw_only: bool,
     pub init: Init,
 }
 
@@ -240,7 +295,14 @@ impl LayerNames {
         format!("model.layers.{}.{s}", self.0)
     }
     fn matrix(&self, s: &str, shape: &[usize]) -> TensorSpec {
-        TensorSpec { name: self.name(s), shape: shape.to_vec(), parts: vec![], keep_f32: false, init: Init::Normal }
+        TensorSpec {
+            name: self.name(s),
+            shape: shape.to_vec(),
+            parts: vec![],
+            keep_f32: false,
+            adamw_only: false,
+            init: Init::Normal,
+        }
     }
     fn norm(&self, s: &str, width: usize) -> TensorSpec {
         TensorSpec { init: Init::Ones, ..self.matrix(s, &[width]) }
@@ -311,7 +373,11 @@ fn moe_layout(cfg: &Config, m: &crate::config::MoeConfig, n: &LayerNames) -> Moe
     let shared = |s: &str, shape: &[usize]| (sff > 0).then(|| n.matrix(&format!("mlp.shared_experts.{s}"), shape));
     MoeWeights {
         router: TensorSpec { keep_f32: true, ..n.matrix("mlp.gate.weight", &[e, d]) },
-        bias: TensorSpec { keep_f32: true, init: Init::Zeros, ..n.matrix("mlp.gate.e_score_correction_bias", &[e]) },
+        bias: Some(TensorSpec {
+            keep_f32: true,
+            init: Init::Zeros,
+            ..n.matrix("mlp.gate.e_score_correction_bias", &[e])
+        }),
         gate: n.experts("gate_proj.weight", e, ff, d),
         up: n.experts("up_proj.weight", e, ff, d),
         down: n.experts("down_proj.weight", e, d, ff),
@@ -345,12 +411,16 @@ impl TensorSpec {
 
 /// Names and shapes of every parameter for `cfg`.
 pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
+    if let AttentionKind::V4(v4) = &cfg.attention {
+        return v4_layout::layout(cfg, v4);
+    }
     let d = cfg.hidden_size;
     let top = |name: &str, shape: &[usize], init| TensorSpec {
         name: name.into(),
         shape: shape.to_vec(),
         parts: vec![],
         keep_f32: false,
+        adamw_only: false,
         init,
     };
     let layers = (0..cfg.num_layers)
@@ -361,12 +431,15 @@ pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
                 attn: match &cfg.attention {
                     AttentionKind::Gqa => AttnWeights::Gqa(gqa_layout(cfg, &n)),
                     AttentionKind::Mla(m) => AttnWeights::Mla(mla_layout(cfg, m, &n)),
+                    AttentionKind::V4(_) => unreachable!("deepseek_v4 has its own layout"),
                 },
                 post_norm: n.norm("post_attention_layernorm.weight", d),
                 ffn: match &cfg.moe {
                     Some(m) if i >= m.first_dense_layers => FfnWeights::Moe(moe_layout(cfg, m, &n)),
                     _ => FfnWeights::Dense(mlp_layout(cfg, &n)),
                 },
+                hc_attn: None,
+                hc_ffn: None,
             }
         })
         .collect();
@@ -377,5 +450,6 @@ pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
         lm_head: (!cfg.tie_word_embeddings && cfg.num_labels.is_none())
             .then(|| top("lm_head.weight", &[cfg.vocab_size, d], Init::Normal)),
         score: cfg.num_labels.map(|labels| top("score.weight", &[labels, d], Init::Normal)),
+        hc_head: None,
     }
 }

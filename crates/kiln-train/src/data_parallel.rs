@@ -469,6 +469,7 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
             norm: local(&r.norm),
             lm_head: r.lm_head.as_ref().map(local),
             score: r.score.as_ref().map(local),
+            hc_head: r.hc_head.as_ref().map(|h| h.map(&mut |range| local(range))),
         };
         outer_views(b, &mut self.outer_scratch, &local)
     }

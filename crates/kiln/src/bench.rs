@@ -139,7 +139,7 @@ fn moe<B: Backend>(args: &MoeArgs, b: &B) -> Result<()> {
     let mut init = |len: usize| b.upload(&rng.normal_vec(len, 0.05));
     let w = MoeWeights {
         router: init(e * d),
-        bias: b.zeros(e),
+        bias: Some(b.zeros(e)),
         gate: init(e * ff * d),
         up: init(e * ff * d),
         down: init(e * d * ff),
@@ -149,7 +149,7 @@ fn moe<B: Backend>(args: &MoeArgs, b: &B) -> Result<()> {
     };
     let mut g = MoeWeights {
         router: b.zeros(e * d),
-        bias: b.zeros(e),
+        bias: Some(b.zeros(e)),
         gate: b.zeros(e * ff * d),
         up: b.zeros(e * ff * d),
         down: b.zeros(e * d * ff),

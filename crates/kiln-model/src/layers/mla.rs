@@ -88,7 +88,7 @@ impl Dims {
 fn dims(c: &Config, n: usize) -> Dims {
     match &c.attention {
         crate::config::AttentionKind::Mla(m) => Dims::new(c, m, n),
-        crate::config::AttentionKind::Gqa => panic!("multi-head latent attention on a grouped-query config"),
+        _ => panic!("multi-head latent attention on a config of another attention"),
     }
 }
 

@@ -292,7 +292,8 @@ pub fn forward<B: Backend>(
 ) {
     let (n, d, k, e) = (a.tokens, s.hidden, s.routing.top_k, s.experts);
     b.matmul(&mut a.logits, x, w.router, Matmul::linear(n, d, e));
-    b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, w.bias, routing(s, n));
+    let bias = w.bias.expect("the correction bias of a scored router");
+    b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, bias, routing(s, n));
 
     a.rows = b.moe_dispatch(&mut a.order, &mut a.row_w, &mut a.slot_rows, &a.route_idx, &a.route_w, e, k);
 

@@ -251,15 +251,28 @@ impl HyperConnection {
     }
 }
 
-/// DeepSeek-V3's mixture-of-experts router over `experts` experts split into `groups` groups.
+/// How a router turns a logit z into an expert's score (`scoring_func`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// σ(z) (DeepSeek-V3).
+    Sigmoid,
+    /// √softplus(z), softplus as PyTorch's (z itself above 20) (DeepSeek-V4).
+    SqrtSoftplus,
+}
+
+/// DeepSeek's mixture-of-experts router over `experts` experts split into `groups` groups.
 ///
-/// Per token with router logits z: scores s = σ(z); selection uses s + bias (the aux-loss-free
-/// balancing bias, which gets no gradient): the `top_groups` groups with the largest sum of
-/// their two best biased scores are kept, and the `top_k` best biased scores among them are
-/// chosen. Weights are the unbiased scores of the chosen experts, divided by their sum when
-/// `normalize`, times `scale` (`routed_scaling_factor`).
+/// Per token with router logits z: scores s = score(z); selection uses s + bias (the
+/// aux-loss-free balancing bias, which gets no gradient): the `top_groups` groups with the
+/// largest sum of their two best biased scores are kept, and the `top_k` best biased scores
+/// among them are chosen. With `fixed`, the chosen experts are given instead (DeepSeek-V4's
+/// hash layers, from a frozen token-to-expert table) and the bias is not read. Weights are the
+/// unbiased scores of the chosen experts, divided by their sum (+ 1e-20) when `normalize`,
+/// times `scale` (`routed_scaling_factor`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Routing {
+    pub scoring: Scoring,
+    pub fixed: bool,
     pub tokens: usize,
     pub experts: usize,
     pub top_k: usize,
@@ -485,6 +498,29 @@ pub trait Backend: Send + Sync {
         spec: Attention,
     );
 
+    /// Attention sinks (gpt-oss, DeepSeek-V4): head `h` has a logit `sinks[h]` that joins every
+    /// query's softmax with a value of zero. From `attention_forward`'s `out` and `lse` over the
+    /// keys: `lse' = log(e^lse + e^sink)`, `out *= e^(lse − lse')`, `lse = lse'`. Gradients
+    /// of q, k and v then come from `attention_backward` given the new `out` and `lse`.
+    fn attention_sinks_forward(
+        &self,
+        out: &mut Self::Slice,
+        lse: &mut Self::Slice,
+        sinks: &Self::Slice,
+        spec: Attention,
+    );
+    /// `dsinks[h] += −Σ_t e^(sink_h − lse_t,h) · (dout_t,h · out_t,h)` from the forward's
+    /// new `out` and `lse` (accumulate, summed over the tokens in order).
+    fn attention_sinks_backward(
+        &self,
+        dsinks: &mut Self::Slice,
+        dout: &Self::Slice,
+        out: &Self::Slice,
+        lse: &Self::Slice,
+        sinks: &Self::Slice,
+        spec: Attention,
+    );
+
     /// `out = softmax(q kᵀ · scale) v` of each new token over its cached rows (see
     /// [`DecodeAttention`]).
     #[allow(clippy::too_many_arguments)]
@@ -500,9 +536,11 @@ pub trait Backend: Send + Sync {
     );
 
     // ---- feed-forward -------------------------------------------------------------------
-    /// `h = silu(gate) ⊙ up`.
-    fn swiglu_forward(&self, h: &mut Self::Slice, gate: &Self::Slice, up: &Self::Slice);
-    /// Gradients of `swiglu_forward`; `dgate`, `dup` are overwritten.
+    /// `h = silu(min(gate, limit)) ⊙ clamp(up, −limit, limit)` (DeepSeek-V4 clamps; `limit`
+    /// is infinite for a plain SwiGLU).
+    fn swiglu_forward(&self, h: &mut Self::Slice, gate: &Self::Slice, up: &Self::Slice, limit: f32);
+    /// Gradients of `swiglu_forward` with respect to the unclamped `gate` and `up` (none where
+    /// a clamp held them, as autograd gives); `dgate`, `dup` are overwritten.
     fn swiglu_backward(
         &self,
         dgate: &mut Self::Slice,
@@ -510,6 +548,7 @@ pub trait Backend: Send + Sync {
         dh: &Self::Slice,
         gate: &Self::Slice,
         up: &Self::Slice,
+        limit: f32,
     );
 
     // ---- loss ---------------------------------------------------------------------------

@@ -13,14 +13,16 @@
 
 use crate::backend::{
     AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, Matmul, Precision,
-    Rope, Routing,
+    Rope, Routing, Scoring,
 };
 use crate::bf16;
 use crate::rng::Rng;
 
 mod attention_bf16;
+mod attention_sinks;
 mod hyper_connection;
 pub use attention_bf16::attention_bf16;
+pub use attention_sinks::attention_sinks;
 pub use hyper_connection::hyper_connection;
 
 /// Generates one `#[test]` per check for the backend expression given.
@@ -35,7 +37,7 @@ macro_rules! conformance_tests {
     (@checks $when:ident $backend:expr) => {
         $crate::conformance_tests!(@tests $when $backend;
             matmul, frozen_weights, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
-            rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_decode, swiglu, cross_entropy, reverse_kl,
+            rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_sinks, attention_decode, swiglu, cross_entropy, reverse_kl,
             moe_route, moe_dispatch, hyper_connection, adamw, slices);
     };
     (@tests always $backend:expr; $($check:ident),*) => {
@@ -674,31 +676,42 @@ pub fn attention_backward<B: Backend>(b: &B) {
     }
 }
 
+/// Plain, and clamped as DeepSeek-V4's experts are (most gates and some ups beyond the limit).
 pub fn swiglu<B: Backend>(b: &B) {
     let mut rng = Rng::new(9);
     let n = 300;
-    let gate = rng.normal_vec(n, 3.0);
-    let up = rng.normal_vec(n, 1.0);
-    let forward = |g: &[f32], u: &[f32]| {
-        let mut h = b.zeros(n);
-        b.swiglu_forward(&mut h, &b.upload(g), &b.upload(u));
-        b.read(&h)
-    };
-    let want: Vec<f64> = gate
-        .iter()
-        .zip(&up)
-        .map(|(&g, &u)| {
-            let g = g as f64;
-            g / (1.0 + (-g).exp()) * u as f64
-        })
-        .collect();
-    assert_close("swiglu_forward", &forward(&gate, &up), &want, 1e-6, 1e-5);
+    for limit in [f32::INFINITY, 1.5] {
+        // Away from the clamp's corners, where finite differences straddle them.
+        let off_corner = |x: f32| if (x.abs() - limit).abs() < 0.15 { x + 0.3 * x.signum() } else { x };
+        let gate: Vec<f32> = rng.normal_vec(n, 3.0).into_iter().map(off_corner).collect();
+        let up: Vec<f32> = rng.normal_vec(n, 1.5).into_iter().map(off_corner).collect();
+        let forward = |g: &[f32], u: &[f32]| {
+            let mut h = b.zeros(n);
+            b.swiglu_forward(&mut h, &b.upload(g), &b.upload(u), limit);
+            b.read(&h)
+        };
+        let want: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&g, &u)| {
+                let (g, u, l) = (g as f64, u as f64, limit as f64);
+                let (g, u) = (g.min(l), u.clamp(-l, l));
+                g / (1.0 + (-g).exp()) * u
+            })
+            .collect();
+        assert!(limit.is_infinite() || gate.iter().filter(|&&g| g > limit).count() > n / 10);
+        assert_close(&format!("swiglu_forward (limit {limit})"), &forward(&gate, &up), &want, 1e-6, 1e-5);
 
-    let dh = rng.normal_vec(n, 1.0);
-    let (mut dg, mut du) = (b.zeros(n), b.zeros(n));
-    b.swiglu_backward(&mut dg, &mut du, &b.upload(&dh), &b.upload(&gate), &b.upload(&up));
-    check_gradient("swiglu dgate", &gate, &b.read(&dg), 100, |g| weighted_sum(&forward(g, &up), &dh));
-    check_gradient("swiglu dup", &up, &b.read(&du), 100, |u| weighted_sum(&forward(&gate, u), &dh));
+        let dh = rng.normal_vec(n, 1.0);
+        let (mut dg, mut du) = (b.zeros(n), b.zeros(n));
+        b.swiglu_backward(&mut dg, &mut du, &b.upload(&dh), &b.upload(&gate), &b.upload(&up), limit);
+        check_gradient(&format!("swiglu dgate (limit {limit})"), &gate, &b.read(&dg), 100, |g| {
+            weighted_sum(&forward(g, &up), &dh)
+        });
+        check_gradient(&format!("swiglu dup (limit {limit})"), &up, &b.read(&du), 100, |u| {
+            weighted_sum(&forward(&gate, u), &dh)
+        });
+    }
 }
 
 pub fn cross_entropy<B: Backend>(b: &B) {
@@ -772,10 +785,25 @@ pub fn reverse_kl<B: Backend>(b: &B) {
     });
 }
 
-/// Reference router in f64: the chosen experts (best biased score first) and their weights.
-fn route_reference(z: &[f32], bias: &[f32], spec: Routing) -> Vec<(usize, f64)> {
+/// Reference router in f64: the chosen experts (best biased score first, or `given`) and
+/// their weights.
+fn route_reference(z: &[f32], bias: &[f32], given: &[i32], spec: Routing) -> Vec<(usize, f64)> {
     let per_group = spec.experts / spec.groups;
-    let s: Vec<f64> = z.iter().map(|&v| 1.0 / (1.0 + (-(v as f64)).exp())).collect();
+    let s: Vec<f64> = z
+        .iter()
+        .map(|&v| {
+            let v = v as f64;
+            match spec.scoring {
+                Scoring::Sigmoid => 1.0 / (1.0 + (-v).exp()),
+                Scoring::SqrtSoftplus => v.exp().ln_1p().sqrt(),
+            }
+        })
+        .collect();
+    if spec.fixed {
+        let sum: f64 = given.iter().map(|&e| s[e as usize]).sum::<f64>() + 1e-20;
+        let weight = |e: usize| if spec.normalize { s[e] / sum } else { s[e] } * spec.scale as f64;
+        return given.iter().map(|&e| (e as usize, weight(e as usize))).collect();
+    }
     let biased: Vec<f64> = s.iter().zip(bias).map(|(s, &b)| s + b as f64).collect();
     let desc = |v: &[f64]| {
         let mut o: Vec<usize> = (0..v.len()).collect();
@@ -796,22 +824,41 @@ fn route_reference(z: &[f32], bias: &[f32], spec: Routing) -> Vec<(usize, f64)> 
 
 pub fn moe_route<B: Backend>(b: &B) {
     let mut rng = Rng::new(12);
+    let v3 = Routing {
+        scoring: Scoring::Sigmoid,
+        fixed: false,
+        tokens: 9,
+        experts: 16,
+        top_k: 4,
+        groups: 4,
+        top_groups: 2,
+        normalize: true,
+        scale: 2.5,
+    };
+    let v4 =
+        Routing { scoring: Scoring::SqrtSoftplus, tokens: 7, experts: 8, top_k: 2, groups: 1, top_groups: 1, ..v3 };
     for spec in [
-        Routing { tokens: 9, experts: 16, top_k: 4, groups: 4, top_groups: 2, normalize: true, scale: 2.5 },
-        Routing { tokens: 7, experts: 8, top_k: 2, groups: 1, top_groups: 1, normalize: false, scale: 1.0 },
+        v3,
+        Routing { tokens: 7, experts: 8, top_k: 2, groups: 1, top_groups: 1, normalize: false, scale: 1.0, ..v3 },
+        v4,
+        // DeepSeek-V4's hash layers: the experts come from a table (a repeat included).
+        Routing { fixed: true, ..v4 },
     ] {
         let (n, e, k) = (spec.tokens, spec.experts, spec.top_k);
         let z = rng.normal_vec(n * e, 2.0);
         let bias = rng.normal_vec(e, 0.3);
+        let mut given: Vec<i32> = (0..n * k).map(|_| rng.below(e) as i32).collect();
+        given[1] = given[0];
         let run = |z: &[f32]| {
-            let (mut w, mut idx, mut s) = (b.zeros(n * k), b.upload_index(&vec![0; n * k]), b.zeros(n * e));
+            let (mut w, mut idx, mut s) = (b.zeros(n * k), b.upload_index(&given), b.zeros(n * e));
             b.moe_route_forward(&mut w, &mut idx, &mut s, &b.upload(z), &b.upload(&bias), spec);
             (w, idx, s)
         };
         let (w, idx, scores) = run(&z);
         let (got_w, got_idx) = (b.read(&w), b.read_index(&idx));
         for t in 0..n {
-            for (j, (expert, want)) in route_reference(&z[t * e..(t + 1) * e], &bias, spec).into_iter().enumerate() {
+            let reference = route_reference(&z[t * e..(t + 1) * e], &bias, &given[t * k..(t + 1) * k], spec);
+            for (j, (expert, want)) in reference.into_iter().enumerate() {
                 assert_eq!(got_idx[t * k + j], expert as i32, "moe_route expert [{t},{j}] ({spec:?})");
                 let got = got_w[t * k + j] as f64;
                 assert!(

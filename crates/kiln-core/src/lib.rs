@@ -14,6 +14,6 @@ pub mod rng;
 
 pub use backend::{
     AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, HyperConnection,
-    Matmul, Precision, Rope, Routing,
+    Matmul, Precision, Rope, Routing, Scoring,
 };
 pub use cpu::Cpu;

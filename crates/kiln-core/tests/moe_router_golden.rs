@@ -25,7 +25,17 @@ fn routes_like_transformers_deepseek_v3() {
         (f32s("logits"), f32s("bias"), f32s("grad_out"), f32s("weights"), f32s("dlogits"));
     let (experts, k) = (bias.len(), 4);
     let tokens = logits.len() / experts;
-    let spec = Routing { tokens, experts, top_k: k, groups: 4, top_groups: 2, normalize: true, scale: 2.5 };
+    let spec = Routing {
+        scoring: kiln_core::Scoring::Sigmoid,
+        fixed: false,
+        tokens,
+        experts,
+        top_k: k,
+        groups: 4,
+        top_groups: 2,
+        normalize: true,
+        scale: 2.5,
+    };
 
     let b = Cpu;
     let (mut w, mut idx, mut scores) =

@@ -8,7 +8,7 @@ use crate::memory::{Allocation, DeviceBuf, DeviceIndex, DeviceSlice};
 use cudarc::driver::result;
 use kiln_core::{
     AdamW, Attention, Backend, ColumnCopy, Cpu, DecodeAttention, GroupedMatmul, HyperConnection, Matmul, Precision,
-    Rope, Routing,
+    Rope, Routing, Scoring,
 };
 use std::ops::Range;
 
@@ -399,6 +399,33 @@ impl Backend for Cuda {
             [args![dk, dv, dout, q, k, v, lse, &*delta, segments].as_slice(), &attention_args(&spec, &tiling)].concat();
         self.launch_tiled("attention_backward_dkdv", &tiling, &a);
     }
+    fn attention_sinks_forward(
+        &self,
+        out: &mut DeviceSlice,
+        lse: &mut DeviceSlice,
+        sinks: &DeviceSlice,
+        spec: Attention,
+    ) {
+        check_sinks(out, lse, sinks, &spec);
+        let a = args![out, lse, sinks, spec.tokens(), spec.seq as i32, spec.q_heads as i32, spec.v_head_dim as i32];
+        self.launch_elements("attention_sinks_forward", spec.tokens() * spec.q_heads, &a);
+    }
+    fn attention_sinks_backward(
+        &self,
+        dsinks: &mut DeviceSlice,
+        dout: &DeviceSlice,
+        out: &DeviceSlice,
+        lse: &DeviceSlice,
+        sinks: &DeviceSlice,
+        spec: Attention,
+    ) {
+        check_sinks(out, lse, sinks, &spec);
+        same_len("attention_sinks_backward dout", dout.len(), out.len());
+        same_len("attention_sinks_backward dsinks", dsinks.len(), sinks.len());
+        let (seq, heads, dv) = (spec.seq as i32, spec.q_heads as i32, spec.v_head_dim as i32);
+        let a = args![dsinks, dout, out, lse, sinks, spec.tokens(), seq, heads, dv];
+        self.launch("attention_sinks_backward", spec.q_heads, 256, &a);
+    }
     fn attention_decode(
         &self,
         out: &mut DeviceSlice,
@@ -444,11 +471,11 @@ impl Backend for Cuda {
     }
 
     // ---- feed-forward -------------------------------------------------------------------
-    fn swiglu_forward(&self, h: &mut DeviceSlice, gate: &DeviceSlice, up: &DeviceSlice) {
+    fn swiglu_forward(&self, h: &mut DeviceSlice, gate: &DeviceSlice, up: &DeviceSlice, limit: f32) {
         same_len("swiglu_forward", h.len(), gate.len());
         same_len("swiglu_forward", h.len(), up.len());
         let n = h.len();
-        self.launch_elements("swiglu_forward", n, &args![h, gate, up, n]);
+        self.launch_elements("swiglu_forward", n, &args![h, gate, up, n, limit]);
     }
     fn swiglu_backward(
         &self,
@@ -457,12 +484,13 @@ impl Backend for Cuda {
         dh: &DeviceSlice,
         gate: &DeviceSlice,
         up: &DeviceSlice,
+        limit: f32,
     ) {
         let n = dh.len();
         for len in [dgate.len(), dup.len(), gate.len(), up.len()] {
             same_len("swiglu_backward", len, n);
         }
-        self.launch_elements("swiglu_backward", n, &args![dgate, dup, dh, gate, up, n]);
+        self.launch_elements("swiglu_backward", n, &args![dgate, dup, dh, gate, up, n, limit]);
     }
 
     // ---- loss ---------------------------------------------------------------------------
@@ -565,9 +593,9 @@ impl Backend for Cuda {
         bias: &DeviceSlice,
         spec: Routing,
     ) {
-        let Routing { tokens, experts, top_k, groups, top_groups, normalize, scale } = spec;
+        let Routing { scoring, fixed, tokens, experts, top_k, groups, top_groups, normalize, scale } = spec;
         check_routing(&spec);
-        assert!(logits.len() == tokens * experts && scores.len() == logits.len() && bias.len() == experts);
+        assert!(logits.len() == tokens * experts && scores.len() == logits.len() && (fixed || bias.len() == experts));
         assert!(
             weights.len() == tokens * top_k && indices.len() == tokens * top_k,
             "moe_route: outputs must be [tokens, top_k]"
@@ -584,7 +612,9 @@ impl Backend for Cuda {
             groups as i32,
             top_groups as i32,
             normalize,
-            scale
+            scale,
+            scoring_code(scoring),
+            fixed
         ];
         self.launch_elements("moe_route_forward", tokens, &a);
     }
@@ -596,13 +626,24 @@ impl Backend for Cuda {
         indices: &DeviceIndex,
         spec: Routing,
     ) {
-        let Routing { tokens, experts, top_k, normalize, scale, .. } = spec;
+        let Routing { scoring, tokens, experts, top_k, normalize, scale, .. } = spec;
         assert!(dlogits.len() == tokens * experts && scores.len() == dlogits.len());
         assert!(
             dweights.len() == tokens * top_k && indices.len() == tokens * top_k,
             "moe_route_backward: [tokens, top_k] expected"
         );
-        let a = args![dlogits, dweights, scores, indices, tokens, experts as i32, top_k as i32, normalize, scale];
+        let a = args![
+            dlogits,
+            dweights,
+            scores,
+            indices,
+            tokens,
+            experts as i32,
+            top_k as i32,
+            normalize,
+            scale,
+            scoring_code(scoring)
+        ];
         self.launch_elements("moe_route_backward", tokens, &a);
     }
     /// The counting sort runs on the host (the slots are a few bytes per token and the group
@@ -709,6 +750,20 @@ fn attention_shape_args(spec: &Attention) -> [Arg; 8] {
 fn attention_args(spec: &Attention, tiling: &Tiling) -> Vec<Arg> {
     let tiling = args![tiling.positions as i32, tiling.heads as i32, tiling.tile as i32];
     [attention_shape_args(spec).as_slice(), &tiling].concat()
+}
+
+fn check_sinks(out: &DeviceSlice, lse: &DeviceSlice, sinks: &DeviceSlice, spec: &Attention) {
+    same_len("attention_sinks out", out.len(), spec.tokens() * spec.q_heads * spec.v_head_dim);
+    same_len("attention_sinks lse", lse.len(), spec.tokens() * spec.q_heads);
+    same_len("attention_sinks sinks", sinks.len(), spec.q_heads);
+}
+
+/// `moe_route.cu`'s code of a scoring function.
+fn scoring_code(scoring: Scoring) -> i32 {
+    match scoring {
+        Scoring::Sigmoid => 0,
+        Scoring::SqrtSoftplus => 1,
+    }
 }
 
 fn check_routing(spec: &Routing) {

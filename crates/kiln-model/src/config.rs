@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::rope::{number, yarn_mscale, RopeScaling};
+pub use kiln_core::Scoring;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -112,22 +113,12 @@ fn default_rms_norm_eps() -> f64 {
     1e-6
 }
 
-/// How a router turns its logits into expert scores (`scoring_func`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Scoring {
-    /// σ(z) (DeepSeek-V3).
-    Sigmoid,
-    /// √softplus(z) (DeepSeek-V4).
-    SqrtSoftplus,
-}
-
-impl Scoring {
-    fn parse(name: &str) -> std::result::Result<Self, String> {
-        match name {
-            "sigmoid" => Ok(Self::Sigmoid),
-            "sqrtsoftplus" => Ok(Self::SqrtSoftplus),
-            other => Err(format!("field `scoring_func`: `{other}` is not supported (sigmoid, sqrtsoftplus)")),
-        }
+/// A router's `scoring_func`.
+fn scoring(name: &str) -> std::result::Result<Scoring, String> {
+    match name {
+        "sigmoid" => Ok(Scoring::Sigmoid),
+        "sqrtsoftplus" => Ok(Scoring::SqrtSoftplus),
+        other => Err(format!("field `scoring_func`: `{other}` is not supported (sigmoid, sqrtsoftplus)")),
     }
 }
 
@@ -168,6 +159,9 @@ pub struct MoeConfig {
     pub routed_scaling_factor: f32,
     /// The first `first_k_dense_replace` layers keep a dense MLP of `intermediate_size`.
     pub first_dense_layers: usize,
+    /// Clamp of every expert's gate (above) and up (both sides) projections before SwiGLU
+    /// (DeepSeek-V4's `swiglu_limit`); infinite for none.
+    pub swiglu_limit: f32,
 }
 
 fn mla_config(raw: &RawConfig) -> std::result::Result<MlaConfig, String> {
@@ -215,6 +209,7 @@ fn moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
         normalize: raw.norm_topk_prob.unwrap_or(true),
         routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(2.5) as f32,
         first_dense_layers: raw.first_k_dense_replace.unwrap_or(3),
+        swiglu_limit: f32::INFINITY,
     })
 }
 
@@ -223,7 +218,7 @@ fn moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
 /// `moe_intermediate_size` whatever `n_shared_experts` says.
 fn v4_moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
     let m = MoeConfig {
-        scoring: Scoring::parse(raw.scoring_func.as_deref().unwrap_or("sqrtsoftplus"))?,
+        scoring: scoring(raw.scoring_func.as_deref().unwrap_or("sqrtsoftplus"))?,
         experts: raw.n_routed_experts.unwrap_or(256),
         expert_ff: raw.moe_intermediate_size.unwrap_or(2048),
         shared_experts: 1,
@@ -233,6 +228,7 @@ fn v4_moe_config(raw: &RawConfig) -> std::result::Result<MoeConfig, String> {
         normalize: true,
         routed_scaling_factor: raw.routed_scaling_factor.unwrap_or(1.5) as f32,
         first_dense_layers: 0,
+        swiglu_limit: raw.v4.swiglu_limit.unwrap_or(10.0) as f32,
     };
     if m.experts == 0 || m.top_k == 0 || m.top_k > m.experts {
         return Err(format!(

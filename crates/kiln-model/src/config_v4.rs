@@ -20,7 +20,7 @@ pub(crate) struct RawV4 {
     hc_eps: Option<f64>,
     mlp_layer_types: Option<Vec<String>>,
     num_hash_layers: Option<usize>,
-    swiglu_limit: Option<f64>,
+    pub(crate) swiglu_limit: Option<f64>,
     o_groups: Option<usize>,
     o_lora_rank: Option<usize>,
     index_n_heads: Option<usize>,
@@ -82,8 +82,6 @@ pub struct V4Config {
     pub hc: HcConfig,
     /// Layers routed by the frozen token-to-expert table `tid2eid` (`hash_moe`).
     pub hash_layers: Vec<bool>,
-    /// Clamp of the experts' gate (above) and up (both sides) projections.
-    pub swiglu_limit: f32,
 }
 
 /// Why a `deepseek_v4` model cannot run yet: its config, tensors and checkpoints are read and
@@ -238,7 +236,6 @@ pub(crate) fn v4_config(
             eps: r.hc_eps.unwrap_or(1e-6) as f32,
         },
         hash_layers: hash_layers[..layers].to_vec(),
-        swiglu_limit: r.swiglu_limit.unwrap_or(10.0) as f32,
     };
     let heads = raw.num_attention_heads;
     if v4.o_groups == 0 || !heads.is_multiple_of(v4.o_groups) {

@@ -1,7 +1,8 @@
-//! The DeepSeekMoE layer against transformers' DeepseekV3MoE: output, input gradient and
-//! every parameter gradient (fixture by `tools/golden/moe_layer.py`).
+//! The DeepSeekMoE layer against transformers' DeepseekV3MoE and DeepseekV4SparseMoeBlock:
+//! output, input gradient and every parameter gradient (fixtures by
+//! `tools/golden/moe_layer.py` and `tools/golden/moe_layer_v4.py`).
 
-use kiln_core::{Backend, Cpu, Precision, Routing};
+use kiln_core::{Backend, Cpu, Precision, Routing, Scoring};
 use kiln_model::layers::moe::{self, MoeActs, MoeGrads, MoeShape, MoeWeights};
 use kiln_model::layers::moe_aux_loss::{seq_aux_loss, SeqAux};
 use safetensors::SafeTensors;
@@ -14,28 +15,24 @@ fn assert_close(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-#[test]
-fn moe_layer_matches_transformers() {
-    let bytes =
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/moe/layer.safetensors")).unwrap();
+/// Runs the layer of fixture `file` with `shape` forward and backward and compares every
+/// output and gradient; a fixture with `routes` is a hash layer (no correction bias).
+fn check_layer(file: &str, shape: MoeShape) {
+    let bytes = std::fs::read(format!("{}/../../tests/fixtures/moe/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let t = |n: &str| -> Vec<f32> {
         st.tensor(n).unwrap().data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     };
-    let (tokens, hidden) = (12, 16);
-    let shape = MoeShape {
-        hidden,
-        expert_ff: 8,
-        experts: 8,
-        shared_ff: 8,
-        routing: Routing { tokens, experts: 8, top_k: 2, groups: 4, top_groups: 2, normalize: true, scale: 2.5 },
-        precision: Precision::F32,
-    };
+    let routes: Option<Vec<i32>> = st
+        .tensor("routes")
+        .ok()
+        .map(|r| r.data().chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap())).collect());
+    let (tokens, hidden) = (shape.routing.tokens, shape.hidden);
     let b = Cpu;
     let up = |n: &str| b.upload(&t(n));
     let w = MoeWeights {
         router: up("router"),
-        bias: Some(up("bias")),
+        bias: routes.is_none().then(|| up("bias")),
         gate: up("gate"),
         up: up("up"),
         down: up("down"),
@@ -43,35 +40,78 @@ fn moe_layer_matches_transformers() {
         shared_up: Some(up("shared_up")),
         shared_down: Some(up("shared_down")),
     };
-    let zeros = |n: &str| b.zeros(t(n).len());
-    let mut g = MoeWeights {
-        router: zeros("router"),
-        bias: Some(zeros("bias")),
-        gate: zeros("gate"),
-        up: zeros("up"),
-        down: zeros("down"),
-        shared_gate: Some(zeros("shared_gate")),
-        shared_up: Some(zeros("shared_up")),
-        shared_down: Some(zeros("shared_down")),
-    };
+    let mut g = w.map(&mut |t| b.zeros(t.len()));
     let x = up("x");
     let (mut out, mut dx) = (b.zeros(tokens * hidden), b.zeros(tokens * hidden));
     let mut acts = MoeActs::new(&b, &shape, tokens);
+    if let Some(routes) = &routes {
+        acts.set_routes(&b, routes);
+    }
     let mut scratch = MoeGrads::new(&b, &shape, tokens);
     let w = w.map(&mut |t| t.as_slice());
     moe::forward(&b, &shape, &w, &x, Some(&mut out), &mut acts, None);
-    assert_close("out", &b.read(&out), &t("out"));
+    if let Some(routes) = &routes {
+        assert_eq!(&acts.routes(&b), routes, "{file}: a hash layer keeps its table's experts");
+    }
+    assert_close(&format!("{file} out"), &b.read(&out), &t("out"));
     let mut g_views = g.map_mut(&mut |t| &mut t[..]);
     moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g_views, &acts, &mut scratch, None);
-    assert_close("dx", &b.read(&dx), &t("dx"));
-    assert_close("grad router", &b.read(&g.router), &t("grad.router"));
-    assert_close("grad gate", &b.read(&g.gate), &t("grad.gate"));
-    assert_close("grad up", &b.read(&g.up), &t("grad.up"));
-    assert_close("grad down", &b.read(&g.down), &t("grad.down"));
-    assert_close("grad shared gate", &b.read(g.shared_gate.as_ref().unwrap()), &t("grad.shared_gate"));
-    assert_close("grad shared up", &b.read(g.shared_up.as_ref().unwrap()), &t("grad.shared_up"));
-    assert_close("grad shared down", &b.read(g.shared_down.as_ref().unwrap()), &t("grad.shared_down"));
-    assert!(b.read(g.bias.as_deref().unwrap()).iter().all(|&v| v == 0.0), "the correction bias gets no gradient");
+    assert_close(&format!("{file} dx"), &b.read(&dx), &t("dx"));
+    for (name, got) in [("router", &g.router), ("gate", &g.gate), ("up", &g.up), ("down", &g.down)] {
+        assert_close(&format!("{file} grad {name}"), &b.read(got), &t(&format!("grad.{name}")));
+    }
+    for (name, got) in [("shared_gate", &g.shared_gate), ("shared_up", &g.shared_up), ("shared_down", &g.shared_down)] {
+        assert_close(&format!("{file} grad {name}"), &b.read(got.as_ref().unwrap()), &t(&format!("grad.{name}")));
+    }
+    if let Some(bias) = &g.bias {
+        assert!(b.read(bias).iter().all(|&v| v == 0.0), "the correction bias gets no gradient");
+    }
+}
+
+#[test]
+fn moe_layer_matches_transformers_v3() {
+    let v3 = Routing {
+        scoring: Scoring::Sigmoid,
+        fixed: false,
+        tokens: 12,
+        experts: 8,
+        top_k: 2,
+        groups: 4,
+        top_groups: 2,
+        normalize: true,
+        scale: 2.5,
+    };
+    let shape = MoeShape {
+        hidden: 16,
+        expert_ff: 8,
+        experts: 8,
+        shared_ff: 8,
+        routing: v3,
+        precision: Precision::F32,
+        limit: f32::INFINITY,
+    };
+    check_layer("layer.safetensors", shape);
+}
+
+/// DeepSeek-V4's layers: √softplus scores without groups, weights always normalised, clamped
+/// SwiGLU (limit 2: many gates and ups clamped), scored and hash-routed.
+#[test]
+fn moe_layer_matches_transformers_v4() {
+    let routing = Routing {
+        scoring: Scoring::SqrtSoftplus,
+        fixed: false,
+        tokens: 12,
+        experts: 8,
+        top_k: 3,
+        groups: 1,
+        top_groups: 1,
+        normalize: true,
+        scale: 1.5,
+    };
+    let shape =
+        MoeShape { hidden: 16, expert_ff: 8, experts: 8, shared_ff: 8, routing, precision: Precision::F32, limit: 2.0 };
+    check_layer("layer_v4_scored.safetensors", shape);
+    check_layer("layer_v4_hash.safetensors", shape);
 }
 
 #[test]

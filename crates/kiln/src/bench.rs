@@ -124,6 +124,8 @@ fn moe<B: Backend>(args: &MoeArgs, b: &B) -> Result<()> {
     let (n, d, e, k, ff) = (args.tokens, args.hidden, args.experts, args.top_k, args.expert_ff);
     let groups = if e.is_multiple_of(4) && e / 4 >= 2 { 4 } else { 1 };
     let routing = Routing {
+        scoring: kiln_core::Scoring::Sigmoid,
+        fixed: false,
         tokens: n,
         experts: e,
         top_k: k,
@@ -133,8 +135,15 @@ fn moe<B: Backend>(args: &MoeArgs, b: &B) -> Result<()> {
         scale: 1.0,
     };
     anyhow::ensure!(k <= routing.top_groups * (e / groups), "--top-k {k} is more than the experts of the kept groups");
-    let shape =
-        MoeShape { hidden: d, expert_ff: ff, experts: e, shared_ff: 0, routing, precision: kiln_core::Precision::F32 };
+    let shape = MoeShape {
+        hidden: d,
+        expert_ff: ff,
+        experts: e,
+        shared_ff: 0,
+        routing,
+        precision: kiln_core::Precision::F32,
+        limit: f32::INFINITY,
+    };
     let mut rng = Rng::new(0);
     let mut init = |len: usize| b.upload(&rng.normal_vec(len, 0.05));
     let w = MoeWeights {

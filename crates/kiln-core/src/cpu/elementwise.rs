@@ -111,19 +111,21 @@ pub fn bias_backward(dbias: &mut [f32], dy: &[f32]) {
     }
 }
 
-// SwiGLU:  h = silu(g)·u,  silu(g) = g·σ(g)
-//   dh/du = silu(g)
-//   dh/dg = u·σ(g)·(1 + g·(1 − σ(g)))
-pub fn swiglu_forward(h: &mut [f32], gate: &[f32], up: &[f32]) {
+// SwiGLU:  h = silu(g)·u,  silu(g) = g·σ(g), with g = min(gate, L), u = clamp(up, −L, L)
+//   dh/du = silu(g)                        (0 where the clamp held up)
+//   dh/dg = u·σ(g)·(1 + g·(1 − σ(g)))      (0 where the clamp held gate)
+pub fn swiglu_forward(h: &mut [f32], gate: &[f32], up: &[f32], limit: f32) {
     assert!(h.len() == gate.len() && h.len() == up.len(), "swiglu_forward: length mismatch");
     h.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(h, (g, u))| {
         for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
+            let (g, u) = (g.min(limit), u.clamp(-limit, limit));
             *h = g * sigmoid(g) * u;
         }
     });
 }
 
-pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32]) {
+/// A clamp passes the gradient where it let the value through (bounds included, as autograd).
+pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32], limit: f32) {
     let n = dh.len();
     assert!(dgate.len() == n && dup.len() == n && gate.len() == n && up.len() == n, "swiglu_backward: length mismatch");
     dgate
@@ -132,9 +134,10 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f
         .zip(dh.par_chunks(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))))
         .for_each(|((dg, du), (dh, (g, u)))| {
             for i in 0..dh.len() {
-                let s = sigmoid(g[i]);
-                du[i] = dh[i] * g[i] * s;
-                dg[i] = dh[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                let (gi, ui) = (g[i].min(limit), u[i].clamp(-limit, limit));
+                let s = sigmoid(gi);
+                du[i] = if u[i].abs() <= limit { dh[i] * gi * s } else { 0.0 };
+                dg[i] = if g[i] <= limit { dh[i] * ui * s * (1.0 + gi * (1.0 - s)) } else { 0.0 };
             }
         });
 }

@@ -7,6 +7,7 @@ mod amx;
 pub use adamw::step as adamw_step;
 mod attention;
 mod attention_decode;
+mod attention_sinks;
 mod bf16_pack;
 mod cross_entropy;
 mod elementwise;
@@ -220,11 +221,11 @@ impl Backend for Cpu {
         attention::backward(dq, dk, dv, dout, q, k, v, out, lse, segments, spec);
     }
 
-    fn swiglu_forward(&self, h: &mut [f32], gate: &[f32], up: &[f32]) {
-        elementwise::swiglu_forward(h, gate, up);
+    fn swiglu_forward(&self, h: &mut [f32], gate: &[f32], up: &[f32], limit: f32) {
+        elementwise::swiglu_forward(h, gate, up, limit);
     }
-    fn swiglu_backward(&self, dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32]) {
-        elementwise::swiglu_backward(dgate, dup, dh, gate, up);
+    fn swiglu_backward(&self, dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f32], up: &[f32], limit: f32) {
+        elementwise::swiglu_backward(dgate, dup, dh, gate, up, limit);
     }
 
     fn cross_entropy_forward(
@@ -252,6 +253,20 @@ impl Backend for Cpu {
         reverse_kl::backward(logits, kl, teacher, weights, vocab);
     }
 
+    fn attention_sinks_forward(&self, out: &mut [f32], lse: &mut [f32], sinks: &[f32], spec: backend::Attention) {
+        attention_sinks::forward(out, lse, sinks, spec);
+    }
+    fn attention_sinks_backward(
+        &self,
+        dsinks: &mut [f32],
+        dout: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        sinks: &[f32],
+        spec: backend::Attention,
+    ) {
+        attention_sinks::backward(dsinks, dout, out, lse, sinks, spec);
+    }
     fn hc_weights_forward(
         &self,
         out: &mut [f32],

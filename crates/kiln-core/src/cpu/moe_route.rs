@@ -1,14 +1,41 @@
-//! DeepSeek-V3's group-limited top-k router (see `backend::Routing`).
+//! DeepSeek's group-limited top-k router (see `backend::Routing`).
 //!
-//! Forward per token: s = σ(z); pick groups, then experts, on s + bias;
-//! w = s_sel · scale, divided by (Σ s_sel + 1e-20) when normalising.
+//! Forward per token: s = score(z); pick groups, then experts, on s + bias (or take the given
+//! experts); w = s_sel · scale, divided by (Σ s_sel + 1e-20) when normalising.
 //! Backward: with S = Σ_sel s + 1e-20 and g = dw · scale,
 //!   normalised:  ds_m = g_m / S − (Σ_j g_j s_j) / S²   for selected m, 0 elsewhere
 //!   plain:       ds_m = g_m
-//!   dz = ds · s(1 − s)
+//!   dz = ds · s'(z):  σ: s(1 − s);  √softplus: σ(z) / 2s, with σ(z) = 1 − e^(−s²) since
+//!   s² = log(1 + e^z) (1 above softplus's threshold, where s² = z).
 
-use crate::backend::Routing;
+use crate::backend::{Routing, Scoring};
 use crate::fast_exp::sigmoid;
+
+/// PyTorch's softplus threshold: above it softplus(z) is z.
+const SOFTPLUS_THRESHOLD: f32 = 20.0;
+
+fn score(scoring: Scoring, z: f32) -> f32 {
+    match scoring {
+        Scoring::Sigmoid => sigmoid(z),
+        Scoring::SqrtSoftplus => {
+            if z > SOFTPLUS_THRESHOLD {
+                z.sqrt()
+            } else {
+                z.exp().ln_1p().sqrt()
+            }
+        }
+    }
+}
+
+/// ds/dz from the score s alone.
+fn score_grad(scoring: Scoring, s: f32) -> f32 {
+    match scoring {
+        Scoring::Sigmoid => s * (1.0 - s),
+        Scoring::SqrtSoftplus if s == 0.0 => 0.0,
+        Scoring::SqrtSoftplus if s * s > SOFTPLUS_THRESHOLD => 0.5 / s,
+        Scoring::SqrtSoftplus => -(-s * s).exp_m1() / (2.0 * s),
+    }
+}
 use rayon::prelude::*;
 
 /// Indices of the `k` largest values, largest first (ties: lower index first).
@@ -39,8 +66,8 @@ pub fn forward(
     spec: Routing,
 ) {
     check(&spec);
-    let Routing { tokens, experts, top_k: k, groups, top_groups, normalize, scale } = spec;
-    assert!(logits.len() == tokens * experts && scores.len() == logits.len() && bias.len() == experts);
+    let Routing { scoring, fixed, tokens, experts, top_k: k, groups, top_groups, normalize, scale } = spec;
+    assert!(logits.len() == tokens * experts && scores.len() == logits.len() && (fixed || bias.len() == experts));
     assert!(weights.len() == tokens * k && indices.len() == tokens * k, "moe_route: outputs must be [tokens, top_k]");
     let per_group = experts / groups;
     scores
@@ -48,7 +75,16 @@ pub fn forward(
         .zip(logits.par_chunks(experts))
         .zip(weights.par_chunks_mut(k).zip(indices.par_chunks_mut(k)))
         .for_each(|((s, z), (w, idx))| {
-            s.iter_mut().zip(z).for_each(|(s, &z)| *s = sigmoid(z));
+            s.iter_mut().zip(z).for_each(|(s, &z)| *s = score(scoring, z));
+            if fixed {
+                assert!(idx.iter().all(|&e| (e as usize) < experts), "moe_route: a given expert is out of range");
+                let sum: f32 = idx.iter().map(|&e| s[e as usize]).sum::<f32>() + 1e-20;
+                for (w, &e) in w.iter_mut().zip(idx.iter()) {
+                    let s = s[e as usize];
+                    *w = if normalize { s / sum } else { s } * scale;
+                }
+                return;
+            }
             let biased: Vec<f32> = s.iter().zip(bias).map(|(s, b)| s + b).collect();
             let mut order = Vec::with_capacity(experts);
             let group_scores: Vec<f32> = biased
@@ -73,7 +109,7 @@ pub fn forward(
 }
 
 pub fn backward(dlogits: &mut [f32], dweights: &[f32], scores: &[f32], indices: &[i32], spec: Routing) {
-    let Routing { tokens, experts, top_k: k, normalize, scale, .. } = spec;
+    let Routing { scoring, tokens, experts, top_k: k, normalize, scale, .. } = spec;
     assert!(dlogits.len() == tokens * experts && scores.len() == dlogits.len());
     assert!(
         dweights.len() == tokens * k && indices.len() == tokens * k,
@@ -90,7 +126,8 @@ pub fn backward(dlogits: &mut [f32], dweights: &[f32], scores: &[f32], indices: 
             for (&e, &g) in idx.iter().zip(dw) {
                 let e = e as usize;
                 let ds = if normalize { g * scale / sum - dot / (sum * sum) } else { g * scale };
-                dz[e] = ds * s[e] * (1.0 - s[e]);
+                // `+=`: a table may give a token one expert twice.
+                dz[e] += ds * score_grad(scoring, s[e]);
             }
         });
 }

@@ -57,18 +57,22 @@ extern "C" __global__ void row_dot(float* out, const float* a, const float* b, l
     if (threadIdx.x == 0) out[r] = acc;
 }
 
-// SwiGLU:  h = silu(g)·u,  silu(g) = g·σ(g)
+// SwiGLU:  h = silu(g)·u,  silu(g) = g·σ(g),  g = min(gate, L),  u = clamp(up, −L, L)
 //   dh/du = silu(g),  dh/dg = u·σ(g)·(1 + g·(1 − σ(g)))
-extern "C" __global__ void swiglu_forward(float* h, const float* gate, const float* up, long n) {
-    FOR_EACH(i, n) h[i] = gate[i] * sigmoid(gate[i]) * up[i];
+extern "C" __global__ void swiglu_forward(float* h, const float* gate, const float* up, long n, float limit) {
+    FOR_EACH(i, n) {
+        const float g = fminf(gate[i], limit), u = fminf(fmaxf(up[i], -limit), limit);
+        h[i] = g * sigmoid(g) * u;
+    }
 }
 
+// A clamp passes the gradient where it let the value through (bounds included, as autograd).
 extern "C" __global__ void swiglu_backward(float* dgate, float* dup, const float* dh, const float* gate,
-                                           const float* up, long n) {
+                                           const float* up, long n, float limit) {
     FOR_EACH(i, n) {
-        const float g = gate[i], s = sigmoid(g);
-        dup[i] = dh[i] * g * s;
-        dgate[i] = dh[i] * up[i] * s * (1.0f + g * (1.0f - s));
+        const float g = fminf(gate[i], limit), u = fminf(fmaxf(up[i], -limit), limit), s = sigmoid(g);
+        dup[i] = fabsf(up[i]) <= limit ? dh[i] * g * s : 0.0f;
+        dgate[i] = gate[i] <= limit ? dh[i] * u * s * (1.0f + g * (1.0f - s)) : 0.0f;
     }
 }
 

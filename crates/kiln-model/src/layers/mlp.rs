@@ -44,7 +44,7 @@ pub fn forward<B: Backend>(
 ) {
     linear(b, p, &mut a.gate, x, (w.gate, w.gate_bias), (n, d, ff));
     linear(b, p, &mut a.up, x, (w.up, w.up_bias), (n, d, ff));
-    b.swiglu_forward(&mut a.h, &a.gate, &a.up);
+    b.swiglu_forward(&mut a.h, &a.gate, &a.up, f32::INFINITY);
     if let Some(out) = out {
         linear(b, p, out, &a.h, (w.down, w.down_bias), (n, ff, d));
     }
@@ -74,7 +74,7 @@ pub fn backward<B: Backend>(
         w.down,
         (n, ff, d),
     );
-    b.swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up);
+    b.swiglu_backward(&mut s.dgate, &mut s.dup, &s.dh, &a.gate, &a.up, f32::INFINITY);
     linear_backward(
         b,
         p,

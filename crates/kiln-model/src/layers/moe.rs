@@ -3,8 +3,11 @@
 //! weights, and shared experts (one dense SwiGLU MLP of width `shared · expert_ff`) see every
 //! token.
 //!
-//!   r = σ-top-k-route(x·W_rᵀ);  y = Σ_j r_j · E_{i_j}(x) + S(x)
-//!   E_e(x) = (silu(x·G_eᵀ) ⊙ x·U_eᵀ)·D_eᵀ
+//!   r = top-k-route(x·W_rᵀ);  y = Σ_j r_j · E_{i_j}(x) + S(x)
+//!   E_e(x) = (silu(min(x·G_eᵀ, L)) ⊙ clamp(x·U_eᵀ, ±L))·D_eᵀ
+//!
+//! Scores are σ (V3) or √softplus (V4), and V4's hash layers take their experts from a frozen
+//! token table instead of the top-k; L is V4's `swiglu_limit` (infinite for V3).
 //!
 //! Dispatch sorts the (token, choice) pairs by expert, so each expert runs one matrix product
 //! over its contiguous rows (`grouped_matmul`): no per-token loops, no dense all-experts
@@ -29,6 +32,8 @@ pub struct MoeShape {
     pub routing: Routing,
     /// Inputs of the experts' matrix products (the router's are always f32).
     pub precision: Precision,
+    /// Clamp of every expert's gate and up projections (`MoeConfig::swiglu_limit`).
+    pub limit: f32,
 }
 
 impl MoeShape {
@@ -36,6 +41,8 @@ impl MoeShape {
     pub fn new(cfg: &crate::config::Config) -> Option<Self> {
         let m = cfg.moe.as_ref()?;
         let routing = Routing {
+            scoring: m.scoring,
+            fixed: false,
             tokens: 0,
             experts: m.experts,
             top_k: m.top_k,
@@ -46,7 +53,8 @@ impl MoeShape {
         };
         let (hidden, expert_ff, experts, shared_ff) =
             (cfg.hidden_size, m.expert_ff, m.experts, m.shared_experts * m.expert_ff);
-        Some(Self { hidden, expert_ff, experts, shared_ff, routing, precision: Precision::F32 })
+        let limit = m.swiglu_limit;
+        Some(Self { hidden, expert_ff, experts, shared_ff, routing, precision: Precision::F32, limit })
     }
 }
 
@@ -93,6 +101,11 @@ impl<B: Backend> MoeActs<B> {
     /// descending order of biased score.
     pub fn routes(&self, b: &B) -> Vec<i32> {
         b.read_index(&self.route_idx)
+    }
+
+    /// The experts of each token, `top_k` per token, for a layer routed by a frozen table.
+    pub fn set_routes(&mut self, b: &B, experts: &[i32]) {
+        b.write_index(&mut self.route_idx, experts);
     }
 
     pub fn new(b: &B, s: &MoeShape, tokens: usize) -> Self {
@@ -179,7 +192,7 @@ fn experts_forward<B: Backend>(
     let (d, ff) = (s.hidden, s.expert_ff);
     experts_linear(b, s.precision, g, xs, w.gate, rows, (d, ff));
     experts_linear(b, s.precision, u, xs, w.up, rows, (d, ff));
-    b.swiglu_forward(h, g, u);
+    b.swiglu_forward(h, g, u, s.limit);
     experts_linear(b, s.precision, y, h, w.down, rows, (ff, d));
 }
 
@@ -198,7 +211,7 @@ fn experts_backward<B: Backend>(
 ) {
     let (d, ff) = (s.hidden, s.expert_ff);
     experts_linear_backward(b, s.precision, dh, false, gw.down, dy, h, w.down, rows, (ff, d));
-    b.swiglu_backward(dg, du, dh, g, u);
+    b.swiglu_backward(dg, du, dh, g, u, s.limit);
     experts_linear_backward(b, s.precision, dxs, false, gw.gate, dg, xs, w.gate, rows, (d, ff));
     experts_linear_backward(b, s.precision, dxs, true, gw.up, du, xs, w.up, rows, (d, ff));
 }
@@ -292,8 +305,10 @@ pub fn forward<B: Backend>(
 ) {
     let (n, d, k, e) = (a.tokens, s.hidden, s.routing.top_k, s.experts);
     b.matmul(&mut a.logits, x, w.router, Matmul::linear(n, d, e));
-    let bias = w.bias.expect("the correction bias of a scored router");
-    b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, bias, routing(s, n));
+    // A layer without correction bias routes by a frozen table: `route_idx` holds its choices
+    // (`MoeActs::set_routes`), and the logits stand in for the bias, which is not read.
+    let spec = Routing { fixed: w.bias.is_none(), ..routing(s, n) };
+    b.moe_route_forward(&mut a.route_w, &mut a.route_idx, &mut a.scores, &a.logits, w.bias.unwrap_or(x), spec);
 
     a.rows = b.moe_dispatch(&mut a.order, &mut a.row_w, &mut a.slot_rows, &a.route_idx, &a.route_w, e, k);
 
@@ -309,7 +324,7 @@ pub fn forward<B: Backend>(
     if let (Some(sg), Some(su), Some((g, u, h))) = (&w.shared_gate, &w.shared_up, &mut a.shared) {
         b.matmul(g, x, sg, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision).of_weight());
         b.matmul(u, x, su, Matmul::linear(n, d, s.shared_ff).in_precision(s.precision).of_weight());
-        b.swiglu_forward(h, g, u);
+        b.swiglu_forward(h, g, u, s.limit);
     }
     let Some(out) = out else { return };
     match (&w.shared_down, &a.shared) {
@@ -390,7 +405,7 @@ pub fn backward<B: Backend>(
         let sff = s.shared_ff;
         b.matmul(dsd, dout, ah, Matmul::linear_dw(n, sff, d).in_precision(s.precision));
         b.matmul(dh, dout, sd, Matmul::linear_dx(n, sff, d, false).in_precision(s.precision));
-        b.swiglu_backward(dg, du, dh, ag, au);
+        b.swiglu_backward(dg, du, dh, ag, au, s.limit);
         b.matmul(dsg, dg, x, Matmul::linear_dw(n, d, sff).in_precision(s.precision));
         b.matmul(dsu, du, x, Matmul::linear_dw(n, d, sff).in_precision(s.precision));
         b.matmul(dx, dg, sg, Matmul::linear_dx(n, d, sff, true).in_precision(s.precision));
@@ -416,7 +431,13 @@ pub fn backward<B: Backend>(
     b.embedding_backward(dx, &t.dxs, &a.order, d);
     // Router: routing weights back to (token, choice) order, then through the router.
     b.embedding_forward(&mut t.droute_w, &t.drow_w, &a.slot_rows, 1);
-    b.moe_route_backward(&mut t.dlogits, &t.droute_w, &a.scores, &a.route_idx, routing(s, n));
+    b.moe_route_backward(
+        &mut t.dlogits,
+        &t.droute_w,
+        &a.scores,
+        &a.route_idx,
+        Routing { fixed: w.bias.is_none(), ..routing(s, n) },
+    );
     let mut aux_loss = 0.0;
     if let Some(aux) = aux {
         let mut daux = vec![0f32; n * e];

@@ -2,14 +2,17 @@
 
 use crate::config::{AttentionKind, Config};
 use crate::layers::gqa::{GqaActs, GqaGrads};
+use crate::layers::hyper::{HcActs, HcDims, HcGrads};
 use crate::layers::mla::{MlaActs, MlaGrads};
 use crate::layers::mlp::{MlpActs, MlpGrads};
 use crate::layers::moe::{MoeActs, MoeGrads, MoeShape};
+use crate::layers::v4_attention::{V4AttnActs, V4AttnGrads};
 use kiln_core::Backend;
 
 pub enum AttnActs<B: Backend> {
     Gqa(GqaActs<B>),
     Mla(MlaActs<B>),
+    V4(V4AttnActs<B>),
 }
 
 pub enum FfnActs<B: Backend> {
@@ -17,16 +20,38 @@ pub enum FfnActs<B: Backend> {
     Moe(MoeActs<B>),
 }
 
+/// A hyper-connected layer's (DeepSeek-V4's) two hyper-connections and its blocks' outputs.
+pub struct StreamActs<B: Backend> {
+    pub attn_hc: HcActs<B>,
+    pub ffn_hc: HcActs<B>,
+    pub attn_out: B::Buf,
+    pub ffn_out: B::Buf,
+}
+
+/// The hyper-connections' sizes for `n` tokens of `cfg`, if it has them.
+pub(crate) fn hc_dims(cfg: &Config, n: usize, head: bool) -> Option<HcDims> {
+    match &cfg.attention {
+        AttentionKind::V4(v4) => Some(HcDims { n, d: cfg.hidden_size, hc: v4.hc, head }),
+        _ => None,
+    }
+}
+
+/// Residual streams per token: `hc_mult` with hyper-connections, else 1.
+pub(crate) fn streams(cfg: &Config) -> usize {
+    hc_dims(cfg, 0, false).map_or(1, |h| h.hc.streams)
+}
+
 /// What one layer's forward keeps for its backward.
 pub struct LayerActs<B: Backend> {
     pub xn1: B::Buf,
     pub rstd1: B::Buf,
     pub attn: AttnActs<B>,
-    /// Residual stream after attention.
+    /// Residual stream (all of them, with hyper-connections) after attention.
     pub x_mid: B::Buf,
     pub xn2: B::Buf,
     pub rstd2: B::Buf,
     pub ffn: FfnActs<B>,
+    pub streams: Option<StreamActs<B>>,
 }
 
 impl<B: Backend> LayerActs<B> {
@@ -38,9 +63,15 @@ impl<B: Backend> LayerActs<B> {
             attn: match cfg.attention {
                 AttentionKind::Gqa => AttnActs::Gqa(GqaActs::new(b, cfg, n)),
                 AttentionKind::Mla(_) => AttnActs::Mla(MlaActs::new(b, cfg, n)),
-                AttentionKind::V4(_) => panic!("{}", crate::config_v4::FORWARD_MISSING),
+                AttentionKind::V4(_) => AttnActs::V4(V4AttnActs::new(b, cfg, n)),
             },
-            x_mid: b.zeros(n * d),
+            streams: hc_dims(cfg, n, false).map(|dims| StreamActs {
+                attn_hc: HcActs::new(b, dims),
+                ffn_hc: HcActs::new(b, dims),
+                attn_out: b.zeros(n * d),
+                ffn_out: b.zeros(n * d),
+            }),
+            x_mid: b.zeros(n * d * streams(cfg)),
             xn2: b.zeros(n * d),
             rstd2: b.zeros(n),
             ffn: match MoeShape::new(cfg).filter(|_| moe) {
@@ -54,13 +85,17 @@ impl<B: Backend> LayerActs<B> {
 pub enum AttnGrads<B: Backend> {
     Gqa(GqaGrads<B>),
     Mla(MlaGrads<B>),
+    V4(V4AttnGrads<B>),
 }
 
 /// Gradient scratch for backward, shared by all layers.
 pub struct GradScratch<B: Backend> {
-    /// Gradient of the residual stream, flowing down through the layers.
+    /// Gradient of the residual stream (all of them), flowing down through the layers.
     pub dres: B::Buf,
     pub dxn: B::Buf,
+    /// With hyper-connections: the streams' gradient between a layer's two blocks, a block
+    /// output's gradient, and the hyper-connections' scratch.
+    pub hc: Option<(B::Buf, B::Buf, HcGrads<B>)>,
     pub attn: AttnGrads<B>,
     /// Scratch of dense MLP layers and of MoE layers, where the model has them.
     pub dense: Option<MlpGrads<B>>,
@@ -82,8 +117,12 @@ pub struct Activations<B: Backend> {
     pub seq: usize,
     pub recompute: bool,
     pub inputs: BatchInputs<B>,
-    /// Residual stream entering each layer, and (last) leaving the final layer.
+    /// Residual stream (all of them) entering each layer, and (last) leaving the final layer.
     pub layer_inputs: Vec<B::Buf>,
+    /// DeepSeek-V4's collapse of the streams before the final norm.
+    pub hc_head: Option<HcActs<B>>,
+    /// Each hash-routed layer's experts for the batch's tokens (`top_k` per token).
+    pub routes: Vec<(usize, Vec<i32>)>,
     /// Per layer, or, when recomputing in backward (or not training), one set per layer kind
     /// reused by every layer of that kind; `slots[l]` picks layer `l`'s.
     pub layers: Vec<LayerActs<B>>,
@@ -115,13 +154,15 @@ impl<B: Backend> Activations<B> {
             let layers = (0..cfg.num_layers).map(|l| LayerActs::new(b, cfg, n, cfg.is_moe_layer(l))).collect();
             (layers, (0..cfg.num_layers).collect())
         };
+        let s = streams(cfg);
         let grad = training.then(|| GradScratch {
-            dres: b.zeros(n * d),
+            dres: b.zeros(n * d * s),
             dxn: b.zeros(n * d),
+            hc: hc_dims(cfg, n, false).map(|dims| (b.zeros(n * d * s), b.zeros(n * d), HcGrads::new(b, dims))),
             attn: match cfg.attention {
                 AttentionKind::Gqa => AttnGrads::Gqa(GqaGrads::new(b, cfg, n)),
                 AttentionKind::Mla(_) => AttnGrads::Mla(MlaGrads::new(b, cfg, n)),
-                AttentionKind::V4(_) => panic!("{}", crate::config_v4::FORWARD_MISSING),
+                AttentionKind::V4(_) => AttnGrads::V4(V4AttnGrads::new(b, cfg, n)),
             },
             dense: has_dense.then(|| MlpGrads::new(b, n, cfg.intermediate_size)),
             moe: MoeShape::new(cfg).filter(|_| has_moe).map(|shape| MoeGrads::new(b, &shape, n)),
@@ -137,7 +178,9 @@ impl<B: Backend> Activations<B> {
                 targets: b.upload_index(&vec![0; n]),
                 weights: b.zeros(n),
             },
-            layer_inputs: (0..=cfg.num_layers).map(|_| b.zeros(n * d)).collect(),
+            layer_inputs: (0..=cfg.num_layers).map(|_| b.zeros(n * d * s)).collect(),
+            hc_head: hc_dims(cfg, n, true).map(|dims| HcActs::new(b, dims)),
+            routes: Vec::new(),
             layers,
             slots,
             xf: b.zeros(n * d),

@@ -84,10 +84,13 @@ pub struct V4Config {
     pub hash_layers: Vec<bool>,
 }
 
-/// Why a `deepseek_v4` model cannot run yet: its config, tensors and checkpoints are read and
-/// written, `kiln plan` sizes it, but its forward and backward are still being built.
-pub const FORWARD_MISSING: &str =
-    "deepseek_v4: kiln reads and writes its config and checkpoints and `kiln plan` sizes it, but its forward and backward are not built yet";
+/// Why a `deepseek_v4` model with compressed attention cannot run yet: its sliding-window
+/// layers train, the compressors and the indexer are still being built.
+pub const FORWARD_MISSING: &str = "deepseek_v4: kiln trains its sliding_attention layers; compressed_sparse_attention and heavily_compressed_attention layers are not built yet";
+
+/// Why a `deepseek_v4` model cannot generate yet.
+pub const GENERATION_MISSING: &str =
+    "deepseek_v4: generation (the sliding-window and compressed caches) is not built yet; training and scoring run";
 
 /// transformers' defaults: DeepSeek-V4-Flash's.
 const DEFAULT_ROPE_HEAD_DIM: f64 = 64.0;

@@ -28,7 +28,7 @@ impl<B: Backend> KvCache<B> {
         let (kv_heads, head_dim, v_head_dim) = match &cfg.attention {
             AttentionKind::Gqa => (cfg.num_kv_heads, cfg.head_dim, cfg.head_dim),
             AttentionKind::Mla(m) => (cfg.num_heads, cfg.head_dim, m.v_head_dim),
-            AttentionKind::V4(_) => panic!("{}", crate::config_v4::FORWARD_MISSING),
+            AttentionKind::V4(_) => panic!("{}", crate::config_v4::GENERATION_MISSING),
         };
         let (k_row, v_row) = (kv_heads * head_dim, kv_heads * v_head_dim);
         let rows = slots * max_len;

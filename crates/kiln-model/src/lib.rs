@@ -13,6 +13,7 @@ pub mod grad_sink;
 pub mod kv_cache;
 pub mod layers;
 pub mod model;
+mod model_v4;
 pub mod rope;
 pub mod safetensors_io;
 pub mod sampler;

@@ -45,7 +45,7 @@ pub struct Model<B: Backend> {
     pub moe_aux_alpha: f32,
     /// That loss summed over the training backwards since it was last taken.
     pub moe_aux_loss: f64,
-    moe_shape: Option<MoeShape>,
+    pub(crate) moe_shape: Option<MoeShape>,
     /// Inputs of the matrix products of every layer and the LM head (`set_matmul_precision`).
     matmul_precision: Precision,
     /// Set when this rank holds only its share of the routed experts (`layout` and `params`
@@ -53,6 +53,10 @@ pub struct Model<B: Backend> {
     pub(crate) expert_parallel: Option<ExpertParallel<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
+    /// Ones, the weight of DeepSeek-V4's unweighted norms (empty for other models).
+    pub(crate) hc_ones: B::Buf,
+    /// DeepSeek-V4's frozen token-to-expert tables (`[vocab, top_k]`), of its hash layers.
+    pub(crate) hash_tables: Vec<Option<Vec<i32>>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -64,8 +68,10 @@ impl<B: Backend> Model<B> {
     /// `load`; under expert parallel, of the routed experts only this rank's share.
     pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Self> {
         let config = Config::load(dir)?;
-        if let AttentionKind::V4(_) = config.attention {
-            return Err(crate::Error::new(dir.join("config.json"), crate::config_v4::FORWARD_MISSING));
+        if let AttentionKind::V4(v4) = &config.attention {
+            if v4.layers.iter().any(|l| l.rate().is_some()) {
+                return Err(crate::Error::new(dir.join("config.json"), crate::config_v4::FORWARD_MISSING));
+            }
         }
         let layout = layout_of(&config, ep.as_ref());
         let passthrough = |name: &str| config.is_carried_tensor(name);
@@ -81,6 +87,31 @@ impl<B: Backend> Model<B> {
             );
         }
         let mut model = Self::from_layout(b, config, layout, &loaded.tensors, loaded.dtype);
+        for l in 0..model.hash_tables.len() {
+            if model.hash_tables[l].is_none() {
+                continue;
+            }
+            let name = crate::model_v4::hash_table_name(l);
+            let stored = loaded.passthrough.iter().find(|t| t.name == name);
+            let table = stored.and_then(crate::model_v4::hash_table).ok_or_else(|| {
+                crate::Error::new(
+                    dir,
+                    format!("missing int64 tensor `{name}` (the hash layer's token-to-expert table)"),
+                )
+            })?;
+            let (vocab, k, experts) = (
+                model.config.vocab_size,
+                model.moe_shape.as_ref().map_or(0, |s| s.routing.top_k),
+                expert_total(&model.config),
+            );
+            if table.len() != vocab * k || table.iter().any(|&e| e < 0 || e as usize >= experts) {
+                return Err(crate::Error::new(
+                    dir,
+                    format!("tensor `{name}`: expected [{vocab}, {k}] experts below {experts}"),
+                ));
+            }
+            model.hash_tables[l] = Some(table);
+        }
         model.passthrough = loaded.passthrough;
         model.expert_parallel = ep;
         Ok(model)
@@ -127,13 +158,22 @@ impl<B: Backend> Model<B> {
         }
         let expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
         let moe_shape = MoeShape::new(&config);
+        let (mut passthrough, mut hash_tables, mut hc_ones) = (Vec::new(), vec![None; config.num_layers], b.zeros(0));
+        if let AttentionKind::V4(v4) = &config.attention {
+            let k = moe_shape.as_ref().map_or(0, |s| s.routing.top_k);
+            for (l, _) in v4.hash_layers.iter().enumerate().filter(|h| *h.1) {
+                hash_tables[l] = Some(vec![0; config.vocab_size * k]);
+                passthrough.push(crate::model_v4::zero_hash_table(l, config.vocab_size, k));
+            }
+            hc_ones = b.upload(&vec![1.0; (v4.hc.streams * config.hidden_size).max(config.head_dim)]);
+        }
         Self {
             config,
             layout,
             flat: Arc::new(flat),
             params,
             dtype,
-            passthrough: Vec::new(),
+            passthrough,
             expert_load,
             moe_aux_alpha: 0.0,
             moe_aux_loss: 0.0,
@@ -142,6 +182,8 @@ impl<B: Backend> Model<B> {
             expert_parallel: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
+            hc_ones,
+            hash_tables,
         }
     }
 
@@ -226,14 +268,14 @@ impl<B: Backend> Model<B> {
         b.write_index(&mut inputs.segments, &batch.segments);
         b.write_index(&mut inputs.targets, &batch.targets);
         b.write(&mut inputs.weights, &batch.weights);
+        acts.routes = self.hash_routes(batch);
     }
 
     fn attention_spec(&self, rows: usize, seq: usize, layer: usize) -> Attention {
         let c = &self.config;
         let v_head_dim = match &c.attention {
-            AttentionKind::Gqa => c.head_dim,
+            AttentionKind::Gqa | AttentionKind::V4(_) => c.head_dim,
             AttentionKind::Mla(m) => m.v_head_dim,
-            AttentionKind::V4(_) => panic!("{}", crate::config_v4::FORWARD_MISSING),
         };
         Attention {
             batch: rows,
@@ -342,7 +384,12 @@ impl<B: Backend> Model<B> {
         self.prepare(b, acts, batch);
         let c = &self.config;
         let w = self.weights(b);
-        b.embedding_forward(&mut acts.layer_inputs[0], w.embed, &acts.inputs.ids, c.hidden_size);
+        if self.is_v4() {
+            b.embedding_forward(&mut acts.xf, w.embed, &acts.inputs.ids, c.hidden_size);
+            self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
+        } else {
+            b.embedding_forward(&mut acts.layer_inputs[0], w.embed, &acts.inputs.ids, c.hidden_size);
+        }
         let mut view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
         let mut cache = cache;
         let indices = cache.as_ref().map(|(_, plan)| {
@@ -362,12 +409,23 @@ impl<B: Backend> Model<B> {
                 let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
                 (&mut **k, &mut **v)
             });
-            self.layer_forward(b, (l, &w.layers[l]), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
+            if self.is_v4() {
+                let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
+                let layer = (l, &w.layers[l]);
+                self.v4_layer_forward(b, layer, a, &inputs[l], Some(&mut outputs[0]), &view.ctx(l), routes);
+            } else {
+                self.layer_forward(b, (l, &w.layers[l]), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
+            }
             if let (true, FfnActs::Moe(m)) = (count_load, &a.ffn) {
                 loads.push((l, m.rows.clone()));
             }
         }
-        b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, &acts.layer_inputs[c.num_layers], w.norm, c.rms_norm_eps);
+        if self.is_v4() {
+            self.v4_head_forward(b, acts, c.num_layers);
+        } else {
+            let last = &acts.layer_inputs[c.num_layers];
+            b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, last, w.norm, c.rms_norm_eps);
+        }
         for (l, rows) in loads {
             self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
         }
@@ -518,11 +576,16 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let d = c.hidden_size;
         let w = self.weights(b);
+        if self.is_v4() {
+            self.v4_head_backward(b, acts, grads);
+        } else {
+            let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+            b.fill(&mut s.dres, 0.0);
+            let final_input = &acts.layer_inputs[c.num_layers];
+            b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, w.norm, &acts.rstdf);
+        }
         let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-        b.fill(&mut s.dres, 0.0);
-        let final_input = &acts.layer_inputs[c.num_layers];
-        b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, w.norm, &acts.rstdf);
 
         // Sequence of each token for the balance loss, when it is on: (row, segment), none for
         // padding.
@@ -541,14 +604,29 @@ impl<B: Backend> Model<B> {
         for l in (0..c.num_layers).rev() {
             let a = &mut acts.layers[acts.slots[l]];
             let layer = (l, &w.layers[l]);
-            if acts.recompute {
-                self.layer_forward(b, layer, a, &acts.layer_inputs[l], None, &view, None);
-            }
+            let x_in = &acts.layer_inputs[l];
             let mut g = grads.layer(b, l);
-            aux_loss += self.layer_backward(b, layer, a, &acts.layer_inputs[l], s, &mut g, &view, aux.as_ref());
+            if self.is_v4() {
+                let ctx = view.ctx(l);
+                if acts.recompute {
+                    let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
+                    self.v4_layer_forward(b, layer, a, x_in, None, &ctx, routes);
+                }
+                aux_loss += self.v4_layer_backward(b, layer, a, x_in, s, &mut g, &ctx, aux.as_ref());
+            } else {
+                if acts.recompute {
+                    self.layer_forward(b, layer, a, x_in, None, &view, None);
+                }
+                aux_loss += self.layer_backward(b, layer, a, x_in, s, &mut g, &view, aux.as_ref());
+            }
             grads.layer_done(b, l);
         }
-        b.embedding_backward(grads.outer(b).embed, &s.dres, &acts.inputs.ids, d);
+        if self.is_v4() {
+            self.sum_streams(b, &mut s.dxn, &s.dres, acts.rows * acts.seq);
+            b.embedding_backward(grads.outer(b).embed, &s.dxn, &acts.inputs.ids, d);
+        } else {
+            b.embedding_backward(grads.outer(b).embed, &s.dres, &acts.inputs.ids, d);
+        }
         grads.outer_done(b);
         self.moe_aux_loss += aux_loss;
     }
@@ -666,6 +744,11 @@ pub(crate) fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<
         (Some(ep), Some(moe)) => layout.with_experts(ep.local(moe.experts)),
         _ => layout,
     }
+}
+
+/// Routed experts of `config`'s MoE layers (0 without).
+fn expert_total(config: &Config) -> usize {
+    config.moe.as_ref().map_or(0, |m| m.experts)
 }
 
 /// Experts of a layer's MoE block, 0 for a dense one.

@@ -4,10 +4,12 @@
 
 pub mod expert_parallel;
 pub mod gqa;
+pub mod hyper;
 pub mod mla;
 pub mod mlp;
 pub mod moe;
 pub mod moe_aux_loss;
+pub mod v4_attention;
 
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 

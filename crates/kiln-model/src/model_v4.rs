@@ -1,0 +1,219 @@
+//! DeepSeek-V4's decoder (transformers' `DeepseekV4DecoderLayer` and `DeepseekV4Model`): the
+//! residual is `hc_mult` streams per token, each block reads and writes them through its own
+//! hyper-connection (`layers::hyper`):
+//!
+//!   X₀ = [e; e; …; e]  (the token's embedding in every stream)
+//!   c = collapse_attn(X);  X' = expand_attn(X, Attention(RMSNorm(c)))
+//!   c' = collapse_ffn(X'); X'' = expand_ffn(X', MoE(RMSNorm(c')))
+//!   xf = RMSNorm(collapse_head(X_L))
+//!
+//! Backward runs the same steps in reverse with two stream-sized gradient buffers, the block
+//! outputs' gradients going through the hyper-connections' expand and collapse.
+
+use crate::activations::{Activations, AttnActs, AttnGrads, FfnActs, GradScratch, LayerActs};
+use crate::batch::Batch;
+use crate::config::AttentionKind;
+use crate::layers::hyper;
+use crate::layers::moe;
+use crate::layers::moe_aux_loss::SeqAux;
+use crate::layers::v4_attention;
+use crate::layers::AttnCtx;
+use crate::model::Model;
+use crate::safetensors_io::RawTensor;
+use crate::weights::{AttnWeights, FfnWeights, LayerWeights};
+use kiln_core::{Backend, ColumnCopy};
+
+/// Column block `j` (of `width`) of `[n, streams·width]` rows, to or from `[n, width]` ones.
+fn stream(n: usize, width: usize, streams: usize, j: usize, into_streams: bool, accumulate: bool) -> ColumnCopy {
+    let (wide, narrow) = ((streams * width, j * width), (width, 0));
+    let (src, dst) = if into_streams { (narrow, wide) } else { (wide, narrow) };
+    ColumnCopy {
+        rows: n,
+        cols: width,
+        src_stride: src.0,
+        src_offset: src.1,
+        dst_stride: dst.0,
+        dst_offset: dst.1,
+        accumulate,
+    }
+}
+
+/// A frozen token-to-expert table (`tid2eid`, int64 `[vocab, top_k]`) read as i32.
+pub(crate) fn hash_table(t: &RawTensor) -> Option<Vec<i32>> {
+    (t.dtype == safetensors::Dtype::I64)
+        .then(|| t.bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32).collect())
+}
+
+/// The name of layer `l`'s token-to-expert table.
+pub(crate) fn hash_table_name(l: usize) -> String {
+    format!("model.layers.{l}.ffn.gate.tid2eid")
+}
+
+/// A `[vocab, top_k]` table of zeros, as transformers initialises one, stored as int64.
+pub(crate) fn zero_hash_table(l: usize, vocab: usize, top_k: usize) -> RawTensor {
+    RawTensor {
+        name: hash_table_name(l),
+        dtype: safetensors::Dtype::I64,
+        shape: vec![vocab, top_k],
+        bytes: vec![0; vocab * top_k * 8],
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Whether this is a hyper-connected (DeepSeek-V4) model.
+    pub(crate) fn is_v4(&self) -> bool {
+        matches!(self.config.attention, AttentionKind::V4(_))
+    }
+
+    /// Each hash-routed layer's experts for `batch`'s tokens.
+    pub(crate) fn hash_routes(&self, batch: &Batch) -> Vec<(usize, Vec<i32>)> {
+        let k = self.config.moe.as_ref().map_or(0, |m| m.top_k);
+        let tables = self.hash_tables.iter().enumerate();
+        tables
+            .filter_map(|(l, t)| t.as_ref().map(|t| (l, t)))
+            .map(|(l, table)| {
+                let routes = batch.ids.iter().flat_map(|&id| &table[id as usize * k..(id as usize + 1) * k]);
+                (l, routes.copied().collect())
+            })
+            .collect()
+    }
+
+    /// `dst` (`[n, streams·d]`) = the `[n, d]` embeddings in every stream.
+    pub(crate) fn embed_streams(&self, b: &B, dst: &mut B::Slice, embedded: &B::Slice, n: usize) {
+        let (d, s) = (self.config.hidden_size, crate::activations::streams(&self.config));
+        for j in 0..s {
+            b.copy_columns(dst, embedded, stream(n, d, s, j, true, false));
+        }
+    }
+
+    /// `dst` (`[n, d]`) = the sum over the streams of `dres` (`[n, streams·d]`): the
+    /// embeddings' gradient.
+    pub(crate) fn sum_streams(&self, b: &B, dst: &mut B::Slice, dres: &B::Slice, n: usize) {
+        let (d, s) = (self.config.hidden_size, crate::activations::streams(&self.config));
+        for j in 0..s {
+            b.copy_columns(dst, dres, stream(n, d, s, j, false, j > 0));
+        }
+    }
+
+    /// The head's collapse of the last streams `x`, then the final norm into `acts.xf`.
+    pub(crate) fn v4_head_forward(&self, b: &B, acts: &mut Activations<B>, x_last: usize) {
+        let w = self.weights(b);
+        let c = &self.config;
+        let head = acts.hc_head.as_mut().expect("the head's hyper-connection");
+        let hw = w.hc_head.as_ref().expect("hc_head weights");
+        hyper::collapse(b, hw, &acts.layer_inputs[x_last], head, &self.hc_ones, c.rms_norm_eps);
+        b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, &head.collapsed, w.norm, c.rms_norm_eps);
+    }
+
+    /// Backward of `v4_head_forward` from `s.dxn` = dL/dxf, into `s.dres` (overwritten).
+    pub(crate) fn v4_head_backward(
+        &self,
+        b: &B,
+        acts: &mut Activations<B>,
+        grads: &mut dyn crate::grad_sink::GradSink<B>,
+    ) {
+        let c = &self.config;
+        let w = self.weights(b);
+        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+        let (_, dblock, hcg) = s.hc.as_mut().expect("hyper-connection scratch");
+        let head = acts.hc_head.as_ref().expect("the head's hyper-connection");
+        let mut outer = grads.outer(b);
+        b.fill(dblock, 0.0);
+        b.rmsnorm_backward(dblock, outer.norm, &s.dxn, &head.collapsed, w.norm, &acts.rstdf);
+        b.fill(&mut s.dres, 0.0);
+        let (hw, gw) = (w.hc_head.as_ref().expect("hc_head"), outer.hc_head.as_mut().expect("hc_head grads"));
+        let x = &acts.layer_inputs[c.num_layers];
+        hyper::collapse_backward(b, hw, gw, head, x, dblock, &mut s.dres, hcg, &self.hc_ones);
+    }
+
+    /// Forward of V4 layer `l` from the streams `x_in` into `a` and, unless only recomputing
+    /// what backward needs, into `x_out`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn v4_layer_forward(
+        &self,
+        b: &B,
+        (l, w): (usize, &LayerWeights<&B::Slice>),
+        a: &mut LayerActs<B>,
+        x_in: &B::Slice,
+        x_out: Option<&mut B::Slice>,
+        ctx: &AttnCtx<B>,
+        routes: Option<&[i32]>,
+    ) {
+        let c = &self.config;
+        let eps = c.rms_norm_eps;
+        let ones = &self.hc_ones;
+        let st = a.streams.as_mut().expect("a hyper-connected layer's activations");
+        let (wa, wf) = (w.hc_attn.as_ref().expect("hc_attn"), w.hc_ffn.as_ref().expect("hc_ffn"));
+        hyper::collapse(b, wa, x_in, &mut st.attn_hc, ones, eps);
+        b.rmsnorm_forward(&mut a.xn1, &mut a.rstd1, &st.attn_hc.collapsed, w.input_norm, eps);
+        let (AttnWeights::V4(w_attn), AttnActs::V4(a_attn)) = (&w.attn, &mut a.attn) else {
+            unreachable!("a V4 layer has V4 attention")
+        };
+        v4_attention::forward(b, c, w_attn, &a.xn1, &mut st.attn_out, a_attn, ctx, ones);
+        hyper::expand(b, &st.attn_hc, x_in, &st.attn_out, &mut a.x_mid);
+
+        hyper::collapse(b, wf, &a.x_mid, &mut st.ffn_hc, ones, eps);
+        b.rmsnorm_forward(&mut a.xn2, &mut a.rstd2, &st.ffn_hc.collapsed, w.post_norm, eps);
+        let (FfnWeights::Moe(w_moe), FfnActs::Moe(a_moe)) = (&w.ffn, &mut a.ffn) else {
+            unreachable!("a V4 layer has a MoE block")
+        };
+        if let Some(routes) = routes {
+            a_moe.set_routes(b, routes);
+        }
+        let ep = self.expert_parallel.as_ref().map(|ep| (ep, l));
+        let shape = self.moe_shape.as_ref().expect("moe shape");
+        moe::forward(b, shape, w_moe, &a.xn2, Some(&mut st.ffn_out), a_moe, ep);
+        if let Some(x_out) = x_out {
+            hyper::expand(b, &st.ffn_hc, &a.x_mid, &st.ffn_out, x_out);
+        }
+    }
+
+    /// Backward of V4 layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)
+    /// there, and adds the layer's parameter gradients into `g`. Returns the balance loss.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn v4_layer_backward(
+        &self,
+        b: &B,
+        (_, w): (usize, &LayerWeights<&B::Slice>),
+        a: &LayerActs<B>,
+        x_in: &B::Slice,
+        s: &mut GradScratch<B>,
+        g: &mut LayerWeights<&mut B::Slice>,
+        ctx: &AttnCtx<B>,
+        aux: Option<&SeqAux>,
+    ) -> f64 {
+        let c = &self.config;
+        let ones = &self.hc_ones;
+        let st = a.streams.as_ref().expect("a hyper-connected layer's activations");
+        let (dmid, dblock, hcg) = s.hc.as_mut().expect("hyper-connection scratch");
+        let (wa, wf) = (w.hc_attn.as_ref().expect("hc_attn"), w.hc_ffn.as_ref().expect("hc_ffn"));
+
+        // Feed-forward: X'' = expand_ffn(X', MoE(RMSNorm(collapse_ffn(X')))).
+        hyper::expand_backward(b, &st.ffn_hc, &a.x_mid, &st.ffn_out, &s.dres, dblock, dmid, hcg);
+        let (FfnWeights::Moe(w_moe), FfnWeights::Moe(g_moe), FfnActs::Moe(a_moe)) = (&w.ffn, &mut g.ffn, &a.ffn) else {
+            unreachable!("a V4 layer has a MoE block")
+        };
+        let scratch = s.moe.as_mut().expect("MoE scratch");
+        b.fill(&mut s.dxn, 0.0);
+        let shape = self.moe_shape.as_ref().expect("moe shape");
+        let aux_loss = moe::backward(b, shape, w_moe, &a.xn2, dblock, &mut s.dxn, g_moe, a_moe, scratch, aux);
+        b.fill(dblock, 0.0);
+        b.rmsnorm_backward(dblock, g.post_norm, &s.dxn, &st.ffn_hc.collapsed, w.post_norm, &a.rstd2);
+        let gf = g.hc_ffn.as_mut().expect("hc_ffn grads");
+        hyper::collapse_backward(b, wf, gf, &st.ffn_hc, &a.x_mid, dblock, dmid, hcg, ones);
+
+        // Attention: X' = expand_attn(X, Attention(RMSNorm(collapse_attn(X)))).
+        hyper::expand_backward(b, &st.attn_hc, x_in, &st.attn_out, dmid, dblock, &mut s.dres, hcg);
+        let (AttnWeights::V4(w_attn), AttnWeights::V4(g_attn), AttnActs::V4(a_attn), AttnGrads::V4(s_attn)) =
+            (&w.attn, &mut g.attn, &a.attn, &mut s.attn)
+        else {
+            unreachable!("a V4 layer has V4 attention")
+        };
+        v4_attention::backward(b, c, w_attn, &a.xn1, dblock, &mut s.dxn, g_attn, a_attn, s_attn, ctx, ones);
+        b.fill(dblock, 0.0);
+        b.rmsnorm_backward(dblock, g.input_norm, &s.dxn, &st.attn_hc.collapsed, w.input_norm, &a.rstd1);
+        let ga = g.hc_attn.as_mut().expect("hc_attn grads");
+        hyper::collapse_backward(b, wa, ga, &st.attn_hc, x_in, dblock, &mut s.dres, hcg, ones);
+        aux_loss
+    }
+}

@@ -1,0 +1,129 @@
+"""Golden fixtures for DeepSeek-V4: tiny random models built and run by transformers'
+DeepseekV4ForCausalLM (eager), for kiln's forward and backward.
+
+Cases, each in tests/fixtures/<case>/ (model/ as transformers saves it, with DeepSeek's tensor
+names; golden.safetensors with input_ids, lengths, logits, logprobs, loss and every
+parameter's gradient as grad.<kiln tensor name>, experts stacked [experts, rows, cols]):
+  deepseek_v4_sliding      sliding-window layers, hc_mult 2, a hash layer then scored layers
+                           (√softplus, correction bias), sinks, grouped low-rank output,
+                           clamped SwiGLU (swiglu_limit small enough to clamp)
+  deepseek_v4_sliding_hc4  hc_mult 4, two hash layers, tied embeddings, 3 output groups
+
+Run:  python tools/golden/deepseek_v4.py   (needs torch, transformers >= 5.2)
+"""
+
+import pathlib
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+OUT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
+
+COMMON = dict(
+    vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_attention_heads=4, head_dim=16, q_lora_rank=12,
+    n_routed_experts=6, num_experts_per_tok=2, sliding_window=5, o_lora_rank=8, index_n_heads=2, index_head_dim=8,
+    index_topk=3, partial_rotary_factor=0.5, routed_scaling_factor=1.5, swiglu_limit=1.5, rms_norm_eps=1e-6,
+    max_position_embeddings=64,
+)
+
+CASES = {
+    "deepseek_v4_sliding": dict(
+        num_hidden_layers=3, layer_types=["sliding_attention"] * 3, mlp_layer_types=["hash_moe", "moe", "moe"],
+        hc_mult=2, o_groups=2),
+    "deepseek_v4_sliding_hc4": dict(
+        num_hidden_layers=3, layer_types=["sliding_attention"] * 3, mlp_layer_types=["hash_moe", "hash_moe", "moe"],
+        hc_mult=4, o_groups=4, tie_word_embeddings=True),
+}
+
+
+def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 1 or "position_bias" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(0.05 * torch.randn(buf.shape, generator=gen))
+            if name.endswith("tid2eid"):
+                buf.copy_(torch.randint(0, model.config.n_routed_experts, buf.shape, generator=gen))
+
+
+def saved_names(model: torch.nn.Module, saved: dict) -> dict:
+    """transformers' parameter name → the name it is saved under (found by value: every
+    parameter is random, so each matches one stored tensor)."""
+    names = {}
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            continue
+        hits = [k for k, v in saved.items() if v.shape == p.shape and torch.equal(v, p.detach())]
+        assert len(hits) == 1, f"{name}: {hits}"
+        names[name] = hits[0]
+    return names
+
+
+def kiln_grads(model: torch.nn.Module, names: dict) -> dict:
+    """Parameter gradients under kiln's names: DeepSeek's, experts stacked per projection."""
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().float() if p.grad is not None else torch.zeros_like(p)
+        if name.endswith("mlp.experts.gate_up_proj"):
+            layer = name.split(".")[2]
+            i = g.shape[1] // 2
+            out[f"grad.model.layers.{layer}.ffn.experts.w1.weight"] = g[:, :i].contiguous()
+            out[f"grad.model.layers.{layer}.ffn.experts.w3.weight"] = g[:, i:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            layer = name.split(".")[2]
+            out[f"grad.model.layers.{layer}.ffn.experts.w2.weight"] = g.contiguous()
+        else:
+            out[f"grad.{names[name]}"] = g.contiguous()
+    return out
+
+
+def build(name: str, spec: dict) -> None:
+    config = DeepseekV4Config(**{**COMMON, **spec})
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    model = DeepseekV4ForCausalLM(config).float()
+    randomise(model, gen)
+
+    case_dir = OUT / name
+    shutil.rmtree(case_dir, ignore_errors=True)
+    model_dir = case_dir / "model"
+    model.save_pretrained(model_dir)
+    (model_dir / "generation_config.json").unlink(missing_ok=True)
+    reloaded = DeepseekV4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    names = saved_names(reloaded, load_file(model_dir / "model.safetensors"))
+
+    rows, seq = 2, 12
+    lengths = torch.tensor([seq, 9])
+    ids = torch.randint(0, config.vocab_size, (rows, seq), generator=gen)
+    ids[1, lengths[1]:] = 0
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = reloaded(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+
+    logp = torch.log_softmax(out.logits.detach().double(), dim=-1)
+    token_logprobs = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    token_logprobs = token_logprobs.masked_fill(mask[:, 1:] == 0, 0.0).float()
+    tensors = {
+        "input_ids": ids.contiguous(),
+        "lengths": lengths.contiguous(),
+        "logits": out.logits.detach().float().contiguous(),
+        "logprobs": token_logprobs.contiguous(),
+        "loss": out.loss.detach().float().reshape(()).contiguous(),
+    }
+    tensors.update(kiln_grads(reloaded, names))
+    save_file(tensors, case_dir / "golden.safetensors")
+    print(f"{name}: loss {out.loss.item():.6f}")
+
+
+if __name__ == "__main__":
+    for case, spec in CASES.items():
+        build(case, spec)

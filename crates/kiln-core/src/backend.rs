@@ -211,6 +211,72 @@ pub struct DecodeAttention {
     pub cache: Precision,
 }
 
+/// DeepSeek-V4's compressor pooling: each of `entries` compressed entries is a softmax-gated
+/// sum over its slots, per feature f:
+///
+///   out[e, f] = Σ_s p_s·kv[t_s, o_s + f],   p = softmax_s(gate[t_s, o_s + f] + ape[s mod rate, o_s + f])
+///
+/// `slots` (`[entries, c·rate]`) names each slot's token t_s (−1: absent, weight 0); `kv` and
+/// `gate` are `[tokens, c·width]`, `ape` `[rate, c·width]`, `out` `[entries, width]`. Windows
+/// of heavily compressed attention have `rate` slots (c = 1, o_s = 0); with `overlap`
+/// (compressed sparse attention, c = 2) the first `rate` slots take the previous window's first
+/// `width` features (o_s = 0) and the last `rate` the entry's own window's second ones
+/// (o_s = width).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pooling {
+    pub entries: usize,
+    pub rate: usize,
+    pub width: usize,
+    pub overlap: bool,
+}
+
+impl Pooling {
+    /// Series per token: 2 with overlapping windows, else 1.
+    pub fn series(&self) -> usize {
+        if self.overlap {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// Attention of each of `batch · seq` queries (`q_heads` heads) over chosen entries of a
+/// table shared by all heads (DeepSeek-V4's compressed entries, one key-and-value head):
+/// `chosen` (`[tokens, top_k]`) lists each query's entries (−1: none), `entries` is
+/// `[entries, head_dim]`, both keys and values. `lse` is laid out as `attention_forward`'s
+/// (`[batch, q_heads, seq]`), −∞ for a query with no entry (its output is then 0).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseAttention {
+    pub batch: usize,
+    pub seq: usize,
+    pub q_heads: usize,
+    pub head_dim: usize,
+    pub entries: usize,
+    pub top_k: usize,
+    pub scale: f32,
+}
+
+impl SparseAttention {
+    pub fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// DeepSeek-V4's lightning indexer: query t scores entry e as
+/// `Σ_h w[t, h]·relu(q[t, h]·k[e])·scale`, and keeps its `top_k` best among the entries it may
+/// see (`visible`, `[tokens, 2]`: first entry and count), best first, ties to the lower index;
+/// −1 fills what remains when fewer are visible.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Indexer {
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub entries: usize,
+    pub top_k: usize,
+    pub scale: f32,
+}
+
 /// The mixing weights of DeepSeek-V4's manifold-constrained hyper-connections, per token from
 /// `mixes`, its `streams` residual streams' projection (their unweighted RMSNorm times the
 /// layer's `fn`ᵀ), with the layer's `base` and `scale` (transformers' `DeepseekV4HyperConnection`):
@@ -519,6 +585,79 @@ pub trait Backend: Send + Sync {
         lse: &Self::Slice,
         sinks: &Self::Slice,
         spec: Attention,
+    );
+
+    /// Two attentions of the same queries over disjoint keys, as one: `out = (e^lse·out +
+    /// e^other_lse·other_out) / (e^lse + e^other_lse)`, `lse = log(e^lse + e^other_lse)` (shapes
+    /// of `attention_forward`'s). Backward: each part's `attention_backward` given the merged
+    /// `out` and `lse` gives its keys' gradients and its share of the queries'.
+    fn attention_merge(
+        &self,
+        out: &mut Self::Slice,
+        lse: &mut Self::Slice,
+        other_out: &Self::Slice,
+        other_lse: &Self::Slice,
+        spec: Attention,
+    );
+    /// See [`SparseAttention`]; `out` `[tokens, q_heads, head_dim]` and `lse` overwritten.
+    fn sparse_attention_forward(
+        &self,
+        out: &mut Self::Slice,
+        lse: &mut Self::Slice,
+        q: &Self::Slice,
+        entries: &Self::Slice,
+        chosen: &Self::Index,
+        spec: SparseAttention,
+    );
+    /// Gradients of `sparse_attention_forward` given `out` and `lse` (its own, or merged ones,
+    /// see `attention_merge`); `dq` and `dentries` are overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_attention_backward(
+        &self,
+        dq: &mut Self::Slice,
+        dentries: &mut Self::Slice,
+        dout: &Self::Slice,
+        q: &Self::Slice,
+        entries: &Self::Slice,
+        chosen: &Self::Index,
+        out: &Self::Slice,
+        lse: &Self::Slice,
+        spec: SparseAttention,
+    );
+    /// The entries each query keeps (see [`Indexer`]); no gradient flows through a choice.
+    fn indexer_topk(
+        &self,
+        chosen: &mut Self::Index,
+        q: &Self::Slice,
+        keys: &Self::Slice,
+        weights: &Self::Slice,
+        visible: &Self::Index,
+        spec: Indexer,
+    );
+    /// The compressed entries (see [`Pooling`]), overwritten.
+    fn pool_forward(
+        &self,
+        out: &mut Self::Slice,
+        kv: &Self::Slice,
+        gate: &Self::Slice,
+        ape: &Self::Slice,
+        slots: &Self::Index,
+        spec: Pooling,
+    );
+    /// Gradients of `pool_forward`: `dkv` and `dgate` overwritten (0 for tokens in no slot),
+    /// `dape` accumulated (summed over the entries in order).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_backward(
+        &self,
+        dkv: &mut Self::Slice,
+        dgate: &mut Self::Slice,
+        dape: &mut Self::Slice,
+        dout: &Self::Slice,
+        kv: &Self::Slice,
+        gate: &Self::Slice,
+        ape: &Self::Slice,
+        slots: &Self::Index,
+        spec: Pooling,
     );
 
     /// `out = softmax(q kᵀ · scale) v` of each new token over its cached rows (see

@@ -20,9 +20,11 @@ use crate::rng::Rng;
 
 mod attention_bf16;
 mod attention_sinks;
+mod compressed;
 mod hyper_connection;
 pub use attention_bf16::attention_bf16;
 pub use attention_sinks::attention_sinks;
+pub use compressed::{indexer, pooling, sparse_attention};
 pub use hyper_connection::hyper_connection;
 
 /// Generates one `#[test]` per check for the backend expression given.
@@ -37,7 +39,7 @@ macro_rules! conformance_tests {
     (@checks $when:ident $backend:expr) => {
         $crate::conformance_tests!(@tests $when $backend;
             matmul, frozen_weights, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
-            rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_sinks, attention_decode, swiglu, cross_entropy, reverse_kl,
+            rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_sinks, sparse_attention, pooling, indexer, attention_decode, swiglu, cross_entropy, reverse_kl,
             moe_route, moe_dispatch, hyper_connection, adamw, slices);
     };
     (@tests always $backend:expr; $($check:ident),*) => {

@@ -14,6 +14,6 @@ pub mod rng;
 
 pub use backend::{
     AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, HyperConnection,
-    Matmul, Precision, Rope, Routing, Scoring,
+    Indexer, Matmul, Pooling, Precision, Rope, Routing, Scoring, SparseAttention,
 };
 pub use cpu::Cpu;

@@ -3,12 +3,13 @@
 //! device's stream; only reads back to the host wait for it.
 
 use crate::attention_tiling::{MmaLaunch, Tiling, MMA_THREADS};
+use crate::compressed_on_host;
 use crate::device::{args, Arg, Cuda};
 use crate::memory::{Allocation, DeviceBuf, DeviceIndex, DeviceSlice};
 use cudarc::driver::result;
 use kiln_core::{
-    AdamW, Attention, Backend, ColumnCopy, Cpu, DecodeAttention, GroupedMatmul, HyperConnection, Matmul, Precision,
-    Rope, Routing, Scoring,
+    AdamW, Attention, Backend, ColumnCopy, Cpu, DecodeAttention, GroupedMatmul, HyperConnection, Indexer, Matmul,
+    Pooling, Precision, Rope, Routing, Scoring, SparseAttention,
 };
 use std::ops::Range;
 
@@ -425,6 +426,77 @@ impl Backend for Cuda {
         let (seq, heads, dv) = (spec.seq as i32, spec.q_heads as i32, spec.v_head_dim as i32);
         let a = args![dsinks, dout, out, lse, sinks, spec.tokens(), seq, heads, dv];
         self.launch("attention_sinks_backward", spec.q_heads, 256, &a);
+    }
+    fn attention_merge(
+        &self,
+        out: &mut DeviceSlice,
+        lse: &mut DeviceSlice,
+        other_out: &DeviceSlice,
+        other_lse: &DeviceSlice,
+        spec: Attention,
+    ) {
+        compressed_on_host::attention_merge(self, out, lse, other_out, other_lse, spec);
+    }
+    fn sparse_attention_forward(
+        &self,
+        out: &mut DeviceSlice,
+        lse: &mut DeviceSlice,
+        q: &DeviceSlice,
+        entries: &DeviceSlice,
+        chosen: &DeviceIndex,
+        spec: SparseAttention,
+    ) {
+        compressed_on_host::sparse_attention_forward(self, out, lse, q, entries, chosen, spec);
+    }
+    fn sparse_attention_backward(
+        &self,
+        dq: &mut DeviceSlice,
+        dentries: &mut DeviceSlice,
+        dout: &DeviceSlice,
+        q: &DeviceSlice,
+        entries: &DeviceSlice,
+        chosen: &DeviceIndex,
+        out: &DeviceSlice,
+        lse: &DeviceSlice,
+        spec: SparseAttention,
+    ) {
+        compressed_on_host::sparse_attention_backward(self, dq, dentries, dout, q, entries, chosen, out, lse, spec);
+    }
+    fn indexer_topk(
+        &self,
+        chosen: &mut DeviceIndex,
+        q: &DeviceSlice,
+        keys: &DeviceSlice,
+        weights: &DeviceSlice,
+        visible: &DeviceIndex,
+        spec: Indexer,
+    ) {
+        compressed_on_host::indexer_topk(self, chosen, q, keys, weights, visible, spec);
+    }
+    fn pool_forward(
+        &self,
+        out: &mut DeviceSlice,
+        kv: &DeviceSlice,
+        gate: &DeviceSlice,
+        ape: &DeviceSlice,
+        slots: &DeviceIndex,
+        spec: Pooling,
+    ) {
+        compressed_on_host::pool_forward(self, out, kv, gate, ape, slots, spec);
+    }
+    fn pool_backward(
+        &self,
+        dkv: &mut DeviceSlice,
+        dgate: &mut DeviceSlice,
+        dape: &mut DeviceSlice,
+        dout: &DeviceSlice,
+        kv: &DeviceSlice,
+        gate: &DeviceSlice,
+        ape: &DeviceSlice,
+        slots: &DeviceIndex,
+        spec: Pooling,
+    ) {
+        compressed_on_host::pool_backward(self, dkv, dgate, dape, dout, kv, gate, ape, slots, spec);
     }
     fn attention_decode(
         &self,

@@ -9,6 +9,7 @@
 mod attention_tiling;
 mod backend;
 mod blas;
+mod compressed_on_host;
 mod device;
 mod frozen_weights;
 pub mod kernels;

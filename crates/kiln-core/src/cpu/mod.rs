@@ -19,9 +19,11 @@ mod matmul;
 mod matmul_bf16;
 mod moe_dispatch;
 mod moe_route;
+mod pooling;
 mod reverse_kl;
 mod rmsnorm;
 mod rope;
+mod sparse_attention;
 pub mod threads;
 
 use crate::backend::{self, Backend, GroupedMatmul, Matmul};
@@ -266,6 +268,77 @@ impl Backend for Cpu {
         spec: backend::Attention,
     ) {
         attention_sinks::backward(dsinks, dout, out, lse, sinks, spec);
+    }
+    fn attention_merge(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        other_out: &[f32],
+        other_lse: &[f32],
+        spec: backend::Attention,
+    ) {
+        sparse_attention::merge(out, lse, other_out, other_lse, spec);
+    }
+    fn sparse_attention_forward(
+        &self,
+        out: &mut [f32],
+        lse: &mut [f32],
+        q: &[f32],
+        entries: &[f32],
+        chosen: &Vec<i32>,
+        spec: backend::SparseAttention,
+    ) {
+        sparse_attention::forward(out, lse, q, entries, chosen, spec);
+    }
+    fn sparse_attention_backward(
+        &self,
+        dq: &mut [f32],
+        dentries: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        entries: &[f32],
+        chosen: &Vec<i32>,
+        out: &[f32],
+        lse: &[f32],
+        spec: backend::SparseAttention,
+    ) {
+        sparse_attention::backward(dq, dentries, dout, q, entries, chosen, out, lse, spec);
+    }
+    fn indexer_topk(
+        &self,
+        chosen: &mut Vec<i32>,
+        q: &[f32],
+        keys: &[f32],
+        weights: &[f32],
+        visible: &Vec<i32>,
+        spec: backend::Indexer,
+    ) {
+        sparse_attention::indexer_topk(chosen, q, keys, weights, visible, spec);
+    }
+    fn pool_forward(
+        &self,
+        out: &mut [f32],
+        kv: &[f32],
+        gate: &[f32],
+        ape: &[f32],
+        slots: &Vec<i32>,
+        spec: backend::Pooling,
+    ) {
+        pooling::forward(out, kv, gate, ape, slots, spec);
+    }
+    fn pool_backward(
+        &self,
+        dkv: &mut [f32],
+        dgate: &mut [f32],
+        dape: &mut [f32],
+        dout: &[f32],
+        kv: &[f32],
+        gate: &[f32],
+        ape: &[f32],
+        slots: &Vec<i32>,
+        spec: backend::Pooling,
+    ) {
+        pooling::backward(dkv, dgate, dape, dout, kv, gate, ape, slots, spec);
     }
     fn hc_weights_forward(
         &self,

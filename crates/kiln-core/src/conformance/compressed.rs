@@ -123,7 +123,6 @@ fn chosen(s: &SparseAttention) -> Vec<i32> {
             let base = if t < s.seq { 0 } else { 2 };
             [if i >= 3 { base } else { -1 }, if i >= 6 { base + 1 } else { -1 }, if i >= 8 { base + 2 } else { -1 }]
         })
-        .map(|e| e as i32)
         .collect()
 }
 

@@ -11,7 +11,7 @@ use crate::backend::Pooling;
 
 fn check(kv: usize, gate: usize, ape: usize, slots: usize, out: usize, spec: &Pooling) {
     let c = spec.series();
-    assert!(kv == gate && kv % (c * spec.width) == 0, "pool: kv and gate must be [tokens, {c}·width]");
+    assert!(kv == gate && kv.is_multiple_of(c * spec.width), "pool: kv and gate must be [tokens, {c}·width]");
     assert_eq!(ape, spec.rate * c * spec.width, "pool: ape must be [rate, {c}·width]");
     assert_eq!(slots, spec.entries * c * spec.rate, "pool: slots must be [entries, {c}·rate]");
     assert_eq!(out, spec.entries * spec.width, "pool: out must be [entries, width]");

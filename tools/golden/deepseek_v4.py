@@ -7,7 +7,13 @@ parameter's gradient as grad.<kiln tensor name>, experts stacked [experts, rows,
   deepseek_v4_sliding      sliding-window layers, hc_mult 2, a hash layer then scored layers
                            (√softplus, correction bias), sinks, grouped low-rank output,
                            clamped SwiGLU (swiglu_limit small enough to clamp)
-  deepseek_v4_sliding_hc4  hc_mult 4, two hash layers, tied embeddings, 3 output groups
+  deepseek_v4_sliding_hc4  hc_mult 4, two hash layers, tied embeddings, 4 output groups
+  deepseek_v4              sliding, compressed sparse (rate 4, overlapping windows, the indexer
+                           keeping 3 of up to 6 entries) and heavily compressed (rate 8) layers
+  deepseek_v4_hc4          hc_mult 4: compressed sparse (rate 2, top 4 of up to 12), heavily
+                           compressed (rate 4), sliding, compressed sparse; tied embeddings
+Sequences are longer than several windows and than index_topk entries; the script checks that
+no query's indexer scores tie at the top-k cut (a tie would make the choice arbitrary).
 
 Run:  python tools/golden/deepseek_v4.py   (needs torch, transformers >= 5.2)
 """
@@ -35,7 +41,40 @@ CASES = {
     "deepseek_v4_sliding_hc4": dict(
         num_hidden_layers=3, layer_types=["sliding_attention"] * 3, mlp_layer_types=["hash_moe", "hash_moe", "moe"],
         hc_mult=4, o_groups=4, tie_word_embeddings=True),
+    "deepseek_v4": dict(
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        hc_mult=2, o_groups=2, index_n_heads=4, index_topk=3, seq=24),
+    "deepseek_v4_hc4": dict(
+        num_hidden_layers=4,
+        layer_types=["compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention",
+                     "compressed_sparse_attention"],
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+        hc_mult=4, o_groups=4, index_n_heads=4, index_topk=4, tie_word_embeddings=True, seq=24),
 }
+
+
+def check_no_ties(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Every query's indexer scores must differ at the top-k cut, or the choice is arbitrary."""
+    captured = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: captured.append(out.detach()))
+             for name, m in model.named_modules() if name.endswith("indexer.scorer")]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    k = model.config.index_topk
+    rate = model.config.compress_rates["compressed_sparse_attention"]
+    for scores in captured:
+        for r in range(scores.shape[0]):
+            for t in range(int(mask[r].sum())):
+                visible = scores[r, t, : (t + 1) // rate]
+                if visible.numel() > k:
+                    top = visible.sort(descending=True).values
+                    assert top[k - 1] != top[k], f"indexer tie at row {r}, token {t}: {top}"
 
 
 def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
@@ -86,6 +125,8 @@ def kiln_grads(model: torch.nn.Module, names: dict) -> dict:
 
 
 def build(name: str, spec: dict) -> None:
+    spec = dict(spec)
+    seq = spec.pop("seq", 12)
     config = DeepseekV4Config(**{**COMMON, **spec})
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
@@ -100,12 +141,13 @@ def build(name: str, spec: dict) -> None:
     reloaded = DeepseekV4ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     names = saved_names(reloaded, load_file(model_dir / "model.safetensors"))
 
-    rows, seq = 2, 12
-    lengths = torch.tensor([seq, 9])
+    rows = 2
+    lengths = torch.tensor([seq, seq - 5])
     ids = torch.randint(0, config.vocab_size, (rows, seq), generator=gen)
     ids[1, lengths[1]:] = 0
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
     labels = ids.masked_fill(mask == 0, -100)
+    check_no_ties(reloaded, ids, mask)
     out = reloaded(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
 

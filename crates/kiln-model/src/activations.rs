@@ -123,6 +123,8 @@ pub struct Activations<B: Backend> {
     pub hc_head: Option<HcActs<B>>,
     /// Each hash-routed layer's experts for the batch's tokens (`top_k` per token).
     pub routes: Vec<(usize, Vec<i32>)>,
+    /// The batch's compressed entries, per compression rate of DeepSeek-V4's layers.
+    pub compress: Vec<crate::compress_plan::CompressPlan<B>>,
     /// Per layer, or, when recomputing in backward (or not training), one set per layer kind
     /// reused by every layer of that kind; `slots[l]` picks layer `l`'s.
     pub layers: Vec<LayerActs<B>>,
@@ -181,6 +183,7 @@ impl<B: Backend> Activations<B> {
             layer_inputs: (0..=cfg.num_layers).map(|_| b.zeros(n * d * s)).collect(),
             hc_head: hc_dims(cfg, n, true).map(|dims| HcActs::new(b, dims)),
             routes: Vec::new(),
+            compress: Vec::new(),
             layers,
             slots,
             xf: b.zeros(n * d),

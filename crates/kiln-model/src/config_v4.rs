@@ -84,10 +84,6 @@ pub struct V4Config {
     pub hash_layers: Vec<bool>,
 }
 
-/// Why a `deepseek_v4` model with compressed attention cannot run yet: its sliding-window
-/// layers train, the compressors and the indexer are still being built.
-pub const FORWARD_MISSING: &str = "deepseek_v4: kiln trains its sliding_attention layers; compressed_sparse_attention and heavily_compressed_attention layers are not built yet";
-
 /// Why a `deepseek_v4` model cannot generate yet.
 pub const GENERATION_MISSING: &str =
     "deepseek_v4: generation (the sliding-window and compressed caches) is not built yet; training and scoring run";

@@ -2,6 +2,7 @@
 
 pub mod activations;
 pub mod batch;
+pub mod compress_plan;
 pub mod config;
 pub mod config_v4;
 pub mod error;

@@ -9,7 +9,9 @@
 
 use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs, GradScratch, LayerActs};
 use crate::batch::Batch;
+use crate::compress_plan::CompressPlan;
 use crate::config::{AttentionKind, Config};
+use crate::config_v4::V4Attention;
 use crate::error::Result;
 use crate::flat::FlatLayout;
 use crate::grad_sink::{FlatGrads, GradSink};
@@ -53,6 +55,8 @@ pub struct Model<B: Backend> {
     pub(crate) expert_parallel: Option<ExpertParallel<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
+    /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
+    compress_rope_table: B::Buf,
     /// Ones, the weight of DeepSeek-V4's unweighted norms (empty for other models).
     pub(crate) hc_ones: B::Buf,
     /// DeepSeek-V4's frozen token-to-expert tables (`[vocab, top_k]`), of its hash layers.
@@ -68,11 +72,6 @@ impl<B: Backend> Model<B> {
     /// `load`; under expert parallel, of the routed experts only this rank's share.
     pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Self> {
         let config = Config::load(dir)?;
-        if let AttentionKind::V4(v4) = &config.attention {
-            if v4.layers.iter().any(|l| l.rate().is_some()) {
-                return Err(crate::Error::new(dir.join("config.json"), crate::config_v4::FORWARD_MISSING));
-            }
-        }
         let layout = layout_of(&config, ep.as_ref());
         let passthrough = |name: &str| config.is_carried_tensor(name);
         let spec = LoadSpec { layout: &layout, passthrough: &passthrough, fp8_block: config.fp8_block };
@@ -182,6 +181,7 @@ impl<B: Backend> Model<B> {
             expert_parallel: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
+            compress_rope_table: b.zeros(0),
             hc_ones,
             hash_tables,
         }
@@ -260,6 +260,10 @@ impl<B: Backend> Model<B> {
             let positions = needed.next_power_of_two().max(256);
             let c = &self.config;
             self.rope_table = b.upload(&c.rope.table(c.rope_theta, c.rot_dim, positions));
+            if let AttentionKind::V4(v4) = &c.attention {
+                let table = v4.compress_rope.table(v4.compress_rope_theta, c.rot_dim, positions);
+                self.compress_rope_table = b.upload(&table);
+            }
             self.rope_positions = positions;
         }
         let inputs = &mut acts.inputs;
@@ -269,6 +273,7 @@ impl<B: Backend> Model<B> {
         b.write_index(&mut inputs.targets, &batch.targets);
         b.write(&mut inputs.weights, &batch.weights);
         acts.routes = self.hash_routes(batch);
+        acts.compress = self.compress_plans(b, batch);
     }
 
     fn attention_spec(&self, rows: usize, seq: usize, layer: usize) -> Attention {
@@ -390,7 +395,7 @@ impl<B: Backend> Model<B> {
         } else {
             b.embedding_forward(&mut acts.layer_inputs[0], w.embed, &acts.inputs.ids, c.hidden_size);
         }
-        let mut view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
+        let mut view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs, &acts.compress);
         let mut cache = cache;
         let indices = cache.as_ref().map(|(_, plan)| {
             let decode = plan.decode.map(|(starts, lengths)| (b.upload_index(starts), b.upload_index(lengths)));
@@ -584,7 +589,7 @@ impl<B: Backend> Model<B> {
             let final_input = &acts.layer_inputs[c.num_layers];
             b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, w.norm, &acts.rstdf);
         }
-        let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs);
+        let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs, &acts.compress);
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
 
         // Sequence of each token for the balance loss, when it is on: (row, segment), none for
@@ -763,6 +768,9 @@ fn expert_count(layer: &LayerWeights<TensorSpec>) -> usize {
 struct ActsView<'a, B: Backend> {
     tokens: usize,
     rope_table: &'a B::Slice,
+    compress_rope_table: &'a B::Slice,
+    /// Each layer's compressed entries (DeepSeek-V4's CSA and HCA layers).
+    compressed: Vec<Option<&'a CompressPlan<B>>>,
     positions: &'a B::Index,
     segments: &'a B::Index,
     attention: Vec<Attention>,
@@ -773,10 +781,31 @@ struct ActsView<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> ActsView<'a, B> {
-    fn new(model: &'a Model<B>, rows: usize, seq: usize, inputs: &'a BatchInputs<B>) -> Self {
+    fn new(
+        model: &'a Model<B>,
+        rows: usize,
+        seq: usize,
+        inputs: &'a BatchInputs<B>,
+        plans: &'a [CompressPlan<B>],
+    ) -> Self {
+        let compressed = match &model.config.attention {
+            AttentionKind::V4(v4) => v4
+                .layers
+                .iter()
+                .map(|kind| {
+                    let overlap = matches!(kind, V4Attention::Sparse { .. });
+                    kind.rate().map(|rate| {
+                        plans.iter().find(|p| p.rate == rate && p.overlap == overlap).expect("a plan per compression")
+                    })
+                })
+                .collect(),
+            _ => vec![None; model.config.num_layers],
+        };
         Self {
             tokens: rows * seq,
             rope_table: &model.rope_table,
+            compress_rope_table: &model.compress_rope_table,
+            compressed,
             positions: &inputs.positions,
             segments: &inputs.segments,
             attention: (0..model.config.num_layers).map(|l| model.attention_spec(rows, seq, l)).collect(),
@@ -786,9 +815,12 @@ impl<'a, B: Backend> ActsView<'a, B> {
     }
 
     fn ctx(&self, layer: usize) -> AttnCtx<'a, B> {
+        let compressed = self.compressed[layer];
         AttnCtx {
             tokens: self.tokens,
-            rope_table: self.rope_table,
+            // DeepSeek-V4's compressed layers rotate with their own rope.
+            rope_table: if compressed.is_some() { self.compress_rope_table } else { self.rope_table },
+            compressed,
             positions: self.positions,
             segments: self.segments,
             spec: self.attention[layer],

@@ -78,6 +78,22 @@ impl<B: Backend> Model<B> {
             .collect()
     }
 
+    /// The batch's compressed entries, per (rate, overlap) of the compressed layers.
+    pub(crate) fn compress_plans(&self, b: &B, batch: &Batch) -> Vec<crate::compress_plan::CompressPlan<B>> {
+        let AttentionKind::V4(v4) = &self.config.attention else { return Vec::new() };
+        let mut kinds: Vec<(usize, bool)> = v4
+            .layers
+            .iter()
+            .filter_map(|k| k.rate().map(|r| (r, matches!(k, crate::config_v4::V4Attention::Sparse { .. }))))
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        kinds
+            .into_iter()
+            .map(|(rate, overlap)| crate::compress_plan::CompressPlan::new(b, batch, rate, overlap))
+            .collect()
+    }
+
     /// `dst` (`[n, streams·d]`) = the `[n, d]` embeddings in every stream.
     pub(crate) fn embed_streams(&self, b: &B, dst: &mut B::Slice, embedded: &B::Slice, n: usize) {
         let (d, s) = (self.config.hidden_size, crate::activations::streams(&self.config));

@@ -13,3 +13,13 @@ fn deepseek_v4_sliding() {
 fn deepseek_v4_sliding_hc4() {
     kiln_model::golden::check_training(&Cpu, "deepseek_v4_sliding_hc4");
 }
+
+#[test]
+fn deepseek_v4_compressed() {
+    kiln_model::golden::check_training(&Cpu, "deepseek_v4");
+}
+
+#[test]
+fn deepseek_v4_compressed_hc4() {
+    kiln_model::golden::check_training(&Cpu, "deepseek_v4_hc4");
+}

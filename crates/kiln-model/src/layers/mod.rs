@@ -10,6 +10,7 @@ pub mod mlp;
 pub mod moe;
 pub mod moe_aux_loss;
 pub mod v4_attention;
+pub mod v4_compressed;
 
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 
@@ -22,6 +23,8 @@ pub struct AttnCtx<'a, B: Backend> {
     pub segments: &'a B::Index,
     pub spec: Attention,
     pub cache: Option<CacheCtx<'a, B>>,
+    /// DeepSeek-V4's compressed layers: where the batch's compressed entries come from.
+    pub compressed: Option<&'a crate::compress_plan::CompressPlan<B>>,
     /// Inputs of the layer's matrix products.
     pub precision: Precision,
 }

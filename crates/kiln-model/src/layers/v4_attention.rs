@@ -12,6 +12,7 @@
 //! gradients add up (they are one tensor), and the sinks' gradient comes from
 //! `attention_sinks_backward`.
 
+use super::v4_compressed::{self, CompressedActs, CompressedGrads};
 use super::{linear, linear_backward, AttnCtx};
 use crate::config::Config;
 use crate::config_v4::V4Config;
@@ -114,10 +115,13 @@ pub struct V4AttnActs<B: Backend> {
     grouped: B::Buf,
     o_a: B::Buf,
     o_flat: B::Buf,
+    /// The compressed entries' part, where the model has compressed layers.
+    compressed: Option<CompressedActs<B>>,
 }
 
 /// Gradient scratch, shared by all layers.
 pub struct V4AttnGrads<B: Backend> {
+    compressed: Option<CompressedGrads<B>>,
     do_flat: B::Buf,
     do_a: B::Buf,
     dgrouped: B::Buf,
@@ -153,6 +157,7 @@ impl<B: Backend> V4AttnActs<B> {
             grouped: b.zeros(n * qd),
             o_a: b.zeros(n * or),
             o_flat: b.zeros(n * or),
+            compressed: CompressedActs::new(b, c, v4(c), n),
         }
     }
 }
@@ -162,6 +167,7 @@ impl<B: Backend> V4AttnGrads<B> {
         let m = Dims::new(c, n);
         let (qd, or) = (m.h * m.hd, m.groups * m.o_rank);
         Self {
+            compressed: CompressedGrads::new(b, c, v4(c), n),
             do_flat: b.zeros(n * or),
             do_a: b.zeros(n * or),
             dgrouped: b.zeros(n * qd),
@@ -203,6 +209,11 @@ pub fn forward<B: Backend>(
     b.rope_forward(&mut a.kv, ctx.rope_table, ctx.positions, m.rope(1));
 
     b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.kv, &a.kv, ctx.segments, ctx.spec);
+    if let Some(plan) = ctx.compressed {
+        let ca = a.compressed.as_mut().expect("compressed attention buffers");
+        let inputs = (xn, &*a.q_a_norm, &*a.q);
+        v4_compressed::forward(b, cfg, v4(cfg), w, inputs, (&mut a.att, &mut a.lse), ca, ctx, plan);
+    }
     b.attention_sinks_forward(&mut a.att, &mut a.lse, w.sinks, ctx.spec);
 
     // Rotated back, by group into [groups, n, width], each group projected to o_rank.
@@ -267,6 +278,13 @@ pub fn backward<B: Backend>(
         ctx.segments,
         ctx.spec,
     );
+    let compressed = ctx.compressed.map(|plan| {
+        let (ca, cs) =
+            (a.compressed.as_ref().expect("compressed acts"), s.compressed.as_mut().expect("compressed grads"));
+        let inputs = (&*a.q, &*s.datt, &*a.att, &*a.lse);
+        v4_compressed::backward_attention(b, cfg, v4(cfg), inputs, &mut s.dq, ca, cs, ctx, plan);
+        (plan, ca)
+    });
 
     // The key and the value are one tensor.
     b.add_assign(&mut s.dk, &s.dv);
@@ -282,5 +300,9 @@ pub fn backward<B: Backend>(
     linear_backward(b, p, dq_a_norm, (&mut *g.q_b, None), &s.dq_raw, &a.q_a_norm, w.q_b, (n, m.q_rank, h * hd));
     b.fill(&mut s.dq_a, 0.0);
     b.rmsnorm_backward(&mut s.dq_a, g.q_a_norm, &s.dq_a_norm, &a.q_a, w.q_a_norm, &a.q_a_rstd);
-    linear_backward(b, p, Some((dxn, true)), (&mut *g.q_a, None), &s.dq_a, xn, w.q_a, (n, d, m.q_rank));
+    linear_backward(b, p, Some((&mut *dxn, true)), (&mut *g.q_a, None), &s.dq_a, xn, w.q_a, (n, d, m.q_rank));
+    if let Some((plan, ca)) = compressed {
+        let cs = s.compressed.as_mut().expect("compressed grads");
+        v4_compressed::backward_compressor(b, cfg, w, g, xn, dxn, ca, cs, ctx, plan);
+    }
 }

@@ -1,0 +1,285 @@
+//! DeepSeek-V4's compressed attention (transformers' `DeepseekV4HCACompressor`,
+//! `DeepseekV4CSACompressor` and `DeepseekV4Indexer`): besides its sliding window, each query
+//! of a CSA or HCA layer attends compressed entries, each summarising `rate` tokens:
+//!
+//!   C = RoPE(RMSNorm(pool(x·W_kvᵀ, x·W_gateᵀ, ape)))   at the windows' positions
+//!   HCA: every complete window the query has passed;
+//!   CSA: overlapping windows, and only the `index_topk` that the lightning indexer scores best
+//!        (Σ_h w_h·relu(q_h·K), with q = RoPE(q_res·W_iqᵀ), K its own pooled entries, w = x·W_wᵀ)
+//!   a = Attention(q, [window keys ; chosen C]) — the two attentions merged by their
+//!       log-sum-exps before the sinks join.
+//!
+//! Backward: the chosen entries' attention gradient flows back through the rope, norm and
+//! pooling to the compressor's weights; the indexer only chooses, so (as under autograd) its
+//! weights get no gradient.
+
+use super::{linear, linear_backward, AttnCtx};
+use crate::compress_plan::CompressPlan;
+use crate::config::Config;
+use crate::config_v4::{V4Attention, V4Config};
+use crate::weights::V4AttnWeights;
+use kiln_core::{Backend, Heads, Indexer, Rope, SparseAttention};
+
+/// The compressed layers' widths, for buffers shared by all of them.
+fn sizes(v4: &V4Config, n: usize) -> Option<(usize, usize)> {
+    let rates = v4.layers.iter().filter_map(|l| l.rate());
+    let most_entries = rates.map(|r| n / r).max()?;
+    let series = if v4.layers.iter().any(|l| matches!(l, V4Attention::Sparse { .. })) { 2 } else { 1 };
+    Some((most_entries, series))
+}
+
+/// What the compressed part of a layer's forward keeps.
+pub struct CompressedActs<B: Backend> {
+    kv: B::Buf,
+    gate: B::Buf,
+    pooled: B::Buf,
+    rstd: B::Buf,
+    /// The entries: normalised and rotated.
+    entries: B::Buf,
+    att: B::Buf,
+    lse: B::Buf,
+    /// Each query's chosen entries (CSA), `[tokens, top_k]`.
+    chosen: B::Index,
+    indexer: Option<IndexerActs<B>>,
+}
+
+/// The lightning indexer's work (nothing of it is kept for backward).
+struct IndexerActs<B: Backend> {
+    kv: B::Buf,
+    gate: B::Buf,
+    pooled: B::Buf,
+    rstd: B::Buf,
+    keys: B::Buf,
+    q: B::Buf,
+    weights: B::Buf,
+}
+
+/// Gradient scratch of the compressed part.
+pub struct CompressedGrads<B: Backend> {
+    dq: B::Buf,
+    dentries: B::Buf,
+    dpooled: B::Buf,
+    dkv: B::Buf,
+    dgate: B::Buf,
+}
+
+impl<B: Backend> CompressedActs<B> {
+    /// Buffers for every compressed layer of `c` over `n` tokens; `None` without any.
+    pub fn new(b: &B, c: &Config, v4: &V4Config, n: usize) -> Option<Self> {
+        let (most, series) = sizes(v4, n)?;
+        let (hd, h) = (c.head_dim, c.num_heads);
+        let sparse = series == 2;
+        let (ihd, ih) = (v4.index_head_dim, v4.index_heads);
+        Some(Self {
+            kv: b.zeros(n * series * hd),
+            gate: b.zeros(n * series * hd),
+            pooled: b.zeros(most * hd),
+            rstd: b.zeros(most),
+            entries: b.zeros(most * hd),
+            att: b.zeros(n * h * hd),
+            lse: b.zeros(n * h),
+            chosen: b.upload_index(&vec![-1; if sparse { n * v4.index_topk } else { 0 }]),
+            indexer: sparse.then(|| IndexerActs {
+                kv: b.zeros(n * 2 * ihd),
+                gate: b.zeros(n * 2 * ihd),
+                pooled: b.zeros(most * ihd),
+                rstd: b.zeros(most),
+                keys: b.zeros(most * ihd),
+                q: b.zeros(n * ih * ihd),
+                weights: b.zeros(n * ih),
+            }),
+        })
+    }
+}
+
+impl<B: Backend> CompressedGrads<B> {
+    pub fn new(b: &B, c: &Config, v4: &V4Config, n: usize) -> Option<Self> {
+        let (most, series) = sizes(v4, n)?;
+        let hd = c.head_dim;
+        Some(Self {
+            dq: b.zeros(n * c.num_heads * hd),
+            dentries: b.zeros(most * hd),
+            dpooled: b.zeros(most * hd),
+            dkv: b.zeros(n * series * hd),
+            dgate: b.zeros(n * series * hd),
+        })
+    }
+}
+
+/// Rope of `heads` heads of `head_dim` over `tokens` rows: the last `rot` features, pairwise.
+fn rope(tokens: usize, heads: usize, head_dim: usize, rot: usize) -> Rope {
+    Rope { x: Heads { tokens, heads, head_dim }, rot_dim: rot, offset: head_dim - rot, interleaved: true }
+}
+
+/// What the layer's queries attend and how many per query: CSA the indexer's `index_topk`
+/// choices (−1 past the visible), HCA every visible entry.
+fn choice<'a, B: Backend>(a: &'a CompressedActs<B>, plan: &'a CompressPlan<B>, v4: &V4Config) -> (&'a B::Index, usize) {
+    if plan.overlap {
+        (&a.chosen, v4.index_topk)
+    } else {
+        (&plan.all_visible, plan.most_visible)
+    }
+}
+
+fn sparse_spec(c: &Config, ctx: &AttnCtx<impl Backend>, entries: usize, top_k: usize) -> SparseAttention {
+    SparseAttention {
+        batch: ctx.spec.batch,
+        seq: ctx.spec.seq,
+        q_heads: c.num_heads,
+        head_dim: c.head_dim,
+        entries,
+        top_k,
+        scale: ctx.spec.scale,
+    }
+}
+
+/// Attends the layer's compressed entries with `q` (rotated) and merges that into the sliding
+/// attention's `att` and `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<B: Backend>(
+    b: &B,
+    c: &Config,
+    v4: &V4Config,
+    w: &V4AttnWeights<&B::Slice>,
+    (xn, q_res, q): (&B::Slice, &B::Slice, &B::Slice),
+    (att, lse): (&mut B::Slice, &mut B::Slice),
+    a: &mut CompressedActs<B>,
+    ctx: &AttnCtx<B>,
+    plan: &CompressPlan<B>,
+) {
+    let (n, d, hd, rot, p) = (ctx.tokens, c.hidden_size, c.head_dim, c.rot_dim, ctx.precision);
+    let (e, width) = (plan.entries, plan.pooling(hd).series() * hd);
+    let (kv_w, gate_w, ape, norm) = (
+        w.comp_kv.expect("compressor kv"),
+        w.comp_gate.expect("compressor gate"),
+        w.comp_ape.expect("compressor ape"),
+        w.comp_norm.expect("compressor norm"),
+    );
+    let (kv, gate) = (b.slice_mut(&mut a.kv, 0..n * width), b.slice_mut(&mut a.gate, 0..n * width));
+    linear(b, p, kv, xn, (kv_w, None), (n, d, width));
+    linear(b, p, gate, xn, (gate_w, None), (n, d, width));
+    let pooled = b.slice_mut(&mut a.pooled, 0..e * hd);
+    b.pool_forward(
+        pooled,
+        b.slice(&a.kv, 0..n * width),
+        b.slice(&a.gate, 0..n * width),
+        ape,
+        &plan.slots,
+        plan.pooling(hd),
+    );
+    let (entries, rstd) = (b.slice_mut(&mut a.entries, 0..e * hd), b.slice_mut(&mut a.rstd, 0..e));
+    b.rmsnorm_forward(entries, rstd, b.slice(&a.pooled, 0..e * hd), norm, c.rms_norm_eps);
+    b.rope_forward(b.slice_mut(&mut a.entries, 0..e * hd), ctx.rope_table, &plan.positions, rope(e, 1, hd, rot));
+
+    let sparse = plan.overlap;
+    if sparse {
+        let ix = a.indexer.as_mut().expect("indexer buffers");
+        let (ihd, ih) = (v4.index_head_dim, v4.index_heads);
+        let (ikv, igate) = (b.slice_mut(&mut ix.kv, 0..n * 2 * ihd), b.slice_mut(&mut ix.gate, 0..n * 2 * ihd));
+        linear(b, p, ikv, xn, (w.index_kv.expect("indexer kv"), None), (n, d, 2 * ihd));
+        linear(b, p, igate, xn, (w.index_gate.expect("indexer gate"), None), (n, d, 2 * ihd));
+        let pooled = b.slice_mut(&mut ix.pooled, 0..e * ihd);
+        let iape = w.index_ape.expect("indexer ape");
+        b.pool_forward(pooled, &ix.kv, &ix.gate, iape, &plan.slots, plan.pooling(ihd));
+        let (keys, rstd) = (b.slice_mut(&mut ix.keys, 0..e * ihd), b.slice_mut(&mut ix.rstd, 0..e));
+        b.rmsnorm_forward(
+            keys,
+            rstd,
+            b.slice(&ix.pooled, 0..e * ihd),
+            w.index_norm.expect("indexer norm"),
+            c.rms_norm_eps,
+        );
+        b.rope_forward(b.slice_mut(&mut ix.keys, 0..e * ihd), ctx.rope_table, &plan.positions, rope(e, 1, ihd, rot));
+        linear(b, p, &mut ix.q, q_res, (w.index_q_b.expect("indexer q"), None), (n, v4.q_lora_rank, ih * ihd));
+        b.rope_forward(&mut ix.q, ctx.rope_table, ctx.positions, rope(n, ih, ihd, rot));
+        linear(b, p, &mut ix.weights, xn, (w.index_weights.expect("indexer weights"), None), (n, d, ih));
+        let spec = Indexer {
+            tokens: n,
+            heads: ih,
+            head_dim: ihd,
+            entries: e,
+            top_k: v4.index_topk,
+            scale: ((ihd * ih) as f32).powf(-0.5),
+        };
+        b.indexer_topk(&mut a.chosen, &ix.q, b.slice(&ix.keys, 0..e * ihd), &ix.weights, &plan.visible, spec);
+    }
+    let (chosen, k) = if sparse { (&a.chosen, v4.index_topk) } else { (&plan.all_visible, plan.most_visible) };
+    let spec = sparse_spec(c, ctx, e, k);
+    b.sparse_attention_forward(&mut a.att, &mut a.lse, q, b.slice(&a.entries, 0..e * hd), chosen, spec);
+    b.attention_merge(att, lse, &a.att, &a.lse, ctx.spec);
+}
+
+/// Backward of `forward`'s attention, given the merged `att` and `lse` and their gradient
+/// `datt`: adds the queries' gradient into `dq` and keeps the entries' for
+/// `backward_compressor`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_attention<B: Backend>(
+    b: &B,
+    c: &Config,
+    v4: &V4Config,
+    (q, datt, att, lse): (&B::Slice, &B::Slice, &B::Slice, &B::Slice),
+    dq: &mut B::Slice,
+    a: &CompressedActs<B>,
+    s: &mut CompressedGrads<B>,
+    ctx: &AttnCtx<B>,
+    plan: &CompressPlan<B>,
+) {
+    let (e, hd) = (plan.entries, c.head_dim);
+    let (chosen, k) = choice(a, plan, v4);
+    let entries = b.slice(&a.entries, 0..e * hd);
+    let dentries = b.slice_mut(&mut s.dentries, 0..e * hd);
+    b.sparse_attention_backward(&mut s.dq, dentries, datt, q, entries, chosen, att, lse, sparse_spec(c, ctx, e, k));
+    b.add_assign(dq, &s.dq);
+}
+
+/// The rest of the backward: from the entries' gradient through the rope, norm and pooling to
+/// the compressor's weights (into `g`) and the input (added into `dxn`).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_compressor<B: Backend>(
+    b: &B,
+    c: &Config,
+    w: &V4AttnWeights<&B::Slice>,
+    g: &mut V4AttnWeights<&mut B::Slice>,
+    xn: &B::Slice,
+    dxn: &mut B::Slice,
+    a: &CompressedActs<B>,
+    s: &mut CompressedGrads<B>,
+    ctx: &AttnCtx<B>,
+    plan: &CompressPlan<B>,
+) {
+    let (n, d, hd, rot, p) = (ctx.tokens, c.hidden_size, c.head_dim, c.rot_dim, ctx.precision);
+    let (e, width) = (plan.entries, plan.pooling(hd).series() * hd);
+    b.rope_backward(b.slice_mut(&mut s.dentries, 0..e * hd), ctx.rope_table, &plan.positions, rope(e, 1, hd, rot));
+    let dpooled = b.slice_mut(&mut s.dpooled, 0..e * hd);
+    b.fill(dpooled, 0.0);
+    let norm = (w.comp_norm.expect("compressor norm"), g.comp_norm.as_deref_mut().expect("compressor norm grad"));
+    let (pooled, rstd) = (b.slice(&a.pooled, 0..e * hd), b.slice(&a.rstd, 0..e));
+    b.rmsnorm_backward(dpooled, norm.1, b.slice(&s.dentries, 0..e * hd), pooled, norm.0, rstd);
+    let (dkv, dgate) = (b.slice_mut(&mut s.dkv, 0..n * width), b.slice_mut(&mut s.dgate, 0..n * width));
+    let (kv, gate) = (b.slice(&a.kv, 0..n * width), b.slice(&a.gate, 0..n * width));
+    let (ape, dape) = (w.comp_ape.expect("compressor ape"), g.comp_ape.as_deref_mut().expect("compressor ape grad"));
+    b.pool_backward(dkv, dgate, dape, b.slice(&s.dpooled, 0..e * hd), kv, gate, ape, &plan.slots, plan.pooling(hd));
+    let (kv_w, gate_w) = (w.comp_kv.expect("compressor kv"), w.comp_gate.expect("compressor gate"));
+    let dkv_w = g.comp_kv.as_deref_mut().expect("compressor kv grad");
+    linear_backward(
+        b,
+        p,
+        Some((&mut *dxn, true)),
+        (dkv_w, None),
+        b.slice(&s.dkv, 0..n * width),
+        xn,
+        kv_w,
+        (n, d, width),
+    );
+    let dgate_w = g.comp_gate.as_deref_mut().expect("compressor gate grad");
+    linear_backward(
+        b,
+        p,
+        Some((dxn, true)),
+        (dgate_w, None),
+        b.slice(&s.dgate, 0..n * width),
+        xn,
+        gate_w,
+        (n, d, width),
+    );
+}

@@ -301,7 +301,8 @@ impl Config {
             return Err(format!("field `hidden_act`: `{}` is not supported (only `silu`)", raw.hidden_act));
         }
         let heads = raw.num_attention_heads;
-        let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
+        // DeepSeek-V4 attends one shared key/value head.
+        let kv_heads = raw.num_key_value_heads.unwrap_or(if model_type == ModelType::DeepseekV4 { 1 } else { heads });
         if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(format!(
                 "fields `num_attention_heads` ({heads}) and `num_key_value_heads` ({kv_heads}): query heads must be a positive multiple of kv heads"

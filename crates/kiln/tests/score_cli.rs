@@ -76,7 +76,9 @@ fn golden(case: &str) -> (Vec<Vec<i64>>, Vec<Vec<f32>>) {
 
 #[test]
 fn score_agrees_with_transformers_for_every_model_type() {
-    for case in ["llama", "mistral", "qwen2", "qwen3", "deepseek_v3", "deepseek_v3_plain"] {
+    let cases =
+        ["llama", "mistral", "qwen2", "qwen3", "deepseek_v3", "deepseek_v3_plain", "deepseek_v4", "deepseek_v4_hc4"];
+    for case in cases {
         let (rows, want) = golden(case);
         for (got, want) in score_golden_rows(case, &rows, "f32").iter().zip(&want) {
             assert_eq!(got.len(), want.len(), "{case}: len(ids) - 1 log-probs");

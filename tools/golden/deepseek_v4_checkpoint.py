@@ -7,7 +7,7 @@ token-to-expert tables (tid2eid) are int64. Parameters that transformers initial
 constants (sinks, biases, scales, position biases) get random values, so a kiln that reads the
 wrong tensor or drops one cannot pass.
 
-tests/fixtures/deepseek_v4/checkpoint/{config.json,model.safetensors}
+tests/fixtures/deepseek_v4_checkpoint/{config.json,model.safetensors}
 
 Run:  python tools/golden/deepseek_v4_checkpoint.py   (needs torch, transformers >= 5.2)
 """
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
-OUT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "deepseek_v4" / "checkpoint"
+OUT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "deepseek_v4_checkpoint"
 
 config = DeepseekV4Config(
     vocab_size=64, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=3, num_attention_heads=4,

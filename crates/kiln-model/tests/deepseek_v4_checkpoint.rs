@@ -54,7 +54,7 @@ fn parameters_are_transformers_for_both_plan_configs() {
 
 #[test]
 fn config_reads_transformers_fields() {
-    let config = Config::load(&fixtures().join("deepseek_v4/checkpoint")).unwrap();
+    let config = Config::load(&fixtures().join("deepseek_v4_checkpoint")).unwrap();
     let AttentionKind::V4(v4) = &config.attention else { panic!("not read as deepseek_v4") };
     assert_eq!(v4.layers, [V4Attention::Sliding, V4Attention::Sparse { rate: 4 }, V4Attention::Heavy { rate: 8 }]);
     assert_eq!(v4.hash_layers, [true, false, false]);
@@ -67,7 +67,7 @@ fn config_reads_transformers_fields() {
 
 #[test]
 fn legacy_fields_resolve_as_transformers_does() {
-    let text = std::fs::read_to_string(fixtures().join("deepseek_v4/checkpoint/config.json")).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("deepseek_v4_checkpoint/config.json")).unwrap();
     let mut o: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text).unwrap();
     for key in ["layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor", "rope_parameters"] {
         o.remove(key);
@@ -77,7 +77,7 @@ fn legacy_fields_resolve_as_transformers_does() {
     o.insert("num_hash_layers".into(), 1.into());
     o.insert("qk_rope_head_dim".into(), 4.into());
     let legacy = Config::parse(&serde_json::Value::from(o.clone()).to_string()).unwrap();
-    let modern = Config::load(&fixtures().join("deepseek_v4/checkpoint")).unwrap();
+    let modern = Config::load(&fixtures().join("deepseek_v4_checkpoint")).unwrap();
     assert_eq!(legacy.attention, modern.attention);
     assert_eq!((legacy.rot_dim, legacy.rope_theta), (modern.rot_dim, modern.rope_theta));
 
@@ -92,7 +92,7 @@ fn legacy_fields_resolve_as_transformers_does() {
 
 #[test]
 fn checkpoint_round_trips_names_dtypes_and_bytes() {
-    let dir = fixtures().join("deepseek_v4/checkpoint");
+    let dir = fixtures().join("deepseek_v4_checkpoint");
     let config = Config::load(&dir).unwrap();
     let layout = weights::layout(&config);
     let carried = |name: &str| config.is_carried_tensor(name);

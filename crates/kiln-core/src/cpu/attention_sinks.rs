@@ -8,18 +8,9 @@
 //!   dσ = p_σ (0 − D) = −e^(σ − l') D
 //! and q, k, v take FlashAttention's backward with o' and l'.
 
+use super::sparse_attention::log_add_exp;
 use crate::backend::Attention;
 use rayon::prelude::*;
-
-/// `log(e^a + e^b)`, exact where one is −∞.
-fn log_add_exp(a: f32, b: f32) -> f32 {
-    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
-    if lo == f32::NEG_INFINITY {
-        hi
-    } else {
-        hi + (lo - hi).exp().ln_1p()
-    }
-}
 
 fn check(out_len: usize, lse_len: usize, sinks_len: usize, spec: &Attention) {
     let tokens = spec.batch * spec.seq;

@@ -133,7 +133,7 @@ pub fn merge(out: &mut [f32], lse: &mut [f32], other_out: &[f32], other_lse: &[f
 }
 
 /// `log(e^a + e^b)`, exact where one is −∞.
-fn log_add_exp(a: f32, b: f32) -> f32 {
+pub(super) fn log_add_exp(a: f32, b: f32) -> f32 {
     let (hi, lo) = if a > b { (a, b) } else { (b, a) };
     if lo == f32::NEG_INFINITY {
         hi

@@ -113,9 +113,9 @@ fn rope(tokens: usize, heads: usize, head_dim: usize, rot: usize) -> Rope {
 
 /// What the layer's queries attend and how many per query: CSA the indexer's `index_topk`
 /// choices (−1 past the visible), HCA every visible entry.
-fn choice<'a, B: Backend>(a: &'a CompressedActs<B>, plan: &'a CompressPlan<B>, v4: &V4Config) -> (&'a B::Index, usize) {
+fn choice<'a, B: Backend>(chosen: &'a B::Index, plan: &'a CompressPlan<B>, v4: &V4Config) -> (&'a B::Index, usize) {
     if plan.overlap {
-        (&a.chosen, v4.index_topk)
+        (chosen, v4.index_topk)
     } else {
         (&plan.all_visible, plan.most_visible)
     }
@@ -203,7 +203,7 @@ pub fn forward<B: Backend>(
         };
         b.indexer_topk(&mut a.chosen, &ix.q, b.slice(&ix.keys, 0..e * ihd), &ix.weights, &plan.visible, spec);
     }
-    let (chosen, k) = if sparse { (&a.chosen, v4.index_topk) } else { (&plan.all_visible, plan.most_visible) };
+    let (chosen, k) = choice(&a.chosen, plan, v4);
     let spec = sparse_spec(c, ctx, e, k);
     b.sparse_attention_forward(&mut a.att, &mut a.lse, q, b.slice(&a.entries, 0..e * hd), chosen, spec);
     b.attention_merge(att, lse, &a.att, &a.lse, ctx.spec);
@@ -225,7 +225,7 @@ pub fn backward_attention<B: Backend>(
     plan: &CompressPlan<B>,
 ) {
     let (e, hd) = (plan.entries, c.head_dim);
-    let (chosen, k) = choice(a, plan, v4);
+    let (chosen, k) = choice(&a.chosen, plan, v4);
     let entries = b.slice(&a.entries, 0..e * hd);
     let dentries = b.slice_mut(&mut s.dentries, 0..e * hd);
     b.sparse_attention_backward(&mut s.dq, dentries, datt, q, entries, chosen, att, lse, sparse_spec(c, ctx, e, k));

@@ -161,6 +161,18 @@ pub struct ColumnCopy {
     pub accumulate: bool,
 }
 
+impl ColumnCopy {
+    /// Columns `offset .. offset + cols` of `rows` rows `stride` wide, into a `[rows, cols]`
+    /// matrix.
+    pub fn take_block(rows: usize, cols: usize, (stride, offset): (usize, usize)) -> Self {
+        Self { rows, cols, src_stride: stride, src_offset: offset, dst_stride: cols, dst_offset: 0, accumulate: false }
+    }
+    /// A `[rows, cols]` matrix into columns `offset .. offset + cols` of rows `stride` wide.
+    pub fn put_block(rows: usize, cols: usize, (stride, offset): (usize, usize)) -> Self {
+        Self { rows, cols, src_stride: cols, src_offset: 0, dst_stride: stride, dst_offset: offset, accumulate: false }
+    }
+}
+
 /// Causal self-attention over `batch` rows of `seq` tokens each.
 ///
 /// Token `i` attends to token `j` of the same row iff `j <= i`, `segment[i] == segment[j]`

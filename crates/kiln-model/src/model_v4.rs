@@ -23,21 +23,6 @@ use crate::safetensors_io::RawTensor;
 use crate::weights::{AttnWeights, FfnWeights, LayerWeights};
 use kiln_core::{Backend, ColumnCopy};
 
-/// Column block `j` (of `width`) of `[n, streams·width]` rows, to or from `[n, width]` ones.
-fn stream(n: usize, width: usize, streams: usize, j: usize, into_streams: bool, accumulate: bool) -> ColumnCopy {
-    let (wide, narrow) = ((streams * width, j * width), (width, 0));
-    let (src, dst) = if into_streams { (narrow, wide) } else { (wide, narrow) };
-    ColumnCopy {
-        rows: n,
-        cols: width,
-        src_stride: src.0,
-        src_offset: src.1,
-        dst_stride: dst.0,
-        dst_offset: dst.1,
-        accumulate,
-    }
-}
-
 /// A frozen token-to-expert table (`tid2eid`, int64 `[vocab, top_k]`) read as i32.
 pub(crate) fn hash_table(t: &RawTensor) -> Option<Vec<i32>> {
     (t.dtype == safetensors::Dtype::I64)
@@ -98,7 +83,7 @@ impl<B: Backend> Model<B> {
     pub(crate) fn embed_streams(&self, b: &B, dst: &mut B::Slice, embedded: &B::Slice, n: usize) {
         let (d, s) = (self.config.hidden_size, crate::activations::streams(&self.config));
         for j in 0..s {
-            b.copy_columns(dst, embedded, stream(n, d, s, j, true, false));
+            b.copy_columns(dst, embedded, ColumnCopy::put_block(n, d, (s * d, j * d)));
         }
     }
 
@@ -107,7 +92,8 @@ impl<B: Backend> Model<B> {
     pub(crate) fn sum_streams(&self, b: &B, dst: &mut B::Slice, dres: &B::Slice, n: usize) {
         let (d, s) = (self.config.hidden_size, crate::activations::streams(&self.config));
         for j in 0..s {
-            b.copy_columns(dst, dres, stream(n, d, s, j, false, j > 0));
+            let spec = ColumnCopy { accumulate: j > 0, ..ColumnCopy::take_block(n, d, (s * d, j * d)) };
+            b.copy_columns(dst, dres, spec);
         }
     }
 

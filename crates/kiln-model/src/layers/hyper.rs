@@ -46,18 +46,13 @@ impl HcDims {
     fn width(&self) -> usize {
         self.spec().width()
     }
-    /// `cols` columns at `offset` of the `[n, width]` weights, to or from a `[n, cols]` buffer.
-    fn part(&self, cols: usize, offset: usize, out_of_weights: bool, accumulate: bool) -> ColumnCopy {
-        let w = self.width();
-        let (src, dst) = if out_of_weights { ((w, offset), (cols, 0)) } else { ((cols, 0), (w, offset)) };
-        ColumnCopy {
-            rows: self.n,
-            cols,
-            src_stride: src.0,
-            src_offset: src.1,
-            dst_stride: dst.0,
-            dst_offset: dst.1,
-            accumulate,
+    /// `cols` columns at `offset` of the `[n, width]` weights, out of them (`take`) or into them.
+    fn part(&self, cols: usize, offset: usize, take: bool) -> ColumnCopy {
+        let wide = (self.width(), offset);
+        if take {
+            ColumnCopy::take_block(self.n, cols, wide)
+        } else {
+            ColumnCopy::put_block(self.n, cols, wide)
         }
     }
     /// One token's `[m, k]·[k, cols]` product, for every token.
@@ -151,10 +146,10 @@ pub fn collapse<B: Backend>(
     b.rmsnorm_forward(&mut a.normed, &mut a.rstd, x, ones, eps);
     linear(b, Precision::F32, &mut a.mixes, &a.normed, (w.mix, None), (n, s * d, width));
     b.hc_weights_forward(&mut a.weights, &a.mixes, w.base, w.scale, dims.spec());
-    b.copy_columns(&mut a.pre, &a.weights, dims.part(s, 0, true, false));
+    b.copy_columns(&mut a.pre, &a.weights, dims.part(s, 0, true));
     if !dims.head {
-        b.copy_columns(&mut a.post, &a.weights, dims.part(s, s, true, false));
-        b.copy_columns(&mut a.comb, &a.weights, dims.part(s * s, 2 * s, true, false));
+        b.copy_columns(&mut a.post, &a.weights, dims.part(s, s, true));
+        b.copy_columns(&mut a.comb, &a.weights, dims.part(s * s, 2 * s, true));
     }
     b.matmul(&mut a.collapsed, &a.pre, x, dims.per_token(1, s, d));
 }
@@ -209,10 +204,10 @@ pub fn collapse_backward<B: Backend>(
     b.matmul(dx, &a.pre, dcollapsed, Matmul { accumulate: true, ..dims.per_token(s, 1, d) });
 
     let dweights = b.slice_mut(&mut g.dweights, 0..n * width);
-    b.copy_columns(dweights, b.slice(&g.dpre, 0..n * s), dims.part(s, 0, false, false));
+    b.copy_columns(dweights, b.slice(&g.dpre, 0..n * s), dims.part(s, 0, false));
     if !dims.head {
-        b.copy_columns(dweights, b.slice(&g.dpost, 0..n * s), dims.part(s, s, false, false));
-        b.copy_columns(dweights, b.slice(&g.dcomb, 0..n * s * s), dims.part(s * s, 2 * s, false, false));
+        b.copy_columns(dweights, b.slice(&g.dpost, 0..n * s), dims.part(s, s, false));
+        b.copy_columns(dweights, b.slice(&g.dcomb, 0..n * s * s), dims.part(s * s, 2 * s, false));
     }
     let dmixes = b.slice_mut(&mut g.dmixes, 0..n * width);
     let dweights = b.slice(&g.dweights, 0..n * width);

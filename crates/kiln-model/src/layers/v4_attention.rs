@@ -60,15 +60,10 @@ impl Dims {
     /// a `[groups, n, width]` one.
     fn group(&self, g: usize, width: usize, gather: bool) -> ColumnCopy {
         let wide = (self.groups * width, g * width);
-        let (src, dst) = if gather { (wide, (width, 0)) } else { ((width, 0), wide) };
-        ColumnCopy {
-            rows: self.n,
-            cols: width,
-            src_stride: src.0,
-            src_offset: src.1,
-            dst_stride: dst.0,
-            dst_offset: dst.1,
-            accumulate: false,
+        if gather {
+            ColumnCopy::take_block(self.n, width, wide)
+        } else {
+            ColumnCopy::put_block(self.n, width, wide)
         }
     }
     /// Every group's `[n, k]·W_gᵀ`-shaped product, `W` stored `[groups, out, k]`.

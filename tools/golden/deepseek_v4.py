@@ -2,8 +2,10 @@
 DeepseekV4ForCausalLM (eager), for kiln's forward and backward.
 
 Cases, each in tests/fixtures/<case>/ (model/ as transformers saves it, with DeepSeek's tensor
-names; golden.safetensors with input_ids, lengths, logits, logprobs, loss and every
-parameter's gradient as grad.<kiln tensor name>, experts stacked [experts, rows, cols]):
+names; golden.safetensors with input_ids, lengths, logits, logprobs, loss, every parameter's
+gradient as grad.<kiln tensor name> (experts stacked [experts, rows, cols]), and greedy
+[prompts, new] with greedy_prompt_lengths: generate's greedy continuation, with V4's caches, of
+each row's first greedy_prompt_lengths[r] tokens, one prompt at a time):
   deepseek_v4_sliding      sliding-window layers, hc_mult 2, a hash layer then scored layers
                            (√softplus, correction bias), sinks, grouped low-rank output,
                            clamped SwiGLU (swiglu_limit small enough to clamp)
@@ -33,6 +35,8 @@ COMMON = dict(
     index_topk=3, partial_rotary_factor=0.5, routed_scaling_factor=1.5, swiglu_limit=1.5, rms_norm_eps=1e-6,
     max_position_embeddings=64,
 )
+
+GREEDY_NEW = 14
 
 CASES = {
     "deepseek_v4_sliding": dict(
@@ -161,6 +165,20 @@ def build(name: str, spec: dict) -> None:
         "logprobs": token_logprobs.contiguous(),
         "loss": out.loss.detach().float().reshape(()).contiguous(),
     }
+    # Greedy continuations long enough to slide the window several times and to complete
+    # compressed windows while decoding.
+    prompt_lengths = torch.tensor([10, 7])
+    with torch.no_grad():
+        greedy = [
+            # The mask is given: generate would otherwise mask every prompt token equal to the
+            # pad id.
+            reloaded.generate(ids[r:r + 1, :n], attention_mask=torch.ones_like(ids[r:r + 1, :n]),
+                              max_new_tokens=GREEDY_NEW, do_sample=False, min_new_tokens=GREEDY_NEW,
+                              eos_token_id=None, pad_token_id=0)[0, n:]
+            for r, n in enumerate(prompt_lengths.tolist())
+        ]
+    tensors["greedy"] = torch.stack(greedy).contiguous()
+    tensors["greedy_prompt_lengths"] = prompt_lengths.contiguous()
     tensors.update(kiln_grads(reloaded, names))
     save_file(tensors, case_dir / "golden.safetensors")
     print(f"{name}: loss {out.loss.item():.6f}")

@@ -84,10 +84,6 @@ pub struct V4Config {
     pub hash_layers: Vec<bool>,
 }
 
-/// Why a `deepseek_v4` model cannot generate yet.
-pub const GENERATION_MISSING: &str =
-    "deepseek_v4: generation (the sliding-window and compressed caches) is not built yet; training and scoring run";
-
 /// transformers' defaults: DeepSeek-V4-Flash's.
 const DEFAULT_ROPE_HEAD_DIM: f64 = 64.0;
 const DEFAULT_HASH_LAYERS: usize = 3;

@@ -64,7 +64,8 @@ fn fixture(case: &str) -> PathBuf {
 pub struct Golden {
     sequences: Vec<Vec<i32>>,
     seq: usize,
-    greedy: Vec<i32>,
+    /// Prompts and transformers' greedy continuation of each.
+    greedy: Vec<(Vec<i32>, Vec<i32>)>,
     tensors: Vec<(String, Vec<f32>)>,
 }
 
@@ -79,14 +80,24 @@ impl Golden {
         };
         let (shape, ids) = ints("input_ids");
         let (_, lengths) = ints("lengths");
-        let greedy =
-            st.tensor("greedy").map_or(Vec::new(), |_| ints("greedy").1.into_iter().map(|t| t as i32).collect());
         let seq = shape[1];
-        let sequences = lengths
+        let sequences: Vec<Vec<i32>> = lengths
             .iter()
             .enumerate()
             .map(|(r, &len)| ids[r * seq..r * seq + len as usize].iter().map(|&i| i as i32).collect())
             .collect();
+        // Either `greedy` [prompts, new] of each row's first `greedy_prompt_lengths[r]` tokens,
+        // or (older fixtures) `greedy` [new] of the first row's first 6.
+        let prompt_lengths = st.tensor("greedy_prompt_lengths").map_or(vec![6], |_| ints("greedy_prompt_lengths").1);
+        let greedy = match st.tensor("greedy") {
+            Err(_) => Vec::new(),
+            Ok(_) => {
+                let tokens: Vec<i32> = ints("greedy").1.into_iter().map(|t| t as i32).collect();
+                let new = tokens.len() / prompt_lengths.len();
+                let prompts = prompt_lengths.iter().enumerate().map(|(r, &n)| sequences[r][..n as usize].to_vec());
+                prompts.zip(tokens.chunks(new).map(<[i32]>::to_vec)).collect()
+            }
+        };
         Self { sequences, seq, greedy, tensors: f32_tensors(&st) }
     }
 
@@ -126,14 +137,26 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32) {
 /// log-probs, greedy continuations, the loss and every gradient.
 pub fn check<B: Backend>(b: &B, case: &str) {
     let (golden, mut model) = check_training(b, case);
-    // Greedy decoding continues the first row's first 6 tokens as transformers' generate does,
-    // without a cache and with the KV-cache generator.
-    let greedy = crate::generate::greedy(b, &mut model, &[golden.sequences[0][..6].to_vec()], 5, &[]);
-    assert_eq!(greedy[0], golden.greedy, "{case}: greedy continuation");
-    let params = SamplingParams { temperature: 0.0, max_new_tokens: 5, ..Default::default() };
-    let request = Request { prompt: golden.sequences[0][..6].to_vec(), params };
-    let cached = generate(b, &mut model, &[request], 4, &mut |_, _| false);
-    assert_eq!(cached[0].tokens, golden.greedy, "{case}: greedy continuation with the KV cache");
+    // Greedy decoding continues the prompts as transformers' generate does, without a cache,
+    // and with the cache generator: all prompts at once (their sequences at different
+    // positions), and one at a time (each reusing the slot the one before left).
+    assert!(!golden.greedy.is_empty(), "{case}: the fixture has no greedy continuation");
+    for (prompt, want) in &golden.greedy {
+        let greedy = crate::generate::greedy(b, &mut model, std::slice::from_ref(prompt), want.len(), &[]);
+        assert_eq!(&greedy[0], want, "{case}: greedy continuation of {prompt:?}");
+    }
+    let requests: Vec<Request> = (golden.greedy.iter())
+        .map(|(prompt, want)| {
+            let params = SamplingParams { temperature: 0.0, max_new_tokens: want.len(), ..Default::default() };
+            Request { prompt: prompt.clone(), params }
+        })
+        .collect();
+    for max_batch in [requests.len(), 1] {
+        let cached = generate(b, &mut model, &requests, max_batch, &mut |_, _| false);
+        for (got, (prompt, want)) in cached.iter().zip(&golden.greedy) {
+            assert_eq!(&got.tokens, want, "{case}: cached greedy continuation of {prompt:?} ({max_batch} at a time)");
+        }
+    }
 }
 
 /// `check` without generation: logits, log-probs, the loss and every gradient (with

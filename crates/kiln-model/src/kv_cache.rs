@@ -7,6 +7,7 @@
 //! cache (c_kv and k_pe only, up-projections absorbed) is a later optimisation.
 
 use crate::config::{AttentionKind, Config};
+use crate::v4_cache::V4Cache;
 use kiln_core::{Backend, DecodeAttention, Precision};
 
 pub struct KvCache<B: Backend> {
@@ -19,6 +20,8 @@ pub struct KvCache<B: Backend> {
     v_head_dim: usize,
     /// How keys and values are stored: the model's matrix-product precision.
     pub(crate) storage: Precision,
+    /// DeepSeek-V4's window and compressed caches, in place of `k` and `v` (kept in f32).
+    pub(crate) v4: Option<V4Cache<B>>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -28,7 +31,21 @@ impl<B: Backend> KvCache<B> {
         let (kv_heads, head_dim, v_head_dim) = match &cfg.attention {
             AttentionKind::Gqa => (cfg.num_kv_heads, cfg.head_dim, cfg.head_dim),
             AttentionKind::Mla(m) => (cfg.num_heads, cfg.head_dim, m.v_head_dim),
-            AttentionKind::V4(_) => panic!("{}", crate::config_v4::GENERATION_MISSING),
+            AttentionKind::V4(v4) => {
+                let v4 = Some(V4Cache::new(b, cfg, v4, slots, max_len));
+                let storage = Precision::F32;
+                return Self {
+                    slots,
+                    max_len,
+                    k: Vec::new(),
+                    v: Vec::new(),
+                    kv_heads: 0,
+                    head_dim: 0,
+                    v_head_dim: 0,
+                    storage,
+                    v4,
+                };
+            }
         };
         let (k_row, v_row) = (kv_heads * head_dim, kv_heads * v_head_dim);
         let rows = slots * max_len;
@@ -41,6 +58,7 @@ impl<B: Backend> KvCache<B> {
             head_dim,
             v_head_dim,
             storage,
+            v4: None,
         }
     }
 

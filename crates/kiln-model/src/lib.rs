@@ -19,6 +19,7 @@ pub mod rope;
 pub mod safetensors_io;
 pub mod sampler;
 pub mod score_head;
+pub mod v4_cache;
 pub mod weights;
 
 pub use activations::{Activations, ActivationsPool};

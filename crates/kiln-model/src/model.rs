@@ -21,6 +21,7 @@ use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
+use crate::v4_cache::V4Step;
 use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, MoeWeights, TensorSpec, Weights};
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 use std::path::Path;
@@ -397,7 +398,13 @@ impl<B: Backend> Model<B> {
         }
         let mut view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs, &acts.compress);
         let mut cache = cache;
-        let indices = cache.as_ref().map(|(_, plan)| {
+        let v4_step = match (&cache, &c.attention) {
+            (Some((kv, plan)), AttentionKind::V4(v4)) => {
+                Some(V4Step::new(b, kv.v4.as_ref().expect("a V4 cache"), v4, plan, batch.seq))
+            }
+            _ => None,
+        };
+        let indices = cache.as_ref().filter(|_| v4_step.is_none()).map(|(_, plan)| {
             let decode = plan.decode.map(|(starts, lengths)| (b.upload_index(starts), b.upload_index(lengths)));
             (b.upload_index(plan.rows), decode)
         });
@@ -410,15 +417,29 @@ impl<B: Backend> Model<B> {
         for l in 0..c.num_layers {
             let (inputs, outputs) = acts.layer_inputs.split_at_mut(l + 1);
             let a = &mut acts.layers[acts.slots[l]];
-            let kv = cache.as_mut().map(|(kv, _)| {
-                let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
-                (&mut **k, &mut **v)
-            });
-            if self.is_v4() {
+            if let AttentionKind::V4(v4) = &c.attention {
                 let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
                 let layer = (l, &w.layers[l]);
-                self.v4_layer_forward(b, layer, a, &inputs[l], Some(&mut outputs[0]), &view.ctx(l), routes);
+                let step = v4_step.as_ref().map(|step| step.layer(&v4.layers[l]));
+                let layer_cache = match (cache.as_mut(), &step) {
+                    (Some((kv, _)), Some(step)) => Some((&mut kv.v4.as_mut().expect("a V4 cache").layers[l], step)),
+                    _ => None,
+                };
+                self.v4_layer_forward(
+                    b,
+                    layer,
+                    a,
+                    &inputs[l],
+                    Some(&mut outputs[0]),
+                    &view.ctx(l),
+                    routes,
+                    layer_cache,
+                );
             } else {
+                let kv = cache.as_mut().map(|(kv, _)| {
+                    let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
+                    (&mut **k, &mut **v)
+                });
                 self.layer_forward(b, (l, &w.layers[l]), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
             }
             if let (true, FfnActs::Moe(m)) = (count_load, &a.ffn) {
@@ -615,7 +636,7 @@ impl<B: Backend> Model<B> {
                 let ctx = view.ctx(l);
                 if acts.recompute {
                     let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
-                    self.v4_layer_forward(b, layer, a, x_in, None, &ctx, routes);
+                    self.v4_layer_forward(b, layer, a, x_in, None, &ctx, routes, None);
                 }
                 aux_loss += self.v4_layer_backward(b, layer, a, x_in, s, &mut g, &ctx, aux.as_ref());
             } else {

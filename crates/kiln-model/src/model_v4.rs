@@ -20,6 +20,7 @@ use crate::layers::v4_attention;
 use crate::layers::AttnCtx;
 use crate::model::Model;
 use crate::safetensors_io::RawTensor;
+use crate::v4_cache::{LayerStep, V4LayerCache};
 use crate::weights::{AttnWeights, FfnWeights, LayerWeights};
 use kiln_core::{Backend, ColumnCopy};
 
@@ -129,7 +130,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// Forward of V4 layer `l` from the streams `x_in` into `a` and, unless only recomputing
-    /// what backward needs, into `x_out`.
+    /// what backward needs, into `x_out`; with the layer's generation cache when generating.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn v4_layer_forward(
         &self,
@@ -140,6 +141,7 @@ impl<B: Backend> Model<B> {
         x_out: Option<&mut B::Slice>,
         ctx: &AttnCtx<B>,
         routes: Option<&[i32]>,
+        cache: Option<(&mut V4LayerCache<B>, &LayerStep<B>)>,
     ) {
         let c = &self.config;
         let eps = c.rms_norm_eps;
@@ -151,7 +153,7 @@ impl<B: Backend> Model<B> {
         let (AttnWeights::V4(w_attn), AttnActs::V4(a_attn)) = (&w.attn, &mut a.attn) else {
             unreachable!("a V4 layer has V4 attention")
         };
-        v4_attention::forward(b, c, w_attn, &a.xn1, &mut st.attn_out, a_attn, ctx, ones);
+        v4_attention::forward(b, c, w_attn, &a.xn1, &mut st.attn_out, a_attn, ctx, ones, cache);
         hyper::expand(b, &st.attn_hc, x_in, &st.attn_out, &mut a.x_mid);
 
         hyper::collapse(b, wf, &a.x_mid, &mut st.ffn_hc, ones, eps);

@@ -6,20 +6,20 @@ use kiln_core::Cpu;
 
 #[test]
 fn deepseek_v4_sliding() {
-    kiln_model::golden::check_training(&Cpu, "deepseek_v4_sliding");
+    kiln_model::golden::check(&Cpu, "deepseek_v4_sliding");
 }
 
 #[test]
 fn deepseek_v4_sliding_hc4() {
-    kiln_model::golden::check_training(&Cpu, "deepseek_v4_sliding_hc4");
+    kiln_model::golden::check(&Cpu, "deepseek_v4_sliding_hc4");
 }
 
 #[test]
 fn deepseek_v4_compressed() {
-    kiln_model::golden::check_training(&Cpu, "deepseek_v4");
+    kiln_model::golden::check(&Cpu, "deepseek_v4");
 }
 
 #[test]
 fn deepseek_v4_compressed_hc4() {
-    kiln_model::golden::check_training(&Cpu, "deepseek_v4_hc4");
+    kiln_model::golden::check(&Cpu, "deepseek_v4_hc4");
 }

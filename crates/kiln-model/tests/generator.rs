@@ -19,7 +19,7 @@ fn prompts() -> Vec<Vec<i32>> {
 
 #[test]
 fn continuous_batching_matches_the_cache_free_reference() {
-    for case in ["llama", "mistral", "deepseek_v3"] {
+    for case in ["llama", "mistral", "deepseek_v3", "deepseek_v4", "deepseek_v4_hc4"] {
         let b = Cpu;
         let mut model = Model::load(&b, &fixture(case)).unwrap();
         let requests: Vec<Request> = prompts()

@@ -11,6 +11,7 @@ pub mod moe;
 pub mod moe_aux_loss;
 pub mod v4_attention;
 pub mod v4_compressed;
+pub mod v4_decode;
 
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 

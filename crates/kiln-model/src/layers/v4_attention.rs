@@ -13,9 +13,10 @@
 //! `attention_sinks_backward`.
 
 use super::v4_compressed::{self, CompressedActs, CompressedGrads};
-use super::{linear, linear_backward, AttnCtx};
+use super::{linear, linear_backward, v4_decode, AttnCtx};
 use crate::config::Config;
 use crate::config_v4::V4Config;
+use crate::v4_cache::{LayerStep, V4LayerCache};
 use crate::weights::V4AttnWeights;
 use kiln_core::{Backend, ColumnCopy, Heads, Matmul, Rope};
 
@@ -180,6 +181,8 @@ impl<B: Backend> V4AttnGrads<B> {
 }
 
 /// `out = attention(xn)`. `ones` holds at least `head_dim` ones (the per-head norm's weight).
+/// With a generation cache, a prefill also stores what later tokens read, and a decode step
+/// attends what is cached (`v4_decode`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     b: &B,
@@ -190,6 +193,7 @@ pub fn forward<B: Backend>(
     a: &mut V4AttnActs<B>,
     ctx: &AttnCtx<B>,
     ones: &B::Slice,
+    cache: Option<(&mut V4LayerCache<B>, &LayerStep<B>)>,
 ) {
     let m = Dims::new(cfg, ctx.tokens);
     let (n, d, h, hd, p) = (m.n, m.d, m.h, m.hd, ctx.precision);
@@ -203,11 +207,23 @@ pub fn forward<B: Backend>(
     b.rmsnorm_forward(&mut a.kv, &mut a.kv_rstd, &a.kv_raw, w.kv_norm, m.eps);
     b.rope_forward(&mut a.kv, ctx.rope_table, ctx.positions, m.rope(1));
 
-    b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.kv, &a.kv, ctx.segments, ctx.spec);
-    if let Some(plan) = ctx.compressed {
-        let ca = a.compressed.as_mut().expect("compressed attention buffers");
-        let inputs = (xn, &*a.q_a_norm, &*a.q);
-        v4_compressed::forward(b, cfg, v4(cfg), w, inputs, (&mut a.att, &mut a.lse), ca, ctx, plan);
+    match cache {
+        Some(cache) if cache.1.window.is_some() => {
+            let inputs = (xn, &*a.q_a_norm, &*a.q, &*a.kv);
+            let att = (&mut *a.att, &mut *a.lse);
+            v4_decode::attend(b, cfg, v4(cfg), w, inputs, att, a.compressed.as_mut(), cache, ctx);
+        }
+        cache => {
+            b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.kv, &a.kv, ctx.segments, ctx.spec);
+            if let Some(plan) = ctx.compressed {
+                let ca = a.compressed.as_mut().expect("compressed attention buffers");
+                let inputs = (xn, &*a.q_a_norm, &*a.q);
+                v4_compressed::forward(b, cfg, v4(cfg), w, inputs, (&mut a.att, &mut a.lse), ca, ctx, plan);
+            }
+            if let Some(cache) = cache {
+                v4_decode::store_prefill(b, cfg, v4(cfg), &a.kv, a.compressed.as_ref(), cache, n);
+            }
+        }
     }
     b.attention_sinks_forward(&mut a.att, &mut a.lse, w.sinks, ctx.spec);
 

@@ -18,7 +18,7 @@ use crate::compress_plan::CompressPlan;
 use crate::config::Config;
 use crate::config_v4::{V4Attention, V4Config};
 use crate::weights::V4AttnWeights;
-use kiln_core::{Backend, Heads, Indexer, Rope, SparseAttention};
+use kiln_core::{Backend, Heads, Indexer, Pooling, Rope, SparseAttention};
 
 /// The compressed layers' widths, for buffers shared by all of them.
 fn sizes(v4: &V4Config, n: usize) -> Option<(usize, usize)> {
@@ -30,28 +30,28 @@ fn sizes(v4: &V4Config, n: usize) -> Option<(usize, usize)> {
 
 /// What the compressed part of a layer's forward keeps.
 pub struct CompressedActs<B: Backend> {
-    kv: B::Buf,
-    gate: B::Buf,
+    pub(super) kv: B::Buf,
+    pub(super) gate: B::Buf,
     pooled: B::Buf,
     rstd: B::Buf,
     /// The entries: normalised and rotated.
-    entries: B::Buf,
-    att: B::Buf,
-    lse: B::Buf,
+    pub(super) entries: B::Buf,
+    pub(super) att: B::Buf,
+    pub(super) lse: B::Buf,
     /// Each query's chosen entries (CSA), `[tokens, top_k]`.
-    chosen: B::Index,
-    indexer: Option<IndexerActs<B>>,
+    pub(super) chosen: B::Index,
+    pub(super) indexer: Option<IndexerActs<B>>,
 }
 
 /// The lightning indexer's work (nothing of it is kept for backward).
-struct IndexerActs<B: Backend> {
-    kv: B::Buf,
-    gate: B::Buf,
+pub(super) struct IndexerActs<B: Backend> {
+    pub(super) kv: B::Buf,
+    pub(super) gate: B::Buf,
     pooled: B::Buf,
     rstd: B::Buf,
-    keys: B::Buf,
-    q: B::Buf,
-    weights: B::Buf,
+    pub(super) keys: B::Buf,
+    pub(super) q: B::Buf,
+    pub(super) weights: B::Buf,
 }
 
 /// Gradient scratch of the compressed part.
@@ -158,55 +158,83 @@ pub fn forward<B: Backend>(
     let (kv, gate) = (b.slice_mut(&mut a.kv, 0..n * width), b.slice_mut(&mut a.gate, 0..n * width));
     linear(b, p, kv, xn, (kv_w, None), (n, d, width));
     linear(b, p, gate, xn, (gate_w, None), (n, d, width));
-    let pooled = b.slice_mut(&mut a.pooled, 0..e * hd);
-    b.pool_forward(
-        pooled,
-        b.slice(&a.kv, 0..n * width),
-        b.slice(&a.gate, 0..n * width),
-        ape,
-        &plan.slots,
+    pool_entries(
+        b,
+        (&mut a.pooled, &mut a.rstd, &mut a.entries),
+        (b.slice(&a.kv, 0..n * width), b.slice(&a.gate, 0..n * width)),
+        (ape, norm),
+        (&plan.slots, &plan.positions),
         plan.pooling(hd),
+        (ctx.rope_table, rot, c.rms_norm_eps),
     );
-    let (entries, rstd) = (b.slice_mut(&mut a.entries, 0..e * hd), b.slice_mut(&mut a.rstd, 0..e));
-    b.rmsnorm_forward(entries, rstd, b.slice(&a.pooled, 0..e * hd), norm, c.rms_norm_eps);
-    b.rope_forward(b.slice_mut(&mut a.entries, 0..e * hd), ctx.rope_table, &plan.positions, rope(e, 1, hd, rot));
 
-    let sparse = plan.overlap;
-    if sparse {
+    if plan.overlap {
         let ix = a.indexer.as_mut().expect("indexer buffers");
-        let (ihd, ih) = (v4.index_head_dim, v4.index_heads);
+        let ihd = v4.index_head_dim;
         let (ikv, igate) = (b.slice_mut(&mut ix.kv, 0..n * 2 * ihd), b.slice_mut(&mut ix.gate, 0..n * 2 * ihd));
         linear(b, p, ikv, xn, (w.index_kv.expect("indexer kv"), None), (n, d, 2 * ihd));
         linear(b, p, igate, xn, (w.index_gate.expect("indexer gate"), None), (n, d, 2 * ihd));
-        let pooled = b.slice_mut(&mut ix.pooled, 0..e * ihd);
-        let iape = w.index_ape.expect("indexer ape");
-        b.pool_forward(pooled, &ix.kv, &ix.gate, iape, &plan.slots, plan.pooling(ihd));
-        let (keys, rstd) = (b.slice_mut(&mut ix.keys, 0..e * ihd), b.slice_mut(&mut ix.rstd, 0..e));
-        b.rmsnorm_forward(
-            keys,
-            rstd,
-            b.slice(&ix.pooled, 0..e * ihd),
-            w.index_norm.expect("indexer norm"),
-            c.rms_norm_eps,
+        pool_entries(
+            b,
+            (&mut ix.pooled, &mut ix.rstd, &mut ix.keys),
+            (&ix.kv, &ix.gate),
+            (w.index_ape.expect("indexer ape"), w.index_norm.expect("indexer norm")),
+            (&plan.slots, &plan.positions),
+            plan.pooling(ihd),
+            (ctx.rope_table, rot, c.rms_norm_eps),
         );
-        b.rope_forward(b.slice_mut(&mut ix.keys, 0..e * ihd), ctx.rope_table, &plan.positions, rope(e, 1, ihd, rot));
-        linear(b, p, &mut ix.q, q_res, (w.index_q_b.expect("indexer q"), None), (n, v4.q_lora_rank, ih * ihd));
-        b.rope_forward(&mut ix.q, ctx.rope_table, ctx.positions, rope(n, ih, ihd, rot));
-        linear(b, p, &mut ix.weights, xn, (w.index_weights.expect("indexer weights"), None), (n, d, ih));
-        let spec = Indexer {
-            tokens: n,
-            heads: ih,
-            head_dim: ihd,
-            entries: e,
-            top_k: v4.index_topk,
-            scale: ((ihd * ih) as f32).powf(-0.5),
-        };
+        indexer_queries(b, c, v4, w, (xn, q_res), ix, ctx);
+        let spec = indexer_spec(v4, n, e);
         b.indexer_topk(&mut a.chosen, &ix.q, b.slice(&ix.keys, 0..e * ihd), &ix.weights, &plan.visible, spec);
     }
     let (chosen, k) = choice(&a.chosen, plan, v4);
     let spec = sparse_spec(c, ctx, e, k);
     b.sparse_attention_forward(&mut a.att, &mut a.lse, q, b.slice(&a.entries, 0..e * hd), chosen, spec);
     b.attention_merge(att, lse, &a.att, &a.lse, ctx.spec);
+}
+
+/// `out` = RoPE(RMSNorm(pool(kv, gate))) of the `pooling.entries` windows `slots`, at
+/// `positions` (prefixes of the three buffers; `pooled` and `rstd` are what backward reads).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn pool_entries<B: Backend>(
+    b: &B,
+    (pooled, rstd, out): (&mut B::Slice, &mut B::Slice, &mut B::Slice),
+    (kv, gate): (&B::Slice, &B::Slice),
+    (ape, norm): (&B::Slice, &B::Slice),
+    (slots, positions): (&B::Index, &B::Index),
+    pooling: Pooling,
+    (rope_table, rot, eps): (&B::Slice, usize, f32),
+) {
+    let (e, width) = (pooling.entries, pooling.width);
+    let (pooled, rstd, out) =
+        (b.slice_mut(pooled, 0..e * width), b.slice_mut(rstd, 0..e), b.slice_mut(out, 0..e * width));
+    b.pool_forward(pooled, kv, gate, ape, slots, pooling);
+    b.rmsnorm_forward(out, rstd, pooled, norm, eps);
+    b.rope_forward(out, rope_table, positions, rope(e, 1, width, rot));
+}
+
+/// The indexer's rotated queries (`ix.q`, from the low-rank query `q_res`) and per-head
+/// weights (`ix.weights`) of the context's tokens.
+pub(super) fn indexer_queries<B: Backend>(
+    b: &B,
+    c: &Config,
+    v4: &V4Config,
+    w: &V4AttnWeights<&B::Slice>,
+    (xn, q_res): (&B::Slice, &B::Slice),
+    ix: &mut IndexerActs<B>,
+    ctx: &AttnCtx<B>,
+) {
+    let (n, d, p) = (ctx.tokens, c.hidden_size, ctx.precision);
+    let (ihd, ih) = (v4.index_head_dim, v4.index_heads);
+    linear(b, p, &mut ix.q, q_res, (w.index_q_b.expect("indexer q"), None), (n, v4.q_lora_rank, ih * ihd));
+    b.rope_forward(&mut ix.q, ctx.rope_table, ctx.positions, rope(n, ih, ihd, c.rot_dim));
+    linear(b, p, &mut ix.weights, xn, (w.index_weights.expect("indexer weights"), None), (n, d, ih));
+}
+
+/// The indexer's choice for `tokens` queries among `entries` keys.
+pub(super) fn indexer_spec(v4: &V4Config, tokens: usize, entries: usize) -> Indexer {
+    let (ihd, ih) = (v4.index_head_dim, v4.index_heads);
+    Indexer { tokens, heads: ih, head_dim: ihd, entries, top_k: v4.index_topk, scale: ((ihd * ih) as f32).powf(-0.5) }
 }
 
 /// Backward of `forward`'s attention, given the merged `att` and `lse` and their gradient

@@ -1,7 +1,7 @@
 """The PyTorch side of `kiln bench train`: the same training step in eager PyTorch.
 
 Same model (transformers' LlamaForCausalLM from a config.json, randomly initialised, f32,
-SDPA attention), same batch shape, same optimiser (torch.optim.AdamW, lr 1e-4, weight decay
+SDPA attention; eager for DeepSeek-V4), same batch shape, same optimiser (torch.optim.AdamW, lr 1e-4, weight decay
 0.1), same thread count. Prints step time, tokens/s and peak resident memory.
 `--autocast bf16` runs forward and loss under `torch.autocast("cpu", dtype=torch.bfloat16)`
 with f32 weights and optimizer (PyTorch's mixed precision, what a PyTorch user turns on).
@@ -40,7 +40,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(args.config)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    # DeepSeek-V4's attention sinks and compressed entries run only in transformers' eager path.
+    attention = "eager" if config.model_type == "deepseek_v4" else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
     model.to(args.device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True if cuda else None)

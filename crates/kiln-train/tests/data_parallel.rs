@@ -3,9 +3,9 @@
 //! every step, follows the one-process curve, replicated, with ZeRO-1 (moments 1/N per rank)
 //! and ZeRO-2 (moments and gradients 1/N); ZeRO checkpoints resume on other numbers of ranks
 //! and without ZeRO; expert parallel (alone, with data parallel, recomputation, ZeRO-1 and
-//! ZeRO-2) gives the one-process curve with each rank holding its share of the experts; and
-//! every recipe follows its one-process curve on two ranks. `crates/kiln/tests/dp_mpi.rs` runs
-//! the same layouts as processes under mpirun.
+//! ZeRO-2) gives the one-process curve with each rank holding its share of the experts, for
+//! DeepSeek-V3 and V4; and every recipe follows its one-process curve on two ranks.
+//! `crates/kiln/tests/dp_mpi.rs` runs the same layouts as processes under mpirun.
 
 use kiln_core::Cpu;
 use kiln_dist::Threads;
@@ -203,6 +203,28 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     }
 }
 
+/// DeepSeek-V4 (hash-routed and scored MoE, hyper-connections, compressed attention): expert
+/// parallel with ZeRO-2, and with data parallel and ZeRO-1, follows the one-process curve, and
+/// GRPO samples and trains with the experts split over two ranks.
+#[test]
+fn deepseek_v4_follows_the_one_process_curve_with_expert_parallel_and_zero() {
+    let base = scratch("v4-base");
+    deepseek_v4_base(&base);
+    let model = format!("model.path={:?}", base.display().to_string());
+    let one = scratch("v4-1");
+    sft(1, &one, &[&model]);
+    for (ranks, ep, extra) in [(2, 2, "train.zero=2"), (4, 2, "train.zero=1")] {
+        let dir = scratch(&format!("v4-{ranks}-{ep}-{extra}"));
+        sft(ranks, &dir, &[&model, &format!("train.ep={ep}"), extra]);
+        let what = format!("deepseek_v4 on {ranks} ranks, ep {ep}, {extra}");
+        assert_same_curve(&series(&one, "loss"), &series(&dir, "loss"), 1e-6, &what);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, &what);
+    }
+    let one = [model.as_str(), "train.steps=4"];
+    let two = [model.as_str(), "train.steps=4", "train.ep=2"];
+    assert_same_recipe("grpo", "deepseek_v4 grpo with ep 2", &one, &two);
+}
+
 #[test]
 fn bf16_gives_the_same_curve_within_its_rounding() {
     let (one, two) = (scratch("bf16-1"), scratch("bf16-2"));
@@ -288,6 +310,21 @@ fn deepseek_base(dir: &Path) {
         std::fs::copy(demo.join(f), dir.join(f)).unwrap();
     }
     let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1);
+    model.save_weights(&Cpu, dir).unwrap();
+}
+
+/// A tiny random DeepSeek-V4 (`tests/fixtures/tiny_deepseek_v4.json`: sliding, compressed
+/// sparse and heavily compressed attention, a hash-routed MoE layer then two scored ones, two
+/// hyper-connected streams) with the demo tokenizer, as a Hugging Face directory.
+fn deepseek_v4_base(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    let config = std::fs::read_to_string(root.join("tests/fixtures/tiny_deepseek_v4.json")).unwrap();
+    std::fs::write(dir.join("config.json"), &config).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(root.join("demo/base").join(f), dir.join(f)).unwrap();
+    }
+    let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1);
     model.save_weights(&Cpu, dir).unwrap();
 }
 

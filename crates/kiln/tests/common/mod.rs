@@ -3,6 +3,8 @@
 use std::path::Path;
 
 const DEMO_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
+/// The config of `deepseek_v4_base` (also the data-parallel tests' V4 model).
+const TINY_V4: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny_deepseek_v4.json");
 
 /// The multi-token-prediction tensor `deepseek_base` carries (not trained, written back as read).
 #[allow(dead_code)]
@@ -45,21 +47,11 @@ pub fn deepseek_base(dir: &Path) -> Vec<u8> {
 #[allow(dead_code)]
 pub fn deepseek_v4_base(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    let config = r#"{
-        "model_type": "deepseek_v4", "vocab_size": 99, "hidden_size": 48, "moe_intermediate_size": 24,
-        "num_hidden_layers": 3, "num_attention_heads": 3, "head_dim": 16, "q_lora_rank": 24,
-        "n_routed_experts": 8, "num_experts_per_tok": 2, "routed_scaling_factor": 1.5,
-        "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
-        "mlp_layer_types": ["hash_moe", "moe", "moe"],
-        "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-        "sliding_window": 16, "o_groups": 3, "o_lora_rank": 8, "index_n_heads": 2, "index_head_dim": 8,
-        "index_topk": 4, "hc_mult": 2, "partial_rotary_factor": 0.25, "num_nextn_predict_layers": 0,
-        "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
-    }"#;
-    std::fs::write(dir.join("config.json"), config).unwrap();
+    let config = std::fs::read_to_string(TINY_V4).unwrap();
+    std::fs::write(dir.join("config.json"), &config).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(Path::new(DEMO_BASE).join(f), dir.join(f)).unwrap();
     }
-    let model = kiln_model::Model::random(&kiln_core::Cpu, kiln_model::Config::parse(config).unwrap(), 1);
+    let model = kiln_model::Model::random(&kiln_core::Cpu, kiln_model::Config::parse(&config).unwrap(), 1);
     model.save_weights(&kiln_core::Cpu, dir).unwrap();
 }

@@ -17,15 +17,23 @@ each row's first greedy_prompt_lengths[r] tokens, one prompt at a time):
 Sequences are longer than several windows and than index_topk entries; the script checks that
 no query's indexer scores tie at the top-k cut (a tie would make the choice arbitrary).
 
+  deepseek_v4_quantized    deepseek_v4's weights quantized as DeepSeek ships V4: routed experts
+                           fp4 E2M1 packed two per int8 byte with a UE8M0 `.scale` per 1x32
+                           block (1x16 where a row is 16 wide), attention projections fp8 E4M3
+                           with UE8M0 `weight_scale_inv` per 4x4 block; golden.safetensors holds
+                           dequant.<name>, transformers' `Fp8Dequantize` of each, in f32.
+
 Run:  python tools/golden/deepseek_v4.py   (needs torch, transformers >= 5.2)
 """
 
+import json
 import pathlib
 import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize
 
 OUT = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 
@@ -184,6 +192,60 @@ def build(name: str, spec: dict) -> None:
     print(f"{name}: loss {out.loss.item():.6f}")
 
 
+def ue8m0(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """The power-of-two scale (UE8M0) that brings `amax` within the format's largest value."""
+    return torch.exp2(torch.ceil(torch.log2(amax.clamp(min=1e-30) / top))).clamp(2.0**-127, 2.0**127)
+
+
+def quantize_fp4(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E2M1 values two per byte (low nibble first) as int8, and a UE8M0 scale per 1 x block."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows, cols // block, block)
+    scale = ue8m0(blocks.abs().amax(dim=-1), 6.0)
+    grid = torch.tensor(Fp8Dequantize._FP4_E2M1_LUT)
+    nearest = ((blocks / scale[..., None])[..., None] - grid).abs().argmin(dim=-1).reshape(rows, cols)
+    packed = (nearest[:, 0::2] | (nearest[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return packed, scale.to(torch.float8_e8m0fnu)
+
+
+def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 values and a UE8M0 scale per block x block."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows // block, block, cols // block, block)
+    scale = ue8m0(blocks.abs().amax(dim=(1, 3)), 448.0)
+    q = (blocks / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+    return q, scale.to(torch.float8_e8m0fnu)
+
+
+def build_quantized(source: str) -> None:
+    src = OUT / source / "model"
+    case_dir = OUT / f"{source}_quantized"
+    shutil.rmtree(case_dir, ignore_errors=True)
+    model_dir = case_dir / "model"
+    model_dir.mkdir(parents=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                      weight_block_size=[4, 4], scale_fmt="ue8m0", expert_dtype="fp4")
+    (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    dequantize = Fp8Dequantize(None)
+    stored, golden = {}, {}
+    for name, w in load_file(src / "model.safetensors").items():
+        if ".ffn.experts." in name and name.endswith(".weight"):
+            q, scale = quantize_fp4(w, min(32, w.shape[1]))
+            stored[name], stored[name.removesuffix(".weight") + ".scale"] = q, scale
+        elif ".attn.w" in name and name.endswith(".weight") and w.dim() == 2:
+            q, scale = quantize_fp8(w, 4)
+            stored[name], stored[f"{name}_scale_inv"] = q, scale
+        else:
+            stored[name] = w
+            continue
+        golden[f"dequant.{name}"] = dequantize._dequantize_one(q, scale, output_dtype=torch.float32).contiguous()
+    save_file(stored, model_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(golden, case_dir / "golden.safetensors")
+    print(f"{source}_quantized: {len(golden)} quantized tensors")
+
+
 if __name__ == "__main__":
     for case, spec in CASES.items():
         build(case, spec)
+    build_quantized("deepseek_v4")

@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 mod model_v4;
+pub mod quantized;
 pub mod rope;
 pub mod safetensors_io;
 pub mod sampler;

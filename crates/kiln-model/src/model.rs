@@ -78,9 +78,8 @@ impl<B: Backend> Model<B> {
         let spec = LoadSpec { layout: &layout, passthrough: &passthrough, fp8_block: config.fp8_block };
         let loaded = safetensors_io::load(dir, &spec)?;
         if loaded.dequantized > 0 {
-            let [r, c] = config.fp8_block;
             eprintln!(
-                "note: {}: dequantized {} fp8 (e4m3, {r}x{c}-block) tensors to f32 for training; saved weights will be {:?}",
+                "note: {}: dequantized {} block-quantized (fp8 e4m3 / fp4 e2m1) tensors to f32 for training; saved weights will be {:?}",
                 dir.display(),
                 loaded.dequantized,
                 loaded.dtype

@@ -1,9 +1,10 @@
 //! Loading and saving a model's tensors as safetensors: a single file or shards listed by an
 //! index, memory-mapped, converted to f32 once; per-expert tensors stacked on load and split
-//! on save; fp8 block-quantized weights dequantized; tensors kiln does not train (DeepSeek's
+//! on save; fp8 and fp4 block-quantized weights dequantized (`quantized`); tensors kiln does not train (DeepSeek's
 //! multi-token-prediction layers) carried through byte for byte.
 
 use crate::error::{Error, Result};
+use crate::quantized;
 use crate::weights::{TensorSpec, Weights};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -34,26 +35,15 @@ impl StorageDtype {
     }
 }
 
-/// An fp8 E4M3 ("fn": no infinities) byte: 1 sign, 4 exponent (bias 7), 3 mantissa bits.
-fn f8_e4m3_to_f32(byte: u8) -> f32 {
-    let sign = if byte & 0x80 != 0 { -1.0 } else { 1.0 };
-    let (exp, man) = (((byte >> 3) & 0xf) as i32, (byte & 0x7) as f32);
-    if exp == 0xf && man == 7.0 {
-        return f32::NAN;
-    }
-    if exp == 0 {
-        sign * man / 8.0 * 2f32.powi(-6)
-    } else {
-        sign * (1.0 + man / 8.0) * 2f32.powi(exp - 7)
-    }
-}
-
+/// The values of a stored tensor as f32 (quantized ones still to be scaled); `None` for a
+/// dtype kiln does not read.
 fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F8_E4M3 => bytes.iter().map(|&b| f8_e4m3_to_f32(b)).collect(),
+        Dtype::F8_E4M3 => bytes.iter().map(|&b| quantized::f8_e4m3_to_f32(b)).collect(),
+        Dtype::I8 => quantized::unpack_fp4(bytes),
         _ => return None,
     })
 }
@@ -164,27 +154,40 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
                 passthrough.push(RawTensor { name, dtype, shape, bytes });
                 continue;
             }
-            let scale_of = name.strip_suffix("_scale_inv").filter(|w| wanted.contains_key(w));
             let Some(expected) = wanted.get(name.as_str()).map(|(s, part)| match part {
                 Some(_) => s.shape[1..].to_vec(),
                 None => s.shape.clone(),
             }) else {
-                if scale_of.is_some() {
-                    let data = decode(view.dtype(), view.data()).ok_or_else(|| {
-                        Error::new(&path, format!("tensor `{name}` has dtype {:?}; expected F32 scales", view.dtype()))
+                if let Some(weight) = quantized::scaled_weight(&name).filter(|w| wanted.contains_key(w.as_str())) {
+                    let data = match view.dtype() {
+                        Dtype::F8_E8M0 | Dtype::U8 => Some(quantized::ue8m0(view.data())),
+                        float @ (Dtype::F32 | Dtype::BF16 | Dtype::F16) => decode(float, view.data()),
+                        _ => None,
+                    };
+                    let data = data.ok_or_else(|| {
+                        let dtype = view.dtype();
+                        Error::new(&path, format!("scale tensor `{name}` has dtype {dtype:?}; kiln reads F32, BF16, F16, F8_E8M0 and U8 scales"))
                     })?;
                     let shape = view.shape().to_vec();
-                    scales.insert(name, Found { dtype: view.dtype(), shape, data, file: path.clone() });
+                    scales.insert(weight, Found { dtype: view.dtype(), shape, data, file: path.clone() });
                 }
                 continue;
             };
             let data = decode(view.dtype(), view.data()).ok_or_else(|| {
                 Error::new(
                     &path,
-                    format!("tensor `{name}` has dtype {:?}; kiln reads F32, BF16, F16 and F8_E4M3", view.dtype()),
+                    format!(
+                        "tensor `{name}` has dtype {:?}; kiln reads F32, BF16, F16, F8_E4M3 and packed fp4 (I8)",
+                        view.dtype()
+                    ),
                 )
             })?;
-            if view.shape() != expected.as_slice() {
+            // Packed fp4 stores two values per byte along the last dimension.
+            let mut stored = view.shape().to_vec();
+            if quantized::is_packed_fp4(view.dtype()) {
+                stored.last_mut().into_iter().for_each(|d| *d *= 2);
+            }
+            if stored != expected {
                 return Err(Error::new(
                     &path,
                     format!("tensor `{name}` has shape {:?}, the config implies {expected:?}", view.shape()),
@@ -193,7 +196,7 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
             found.insert(name, Found { dtype: view.dtype(), shape: expected, data, file: path.clone() });
         }
     }
-    let dequantized = dequantize_fp8(&mut found, &scales, spec.fp8_block)?;
+    let dequantized = dequantize(&mut found, &scales, spec.fp8_block)?;
 
     let embed_dtype = found.get(&spec.layout.embed.name).map(|t| t.dtype);
     let mut missing = Vec::new();
@@ -217,47 +220,40 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
         return Err(Error::new(source, format!("missing tensor `{}`{more}", shown.join("`, `"))));
     }
     let dtype = match embed_dtype {
-        Some(Dtype::BF16) | Some(Dtype::F8_E4M3) => StorageDtype::BF16,
+        Some(Dtype::BF16) | Some(Dtype::F8_E4M3) | Some(Dtype::I8) => StorageDtype::BF16,
         Some(Dtype::F16) => StorageDtype::F16,
         _ => StorageDtype::F32,
     };
     Ok(LoadedWeights { tensors, dtype, passthrough, dequantized })
 }
 
-/// `w[i, j] *= scale_inv[i / block_rows, j / block_cols]` for every fp8 tensor; returns how
+/// Dequantizes every fp8 and packed-fp4 tensor with its scales (`quantized`); returns how
 /// many there were.
-fn dequantize_fp8(
-    found: &mut HashMap<String, Found>,
-    scales: &HashMap<String, Found>,
-    [br, bc]: [usize; 2],
-) -> Result<usize> {
+fn dequantize(found: &mut HashMap<String, Found>, scales: &HashMap<String, Found>, block: [usize; 2]) -> Result<usize> {
     let mut count = 0;
-    for (name, t) in found.iter_mut().filter(|(_, t)| t.dtype == Dtype::F8_E4M3) {
-        let scale_name = format!("{name}_scale_inv");
-        let Some(scale) = scales.get(&scale_name) else {
+    for (name, t) in found.iter_mut().filter(|(_, t)| quantized::is_quantized(t.dtype)) {
+        let Some(scale) = scales.get(name) else {
             return Err(Error::new(
                 &t.file,
-                format!("fp8 tensor `{name}` has no `{scale_name}`; kiln reads block-quantized fp8 checkpoints only"),
+                format!(
+                    "{:?} tensor `{name}` has no `{name}_scale_inv` (or `.scale`); kiln reads block-quantized checkpoints only",
+                    t.dtype
+                ),
             ));
         };
         let [rows, cols] = t.shape[..] else {
-            return Err(Error::new(&t.file, format!("fp8 tensor `{name}` is not a matrix ({:?})", t.shape)));
+            return Err(Error::new(&t.file, format!("quantized tensor `{name}` is not a matrix ({:?})", t.shape)));
         };
-        let want = [rows.div_ceil(br), cols.div_ceil(bc)];
-        if scale.shape != want {
+        let Some(block) = quantized::block_of([rows, cols], &scale.shape, block) else {
             return Err(Error::new(
                 &scale.file,
                 format!(
-                    "`{scale_name}` has shape {:?}; {br}x{bc} blocks of a {rows}x{cols} weight need {want:?}",
-                    scale.shape
+                    "the scales of `{name}` have shape {:?}: neither {}x{} blocks (the config's) nor whole blocks of the {rows}x{cols} weight",
+                    scale.shape, block[0], block[1]
                 ),
             ));
-        }
-        for (i, row) in t.data.chunks_mut(cols).enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v *= scale.data[(i / br) * want[1] + j / bc];
-            }
-        }
+        };
+        quantized::apply_scales(&mut t.data, cols, &scale.data, block);
         count += 1;
     }
     Ok(count)

@@ -125,9 +125,23 @@ fn deepseek_v3_saves_the_checkpoint_it_loaded() {
 
 #[test]
 fn fp8_block_quantized_weights_are_dequantized_like_torch() {
-    let case = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_v3_fp8");
-    let model = Model::load(&Cpu, &case.join("model")).unwrap();
+    let model = dequantized_like_torch("deepseek_v3_fp8", 10);
     assert_eq!(model.config.fp8_block, [16, 16]);
+}
+
+/// DeepSeek-V4's mix: routed experts in packed fp4 with UE8M0 scales per 1x32 block (`.scale`),
+/// attention projections in fp8 with UE8M0 `weight_scale_inv`, against transformers'
+/// `Fp8Dequantize`.
+#[test]
+fn fp4_experts_and_ue8m0_scaled_fp8_are_dequantized_like_transformers() {
+    dequantized_like_torch("deepseek_v4_quantized", 60);
+}
+
+/// Loads `case`'s model and checks every tensor the golden has a `dequant.<name>` of, bit for
+/// bit; at least `least` of them.
+fn dequantized_like_torch(case: &str, least: usize) -> Model<Cpu> {
+    let case = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(case);
+    let model = Model::load(&Cpu, &case.join("model")).unwrap();
     let bytes = std::fs::read(case.join("golden.safetensors")).unwrap();
     let golden = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut checked = 0;
@@ -138,15 +152,15 @@ fn fp8_block_quantized_weights_are_dequantized_like_torch() {
         for name in &names {
             if let Ok(t) = golden.tensor(&format!("dequant.{name}")) {
                 want.extend(t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())));
+                checked += 1;
             }
         }
-        if want.is_empty() {
-            continue;
+        if !want.is_empty() {
+            assert_eq!(Cpu.read(p), want, "{}: dequantized values differ from the reference's", spec.name);
         }
-        assert_eq!(Cpu.read(p), want, "{}: dequantized values differ from torch's", spec.name);
-        checked += 1;
     }
-    assert!(checked >= 10, "only {checked} fp8 tensors checked");
+    assert!(checked >= least, "only {checked} quantized tensors checked");
+    model
 }
 
 #[test]
@@ -161,6 +175,20 @@ fn fp8_weight_without_scale_is_refused() {
     safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).unwrap();
     let err = Model::load(&Cpu, &dir).err().expect("must be refused").to_string();
     assert!(err.contains("model.layers.0.self_attn.o_proj.weight") && err.contains("_scale_inv"), "{err}");
+}
+
+#[test]
+fn fp4_weight_without_scale_is_refused() {
+    let dir = scratch_dir("fp4-no-scale");
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_v4_quantized/model");
+    copy_config(&src, &dir);
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dropped = "model.layers.1.ffn.experts.3.w2.scale";
+    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != dropped).collect();
+    safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).unwrap();
+    let err = Model::load(&Cpu, &dir).err().expect("must be refused").to_string();
+    assert!(err.contains("model.layers.1.ffn.experts.3.w2.weight") && err.contains(".scale"), "{err}");
 }
 
 #[test]

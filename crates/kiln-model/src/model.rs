@@ -10,7 +10,7 @@
 use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs, GradScratch, LayerActs};
 use crate::batch::Batch;
 use crate::compress_plan::CompressPlan;
-use crate::config::{AttentionKind, Config};
+use crate::config::{AttentionKind, Config, ModelType};
 use crate::config_v4::V4Attention;
 use crate::error::Result;
 use crate::flat::FlatLayout;
@@ -22,7 +22,7 @@ use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
 use crate::v4_cache::V4Step;
-use crate::weights::{self, AttnWeights, FfnWeights, Init, LayerWeights, MoeWeights, TensorSpec, Weights};
+use crate::weights::{self, v4_layout, AttnWeights, FfnWeights, Init, LayerWeights, MoeWeights, TensorSpec, Weights};
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 use std::path::Path;
 use std::sync::Arc;
@@ -73,7 +73,13 @@ impl<B: Backend> Model<B> {
     /// `load`; under expert parallel, of the routed experts only this rank's share.
     pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Self> {
         let config = Config::load(dir)?;
-        let layout = layout_of(&config, ep.as_ref());
+        let mut layout = layout_of(&config, ep.as_ref());
+        // DeepSeek-V4 as DeepSeek publishes it keeps its own names, in and out.
+        let deepseek_names = config.model_type == ModelType::DeepseekV4
+            && v4_layout::uses_deepseek_names(safetensors_io::stored_names(dir)?.iter().map(String::as_str));
+        if deepseek_names {
+            layout = v4_layout::deepseek_names(&layout);
+        }
         let passthrough = |name: &str| config.is_carried_tensor(name);
         let spec = LoadSpec { layout: &layout, passthrough: &passthrough, fp8_block: config.fp8_block };
         let loaded = safetensors_io::load(dir, &spec)?;
@@ -91,6 +97,7 @@ impl<B: Backend> Model<B> {
                 continue;
             }
             let name = crate::model_v4::hash_table_name(l);
+            let name = if deepseek_names { v4_layout::deepseek_name(&name) } else { name };
             let stored = loaded.passthrough.iter().find(|t| t.name == name);
             let table = stored.and_then(crate::model_v4::hash_table).ok_or_else(|| {
                 crate::Error::new(

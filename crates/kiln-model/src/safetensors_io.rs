@@ -85,6 +85,26 @@ pub struct LoadedWeights {
 
 /// Loads `dir/model.safetensors` or the shards listed by `dir/model.safetensors.index.json`.
 pub fn load(dir: &Path, spec: &LoadSpec) -> Result<LoadedWeights> {
+    load_files(dir, shards(dir)?.into_iter(), spec)
+}
+
+/// The names of every tensor stored in the model directory `dir` (headers only).
+pub fn stored_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for path in shards(dir)? {
+        let handle = std::fs::File::open(&path).map_err(|e| Error::new(&path, format!("cannot open shard: {e}")))?;
+        // SAFETY: the file is only read, and not expected to change while loading.
+        let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::new(&path, format!("cannot map: {e}")))?;
+        let (_, header) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::new(&path, format!("invalid safetensors: {e}")))?;
+        names.extend(header.tensors().into_keys());
+    }
+    Ok(names)
+}
+
+/// The safetensors files of the model directory `dir`: `model.safetensors`, or the shards
+/// `model.safetensors.index.json` lists.
+fn shards(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let mut files: BTreeMap<String, ()> = BTreeMap::new();
@@ -107,7 +127,7 @@ pub fn load(dir: &Path, spec: &LoadSpec) -> Result<LoadedWeights> {
     } else {
         return Err(Error::new(dir, "no model.safetensors or model.safetensors.index.json in the model directory"));
     }
-    load_files(dir, files.keys().map(|f| dir.join(f)), spec)
+    Ok(files.into_keys().map(|f| dir.join(f)).collect())
 }
 
 /// Loads the layout's tensors from one safetensors file.

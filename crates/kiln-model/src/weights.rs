@@ -4,7 +4,7 @@
 
 use crate::config::{AttentionKind, Config};
 
-mod v4_layout;
+pub mod v4_layout;
 
 /// Declares a struct of tensors (required fields, then optional ones) with `map`, `refs` and
 /// `refs_mut`, which visit the fields in declaration order.

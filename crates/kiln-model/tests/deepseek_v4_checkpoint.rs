@@ -123,3 +123,60 @@ fn checkpoint_round_trips_names_dtypes_and_bytes() {
         assert!(a.data() == b.data(), "{name}: values changed");
     }
 }
+
+/// DeepSeek's published name of a tensor transformers saves as `name` (the reverse of
+/// transformers' `deepseek_v4` conversion mapping: `^embed.weight`, `^hc_head_fn`, …, and no
+/// `model.` prefix).
+fn published(name: &str) -> String {
+    match name {
+        "model.embed_tokens.weight" => "embed.weight".into(),
+        "model.norm.weight" => "norm.weight".into(),
+        "model.hc_head.hc_fn" | "model.hc_head.hc_base" | "model.hc_head.hc_scale" => {
+            name.replace("model.hc_head.hc_", "hc_head_")
+        }
+        _ => name.strip_prefix("model.").unwrap_or(name).into(),
+    }
+}
+
+/// A checkpoint under DeepSeek's published names loads as the same checkpoint under
+/// transformers' names does, and saves back under its own names with every tensor's dtype,
+/// shape and bytes unchanged (the int64 hash table and MTP tensors included).
+#[test]
+fn published_names_load_like_transformers_names_and_save_back_unchanged() {
+    use kiln_core::{Backend, Cpu};
+    let src = fixtures().join("deepseek_v4_checkpoint");
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-v4-published", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().map(|(name, view)| (published(&name), view)).collect();
+    assert!(renamed.iter().any(|(n, _)| n == "layers.0.ffn.gate.tid2eid"));
+    safetensors::serialize_to_file(renamed, None, &dir.join("model.safetensors")).unwrap();
+
+    let (theirs, ours) = (kiln_model::Model::load(&Cpu, &src).unwrap(), kiln_model::Model::load(&Cpu, &dir).unwrap());
+    assert_eq!(Cpu.read(&theirs.params), Cpu.read(&ours.params), "the same parameters");
+    assert!(ours.layout.embed.name == "embed.weight", "the layout keeps the published names");
+
+    let out = dir.join("saved");
+    std::fs::create_dir_all(&out).unwrap();
+    ours.save_weights(&Cpu, &out).unwrap();
+    let (original, saved) =
+        (std::fs::read(dir.join("model.safetensors")).unwrap(), std::fs::read(out.join("model.safetensors")).unwrap());
+    let (original, saved) = (
+        safetensors::SafeTensors::deserialize(&original).unwrap(),
+        safetensors::SafeTensors::deserialize(&saved).unwrap(),
+    );
+    let (mut names, mut saved_names) = (original.names(), saved.names());
+    names.sort_unstable();
+    saved_names.sort_unstable();
+    assert_eq!(names, saved_names);
+    for name in names {
+        let (a, b) = (original.tensor(name).unwrap(), saved.tensor(name).unwrap());
+        assert_eq!((a.dtype(), a.shape()), (b.dtype(), b.shape()), "{name}");
+        assert!(a.data() == b.data(), "{name}: values changed");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

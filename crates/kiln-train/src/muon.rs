@@ -92,8 +92,10 @@ pub struct Matrix {
 pub fn matrices(layout: &Weights<TensorSpec>, flat: &FlatLayout) -> Vec<Matrix> {
     let mut out = Vec::new();
     for (spec, range) in layout.iter().into_iter().zip(flat.ranges.iter()) {
-        let hidden =
-            spec.name.starts_with("model.layers.") && spec.shape.len() >= 2 && !spec.keep_f32 && !spec.adamw_only;
+        let hidden = spec.name.strip_prefix("model.").unwrap_or(&spec.name).starts_with("layers.")
+            && spec.shape.len() >= 2
+            && !spec.keep_f32
+            && !spec.adamw_only;
         if !hidden {
             continue;
         }

@@ -1,7 +1,9 @@
 //! DeepSeek-V4's tensors under the names its checkpoints use (`attn.wq_a`, `ffn.experts.{e}.w1`,
-//! `hc_attn_fn`, `head`, …), which transformers also writes. What transformers keeps in f32 in
-//! a bf16 model (hyper-connections, sinks, position biases, norms, the correction bias) is
-//! stored in f32.
+//! `hc_attn_fn`, `head`, …), as transformers writes them (under `model.`, with
+//! `model.embed_tokens`, `model.norm` and `model.hc_head.hc_fn`), or as DeepSeek publishes them
+//! (`layers.{i}.…`, `embed`, `norm`, `hc_head_fn`: `deepseek_names`). What transformers keeps in
+//! f32 in a bf16 model (hyper-connections, sinks, position biases, norms, the correction bias)
+//! is stored in f32.
 
 use super::{
     AttnWeights, FfnWeights, HcWeights, Init, LayerNames, LayerWeights, MoeWeights, TensorSpec, V4AttnWeights, Weights,
@@ -118,4 +120,30 @@ pub(super) fn layout(cfg: &Config, v4: &V4Config) -> Weights<TensorSpec> {
         score: cfg.num_labels.map(|labels| top("score.weight", &[labels, d], Init::Normal)),
         hc_head: Some(hc(|s| format!("model.hc_head.hc_{s}"), streams, streams, d, 1)),
     }
+}
+
+/// DeepSeek's published name of a tensor transformers saves as `name`.
+pub fn deepseek_name(name: &str) -> String {
+    match name {
+        "model.embed_tokens.weight" => "embed.weight".into(),
+        "model.norm.weight" => "norm.weight".into(),
+        _ => match name.strip_prefix("model.hc_head.hc_") {
+            Some(part) => format!("hc_head_{part}"),
+            None => name.strip_prefix("model.").unwrap_or(name).to_string(),
+        },
+    }
+}
+
+/// `layout` under DeepSeek's published names.
+pub fn deepseek_names(layout: &Weights<TensorSpec>) -> Weights<TensorSpec> {
+    layout.map(&mut |s: &TensorSpec| TensorSpec {
+        name: deepseek_name(&s.name),
+        parts: s.parts.iter().map(|p| deepseek_name(p)).collect(),
+        ..s.clone()
+    })
+}
+
+/// Whether a checkpoint holding the tensors `names` uses DeepSeek's published names.
+pub fn uses_deepseek_names<'a>(mut names: impl Iterator<Item = &'a str>) -> bool {
+    names.any(|n| n == "embed.weight")
 }

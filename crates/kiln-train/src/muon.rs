@@ -3,7 +3,7 @@
 //!
 //!   B ← lerp(B, G, 1 − μ);   U ← lerp(G, B, μ) with Nesterov, else B
 //!   X ← bf16(U) / max(‖bf16(U)‖_F, ε), taken transposed when U is tall (so X Xᵀ is small)
-//!   k times:  A ← X Xᵀ;   X ← a·X + (b·A + c·A·A)·X
+//!   k times:  A ← X Xᵀ;   X ← a·X + (b·A + c·A·A)·X   ((a, b, c) per iteration: `NsSchedule`)
 //!   θ ← θ·(1 − lr·λ) − lr·s·X,   s = √max(1, rows/cols) ("original"),
 //!                                 or 0.2·√max(rows, cols) ("match_rms_adamw": updates of
 //!                                 AdamW's RMS, so AdamW's learning rate carries over)
@@ -48,6 +48,34 @@ pub struct MuonSettings {
     pub ns_coefficients: [f32; 3],
     #[serde(default)]
     pub adjust_lr: AdjustLr,
+    /// Which iterations run: `ns_steps` of `ns_coefficients`, or DeepSeek-V4's.
+    #[serde(default)]
+    pub ns_schedule: NsSchedule,
+}
+
+/// The Newton–Schulz iterations' coefficients, step by step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NsSchedule {
+    /// `ns_steps` iterations of `ns_coefficients` (PyTorch's, Keller Jordan's).
+    #[default]
+    Torch,
+    /// DeepSeek-V4's (its report): 8 iterations of (3.4445, −4.7750, 2.0315) to converge fast,
+    /// then 2 of (2, −1.5, 0.5) to settle the singular values at 1.
+    DeepseekV4,
+}
+
+impl MuonSettings {
+    /// The (a, b, c) of each iteration, in order.
+    pub fn iterations(&self) -> Vec<[f32; 3]> {
+        match self.ns_schedule {
+            NsSchedule::Torch => vec![self.ns_coefficients; self.ns_steps],
+            NsSchedule::DeepseekV4 => {
+                let (fast, settle) = ([3.4445, -4.775, 2.0315], [2.0, -1.5, 0.5]);
+                [vec![fast; 8], vec![settle; 2]].concat()
+            }
+        }
+    }
 }
 
 impl Default for MuonSettings {
@@ -58,6 +86,7 @@ impl Default for MuonSettings {
             ns_steps: default_ns_steps(),
             ns_coefficients: default_coefficients(),
             adjust_lr: AdjustLr::default(),
+            ns_schedule: NsSchedule::default(),
         }
     }
 }
@@ -164,8 +193,8 @@ pub fn orthogonalise<B: Backend>(
     newton_schulz(b, x, (rows, cols), settings, &mut scratch.work);
 }
 
-/// `x` (a `rows × cols` matrix) orthogonalised in place by `settings.ns_steps` Newton–Schulz
-/// iterations in bf16, in `work`.
+/// `x` (a `rows × cols` matrix) orthogonalised in place by the Newton–Schulz iterations of
+/// `settings` in bf16, in `work`.
 fn newton_schulz<B: Backend>(
     b: &B,
     x: &mut B::Slice,
@@ -173,7 +202,6 @@ fn newton_schulz<B: Backend>(
     settings: &MuonSettings,
     work: &mut Work<B>,
 ) {
-    let [qa, qb, qc] = settings.ns_coefficients;
     b.round_to_bf16(x);
     let norm = kiln_core::bf16::widen(kiln_core::bf16::round(b.sum_squares(x).sqrt() as f32));
     b.scale(x, 1.0 / norm.max(kiln_core::bf16::widen(kiln_core::bf16::round(EPS))));
@@ -198,7 +226,7 @@ fn newton_schulz<B: Backend>(
     let gram2 = first(b, &mut work.gram2, s * s);
     let y = first(b, &mut work.y, rows * cols);
     let bf16 = |t: &mut B::Slice| b.round_to_bf16(t);
-    for _ in 0..settings.ns_steps {
+    for [qa, qb, qc] in settings.iterations() {
         // A = X Xᵀ of the wide orientation: Xᵀ X for a tall X.
         let (k, (ta, tb)) = if tall { (rows, (true, false)) } else { (cols, (false, true)) };
         b.matmul(gram, x, x, product(s, s, k, ta, tb));
@@ -274,25 +302,27 @@ mod tests {
         }
     }
 
-    /// Four steps of each setting on a wide, a tall and a square matrix against
-    /// torch.optim.Muon, each step from torch's parameters before it (the momentum does not
-    /// depend on the parameters, so every step is checked on its own): within 1e-5, except
-    /// where a bf16 rounding of the iteration turned the other way (the sums of a product run
-    /// in another order in PyTorch's gemm), which moves one value of the update by one bf16
-    /// step (at most lr·s·2⁻⁷ for values below 2), on no more than 2% of the values.
+    /// Four steps of each setting (DeepSeek-V4's schedule among them) on a wide, a tall and a
+    /// square matrix against torch.optim.Muon, each step from torch's parameters before it
+    /// (the momentum does not depend on the parameters, so every step is checked on its own):
+    /// within 1e-5, except where a bf16 rounding of the iteration turned the other way (the
+    /// sums of a product run in another order in PyTorch's gemm), which moves one value of the
+    /// update by one bf16 step (at most lr·s·2⁻⁷ for values below 2), on no more than 2% of
+    /// the values.
     #[test]
     fn steps_agree_with_torch_muon() {
         let bytes = fixture();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let b = Cpu;
         let (mut values_checked, mut flips) = (0, 0);
-        for case in ["default", "match_rms_adamw", "plain_momentum"] {
+        for case in ["default", "match_rms_adamw", "plain_momentum", "deepseek_v4"] {
             let s = values(&st, &format!("{case}.settings"));
             let settings = MuonSettings {
                 momentum: s[2],
                 nesterov: s[3] == 1.0,
                 ns_steps: s[4] as usize,
                 adjust_lr: if s[5] == 0.0 { AdjustLr::Original } else { AdjustLr::MatchRmsAdamw },
+                ns_schedule: if s[6] == 0.0 { NsSchedule::Torch } else { NsSchedule::DeepseekV4 },
                 ..MuonSettings::default()
             };
             let (lr, weight_decay) = (s[0] as f32, s[1] as f32);

@@ -435,7 +435,21 @@ impl Backend for Cuda {
         other_lse: &DeviceSlice,
         spec: Attention,
     ) {
-        compressed_on_host::attention_merge(self, out, lse, other_out, other_lse, spec);
+        same_len("attention_merge out", out.len(), spec.tokens() * spec.q_heads * spec.v_head_dim);
+        same_len("attention_merge lse", lse.len(), spec.tokens() * spec.q_heads);
+        same_len("attention_merge other_out", other_out.len(), out.len());
+        same_len("attention_merge other_lse", other_lse.len(), lse.len());
+        let a = args![
+            out,
+            lse,
+            other_out,
+            other_lse,
+            spec.tokens(),
+            spec.seq as i32,
+            spec.q_heads as i32,
+            spec.v_head_dim as i32
+        ];
+        self.launch_elements("attention_merge", spec.tokens() * spec.q_heads, &a);
     }
     fn sparse_attention_forward(
         &self,

@@ -1,25 +1,11 @@
-//! DeepSeek-V4's compressed-attention operations (compressor pooling, the lightning indexer,
-//! attention over chosen entries and the merge of two attentions) run on the host: the device
-//! buffers are copied over, the CPU backend computes, the results are copied back. Correct on
-//! CUDA today; device kernels replace these when a GPU profile says they matter.
+//! DeepSeek-V4's compressed-attention operations (compressor pooling, the lightning indexer and
+//! attention over chosen entries) run on the host: the device buffers are copied over, the CPU
+//! backend computes, the results are copied back. Correct on CUDA today; device kernels replace
+//! these when a GPU profile says they matter (the merge of two attentions has one already).
 
 use crate::device::Cuda;
 use crate::memory::{DeviceIndex, DeviceSlice};
-use kiln_core::{Attention, Backend, Cpu, Indexer, Pooling, SparseAttention};
-
-pub(crate) fn attention_merge(
-    c: &Cuda,
-    out: &mut DeviceSlice,
-    lse: &mut DeviceSlice,
-    other_out: &DeviceSlice,
-    other_lse: &DeviceSlice,
-    spec: Attention,
-) {
-    let (mut o, mut l) = (c.read(out), c.read(lse));
-    Cpu.attention_merge(&mut o, &mut l, &c.read(other_out), &c.read(other_lse), spec);
-    c.write(out, &o);
-    c.write(lse, &l);
-}
+use kiln_core::{Backend, Cpu, Indexer, Pooling, SparseAttention};
 
 pub(crate) fn sparse_attention_forward(
     c: &Cuda,

@@ -59,6 +59,7 @@ pub const NAMES: &[&str] = &[
     "attention_decode_f32",
     "attention_decode_bf16",
     "attention_sinks_forward",
+    "attention_merge",
     "attention_sinks_backward",
     "cross_entropy_forward",
     "cross_entropy_backward",

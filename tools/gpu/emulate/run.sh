@@ -7,6 +7,8 @@
 # sliding windows (within 1e-5 of each output's largest magnitude), and attention_mma.cu's bf16
 # tensor-core kernels on bf16-rounded inputs over several 64-row tiles (within 2e-2; a wrong
 # fragment layout is off by ~1). Launch shapes mirror crates/kiln-cuda/src/attention_tiling.rs.
+# merge_test.cpp checks attention_sinks.cu's merge of two attentions (DeepSeek-V4's window and
+# compressed entries) the same way.
 # Needs g++ >= 12 (C++20 <barrier>); about a minute.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -17,3 +19,6 @@ cat "$kernels/common.cuh" "$kernels/attention_lanes.cuh" "$kernels/attention.cu"
   sed 's/extern __shared__ float shared\[\];/float* shared = emu_dynamic_shared;/' > "$work/kernels.inc"
 g++ -std=c++20 -O2 -pthread -w -I"$here" -I"$work" "$here/attention_test.cpp" -o "$work/attention_test"
 "$work/attention_test"
+cat "$kernels/common.cuh" "$kernels/attention_sinks.cu" > "$work/merge_kernels.inc"
+g++ -std=c++20 -O2 -pthread -w -I"$here" -I"$work" "$here/merge_test.cpp" -o "$work/merge_test"
+"$work/merge_test"

@@ -3,6 +3,15 @@
 //   l' = log(e^l + e^σ),  o' = o · e^(l − l');   dσ = −Σ_t e^(σ − l') (do·o')
 // Forward: one thread per (token, head). Backward: one block per head summing its tokens in a
 // fixed order (no atomics).
+// And the merge of two attentions of the same queries by their log-sum-exps
+// (Backend::attention_merge, crates/kiln-core/src/cpu/sparse_attention.rs):
+//   l = log(e^l₁ + e^l₂),  o = e^(l₁ − l)·o₁ + e^(l₂ − l)·o₂   (unchanged where both are −∞)
+
+// log(e^a + e^b), exact where one is −∞.
+__device__ float log_add_exp(float a, float b) {
+    const float hi = fmaxf(a, b), lo = fminf(a, b);
+    return lo == NEG_INF ? hi : hi + log1pf(expf(lo - hi));
+}
 
 extern "C" __global__ void attention_sinks_forward(float* out, float* lse, const float* sinks, long tokens, int seq,
                                                    int heads, int dv) {
@@ -11,9 +20,7 @@ extern "C" __global__ void attention_sinks_forward(float* out, float* lse, const
         const int h = i % heads;
         const long row = t / seq, pos = t % seq;
         float* l = lse + (row * heads + h) * seq + pos;
-        const float s = sinks[h];
-        const float hi = fmaxf(*l, s), lo = fminf(*l, s);
-        const float merged = lo == NEG_INF ? hi : hi + log1pf(expf(lo - hi));
+        const float merged = log_add_exp(*l, sinks[h]);
         const float keep = *l == NEG_INF ? 0.0f : expf(*l - merged);
         float* o = out + i * dv;
         for (int d = 0; d < dv; d++) o[d] *= keep;
@@ -42,4 +49,20 @@ extern "C" __global__ void attention_sinks_backward(float* dsinks, const float* 
         __syncthreads();
     }
     if (threadIdx.x == 0) dsinks[h] += partial[0];
+}
+
+extern "C" __global__ void attention_merge(float* out, float* lse, const float* other_out, const float* other_lse,
+                                           long tokens, int seq, int heads, int dv) {
+    FOR_EACH(i, tokens * heads) {
+        const long t = i / heads;
+        const int h = i % heads;
+        const long at = ((t / seq) * heads + h) * seq + t % seq;
+        const float merged = log_add_exp(lse[at], other_lse[at]);
+        if (merged == NEG_INF) continue;
+        const float w1 = expf(lse[at] - merged), w2 = expf(other_lse[at] - merged);
+        float* o = out + i * dv;
+        const float* o2 = other_out + i * dv;
+        for (int d = 0; d < dv; d++) o[d] = w1 * o[d] + w2 * o2[d];
+        lse[at] = merged;
+    }
 }

@@ -59,11 +59,7 @@ impl<B: Backend> CompressPlan<B> {
         }
         let entries = positions.len();
         debug_assert_eq!(slots.len(), entries * c * rate);
-        let most_visible = visible.chunks(2).map(|v| v[1] as usize).max().unwrap_or(0).max(1);
-        let all_visible: Vec<i32> = visible
-            .chunks(2)
-            .flat_map(|v| (0..most_visible as i32).map(move |j| if j < v[1] { v[0] + j } else { -1 }))
-            .collect();
+        let (all_visible, most_visible) = every_visible(&visible);
         Self {
             rate,
             overlap,
@@ -80,4 +76,13 @@ impl<B: Backend> CompressPlan<B> {
     pub fn pooling(&self, width: usize) -> Pooling {
         Pooling { entries: self.entries, rate: self.rate, width, overlap: self.overlap }
     }
+}
+
+/// From each query's visible entries (`[tokens, 2]`: first and count), all of them listed
+/// (`[tokens, most]`, −1 after each query's), and `most` (at least 1).
+pub(crate) fn every_visible(visible: &[i32]) -> (Vec<i32>, usize) {
+    let most = visible.chunks(2).map(|v| v[1] as usize).max().unwrap_or(0).max(1);
+    let all =
+        (visible.chunks(2)).flat_map(|v| (0..most as i32).map(move |j| if j < v[1] { v[0] + j } else { -1 })).collect();
+    (all, most)
 }

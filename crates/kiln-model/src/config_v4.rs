@@ -47,9 +47,33 @@ pub enum V4Attention {
 impl V4Attention {
     /// Tokens per compressed entry, none for sliding layers.
     pub fn rate(self) -> Option<usize> {
+        self.compression().map(|c| c.rate)
+    }
+    /// How the layer pools its entries, none for sliding layers.
+    pub fn compression(self) -> Option<Compression> {
         match self {
             Self::Sliding => None,
-            Self::Sparse { rate } | Self::Heavy { rate } => Some(rate),
+            Self::Sparse { rate } => Some(Compression { rate, overlap: true }),
+            Self::Heavy { rate } => Some(Compression { rate, overlap: false }),
+        }
+    }
+}
+
+/// A compressed layer's pooling: windows of `rate` tokens, overlapping (CSA: each entry also
+/// pools the window before) or not (HCA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Compression {
+    pub rate: usize,
+    pub overlap: bool,
+}
+
+impl Compression {
+    /// Projected series per token: 2 with overlapping windows, else 1.
+    pub fn series(self) -> usize {
+        if self.overlap {
+            2
+        } else {
+            1
         }
     }
 }
@@ -82,6 +106,16 @@ pub struct V4Config {
     pub hc: HcConfig,
     /// Layers routed by the frozen token-to-expert table `tid2eid` (`hash_moe`).
     pub hash_layers: Vec<bool>,
+}
+
+impl V4Config {
+    /// The distinct compressions of the layers, in order.
+    pub fn compressions(&self) -> Vec<Compression> {
+        let mut kinds: Vec<Compression> = self.layers.iter().filter_map(|l| l.compression()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        kinds
+    }
 }
 
 /// transformers' defaults: DeepSeek-V4-Flash's.

@@ -11,7 +11,6 @@ use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs,
 use crate::batch::Batch;
 use crate::compress_plan::CompressPlan;
 use crate::config::{AttentionKind, Config, ModelType};
-use crate::config_v4::V4Attention;
 use crate::error::Result;
 use crate::flat::FlatLayout;
 use crate::grad_sink::{FlatGrads, GradSink};
@@ -820,9 +819,11 @@ impl<'a, B: Backend> ActsView<'a, B> {
                 .layers
                 .iter()
                 .map(|kind| {
-                    let overlap = matches!(kind, V4Attention::Sparse { .. });
-                    kind.rate().map(|rate| {
-                        plans.iter().find(|p| p.rate == rate && p.overlap == overlap).expect("a plan per compression")
+                    kind.compression().map(|k| {
+                        plans
+                            .iter()
+                            .find(|p| p.rate == k.rate && p.overlap == k.overlap)
+                            .expect("a plan per compression")
                     })
                 })
                 .collect(),

@@ -67,17 +67,8 @@ impl<B: Backend> Model<B> {
     /// The batch's compressed entries, per (rate, overlap) of the compressed layers.
     pub(crate) fn compress_plans(&self, b: &B, batch: &Batch) -> Vec<crate::compress_plan::CompressPlan<B>> {
         let AttentionKind::V4(v4) = &self.config.attention else { return Vec::new() };
-        let mut kinds: Vec<(usize, bool)> = v4
-            .layers
-            .iter()
-            .filter_map(|k| k.rate().map(|r| (r, matches!(k, crate::config_v4::V4Attention::Sparse { .. }))))
-            .collect();
-        kinds.sort_unstable();
-        kinds.dedup();
-        kinds
-            .into_iter()
-            .map(|(rate, overlap)| crate::compress_plan::CompressPlan::new(b, batch, rate, overlap))
-            .collect()
+        let kinds = v4.compressions().into_iter();
+        kinds.map(|k| crate::compress_plan::CompressPlan::new(b, batch, k.rate, k.overlap)).collect()
     }
 
     /// `dst` (`[n, streams·d]`) = the `[n, d]` embeddings in every stream.

@@ -14,8 +14,9 @@
 //! activations. A decode step stores each new token's rows, pools the entries whose windows
 //! its tokens complete, and attends the cached window and entries (`layers::v4_decode`).
 
+use crate::compress_plan::every_visible;
 use crate::config::Config;
-use crate::config_v4::{V4Attention, V4Config};
+use crate::config_v4::{Compression, V4Attention, V4Config};
 use crate::kv_cache::CachePlan;
 use kiln_core::Backend;
 
@@ -53,16 +54,16 @@ impl<B: Backend> V4Cache<B> {
         let layers = (v4.layers.iter())
             .map(|kind| V4LayerCache {
                 kv: b.zeros(slots * ring * hd),
-                compressed: kind.rate().map(|rate| {
-                    let sparse = matches!(kind, V4Attention::Sparse { .. });
-                    let series = if sparse { 2 } else { 1 };
+                compressed: kind.compression().map(|k| {
+                    let (rate, series) = (k.rate, k.series());
                     let (raw, entries) = (slots * series * rate, slots * (max_len / rate));
                     let ihd = v4.index_head_dim;
                     CompressedCache {
                         raw_kv: b.zeros(raw * series * hd),
                         raw_gate: b.zeros(raw * series * hd),
                         entries: b.zeros(entries * hd),
-                        indexer: sparse
+                        indexer: k
+                            .overlap
                             .then(|| (b.zeros(raw * 2 * ihd), b.zeros(raw * 2 * ihd), b.zeros(entries * ihd))),
                     }
                 }),
@@ -87,8 +88,7 @@ pub struct V4Step<B: Backend> {
 }
 
 pub struct CompressStep<B: Backend> {
-    pub rate: usize,
-    pub overlap: bool,
+    pub compression: Compression,
     /// Each token's raw ring row; −1 for padding and for prompt tokens no later entry pools.
     pub raw_rows: B::Index,
     /// Entries in the cache (`slots·max_entries`).
@@ -156,14 +156,10 @@ impl<B: Backend> V4Step<B> {
             });
             b.upload_index(&rows.collect::<Vec<_>>())
         });
-        let mut kinds: Vec<(usize, bool)> =
-            (v4.layers.iter()).filter_map(|k| k.rate().map(|r| (r, matches!(k, V4Attention::Sparse { .. })))).collect();
-        kinds.sort_unstable();
-        kinds.dedup();
-        let compress = (kinds.into_iter())
-            .map(|(rate, overlap)| {
-                let series = if overlap { 2 } else { 1 };
-                let (raw_ring, per_slot) = (series * rate, cache.max_len / rate);
+        let compress = (v4.compressions().into_iter())
+            .map(|compression| {
+                let rate = compression.rate;
+                let (raw_ring, per_slot) = (compression.series() * rate, cache.max_len / rate);
                 let raw_rows: Vec<i32> = tokens.iter().map(|t| kept(t, raw_ring)).collect();
                 let (mut entry_rows, mut windows, mut positions) = (Vec::new(), Vec::new(), Vec::new());
                 if decoding {
@@ -171,7 +167,7 @@ impl<B: Backend> V4Step<B> {
                         let w = (t.pos + 1) / rate - 1;
                         let raw =
                             |w: usize| (0..rate).map(move |i| (t.slot * raw_ring + (w * rate + i) % raw_ring) as i32);
-                        if overlap {
+                        if compression.overlap {
                             match w {
                                 0 => windows.extend(std::iter::repeat_n(-1, rate)),
                                 _ => windows.extend(raw(w - 1)),
@@ -191,19 +187,12 @@ impl<B: Backend> V4Step<B> {
                         entry_rows.extend((0..len / rate).map(|w| (slot * per_slot + w) as i32));
                     }
                 }
-                let visible: Vec<(i32, i32)> = (tokens.iter())
-                    .map(|t| t.map_or((0, 0), |t| ((t.slot * per_slot) as i32, ((t.pos + 1) / rate) as i32)))
+                let visible: Vec<i32> = (tokens.iter())
+                    .flat_map(|t| t.map_or([0, 0], |t| [(t.slot * per_slot) as i32, ((t.pos + 1) / rate) as i32]))
                     .collect();
-                let most_visible = visible.iter().map(|v| v.1 as usize).max().unwrap_or(0).max(1);
-                let all_visible: Vec<i32> = (visible.iter())
-                    .flat_map(|&(first, count)| {
-                        (0..most_visible as i32).map(move |j| if j < count { first + j } else { -1 })
-                    })
-                    .collect();
-                let visible: Vec<i32> = visible.into_iter().flat_map(|(f, c)| [f, c]).collect();
+                let (all_visible, most_visible) = every_visible(&visible);
                 CompressStep {
-                    rate,
-                    overlap,
+                    compression,
                     raw_rows: b.upload_index(&raw_rows),
                     table: cache.slots * per_slot,
                     entries: entry_rows.len(),
@@ -221,13 +210,12 @@ impl<B: Backend> V4Step<B> {
 
     /// The part of layer kind `kind`.
     pub fn layer(&self, kind: &V4Attention) -> LayerStep<'_, B> {
-        let overlap = matches!(kind, V4Attention::Sparse { .. });
         LayerStep {
             kv_rows: &self.kv_rows,
             window: self.window.as_ref().map(|w| (w, self.kv_table, self.ring)),
-            compress: kind.rate().map(|rate| {
-                (self.compress.iter()).find(|s| s.rate == rate && s.overlap == overlap).expect("a step per compression")
-            }),
+            compress: kind
+                .compression()
+                .map(|k| (self.compress.iter()).find(|s| s.compression == k).expect("a step per compression")),
         }
     }
 }

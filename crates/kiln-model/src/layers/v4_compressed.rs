@@ -16,16 +16,15 @@
 use super::{linear, linear_backward, AttnCtx};
 use crate::compress_plan::CompressPlan;
 use crate::config::Config;
-use crate::config_v4::{V4Attention, V4Config};
+use crate::config_v4::V4Config;
 use crate::weights::V4AttnWeights;
 use kiln_core::{Backend, Heads, Indexer, Pooling, Rope, SparseAttention};
 
 /// The compressed layers' widths, for buffers shared by all of them.
 fn sizes(v4: &V4Config, n: usize) -> Option<(usize, usize)> {
-    let rates = v4.layers.iter().filter_map(|l| l.rate());
-    let most_entries = rates.map(|r| n / r).max()?;
-    let series = if v4.layers.iter().any(|l| matches!(l, V4Attention::Sparse { .. })) { 2 } else { 1 };
-    Some((most_entries, series))
+    let kinds = v4.compressions();
+    let most_entries = kinds.iter().map(|k| n / k.rate).max()?;
+    Some((most_entries, kinds.iter().map(|k| k.series()).max()?))
 }
 
 /// What the compressed part of a layer's forward keeps.

@@ -14,7 +14,7 @@
 use super::v4_compressed::{indexer_queries, indexer_spec, pool_entries, CompressedActs};
 use super::{linear, AttnCtx};
 use crate::config::Config;
-use crate::config_v4::V4Config;
+use crate::config_v4::{Compression, V4Config};
 use crate::v4_cache::{LayerStep, V4LayerCache};
 use crate::weights::V4AttnWeights;
 use kiln_core::{Backend, Pooling, Precision, SparseAttention};
@@ -34,7 +34,7 @@ pub fn store_prefill<B: Backend>(
     b.scatter_rows(&mut cache.kv, kv, step.kv_rows, hd, Precision::F32);
     let (Some(cc), Some(cs)) = (cache.compressed.as_mut(), step.compress) else { return };
     let ca = ca.expect("compressed attention activations");
-    let (width, e) = (series(cs.overlap) * hd, cs.entries);
+    let (width, e) = (cs.compression.series() * hd, cs.entries);
     b.scatter_rows(&mut cc.raw_kv, b.slice(&ca.kv, 0..n * width), &cs.raw_rows, width, Precision::F32);
     b.scatter_rows(&mut cc.raw_gate, b.slice(&ca.gate, 0..n * width), &cs.raw_rows, width, Precision::F32);
     b.scatter_rows(&mut cc.entries, b.slice(&ca.entries, 0..e * hd), &cs.entry_rows, hd, Precision::F32);
@@ -78,7 +78,7 @@ pub fn attend<B: Backend>(
     let eps = c.rms_norm_eps;
 
     // The compressor's rows of the new tokens, and the entries they complete.
-    let width = series(cs.overlap) * hd;
+    let width = cs.compression.series() * hd;
     let (kv_w, gate_w) = (w.comp_kv.expect("compressor kv"), w.comp_gate.expect("compressor gate"));
     linear(b, p, b.slice_mut(&mut ca.kv, 0..n * width), xn, (kv_w, None), (n, d, width));
     linear(b, p, b.slice_mut(&mut ca.gate, 0..n * width), xn, (gate_w, None), (n, d, width));
@@ -125,17 +125,9 @@ fn complete_entries<B: Backend>(
         return;
     }
     let (mut pooled, mut rstd, mut out) = (b.zeros(e * width), b.zeros(e), b.zeros(e * width));
-    let pooling = Pooling { entries: e, rate: cs.rate, width, overlap: cs.overlap };
+    let Compression { rate, overlap } = cs.compression;
+    let pooling = Pooling { entries: e, rate, width, overlap };
     let at = (&cs.windows, &cs.positions);
     pool_entries(b, (&mut pooled, &mut rstd, &mut out), (raw_kv, raw_gate), (ape, norm), at, pooling, rope);
     b.scatter_rows(entries, &out, &cs.entry_rows, width, Precision::F32);
-}
-
-/// Raw series per token: 2 with overlapping windows (CSA), else 1.
-fn series(overlap: bool) -> usize {
-    if overlap {
-        2
-    } else {
-        1
-    }
 }

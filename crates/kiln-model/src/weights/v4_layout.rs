@@ -37,7 +37,7 @@ fn attention(cfg: &Config, v4: &V4Config, kind: V4Attention, n: &LayerNames) -> 
     let (r, g, or) = (v4.q_lora_rank, v4.o_groups, v4.o_lora_rank);
     let (ihd, ih) = (v4.index_head_dim, v4.index_heads);
     // CSA's compressors write two series per token (overlapping windows).
-    let series = if matches!(kind, V4Attention::Sparse { .. }) { 2 } else { 1 };
+    let series = kind.compression().map_or(1, |k| k.series());
     let rate = kind.rate();
     let compressor = |s: &str| rate.map(|_| n.matrix(&format!("attn.compressor.{s}.weight"), &[series * hd, d]));
     let sparse = matches!(kind, V4Attention::Sparse { .. });

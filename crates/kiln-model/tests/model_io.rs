@@ -165,30 +165,26 @@ fn dequantized_like_torch(case: &str, least: usize) -> Model<Cpu> {
 
 #[test]
 fn fp8_weight_without_scale_is_refused() {
-    let dir = scratch_dir("fp8-no-scale");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_v3_fp8/model");
-    copy_config(&src, &dir);
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let dropped = "model.layers.0.self_attn.o_proj.weight_scale_inv";
-    let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != dropped).collect();
-    safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).unwrap();
-    let err = Model::load(&Cpu, &dir).err().expect("must be refused").to_string();
+    let err = load_without("deepseek_v3_fp8", "model.layers.0.self_attn.o_proj.weight_scale_inv");
     assert!(err.contains("model.layers.0.self_attn.o_proj.weight") && err.contains("_scale_inv"), "{err}");
 }
 
 #[test]
 fn fp4_weight_without_scale_is_refused() {
-    let dir = scratch_dir("fp4-no-scale");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/deepseek_v4_quantized/model");
+    let err = load_without("deepseek_v4_quantized", "model.layers.1.ffn.experts.3.w2.scale");
+    assert!(err.contains("model.layers.1.ffn.experts.3.w2.weight") && err.contains(".scale"), "{err}");
+}
+
+/// The error of loading fixture `case`'s model with the tensor `dropped` left out.
+fn load_without(case: &str, dropped: &str) -> String {
+    let dir = scratch_dir(&format!("{case}-without-{dropped}"));
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(case).join("model");
     copy_config(&src, &dir);
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let dropped = "model.layers.1.ffn.experts.3.w2.scale";
     let kept: Vec<_> = st.tensors().into_iter().filter(|(n, _)| n != dropped).collect();
     safetensors::serialize_to_file(kept, None, &dir.join("model.safetensors")).unwrap();
-    let err = Model::load(&Cpu, &dir).err().expect("must be refused").to_string();
-    assert!(err.contains("model.layers.1.ffn.experts.3.w2.weight") && err.contains(".scale"), "{err}");
+    Model::load(&Cpu, &dir).err().expect("must be refused").to_string()
 }
 
 #[test]

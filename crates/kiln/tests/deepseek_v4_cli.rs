@@ -5,28 +5,8 @@
 
 mod common;
 
-use common::deepseek_v4_base;
+use common::{chat_row, deepseek_v4_base, kiln, scratch_dir};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-v4-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn chat_row(i: usize) -> String {
-    let (a, b) = (i * 7 % 50, i * 13 % 40);
-    format!(
-        r#"{{"messages": [{{"role": "user", "content": "What is {a} plus {b}?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
-        a + b
-    )
-}
 
 fn pair(i: usize) -> String {
     let (a, b) = (i * 7 % 30, i * 13 % 30);
@@ -50,6 +30,12 @@ fn make_run(base: &Path, name: &str, train: &[String], eval: &[String], section:
     dir
 }
 
+/// Runs `recipe` on the run directory's `run.toml`, which must succeed.
+fn train(recipe: &str, run: &Path) {
+    let out = kiln(&[recipe, run.join("run.toml").to_str().unwrap(), "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn metrics(run: &Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(run.join("out/metrics.jsonl"))
         .unwrap()
@@ -65,8 +51,7 @@ fn sft_trains_exports_and_the_export_scores_like_the_checkpoint() {
     deepseek_v4_base(&base);
     let eval: Vec<String> = (500..510).map(chat_row).collect();
     let run = make_run(&base, "sft", &(0..80).map(chat_row).collect::<Vec<_>>(), &eval, "");
-    let out = kiln(&["sft", run.join("run.toml").to_str().unwrap(), "--quiet"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    train("sft", &run);
     let losses = metrics(&run, "loss");
     assert!(losses.last().unwrap() < &(0.8 * losses[0]), "loss should fall: {losses:?}");
 
@@ -99,8 +84,7 @@ fn dpo_trains_toward_the_chosen_answers() {
     deepseek_v4_base(&base);
     let eval: Vec<String> = (1000..1020).map(pair).collect();
     let run = make_run(&base, "dpo", &(0..120).map(pair).collect::<Vec<_>>(), &eval, "[dpo]\nbeta = 0.1\n");
-    let out = kiln(&["dpo", run.join("run.toml").to_str().unwrap(), "--quiet"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    train("dpo", &run);
     let accuracy = metrics(&run, "eval_rewards/accuracies");
     assert_eq!(accuracy[0], 0.0, "policy = reference at step 0");
     assert!(accuracy.last().unwrap() > &0.5, "held-out preference accuracy: {accuracy:?}");
@@ -117,8 +101,7 @@ fn rollout_run(base: &Path, name: &str, recipe: &str, section: &str, key: &str) 
          [train]\nlr = 3e-3\nsteps = 24\nbatch_tokens = 96\nseed = 3\n{section}\n[output]\ndir = \"out\"\n"
     );
     std::fs::write(run.join("run.toml"), toml).unwrap();
-    let out = kiln(&[recipe, run.join("run.toml").to_str().unwrap(), "--quiet"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    train(recipe, &run);
     let values = metrics(&run, key);
     assert_eq!(values.len(), 24, "{key} every step");
     values

@@ -3,31 +3,12 @@
 
 mod common;
 
-use common::{deepseek_base, MTP_TENSOR};
+use common::{chat_row, deepseek_base, kiln, scratch_dir, MTP_TENSOR};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 const BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
-
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
-}
-
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-sft-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn chat_row(i: usize) -> String {
-    let (a, b) = (i * 7 % 50, i * 13 % 40);
-    format!(
-        r#"{{"messages": [{{"role": "user", "content": "What is {a} plus {b}?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
-        a + b
-    )
-}
 
 /// A run directory with train/eval data and a run.toml; `extra` is appended to [train].
 fn make_run(name: &str, rows: &[String], extra: &str, save_every: u64) -> PathBuf {

@@ -1,10 +1,36 @@
 //! Test models shared by the CLI tests.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 const DEMO_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
 /// The config of `deepseek_v4_base` (also the data-parallel tests' V4 model).
 const TINY_V4: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/tiny_deepseek_v4.json");
+
+/// Runs the kiln binary with `args`.
+#[allow(dead_code)]
+pub fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().expect("run kiln")
+}
+
+/// An empty directory `name` of this test process under the temp dir.
+#[allow(dead_code)]
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A chat row asking for a sum, answered.
+#[allow(dead_code)]
+pub fn chat_row(i: usize) -> String {
+    let (a, b) = (i * 7 % 50, i * 13 % 40);
+    format!(
+        r#"{{"messages": [{{"role": "user", "content": "What is {a} plus {b}?"}}, {{"role": "assistant", "content": "{}"}}]}}"#,
+        a + b
+    )
+}
 
 /// The multi-token-prediction tensor `deepseek_base` carries (not trained, written back as read).
 #[allow(dead_code)]

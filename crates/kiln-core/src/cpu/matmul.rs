@@ -1,8 +1,10 @@
 //! Matrix products: f32 through the `gemm` crate (runtime-dispatched AVX2/AVX-512 kernels),
-//! bf16 inputs through kiln's own kernels (`matmul_bf16`).
+//! or kiln's own against a frozen weight packed once (`matmul_f32_packed`); bf16 inputs
+//! through kiln's own kernels (`matmul_bf16`).
 
-use super::frozen_weights;
+use super::frozen_weights::{self, Packed};
 use super::matmul_bf16::{gemm_bf16_packed_b, gemm_bf16_strided};
+use super::matmul_f32_packed::gemm_f32_packed_b;
 use super::Shared;
 use crate::backend::{GroupedMatmul, Matmul, Precision};
 use gemm::Parallelism;
@@ -77,21 +79,12 @@ pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], s: Matmul) {
     if s.batch == 1 {
         let weight = Strided { ptr: b.as_ptr(), rs: b_rs, cs: b_cs };
         // SAFETY: B holds k·n elements (checked above) at the strides of its layout.
-        let packed = match (s.b_is_weight, s.precision) {
-            (true, Precision::Bf16) => unsafe { frozen_weights::packed(n, k, weight) },
-            _ => None,
-        };
-        match packed {
-            Some(pb) => unsafe {
-                gemm_bf16_packed_b(
-                    m,
-                    Strided { ptr: c.as_mut_ptr(), rs: n as isize, cs: 1 },
-                    s.accumulate,
-                    Strided { ptr: a.as_ptr(), rs: a_rs, cs: a_cs },
-                    &pb,
-                    true,
-                )
-            },
+        let packed = if s.b_is_weight { unsafe { frozen_weights::packed(s.precision, n, k, weight) } } else { None };
+        let (c_tile, a_op) =
+            (Strided { ptr: c.as_mut_ptr(), rs: n as isize, cs: 1 }, Strided { ptr: a.as_ptr(), rs: a_rs, cs: a_cs });
+        match packed.as_deref() {
+            Some(Packed::Bf16(pb)) => unsafe { gemm_bf16_packed_b(m, c_tile, s.accumulate, a_op, pb, true) },
+            Some(Packed::F32(pb)) => unsafe { gemm_f32_packed_b(m, c_tile, s.accumulate, a_op, pb, true) },
             None => run(c, a, b, true),
         }
         return;

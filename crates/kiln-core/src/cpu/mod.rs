@@ -17,6 +17,7 @@ mod hyper_connection;
 mod kv_cache;
 mod matmul;
 mod matmul_bf16;
+mod matmul_f32_packed;
 mod moe_dispatch;
 mod moe_route;
 mod pooling;

@@ -1,5 +1,6 @@
 //! Batched generation with a key/value cache, on the same model code and kernels as
-//! training. Each request is prefilled on its own into a free cache slot; then every step
+//! training. Each request is prefilled into a free cache slot (requests admitted together
+//! with the same prompt, a GRPO group, share one prefill); then every step
 //! decodes one token for all running sequences at once, each attending only its own cached
 //! rows. A sequence that stops frees its slot for the next waiting request (continuous
 //! batching), so prompts of different lengths finish independently.
@@ -14,6 +15,7 @@ use crate::{Activations, ActivationsPool, Batch, Model};
 use kiln_core::rng::Rng;
 use kiln_core::{Backend, FrozenWeights};
 use rayon::prelude::*;
+use std::collections::HashMap;
 
 pub struct Request {
     pub prompt: Vec<i32>,
@@ -125,22 +127,30 @@ pub fn generate<B: Backend>(
             model.serve_experts_forward(b);
         }
         if !admitted.is_empty() {
-            let seq = admitted.iter().map(|&(r, _)| requests[r].prompt.len()).max().expect("not empty");
-            let mut batch = Batch::padding(admitted.len(), seq);
-            let mut rows = vec![-1; admitted.len() * seq];
-            let mut last = Vec::with_capacity(admitted.len());
-            for (i, &(request, slot)) in admitted.iter().enumerate() {
-                let prompt = &requests[request].prompt;
-                assert!(!prompt.is_empty(), "request {request}: empty prompt");
+            let prefills = distinct_prompts(&admitted, requests, cache.v4.is_none());
+            let seq = prefills.iter().map(|p| requests[admitted[p[0]].0].prompt.len()).max().expect("not empty");
+            let mut batch = Batch::padding(prefills.len(), seq);
+            let mut rows = vec![-1; prefills.len() * seq];
+            let sharing = prefills.iter().map(Vec::len).max().expect("not empty");
+            let mut copies = vec![vec![-1; prefills.len() * seq]; sharing - 1];
+            let mut last = Vec::with_capacity(prefills.len());
+            let mut logits_row = vec![0; admitted.len()];
+            for (i, members) in prefills.iter().enumerate() {
+                let prompt = &requests[admitted[members[0]].0].prompt;
+                assert!(!prompt.is_empty(), "request {}: empty prompt", admitted[members[0]].0);
                 for (p, &id) in prompt.iter().enumerate() {
                     let t = i * seq + p;
                     (batch.ids[t], batch.positions[t], batch.segments[t]) = (id, p as i32, 0);
-                    rows[t] = cache.row(slot, p);
+                    rows[t] = cache.row(admitted[members[0]].1, p);
+                    for (copy, &m) in copies.iter_mut().zip(&members[1..]) {
+                        copy[t] = cache.row(admitted[m].1, p);
+                    }
                 }
                 last.push((i * seq + prompt.len() - 1) as i32);
+                members.iter().for_each(|&m| logits_row[m] = i);
             }
-            let mut acts = Activations::new(b, &model.config, admitted.len(), seq, false, false);
-            let plan = CachePlan { rows: &rows, decode: None, logits_at: &last };
+            let mut acts = Activations::new(b, &model.config, prefills.len(), seq, false, false);
+            let plan = CachePlan { rows: &rows, copies: &copies, decode: None, logits_at: &last };
             let logits = model.forward_cached(b, &mut acts, &batch, &mut cache, &plan);
             let mut fresh: Vec<Running> = admitted
                 .iter()
@@ -157,7 +167,7 @@ pub fn generate<B: Backend>(
                     rng: Rng::new(requests[request].params.seed),
                 })
                 .collect();
-            let draws = draw_all(&mut fresh, &logits, vocab, requests);
+            let draws = draw_all(&mut fresh, &logits, &logits_row, vocab, requests);
             for (mut r, draw) in fresh.into_iter().zip(draws) {
                 let finished = requests[r.request].params.max_new_tokens == 0 || advance(&mut r, draw, stop);
                 if finished {
@@ -188,9 +198,10 @@ pub fn generate<B: Backend>(
         }
         let acts = decode_acts.get(b, n);
         let every: Vec<i32> = (0..n as i32).collect();
-        let plan = CachePlan { rows: &rows, decode: Some((&starts, &lengths)), logits_at: &every };
+        let plan = CachePlan { rows: &rows, copies: &[], decode: Some((&starts, &lengths)), logits_at: &every };
         let logits = model.forward_cached(b, acts, &batch, &mut cache, &plan);
-        let draws = draw_all(&mut running, &logits, vocab, requests);
+        let own_rows: Vec<usize> = (0..n).collect();
+        let draws = draw_all(&mut running, &logits, &own_rows, vocab, requests);
         let mut still = Vec::with_capacity(n);
         for (mut r, draw) in running.drain(..).zip(draws) {
             if advance(&mut r, draw, stop) {
@@ -212,13 +223,34 @@ struct Draw {
     entropy: f32,
 }
 
-/// The next token of every sequence of `running` from its row of `logits` (rows of `vocab`),
-/// drawn with its own generator: in parallel, as each sequence's draws depend only on it.
-fn draw_all(running: &mut [Running], logits: &[f32], vocab: usize, requests: &[Request]) -> Vec<Draw> {
+/// The admitted requests (`(request, slot)`) grouped by prompt, as indices into `admitted`:
+/// requests with the same prompt (the completions of one GRPO group) are prefilled once when
+/// `share` (their keys and values copied into each one's slot); else one group each.
+fn distinct_prompts(admitted: &[(usize, usize)], requests: &[Request], share: bool) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    let mut by_prompt: HashMap<&[i32], usize> = HashMap::new();
+    for (i, &(request, _)) in admitted.iter().enumerate() {
+        let prompt = requests[request].prompt.as_slice();
+        match by_prompt.get(prompt).filter(|_| share) {
+            Some(&g) => groups[g].push(i),
+            None => {
+                by_prompt.insert(prompt, groups.len());
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
+}
+
+/// The next token of every sequence of `running` from its row of `logits` (`rows[i]`, rows of
+/// `vocab`), drawn with its own generator: in parallel, as each sequence's draws depend only
+/// on it.
+fn draw_all(running: &mut [Running], logits: &[f32], rows: &[usize], vocab: usize, requests: &[Request]) -> Vec<Draw> {
     running
         .par_iter_mut()
-        .zip(logits.par_chunks_exact(vocab))
-        .map(|(r, logits)| {
+        .zip(rows)
+        .map(|(r, &row)| {
+            let logits = &logits[row * vocab..(row + 1) * vocab];
             let token = sample(logits, &requests[r.request].params, &mut r.rng);
             let (logprob, entropy) = logprob_entropy(logits, token);
             Draw { token: token as i32, logprob, entropy }

@@ -90,11 +90,13 @@ impl<B: Backend> KvCache<B> {
 }
 
 /// Where a cached forward puts its tokens: the cache row of every token (negative: padding,
-/// not cached), when decoding one new token per row the cached rows each one attends
-/// (`starts[i] .. starts[i] + lengths[i]`, itself included), and the tokens whose next-token
-/// logits are wanted.
+/// not cached), further rows to write the same keys and values into (`copies`, each a list
+/// like `rows`: a prompt prefilled once for the several sequences that share it), when
+/// decoding one new token per row the cached rows each one attends (`starts[i] .. starts[i] +
+/// lengths[i]`, itself included), and the tokens whose next-token logits are wanted.
 pub struct CachePlan<'a> {
     pub rows: &'a [i32],
+    pub copies: &'a [Vec<i32>],
     pub decode: Option<(&'a [i32], &'a [i32])>,
     pub logits_at: &'a [i32],
 }

@@ -30,10 +30,12 @@ pub struct AttnCtx<'a, B: Backend> {
     pub precision: Precision,
 }
 
-/// Cache rows of the batch's tokens and, when decoding, the rows each new token attends
-/// (`starts`, `lengths`) with the decode attention.
+/// Cache rows of the batch's tokens (and further rows their keys and values are copied to)
+/// and, when decoding, the rows each new token attends (`starts`, `lengths`) with the decode
+/// attention.
 pub struct CacheCtx<'a, B: Backend> {
     pub rows: &'a B::Index,
+    pub copies: &'a [B::Index],
     /// How the cache stores keys and values.
     pub storage: Precision,
     pub decode: Option<(&'a B::Index, &'a B::Index, DecodeAttention)>,
@@ -61,8 +63,10 @@ pub(crate) fn attend<B: Backend>(
     ctx: &AttnCtx<B>,
 ) {
     if let (Some((kc, vc)), Some(cache)) = (kv, &ctx.cache) {
-        b.scatter_rows(kc, k, cache.rows, k_row, cache.storage);
-        b.scatter_rows(vc, v, cache.rows, v_row, cache.storage);
+        for rows in std::iter::once(cache.rows).chain(cache.copies) {
+            b.scatter_rows(kc, k, rows, k_row, cache.storage);
+            b.scatter_rows(vc, v, rows, v_row, cache.storage);
+        }
         if let Some((starts, lengths, spec)) = cache.decode {
             b.attention_decode(att, q, kc, vc, starts, lengths, spec);
             return;

@@ -214,7 +214,17 @@ impl<B: Backend> ActivationsPool<B> {
 
     /// The activations for `rows × seq` batches.
     pub fn get(&mut self, b: &B, rows: usize) -> &mut Activations<B> {
-        let (c, seq, training, recompute) = (&self.config, self.seq, self.training, self.recompute);
-        self.by_rows.entry(rows).or_insert_with(|| Activations::new(b, c, rows, seq, training, recompute))
+        self.get_for(b, rows, self.seq)
+    }
+
+    /// The activations for `rows × seq` batches of a shorter (or longer) `seq` than the pool's:
+    /// laid out anew when a row count's last layout had another length.
+    pub fn get_for(&mut self, b: &B, rows: usize, seq: usize) -> &mut Activations<B> {
+        let (c, training, recompute) = (&self.config, self.training, self.recompute);
+        let acts = self.by_rows.entry(rows).or_insert_with(|| Activations::new(b, c, rows, seq, training, recompute));
+        if acts.seq != seq {
+            *acts = Activations::new(b, c, rows, seq, training, recompute);
+        }
+        acts
     }
 }

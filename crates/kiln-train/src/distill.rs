@@ -12,7 +12,7 @@
 //! held for the whole step.
 
 use crate::config::{DistillSection, RunConfig};
-use crate::rollout::{completion_row, sample, step_prompts};
+use crate::rollout::{completion_row, row_length, sample, step_prompts};
 use crate::schedule::Schedule;
 use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan};
@@ -88,9 +88,10 @@ impl<B: Backend> Recipe<B> for Distill<B> {
         let rows = self.d.chunk_rows.max(1);
         let chunk = &self.sequences[k * rows..((k + 1) * rows).min(self.sequences.len())];
         let n = self.tokens.max(1) as f64;
-        let batch = Batch::completions(chunk, self.seq, (1.0 / n) as f32);
-        let (b, acts) = (&s.b, self.student_pool.get(&s.b, chunk.len()));
-        let teacher_acts = self.teacher_pool.get(b, chunk.len());
+        let seq = row_length(chunk, self.seq);
+        let batch = Batch::completions(chunk, seq, (1.0 / n) as f32);
+        let (b, acts) = (&s.b, self.student_pool.get_for(&s.b, chunk.len(), seq));
+        let teacher_acts = self.teacher_pool.get_for(b, chunk.len(), seq);
         if self.d.estimator == "sampled" {
             let teacher_nll = self.teacher.nll(b, teacher_acts, &batch);
             let mut loss = 0.0;

@@ -82,6 +82,19 @@ pub fn generate<B: Backend>(
     max_batch: usize,
     stop: &mut dyn FnMut(usize, &[i32]) -> bool,
 ) -> Vec<Generation> {
+    generate_observed(b, model, requests, max_batch, stop, &mut |_, _| {})
+}
+
+/// [`generate`], calling `finished(request, generation)` as each sequence finishes, while the
+/// others still decode (a rollout scores finished groups with external rewards meanwhile).
+pub fn generate_observed<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    requests: &[Request],
+    max_batch: usize,
+    stop: &mut dyn FnMut(usize, &[i32]) -> bool,
+    finished: &mut dyn FnMut(usize, &Generation),
+) -> Vec<Generation> {
     // The weights stay as they are while sampling: their packed forms are reused.
     let _frozen = FrozenWeights::new(b);
     let max_len = requests.iter().map(|r| r.prompt.len() + r.params.max_new_tokens).max().unwrap_or(1);
@@ -169,9 +182,10 @@ pub fn generate<B: Backend>(
                 .collect();
             let draws = draw_all(&mut fresh, &logits, &logits_row, vocab, requests);
             for (mut r, draw) in fresh.into_iter().zip(draws) {
-                let finished = requests[r.request].params.max_new_tokens == 0 || advance(&mut r, draw, stop);
-                if finished {
+                let finished_now = requests[r.request].params.max_new_tokens == 0 || advance(&mut r, draw, stop);
+                if finished_now {
                     free.push(r.slot);
+                    finished(r.request, &r.out);
                     done[r.request] = Some(r.out);
                 } else {
                     running.push(r);
@@ -206,6 +220,7 @@ pub fn generate<B: Backend>(
         for (mut r, draw) in running.drain(..).zip(draws) {
             if advance(&mut r, draw, stop) {
                 free.push(r.slot);
+                finished(r.request, &r.out);
                 done[r.request] = Some(r.out);
             } else {
                 still.push(r);

@@ -15,7 +15,7 @@
 use crate::config::{GrpoSection, RunConfig};
 use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLoss, PolicyLossParams};
 use crate::rewards::{build_rewards, Reward};
-use crate::rollout::{completion_row, decode_all, sample, score, step_prompts};
+use crate::rollout::{completion_row, row_length, sample_and_score, step_prompts, Scored};
 use crate::schedule::Schedule;
 use crate::session::{load_model, merge, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan, Tally};
@@ -163,9 +163,14 @@ impl<B: Backend> Grpo<B> {
     fn rollout_batch(&self, s: &mut Session<B>, prompts: &[&PromptRow], seed: u64, first: usize) -> Result<Rollout> {
         let g = &self.g;
         let started = Instant::now();
-        let outs = sample(&s.b, &mut s.model, prompts, g.group_size, &self.sampling(false), (seed, first));
+        let Scored { outs, total, per } = sample_and_score(
+            &s.b,
+            &mut s.model,
+            (prompts, g.group_size),
+            (&self.sampling(false), (seed, first)),
+            (&self.tokenizer, &self.rewards),
+        )?;
         let rollout_s = started.elapsed().as_secs_f64();
-        let (total, per) = score(&s.b, &self.rewards, prompts, &decode_all(&self.tokenizer, &outs))?;
         let adv = advantages(&total, g.group_size, g.scale_rewards);
 
         // Completions to train on: whole groups, unless dynamic sampling drops flat ones; a
@@ -233,7 +238,7 @@ impl<B: Backend> Grpo<B> {
         model: Option<&mut Model<B>>,
         pool: &mut ActivationsPool<B>,
         rollout: &Rollout,
-        micro_batch: usize,
+        (micro_batch, max_seq): (usize, usize),
     ) -> Result<Vec<Vec<Vec<f32>>>> {
         let chunks = rollout.sequences.chunks(micro_batch);
         let idle = s.idle_forwards_needed(chunks.len())?;
@@ -241,7 +246,12 @@ impl<B: Backend> Grpo<B> {
             Some(m) => m,
             None => &mut s.model,
         };
-        let logps = chunks.map(|chunk| training_logprobs(&s.b, model, pool.get(&s.b, chunk.len()), chunk)).collect();
+        let logps = chunks
+            .map(|chunk| {
+                let acts = pool.get_for(&s.b, chunk.len(), row_length(chunk, max_seq));
+                training_logprobs(&s.b, model, acts, chunk)
+            })
+            .collect();
         (0..idle).for_each(|_| model.serve_experts_forward(&s.b));
         Ok(logps)
     }
@@ -262,10 +272,11 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
             let first = mine.start * g.group_size;
             let mut rollout = self.rollout_batch(s, &prompts[mine], self.seed ^ step, first)?;
             if g.num_iterations > 1 {
-                rollout.old = Some(Self::logprobs(s, None, &mut self.pool, &rollout, g.micro_batch)?);
+                rollout.old = Some(Self::logprobs(s, None, &mut self.pool, &rollout, (g.micro_batch, self.seq))?);
             }
             if let Some(reference) = &mut self.reference {
-                rollout.reference = Some(Self::logprobs(s, Some(reference), &mut self.pool, &rollout, g.micro_batch)?);
+                rollout.reference =
+                    Some(Self::logprobs(s, Some(reference), &mut self.pool, &rollout, (g.micro_batch, self.seq))?);
             }
             self.rollout = Some(rollout);
         }
@@ -293,17 +304,19 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
         };
         let first = k * g.micro_batch;
         let chunk = &r.sequences[first..(first + g.micro_batch).min(r.sequences.len())];
-        let batch = Batch::completions(chunk, self.seq, 1.0 / r.tokens.max(1) as f32);
+        let seq = row_length(chunk, self.seq);
+        let batch = Batch::completions(chunk, seq, 1.0 / r.tokens.max(1) as f32);
         let advantages = &r.advantages[first..first + chunk.len()];
         let logps = (r.old.as_ref().map(|o| o[k].as_slice()), r.reference.as_ref().map(|rf| rf[k].as_slice()));
         let mut loss = 0.0;
         let mut weights_of = |nll: &[f32]| -> Vec<f32> {
-            let (w, out) = token_weights(nll, chunk, advantages, logps, &params, self.seq);
+            let (w, out) = token_weights(nll, chunk, advantages, logps, &params, seq);
             tally.add(&out, chunk);
             loss = out.loss;
             w
         };
-        s.model.forward_backward_with(&s.b, self.pool.get(&s.b, chunk.len()), &batch, &mut s.dp, &mut weights_of);
+        let acts = self.pool.get_for(&s.b, chunk.len(), seq);
+        s.model.forward_backward_with(&s.b, acts, &batch, &mut s.dp, &mut weights_of);
         Ok(loss)
     }
 
@@ -346,8 +359,9 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
         }
         let mine = s.my_share(self.eval.len());
         let refs: Vec<&PromptRow> = self.eval[mine.clone()].iter().collect();
-        let outs = sample(&s.b, &mut s.model, &refs, 1, &self.sampling(true), (0, 0));
-        let (total, per) = score(&s.b, &self.rewards, &refs, &decode_all(&self.tokenizer, &outs))?;
+        let sampling = (&self.sampling(true), (0, 0));
+        let Scored { outs, total, per } =
+            sample_and_score(&s.b, &mut s.model, (&refs, 1), sampling, (&self.tokenizer, &self.rewards))?;
         // Per prompt: reward, solved, completion length.
         let n = self.eval.len();
         let mut numbers = vec![0.0; 3 * n];

@@ -40,9 +40,27 @@ pub enum RewardFn<B: Backend> {
     ExactMatch { pattern: Option<Regex> },
     Format { pattern: Regex },
     Length { max_chars: usize },
+    External(External),
+    RewardModel(Box<Mutex<ScoringModel<B>>>),
+}
+
+/// A reward computed outside this process, by a program or an HTTP endpoint. Scoring waits on
+/// it, so a rollout scores each group with it as soon as the group has finished, while other
+/// sequences still decode.
+#[derive(Clone)]
+pub enum External {
     Command { program: String, args: Vec<String>, timeout: Duration },
     Http { url: String, timeout: Duration },
-    RewardModel(Box<Mutex<ScoringModel<B>>>),
+}
+
+impl External {
+    /// The reward of every sample, as the reward `name`.
+    pub fn score(&self, name: &str, samples: &[Sample]) -> Result<Vec<f64>> {
+        match self {
+            External::Command { program, args, timeout } => run_command(name, program, args, *timeout, samples),
+            External::Http { url, timeout } => post_samples(name, url, *timeout, samples),
+        }
+    }
 }
 
 /// A reward model and its tokenizer.
@@ -102,7 +120,7 @@ pub fn build_rewards<B: Backend>(b: &B, specs: &[RewardSpec]) -> Result<Vec<Rewa
                         .with_context(|| format!("reward `{}`: `pattern` is required", s.name()))?,
                 },
                 "length" => RewardFn::Length { max_chars: s.max_chars.unwrap_or(200) },
-                "command" => RewardFn::Command {
+                "command" => RewardFn::External(External::Command {
                     program: s
                         .command
                         .first()
@@ -110,11 +128,11 @@ pub fn build_rewards<B: Backend>(b: &B, specs: &[RewardSpec]) -> Result<Vec<Rewa
                         .with_context(|| format!("reward `{}`: `command` is empty", s.name()))?,
                     args: s.command[1..].to_vec(),
                     timeout: Duration::from_secs_f64(s.timeout_s),
-                },
-                "http" => RewardFn::Http {
+                }),
+                "http" => RewardFn::External(External::Http {
                     url: s.url.clone().with_context(|| format!("reward `{}`: `url` is required", s.name()))?,
                     timeout: Duration::from_secs_f64(s.timeout_s),
-                },
+                }),
                 "model" => {
                     let path = s.path.as_ref().with_context(|| format!("reward `{}`: `path` is required", s.name()))?;
                     RewardFn::RewardModel(Box::new(Mutex::new(ScoringModel::load(b, path)?)))
@@ -199,8 +217,7 @@ impl<B: Backend> Reward<B> {
                     -(over as f64) / (*max_chars).max(1) as f64
                 })
                 .collect(),
-            RewardFn::Command { program, args, timeout } => run_command(&self.name, program, args, *timeout, samples)?,
-            RewardFn::Http { url, timeout } => post_samples(&self.name, url, *timeout, samples)?,
+            RewardFn::External(external) => external.score(&self.name, samples)?,
             RewardFn::RewardModel(m) => {
                 let texts: Vec<String> = samples.iter().map(|s| format!("{}{}", s.prompt, s.completion)).collect();
                 m.lock()

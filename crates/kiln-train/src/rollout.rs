@@ -1,15 +1,16 @@
 //! What the on-policy recipes (GRPO, distillation) share: each step's prompts drawn, completions sampled with the KV-cache generator and laid out as
 //! training rows, and completions scored by the reward functions.
 
-use crate::rewards::{Reward, Sample};
+use crate::rewards::{External, Reward, RewardFn, Sample};
 use anyhow::Result;
 use kiln_core::rng::Rng;
 use kiln_core::Backend;
 use kiln_data::prompts::PromptRow;
 use kiln_data::Tokenizer;
-use kiln_model::generator::{generate, Generation, Request};
+use kiln_model::generator::{generate, generate_observed, Generation, Request};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::Model;
+use std::sync::mpsc;
 
 /// The `n` prompts of 0-based step `step`: a pure function of seed and step, like the SFT
 /// data order, so a resumed run draws what an uninterrupted one would.
@@ -18,18 +19,16 @@ pub fn step_prompts(prompts: &[PromptRow], seed: u64, step: u64, n: usize) -> Ve
     (0..n).map(|_| &prompts[rng.below(prompts.len())]).collect()
 }
 
-/// Samples `group` completions of each prompt with `params`, each with the index of its
-/// prompt. Completion `i` of the batch draws with seed `seed·φ ^ (first + i)`: `first` is its
-/// step-wide index, so a completion's draw does not depend on which rank samples it.
-pub fn sample<B: Backend>(
-    b: &B,
-    model: &mut Model<B>,
+/// The requests of `group` completions of each prompt with `params`. Completion `i` of the
+/// batch draws with seed `seed·φ ^ (first + i)`: `first` is its step-wide index, so a
+/// completion's draw does not depend on which rank samples it.
+fn group_requests(
     prompts: &[&PromptRow],
     group: usize,
     params: &SamplingParams,
     (seed, first): (u64, usize),
-) -> Vec<(usize, Generation)> {
-    let requests: Vec<Request> = prompts
+) -> Vec<Request> {
+    prompts
         .iter()
         .flat_map(|p| std::iter::repeat_n(p, group))
         .enumerate()
@@ -40,9 +39,107 @@ pub fn sample<B: Backend>(
                 ..params.clone()
             },
         })
-        .collect();
+        .collect()
+}
+
+/// Samples `group` completions of each prompt with `params` (seeds as [`group_requests`]),
+/// each with the index of its prompt.
+pub fn sample<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    prompts: &[&PromptRow],
+    group: usize,
+    params: &SamplingParams,
+    seeds: (u64, usize),
+) -> Vec<(usize, Generation)> {
+    let requests = group_requests(prompts, group, params, seeds);
     let out = generate(b, model, &requests, requests.len(), &mut |_, _| false);
     out.into_iter().enumerate().map(|(i, g)| (i / group, g)).collect()
+}
+
+/// Sampled completions (each with its prompt's index) and their rewards: the weighted total
+/// and each function's.
+pub struct Scored {
+    pub outs: Vec<(usize, Generation)>,
+    pub total: Vec<f64>,
+    pub per: Vec<Vec<f64>>,
+}
+
+/// [`sample`], with the completions scored by `rewards`. Rewards computed outside this process
+/// (programs, endpoints) score each group on a thread of their own as soon as all its
+/// completions have finished, while the others still decode; the rest score at the end.
+pub fn sample_and_score<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    (prompts, group): (&[&PromptRow], usize),
+    (params, seeds): (&SamplingParams, (u64, usize)),
+    (tokenizer, rewards): (&Tokenizer, &[Reward<B>]),
+) -> Result<Scored> {
+    let requests = group_requests(prompts, group, params, seeds);
+    let external: Vec<(String, External)> = rewards
+        .iter()
+        .filter_map(|r| match &r.function {
+            RewardFn::External(e) => Some((r.name.clone(), e.clone())),
+            _ => None,
+        })
+        .collect();
+    let text = |g: &Generation| tokenizer.decode(&g.tokens.iter().map(|&x| x as u32).collect::<Vec<_>>());
+    let overlap = !external.is_empty();
+    let (outs, early) = std::thread::scope(|scope| {
+        let (finished_groups, arrivals) = mpsc::channel::<(usize, Vec<String>)>();
+        let scorer = scope.spawn(move || -> Result<Vec<(usize, Vec<Vec<f64>>)>> {
+            arrivals
+                .into_iter()
+                .map(|(p, texts)| {
+                    let samples: Vec<Sample> = texts.iter().map(|c| sample_of(prompts[p], c)).collect();
+                    let scores = external.iter().map(|(name, e)| e.score(name, &samples)).collect::<Result<_>>()?;
+                    Ok((p, scores))
+                })
+                .collect()
+        });
+        let mut texts: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
+        let mut left = vec![group; prompts.len()];
+        let mut finished = |i: usize, g: &Generation| {
+            let p = i / group;
+            if !overlap {
+                return;
+            }
+            texts[p].resize(group, String::new());
+            texts[p][i % group] = text(g);
+            left[p] -= 1;
+            if left[p] == 0 {
+                // The scorer only stops receiving when it has failed: its error is reported below.
+                let _ = finished_groups.send((p, std::mem::take(&mut texts[p])));
+            }
+        };
+        let outs = generate_observed(b, model, &requests, requests.len(), &mut |_, _| false, &mut finished);
+        drop(finished_groups);
+        (outs, scorer.join().expect("the reward thread panicked"))
+    });
+    let mut early_by_prompt: Vec<Vec<Vec<f64>>> = vec![Vec::new(); prompts.len()];
+    early?.into_iter().for_each(|(p, scores)| early_by_prompt[p] = scores);
+    let outs: Vec<(usize, Generation)> = outs.into_iter().enumerate().map(|(i, g)| (i / group, g)).collect();
+    let texts: Vec<(usize, String)> = outs.iter().map(|(p, g)| (*p, text(g))).collect();
+    let samples: Vec<Sample> = texts.iter().map(|(p, c)| sample_of(prompts[*p], c)).collect();
+    let mut external_index = 0;
+    let per: Vec<Vec<f64>> = rewards
+        .iter()
+        .map(|r| match &r.function {
+            RewardFn::External(_) => {
+                let k = external_index;
+                external_index += 1;
+                Ok((0..samples.len()).map(|i| early_by_prompt[i / group][k][i % group]).collect())
+            }
+            _ => r.score(b, &samples),
+        })
+        .collect::<Result<_>>()?;
+    let total = (0..samples.len()).map(|i| rewards.iter().zip(&per).map(|(r, v)| r.weight * v[i]).sum()).collect();
+    Ok(Scored { outs, total, per })
+}
+
+/// A completion of `row`'s prompt as the rewards receive it.
+fn sample_of<'a>(row: &'a PromptRow, completion: &'a str) -> Sample<'a> {
+    Sample { prompt: &row.text, completion, answer: row.answer.as_deref(), columns: Some(&row.columns) }
 }
 
 /// A sampled completion as a training row: prompt + completion (+ the stop token when it
@@ -62,27 +159,10 @@ pub fn completion_row(
     (ids, prompt.len())
 }
 
-/// Each completion's text, with the index of its prompt.
-pub fn decode_all(tokenizer: &Tokenizer, outs: &[(usize, Generation)]) -> Vec<(usize, String)> {
-    outs.iter().map(|(p, g)| (*p, tokenizer.decode(&g.tokens.iter().map(|&x| x as u32).collect::<Vec<_>>()))).collect()
-}
-
-/// Rewards of completions (texts, each with its prompt's index in `prompts`): the weighted
-/// total and each function's.
-pub fn score<B: Backend>(
-    b: &B,
-    rewards: &[Reward<B>],
-    prompts: &[&PromptRow],
-    texts: &[(usize, String)],
-) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
-    let samples: Vec<Sample> = texts
-        .iter()
-        .map(|(p, c)| {
-            let row = prompts[*p];
-            Sample { prompt: &row.text, completion: c, answer: row.answer.as_deref(), columns: Some(&row.columns) }
-        })
-        .collect();
-    let per: Vec<Vec<f64>> = rewards.iter().map(|r| r.score(b, &samples)).collect::<Result<_>>()?;
-    let total = (0..samples.len()).map(|i| rewards.iter().zip(&per).map(|(r, v)| r.weight * v[i]).sum()).collect();
-    Ok((total, per))
+/// The row length a micro-batch of completion rows (`(ids, prompt length)`) trains on: its
+/// longest row rounded up to a multiple of 32 (so few layouts recur), at most `max_seq`.
+/// Padding every row to `data.max_seq_len` computed up to twice the tokens there are.
+pub fn row_length(chunk: &[(Vec<i32>, usize)], max_seq: usize) -> usize {
+    let longest = chunk.iter().map(|(ids, _)| ids.len()).max().unwrap_or(1);
+    longest.next_multiple_of(32).min(max_seq)
 }

@@ -3,7 +3,7 @@
 //! a timeout, a malformed answer, a refused connection) are errors naming the reward.
 
 use kiln_core::Cpu;
-use kiln_train::rewards::{Reward, RewardFn, Sample};
+use kiln_train::rewards::{External, Reward, RewardFn, Sample};
 use regex::Regex;
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -47,11 +47,11 @@ fn command(script: &str, timeout_ms: u64) -> Reward<Cpu> {
     Reward {
         name: "ext".into(),
         weight: 1.0,
-        function: RewardFn::Command {
+        function: RewardFn::External(External::Command {
             program: "sh".into(),
             args: vec!["-c".into(), script.into()],
             timeout: Duration::from_millis(timeout_ms),
-        },
+        }),
     }
 }
 
@@ -110,7 +110,7 @@ fn http(url: String, timeout_ms: u64) -> Reward<Cpu> {
     Reward {
         name: "sandbox".into(),
         weight: 1.0,
-        function: RewardFn::Http { url, timeout: Duration::from_millis(timeout_ms) },
+        function: RewardFn::External(External::Http { url, timeout: Duration::from_millis(timeout_ms) }),
     }
 }
 

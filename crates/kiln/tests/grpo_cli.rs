@@ -157,6 +157,24 @@ fn conversational_prompts_and_their_columns_reach_the_rewards() {
     assert!(text.contains(r#"columns for rewards: {"answer":"1","solution":"s0"}"#), "{text}");
 }
 
+/// A reward program scores each group as soon as its completions have finished (while other
+/// sequences still decode): it is called once per group, with that group's completions.
+#[test]
+fn reward_programs_score_each_group_as_it_finishes() {
+    let log = scratch_dir("per-group-log").join("calls.txt");
+    let script =
+        format!("n=0; while read -r l; do n=$((n+1)); echo 1; done; echo $n >> {:?}", log.display().to_string());
+    let judge = format!(r#"grpo.rewards=[{{type = "command", name = "judge", command = ["sh", "-c", {script:?}]}}]"#);
+    let settings = ["train.steps=2", "grpo.prompts_per_step=3", "grpo.group_size=4", "data.eval=[]", &judge];
+    let (out, run) = grpo("per-group", &settings);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let calls: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(str::to_string).collect();
+    assert_eq!(calls, vec!["4"; 6], "one call per group of 4, 3 groups a step, 2 steps");
+    let steps = step_metrics(&run);
+    assert_eq!(steps.len(), 2);
+    assert!(steps.iter().all(|v| v["rewards/judge/mean"] == 1.0 && v["reward"] == 1.0), "{steps:?}");
+}
+
 #[test]
 fn a_failing_reward_command_stops_the_run_with_its_name() {
     let (out, _) = grpo(

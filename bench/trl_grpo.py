@@ -10,6 +10,8 @@ forward/backward (TRL's per-device batch 64, kiln's micro_batch 64).
     python bench/trl_grpo.py --init               # writes the model to runs/bench-grpo/model
     python bench/trl_grpo.py --steps 6            # TRL: seconds per step after the first
     kiln --threads 2 grpo bench/grpo.toml         # kiln: metrics.jsonl's elapsed_s per step
+    python bench/trl_grpo.py --dtype bf16         # mixed precision (TRL's bf16=True, CPU autocast)
+    kiln --threads 2 grpo bench/grpo.toml --set train.dtype=bf16
 
 Prints the median seconds per step (the first step, with its warm-up, left out) and the mean
 completion length, which must be compared too: a step that samples shorter completions is not
@@ -79,7 +81,7 @@ class StepTimes(TrainerCallback):
             self.lengths.append(logs["completions/mean_length"])
 
 
-def run(steps, threads):
+def run(steps, threads, dtype):
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(threads)
@@ -88,7 +90,7 @@ def run(steps, threads):
     args = GRPOConfig(
         output_dir=str(ROOT / "runs" / "bench-grpo" / "trl"),
         use_cpu=True,
-        bf16=False,
+        bf16=dtype == "bf16",
         learning_rate=1e-6,
         max_steps=steps,
         per_device_train_batch_size=64,
@@ -123,7 +125,7 @@ def run(steps, threads):
     trainer.train()
     per_step = [b - a for a, b in zip(times.times, times.times[1:])]
     timed = per_step[1:] or per_step
-    print(f"TRL GRPOTrainer: {steps} steps, {threads} threads, f32")
+    print(f"TRL GRPOTrainer: {steps} steps, {threads} threads, {dtype}")
     print("  seconds per step: " + ", ".join(f"{t:.2f}" for t in per_step))
     print(f"  median {statistics.median(timed):.2f} s per step (first left out)")
     if times.lengths:
@@ -135,11 +137,12 @@ def main():
     parser.add_argument("--init", action="store_true", help="write the random model and exit")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     a = parser.parse_args()
     if a.init:
         init()
     else:
-        run(a.steps, a.threads)
+        run(a.steps, a.threads, a.dtype)
 
 
 if __name__ == "__main__":

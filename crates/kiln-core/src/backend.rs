@@ -414,6 +414,10 @@ pub trait Backend: Send + Sync {
     fn native_bf16(&self) -> bool {
         false
     }
+    /// The widest key or value row per head that [`Backend::attention_decode`] takes.
+    fn max_decode_head_dim(&self) -> usize {
+        usize::MAX
+    }
     /// A promise by the calling thread that no weight its products read changes, in value or
     /// storage, until the matching [`Backend::thaw_weights`] (calls nest): the products it
     /// calls whose B is a weight ([`Matmul::of_weight`]) may keep that weight in the form

@@ -51,6 +51,9 @@ impl Backend for Cuda {
     fn native_bf16(&self) -> bool {
         true
     }
+    fn max_decode_head_dim(&self) -> usize {
+        MAX_HEAD_DIM
+    }
     fn freeze_weights(&self) {
         crate::frozen_weights::freeze();
     }

@@ -3,8 +3,12 @@
 //! slot is reused by the next sequence as soon as its own finishes: rows are overwritten, and
 //! attention only reads a sequence's first `length` rows, so nothing needs clearing.
 //!
-//! Multi-head latent attention caches its expanded per-head keys and values here; the latent
-//! cache (c_kv and k_pe only, up-projections absorbed) is a later optimisation.
+//! Multi-head latent attention caches, per token, only its latent rows as DeepSeek's inference
+//! does: `[c' ; k_pe]` as one shared key head and `c'` as its value (kv_lora_rank +
+//! qk_rope_head_dim + kv_lora_rank values, against heads × (qk_head_dim + v_head_dim)
+//! expanded), with the up-projections absorbed into the query and the output at decode
+//! (`layers::mla`). Where the backend's decode attention cannot take rows that wide, it
+//! caches the expanded keys and values instead.
 
 use crate::config::{AttentionKind, Config};
 use crate::v4_cache::V4Cache;
@@ -22,14 +26,21 @@ pub struct KvCache<B: Backend> {
     pub(crate) storage: Precision,
     /// DeepSeek-V4's window and compressed caches, in place of `k` and `v` (kept in f32).
     pub(crate) v4: Option<V4Cache<B>>,
+    /// Multi-head latent attention's latent rows, in place of expanded keys and values.
+    pub(crate) latent: bool,
 }
 
 impl<B: Backend> KvCache<B> {
     /// A cache storing its keys and values in `storage` (bf16 for a bf16 model: decode reads
     /// every cached row for every new token, so this halves its memory traffic).
     pub fn new(b: &B, cfg: &Config, slots: usize, max_len: usize, storage: Precision) -> Self {
+        let mut latent = false;
         let (kv_heads, head_dim, v_head_dim) = match &cfg.attention {
             AttentionKind::Gqa => (cfg.num_kv_heads, cfg.head_dim, cfg.head_dim),
+            AttentionKind::Mla(m) if m.kv_lora_rank + m.qk_rope_head_dim <= b.max_decode_head_dim() => {
+                latent = true;
+                (1, m.kv_lora_rank + m.qk_rope_head_dim, m.kv_lora_rank)
+            }
             AttentionKind::Mla(m) => (cfg.num_heads, cfg.head_dim, m.v_head_dim),
             AttentionKind::V4(v4) => {
                 let v4 = Some(V4Cache::new(b, cfg, v4, slots, max_len));
@@ -44,6 +55,7 @@ impl<B: Backend> KvCache<B> {
                     v_head_dim: 0,
                     storage,
                     v4,
+                    latent: false,
                 };
             }
         };
@@ -59,6 +71,7 @@ impl<B: Backend> KvCache<B> {
             v_head_dim,
             storage,
             v4: None,
+            latent,
         }
     }
 
@@ -99,4 +112,12 @@ pub struct CachePlan<'a> {
     pub copies: &'a [Vec<i32>],
     pub decode: Option<(&'a [i32], &'a [i32])>,
     pub logits_at: &'a [i32],
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Values cached per token over all layers: keys and values, or their latent rows
+    /// (DeepSeek-V4's caches, kept apart, are not counted).
+    pub fn values_per_token(&self) -> usize {
+        (self.kv_heads * (self.head_dim + self.v_head_dim)) * self.k.len()
+    }
 }

@@ -418,7 +418,7 @@ impl<B: Backend> Model<B> {
         if let (Some((kv, plan)), Some((rows, copies, decode))) = (&cache, &indices) {
             let spec = kv.decode_spec(plan.rows.len(), c.num_heads, c.attention_scale, None);
             let decode = decode.as_ref().map(|(s, l)| (s, l, spec));
-            view.cache = Some(CacheCtx { rows, copies, storage: kv.storage, decode });
+            view.cache = Some(CacheCtx { rows, copies, latent: kv.latent, storage: kv.storage, decode });
         }
         let mut loads = Vec::new();
         for l in 0..c.num_layers {

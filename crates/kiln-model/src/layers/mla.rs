@@ -14,7 +14,7 @@
 use super::{attend, linear, linear_backward, AttnCtx};
 use crate::config::{Config, MlaConfig};
 use crate::weights::MlaWeights;
-use kiln_core::{Backend, ColumnCopy, Heads, Rope};
+use kiln_core::{Backend, ColumnCopy, DecodeAttention, Heads, Matmul, Precision, Rope};
 
 /// transformers builds `q_a_layernorm` and `kv_a_layernorm` with the default epsilon.
 const LATENT_NORM_EPS: f32 = 1e-6;
@@ -199,8 +199,70 @@ pub fn forward<B: Backend>(
     }
     b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
 
-    attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx);
+    match (kv, &ctx.cache) {
+        (Some((kc, vc)), Some(cache)) if cache.latent => {
+            // The latent rows: [c' ; k_pe] as keys (written over kv_a's c, which a forward with
+            // a cache, never followed by a backward, does not read again) and c' as values.
+            b.copy_columns(&mut a.kv_a, &a.c_norm, m.columns(n, m.c, (m.c, 0), (m.kv_a(), 0), false));
+            cache.write(b, kc, &a.kv_a, m.kv_a());
+            cache.write(b, vc, &a.c_norm, m.c);
+            match cache.decode {
+                Some((starts, lengths, spec)) => {
+                    absorbed_decode(b, &m, w, &a.q, &mut a.att, (kc, vc, starts, lengths, spec), ctx.precision);
+                }
+                None => b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec),
+            }
+        }
+        (kv, _) => attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx),
+    }
     linear(b, ctx.precision, out, &a.att, (w.o, w.o_bias), (n, h * m.v, d));
+}
+
+/// Decode attention over the latent cache, the up-projections absorbed: with W_UK and W_UV
+/// a head's rows of `kv_b` (k_nope = W_UK·c', v = W_UV·c'),
+///   q_nope·k_nope = (W_UKᵀ·q_nope)·c'    and    Σ_j p_j v_j = W_UV·(Σ_j p_j c'_j),
+/// so each head's query becomes `[W_UKᵀ·q_nope ; q_pe]` against the cached `[c' ; k_pe]`
+/// (one key head shared by all), its output `W_UV · (attention over c')`.
+fn absorbed_decode<B: Backend>(
+    b: &B,
+    m: &Dims,
+    w: &MlaWeights<&B::Slice>,
+    q: &B::Slice,
+    att: &mut B::Slice,
+    (kc, vc, starts, lengths, spec): (&B::Slice, &B::Slice, &B::Index, &B::Index, DecodeAttention),
+    precision: Precision,
+) {
+    let (n, h, lat) = (m.n, m.h, m.kv_a());
+    let product = |rows: usize, cols: usize, inner: usize, trans_b: bool| Matmul {
+        m: rows,
+        n: cols,
+        k: inner,
+        trans_a: false,
+        trans_b,
+        batch: 1,
+        accumulate: false,
+        precision,
+        b_is_weight: true,
+    };
+    // W_UK and W_UV of `head`: rows of kv_b, each c wide.
+    let w_uk = |head: usize| b.slice(w.kv_b, head * m.kv() * m.c..(head * m.kv() + m.nope) * m.c);
+    let w_uv = |head: usize| b.slice(w.kv_b, (head * m.kv() + m.nope) * m.c..(head + 1) * m.kv() * m.c);
+    let (mut q_head, mut q_absorbed, mut q_latent) = (b.zeros(n * m.nope), b.zeros(n * m.c), b.zeros(n * h * lat));
+    for head in 0..h {
+        b.copy_columns(&mut q_head, q, ColumnCopy::take_block(n, m.nope, (h * m.qk(), head * m.qk())));
+        b.matmul(&mut q_absorbed, &q_head, w_uk(head), product(n, m.c, m.nope, false));
+        b.copy_columns(&mut q_latent, &q_absorbed, ColumnCopy::put_block(n, m.c, (h * lat, head * lat)));
+        let q_pe = m.columns(n, m.rope, (h * m.qk(), head * m.qk() + m.nope), (h * lat, head * lat + m.c), false);
+        b.copy_columns(&mut q_latent, q, q_pe);
+    }
+    let mut att_latent = b.zeros(n * h * m.c);
+    b.attention_decode(&mut att_latent, &q_latent, kc, vc, starts, lengths, spec);
+    let (mut o_latent, mut o_head) = (b.zeros(n * m.c), b.zeros(n * m.v));
+    for head in 0..h {
+        b.copy_columns(&mut o_latent, &att_latent, ColumnCopy::take_block(n, m.c, (h * m.c, head * m.c)));
+        b.matmul(&mut o_head, &o_latent, w_uv(head), product(n, m.v, m.c, true));
+        b.copy_columns(att, &o_head, ColumnCopy::put_block(n, m.v, (h * m.v, head * m.v)));
+    }
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.

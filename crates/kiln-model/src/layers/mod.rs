@@ -36,6 +36,8 @@ pub struct AttnCtx<'a, B: Backend> {
 pub struct CacheCtx<'a, B: Backend> {
     pub rows: &'a B::Index,
     pub copies: &'a [B::Index],
+    /// Multi-head latent attention caches its latent rows (see `kv_cache`).
+    pub latent: bool,
     /// How the cache stores keys and values.
     pub storage: Precision,
     pub decode: Option<(&'a B::Index, &'a B::Index, DecodeAttention)>,
@@ -48,6 +50,16 @@ impl<B: Backend> Clone for CacheCtx<'_, B> {
 }
 
 impl<B: Backend> Copy for CacheCtx<'_, B> {}
+
+impl<B: Backend> CacheCtx<'_, B> {
+    /// Writes the batch's rows of `src` (`width` wide) into `dst`, at their cache rows and
+    /// at each copy's.
+    pub(crate) fn write(&self, b: &B, dst: &mut B::Slice, src: &B::Slice, width: usize) {
+        for rows in std::iter::once(self.rows).chain(self.copies) {
+            b.scatter_rows(dst, src, rows, width, self.storage);
+        }
+    }
+}
 
 /// Attention of a block whose keys `k` and values `v` (rows of `k_row`, `v_row`) are ready:
 /// over the batch, or, with a layer cache, after writing them into it, over the batch
@@ -63,10 +75,8 @@ pub(crate) fn attend<B: Backend>(
     ctx: &AttnCtx<B>,
 ) {
     if let (Some((kc, vc)), Some(cache)) = (kv, &ctx.cache) {
-        for rows in std::iter::once(cache.rows).chain(cache.copies) {
-            b.scatter_rows(kc, k, rows, k_row, cache.storage);
-            b.scatter_rows(vc, v, rows, v_row, cache.storage);
-        }
+        cache.write(b, kc, k, k_row);
+        cache.write(b, vc, v, v_row);
         if let Some((starts, lengths, spec)) = cache.decode {
             b.attention_decode(att, q, kc, vc, starts, lengths, spec);
             return;

@@ -108,6 +108,32 @@ pub struct MlaActs<B: Backend> {
     v: B::Buf,
     att: B::Buf,
     lse: B::Buf,
+    /// Scratch of the absorbed decode, laid out on its first use by these activations.
+    absorbed: Option<AbsorbedScratch<B>>,
+}
+
+/// The absorbed decode's per-head query and output pieces (see [`absorbed_decode`]).
+struct AbsorbedScratch<B: Backend> {
+    q_head: B::Buf,
+    q_absorbed: B::Buf,
+    q_latent: B::Buf,
+    att_latent: B::Buf,
+    o_latent: B::Buf,
+    o_head: B::Buf,
+}
+
+impl<B: Backend> AbsorbedScratch<B> {
+    fn new(b: &B, m: &Dims) -> Self {
+        let (n, h) = (m.n, m.h);
+        Self {
+            q_head: b.zeros(n * m.nope),
+            q_absorbed: b.zeros(n * m.c),
+            q_latent: b.zeros(n * h * m.kv_a()),
+            att_latent: b.zeros(n * h * m.c),
+            o_latent: b.zeros(n * m.c),
+            o_head: b.zeros(n * m.v),
+        }
+    }
 }
 
 /// Gradient scratch, shared by all layers.
@@ -139,6 +165,7 @@ impl<B: Backend> MlaActs<B> {
             v: b.zeros(n * m.h * m.v),
             att: b.zeros(n * m.h * m.v),
             lse: b.zeros(n * m.h),
+            absorbed: None,
         }
     }
 }
@@ -208,7 +235,9 @@ pub fn forward<B: Backend>(
             cache.write(b, vc, &a.c_norm, m.c);
             match cache.decode {
                 Some((starts, lengths, spec)) => {
-                    absorbed_decode(b, &m, w, &a.q, &mut a.att, (kc, vc, starts, lengths, spec), ctx.precision);
+                    let scratch = a.absorbed.get_or_insert_with(|| AbsorbedScratch::new(b, &m));
+                    let cache = (&*kc, &*vc, starts, lengths, spec);
+                    absorbed_decode(b, &m, w, (&a.q, &mut a.att), scratch, cache, ctx.precision);
                 }
                 None => b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec),
             }
@@ -227,8 +256,8 @@ fn absorbed_decode<B: Backend>(
     b: &B,
     m: &Dims,
     w: &MlaWeights<&B::Slice>,
-    q: &B::Slice,
-    att: &mut B::Slice,
+    (q, att): (&B::Slice, &mut B::Slice),
+    s: &mut AbsorbedScratch<B>,
     (kc, vc, starts, lengths, spec): (&B::Slice, &B::Slice, &B::Index, &B::Index, DecodeAttention),
     precision: Precision,
 ) {
@@ -247,21 +276,18 @@ fn absorbed_decode<B: Backend>(
     // W_UK and W_UV of `head`: rows of kv_b, each c wide.
     let w_uk = |head: usize| b.slice(w.kv_b, head * m.kv() * m.c..(head * m.kv() + m.nope) * m.c);
     let w_uv = |head: usize| b.slice(w.kv_b, (head * m.kv() + m.nope) * m.c..(head + 1) * m.kv() * m.c);
-    let (mut q_head, mut q_absorbed, mut q_latent) = (b.zeros(n * m.nope), b.zeros(n * m.c), b.zeros(n * h * lat));
     for head in 0..h {
-        b.copy_columns(&mut q_head, q, ColumnCopy::take_block(n, m.nope, (h * m.qk(), head * m.qk())));
-        b.matmul(&mut q_absorbed, &q_head, w_uk(head), product(n, m.c, m.nope, false));
-        b.copy_columns(&mut q_latent, &q_absorbed, ColumnCopy::put_block(n, m.c, (h * lat, head * lat)));
+        b.copy_columns(&mut s.q_head, q, ColumnCopy::take_block(n, m.nope, (h * m.qk(), head * m.qk())));
+        b.matmul(&mut s.q_absorbed, &s.q_head, w_uk(head), product(n, m.c, m.nope, false));
+        b.copy_columns(&mut s.q_latent, &s.q_absorbed, ColumnCopy::put_block(n, m.c, (h * lat, head * lat)));
         let q_pe = m.columns(n, m.rope, (h * m.qk(), head * m.qk() + m.nope), (h * lat, head * lat + m.c), false);
-        b.copy_columns(&mut q_latent, q, q_pe);
+        b.copy_columns(&mut s.q_latent, q, q_pe);
     }
-    let mut att_latent = b.zeros(n * h * m.c);
-    b.attention_decode(&mut att_latent, &q_latent, kc, vc, starts, lengths, spec);
-    let (mut o_latent, mut o_head) = (b.zeros(n * m.c), b.zeros(n * m.v));
+    b.attention_decode(&mut s.att_latent, &s.q_latent, kc, vc, starts, lengths, spec);
     for head in 0..h {
-        b.copy_columns(&mut o_latent, &att_latent, ColumnCopy::take_block(n, m.c, (h * m.c, head * m.c)));
-        b.matmul(&mut o_head, &o_latent, w_uv(head), product(n, m.v, m.c, true));
-        b.copy_columns(att, &o_head, ColumnCopy::put_block(n, m.v, (h * m.v, head * m.v)));
+        b.copy_columns(&mut s.o_latent, &s.att_latent, ColumnCopy::take_block(n, m.c, (h * m.c, head * m.c)));
+        b.matmul(&mut s.o_head, &s.o_latent, w_uv(head), product(n, m.v, m.c, true));
+        b.copy_columns(att, &s.o_head, ColumnCopy::put_block(n, m.v, (h * m.v, head * m.v)));
     }
 }
 

@@ -100,10 +100,10 @@ pub fn sample_and_score<B: Backend>(
         let mut texts: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
         let mut left = vec![group; prompts.len()];
         let mut finished = |i: usize, g: &Generation| {
-            let p = i / group;
             if !overlap {
                 return;
             }
+            let p = i / group;
             texts[p].resize(group, String::new());
             texts[p][i % group] = text(g);
             left[p] -= 1;

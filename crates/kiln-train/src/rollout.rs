@@ -85,7 +85,7 @@ pub fn sample_and_score<B: Backend>(
         .collect();
     let text = |g: &Generation| tokenizer.decode(&g.tokens.iter().map(|&x| x as u32).collect::<Vec<_>>());
     let overlap = !external.is_empty();
-    let (outs, early) = std::thread::scope(|scope| {
+    let (outs, texts, early) = std::thread::scope(|scope| {
         let (finished_groups, arrivals) = mpsc::channel::<(usize, Vec<String>)>();
         let scorer = scope.spawn(move || -> Result<Vec<(usize, Vec<Vec<f64>>)>> {
             arrivals
@@ -97,30 +97,26 @@ pub fn sample_and_score<B: Backend>(
                 })
                 .collect()
         });
-        let mut texts: Vec<Vec<String>> = vec![Vec::new(); prompts.len()];
+        // Each completion's text, decoded as it finishes.
+        let mut texts = vec![String::new(); requests.len()];
         let mut left = vec![group; prompts.len()];
         let mut finished = |i: usize, g: &Generation| {
-            if !overlap {
-                return;
-            }
+            texts[i] = text(g);
             let p = i / group;
-            texts[p].resize(group, String::new());
-            texts[p][i % group] = text(g);
             left[p] -= 1;
-            if left[p] == 0 {
+            if overlap && left[p] == 0 {
                 // The scorer only stops receiving when it has failed: its error is reported below.
-                let _ = finished_groups.send((p, std::mem::take(&mut texts[p])));
+                let _ = finished_groups.send((p, texts[p * group..(p + 1) * group].to_vec()));
             }
         };
         let outs = generate_observed(b, model, &requests, requests.len(), &mut |_, _| false, &mut finished);
         drop(finished_groups);
-        (outs, scorer.join().expect("the reward thread panicked"))
+        (outs, texts, scorer.join().expect("the reward thread panicked"))
     });
     let mut early_by_prompt: Vec<Vec<Vec<f64>>> = vec![Vec::new(); prompts.len()];
     early?.into_iter().for_each(|(p, scores)| early_by_prompt[p] = scores);
     let outs: Vec<(usize, Generation)> = outs.into_iter().enumerate().map(|(i, g)| (i / group, g)).collect();
-    let texts: Vec<(usize, String)> = outs.iter().map(|(p, g)| (*p, text(g))).collect();
-    let samples: Vec<Sample> = texts.iter().map(|(p, c)| sample_of(prompts[*p], c)).collect();
+    let samples: Vec<Sample> = texts.iter().enumerate().map(|(i, c)| sample_of(prompts[i / group], c)).collect();
     let mut external_index = 0;
     let per: Vec<Vec<f64>> = rewards
         .iter()

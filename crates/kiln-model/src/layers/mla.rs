@@ -216,15 +216,6 @@ pub fn forward<B: Backend>(
     b.copy_columns(&mut a.c, &a.kv_a, m.columns(n, m.c, (m.kv_a(), 0), (m.c, 0), false));
     b.rmsnorm_forward(&mut a.c_norm, &mut a.c_rstd, &a.c, w.kv_a_norm, LATENT_NORM_EPS);
     b.rope_forward(&mut a.kv_a, ctx.rope_table, ctx.positions, m.k_rope());
-    linear(b, ctx.precision, &mut a.kv, &a.c_norm, (w.kv_b, None), (n, m.c, h * m.kv()));
-
-    // k = [k_nope ; k_pe] per head, v split off.
-    b.copy_columns(&mut a.k, &a.kv, m.columns(n * h, m.nope, (m.kv(), 0), (m.qk(), 0), false));
-    for head in 0..h {
-        let spec = m.columns(n, m.rope, (m.kv_a(), m.c), (h * m.qk(), head * m.qk() + m.nope), false);
-        b.copy_columns(&mut a.k, &a.kv_a, spec);
-    }
-    b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
 
     match (kv, &ctx.cache) {
         (Some((kc, vc)), Some(cache)) if cache.latent => {
@@ -239,12 +230,31 @@ pub fn forward<B: Backend>(
                     let cache = (&*kc, &*vc, starts, lengths, spec);
                     absorbed_decode(b, &m, w, (&a.q, &mut a.att), scratch, cache, ctx.precision);
                 }
-                None => b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec),
+                None => {
+                    expand_keys_values(b, &m, w, a, ctx.precision);
+                    b.attention_forward(&mut a.att, &mut a.lse, &a.q, &a.k, &a.v, ctx.segments, ctx.spec);
+                }
             }
         }
-        (kv, _) => attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx),
+        (kv, _) => {
+            expand_keys_values(b, &m, w, a, ctx.precision);
+            attend(b, (&mut a.att, &mut a.lse), &a.q, (&a.k, &a.v), (h * m.qk(), h * m.v), kv, ctx);
+        }
     }
     linear(b, ctx.precision, out, &a.att, (w.o, w.o_bias), (n, h * m.v, d));
+}
+
+/// Per head `[k_nope ; v] = W_kvb · c'`, then `k = [k_nope ; k_pe]` and `v` split off: the
+/// expanded keys and values attention over the batch reads (an absorbed decode needs none).
+fn expand_keys_values<B: Backend>(b: &B, m: &Dims, w: &MlaWeights<&B::Slice>, a: &mut MlaActs<B>, p: Precision) {
+    let (n, h) = (m.n, m.h);
+    linear(b, p, &mut a.kv, &a.c_norm, (w.kv_b, None), (n, m.c, h * m.kv()));
+    b.copy_columns(&mut a.k, &a.kv, m.columns(n * h, m.nope, (m.kv(), 0), (m.qk(), 0), false));
+    for head in 0..h {
+        let spec = m.columns(n, m.rope, (m.kv_a(), m.c), (h * m.qk(), head * m.qk() + m.nope), false);
+        b.copy_columns(&mut a.k, &a.kv_a, spec);
+    }
+    b.copy_columns(&mut a.v, &a.kv, m.columns(n * h, m.v, (m.kv(), m.nope), (m.v, 0), false));
 }
 
 /// Decode attention over the latent cache, the up-projections absorbed: with W_UK and W_UV

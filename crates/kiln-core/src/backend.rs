@@ -173,10 +173,16 @@ impl ColumnCopy {
     }
 }
 
+/// The segment id of a row's shared prefix: every later token of the row that belongs to a
+/// segment sees it, as each of a prompt's completions, laid out one after another behind a
+/// single copy of the prompt, sees that prompt and itself.
+pub const SHARED_PREFIX: i32 = i32::MAX;
+
 /// Causal self-attention over `batch` rows of `seq` tokens each.
 ///
 /// Token `i` attends to token `j` of the same row iff `j <= i`, `segment[i] == segment[j]`
-/// (packed sequences never see each other) and, with a window `w`, `i - j < w`.
+/// (packed sequences never see each other) or `segment[j]` is [`SHARED_PREFIX`] and
+/// `segment[i] >= 0`, and, with a window `w`, `i - j < w`.
 /// Query heads `h` share key/value head `h / (q_heads / kv_heads)` (grouped-query attention).
 /// Queries and keys have `head_dim` features per head, values (and so the output)
 /// `v_head_dim` (they differ in multi-head latent attention).

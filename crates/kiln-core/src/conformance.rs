@@ -13,7 +13,7 @@
 
 use crate::backend::{
     AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, Matmul, Precision,
-    Rope, Routing, Scoring,
+    Rope, Routing, Scoring, SHARED_PREFIX,
 };
 use crate::bf16;
 use crate::rng::Rng;
@@ -580,9 +580,20 @@ fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
             }
         })
         .collect();
+    // A prompt shared by three completions laid out after it, the last ending in padding.
+    let shared: Vec<i32> = (0..140)
+        .map(|t| match t % 70 {
+            0..20 => SHARED_PREFIX,
+            20..35 => 0,
+            35..61 => 1,
+            61..67 => 2,
+            _ => -1,
+        })
+        .collect();
     vec![
         (base, vec![0; 140]),
         (base, packed.clone()),
+        (base, shared),
         (Attention { window: Some(20), ..base }, packed),
         (
             Attention {
@@ -624,8 +635,9 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], seg: &[i32], s: Attentio
         for h in 0..s.q_heads {
             for i in 0..s.seq {
                 let qi = ((b * s.seq + i) * s.q_heads + h) * hd;
-                let allowed =
-                    |j: usize| j <= i && seg[b * s.seq + i] == seg[b * s.seq + j] && s.window.is_none_or(|w| i - j < w);
+                let (si, sj) = (seg[b * s.seq + i], |j: usize| seg[b * s.seq + j]);
+                let same = |j: usize| si == sj(j) || (sj(j) == SHARED_PREFIX && si >= 0);
+                let allowed = |j: usize| j <= i && same(j) && s.window.is_none_or(|w| i - j < w);
                 let kj = |j: usize| ((b * s.seq + j) * s.kv_heads + h / group) * hd;
                 let vj = |j: usize| ((b * s.seq + j) * s.kv_heads + h / group) * vd;
                 let oi = ((b * s.seq + i) * s.q_heads + h) * vd;

@@ -14,6 +14,6 @@ pub mod rng;
 
 pub use backend::{
     AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, HyperConnection,
-    Indexer, Matmul, Pooling, Precision, Rope, Routing, Scoring, SparseAttention,
+    Indexer, Matmul, Pooling, Precision, Rope, Routing, Scoring, SparseAttention, SHARED_PREFIX,
 };
 pub use cpu::Cpu;

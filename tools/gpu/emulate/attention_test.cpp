@@ -64,7 +64,13 @@ static int check(Spec s, bool bf16) {
         auto rounded = [&](std::vector<float> x) { if (bf16) for (auto& e : x) e = round_bf16(e); return x; };
         auto qr = rounded(q), kr_ = rounded(k), vr = rounded(v), doutr = rounded(dout);
         std::vector<int> seg(T);
-        for (long t = 0; t < T; t++) { long i = t % s.seq; seg[t] = i < s.seq / 3 ? 0 : (i < s.seq * 3 / 4 ? 1 : 2); }
+        // Three packed sequences; in odd rows the first is a prefix the other two share.
+        const int shared_prefix = 2147483647;
+        for (long t = 0; t < T; t++) {
+            long i = t % s.seq, b = t / s.seq;
+            seg[t] = i < s.seq / 3 ? (b % 2 ? shared_prefix : 0) : (i < s.seq * 3 / 4 ? 1 : 2);
+        }
+        auto sees = [&](long ti, long tj) { return seg[tj] == seg[ti] || (seg[tj] == shared_prefix && seg[ti] >= 0); };
         // Reference in double.
         int group = s.q_heads / s.kv_heads;
         std::vector<double> out_r(T * s.q_heads * s.vhd), lse_r(s.batch * s.q_heads * s.seq), dq_r(q.size()), dk_r(k.size()), dv_r(v.size());
@@ -73,7 +79,7 @@ static int check(Spec s, bool bf16) {
             std::vector<double> sc(s.seq, -INFINITY); double mx = -INFINITY;
             for (long j = 0; j <= i; j++) {
                 long tj = b * s.seq + j;
-                if (seg[tj] != seg[ti] || (s.window > 0 && i - j >= s.window)) continue;
+                if (!sees(ti, tj) || (s.window > 0 && i - j >= s.window)) continue;
                 double acc = 0; for (int d = 0; d < s.hd; d++) acc += (double)qr[(ti * s.q_heads + h) * s.hd + d] * kr_[(tj * s.kv_heads + kvh) * s.hd + d];
                 sc[j] = s.scale * acc; mx = std::max(mx, sc[j]);
             }

@@ -3,8 +3,9 @@
 # block as an OS thread (barriers for __syncthreads and warp shuffles; mma.sync computed from
 # every lane's fragments in PTX's layout), and attention_test.cpp compares forward (out, lse)
 # and backward (dq, dk, dv) with a double-precision reference: attention.cu's f32 kernels over
-# GQA groups of 1 to 16, MLA's 192/128 heads, 256-wide heads (8-row tiles), packed segments and
-# sliding windows (within 1e-5 of each output's largest magnitude), and attention_mma.cu's bf16
+# GQA groups of 1 to 16, MLA's 192/128 heads, 256-wide heads (8-row tiles), packed segments, a
+# prefix that later segments share (a prompt its completions see) and sliding windows (within
+# 1e-5 of each output's largest magnitude), and attention_mma.cu's bf16
 # tensor-core kernels on bf16-rounded inputs over several 64-row tiles (within 2e-2; a wrong
 # fragment layout is off by ~1). Launch shapes mirror crates/kiln-cuda/src/attention_tiling.rs.
 # merge_test.cpp checks attention_sinks.cu's merge of two attentions (DeepSeek-V4's window and

@@ -11,7 +11,7 @@
 
 use super::matmul::{gemm_strided, Strided};
 use super::Shared;
-use crate::backend::Attention;
+use crate::backend::{Attention, SHARED_PREFIX};
 use crate::fast_exp::fast_exp;
 use rayon::prelude::*;
 
@@ -53,11 +53,31 @@ struct Mask<'a> {
 impl Mask<'_> {
     #[inline]
     fn allowed(&self, i: usize, j: usize) -> bool {
-        j <= i && self.segments[i] == self.segments[j] && self.window.is_none_or(|w| i - j < w)
+        let (si, sj) = (self.segments[i], self.segments[j]);
+        j <= i && (si == sj || (sj == SHARED_PREFIX && si >= 0)) && self.window.is_none_or(|w| i - j < w)
     }
     /// First key block that any query in `i0..` can see.
     fn first_key(&self, i0: usize) -> usize {
         self.window.map_or(0, |w| (i0 + 1).saturating_sub(w)) / BLOCK * BLOCK
+    }
+    /// Whether any query of `queries` may see a key of `keys`: blocks that hold only other
+    /// segments (earlier packed sequences, a prompt's other completions) are skipped. Skipping
+    /// leaves the result's bits as they are: such a block adds exact zeros.
+    fn sees_block(&self, queries: std::ops::Range<usize>, keys: std::ops::Range<usize>) -> bool {
+        let mut seen = [0i32; 4];
+        let mut distinct = 0;
+        for &s in &self.segments[queries] {
+            if !seen[..distinct].contains(&s) {
+                if distinct == seen.len() {
+                    return true;
+                }
+                seen[distinct] = s;
+                distinct += 1;
+            }
+        }
+        let seen = &seen[..distinct];
+        let shared_seen = seen.iter().any(|&s| s >= 0);
+        self.segments[keys].iter().any(|&s| seen.contains(&s) || (s == SHARED_PREFIX && shared_seen))
     }
 }
 
@@ -123,6 +143,10 @@ pub fn forward(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32]
         let mut j0 = mask.first_key(i0);
         while j0 < i1 {
             let bk = BLOCK.min(i1 - j0);
+            if !mask.sees_block(i0..i1, j0..j0 + bk) {
+                j0 += BLOCK;
+                continue;
+            }
             scores(
                 &mut s,
                 qv.rows(q.as_ptr(), i0),
@@ -232,6 +256,10 @@ pub fn backward(
                 let mut j0 = mask.first_key(i0);
                 while j0 < i1 {
                     let bk = BLOCK.min(i1 - j0);
+                    if !mask.sees_block(i0..i1, j0..j0 + bk) {
+                        j0 += BLOCK;
+                        continue;
+                    }
                     scores(
                         &mut p,
                         qv.rows(q.as_ptr(), i0),

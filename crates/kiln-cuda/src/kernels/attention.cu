@@ -62,9 +62,14 @@ __device__ QueryRows query_rows(long seq, int q_heads, int kv_heads, int positio
     return rows;
 }
 
-// Whether query position i may see key position j of its sequence (segment ids of both given).
+// kiln_core::SHARED_PREFIX: the segment of a row's shared prefix (a prompt that its completions,
+// laid out after it, all see).
+#define SHARED_PREFIX 2147483647
+
+// Whether query position i may see key position j of its row (segment ids of both given).
 __device__ __forceinline__ bool sees(long i, long j, long window, int segment_i, int segment_j) {
-    return j <= i && j >= first_key(i, window) && segment_i == segment_j;
+    const bool same = segment_i == segment_j || (segment_j == SHARED_PREFIX && segment_i >= 0);
+    return j <= i && j >= first_key(i, window) && same;
 }
 
 // Shared memory: k tile, v tile, then each warp's query row.

@@ -11,7 +11,7 @@
 
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::sampler::{logprob_entropy, sample, SamplingParams};
-use crate::{Activations, ActivationsPool, Batch, Model};
+use crate::{Activations, ActivationsPool, Batch, CompletionRows, Model};
 use kiln_core::rng::Rng;
 use kiln_core::{Backend, FrozenWeights};
 use rayon::prelude::*;
@@ -52,25 +52,18 @@ struct Running {
     rng: Rng,
 }
 
-/// The log-prob of every completion token of `sequences` (`(prompt + completion ids, prompt
-/// length)`) computed by the training forward on the training layout, one row of `seq`
-/// tokens per completion (`Batch::completions`, in `acts` laid out for that many rows): bit for
-/// bit what a training step on the same batch computes, so the numbers a trainer keeps from
-/// rollout (the sampling policy's, the reference's) never disagree with training.
+/// The log-prob of every completion token of `rows` computed by the training forward on the
+/// training layout (in `acts` laid out for its batch): bit for bit what a training step on the
+/// same rows computes, so the numbers a trainer keeps from rollout (the sampling policy's, the
+/// reference's) never disagree with training.
 pub fn training_logprobs<B: Backend>(
     b: &B,
     model: &mut Model<B>,
     acts: &mut Activations<B>,
-    sequences: &[(Vec<i32>, usize)],
+    rows: &CompletionRows,
 ) -> Vec<Vec<f32>> {
-    let seq = acts.seq;
-    let batch = Batch::completions(sequences, seq, 0.0);
-    let nll = model.nll(b, acts, &batch);
-    sequences
-        .iter()
-        .enumerate()
-        .map(|(r, (ids, p))| (*p - 1..ids.len() - 1).map(|t| -nll[r * seq + t]).collect())
-        .collect()
+    let nll = model.nll(b, acts, &rows.batch);
+    rows.per_completion(&nll).map(|n| n.iter().map(|x| -x).collect()).collect()
 }
 
 /// Generates for every request, at most `max_batch` at a time; `stop(request, new_tokens)`

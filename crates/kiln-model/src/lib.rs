@@ -2,6 +2,7 @@
 
 pub mod activations;
 pub mod batch;
+pub mod completion_rows;
 pub mod compress_plan;
 pub mod config;
 pub mod config_v4;
@@ -25,6 +26,7 @@ pub mod weights;
 
 pub use activations::{Activations, ActivationsPool};
 pub use batch::Batch;
+pub use completion_rows::CompletionRows;
 pub use config::{Config, ModelType};
 pub use error::{Error, Result};
 pub use flat::FlatLayout;

@@ -208,6 +208,14 @@ impl<B: Backend> Model<B> {
         self.matmul_precision
     }
 
+    /// Whether completions may train prompt-shared (`CompletionRows`): the prompt once, its
+    /// completions after it. Sliding windows measure distance in the row, not in positions;
+    /// DeepSeek-V4's compressed caches and the sequence-wise balance loss are built per
+    /// segment; so these models keep a row per completion.
+    pub fn can_share_prompts(&self) -> bool {
+        !self.is_v4() && self.moe_aux_alpha == 0.0 && self.config.layer_windows.iter().all(Option::is_none)
+    }
+
     /// The expert group this rank shares the routed experts with, under expert parallel.
     pub fn expert_parallel(&self) -> Option<&ExpertParallel<B>> {
         self.expert_parallel.as_ref()

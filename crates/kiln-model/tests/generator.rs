@@ -6,7 +6,7 @@ use kiln_core::{Cpu, Precision};
 use kiln_model::generate::greedy;
 use kiln_model::generator::{generate, FinishReason, Request};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{Activations, Batch, Model};
+use kiln_model::{Activations, Batch, CompletionRows, Model};
 use std::path::PathBuf;
 
 fn fixture(case: &str) -> PathBuf {
@@ -150,12 +150,13 @@ fn rescored_logprobs_equal_the_training_step(precision: Precision) -> Vec<Vec<f3
         .zip(&out)
         .map(|(r, g)| ([r.prompt.clone(), g.tokens.clone()].concat(), r.prompt.len()))
         .collect();
-    let seq = 16;
-    let mut rollout_acts = Activations::new(&b, &model.config, sequences.len(), seq, false, false);
-    let rollout = kiln_model::generator::training_logprobs(&b, &mut model, &mut rollout_acts, &sequences);
+    let rows = CompletionRows::new(&sequences, 16, false, 0.0);
+    let (r, seq) = (rows.batch.rows, rows.batch.seq);
+    let mut rollout_acts = Activations::new(&b, &model.config, r, seq, false, false);
+    let rollout = kiln_model::generator::training_logprobs(&b, &mut model, &mut rollout_acts, &rows);
     // A training step on the same batch: the nll its backward starts from.
     let batch = Batch::completions(&sequences, seq, 1.0);
-    let mut acts = Activations::new(&b, &model.config, sequences.len(), seq, true, false);
+    let mut acts = Activations::new(&b, &model.config, r, seq, true, false);
     let mut grads = model.grads(&b);
     let (_, nll) = model.forward_backward_with(&b, &mut acts, &batch, &mut grads, &mut |nll| vec![0.0; nll.len()]);
     for (r, ((ids, p), lp)) in sequences.iter().zip(&rollout).enumerate() {
@@ -172,7 +173,7 @@ fn rescored_logprobs_equal_the_training_step(precision: Precision) -> Vec<Vec<f3
         Precision::F32 => 1e-4,
         Precision::Bf16 => {
             model.set_matmul_precision(Precision::F32);
-            let f32 = kiln_model::generator::training_logprobs(&b, &mut model, &mut rollout_acts, &sequences);
+            let f32 = kiln_model::generator::training_logprobs(&b, &mut model, &mut rollout_acts, &rows);
             max_difference(f32.iter(), &rollout)
         }
     };

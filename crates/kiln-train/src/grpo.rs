@@ -4,7 +4,8 @@
 //! `group_size` completions of each with the KV-cache generator, scores them with the
 //! configured rewards (`rewards`) and turns the rewards into group-relative advantages; each
 //! step is one optimizer update on the current rollout, in micro-batches of `micro_batch`
-//! completions: a forward gives every completion token's log-prob, the clipped objective
+//! completions (the completions of one prompt on one row behind a single copy of it, where the
+//! model allows: `CompletionRows`): a forward gives every completion token's log-prob, the clipped objective
 //! (normalised over the whole step) sets each token's weight ∂L/∂nll_t = −∂L/∂logp_t, and the
 //! backward runs with them. As in TRL, the sampling policy's log-probs (for the ratio) are the
 //! current ones, detached, when each rollout trains one step, and otherwise are taken at
@@ -15,7 +16,7 @@
 use crate::config::{GrpoSection, RunConfig};
 use crate::grpo_loss::{advantages, group_is_flat, policy_loss, Completion, PolicyLoss, PolicyLossParams};
 use crate::rewards::{build_rewards, Reward};
-use crate::rollout::{completion_row, row_length, sample_and_score, step_prompts, Scored};
+use crate::rollout::{completion_row, sample_and_score, step_prompts, Scored};
 use crate::schedule::Schedule;
 use crate::session::{load_model, merge, Resume, RunSummary, Runtime, Session, StepUpdate};
 use crate::trainer::{train, Recipe, StepPlan, Tally};
@@ -25,7 +26,7 @@ use kiln_data::prompts::{read_prompts, PromptRow};
 use kiln_data::Tokenizer;
 use kiln_model::generator::{training_logprobs, FinishReason};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{ActivationsPool, Batch, Model};
+use kiln_model::{ActivationsPool, CompletionRows, Model};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -71,25 +72,22 @@ impl PolicyTally {
 /// `training_logprobs`), when known.
 type CompletionLogps<'a> = Option<&'a [Vec<f32>]>;
 
-/// Each completion's token log-probs from the forward's nll (`sequences`: one row each, ids
-/// and prompt length), and the token weights ∂L/∂nll_t = −∂L/∂logp_t of the policy loss.
-/// Without `old` (the sampling policy's log-probs) the ratios compare with the current ones.
+/// Each completion's token log-probs from the forward's nll on `rows`, and the token weights
+/// ∂L/∂nll_t = −∂L/∂logp_t of the policy loss. Without `old` (the sampling policy's log-probs)
+/// the ratios compare with the current ones.
 fn token_weights(
     nll: &[f32],
-    sequences: &[(Vec<i32>, usize)],
+    rows: &CompletionRows,
     advantages: &[f64],
     (old, reference): (CompletionLogps, CompletionLogps),
     params: &PolicyLossParams,
-    seq: usize,
 ) -> (Vec<f32>, PolicyLoss) {
-    let completion = |(ids, p): &(Vec<i32>, usize)| *p - 1..ids.len() - 1;
     let as_f64 =
         |v: &[Vec<f32>]| -> Vec<Vec<f64>> { v.iter().map(|r| r.iter().map(|&x| x as f64).collect()).collect() };
-    let logp: Vec<Vec<f64>> =
-        sequences.iter().enumerate().map(|(r, s)| completion(s).map(|t| -nll[r * seq + t] as f64).collect()).collect();
+    let logp: Vec<Vec<f64>> = rows.per_completion(nll).map(|n| n.iter().map(|&x| -x as f64).collect()).collect();
     let old = old.map(as_f64);
     let reference = reference.map(as_f64);
-    let batch: Vec<Completion> = (0..sequences.len())
+    let batch: Vec<Completion> = (0..logp.len())
         .map(|r| Completion {
             logp: &logp[r],
             old_logp: old.as_ref().map_or(&logp[r], |o| &o[r]),
@@ -98,17 +96,12 @@ fn token_weights(
         })
         .collect();
     let out = policy_loss(&batch, params);
-    let mut w = vec![0f32; nll.len()];
-    for (r, (s, d)) in sequences.iter().zip(&out.dlogp).enumerate() {
-        for (j, t) in completion(s).enumerate() {
-            w[r * seq + t] = -d[j] as f32;
-        }
-    }
-    (w, out)
+    let dnll: Vec<Vec<f32>> = out.dlogp.iter().map(|d| d.iter().map(|&x| -x as f32).collect()).collect();
+    (rows.scatter(&dnll), out)
 }
 
-/// A rollout batch ready for training, reused for `num_iterations` steps: one row per kept
-/// completion (prompt + completion + stop token), in micro-batches of `micro_batch` rows.
+/// A rollout batch ready for training, reused for `num_iterations` steps: each kept
+/// completion (prompt + completion + stop token), in micro-batches of `micro_batch`.
 struct Rollout {
     sequences: Vec<(Vec<i32>, usize)>,
     advantages: Vec<f64>,
@@ -136,6 +129,9 @@ struct Grpo<B: Backend> {
     train: Vec<PromptRow>,
     eval: Vec<PromptRow>,
     seq: usize,
+    /// Whether a group's completions train on one row behind one copy of their prompt
+    /// (`CompletionRows`), as every model without sliding windows or V4's caches does.
+    share_prompts: bool,
     seed: u64,
     /// The frozen reference for the KL term: the model the run started from.
     reference: Option<Model<B>>,
@@ -238,7 +234,7 @@ impl<B: Backend> Grpo<B> {
         model: Option<&mut Model<B>>,
         pool: &mut ActivationsPool<B>,
         rollout: &Rollout,
-        (micro_batch, max_seq): (usize, usize),
+        (micro_batch, max_seq, share_prompts): (usize, usize, bool),
     ) -> Result<Vec<Vec<Vec<f32>>>> {
         let chunks = rollout.sequences.chunks(micro_batch);
         let idle = s.idle_forwards_needed(chunks.len())?;
@@ -248,8 +244,9 @@ impl<B: Backend> Grpo<B> {
         };
         let logps = chunks
             .map(|chunk| {
-                let acts = pool.get_for(&s.b, chunk.len(), row_length(chunk, max_seq));
-                training_logprobs(&s.b, model, acts, chunk)
+                let rows = CompletionRows::new(chunk, max_seq, share_prompts, 0.0);
+                let acts = pool.get_for(&s.b, rows.batch.rows, rows.batch.seq);
+                training_logprobs(&s.b, model, acts, &rows)
             })
             .collect();
         (0..idle).for_each(|_| model.serve_experts_forward(&s.b));
@@ -271,12 +268,12 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
             let mine = s.my_share(prompts.len());
             let first = mine.start * g.group_size;
             let mut rollout = self.rollout_batch(s, &prompts[mine], self.seed ^ step, first)?;
+            let layout = (g.micro_batch, self.seq, self.share_prompts);
             if g.num_iterations > 1 {
-                rollout.old = Some(Self::logprobs(s, None, &mut self.pool, &rollout, (g.micro_batch, self.seq))?);
+                rollout.old = Some(Self::logprobs(s, None, &mut self.pool, &rollout, layout)?);
             }
             if let Some(reference) = &mut self.reference {
-                rollout.reference =
-                    Some(Self::logprobs(s, Some(reference), &mut self.pool, &rollout, (g.micro_batch, self.seq))?);
+                rollout.reference = Some(Self::logprobs(s, Some(reference), &mut self.pool, &rollout, layout)?);
             }
             self.rollout = Some(rollout);
         }
@@ -304,19 +301,18 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
         };
         let first = k * g.micro_batch;
         let chunk = &r.sequences[first..(first + g.micro_batch).min(r.sequences.len())];
-        let seq = row_length(chunk, self.seq);
-        let batch = Batch::completions(chunk, seq, 1.0 / r.tokens.max(1) as f32);
+        let rows = CompletionRows::new(chunk, self.seq, self.share_prompts, 1.0 / r.tokens.max(1) as f32);
         let advantages = &r.advantages[first..first + chunk.len()];
         let logps = (r.old.as_ref().map(|o| o[k].as_slice()), r.reference.as_ref().map(|rf| rf[k].as_slice()));
         let mut loss = 0.0;
         let mut weights_of = |nll: &[f32]| -> Vec<f32> {
-            let (w, out) = token_weights(nll, chunk, advantages, logps, &params, seq);
+            let (w, out) = token_weights(nll, &rows, advantages, logps, &params);
             tally.add(&out, chunk);
             loss = out.loss;
             w
         };
-        let acts = self.pool.get_for(&s.b, chunk.len(), seq);
-        s.model.forward_backward_with(&s.b, acts, &batch, &mut s.dp, &mut weights_of);
+        let acts = self.pool.get_for(&s.b, rows.batch.rows, rows.batch.seq);
+        s.model.forward_backward_with(&s.b, acts, &rows.batch, &mut s.dp, &mut weights_of);
         Ok(loss)
     }
 
@@ -410,6 +406,7 @@ pub fn run<B: Backend>(
         train: train_prompts,
         eval,
         seq,
+        share_prompts: s.model.can_share_prompts(),
         seed: t.seed,
         reference,
         rollout: None,
@@ -429,54 +426,57 @@ mod tests {
 
     #[test]
     fn token_weights_give_the_gradient_of_the_policy_loss() {
-        let seq = 10;
+        // The first two completions share their prompt: with prompts shared they take one row.
         let sequences = vec![(vec![1, 2, 3, 4, 5], 2), (vec![1, 2, 6, 7, 8, 9, 10], 2), (vec![11, 12, 13, 14], 3)];
         let advantages = [1.0, -0.7, 0.4];
-        let batch = Batch::completions(&sequences, seq, 0.0);
         let cfg = Config::parse(TINY).unwrap();
-        let mut model = Model::random(&Cpu, cfg.clone(), 5);
-        let mut acts = Activations::new(&Cpu, &cfg, sequences.len(), seq, true, false);
-        // The sampling policy's log-probs: those of a slightly different model, so that ratios
-        // differ from 1 and some clip; a frozen reference for the KL term: a third model.
-        let mut sampler = Model::random(&Cpu, cfg.clone(), 6);
-        let old = training_logprobs(&Cpu, &mut sampler, &mut acts, &sequences);
-        let mut reference = Model::random(&Cpu, cfg, 7);
-        let rf = training_logprobs(&Cpu, &mut reference, &mut acts, &sequences);
-        let logps = (Some(old.as_slice()), Some(rf.as_slice()));
-        for (aggregation, level, beta) in
-            [(Aggregation::Grpo, ImportanceLevel::Token, 0.0), (Aggregation::Dapo, ImportanceLevel::Sequence, 0.3)]
-        {
-            let params = PolicyLossParams {
-                epsilon_low: 0.2,
-                epsilon_high: 0.28,
-                beta,
-                aggregation,
-                level,
-                max_completion_length: 8,
-                num_items: 12,
-                micro_batches: 1,
-            };
-            let loss_at = |model: &mut Model<Cpu>, acts: &mut Activations<Cpu>| {
-                let nll = model.nll(&Cpu, acts, &batch);
-                token_weights(&nll, &sequences, &advantages, logps, &params, seq).1.loss
-            };
-            let mut grads = model.grads(&Cpu);
-            let mut weights_of = |nll: &[f32]| token_weights(nll, &sequences, &advantages, logps, &params, seq).0;
-            model.forward_backward_with(&Cpu, &mut acts, &batch, &mut grads, &mut weights_of);
-            let h = 1e-2f32;
-            for (tensor, i) in [(0usize, 33usize), (0, 170), (2, 7), (5, 30), (9, 11)] {
-                let at = model.flat.ranges.iter()[tensor].start + i;
-                model.params[at] += h;
-                let up = loss_at(&mut model, &mut acts);
-                model.params[at] -= 2.0 * h;
-                let down = loss_at(&mut model, &mut acts);
-                model.params[at] += h;
-                let numeric = (up - down) / (2.0 * h as f64);
-                let analytic = grads.flat[at] as f64;
-                assert!(
-                    (analytic - numeric).abs() < 2e-4 + 0.03 * numeric.abs(),
-                    "{aggregation:?}/{level:?} tensor {tensor}[{i}]: analytic {analytic}, numeric {numeric}"
-                );
+        for share_prompts in [false, true] {
+            let rows = CompletionRows::new(&sequences, 10, share_prompts, 0.0);
+            let mut model = Model::random(&Cpu, cfg.clone(), 5);
+            let mut acts = Activations::new(&Cpu, &cfg, rows.batch.rows, rows.batch.seq, true, false);
+            // The sampling policy's log-probs: those of a slightly different model, so that
+            // ratios differ from 1 and some clip; a frozen reference for the KL term: a third.
+            let mut sampler = Model::random(&Cpu, cfg.clone(), 6);
+            let old = training_logprobs(&Cpu, &mut sampler, &mut acts, &rows);
+            let mut reference = Model::random(&Cpu, cfg.clone(), 7);
+            let rf = training_logprobs(&Cpu, &mut reference, &mut acts, &rows);
+            let logps = (Some(old.as_slice()), Some(rf.as_slice()));
+            for (aggregation, level, beta) in
+                [(Aggregation::Grpo, ImportanceLevel::Token, 0.0), (Aggregation::Dapo, ImportanceLevel::Sequence, 0.3)]
+            {
+                let params = PolicyLossParams {
+                    epsilon_low: 0.2,
+                    epsilon_high: 0.28,
+                    beta,
+                    aggregation,
+                    level,
+                    max_completion_length: 8,
+                    num_items: 12,
+                    micro_batches: 1,
+                };
+                let loss_at = |model: &mut Model<Cpu>, acts: &mut Activations<Cpu>| {
+                    let nll = model.nll(&Cpu, acts, &rows.batch);
+                    token_weights(&nll, &rows, &advantages, logps, &params).1.loss
+                };
+                let mut grads = model.grads(&Cpu);
+                let mut weights_of = |nll: &[f32]| token_weights(nll, &rows, &advantages, logps, &params).0;
+                model.forward_backward_with(&Cpu, &mut acts, &rows.batch, &mut grads, &mut weights_of);
+                let h = 1e-2f32;
+                for (tensor, i) in [(0usize, 33usize), (0, 170), (2, 7), (5, 30), (9, 11)] {
+                    let at = model.flat.ranges.iter()[tensor].start + i;
+                    model.params[at] += h;
+                    let up = loss_at(&mut model, &mut acts);
+                    model.params[at] -= 2.0 * h;
+                    let down = loss_at(&mut model, &mut acts);
+                    model.params[at] += h;
+                    let numeric = (up - down) / (2.0 * h as f64);
+                    let analytic = grads.flat[at] as f64;
+                    assert!(
+                        (analytic - numeric).abs() < 2e-4 + 0.03 * numeric.abs(),
+                        "{aggregation:?}/{level:?}, prompts shared {share_prompts}: tensor {tensor}[{i}]: \
+                         analytic {analytic}, numeric {numeric}"
+                    );
+                }
             }
         }
     }

@@ -82,10 +82,13 @@ fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
     // 8 prompts × 8 completions a step: one micro-batch of 64 against 8 of 8 (TRL's grpo loss,
     // a mean of micro-batch means, is the same for equal micro-batches), and under dapo (the
     // step's token mean) against 13 of 5. In f32 every step agrees. In bf16 the first step
-    // does too (same weights, rows independent of the batch); from the second on, the f32
-    // masters differ by one summation order, which may turn a weight's bf16 rounding over
-    // and move small losses by more than f32 noise, so only the first step is held there.
-    for (dtype, steps_held) in [("f32", 4), ("bf16", 1)] {
+    // does too; from the second on, the f32 masters differ by one summation order, which may
+    // turn a weight's bf16 rounding over and move small losses by more than f32 noise, so only
+    // the first step is held there. Micro-batches of 5 also split groups, whose completions
+    // then share their prompt's row with others than in one micro-batch of 64: attention sums
+    // in other blocks, and in bf16 an f32 rounding apart can round a product's input the other
+    // way, so that comparison holds bf16 to its own rounding (the f32 one stays at 1e-5).
+    for (dtype, steps_held, split_groups) in [("f32", 4, 1e-5), ("bf16", 1, 1e-3)] {
         let common = ["train.steps=4", "grpo.num_iterations=2"];
         let dtype_set = format!("train.dtype=\"{dtype}\"");
         let run = |name: &str, extra: &[&str]| {
@@ -93,13 +96,13 @@ fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             step_metrics(&dir)
         };
-        let same_steps = |what: &str, a: &[serde_json::Value], b: &[serde_json::Value]| {
+        let same_steps = |what: &str, a: &[serde_json::Value], b: &[serde_json::Value], tolerance: f64| {
             assert_eq!((a.len(), b.len()), (4, 4), "{what}");
             for (a, b) in a.iter().zip(b).take(steps_held) {
                 for key in ["loss", "grad_norm", "reward", "clip_ratio/high_mean"] {
                     let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
                     assert!(
-                        (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                        (x - y).abs() <= tolerance * (1.0 + x.abs()),
                         "{dtype}, {what} step {}: {key} {x} vs {y}",
                         a["step"]
                     );
@@ -107,12 +110,13 @@ fn micro_batches_give_the_same_steps_and_iterations_reuse_a_rollout() {
             }
         };
         let whole = run("whole", &["grpo.micro_batch=64"]);
-        same_steps("8 micro-batches of 8", &whole, &run("split", &["grpo.micro_batch=8"]));
+        same_steps("8 micro-batches of 8", &whole, &run("split", &["grpo.micro_batch=8"]), 1e-5);
         let dapo = "grpo.loss_type=\"dapo\"";
         same_steps(
             "dapo, 13 of 5",
             &run("whole-dapo", &["grpo.micro_batch=64", dapo]),
             &run("uneven", &["grpo.micro_batch=5", dapo]),
+            split_groups,
         );
         // Steps 1-2 train on one rollout, 3-4 on the next; the second step of a rollout sees a
         // policy that moved since sampling, so its ratios (and loss) differ from the first's.

@@ -111,6 +111,20 @@ pub fn bias_backward(dbias: &mut [f32], dy: &[f32]) {
     }
 }
 
+/// `x` held to `[lo, hi]` by comparisons the compiler turns into vector blends: `f32::clamp`
+/// and `f32::min` keep NaN rules that stop the loops around them from vectorising (SwiGLU ran
+/// 7x slower with them). Equal to `x.clamp(lo, hi)` for every number; NaN stays NaN.
+#[inline(always)]
+fn clamp(x: f32, lo: f32, hi: f32) -> f32 {
+    if x > hi {
+        hi
+    } else if x < lo {
+        lo
+    } else {
+        x
+    }
+}
+
 // SwiGLU:  h = silu(g)·u,  silu(g) = g·σ(g), with g = min(gate, L), u = clamp(up, −L, L)
 //   dh/du = silu(g)                        (0 where the clamp held up)
 //   dh/dg = u·σ(g)·(1 + g·(1 − σ(g)))      (0 where the clamp held gate)
@@ -118,7 +132,7 @@ pub fn swiglu_forward(h: &mut [f32], gate: &[f32], up: &[f32], limit: f32) {
     assert!(h.len() == gate.len() && h.len() == up.len(), "swiglu_forward: length mismatch");
     h.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(h, (g, u))| {
         for ((h, &g), &u) in h.iter_mut().zip(g).zip(u) {
-            let (g, u) = (g.min(limit), u.clamp(-limit, limit));
+            let (g, u) = (clamp(g, f32::NEG_INFINITY, limit), clamp(u, -limit, limit));
             *h = g * sigmoid(g) * u;
         }
     });
@@ -134,7 +148,7 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dh: &[f32], gate: &[f
         .zip(dh.par_chunks(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))))
         .for_each(|((dg, du), (dh, (g, u)))| {
             for i in 0..dh.len() {
-                let (gi, ui) = (g[i].min(limit), u[i].clamp(-limit, limit));
+                let (gi, ui) = (clamp(g[i], f32::NEG_INFINITY, limit), clamp(u[i], -limit, limit));
                 let s = sigmoid(gi);
                 du[i] = if u[i].abs() <= limit { dh[i] * gi * s } else { 0.0 };
                 dg[i] = if g[i] <= limit { dh[i] * ui * s * (1.0 + gi * (1.0 - s)) } else { 0.0 };

@@ -209,9 +209,12 @@ impl Attention {
     }
 }
 
-/// Attention of new tokens over a key/value cache, for decoding: query `i` attends the cache
-/// rows `starts[i] .. starts[i] + lengths[i]` (its sequence so far, itself included), only the
-/// last `window` of them with a sliding window. Cache rows hold `[kv_heads, head_dim]` keys and
+/// Attention of new tokens over a key/value cache, for decoding: query `i` attends its
+/// sequence so far as two ranges of cache rows, its prompt's `starts[2i] .. starts[2i] +
+/// lengths[2i]` (rows that the other sequences of the same prompt read too: a GRPO group's
+/// prompt is cached once) then its own `starts[2i + 1] .. starts[2i + 1] + lengths[2i + 1]`
+/// (itself last); either may be empty. With a sliding window only the last `window` rows of
+/// the two together. Cache rows hold `[kv_heads, head_dim]` keys and
 /// `[kv_heads, v_head_dim]` values; queries are `[queries, q_heads, head_dim]` and the output
 /// `[queries, q_heads, v_head_dim]`; query head `h` reads kv head `h / (q_heads / kv_heads)`.
 #[derive(Clone, Copy, Debug, PartialEq)]

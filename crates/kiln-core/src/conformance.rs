@@ -975,8 +975,10 @@ pub fn adamw<B: Backend>(b: &B) {
     assert_close("adamw v", &b.read(&v), &rv, 1e-6, 1e-5);
 }
 
-/// Decoding over a cache gives what full causal attention gives at the same positions; over a
-/// bf16 cache, what it gives for the bf16-rounded keys and values (the cache widens exactly).
+/// Decoding over a cache gives what full causal attention gives at the same positions, whether a
+/// query's rows are one range or a prompt's range elsewhere in the cache followed by its own
+/// (a window reaching back into the prompt); over a bf16 cache, what it gives for the
+/// bf16-rounded keys and values (the cache widens exactly).
 pub fn attention_decode<B: Backend>(b: &B) {
     let mut rng = Rng::new(31);
     let (seq, q_heads, kv_heads, head_dim, v_head_dim) = (9, 4, 2, 8, 6);
@@ -997,14 +999,23 @@ pub fn attention_decode<B: Backend>(b: &B) {
         let q = rng.normal_vec(seq * q_heads * head_dim, 1.0);
         let mut k = rng.normal_vec(seq * kv_heads * head_dim, 1.0);
         let mut v = rng.normal_vec(seq * kv_heads * v_head_dim, 1.0);
-        let all_rows = b.upload_index(&(0..seq as i32).collect::<Vec<_>>());
+        // The cache holds the sequence's rows, then a second copy of its first `prompt` rows
+        // (a prompt cached apart from the rows that follow it).
+        let prompt = 3;
+        let cached: Vec<i32> = (0..seq as i32).chain(0..prompt as i32).collect();
+        let all_rows = b.upload_index(&(0..(seq + prompt) as i32).collect::<Vec<_>>());
+        let gather = |x: &[f32]| {
+            let dim = x.len() / seq;
+            cached.iter().flat_map(|&r| &x[r as usize * dim..][..dim]).copied().collect::<Vec<f32>>()
+        };
+        let (k_rows, v_rows) = (gather(&k), gather(&v));
         let (kc, vc) = match cache {
-            Precision::F32 => (b.upload(&k), b.upload(&v)),
+            Precision::F32 => (b.upload(&k_rows), b.upload(&v_rows)),
             Precision::Bf16 => {
-                let mut kc = b.zeros(cache.words(k.len()));
-                let mut vc = b.zeros(cache.words(v.len()));
-                b.scatter_rows(&mut kc, &b.upload(&k), &all_rows, kv_heads * head_dim, cache);
-                b.scatter_rows(&mut vc, &b.upload(&v), &all_rows, kv_heads * v_head_dim, cache);
+                let mut kc = b.zeros(cache.words(k_rows.len()));
+                let mut vc = b.zeros(cache.words(v_rows.len()));
+                b.scatter_rows(&mut kc, &b.upload(&k_rows), &all_rows, kv_heads * head_dim, cache);
+                b.scatter_rows(&mut vc, &b.upload(&v_rows), &all_rows, kv_heads * v_head_dim, cache);
                 for x in k.iter_mut().chain(v.iter_mut()) {
                     *x = bf16::widen(bf16::round(*x));
                 }
@@ -1023,12 +1034,23 @@ pub fn attention_decode<B: Backend>(b: &B) {
             &b.upload_index(&vec![0; seq]),
             spec,
         );
-        // Query i is the newest token of a sequence whose cache holds rows 0..=i.
+        // Query i is the newest token of a sequence whose cache holds rows 0..=i: for even i
+        // as one range, for odd i as the prompt's copy then rows `prompt..=i`.
         let decode =
             DecodeAttention { queries: seq, q_heads, kv_heads, head_dim, v_head_dim, scale: 0.4, window, cache };
         let mut out = b.zeros(seq * q_heads * v_head_dim);
-        let starts = b.upload_index(&vec![0; seq]);
-        let lengths = b.upload_index(&(1..=seq as i32).collect::<Vec<_>>());
+        let (mut starts, mut lengths) = (Vec::new(), Vec::new());
+        for i in 0..seq as i32 {
+            if i % 2 == 0 {
+                starts.extend([0, 0]);
+                lengths.extend([0, i + 1]);
+            } else {
+                let p = (i + 1).min(prompt as i32);
+                starts.extend([seq as i32, prompt as i32]);
+                lengths.extend([p, i + 1 - p]);
+            }
+        }
+        let (starts, lengths) = (b.upload_index(&starts), b.upload_index(&lengths));
         b.attention_decode(&mut out, &qb, &kc, &vc, &starts, &lengths, decode);
         let want: Vec<f64> = b.read(&full).iter().map(|&x| x as f64).collect();
         assert_close(

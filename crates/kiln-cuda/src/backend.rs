@@ -534,8 +534,8 @@ impl Backend for Cuda {
         same_len("attention_decode q", q.len(), queries * q_heads * head_dim);
         same_len("attention_decode out", out.len(), queries * q_heads * v_head_dim);
         assert!(
-            starts.len() == queries && lengths.len() == queries,
-            "attention_decode: one start and length per query"
+            starts.len() == 2 * queries && lengths.len() == 2 * queries,
+            "attention_decode: two starts and lengths per query"
         );
         let kernel = match cache {
             Precision::F32 => "attention_decode_f32",

@@ -1,21 +1,23 @@
 //! Batched generation with a key/value cache, on the same model code and kernels as
-//! training. Each request is prefilled into a free cache slot (requests admitted together
-//! with the same prompt, a GRPO group, share one prefill); then every step
-//! decodes one token for all running sequences at once, each attending only its own cached
-//! rows. A sequence that stops frees its slot for the next waiting request (continuous
-//! batching), so prompts of different lengths finish independently.
+//! training. Each request takes a free cache slot and its prompt's slot: the completions of
+//! one prompt (a GRPO group) share one prefill and one cached copy of the prompt, which all of
+//! them attend (`PromptPool`); then every step decodes one token for all running sequences at
+//! once, each attending its prompt's rows and its own. A sequence that stops frees its slot for
+//! the next waiting request (continuous batching), so prompts of different lengths finish
+//! independently.
 //!
 //! Under expert parallel every forward needs the whole expert group, so the ranks of a group
 //! go round by round together: in each, a rank prefills or decodes when it has sequences to,
 //! and otherwise serves its experts to the ranks that do, until no rank has any left.
 
-use crate::kv_cache::{CachePlan, KvCache};
+use crate::kv_cache::{CachePlan, CacheShape, KvCache, Placement};
+use crate::prompt_pool::PromptPool;
 use crate::sampler::{logprob_entropy, sample, SamplingParams};
 use crate::{Activations, ActivationsPool, Batch, CompletionRows, Model};
 use kiln_core::rng::Rng;
 use kiln_core::{Backend, FrozenWeights};
 use rayon::prelude::*;
-use std::collections::HashMap;
+use std::collections::HashSet;
 
 pub struct Request {
     pub prompt: Vec<i32>,
@@ -45,7 +47,7 @@ pub struct Generation {
 /// A running sequence.
 struct Running {
     request: usize,
-    slot: usize,
+    at: Placement,
     /// Prompt and new tokens; the last one is not in the cache yet.
     tokens: Vec<i32>,
     out: Generation,
@@ -90,9 +92,18 @@ pub fn generate_observed<B: Backend>(
 ) -> Vec<Generation> {
     // The weights stay as they are while sampling: their packed forms are reused.
     let _frozen = FrozenWeights::new(b);
-    let max_len = requests.iter().map(|r| r.prompt.len() + r.params.max_new_tokens).max().unwrap_or(1);
     let slots = max_batch.min(requests.len()).max(1);
-    let mut cache = KvCache::new(b, &model.config, slots, max_len, model.matmul_precision());
+    let share = !model.is_v4();
+    // Prompts held at once: no more than the sequences reading them, nor than distinct ones.
+    let distinct = requests.iter().map(|r| r.prompt.as_slice()).collect::<HashSet<_>>().len();
+    let shape = CacheShape {
+        slots,
+        own_len: requests.iter().map(|r| r.params.max_new_tokens).max().unwrap_or(0).max(1),
+        prompts: if share { distinct.clamp(1, slots) } else { slots },
+        prompt_len: requests.iter().map(|r| r.prompt.len()).max().unwrap_or(1),
+    };
+    let mut cache = KvCache::new(b, &model.config, shape, model.matmul_precision());
+    let mut prompts = PromptPool::new(shape.prompts, share);
     let vocab = model.config.vocab_size;
     let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut waiting = 0..requests.len();
@@ -119,65 +130,67 @@ pub fn generate_observed<B: Backend>(
     };
 
     loop {
-        // Prefill waiting requests into free slots, together, right-padded.
+        // Admit waiting requests into free slots; prefill, together and right-padded, the
+        // prompts not held already.
         let admitted: Vec<(usize, usize)> = std::iter::from_fn(|| {
             (!free.is_empty()).then(|| waiting.next()).flatten().map(|r| (r, free.pop().expect("checked")))
         })
         .collect();
+        let mut fresh = Vec::with_capacity(admitted.len());
+        let mut prefills = Vec::new();
+        for &(request, slot) in &admitted {
+            let prompt = &requests[request].prompt;
+            assert!(!prompt.is_empty(), "request {request}: empty prompt");
+            let (prompt_slot, opened) = prompts.place(prompt);
+            let at = Placement { slot, prompt: prompt_slot, prompt_len: prompt.len() };
+            if opened {
+                prefills.push(at);
+            }
+            let out = Generation {
+                tokens: Vec::new(),
+                logprobs: Vec::new(),
+                entropies: Vec::new(),
+                finish: FinishReason::Length,
+            };
+            let rng = Rng::new(requests[request].params.seed);
+            fresh.push(Running { request, at, tokens: prompt.clone(), out, rng });
+        }
         let work = !admitted.is_empty() || !running.is_empty() || !waiting.is_empty();
-        let [prefilling, working] = in_group(model, [!admitted.is_empty(), work], "prefill round");
+        let [prefilling, working] = in_group(model, [!prefills.is_empty(), work], "prefill round");
         if !working {
             break;
         }
-        if admitted.is_empty() && prefilling {
+        if prefills.is_empty() && prefilling {
             model.serve_experts_forward(b);
         }
-        if !admitted.is_empty() {
-            let prefills = distinct_prompts(&admitted, requests, cache.v4.is_none());
-            let seq = prefills.iter().map(|p| requests[admitted[p[0]].0].prompt.len()).max().expect("not empty");
+        if !prefills.is_empty() {
+            let seq = prefills.iter().map(|at| at.prompt_len).max().expect("not empty");
             let mut batch = Batch::padding(prefills.len(), seq);
             let mut rows = vec![-1; prefills.len() * seq];
-            let sharing = prefills.iter().map(Vec::len).max().expect("not empty");
-            let mut copies = vec![vec![-1; prefills.len() * seq]; sharing - 1];
             let mut last = Vec::with_capacity(prefills.len());
-            let mut logits_row = vec![0; admitted.len()];
-            for (i, members) in prefills.iter().enumerate() {
-                let prompt = &requests[admitted[members[0]].0].prompt;
-                assert!(!prompt.is_empty(), "request {}: empty prompt", admitted[members[0]].0);
-                for (p, &id) in prompt.iter().enumerate() {
+            for (i, &at) in prefills.iter().enumerate() {
+                for (p, &id) in prompts.tokens(at.prompt).iter().enumerate() {
                     let t = i * seq + p;
                     (batch.ids[t], batch.positions[t], batch.segments[t]) = (id, p as i32, 0);
-                    rows[t] = cache.row(admitted[members[0]].1, p);
-                    for (copy, &m) in copies.iter_mut().zip(&members[1..]) {
-                        copy[t] = cache.row(admitted[m].1, p);
-                    }
+                    rows[t] = cache.row(at, p);
                 }
-                last.push((i * seq + prompt.len() - 1) as i32);
-                members.iter().for_each(|&m| logits_row[m] = i);
+                last.push((i * seq + at.prompt_len - 1) as i32);
             }
             let mut acts = Activations::new(b, &model.config, prefills.len(), seq, false, false);
-            let plan = CachePlan { rows: &rows, copies: &copies, decode: None, logits_at: &last };
+            let plan = CachePlan { rows: &rows, decode: None, logits_at: &last };
             let logits = model.forward_cached(b, &mut acts, &batch, &mut cache, &plan);
-            let mut fresh: Vec<Running> = admitted
-                .iter()
-                .map(|&(request, slot)| Running {
-                    request,
-                    slot,
-                    tokens: requests[request].prompt.clone(),
-                    out: Generation {
-                        tokens: Vec::new(),
-                        logprobs: Vec::new(),
-                        entropies: Vec::new(),
-                        finish: FinishReason::Length,
-                    },
-                    rng: Rng::new(requests[request].params.seed),
-                })
-                .collect();
-            let draws = draw_all(&mut fresh, &logits, &logits_row, vocab, requests);
+            for (at, logits) in prefills.iter().zip(logits.chunks_exact(vocab)) {
+                prompts.set_logits(at.prompt, logits);
+            }
+        }
+        if !fresh.is_empty() {
+            let logits: Vec<&[f32]> = fresh.iter().map(|r| prompts.logits(r.at.prompt)).collect();
+            let draws = draw_all(&mut fresh, &logits, requests);
             for (mut r, draw) in fresh.into_iter().zip(draws) {
                 let finished_now = requests[r.request].params.max_new_tokens == 0 || advance(&mut r, draw, stop);
                 if finished_now {
-                    free.push(r.slot);
+                    free.push(r.at.slot);
+                    prompts.leave(r.at.prompt);
                     finished(r.request, &r.out);
                     done[r.request] = Some(r.out);
                 } else {
@@ -195,24 +208,27 @@ pub fn generate_observed<B: Backend>(
         // One decode step for every running sequence.
         let n = running.len();
         let mut batch = Batch::padding(n, 1);
-        let (mut rows, mut starts, mut lengths) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut rows, mut starts, mut lengths) =
+            (Vec::with_capacity(n), Vec::with_capacity(2 * n), Vec::with_capacity(2 * n));
         for (i, r) in running.iter().enumerate() {
             let pos = r.tokens.len() - 1;
             (batch.ids[i], batch.positions[i], batch.segments[i]) = (r.tokens[pos], pos as i32, 0);
-            rows.push(cache.row(r.slot, pos));
-            starts.push(cache.row(r.slot, 0));
-            lengths.push(pos as i32 + 1);
+            rows.push(cache.row(r.at, pos));
+            let (s, l) = cache.decode_ranges(r.at, pos);
+            starts.extend(s);
+            lengths.extend(l);
         }
         let acts = decode_acts.get(b, n);
         let every: Vec<i32> = (0..n as i32).collect();
-        let plan = CachePlan { rows: &rows, copies: &[], decode: Some((&starts, &lengths)), logits_at: &every };
+        let plan = CachePlan { rows: &rows, decode: Some((&starts, &lengths)), logits_at: &every };
         let logits = model.forward_cached(b, acts, &batch, &mut cache, &plan);
-        let own_rows: Vec<usize> = (0..n).collect();
-        let draws = draw_all(&mut running, &logits, &own_rows, vocab, requests);
+        let logits: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
+        let draws = draw_all(&mut running, &logits, requests);
         let mut still = Vec::with_capacity(n);
         for (mut r, draw) in running.drain(..).zip(draws) {
             if advance(&mut r, draw, stop) {
-                free.push(r.slot);
+                free.push(r.at.slot);
+                prompts.leave(r.at.prompt);
                 finished(r.request, &r.out);
                 done[r.request] = Some(r.out);
             } else {
@@ -231,34 +247,13 @@ struct Draw {
     entropy: f32,
 }
 
-/// The admitted requests (`(request, slot)`) grouped by prompt, as indices into `admitted`:
-/// requests with the same prompt (the completions of one GRPO group) are prefilled once when
-/// `share` (their keys and values copied into each one's slot); else one group each.
-fn distinct_prompts(admitted: &[(usize, usize)], requests: &[Request], share: bool) -> Vec<Vec<usize>> {
-    let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut by_prompt: HashMap<&[i32], usize> = HashMap::new();
-    for (i, &(request, _)) in admitted.iter().enumerate() {
-        let prompt = requests[request].prompt.as_slice();
-        match by_prompt.get(prompt).filter(|_| share) {
-            Some(&g) => groups[g].push(i),
-            None => {
-                by_prompt.insert(prompt, groups.len());
-                groups.push(vec![i]);
-            }
-        }
-    }
-    groups
-}
-
-/// The next token of every sequence of `running` from its row of `logits` (`rows[i]`, rows of
-/// `vocab`), drawn with its own generator: in parallel, as each sequence's draws depend only
-/// on it.
-fn draw_all(running: &mut [Running], logits: &[f32], rows: &[usize], vocab: usize, requests: &[Request]) -> Vec<Draw> {
+/// The next token of every sequence of `running` from its `logits`, drawn with its own
+/// generator: in parallel, as each sequence's draws depend only on it.
+fn draw_all(running: &mut [Running], logits: &[&[f32]], requests: &[Request]) -> Vec<Draw> {
     running
         .par_iter_mut()
-        .zip(rows)
-        .map(|(r, &row)| {
-            let logits = &logits[row * vocab..(row + 1) * vocab];
+        .zip(logits)
+        .map(|(r, &logits)| {
             let token = sample(logits, &requests[r.request].params, &mut r.rng);
             let (logprob, entropy) = logprob_entropy(logits, token);
             Draw { token: token as i32, logprob, entropy }

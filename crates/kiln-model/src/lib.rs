@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 mod model_v4;
+mod prompt_pool;
 pub mod quantized;
 pub mod rope;
 pub mod safetensors_io;

@@ -413,20 +413,18 @@ impl<B: Backend> Model<B> {
         let mut cache = cache;
         let v4_step = match (&cache, &c.attention) {
             (Some((kv, plan)), AttentionKind::V4(v4)) => {
-                assert!(plan.copies.is_empty(), "DeepSeek-V4's caches are filled one sequence at a time");
                 Some(V4Step::new(b, kv.v4.as_ref().expect("a V4 cache"), v4, plan, batch.seq))
             }
             _ => None,
         };
         let indices = cache.as_ref().filter(|_| v4_step.is_none()).map(|(_, plan)| {
             let decode = plan.decode.map(|(starts, lengths)| (b.upload_index(starts), b.upload_index(lengths)));
-            let copies: Vec<_> = plan.copies.iter().map(|rows| b.upload_index(rows)).collect();
-            (b.upload_index(plan.rows), copies, decode)
+            (b.upload_index(plan.rows), decode)
         });
-        if let (Some((kv, plan)), Some((rows, copies, decode))) = (&cache, &indices) {
+        if let (Some((kv, plan)), Some((rows, decode))) = (&cache, &indices) {
             let spec = kv.decode_spec(plan.rows.len(), c.num_heads, c.attention_scale, None);
             let decode = decode.as_ref().map(|(s, l)| (s, l, spec));
-            view.cache = Some(CacheCtx { rows, copies, latent: kv.latent, storage: kv.storage, decode });
+            view.cache = Some(CacheCtx { rows, latent: kv.latent, storage: kv.storage, decode });
         }
         let mut loads = Vec::new();
         for l in 0..c.num_layers {

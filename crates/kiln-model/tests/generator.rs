@@ -49,9 +49,11 @@ fn continuous_batching_matches_the_cache_free_reference() {
     }
 }
 
-/// The completions of a group share their prompt: admitted together they are prefilled once,
-/// its keys and values written into every completion's slot. Each completion then samples
-/// what it samples when generated on its own.
+/// The completions of a group share their prompt: it is prefilled and cached once, and every
+/// completion attends its rows. A completion admitted while others of its prompt still decode
+/// (more completions than slots, the first of each group finishing early) joins the cached
+/// prompt without a prefill. Each completion samples what it samples when generated on its
+/// own, in both cases.
 #[test]
 fn completions_sharing_a_prompt_sample_as_they_do_alone() {
     for case in ["llama", "deepseek_v3", "deepseek_v4"] {
@@ -63,15 +65,23 @@ fn completions_sharing_a_prompt_sample_as_they_do_alone() {
             .enumerate()
             .map(|(i, prompt)| Request {
                 prompt: prompt.clone(),
-                params: SamplingParams { temperature: 1.0, max_new_tokens: 8, seed: i as u64, ..Default::default() },
+                params: SamplingParams {
+                    temperature: 1.0,
+                    max_new_tokens: if i % 4 == 0 { 3 } else { 8 },
+                    seed: i as u64,
+                    ..Default::default()
+                },
             })
             .collect();
         let together = generate(&b, &mut model, &requests, requests.len(), &mut |_, _| false);
-        for (i, (r, shared)) in requests.iter().zip(&together).enumerate() {
+        let staggered = generate(&b, &mut model, &requests, 3, &mut |_, _| false);
+        for (i, r) in requests.iter().enumerate() {
             let alone = generate(&b, &mut model, std::slice::from_ref(r), 1, &mut |_, _| false).remove(0);
-            assert_eq!(shared.tokens, alone.tokens, "{case}: request {i}");
-            let gap = shared.logprobs.iter().zip(&alone.logprobs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-            assert!(gap <= 1e-5, "{case}: request {i}: log-probs differ by {gap}");
+            for (how, shared) in [("together", &together[i]), ("staggered", &staggered[i])] {
+                assert_eq!(shared.tokens, alone.tokens, "{case}: request {i} {how}");
+                let gap = shared.logprobs.iter().zip(&alone.logprobs).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(gap <= 1e-5, "{case}: request {i} {how}: log-probs differ by {gap}");
+            }
         }
         let distinct: std::collections::HashSet<_> = together.iter().map(|g| g.tokens.clone()).collect();
         assert!(distinct.len() > 3, "{case}: the completions of a prompt must differ");

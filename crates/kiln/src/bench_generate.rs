@@ -4,7 +4,7 @@
 use anyhow::Result;
 use kiln_core::{rng::Rng, Backend};
 use kiln_model::generator::{generate, Request};
-use kiln_model::kv_cache::KvCache;
+use kiln_model::kv_cache::{CacheShape, KvCache};
 use kiln_model::sampler::SamplingParams;
 use kiln_model::{Config, Model};
 use std::path::PathBuf;
@@ -72,7 +72,9 @@ pub fn run<B: Backend>(args: &GenerateArgs, b: &B) -> Result<()> {
     );
     println!("  median {:.2} s per batch, {:.0} new tokens/s", median, tokens / median);
     let precision = model.matmul_precision();
-    let cached = KvCache::new(b, &model.config, 1, 1, precision).values_per_token();
+    let cached =
+        KvCache::new(b, &model.config, CacheShape { slots: 1, own_len: 1, prompts: 1, prompt_len: 1 }, precision)
+            .values_per_token();
     if cached > 0 {
         let bytes = 4 * precision.words(cached);
         println!("  KV cache {cached} values ({:.1} KiB) per token over all layers", bytes as f64 / 1024.0);

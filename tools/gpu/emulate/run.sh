@@ -9,7 +9,8 @@
 # tensor-core kernels on bf16-rounded inputs over several 64-row tiles (within 2e-2; a wrong
 # fragment layout is off by ~1). Launch shapes mirror crates/kiln-cuda/src/attention_tiling.rs.
 # merge_test.cpp checks attention_sinks.cu's merge of two attentions (DeepSeek-V4's window and
-# compressed entries) the same way.
+# compressed entries) the same way, and decode_test.cpp attention_decode.cu's decode over a
+# prompt's cached rows then a sequence's own (f32 and bf16 caches, windows).
 # Needs g++ >= 12 (C++20 <barrier>); about a minute.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,3 +24,6 @@ g++ -std=c++20 -O2 -pthread -w -I"$here" -I"$work" "$here/attention_test.cpp" -o
 cat "$kernels/common.cuh" "$kernels/attention_sinks.cu" > "$work/merge_kernels.inc"
 g++ -std=c++20 -O2 -pthread -w -I"$here" -I"$work" "$here/merge_test.cpp" -o "$work/merge_test"
 "$work/merge_test"
+cat "$kernels/common.cuh" "$kernels/attention_lanes.cuh" "$kernels/attention_decode.cu" > "$work/decode_kernels.inc"
+g++ -std=c++20 -O2 -pthread -w -I"$here" -I"$work" "$here/decode_test.cpp" -o "$work/decode_test"
+"$work/decode_test"

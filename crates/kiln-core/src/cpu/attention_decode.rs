@@ -1,5 +1,6 @@
 //! Attention of new tokens over a key/value cache (decoding): for query i and head h, over its
-//! cached rows j,
+//! cached rows j (its prompt's range, shared with the other sequences of that prompt, then its
+//! own: see [`DecodeAttention`]),
 //!   s_j = scale·q·k_j,  p_j = exp(s_j − max s) / Σ exp(s − max s),  o = Σ_j p_j v_j
 //! computed exactly (two passes over the scores).
 //!
@@ -42,12 +43,13 @@ struct Caches<'a> {
     spec: DecodeAttention,
 }
 
-/// One task's share: one query's vector `q` for its query heads `heads`, over cache rows `rows`.
+/// One task's share: one query's vector `q` for its query heads `heads`, over the cache rows of
+/// `ranges` (the prompt's, then its own).
 struct Task<'a, T> {
     q: &'a [f32],
     k_cache: &'a [T],
     v_cache: &'a [T],
-    rows: std::ops::Range<usize>,
+    ranges: [std::ops::Range<usize>; 2],
     heads: std::ops::Range<usize>,
     spec: DecodeAttention,
 }
@@ -64,8 +66,8 @@ impl Caches<'_> {
         assert_eq!(q.len(), queries * q_heads * head_dim, "attention_decode: q size");
         assert_eq!(out.len(), queries * q_heads * v_head_dim, "attention_decode: out size");
         assert!(
-            self.starts.len() == queries && self.lengths.len() == queries,
-            "attention_decode: one start and length per query"
+            self.starts.len() == 2 * queries && self.lengths.len() == 2 * queries,
+            "attention_decode: two starts and lengths per query"
         );
         let cache_rows = k_cache.len() / (kv_heads * head_dim);
         assert_eq!(
@@ -80,13 +82,18 @@ impl Caches<'_> {
         let out_ptr = Shared(out.as_mut_ptr());
         (0..queries * blocks).into_par_iter().for_each(|t| {
             let (i, block) = (t / blocks, t % blocks);
-            let (start, len) = (self.starts[i] as usize, self.lengths[i] as usize);
-            assert!(
-                len > 0 && start + len <= cache_rows,
-                "attention_decode: rows {start}..{} beyond the cache",
-                start + len
-            );
-            let first = window.map_or(0, |w| len.saturating_sub(w));
+            let range = |r: usize| {
+                let (start, len) = (self.starts[2 * i + r] as usize, self.lengths[2 * i + r] as usize);
+                assert!(start + len <= cache_rows, "attention_decode: rows {start}..{} beyond the cache", start + len);
+                start..start + len
+            };
+            let [mut prompt, mut own] = [range(0), range(1)];
+            let len = prompt.len() + own.len();
+            assert!(len > 0, "attention_decode: query {i} attends no rows");
+            // A window drops the oldest rows: the prompt's first.
+            let skip = window.map_or(0, |w| len.saturating_sub(w));
+            own.start += skip.saturating_sub(prompt.len());
+            prompt.start += skip.min(prompt.len());
             let heads = block * kv_per_task * group..(block + 1) * kv_per_task * group;
             // SAFETY: each task writes its own (query, heads) slice of `out`.
             let o = unsafe {
@@ -96,7 +103,7 @@ impl Caches<'_> {
                 )
             };
             let q = &q[(i * q_heads + heads.start) * head_dim..][..heads.len() * head_dim];
-            let task = Task { q, k_cache, v_cache, rows: start + first..start + len, heads, spec };
+            let task = Task { q, k_cache, v_cache, ranges: [prompt, own], heads, spec };
             #[cfg(target_arch = "x86_64")]
             if vector {
                 // SAFETY: the CPU has AVX-512 (checked by the caller).
@@ -113,10 +120,11 @@ impl<T: Stored> Task<'_, T> {
     fn run(&self, o: &mut [f32], dot: impl Fn(&[f32], &[T]) -> f32, axpy: impl Fn(&mut [f32], f32, &[T])) {
         let DecodeAttention { q_heads, kv_heads, head_dim, v_head_dim, scale, .. } = self.spec;
         let (k_row, v_row, group) = (kv_heads * head_dim, kv_heads * v_head_dim, q_heads / kv_heads);
-        let n = self.rows.len();
+        let rows = || self.ranges[0].clone().chain(self.ranges[1].clone());
+        let n = self.ranges[0].len() + self.ranges[1].len();
         // weights[hh·n + j]: head `heads.start + hh` on the j-th attended row.
         let mut weights = vec![0f32; self.heads.len() * n];
-        for (j, r) in self.rows.clone().enumerate() {
+        for (j, r) in rows().enumerate() {
             let k = &self.k_cache[r * k_row..][..k_row];
             for (hh, (h, q)) in self.heads.clone().zip(self.q.chunks_exact(head_dim)).enumerate() {
                 weights[hh * n + j] = scale * dot(q, &k[h / group * head_dim..][..head_dim]);
@@ -129,7 +137,7 @@ impl<T: Stored> Task<'_, T> {
             w.iter_mut().for_each(|p| *p *= inv_sum);
         }
         o.iter_mut().for_each(|x| *x = 0.0);
-        for (j, r) in self.rows.clone().enumerate() {
+        for (j, r) in rows().enumerate() {
             let v = &self.v_cache[r * v_row..][..v_row];
             for (hh, (h, o)) in self.heads.clone().zip(o.chunks_exact_mut(v_head_dim)).enumerate() {
                 axpy(o, weights[hh * n + j], &v[h / group * v_head_dim..][..v_head_dim]);
@@ -227,7 +235,9 @@ mod tests {
         let q = rng.normal_vec(queries * q_heads * head_dim, 1.0);
         let k = rng.normal_vec(rows * kv_heads * head_dim, 1.0);
         let v = rng.normal_vec(rows * kv_heads * v_head_dim, 1.0);
-        let (starts, lengths) = ([0, 10, 3], [30, 5, 20]);
+        // Query 0 with its prompt only, 1 without one, 2 with both (its window reaching back
+        // into its prompt).
+        let (starts, lengths) = ([0, 0, 0, 10, 3, 22], [30, 0, 0, 5, 4, 5]);
         let caches = Caches { starts: &starts, lengths: &lengths, spec };
         let mut outs = [true, false].map(|vector| {
             let mut out = vec![0f32; queries * q_heads * v_head_dim];

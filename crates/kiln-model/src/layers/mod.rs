@@ -30,12 +30,10 @@ pub struct AttnCtx<'a, B: Backend> {
     pub precision: Precision,
 }
 
-/// Cache rows of the batch's tokens (and further rows their keys and values are copied to)
-/// and, when decoding, the rows each new token attends (`starts`, `lengths`) with the decode
+/// Cache rows of the batch's tokens and, when decoding, the rows each new token attends (`starts`, `lengths`) with the decode
 /// attention.
 pub struct CacheCtx<'a, B: Backend> {
     pub rows: &'a B::Index,
-    pub copies: &'a [B::Index],
     /// Multi-head latent attention caches its latent rows (see `kv_cache`).
     pub latent: bool,
     /// How the cache stores keys and values.
@@ -52,12 +50,9 @@ impl<B: Backend> Clone for CacheCtx<'_, B> {
 impl<B: Backend> Copy for CacheCtx<'_, B> {}
 
 impl<B: Backend> CacheCtx<'_, B> {
-    /// Writes the batch's rows of `src` (`width` wide) into `dst`, at their cache rows and
-    /// at each copy's.
+    /// Writes the batch's rows of `src` (`width` wide) into `dst`, at their cache rows.
     pub(crate) fn write(&self, b: &B, dst: &mut B::Slice, src: &B::Slice, width: usize) {
-        for rows in std::iter::once(self.rows).chain(self.copies) {
-            b.scatter_rows(dst, src, rows, width, self.storage);
-        }
+        b.scatter_rows(dst, src, self.rows, width, self.storage);
     }
 }
 

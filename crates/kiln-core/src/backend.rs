@@ -173,16 +173,40 @@ impl ColumnCopy {
     }
 }
 
-/// The segment id of a row's shared prefix: every later token of the row that belongs to a
-/// segment sees it, as each of a prompt's completions, laid out one after another behind a
-/// single copy of the prompt, sees that prompt and itself.
-pub const SHARED_PREFIX: i32 = i32::MAX;
+/// A segment id is `group << 16 | member`, both non-negative (negative ids are padding, which
+/// sees nothing and is seen by nothing). Member [`PREFIX_MEMBER`] of a group is its shared
+/// prefix: every later token of the same group sees it, as each of a prompt's completions,
+/// laid out one after another behind a single copy of the prompt, sees that prompt and itself;
+/// several prompts and their completions can share a row as groups. Packed sequences without a
+/// prefix are members 0, 1, … of group 0.
+pub const PREFIX_MEMBER: i32 = 0xffff;
+
+/// The segment id of member `member` of `group`.
+pub fn group_segment(group: usize, member: usize) -> i32 {
+    assert!(
+        group < 1 << 15 && member <= PREFIX_MEMBER as usize,
+        "segment: group {group}, member {member} out of range"
+    );
+    (group << 16 | member) as i32
+}
+
+/// The segment id of `group`'s shared prefix.
+pub fn shared_prefix(group: usize) -> i32 {
+    group_segment(group, PREFIX_MEMBER as usize)
+}
+
+/// Whether a token of segment `query` may see an earlier token of segment `key`: the same
+/// segment, or its group's shared prefix.
+#[inline(always)]
+pub fn segment_sees(query: i32, key: i32) -> bool {
+    query == key || (query >= 0 && key & PREFIX_MEMBER == PREFIX_MEMBER && query >> 16 == key >> 16)
+}
 
 /// Causal self-attention over `batch` rows of `seq` tokens each.
 ///
-/// Token `i` attends to token `j` of the same row iff `j <= i`, `segment[i] == segment[j]`
-/// (packed sequences never see each other) or `segment[j]` is [`SHARED_PREFIX`] and
-/// `segment[i] >= 0`, and, with a window `w`, `i - j < w`.
+/// Token `i` attends to token `j` of the same row iff `j <= i`, [`segment_sees`]`(segment[i],
+/// segment[j])` (packed sequences never see each other; a group's tokens see its shared
+/// prefix) and, with a window `w`, `i - j < w`.
 /// Query heads `h` share key/value head `h / (q_heads / kv_heads)` (grouped-query attention).
 /// Queries and keys have `head_dim` features per head, values (and so the output)
 /// `v_head_dim` (they differ in multi-head latent attention).

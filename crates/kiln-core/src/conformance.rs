@@ -12,8 +12,8 @@
 //! then passes without checking where it is `None` (the expression says why).
 
 use crate::backend::{
-    AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, Matmul, Precision,
-    Rope, Routing, Scoring, SHARED_PREFIX,
+    group_segment, shared_prefix, AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul,
+    Heads, Matmul, Precision, Rope, Routing, Scoring,
 };
 use crate::bf16;
 use crate::rng::Rng;
@@ -580,13 +580,17 @@ fn attention_cases() -> Vec<(Attention, Vec<i32>)> {
             }
         })
         .collect();
-    // A prompt shared by three completions laid out after it, the last ending in padding.
+    // A prompt shared by three completions laid out after it, then a second prompt with two
+    // completions, the last ending in padding.
     let shared: Vec<i32> = (0..140)
         .map(|t| match t % 70 {
-            0..20 => SHARED_PREFIX,
-            20..35 => 0,
-            35..61 => 1,
-            61..67 => 2,
+            0..20 => shared_prefix(0),
+            20..35 => group_segment(0, 0),
+            35..41 => group_segment(0, 1),
+            41..45 => group_segment(0, 2),
+            45..52 => shared_prefix(1),
+            52..58 => group_segment(1, 0),
+            58..67 => group_segment(1, 1),
             _ => -1,
         })
         .collect();
@@ -636,7 +640,9 @@ fn attention_reference(q: &[f32], k: &[f32], v: &[f32], seg: &[i32], s: Attentio
             for i in 0..s.seq {
                 let qi = ((b * s.seq + i) * s.q_heads + h) * hd;
                 let (si, sj) = (seg[b * s.seq + i], |j: usize| seg[b * s.seq + j]);
-                let same = |j: usize| si == sj(j) || (sj(j) == SHARED_PREFIX && si >= 0);
+                // The same segment, or the shared prefix (member 0xffff) of the query's group.
+                let prefix_of_own_group = |j: usize| si >= 0 && sj(j) >> 16 == si >> 16 && sj(j) & 0xffff == 0xffff;
+                let same = |j: usize| si == sj(j) || prefix_of_own_group(j);
                 let allowed = |j: usize| j <= i && same(j) && s.window.is_none_or(|w| i - j < w);
                 let kj = |j: usize| ((b * s.seq + j) * s.kv_heads + h / group) * hd;
                 let vj = |j: usize| ((b * s.seq + j) * s.kv_heads + h / group) * vd;

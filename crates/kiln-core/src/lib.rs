@@ -12,8 +12,9 @@ pub mod fast_exp;
 pub mod reduce;
 pub mod rng;
 
+pub use backend::{group_segment, segment_sees, shared_prefix, PREFIX_MEMBER};
 pub use backend::{
     AdamW, Attention, Backend, ColumnCopy, DecodeAttention, FrozenWeights, GroupedMatmul, Heads, HyperConnection,
-    Indexer, Matmul, Pooling, Precision, Rope, Routing, Scoring, SparseAttention, SHARED_PREFIX,
+    Indexer, Matmul, Pooling, Precision, Rope, Routing, Scoring, SparseAttention,
 };
 pub use cpu::Cpu;

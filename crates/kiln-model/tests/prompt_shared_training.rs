@@ -1,5 +1,5 @@
 //! Prompt-shared training rows (`CompletionRows`: a group's prompt once, its completions after
-//! it) against one row per completion: the same log-probs and the same gradients, up to f32
+//! it, several groups to a row) against one row per completion: the same log-probs and the same gradients, up to f32
 //! rounding, on dense, grouped-query, MLA and mixture-of-experts models.
 
 use kiln_core::rng::Rng;
@@ -50,7 +50,7 @@ fn prompt_shared_rows_train_as_separate_rows() {
             .collect();
         let separate = CompletionRows::new(&sequences, 1024, false, 0.0);
         let shared = CompletionRows::new(&sequences, 1024, true, 0.0);
-        assert_eq!((separate.batch.rows, shared.batch.rows), (6, 3), "{case}: one row per prompt");
+        assert_eq!((separate.batch.rows, shared.batch.rows), (6, 1), "{case}: the three groups on one row");
         let positions = |rows: &CompletionRows| rows.batch.segments.iter().filter(|&&s| s >= 0).count();
         assert_eq!(positions(&separate) - positions(&shared), 22 * 2 + 8, "{case}: each prompt once");
 

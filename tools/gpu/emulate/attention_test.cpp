@@ -64,13 +64,23 @@ static int check(Spec s, bool bf16) {
         auto rounded = [&](std::vector<float> x) { if (bf16) for (auto& e : x) e = round_bf16(e); return x; };
         auto qr = rounded(q), kr_ = rounded(k), vr = rounded(v), doutr = rounded(dout);
         std::vector<int> seg(T);
-        // Three packed sequences; in odd rows the first is a prefix the other two share.
-        const int shared_prefix = 2147483647;
+        // Even rows: three packed sequences. Odd rows: two groups (segment group << 16 | member),
+        // each a shared prefix (member 0xffff) then two completions that see it.
+        const int prefix = 0xffff;
         for (long t = 0; t < T; t++) {
             long i = t % s.seq, b = t / s.seq;
-            seg[t] = i < s.seq / 3 ? (b % 2 ? shared_prefix : 0) : (i < s.seq * 3 / 4 ? 1 : 2);
+            if (b % 2 == 0) {
+                seg[t] = i < s.seq / 3 ? 0 : (i < s.seq * 3 / 4 ? 1 : 2);
+            } else {
+                int group = i < s.seq / 2 ? 0 : 1;
+                long at = i - group * (s.seq / 2), part = s.seq / 6;
+                seg[t] = group << 16 | (at < part ? prefix : (at < 2 * part ? 0 : 1));
+            }
         }
-        auto sees = [&](long ti, long tj) { return seg[tj] == seg[ti] || (seg[tj] == shared_prefix && seg[ti] >= 0); };
+        auto sees = [&](long ti, long tj) {
+            const bool own_prefix = seg[ti] >= 0 && (seg[tj] & 0xffff) == prefix && seg[ti] >> 16 == seg[tj] >> 16;
+            return seg[tj] == seg[ti] || own_prefix;
+        };
         // Reference in double.
         int group = s.q_heads / s.kv_heads;
         std::vector<double> out_r(T * s.q_heads * s.vhd), lse_r(s.batch * s.q_heads * s.seq), dq_r(q.size()), dk_r(k.size()), dv_r(v.size());

@@ -11,7 +11,7 @@
 
 use super::matmul::{gemm_strided, Strided};
 use super::Shared;
-use crate::backend::{Attention, SHARED_PREFIX};
+use crate::backend::{segment_sees, Attention};
 use crate::fast_exp::fast_exp;
 use rayon::prelude::*;
 
@@ -54,14 +54,14 @@ impl Mask<'_> {
     #[inline]
     fn allowed(&self, i: usize, j: usize) -> bool {
         let (si, sj) = (self.segments[i], self.segments[j]);
-        j <= i && (si == sj || (sj == SHARED_PREFIX && si >= 0)) && self.window.is_none_or(|w| i - j < w)
+        j <= i && segment_sees(si, sj) && self.window.is_none_or(|w| i - j < w)
     }
     /// First key block that any query in `i0..` can see.
     fn first_key(&self, i0: usize) -> usize {
         self.window.map_or(0, |w| (i0 + 1).saturating_sub(w)) / BLOCK * BLOCK
     }
     /// Whether any query of `queries` may see a key of `keys`: blocks that hold only other
-    /// segments (earlier packed sequences, a prompt's other completions) are skipped. Skipping
+    /// segments (earlier packed sequences, a prompt's other completions, other groups) are skipped. Skipping
     /// leaves the result's bits as they are: such a block adds exact zeros.
     fn sees_block(&self, queries: std::ops::Range<usize>, keys: std::ops::Range<usize>) -> bool {
         let mut seen = [0i32; 4];
@@ -76,8 +76,7 @@ impl Mask<'_> {
             }
         }
         let seen = &seen[..distinct];
-        let shared_seen = seen.iter().any(|&s| s >= 0);
-        self.segments[keys].iter().any(|&s| seen.contains(&s) || (s == SHARED_PREFIX && shared_seen))
+        self.segments[keys].iter().any(|&key| seen.iter().any(|&query| segment_sees(query, key)))
     }
 }
 

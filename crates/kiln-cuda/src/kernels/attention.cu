@@ -62,13 +62,15 @@ __device__ QueryRows query_rows(long seq, int q_heads, int kv_heads, int positio
     return rows;
 }
 
-// kiln_core::SHARED_PREFIX: the segment of a row's shared prefix (a prompt that its completions,
-// laid out after it, all see).
-#define SHARED_PREFIX 2147483647
+// kiln_core::PREFIX_MEMBER: segment ids are group << 16 | member, and this member of a group is
+// its shared prefix (a prompt that its completions, laid out after it, all see).
+#define PREFIX_MEMBER 0xffff
 
-// Whether query position i may see key position j of its row (segment ids of both given).
+// Whether query position i may see key position j of its row (segment ids of both given):
+// kiln_core::segment_sees, causal and windowed.
 __device__ __forceinline__ bool sees(long i, long j, long window, int segment_i, int segment_j) {
-    const bool same = segment_i == segment_j || (segment_j == SHARED_PREFIX && segment_i >= 0);
+    const bool same = segment_i == segment_j ||
+                      (segment_i >= 0 && (segment_j & PREFIX_MEMBER) == PREFIX_MEMBER && segment_i >> 16 == segment_j >> 16);
     return j <= i && j >= first_key(i, window) && same;
 }
 

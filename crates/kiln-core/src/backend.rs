@@ -181,18 +181,17 @@ impl ColumnCopy {
 /// prefix are members 0, 1, … of group 0.
 pub const PREFIX_MEMBER: i32 = 0xffff;
 
-/// The segment id of member `member` of `group`.
+/// The segment id of member `member` of `group` (a packed sequence, or one of a group's
+/// completions).
 pub fn group_segment(group: usize, member: usize) -> i32 {
-    assert!(
-        group < 1 << 15 && member <= PREFIX_MEMBER as usize,
-        "segment: group {group}, member {member} out of range"
-    );
-    (group << 16 | member) as i32
+    assert!(member < PREFIX_MEMBER as usize, "segment: member {member} beyond the {PREFIX_MEMBER} a group holds");
+    shared_prefix(group) - PREFIX_MEMBER + member as i32
 }
 
 /// The segment id of `group`'s shared prefix.
 pub fn shared_prefix(group: usize) -> i32 {
-    group_segment(group, PREFIX_MEMBER as usize)
+    assert!(group < 1 << 15, "segment: group {group} beyond the {} a row holds", 1 << 15);
+    (group << 16) as i32 | PREFIX_MEMBER
 }
 
 /// Whether a token of segment `query` may see an earlier token of segment `key`: the same
@@ -844,4 +843,27 @@ pub trait Backend: Send + Sync {
     // ---- optimiser ----------------------------------------------------------------------
     /// One AdamW step on `param` from `grad`, updating the moments `m` and `v` in place.
     fn adamw(&self, param: &mut Self::Slice, grad: &Self::Slice, m: &mut Self::Slice, v: &mut Self::Slice, hp: AdamW);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_group_sees_its_own_prefix_and_packed_sequences_see_only_themselves() {
+        let (prefix, first, second) = (shared_prefix(3), group_segment(3, 0), group_segment(3, 1));
+        assert!(segment_sees(first, prefix) && segment_sees(second, prefix) && segment_sees(first, first));
+        assert!(!segment_sees(second, first), "a group's completions do not see each other");
+        assert!(!segment_sees(group_segment(2, 0), prefix), "another group does not see the prefix");
+        assert!(!segment_sees(-1, prefix) && !segment_sees(first, -1), "padding sees and is seen by nothing");
+        // Packed sequences are members of group 0, which has no prefix among them.
+        assert_eq!((group_segment(0, 0), group_segment(0, 7)), (0, 7));
+        assert!(!segment_sees(group_segment(0, 7), group_segment(0, 6)));
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond the 65535 a group holds")]
+    fn a_group_holds_fewer_members_than_its_prefix_id() {
+        group_segment(0, PREFIX_MEMBER as usize);
+    }
 }

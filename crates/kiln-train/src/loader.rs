@@ -2,6 +2,7 @@
 //! micro-batches into optimizer steps. The order is a pure function of the seed and the
 //! step number, so resuming needs nothing but the step.
 
+use kiln_core::group_segment;
 use kiln_core::rng::Rng;
 use kiln_data::example::Example;
 use kiln_data::packing::best_fit_decreasing;
@@ -154,7 +155,7 @@ pub fn build_batch(examples: &[Example], micro_batch: &[PackedRow], rows: usize,
             for p in 0..e.ids.len() {
                 b.ids[t] = e.ids[p] as i32;
                 b.positions[t] = p as i32;
-                b.segments[t] = segment as i32;
+                b.segments[t] = group_segment(0, segment);
                 if p + 1 < e.ids.len() && e.trainable[p + 1] {
                     b.targets[t] = e.ids[p + 1] as i32;
                     b.weights[t] = weight;

@@ -70,7 +70,7 @@ fn deal(lengths: &[usize]) -> (Vec<Vec<usize>>, usize) {
         .map(dealt)
         .filter(|(_, seq)| *seq <= 2 * longest)
         .min_by_key(|(members, seq)| (members.len() * seq, std::cmp::Reverse(members.len())))
-        .expect("a row per group is never longer than the longest group")
+        .expect("one row per group always qualifies: none is longer than the longest group")
 }
 
 impl CompletionRows {

@@ -1,6 +1,7 @@
 //! Prompt-shared training rows (`CompletionRows`: a group's prompt once, its completions after
-//! it, several groups to a row) against one row per completion: the same log-probs and the same gradients, up to f32
-//! rounding, on dense, grouped-query, MLA and mixture-of-experts models.
+//! it, several groups to a row) against one row per completion: the same log-probs and the
+//! same gradients, up to f32 rounding, on dense, grouped-query, MLA and mixture-of-experts
+//! models.
 
 use kiln_core::rng::Rng;
 use kiln_core::Cpu;

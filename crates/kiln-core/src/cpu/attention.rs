@@ -61,8 +61,8 @@ impl Mask<'_> {
         self.window.map_or(0, |w| (i0 + 1).saturating_sub(w)) / BLOCK * BLOCK
     }
     /// Whether any query of `queries` may see a key of `keys`: blocks that hold only other
-    /// segments (earlier packed sequences, a prompt's other completions, other groups) are skipped. Skipping
-    /// leaves the result's bits as they are: such a block adds exact zeros.
+    /// segments (earlier packed sequences, a prompt's other completions, other groups) are
+    /// skipped. Skipping leaves the result's bits as they are: such a block adds exact zeros.
     fn sees_block(&self, queries: std::ops::Range<usize>, keys: std::ops::Range<usize>) -> bool {
         let mut seen = [0i32; 4];
         let mut distinct = 0;

@@ -30,8 +30,8 @@ pub struct AttnCtx<'a, B: Backend> {
     pub precision: Precision,
 }
 
-/// Cache rows of the batch's tokens and, when decoding, the rows each new token attends (`starts`, `lengths`) with the decode
-/// attention.
+/// Cache rows of the batch's tokens and, when decoding, the rows each new token attends
+/// (`starts`, `lengths`) with the decode attention.
 pub struct CacheCtx<'a, B: Backend> {
     pub rows: &'a B::Index,
     /// Multi-head latent attention caches its latent rows (see `kv_cache`).

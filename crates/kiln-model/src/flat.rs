@@ -97,6 +97,30 @@ impl FlatLayout {
     }
 }
 
+/// The values two ranges share (empty, at the later start, when they share none).
+pub fn overlap(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
+    let start = a.start.max(b.start);
+    start..a.end.min(b.end).max(start)
+}
+
+/// Where the tensors of `ranges` lie when the flat `segments` (each tensor inside one) are laid
+/// end to end.
+pub fn packed(ranges: &[&Range<usize>], segments: &[Range<usize>]) -> Vec<Range<usize>> {
+    ranges
+        .iter()
+        .map(|r| {
+            let mut at = 0;
+            for s in segments {
+                if s.start <= r.start && r.end <= s.end {
+                    return at + r.start - s.start..at + r.end - s.start;
+                }
+                at += s.len();
+            }
+            unreachable!("a tensor outside its segments")
+        })
+        .collect()
+}
+
 /// Mutable views of a layer's tensors at `ranges` of `flat`.
 pub fn layer_views<'a, B: Backend>(
     b: &B,

@@ -161,7 +161,7 @@ pub fn generate_observed<B: Backend>(
             break;
         }
         if prefills.is_empty() && prefilling {
-            model.serve_experts_forward(b);
+            model.idle_forward(b);
         }
         if !prefills.is_empty() {
             let seq = prefills.iter().map(|at| at.prompt_len).max().expect("not empty");
@@ -201,7 +201,7 @@ pub fn generate_observed<B: Backend>(
         let [decoding] = in_group(model, [!running.is_empty()], "decode round");
         if running.is_empty() {
             if decoding {
-                model.serve_experts_forward(b);
+                model.idle_forward(b);
             }
             continue;
         }

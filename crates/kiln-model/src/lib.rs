@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 mod model_v4;
+pub mod param_shards;
 mod prompt_pool;
 pub mod quantized;
 pub mod rope;

@@ -19,10 +19,12 @@ use crate::layers::expert_parallel::ExpertParallel;
 use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
+use crate::param_shards::{ParamShards, SpaceRanks};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
 use crate::v4_cache::V4Step;
 use crate::weights::{self, v4_layout, AttnWeights, FfnWeights, Init, LayerWeights, MoeWeights, TensorSpec, Weights};
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -34,8 +36,10 @@ pub struct Model<B: Backend> {
     pub layout: Weights<TensorSpec>,
     /// Where each tensor lies in `params` (and in gradients and moments laid out alike).
     pub flat: Arc<FlatLayout>,
-    /// Every parameter, in one buffer.
+    /// Every parameter, in one buffer; under ZeRO-3 (`shards`) this rank's shards of them.
     pub params: B::Buf,
+    /// ZeRO-3: how the ranks shard the parameters, and the gathered layer and outer tensors.
+    shards: Option<ParamShards<B>>,
     /// Dtype of the checkpoint it came from, used again when saving.
     pub dtype: StorageDtype,
     /// Stored tensors kiln does not use (multi-token-prediction layers), written back as read.
@@ -122,9 +126,75 @@ impl<B: Backend> Model<B> {
         Ok(model)
     }
 
-    /// A view of every parameter tensor.
+    /// A view of every parameter tensor (the model must hold them all: not ZeRO-3's shards).
     pub fn weights(&self, b: &B) -> Weights<&B::Slice> {
+        assert!(!self.params_sharded(), "ZeRO-3 holds shards of the weights: `unshard` gathers them all");
         self.flat.views(b, &self.params)
+    }
+
+    /// The tensors outside the layers (embedding, final norm, head, score), as the last
+    /// forward gathered them under ZeRO-3; their `layers` are empty or whole.
+    pub(crate) fn outer_weights(&self, b: &B) -> Weights<&B::Slice> {
+        match active(&self.shards) {
+            Some(s) => s.outer_views(b, &self.flat),
+            None => self.flat.views(b, &self.params),
+        }
+    }
+
+    /// Layer `l`'s tensors (under ZeRO-3 as last gathered).
+    fn layer_weights(&self, b: &B, l: usize) -> LayerWeights<&B::Slice> {
+        match active(&self.shards) {
+            Some(s) => s.layer_views(b, &self.flat, l),
+            None => self.flat.ranges.layers[l].map(&mut |r| b.slice(&self.params, r.clone())),
+        }
+    }
+
+    /// ZeRO-3: keeps only this rank's shard of each space of `spaces` (a flat range and the
+    /// ranks that split it, which are all the parameters), gathering the rest as it runs
+    /// (`param_shards`).
+    pub fn shard_params(&mut self, b: &B, spaces: Vec<(Range<usize>, SpaceRanks<B>)>) {
+        assert_eq!(spaces.iter().map(|s| s.0.len()).sum::<usize>(), self.flat.total, "spaces cover the parameters");
+        let (shards, mine) = ParamShards::new(b, &self.flat, spaces, &self.params);
+        self.params = mine;
+        self.shards = Some(shards);
+    }
+
+    /// Whether this rank holds shards of the parameters (ZeRO-3, not unsharded).
+    pub fn params_sharded(&self) -> bool {
+        active(&self.shards).is_some()
+    }
+
+    /// ZeRO-3: gathers every parameter into `params` (a collective), for what needs them all
+    /// at once: a checkpoint, generation. `reshard` goes back. Does nothing otherwise.
+    pub fn unshard(&mut self, b: &B) {
+        let Some(s) = self.shards.as_mut().filter(|s| s.parked.is_none()) else { return };
+        let mut whole = b.zeros(self.flat.total);
+        s.gather_all(b, &self.params, &mut whole);
+        s.parked = Some(std::mem::replace(&mut self.params, whole));
+    }
+
+    /// ZeRO-3: drops the whole parameters `unshard` gathered and keeps this rank's shards again
+    /// (unchanged: nothing updates an unsharded model).
+    pub fn reshard(&mut self) {
+        if let Some(shard) = self.shards.as_mut().and_then(|s| s.parked.take()) {
+            self.params = shard;
+        }
+    }
+
+    /// Names the gathers of ZeRO-3 in errors ("weights at step 12").
+    pub fn label_gathers(&mut self, what: &str) {
+        if let Some(s) = &mut self.shards {
+            s.what = what.to_string();
+        }
+    }
+
+    /// Values this rank holds for the weights: all of them, or its shards with room for one
+    /// gathered layer and the outer tensors.
+    pub fn weights_len(&self, b: &B) -> usize {
+        match active(&self.shards) {
+            Some(s) => s.held_len(b, &self.params),
+            None => b.len(&self.params),
+        }
     }
 
     /// Every parameter tensor, read into host memory.
@@ -177,6 +247,7 @@ impl<B: Backend> Model<B> {
             layout,
             flat: Arc::new(flat),
             params,
+            shards: None,
             dtype,
             passthrough,
             expert_load,
@@ -240,12 +311,22 @@ impl<B: Backend> Model<B> {
             &mut self.expert_load,
             self.layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect(),
         );
-        let mut params = self.flat.views_mut(b, &mut self.params);
-        for (layer, load) in params.layers.iter_mut().zip(&loads) {
-            let FfnWeights::Moe(MoeWeights { bias: Some(bias_w), .. }) = &mut layer.ffn else { continue };
+        for (l, load) in loads.iter().enumerate() {
+            let FfnWeights::Moe(MoeWeights { bias: Some(range), .. }) = &self.flat.ranges.layers[l].ffn else {
+                continue;
+            };
+            // The bias values this rank holds, where they lie in the flat layout and in `params`.
+            let (part, held) = match active(&self.shards) {
+                Some(s) => s.local(range).expect("the bias inside one space"),
+                None => (range.clone(), range.clone()),
+            };
+            if part.is_empty() {
+                continue;
+            }
             let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
-            let mut bias = b.read(bias_w);
-            for (bias, &l) in bias.iter_mut().zip(load) {
+            let view = b.slice_mut(&mut self.params, held);
+            let mut bias = b.read(view);
+            for (bias, &l) in bias.iter_mut().zip(&load[part.start - range.start..]) {
                 let diff = mean - l as f64;
                 *bias += gamma
                     * if diff > 0.0 {
@@ -256,7 +337,7 @@ impl<B: Backend> Model<B> {
                         0.0
                     };
             }
-            b.write(bias_w, &bias);
+            b.write(view, &bias);
         }
         loads
     }
@@ -307,6 +388,11 @@ impl<B: Backend> Model<B> {
             window: c.layer_windows[layer],
             precision: self.matmul_precision,
         }
+    }
+
+    /// Every layer's attention over a batch of `rows` × `seq`.
+    fn attention_specs(&self, rows: usize, seq: usize) -> Vec<Attention> {
+        (0..self.config.num_layers).map(|l| self.attention_spec(rows, seq, l)).collect()
     }
 
     /// Forward of layer `l` from `x_in` into `a` and, unless only recomputing what backward
@@ -381,7 +467,7 @@ impl<B: Backend> Model<B> {
         let k = plan.logits_at.len();
         let mut last = b.zeros(k * c.hidden_size);
         b.embedding_forward(&mut last, &acts.xf, &b.upload_index(plan.logits_at), c.hidden_size);
-        let w = self.weights(b);
+        let w = self.outer_weights(b);
         let mut logits = b.zeros(k * c.vocab_size);
         b.matmul(
             &mut logits,
@@ -401,15 +487,23 @@ impl<B: Backend> Model<B> {
         cache: Option<(&mut KvCache<B>, &CachePlan)>,
     ) {
         self.prepare(b, acts, batch);
+        gather(&mut self.shards, b, (&self.flat, &self.params), None);
         let c = &self.config;
-        let w = self.weights(b);
+        let embed = self.outer_weights(b).embed;
         if self.is_v4() {
-            b.embedding_forward(&mut acts.xf, w.embed, &acts.inputs.ids, c.hidden_size);
+            b.embedding_forward(&mut acts.xf, embed, &acts.inputs.ids, c.hidden_size);
             self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
         } else {
-            b.embedding_forward(&mut acts.layer_inputs[0], w.embed, &acts.inputs.ids, c.hidden_size);
+            b.embedding_forward(&mut acts.layer_inputs[0], embed, &acts.inputs.ids, c.hidden_size);
         }
-        let mut view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs, &acts.compress);
+        let mut view = ActsView::new(
+            &self.config,
+            (&self.rope_table, &self.compress_rope_table),
+            self.attention_specs(acts.rows, acts.seq),
+            self.matmul_precision,
+            &acts.inputs,
+            &acts.compress,
+        );
         let mut cache = cache;
         let v4_step = match (&cache, &c.attention) {
             (Some((kv, plan)), AttentionKind::V4(v4)) => {
@@ -428,11 +522,13 @@ impl<B: Backend> Model<B> {
         }
         let mut loads = Vec::new();
         for l in 0..c.num_layers {
+            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+            let w = self.layer_weights(b, l);
             let (inputs, outputs) = acts.layer_inputs.split_at_mut(l + 1);
             let a = &mut acts.layers[acts.slots[l]];
             if let AttentionKind::V4(v4) = &c.attention {
                 let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
-                let layer = (l, &w.layers[l]);
+                let layer = (l, &w);
                 let step = v4_step.as_ref().map(|step| step.layer(&v4.layers[l]));
                 let layer_cache = match (cache.as_mut(), &step) {
                     (Some((kv, _)), Some(step)) => Some((&mut kv.v4.as_mut().expect("a V4 cache").layers[l], step)),
@@ -453,7 +549,7 @@ impl<B: Backend> Model<B> {
                     let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
                     (&mut **k, &mut **v)
                 });
-                self.layer_forward(b, (l, &w.layers[l]), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
+                self.layer_forward(b, (l, &w), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
             }
             if let (true, FfnActs::Moe(m)) = (count_load, &a.ffn) {
                 loads.push((l, m.rows.clone()));
@@ -463,7 +559,7 @@ impl<B: Backend> Model<B> {
             self.v4_head_forward(b, acts, c.num_layers);
         } else {
             let last = &acts.layer_inputs[c.num_layers];
-            b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, last, w.norm, c.rms_norm_eps);
+            b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, last, self.outer_weights(b).norm, c.rms_norm_eps);
         }
         for (l, rows) in loads {
             self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
@@ -473,7 +569,7 @@ impl<B: Backend> Model<B> {
     /// `logits = xf·Wₗₘᵀ`.
     fn lm_head_forward(&self, b: &B, acts: &mut Activations<B>) {
         let c = &self.config;
-        let w = self.weights(b);
+        let w = self.outer_weights(b);
         let head = w.lm_head.unwrap_or(w.embed);
         b.matmul(
             &mut acts.logits,
@@ -593,7 +689,7 @@ impl<B: Backend> Model<B> {
         let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
         // Head: logits = xf·Wᵀ.
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-        let w = self.weights(b);
+        let w = self.outer_weights(b);
         let outer = grads.outer(b);
         let (head, dhead) = match (w.lm_head, outer.lm_head) {
             (Some(h), Some(dh)) => (h, dh),
@@ -614,16 +710,22 @@ impl<B: Backend> Model<B> {
     pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
         let c = &self.config;
         let d = c.hidden_size;
-        let w = self.weights(b);
         if self.is_v4() {
             self.v4_head_backward(b, acts, grads);
         } else {
             let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
             b.fill(&mut s.dres, 0.0);
-            let final_input = &acts.layer_inputs[c.num_layers];
-            b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, w.norm, &acts.rstdf);
+            let (final_input, norm) = (&acts.layer_inputs[c.num_layers], self.outer_weights(b).norm);
+            b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, norm, &acts.rstdf);
         }
-        let view = ActsView::new(self, acts.rows, acts.seq, &acts.inputs, &acts.compress);
+        let view = ActsView::new(
+            &self.config,
+            (&self.rope_table, &self.compress_rope_table),
+            self.attention_specs(acts.rows, acts.seq),
+            self.matmul_precision,
+            &acts.inputs,
+            &acts.compress,
+        );
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
 
         // Sequence of each token for the balance loss, when it is on: (row, segment), none for
@@ -641,8 +743,10 @@ impl<B: Backend> Model<B> {
             sequence.as_ref().map(|sequence| SeqAux { alpha: self.moe_aux_alpha, sequence, weights: &batch.weights });
         let mut aux_loss = 0.0;
         for l in (0..c.num_layers).rev() {
+            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+            let w = self.layer_weights(b, l);
             let a = &mut acts.layers[acts.slots[l]];
-            let layer = (l, &w.layers[l]);
+            let layer = (l, &w);
             let x_in = &acts.layer_inputs[l];
             let mut g = grads.layer(b, l);
             if self.is_v4() {
@@ -670,23 +774,40 @@ impl<B: Backend> Model<B> {
         self.moe_aux_loss += aux_loss;
     }
 
-    /// Under expert parallel, what a rank with no micro-batch left in a step does while the
-    /// others of its group run one: the exchanges of a forward and backward (with the forward
-    /// repeated in backward under `recompute`), its experts computing for the rows the group
-    /// sends and adding their weight gradients into `grads`.
-    pub fn serve_experts(&self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool) {
-        let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
-        let weights = self.weights(b);
-        let layers = moe_layers(&weights);
-        let mut served: Vec<_> = layers.iter().map(|&(l, w)| moe::serve_forward(b, shape, w, (ep, l))).collect();
-        // Every layer hands its (for dense layers, empty) gradients over, as a backward does.
+    /// A forward pass of a rank with nothing left to run while the others of the step run one,
+    /// for the collectives a forward takes part in: under ZeRO-3 the gathers of every tensor,
+    /// under expert parallel its experts computing for the rows its group sends (a no-op for
+    /// a model with neither).
+    pub fn idle_forward(&mut self, b: &B) {
+        gather(&mut self.shards, b, (&self.flat, &self.params), None);
+        for l in 0..self.config.num_layers {
+            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+            self.serve_layer(b, l);
+        }
+    }
+
+    /// `idle_forward` and then a backward's collectives: the gathers (ZeRO-3), the experts
+    /// computing for the group's rows and adding their weight gradients into `grads` (expert
+    /// parallel; with the forward repeated under `recompute`), and every layer's and the outer
+    /// gradients handed over (empty but for those experts), as a backward hands them.
+    pub fn idle_pass(&mut self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool) {
+        let mut served: Vec<Option<moe::Served<B>>> = Vec::new();
+        gather(&mut self.shards, b, (&self.flat, &self.params), None);
+        for l in 0..self.config.num_layers {
+            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+            served.push(self.serve_layer(b, l));
+        }
         for l in (0..self.config.num_layers).rev() {
+            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
             let mut g = grads.layer(b, l);
-            if let (Some(i), FfnWeights::Moe(g)) = (layers.iter().position(|&(m, _)| m == l), &mut g.ffn) {
-                if recompute {
-                    served[i] = moe::serve_forward(b, shape, layers[i].1, (ep, l));
+            if let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) {
+                let w = self.layer_weights(b, l);
+                if let (FfnWeights::Moe(w), FfnWeights::Moe(g)) = (&w.ffn, &mut g.ffn) {
+                    if recompute {
+                        served[l] = Some(moe::serve_forward(b, shape, w, (ep, l)));
+                    }
+                    moe::serve_backward(b, shape, (w, g), served[l].as_ref().expect("served in the forward"));
                 }
-                moe::serve_backward(b, shape, (layers[i].1, g), &served[i]);
             }
             grads.layer_done(b, l);
         }
@@ -694,12 +815,13 @@ impl<B: Backend> Model<B> {
         grads.outer_done(b);
     }
 
-    /// Under expert parallel, a forward of a rank with no tokens of its own while the rest of
-    /// its group runs one (generation, reference passes): its experts serve their rows.
-    pub fn serve_experts_forward(&self, b: &B) {
-        let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return };
-        for (l, w) in moe_layers(&self.weights(b)) {
-            moe::serve_forward(b, shape, w, (ep, l));
+    /// Under expert parallel, layer `l`'s experts (if it has them) computing for the rows the
+    /// group sends to a rank with no tokens of its own.
+    fn serve_layer(&self, b: &B, l: usize) -> Option<moe::Served<B>> {
+        let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) else { return None };
+        match &self.layer_weights(b, l).ffn {
+            FfnWeights::Moe(w) => Some(moe::serve_forward(b, shape, w, (ep, l))),
+            FfnWeights::Dense(_) => None,
         }
     }
 
@@ -765,17 +887,6 @@ impl<B: Backend> Model<B> {
     }
 }
 
-/// The MoE layers and their weights.
-fn moe_layers<T>(weights: &Weights<T>) -> Vec<(usize, &MoeWeights<T>)> {
-    let layers = weights.layers.iter().enumerate();
-    layers
-        .filter_map(|(l, layer)| match &layer.ffn {
-            FfnWeights::Moe(w) => Some((l, w)),
-            FfnWeights::Dense(_) => None,
-        })
-        .collect()
-}
-
 /// The parameters of `config`, under expert parallel with only this rank's routed experts.
 pub(crate) fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<B>>) -> Weights<TensorSpec> {
     let layout = weights::layout(config);
@@ -815,14 +926,17 @@ struct ActsView<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> ActsView<'a, B> {
+    /// The view of a pass of `config` over `inputs` (`attention`: each layer's, which give the
+    /// batch's shape), with the rope tables and compression `plans` it reads.
     fn new(
-        model: &'a Model<B>,
-        rows: usize,
-        seq: usize,
+        config: &Config,
+        (rope_table, compress_rope_table): (&'a B::Buf, &'a B::Buf),
+        attention: Vec<Attention>,
+        precision: Precision,
         inputs: &'a BatchInputs<B>,
         plans: &'a [CompressPlan<B>],
     ) -> Self {
-        let compressed = match &model.config.attention {
+        let compressed = match &config.attention {
             AttentionKind::V4(v4) => v4
                 .layers
                 .iter()
@@ -835,17 +949,17 @@ impl<'a, B: Backend> ActsView<'a, B> {
                     })
                 })
                 .collect(),
-            _ => vec![None; model.config.num_layers],
+            _ => vec![None; config.num_layers],
         };
         Self {
-            tokens: rows * seq,
-            rope_table: &model.rope_table,
-            compress_rope_table: &model.compress_rope_table,
+            tokens: attention.first().map_or(0, |a| a.batch * a.seq),
+            rope_table,
+            compress_rope_table,
             compressed,
             positions: &inputs.positions,
             segments: &inputs.segments,
-            attention: (0..model.config.num_layers).map(|l| model.attention_spec(rows, seq, l)).collect(),
-            precision: model.matmul_precision,
+            attention,
+            precision,
             cache: None,
         }
     }
@@ -868,5 +982,25 @@ impl<'a, B: Backend> ActsView<'a, B> {
                 ..c
             }),
         }
+    }
+}
+
+/// ZeRO-3's shards while they are in use (not unsharded).
+fn active<B: Backend>(shards: &Option<ParamShards<B>>) -> Option<&ParamShards<B>> {
+    shards.as_ref().filter(|s| s.parked.is_none())
+}
+
+/// Under ZeRO-3, gathers layer `l`'s tensors (`None`: the outer ones) from the shards in
+/// `params` before they are used (a collective); does nothing for a model that holds them all.
+fn gather<B: Backend>(
+    shards: &mut Option<ParamShards<B>>,
+    b: &B,
+    (flat, params): (&FlatLayout, &B::Slice),
+    layer: Option<usize>,
+) {
+    let Some(s) = shards.as_mut().filter(|s| s.parked.is_none()) else { return };
+    match layer {
+        Some(l) => s.gather_layer(b, flat, params, l),
+        None => s.gather_outer(b, flat, params),
     }
 }

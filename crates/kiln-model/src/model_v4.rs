@@ -91,7 +91,7 @@ impl<B: Backend> Model<B> {
 
     /// The head's collapse of the last streams `x`, then the final norm into `acts.xf`.
     pub(crate) fn v4_head_forward(&self, b: &B, acts: &mut Activations<B>, x_last: usize) {
-        let w = self.weights(b);
+        let w = self.outer_weights(b);
         let c = &self.config;
         let head = acts.hc_head.as_mut().expect("the head's hyper-connection");
         let hw = w.hc_head.as_ref().expect("hc_head weights");
@@ -107,7 +107,7 @@ impl<B: Backend> Model<B> {
         grads: &mut dyn crate::grad_sink::GradSink<B>,
     ) {
         let c = &self.config;
-        let w = self.weights(b);
+        let w = self.outer_weights(b);
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
         let (_, dblock, hcg) = s.hc.as_mut().expect("hyper-connection scratch");
         let head = acts.hc_head.as_ref().expect("the head's hyper-connection");

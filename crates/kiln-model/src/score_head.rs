@@ -56,7 +56,7 @@ impl<B: Backend> Model<B> {
     pub fn score_forward(&self, b: &B, acts: &Activations<B>, positions: &[i32]) -> Vec<f32> {
         let (k, d, labels) = (positions.len(), self.config.hidden_size, self.labels());
         let h = self.hidden_at(b, acts, &b.upload_index(positions), k);
-        let head = self.weights(b).score.expect("a score head");
+        let head = self.outer_weights(b).score.expect("a score head");
         let mut scores = b.zeros(k * labels);
         b.matmul(&mut scores, &h, head, Matmul::linear(k, d, labels));
         b.read(&scores)
@@ -80,7 +80,12 @@ impl<B: Backend> Model<B> {
         let dscore = grads.outer(b).score.expect("a score head's gradient");
         b.matmul(dscore, &ds, &h, Matmul::linear_dw(k, d, labels));
         let mut dh = b.zeros(k * d);
-        b.matmul(&mut dh, &ds, self.weights(b).score.expect("a score head"), Matmul::linear_dx(k, d, labels, false));
+        b.matmul(
+            &mut dh,
+            &ds,
+            self.outer_weights(b).score.expect("a score head"),
+            Matmul::linear_dx(k, d, labels, false),
+        );
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
         b.fill(&mut s.dxn, 0.0);
         b.embedding_backward(&mut s.dxn, &dh, &index, d);

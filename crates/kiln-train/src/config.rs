@@ -248,7 +248,8 @@ pub struct TrainSection {
     #[serde(default)]
     pub recompute: bool,
     /// Data parallel: 0 replicates AdamW's moments on every rank; 1 shards them (ZeRO-1); 2
-    /// also keeps only each rank's chunk of the gradients (ZeRO-2).
+    /// also keeps only each rank's chunk of the gradients (ZeRO-2); 3 the weights too, each
+    /// layer gathered as forward and backward reach it (ZeRO-3).
     #[serde(default)]
     pub zero: u8,
     /// Expert parallel (MoE models, under mpirun): the routed experts of every MoE layer are
@@ -484,11 +485,8 @@ impl RunConfig {
                 ));
             }
         }
-        if t.zero > 2 {
-            return Err(format!(
-                "`train.zero` = {}: stages 0, 1 and 2 are implemented (stage 3 would also shard the weights)",
-                t.zero
-            ));
+        if t.zero > 3 {
+            return Err(format!("`train.zero` = {}: ZeRO has stages 0 to 3", t.zero));
         }
         if let Some(ratio) = t.warmup_ratio {
             if t.warmup_steps > 0 || !(0.0..1.0).contains(&ratio) {

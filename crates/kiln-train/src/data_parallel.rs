@@ -10,7 +10,10 @@
 //! - ZeRO-1: reduce-scattered; each rank updates its shard with the moments it alone holds,
 //!   and an all-gather gives every rank every updated shard;
 //! - ZeRO-2: as ZeRO-1, but backward hands over each layer's gradients as soon as they are
-//!   complete (a reduce-scatter into the shard), so no rank ever holds whole gradients.
+//!   complete (a reduce-scatter into the shard), so no rank ever holds whole gradients;
+//! - ZeRO-3: as ZeRO-2, and the model holds only its shards of the weights as well
+//!   (`kiln_model::param_shards`), so the update needs no all-gather: forward and backward
+//!   gather each layer as they reach it.
 //!
 //! The global norm sums each rank's squares over the ranks that split the space: the shards'
 //! ranks under ZeRO, and the expert group for the routed experts under expert parallel.
@@ -22,11 +25,11 @@
 //! Newton–Schulz iteration run on each of those ranks, which applies its own piece.
 
 use crate::muon::{self, Matrix, MuonSettings, Scratch};
-use crate::optim::{adamw_step, overlap};
+use crate::optim::adamw_step;
 use anyhow::Result;
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_dist::Comm;
-use kiln_model::flat::{layer_views, outer_views};
+use kiln_model::flat::{layer_views, outer_views, overlap, packed};
 use kiln_model::weights::LayerWeights;
 use kiln_model::{FlatGrads, FlatLayout, GradSink, Model, Weights};
 use std::ops::Range;
@@ -45,6 +48,9 @@ pub struct Space<B: Backend> {
     expert_group: Option<Ranks<B>>,
     /// The values this rank updates (all of `range`, or its ZeRO shard), and every rank's count.
     pub mine: Range<usize>,
+    /// Where `mine` starts in the parameters `step` updates: at `mine.start` of the whole
+    /// parameters, or (ZeRO-3) after the shards of the spaces before it.
+    held_at: usize,
     counts: Vec<usize>,
     /// AdamW's moments of `mine`.
     pub m: B::Buf,
@@ -73,7 +79,8 @@ impl<B: Backend> Space<B> {
         };
         let n = mine.len();
         let shard = sharded.then(|| (b.zeros(n), b.zeros(n)));
-        Self { range, comm, expert_group: None, mine, counts, m: b.zeros(n), v: b.zeros(n), shard, name }
+        let held_at = mine.start;
+        Self { range, comm, expert_group: None, mine, held_at, counts, m: b.zeros(n), v: b.zeros(n), shard, name }
     }
 
     /// Whether this rank updates a shard (ZeRO) rather than the whole space.
@@ -122,8 +129,8 @@ fn held<'a, B: Backend>(
 }
 
 /// Muon on the matrices that the boundaries of `shards` cut (see the module notes), for the
-/// rank of `comm` that holds `shards[rank]` with the summed gradients `grads` and momentum `m`
-/// of it.
+/// rank of `comm` that holds `shards[rank]` with its parameters `params`, the summed gradients
+/// `grads` and momentum `m` of it.
 #[allow(clippy::too_many_arguments)]
 fn muon_on_cut_matrices<B: Backend>(
     b: &B,
@@ -178,7 +185,8 @@ fn muon_on_cut_matrices<B: Backend>(
         muon::orthogonalise(b, settings, scratch, (x_spec.rows, x_spec.cols));
         let x = scratch.update(b, x_spec.range.len());
         let x_piece = b.slice_mut(x, my_piece.start - x_spec.range.start..my_piece.end - x_spec.range.start);
-        muon::apply(b, settings, lr_decay, x_spec, b.slice_mut(params, my_piece.clone()), x_piece);
+        let own = my_piece.start - mine.start..my_piece.end - mine.start;
+        muon::apply(b, settings, lr_decay, x_spec, b.slice_mut(params, own), x_piece);
     }
     Ok(())
 }
@@ -196,6 +204,8 @@ pub struct DataParallel<B: Backend> {
     pub hyper: Hyper,
     /// ZeRO on several ranks: each rank holds (and checkpoints) shards of the moments.
     pub sharded: bool,
+    /// ZeRO-3 on several ranks: the parameters `step` updates are this rank's shards.
+    pub shards_weights: bool,
     /// Names the collectives in errors ("gradients at step 12").
     pub what: String,
     /// Muon's settings and matrices, when it updates the hidden matrices.
@@ -264,7 +274,21 @@ impl<B: Backend> DataParallel<B> {
         let scratch = b.zeros(if stage_two { per_layer.max().unwrap_or(0) } else { 0 });
         let outer_scratch = b.zeros(if stage_two { outer } else { 0 });
         let whole = (!stage_two).then(|| FlatGrads::new(b, &flat));
-        Self { flat, spaces, whole, scratch, outer_scratch, hyper, sharded, what: String::new(), muon, adamw_runs }
+        let shards_weights = zero >= 3 && sharded;
+        if shards_weights {
+            let mut at = 0;
+            for space in &mut spaces {
+                space.held_at = at;
+                at += space.mine.len();
+            }
+        }
+        let what = String::new();
+        Self { flat, spaces, whole, scratch, outer_scratch, hyper, sharded, shards_weights, what, muon, adamw_runs }
+    }
+
+    /// The spaces of the parameters and the ranks that shard each, for `Model::shard_params`.
+    pub fn param_spaces(&self) -> Vec<(Range<usize>, Ranks<B>)> {
+        self.spaces.iter().map(|s| (s.range.clone(), Arc::clone(&s.comm))).collect()
     }
 
     /// The startup line that says which optimizer updates what.
@@ -321,7 +345,8 @@ impl<B: Backend> DataParallel<B> {
     }
 
     /// AdamW (and Muon) at rate `lr` on the summed gradients scaled by `scale` (clipping),
-    /// then, under ZeRO, every rank's updated shard gathered into `params`.
+    /// then, under ZeRO-1/2, every rank's updated shard gathered into `params`. `params` are
+    /// the whole parameters, or under ZeRO-3 this rank's shards of them.
     pub fn step(&mut self, b: &B, params: &mut B::Slice, lr: f32, scale: f32) -> Result<()> {
         self.hyper.step += 1;
         self.hyper.lr = lr;
@@ -332,13 +357,15 @@ impl<B: Backend> DataParallel<B> {
             if scale != 1.0 {
                 b.scale(grads, scale);
             }
+            // The values of `mine`, indexed from `mine.start`.
+            let own = b.slice_mut(params, space.held_at..space.held_at + mine.len());
             let (m, v) = (&mut space.m, &mut space.v);
-            adamw_step(b, hyper, runs, &mine, (b.slice_mut(params, mine.clone()), grads), (m, v));
+            adamw_step(b, hyper, runs, &mine, (&mut *own, grads), (m, v));
             if let Some((settings, matrices, scratch)) = &mut self.muon {
                 let lr_decay = (lr, hyper.weight_decay);
                 for matrix in matrices.iter().filter(|x| x.range.start >= mine.start && x.range.end <= mine.end) {
                     let local = matrix.range.start - mine.start..matrix.range.end - mine.start;
-                    let param = b.slice_mut(params, matrix.range.clone());
+                    let param = b.slice_mut(own, local.clone());
                     let momentum = b.slice_mut(&mut space.m, local.clone());
                     muon::step(b, (settings, scratch), lr_decay, matrix, (param, b.slice(grads, local)), momentum);
                 }
@@ -349,31 +376,20 @@ impl<B: Backend> DataParallel<B> {
                         b,
                         at,
                         (settings, matrices, scratch),
-                        (params, grads),
+                        (own, grads),
                         &mut space.m,
                         lr_decay,
                         &self.what,
                     )?;
                 }
             }
-            if let Some((spent, _)) = &mut space.shard {
+            if let (Some((spent, _)), false) = (&mut space.shard, self.shards_weights) {
                 // The shard's gradients are spent: they carry the updated values to the others.
                 b.copy(spent, b.slice(params, mine.clone()));
                 space.comm.all_gather_v(spent, &space.counts, b.slice_mut(params, space.range.clone()), &self.what)?;
             }
         }
         Ok(())
-    }
-
-    /// ZeRO-2 under data parallel alone: takes part in a step's reductions without gradients
-    /// of its own, for a rank with fewer micro-batches than the others in the step.
-    pub fn idle_backward(&mut self, b: &B, layers: usize) {
-        for l in (0..layers).rev() {
-            self.layer(b, l);
-            self.layer_done(b, l);
-        }
-        self.outer(b);
-        self.outer_done(b);
     }
 
     /// Whether backward's gradients are summed over the ranks as it goes (ZeRO-2), which makes
@@ -408,23 +424,6 @@ fn reduce_part<B: Backend>(
 ) {
     let Some(space) = spaces.iter_mut().find(|s| (s.range.start >= dense) == experts) else { return };
     space.reduce_segments(b, data, segments, what).unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
-}
-
-/// Where the tensors of `ranges` lie when the flat `segments` are laid end to end.
-fn packed(ranges: &[&Range<usize>], segments: &[Range<usize>]) -> Vec<Range<usize>> {
-    ranges
-        .iter()
-        .map(|r| {
-            let mut at = 0;
-            for s in segments {
-                if s.start <= r.start && r.end <= s.end {
-                    return at + r.start - s.start..at + r.end - s.start;
-                }
-                at += s.len();
-            }
-            unreachable!("a tensor outside its segments")
-        })
-        .collect()
 }
 
 impl<B: Backend> GradSink<B> for DataParallel<B> {

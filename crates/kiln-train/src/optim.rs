@@ -3,13 +3,8 @@
 //! Trainer (and so TRL) groups parameters.
 
 use kiln_core::{AdamW, Backend};
+use kiln_model::flat::overlap;
 use std::ops::Range;
-
-/// The overlap of two ranges (empty when they do not meet).
-pub fn overlap(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
-    let start = a.start.max(b.start);
-    start..a.end.min(b.end).max(start)
-}
 
 /// One AdamW update of the flat values `span`: `params`, `grads`, `m` and `v` hold exactly
 /// those values; `decay_runs` (absolute ranges) say where weight decay applies.

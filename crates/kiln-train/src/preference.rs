@@ -153,7 +153,7 @@ pub fn sequence_logps_on_ranks<B: Backend>(
         None => &mut s.model,
     };
     let mut logps = sequence_logps(&s.b, model, (pool, split.rows), &split.examples, &split.micro_batches[mine]);
-    (0..idle).for_each(|_| model.serve_experts_forward(&s.b));
+    (0..idle).for_each(|_| model.idle_forward(&s.b));
     s.comm.all_reduce_sum_f64(&mut logps, what)?;
     Ok(logps)
 }

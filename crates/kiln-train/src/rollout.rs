@@ -1,5 +1,10 @@
 //! What the on-policy recipes (GRPO, distillation) share: each step's prompts drawn, completions sampled with the KV-cache generator and laid out as
 //! training rows, and completions scored by the reward functions.
+//!
+//! Under ZeRO-3 the policy is gathered whole for sampling (`Model::unshard`), as DeepSpeed's
+//! hybrid engine and verl's resharding do: each rank decodes its own prompts for as many
+//! steps as they need, so per-layer gathers, which every rank must join in the same order,
+//! cannot serve generation.
 
 use crate::rewards::{External, Reward, RewardFn, Sample};
 use anyhow::Result;
@@ -53,7 +58,9 @@ pub fn sample<B: Backend>(
     seeds: (u64, usize),
 ) -> Vec<(usize, Generation)> {
     let requests = group_requests(prompts, group, params, seeds);
+    model.unshard(b);
     let out = generate(b, model, &requests, requests.len(), &mut |_, _| false);
+    model.reshard();
     out.into_iter().enumerate().map(|(i, g)| (i / group, g)).collect()
 }
 
@@ -109,7 +116,9 @@ pub fn sample_and_score<B: Backend>(
                 let _ = finished_groups.send((p, texts[p * group..(p + 1) * group].to_vec()));
             }
         };
+        model.unshard(b);
         let outs = generate_observed(b, model, &requests, requests.len(), &mut |_, _| false, &mut finished);
+        model.reshard();
         drop(finished_groups);
         (outs, texts, scorer.join().expect("the reward thread panicked"))
     });

@@ -1,10 +1,12 @@
 //! Data, ZeRO and expert parallel in one process (`kiln_dist::Threads`, a thread per rank),
 //! under plain `cargo test`: the same run on 1, 2 and 4 ranks, each rank taking its share of
-//! every step, follows the one-process curve, replicated, with ZeRO-1 (moments 1/N per rank)
-//! and ZeRO-2 (moments and gradients 1/N); ZeRO checkpoints resume on other numbers of ranks
-//! and without ZeRO; expert parallel (alone, with data parallel, recomputation, ZeRO-1 and
-//! ZeRO-2) gives the one-process curve with each rank holding its share of the experts, for
-//! DeepSeek-V3 and V4; and every recipe follows its one-process curve on two ranks.
+//! every step, follows the one-process curve, replicated, with ZeRO-1 (moments 1/N per rank),
+//! ZeRO-2 (moments and gradients 1/N) and ZeRO-3 (weights too, but for one gathered layer and
+//! the outer tensors); ZeRO checkpoints resume on other numbers of ranks, other stages and
+//! without ZeRO; expert parallel (alone, with data parallel, recomputation and ZeRO 1 to 3)
+//! gives the one-process curve with each rank holding its share of the experts, for
+//! DeepSeek-V3 and V4; and every recipe follows its one-process curve on two ranks with ZeRO-2
+//! and ZeRO-3.
 //! `crates/kiln/tests/dp_mpi.rs` runs the same layouts as processes under mpirun.
 
 use kiln_core::Cpu;
@@ -100,13 +102,13 @@ fn sft(ranks: usize, dir: &Path, extra: &[&str]) {
 }
 
 #[test]
-fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_and_2() {
+fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_2_and_3() {
     let one = scratch("1");
     sft(1, &one, &[]);
     let reference = series(&one, "loss");
     let held = |dir: &Path, key: &str| steps(dir)[0][key].as_f64().unwrap();
     for ranks in [2, 4] {
-        for zero in [0, 1, 2] {
+        for zero in [0, 1, 2, 3] {
             let dir = scratch(&format!("{ranks}-zero-{zero}"));
             sft(ranks, &dir, &[&format!("train.zero={zero}")]);
             let what = format!("{ranks} ranks, ZeRO-{zero}");
@@ -121,19 +123,34 @@ fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_and_2()
             };
             share("optimizer_state_mb", zero >= 1);
             share("gradients_mb", zero >= 2);
+            let (full, here) = (held(&one, "weights_mb"), held(&dir, "weights_mb"));
+            let want = if zero == 3 { zero_3_weights_mb(ranks) } else { full };
+            assert!((here - want).abs() <= 1e-9 * full, "{what}: weights {here} MB, expected {want}");
         }
     }
-    // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks with ZeRO-2 (re-cut) and
-    // on one process without ZeRO (moments gathered), continuing the same curve.
-    for (ranks, zero) in [(2, 2), (1, 0)] {
-        let dir = scratch(&format!("resume-{ranks}"));
-        copy_dir(&scratch_keep("4-zero-1"), &dir);
+    // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks with ZeRO-2 and ZeRO-3
+    // (re-cut) and on one process without ZeRO (moments gathered), and the 4-rank ZeRO-3 one
+    // on one process, continuing the same curve.
+    for (from, ranks, zero) in [("4-zero-1", 2, 2), ("4-zero-1", 2, 3), ("4-zero-1", 1, 0), ("4-zero-3", 1, 0)] {
+        let dir = scratch(&format!("resume-{from}-{ranks}-{zero}"));
+        copy_dir(&scratch_keep(from), &dir);
         std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
         let accum = format!("train.grad_accum={}", 4 / ranks);
         let zero = format!("train.zero={zero}");
         run("sft", ranks, &dir, &["train.steps=6", "output.save_every=3", &accum, &zero], true);
-        assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &format!("resumed on {ranks}"));
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &format!("{from} resumed on {ranks}, ZeRO-{zero}"));
     }
+}
+
+/// What rank 0 of `ranks` holds of the example's weights under ZeRO-3, in MB: its shard, room
+/// for the largest layer, and the tensors outside the layers.
+fn zero_3_weights_mb(ranks: usize) -> f64 {
+    let base = config("sft", &scratch("zero-3-layout"), &[]).model.path;
+    let flat = kiln_model::FlatLayout::new(&kiln_model::weights::layout(&kiln_model::Config::load(&base).unwrap()));
+    let layer = (0..flat.ranges.layers.len()).map(|l| flat.layer(l).0.len()).max().unwrap();
+    let outer: usize = flat.outer().iter().map(|r| r.len()).sum();
+    let shard = kiln_dist::shard(flat.total, 0, ranks).len();
+    (4 * (shard + layer + outer)) as f64 / 1e6
 }
 
 #[test]
@@ -154,6 +171,7 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
         (4, 2, "train.recompute=true"),
         (4, 2, "train.zero=1"),
         (4, 2, "train.zero=2"),
+        (4, 2, "train.zero=3"),
     ];
     for (ranks, ep, extra) in cases {
         let dir = scratch(&format!("ep-{ranks}-{ep}-{extra}"));
@@ -162,10 +180,13 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
         assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &what);
         assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, &what);
         assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-6, &format!("{what}, eval"));
-        // Each rank holds 1/ep of the routed experts, and everything else whole.
+        // Each rank holds 1/ep of the routed experts, and everything else whole (ZeRO-3: less).
         let saved = series(&one, "weights_mb")[0] - series(&dir, "weights_mb")[0];
         let expected = routed_mb * (1.0 - 1.0 / ep as f64);
-        assert!((saved - expected).abs() < 1e-6, "{what}: {saved} MB fewer weights, expected {expected}");
+        match extra {
+            "train.zero=3" => assert!(saved > expected, "{what}: {saved} MB fewer weights, below {expected}"),
+            _ => assert!((saved - expected).abs() < 1e-6, "{what}: {saved} MB fewer weights, expected {expected}"),
+        }
         if extra.starts_with("train.zero=") && !extra.ends_with('0') {
             // Everything but the experts sharded over all ranks; each rank's 1/ep of the experts
             // over its ranks/ep replicas: 1/ranks of the moments either way.
@@ -213,7 +234,7 @@ fn deepseek_v4_follows_the_one_process_curve_with_expert_parallel_and_zero() {
     let model = format!("model.path={:?}", base.display().to_string());
     let one = scratch("v4-1");
     sft(1, &one, &[&model]);
-    for (ranks, ep, extra) in [(2, 2, "train.zero=2"), (4, 2, "train.zero=1")] {
+    for (ranks, ep, extra) in [(2, 2, "train.zero=2"), (4, 2, "train.zero=1"), (2, 1, "train.zero=3")] {
         let dir = scratch(&format!("v4-{ranks}-{ep}-{extra}"));
         sft(ranks, &dir, &[&model, &format!("train.ep={ep}"), extra]);
         let what = format!("deepseek_v4 on {ranks} ranks, ep {ep}, {extra}");
@@ -241,7 +262,7 @@ fn bf16_gives_the_same_curve_within_its_rounding() {
 }
 
 #[test]
-fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2() {
+fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2_and_3() {
     // A teacher for distillation that differs from the student: the demo base after 3 SFT steps.
     let teacher = scratch("teacher");
     run("sft", 1, &teacher, &["train.steps=3", "output.save_every=0"], false);
@@ -258,6 +279,8 @@ fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2() 
     for (recipe, one, two) in runs {
         let (one, two) = ([&["train.steps=4"], &one[..]].concat(), [&["train.steps=4"], &two[..]].concat());
         assert_same_recipe(recipe, &format!("{recipe} with ZeRO-2"), &one, &two);
+        let three: Vec<&str> = two.iter().map(|o| if *o == "train.zero=2" { "train.zero=3" } else { o }).collect();
+        assert_same_recipe(recipe, &format!("{recipe} with ZeRO-3"), &one, &three);
     }
 }
 
@@ -348,7 +371,7 @@ fn muon_trains_on_one_and_two_ranks_with_and_without_zero_and_refuses_an_optimiz
     assert!(m1[5] < m1[0], "Muon's loss does not fall: {m1:?}");
     assert!((a[5] - m1[5]).abs() > 1e-4 * a[5], "Muon ran AdamW's updates: {a:?} vs {m1:?}");
     // ZeRO's shards cut matrices here: those are gathered for their update.
-    for zero in [0, 1, 2] {
+    for zero in [0, 1, 2, 3] {
         let two = scratch(&format!("muon-2-zero-{zero}"));
         sft(2, &two, &[muon, &format!("train.zero={zero}")]);
         let m2 = series(&two, "loss");

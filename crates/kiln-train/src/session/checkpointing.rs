@@ -13,6 +13,14 @@ impl<B: Backend> Session<B> {
     /// every rank, and under expert parallel every rank of the first expert group, adds its
     /// shard to the checkpoint's temporary directory before rank 0 seals it.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
+        // ZeRO-3: the model is written whole, so every rank gathers it for the write.
+        self.model.unshard(&self.b);
+        let written = self.write_checkpoint();
+        self.model.reshard();
+        written
+    }
+
+    fn write_checkpoint(&mut self) -> Result<PathBuf> {
         let root = self.out_dir.join("checkpoints");
         let (comm, step) = (self.comm.clone(), self.state.step);
         let phase = |name: &str| format!("checkpoint at step {step}: {name}");

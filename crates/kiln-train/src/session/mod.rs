@@ -163,6 +163,9 @@ impl<B: Backend> Session<B> {
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let muon = (t.optimizer == OptimizerKind::Muon).then(|| t.muon.clone());
         let mut dp = DataParallel::new(&b, &model, (&comm, replicas), t.zero, hyper, muon);
+        if dp.shards_weights {
+            model.shard_params(&b, dp.param_spaces());
+        }
         if comm.is_root() {
             eprintln!("{}", dp.describe_optimizer());
         }
@@ -258,6 +261,7 @@ impl<B: Backend> Session<B> {
         self.step_started = Instant::now();
         self.dp.zero_grads(&self.b);
         self.dp.what = format!("gradients at step {}", self.state.step + 1);
+        self.model.label_gathers(&format!("weights at step {}", self.state.step + 1));
     }
 
     /// Logs the step just updated: the recipe's `fields`, its `tokens` (real, not padding)
@@ -328,10 +332,10 @@ impl<B: Backend> Session<B> {
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
         let expert_load = self.model.update_router_bias(b, rate);
         // What this rank holds between steps: f32 weights whole (its share of the routed experts
-        // under expert parallel), gradients whole or (ZeRO-2) its shard, moments whole or
-        // (ZeRO-1/2) its shard.
+        // under expert parallel) or (ZeRO-3) its shard with room for a gathered layer, gradients
+        // whole or (ZeRO-2/3) its shard, moments whole or (ZeRO-1/2/3) its shard.
         let mut record = json!({
-            "learning_rate": lr, "grad_norm": norm, "weights_mb": (b.len(&self.model.params) * 4) as f64 / 1e6,
+            "learning_rate": lr, "grad_norm": norm, "weights_mb": (self.model.weights_len(b) * 4) as f64 / 1e6,
             "gradients_mb": self.dp.gradient_bytes() as f64 / 1e6,
             "optimizer_state_mb": self.dp.state_bytes() as f64 / 1e6,
         });

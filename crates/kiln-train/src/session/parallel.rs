@@ -23,7 +23,7 @@ impl<B: Backend> Session<B> {
     }
 
     /// Under expert parallel every forward and backward is collective (expert exchanges), and
-    /// under ZeRO-2 every backward (per-layer reductions), so a rank whose share of a step has
+    /// under ZeRO-2/3 every backward (per-layer reductions), so a rank whose share of a step has
     /// fewer passes than another (an epoch's last step, a rollout split unevenly) runs idle
     /// ones after its own. This many, for `mine` of its own; call it before the passes (it is
     /// a collective then).
@@ -34,10 +34,10 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    /// `idle_backwards_needed` for forward-only passes (reference log-probs): only expert
-    /// parallel makes them collective.
+    /// `idle_backwards_needed` for forward-only passes (eval, reference log-probs): expert
+    /// parallel and ZeRO-3 (its gathers) make them collective.
     pub fn idle_forwards_needed(&self, mine: usize) -> Result<usize> {
-        match self.model.expert_parallel().is_some() {
+        match self.model.expert_parallel().is_some() || self.model.params_sharded() {
             true => self.idle_passes(mine),
             false => Ok(0),
         }
@@ -52,25 +52,20 @@ impl<B: Backend> Session<B> {
     }
 
     /// This rank's share of `len` forward-only passes (eval, reference log-probs), and how
-    /// many idle ones it serves after them under expert parallel (`Model::serve_experts_forward`).
+    /// many idle ones it runs after them (`Model::idle_forward`).
     pub fn forward_share(&self, len: usize) -> Result<(std::ops::Range<usize>, usize)> {
         let mine = self.my_share(len);
         Ok((mine.clone(), self.idle_forwards_needed(mine.len())?))
     }
 
     /// Runs `n` idle passes (see `idle_backwards_needed`), each with `forwards` forward-only
-    /// passes before its backward: this rank's experts serve the others' rows, or it joins
-    /// ZeRO-2's reductions with nothing to add.
+    /// passes before its own: this rank's experts serve the others' rows, it gathers ZeRO-3's
+    /// weights, and it joins ZeRO-2/3's reductions with nothing to add.
     pub fn idle_passes_run(&mut self, n: usize, forwards: usize) {
         let b = &self.b;
         for _ in 0..n {
-            match self.model.expert_parallel() {
-                None => self.dp.idle_backward(b, self.model.config.num_layers),
-                Some(_) => {
-                    (0..forwards).for_each(|_| self.model.serve_experts_forward(b));
-                    self.model.serve_experts(b, &mut self.dp, self.train.recompute);
-                }
-            }
+            (0..forwards).for_each(|_| self.model.idle_forward(b));
+            self.model.idle_pass(b, &mut self.dp, self.train.recompute);
         }
     }
 

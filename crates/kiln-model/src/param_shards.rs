@@ -1,0 +1,185 @@
+//! ZeRO-3's parameters: each rank holds its shard of every parameter space (the dense tensors
+//! over the data-parallel ranks, the routed experts over their replicas), the shards laid end
+//! to end in `Model::params`. A forward all-gathers the tensors outside the layers (embedding,
+//! final norm, head) once, then each layer's tensors just before the layer runs, into a buffer
+//! the next layer reuses; a backward gathers each layer again, last to first. So a rank holds
+//! its shard, one layer and the outer tensors, never the whole model.
+//!
+//! The gathered outer tensors stay valid until the next optimizer step, and every backward
+//! follows a forward of the same weights, so backward does not gather them again. Every rank
+//! gathers in the same order: a rank with fewer passes in a step runs idle ones
+//! (`Model::idle_forward`, `Model::idle_backward`).
+//!
+//! For what needs every tensor at once (checkpoints, generation, whose steps differ between
+//! ranks), `Model::unshard` gathers the whole model and `Model::reshard` drops it again.
+
+use crate::flat::{overlap, packed, FlatLayout};
+use crate::weights::{LayerWeights, Weights};
+use kiln_core::Backend;
+use kiln_dist::Comm;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// The ranks of a parameter space, as `Comm` over the backend's buffers.
+pub type SpaceRanks<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
+
+/// One parameter space and how its ranks shard it.
+struct ShardedSpace<B: Backend> {
+    comm: SpaceRanks<B>,
+    /// Every rank's shard of the space, absolute in the flat layout, in rank order.
+    shards: Vec<Range<usize>>,
+    /// Where this rank's shard starts in the shard buffer.
+    at: usize,
+}
+
+impl<B: Backend> ShardedSpace<B> {
+    fn mine(&self) -> &Range<usize> {
+        &self.shards[self.comm.rank()]
+    }
+
+    fn contains(&self, r: &Range<usize>) -> bool {
+        let (first, last) = (&self.shards[0], &self.shards[self.shards.len() - 1]);
+        first.start <= r.start && r.end <= last.end
+    }
+}
+
+pub struct ParamShards<B: Backend> {
+    spaces: Vec<ShardedSpace<B>>,
+    /// One layer's tensors (dense, then routed experts), gathered.
+    layer: B::Buf,
+    /// The tensors outside the layers, gathered: `FlatLayout::outer`'s ranges end to end.
+    outer: B::Buf,
+    /// While unsharded: this rank's shards, kept for `reshard`.
+    pub(crate) parked: Option<B::Buf>,
+    /// Names the gathers in errors.
+    pub what: String,
+}
+
+impl<B: Backend> ParamShards<B> {
+    /// Shards of `flat` over `spaces` (each a range of the flat layout and its ranks, sharded
+    /// as `kiln_dist::shard` does); returns them with this rank's shard of `whole` cut out.
+    pub fn new(
+        b: &B,
+        flat: &FlatLayout,
+        spaces: Vec<(Range<usize>, SpaceRanks<B>)>,
+        whole: &B::Slice,
+    ) -> (Self, B::Buf) {
+        let mut at = 0;
+        let spaces: Vec<ShardedSpace<B>> = spaces
+            .into_iter()
+            .map(|(range, comm)| {
+                let shards = (0..comm.size())
+                    .map(|r| {
+                        let local = kiln_dist::shard(range.len(), r, comm.size());
+                        range.start + local.start..range.start + local.end
+                    })
+                    .collect::<Vec<_>>();
+                let space = ShardedSpace { comm, shards, at };
+                at += space.mine().len();
+                space
+            })
+            .collect();
+        let largest_layer = (0..flat.ranges.layers.len())
+            .map(|l| {
+                let (dense, experts) = flat.layer(l);
+                dense.len() + experts.len()
+            })
+            .max()
+            .unwrap_or(0);
+        let outer = flat.outer().iter().map(|r| r.len()).sum();
+        let me =
+            Self { spaces, layer: b.zeros(largest_layer), outer: b.zeros(outer), parked: None, what: String::new() };
+        let mut shard = b.zeros(at);
+        me.cut(b, whole, &mut shard);
+        (me, shard)
+    }
+
+    /// Values held for the weights: the shard buffer's and the gather buffers'.
+    pub fn held_len(&self, b: &B, shard: &B::Slice) -> usize {
+        b.len(shard) + b.len(&self.layer) + b.len(&self.outer)
+    }
+
+    /// This rank's shard of the flat range `r` (inside one space), where it lies in the flat
+    /// layout and in the shard buffer.
+    pub fn local(&self, r: &Range<usize>) -> Option<(Range<usize>, Range<usize>)> {
+        let space = self.spaces.iter().find(|s| s.contains(r))?;
+        let part = overlap(r, space.mine());
+        let start = space.at + part.start - space.mine().start;
+        Some((part.clone(), start..start + part.len()))
+    }
+
+    /// `out` ← the flat `segments` laid end to end, each gathered from the ranks of its space.
+    fn gather(
+        b: &B,
+        spaces: &[ShardedSpace<B>],
+        what: &str,
+        shard: &B::Slice,
+        segments: &[Range<usize>],
+        out: &mut B::Slice,
+    ) {
+        let mut at = 0;
+        for segment in segments.iter().filter(|s| !s.is_empty()) {
+            let space = spaces.iter().find(|s| s.contains(segment)).expect("a segment inside one space");
+            let counts: Vec<usize> = space.shards.iter().map(|shard| overlap(segment, shard).len()).collect();
+            let mine = overlap(segment, space.mine());
+            let from = if mine.is_empty() { space.at } else { space.at + mine.start - space.mine().start };
+            let chunk = b.slice(shard, from..from + mine.len());
+            let into = b.slice_mut(out, at..at + segment.len());
+            space.comm.all_gather_v(chunk, &counts, into, what).unwrap_or_else(|e| panic!("ZeRO-3: {e:#}"));
+            at += segment.len();
+        }
+    }
+
+    /// Gathers layer `l`'s tensors (a collective).
+    pub fn gather_layer(&mut self, b: &B, flat: &FlatLayout, shard: &B::Slice, l: usize) {
+        let (dense, experts) = flat.layer(l);
+        let out = b.slice_mut(&mut self.layer, 0..dense.len() + experts.len());
+        Self::gather(b, &self.spaces, &self.what, shard, &[dense, experts], out);
+    }
+
+    /// Gathers the tensors outside the layers (a collective).
+    pub fn gather_outer(&mut self, b: &B, flat: &FlatLayout, shard: &B::Slice) {
+        Self::gather(b, &self.spaces, &self.what, shard, &flat.outer(), &mut self.outer);
+    }
+
+    /// Views of layer `l`'s tensors, as last gathered.
+    pub fn layer_views<'a>(&'a self, b: &B, flat: &FlatLayout, l: usize) -> LayerWeights<&'a B::Slice> {
+        let (dense, experts) = flat.layer(l);
+        let ranges = &flat.ranges.layers[l];
+        let mut local = packed(&ranges.refs(), &[dense, experts]).into_iter();
+        ranges.map(&mut |_| b.slice(&self.layer, local.next().expect("one range per tensor")))
+    }
+
+    /// Views of the tensors outside the layers (a `Weights` with no layers), as last gathered.
+    pub fn outer_views<'a>(&'a self, b: &B, flat: &FlatLayout) -> Weights<&'a B::Slice> {
+        let segments = flat.outer();
+        let view = |r: &Range<usize>| b.slice(&self.outer, packed(&[r], &segments).remove(0));
+        let r = &flat.ranges;
+        Weights {
+            embed: view(&r.embed),
+            layers: Vec::new(),
+            norm: view(&r.norm),
+            lm_head: r.lm_head.as_ref().map(view),
+            score: r.score.as_ref().map(view),
+            hc_head: r.hc_head.as_ref().map(|h| h.map(&mut |range| view(range))),
+        }
+    }
+
+    /// Every parameter, gathered into `whole` (a collective).
+    pub fn gather_all(&self, b: &B, shard: &B::Slice, whole: &mut B::Slice) {
+        for s in &self.spaces {
+            let range = s.shards[0].start..s.shards[s.shards.len() - 1].end;
+            let counts: Vec<usize> = s.shards.iter().map(|r| r.len()).collect();
+            let chunk = b.slice(shard, s.at..s.at + s.mine().len());
+            let into = b.slice_mut(whole, range);
+            s.comm.all_gather_v(chunk, &counts, into, &self.what).unwrap_or_else(|e| panic!("ZeRO-3: {e:#}"));
+        }
+    }
+
+    /// This rank's shards cut out of `whole`, into `shard`.
+    pub fn cut(&self, b: &B, whole: &B::Slice, shard: &mut B::Slice) {
+        for s in &self.spaces {
+            b.copy(b.slice_mut(shard, s.at..s.at + s.mine().len()), b.slice(whole, s.mine().clone()));
+        }
+    }
+}

@@ -1,9 +1,9 @@
 //! Data parallel over MPI on loopback (built with `--features mpi`; needs `mpirun`): the same
 //! run on 1, 2 and 4 ranks — each rank a share of every step, gradients summed — gives the
 //! same loss curve as one process with the whole step, replicated, with ZeRO-1's sharded
-//! moments (whose memory per rank falls as 1/N) or with ZeRO-2's sharded moments and
-//! gradients (both 1/N), a ZeRO-1 checkpoint resumes on another number of ranks under ZeRO-2,
-//! only rank 0 writes, every other recipe (DPO, RM, KTO, GRPO, distillation) follows the same
+//! moments (whose memory per rank falls as 1/N), with ZeRO-2's sharded moments and
+//! gradients (both 1/N) or with ZeRO-3's sharded weights as well, ZeRO checkpoints resume on
+//! other numbers of ranks and stages, only rank 0 writes, every other recipe (DPO, RM, KTO, GRPO, distillation) follows the same
 //! curve on 2 ranks with ZeRO-2, expert parallel (alone and with data parallel, in every
 //! recipe) gives the one-process curve with each rank holding its share of the experts, and
 //! a rank that
@@ -109,7 +109,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 #[test]
-fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_and_2() {
+fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_2_and_3() {
     let _serial = serial();
     // Four micro-batches a step in every run: 1 x 4, 2 x 2, 4 x 1.
     let one = scratch("1");
@@ -150,17 +150,31 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_and_2
             (sharded - full / ranks as f64).abs() <= 1e-4 * full,
             "{ranks} ranks: {sharded} MB of optimizer state and gradients, of {full}"
         );
+
+        // ZeRO-3: the weights too, each rank gathering a layer at a time.
+        let dir = scratch(&format!("zero3-{ranks}"));
+        run_ok(ranks, accum, &dir, &["--set", "train.zero=3"]);
+        assert_same_curve(&reference, &losses(&dir), &format!("{ranks} ranks, ZeRO-3"));
+        let weights = |dir: &Path| steps(dir)[0]["weights_mb"].as_f64().unwrap();
+        let (full, sharded) = (weights(&one), weights(&dir));
+        assert!(sharded < full * 0.8, "{ranks} ranks, ZeRO-3: {sharded} MB of weights, of {full}");
+        assert!((held(&dir) - held(&one) / ranks as f64).abs() <= 1e-4 * held(&one), "{ranks} ranks, ZeRO-3");
     }
 
     // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks with ZeRO-2 (re-sharded)
-    // and on one process (moments gathered), continuing the same curve.
-    for (ranks, accum, extra) in [(2, 2, ["--set", "train.zero=2"]), (1, 4, ["--set", "train.zero=0"])] {
-        let dir = scratch(&format!("resume-{ranks}"));
-        copy_dir(&scratch_keep("zero-4"), &dir);
+    // and on one process (moments gathered), and the 4-rank ZeRO-3 one on 2 ranks with ZeRO-1,
+    // continuing the same curve.
+    for (from, ranks, accum, extra) in [
+        ("zero-4", 2, 2, ["--set", "train.zero=2"]),
+        ("zero-4", 1, 4, ["--set", "train.zero=0"]),
+        ("zero3-4", 2, 2, ["--set", "train.zero=1"]),
+    ] {
+        let dir = scratch(&format!("resume-{from}-{ranks}"));
+        copy_dir(&scratch_keep(from), &dir);
         std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
         let out = sft(ranks, accum, &dir, &[extra[0], extra[1], "--resume"]);
-        assert!(out.status.success(), "resume on {ranks}: {}", String::from_utf8_lossy(&out.stderr));
-        assert_same_curve(&reference, &losses(&dir), &format!("resumed on {ranks}"));
+        assert!(out.status.success(), "{from} resumed on {ranks}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same_curve(&reference, &losses(&dir), &format!("{from} resumed on {ranks}"));
     }
 }
 

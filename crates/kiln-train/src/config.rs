@@ -257,6 +257,10 @@ pub struct TrainSection {
     /// of ranks and of routed experts.
     #[serde(default = "default_ep")]
     pub ep: usize,
+    /// The layout in `kiln plan`'s syntax (`dp=..,ep=..,zero=..,recompute=..`), setting the
+    /// keys it names (`crate::layout`).
+    #[serde(default)]
+    pub layout: Option<String>,
     /// Evaluate every this many steps (and at the end); 0: only at the end.
     #[serde(default)]
     pub eval_every: u64,
@@ -426,7 +430,10 @@ impl RunConfig {
             apply_override(&mut table, o)?;
         }
         normalise_file_lists(&mut table);
-        let config: RunConfig = table.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        let mut config: RunConfig = table.try_into().map_err(|e: toml::de::Error| e.to_string())?;
+        if let Some(spec) = &config.train.layout {
+            crate::layout::RunLayout::parse(spec)?.apply(&mut config.train);
+        }
         config.validate()?;
         Ok(config)
     }

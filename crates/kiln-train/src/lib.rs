@@ -12,6 +12,7 @@ pub mod dpo;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod kto;
+pub mod layout;
 pub mod loader;
 pub mod metrics;
 pub mod muon;

@@ -12,6 +12,10 @@ pub struct RunArgs {
     /// Override a key: --set train.lr=1e-5 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
+    /// How the run spreads over its ranks, as `kiln plan` writes it: --layout dp=4,ep=2,zero=3
+    /// (sets `train.layout`; keys left out keep the run file's values).
+    #[arg(long, value_name = "dp=..,ep=..,zero=..,recompute=..")]
+    layout: Option<String>,
     /// Continue from the newest checkpoint of the run, or from the checkpoint given.
     #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]
     resume: Option<Option<PathBuf>>,
@@ -23,7 +27,11 @@ pub struct RunArgs {
 impl RunArgs {
     /// The run configuration (relative paths from the run file's folder) and where to resume.
     pub fn load(&self) -> Result<(RunConfig, Option<Resume>)> {
-        let config = RunConfig::load_resolved(&self.config, &self.overrides).map_err(anyhow::Error::msg)?;
+        let mut overrides = self.overrides.clone();
+        if let Some(layout) = &self.layout {
+            overrides.push(format!("train.layout={layout:?}"));
+        }
+        let config = RunConfig::load_resolved(&self.config, &overrides).map_err(anyhow::Error::msg)?;
         Ok((config, self.resume.clone().map(|r| r.map_or(Resume::Latest, Resume::From))))
     }
 }

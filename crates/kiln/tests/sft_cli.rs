@@ -240,6 +240,28 @@ fn expert_parallel_that_cannot_split_is_refused_with_the_reason() {
     refused(&[&model, "train.ep=2"], "does not divide the 1 ranks of the run");
 }
 
+#[test]
+fn layouts_the_engine_cannot_run_are_refused_with_the_reason() {
+    let run = make_run("layout-refused", &[chat_row(1)], "", 0);
+    let toml = run.join("run.toml");
+    let refused = |layout: &str, expected: &str| {
+        let out = kiln(&["sft", toml.to_str().unwrap(), "--layout", layout]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success() && err.contains(expected), "{layout}: {err}");
+        err
+    };
+    for (layout, why) in [
+        ("dp=1,tp=2", "tensor parallel is not implemented"),
+        ("pp=2", "pipeline parallel is not implemented"),
+        ("dp=2,zero=3", "does not equal the 1 ranks of the launch"),
+        ("zero=5", "ZeRO has stages 0 to 3"),
+    ] {
+        assert!(refused(layout, why).contains(&format!("`train.layout` = \"{layout}\"")));
+    }
+    // The layout sets the keys it names: ep=2 on the dense demo base is refused as `train.ep` is.
+    refused("ep=2", "`train.ep` = 2");
+}
+
 fn score(model: &Path, tokens: &Path) -> String {
     let out = kiln(&["score", "--model", model.to_str().unwrap(), "--tokens", tokens.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -146,6 +146,11 @@ impl<B: Backend> Session<B> {
         };
         let model_dir = resume_dir.clone().unwrap_or_else(|| config.model.path.clone());
         let t = &config.train;
+        if let Some(spec) = &t.layout {
+            crate::layout::RunLayout::parse(spec)
+                .and_then(|l| l.check_ranks(spec, comm.size()))
+                .map_err(anyhow::Error::msg)?;
+        }
         let (expert_parallel, replicas) = match t.ep {
             1 => (None, None),
             ep => {

@@ -1,0 +1,119 @@
+//! `train.layout` (or `--layout`): how a run spreads over its ranks, in `kiln plan`'s syntax,
+//! `dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..`. Every key is optional and sets what it
+//! names: `ep` is `train.ep`, `zero` is `train.zero`, `recompute` (`none` or `full`) is
+//! `train.recompute`; `dp`, when given, must be the ranks of the launch over tp·pp, which
+//! otherwise follows from them. So the layout `kiln plan --layout` sizes is the one the run
+//! takes.
+//!
+//! Tensor and pipeline parallel (`tp`, `pp` above 1) are refused with that reason: the engine
+//! runs data, ZeRO 0–3 and expert parallel layouts.
+
+use crate::config::TrainSection;
+
+/// A parsed `train.layout`: the keys it gave.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunLayout {
+    pub dp: Option<usize>,
+    pub ep: Option<usize>,
+    pub zero: Option<u8>,
+    pub recompute: Option<bool>,
+}
+
+impl RunLayout {
+    /// Parses `spec`; refuses unknown keys, sizes that are not positive whole numbers, ZeRO
+    /// stages above 3, `recompute=selective`, and tensor or pipeline parallel.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut layout = Self::default();
+        let err = |why: String| format!("`train.layout` = \"{spec}\": {why}");
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').ok_or_else(|| err(format!("`{part}` is not key=value")))?;
+            let (key, value) = (key.trim(), value.trim());
+            let size = || -> Result<usize, String> {
+                match value.parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err(err(format!("`{key}` = `{value}` is not a positive whole number"))),
+                }
+            };
+            match key {
+                "dp" => layout.dp = Some(size()?),
+                "ep" => layout.ep = Some(size()?),
+                "tp" | "pp" if size()? > 1 => {
+                    let what = if key == "tp" { "tensor" } else { "pipeline" };
+                    return Err(err(format!(
+                        "{key} = {value}: {what} parallel is not implemented in the engine yet (it runs data, ZeRO 0-3 \
+                         and expert parallel layouts; `kiln plan` models {what} parallel)"
+                    )));
+                }
+                "tp" | "pp" => {}
+                "zero" => match value.parse::<u8>() {
+                    Ok(z) if z <= 3 => layout.zero = Some(z),
+                    _ => return Err(err(format!("`zero` = `{value}`: ZeRO has stages 0 to 3"))),
+                },
+                "recompute" => match value {
+                    "none" => layout.recompute = Some(false),
+                    "full" => layout.recompute = Some(true),
+                    _ => {
+                        return Err(err(format!(
+                            "`recompute` = `{value}`: kiln recomputes whole layers (`full`) or nothing (`none`)"
+                        )))
+                    }
+                },
+                other => return Err(err(format!("unknown key `{other}` (dp, tp, pp, ep, zero, recompute)"))),
+            }
+        }
+        Ok(layout)
+    }
+
+    /// Sets the keys the layout gave in `train`.
+    pub fn apply(&self, train: &mut TrainSection) {
+        if let Some(ep) = self.ep {
+            train.ep = ep;
+        }
+        if let Some(zero) = self.zero {
+            train.zero = zero;
+        }
+        if let Some(recompute) = self.recompute {
+            train.recompute = recompute;
+        }
+    }
+
+    /// Refuses a layout whose data-parallel size is not the launch's `ranks`.
+    pub fn check_ranks(&self, spec: &str, ranks: usize) -> Result<(), String> {
+        match self.dp {
+            Some(dp) if dp != ranks => Err(format!(
+                "`train.layout` = \"{spec}\": dp·tp·pp = {dp} does not equal the {ranks} ranks of the launch (mpirun -np)"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_set_what_they_name_and_the_rest_is_left() {
+        let l = RunLayout::parse("dp=4, ep=2,zero=3,recompute=full,tp=1,pp=1").unwrap();
+        assert_eq!(l, RunLayout { dp: Some(4), ep: Some(2), zero: Some(3), recompute: Some(true) });
+        assert_eq!(RunLayout::parse("").unwrap(), RunLayout::default());
+        assert!(l.check_ranks("dp=4", 4).is_ok());
+        assert!(l.check_ranks("dp=4", 2).unwrap_err().contains("does not equal the 2 ranks"));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        for (spec, why) in [
+            ("tp=2", "tensor parallel is not implemented"),
+            ("pp=4", "pipeline parallel is not implemented"),
+            ("zero=4", "stages 0 to 3"),
+            ("dp=0", "not a positive whole number"),
+            ("recompute=selective", "whole layers"),
+            ("sp=2", "unknown key `sp`"),
+            ("dp", "not key=value"),
+        ] {
+            let e = RunLayout::parse(spec).unwrap_err();
+            assert!(e.contains(why) && e.contains(spec), "{spec}: {e}");
+        }
+    }
+}

@@ -19,6 +19,7 @@ pub mod muon;
 pub mod optim;
 pub mod preference;
 pub mod preference_loss;
+pub mod resident;
 pub mod rewards;
 pub mod rm;
 pub mod rollout;

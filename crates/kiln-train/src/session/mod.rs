@@ -261,8 +261,9 @@ impl<B: Backend> Session<B> {
         self.bar.set_position(self.state.step);
     }
 
-    /// Starts a step: zeroes the gradients and the step's clock.
+    /// Starts a step: zeroes the gradients, the step's clock and the count of its peak memory.
     pub fn begin_step(&mut self) {
+        crate::resident::reset_peak();
         self.step_started = Instant::now();
         self.dp.zero_grads(&self.b);
         self.dp.what = format!("gradients at step {}", self.state.step + 1);
@@ -344,6 +345,10 @@ impl<B: Backend> Session<B> {
             "gradients_mb": self.dp.gradient_bytes() as f64 / 1e6,
             "optimizer_state_mb": self.dp.state_bytes() as f64 / 1e6,
         });
+        if let Some(peak) = crate::resident::peak_mb() {
+            // Measured: the process's peak resident memory over the step.
+            record["peak_resident_mb"] = peak.into();
+        }
         add_expert_load(&mut record, &expert_load);
         let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
         if self.train.moe_aux_loss_alpha != 0.0 {

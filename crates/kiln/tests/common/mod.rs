@@ -67,6 +67,26 @@ pub fn deepseek_base(dir: &Path) -> Vec<u8> {
     mtp
 }
 
+/// A random Llama whose training state (about 30M parameters, 0.5 GB with gradients and
+/// AdamW's moments) outweighs its activations on short rows, with the demo tokenizer, saved as
+/// a Hugging Face directory: memory tests see the layout's share of that state.
+#[allow(dead_code)]
+pub fn wide_llama_base(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = r#"{
+        "model_type": "llama", "vocab_size": 99, "hidden_size": 512, "intermediate_size": 2048,
+        "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true,
+        "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
+    }"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(Path::new(DEMO_BASE).join(f), dir.join(f)).unwrap();
+    }
+    let model = kiln_model::Model::random(&kiln_core::Cpu, kiln_model::Config::parse(config).unwrap(), 3);
+    model.save_weights(&kiln_core::Cpu, dir).unwrap();
+}
+
 /// A tiny random DeepSeek-V4 (sliding, compressed sparse and heavily compressed attention; a
 /// hash-routed MoE layer, then two scored ones; two hyper-connected streams) with the demo
 /// tokenizer, saved as a Hugging Face directory.

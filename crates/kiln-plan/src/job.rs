@@ -50,6 +50,27 @@ impl Optimizer {
     }
 }
 
+/// How the weights and gradients are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// Mixed precision as accelerators run it: bf16 weights and gradients, an f32 master copy.
+    Mixed,
+    /// kiln's engine (either `train.dtype`): f32 weights, which are the master copy, and f32
+    /// gradients; under ZeRO-3 one layer and the embedding and head gathered at a time.
+    F32,
+}
+
+impl Storage {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "mixed" => Self::Mixed,
+            "f32" => Self::F32,
+            other => bail!("storage `{other}`: use mixed or f32"),
+        })
+    }
+}
+
 /// What backward keeps, and what it recomputes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -96,6 +117,7 @@ pub struct Job {
     /// Sequences per micro-batch on one pipeline.
     pub micro_batch_seqs: f64,
     pub optimizer: Optimizer,
+    pub storage: Storage,
     /// Achieved fraction of peak matrix throughput in training (model FLOPs utilisation).
     pub efficiency: f64,
     /// Fraction of communication hidden behind computation.
@@ -117,6 +139,7 @@ impl Job {
             global_batch_tokens: 8.0 * 1024.0 * 1024.0,
             micro_batch_seqs: 1.0,
             optimizer: Optimizer::AdamW,
+            storage: Storage::Mixed,
             efficiency: 0.40,
             overlap: 0.8,
             reference: method == Method::Grpo,

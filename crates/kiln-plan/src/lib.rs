@@ -14,7 +14,7 @@ pub mod search;
 pub mod time;
 
 pub use device::{Cluster, Device};
-pub use job::{Job, Layout, Method, Optimizer, Recompute};
+pub use job::{Job, Layout, Method, Optimizer, Recompute, Storage};
 pub use model::ModelShape;
 pub use search::{evaluate, search, Estimate};
 

@@ -1,7 +1,7 @@
 //! Memory per device for a job on a layout: the fullest pipeline stage's share of the model
 //! and its optimizer, the activations backward keeps, and for rollouts the KV cache.
 
-use crate::job::{Job, Layout, Method, Optimizer, Recompute};
+use crate::job::{Job, Layout, Method, Optimizer, Recompute, Storage};
 use crate::model::ParamCounts;
 use serde::Serialize;
 
@@ -33,6 +33,7 @@ impl Memory {
 
 /// What each term counts, for `--explain`.
 pub const EXPLAIN: &[(&str, &str)] = &[
+    ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), and ZeRO-3 gathering one layer plus the embedding and head at a time"),
     ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage, split by tp (and ep for routed experts); sharded over data parallel at ZeRO-3"),
     ("gradients", "bf16 gradients (2 B/param) of the same parameters; sharded over data parallel from ZeRO-2"),
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
@@ -93,14 +94,25 @@ pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
             bytes_ne + bytes_ex
         }
     };
-    let weights = shard(3, 2.0 * ne, 2.0 * ex);
-    let gradients = shard(2, 2.0 * ne, 2.0 * ex);
-    let master = shard(1, 4.0 * ne, 4.0 * ex);
+    // Bytes per parameter of the weights and of the gradients, and of a master copy.
+    let (unit, master_unit) = match job.storage {
+        Storage::Mixed => (2.0, 4.0),
+        Storage::F32 => (4.0, 0.0),
+    };
+    let weights = shard(3, unit * ne, unit * ex);
+    let gradients = shard(2, unit * ne, unit * ex);
+    let master = shard(1, master_unit * ne, master_unit * ex);
     let (opt_ne, opt_ex) = optimizer_bytes(job.optimizer, &m.params, ne, ex);
     let optimizer = shard(1, opt_ne, opt_ex);
     let stage_layers = m.layers.div_ceil(l.pp) as f64;
     let muon_scratch = if job.optimizer == Optimizer::Muon { 2.0 * 4.0 * m.largest_matrix / l.tp as f64 } else { 0.0 };
-    let zero3_scratch = if l.zero >= 3 { 2.0 * 2.0 * (ne + ex) / stage_layers } else { 0.0 };
+    let zero3_scratch = match (l.zero >= 3, job.storage) {
+        (false, _) => 0.0,
+        (true, Storage::Mixed) => 2.0 * 2.0 * (ne + ex) / stage_layers,
+        (true, Storage::F32) => {
+            4.0 * ((ne + ex) / stage_layers + (m.params.embedding + m.params.lm_head) / l.tp as f64)
+        }
+    };
 
     let tokens = job.micro_batch_tokens();
     let micro_batches = (job.global_batch_tokens / (l.dp as f64 * tokens)).ceil().max(1.0);

@@ -6,7 +6,7 @@ use kiln_plan::memory::EXPLAIN as MEMORY_TERMS;
 use kiln_plan::model::ParamCounts;
 use kiln_plan::search::USABLE_HBM;
 use kiln_plan::time::EXPLAIN as TIME_TERMS;
-use kiln_plan::{evaluate, search, Cluster, Estimate, Job, Layout, Method, ModelShape, Optimizer, GB};
+use kiln_plan::{evaluate, search, Cluster, Estimate, Job, Layout, Method, ModelShape, Optimizer, Storage, GB};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -33,6 +33,10 @@ pub struct Args {
     /// adamw or muon.
     #[arg(long, default_value = "adamw")]
     optimizer: String,
+    /// How weights and gradients are stored: mixed (bf16 with an f32 master copy, as
+    /// accelerators train) or f32 (kiln's engine, to compare with a kiln run's memory).
+    #[arg(long, default_value = "mixed")]
+    storage: String,
     /// Assumed fraction of peak bf16 throughput achieved in matrix products.
     #[arg(long, default_value_t = 0.40)]
     efficiency: f64,
@@ -75,6 +79,7 @@ pub fn run(args: &Args) -> Result<()> {
     job.global_batch_tokens = args.global_batch_tokens as f64;
     job.micro_batch_seqs = args.micro_batch.max(1) as f64;
     job.optimizer = Optimizer::parse(&args.optimizer)?;
+    job.storage = Storage::parse(&args.storage)?;
     job.efficiency = args.efficiency;
     job.overlap = args.overlap;
     job.reference = job.method == Method::Grpo && !args.no_reference;
@@ -102,7 +107,7 @@ pub fn run(args: &Args) -> Result<()> {
             "cluster": cluster,
             "job": {
                 "method": job.method, "seq": job.seq, "global_batch_tokens": job.global_batch_tokens,
-                "micro_batch_seqs": job.micro_batch_seqs, "optimizer": job.optimizer,
+                "micro_batch_seqs": job.micro_batch_seqs, "optimizer": job.optimizer, "storage": job.storage,
                 "efficiency": job.efficiency, "overlap": job.overlap, "reference": job.reference,
             },
             "usable_hbm_fraction": USABLE_HBM,

@@ -219,10 +219,56 @@ fn zero_3_cuts_the_memory_each_rank_measures() {
         (mb("weights_mb") + mb("gradients_mb") + mb("optimizer_state_mb"), mb("peak_resident_mb"))
     };
     let ((held_0, peak_0), (held_3, peak_3)) = (memory(&replicated), memory(&sharded));
-    eprintln!("rank 0 of 4: ZeRO-0 holds {held_0:.0} MB, peaks at {peak_0:.0}; ZeRO-3 holds {held_3:.0}, peaks at {peak_3:.0}");
     assert!(held_3 < 0.35 * held_0, "ZeRO-3 holds {held_3} MB of {held_0}");
     assert!(peak_0 >= held_0 && peak_3 >= held_3, "a peak below what is held");
     assert!(peak_3 < 0.5 * peak_0, "ZeRO-3 rank 0 peaks at {peak_3} MB, ZeRO-0's at {peak_0}");
+    // `kiln plan` on the same model, devices and layout predicts what each rank holds.
+    let cluster = sharded.join("loopback.toml");
+    std::fs::write(&cluster, LOOPBACK_CLUSTER).unwrap();
+    for (layout, held, peak) in [("dp=4,zero=0", held_0, peak_0), ("dp=4,zero=3", held_3, peak_3)] {
+        let (planned_held, planned_peak) = planned(&base, &cluster, layout);
+        eprintln!(
+            "{layout}, rank 0 of 4: holds {held:.0} MB (plan: {planned_held:.0}), peaks at {peak:.0} MB (plan, without the program and MPI: {planned_peak:.0})"
+        );
+        assert!((held - planned_held).abs() < 0.02 * held, "{layout}: holds {held} MB, the plan says {planned_held}");
+    }
+}
+
+/// This machine as `kiln plan` sees it: 4 devices of one node (the figures other than the
+/// count do not enter the memory estimate).
+const LOOPBACK_CLUSTER: &str = "count = 4\n[device]\nname = \"loopback\"\nbf16_tflops = 0.1\nhbm_gb = 8\n\
+    hbm_tb_s = 0.05\nintra_node_gb_s = 5\nscale_out_gb_s = 5\nper_node = 4\n";
+
+/// `kiln plan`'s estimate for the SFT run above on `layout` in kiln's f32 storage: what a rank
+/// holds (weights, gradients, optimizer state and ZeRO-3's gathered layer) and its peak, in MB.
+fn planned(model: &Path, cluster: &Path, layout: &str) -> (f64, f64) {
+    let out = common::kiln(&[
+        "plan",
+        "--model",
+        model.to_str().unwrap(),
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "--method",
+        "sft",
+        "--layout",
+        &format!("{layout},recompute=none"),
+        "--storage",
+        "f32",
+        "--seq",
+        "128",
+        "--global-batch-tokens",
+        "512",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let memory = &plan["layouts"][0]["estimate"]["memory"];
+    let term = |name: &str| {
+        let terms = memory["terms"].as_array().unwrap();
+        terms.iter().find(|t| t["name"] == name).unwrap()["bytes"].as_f64().unwrap() / 1e6
+    };
+    let held = ["weights", "gradients", "master weights", "optimizer states", "optimizer scratch"].map(term);
+    (held.iter().sum(), memory["peak"].as_f64().unwrap() / 1e6)
 }
 
 #[test]

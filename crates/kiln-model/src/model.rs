@@ -164,13 +164,17 @@ impl<B: Backend> Model<B> {
         active(&self.shards).is_some()
     }
 
-    /// ZeRO-3: gathers every parameter into `params` (a collective), for what needs them all
-    /// at once: a checkpoint, generation. `reshard` goes back. Does nothing otherwise.
-    pub fn unshard(&mut self, b: &B) {
+    /// ZeRO-3: gathers every parameter into `params` (a collective, a layer at a time) on the
+    /// ranks that pass `keep` (a checkpoint's writers; every rank for generation); the others
+    /// take part holding one layer and stay sharded. `reshard` goes back. Does nothing for a
+    /// model that holds every parameter.
+    pub fn unshard(&mut self, b: &B, keep: bool) {
         let Some(s) = self.shards.as_mut().filter(|s| s.parked.is_none()) else { return };
-        let mut whole = b.zeros(self.flat.total);
-        s.gather_all(b, &self.params, &mut whole);
-        s.parked = Some(std::mem::replace(&mut self.params, whole));
+        let mut whole = keep.then(|| b.zeros(self.flat.total));
+        s.gather_all(b, &self.flat, &self.params, whole.as_deref_mut());
+        if let Some(whole) = whole {
+            s.parked = Some(std::mem::replace(&mut self.params, whole));
+        }
     }
 
     /// ZeRO-3: drops the whole parameters `unshard` gathered and keeps this rank's shards again

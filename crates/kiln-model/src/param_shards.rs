@@ -10,8 +10,9 @@
 //! gathers in the same order: a rank with fewer passes in a step runs idle ones
 //! (`Model::idle_forward`, `Model::idle_backward`).
 //!
-//! For what needs every tensor at once (checkpoints, generation, whose steps differ between
-//! ranks), `Model::unshard` gathers the whole model and `Model::reshard` drops it again.
+//! For what needs every tensor at once, `Model::unshard` gathers the whole model (on every
+//! rank for generation, whose steps differ between ranks; on the ranks that write for a
+//! checkpoint) and `Model::reshard` drops it again.
 
 use crate::flat::{overlap, packed, FlatLayout};
 use crate::weights::{LayerWeights, Weights};
@@ -165,15 +166,24 @@ impl<B: Backend> ParamShards<B> {
         }
     }
 
-    /// Every parameter, gathered into `whole` (a collective).
-    pub fn gather_all(&self, b: &B, shard: &B::Slice, whole: &mut B::Slice) {
-        for s in &self.spaces {
-            let range = s.shards[0].start..s.shards[s.shards.len() - 1].end;
-            let counts: Vec<usize> = s.shards.iter().map(|r| r.len()).collect();
-            let chunk = b.slice(shard, s.at..s.at + s.mine().len());
-            let into = b.slice_mut(whole, range);
-            s.comm.all_gather_v(chunk, &counts, into, &self.what).unwrap_or_else(|e| panic!("ZeRO-3: {e:#}"));
+    /// Every parameter gathered, a layer (then the outer tensors) at a time, into `whole` where
+    /// this rank passes one (a collective: the others only take part, holding one layer).
+    pub fn gather_all(&mut self, b: &B, flat: &FlatLayout, shard: &B::Slice, mut whole: Option<&mut B::Slice>) {
+        let mut place = |gathered: &B::Slice, segments: &[Range<usize>]| {
+            let Some(whole) = whole.as_deref_mut() else { return };
+            let mut at = 0;
+            for s in segments {
+                b.copy(b.slice_mut(whole, s.clone()), b.slice(gathered, at..at + s.len()));
+                at += s.len();
+            }
+        };
+        for l in 0..flat.ranges.layers.len() {
+            self.gather_layer(b, flat, shard, l);
+            let (dense, experts) = flat.layer(l);
+            place(&self.layer, &[dense, experts]);
         }
+        self.gather_outer(b, flat, shard);
+        place(&self.outer, &flat.outer());
     }
 
     /// This rank's shards cut out of `whole`, into `shard`.

@@ -13,8 +13,10 @@ impl<B: Backend> Session<B> {
     /// every rank, and under expert parallel every rank of the first expert group, adds its
     /// shard to the checkpoint's temporary directory before rank 0 seals it.
     pub fn checkpoint(&mut self) -> Result<PathBuf> {
-        // ZeRO-3: the model is written whole, so every rank gathers it for the write.
-        self.model.unshard(&self.b);
+        // ZeRO-3: the ranks that write weights (rank 0; under expert parallel the first expert
+        // group) gather the model whole for it, a layer at a time; the others take part.
+        let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
+        self.model.unshard(&self.b, self.comm.rank() < expert_ranks);
         let written = self.write_checkpoint();
         self.model.reshard();
         written

@@ -70,6 +70,27 @@ impl FlatLayout {
         [self.ranges.embed.clone(), self.ranges.norm.start..self.dense]
     }
 
+    /// The ranges of the tensors outside the layers, in a `Weights` with no layers.
+    pub fn outer_ranges(&self) -> Weights<Range<usize>> {
+        Weights { layers: Vec::new(), ..self.ranges.clone() }
+    }
+
+    /// Where each tensor outside the layers lies when `outer`'s ranges are laid end to end (a
+    /// `Weights` with no layers).
+    pub fn packed_outer(&self) -> Weights<Range<usize>> {
+        let segments = self.outer();
+        self.outer_ranges().map(|r| packed(&[r], &segments).remove(0))
+    }
+
+    /// Where each of layer `l`'s tensors lies when its dense and routed-expert ranges
+    /// (`layer`) are laid end to end.
+    pub fn packed_layer(&self, l: usize) -> LayerWeights<Range<usize>> {
+        let (dense, experts) = self.layer(l);
+        let ranges = &self.ranges.layers[l];
+        let mut local = packed(&ranges.refs(), &[dense, experts]).into_iter();
+        ranges.map(&mut |_| local.next().expect("one range per tensor"))
+    }
+
     /// A view of every tensor of `flat`.
     pub fn views<'a, B: Backend>(&self, b: &B, flat: &'a B::Slice) -> Weights<&'a B::Slice> {
         self.ranges.map(|r| b.slice(flat, r.clone()))
@@ -105,7 +126,7 @@ pub fn overlap(a: &Range<usize>, b: &Range<usize>) -> Range<usize> {
 
 /// Where the tensors of `ranges` lie when the flat `segments` (each tensor inside one) are laid
 /// end to end.
-pub fn packed(ranges: &[&Range<usize>], segments: &[Range<usize>]) -> Vec<Range<usize>> {
+fn packed(ranges: &[&Range<usize>], segments: &[Range<usize>]) -> Vec<Range<usize>> {
     ranges
         .iter()
         .map(|r| {

@@ -133,18 +133,18 @@ impl<B: Backend> Model<B> {
     }
 
     /// The tensors outside the layers (embedding, final norm, head, score), as the last
-    /// forward gathered them under ZeRO-3; their `layers` are empty or whole.
+    /// forward gathered them under ZeRO-3, in a `Weights` with no layers.
     pub(crate) fn outer_weights(&self, b: &B) -> Weights<&B::Slice> {
         match active(&self.shards) {
-            Some(s) => s.outer_views(b, &self.flat),
-            None => self.flat.views(b, &self.params),
+            Some(s) => s.outer_views(b),
+            None => self.flat.outer_ranges().map(|r| b.slice(&self.params, r.clone())),
         }
     }
 
     /// Layer `l`'s tensors (under ZeRO-3 as last gathered).
     fn layer_weights(&self, b: &B, l: usize) -> LayerWeights<&B::Slice> {
         match active(&self.shards) {
-            Some(s) => s.layer_views(b, &self.flat, l),
+            Some(s) => s.layer_views(b, l),
             None => self.flat.ranges.layers[l].map(&mut |r| b.slice(&self.params, r.clone())),
         }
     }

@@ -14,7 +14,7 @@
 //! rank for generation, whose steps differ between ranks; on the ranks that write for a
 //! checkpoint) and `Model::reshard` drops it again.
 
-use crate::flat::{overlap, packed, FlatLayout};
+use crate::flat::{overlap, FlatLayout};
 use crate::weights::{LayerWeights, Weights};
 use kiln_core::Backend;
 use kiln_dist::Comm;
@@ -46,6 +46,9 @@ impl<B: Backend> ShardedSpace<B> {
 
 pub struct ParamShards<B: Backend> {
     spaces: Vec<ShardedSpace<B>>,
+    /// Where each layer's tensors, and the outer ones, lie in their gather buffers.
+    layer_ranges: Vec<LayerWeights<Range<usize>>>,
+    outer_ranges: Weights<Range<usize>>,
     /// One layer's tensors (dense, then routed experts), gathered.
     layer: B::Buf,
     /// The tensors outside the layers, gathered: `FlatLayout::outer`'s ranges end to end.
@@ -88,8 +91,15 @@ impl<B: Backend> ParamShards<B> {
             .max()
             .unwrap_or(0);
         let outer = flat.outer().iter().map(|r| r.len()).sum();
-        let me =
-            Self { spaces, layer: b.zeros(largest_layer), outer: b.zeros(outer), parked: None, what: String::new() };
+        let me = Self {
+            spaces,
+            layer_ranges: (0..flat.ranges.layers.len()).map(|l| flat.packed_layer(l)).collect(),
+            outer_ranges: flat.packed_outer(),
+            layer: b.zeros(largest_layer),
+            outer: b.zeros(outer),
+            parked: None,
+            what: String::new(),
+        };
         let mut shard = b.zeros(at);
         me.cut(b, whole, &mut shard);
         (me, shard)
@@ -144,26 +154,13 @@ impl<B: Backend> ParamShards<B> {
     }
 
     /// Views of layer `l`'s tensors, as last gathered.
-    pub fn layer_views<'a>(&'a self, b: &B, flat: &FlatLayout, l: usize) -> LayerWeights<&'a B::Slice> {
-        let (dense, experts) = flat.layer(l);
-        let ranges = &flat.ranges.layers[l];
-        let mut local = packed(&ranges.refs(), &[dense, experts]).into_iter();
-        ranges.map(&mut |_| b.slice(&self.layer, local.next().expect("one range per tensor")))
+    pub fn layer_views<'a>(&'a self, b: &B, l: usize) -> LayerWeights<&'a B::Slice> {
+        self.layer_ranges[l].map(&mut |r| b.slice(&self.layer, r.clone()))
     }
 
     /// Views of the tensors outside the layers (a `Weights` with no layers), as last gathered.
-    pub fn outer_views<'a>(&'a self, b: &B, flat: &FlatLayout) -> Weights<&'a B::Slice> {
-        let segments = flat.outer();
-        let view = |r: &Range<usize>| b.slice(&self.outer, packed(&[r], &segments).remove(0));
-        let r = &flat.ranges;
-        Weights {
-            embed: view(&r.embed),
-            layers: Vec::new(),
-            norm: view(&r.norm),
-            lm_head: r.lm_head.as_ref().map(view),
-            score: r.score.as_ref().map(view),
-            hc_head: r.hc_head.as_ref().map(|h| h.map(&mut |range| view(range))),
-        }
+    pub fn outer_views<'a>(&'a self, b: &B) -> Weights<&'a B::Slice> {
+        self.outer_ranges.map(|r| b.slice(&self.outer, r.clone()))
     }
 
     /// Every parameter gathered, a layer (then the outer tensors) at a time, into `whole` where

@@ -29,7 +29,7 @@ use crate::optim::adamw_step;
 use anyhow::Result;
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_dist::Comm;
-use kiln_model::flat::{layer_views, outer_views, overlap, packed};
+use kiln_model::flat::{layer_views, outer_views, overlap};
 use kiln_model::weights::LayerWeights;
 use kiln_model::{FlatGrads, FlatLayout, GradSink, Model, Weights};
 use std::ops::Range;
@@ -432,14 +432,9 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
             return whole.layer(b, l);
         }
         let (dense, experts) = self.flat.layer(l);
-        let segments = [dense, experts];
-        let ranges = &self.flat.ranges.layers[l];
-        let local = packed(&ranges.refs(), &segments);
-        let mut next = local.into_iter();
-        let local = ranges.map(&mut |_| next.next().expect("one range per tensor"));
-        let scratch = b.slice_mut(&mut self.scratch, 0..segments.iter().map(|s| s.len()).sum());
+        let scratch = b.slice_mut(&mut self.scratch, 0..dense.len() + experts.len());
         b.fill(scratch, 0.0);
-        layer_views(b, scratch, &local)
+        layer_views(b, scratch, &self.flat.packed_layer(l))
     }
 
     fn layer_done(&mut self, b: &B, l: usize) {
@@ -459,18 +454,7 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
         if let Some(whole) = &mut self.whole {
             return whole.outer(b);
         }
-        let segments = self.flat.outer();
-        let r = &self.flat.ranges;
-        let local = |range: &Range<usize>| packed(&[range], &segments).remove(0);
-        let local = Weights {
-            embed: local(&r.embed),
-            layers: Vec::new(),
-            norm: local(&r.norm),
-            lm_head: r.lm_head.as_ref().map(local),
-            score: r.score.as_ref().map(local),
-            hc_head: r.hc_head.as_ref().map(|h| h.map(&mut |range| local(range))),
-        };
-        outer_views(b, &mut self.outer_scratch, &local)
+        outer_views(b, &mut self.outer_scratch, &self.flat.packed_outer())
     }
 
     fn outer_done(&mut self, b: &B) {

@@ -117,6 +117,12 @@ pub fn shard(len: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
     start..start + base + usize::from(rank < extra)
 }
 
+/// `shard` of the values `range` (of a larger whole), as a range of that whole.
+pub fn shard_in(range: &std::ops::Range<usize>, rank: usize, size: usize) -> std::ops::Range<usize> {
+    let local = shard(range.len(), rank, size);
+    range.start + local.start..range.start + local.end
+}
+
 /// The lengths of `shard(len, r, size)` for every rank r.
 pub fn shard_counts(len: usize, size: usize) -> Vec<usize> {
     (0..size).map(|r| shard(len, r, size).len()).collect()
@@ -141,6 +147,8 @@ mod tests {
             let (min, max) = (ranges.iter().map(|r| r.len()).min(), ranges.iter().map(|r| r.len()).max());
             assert!(max.unwrap() - min.unwrap() <= 1);
             assert_eq!(shard_counts(len, size), ranges.iter().map(|r| r.len()).collect::<Vec<_>>());
+            let offset = 7..7 + len;
+            assert!((0..size).all(|r| shard_in(&offset, r, size) == (ranges[r].start + 7..ranges[r].end + 7)));
         }
     }
 

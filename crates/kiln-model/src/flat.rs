@@ -64,6 +64,16 @@ impl FlatLayout {
         (spans(false), spans(true))
     }
 
+    /// The most values one layer holds (dense and routed experts together).
+    pub fn largest_layer(&self) -> usize {
+        (0..self.ranges.layers.len()).map(|l| self.layer(l)).map(|(d, e)| d.len() + e.len()).max().unwrap_or(0)
+    }
+
+    /// The values outside the layers.
+    pub fn outer_len(&self) -> usize {
+        self.outer().iter().map(|r| r.len()).sum()
+    }
+
     /// The dense ranges outside the layers: the embedding, and the final norm with the head and
     /// score, which close the dense tensors.
     pub fn outer(&self) -> [Range<usize>; 2] {

@@ -8,7 +8,7 @@
 //! The gathered outer tensors stay valid until the next optimizer step, and every backward
 //! follows a forward of the same weights, so backward does not gather them again. Every rank
 //! gathers in the same order: a rank with fewer passes in a step runs idle ones
-//! (`Model::idle_forward`, `Model::idle_backward`).
+//! (`Model::idle_forward`, `Model::idle_pass`).
 //!
 //! For what needs every tensor at once, `Model::unshard` gathers the whole model (on every
 //! rank for generation, whose steps differ between ranks; on the ranks that write for a
@@ -72,31 +72,18 @@ impl<B: Backend> ParamShards<B> {
         let spaces: Vec<ShardedSpace<B>> = spaces
             .into_iter()
             .map(|(range, comm)| {
-                let shards = (0..comm.size())
-                    .map(|r| {
-                        let local = kiln_dist::shard(range.len(), r, comm.size());
-                        range.start + local.start..range.start + local.end
-                    })
-                    .collect::<Vec<_>>();
+                let shards = (0..comm.size()).map(|r| kiln_dist::shard_in(&range, r, comm.size())).collect();
                 let space = ShardedSpace { comm, shards, at };
                 at += space.mine().len();
                 space
             })
             .collect();
-        let largest_layer = (0..flat.ranges.layers.len())
-            .map(|l| {
-                let (dense, experts) = flat.layer(l);
-                dense.len() + experts.len()
-            })
-            .max()
-            .unwrap_or(0);
-        let outer = flat.outer().iter().map(|r| r.len()).sum();
         let me = Self {
             spaces,
             layer_ranges: (0..flat.ranges.layers.len()).map(|l| flat.packed_layer(l)).collect(),
             outer_ranges: flat.packed_outer(),
-            layer: b.zeros(largest_layer),
-            outer: b.zeros(outer),
+            layer: b.zeros(flat.largest_layer()),
+            outer: b.zeros(flat.outer_len()),
             parked: None,
             what: String::new(),
         };

@@ -71,10 +71,7 @@ impl<B: Backend> Space<B> {
     fn new(b: &B, range: Range<usize>, comm: Ranks<B>, sharded: bool, name: String) -> Self {
         let (rank, size) = (comm.rank(), comm.size());
         let (mine, counts) = match sharded {
-            true => {
-                let local = kiln_dist::shard(range.len(), rank, size);
-                (range.start + local.start..range.start + local.end, kiln_dist::shard_counts(range.len(), size))
-            }
+            true => (kiln_dist::shard_in(&range, rank, size), kiln_dist::shard_counts(range.len(), size)),
             false => (range.clone(), vec![range.len()]),
         };
         let n = mine.len();
@@ -108,8 +105,7 @@ impl<B: Backend> Space<B> {
 
     /// Rank `r`'s shard of the space.
     fn shard_of(&self, r: usize) -> Range<usize> {
-        let local = kiln_dist::shard(self.range.len(), r, self.counts.len());
-        self.range.start + local.start..self.range.start + local.end
+        kiln_dist::shard_in(&self.range, r, self.counts.len())
     }
 }
 
@@ -265,14 +261,9 @@ impl<B: Backend> DataParallel<B> {
             experts.expert_group = ep.map(|ep| Arc::clone(&ep.group));
             spaces.push(experts);
         }
-        let per_layer = (0..model.config.num_layers).map(|l| {
-            let (dense, experts) = flat.layer(l);
-            dense.len() + experts.len()
-        });
-        let outer: usize = flat.outer().iter().map(|r| r.len()).sum();
         let stage_two = zero >= 2 && sharded;
-        let scratch = b.zeros(if stage_two { per_layer.max().unwrap_or(0) } else { 0 });
-        let outer_scratch = b.zeros(if stage_two { outer } else { 0 });
+        let scratch = b.zeros(if stage_two { flat.largest_layer() } else { 0 });
+        let outer_scratch = b.zeros(if stage_two { flat.outer_len() } else { 0 });
         let whole = (!stage_two).then(|| FlatGrads::new(b, &flat));
         let shards_weights = zero >= 3 && sharded;
         if shards_weights {

@@ -23,6 +23,7 @@ pub mod rope;
 pub mod safetensors_io;
 pub mod sampler;
 pub mod score_head;
+pub mod tensor_parallel;
 pub mod v4_cache;
 pub mod weights;
 
@@ -36,4 +37,5 @@ pub use grad_sink::{FlatGrads, GradSink};
 pub use layers::expert_parallel::ExpertParallel;
 pub use model::Model;
 pub use safetensors_io::StorageDtype;
+pub use tensor_parallel::TensorParallel;
 pub use weights::{TensorSpec, Weights};

@@ -21,8 +21,12 @@ use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::param_shards::{ParamShards, SpaceRanks};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
+use crate::tensor_parallel::{self, Cut, TensorParallel};
 use crate::v4_cache::V4Step;
-use crate::weights::{self, v4_layout, AttnWeights, FfnWeights, Init, LayerWeights, MoeWeights, TensorSpec, Weights};
+use crate::weights::{
+    self, v4_layout, AttnWeights, FfnWeights, GqaWeights, Init, LayerWeights, MlpWeights, MoeWeights, TensorSpec,
+    Weights,
+};
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 use std::ops::Range;
 use std::path::Path;
@@ -57,6 +61,9 @@ pub struct Model<B: Backend> {
     /// Set when this rank holds only its share of the routed experts (`layout` and `params`
     /// then hold that share).
     pub(crate) expert_parallel: Option<ExpertParallel<B>>,
+    /// Set when this rank holds only its block of the layers' heads and MLP width (`config`,
+    /// `layout` and `params` are then the block's: `tensor_parallel`).
+    tensor_parallel: Option<TensorParallel<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
     /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
@@ -260,6 +267,7 @@ impl<B: Backend> Model<B> {
             moe_shape,
             matmul_precision: Precision::F32,
             expert_parallel: None,
+            tensor_parallel: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
             compress_rope_table: b.zeros(0),
@@ -296,6 +304,75 @@ impl<B: Backend> Model<B> {
         self.expert_parallel.as_ref()
     }
 
+    /// The group this rank splits the layers' tensors with, under tensor parallel.
+    pub fn tensor_parallel(&self) -> Option<&TensorParallel<B>> {
+        self.tensor_parallel.as_ref()
+    }
+
+    /// Tensor parallel: keeps only this rank's block of every layer's heads and MLP width
+    /// (`tensor_parallel`) of the whole model it holds. Refuses a model or a group size the
+    /// engine cannot split (the reason, for the caller to name the run's setting).
+    pub fn split_tensors(
+        &mut self,
+        b: &B,
+        group: Arc<dyn kiln_dist::Comm<B::Slice>>,
+    ) -> std::result::Result<(), String> {
+        assert!(self.tensor_parallel.is_none() && !self.params_sharded(), "a whole model to split");
+        let (rank, t) = (group.rank(), group.size());
+        let local_config = tensor_parallel::local_config(&self.config, t)?;
+        let tp = TensorParallel::new(group, &self.config);
+        let whole = self.tensors(b);
+        let local_layout = layout_of(&local_config, self.expert_parallel.as_ref());
+        let flat = FlatLayout::new(&local_layout);
+        let mut params = b.zeros(flat.total);
+        let specs = tp.whole_layout.iter().into_iter().zip(local_layout.iter());
+        for (((whole_spec, spec), values), r) in specs.zip(whole.iter()).zip(flat.ranges.iter()) {
+            let block = tensor_parallel::slice(values, whole_spec, Cut::of(whole_spec, spec), (rank, t));
+            b.write(b.slice_mut(&mut params, r.clone()), &block);
+        }
+        (self.config, self.layout, self.flat, self.params) = (local_config, local_layout, Arc::new(flat), params);
+        self.tensor_parallel = Some(tp);
+        Ok(())
+    }
+
+    /// Under tensor parallel, this rank's blocks of `whole`, tensors laid out as the whole
+    /// model (moments read from a checkpoint); `whole` itself otherwise.
+    pub fn local_blocks(&self, whole: Weights<Vec<f32>>) -> Weights<Vec<f32>> {
+        let Some(tp) = &self.tensor_parallel else { return whole };
+        let (rank, t) = (tp.group.rank(), tp.group.size());
+        let mut blocks = tp.whole_layout.iter().into_iter().zip(self.layout.iter()).zip(whole.iter()).map(
+            |((whole_spec, spec), values)| {
+                tensor_parallel::slice(values, whole_spec, Cut::of(whole_spec, spec), (rank, t))
+            },
+        );
+        self.layout.map(|_| blocks.next().expect("a tensor per spec"))
+    }
+
+    /// The layout of the whole model (what checkpoints hold): `layout`, or under tensor
+    /// parallel the layout before the split.
+    pub fn whole_layout(&self) -> &Weights<TensorSpec> {
+        self.tensor_parallel.as_ref().map_or(&self.layout, |tp| &tp.whole_layout)
+    }
+
+    /// Under tensor parallel, the whole tensors `local` (laid out as `layout`) assembled from
+    /// the group's blocks, a collective over the group; `local` itself otherwise.
+    pub fn join_blocks(&self, b: &B, local: Weights<Vec<f32>>) -> Weights<Vec<f32>> {
+        match &self.tensor_parallel {
+            Some(tp) => tp.join_all(b, &local, &self.layout),
+            None => local,
+        }
+    }
+
+    /// Under tensor parallel, the whole model from the group's blocks (a collective over the
+    /// group): what a checkpoint or an export writes. `None` for a model that is whole.
+    pub fn joined(&self, b: &B) -> Option<Model<B>> {
+        let tp = self.tensor_parallel.as_ref()?;
+        let tensors = tp.join_all(b, &self.tensors(b), &self.layout);
+        let mut whole = Self::from_tensors(b, tp.whole.clone(), &tensors, self.dtype);
+        whole.passthrough = self.passthrough.clone();
+        Some(whole)
+    }
+
     /// Writes `model.safetensors` with the same tensor names it was loaded with.
     pub fn save_weights(&self, b: &B, dir: &Path) -> Result<()> {
         self.save_weights_to(b, &dir.join("model.safetensors"), self.dtype)
@@ -303,6 +380,7 @@ impl<B: Backend> Model<B> {
 
     /// Writes every tensor, and the carried-through ones, to `path` in `dtype`.
     pub fn save_weights_to(&self, b: &B, path: &Path, dtype: StorageDtype) -> Result<()> {
+        assert!(self.tensor_parallel.is_none(), "a tensor-parallel rank holds blocks: save the `joined` model");
         safetensors_io::save(path, &self.layout, &self.tensors(b), dtype, &self.passthrough)
     }
 
@@ -416,11 +494,21 @@ impl<B: Backend> Model<B> {
         let ctx = view.ctx(l);
         let (n, d, eps) = (view.tokens, c.hidden_size, c.rms_norm_eps);
 
+        let tp = self.tensor_parallel.as_ref();
+        // Under tensor parallel a row-parallel bias is added once, by rank 0, before the sum.
+        let bias_here = tp.is_none_or(|tp| tp.group.rank() == 0);
+
         b.rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, w.input_norm, eps);
         match (&w.attn, &mut a.attn) {
-            (AttnWeights::Gqa(w), AttnActs::Gqa(a_)) => gqa::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx, kv),
+            (AttnWeights::Gqa(w), AttnActs::Gqa(a_)) => {
+                let w = GqaWeights { o_bias: w.o_bias.filter(|_| bias_here), ..w.clone() };
+                gqa::forward(b, c, &w, &a.xn1, &mut a.x_mid, a_, &ctx, kv)
+            }
             (AttnWeights::Mla(w), AttnActs::Mla(a_)) => mla::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx, kv),
             _ => unreachable!("activations laid out for another attention kind"),
+        }
+        if let Some(tp) = tp {
+            tp.sum(&mut a.x_mid, &format!("layer {l}: attention output"));
         }
         // x_mid = x_in + attention, fused with the second norm.
         b.add_rmsnorm_forward(&mut a.x_mid, x_in, &mut a.xn2, &mut a.rstd2, w.post_norm, eps);
@@ -428,7 +516,8 @@ impl<B: Backend> Model<B> {
         let out = x_out.as_deref_mut();
         match (&w.ffn, &mut a.ffn) {
             (FfnWeights::Dense(w), FfnActs::Dense(a_)) => {
-                mlp::forward(b, self.matmul_precision, w, &a.xn2, out, a_, (n, d, c.intermediate_size))
+                let w = MlpWeights { down_bias: w.down_bias.filter(|_| bias_here), ..w.clone() };
+                mlp::forward(b, self.matmul_precision, &w, &a.xn2, out, a_, (n, d, c.intermediate_size))
             }
             (FfnWeights::Moe(w), FfnActs::Moe(a_)) => {
                 let ep = self.expert_parallel.as_ref().map(|ep| (ep, l));
@@ -437,6 +526,9 @@ impl<B: Backend> Model<B> {
             _ => unreachable!("activations laid out for another feed-forward kind"),
         }
         if let Some(x_out) = x_out {
+            if let Some(tp) = tp {
+                tp.sum(x_out, &format!("layer {l}: MLP output"));
+            }
             b.add_assign(x_out, &a.x_mid);
         }
     }
@@ -874,17 +966,32 @@ impl<B: Backend> Model<B> {
             }
             _ => unreachable!("gradients laid out for another feed-forward kind"),
         }
+        let tp = self.tensor_parallel.as_ref();
+        if let Some(tp) = tp {
+            tp.sum(&mut s.dxn, &format!("layer {l}: MLP input gradient"));
+        }
         b.rmsnorm_backward(&mut s.dres, g.post_norm, &s.dxn, &a.x_mid, w.post_norm, &a.rstd2);
 
         // Attention branch: x_mid = x_in + attention(xn1).
         match (&w.attn, &mut g.attn, &a.attn, &mut s.attn) {
             (AttnWeights::Gqa(w), AttnWeights::Gqa(g), AttnActs::Gqa(a_), AttnGrads::Gqa(s_)) => {
-                gqa::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx)
+                let before = tp.map(|_| [&g.q_norm, &g.k_norm].map(|n| n.as_deref().map(|n| b.read(n))));
+                gqa::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx);
+                if let (Some(tp), Some(before)) = (tp, before) {
+                    for (grad, before) in [g.q_norm.as_deref_mut(), g.k_norm.as_deref_mut()].into_iter().zip(before) {
+                        if let (Some(grad), Some(before)) = (grad, before) {
+                            tp.sum_added(b, grad, &before, &format!("layer {l}: q/k norm gradient"));
+                        }
+                    }
+                }
             }
             (AttnWeights::Mla(w), AttnWeights::Mla(g), AttnActs::Mla(a_), AttnGrads::Mla(s_)) => {
                 mla::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx)
             }
             _ => unreachable!("gradients laid out for another attention kind"),
+        }
+        if let Some(tp) = tp {
+            tp.sum(&mut s.dxn, &format!("layer {l}: attention input gradient"));
         }
         b.rmsnorm_backward(&mut s.dres, g.input_norm, &s.dxn, x_in, w.input_norm, &a.rstd1);
         aux_loss

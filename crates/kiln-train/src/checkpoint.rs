@@ -339,9 +339,11 @@ pub fn load_moments<B: Backend>(b: &B, dir: &Path, model: &Model<B>, dp: &mut Da
                         }
                         host
                     };
-                    let (m, v) =
-                        (read_moments(dir, "adam_m", &model.layout)?, read_moments(dir, "adam_v", &model.layout)?);
-                    by_name = Some(vec![flatten(m), flatten(v)]);
+                    // Under tensor parallel: the whole model's moments, then this rank's blocks.
+                    let read = |name: &str| -> Result<Weights<Vec<f32>>> {
+                        Ok(model.local_blocks(read_moments(dir, name, model.whole_layout())?))
+                    };
+                    by_name = Some(vec![flatten(read("adam_m")?), flatten(read("adam_v")?)]);
                 }
                 let full = by_name.as_ref().expect("read above");
                 (full[0][space.range.clone()].to_vec(), full[1][space.range.clone()].to_vec())

@@ -257,7 +257,12 @@ pub struct TrainSection {
     /// of ranks and of routed experts.
     #[serde(default = "default_ep")]
     pub ep: usize,
-    /// The layout in `kiln plan`'s syntax (`dp=..,ep=..,zero=..,recompute=..`), setting the
+    /// Tensor parallel (Llama-family models, under mpirun): every layer's attention heads and
+    /// MLP width are split over groups of this many consecutive ranks (1: no split). Divides
+    /// the number of ranks, of heads, of key/value heads and the MLP width.
+    #[serde(default = "one")]
+    pub tp: usize,
+    /// The layout in `kiln plan`'s syntax (`dp=..,tp=..,ep=..,zero=..,recompute=..`), setting the
     /// keys it names (`crate::layout`).
     #[serde(default)]
     pub layout: Option<String>,
@@ -507,6 +512,21 @@ impl RunConfig {
         }
         if t.ep == 0 {
             return Err("`train.ep` must be at least 1".into());
+        }
+        if t.tp == 0 {
+            return Err("`train.tp` must be at least 1".into());
+        }
+        if t.tp > 1 && t.ep > 1 {
+            return Err(format!(
+                "`train.tp` = {} with `train.ep` = {}: tensor and expert parallel do not combine yet",
+                t.tp, t.ep
+            ));
+        }
+        if t.tp > 1 && t.optimizer == OptimizerKind::Muon {
+            return Err(format!(
+                "`train.tp` = {}: Muon orthogonalises whole matrices, which tensor parallel cuts (use AdamW, or tp = 1)",
+                t.tp
+            ));
         }
         if self.data.train.is_empty() {
             return Err("`data.train` names no file".into());

@@ -209,6 +209,9 @@ pub struct DataParallel<B: Backend> {
     /// The runs of tensors AdamW updates, with their weight decay: every tensor, or with Muon
     /// the tensors outside its matrices.
     adamw_runs: Vec<(Range<usize>, bool)>,
+    /// Under tensor parallel, the group that splits the layers' tensors and the flat ranges of
+    /// the tensors it cuts (see `norm`).
+    tensor_parallel: Option<(Ranks<B>, Vec<Range<usize>>)>,
 }
 
 /// `runs` without the values of `matrices` (sorted, each inside one run).
@@ -252,7 +255,16 @@ impl<B: Backend> DataParallel<B> {
             Some((_, matrices, _)) => without(&flat.decay_runs, matrices),
             None => flat.decay_runs.clone(),
         };
-        let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, "adam_shard".into())];
+        let tensor_parallel = model.tensor_parallel().map(|tp| {
+            assert!(muon.is_none(), "Muon orthogonalises whole matrices, which tensor parallel cuts");
+            (Arc::clone(&tp.group), tp.cut_ranges(&model.layout, &flat.ranges))
+        });
+        // Under tensor parallel each rank of the group has moments of its own blocks.
+        let shard_name = match model.tensor_parallel() {
+            Some(tp) => format!("tp{}of{}_adam_shard", tp.group.rank(), tp.group.size()),
+            None => "adam_shard".into(),
+        };
+        let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, shard_name)];
         if flat.total > flat.dense {
             let ep = model.expert_parallel();
             let comm = replicas.unwrap_or_else(|| Arc::clone(world));
@@ -274,7 +286,20 @@ impl<B: Backend> DataParallel<B> {
             }
         }
         let what = String::new();
-        Self { flat, spaces, whole, scratch, outer_scratch, hyper, sharded, shards_weights, what, muon, adamw_runs }
+        Self {
+            flat,
+            spaces,
+            whole,
+            scratch,
+            outer_scratch,
+            hyper,
+            sharded,
+            shards_weights,
+            what,
+            muon,
+            adamw_runs,
+            tensor_parallel,
+        }
     }
 
     /// The spaces of the parameters and the ranks that shard each, for `Model::shard_params`.
@@ -319,11 +344,27 @@ impl<B: Backend> DataParallel<B> {
         Ok(())
     }
 
-    /// The global norm of the summed gradients (after `reduce`).
+    /// The global norm of the summed gradients (after `reduce`). Under tensor parallel the
+    /// tensors the group cuts add their squares over the group; the others, whole and equal on
+    /// every rank of it, count once (each rank adds 1/T of their squares).
     pub fn norm(&mut self, b: &B) -> Result<f64> {
         let mut squares = 0.0;
         for space in &mut self.spaces {
-            let mut sum = [b.sum_squares(held(b, &mut space.shard, self.whole.as_mut(), &space.range))];
+            let grads = held(b, &mut space.shard, self.whole.as_mut(), &space.range);
+            let all = b.sum_squares(grads);
+            let mut sum = [match &self.tensor_parallel {
+                None => all,
+                Some((group, cut)) => {
+                    let mine = &space.mine;
+                    let cut: f64 = cut
+                        .iter()
+                        .map(|r| overlap(r, mine))
+                        .filter(|p| !p.is_empty())
+                        .map(|p| b.sum_squares(b.slice(grads, p.start - mine.start..p.end - mine.start)))
+                        .sum();
+                    (all - cut) / group.size() as f64 + cut
+                }
+            }];
             if space.sharded() {
                 space.comm.all_reduce_sum_f64(&mut sum, &self.what)?;
             }
@@ -331,6 +372,11 @@ impl<B: Backend> DataParallel<B> {
                 group.all_reduce_sum_f64(&mut sum, &self.what)?;
             }
             squares += sum[0];
+        }
+        if let Some((group, _)) = &self.tensor_parallel {
+            let mut sum = [squares];
+            group.all_reduce_sum_f64(&mut sum, &self.what)?;
+            squares = sum[0];
         }
         Ok(squares.sqrt())
     }

@@ -74,7 +74,7 @@ impl<B: Backend> Recipe<B> for Distill<B> {
         // The step's completions and tokens over all ranks: the loss is their mean.
         let tokens = self.sequences.iter().map(|(ids, p)| ids.len() - p).sum::<usize>();
         let mut counts = [tokens as f64, self.sequences.len() as f64];
-        s.comm.all_reduce_sum_f64(&mut counts, &format!("completion counts at step {}", step + 1))?;
+        s.data.all_reduce_sum_f64(&mut counts, &format!("completion counts at step {}", step + 1))?;
         (self.tokens, self.completions) = (counts[0] as usize, counts[1] as usize);
         Ok(StepPlan {
             micro_batches: (0..self.sequences.len().div_ceil(d.chunk_rows.max(1))).collect(),

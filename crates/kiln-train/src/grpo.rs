@@ -195,7 +195,7 @@ impl<B: Backend> Grpo<B> {
             sequences.len().div_ceil(g.micro_batch) as f64,
         ];
         sums.extend(per.iter().flat_map(|v| [v.iter().sum::<f64>(), v.iter().map(|r| r * r).sum()]));
-        s.comm.all_reduce_sum_f64(&mut sums, "rollout statistics")?;
+        s.data.all_reduce_sum_f64(&mut sums, "rollout statistics")?;
         let n = sums[0].max(1.0);
         let (mean, generated) = (sums[1] / n, sums[4]);
         let std = (sums[2] / n - mean * mean).max(0.0).sqrt();
@@ -367,7 +367,7 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
             numbers[n + i] = f64::from(u8::from(per.first().is_some_and(|v| v[k] >= 1.0)));
             numbers[2 * n + i] = g.tokens.len() as f64;
         }
-        s.comm.all_reduce_sum_f64(&mut numbers, "eval rollouts")?;
+        s.data.all_reduce_sum_f64(&mut numbers, "eval rollouts")?;
         let mean = |part: usize| numbers[part * n..(part + 1) * n].iter().sum::<f64>() / n.max(1) as f64;
         Ok(Some(GrpoStats { reward: mean(0), solved: mean(1), completion_length: mean(2), ..Default::default() }))
     }

@@ -1,12 +1,11 @@
 //! `train.layout` (or `--layout`): how a run spreads over its ranks, in `kiln plan`'s syntax,
 //! `dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..`. Every key is optional and sets what it
-//! names: `ep` is `train.ep`, `zero` is `train.zero`, `recompute` (`none` or `full`) is
-//! `train.recompute`; `dp`, when given, must be the ranks of the launch over tp·pp, which
-//! otherwise follows from them. So the layout `kiln plan --layout` sizes is the one the run
-//! takes.
+//! names: `tp` is `train.tp`, `ep` is `train.ep`, `zero` is `train.zero`, `recompute` (`none`
+//! or `full`) is `train.recompute`; `dp`, when given, times tp must be the ranks of the launch.
+//! So the layout `kiln plan --layout` sizes is the one the run takes.
 //!
-//! Tensor and pipeline parallel (`tp`, `pp` above 1) are refused with that reason: the engine
-//! runs data, ZeRO 0–3 and expert parallel layouts.
+//! Pipeline parallel (`pp` above 1) is refused with that reason: the engine runs data, tensor,
+//! ZeRO 0–3 and expert parallel layouts.
 
 use crate::config::TrainSection;
 
@@ -14,6 +13,7 @@ use crate::config::TrainSection;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunLayout {
     pub dp: Option<usize>,
+    pub tp: Option<usize>,
     pub ep: Option<usize>,
     pub zero: Option<u8>,
     pub recompute: Option<bool>,
@@ -21,7 +21,7 @@ pub struct RunLayout {
 
 impl RunLayout {
     /// Parses `spec`; refuses unknown keys, sizes that are not positive whole numbers, ZeRO
-    /// stages above 3, `recompute=selective`, and tensor or pipeline parallel.
+    /// stages above 3, `recompute=selective`, and pipeline parallel.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut layout = Self::default();
         let err = |why: String| format!("`train.layout` = \"{spec}\": {why}");
@@ -37,14 +37,14 @@ impl RunLayout {
             match key {
                 "dp" => layout.dp = Some(size()?),
                 "ep" => layout.ep = Some(size()?),
-                "tp" | "pp" if size()? > 1 => {
-                    let what = if key == "tp" { "tensor" } else { "pipeline" };
+                "tp" => layout.tp = Some(size()?),
+                "pp" if size()? > 1 => {
                     return Err(err(format!(
-                        "{key} = {value}: {what} parallel is not implemented in the engine yet (it runs data, ZeRO 0-3 \
-                         and expert parallel layouts; `kiln plan` models {what} parallel)"
+                        "pp = {value}: pipeline parallel is not implemented in the engine yet (it runs data, tensor, \
+                         ZeRO 0-3 and expert parallel layouts; `kiln plan` models pipeline parallel)"
                     )));
                 }
-                "tp" | "pp" => {}
+                "pp" => {}
                 "zero" => match value.parse::<u8>() {
                     Ok(z) if z <= 3 => layout.zero = Some(z),
                     _ => return Err(err(format!("`zero` = `{value}`: ZeRO has stages 0 to 3"))),
@@ -66,6 +66,9 @@ impl RunLayout {
 
     /// Sets the keys the layout gave in `train`.
     pub fn apply(&self, train: &mut TrainSection) {
+        if let Some(tp) = self.tp {
+            train.tp = tp;
+        }
         if let Some(ep) = self.ep {
             train.ep = ep;
         }
@@ -77,13 +80,20 @@ impl RunLayout {
         }
     }
 
-    /// Refuses a layout whose data-parallel size is not the launch's `ranks`.
+    /// Refuses a layout whose dp·tp is not the launch's `ranks` (without `dp`, whose tp does
+    /// not divide them).
     pub fn check_ranks(&self, spec: &str, ranks: usize) -> Result<(), String> {
-        match self.dp {
-            Some(dp) if dp != ranks => Err(format!(
-                "`train.layout` = \"{spec}\": dp·tp·pp = {dp} does not equal the {ranks} ranks of the launch (mpirun -np)"
+        let tp = self.tp.unwrap_or(1);
+        let dp = self.dp.unwrap_or(ranks / tp);
+        match dp * tp == ranks {
+            true => Ok(()),
+            false if self.dp.is_none() => Err(format!(
+                "`train.layout` = \"{spec}\": tp = {tp} does not divide the {ranks} ranks of the launch (mpirun -np)"
             )),
-            _ => Ok(()),
+            false => Err(format!(
+                "`train.layout` = \"{spec}\": dp·tp·pp = {dp}·{tp}·1 = {} does not equal the {ranks} ranks of the launch (mpirun -np)",
+                dp * tp
+            )),
         }
     }
 }
@@ -95,16 +105,23 @@ mod tests {
     #[test]
     fn keys_set_what_they_name_and_the_rest_is_left() {
         let l = RunLayout::parse("dp=4, ep=2,zero=3,recompute=full,tp=1,pp=1").unwrap();
-        assert_eq!(l, RunLayout { dp: Some(4), ep: Some(2), zero: Some(3), recompute: Some(true) });
+        assert_eq!(l, RunLayout { dp: Some(4), tp: Some(1), ep: Some(2), zero: Some(3), recompute: Some(true) });
         assert_eq!(RunLayout::parse("").unwrap(), RunLayout::default());
         assert!(l.check_ranks("dp=4", 4).is_ok());
         assert!(l.check_ranks("dp=4", 2).unwrap_err().contains("does not equal the 2 ranks"));
+        let tp = RunLayout::parse("dp=2,tp=2").unwrap();
+        assert!(tp.check_ranks("dp=2,tp=2", 4).is_ok());
+        assert!(tp.check_ranks("dp=2,tp=2", 2).unwrap_err().contains("2·2·1 = 4 does not equal the 2 ranks"));
+        assert!(RunLayout::parse("tp=4")
+            .unwrap()
+            .check_ranks("tp=4", 6)
+            .unwrap_err()
+            .contains("does not divide the 6"));
     }
 
     #[test]
     fn refusals_say_why() {
         for (spec, why) in [
-            ("tp=2", "tensor parallel is not implemented"),
             ("pp=4", "pipeline parallel is not implemented"),
             ("zero=4", "stages 0 to 3"),
             ("dp=0", "not a positive whole number"),

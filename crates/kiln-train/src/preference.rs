@@ -154,7 +154,7 @@ pub fn sequence_logps_on_ranks<B: Backend>(
     };
     let mut logps = sequence_logps(&s.b, model, (pool, split.rows), &split.examples, &split.micro_batches[mine]);
     (0..idle).for_each(|_| model.idle_forward(&s.b));
-    s.comm.all_reduce_sum_f64(&mut logps, what)?;
+    s.data.all_reduce_sum_f64(&mut logps, what)?;
     Ok(logps)
 }
 

@@ -173,7 +173,7 @@ impl<B: Backend> Recipe<B> for Rm<B> {
             }
         }
         (0..idle).for_each(|_| s.model.idle_forward(&s.b));
-        s.comm.all_reduce_sum_f64(&mut reward, &format!("eval rewards at step {}", s.state.step))?;
+        s.data.all_reduce_sum_f64(&mut reward, &format!("eval rewards at step {}", s.state.step))?;
         let mut stats = RmStats::default();
         for k in 0..split.examples.len() / 2 {
             let (rc, rr) = (reward[2 * k], reward[2 * k + 1]);

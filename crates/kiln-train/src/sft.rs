@@ -117,7 +117,7 @@ impl<B: Backend> Recipe<B> for Sft<B> {
             (sums[i], sums[n + i]) = (loss, correct as f64);
         }
         (0..idle).for_each(|_| s.model.idle_forward(&s.b));
-        s.comm.all_reduce_sum_f64(&mut sums, &format!("eval loss at step {}", s.state.step))?;
+        s.data.all_reduce_sum_f64(&mut sums, &format!("eval loss at step {}", s.state.step))?;
         let count = self.eval_batches.iter().map(|mb| trainable_targets(&self.eval, mb)).sum::<usize>().max(1) as f64;
         let (loss, correct) = (sums[..n].iter().sum::<f64>(), sums[n..].iter().sum::<f64>());
         Ok(Some(SftStats { loss: loss / count, mean_token_accuracy: correct / count }))

@@ -146,12 +146,12 @@ pub fn train<B: Backend, R: Recipe<B>>(
 
 /// Adds up `tally` over the ranks.
 fn sum_over_ranks<B: Backend>(s: &Session<B>, tally: &mut impl Tally) -> Result<()> {
-    if s.comm.size() == 1 {
+    if s.data.size() == 1 {
         return Ok(());
     }
     let mut sums = tally.sums();
     let mut values: Vec<f64> = sums.iter().map(|v| **v).collect();
-    s.comm.all_reduce_sum_f64(&mut values, &format!("step statistics at step {}", s.state.step + 1))?;
+    s.data.all_reduce_sum_f64(&mut values, &format!("step statistics at step {}", s.state.step + 1))?;
     sums.iter_mut().zip(values).for_each(|(v, x)| **v = x);
     Ok(())
 }

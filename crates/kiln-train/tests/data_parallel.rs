@@ -9,97 +9,11 @@
 //! and ZeRO-3.
 //! `crates/kiln/tests/dp_mpi.rs` runs the same layouts as processes under mpirun.
 
+mod common;
+
+use common::*;
 use kiln_core::Cpu;
-use kiln_dist::Threads;
-use kiln_train::{RunConfig, RunSummary, Runtime};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
-
-const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
-
-/// Runs `run` on `ranks` ranks of one process, each on a thread of its own.
-fn on_ranks<S: Send>(ranks: usize, run: impl Fn(Runtime<Cpu>) -> S + Sync) -> Vec<S> {
-    let comms = Threads::new(ranks, Duration::from_secs(120));
-    std::thread::scope(|s| {
-        let handles: Vec<_> =
-            comms.into_iter().map(|c| s.spawn(|| run(Runtime { b: Cpu, world: Arc::new(c) }))).collect();
-        handles.into_iter().map(|h| h.join().expect("a rank panicked")).collect()
-    })
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-dp-threads-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-/// `examples/RECIPE.toml` into `dir` with `overrides`, in f32 unless they say otherwise: the
-/// curves match to f32 noise there (`bf16_gives_the_same_curve_within_its_rounding` for bf16).
-fn config(recipe: &str, dir: &Path, overrides: &[&str]) -> RunConfig {
-    let mut all = vec![format!("output.dir={:?}", dir.display().to_string()), "train.dtype=\"f32\"".into()];
-    all.extend(overrides.iter().map(|s| s.to_string()));
-    RunConfig::load_resolved(Path::new(&format!("{EXAMPLES}/{recipe}.toml")), &all).expect("example config")
-}
-
-/// Runs `recipe` on `ranks` ranks; returns rank 0's summary's step count.
-fn run(recipe: &str, ranks: usize, dir: &Path, overrides: &[&str], resume: bool) -> u64 {
-    let c = config(recipe, dir, overrides);
-    let resume = || resume.then_some(kiln_train::Resume::Latest);
-    fn steps<S>(r: anyhow::Result<RunSummary<S>>) -> u64 {
-        r.unwrap_or_else(|e| panic!("{e:#}")).steps
-    }
-    let summaries = on_ranks(ranks, |rt| match recipe {
-        "sft" => steps(kiln_train::sft::run(rt, &c, resume(), true)),
-        "dpo" => steps(kiln_train::dpo::run(rt, &c, resume(), true)),
-        "rm" => steps(kiln_train::rm::run(rt, &c, resume(), true)),
-        "kto" => steps(kiln_train::kto::run(rt, &c, resume(), true)),
-        "grpo" => steps(kiln_train::grpo::run(rt, &c, resume(), true)),
-        "distill" => steps(kiln_train::distill::run(rt, &c, resume(), true)),
-        other => panic!("no recipe {other}"),
-    });
-    summaries[0]
-}
-
-/// Metrics lines of training steps.
-fn steps(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v["grad_norm"].is_number())
-        .collect()
-}
-
-fn series(dir: &Path, key: &str) -> Vec<f64> {
-    steps(dir).iter().map(|v| v[key].as_f64().unwrap()).collect()
-}
-
-/// The eval losses (before training and at the end), each rank having scored its share.
-fn eval_losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["eval_loss"].as_f64())
-        .collect()
-}
-
-fn assert_same_curve(reference: &[f64], curve: &[f64], tolerance: f64, what: &str) {
-    assert_eq!(curve.len(), reference.len(), "{what}: one metrics line per step");
-    assert!(!reference.is_empty(), "{what}: no steps");
-    for (step, (a, b)) in reference.iter().zip(curve).enumerate() {
-        assert!((a - b).abs() <= tolerance * a.abs().max(1e-3), "{what} step {}: 1 rank {a}, here {b}", step + 1);
-    }
-}
-
-/// A 6-step SFT run of the example on `ranks` ranks, 4 micro-batches a step over all of them.
-fn sft(ranks: usize, dir: &Path, extra: &[&str]) {
-    let accum = format!("train.grad_accum={}", 4 / ranks);
-    let mut overrides = vec!["train.steps=6", "output.save_every=3", accum.as_str()];
-    overrides.extend(extra);
-    assert_eq!(run("sft", ranks, dir, &overrides, false), 6);
-}
+use std::path::Path;
 
 #[test]
 fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_2_and_3() {
@@ -298,23 +212,6 @@ fn assert_same_recipe(recipe: &str, what: &str, one: &[&str], two: &[&str]) {
     assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, what);
 }
 
-fn scratch_keep(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("kiln-dp-threads-{}-{name}", std::process::id()))
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
-}
-
 /// A tiny random DeepSeek-V3 (MLA; one dense layer, then two MoE layers of 8 routed experts,
 /// 2 per token, and a shared expert) with the demo tokenizer, as a Hugging Face directory.
 fn deepseek_base(dir: &Path) {
@@ -349,16 +246,6 @@ fn deepseek_v4_base(dir: &Path) {
     }
     let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1);
     model.save_weights(&Cpu, dir).unwrap();
-}
-
-/// Runs `sft` on `ranks` ranks and returns rank 0's error.
-fn sft_error(ranks: usize, dir: &Path, overrides: &[&str], resume: bool) -> String {
-    let c = config("sft", dir, overrides);
-    let errors = on_ranks(ranks, |rt| {
-        let resume = resume.then_some(kiln_train::Resume::Latest);
-        kiln_train::sft::run(rt, &c, resume, true).err().map(|e| format!("{e:#}"))
-    });
-    errors[0].clone().expect("the run should have failed")
 }
 
 #[test]

@@ -178,6 +178,34 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_2_and
     }
 }
 
+/// Tensor parallel as processes: groups of 2 ranks splitting every layer's heads and MLP
+/// width, alone and with data parallel and ZeRO-2, follow the one-process curve; their final
+/// checkpoint holds the whole model, the one process's weights; and the tensor-parallel
+/// checkpoint resumes on one process.
+#[test]
+fn tensor_parallel_gives_the_one_process_curve_and_checkpoint() {
+    let _serial = serial();
+    let one = scratch("tp-1");
+    run_ok(1, 4, &one, &[]);
+    let reference = losses(&one);
+    let final_weights = |dir: &Path| tensors(&dir.join("checkpoints/step-00000006/model.safetensors"));
+    for (ranks, accum, layout) in [(2, 4, "tp=2"), (4, 2, "dp=2,tp=2,zero=2")] {
+        let dir = scratch(&format!("tp-{ranks}"));
+        run_ok(ranks, accum, &dir, &["--layout", layout]);
+        assert_same_curve(&reference, &losses(&dir), layout);
+        for ((name, a), (_, b)) in final_weights(&one).iter().zip(final_weights(&dir)) {
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{layout}: `{name}` of the final checkpoint differs by {worst}");
+        }
+    }
+    let dir = scratch("tp-resumed-on-1");
+    copy_dir(&scratch_keep("tp-2"), &dir);
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    let out = sft(1, 4, &dir, &["--resume"]);
+    assert!(out.status.success(), "tp=2 resumed on 1: {}", String::from_utf8_lossy(&out.stderr));
+    assert_same_curve(&reference, &losses(&dir), "tp=2 resumed on 1");
+}
+
 /// Every tensor of a safetensors file, as f32.
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -251,7 +251,8 @@ fn layouts_the_engine_cannot_run_are_refused_with_the_reason() {
         err
     };
     for (layout, why) in [
-        ("dp=1,tp=2", "tensor parallel is not implemented"),
+        ("dp=1,tp=2", "1·2·1 = 2 does not equal the 1 ranks of the launch"),
+        ("tp=2", "tp = 2 does not divide the 1 ranks of the launch"),
         ("pp=2", "pipeline parallel is not implemented"),
         ("dp=2,zero=3", "does not equal the 1 ranks of the launch"),
         ("zero=5", "ZeRO has stages 0 to 3"),

@@ -1,6 +1,8 @@
 //! Checkpoints of a run on one or several ranks: rank 0 writes the model and state and seals
 //! the directory; with ZeRO every rank, and under expert parallel every rank of the first
-//! expert group, adds its shard to the temporary directory first.
+//! expert group, adds its shard to the temporary directory first. Under tensor parallel the
+//! first tensor group assembles the whole tensors (and replicated moments) for rank 0 to
+//! write, so the checkpoint is the one a run without it writes.
 
 use super::Session;
 use crate::checkpoint::{self, SaveRequest};
@@ -16,7 +18,7 @@ impl<B: Backend> Session<B> {
         // ZeRO-3: the ranks that write weights (rank 0; under expert parallel the first expert
         // group) gather the model whole for it, a layer at a time; the others take part.
         let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
-        self.model.unshard(&self.b, self.comm.rank() < expert_ranks);
+        self.model.unshard(&self.b, self.data.rank() < expert_ranks);
         let written = self.write_checkpoint();
         self.model.reshard();
         written
@@ -28,6 +30,14 @@ impl<B: Backend> Session<B> {
         let phase = |name: &str| format!("checkpoint at step {step}: {name}");
         let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
         let sharded = self.dp.sharded || expert_ranks > 1;
+        // The ranks of the first tensor group (rank 0 alone without tensor parallel) assemble
+        // what rank 0 writes.
+        let (b, writers) = (&self.b, self.data.rank() == 0);
+        let joined = writers.then(|| self.model.joined(b)).flatten();
+        let moments = (writers && !self.dp.sharded).then(|| {
+            let (m, v) = checkpoint::replicated_moments(b, &self.dp, &self.model.flat);
+            (self.model.join_blocks(b, m), self.model.join_blocks(b, v))
+        });
         if !comm.is_root() {
             if sharded {
                 comm.barrier(&phase("directory ready"))?;
@@ -47,12 +57,11 @@ impl<B: Backend> Session<B> {
             }
             Ok(())
         };
-        let moments = (!self.dp.sharded).then(|| checkpoint::replicated_moments(&self.b, &self.dp, &self.model.flat));
         let dir = checkpoint::save(
             &self.b,
             &SaveRequest {
                 root: &root,
-                model: &self.model,
+                model: joined.as_ref().unwrap_or(&self.model),
                 moments: moments.as_ref(),
                 extra: &extra,
                 state: &self.state,

@@ -22,7 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_model::{ExpertParallel, Model};
-use parallel::expert_groups;
+use parallel::{expert_groups, tensor_groups};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +57,10 @@ pub struct Session<B: Backend> {
     pub b: B,
     /// The ranks of the run.
     pub comm: Ranks<B>,
+    /// The ranks that share out the data (each with a replica of the model, or under tensor
+    /// parallel each with its group's blocks of it): `comm`, or under tensor parallel the ranks
+    /// at the same place in every tensor group. Sums of losses and statistics run over these.
+    pub data: Ranks<B>,
     pub model: Model<B>,
     /// Gradients, their reduction over the ranks and the optimizer: backward's `GradSink`.
     pub dp: DataParallel<B>,
@@ -158,7 +162,17 @@ impl<B: Backend> Session<B> {
                 (Some(group), Some(replicas))
             }
         };
+        let (tensor_group, data) = match t.tp {
+            1 => (None, Arc::clone(&comm)),
+            tp => {
+                let (group, data) = tensor_groups::<B>(comm.as_ref(), tp)?;
+                (Some(group), data)
+            }
+        };
         let mut model = load(&b, &model_dir, expert_parallel)?;
+        if let Some(group) = tensor_group {
+            model.split_tensors(&b, group).map_err(|why| anyhow::anyhow!("`train.tp` = {}: {why}", t.tp))?;
+        }
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
         model.set_matmul_precision(t.dtype.precision(&b));
         if comm.is_root() {
@@ -167,7 +181,7 @@ impl<B: Backend> Session<B> {
         let hyper =
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let muon = (t.optimizer == OptimizerKind::Muon).then(|| t.muon.clone());
-        let mut dp = DataParallel::new(&b, &model, (&comm, replicas), t.zero, hyper, muon);
+        let mut dp = DataParallel::new(&b, &model, (&data, replicas), t.zero, hyper, muon);
         if dp.shards_weights {
             model.shard_params(&b, dp.param_spaces());
         }
@@ -211,6 +225,7 @@ impl<B: Backend> Session<B> {
         Ok(Self {
             b,
             comm,
+            data,
             model,
             dp,
             state,

@@ -1,6 +1,6 @@
 //! The session's side of running on several ranks: each rank's share of a step, the idle
 //! passes that keep expert groups and ZeRO-2's reductions in step, summing the loss and
-//! expert loads, agreeing on a stop, and the groups expert parallel sets up.
+//! expert loads, agreeing on a stop, and the groups expert and tensor parallel set up.
 
 use super::Session;
 use crate::data_parallel::Ranks;
@@ -13,13 +13,13 @@ use std::path::Path;
 impl<B: Backend> Session<B> {
     /// Micro-batches in a step over all ranks: `grad_accum` on each.
     pub fn step_micro_batches(&self) -> usize {
-        self.train.grad_accum * self.comm.size()
+        self.train.grad_accum * self.data.size()
     }
 
     /// This rank's contiguous share of a step's `len` items (micro-batches, prompts): all of
     /// them in one process.
     pub fn my_share(&self, len: usize) -> std::ops::Range<usize> {
-        kiln_dist::shard(len, self.comm.rank(), self.comm.size())
+        kiln_dist::shard(len, self.data.rank(), self.data.size())
     }
 
     /// Under expert parallel every forward and backward is collective (expert exchanges), and
@@ -45,9 +45,9 @@ impl<B: Backend> Session<B> {
 
     /// How many passes fewer than the busiest rank this rank has, with `mine` of its own.
     fn idle_passes(&self, mine: usize) -> Result<usize> {
-        let mut counts = vec![0u64; self.comm.size()];
+        let mut counts = vec![0u64; self.data.size()];
         let what = format!("pass counts at step {}", self.state.step + 1);
-        self.comm.all_gather_u64(&[mine as u64], &mut counts, &what)?;
+        self.data.all_gather_u64(&[mine as u64], &mut counts, &what)?;
         Ok(counts.into_iter().max().unwrap_or(0) as usize - mine)
     }
 
@@ -71,13 +71,13 @@ impl<B: Backend> Session<B> {
 
     /// Data parallel: sums the step's loss and MoE expert loads over the ranks; returns the loss.
     pub(super) fn reduce_scalars(&mut self, loss: f64) -> Result<f64> {
-        if self.comm.size() == 1 {
+        if self.data.size() == 1 {
             return Ok(loss);
         }
         let loads = &mut self.model.expert_load;
         let mut flat: Vec<f64> = loads.iter().flatten().map(|&l| l as f64).collect();
         flat.push(loss);
-        self.comm.all_reduce_sum_f64(&mut flat, &format!("loss at step {}", self.state.step + 1))?;
+        self.data.all_reduce_sum_f64(&mut flat, &format!("loss at step {}", self.state.step + 1))?;
         for (l, &x) in loads.iter_mut().flatten().zip(&flat) {
             *l = x.round() as u64;
         }
@@ -119,4 +119,16 @@ pub(super) fn expert_groups<B: Backend>(
     let group = comm.split(comm.rank() / ep, "expert groups")?;
     let replicas = comm.split(comm.rank() % ep, "expert replicas")?;
     Ok((ExpertParallel { group }, replicas))
+}
+
+/// The tensor group of `tp` consecutive ranks this rank belongs to, which split every layer's
+/// heads and MLP width, and the ranks at the same place in every group, which share out the
+/// data (`Session::data`); refuses a `tp` that does not divide the ranks.
+pub(super) fn tensor_groups<B: Backend>(comm: &dyn Comm<B::Slice>, tp: usize) -> Result<(Ranks<B>, Ranks<B>)> {
+    if !comm.size().is_multiple_of(tp) {
+        bail!("`train.tp` = {tp} does not divide the {} ranks of the run (mpirun -np)", comm.size());
+    }
+    let group = comm.split(comm.rank() / tp, "tensor groups")?;
+    let data = comm.split(comm.rank() % tp, "data-parallel ranks")?;
+    Ok((group, data))
 }

@@ -1,0 +1,152 @@
+//! Tensor parallel in one process (`kiln_dist::Threads`, a thread per rank), under plain
+//! `cargo test`: groups of 2 and 4 ranks splitting every layer's heads and MLP width follow the
+//! one-process curve, alone, with data parallel, ZeRO and recomputation, on the demo's Llama and
+//! on a Qwen3 with q/k norms and attention biases (a row-parallel bias, and norms whose
+//! gradients sum over the group); each rank holds its blocks of the layers; a tensor-parallel
+//! checkpoint holds the whole model, the one a single process writes, and resumes on one
+//! process and the reverse; DPO and GRPO follow their curves; and what cannot be split is
+//! refused with the reason.
+//! `crates/kiln/tests/dp_mpi.rs` runs tensor parallel as processes under mpirun.
+
+mod common;
+
+use common::*;
+use kiln_core::Cpu;
+use kiln_model::safetensors_io;
+use std::path::Path;
+
+/// A tiny random Qwen3 (8 heads over 4 key/value heads, per-head q/k norms, biases on q, k, v
+/// and o) with the demo tokenizer, as a Hugging Face directory.
+fn qwen3_base(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = r#"{
+        "model_type": "qwen3", "vocab_size": 99, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16,
+        "attention_bias": true, "tie_word_embeddings": false, "eos_token_id": 2, "pad_token_id": 0,
+        "max_position_embeddings": 256
+    }"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let demo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base"));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(demo.join(f), dir.join(f)).unwrap();
+    }
+    let mut model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1);
+    // Non-zero biases and norms, so that a bias added on every rank or a norm gradient left
+    // partial shows from the first step.
+    let mut rng = kiln_core::rng::Rng::new(7);
+    let mut tensors = model.tensors(&Cpu);
+    for (spec, t) in model.layout.iter().into_iter().zip(tensors.iter_mut()) {
+        if spec.shape.len() == 1 {
+            let noise = rng.normal_vec(t.len(), 0.1);
+            t.iter_mut().zip(noise).for_each(|(x, n)| *x += n);
+        }
+    }
+    model = kiln_model::Model::from_tensors(&Cpu, model.config.clone(), &tensors, kiln_model::StorageDtype::F32);
+    model.save_weights(&Cpu, dir).unwrap();
+}
+
+/// `sft` on `ranks` ranks laid out as `layout`, the 4 micro-batches of a step split over its
+/// data-parallel ranks (`dp`, 1 unless given).
+fn sft_laid_out(ranks: usize, dir: &Path, layout: &str, extra: &[&str]) {
+    let dp: usize = layout.split(',').find_map(|p| p.strip_prefix("dp=")).map_or(1, |d| d.parse().unwrap());
+    let (layout, accum) = (format!("train.layout={layout:?}"), format!("train.grad_accum={}", 4 / dp));
+    sft(ranks, dir, &[extra, &[layout.as_str(), accum.as_str()]].concat());
+}
+
+/// The weights of checkpoint `dir`, by name.
+fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let config = kiln_model::Config::load(dir).unwrap();
+    let layout = kiln_model::weights::layout(&config);
+    let files = [dir.join("model.safetensors")];
+    let loaded = safetensors_io::load_file_set(dir, &files, &layout).unwrap();
+    layout.iter().into_iter().map(|s| s.name.clone()).zip(loaded.tensors.iter().into_iter().cloned()).collect()
+}
+
+fn assert_same_weights(a: &Path, b: &Path, what: &str) {
+    for ((name, x), (_, y)) in checkpoint_weights(a).iter().zip(checkpoint_weights(b)) {
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * scale, "{what}: `{name}` differs by {worst} (values up to {scale})");
+    }
+}
+
+#[test]
+fn tensor_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model() {
+    let one = scratch("tp-1");
+    sft(1, &one, &[]);
+    let reference = series(&one, "loss");
+    let held = |dir: &Path, key: &str| steps(dir)[0][key].as_f64().unwrap();
+    for (ranks, layout) in
+        [(2, "tp=2"), (2, "tp=2,recompute=full"), (4, "dp=2,tp=2"), (4, "dp=2,tp=2,zero=1"), (4, "dp=2,tp=2,zero=3")]
+    {
+        let dir = scratch(&format!("tp-{layout}"));
+        sft_laid_out(ranks, &dir, layout, &[]);
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, layout);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, layout);
+        assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-5, &format!("{layout}, eval"));
+        // Each rank holds half of every layer's matrices.
+        let (whole, here) = (held(&one, "weights_mb"), held(&dir, "weights_mb"));
+        if !layout.contains("zero=3") {
+            assert!(here < 0.75 * whole && here > 0.25 * whole, "{layout}: weights {here} MB of {whole}");
+        }
+        assert_same_weights(
+            &one.join("checkpoints/step-00000006"),
+            &dir.join("checkpoints/step-00000006"),
+            &format!("{layout}: the final checkpoint"),
+        );
+    }
+    // The tp=2 run's step-3 checkpoint resumes on one process, and the one-process run's on
+    // tp=2 and on dp=2,tp=2 with ZeRO-3, continuing the curve.
+    for (from, ranks, layout) in [("tp-tp=2", 1, "dp=1"), ("tp-1", 2, "tp=2"), ("tp-1", 4, "dp=2,tp=2,zero=3")] {
+        let dir = scratch(&format!("tp-resume-{from}-{layout}"));
+        copy_dir(&scratch_keep(from), &dir);
+        std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+        let accum = format!("train.grad_accum={}", if layout.starts_with("dp=2") { 2 } else { 4 });
+        let layout_key = format!("train.layout={layout:?}");
+        run("sft", ranks, &dir, &["train.steps=6", "output.save_every=3", &accum, &layout_key], true);
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, &format!("{from} resumed as {layout}"));
+    }
+}
+
+#[test]
+fn a_qwen3_with_biases_and_qk_norms_splits_over_two_and_four_ranks() {
+    let base = scratch("tp-qwen3-base");
+    qwen3_base(&base);
+    let model = format!("model.path={:?}", base.display().to_string());
+    let one = scratch("tp-qwen3-1");
+    sft(1, &one, &[&model]);
+    for (ranks, layout) in [(2, "tp=2"), (4, "tp=4"), (4, "dp=2,tp=2,zero=2")] {
+        let dir = scratch(&format!("tp-qwen3-{layout}"));
+        sft_laid_out(ranks, &dir, layout, &[&model]);
+        assert_same_curve(&series(&one, "loss"), &series(&dir, "loss"), 1e-5, layout);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, layout);
+        assert_same_weights(
+            &one.join("checkpoints/step-00000006"),
+            &dir.join("checkpoints/step-00000006"),
+            &format!("qwen3 {layout}: the final checkpoint"),
+        );
+    }
+}
+
+#[test]
+fn dpo_and_grpo_follow_their_curves_under_tensor_parallel() {
+    for (recipe, one) in [("dpo", vec!["train.grad_accum=2"]), ("grpo", vec![])] {
+        let one = [&["train.steps=4"], &one[..]].concat();
+        let two = [&one[..], &["train.tp=2"]].concat();
+        let (a, b) = (scratch(&format!("tp-{recipe}-1")), scratch(&format!("tp-{recipe}-2")));
+        run(recipe, 1, &a, &one, false);
+        run(recipe, 2, &b, &two, false);
+        let what = format!("{recipe}, tp=2");
+        assert!(series(&a, "grad_norm").iter().any(|g| *g > 0.0), "{what}: no gradient to compare");
+        assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), 1e-5, &what);
+        assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, &what);
+    }
+}
+
+#[test]
+fn what_tensor_parallel_cannot_split_is_refused_with_the_reason() {
+    let err = sft_error(4, &scratch("tp-refuse-heads"), &["train.tp=4", "train.grad_accum=1"], false);
+    assert!(err.contains("tp = 4 does not divide the model's 6 attention heads"), "{err}");
+    let err = sft_error(4, &scratch("tp-refuse-ranks"), &["train.tp=3"], false);
+    assert!(err.contains("`train.tp` = 3 does not divide the 4 ranks"), "{err}");
+}

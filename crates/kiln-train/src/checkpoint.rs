@@ -254,6 +254,18 @@ fn moment_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
     }
     let files = shard_files(dir, name)?;
     if files.is_empty() {
+        let tensor_parallel = fs::read_dir(dir)?.filter_map(|e| e.ok()).any(|e| {
+            let file = e.file_name().to_string_lossy().to_string();
+            file.starts_with("tp") && file.contains("_adam_shard-")
+        });
+        if tensor_parallel {
+            bail!(
+                "{}: its AdamW moments are ZeRO shards of a tensor-parallel run's blocks (tp*_adam_shard-*), which \
+                 resume with the same `train.tp` (the weights load on any layout; a tensor-parallel run without ZeRO \
+                 writes whole moments)",
+                dir.display()
+            );
+        }
         bail!("{}: no {name}.safetensors (or shards of it) in the checkpoint", dir.display());
     }
     Ok(files)

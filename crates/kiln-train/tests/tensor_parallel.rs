@@ -4,7 +4,7 @@
 //! on a Qwen3 with q/k norms and attention biases (a row-parallel bias, and norms whose
 //! gradients sum over the group); each rank holds its blocks of the layers; a tensor-parallel
 //! checkpoint holds the whole model, the one a single process writes, and resumes on one
-//! process and the reverse; DPO and GRPO follow their curves; and what cannot be split is
+//! process and the reverse; DPO, RM, KTO and GRPO follow their curves; and what cannot be split is
 //! refused with the reason.
 //! `crates/kiln/tests/dp_mpi.rs` runs tensor parallel as processes under mpirun.
 
@@ -95,9 +95,15 @@ fn tensor_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model
             &format!("{layout}: the final checkpoint"),
         );
     }
-    // The tp=2 run's step-3 checkpoint resumes on one process, and the one-process run's on
-    // tp=2 and on dp=2,tp=2 with ZeRO-3, continuing the curve.
-    for (from, ranks, layout) in [("tp-tp=2", 1, "dp=1"), ("tp-1", 2, "tp=2"), ("tp-1", 4, "dp=2,tp=2,zero=3")] {
+    // The tp=2 run's step-3 checkpoint resumes on one process, the one-process run's on tp=2
+    // and on dp=2,tp=2 with ZeRO-3, and the dp=2,tp=2 ZeRO-1 one on its own layout, continuing
+    // the curve.
+    for (from, ranks, layout) in [
+        ("tp-tp=2", 1, "dp=1"),
+        ("tp-1", 2, "tp=2"),
+        ("tp-1", 4, "dp=2,tp=2,zero=3"),
+        ("tp-dp=2,tp=2,zero=1", 4, "dp=2,tp=2,zero=1"),
+    ] {
         let dir = scratch(&format!("tp-resume-{from}-{layout}"));
         copy_dir(&scratch_keep(from), &dir);
         std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
@@ -106,6 +112,12 @@ fn tensor_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model
         run("sft", ranks, &dir, &["train.steps=6", "output.save_every=3", &accum, &layout_key], true);
         assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, &format!("{from} resumed as {layout}"));
     }
+    // ZeRO's moment shards of a tensor group's blocks need that group: another tp is refused.
+    let dir = scratch("tp-resume-zero-1-on-1");
+    copy_dir(&scratch_keep("tp-dp=2,tp=2,zero=1"), &dir);
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    let err = sft_error(1, &dir, &["train.steps=6"], true);
+    assert!(err.contains("resume with the same `train.tp`"), "{err}");
 }
 
 #[test]
@@ -129,8 +141,13 @@ fn a_qwen3_with_biases_and_qk_norms_splits_over_two_and_four_ranks() {
 }
 
 #[test]
-fn dpo_and_grpo_follow_their_curves_under_tensor_parallel() {
-    for (recipe, one) in [("dpo", vec!["train.grad_accum=2"]), ("grpo", vec![])] {
+fn dpo_rm_kto_and_grpo_follow_their_curves_under_tensor_parallel() {
+    for (recipe, one) in [
+        ("dpo", vec!["train.grad_accum=2"]),
+        ("rm", vec!["train.grad_accum=2"]),
+        ("kto", vec!["train.grad_accum=2"]),
+        ("grpo", vec![]),
+    ] {
         let one = [&["train.steps=4"], &one[..]].concat();
         let two = [&one[..], &["train.tp=2"]].concat();
         let (a, b) = (scratch(&format!("tp-{recipe}-1")), scratch(&format!("tp-{recipe}-2")));

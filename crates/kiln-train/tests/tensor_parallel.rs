@@ -4,7 +4,7 @@
 //! on a Qwen3 with q/k norms and attention biases (a row-parallel bias, and norms whose
 //! gradients sum over the group); each rank holds its blocks of the layers; a tensor-parallel
 //! checkpoint holds the whole model, the one a single process writes, and resumes on one
-//! process and the reverse; DPO, RM, KTO and GRPO follow their curves; and what cannot be split is
+//! process and the reverse; every other recipe follows its curve; and what cannot be split is
 //! refused with the reason.
 //! `crates/kiln/tests/dp_mpi.rs` runs tensor parallel as processes under mpirun.
 
@@ -141,12 +141,18 @@ fn a_qwen3_with_biases_and_qk_norms_splits_over_two_and_four_ranks() {
 }
 
 #[test]
-fn dpo_rm_kto_and_grpo_follow_their_curves_under_tensor_parallel() {
+fn every_recipe_follows_its_curve_under_tensor_parallel() {
+    // A teacher for distillation that differs from the student: the random Qwen3, whose
+    // vocabulary is the demo's.
+    let teacher = scratch("tp-teacher");
+    qwen3_base(&teacher);
+    let teacher = format!("distill.teacher={:?}", teacher.display().to_string());
     for (recipe, one) in [
         ("dpo", vec!["train.grad_accum=2"]),
         ("rm", vec!["train.grad_accum=2"]),
         ("kto", vec!["train.grad_accum=2"]),
         ("grpo", vec![]),
+        ("distill", vec![teacher.as_str()]),
     ] {
         let one = [&["train.steps=4"], &one[..]].concat();
         let two = [&one[..], &["train.tp=2"]].concat();

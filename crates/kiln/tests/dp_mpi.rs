@@ -220,8 +220,9 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     all
 }
 
-/// ZeRO-3 on 4 ranks holds a quarter of the training state on each, and the memory a rank
-/// measures over a step falls with it: rank 0's peak resident memory is under half that of
+/// ZeRO-3 on 4 ranks holds a quarter of the training state on each (tensor parallel over 2
+/// about half), and the memory a rank measures over a step falls with it: rank 0's peak
+/// resident memory is under half that of
 /// the same launch replicated (ZeRO-0: the same MPI buffers and program), on a model whose
 /// state outweighs its activations.
 #[test]
@@ -246,14 +247,20 @@ fn zero_3_cuts_the_memory_each_rank_measures() {
         let mb = |key: &str| last[key].as_f64().unwrap_or_else(|| panic!("{key} in {last}"));
         (mb("weights_mb") + mb("gradients_mb") + mb("optimizer_state_mb"), mb("peak_resident_mb"))
     };
+    let tensor = scratch("wide-tp2");
+    run_two_steps(&tensor, "dp=2,tp=2");
     let ((held_0, peak_0), (held_3, peak_3)) = (memory(&replicated), memory(&sharded));
+    let (held_tp, peak_tp) = memory(&tensor);
+    assert!(held_tp < 0.6 * held_0, "tp=2 holds {held_tp} MB of {held_0}");
     assert!(held_3 < 0.35 * held_0, "ZeRO-3 holds {held_3} MB of {held_0}");
     assert!(peak_0 >= held_0 && peak_3 >= held_3, "a peak below what is held");
     assert!(peak_3 < 0.5 * peak_0, "ZeRO-3 rank 0 peaks at {peak_3} MB, ZeRO-0's at {peak_0}");
     // `kiln plan` on the same model, devices and layout predicts what each rank holds.
     let cluster = sharded.join("loopback.toml");
     std::fs::write(&cluster, LOOPBACK_CLUSTER).unwrap();
-    for (layout, held, peak) in [("dp=4,zero=0", held_0, peak_0), ("dp=4,zero=3", held_3, peak_3)] {
+    for (layout, held, peak) in
+        [("dp=4,zero=0", held_0, peak_0), ("dp=4,zero=3", held_3, peak_3), ("dp=2,tp=2,zero=0", held_tp, peak_tp)]
+    {
         let (planned_held, planned_peak) = planned(&base, &cluster, layout);
         eprintln!(
             "{layout}, rank 0 of 4: holds {held:.0} MB (plan: {planned_held:.0}), peaks at {peak:.0} MB (plan, without the program and MPI: {planned_peak:.0})"

@@ -222,9 +222,9 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 
 /// ZeRO-3 on 4 ranks holds a quarter of the training state on each (tensor parallel over 2
 /// about half), and the memory a rank measures over a step falls with it: rank 0's peak
-/// resident memory is under half that of
-/// the same launch replicated (ZeRO-0: the same MPI buffers and program), on a model whose
-/// state outweighs its activations.
+/// resident memory is under half that of the same launch replicated (ZeRO-0: the same MPI
+/// buffers and program), on a model whose state outweighs its activations; `kiln plan`
+/// predicts what each layout holds.
 #[test]
 fn zero_3_cuts_the_memory_each_rank_measures() {
     let _serial = serial();

@@ -21,7 +21,7 @@ use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::param_shards::{ParamShards, SpaceRanks};
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
-use crate::tensor_parallel::{self, Cut, TensorParallel};
+use crate::tensor_parallel::{self, TensorParallel};
 use crate::v4_cache::V4Step;
 use crate::weights::{
     self, v4_layout, AttnWeights, FfnWeights, GqaWeights, Init, LayerWeights, MlpWeights, MoeWeights, TensorSpec,
@@ -238,10 +238,7 @@ impl<B: Backend> Model<B> {
         dtype: StorageDtype,
     ) -> Self {
         let flat = FlatLayout::new(&layout);
-        let mut params = b.zeros(flat.total);
-        for (r, t) in flat.ranges.iter().into_iter().zip(tensors.iter()) {
-            b.write(b.slice_mut(&mut params, r.clone()), t);
-        }
+        let params = upload_flat(b, &flat, tensors);
         let expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
         let moe_shape = MoeShape::new(&config);
         let (mut passthrough, mut hash_tables, mut hc_ones) = (Vec::new(), vec![None; config.num_layers], b.zeros(0));
@@ -318,18 +315,11 @@ impl<B: Backend> Model<B> {
         group: Arc<dyn kiln_dist::Comm<B::Slice>>,
     ) -> std::result::Result<(), String> {
         assert!(self.tensor_parallel.is_none() && !self.params_sharded(), "a whole model to split");
-        let (rank, t) = (group.rank(), group.size());
-        let local_config = tensor_parallel::local_config(&self.config, t)?;
+        let local_config = tensor_parallel::local_config(&self.config, group.size())?;
         let tp = TensorParallel::new(group, &self.config);
-        let whole = self.tensors(b);
         let local_layout = layout_of(&local_config, self.expert_parallel.as_ref());
         let flat = FlatLayout::new(&local_layout);
-        let mut params = b.zeros(flat.total);
-        let specs = tp.whole_layout.iter().into_iter().zip(local_layout.iter());
-        for (((whole_spec, spec), values), r) in specs.zip(whole.iter()).zip(flat.ranges.iter()) {
-            let block = tensor_parallel::slice(values, whole_spec, Cut::of(whole_spec, spec), (rank, t));
-            b.write(b.slice_mut(&mut params, r.clone()), &block);
-        }
+        let params = upload_flat(b, &flat, &tp.blocks(&self.tensors(b), &local_layout));
         (self.config, self.layout, self.flat, self.params) = (local_config, local_layout, Arc::new(flat), params);
         self.tensor_parallel = Some(tp);
         Ok(())
@@ -338,14 +328,10 @@ impl<B: Backend> Model<B> {
     /// Under tensor parallel, this rank's blocks of `whole`, tensors laid out as the whole
     /// model (moments read from a checkpoint); `whole` itself otherwise.
     pub fn local_blocks(&self, whole: Weights<Vec<f32>>) -> Weights<Vec<f32>> {
-        let Some(tp) = &self.tensor_parallel else { return whole };
-        let (rank, t) = (tp.group.rank(), tp.group.size());
-        let mut blocks = tp.whole_layout.iter().into_iter().zip(self.layout.iter()).zip(whole.iter()).map(
-            |((whole_spec, spec), values)| {
-                tensor_parallel::slice(values, whole_spec, Cut::of(whole_spec, spec), (rank, t))
-            },
-        );
-        self.layout.map(|_| blocks.next().expect("a tensor per spec"))
+        match &self.tensor_parallel {
+            Some(tp) => tp.blocks(&whole, &self.layout),
+            None => whole,
+        }
     }
 
     /// The layout of the whole model (what checkpoints hold): `layout`, or under tensor
@@ -975,15 +961,7 @@ impl<B: Backend> Model<B> {
         // Attention branch: x_mid = x_in + attention(xn1).
         match (&w.attn, &mut g.attn, &a.attn, &mut s.attn) {
             (AttnWeights::Gqa(w), AttnWeights::Gqa(g), AttnActs::Gqa(a_), AttnGrads::Gqa(s_)) => {
-                let before = tp.map(|_| [&g.q_norm, &g.k_norm].map(|n| n.as_deref().map(|n| b.read(n))));
-                gqa::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx);
-                if let (Some(tp), Some(before)) = (tp, before) {
-                    for (grad, before) in [g.q_norm.as_deref_mut(), g.k_norm.as_deref_mut()].into_iter().zip(before) {
-                        if let (Some(grad), Some(before)) = (grad, before) {
-                            tp.sum_added(b, grad, &before, &format!("layer {l}: q/k norm gradient"));
-                        }
-                    }
-                }
+                gqa::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx, tp)
             }
             (AttnWeights::Mla(w), AttnWeights::Mla(g), AttnActs::Mla(a_), AttnGrads::Mla(s_)) => {
                 mla::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx)
@@ -1005,6 +983,15 @@ pub(crate) fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<
         (Some(ep), Some(moe)) => layout.with_experts(ep.local(moe.experts)),
         _ => layout,
     }
+}
+
+/// `tensors` uploaded into one flat buffer laid out as `flat`.
+fn upload_flat<B: Backend>(b: &B, flat: &FlatLayout, tensors: &Weights<Vec<f32>>) -> B::Buf {
+    let mut params = b.zeros(flat.total);
+    for (r, t) in flat.ranges.iter().into_iter().zip(tensors.iter()) {
+        b.write(b.slice_mut(&mut params, r.clone()), t);
+    }
+    params
 }
 
 /// Routed experts of `config`'s MoE layers (0 without).

@@ -138,14 +138,14 @@ impl<B: Backend> TensorParallel<B> {
         self.group.all_reduce_sum(buf, what).unwrap_or_else(|e| panic!("tensor parallel: {e:#}"))
     }
 
-    /// Adds to `grad` the sum over the group of what this rank's backward added to it since it
-    /// held `before` (Qwen3's per-head norms, whose gradients sum over every head).
-    pub fn sum_added(&self, b: &B, grad: &mut B::Slice, before: &[f32], what: &str) {
-        let added: Vec<f32> = b.read(grad).iter().zip(before).map(|(now, was)| now - was).collect();
-        let mut added = b.upload(&added);
-        self.sum(&mut added, what);
-        let summed: Vec<f32> = b.read(&added).iter().zip(before).map(|(sum, was)| was + sum).collect();
-        b.write(grad, &summed);
+    /// This rank's blocks (laid out as `local_layout`) of the whole tensors `whole`.
+    pub fn blocks(&self, whole: &Weights<Vec<f32>>, local_layout: &Weights<TensorSpec>) -> Weights<Vec<f32>> {
+        let (rank, t) = (self.group.rank(), self.group.size());
+        let specs = self.whole_layout.iter().into_iter().zip(local_layout.iter());
+        let mut blocks = specs
+            .zip(whole.iter())
+            .map(|((whole_spec, spec), values)| slice(values, whole_spec, Cut::of(whole_spec, spec), (rank, t)));
+        local_layout.map(|_| blocks.next().expect("a tensor per spec"))
     }
 
     /// The flat ranges (of `local`'s `ranges`) of the tensors the group cuts: their squares

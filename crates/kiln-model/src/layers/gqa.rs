@@ -7,6 +7,7 @@
 
 use super::{attend, linear, linear_backward, AttnCtx};
 use crate::config::Config;
+use crate::tensor_parallel::TensorParallel;
 use crate::weights::GqaWeights;
 use kiln_core::{Backend, Heads, Rope};
 
@@ -32,6 +33,9 @@ pub struct GqaGrads<B: Backend> {
     /// Gradients of q and k before their per-head norm (Qwen3).
     dq_raw: Option<B::Buf>,
     dk_raw: Option<B::Buf>,
+    /// This backward's gradients of the two norms' weights (Qwen3), summed over a tensor group
+    /// before they are added.
+    dnorms: Option<(B::Buf, B::Buf)>,
 }
 
 fn widths(c: &Config) -> (usize, usize) {
@@ -64,6 +68,7 @@ impl<B: Backend> GqaGrads<B> {
             dv: b.zeros(n * kvd),
             dq_raw: c.qk_norm.then(|| b.zeros(n * qd)),
             dk_raw: c.qk_norm.then(|| b.zeros(n * kvd)),
+            dnorms: c.qk_norm.then(|| (b.zeros(c.head_dim), b.zeros(c.head_dim))),
         }
     }
 }
@@ -106,6 +111,8 @@ pub fn forward<B: Backend>(
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
+/// Under tensor parallel (`tp`, this rank holding some of the heads) the q/k norms' weight
+/// gradients, which sum over every head, are summed over the group; dxn is left partial.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     b: &B,
@@ -118,6 +125,7 @@ pub fn backward<B: Backend>(
     a: &GqaActs<B>,
     s: &mut GqaGrads<B>,
     ctx: &AttnCtx<B>,
+    tp: Option<&TensorParallel<B>>,
 ) {
     let (n, d) = (ctx.tokens, c.hidden_size);
     let (qd, kvd) = widths(c);
@@ -151,8 +159,22 @@ pub fn backward<B: Backend>(
             let (q_norm, k_norm) = (w.q_norm.expect("q_norm"), w.k_norm.expect("k_norm"));
             b.fill(dq_raw, 0.0);
             b.fill(dk_raw, 0.0);
-            b.rmsnorm_backward(dq_raw, dqn, &s.dq, q_raw, q_norm, q_rstd);
-            b.rmsnorm_backward(dk_raw, dkn, &s.dk, k_raw, k_norm, k_rstd);
+            match (tp, &mut s.dnorms) {
+                (Some(tp), Some((dq_here, dk_here))) => {
+                    b.fill(dq_here, 0.0);
+                    b.fill(dk_here, 0.0);
+                    b.rmsnorm_backward(dq_raw, dq_here, &s.dq, q_raw, q_norm, q_rstd);
+                    b.rmsnorm_backward(dk_raw, dk_here, &s.dk, k_raw, k_norm, k_rstd);
+                    tp.sum(dq_here, "q norm gradient");
+                    tp.sum(dk_here, "k norm gradient");
+                    b.add_assign(dqn, dq_here);
+                    b.add_assign(dkn, dk_here);
+                }
+                _ => {
+                    b.rmsnorm_backward(dq_raw, dqn, &s.dq, q_raw, q_norm, q_rstd);
+                    b.rmsnorm_backward(dk_raw, dkn, &s.dk, k_raw, k_norm, k_rstd);
+                }
+            }
             (&*dq_raw, &*dk_raw)
         }
         _ => (&s.dq, &s.dk),

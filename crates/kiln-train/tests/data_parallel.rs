@@ -70,8 +70,7 @@ fn zero_3_weights_mb(ranks: usize) -> f64 {
 #[test]
 fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     let base = scratch("ep-base");
-    deepseek_base(&base);
-    let model = format!("model.path={:?}", base.display().to_string());
+    let model = deepseek_base(&base);
     let one = scratch("ep-1");
     sft(1, &one, &[&model]);
     let reference = series(&one, "loss");
@@ -144,8 +143,7 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
 #[test]
 fn deepseek_v4_follows_the_one_process_curve_with_expert_parallel_and_zero() {
     let base = scratch("v4-base");
-    deepseek_v4_base(&base);
-    let model = format!("model.path={:?}", base.display().to_string());
+    let model = deepseek_v4_base(&base);
     let one = scratch("v4-1");
     sft(1, &one, &[&model]);
     for (ranks, ep, extra) in [(2, 2, "train.zero=2"), (4, 2, "train.zero=1"), (2, 1, "train.zero=3")] {
@@ -213,9 +211,8 @@ fn assert_same_recipe(recipe: &str, what: &str, one: &[&str], two: &[&str]) {
 }
 
 /// A tiny random DeepSeek-V3 (MLA; one dense layer, then two MoE layers of 8 routed experts,
-/// 2 per token, and a shared expert) with the demo tokenizer, as a Hugging Face directory.
-fn deepseek_base(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
+/// 2 per token, and a shared expert) with the demo tokenizer, as a Hugging Face directory; returns its `model.path` override.
+fn deepseek_base(dir: &Path) -> String {
     let config = r#"{
         "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
         "moe_intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 3,
@@ -224,28 +221,16 @@ fn deepseek_base(dir: &Path) {
         "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
         "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
     }"#;
-    std::fs::write(dir.join("config.json"), config).unwrap();
-    let demo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base"));
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(demo.join(f), dir.join(f)).unwrap();
-    }
-    let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1);
-    model.save_weights(&Cpu, dir).unwrap();
+    write_base(dir, config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1))
 }
 
 /// A tiny random DeepSeek-V4 (`tests/fixtures/tiny_deepseek_v4.json`: sliding, compressed
 /// sparse and heavily compressed attention, a hash-routed MoE layer then two scored ones, two
-/// hyper-connected streams) with the demo tokenizer, as a Hugging Face directory.
-fn deepseek_v4_base(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
+/// hyper-connected streams) with the demo tokenizer, as a Hugging Face directory; returns its `model.path` override.
+fn deepseek_v4_base(dir: &Path) -> String {
     let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
     let config = std::fs::read_to_string(root.join("tests/fixtures/tiny_deepseek_v4.json")).unwrap();
-    std::fs::write(dir.join("config.json"), &config).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(root.join("demo/base").join(f), dir.join(f)).unwrap();
-    }
-    let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1);
-    model.save_weights(&Cpu, dir).unwrap();
+    write_base(dir, &config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1))
 }
 
 #[test]

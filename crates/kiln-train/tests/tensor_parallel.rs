@@ -16,33 +16,29 @@ use kiln_model::safetensors_io;
 use std::path::Path;
 
 /// A tiny random Qwen3 (8 heads over 4 key/value heads, per-head q/k norms, biases on q, k, v
-/// and o) with the demo tokenizer, as a Hugging Face directory.
-fn qwen3_base(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
+/// and o) with the demo tokenizer, as a Hugging Face directory; returns its `model.path`
+/// override.
+fn qwen3_base(dir: &Path) -> String {
     let config = r#"{
         "model_type": "qwen3", "vocab_size": 99, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 16,
         "attention_bias": true, "tie_word_embeddings": false, "eos_token_id": 2, "pad_token_id": 0,
         "max_position_embeddings": 256
     }"#;
-    std::fs::write(dir.join("config.json"), config).unwrap();
-    let demo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base"));
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(demo.join(f), dir.join(f)).unwrap();
-    }
-    let mut model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1);
+    let config_parsed = kiln_model::Config::parse(config).unwrap();
+    let random = kiln_model::Model::random(&Cpu, config_parsed.clone(), 1);
     // Non-zero biases and norms, so that a bias added on every rank or a norm gradient left
     // partial shows from the first step.
     let mut rng = kiln_core::rng::Rng::new(7);
-    let mut tensors = model.tensors(&Cpu);
-    for (spec, t) in model.layout.iter().into_iter().zip(tensors.iter_mut()) {
+    let mut tensors = random.tensors(&Cpu);
+    for (spec, t) in random.layout.iter().into_iter().zip(tensors.iter_mut()) {
         if spec.shape.len() == 1 {
             let noise = rng.normal_vec(t.len(), 0.1);
             t.iter_mut().zip(noise).for_each(|(x, n)| *x += n);
         }
     }
-    model = kiln_model::Model::from_tensors(&Cpu, model.config.clone(), &tensors, kiln_model::StorageDtype::F32);
-    model.save_weights(&Cpu, dir).unwrap();
+    let model = kiln_model::Model::from_tensors(&Cpu, config_parsed, &tensors, kiln_model::StorageDtype::F32);
+    write_base(dir, config, &model)
 }
 
 /// `sft` on `ranks` ranks laid out as `layout`, the 4 micro-batches of a step split over its
@@ -123,8 +119,7 @@ fn tensor_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model
 #[test]
 fn a_qwen3_with_biases_and_qk_norms_splits_over_two_and_four_ranks() {
     let base = scratch("tp-qwen3-base");
-    qwen3_base(&base);
-    let model = format!("model.path={:?}", base.display().to_string());
+    let model = qwen3_base(&base);
     let one = scratch("tp-qwen3-1");
     sft(1, &one, &[&model]);
     for (ranks, layout) in [(2, "tp=2"), (4, "tp=4"), (4, "dp=2,tp=2,zero=2")] {

@@ -121,3 +121,16 @@ pub fn sft(ranks: usize, dir: &Path, extra: &[&str]) {
     overrides.extend(extra);
     assert_eq!(run("sft", ranks, dir, &overrides, false), 6);
 }
+
+/// A Hugging Face directory `dir` of `model` with config `config` and the demo tokenizer;
+/// returns the override that trains it (`model.path=…`).
+pub fn write_base(dir: &Path, config: &str, model: &kiln_model::Model<Cpu>) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let demo = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base"));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(demo.join(f), dir.join(f)).unwrap();
+    }
+    model.save_weights(&Cpu, dir).unwrap();
+    format!("model.path={:?}", dir.display().to_string())
+}

@@ -281,6 +281,19 @@ pub struct Config {
     /// one), read from its last token; `None` for a causal LM.
     pub num_labels: Option<usize>,
     pub pad_token_id: Option<i64>,
+    /// Under pipeline parallel, the part of the model one stage holds (`num_layers` and
+    /// `layer_windows` are then the stage's); `None` for a whole model.
+    pub stage: Option<Stage>,
+}
+
+/// The part of a model a pipeline stage holds: `num_layers` layers from `first_layer` on, the
+/// embedding (the first stage, and the last when the head is tied to it) and the final norm
+/// and head (the last stage). What it does not hold it lays out with no values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage {
+    pub first_layer: usize,
+    pub embedding: bool,
+    pub head: bool,
 }
 
 impl Config {
@@ -487,12 +500,18 @@ impl Config {
                 // transformers: `num_labels`, else the size of `id2label`, else 2.
                 .then(|| raw.num_labels.or(raw.id2label.as_ref().map(Map::len)).unwrap_or(2)),
             pad_token_id: raw.pad_token_id,
+            stage: None,
         })
     }
 
     /// Whether layer `l` has a mixture-of-experts feed-forward block.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        self.moe.as_ref().is_some_and(|m| l >= m.first_dense_layers)
+        self.moe.as_ref().is_some_and(|m| self.first_layer() + l >= m.first_dense_layers)
+    }
+
+    /// The index in the whole model of this config's first layer (0 but for a pipeline stage).
+    pub fn first_layer(&self) -> usize {
+        self.stage.as_ref().map_or(0, |s| s.first_layer)
     }
 
     /// Whether a stored tensor is read and written back unchanged: multi-token-prediction

@@ -20,6 +20,7 @@ use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::param_shards::{ParamShards, SpaceRanks};
+use crate::pipeline::Pipeline;
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
 use crate::tensor_parallel::{self, TensorParallel};
 use crate::v4_cache::V4Step;
@@ -64,6 +65,9 @@ pub struct Model<B: Backend> {
     /// Set when this rank holds only its block of the layers' heads and MLP width (`config`,
     /// `layout` and `params` are then the block's: `tensor_parallel`).
     tensor_parallel: Option<TensorParallel<B>>,
+    /// Set when this rank holds one stage of the layers (`config`, `layout` and `params` are
+    /// then the stage's: `pipeline`).
+    pub(crate) pipeline: Option<Pipeline<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
     /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
@@ -265,6 +269,7 @@ impl<B: Backend> Model<B> {
             matmul_precision: Precision::F32,
             expert_parallel: None,
             tensor_parallel: None,
+            pipeline: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
             compress_rope_table: b.zeros(0),
@@ -325,36 +330,58 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Under tensor parallel, this rank's blocks of `whole`, tensors laid out as the whole
-    /// model (moments read from a checkpoint); `whole` itself otherwise.
+    /// Under pipeline and tensor parallel, this rank's part of `whole`, tensors laid out as the
+    /// whole model (moments read from a checkpoint): its stage's tensors, of them its blocks;
+    /// `whole` itself otherwise.
     pub fn local_blocks(&self, whole: Weights<Vec<f32>>) -> Weights<Vec<f32>> {
-        match &self.tensor_parallel {
-            Some(tp) => tp.blocks(&whole, &self.layout),
+        let stage = match &self.pipeline {
+            Some(pp) => pp.select(&whole, self.tensor_parallel.as_ref().map_or(&self.layout, |tp| &tp.whole_layout)),
             None => whole,
+        };
+        match &self.tensor_parallel {
+            Some(tp) => tp.blocks(&stage, &self.layout),
+            None => stage,
         }
     }
 
-    /// The layout of the whole model (what checkpoints hold): `layout`, or under tensor
-    /// parallel the layout before the split.
+    /// The layout of the whole model (what checkpoints hold): `layout`, or under pipeline or
+    /// tensor parallel the layout before the cut.
     pub fn whole_layout(&self) -> &Weights<TensorSpec> {
-        self.tensor_parallel.as_ref().map_or(&self.layout, |tp| &tp.whole_layout)
+        match (&self.pipeline, &self.tensor_parallel) {
+            (Some(pp), _) => &pp.whole_layout,
+            (None, Some(tp)) => &tp.whole_layout,
+            (None, None) => &self.layout,
+        }
     }
 
-    /// Under tensor parallel, the whole tensors `local` (laid out as `layout`) assembled from
-    /// the group's blocks, a collective over the group; `local` itself otherwise.
+    /// Under pipeline or tensor parallel, the whole tensors `local` (laid out as `layout`)
+    /// assembled from the group's blocks and the stages' tensors, a collective over the
+    /// groups; `local` itself otherwise.
     pub fn join_blocks(&self, b: &B, local: Weights<Vec<f32>>) -> Weights<Vec<f32>> {
-        match &self.tensor_parallel {
+        let stage = match &self.tensor_parallel {
             Some(tp) => tp.join_all(b, &local, &self.layout),
             None => local,
+        };
+        match &self.pipeline {
+            Some(pp) => pp.join_all(b, &stage),
+            None => stage,
         }
     }
 
-    /// Under tensor parallel, the whole model from the group's blocks (a collective over the
-    /// group): what a checkpoint or an export writes. `None` for a model that is whole.
+    /// Under pipeline or tensor parallel, the whole model from the stages' tensors and the
+    /// groups' blocks (a collective over them): what a checkpoint or an export writes. `None`
+    /// for a model that is whole.
     pub fn joined(&self, b: &B) -> Option<Model<B>> {
-        let tp = self.tensor_parallel.as_ref()?;
-        let tensors = tp.join_all(b, &self.tensors(b), &self.layout);
-        let mut whole = Self::from_tensors(b, tp.whole.clone(), &tensors, self.dtype);
+        if self.tensor_parallel.is_none() && self.pipeline.is_none() {
+            return None;
+        }
+        let tensors = self.join_blocks(b, self.tensors(b));
+        let config = match (&self.pipeline, &self.tensor_parallel) {
+            (Some(pp), _) => pp.whole.clone(),
+            (None, Some(tp)) => tp.whole.clone(),
+            (None, None) => unreachable!("a cut model"),
+        };
+        let mut whole = Self::from_tensors(b, config, &tensors, self.dtype);
         whole.passthrough = self.passthrough.clone();
         Some(whole)
     }
@@ -366,7 +393,10 @@ impl<B: Backend> Model<B> {
 
     /// Writes every tensor, and the carried-through ones, to `path` in `dtype`.
     pub fn save_weights_to(&self, b: &B, path: &Path, dtype: StorageDtype) -> Result<()> {
-        assert!(self.tensor_parallel.is_none(), "a tensor-parallel rank holds blocks: save the `joined` model");
+        assert!(
+            self.tensor_parallel.is_none() && self.pipeline.is_none(),
+            "a tensor- or pipeline-parallel rank holds part of the model: save the `joined` model"
+        );
         safetensors_io::save(path, &self.layout, &self.tensors(b), dtype, &self.passthrough)
     }
 
@@ -522,7 +552,9 @@ impl<B: Backend> Model<B> {
     /// Runs the model over `batch`, leaving logits in `acts.logits`.
     pub fn forward(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) {
         self.forward_hidden(b, acts, batch, false);
-        self.lm_head_forward(b, acts);
+        if self.holds_head() {
+            self.lm_head_forward(b, acts);
+        }
     }
 
     /// Runs the transformer over `batch`, leaving the final normalised hidden states in
@@ -547,6 +579,9 @@ impl<B: Backend> Model<B> {
         self.forward_layers(b, acts, batch, false, Some((cache, plan)));
         let c = &self.config;
         let k = plan.logits_at.len();
+        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
+            return pp.from_last(b, &[], k * c.vocab_size, "pipeline: logits");
+        }
         let mut last = b.zeros(k * c.hidden_size);
         b.embedding_forward(&mut last, &acts.xf, &b.upload_index(plan.logits_at), c.hidden_size);
         let w = self.outer_weights(b);
@@ -557,7 +592,11 @@ impl<B: Backend> Model<B> {
             w.lm_head.unwrap_or(w.embed),
             Matmul::linear(k, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision).of_weight(),
         );
-        b.read(&logits)
+        let logits = b.read(&logits);
+        match &self.pipeline {
+            Some(pp) => pp.from_last(b, &logits, logits.len(), "pipeline: logits"),
+            None => logits,
+        }
     }
 
     fn forward_layers(
@@ -572,7 +611,9 @@ impl<B: Backend> Model<B> {
         gather(&mut self.shards, b, (&self.flat, &self.params), None);
         let c = &self.config;
         let embed = self.outer_weights(b).embed;
-        if self.is_v4() {
+        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_first()) {
+            pp.recv_prev(b, &mut acts.layer_inputs[0], "pipeline: hidden states forward");
+        } else if self.is_v4() {
             b.embedding_forward(&mut acts.xf, embed, &acts.inputs.ids, c.hidden_size);
             self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
         } else {
@@ -637,7 +678,9 @@ impl<B: Backend> Model<B> {
                 loads.push((l, m.rows.clone()));
             }
         }
-        if self.is_v4() {
+        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
+            pp.send_next(b, &acts.layer_inputs[c.num_layers], "pipeline: hidden states forward");
+        } else if self.is_v4() {
             self.v4_head_forward(b, acts, c.num_layers);
         } else {
             let last = &acts.layer_inputs[c.num_layers];
@@ -666,6 +709,9 @@ impl<B: Backend> Model<B> {
     /// Per-token negative log-likelihood of `batch.targets` (0 where there is no target).
     pub fn nll(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) -> Vec<f32> {
         self.forward(b, acts, batch);
+        if !self.holds_head() {
+            return self.from_last_stage(b, &[], acts.rows * acts.seq, "pipeline: nll");
+        }
         b.cross_entropy_forward(
             &mut acts.nll,
             &mut acts.correct,
@@ -673,14 +719,16 @@ impl<B: Backend> Model<B> {
             &acts.inputs.targets,
             self.config.vocab_size,
         );
-        b.read(&acts.nll)
+        let nll = b.read(&acts.nll);
+        self.from_last_stage(b, &nll, nll.len(), "pipeline: nll")
     }
 
     /// Tokens of the last forward (`nll` or a training forward over next-token targets) whose
     /// target has the largest logit, summed on the backend (each entry is 0 or 1, so the sum
     /// of squares is the count).
     pub fn correct_tokens(&self, b: &B, acts: &Activations<B>) -> usize {
-        b.sum_squares(&acts.correct).round() as usize
+        let correct = if self.holds_head() { b.sum_squares(&acts.correct) } else { 0.0 };
+        self.scalar_from_last_stage(correct, "pipeline: correct tokens").round() as usize
     }
 
     /// Forward and backward of `loss = Σ weight·nll` over `batch` (plus, for MoE models with
@@ -721,15 +769,27 @@ impl<B: Backend> Model<B> {
         weights_of: Option<WeightsOf>,
     ) -> (f64, Option<Vec<f32>>) {
         self.forward_hidden(b, acts, batch, true);
-        self.lm_head_forward(b, acts);
         let c = &self.config;
         let (n, vocab) = (acts.rows * acts.seq, c.vocab_size);
+        if !self.holds_head() {
+            // An earlier pipeline stage: the last one has the loss, and hands over the nll that
+            // chooses the weights, then dL/d(its output).
+            let nll = weights_of.map(|f| {
+                let nll = self.from_last_stage(b, &[], n, "pipeline: nll");
+                f(&nll);
+                nll
+            });
+            self.backward_hidden(b, acts, batch, grads);
+            return (self.scalar_from_last_stage(0.0, "pipeline: loss"), nll);
+        }
+        self.lm_head_forward(b, acts);
         let inputs = &mut acts.inputs;
         let (weights, nll) = match weights_of {
             None => (batch.weights.clone(), None),
             Some(f) => {
                 b.cross_entropy_forward(&mut acts.nll, &mut acts.correct, &acts.logits, &inputs.targets, vocab);
                 let nll = b.read(&acts.nll);
+                let nll = self.from_last_stage(b, &nll, n, "pipeline: nll");
                 let w = f(&nll);
                 assert_eq!(w.len(), n, "one weight per token");
                 b.write(&mut inputs.weights, &w);
@@ -740,7 +800,7 @@ impl<B: Backend> Model<B> {
         b.cross_entropy_backward(&mut acts.logits, token_nll, correct, &inputs.targets, &inputs.weights, vocab);
         let loss = b.read(&acts.nll).iter().zip(&weights).map(|(&l, &w)| l as f64 * w as f64).sum();
         self.backward_from_logits(b, acts, batch, grads);
-        (loss, nll)
+        (self.scalar_from_last_stage(loss, "pipeline: loss"), nll)
     }
 
     /// Forward and backward of on-policy distillation's `loss = Σ_t weight[t] · KL(p_t ‖ q_t)`
@@ -756,13 +816,17 @@ impl<B: Backend> Model<B> {
         teacher: &B::Slice,
     ) -> f64 {
         self.forward_hidden(b, acts, batch, true);
+        if !self.holds_head() {
+            self.backward_hidden(b, acts, batch, grads);
+            return self.scalar_from_last_stage(0.0, "pipeline: loss");
+        }
         self.lm_head_forward(b, acts);
         let vocab = self.config.vocab_size;
         let inputs = &acts.inputs;
         b.reverse_kl_backward(&mut acts.logits, &mut acts.nll, teacher, &inputs.weights, vocab);
         let loss = b.read(&acts.nll).iter().zip(&batch.weights).map(|(&kl, &w)| kl as f64 * w as f64).sum();
         self.backward_from_logits(b, acts, batch, grads);
-        loss
+        self.scalar_from_last_stage(loss, "pipeline: loss")
     }
 
     /// Backward of the LM head and the transformer from `acts.logits` = ∂L/∂logits.
@@ -792,7 +856,10 @@ impl<B: Backend> Model<B> {
     pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
         let c = &self.config;
         let d = c.hidden_size;
-        if self.is_v4() {
+        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
+            let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+            pp.recv_next(b, &mut s.dres, "pipeline: hidden-state gradients backward");
+        } else if self.is_v4() {
             self.v4_head_backward(b, acts, grads);
         } else {
             let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
@@ -846,7 +913,9 @@ impl<B: Backend> Model<B> {
             }
             grads.layer_done(b, l);
         }
-        if self.is_v4() {
+        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_first()) {
+            pp.send_prev(b, &s.dres, "pipeline: hidden-state gradients backward");
+        } else if self.is_v4() {
             self.sum_streams(b, &mut s.dxn, &s.dres, acts.rows * acts.seq);
             b.embedding_backward(grads.outer(b).embed, &s.dxn, &acts.inputs.ids, d);
         } else {
@@ -986,7 +1055,7 @@ pub(crate) fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<
 }
 
 /// `tensors` uploaded into one flat buffer laid out as `flat`.
-fn upload_flat<B: Backend>(b: &B, flat: &FlatLayout, tensors: &Weights<Vec<f32>>) -> B::Buf {
+pub(crate) fn upload_flat<B: Backend>(b: &B, flat: &FlatLayout, tensors: &Weights<Vec<f32>>) -> B::Buf {
     let mut params = b.zeros(flat.total);
     for (r, t) in flat.ranges.iter().into_iter().zip(tensors.iter()) {
         b.write(b.slice_mut(&mut params, r.clone()), t);
@@ -1000,7 +1069,7 @@ fn expert_total(config: &Config) -> usize {
 }
 
 /// Experts of a layer's MoE block, 0 for a dense one.
-fn expert_count(layer: &LayerWeights<TensorSpec>) -> usize {
+pub(crate) fn expert_count(layer: &LayerWeights<TensorSpec>) -> usize {
     match &layer.ffn {
         FfnWeights::Moe(w) => w.router.shape[0],
         FfnWeights::Dense(_) => 0,

@@ -55,11 +55,15 @@ impl<B: Backend> Model<B> {
     /// its `rows × seq` tokens), after `forward_hidden`.
     pub fn score_forward(&self, b: &B, acts: &Activations<B>, positions: &[i32]) -> Vec<f32> {
         let (k, d, labels) = (positions.len(), self.config.hidden_size, self.labels());
+        if !self.holds_head() {
+            return self.from_last_stage(b, &[], k * labels, "pipeline: scores");
+        }
         let h = self.hidden_at(b, acts, &b.upload_index(positions), k);
         let head = self.outer_weights(b).score.expect("a score head");
         let mut scores = b.zeros(k * labels);
         b.matmul(&mut scores, &h, head, Matmul::linear(k, d, labels));
-        b.read(&scores)
+        let scores = b.read(&scores);
+        self.from_last_stage(b, &scores, k * labels, "pipeline: scores")
     }
 
     /// Backward from `dscores` = ∂L/∂scores of the tokens `positions` through the head and the
@@ -73,6 +77,9 @@ impl<B: Backend> Model<B> {
         dscores: &[f32],
         grads: &mut dyn GradSink<B>,
     ) {
+        if !self.holds_head() {
+            return self.backward_hidden(b, acts, batch, grads);
+        }
         let (k, d, labels) = (positions.len(), self.config.hidden_size, self.labels());
         let index = b.upload_index(positions);
         let h = self.hidden_at(b, acts, &index, k);

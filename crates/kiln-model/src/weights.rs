@@ -423,7 +423,8 @@ pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
         adamw_only: false,
         init,
     };
-    let layers = (0..cfg.num_layers)
+    let first = cfg.first_layer();
+    let layers = (first..first + cfg.num_layers)
         .map(|i| {
             let n = LayerNames(i);
             LayerWeights {
@@ -443,13 +444,16 @@ pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
             }
         })
         .collect();
+    // A pipeline stage lays out what it does not hold with no rows.
+    let (embedding, head) = cfg.stage.as_ref().map_or((true, true), |s| (s.embedding, s.head));
+    let rows = |n: usize, held: bool| if held { n } else { 0 };
     Weights {
-        embed: top("model.embed_tokens.weight", &[cfg.vocab_size, d], Init::Normal),
+        embed: top("model.embed_tokens.weight", &[rows(cfg.vocab_size, embedding), d], Init::Normal),
         layers,
-        norm: top("model.norm.weight", &[d], Init::Ones),
+        norm: top("model.norm.weight", &[rows(d, head)], Init::Ones),
         lm_head: (!cfg.tie_word_embeddings && cfg.num_labels.is_none())
-            .then(|| top("lm_head.weight", &[cfg.vocab_size, d], Init::Normal)),
-        score: cfg.num_labels.map(|labels| top("score.weight", &[labels, d], Init::Normal)),
+            .then(|| top("lm_head.weight", &[rows(cfg.vocab_size, head), d], Init::Normal)),
+        score: cfg.num_labels.map(|labels| top("score.weight", &[rows(labels, head), d], Init::Normal)),
         hc_head: None,
     }
 }

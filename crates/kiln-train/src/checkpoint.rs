@@ -254,15 +254,15 @@ fn moment_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
     }
     let files = shard_files(dir, name)?;
     if files.is_empty() {
-        let tensor_parallel = fs::read_dir(dir)?.filter_map(|e| e.ok()).any(|e| {
+        let cut = fs::read_dir(dir)?.filter_map(|e| e.ok()).any(|e| {
             let file = e.file_name().to_string_lossy().to_string();
-            file.starts_with("tp") && file.contains("_adam_shard-")
+            (file.starts_with("tp") || file.starts_with("pp")) && file.contains("_adam_shard-")
         });
-        if tensor_parallel {
+        if cut {
             bail!(
-                "{}: its AdamW moments are ZeRO shards of a tensor-parallel run's blocks (tp*_adam_shard-*), which \
-                 resume with the same `train.tp` (the weights load on any layout; a tensor-parallel run without ZeRO \
-                 writes whole moments)",
+                "{}: its AdamW moments are ZeRO shards of a tensor- or pipeline-parallel run's blocks \
+                 (pp*_tp*_adam_shard-*), which resume with the same `train.tp` and `train.pp` (the weights load on any \
+                 layout; a run without ZeRO writes whole moments)",
                 dir.display()
             );
         }

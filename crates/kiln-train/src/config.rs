@@ -262,7 +262,12 @@ pub struct TrainSection {
     /// the number of ranks, of heads, of key/value heads and the MLP width.
     #[serde(default = "one")]
     pub tp: usize,
-    /// The layout in `kiln plan`'s syntax (`dp=..,tp=..,ep=..,zero=..,recompute=..`), setting the
+    /// Pipeline parallel (Llama-family models, under mpirun): the layers are cut into this many
+    /// stages of consecutive layers, one per rank of a pipeline, the first stage also holding
+    /// the embedding and the last the final norm and head (1: no cut). At most the layers.
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// The layout in `kiln plan`'s syntax (`dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..`), setting the
     /// keys it names (`crate::layout`).
     #[serde(default)]
     pub layout: Option<String>,
@@ -515,6 +520,21 @@ impl RunConfig {
         }
         if t.tp == 0 {
             return Err("`train.tp` must be at least 1".into());
+        }
+        if t.pp == 0 {
+            return Err("`train.pp` must be at least 1".into());
+        }
+        if t.pp > 1 && t.ep > 1 {
+            return Err(format!(
+                "`train.pp` = {} with `train.ep` = {}: pipeline and expert parallel do not combine yet",
+                t.pp, t.ep
+            ));
+        }
+        if t.pp > 1 && t.optimizer == OptimizerKind::Muon {
+            return Err(format!(
+                "`train.pp` = {}: Muon with pipeline parallel is not supported yet (use AdamW, or pp = 1)",
+                t.pp
+            ));
         }
         if t.tp > 1 && t.ep > 1 {
             return Err(format!(

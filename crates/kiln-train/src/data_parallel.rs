@@ -212,6 +212,27 @@ pub struct DataParallel<B: Backend> {
     /// Under tensor parallel, the group that splits the layers' tensors and the flat ranges of
     /// the tensors it cuts (see `norm`).
     tensor_parallel: Option<(Ranks<B>, Vec<Range<usize>>)>,
+    /// Under pipeline parallel, the stages (whose squares add up in `norm`) and, on the first
+    /// and last stage of a model with a tied head, the two of them and the embedding's range.
+    pipeline: Option<(Ranks<B>, Option<TiedEmbedding<B>>)>,
+}
+
+/// The embedding's two copies under pipeline parallel with a tied head: the first stage's
+/// (input) and the last stage's (head). Their gradients are summed over the two before the
+/// update, and the norm counts the first stage's.
+struct TiedEmbedding<B: Backend> {
+    ends: Ranks<B>,
+    range: Range<usize>,
+    /// Where the embedding lies among ZeRO-2's outer gradients.
+    packed: Range<usize>,
+    /// This is the last stage's copy.
+    copy: bool,
+}
+
+impl<B: Backend> TiedEmbedding<B> {
+    fn sum(&self, grads: &mut B::Slice, what: &str) -> Result<()> {
+        self.ends.all_reduce_sum(grads, &format!("{what}: tied embedding"))
+    }
 }
 
 /// `runs` without the values of `matrices` (sorted, each inside one run).
@@ -259,11 +280,24 @@ impl<B: Backend> DataParallel<B> {
             assert!(muon.is_none(), "Muon orthogonalises whole matrices, which tensor parallel cuts");
             (Arc::clone(&tp.group), tp.cut_ranges(&model.layout, &flat.ranges))
         });
-        // Under tensor parallel each rank of the group has moments of its own blocks.
-        let shard_name = match model.tensor_parallel() {
-            Some(tp) => format!("tp{}of{}_adam_shard", tp.group.rank(), tp.group.size()),
-            None => "adam_shard".into(),
-        };
+        let pipeline = model.pipeline().map(|pp| {
+            let tied = pp.tied.as_ref().map(|ends| TiedEmbedding {
+                ends: Arc::clone(ends),
+                range: flat.ranges.embed.clone(),
+                packed: flat.packed_outer().embed,
+                copy: pp.is_last(),
+            });
+            (Arc::clone(&pp.group), tied)
+        });
+        // Under tensor and pipeline parallel each rank has moments of its own blocks and stage.
+        let mut shard_name = String::new();
+        if let Some(pp) = model.pipeline() {
+            shard_name += &format!("pp{}of{}_", pp.group.rank(), pp.group.size());
+        }
+        if let Some(tp) = model.tensor_parallel() {
+            shard_name += &format!("tp{}of{}_", tp.group.rank(), tp.group.size());
+        }
+        shard_name += "adam_shard";
         let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, shard_name)];
         if flat.total > flat.dense {
             let ep = model.expert_parallel();
@@ -299,6 +333,7 @@ impl<B: Backend> DataParallel<B> {
             muon,
             adamw_runs,
             tensor_parallel,
+            pipeline,
         }
     }
 
@@ -333,6 +368,9 @@ impl<B: Backend> DataParallel<B> {
     /// Sums the step's gradients over the ranks (each rank keeping what it updates).
     pub fn reduce(&mut self, b: &B) -> Result<()> {
         let Some(whole) = &mut self.whole else { return Ok(()) };
+        if let Some((_, Some(tied))) = &self.pipeline {
+            tied.sum(b.slice_mut(&mut whole.flat, tied.range.clone()), &self.what)?;
+        }
         for space in &mut self.spaces {
             let grads = b.slice_mut(&mut whole.flat, space.range.clone());
             match &mut space.shard {
@@ -346,22 +384,29 @@ impl<B: Backend> DataParallel<B> {
 
     /// The global norm of the summed gradients (after `reduce`). Under tensor parallel the
     /// tensors the group cuts add their squares over the group; the others, whole and equal on
-    /// every rank of it, count once (each rank adds 1/T of their squares).
+    /// every rank of it, count once (each rank adds 1/T of their squares). Under pipeline
+    /// parallel the stages' squares add up, a tied embedding's counted on the first stage.
     pub fn norm(&mut self, b: &B) -> Result<f64> {
         let mut squares = 0.0;
+        let copy = match &self.pipeline {
+            Some((_, Some(tied))) if tied.copy => Some(tied.range.clone()),
+            _ => None,
+        };
         for space in &mut self.spaces {
             let grads = held(b, &mut space.shard, self.whole.as_mut(), &space.range);
-            let all = b.sum_squares(grads);
+            let mine = &space.mine;
+            let squares_in = |r: &Range<usize>| {
+                let p = overlap(r, mine);
+                match p.is_empty() {
+                    true => 0.0,
+                    false => b.sum_squares(b.slice(grads, p.start - mine.start..p.end - mine.start)),
+                }
+            };
+            let all = b.sum_squares(grads) - copy.as_ref().map_or(0.0, squares_in);
             let mut sum = [match &self.tensor_parallel {
                 None => all,
                 Some((group, cut)) => {
-                    let mine = &space.mine;
-                    let cut: f64 = cut
-                        .iter()
-                        .map(|r| overlap(r, mine))
-                        .filter(|p| !p.is_empty())
-                        .map(|p| b.sum_squares(b.slice(grads, p.start - mine.start..p.end - mine.start)))
-                        .sum();
+                    let cut: f64 = cut.iter().map(squares_in).sum();
                     (all - cut) / group.size() as f64 + cut
                 }
             }];
@@ -373,7 +418,8 @@ impl<B: Backend> DataParallel<B> {
             }
             squares += sum[0];
         }
-        if let Some((group, _)) = &self.tensor_parallel {
+        let groups = [self.tensor_parallel.as_ref().map(|t| &t.0), self.pipeline.as_ref().map(|p| &p.0)];
+        for group in groups.into_iter().flatten() {
             let mut sum = [squares];
             group.all_reduce_sum_f64(&mut sum, &self.what)?;
             squares = sum[0];
@@ -496,6 +542,10 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
 
     fn outer_done(&mut self, b: &B) {
         if self.whole.is_none() {
+            if let Some((_, Some(tied))) = &self.pipeline {
+                let grads = b.slice_mut(&mut self.outer_scratch, tied.packed.clone());
+                tied.sum(grads, &self.what).unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
+            }
             let at = (self.flat.dense, self.what.as_str());
             reduce_part(b, &mut self.spaces, at, &self.outer_scratch, &self.flat.outer(), false);
             b.fill(&mut self.outer_scratch, 0.0);

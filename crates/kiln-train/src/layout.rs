@@ -1,11 +1,8 @@
 //! `train.layout` (or `--layout`): how a run spreads over its ranks, in `kiln plan`'s syntax,
 //! `dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..`. Every key is optional and sets what it
-//! names: `tp` is `train.tp`, `ep` is `train.ep`, `zero` is `train.zero`, `recompute` (`none`
-//! or `full`) is `train.recompute`; `dp`, when given, times tp must be the ranks of the launch.
-//! So the layout `kiln plan --layout` sizes is the one the run takes.
-//!
-//! Pipeline parallel (`pp` above 1) is refused with that reason: the engine runs data, tensor,
-//! ZeRO 0–3 and expert parallel layouts.
+//! names: `tp` is `train.tp`, `pp` is `train.pp`, `ep` is `train.ep`, `zero` is `train.zero`,
+//! `recompute` (`none` or `full`) is `train.recompute`; `dp`, when given, times tp times pp must
+//! be the ranks of the launch. So the layout `kiln plan --layout` sizes is the one the run takes.
 
 use crate::config::TrainSection;
 
@@ -14,6 +11,7 @@ use crate::config::TrainSection;
 pub struct RunLayout {
     pub dp: Option<usize>,
     pub tp: Option<usize>,
+    pub pp: Option<usize>,
     pub ep: Option<usize>,
     pub zero: Option<u8>,
     pub recompute: Option<bool>,
@@ -21,7 +19,7 @@ pub struct RunLayout {
 
 impl RunLayout {
     /// Parses `spec`; refuses unknown keys, sizes that are not positive whole numbers, ZeRO
-    /// stages above 3, `recompute=selective`, and pipeline parallel.
+    /// stages above 3 and `recompute=selective`.
     pub fn parse(spec: &str) -> Result<Self, String> {
         let mut layout = Self::default();
         let err = |why: String| format!("`train.layout` = \"{spec}\": {why}");
@@ -38,13 +36,7 @@ impl RunLayout {
                 "dp" => layout.dp = Some(size()?),
                 "ep" => layout.ep = Some(size()?),
                 "tp" => layout.tp = Some(size()?),
-                "pp" if size()? > 1 => {
-                    return Err(err(format!(
-                        "pp = {value}: pipeline parallel is not implemented in the engine yet (it runs data, tensor, \
-                         ZeRO 0-3 and expert parallel layouts; `kiln plan` models pipeline parallel)"
-                    )));
-                }
-                "pp" => {}
+                "pp" => layout.pp = Some(size()?),
                 "zero" => match value.parse::<u8>() {
                     Ok(z) if z <= 3 => layout.zero = Some(z),
                     _ => return Err(err(format!("`zero` = `{value}`: ZeRO has stages 0 to 3"))),
@@ -69,6 +61,9 @@ impl RunLayout {
         if let Some(tp) = self.tp {
             train.tp = tp;
         }
+        if let Some(pp) = self.pp {
+            train.pp = pp;
+        }
         if let Some(ep) = self.ep {
             train.ep = ep;
         }
@@ -80,19 +75,19 @@ impl RunLayout {
         }
     }
 
-    /// Refuses a layout whose dp·tp is not the launch's `ranks` (without `dp`, whose tp does
-    /// not divide them).
+    /// Refuses a layout whose dp·tp·pp is not the launch's `ranks` (without `dp`, whose tp·pp
+    /// does not divide them).
     pub fn check_ranks(&self, spec: &str, ranks: usize) -> Result<(), String> {
-        let tp = self.tp.unwrap_or(1);
-        let dp = self.dp.unwrap_or(ranks / tp);
-        match dp * tp == ranks {
+        let (tp, pp) = (self.tp.unwrap_or(1), self.pp.unwrap_or(1));
+        let dp = self.dp.unwrap_or(ranks / (tp * pp));
+        match dp * tp * pp == ranks {
             true => Ok(()),
             false if self.dp.is_none() => Err(format!(
-                "`train.layout` = \"{spec}\": tp = {tp} does not divide the {ranks} ranks of the launch (mpirun -np)"
+                "`train.layout` = \"{spec}\": tp·pp = {tp}·{pp} does not divide the {ranks} ranks of the launch (mpirun -np)"
             )),
             false => Err(format!(
-                "`train.layout` = \"{spec}\": dp·tp·pp = {dp}·{tp}·1 = {} does not equal the {ranks} ranks of the launch (mpirun -np)",
-                dp * tp
+                "`train.layout` = \"{spec}\": dp·tp·pp = {dp}·{tp}·{pp} = {} does not equal the {ranks} ranks of the launch (mpirun -np)",
+                dp * tp * pp
             )),
         }
     }
@@ -105,7 +100,10 @@ mod tests {
     #[test]
     fn keys_set_what_they_name_and_the_rest_is_left() {
         let l = RunLayout::parse("dp=4, ep=2,zero=3,recompute=full,tp=1,pp=1").unwrap();
-        assert_eq!(l, RunLayout { dp: Some(4), tp: Some(1), ep: Some(2), zero: Some(3), recompute: Some(true) });
+        assert_eq!(
+            l,
+            RunLayout { dp: Some(4), tp: Some(1), pp: Some(1), ep: Some(2), zero: Some(3), recompute: Some(true) }
+        );
         assert_eq!(RunLayout::parse("").unwrap(), RunLayout::default());
         assert!(l.check_ranks("dp=4", 4).is_ok());
         assert!(l.check_ranks("dp=4", 2).unwrap_err().contains("does not equal the 2 ranks"));
@@ -117,12 +115,16 @@ mod tests {
             .check_ranks("tp=4", 6)
             .unwrap_err()
             .contains("does not divide the 6"));
+        let pp = RunLayout::parse("dp=2,tp=2,pp=2").unwrap();
+        assert!(pp.check_ranks("dp=2,tp=2,pp=2", 8).is_ok());
+        assert!(pp.check_ranks("", 4).unwrap_err().contains("2·2·2 = 8 does not equal the 4 ranks"));
+        assert!(RunLayout::parse("pp=4").unwrap().check_ranks("pp=4", 6).unwrap_err().contains("tp·pp = 1·4"));
     }
 
     #[test]
     fn refusals_say_why() {
         for (spec, why) in [
-            ("pp=4", "pipeline parallel is not implemented"),
+            ("pp=0", "not a positive whole number"),
             ("zero=4", "stages 0 to 3"),
             ("dp=0", "not a positive whole number"),
             ("recompute=selective", "whole layers"),

@@ -22,7 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_data::{ChatTemplate, Tokenizer};
 use kiln_model::{ExpertParallel, Model};
-use parallel::{expert_groups, tensor_groups};
+use parallel::{expert_groups, layout_groups, LayoutGroups};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -162,14 +162,11 @@ impl<B: Backend> Session<B> {
                 (Some(group), Some(replicas))
             }
         };
-        let (tensor_group, data) = match t.tp {
-            1 => (None, Arc::clone(&comm)),
-            tp => {
-                let (group, data) = tensor_groups::<B>(comm.as_ref(), tp)?;
-                (Some(group), data)
-            }
-        };
+        let LayoutGroups { tensor: tensor_group, pipeline, data } = layout_groups::<B>(&comm, t.tp, t.pp)?;
         let mut model = load(&b, &model_dir, expert_parallel)?;
+        if let Some(group) = pipeline {
+            model.split_stages(&b, group).map_err(|why| anyhow::anyhow!("`train.pp` = {}: {why}", t.pp))?;
+        }
         if let Some(group) = tensor_group {
             model.split_tensors(&b, group).map_err(|why| anyhow::anyhow!("`train.tp` = {}: {why}", t.tp))?;
         }

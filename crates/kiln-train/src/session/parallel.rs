@@ -9,6 +9,7 @@ use kiln_core::Backend;
 use kiln_dist::Comm;
 use kiln_model::{Config, ExpertParallel};
 use std::path::Path;
+use std::sync::Arc;
 
 impl<B: Backend> Session<B> {
     /// Micro-batches in a step over all ranks: `grad_accum` on each.
@@ -121,14 +122,31 @@ pub(super) fn expert_groups<B: Backend>(
     Ok((ExpertParallel { group }, replicas))
 }
 
-/// The tensor group of `tp` consecutive ranks this rank belongs to, which split every layer's
-/// heads and MLP width, and the ranks at the same place in every group, which share out the
-/// data (`Session::data`); refuses a `tp` that does not divide the ranks.
-pub(super) fn tensor_groups<B: Backend>(comm: &dyn Comm<B::Slice>, tp: usize) -> Result<(Ranks<B>, Ranks<B>)> {
-    if !comm.size().is_multiple_of(tp) {
-        bail!("`train.tp` = {tp} does not divide the {} ranks of the run (mpirun -np)", comm.size());
+/// The groups of a run's layout, of the ranks `comm` laid out as `[pp][dp][tp]` (tensor
+/// parallel fastest, pipeline stages slowest, as Megatron-LM lays them out).
+pub(super) struct LayoutGroups<B: Backend> {
+    /// The `tp` consecutive ranks that split every layer's heads and MLP width (tp > 1).
+    pub tensor: Option<Ranks<B>>,
+    /// The `pp` ranks, one per stage, that run one pipeline (pp > 1).
+    pub pipeline: Option<Ranks<B>>,
+    /// The ranks at the same place in every tensor group and pipeline: they share out the data
+    /// (`Session::data`).
+    pub data: Ranks<B>,
+}
+
+/// The groups of tensor parallel `tp` and pipeline parallel `pp` over the ranks of `comm`;
+/// refuses a `tp·pp` that does not divide the ranks.
+pub(super) fn layout_groups<B: Backend>(comm: &Ranks<B>, tp: usize, pp: usize) -> Result<LayoutGroups<B>> {
+    let (rank, ranks) = (comm.rank(), comm.size());
+    if !ranks.is_multiple_of(tp * pp) {
+        bail!("`train.tp` · `train.pp` = {tp}·{pp} does not divide the {ranks} ranks of the run (mpirun -np)");
     }
-    let group = comm.split(comm.rank() / tp, "tensor groups")?;
-    let data = comm.split(comm.rank() % tp, "data-parallel ranks")?;
-    Ok((group, data))
+    if tp * pp == 1 {
+        return Ok(LayoutGroups { tensor: None, pipeline: None, data: Arc::clone(comm) });
+    }
+    let stage_ranks = ranks / pp;
+    let tensor = comm.split(rank / tp, "tensor groups")?;
+    let pipeline = comm.split(rank % stage_ranks, "pipelines")?;
+    let data = comm.split((rank / stage_ranks) * tp + rank % tp, "data-parallel ranks")?;
+    Ok(LayoutGroups { tensor: (tp > 1).then_some(tensor), pipeline: (pp > 1).then_some(pipeline), data })
 }

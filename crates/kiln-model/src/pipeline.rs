@@ -1,0 +1,266 @@
+//! Pipeline parallel: the P ranks of a pipeline each hold a contiguous run of the layers (a
+//! stage), the first also the embedding, the last the final norm and head (and, when the head
+//! is tied to it, a copy of the embedding). A forward runs stage after stage:
+//!
+//!   stage 0:   h₀ = embed(ids);  h = layers₀(h₀);  send h →
+//!   stage s:   receive h;  h = layers_s(h);  send h →
+//!   stage P−1: receive h;  logits = head(norm(layers_{P−1}(h)));  loss
+//!
+//! and backward the other way, each stage receiving dL/d(its output) from the next and sending
+//! dL/d(its input) to the previous. The loss, the per-token nll and anything else the caller
+//! reads on the host are the last stage's, handed to every stage, so every rank of the run
+//! sees the same numbers and takes the same decisions.
+//!
+//! A tied embedding has two copies, on the first and the last stage, whose gradients are
+//! summed over the two before the update (`tied`), so both take the same step.
+//!
+//! The hand-offs are gathers over two-rank groups of neighbouring stages, in which only the
+//! sender contributes: a point-to-point send on any collective layer (MPI, NCCL, threads).
+
+use crate::config::{AttentionKind, Config, Stage};
+use crate::weights::{TensorSpec, Weights};
+use kiln_core::Backend;
+use kiln_dist::Comm;
+use std::ops::Range;
+use std::sync::Arc;
+
+type Group<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
+
+/// The stages of one pipeline and this rank's place in it.
+pub struct Pipeline<B: Backend> {
+    /// The P stages, rank s holding stage s.
+    pub group: Group<B>,
+    /// Two-rank groups with the previous and the next stage (the lower stage is rank 0).
+    prev: Option<Group<B>>,
+    next: Option<Group<B>>,
+    /// The first and the last stage, which both hold a tied embedding.
+    pub tied: Option<Group<B>>,
+    /// The layers of every stage, in stage order.
+    pub stage_layers: Vec<Range<usize>>,
+    /// The whole model's config and layout (what checkpoints hold).
+    pub whole: Config,
+    pub whole_layout: Weights<TensorSpec>,
+}
+
+impl<B: Backend> Clone for Pipeline<B> {
+    fn clone(&self) -> Self {
+        Self {
+            group: Arc::clone(&self.group),
+            prev: self.prev.clone(),
+            next: self.next.clone(),
+            tied: self.tied.clone(),
+            stage_layers: self.stage_layers.clone(),
+            whole: self.whole.clone(),
+            whole_layout: self.whole_layout.clone(),
+        }
+    }
+}
+
+/// The layers of each of `stages` stages of `layers`: evenly, the first `layers % stages`
+/// stages one more (the planner's even spread).
+pub fn stage_layers(layers: usize, stages: usize) -> Vec<Range<usize>> {
+    (0..stages).map(|s| kiln_dist::shard(layers, s, stages)).collect()
+}
+
+/// The config of stage `stage` of `stages`: its layers, and which of the embedding and head it
+/// holds. Refuses what the engine cannot cut: more stages than layers, and models other than
+/// the Llama family (DeepSeek-V3's MoE layers and DeepSeek-V4).
+pub fn stage_config(whole: &Config, stage: usize, stages: usize) -> Result<Config, String> {
+    let name = format!("{:?}", whole.model_type).to_lowercase();
+    if matches!(whole.attention, AttentionKind::V4(_)) || whole.moe.is_some() {
+        return Err(format!(
+            "pipeline parallel cuts models of the Llama family; {name}'s MoE (and DeepSeek-V4) layers are not cut \
+             into stages yet"
+        ));
+    }
+    if stages > whole.num_layers {
+        return Err(format!(
+            "pp = {stages} stages for the model's {} layers: at most one stage per layer",
+            whole.num_layers
+        ));
+    }
+    let layers = kiln_dist::shard(whole.num_layers, stage, stages);
+    let last = stage + 1 == stages;
+    let mut config = whole.clone();
+    config.num_layers = layers.len();
+    config.layer_windows = whole.layer_windows[layers.clone()].to_vec();
+    let embedding = stage == 0 || (last && whole.tie_word_embeddings && whole.num_labels.is_none());
+    config.stage = Some(Stage { first_layer: layers.start, embedding, head: last });
+    Ok(config)
+}
+
+/// Where a tensor of the whole model lives in a pipeline: the stage that owns it (whose values
+/// a checkpoint takes), its index among this stage's tensors (`None` for another stage's
+/// layer), and whether this stage holds its values.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Place {
+    owner: usize,
+    local: Option<usize>,
+    held: bool,
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// The pipeline `group` cutting the model `whole` into `group.size()` stages; collective
+    /// over `group` (it forms the neighbour pairs).
+    pub fn new(group: Group<B>, whole: &Config) -> anyhow::Result<Self> {
+        let (stage, stages) = (group.rank(), group.size());
+        // Pairs (0,1), (2,3), .. and (1,2), (3,4), ..: each stage meets its neighbours in one
+        // of the two splits.
+        let even = group.split(stage / 2, "pipeline neighbours (even pairs)")?;
+        let odd = group.split(stage.div_ceil(2), "pipeline neighbours (odd pairs)")?;
+        let (with_next, with_prev) = if stage.is_multiple_of(2) { (even, odd) } else { (odd, even) };
+        let prev = (stage > 0).then_some(with_prev);
+        let next = (stage + 1 < stages).then_some(with_next);
+        let ends = stage == 0 || stage + 1 == stages;
+        let tied_head = whole.tie_word_embeddings && whole.num_labels.is_none() && stages > 1;
+        let ends_group = group.split(usize::from(!ends), "pipeline first and last stages")?;
+        let tied = (tied_head && ends).then_some(ends_group);
+        Ok(Self {
+            group,
+            prev,
+            next,
+            tied,
+            stage_layers: stage_layers(whole.num_layers, stages),
+            whole: whole.clone(),
+            whole_layout: crate::weights::layout(whole),
+        })
+    }
+
+    pub fn stage(&self) -> usize {
+        self.group.rank()
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.stage() == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.stage() + 1 == self.group.size()
+    }
+
+    /// The last stage's `values` (`len` of them) on every stage; a collective over the stages.
+    pub fn from_last(&self, b: &B, values: &[f32], len: usize, what: &str) -> Vec<f32> {
+        let stages = self.group.size();
+        let counts: Vec<usize> = (0..stages).map(|s| if s + 1 == stages { len } else { 0 }).collect();
+        let chunk = b.upload(if self.is_last() { values } else { &[] });
+        let mut out = b.zeros(len);
+        self.group.all_gather_v(&chunk, &counts, &mut out, what).unwrap_or_else(|e| panic!("pipeline: {e:#}"));
+        b.read(&out)
+    }
+
+    /// The last stage's `value` on every stage.
+    pub fn scalar_from_last(&self, value: f64, what: &str) -> f64 {
+        let mut sum = [if self.is_last() { value } else { 0.0 }];
+        self.group.all_reduce_sum_f64(&mut sum, what).unwrap_or_else(|e| panic!("pipeline: {e:#}"));
+        sum[0]
+    }
+
+    /// Sends `buf` (this stage's output, forward) to the next stage.
+    pub fn send_next(&self, b: &B, buf: &B::Slice, what: &str) {
+        hand_over::<B>(b, self.next.as_ref().expect("a next stage"), Some(buf), None, what);
+    }
+
+    /// Receives the previous stage's output into `buf`.
+    pub fn recv_prev(&self, b: &B, buf: &mut B::Slice, what: &str) {
+        hand_over::<B>(b, self.prev.as_ref().expect("a previous stage"), None, Some(buf), what);
+    }
+
+    /// Sends `buf` (dL/d(this stage's input), backward) to the previous stage.
+    pub fn send_prev(&self, b: &B, buf: &B::Slice, what: &str) {
+        hand_over::<B>(b, self.prev.as_ref().expect("a previous stage"), Some(buf), None, what);
+    }
+
+    /// Receives dL/d(this stage's output) from the next stage into `buf`.
+    pub fn recv_next(&self, b: &B, buf: &mut B::Slice, what: &str) {
+        hand_over::<B>(b, self.next.as_ref().expect("a next stage"), None, Some(buf), what);
+    }
+
+    /// Every tensor of the whole model, in `Weights::iter` order, placed in the pipeline.
+    fn places(&self) -> Vec<Place> {
+        let (me, last) = (self.stage(), self.group.size() - 1);
+        let stage = |l: usize| self.stage_layers.iter().position(|r| r.contains(&l)).expect("a stage per layer");
+        let mine = &self.stage_layers[me];
+        let tied_copy = me == last && self.tied.is_some();
+        let mut places = vec![Place { owner: 0, local: Some(0), held: me == 0 || tied_copy }];
+        let mut local = 1;
+        for (l, layer) in self.whole_layout.layers.iter().enumerate() {
+            for _ in layer.refs() {
+                let here = mine.contains(&l);
+                places.push(Place { owner: stage(l), local: here.then_some(local), held: here });
+                local += usize::from(here);
+            }
+        }
+        // The final norm, head and score close the list: the last stage's.
+        for _ in places.len()..self.whole_layout.iter().len() {
+            places.push(Place { owner: last, local: Some(local), held: me == last });
+            local += 1;
+        }
+        places
+    }
+
+    /// This stage's tensors (laid out as its config) of the whole tensors `whole`.
+    pub fn select(&self, whole: &Weights<Vec<f32>>, stage_layout: &Weights<TensorSpec>) -> Weights<Vec<f32>> {
+        let whole = whole.iter();
+        let mut local: Vec<Vec<f32>> = vec![Vec::new(); stage_layout.iter().len()];
+        for (place, values) in self.places().into_iter().zip(whole) {
+            if let (Some(i), true) = (place.local, place.held) {
+                local[i] = values.clone();
+            }
+        }
+        let mut local = local.into_iter();
+        stage_layout.map(|_| local.next().expect("a tensor per spec"))
+    }
+
+    /// The whole tensors from every stage's `local` ones (a collective over the stages): each
+    /// from the stage that owns it.
+    pub fn join_all(&self, b: &B, local: &Weights<Vec<f32>>) -> Weights<Vec<f32>> {
+        let (me, stages) = (self.stage(), self.group.size());
+        let local = local.iter();
+        let mut joined = self.places().into_iter().zip(self.whole_layout.iter()).map(|(place, spec)| {
+            let n = spec.numel();
+            let counts: Vec<usize> = (0..stages).map(|s| if s == place.owner { n } else { 0 }).collect();
+            let chunk = b.upload(match (place.owner == me, place.local) {
+                (true, Some(i)) => local[i],
+                _ => &[],
+            });
+            let mut out = b.zeros(n);
+            let what = format!("pipeline parallel: gathering {}", spec.name);
+            self.group.all_gather_v(&chunk, &counts, &mut out, &what).unwrap_or_else(|e| panic!("{e:#}"));
+            b.read(&out)
+        });
+        self.whole_layout.map(|_| joined.next().expect("a tensor per spec"))
+    }
+}
+
+/// One hand-over between neighbouring stages over their two-rank `pair`: the rank with `send`
+/// contributes it, the one with `recv` receives it.
+fn hand_over<B: Backend>(b: &B, pair: &Group<B>, send: Option<&B::Slice>, recv: Option<&mut B::Slice>, what: &str) {
+    let me = pair.rank();
+    let fail = |e: anyhow::Error| panic!("pipeline: {e:#}");
+    match (send, recv) {
+        (Some(buf), None) => {
+            let n = b.len(buf);
+            let counts = if me == 0 { [n, 0] } else { [0, n] };
+            let mut out = b.zeros(n);
+            pair.all_gather_v(buf, &counts, &mut out, what).unwrap_or_else(fail);
+        }
+        (None, Some(buf)) => {
+            let n = b.len(buf);
+            let counts = if me == 0 { [0, n] } else { [n, 0] };
+            let empty = b.zeros(0);
+            pair.all_gather_v(&empty, &counts, buf, what).unwrap_or_else(fail);
+        }
+        _ => unreachable!("a hand-over sends or receives"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_spread_the_layers_evenly() {
+        assert_eq!(stage_layers(5, 2), vec![0..3, 3..5]);
+        assert_eq!(stage_layers(4, 4), vec![0..1, 1..2, 2..3, 3..4]);
+    }
+}

@@ -1,0 +1,161 @@
+//! Pipeline parallel in one process (`kiln_dist::Threads`, a thread per rank), under plain
+//! `cargo test`: the demo's Llama (tied embedding: a copy on the first and the last stage) cut
+//! into 2 and 4 stages follows the one-process curve, alone, with data and tensor parallel,
+//! ZeRO 1-3 and recomputation; each rank holds its stage; a pipeline checkpoint holds the
+//! whole model, the one a single process writes, and resumes on other layouts; a Qwen3 with an
+//! untied head and every other recipe follow their curves; and what cannot be cut is refused
+//! with the reason.
+
+mod common;
+
+use common::*;
+use kiln_core::Cpu;
+use kiln_model::safetensors_io;
+use std::path::Path;
+
+/// A tiny random Qwen3 with an untied head, per-head q/k norms and attention biases, and the
+/// demo tokenizer; returns its `model.path` override.
+fn qwen3_base(dir: &Path) -> String {
+    let config = r#"{
+        "model_type": "qwen3", "vocab_size": 99, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "attention_bias": true, "tie_word_embeddings": false, "eos_token_id": 2, "pad_token_id": 0,
+        "max_position_embeddings": 256
+    }"#;
+    let model = kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 3);
+    write_base(dir, config, &model)
+}
+
+/// `sft` on `ranks` ranks laid out as `layout`, the 4 micro-batches of a step split over its
+/// data-parallel ranks (`dp`, 1 unless given).
+fn sft_laid_out(ranks: usize, dir: &Path, layout: &str, extra: &[&str]) {
+    let dp: usize = layout.split(',').find_map(|p| p.strip_prefix("dp=")).map_or(1, |d| d.parse().unwrap());
+    let (layout, accum) = (format!("train.layout={layout:?}"), format!("train.grad_accum={}", 4 / dp));
+    sft(ranks, dir, &[extra, &[layout.as_str(), accum.as_str()]].concat());
+}
+
+/// The weights of checkpoint `dir`, by name.
+fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let config = kiln_model::Config::load(dir).unwrap();
+    let layout = kiln_model::weights::layout(&config);
+    let files = [dir.join("model.safetensors")];
+    let loaded = safetensors_io::load_file_set(dir, &files, &layout).unwrap();
+    layout.iter().into_iter().map(|s| s.name.clone()).zip(loaded.tensors.iter().into_iter().cloned()).collect()
+}
+
+fn assert_same_weights(a: &Path, b: &Path, what: &str) {
+    for ((name, x), (_, y)) in checkpoint_weights(a).iter().zip(checkpoint_weights(b)) {
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * scale, "{what}: `{name}` differs by {worst} (values up to {scale})");
+    }
+}
+
+#[test]
+fn pipeline_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model() {
+    let one = scratch("pp-1");
+    sft(1, &one, &[]);
+    let reference = series(&one, "loss");
+    let held = |dir: &Path, key: &str| steps(dir)[0][key].as_f64().unwrap();
+    for (ranks, layout) in [
+        (2, "pp=2"),
+        (4, "pp=4"),
+        (2, "pp=2,recompute=full"),
+        (4, "dp=2,pp=2,zero=1"),
+        (4, "dp=2,pp=2,zero=2"),
+        (4, "dp=2,pp=2,zero=3"),
+        (4, "tp=2,pp=2"),
+        (8, "dp=2,tp=2,pp=2"),
+    ] {
+        let dir = scratch(&format!("pp-{layout}"));
+        sft_laid_out(ranks, &dir, layout, &[]);
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, layout);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, layout);
+        assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-5, &format!("{layout}, eval"));
+        // Rank 0 holds the first stage's layers and the embedding, not the whole model.
+        let (whole, here) = (held(&one, "weights_mb"), held(&dir, "weights_mb"));
+        if !layout.contains("zero=3") {
+            assert!(here < 0.8 * whole, "{layout}: weights {here} MB of {whole}");
+        }
+        assert_same_weights(
+            &one.join("checkpoints/step-00000006"),
+            &dir.join("checkpoints/step-00000006"),
+            &format!("{layout}: the final checkpoint"),
+        );
+    }
+    // The pp=2 run's step-3 checkpoint resumes on one process and on tp=2, the one-process
+    // run's on pp=4 and dp=2,pp=2 with ZeRO-3, and the dp=2,pp=2 ZeRO-1 one on its own layout,
+    // continuing the curve.
+    for (from, ranks, layout) in [
+        ("pp-pp=2", 1, "dp=1"),
+        ("pp-pp=2", 2, "tp=2"),
+        ("pp-1", 4, "pp=4"),
+        ("pp-1", 4, "dp=2,pp=2,zero=3"),
+        ("pp-dp=2,pp=2,zero=1", 4, "dp=2,pp=2,zero=1"),
+    ] {
+        let dir = scratch(&format!("pp-resume-{from}-{layout}"));
+        copy_dir(&scratch_keep(from), &dir);
+        std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+        let accum = format!("train.grad_accum={}", if layout.starts_with("dp=2") { 2 } else { 4 });
+        let layout_key = format!("train.layout={layout:?}");
+        run("sft", ranks, &dir, &["train.steps=6", "output.save_every=3", &accum, &layout_key], true);
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, &format!("{from} resumed as {layout}"));
+    }
+    // ZeRO's moment shards of a stage need that stage: another layout is refused.
+    let dir = scratch("pp-resume-zero-1-on-1");
+    copy_dir(&scratch_keep("pp-dp=2,pp=2,zero=1"), &dir);
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    let err = sft_error(1, &dir, &["train.steps=6"], true);
+    assert!(err.contains("resume with the same `train.tp` and `train.pp`"), "{err}");
+}
+
+#[test]
+fn a_qwen3_with_an_untied_head_cuts_into_stages_of_unequal_length() {
+    let base = scratch("pp-qwen3-base");
+    let model = qwen3_base(&base);
+    let one = scratch("pp-qwen3-1");
+    sft(1, &one, &[&model]);
+    for (ranks, layout) in [(2, "pp=2"), (3, "pp=3"), (4, "tp=2,pp=2,zero=2")] {
+        let dir = scratch(&format!("pp-qwen3-{layout}"));
+        sft_laid_out(ranks, &dir, layout, &[&model]);
+        assert_same_curve(&series(&one, "loss"), &series(&dir, "loss"), 1e-5, layout);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, layout);
+        assert_same_weights(
+            &one.join("checkpoints/step-00000006"),
+            &dir.join("checkpoints/step-00000006"),
+            &format!("qwen3 {layout}: the final checkpoint"),
+        );
+    }
+}
+
+#[test]
+fn every_recipe_follows_its_curve_under_pipeline_parallel() {
+    let teacher = scratch("pp-teacher");
+    qwen3_base(&teacher);
+    let teacher = format!("distill.teacher={:?}", teacher.display().to_string());
+    for (recipe, one) in [
+        ("dpo", vec!["train.grad_accum=2"]),
+        ("rm", vec!["train.grad_accum=2"]),
+        ("kto", vec!["train.grad_accum=2"]),
+        ("grpo", vec![]),
+        ("distill", vec![teacher.as_str()]),
+    ] {
+        let one = [&["train.steps=4"], &one[..]].concat();
+        let two = [&one[..], &["train.pp=2"]].concat();
+        let (a, b) = (scratch(&format!("pp-{recipe}-1")), scratch(&format!("pp-{recipe}-2")));
+        run(recipe, 1, &a, &one, false);
+        run(recipe, 2, &b, &two, false);
+        let what = format!("{recipe}, pp=2");
+        assert!(series(&a, "grad_norm").iter().any(|g| *g > 0.0), "{what}: no gradient to compare");
+        assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), 1e-5, &what);
+        assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, &what);
+    }
+}
+
+#[test]
+fn what_pipeline_parallel_cannot_cut_is_refused_with_the_reason() {
+    let err = sft_error(8, &scratch("pp-refuse-layers"), &["train.pp=8", "train.grad_accum=4"], false);
+    assert!(err.contains("pp = 8 stages for the model's 4 layers"), "{err}");
+    let err = sft_error(4, &scratch("pp-refuse-ranks"), &["train.pp=3"], false);
+    assert!(err.contains("`train.tp` · `train.pp` = 1·3 does not divide the 4 ranks"), "{err}");
+}

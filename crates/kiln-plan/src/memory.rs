@@ -34,7 +34,7 @@ impl Memory {
 /// What each term counts, for `--explain`.
 pub const EXPLAIN: &[(&str, &str)] = &[
     ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), ZeRO-3 gathering one layer plus the embedding and head at a time, and under tensor parallel the embedding, head and logits whole on every rank"),
-    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage, split by tp (and ep for routed experts); sharded over data parallel at ZeRO-3"),
+    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (the first with the embedding, or the last with the head, a tied one a copy of the embedding), split by tp (and ep for routed experts); sharded over data parallel at ZeRO-3"),
     ("gradients", "bf16 gradients (2 B/param) of the same parameters; sharded over data parallel from ZeRO-2"),
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
     ("optimizer states", "AdamW: f32 first and second moments (8 B/param); Muon: one f32 momentum (4 B/param) for hidden matrices, AdamW's 8 B for embeddings, head and vectors; sharded from ZeRO-1. Routed experts shard over dp/ep ranks (each expert's replicas), the rest over dp"),
@@ -47,20 +47,27 @@ pub const EXPLAIN: &[(&str, &str)] = &[
 ];
 
 /// The parameters of the fullest pipeline stage: layers spread evenly, the embedding on the
-/// first stage, head and MTP layers on the last.
-fn stage_params(job: &Job, pp: usize) -> (f64, f64) {
+/// first stage, head and MTP layers on the last (a tied head as a copy of the embedding, as
+/// Megatron-LM and kiln keep it); the non-expert ones, the routed experts, and of the
+/// non-expert ones those outside the layers (embedding and head).
+fn stage_params(job: &Job, pp: usize) -> (f64, f64, f64) {
     let m = &job.model;
     let p = &m.params;
     let layers = m.layers as f64;
     let per_layer_ne = (p.attention + p.dense_mlp + p.shared_experts + p.router + p.other) / layers;
     let per_layer_ex = p.routed_experts / layers;
     let stage_layers = m.layers.div_ceil(pp) as f64;
-    let tail_ne = p.lm_head + m.mtp.non_expert();
     if pp == 1 {
-        return (p.non_expert() + m.mtp.non_expert(), p.routed_experts + m.mtp.routed_experts);
+        let outer = p.embedding + p.lm_head;
+        return (p.non_expert() + m.mtp.non_expert(), p.routed_experts + m.mtp.routed_experts, outer);
     }
-    let first = (stage_layers * per_layer_ne + p.embedding, stage_layers * per_layer_ex);
-    let last = (stage_layers * per_layer_ne + tail_ne, stage_layers * per_layer_ex + m.mtp.routed_experts);
+    let head = if p.lm_head > 0.0 { p.lm_head } else { p.embedding };
+    let first = (stage_layers * per_layer_ne + p.embedding, stage_layers * per_layer_ex, p.embedding);
+    let last = (
+        stage_layers * per_layer_ne + head + m.mtp.non_expert(),
+        stage_layers * per_layer_ex + m.mtp.routed_experts,
+        head,
+    );
     if first.0 + first.1 >= last.0 + last.1 {
         first
     } else {
@@ -83,12 +90,12 @@ fn optimizer_bytes(opt: Optimizer, p: &ParamCounts, ne: f64, ex: f64) -> (f64, f
 pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
     let m = &job.model;
     let l = layout;
-    let (stage_ne, stage_ex) = stage_params(job, l.pp);
+    let (stage_ne, stage_ex, stage_outer) = stage_params(job, l.pp);
     // Tensor parallel splits the embedding and head over the vocabulary; kiln's engine (f32
     // storage) keeps them whole on every rank of the group.
-    let outer = match (job.storage, l.pp) {
-        (Storage::F32, 1) => m.params.embedding + m.params.lm_head,
-        _ => 0.0,
+    let outer = match job.storage {
+        Storage::F32 => stage_outer,
+        Storage::Mixed => 0.0,
     };
     let ne = (stage_ne - outer) / l.tp as f64 + outer;
     let ex = stage_ex / (l.tp * l.ep) as f64;

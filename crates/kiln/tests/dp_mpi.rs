@@ -206,6 +206,35 @@ fn tensor_parallel_gives_the_one_process_curve_and_checkpoint() {
     assert_same_curve(&reference, &losses(&dir), "tp=2 resumed on 1");
 }
 
+/// Pipeline parallel as processes: 2 and 4 stages, with data parallel and ZeRO-2, and with
+/// data and tensor parallel on 8 processes, follow the one-process curve; their final
+/// checkpoint holds the whole model, the one process's weights; and the 2-stage checkpoint
+/// resumes on one process.
+#[test]
+fn pipeline_parallel_gives_the_one_process_curve_and_checkpoint() {
+    let _serial = serial();
+    let one = scratch("pp-1");
+    run_ok(1, 4, &one, &[]);
+    let reference = losses(&one);
+    let final_weights = |dir: &Path| tensors(&dir.join("checkpoints/step-00000006/model.safetensors"));
+    for (ranks, accum, layout) in [(2, 4, "pp=2"), (4, 4, "pp=4"), (4, 2, "dp=2,pp=2,zero=2"), (8, 2, "dp=2,tp=2,pp=2")]
+    {
+        let dir = scratch(&format!("pp-{layout}"));
+        run_ok(ranks, accum, &dir, &["--layout", layout]);
+        assert_same_curve(&reference, &losses(&dir), layout);
+        for ((name, a), (_, b)) in final_weights(&one).iter().zip(final_weights(&dir)) {
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{layout}: `{name}` of the final checkpoint differs by {worst}");
+        }
+    }
+    let dir = scratch("pp-resumed-on-1");
+    copy_dir(&scratch_keep("pp-pp=2"), &dir);
+    std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+    let out = sft(1, 4, &dir, &["--resume"]);
+    assert!(out.status.success(), "pp=2 resumed on 1: {}", String::from_utf8_lossy(&out.stderr));
+    assert_same_curve(&reference, &losses(&dir), "pp=2 resumed on 1");
+}
+
 /// Every tensor of a safetensors file, as f32.
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -220,7 +249,7 @@ fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     all
 }
 
-/// ZeRO-3 on 4 ranks holds a quarter of the training state on each (tensor parallel over 2
+/// ZeRO-3 on 4 ranks holds a quarter of the training state on each (tensor or pipeline parallel over 2
 /// about half), and the memory a rank measures over a step falls with it: rank 0's peak
 /// resident memory is under half that of the same launch replicated (ZeRO-0: the same MPI
 /// buffers and program), on a model whose state outweighs its activations; `kiln plan`
@@ -247,20 +276,25 @@ fn zero_3_cuts_the_memory_each_rank_measures() {
         let mb = |key: &str| last[key].as_f64().unwrap_or_else(|| panic!("{key} in {last}"));
         (mb("weights_mb") + mb("gradients_mb") + mb("optimizer_state_mb"), mb("peak_resident_mb"))
     };
-    let tensor = scratch("wide-tp2");
+    let (tensor, pipeline) = (scratch("wide-tp2"), scratch("wide-pp2"));
     run_two_steps(&tensor, "dp=2,tp=2");
+    run_two_steps(&pipeline, "dp=2,pp=2");
     let ((held_0, peak_0), (held_3, peak_3)) = (memory(&replicated), memory(&sharded));
-    let (held_tp, peak_tp) = memory(&tensor);
+    let ((held_tp, peak_tp), (held_pp, peak_pp)) = (memory(&tensor), memory(&pipeline));
     assert!(held_tp < 0.6 * held_0, "tp=2 holds {held_tp} MB of {held_0}");
+    assert!(held_pp < 0.6 * held_0, "pp=2 holds {held_pp} MB of {held_0}");
     assert!(held_3 < 0.35 * held_0, "ZeRO-3 holds {held_3} MB of {held_0}");
     assert!(peak_0 >= held_0 && peak_3 >= held_3, "a peak below what is held");
     assert!(peak_3 < 0.5 * peak_0, "ZeRO-3 rank 0 peaks at {peak_3} MB, ZeRO-0's at {peak_0}");
     // `kiln plan` on the same model, devices and layout predicts what each rank holds.
     let cluster = sharded.join("loopback.toml");
     std::fs::write(&cluster, LOOPBACK_CLUSTER).unwrap();
-    for (layout, held, peak) in
-        [("dp=4,zero=0", held_0, peak_0), ("dp=4,zero=3", held_3, peak_3), ("dp=2,tp=2,zero=0", held_tp, peak_tp)]
-    {
+    for (layout, held, peak) in [
+        ("dp=4,zero=0", held_0, peak_0),
+        ("dp=4,zero=3", held_3, peak_3),
+        ("dp=2,tp=2,zero=0", held_tp, peak_tp),
+        ("dp=2,pp=2,zero=0", held_pp, peak_pp),
+    ] {
         let (planned_held, planned_peak) = planned(&base, &cluster, layout);
         eprintln!(
             "{layout}, rank 0 of 4: holds {held:.0} MB (plan: {planned_held:.0}), peaks at {peak:.0} MB (plan, without the program and MPI: {planned_peak:.0})"

@@ -74,4 +74,16 @@ impl Batch {
     pub fn tokens(&self) -> usize {
         self.rows * self.seq
     }
+
+    /// The rows `rows`, then padding up to `padded` rows.
+    pub fn rows_padded(&self, rows: std::ops::Range<usize>, padded: usize) -> Self {
+        let mut out = Self::padding(padded, self.seq);
+        let (at, n) = (rows.start * self.seq..rows.end * self.seq, rows.len() * self.seq);
+        out.ids[..n].copy_from_slice(&self.ids[at.clone()]);
+        out.positions[..n].copy_from_slice(&self.positions[at.clone()]);
+        out.segments[..n].copy_from_slice(&self.segments[at.clone()]);
+        out.targets[..n].copy_from_slice(&self.targets[at.clone()]);
+        out.weights[..n].copy_from_slice(&self.weights[at]);
+        out
+    }
 }

@@ -19,6 +19,7 @@ mod model_pipeline;
 mod model_v4;
 pub mod param_shards;
 pub mod pipeline;
+pub mod pipeline_schedule;
 mod prompt_pool;
 pub mod quantized;
 pub mod rope;

@@ -19,6 +19,7 @@ use crate::layers::expert_parallel::ExpertParallel;
 use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
+use crate::model_pipeline::PipelineLoss;
 use crate::param_shards::{ParamShards, SpaceRanks};
 use crate::pipeline::Pipeline;
 use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
@@ -34,7 +35,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Chooses token weights from every token's nll (see `Model::forward_backward_with`).
-type WeightsOf<'a> = &'a mut dyn FnMut(&[f32]) -> Vec<f32>;
+pub(crate) type WeightsOf<'a> = &'a mut dyn FnMut(&[f32]) -> Vec<f32>;
 
 pub struct Model<B: Backend> {
     pub config: Config,
@@ -68,6 +69,8 @@ pub struct Model<B: Backend> {
     /// Set when this rank holds one stage of the layers (`config`, `layout` and `params` are
     /// then the stage's: `pipeline`).
     pub(crate) pipeline: Option<Pipeline<B>>,
+    /// Pipeline parallel: the activations of the chunks (rows) a stage holds at once.
+    pub(crate) chunk_acts: Vec<Activations<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
     /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
@@ -270,6 +273,7 @@ impl<B: Backend> Model<B> {
             expert_parallel: None,
             tensor_parallel: None,
             pipeline: None,
+            chunk_acts: Vec::new(),
             rope_table: b.zeros(0),
             rope_positions: 0,
             compress_rope_table: b.zeros(0),
@@ -561,7 +565,7 @@ impl<B: Backend> Model<B> {
     /// `acts.xf` (`[tokens, hidden]`); with `count_load`, adds the experts' loads into
     /// `expert_load`.
     pub fn forward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, count_load: bool) {
-        self.forward_layers(b, acts, batch, count_load, None);
+        self.forward_layers(b, acts, batch, count_load, None, true);
     }
 
     /// Runs the model over `batch` for generation and returns the logits (`[k, vocab]`) of
@@ -576,7 +580,7 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         plan: &CachePlan,
     ) -> Vec<f32> {
-        self.forward_layers(b, acts, batch, false, Some((cache, plan)));
+        self.forward_layers(b, acts, batch, false, Some((cache, plan)), true);
         let c = &self.config;
         let k = plan.logits_at.len();
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
@@ -599,20 +603,27 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    fn forward_layers(
+    /// The transformer's forward (`forward_hidden`). Under pipeline parallel with `hops` a
+    /// stage receives its input from the previous stage and sends its output to the next;
+    /// without, a schedule does (`model_pipeline`), leaving the input in `layer_inputs[0]` and
+    /// taking the output from the last of them.
+    pub(crate) fn forward_layers(
         &mut self,
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
         count_load: bool,
         cache: Option<(&mut KvCache<B>, &CachePlan)>,
+        hops: bool,
     ) {
         self.prepare(b, acts, batch);
         gather(&mut self.shards, b, (&self.flat, &self.params), None);
         let c = &self.config;
         let embed = self.outer_weights(b).embed;
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_first()) {
-            pp.recv_prev(b, &mut acts.layer_inputs[0], "pipeline: hidden states forward");
+            if hops {
+                pp.recv_prev(b, &mut acts.layer_inputs[0], "pipeline: hidden states forward");
+            }
         } else if self.is_v4() {
             b.embedding_forward(&mut acts.xf, embed, &acts.inputs.ids, c.hidden_size);
             self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
@@ -679,7 +690,9 @@ impl<B: Backend> Model<B> {
             }
         }
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
-            pp.send_next(b, &acts.layer_inputs[c.num_layers], "pipeline: hidden states forward");
+            if hops {
+                pp.send_next(b, &acts.layer_inputs[c.num_layers], "pipeline: hidden states forward");
+            }
         } else if self.is_v4() {
             self.v4_head_forward(b, acts, c.num_layers);
         } else {
@@ -692,7 +705,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// `logits = xf·Wₗₘᵀ`.
-    fn lm_head_forward(&self, b: &B, acts: &mut Activations<B>) {
+    pub(crate) fn lm_head_forward(&self, b: &B, acts: &mut Activations<B>) {
         let c = &self.config;
         let w = self.outer_weights(b);
         let head = w.lm_head.unwrap_or(w.embed);
@@ -768,28 +781,19 @@ impl<B: Backend> Model<B> {
         grads: &mut dyn GradSink<B>,
         weights_of: Option<WeightsOf>,
     ) -> (f64, Option<Vec<f32>>) {
+        if self.pipeline.is_some() {
+            return self.pipelined(b, acts, batch, grads, (PipelineLoss::Nll(weights_of), None));
+        }
         self.forward_hidden(b, acts, batch, true);
+        self.lm_head_forward(b, acts);
         let c = &self.config;
         let (n, vocab) = (acts.rows * acts.seq, c.vocab_size);
-        if !self.holds_head() {
-            // An earlier pipeline stage: the last one has the loss, and hands over the nll that
-            // chooses the weights, then dL/d(its output).
-            let nll = weights_of.map(|f| {
-                let nll = self.from_last_stage(b, &[], n, "pipeline: nll");
-                f(&nll);
-                nll
-            });
-            self.backward_hidden(b, acts, batch, grads);
-            return (self.scalar_from_last_stage(0.0, "pipeline: loss"), nll);
-        }
-        self.lm_head_forward(b, acts);
         let inputs = &mut acts.inputs;
         let (weights, nll) = match weights_of {
             None => (batch.weights.clone(), None),
             Some(f) => {
                 b.cross_entropy_forward(&mut acts.nll, &mut acts.correct, &acts.logits, &inputs.targets, vocab);
                 let nll = b.read(&acts.nll);
-                let nll = self.from_last_stage(b, &nll, n, "pipeline: nll");
                 let w = f(&nll);
                 assert_eq!(w.len(), n, "one weight per token");
                 b.write(&mut inputs.weights, &w);
@@ -799,8 +803,8 @@ impl<B: Backend> Model<B> {
         let (token_nll, correct) = (&mut acts.nll, &mut acts.correct);
         b.cross_entropy_backward(&mut acts.logits, token_nll, correct, &inputs.targets, &inputs.weights, vocab);
         let loss = b.read(&acts.nll).iter().zip(&weights).map(|(&l, &w)| l as f64 * w as f64).sum();
-        self.backward_from_logits(b, acts, batch, grads);
-        (self.scalar_from_last_stage(loss, "pipeline: loss"), nll)
+        self.backward_from_logits(b, acts, batch, grads, true);
+        (loss, nll)
     }
 
     /// Forward and backward of on-policy distillation's `loss = Σ_t weight[t] · KL(p_t ‖ q_t)`
@@ -815,22 +819,29 @@ impl<B: Backend> Model<B> {
         grads: &mut dyn GradSink<B>,
         teacher: &B::Slice,
     ) -> f64 {
-        self.forward_hidden(b, acts, batch, true);
-        if !self.holds_head() {
-            self.backward_hidden(b, acts, batch, grads);
-            return self.scalar_from_last_stage(0.0, "pipeline: loss");
+        if self.pipeline.is_some() {
+            return self.pipelined(b, acts, batch, grads, (PipelineLoss::Kl, Some(teacher))).0;
         }
+        self.forward_hidden(b, acts, batch, true);
         self.lm_head_forward(b, acts);
         let vocab = self.config.vocab_size;
         let inputs = &acts.inputs;
         b.reverse_kl_backward(&mut acts.logits, &mut acts.nll, teacher, &inputs.weights, vocab);
         let loss = b.read(&acts.nll).iter().zip(&batch.weights).map(|(&kl, &w)| kl as f64 * w as f64).sum();
-        self.backward_from_logits(b, acts, batch, grads);
-        self.scalar_from_last_stage(loss, "pipeline: loss")
+        self.backward_from_logits(b, acts, batch, grads, true);
+        loss
     }
 
-    /// Backward of the LM head and the transformer from `acts.logits` = ∂L/∂logits.
-    fn backward_from_logits(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
+    /// Backward of the LM head and the transformer from `acts.logits` = ∂L/∂logits (`hops` as
+    /// in `backward_stage`).
+    pub(crate) fn backward_from_logits(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        grads: &mut dyn GradSink<B>,
+        hops: bool,
+    ) {
         let c = &self.config;
         let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
         // Head: logits = xf·Wᵀ.
@@ -848,17 +859,34 @@ impl<B: Backend> Model<B> {
             head,
             Matmul::linear_dx(n, d, vocab, false).in_precision(self.matmul_precision),
         );
-        self.backward_hidden(b, acts, batch, grads);
+        self.backward_stage(b, acts, batch, grads, hops);
     }
 
     /// Backward of `forward_hidden` from `acts.grad.dxn` = dL/dxf; parameter gradients are
     /// added into `grads`.
     pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
+        self.backward_stage(b, acts, batch, grads, true);
+    }
+
+    /// `backward_hidden`. Under pipeline parallel with `hops` a stage receives dL/d(its output)
+    /// from the next stage, sends dL/d(its input) to the previous one and ends the backward
+    /// (`GradSink::outer_done`); without, a schedule does (`model_pipeline`), leaving the
+    /// output gradient in `grad.dres` and taking the input gradient from there.
+    pub(crate) fn backward_stage(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        grads: &mut dyn GradSink<B>,
+        hops: bool,
+    ) {
         let c = &self.config;
         let d = c.hidden_size;
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
-            let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-            pp.recv_next(b, &mut s.dres, "pipeline: hidden-state gradients backward");
+            if hops {
+                let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+                pp.recv_next(b, &mut s.dres, "pipeline: hidden-state gradients backward");
+            }
         } else if self.is_v4() {
             self.v4_head_backward(b, acts, grads);
         } else {
@@ -914,14 +942,18 @@ impl<B: Backend> Model<B> {
             grads.layer_done(b, l);
         }
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_first()) {
-            pp.send_prev(b, &s.dres, "pipeline: hidden-state gradients backward");
+            if hops {
+                pp.send_prev(b, &s.dres, "pipeline: hidden-state gradients backward");
+            }
         } else if self.is_v4() {
             self.sum_streams(b, &mut s.dxn, &s.dres, acts.rows * acts.seq);
             b.embedding_backward(grads.outer(b).embed, &s.dxn, &acts.inputs.ids, d);
         } else {
             b.embedding_backward(grads.outer(b).embed, &s.dres, &acts.inputs.ids, d);
         }
-        grads.outer_done(b);
+        if hops || self.pipeline.is_none() {
+            grads.outer_done(b);
+        }
         self.moe_aux_loss += aux_loss;
     }
 
@@ -941,13 +973,36 @@ impl<B: Backend> Model<B> {
     /// computing for the group's rows and adding their weight gradients into `grads` (expert
     /// parallel; with the forward repeated under `recompute`), and every layer's and the outer
     /// gradients handed over (empty but for those experts), as a backward hands them.
+    /// Under pipeline parallel a training pass is a forward and a backward per chunk, and so is
+    /// an idle one: its forwards first (the order of `pipelined` under ZeRO-3, whose gathers
+    /// are collective), then its backwards (whose reductions come in chunk order either way).
     pub fn idle_pass(&mut self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool) {
-        let mut served: Vec<Option<moe::Served<B>>> = Vec::new();
-        gather(&mut self.shards, b, (&self.flat, &self.params), None);
-        for l in 0..self.config.num_layers {
-            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
-            served.push(self.serve_layer(b, l));
+        let chunks = self.pipeline.as_ref().map_or(1, |pp| pp.chunks);
+        let served: Vec<_> = (0..chunks).map(|_| self.idle_chunk_forward(b)).collect();
+        for served in served {
+            self.idle_chunk_backward(b, grads, recompute, served);
         }
+    }
+
+    /// An idle pass's forward: the gathers, and the experts serving the group's rows.
+    fn idle_chunk_forward(&mut self, b: &B) -> Vec<Option<moe::Served<B>>> {
+        gather(&mut self.shards, b, (&self.flat, &self.params), None);
+        (0..self.config.num_layers)
+            .map(|l| {
+                gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+                self.serve_layer(b, l)
+            })
+            .collect()
+    }
+
+    /// An idle pass's backward, after `idle_chunk_forward` served `served`.
+    fn idle_chunk_backward(
+        &mut self,
+        b: &B,
+        grads: &mut dyn GradSink<B>,
+        recompute: bool,
+        mut served: Vec<Option<moe::Served<B>>>,
+    ) {
         for l in (0..self.config.num_layers).rev() {
             gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
             let mut g = grads.layer(b, l);

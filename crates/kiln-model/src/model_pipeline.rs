@@ -1,12 +1,28 @@
-//! The model's side of pipeline parallel (`pipeline`): keeping one stage of a whole model, and
-//! handing the last stage's results to every stage.
+//! The model's side of pipeline parallel (`pipeline`): keeping one stage of a whole model,
+//! running a training pass's chunks (its rows) through the stages on a schedule
+//! (`pipeline_schedule`: 1F1B, or GPipe where the loss's weights need every chunk's forward),
+//! and handing the last stage's results to every stage.
 
+use crate::activations::Activations;
+use crate::batch::Batch;
 use crate::flat::FlatLayout;
-use crate::model::{expert_count, layout_of, upload_flat, Model};
+use crate::grad_sink::GradSink;
+use crate::model::{expert_count, layout_of, upload_flat, Model, WeightsOf};
 use crate::pipeline::{self, Pipeline};
+use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, one_forward_one_backward, Op};
 use kiln_core::Backend;
 use kiln_dist::Comm;
+use std::ops::Range;
 use std::sync::Arc;
+
+/// What the last stage computes from a chunk's logits.
+pub(crate) enum PipelineLoss<'a> {
+    /// `Σ weight·nll`, the weights the batch's, or chosen from every token's nll.
+    Nll(Option<WeightsOf<'a>>),
+    /// `Σ weight·KL(p‖q)` against the teacher's logits (`[tokens, vocab]`, `pipelined`'s
+    /// `teacher`).
+    Kl,
+}
 
 impl<B: Backend> Model<B> {
     /// The stages this rank's model is one of, under pipeline parallel.
@@ -35,6 +51,14 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// Pipeline parallel: cuts every training pass's rows into `chunks` chunks (fewer for a
+    /// pass with fewer rows, or with `fixed` exactly that many, padded) for the schedule; every
+    /// rank of the run must set the same.
+    pub fn set_pipeline_chunks(&mut self, chunks: usize, fixed: bool) {
+        let pp = self.pipeline.as_mut().expect("a pipeline stage");
+        (pp.chunks, pp.fixed_chunks) = (chunks.max(1), fixed);
+    }
+
     /// Whether this rank computes the head and the loss: not an earlier pipeline stage.
     pub(crate) fn holds_head(&self) -> bool {
         self.pipeline.as_ref().is_none_or(Pipeline::is_last)
@@ -56,4 +80,234 @@ impl<B: Backend> Model<B> {
             None => value,
         }
     }
+
+    /// A training pass of `batch` under pipeline parallel: its rows, cut into the pipeline's
+    /// `chunks` (padded to the same rows), go through the stages on the schedule, each chunk
+    /// in activations of its own (`chunk_acts`), parameter gradients added into `grads`. On the last stage every token's nll and correctness land
+    /// in `acts` (for `correct_tokens`). Returns the loss and, with chosen weights, the nll, on
+    /// every stage.
+    pub(crate) fn pipelined(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        batch: &Batch,
+        grads: &mut dyn GradSink<B>,
+        (mut loss, teacher): (PipelineLoss, Option<&B::Slice>),
+    ) -> (f64, Option<Vec<f32>>) {
+        let pp = self.pipeline.clone().expect("a pipeline stage");
+        let (stage, stages, seq) = (pp.stage(), pp.group.size(), batch.seq);
+        let count = if pp.fixed_chunks { pp.chunks } else { pp.chunks.min(batch.rows).max(1) };
+        let rows: Vec<Range<usize>> = (0..count).map(|c| kiln_dist::shard(batch.rows, c, count)).collect();
+        let chunk_rows = rows[0].len().max(1);
+        let chunks: Vec<Batch> = rows.iter().map(|r| batch.rows_padded(r.clone(), chunk_rows)).collect();
+        // GPipe where the loss's weights need every chunk's forward, and under ZeRO-3, whose
+        // gathers are collectives of the data-parallel peers: they then come in the order of an
+        // idle pass (`Model::idle_pass`) whatever the stage.
+        let (first_ops, then_ops) = match (&loss, self.params_sharded()) {
+            (PipelineLoss::Nll(Some(_)), _) | (_, true) => forwards_then_backwards(stage, stages, chunks.len()),
+            _ => (one_forward_one_backward(stage, stages, chunks.len()), Vec::new()),
+        };
+        let slots = chunks_in_flight(&[&first_ops[..], &then_ops[..]].concat());
+        let mut held = std::mem::take(&mut self.chunk_acts);
+        let fits = |a: &Activations<B>| a.rows == chunk_rows && a.seq == seq && a.recompute == acts.recompute;
+        if held.len() < slots || !held.iter().all(fits) {
+            held =
+                (0..slots).map(|_| Activations::new(b, &self.config, chunk_rows, seq, true, acts.recompute)).collect();
+        }
+        let mut run = Run { b, pp: &pp, acts: held, chunks: &chunks, rows: &rows, out: acts, teacher, loss_sum: 0.0 };
+        for &op in &first_ops {
+            run.op(self, op, &mut loss, grads);
+        }
+        let mut nll = None;
+        if let PipelineLoss::Nll(Some(weights_of)) = &mut loss {
+            let n = batch.rows * seq;
+            let mine = if pp.is_last() { b.read(&run.out.nll) } else { Vec::new() };
+            let all = pp.from_last(b, &mine, n, "pipeline: nll");
+            let weights = weights_of(&all);
+            assert_eq!(weights.len(), n, "one weight per token");
+            if pp.is_last() {
+                for (c, r) in rows.iter().enumerate() {
+                    let mut padded = vec![0.0; chunk_rows * seq];
+                    padded[..r.len() * seq].copy_from_slice(&weights[r.start * seq..r.end * seq]);
+                    let slot = c % run.acts.len();
+                    b.write(&mut run.acts[slot].inputs.weights, &padded);
+                }
+            }
+            nll = Some(all);
+        }
+        for &op in &then_ops {
+            run.op(self, op, &mut loss, grads);
+        }
+        self.chunk_acts = run.acts;
+        (pp.scalar_from_last(run.loss_sum, "pipeline: loss"), nll)
+    }
+}
+
+/// A pipelined pass under way: the chunks' activations (chunk c in slot c mod their number),
+/// the caller's activations that collect the last stage's per-token results, and the loss so far.
+struct Run<'a, B: Backend> {
+    b: &'a B,
+    pp: &'a Pipeline<B>,
+    acts: Vec<Activations<B>>,
+    chunks: &'a [Batch],
+    /// The rows of the pass each chunk holds (before its padding).
+    rows: &'a [Range<usize>],
+    out: &'a mut Activations<B>,
+    teacher: Option<&'a B::Slice>,
+    loss_sum: f64,
+}
+
+impl<B: Backend> Run<'_, B> {
+    fn slot(&self, chunk: usize) -> usize {
+        chunk % self.acts.len()
+    }
+
+    /// Chunk `send`'s output (layer `last`'s output) and chunk `recv`'s output gradient, the
+    /// first to send and the second to receive: the chunks are in different slots.
+    fn output_and_grad(&mut self, send: usize, recv: usize, last: usize) -> (&B::Slice, &mut B::Slice) {
+        let (s, r) = (self.slot(send), self.slot(recv));
+        assert_ne!(s, r, "two chunks in flight share activations");
+        let (send, recv) = if s < r {
+            let (low, high) = self.acts.split_at_mut(r);
+            (&low[s], &mut high[0])
+        } else {
+            let (low, high) = self.acts.split_at_mut(s);
+            (&high[0], &mut low[r])
+        };
+        (&send.layer_inputs[last], dres(recv))
+    }
+
+    /// Chunk `send`'s input gradient and chunk `recv`'s input, the first to send and the
+    /// second to receive: a slot whose chunk's backward is done takes the next chunk's input.
+    fn grad_and_input(&mut self, send: usize, recv: usize) -> (&B::Slice, &mut B::Slice) {
+        let (s, r) = (self.slot(send), self.slot(recv));
+        if s == r {
+            let a = &mut self.acts[s];
+            return (&a.grad.as_ref().expect("training activations").dres, &mut a.layer_inputs[0]);
+        }
+        let (send, recv) = if s < r {
+            let (low, high) = self.acts.split_at_mut(r);
+            (&low[s], &mut high[0])
+        } else {
+            let (low, high) = self.acts.split_at_mut(s);
+            (&high[0], &mut low[r])
+        };
+        (&send.grad.as_ref().expect("training activations").dres, &mut recv.layer_inputs[0])
+    }
+
+    fn op(&mut self, model: &mut Model<B>, op: Op, loss: &mut PipelineLoss, grads: &mut dyn GradSink<B>) {
+        let (b, pp) = (self.b, self.pp);
+        let last = model.config.num_layers;
+        let forward = "pipeline: hidden states forward";
+        let backward = "pipeline: hidden-state gradients backward";
+        match op {
+            Op::RecvForward(c) => {
+                let slot = self.slot(c);
+                pp.recv_prev(b, &mut self.acts[slot].layer_inputs[0], forward);
+            }
+            Op::Forward(c) => self.forward(model, c, loss),
+            Op::SendForward(c) => pp.send_next(b, &self.acts[self.slot(c)].layer_inputs[last], forward),
+            Op::SendForwardRecvBackward(j, i) => {
+                let (output, grad) = self.output_and_grad(j, i, last);
+                pp.send_next_recv_next(b, output, grad, backward);
+            }
+            Op::Backward(c) => {
+                self.backward(model, c, loss, grads);
+                if pp.is_first() {
+                    grads.outer_done(b);
+                }
+            }
+            Op::SendBackward(c) => {
+                let slot = self.slot(c);
+                pp.send_prev(b, dres(&mut self.acts[slot]), backward);
+                grads.outer_done(b);
+            }
+            Op::SendBackwardRecvForward(i, j) => {
+                let (grad, input) = self.grad_and_input(i, j);
+                pp.send_prev_recv_prev(b, grad, input, forward);
+                grads.outer_done(b);
+            }
+            Op::RecvBackward(c) => {
+                let slot = self.slot(c);
+                pp.recv_next(b, dres(&mut self.acts[slot]), backward);
+            }
+        }
+    }
+
+    /// Chunk `c`'s forward on this stage; on the last, its loss too: with the batch's weights
+    /// (or the teacher) the loss's gradient at the logits at once, with weights still to be
+    /// chosen only the nll.
+    fn forward(&mut self, model: &mut Model<B>, c: usize, loss: &PipelineLoss) {
+        let (b, slot, seq, rows) = (self.b, self.slot(c), self.chunks[c].seq, self.rows[c].clone());
+        let a = &mut self.acts[slot];
+        model.forward_layers(b, a, &self.chunks[c], true, None, false);
+        if !self.pp.is_last() {
+            return;
+        }
+        model.lm_head_forward(b, a);
+        let vocab = model.config.vocab_size;
+        let weights = &self.chunks[c].weights;
+        match loss {
+            PipelineLoss::Nll(None) => {
+                b.cross_entropy_backward(
+                    &mut a.logits,
+                    &mut a.nll,
+                    &mut a.correct,
+                    &a.inputs.targets,
+                    &a.inputs.weights,
+                    vocab,
+                );
+                self.loss_sum += weighted_sum(&b.read(&a.nll), weights);
+            }
+            PipelineLoss::Nll(Some(_)) => {
+                b.cross_entropy_forward(&mut a.nll, &mut a.correct, &a.logits, &a.inputs.targets, vocab);
+            }
+            PipelineLoss::Kl => {
+                // The teacher's logits of the chunk's rows, and none (weight 0) for its padding.
+                let teacher = self.teacher.expect("the teacher's logits");
+                let per_row = seq * vocab;
+                let mut padded = b.zeros(a.rows * per_row);
+                let theirs = b.slice(teacher, rows.start * per_row..rows.end * per_row);
+                b.copy(b.slice_mut(&mut padded, 0..rows.len() * per_row), theirs);
+                b.reverse_kl_backward(&mut a.logits, &mut a.nll, &padded, &a.inputs.weights, vocab);
+                self.loss_sum += weighted_sum(&b.read(&a.nll), weights);
+            }
+        }
+        let (tokens, n) = (rows.start * seq..rows.end * seq, rows.len() * seq);
+        b.copy(b.slice_mut(&mut self.out.nll, tokens.clone()), b.slice(&a.nll, 0..n));
+        b.copy(b.slice_mut(&mut self.out.correct, tokens), b.slice(&a.correct, 0..n));
+    }
+
+    /// Chunk `c`'s backward on this stage (on the last, from the loss: with chosen weights,
+    /// its gradient at the logits first).
+    fn backward(&mut self, model: &mut Model<B>, c: usize, loss: &PipelineLoss, grads: &mut dyn GradSink<B>) {
+        let (b, slot) = (self.b, self.slot(c));
+        let a = &mut self.acts[slot];
+        if !self.pp.is_last() {
+            return model.backward_stage(b, a, &self.chunks[c], grads, false);
+        }
+        if let PipelineLoss::Nll(Some(_)) = loss {
+            let vocab = model.config.vocab_size;
+            b.cross_entropy_backward(
+                &mut a.logits,
+                &mut a.nll,
+                &mut a.correct,
+                &a.inputs.targets,
+                &a.inputs.weights,
+                vocab,
+            );
+            self.loss_sum += weighted_sum(&b.read(&a.nll), &b.read(&a.inputs.weights));
+        }
+        model.backward_from_logits(b, a, &self.chunks[c], grads, false);
+    }
+}
+
+/// The gradient scratch's dL/d(residual stream) of a chunk's activations.
+fn dres<B: Backend>(a: &mut Activations<B>) -> &mut B::Slice {
+    &mut a.grad.as_mut().expect("training activations").dres
+}
+
+/// `Σ nll·weight` in f64.
+fn weighted_sum(values: &[f32], weights: &[f32]) -> f64 {
+    values.iter().zip(weights).map(|(&v, &w)| v as f64 * w as f64).sum()
 }

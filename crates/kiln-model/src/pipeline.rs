@@ -37,6 +37,12 @@ pub struct Pipeline<B: Backend> {
     pub tied: Option<Group<B>>,
     /// The layers of every stage, in stage order.
     pub stage_layers: Vec<Range<usize>>,
+    /// The chunks a training pass's rows are cut into for the schedule (at most one per row),
+    /// or with `fixed_chunks` exactly this many, short passes padded: the same on every rank,
+    /// so that data-parallel peers run the same per-chunk collectives (ZeRO-2's reductions,
+    /// ZeRO-3's gathers) whatever their rows.
+    pub chunks: usize,
+    pub fixed_chunks: bool,
     /// The whole model's config and layout (what checkpoints hold).
     pub whole: Config,
     pub whole_layout: Weights<TensorSpec>,
@@ -50,6 +56,8 @@ impl<B: Backend> Clone for Pipeline<B> {
             next: self.next.clone(),
             tied: self.tied.clone(),
             stage_layers: self.stage_layers.clone(),
+            chunks: self.chunks,
+            fixed_chunks: self.fixed_chunks,
             whole: self.whole.clone(),
             whole_layout: self.whole_layout.clone(),
         }
@@ -121,6 +129,8 @@ impl<B: Backend> Pipeline<B> {
             next,
             tied,
             stage_layers: stage_layers(whole.num_layers, stages),
+            chunks: 1,
+            fixed_chunks: false,
             whole: whole.clone(),
             whole_layout: crate::weights::layout(whole),
         })
@@ -173,6 +183,18 @@ impl<B: Backend> Pipeline<B> {
     /// Receives dL/d(this stage's output) from the next stage into `buf`.
     pub fn recv_next(&self, b: &B, buf: &mut B::Slice, what: &str) {
         hand_over::<B>(b, self.next.as_ref().expect("a next stage"), None, Some(buf), what);
+    }
+
+    /// Sends `send` (a chunk's output) to the next stage and receives `recv` (another chunk's
+    /// output gradient) from it, in one exchange.
+    pub fn send_next_recv_next(&self, b: &B, send: &B::Slice, recv: &mut B::Slice, what: &str) {
+        hand_over::<B>(b, self.next.as_ref().expect("a next stage"), Some(send), Some(recv), what);
+    }
+
+    /// Sends `send` (a chunk's input gradient) to the previous stage and receives `recv`
+    /// (another chunk's input) from it, in one exchange.
+    pub fn send_prev_recv_prev(&self, b: &B, send: &B::Slice, recv: &mut B::Slice, what: &str) {
+        hand_over::<B>(b, self.prev.as_ref().expect("a previous stage"), Some(send), Some(recv), what);
     }
 
     /// Every tensor of the whole model, in `Weights::iter` order, placed in the pipeline.
@@ -232,25 +254,24 @@ impl<B: Backend> Pipeline<B> {
     }
 }
 
-/// One hand-over between neighbouring stages over their two-rank `pair`: the rank with `send`
-/// contributes it, the one with `recv` receives it.
+/// One hand-over between neighbouring stages over their two-rank `pair`: this rank contributes
+/// `send` (if any) and receives the other's contribution into `recv` (if any), at once.
 fn hand_over<B: Backend>(b: &B, pair: &Group<B>, send: Option<&B::Slice>, recv: Option<&mut B::Slice>, what: &str) {
-    let me = pair.rank();
     let fail = |e: anyhow::Error| panic!("pipeline: {e:#}");
-    match (send, recv) {
-        (Some(buf), None) => {
-            let n = b.len(buf);
-            let counts = if me == 0 { [n, 0] } else { [0, n] };
-            let mut out = b.zeros(n);
-            pair.all_gather_v(buf, &counts, &mut out, what).unwrap_or_else(fail);
+    let (sent, received) = (send.map_or(0, |s| b.len(s)), recv.as_ref().map_or(0, |r| b.len(r)));
+    let counts = if pair.rank() == 0 { [sent, received] } else { [received, sent] };
+    let empty = b.zeros(0);
+    let chunk = send.unwrap_or(&empty);
+    match recv {
+        Some(recv) if sent == 0 => pair.all_gather_v(chunk, &counts, recv, what).unwrap_or_else(fail),
+        recv => {
+            let mut both = b.zeros(sent + received);
+            pair.all_gather_v(chunk, &counts, &mut both, what).unwrap_or_else(fail);
+            if let Some(recv) = recv {
+                let theirs = if pair.rank() == 0 { sent..sent + received } else { 0..received };
+                b.copy(recv, b.slice(&both, theirs));
+            }
         }
-        (None, Some(buf)) => {
-            let n = b.len(buf);
-            let counts = if me == 0 { [0, n] } else { [n, 0] };
-            let empty = b.zeros(0);
-            pair.all_gather_v(&empty, &counts, buf, what).unwrap_or_else(fail);
-        }
-        _ => unreachable!("a hand-over sends or receives"),
     }
 }
 

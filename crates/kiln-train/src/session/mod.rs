@@ -179,6 +179,17 @@ impl<B: Backend> Session<B> {
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let muon = (t.optimizer == OptimizerKind::Muon).then(|| t.muon.clone());
         let mut dp = DataParallel::new(&b, &model, (&data, replicas), t.zero, hyper, muon);
+        if model.pipeline().is_some() {
+            // ZeRO-2's reductions and ZeRO-3's gathers run per chunk, collectives of the
+            // data-parallel peers: every pass then has the same chunks, whatever its rows.
+            let fixed = dp.reduces_in_backward() || dp.shards_weights;
+            let chunks = match (t.pp_chunks, fixed) {
+                (0, true) => (2 * t.pp).min(config.rows()),
+                (0, false) => 2 * t.pp,
+                (chunks, _) => chunks,
+            };
+            model.set_pipeline_chunks(chunks, fixed);
+        }
         if dp.shards_weights {
             model.shard_params(&b, dp.param_spaces());
         }

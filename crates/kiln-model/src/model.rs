@@ -723,7 +723,7 @@ impl<B: Backend> Model<B> {
     pub fn nll(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) -> Vec<f32> {
         self.forward(b, acts, batch);
         if !self.holds_head() {
-            return self.from_last_stage(b, &[], acts.rows * acts.seq, "pipeline: nll");
+            return self.last_stage_values(b, &[], acts.rows * acts.seq, "pipeline: nll");
         }
         b.cross_entropy_forward(
             &mut acts.nll,
@@ -733,7 +733,7 @@ impl<B: Backend> Model<B> {
             self.config.vocab_size,
         );
         let nll = b.read(&acts.nll);
-        self.from_last_stage(b, &nll, nll.len(), "pipeline: nll")
+        self.last_stage_values(b, &nll, nll.len(), "pipeline: nll")
     }
 
     /// Tokens of the last forward (`nll` or a training forward over next-token targets) whose
@@ -741,7 +741,7 @@ impl<B: Backend> Model<B> {
     /// of squares is the count).
     pub fn correct_tokens(&self, b: &B, acts: &Activations<B>) -> usize {
         let correct = if self.holds_head() { b.sum_squares(&acts.correct) } else { 0.0 };
-        self.scalar_from_last_stage(correct, "pipeline: correct tokens").round() as usize
+        self.last_stage_scalar(correct, "pipeline: correct tokens").round() as usize
     }
 
     /// Forward and backward of `loss = Σ weight·nll` over `batch` (plus, for MoE models with

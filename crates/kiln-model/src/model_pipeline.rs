@@ -66,7 +66,7 @@ impl<B: Backend> Model<B> {
 
     /// `values` (`len` of them) of the last pipeline stage on every stage; `values` itself
     /// without pipeline parallel.
-    pub(crate) fn from_last_stage(&self, b: &B, values: &[f32], len: usize, what: &str) -> Vec<f32> {
+    pub(crate) fn last_stage_values(&self, b: &B, values: &[f32], len: usize, what: &str) -> Vec<f32> {
         match &self.pipeline {
             Some(pp) => pp.from_last(b, values, len, what),
             None => values.to_vec(),
@@ -74,7 +74,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// `value` of the last pipeline stage on every stage.
-    pub(crate) fn scalar_from_last_stage(&self, value: f64, what: &str) -> f64 {
+    pub(crate) fn last_stage_scalar(&self, value: f64, what: &str) -> f64 {
         match &self.pipeline {
             Some(pp) => pp.scalar_from_last(value, what),
             None => value,

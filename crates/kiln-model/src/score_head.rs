@@ -56,14 +56,14 @@ impl<B: Backend> Model<B> {
     pub fn score_forward(&self, b: &B, acts: &Activations<B>, positions: &[i32]) -> Vec<f32> {
         let (k, d, labels) = (positions.len(), self.config.hidden_size, self.labels());
         if !self.holds_head() {
-            return self.from_last_stage(b, &[], k * labels, "pipeline: scores");
+            return self.last_stage_values(b, &[], k * labels, "pipeline: scores");
         }
         let h = self.hidden_at(b, acts, &b.upload_index(positions), k);
         let head = self.outer_weights(b).score.expect("a score head");
         let mut scores = b.zeros(k * labels);
         b.matmul(&mut scores, &h, head, Matmul::linear(k, d, labels));
         let scores = b.read(&scores);
-        self.from_last_stage(b, &scores, k * labels, "pipeline: scores")
+        self.last_stage_values(b, &scores, k * labels, "pipeline: scores")
     }
 
     /// Backward from `dscores` = ∂L/∂scores of the tokens `positions` through the head and the

@@ -83,13 +83,23 @@ impl RunLayout {
         match dp * tp * pp == ranks {
             true => Ok(()),
             false if self.dp.is_none() => Err(format!(
-                "`train.layout` = \"{spec}\": tp·pp = {tp}·{pp} does not divide the {ranks} ranks of the launch (mpirun -np)"
+                "`train.layout` = \"{spec}\": {} does not divide the {ranks} ranks of the launch (mpirun -np)",
+                model_parallel(tp, pp)
             )),
             false => Err(format!(
                 "`train.layout` = \"{spec}\": dp·tp·pp = {dp}·{tp}·{pp} = {} does not equal the {ranks} ranks of the launch (mpirun -np)",
                 dp * tp * pp
             )),
         }
+    }
+}
+
+/// The model-parallel sizes, named: `tp = 2`, `pp = 4`, or `tp·pp = 2·4`.
+pub fn model_parallel(tp: usize, pp: usize) -> String {
+    match (tp, pp) {
+        (tp, 1) => format!("tp = {tp}"),
+        (1, pp) => format!("pp = {pp}"),
+        (tp, pp) => format!("tp·pp = {tp}·{pp}"),
     }
 }
 
@@ -118,7 +128,11 @@ mod tests {
         let pp = RunLayout::parse("dp=2,tp=2,pp=2").unwrap();
         assert!(pp.check_ranks("dp=2,tp=2,pp=2", 8).is_ok());
         assert!(pp.check_ranks("", 4).unwrap_err().contains("2·2·2 = 8 does not equal the 4 ranks"));
-        assert!(RunLayout::parse("pp=4").unwrap().check_ranks("pp=4", 6).unwrap_err().contains("tp·pp = 1·4"));
+        assert!(RunLayout::parse("pp=4")
+            .unwrap()
+            .check_ranks("pp=4", 6)
+            .unwrap_err()
+            .contains("pp = 4 does not divide the 6"));
     }
 
     #[test]

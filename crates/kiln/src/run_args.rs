@@ -12,9 +12,9 @@ pub struct RunArgs {
     /// Override a key: --set train.lr=1e-5 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     overrides: Vec<String>,
-    /// How the run spreads over its ranks, as `kiln plan` writes it: --layout dp=4,ep=2,zero=3
+    /// How the run spreads over its ranks, as `kiln plan` writes it: --layout dp=2,tp=2,pp=2,zero=1
     /// (sets `train.layout`; keys left out keep the run file's values).
-    #[arg(long, value_name = "dp=..,ep=..,zero=..,recompute=..")]
+    #[arg(long, value_name = "dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..")]
     layout: Option<String>,
     /// Continue from the newest checkpoint of the run, or from the checkpoint given.
     #[arg(long, num_args = 0..=1, value_name = "CHECKPOINT")]

@@ -253,7 +253,9 @@ fn layouts_the_engine_cannot_run_are_refused_with_the_reason() {
     for (layout, why) in [
         ("dp=1,tp=2", "1·2·1 = 2 does not equal the 1 ranks of the launch"),
         ("tp=2", "tp = 2 does not divide the 1 ranks of the launch"),
-        ("pp=2", "pipeline parallel is not implemented"),
+        ("pp=2", "pp = 2 does not divide the 1 ranks of the launch"),
+        ("tp=2,pp=2", "tp·pp = 2·2 does not divide the 1 ranks of the launch"),
+        ("pp=0", "`pp` = `0` is not a positive whole number"),
         ("dp=2,zero=3", "does not equal the 1 ranks of the launch"),
         ("zero=5", "ZeRO has stages 0 to 3"),
     ] {

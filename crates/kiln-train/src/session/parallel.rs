@@ -139,7 +139,12 @@ pub(super) struct LayoutGroups<B: Backend> {
 pub(super) fn layout_groups<B: Backend>(comm: &Ranks<B>, tp: usize, pp: usize) -> Result<LayoutGroups<B>> {
     let (rank, ranks) = (comm.rank(), comm.size());
     if !ranks.is_multiple_of(tp * pp) {
-        bail!("`train.tp` · `train.pp` = {tp}·{pp} does not divide the {ranks} ranks of the run (mpirun -np)");
+        let sizes = match (tp, pp) {
+            (tp, 1) => format!("`train.tp` = {tp}"),
+            (1, pp) => format!("`train.pp` = {pp}"),
+            (tp, pp) => format!("`train.tp` · `train.pp` = {tp}·{pp}"),
+        };
+        bail!("{sizes} does not divide the {ranks} ranks of the run (mpirun -np)");
     }
     if tp * pp == 1 {
         return Ok(LayoutGroups { tensor: None, pipeline: None, data: Arc::clone(comm) });

@@ -360,26 +360,28 @@ impl<B: Backend> Model<B> {
 
     /// Under pipeline or tensor parallel, the whole tensors `local` (laid out as `layout`)
     /// assembled from the group's blocks and the stages' tensors, a collective over the
-    /// groups; `local` itself otherwise.
-    pub fn join_blocks(&self, b: &B, local: Weights<Vec<f32>>) -> Weights<Vec<f32>> {
+    /// groups; `local` itself otherwise. Only a rank that passes `keep` (the one that writes
+    /// them) holds the whole tensors: the others take part and get `None`.
+    pub fn join_blocks(&self, b: &B, local: Weights<Vec<f32>>, keep: bool) -> Option<Weights<Vec<f32>>> {
+        // A stage's tensors are joined on every rank of it: the pipeline's join takes them.
         let stage = match &self.tensor_parallel {
-            Some(tp) => tp.join_all(b, &local, &self.layout),
+            Some(tp) => tp.join_all(b, &local, &self.layout, keep || self.pipeline.is_some())?,
             None => local,
         };
         match &self.pipeline {
-            Some(pp) => pp.join_all(b, &stage),
-            None => stage,
+            Some(pp) => pp.join_all(b, &stage, keep),
+            None => keep.then_some(stage),
         }
     }
 
     /// Under pipeline or tensor parallel, the whole model from the stages' tensors and the
-    /// groups' blocks (a collective over them): what a checkpoint or an export writes. `None`
-    /// for a model that is whole.
-    pub fn joined(&self, b: &B) -> Option<Model<B>> {
+    /// groups' blocks (a collective over them): what a checkpoint or an export writes, on the
+    /// rank that passes `keep`. `None` for a model that is whole, and on the other ranks.
+    pub fn joined(&self, b: &B, keep: bool) -> Option<Model<B>> {
         if self.tensor_parallel.is_none() && self.pipeline.is_none() {
             return None;
         }
-        let tensors = self.join_blocks(b, self.tensors(b));
+        let tensors = self.join_blocks(b, self.tensors(b), keep)?;
         let config = match (&self.pipeline, &self.tensor_parallel) {
             (Some(pp), _) => pp.whole.clone(),
             (None, Some(tp)) => tp.whole.clone(),

@@ -234,8 +234,9 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// The whole tensors from every stage's `local` ones (a collective over the stages): each
-    /// from the stage that owns it.
-    pub fn join_all(&self, b: &B, local: &Weights<Vec<f32>>) -> Weights<Vec<f32>> {
+    /// from the stage that owns it, on a stage that passes `keep`; the others take part, a
+    /// tensor at a time, and get `None`.
+    pub fn join_all(&self, b: &B, local: &Weights<Vec<f32>>, keep: bool) -> Option<Weights<Vec<f32>>> {
         let (me, stages) = (self.stage(), self.group.size());
         let local = local.iter();
         let mut joined = self.places().into_iter().zip(self.whole_layout.iter()).map(|(place, spec)| {
@@ -248,9 +249,14 @@ impl<B: Backend> Pipeline<B> {
             let mut out = b.zeros(n);
             let what = format!("pipeline parallel: gathering {}", spec.name);
             self.group.all_gather_v(&chunk, &counts, &mut out, &what).unwrap_or_else(|e| panic!("{e:#}"));
-            b.read(&out)
+            if keep {
+                b.read(&out)
+            } else {
+                Vec::new()
+            }
         });
-        self.whole_layout.map(|_| joined.next().expect("a tensor per spec"))
+        let joined = self.whole_layout.map(|_| joined.next().expect("a tensor per spec"));
+        keep.then_some(joined)
     }
 }
 

@@ -161,8 +161,15 @@ impl<B: Backend> TensorParallel<B> {
             .collect()
     }
 
-    /// The whole tensors from every rank's blocks `local` (a collective over the group).
-    pub fn join_all(&self, b: &B, local: &Weights<Vec<f32>>, local_layout: &Weights<TensorSpec>) -> Weights<Vec<f32>> {
+    /// The whole tensors from every rank's blocks `local` (a collective over the group), on a
+    /// rank that passes `keep`; the others take part and get `None`.
+    pub fn join_all(
+        &self,
+        b: &B,
+        local: &Weights<Vec<f32>>,
+        local_layout: &Weights<TensorSpec>,
+        keep: bool,
+    ) -> Option<Weights<Vec<f32>>> {
         let t = self.group.size();
         let mut joined = self.whole_layout.iter().into_iter().zip(local_layout.iter()).zip(local.iter()).map(
             |((whole, spec), values)| {
@@ -176,10 +183,15 @@ impl<B: Backend> TensorParallel<B> {
                 self.group
                     .all_gather_v(&chunk, &vec![values.len(); t], &mut blocks, &what)
                     .unwrap_or_else(|e| panic!("{e:#}"));
-                join(&b.read(&blocks), whole, cut, t)
+                if keep {
+                    join(&b.read(&blocks), whole, cut, t)
+                } else {
+                    Vec::new()
+                }
             },
         );
-        self.whole_layout.map(|_| joined.next().expect("a tensor per spec"))
+        let joined = self.whole_layout.map(|_| joined.next().expect("a tensor per spec"));
+        keep.then_some(joined)
     }
 }
 

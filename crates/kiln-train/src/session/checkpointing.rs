@@ -32,12 +32,16 @@ impl<B: Backend> Session<B> {
         let sharded = self.dp.sharded || expert_ranks > 1;
         // The ranks of the first tensor group (rank 0 alone without tensor parallel) assemble
         // what rank 0 writes.
-        let (b, writers) = (&self.b, self.data.rank() == 0);
-        let joined = writers.then(|| self.model.joined(b)).flatten();
-        let moments = (writers && !self.dp.sharded).then(|| {
-            let (m, v) = checkpoint::replicated_moments(b, &self.dp, &self.model.flat);
-            (self.model.join_blocks(b, m), self.model.join_blocks(b, v))
-        });
+        // Rank 0 alone keeps the whole tensors.
+        let (b, writers, keep) = (&self.b, self.data.rank() == 0, comm.is_root());
+        let joined = writers.then(|| self.model.joined(b, keep)).flatten();
+        let moments = match writers && !self.dp.sharded {
+            true => {
+                let (m, v) = checkpoint::replicated_moments(b, &self.dp, &self.model.flat);
+                self.model.join_blocks(b, m, keep).zip(self.model.join_blocks(b, v, keep))
+            }
+            false => None,
+        };
         if !comm.is_root() {
             if sharded {
                 comm.barrier(&phase("directory ready"))?;

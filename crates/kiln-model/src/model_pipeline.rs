@@ -83,9 +83,9 @@ impl<B: Backend> Model<B> {
 
     /// A training pass of `batch` under pipeline parallel: its rows, cut into the pipeline's
     /// `chunks` (padded to the same rows), go through the stages on the schedule, each chunk
-    /// in activations of its own (`chunk_acts`), parameter gradients added into `grads`. On the last stage every token's nll and correctness land
-    /// in `acts` (for `correct_tokens`). Returns the loss and, with chosen weights, the nll, on
-    /// every stage.
+    /// in activations of its own (`chunk_acts`), parameter gradients added into `grads`. On
+    /// the last stage every token's nll and correctness land in `acts` (for
+    /// `correct_tokens`). Returns the loss and, with chosen weights, the nll, on every stage.
     pub(crate) fn pipelined(
         &mut self,
         b: &B,

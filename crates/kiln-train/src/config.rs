@@ -537,12 +537,6 @@ impl RunConfig {
                 t.pp, t.ep
             ));
         }
-        if t.pp > 1 && t.optimizer == OptimizerKind::Muon {
-            return Err(format!(
-                "`train.pp` = {}: Muon with pipeline parallel is not supported yet (use AdamW, or pp = 1)",
-                t.pp
-            ));
-        }
         if t.tp > 1 && t.ep > 1 {
             return Err(format!(
                 "`train.tp` = {} with `train.ep` = {}: tensor and expert parallel do not combine yet",

@@ -12,7 +12,6 @@ mod common;
 
 use common::*;
 use kiln_core::Cpu;
-use kiln_model::safetensors_io;
 use std::path::Path;
 
 /// A tiny random Qwen3 (8 heads over 4 key/value heads, per-head q/k norms, biases on q, k, v
@@ -39,31 +38,6 @@ fn qwen3_base(dir: &Path) -> String {
     }
     let model = kiln_model::Model::from_tensors(&Cpu, config_parsed, &tensors, kiln_model::StorageDtype::F32);
     write_base(dir, config, &model)
-}
-
-/// `sft` on `ranks` ranks laid out as `layout`, the 4 micro-batches of a step split over its
-/// data-parallel ranks (`dp`, 1 unless given).
-fn sft_laid_out(ranks: usize, dir: &Path, layout: &str, extra: &[&str]) {
-    let dp: usize = layout.split(',').find_map(|p| p.strip_prefix("dp=")).map_or(1, |d| d.parse().unwrap());
-    let (layout, accum) = (format!("train.layout={layout:?}"), format!("train.grad_accum={}", 4 / dp));
-    sft(ranks, dir, &[extra, &[layout.as_str(), accum.as_str()]].concat());
-}
-
-/// The weights of checkpoint `dir`, by name.
-fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let config = kiln_model::Config::load(dir).unwrap();
-    let layout = kiln_model::weights::layout(&config);
-    let files = [dir.join("model.safetensors")];
-    let loaded = safetensors_io::load_file_set(dir, &files, &layout).unwrap();
-    layout.iter().into_iter().map(|s| s.name.clone()).zip(loaded.tensors.iter().into_iter().cloned()).collect()
-}
-
-fn assert_same_weights(a: &Path, b: &Path, what: &str) {
-    for ((name, x), (_, y)) in checkpoint_weights(a).iter().zip(checkpoint_weights(b)) {
-        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-3);
-        let worst = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-        assert!(worst <= 1e-5 * scale, "{what}: `{name}` differs by {worst} (values up to {scale})");
-    }
 }
 
 #[test]

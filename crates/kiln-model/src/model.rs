@@ -352,7 +352,7 @@ impl<B: Backend> Model<B> {
     /// tensor parallel the layout before the cut.
     pub fn whole_layout(&self) -> &Weights<TensorSpec> {
         match (&self.pipeline, &self.tensor_parallel) {
-            (Some(pp), _) => &pp.whole_layout,
+            (Some(pp), _) => pp.whole_layout.as_ref(),
             (None, Some(tp)) => &tp.whole_layout,
             (None, None) => &self.layout,
         }
@@ -383,7 +383,7 @@ impl<B: Backend> Model<B> {
         }
         let tensors = self.join_blocks(b, self.tensors(b), keep)?;
         let config = match (&self.pipeline, &self.tensor_parallel) {
-            (Some(pp), _) => pp.whole.clone(),
+            (Some(pp), _) => pp.whole.as_ref().clone(),
             (None, Some(tp)) => tp.whole.clone(),
             (None, None) => unreachable!("a cut model"),
         };

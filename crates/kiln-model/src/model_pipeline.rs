@@ -248,28 +248,22 @@ impl<B: Backend> Run<'_, B> {
         let vocab = model.config.vocab_size;
         let weights = &self.chunks[c].weights;
         match loss {
-            PipelineLoss::Nll(None) => {
-                b.cross_entropy_backward(
-                    &mut a.logits,
-                    &mut a.nll,
-                    &mut a.correct,
-                    &a.inputs.targets,
-                    &a.inputs.weights,
-                    vocab,
-                );
-                self.loss_sum += weighted_sum(&b.read(&a.nll), weights);
-            }
+            PipelineLoss::Nll(None) => self.loss_sum += nll_gradient(b, a, weights, vocab),
             PipelineLoss::Nll(Some(_)) => {
                 b.cross_entropy_forward(&mut a.nll, &mut a.correct, &a.logits, &a.inputs.targets, vocab);
             }
             PipelineLoss::Kl => {
-                // The teacher's logits of the chunk's rows, and none (weight 0) for its padding.
-                let teacher = self.teacher.expect("the teacher's logits");
+                // The teacher's logits of the chunk's rows, and for its padding (weight 0) none.
                 let per_row = seq * vocab;
-                let mut padded = b.zeros(a.rows * per_row);
+                let teacher = self.teacher.expect("the teacher's logits");
                 let theirs = b.slice(teacher, rows.start * per_row..rows.end * per_row);
-                b.copy(b.slice_mut(&mut padded, 0..rows.len() * per_row), theirs);
-                b.reverse_kl_backward(&mut a.logits, &mut a.nll, &padded, &a.inputs.weights, vocab);
+                let padded = (rows.len() < a.rows).then(|| {
+                    let mut padded = b.zeros(a.rows * per_row);
+                    b.copy(b.slice_mut(&mut padded, 0..rows.len() * per_row), theirs);
+                    padded
+                });
+                let teacher = padded.as_deref().unwrap_or(theirs);
+                b.reverse_kl_backward(&mut a.logits, &mut a.nll, teacher, &a.inputs.weights, vocab);
                 self.loss_sum += weighted_sum(&b.read(&a.nll), weights);
             }
         }
@@ -287,16 +281,9 @@ impl<B: Backend> Run<'_, B> {
             return model.backward_stage(b, a, &self.chunks[c], grads, false);
         }
         if let PipelineLoss::Nll(Some(_)) = loss {
-            let vocab = model.config.vocab_size;
-            b.cross_entropy_backward(
-                &mut a.logits,
-                &mut a.nll,
-                &mut a.correct,
-                &a.inputs.targets,
-                &a.inputs.weights,
-                vocab,
-            );
-            self.loss_sum += weighted_sum(&b.read(&a.nll), &b.read(&a.inputs.weights));
+            // The weights chosen after the forwards, which `pipelined` wrote.
+            let weights = b.read(&a.inputs.weights);
+            self.loss_sum += nll_gradient(b, a, &weights, model.config.vocab_size);
         }
         model.backward_from_logits(b, a, &self.chunks[c], grads, false);
     }
@@ -305,6 +292,15 @@ impl<B: Backend> Run<'_, B> {
 /// The gradient scratch's dL/d(residual stream) of a chunk's activations.
 fn dres<B: Backend>(a: &mut Activations<B>) -> &mut B::Slice {
     &mut a.grad.as_mut().expect("training activations").dres
+}
+
+/// A chunk's cross-entropy from its logits: the nll (and correctness) of every token, and
+/// the gradient of `Σ weight·nll` in place of the logits. Returns `Σ weight·nll`, `weights`
+/// being those of `a.inputs.weights`.
+fn nll_gradient<B: Backend>(b: &B, a: &mut Activations<B>, weights: &[f32], vocab: usize) -> f64 {
+    let targets = &a.inputs.targets;
+    b.cross_entropy_backward(&mut a.logits, &mut a.nll, &mut a.correct, targets, &a.inputs.weights, vocab);
+    weighted_sum(&b.read(&a.nll), weights)
 }
 
 /// `Σ nll·weight` in f64.

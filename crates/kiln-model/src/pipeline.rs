@@ -43,9 +43,9 @@ pub struct Pipeline<B: Backend> {
     /// ZeRO-3's gathers) whatever their rows.
     pub chunks: usize,
     pub fixed_chunks: bool,
-    /// The whole model's config and layout (what checkpoints hold).
-    pub whole: Config,
-    pub whole_layout: Weights<TensorSpec>,
+    /// The whole model's config and layout (what checkpoints hold), shared by clones.
+    pub whole: Arc<Config>,
+    pub whole_layout: Arc<Weights<TensorSpec>>,
 }
 
 impl<B: Backend> Clone for Pipeline<B> {
@@ -58,8 +58,8 @@ impl<B: Backend> Clone for Pipeline<B> {
             stage_layers: self.stage_layers.clone(),
             chunks: self.chunks,
             fixed_chunks: self.fixed_chunks,
-            whole: self.whole.clone(),
-            whole_layout: self.whole_layout.clone(),
+            whole: Arc::clone(&self.whole),
+            whole_layout: Arc::clone(&self.whole_layout),
         }
     }
 }
@@ -131,8 +131,8 @@ impl<B: Backend> Pipeline<B> {
             stage_layers: stage_layers(whole.num_layers, stages),
             chunks: 1,
             fixed_chunks: false,
-            whole: whole.clone(),
-            whole_layout: crate::weights::layout(whole),
+            whole: Arc::new(whole.clone()),
+            whole_layout: Arc::new(crate::weights::layout(whole)),
         })
     }
 

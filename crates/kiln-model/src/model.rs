@@ -26,8 +26,8 @@ use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
 use crate::tensor_parallel::{self, TensorParallel};
 use crate::v4_cache::V4Step;
 use crate::weights::{
-    self, v4_layout, AttnWeights, FfnWeights, GqaWeights, Init, LayerWeights, MlpWeights, MoeWeights, TensorSpec,
-    Weights,
+    self, v4_layout, AttnWeights, FfnWeights, GqaWeights, Init, LayerWeights, MlaWeights, MlpWeights, MoeWeights,
+    TensorSpec, Weights,
 };
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
 use std::ops::Range;
@@ -325,10 +325,13 @@ impl<B: Backend> Model<B> {
     ) -> std::result::Result<(), String> {
         assert!(self.tensor_parallel.is_none() && !self.params_sharded(), "a whole model to split");
         let local_config = tensor_parallel::local_config(&self.config, group.size())?;
-        let tp = TensorParallel::new(group, &self.config);
-        let local_layout = layout_of(&local_config, self.expert_parallel.as_ref());
+        let ep = self.expert_parallel.as_ref();
+        let tp = TensorParallel::new(group, &self.config, layout_of(&self.config, ep));
+        let local_layout = layout_of(&local_config, ep);
         let flat = FlatLayout::new(&local_layout);
         let params = upload_flat(b, &flat, &tp.blocks(&self.tensors(b), &local_layout));
+        let precision = self.matmul_precision;
+        self.moe_shape = MoeShape::new(&local_config).map(|s| MoeShape { precision, ..s });
         (self.config, self.layout, self.flat, self.params) = (local_config, local_layout, Arc::new(flat), params);
         self.tensor_parallel = Some(tp);
         Ok(())
@@ -387,7 +390,9 @@ impl<B: Backend> Model<B> {
             (None, Some(tp)) => tp.whole.clone(),
             (None, None) => unreachable!("a cut model"),
         };
-        let mut whole = Self::from_tensors(b, config, &tensors, self.dtype);
+        let mut whole = Self::from_layout(b, config, self.whole_layout().clone(), &tensors, self.dtype);
+        // Under expert parallel still this rank's routed experts only, written as its shard.
+        whole.expert_parallel = self.expert_parallel.clone();
         whole.passthrough = self.passthrough.clone();
         Some(whole)
     }
@@ -526,7 +531,10 @@ impl<B: Backend> Model<B> {
                 let w = GqaWeights { o_bias: w.o_bias.filter(|_| bias_here), ..w.clone() };
                 gqa::forward(b, c, &w, &a.xn1, &mut a.x_mid, a_, &ctx, kv)
             }
-            (AttnWeights::Mla(w), AttnActs::Mla(a_)) => mla::forward(b, c, w, &a.xn1, &mut a.x_mid, a_, &ctx, kv),
+            (AttnWeights::Mla(w), AttnActs::Mla(a_)) => {
+                let w = MlaWeights { o_bias: w.o_bias.filter(|_| bias_here), ..w.clone() };
+                mla::forward(b, c, &w, &a.xn1, &mut a.x_mid, a_, &ctx, kv)
+            }
             _ => unreachable!("activations laid out for another attention kind"),
         }
         if let Some(tp) = tp {
@@ -1051,6 +1059,7 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let ctx = view.ctx(l);
         let (n, d) = (view.tokens, c.hidden_size);
+        let tp = self.tensor_parallel.as_ref();
 
         // Feed-forward branch: out = x_mid + ffn(xn2).
         let mut aux_loss = 0.0;
@@ -1074,11 +1083,10 @@ impl<B: Backend> Model<B> {
                 let scratch = s.moe.as_mut().expect("MoE scratch");
                 b.fill(&mut s.dxn, 0.0);
                 let shape = self.moe_shape.as_ref().expect("moe shape");
-                aux_loss = moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, aux);
+                aux_loss = moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, aux, tp);
             }
             _ => unreachable!("gradients laid out for another feed-forward kind"),
         }
-        let tp = self.tensor_parallel.as_ref();
         if let Some(tp) = tp {
             tp.sum(&mut s.dxn, &format!("layer {l}: MLP input gradient"));
         }
@@ -1090,7 +1098,7 @@ impl<B: Backend> Model<B> {
                 gqa::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx, tp)
             }
             (AttnWeights::Mla(w), AttnWeights::Mla(g), AttnActs::Mla(a_), AttnGrads::Mla(s_)) => {
-                mla::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx)
+                mla::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx, tp)
             }
             _ => unreachable!("gradients laid out for another attention kind"),
         }

@@ -191,7 +191,7 @@ impl<B: Backend> Model<B> {
         let scratch = s.moe.as_mut().expect("MoE scratch");
         b.fill(&mut s.dxn, 0.0);
         let shape = self.moe_shape.as_ref().expect("moe shape");
-        let aux_loss = moe::backward(b, shape, w_moe, &a.xn2, dblock, &mut s.dxn, g_moe, a_moe, scratch, aux);
+        let aux_loss = moe::backward(b, shape, w_moe, &a.xn2, dblock, &mut s.dxn, g_moe, a_moe, scratch, aux, None);
         b.fill(dblock, 0.0);
         b.rmsnorm_backward(dblock, g.post_norm, &s.dxn, &st.ffn_hc.collapsed, w.post_norm, &a.rstd2);
         let gf = g.hc_ffn.as_mut().expect("hc_ffn grads");

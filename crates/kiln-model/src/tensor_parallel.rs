@@ -17,6 +17,21 @@
 //! (`local_config`): its layout has the same names with the cut shapes, and the layers run
 //! unchanged but for the sums above. A row-parallel bias (o, down) is whole on every rank
 //! and added by rank 0 of the group alone, before the sum.
+//!
+//! DeepSeek-V3's layers follow the same rule, with whole parts inside a layer:
+//!
+//!   latent attention:  q_b, kv_b column-parallel (heads), o row-parallel; q_a, kv_a and their
+//!                      norms whole. The latents' gradients (dq_a, dc, dk_pe: sums over every
+//!                      head) are all-reduced, so the whole parts' weight gradients are whole;
+//!                      their dL/dx is then whole too and added by rank 0 alone.
+//!   MoE:               each routed and shared expert's width cut like a dense MLP, the router
+//!                      whole (every rank routes alike). A routing weight's gradient ⟨dy, E(x)⟩
+//!                      reads the expert's output, a partial sum: it is all-reduced, and the
+//!                      router's dL/dx, whole, added by rank 0 alone. Under expert parallel the
+//!                      expert group is the ranks at the same place of every tensor group.
+//!
+//! So every rank's dL/dx of a block is a partial sum whose total is the true gradient, and one
+//! all-reduce per block finishes it.
 
 use crate::config::{AttentionKind, Config};
 use crate::weights::{TensorSpec, Weights};
@@ -25,7 +40,8 @@ use kiln_dist::Comm;
 use std::ops::Range;
 use std::sync::Arc;
 
-/// The group of ranks that split the layers' tensors, and the model as a whole.
+/// The group of ranks that split the layers' tensors, and the model as a whole (under expert
+/// parallel, with this rank's routed experts only).
 pub struct TensorParallel<B: Backend> {
     pub group: Arc<dyn Comm<B::Slice>>,
     /// The whole model's config and layout (what checkpoints hold).
@@ -42,43 +58,49 @@ impl<B: Backend> Clone for TensorParallel<B> {
 /// How tensor parallel cuts a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cut {
-    /// Whole on every rank (norms, embedding, head, row-parallel biases).
+    /// Whole on every rank (norms, embedding, head, routers, latent down-projections,
+    /// row-parallel biases).
     Whole,
-    /// A block of rows (of a matrix), or of values (of a vector) per rank.
-    Rows,
-    /// A block of columns per rank.
-    Cols,
+    /// A contiguous block of dimension `k` per rank: rows of a matrix or values of a vector
+    /// (`Dim(0)`), columns of a matrix (`Dim(1)`), an expert stack's width (`Dim(1)`, `Dim(2)`).
+    Dim(usize),
 }
 
 impl Cut {
-    /// How `local` (the rank's spec) cuts `whole`.
+    /// How `local` (the rank's spec) cuts `whole`: along the first dimension they differ in.
     pub fn of(whole: &TensorSpec, local: &TensorSpec) -> Self {
-        if whole.shape == local.shape {
-            Self::Whole
-        } else if whole.shape[0] != local.shape[0] {
-            Self::Rows
-        } else {
-            Self::Cols
+        match whole.shape.iter().zip(&local.shape).position(|(w, l)| w != l) {
+            None => Self::Whole,
+            Some(k) => Self::Dim(k),
         }
     }
 }
 
-/// The config of one of `t` ranks: heads, KV heads and MLP width divided by `t`. Refuses what
-/// the engine cannot split: a `t` that does not divide them, and models other than the Llama
-/// family (multi-head latent attention, MoE and DeepSeek-V4 layers).
+/// `whole`'s shape around dimension `k`: (product of the dimensions before, `k`'s, product of
+/// those after).
+fn around(whole: &TensorSpec, k: usize) -> (usize, usize, usize) {
+    let shape = &whole.shape;
+    (shape[..k].iter().product(), shape[k], shape[k + 1..].iter().product())
+}
+
+/// The config of one of `t` ranks: heads (and KV heads) and every MLP's width (dense, routed
+/// experts', shared experts') divided by `t`. Refuses what the engine cannot split: a `t` that
+/// does not divide them, and DeepSeek-V4's layers.
 pub fn local_config(whole: &Config, t: usize) -> Result<Config, String> {
-    let name = format!("{:?}", whole.model_type).to_lowercase();
-    if !matches!(whole.attention, AttentionKind::Gqa) || whole.moe.is_some() {
-        return Err(format!(
-            "tensor parallel splits grouped-query attention and dense MLPs (the Llama family); {name}'s \
-             latent attention or MoE layers are not split yet"
-        ));
+    if matches!(whole.attention, AttentionKind::V4(_)) {
+        return Err("tensor parallel splits grouped-query and latent attention, dense MLPs and DeepSeekMoE \
+                    layers; deepseek_v4's attention and hyper-connections are not split yet"
+            .into());
     }
-    for (what, n) in [
-        ("attention heads", whole.num_heads),
-        ("key/value heads", whole.num_kv_heads),
-        ("MLP width (intermediate_size)", whole.intermediate_size),
-    ] {
+    let mut sizes = vec![("attention heads", whole.num_heads), ("key/value heads", whole.num_kv_heads)];
+    let has_dense = whole.moe.as_ref().is_none_or(|m| m.first_dense_layers > 0);
+    if has_dense {
+        sizes.push(("MLP width (intermediate_size)", whole.intermediate_size));
+    }
+    if let Some(moe) = &whole.moe {
+        sizes.push(("expert width (moe_intermediate_size)", moe.expert_ff));
+    }
+    for (what, n) in sizes {
         if !n.is_multiple_of(t) {
             return Err(format!("tp = {t} does not divide the model's {n} {what}"));
         }
@@ -86,50 +108,47 @@ pub fn local_config(whole: &Config, t: usize) -> Result<Config, String> {
     let mut local = whole.clone();
     local.num_heads /= t;
     local.num_kv_heads /= t;
-    local.intermediate_size /= t;
+    if has_dense {
+        local.intermediate_size /= t;
+    }
+    if let Some(moe) = &mut local.moe {
+        moe.expert_ff /= t;
+    }
     Ok(local)
 }
 
 /// Rank `rank`'s block of `values`, a tensor laid out as `whole` and cut as `cut` over `t`.
 pub fn slice(values: &[f32], whole: &TensorSpec, cut: Cut, (rank, t): (usize, usize)) -> Vec<f32> {
-    match cut {
-        Cut::Whole => values.to_vec(),
-        Cut::Rows => {
-            let per = values.len() / t;
-            values[rank * per..(rank + 1) * per].to_vec()
-        }
-        Cut::Cols => {
-            let cols = whole.shape[1];
-            let per = cols / t;
-            values.chunks(cols).flat_map(|row| &row[rank * per..(rank + 1) * per]).copied().collect()
-        }
-    }
+    let Cut::Dim(k) = cut else { return values.to_vec() };
+    let (_, dim, inner) = around(whole, k);
+    let (span, block) = (dim * inner, dim / t * inner);
+    values.chunks(span).flat_map(|outer| &outer[rank * block..(rank + 1) * block]).copied().collect()
 }
 
 /// The inverse of `slice` over every rank: the whole tensor from the blocks of ranks 0..t laid
 /// end to end (`blocks`, as an all-gather leaves them).
 pub fn join(blocks: &[f32], whole: &TensorSpec, cut: Cut, t: usize) -> Vec<f32> {
-    match cut {
-        Cut::Whole => blocks[..whole.numel()].to_vec(),
-        Cut::Rows => blocks.to_vec(),
-        Cut::Cols => {
-            let (rows, cols) = (whole.shape[0], whole.shape[1]);
-            let per = cols / t;
-            let mut out = vec![0.0; rows * cols];
-            for (r, block) in blocks.chunks(rows * per).enumerate() {
-                for (i, row) in block.chunks(per).enumerate() {
-                    out[i * cols + r * per..i * cols + (r + 1) * per].copy_from_slice(row);
-                }
-            }
-            out
+    let Cut::Dim(k) = cut else { return blocks[..whole.numel()].to_vec() };
+    let (outer, dim, inner) = around(whole, k);
+    let (span, block) = (dim * inner, dim / t * inner);
+    let mut out = vec![0.0; outer * span];
+    for (r, rank_blocks) in blocks.chunks(outer * block).enumerate() {
+        for (o, piece) in rank_blocks.chunks(block).enumerate() {
+            out[o * span + r * block..o * span + (r + 1) * block].copy_from_slice(piece);
         }
     }
+    out
 }
 
 impl<B: Backend> TensorParallel<B> {
-    /// The group `group` splitting the model `whole`.
-    pub fn new(group: Arc<dyn Comm<B::Slice>>, whole: &Config) -> Self {
-        Self { group, whole: whole.clone(), whole_layout: crate::weights::layout(whole) }
+    /// The group `group` splitting the model `whole`, laid out as `whole_layout`.
+    pub fn new(group: Arc<dyn Comm<B::Slice>>, whole: &Config, whole_layout: Weights<TensorSpec>) -> Self {
+        Self { group, whole: whole.clone(), whole_layout }
+    }
+
+    /// Whether this rank adds the whole terms of a partial sum (rank 0 of the group).
+    pub fn adds_whole_terms(&self) -> bool {
+        self.group.rank() == 0
     }
 
     /// `buf` ← Σ over the group of `buf` (the partial sums of the row-parallel products in
@@ -215,12 +234,27 @@ mod tests {
     fn slices_join_back_to_the_whole() {
         let whole = spec(&[4, 6]);
         let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
-        for (cut, local) in [(Cut::Rows, spec(&[2, 6])), (Cut::Cols, spec(&[4, 3])), (Cut::Whole, spec(&[4, 6]))] {
+        for (cut, local) in [(Cut::Dim(0), spec(&[2, 6])), (Cut::Dim(1), spec(&[4, 3])), (Cut::Whole, spec(&[4, 6]))] {
             assert_eq!(Cut::of(&whole, &local), cut);
             let blocks: Vec<f32> = (0..2).flat_map(|r| slice(&values, &whole, cut, (r, 2))).collect();
             assert_eq!(join(&blocks, &whole, cut, 2), values);
         }
         // Columns: rank 1 holds columns 3..6 of every row.
-        assert_eq!(slice(&values, &whole, Cut::Cols, (1, 2))[..3], [3.0, 4.0, 5.0]);
+        assert_eq!(slice(&values, &whole, Cut::Dim(1), (1, 2))[..3], [3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn an_expert_stack_cuts_each_experts_width() {
+        // Two experts of [4, 3]; cut along the width (dimension 1, over 2 ranks) and along the
+        // input (dimension 2, as a down projection stored [experts, hidden, ff], over 3).
+        let whole = spec(&[2, 4, 3]);
+        let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let rank1 = slice(&values, &whole, Cut::Dim(1), (1, 2));
+        assert_eq!(rank1, [6., 7., 8., 9., 10., 11., 18., 19., 20., 21., 22., 23.]);
+        for (cut, local, t) in [(Cut::Dim(1), spec(&[2, 2, 3]), 2), (Cut::Dim(2), spec(&[2, 4, 1]), 3)] {
+            assert_eq!(Cut::of(&whole, &local), cut);
+            let blocks: Vec<f32> = (0..t).flat_map(|r| slice(&values, &whole, cut, (r, t))).collect();
+            assert_eq!(join(&blocks, &whole, cut, t), values, "{cut:?}");
+        }
     }
 }

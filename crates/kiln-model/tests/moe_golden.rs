@@ -55,7 +55,7 @@ fn check_layer(file: &str, shape: MoeShape) {
     }
     assert_close(&format!("{file} out"), &b.read(&out), &t("out"));
     let mut g_views = g.map_mut(&mut |t| &mut t[..]);
-    moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g_views, &acts, &mut scratch, None);
+    moe::backward(&b, &shape, &w, &x, &up("grad_out"), &mut dx, &mut g_views, &acts, &mut scratch, None, None);
     assert_close(&format!("{file} dx"), &b.read(&dx), &t("dx"));
     for (name, got) in [("router", &g.router), ("gate", &g.gate), ("up", &g.up), ("down", &g.down)] {
         assert_close(&format!("{file} grad {name}"), &b.read(got), &t(&format!("grad.{name}")));

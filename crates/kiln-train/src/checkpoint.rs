@@ -256,7 +256,7 @@ fn moment_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
     if files.is_empty() {
         let cut = fs::read_dir(dir)?.filter_map(|e| e.ok()).any(|e| {
             let file = e.file_name().to_string_lossy().to_string();
-            (file.starts_with("tp") || file.starts_with("pp")) && file.contains("_adam_shard-")
+            (file.starts_with("tp") || file.starts_with("pp")) && file.contains("_adam_")
         });
         if cut {
             bail!(

@@ -537,12 +537,6 @@ impl RunConfig {
                 t.pp, t.ep
             ));
         }
-        if t.tp > 1 && t.ep > 1 {
-            return Err(format!(
-                "`train.tp` = {} with `train.ep` = {}: tensor and expert parallel do not combine yet",
-                t.tp, t.ep
-            ));
-        }
         if t.tp > 1 && t.optimizer == OptimizerKind::Muon {
             return Err(format!(
                 "`train.tp` = {}: Muon orthogonalises whole matrices, which tensor parallel cuts (use AdamW, or tp = 1)",

@@ -290,19 +290,18 @@ impl<B: Backend> DataParallel<B> {
             (Arc::clone(&pp.group), tied)
         });
         // Under tensor and pipeline parallel each rank has moments of its own blocks and stage.
-        let mut shard_name = String::new();
+        let mut cut = String::new();
         if let Some(pp) = model.pipeline() {
-            shard_name += &format!("pp{}of{}_", pp.group.rank(), pp.group.size());
+            cut += &format!("pp{}of{}_", pp.group.rank(), pp.group.size());
         }
         if let Some(tp) = model.tensor_parallel() {
-            shard_name += &format!("tp{}of{}_", tp.group.rank(), tp.group.size());
+            cut += &format!("tp{}of{}_", tp.group.rank(), tp.group.size());
         }
-        shard_name += "adam_shard";
-        let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, shard_name)];
+        let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, format!("{cut}adam_shard"))];
         if flat.total > flat.dense {
             let ep = model.expert_parallel();
             let comm = replicas.unwrap_or_else(|| Arc::clone(world));
-            let name = format!("adam_expert_shard-{}", ep.map_or(0, |ep| ep.group.rank()));
+            let name = format!("{cut}adam_expert_shard-{}", ep.map_or(0, |ep| ep.group.rank()));
             let mut experts = Space::new(b, flat.experts(), comm, sharded, name);
             experts.expert_group = ep.map(|ep| Arc::clone(&ep.group));
             spaces.push(experts);

@@ -384,9 +384,8 @@ pub fn run<B: Backend>(
     let rewards = build_rewards(&rt.b, &g.rewards)?;
     let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
     s.plot = crate::metrics::PlotSpec::REWARD;
-    let ep = s.model.expert_parallel().cloned();
     let reference = match g.beta != 0.0 {
-        true => Some(s.load_frozen(&config.model.path, ep)?),
+        true => Some(s.load_reference(&config.model.path)?),
         false => None,
     };
     let train_prompts = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;

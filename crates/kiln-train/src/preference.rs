@@ -203,7 +203,7 @@ pub fn reference_logps<B: Backend>(
     let started = Instant::now();
     // The reference is the model the run started from, which a resumed run no longer holds.
     let mut fresh = match s.resumed {
-        true => Some(s.load_frozen(&config.model.path, s.model.expert_parallel().cloned())?),
+        true => Some(s.load_reference(&config.model.path)?),
         false => None,
     };
     let mut logps = Vec::new();

@@ -130,7 +130,7 @@ fn every_recipe_follows_its_curve_under_pipeline_parallel() {
         ("dpo", vec!["train.grad_accum=2"]),
         ("rm", vec!["train.grad_accum=2"]),
         ("kto", vec!["train.grad_accum=2"]),
-        ("grpo", vec![]),
+        ("grpo", vec!["grpo.beta=0.04"]),
         ("distill", vec![teacher.as_str()]),
     ] {
         let one = [&["train.steps=4"], &one[..]].concat();

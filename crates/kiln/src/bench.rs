@@ -173,7 +173,7 @@ fn moe<B: Backend>(args: &MoeArgs, b: &B) -> Result<()> {
     let (w, mut g) = (w.map(&mut |t| &**t), g.map_mut(&mut |t| &mut **t));
     let moe_s = median_time(args.steps, || {
         moe::forward(b, &shape, &w, &x, Some(&mut out), &mut acts, None);
-        moe::backward(b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, None);
+        moe::backward(b, &shape, &w, &x, &dout, &mut dx, &mut g, &acts, &mut scratch, None, None);
         b.synchronize();
     });
 

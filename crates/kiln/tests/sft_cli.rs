@@ -237,7 +237,7 @@ fn expert_parallel_that_cannot_split_is_refused_with_the_reason() {
     deepseek_base(&base);
     let model = format!("model.path={:?}", base.display().to_string());
     refused(&[&model, "train.ep=3"], "does not divide the 8 routed experts");
-    refused(&[&model, "train.ep=2"], "does not divide the 1 ranks of the run");
+    refused(&[&model, "train.ep=2"], "does not divide the 1 data-parallel ranks of the run");
 }
 
 #[test]

@@ -10,9 +10,14 @@
 //! (evens then odds); since q and k get the same permutation, scores are identical.
 //!
 //! Backward runs the same steps in reverse; k_pe's gradient is the sum over heads.
+//!
+//! Under tensor parallel a rank holds some of the heads (q_b, kv_b and o cut, the rest whole;
+//! see `tensor_parallel`): the latents' gradients, sums over every head, are all-reduced over
+//! the group, and the whole down-projections' dL/dx is added by rank 0 alone.
 
 use super::{attend, linear, linear_backward, AttnCtx};
 use crate::config::{Config, MlaConfig};
+use crate::tensor_parallel::TensorParallel;
 use crate::weights::MlaWeights;
 use kiln_core::{Backend, ColumnCopy, DecodeAttention, Heads, Matmul, Precision, Rope};
 
@@ -314,9 +319,16 @@ pub fn backward<B: Backend>(
     a: &MlaActs<B>,
     s: &mut MlaGrads<B>,
     ctx: &AttnCtx<B>,
+    tp: Option<&TensorParallel<B>>,
 ) {
     let m = dims(cfg, ctx.tokens);
     let (n, d, h) = (m.n, m.d, m.h);
+    let sum_over_heads = |buf: &mut B::Slice, what: &str| {
+        if let Some(tp) = tp {
+            tp.sum(buf, &format!("latent attention: {what}"));
+        }
+    };
+    let whole_terms = tp.is_none_or(|tp| tp.adds_whole_terms());
     linear_backward(
         b,
         ctx.precision,
@@ -350,6 +362,7 @@ pub fn backward<B: Backend>(
         b.copy_columns(&mut s.dkv_a, &s.dk, spec);
     }
     b.rope_backward(&mut s.dkv_a, ctx.rope_table, ctx.positions, m.k_rope());
+    sum_over_heads(&mut s.dkv_a, "k_pe gradient");
     linear_backward(
         b,
         ctx.precision,
@@ -360,13 +373,17 @@ pub fn backward<B: Backend>(
         w.kv_b,
         (n, m.c, h * m.kv()),
     );
+    sum_over_heads(&mut s.dc_norm, "latent c gradient");
     b.fill(&mut s.dc, 0.0);
     b.rmsnorm_backward(&mut s.dc, g.kv_a_norm, &s.dc_norm, &a.c, w.kv_a_norm, &a.c_rstd);
     b.copy_columns(&mut s.dkv_a, &s.dc, m.columns(n, m.c, (m.c, 0), (m.kv_a(), 0), false));
+    if !whole_terms {
+        b.fill(dxn, 0.0);
+    }
     linear_backward(
         b,
         ctx.precision,
-        Some((&mut *dxn, false)),
+        whole_terms.then_some((&mut *dxn, false)),
         (&mut g.kv_a, g.kv_a_bias.as_deref_mut()),
         &s.dkv_a,
         xn,
@@ -397,12 +414,13 @@ pub fn backward<B: Backend>(
                 wb,
                 (n, r, h * m.qk()),
             );
+            sum_over_heads(dq_a_norm, "latent query gradient");
             b.fill(dq_a, 0.0);
             b.rmsnorm_backward(dq_a, gn, dq_a_norm, q_a, wn, q_a_rstd);
             linear_backward(
                 b,
                 ctx.precision,
-                Some((dxn, true)),
+                whole_terms.then_some((dxn, true)),
                 (ga, g.q_a_bias.as_deref_mut()),
                 dq_a,
                 xn,

@@ -13,10 +13,13 @@
 //! over its contiguous rows (`grouped_matmul`): no per-token loops, no dense all-experts
 //! compute. Backward runs the same steps in reverse; the correction bias gets no gradient.
 //! Under expert parallel (`layers::expert_parallel`) the sorted rows travel to the ranks that
-//! hold their experts and back, between dispatch and combine.
+//! hold their experts and back, between dispatch and combine. Under tensor parallel each
+//! expert's width is cut (`tensor_parallel`): the output is a partial sum, and so is a routing
+//! weight's gradient ⟨dy, E(x)⟩, all-reduced over the group before the router's backward.
 
 use super::expert_parallel::{Exchange, ExpertParallel};
 use super::moe_aux_loss::{seq_aux_loss, SeqAux};
+use crate::tensor_parallel::TensorParallel;
 pub use crate::weights::MoeWeights;
 use kiln_core::{Backend, GroupedMatmul, Matmul, Precision, Routing};
 
@@ -376,7 +379,8 @@ impl<B: Backend> MoeGrads<B> {
 
 /// Backward of `forward`: adds dL/dx into `dx` and parameter gradients into `g` (not the
 /// bias). With `aux` (given only when its α is not 0), the sequence-wise balance loss joins
-/// the router's gradient; returns its value (0 without).
+/// the router's gradient; returns its value (0 without). Under tensor parallel (`tp`) `dx` gets
+/// this rank's partial sum.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     b: &B,
@@ -389,6 +393,7 @@ pub fn backward<B: Backend>(
     a: &MoeActs<B>,
     t: &mut MoeGrads<B>,
     aux: Option<&SeqAux>,
+    tp: Option<&TensorParallel<B>>,
 ) -> f64 {
     let (n, d, k, e) = (a.tokens, s.hidden, s.routing.top_k, s.experts);
     // Shared MLP.
@@ -431,6 +436,9 @@ pub fn backward<B: Backend>(
     b.embedding_backward(dx, &t.dxs, &a.order, d);
     // Router: routing weights back to (token, choice) order, then through the router.
     b.embedding_forward(&mut t.droute_w, &t.drow_w, &a.slot_rows, 1);
+    if let Some(tp) = tp {
+        tp.sum(&mut t.droute_w, "MoE routing weight gradient");
+    }
     b.moe_route_backward(
         &mut t.dlogits,
         &t.droute_w,
@@ -446,6 +454,9 @@ pub fn backward<B: Backend>(
         b.add_assign(&mut t.dlogits, &t.daux);
     }
     b.matmul(g.router, &t.dlogits, x, Matmul::linear_dw(n, d, e));
-    b.matmul(dx, &t.dlogits, w.router, Matmul::linear_dx(n, d, e, true));
+    // The router is whole on every rank of a tensor group: rank 0 adds its dL/dx.
+    if tp.is_none_or(|tp| tp.adds_whole_terms()) {
+        b.matmul(dx, &t.dlogits, w.router, Matmul::linear_dx(n, d, e, true));
+    }
     aux_loss
 }

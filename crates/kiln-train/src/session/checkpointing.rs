@@ -1,8 +1,8 @@
 //! Checkpoints of a run on one or several ranks: rank 0 writes the model and state and seals
 //! the directory; with ZeRO every rank, and under expert parallel every rank of the first
-//! expert group, adds its shard to the temporary directory first. Under tensor parallel the
-//! first tensor group assembles the whole tensors (and replicated moments) for rank 0 to
-//! write, so the checkpoint is the one a run without it writes.
+//! expert group, adds its shard to the temporary directory first. Under tensor and pipeline
+//! parallel each writer's tensor group and pipeline assemble the whole tensors (and replicated
+//! moments) for it to write, so the checkpoint is the one a run without them writes.
 
 use super::Session;
 use crate::checkpoint::{self, SaveRequest};
@@ -30,10 +30,15 @@ impl<B: Backend> Session<B> {
         let phase = |name: &str| format!("checkpoint at step {step}: {name}");
         let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
         let sharded = self.dp.sharded || expert_ranks > 1;
-        // The ranks of the first tensor group (rank 0 alone without tensor parallel) assemble
-        // what rank 0 writes.
-        // Rank 0 alone keeps the whole tensors.
-        let (b, writers, keep) = (&self.b, self.data.rank() == 0, comm.is_root());
+        // The data-parallel ranks that write weights (rank 0; under expert parallel the first
+        // expert group) assemble them with their tensor groups and pipelines; the first rank of
+        // each keeps the whole tensors.
+        let b = &self.b;
+        let writers = self.data.rank() < expert_ranks;
+        let first = |group: Option<&crate::data_parallel::Ranks<B>>| group.is_none_or(|g| g.rank() == 0);
+        let keep = writers
+            && first(self.model.tensor_parallel().map(|tp| &tp.group))
+            && first(self.model.pipeline().map(|pp| &pp.group));
         let joined = writers.then(|| self.model.joined(b, keep)).flatten();
         let moments = match writers && !self.dp.sharded {
             true => {
@@ -42,10 +47,11 @@ impl<B: Backend> Session<B> {
             }
             false => None,
         };
+        let part = ExpertPart { keep, model: joined.as_ref().unwrap_or(&self.model), moments: moments.as_ref() };
         if !comm.is_root() {
             if sharded {
                 comm.barrier(&phase("directory ready"))?;
-                self.write_shard(&checkpoint::tmp_dir(&root, step), expert_ranks)?;
+                self.write_shard(&checkpoint::tmp_dir(&root, step), expert_ranks, &part)?;
                 comm.barrier(&phase("shards written"))?;
             }
             comm.barrier(&phase("sealed"))?;
@@ -55,7 +61,7 @@ impl<B: Backend> Session<B> {
         }
         let extra = |tmp: &Path| -> Result<()> {
             if sharded {
-                self.write_shard(tmp, expert_ranks)?;
+                self.write_shard(tmp, expert_ranks, &part)?;
                 comm.barrier(&phase("directory ready"))?;
                 comm.barrier(&phase("shards written"))?;
             }
@@ -65,8 +71,8 @@ impl<B: Backend> Session<B> {
             &self.b,
             &SaveRequest {
                 root: &root,
-                model: joined.as_ref().unwrap_or(&self.model),
-                moments: moments.as_ref(),
+                model: part.model,
+                moments: part.moments,
                 extra: &extra,
                 state: &self.state,
                 model_files: &self.model_files,
@@ -81,17 +87,25 @@ impl<B: Backend> Session<B> {
     }
 
     /// A rank adds its part of a checkpoint to `tmp`: its ZeRO moment shards, and under
-    /// expert parallel, in the first expert group but rank 0 (whose part `checkpoint::save`
-    /// writes), its routed experts.
-    fn write_shard(&self, tmp: &Path, expert_ranks: usize) -> Result<()> {
-        let (b, rank) = (&self.b, self.comm.rank());
+    /// expert parallel, if it keeps the whole tensors of an expert rank of the first expert
+    /// group but the first (whose part `checkpoint::save` writes), that rank's routed experts.
+    fn write_shard(&self, tmp: &Path, expert_ranks: usize, part: &ExpertPart<B>) -> Result<()> {
+        let b = &self.b;
         if self.dp.sharded {
             checkpoint::save_moment_shards(b, tmp, &self.dp)?;
         }
-        if rank > 0 && rank < expert_ranks {
-            let moments = (!self.dp.sharded).then(|| checkpoint::replicated_moments(b, &self.dp, &self.model.flat));
-            checkpoint::save_expert_shard(b, tmp, &self.model, moments.as_ref(), rank, expert_ranks)?;
+        let expert_rank = self.data.rank();
+        if part.keep && expert_rank > 0 && expert_rank < expert_ranks {
+            checkpoint::save_expert_shard(b, tmp, part.model, part.moments, expert_rank, expert_ranks)?;
         }
         Ok(())
     }
+}
+
+/// What a rank writes of the model: the whole tensors it keeps (`keep`), of its routed experts
+/// under expert parallel, and their moments unless ZeRO shards them.
+struct ExpertPart<'a, B: Backend> {
+    keep: bool,
+    model: &'a kiln_model::Model<B>,
+    moments: Option<&'a checkpoint::Moments>,
 }

@@ -128,6 +128,20 @@ impl<B: Backend> Session<B> {
         Ok(model)
     }
 
+    /// The reference model of a preference or RL run (the weights at `dir`, frozen), laid out
+    /// as the trained model is: its share of the routed experts, its pipeline stage and its
+    /// tensor blocks, so the two run on the same activations.
+    pub fn load_reference(&self, dir: &Path) -> Result<Model<B>> {
+        let mut model = self.load_frozen(dir, self.model.expert_parallel().cloned())?;
+        if let Some(pp) = self.model.pipeline() {
+            model.split_stages(&self.b, Arc::clone(&pp.group)).map_err(anyhow::Error::msg)?;
+        }
+        if let Some(tp) = self.model.tensor_parallel() {
+            model.split_tensors(&self.b, Arc::clone(&tp.group)).map_err(anyhow::Error::msg)?;
+        }
+        Ok(model)
+    }
+
     /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
     /// (with `load`, from the configured directory or the checkpoint) and, on resume, the
     /// optimizer state, and starts listening for SIGINT/SIGTERM.
@@ -155,14 +169,16 @@ impl<B: Backend> Session<B> {
                 .and_then(|l| l.check_ranks(spec, comm.size()))
                 .map_err(anyhow::Error::msg)?;
         }
+        let LayoutGroups { tensor: tensor_group, pipeline, data } = layout_groups::<B>(&comm, t.tp, t.pp)?;
+        // The expert groups are data-parallel ranks: under tensor parallel, the ranks at the
+        // same place of every tensor group.
         let (expert_parallel, replicas) = match t.ep {
             1 => (None, None),
             ep => {
-                let (group, replicas) = expert_groups(comm.as_ref(), ep, &model_dir)?;
+                let (group, replicas) = expert_groups(data.as_ref(), ep, &model_dir)?;
                 (Some(group), Some(replicas))
             }
         };
-        let LayoutGroups { tensor: tensor_group, pipeline, data } = layout_groups::<B>(&comm, t.tp, t.pp)?;
         let mut model = load(&b, &model_dir, expert_parallel)?;
         if let Some(group) = pipeline {
             model.split_stages(&b, group).map_err(|why| anyhow::anyhow!("`train.pp` = {}: {why}", t.pp))?;

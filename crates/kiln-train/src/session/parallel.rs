@@ -96,9 +96,10 @@ impl<B: Backend> Session<B> {
     }
 }
 
-/// The expert group of `ep` consecutive ranks this rank belongs to, each group holding every
-/// routed expert once, and the replicas that hold the same experts as this rank (one rank from
-/// each expert group); refuses what expert parallel cannot split.
+/// The expert group of `ep` consecutive ranks of `comm` (the data-parallel ranks) this rank
+/// belongs to, each group holding every routed expert once, and the replicas that hold the same
+/// experts as this rank (one rank from each expert group); refuses what expert parallel cannot
+/// split.
 pub(super) fn expert_groups<B: Backend>(
     comm: &dyn Comm<B::Slice>,
     ep: usize,
@@ -115,7 +116,10 @@ pub(super) fn expert_groups<B: Backend>(
         bail!("`train.ep` = {ep} does not divide the {} routed experts of {}", moe.experts, model_dir.display());
     }
     if !comm.size().is_multiple_of(ep) {
-        bail!("`train.ep` = {ep} does not divide the {} ranks of the run (mpirun -np)", comm.size());
+        bail!(
+            "`train.ep` = {ep} does not divide the {} data-parallel ranks of the run (mpirun -np over `train.tp`)",
+            comm.size()
+        );
     }
     let group = comm.split(comm.rank() / ep, "expert groups")?;
     let replicas = comm.split(comm.rank() % ep, "expert replicas")?;

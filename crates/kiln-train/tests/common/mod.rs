@@ -147,8 +147,8 @@ pub fn sft_laid_out(ranks: usize, dir: &Path, layout: &str, extra: &[&str]) {
 pub fn checkpoint_weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let config = kiln_model::Config::load(dir).unwrap();
     let layout = kiln_model::weights::layout(&config);
-    let files = [dir.join("model.safetensors")];
-    let loaded = kiln_model::safetensors_io::load_file_set(dir, &files, &layout).unwrap();
+    let spec = kiln_model::safetensors_io::LoadSpec::plain(&layout);
+    let loaded = kiln_model::safetensors_io::load(dir, &spec).unwrap();
     layout.iter().into_iter().map(|s| s.name.clone()).zip(loaded.tensors.iter().into_iter().cloned()).collect()
 }
 

@@ -34,7 +34,7 @@ impl Memory {
 /// What each term counts, for `--explain`.
 pub const EXPLAIN: &[(&str, &str)] = &[
     ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), ZeRO-3 gathering one layer plus the embedding and head at a time, and under tensor parallel the embedding, head and logits whole on every rank"),
-    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (the first with the embedding, or the last with the head, a tied one a copy of the embedding), split by tp (and ep for routed experts); sharded over data parallel at ZeRO-3"),
+    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (the first with the embedding, or the last with the head, a tied one a copy of the embedding), split by tp but for the norms, MLA's down-projections and the routers (and by ep for routed experts); sharded over data parallel at ZeRO-3"),
     ("gradients", "bf16 gradients (2 B/param) of the same parameters; sharded over data parallel from ZeRO-2"),
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
     ("optimizer states", "AdamW: f32 first and second moments (8 B/param); Muon: one f32 momentum (4 B/param) for hidden matrices, AdamW's 8 B for embeddings, head and vectors; sharded from ZeRO-1. Routed experts shard over dp/ep ranks (each expert's replicas), the rest over dp"),
@@ -49,23 +49,26 @@ pub const EXPLAIN: &[(&str, &str)] = &[
 /// The parameters of the fullest pipeline stage: layers spread evenly, the embedding on the
 /// first stage, head and MTP layers on the last (a tied head as a copy of the embedding, as
 /// Megatron-LM and kiln keep it); the non-expert ones, the routed experts, and of the
-/// non-expert ones those outside the layers (embedding and head).
+/// non-expert ones those outside the layers (embedding and head). kiln's engine (f32 storage)
+/// carries MTP layers through untrained, outside its training state.
 fn stage_params(job: &Job, pp: usize) -> (f64, f64, f64) {
     let m = &job.model;
     let p = &m.params;
+    let no_mtp = ParamCounts::default();
+    let mtp = if job.storage == Storage::F32 { &no_mtp } else { &m.mtp };
     let layers = m.layers as f64;
     let per_layer_ne = (p.attention + p.dense_mlp + p.shared_experts + p.router + p.other) / layers;
     let per_layer_ex = p.routed_experts / layers;
     let stage_layers = m.layers.div_ceil(pp) as f64;
     if pp == 1 {
         let outer = p.embedding + p.lm_head;
-        return (p.non_expert() + m.mtp.non_expert(), p.routed_experts + m.mtp.routed_experts, outer);
+        return (p.non_expert() + mtp.non_expert(), p.routed_experts + mtp.routed_experts, outer);
     }
     let head = if p.lm_head > 0.0 { p.lm_head } else { p.embedding };
     let first = (stage_layers * per_layer_ne + p.embedding, stage_layers * per_layer_ex, p.embedding);
     let last = (
-        stage_layers * per_layer_ne + head + m.mtp.non_expert(),
-        stage_layers * per_layer_ex + m.mtp.routed_experts,
+        stage_layers * per_layer_ne + head + mtp.non_expert(),
+        stage_layers * per_layer_ex + mtp.routed_experts,
         head,
     );
     if first.0 + first.1 >= last.0 + last.1 {
@@ -97,7 +100,9 @@ pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
         Storage::F32 => stage_outer,
         Storage::Mixed => 0.0,
     };
-    let ne = (stage_ne - outer) / l.tp as f64 + outer;
+    let stage_layers = m.layers.div_ceil(l.pp) as f64;
+    let whole = outer + stage_layers * m.tp_whole;
+    let ne = (stage_ne - whole) / l.tp as f64 + whole;
     let ex = stage_ex / (l.tp * l.ep) as f64;
     let (dp_ne, dp_ex) = (l.dp as f64, (l.dp / l.ep) as f64);
     let shard = |stage: u8, bytes_ne: f64, bytes_ex: f64| {
@@ -117,7 +122,6 @@ pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
     let master = shard(1, master_unit * ne, master_unit * ex);
     let (opt_ne, opt_ex) = optimizer_bytes(job.optimizer, &m.params, ne, ex);
     let optimizer = shard(1, opt_ne, opt_ex);
-    let stage_layers = m.layers.div_ceil(l.pp) as f64;
     let muon_scratch = if job.optimizer == Optimizer::Muon { 2.0 * 4.0 * m.largest_matrix / l.tp as f64 } else { 0.0 };
     let zero3_scratch = match (l.zero >= 3, job.storage) {
         (false, _) => 0.0,

@@ -112,6 +112,9 @@ pub struct ModelShape {
     pub residual_bytes: f64,
     /// The largest weight matrix (elements), for Muon's per-matrix orthogonalisation.
     pub largest_matrix: f64,
+    /// Parameters per layer (on average) that tensor parallel keeps whole on every rank: the
+    /// norms, and MLA's down-projections and the routers (kiln and Megatron-LM alike).
+    pub tp_whole: f64,
 }
 
 /// `config.json` fields with errors that name the file and the field.
@@ -250,6 +253,7 @@ fn llama(f: &Fields, model_type: String) -> Result<ModelShape> {
         kv_bytes: BF16 * 2.0 * kv * d,
         residual_bytes: BF16 * h,
         largest_matrix: (h * inter).max(vocab * h),
+        tp_whole: 2.0 * h,
     })
 }
 
@@ -341,6 +345,7 @@ fn deepseek_v3(f: &Fields) -> Result<ModelShape> {
         kv_bytes: BF16 * (kv_lora + rope),
         residual_bytes: BF16 * h,
         largest_matrix: (vocab * h).max(heads * vd * h),
+        tp_whole: q_lora.map_or(0.0, |r| h * r + r) + h * (kv_lora + rope) + kv_lora + 2.0 * h + ml * router / l,
     })
 }
 
@@ -492,5 +497,6 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
         kv_bytes,
         residual_bytes: residual / 2.0,
         largest_matrix: (vocab * h).max(q_lora * heads * hd),
+        tp_whole: h * q_lora + q_lora + h * hd + hd + router + 2.0 * h,
     })
 }

@@ -41,6 +41,12 @@ pub const MTP_TENSOR: &str = "model.layers.3.enorm.weight";
 /// tensor, saved as a Hugging Face directory; returns that tensor's bytes.
 #[allow(dead_code)]
 pub fn deepseek_base(dir: &Path) -> Vec<u8> {
+    deepseek_base_with_heads(dir, 3)
+}
+
+/// `deepseek_base` with `heads` attention heads.
+#[allow(dead_code)]
+pub fn deepseek_base_with_heads(dir: &Path, heads: usize) -> Vec<u8> {
     use kiln_model::safetensors_io::RawTensor;
     std::fs::create_dir_all(dir).unwrap();
     let config = r#"{
@@ -51,6 +57,7 @@ pub fn deepseek_base(dir: &Path) -> Vec<u8> {
         "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
         "num_nextn_predict_layers": 1, "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
     }"#;
+    let config = &config.replace(r#""num_attention_heads": 3"#, &format!(r#""num_attention_heads": {heads}"#));
     std::fs::write(dir.join("config.json"), config).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(Path::new(DEMO_BASE).join(f), dir.join(f)).unwrap();

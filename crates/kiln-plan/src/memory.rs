@@ -66,11 +66,8 @@ fn stage_params(job: &Job, pp: usize) -> (f64, f64, f64) {
     }
     let head = if p.lm_head > 0.0 { p.lm_head } else { p.embedding };
     let first = (stage_layers * per_layer_ne + p.embedding, stage_layers * per_layer_ex, p.embedding);
-    let last = (
-        stage_layers * per_layer_ne + head + mtp.non_expert(),
-        stage_layers * per_layer_ex + mtp.routed_experts,
-        head,
-    );
+    let last =
+        (stage_layers * per_layer_ne + head + mtp.non_expert(), stage_layers * per_layer_ex + mtp.routed_experts, head);
     if first.0 + first.1 >= last.0 + last.1 {
         first
     } else {

@@ -257,9 +257,10 @@ pub struct TrainSection {
     /// of ranks and of routed experts.
     #[serde(default = "default_ep")]
     pub ep: usize,
-    /// Tensor parallel (Llama-family models, under mpirun): every layer's attention heads and
-    /// MLP width are split over groups of this many consecutive ranks (1: no split). Divides
-    /// the number of ranks, of heads, of key/value heads and the MLP width.
+    /// Tensor parallel (Llama-family and DeepSeek-V3 models, under mpirun): every layer's
+    /// attention heads and MLP (and expert) width are split over groups of this many consecutive
+    /// ranks (1: no split). Divides the number of ranks, of heads, of key/value heads and the
+    /// MLP and expert widths; with `ep`, the expert groups are the data-parallel ranks.
     #[serde(default = "one")]
     pub tp: usize,
     /// Pipeline parallel (Llama-family models, under mpirun): the layers are cut into this many

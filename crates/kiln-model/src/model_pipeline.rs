@@ -41,8 +41,9 @@ impl<B: Backend> Model<B> {
             "a whole model to cut into stages"
         );
         let stage_config = pipeline::stage_config(&self.config, group.rank(), group.size())?;
-        let pp = Pipeline::new(group, &self.config).map_err(|e| format!("{e:#}"))?;
-        let layout = layout_of(&stage_config, self.expert_parallel.as_ref());
+        let ep = self.expert_parallel.as_ref();
+        let pp = Pipeline::new(group, &self.config, layout_of(&self.config, ep)).map_err(|e| format!("{e:#}"))?;
+        let layout = layout_of(&stage_config, ep);
         let flat = FlatLayout::new(&layout);
         let params = upload_flat(b, &flat, &pp.select(&self.tensors(b), &layout));
         self.expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
@@ -100,10 +101,11 @@ impl<B: Backend> Model<B> {
         let rows: Vec<Range<usize>> = (0..count).map(|c| kiln_dist::shard(batch.rows, c, count)).collect();
         let chunk_rows = rows[0].len().max(1);
         let chunks: Vec<Batch> = rows.iter().map(|r| batch.rows_padded(r.clone(), chunk_rows)).collect();
-        // GPipe where the loss's weights need every chunk's forward, and under ZeRO-3, whose
-        // gathers are collectives of the data-parallel peers: they then come in the order of an
-        // idle pass (`Model::idle_pass`) whatever the stage.
-        let (first_ops, then_ops) = match (&loss, self.params_sharded()) {
+        // GPipe where the loss's weights need every chunk's forward, and under ZeRO-3 and expert
+        // parallel, whose gathers and exchanges are collectives of the data-parallel peers:
+        // they then come in the order of an idle pass (`Model::idle_pass`) whatever the stage.
+        let peers_in_step = self.params_sharded() || self.expert_parallel.is_some();
+        let (first_ops, then_ops) = match (&loss, peers_in_step) {
             (PipelineLoss::Nll(Some(_)), _) | (_, true) => forwards_then_backwards(stage, stages, chunks.len()),
             _ => (one_forward_one_backward(stage, stages, chunks.len()), Vec::new()),
         };

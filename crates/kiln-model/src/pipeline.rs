@@ -43,7 +43,8 @@ pub struct Pipeline<B: Backend> {
     /// ZeRO-3's gathers) whatever their rows.
     pub chunks: usize,
     pub fixed_chunks: bool,
-    /// The whole model's config and layout (what checkpoints hold), shared by clones.
+    /// The whole model's config and layout (what checkpoints hold; under expert parallel with
+    /// this rank's routed experts), shared by clones.
     pub whole: Arc<Config>,
     pub whole_layout: Arc<Weights<TensorSpec>>,
 }
@@ -71,14 +72,13 @@ pub fn stage_layers(layers: usize, stages: usize) -> Vec<Range<usize>> {
 }
 
 /// The config of stage `stage` of `stages`: its layers, and which of the embedding and head it
-/// holds. Refuses what the engine cannot cut: more stages than layers, and models other than
-/// the Llama family (DeepSeek-V3's MoE layers and DeepSeek-V4).
+/// holds. Refuses what the engine cannot cut: more stages than layers, and DeepSeek-V4.
 pub fn stage_config(whole: &Config, stage: usize, stages: usize) -> Result<Config, String> {
     let name = format!("{:?}", whole.model_type).to_lowercase();
-    if matches!(whole.attention, AttentionKind::V4(_)) || whole.moe.is_some() {
+    if matches!(whole.attention, AttentionKind::V4(_)) {
         return Err(format!(
-            "pipeline parallel cuts models of the Llama family; {name}'s MoE (and DeepSeek-V4) layers are not cut \
-             into stages yet"
+            "pipeline parallel cuts models of the Llama family and DeepSeek-V3; {name}'s hyper-connected layers \
+             are not cut into stages yet"
         ));
     }
     if stages > whole.num_layers {
@@ -108,9 +108,10 @@ struct Place {
 }
 
 impl<B: Backend> Pipeline<B> {
-    /// The pipeline `group` cutting the model `whole` into `group.size()` stages; collective
-    /// over `group` (it forms the neighbour pairs).
-    pub fn new(group: Group<B>, whole: &Config) -> anyhow::Result<Self> {
+    /// The pipeline `group` cutting the model `whole`, laid out as `whole_layout` (under expert
+    /// parallel with this rank's routed experts), into `group.size()` stages; collective over
+    /// `group` (it forms the neighbour pairs).
+    pub fn new(group: Group<B>, whole: &Config, whole_layout: Weights<TensorSpec>) -> anyhow::Result<Self> {
         let (stage, stages) = (group.rank(), group.size());
         // Pairs (0,1), (2,3), .. and (1,2), (3,4), ..: each stage meets its neighbours in one
         // of the two splits.
@@ -132,7 +133,7 @@ impl<B: Backend> Pipeline<B> {
             chunks: 1,
             fixed_chunks: false,
             whole: Arc::new(whole.clone()),
-            whole_layout: Arc::new(crate::weights::layout(whole)),
+            whole_layout: Arc::new(whole_layout),
         })
     }
 

@@ -532,12 +532,6 @@ impl RunConfig {
         if t.pp == 0 {
             return Err("`train.pp` must be at least 1".into());
         }
-        if t.pp > 1 && t.ep > 1 {
-            return Err(format!(
-                "`train.pp` = {} with `train.ep` = {}: pipeline and expert parallel do not combine yet",
-                t.pp, t.ep
-            ));
-        }
         if t.tp > 1 && t.optimizer == OptimizerKind::Muon {
             return Err(format!(
                 "`train.tp` = {}: Muon orthogonalises whole matrices, which tensor parallel cuts (use AdamW, or tp = 1)",

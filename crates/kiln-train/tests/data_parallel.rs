@@ -70,7 +70,7 @@ fn zero_3_weights_mb(ranks: usize) -> f64 {
 #[test]
 fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     let base = scratch("ep-base");
-    let model = deepseek_base(&base);
+    let model = deepseek_base(&base, 3);
     let one = scratch("ep-1");
     sft(1, &one, &[&model]);
     let reference = series(&one, "loss");
@@ -208,20 +208,6 @@ fn assert_same_recipe(recipe: &str, what: &str, one: &[&str], two: &[&str]) {
     let tolerance = if ["grpo", "distill"].contains(&recipe) { 1e-5 } else { 2e-6 };
     assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), tolerance, what);
     assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, what);
-}
-
-/// A tiny random DeepSeek-V3 (MLA; one dense layer, then two MoE layers of 8 routed experts,
-/// 2 per token, and a shared expert) with the demo tokenizer, as a Hugging Face directory; returns its `model.path` override.
-fn deepseek_base(dir: &Path) -> String {
-    let config = r#"{
-        "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
-        "moe_intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 3,
-        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
-        "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
-        "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
-        "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
-    }"#;
-    write_base(dir, config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1))
 }
 
 /// A tiny random DeepSeek-V4 (`tests/fixtures/tiny_deepseek_v4.json`: sliding, compressed

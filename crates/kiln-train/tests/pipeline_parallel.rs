@@ -159,6 +159,83 @@ fn every_recipe_follows_its_curve_under_pipeline_parallel() {
 }
 
 #[test]
+fn deepseek_v3_cuts_into_stages_alone_and_with_expert_and_tensor_parallel() {
+    let base = scratch("pp-v3-base");
+    let model = deepseek_base(&base, 4);
+    let one = scratch("pp-v3-1");
+    sft(1, &one, &[&model]);
+    let reference = series(&one, "loss");
+    let held = |dir: &Path, key: &str| steps(dir)[0][key].as_f64().unwrap();
+    // 3 layers: a dense one and a MoE one on stage 0, a MoE one on stage 1. Expert parallel's
+    // exchanges are collectives of a stage's data-parallel peers, so its passes run their chunks'
+    // forwards first and every pass has the same chunks.
+    for (ranks, layout) in [
+        (2, "pp=2"),
+        (2, "pp=2,recompute=full"),
+        (4, "dp=2,pp=2,ep=2"),
+        (4, "dp=2,pp=2,ep=2,zero=1"),
+        (4, "dp=2,pp=2,zero=2"),
+        (8, "dp=2,tp=2,pp=2,ep=2"),
+    ] {
+        let dir = scratch(&format!("pp-v3-{layout}"));
+        sft_laid_out(ranks, &dir, layout, &[&model]);
+        let what = format!("deepseek_v3, {layout}");
+        let (whole, here) = (held(&one, "weights_mb"), held(&dir, "weights_mb"));
+        assert!(here < 0.75 * whole, "{what}: rank 0 holds {here} MB of {whole}");
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, &what);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, &what);
+        assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-5, &format!("{what}, eval"));
+        assert_same_weights(
+            &one.join("checkpoints/step-00000006"),
+            &dir.join("checkpoints/step-00000006"),
+            &format!("{what}: the final checkpoint"),
+        );
+    }
+    // The pp2 x ep2 checkpoint (sharded by expert rank) resumes on one process and on tp=2.
+    for (ranks, layout) in [(1, "dp=1"), (2, "tp=2")] {
+        let dir = scratch(&format!("pp-v3-resume-{layout}"));
+        copy_dir(&scratch_keep("pp-v3-dp=2,pp=2,ep=2"), &dir);
+        std::fs::remove_dir_all(dir.join("checkpoints/step-00000006")).unwrap();
+        let layout_key = format!("train.layout={layout:?}");
+        run(
+            "sft",
+            ranks,
+            &dir,
+            &[&model, "train.steps=6", "output.save_every=3", "train.grad_accum=4", &layout_key],
+            true,
+        );
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, &format!("pp2 x ep2 resumed as {layout}"));
+    }
+    // The sequence-wise balance loss, per chunk of rows, and the router's bias updates.
+    let aux = ["train.moe_aux_loss_alpha=0.3"];
+    let (a, b) = (scratch("pp-v3-aux-1"), scratch("pp-v3-aux-pp2"));
+    sft(1, &a, &[&model, aux[0]]);
+    sft_laid_out(4, &b, "dp=2,pp=2,ep=2", &[&model, aux[0]]);
+    assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), 1e-5, "deepseek_v3 with its balance loss, pp2 x ep2");
+    let moved = series(&a, "loss").iter().zip(&reference).any(|(x, y)| (x - y).abs() > 1e-4 * y);
+    assert!(moved, "the balance loss left the curve unchanged");
+    // Its value and the expert loads in the metrics are the whole model's, summed over the
+    // stages and the data-parallel ranks.
+    assert_same_curve(&series(&a, "moe_aux_loss"), &series(&b, "moe_aux_loss"), 1e-5, "the balance loss, pp2 x ep2");
+    assert_eq!(steps(&a)[1]["expert_load"], steps(&b)[1]["expert_load"], "expert loads, pp2 x ep2");
+    // DPO and GRPO (generation through the stages, each stage's experts exchanged).
+    let layout = "train.layout=\"dp=2,pp=2,ep=2\"";
+    for (recipe, one, four) in [
+        ("dpo", vec!["train.grad_accum=2"], vec!["train.grad_accum=1", layout]),
+        ("grpo", vec!["grpo.beta=0.04"], vec!["grpo.beta=0.04", layout]),
+    ] {
+        let one = [&[model.as_str(), "train.steps=4"], &one[..]].concat();
+        let four = [&[model.as_str(), "train.steps=4"], &four[..]].concat();
+        let (a, b) = (scratch(&format!("pp-v3-{recipe}-1")), scratch(&format!("pp-v3-{recipe}-4")));
+        run(recipe, 1, &a, &one, false);
+        run(recipe, 4, &b, &four, false);
+        let what = format!("deepseek_v3 {recipe}, dp=2,pp=2,ep=2");
+        assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), 1e-5, &what);
+        assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, &what);
+    }
+}
+
+#[test]
 fn what_pipeline_parallel_cannot_cut_is_refused_with_the_reason() {
     let err = sft_error(8, &scratch("pp-refuse-layers"), &["train.pp=8", "train.grad_accum=4"], false);
     assert!(err.contains("pp = 8 stages for the model's 4 layers"), "{err}");

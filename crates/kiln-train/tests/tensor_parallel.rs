@@ -140,25 +140,10 @@ fn every_recipe_follows_its_curve_under_tensor_parallel() {
     }
 }
 
-/// A tiny random DeepSeek-V3 whose 4 heads split over 2 ranks (latent attention with a
-/// low-rank query; a dense layer, then two MoE layers of 8 routed experts, 2 per token, and a
-/// shared expert) with the demo tokenizer; returns its `model.path` override.
-fn deepseek_base(dir: &Path) -> String {
-    let config = r#"{
-        "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
-        "moe_intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": 4,
-        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
-        "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
-        "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
-        "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
-    }"#;
-    write_base(dir, config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(config).unwrap(), 1))
-}
-
 #[test]
 fn deepseek_v3_splits_its_latent_attention_and_experts_alone_and_with_expert_parallel() {
     let base = scratch("tp-v3-base");
-    let model = deepseek_base(&base);
+    let model = deepseek_base(&base, 4);
     let one = scratch("tp-v3-1");
     sft(1, &one, &[&model]);
     let reference = series(&one, "loss");

@@ -196,9 +196,10 @@ impl<B: Backend> Session<B> {
         let muon = (t.optimizer == OptimizerKind::Muon).then(|| t.muon.clone());
         let mut dp = DataParallel::new(&b, &model, (&data, replicas), t.zero, hyper, muon);
         if model.pipeline().is_some() {
-            // ZeRO-2's reductions and ZeRO-3's gathers run per chunk, collectives of the
-            // data-parallel peers: every pass then has the same chunks, whatever its rows.
-            let fixed = dp.reduces_in_backward() || dp.shards_weights;
+            // ZeRO-2's reductions, ZeRO-3's gathers and expert parallel's exchanges run per
+            // chunk, collectives of the data-parallel peers: every pass then has the same
+            // chunks, whatever its rows.
+            let fixed = dp.reduces_in_backward() || dp.shards_weights || model.expert_parallel().is_some();
             let chunks = match (t.pp_chunks, fixed) {
                 (0, true) => (2 * t.pp).min(config.rows()),
                 (0, false) => 2 * t.pp,
@@ -376,6 +377,8 @@ impl<B: Backend> Session<B> {
         }
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
         let expert_load = self.model.update_router_bias(b, rate);
+        let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
+        let (expert_load, aux_loss) = self.over_stages(expert_load, aux_loss)?;
         // What this rank holds between steps: f32 weights whole (its share of the routed experts
         // under expert parallel) or (ZeRO-3) its shard with room for a gathered layer, gradients
         // whole or (ZeRO-2/3) its shard, moments whole or (ZeRO-1/2/3) its shard.
@@ -389,7 +392,6 @@ impl<B: Backend> Session<B> {
             record["peak_resident_mb"] = peak.into();
         }
         add_expert_load(&mut record, &expert_load);
-        let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
         if self.train.moe_aux_loss_alpha != 0.0 {
             record["moe_aux_loss"] = aux_loss.into();
         }

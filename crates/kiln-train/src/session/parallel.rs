@@ -70,19 +70,48 @@ impl<B: Backend> Session<B> {
         }
     }
 
-    /// Data parallel: sums the step's loss and MoE expert loads over the ranks; returns the loss.
+    /// Data parallel: sums the step's loss, MoE expert loads and balance loss over the ranks;
+    /// returns the loss.
     pub(super) fn reduce_scalars(&mut self, loss: f64) -> Result<f64> {
         if self.data.size() == 1 {
             return Ok(loss);
         }
         let loads = &mut self.model.expert_load;
         let mut flat: Vec<f64> = loads.iter().flatten().map(|&l| l as f64).collect();
-        flat.push(loss);
+        flat.extend([self.model.moe_aux_loss, loss]);
         self.data.all_reduce_sum_f64(&mut flat, &format!("loss at step {}", self.state.step + 1))?;
         for (l, &x) in loads.iter_mut().flatten().zip(&flat) {
             *l = x.round() as u64;
         }
+        self.model.moe_aux_loss = flat[flat.len() - 2];
         Ok(flat[flat.len() - 1])
+    }
+
+    /// Under pipeline parallel, a step's expert loads (`loads`, of this stage's layers) and
+    /// balance loss (`aux`, of its layers) over every stage's layers, for the metrics; as they
+    /// are otherwise.
+    pub(super) fn over_stages(&self, loads: Vec<Vec<u64>>, aux: f64) -> Result<(Vec<Vec<u64>>, f64)> {
+        let Some(pp) = self.model.pipeline() else { return Ok((loads, aux)) };
+        let whole = &pp.whole;
+        let experts = whole.moe.as_ref().map_or(0, |m| m.experts);
+        let counts: Vec<usize> =
+            (0..whole.num_layers).map(|l| if whole.is_moe_layer(l) { experts } else { 0 }).collect();
+        let mut flat = vec![0.0; counts.iter().sum::<usize>() + 1];
+        let first: usize = counts[..pp.stage_layers[pp.stage()].start].iter().sum();
+        for (slot, &load) in flat[first..].iter_mut().zip(loads.iter().flatten()) {
+            *slot = load as f64;
+        }
+        flat[counts.iter().sum::<usize>()] = aux;
+        pp.group.all_reduce_sum_f64(&mut flat, &format!("expert loads at step {}", self.state.step))?;
+        let mut at = 0;
+        let loads = counts
+            .iter()
+            .map(|&n| {
+                at += n;
+                flat[at - n..at].iter().map(|&x| x.round() as u64).collect()
+            })
+            .collect();
+        Ok((loads, flat[at]))
     }
 
     /// Whether any rank was asked to stop: every rank then stops after the same step (a

@@ -263,16 +263,16 @@ pub struct TrainSection {
     /// MLP and expert widths; with `ep`, the expert groups are the data-parallel ranks.
     #[serde(default = "one")]
     pub tp: usize,
-    /// Pipeline parallel (Llama-family models, under mpirun): the layers are cut into this many
+    /// Pipeline parallel (Llama-family and DeepSeek-V3 models, under mpirun): the layers are cut into this many
     /// stages of consecutive layers, one per rank of a pipeline, the first stage also holding
     /// the embedding and the last the final norm and head (1: no cut). At most the layers.
     #[serde(default = "one")]
     pub pp: usize,
     /// Pipeline parallel: the chunks each micro-batch's rows are cut into (at most one row
     /// each), which the stages run on a 1F1B schedule: more chunks, a smaller bubble of
-    /// (pp − 1) / (chunks + pp − 1), and smaller products. Under ZeRO-2/3 every pass has
-    /// exactly this many (short ones padded), as their per-chunk collectives need. 0: twice
-    /// `pp` (under ZeRO-2/3 at most the rows of `batch_tokens`).
+    /// (pp − 1) / (chunks + pp − 1), and smaller products. Under ZeRO-2/3 and expert parallel
+    /// every pass has exactly this many (short ones padded), as their per-chunk collectives
+    /// need. 0: twice `pp` (there at most the rows of `batch_tokens`).
     #[serde(default)]
     pub pp_chunks: usize,
     /// The layout in `kiln plan`'s syntax (`dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..`), setting the

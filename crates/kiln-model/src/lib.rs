@@ -24,6 +24,7 @@ mod prompt_pool;
 pub mod quantized;
 pub mod rope;
 pub mod safetensors_io;
+pub mod safetensors_writer;
 pub mod sampler;
 pub mod score_head;
 pub mod tensor_parallel;

@@ -5,9 +5,10 @@
 
 use crate::error::{Error, Result};
 use crate::quantized;
+use crate::safetensors_writer::{Entry, StreamedFile};
 use crate::weights::{TensorSpec, Weights};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Storage dtypes kiln writes.
@@ -300,31 +301,78 @@ pub fn save_some(
     passthrough: &[RawTensor],
     keep: &dyn Fn(&TensorSpec) -> bool,
 ) -> Result<()> {
-    let mut encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (spec, data) in layout.iter().into_iter().zip(tensors.iter()).filter(|(spec, _)| keep(spec)) {
-        let dtype = if spec.keep_f32 { StorageDtype::F32 } else { dtype };
-        if spec.parts.is_empty() {
-            encoded.push((spec.name.clone(), dtype.safetensors(), spec.shape.clone(), dtype.encode(data)));
-        } else {
-            let part_len = spec.numel() / spec.parts.len();
-            for (name, part) in spec.parts.iter().zip(data.chunks(part_len)) {
-                encoded.push((name.clone(), dtype.safetensors(), spec.shape[1..].to_vec(), dtype.encode(part)));
+    let mut writer = LayoutWriter::create(path, layout, dtype, passthrough, keep)?;
+    for (spec, data) in layout.iter().into_iter().zip(tensors.iter()) {
+        writer.push(spec, data)?;
+    }
+    writer.finish()
+}
+
+/// A layout's tensors written to a safetensors file as they come (`push`), so the writer holds
+/// one at a time: in `dtype` but for tensors kept in f32, those whose spec `keep` accepts (the
+/// others pushed are passed over), with `passthrough` as read.
+pub struct LayoutWriter {
+    file: StreamedFile,
+    dtype: StorageDtype,
+    kept: HashSet<String>,
+}
+
+impl LayoutWriter {
+    pub fn create(
+        path: &Path,
+        layout: &Weights<TensorSpec>,
+        dtype: StorageDtype,
+        passthrough: &[RawTensor],
+        keep: &dyn Fn(&TensorSpec) -> bool,
+    ) -> Result<Self> {
+        let mut entries = Vec::new();
+        let mut kept = HashSet::new();
+        for spec in layout.iter().into_iter().filter(|spec| keep(spec)) {
+            let dtype = if spec.keep_f32 { StorageDtype::F32 } else { dtype }.safetensors();
+            if spec.parts.is_empty() {
+                entries.push(Entry { name: spec.name.clone(), dtype, shape: spec.shape.clone() });
+            } else {
+                entries.extend(spec.parts.iter().map(|name| Entry {
+                    name: name.clone(),
+                    dtype,
+                    shape: spec.shape[1..].to_vec(),
+                }));
             }
+            kept.insert(spec.name.clone());
         }
+        entries.extend(passthrough.iter().map(|t| Entry {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+        }));
+        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let mut file = StreamedFile::create(path, entries, Some(metadata))?;
+        for t in passthrough {
+            file.write(&t.name, &t.bytes)?;
+        }
+        Ok(Self { file, dtype, kept })
     }
-    for t in passthrough {
-        encoded.push((t.name.clone(), t.dtype, t.shape.clone(), t.bytes.clone()));
+
+    /// Writes the tensor of `spec` (its parts, for a stack of experts) if kept.
+    pub fn push(&mut self, spec: &TensorSpec, data: &[f32]) -> Result<()> {
+        if !self.kept.contains(&spec.name) {
+            return Ok(());
+        }
+        let dtype = if spec.keep_f32 { StorageDtype::F32 } else { self.dtype };
+        if spec.parts.is_empty() {
+            return self.file.write(&spec.name, &dtype.encode(data));
+        }
+        let part_len = spec.numel() / spec.parts.len();
+        for (name, part) in spec.parts.iter().zip(data.chunks(part_len)) {
+            self.file.write(name, &dtype.encode(part))?;
+        }
+        Ok(())
     }
-    let views = encoded
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).map(|v| (name.clone(), v))
-        })
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::new(path, format!("cannot encode tensors: {e}")))?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(metadata), path)
-        .map_err(|e| Error::new(path, format!("cannot write: {e}")))
+
+    /// Closes the file; an error names a kept tensor never pushed.
+    pub fn finish(self) -> Result<()> {
+        self.file.finish()
+    }
 }
 
 /// Writes `model.safetensors.index.json` into `dir`: which shard file holds each stored tensor

@@ -30,6 +30,7 @@ pub mod score_head;
 pub mod tensor_parallel;
 pub mod v4_cache;
 pub mod weights;
+pub mod whole_tensors;
 
 pub use activations::{Activations, ActivationsPool};
 pub use batch::Batch;

@@ -361,42 +361,6 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Under pipeline or tensor parallel, the whole tensors `local` (laid out as `layout`)
-    /// assembled from the group's blocks and the stages' tensors, a collective over the
-    /// groups; `local` itself otherwise. Only a rank that passes `keep` (the one that writes
-    /// them) holds the whole tensors: the others take part and get `None`.
-    pub fn join_blocks(&self, b: &B, local: Weights<Vec<f32>>, keep: bool) -> Option<Weights<Vec<f32>>> {
-        // A stage's tensors are joined on every rank of it: the pipeline's join takes them.
-        let stage = match &self.tensor_parallel {
-            Some(tp) => tp.join_all(b, &local, &self.layout, keep || self.pipeline.is_some())?,
-            None => local,
-        };
-        match &self.pipeline {
-            Some(pp) => pp.join_all(b, &stage, keep),
-            None => keep.then_some(stage),
-        }
-    }
-
-    /// Under pipeline or tensor parallel, the whole model from the stages' tensors and the
-    /// groups' blocks (a collective over them): what a checkpoint or an export writes, on the
-    /// rank that passes `keep`. `None` for a model that is whole, and on the other ranks.
-    pub fn joined(&self, b: &B, keep: bool) -> Option<Model<B>> {
-        if self.tensor_parallel.is_none() && self.pipeline.is_none() {
-            return None;
-        }
-        let tensors = self.join_blocks(b, self.tensors(b), keep)?;
-        let config = match (&self.pipeline, &self.tensor_parallel) {
-            (Some(pp), _) => pp.whole.as_ref().clone(),
-            (None, Some(tp)) => tp.whole.clone(),
-            (None, None) => unreachable!("a cut model"),
-        };
-        let mut whole = Self::from_layout(b, config, self.whole_layout().clone(), &tensors, self.dtype);
-        // Under expert parallel still this rank's routed experts only, written as its shard.
-        whole.expert_parallel = self.expert_parallel.clone();
-        whole.passthrough = self.passthrough.clone();
-        Some(whole)
-    }
-
     /// Writes `model.safetensors` with the same tensor names it was loaded with.
     pub fn save_weights(&self, b: &B, dir: &Path) -> Result<()> {
         self.save_weights_to(b, &dir.join("model.safetensors"), self.dtype)
@@ -406,7 +370,7 @@ impl<B: Backend> Model<B> {
     pub fn save_weights_to(&self, b: &B, path: &Path, dtype: StorageDtype) -> Result<()> {
         assert!(
             self.tensor_parallel.is_none() && self.pipeline.is_none(),
-            "a tensor- or pipeline-parallel rank holds part of the model: save the `joined` model"
+            "a tensor- or pipeline-parallel rank holds part of the model: write its `visit_whole` tensors"
         );
         safetensors_io::save(path, &self.layout, &self.tensors(b), dtype, &self.passthrough)
     }

@@ -101,9 +101,9 @@ pub fn stage_config(whole: &Config, stage: usize, stages: usize) -> Result<Confi
 /// a checkpoint takes), its index among this stage's tensors (`None` for another stage's
 /// layer), and whether this stage holds its values.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Place {
-    owner: usize,
-    local: Option<usize>,
+pub(crate) struct Place {
+    pub owner: usize,
+    pub local: Option<usize>,
     held: bool,
 }
 
@@ -199,7 +199,7 @@ impl<B: Backend> Pipeline<B> {
     }
 
     /// Every tensor of the whole model, in `Weights::iter` order, placed in the pipeline.
-    fn places(&self) -> Vec<Place> {
+    pub(crate) fn places(&self) -> Vec<Place> {
         let (me, last) = (self.stage(), self.group.size() - 1);
         let stage = |l: usize| self.stage_layers.iter().position(|r| r.contains(&l)).expect("a stage per layer");
         let mine = &self.stage_layers[me];
@@ -234,30 +234,16 @@ impl<B: Backend> Pipeline<B> {
         stage_layout.map(|_| local.next().expect("a tensor per spec"))
     }
 
-    /// The whole tensors from every stage's `local` ones (a collective over the stages): each
-    /// from the stage that owns it, on a stage that passes `keep`; the others take part, a
-    /// tensor at a time, and get `None`.
-    pub fn join_all(&self, b: &B, local: &Weights<Vec<f32>>, keep: bool) -> Option<Weights<Vec<f32>>> {
-        let (me, stages) = (self.stage(), self.group.size());
-        let local = local.iter();
-        let mut joined = self.places().into_iter().zip(self.whole_layout.iter()).map(|(place, spec)| {
-            let n = spec.numel();
-            let counts: Vec<usize> = (0..stages).map(|s| if s == place.owner { n } else { 0 }).collect();
-            let chunk = b.upload(match (place.owner == me, place.local) {
-                (true, Some(i)) => local[i],
-                _ => &[],
-            });
-            let mut out = b.zeros(n);
-            let what = format!("pipeline parallel: gathering {}", spec.name);
-            self.group.all_gather_v(&chunk, &counts, &mut out, &what).unwrap_or_else(|e| panic!("{e:#}"));
-            if keep {
-                b.read(&out)
-            } else {
-                Vec::new()
-            }
-        });
-        let joined = self.whole_layout.map(|_| joined.next().expect("a tensor per spec"));
-        keep.then_some(joined)
+    /// Whole tensor `spec` from the stage `owner` that holds it (`values` there, ignored on the
+    /// others), a collective over the stages, on a stage that passes `keep`.
+    pub fn join_tensor(&self, b: &B, spec: &TensorSpec, owner: usize, values: &[f32], keep: bool) -> Option<Vec<f32>> {
+        let (me, n) = (self.stage(), spec.numel());
+        let counts: Vec<usize> = (0..self.group.size()).map(|s| if s == owner { n } else { 0 }).collect();
+        let chunk = b.upload(if owner == me { values } else { &[] });
+        let mut out = b.zeros(n);
+        let what = format!("pipeline parallel: gathering {}", spec.name);
+        self.group.all_gather_v(&chunk, &counts, &mut out, &what).unwrap_or_else(|e| panic!("{e:#}"));
+        keep.then(|| b.read(&out))
     }
 }
 

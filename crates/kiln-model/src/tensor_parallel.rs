@@ -180,37 +180,25 @@ impl<B: Backend> TensorParallel<B> {
             .collect()
     }
 
-    /// The whole tensors from every rank's blocks `local` (a collective over the group), on a
-    /// rank that passes `keep`; the others take part and get `None`.
-    pub fn join_all(
+    /// The whole tensor (laid out as `whole`) from every rank's block of it (`values` here, laid
+    /// out as `local`), a collective over the group, on a rank that passes `keep`.
+    pub fn join_tensor(
         &self,
         b: &B,
-        local: &Weights<Vec<f32>>,
-        local_layout: &Weights<TensorSpec>,
+        (whole, local): (&TensorSpec, &TensorSpec),
+        values: &[f32],
         keep: bool,
-    ) -> Option<Weights<Vec<f32>>> {
+    ) -> Option<Vec<f32>> {
+        let cut = Cut::of(whole, local);
+        if cut == Cut::Whole {
+            return keep.then(|| values.to_vec());
+        }
         let t = self.group.size();
-        let mut joined = self.whole_layout.iter().into_iter().zip(local_layout.iter()).zip(local.iter()).map(
-            |((whole, spec), values)| {
-                let cut = Cut::of(whole, spec);
-                if cut == Cut::Whole {
-                    return values.clone();
-                }
-                let mut blocks = b.zeros(values.len() * t);
-                let what = format!("tensor parallel: gathering {}", whole.name);
-                let chunk = b.upload(values);
-                self.group
-                    .all_gather_v(&chunk, &vec![values.len(); t], &mut blocks, &what)
-                    .unwrap_or_else(|e| panic!("{e:#}"));
-                if keep {
-                    join(&b.read(&blocks), whole, cut, t)
-                } else {
-                    Vec::new()
-                }
-            },
-        );
-        let joined = self.whole_layout.map(|_| joined.next().expect("a tensor per spec"));
-        keep.then_some(joined)
+        let mut blocks = b.zeros(values.len() * t);
+        let what = format!("tensor parallel: gathering {}", whole.name);
+        let chunk = b.upload(values);
+        self.group.all_gather_v(&chunk, &vec![values.len(); t], &mut blocks, &what).unwrap_or_else(|e| panic!("{e:#}"));
+        keep.then(|| join(&b.read(&blocks), whole, cut, t))
     }
 }
 

@@ -120,13 +120,11 @@ fn remove_checkpoint(dir: &Path) -> Result<()> {
     fs::remove_dir_all(&doomed).with_context(|| format!("{}: cannot remove", doomed.display()))
 }
 
-pub struct SaveRequest<'a, B: Backend> {
+pub struct SaveRequest<'a> {
     pub root: &'a Path,
-    pub model: &'a Model<B>,
-    /// Replicated moments, by tensor name; None when each rank writes its shards (ZeRO) in `extra`.
-    pub moments: Option<&'a Moments>,
-    /// Writes more files into the checkpoint's temporary directory before it is sealed.
-    pub extra: &'a dyn Fn(&Path) -> Result<()>,
+    /// Writes the weights and moments (`write_model_part`, ZeRO's shards) into the checkpoint's
+    /// temporary directory before it is sealed.
+    pub write: &'a dyn Fn(&Path) -> Result<()>,
     pub state: &'a State,
     /// The model directory's config and tokenizer files (`read_model_files`).
     pub model_files: &'a [(String, Vec<u8>)],
@@ -148,29 +146,13 @@ pub fn read_model_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Writes a checkpoint atomically and prunes old ones; returns its directory.
-pub fn save<B: Backend>(b: &B, req: &SaveRequest<B>) -> Result<PathBuf> {
+pub fn save(req: &SaveRequest) -> Result<PathBuf> {
     fs::create_dir_all(req.root).with_context(|| format!("{}: cannot create", req.root.display()))?;
     let name = step_dir_name(req.state.step);
     let tmp = tmp_dir(req.root, req.state.step);
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-
-    let layout = &req.model.layout;
-    match req.model.expert_parallel().map(|ep| ep.group.size()).filter(|&k| k > 1) {
-        Some(ranks) => {
-            save_expert_shard(b, &tmp, req.model, req.moments, 0, ranks)?;
-            write_expert_index(&tmp, req.model, ranks)?;
-        }
-        None => {
-            req.model.save_weights_to(b, &tmp.join("model.safetensors"), StorageDtype::F32)?;
-            if let Some((m, v)) = req.moments {
-                let f32 = StorageDtype::F32;
-                safetensors_io::save(&tmp.join("adam_m.safetensors"), layout, m, f32, &[])?;
-                safetensors_io::save(&tmp.join("adam_v.safetensors"), layout, v, f32, &[])?;
-            }
-        }
-    }
-    (req.extra)(&tmp)?;
+    (req.write)(&tmp)?;
     for (name, bytes) in req.model_files {
         fs::write(tmp.join(name), bytes).with_context(|| format!("{}: cannot write", tmp.join(name).display()))?;
     }
@@ -199,36 +181,66 @@ fn shard_name(prefix: &str, rank: usize, ranks: usize) -> String {
     format!("{prefix}-{:05}-of-{ranks:05}.safetensors", rank + 1)
 }
 
-/// Under expert parallel, rank `rank` (of the first expert group of `ranks`) writes its routed
-/// experts' weights and moments into `dir`; rank 0 also every other tensor.
-pub fn save_expert_shard<B: Backend>(
+/// This rank's tensors, read one at a time (`Model::visit_whole`'s `local`).
+type Local<'a> = Box<dyn Fn(usize) -> Vec<f32> + 'a>;
+
+/// Writes a rank's part of the whole model into checkpoint directory `dir`, a tensor at a time:
+/// the f32 weights and, given `moments`, AdamW's (this rank's, by tensor). Under pipeline and
+/// tensor parallel the tensors are assembled from the stages and the groups as they are
+/// written (a collective over them: every rank of the writer's groups calls this), and only
+/// the rank that passes `keep` writes. Under expert parallel expert rank `expert` of `ranks`
+/// writes shard files of the routed experts it holds, expert rank 0 also every other tensor
+/// and the index; otherwise one file each.
+pub fn write_model_part<B: Backend>(
     b: &B,
     dir: &Path,
     model: &Model<B>,
     moments: Option<&Moments>,
-    rank: usize,
-    ranks: usize,
+    keep: bool,
+    (expert, ranks): (usize, usize),
 ) -> Result<()> {
-    let keep = |spec: &TensorSpec| rank == 0 || spec.is_routed_experts();
-    let (layout, f32) = (&model.layout, StorageDtype::F32);
-    let passthrough = if rank == 0 { &model.passthrough[..] } else { &[] };
-    let params = model.tensors(b);
-    safetensors_io::save_some(&dir.join(shard_name("model", rank, ranks)), layout, &params, f32, passthrough, &keep)?;
+    let sharded = ranks > 1;
+    let file =
+        |name: &str| dir.join(if sharded { shard_name(name, expert, ranks) } else { format!("{name}.safetensors") });
+    let kept = |spec: &TensorSpec| expert == 0 || spec.is_routed_experts();
+    let layout = model.whole_layout();
+    let weights = model.weights(b);
+    let weights = weights.iter();
+    let mut parts: Vec<(&str, Local, &[safetensors_io::RawTensor])> = Vec::new();
+    let passthrough = if expert == 0 { &model.passthrough[..] } else { &[] };
+    parts.push(("model", Box::new(|i| b.read(weights[i])), passthrough));
     if let Some((m, v)) = moments {
-        for (name, moments) in [("adam_m", m), ("adam_v", v)] {
-            let path = dir.join(shard_name(name, rank, ranks));
-            safetensors_io::save_some(&path, layout, moments, f32, &[], &keep)?;
-        }
+        let (m, v) = (m.iter(), v.iter());
+        parts.push(("adam_m", Box::new(move |i| m[i].clone()), &[]));
+        parts.push(("adam_v", Box::new(move |i| v[i].clone()), &[]));
+    }
+    for (name, local, passthrough) in parts {
+        let mut writer = keep
+            .then(|| safetensors_io::LayoutWriter::create(&file(name), layout, StorageDtype::F32, passthrough, &kept))
+            .transpose()?;
+        model.visit_whole(b, &local, keep, &mut |spec, values| match &mut writer {
+            Some(w) => Ok(w.push(spec, values)?),
+            None => Ok(()),
+        })?;
+        writer.map(|w| w.finish()).transpose()?;
+    }
+    if keep && sharded && expert == 0 {
+        write_expert_index(dir, model.whole_config(), &model.passthrough, ranks)?;
     }
     Ok(())
 }
 
 /// The index of an expert-parallel checkpoint's weight shards: each routed expert's tensors
 /// are in the shard of the rank that holds the expert, everything else in rank 0's.
-fn write_expert_index<B: Backend>(dir: &Path, model: &Model<B>, ranks: usize) -> Result<()> {
+fn write_expert_index(
+    dir: &Path,
+    config: &kiln_model::Config,
+    passthrough: &[safetensors_io::RawTensor],
+    ranks: usize,
+) -> Result<()> {
     let mut map = BTreeMap::new();
     let mut bytes = 0;
-    for spec in weights::layout(&model.config).iter() {
+    for spec in weights::layout(config).iter() {
         bytes += spec.numel() * 4;
         if spec.is_routed_experts() {
             let per_rank = spec.parts.len() / ranks;
@@ -239,7 +251,7 @@ fn write_expert_index<B: Backend>(dir: &Path, model: &Model<B>, ranks: usize) ->
             map.insert(spec.name.clone(), shard_name("model", 0, ranks));
         }
     }
-    for t in &model.passthrough {
+    for t in passthrough {
         bytes += t.bytes.len();
         map.insert(t.name.clone(), shard_name("model", 0, ranks));
     }

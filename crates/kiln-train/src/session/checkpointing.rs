@@ -2,7 +2,8 @@
 //! the directory; with ZeRO every rank, and under expert parallel every rank of the first
 //! expert group, adds its shard to the temporary directory first. Under tensor and pipeline
 //! parallel each writer's tensor group and pipeline assemble the whole tensors (and replicated
-//! moments) for it to write, so the checkpoint is the one a run without them writes.
+//! moments) for it to write, a tensor at a time, so the checkpoint is the one a run without
+//! them writes and no rank holds the whole model to write it.
 
 use super::Session;
 use crate::checkpoint::{self, SaveRequest};
@@ -28,84 +29,56 @@ impl<B: Backend> Session<B> {
         let root = self.out_dir.join("checkpoints");
         let (comm, step) = (self.comm.clone(), self.state.step);
         let phase = |name: &str| format!("checkpoint at step {step}: {name}");
-        let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
-        let sharded = self.dp.sharded || expert_ranks > 1;
-        // The data-parallel ranks that write weights (rank 0; under expert parallel the first
-        // expert group) assemble them with their tensor groups and pipelines; the first rank of
-        // each keeps the whole tensors.
-        let b = &self.b;
-        let writers = self.data.rank() < expert_ranks;
-        let first = |group: Option<&crate::data_parallel::Ranks<B>>| group.is_none_or(|g| g.rank() == 0);
-        let keep = writers
-            && first(self.model.tensor_parallel().map(|tp| &tp.group))
-            && first(self.model.pipeline().map(|pp| &pp.group));
-        let joined = writers.then(|| self.model.joined(b, keep)).flatten();
-        let moments = match writers && !self.dp.sharded {
-            true => {
-                let (m, v) = checkpoint::replicated_moments(b, &self.dp, &self.model.flat);
-                self.model.join_blocks(b, m, keep).zip(self.model.join_blocks(b, v, keep))
-            }
-            false => None,
-        };
-        let part = ExpertPart { keep, model: joined.as_ref().unwrap_or(&self.model), moments: moments.as_ref() };
-        if !comm.is_root() {
-            if sharded {
+        let together = comm.size() > 1;
+        // Every rank writes its part once rank 0 has made the directory; rank 0 seals it after.
+        let write = |tmp: &Path| -> Result<()> {
+            if together {
                 comm.barrier(&phase("directory ready"))?;
-                self.write_shard(&checkpoint::tmp_dir(&root, step), expert_ranks, &part)?;
-                comm.barrier(&phase("shards written"))?;
             }
-            comm.barrier(&phase("sealed"))?;
-            let dir = checkpoint::step_dir(&root, step);
-            self.last_checkpoint = Some(dir.clone());
-            return Ok(dir);
-        }
-        let extra = |tmp: &Path| -> Result<()> {
-            if sharded {
-                self.write_shard(tmp, expert_ranks, &part)?;
-                comm.barrier(&phase("directory ready"))?;
-                comm.barrier(&phase("shards written"))?;
+            self.write_part(tmp)?;
+            if together {
+                comm.barrier(&phase("parts written"))?;
             }
             Ok(())
         };
-        let dir = checkpoint::save(
-            &self.b,
-            &SaveRequest {
+        let dir = match comm.is_root() {
+            true => checkpoint::save(&SaveRequest {
                 root: &root,
-                model: part.model,
-                moments: part.moments,
-                extra: &extra,
+                write: &write,
                 state: &self.state,
                 model_files: &self.model_files,
                 keep_last: self.keep_last,
-            },
-        )?;
-        if comm.size() > 1 {
+            })?,
+            false => {
+                write(&checkpoint::tmp_dir(&root, step))?;
+                checkpoint::step_dir(&root, step)
+            }
+        };
+        if together {
             comm.barrier(&phase("sealed"))?;
         }
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }
 
-    /// A rank adds its part of a checkpoint to `tmp`: its ZeRO moment shards, and under
-    /// expert parallel, if it keeps the whole tensors of an expert rank of the first expert
-    /// group but the first (whose part `checkpoint::save` writes), that rank's routed experts.
-    fn write_shard(&self, tmp: &Path, expert_ranks: usize, part: &ExpertPart<B>) -> Result<()> {
+    /// A rank's part of a checkpoint, into its temporary directory `tmp`: its ZeRO moment
+    /// shards; and on the data-parallel ranks that write weights (rank 0, under expert parallel
+    /// the first expert group) with their tensor groups and pipelines, the whole model's weights
+    /// and (without ZeRO) moments, a tensor at a time, written by the first rank of each.
+    fn write_part(&self, tmp: &Path) -> Result<()> {
         let b = &self.b;
         if self.dp.sharded {
             checkpoint::save_moment_shards(b, tmp, &self.dp)?;
         }
-        let expert_rank = self.data.rank();
-        if part.keep && expert_rank > 0 && expert_rank < expert_ranks {
-            checkpoint::save_expert_shard(b, tmp, part.model, part.moments, expert_rank, expert_ranks)?;
+        let expert_ranks = self.model.expert_parallel().map_or(1, |ep| ep.group.size());
+        let expert = self.data.rank();
+        if expert >= expert_ranks {
+            return Ok(());
         }
-        Ok(())
+        let first = |group: Option<&crate::data_parallel::Ranks<B>>| group.is_none_or(|g| g.rank() == 0);
+        let keep =
+            first(self.model.tensor_parallel().map(|tp| &tp.group)) && first(self.model.pipeline().map(|pp| &pp.group));
+        let moments = (!self.dp.sharded).then(|| checkpoint::replicated_moments(b, &self.dp, &self.model.flat));
+        checkpoint::write_model_part(b, tmp, &self.model, moments.as_ref(), keep, (expert, expert_ranks))
     }
-}
-
-/// What a rank writes of the model: the whole tensors it keeps (`keep`), of its routed experts
-/// under expert parallel, and their moments unless ZeRO shards them.
-struct ExpertPart<'a, B: Backend> {
-    keep: bool,
-    model: &'a kiln_model::Model<B>,
-    moments: Option<&'a checkpoint::Moments>,
 }

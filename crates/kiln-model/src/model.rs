@@ -361,6 +361,16 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// The whole model's config (what checkpoints hold): `config`, or under pipeline or tensor
+    /// parallel the config before the cut.
+    pub fn whole_config(&self) -> &Config {
+        match (&self.pipeline, &self.tensor_parallel) {
+            (Some(pp), _) => pp.whole.as_ref(),
+            (None, Some(tp)) => &tp.whole,
+            (None, None) => &self.config,
+        }
+    }
+
     /// Writes `model.safetensors` with the same tensor names it was loaded with.
     pub fn save_weights(&self, b: &B, dir: &Path) -> Result<()> {
         self.save_weights_to(b, &dir.join("model.safetensors"), self.dtype)

@@ -186,17 +186,17 @@ impl<B: Backend> TensorParallel<B> {
         &self,
         b: &B,
         (whole, local): (&TensorSpec, &TensorSpec),
-        values: &[f32],
+        values: Vec<f32>,
         keep: bool,
     ) -> Option<Vec<f32>> {
         let cut = Cut::of(whole, local);
         if cut == Cut::Whole {
-            return keep.then(|| values.to_vec());
+            return keep.then_some(values);
         }
         let t = self.group.size();
         let mut blocks = b.zeros(values.len() * t);
         let what = format!("tensor parallel: gathering {}", whole.name);
-        let chunk = b.upload(values);
+        let chunk = b.upload(&values);
         self.group.all_gather_v(&chunk, &vec![values.len(); t], &mut blocks, &what).unwrap_or_else(|e| panic!("{e:#}"));
         keep.then(|| join(&b.read(&blocks), whole, cut, t))
     }

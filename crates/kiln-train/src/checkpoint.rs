@@ -218,7 +218,7 @@ pub fn write_model_part<B: Backend>(
         let mut writer = keep
             .then(|| safetensors_io::LayoutWriter::create(&file(name), layout, StorageDtype::F32, passthrough, &kept))
             .transpose()?;
-        model.visit_whole(b, &local, keep, &mut |spec, values| match &mut writer {
+        model.visit_whole(b, &local, &kept, keep, &mut |spec, values| match &mut writer {
             Some(w) => Ok(w.push(spec, values)?),
             None => Ok(()),
         })?;

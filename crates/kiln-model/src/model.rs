@@ -20,10 +20,11 @@ use crate::layers::moe::MoeShape;
 use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::model_pipeline::PipelineLoss;
+use crate::model_share::{ModelShare, RankPart};
 use crate::param_shards::{ParamShards, SpaceRanks};
 use crate::pipeline::Pipeline;
-use crate::safetensors_io::{self, LoadSpec, RawTensor, StorageDtype};
-use crate::tensor_parallel::{self, TensorParallel};
+use crate::safetensors_io::{self, RawTensor, StorageDtype};
+use crate::tensor_parallel::TensorParallel;
 use crate::v4_cache::V4Step;
 use crate::weights::{
     self, v4_layout, AttnWeights, FfnWeights, GqaWeights, Init, LayerWeights, MlaWeights, MlpWeights, MoeWeights,
@@ -65,7 +66,7 @@ pub struct Model<B: Backend> {
     pub(crate) expert_parallel: Option<ExpertParallel<B>>,
     /// Set when this rank holds only its block of the layers' heads and MLP width (`config`,
     /// `layout` and `params` are then the block's: `tensor_parallel`).
-    tensor_parallel: Option<TensorParallel<B>>,
+    pub(crate) tensor_parallel: Option<TensorParallel<B>>,
     /// Set when this rank holds one stage of the layers (`config`, `layout` and `params` are
     /// then the stage's: `pipeline`).
     pub(crate) pipeline: Option<Pipeline<B>>,
@@ -89,33 +90,20 @@ impl<B: Backend> Model<B> {
 
     /// `load`; under expert parallel, of the routed experts only this rank's share.
     pub fn load_with(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Self> {
-        let config = Config::load(dir)?;
-        let mut layout = layout_of(&config, ep.as_ref());
-        // DeepSeek-V4 as DeepSeek publishes it keeps its own names, in and out.
-        let deepseek_names = config.model_type == ModelType::DeepseekV4
-            && v4_layout::uses_deepseek_names(safetensors_io::stored_names(dir)?.iter().map(String::as_str));
-        if deepseek_names {
-            layout = v4_layout::deepseek_names(&layout);
-        }
-        let passthrough = |name: &str| config.is_carried_tensor(name);
-        let spec = LoadSpec { layout: &layout, passthrough: &passthrough, fp8_block: config.fp8_block };
-        let loaded = safetensors_io::load(dir, &spec)?;
-        if loaded.dequantized > 0 {
-            eprintln!(
-                "note: {}: dequantized {} block-quantized (fp8 e4m3 / fp4 e2m1) tensors to f32 for training; saved weights will be {:?}",
-                dir.display(),
-                loaded.dequantized,
-                loaded.dtype
-            );
-        }
-        let mut model = Self::from_layout(b, config, layout, &loaded.tensors, loaded.dtype);
-        for l in 0..model.hash_tables.len() {
-            if model.hash_tables[l].is_none() {
+        Self::load_share(b, dir, ModelShare::experts(ep), None)
+    }
+
+    /// DeepSeek-V4's frozen token-to-expert tables of its hash layers, from the tensors carried
+    /// through (`passthrough`, read from `dir`; named as DeepSeek publishes them with
+    /// `deepseek_names`).
+    pub(crate) fn read_hash_tables(&mut self, dir: &Path, passthrough: &[RawTensor], deepseek_names: bool) -> Result<()> {
+        for l in 0..self.hash_tables.len() {
+            if self.hash_tables[l].is_none() {
                 continue;
             }
             let name = crate::model_v4::hash_table_name(l);
             let name = if deepseek_names { v4_layout::deepseek_name(&name) } else { name };
-            let stored = loaded.passthrough.iter().find(|t| t.name == name);
+            let stored = passthrough.iter().find(|t| t.name == name);
             let table = stored.and_then(crate::model_v4::hash_table).ok_or_else(|| {
                 crate::Error::new(
                     dir,
@@ -123,9 +111,9 @@ impl<B: Backend> Model<B> {
                 )
             })?;
             let (vocab, k, experts) = (
-                model.config.vocab_size,
-                model.moe_shape.as_ref().map_or(0, |s| s.routing.top_k),
-                expert_total(&model.config),
+                self.config.vocab_size,
+                self.moe_shape.as_ref().map_or(0, |s| s.routing.top_k),
+                expert_total(&self.config),
             );
             if table.len() != vocab * k || table.iter().any(|&e| e < 0 || e as usize >= experts) {
                 return Err(crate::Error::new(
@@ -133,11 +121,9 @@ impl<B: Backend> Model<B> {
                     format!("tensor `{name}`: expected [{vocab}, {k}] experts below {experts}"),
                 ));
             }
-            model.hash_tables[l] = Some(table);
+            self.hash_tables[l] = Some(table);
         }
-        model.passthrough = loaded.passthrough;
-        model.expert_parallel = ep;
-        Ok(model)
+        Ok(())
     }
 
     /// A view of every parameter tensor (the model must hold them all: not ZeRO-3's shards).
@@ -315,40 +301,10 @@ impl<B: Backend> Model<B> {
         self.tensor_parallel.as_ref()
     }
 
-    /// Tensor parallel: keeps only this rank's block of every layer's heads and MLP width
-    /// (`tensor_parallel`) of the whole model it holds. Refuses a model or a group size the
-    /// engine cannot split (the reason, for the caller to name the run's setting).
-    pub fn split_tensors(
-        &mut self,
-        b: &B,
-        group: Arc<dyn kiln_dist::Comm<B::Slice>>,
-    ) -> std::result::Result<(), String> {
-        assert!(self.tensor_parallel.is_none() && !self.params_sharded(), "a whole model to split");
-        let local_config = tensor_parallel::local_config(&self.config, group.size())?;
-        let ep = self.expert_parallel.as_ref();
-        let tp = TensorParallel::new(group, &self.config, layout_of(&self.config, ep));
-        let local_layout = layout_of(&local_config, ep);
-        let flat = FlatLayout::new(&local_layout);
-        let params = upload_flat(b, &flat, &tp.blocks(&self.tensors(b), &local_layout));
-        let precision = self.matmul_precision;
-        self.moe_shape = MoeShape::new(&local_config).map(|s| MoeShape { precision, ..s });
-        (self.config, self.layout, self.flat, self.params) = (local_config, local_layout, Arc::new(flat), params);
-        self.tensor_parallel = Some(tp);
-        Ok(())
-    }
-
-    /// Under pipeline and tensor parallel, this rank's part of `whole`, tensors laid out as the
-    /// whole model (moments read from a checkpoint): its stage's tensors, of them its blocks;
-    /// `whole` itself otherwise.
-    pub fn local_blocks(&self, whole: Weights<Vec<f32>>) -> Weights<Vec<f32>> {
-        let stage = match &self.pipeline {
-            Some(pp) => pp.select(&whole, self.tensor_parallel.as_ref().map_or(&self.layout, |tp| &tp.whole_layout)),
-            None => whole,
-        };
-        match &self.tensor_parallel {
-            Some(tp) => tp.blocks(&stage, &self.layout),
-            None => stage,
-        }
+    /// Under pipeline and tensor parallel, this rank's part of the whole model's tensors: which
+    /// it holds and its blocks of them (`RankPart`).
+    pub fn rank_part(&self) -> RankPart {
+        RankPart::new(self.pipeline.as_ref(), self.tensor_parallel.as_ref(), &self.layout, self.whole_layout().iter().len())
     }
 
     /// The layout of the whole model (what checkpoints hold): `layout`, or under pipeline or
@@ -1091,6 +1047,23 @@ pub(crate) fn layout_of<B: Backend>(config: &Config, ep: Option<&ExpertParallel<
         (Some(ep), Some(moe)) => layout.with_experts(ep.local(moe.experts)),
         _ => layout,
     }
+}
+
+/// The layout of the model stored in `dir` (of `config`; under expert parallel with this
+/// rank's routed experts `ep`), and whether it keeps DeepSeek's own names (DeepSeek-V4 as
+/// DeepSeek publishes it, in and out).
+pub(crate) fn stored_layout<B: Backend>(
+    dir: &Path,
+    config: &Config,
+    ep: Option<&ExpertParallel<B>>,
+) -> Result<(Weights<TensorSpec>, bool)> {
+    let layout = layout_of(config, ep);
+    let deepseek_names = config.model_type == ModelType::DeepseekV4
+        && v4_layout::uses_deepseek_names(safetensors_io::stored_names(dir)?.iter().map(String::as_str));
+    Ok(match deepseek_names {
+        true => (v4_layout::deepseek_names(&layout), true),
+        false => (layout, false),
+    })
 }
 
 /// `tensors` uploaded into one flat buffer laid out as `flat`.

@@ -5,15 +5,12 @@
 
 use crate::activations::Activations;
 use crate::batch::Batch;
-use crate::flat::FlatLayout;
 use crate::grad_sink::GradSink;
-use crate::model::{expert_count, layout_of, upload_flat, Model, WeightsOf};
-use crate::pipeline::{self, Pipeline};
+use crate::model::{Model, WeightsOf};
+use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, one_forward_one_backward, Op};
 use kiln_core::Backend;
-use kiln_dist::Comm;
 use std::ops::Range;
-use std::sync::Arc;
 
 /// What the last stage computes from a chunk's logits.
 pub(crate) enum PipelineLoss<'a> {
@@ -28,28 +25,6 @@ impl<B: Backend> Model<B> {
     /// The stages this rank's model is one of, under pipeline parallel.
     pub fn pipeline(&self) -> Option<&Pipeline<B>> {
         self.pipeline.as_ref()
-    }
-
-    /// Pipeline parallel: keeps only this rank's stage (`group.rank()` of `group.size()`) of
-    /// the whole model it holds: its layers, and the embedding and head where the stage uses
-    /// them. Collective over `group`. Refuses a model or a stage count the engine cannot cut
-    /// (the reason, for the caller to name the run's setting). Cut the stages before the
-    /// tensors (`split_tensors`).
-    pub fn split_stages(&mut self, b: &B, group: Arc<dyn Comm<B::Slice>>) -> Result<(), String> {
-        assert!(
-            self.pipeline.is_none() && self.tensor_parallel().is_none() && !self.params_sharded(),
-            "a whole model to cut into stages"
-        );
-        let stage_config = pipeline::stage_config(&self.config, group.rank(), group.size())?;
-        let ep = self.expert_parallel.as_ref();
-        let pp = Pipeline::new(group, &self.config, layout_of(&self.config, ep)).map_err(|e| format!("{e:#}"))?;
-        let layout = layout_of(&stage_config, ep);
-        let flat = FlatLayout::new(&layout);
-        let params = upload_flat(b, &flat, &pp.select(&self.tensors(b), &layout));
-        self.expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
-        (self.config, self.layout, self.flat, self.params) = (stage_config, layout, Arc::new(flat), params);
-        self.pipeline = Some(pp);
-        Ok(())
     }
 
     /// Pipeline parallel: cuts every training pass's rows into `chunks` chunks (fewer for a

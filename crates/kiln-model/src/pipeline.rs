@@ -104,7 +104,7 @@ pub fn stage_config(whole: &Config, stage: usize, stages: usize) -> Result<Confi
 pub(crate) struct Place {
     pub owner: usize,
     pub local: Option<usize>,
-    held: bool,
+    pub held: bool,
 }
 
 impl<B: Backend> Pipeline<B> {
@@ -219,19 +219,6 @@ impl<B: Backend> Pipeline<B> {
             local += 1;
         }
         places
-    }
-
-    /// This stage's tensors (laid out as its config) of the whole tensors `whole`.
-    pub fn select(&self, whole: &Weights<Vec<f32>>, stage_layout: &Weights<TensorSpec>) -> Weights<Vec<f32>> {
-        let whole = whole.iter();
-        let mut local: Vec<Vec<f32>> = vec![Vec::new(); stage_layout.iter().len()];
-        for (place, values) in self.places().into_iter().zip(whole) {
-            if let (Some(i), true) = (place.local, place.held) {
-                local[i] = values.clone();
-            }
-        }
-        let mut local = local.into_iter();
-        stage_layout.map(|_| local.next().expect("a tensor per spec"))
     }
 
     /// Whole tensor `spec` from the stage `owner` that holds it (`values` there, ignored on the

@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::quantized;
 use crate::safetensors_writer::{Entry, StreamedFile};
 use crate::weights::{TensorSpec, Weights};
-use safetensors::{Dtype, SafeTensors};
+use crate::safetensors_reader::StoredFile;
+use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -65,13 +66,31 @@ pub struct LoadSpec<'a> {
     pub passthrough: &'a dyn Fn(&str) -> bool,
     /// Block of one scale in fp8 checkpoints (`quantization_config.weight_block_size`).
     pub fp8_block: [usize; 2],
+    /// Which of the layout's tensors to read, and what of each to keep: every one whole unless
+    /// a rank holds a part of the model (`model_share`).
+    pub pick: Pick<'a>,
 }
 
 impl<'a> LoadSpec<'a> {
     /// Just the layout's tensors.
     pub fn plain(layout: &'a Weights<TensorSpec>) -> Self {
-        Self { layout, passthrough: &|_| false, fp8_block: [128, 128] }
+        Self { layout, passthrough: &|_| false, fp8_block: [128, 128], pick: Pick::ALL }
     }
+}
+
+/// The layout's tensors a load reads (`reads`, by index in `Weights::iter` order; the others
+/// come back empty and are not read from the file at all), and what it keeps of each as it
+/// comes (`keep`: of tensor `i`'s values, or of stacked part `p`'s), so that no more than one
+/// whole tensor is held beyond what is kept.
+#[derive(Clone, Copy)]
+pub struct Pick<'a> {
+    pub reads: &'a dyn Fn(usize) -> bool,
+    pub keep: &'a dyn Fn(usize, Option<usize>, Vec<f32>) -> Vec<f32>,
+}
+
+impl Pick<'_> {
+    /// Every tensor, whole.
+    pub const ALL: Pick<'static> = Pick { reads: &|_| true, keep: &|_, _, values| values };
 }
 
 /// Tensors read from a checkpoint.
@@ -93,12 +112,7 @@ pub fn load(dir: &Path, spec: &LoadSpec) -> Result<LoadedWeights> {
 pub fn stored_names(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for path in shards(dir)? {
-        let handle = std::fs::File::open(&path).map_err(|e| Error::new(&path, format!("cannot open shard: {e}")))?;
-        // SAFETY: the file is only read, and not expected to change while loading.
-        let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::new(&path, format!("cannot map: {e}")))?;
-        let (_, header) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| Error::new(&path, format!("invalid safetensors: {e}")))?;
-        names.extend(header.tensors().into_keys());
+        names.extend(StoredFile::open(&path)?.tensors().into_iter().map(|(name, _)| name));
     }
     Ok(names)
 }
@@ -136,90 +150,112 @@ pub fn load_file(path: &Path, layout: &Weights<TensorSpec>) -> Result<LoadedWeig
     load_files(path, std::iter::once(path.to_path_buf()), &LoadSpec::plain(layout))
 }
 
-/// Loads the layout's tensors from the union of `files` (shards of one set); `source` names
-/// the set in errors.
-pub fn load_file_set(source: &Path, files: &[PathBuf], layout: &Weights<TensorSpec>) -> Result<LoadedWeights> {
-    load_files(source, files.iter().cloned(), &LoadSpec::plain(layout))
+/// Loads the layout's tensors `pick` reads from the union of `files` (shards of one set);
+/// `source` names the set in errors.
+pub fn load_file_set(
+    source: &Path,
+    files: &[PathBuf],
+    layout: &Weights<TensorSpec>,
+    pick: Pick,
+) -> Result<LoadedWeights> {
+    load_files(source, files.iter().cloned(), &LoadSpec { pick, ..LoadSpec::plain(layout) })
 }
 
-/// A stored tensor as read: dtype, shape, values, and the file it came from.
+/// A stored tensor as read: dtype, shape, values, the file it came from, and which of the
+/// layout's tensors (and of its stacked parts) it is.
 struct Found {
     dtype: Dtype,
     shape: Vec<usize>,
     data: Vec<f32>,
     file: PathBuf,
+    of: (usize, Option<usize>),
 }
 
-/// Loads every tensor of `spec.layout` from the union of `files`; `source` names them in errors.
+/// Loads the tensors of `spec.layout` that `spec.pick` reads from the union of `files`;
+/// `source` names them in errors.
 fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSpec) -> Result<LoadedWeights> {
-    // Stored name → (tensor spec, part index or None for a whole tensor).
-    let mut wanted: HashMap<&str, (&TensorSpec, Option<usize>)> = HashMap::new();
-    for s in spec.layout.iter() {
-        if s.parts.is_empty() {
-            wanted.insert(s.name.as_str(), (s, None));
-        } else {
-            s.parts.iter().enumerate().for_each(|(i, p)| _ = wanted.insert(p.as_str(), (s, Some(i))));
+    // Stored name → (tensor spec, its index, part index or None for a whole tensor).
+    let mut wanted: HashMap<&str, (&TensorSpec, usize, Option<usize>)> = HashMap::new();
+    let mut skipped: HashSet<&str> = HashSet::new();
+    for (i, s) in spec.layout.iter().into_iter().enumerate() {
+        let names: Vec<(&str, Option<usize>)> = match s.parts.is_empty() {
+            true => vec![(s.name.as_str(), None)],
+            false => s.parts.iter().enumerate().map(|(p, name)| (name.as_str(), Some(p))).collect(),
+        };
+        for (name, part) in names {
+            match (spec.pick.reads)(i) {
+                true => _ = wanted.insert(name, (s, i, part)),
+                false => _ = skipped.insert(name),
+            }
         }
     }
     let mut found: HashMap<String, Found> = HashMap::new();
     let mut scales: HashMap<String, Found> = HashMap::new();
     let mut passthrough = Vec::new();
+    let mut embed_dtype = None;
     for path in files {
-        let handle = std::fs::File::open(&path).map_err(|e| Error::new(&path, format!("cannot open shard: {e}")))?;
-        // SAFETY: the file is only read, and not expected to change while loading.
-        let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::new(&path, format!("cannot map: {e}")))?;
-        let st = SafeTensors::deserialize(&mmap).map_err(|e| Error::new(&path, format!("invalid safetensors: {e}")))?;
-        for (name, view) in st.tensors() {
+        let file = StoredFile::open(&path)?;
+        for (name, info) in file.tensors() {
+            if name == spec.layout.embed.name {
+                embed_dtype = Some(info.dtype);
+            }
             if (spec.passthrough)(&name) {
-                let (dtype, shape, bytes) = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
-                passthrough.push(RawTensor { name, dtype, shape, bytes });
+                let bytes = file.read(&name, info)?;
+                passthrough.push(RawTensor { name, dtype: info.dtype, shape: info.shape.clone(), bytes });
                 continue;
             }
-            let Some(expected) = wanted.get(name.as_str()).map(|(s, part)| match part {
-                Some(_) => s.shape[1..].to_vec(),
-                None => s.shape.clone(),
-            }) else {
-                if let Some(weight) = quantized::scaled_weight(&name).filter(|w| wanted.contains_key(w.as_str())) {
-                    let data = match view.dtype() {
-                        Dtype::F8_E8M0 | Dtype::U8 => Some(quantized::ue8m0(view.data())),
-                        float @ (Dtype::F32 | Dtype::BF16 | Dtype::F16) => decode(float, view.data()),
+            if skipped.contains(name.as_str()) {
+                continue;
+            }
+            let Some(&(tensor, index, part)) = wanted.get(name.as_str()) else {
+                let scaled = quantized::scaled_weight(&name).and_then(|w| Some((wanted.get(w.as_str())?.1, w)));
+                if let Some((index, weight)) = scaled {
+                    let bytes = file.read(&name, info)?;
+                    let data = match info.dtype {
+                        Dtype::F8_E8M0 | Dtype::U8 => Some(quantized::ue8m0(&bytes)),
+                        float @ (Dtype::F32 | Dtype::BF16 | Dtype::F16) => decode(float, &bytes),
                         _ => None,
                     };
                     let data = data.ok_or_else(|| {
-                        let dtype = view.dtype();
+                        let dtype = info.dtype;
                         Error::new(&path, format!("scale tensor `{name}` has dtype {dtype:?}; kiln reads F32, BF16, F16, F8_E8M0 and U8 scales"))
                     })?;
-                    let shape = view.shape().to_vec();
-                    scales.insert(weight, Found { dtype: view.dtype(), shape, data, file: path.clone() });
+                    let (dtype, shape, file) = (info.dtype, info.shape.clone(), path.clone());
+                    scales.insert(weight, Found { dtype, shape, data, file, of: (index, None) });
                 }
                 continue;
             };
-            let data = decode(view.dtype(), view.data()).ok_or_else(|| {
-                Error::new(
-                    &path,
-                    format!(
-                        "tensor `{name}` has dtype {:?}; kiln reads F32, BF16, F16, F8_E4M3 and packed fp4 (I8)",
-                        view.dtype()
-                    ),
-                )
-            })?;
+            let expected = if part.is_some() { tensor.shape[1..].to_vec() } else { tensor.shape.clone() };
             // Packed fp4 stores two values per byte along the last dimension.
-            let mut stored = view.shape().to_vec();
-            if quantized::is_packed_fp4(view.dtype()) {
+            let mut stored = info.shape.clone();
+            if quantized::is_packed_fp4(info.dtype) {
                 stored.last_mut().into_iter().for_each(|d| *d *= 2);
             }
             if stored != expected {
                 return Err(Error::new(
                     &path,
-                    format!("tensor `{name}` has shape {:?}, the config implies {expected:?}", view.shape()),
+                    format!("tensor `{name}` has shape {:?}, the config implies {expected:?}", info.shape),
                 ));
             }
-            found.insert(name, Found { dtype: view.dtype(), shape: expected, data, file: path.clone() });
+            let data = decode(info.dtype, &file.read(&name, info)?).ok_or_else(|| {
+                Error::new(
+                    &path,
+                    format!(
+                        "tensor `{name}` has dtype {:?}; kiln reads F32, BF16, F16, F8_E4M3 and packed fp4 (I8)",
+                        info.dtype
+                    ),
+                )
+            })?;
+            // Quantized tensors are kept whole until their scales apply.
+            let data = if quantized::is_quantized(info.dtype) { data } else { (spec.pick.keep)(index, part, data) };
+            found.insert(name, Found { dtype: info.dtype, shape: expected, data, file: path.clone(), of: (index, part) });
         }
     }
     let dequantized = dequantize(&mut found, &scales, spec.fp8_block)?;
+    for t in found.values_mut().filter(|t| quantized::is_quantized(t.dtype)) {
+        t.data = (spec.pick.keep)(t.of.0, t.of.1, std::mem::take(&mut t.data));
+    }
 
-    let embed_dtype = found.get(&spec.layout.embed.name).map(|t| t.dtype);
     let mut missing = Vec::new();
     let mut take = |name: &str| match found.remove(name) {
         Some(t) => t.data,
@@ -228,8 +264,12 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
             Vec::new()
         }
     };
+    let mut index = 0..;
     let tensors = spec.layout.map(|s| {
-        if s.parts.is_empty() {
+        let i = index.next().expect("an index per tensor");
+        if !(spec.pick.reads)(i) {
+            Vec::new()
+        } else if s.parts.is_empty() {
             take(&s.name)
         } else {
             s.parts.iter().flat_map(|p| take(p)).collect()

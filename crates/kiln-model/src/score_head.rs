@@ -10,32 +10,20 @@ use crate::activations::Activations;
 use crate::batch::Batch;
 use crate::error::{Error, Result};
 use crate::grad_sink::GradSink;
-use crate::layers::expert_parallel::ExpertParallel;
-use crate::model::{layout_of, Model};
+use crate::model::Model;
+use crate::model_share::ModelShare;
 use kiln_core::{Backend, Matmul};
 use serde_json::json;
 use std::path::Path;
 
 impl<B: Backend> Model<B> {
     /// A causal LM directory loaded as a reward model: its transformer, and a new `score`
-    /// head (`[1, hidden]`, N(0, 0.02²) drawn with `seed`) in place of the LM head, as
-    /// transformers' `AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`
-    /// builds one. A directory that already is one (a reward checkpoint) loads as it is.
-    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64, ep: Option<ExpertParallel<B>>) -> Result<Self> {
-        let model = Self::load_with(b, dir, ep)?;
-        if model.config.num_labels.is_some() {
-            return Ok(model);
-        }
-        let mut config = model.config.clone();
-        config.num_labels = Some(1);
-        let mut tensors = model.tensors(b);
-        tensors.lm_head = None;
-        tensors.score = Some(kiln_core::rng::Rng::new(seed).normal_vec(config.hidden_size, 0.02));
-        let layout = layout_of(&config, model.expert_parallel.as_ref());
-        let mut reward = Self::from_layout(b, config, layout, &tensors, model.dtype);
-        reward.passthrough = model.passthrough;
-        reward.expert_parallel = model.expert_parallel;
-        Ok(reward)
+    /// head (`[1, hidden]`, N(0, 0.02²) drawn with `seed`) in place of the LM head (which is
+    /// not read), as transformers' `AutoModelForSequenceClassification.from_pretrained(dir,
+    /// num_labels=1)` builds one. A directory that already is one (a reward checkpoint) loads
+    /// as it is. Of this rank's `share` of the model (`load_share`).
+    pub fn load_as_reward_model(b: &B, dir: &Path, seed: u64, share: ModelShare<B>) -> Result<Self> {
+        Self::load_share(b, dir, share, Some(seed))
     }
 
     /// Rows of `[labels, hidden]` in the score head (panics without one).

@@ -76,10 +76,9 @@ impl Cut {
     }
 }
 
-/// `whole`'s shape around dimension `k`: (product of the dimensions before, `k`'s, product of
-/// those after).
-fn around(whole: &TensorSpec, k: usize) -> (usize, usize, usize) {
-    let shape = &whole.shape;
+/// `shape` around dimension `k`: (product of the dimensions before, `k`'s, product of those
+/// after).
+fn around(shape: &[usize], k: usize) -> (usize, usize, usize) {
     (shape[..k].iter().product(), shape[k], shape[k + 1..].iter().product())
 }
 
@@ -117,8 +116,8 @@ pub fn local_config(whole: &Config, t: usize) -> Result<Config, String> {
     Ok(local)
 }
 
-/// Rank `rank`'s block of `values`, a tensor laid out as `whole` and cut as `cut` over `t`.
-pub fn slice(values: &[f32], whole: &TensorSpec, cut: Cut, (rank, t): (usize, usize)) -> Vec<f32> {
+/// Rank `rank`'s block of `values`, a tensor of shape `whole` cut as `cut` over `t`.
+pub fn slice(values: &[f32], whole: &[usize], cut: Cut, (rank, t): (usize, usize)) -> Vec<f32> {
     let Cut::Dim(k) = cut else { return values.to_vec() };
     let (_, dim, inner) = around(whole, k);
     let (span, block) = (dim * inner, dim / t * inner);
@@ -129,7 +128,7 @@ pub fn slice(values: &[f32], whole: &TensorSpec, cut: Cut, (rank, t): (usize, us
 /// end to end (`blocks`, as an all-gather leaves them).
 pub fn join(blocks: &[f32], whole: &TensorSpec, cut: Cut, t: usize) -> Vec<f32> {
     let Cut::Dim(k) = cut else { return blocks[..whole.numel()].to_vec() };
-    let (outer, dim, inner) = around(whole, k);
+    let (outer, dim, inner) = around(&whole.shape, k);
     let (span, block) = (dim * inner, dim / t * inner);
     let mut out = vec![0.0; outer * span];
     for (r, rank_blocks) in blocks.chunks(outer * block).enumerate() {
@@ -155,16 +154,6 @@ impl<B: Backend> TensorParallel<B> {
     /// forward, of dL/dx of the column-parallel ones in backward).
     pub fn sum(&self, buf: &mut B::Slice, what: &str) {
         self.group.all_reduce_sum(buf, what).unwrap_or_else(|e| panic!("tensor parallel: {e:#}"))
-    }
-
-    /// This rank's blocks (laid out as `local_layout`) of the whole tensors `whole`.
-    pub fn blocks(&self, whole: &Weights<Vec<f32>>, local_layout: &Weights<TensorSpec>) -> Weights<Vec<f32>> {
-        let (rank, t) = (self.group.rank(), self.group.size());
-        let specs = self.whole_layout.iter().into_iter().zip(local_layout.iter());
-        let mut blocks = specs
-            .zip(whole.iter())
-            .map(|((whole_spec, spec), values)| slice(values, whole_spec, Cut::of(whole_spec, spec), (rank, t)));
-        local_layout.map(|_| blocks.next().expect("a tensor per spec"))
     }
 
     /// The flat ranges (of `local`'s `ranges`) of the tensors the group cuts: their squares
@@ -224,11 +213,11 @@ mod tests {
         let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
         for (cut, local) in [(Cut::Dim(0), spec(&[2, 6])), (Cut::Dim(1), spec(&[4, 3])), (Cut::Whole, spec(&[4, 6]))] {
             assert_eq!(Cut::of(&whole, &local), cut);
-            let blocks: Vec<f32> = (0..2).flat_map(|r| slice(&values, &whole, cut, (r, 2))).collect();
+            let blocks: Vec<f32> = (0..2).flat_map(|r| slice(&values, &whole.shape, cut, (r, 2))).collect();
             assert_eq!(join(&blocks, &whole, cut, 2), values);
         }
         // Columns: rank 1 holds columns 3..6 of every row.
-        assert_eq!(slice(&values, &whole, Cut::Dim(1), (1, 2))[..3], [3.0, 4.0, 5.0]);
+        assert_eq!(slice(&values, &whole.shape, Cut::Dim(1), (1, 2))[..3], [3.0, 4.0, 5.0]);
     }
 
     #[test]
@@ -237,12 +226,19 @@ mod tests {
         // input (dimension 2, as a down projection stored [experts, hidden, ff], over 3).
         let whole = spec(&[2, 4, 3]);
         let values: Vec<f32> = (0..24).map(|v| v as f32).collect();
-        let rank1 = slice(&values, &whole, Cut::Dim(1), (1, 2));
+        let rank1 = slice(&values, &whole.shape, Cut::Dim(1), (1, 2));
         assert_eq!(rank1, [6., 7., 8., 9., 10., 11., 18., 19., 20., 21., 22., 23.]);
         for (cut, local, t) in [(Cut::Dim(1), spec(&[2, 2, 3]), 2), (Cut::Dim(2), spec(&[2, 4, 1]), 3)] {
             assert_eq!(Cut::of(&whole, &local), cut);
-            let blocks: Vec<f32> = (0..t).flat_map(|r| slice(&values, &whole, cut, (r, t))).collect();
+            let blocks: Vec<f32> = (0..t).flat_map(|r| slice(&values, &whole.shape, cut, (r, t))).collect();
             assert_eq!(join(&blocks, &whole, cut, t), values, "{cut:?}");
+            // Loading cuts each expert as it is read: the same block, expert by expert.
+            let Cut::Dim(k) = cut else { unreachable!() };
+            for r in 0..t {
+                let by_expert: Vec<f32> =
+                    values.chunks(12).flat_map(|e| slice(e, &whole.shape[1..], Cut::Dim(k - 1), (r, t))).collect();
+                assert_eq!(by_expert, slice(&values, &whole.shape, cut, (r, t)), "{cut:?} rank {r}");
+            }
         }
     }
 }

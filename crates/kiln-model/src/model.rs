@@ -96,7 +96,12 @@ impl<B: Backend> Model<B> {
     /// DeepSeek-V4's frozen token-to-expert tables of its hash layers, from the tensors carried
     /// through (`passthrough`, read from `dir`; named as DeepSeek publishes them with
     /// `deepseek_names`).
-    pub(crate) fn read_hash_tables(&mut self, dir: &Path, passthrough: &[RawTensor], deepseek_names: bool) -> Result<()> {
+    pub(crate) fn read_hash_tables(
+        &mut self,
+        dir: &Path,
+        passthrough: &[RawTensor],
+        deepseek_names: bool,
+    ) -> Result<()> {
         for l in 0..self.hash_tables.len() {
             if self.hash_tables[l].is_none() {
                 continue;
@@ -304,7 +309,12 @@ impl<B: Backend> Model<B> {
     /// Under pipeline and tensor parallel, this rank's part of the whole model's tensors: which
     /// it holds and its blocks of them (`RankPart`).
     pub fn rank_part(&self) -> RankPart {
-        RankPart::new(self.pipeline.as_ref(), self.tensor_parallel.as_ref(), &self.layout, self.whole_layout().iter().len())
+        RankPart::new(
+            self.pipeline.as_ref(),
+            self.tensor_parallel.as_ref(),
+            &self.layout,
+            self.whole_layout().iter().len(),
+        )
     }
 
     /// The layout of the whole model (what checkpoints hold): `layout`, or under pipeline or

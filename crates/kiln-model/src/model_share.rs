@@ -44,9 +44,10 @@ pub struct RankPart {
     /// For each tensor of the whole layout (`Weights::iter` order), its index among the rank's
     /// tensors if the rank holds it.
     local: Vec<Option<usize>>,
-    /// Under tensor parallel: for each of the rank's tensors, its spec before the cut and the
-    /// cut; and the rank's place in the group (rank, size).
-    cuts: Option<(Vec<(TensorSpec, Cut)>, (usize, usize))>,
+    /// Under tensor parallel, for each of the rank's tensors its spec before the cut and the
+    /// cut (none without), and the rank's place in the group (rank, size).
+    cuts: Vec<(TensorSpec, Cut)>,
+    place: (usize, usize),
 }
 
 impl RankPart {
@@ -62,12 +63,15 @@ impl RankPart {
             Some(pp) => pp.places().into_iter().map(|p| p.local.filter(|_| p.held)).collect(),
             None => (0..whole_count).map(Some).collect(),
         };
-        let cuts = tp.map(|tp| {
-            let specs = tp.whole_layout.iter().into_iter().zip(local_layout.iter());
-            let cuts = specs.map(|(whole, local)| (whole.clone(), Cut::of(whole, local))).collect();
-            (cuts, (tp.group.rank(), tp.group.size()))
-        });
-        Self { local, cuts }
+        let (cuts, place) = match tp {
+            None => (Vec::new(), (0, 1)),
+            Some(tp) => {
+                let specs = tp.whole_layout.iter().into_iter().zip(local_layout.iter());
+                let cuts = specs.map(|(whole, local)| (whole.clone(), Cut::of(whole, local))).collect();
+                (cuts, (tp.group.rank(), tp.group.size()))
+            }
+        };
+        Self { local, cuts, place }
     }
 
     /// Whether the rank holds whole tensor `i`.
@@ -77,8 +81,8 @@ impl RankPart {
 
     /// The rank's block of whole tensor `i`'s values, or of its stacked part `part`'s.
     pub fn keep(&self, i: usize, part: Option<usize>, values: Vec<f32>) -> Vec<f32> {
-        let (Some((cuts, place)), Some(j)) = (&self.cuts, self.local[i]) else { return values };
-        let (spec, cut) = &cuts[j];
+        let Some((spec, cut)) = self.local[i].and_then(|j| self.cuts.get(j)) else { return values };
+        let place = &self.place;
         match (part, *cut) {
             (_, Cut::Whole) => values,
             (None, cut) => tensor_parallel::slice(&values, &spec.shape, cut, *place),
@@ -116,7 +120,7 @@ impl<B: Backend> Model<B> {
             config.num_labels = Some(1);
         }
         let ModelShare { experts: ep, stages, tensors } = share;
-        let refused = |why: String| Error::new(&dir.join("config.json"), why);
+        let refused = |why: String| Error::new(dir.join("config.json"), why);
         let (whole_layout, deepseek_names) = stored_layout(dir, &config, ep.as_ref())?;
         let (mut local_config, mut local_layout) = (config.clone(), whole_layout.clone());
         let pp = match stages {

@@ -5,9 +5,9 @@
 
 use crate::error::{Error, Result};
 use crate::quantized;
+use crate::safetensors_reader::StoredFile;
 use crate::safetensors_writer::{Entry, StreamedFile};
 use crate::weights::{TensorSpec, Weights};
-use crate::safetensors_reader::StoredFile;
 use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -248,7 +248,10 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
             })?;
             // Quantized tensors are kept whole until their scales apply.
             let data = if quantized::is_quantized(info.dtype) { data } else { (spec.pick.keep)(index, part, data) };
-            found.insert(name, Found { dtype: info.dtype, shape: expected, data, file: path.clone(), of: (index, part) });
+            found.insert(
+                name,
+                Found { dtype: info.dtype, shape: expected, data, file: path.clone(), of: (index, part) },
+            );
         }
     }
     let dequantized = dequantize(&mut found, &scales, spec.fp8_block)?;

@@ -58,3 +58,38 @@ impl StoredFile {
         Ok(bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::Dtype;
+
+    #[test]
+    fn reads_each_tensor_the_safetensors_crate_wrote_and_refuses_a_cut_file() {
+        let dir = std::env::temp_dir().join(format!("kiln-stored-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a: Vec<u8> = (0..24u8).collect();
+        let b: Vec<u8> = (100..106u8).collect();
+        let tensors = [("a.weight", Dtype::F32, vec![2, 3], &a), ("b.weight", Dtype::BF16, vec![3], &b)];
+        let views = tensors.iter().map(|(n, d, s, bytes)| {
+            (n.to_string(), safetensors::tensor::TensorView::new(*d, s.clone(), bytes).unwrap())
+        });
+        let path = dir.join("model.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+
+        let file = StoredFile::open(&path).unwrap();
+        let read = file.tensors();
+        assert_eq!(read.len(), 2);
+        for (name, dtype, shape, bytes) in tensors {
+            let (_, info) = read.iter().find(|(n, _)| n == name).expect("every tensor listed");
+            assert_eq!((info.dtype, &info.shape), (dtype, &shape), "{name}");
+            assert_eq!(&file.read(name, info).unwrap(), bytes, "{name}");
+        }
+
+        let whole = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &whole[..whole.len() - 1]).unwrap();
+        let err = StoredFile::open(&path).err().expect("a file cut short is refused").to_string();
+        assert!(err.contains("model.safetensors") && err.contains("the file holds 29"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

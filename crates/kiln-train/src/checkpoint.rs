@@ -20,7 +20,8 @@ use crate::config::RunConfig;
 use crate::data_parallel::{DataParallel, Space};
 use anyhow::{bail, Context, Result};
 use kiln_core::Backend;
-use kiln_model::{safetensors_io, weights, FlatLayout, Model, StorageDtype, TensorSpec, Weights};
+use kiln_model::safetensors_io::{self, Pick};
+use kiln_model::{weights, FlatLayout, Model, StorageDtype, TensorSpec, Weights};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -299,8 +300,10 @@ pub(crate) fn shard_files(dir: &Path, name: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// The checkpoint's moment `name` for the tensors of `layout`, wherever they were written.
-fn read_moments(dir: &Path, name: &str, layout: &Weights<TensorSpec>) -> Result<Weights<Vec<f32>>> {
-    Ok(safetensors_io::load_file_set(&dir.join(name), &moment_files(dir, name)?, layout)?.tensors)
+/// The moments `name` of checkpoint `dir` of the tensors `pick` reads (of `layout`, the whole
+/// model's), what it keeps of each.
+fn read_moments(dir: &Path, name: &str, layout: &Weights<TensorSpec>, pick: Pick) -> Result<Weights<Vec<f32>>> {
+    Ok(safetensors_io::load_file_set(&dir.join(name), &moment_files(dir, name)?, layout, pick)?.tensors)
 }
 
 pub fn read_state(dir: &Path) -> Result<State> {
@@ -363,9 +366,12 @@ pub fn load_moments<B: Backend>(b: &B, dir: &Path, model: &Model<B>, dp: &mut Da
                         }
                         host
                     };
-                    // Under tensor parallel: the whole model's moments, then this rank's blocks.
+                    // Under pipeline and tensor parallel, only this rank's part, read as its blocks.
+                    let part = model.rank_part();
+                    let (reads, keep) = (|i| part.holds(i), |i, p, values| part.keep(i, p, values));
+                    let pick = Pick { reads: &reads, keep: &keep };
                     let read = |name: &str| -> Result<Weights<Vec<f32>>> {
-                        Ok(model.local_blocks(read_moments(dir, name, model.whole_layout())?))
+                        Ok(part.arrange(read_moments(dir, name, model.whole_layout(), pick)?, &model.layout))
                     };
                     by_name = Some(vec![flatten(read("adam_m")?), flatten(read("adam_v")?)]);
                 }

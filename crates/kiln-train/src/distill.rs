@@ -21,6 +21,7 @@ use kiln_core::Backend;
 use kiln_data::prompts::{read_prompts, PromptRow};
 use kiln_model::generator::FinishReason;
 use kiln_model::sampler::SamplingParams;
+use kiln_model::ModelShare;
 use kiln_model::{ActivationsPool, Batch, Model};
 use serde_json::{json, Value};
 
@@ -134,7 +135,7 @@ pub fn run<B: Backend>(
 ) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
     let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
-    let teacher = s.load_frozen(&d.teacher, None)?;
+    let teacher = s.load_frozen(&d.teacher, ModelShare::whole())?;
     if teacher.config.vocab_size != s.model.config.vocab_size {
         bail!(
             "{}: the teacher's vocab_size {} differs from the student's {}; distillation needs the same tokenizer",

@@ -192,7 +192,7 @@ pub fn run<B: Backend>(
     quiet: bool,
 ) -> Result<RunSummary<RmStats>> {
     let t = &config.train;
-    let load = |b: &B, dir: &Path, ep| Ok(Model::load_as_reward_model(b, dir, t.seed, ep)?);
+    let load = |b: &B, dir: &Path, share| Ok(Model::load_as_reward_model(b, dir, t.seed, share)?);
     let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load)?;
     let reward_config = reward_config_json(s.model_dir(), tokenizer.eos_id)?;
     s.set_model_file("config.json", reward_config);

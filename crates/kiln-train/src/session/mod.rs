@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_data::{ChatTemplate, Tokenizer};
-use kiln_model::{ExpertParallel, Model};
+use kiln_model::{Model, ModelShare};
 use parallel::{expert_groups, layout_groups, LayoutGroups};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -44,13 +44,13 @@ pub struct Runtime<B: Backend> {
     pub world: Ranks<B>,
 }
 
-/// Loads the model a run trains from a directory, with only this rank's routed experts under
-/// expert parallel.
-pub type Loader<'a, B> = &'a dyn Fn(&B, &Path, Option<ExpertParallel<B>>) -> Result<Model<B>>;
+/// Loads the model a run trains from a directory: only this rank's share of it (its routed
+/// experts, its pipeline stage, its tensor blocks), reading no more than that.
+pub type Loader<'a, B> = &'a dyn Fn(&B, &Path, ModelShare<B>) -> Result<Model<B>>;
 
 /// The `Loader` of a causal LM.
-pub fn load_model<B: Backend>(b: &B, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Model<B>> {
-    Ok(Model::load_with(b, dir, ep)?)
+pub fn load_model<B: Backend>(b: &B, dir: &Path, share: ModelShare<B>) -> Result<Model<B>> {
+    Ok(Model::load_share(b, dir, share, None)?)
 }
 
 pub struct Session<B: Backend> {
@@ -121,9 +121,9 @@ pub struct StepUpdate {
 
 impl<B: Backend> Session<B> {
     /// A frozen model beside the trained one (a reference, a teacher), computing in the same
-    /// precision; under expert parallel with this rank's share `ep` of the routed experts.
-    pub fn load_frozen(&self, dir: &Path, ep: Option<ExpertParallel<B>>) -> Result<Model<B>> {
-        let mut model = Model::load_with(&self.b, dir, ep)?;
+    /// precision; this rank's `share` of it.
+    pub fn load_frozen(&self, dir: &Path, share: ModelShare<B>) -> Result<Model<B>> {
+        let mut model = Model::load_share(&self.b, dir, share, None)?;
         model.set_matmul_precision(self.model.matmul_precision());
         Ok(model)
     }
@@ -132,14 +132,12 @@ impl<B: Backend> Session<B> {
     /// as the trained model is: its share of the routed experts, its pipeline stage and its
     /// tensor blocks, so the two run on the same activations.
     pub fn load_reference(&self, dir: &Path) -> Result<Model<B>> {
-        let mut model = self.load_frozen(dir, self.model.expert_parallel().cloned())?;
-        if let Some(pp) = self.model.pipeline() {
-            model.split_stages(&self.b, Arc::clone(&pp.group)).map_err(anyhow::Error::msg)?;
-        }
-        if let Some(tp) = self.model.tensor_parallel() {
-            model.split_tensors(&self.b, Arc::clone(&tp.group)).map_err(anyhow::Error::msg)?;
-        }
-        Ok(model)
+        let share = ModelShare {
+            experts: self.model.expert_parallel().cloned(),
+            stages: self.model.pipeline().map(|pp| Arc::clone(&pp.group)),
+            tensors: self.model.tensor_parallel().map(|tp| Arc::clone(&tp.group)),
+        };
+        self.load_frozen(dir, share)
     }
 
     /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
@@ -179,13 +177,10 @@ impl<B: Backend> Session<B> {
                 (Some(group), Some(replicas))
             }
         };
-        let mut model = load(&b, &model_dir, expert_parallel)?;
-        if let Some(group) = pipeline {
-            model.split_stages(&b, group).map_err(|why| anyhow::anyhow!("`train.pp` = {}: {why}", t.pp))?;
-        }
-        if let Some(group) = tensor_group {
-            model.split_tensors(&b, group).map_err(|why| anyhow::anyhow!("`train.tp` = {}: {why}", t.tp))?;
-        }
+        let share = ModelShare { experts: expert_parallel, stages: pipeline, tensors: tensor_group };
+        let mut model = load(&b, &model_dir, share).with_context(|| {
+            format!("loading this rank's part of the model (`train.tp` = {}, `train.pp` = {})", t.tp, t.pp)
+        })?;
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
         model.set_matmul_precision(t.dtype.precision(&b));
         if comm.is_root() {

@@ -724,3 +724,73 @@ fn a_hanging_or_killed_rank_stops_the_job_naming_it_and_checkpoints_stay_whole()
     );
     assert_checkpoints_whole(&dir);
 }
+
+/// A Llama of 126M parameters (hidden 1024, 8 layers of 8 heads and MLP width 4096, the demo's
+/// tokenizer), random, stored in `dir`: 0.5 GB of f32 weights, 2 GB of training state with
+/// AdamW's moments and the gradients.
+fn large_model(dir: &Path) {
+    let base = Path::new(EXAMPLES).join("../demo/base");
+    std::fs::create_dir_all(dir).unwrap();
+    for file in ["tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(base.join(file), dir.join(file)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    for (key, value) in
+        [("hidden_size", 1024), ("intermediate_size", 4096), ("num_hidden_layers", 8), ("num_attention_heads", 8)]
+    {
+        config[key] = value.into();
+    }
+    config["num_key_value_heads"] = 4.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let b = kiln_core::Cpu;
+    let model = kiln_model::Model::random(&b, kiln_model::Config::load(dir).unwrap(), 7);
+    model.save_weights(&b, dir).unwrap();
+}
+
+/// `kiln sft` of `model` on `ranks` processes (one: without mpirun) under `layout`, each
+/// process limited to `limit_mb` of address space (`ulimit -v`).
+fn sft_limited(model: &Path, out: &Path, ranks: usize, layout: &str, limit_mb: usize) -> Output {
+    let kiln = env!("CARGO_BIN_EXE_kiln");
+    let mut cmd = Command::new(if ranks == 1 { "sh" } else { "mpirun" });
+    if ranks > 1 {
+        cmd.args(["--oversubscribe", "--allow-run-as-root", "-np", &ranks.to_string(), "sh"]);
+    }
+    cmd.args(["-c", &format!("ulimit -v {} && exec \"$0\" \"$@\"", limit_mb * 1024), kiln]);
+    cmd.args(["--threads", "1", "--comm-timeout", "120", "sft", &format!("{EXAMPLES}/sft.toml"), "--quiet"]);
+    for set in [
+        format!("model.path={:?}", model.display().to_string()),
+        format!("output.dir={:?}", out.display().to_string()),
+        "train.steps=2".into(),
+        "data.max_seq_len=32".into(),
+        "train.batch_tokens=64".into(),
+        "train.warmup_steps=0".into(),
+        "output.save_every=0".into(),
+    ] {
+        cmd.args(["--set", &set]);
+    }
+    if ranks > 1 {
+        cmd.args(["--layout", layout]);
+    }
+    cmd.env("OMPI_MCA_rmaps_base_oversubscribe", "1").output().expect("run kiln (is mpirun installed?)")
+}
+
+#[test]
+fn a_model_whose_training_state_exceeds_a_process_s_memory_limit_trains_under_tp2_pp2() {
+    let _serial = serial();
+    let root = scratch("memory-limit");
+    let model = root.join("model");
+    large_model(&model);
+    // 2 GB of training state; each process may address 1.5 GB. One process cannot hold it;
+    // under tp = 2 x pp = 2 each rank holds a quarter (0.5 GB) beside the ~0.45 GB an MPI
+    // rank addresses before any model (libraries, thread arenas, shared-memory transport).
+    let limit_mb = 1536;
+    let alone = sft_limited(&model, &root.join("one"), 1, "", limit_mb);
+    assert!(!alone.status.success(), "the whole training state fits the limit: the test proves nothing");
+    let split = sft_limited(&model, &root.join("split"), 4, "dp=1,tp=2,pp=2", limit_mb);
+    assert!(split.status.success(), "tp2 x pp2 under {limit_mb} MB: {}", String::from_utf8_lossy(&split.stderr));
+    let steps = steps(&root.join("split"));
+    assert_eq!(steps.len(), 2, "two steps");
+    assert!(steps.iter().all(|s| s["loss"].as_f64().is_some_and(f64::is_finite)), "{steps:?}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

@@ -762,7 +762,8 @@ fn sft_limited(model: &Path, out: &Path, ranks: usize, layout: &str, limit_mb: u
         format!("model.path={:?}", model.display().to_string()),
         format!("output.dir={:?}", out.display().to_string()),
         "train.steps=2".into(),
-        "data.max_seq_len=32".into(),
+        "data.max_seq_len=64".into(),
+        "data.length_policy=\"truncate\"".into(),
         "train.batch_tokens=64".into(),
         "train.warmup_steps=0".into(),
         "output.save_every=0".into(),
@@ -786,7 +787,9 @@ fn a_model_whose_training_state_exceeds_a_process_s_memory_limit_trains_under_tp
     // rank addresses before any model (libraries, thread arenas, shared-memory transport).
     let limit_mb = 1536;
     let alone = sft_limited(&model, &root.join("one"), 1, "", limit_mb);
+    let alone_err = String::from_utf8_lossy(&alone.stderr);
     assert!(!alone.status.success(), "the whole training state fits the limit: the test proves nothing");
+    assert!(alone_err.contains("memory allocation"), "one process failed, but not for memory: {alone_err}");
     let split = sft_limited(&model, &root.join("split"), 4, "dp=1,tp=2,pp=2", limit_mb);
     assert!(split.status.success(), "tp2 x pp2 under {limit_mb} MB: {}", String::from_utf8_lossy(&split.stderr));
     let steps = steps(&root.join("split"));

@@ -517,7 +517,13 @@ impl Config {
     /// Whether a stored tensor is read and written back unchanged: multi-token-prediction
     /// layers, and DeepSeek-V4's frozen token-to-expert tables (`ffn.gate.tid2eid`, int64).
     pub fn is_carried_tensor(&self, name: &str) -> bool {
-        self.is_mtp_tensor(name) || name.starts_with("mtp.") || name.ends_with(".ffn.gate.tid2eid")
+        self.is_mtp_tensor(name) || name.starts_with("mtp.") || Self::is_hash_table(name)
+    }
+
+    /// Whether a stored tensor is a DeepSeek-V4 hash layer's token-to-expert table: carried,
+    /// but also read by the forward.
+    pub fn is_hash_table(name: &str) -> bool {
+        name.ends_with(".ffn.gate.tid2eid")
     }
 
     /// Whether a stored tensor belongs to a multi-token-prediction layer (carried through).

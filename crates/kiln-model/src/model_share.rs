@@ -20,17 +20,22 @@ use std::sync::Arc;
 type Group<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
 
 /// The groups a rank shares the model with: its expert group (it holds that share of the
-/// routed experts), its pipeline (it holds its stage), its tensor group (it holds its blocks).
+/// routed experts), its pipeline (it holds its stage), its tensor group (it holds its blocks);
+/// and whether it keeps the tensors carried through unchanged (`Config::is_carried_tensor`:
+/// multi-token-prediction layers, as large as a layer) for the checkpoints it writes. Only the
+/// one rank that writes them need: the others read of them just DeepSeek-V4's hash tables,
+/// which the forward reads.
 pub struct ModelShare<B: Backend> {
     pub experts: Option<ExpertParallel<B>>,
     pub stages: Option<Group<B>>,
     pub tensors: Option<Group<B>>,
+    pub carries: bool,
 }
 
 impl<B: Backend> ModelShare<B> {
     /// The whole model.
     pub fn whole() -> Self {
-        Self { experts: None, stages: None, tensors: None }
+        Self { experts: None, stages: None, tensors: None, carries: true }
     }
 
     /// All but this rank's share `ep` of the routed experts.
@@ -119,7 +124,7 @@ impl<B: Backend> Model<B> {
         if new_score.is_some() {
             config.num_labels = Some(1);
         }
-        let ModelShare { experts: ep, stages, tensors } = share;
+        let ModelShare { experts: ep, stages, tensors, carries } = share;
         let refused = |why: String| Error::new(dir.join("config.json"), why);
         let (whole_layout, deepseek_names) = stored_layout(dir, &config, ep.as_ref())?;
         let (mut local_config, mut local_layout) = (config.clone(), whole_layout.clone());
@@ -146,7 +151,7 @@ impl<B: Backend> Model<B> {
         let score = whole_layout.score.as_ref().filter(|_| new_score.is_some()).map(|s| s.name.as_str());
         let reads = |i: usize| part.holds(i) && Some(whole_specs[i].name.as_str()) != score;
         let keep = |i, p, values| part.keep(i, p, values);
-        let passthrough = |name: &str| config.is_carried_tensor(name);
+        let passthrough = |name: &str| config.is_carried_tensor(name) && (carries || Config::is_hash_table(name));
         let pick = Pick { reads: &reads, keep: &keep };
         let spec = LoadSpec { layout: &whole_layout, passthrough: &passthrough, fp8_block: config.fp8_block, pick };
         let loaded = safetensors_io::load(dir, &spec)?;

@@ -164,7 +164,9 @@ pub fn load_file_set(
 /// A stored tensor as read: dtype, shape, values, the file it came from, and which of the
 /// layout's tensors (and of its stacked parts) it is.
 struct Found {
+    /// As stored; F32 once a quantized tensor is dequantized (`scaled`).
     dtype: Dtype,
+    scaled: bool,
     shape: Vec<usize>,
     data: Vec<f32>,
     file: PathBuf,
@@ -190,7 +192,9 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
         }
     }
     let mut found: HashMap<String, Found> = HashMap::new();
+    // Scales read before their weights.
     let mut scales: HashMap<String, Found> = HashMap::new();
+    let mut dequantized = 0;
     let mut passthrough = Vec::new();
     let mut embed_dtype = None;
     for path in files {
@@ -221,7 +225,11 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
                         Error::new(&path, format!("scale tensor `{name}` has dtype {dtype:?}; kiln reads F32, BF16, F16, F8_E8M0 and U8 scales"))
                     })?;
                     let (dtype, shape, file) = (info.dtype, info.shape.clone(), path.clone());
-                    scales.insert(weight, Found { dtype, shape, data, file, of: (index, None) });
+                    let scale = Found { dtype, shape, data, file, of: (index, None), scaled: false };
+                    match found.get_mut(&weight).filter(|t| quantized::is_quantized(t.dtype)) {
+                        Some(t) => dequantize(&weight, t, &scale, spec)?,
+                        None => _ = scales.insert(weight, scale),
+                    }
                 }
                 continue;
             };
@@ -246,17 +254,34 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
                     ),
                 )
             })?;
-            // Quantized tensors are kept whole until their scales apply.
-            let data = if quantized::is_quantized(info.dtype) { data } else { (spec.pick.keep)(index, part, data) };
-            found.insert(
-                name,
-                Found { dtype: info.dtype, shape: expected, data, file: path.clone(), of: (index, part) },
-            );
+            let quantized = quantized::is_quantized(info.dtype);
+            // A quantized tensor is held whole until its scales come (or are in hand).
+            let data = if quantized { data } else { (spec.pick.keep)(index, part, data) };
+            let mut t = Found {
+                dtype: info.dtype,
+                shape: expected,
+                data,
+                file: path.clone(),
+                of: (index, part),
+                scaled: false,
+            };
+            if let Some(scale) = scales.remove(&name).filter(|_| quantized) {
+                dequantize(&name, &mut t, &scale, spec)?;
+            }
+            found.insert(name, t);
         }
     }
-    let dequantized = dequantize(&mut found, &scales, spec.fp8_block)?;
-    for t in found.values_mut().filter(|t| quantized::is_quantized(t.dtype)) {
-        t.data = (spec.pick.keep)(t.of.0, t.of.1, std::mem::take(&mut t.data));
+    for (name, t) in &found {
+        if quantized::is_quantized(t.dtype) {
+            return Err(Error::new(
+                &t.file,
+                format!(
+                    "{:?} tensor `{name}` has no `{name}_scale_inv` (or `.scale`); kiln reads block-quantized checkpoints only",
+                    t.dtype
+                ),
+            ));
+        }
+        dequantized += usize::from(t.scaled);
     }
 
     let mut missing = Vec::new();
@@ -291,36 +316,27 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
     Ok(LoadedWeights { tensors, dtype, passthrough, dequantized })
 }
 
-/// Dequantizes every fp8 and packed-fp4 tensor with its scales (`quantized`); returns how
-/// many there were.
-fn dequantize(found: &mut HashMap<String, Found>, scales: &HashMap<String, Found>, block: [usize; 2]) -> Result<usize> {
-    let mut count = 0;
-    for (name, t) in found.iter_mut().filter(|(_, t)| quantized::is_quantized(t.dtype)) {
-        let Some(scale) = scales.get(name) else {
-            return Err(Error::new(
-                &t.file,
-                format!(
-                    "{:?} tensor `{name}` has no `{name}_scale_inv` (or `.scale`); kiln reads block-quantized checkpoints only",
-                    t.dtype
-                ),
-            ));
-        };
-        let [rows, cols] = t.shape[..] else {
-            return Err(Error::new(&t.file, format!("quantized tensor `{name}` is not a matrix ({:?})", t.shape)));
-        };
-        let Some(block) = quantized::block_of([rows, cols], &scale.shape, block) else {
-            return Err(Error::new(
-                &scale.file,
-                format!(
-                    "the scales of `{name}` have shape {:?}: neither {}x{} blocks (the config's) nor whole blocks of the {rows}x{cols} weight",
-                    scale.shape, block[0], block[1]
-                ),
-            ));
-        };
-        quantized::apply_scales(&mut t.data, cols, &scale.data, block);
-        count += 1;
-    }
-    Ok(count)
+/// Dequantizes the fp8 or packed-fp4 tensor `t` (stored as `name`) with its scales `scale`
+/// (`quantized`), as soon as both are read, and keeps what `spec.pick` keeps of it: a rank
+/// never holds more than one whole quantized tensor. `t` is f32 after.
+fn dequantize(name: &str, t: &mut Found, scale: &Found, spec: &LoadSpec) -> Result<()> {
+    let [rows, cols] = t.shape[..] else {
+        return Err(Error::new(&t.file, format!("quantized tensor `{name}` is not a matrix ({:?})", t.shape)));
+    };
+    let Some(block) = quantized::block_of([rows, cols], &scale.shape, spec.fp8_block) else {
+        let [r, c] = spec.fp8_block;
+        return Err(Error::new(
+            &scale.file,
+            format!(
+                "the scales of `{name}` have shape {:?}: neither {r}x{c} blocks (the config's) nor whole blocks of the {rows}x{cols} weight",
+                scale.shape
+            ),
+        ));
+    };
+    quantized::apply_scales(&mut t.data, cols, &scale.data, block);
+    t.data = (spec.pick.keep)(t.of.0, t.of.1, std::mem::take(&mut t.data));
+    (t.dtype, t.scaled) = (Dtype::F32, true);
+    Ok(())
 }
 
 /// Writes `tensors` (named by `layout`) and `passthrough` to the safetensors file `path`,

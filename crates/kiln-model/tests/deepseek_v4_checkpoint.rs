@@ -2,10 +2,11 @@
 //! out are transformers' (count and shapes), and a checkpoint comes back from a load and a save
 //! with every tensor's name, dtype, shape and bytes unchanged (tools/golden/deepseek_v4_*.py).
 
+use kiln_core::Cpu;
 use kiln_model::config::AttentionKind;
 use kiln_model::config_v4::V4Attention;
 use kiln_model::safetensors_io::{self, LoadSpec};
-use kiln_model::{weights, Config, StorageDtype};
+use kiln_model::{weights, Config, Model, ModelShare, StorageDtype};
 use std::path::PathBuf;
 
 fn fixtures() -> PathBuf {
@@ -107,6 +108,22 @@ fn checkpoint_round_trips_names_dtypes_and_bytes() {
     safetensors_io::save(&out, &layout, &loaded.tensors, loaded.dtype, &loaded.passthrough).unwrap();
     assert_same_tensors(&dir.join("model.safetensors"), &out);
     let _ = std::fs::remove_file(&out);
+}
+
+#[test]
+fn a_rank_that_writes_no_checkpoint_reads_of_the_carried_tensors_only_the_hash_tables() {
+    let dir = fixtures().join("deepseek_v4_checkpoint");
+    let carried = |carries| {
+        let share = ModelShare { carries, ..ModelShare::whole() };
+        // The load fails without the hash layer's table.
+        let model = Model::load_share(&Cpu, &dir, share, None).unwrap();
+        let mut names: Vec<String> = model.passthrough.iter().map(|t| t.name.clone()).collect();
+        names.sort_unstable();
+        names
+    };
+    let writer = ["model.layers.0.ffn.gate.tid2eid", "mtp.0.attn.wq_a.weight", "mtp.0.enorm.weight"];
+    assert_eq!(carried(true), writer);
+    assert_eq!(carried(false), ["model.layers.0.ffn.gate.tid2eid"], "the multi-token-prediction layer is read");
 }
 
 /// The safetensors files `original` and `saved` hold the same tensors: names, dtypes, shapes

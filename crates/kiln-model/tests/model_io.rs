@@ -163,6 +163,31 @@ fn dequantized_like_torch(case: &str, least: usize) -> Model<Cpu> {
     model
 }
 
+/// A weight's scales may come before it (a shard read earlier) or after it: each quantized
+/// tensor is dequantized as soon as both are in hand, with the same values either way.
+#[test]
+fn fp8_scales_in_an_earlier_shard_than_their_weights_dequantize_alike() {
+    let src = fixture("deepseek_v3_fp8");
+    let dir = scratch_dir("fp8-scales-first");
+    copy_config(&src, &dir);
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (scales, weights): (Vec<_>, Vec<_>) = st.tensors().into_iter().partition(|(n, _)| n.contains("scale"));
+    assert!(scales.len() >= 10, "{} scale tensors", scales.len());
+    let mut map = serde_json::Map::new();
+    for (file, tensors) in [("model-00001-of-00002.safetensors", scales), ("model-00002-of-00002.safetensors", weights)]
+    {
+        for (name, _) in &tensors {
+            map.insert(name.clone(), file.into());
+        }
+        safetensors::serialize_to_file(tensors, None, &dir.join(file)).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": { "total_size": bytes.len() }, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let (sharded, whole) = (Model::load(&Cpu, &dir).unwrap(), Model::load(&Cpu, &src).unwrap());
+    assert!(params(&sharded) == params(&whole), "scales read first dequantize otherwise");
+}
+
 #[test]
 fn fp8_weight_without_scale_is_refused() {
     let err = load_without("deepseek_v3_fp8", "model.layers.0.self_attn.o_proj.weight_scale_inv");

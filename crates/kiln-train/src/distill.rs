@@ -135,7 +135,8 @@ pub fn run<B: Backend>(
 ) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
     let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
-    let teacher = s.load_frozen(&d.teacher, ModelShare::whole())?;
+    // The teacher is never written: it carries no multi-token-prediction layers.
+    let teacher = s.load_frozen(&d.teacher, ModelShare { carries: false, ..ModelShare::whole() })?;
     if teacher.config.vocab_size != s.model.config.vocab_size {
         bail!(
             "{}: the teacher's vocab_size {} differs from the student's {}; distillation needs the same tokenizer",

@@ -464,7 +464,7 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
 fn tensor_and_pipeline_parallel_split_deepseek_v3_with_expert_parallel() {
     let _serial = serial();
     let base = scratch("tp-ep-base");
-    common::deepseek_base_with_heads(&base, 4);
+    let mtp = common::deepseek_base_with_heads(&base, 4);
     let model = format!("model.path={:?}", base.display().to_string());
     let one = scratch("tp-ep-1");
     run_ok(1, 4, &one, &["--set", &model]);
@@ -480,6 +480,10 @@ fn tensor_and_pipeline_parallel_split_deepseek_v3_with_expert_parallel() {
             .output()
             .unwrap();
         assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+        // Only rank 0 read the multi-token-prediction tensor; it wrote it as it was.
+        let bytes = std::fs::read(exported.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor(common::MTP_TENSOR).unwrap().data(), &mtp[..], "{layout}: MTP tensor changed");
         let (a, b) = (
             tensors(&one.join("checkpoints/step-00000006/model.safetensors")),
             tensors(&exported.join("model.safetensors")),

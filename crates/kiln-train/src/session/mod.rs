@@ -136,6 +136,7 @@ impl<B: Backend> Session<B> {
             experts: self.model.expert_parallel().cloned(),
             stages: self.model.pipeline().map(|pp| Arc::clone(&pp.group)),
             tensors: self.model.tensor_parallel().map(|tp| Arc::clone(&tp.group)),
+            carries: false,
         };
         self.load_frozen(dir, share)
     }
@@ -177,7 +178,11 @@ impl<B: Backend> Session<B> {
                 (Some(group), Some(replicas))
             }
         };
-        let share = ModelShare { experts: expert_parallel, stages: pipeline, tensors: tensor_group };
+        // The carried tensors are written by the first rank of the data, tensor and pipeline
+        // groups alone (`Session::write_part`).
+        let first = |group: Option<&Ranks<B>>| group.is_none_or(|g| g.rank() == 0);
+        let carries = data.rank() == 0 && first(tensor_group.as_ref()) && first(pipeline.as_ref());
+        let share = ModelShare { experts: expert_parallel, stages: pipeline, tensors: tensor_group, carries };
         let mut model = load(&b, &model_dir, share).with_context(|| {
             format!("loading this rank's part of the model (`train.tp` = {}, `train.pp` = {})", t.tp, t.pp)
         })?;

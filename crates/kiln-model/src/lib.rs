@@ -45,6 +45,7 @@ pub use layers::expert_parallel::ExpertParallel;
 pub use model::Model;
 pub use model_share::{ModelShare, RankPart};
 pub use pipeline::Pipeline;
+pub use pipeline_schedule::ChunkOrder;
 pub use safetensors_io::StorageDtype;
 pub use tensor_parallel::TensorParallel;
 pub use weights::{TensorSpec, Weights};

@@ -23,6 +23,7 @@ use crate::model_pipeline::PipelineLoss;
 use crate::model_share::{ModelShare, RankPart};
 use crate::param_shards::{ParamShards, SpaceRanks};
 use crate::pipeline::Pipeline;
+use crate::pipeline_schedule::{ChunkOrder, Op};
 use crate::safetensors_io::{self, RawTensor, StorageDtype};
 use crate::tensor_parallel::TensorParallel;
 use crate::v4_cache::V4Step;
@@ -924,13 +925,24 @@ impl<B: Backend> Model<B> {
     /// parallel; with the forward repeated under `recompute`), and every layer's and the outer
     /// gradients handed over (empty but for those experts), as a backward hands them.
     /// Under pipeline parallel a training pass is a forward and a backward per chunk, and so is
-    /// an idle one: its forwards first (the order of `pipelined` under ZeRO-3, whose gathers
-    /// are collective), then its backwards (whose reductions come in chunk order either way).
-    pub fn idle_pass(&mut self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool) {
-        let chunks = self.pipeline.as_ref().map_or(1, |pp| pp.chunks);
-        let served: Vec<_> = (0..chunks).map(|_| self.idle_chunk_forward(b)).collect();
-        for served in served {
-            self.idle_chunk_backward(b, grads, recompute, served);
+    /// an idle one, its chunks in `order`: the order of the passes the stage's data-parallel
+    /// peers run, whose gathers and exchanges are collective.
+    pub fn idle_pass(&mut self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool, order: ChunkOrder) {
+        let ops = match &self.pipeline {
+            Some(pp) => order.ops(pp.stage(), pp.group.size(), pp.chunks),
+            None => ChunkOrder::Unchunked.ops(0, 1, 1),
+        };
+        let chunks = ops.iter().filter(|op| matches!(op, Op::Forward(_))).count();
+        let mut served: Vec<Option<Vec<Option<moe::Served<B>>>>> = (0..chunks).map(|_| None).collect();
+        for op in ops {
+            match op {
+                Op::Forward(c) => served[c] = Some(self.idle_chunk_forward(b)),
+                Op::Backward(c) => {
+                    let chunk = served[c].take().expect("a chunk's forward before its backward");
+                    self.idle_chunk_backward(b, grads, recompute, chunk);
+                }
+                _ => {}
+            }
         }
     }
 

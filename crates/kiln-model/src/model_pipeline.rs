@@ -8,7 +8,7 @@ use crate::batch::Batch;
 use crate::grad_sink::GradSink;
 use crate::model::{Model, WeightsOf};
 use crate::pipeline::Pipeline;
-use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, one_forward_one_backward, Op};
+use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, ChunkOrder, Op};
 use kiln_core::Backend;
 use std::ops::Range;
 
@@ -19,6 +19,17 @@ pub(crate) enum PipelineLoss<'a> {
     /// `Σ weight·KL(p‖q)` against the teacher's logits (`[tokens, vocab]`, `pipelined`'s
     /// `teacher`).
     Kl,
+}
+
+impl PipelineLoss<'_> {
+    /// The order of a pass's chunks: every forward first where the weights are still to be
+    /// chosen, else 1F1B.
+    fn order(&self) -> ChunkOrder {
+        match self {
+            Self::Nll(Some(_)) => ChunkOrder::ForwardsFirst,
+            Self::Nll(None) | Self::Kl => ChunkOrder::Interleaved,
+        }
+    }
 }
 
 impl<B: Backend> Model<B> {
@@ -76,13 +87,11 @@ impl<B: Backend> Model<B> {
         let rows: Vec<Range<usize>> = (0..count).map(|c| kiln_dist::shard(batch.rows, c, count)).collect();
         let chunk_rows = rows[0].len().max(1);
         let chunks: Vec<Batch> = rows.iter().map(|r| batch.rows_padded(r.clone(), chunk_rows)).collect();
-        // GPipe where the loss's weights need every chunk's forward, and under ZeRO-3 and expert
-        // parallel, whose gathers and exchanges are collectives of the data-parallel peers:
-        // they then come in the order of an idle pass (`Model::idle_pass`) whatever the stage.
-        let peers_in_step = self.params_sharded() || self.expert_parallel.is_some();
-        let (first_ops, then_ops) = match (&loss, peers_in_step) {
-            (PipelineLoss::Nll(Some(_)), _) | (_, true) => forwards_then_backwards(stage, stages, chunks.len()),
-            _ => (one_forward_one_backward(stage, stages, chunks.len()), Vec::new()),
+        // GPipe where the loss's weights need every chunk's forward, else 1F1B; an idle pass of
+        // a data-parallel peer (`Model::idle_pass`) runs the same order.
+        let [first_ops, then_ops] = match loss.order() {
+            ChunkOrder::ForwardsFirst => forwards_then_backwards(stage, stages, chunks.len()),
+            order => [order.ops(stage, stages, chunks.len()), Vec::new()],
         };
         let slots = chunks_in_flight(&[&first_ops[..], &then_ops[..]].concat());
         let mut held = std::mem::take(&mut self.chunk_acts);

@@ -17,6 +17,33 @@
 //! `forwards_then_backwards` (GPipe) runs every forward first: for losses whose gradient needs
 //! every chunk's forward (DPO's weights from whole-sequence log-probs).
 
+/// How a training pass runs on a stage (`ChunkOrder::ops`). Under ZeRO-3 and expert parallel
+/// the gathers and expert exchanges of every forward and backward are collectives of a stage's
+/// data-parallel peers, so an idle pass (`Model::idle_pass`) follows the order of the passes
+/// its peers run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkOrder {
+    /// 1F1B (`one_forward_one_backward`): losses weighted by the batch.
+    Interleaved,
+    /// GPipe (`forwards_then_backwards`): losses whose token weights are chosen from every
+    /// token's nll after the forwards (`Model::forward_backward_with`).
+    ForwardsFirst,
+    /// The whole batch as one chunk through the stages in turn (`Model::forward_hidden` and
+    /// `backward_hidden`: reward models).
+    Unchunked,
+}
+
+impl ChunkOrder {
+    /// This order's schedule for stage `stage` of `stages` over `chunks` chunks.
+    pub fn ops(self, stage: usize, stages: usize, chunks: usize) -> Vec<Op> {
+        match self {
+            Self::Interleaved => one_forward_one_backward(stage, stages, chunks),
+            Self::ForwardsFirst => forwards_then_backwards(stage, stages, chunks).concat(),
+            Self::Unchunked => forwards_then_backwards(stage, stages, 1).concat(),
+        }
+    }
+}
+
 /// One step of a stage's schedule; the numbers are chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -80,7 +107,7 @@ pub fn one_forward_one_backward(stage: usize, stages: usize, chunks: usize) -> V
 
 /// GPipe for stage `stage` of `stages` over `chunks` chunks: every forward, then every
 /// backward (the two returned apart, for what runs between them).
-pub fn forwards_then_backwards(stage: usize, stages: usize, chunks: usize) -> (Vec<Op>, Vec<Op>) {
+pub fn forwards_then_backwards(stage: usize, stages: usize, chunks: usize) -> [Vec<Op>; 2] {
     let (first, last) = (stage == 0, stage + 1 == stages);
     let (mut forwards, mut backwards) = (Vec::new(), Vec::new());
     for c in 0..chunks {
@@ -97,7 +124,7 @@ pub fn forwards_then_backwards(stage: usize, stages: usize, chunks: usize) -> (V
             backwards.push(Op::SendBackward(c));
         }
     }
-    (forwards, backwards)
+    [forwards, backwards]
 }
 
 /// The most chunks whose activations a stage holds at once under `ops`.
@@ -206,13 +233,8 @@ mod tests {
     fn neighbours_meet_in_every_hand_over_and_every_chunk_runs() {
         for stages in 1..6 {
             for chunks in 1..9 {
-                let ops: Vec<Vec<Op>> = (0..stages).map(|s| one_forward_one_backward(s, stages, chunks)).collect();
-                let gpipe: Vec<Vec<Op>> = (0..stages)
-                    .map(|s| {
-                        let (f, b) = forwards_then_backwards(s, stages, chunks);
-                        [f, b].concat()
-                    })
-                    .collect();
+                let of = |order: ChunkOrder| (0..stages).map(|s| order.ops(s, stages, chunks)).collect::<Vec<_>>();
+                let (ops, gpipe) = (of(ChunkOrder::Interleaved), of(ChunkOrder::ForwardsFirst));
                 for schedule in [&ops, &gpipe] {
                     for s in 0..stages {
                         assert_runs_every_chunk(&schedule[s], s, stages, chunks);

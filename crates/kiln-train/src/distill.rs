@@ -22,7 +22,7 @@ use kiln_data::prompts::{read_prompts, PromptRow};
 use kiln_model::generator::FinishReason;
 use kiln_model::sampler::SamplingParams;
 use kiln_model::ModelShare;
-use kiln_model::{ActivationsPool, Batch, Model};
+use kiln_model::{ActivationsPool, Batch, ChunkOrder, Model};
 use serde_json::{json, Value};
 
 /// Mean reverse KL (per completion token) of a step.
@@ -83,6 +83,14 @@ impl<B: Backend> Recipe<B> for Distill<B> {
             tokens: self.tokens as u64,
             describe: format!("step {step} prompts"),
         })
+    }
+
+    /// The sampled estimator's weights come from the student's log-probs: every forward first.
+    fn chunk_order(&self) -> ChunkOrder {
+        match self.d.estimator == "sampled" {
+            true => ChunkOrder::ForwardsFirst,
+            false => ChunkOrder::Interleaved,
+        }
     }
 
     fn micro_step(&mut self, s: &mut Session<B>, &k: &usize, _: &mut ()) -> Result<f64> {

@@ -17,7 +17,7 @@ use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdat
 use crate::trainer::{train, Recipe, StepPlan, Tally};
 use anyhow::{bail, Result};
 use kiln_core::Backend;
-use kiln_model::ActivationsPool;
+use kiln_model::{ActivationsPool, ChunkOrder};
 use serde_json::{json, Value};
 
 /// Means over pairs of the loss and the rewards of the first listed loss.
@@ -235,6 +235,11 @@ impl<B: Backend> Recipe<B> for Dpo<B> {
         // Static weights (1 / trainable tokens of the step) only weight MoE balance terms.
         self.weight = plan.token_weight();
         Ok(plan)
+    }
+
+    /// The pair's weights come from both sequences' log-probs: every forward first.
+    fn chunk_order(&self) -> ChunkOrder {
+        ChunkOrder::ForwardsFirst
     }
 
     fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, tally: &mut PairStats) -> Result<f64> {

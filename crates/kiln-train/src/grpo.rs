@@ -26,7 +26,7 @@ use kiln_data::prompts::{read_prompts, PromptRow};
 use kiln_data::Tokenizer;
 use kiln_model::generator::{training_logprobs, FinishReason};
 use kiln_model::sampler::SamplingParams;
-use kiln_model::{ActivationsPool, CompletionRows, Model};
+use kiln_model::{ActivationsPool, ChunkOrder, CompletionRows, Model};
 use serde_json::{json, Value};
 use std::time::Instant;
 
@@ -285,6 +285,11 @@ impl<B: Backend> Recipe<B> for Grpo<B> {
             tokens: r.tokens as u64,
             describe: r.describe.clone(),
         })
+    }
+
+    /// The weights come from each token's ratio to the rollout's log-prob: every forward first.
+    fn chunk_order(&self) -> ChunkOrder {
+        ChunkOrder::ForwardsFirst
     }
 
     fn micro_step(&mut self, s: &mut Session<B>, &k: &usize, tally: &mut PolicyTally) -> Result<f64> {

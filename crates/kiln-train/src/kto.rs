@@ -26,7 +26,7 @@ use kiln_core::Backend;
 use kiln_data::example::Encoder;
 use kiln_data::packing::best_fit_decreasing;
 use kiln_data::unpaired::{read_unpaired_rows, LabeledCompletion};
-use kiln_model::ActivationsPool;
+use kiln_model::{ActivationsPool, ChunkOrder};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
@@ -241,6 +241,11 @@ impl<B: Backend> Recipe<B> for Kto<B> {
         let (plan, step) = StepPlan::from_order(s, &self.order, &self.train.matched.examples);
         (self.step_micro_batches, self.weight) = (step.len(), plan.token_weight());
         Ok(plan)
+    }
+
+    /// The weights come from each sequence's log-prob: every forward first.
+    fn chunk_order(&self) -> ChunkOrder {
+        ChunkOrder::ForwardsFirst
     }
 
     fn forwards_per_micro_step(&self) -> usize {

@@ -19,7 +19,7 @@ use anyhow::Result;
 use kiln_core::Backend;
 use kiln_data::example::Example;
 use kiln_model::score_head::reward_config_json;
-use kiln_model::{Activations, Model};
+use kiln_model::{Activations, ChunkOrder, Model};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -117,6 +117,11 @@ impl<B: Backend> Recipe<B> for Rm<B> {
         self.pairs = step.iter().map(|&i| self.order.micro_batches[i].concat().len()).sum::<usize>() / 2;
         self.weight = plan.token_weight();
         Ok(plan)
+    }
+
+    /// A reward model's pass runs the whole micro-batch through the stages in turn.
+    fn chunk_order(&self) -> ChunkOrder {
+        ChunkOrder::Unchunked
     }
 
     fn micro_step(&mut self, s: &mut Session<B>, &i: &usize, tally: &mut RmStats) -> Result<f64> {

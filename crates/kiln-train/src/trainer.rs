@@ -10,6 +10,7 @@ use crate::session::{merge, with_step, RunSummary, Session, StepUpdate};
 use anyhow::Result;
 use kiln_core::Backend;
 use kiln_data::example::Example;
+use kiln_model::ChunkOrder;
 use serde_json::Value;
 
 /// Sums a recipe keeps over a step's micro-batches, added up over the ranks.
@@ -77,6 +78,11 @@ pub trait Recipe<B: Backend> {
     fn forwards_per_micro_step(&self) -> usize {
         0
     }
+    /// The order of a training pass's chunks under pipeline parallel, which idle passes
+    /// mirror: 1F1B unless the loss's token weights are chosen after the forwards.
+    fn chunk_order(&self) -> ChunkOrder {
+        ChunkOrder::Interleaved
+    }
     /// Forward and backward of one micro-batch, gradients into `s.dp`; adds into `tally` and
     /// returns this micro-batch's share of the step's loss.
     fn micro_step(&mut self, s: &mut Session<B>, micro: &Self::Micro, tally: &mut Self::Tally) -> Result<f64>;
@@ -119,7 +125,7 @@ pub fn train<B: Backend, R: Recipe<B>>(
         for micro in &plan.micro_batches {
             loss += recipe.micro_step(s, micro, &mut tally)?;
         }
-        s.idle_passes_run(idle, recipe.forwards_per_micro_step());
+        s.idle_passes_run(idle, recipe.forwards_per_micro_step(), recipe.chunk_order());
         sum_over_ranks(s, &mut tally)?;
         let update = s.update(loss, schedule, || plan.describe.clone())?;
         let stats = recipe.stats(&tally, &update);

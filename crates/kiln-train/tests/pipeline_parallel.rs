@@ -167,8 +167,9 @@ fn deepseek_v3_cuts_into_stages_alone_and_with_expert_and_tensor_parallel() {
     let reference = series(&one, "loss");
     let held = |dir: &Path, key: &str| steps(dir)[0][key].as_f64().unwrap();
     // 3 layers: a dense one and a MoE one on stage 0, a MoE one on stage 1. Expert parallel's
-    // exchanges are collectives of a stage's data-parallel peers, so its passes run their chunks'
-    // forwards first and every pass has the same chunks.
+    // exchanges are collectives of a stage's data-parallel peers, so every pass has the same
+    // chunks, on 1F1B; at the epoch's end (step 3: 1 of 9 micro-batches) one data-parallel
+    // rank runs an idle pass in the same order.
     for (ranks, layout) in [
         (2, "pp=2"),
         (2, "pp=2,recompute=full"),
@@ -218,11 +219,21 @@ fn deepseek_v3_cuts_into_stages_alone_and_with_expert_and_tensor_parallel() {
     // stages and the data-parallel ranks.
     assert_same_curve(&series(&a, "moe_aux_loss"), &series(&b, "moe_aux_loss"), 1e-5, "the balance loss, pp2 x ep2");
     assert_eq!(steps(&a)[1]["expert_load"], steps(&b)[1]["expert_load"], "expert loads, pp2 x ep2");
-    // DPO and GRPO (generation through the stages, each stage's experts exchanged).
+    // DPO (every forward first), GRPO (generation through the stages, each stage's experts
+    // exchanged) and reward modelling (a micro-batch as one chunk). DPO and the reward model
+    // train on 3 pairs, a pair per micro-batch: on every other step one data-parallel rank runs
+    // an idle pass in their order.
     let layout = "train.layout=\"dp=2,pp=2,ep=2\"";
+    let pairs = scratch("pp-v3-3-pairs.jsonl");
+    let all = std::fs::read_to_string(format!("{EXAMPLES}/preference_train.jsonl")).unwrap();
+    let rows: Vec<&str> = all.lines().take(3).collect();
+    std::fs::write(&pairs, rows.join("\n")).unwrap();
+    let pairs = format!("data.train={:?}", pairs.display().to_string());
+    let (pairs, pair_rows) = (pairs.as_str(), "train.batch_tokens=256");
     for (recipe, one, four) in [
-        ("dpo", vec!["train.grad_accum=2"], vec!["train.grad_accum=1", layout]),
+        ("dpo", vec!["train.grad_accum=2", pairs, pair_rows], vec!["train.grad_accum=1", pairs, pair_rows, layout]),
         ("grpo", vec!["grpo.beta=0.04"], vec!["grpo.beta=0.04", layout]),
+        ("rm", vec!["train.grad_accum=2", pairs, pair_rows], vec!["train.grad_accum=1", pairs, pair_rows, layout]),
     ] {
         let one = [&[model.as_str(), "train.steps=4"], &one[..]].concat();
         let four = [&[model.as_str(), "train.steps=4"], &four[..]].concat();

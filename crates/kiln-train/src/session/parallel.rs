@@ -7,7 +7,7 @@ use crate::data_parallel::Ranks;
 use anyhow::{bail, Result};
 use kiln_core::Backend;
 use kiln_dist::Comm;
-use kiln_model::{Config, ExpertParallel};
+use kiln_model::{ChunkOrder, Config, ExpertParallel};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -60,13 +60,14 @@ impl<B: Backend> Session<B> {
     }
 
     /// Runs `n` idle passes (see `idle_backwards_needed`), each with `forwards` forward-only
-    /// passes before its own: this rank's experts serve the others' rows, it gathers ZeRO-3's
-    /// weights, and it joins ZeRO-2/3's reductions with nothing to add.
-    pub fn idle_passes_run(&mut self, n: usize, forwards: usize) {
+    /// passes before its own, its chunks in `order` (under pipeline parallel): this rank's
+    /// experts serve the others' rows, it gathers ZeRO-3's weights, and it joins ZeRO-2/3's
+    /// reductions with nothing to add.
+    pub fn idle_passes_run(&mut self, n: usize, forwards: usize, order: ChunkOrder) {
         let b = &self.b;
         for _ in 0..n {
             (0..forwards).for_each(|_| self.model.idle_forward(b));
-            self.model.idle_pass(b, &mut self.dp, self.train.recompute);
+            self.model.idle_pass(b, &mut self.dp, self.train.recompute, order);
         }
     }
 

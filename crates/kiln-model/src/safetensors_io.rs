@@ -164,9 +164,8 @@ pub fn load_file_set(
 /// A stored tensor as read: dtype, shape, values, the file it came from, and which of the
 /// layout's tensors (and of its stacked parts) it is.
 struct Found {
-    /// As stored; F32 once a quantized tensor is dequantized (`scaled`).
+    /// As stored; F32 once a quantized tensor is dequantized.
     dtype: Dtype,
-    scaled: bool,
     shape: Vec<usize>,
     data: Vec<f32>,
     file: PathBuf,
@@ -225,9 +224,12 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
                         Error::new(&path, format!("scale tensor `{name}` has dtype {dtype:?}; kiln reads F32, BF16, F16, F8_E8M0 and U8 scales"))
                     })?;
                     let (dtype, shape, file) = (info.dtype, info.shape.clone(), path.clone());
-                    let scale = Found { dtype, shape, data, file, of: (index, None), scaled: false };
+                    let scale = Found { dtype, shape, data, file, of: (index, None) };
                     match found.get_mut(&weight).filter(|t| quantized::is_quantized(t.dtype)) {
-                        Some(t) => dequantize(&weight, t, &scale, spec)?,
+                        Some(t) => {
+                            dequantize(&weight, t, &scale, spec)?;
+                            dequantized += 1;
+                        }
                         None => _ = scales.insert(weight, scale),
                     }
                 }
@@ -257,31 +259,22 @@ fn load_files(source: &Path, files: impl Iterator<Item = PathBuf>, spec: &LoadSp
             let quantized = quantized::is_quantized(info.dtype);
             // A quantized tensor is held whole until its scales come (or are in hand).
             let data = if quantized { data } else { (spec.pick.keep)(index, part, data) };
-            let mut t = Found {
-                dtype: info.dtype,
-                shape: expected,
-                data,
-                file: path.clone(),
-                of: (index, part),
-                scaled: false,
-            };
+            let mut t = Found { dtype: info.dtype, shape: expected, data, file: path.clone(), of: (index, part) };
             if let Some(scale) = scales.remove(&name).filter(|_| quantized) {
                 dequantize(&name, &mut t, &scale, spec)?;
+                dequantized += 1;
             }
             found.insert(name, t);
         }
     }
-    for (name, t) in &found {
-        if quantized::is_quantized(t.dtype) {
-            return Err(Error::new(
-                &t.file,
-                format!(
-                    "{:?} tensor `{name}` has no `{name}_scale_inv` (or `.scale`); kiln reads block-quantized checkpoints only",
-                    t.dtype
-                ),
-            ));
-        }
-        dequantized += usize::from(t.scaled);
+    if let Some((name, t)) = found.iter().find(|(_, t)| quantized::is_quantized(t.dtype)) {
+        return Err(Error::new(
+            &t.file,
+            format!(
+                "{:?} tensor `{name}` has no `{name}_scale_inv` (or `.scale`); kiln reads block-quantized checkpoints only",
+                t.dtype
+            ),
+        ));
     }
 
     let mut missing = Vec::new();
@@ -335,7 +328,7 @@ fn dequantize(name: &str, t: &mut Found, scale: &Found, spec: &LoadSpec) -> Resu
     };
     quantized::apply_scales(&mut t.data, cols, &scale.data, block);
     t.data = (spec.pick.keep)(t.of.0, t.of.1, std::mem::take(&mut t.data));
-    (t.dtype, t.scaled) = (Dtype::F32, true);
+    t.dtype = Dtype::F32;
     Ok(())
 }
 

@@ -75,9 +75,10 @@ impl<B: Backend> Session<B> {
         if expert >= expert_ranks {
             return Ok(());
         }
-        let first = |group: Option<&crate::data_parallel::Ranks<B>>| group.is_none_or(|g| g.rank() == 0);
-        let keep =
-            first(self.model.tensor_parallel().map(|tp| &tp.group)) && first(self.model.pipeline().map(|pp| &pp.group));
+        let keep = super::parallel::writes_whole_tensors::<B>(
+            self.model.tensor_parallel().map(|tp| &tp.group),
+            self.model.pipeline().map(|pp| &pp.group),
+        );
         let moments = (!self.dp.sharded).then(|| checkpoint::replicated_moments(b, &self.dp, &self.model.flat));
         checkpoint::write_model_part(b, tmp, &self.model, moments.as_ref(), keep, (expert, expert_ranks))
     }

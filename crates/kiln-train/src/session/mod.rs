@@ -178,10 +178,8 @@ impl<B: Backend> Session<B> {
                 (Some(group), Some(replicas))
             }
         };
-        // The carried tensors are written by the first rank of the data, tensor and pipeline
-        // groups alone (`Session::write_part`).
-        let first = |group: Option<&Ranks<B>>| group.is_none_or(|g| g.rank() == 0);
-        let carries = data.rank() == 0 && first(tensor_group.as_ref()) && first(pipeline.as_ref());
+        // The carried tensors are written by data rank 0 alone (`Session::write_part`).
+        let carries = data.rank() == 0 && parallel::writes_whole_tensors::<B>(tensor_group.as_ref(), pipeline.as_ref());
         let share = ModelShare { experts: expert_parallel, stages: pipeline, tensors: tensor_group, carries };
         let mut model = load(&b, &model_dir, share).with_context(|| {
             format!("loading this rank's part of the model (`train.tp` = {}, `train.pp` = {})", t.tp, t.pp)

@@ -156,6 +156,12 @@ pub(super) fn expert_groups<B: Backend>(
     Ok((ExpertParallel { group }, replicas))
 }
 
+/// Whether a rank in `tensor` and `pipeline` (either may be absent) is the one of them that
+/// writes the whole model's tensors, assembled from the groups: the first of both.
+pub(super) fn writes_whole_tensors<B: Backend>(tensor: Option<&Ranks<B>>, pipeline: Option<&Ranks<B>>) -> bool {
+    [tensor, pipeline].into_iter().flatten().all(|g| g.rank() == 0)
+}
+
 /// The groups of a run's layout, of the ranks `comm` laid out as `[pp][dp][tp]` (tensor
 /// parallel fastest, pipeline stages slowest, as Megatron-LM lays them out).
 pub(super) struct LayoutGroups<B: Backend> {

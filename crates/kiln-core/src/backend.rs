@@ -532,9 +532,10 @@ pub trait Backend: Send + Sync {
     fn row_dot(&self, out: &mut Self::Slice, a: &Self::Slice, b: &Self::Slice);
 
     // ---- embedding ----------------------------------------------------------------------
-    /// `out[t, :] = table[ids[t], :]`, rows of width `dim`.
+    /// `out[t, :] = table[ids[t], :]`, rows of width `dim`; a negative id gives a row of zeros
+    /// (a token whose row another rank holds, under vocabulary parallel).
     fn embedding_forward(&self, out: &mut Self::Slice, table: &Self::Slice, ids: &Self::Index, dim: usize);
-    /// `dtable[ids[t], :] += dout[t, :]` (accumulate).
+    /// `dtable[ids[t], :] += dout[t, :]` (accumulate); a negative id adds nothing.
     fn embedding_backward(&self, dtable: &mut Self::Slice, dout: &Self::Slice, ids: &Self::Index, dim: usize);
     /// `dst[rows[t], :] = src[t, :]` for rows of width `dim`; a negative row skips `t`
     /// (writes a batch's keys and values into a cache). `dst` stores its values in `storage`
@@ -772,6 +773,59 @@ pub trait Backend: Send + Sync {
         logits: &mut Self::Slice,
         kl: &mut Self::Slice,
         teacher: &Self::Slice,
+        weights: &Self::Slice,
+        vocab: usize,
+    );
+
+    /// Statistics of each row of `logits`, a block of `vocab` columns of a wider row whose
+    /// first column is the vocabulary's `first` (vocabulary parallel: one rank's block):
+    /// `stats[r] = (max_j z_j, log Σ_j exp(z_j − max), z_t)`, with `z_t` the logit of the
+    /// row's target `t` where `first ≤ t < first + vocab`, else 0. Every row's first two are
+    /// written whatever its target.
+    fn vocab_block_stats(
+        &self,
+        stats: &mut Self::Slice,
+        logits: &Self::Slice,
+        targets: &Self::Index,
+        vocab: usize,
+        first: usize,
+    );
+    /// Backward of `loss = Σ_t weight[t] · nll[t]` over a block of the vocabulary as in
+    /// `vocab_block_stats`, given each whole row's `lse = lse[r, 0] + lse[r, 1]` (a sum of two,
+    /// so that f32 carries it to f64's precision): overwrites `logits` with `weight[t] ·
+    /// (exp(z_j − lse) − [first + j = t])`, and a row with a negative target with zeros.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_block_backward(
+        &self,
+        logits: &mut Self::Slice,
+        lse: &Self::Slice,
+        targets: &Self::Index,
+        weights: &Self::Slice,
+        vocab: usize,
+        first: usize,
+    );
+    /// The part of `reverse_kl_backward`'s KL that a block of the vocabulary holds: `kl[t] =
+    /// Σ_v p(v) (log p(v) − log q(v))` over the block's `vocab` columns, with `log p = z −
+    /// lse_z`, `log q = y − lse_y` and the whole rows' `lse[t] = (lse_z as two, lse_y as two)`
+    /// (see `cross_entropy_block_backward`); sums in f64.
+    fn reverse_kl_block_forward(
+        &self,
+        kl: &mut Self::Slice,
+        logits: &Self::Slice,
+        teacher: &Self::Slice,
+        lse: &Self::Slice,
+        vocab: usize,
+    );
+    /// Backward of `loss = Σ_t weight[t] · KL_t` over a block of the vocabulary, given the
+    /// whole rows' `lse` (as in `reverse_kl_block_forward`) and `kl`: overwrites `logits` with
+    /// `weight[t] · p(v) (log p(v) − log q(v) − kl[t])`.
+    #[allow(clippy::too_many_arguments)]
+    fn reverse_kl_block_backward(
+        &self,
+        logits: &mut Self::Slice,
+        teacher: &Self::Slice,
+        lse: &Self::Slice,
+        kl: &Self::Slice,
         weights: &Self::Slice,
         vocab: usize,
     );

@@ -39,7 +39,7 @@ macro_rules! conformance_tests {
     (@checks $when:ident $backend:expr) => {
         $crate::conformance_tests!(@tests $when $backend;
             matmul, frozen_weights, grouped_matmul, elementwise, copy_columns, scatter_rows, embedding, rmsnorm, add_rmsnorm, rope_half_split,
-            rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_sinks, sparse_attention, pooling, indexer, attention_decode, swiglu, cross_entropy, reverse_kl,
+            rope_interleaved, attention_forward, attention_backward, attention_bf16, attention_sinks, sparse_attention, pooling, indexer, attention_decode, swiglu, cross_entropy, reverse_kl, vocab_blocks,
             moe_route, moe_dispatch, hyper_connection, adamw, slices);
     };
     (@tests always $backend:expr; $($check:ident),*) => {
@@ -427,20 +427,22 @@ pub fn embedding<B: Backend>(b: &B) {
     let mut rng = Rng::new(3);
     let (rows, dim) = (11, 6);
     let table = rng.normal_vec(rows * dim, 1.0);
-    let ids: Vec<i32> = vec![3, 0, 10, 3, 7, 3];
-    let mut out = b.zeros(ids.len() * dim);
+    // −1: a token whose row another rank holds (vocabulary parallel) reads zeros, adds nothing.
+    let ids: Vec<i32> = vec![3, 0, 10, -1, 3, 7, 3];
+    let mut out = b.upload(&vec![f32::NAN; ids.len() * dim]);
     let idx = b.upload_index(&ids);
     b.embedding_forward(&mut out, &b.upload(&table), &idx, dim);
-    let want: Vec<f64> = ids.iter().flat_map(|&i| to_f64(&table[i as usize * dim..(i as usize + 1) * dim])).collect();
+    let row = |i: i32| usize::try_from(i).map_or(vec![0.0; dim], |i| to_f64(&table[i * dim..(i + 1) * dim]));
+    let want: Vec<f64> = ids.iter().flat_map(|&i| row(i)).collect();
     assert_close("embedding_forward", &b.read(&out), &want, 0.0, 0.0);
 
     let dout = rng.normal_vec(ids.len() * dim, 1.0);
     let mut dtable = b.upload(&table);
     b.embedding_backward(&mut dtable, &b.upload(&dout), &idx, dim);
     let mut want = to_f64(&table);
-    for (t, &i) in ids.iter().enumerate() {
+    for (t, i) in ids.iter().enumerate().filter_map(|(t, &i)| Some((t, usize::try_from(i).ok()?))) {
         for d in 0..dim {
-            want[i as usize * dim + d] += dout[t * dim + d] as f64;
+            want[i * dim + d] += dout[t * dim + d] as f64;
         }
     }
     assert_close("embedding_backward", &b.read(&dtable), &want, 1e-6, 1e-6);
@@ -825,6 +827,117 @@ pub fn reverse_kl<B: Backend>(b: &B) {
     check_gradient("reverse_kl dlogits", &student, &b.read(&grad), 120, |z| {
         kl_of(z).iter().zip(&weights).map(|(kl, &w)| kl * w as f64).sum()
     });
+}
+
+/// A row's softmax in f64: `(log Σ exp z, probabilities)`.
+fn softmax_f64(z: &[f32]) -> (f64, Vec<f64>) {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max + z.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+    (lse, z.iter().map(|&v| (v as f64 - lse).exp()).collect())
+}
+
+/// The whole row's `lse` from each block's `(max, log Σ exp(z − max))`, as two f32 values.
+fn combine_blocks(stats: &[&[f32]]) -> [f32; 2] {
+    let lse: Vec<f64> = stats.iter().map(|s| s[0] as f64 + s[1] as f64).collect();
+    let top = lse.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let whole = top + lse.iter().map(|l| (l - top).exp()).sum::<f64>().ln();
+    let hi = whole as f32;
+    [hi, (whole - hi as f64) as f32]
+}
+
+/// The losses over blocks of the vocabulary (vocabulary parallel) against the whole rows'.
+pub fn vocab_blocks<B: Backend>(b: &B) {
+    let mut rng = Rng::new(17);
+    let (rows, vocab) = (5, 48);
+    let blocks = [(0, 16), (16, 16), (32, 16)];
+    let logits = rng.normal_vec(rows * vocab, 4.0);
+    let teacher = rng.normal_vec(rows * vocab, 4.0);
+    let weights = rng.normal_vec(rows, 1.0);
+    let targets: Vec<i32> = vec![3, 47, -100, 16, 31];
+    let block_of = |x: &[f32], (first, width): (usize, usize)| -> Vec<f32> {
+        x.chunks(vocab).flat_map(|row| &row[first..first + width]).copied().collect()
+    };
+    let ti = b.upload_index(&targets);
+    let stats_of = |x: &[f32]| -> Vec<Vec<f32>> {
+        blocks
+            .iter()
+            .map(|&(first, width)| {
+                let mut stats = b.zeros(rows * 3);
+                b.vocab_block_stats(&mut stats, &b.upload(&block_of(x, (first, width))), &ti, width, first);
+                b.read(&stats)
+            })
+            .collect()
+    };
+    let (zs, ys) = (stats_of(&logits), stats_of(&teacher));
+    let row_lse =
+        |stats: &[Vec<f32>], r: usize| combine_blocks(&stats.iter().map(|s| &s[r * 3..r * 3 + 2]).collect::<Vec<_>>());
+    let soft: Vec<(f64, Vec<f64>)> = logits.chunks(vocab).map(softmax_f64).collect();
+    let teacher_soft: Vec<(f64, Vec<f64>)> = teacher.chunks(vocab).map(softmax_f64).collect();
+    for r in 0..rows {
+        let [hi, lo] = row_lse(&zs, r);
+        assert_close("vocab_block_stats lse", &[hi + lo], &[soft[r].0], 1e-5, 1e-6);
+        // The target's logit: in the block that holds it, 0 in the others.
+        let target_logit: f64 = zs.iter().map(|s| s[r * 3 + 2] as f64).sum();
+        let want = usize::try_from(targets[r]).map_or(0.0, |t| logits[r * vocab + t] as f64);
+        assert_close("vocab_block_stats target logit", &[target_logit as f32], &[want], 0.0, 0.0);
+    }
+    let lse: Vec<f32> = (0..rows).flat_map(|r| row_lse(&zs, r)).collect();
+    let teacher_lse: Vec<f32> = (0..rows).flat_map(|r| row_lse(&ys, r)).collect();
+
+    // Cross-entropy: dz = w·(softmax − onehot), zero for a row without a target.
+    let want: Vec<f64> = (0..rows)
+        .flat_map(|r| {
+            let (t, w) = (targets[r], weights[r] as f64);
+            soft[r]
+                .1
+                .iter()
+                .enumerate()
+                .map(move |(j, &p)| if t < 0 { 0.0 } else { w * (p - f64::from(u8::from(j as i32 == t))) })
+        })
+        .collect();
+    let mut got = vec![0.0; rows * vocab];
+    for &(first, width) in &blocks {
+        let mut grad = b.upload(&block_of(&logits, (first, width)));
+        b.cross_entropy_block_backward(&mut grad, &b.upload(&lse), &ti, &b.upload(&weights), width, first);
+        for (r, row) in b.read(&grad).chunks(width).enumerate() {
+            got[r * vocab + first..][..width].copy_from_slice(row);
+        }
+    }
+    assert_close("cross_entropy_block_backward", &got, &want, 1e-6, 1e-5);
+
+    // Reverse KL: the blocks' parts sum to the row's KL; dz = w·p (log p − log q − KL).
+    let kl_want: Vec<f64> =
+        (0..rows).map(|r| soft[r].1.iter().zip(&teacher_soft[r].1).map(|(p, q)| p * (p.ln() - q.ln())).sum()).collect();
+    let both: Vec<f32> =
+        (0..rows).flat_map(|r| [lse[2 * r], lse[2 * r + 1], teacher_lse[2 * r], teacher_lse[2 * r + 1]]).collect();
+    let mut kl = vec![0.0f32; rows];
+    for &(first, width) in &blocks {
+        let mut part = b.zeros(rows);
+        let (z, y) = (b.upload(&block_of(&logits, (first, width))), b.upload(&block_of(&teacher, (first, width))));
+        b.reverse_kl_block_forward(&mut part, &z, &y, &b.upload(&both), width);
+        kl.iter_mut().zip(b.read(&part)).for_each(|(k, p)| *k += p);
+    }
+    assert_close("reverse_kl_block_forward", &kl, &kl_want, 1e-6, 1e-5);
+    let want: Vec<f64> = (0..rows)
+        .flat_map(|r| {
+            let (w, kl) = (weights[r] as f64, kl_want[r]);
+            soft[r]
+                .1
+                .iter()
+                .zip(&teacher_soft[r].1)
+                .map(move |(p, q)| w * p * (p.ln() - q.ln() - kl))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for &(first, width) in &blocks {
+        let mut grad = b.upload(&block_of(&logits, (first, width)));
+        let y = b.upload(&block_of(&teacher, (first, width)));
+        b.reverse_kl_block_backward(&mut grad, &y, &b.upload(&both), &b.upload(&kl), &b.upload(&weights), width);
+        for (r, row) in b.read(&grad).chunks(width).enumerate() {
+            got[r * vocab + first..][..width].copy_from_slice(row);
+        }
+    }
+    assert_close("reverse_kl_block_backward", &got, &want, 1e-6, 1e-5);
 }
 
 /// Reference router in f64: the chosen experts (best biased score first, or `given`) and

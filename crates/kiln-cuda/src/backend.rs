@@ -629,6 +629,68 @@ impl Backend for Cuda {
         );
         self.launch("reverse_kl_backward", rows, 1024, &args![logits, kl, teacher, weights, vocab]);
     }
+    fn vocab_block_stats(
+        &self,
+        stats: &mut DeviceSlice,
+        logits: &DeviceSlice,
+        targets: &DeviceIndex,
+        vocab: usize,
+        first: usize,
+    ) {
+        let rows = targets.len();
+        assert!(logits.len() == rows * vocab && stats.len() == rows * 3, "vocab_block_stats: shape mismatch");
+        self.launch("vocab_block_stats", rows, 1024, &args![stats, logits, targets, vocab, first]);
+    }
+    fn cross_entropy_block_backward(
+        &self,
+        logits: &mut DeviceSlice,
+        lse: &DeviceSlice,
+        targets: &DeviceIndex,
+        weights: &DeviceSlice,
+        vocab: usize,
+        first: usize,
+    ) {
+        let rows = targets.len();
+        assert!(
+            logits.len() == rows * vocab && lse.len() == rows * 2 && weights.len() == rows,
+            "cross_entropy_block_backward: shape mismatch"
+        );
+        self.launch("cross_entropy_block_backward", rows, 1024, &args![logits, lse, targets, weights, vocab, first]);
+    }
+    fn reverse_kl_block_forward(
+        &self,
+        kl: &mut DeviceSlice,
+        logits: &DeviceSlice,
+        teacher: &DeviceSlice,
+        lse: &DeviceSlice,
+        vocab: usize,
+    ) {
+        let rows = kl.len();
+        assert!(
+            logits.len() == rows * vocab && teacher.len() == rows * vocab && lse.len() == rows * 4,
+            "reverse_kl_block_forward: shape mismatch"
+        );
+        self.launch("reverse_kl_block_forward", rows, 1024, &args![kl, logits, teacher, lse, vocab]);
+    }
+    fn reverse_kl_block_backward(
+        &self,
+        logits: &mut DeviceSlice,
+        teacher: &DeviceSlice,
+        lse: &DeviceSlice,
+        kl: &DeviceSlice,
+        weights: &DeviceSlice,
+        vocab: usize,
+    ) {
+        let rows = kl.len();
+        assert!(
+            logits.len() == rows * vocab
+                && teacher.len() == rows * vocab
+                && lse.len() == rows * 4
+                && weights.len() == rows,
+            "reverse_kl_block_backward: shape mismatch"
+        );
+        self.launch("reverse_kl_block_backward", rows, 1024, &args![logits, teacher, lse, kl, weights, vocab]);
+    }
 
     // ---- mixture of experts -------------------------------------------------------------
     fn hc_weights_forward(

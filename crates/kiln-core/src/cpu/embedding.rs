@@ -2,17 +2,19 @@
 
 use rayon::prelude::*;
 
-fn row(id: i32, rows: usize) -> usize {
-    assert!(id >= 0 && (id as usize) < rows, "embedding: token id {id} outside the table's {rows} rows");
-    id as usize
+/// The table's row of token `id`; none for a negative id (a row another rank holds).
+fn row(id: i32, rows: usize) -> Option<usize> {
+    let r = usize::try_from(id).ok()?;
+    assert!(r < rows, "embedding: token id {id} outside the table's {rows} rows");
+    Some(r)
 }
 
 pub fn forward(out: &mut [f32], table: &[f32], ids: &[i32], dim: usize) {
     assert_eq!(out.len(), ids.len() * dim, "embedding_forward: output size mismatch");
     let rows = table.len() / dim;
-    out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(o, &id)| {
-        let r = row(id, rows);
-        o.copy_from_slice(&table[r * dim..(r + 1) * dim]);
+    out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(o, &id)| match row(id, rows) {
+        Some(r) => o.copy_from_slice(&table[r * dim..(r + 1) * dim]),
+        None => o.fill(0.0),
     });
 }
 
@@ -21,7 +23,7 @@ pub fn backward(dtable: &mut [f32], dout: &[f32], ids: &[i32], dim: usize) {
     let rows = dtable.len() / dim;
     // Serial: repeated ids make rows collide, and this is a tiny share of a step.
     for (g, &id) in dout.chunks(dim).zip(ids) {
-        let r = row(id, rows);
+        let Some(r) = row(id, rows) else { continue };
         dtable[r * dim..(r + 1) * dim].iter_mut().zip(g).for_each(|(d, g)| *d += g);
     }
 }

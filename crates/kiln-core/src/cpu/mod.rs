@@ -26,6 +26,7 @@ mod rmsnorm;
 mod rope;
 mod sparse_attention;
 pub mod threads;
+mod vocab_block_loss;
 
 use crate::backend::{self, Backend, GroupedMatmul, Matmul};
 use std::ops::Range;
@@ -254,6 +255,34 @@ impl Backend for Cpu {
     }
     fn reverse_kl_backward(&self, logits: &mut [f32], kl: &mut [f32], teacher: &[f32], weights: &[f32], vocab: usize) {
         reverse_kl::backward(logits, kl, teacher, weights, vocab);
+    }
+    fn vocab_block_stats(&self, stats: &mut [f32], logits: &[f32], targets: &Vec<i32>, vocab: usize, first: usize) {
+        vocab_block_loss::stats(stats, logits, targets, vocab, first);
+    }
+    fn cross_entropy_block_backward(
+        &self,
+        logits: &mut [f32],
+        lse: &[f32],
+        targets: &Vec<i32>,
+        weights: &[f32],
+        vocab: usize,
+        first: usize,
+    ) {
+        vocab_block_loss::cross_entropy_backward(logits, lse, targets, weights, vocab, first);
+    }
+    fn reverse_kl_block_forward(&self, kl: &mut [f32], logits: &[f32], teacher: &[f32], lse: &[f32], vocab: usize) {
+        vocab_block_loss::reverse_kl_forward(kl, logits, teacher, lse, vocab);
+    }
+    fn reverse_kl_block_backward(
+        &self,
+        logits: &mut [f32],
+        teacher: &[f32],
+        lse: &[f32],
+        kl: &[f32],
+        weights: &[f32],
+        vocab: usize,
+    ) {
+        vocab_block_loss::reverse_kl_backward(logits, teacher, lse, kl, weights, vocab);
     }
 
     fn attention_sinks_forward(&self, out: &mut [f32], lse: &mut [f32], sinks: &[f32], spec: backend::Attention) {

@@ -1,5 +1,6 @@
 // Token embedding lookup, its backward, and the rows written into a key/value cache.
-// An id outside the table gives NaN rows (the loss then shows it), not a fault.
+// A negative id is a row another rank holds (vocabulary parallel): zeros, no gradient. An id
+// beyond the table gives NaN rows (the loss then shows it), not a fault.
 
 // out[t, :] = table[ids[t], :]
 extern "C" __global__ void embedding_forward(float* out, const float* table, const int* ids, long tokens, long dim,
@@ -7,7 +8,7 @@ extern "C" __global__ void embedding_forward(float* out, const float* table, con
     FOR_EACH(i, tokens * dim) {
         const long t = i / dim, c = i % dim;
         const int id = ids[t];
-        out[i] = (id >= 0 && id < rows) ? table[(long)id * dim + c] : QNAN;
+        out[i] = id < 0 ? 0.0f : id < rows ? table[(long)id * dim + c] : QNAN;
     }
 }
 

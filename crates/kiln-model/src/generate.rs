@@ -20,7 +20,7 @@ pub fn greedy<B: Backend>(
     }
     let _frozen = FrozenWeights::new(b);
     let seq = prompts.iter().map(Vec::len).max().unwrap_or(0) + max_new;
-    let vocab = model.config.vocab_size;
+    let vocab = model.whole_config().vocab_size;
     let mut acts = Activations::new(b, &model.config, rows, seq, false, false);
     let mut seqs: Vec<Vec<i32>> = prompts.to_vec();
     let mut done = vec![false; rows];
@@ -35,7 +35,7 @@ pub fn greedy<B: Backend>(
             }
         }
         model.forward(b, &mut acts, &batch);
-        let logits = b.read(&acts.logits);
+        let logits = model.whole_logits(b, b.read(&acts.logits), rows * seq);
         for r in 0..rows {
             if done[r] {
                 continue;

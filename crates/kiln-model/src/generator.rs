@@ -104,7 +104,7 @@ pub fn generate_observed<B: Backend>(
     };
     let mut cache = KvCache::new(b, &model.config, shape, model.matmul_precision());
     let mut prompts = PromptPool::new(shape.prompts, share);
-    let vocab = model.config.vocab_size;
+    let vocab = model.whole_config().vocab_size;
     let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut waiting = 0..requests.len();
     let mut running: Vec<Running> = Vec::new();

@@ -31,6 +31,7 @@ pub mod sampler;
 pub mod score_head;
 pub mod tensor_parallel;
 pub mod v4_cache;
+mod vocab_parallel;
 pub mod weights;
 pub mod whole_tensors;
 

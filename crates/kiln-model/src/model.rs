@@ -412,7 +412,7 @@ impl<B: Backend> Model<B> {
             self.rope_positions = positions;
         }
         let inputs = &mut acts.inputs;
-        b.write_index(&mut inputs.ids, &batch.ids);
+        b.write_index(&mut inputs.ids, &self.embedding_rows(&batch.ids));
         b.write_index(&mut inputs.positions, &batch.positions);
         b.write_index(&mut inputs.segments, &batch.segments);
         b.write_index(&mut inputs.targets, &batch.targets);
@@ -535,7 +535,7 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let k = plan.logits_at.len();
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
-            return pp.from_last(b, &[], k * c.vocab_size, "pipeline: logits");
+            return pp.from_last(b, &[], k * self.whole_config().vocab_size, "pipeline: logits");
         }
         let mut last = b.zeros(k * c.hidden_size);
         b.embedding_forward(&mut last, &acts.xf, &b.upload_index(plan.logits_at), c.hidden_size);
@@ -547,7 +547,7 @@ impl<B: Backend> Model<B> {
             w.lm_head.unwrap_or(w.embed),
             Matmul::linear(k, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision).of_weight(),
         );
-        let logits = b.read(&logits);
+        let logits = self.whole_logits(b, b.read(&logits), k);
         match &self.pipeline {
             Some(pp) => pp.from_last(b, &logits, logits.len(), "pipeline: logits"),
             None => logits,
@@ -577,9 +577,11 @@ impl<B: Backend> Model<B> {
             }
         } else if self.is_v4() {
             b.embedding_forward(&mut acts.xf, embed, &acts.inputs.ids, c.hidden_size);
+            self.sum_over_vocab(&mut acts.xf, "embedding");
             self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
         } else {
             b.embedding_forward(&mut acts.layer_inputs[0], embed, &acts.inputs.ids, c.hidden_size);
+            self.sum_over_vocab(&mut acts.layer_inputs[0], "embedding");
         }
         let mut view = ActsView::new(
             &self.config,
@@ -676,13 +678,7 @@ impl<B: Backend> Model<B> {
         if !self.holds_head() {
             return self.last_stage_values(b, &[], acts.rows * acts.seq, "pipeline: nll");
         }
-        b.cross_entropy_forward(
-            &mut acts.nll,
-            &mut acts.correct,
-            &acts.logits,
-            &acts.inputs.targets,
-            self.config.vocab_size,
-        );
+        self.cross_entropy_forward(b, acts);
         let nll = b.read(&acts.nll);
         self.last_stage_values(b, &nll, nll.len(), "pipeline: nll")
     }
@@ -737,22 +733,19 @@ impl<B: Backend> Model<B> {
         }
         self.forward_hidden(b, acts, batch, true);
         self.lm_head_forward(b, acts);
-        let c = &self.config;
-        let (n, vocab) = (acts.rows * acts.seq, c.vocab_size);
-        let inputs = &mut acts.inputs;
+        let n = acts.rows * acts.seq;
         let (weights, nll) = match weights_of {
             None => (batch.weights.clone(), None),
             Some(f) => {
-                b.cross_entropy_forward(&mut acts.nll, &mut acts.correct, &acts.logits, &inputs.targets, vocab);
+                self.cross_entropy_forward(b, acts);
                 let nll = b.read(&acts.nll);
                 let w = f(&nll);
                 assert_eq!(w.len(), n, "one weight per token");
-                b.write(&mut inputs.weights, &w);
+                b.write(&mut acts.inputs.weights, &w);
                 (w, Some(nll))
             }
         };
-        let (token_nll, correct) = (&mut acts.nll, &mut acts.correct);
-        b.cross_entropy_backward(&mut acts.logits, token_nll, correct, &inputs.targets, &inputs.weights, vocab);
+        self.cross_entropy_backward(b, acts);
         let loss = b.read(&acts.nll).iter().zip(&weights).map(|(&l, &w)| l as f64 * w as f64).sum();
         self.backward_from_logits(b, acts, batch, grads, true);
         (loss, nll)
@@ -775,9 +768,7 @@ impl<B: Backend> Model<B> {
         }
         self.forward_hidden(b, acts, batch, true);
         self.lm_head_forward(b, acts);
-        let vocab = self.config.vocab_size;
-        let inputs = &acts.inputs;
-        b.reverse_kl_backward(&mut acts.logits, &mut acts.nll, teacher, &inputs.weights, vocab);
+        self.reverse_kl_backward(b, acts, teacher);
         let loss = b.read(&acts.nll).iter().zip(&batch.weights).map(|(&kl, &w)| kl as f64 * w as f64).sum();
         self.backward_from_logits(b, acts, batch, grads, true);
         loss
@@ -810,6 +801,7 @@ impl<B: Backend> Model<B> {
             head,
             Matmul::linear_dx(n, d, vocab, false).in_precision(self.matmul_precision),
         );
+        self.sum_over_vocab(&mut s.dxn, "LM head input gradient");
         self.backward_stage(b, acts, batch, grads, hops);
     }
 

@@ -234,10 +234,8 @@ impl<B: Backend> Run<'_, B> {
         let vocab = model.config.vocab_size;
         let weights = &self.chunks[c].weights;
         match loss {
-            PipelineLoss::Nll(None) => self.loss_sum += nll_gradient(b, a, weights, vocab),
-            PipelineLoss::Nll(Some(_)) => {
-                b.cross_entropy_forward(&mut a.nll, &mut a.correct, &a.logits, &a.inputs.targets, vocab);
-            }
+            PipelineLoss::Nll(None) => self.loss_sum += nll_gradient(b, model, a, weights),
+            PipelineLoss::Nll(Some(_)) => model.cross_entropy_forward(b, a),
             PipelineLoss::Kl => {
                 // The teacher's logits of the chunk's rows, and for its padding (weight 0) none.
                 let per_row = seq * vocab;
@@ -249,7 +247,7 @@ impl<B: Backend> Run<'_, B> {
                     padded
                 });
                 let teacher = padded.as_deref().unwrap_or(theirs);
-                b.reverse_kl_backward(&mut a.logits, &mut a.nll, teacher, &a.inputs.weights, vocab);
+                model.reverse_kl_backward(b, a, teacher);
                 self.loss_sum += weighted_sum(&b.read(&a.nll), weights);
             }
         }
@@ -269,7 +267,7 @@ impl<B: Backend> Run<'_, B> {
         if let PipelineLoss::Nll(Some(_)) = loss {
             // The weights chosen after the forwards, which `pipelined` wrote.
             let weights = b.read(&a.inputs.weights);
-            self.loss_sum += nll_gradient(b, a, &weights, model.config.vocab_size);
+            self.loss_sum += nll_gradient(b, model, a, &weights);
         }
         model.backward_from_logits(b, a, &self.chunks[c], grads, false);
     }
@@ -283,9 +281,8 @@ fn dres<B: Backend>(a: &mut Activations<B>) -> &mut B::Slice {
 /// A chunk's cross-entropy from its logits: the nll (and correctness) of every token, and
 /// the gradient of `Σ weight·nll` in place of the logits. Returns `Σ weight·nll`, `weights`
 /// being those of `a.inputs.weights`.
-fn nll_gradient<B: Backend>(b: &B, a: &mut Activations<B>, weights: &[f32], vocab: usize) -> f64 {
-    let targets = &a.inputs.targets;
-    b.cross_entropy_backward(&mut a.logits, &mut a.nll, &mut a.correct, targets, &a.inputs.weights, vocab);
+fn nll_gradient<B: Backend>(b: &B, model: &Model<B>, a: &mut Activations<B>, weights: &[f32]) -> f64 {
+    model.cross_entropy_backward(b, a);
     weighted_sum(&b.read(&a.nll), weights)
 }
 

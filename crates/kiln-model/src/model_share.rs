@@ -140,7 +140,8 @@ impl<B: Backend> Model<B> {
         let tp = match tensors {
             None => None,
             Some(group) => {
-                let blocks_config = tensor_parallel::local_config(&local_config, group.size()).map_err(refused)?;
+                let blocks_config =
+                    tensor_parallel::local_config(&local_config, (group.rank(), group.size())).map_err(refused)?;
                 let stage_config = std::mem::replace(&mut local_config, blocks_config);
                 let stage_layout = std::mem::replace(&mut local_layout, layout_of(&local_config, ep.as_ref()));
                 Some(TensorParallel::new(group, &stage_config, stage_layout))

@@ -9,13 +9,16 @@
 //!
 //! Backward mirrors it: the output gradient reaches every rank whole, each computes its
 //! blocks' weight gradients, and dL/dx of the column-parallel products, Σ_r dy_r·W_r, is a
-//! partial sum per rank, all-reduced. So the residual stream, the norms, the embedding and the
-//! head are whole and identical on every rank of the group; their gradients are too, except
-//! Qwen3's per-head q/k norms, whose gradients sum over every head and so over the ranks.
+//! partial sum per rank, all-reduced. So the residual stream and the norms are whole and
+//! identical on every rank of the group; their gradients are too, except Qwen3's per-head q/k
+//! norms, whose gradients sum over every head and so over the ranks. The embedding and the
+//! head are cut by vocabulary rows (`vocab_parallel`), so no rank holds whole logits.
 //!
-//! A rank's model is the model with heads, KV heads and MLP width divided by T
+//! A rank's model is the model with heads, KV heads, MLP width and vocabulary divided by T
 //! (`local_config`): its layout has the same names with the cut shapes, and the layers run
-//! unchanged but for the sums above. A row-parallel bias (o, down) is whole on every rank
+//! unchanged but for the sums above. A vocabulary T does not divide is cut as evenly as it
+//! goes (`kiln_dist::shard`: the first V mod T ranks hold one token more), as every other
+//! dimension would be, though only the vocabulary may be cut unevenly. A row-parallel bias (o, down) is whole on every rank
 //! and added by rank 0 of the group alone, before the sum.
 //!
 //! DeepSeek-V3's layers follow the same rule, with whole parts inside a layer:
@@ -58,11 +61,11 @@ impl<B: Backend> Clone for TensorParallel<B> {
 /// How tensor parallel cuts a tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cut {
-    /// Whole on every rank (norms, embedding, head, routers, latent down-projections,
-    /// row-parallel biases).
+    /// Whole on every rank (norms, routers, latent down-projections, row-parallel biases).
     Whole,
-    /// A contiguous block of dimension `k` per rank: rows of a matrix or values of a vector
-    /// (`Dim(0)`), columns of a matrix (`Dim(1)`), an expert stack's width (`Dim(1)`, `Dim(2)`).
+    /// A contiguous block of dimension `k` per rank (`kiln_dist::shard` of it): rows of a
+    /// matrix or values of a vector (`Dim(0)`), columns of a matrix (`Dim(1)`), an expert
+    /// stack's width (`Dim(1)`, `Dim(2)`).
     Dim(usize),
 }
 
@@ -82,14 +85,18 @@ fn around(shape: &[usize], k: usize) -> (usize, usize, usize) {
     (shape[..k].iter().product(), shape[k], shape[k + 1..].iter().product())
 }
 
-/// The config of one of `t` ranks: heads (and KV heads) and every MLP's width (dense, routed
-/// experts', shared experts') divided by `t`. Refuses what the engine cannot split: a `t` that
-/// does not divide them, and DeepSeek-V4's layers.
-pub fn local_config(whole: &Config, t: usize) -> Result<Config, String> {
+/// The config of `rank` of `t` ranks: heads (and KV heads) and every MLP's width (dense,
+/// routed experts', shared experts') divided by `t`, and the rank's share of the vocabulary.
+/// Refuses what the engine cannot split: a `t` that does not divide the heads and widths, or
+/// exceeds the vocabulary, and DeepSeek-V4's layers.
+pub fn local_config(whole: &Config, (rank, t): (usize, usize)) -> Result<Config, String> {
     if matches!(whole.attention, AttentionKind::V4(_)) {
         return Err("tensor parallel splits grouped-query and latent attention, dense MLPs and DeepSeekMoE \
                     layers; deepseek_v4's attention and hyper-connections are not split yet"
             .into());
+    }
+    if t > whole.vocab_size {
+        return Err(format!("tp = {t} exceeds the model's vocabulary of {} tokens", whole.vocab_size));
     }
     let mut sizes = vec![("attention heads", whole.num_heads), ("key/value heads", whole.num_kv_heads)];
     let has_dense = whole.moe.as_ref().is_none_or(|m| m.first_dense_layers > 0);
@@ -107,6 +114,7 @@ pub fn local_config(whole: &Config, t: usize) -> Result<Config, String> {
     let mut local = whole.clone();
     local.num_heads /= t;
     local.num_kv_heads /= t;
+    local.vocab_size = kiln_dist::shard(whole.vocab_size, rank, t).len();
     if has_dense {
         local.intermediate_size /= t;
     }
@@ -120,21 +128,34 @@ pub fn local_config(whole: &Config, t: usize) -> Result<Config, String> {
 pub fn slice(values: &[f32], whole: &[usize], cut: Cut, (rank, t): (usize, usize)) -> Vec<f32> {
     let Cut::Dim(k) = cut else { return values.to_vec() };
     let (_, dim, inner) = around(whole, k);
-    let (span, block) = (dim * inner, dim / t * inner);
-    values.chunks(span).flat_map(|outer| &outer[rank * block..(rank + 1) * block]).copied().collect()
+    let block = kiln_dist::shard(dim, rank, t);
+    let cols = block.start * inner..block.end * inner;
+    values.chunks(dim * inner).flat_map(|outer| &outer[cols.clone()]).copied().collect()
+}
+
+/// How many values of a tensor of shape `whole` cut as `cut` each of `t` ranks holds.
+pub fn block_counts(whole: &[usize], cut: Cut, t: usize) -> Vec<usize> {
+    let Cut::Dim(k) = cut else { return vec![whole.iter().product(); t] };
+    let (outer, dim, inner) = around(whole, k);
+    kiln_dist::shard_counts(dim, t).into_iter().map(|n| outer * n * inner).collect()
 }
 
 /// The inverse of `slice` over every rank: the whole tensor from the blocks of ranks 0..t laid
 /// end to end (`blocks`, as an all-gather leaves them).
-pub fn join(blocks: &[f32], whole: &TensorSpec, cut: Cut, t: usize) -> Vec<f32> {
-    let Cut::Dim(k) = cut else { return blocks[..whole.numel()].to_vec() };
-    let (outer, dim, inner) = around(&whole.shape, k);
-    let (span, block) = (dim * inner, dim / t * inner);
+pub fn join(blocks: &[f32], whole: &[usize], cut: Cut, t: usize) -> Vec<f32> {
+    let Cut::Dim(k) = cut else { return blocks[..whole.iter().product()].to_vec() };
+    let (outer, dim, inner) = around(whole, k);
+    let span = dim * inner;
     let mut out = vec![0.0; outer * span];
-    for (r, rank_blocks) in blocks.chunks(outer * block).enumerate() {
-        for (o, piece) in rank_blocks.chunks(block).enumerate() {
-            out[o * span + r * block..o * span + (r + 1) * block].copy_from_slice(piece);
+    let mut rank_blocks = blocks;
+    for r in 0..t {
+        let cols = kiln_dist::shard(dim, r, t);
+        let block = cols.len() * inner;
+        let (mine, rest) = rank_blocks.split_at(outer * block);
+        for (o, piece) in mine.chunks_exact(block.max(1)).enumerate() {
+            out[o * span + cols.start * inner..][..block].copy_from_slice(piece);
         }
+        rank_blocks = rest;
     }
     out
 }
@@ -183,11 +204,12 @@ impl<B: Backend> TensorParallel<B> {
             return keep.then_some(values);
         }
         let t = self.group.size();
-        let mut blocks = b.zeros(values.len() * t);
+        let counts = block_counts(&whole.shape, cut, t);
+        let mut blocks = b.zeros(counts.iter().sum());
         let what = format!("tensor parallel: gathering {}", whole.name);
         let chunk = b.upload(&values);
-        self.group.all_gather_v(&chunk, &vec![values.len(); t], &mut blocks, &what).unwrap_or_else(|e| panic!("{e:#}"));
-        keep.then(|| join(&b.read(&blocks), whole, cut, t))
+        self.group.all_gather_v(&chunk, &counts, &mut blocks, &what).unwrap_or_else(|e| panic!("{e:#}"));
+        keep.then(|| join(&b.read(&blocks), &whole.shape, cut, t))
     }
 }
 
@@ -214,10 +236,29 @@ mod tests {
         for (cut, local) in [(Cut::Dim(0), spec(&[2, 6])), (Cut::Dim(1), spec(&[4, 3])), (Cut::Whole, spec(&[4, 6]))] {
             assert_eq!(Cut::of(&whole, &local), cut);
             let blocks: Vec<f32> = (0..2).flat_map(|r| slice(&values, &whole.shape, cut, (r, 2))).collect();
-            assert_eq!(join(&blocks, &whole, cut, 2), values);
+            assert_eq!(join(&blocks, &whole.shape, cut, 2), values);
         }
         // Columns: rank 1 holds columns 3..6 of every row.
         assert_eq!(slice(&values, &whole.shape, Cut::Dim(1), (1, 2))[..3], [3.0, 4.0, 5.0]);
+    }
+
+    #[test]
+    fn a_dimension_the_ranks_do_not_divide_is_cut_as_evenly_as_it_goes() {
+        // A vocabulary of 5 over 2 ranks: rows 0..3 and 3..5 of an embedding [5, 2]; over 3
+        // ranks, 2, 2 and 1 rows.
+        let whole = spec(&[5, 2]);
+        let values: Vec<f32> = (0..10).map(|v| v as f32).collect();
+        assert_eq!(slice(&values, &whole.shape, Cut::Dim(0), (1, 2)), [6., 7., 8., 9.]);
+        for t in [2, 3] {
+            assert_eq!(block_counts(&whole.shape, Cut::Dim(0), t).iter().sum::<usize>(), 10);
+            let blocks: Vec<f32> = (0..t).flat_map(|r| slice(&values, &whole.shape, Cut::Dim(0), (r, t))).collect();
+            assert_eq!(join(&blocks, &whole.shape, Cut::Dim(0), t), values, "over {t}");
+        }
+        // Columns of logits [2, 5] over 2 ranks: 3 and 2 of every row.
+        let logits = spec(&[2, 5]);
+        assert_eq!(slice(&values, &logits.shape, Cut::Dim(1), (1, 2)), [3., 4., 8., 9.]);
+        let blocks: Vec<f32> = (0..2).flat_map(|r| slice(&values, &logits.shape, Cut::Dim(1), (r, 2))).collect();
+        assert_eq!(join(&blocks, &logits.shape, Cut::Dim(1), 2), values);
     }
 
     #[test]
@@ -231,7 +272,7 @@ mod tests {
         for (cut, local, t) in [(Cut::Dim(1), spec(&[2, 2, 3]), 2), (Cut::Dim(2), spec(&[2, 4, 1]), 3)] {
             assert_eq!(Cut::of(&whole, &local), cut);
             let blocks: Vec<f32> = (0..t).flat_map(|r| slice(&values, &whole.shape, cut, (r, t))).collect();
-            assert_eq!(join(&blocks, &whole, cut, t), values, "{cut:?}");
+            assert_eq!(join(&blocks, &whole.shape, cut, t), values, "{cut:?}");
             // Loading cuts each expert as it is read: the same block, expert by expert.
             let Cut::Dim(k) = cut else { unreachable!() };
             for r in 0..t {

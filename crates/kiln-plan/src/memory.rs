@@ -33,8 +33,8 @@ impl Memory {
 
 /// What each term counts, for `--explain`.
 pub const EXPLAIN: &[(&str, &str)] = &[
-    ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), ZeRO-3 gathering one layer plus the embedding and head at a time, and under tensor parallel the embedding, head and logits whole on every rank"),
-    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (the first with the embedding, or the last with the head, a tied one a copy of the embedding), split by tp but for the norms, MLA's down-projections and the routers (and by ep for routed experts); sharded over data parallel at ZeRO-3"),
+    ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), ZeRO-3 gathering one layer plus the embedding and head at a time"),
+    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (the first with the embedding, or the last with the head, a tied one a copy of the embedding), split by tp (the embedding and head by vocabulary rows) but for the norms, MLA's down-projections and the routers (and by ep for routed experts); sharded over data parallel at ZeRO-3"),
     ("gradients", "bf16 gradients (2 B/param) of the same parameters; sharded over data parallel from ZeRO-2"),
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
     ("optimizer states", "AdamW: f32 first and second moments (8 B/param); Muon: one f32 momentum (4 B/param) for hidden matrices, AdamW's 8 B for embeddings, head and vectors; sharded from ZeRO-1. Routed experts shard over dp/ep ranks (each expert's replicas), the rest over dp"),
@@ -91,14 +91,9 @@ pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
     let m = &job.model;
     let l = layout;
     let (stage_ne, stage_ex, stage_outer) = stage_params(job, l.pp);
-    // Tensor parallel splits the embedding and head over the vocabulary; kiln's engine (f32
-    // storage) keeps them whole on every rank of the group.
-    let outer = match job.storage {
-        Storage::F32 => stage_outer,
-        Storage::Mixed => 0.0,
-    };
+    // Tensor parallel splits the embedding and head over the vocabulary.
     let stage_layers = m.layers.div_ceil(l.pp) as f64;
-    let whole = outer + stage_layers * m.tp_whole;
+    let whole = stage_layers * m.tp_whole;
     let ne = (stage_ne - whole) / l.tp as f64 + whole;
     let ex = stage_ex / (l.tp * l.ep) as f64;
     let (dp_ne, dp_ex) = (l.dp as f64, (l.dp / l.ep) as f64);
@@ -123,7 +118,10 @@ pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
     let zero3_scratch = match (l.zero >= 3, job.storage) {
         (false, _) => 0.0,
         (true, Storage::Mixed) => 2.0 * 2.0 * (ne + ex) / stage_layers,
-        (true, Storage::F32) => 4.0 * ((ne - outer + ex) / stage_layers + outer),
+        (true, Storage::F32) => {
+            let outer = stage_outer / l.tp as f64;
+            4.0 * ((ne - outer + ex) / stage_layers + outer)
+        }
     };
 
     let tokens = job.micro_batch_tokens();
@@ -135,8 +133,7 @@ pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
         Recompute::Selective => in_flight * tokens * stage_layers * m.saved_selective / tp,
         Recompute::Full => (in_flight * stage_layers * m.residual_bytes + m.saved_none) * tokens / tp,
     };
-    // kiln's engine holds whole logits on every rank of a tensor group.
-    let logits = tokens * m.vocab * 4.0 / if job.storage == Storage::F32 { 1.0 } else { tp };
+    let logits = tokens * m.vocab * 4.0 / tp;
     let frozen = |total: &ParamCounts| {
         let share_ne = total.non_expert() / (m.params.non_expert() + m.mtp.non_expert()).max(1.0);
         let share_ex = total.routed_experts / (m.params.routed_experts + m.mtp.routed_experts).max(1.0);

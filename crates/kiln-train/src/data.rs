@@ -28,13 +28,9 @@ pub fn load_tokenizer(dir: &Path) -> Result<(Tokenizer, Option<ChatTemplate>)> {
 
 /// Refuses a tokenizer with ids beyond the model's embedding.
 pub fn check_vocab<B: Backend>(model: &Model<B>, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
-    if tokenizer.vocab_size() > model.config.vocab_size {
-        bail!(
-            "{}: tokenizer has {} tokens, the model's vocab_size is {}",
-            dir.display(),
-            tokenizer.vocab_size(),
-            model.config.vocab_size
-        );
+    let vocab = model.whole_config().vocab_size;
+    if tokenizer.vocab_size() > vocab {
+        bail!("{}: tokenizer has {} tokens, the model's vocab_size is {vocab}", dir.display(), tokenizer.vocab_size());
     }
     Ok(())
 }

@@ -405,7 +405,9 @@ impl<B: Backend> DataParallel<B> {
             let mut sum = [match &self.tensor_parallel {
                 None => all,
                 Some((group, cut)) => {
-                    let cut: f64 = cut.iter().map(squares_in).sum();
+                    // The vocabulary-parallel embedding is cut: its tied copy, left out of
+                    // `all`, is left out here too.
+                    let cut: f64 = cut.iter().filter(|r| copy.as_ref() != Some(*r)).map(squares_in).sum();
                     (all - cut) / group.size() as f64 + cut
                 }
             }];

@@ -24,6 +24,7 @@ use kiln_model::sampler::SamplingParams;
 use kiln_model::ModelShare;
 use kiln_model::{ActivationsPool, Batch, ChunkOrder, Model};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// Mean reverse KL (per completion token) of a step.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -143,14 +144,16 @@ pub fn run<B: Backend>(
 ) -> Result<RunSummary<DistillStats>> {
     let Some(d) = config.distill.clone() else { bail!("the run configuration has no [distill] section") };
     let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
-    // The teacher is never written: it carries no multi-token-prediction layers.
-    let teacher = s.load_frozen(&d.teacher, ModelShare { carries: false, ..ModelShare::whole() })?;
-    if teacher.config.vocab_size != s.model.config.vocab_size {
+    // The teacher is never written: it carries no multi-token-prediction layers. Under tensor
+    // parallel it is cut over the same group, so its logits are the student's block of the
+    // vocabulary.
+    let tensors = s.model.tensor_parallel().map(|tp| Arc::clone(&tp.group));
+    let teacher = s.load_frozen(&d.teacher, ModelShare { tensors, carries: false, ..ModelShare::whole() })?;
+    let (theirs, ours) = (teacher.whole_config().vocab_size, s.model.whole_config().vocab_size);
+    if theirs != ours {
         bail!(
-            "{}: the teacher's vocab_size {} differs from the student's {}; distillation needs the same tokenizer",
+            "{}: the teacher's vocab_size {theirs} differs from the student's {ours}; distillation needs the same tokenizer",
             d.teacher.display(),
-            teacher.config.vocab_size,
-            s.model.config.vocab_size
         );
     }
     let prompts = read_prompts(&config.data.train, &tokenizer, template.as_ref())?;

@@ -56,7 +56,7 @@ pub fn run<B: Backend>(args: &Args, b: &B) -> Result<()> {
         }
         _ => {}
     }
-    let sequences = tokens_file::read(&args.tokens, model.config.vocab_size)?;
+    let sequences = tokens_file::read(&args.tokens, model.whole_config().vocab_size)?;
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
             std::fs::File::create(path).with_context(|| format!("{}: cannot create", path.display()))?,

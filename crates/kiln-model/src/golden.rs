@@ -16,10 +16,12 @@
 use crate::activations::FfnActs;
 use crate::generator::{generate, Request};
 use crate::sampler::SamplingParams;
-use crate::{Activations, Batch, Model};
+use crate::{Activations, Batch, Model, ModelShare};
 use kiln_core::Backend;
+use kiln_dist::Comm;
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Generates one `#[test]` per golden case for the backend expression given, in f32 and (in
 /// the module `bf16`) in bf16 mixed precision.
@@ -213,6 +215,66 @@ pub fn check_training<B: Backend>(b: &B, case: &str) -> (Golden, Model<B>) {
         }
     }
     (golden, model)
+}
+
+/// Checks one rank of a tensor-parallel group `group` on the golden case `case`: the rank's
+/// block of the vocabulary's logits (and no more), every token's log-prob, the loss, the
+/// rank's block of every gradient, and greedy continuations, without and with the cache.
+pub fn check_tensor_parallel<B: Backend>(b: &B, case: &str, group: Arc<dyn Comm<B::Slice>>) {
+    let golden = Golden::load(case);
+    let (rank, t) = (group.rank(), group.size());
+    let share = ModelShare { tensors: Some(group), ..ModelShare::whole() };
+    let mut model = Model::load_share(b, &fixture(case).join("model"), share, None).expect("load model");
+    let what = format!("{case}, rank {rank} of tp={t}");
+    let batch = Batch::causal_lm(&golden.sequences);
+    let whole_vocab = model.whole_config().vocab_size;
+    let block = kiln_dist::shard(whole_vocab, rank, t);
+    assert_eq!(model.config.vocab_size, block.len(), "{what}: the rank's vocabulary");
+
+    // The rank's columns of the logits, at real positions; no rank holds whole rows.
+    let mut acts = Activations::new(b, &model.config, batch.rows, batch.seq, true, false);
+    model.forward(b, &mut acts, &batch);
+    let logits = b.read(&acts.logits);
+    assert_eq!(logits.len(), batch.rows * batch.seq * block.len(), "{what}: logits held");
+    let want = golden.get("logits");
+    for (r, s) in golden.sequences.iter().enumerate() {
+        let rows = r * batch.seq..r * batch.seq + s.len();
+        let got: Vec<f32> = rows.clone().flat_map(|i| logits[i * block.len()..][..block.len()].to_vec()).collect();
+        let mine: Vec<f32> = rows.flat_map(|i| want[i * whole_vocab + block.start..][..block.len()].to_vec()).collect();
+        assert_close(&format!("{what} logits row {r}"), &got, &mine, 1e-5);
+    }
+    let nll = model.nll(b, &mut acts, &batch);
+    let want = golden.get("logprobs");
+    for (r, s) in golden.sequences.iter().enumerate() {
+        for i in 0..s.len() - 1 {
+            let (got, want) = (-nll[r * batch.seq + i], want[r * (batch.seq - 1) + i]);
+            assert!((got - want).abs() < 1e-5, "{what} logprob[{r},{i}]: kiln {got}, transformers {want}");
+        }
+    }
+
+    let mut grads = model.grads(b);
+    let loss = model.forward_backward(b, &mut acts, &batch, &mut grads);
+    let want_loss = golden.get("loss")[0] as f64;
+    assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "{what} loss: kiln {loss}, transformers {want_loss}");
+    let wholes = model.whole_layout().iter();
+    for ((spec, whole), g) in model.layout.iter().into_iter().zip(wholes).zip(grads.views(b).iter()) {
+        if spec.name.ends_with("e_score_correction_bias") {
+            assert!(b.read(g).iter().all(|&v| v == 0.0), "{what}: the correction bias gets no gradient");
+            continue;
+        }
+        let cut = crate::tensor_parallel::Cut::of(whole, spec);
+        let golden_grad = golden.get(&format!("grad.{}", spec.name));
+        let want = crate::tensor_parallel::slice(golden_grad, &whole.shape, cut, (rank, t));
+        assert_close(&format!("{what} grad {} ({cut:?})", spec.name), &b.read(g), &want, 1e-4);
+    }
+
+    for (prompt, want) in &golden.greedy {
+        let greedy = crate::generate::greedy(b, &mut model, std::slice::from_ref(prompt), want.len(), &[]);
+        assert_eq!(&greedy[0], want, "{what}: greedy continuation of {prompt:?}");
+        let params = SamplingParams { temperature: 0.0, max_new_tokens: want.len(), ..Default::default() };
+        let cached = generate(b, &mut model, &[Request { prompt: prompt.clone(), params }], 1, &mut |_, _| false);
+        assert_eq!(&cached[0].tokens, want, "{what}: cached greedy continuation of {prompt:?}");
+    }
 }
 
 /// The experts every token was routed to in every MoE layer of the last forward, each

@@ -56,10 +56,12 @@ fn tensor_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model
         assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, layout);
         assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, layout);
         assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-5, &format!("{layout}, eval"));
-        // Each rank holds half of every layer's matrices.
+        // Each rank holds half of every layer's matrices and its block of the vocabulary (rank
+        // 0 50 of the 99 tokens); only the norms, 0.1% of the model, are whole. With the
+        // embedding whole rank 0 would hold 50.6%.
         let (whole, here) = (held(&one, "weights_mb"), held(&dir, "weights_mb"));
         if !layout.contains("zero=3") {
-            assert!(here < 0.75 * whole && here > 0.25 * whole, "{layout}: weights {here} MB of {whole}");
+            assert!((here / whole - 0.5).abs() < 0.002, "{layout}: weights {here} MB of {whole}");
         }
         assert_same_weights(
             &one.join("checkpoints/step-00000006"),

@@ -281,7 +281,8 @@ fn zero_3_cuts_the_memory_each_rank_measures() {
     run_two_steps(&pipeline, "dp=2,pp=2");
     let ((held_0, peak_0), (held_3, peak_3)) = (memory(&replicated), memory(&sharded));
     let ((held_tp, peak_tp), (held_pp, peak_pp)) = (memory(&tensor), memory(&pipeline));
-    assert!(held_tp < 0.6 * held_0, "tp=2 holds {held_tp} MB of {held_0}");
+    // Half of every layer and of the vocabulary: only the norms are whole (244 of 487 MB).
+    assert!(held_tp < 0.51 * held_0, "tp=2 holds {held_tp} MB of {held_0}");
     assert!(held_pp < 0.6 * held_0, "pp=2 holds {held_pp} MB of {held_0}");
     assert!(held_3 < 0.35 * held_0, "ZeRO-3 holds {held_3} MB of {held_0}");
     assert!(peak_0 >= held_0 && peak_3 >= held_3, "a peak below what is held");
@@ -591,7 +592,12 @@ fn twenty_steps_on_dp2_tp2_pp2_follow_one_process() {
         // summing in another order moves it (plain dp = 2: 4.1e-7 at step 17) pass 1e-5 of it:
         // held to 1e-5 of its starting scale.
         let floor = if recipe == "dpo" { a[0].0 } else { 1e-3 };
-        assert_steps_within(&format!("{recipe}, 20 steps on dp2 x tp2 x pp2"), &a, &b, (1e-5, floor));
+        // The grad norm falls too (SFT: 28 at step 1, 1.4 at step 17), and where it dips the
+        // same ulp-level drift is a larger share of it (SFT step 17: 1.8e-4 of it, 9e-6 of the
+        // first step's, with the loss within 2.3e-6 and the next step's norm within 6e-6): it
+        // is held to 1e-4 of its starting scale.
+        let what = format!("{recipe}, 20 steps on dp2 x tp2 x pp2");
+        assert_steps_within(&what, &a, &b, (1e-5, floor), a[0].1);
     }
 }
 
@@ -603,15 +609,22 @@ fn assert_same_steps(recipe: &str, a: &[(f64, f64)], b: &[(f64, f64)]) {
     // recipes then sample from, and score with, those weights.
     // (2e-6 for the rest: a pair loss of ~0.36 moves by ~1e-6 relative for weights ~1 ulp apart.)
     let tolerance = if ["grpo", "distill"].iter().any(|r| recipe.starts_with(r)) { 1e-5 } else { 2e-6 };
-    assert_steps_within(recipe, a, b, (tolerance, 1e-3));
+    assert_steps_within(recipe, a, b, (tolerance, 1e-3), 0.0);
 }
 
 /// Two runs' losses agree within `tolerance` relative (of at least `floor`), and their grad
-/// norms within 1e-4.
-fn assert_steps_within(recipe: &str, a: &[(f64, f64)], b: &[(f64, f64)], (tolerance, floor): (f64, f64)) {
+/// norms within 1e-4 relative (of at least `grad_floor`).
+fn assert_steps_within(
+    recipe: &str,
+    a: &[(f64, f64)],
+    b: &[(f64, f64)],
+    (tolerance, floor): (f64, f64),
+    grad_floor: f64,
+) {
     for (step, ((l1, g1), (l2, g2))) in a.iter().zip(b).enumerate() {
         assert!((l1 - l2).abs() <= tolerance * l1.abs().max(floor), "{recipe} step {}: loss {l1} vs {l2}", step + 1);
-        assert!((g1 - g2).abs() <= 1e-4 * g1.abs(), "{recipe} step {}: grad norm {g1} vs {g2}", step + 1);
+        let g_scale = g1.abs().max(grad_floor);
+        assert!((g1 - g2).abs() <= 1e-4 * g_scale, "{recipe} step {}: grad norm {g1} vs {g2}", step + 1);
     }
 }
 

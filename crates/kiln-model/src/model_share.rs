@@ -10,6 +10,7 @@ use crate::layers::expert_parallel::ExpertParallel;
 use crate::model::{layout_of, stored_layout, Model};
 use crate::pipeline::{self, Pipeline};
 use crate::safetensors_io::{self, LoadSpec, Pick};
+use crate::stage_split::StageSplit;
 use crate::tensor_parallel::{self, Cut, TensorParallel};
 use crate::weights::{TensorSpec, Weights};
 use kiln_core::Backend;
@@ -28,6 +29,8 @@ type Group<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
 pub struct ModelShare<B: Backend> {
     pub experts: Option<ExpertParallel<B>>,
     pub stages: Option<Group<B>>,
+    /// How the stages cut the layers (under pipeline parallel).
+    pub split: StageSplit,
     pub tensors: Option<Group<B>>,
     pub carries: bool,
 }
@@ -35,7 +38,7 @@ pub struct ModelShare<B: Backend> {
 impl<B: Backend> ModelShare<B> {
     /// The whole model.
     pub fn whole() -> Self {
-        Self { experts: None, stages: None, tensors: None, carries: true }
+        Self { experts: None, stages: None, split: StageSplit::Even, tensors: None, carries: true }
     }
 
     /// All but this rank's share `ep` of the routed experts.
@@ -124,16 +127,17 @@ impl<B: Backend> Model<B> {
         if new_score.is_some() {
             config.num_labels = Some(1);
         }
-        let ModelShare { experts: ep, stages, tensors, carries } = share;
+        let ModelShare { experts: ep, stages, split, tensors, carries } = share;
         let refused = |why: String| Error::new(dir.join("config.json"), why);
         let (whole_layout, deepseek_names) = stored_layout(dir, &config, ep.as_ref())?;
         let (mut local_config, mut local_layout) = (config.clone(), whole_layout.clone());
         let pp = match stages {
             None => None,
             Some(group) => {
-                local_config = pipeline::stage_config(&config, group.rank(), group.size()).map_err(refused)?;
+                let stage_layers = split.layers(&config, group.size()).map_err(refused)?;
+                local_config = pipeline::stage_config(&config, group.rank(), &stage_layers).map_err(refused)?;
                 local_layout = layout_of(&local_config, ep.as_ref());
-                let pp = Pipeline::new(group, &config, whole_layout.clone());
+                let pp = Pipeline::new(group, &config, whole_layout.clone(), stage_layers);
                 Some(pp.map_err(|e| refused(format!("pipeline parallel: {e:#}")))?)
             }
         };

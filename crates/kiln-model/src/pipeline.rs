@@ -65,15 +65,9 @@ impl<B: Backend> Clone for Pipeline<B> {
     }
 }
 
-/// The layers of each of `stages` stages of `layers`: evenly, the first `layers % stages`
-/// stages one more (the planner's even spread).
-pub fn stage_layers(layers: usize, stages: usize) -> Vec<Range<usize>> {
-    (0..stages).map(|s| kiln_dist::shard(layers, s, stages)).collect()
-}
-
-/// The config of stage `stage` of `stages`: its layers, and which of the embedding and head it
-/// holds. Refuses what the engine cannot cut: more stages than layers, and DeepSeek-V4.
-pub fn stage_config(whole: &Config, stage: usize, stages: usize) -> Result<Config, String> {
+/// The config of stage `stage` of the stages whose layers are `stage_layers`: its layers, and
+/// which of the embedding and head it holds. Refuses DeepSeek-V4, which the engine cannot cut.
+pub fn stage_config(whole: &Config, stage: usize, stage_layers: &[Range<usize>]) -> Result<Config, String> {
     let name = format!("{:?}", whole.model_type).to_lowercase();
     if matches!(whole.attention, AttentionKind::V4(_)) {
         return Err(format!(
@@ -81,14 +75,8 @@ pub fn stage_config(whole: &Config, stage: usize, stages: usize) -> Result<Confi
              are not cut into stages yet"
         ));
     }
-    if stages > whole.num_layers {
-        return Err(format!(
-            "pp = {stages} stages for the model's {} layers: at most one stage per layer",
-            whole.num_layers
-        ));
-    }
-    let layers = kiln_dist::shard(whole.num_layers, stage, stages);
-    let last = stage + 1 == stages;
+    let layers = stage_layers[stage].clone();
+    let last = stage + 1 == stage_layers.len();
     let mut config = whole.clone();
     config.num_layers = layers.len();
     config.layer_windows = whole.layer_windows[layers.clone()].to_vec();
@@ -109,9 +97,14 @@ pub(crate) struct Place {
 
 impl<B: Backend> Pipeline<B> {
     /// The pipeline `group` cutting the model `whole`, laid out as `whole_layout` (under expert
-    /// parallel with this rank's routed experts), into `group.size()` stages; collective over
-    /// `group` (it forms the neighbour pairs).
-    pub fn new(group: Group<B>, whole: &Config, whole_layout: Weights<TensorSpec>) -> anyhow::Result<Self> {
+    /// parallel with this rank's routed experts), into `group.size()` stages of the layers
+    /// `stage_layers`; collective over `group` (it forms the neighbour pairs).
+    pub fn new(
+        group: Group<B>,
+        whole: &Config,
+        whole_layout: Weights<TensorSpec>,
+        stage_layers: Vec<Range<usize>>,
+    ) -> anyhow::Result<Self> {
         let (stage, stages) = (group.rank(), group.size());
         // Pairs (0,1), (2,3), .. and (1,2), (3,4), ..: each stage meets its neighbours in one
         // of the two splits.
@@ -129,7 +122,7 @@ impl<B: Backend> Pipeline<B> {
             prev,
             next,
             tied,
-            stage_layers: stage_layers(whole.num_layers, stages),
+            stage_layers,
             chunks: 1,
             fixed_chunks: false,
             whole: Arc::new(whole.clone()),
@@ -252,16 +245,5 @@ fn hand_over<B: Backend>(b: &B, pair: &Group<B>, send: Option<&B::Slice>, recv: 
                 b.copy(recv, b.slice(&both, theirs));
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stages_spread_the_layers_evenly() {
-        assert_eq!(stage_layers(5, 2), vec![0..3, 3..5]);
-        assert_eq!(stage_layers(4, 4), vec![0..1, 1..2, 2..3, 3..4]);
     }
 }

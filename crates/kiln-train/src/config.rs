@@ -133,6 +133,35 @@ impl RewardSpec {
     }
 }
 
+/// `train.pp_layers`: a split's name or each stage's layers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PpLayers {
+    Named(String),
+    Counts(Vec<usize>),
+}
+
+impl Default for PpLayers {
+    fn default() -> Self {
+        Self::Named("even".into())
+    }
+}
+
+impl PpLayers {
+    /// The split it names.
+    pub fn split(&self) -> Result<kiln_model::StageSplit, String> {
+        use kiln_model::StageSplit;
+        match self {
+            Self::Named(name) if name == "even" => Ok(StageSplit::Even),
+            Self::Named(name) if name == "balanced" => Ok(StageSplit::Balanced),
+            Self::Named(other) => {
+                Err(format!("`train.pp_layers` = \"{other}\": expected \"even\", \"balanced\" or each stage's layers"))
+            }
+            Self::Counts(counts) => Ok(StageSplit::Given(counts.clone())),
+        }
+    }
+}
+
 /// `[rm]`: the Bradley-Terry loss `−log σ(r_chosen − r_rejected − margin)`, plus
 /// `center_rewards_coefficient · (r_chosen + r_rejected)²` to keep rewards centred at 0.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -275,6 +304,12 @@ pub struct TrainSection {
     /// need. 0: twice `pp` (there at most the rows of `batch_tokens`).
     #[serde(default)]
     pub pp_chunks: usize,
+    /// Pipeline parallel: how the stages cut the layers. "even" (the default: as evenly as
+    /// they go, the first stages one more, as `kiln plan` assumes), "balanced" (the largest
+    /// stage's compute per token as small as it goes, the LM head counted on the last stage:
+    /// `kiln_model::stage_split`), or each stage's layers, e.g. `[9, 9, 8, 6]`.
+    #[serde(default)]
+    pub pp_layers: PpLayers,
     /// The layout in `kiln plan`'s syntax (`dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..`), setting the
     /// keys it names (`crate::layout`).
     #[serde(default)]
@@ -531,6 +566,16 @@ impl RunConfig {
         }
         if t.pp == 0 {
             return Err("`train.pp` must be at least 1".into());
+        }
+        t.pp_layers.split()?;
+        if let PpLayers::Counts(counts) = &t.pp_layers {
+            if counts.len() != t.pp {
+                return Err(format!(
+                    "`train.pp_layers` = {counts:?} gives {} stages, `train.pp` is {}",
+                    counts.len(),
+                    t.pp
+                ));
+            }
         }
         if t.tp > 1 && t.optimizer == OptimizerKind::Muon {
             return Err(format!(

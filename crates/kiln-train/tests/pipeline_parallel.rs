@@ -253,3 +253,33 @@ fn what_pipeline_parallel_cannot_cut_is_refused_with_the_reason() {
     let err = sft_error(4, &scratch("pp-refuse-ranks"), &["train.pp=3"], false);
     assert!(err.contains("`train.pp` = 3 does not divide the 4 ranks"), "{err}");
 }
+
+#[test]
+fn stages_cut_where_given_or_balanced_follow_the_one_process_curve() {
+    let one = scratch("pp-split-1");
+    sft(1, &one, &[]);
+    let held = |dir: &Path| steps(dir)[0]["weights_mb"].as_f64().unwrap();
+    let mut rank0 = Vec::new();
+    // The demo's 4 layers as 1 + 3 and 3 + 1 (the tied embedding on both ends either way), and
+    // balanced: its head (99 x 192) weighs a twentieth of a layer, so the even 2 + 2.
+    for (name, split) in [("1+3", "[1, 3]"), ("3+1", "[3, 1]"), ("balanced", "\"balanced\"")] {
+        let dir = scratch(&format!("pp-split-{name}"));
+        sft_laid_out(2, &dir, "pp=2", &[&format!("train.pp_layers={split}")]);
+        assert_same_curve(&series(&one, "loss"), &series(&dir, "loss"), 1e-5, name);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, name);
+        let (a, b) = (one.join("checkpoints/step-00000006"), dir.join("checkpoints/step-00000006"));
+        assert_same_weights(&a, &b, &format!("{name}: the final checkpoint"));
+        rank0.push(held(&dir));
+    }
+    // Rank 0 holds its stage's layers: 1, 3 and 2 of them.
+    assert!(rank0[0] < rank0[2] && rank0[2] < rank0[1], "rank 0's weights, MB: {rank0:?}");
+    // A cut that does not fit the stages is refused with the reason: when the run file is read
+    // (naming it), or, for the layers, when the model is.
+    let example = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/sft.toml"));
+    let overrides = ["train.pp=2".to_string(), "train.pp_layers=[1, 2, 1]".to_string()];
+    let err = kiln_train::config::RunConfig::load_resolved(example, &overrides).unwrap_err().to_string();
+    assert!(err.contains("sft.toml: `train.pp_layers` = [1, 2, 1] gives 3 stages, `train.pp` is 2"), "{err}");
+    let bad_sum = ["train.pp=2", "train.grad_accum=2", "train.pp_layers=[1, 2]"];
+    let err = sft_error(2, &scratch("pp-split-bad-sum"), &bad_sum, false);
+    assert!(err.contains("4 layers in all"), "{err}");
+}

@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_data::{ChatTemplate, Tokenizer};
-use kiln_model::{Model, ModelShare};
+use kiln_model::{Model, ModelShare, StageSplit};
 use parallel::{expert_groups, layout_groups, LayoutGroups};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -135,6 +135,10 @@ impl<B: Backend> Session<B> {
         let share = ModelShare {
             experts: self.model.expert_parallel().cloned(),
             stages: self.model.pipeline().map(|pp| Arc::clone(&pp.group)),
+            split: self
+                .model
+                .pipeline()
+                .map_or(StageSplit::Even, |pp| StageSplit::Given(pp.stage_layers.iter().map(|r| r.len()).collect())),
             tensors: self.model.tensor_parallel().map(|tp| Arc::clone(&tp.group)),
             carries: false,
         };
@@ -180,7 +184,8 @@ impl<B: Backend> Session<B> {
         };
         // The carried tensors are written by data rank 0 alone (`Session::write_part`).
         let carries = data.rank() == 0 && parallel::writes_whole_tensors::<B>(tensor_group.as_ref(), pipeline.as_ref());
-        let share = ModelShare { experts: expert_parallel, stages: pipeline, tensors: tensor_group, carries };
+        let split = t.pp_layers.split().map_err(anyhow::Error::msg)?;
+        let share = ModelShare { experts: expert_parallel, stages: pipeline, split, tensors: tensor_group, carries };
         let mut model = load(&b, &model_dir, share).with_context(|| {
             format!("loading this rank's part of the model (`train.tp` = {}, `train.pp` = {})", t.tp, t.pp)
         })?;

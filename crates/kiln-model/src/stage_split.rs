@@ -1,0 +1,154 @@
+//! How pipeline parallel cuts the layers into stages: evenly, given, or balanced by compute.
+//!
+//! Balanced: each layer costs the weights its matrix products read per token (attention and
+//! MLP, of an MoE layer the shared experts and `top_k` of the routed ones), and the last stage
+//! adds the LM head's `vocab · hidden`. The cut minimises the largest stage's cost over every
+//! cut into runs of at least one layer (a dynamic programme over the layers), since the
+//! slowest stage sets a pipeline's pace. At Llama-3-8B's shape the head costs 2.4 layers, so
+//! pp = 4 cuts 8 + 9 + 9 + 6 layers (largest stage 9 layer-costs) where the even cut's last
+//! stage carries 8 + 2.4. Attention's scores (quadratic in the sequence) are left out: they
+//! are the same per layer and so move no cut in the supported models.
+
+use crate::config::Config;
+use crate::weights::{self, TensorSpec};
+use std::ops::Range;
+
+/// How the layers are cut into stages.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum StageSplit {
+    /// As evenly as they go, the first stages one more (`kiln plan`'s even spread).
+    #[default]
+    Even,
+    /// The largest stage's compute as small as it goes (see the module).
+    Balanced,
+    /// This many layers per stage, in stage order.
+    Given(Vec<usize>),
+}
+
+impl StageSplit {
+    /// The layers of each of `stages` stages of `whole`, or why the split cannot cut it.
+    pub fn layers(&self, whole: &Config, stages: usize) -> Result<Vec<Range<usize>>, String> {
+        let n = whole.num_layers;
+        if stages > n {
+            return Err(format!("pp = {stages} stages for the model's {n} layers: at most one stage per layer"));
+        }
+        let counts = match self {
+            Self::Even => (0..stages).map(|s| kiln_dist::shard(n, s, stages).len()).collect(),
+            Self::Balanced => balanced(&layer_costs(whole), head_cost(whole), stages),
+            Self::Given(counts) => {
+                if counts.len() != stages || counts.contains(&0) || counts.iter().sum::<usize>() != n {
+                    return Err(format!(
+                        "`train.pp_layers` = {counts:?}: give {stages} stages (pp) of at least one layer each, \
+                         {n} layers in all"
+                    ));
+                }
+                counts.clone()
+            }
+        };
+        Ok(counts.iter().scan(0, |at, &c| Some(std::mem::replace(at, *at + c)..*at)).collect())
+    }
+}
+
+/// The weights each layer's matrix products read per token.
+fn layer_costs(whole: &Config) -> Vec<f64> {
+    let active = whole.moe.as_ref().map_or(1.0, |m| m.top_k as f64 / m.experts as f64);
+    let per_token = |s: &TensorSpec| s.numel() as f64 * if s.is_routed_experts() { active } else { 1.0 };
+    (weights::layout(whole).layers.iter())
+        .map(|layer| {
+            let mut cost = 0.0;
+            layer.map(&mut |s: &TensorSpec| cost += per_token(s));
+            cost
+        })
+        .collect()
+}
+
+/// The LM head's weights (none for a reward model's score).
+fn head_cost(whole: &Config) -> f64 {
+    match whole.num_labels {
+        None => (whole.vocab_size * whole.hidden_size) as f64,
+        Some(labels) => (labels * whole.hidden_size) as f64,
+    }
+}
+
+/// Layers per stage minimising the largest stage's cost, the last stage adding `head`; of equal
+/// cuts, the one whose later stages are longest (the first stage also holds the embedding
+/// and, under 1F1B, the most activations in flight).
+fn balanced(costs: &[f64], head: f64, stages: usize) -> Vec<usize> {
+    let n = costs.len();
+    let prefix: Vec<f64> = std::iter::once(0.0)
+        .chain(costs.iter().scan(0.0, |s, c| {
+            *s += c;
+            Some(*s)
+        }))
+        .collect();
+    let run = |a: usize, b: usize| prefix[b] - prefix[a];
+    // best[s][i]: the smallest largest-stage cost of the first i layers in s stages, with
+    // from[s][i] the start of the last of them.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; stages + 1];
+    let mut from = vec![vec![0; n + 1]; stages + 1];
+    best[0][0] = 0.0;
+    for s in 1..=stages {
+        for i in s..=n {
+            let extra = if s == stages { head } else { 0.0 };
+            for j in s - 1..i {
+                let cost = best[s - 1][j].max(run(j, i) + extra);
+                if cost < best[s][i] {
+                    (best[s][i], from[s][i]) = (cost, j);
+                }
+            }
+        }
+    }
+    let mut counts = vec![0; stages];
+    let mut end = n;
+    for s in (1..=stages).rev() {
+        let start = from[s][end];
+        counts[s - 1] = end - start;
+        end = start;
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama(vocab: usize, layers: usize) -> Config {
+        Config::parse(&format!(
+            r#"{{"model_type": "llama", "vocab_size": {vocab}, "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": {layers}, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "max_position_embeddings": 8192}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn even_and_given_cuts() {
+        let c = llama(1000, 5);
+        assert_eq!(StageSplit::Even.layers(&c, 2).unwrap(), vec![0..3, 3..5]);
+        assert_eq!(StageSplit::Given(vec![1, 4]).layers(&c, 2).unwrap(), vec![0..1, 1..5]);
+        for bad in [vec![2, 2], vec![5, 0], vec![1, 1, 3]] {
+            let err = StageSplit::Given(bad.clone()).layers(&c, 2).unwrap_err();
+            assert!(err.contains("`train.pp_layers`") && err.contains("5 layers"), "{bad:?}: {err}");
+        }
+        assert!(StageSplit::Even.layers(&c, 6).unwrap_err().contains("at most one stage per layer"));
+    }
+
+    #[test]
+    fn balanced_stages_take_the_head_into_account() {
+        // Llama-3-8B: a layer reads 218M weights per token, the head 525M (2.4 layers).
+        let c = llama(128_256, 32);
+        let split = StageSplit::Balanced.layers(&c, 4).unwrap();
+        assert_eq!(split.iter().map(|r| r.len()).collect::<Vec<_>>(), [8, 9, 9, 6]);
+        // With a small head the cut is the even one.
+        let small = llama(1000, 32);
+        assert_eq!(StageSplit::Balanced.layers(&small, 4).unwrap(), StageSplit::Even.layers(&small, 4).unwrap());
+    }
+
+    #[test]
+    fn balanced_minimises_the_largest_stage() {
+        // Costs 1, 1, 4, 1, 1 and a head of 2 over 3 stages: [1 1] [4] [1 1 + 2] = max 4.
+        assert_eq!(balanced(&[1.0, 1.0, 4.0, 1.0, 1.0], 2.0, 3), [2, 1, 2]);
+        // Every stage keeps a layer even when the head outweighs them all.
+        assert_eq!(balanced(&[1.0; 4], 100.0, 3), [1, 2, 1]);
+    }
+}

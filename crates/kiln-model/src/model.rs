@@ -73,6 +73,8 @@ pub struct Model<B: Backend> {
     pub(crate) pipeline: Option<Pipeline<B>>,
     /// Pipeline parallel: the activations of the chunks (rows) a stage holds at once.
     pub(crate) chunk_acts: Vec<Activations<B>>,
+    /// Pipeline parallel: the activations of the one chunk a forward-only pass holds.
+    pub(crate) forward_chunk: Option<Activations<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
     /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
@@ -266,6 +268,7 @@ impl<B: Backend> Model<B> {
             tensor_parallel: None,
             pipeline: None,
             chunk_acts: Vec::new(),
+            forward_chunk: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
             compress_rope_table: b.zeros(0),
@@ -674,10 +677,10 @@ impl<B: Backend> Model<B> {
 
     /// Per-token negative log-likelihood of `batch.targets` (0 where there is no target).
     pub fn nll(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) -> Vec<f32> {
-        self.forward(b, acts, batch);
-        if !self.holds_head() {
-            return self.last_stage_values(b, &[], acts.rows * acts.seq, "pipeline: nll");
+        if self.pipeline.is_some() {
+            return self.pipelined_nll(b, acts, batch);
         }
+        self.forward(b, acts, batch);
         self.cross_entropy_forward(b, acts);
         let nll = b.read(&acts.nll);
         self.last_stage_values(b, &nll, nll.len(), "pipeline: nll")
@@ -903,12 +906,15 @@ impl<B: Backend> Model<B> {
     /// A forward pass of a rank with nothing left to run while the others of the step run one,
     /// for the collectives a forward takes part in: under ZeRO-3 the gathers of every tensor,
     /// under expert parallel its experts computing for the rows its group sends (a no-op for
-    /// a model with neither).
-    pub fn idle_forward(&mut self, b: &B) {
-        gather(&mut self.shards, b, (&self.flat, &self.params), None);
-        for l in 0..self.config.num_layers {
-            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
-            self.serve_layer(b, l);
+    /// a model with neither). Under pipeline parallel its chunks are those of `order`: the
+    /// pipeline's chunks for `nll` (`ForwardsFirst`), one for `forward_hidden` (`Unchunked`).
+    pub fn idle_forward(&mut self, b: &B, order: ChunkOrder) {
+        let chunks = match (&self.pipeline, order) {
+            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::Interleaved) => pp.chunks,
+            _ => 1,
+        };
+        for _ in 0..chunks {
+            self.idle_chunk_forward(b);
         }
     }
 

@@ -83,10 +83,8 @@ impl<B: Backend> Model<B> {
     ) -> (f64, Option<Vec<f32>>) {
         let pp = self.pipeline.clone().expect("a pipeline stage");
         let (stage, stages, seq) = (pp.stage(), pp.group.size(), batch.seq);
-        let count = if pp.fixed_chunks { pp.chunks } else { pp.chunks.min(batch.rows).max(1) };
-        let rows: Vec<Range<usize>> = (0..count).map(|c| kiln_dist::shard(batch.rows, c, count)).collect();
-        let chunk_rows = rows[0].len().max(1);
-        let chunks: Vec<Batch> = rows.iter().map(|r| batch.rows_padded(r.clone(), chunk_rows)).collect();
+        let (rows, chunks) = chunks_of(&pp, batch);
+        let chunk_rows = chunks[0].rows;
         // GPipe where the loss's weights need every chunk's forward, else 1F1B; an idle pass of
         // a data-parallel peer (`Model::idle_pass`) runs the same order.
         let [first_ops, then_ops] = match loss.order() {
@@ -127,6 +125,54 @@ impl<B: Backend> Model<B> {
         self.chunk_acts = run.acts;
         (pp.scalar_from_last(run.loss_sum, "pipeline: loss"), nll)
     }
+}
+
+impl<B: Backend> Model<B> {
+    /// Every token's nll of `batch` under pipeline parallel, on every stage. Its rows, cut into
+    /// the chunks a training pass takes (the same rows, so the numbers of training's forward),
+    /// pass through the stages one after another: stage s runs chunk c while stage s + 1 runs
+    /// chunk c − 1 (the forwards of `forwards_then_backwards`). A chunk's activations are done
+    /// once it is handed on, so a stage holds one chunk's (`forward_chunk`).
+    pub(crate) fn pipelined_nll(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) -> Vec<f32> {
+        let pp = self.pipeline.clone().expect("a pipeline stage");
+        let (rows, chunks) = chunks_of(&pp, batch);
+        let (chunk_rows, seq, last) = (chunks[0].rows, batch.seq, self.config.num_layers);
+        let mut a = match self.forward_chunk.take() {
+            Some(a) if a.rows == chunk_rows && a.seq == seq => a,
+            _ => Activations::new(b, &self.config, chunk_rows, seq, false, false),
+        };
+        let what = "pipeline: hidden states forward";
+        for op in forwards_then_backwards(pp.stage(), pp.group.size(), chunks.len())[0].iter().copied() {
+            match op {
+                Op::RecvForward(_) => pp.recv_prev(b, &mut a.layer_inputs[0], what),
+                Op::Forward(c) => {
+                    self.forward_layers(b, &mut a, &chunks[c], false, None, false);
+                    if pp.is_last() {
+                        self.lm_head_forward(b, &mut a);
+                        self.cross_entropy_forward(b, &mut a);
+                        let (tokens, n) = (rows[c].start * seq..rows[c].end * seq, rows[c].len() * seq);
+                        b.copy(b.slice_mut(&mut acts.nll, tokens.clone()), b.slice(&a.nll, 0..n));
+                        b.copy(b.slice_mut(&mut acts.correct, tokens), b.slice(&a.correct, 0..n));
+                    }
+                }
+                Op::SendForward(_) => pp.send_next(b, &a.layer_inputs[last], what),
+                other => unreachable!("{other:?} in a forward-only schedule"),
+            }
+        }
+        self.forward_chunk = Some(a);
+        let mine = if pp.is_last() { b.read(&acts.nll) } else { Vec::new() };
+        pp.from_last(b, &mine, batch.rows * seq, "pipeline: nll")
+    }
+}
+
+/// `batch`'s rows cut into the pipeline's chunks (fewer for fewer rows, or with fixed chunks
+/// exactly that many), and the chunks, each padded to the first's rows.
+fn chunks_of<B: Backend>(pp: &Pipeline<B>, batch: &Batch) -> (Vec<Range<usize>>, Vec<Batch>) {
+    let count = if pp.fixed_chunks { pp.chunks } else { pp.chunks.min(batch.rows).max(1) };
+    let rows: Vec<Range<usize>> = (0..count).map(|c| kiln_dist::shard(batch.rows, c, count)).collect();
+    let chunk_rows = rows[0].len().max(1);
+    let chunks = rows.iter().map(|r| batch.rows_padded(r.clone(), chunk_rows)).collect();
+    (rows, chunks)
 }
 
 /// A pipelined pass under way: the chunks' activations (chunk c in slot c mod their number),

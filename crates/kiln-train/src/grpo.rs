@@ -249,7 +249,7 @@ impl<B: Backend> Grpo<B> {
                 training_logprobs(&s.b, model, acts, &rows)
             })
             .collect();
-        (0..idle).for_each(|_| model.idle_forward(&s.b));
+        (0..idle).for_each(|_| model.idle_forward(&s.b, ChunkOrder::ForwardsFirst));
         Ok(logps)
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use kiln_core::Backend;
 use kiln_data::example::{Encoder, Example};
 use kiln_data::preference::{read_preference_rows, PreferencePair};
-use kiln_model::{ActivationsPool, Model};
+use kiln_model::{ActivationsPool, ChunkOrder, Model};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -153,7 +153,7 @@ pub fn sequence_logps_on_ranks<B: Backend>(
         None => &mut s.model,
     };
     let mut logps = sequence_logps(&s.b, model, (pool, split.rows), &split.examples, &split.micro_batches[mine]);
-    (0..idle).for_each(|_| model.idle_forward(&s.b));
+    (0..idle).for_each(|_| model.idle_forward(&s.b, ChunkOrder::ForwardsFirst));
     s.data.all_reduce_sum_f64(&mut logps, what)?;
     Ok(logps)
 }

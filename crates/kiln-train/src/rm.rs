@@ -177,7 +177,7 @@ impl<B: Backend> Recipe<B> for Rm<B> {
                 reward[example] = r;
             }
         }
-        (0..idle).for_each(|_| s.model.idle_forward(&s.b));
+        (0..idle).for_each(|_| s.model.idle_forward(&s.b, ChunkOrder::Unchunked));
         s.data.all_reduce_sum_f64(&mut reward, &format!("eval rewards at step {}", s.state.step))?;
         let mut stats = RmStats::default();
         for k in 0..split.examples.len() / 2 {

@@ -11,7 +11,7 @@ use crate::trainer::{train, Recipe, StepPlan, Tally};
 use anyhow::Result;
 use kiln_core::Backend;
 use kiln_data::example::Example;
-use kiln_model::{Activations, Model};
+use kiln_model::{Activations, ChunkOrder, Model};
 use serde_json::{json, Value};
 
 /// The loss and token accuracy of a step, or on the eval data.
@@ -116,7 +116,7 @@ impl<B: Backend> Recipe<B> for Sft<B> {
                 micro_batch_nll(&s.b, &mut s.model, &mut self.acts, &self.eval, &self.eval_batches[i]);
             (sums[i], sums[n + i]) = (loss, correct as f64);
         }
-        (0..idle).for_each(|_| s.model.idle_forward(&s.b));
+        (0..idle).for_each(|_| s.model.idle_forward(&s.b, ChunkOrder::ForwardsFirst));
         s.data.all_reduce_sum_f64(&mut sums, &format!("eval loss at step {}", s.state.step))?;
         let count = self.eval_batches.iter().map(|mb| trainable_targets(&self.eval, mb)).sum::<usize>().max(1) as f64;
         let (loss, correct) = (sums[..n].iter().sum::<f64>(), sums[n..].iter().sum::<f64>());

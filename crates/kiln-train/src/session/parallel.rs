@@ -66,7 +66,7 @@ impl<B: Backend> Session<B> {
     pub fn idle_passes_run(&mut self, n: usize, forwards: usize, order: ChunkOrder) {
         let b = &self.b;
         for _ in 0..n {
-            (0..forwards).for_each(|_| self.model.idle_forward(b));
+            (0..forwards).for_each(|_| self.model.idle_forward(b, ChunkOrder::ForwardsFirst));
             self.model.idle_pass(b, &mut self.dp, self.train.recompute, order);
         }
     }

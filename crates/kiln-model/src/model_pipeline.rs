@@ -125,9 +125,7 @@ impl<B: Backend> Model<B> {
         self.chunk_acts = run.acts;
         (pp.scalar_from_last(run.loss_sum, "pipeline: loss"), nll)
     }
-}
 
-impl<B: Backend> Model<B> {
     /// Every token's nll of `batch` under pipeline parallel, on every stage. Its rows, cut into
     /// the chunks a training pass takes (the same rows, so the numbers of training's forward),
     /// pass through the stages one after another: stage s runs chunk c while stage s + 1 runs

@@ -20,6 +20,7 @@ use crate::activations::Activations;
 use crate::model::Model;
 use crate::tensor_parallel::{block_counts, join, Cut, TensorParallel};
 use kiln_core::Backend;
+use std::borrow::Cow;
 
 impl<B: Backend> Model<B> {
     /// The tensor group splitting the vocabulary, with this rank's first token.
@@ -30,8 +31,8 @@ impl<B: Backend> Model<B> {
 
     /// The embedding rows of `ids` this rank holds: the ids, or under vocabulary parallel their
     /// rows in the rank's block (−1 for a token another rank holds).
-    pub(crate) fn embedding_rows(&self, ids: &[i32]) -> Vec<i32> {
-        let Some((_, first)) = self.vocab_block() else { return ids.to_vec() };
+    pub(crate) fn embedding_rows<'a>(&self, ids: &'a [i32]) -> Cow<'a, [i32]> {
+        let Some((_, first)) = self.vocab_block() else { return Cow::Borrowed(ids) };
         let block = first as i32..(first + self.config.vocab_size) as i32;
         ids.iter().map(|id| if block.contains(id) { id - block.start } else { -1 }).collect()
     }
@@ -78,10 +79,10 @@ impl<B: Backend> Model<B> {
             return b.reverse_kl_backward(&mut acts.logits, &mut acts.nll, teacher, &acts.inputs.weights, vocab);
         };
         let rows = acts.rows * acts.seq;
-        let student = self.block_lse(b, tp, &acts.logits, &acts.inputs.targets, rows);
-        let teacher_lse = self.block_lse(b, tp, teacher, &acts.inputs.targets, rows);
+        let student = self.gathered_stats(b, tp, &acts.logits, &acts.inputs.targets, rows);
+        let teacher_stats = self.gathered_stats(b, tp, teacher, &acts.inputs.targets, rows);
         let lse: Vec<f32> =
-            (0..rows).flat_map(|r| [student[r].0, student[r].1, teacher_lse[r].0, teacher_lse[r].1]).collect();
+            (0..rows).flat_map(|r| [two_f32(student.lse(r)), two_f32(teacher_stats.lse(r))].concat()).collect();
         let lse = b.upload(&lse);
         b.reverse_kl_block_forward(&mut acts.nll, &acts.logits, teacher, &lse, vocab);
         tp.sum(&mut acts.nll, "vocabulary parallel: reverse KL");
@@ -97,21 +98,20 @@ impl<B: Backend> Model<B> {
         let targets = b.read_index(&acts.inputs.targets);
         let mut whole = WholeRows { lse: Vec::with_capacity(2 * rows), nll: vec![0.0; rows], correct: vec![0.0; rows] };
         for r in 0..rows {
-            let of_row = |k: usize| stats.chunks(3 * rows).map(move |s| s[3 * r + k]);
-            let lse = log_sum_exp(of_row(0).zip(of_row(1)).map(|(max, log_sum)| max as f64 + log_sum as f64));
+            let lse = stats.lse(r);
             whole.lse.extend(two_f32(lse));
             if targets[r] >= 0 {
-                let max = of_row(0).fold(f32::NEG_INFINITY, f32::max);
                 // Only the rank holding the target gives its logit; the others give 0.
-                let target_logit: f32 = of_row(2).sum();
+                let target_logit: f32 = stats.of_row(r, 2).sum();
                 whole.nll[r] = (lse - target_logit as f64) as f32;
-                whole.correct[r] = f32::from(u8::from(target_logit >= max));
+                whole.correct[r] =
+                    f32::from(u8::from(target_logit >= stats.of_row(r, 0).fold(f32::NEG_INFINITY, f32::max)));
             }
         }
         Some(whole)
     }
 
-    /// Every rank's `vocab_block_stats` of `logits`, rank after rank (`[T][rows·3]`).
+    /// Every rank's `vocab_block_stats` of `logits`.
     fn gathered_stats(
         &self,
         b: &B,
@@ -119,7 +119,7 @@ impl<B: Backend> Model<B> {
         logits: &B::Slice,
         targets: &B::Index,
         rows: usize,
-    ) -> Vec<f32> {
+    ) -> BlockStats {
         let (vocab, first) = (self.config.vocab_size, self.vocab_block().expect("vocabulary parallel").1);
         let mut stats = b.zeros(3 * rows);
         b.vocab_block_stats(&mut stats, logits, targets, vocab, first);
@@ -128,26 +128,7 @@ impl<B: Backend> Model<B> {
         tp.group
             .all_gather_v(&stats, &vec![3 * rows; t], &mut all, "vocabulary parallel: loss statistics")
             .unwrap_or_else(|e| panic!("tensor parallel: {e:#}"));
-        b.read(&all)
-    }
-
-    /// The whole rows' lse of `logits` (a block of every row), as two values a row.
-    fn block_lse(
-        &self,
-        b: &B,
-        tp: &TensorParallel<B>,
-        logits: &B::Slice,
-        targets: &B::Index,
-        rows: usize,
-    ) -> Vec<(f32, f32)> {
-        let stats = self.gathered_stats(b, tp, logits, targets, rows);
-        (0..rows)
-            .map(|r| {
-                let blocks = stats.chunks(3 * rows).map(|s| s[3 * r] as f64 + s[3 * r + 1] as f64);
-                let [hi, lo] = two_f32(log_sum_exp(blocks));
-                (hi, lo)
-            })
-            .collect()
+        BlockStats { all: b.read(&all), rows }
     }
 
     /// The whole rows of `logits` (`rows` of this rank's block of the vocabulary), for
@@ -162,6 +143,25 @@ impl<B: Backend> Model<B> {
             .all_gather_v(&b.upload(&logits), &counts, &mut all, "vocabulary parallel: logits")
             .unwrap_or_else(|e| panic!("tensor parallel: {e:#}"));
         join(&b.read(&all), &whole, cut, t)
+    }
+}
+
+/// Every rank's `vocab_block_stats` of a block of the vocabulary, rank after rank
+/// (`[T][rows·3]`: max, log Σ exp below it, the target's logit or 0).
+struct BlockStats {
+    all: Vec<f32>,
+    rows: usize,
+}
+
+impl BlockStats {
+    /// Statistic `k` of row `r`, rank after rank.
+    fn of_row(&self, r: usize, k: usize) -> impl Iterator<Item = f32> + Clone + '_ {
+        self.all.chunks(3 * self.rows).map(move |s| s[3 * r + k])
+    }
+
+    /// The whole row's `log Σ exp`, in f64.
+    fn lse(&self, r: usize) -> f64 {
+        log_sum_exp(self.of_row(r, 0).zip(self.of_row(r, 1)).map(|(max, log_sum)| max as f64 + log_sum as f64))
     }
 }
 

@@ -97,10 +97,10 @@ impl<B: Backend> Model<B> {
         let stats = self.gathered_stats(b, tp, &acts.logits, &acts.inputs.targets, rows);
         let targets = b.read_index(&acts.inputs.targets);
         let mut whole = WholeRows { lse: Vec::with_capacity(2 * rows), nll: vec![0.0; rows], correct: vec![0.0; rows] };
-        for r in 0..rows {
+        for (r, &target) in targets.iter().enumerate() {
             let lse = stats.lse(r);
             whole.lse.extend(two_f32(lse));
-            if targets[r] >= 0 {
+            if target >= 0 {
                 // Only the rank holding the target gives its logit; the others give 0.
                 let target_logit: f32 = stats.of_row(r, 2).sum();
                 whole.nll[r] = (lse - target_logit as f64) as f32;

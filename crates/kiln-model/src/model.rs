@@ -21,7 +21,7 @@ use crate::layers::moe_aux_loss::SeqAux;
 use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::model_pipeline::PipelineLoss;
 use crate::model_share::{ModelShare, RankPart};
-use crate::param_shards::{ParamShards, SpaceRanks};
+use crate::param_shards::ParamShards;
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{ChunkOrder, Op};
 use crate::safetensors_io::{self, RawTensor, StorageDtype};
@@ -32,7 +32,6 @@ use crate::weights::{
     TensorSpec, Weights,
 };
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
-use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -47,7 +46,7 @@ pub struct Model<B: Backend> {
     /// Every parameter, in one buffer; under ZeRO-3 (`shards`) this rank's shards of them.
     pub params: B::Buf,
     /// ZeRO-3: how the ranks shard the parameters, and the gathered layer and outer tensors.
-    shards: Option<ParamShards<B>>,
+    pub(crate) shards: Option<ParamShards<B>>,
     /// Dtype of the checkpoint it came from, used again when saving.
     pub dtype: StorageDtype,
     /// Stored tensors kiln does not use (multi-token-prediction layers), written back as read.
@@ -157,16 +156,6 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// ZeRO-3: keeps only this rank's shard of each space of `spaces` (a flat range and the
-    /// ranks that split it, which are all the parameters), gathering the rest as it runs
-    /// (`param_shards`).
-    pub fn shard_params(&mut self, b: &B, spaces: Vec<(Range<usize>, SpaceRanks<B>)>) {
-        assert_eq!(spaces.iter().map(|s| s.0.len()).sum::<usize>(), self.flat.total, "spaces cover the parameters");
-        let (shards, mine) = ParamShards::new(b, &self.flat, spaces, &self.params);
-        self.params = mine;
-        self.shards = Some(shards);
-    }
-
     /// Whether this rank holds shards of the parameters (ZeRO-3, not unsharded).
     pub fn params_sharded(&self) -> bool {
         active(&self.shards).is_some()
@@ -240,6 +229,19 @@ impl<B: Backend> Model<B> {
     ) -> Self {
         let flat = FlatLayout::new(&layout);
         let params = upload_flat(b, &flat, tensors);
+        Self::from_params(b, config, layout, flat, params, dtype)
+    }
+
+    /// A model of the parameters `params` laid out as `flat` (or of ZeRO-3's shards of them,
+    /// whose `ParamShards` the caller sets: `load_share`).
+    pub(crate) fn from_params(
+        b: &B,
+        config: Config,
+        layout: Weights<TensorSpec>,
+        flat: FlatLayout,
+        params: B::Buf,
+        dtype: StorageDtype,
+    ) -> Self {
         let expert_load = layout.layers.iter().map(|l| vec![0; expert_count(l)]).collect();
         let moe_shape = MoeShape::new(&config);
         let (mut passthrough, mut hash_tables, mut hc_ones) = (Vec::new(), vec![None; config.num_layers], b.zeros(0));

@@ -3,11 +3,14 @@
 //! Each tensor the rank holds is read alone and cut to its block as it comes
 //! (`safetensors_io::Pick`), the others are never read: a rank holds no more of the model than
 //! its part and the one whole tensor in hand, so a model larger than one process's memory loads.
+//! Under ZeRO-3 it keeps of its part only its shard of the parameters (`param_shards`).
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::flat::{overlap, FlatLayout};
 use crate::layers::expert_parallel::ExpertParallel;
-use crate::model::{layout_of, stored_layout, Model};
+use crate::model::{layout_of, stored_layout, upload_flat, Model};
+use crate::param_shards::{ParamShards, ShardRanks};
 use crate::pipeline::{self, Pipeline};
 use crate::safetensors_io::{self, LoadSpec, Pick};
 use crate::stage_split::StageSplit;
@@ -15,6 +18,7 @@ use crate::tensor_parallel::{self, Cut, TensorParallel};
 use crate::weights::{TensorSpec, Weights};
 use kiln_core::Backend;
 use kiln_dist::Comm;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -25,7 +29,7 @@ type Group<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
 /// and whether it keeps the tensors carried through unchanged (`Config::is_carried_tensor`:
 /// multi-token-prediction layers, as large as a layer) for the checkpoints it writes. Only the
 /// one rank that writes them need: the others read of them just DeepSeek-V4's hash tables,
-/// which the forward reads.
+/// which the forward reads. Under ZeRO-3 (`params`) it keeps only its shard of that part.
 pub struct ModelShare<B: Backend> {
     pub experts: Option<ExpertParallel<B>>,
     pub stages: Option<Group<B>>,
@@ -33,12 +37,14 @@ pub struct ModelShare<B: Backend> {
     pub split: StageSplit,
     pub tensors: Option<Group<B>>,
     pub carries: bool,
+    /// ZeRO-3: the ranks that shard the parameters; the rank keeps its shard of each tensor.
+    pub params: Option<ShardRanks<B>>,
 }
 
 impl<B: Backend> ModelShare<B> {
     /// The whole model.
     pub fn whole() -> Self {
-        Self { experts: None, stages: None, split: StageSplit::Even, tensors: None, carries: true }
+        Self { experts: None, stages: None, split: StageSplit::Even, tensors: None, carries: true, params: None }
     }
 
     /// All but this rank's share `ep` of the routed experts.
@@ -56,6 +62,9 @@ pub struct RankPart {
     /// cut (none without), and the rank's place in the group (rank, size).
     cuts: Vec<(TensorSpec, Cut)>,
     place: (usize, usize),
+    /// Under ZeRO-3, for each of the rank's tensors the values (offsets in the tensor) inside
+    /// its shards.
+    sharded: Option<Vec<Range<usize>>>,
 }
 
 impl RankPart {
@@ -79,7 +88,18 @@ impl RankPart {
                 (cuts, (tp.group.rank(), tp.group.size()))
             }
         };
-        Self { local, cuts, place }
+        Self { local, cuts, place, sharded: None }
+    }
+
+    /// Keeps of each tensor only the values inside this rank's ZeRO-3 `shards` of the
+    /// parameters laid out as `flat` (the rank's own layout).
+    pub fn sharded<B: Backend>(mut self, shards: &ParamShards<B>, flat: &FlatLayout) -> Self {
+        let inside = |r: &Range<usize>| match shards.local(r) {
+            Some((part, _)) if !part.is_empty() => part.start - r.start..part.end - r.start,
+            _ => 0..0,
+        };
+        self.sharded = Some(flat.ranges.iter().into_iter().map(inside).collect());
+        self
     }
 
     /// Whether the rank holds whole tensor `i`.
@@ -87,18 +107,34 @@ impl RankPart {
         self.local[i].is_some()
     }
 
-    /// The rank's block of whole tensor `i`'s values, or of its stacked part `part`'s.
+    /// The rank's block of whole tensor `i`'s values, or of its stacked part `part`'s; under
+    /// ZeRO-3 only what of it lies in the rank's shards.
     pub fn keep(&self, i: usize, part: Option<usize>, values: Vec<f32>) -> Vec<f32> {
-        let Some((spec, cut)) = self.local[i].and_then(|j| self.cuts.get(j)) else { return values };
-        let place = &self.place;
-        match (part, *cut) {
-            (_, Cut::Whole) => values,
-            (None, cut) => tensor_parallel::slice(&values, &spec.shape, cut, *place),
-            // A part is one expert of a stack `[E, ..]` cut past its first dimension.
-            (Some(_), Cut::Dim(k)) => {
-                assert!(k > 0, "tensor parallel cuts an expert's width, not the experts");
-                tensor_parallel::slice(&values, &spec.shape[1..], Cut::Dim(k - 1), *place)
-            }
+        let Some(j) = self.local[i] else { return values };
+        let values = match self.cuts.get(j) {
+            None | Some((_, Cut::Whole)) => values,
+            Some((spec, Cut::Dim(k))) => match part {
+                None => tensor_parallel::slice(&values, &spec.shape, Cut::Dim(*k), self.place),
+                // A part is one expert of a stack `[E, ..]` cut past its first dimension.
+                Some(_) => {
+                    assert!(*k > 0, "tensor parallel cuts an expert's width, not the experts");
+                    tensor_parallel::slice(&values, &spec.shape[1..], Cut::Dim(k - 1), self.place)
+                }
+            },
+        };
+        self.shard(j, part, values)
+    }
+
+    /// Under ZeRO-3, what of the rank's tensor `j` (or of its stacked part `part`, `values`
+    /// being one part) lies in the rank's shards; else all of `values`.
+    pub fn shard(&self, j: usize, part: Option<usize>, values: Vec<f32>) -> Vec<f32> {
+        let Some(sharded) = &self.sharded else { return values };
+        let start = part.unwrap_or(0) * values.len();
+        let inside = overlap(&sharded[j], &(start..start + values.len()));
+        match inside.len() {
+            0 => Vec::new(),
+            n if n == values.len() => values,
+            _ => values[inside.start - start..inside.end - start].to_vec(),
         }
     }
 
@@ -127,7 +163,7 @@ impl<B: Backend> Model<B> {
         if new_score.is_some() {
             config.num_labels = Some(1);
         }
-        let ModelShare { experts: ep, stages, split, tensors, carries } = share;
+        let ModelShare { experts: ep, stages, split, tensors, carries, params } = share;
         let refused = |why: String| Error::new(dir.join("config.json"), why);
         let (whole_layout, deepseek_names) = stored_layout(dir, &config, ep.as_ref())?;
         let (mut local_config, mut local_layout) = (config.clone(), whole_layout.clone());
@@ -152,7 +188,12 @@ impl<B: Backend> Model<B> {
             }
         };
         let whole_specs = whole_layout.iter();
-        let part = RankPart::new(pp.as_ref(), tp.as_ref(), &local_layout, whole_specs.len());
+        let flat = FlatLayout::new(&local_layout);
+        let shards = params.map(|ranks| ParamShards::new(b, &flat, ranks.spaces(&flat)));
+        let mut part = RankPart::new(pp.as_ref(), tp.as_ref(), &local_layout, whole_specs.len());
+        if let Some(shards) = &shards {
+            part = part.sharded(shards, &flat);
+        }
         let score = whole_layout.score.as_ref().filter(|_| new_score.is_some()).map(|s| s.name.as_str());
         let reads = |i: usize| part.holds(i) && Some(whole_specs[i].name.as_str()) != score;
         let keep = |i, p, values| part.keep(i, p, values);
@@ -170,12 +211,19 @@ impl<B: Backend> Model<B> {
         }
         let mut tensors = part.arrange(loaded.tensors, &local_layout);
         if let (Some(seed), Some(spec)) = (new_score, &local_layout.score) {
-            tensors.score = Some(match spec.numel() {
+            let values = match spec.numel() {
                 0 => Vec::new(),
                 n => kiln_core::rng::Rng::new(seed).normal_vec(n, 0.02),
-            });
+            };
+            let score = local_layout.iter().len() - 1;
+            tensors.score = Some(part.shard(score, None, values));
         }
-        let mut model = Self::from_layout(b, local_config, local_layout, &tensors, loaded.dtype);
+        let params = match &shards {
+            Some(shards) => shards.upload(b, &flat, &tensors),
+            None => upload_flat(b, &flat, &tensors),
+        };
+        let mut model = Self::from_params(b, local_config, local_layout, flat, params, loaded.dtype);
+        model.shards = shards;
         model.read_hash_tables(dir, &loaded.passthrough, deepseek_names)?;
         model.passthrough = loaded.passthrough;
         (model.expert_parallel, model.pipeline, model.tensor_parallel) = (ep, pp, tp);

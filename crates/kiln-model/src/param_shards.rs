@@ -10,6 +10,9 @@
 //! gathers in the same order: a rank with fewer passes in a step runs idle ones
 //! (`Model::idle_forward`, `Model::idle_pass`).
 //!
+//! A rank reads only its shard from the checkpoint (`ModelShare::params`): it never holds the
+//! whole model, even while loading.
+//!
 //! For what needs every tensor at once, `Model::unshard` gathers the whole model (on every
 //! rank for generation, whose steps differ between ranks; on the ranks that write for a
 //! checkpoint) and `Model::reshard` drops it again.
@@ -23,6 +26,26 @@ use std::sync::Arc;
 
 /// The ranks of a parameter space, as `Comm` over the backend's buffers.
 pub type SpaceRanks<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
+
+/// ZeRO-3's ranks: those that shard the dense parameters (the data-parallel ranks) and those
+/// that shard the routed experts (their replicas under expert parallel, else the same ranks).
+pub struct ShardRanks<B: Backend> {
+    pub dense: SpaceRanks<B>,
+    pub experts: SpaceRanks<B>,
+}
+
+impl<B: Backend> ShardRanks<B> {
+    /// The spaces of the parameters laid out as `flat` (the dense tensors, then the routed
+    /// experts if any) with the ranks that share each: what ZeRO shards, for the weights
+    /// (`ParamShards`) and the optimizer state alike.
+    pub fn spaces(&self, flat: &FlatLayout) -> Vec<(Range<usize>, SpaceRanks<B>)> {
+        let mut spaces = vec![(0..flat.dense, Arc::clone(&self.dense))];
+        if flat.total > flat.dense {
+            spaces.push((flat.experts(), Arc::clone(&self.experts)));
+        }
+        spaces
+    }
+}
 
 /// One parameter space and how its ranks shard it.
 struct ShardedSpace<B: Backend> {
@@ -61,13 +84,8 @@ pub struct ParamShards<B: Backend> {
 
 impl<B: Backend> ParamShards<B> {
     /// Shards of `flat` over `spaces` (each a range of the flat layout and its ranks, sharded
-    /// as `kiln_dist::shard` does); returns them with this rank's shard of `whole` cut out.
-    pub fn new(
-        b: &B,
-        flat: &FlatLayout,
-        spaces: Vec<(Range<usize>, SpaceRanks<B>)>,
-        whole: &B::Slice,
-    ) -> (Self, B::Buf) {
+    /// as `kiln_dist::shard` does).
+    pub fn new(b: &B, flat: &FlatLayout, spaces: Vec<(Range<usize>, SpaceRanks<B>)>) -> Self {
         let mut at = 0;
         let spaces: Vec<ShardedSpace<B>> = spaces
             .into_iter()
@@ -78,7 +96,7 @@ impl<B: Backend> ParamShards<B> {
                 space
             })
             .collect();
-        let me = Self {
+        Self {
             spaces,
             layer_ranges: (0..flat.ranges.layers.len()).map(|l| flat.packed_layer(l)).collect(),
             outer_ranges: flat.packed_outer(),
@@ -86,10 +104,20 @@ impl<B: Backend> ParamShards<B> {
             outer: b.zeros(flat.outer_len()),
             parked: None,
             what: String::new(),
-        };
-        let mut shard = b.zeros(at);
-        me.cut(b, whole, &mut shard);
-        (me, shard)
+        }
+    }
+
+    /// `tensors` (each local tensor's values inside this rank's shards, as `local` finds them;
+    /// `flat` lays them out) uploaded into a buffer of this rank's shards.
+    pub fn upload(&self, b: &B, flat: &FlatLayout, tensors: &Weights<Vec<f32>>) -> B::Buf {
+        let held = self.spaces.iter().map(|s| s.mine().len()).sum();
+        let mut shard = b.zeros(held);
+        for (r, values) in flat.ranges.iter().into_iter().zip(tensors.iter()) {
+            if let Some((_, at)) = self.local(r).filter(|(part, _)| !part.is_empty()) {
+                b.write(b.slice_mut(&mut shard, at), values);
+            }
+        }
+        shard
     }
 
     /// Values held for the weights: the shard buffer's and the gather buffers'.
@@ -168,12 +196,5 @@ impl<B: Backend> ParamShards<B> {
         }
         self.gather_outer(b, flat, shard);
         place(&self.outer, &flat.outer());
-    }
-
-    /// This rank's shards cut out of `whole`, into `shard`.
-    pub fn cut(&self, b: &B, whole: &B::Slice, shard: &mut B::Slice) {
-        for s in &self.spaces {
-            b.copy(b.slice_mut(shard, s.at..s.at + s.mine().len()), b.slice(whole, s.mine().clone()));
-        }
     }
 }

@@ -30,6 +30,7 @@ use anyhow::Result;
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_dist::Comm;
 use kiln_model::flat::{layer_views, outer_views, overlap};
+use kiln_model::param_shards::ShardRanks;
 use kiln_model::weights::LayerWeights;
 use kiln_model::{FlatGrads, FlatLayout, GradSink, Model, Weights};
 use std::ops::Range;
@@ -37,6 +38,13 @@ use std::sync::Arc;
 
 /// A group of ranks whose collectives move `B`'s buffers.
 pub type Ranks<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
+
+/// The ranks that share the dense parameters' update (`world`, the data-parallel ranks) and
+/// the routed experts' (`replicas` under expert parallel, else the same ranks); ZeRO-3 shards
+/// the weights over them as the optimizer state (`ModelShare::params`).
+pub fn shard_ranks<B: Backend>(world: &Ranks<B>, replicas: Option<Ranks<B>>) -> ShardRanks<B> {
+    ShardRanks { dense: Arc::clone(world), experts: replicas.unwrap_or_else(|| Arc::clone(world)) }
+}
 
 /// One group of parameters and the ranks that share its update.
 pub struct Space<B: Backend> {
@@ -297,20 +305,22 @@ impl<B: Backend> DataParallel<B> {
         if let Some(tp) = model.tensor_parallel() {
             cut += &format!("tp{}of{}_", tp.group.rank(), tp.group.size());
         }
-        let mut spaces = vec![Space::new(b, 0..flat.dense, Arc::clone(world), sharded, format!("{cut}adam_shard"))];
-        if flat.total > flat.dense {
-            let ep = model.expert_parallel();
-            let comm = replicas.unwrap_or_else(|| Arc::clone(world));
-            let name = format!("{cut}adam_expert_shard-{}", ep.map_or(0, |ep| ep.group.rank()));
-            let mut experts = Space::new(b, flat.experts(), comm, sharded, name);
+        let ep = model.expert_parallel();
+        let ranks = shard_ranks::<B>(world, replicas);
+        let names = [format!("{cut}adam_shard"), format!("{cut}adam_expert_shard-{}", ep.map_or(0, |ep| ep.group.rank()))];
+        let mut spaces: Vec<Space<B>> = ranks.spaces(&flat)
+            .into_iter()
+            .zip(names)
+            .map(|((range, comm), name)| Space::new(b, range, comm, sharded, name))
+            .collect();
+        if let Some(experts) = spaces.get_mut(1) {
             experts.expert_group = ep.map(|ep| Arc::clone(&ep.group));
-            spaces.push(experts);
         }
         let stage_two = zero >= 2 && sharded;
         let scratch = b.zeros(if stage_two { flat.largest_layer() } else { 0 });
         let outer_scratch = b.zeros(if stage_two { flat.outer_len() } else { 0 });
         let whole = (!stage_two).then(|| FlatGrads::new(b, &flat));
-        let shards_weights = zero >= 3 && sharded;
+        let shards_weights = Self::shards_weights(zero, world);
         if shards_weights {
             let mut at = 0;
             for space in &mut spaces {
@@ -336,9 +346,9 @@ impl<B: Backend> DataParallel<B> {
         }
     }
 
-    /// The spaces of the parameters and the ranks that shard each, for `Model::shard_params`.
-    pub fn param_spaces(&self) -> Vec<(Range<usize>, Ranks<B>)> {
-        self.spaces.iter().map(|s| (s.range.clone(), Arc::clone(&s.comm))).collect()
+    /// Whether ZeRO stage `zero` over `world` shards the weights (ZeRO-3 on several ranks).
+    pub fn shards_weights(zero: u8, world: &Ranks<B>) -> bool {
+        zero >= 3 && world.size() > 1
     }
 
     /// The startup line that says which optimizer updates what.

@@ -281,6 +281,11 @@ fn zero_3_cuts_the_memory_each_rank_measures() {
     run_two_steps(&pipeline, "dp=2,pp=2");
     let ((held_0, peak_0), (held_3, peak_3)) = (memory(&replicated), memory(&sharded));
     let ((held_tp, peak_tp), (held_pp, peak_pp)) = (memory(&tensor), memory(&pipeline));
+    // Loading: a ZeRO-3 rank reads and keeps only its shard of the weights (122 MB whole).
+    let load_peak = |dir: &Path| steps(dir)[0]["load_peak_resident_mb"].as_f64().expect("the load's peak");
+    let (load_0, load_3) = (load_peak(&replicated), load_peak(&sharded));
+    eprintln!("rank 0's peak resident memory while loading: {load_0:.0} MB under ZeRO-0, {load_3:.0} MB under ZeRO-3");
+    assert!(load_3 < load_0 - 150.0, "ZeRO-3 rank 0 peaks at {load_3} MB loading, ZeRO-0's at {load_0}");
     // Half of every layer and of the vocabulary: only the norms are whole (244 of 487 MB).
     assert!(held_tp < 0.51 * held_0, "tp=2 holds {held_tp} MB of {held_0}");
     assert!(held_pp < 0.6 * held_0, "pp=2 holds {held_pp} MB of {held_0}");
@@ -794,14 +799,16 @@ fn sft_limited(model: &Path, out: &Path, ranks: usize, layout: &str, limit_mb: u
 }
 
 #[test]
-fn a_model_whose_training_state_exceeds_a_process_s_memory_limit_trains_under_tp2_pp2() {
+fn a_model_whose_training_state_exceeds_a_process_s_memory_limit_trains_under_tp2_pp2_or_zero_3() {
     let _serial = serial();
     let root = scratch("memory-limit");
     let model = root.join("model");
     large_model(&model);
     // 2 GB of training state; each process may address 1.5 GB. One process cannot hold it;
-    // under tp = 2 x pp = 2 each rank holds a quarter (0.5 GB) beside the ~0.45 GB an MPI
-    // rank addresses before any model (libraries, thread arenas, shared-memory transport).
+    // under tp = 2 x pp = 2 or ZeRO-3 on 4 ranks each rank holds a quarter (0.5 GB) beside the
+    // ~0.45 GB an MPI rank addresses before any model (libraries, thread arenas, shared-memory
+    // transport). ZeRO-3 needs each rank to read only its shard: holding the whole weights
+    // while loading, as a rank once did before cutting out its shard, passes the limit.
     let limit_mb = 1536;
     let alone = sft_limited(&model, &root.join("one"), 1, "", limit_mb);
     let alone_err = String::from_utf8_lossy(&alone.stderr);
@@ -809,8 +816,12 @@ fn a_model_whose_training_state_exceeds_a_process_s_memory_limit_trains_under_tp
     assert!(alone_err.contains("memory allocation"), "one process failed, but not for memory: {alone_err}");
     let split = sft_limited(&model, &root.join("split"), 4, "dp=1,tp=2,pp=2", limit_mb);
     assert!(split.status.success(), "tp2 x pp2 under {limit_mb} MB: {}", String::from_utf8_lossy(&split.stderr));
-    let steps = steps(&root.join("split"));
-    assert_eq!(steps.len(), 2, "two steps");
-    assert!(steps.iter().all(|s| s["loss"].as_f64().is_some_and(f64::is_finite)), "{steps:?}");
+    let sharded = sft_limited(&model, &root.join("zero3"), 4, "dp=4,zero=3", limit_mb);
+    assert!(sharded.status.success(), "ZeRO-3 under {limit_mb} MB: {}", String::from_utf8_lossy(&sharded.stderr));
+    for layout in ["split", "zero3"] {
+        let steps = steps(&root.join(layout));
+        assert_eq!(steps.len(), 2, "{layout}: two steps");
+        assert!(steps.iter().all(|s| s["loss"].as_f64().is_some_and(f64::is_finite)), "{layout}: {steps:?}");
+    }
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -14,7 +14,7 @@ mod parallel;
 use crate::checkpoint::{self, State};
 use crate::config::{OptimizerKind, RunConfig, TrainSection};
 use crate::data::{check_vocab, load_tokenizer};
-use crate::data_parallel::{DataParallel, Ranks};
+use crate::data_parallel::{shard_ranks, DataParallel, Ranks};
 use crate::metrics::{Metrics, PlotSpec};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
@@ -87,6 +87,9 @@ pub struct Session<B: Backend> {
     tokens_seen: u64,
     step_seconds: f64,
     non_finite_streak: u32,
+    /// Measured: the process's peak resident memory from its start to the model and optimizer
+    /// state loaded, reported with the run's first step.
+    load_peak_mb: Option<f64>,
 }
 
 /// How a recipe's run ended; `S` is its statistics (loss, accuracy, ...).
@@ -141,6 +144,7 @@ impl<B: Backend> Session<B> {
                 .map_or(StageSplit::Even, |pp| StageSplit::Given(pp.stage_layers.iter().map(|r| r.len()).collect())),
             tensors: self.model.tensor_parallel().map(|tp| Arc::clone(&tp.group)),
             carries: false,
+            params: None,
         };
         self.load_frozen(dir, share)
     }
@@ -185,7 +189,10 @@ impl<B: Backend> Session<B> {
         // The carried tensors are written by data rank 0 alone (`Session::write_part`).
         let carries = data.rank() == 0 && parallel::writes_whole_tensors::<B>(tensor_group.as_ref(), pipeline.as_ref());
         let split = t.pp_layers.split().map_err(anyhow::Error::msg)?;
-        let share = ModelShare { experts: expert_parallel, stages: pipeline, split, tensors: tensor_group, carries };
+        // ZeRO-3: each rank reads only its shard of the weights.
+        let params = DataParallel::<B>::shards_weights(t.zero, &data).then(|| shard_ranks::<B>(&data, replicas.clone()));
+        let share =
+            ModelShare { experts: expert_parallel, stages: pipeline, split, tensors: tensor_group, carries, params };
         let mut model = load(&b, &model_dir, share).with_context(|| {
             format!("loading this rank's part of the model (`train.tp` = {}, `train.pp` = {})", t.tp, t.pp)
         })?;
@@ -209,9 +216,6 @@ impl<B: Backend> Session<B> {
                 (chunks, _) => chunks,
             };
             model.set_pipeline_chunks(chunks, fixed);
-        }
-        if dp.shards_weights {
-            model.shard_params(&b, dp.param_spaces());
         }
         if comm.is_root() {
             eprintln!("{}", dp.describe_optimizer());
@@ -274,6 +278,7 @@ impl<B: Backend> Session<B> {
             tokens_seen: 0,
             step_seconds: 0.0,
             non_finite_streak: 0,
+            load_peak_mb: crate::resident::peak_mb(),
         })
     }
 
@@ -393,6 +398,9 @@ impl<B: Backend> Session<B> {
         if let Some(peak) = crate::resident::peak_mb() {
             // Measured: the process's peak resident memory over the step.
             record["peak_resident_mb"] = peak.into();
+        }
+        if let Some(peak) = self.load_peak_mb.take() {
+            record["load_peak_resident_mb"] = peak.into();
         }
         add_expert_load(&mut record, &expert_load);
         if self.train.moe_aux_loss_alpha != 0.0 {

@@ -351,6 +351,14 @@ impl<B: Backend> DataParallel<B> {
         zero >= 3 && world.size() > 1
     }
 
+    /// Under ZeRO-3, the ranks that shard the weights (those of the dense and the expert
+    /// spaces), for a frozen model sharded as the trained one is.
+    pub fn weight_shard_ranks(&self) -> Option<ShardRanks<B>> {
+        let dense = Arc::clone(&self.spaces[0].comm);
+        let experts = self.spaces.get(1).map_or_else(|| Arc::clone(&dense), |s| Arc::clone(&s.comm));
+        self.shards_weights.then_some(ShardRanks { dense, experts })
+    }
+
     /// The startup line that says which optimizer updates what.
     pub fn describe_optimizer(&self) -> String {
         match &self.muon {

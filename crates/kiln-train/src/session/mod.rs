@@ -132,8 +132,9 @@ impl<B: Backend> Session<B> {
     }
 
     /// The reference model of a preference or RL run (the weights at `dir`, frozen), laid out
-    /// as the trained model is: its share of the routed experts, its pipeline stage and its
-    /// tensor blocks, so the two run on the same activations.
+    /// as the trained model is: its share of the routed experts, its pipeline stage, its
+    /// tensor blocks and (ZeRO-3) its shard of the weights, so the two run on the same
+    /// activations and an idle pass of either gathers as a pass of the other does.
     pub fn load_reference(&self, dir: &Path) -> Result<Model<B>> {
         let share = ModelShare {
             experts: self.model.expert_parallel().cloned(),
@@ -144,7 +145,7 @@ impl<B: Backend> Session<B> {
                 .map_or(StageSplit::Even, |pp| StageSplit::Given(pp.stage_layers.iter().map(|r| r.len()).collect())),
             tensors: self.model.tensor_parallel().map(|tp| Arc::clone(&tp.group)),
             carries: false,
-            params: None,
+            params: self.dp.weight_shard_ranks(),
         };
         self.load_frozen(dir, share)
     }

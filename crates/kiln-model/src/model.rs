@@ -149,7 +149,7 @@ impl<B: Backend> Model<B> {
     }
 
     /// Layer `l`'s tensors (under ZeRO-3 as last gathered).
-    fn layer_weights(&self, b: &B, l: usize) -> LayerWeights<&B::Slice> {
+    pub(crate) fn layer_weights(&self, b: &B, l: usize) -> LayerWeights<&B::Slice> {
         match active(&self.shards) {
             Some(s) => s.layer_views(b, l),
             None => self.flat.ranges.layers[l].map(&mut |r| b.slice(&self.params, r.clone())),
@@ -161,17 +161,14 @@ impl<B: Backend> Model<B> {
         active(&self.shards).is_some()
     }
 
-    /// ZeRO-3: gathers every parameter into `params` (a collective, a layer at a time) on the
-    /// ranks that pass `keep` (a checkpoint's writers; every rank for generation); the others
-    /// take part holding one layer and stay sharded. `reshard` goes back. Does nothing for a
-    /// model that holds every parameter.
-    pub fn unshard(&mut self, b: &B, keep: bool) {
+    /// ZeRO-3: gathers every parameter into `params` (a collective, a layer at a time), for what
+    /// needs them all at once on every rank (generation); `reshard` goes back. Does nothing for
+    /// a model that holds every parameter.
+    pub fn unshard(&mut self, b: &B) {
         let Some(s) = self.shards.as_mut().filter(|s| s.parked.is_none()) else { return };
-        let mut whole = keep.then(|| b.zeros(self.flat.total));
-        s.gather_all(b, &self.flat, &self.params, whole.as_deref_mut());
-        if let Some(whole) = whole {
-            s.parked = Some(std::mem::replace(&mut self.params, whole));
-        }
+        let mut whole = b.zeros(self.flat.total);
+        s.gather_all(b, &self.flat, &self.params, &mut whole);
+        s.parked = Some(std::mem::replace(&mut self.params, whole));
     }
 
     /// ZeRO-3: drops the whole parameters `unshard` gathered and keeps this rank's shards again
@@ -1192,7 +1189,7 @@ fn active<B: Backend>(shards: &Option<ParamShards<B>>) -> Option<&ParamShards<B>
 
 /// Under ZeRO-3, gathers layer `l`'s tensors (`None`: the outer ones) from the shards in
 /// `params` before they are used (a collective); does nothing for a model that holds them all.
-fn gather<B: Backend>(
+pub(crate) fn gather<B: Backend>(
     shards: &mut Option<ParamShards<B>>,
     b: &B,
     (flat, params): (&FlatLayout, &B::Slice),

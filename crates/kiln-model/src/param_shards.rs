@@ -10,12 +10,12 @@
 //! gathers in the same order: a rank with fewer passes in a step runs idle ones
 //! (`Model::idle_forward`, `Model::idle_pass`).
 //!
-//! A rank reads only its shard from the checkpoint (`ModelShare::params`): it never holds the
-//! whole model, even while loading.
+//! A rank reads only its shard from the checkpoint (`ModelShare::params`), and a checkpoint is
+//! written as its layers are gathered (`Model::visit_weights`): a rank never holds the whole
+//! model to load or save it.
 //!
-//! For what needs every tensor at once, `Model::unshard` gathers the whole model (on every
-//! rank for generation, whose steps differ between ranks; on the ranks that write for a
-//! checkpoint) and `Model::reshard` drops it again.
+//! Generation, whose steps differ between ranks, needs every tensor at once: `Model::unshard`
+//! gathers the whole model on every rank and `Model::reshard` drops it again.
 
 use crate::flat::{overlap, FlatLayout};
 use crate::weights::{LayerWeights, Weights};
@@ -178,11 +178,10 @@ impl<B: Backend> ParamShards<B> {
         self.outer_ranges.map(|r| b.slice(&self.outer, r.clone()))
     }
 
-    /// Every parameter gathered, a layer (then the outer tensors) at a time, into `whole` where
-    /// this rank passes one (a collective: the others only take part, holding one layer).
-    pub fn gather_all(&mut self, b: &B, flat: &FlatLayout, shard: &B::Slice, mut whole: Option<&mut B::Slice>) {
-        let mut place = |gathered: &B::Slice, segments: &[Range<usize>]| {
-            let Some(whole) = whole.as_deref_mut() else { return };
+    /// Every parameter gathered, a layer (then the outer tensors) at a time, into `whole` (a
+    /// collective).
+    pub fn gather_all(&mut self, b: &B, flat: &FlatLayout, shard: &B::Slice, whole: &mut B::Slice) {
+        let place = |whole: &mut B::Slice, gathered: &B::Slice, segments: &[Range<usize>]| {
             let mut at = 0;
             for s in segments {
                 b.copy(b.slice_mut(whole, s.clone()), b.slice(gathered, at..at + s.len()));
@@ -192,9 +191,9 @@ impl<B: Backend> ParamShards<B> {
         for l in 0..flat.ranges.layers.len() {
             self.gather_layer(b, flat, shard, l);
             let (dense, experts) = flat.layer(l);
-            place(&self.layer, &[dense, experts]);
+            place(whole, &self.layer, &[dense, experts]);
         }
         self.gather_outer(b, flat, shard);
-        place(&self.outer, &flat.outer());
+        place(whole, &self.outer, &flat.outer());
     }
 }

@@ -1,11 +1,22 @@
 //! The whole model one tensor at a time (`Model::visit_whole`), assembled from the pipeline
 //! stages' tensors and the tensor groups' blocks: what a checkpoint writes, with no rank
-//! holding more of the whole model than the one tensor in hand.
+//! holding more of the whole model than the one tensor in hand. Under ZeRO-3 the weights are
+//! gathered as they are visited (`Model::visit_weights`), a layer at a time.
 
 use crate::error::Result;
-use crate::model::Model;
+use crate::model::{gather, Model};
 use crate::weights::TensorSpec;
 use kiln_core::Backend;
+use std::collections::HashMap;
+
+/// A run of the whole model's tensors in `Weights::iter` order: the embedding, a layer, or the
+/// tensors after the layers.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Segment {
+    Embed,
+    Layer(usize),
+    Tail,
+}
 
 impl<B: Backend> Model<B> {
     /// Hands `visit` every tensor of the whole model in `whole_layout` order, with its values:
@@ -62,5 +73,62 @@ impl<B: Backend> Model<B> {
             }
         }
         outcome
+    }
+
+    /// `visit_whole` of the weights: a segment at a time (the embedding, each layer, the
+    /// tensors after the layers), each read from the weights this rank holds. Under ZeRO-3 the
+    /// tensors outside the layers are gathered before the embedding and each of the stage's
+    /// layers before its own segment (collectives over the ranks of the shards: every one of
+    /// them calls this, those that write no tensors with a `wanted` that refuses all), so a
+    /// rank holds one gathered layer, never the whole model.
+    pub fn visit_weights(
+        &mut self,
+        b: &B,
+        wanted: &dyn Fn(&TensorSpec) -> bool,
+        keep: bool,
+        visit: &mut dyn FnMut(&TensorSpec, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let whole = self.whole_layout();
+        let mut segment_of: HashMap<String, Segment> = HashMap::from([(whole.embed.name.clone(), Segment::Embed)]);
+        for (l, layer) in whole.layers.iter().enumerate() {
+            segment_of.extend(layer.refs().into_iter().map(|spec| (spec.name.clone(), Segment::Layer(l))));
+        }
+        let whole_layers = whole.layers.len();
+        let segment = |spec: &TensorSpec| segment_of.get(&spec.name).copied().unwrap_or(Segment::Tail);
+        let stage_layers = self.pipeline().map_or(0..whole_layers, |pp| pp.stage_layers[pp.stage()].clone());
+        // This rank's tensors in `layout` order: the embedding, each layer's, the rest.
+        let layer_counts: Vec<usize> = self.layout.layers.iter().map(|l| l.refs().len()).collect();
+        let layers_end = 1 + layer_counts.iter().sum::<usize>();
+        // After `visit`'s first error it is not called again; the collectives go on.
+        let mut failed = None;
+        let mut visit_until_failed = |spec: &TensorSpec, values: &[f32]| {
+            if failed.is_none() {
+                failed = visit(spec, values).err();
+            }
+            Ok(())
+        };
+        let segments = [Segment::Embed].into_iter().chain((0..whole_layers).map(Segment::Layer));
+        for seg in segments.chain([Segment::Tail]) {
+            let local_layer = match seg {
+                Segment::Layer(l) => Some(l).filter(|l| stage_layers.contains(l)).map(|l| l - stage_layers.start),
+                _ => None,
+            };
+            match (seg, local_layer) {
+                (Segment::Embed, _) => gather(&mut self.shards, b, (&self.flat, &self.params), None),
+                (_, Some(l)) => gather(&mut self.shards, b, (&self.flat, &self.params), Some(l)),
+                _ => {}
+            }
+            let (outer, layer) = (self.outer_weights(b), local_layer.map(|l| self.layer_weights(b, l)));
+            let (outer, layer) = (outer.iter(), layer.as_ref().map(|l| l.refs()));
+            let first = local_layer.map_or(0, |l| 1 + layer_counts[..l].iter().sum::<usize>());
+            let local = |i: usize| match (&layer, i) {
+                (_, 0) => b.read(outer[0]),
+                (Some(layer), i) if i < layers_end => b.read(layer[i - first]),
+                (_, i) => b.read(outer[i - layers_end + 1]),
+            };
+            let wanted_here = |spec: &TensorSpec| segment(spec) == seg && wanted(spec);
+            self.visit_whole(b, &local, &wanted_here, keep, &mut visit_until_failed)?;
+        }
+        failed.map_or(Ok(()), Err)
     }
 }

@@ -182,48 +182,56 @@ fn shard_name(prefix: &str, rank: usize, ranks: usize) -> String {
     format!("{prefix}-{:05}-of-{ranks:05}.safetensors", rank + 1)
 }
 
-/// This rank's tensors, read one at a time (`Model::visit_whole`'s `local`).
+/// AdamW's moments of this rank's tensors, read one at a time (`Model::visit_whole`'s `local`).
 type Local<'a> = Box<dyn Fn(usize) -> Vec<f32> + 'a>;
 
 /// Writes a rank's part of the whole model into checkpoint directory `dir`, a tensor at a time:
 /// the f32 weights and, given `moments`, AdamW's (this rank's, by tensor). Under pipeline and
 /// tensor parallel the tensors are assembled from the stages and the groups as they are
 /// written (a collective over them: every rank of the writer's groups calls this), and only
-/// the rank that passes `keep` writes. Under expert parallel expert rank `expert` of `ranks`
+/// the rank that passes `keep` writes; under ZeRO-3 the weights are gathered a layer at a time
+/// as they are written (`Model::visit_weights`; the data-parallel ranks that write nothing
+/// take part with `writes` false). Under expert parallel expert rank `expert` of `ranks`
 /// writes shard files of the routed experts it holds, expert rank 0 also every other tensor
 /// and the index; otherwise one file each.
 pub fn write_model_part<B: Backend>(
     b: &B,
     dir: &Path,
-    model: &Model<B>,
+    model: &mut Model<B>,
     moments: Option<&Moments>,
-    keep: bool,
+    (writes, keep): (bool, bool),
     (expert, ranks): (usize, usize),
 ) -> Result<()> {
+    if !writes {
+        return Ok(model.visit_weights(b, &|_| false, false, &mut |_, _| Ok(()))?);
+    }
     let sharded = ranks > 1;
     let file =
         |name: &str| dir.join(if sharded { shard_name(name, expert, ranks) } else { format!("{name}.safetensors") });
     let kept = |spec: &TensorSpec| expert == 0 || spec.is_routed_experts();
-    let layout = model.whole_layout();
-    let weights = model.weights(b);
-    let weights = weights.iter();
-    let mut parts: Vec<(&str, Local, &[safetensors_io::RawTensor])> = Vec::new();
-    let passthrough = if expert == 0 { &model.passthrough[..] } else { &[] };
-    parts.push(("model", Box::new(|i| b.read(weights[i])), passthrough));
+    let writer = |model: &Model<B>, name: &str, passthrough: &[safetensors_io::RawTensor]| {
+        let layout = model.whole_layout();
+        keep.then(|| safetensors_io::LayoutWriter::create(&file(name), layout, StorageDtype::F32, passthrough, &kept))
+            .transpose()
+    };
+    let mut weights = writer(model, "model", if expert == 0 { &model.passthrough } else { &[] })?;
+    model.visit_weights(b, &kept, keep, &mut |spec, values| match &mut weights {
+        Some(w) => Ok(w.push(spec, values)?),
+        None => Ok(()),
+    })?;
+    weights.map(|w| w.finish()).transpose()?;
     if let Some((m, v)) = moments {
         let (m, v) = (m.iter(), v.iter());
-        parts.push(("adam_m", Box::new(move |i| m[i].clone()), &[]));
-        parts.push(("adam_v", Box::new(move |i| v[i].clone()), &[]));
-    }
-    for (name, local, passthrough) in parts {
-        let mut writer = keep
-            .then(|| safetensors_io::LayoutWriter::create(&file(name), layout, StorageDtype::F32, passthrough, &kept))
-            .transpose()?;
-        model.visit_whole(b, &local, &kept, keep, &mut |spec, values| match &mut writer {
-            Some(w) => Ok(w.push(spec, values)?),
-            None => Ok(()),
-        })?;
-        writer.map(|w| w.finish()).transpose()?;
+        let moments: [(&str, Local); 2] =
+            [("adam_m", Box::new(move |i| m[i].clone())), ("adam_v", Box::new(move |i| v[i].clone()))];
+        for (name, local) in moments {
+            let mut writer = writer(model, name, &[])?;
+            model.visit_whole(b, &local, &kept, keep, &mut |spec, values| match &mut writer {
+                Some(w) => Ok(w.push(spec, values)?),
+                None => Ok(()),
+            })?;
+            writer.map(|w| w.finish()).transpose()?;
+        }
     }
     if keep && sharded && expert == 0 {
         write_expert_index(dir, model.whole_config(), &model.passthrough, ranks)?;

@@ -307,8 +307,10 @@ impl<B: Backend> DataParallel<B> {
         }
         let ep = model.expert_parallel();
         let ranks = shard_ranks::<B>(world, replicas);
-        let names = [format!("{cut}adam_shard"), format!("{cut}adam_expert_shard-{}", ep.map_or(0, |ep| ep.group.rank()))];
-        let mut spaces: Vec<Space<B>> = ranks.spaces(&flat)
+        let names =
+            [format!("{cut}adam_shard"), format!("{cut}adam_expert_shard-{}", ep.map_or(0, |ep| ep.group.rank()))];
+        let mut spaces: Vec<Space<B>> = ranks
+            .spaces(&flat)
             .into_iter()
             .zip(names)
             .map(|((range, comm), name)| Space::new(b, range, comm, sharded, name))

@@ -58,7 +58,7 @@ pub fn sample<B: Backend>(
     seeds: (u64, usize),
 ) -> Vec<(usize, Generation)> {
     let requests = group_requests(prompts, group, params, seeds);
-    model.unshard(b, true);
+    model.unshard(b);
     let out = generate(b, model, &requests, requests.len(), &mut |_, _| false);
     model.reshard();
     out.into_iter().enumerate().map(|(i, g)| (i / group, g)).collect()
@@ -116,7 +116,7 @@ pub fn sample_and_score<B: Backend>(
                 let _ = finished_groups.send((p, texts[p * group..(p + 1) * group].to_vec()));
             }
         };
-        model.unshard(b, true);
+        model.unshard(b);
         let outs = generate_observed(b, model, &requests, requests.len(), &mut |_, _| false, &mut finished);
         model.reshard();
         drop(finished_groups);

@@ -191,7 +191,8 @@ impl<B: Backend> Session<B> {
         let carries = data.rank() == 0 && parallel::writes_whole_tensors::<B>(tensor_group.as_ref(), pipeline.as_ref());
         let split = t.pp_layers.split().map_err(anyhow::Error::msg)?;
         // ZeRO-3: each rank reads only its shard of the weights.
-        let params = DataParallel::<B>::shards_weights(t.zero, &data).then(|| shard_ranks::<B>(&data, replicas.clone()));
+        let params =
+            DataParallel::<B>::shards_weights(t.zero, &data).then(|| shard_ranks::<B>(&data, replicas.clone()));
         let share =
             ModelShare { experts: expert_parallel, stages: pipeline, split, tensors: tensor_group, carries, params };
         let mut model = load(&b, &model_dir, share).with_context(|| {

@@ -424,9 +424,9 @@ pub trait Backend: Send + Sync {
     /// f32 values in the backend's memory: a whole buffer, or a range of one (`slice`,
     /// `split_at_mut`). Operations take slices, so one flat buffer can hold every parameter
     /// (or gradient, or optimizer moment) with a view per tensor, as llm.c lays them out.
-    type Slice: ?Sized + Send + Sync;
+    type Slice: ?Sized + Send + Sync + 'static;
     /// A buffer the backend allocated: it dereferences to the slice of all its values.
-    type Buf: DerefMut<Target = Self::Slice> + Send + Sync;
+    type Buf: DerefMut<Target = Self::Slice> + Send + Sync + 'static;
     type Index: Send + Sync;
 
     fn name(&self) -> &'static str;

@@ -8,11 +8,13 @@
 //! `init` picks the implementation from the launcher's environment; keep the returned guard
 //! alive until the program ends (it finalises MPI).
 
+mod in_flight;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
 mod threads;
 
+pub use in_flight::{Completion, InFlight, Owned};
 pub use local::Local;
 #[cfg(feature = "mpi")]
 pub use mpi_comm::Mpi;
@@ -25,7 +27,7 @@ use std::time::Duration;
 /// Collective operations over the ranks of a job, on buffers of type `T` (`[f32]` in host
 /// memory by default). Every rank calls the same collectives in the same order; `what` names
 /// the call in errors ("gradients at step 12").
-pub trait Comm<T: ?Sized = [f32]>: Send + Sync {
+pub trait Comm<T: ?Sized + 'static = [f32]>: Send + Sync {
     fn rank(&self) -> usize;
     fn size(&self) -> usize;
 
@@ -37,6 +39,22 @@ pub trait Comm<T: ?Sized = [f32]>: Send + Sync {
     fn reduce_scatter_v_sum(&self, buf: &T, counts: &[usize], out: &mut T, what: &str) -> Result<()>;
     /// `out` ← every rank's `chunk` (`counts[r]` values from rank r), in rank order.
     fn all_gather_v(&self, chunk: &T, counts: &[usize], out: &mut T, what: &str) -> Result<()>;
+    /// `all_gather_v` started: `chunk` is read (or copied) before it returns, and `out` is
+    /// owned until `finish` hands it back filled. In between the rank may compute, and call
+    /// other collectives (every rank in the same order). This default completes it at once
+    /// (`Local`, `Threads`; NCCL, whose stream orders it before the work queued after it);
+    /// MPI returns as it starts.
+    fn start_all_gather_v(&self, chunk: &T, counts: &[usize], mut out: Owned<T>, what: &str) -> Result<InFlight<T>> {
+        self.all_gather_v(chunk, counts, &mut out, what)?;
+        Ok(InFlight::done(out))
+    }
+    /// Waits for a collective this communicator started; its output.
+    fn finish(&self, mut started: InFlight<T>, _what: &str) -> Result<Owned<T>> {
+        while !started.test() {
+            std::thread::yield_now();
+        }
+        Ok(started.into_out())
+    }
     /// Sends `send` in pieces of `send_counts[r]` values to rank r; receives `recv_counts[r]`
     /// values from rank r into `recv`, in rank order.
     fn all_to_allv(

@@ -13,7 +13,7 @@
 //! launcher ends it, or, when the signal was a stop request to every rank, the collective
 //! completes and the run stops after its step as usual.
 
-use crate::Comm;
+use crate::{Comm, Completion, InFlight, Owned};
 use anyhow::{ensure, Context, Result};
 use mpi::collective::SystemOperation;
 use mpi::datatype::Equivalence;
@@ -68,17 +68,25 @@ impl Mpi {
         );
     }
 
-    /// Polls `request` until it completes; past the timeout, reports and aborts the job. Under
-    /// SIGTERM, a collective still waiting after a moment is reported (once) with the ranks that
-    /// no longer answer.
-    fn finish<'a, D: ?Sized, S: Scope<'a>>(&self, op: &str, what: &str, mut request: Request<'a, D, S>) {
+    /// Polls `request` until it completes (`finish_with`).
+    fn finish<'a, D: ?Sized, S: Scope<'a>>(&self, op: &str, what: &str, request: Request<'a, D, S>) {
+        let mut pending = Some(request);
+        self.finish_with(op, what, || match pending.take().expect("a request not yet complete").test() {
+            Ok(_) => true,
+            Err(r) => {
+                pending = Some(r);
+                false
+            }
+        });
+    }
+
+    /// Polls `test` until it says the collective completed; past the timeout, reports and
+    /// aborts the job. Under SIGTERM, a collective still waiting after a moment is reported
+    /// (once) with the ranks that no longer answer.
+    fn finish_with(&self, op: &str, what: &str, mut test: impl FnMut() -> bool) {
         let started = Instant::now();
         let mut signalled: Option<Instant> = None;
-        loop {
-            match request.test() {
-                Ok(_) => return,
-                Err(r) => request = r,
-            }
+        while !test() {
             if started.elapsed() > self.timeout {
                 self.give_up(op, what);
             }
@@ -151,6 +159,47 @@ impl Mpi {
             list(&silent)
         );
         self.world.abort(3)
+    }
+}
+
+/// A started `MPI_Iallgatherv`, with the chunk and counts it reads until it completes.
+struct StartedRequest {
+    raw: mpi::ffi::MPI_Request,
+    chunk: Vec<f32>,
+    counts: Vec<Count>,
+    displs: Vec<Count>,
+    /// The thread that may call MPI (funneled).
+    owner: ThreadId,
+}
+
+// SAFETY: the request is only tested on the thread that initialised MPI (checked), as
+// MPI_THREAD_FUNNELED allows.
+unsafe impl Send for StartedRequest {}
+
+impl Completion for StartedRequest {
+    fn test(&mut self) -> bool {
+        assert_eq!(
+            std::thread::current().id(),
+            self.owner,
+            "MPI called from a thread other than the one that initialised it"
+        );
+        let mut flag = 0;
+        // SAFETY: a live request, or the null handle once complete (for which MPI_Test says
+        // complete).
+        unsafe { mpi::ffi::MPI_Test(&mut self.raw, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE) };
+        flag != 0
+    }
+}
+
+impl Drop for StartedRequest {
+    /// Dropped before it completed (a rank unwinding), it leaks what MPI may still read.
+    fn drop(&mut self) {
+        // SAFETY: reads the null handle's value.
+        if self.raw != unsafe { mpi::ffi::RSMPI_REQUEST_NULL } {
+            std::mem::forget(std::mem::take(&mut self.chunk));
+            std::mem::forget(std::mem::take(&mut self.counts));
+            std::mem::forget(std::mem::take(&mut self.displs));
+        }
     }
 }
 
@@ -235,6 +284,51 @@ impl Comm for Mpi {
             self.finish("all_gather_v", what, r);
         });
         Ok(())
+    }
+
+    fn start_all_gather_v(
+        &self,
+        chunk: &[f32],
+        counts: &[usize],
+        mut out: Owned<[f32]>,
+        what: &str,
+    ) -> Result<InFlight<[f32]>> {
+        self.check_thread();
+        ensure!(
+            counts.len() == self.size()
+                && counts[self.rank()] == chunk.len()
+                && counts.iter().sum::<usize>() == out.len(),
+            "all_gather_v ({what}): counts {counts:?} do not fit {} values into {}",
+            chunk.len(),
+            out.len()
+        );
+        let (counts, displs) = counts_displs(counts);
+        // SAFETY: reads the null handle's value.
+        let raw = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };
+        let mut request = Box::new(StartedRequest { raw, chunk: chunk.to_vec(), counts, displs, owner: self.owner });
+        // SAFETY: the request holds the chunk and counts MPI reads, and the `InFlight` the
+        // output it writes (boxed: moving it does not move the values), until it completes;
+        // dropped before then, both leak them. Datatype and communicator are live handles.
+        unsafe {
+            mpi::ffi::MPI_Iallgatherv(
+                request.chunk.as_ptr().cast(),
+                request.chunk.len() as Count,
+                f32::equivalent_datatype().as_raw(),
+                out.as_mut_ptr().cast(),
+                request.counts.as_ptr(),
+                request.displs.as_ptr(),
+                f32::equivalent_datatype().as_raw(),
+                self.world.as_raw(),
+                &mut request.raw,
+            );
+        }
+        Ok(InFlight::pending(request, out))
+    }
+
+    fn finish(&self, mut started: InFlight<[f32]>, what: &str) -> Result<Owned<[f32]>> {
+        self.check_thread();
+        self.finish_with("all_gather_v", what, || started.test());
+        Ok(started.into_out())
     }
 
     fn all_to_allv(&self, send: &[f32], sc: &[usize], recv: &mut [f32], rc: &[usize], what: &str) -> Result<()> {

@@ -179,6 +179,13 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// ZeRO-3: whether each layer's gather starts the next layer's (`ParamShards::prefetch`).
+    pub fn prefetch_gathers(&mut self, on: bool) {
+        if let Some(s) = &mut self.shards {
+            s.prefetch = on;
+        }
+    }
+
     /// Names the gathers of ZeRO-3 in errors ("weights at step 12").
     pub fn label_gathers(&mut self, what: &str) {
         if let Some(s) = &mut self.shards {
@@ -186,8 +193,8 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// Values this rank holds for the weights: all of them, or its shards with room for one
-    /// gathered layer and the outer tensors.
+    /// Values this rank holds for the weights: all of them, or its shards with the buffers of
+    /// the layers gathered (two with prefetch) and the outer tensors.
     pub fn weights_len(&self, b: &B) -> usize {
         match active(&self.shards) {
             Some(s) => s.held_len(b, &self.params),
@@ -570,7 +577,7 @@ impl<B: Backend> Model<B> {
         hops: bool,
     ) {
         self.prepare(b, acts, batch);
-        gather(&mut self.shards, b, (&self.flat, &self.params), None);
+        gather_outer(&mut self.shards, b, (&self.flat, &self.params));
         let c = &self.config;
         let embed = self.outer_weights(b).embed;
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_first()) {
@@ -611,7 +618,7 @@ impl<B: Backend> Model<B> {
         }
         let mut loads = Vec::new();
         for l in 0..c.num_layers {
-            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+            gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, (l + 1 < c.num_layers).then_some(l + 1));
             let w = self.layer_weights(b, l);
             let (inputs, outputs) = acts.layer_inputs.split_at_mut(l + 1);
             let a = &mut acts.layers[acts.slots[l]];
@@ -864,7 +871,7 @@ impl<B: Backend> Model<B> {
             sequence.as_ref().map(|sequence| SeqAux { alpha: self.moe_aux_alpha, sequence, weights: &batch.weights });
         let mut aux_loss = 0.0;
         for l in (0..c.num_layers).rev() {
-            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+            gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, l.checked_sub(1));
             let w = self.layer_weights(b, l);
             let a = &mut acts.layers[acts.slots[l]];
             let layer = (l, &w);
@@ -944,10 +951,11 @@ impl<B: Backend> Model<B> {
 
     /// An idle pass's forward: the gathers, and the experts serving the group's rows.
     fn idle_chunk_forward(&mut self, b: &B) -> Vec<Option<moe::Served<B>>> {
-        gather(&mut self.shards, b, (&self.flat, &self.params), None);
+        gather_outer(&mut self.shards, b, (&self.flat, &self.params));
         (0..self.config.num_layers)
             .map(|l| {
-                gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+                let next = (l + 1 < self.config.num_layers).then_some(l + 1);
+                gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, next);
                 self.serve_layer(b, l)
             })
             .collect()
@@ -962,7 +970,7 @@ impl<B: Backend> Model<B> {
         mut served: Vec<Option<moe::Served<B>>>,
     ) {
         for l in (0..self.config.num_layers).rev() {
-            gather(&mut self.shards, b, (&self.flat, &self.params), Some(l));
+            gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, l.checked_sub(1));
             let mut g = grads.layer(b, l);
             if let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) {
                 let w = self.layer_weights(b, l);
@@ -1187,17 +1195,29 @@ fn active<B: Backend>(shards: &Option<ParamShards<B>>) -> Option<&ParamShards<B>
     shards.as_ref().filter(|s| s.parked.is_none())
 }
 
-/// Under ZeRO-3, gathers layer `l`'s tensors (`None`: the outer ones) from the shards in
-/// `params` before they are used (a collective); does nothing for a model that holds them all.
-pub(crate) fn gather<B: Backend>(
+/// Under ZeRO-3, gathers the tensors outside the layers from the shards in `params` before a
+/// forward uses them (collectives); does nothing for a model that holds them all.
+pub(crate) fn gather_outer<B: Backend>(
     shards: &mut Option<ParamShards<B>>,
     b: &B,
     (flat, params): (&FlatLayout, &B::Slice),
-    layer: Option<usize>,
 ) {
-    let Some(s) = shards.as_mut().filter(|s| s.parked.is_none()) else { return };
-    match layer {
-        Some(l) => s.gather_layer(b, flat, params, l),
-        None => s.gather_outer(b, flat, params),
+    if let Some(s) = shards.as_mut().filter(|s| s.parked.is_none()) {
+        s.gather_outer(b, flat, params);
+    }
+}
+
+/// Under ZeRO-3, gathers layer `l`'s tensors before they are used and starts gathering those
+/// of `next`, the layer that runs after it (`ParamShards::gather_layer`); does nothing for a
+/// model that holds them all.
+pub(crate) fn gather_layer<B: Backend>(
+    shards: &mut Option<ParamShards<B>>,
+    b: &B,
+    (flat, params): (&FlatLayout, &B::Slice),
+    l: usize,
+    next: Option<usize>,
+) {
+    if let Some(s) = shards.as_mut().filter(|s| s.parked.is_none()) {
+        s.gather_layer(b, flat, params, l, next);
     }
 }

@@ -4,7 +4,7 @@
 //! gathered as they are visited (`Model::visit_weights`), a layer at a time.
 
 use crate::error::Result;
-use crate::model::{gather, Model};
+use crate::model::{gather_layer, gather_outer, Model};
 use crate::weights::TensorSpec;
 use kiln_core::Backend;
 use std::collections::HashMap;
@@ -114,8 +114,11 @@ impl<B: Backend> Model<B> {
                 _ => None,
             };
             match (seg, local_layer) {
-                (Segment::Embed, _) => gather(&mut self.shards, b, (&self.flat, &self.params), None),
-                (_, Some(l)) => gather(&mut self.shards, b, (&self.flat, &self.params), Some(l)),
+                (Segment::Embed, _) => gather_outer(&mut self.shards, b, (&self.flat, &self.params)),
+                (_, Some(l)) => {
+                    let next = (l + 1 < self.config.num_layers).then_some(l + 1);
+                    gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, next)
+                }
                 _ => {}
             }
             let (outer, layer) = (self.outer_weights(b), local_layer.map(|l| self.layer_weights(b, l)));

@@ -57,7 +57,7 @@ pub enum Storage {
     /// Mixed precision as accelerators run it: bf16 weights and gradients, an f32 master copy.
     Mixed,
     /// kiln's engine (either `train.dtype`): f32 weights, which are the master copy, and f32
-    /// gradients; under ZeRO-3 one layer and the embedding and head gathered at a time.
+    /// gradients; under ZeRO-3 two layers (one prefetched) and the embedding and head gathered.
     F32,
 }
 

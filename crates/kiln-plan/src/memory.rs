@@ -33,7 +33,7 @@ impl Memory {
 
 /// What each term counts, for `--explain`.
 pub const EXPLAIN: &[(&str, &str)] = &[
-    ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), ZeRO-3 gathering one layer plus the embedding and head at a time"),
+    ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), ZeRO-3 holding two gathered layers (one prefetched) plus the embedding and head"),
     ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (the first with the embedding, or the last with the head, a tied one a copy of the embedding), split by tp (the embedding and head by vocabulary rows) but for the norms, MLA's down-projections and the routers (and by ep for routed experts); sharded over data parallel at ZeRO-3"),
     ("gradients", "bf16 gradients (2 B/param) of the same parameters; sharded over data parallel from ZeRO-2"),
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
@@ -120,7 +120,7 @@ pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
         (true, Storage::Mixed) => 2.0 * 2.0 * (ne + ex) / stage_layers,
         (true, Storage::F32) => {
             let outer = stage_outer / l.tp as f64;
-            4.0 * ((ne - outer + ex) / stage_layers + outer)
+            4.0 * (2.0 * (ne - outer + ex) / stage_layers + outer)
         }
     };
 

@@ -281,6 +281,11 @@ pub struct TrainSection {
     /// layer gathered as forward and backward reach it (ZeRO-3).
     #[serde(default)]
     pub zero: u8,
+    /// ZeRO-3: start gathering the next layer's weights as a layer starts, so the gather runs
+    /// behind its compute (room for a second gathered layer); false gathers each layer only
+    /// when it is reached.
+    #[serde(default = "yes")]
+    pub zero3_prefetch: bool,
     /// Expert parallel (MoE models, under mpirun): the routed experts of every MoE layer are
     /// split over groups of this many ranks (1: every rank holds them all). Divides the number
     /// of ranks and of routed experts.
@@ -431,6 +436,7 @@ defaults! {
     default_beta1: f32 = 0.9;
     default_eps: f32 = 1e-8;
     default_keep_last: usize = 2;
+    yes: bool = true;
 }
 
 /// Accepts `train = "a.jsonl"` as well as `train = ["a.jsonl", "b.jsonl"]` (and a single

@@ -147,7 +147,9 @@ impl<B: Backend> Session<B> {
             carries: false,
             params: self.dp.weight_shard_ranks(),
         };
-        self.load_frozen(dir, share)
+        let mut reference = self.load_frozen(dir, share)?;
+        reference.prefetch_gathers(self.train.zero3_prefetch);
+        Ok(reference)
     }
 
     /// Opens the run's output directory, finds the checkpoint to resume from, loads the model
@@ -199,6 +201,7 @@ impl<B: Backend> Session<B> {
             format!("loading this rank's part of the model (`train.tp` = {}, `train.pp` = {})", t.tp, t.pp)
         })?;
         model.moe_aux_alpha = t.moe_aux_loss_alpha;
+        model.prefetch_gathers(t.zero3_prefetch);
         model.set_matmul_precision(t.dtype.precision(&b));
         if comm.is_root() {
             eprintln!("{}", crate::config::describe_precision(&b, model.matmul_precision()));
@@ -390,7 +393,7 @@ impl<B: Backend> Session<B> {
         let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
         let (expert_load, aux_loss) = self.over_stages(expert_load, aux_loss)?;
         // What this rank holds between steps: f32 weights whole (its share of the routed experts
-        // under expert parallel) or (ZeRO-3) its shard with room for a gathered layer, gradients
+        // under expert parallel) or (ZeRO-3) its shard with room for gathered layers, gradients
         // whole or (ZeRO-2/3) its shard, moments whole or (ZeRO-1/2/3) its shard.
         let mut record = json!({
             "learning_rate": lr, "grad_norm": norm, "weights_mb": (self.model.weights_len(b) * 4) as f64 / 1e6,

@@ -149,6 +149,16 @@ impl Mpi {
         Ok(())
     }
 
+    /// On the owning thread, `counts` fit an all-gather of `chunk` values into `out` values.
+    fn check_gather(&self, counts: &[usize], chunk: usize, out: usize, what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            counts.len() == self.size() && counts[self.rank()] == chunk && counts.iter().sum::<usize>() == out,
+            "all_gather_v ({what}): counts {counts:?} do not fit {chunk} values into {out}"
+        );
+        Ok(())
+    }
+
     /// After a timeout: which ranks answer at all, then abort every process.
     fn give_up(&self, op: &str, what: &str) -> ! {
         let silent = self.silent_ranks(Duration::from_secs(3));
@@ -268,15 +278,7 @@ impl Comm for Mpi {
     }
 
     fn all_gather_v(&self, chunk: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
-        self.check_thread();
-        ensure!(
-            counts.len() == self.size()
-                && counts[self.rank()] == chunk.len()
-                && counts.iter().sum::<usize>() == out.len(),
-            "all_gather_v ({what}): counts {counts:?} do not fit {} values into {}",
-            chunk.len(),
-            out.len()
-        );
+        self.check_gather(counts, chunk.len(), out.len(), what)?;
         let (counts, displs) = counts_displs(counts);
         let mut out = PartitionMut::new(out, counts, displs);
         mpi::request::scope(|scope| {
@@ -293,15 +295,7 @@ impl Comm for Mpi {
         mut out: Owned<[f32]>,
         what: &str,
     ) -> Result<InFlight<[f32]>> {
-        self.check_thread();
-        ensure!(
-            counts.len() == self.size()
-                && counts[self.rank()] == chunk.len()
-                && counts.iter().sum::<usize>() == out.len(),
-            "all_gather_v ({what}): counts {counts:?} do not fit {} values into {}",
-            chunk.len(),
-            out.len()
-        );
+        self.check_gather(counts, chunk.len(), out.len(), what)?;
         let (counts, displs) = counts_displs(counts);
         // SAFETY: reads the null handle's value.
         let raw = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };

@@ -16,6 +16,8 @@ pub trait Completion: Send {
 
 /// A collective under way and the buffer it writes.
 pub struct InFlight<T: ?Sized> {
+    /// The collective, in errors ("all_reduce").
+    op: &'static str,
     /// None once complete.
     completion: Option<Box<dyn Completion>>,
     out: Option<Owned<T>>,
@@ -24,12 +26,17 @@ pub struct InFlight<T: ?Sized> {
 impl<T: ?Sized> InFlight<T> {
     /// A collective that completed as it started.
     pub fn done(out: Owned<T>) -> Self {
-        Self { completion: None, out: Some(out) }
+        Self { op: "collective", completion: None, out: Some(out) }
     }
 
-    /// A collective that `completion` completes, writing into `out`.
-    pub fn pending(completion: Box<dyn Completion>, out: Owned<T>) -> Self {
-        Self { completion: Some(completion), out: Some(out) }
+    /// A collective `op` that `completion` completes, writing into `out`.
+    pub fn pending(op: &'static str, completion: Box<dyn Completion>, out: Owned<T>) -> Self {
+        Self { op, completion: Some(completion), out: Some(out) }
+    }
+
+    /// Which collective it is.
+    pub fn op(&self) -> &'static str {
+        self.op
     }
 
     /// Progresses it; whether it has completed.

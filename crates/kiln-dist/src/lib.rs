@@ -12,6 +12,8 @@ mod in_flight;
 mod local;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
+#[cfg(feature = "mpi")]
+mod send_copies;
 mod threads;
 
 pub use in_flight::{Completion, InFlight, Owned};
@@ -47,6 +49,13 @@ pub trait Comm<T: ?Sized + 'static = [f32]>: Send + Sync {
     fn start_all_gather_v(&self, chunk: &T, counts: &[usize], mut out: Owned<T>, what: &str) -> Result<InFlight<T>> {
         self.all_gather_v(chunk, counts, &mut out, what)?;
         Ok(InFlight::done(out))
+    }
+    /// `all_reduce_sum` started on `buf`, which is owned until `finish` hands it back holding
+    /// the sum; as `start_all_gather_v` otherwise (data-parallel gradients summed in buckets
+    /// while backward computes the layers before them).
+    fn start_all_reduce_sum(&self, mut buf: Owned<T>, what: &str) -> Result<InFlight<T>> {
+        self.all_reduce_sum(&mut buf, what)?;
+        Ok(InFlight::done(buf))
     }
     /// Waits for a collective this communicator started; its output.
     fn finish(&self, mut started: InFlight<T>, _what: &str) -> Result<Owned<T>> {

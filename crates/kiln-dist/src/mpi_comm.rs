@@ -13,6 +13,7 @@
 //! launcher ends it, or, when the signal was a stop request to every rank, the collective
 //! completes and the run stops after its step as usual.
 
+use crate::send_copies::SendCopies;
 use crate::{Comm, Completion, InFlight, Owned};
 use anyhow::{ensure, Context, Result};
 use mpi::collective::SystemOperation;
@@ -38,6 +39,8 @@ pub struct Mpi {
     timeout: Duration,
     /// MPI runs funneled: only the thread that initialised it may call it.
     owner: ThreadId,
+    /// Copies of the f32 values collectives send, reused (shared with the groups split off).
+    send_copies: Arc<SendCopies>,
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_FUNNELED and every method first checks that it
@@ -57,7 +60,9 @@ impl Mpi {
         let terminated = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminated))
             .context("cannot watch for SIGTERM")?;
-        Ok((universe, Self { world, terminated, world_ranks, timeout, owner: std::thread::current().id() }))
+        let owner = std::thread::current().id();
+        let send_copies = Arc::default();
+        Ok((universe, Self { world, terminated, world_ranks, timeout, owner, send_copies }))
     }
 
     fn check_thread(&self) {
@@ -138,12 +143,11 @@ impl Mpi {
         heard.iter().enumerate().filter(|(_, &h)| !h).map(|(r, _)| self.world_ranks[r]).collect()
     }
 
-    /// `buf` ← Σ over ranks of `buf` (MPI has no in-place form in the binding: a copy is sent).
-    fn all_reduce<T: Equivalence + Clone>(&self, buf: &mut [T], what: &str) -> Result<()> {
+    /// `buf` ← Σ over ranks of `send`, a copy of `buf` (the binding has no in-place form).
+    fn all_reduce<T: Equivalence>(&self, send: &[T], buf: &mut [T], what: &str) -> Result<()> {
         self.check_thread();
-        let send = buf.to_vec();
         mpi::request::scope(|scope| {
-            let r = self.world.immediate_all_reduce_into(scope, &send[..], buf, SystemOperation::sum());
+            let r = self.world.immediate_all_reduce_into(scope, send, buf, SystemOperation::sum());
             self.finish("all_reduce", what, r);
         });
         Ok(())
@@ -172,14 +176,33 @@ impl Mpi {
     }
 }
 
-/// A started `MPI_Iallgatherv`, with the chunk and counts it reads until it completes.
+/// A started collective (`MPI_Iallgatherv`, `MPI_Iallreduce`) with what it reads until it
+/// completes.
 struct StartedRequest {
     raw: mpi::ffi::MPI_Request,
-    chunk: Vec<f32>,
+    /// The values it sends: a copy, given back to `send_copies` once complete.
+    send: Vec<f32>,
+    /// A gather's counts and displacements (empty for an all-reduce).
     counts: Vec<Count>,
     displs: Vec<Count>,
+    send_copies: Arc<SendCopies>,
     /// The thread that may call MPI (funneled).
     owner: ThreadId,
+}
+
+impl StartedRequest {
+    /// A request not yet started, which will send `send`.
+    fn new(mpi: &Mpi, send: Vec<f32>, (counts, displs): (Vec<Count>, Vec<Count>)) -> Box<Self> {
+        // SAFETY: reads the null handle's value.
+        let raw = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };
+        let send_copies = Arc::clone(&mpi.send_copies);
+        Box::new(Self { raw, send, counts, displs, send_copies, owner: mpi.owner })
+    }
+
+    fn complete(&self) -> bool {
+        // SAFETY: reads the null handle's value.
+        self.raw == unsafe { mpi::ffi::RSMPI_REQUEST_NULL }
+    }
 }
 
 // SAFETY: the request is only tested on the thread that initialised MPI (checked), as
@@ -197,6 +220,9 @@ impl Completion for StartedRequest {
         // SAFETY: a live request, or the null handle once complete (for which MPI_Test says
         // complete).
         unsafe { mpi::ffi::MPI_Test(&mut self.raw, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE) };
+        if flag != 0 && self.send.capacity() > 0 {
+            self.send_copies.give_back(std::mem::take(&mut self.send));
+        }
         flag != 0
     }
 }
@@ -204,9 +230,8 @@ impl Completion for StartedRequest {
 impl Drop for StartedRequest {
     /// Dropped before it completed (a rank unwinding), it leaks what MPI may still read.
     fn drop(&mut self) {
-        // SAFETY: reads the null handle's value.
-        if self.raw != unsafe { mpi::ffi::RSMPI_REQUEST_NULL } {
-            std::mem::forget(std::mem::take(&mut self.chunk));
+        if !self.complete() {
+            std::mem::forget(std::mem::take(&mut self.send));
             std::mem::forget(std::mem::take(&mut self.counts));
             std::mem::forget(std::mem::take(&mut self.displs));
         }
@@ -241,7 +266,10 @@ impl Comm for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32], what: &str) -> Result<()> {
-        self.all_reduce(buf, what)
+        let send = self.send_copies.copy_of(buf);
+        self.all_reduce(&send, buf, what)?;
+        self.send_copies.give_back(send);
+        Ok(())
     }
 
     fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
@@ -296,17 +324,14 @@ impl Comm for Mpi {
         what: &str,
     ) -> Result<InFlight<[f32]>> {
         self.check_gather(counts, chunk.len(), out.len(), what)?;
-        let (counts, displs) = counts_displs(counts);
-        // SAFETY: reads the null handle's value.
-        let raw = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };
-        let mut request = Box::new(StartedRequest { raw, chunk: chunk.to_vec(), counts, displs, owner: self.owner });
+        let mut request = StartedRequest::new(self, self.send_copies.copy_of(chunk), counts_displs(counts));
         // SAFETY: the request holds the chunk and counts MPI reads, and the `InFlight` the
         // output it writes (boxed: moving it does not move the values), until it completes;
         // dropped before then, both leak them. Datatype and communicator are live handles.
         unsafe {
             mpi::ffi::MPI_Iallgatherv(
-                request.chunk.as_ptr().cast(),
-                request.chunk.len() as Count,
+                request.send.as_ptr().cast(),
+                request.send.len() as Count,
                 f32::equivalent_datatype().as_raw(),
                 out.as_mut_ptr().cast(),
                 request.counts.as_ptr(),
@@ -316,12 +341,33 @@ impl Comm for Mpi {
                 &mut request.raw,
             );
         }
-        Ok(InFlight::pending(request, out))
+        Ok(InFlight::pending("all_gather_v", request, out))
+    }
+
+    fn start_all_reduce_sum(&self, mut buf: Owned<[f32]>, what: &str) -> Result<InFlight<[f32]>> {
+        self.check_thread();
+        ensure!(buf.len() <= Count::MAX as usize, "all_reduce ({what}): {} values are more than MPI counts", buf.len());
+        let mut request = StartedRequest::new(self, self.send_copies.copy_of(&buf), (Vec::new(), Vec::new()));
+        // SAFETY: the request holds the copy MPI sends, and the `InFlight` the buffer it sums
+        // into (boxed: moving it does not move the values), until it completes; dropped before
+        // then, both leak them. Datatype, operation and communicator are live handles.
+        unsafe {
+            mpi::ffi::MPI_Iallreduce(
+                request.send.as_ptr().cast(),
+                buf.as_mut_ptr().cast(),
+                buf.len() as Count,
+                f32::equivalent_datatype().as_raw(),
+                SystemOperation::sum().as_raw(),
+                self.world.as_raw(),
+                &mut request.raw,
+            );
+        }
+        Ok(InFlight::pending("all_reduce", request, buf))
     }
 
     fn finish(&self, mut started: InFlight<[f32]>, what: &str) -> Result<Owned<[f32]>> {
         self.check_thread();
-        self.finish_with("all_gather_v", what, || started.test());
+        self.finish_with(started.op(), what, || started.test());
         Ok(started.into_out())
     }
 
@@ -344,7 +390,8 @@ impl Comm for Mpi {
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
-        self.all_reduce(buf, what)
+        let send = buf.to_vec();
+        self.all_reduce(&send, buf, what)
     }
 
     fn all_gather_u64(&self, mine: &[u64], out: &mut [u64], what: &str) -> Result<()> {
@@ -393,6 +440,7 @@ impl Comm for Mpi {
         let mut world_ranks = vec![0usize; group.size() as usize];
         group.all_gather_into(&self.world_ranks[self.rank()], &mut world_ranks[..]);
         let terminated = Arc::clone(&self.terminated);
-        Ok(Arc::new(Self { world: group, terminated, world_ranks, timeout: self.timeout, owner: self.owner }))
+        let (timeout, owner, send_copies) = (self.timeout, self.owner, Arc::clone(&self.send_copies));
+        Ok(Arc::new(Self { world: group, terminated, world_ranks, timeout, owner, send_copies }))
     }
 }

@@ -14,6 +14,9 @@ pub trait GradSink<B: Backend> {
     fn layer(&mut self, b: &B, l: usize) -> LayerWeights<&mut B::Slice>;
     /// Layer `l`'s gradients of this backward are complete.
     fn layer_done(&mut self, b: &B, l: usize);
+    /// The gradients of the final norm, the LM head and the score (every one outside the
+    /// layers but the embedding's) of this backward are complete, before any layer's.
+    fn head_done(&mut self, _: &B) {}
     /// The gradients outside the layers, in a `Weights` with no layers.
     fn outer(&mut self, b: &B) -> Weights<&mut B::Slice>;
     /// The outer gradients of this backward are complete: the backward has ended.

@@ -840,11 +840,13 @@ impl<B: Backend> Model<B> {
             }
         } else if self.is_v4() {
             self.v4_head_backward(b, acts, grads);
+            grads.head_done(b);
         } else {
             let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
             b.fill(&mut s.dres, 0.0);
             let (final_input, norm) = (&acts.layer_inputs[c.num_layers], self.outer_weights(b).norm);
             b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, norm, &acts.rstdf);
+            grads.head_done(b);
         }
         let view = ActsView::new(
             &self.config,

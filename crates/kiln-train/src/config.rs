@@ -286,6 +286,14 @@ pub struct TrainSection {
     /// when it is reached.
     #[serde(default = "yes")]
     pub zero3_prefetch: bool,
+    /// Data parallel without ZeRO: start the gradients' all-reduce in buckets during the
+    /// step's last backward, each as soon as backward has completed it (copies of up to 64 MB
+    /// of gradients under way, and MPI's copies of what it sends), for a network that moves
+    /// data while the rank computes; off, they are summed after backward. Off by default: on
+    /// one machine's shared memory the transfer is the rank's own CPU work, which overlap
+    /// cannot hide (bench/README.md). No effect under pipeline parallel.
+    #[serde(default)]
+    pub overlap_grad_reduce: bool,
     /// Expert parallel (MoE models, under mpirun): the routed experts of every MoE layer are
     /// split over groups of this many ranks (1: every rank holds them all). Divides the number
     /// of ranks and of routed experts.

@@ -6,7 +6,9 @@
 //! parallel, each expert group splits, a share per rank, so that the space of a rank's share
 //! is over its replicas (the ranks of the other groups holding the same share). Per space:
 //!
-//! - replicated (ZeRO 0): the gradients are all-reduced; every rank updates the whole space;
+//! - replicated (ZeRO 0): the gradients are all-reduced, after backward or, with
+//!   `train.overlap_grad_reduce`, in buckets during the step's last backward
+//!   (`crate::grad_buckets`); every rank updates the whole space;
 //! - ZeRO-1: reduce-scattered; each rank updates its shard with the moments it alone holds,
 //!   and an all-gather gives every rank every updated shard;
 //! - ZeRO-2: as ZeRO-1, but backward hands over each layer's gradients as soon as they are
@@ -24,6 +26,7 @@
 //! updated piece by piece on the ranks holding the pieces, the pieces all-gathered, and the
 //! Newton–Schulz iteration run on each of those ranks, which applies its own piece.
 
+use crate::grad_buckets::{GradBuckets, Reached};
 use crate::muon::{self, Matrix, MuonSettings, Scratch};
 use crate::optim::adamw_step;
 use anyhow::Result;
@@ -223,6 +226,9 @@ pub struct DataParallel<B: Backend> {
     /// Under pipeline parallel, the stages (whose squares add up in `norm`) and, on the first
     /// and last stage of a model with a tied head, the two of them and the embedding's range.
     pipeline: Option<(Ranks<B>, Option<TiedEmbedding<B>>)>,
+    /// The replicated spaces' gradients summed in buckets behind backward (none under
+    /// pipeline parallel, whose chunks complete a layer's gradients only at the last one).
+    buckets: Option<GradBuckets<B>>,
 }
 
 /// The embedding's two copies under pipeline parallel with a tied head: the first stage's
@@ -345,6 +351,30 @@ impl<B: Backend> DataParallel<B> {
             adamw_runs,
             tensor_parallel,
             pipeline,
+            buckets: None,
+        }
+    }
+
+    /// Whether the replicated gradients' all-reduce starts in buckets during the step's last
+    /// backward (`train.overlap_grad_reduce`), where the layout allows it.
+    pub fn overlap_grad_reduce(&mut self, on: bool) {
+        self.buckets = (on && self.pipeline.is_none()).then(|| GradBuckets::new(&self.flat, &self.spaces)).flatten();
+    }
+
+    /// The next backward is the step's last (no gradients are added after it): its
+    /// gradients' all-reduce starts bucket by bucket as backward completes them.
+    pub fn last_backward_next(&mut self) {
+        if let Some(buckets) = &mut self.buckets {
+            buckets.arm();
+        }
+    }
+
+    /// After the step's backwards and before its other collectives: starts whatever of the
+    /// gradients' reduction this rank's backwards have not started.
+    pub fn start_reduce(&mut self, b: &B) -> Result<()> {
+        match (&mut self.buckets, &mut self.whole) {
+            (Some(buckets), Some(whole)) => buckets.start_rest(b, (whole, &self.spaces), &self.what),
+            _ => Ok(()),
         }
     }
 
@@ -389,6 +419,9 @@ impl<B: Backend> DataParallel<B> {
         let Some(whole) = &mut self.whole else { return Ok(()) };
         if let Some((_, Some(tied))) = &self.pipeline {
             tied.sum(b.slice_mut(&mut whole.flat, tied.range.clone()), &self.what)?;
+        }
+        if let Some(buckets) = &mut self.buckets {
+            return buckets.finish(b, (whole, &self.spaces), &self.what);
         }
         for space in &mut self.spaces {
             let grads = b.slice_mut(&mut whole.flat, space.range.clone());
@@ -533,6 +566,9 @@ fn reduce_part<B: Backend>(
 impl<B: Backend> GradSink<B> for DataParallel<B> {
     fn layer(&mut self, b: &B, l: usize) -> LayerWeights<&mut B::Slice> {
         if let Some(whole) = &mut self.whole {
+            if let Some(buckets) = &self.buckets {
+                buckets.check_open(Reached::Layer(l));
+            }
             return whole.layer(b, l);
         }
         let (dense, experts) = self.flat.layer(l);
@@ -542,7 +578,10 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
     }
 
     fn layer_done(&mut self, b: &B, l: usize) {
-        if self.whole.is_some() {
+        if let Some(whole) = &mut self.whole {
+            if let Some(buckets) = &mut self.buckets {
+                buckets.reached(b, Reached::Layer(l), (whole, &self.spaces), &self.what);
+            }
             return;
         }
         let (dense, experts) = self.flat.layer(l);
@@ -554,14 +593,26 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
         }
     }
 
+    fn head_done(&mut self, b: &B) {
+        if let (Some(buckets), Some(whole)) = (&mut self.buckets, &mut self.whole) {
+            buckets.reached(b, Reached::Head, (whole, &self.spaces), &self.what);
+        }
+    }
+
     fn outer(&mut self, b: &B) -> Weights<&mut B::Slice> {
         if let Some(whole) = &mut self.whole {
+            if let Some(buckets) = &self.buckets {
+                buckets.check_open(Reached::Embedding);
+            }
             return whole.outer(b);
         }
         outer_views(b, &mut self.outer_scratch, &self.flat.packed_outer())
     }
 
     fn outer_done(&mut self, b: &B) {
+        if let (Some(buckets), Some(whole)) = (&mut self.buckets, &mut self.whole) {
+            buckets.reached(b, Reached::Embedding, (whole, &self.spaces), &self.what);
+        }
         if self.whole.is_none() {
             if let Some((_, Some(tied))) = &self.pipeline {
                 let grads = b.slice_mut(&mut self.outer_scratch, tied.packed.clone());

@@ -9,6 +9,7 @@ pub mod data;
 pub mod data_parallel;
 pub mod distill;
 pub mod dpo;
+mod grad_buckets;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod kto;

@@ -122,10 +122,15 @@ pub fn train<B: Backend, R: Recipe<B>>(
         let idle = s.idle_backwards_needed(plan.micro_batches.len())?;
         let mut tally = R::Tally::default();
         let mut loss = 0.0;
-        for micro in &plan.micro_batches {
+        let passes = plan.micro_batches.len();
+        for (i, micro) in plan.micro_batches.iter().enumerate() {
+            if i + 1 == passes && idle == 0 {
+                s.dp.last_backward_next();
+            }
             loss += recipe.micro_step(s, micro, &mut tally)?;
         }
         s.idle_passes_run(idle, recipe.forwards_per_micro_step(), recipe.chunk_order());
+        s.dp.start_reduce(&s.b)?;
         sum_over_ranks(s, &mut tally)?;
         let update = s.update(loss, schedule, || plan.describe.clone())?;
         let stats = recipe.stats(&tally, &update);

@@ -6,7 +6,7 @@
 //! without ZeRO; expert parallel (alone, with data parallel, recomputation and ZeRO 1 to 3)
 //! gives the one-process curve with each rank holding its share of the experts, for
 //! DeepSeek-V3 and V4; and every recipe follows its one-process curve on two ranks with ZeRO-2
-//! and ZeRO-3.
+//! and ZeRO-3, and without ZeRO with the gradients summed in buckets during backward.
 //! `crates/kiln/tests/dp_mpi.rs` runs the same layouts as processes under mpirun.
 
 mod common;
@@ -41,6 +41,15 @@ fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_2_and_3
             let want = if zero == 3 { zero_3_weights_mb(ranks) } else { full };
             assert!((here - want).abs() <= 1e-9 * full, "{what}: weights {here} MB, expected {want}");
         }
+    }
+    // The replicated gradients summed in buckets during the step's last backward (each
+    // started as backward completes it) sum to the same.
+    for ranks in [2, 4] {
+        let dir = scratch(&format!("{ranks}-overlap"));
+        sft(ranks, &dir, &["train.overlap_grad_reduce=true"]);
+        let what = format!("{ranks} ranks, gradients summed during backward");
+        assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &what);
+        assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, &what);
     }
     // The 4-rank ZeRO-1 run's step-3 checkpoint resumes on 2 ranks with ZeRO-2 and ZeRO-3
     // (re-cut) and on one process without ZeRO (moments gathered), and the 4-rank ZeRO-3 one
@@ -78,8 +87,9 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     // Two MoE layers of 8 routed experts, each three 24 x 48 matrices, in f32.
     let routed_mb = (2 * 8 * 3 * 24 * 48 * 4) as f64 / 1e6;
     // Two ranks with ep 2 have one replica of each expert: their moments' space is one rank's.
-    let cases: [(usize, usize, &[&str]); 8] = [
+    let cases: [(usize, usize, &[&str]); 9] = [
         (2, 2, &["train.zero=0"]),
+        (4, 2, &["train.overlap_grad_reduce=true"]),
         (2, 2, &["train.zero=2"]),
         (4, 4, &["train.zero=0"]),
         (4, 2, &["train.recompute=true"]),
@@ -162,7 +172,13 @@ fn deepseek_v4_follows_the_one_process_curve_with_expert_parallel_and_zero() {
     let model = deepseek_v4_base(&base);
     let one = scratch("v4-1");
     sft(1, &one, &[&model]);
-    for (ranks, ep, extra) in [(2, 2, "train.zero=2"), (4, 2, "train.zero=1"), (2, 1, "train.zero=3")] {
+    let cases = [
+        (2, 2, "train.zero=2"),
+        (4, 2, "train.zero=1"),
+        (2, 1, "train.zero=3"),
+        (4, 2, "train.overlap_grad_reduce=true"),
+    ];
+    for (ranks, ep, extra) in cases {
         let dir = scratch(&format!("v4-{ranks}-{ep}-{extra}"));
         sft(ranks, &dir, &[&model, &format!("train.ep={ep}"), extra]);
         let what = format!("deepseek_v4 on {ranks} ranks, ep {ep}, {extra}");
@@ -190,7 +206,7 @@ fn bf16_gives_the_same_curve_within_its_rounding() {
 }
 
 #[test]
-fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2_and_3() {
+fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2_and_3_and_overlap() {
     // A teacher for distillation that differs from the student: the demo base after 3 SFT steps.
     let teacher = scratch("teacher");
     run("sft", 1, &teacher, &["train.steps=3", "output.save_every=0"], false);
@@ -207,8 +223,12 @@ fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2_an
     for (recipe, one, two) in runs {
         let (one, two) = ([&["train.steps=4"], &one[..]].concat(), [&["train.steps=4"], &two[..]].concat());
         assert_same_recipe(recipe, &format!("{recipe} with ZeRO-2"), &one, &two);
-        let three: Vec<&str> = two.iter().map(|o| if *o == "train.zero=2" { "train.zero=3" } else { o }).collect();
+        let with = |zero: &'static str| two.iter().map(|o| if *o == "train.zero=2" { zero } else { o }).collect();
+        let three: Vec<&str> = with("train.zero=3");
         assert_same_recipe(recipe, &format!("{recipe} with ZeRO-3"), &one, &three);
+        // No ZeRO, the gradients summed in buckets during the step's last backward.
+        let overlap: Vec<&str> = with("train.overlap_grad_reduce=true");
+        assert_same_recipe(recipe, &format!("{recipe} with the reduction during backward"), &one, &overlap);
     }
 }
 

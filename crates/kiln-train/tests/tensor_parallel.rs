@@ -48,11 +48,17 @@ fn tensor_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model
     sft(1, &one, &[]);
     let reference = series(&one, "loss");
     let held = |dir: &Path, key: &str| steps(dir)[0][key].as_f64().unwrap();
-    for (ranks, layout) in
-        [(2, "tp=2"), (2, "tp=2,recompute=full"), (4, "dp=2,tp=2"), (4, "dp=2,tp=2,zero=1"), (4, "dp=2,tp=2,zero=3")]
-    {
+    let overlap: &[&str] = &["train.overlap_grad_reduce=true"];
+    for (ranks, layout, extra) in [
+        (2, "tp=2", &[][..]),
+        (2, "tp=2,recompute=full", &[]),
+        (4, "dp=2,tp=2", &[]),
+        (4, "dp=2,tp=2,zero=1", &[]),
+        (4, "dp=2,tp=2,zero=3", &[]),
+        (4, "dp=2,tp=2,zero=0", overlap),
+    ] {
         let dir = scratch(&format!("tp-{layout}"));
-        sft_laid_out(ranks, &dir, layout, &[]);
+        sft_laid_out(ranks, &dir, layout, extra);
         assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, layout);
         assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, layout);
         assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-5, &format!("{layout}, eval"));

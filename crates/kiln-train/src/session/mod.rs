@@ -210,6 +210,7 @@ impl<B: Backend> Session<B> {
             Hyper { lr: t.lr, beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, step: 0 };
         let muon = (t.optimizer == OptimizerKind::Muon).then(|| t.muon.clone());
         let mut dp = DataParallel::new(&b, &model, (&data, replicas), t.zero, hyper, muon);
+        dp.overlap_grad_reduce(t.overlap_grad_reduce);
         if model.pipeline().is_some() {
             // ZeRO-2's reductions, ZeRO-3's gathers and expert parallel's exchanges run per
             // chunk, collectives of the data-parallel peers: every pass then has the same

@@ -62,11 +62,14 @@ impl<B: Backend> Session<B> {
     /// Runs `n` idle passes (see `idle_backwards_needed`), each with `forwards` forward-only
     /// passes before its own, its chunks in `order` (under pipeline parallel): this rank's
     /// experts serve the others' rows, it gathers ZeRO-3's weights, and it joins ZeRO-2/3's
-    /// reductions with nothing to add.
+    /// reductions with nothing to add. The last is the step's last backward.
     pub fn idle_passes_run(&mut self, n: usize, forwards: usize, order: ChunkOrder) {
         let b = &self.b;
-        for _ in 0..n {
+        for i in 0..n {
             (0..forwards).for_each(|_| self.model.idle_forward(b, ChunkOrder::ForwardsFirst));
+            if i + 1 == n {
+                self.dp.last_backward_next();
+            }
             self.model.idle_pass(b, &mut self.dp, self.train.recompute, order);
         }
     }

@@ -1,0 +1,193 @@
+//! Data parallel with whole gradients on every rank (ZeRO 0): the step's gradients summed over
+//! the ranks in buckets whose all-reduce starts while backward still computes the layers
+//! before them, as PyTorch DDP and Megatron-LM do.
+//!
+//! Backward completes the final norm's and the head's gradients first (`Reached::Head`), then
+//! each layer's, last to first, and the embedding's at its end. A bucket is a run of at most
+//! `BUCKET_VALUES` gradients of one space that one of those points completes: the tail of the
+//! dense space (final norm, head, score), a layer's dense or routed-expert tensors, the
+//! embedding. In the step's last backward (`arm`) each point starts its buckets: the values
+//! are copied into a buffer the started all-reduce owns, and copied back once it is finished.
+//! Starting more than `IN_FLIGHT_VALUES` values at once first finishes the oldest buckets, so
+//! the copies (and MPI's copy of what it sends) stay within a few hundred MB.
+//!
+//! Every rank starts the buckets in the same order: a rank whose last backward did not start
+//! them (it had no micro-batch) starts the rest with `start_rest`, before the step's other
+//! collectives. On MPI the all-reduces progress whenever the rank tests them, at each point;
+//! a communicator that cannot start one (`Local`, `Threads`) completes it as it starts.
+
+use crate::data_parallel::Space;
+use anyhow::Result;
+use kiln_core::Backend;
+use kiln_dist::{InFlight, Owned};
+use kiln_model::{FlatGrads, FlatLayout};
+use std::collections::VecDeque;
+use std::ops::Range;
+
+/// The most values in one bucket (32 MiB of f32).
+const BUCKET_VALUES: usize = 1 << 23;
+/// The most values in buckets under way at once.
+const IN_FLIGHT_VALUES: usize = 1 << 24;
+
+/// Where backward has got to: the gradients it has completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reached {
+    /// The final norm's, the LM head's and the score's (all of the dense space's tail).
+    Head,
+    /// Layer `l`'s.
+    Layer(usize),
+    /// The embedding's: backward has ended.
+    Embedding,
+}
+
+impl Reached {
+    /// Its place in backward's order, in a model of `layers` layers.
+    fn order(self, layers: usize) -> usize {
+        match self {
+            Reached::Head => 0,
+            Reached::Layer(l) => layers - l,
+            Reached::Embedding => layers + 1,
+        }
+    }
+}
+
+/// Values of one space's gradients, summed in one collective.
+struct Bucket {
+    space: usize,
+    range: Range<usize>,
+    /// The place in backward's order of the point that completes them.
+    order: usize,
+}
+
+/// The buckets of a run's replicated spaces, and those under way.
+pub struct GradBuckets<B: Backend> {
+    buckets: Vec<Bucket>,
+    layers: usize,
+    /// Buckets before this one have been started this step.
+    next: usize,
+    in_flight: VecDeque<(usize, InFlight<B::Slice>)>,
+    free: Vec<Owned<B::Slice>>,
+    /// The coming backward is the step's last.
+    armed: bool,
+}
+
+impl<B: Backend> GradBuckets<B> {
+    /// The buckets of the `spaces` that are summed whole over more than one rank (none: `None`).
+    pub fn new(flat: &FlatLayout, spaces: &[Space<B>]) -> Option<Self> {
+        let layers = flat.ranges.layers.len();
+        let [embed, tail] = flat.outer();
+        let mut points = vec![(Reached::Head, tail)];
+        for l in (0..layers).rev() {
+            let (dense, experts) = flat.layer(l);
+            points.push((Reached::Layer(l), dense));
+            points.push((Reached::Layer(l), experts));
+        }
+        points.push((Reached::Embedding, embed));
+        let summed = |s: &Space<B>| !s.sharded() && s.comm.size() > 1;
+        let mut buckets = Vec::new();
+        for (point, range) in points.into_iter().filter(|(_, r)| !r.is_empty()) {
+            let Some(space) = spaces.iter().position(|s| s.range.contains(&range.start)) else { continue };
+            if !summed(&spaces[space]) {
+                continue;
+            }
+            for start in range.clone().step_by(BUCKET_VALUES) {
+                let order = point.order(layers);
+                buckets.push(Bucket { space, range: start..(start + BUCKET_VALUES).min(range.end), order });
+            }
+        }
+        let (next, in_flight, free, armed) = (0, VecDeque::new(), Vec::new(), false);
+        (!buckets.is_empty()).then_some(Self { buckets, layers, next, in_flight, free, armed })
+    }
+
+    /// The next backward is the step's last: it starts the buckets as it completes them.
+    pub fn arm(&mut self) {
+        self.armed = true;
+    }
+
+    /// Panics if gradients are about to be added to values whose sum has started this step.
+    pub fn check_open(&self, point: Reached) {
+        let order = point.order(self.layers);
+        let started = self.buckets[..self.next].iter().any(|bucket| bucket.order == order);
+        assert!(
+            !started,
+            "gradients at {point:?} added after their all-reduce started (a backward after the step's last)"
+        );
+    }
+
+    /// Backward has completed the gradients of `point` (and of every point before it): in an
+    /// armed backward, their buckets start, and every bucket under way is tested (progressed).
+    pub fn reached(&mut self, b: &B, point: Reached, (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]), what: &str) {
+        if !self.armed {
+            return;
+        }
+        let order = point.order(self.layers);
+        let through = self.buckets.iter().take_while(|bucket| bucket.order <= order).count();
+        self.start_through(b, through, (whole, spaces), what).unwrap_or_else(|e| panic!("gradient all-reduce: {e:#}"));
+        self.in_flight.iter_mut().for_each(|(_, started)| {
+            started.test();
+        });
+        if point == Reached::Embedding {
+            self.armed = false;
+        }
+    }
+
+    /// Starts every bucket this rank has not started this step.
+    pub fn start_rest(&mut self, b: &B, grads: (&mut FlatGrads<B>, &[Space<B>]), what: &str) -> Result<()> {
+        self.armed = false;
+        self.start_through(b, self.buckets.len(), grads, what)
+    }
+
+    /// Starts the rest and finishes them all: every bucket's sum in the gradients.
+    pub fn finish(&mut self, b: &B, (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]), what: &str) -> Result<()> {
+        self.start_rest(b, (&mut *whole, spaces), what)?;
+        while !self.in_flight.is_empty() {
+            self.finish_oldest(b, (&mut *whole, spaces), what)?;
+        }
+        self.next = 0;
+        Ok(())
+    }
+
+    /// Starts the buckets from `next` up to `through`, finishing the oldest under way first
+    /// while the values under way would pass `IN_FLIGHT_VALUES`.
+    fn start_through(
+        &mut self,
+        b: &B,
+        through: usize,
+        (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]),
+        what: &str,
+    ) -> Result<()> {
+        while self.next < through {
+            let len = self.buckets[self.next].range.len();
+            while !self.in_flight.is_empty() && self.values_in_flight() + len > IN_FLIGHT_VALUES {
+                self.finish_oldest(b, (&mut *whole, spaces), what)?;
+            }
+            let bucket = &self.buckets[self.next];
+            let mut buf = match self.free.iter().position(|f| b.len(f) == len) {
+                Some(i) => self.free.swap_remove(i),
+                None => Box::new(b.zeros(len)),
+            };
+            b.copy(&mut buf, b.slice(&whole.flat, bucket.range.clone()));
+            let started = spaces[bucket.space].comm.start_all_reduce_sum(buf, what)?;
+            self.in_flight.push_back((self.next, started));
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    fn values_in_flight(&self) -> usize {
+        self.in_flight.iter().map(|(i, _)| self.buckets[*i].range.len()).sum()
+    }
+
+    /// Waits for the oldest bucket under way and copies its sum into the gradients.
+    fn finish_oldest(&mut self, b: &B, (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]), what: &str) -> Result<()> {
+        let (i, started) = self.in_flight.pop_front().expect("a bucket under way");
+        let bucket = &self.buckets[i];
+        let sum = spaces[bucket.space].comm.finish(started, what)?;
+        b.copy(b.slice_mut(&mut whole.flat, bucket.range.clone()), &sum);
+        // Keep as many buffers as can be under way at once.
+        if self.free.len() < IN_FLIGHT_VALUES.div_ceil(BUCKET_VALUES) + 1 {
+            self.free.push(sum);
+        }
+        Ok(())
+    }
+}

@@ -971,6 +971,11 @@ impl<B: Backend> Model<B> {
         recompute: bool,
         mut served: Vec<Option<moe::Served<B>>>,
     ) {
+        // The head's gradients are handed over where a backward hands them, before the layers
+        // (between the expert exchanges, so the collectives they start meet the same ones).
+        if self.pipeline.as_ref().is_none_or(|pp| pp.is_last()) {
+            grads.head_done(b);
+        }
         for l in (0..self.config.num_layers).rev() {
             gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, l.checked_sub(1));
             let mut g = grads.layer(b, l);

@@ -12,6 +12,7 @@
 //! held for the whole step.
 
 use crate::config::{DistillSection, RunConfig};
+use crate::data_parallel::{shard_ranks, DataParallel};
 use crate::rollout::{completion_row, row_length, sample, step_prompts};
 use crate::schedule::Schedule;
 use crate::session::{load_model, Resume, RunSummary, Runtime, Session, StepUpdate};
@@ -122,6 +123,10 @@ impl<B: Backend> Recipe<B> for Distill<B> {
         Ok(s.model.forward_backward_kl(b, acts, &batch, &mut s.dp, &teacher_acts.logits))
     }
 
+    fn idle_frozen_forwards(&mut self, b: &B) {
+        self.teacher.idle_forward(b, ChunkOrder::ForwardsFirst);
+    }
+
     fn stats(&self, _: &(), update: &StepUpdate) -> DistillStats {
         DistillStats { reverse_kl: update.loss, completion_length: self.tokens as f64 / self.completions.max(1) as f64 }
     }
@@ -146,9 +151,14 @@ pub fn run<B: Backend>(
     let (mut s, tokenizer, template) = Session::open_tokenized(rt, config, resume, &load_model)?;
     // The teacher is never written: it carries no multi-token-prediction layers. Under tensor
     // parallel it is cut over the same group, so its logits are the student's block of the
-    // vocabulary.
+    // vocabulary; under ZeRO-3 its weights are sharded over the data-parallel ranks (all of
+    // them: it is not expert-parallel) and gathered a layer at a time like the student's.
     let tensors = s.model.tensor_parallel().map(|tp| Arc::clone(&tp.group));
-    let teacher = s.load_frozen(&d.teacher, ModelShare { tensors, carries: false, ..ModelShare::whole() })?;
+    let params = DataParallel::<B>::shards_weights(config.train.zero, &s.data).then(|| shard_ranks::<B>(&s.data, None));
+    let share = ModelShare { tensors, carries: false, params, ..ModelShare::whole() };
+    let mut teacher = s.load_frozen(&d.teacher, share)?;
+    teacher.prefetch_gathers(config.train.zero3_prefetch);
+    teacher.label_gathers("distillation teacher's weights");
     let (theirs, ours) = (teacher.whole_config().vocab_size, s.model.whole_config().vocab_size);
     if theirs != ours {
         bail!(

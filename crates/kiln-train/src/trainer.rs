@@ -78,6 +78,10 @@ pub trait Recipe<B: Backend> {
     fn forwards_per_micro_step(&self) -> usize {
         0
     }
+    /// The forwards of the recipe's own frozen models (a distillation teacher) that a micro-step
+    /// runs before the trained model's, run idle (`Model::idle_forward`) by an idle pass: under
+    /// ZeRO-3 they gather the frozen model's shards, which is collective.
+    fn idle_frozen_forwards(&mut self, _: &B) {}
     /// The order of a training pass's chunks under pipeline parallel, which idle passes
     /// mirror: 1F1B unless the loss's token weights are chosen after the forwards.
     fn chunk_order(&self) -> ChunkOrder {
@@ -129,7 +133,8 @@ pub fn train<B: Backend, R: Recipe<B>>(
             }
             loss += recipe.micro_step(s, micro, &mut tally)?;
         }
-        s.idle_passes_run(idle, recipe.forwards_per_micro_step(), recipe.chunk_order());
+        let (forwards, order) = (recipe.forwards_per_micro_step(), recipe.chunk_order());
+        s.idle_passes_run(idle, forwards, order, &mut |b| recipe.idle_frozen_forwards(b));
         s.dp.start_reduce(&s.b)?;
         sum_over_ranks(s, &mut tally)?;
         let update = s.update(loss, schedule, || plan.describe.clone())?;

@@ -230,6 +230,11 @@ fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2_an
         let overlap: Vec<&str> = with("train.overlap_grad_reduce=true");
         assert_same_recipe(recipe, &format!("{recipe} with the reduction during backward"), &one, &overlap);
     }
+    // Three prompts a step over two ranks, a completion per micro-batch: the rank with one
+    // fewer runs an idle pass, which gathers the ZeRO-3 teacher's shards as its forwards do.
+    let uneven = [teacher.as_str(), "train.steps=4", "distill.prompts_per_step=3", "distill.chunk_rows=1"];
+    let sharded = [&uneven[..], &["train.zero=3"]].concat();
+    assert_same_recipe("distill", "distill with ZeRO-3 and idle passes", &uneven, &sharded);
 }
 
 /// `recipe` on one process with `one` and on two ranks with `two` take the same steps.

@@ -59,13 +59,15 @@ impl<B: Backend> Session<B> {
         Ok((mine.clone(), self.idle_forwards_needed(mine.len())?))
     }
 
-    /// Runs `n` idle passes (see `idle_backwards_needed`), each with `forwards` forward-only
-    /// passes before its own, its chunks in `order` (under pipeline parallel): this rank's
+    /// Runs `n` idle passes (see `idle_backwards_needed`), each with the recipe's `frozen`
+    /// models' idle forwards and `forwards` forward-only passes before its own, its chunks in
+    /// `order` (under pipeline parallel): this rank's
     /// experts serve the others' rows, it gathers ZeRO-3's weights, and it joins ZeRO-2/3's
     /// reductions with nothing to add. The last is the step's last backward.
-    pub fn idle_passes_run(&mut self, n: usize, forwards: usize, order: ChunkOrder) {
+    pub fn idle_passes_run(&mut self, n: usize, forwards: usize, order: ChunkOrder, frozen: &mut dyn FnMut(&B)) {
         let b = &self.b;
         for i in 0..n {
+            frozen(b);
             (0..forwards).for_each(|_| self.model.idle_forward(b, ChunkOrder::ForwardsFirst));
             if i + 1 == n {
                 self.dp.last_backward_next();

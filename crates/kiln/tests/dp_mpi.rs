@@ -103,6 +103,7 @@ fn run_ok(ranks: usize, grad_accum: usize, dir: &Path, extra: &[&str]) {
 }
 
 fn scratch(name: &str) -> PathBuf {
+    common::sweep_ended_runs("kiln-dp-");
     let dir = std::env::temp_dir().join(format!("kiln-dp-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+mod sweep;
+
 use kiln_core::Cpu;
 use kiln_dist::Threads;
 use kiln_train::{RunConfig, RunSummary, Runtime};
@@ -24,6 +26,7 @@ pub fn on_ranks<S: Send>(ranks: usize, run: impl Fn(Runtime<Cpu>) -> S + Sync) -
 }
 
 pub fn scratch(name: &str) -> PathBuf {
+    sweep::sweep_ended_runs("kiln-dp-threads-");
     let dir = std::env::temp_dir().join(format!("kiln-dp-threads-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir

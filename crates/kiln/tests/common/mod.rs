@@ -1,7 +1,13 @@
 //! Test models shared by the CLI tests.
 
+#[allow(dead_code)]
+#[path = "../../../kiln-train/tests/common/sweep.rs"]
+mod sweep;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+#[allow(unused_imports)]
+pub use sweep::sweep_ended_runs;
 
 const DEMO_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../demo/base");
 /// The config of `deepseek_v4_base` (also the data-parallel tests' V4 model).
@@ -16,6 +22,7 @@ pub fn kiln(args: &[&str]) -> Output {
 /// An empty directory `name` of this test process under the temp dir.
 #[allow(dead_code)]
 pub fn scratch_dir(name: &str) -> PathBuf {
+    sweep_ended_runs("kiln-test-");
     let dir = std::env::temp_dir().join(format!("kiln-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();

@@ -79,7 +79,7 @@ impl<B: Backend> Space<B> {
     }
 
     /// `range` over the ranks of `comm`, whole on each or (`sharded`) a shard apiece.
-    fn new(b: &B, range: Range<usize>, comm: Ranks<B>, sharded: bool, name: String) -> Self {
+    pub(crate) fn new(b: &B, range: Range<usize>, comm: Ranks<B>, sharded: bool, name: String) -> Self {
         let (rank, size) = (comm.rank(), comm.size());
         let (mine, counts) = match sharded {
             true => (kiln_dist::shard_in(&range, rank, size), kiln_dist::shard_counts(range.len(), size)),

@@ -191,3 +191,73 @@ impl<B: Backend> GradBuckets<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::Cpu;
+    use kiln_dist::{Comm, Local, Threads};
+    use kiln_model::{weights::layout, Config};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A three-layer Llama's layout (untied head).
+    fn three_layers() -> FlatLayout {
+        let config = Config::parse(
+            r#"{"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "max_position_embeddings": 64}"#,
+        )
+        .unwrap();
+        FlatLayout::new(&layout(&config))
+    }
+
+    #[test]
+    fn each_point_of_backward_starts_its_bucket_and_the_sums_land_in_the_gradients() {
+        let flat = three_layers();
+        let ranks = Threads::new(2, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            for comm in ranks {
+                let flat = &flat;
+                s.spawn(move || {
+                    let rank = comm.rank() as f32;
+                    let spaces = [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(comm), false, "dense".into())];
+                    let mut whole = FlatGrads::new(&Cpu, &Arc::new(three_layers()));
+                    whole.flat.iter_mut().enumerate().for_each(|(i, g)| *g = (rank + 1.0) * i as f32);
+                    let mut buckets = GradBuckets::new(flat, &spaces).expect("a space summed over two ranks");
+                    buckets.arm();
+                    let points = [Reached::Head, Reached::Layer(2), Reached::Layer(1), Reached::Layer(0)];
+                    for (started, point) in points.into_iter().enumerate() {
+                        buckets.reached(&Cpu, point, (&mut whole, &spaces), "test");
+                        assert_eq!(buckets.next, started + 1, "{point:?} starts its own bucket only");
+                        let open = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| buckets.check_open(point)));
+                        assert!(open.is_err(), "{point:?}: its gradients are being summed");
+                    }
+                    buckets.check_open(Reached::Embedding);
+                    buckets.reached(&Cpu, Reached::Embedding, (&mut whole, &spaces), "test");
+                    assert!(!buckets.armed, "the backward has ended");
+                    buckets.finish(&Cpu, (&mut whole, &spaces), "test").unwrap();
+                    for (i, g) in whole.flat.iter().enumerate() {
+                        assert_eq!(*g, 3.0 * i as f32, "value {i}: the sum of both ranks'");
+                    }
+                    // The next step's backward adds into every bucket again.
+                    points.into_iter().for_each(|point| buckets.check_open(point));
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_backward_that_is_not_the_last_starts_nothing_and_one_rank_has_no_buckets() {
+        let flat = three_layers();
+        let alone = [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(Local), false, "dense".into())];
+        assert!(GradBuckets::new(&flat, &alone).is_none(), "one rank sums nothing");
+        let ranks = Threads::new(2, Duration::from_secs(10));
+        let spaces =
+            [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(ranks.into_iter().next().unwrap()), false, "d".into())];
+        let mut buckets = GradBuckets::new(&flat, &spaces).unwrap();
+        let mut whole = FlatGrads::new(&Cpu, &Arc::new(three_layers()));
+        buckets.reached(&Cpu, Reached::Layer(2), (&mut whole, &spaces), "test");
+        assert_eq!(buckets.next, 0, "not armed: the step's last backward is still to come");
+    }
+}

@@ -525,7 +525,8 @@ impl<B: Backend> Model<B> {
     /// `acts.xf` (`[tokens, hidden]`); with `count_load`, adds the experts' loads into
     /// `expert_load`.
     pub fn forward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, count_load: bool) {
-        self.forward_layers(b, acts, batch, count_load, None, true);
+        let counted = count_load.then_some(acts.rows * acts.seq);
+        self.forward_layers(b, acts, batch, counted, None, true);
     }
 
     /// Runs the model over `batch` for generation and returns the logits (`[k, vocab]`) of
@@ -540,7 +541,7 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         plan: &CachePlan,
     ) -> Vec<f32> {
-        self.forward_layers(b, acts, batch, false, Some((cache, plan)), true);
+        self.forward_layers(b, acts, batch, None, Some((cache, plan)), true);
         let c = &self.config;
         let k = plan.logits_at.len();
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
@@ -563,16 +564,17 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// The transformer's forward (`forward_hidden`). Under pipeline parallel with `hops` a
-    /// stage receives its input from the previous stage and sends its output to the next;
-    /// without, a schedule does (`model_pipeline`), leaving the input in `layer_inputs[0]` and
-    /// taking the output from the last of them.
+    /// The transformer's forward (`forward_hidden`), adding the experts' loads of the first
+    /// `counted` tokens into `expert_load`. Under pipeline parallel with `hops` a stage receives
+    /// its input from the previous stage and sends its output to the next; without, a schedule
+    /// does (`model_pipeline`), leaving the input in `layer_inputs[0]` and taking the output
+    /// from the last of them.
     pub(crate) fn forward_layers(
         &mut self,
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
-        count_load: bool,
+        counted: Option<usize>,
         cache: Option<(&mut KvCache<B>, &CachePlan)>,
         hops: bool,
     ) {
@@ -647,8 +649,8 @@ impl<B: Backend> Model<B> {
                 });
                 self.layer_forward(b, (l, &w), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
             }
-            if let (true, FfnActs::Moe(m)) = (count_load, &a.ffn) {
-                loads.push((l, m.rows.clone()));
+            if let (Some(tokens), FfnActs::Moe(m)) = (counted, &a.ffn) {
+                loads.push((l, m.load_of(b, tokens)));
             }
         }
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {

@@ -144,7 +144,7 @@ impl<B: Backend> Model<B> {
             match op {
                 Op::RecvForward(_) => pp.recv_prev(b, &mut a.layer_inputs[0], what),
                 Op::Forward(c) => {
-                    self.forward_layers(b, &mut a, &chunks[c], false, None, false);
+                    self.forward_layers(b, &mut a, &chunks[c], None, None, false);
                     if pp.is_last() {
                         self.lm_head_forward(b, &mut a);
                         self.cross_entropy_forward(b, &mut a);
@@ -270,7 +270,8 @@ impl<B: Backend> Run<'_, B> {
     fn forward(&mut self, model: &mut Model<B>, c: usize, loss: &PipelineLoss) {
         let (b, slot, seq, rows) = (self.b, self.slot(c), self.chunks[c].seq, self.rows[c].clone());
         let a = &mut self.acts[slot];
-        model.forward_layers(b, a, &self.chunks[c], true, None, false);
+        // The chunk's padding rows are no one's: their routes do not count in the loads.
+        model.forward_layers(b, a, &self.chunks[c], Some(rows.len() * seq), None, false);
         if !self.pp.is_last() {
             return;
         }

@@ -66,20 +66,18 @@ impl<B: Backend> Clone for Pipeline<B> {
 }
 
 /// The config of stage `stage` of the stages whose layers are `stage_layers`: its layers, and
-/// which of the embedding and head it holds. Refuses DeepSeek-V4, which the engine cannot cut.
+/// which of the embedding and head it holds (DeepSeek-V4: its layers' attention and routing
+/// kinds).
 pub fn stage_config(whole: &Config, stage: usize, stage_layers: &[Range<usize>]) -> Result<Config, String> {
-    let name = format!("{:?}", whole.model_type).to_lowercase();
-    if matches!(whole.attention, AttentionKind::V4(_)) {
-        return Err(format!(
-            "pipeline parallel cuts models of the Llama family and DeepSeek-V3; {name}'s hyper-connected layers \
-             are not cut into stages yet"
-        ));
-    }
     let layers = stage_layers[stage].clone();
     let last = stage + 1 == stage_layers.len();
     let mut config = whole.clone();
     config.num_layers = layers.len();
     config.layer_windows = whole.layer_windows[layers.clone()].to_vec();
+    if let AttentionKind::V4(v4) = &mut config.attention {
+        v4.layers = v4.layers[layers.clone()].to_vec();
+        v4.hash_layers = v4.hash_layers[layers.clone()].to_vec();
+    }
     let embedding = stage == 0 || (last && whole.tie_word_embeddings && whole.num_labels.is_none());
     config.stage = Some(Stage { first_layer: layers.start, embedding, head: last });
     Ok(config)

@@ -305,7 +305,7 @@ pub struct TrainSection {
     /// MLP and expert widths; with `ep`, the expert groups are the data-parallel ranks.
     #[serde(default = "one")]
     pub tp: usize,
-    /// Pipeline parallel (Llama-family and DeepSeek-V3 models, under mpirun): the layers are cut into this many
+    /// Pipeline parallel (Llama-family and DeepSeek-V3/V4 models, under mpirun): the layers are cut into this many
     /// stages of consecutive layers, one per rank of a pipeline, the first stage also holding
     /// the embedding and the last the final norm and head (1: no cut). At most the layers.
     #[serde(default = "one")]

@@ -12,7 +12,6 @@
 mod common;
 
 use common::*;
-use kiln_core::Cpu;
 use std::path::Path;
 
 #[test]
@@ -249,15 +248,6 @@ fn assert_same_recipe(recipe: &str, what: &str, one: &[&str], two: &[&str]) {
     let tolerance = if ["grpo", "distill"].contains(&recipe) { 1e-5 } else { 2e-6 };
     assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), tolerance, what);
     assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, what);
-}
-
-/// A tiny random DeepSeek-V4 (`tests/fixtures/tiny_deepseek_v4.json`: sliding, compressed
-/// sparse and heavily compressed attention, a hash-routed MoE layer then two scored ones, two
-/// hyper-connected streams) with the demo tokenizer, as a Hugging Face directory; returns its `model.path` override.
-fn deepseek_v4_base(dir: &Path) -> String {
-    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-    let config = std::fs::read_to_string(root.join("tests/fixtures/tiny_deepseek_v4.json")).unwrap();
-    write_base(dir, &config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1))
 }
 
 #[test]

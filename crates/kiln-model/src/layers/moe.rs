@@ -106,6 +106,19 @@ impl<B: Backend> MoeActs<B> {
         b.read_index(&self.route_idx)
     }
 
+    /// The layer's load over its first `tokens` tokens: every token's (`rows`), or, for a
+    /// pipeline chunk padded with rows of no one's, those before the padding.
+    pub fn load_of(&self, b: &B, tokens: usize) -> Vec<usize> {
+        if tokens >= self.tokens {
+            return self.rows.clone();
+        }
+        let routes = self.routes(b);
+        let k = routes.len() / self.tokens.max(1);
+        let mut load = vec![0; self.rows.len()];
+        routes[..tokens * k].iter().for_each(|&e| load[e as usize] += 1);
+        load
+    }
+
     /// The experts of each token, `top_k` per token, for a layer routed by a frozen table.
     pub fn set_routes(&mut self, b: &B, experts: &[i32]) {
         b.write_index(&mut self.route_idx, experts);

@@ -90,9 +90,12 @@ pub(super) fn layout(cfg: &Config, v4: &V4Config) -> Weights<TensorSpec> {
     let streams = v4.hc.streams;
     let mixes = (2 + streams) * streams;
     let m = cfg.moe.as_ref().expect("deepseek_v4 has MoE layers");
+    // A pipeline stage's layers are named by their place in the whole model, their settings
+    // (`v4.layers`, `v4.hash_layers`) the stage's own.
+    let first = cfg.first_layer();
     let layers = (0..cfg.num_layers)
         .map(|i| {
-            let n = LayerNames(i);
+            let n = LayerNames(first + i);
             LayerWeights {
                 input_norm: f32_spec(n.norm("attn_norm.weight", d), Init::Ones),
                 attn: AttnWeights::V4(attention(cfg, v4, v4.layers[i], &n)),
@@ -111,14 +114,19 @@ pub(super) fn layout(cfg: &Config, v4: &V4Config) -> Weights<TensorSpec> {
         adamw_only: false,
         init,
     };
+    // A pipeline stage lays out what it does not hold with no rows.
+    let (embedding, head) = cfg.stage.as_ref().map_or((true, true), |s| (s.embedding, s.head));
+    let rows = |n: usize, held: bool| if held { n } else { 0 };
+    let mut hc_head = hc(|s| format!("model.hc_head.hc_{s}"), rows(streams, head), streams, d, rows(1, head));
+    hc_head.mix.shape[1] = rows(streams * d, head);
     Weights {
-        embed: top("model.embed_tokens.weight", &[cfg.vocab_size, d], Init::Normal),
+        embed: top("model.embed_tokens.weight", &[rows(cfg.vocab_size, embedding), d], Init::Normal),
         layers,
-        norm: f32_spec(top("model.norm.weight", &[d], Init::Ones), Init::Ones),
+        norm: f32_spec(top("model.norm.weight", &[rows(d, head)], Init::Ones), Init::Ones),
         lm_head: (!cfg.tie_word_embeddings && cfg.num_labels.is_none())
-            .then(|| top("head.weight", &[cfg.vocab_size, d], Init::Normal)),
-        score: cfg.num_labels.map(|labels| top("score.weight", &[labels, d], Init::Normal)),
-        hc_head: Some(hc(|s| format!("model.hc_head.hc_{s}"), streams, streams, d, 1)),
+            .then(|| top("head.weight", &[rows(cfg.vocab_size, head), d], Init::Normal)),
+        score: cfg.num_labels.map(|labels| top("score.weight", &[rows(labels, head), d], Init::Normal)),
+        hc_head: Some(hc_head),
     }
 }
 

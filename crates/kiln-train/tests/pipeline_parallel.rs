@@ -277,6 +277,14 @@ fn deepseek_v4_cuts_into_stages_alone_and_with_expert_parallel() {
             &format!("{what}: the final checkpoint"),
         );
     }
+    // GRPO: generation through the stages, each with its layers' caches (sliding window,
+    // compressed entries).
+    let (a, b) = (scratch("pp-v4-grpo-1"), scratch("pp-v4-grpo-2"));
+    run("grpo", 1, &a, &[&model, "train.steps=4"], false);
+    run("grpo", 2, &b, &[&model, "train.steps=4", "train.layout=\"pp=2\""], false);
+    assert!(series(&a, "grad_norm").iter().any(|g| *g > 0.0), "deepseek_v4 grpo: no gradient to compare");
+    assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), 1e-5, "deepseek_v4 grpo, pp=2");
+    assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, "deepseek_v4 grpo, pp=2");
 }
 
 #[test]

@@ -120,3 +120,30 @@ fn each_zero_stage_needs_no_more_memory_than_the_one_before() {
         ["weights", "gradients", "master weights", "optimizer states"].iter().map(|t| zero0.memory.term(t)).sum();
     within("ZeRO-0 state bytes", state, 16.0 * job.model.params.total(), 1e-9);
 }
+
+/// Every pipeline stage is estimated and the fullest reported: on DeepSeek-V3's PP16 (61
+/// layers: 13 stages of 4, then 3 of 3) the first stage, with 16 micro-batches in flight and
+/// no head or logits; with a single micro-batch in flight everywhere, the last stage, with 3
+/// layers, the MTP layer, the head and the logits.
+#[test]
+fn the_fullest_pipeline_stage_is_the_one_reported() {
+    let mut job = Job::new(model("deepseek_v3.json"), Method::Sft);
+    job.global_batch_tokens = 15360.0 * 4096.0;
+    let cluster = Cluster::parse("2048xh800").unwrap();
+    let layout = Layout::parse("dp=128,tp=1,pp=16,ep=64,zero=1,recompute=selective", 2048).unwrap();
+    let first = evaluate(&job, &cluster, &layout).unwrap().memory;
+    assert_eq!(first.term("logits"), 0.0, "the first stage holds no logits");
+    let v3 = model("deepseek_v3.json");
+    let per_layer = v3.params.routed_experts / v3.layers as f64;
+    within(
+        "the first stage's routed experts: 4 layers' worth over ep 64",
+        first.params_expert,
+        4.0 * per_layer / 64.0,
+        1e-9,
+    );
+    job.global_batch_tokens = 128.0 * 4096.0;
+    let last = evaluate(&job, &cluster, &Layout { recompute: kiln_plan::Recompute::Full, ..layout }).unwrap().memory;
+    assert!(last.term("logits") > 0.0, "one micro-batch in flight: the last stage, with the logits, is the fullest");
+    let three_and_mtp = (3.0 * per_layer + v3.mtp.routed_experts) / 64.0;
+    within("the last stage's routed experts: 3 layers' and the MTP layer's", last.params_expert, three_and_mtp, 1e-9);
+}

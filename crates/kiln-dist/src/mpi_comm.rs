@@ -180,22 +180,26 @@ impl Mpi {
 /// completes.
 struct StartedRequest {
     raw: mpi::ffi::MPI_Request,
-    /// The values it sends: a copy, given back to `send_copies` once complete.
+    /// The values it sends: a copy, given back to `send_copies` (where it came from there)
+    /// once complete.
     send: Vec<f32>,
     /// A gather's counts and displacements (empty for an all-reduce).
     counts: Vec<Count>,
     displs: Vec<Count>,
-    send_copies: Arc<SendCopies>,
+    send_copies: Option<Arc<SendCopies>>,
     /// The thread that may call MPI (funneled).
     owner: ThreadId,
 }
 
 impl StartedRequest {
-    /// A request not yet started, which will send `send`.
-    fn new(mpi: &Mpi, send: Vec<f32>, (counts, displs): (Vec<Count>, Vec<Count>)) -> Box<Self> {
+    /// A request not yet started, which will send `send` (a copy from `send_copies`, if given).
+    fn new(
+        mpi: &Mpi,
+        (send, send_copies): (Vec<f32>, Option<Arc<SendCopies>>),
+        (counts, displs): (Vec<Count>, Vec<Count>),
+    ) -> Box<Self> {
         // SAFETY: reads the null handle's value.
         let raw = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };
-        let send_copies = Arc::clone(&mpi.send_copies);
         Box::new(Self { raw, send, counts, displs, send_copies, owner: mpi.owner })
     }
 
@@ -220,8 +224,8 @@ impl Completion for StartedRequest {
         // SAFETY: a live request, or the null handle once complete (for which MPI_Test says
         // complete).
         unsafe { mpi::ffi::MPI_Test(&mut self.raw, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE) };
-        if flag != 0 && self.send.capacity() > 0 {
-            self.send_copies.give_back(std::mem::take(&mut self.send));
+        if let (true, Some(copies)) = (flag != 0, &self.send_copies) {
+            copies.give_back(std::mem::take(&mut self.send));
         }
         flag != 0
     }
@@ -324,7 +328,9 @@ impl Comm for Mpi {
         what: &str,
     ) -> Result<InFlight<[f32]>> {
         self.check_gather(counts, chunk.len(), out.len(), what)?;
-        let mut request = StartedRequest::new(self, self.send_copies.copy_of(chunk), counts_displs(counts));
+        // A chunk is 1/N of a layer, copied afresh: kept copies of every size of chunk would
+        // stay allocated between steps (ZeRO-3 counts its memory a layer at a time).
+        let mut request = StartedRequest::new(self, (chunk.to_vec(), None), counts_displs(counts));
         // SAFETY: the request holds the chunk and counts MPI reads, and the `InFlight` the
         // output it writes (boxed: moving it does not move the values), until it completes;
         // dropped before then, both leak them. Datatype and communicator are live handles.
@@ -347,7 +353,8 @@ impl Comm for Mpi {
     fn start_all_reduce_sum(&self, mut buf: Owned<[f32]>, what: &str) -> Result<InFlight<[f32]>> {
         self.check_thread();
         ensure!(buf.len() <= Count::MAX as usize, "all_reduce ({what}): {} values are more than MPI counts", buf.len());
-        let mut request = StartedRequest::new(self, self.send_copies.copy_of(&buf), (Vec::new(), Vec::new()));
+        let send = (self.send_copies.copy_of(&buf), Some(Arc::clone(&self.send_copies)));
+        let mut request = StartedRequest::new(self, send, (Vec::new(), Vec::new()));
         // SAFETY: the request holds the copy MPI sends, and the `InFlight` the buffer it sums
         // into (boxed: moving it does not move the values), until it completes; dropped before
         // then, both leak them. Datatype, operation and communicator are live handles.

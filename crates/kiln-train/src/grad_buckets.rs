@@ -184,10 +184,9 @@ impl<B: Backend> GradBuckets<B> {
         let bucket = &self.buckets[i];
         let sum = spaces[bucket.space].comm.finish(started, what)?;
         b.copy(b.slice_mut(&mut whole.flat, bucket.range.clone()), &sum);
-        // Keep as many buffers as can be under way at once.
-        if self.free.len() < IN_FLIGHT_VALUES.div_ceil(BUCKET_VALUES) + 1 {
-            self.free.push(sum);
-        }
+        // Every step starts the same buckets in the same order, so the buffers the first step
+        // allocated (of each length, as many as were under way at once) serve every later one.
+        self.free.push(sum);
         Ok(())
     }
 }

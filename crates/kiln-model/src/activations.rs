@@ -7,6 +7,7 @@ use crate::layers::mla::{MlaActs, MlaGrads};
 use crate::layers::mlp::{MlpActs, MlpGrads};
 use crate::layers::moe::{MoeActs, MoeGrads, MoeShape};
 use crate::layers::v4_attention::{V4AttnActs, V4AttnGrads};
+use crate::sequence_parallel::SequenceBufs;
 use kiln_core::Backend;
 
 pub enum AttnActs<B: Backend> {
@@ -41,7 +42,8 @@ pub(crate) fn streams(cfg: &Config) -> usize {
     hc_dims(cfg, 0, false).map_or(1, |h| h.hc.streams)
 }
 
-/// What one layer's forward keeps for its backward.
+/// What one layer's forward keeps for its backward. Under sequence parallel the norms' inputs,
+/// outputs and statistics and the residual `x_mid` are the rank's tokens' only.
 pub struct LayerActs<B: Backend> {
     pub xn1: B::Buf,
     pub rstd1: B::Buf,
@@ -55,11 +57,12 @@ pub struct LayerActs<B: Backend> {
 }
 
 impl<B: Backend> LayerActs<B> {
-    fn new(b: &B, cfg: &Config, n: usize, moe: bool) -> Self {
+    /// A layer's over `n` tokens, `here` of them the rank's (all but under sequence parallel).
+    fn new(b: &B, cfg: &Config, (n, here): (usize, usize), moe: bool) -> Self {
         let d = cfg.hidden_size;
         Self {
-            xn1: b.zeros(n * d),
-            rstd1: b.zeros(n),
+            xn1: b.zeros(here * d),
+            rstd1: b.zeros(here),
             attn: match cfg.attention {
                 AttentionKind::Gqa => AttnActs::Gqa(GqaActs::new(b, cfg, n)),
                 AttentionKind::Mla(_) => AttnActs::Mla(MlaActs::new(b, cfg, n)),
@@ -71,9 +74,9 @@ impl<B: Backend> LayerActs<B> {
                 attn_out: b.zeros(n * d),
                 ffn_out: b.zeros(n * d),
             }),
-            x_mid: b.zeros(n * d * streams(cfg)),
-            xn2: b.zeros(n * d),
-            rstd2: b.zeros(n),
+            x_mid: b.zeros(here * d * streams(cfg)),
+            xn2: b.zeros(here * d),
+            rstd2: b.zeros(here),
             ffn: match MoeShape::new(cfg).filter(|_| moe) {
                 Some(shape) => FfnActs::Moe(MoeActs::new(b, &shape, n)),
                 None => FfnActs::Dense(MlpActs::new(b, n, cfg.intermediate_size)),
@@ -137,6 +140,10 @@ pub struct Activations<B: Backend> {
     /// 1 where a token's target has its largest logit (token accuracy), else 0.
     pub correct: B::Buf,
     pub grad: Option<GradScratch<B>>,
+    /// Under sequence parallel (training activations of a `Config::sequence_parallel` model),
+    /// the rank's tokens and the gathered buffers; the residual stream (`layer_inputs`, the
+    /// layers' norms and `x_mid`, `rstdf`, `grad.dres`) then holds the rank's tokens only.
+    pub sequence: Option<SequenceBufs<B>>,
 }
 
 impl<B: Backend> Activations<B> {
@@ -145,20 +152,22 @@ impl<B: Backend> Activations<B> {
     pub fn new(b: &B, cfg: &Config, rows: usize, seq: usize, training: bool, recompute: bool) -> Self {
         let n = rows * seq;
         let d = cfg.hidden_size;
+        let sequence = cfg.sequence_parallel.filter(|_| training).map(|group| SequenceBufs::new(b, n, d, group));
+        let here = sequence.as_ref().map_or(n, |sp| sp.tokens.len());
         let has_dense = (0..cfg.num_layers).any(|l| !cfg.is_moe_layer(l));
         let has_moe = (0..cfg.num_layers).any(|l| cfg.is_moe_layer(l));
         let (layers, slots) = if recompute || !training {
             let kinds: Vec<bool> =
                 [(has_dense, false), (has_moe, true)].into_iter().filter(|k| k.0).map(|k| k.1).collect();
             let slots = (0..cfg.num_layers).map(|l| kinds.iter().position(|&m| m == cfg.is_moe_layer(l)).unwrap_or(0));
-            (kinds.iter().map(|&moe| LayerActs::new(b, cfg, n, moe)).collect(), slots.collect())
+            (kinds.iter().map(|&moe| LayerActs::new(b, cfg, (n, here), moe)).collect(), slots.collect())
         } else {
-            let layers = (0..cfg.num_layers).map(|l| LayerActs::new(b, cfg, n, cfg.is_moe_layer(l))).collect();
+            let layers = (0..cfg.num_layers).map(|l| LayerActs::new(b, cfg, (n, here), cfg.is_moe_layer(l))).collect();
             (layers, (0..cfg.num_layers).collect())
         };
         let s = streams(cfg);
         let grad = training.then(|| GradScratch {
-            dres: b.zeros(n * d * s),
+            dres: b.zeros(here * d * s),
             dxn: b.zeros(n * d),
             hc: hc_dims(cfg, n, false).map(|dims| (b.zeros(n * d * s), b.zeros(n * d), HcGrads::new(b, dims))),
             attn: match cfg.attention {
@@ -180,18 +189,19 @@ impl<B: Backend> Activations<B> {
                 targets: b.upload_index(&vec![0; n]),
                 weights: b.zeros(n),
             },
-            layer_inputs: (0..=cfg.num_layers).map(|_| b.zeros(n * d * s)).collect(),
+            layer_inputs: (0..=cfg.num_layers).map(|_| b.zeros(here * d * s)).collect(),
             hc_head: hc_dims(cfg, n, true).map(|dims| HcActs::new(b, dims)),
             routes: Vec::new(),
             compress: Vec::new(),
             layers,
             slots,
             xf: b.zeros(n * d),
-            rstdf: b.zeros(n),
+            rstdf: b.zeros(here),
             logits: b.zeros(n * cfg.vocab_size),
             nll: b.zeros(n),
             correct: b.zeros(n),
             grad,
+            sequence,
         }
     }
 }

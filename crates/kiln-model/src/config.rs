@@ -284,6 +284,10 @@ pub struct Config {
     /// Under pipeline parallel, the part of the model one stage holds (`num_layers` and
     /// `layer_windows` are then the stage's); `None` for a whole model.
     pub stage: Option<Stage>,
+    /// Under tensor parallel with sequence parallel, this rank's place in the tensor group
+    /// (rank, size): training activations keep the residual stream of its block of the tokens
+    /// only (`sequence_parallel`); `None` otherwise.
+    pub sequence_parallel: Option<(usize, usize)>,
 }
 
 /// The part of a model a pipeline stage holds: `num_layers` layers from `first_layer` on, the
@@ -501,6 +505,7 @@ impl Config {
                 .then(|| raw.num_labels.or(raw.id2label.as_ref().map(Map::len)).unwrap_or(2)),
             pad_token_id: raw.pad_token_id,
             stage: None,
+            sequence_parallel: None,
         })
     }
 

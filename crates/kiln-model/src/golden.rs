@@ -220,12 +220,13 @@ pub fn check_training<B: Backend>(b: &B, case: &str) -> (Golden, Model<B>) {
 /// Checks one rank of a tensor-parallel group `group` on the golden case `case`: the rank's
 /// block of the vocabulary's logits (and no more), every token's log-prob, the loss, the
 /// rank's block of every gradient, and greedy continuations, without and with the cache.
-pub fn check_tensor_parallel<B: Backend>(b: &B, case: &str, group: Arc<dyn Comm<B::Slice>>) {
+/// With `sequence_parallel`, the training activations cut the residual stream by tokens.
+pub fn check_tensor_parallel<B: Backend>(b: &B, case: &str, group: Arc<dyn Comm<B::Slice>>, sequence_parallel: bool) {
     let golden = Golden::load(case);
     let (rank, t) = (group.rank(), group.size());
-    let share = ModelShare { tensors: Some(group), ..ModelShare::whole() };
+    let share = ModelShare { tensors: Some(group), sequence_parallel, ..ModelShare::whole() };
     let mut model = Model::load_share(b, &fixture(case).join("model"), share, None).expect("load model");
-    let what = format!("{case}, rank {rank} of tp={t}");
+    let what = format!("{case}, rank {rank} of tp={t} (sequence parallel: {sequence_parallel})");
     let batch = Batch::causal_lm(&golden.sequences);
     let whole_vocab = model.whole_config().vocab_size;
     let block = kiln_dist::shard(whole_vocab, rank, t);
@@ -252,20 +253,33 @@ pub fn check_tensor_parallel<B: Backend>(b: &B, case: &str, group: Arc<dyn Comm<
         }
     }
 
-    let mut grads = model.grads(b);
-    let loss = model.forward_backward(b, &mut acts, &batch, &mut grads);
-    let want_loss = golden.get("loss")[0] as f64;
-    assert!((loss - want_loss).abs() <= 1e-5 * want_loss.abs(), "{what} loss: kiln {loss}, transformers {want_loss}");
-    let wholes = model.whole_layout().iter();
-    for ((spec, whole), g) in model.layout.iter().into_iter().zip(wholes).zip(grads.views(b).iter()) {
-        if spec.name.ends_with("e_score_correction_bias") {
-            assert!(b.read(g).iter().all(|&v| v == 0.0), "{what}: the correction bias gets no gradient");
-            continue;
+    // Under sequence parallel the residual stream holds the rank's tokens only.
+    let n = batch.rows * batch.seq;
+    let here = if sequence_parallel { kiln_dist::shard(n, rank, t).len() } else { n };
+    let d = model.config.hidden_size;
+    assert_eq!(b.len(&acts.layer_inputs[0]), here * d, "{what}: residual stream held");
+
+    for recompute in [false, true] {
+        let what = format!("{what}, recompute={recompute}");
+        let mut acts = Activations::new(b, &model.config, batch.rows, batch.seq, true, recompute);
+        let mut grads = model.grads(b);
+        let loss = model.forward_backward(b, &mut acts, &batch, &mut grads);
+        let want_loss = golden.get("loss")[0] as f64;
+        assert!(
+            (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
+            "{what} loss: kiln {loss}, transformers {want_loss}"
+        );
+        let wholes = model.whole_layout().iter();
+        for ((spec, whole), g) in model.layout.iter().into_iter().zip(wholes).zip(grads.views(b).iter()) {
+            if spec.name.ends_with("e_score_correction_bias") {
+                assert!(b.read(g).iter().all(|&v| v == 0.0), "{what}: the correction bias gets no gradient");
+                continue;
+            }
+            let cut = crate::tensor_parallel::Cut::of(whole, spec);
+            let golden_grad = golden.get(&format!("grad.{}", spec.name));
+            let want = crate::tensor_parallel::slice(golden_grad, &whole.shape, cut, (rank, t));
+            assert_close(&format!("{what} grad {} ({cut:?})", spec.name), &b.read(g), &want, 1e-4);
         }
-        let cut = crate::tensor_parallel::Cut::of(whole, spec);
-        let golden_grad = golden.get(&format!("grad.{}", spec.name));
-        let want = crate::tensor_parallel::slice(golden_grad, &whole.shape, cut, (rank, t));
-        assert_close(&format!("{what} grad {} ({cut:?})", spec.name), &b.read(g), &want, 1e-4);
     }
 
     for (prompt, want) in &golden.greedy {

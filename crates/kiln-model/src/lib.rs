@@ -29,6 +29,7 @@ pub mod safetensors_reader;
 pub mod safetensors_writer;
 pub mod sampler;
 pub mod score_head;
+pub mod sequence_parallel;
 pub mod stage_split;
 pub mod tensor_parallel;
 pub mod v4_cache;

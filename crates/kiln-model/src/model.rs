@@ -25,6 +25,7 @@ use crate::param_shards::ParamShards;
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{ChunkOrder, Op};
 use crate::safetensors_io::{self, RawTensor, StorageDtype};
+use crate::sequence_parallel::SequenceBufs;
 use crate::tensor_parallel::TensorParallel;
 use crate::v4_cache::V4Step;
 use crate::weights::{
@@ -455,7 +456,8 @@ impl<B: Backend> Model<B> {
     }
 
     /// Forward of layer `l` from `x_in` into `a` and, unless only recomputing what backward
-    /// needs, into `x_out`. With `load`, the experts' loads are counted into it.
+    /// needs, into `x_out`. Under sequence parallel (`sp`) `x_in`, `x_out` and the norms are
+    /// the rank's tokens, gathered before each split block and scattered after it.
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
@@ -466,6 +468,7 @@ impl<B: Backend> Model<B> {
         x_out: Option<&mut B::Slice>,
         view: &ActsView<B>,
         kv: Option<(&mut B::Slice, &mut B::Slice)>,
+        sp: Option<&mut SequenceBufs<B>>,
     ) {
         let c = &self.config;
         let ctx = view.ctx(l);
@@ -474,40 +477,60 @@ impl<B: Backend> Model<B> {
         let tp = self.tensor_parallel.as_ref();
         // Under tensor parallel a row-parallel bias is added once, by rank 0, before the sum.
         let bias_here = tp.is_none_or(|tp| tp.group.rank() == 0);
+        let mut sp = sp.map(|sp| (tp.expect("sequence parallel under tensor parallel"), sp));
 
         b.rmsnorm_forward(&mut a.xn1, &mut a.rstd1, x_in, w.input_norm, eps);
+        let (xn1, attn_out) = match sp.as_mut() {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn1, &sp.counts, &mut sp.whole_in, &format!("layer {l}: attention input"));
+                (&*sp.whole_in, &mut *sp.whole_out)
+            }
+            None => (&*a.xn1, &mut *a.x_mid),
+        };
         match (&w.attn, &mut a.attn) {
             (AttnWeights::Gqa(w), AttnActs::Gqa(a_)) => {
                 let w = GqaWeights { o_bias: w.o_bias.filter(|_| bias_here), ..w.clone() };
-                gqa::forward(b, c, &w, &a.xn1, &mut a.x_mid, a_, &ctx, kv)
+                gqa::forward(b, c, &w, xn1, attn_out, a_, &ctx, kv)
             }
             (AttnWeights::Mla(w), AttnActs::Mla(a_)) => {
                 let w = MlaWeights { o_bias: w.o_bias.filter(|_| bias_here), ..w.clone() };
-                mla::forward(b, c, &w, &a.xn1, &mut a.x_mid, a_, &ctx, kv)
+                mla::forward(b, c, &w, xn1, attn_out, a_, &ctx, kv)
             }
             _ => unreachable!("activations laid out for another attention kind"),
         }
-        if let Some(tp) = tp {
-            tp.sum(&mut a.x_mid, &format!("layer {l}: attention output"));
+        let what = format!("layer {l}: attention output");
+        match (sp.as_mut(), tp) {
+            (Some((tp, sp)), _) => tp.sum_scatter_tokens(&sp.whole_out, &sp.counts, &mut a.x_mid, &what),
+            (None, Some(tp)) => tp.sum(&mut a.x_mid, &what),
+            (None, None) => {}
         }
         // x_mid = x_in + attention, fused with the second norm.
         b.add_rmsnorm_forward(&mut a.x_mid, x_in, &mut a.xn2, &mut a.rstd2, w.post_norm, eps);
         let mut x_out = x_out;
-        let out = x_out.as_deref_mut();
+        let (xn2, out) = match sp.as_mut() {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn2, &sp.counts, &mut sp.whole_in, &format!("layer {l}: MLP input"));
+                (&*sp.whole_in, x_out.is_some().then_some(&mut *sp.whole_out))
+            }
+            None => (&*a.xn2, x_out.as_deref_mut()),
+        };
         match (&w.ffn, &mut a.ffn) {
             (FfnWeights::Dense(w), FfnActs::Dense(a_)) => {
                 let w = MlpWeights { down_bias: w.down_bias.filter(|_| bias_here), ..w.clone() };
-                mlp::forward(b, self.matmul_precision, &w, &a.xn2, out, a_, (n, d, c.intermediate_size))
+                mlp::forward(b, self.matmul_precision, &w, xn2, out, a_, (n, d, c.intermediate_size))
             }
             (FfnWeights::Moe(w), FfnActs::Moe(a_)) => {
                 let ep = self.expert_parallel.as_ref().map(|ep| (ep, l));
-                moe::forward(b, self.moe_shape.as_ref().expect("moe shape"), w, &a.xn2, out, a_, ep)
+                moe::forward(b, self.moe_shape.as_ref().expect("moe shape"), w, xn2, out, a_, ep)
             }
             _ => unreachable!("activations laid out for another feed-forward kind"),
         }
         if let Some(x_out) = x_out {
-            if let Some(tp) = tp {
-                tp.sum(x_out, &format!("layer {l}: MLP output"));
+            let what = format!("layer {l}: MLP output");
+            match (sp, tp) {
+                (Some((tp, sp)), _) => tp.sum_scatter_tokens(&sp.whole_out, &sp.counts, x_out, &what),
+                (None, Some(tp)) => tp.sum(x_out, &what),
+                (None, None) => {}
             }
             b.add_assign(x_out, &a.x_mid);
         }
@@ -590,6 +613,9 @@ impl<B: Backend> Model<B> {
             b.embedding_forward(&mut acts.xf, embed, &acts.inputs.ids, c.hidden_size);
             self.sum_over_vocab(&mut acts.xf, "embedding");
             self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
+        } else if let (Some(sp), Some(tp)) = (acts.sequence.as_mut(), &self.tensor_parallel) {
+            b.embedding_forward(&mut sp.whole_out, embed, &acts.inputs.ids, c.hidden_size);
+            tp.sum_scatter_tokens(&sp.whole_out, &sp.counts, &mut acts.layer_inputs[0], "embedding");
         } else {
             b.embedding_forward(&mut acts.layer_inputs[0], embed, &acts.inputs.ids, c.hidden_size);
             self.sum_over_vocab(&mut acts.layer_inputs[0], "embedding");
@@ -647,7 +673,8 @@ impl<B: Backend> Model<B> {
                     let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
                     (&mut **k, &mut **v)
                 });
-                self.layer_forward(b, (l, &w), a, &inputs[l], Some(&mut outputs[0]), &view, kv);
+                let sp = acts.sequence.as_mut();
+                self.layer_forward(b, (l, &w), a, &inputs[l], Some(&mut outputs[0]), &view, kv, sp);
             }
             if let (Some(tokens), FfnActs::Moe(m)) = (counted, &a.ffn) {
                 loads.push((l, m.load_of(b, tokens)));
@@ -660,8 +687,14 @@ impl<B: Backend> Model<B> {
         } else if self.is_v4() {
             self.v4_head_forward(b, acts, c.num_layers);
         } else {
-            let last = &acts.layer_inputs[c.num_layers];
-            b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, last, self.outer_weights(b).norm, c.rms_norm_eps);
+            let (last, norm) = (&acts.layer_inputs[c.num_layers], self.outer_weights(b).norm);
+            match (acts.sequence.as_mut(), &self.tensor_parallel) {
+                (Some(sp), Some(tp)) => {
+                    b.rmsnorm_forward(&mut sp.local, &mut acts.rstdf, last, norm, c.rms_norm_eps);
+                    tp.gather_tokens(&sp.local, &sp.counts, &mut acts.xf, "final norm output");
+                }
+                _ => b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, last, norm, c.rms_norm_eps),
+            }
         }
         for (l, rows) in loads {
             self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
@@ -847,7 +880,19 @@ impl<B: Backend> Model<B> {
             let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
             b.fill(&mut s.dres, 0.0);
             let (final_input, norm) = (&acts.layer_inputs[c.num_layers], self.outer_weights(b).norm);
-            b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, norm, &acts.rstdf);
+            match (acts.sequence.as_mut(), &self.tensor_parallel) {
+                (Some(sp), Some(tp)) => {
+                    // dL/dxf is whole on every rank (summed over the vocabulary, or a whole
+                    // head's): the rank's rows of it, and the norm's gradient summed over the group.
+                    let dxf = sp.rows_of(b, &s.dxn, d);
+                    let dnorm = b.slice_mut(&mut sp.dnorm, 0..d);
+                    b.fill(dnorm, 0.0);
+                    b.rmsnorm_backward(&mut s.dres, dnorm, dxf, final_input, norm, &acts.rstdf);
+                    tp.sum(dnorm, "final norm weight gradient");
+                    b.add_assign(grads.outer(b).norm, dnorm);
+                }
+                _ => b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, norm, &acts.rstdf),
+            }
             grads.head_done(b);
         }
         let view = ActsView::new(
@@ -890,9 +935,10 @@ impl<B: Backend> Model<B> {
                 aux_loss += self.v4_layer_backward(b, layer, a, x_in, s, &mut g, &ctx, aux.as_ref());
             } else {
                 if acts.recompute {
-                    self.layer_forward(b, layer, a, x_in, None, &view, None);
+                    self.layer_forward(b, layer, a, x_in, None, &view, None, acts.sequence.as_mut());
                 }
-                aux_loss += self.layer_backward(b, layer, a, x_in, s, &mut g, &view, aux.as_ref());
+                let sp = acts.sequence.as_mut();
+                aux_loss += self.layer_backward(b, layer, a, x_in, s, &mut g, &view, aux.as_ref(), sp);
             }
             grads.layer_done(b, l);
         }
@@ -903,6 +949,9 @@ impl<B: Backend> Model<B> {
         } else if self.is_v4() {
             self.sum_streams(b, &mut s.dxn, &s.dres, acts.rows * acts.seq);
             b.embedding_backward(grads.outer(b).embed, &s.dxn, &acts.inputs.ids, d);
+        } else if let (Some(sp), Some(tp)) = (acts.sequence.as_mut(), &self.tensor_parallel) {
+            tp.gather_tokens(&s.dres, &sp.counts, &mut sp.whole_out, "embedding output gradient");
+            b.embedding_backward(grads.outer(b).embed, &sp.whole_out, &acts.inputs.ids, d);
         } else {
             b.embedding_backward(grads.outer(b).embed, &s.dres, &acts.inputs.ids, d);
         }
@@ -1008,7 +1057,9 @@ impl<B: Backend> Model<B> {
 
     /// Backward of layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)
     /// there, and adds the layer's parameter gradients into `g`. Returns the layer's balance
-    /// loss (0 for dense layers).
+    /// loss (0 for dense layers). Under sequence parallel (`sp`) `s.dres` is the rank's tokens';
+    /// each block gathers its normed input again and its output gradient, and scatters its
+    /// input gradient.
     #[allow(clippy::too_many_arguments)]
     fn layer_backward(
         &self,
@@ -1020,57 +1071,93 @@ impl<B: Backend> Model<B> {
         g: &mut LayerWeights<&mut B::Slice>,
         view: &ActsView<B>,
         aux: Option<&SeqAux>,
+        sp: Option<&mut SequenceBufs<B>>,
     ) -> f64 {
         let c = &self.config;
         let ctx = view.ctx(l);
         let (n, d) = (view.tokens, c.hidden_size);
         let tp = self.tensor_parallel.as_ref();
+        let mut sp = sp.map(|sp| (tp.expect("sequence parallel under tensor parallel"), sp));
+        if let Some((_, sp)) = sp.as_mut() {
+            b.fill(&mut sp.dnorm, 0.0);
+        }
 
         // Feed-forward branch: out = x_mid + ffn(xn2).
+        let (xn2, dy) = match sp.as_mut() {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn2, &sp.counts, &mut sp.whole_in, &format!("layer {l}: MLP input again"));
+                tp.gather_tokens(&s.dres, &sp.counts, &mut sp.whole_out, &format!("layer {l}: MLP output gradient"));
+                (&*sp.whole_in, &*sp.whole_out)
+            }
+            None => (&*a.xn2, &*s.dres),
+        };
         let mut aux_loss = 0.0;
         match (&w.ffn, &mut g.ffn, &a.ffn) {
             (FfnWeights::Dense(w), FfnWeights::Dense(g), FfnActs::Dense(a_)) => {
                 let scratch = s.dense.as_mut().expect("dense MLP scratch");
-                mlp::backward(
-                    b,
-                    self.matmul_precision,
-                    w,
-                    &a.xn2,
-                    &s.dres,
-                    &mut s.dxn,
-                    g,
-                    a_,
-                    scratch,
-                    (n, d, c.intermediate_size),
-                );
+                let dims = (n, d, c.intermediate_size);
+                mlp::backward(b, self.matmul_precision, w, xn2, dy, &mut s.dxn, g, a_, scratch, dims);
             }
             (FfnWeights::Moe(w), FfnWeights::Moe(g), FfnActs::Moe(a_)) => {
                 let scratch = s.moe.as_mut().expect("MoE scratch");
                 b.fill(&mut s.dxn, 0.0);
                 let shape = self.moe_shape.as_ref().expect("moe shape");
-                aux_loss = moe::backward(b, shape, w, &a.xn2, &s.dres, &mut s.dxn, g, a_, scratch, aux, tp);
+                aux_loss = moe::backward(b, shape, w, xn2, dy, &mut s.dxn, g, a_, scratch, aux, tp);
             }
             _ => unreachable!("gradients laid out for another feed-forward kind"),
         }
-        if let Some(tp) = tp {
-            tp.sum(&mut s.dxn, &format!("layer {l}: MLP input gradient"));
+        let what = format!("layer {l}: MLP input gradient");
+        match (sp.as_mut(), tp) {
+            (Some((tp, sp)), _) => {
+                tp.sum_scatter_tokens(&s.dxn, &sp.counts, &mut sp.local, &what);
+                let dpost = b.slice_mut(&mut sp.dnorm, d..2 * d);
+                b.rmsnorm_backward(&mut s.dres, dpost, &sp.local, &a.x_mid, w.post_norm, &a.rstd2);
+            }
+            (None, tp) => {
+                if let Some(tp) = tp {
+                    tp.sum(&mut s.dxn, &what);
+                }
+                b.rmsnorm_backward(&mut s.dres, g.post_norm, &s.dxn, &a.x_mid, w.post_norm, &a.rstd2);
+            }
         }
-        b.rmsnorm_backward(&mut s.dres, g.post_norm, &s.dxn, &a.x_mid, w.post_norm, &a.rstd2);
 
         // Attention branch: x_mid = x_in + attention(xn1).
+        let (xn1, dy) = match sp.as_mut() {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn1, &sp.counts, &mut sp.whole_in, &format!("layer {l}: attention input again"));
+                let what = format!("layer {l}: attention output gradient");
+                tp.gather_tokens(&s.dres, &sp.counts, &mut sp.whole_out, &what);
+                (&*sp.whole_in, &*sp.whole_out)
+            }
+            None => (&*a.xn1, &*s.dres),
+        };
         match (&w.attn, &mut g.attn, &a.attn, &mut s.attn) {
             (AttnWeights::Gqa(w), AttnWeights::Gqa(g), AttnActs::Gqa(a_), AttnGrads::Gqa(s_)) => {
-                gqa::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx, tp)
+                gqa::backward(b, c, w, xn1, dy, &mut s.dxn, g, a_, s_, &ctx, tp)
             }
             (AttnWeights::Mla(w), AttnWeights::Mla(g), AttnActs::Mla(a_), AttnGrads::Mla(s_)) => {
-                mla::backward(b, c, w, &a.xn1, &s.dres, &mut s.dxn, g, a_, s_, &ctx, tp)
+                mla::backward(b, c, w, xn1, dy, &mut s.dxn, g, a_, s_, &ctx, tp)
             }
             _ => unreachable!("gradients laid out for another attention kind"),
         }
-        if let Some(tp) = tp {
-            tp.sum(&mut s.dxn, &format!("layer {l}: attention input gradient"));
+        let what = format!("layer {l}: attention input gradient");
+        match (sp, tp) {
+            (Some((tp, sp)), _) => {
+                tp.sum_scatter_tokens(&s.dxn, &sp.counts, &mut sp.local, &what);
+                let dinput = b.slice_mut(&mut sp.dnorm, 0..d);
+                b.rmsnorm_backward(&mut s.dres, dinput, &sp.local, x_in, w.input_norm, &a.rstd1);
+                // Both norms' weight gradients, summed over the rank's tokens, summed over the group.
+                tp.sum(&mut sp.dnorm, &format!("layer {l}: norm weight gradients"));
+                b.add_assign(g.input_norm, b.slice(&sp.dnorm, 0..d));
+                b.add_assign(g.post_norm, b.slice(&sp.dnorm, d..2 * d));
+            }
+            (None, tp) => {
+                if let Some(tp) = tp {
+                    tp.sum(&mut s.dxn, &what);
+                }
+                b.rmsnorm_backward(&mut s.dres, g.input_norm, &s.dxn, x_in, w.input_norm, &a.rstd1);
+            }
         }
-        b.rmsnorm_backward(&mut s.dres, g.input_norm, &s.dxn, x_in, w.input_norm, &a.rstd1);
         aux_loss
     }
 }

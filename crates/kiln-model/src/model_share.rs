@@ -36,6 +36,9 @@ pub struct ModelShare<B: Backend> {
     /// How the stages cut the layers (under pipeline parallel).
     pub split: StageSplit,
     pub tensors: Option<Group<B>>,
+    /// Under tensor parallel, whether training activations cut the residual stream by tokens
+    /// over the tensor group (`sequence_parallel`).
+    pub sequence_parallel: bool,
     pub carries: bool,
     /// ZeRO-3: the ranks that shard the parameters; the rank keeps its shard of each tensor.
     pub params: Option<ShardRanks<B>>,
@@ -44,7 +47,15 @@ pub struct ModelShare<B: Backend> {
 impl<B: Backend> ModelShare<B> {
     /// The whole model.
     pub fn whole() -> Self {
-        Self { experts: None, stages: None, split: StageSplit::Even, tensors: None, carries: true, params: None }
+        Self {
+            experts: None,
+            stages: None,
+            split: StageSplit::Even,
+            tensors: None,
+            sequence_parallel: false,
+            carries: true,
+            params: None,
+        }
     }
 
     /// All but this rank's share `ep` of the routed experts.
@@ -163,7 +174,7 @@ impl<B: Backend> Model<B> {
         if new_score.is_some() {
             config.num_labels = Some(1);
         }
-        let ModelShare { experts: ep, stages, split, tensors, carries, params } = share;
+        let ModelShare { experts: ep, stages, split, tensors, sequence_parallel, carries, params } = share;
         let refused = |why: String| Error::new(dir.join("config.json"), why);
         let (whole_layout, deepseek_names) = stored_layout(dir, &config, ep.as_ref())?;
         let (mut local_config, mut local_layout) = (config.clone(), whole_layout.clone());
@@ -183,6 +194,7 @@ impl<B: Backend> Model<B> {
                 let blocks_config =
                     tensor_parallel::local_config(&local_config, (group.rank(), group.size())).map_err(refused)?;
                 let stage_config = std::mem::replace(&mut local_config, blocks_config);
+                local_config.sequence_parallel = sequence_parallel.then_some((group.rank(), group.size()));
                 let stage_layout = std::mem::replace(&mut local_layout, layout_of(&local_config, ep.as_ref()));
                 Some(TensorParallel::new(group, &stage_config, stage_layout))
             }

@@ -6,11 +6,15 @@ use kiln_dist::Threads;
 use std::sync::Arc;
 use std::time::Duration;
 
-fn check_on_ranks(case: &str, t: usize) {
+fn check_on_ranks(case: &str, t: usize, sequence_parallel: bool) {
     std::thread::scope(|s| {
         let ranks: Vec<_> = Threads::new(t, Duration::from_secs(60))
             .into_iter()
-            .map(|comm| s.spawn(move || kiln_model::golden::check_tensor_parallel(&Cpu, case, Arc::new(comm))))
+            .map(|comm| {
+                s.spawn(move || {
+                    kiln_model::golden::check_tensor_parallel(&Cpu, case, Arc::new(comm), sequence_parallel)
+                })
+            })
             .collect();
         for rank in ranks {
             rank.join().expect("a rank failed its check");
@@ -20,10 +24,20 @@ fn check_on_ranks(case: &str, t: usize) {
 
 #[test]
 fn llama_over_two_ranks_matches_transformers_block_by_block() {
-    check_on_ranks("llama", 2);
+    check_on_ranks("llama", 2, false);
+}
+
+#[test]
+fn llama_with_sequence_parallel_over_two_ranks_matches_transformers() {
+    check_on_ranks("llama", 2, true);
 }
 
 #[test]
 fn deepseek_v3_over_two_ranks_matches_transformers_block_by_block() {
-    check_on_ranks("deepseek_v3", 2);
+    check_on_ranks("deepseek_v3", 2, false);
+}
+
+#[test]
+fn deepseek_v3_with_sequence_parallel_over_two_ranks_matches_transformers() {
+    check_on_ranks("deepseek_v3", 2, true);
 }

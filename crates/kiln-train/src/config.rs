@@ -305,6 +305,12 @@ pub struct TrainSection {
     /// MLP and expert widths; with `ep`, the expert groups are the data-parallel ranks.
     #[serde(default = "one")]
     pub tp: usize,
+    /// Tensor parallel: cut the residual stream, the norms and the embedding's output by tokens
+    /// over the tensor group (Megatron-LM's sequence parallel), so each rank keeps 1/tp of what
+    /// lies between the split blocks, as `kiln plan` assumes; false keeps them whole on every
+    /// rank. The same bytes move either way.
+    #[serde(default = "yes")]
+    pub sequence_parallel: bool,
     /// Pipeline parallel (Llama-family and DeepSeek-V3/V4 models, under mpirun): the layers are cut into this many
     /// stages of consecutive layers, one per rank of a pipeline, the first stage also holding
     /// the embedding and the last the final norm and head (1: no cut). At most the layers.

@@ -155,7 +155,8 @@ pub fn run<B: Backend>(
     // them: it is not expert-parallel) and gathered a layer at a time like the student's.
     let tensors = s.model.tensor_parallel().map(|tp| Arc::clone(&tp.group));
     let params = DataParallel::<B>::shards_weights(config.train.zero, &s.data).then(|| shard_ranks::<B>(&s.data, None));
-    let share = ModelShare { tensors, carries: false, params, ..ModelShare::whole() };
+    let sequence_parallel = s.model.config.sequence_parallel.is_some();
+    let share = ModelShare { tensors, sequence_parallel, carries: false, params, ..ModelShare::whole() };
     let mut teacher = s.load_frozen(&d.teacher, share)?;
     teacher.prefetch_gathers(config.train.zero3_prefetch);
     teacher.label_gathers("distillation teacher's weights");

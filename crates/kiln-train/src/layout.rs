@@ -1,7 +1,8 @@
 //! `train.layout` (or `--layout`): how a run spreads over its ranks, in `kiln plan`'s syntax,
-//! `dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..`. Every key is optional and sets what it
+//! `dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..,sp=..`. Every key is optional and sets what it
 //! names: `tp` is `train.tp`, `pp` is `train.pp`, `ep` is `train.ep`, `zero` is `train.zero`,
-//! `recompute` (`none` or `full`) is `train.recompute`; `dp`, when given, times tp times pp must
+//! `recompute` (`none` or `full`) is `train.recompute`, `sp` (`on` or `off`) is
+//! `train.sequence_parallel`; `dp`, when given, times tp times pp must
 //! be the ranks of the launch. So the layout `kiln plan --layout` sizes is the one the run takes.
 
 use crate::config::TrainSection;
@@ -15,6 +16,7 @@ pub struct RunLayout {
     pub ep: Option<usize>,
     pub zero: Option<u8>,
     pub recompute: Option<bool>,
+    pub sequence_parallel: Option<bool>,
 }
 
 impl RunLayout {
@@ -50,7 +52,12 @@ impl RunLayout {
                         )))
                     }
                 },
-                other => return Err(err(format!("unknown key `{other}` (dp, tp, pp, ep, zero, recompute)"))),
+                "sp" => match value {
+                    "on" => layout.sequence_parallel = Some(true),
+                    "off" => layout.sequence_parallel = Some(false),
+                    _ => return Err(err(format!("`sp` = `{value}`: sequence parallel is `on` or `off`"))),
+                },
+                other => return Err(err(format!("unknown key `{other}` (dp, tp, pp, ep, zero, recompute, sp)"))),
             }
         }
         Ok(layout)
@@ -72,6 +79,9 @@ impl RunLayout {
         }
         if let Some(recompute) = self.recompute {
             train.recompute = recompute;
+        }
+        if let Some(sequence_parallel) = self.sequence_parallel {
+            train.sequence_parallel = sequence_parallel;
         }
     }
 
@@ -112,8 +122,17 @@ mod tests {
         let l = RunLayout::parse("dp=4, ep=2,zero=3,recompute=full,tp=1,pp=1").unwrap();
         assert_eq!(
             l,
-            RunLayout { dp: Some(4), tp: Some(1), pp: Some(1), ep: Some(2), zero: Some(3), recompute: Some(true) }
+            RunLayout {
+                dp: Some(4),
+                tp: Some(1),
+                pp: Some(1),
+                ep: Some(2),
+                zero: Some(3),
+                recompute: Some(true),
+                sequence_parallel: None
+            }
         );
+        assert_eq!(RunLayout::parse("tp=2,sp=off").unwrap().sequence_parallel, Some(false));
         assert_eq!(RunLayout::parse("").unwrap(), RunLayout::default());
         assert!(l.check_ranks("dp=4", 4).is_ok());
         assert!(l.check_ranks("dp=4", 2).unwrap_err().contains("does not equal the 2 ranks"));
@@ -142,7 +161,7 @@ mod tests {
             ("zero=4", "stages 0 to 3"),
             ("dp=0", "not a positive whole number"),
             ("recompute=selective", "whole layers"),
-            ("sp=2", "unknown key `sp`"),
+            ("sp=yes", "`on` or `off`"),
             ("dp", "not key=value"),
         ] {
             let e = RunLayout::parse(spec).unwrap_err();

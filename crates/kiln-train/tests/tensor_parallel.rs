@@ -51,6 +51,7 @@ fn tensor_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model
     let overlap: &[&str] = &["train.overlap_grad_reduce=true"];
     for (ranks, layout, extra) in [
         (2, "tp=2", &[][..]),
+        (2, "tp=2,sp=off", &[]),
         (2, "tp=2,recompute=full", &[]),
         (4, "dp=2,tp=2", &[]),
         (4, "dp=2,tp=2,zero=1", &[]),
@@ -117,6 +118,14 @@ fn a_qwen3_with_biases_and_qk_norms_splits_over_two_and_four_ranks() {
             &format!("qwen3 {layout}: the final checkpoint"),
         );
     }
+    // Sequence parallel over 4 ranks of micro-batches of 15 rows of 125 tokens: 1875 tokens,
+    // cut 469, 469, 469 and 468 (and the vocabulary of 99, 25, 25, 25 and 24).
+    let odd: &[&str] = &[&model, "data.max_seq_len=125", "train.batch_tokens=1875"];
+    let (one, four) = (scratch("tp-qwen3-odd-1"), scratch("tp-qwen3-odd-tp=4"));
+    sft(1, &one, odd);
+    sft_laid_out(4, &four, "tp=4,sp=on", odd);
+    assert_same_curve(&series(&one, "loss"), &series(&four, "loss"), 1e-5, "tp=4 over 1875 tokens");
+    assert_same_curve(&series(&one, "grad_norm"), &series(&four, "grad_norm"), 1e-5, "tp=4 over 1875 tokens");
 }
 
 #[test]

@@ -144,6 +144,7 @@ impl<B: Backend> Session<B> {
                 .pipeline()
                 .map_or(StageSplit::Even, |pp| StageSplit::Given(pp.stage_layers.iter().map(|r| r.len()).collect())),
             tensors: self.model.tensor_parallel().map(|tp| Arc::clone(&tp.group)),
+            sequence_parallel: self.model.config.sequence_parallel.is_some(),
             carries: false,
             params: self.dp.weight_shard_ranks(),
         };
@@ -195,8 +196,15 @@ impl<B: Backend> Session<B> {
         // ZeRO-3: each rank reads only its shard of the weights.
         let params =
             DataParallel::<B>::shards_weights(t.zero, &data).then(|| shard_ranks::<B>(&data, replicas.clone()));
-        let share =
-            ModelShare { experts: expert_parallel, stages: pipeline, split, tensors: tensor_group, carries, params };
+        let share = ModelShare {
+            experts: expert_parallel,
+            stages: pipeline,
+            split,
+            tensors: tensor_group,
+            sequence_parallel: t.sequence_parallel,
+            carries,
+            params,
+        };
         let mut model = load(&b, &model_dir, share).with_context(|| {
             format!("loading this rank's part of the model (`train.tp` = {}, `train.pp` = {})", t.tp, t.pp)
         })?;

@@ -165,6 +165,9 @@ pub struct Layout {
     /// 3: and weights.
     pub zero: u8,
     pub recompute: Recompute,
+    /// Under tensor parallel, the residual stream cut by tokens over the group (Megatron-LM's
+    /// sequence parallel, kiln's default); false keeps it whole on every rank.
+    pub sequence_parallel: bool,
 }
 
 impl Layout {
@@ -172,10 +175,12 @@ impl Layout {
         self.dp * self.tp * self.pp
     }
 
-    /// Parses `dp=128,tp=1,pp=16,ep=64,zero=1,recompute=selective` (missing sizes are 1,
-    /// `zero` 1, `recompute` selective; `dp` may be left out and follows from `devices`).
+    /// Parses `dp=128,tp=1,pp=16,ep=64,zero=1,recompute=selective,sp=on` (missing sizes are
+    /// 1, `zero` 1, `recompute` selective, `sp` on; `dp` may be left out and follows from
+    /// `devices`).
     pub fn parse(s: &str, devices: usize) -> Result<Self> {
-        let mut l = Self { dp: 0, tp: 1, pp: 1, ep: 1, zero: 1, recompute: Recompute::Selective };
+        let mut l =
+            Self { dp: 0, tp: 1, pp: 1, ep: 1, zero: 1, recompute: Recompute::Selective, sequence_parallel: true };
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((key, value)) = part.split_once('=') else {
                 bail!("layout `{s}`: `{part}` is not key=value");
@@ -190,7 +195,14 @@ impl Layout {
                 "ep" => l.ep = n()?,
                 "zero" => l.zero = n()? as u8,
                 "recompute" => l.recompute = Recompute::parse(value)?,
-                other => bail!("layout `{s}`: unknown key `{other}` (dp, tp, pp, ep, zero, recompute)"),
+                "sp" => {
+                    l.sequence_parallel = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => bail!("layout `{s}`: `sp` = `{value}`: sequence parallel is `on` or `off`"),
+                    }
+                }
+                other => bail!("layout `{s}`: unknown key `{other}` (dp, tp, pp, ep, zero, recompute, sp)"),
             }
         }
         if l.tp == 0 || l.pp == 0 || l.ep == 0 {
@@ -248,6 +260,10 @@ impl std::fmt::Display for Layout {
             self.ep,
             self.zero,
             self.recompute.name()
-        )
+        )?;
+        match self.sequence_parallel || self.tp == 1 {
+            true => Ok(()),
+            false => write!(f, " sp=off"),
+        }
     }
 }

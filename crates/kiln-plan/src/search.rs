@@ -93,7 +93,7 @@ pub fn search(job: &Job, cluster: &Cluster, top: usize) -> Result<Vec<Estimate>>
                 for ep in divisors(dp).filter(|ep| experts.is_multiple_of(*ep)) {
                     for zero in 0..=3 {
                         for recompute in Recompute::ALL {
-                            let layout = Layout { dp, tp, pp, ep, zero, recompute };
+                            let layout = Layout { dp, tp, pp, ep, zero, recompute, sequence_parallel: true };
                             let Ok(e) = evaluate(job, cluster, &layout) else { continue };
                             if e.fits {
                                 fits.push(e);

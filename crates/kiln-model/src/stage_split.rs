@@ -3,14 +3,16 @@
 //! Balanced: each layer costs the weights its matrix products read per token (attention and
 //! MLP, of an MoE layer the shared experts and `top_k` of the routed ones), and the last stage
 //! adds the LM head's `vocab · hidden`. The cut minimises the largest stage's cost over every
-//! cut into runs of at least one layer (a dynamic programme over the layers), since the
-//! slowest stage sets a pipeline's pace. At Llama-3-8B's shape the head costs 2.4 layers, so
+//! cut into runs of at least one layer (`kiln_plan::stages::balanced`, the planner's own cut,
+//! which `kiln plan --pp-layers balanced` estimates), since the slowest stage sets a
+//! pipeline's pace. At Llama-3-8B's shape the head costs 2.4 layers, so
 //! pp = 4 cuts 8 + 9 + 9 + 6 layers (largest stage 9 layer-costs) where the even cut's last
 //! stage carries 8 + 2.4. Attention's scores (quadratic in the sequence) are left out: they
 //! are the same per layer and so move no cut in the supported models.
 
 use crate::config::Config;
 use crate::weights::{self, TensorSpec};
+use kiln_plan::stages::balanced;
 use std::ops::Range;
 
 /// How the layers are cut into stages.
@@ -70,44 +72,6 @@ fn head_cost(whole: &Config) -> f64 {
     }
 }
 
-/// Layers per stage minimising the largest stage's cost, the last stage adding `head`; of equal
-/// cuts, the one whose later stages are longest (the first stage also holds the embedding
-/// and, under 1F1B, the most activations in flight).
-fn balanced(costs: &[f64], head: f64, stages: usize) -> Vec<usize> {
-    let n = costs.len();
-    let prefix: Vec<f64> = std::iter::once(0.0)
-        .chain(costs.iter().scan(0.0, |s, c| {
-            *s += c;
-            Some(*s)
-        }))
-        .collect();
-    let run = |a: usize, b: usize| prefix[b] - prefix[a];
-    // best[s][i]: the smallest largest-stage cost of the first i layers in s stages, with
-    // from[s][i] the start of the last of them.
-    let mut best = vec![vec![f64::INFINITY; n + 1]; stages + 1];
-    let mut from = vec![vec![0; n + 1]; stages + 1];
-    best[0][0] = 0.0;
-    for s in 1..=stages {
-        for i in s..=n {
-            let extra = if s == stages { head } else { 0.0 };
-            for j in s - 1..i {
-                let cost = best[s - 1][j].max(run(j, i) + extra);
-                if cost < best[s][i] {
-                    (best[s][i], from[s][i]) = (cost, j);
-                }
-            }
-        }
-    }
-    let mut counts = vec![0; stages];
-    let mut end = n;
-    for s in (1..=stages).rev() {
-        let start = from[s][end];
-        counts[s - 1] = end - start;
-        end = start;
-    }
-    counts
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,13 +106,5 @@ mod tests {
         // With a small head the cut is the even one.
         let small = llama(1000, 32);
         assert_eq!(StageSplit::Balanced.layers(&small, 4).unwrap(), StageSplit::Even.layers(&small, 4).unwrap());
-    }
-
-    #[test]
-    fn balanced_minimises_the_largest_stage() {
-        // Costs 1, 1, 4, 1, 1 and a head of 2 over 3 stages: [1 1] [4] [1 1 + 2] = max 4.
-        assert_eq!(balanced(&[1.0, 1.0, 4.0, 1.0, 1.0], 2.0, 3), [2, 1, 2]);
-        // Every stage keeps a layer even when the head outweighs them all.
-        assert_eq!(balanced(&[1.0; 4], 100.0, 3), [1, 2, 1]);
     }
 }

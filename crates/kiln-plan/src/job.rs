@@ -1,6 +1,6 @@
 //! What is trained (`Job`) and how it is spread over the devices (`Layout`).
 
-use crate::ModelShape;
+use crate::{ModelShape, StageCut};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
@@ -128,6 +128,8 @@ pub struct Job {
     pub teacher: Option<ModelShape>,
     /// Rollouts: the completion's share of `seq`.
     pub completion_share: f64,
+    /// Where pipeline parallel cuts the layers.
+    pub stage_cut: StageCut,
 }
 
 impl Job {
@@ -145,6 +147,7 @@ impl Job {
             reference: method == Method::Grpo,
             teacher: None,
             completion_share: 0.75,
+            stage_cut: StageCut::Even,
         }
     }
 

@@ -11,12 +11,14 @@ pub mod job;
 pub mod memory;
 pub mod model;
 pub mod search;
+pub mod stages;
 pub mod time;
 
 pub use device::{Cluster, Device};
 pub use job::{Job, Layout, Method, Optimizer, Recompute, Storage};
 pub use model::ModelShape;
 pub use search::{evaluate, search, Estimate};
+pub use stages::StageCut;
 
 /// Bytes in a GB (10^9, as device makers count HBM).
 pub const GB: f64 = 1e9;

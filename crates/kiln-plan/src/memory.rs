@@ -36,7 +36,7 @@ impl Memory {
 /// What each term counts, for `--explain`.
 pub const EXPLAIN: &[(&str, &str)] = &[
     ("storage", "--storage mixed (the default) as below; f32 (kiln's engine): weights and gradients in f32 (4 B/param each), the weights their own master copy (no master term), ZeRO-3 holding two gathered layers (one prefetched) plus the embedding and head"),
-    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (of kiln's even cut, the first L mod P stages a layer more: the stage whose peak is highest; the first holds the embedding, the last the head, a tied one a copy of the embedding), split by tp (the embedding and head by vocabulary rows) but for the norms, MLA's down-projections and the routers (and by ep for routed experts); sharded over data parallel at ZeRO-3"),
+    ("weights", "bf16 weights (2 B/param) of the fullest pipeline stage (of the cut, by default kiln's even one, the first L mod P stages a layer more: the stage whose peak is highest; the first holds the embedding, the last the head, a tied one a copy of the embedding), split by tp (the embedding and head by vocabulary rows) but for the norms, MLA's down-projections and the routers (and by ep for routed experts); sharded over data parallel at ZeRO-3"),
     ("gradients", "bf16 gradients (2 B/param) of the same parameters; sharded over data parallel from ZeRO-2"),
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
     ("optimizer states", "AdamW: f32 first and second moments (8 B/param); Muon: one f32 momentum (4 B/param) for hidden matrices, AdamW's 8 B for embeddings, head and vectors; sharded from ZeRO-1. Routed experts shard over dp/ep ranks (each expert's replicas), the rest over dp"),
@@ -47,12 +47,6 @@ pub const EXPLAIN: &[(&str, &str)] = &[
     ("teacher model", "distill: the teacher's bf16 weights, placed like the student's"),
     ("kv cache", "rollouts: bf16 KV cache (MLA: its latent; DeepSeek-V4: compressed entries) of the sequences one replica decodes at once, for the stage's layers, split by tp; decoding runs in waves when a replica's share of the step does not fit"),
 ];
-
-/// The layers of each pipeline stage under kiln's even cut: `layers / pp` each, the first
-/// `layers % pp` stages one more.
-fn stage_layer_counts(layers: usize, pp: usize) -> Vec<usize> {
-    (0..pp).map(|s| layers / pp + usize::from(s < layers % pp)).collect()
-}
 
 /// The parameters of pipeline stage `stage` of `pp`, which holds `layers` layers, the embedding
 /// on the first stage, head and MTP layers on the last (a tied head as a copy of the embedding,
@@ -106,13 +100,12 @@ struct StageMemory {
     per_sequence: f64,
 }
 
-/// The memory of the fullest device: the pipeline stage (of kiln's even cut, each stage with
-/// its layers, the first the embedding and the most micro-batches in flight, the last the head
+/// The memory of the fullest device: the pipeline stage (of the cut's `stage_layers`, each
+/// stage with its layers, the first the embedding and the most micro-batches in flight, the last the head
 /// and logits) whose peak is highest.
-pub fn estimate(job: &Job, layout: &Layout, capacity: f64) -> Memory {
-    let counts = stage_layer_counts(job.model.layers, layout.pp);
+pub fn estimate(job: &Job, layout: &Layout, stage_layers: &[usize], capacity: f64) -> Memory {
     let stages: Vec<StageMemory> =
-        counts.iter().enumerate().map(|(s, &layers)| stage_memory(job, layout, s, layers)).collect();
+        stage_layers.iter().enumerate().map(|(s, &layers)| stage_memory(job, layout, s, layers)).collect();
     // A replica decodes the same sequences on every stage: as many at once as the tightest
     // stage has room for, of its share of the step.
     let concurrency = match job.method.has_rollout() {

@@ -14,6 +14,8 @@ pub const USABLE_HBM: f64 = 0.9;
 #[derive(Clone, Debug, Serialize)]
 pub struct Estimate {
     pub layout: Layout,
+    /// The layers of each pipeline stage (one entry without pipeline parallel).
+    pub stage_layers: Vec<usize>,
     pub memory: Memory,
     pub time: StepTime,
     /// Memory a device may use.
@@ -42,8 +44,9 @@ pub fn evaluate(job: &Job, cluster: &Cluster, layout: &Layout) -> Result<Estimat
         bail!("{layout}: needs {} devices, the cluster has {}", layout.devices(), cluster.count);
     }
     let usable = cluster.device.hbm_gb * crate::GB * USABLE_HBM;
-    let memory = memory::estimate(job, layout, usable);
-    let time = time::estimate(job, layout, &cluster.device, &memory);
+    let stage_layers = job.stage_cut.counts(&job.model, layout.pp)?;
+    let memory = memory::estimate(job, layout, &stage_layers, usable);
+    let time = time::estimate(job, layout, &stage_layers, &cluster.device, &memory);
     let reason = if memory.peak > usable {
         Some(format!("needs {:.1} GB of the {:.1} GB usable per device", memory.peak / crate::GB, usable / crate::GB))
     } else if job.method.has_rollout() && memory.rollout_concurrency < 1.0 {
@@ -56,7 +59,7 @@ pub fn evaluate(job: &Job, cluster: &Cluster, layout: &Layout) -> Result<Estimat
     } else {
         None
     };
-    Ok(Estimate { layout: *layout, memory, time, usable, fits: reason.is_none(), reason })
+    Ok(Estimate { layout: *layout, stage_layers, memory, time, usable, fits: reason.is_none(), reason })
 }
 
 fn divisors(n: usize) -> impl Iterator<Item = usize> {

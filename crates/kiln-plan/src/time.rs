@@ -5,6 +5,7 @@
 use crate::device::Device;
 use crate::job::{Job, Layout, Method, Recompute};
 use crate::memory::Memory;
+use crate::stages;
 use serde::Serialize;
 
 /// Seconds of one optimizer step, by part.
@@ -29,7 +30,7 @@ pub struct StepTime {
 
 /// What each part counts, for `--explain`.
 pub const EXPLAIN: &[(&str, &str)] = &[
-    ("compute", "FLOPs of the step's tokens: 6 x matrix parameters active per token (embedding lookups excluded) plus attention scores and sums at the sequence length (causal: half the sequence on average; sliding windows and compressed attention as configured), over devices x peak bf16 x the assumed efficiency. dpo adds one reference forward per token (computed once, kiln caches it); grpo with a reference adds its forward; distill adds the teacher's forward"),
+    ("compute", "FLOPs of the step's tokens: 6 x matrix parameters active per token (embedding lookups excluded) plus attention scores and sums at the sequence length (causal: half the sequence on average; sliding windows and compressed attention as configured), over devices x peak bf16 x the assumed efficiency; under pipeline parallel times the cut's pace (the slowest stage's share of the layers' and head's matrix weights, times pp). dpo adds one reference forward per token (computed once, kiln caches it); grpo with a reference adds its forward; distill adds the teacher's forward"),
     ("recompute", "selective: the MLA/low-rank query up-projections' forward again; full: the whole forward again"),
     ("bubble", "1F1B pipeline: (pp - 1) / m of the compute, m = micro-batches per pipeline per step"),
     ("data parallel", "ring reduce-scatter of bf16 gradients and all-gather of updated weights, 2(g-1)/g x bytes (ZeRO-3: 3(g-1)/g, weights gathered for forward and backward); routed experts over their dp/ep replicas"),
@@ -48,7 +49,7 @@ fn ring(bytes: f64, g: usize, factor: f64, gb_s: f64) -> f64 {
     factor * (g - 1) as f64 / g as f64 * bytes / (gb_s * 1e9)
 }
 
-pub fn estimate(job: &Job, layout: &Layout, device: &Device, memory: &Memory) -> StepTime {
+pub fn estimate(job: &Job, layout: &Layout, stage_layers: &[usize], device: &Device, memory: &Memory) -> StepTime {
     let m = &job.model;
     let l = layout;
     let devices = l.devices() as f64;
@@ -64,8 +65,12 @@ pub fn estimate(job: &Job, layout: &Layout, device: &Device, memory: &Memory) ->
         Method::Distill => job.teacher.as_ref().map_or(forward, |t| t.forward_flops(seq)),
         _ => 0.0,
     };
-    let compute = tokens * (m.train_flops(seq) + extra_forward) / rate;
-    let recompute = tokens
+    // A pipeline runs at its slowest stage's pace: the cut's uneven layers and the head on the
+    // last stage make it wait on that stage.
+    let pace = stages::pace(m, stage_layers);
+    let compute = pace * tokens * (m.train_flops(seq) + extra_forward) / rate;
+    let recompute = pace
+        * tokens
         * match l.recompute {
             Recompute::None => 0.0,
             Recompute::Selective => 2.0 * m.up_projection * m.layers as f64,
@@ -89,11 +94,11 @@ pub fn estimate(job: &Job, layout: &Layout, device: &Device, memory: &Memory) ->
     let ep_groups = l.dp / l.ep;
     let data = ring(2.0 * memory.params_non_expert, l.dp, passes, link(l.tp * l.dp))
         + ring(2.0 * memory.params_expert, ep_groups, passes, link(l.tp * l.dp));
-    let stage_layers = m.layers.div_ceil(l.pp) as f64;
+    let most_layers = stage_layers.iter().copied().max().unwrap_or(m.layers) as f64;
     let activation_bytes = mb_tokens * m.hidden * 2.0;
     let tp_reductions = if l.recompute == Recompute::Full { 6.0 } else { 4.0 };
     let tensor =
-        tp_reductions * stage_layers * micro_batches * ring(activation_bytes, l.tp, 2.0, device.intra_node_gb_s);
+        tp_reductions * most_layers * micro_batches * ring(activation_bytes, l.tp, 2.0, device.intra_node_gb_s);
     let pipeline = if l.pp > 1 {
         2.0 * micro_batches * mb_tokens * m.residual_bytes / l.tp as f64 / (device.scale_out_gb_s * 1e9)
     } else {
@@ -106,7 +111,7 @@ pub fn estimate(job: &Job, layout: &Layout, device: &Device, memory: &Memory) ->
                 Some(g) if span > device.per_node => (moe.active.min(g)) as f64,
                 _ => moe.active as f64,
             };
-            let moe_layers = stage_layers * moe.layers as f64 / m.layers as f64;
+            let moe_layers = most_layers * moe.layers as f64 / m.layers as f64;
             let bytes = 4.0 * mb_tokens / l.tp as f64 * copies * m.hidden * 2.0 * (l.ep - 1) as f64 / l.ep as f64;
             moe_layers * micro_batches * bytes / (link(span) * 1e9)
         }
@@ -119,13 +124,16 @@ pub fn estimate(job: &Job, layout: &Layout, device: &Device, memory: &Memory) ->
         ("expert parallel", expert),
     ];
     let exposed_comm = (1.0 - job.overlap) * comm.iter().map(|(_, s)| s).sum::<f64>();
-    let rollout = if job.method.has_rollout() { rollout_seconds(job, l, device, memory) } else { 0.0 };
+    let rollout = match job.method.has_rollout() {
+        true => rollout_seconds(job, (l, most_layers), device, memory),
+        false => 0.0,
+    };
     let step = compute + recompute + bubble + exposed_comm + rollout;
     StepTime { compute, recompute, bubble, comm, exposed_comm, rollout, step, tokens_per_s: tokens / step }
 }
 
 /// Prefill and decode of one step's rollouts on one replica (all replicas run at once).
-fn rollout_seconds(job: &Job, l: &Layout, device: &Device, memory: &Memory) -> f64 {
+fn rollout_seconds(job: &Job, (l, stage_layers): (&Layout, f64), device: &Device, memory: &Memory) -> f64 {
     let m = &job.model;
     let replica = (l.tp * l.pp) as f64;
     let peak = device.bf16_tflops * 1e12 * job.efficiency;
@@ -142,7 +150,6 @@ fn rollout_seconds(job: &Job, l: &Layout, device: &Device, memory: &Memory) -> f
         None => 1.0,
     };
     let weight_bytes = 2.0 * (memory.params_non_expert + touched * memory.params_expert);
-    let stage_layers = m.layers.div_ceil(l.pp) as f64;
     let kv_bytes = batch * (prompt + completion / 2.0) * m.kv_bytes * stage_layers / l.tp as f64;
     let memory_bound = l.pp as f64 * (weight_bytes + kv_bytes) / (device.hbm_tb_s * 1e12);
     // A token at context c attends c keys: the causal average of a 2c-token sequence.

@@ -2,7 +2,7 @@
 //! pre-training layout and throughput, and the seed question (DeepSeek-V4-Pro on 1,000
 //! Ascend 910C); and its refusals of impossible requests.
 
-use kiln_plan::{evaluate, search, Cluster, Job, Layout, Method, ModelShape, Optimizer, GB};
+use kiln_plan::{evaluate, search, Cluster, Job, Layout, Method, ModelShape, Optimizer, StageCut, GB};
 use std::path::Path;
 
 fn model(name: &str) -> ModelShape {
@@ -34,10 +34,13 @@ fn parameter_counts_match_published_totals() {
 
 /// DeepSeek-V3's pre-training: 2,048 H800, PP16, EP64, ZeRO-1 data parallel (DP128), no TP,
 /// sequences of 4K, a batch of 15,360 sequences; 180K H800 GPU-hours per trillion tokens.
+/// Its stages are balanced (the even cut's last stage would carry 3 layers and the head, 1.6
+/// layers' weights, and run 17% behind the others).
 #[test]
 fn deepseek_v3_pretraining_layout_fits_and_its_throughput_is_within_a_quarter() {
     let mut job = Job::new(model("deepseek_v3.json"), Method::Sft);
     job.global_batch_tokens = 15360.0 * 4096.0;
+    job.stage_cut = StageCut::Balanced;
     let cluster = Cluster::parse("2048xh800").unwrap();
     let layout = Layout::parse("dp=128,tp=1,pp=16,ep=64,zero=1,recompute=selective", 2048).unwrap();
     let e = evaluate(&job, &cluster, &layout).unwrap();
@@ -176,4 +179,43 @@ fn sequence_parallel_off_keeps_the_residual_stream_whole_on_every_tensor_rank() 
     }
     assert!(Layout::parse("tp=8,sp=maybe", 8).unwrap_err().to_string().contains("`on` or `off`"));
     assert!(Layout::parse("tp=8,sp=off", 8).unwrap().to_string().ends_with("sp=off"));
+}
+
+/// Pipeline cuts: on Llama-3-8B over 4 stages the planner's balanced cut is the one kiln trains
+/// (8 + 9 + 9 + 6: `kiln_model::stage_split` runs the same cut), and a pipeline runs at its
+/// slowest stage's pace. A layer reads 4096·(4096 + 2·1024 + 4096) + 3·4096·14336 weights per
+/// token, the head 128256·4096: the even cut's last stage carries 8 layers and the head, the
+/// balanced cut's slowest stage 9 layers. A given cut must cut the layout's stages.
+#[test]
+fn the_planner_estimates_the_even_balanced_or_given_cut() {
+    let mut job = Job::new(model("llama3_8b.json"), Method::Sft);
+    let cluster = Cluster::parse("8xh100").unwrap();
+    let layout = Layout::parse("dp=2,pp=4,zero=1", 8).unwrap();
+    let even = evaluate(&job, &cluster, &layout).unwrap();
+    assert_eq!(even.stage_layers, [8, 8, 8, 8]);
+    job.stage_cut = StageCut::Balanced;
+    let balanced = evaluate(&job, &cluster, &layout).unwrap();
+    assert_eq!(balanced.stage_layers, [8, 9, 9, 6]);
+    let (layer, head) = (4096.0 * (4096.0 + 2.0 * 1024.0 + 4096.0) + 3.0 * 4096.0 * 14336.0, 128256.0 * 4096.0);
+    within(
+        "balanced against even compute",
+        balanced.time.compute / even.time.compute,
+        9.0 * layer / (8.0 * layer + head),
+        1e-9,
+    );
+    // One stage: no pace.
+    let one = evaluate(&job, &cluster, &Layout::parse("dp=8,zero=1", 8).unwrap()).unwrap();
+    let total = 32.0 * layer + head;
+    within(
+        "pp=4 even against dp=8 compute",
+        even.time.compute / one.time.compute,
+        4.0 * (8.0 * layer + head) / total,
+        1e-9,
+    );
+    // A given cut: its last stage holds 29 layers, and so the most memory.
+    job.stage_cut = StageCut::Given(vec![1, 1, 1, 29]);
+    let given = evaluate(&job, &cluster, &layout).unwrap();
+    assert!(given.memory.params_non_expert > 3.0 * even.memory.params_non_expert, "29 of 32 layers on a stage");
+    let err = evaluate(&job, &cluster, &Layout::parse("dp=4,pp=2", 8).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("give 2 stages"), "{err}");
 }

@@ -6,7 +6,9 @@ use kiln_plan::memory::EXPLAIN as MEMORY_TERMS;
 use kiln_plan::model::ParamCounts;
 use kiln_plan::search::USABLE_HBM;
 use kiln_plan::time::EXPLAIN as TIME_TERMS;
-use kiln_plan::{evaluate, search, Cluster, Estimate, Job, Layout, Method, ModelShape, Optimizer, Storage, GB};
+use kiln_plan::{
+    evaluate, search, Cluster, Estimate, Job, Layout, Method, ModelShape, Optimizer, StageCut, Storage, GB,
+};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -43,9 +45,14 @@ pub struct Args {
     /// Assumed fraction of communication hidden behind computation.
     #[arg(long, default_value_t = 0.8)]
     overlap: f64,
-    /// Evaluate this layout only: dp=..,tp=..,pp=..,ep=..,zero=..,recompute=none|selective|full.
+    /// Evaluate this layout only: dp=..,tp=..,pp=..,ep=..,zero=..,recompute=none|selective|full,sp=on|off.
     #[arg(long)]
     layout: Option<String>,
+    /// Where pipeline parallel cuts the layers (`train.pp_layers`): even, balanced (by the
+    /// layers' and the head's matrix weights per token), or each stage's layers (9,9,8,6:
+    /// only layouts with that many stages).
+    #[arg(long, default_value = "even")]
+    pp_layers: String,
     /// distill: the teacher's config.json (default: the student's shape).
     #[arg(long)]
     teacher: Option<PathBuf>,
@@ -83,6 +90,7 @@ pub fn run(args: &Args) -> Result<()> {
     job.efficiency = args.efficiency;
     job.overlap = args.overlap;
     job.reference = job.method == Method::Grpo && !args.no_reference;
+    job.stage_cut = StageCut::parse(&args.pp_layers).context("--pp-layers")?;
     if !(0.0..=1.0).contains(&job.efficiency) || job.efficiency == 0.0 || !(0.0..=1.0).contains(&job.overlap) {
         anyhow::bail!("--efficiency must be in (0, 1] and --overlap in [0, 1]");
     }
@@ -109,6 +117,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "method": job.method, "seq": job.seq, "global_batch_tokens": job.global_batch_tokens,
                 "micro_batch_seqs": job.micro_batch_seqs, "optimizer": job.optimizer, "storage": job.storage,
                 "efficiency": job.efficiency, "overlap": job.overlap, "reference": job.reference,
+                "pp_layers": args.pp_layers,
             },
             "usable_hbm_fraction": USABLE_HBM,
             "layouts": estimates.iter().map(|e| json!({
@@ -207,6 +216,10 @@ fn print_params(m: &ModelShape) {
 
 fn print_breakdown(e: &Estimate) {
     println!("\n{}:", e.layout);
+    if e.stage_layers.len() > 1 {
+        let cut: Vec<String> = e.stage_layers.iter().map(usize::to_string).collect();
+        println!("  pipeline stages of {} layers", cut.join(" + "));
+    }
     println!(
         "  parameters per device: {} outside routed experts, {} in them (before ZeRO sharding)",
         billions(e.memory.params_non_expert),

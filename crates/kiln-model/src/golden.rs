@@ -197,14 +197,7 @@ pub fn check_training<B: Backend>(b: &B, case: &str) -> (Golden, Model<B>) {
 
     // Loss and every gradient, with activations kept and with them recomputed.
     for recompute in [false, true] {
-        let mut acts = Activations::new(b, &model.config, batch.rows, batch.seq, true, recompute);
-        let mut grads = model.grads(b);
-        let loss = model.forward_backward(b, &mut acts, &batch, &mut grads);
-        let want_loss = golden.get("loss")[0] as f64;
-        assert!(
-            (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
-            "{case} loss: kiln {loss}, transformers {want_loss}"
-        );
+        let grads = checked_training_pass(b, &mut model, (&batch, &golden), recompute, case);
         for (spec, g) in model.layout.iter().into_iter().zip(grads.views(b).iter()) {
             let what = format!("{case} (recompute={recompute}) grad {}", spec.name);
             if spec.name.ends_with("e_score_correction_bias") || spec.name.ends_with("ffn.gate.bias") {
@@ -261,14 +254,7 @@ pub fn check_tensor_parallel<B: Backend>(b: &B, case: &str, group: Arc<dyn Comm<
 
     for recompute in [false, true] {
         let what = format!("{what}, recompute={recompute}");
-        let mut acts = Activations::new(b, &model.config, batch.rows, batch.seq, true, recompute);
-        let mut grads = model.grads(b);
-        let loss = model.forward_backward(b, &mut acts, &batch, &mut grads);
-        let want_loss = golden.get("loss")[0] as f64;
-        assert!(
-            (loss - want_loss).abs() <= 1e-5 * want_loss.abs(),
-            "{what} loss: kiln {loss}, transformers {want_loss}"
-        );
+        let grads = checked_training_pass(b, &mut model, (&batch, &golden), recompute, &what);
         let wholes = model.whole_layout().iter();
         for ((spec, whole), g) in model.layout.iter().into_iter().zip(wholes).zip(grads.views(b).iter()) {
             if spec.name.ends_with("e_score_correction_bias") {
@@ -289,6 +275,23 @@ pub fn check_tensor_parallel<B: Backend>(b: &B, case: &str, group: Arc<dyn Comm<
         let cached = generate(b, &mut model, &[Request { prompt: prompt.clone(), params }], 1, &mut |_, _| false);
         assert_eq!(&cached[0].tokens, want, "{what}: cached greedy continuation of {prompt:?}");
     }
+}
+
+/// The gradients of a training pass over `batch` (layer activations kept, or recomputed in
+/// backward), its loss checked against transformers'.
+fn checked_training_pass<B: Backend>(
+    b: &B,
+    model: &mut Model<B>,
+    (batch, golden): (&Batch, &Golden),
+    recompute: bool,
+    what: &str,
+) -> crate::grad_sink::FlatGrads<B> {
+    let mut acts = Activations::new(b, &model.config, batch.rows, batch.seq, true, recompute);
+    let mut grads = model.grads(b);
+    let loss = model.forward_backward(b, &mut acts, batch, &mut grads);
+    let want = golden.get("loss")[0] as f64;
+    assert!((loss - want).abs() <= 1e-5 * want.abs(), "{what} loss: kiln {loss}, transformers {want}");
+    grads
 }
 
 /// The experts every token was routed to in every MoE layer of the last forward, each

@@ -34,7 +34,7 @@ pub const EXPLAIN: &[(&str, &str)] = &[
     ("recompute", "selective: the MLA/low-rank query up-projections' forward again; full: the whole forward again"),
     ("bubble", "1F1B pipeline: (pp - 1) / m of the compute, m = micro-batches per pipeline per step"),
     ("data parallel", "ring reduce-scatter of bf16 gradients and all-gather of updated weights, 2(g-1)/g x bytes (ZeRO-3: 3(g-1)/g, weights gathered for forward and backward); routed experts over their dp/ep replicas"),
-    ("tensor parallel", "4 ring all-reduces of a micro-batch's activations per layer (2 forward, 2 backward; 6 with full recomputation), always inside a node"),
+    ("tensor parallel", "4 ring all-reduces of a micro-batch's activations per layer (2 forward, 2 backward; 6 with full recomputation; under sequence parallel each a reduce-scatter and an all-gather of the same bytes), always inside a node"),
     ("pipeline parallel", "each micro-batch's activations forward and their gradients back across each stage boundary, over the scale-out network"),
     ("expert parallel", "all-to-all dispatch and combine of each token's expert copies, forward and backward, per MoE layer; with node-limited routing (topk_group) at most that many copies leave the node. Inside a node when tp x ep fits one, else over the scale-out network"),
     ("exposed communication", "(1 - overlap) of all communication; the rest is assumed hidden behind compute (DualPipe-style schedules, bucketed gradient reduction)"),

@@ -118,8 +118,9 @@ impl<B: Backend> Model<B> {
                     format!("missing int64 tensor `{name}` (the hash layer's token-to-expert table)"),
                 )
             })?;
+            // Indexed by token id: the whole vocabulary, also under vocabulary parallel.
             let (vocab, k, experts) = (
-                self.config.vocab_size,
+                self.whole_config().vocab_size,
                 self.moe_shape.as_ref().map_or(0, |s| s.routing.top_k),
                 expert_total(&self.config),
             );

@@ -194,7 +194,9 @@ impl<B: Backend> Model<B> {
                 let blocks_config =
                     tensor_parallel::local_config(&local_config, (group.rank(), group.size())).map_err(refused)?;
                 let stage_config = std::mem::replace(&mut local_config, blocks_config);
-                local_config.sequence_parallel = sequence_parallel.then_some((group.rank(), group.size()));
+                // DeepSeek-V4's hyper-connected streams are not cut by tokens: plain tensor parallel.
+                let v4 = matches!(local_config.attention, crate::config::AttentionKind::V4(_));
+                local_config.sequence_parallel = (sequence_parallel && !v4).then_some((group.rank(), group.size()));
                 let stage_layout = std::mem::replace(&mut local_layout, layout_of(&local_config, ep.as_ref()));
                 Some(TensorParallel::new(group, &stage_config, stage_layout))
             }
@@ -236,9 +238,9 @@ impl<B: Backend> Model<B> {
         };
         let mut model = Self::from_params(b, local_config, local_layout, flat, params, loaded.dtype);
         model.shards = shards;
+        (model.expert_parallel, model.pipeline, model.tensor_parallel) = (ep, pp, tp);
         model.read_hash_tables(dir, &loaded.passthrough, deepseek_names)?;
         model.passthrough = loaded.passthrough;
-        (model.expert_parallel, model.pipeline, model.tensor_parallel) = (ep, pp, tp);
         Ok(model)
     }
 }

@@ -145,6 +145,10 @@ impl<B: Backend> Model<B> {
             unreachable!("a V4 layer has V4 attention")
         };
         v4_attention::forward(b, c, w_attn, &a.xn1, &mut st.attn_out, a_attn, ctx, ones, cache);
+        let tp = self.tensor_parallel.as_ref();
+        if let Some(tp) = tp {
+            tp.sum(&mut st.attn_out, &format!("layer {l}: attention output"));
+        }
         hyper::expand(b, &st.attn_hc, x_in, &st.attn_out, &mut a.x_mid);
 
         hyper::collapse(b, wf, &a.x_mid, &mut st.ffn_hc, ones, eps);
@@ -158,6 +162,10 @@ impl<B: Backend> Model<B> {
         let ep = self.expert_parallel.as_ref().map(|ep| (ep, l));
         let shape = self.moe_shape.as_ref().expect("moe shape");
         moe::forward(b, shape, w_moe, &a.xn2, Some(&mut st.ffn_out), a_moe, ep);
+        if let Some(tp) = tp {
+            // Summed even when only recomputing: the expansion's backward reads the output.
+            tp.sum(&mut st.ffn_out, &format!("layer {l}: MoE output"));
+        }
         if let Some(x_out) = x_out {
             hyper::expand(b, &st.ffn_hc, &a.x_mid, &st.ffn_out, x_out);
         }
@@ -169,7 +177,7 @@ impl<B: Backend> Model<B> {
     pub(crate) fn v4_layer_backward(
         &self,
         b: &B,
-        (_, w): (usize, &LayerWeights<&B::Slice>),
+        (l, w): (usize, &LayerWeights<&B::Slice>),
         a: &LayerActs<B>,
         x_in: &B::Slice,
         s: &mut GradScratch<B>,
@@ -191,7 +199,11 @@ impl<B: Backend> Model<B> {
         let scratch = s.moe.as_mut().expect("MoE scratch");
         b.fill(&mut s.dxn, 0.0);
         let shape = self.moe_shape.as_ref().expect("moe shape");
-        let aux_loss = moe::backward(b, shape, w_moe, &a.xn2, dblock, &mut s.dxn, g_moe, a_moe, scratch, aux, None);
+        let tp = self.tensor_parallel.as_ref();
+        let aux_loss = moe::backward(b, shape, w_moe, &a.xn2, dblock, &mut s.dxn, g_moe, a_moe, scratch, aux, tp);
+        if let Some(tp) = tp {
+            tp.sum(&mut s.dxn, &format!("layer {l}: MoE input gradient"));
+        }
         b.fill(dblock, 0.0);
         b.rmsnorm_backward(dblock, g.post_norm, &s.dxn, &st.ffn_hc.collapsed, w.post_norm, &a.rstd2);
         let gf = g.hc_ffn.as_mut().expect("hc_ffn grads");
@@ -204,7 +216,8 @@ impl<B: Backend> Model<B> {
         else {
             unreachable!("a V4 layer has V4 attention")
         };
-        v4_attention::backward(b, c, w_attn, &a.xn1, dblock, &mut s.dxn, g_attn, a_attn, s_attn, ctx, ones);
+        // Under tensor parallel dL/dxn comes out whole (`v4_attention::backward`): no sum.
+        v4_attention::backward(b, c, w_attn, &a.xn1, dblock, &mut s.dxn, g_attn, a_attn, s_attn, ctx, ones, tp);
         b.fill(dblock, 0.0);
         b.rmsnorm_backward(dblock, g.input_norm, &s.dxn, &st.attn_hc.collapsed, w.input_norm, &a.rstd1);
         let ga = g.hc_attn.as_mut().expect("hc_attn grads");

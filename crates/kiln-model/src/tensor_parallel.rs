@@ -35,6 +35,18 @@
 //!
 //! So every rank's dL/dx of a block is a partial sum whose total is the true gradient, and one
 //! all-reduce per block finishes it.
+//!
+//! DeepSeek-V4's attention splits its heads the same way, with the one key/value head whole:
+//!
+//!   q_b column-parallel (heads), each head's sink with it; the output's groups of heads split
+//!   (o_a by group, o_b's columns: row-parallel, summed). q_a, kv, their norms, the compressor
+//!   and the lightning indexer whole (every rank picks the same entries). The gradients that sum
+//!   over heads (dq_a_norm, the key/value head's, the compressed entries') are all-reduced, so
+//!   every whole part's gradient and its dL/dx are whole: x reaches this attention only
+//!   through whole parts, so its dL/dx needs no sum at all.
+//!
+//! The hyper-connections' streams, mixes and norms are whole on every rank, as the residual
+//! stream is, and its MoE splits as DeepSeek-V3's.
 
 use crate::config::{AttentionKind, Config};
 use crate::weights::{TensorSpec, Weights};
@@ -85,20 +97,20 @@ fn around(shape: &[usize], k: usize) -> (usize, usize, usize) {
     (shape[..k].iter().product(), shape[k], shape[k + 1..].iter().product())
 }
 
-/// The config of `rank` of `t` ranks: heads (and KV heads) and every MLP's width (dense,
-/// routed experts', shared experts') divided by `t`, and the rank's share of the vocabulary.
-/// Refuses what the engine cannot split: a `t` that does not divide the heads and widths, or
-/// exceeds the vocabulary, and DeepSeek-V4's layers.
+/// The config of `rank` of `t` ranks: heads (and KV heads, or DeepSeek-V4's output groups)
+/// and every MLP's width (dense, routed experts', shared experts') divided by `t`, and the
+/// rank's share of the vocabulary. Refuses what the engine cannot split: a `t` that does not
+/// divide the heads and widths, or exceeds the vocabulary.
 pub fn local_config(whole: &Config, (rank, t): (usize, usize)) -> Result<Config, String> {
-    if matches!(whole.attention, AttentionKind::V4(_)) {
-        return Err("tensor parallel splits grouped-query and latent attention, dense MLPs and DeepSeekMoE \
-                    layers; deepseek_v4's attention and hyper-connections are not split yet"
-            .into());
-    }
     if t > whole.vocab_size {
         return Err(format!("tp = {t} exceeds the model's vocabulary of {} tokens", whole.vocab_size));
     }
-    let mut sizes = vec![("attention heads", whole.num_heads), ("key/value heads", whole.num_kv_heads)];
+    let mut sizes = vec![("attention heads", whole.num_heads)];
+    match &whole.attention {
+        // DeepSeek-V4's one key/value head is whole on every rank; its output groups split.
+        AttentionKind::V4(v4) => sizes.push(("output groups (o_groups)", v4.o_groups)),
+        _ => sizes.push(("key/value heads", whole.num_kv_heads)),
+    }
     let has_dense = whole.moe.as_ref().is_none_or(|m| m.first_dense_layers > 0);
     if has_dense {
         sizes.push(("MLP width (intermediate_size)", whole.intermediate_size));
@@ -113,7 +125,10 @@ pub fn local_config(whole: &Config, (rank, t): (usize, usize)) -> Result<Config,
     }
     let mut local = whole.clone();
     local.num_heads /= t;
-    local.num_kv_heads /= t;
+    match &mut local.attention {
+        AttentionKind::V4(v4) => v4.o_groups /= t,
+        _ => local.num_kv_heads /= t,
+    }
     local.vocab_size = kiln_dist::shard(whole.vocab_size, rank, t).len();
     if has_dense {
         local.intermediate_size /= t;

@@ -41,3 +41,10 @@ fn deepseek_v3_over_two_ranks_matches_transformers_block_by_block() {
 fn deepseek_v3_with_sequence_parallel_over_two_ranks_matches_transformers() {
     check_on_ranks("deepseek_v3", 2, true);
 }
+
+#[test]
+fn deepseek_v4_over_two_ranks_matches_transformers_block_by_block() {
+    // Compressed sparse and heavily compressed layers, and a hash-routed one; four streams.
+    check_on_ranks("deepseek_v4", 2, false);
+    check_on_ranks("deepseek_v4_hc4", 2, false);
+}

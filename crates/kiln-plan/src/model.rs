@@ -110,6 +110,10 @@ pub struct ModelShape {
     /// Bytes of one token's residual stream (a layer's input), kept per layer under full
     /// recomputation and sent between pipeline stages.
     pub residual_bytes: f64,
+    /// Of `saved_none` and `saved_selective`, the bytes of residual-stream-sized tensors (a
+    /// layer's input, the residual after attention, the norms' inputs and outputs), which
+    /// sequence parallel cuts by tokens and plain tensor parallel keeps whole on every rank.
+    pub stream_saved: (f64, f64),
     /// The largest weight matrix (elements), for Muon's per-matrix orthogonalisation.
     pub largest_matrix: f64,
     /// Parameters per layer (on average) that tensor parallel keeps whole on every rank: the
@@ -252,6 +256,7 @@ fn llama(f: &Fields, model_type: String) -> Result<ModelShape> {
         saved_selective,
         kv_bytes: BF16 * 2.0 * kv * d,
         residual_bytes: BF16 * h,
+        stream_saved: (BF16 * 4.0 * h, BF16 * 2.0 * h),
         largest_matrix: (h * inter).max(vocab * h),
         tp_whole: 2.0 * h,
     })
@@ -344,6 +349,7 @@ fn deepseek_v3(f: &Fields) -> Result<ModelShape> {
         saved_selective,
         kv_bytes: BF16 * (kv_lora + rope),
         residual_bytes: BF16 * h,
+        stream_saved: (BF16 * 4.0 * h, BF16 * 2.0 * h),
         largest_matrix: (vocab * h).max(heads * vd * h),
         tp_whole: q_lora.map_or(0.0, |r| h * r + r) + h * (kv_lora + rope) + kv_lora + 2.0 * h + ml * router / l,
     })
@@ -496,6 +502,7 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
         saved_selective: residual + attention_saved_selective + moe_selective,
         kv_bytes,
         residual_bytes: residual / 2.0,
+        stream_saved: (residual + BF16 * 2.0 * h, residual),
         largest_matrix: (vocab * h).max(q_lora * heads * hd),
         tp_whole: h * q_lora + q_lora + h * hd + hd + router + 2.0 * h,
     })

@@ -177,6 +177,11 @@ fn sequence_parallel_off_keeps_the_residual_stream_whole_on_every_tensor_rank() 
         let one = memory(&format!("dp=8,recompute={recompute},sp=off")).term("activations");
         assert_eq!(one, memory(&format!("dp=8,recompute={recompute}")).term("activations"), "tp=1");
     }
+    // kiln keeps DeepSeek-V4's hyper-connected streams whole under tensor parallel.
+    let v4 = Job::new(model("deepseek_v4_pro.json"), Method::Sft);
+    let v4_activations =
+        |spec: &str| evaluate(&v4, &cluster, &Layout::parse(spec, 8).unwrap()).unwrap().memory.term("activations");
+    assert_eq!(v4_activations("tp=8"), v4_activations("tp=8,sp=off"), "deepseek_v4");
     assert!(Layout::parse("tp=8,sp=maybe", 8).unwrap_err().to_string().contains("`on` or `off`"));
     assert!(Layout::parse("tp=8,sp=off", 8).unwrap().to_string().ends_with("sp=off"));
 }

@@ -299,16 +299,18 @@ pub struct TrainSection {
     /// of ranks and of routed experts.
     #[serde(default = "default_ep")]
     pub ep: usize,
-    /// Tensor parallel (Llama-family and DeepSeek-V3 models, under mpirun): every layer's
+    /// Tensor parallel (Llama-family and DeepSeek-V3/V4 models, under mpirun): every layer's
     /// attention heads and MLP (and expert) width are split over groups of this many consecutive
-    /// ranks (1: no split). Divides the number of ranks, of heads, of key/value heads and the
-    /// MLP and expert widths; with `ep`, the expert groups are the data-parallel ranks.
+    /// ranks (1: no split). Divides the number of ranks, of heads, of key/value heads (of
+    /// DeepSeek-V4, its output groups instead) and the MLP and expert widths; with `ep`, the
+    /// expert groups are the data-parallel ranks.
     #[serde(default = "one")]
     pub tp: usize,
     /// Tensor parallel: cut the residual stream, the norms and the embedding's output by tokens
     /// over the tensor group (Megatron-LM's sequence parallel), so each rank keeps 1/tp of what
     /// lies between the split blocks, as `kiln plan` assumes; false keeps them whole on every
-    /// rank. The same bytes move either way.
+    /// rank. The same bytes move either way. DeepSeek-V4's hyper-connected streams are not
+    /// cut: it runs plain tensor parallel.
     #[serde(default = "yes")]
     pub sequence_parallel: bool,
     /// Pipeline parallel (Llama-family and DeepSeek-V3/V4 models, under mpirun): the layers are cut into this many

@@ -217,6 +217,26 @@ fn deepseek_v3_splits_its_latent_attention_and_experts_alone_and_with_expert_par
 }
 
 #[test]
+fn deepseek_v4_splits_its_heads_output_groups_and_experts_alone_and_with_expert_parallel() {
+    // 3 heads in 3 output groups over 3 ranks: a head and its group each; the key/value head,
+    // the compressor, the indexer and the hyper-connections whole.
+    let base = scratch("tp-v4-base");
+    let model = deepseek_v4_base(&base);
+    let one = scratch("tp-v4-1");
+    sft(1, &one, &[&model]);
+    for (ranks, layout) in [(3, "tp=3"), (6, "dp=2,tp=3,ep=2,zero=1")] {
+        let dir = scratch(&format!("tp-v4-{layout}"));
+        sft_laid_out(ranks, &dir, layout, &[&model]);
+        assert_v4_follows(&one, &dir, &format!("deepseek_v4, {layout}"));
+    }
+    // GRPO: generation with the rank's heads over the whole sliding-window and compressed caches.
+    assert_v4_grpo_follows(&model, 3, "tp=3", "tp-v4");
+    // Two ranks cannot split 3 heads.
+    let err = sft_error(2, &scratch("tp-v4-refuse"), &[&model, "train.tp=2", "train.grad_accum=2"], false);
+    assert!(err.contains("tp = 2 does not divide the model's 3 attention heads"), "{err}");
+}
+
+#[test]
 fn what_tensor_parallel_cannot_split_is_refused_with_the_reason() {
     let err = sft_error(4, &scratch("tp-refuse-heads"), &["train.tp=4", "train.grad_accum=1"], false);
     assert!(err.contains("tp = 4 does not divide the model's 6 attention heads"), "{err}");

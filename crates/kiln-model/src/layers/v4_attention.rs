@@ -16,6 +16,7 @@ use super::v4_compressed::{self, CompressedActs, CompressedGrads};
 use super::{linear, linear_backward, v4_decode, AttnCtx};
 use crate::config::Config;
 use crate::config_v4::V4Config;
+use crate::tensor_parallel::TensorParallel;
 use crate::v4_cache::{LayerStep, V4LayerCache};
 use crate::weights::V4AttnWeights;
 use kiln_core::{Backend, ColumnCopy, Heads, Matmul, Rope};
@@ -246,6 +247,8 @@ pub fn forward<B: Backend>(
 }
 
 /// Backward of `forward`: overwrites `dxn` with dL/dxn and adds parameter gradients into `g`.
+/// Under tensor parallel (`tp`, the rank's heads) `dxn` comes out whole: the gradients that sum
+/// over heads are summed over the group before the whole parts' backward.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     b: &B,
@@ -259,10 +262,17 @@ pub fn backward<B: Backend>(
     s: &mut V4AttnGrads<B>,
     ctx: &AttnCtx<B>,
     ones: &B::Slice,
+    tp: Option<&TensorParallel<B>>,
 ) {
     let m = Dims::new(cfg, ctx.tokens);
     let (n, d, h, hd, p) = (m.n, m.d, m.h, m.hd, ctx.precision);
     let (gw, or) = (m.group_width(), m.o_rank);
+    // Under tensor parallel, a gradient summed over this rank's heads, summed over the group.
+    let over_heads = |buf: &mut B::Slice, what: &str| {
+        if let Some(tp) = tp {
+            tp.sum(buf, &format!("DeepSeek-V4 attention: {what}"));
+        }
+    };
     let flat = m.groups * or;
     linear_backward(b, p, Some((&mut s.do_flat, false)), (&mut *g.o_b, None), dout, &a.o_flat, w.o_b, (n, flat, d));
     for grp in 0..m.groups {
@@ -294,11 +304,13 @@ pub fn backward<B: Backend>(
             (a.compressed.as_ref().expect("compressed acts"), s.compressed.as_mut().expect("compressed grads"));
         let inputs = (&*a.q, &*s.datt, &*a.att, &*a.lse);
         v4_compressed::backward_attention(b, cfg, v4(cfg), inputs, &mut s.dq, ca, cs, ctx, plan);
+        over_heads(cs.entries_gradient(b, plan.entries * hd), "compressed entries' gradient");
         (plan, ca)
     });
 
     // The key and the value are one tensor.
     b.add_assign(&mut s.dk, &s.dv);
+    over_heads(&mut s.dk, "key/value gradient");
     b.rope_backward(&mut s.dk, ctx.rope_table, ctx.positions, m.rope(1));
     b.fill(&mut s.dkv_raw, 0.0);
     b.rmsnorm_backward(&mut s.dkv_raw, g.kv_norm, &s.dk, &a.kv_raw, w.kv_norm, &a.kv_rstd);
@@ -309,6 +321,7 @@ pub fn backward<B: Backend>(
     b.rmsnorm_backward(&mut s.dq_raw, &mut s.dones, &s.dq, &a.q_raw, b.slice(ones, 0..hd), &a.q_rstd);
     let dq_a_norm = Some((&mut *s.dq_a_norm, false));
     linear_backward(b, p, dq_a_norm, (&mut *g.q_b, None), &s.dq_raw, &a.q_a_norm, w.q_b, (n, m.q_rank, h * hd));
+    over_heads(&mut s.dq_a_norm, "query latent gradient");
     b.fill(&mut s.dq_a, 0.0);
     b.rmsnorm_backward(&mut s.dq_a, g.q_a_norm, &s.dq_a_norm, &a.q_a, w.q_a_norm, &a.q_a_rstd);
     linear_backward(b, p, Some((&mut *dxn, true)), (&mut *g.q_a, None), &s.dq_a, xn, w.q_a, (n, d, m.q_rank));

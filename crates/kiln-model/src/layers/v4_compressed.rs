@@ -92,6 +92,11 @@ impl<B: Backend> CompressedActs<B> {
 }
 
 impl<B: Backend> CompressedGrads<B> {
+    /// The gradient of the first `values` values of the entries (after `backward_attention`).
+    pub(super) fn entries_gradient(&mut self, b: &B, values: usize) -> &mut B::Slice {
+        b.slice_mut(&mut self.dentries, 0..values)
+    }
+
     pub fn new(b: &B, c: &Config, v4: &V4Config, n: usize) -> Option<Self> {
         let (most, series) = sizes(v4, n)?;
         let hd = c.head_dim;

@@ -430,7 +430,8 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
     let main = &kinds[..layers];
     let attn_total: f64 = main.iter().map(|&k| core + extra(k)).sum();
     let experts = f.num("n_routed_experts")?;
-    let (active, shared) = (f.num("num_experts_per_tok")?, f.or("n_shared_experts", 0.0));
+    // One shared expert whatever `n_shared_experts` says (transformers' DeepseekV4MoE).
+    let (active, shared) = (f.num("num_experts_per_tok")?, 1.0);
     let expert_inter = f.num("moe_intermediate_size")?;
     let expert = 3.0 * h * expert_inter;
     // The routing weights (the correction bias moves by load balancing, not by gradients:
@@ -504,6 +505,15 @@ fn deepseek_v4(f: &Fields) -> Result<ModelShape> {
         residual_bytes: residual / 2.0,
         stream_saved: (residual + BF16 * 2.0 * h, residual),
         largest_matrix: (vocab * h).max(q_lora * heads * hd),
-        tp_whole: h * q_lora + q_lora + h * hd + hd + router + 2.0 * h,
+        // Whole under tensor parallel: q_a, the key/value head and their norms, the
+        // compressors and indexers, the routers, norms and hyper-connection mixers.
+        tp_whole: h * q_lora
+            + q_lora
+            + h * hd
+            + hd
+            + main.iter().map(|&k| extra(k)).sum::<f64>() / l
+            + router
+            + 2.0 * h
+            + mixer,
     })
 }

@@ -524,6 +524,36 @@ fn tensor_and_pipeline_parallel_split_deepseek_v3_with_expert_parallel() {
     }
 }
 
+/// Tensor parallel on DeepSeek-V4 as processes: the tiny V4 (3 heads in 3 output groups, two
+/// hyper-connected streams, compressed attention, hash-routed and scored MoE layers) on tp = 3
+/// follows the one-process curve, and `kiln plan` predicts what a rank holds (the key/value
+/// head, q_a, compressor, indexer, hyper-connection mixes, norms and routers whole; heads,
+/// output groups, expert widths and vocabulary cut).
+#[test]
+fn tensor_parallel_splits_deepseek_v4() {
+    let _serial = serial();
+    let base = scratch("tp-v4-base");
+    common::deepseek_v4_base(&base);
+    let model = format!("model.path={:?}", base.display().to_string());
+    let (one, three) = (scratch("tp-v4-1"), scratch("tp-v4-3"));
+    run_ok(1, 4, &one, &["--set", &model]);
+    run_ok(3, 4, &three, &["--set", &model, "--layout", "tp=3"]);
+    assert_same_curve(&losses(&one), &losses(&three), "deepseek_v4 tp=3");
+    assert_same_curve(&eval_losses(&one), &eval_losses(&three), "deepseek_v4 tp=3, eval");
+    let cluster = three.join("loopback.toml");
+    std::fs::write(
+        &cluster,
+        LOOPBACK_CLUSTER.replace("count = 4", "count = 3").replace("per_node = 4", "per_node = 3"),
+    )
+    .unwrap();
+    let last = &steps(&three)[5];
+    let held: f64 =
+        ["weights_mb", "gradients_mb", "optimizer_state_mb"].iter().map(|k| last[k].as_f64().unwrap()).sum();
+    let (planned_held, _) = planned(&base, &cluster, "tp=3,zero=0");
+    eprintln!("deepseek_v4 tp=3, rank 0 of 3: holds {held:.4} MB (plan: {planned_held:.4})");
+    assert!((held - planned_held).abs() < 0.02 * held, "tp=3: holds {held} MB, the plan says {planned_held}");
+}
+
 /// `kiln RECIPE examples/RECIPE.toml` for 4 steps on 1 or 2 ranks; (loss, grad norm) per step.
 fn recipe_curve(recipe: &str, ranks: usize, extra: &[String]) -> Vec<(f64, f64)> {
     let kiln = env!("CARGO_BIN_EXE_kiln");

@@ -277,6 +277,18 @@ mod tests {
     }
 
     #[test]
+    fn deepseek_v4_splits_heads_and_output_groups_and_keeps_its_key_value_head() {
+        // The V4 fixture: 4 heads in 2 output groups, one key/value head.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/deepseek_v4/model/config.json");
+        let whole = Config::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let local = local_config(&whole, (1, 2)).unwrap();
+        let AttentionKind::V4(v4) = &local.attention else { panic!("a V4 config") };
+        assert_eq!((local.num_heads, v4.o_groups, local.num_kv_heads), (2, 1, 1));
+        let err = local_config(&whole, (0, 4)).unwrap_err();
+        assert!(err.contains("tp = 4 does not divide the model's 2 output groups (o_groups)"), "{err}");
+    }
+
+    #[test]
     fn an_expert_stack_cuts_each_experts_width() {
         // Two experts of [4, 3]; cut along the width (dimension 1, over 2 ranks) and along the
         // input (dimension 2, as a down projection stored [experts, hidden, ff], over 3).

@@ -68,11 +68,11 @@ impl<B: Backend> LayerActs<B> {
                 AttentionKind::Mla(_) => AttnActs::Mla(MlaActs::new(b, cfg, n)),
                 AttentionKind::V4(_) => AttnActs::V4(V4AttnActs::new(b, cfg, n)),
             },
-            streams: hc_dims(cfg, n, false).map(|dims| StreamActs {
+            streams: hc_dims(cfg, here, false).map(|dims| StreamActs {
                 attn_hc: HcActs::new(b, dims),
                 ffn_hc: HcActs::new(b, dims),
-                attn_out: b.zeros(n * d),
-                ffn_out: b.zeros(n * d),
+                attn_out: b.zeros(here * d),
+                ffn_out: b.zeros(here * d),
             }),
             x_mid: b.zeros(here * d * streams(cfg)),
             xn2: b.zeros(here * d),
@@ -152,7 +152,7 @@ impl<B: Backend> Activations<B> {
     pub fn new(b: &B, cfg: &Config, rows: usize, seq: usize, training: bool, recompute: bool) -> Self {
         let n = rows * seq;
         let d = cfg.hidden_size;
-        let sequence = cfg.sequence_parallel.filter(|_| training).map(|group| SequenceBufs::new(b, n, d, group));
+        let sequence = cfg.sequence_parallel.filter(|_| training).map(|group| SequenceBufs::new(b, cfg, n, group));
         let here = sequence.as_ref().map_or(n, |sp| sp.tokens.len());
         let has_dense = (0..cfg.num_layers).any(|l| !cfg.is_moe_layer(l));
         let has_moe = (0..cfg.num_layers).any(|l| cfg.is_moe_layer(l));
@@ -169,7 +169,7 @@ impl<B: Backend> Activations<B> {
         let grad = training.then(|| GradScratch {
             dres: b.zeros(here * d * s),
             dxn: b.zeros(n * d),
-            hc: hc_dims(cfg, n, false).map(|dims| (b.zeros(n * d * s), b.zeros(n * d), HcGrads::new(b, dims))),
+            hc: hc_dims(cfg, here, false).map(|dims| (b.zeros(here * d * s), b.zeros(here * d), HcGrads::new(b, dims))),
             attn: match cfg.attention {
                 AttentionKind::Gqa => AttnGrads::Gqa(GqaGrads::new(b, cfg, n)),
                 AttentionKind::Mla(_) => AttnGrads::Mla(MlaGrads::new(b, cfg, n)),
@@ -190,7 +190,7 @@ impl<B: Backend> Activations<B> {
                 weights: b.zeros(n),
             },
             layer_inputs: (0..=cfg.num_layers).map(|_| b.zeros(here * d * s)).collect(),
-            hc_head: hc_dims(cfg, n, true).map(|dims| HcActs::new(b, dims)),
+            hc_head: hc_dims(cfg, here, true).map(|dims| HcActs::new(b, dims)),
             routes: Vec::new(),
             compress: Vec::new(),
             layers,

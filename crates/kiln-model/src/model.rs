@@ -611,9 +611,18 @@ impl<B: Backend> Model<B> {
                 pp.recv_prev(b, &mut acts.layer_inputs[0], "pipeline: hidden states forward");
             }
         } else if self.is_v4() {
-            b.embedding_forward(&mut acts.xf, embed, &acts.inputs.ids, c.hidden_size);
-            self.sum_over_vocab(&mut acts.xf, "embedding");
-            self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
+            match (acts.sequence.as_mut(), &self.tensor_parallel) {
+                (Some(sp), Some(tp)) => {
+                    b.embedding_forward(&mut sp.whole_out, embed, &acts.inputs.ids, c.hidden_size);
+                    tp.sum_scatter_tokens(&sp.whole_out, &sp.counts, &mut sp.local, "embedding");
+                    self.embed_streams(b, &mut acts.layer_inputs[0], &sp.local, sp.tokens.len());
+                }
+                _ => {
+                    b.embedding_forward(&mut acts.xf, embed, &acts.inputs.ids, c.hidden_size);
+                    self.sum_over_vocab(&mut acts.xf, "embedding");
+                    self.embed_streams(b, &mut acts.layer_inputs[0], &acts.xf, acts.rows * acts.seq);
+                }
+            }
         } else if let (Some(sp), Some(tp)) = (acts.sequence.as_mut(), &self.tensor_parallel) {
             b.embedding_forward(&mut sp.whole_out, embed, &acts.inputs.ids, c.hidden_size);
             tp.sum_scatter_tokens(&sp.whole_out, &sp.counts, &mut acts.layer_inputs[0], "embedding");
@@ -668,6 +677,7 @@ impl<B: Backend> Model<B> {
                     &view.ctx(l),
                     routes,
                     layer_cache,
+                    acts.sequence.as_mut(),
                 );
             } else {
                 let kv = cache.as_mut().map(|(kv, _)| {
@@ -886,7 +896,7 @@ impl<B: Backend> Model<B> {
                     // dL/dxf is whole on every rank (summed over the vocabulary, or a whole
                     // head's): the rank's rows of it, and the norm's gradient summed over the group.
                     let dxf = sp.rows_of(b, &s.dxn, d);
-                    let dnorm = b.slice_mut(&mut sp.dnorm, 0..d);
+                    let dnorm = b.slice_mut(&mut sp.douter, 0..d);
                     b.fill(dnorm, 0.0);
                     b.rmsnorm_backward(&mut s.dres, dnorm, dxf, final_input, norm, &acts.rstdf);
                     tp.sum(dnorm, "final norm weight gradient");
@@ -931,9 +941,10 @@ impl<B: Backend> Model<B> {
                 let ctx = view.ctx(l);
                 if acts.recompute {
                     let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
-                    self.v4_layer_forward(b, layer, a, x_in, None, &ctx, routes, None);
+                    self.v4_layer_forward(b, layer, a, x_in, None, &ctx, routes, None, acts.sequence.as_mut());
                 }
-                aux_loss += self.v4_layer_backward(b, layer, a, x_in, s, &mut g, &ctx, aux.as_ref());
+                let sp = acts.sequence.as_mut();
+                aux_loss += self.v4_layer_backward(b, layer, a, x_in, s, &mut g, &ctx, aux.as_ref(), sp);
             } else {
                 if acts.recompute {
                     self.layer_forward(b, layer, a, x_in, None, &view, None, acts.sequence.as_mut());
@@ -948,8 +959,17 @@ impl<B: Backend> Model<B> {
                 pp.send_prev(b, &s.dres, "pipeline: hidden-state gradients backward");
             }
         } else if self.is_v4() {
-            self.sum_streams(b, &mut s.dxn, &s.dres, acts.rows * acts.seq);
-            b.embedding_backward(grads.outer(b).embed, &s.dxn, &acts.inputs.ids, d);
+            match (acts.sequence.as_mut(), &self.tensor_parallel) {
+                (Some(sp), Some(tp)) => {
+                    self.sum_streams(b, &mut sp.local, &s.dres, sp.tokens.len());
+                    tp.gather_tokens(&sp.local, &sp.counts, &mut sp.whole_out, "embedding output gradient");
+                    b.embedding_backward(grads.outer(b).embed, &sp.whole_out, &acts.inputs.ids, d);
+                }
+                _ => {
+                    self.sum_streams(b, &mut s.dxn, &s.dres, acts.rows * acts.seq);
+                    b.embedding_backward(grads.outer(b).embed, &s.dxn, &acts.inputs.ids, d);
+                }
+            }
         } else if let (Some(sp), Some(tp)) = (acts.sequence.as_mut(), &self.tensor_parallel) {
             tp.gather_tokens(&s.dres, &sp.counts, &mut sp.whole_out, "embedding output gradient");
             b.embedding_backward(grads.outer(b).embed, &sp.whole_out, &acts.inputs.ids, d);
@@ -1080,7 +1100,7 @@ impl<B: Backend> Model<B> {
         let tp = self.tensor_parallel.as_ref();
         let mut sp = sp.map(|sp| (tp.expect("sequence parallel under tensor parallel"), sp));
         if let Some((_, sp)) = sp.as_mut() {
-            b.fill(&mut sp.dnorm, 0.0);
+            b.fill(&mut sp.douter, 0.0);
         }
 
         // Feed-forward branch: out = x_mid + ffn(xn2).
@@ -1111,7 +1131,7 @@ impl<B: Backend> Model<B> {
         match (sp.as_mut(), tp) {
             (Some((tp, sp)), _) => {
                 tp.sum_scatter_tokens(&s.dxn, &sp.counts, &mut sp.local, &what);
-                let dpost = b.slice_mut(&mut sp.dnorm, d..2 * d);
+                let dpost = b.slice_mut(&mut sp.douter, d..2 * d);
                 b.rmsnorm_backward(&mut s.dres, dpost, &sp.local, &a.x_mid, w.post_norm, &a.rstd2);
             }
             (None, tp) => {
@@ -1145,12 +1165,12 @@ impl<B: Backend> Model<B> {
         match (sp, tp) {
             (Some((tp, sp)), _) => {
                 tp.sum_scatter_tokens(&s.dxn, &sp.counts, &mut sp.local, &what);
-                let dinput = b.slice_mut(&mut sp.dnorm, 0..d);
+                let dinput = b.slice_mut(&mut sp.douter, 0..d);
                 b.rmsnorm_backward(&mut s.dres, dinput, &sp.local, x_in, w.input_norm, &a.rstd1);
                 // Both norms' weight gradients, summed over the rank's tokens, summed over the group.
-                tp.sum(&mut sp.dnorm, &format!("layer {l}: norm weight gradients"));
-                b.add_assign(g.input_norm, b.slice(&sp.dnorm, 0..d));
-                b.add_assign(g.post_norm, b.slice(&sp.dnorm, d..2 * d));
+                tp.sum(&mut sp.douter, &format!("layer {l}: norm weight gradients"));
+                b.add_assign(g.input_norm, b.slice(&sp.douter, 0..d));
+                b.add_assign(g.post_norm, b.slice(&sp.douter, d..2 * d));
             }
             (None, tp) => {
                 if let Some(tp) = tp {

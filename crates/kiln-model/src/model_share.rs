@@ -194,9 +194,7 @@ impl<B: Backend> Model<B> {
                 let blocks_config =
                     tensor_parallel::local_config(&local_config, (group.rank(), group.size())).map_err(refused)?;
                 let stage_config = std::mem::replace(&mut local_config, blocks_config);
-                // DeepSeek-V4's hyper-connected streams are not cut by tokens: plain tensor parallel.
-                let v4 = matches!(local_config.attention, crate::config::AttentionKind::V4(_));
-                local_config.sequence_parallel = (sequence_parallel && !v4).then_some((group.rank(), group.size()));
+                local_config.sequence_parallel = sequence_parallel.then_some((group.rank(), group.size()));
                 let stage_layout = std::mem::replace(&mut local_layout, layout_of(&local_config, ep.as_ref()));
                 Some(TensorParallel::new(group, &stage_config, stage_layout))
             }

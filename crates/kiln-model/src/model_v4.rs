@@ -20,8 +20,9 @@ use crate::layers::v4_attention;
 use crate::layers::AttnCtx;
 use crate::model::Model;
 use crate::safetensors_io::RawTensor;
+use crate::sequence_parallel::SequenceBufs;
 use crate::v4_cache::{LayerStep, V4LayerCache};
-use crate::weights::{AttnWeights, FfnWeights, LayerWeights};
+use crate::weights::{AttnWeights, FfnWeights, HcWeights, LayerWeights};
 use kiln_core::{Backend, ColumnCopy};
 
 /// A frozen token-to-expert table (`tid2eid`, int64 `[vocab, top_k]`) read as i32.
@@ -89,14 +90,21 @@ impl<B: Backend> Model<B> {
         }
     }
 
-    /// The head's collapse of the last streams `x`, then the final norm into `acts.xf`.
+    /// The head's collapse of the last streams `x`, then the final norm into `acts.xf` (under
+    /// sequence parallel, of the rank's tokens, gathered).
     pub(crate) fn v4_head_forward(&self, b: &B, acts: &mut Activations<B>, x_last: usize) {
         let w = self.outer_weights(b);
         let c = &self.config;
         let head = acts.hc_head.as_mut().expect("the head's hyper-connection");
         let hw = w.hc_head.as_ref().expect("hc_head weights");
         hyper::collapse(b, hw, &acts.layer_inputs[x_last], head, &self.hc_ones, c.rms_norm_eps);
-        b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, &head.collapsed, w.norm, c.rms_norm_eps);
+        match (acts.sequence.as_mut(), &self.tensor_parallel) {
+            (Some(sp), Some(tp)) => {
+                b.rmsnorm_forward(&mut sp.local, &mut acts.rstdf, &head.collapsed, w.norm, c.rms_norm_eps);
+                tp.gather_tokens(&sp.local, &sp.counts, &mut acts.xf, "final norm output");
+            }
+            _ => b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, &head.collapsed, w.norm, c.rms_norm_eps),
+        }
     }
 
     /// Backward of `v4_head_forward` from `s.dxn` = dL/dxf, into `s.dres` (overwritten).
@@ -107,21 +115,39 @@ impl<B: Backend> Model<B> {
         grads: &mut dyn crate::grad_sink::GradSink<B>,
     ) {
         let c = &self.config;
+        let d = c.hidden_size;
         let w = self.outer_weights(b);
         let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
         let (_, dblock, hcg) = s.hc.as_mut().expect("hyper-connection scratch");
         let head = acts.hc_head.as_ref().expect("the head's hyper-connection");
         let mut outer = grads.outer(b);
-        b.fill(dblock, 0.0);
-        b.rmsnorm_backward(dblock, outer.norm, &s.dxn, &head.collapsed, w.norm, &acts.rstdf);
-        b.fill(&mut s.dres, 0.0);
-        let (hw, gw) = (w.hc_head.as_ref().expect("hc_head"), outer.hc_head.as_mut().expect("hc_head grads"));
+        let hw = w.hc_head.as_ref().expect("hc_head");
         let x = &acts.layer_inputs[c.num_layers];
-        hyper::collapse_backward(b, hw, gw, head, x, dblock, &mut s.dres, hcg, &self.hc_ones);
+        b.fill(dblock, 0.0);
+        b.fill(&mut s.dres, 0.0);
+        let Some((sp, tp)) = acts.sequence.as_mut().zip(self.tensor_parallel.as_ref()) else {
+            b.rmsnorm_backward(dblock, outer.norm, &s.dxn, &head.collapsed, w.norm, &acts.rstdf);
+            let gw = outer.hc_head.as_mut().expect("hc_head grads");
+            return hyper::collapse_backward(b, hw, gw, head, x, dblock, &mut s.dres, hcg, &self.hc_ones);
+        };
+        // dL/dxf is whole on every rank: the rank's rows; the norm's and the head's
+        // hyper-connection's gradients, over the rank's tokens, summed over the group.
+        let dxf = sp.rows_of(b, &s.dxn, d);
+        b.fill(&mut sp.douter, 0.0);
+        let (dnorm, rest) = b.split_at_mut(&mut sp.douter, d);
+        b.rmsnorm_backward(dblock, dnorm, dxf, &head.collapsed, w.norm, &acts.rstdf);
+        let (mut dhead, _) = hc_views(b, rest, hw);
+        hyper::collapse_backward(b, hw, &mut dhead, head, x, dblock, &mut s.dres, hcg, &self.hc_ones);
+        tp.sum(&mut sp.douter, "final norm and head hyper-connection gradients");
+        b.add_assign(outer.norm, b.slice(&sp.douter, 0..d));
+        let (_, rest) = b.split_at_mut(&mut sp.douter, d);
+        add_hc(b, outer.hc_head.as_mut().expect("hc_head grads"), &hc_views(b, rest, hw).0);
     }
 
     /// Forward of V4 layer `l` from the streams `x_in` into `a` and, unless only recomputing
     /// what backward needs, into `x_out`; with the layer's generation cache when generating.
+    /// Under sequence parallel (`sp`) the streams are the rank's tokens': each block's normed
+    /// input is gathered and its partial output scattered.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn v4_layer_forward(
         &self,
@@ -133,10 +159,13 @@ impl<B: Backend> Model<B> {
         ctx: &AttnCtx<B>,
         routes: Option<&[i32]>,
         cache: Option<(&mut V4LayerCache<B>, &LayerStep<B>)>,
+        sp: Option<&mut SequenceBufs<B>>,
     ) {
         let c = &self.config;
         let eps = c.rms_norm_eps;
         let ones = &self.hc_ones;
+        let tp = self.tensor_parallel.as_ref();
+        let mut sp = sp.map(|sp| (tp.expect("sequence parallel under tensor parallel"), sp));
         let st = a.streams.as_mut().expect("a hyper-connected layer's activations");
         let (wa, wf) = (w.hc_attn.as_ref().expect("hc_attn"), w.hc_ffn.as_ref().expect("hc_ffn"));
         hyper::collapse(b, wa, x_in, &mut st.attn_hc, ones, eps);
@@ -144,10 +173,19 @@ impl<B: Backend> Model<B> {
         let (AttnWeights::V4(w_attn), AttnActs::V4(a_attn)) = (&w.attn, &mut a.attn) else {
             unreachable!("a V4 layer has V4 attention")
         };
-        v4_attention::forward(b, c, w_attn, &a.xn1, &mut st.attn_out, a_attn, ctx, ones, cache);
-        let tp = self.tensor_parallel.as_ref();
-        if let Some(tp) = tp {
-            tp.sum(&mut st.attn_out, &format!("layer {l}: attention output"));
+        let what = format!("layer {l}: attention output");
+        match sp.as_mut() {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn1, &sp.counts, &mut sp.whole_in, &format!("layer {l}: attention input"));
+                v4_attention::forward(b, c, w_attn, &sp.whole_in, &mut sp.whole_out, a_attn, ctx, ones, cache);
+                tp.sum_scatter_tokens(&sp.whole_out, &sp.counts, &mut st.attn_out, &what);
+            }
+            None => {
+                v4_attention::forward(b, c, w_attn, &a.xn1, &mut st.attn_out, a_attn, ctx, ones, cache);
+                if let Some(tp) = tp {
+                    tp.sum(&mut st.attn_out, &what);
+                }
+            }
         }
         hyper::expand(b, &st.attn_hc, x_in, &st.attn_out, &mut a.x_mid);
 
@@ -161,10 +199,20 @@ impl<B: Backend> Model<B> {
         }
         let ep = self.expert_parallel.as_ref().map(|ep| (ep, l));
         let shape = self.moe_shape.as_ref().expect("moe shape");
-        moe::forward(b, shape, w_moe, &a.xn2, Some(&mut st.ffn_out), a_moe, ep);
-        if let Some(tp) = tp {
-            // Summed even when only recomputing: the expansion's backward reads the output.
-            tp.sum(&mut st.ffn_out, &format!("layer {l}: MoE output"));
+        // Summed even when only recomputing: the expansion's backward reads the output.
+        let what = format!("layer {l}: MoE output");
+        match sp {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn2, &sp.counts, &mut sp.whole_in, &format!("layer {l}: MoE input"));
+                moe::forward(b, shape, w_moe, &sp.whole_in, Some(&mut sp.whole_out), a_moe, ep);
+                tp.sum_scatter_tokens(&sp.whole_out, &sp.counts, &mut st.ffn_out, &what);
+            }
+            None => {
+                moe::forward(b, shape, w_moe, &a.xn2, Some(&mut st.ffn_out), a_moe, ep);
+                if let Some(tp) = tp {
+                    tp.sum(&mut st.ffn_out, &what);
+                }
+            }
         }
         if let Some(x_out) = x_out {
             hyper::expand(b, &st.ffn_hc, &a.x_mid, &st.ffn_out, x_out);
@@ -173,6 +221,8 @@ impl<B: Backend> Model<B> {
 
     /// Backward of V4 layer `l`: reads `s.dres` = dL/d(layer output), leaves dL/d(layer input)
     /// there, and adds the layer's parameter gradients into `g`. Returns the balance loss.
+    /// Under sequence parallel (`sp`) the streams' gradients are the rank's tokens'; the norms'
+    /// and hyper-connections' weight gradients are summed over the group.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn v4_layer_backward(
         &self,
@@ -184,12 +234,19 @@ impl<B: Backend> Model<B> {
         g: &mut LayerWeights<&mut B::Slice>,
         ctx: &AttnCtx<B>,
         aux: Option<&SeqAux>,
+        sp: Option<&mut SequenceBufs<B>>,
     ) -> f64 {
         let c = &self.config;
+        let d = c.hidden_size;
         let ones = &self.hc_ones;
+        let tp = self.tensor_parallel.as_ref();
+        let mut sp = sp.map(|sp| (tp.expect("sequence parallel under tensor parallel"), sp));
         let st = a.streams.as_ref().expect("a hyper-connected layer's activations");
         let (dmid, dblock, hcg) = s.hc.as_mut().expect("hyper-connection scratch");
         let (wa, wf) = (w.hc_attn.as_ref().expect("hc_attn"), w.hc_ffn.as_ref().expect("hc_ffn"));
+        if let Some((_, sp)) = sp.as_mut() {
+            b.fill(&mut sp.douter, 0.0);
+        }
 
         // Feed-forward: X'' = expand_ffn(X', MoE(RMSNorm(collapse_ffn(X')))).
         hyper::expand_backward(b, &st.ffn_hc, &a.x_mid, &st.ffn_out, &s.dres, dblock, dmid, hcg);
@@ -199,15 +256,36 @@ impl<B: Backend> Model<B> {
         let scratch = s.moe.as_mut().expect("MoE scratch");
         b.fill(&mut s.dxn, 0.0);
         let shape = self.moe_shape.as_ref().expect("moe shape");
-        let tp = self.tensor_parallel.as_ref();
-        let aux_loss = moe::backward(b, shape, w_moe, &a.xn2, dblock, &mut s.dxn, g_moe, a_moe, scratch, aux, tp);
-        if let Some(tp) = tp {
-            tp.sum(&mut s.dxn, &format!("layer {l}: MoE input gradient"));
-        }
+        let (xn2, dy) = match sp.as_mut() {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn2, &sp.counts, &mut sp.whole_in, &format!("layer {l}: MoE input again"));
+                tp.gather_tokens(dblock, &sp.counts, &mut sp.whole_out, &format!("layer {l}: MoE output gradient"));
+                (&*sp.whole_in, &*sp.whole_out)
+            }
+            None => (&*a.xn2, &**dblock),
+        };
+        let aux_loss = moe::backward(b, shape, w_moe, xn2, dy, &mut s.dxn, g_moe, a_moe, scratch, aux, tp);
+        let what = format!("layer {l}: MoE input gradient");
         b.fill(dblock, 0.0);
-        b.rmsnorm_backward(dblock, g.post_norm, &s.dxn, &st.ffn_hc.collapsed, w.post_norm, &a.rstd2);
         let gf = g.hc_ffn.as_mut().expect("hc_ffn grads");
-        hyper::collapse_backward(b, wf, gf, &st.ffn_hc, &a.x_mid, dblock, dmid, hcg, ones);
+        match (sp.as_mut(), tp) {
+            (Some((tp, sp)), _) => {
+                tp.sum_scatter_tokens(&s.dxn, &sp.counts, &mut sp.local, &what);
+                let (norms, rest) = b.split_at_mut(&mut sp.douter, 2 * d);
+                let dpost = b.slice_mut(norms, d..2 * d);
+                b.rmsnorm_backward(dblock, dpost, &sp.local, &st.ffn_hc.collapsed, w.post_norm, &a.rstd2);
+                let (_, rest) = hc_views(b, rest, wa);
+                let (mut dffn, _) = hc_views(b, rest, wf);
+                hyper::collapse_backward(b, wf, &mut dffn, &st.ffn_hc, &a.x_mid, dblock, dmid, hcg, ones);
+            }
+            (None, tp) => {
+                if let Some(tp) = tp {
+                    tp.sum(&mut s.dxn, &what);
+                }
+                b.rmsnorm_backward(dblock, g.post_norm, &s.dxn, &st.ffn_hc.collapsed, w.post_norm, &a.rstd2);
+                hyper::collapse_backward(b, wf, gf, &st.ffn_hc, &a.x_mid, dblock, dmid, hcg, ones);
+            }
+        }
 
         // Attention: X' = expand_attn(X, Attention(RMSNorm(collapse_attn(X)))).
         hyper::expand_backward(b, &st.attn_hc, x_in, &st.attn_out, dmid, dblock, &mut s.dres, hcg);
@@ -216,12 +294,61 @@ impl<B: Backend> Model<B> {
         else {
             unreachable!("a V4 layer has V4 attention")
         };
+        let (xn1, dy) = match sp.as_mut() {
+            Some((tp, sp)) => {
+                tp.gather_tokens(&a.xn1, &sp.counts, &mut sp.whole_in, &format!("layer {l}: attention input again"));
+                let what = format!("layer {l}: attention output gradient");
+                tp.gather_tokens(dblock, &sp.counts, &mut sp.whole_out, &what);
+                (&*sp.whole_in, &*sp.whole_out)
+            }
+            None => (&*a.xn1, &**dblock),
+        };
         // Under tensor parallel dL/dxn comes out whole (`v4_attention::backward`): no sum.
-        v4_attention::backward(b, c, w_attn, &a.xn1, dblock, &mut s.dxn, g_attn, a_attn, s_attn, ctx, ones, tp);
+        v4_attention::backward(b, c, w_attn, xn1, dy, &mut s.dxn, g_attn, a_attn, s_attn, ctx, ones, tp);
         b.fill(dblock, 0.0);
-        b.rmsnorm_backward(dblock, g.input_norm, &s.dxn, &st.attn_hc.collapsed, w.input_norm, &a.rstd1);
         let ga = g.hc_attn.as_mut().expect("hc_attn grads");
-        hyper::collapse_backward(b, wa, ga, &st.attn_hc, x_in, dblock, &mut s.dres, hcg, ones);
+        match sp {
+            Some((tp, sp)) => {
+                let dxn1 = sp.rows_of(b, &s.dxn, d);
+                let (norms, rest) = b.split_at_mut(&mut sp.douter, 2 * d);
+                let dinput = b.slice_mut(norms, 0..d);
+                b.rmsnorm_backward(dblock, dinput, dxn1, &st.attn_hc.collapsed, w.input_norm, &a.rstd1);
+                let (mut dattn, _) = hc_views(b, rest, wa);
+                hyper::collapse_backward(b, wa, &mut dattn, &st.attn_hc, x_in, dblock, &mut s.dres, hcg, ones);
+                // The norms' and hyper-connections' gradients over the rank's tokens, summed.
+                tp.sum(&mut sp.douter, &format!("layer {l}: norm and hyper-connection gradients"));
+                b.add_assign(g.input_norm, b.slice(&sp.douter, 0..d));
+                b.add_assign(g.post_norm, b.slice(&sp.douter, d..2 * d));
+                let (_, rest) = b.split_at_mut(&mut sp.douter, 2 * d);
+                let (dattn, rest) = hc_views(b, rest, wa);
+                add_hc(b, ga, &dattn);
+                add_hc(b, g.hc_ffn.as_mut().expect("hc_ffn grads"), &hc_views(b, rest, wf).0);
+            }
+            None => {
+                b.rmsnorm_backward(dblock, g.input_norm, &s.dxn, &st.attn_hc.collapsed, w.input_norm, &a.rstd1);
+                hyper::collapse_backward(b, wa, ga, &st.attn_hc, x_in, dblock, &mut s.dres, hcg, ones);
+            }
+        }
         aux_loss
     }
+}
+
+/// The first values of `buf` as gradients shaped as the hyper-connection weights `like`, and
+/// the rest of `buf`.
+fn hc_views<'a, B: Backend>(
+    b: &B,
+    buf: &'a mut B::Slice,
+    like: &HcWeights<&B::Slice>,
+) -> (HcWeights<&'a mut B::Slice>, &'a mut B::Slice) {
+    let (mix, rest) = b.split_at_mut(buf, b.len(like.mix));
+    let (base, rest) = b.split_at_mut(rest, b.len(like.base));
+    let (scale, rest) = b.split_at_mut(rest, b.len(like.scale));
+    (HcWeights { mix, base, scale }, rest)
+}
+
+/// `g += d`, tensor by tensor.
+fn add_hc<B: Backend>(b: &B, g: &mut HcWeights<&mut B::Slice>, d: &HcWeights<&mut B::Slice>) {
+    b.add_assign(g.mix, d.mix);
+    b.add_assign(g.base, d.base);
+    b.add_assign(g.scale, d.scale);
 }

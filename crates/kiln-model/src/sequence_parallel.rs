@@ -21,11 +21,16 @@
 //! first); the final norm runs on the rank's tokens and its output is gathered for the head,
 //! whose dL/dxf (whole on every rank) the rank then takes its rows of.
 //!
+//! DeepSeek-V4's hyper-connections are per token, so its streams (`[tokens, hc_mult · hidden]`)
+//! are cut the same way: the collapse, norm, expansion and head run on the rank's tokens, and
+//! the mixes' weight gradients are summed over the group with the norms'.
+//!
 //! What a rank keeps for backward between layers (each layer's input, the residual after
 //! attention, the norms' outputs and statistics) is its tokens' only; the gathered normed
 //! inputs are gathered again in backward rather than kept. Only training activations are laid
 //! out so (`Activations::new`); generation's are whole and run plain tensor parallel.
 
+use crate::config::{AttentionKind, Config};
 use crate::tensor_parallel::TensorParallel;
 use kiln_core::Backend;
 use std::ops::Range;
@@ -42,21 +47,29 @@ pub struct SequenceBufs<B: Backend> {
     pub whole_out: B::Buf,
     /// The rank's tokens: the final norm's output, or a block's input gradient.
     pub local: B::Buf,
-    /// The norm weights' gradients of one layer (input norm, then post-attention norm), or the
-    /// final norm's (the first half), summed over the group before they are added.
-    pub dnorm: B::Buf,
+    /// The weight gradients of one layer's parts outside the split blocks, summed over the
+    /// rank's tokens, then over the group, before they are added: both norms' (input norm,
+    /// then post-attention norm; the final norm's is the first), and DeepSeek-V4's two
+    /// hyper-connections' (attention's, then the MoE's; the head's is the first) after them.
+    pub douter: B::Buf,
 }
 
 impl<B: Backend> SequenceBufs<B> {
-    /// The buffers of rank `rank` of `t` over `n` tokens of width `d`.
-    pub fn new(b: &B, n: usize, d: usize, (rank, t): (usize, usize)) -> Self {
+    /// The buffers of rank `rank` of `t` over `n` tokens of `cfg`.
+    pub fn new(b: &B, cfg: &Config, n: usize, (rank, t): (usize, usize)) -> Self {
+        let d = cfg.hidden_size;
         let tokens = kiln_dist::shard(n, rank, t);
+        // A layer's hyper-connection: a mixer from S·d to (2 + S)·S values, its bias, 3 scales.
+        let hc = match &cfg.attention {
+            AttentionKind::V4(v4) => (2 + v4.hc.streams) * v4.hc.streams * (v4.hc.streams * d + 1) + 3,
+            _ => 0,
+        };
         Self {
             counts: kiln_dist::shard_counts(n, t).into_iter().map(|k| k * d).collect(),
             whole_in: b.zeros(n * d),
             whole_out: b.zeros(n * d),
             local: b.zeros(tokens.len() * d),
-            dnorm: b.zeros(2 * d),
+            douter: b.zeros(2 * d + 2 * hc),
             tokens,
         }
     }

@@ -46,7 +46,7 @@
 //!   through whole parts, so its dL/dx needs no sum at all.
 //!
 //! The hyper-connections' streams, mixes and norms are whole on every rank, as the residual
-//! stream is, and its MoE splits as DeepSeek-V3's.
+//! stream is (cut by tokens under `sequence_parallel`), and its MoE splits as DeepSeek-V3's.
 
 use crate::config::{AttentionKind, Config};
 use crate::weights::{TensorSpec, Weights};

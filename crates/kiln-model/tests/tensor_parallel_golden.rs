@@ -48,3 +48,10 @@ fn deepseek_v4_over_two_ranks_matches_transformers_block_by_block() {
     check_on_ranks("deepseek_v4", 2, false);
     check_on_ranks("deepseek_v4_hc4", 2, false);
 }
+
+#[test]
+fn deepseek_v4_with_sequence_parallel_over_two_ranks_matches_transformers() {
+    // The hyper-connected streams cut by tokens, their mixes' gradients summed over the group.
+    check_on_ranks("deepseek_v4", 2, true);
+    check_on_ranks("deepseek_v4_hc4", 2, true);
+}

@@ -41,7 +41,7 @@ pub const EXPLAIN: &[(&str, &str)] = &[
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
     ("optimizer states", "AdamW: f32 first and second moments (8 B/param); Muon: one f32 momentum (4 B/param) for hidden matrices, AdamW's 8 B for embeddings, head and vectors; sharded from ZeRO-1. Routed experts shard over dp/ep ranks (each expert's replicas), the rest over dp"),
     ("optimizer scratch", "Muon orthogonalises whole matrices: the largest one gathered in f32 with a work copy; ZeRO-3 gathers one layer's weights ahead (two layers in flight)"),
-    ("activations", "what backward keeps per token per layer (by recomputation mode: none, selective = DeepSeek-V3's set, full = layer inputs plus one layer's working set), for the stage's layers, micro-batch tokens, and the micro-batches in flight on the stage under 1F1B (pp - s on stage s); split by tp (with sequence parallel; sp=off, and DeepSeek-V4 always, keeps the residual stream's tensors whole on every rank of the group: 4 per layer without recomputation, 2 selective, the layer input under full; V4's hyper-connected streams and its two norm outputs)"),
+    ("activations", "what backward keeps per token per layer (by recomputation mode: none, selective = DeepSeek-V3's set, full = layer inputs plus one layer's working set), for the stage's layers, micro-batch tokens, and the micro-batches in flight on the stage under 1F1B (pp - s on stage s); split by tp (with sequence parallel; sp=off keeps the residual stream's tensors whole on every rank of the group: 4 per layer without recomputation, 2 selective, the layer input under full; of DeepSeek-V4, its hyper-connected streams and norm outputs)"),
     ("logits", "the last stage's f32 logits of one micro-batch (tokens x vocab / tp) for the loss (none on the others)"),
     ("reference model", "grpo with a KL term: a frozen bf16 copy of the policy, placed like the weights; dpo needs none (kiln precomputes reference log-probs once)"),
     ("teacher model", "distill: the teacher's bf16 weights, placed like the student's"),
@@ -183,14 +183,13 @@ fn stage_memory(job: &Job, layout: &Layout, stage: usize, layers: usize) -> Stag
     };
     // Without sequence parallel the residual-stream-sized tensors a layer keeps (its input,
     // the residual after attention and both norms' outputs; under selective recomputation
-    // the norms' inputs; under full the input) are whole on every rank of the group. kiln
-    // keeps DeepSeek-V4's hyper-connected streams whole under tensor parallel.
+    // the norms' inputs; under full the input) are whole on every rank of the group.
     let stream = match l.recompute {
         Recompute::None => m.stream_saved.0,
         Recompute::Selective => m.stream_saved.1,
         Recompute::Full => m.residual_bytes,
     };
-    let whole_stream = match l.sequence_parallel && m.model_type != "deepseek_v4" {
+    let whole_stream = match l.sequence_parallel {
         true => 0.0,
         false => in_flight * tokens * stage_layers * stream * (1.0 - 1.0 / tp),
     };

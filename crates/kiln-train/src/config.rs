@@ -309,8 +309,7 @@ pub struct TrainSection {
     /// Tensor parallel: cut the residual stream, the norms and the embedding's output by tokens
     /// over the tensor group (Megatron-LM's sequence parallel), so each rank keeps 1/tp of what
     /// lies between the split blocks, as `kiln plan` assumes; false keeps them whole on every
-    /// rank. The same bytes move either way. DeepSeek-V4's hyper-connected streams are not
-    /// cut: it runs plain tensor parallel.
+    /// rank (DeepSeek-V4: its hyper-connected streams). The same bytes move either way.
     #[serde(default = "yes")]
     pub sequence_parallel: bool,
     /// Pipeline parallel (Llama-family and DeepSeek-V3/V4 models, under mpirun): the layers are cut into this many

@@ -224,7 +224,8 @@ fn deepseek_v4_splits_its_heads_output_groups_and_experts_alone_and_with_expert_
     let model = deepseek_v4_base(&base);
     let one = scratch("tp-v4-1");
     sft(1, &one, &[&model]);
-    for (ranks, layout) in [(3, "tp=3"), (3, "tp=3,sp=off,recompute=full"), (6, "dp=2,tp=3,ep=2,zero=1")] {
+    let layouts = [(3, "tp=3"), (3, "tp=3,sp=off,recompute=full"), (6, "dp=2,tp=3,ep=2,zero=1"), (6, "tp=3,pp=2")];
+    for (ranks, layout) in layouts {
         let dir = scratch(&format!("tp-v4-{layout}"));
         sft_laid_out(ranks, &dir, layout, &[&model]);
         assert_v4_follows(&one, &dir, &format!("deepseek_v4, {layout}"));

@@ -7,7 +7,9 @@
 //! then logits = RMSNorm(x)·Wₗₘᵀ (Wₗₘ = embedding when tied). Backward runs the same steps
 //! in reverse; the residual gradient lives in one buffer that each branch adds into.
 
-use crate::activations::{Activations, AttnActs, AttnGrads, BatchInputs, FfnActs, GradScratch, LayerActs};
+use crate::activations::{
+    Activations, ActivationsPool, AttnActs, AttnGrads, BatchInputs, FfnActs, GradScratch, LayerActs,
+};
 use crate::batch::Batch;
 use crate::compress_plan::CompressPlan;
 use crate::config::{AttentionKind, Config, ModelType};
@@ -75,6 +77,8 @@ pub struct Model<B: Backend> {
     pub(crate) chunk_acts: Vec<Activations<B>>,
     /// Pipeline parallel: the activations of the one chunk a forward-only pass holds.
     pub(crate) forward_chunk: Option<Activations<B>>,
+    /// Under pipeline parallel, the activations of a pipelined decode step's chunks, by rows.
+    pub(crate) decode_chunks: ActivationsPool<B>,
     rope_table: B::Buf,
     rope_positions: usize,
     /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
@@ -259,6 +263,7 @@ impl<B: Backend> Model<B> {
             }
             hc_ones = b.upload(&vec![1.0; (v4.hc.streams * config.hidden_size).max(config.head_dim)]);
         }
+        let decode_chunks = ActivationsPool::new(&config, 1, false, false);
         Self {
             config,
             layout,
@@ -277,6 +282,7 @@ impl<B: Backend> Model<B> {
             pipeline: None,
             chunk_acts: Vec::new(),
             forward_chunk: None,
+            decode_chunks,
             rope_table: b.zeros(0),
             rope_positions: 0,
             compress_rope_table: b.zeros(0),
@@ -565,14 +571,28 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         plan: &CachePlan,
     ) -> Vec<f32> {
+        if self.decodes_in_chunks(batch, plan) {
+            return self.pipelined_decode(b, batch, cache, plan);
+        }
         self.forward_layers(b, acts, batch, None, Some((cache, plan)), true);
-        let c = &self.config;
         let k = plan.logits_at.len();
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
             return pp.from_last(b, &[], k * self.whole_config().vocab_size, "pipeline: logits");
         }
+        let logits = self.logits_at(b, acts, plan.logits_at);
+        match &self.pipeline {
+            Some(pp) => pp.from_last(b, &logits, logits.len(), "pipeline: logits"),
+            None => logits,
+        }
+    }
+
+    /// The whole logits rows (`[k, vocab]`) of the `k` tokens `at` of the last forward: only
+    /// those rows go through the LM head.
+    pub(crate) fn logits_at(&self, b: &B, acts: &Activations<B>, at: &[i32]) -> Vec<f32> {
+        let c = &self.config;
+        let k = at.len();
         let mut last = b.zeros(k * c.hidden_size);
-        b.embedding_forward(&mut last, &acts.xf, &b.upload_index(plan.logits_at), c.hidden_size);
+        b.embedding_forward(&mut last, &acts.xf, &b.upload_index(at), c.hidden_size);
         let w = self.outer_weights(b);
         let mut logits = b.zeros(k * c.vocab_size);
         b.matmul(
@@ -581,11 +601,7 @@ impl<B: Backend> Model<B> {
             w.lm_head.unwrap_or(w.embed),
             Matmul::linear(k, c.hidden_size, c.vocab_size).in_precision(self.matmul_precision).of_weight(),
         );
-        let logits = self.whole_logits(b, b.read(&logits), k);
-        match &self.pipeline {
-            Some(pp) => pp.from_last(b, &logits, logits.len(), "pipeline: logits"),
-            None => logits,
-        }
+        self.whole_logits(b, b.read(&logits), k)
     }
 
     /// The transformer's forward (`forward_hidden`), adding the experts' loads of the first

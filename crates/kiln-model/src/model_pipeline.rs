@@ -136,9 +136,12 @@ impl<B: Backend> Model<B> {
         let pp = self.pipeline.clone().expect("a pipeline stage");
         let (rows, chunks) = chunks_of(&pp, batch);
         let (chunk_rows, seq, last) = (chunks[0].rows, batch.seq, self.config.num_layers);
+        // Laid out as training's chunks are (under sequence parallel, the stream cut by
+        // tokens), so the numbers are bit for bit a training forward's (`training_logprobs`).
+        let training_layout = self.config.sequence_parallel.is_some();
         let mut a = match self.forward_chunk.take() {
             Some(a) if a.rows == chunk_rows && a.seq == seq => a,
-            _ => Activations::new(b, &self.config, chunk_rows, seq, false, false),
+            _ => Activations::new(b, &self.config, chunk_rows, seq, training_layout, false),
         };
         let what = "pipeline: hidden states forward";
         for op in forwards_then_backwards(pp.stage(), pp.group.size(), chunks.len())[0].iter().copied() {

@@ -78,7 +78,7 @@ pub struct Model<B: Backend> {
     /// Pipeline parallel: the activations of the one chunk a forward-only pass holds.
     pub(crate) forward_chunk: Option<Activations<B>>,
     /// Under pipeline parallel, the activations of a pipelined decode step's chunks, by rows.
-    pub(crate) decode_chunks: ActivationsPool<B>,
+    pub(crate) decode_chunks: Option<ActivationsPool<B>>,
     rope_table: B::Buf,
     rope_positions: usize,
     /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
@@ -263,7 +263,6 @@ impl<B: Backend> Model<B> {
             }
             hc_ones = b.upload(&vec![1.0; (v4.hc.streams * config.hidden_size).max(config.head_dim)]);
         }
-        let decode_chunks = ActivationsPool::new(&config, 1, false, false);
         Self {
             config,
             layout,
@@ -282,7 +281,7 @@ impl<B: Backend> Model<B> {
             pipeline: None,
             chunk_acts: Vec::new(),
             forward_chunk: None,
-            decode_chunks,
+            decode_chunks: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
             compress_rope_table: b.zeros(0),
@@ -714,17 +713,30 @@ impl<B: Backend> Model<B> {
         } else if self.is_v4() {
             self.v4_head_forward(b, acts, c.num_layers);
         } else {
-            let (last, norm) = (&acts.layer_inputs[c.num_layers], self.outer_weights(b).norm);
-            match (acts.sequence.as_mut(), &self.tensor_parallel) {
-                (Some(sp), Some(tp)) => {
-                    b.rmsnorm_forward(&mut sp.local, &mut acts.rstdf, last, norm, c.rms_norm_eps);
-                    tp.gather_tokens(&sp.local, &sp.counts, &mut acts.xf, "final norm output");
-                }
-                _ => b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, last, norm, c.rms_norm_eps),
-            }
+            let last = &acts.layer_inputs[c.num_layers];
+            self.final_norm_forward(b, last, (&mut acts.xf, &mut acts.rstdf), acts.sequence.as_mut());
         }
         for (l, rows) in loads {
             self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
+        }
+    }
+
+    /// `xf` = the final norm of `x`; under sequence parallel (`sp`) `x` is the rank's tokens,
+    /// normed into `sp.local` and gathered.
+    pub(crate) fn final_norm_forward(
+        &self,
+        b: &B,
+        x: &B::Slice,
+        (xf, rstdf): (&mut B::Slice, &mut B::Slice),
+        sp: Option<&mut SequenceBufs<B>>,
+    ) {
+        let (norm, eps) = (self.outer_weights(b).norm, self.config.rms_norm_eps);
+        match (sp, &self.tensor_parallel) {
+            (Some(sp), Some(tp)) => {
+                b.rmsnorm_forward(&mut sp.local, rstdf, x, norm, eps);
+                tp.gather_tokens(&sp.local, &sp.counts, xf, "final norm output");
+            }
+            _ => b.rmsnorm_forward(xf, rstdf, x, norm, eps),
         }
     }
 

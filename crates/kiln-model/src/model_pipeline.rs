@@ -165,9 +165,7 @@ impl<B: Backend> Model<B> {
         let mine = if pp.is_last() { b.read(&acts.nll) } else { Vec::new() };
         pp.from_last(b, &mine, batch.rows * seq, "pipeline: nll")
     }
-}
 
-impl<B: Backend> Model<B> {
     /// Whether a generation step runs as `pipelined_decode`: a decode step of several rows
     /// under pipeline parallel. Not under expert parallel or ZeRO-3, whose per-layer
     /// collectives a data-parallel peer with nothing to decode meets with one idle forward,
@@ -204,7 +202,7 @@ impl<B: Backend> Model<B> {
         let spans = starts.len() / batch.rows;
         let (vocab, last) = (self.whole_config().vocab_size, self.config.num_layers);
         let mut logits = vec![0.0; if pp.is_last() { plan.logits_at.len() * vocab } else { 0 }];
-        let mut pool = std::mem::replace(&mut self.decode_chunks, ActivationsPool::new(&self.config, 1, false, false));
+        let mut pool = self.decode_chunks.take().unwrap_or_else(|| ActivationsPool::new(&self.config, 1, false, false));
         let what = "pipeline: hidden states forward";
         for op in forwards_then_backwards(pp.stage(), pp.group.size(), count)[0].iter().copied() {
             match op {
@@ -236,7 +234,7 @@ impl<B: Backend> Model<B> {
                 other => unreachable!("{other:?} in a forward-only schedule"),
             }
         }
-        self.decode_chunks = pool;
+        self.decode_chunks = Some(pool);
         pp.from_last(b, &logits, plan.logits_at.len() * vocab, "pipeline: logits")
     }
 }

@@ -98,13 +98,7 @@ impl<B: Backend> Model<B> {
         let head = acts.hc_head.as_mut().expect("the head's hyper-connection");
         let hw = w.hc_head.as_ref().expect("hc_head weights");
         hyper::collapse(b, hw, &acts.layer_inputs[x_last], head, &self.hc_ones, c.rms_norm_eps);
-        match (acts.sequence.as_mut(), &self.tensor_parallel) {
-            (Some(sp), Some(tp)) => {
-                b.rmsnorm_forward(&mut sp.local, &mut acts.rstdf, &head.collapsed, w.norm, c.rms_norm_eps);
-                tp.gather_tokens(&sp.local, &sp.counts, &mut acts.xf, "final norm output");
-            }
-            _ => b.rmsnorm_forward(&mut acts.xf, &mut acts.rstdf, &head.collapsed, w.norm, c.rms_norm_eps),
-        }
+        self.final_norm_forward(b, &head.collapsed, (&mut acts.xf, &mut acts.rstdf), acts.sequence.as_mut());
     }
 
     /// Backward of `v4_head_forward` from `s.dxn` = dL/dxf, into `s.dres` (overwritten).

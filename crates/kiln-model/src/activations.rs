@@ -119,6 +119,9 @@ pub struct Activations<B: Backend> {
     pub rows: usize,
     pub seq: usize,
     pub recompute: bool,
+    /// The model's local layer whose activations are this one's first: 0, or for one part of
+    /// an interleaved pipeline stage (`for_part`) that part's first layer.
+    pub first_layer: usize,
     pub inputs: BatchInputs<B>,
     /// Residual stream (all of them) entering each layer, and (last) leaving the final layer.
     pub layer_inputs: Vec<B::Buf>,
@@ -147,6 +150,20 @@ pub struct Activations<B: Backend> {
 }
 
 impl<B: Backend> Activations<B> {
+    /// `new`'s activations of the local layers `run` only of a model of `cfg` (one part of
+    /// an interleaved pipeline stage).
+    pub fn for_part(
+        b: &B,
+        cfg: &Config,
+        run: std::ops::Range<usize>,
+        (rows, seq): (usize, usize),
+        (training, recompute): (bool, bool),
+    ) -> Self {
+        let first_layer = run.start;
+        let part = crate::pipeline::run_config(cfg, run);
+        Self { first_layer, ..Self::new(b, &part, rows, seq, training, recompute) }
+    }
+
     /// `training` adds the gradient scratch; `recompute` keeps only each layer's input and
     /// recomputes the rest of a layer's activations during backward.
     pub fn new(b: &B, cfg: &Config, rows: usize, seq: usize, training: bool, recompute: bool) -> Self {
@@ -182,6 +199,7 @@ impl<B: Backend> Activations<B> {
             rows,
             seq,
             recompute: recompute && training,
+            first_layer: 0,
             inputs: BatchInputs {
                 ids: b.upload_index(&vec![0; n]),
                 positions: b.upload_index(&vec![0; n]),

@@ -290,12 +290,14 @@ pub struct Config {
     pub sequence_parallel: Option<(usize, usize)>,
 }
 
-/// The part of a model a pipeline stage holds: `num_layers` layers from `first_layer` on, the
-/// embedding (the first stage, and the last when the head is tied to it) and the final norm
-/// and head (the last stage). What it does not hold it lays out with no values.
+/// The part of a model a pipeline stage holds: its layers (`layers[l]` is the whole model's
+/// index of its layer `l`: one run of the model's layers, or with interleaved stages one run
+/// per virtual stage), the embedding (the first stage, and the last when the head is tied to
+/// it) and the final norm and head (the last stage). What it does not hold it lays out with
+/// no values.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stage {
-    pub first_layer: usize,
+    pub layers: Vec<usize>,
     pub embedding: bool,
     pub head: bool,
 }
@@ -511,12 +513,12 @@ impl Config {
 
     /// Whether layer `l` has a mixture-of-experts feed-forward block.
     pub fn is_moe_layer(&self, l: usize) -> bool {
-        self.moe.as_ref().is_some_and(|m| self.first_layer() + l >= m.first_dense_layers)
+        self.moe.as_ref().is_some_and(|m| self.whole_layer(l) >= m.first_dense_layers)
     }
 
-    /// The index in the whole model of this config's first layer (0 but for a pipeline stage).
-    pub fn first_layer(&self) -> usize {
-        self.stage.as_ref().map_or(0, |s| s.first_layer)
+    /// The index in the whole model of this config's layer `l` (`l` but for a pipeline stage).
+    pub fn whole_layer(&self, l: usize) -> usize {
+        self.stage.as_ref().map_or(l, |s| s.layers[l])
     }
 
     /// Whether a stored tensor is read and written back unchanged: multi-token-prediction

@@ -35,6 +35,7 @@ use crate::weights::{
     TensorSpec, Weights,
 };
 use kiln_core::{Attention, Backend, DecodeAttention, Matmul, Precision};
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -73,10 +74,13 @@ pub struct Model<B: Backend> {
     /// Set when this rank holds one stage of the layers (`config`, `layout` and `params` are
     /// then the stage's: `pipeline`).
     pub(crate) pipeline: Option<Pipeline<B>>,
-    /// Pipeline parallel: the activations of the chunks (rows) a stage holds at once.
-    pub(crate) chunk_acts: Vec<Activations<B>>,
-    /// Pipeline parallel: the activations of the one chunk a forward-only pass holds.
+    /// Pipeline parallel: the activations of the chunks (rows) a stage holds at once, per part
+    /// (one part without interleaving).
+    pub(crate) chunk_acts: Vec<Vec<Activations<B>>>,
+    /// Pipeline parallel: the activations of the one chunk a forward-only pass holds (with
+    /// interleaved stages, per part, those it holds at once).
     pub(crate) forward_chunk: Option<Activations<B>>,
+    pub(crate) forward_parts: Vec<Vec<Activations<B>>>,
     /// Under pipeline parallel, the activations of a pipelined decode step's chunks, by rows.
     pub(crate) decode_chunks: Option<ActivationsPool<B>>,
     rope_table: B::Buf,
@@ -281,6 +285,7 @@ impl<B: Backend> Model<B> {
             pipeline: None,
             chunk_acts: Vec::new(),
             forward_chunk: None,
+            forward_parts: Vec::new(),
             decode_chunks: None,
             rope_table: b.zeros(0),
             rope_positions: 0,
@@ -555,7 +560,7 @@ impl<B: Backend> Model<B> {
     /// `expert_load`.
     pub fn forward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, count_load: bool) {
         let counted = count_load.then_some(acts.rows * acts.seq);
-        self.forward_layers(b, acts, batch, counted, None, true);
+        self.forward_layers(b, acts, batch, counted, None, None);
     }
 
     /// Runs the model over `batch` for generation and returns the logits (`[k, vocab]`) of
@@ -573,7 +578,7 @@ impl<B: Backend> Model<B> {
         if self.decodes_in_chunks(batch, plan) {
             return self.pipelined_decode(b, batch, cache, plan);
         }
-        self.forward_layers(b, acts, batch, None, Some((cache, plan)), true);
+        self.forward_layers(b, acts, batch, None, Some((cache, plan)), None);
         let k = plan.logits_at.len();
         if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
             return pp.from_last(b, &[], k * self.whole_config().vocab_size, "pipeline: logits");
@@ -604,10 +609,12 @@ impl<B: Backend> Model<B> {
     }
 
     /// The transformer's forward (`forward_hidden`), adding the experts' loads of the first
-    /// `counted` tokens into `expert_load`. Under pipeline parallel with `hops` a stage receives
-    /// its input from the previous stage and sends its output to the next; without, a schedule
-    /// does (`model_pipeline`), leaving the input in `layer_inputs[0]` and taking the output
-    /// from the last of them.
+    /// `counted` tokens into `expert_load`. Under pipeline parallel, with `part` `None` a stage
+    /// runs each of its parts (virtual stages; one without interleaving) in turn, receiving a
+    /// part's input from the virtual stage before and sending its output to the one after;
+    /// with `Some(v)` a schedule does (`model_pipeline`): only part `v` runs, its input left in
+    /// `acts.layer_inputs[0]` and its output taken from the last of them (`acts` then laid out
+    /// for that part's layers: `Activations::first_layer`).
     pub(crate) fn forward_layers(
         &mut self,
         b: &B,
@@ -615,17 +622,120 @@ impl<B: Backend> Model<B> {
         batch: &Batch,
         counted: Option<usize>,
         cache: Option<(&mut KvCache<B>, &CachePlan)>,
-        hops: bool,
+        part: Option<usize>,
     ) {
         self.prepare(b, acts, batch);
         gather_outer(&mut self.shards, b, (&self.flat, &self.params));
         let c = &self.config;
-        let embed = self.outer_weights(b).embed;
-        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_first()) {
-            if hops {
-                pp.recv_prev(b, &mut acts.layer_inputs[0], "pipeline: hidden states forward");
+        let mut cache = cache;
+        let v4_step = match (&cache, &c.attention) {
+            (Some((kv, plan)), AttentionKind::V4(v4)) => {
+                Some(V4Step::new(b, kv.v4.as_ref().expect("a V4 cache"), v4, plan, batch.seq))
             }
-        } else if self.is_v4() {
+            _ => None,
+        };
+        let indices = cache.as_ref().filter(|_| v4_step.is_none()).map(|(_, plan)| {
+            let decode = plan.decode.map(|(starts, lengths)| (b.upload_index(starts), b.upload_index(lengths)));
+            (b.upload_index(plan.rows), decode)
+        });
+        let mut loads = Vec::new();
+        let at = acts.first_layer;
+        for v in self.parts(part) {
+            let run = self.part_layers(v);
+            if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.part_embeds(v)) {
+                if part.is_none() {
+                    let input = &mut acts.layer_inputs[run.start - at];
+                    pp.recv_part_input(b, v, input, "pipeline: hidden states forward");
+                }
+            } else {
+                self.embedding_forward(b, acts);
+            }
+            let mut view = ActsView::new(
+                &self.config,
+                (&self.rope_table, &self.compress_rope_table),
+                self.attention_specs(acts.rows, acts.seq),
+                self.matmul_precision,
+                &acts.inputs,
+                &acts.compress,
+            );
+            if let (Some((kv, plan)), Some((rows, decode))) = (&cache, &indices) {
+                let spec = kv.decode_spec(plan.rows.len(), c.num_heads, c.attention_scale, None);
+                let decode = decode.as_ref().map(|(s, l)| (s, l, spec));
+                view.cache = Some(CacheCtx { rows, latent: kv.latent, storage: kv.storage, decode });
+            }
+            for l in run.clone() {
+                let next = (l + 1 < run.end).then_some(l + 1);
+                gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, next);
+                let w = self.layer_weights(b, l);
+                let (inputs, outputs) = acts.layer_inputs.split_at_mut(l - at + 1);
+                let a = &mut acts.layers[acts.slots[l - at]];
+                if let AttentionKind::V4(v4) = &c.attention {
+                    let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
+                    let layer = (l, &w);
+                    let step = v4_step.as_ref().map(|step| step.layer(&v4.layers[l]));
+                    let layer_cache = match (cache.as_mut(), &step) {
+                        (Some((kv, _)), Some(step)) => Some((&mut kv.v4.as_mut().expect("a V4 cache").layers[l], step)),
+                        _ => None,
+                    };
+                    self.v4_layer_forward(
+                        b,
+                        layer,
+                        a,
+                        &inputs[l - at],
+                        Some(&mut outputs[0]),
+                        &view.ctx(l),
+                        routes,
+                        layer_cache,
+                        acts.sequence.as_mut(),
+                    );
+                } else {
+                    let kv = cache.as_mut().map(|(kv, _)| {
+                        let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
+                        (&mut **k, &mut **v)
+                    });
+                    let sp = acts.sequence.as_mut();
+                    self.layer_forward(b, (l, &w), a, &inputs[l - at], Some(&mut outputs[0]), &view, kv, sp);
+                }
+                if let (Some(tokens), FfnActs::Moe(m)) = (counted, &a.ffn) {
+                    loads.push((l, m.load_of(b, tokens)));
+                }
+            }
+            if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.part_heads(v)) {
+                if part.is_none() {
+                    pp.send_part_output(b, v, &acts.layer_inputs[run.end - at], "pipeline: hidden states forward");
+                }
+            } else if self.is_v4() {
+                self.v4_head_forward(b, acts);
+            } else {
+                let last = &acts.layer_inputs[run.end - at];
+                self.final_norm_forward(b, last, (&mut acts.xf, &mut acts.rstdf), acts.sequence.as_mut());
+            }
+        }
+        for (l, rows) in loads {
+            self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
+        }
+    }
+
+    /// The parts (virtual stages) a forward or backward runs: `part`, or with `None` every one
+    /// this rank holds (one without interleaving or pipeline parallel).
+    fn parts(&self, part: Option<usize>) -> Range<usize> {
+        match part {
+            Some(v) => v..v + 1,
+            None => 0..self.pipeline.as_ref().map_or(1, Pipeline::parts),
+        }
+    }
+
+    /// The local layers of part `v` (every layer without pipeline parallel).
+    pub(crate) fn part_layers(&self, v: usize) -> Range<usize> {
+        self.pipeline.as_ref().map_or(0..self.config.num_layers, |pp| pp.part_layers(v))
+    }
+
+    /// `acts.layer_inputs[0]` = the embeddings of `acts`' tokens (under sequence parallel the
+    /// rank's; DeepSeek-V4: in every stream).
+    fn embedding_forward(&self, b: &B, acts: &mut Activations<B>) {
+        let c = &self.config;
+        let embed = self.outer_weights(b).embed;
+        if self.is_v4() {
             match (acts.sequence.as_mut(), &self.tensor_parallel) {
                 (Some(sp), Some(tp)) => {
                     b.embedding_forward(&mut sp.whole_out, embed, &acts.inputs.ids, c.hidden_size);
@@ -644,80 +754,6 @@ impl<B: Backend> Model<B> {
         } else {
             b.embedding_forward(&mut acts.layer_inputs[0], embed, &acts.inputs.ids, c.hidden_size);
             self.sum_over_vocab(&mut acts.layer_inputs[0], "embedding");
-        }
-        let mut view = ActsView::new(
-            &self.config,
-            (&self.rope_table, &self.compress_rope_table),
-            self.attention_specs(acts.rows, acts.seq),
-            self.matmul_precision,
-            &acts.inputs,
-            &acts.compress,
-        );
-        let mut cache = cache;
-        let v4_step = match (&cache, &c.attention) {
-            (Some((kv, plan)), AttentionKind::V4(v4)) => {
-                Some(V4Step::new(b, kv.v4.as_ref().expect("a V4 cache"), v4, plan, batch.seq))
-            }
-            _ => None,
-        };
-        let indices = cache.as_ref().filter(|_| v4_step.is_none()).map(|(_, plan)| {
-            let decode = plan.decode.map(|(starts, lengths)| (b.upload_index(starts), b.upload_index(lengths)));
-            (b.upload_index(plan.rows), decode)
-        });
-        if let (Some((kv, plan)), Some((rows, decode))) = (&cache, &indices) {
-            let spec = kv.decode_spec(plan.rows.len(), c.num_heads, c.attention_scale, None);
-            let decode = decode.as_ref().map(|(s, l)| (s, l, spec));
-            view.cache = Some(CacheCtx { rows, latent: kv.latent, storage: kv.storage, decode });
-        }
-        let mut loads = Vec::new();
-        for l in 0..c.num_layers {
-            gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, (l + 1 < c.num_layers).then_some(l + 1));
-            let w = self.layer_weights(b, l);
-            let (inputs, outputs) = acts.layer_inputs.split_at_mut(l + 1);
-            let a = &mut acts.layers[acts.slots[l]];
-            if let AttentionKind::V4(v4) = &c.attention {
-                let routes = acts.routes.iter().find(|r| r.0 == l).map(|r| r.1.as_slice());
-                let layer = (l, &w);
-                let step = v4_step.as_ref().map(|step| step.layer(&v4.layers[l]));
-                let layer_cache = match (cache.as_mut(), &step) {
-                    (Some((kv, _)), Some(step)) => Some((&mut kv.v4.as_mut().expect("a V4 cache").layers[l], step)),
-                    _ => None,
-                };
-                self.v4_layer_forward(
-                    b,
-                    layer,
-                    a,
-                    &inputs[l],
-                    Some(&mut outputs[0]),
-                    &view.ctx(l),
-                    routes,
-                    layer_cache,
-                    acts.sequence.as_mut(),
-                );
-            } else {
-                let kv = cache.as_mut().map(|(kv, _)| {
-                    let (k, v) = (&mut kv.k[l], &mut kv.v[l]);
-                    (&mut **k, &mut **v)
-                });
-                let sp = acts.sequence.as_mut();
-                self.layer_forward(b, (l, &w), a, &inputs[l], Some(&mut outputs[0]), &view, kv, sp);
-            }
-            if let (Some(tokens), FfnActs::Moe(m)) = (counted, &a.ffn) {
-                loads.push((l, m.load_of(b, tokens)));
-            }
-        }
-        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
-            if hops {
-                pp.send_next(b, &acts.layer_inputs[c.num_layers], "pipeline: hidden states forward");
-            }
-        } else if self.is_v4() {
-            self.v4_head_forward(b, acts, c.num_layers);
-        } else {
-            let last = &acts.layer_inputs[c.num_layers];
-            self.final_norm_forward(b, last, (&mut acts.xf, &mut acts.rstdf), acts.sequence.as_mut());
-        }
-        for (l, rows) in loads {
-            self.expert_load[l].iter_mut().zip(rows).for_each(|(total, r)| *total += r as u64);
         }
     }
 
@@ -829,7 +865,7 @@ impl<B: Backend> Model<B> {
         };
         self.cross_entropy_backward(b, acts);
         let loss = b.read(&acts.nll).iter().zip(&weights).map(|(&l, &w)| l as f64 * w as f64).sum();
-        self.backward_from_logits(b, acts, batch, grads, true);
+        self.backward_from_logits(b, acts, batch, grads, None);
         (loss, nll)
     }
 
@@ -852,11 +888,11 @@ impl<B: Backend> Model<B> {
         self.lm_head_forward(b, acts);
         self.reverse_kl_backward(b, acts, teacher);
         let loss = b.read(&acts.nll).iter().zip(&batch.weights).map(|(&kl, &w)| kl as f64 * w as f64).sum();
-        self.backward_from_logits(b, acts, batch, grads, true);
+        self.backward_from_logits(b, acts, batch, grads, None);
         loss
     }
 
-    /// Backward of the LM head and the transformer from `acts.logits` = ∂L/∂logits (`hops` as
+    /// Backward of the LM head and the transformer from `acts.logits` = ∂L/∂logits (`part` as
     /// in `backward_stage`).
     pub(crate) fn backward_from_logits(
         &mut self,
@@ -864,7 +900,7 @@ impl<B: Backend> Model<B> {
         acts: &mut Activations<B>,
         batch: &Batch,
         grads: &mut dyn GradSink<B>,
-        hops: bool,
+        part: Option<usize>,
     ) {
         let c = &self.config;
         let (n, d, vocab) = (acts.rows * acts.seq, c.hidden_size, c.vocab_size);
@@ -884,66 +920,29 @@ impl<B: Backend> Model<B> {
             Matmul::linear_dx(n, d, vocab, false).in_precision(self.matmul_precision),
         );
         self.sum_over_vocab(&mut s.dxn, "LM head input gradient");
-        self.backward_stage(b, acts, batch, grads, hops);
+        self.backward_stage(b, acts, batch, grads, part);
     }
 
     /// Backward of `forward_hidden` from `acts.grad.dxn` = dL/dxf; parameter gradients are
     /// added into `grads`.
     pub fn backward_hidden(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch, grads: &mut dyn GradSink<B>) {
-        self.backward_stage(b, acts, batch, grads, true);
+        self.backward_stage(b, acts, batch, grads, None);
     }
 
-    /// `backward_hidden`. Under pipeline parallel with `hops` a stage receives dL/d(its output)
-    /// from the next stage, sends dL/d(its input) to the previous one and ends the backward
-    /// (`GradSink::outer_done`); without, a schedule does (`model_pipeline`), leaving the
-    /// output gradient in `grad.dres` and taking the input gradient from there.
+    /// `backward_hidden`. Under pipeline parallel, with `part` `None` a stage runs the
+    /// backward of each of its parts, last to first, receiving dL/d(a part's output) from the
+    /// virtual stage after it and sending dL/d(its input) to the one before, and ends the
+    /// backward (`GradSink::outer_done`); with `Some(v)` a schedule does (`model_pipeline`):
+    /// only part `v` runs, from the output gradient in `grad.dres`, leaving the input gradient
+    /// there.
     pub(crate) fn backward_stage(
         &mut self,
         b: &B,
         acts: &mut Activations<B>,
         batch: &Batch,
         grads: &mut dyn GradSink<B>,
-        hops: bool,
+        part: Option<usize>,
     ) {
-        let c = &self.config;
-        let d = c.hidden_size;
-        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_last()) {
-            if hops {
-                let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-                pp.recv_next(b, &mut s.dres, "pipeline: hidden-state gradients backward");
-            }
-        } else if self.is_v4() {
-            self.v4_head_backward(b, acts, grads);
-            grads.head_done(b);
-        } else {
-            let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-            b.fill(&mut s.dres, 0.0);
-            let (final_input, norm) = (&acts.layer_inputs[c.num_layers], self.outer_weights(b).norm);
-            match (acts.sequence.as_mut(), &self.tensor_parallel) {
-                (Some(sp), Some(tp)) => {
-                    // dL/dxf is whole on every rank (summed over the vocabulary, or a whole
-                    // head's): the rank's rows of it, and the norm's gradient summed over the group.
-                    let dxf = sp.rows_of(b, &s.dxn, d);
-                    let dnorm = b.slice_mut(&mut sp.douter, 0..d);
-                    b.fill(dnorm, 0.0);
-                    b.rmsnorm_backward(&mut s.dres, dnorm, dxf, final_input, norm, &acts.rstdf);
-                    tp.sum(dnorm, "final norm weight gradient");
-                    b.add_assign(grads.outer(b).norm, dnorm);
-                }
-                _ => b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, norm, &acts.rstdf),
-            }
-            grads.head_done(b);
-        }
-        let view = ActsView::new(
-            &self.config,
-            (&self.rope_table, &self.compress_rope_table),
-            self.attention_specs(acts.rows, acts.seq),
-            self.matmul_precision,
-            &acts.inputs,
-            &acts.compress,
-        );
-        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
-
         // Sequence of each token for the balance loss, when it is on: (row, segment), none for
         // padding.
         let sequence: Option<Vec<i64>> = (self.moe_aux_alpha != 0.0).then(|| {
@@ -958,12 +957,91 @@ impl<B: Backend> Model<B> {
         let aux =
             sequence.as_ref().map(|sequence| SeqAux { alpha: self.moe_aux_alpha, sequence, weights: &batch.weights });
         let mut aux_loss = 0.0;
-        for l in (0..c.num_layers).rev() {
-            gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, l.checked_sub(1));
+        for v in self.parts(part).rev() {
+            let run = self.part_layers(v);
+            let output_grad = self.pipeline.as_ref().filter(|pp| !pp.part_heads(v));
+            if let Some(pp) = output_grad {
+                if part.is_none() {
+                    let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+                    pp.recv_part_output_grad(b, v, &mut s.dres, "pipeline: hidden-state gradients backward");
+                }
+            } else {
+                self.head_norm_backward(b, acts, grads);
+            }
+            aux_loss += self.layers_backward(b, acts, grads, run, aux.as_ref());
+            if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.part_embeds(v)) {
+                if part.is_none() {
+                    let s = acts.grad.as_ref().expect("activations were laid out for inference, not training");
+                    pp.send_part_input_grad(b, v, &s.dres, "pipeline: hidden-state gradients backward");
+                }
+            } else {
+                self.embedding_backward(b, acts, grads);
+            }
+        }
+        if part.is_none() {
+            grads.outer_done(b);
+        }
+        self.moe_aux_loss += aux_loss;
+    }
+
+    /// dL/d(the last layer's output), into `grad.dres`, from dL/dxf in `grad.dxn`: the final
+    /// norm's backward (DeepSeek-V4: and the head's hyper-connection's), its weight gradients
+    /// added into `grads`.
+    fn head_norm_backward(&self, b: &B, acts: &mut Activations<B>, grads: &mut dyn GradSink<B>) {
+        if self.is_v4() {
+            self.v4_head_backward(b, acts, grads);
+            return grads.head_done(b);
+        }
+        let d = self.config.hidden_size;
+        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+        b.fill(&mut s.dres, 0.0);
+        let final_input = acts.layer_inputs.last().expect("the last layer's output");
+        let norm = self.outer_weights(b).norm;
+        match (acts.sequence.as_mut(), &self.tensor_parallel) {
+            (Some(sp), Some(tp)) => {
+                // dL/dxf is whole on every rank (summed over the vocabulary, or a whole
+                // head's): the rank's rows of it, and the norm's gradient summed over the group.
+                let dxf = sp.rows_of(b, &s.dxn, d);
+                let dnorm = b.slice_mut(&mut sp.douter, 0..d);
+                b.fill(dnorm, 0.0);
+                b.rmsnorm_backward(&mut s.dres, dnorm, dxf, final_input, norm, &acts.rstdf);
+                tp.sum(dnorm, "final norm weight gradient");
+                b.add_assign(grads.outer(b).norm, dnorm);
+            }
+            _ => b.rmsnorm_backward(&mut s.dres, grads.outer(b).norm, &s.dxn, final_input, norm, &acts.rstdf),
+        }
+        grads.head_done(b);
+    }
+
+    /// The backward of the local layers `run`, last to first, from dL/d(their output) in
+    /// `grad.dres` to dL/d(their input) there, their gradients added into `grads`. Returns
+    /// their balance losses.
+    fn layers_backward(
+        &mut self,
+        b: &B,
+        acts: &mut Activations<B>,
+        grads: &mut dyn GradSink<B>,
+        run: Range<usize>,
+        aux: Option<&SeqAux>,
+    ) -> f64 {
+        let view = ActsView::new(
+            &self.config,
+            (&self.rope_table, &self.compress_rope_table),
+            self.attention_specs(acts.rows, acts.seq),
+            self.matmul_precision,
+            &acts.inputs,
+            &acts.compress,
+        );
+        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+        let at = acts.first_layer;
+        let mut aux_loss = 0.0;
+        for l in run.clone().rev() {
+            let prev = (l > run.start).then(|| l - 1);
+            gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, prev);
             let w = self.layer_weights(b, l);
-            let a = &mut acts.layers[acts.slots[l]];
+            let a = &mut acts.layers[acts.slots[l - at]];
             let layer = (l, &w);
-            let x_in = &acts.layer_inputs[l];
+            let x_in = &acts.layer_inputs[l - at];
             let mut g = grads.layer(b, l);
             if self.is_v4() {
                 let ctx = view.ctx(l);
@@ -972,21 +1050,25 @@ impl<B: Backend> Model<B> {
                     self.v4_layer_forward(b, layer, a, x_in, None, &ctx, routes, None, acts.sequence.as_mut());
                 }
                 let sp = acts.sequence.as_mut();
-                aux_loss += self.v4_layer_backward(b, layer, a, x_in, s, &mut g, &ctx, aux.as_ref(), sp);
+                aux_loss += self.v4_layer_backward(b, layer, a, x_in, s, &mut g, &ctx, aux, sp);
             } else {
                 if acts.recompute {
                     self.layer_forward(b, layer, a, x_in, None, &view, None, acts.sequence.as_mut());
                 }
                 let sp = acts.sequence.as_mut();
-                aux_loss += self.layer_backward(b, layer, a, x_in, s, &mut g, &view, aux.as_ref(), sp);
+                aux_loss += self.layer_backward(b, layer, a, x_in, s, &mut g, &view, aux, sp);
             }
             grads.layer_done(b, l);
         }
-        if let Some(pp) = self.pipeline.as_ref().filter(|pp| !pp.is_first()) {
-            if hops {
-                pp.send_prev(b, &s.dres, "pipeline: hidden-state gradients backward");
-            }
-        } else if self.is_v4() {
+        aux_loss
+    }
+
+    /// The embedding's backward from dL/d(the first layer's input) in `grad.dres` (under
+    /// sequence parallel the rank's tokens'; DeepSeek-V4: every stream's).
+    fn embedding_backward(&self, b: &B, acts: &mut Activations<B>, grads: &mut dyn GradSink<B>) {
+        let d = self.config.hidden_size;
+        let s = acts.grad.as_mut().expect("activations were laid out for inference, not training");
+        if self.is_v4() {
             match (acts.sequence.as_mut(), &self.tensor_parallel) {
                 (Some(sp), Some(tp)) => {
                     self.sum_streams(b, &mut sp.local, &s.dres, sp.tokens.len());
@@ -1004,10 +1086,6 @@ impl<B: Backend> Model<B> {
         } else {
             b.embedding_backward(grads.outer(b).embed, &s.dres, &acts.inputs.ids, d);
         }
-        if hops || self.pipeline.is_none() {
-            grads.outer_done(b);
-        }
-        self.moe_aux_loss += aux_loss;
     }
 
     /// A forward pass of a rank with nothing left to run while the others of the step run one,
@@ -1016,12 +1094,19 @@ impl<B: Backend> Model<B> {
     /// a model with neither). Under pipeline parallel its chunks are those of `order`: the
     /// pipeline's chunks for `nll` (`ForwardsFirst`), one for `forward_hidden` (`Unchunked`).
     pub fn idle_forward(&mut self, b: &B, order: ChunkOrder) {
-        let chunks = match (&self.pipeline, order) {
-            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::Interleaved) => pp.chunks,
-            _ => 1,
-        };
-        for _ in 0..chunks {
-            self.idle_chunk_forward(b);
+        let runs: Vec<Range<usize>> = self.parts(None).map(|v| self.part_layers(v)).collect();
+        match (&self.pipeline, order) {
+            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::Interleaved) if pp.parts() > 1 => {
+                self.interleaved_idle_forward(b)
+            }
+            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::Interleaved) => {
+                for _ in 0..pp.chunks {
+                    self.idle_chunk_forward(b, &runs);
+                }
+            }
+            _ => {
+                self.idle_chunk_forward(b, &runs);
+            }
         }
     }
 
@@ -1034,64 +1119,80 @@ impl<B: Backend> Model<B> {
     /// peers run, whose gathers and exchanges are collective.
     pub fn idle_pass(&mut self, b: &B, grads: &mut dyn GradSink<B>, recompute: bool, order: ChunkOrder) {
         let ops = match &self.pipeline {
+            Some(pp) if pp.parts() > 1 && order != ChunkOrder::Unchunked => {
+                return self.interleaved_idle_pass(b, grads, recompute, order);
+            }
             Some(pp) => order.ops(pp.stage(), pp.group.size(), pp.chunks),
             None => ChunkOrder::Unchunked.ops(0, 1, 1),
         };
         let chunks = ops.iter().filter(|op| matches!(op, Op::Forward(_))).count();
         let mut served: Vec<Option<Vec<Option<moe::Served<B>>>>> = (0..chunks).map(|_| None).collect();
+        let runs: Vec<Range<usize>> = self.parts(None).map(|v| self.part_layers(v)).collect();
         for op in ops {
             match op {
-                Op::Forward(c) => served[c] = Some(self.idle_chunk_forward(b)),
+                Op::Forward(c) => served[c] = Some(self.idle_chunk_forward(b, &runs)),
                 Op::Backward(c) => {
                     let chunk = served[c].take().expect("a chunk's forward before its backward");
-                    self.idle_chunk_backward(b, grads, recompute, chunk);
+                    self.idle_chunk_backward(b, grads, recompute, chunk, &runs);
+                    grads.outer(b);
+                    grads.outer_done(b);
                 }
                 _ => {}
             }
         }
     }
 
-    /// An idle pass's forward: the gathers, and the experts serving the group's rows.
-    fn idle_chunk_forward(&mut self, b: &B) -> Vec<Option<moe::Served<B>>> {
+    /// An idle pass's forward of the local layers `runs` (parts, contiguous, in order): the
+    /// gathers, and the experts serving the group's rows.
+    pub(crate) fn idle_chunk_forward(&mut self, b: &B, runs: &[Range<usize>]) -> Vec<Option<moe::Served<B>>> {
         gather_outer(&mut self.shards, b, (&self.flat, &self.params));
-        (0..self.config.num_layers)
-            .map(|l| {
-                let next = (l + 1 < self.config.num_layers).then_some(l + 1);
+        let mut served = Vec::new();
+        for run in runs {
+            for l in run.clone() {
+                let next = (l + 1 < run.end).then_some(l + 1);
                 gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, next);
-                self.serve_layer(b, l)
-            })
-            .collect()
+                served.push(self.serve_layer(b, l));
+            }
+        }
+        served
     }
 
-    /// An idle pass's backward, after `idle_chunk_forward` served `served`.
-    fn idle_chunk_backward(
+    /// An idle pass's backward of the local layers `runs` (parts, contiguous, in order; run
+    /// last to first, the head's gradients handed over first where a part ends with it),
+    /// after `idle_chunk_forward` served `served`.
+    pub(crate) fn idle_chunk_backward(
         &mut self,
         b: &B,
         grads: &mut dyn GradSink<B>,
         recompute: bool,
         mut served: Vec<Option<moe::Served<B>>>,
+        runs: &[Range<usize>],
     ) {
-        // The head's gradients are handed over where a backward hands them, before the layers
-        // (between the expert exchanges, so the collectives they start meet the same ones).
-        if self.pipeline.as_ref().is_none_or(|pp| pp.is_last()) {
-            grads.head_done(b);
-        }
-        for l in (0..self.config.num_layers).rev() {
-            gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, l.checked_sub(1));
-            let mut g = grads.layer(b, l);
-            if let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) {
-                let w = self.layer_weights(b, l);
-                if let (FfnWeights::Moe(w), FfnWeights::Moe(g)) = (&w.ffn, &mut g.ffn) {
-                    if recompute {
-                        served[l] = Some(moe::serve_forward(b, shape, w, (ep, l)));
-                    }
-                    moe::serve_backward(b, shape, (w, g), served[l].as_ref().expect("served in the forward"));
-                }
+        let first = runs[0].start;
+        for run in runs.iter().rev() {
+            // The head's gradients are handed over where a backward hands them, before the
+            // layers (between the expert exchanges, so the collectives they start meet the
+            // same ones).
+            if run.end == self.config.num_layers && self.holds_head() {
+                grads.head_done(b);
             }
-            grads.layer_done(b, l);
+            for l in run.clone().rev() {
+                let prev = (l > run.start).then(|| l - 1);
+                gather_layer(&mut self.shards, b, (&self.flat, &self.params), l, prev);
+                let mut g = grads.layer(b, l);
+                if let (Some(ep), Some(shape)) = (&self.expert_parallel, &self.moe_shape) {
+                    let w = self.layer_weights(b, l);
+                    if let (FfnWeights::Moe(w), FfnWeights::Moe(g)) = (&w.ffn, &mut g.ffn) {
+                        if recompute {
+                            served[l - first] = Some(moe::serve_forward(b, shape, w, (ep, l)));
+                        }
+                        let served = served[l - first].as_ref().expect("served in the forward");
+                        moe::serve_backward(b, shape, (w, g), served);
+                    }
+                }
+                grads.layer_done(b, l);
+            }
         }
-        grads.outer(b);
-        grads.outer_done(b);
     }
 
     /// Under expert parallel, layer `l`'s experts (if it has them) computing for the rows the

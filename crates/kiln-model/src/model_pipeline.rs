@@ -6,8 +6,10 @@
 use crate::activations::{Activations, ActivationsPool};
 use crate::batch::Batch;
 use crate::grad_sink::GradSink;
+use crate::interleaved_schedule::{self, Shape, Tick};
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::model::{Model, WeightsOf};
+use crate::model_interleaved::interleaved_ticks;
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, ChunkOrder, Op};
 use kiln_core::Backend;
@@ -86,23 +88,49 @@ impl<B: Backend> Model<B> {
         let (stage, stages, seq) = (pp.stage(), pp.group.size(), batch.seq);
         let (rows, chunks) = chunks_of(&pp, batch);
         let chunk_rows = chunks[0].rows;
-        // GPipe where the loss's weights need every chunk's forward, else 1F1B; an idle pass of
-        // a data-parallel peer (`Model::idle_pass`) runs the same order.
-        let [first_ops, then_ops] = match loss.order() {
-            ChunkOrder::ForwardsFirst => forwards_then_backwards(stage, stages, chunks.len()),
-            order => [order.ops(stage, stages, chunks.len()), Vec::new()],
+        // GPipe where the loss's weights need every chunk's forward, else 1F1B (interleaved
+        // over the parts with interleaved stages); an idle pass of a data-parallel peer
+        // (`Model::idle_pass`) runs the same order.
+        let order = loss.order();
+        let schedule = if pp.parts() > 1 {
+            Schedule::Ticks(interleaved_ticks(&pp, chunks.len(), order))
+        } else {
+            Schedule::Ops(match order {
+                ChunkOrder::ForwardsFirst => forwards_then_backwards(stage, stages, chunks.len()),
+                order => [order.ops(stage, stages, chunks.len()), Vec::new()],
+            })
         };
-        let slots = chunks_in_flight(&[&first_ops[..], &then_ops[..]].concat());
+        let (slot_of, slots) = match &schedule {
+            Schedule::Ops(ops) => (None, vec![chunks_in_flight(&ops.concat())]),
+            Schedule::Ticks(ticks) => {
+                let shape = Shape { stages, parts: pp.parts(), chunks: chunks.len() };
+                let (slot_of, slots) = interleaved_schedule::slots(&shape, &ticks.concat(), stage, false);
+                (Some(slot_of), slots)
+            }
+        };
         let mut held = std::mem::take(&mut self.chunk_acts);
         let fits = |a: &Activations<B>| a.rows == chunk_rows && a.seq == seq && a.recompute == acts.recompute;
-        if held.len() < slots || !held.iter().all(fits) {
-            held =
-                (0..slots).map(|_| Activations::new(b, &self.config, chunk_rows, seq, true, acts.recompute)).collect();
+        let fit = |held: &[Vec<Activations<B>>]| {
+            held.len() == slots.len() && held.iter().zip(&slots).all(|(h, &n)| h.len() >= n && h.iter().all(fits))
+        };
+        if !fit(&held) {
+            held = (0..slots.len())
+                .map(|v| {
+                    let run = pp.part_layers(v);
+                    let new = || {
+                        Activations::for_part(b, &self.config, run.clone(), (chunk_rows, seq), (true, acts.recompute))
+                    };
+                    (0..slots[v]).map(|_| new()).collect()
+                })
+                .collect();
         }
-        let mut run = Run { b, pp: &pp, acts: held, chunks: &chunks, rows: &rows, out: acts, teacher, loss_sum: 0.0 };
-        for &op in &first_ops {
-            run.op(self, op, &mut loss, grads);
-        }
+        let mut run =
+            Run { b, pp: &pp, acts: held, slot_of, chunks: &chunks, rows: &rows, out: acts, teacher, loss_sum: 0.0 };
+        let (first, then) = match &schedule {
+            Schedule::Ops([first, then]) => (Steps::Ops(first), Steps::Ops(then)),
+            Schedule::Ticks([first, then]) => (Steps::Ticks(first), Steps::Ticks(then)),
+        };
+        run.steps(self, first, &mut loss, grads);
         let mut nll = None;
         if let PipelineLoss::Nll(Some(weights_of)) = &mut loss {
             let n = batch.rows * seq;
@@ -111,17 +139,19 @@ impl<B: Backend> Model<B> {
             let weights = weights_of(&all);
             assert_eq!(weights.len(), n, "one weight per token");
             if pp.is_last() {
+                let head = pp.parts() - 1;
                 for (c, r) in rows.iter().enumerate() {
                     let mut padded = vec![0.0; chunk_rows * seq];
                     padded[..r.len() * seq].copy_from_slice(&weights[r.start * seq..r.end * seq]);
-                    let slot = c % run.acts.len();
-                    b.write(&mut run.acts[slot].inputs.weights, &padded);
+                    b.write(&mut run.acts_of(head, c).inputs.weights, &padded);
                 }
             }
             nll = Some(all);
         }
-        for &op in &then_ops {
-            run.op(self, op, &mut loss, grads);
+        run.steps(self, then, &mut loss, grads);
+        if matches!(schedule, Schedule::Ticks(_)) {
+            // Under interleaving the outer gradients end once a pass, on every stage.
+            grads.outer_done(b);
         }
         self.chunk_acts = run.acts;
         (pp.scalar_from_last(run.loss_sum, "pipeline: loss"), nll)
@@ -135,6 +165,11 @@ impl<B: Backend> Model<B> {
     pub(crate) fn pipelined_nll(&mut self, b: &B, acts: &mut Activations<B>, batch: &Batch) -> Vec<f32> {
         let pp = self.pipeline.clone().expect("a pipeline stage");
         let (rows, chunks) = chunks_of(&pp, batch);
+        if pp.parts() > 1 {
+            self.interleaved_nll(b, acts, &chunks, &rows);
+            let mine = if pp.is_last() { b.read(&acts.nll) } else { Vec::new() };
+            return pp.from_last(b, &mine, batch.rows * batch.seq, "pipeline: nll");
+        }
         let (chunk_rows, seq, last) = (chunks[0].rows, batch.seq, self.config.num_layers);
         // Laid out as training's chunks are (under sequence parallel, the stream cut by
         // tokens), so the numbers are bit for bit a training forward's (`training_logprobs`).
@@ -148,7 +183,7 @@ impl<B: Backend> Model<B> {
             match op {
                 Op::RecvForward(_) => pp.recv_prev(b, &mut a.layer_inputs[0], what),
                 Op::Forward(c) => {
-                    self.forward_layers(b, &mut a, &chunks[c], None, None, false);
+                    self.forward_layers(b, &mut a, &chunks[c], None, None, Some(0));
                     if pp.is_last() {
                         self.lm_head_forward(b, &mut a);
                         self.cross_entropy_forward(b, &mut a);
@@ -169,9 +204,9 @@ impl<B: Backend> Model<B> {
     /// Whether a generation step runs as `pipelined_decode`: a decode step of several rows
     /// under pipeline parallel. Not under expert parallel or ZeRO-3, whose per-layer
     /// collectives a data-parallel peer with nothing to decode meets with one idle forward,
-    /// nor for DeepSeek-V4, whose caches plan a step as a whole.
+    /// nor for DeepSeek-V4, whose caches plan a step as a whole, nor over interleaved stages.
     pub(crate) fn decodes_in_chunks(&self, batch: &Batch, plan: &CachePlan) -> bool {
-        let chunked = self.pipeline.as_ref().is_some_and(|pp| pp.chunks > 1);
+        let chunked = self.pipeline.as_ref().is_some_and(|pp| pp.chunks > 1 && pp.parts() == 1);
         chunked
             && plan.decode.is_some()
             && batch.seq == 1
@@ -222,7 +257,7 @@ impl<B: Backend> Model<B> {
                         logits_at: &at,
                     };
                     let a = pool.get(b, r.len());
-                    self.forward_layers(b, a, &chunk, None, Some((&mut *cache, &chunk_plan)), false);
+                    self.forward_layers(b, a, &chunk, None, Some((&mut *cache, &chunk_plan)), Some(0));
                     if pp.is_last() {
                         let chunk_logits = self.logits_at(b, a, &at);
                         for (i, row) in wanted.into_iter().zip(chunk_logits.chunks_exact(vocab)) {
@@ -249,23 +284,59 @@ fn chunks_of<B: Backend>(pp: &Pipeline<B>, batch: &Batch) -> (Vec<Range<usize>>,
     (rows, chunks)
 }
 
-/// A pipelined pass under way: the chunks' activations (chunk c in slot c mod their number),
-/// the caller's activations that collect the last stage's per-token results, and the loss so far.
-struct Run<'a, B: Backend> {
-    b: &'a B,
-    pp: &'a Pipeline<B>,
-    acts: Vec<Activations<B>>,
-    chunks: &'a [Batch],
+/// A pass's schedule: 1F1B's or GPipe's steps of one stage, or with interleaved stages the
+/// ticks of every stage (`interleaved_schedule`); each in two halves, between which
+/// `ForwardsFirst` chooses the weights.
+enum Schedule {
+    Ops([Vec<Op>; 2]),
+    Ticks([Vec<Tick>; 2]),
+}
+
+/// One half of a `Schedule`.
+enum Steps<'a> {
+    Ops(&'a [Op]),
+    Ticks(&'a [Tick]),
+}
+
+/// A pipelined pass under way: the chunks' activations (per part; without interleaving chunk
+/// c in slot c mod their number), the caller's activations that collect the last stage's
+/// per-token results, and the loss so far.
+pub(crate) struct Run<'a, B: Backend> {
+    pub b: &'a B,
+    pub pp: &'a Pipeline<B>,
+    pub acts: Vec<Vec<Activations<B>>>,
+    /// With interleaved stages, the slot of part v's chunk c at `v · chunks + c`.
+    pub slot_of: Option<Vec<usize>>,
+    pub chunks: &'a [Batch],
     /// The rows of the pass each chunk holds (before its padding).
-    rows: &'a [Range<usize>],
-    out: &'a mut Activations<B>,
-    teacher: Option<&'a B::Slice>,
-    loss_sum: f64,
+    pub rows: &'a [Range<usize>],
+    pub out: &'a mut Activations<B>,
+    pub teacher: Option<&'a B::Slice>,
+    pub loss_sum: f64,
 }
 
 impl<B: Backend> Run<'_, B> {
     fn slot(&self, chunk: usize) -> usize {
-        chunk % self.acts.len()
+        self.slot_in(0, chunk)
+    }
+
+    pub fn slot_in(&self, part: usize, chunk: usize) -> usize {
+        match &self.slot_of {
+            Some(slot_of) => slot_of[part * self.chunks.len() + chunk],
+            None => chunk % self.acts[0].len(),
+        }
+    }
+
+    pub fn acts_of(&mut self, part: usize, chunk: usize) -> &mut Activations<B> {
+        let slot = self.slot_in(part, chunk);
+        &mut self.acts[part][slot]
+    }
+
+    fn steps(&mut self, model: &mut Model<B>, steps: Steps, loss: &mut PipelineLoss, grads: &mut dyn GradSink<B>) {
+        match steps {
+            Steps::Ops(ops) => ops.iter().for_each(|&op| self.op(model, op, loss, grads)),
+            Steps::Ticks(ticks) => ticks.iter().for_each(|tick| self.tick(model, tick, loss, grads)),
+        }
     }
 
     /// Chunk `send`'s output (layer `last`'s output) and chunk `recv`'s output gradient, the
@@ -273,11 +344,12 @@ impl<B: Backend> Run<'_, B> {
     fn output_and_grad(&mut self, send: usize, recv: usize, last: usize) -> (&B::Slice, &mut B::Slice) {
         let (s, r) = (self.slot(send), self.slot(recv));
         assert_ne!(s, r, "two chunks in flight share activations");
+        let acts = &mut self.acts[0];
         let (send, recv) = if s < r {
-            let (low, high) = self.acts.split_at_mut(r);
+            let (low, high) = acts.split_at_mut(r);
             (&low[s], &mut high[0])
         } else {
-            let (low, high) = self.acts.split_at_mut(s);
+            let (low, high) = acts.split_at_mut(s);
             (&high[0], &mut low[r])
         };
         (&send.layer_inputs[last], dres(recv))
@@ -287,15 +359,16 @@ impl<B: Backend> Run<'_, B> {
     /// second to receive: a slot whose chunk's backward is done takes the next chunk's input.
     fn grad_and_input(&mut self, send: usize, recv: usize) -> (&B::Slice, &mut B::Slice) {
         let (s, r) = (self.slot(send), self.slot(recv));
+        let acts = &mut self.acts[0];
         if s == r {
-            let a = &mut self.acts[s];
+            let a = &mut acts[s];
             return (&a.grad.as_ref().expect("training activations").dres, &mut a.layer_inputs[0]);
         }
         let (send, recv) = if s < r {
-            let (low, high) = self.acts.split_at_mut(r);
+            let (low, high) = acts.split_at_mut(r);
             (&low[s], &mut high[0])
         } else {
-            let (low, high) = self.acts.split_at_mut(s);
+            let (low, high) = acts.split_at_mut(s);
             (&high[0], &mut low[r])
         };
         (&send.grad.as_ref().expect("training activations").dres, &mut recv.layer_inputs[0])
@@ -307,25 +380,21 @@ impl<B: Backend> Run<'_, B> {
         let forward = "pipeline: hidden states forward";
         let backward = "pipeline: hidden-state gradients backward";
         match op {
-            Op::RecvForward(c) => {
-                let slot = self.slot(c);
-                pp.recv_prev(b, &mut self.acts[slot].layer_inputs[0], forward);
-            }
-            Op::Forward(c) => self.forward(model, c, loss),
-            Op::SendForward(c) => pp.send_next(b, &self.acts[self.slot(c)].layer_inputs[last], forward),
+            Op::RecvForward(c) => pp.recv_prev(b, &mut self.acts_of(0, c).layer_inputs[0], forward),
+            Op::Forward(c) => self.forward(model, 0, c, loss),
+            Op::SendForward(c) => pp.send_next(b, &self.acts[0][self.slot(c)].layer_inputs[last], forward),
             Op::SendForwardRecvBackward(j, i) => {
                 let (output, grad) = self.output_and_grad(j, i, last);
                 pp.send_next_recv_next(b, output, grad, backward);
             }
             Op::Backward(c) => {
-                self.backward(model, c, loss, grads);
+                self.backward(model, 0, c, loss, grads);
                 if pp.is_first() {
                     grads.outer_done(b);
                 }
             }
             Op::SendBackward(c) => {
-                let slot = self.slot(c);
-                pp.send_prev(b, dres(&mut self.acts[slot]), backward);
+                pp.send_prev(b, dres(self.acts_of(0, c)), backward);
                 grads.outer_done(b);
             }
             Op::SendBackwardRecvForward(i, j) => {
@@ -333,27 +402,27 @@ impl<B: Backend> Run<'_, B> {
                 pp.send_prev_recv_prev(b, grad, input, forward);
                 grads.outer_done(b);
             }
-            Op::RecvBackward(c) => {
-                let slot = self.slot(c);
-                pp.recv_next(b, dres(&mut self.acts[slot]), backward);
-            }
+            Op::RecvBackward(c) => pp.recv_next(b, dres(self.acts_of(0, c)), backward),
         }
     }
 
-    /// Chunk `c`'s forward on this stage; on the last, its loss too: with the batch's weights
-    /// (or the teacher) the loss's gradient at the logits at once, with weights still to be
-    /// chosen only the nll.
-    fn forward(&mut self, model: &mut Model<B>, c: usize, loss: &PipelineLoss) {
-        let (b, slot, seq, rows) = (self.b, self.slot(c), self.chunks[c].seq, self.rows[c].clone());
-        let a = &mut self.acts[slot];
+    /// Chunk `c`'s forward through part `part` of this stage; after the last virtual stage,
+    /// its loss too: with the batch's weights (or the teacher) the loss's gradient at the
+    /// logits at once, with weights still to be chosen only the nll.
+    pub fn forward(&mut self, model: &mut Model<B>, part: usize, c: usize, loss: &PipelineLoss) {
+        let (b, seq, rows) = (self.b, self.chunks[c].seq, self.rows[c].clone());
+        let heads = self.pp.part_heads(part);
+        let chunk = &self.chunks[c];
+        let slot = self.slot_in(part, c);
+        let a = &mut self.acts[part][slot];
         // The chunk's padding rows are no one's: their routes do not count in the loads.
-        model.forward_layers(b, a, &self.chunks[c], Some(rows.len() * seq), None, false);
-        if !self.pp.is_last() {
+        model.forward_layers(b, a, chunk, Some(rows.len() * seq), None, Some(part));
+        if !heads {
             return;
         }
         model.lm_head_forward(b, a);
         let vocab = model.config.vocab_size;
-        let weights = &self.chunks[c].weights;
+        let weights = &chunk.weights;
         match loss {
             PipelineLoss::Nll(None) => self.loss_sum += nll_gradient(b, model, a, weights),
             PipelineLoss::Nll(Some(_)) => model.cross_entropy_forward(b, a),
@@ -377,25 +446,33 @@ impl<B: Backend> Run<'_, B> {
         b.copy(b.slice_mut(&mut self.out.correct, tokens), b.slice(&a.correct, 0..n));
     }
 
-    /// Chunk `c`'s backward on this stage (on the last, from the loss: with chosen weights,
-    /// its gradient at the logits first).
-    fn backward(&mut self, model: &mut Model<B>, c: usize, loss: &PipelineLoss, grads: &mut dyn GradSink<B>) {
-        let (b, slot) = (self.b, self.slot(c));
-        let a = &mut self.acts[slot];
-        if !self.pp.is_last() {
-            return model.backward_stage(b, a, &self.chunks[c], grads, false);
+    /// Chunk `c`'s backward through part `part` of this stage (after the last virtual stage,
+    /// from the loss: with chosen weights, its gradient at the logits first).
+    pub fn backward(
+        &mut self,
+        model: &mut Model<B>,
+        part: usize,
+        c: usize,
+        loss: &PipelineLoss,
+        grads: &mut dyn GradSink<B>,
+    ) {
+        let (b, heads, chunk) = (self.b, self.pp.part_heads(part), &self.chunks[c]);
+        let slot = self.slot_in(part, c);
+        let a = &mut self.acts[part][slot];
+        if !heads {
+            return model.backward_stage(b, a, chunk, grads, Some(part));
         }
         if let PipelineLoss::Nll(Some(_)) = loss {
             // The weights chosen after the forwards, which `pipelined` wrote.
             let weights = b.read(&a.inputs.weights);
             self.loss_sum += nll_gradient(b, model, a, &weights);
         }
-        model.backward_from_logits(b, a, &self.chunks[c], grads, false);
+        model.backward_from_logits(b, a, chunk, grads, Some(part));
     }
 }
 
 /// The gradient scratch's dL/d(residual stream) of a chunk's activations.
-fn dres<B: Backend>(a: &mut Activations<B>) -> &mut B::Slice {
+pub(crate) fn dres<B: Backend>(a: &mut Activations<B>) -> &mut B::Slice {
     &mut a.grad.as_mut().expect("training activations").dres
 }
 

@@ -33,8 +33,10 @@ type Group<B> = Arc<dyn Comm<<B as Backend>::Slice>>;
 pub struct ModelShare<B: Backend> {
     pub experts: Option<ExpertParallel<B>>,
     pub stages: Option<Group<B>>,
-    /// How the stages cut the layers (under pipeline parallel).
+    /// How the stages cut the layers (under pipeline parallel), into this many virtual stages
+    /// per stage (interleaved stages; 1 without).
     pub split: StageSplit,
+    pub virtual_stages: usize,
     pub tensors: Option<Group<B>>,
     /// Under tensor parallel, whether training activations cut the residual stream by tokens
     /// over the tensor group (`sequence_parallel`).
@@ -51,6 +53,7 @@ impl<B: Backend> ModelShare<B> {
             experts: None,
             stages: None,
             split: StageSplit::Even,
+            virtual_stages: 1,
             tensors: None,
             sequence_parallel: false,
             carries: true,
@@ -174,15 +177,17 @@ impl<B: Backend> Model<B> {
         if new_score.is_some() {
             config.num_labels = Some(1);
         }
-        let ModelShare { experts: ep, stages, split, tensors, sequence_parallel, carries, params } = share;
+        let ModelShare { experts: ep, stages, split, virtual_stages, tensors, sequence_parallel, carries, params } =
+            share;
         let refused = |why: String| Error::new(dir.join("config.json"), why);
         let (whole_layout, deepseek_names) = stored_layout(dir, &config, ep.as_ref())?;
         let (mut local_config, mut local_layout) = (config.clone(), whole_layout.clone());
         let pp = match stages {
             None => None,
             Some(group) => {
-                let stage_layers = split.layers(&config, group.size()).map_err(refused)?;
-                local_config = pipeline::stage_config(&config, group.rank(), &stage_layers).map_err(refused)?;
+                let (stage, stages) = (group.rank(), group.size());
+                let stage_layers = split.layers(&config, stages * virtual_stages).map_err(refused)?;
+                local_config = pipeline::stage_config(&config, stage, stages, &stage_layers);
                 local_layout = layout_of(&local_config, ep.as_ref());
                 let pp = Pipeline::new(group, &config, whole_layout.clone(), stage_layers);
                 Some(pp.map_err(|e| refused(format!("pipeline parallel: {e:#}")))?)

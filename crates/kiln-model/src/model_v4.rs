@@ -92,12 +92,13 @@ impl<B: Backend> Model<B> {
 
     /// The head's collapse of the last streams `x`, then the final norm into `acts.xf` (under
     /// sequence parallel, of the rank's tokens, gathered).
-    pub(crate) fn v4_head_forward(&self, b: &B, acts: &mut Activations<B>, x_last: usize) {
+    pub(crate) fn v4_head_forward(&self, b: &B, acts: &mut Activations<B>) {
         let w = self.outer_weights(b);
         let c = &self.config;
         let head = acts.hc_head.as_mut().expect("the head's hyper-connection");
         let hw = w.hc_head.as_ref().expect("hc_head weights");
-        hyper::collapse(b, hw, &acts.layer_inputs[x_last], head, &self.hc_ones, c.rms_norm_eps);
+        let x_last = acts.layer_inputs.last().expect("the last layer's output");
+        hyper::collapse(b, hw, x_last, head, &self.hc_ones, c.rms_norm_eps);
         self.final_norm_forward(b, &head.collapsed, (&mut acts.xf, &mut acts.rstdf), acts.sequence.as_mut());
     }
 
@@ -116,7 +117,7 @@ impl<B: Backend> Model<B> {
         let head = acts.hc_head.as_ref().expect("the head's hyper-connection");
         let mut outer = grads.outer(b);
         let hw = w.hc_head.as_ref().expect("hc_head");
-        let x = &acts.layer_inputs[c.num_layers];
+        let x = acts.layer_inputs.last().expect("the last layer's output");
         b.fill(dblock, 0.0);
         b.fill(&mut s.dres, 0.0);
         let Some((sp, tp)) = acts.sequence.as_mut().zip(self.tensor_parallel.as_ref()) else {

@@ -35,7 +35,11 @@ pub struct Pipeline<B: Backend> {
     next: Option<Group<B>>,
     /// The first and the last stage, which both hold a tied embedding.
     pub tied: Option<Group<B>>,
-    /// The layers of every stage, in stage order.
+    /// With interleaved stages, the last and the first stage (the last stage hands a virtual
+    /// stage's output to the first, which runs the next).
+    wrap: Option<Group<B>>,
+    /// The layers of every virtual stage, in order; stage s holds virtual stages s, s + P, ..
+    /// (one per stage without interleaving).
     pub stage_layers: Vec<Range<usize>>,
     /// The chunks a training pass's rows are cut into for the schedule (at most one per row),
     /// or with `fixed_chunks` exactly this many, short passes padded: the same on every rank,
@@ -56,6 +60,7 @@ impl<B: Backend> Clone for Pipeline<B> {
             prev: self.prev.clone(),
             next: self.next.clone(),
             tied: self.tied.clone(),
+            wrap: self.wrap.clone(),
             stage_layers: self.stage_layers.clone(),
             chunks: self.chunks,
             fixed_chunks: self.fixed_chunks,
@@ -65,22 +70,39 @@ impl<B: Backend> Clone for Pipeline<B> {
     }
 }
 
-/// The config of stage `stage` of the stages whose layers are `stage_layers`: its layers, and
-/// which of the embedding and head it holds (DeepSeek-V4: its layers' attention and routing
-/// kinds).
-pub fn stage_config(whole: &Config, stage: usize, stage_layers: &[Range<usize>]) -> Result<Config, String> {
-    let layers = stage_layers[stage].clone();
-    let last = stage + 1 == stage_layers.len();
+/// The config of stage `stage` of `stages` whose layers are cut into the virtual stages
+/// `stage_layers` (stage s holds virtual stages s, s + P, s + 2P, .. : one run without
+/// interleaving): its layers, and which of the embedding and head it holds (DeepSeek-V4: its
+/// layers' attention and routing kinds).
+pub fn stage_config(whole: &Config, stage: usize, stages: usize, stage_layers: &[Range<usize>]) -> Config {
+    let layers: Vec<usize> = stage_layers.iter().skip(stage).step_by(stages).flat_map(Range::clone).collect();
+    let last = stage + 1 == stages;
     let mut config = whole.clone();
     config.num_layers = layers.len();
-    config.layer_windows = whole.layer_windows[layers.clone()].to_vec();
+    config.layer_windows = layers.iter().map(|&l| whole.layer_windows[l]).collect();
     if let AttentionKind::V4(v4) = &mut config.attention {
-        v4.layers = v4.layers[layers.clone()].to_vec();
-        v4.hash_layers = v4.hash_layers[layers.clone()].to_vec();
+        v4.layers = layers.iter().map(|&l| v4.layers[l].clone()).collect();
+        v4.hash_layers = layers.iter().map(|&l| v4.hash_layers[l]).collect();
     }
     let embedding = stage == 0 || (last && whole.tie_word_embeddings && whole.num_labels.is_none());
-    config.stage = Some(Stage { first_layer: layers.start, embedding, head: last });
-    Ok(config)
+    config.stage = Some(Stage { layers, embedding, head: last });
+    config
+}
+
+/// `config` (a stage's) narrowed to its layers `run` (a virtual stage's, for the activations
+/// of one of its passes).
+pub(crate) fn run_config(config: &Config, run: Range<usize>) -> Config {
+    let mut narrowed = config.clone();
+    narrowed.num_layers = run.len();
+    narrowed.layer_windows = config.layer_windows[run.clone()].to_vec();
+    if let AttentionKind::V4(v4) = &mut narrowed.attention {
+        v4.layers = v4.layers[run.clone()].to_vec();
+        v4.hash_layers = v4.hash_layers[run.clone()].to_vec();
+    }
+    if let Some(stage) = &mut narrowed.stage {
+        stage.layers = stage.layers[run].to_vec();
+    }
+    narrowed
 }
 
 /// Where a tensor of the whole model lives in a pipeline: the stage that owns it (whose values
@@ -95,8 +117,9 @@ pub(crate) struct Place {
 
 impl<B: Backend> Pipeline<B> {
     /// The pipeline `group` cutting the model `whole`, laid out as `whole_layout` (under expert
-    /// parallel with this rank's routed experts), into `group.size()` stages of the layers
-    /// `stage_layers`; collective over `group` (it forms the neighbour pairs).
+    /// parallel with this rank's routed experts), into the virtual stages `stage_layers` (a
+    /// multiple of `group.size()` of them: stage s holds virtual stages s, s + P, ..);
+    /// collective over `group` (it forms the neighbour pairs).
     pub fn new(
         group: Group<B>,
         whole: &Config,
@@ -114,12 +137,15 @@ impl<B: Backend> Pipeline<B> {
         let ends = stage == 0 || stage + 1 == stages;
         let tied_head = whole.tie_word_embeddings && whole.num_labels.is_none() && stages > 1;
         let ends_group = group.split(usize::from(!ends), "pipeline first and last stages")?;
+        let interleaved = stage_layers.len() > stages;
+        let wrap = (interleaved && ends && stages > 1).then(|| Arc::clone(&ends_group));
         let tied = (tied_head && ends).then_some(ends_group);
         Ok(Self {
             group,
             prev,
             next,
             tied,
+            wrap,
             stage_layers,
             chunks: 1,
             fixed_chunks: false,
@@ -138,6 +164,56 @@ impl<B: Backend> Pipeline<B> {
 
     pub fn is_last(&self) -> bool {
         self.stage() + 1 == self.group.size()
+    }
+
+    /// The virtual stages each stage holds (V; 1 without interleaving).
+    pub fn parts(&self) -> usize {
+        self.stage_layers.len() / self.group.size()
+    }
+
+    /// This stage's local layers of its part `v` (its virtual stage v·P + s).
+    pub fn part_layers(&self, v: usize) -> Range<usize> {
+        let stages = self.group.size();
+        let held = |j: usize| self.stage_layers[j * stages + self.stage()].len();
+        let start: usize = (0..v).map(held).sum();
+        start..start + held(v)
+    }
+
+    /// Whether part `v` of this stage begins with the embedding (the first virtual stage).
+    pub fn part_embeds(&self, v: usize) -> bool {
+        self.is_first() && v == 0
+    }
+
+    /// Whether part `v` of this stage ends with the final norm and head (the last virtual stage).
+    pub fn part_heads(&self, v: usize) -> bool {
+        self.is_last() && v + 1 == self.parts()
+    }
+
+    /// Receives part `v`'s input: the output of the virtual stage before it, from the previous
+    /// stage (from the last stage for the first stage's later parts).
+    pub fn recv_part_input(&self, b: &B, v: usize, buf: &mut B::Slice, what: &str) {
+        let from = if self.is_first() { self.wrap.as_ref().filter(|_| v > 0) } else { self.prev.as_ref() };
+        hand_over::<B>(b, from.expect("a virtual stage before"), None, Some(buf), what);
+    }
+
+    /// Sends part `v`'s output to the virtual stage after it, on the next stage (on the first
+    /// for the last stage's earlier parts).
+    pub fn send_part_output(&self, b: &B, v: usize, buf: &B::Slice, what: &str) {
+        let to = if self.is_last() { self.wrap.as_ref().filter(|_| v + 1 < self.parts()) } else { self.next.as_ref() };
+        hand_over::<B>(b, to.expect("a virtual stage after"), Some(buf), None, what);
+    }
+
+    /// Receives dL/d(part `v`'s output) from the virtual stage after it.
+    pub fn recv_part_output_grad(&self, b: &B, v: usize, buf: &mut B::Slice, what: &str) {
+        let from =
+            if self.is_last() { self.wrap.as_ref().filter(|_| v + 1 < self.parts()) } else { self.next.as_ref() };
+        hand_over::<B>(b, from.expect("a virtual stage after"), None, Some(buf), what);
+    }
+
+    /// Sends dL/d(part `v`'s input) to the virtual stage before it.
+    pub fn send_part_input_grad(&self, b: &B, v: usize, buf: &B::Slice, what: &str) {
+        let to = if self.is_first() { self.wrap.as_ref().filter(|_| v > 0) } else { self.prev.as_ref() };
+        hand_over::<B>(b, to.expect("a virtual stage before"), Some(buf), None, what);
     }
 
     /// The last stage's `values` (`len` of them) on every stage; a collective over the stages.
@@ -191,15 +267,16 @@ impl<B: Backend> Pipeline<B> {
 
     /// Every tensor of the whole model, in `Weights::iter` order, placed in the pipeline.
     pub(crate) fn places(&self) -> Vec<Place> {
-        let (me, last) = (self.stage(), self.group.size() - 1);
-        let stage = |l: usize| self.stage_layers.iter().position(|r| r.contains(&l)).expect("a stage per layer");
-        let mine = &self.stage_layers[me];
+        let (me, stages) = (self.stage(), self.group.size());
+        let last = stages - 1;
+        let stage =
+            |l: usize| self.stage_layers.iter().position(|r| r.contains(&l)).expect("a stage per layer") % stages;
         let tied_copy = me == last && self.tied.is_some();
         let mut places = vec![Place { owner: 0, local: Some(0), held: me == 0 || tied_copy }];
         let mut local = 1;
         for (l, layer) in self.whole_layout.layers.iter().enumerate() {
             for _ in layer.refs() {
-                let here = mine.contains(&l);
+                let here = stage(l) == me;
                 places.push(Place { owner: stage(l), local: here.then_some(local), held: here });
                 local += usize::from(here);
             }

@@ -32,7 +32,9 @@ impl StageSplit {
     pub fn layers(&self, whole: &Config, stages: usize) -> Result<Vec<Range<usize>>, String> {
         let n = whole.num_layers;
         if stages > n {
-            return Err(format!("pp = {stages} stages for the model's {n} layers: at most one stage per layer"));
+            return Err(format!(
+                "{stages} stages (pp, times vpp under interleaving) for the model's {n} layers: at most one stage per layer"
+            ));
         }
         let counts = match self {
             Self::Even => (0..stages).map(|s| kiln_dist::shard(n, s, stages).len()).collect(),

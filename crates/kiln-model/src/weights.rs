@@ -423,10 +423,9 @@ pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
         adamw_only: false,
         init,
     };
-    let first = cfg.first_layer();
-    let layers = (first..first + cfg.num_layers)
-        .map(|i| {
-            let n = LayerNames(i);
+    let layers = (0..cfg.num_layers)
+        .map(|l| {
+            let n = LayerNames(cfg.whole_layer(l));
             LayerWeights {
                 input_norm: n.norm("input_layernorm.weight", d),
                 attn: match &cfg.attention {
@@ -436,7 +435,7 @@ pub fn layout(cfg: &Config) -> Weights<TensorSpec> {
                 },
                 post_norm: n.norm("post_attention_layernorm.weight", d),
                 ffn: match &cfg.moe {
-                    Some(m) if i >= m.first_dense_layers => FfnWeights::Moe(moe_layout(cfg, m, &n)),
+                    Some(m) if cfg.is_moe_layer(l) => FfnWeights::Moe(moe_layout(cfg, m, &n)),
                     _ => FfnWeights::Dense(mlp_layout(cfg, &n)),
                 },
                 hc_attn: None,

@@ -95,7 +95,9 @@ impl<B: Backend> Model<B> {
         }
         let whole_layers = whole.layers.len();
         let segment = |spec: &TensorSpec| segment_of.get(&spec.name).copied().unwrap_or(Segment::Tail);
-        let stage_layers = self.pipeline().map_or(0..whole_layers, |pp| pp.stage_layers[pp.stage()].clone());
+        // The local index of each whole layer this stage holds.
+        let held = self.config.stage.as_ref().map(|s| s.layers.clone());
+        let local_of = |l: usize| held.as_ref().map_or(Some(l), |held| held.iter().position(|&g| g == l));
         // This rank's tensors in `layout` order: the embedding, each layer's, the rest.
         let layer_counts: Vec<usize> = self.layout.layers.iter().map(|l| l.refs().len()).collect();
         let layers_end = 1 + layer_counts.iter().sum::<usize>();
@@ -110,7 +112,7 @@ impl<B: Backend> Model<B> {
         let segments = [Segment::Embed].into_iter().chain((0..whole_layers).map(Segment::Layer));
         for seg in segments.chain([Segment::Tail]) {
             let local_layer = match seg {
-                Segment::Layer(l) => Some(l).filter(|l| stage_layers.contains(l)).map(|l| l - stage_layers.start),
+                Segment::Layer(l) => local_of(l),
                 _ => None,
             };
             match (seg, local_layer) {

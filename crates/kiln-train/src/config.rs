@@ -317,6 +317,12 @@ pub struct TrainSection {
     /// the embedding and the last the final norm and head (1: no cut). At most the layers.
     #[serde(default = "one")]
     pub pp: usize,
+    /// Pipeline parallel: interleaved stages (Megatron-LM's virtual pipeline): each stage
+    /// holds this many runs of layers (`pp · vpp` runs in all, stage s the runs s, s + pp, ..),
+    /// so a chunk passes the stages `vpp` times and the bubble shrinks `vpp`-fold, for `vpp`
+    /// times as many hand-overs (`kiln_model::interleaved_schedule`). 1: one run per stage.
+    #[serde(default = "one")]
+    pub vpp: usize,
     /// Pipeline parallel: the chunks each micro-batch's rows are cut into (at most one row
     /// each), which the stages run on a 1F1B schedule: more chunks, a smaller bubble of
     /// (pp − 1) / (chunks + pp − 1), and smaller products. Under ZeRO-2/3 and expert parallel
@@ -588,14 +594,21 @@ impl RunConfig {
         if t.pp == 0 {
             return Err("`train.pp` must be at least 1".into());
         }
+        if t.vpp == 0 {
+            return Err("`train.vpp` must be at least 1".into());
+        }
+        if t.vpp > 1 && t.pp == 1 {
+            return Err(format!("`train.vpp` = {}: interleaved stages need pipeline parallel (`train.pp` > 1)", t.vpp));
+        }
         t.pp_layers.split()?;
         if let PpLayers::Counts(counts) = &t.pp_layers {
-            if counts.len() != t.pp {
-                return Err(format!(
-                    "`train.pp_layers` = {counts:?} gives {} stages, `train.pp` is {}",
-                    counts.len(),
-                    t.pp
-                ));
+            if counts.len() != t.pp * t.vpp {
+                let of = if t.vpp > 1 {
+                    format!("`train.pp` · `train.vpp` is {}·{}", t.pp, t.vpp)
+                } else {
+                    format!("`train.pp` is {}", t.pp)
+                };
+                return Err(format!("`train.pp_layers` = {counts:?} gives {} stages, {of}", counts.len()));
             }
         }
         if t.tp > 1 && t.optimizer == OptimizerKind::Muon {

@@ -1,6 +1,7 @@
 //! `train.layout` (or `--layout`): how a run spreads over its ranks, in `kiln plan`'s syntax,
-//! `dp=..,tp=..,pp=..,ep=..,zero=..,recompute=..,sp=..`. Every key is optional and sets what it
-//! names: `tp` is `train.tp`, `pp` is `train.pp`, `ep` is `train.ep`, `zero` is `train.zero`,
+//! `dp=..,tp=..,pp=..,vpp=..,ep=..,zero=..,recompute=..,sp=..`. Every key is optional and sets
+//! what it names: `tp` is `train.tp`, `pp` is `train.pp`, `vpp` is `train.vpp`, `ep` is
+//! `train.ep`, `zero` is `train.zero`,
 //! `recompute` (`none` or `full`) is `train.recompute`, `sp` (`on` or `off`) is
 //! `train.sequence_parallel`; `dp`, when given, times tp times pp must
 //! be the ranks of the launch. So the layout `kiln plan --layout` sizes is the one the run takes.
@@ -13,6 +14,7 @@ pub struct RunLayout {
     pub dp: Option<usize>,
     pub tp: Option<usize>,
     pub pp: Option<usize>,
+    pub vpp: Option<usize>,
     pub ep: Option<usize>,
     pub zero: Option<u8>,
     pub recompute: Option<bool>,
@@ -39,6 +41,7 @@ impl RunLayout {
                 "ep" => layout.ep = Some(size()?),
                 "tp" => layout.tp = Some(size()?),
                 "pp" => layout.pp = Some(size()?),
+                "vpp" => layout.vpp = Some(size()?),
                 "zero" => match value.parse::<u8>() {
                     Ok(z) if z <= 3 => layout.zero = Some(z),
                     _ => return Err(err(format!("`zero` = `{value}`: ZeRO has stages 0 to 3"))),
@@ -57,7 +60,7 @@ impl RunLayout {
                     "off" => layout.sequence_parallel = Some(false),
                     _ => return Err(err(format!("`sp` = `{value}`: sequence parallel is `on` or `off`"))),
                 },
-                other => return Err(err(format!("unknown key `{other}` (dp, tp, pp, ep, zero, recompute, sp)"))),
+                other => return Err(err(format!("unknown key `{other}` (dp, tp, pp, vpp, ep, zero, recompute, sp)"))),
             }
         }
         Ok(layout)
@@ -70,6 +73,9 @@ impl RunLayout {
         }
         if let Some(pp) = self.pp {
             train.pp = pp;
+        }
+        if let Some(vpp) = self.vpp {
+            train.vpp = vpp;
         }
         if let Some(ep) = self.ep {
             train.ep = ep;

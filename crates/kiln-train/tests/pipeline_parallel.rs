@@ -289,7 +289,7 @@ fn deepseek_v4_cuts_into_stages_alone_and_with_expert_parallel() {
 #[test]
 fn what_pipeline_parallel_cannot_cut_is_refused_with_the_reason() {
     let err = sft_error(8, &scratch("pp-refuse-layers"), &["train.pp=8", "train.grad_accum=4"], false);
-    assert!(err.contains("pp = 8 stages for the model's 4 layers"), "{err}");
+    assert!(err.contains("8 stages (pp, times vpp under interleaving) for the model's 4 layers"), "{err}");
     let err = sft_error(4, &scratch("pp-refuse-ranks"), &["train.pp=3"], false);
     assert!(err.contains("`train.pp` = 3 does not divide the 4 ranks"), "{err}");
 }

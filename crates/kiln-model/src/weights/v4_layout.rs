@@ -92,10 +92,9 @@ pub(super) fn layout(cfg: &Config, v4: &V4Config) -> Weights<TensorSpec> {
     let m = cfg.moe.as_ref().expect("deepseek_v4 has MoE layers");
     // A pipeline stage's layers are named by their place in the whole model, their settings
     // (`v4.layers`, `v4.hash_layers`) the stage's own.
-    let first = cfg.first_layer();
     let layers = (0..cfg.num_layers)
         .map(|i| {
-            let n = LayerNames(first + i);
+            let n = LayerNames(cfg.whole_layer(i));
             LayerWeights {
                 input_norm: f32_spec(n.norm("attn_norm.weight", d), Init::Ones),
                 attn: AttnWeights::V4(attention(cfg, v4, v4.layers[i], &n)),

@@ -143,6 +143,7 @@ impl<B: Backend> Session<B> {
                 .model
                 .pipeline()
                 .map_or(StageSplit::Even, |pp| StageSplit::Given(pp.stage_layers.iter().map(|r| r.len()).collect())),
+            virtual_stages: self.model.pipeline().map_or(1, |pp| pp.parts()),
             tensors: self.model.tensor_parallel().map(|tp| Arc::clone(&tp.group)),
             sequence_parallel: self.model.config.sequence_parallel.is_some(),
             carries: false,
@@ -200,6 +201,7 @@ impl<B: Backend> Session<B> {
             experts: expert_parallel,
             stages: pipeline,
             split,
+            virtual_stages: t.vpp,
             tensors: tensor_group,
             sequence_parallel: t.sequence_parallel,
             carries,

@@ -103,9 +103,13 @@ impl<B: Backend> Session<B> {
         let counts: Vec<usize> =
             (0..whole.num_layers).map(|l| if whole.is_moe_layer(l) { experts } else { 0 }).collect();
         let mut flat = vec![0.0; counts.iter().sum::<usize>() + 1];
-        let first: usize = counts[..pp.stage_layers[pp.stage()].start].iter().sum();
-        for (slot, &load) in flat[first..].iter_mut().zip(loads.iter().flatten()) {
-            *slot = load as f64;
+        // Each of this stage's layers (with interleaved stages, several runs) at its place.
+        let offsets: Vec<usize> = counts.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
+        for (l, layer) in loads.iter().enumerate() {
+            let at = offsets[self.model.config.whole_layer(l)];
+            for (slot, &load) in flat[at..].iter_mut().zip(layer) {
+                *slot = load as f64;
+            }
         }
         flat[counts.iter().sum::<usize>()] = aux;
         pp.group.all_reduce_sum_f64(&mut flat, &format!("expert loads at step {}", self.state.step))?;

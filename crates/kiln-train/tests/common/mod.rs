@@ -186,15 +186,21 @@ pub fn weights_deviation(a: &Path, b: &Path) -> (String, f32, f32) {
 /// override.
 #[allow(dead_code)]
 pub fn deepseek_base(dir: &Path, heads: usize) -> String {
+    deepseek_base_of(dir, heads, 3)
+}
+
+/// `deepseek_base` with `layers` layers (one dense, the rest MoE).
+pub fn deepseek_base_of(dir: &Path, heads: usize, layers: usize) -> String {
     let config = r#"{
         "model_type": "deepseek_v3", "vocab_size": 99, "hidden_size": 48, "intermediate_size": 96,
-        "moe_intermediate_size": 24, "num_hidden_layers": 3, "num_attention_heads": HEADS,
+        "moe_intermediate_size": 24, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
         "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
         "n_shared_experts": 1, "first_k_dense_replace": 1, "q_lora_rank": 24, "kv_lora_rank": 16,
         "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 12, "routed_scaling_factor": 2.5,
         "eos_token_id": 2, "pad_token_id": 0, "max_position_embeddings": 256
     }"#
-    .replace("HEADS", &heads.to_string());
+    .replace("HEADS", &heads.to_string())
+    .replace("LAYERS", &layers.to_string());
     write_base(dir, &config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1))
 }
 

@@ -125,13 +125,14 @@ mod tests {
 
     #[test]
     fn keys_set_what_they_name_and_the_rest_is_left() {
-        let l = RunLayout::parse("dp=4, ep=2,zero=3,recompute=full,tp=1,pp=1").unwrap();
+        let l = RunLayout::parse("dp=4, ep=2,zero=3,recompute=full,tp=1,pp=1,vpp=1").unwrap();
         assert_eq!(
             l,
             RunLayout {
                 dp: Some(4),
                 tp: Some(1),
                 pp: Some(1),
+                vpp: Some(1),
                 ep: Some(2),
                 zero: Some(3),
                 recompute: Some(true),
@@ -139,6 +140,7 @@ mod tests {
             }
         );
         assert_eq!(RunLayout::parse("tp=2,sp=off").unwrap().sequence_parallel, Some(false));
+        assert_eq!(RunLayout::parse("pp=2,vpp=3").unwrap().vpp, Some(3));
         assert_eq!(RunLayout::parse("").unwrap(), RunLayout::default());
         assert!(l.check_ranks("dp=4", 4).is_ok());
         assert!(l.check_ranks("dp=4", 2).unwrap_err().contains("does not equal the 2 ranks"));

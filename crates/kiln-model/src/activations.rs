@@ -151,22 +151,33 @@ pub struct Activations<B: Backend> {
 
 impl<B: Backend> Activations<B> {
     /// `new`'s activations of the local layers `run` only of a model of `cfg` (one part of
-    /// an interleaved pipeline stage).
+    /// a pipeline stage), with no logits unless the part `heads` (ends with the head).
     pub fn for_part(
         b: &B,
         cfg: &Config,
         run: std::ops::Range<usize>,
         (rows, seq): (usize, usize),
         (training, recompute): (bool, bool),
+        heads: bool,
     ) -> Self {
         let first_layer = run.start;
         let part = crate::pipeline::run_config(cfg, run);
-        Self { first_layer, ..Self::new(b, &part, rows, seq, training, recompute) }
+        Self { first_layer, ..Self::laid_out(b, &part, (rows, seq), (training, recompute), heads) }
     }
 
     /// `training` adds the gradient scratch; `recompute` keeps only each layer's input and
     /// recomputes the rest of a layer's activations during backward.
     pub fn new(b: &B, cfg: &Config, rows: usize, seq: usize, training: bool, recompute: bool) -> Self {
+        Self::laid_out(b, cfg, (rows, seq), (training, recompute), true)
+    }
+
+    fn laid_out(
+        b: &B,
+        cfg: &Config,
+        (rows, seq): (usize, usize),
+        (training, recompute): (bool, bool),
+        logits: bool,
+    ) -> Self {
         let n = rows * seq;
         let d = cfg.hidden_size;
         let sequence = cfg.sequence_parallel.filter(|_| training).map(|group| SequenceBufs::new(b, cfg, n, group));
@@ -215,7 +226,7 @@ impl<B: Backend> Activations<B> {
             slots,
             xf: b.zeros(n * d),
             rstdf: b.zeros(here),
-            logits: b.zeros(n * cfg.vocab_size),
+            logits: b.zeros(if logits { n * cfg.vocab_size } else { 0 }),
             nll: b.zeros(n),
             correct: b.zeros(n),
             grad,

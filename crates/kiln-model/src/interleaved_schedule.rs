@@ -10,12 +10,16 @@
 //!
 //!   stage 0 (P = 2, V = 2, m = 4):  F0⁰ F1⁰ F0¹ F1¹ F2⁰ B0¹ F3⁰ B1¹ F2¹ B0⁰ ..
 //!
-//! The stages run in lockstep ticks (`ticks`): in a tick each stage runs its next task if its
-//! input (the previous virtual stage's output, or the next one's gradient) arrived in an
-//! earlier tick, and then every stage hands what its task produced to its neighbour in one
-//! collective over the pipeline (an all-to-all in which each stage sends at most one
-//! message). A schedule is simulated the same on every rank, so each knows what every tick
-//! sends and receives; a stall (no stage able to move) is a bug the tests would see.
+//! The stages run in lockstep ticks (`ticks`): in a tick each stage runs its next tasks, at
+//! most one forward and one backward, whose inputs (the previous virtual stage's output, or
+//! the next one's gradient) arrived in an earlier tick, and then every stage hands what its
+//! tasks produced to its neighbours in one collective over the pipeline (an all-to-all). A
+//! tick of one forward and one backward on every stage in the steady state keeps the stages
+//! busy alike: with a backward twice a forward, the ticks take exactly the time of
+//! free-running 1F1B (a tick of one task each would idle a forward's stage beside a
+//! backward's). A schedule is simulated the same on every rank, so each knows what every
+//! tick sends and receives; a stage that would wait for ever makes the warm-up longer
+//! (`one_forward_one_backward`).
 
 use crate::pipeline_schedule::ChunkOrder;
 
@@ -40,10 +44,11 @@ pub struct Message {
     pub chunk: usize,
 }
 
-/// One tick: the task each stage runs (if any), then the messages their tasks send.
+/// One tick: the tasks each stage runs (at most a forward and a backward, in order), then
+/// the messages their tasks send, in stage and task order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tick {
-    pub tasks: Vec<Option<Task>>,
+    pub tasks: Vec<Vec<Task>>,
     pub messages: Vec<Message>,
 }
 
@@ -65,7 +70,7 @@ impl Shape {
     }
 
     /// The message `task` on `stage` sends, if any.
-    fn message(&self, stage: usize, task: Task) -> Option<Message> {
+    pub fn message(&self, stage: usize, task: Task) -> Option<Message> {
         let Task { backward, part, chunk } = task;
         let p = self.stages;
         if backward {
@@ -159,19 +164,21 @@ impl Shape {
         let mut at = vec![0; p];
         let mut ticks = Vec::new();
         while at.iter().zip(tasks).any(|(&a, t)| a < t.len()) {
-            let mut tick = Tick { tasks: vec![None; p], messages: Vec::new() };
+            let mut tick = Tick { tasks: vec![Vec::new(); p], messages: Vec::new() };
             for s in 0..p {
-                let Some(&task) = tasks[s].get(at[s]) else { continue };
-                let i = index(task.part, task.chunk);
-                let ready = if task.backward { done[s][i] && gradient[s][i] } else { input[s][i] };
-                if ready {
+                while let Some(&task) = tasks[s].get(at[s]) {
+                    let i = index(task.part, task.chunk);
+                    let ready = if task.backward { done[s][i] && gradient[s][i] } else { input[s][i] };
+                    if !ready || tick.tasks[s].iter().any(|t| t.backward == task.backward) {
+                        break;
+                    }
                     done[s][i] |= !task.backward;
-                    tick.tasks[s] = Some(task);
+                    tick.tasks[s].push(task);
                     tick.messages.extend(self.message(s, task));
                     at[s] += 1;
                 }
             }
-            if tick.tasks.iter().all(Option::is_none) {
+            if tick.tasks.iter().all(Vec::is_empty) {
                 return None;
             }
             for msg in &tick.messages {
@@ -184,31 +191,32 @@ impl Shape {
     }
 }
 
-/// Which activation slot of its part each (part, chunk) of stage `stage` takes: a slot from
-/// the tick its input arrives (or, on the first virtual stage, its forward runs) until the end
-/// of the tick its backward (with `forward_only` its forward) runs. Returns the slot of each
-/// `part · chunks + chunk` and the slots each part needs.
-pub fn slots(shape: &Shape, ticks: &[Tick], stage: usize, forward_only: bool) -> (Vec<usize>, Vec<usize>) {
+/// Which activation slot each (part, chunk) of stage `stage` takes, in the pool of its part
+/// (`pool_of`: parts laid out alike share one): a slot from its forward until the end of the
+/// tick its backward (with `forward_only` its forward) runs. An input that arrives before its
+/// forward waits in a buffer of its own (`part_slots::Inbox`), not in a slot. Returns the slot
+/// of each `part · chunks + chunk` and the slots each pool needs.
+pub fn slots(
+    shape: &Shape,
+    ticks: &[Tick],
+    (stage, pool_of): (usize, &[usize]),
+    forward_only: bool,
+) -> (Vec<usize>, Vec<usize>) {
     let m = shape.chunks;
+    let pools = pool_of.iter().max().map_or(0, |p| p + 1);
     let mut slot = vec![usize::MAX; shape.parts * m];
-    let mut free: Vec<Vec<usize>> = vec![Vec::new(); shape.parts];
-    let mut count = vec![0; shape.parts];
+    let mut free: Vec<Vec<usize>> = vec![Vec::new(); pools];
+    let mut count = vec![0; pools];
     for tick in ticks {
-        let mut arrivals: Vec<(usize, usize)> = (tick.messages.iter())
-            .filter(|msg| msg.to == stage && !msg.gradient)
-            .map(|msg| (msg.part, msg.chunk))
-            .collect();
-        if let Some(task) = tick.tasks[stage].filter(|t| !t.backward && shape.is_first_virtual(stage, t.part)) {
-            arrivals.push((task.part, task.chunk));
-        }
-        for (part, chunk) in arrivals {
-            slot[part * m + chunk] = free[part].pop().unwrap_or_else(|| {
-                count[part] += 1;
-                count[part] - 1
+        for t in tick.tasks[stage].iter().filter(|t| !t.backward) {
+            let pool = pool_of[t.part];
+            slot[t.part * m + t.chunk] = free[pool].pop().unwrap_or_else(|| {
+                count[pool] += 1;
+                count[pool] - 1
             });
         }
-        if let Some(task) = tick.tasks[stage].filter(|t| t.backward || forward_only) {
-            free[task.part].push(slot[task.part * m + task.chunk]);
+        for t in tick.tasks[stage].iter().filter(|t| t.backward || forward_only) {
+            free[pool_of[t.part]].push(slot[t.part * m + t.chunk]);
         }
     }
     (slot, count)
@@ -233,31 +241,30 @@ mod tests {
                 (forwards, true),
             ] {
                 for s in 0..p {
-                    let ran: Vec<Task> = ticks.iter().filter_map(|t| t.tasks[s]).collect();
+                    let ran: Vec<Task> = ticks.iter().flat_map(|t| t.tasks[s].clone()).collect();
                     let mut once = ran.clone();
                     once.sort_by_key(|t| (t.backward, t.part, t.chunk));
                     once.dedup();
                     assert_eq!(once.len(), ran.len(), "P={p} V={v} m={m}: stage {s} runs a task twice");
                     assert_eq!(ran.len(), if forward_only { v * m } else { 2 * v * m });
                 }
-                // A task's input comes from the tick before at the latest; each stage sends at
-                // most one message a tick.
+                // A task's input comes from the tick before at the latest; a stage runs at most
+                // a forward and a backward a tick.
                 for (t, tick) in ticks.iter().enumerate() {
-                    for (s, task) in tick.tasks.iter().enumerate() {
-                        let Some(task) = task else { continue };
-                        let first = sh.is_first_virtual(s, task.part) && !task.backward;
-                        let last = sh.is_last_virtual(s, task.part) && task.backward;
-                        if !first && !last {
-                            let wanted = |msg: &Message| {
-                                msg.to == s
-                                    && msg.gradient == task.backward
-                                    && (msg.part, msg.chunk) == (task.part, task.chunk)
-                            };
-                            assert!(ticks[..t].iter().any(|k| k.messages.iter().any(wanted)), "P={p} V={v} m={m}");
+                    for (s, tasks) in tick.tasks.iter().enumerate() {
+                        assert!(tasks.len() <= 2 && (tasks.len() < 2 || tasks[0].backward != tasks[1].backward));
+                        for task in tasks {
+                            let first = sh.is_first_virtual(s, task.part) && !task.backward;
+                            let last = sh.is_last_virtual(s, task.part) && task.backward;
+                            if !first && !last {
+                                let wanted = |msg: &Message| {
+                                    msg.to == s
+                                        && msg.gradient == task.backward
+                                        && (msg.part, msg.chunk) == (task.part, task.chunk)
+                                };
+                                assert!(ticks[..t].iter().any(|k| k.messages.iter().any(wanted)), "P={p} V={v} m={m}");
+                            }
                         }
-                    }
-                    for s in 0..p {
-                        assert!(tick.messages.iter().filter(|msg| msg.from == s).count() <= 1);
                     }
                 }
             }
@@ -276,24 +283,37 @@ mod tests {
         assert_eq!(stage1[..4], [f(0, 0), f(0, 1), f(1, 0), b(1, 0)]);
     }
 
+    /// A pass's time in ticks whose length is their slowest stage's tasks, a forward of a
+    /// whole stage taking 1 and a backward 2 (a part's 1/V of them).
+    fn pass_time(sh: &Shape, ticks: &[Tick]) -> f64 {
+        let cost = |t: &Task| if t.backward { 2.0 } else { 1.0 } / sh.parts as f64;
+        ticks.iter().map(|tick| tick.tasks.iter().map(|ts| ts.iter().map(cost).sum::<f64>()).fold(0.0, f64::max)).sum()
+    }
+
     #[test]
-    fn interleaving_shortens_the_pass_and_slots_follow_the_chunks_in_flight() {
-        // In ticks of one task, with backwards as long as forwards: 1F1B over P = 4, m = 8
-        // takes 2m + 2(P − 1) ticks; two parts of half the layers, 4m + 2(P − 1) ticks of half
-        // the work.
-        let ticks_of = |v: usize| shape(4, v, 8).one_forward_one_backward();
-        assert_eq!(ticks_of(1).len(), 2 * 8 + 2 * 3);
-        let (one, two) = (ticks_of(1).len() as f64, ticks_of(2).len() as f64 / 2.0);
-        assert!(two < one, "interleaved {two} against {one} layer-ticks");
+    fn interleaving_shrinks_the_bubble_v_fold_and_slots_follow_the_chunks_in_flight() {
+        // Every stage computes 3m; 1F1B's bubble adds 3(P − 1), V parts 3(P − 1)/V: the
+        // lockstep ticks lose nothing to free-running stages (m a multiple of P).
+        for (p, m) in [(2, 4), (2, 8), (4, 8), (4, 16)] {
+            for v in [1, 2, 4] {
+                let sh = shape(p, v, m);
+                let time = pass_time(&sh, &sh.one_forward_one_backward());
+                let expected = 3.0 * m as f64 + 3.0 * (p - 1) as f64 / v as f64;
+                assert!((time - expected).abs() < 1e-9, "P={p} V={v} m={m}: {time} against {expected}");
+            }
+        }
         let sh = shape(4, 2, 8);
         let ticks = sh.one_forward_one_backward();
         for s in 0..4 {
-            let (slot, count) = slots(&sh, &ticks, s, false);
+            // Parts laid out alike share a pool: at most Megatron's warm-up forwards,
+            // 2(P − s − 1) + (V − 1)P, and the steady state's one (a tick's forward takes its
+            // slot before the backward beside it gives one back), slots of half a stage.
+            let (slot, count) = slots(&sh, &ticks, (s, &[0, 0]), false);
             assert!(slot.iter().all(|&x| x != usize::MAX));
-            // At most the first stage's warm-up forwards, the one in the steady state, and an
-            // input that arrived early: 2(P − 1) + (V − 1)P + 2 slots of half a stage.
-            let live: usize = count.iter().sum();
-            assert!(live <= 2 * 3 + 4 + 2, "stage {s}: {count:?}");
+            assert_eq!(count, [2 * (4 - s - 1) + 4 + 1], "stage {s}");
+            // Pools of their own hold a part's forwards until its backwards begin.
+            let (_, apart) = slots(&sh, &ticks, (s, &[0, 1]), false);
+            assert!(apart.iter().sum::<usize>() > count[0], "stage {s}: {apart:?}");
         }
     }
 }

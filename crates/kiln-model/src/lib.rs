@@ -21,6 +21,7 @@ mod model_pipeline;
 pub mod model_share;
 mod model_v4;
 pub mod param_shards;
+mod part_slots;
 pub mod pipeline;
 pub mod pipeline_schedule;
 mod prompt_pool;

@@ -10,6 +10,7 @@ use crate::interleaved_schedule::{self, Message, Shape, Tick};
 use crate::layers::moe;
 use crate::model::Model;
 use crate::model_pipeline::{dres, PipelineLoss, Run};
+use crate::part_slots::{self, part_pools, PartSlots};
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::ChunkOrder;
 use kiln_core::Backend;
@@ -26,81 +27,108 @@ pub(crate) fn interleaved_ticks<B: Backend>(pp: &Pipeline<B>, chunks: usize, ord
     }
 }
 
-/// The messages of `tick` this stage sends (at most one) and receives (in stage order).
-fn hand_overs(tick: &Tick, me: usize) -> (Option<&Message>, Vec<&Message>) {
-    let sent = tick.messages.iter().find(|m| m.from == me);
-    let mut received: Vec<&Message> = tick.messages.iter().filter(|m| m.to == me).collect();
-    received.sort_by_key(|m| m.from);
-    (sent, received)
+/// A tick's hand-overs on a stage: the buffers to copy them from and to (staging), reused
+/// tick after tick.
+pub(crate) struct HandOvers<B: Backend> {
+    send: B::Buf,
+    received: B::Buf,
+    message_len: usize,
 }
 
-/// One tick's hand-overs on stage `me`: `sent` (what its task produced, from `source`) and,
-/// into `staging`, those received; one all-to-all over the stages. Returns where each
-/// received message lies in `staging`.
-fn exchange<B: Backend>(
-    b: &B,
-    pp: &Pipeline<B>,
-    tick: &Tick,
-    source: Option<&B::Slice>,
-    staging: &mut B::Buf,
-) -> Vec<(Message, Range<usize>)> {
-    let me = pp.stage();
-    let (sent, received) = hand_overs(tick, me);
-    let len = source.map_or(0, |s| b.len(s));
-    let message_len = b.len(staging) / 2;
-    let stages = pp.group.size();
-    let mut send_counts = vec![0; stages];
-    if let Some(m) = sent {
-        send_counts[m.to] = len;
+impl<B: Backend> HandOvers<B> {
+    /// Staging for a stage's messages of `message_len` values: it sends and receives at most
+    /// two a tick (a part's output and another's input gradient).
+    pub fn new(b: &B, message_len: usize) -> Self {
+        Self { send: b.zeros(2 * message_len), received: b.zeros(2 * message_len), message_len }
     }
-    let mut recv_counts = vec![0; stages];
-    for m in &received {
-        recv_counts[m.from] = message_len;
+
+    /// Tick `tick`'s hand-overs of stage `pp.stage()`: `sent`, the messages its tasks
+    /// produced with the buffers holding them (in task order), and those it receives; one
+    /// all-to-all over the stages. Returns each received message and where it lies in
+    /// `self.received` (pieces come in stage order, a stage's in its task order).
+    pub fn exchange(
+        &mut self,
+        b: &B,
+        pp: &Pipeline<B>,
+        tick: &Tick,
+        sent: &[(Message, &B::Slice)],
+    ) -> Vec<(Message, Range<usize>)> {
+        let (me, stages, len) = (pp.stage(), pp.group.size(), self.message_len);
+        let mut order: Vec<&(Message, &B::Slice)> = sent.iter().collect();
+        order.sort_by_key(|(m, _)| m.to);
+        let mut send_counts = vec![0; stages];
+        for (i, (m, source)) in order.iter().enumerate() {
+            b.copy(b.slice_mut(&mut self.send, i * len..(i + 1) * len), source);
+            send_counts[m.to] += len;
+        }
+        let mut received: Vec<Message> = tick.messages.iter().filter(|m| m.to == me).copied().collect();
+        received.sort_by_key(|m| m.from);
+        let mut recv_counts = vec![0; stages];
+        for m in &received {
+            recv_counts[m.from] += len;
+        }
+        let what = "interleaved pipeline: hand-overs";
+        let send = b.slice(&self.send, 0..order.len() * len);
+        let into = b.slice_mut(&mut self.received, 0..received.len() * len);
+        pp.group
+            .all_to_allv(send, &send_counts, into, &recv_counts, what)
+            .unwrap_or_else(|e| panic!("pipeline: {e:#}"));
+        received.into_iter().enumerate().map(|(i, m)| (m, i * len..(i + 1) * len)).collect()
     }
-    let empty = b.zeros(0);
-    let what = "interleaved pipeline: hand-overs";
-    let total = received.len() * message_len;
-    let into = b.slice_mut(staging, 0..total);
-    pp.group
-        .all_to_allv(source.unwrap_or(&empty), &send_counts, into, &recv_counts, what)
-        .unwrap_or_else(|e| panic!("pipeline: {e:#}"));
-    received.into_iter().enumerate().map(|(i, m)| (*m, i * message_len..(i + 1) * message_len)).collect()
+
+    /// A received message's values.
+    pub fn values(&self, b: &B, at: Range<usize>) -> &B::Slice {
+        b.slice(&self.received, at)
+    }
 }
 
 impl<B: Backend> Run<'_, B> {
-    /// One tick of an interleaved pass on this stage: its task, then the tick's hand-overs
+    /// One tick of an interleaved pass on this stage: its tasks, then the tick's hand-overs
     /// (outputs into the next virtual stage's input, gradients into the previous one's
     /// `dres`).
     pub(crate) fn tick(
         &mut self,
         model: &mut Model<B>,
-        tick: &Tick,
+        (tick, hand_overs): (&Tick, &mut HandOvers<B>),
         loss: &mut PipelineLoss,
         grads: &mut dyn GradSink<B>,
     ) {
         let (b, pp, me) = (self.b, self.pp, self.pp.stage());
-        let task = tick.tasks[me];
-        match task {
-            Some(t) if t.backward => self.backward(model, t.part, t.chunk, loss, grads),
-            Some(t) => self.forward(model, t.part, t.chunk, loss),
-            None => {}
+        for t in &tick.tasks[me] {
+            if t.backward {
+                self.backward(model, t.part, t.chunk, loss, grads);
+            } else {
+                if !pp.part_embeds(t.part) {
+                    self.acts.take_input(t.part, t.chunk);
+                }
+                self.forward(model, t.part, t.chunk, loss);
+            }
         }
         if tick.messages.is_empty() {
             return;
         }
-        let message_len = b.len(&self.acts[0][0].layer_inputs[0]);
-        let mut staging = b.zeros(2 * message_len);
-        let sent = tick.messages.iter().find(|m| m.from == me);
-        let source: Option<&B::Slice> = match (sent, task) {
-            (Some(_), Some(t)) if t.backward => Some(dres(self.acts_of(t.part, t.chunk))),
-            (Some(_), Some(t)) => Some(self.acts_of(t.part, t.chunk).layer_inputs.last().expect("a part's output")),
-            _ => None,
-        };
-        for (m, at) in exchange(b, pp, tick, source, &mut staging) {
-            let a = self.acts_of(m.part, m.chunk);
-            let into = if m.gradient { dres(a) } else { &mut a.layer_inputs[0] };
-            b.copy(into, b.slice(&staging, at));
+        let shape = Shape { stages: pp.group.size(), parts: pp.parts(), chunks: self.chunks.len() };
+        let sent: Vec<(Message, &B::Slice)> = (tick.tasks[me].iter())
+            .filter_map(|t| shape.message(me, *t).map(|m| (m, t)))
+            .map(|(m, t)| (m, sent_values(self.acts.peek(t.part, t.chunk), t.backward)))
+            .collect();
+        for (m, at) in hand_overs.exchange(b, pp, tick, &sent) {
+            let values = hand_overs.values(b, at);
+            if m.gradient {
+                b.copy(dres(self.acts.get(m.part, m.chunk)), values);
+            } else {
+                self.acts.arrive(b, (m.part, m.chunk), values);
+            }
         }
+    }
+}
+
+/// What a task on `a` hands on: with `backward` the gradient of the part's input, else the
+/// part's output.
+fn sent_values<B: Backend>(a: &Activations<B>, backward: bool) -> &B::Slice {
+    match backward {
+        true => &a.grad.as_ref().expect("training activations").dres,
+        false => a.layer_inputs.last().expect("a part's output"),
     }
 }
 
@@ -119,29 +147,21 @@ impl<B: Backend> Model<B> {
         let (me, seq, chunk_rows) = (pp.stage(), chunks[0].seq, chunks[0].rows);
         let shape = Shape { stages: pp.group.size(), parts: pp.parts(), chunks: chunks.len() };
         let [ticks, _] = shape.forwards_then_backwards();
-        let (slot_of, slots) = interleaved_schedule::slots(&shape, &ticks, me, true);
+        let pool_of = part_pools(&self.config, &pp);
+        let (slot_of, counts) = interleaved_schedule::slots(&shape, &ticks, (me, &pool_of), true);
         let training_layout = self.config.sequence_parallel.is_some();
-        let mut held = std::mem::take(&mut self.forward_parts);
-        let fits =
-            |h: &[Activations<B>], n: usize| h.len() >= n && h.iter().all(|a| a.rows == chunk_rows && a.seq == seq);
-        if held.len() != slots.len() || !held.iter().zip(&slots).all(|(h, &n)| fits(h, n)) {
-            held = (0..slots.len())
-                .map(|v| {
-                    let run = pp.part_layers(v);
-                    let new = || {
-                        Activations::for_part(b, &self.config, run.clone(), (chunk_rows, seq), (training_layout, false))
-                    };
-                    (0..slots[v]).map(|_| new()).collect()
-                })
-                .collect();
-        }
-        let message_len = b.len(&held[0][0].layer_inputs[0]);
-        let mut staging = b.zeros(2 * message_len);
-        let slot = |part: usize, chunk: usize| slot_of[part * chunks.len() + chunk];
+        let held = std::mem::take(&mut self.forward_parts);
+        let layout = (&self.config, &pp);
+        let held = part_slots::pools(b, layout, held, (&pool_of, &counts), (chunk_rows, seq), (training_layout, false));
+        let runs: Vec<Range<usize>> = (0..pp.parts()).map(|v| pp.part_layers(v)).collect();
+        let mut slots = PartSlots::new(held, (pool_of, &runs), Some(slot_of), chunks.len());
+        let mut hand_overs = HandOvers::new(b, b.len(&slots.pools[0][0].layer_inputs[0]));
         for tick in &ticks {
-            let task = tick.tasks[me];
-            if let Some(t) = task {
-                let a = &mut held[t.part][slot(t.part, t.chunk)];
+            for t in &tick.tasks[me] {
+                if !pp.part_embeds(t.part) {
+                    slots.take_input(t.part, t.chunk);
+                }
+                let a = slots.get(t.part, t.chunk);
                 self.forward_layers(b, a, &chunks[t.chunk], None, None, Some(t.part));
                 if pp.part_heads(t.part) {
                     self.lm_head_forward(b, a);
@@ -155,14 +175,15 @@ impl<B: Backend> Model<B> {
             if tick.messages.is_empty() {
                 continue;
             }
-            let source = task
-                .filter(|_| tick.messages.iter().any(|m| m.from == me))
-                .map(|t| &**held[t.part][slot(t.part, t.chunk)].layer_inputs.last().expect("a part's output"));
-            for (m, at) in exchange(b, &pp, tick, source, &mut staging) {
-                let a = &mut held[m.part][slot(m.part, m.chunk)];
-                b.copy(&mut a.layer_inputs[0], b.slice(&staging, at));
+            let sent: Vec<(Message, &B::Slice)> = (tick.tasks[me].iter())
+                .filter_map(|t| shape.message(me, *t).map(|m| (m, t)))
+                .map(|(m, t)| (m, sent_values(slots.peek(t.part, t.chunk), false)))
+                .collect();
+            for (m, at) in hand_overs.exchange(b, &pp, tick, &sent) {
+                slots.arrive(b, (m.part, m.chunk), hand_overs.values(b, at));
             }
         }
+        let held = slots.into_pools();
         self.forward_parts = held;
     }
 
@@ -189,7 +210,7 @@ impl<B: Backend> Model<B> {
         let [first, then] = interleaved_ticks(&pp, pp.chunks, order);
         let me = pp.stage();
         let mut served: Vec<Option<Vec<Option<moe::Served<B>>>>> = (0..pp.parts() * pp.chunks).map(|_| None).collect();
-        for task in first.iter().chain(&then).filter_map(|t| t.tasks[me]) {
+        for &task in first.iter().chain(&then).flat_map(|t| &t.tasks[me]) {
             let (run, at) = (pp.part_layers(task.part), task.part * pp.chunks + task.chunk);
             if task.backward {
                 let chunk = served[at].take().expect("a chunk's forward before its backward");

@@ -9,7 +9,8 @@ use crate::grad_sink::GradSink;
 use crate::interleaved_schedule::{self, Shape, Tick};
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::model::{Model, WeightsOf};
-use crate::model_interleaved::interleaved_ticks;
+use crate::model_interleaved::{interleaved_ticks, HandOvers};
+use crate::part_slots::{self, part_pools, PartSlots};
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, ChunkOrder, Op};
 use kiln_core::Backend;
@@ -100,32 +101,21 @@ impl<B: Backend> Model<B> {
                 order => [order.ops(stage, stages, chunks.len()), Vec::new()],
             })
         };
-        let (slot_of, slots) = match &schedule {
+        let pool_of = part_pools(&self.config, &pp);
+        let (slot_of, counts) = match &schedule {
             Schedule::Ops(ops) => (None, vec![chunks_in_flight(&ops.concat())]),
             Schedule::Ticks(ticks) => {
                 let shape = Shape { stages, parts: pp.parts(), chunks: chunks.len() };
-                let (slot_of, slots) = interleaved_schedule::slots(&shape, &ticks.concat(), stage, false);
-                (Some(slot_of), slots)
+                let (slot_of, counts) = interleaved_schedule::slots(&shape, &ticks.concat(), (stage, &pool_of), false);
+                (Some(slot_of), counts)
             }
         };
-        let mut held = std::mem::take(&mut self.chunk_acts);
-        let fits = |a: &Activations<B>| a.rows == chunk_rows && a.seq == seq && a.recompute == acts.recompute;
-        let fit = |held: &[Vec<Activations<B>>]| {
-            held.len() == slots.len() && held.iter().zip(&slots).all(|(h, &n)| h.len() >= n && h.iter().all(fits))
-        };
-        if !fit(&held) {
-            held = (0..slots.len())
-                .map(|v| {
-                    let run = pp.part_layers(v);
-                    let new = || {
-                        Activations::for_part(b, &self.config, run.clone(), (chunk_rows, seq), (true, acts.recompute))
-                    };
-                    (0..slots[v]).map(|_| new()).collect()
-                })
-                .collect();
-        }
-        let mut run =
-            Run { b, pp: &pp, acts: held, slot_of, chunks: &chunks, rows: &rows, out: acts, teacher, loss_sum: 0.0 };
+        let held = std::mem::take(&mut self.chunk_acts);
+        let layout = (&self.config, &pp);
+        let held = part_slots::pools(b, layout, held, (&pool_of, &counts), (chunk_rows, seq), (true, acts.recompute));
+        let runs: Vec<Range<usize>> = (0..pp.parts()).map(|v| pp.part_layers(v)).collect();
+        let slots = PartSlots::new(held, (pool_of, &runs), slot_of, chunks.len());
+        let mut run = Run { b, pp: &pp, acts: slots, chunks: &chunks, rows: &rows, out: acts, teacher, loss_sum: 0.0 };
         let (first, then) = match &schedule {
             Schedule::Ops([first, then]) => (Steps::Ops(first), Steps::Ops(then)),
             Schedule::Ticks([first, then]) => (Steps::Ticks(first), Steps::Ticks(then)),
@@ -143,7 +133,7 @@ impl<B: Backend> Model<B> {
                 for (c, r) in rows.iter().enumerate() {
                     let mut padded = vec![0.0; chunk_rows * seq];
                     padded[..r.len() * seq].copy_from_slice(&weights[r.start * seq..r.end * seq]);
-                    b.write(&mut run.acts_of(head, c).inputs.weights, &padded);
+                    b.write(&mut run.acts.get(head, c).inputs.weights, &padded);
                 }
             }
             nll = Some(all);
@@ -153,7 +143,7 @@ impl<B: Backend> Model<B> {
             // Under interleaving the outer gradients end once a pass, on every stage.
             grads.outer_done(b);
         }
-        self.chunk_acts = run.acts;
+        self.chunk_acts = run.acts.into_pools();
         (pp.scalar_from_last(run.loss_sum, "pipeline: loss"), nll)
     }
 
@@ -176,7 +166,10 @@ impl<B: Backend> Model<B> {
         let training_layout = self.config.sequence_parallel.is_some();
         let mut a = match self.forward_chunk.take() {
             Some(a) if a.rows == chunk_rows && a.seq == seq => a,
-            _ => Activations::new(b, &self.config, chunk_rows, seq, training_layout, false),
+            _ => {
+                let (layers, layout) = (0..self.config.num_layers, (training_layout, false));
+                Activations::for_part(b, &self.config, layers, (chunk_rows, seq), layout, pp.is_last())
+            }
         };
         let what = "pipeline: hidden states forward";
         for op in forwards_then_backwards(pp.stage(), pp.group.size(), chunks.len())[0].iter().copied() {
@@ -304,9 +297,7 @@ enum Steps<'a> {
 pub(crate) struct Run<'a, B: Backend> {
     pub b: &'a B,
     pub pp: &'a Pipeline<B>,
-    pub acts: Vec<Vec<Activations<B>>>,
-    /// With interleaved stages, the slot of part v's chunk c at `v · chunks + c`.
-    pub slot_of: Option<Vec<usize>>,
+    pub acts: PartSlots<B>,
     pub chunks: &'a [Batch],
     /// The rows of the pass each chunk holds (before its padding).
     pub rows: &'a [Range<usize>],
@@ -316,76 +307,27 @@ pub(crate) struct Run<'a, B: Backend> {
 }
 
 impl<B: Backend> Run<'_, B> {
-    fn slot(&self, chunk: usize) -> usize {
-        self.slot_in(0, chunk)
-    }
-
-    pub fn slot_in(&self, part: usize, chunk: usize) -> usize {
-        match &self.slot_of {
-            Some(slot_of) => slot_of[part * self.chunks.len() + chunk],
-            None => chunk % self.acts[0].len(),
-        }
-    }
-
-    pub fn acts_of(&mut self, part: usize, chunk: usize) -> &mut Activations<B> {
-        let slot = self.slot_in(part, chunk);
-        &mut self.acts[part][slot]
-    }
-
     fn steps(&mut self, model: &mut Model<B>, steps: Steps, loss: &mut PipelineLoss, grads: &mut dyn GradSink<B>) {
         match steps {
             Steps::Ops(ops) => ops.iter().for_each(|&op| self.op(model, op, loss, grads)),
-            Steps::Ticks(ticks) => ticks.iter().for_each(|tick| self.tick(model, tick, loss, grads)),
+            Steps::Ticks(ticks) => {
+                let mut hand_overs = HandOvers::new(self.b, self.b.len(&self.acts.pools[0][0].layer_inputs[0]));
+                ticks.iter().for_each(|tick| self.tick(model, (tick, &mut hand_overs), loss, grads))
+            }
         }
-    }
-
-    /// Chunk `send`'s output (layer `last`'s output) and chunk `recv`'s output gradient, the
-    /// first to send and the second to receive: the chunks are in different slots.
-    fn output_and_grad(&mut self, send: usize, recv: usize, last: usize) -> (&B::Slice, &mut B::Slice) {
-        let (s, r) = (self.slot(send), self.slot(recv));
-        assert_ne!(s, r, "two chunks in flight share activations");
-        let acts = &mut self.acts[0];
-        let (send, recv) = if s < r {
-            let (low, high) = acts.split_at_mut(r);
-            (&low[s], &mut high[0])
-        } else {
-            let (low, high) = acts.split_at_mut(s);
-            (&high[0], &mut low[r])
-        };
-        (&send.layer_inputs[last], dres(recv))
-    }
-
-    /// Chunk `send`'s input gradient and chunk `recv`'s input, the first to send and the
-    /// second to receive: a slot whose chunk's backward is done takes the next chunk's input.
-    fn grad_and_input(&mut self, send: usize, recv: usize) -> (&B::Slice, &mut B::Slice) {
-        let (s, r) = (self.slot(send), self.slot(recv));
-        let acts = &mut self.acts[0];
-        if s == r {
-            let a = &mut acts[s];
-            return (&a.grad.as_ref().expect("training activations").dres, &mut a.layer_inputs[0]);
-        }
-        let (send, recv) = if s < r {
-            let (low, high) = acts.split_at_mut(r);
-            (&low[s], &mut high[0])
-        } else {
-            let (low, high) = acts.split_at_mut(s);
-            (&high[0], &mut low[r])
-        };
-        (&send.grad.as_ref().expect("training activations").dres, &mut recv.layer_inputs[0])
     }
 
     fn op(&mut self, model: &mut Model<B>, op: Op, loss: &mut PipelineLoss, grads: &mut dyn GradSink<B>) {
         let (b, pp) = (self.b, self.pp);
-        let last = model.config.num_layers;
         let forward = "pipeline: hidden states forward";
         let backward = "pipeline: hidden-state gradients backward";
         match op {
-            Op::RecvForward(c) => pp.recv_prev(b, &mut self.acts_of(0, c).layer_inputs[0], forward),
+            Op::RecvForward(c) => pp.recv_prev(b, &mut self.acts.get(0, c).layer_inputs[0], forward),
             Op::Forward(c) => self.forward(model, 0, c, loss),
-            Op::SendForward(c) => pp.send_next(b, &self.acts[0][self.slot(c)].layer_inputs[last], forward),
+            Op::SendForward(c) => pp.send_next(b, stage_output(self.acts.peek(0, c)), forward),
             Op::SendForwardRecvBackward(j, i) => {
-                let (output, grad) = self.output_and_grad(j, i, last);
-                pp.send_next_recv_next(b, output, grad, backward);
+                let (send, recv) = self.acts.pair(j, i);
+                pp.send_next_recv_next(b, stage_output(send), dres(recv), backward);
             }
             Op::Backward(c) => {
                 self.backward(model, 0, c, loss, grads);
@@ -394,15 +336,22 @@ impl<B: Backend> Run<'_, B> {
                 }
             }
             Op::SendBackward(c) => {
-                pp.send_prev(b, dres(self.acts_of(0, c)), backward);
+                pp.send_prev(b, dres(self.acts.get(0, c)), backward);
+                grads.outer_done(b);
+            }
+            Op::SendBackwardRecvForward(i, j) if self.acts.place_of(0, i) == self.acts.place_of(0, j) => {
+                // A slot whose chunk's backward is done takes the next chunk's input.
+                let a = self.acts.get(0, i);
+                let s = a.grad.as_ref().expect("training activations");
+                pp.send_prev_recv_prev(b, &s.dres, &mut a.layer_inputs[0], forward);
                 grads.outer_done(b);
             }
             Op::SendBackwardRecvForward(i, j) => {
-                let (grad, input) = self.grad_and_input(i, j);
-                pp.send_prev_recv_prev(b, grad, input, forward);
+                let (send, recv) = self.acts.pair(i, j);
+                pp.send_prev_recv_prev(b, dres(send), &mut recv.layer_inputs[0], forward);
                 grads.outer_done(b);
             }
-            Op::RecvBackward(c) => pp.recv_next(b, dres(self.acts_of(0, c)), backward),
+            Op::RecvBackward(c) => pp.recv_next(b, dres(self.acts.get(0, c)), backward),
         }
     }
 
@@ -413,8 +362,7 @@ impl<B: Backend> Run<'_, B> {
         let (b, seq, rows) = (self.b, self.chunks[c].seq, self.rows[c].clone());
         let heads = self.pp.part_heads(part);
         let chunk = &self.chunks[c];
-        let slot = self.slot_in(part, c);
-        let a = &mut self.acts[part][slot];
+        let a = self.acts.get(part, c);
         // The chunk's padding rows are no one's: their routes do not count in the loads.
         model.forward_layers(b, a, chunk, Some(rows.len() * seq), None, Some(part));
         if !heads {
@@ -457,8 +405,7 @@ impl<B: Backend> Run<'_, B> {
         grads: &mut dyn GradSink<B>,
     ) {
         let (b, heads, chunk) = (self.b, self.pp.part_heads(part), &self.chunks[c]);
-        let slot = self.slot_in(part, c);
-        let a = &mut self.acts[part][slot];
+        let a = self.acts.get(part, c);
         if !heads {
             return model.backward_stage(b, a, chunk, grads, Some(part));
         }
@@ -469,6 +416,11 @@ impl<B: Backend> Run<'_, B> {
         }
         model.backward_from_logits(b, a, chunk, grads, Some(part));
     }
+}
+
+/// A chunk's output on this stage.
+fn stage_output<B: Backend>(a: &Activations<B>) -> &B::Slice {
+    a.layer_inputs.last().expect("the stage's output")
 }
 
 /// The gradient scratch's dL/d(residual stream) of a chunk's activations.

@@ -81,7 +81,7 @@ pub fn stage_config(whole: &Config, stage: usize, stages: usize, stage_layers: &
     config.num_layers = layers.len();
     config.layer_windows = layers.iter().map(|&l| whole.layer_windows[l]).collect();
     if let AttentionKind::V4(v4) = &mut config.attention {
-        v4.layers = layers.iter().map(|&l| v4.layers[l].clone()).collect();
+        v4.layers = layers.iter().map(|&l| v4.layers[l]).collect();
         v4.hash_layers = layers.iter().map(|&l| v4.hash_layers[l]).collect();
     }
     let embedding = stage == 0 || (last && whole.tie_word_embeddings && whole.num_labels.is_none());

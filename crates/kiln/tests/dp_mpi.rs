@@ -214,10 +214,11 @@ fn tensor_parallel_gives_the_one_process_curve_and_checkpoint() {
     assert_same_curve(&reference, &losses(&dir), "tp=2 resumed on 1");
 }
 
-/// Pipeline parallel as processes: 2 and 4 stages, with data parallel and ZeRO-2, and with
-/// data and tensor parallel on 8 processes, follow the one-process curve; their final
-/// checkpoint holds the whole model, the one process's weights; and the 2-stage checkpoint
-/// resumes on one process.
+/// Pipeline parallel as processes: 2 and 4 stages, with data parallel and ZeRO-2, with data
+/// and tensor parallel on 8 processes, and interleaved stages (alone, and with data parallel
+/// and ZeRO-3: the ticks' hand-overs as MPI all-to-alls), follow the one-process curve; their
+/// final checkpoint holds the whole model, the one process's weights; and the 2-stage
+/// checkpoint resumes on one process.
 #[test]
 fn pipeline_parallel_gives_the_one_process_curve_and_checkpoint() {
     let _serial = serial();
@@ -225,8 +226,14 @@ fn pipeline_parallel_gives_the_one_process_curve_and_checkpoint() {
     run_ok(1, 4, &one, &[]);
     let reference = losses(&one);
     let final_weights = |dir: &Path| tensors(&dir.join("checkpoints/step-00000006/model.safetensors"));
-    for (ranks, accum, layout) in [(2, 4, "pp=2"), (4, 4, "pp=4"), (4, 2, "dp=2,pp=2,zero=2"), (8, 2, "dp=2,tp=2,pp=2")]
-    {
+    for (ranks, accum, layout) in [
+        (2, 4, "pp=2"),
+        (4, 4, "pp=4"),
+        (4, 2, "dp=2,pp=2,zero=2"),
+        (8, 2, "dp=2,tp=2,pp=2"),
+        (2, 4, "pp=2,vpp=2"),
+        (4, 2, "dp=2,pp=2,vpp=2,zero=3"),
+    ] {
         let dir = scratch(&format!("pp-{layout}"));
         run_ok(ranks, accum, &dir, &["--layout", layout]);
         assert_same_curve(&reference, &losses(&dir), layout);

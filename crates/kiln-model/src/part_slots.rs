@@ -1,0 +1,160 @@
+//! The activations a pipeline stage holds for the chunks in flight: slots of activations,
+//! each a chunk's forward until its backward, in pools of the stage's parts laid out alike
+//! (with interleaved stages each part is a run of layers; runs of the same layers' kinds
+//! share one pool, so a slot a part's backward frees serves another part's forward), and the
+//! inputs that arrived before their forward runs (`Inbox`).
+
+use crate::activations::Activations;
+use crate::config::Config;
+use crate::pipeline::{run_config, Pipeline};
+use kiln_core::Backend;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// Which pool each part of `pp`'s stage (local config `config`) takes its slots from: the
+/// first part laid out as it is (the same layers' kinds and windows, and the head or not).
+pub fn part_pools<B: Backend>(config: &Config, pp: &Pipeline<B>) -> Vec<usize> {
+    let layout = |v: usize| {
+        let run = pp.part_layers(v);
+        let moe: Vec<bool> = run.clone().map(|l| config.is_moe_layer(l)).collect();
+        let mut part = run_config(config, run);
+        part.stage = None;
+        (part, moe, pp.part_heads(v))
+    };
+    let layouts: Vec<_> = (0..pp.parts()).map(layout).collect();
+    (0..layouts.len()).map(|v| layouts.iter().position(|l| *l == layouts[v]).expect("itself")).collect()
+}
+
+/// `counts[p]` activations of `rows × seq` for each pool p of `pp`'s stage (laid out for the
+/// first part `pool_of` puts in it), taken from `held` where they fit (the last pass's).
+pub fn pools<B: Backend>(
+    b: &B,
+    (config, pp): (&Config, &Pipeline<B>),
+    held: Vec<Vec<Activations<B>>>,
+    (pool_of, counts): (&[usize], &[usize]),
+    (rows, seq): (usize, usize),
+    (training, recompute): (bool, bool),
+) -> Vec<Vec<Activations<B>>> {
+    let fits = |a: &Activations<B>| a.rows == rows && a.seq == seq && a.recompute == (recompute && training);
+    let fit = held.len() == counts.len()
+        && held.iter().zip(counts).all(|(h, &n)| h.len() >= n && h.iter().all(fits) && h[0].grad.is_some() == training);
+    if fit {
+        return held;
+    }
+    drop(held);
+    (0..counts.len())
+        .map(|pool| {
+            let v = pool_of.iter().position(|&p| p == pool).expect("a part per pool");
+            let (run, heads) = (pp.part_layers(v), pp.part_heads(v));
+            let layout = (training, recompute);
+            (0..counts[pool])
+                .map(|_| Activations::for_part(b, config, run.clone(), (rows, seq), layout, heads))
+                .collect()
+        })
+        .collect()
+}
+
+/// A stage's activation slots for one pass.
+pub struct PartSlots<B: Backend> {
+    /// Each pool's slots.
+    pub pools: Vec<Vec<Activations<B>>>,
+    /// Each part's pool, and the part's first local layer.
+    pool_of: Vec<usize>,
+    first_layer: Vec<usize>,
+    /// The slot of part v's chunk c at `v · chunks + c`; without, chunk c's is c mod slots.
+    slot_of: Option<Vec<usize>>,
+    chunks: usize,
+    inbox: Inbox<B>,
+}
+
+impl<B: Backend> PartSlots<B> {
+    /// `pools` for the parts of `runs` (`pool_of[v]` part v's), placed by `slot_of`.
+    pub fn new(
+        pools: Vec<Vec<Activations<B>>>,
+        (pool_of, runs): (Vec<usize>, &[Range<usize>]),
+        slot_of: Option<Vec<usize>>,
+        chunks: usize,
+    ) -> Self {
+        let first_layer = runs.iter().map(|r| r.start).collect();
+        Self { pools, pool_of, first_layer, slot_of, chunks, inbox: Inbox::default() }
+    }
+
+    /// The pool and slot of part `part`'s chunk `chunk`.
+    pub fn place_of(&self, part: usize, chunk: usize) -> (usize, usize) {
+        let pool = self.pool_of[part];
+        let slot = match &self.slot_of {
+            Some(slot_of) => slot_of[part * self.chunks + chunk],
+            None => chunk % self.pools[pool].len(),
+        };
+        (pool, slot)
+    }
+
+    /// Part `part`'s chunk `chunk`'s activations, laid out for the part's layers.
+    pub fn get(&mut self, part: usize, chunk: usize) -> &mut Activations<B> {
+        let (pool, slot) = self.place_of(part, chunk);
+        let a = &mut self.pools[pool][slot];
+        a.first_layer = self.first_layer[part];
+        a
+    }
+
+    /// Part `part`'s chunk `chunk`'s activations, to read.
+    pub fn peek(&self, part: usize, chunk: usize) -> &Activations<B> {
+        let (pool, slot) = self.place_of(part, chunk);
+        &self.pools[pool][slot]
+    }
+
+    /// Two chunks' activations of part 0 at once (in different slots).
+    pub fn pair(&mut self, a: usize, b: usize) -> (&mut Activations<B>, &mut Activations<B>) {
+        let ((pool, s), (_, r)) = (self.place_of(0, a), self.place_of(0, b));
+        assert_ne!(s, r, "two chunks in flight share activations");
+        let acts = &mut self.pools[pool];
+        if s < r {
+            let (low, high) = acts.split_at_mut(r);
+            (&mut low[s], &mut high[0])
+        } else {
+            let (low, high) = acts.split_at_mut(s);
+            (&mut high[0], &mut low[r])
+        }
+    }
+
+    /// Keeps `values`, part `part`'s chunk `chunk`'s input, until its forward.
+    pub fn arrive(&mut self, b: &B, (part, chunk): (usize, usize), values: &B::Slice) {
+        self.inbox.put(b, (part, chunk), values);
+    }
+
+    /// Moves the input that arrived for part `part`'s chunk `chunk` into its activations.
+    pub fn take_input(&mut self, part: usize, chunk: usize) {
+        let mut input = self.inbox.take((part, chunk));
+        std::mem::swap(&mut self.get(part, chunk).layer_inputs[0], &mut input);
+        self.inbox.spare.push(input);
+    }
+
+    /// The pools back, for the next pass.
+    pub fn into_pools(self) -> Vec<Vec<Activations<B>>> {
+        self.pools
+    }
+}
+
+/// Inputs that arrived before their forward, by (part, chunk), in buffers reused as they go.
+struct Inbox<B: Backend> {
+    waiting: HashMap<(usize, usize), B::Buf>,
+    spare: Vec<B::Buf>,
+}
+
+impl<B: Backend> Default for Inbox<B> {
+    fn default() -> Self {
+        Self { waiting: HashMap::new(), spare: Vec::new() }
+    }
+}
+
+impl<B: Backend> Inbox<B> {
+    fn put(&mut self, b: &B, at: (usize, usize), values: &B::Slice) {
+        let mut buf = self.spare.pop().unwrap_or_else(|| b.zeros(b.len(values)));
+        b.copy(&mut buf, values);
+        self.waiting.insert(at, buf);
+    }
+
+    fn take(&mut self, at: (usize, usize)) -> B::Buf {
+        self.waiting.remove(&at).unwrap_or_else(|| panic!("interleaved pipeline: no input arrived for {at:?}"))
+    }
+}

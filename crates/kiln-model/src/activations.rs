@@ -105,6 +105,34 @@ pub struct GradScratch<B: Backend> {
     pub moe: Option<MoeGrads<B>>,
 }
 
+impl<B: Backend> GradScratch<B> {
+    /// Scratch for a backward over `n` tokens (`here` of them the rank's under sequence
+    /// parallel) of a model of `cfg`, for the kinds of layers it has.
+    pub fn new(b: &B, cfg: &Config, (n, here): (usize, usize)) -> Self {
+        let (d, s) = (cfg.hidden_size, streams(cfg));
+        let has_dense = (0..cfg.num_layers).any(|l| !cfg.is_moe_layer(l));
+        let has_moe = (0..cfg.num_layers).any(|l| cfg.is_moe_layer(l));
+        Self {
+            dres: b.zeros(here * d * s),
+            dxn: b.zeros(n * d),
+            hc: hc_dims(cfg, here, false).map(|dims| (b.zeros(here * d * s), b.zeros(here * d), HcGrads::new(b, dims))),
+            attn: match cfg.attention {
+                AttentionKind::Gqa => AttnGrads::Gqa(GqaGrads::new(b, cfg, n)),
+                AttentionKind::Mla(_) => AttnGrads::Mla(MlaGrads::new(b, cfg, n)),
+                AttentionKind::V4(_) => AttnGrads::V4(V4AttnGrads::new(b, cfg, n)),
+            },
+            dense: has_dense.then(|| MlpGrads::new(b, n, cfg.intermediate_size)),
+            moe: MoeShape::new(cfg).filter(|_| has_moe).map(|shape| MoeGrads::new(b, &shape, n)),
+        }
+    }
+
+    /// The stream's gradient (`dres`) of `here` tokens alone, the rest empty.
+    fn stream_only(b: &B, cfg: &Config, here: usize) -> Self {
+        let (d, s) = (cfg.hidden_size, streams(cfg));
+        Self { dres: b.zeros(here * d * s), ..Self::new(b, cfg, (0, 0)) }
+    }
+}
+
 /// A batch's tokens on the device.
 pub struct BatchInputs<B: Backend> {
     pub ids: B::Index,
@@ -151,7 +179,9 @@ pub struct Activations<B: Backend> {
 
 impl<B: Backend> Activations<B> {
     /// `new`'s activations of the local layers `run` only of a model of `cfg` (one part of
-    /// a pipeline stage), with no logits unless the part `heads` (ends with the head).
+    /// a pipeline stage), with no logits unless the part `heads` (ends with the head), and of
+    /// the gradient scratch only the stream's gradient: a backward borrows the rest, which the
+    /// stage's chunks share (`part_slots::PartSlots::lend_scratch`).
     pub fn for_part(
         b: &B,
         cfg: &Config,
@@ -162,13 +192,13 @@ impl<B: Backend> Activations<B> {
     ) -> Self {
         let first_layer = run.start;
         let part = crate::pipeline::run_config(cfg, run);
-        Self { first_layer, ..Self::laid_out(b, &part, (rows, seq), (training, recompute), heads) }
+        Self { first_layer, ..Self::laid_out(b, &part, (rows, seq), (training, recompute), (heads, false)) }
     }
 
     /// `training` adds the gradient scratch; `recompute` keeps only each layer's input and
     /// recomputes the rest of a layer's activations during backward.
     pub fn new(b: &B, cfg: &Config, rows: usize, seq: usize, training: bool, recompute: bool) -> Self {
-        Self::laid_out(b, cfg, (rows, seq), (training, recompute), true)
+        Self::laid_out(b, cfg, (rows, seq), (training, recompute), (true, true))
     }
 
     fn laid_out(
@@ -176,7 +206,7 @@ impl<B: Backend> Activations<B> {
         cfg: &Config,
         (rows, seq): (usize, usize),
         (training, recompute): (bool, bool),
-        logits: bool,
+        (logits, whole_scratch): (bool, bool),
     ) -> Self {
         let n = rows * seq;
         let d = cfg.hidden_size;
@@ -194,17 +224,9 @@ impl<B: Backend> Activations<B> {
             (layers, (0..cfg.num_layers).collect())
         };
         let s = streams(cfg);
-        let grad = training.then(|| GradScratch {
-            dres: b.zeros(here * d * s),
-            dxn: b.zeros(n * d),
-            hc: hc_dims(cfg, here, false).map(|dims| (b.zeros(here * d * s), b.zeros(here * d), HcGrads::new(b, dims))),
-            attn: match cfg.attention {
-                AttentionKind::Gqa => AttnGrads::Gqa(GqaGrads::new(b, cfg, n)),
-                AttentionKind::Mla(_) => AttnGrads::Mla(MlaGrads::new(b, cfg, n)),
-                AttentionKind::V4(_) => AttnGrads::V4(V4AttnGrads::new(b, cfg, n)),
-            },
-            dense: has_dense.then(|| MlpGrads::new(b, n, cfg.intermediate_size)),
-            moe: MoeShape::new(cfg).filter(|_| has_moe).map(|shape| MoeGrads::new(b, &shape, n)),
+        let grad = training.then(|| match whole_scratch {
+            true => GradScratch::new(b, cfg, (n, here)),
+            false => GradScratch::stream_only(b, cfg, here),
         });
         Self {
             rows,

@@ -24,6 +24,7 @@ use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::model_pipeline::PipelineLoss;
 use crate::model_share::{ModelShare, RankPart};
 use crate::param_shards::ParamShards;
+use crate::part_slots::ChunkActs;
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{ChunkOrder, Op};
 use crate::safetensors_io::{self, RawTensor, StorageDtype};
@@ -76,11 +77,11 @@ pub struct Model<B: Backend> {
     pub(crate) pipeline: Option<Pipeline<B>>,
     /// Pipeline parallel: the activations of the chunks (rows) a stage holds at once, per part
     /// (one part without interleaving).
-    pub(crate) chunk_acts: Vec<Vec<Activations<B>>>,
+    pub(crate) chunk_acts: Option<ChunkActs<B>>,
     /// Pipeline parallel: the activations of the one chunk a forward-only pass holds (with
     /// interleaved stages, per part, those it holds at once).
     pub(crate) forward_chunk: Option<Activations<B>>,
-    pub(crate) forward_parts: Vec<Vec<Activations<B>>>,
+    pub(crate) forward_parts: Option<ChunkActs<B>>,
     /// Under pipeline parallel, the activations of a pipelined decode step's chunks, by rows.
     pub(crate) decode_chunks: Option<ActivationsPool<B>>,
     rope_table: B::Buf,
@@ -283,9 +284,9 @@ impl<B: Backend> Model<B> {
             expert_parallel: None,
             tensor_parallel: None,
             pipeline: None,
-            chunk_acts: Vec::new(),
+            chunk_acts: None,
             forward_chunk: None,
-            forward_parts: Vec::new(),
+            forward_parts: None,
             decode_chunks: None,
             rope_table: b.zeros(0),
             rope_positions: 0,

@@ -10,7 +10,7 @@ use crate::interleaved_schedule::{self, Message, Shape, Tick};
 use crate::layers::moe;
 use crate::model::Model;
 use crate::model_pipeline::{dres, PipelineLoss, Run};
-use crate::part_slots::{self, part_pools, PartSlots};
+use crate::part_slots::{part_pools, ChunkActs, PartSlots};
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::ChunkOrder;
 use kiln_core::Backend;
@@ -150,12 +150,13 @@ impl<B: Backend> Model<B> {
         let pool_of = part_pools(&self.config, &pp);
         let (slot_of, counts) = interleaved_schedule::slots(&shape, &ticks, (me, &pool_of), true);
         let training_layout = self.config.sequence_parallel.is_some();
-        let held = std::mem::take(&mut self.forward_parts);
+        let held = self.forward_parts.take();
         let layout = (&self.config, &pp);
-        let held = part_slots::pools(b, layout, held, (&pool_of, &counts), (chunk_rows, seq), (training_layout, false));
+        let counted = (pool_of.as_slice(), counts.as_slice());
+        let held = ChunkActs::new(b, layout, held, counted, (chunk_rows, seq), (training_layout, false, false));
         let runs: Vec<Range<usize>> = (0..pp.parts()).map(|v| pp.part_layers(v)).collect();
         let mut slots = PartSlots::new(held, (pool_of, &runs), Some(slot_of), chunks.len());
-        let mut hand_overs = HandOvers::new(b, b.len(&slots.pools[0][0].layer_inputs[0]));
+        let mut hand_overs = HandOvers::new(b, b.len(&slots.acts.pools[0][0].layer_inputs[0]));
         for tick in &ticks {
             for t in &tick.tasks[me] {
                 if !pp.part_embeds(t.part) {
@@ -183,8 +184,7 @@ impl<B: Backend> Model<B> {
                 slots.arrive(b, (m.part, m.chunk), hand_overs.values(b, at));
             }
         }
-        let held = slots.into_pools();
-        self.forward_parts = held;
+        self.forward_parts = Some(slots.into_acts());
     }
 
     /// `idle_forward` of a forward-only pass over interleaved stages: this stage's forwards in

@@ -10,7 +10,7 @@ use crate::interleaved_schedule::{self, Shape, Tick};
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::model::{Model, WeightsOf};
 use crate::model_interleaved::{interleaved_ticks, HandOvers};
-use crate::part_slots::{self, part_pools, PartSlots};
+use crate::part_slots::{part_pools, ChunkActs, PartSlots};
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, ChunkOrder, Op};
 use kiln_core::Backend;
@@ -110,9 +110,10 @@ impl<B: Backend> Model<B> {
                 (Some(slot_of), counts)
             }
         };
-        let held = std::mem::take(&mut self.chunk_acts);
+        let held = self.chunk_acts.take();
         let layout = (&self.config, &pp);
-        let held = part_slots::pools(b, layout, held, (&pool_of, &counts), (chunk_rows, seq), (true, acts.recompute));
+        let counted = (pool_of.as_slice(), counts.as_slice());
+        let held = ChunkActs::new(b, layout, held, counted, (chunk_rows, seq), (true, acts.recompute, true));
         let runs: Vec<Range<usize>> = (0..pp.parts()).map(|v| pp.part_layers(v)).collect();
         let slots = PartSlots::new(held, (pool_of, &runs), slot_of, chunks.len());
         let mut run = Run { b, pp: &pp, acts: slots, chunks: &chunks, rows: &rows, out: acts, teacher, loss_sum: 0.0 };
@@ -143,7 +144,7 @@ impl<B: Backend> Model<B> {
             // Under interleaving the outer gradients end once a pass, on every stage.
             grads.outer_done(b);
         }
-        self.chunk_acts = run.acts.into_pools();
+        self.chunk_acts = Some(run.acts.into_acts());
         (pp.scalar_from_last(run.loss_sum, "pipeline: loss"), nll)
     }
 
@@ -311,7 +312,8 @@ impl<B: Backend> Run<'_, B> {
         match steps {
             Steps::Ops(ops) => ops.iter().for_each(|&op| self.op(model, op, loss, grads)),
             Steps::Ticks(ticks) => {
-                let mut hand_overs = HandOvers::new(self.b, self.b.len(&self.acts.pools[0][0].layer_inputs[0]));
+                let message_len = self.b.len(&self.acts.acts.pools[0][0].layer_inputs[0]);
+                let mut hand_overs = HandOvers::new(self.b, message_len);
                 ticks.iter().for_each(|tick| self.tick(model, (tick, &mut hand_overs), loss, grads))
             }
         }
@@ -405,16 +407,19 @@ impl<B: Backend> Run<'_, B> {
         grads: &mut dyn GradSink<B>,
     ) {
         let (b, heads, chunk) = (self.b, self.pp.part_heads(part), &self.chunks[c]);
+        self.acts.lend_scratch(part, c);
         let a = self.acts.get(part, c);
         if !heads {
-            return model.backward_stage(b, a, chunk, grads, Some(part));
+            model.backward_stage(b, a, chunk, grads, Some(part));
+        } else {
+            if let PipelineLoss::Nll(Some(_)) = loss {
+                // The weights chosen after the forwards, which `pipelined` wrote.
+                let weights = b.read(&a.inputs.weights);
+                self.loss_sum += nll_gradient(b, model, a, &weights);
+            }
+            model.backward_from_logits(b, a, chunk, grads, Some(part));
         }
-        if let PipelineLoss::Nll(Some(_)) = loss {
-            // The weights chosen after the forwards, which `pipelined` wrote.
-            let weights = b.read(&a.inputs.weights);
-            self.loss_sum += nll_gradient(b, model, a, &weights);
-        }
-        model.backward_from_logits(b, a, chunk, grads, Some(part));
+        self.acts.return_scratch(part, c);
     }
 }
 

@@ -1,10 +1,11 @@
 //! The activations a pipeline stage holds for the chunks in flight: slots of activations,
 //! each a chunk's forward until its backward, in pools of the stage's parts laid out alike
 //! (with interleaved stages each part is a run of layers; runs of the same layers' kinds
-//! share one pool, so a slot a part's backward frees serves another part's forward), and the
-//! inputs that arrived before their forward runs (`Inbox`).
+//! share one pool, so a slot a part's backward frees serves another part's forward); one
+//! gradient scratch that every chunk's backward borrows (a slot keeps only the gradient it
+//! receives or sends, `dres`); and the inputs that arrived before their forward (`Inbox`).
 
-use crate::activations::Activations;
+use crate::activations::{Activations, GradScratch};
 use crate::config::Config;
 use crate::pipeline::{run_config, Pipeline};
 use kiln_core::Backend;
@@ -25,39 +26,55 @@ pub fn part_pools<B: Backend>(config: &Config, pp: &Pipeline<B>) -> Vec<usize> {
     (0..layouts.len()).map(|v| layouts.iter().position(|l| *l == layouts[v]).expect("itself")).collect()
 }
 
-/// `counts[p]` activations of `rows × seq` for each pool p of `pp`'s stage (laid out for the
-/// first part `pool_of` puts in it), taken from `held` where they fit (the last pass's).
-pub fn pools<B: Backend>(
-    b: &B,
-    (config, pp): (&Config, &Pipeline<B>),
-    held: Vec<Vec<Activations<B>>>,
-    (pool_of, counts): (&[usize], &[usize]),
-    (rows, seq): (usize, usize),
-    (training, recompute): (bool, bool),
-) -> Vec<Vec<Activations<B>>> {
-    let fits = |a: &Activations<B>| a.rows == rows && a.seq == seq && a.recompute == (recompute && training);
-    let fit = held.len() == counts.len()
-        && held.iter().zip(counts).all(|(h, &n)| h.len() >= n && h.iter().all(fits) && h[0].grad.is_some() == training);
-    if fit {
-        return held;
+/// A stage's activations for the chunks of a pass: the pools' slots and (training) the
+/// gradient scratch their backwards share.
+pub struct ChunkActs<B: Backend> {
+    pub pools: Vec<Vec<Activations<B>>>,
+    scratch: Option<GradScratch<B>>,
+}
+
+impl<B: Backend> ChunkActs<B> {
+    /// `counts[p]` activations of `rows × seq` for each pool p of `pp`'s stage (local config
+    /// `config`; laid out for the first part `pool_of` puts in the pool; `training`, laid out
+    /// as training's are), taken from `held` where they fit (the last pass's); with
+    /// `backward` the shared scratch.
+    pub fn new(
+        b: &B,
+        (config, pp): (&Config, &Pipeline<B>),
+        held: Option<Self>,
+        (pool_of, counts): (&[usize], &[usize]),
+        (rows, seq): (usize, usize),
+        (training, recompute, backward): (bool, bool, bool),
+    ) -> Self {
+        let fits = |a: &Activations<B>| {
+            a.rows == rows && a.seq == seq && a.recompute == (recompute && training) && a.grad.is_some() == training
+        };
+        if let Some(held) = held.filter(|h| {
+            h.scratch.is_some() == backward
+                && h.pools.len() == counts.len()
+                && h.pools.iter().zip(counts).all(|(pool, &n)| pool.len() >= n && pool.iter().all(fits))
+        }) {
+            return held;
+        }
+        let pools: Vec<Vec<Activations<B>>> = (0..counts.len())
+            .map(|pool| {
+                let v = pool_of.iter().position(|&p| p == pool).expect("a part per pool");
+                let (run, heads) = (pp.part_layers(v), pp.part_heads(v));
+                let layout = (training, recompute);
+                (0..counts[pool])
+                    .map(|_| Activations::for_part(b, config, run.clone(), (rows, seq), layout, heads))
+                    .collect()
+            })
+            .collect();
+        let here = pools[0][0].sequence.as_ref().map_or(rows * seq, |sp| sp.tokens.len());
+        let scratch = backward.then(|| GradScratch::new(b, config, (rows * seq, here)));
+        Self { pools, scratch }
     }
-    drop(held);
-    (0..counts.len())
-        .map(|pool| {
-            let v = pool_of.iter().position(|&p| p == pool).expect("a part per pool");
-            let (run, heads) = (pp.part_layers(v), pp.part_heads(v));
-            let layout = (training, recompute);
-            (0..counts[pool])
-                .map(|_| Activations::for_part(b, config, run.clone(), (rows, seq), layout, heads))
-                .collect()
-        })
-        .collect()
 }
 
 /// A stage's activation slots for one pass.
 pub struct PartSlots<B: Backend> {
-    /// Each pool's slots.
-    pub pools: Vec<Vec<Activations<B>>>,
+    pub acts: ChunkActs<B>,
     /// Each part's pool, and the part's first local layer.
     pool_of: Vec<usize>,
     first_layer: Vec<usize>,
@@ -68,15 +85,15 @@ pub struct PartSlots<B: Backend> {
 }
 
 impl<B: Backend> PartSlots<B> {
-    /// `pools` for the parts of `runs` (`pool_of[v]` part v's), placed by `slot_of`.
+    /// `acts`' pools for the parts of `runs` (`pool_of[v]` part v's), placed by `slot_of`.
     pub fn new(
-        pools: Vec<Vec<Activations<B>>>,
+        acts: ChunkActs<B>,
         (pool_of, runs): (Vec<usize>, &[Range<usize>]),
         slot_of: Option<Vec<usize>>,
         chunks: usize,
     ) -> Self {
         let first_layer = runs.iter().map(|r| r.start).collect();
-        Self { pools, pool_of, first_layer, slot_of, chunks, inbox: Inbox::default() }
+        Self { acts, pool_of, first_layer, slot_of, chunks, inbox: Inbox::default() }
     }
 
     /// The pool and slot of part `part`'s chunk `chunk`.
@@ -84,7 +101,7 @@ impl<B: Backend> PartSlots<B> {
         let pool = self.pool_of[part];
         let slot = match &self.slot_of {
             Some(slot_of) => slot_of[part * self.chunks + chunk],
-            None => chunk % self.pools[pool].len(),
+            None => chunk % self.acts.pools[pool].len(),
         };
         (pool, slot)
     }
@@ -92,7 +109,7 @@ impl<B: Backend> PartSlots<B> {
     /// Part `part`'s chunk `chunk`'s activations, laid out for the part's layers.
     pub fn get(&mut self, part: usize, chunk: usize) -> &mut Activations<B> {
         let (pool, slot) = self.place_of(part, chunk);
-        let a = &mut self.pools[pool][slot];
+        let a = &mut self.acts.pools[pool][slot];
         a.first_layer = self.first_layer[part];
         a
     }
@@ -100,14 +117,14 @@ impl<B: Backend> PartSlots<B> {
     /// Part `part`'s chunk `chunk`'s activations, to read.
     pub fn peek(&self, part: usize, chunk: usize) -> &Activations<B> {
         let (pool, slot) = self.place_of(part, chunk);
-        &self.pools[pool][slot]
+        &self.acts.pools[pool][slot]
     }
 
     /// Two chunks' activations of part 0 at once (in different slots).
     pub fn pair(&mut self, a: usize, b: usize) -> (&mut Activations<B>, &mut Activations<B>) {
         let ((pool, s), (_, r)) = (self.place_of(0, a), self.place_of(0, b));
         assert_ne!(s, r, "two chunks in flight share activations");
-        let acts = &mut self.pools[pool];
+        let acts = &mut self.acts.pools[pool];
         if s < r {
             let (low, high) = acts.split_at_mut(r);
             (&mut low[s], &mut high[0])
@@ -129,9 +146,35 @@ impl<B: Backend> PartSlots<B> {
         self.inbox.spare.push(input);
     }
 
-    /// The pools back, for the next pass.
-    pub fn into_pools(self) -> Vec<Vec<Activations<B>>> {
-        self.pools
+    /// Lends the shared gradient scratch to part `part`'s chunk `chunk` for its backward
+    /// (the chunk keeps its own `dres`), until `return_scratch`.
+    pub fn lend_scratch(&mut self, part: usize, chunk: usize) {
+        self.swap_scratch(part, chunk, false);
+    }
+
+    /// Takes back what `lend_scratch` lent.
+    pub fn return_scratch(&mut self, part: usize, chunk: usize) {
+        self.swap_scratch(part, chunk, true);
+    }
+
+    /// Swaps the chunk's scratch with the shared one and then their `dres` back (returning:
+    /// the other way round).
+    fn swap_scratch(&mut self, part: usize, chunk: usize, returning: bool) {
+        let (pool, slot) = self.place_of(part, chunk);
+        let own = self.acts.pools[pool][slot].grad.as_mut().expect("training activations");
+        let shared = self.acts.scratch.as_mut().expect("a training pass's scratch");
+        if returning {
+            std::mem::swap(&mut own.dres, &mut shared.dres);
+        }
+        std::mem::swap(own, shared);
+        if !returning {
+            std::mem::swap(&mut own.dres, &mut shared.dres);
+        }
+    }
+
+    /// The activations back, for the next pass.
+    pub fn into_acts(self) -> ChunkActs<B> {
+        self.acts
     }
 }
 

@@ -163,6 +163,10 @@ pub struct Layout {
     pub dp: usize,
     pub tp: usize,
     pub pp: usize,
+    /// Interleaved stages: each pipeline stage holds this many runs of layers (virtual
+    /// stages), a `vpp`-fold smaller bubble for `vpp`-fold the hand-overs and more
+    /// activations in flight (1: one run per stage).
+    pub vpp: usize,
     pub ep: usize,
     /// 0: replicated; 1: optimizer states sharded over data parallel; 2: and gradients;
     /// 3: and weights.
@@ -174,16 +178,20 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// `dp` replicas of the whole model (one stage, no tensor or expert parallel), ZeRO-1.
+    pub fn replicated(dp: usize, recompute: Recompute) -> Self {
+        Self { dp, tp: 1, pp: 1, vpp: 1, ep: 1, zero: 1, recompute, sequence_parallel: true }
+    }
+
     pub fn devices(&self) -> usize {
         self.dp * self.tp * self.pp
     }
 
-    /// Parses `dp=128,tp=1,pp=16,ep=64,zero=1,recompute=selective,sp=on` (missing sizes are
-    /// 1, `zero` 1, `recompute` selective, `sp` on; `dp` may be left out and follows from
+    /// Parses `dp=128,tp=1,pp=16,vpp=1,ep=64,zero=1,recompute=selective,sp=on` (missing sizes
+    /// are 1, `zero` 1, `recompute` selective, `sp` on; `dp` may be left out and follows from
     /// `devices`).
     pub fn parse(s: &str, devices: usize) -> Result<Self> {
-        let mut l =
-            Self { dp: 0, tp: 1, pp: 1, ep: 1, zero: 1, recompute: Recompute::Selective, sequence_parallel: true };
+        let mut l = Self::replicated(0, Recompute::Selective);
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((key, value)) = part.split_once('=') else {
                 bail!("layout `{s}`: `{part}` is not key=value");
@@ -195,6 +203,7 @@ impl Layout {
                 "dp" => l.dp = n()?,
                 "tp" => l.tp = n()?,
                 "pp" => l.pp = n()?,
+                "vpp" => l.vpp = n()?,
                 "ep" => l.ep = n()?,
                 "zero" => l.zero = n()? as u8,
                 "recompute" => l.recompute = Recompute::parse(value)?,
@@ -205,10 +214,10 @@ impl Layout {
                         _ => bail!("layout `{s}`: `sp` = `{value}`: sequence parallel is `on` or `off`"),
                     }
                 }
-                other => bail!("layout `{s}`: unknown key `{other}` (dp, tp, pp, ep, zero, recompute, sp)"),
+                other => bail!("layout `{s}`: unknown key `{other}` (dp, tp, pp, vpp, ep, zero, recompute, sp)"),
             }
         }
-        if l.tp == 0 || l.pp == 0 || l.ep == 0 {
+        if l.tp == 0 || l.pp == 0 || l.vpp == 0 || l.ep == 0 {
             bail!("layout `{s}`: sizes must be positive");
         }
         if l.dp == 0 {
@@ -236,8 +245,11 @@ impl Layout {
         if !model.heads.is_multiple_of(self.tp) {
             bail!("{name}: tp = {} does not divide the {} attention heads", self.tp, model.heads);
         }
-        if self.pp > model.layers {
-            bail!("{name}: {} pipeline stages for {} layers", self.pp, model.layers);
+        if self.pp * self.vpp > model.layers {
+            bail!("{name}: {} pipeline stages for {} layers", self.pp * self.vpp, model.layers);
+        }
+        if self.vpp > 1 && self.pp == 1 {
+            bail!("{name}: interleaved stages (vpp = {}) need pipeline parallel", self.vpp);
         }
         if !self.dp.is_multiple_of(self.ep) {
             bail!("{name}: ep = {} does not divide dp = {}", self.ep, self.dp);
@@ -264,6 +276,9 @@ impl std::fmt::Display for Layout {
             self.zero,
             self.recompute.name()
         )?;
+        if self.vpp > 1 {
+            write!(f, " vpp={}", self.vpp)?;
+        }
         match self.sequence_parallel || self.tp == 1 {
             true => Ok(()),
             false => write!(f, " sp=off"),

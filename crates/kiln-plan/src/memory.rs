@@ -41,7 +41,7 @@ pub const EXPLAIN: &[(&str, &str)] = &[
     ("master weights", "f32 master copy (4 B/param); sharded from ZeRO-1"),
     ("optimizer states", "AdamW: f32 first and second moments (8 B/param); Muon: one f32 momentum (4 B/param) for hidden matrices, AdamW's 8 B for embeddings, head and vectors; sharded from ZeRO-1. Routed experts shard over dp/ep ranks (each expert's replicas), the rest over dp"),
     ("optimizer scratch", "Muon orthogonalises whole matrices: the largest one gathered in f32 with a work copy; ZeRO-3 gathers one layer's weights ahead (two layers in flight)"),
-    ("activations", "what backward keeps per token per layer (by recomputation mode: none, selective = DeepSeek-V3's set, full = layer inputs plus one layer's working set), for the stage's layers, micro-batch tokens, and the micro-batches in flight on the stage under 1F1B (pp - s on stage s); split by tp (with sequence parallel; sp=off keeps the residual stream's tensors whole on every rank of the group: 4 per layer without recomputation, 2 selective, the layer input under full; of DeepSeek-V4, its hyper-connected streams and norm outputs)"),
+    ("activations", "what backward keeps per token per layer (by recomputation mode: none, selective = DeepSeek-V3's set, full = layer inputs plus one layer's working set), for the stage's layers, micro-batch tokens, and the micro-batches in flight on the stage under 1F1B (pp - s on stage s; interleaved, (2(pp - s - 1) + (vpp - 1)·pp + 1) / vpp); split by tp (with sequence parallel; sp=off keeps the residual stream's tensors whole on every rank of the group: 4 per layer without recomputation, 2 selective, the layer input under full; of DeepSeek-V4, its hyper-connected streams and norm outputs)"),
     ("logits", "the last stage's f32 logits of one micro-batch (tokens x vocab / tp) for the loss (none on the others)"),
     ("reference model", "grpo with a KL term: a frozen bf16 copy of the policy, placed like the weights; dpo needs none (kiln precomputes reference log-probs once)"),
     ("teacher model", "distill: the teacher's bf16 weights, placed like the student's"),
@@ -173,8 +173,13 @@ fn stage_memory(job: &Job, layout: &Layout, stage: usize, layers: usize) -> Stag
 
     let tokens = job.micro_batch_tokens();
     let micro_batches = (job.global_batch_tokens / (l.dp as f64 * tokens)).ceil().max(1.0);
-    // 1F1B: stage s runs pp - s forwards before its first backward.
-    let in_flight = ((l.pp - stage) as f64).min(micro_batches);
+    // 1F1B: stage s runs pp - s forwards before its first backward. Interleaved (Megatron's
+    // schedule): 2(pp - s - 1) + (vpp - 1)·pp forwards of a part (1/vpp of the stage) and the
+    // steady state's one.
+    let in_flight = match l.vpp {
+        1 => ((l.pp - stage) as f64).min(micro_batches),
+        v => ((2 * (l.pp - stage - 1) + (v - 1) * l.pp + 1) as f64).min(micro_batches * v as f64) / v as f64,
+    };
     let tp = l.tp as f64;
     let activations = match l.recompute {
         Recompute::None => in_flight * tokens * stage_layers * m.saved_none / tp,

@@ -44,7 +44,10 @@ pub fn evaluate(job: &Job, cluster: &Cluster, layout: &Layout) -> Result<Estimat
         bail!("{layout}: needs {} devices, the cluster has {}", layout.devices(), cluster.count);
     }
     let usable = cluster.device.hbm_gb * crate::GB * USABLE_HBM;
-    let stage_layers = job.stage_cut.counts(&job.model, layout.pp)?;
+    // Under interleaving stage s holds virtual stages s, s + pp, ..: its layers are theirs.
+    let virtual_layers = job.stage_cut.counts(&job.model, layout.pp * layout.vpp)?;
+    let stage_layers: Vec<usize> =
+        (0..layout.pp).map(|s| virtual_layers.iter().skip(s).step_by(layout.pp).sum()).collect();
     let memory = memory::estimate(job, layout, &stage_layers, usable);
     let time = time::estimate(job, layout, &stage_layers, &cluster.device, &memory);
     let reason = if memory.peak > usable {
@@ -96,7 +99,7 @@ pub fn search(job: &Job, cluster: &Cluster, top: usize) -> Result<Vec<Estimate>>
                 for ep in divisors(dp).filter(|ep| experts.is_multiple_of(*ep)) {
                     for zero in 0..=3 {
                         for recompute in Recompute::ALL {
-                            let layout = Layout { dp, tp, pp, ep, zero, recompute, sequence_parallel: true };
+                            let layout = Layout { dp, tp, pp, vpp: 1, ep, zero, recompute, sequence_parallel: true };
                             let Ok(e) = evaluate(job, cluster, &layout) else { continue };
                             if e.fits {
                                 fits.push(e);

@@ -15,7 +15,8 @@ pub struct StepTime {
     pub compute: f64,
     /// Recomputation during backward.
     pub recompute: f64,
-    /// 1F1B pipeline fill and drain: (pp − 1) of every m micro-batches idle.
+    /// 1F1B pipeline fill and drain: (pp − 1) of every m micro-batches idle (of every vpp·m
+    /// with interleaved stages).
     pub bubble: f64,
     /// Communication by kind (data, tensor, pipeline, expert parallel), before overlap.
     pub comm: Vec<(&'static str, f64)>,
@@ -32,10 +33,10 @@ pub struct StepTime {
 pub const EXPLAIN: &[(&str, &str)] = &[
     ("compute", "FLOPs of the step's tokens: 6 x matrix parameters active per token (embedding lookups excluded) plus attention scores and sums at the sequence length (causal: half the sequence on average; sliding windows and compressed attention as configured), over devices x peak bf16 x the assumed efficiency; under pipeline parallel times the cut's pace (the slowest stage's share of the layers' and head's matrix weights, times pp). dpo adds one reference forward per token (computed once, kiln caches it); grpo with a reference adds its forward; distill adds the teacher's forward"),
     ("recompute", "selective: the MLA/low-rank query up-projections' forward again; full: the whole forward again"),
-    ("bubble", "1F1B pipeline: (pp - 1) / m of the compute, m = micro-batches per pipeline per step"),
+    ("bubble", "1F1B pipeline: (pp - 1) / m of the compute, m = micro-batches per pipeline per step; (pp - 1) / (vpp m) with interleaved stages"),
     ("data parallel", "ring reduce-scatter of bf16 gradients and all-gather of updated weights, 2(g-1)/g x bytes (ZeRO-3: 3(g-1)/g, weights gathered for forward and backward); routed experts over their dp/ep replicas"),
     ("tensor parallel", "4 ring all-reduces of a micro-batch's activations per layer (2 forward, 2 backward; 6 with full recomputation; under sequence parallel each a reduce-scatter and an all-gather of the same bytes), always inside a node"),
-    ("pipeline parallel", "each micro-batch's activations forward and their gradients back across each stage boundary, over the scale-out network"),
+    ("pipeline parallel", "each micro-batch's activations forward and their gradients back across each stage boundary (vpp times with interleaved stages), over the scale-out network"),
     ("expert parallel", "all-to-all dispatch and combine of each token's expert copies, forward and backward, per MoE layer; with node-limited routing (topk_group) at most that many copies leave the node. Inside a node when tp x ep fits one, else over the scale-out network"),
     ("exposed communication", "(1 - overlap) of all communication; the rest is assumed hidden behind compute (DualPipe-style schedules, bucketed gradient reduction)"),
     ("rollout", "grpo/distill: each model replica (tp x pp devices) prefills its share of the step's prompts at the training efficiency, then decodes the completions (seq x completion share) in waves of the sequences that fit its KV cache; a decode step reads the stage's weights (the experts the batch touches) and KV cache from HBM once per pipeline stage, or is bound by FLOPs, whichever is slower"),
@@ -79,7 +80,7 @@ pub fn estimate(job: &Job, layout: &Layout, stage_layers: &[usize], device: &Dev
         / rate;
     let mb_tokens = job.micro_batch_tokens();
     let micro_batches = (tokens / (l.dp as f64 * mb_tokens)).ceil().max(1.0);
-    let bubble = (compute + recompute) * (l.pp - 1) as f64 / micro_batches;
+    let bubble = (compute + recompute) * (l.pp - 1) as f64 / (micro_batches * l.vpp as f64);
 
     // Ranks are laid out tensor-parallel first, then data/expert parallel, then pipeline
     // stages: a group stays in a node while its span of devices fits one.
@@ -100,7 +101,7 @@ pub fn estimate(job: &Job, layout: &Layout, stage_layers: &[usize], device: &Dev
     let tensor =
         tp_reductions * most_layers * micro_batches * ring(activation_bytes, l.tp, 2.0, device.intra_node_gb_s);
     let pipeline = if l.pp > 1 {
-        2.0 * micro_batches * mb_tokens * m.residual_bytes / l.tp as f64 / (device.scale_out_gb_s * 1e9)
+        2.0 * l.vpp as f64 * micro_batches * mb_tokens * m.residual_bytes / l.tp as f64 / (device.scale_out_gb_s * 1e9)
     } else {
         0.0
     };

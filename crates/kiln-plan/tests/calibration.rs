@@ -112,15 +112,7 @@ fn each_zero_stage_needs_no_more_memory_than_the_one_before() {
     let cluster = Cluster::parse("64xh100").unwrap();
     let peaks: Vec<f64> = (0..=3)
         .map(|zero| {
-            let layout = Layout {
-                dp: 64,
-                tp: 1,
-                pp: 1,
-                ep: 1,
-                zero,
-                recompute: kiln_plan::Recompute::Selective,
-                sequence_parallel: true,
-            };
+            let layout = Layout { zero, ..Layout::replicated(64, kiln_plan::Recompute::Selective) };
             evaluate(&job, &cluster, &layout).unwrap().memory.peak
         })
         .collect();
@@ -226,4 +218,31 @@ fn the_planner_estimates_the_even_balanced_or_given_cut() {
     assert!(given.memory.params_non_expert > 3.0 * even.memory.params_non_expert, "29 of 32 layers on a stage");
     let err = evaluate(&job, &cluster, &Layout::parse("dp=4,pp=2", 8).unwrap()).unwrap_err().to_string();
     assert!(err.contains("give 2 stages"), "{err}");
+}
+
+/// Interleaved stages: the bubble shrinks vpp-fold, the hand-overs grow vpp-fold, and the
+/// first stage keeps (2(pp − 1) + (vpp − 1)·pp + 1) / vpp micro-batches' activations in flight
+/// where 1F1B keeps pp (Megatron-LM's interleaved schedule, which kiln trains with
+/// `train.vpp`).
+#[test]
+fn interleaved_stages_trade_activations_and_hand_overs_for_the_bubble() {
+    let job = Job::new(model("llama3_8b.json"), Method::Sft);
+    let cluster = Cluster::parse("8xh100").unwrap();
+    let plain = evaluate(&job, &cluster, &Layout::parse("dp=2,pp=4,zero=1", 8).unwrap()).unwrap();
+    let layout = Layout::parse("dp=2,pp=4,vpp=2,zero=1", 8).unwrap();
+    assert_eq!(layout.to_string(), "DP2 TP1 PP4 EP1 ZeRO-1 recompute=selective vpp=2");
+    let interleaved = evaluate(&job, &cluster, &layout).unwrap();
+    assert_eq!(interleaved.stage_layers, [8, 8, 8, 8], "8 runs of 4 layers, two a stage");
+    within("bubble", interleaved.time.bubble / plain.time.bubble, 0.5, 1e-9);
+    let comm = |e: &kiln_plan::Estimate| e.time.comm.iter().find(|c| c.0 == "pipeline parallel").unwrap().1;
+    within("hand-overs", comm(&interleaved) / comm(&plain), 2.0, 1e-9);
+    let activations = |e: &kiln_plan::Estimate| e.memory.terms.iter().find(|t| t.name == "activations").unwrap().bytes;
+    within("first stage's activations", activations(&interleaved) / activations(&plain), 5.5 / 4.0, 1e-9);
+    assert!(interleaved.memory.peak > plain.memory.peak);
+    for (spec, why) in
+        [("dp=8,vpp=2", "need pipeline parallel"), ("dp=1,pp=8,vpp=5", "40 pipeline stages for 32 layers")]
+    {
+        let err = evaluate(&job, &cluster, &Layout::parse(spec, 8).unwrap()).unwrap_err().to_string();
+        assert!(err.contains(why), "{spec}: {err}");
+    }
 }

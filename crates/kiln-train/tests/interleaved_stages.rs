@@ -6,7 +6,8 @@
 //! per-chunk collectives in the ticks' order), tensor parallel and recomputation; its
 //! checkpoints hold the whole model and resume on a plain pipeline; DPO (every forward first)
 //! and GRPO (rollouts through the runs in turn, log-probs on the forward ticks) follow theirs;
-//! DeepSeek-V3 with expert parallel too; what cannot be cut is refused with the reason.
+//! DeepSeek-V3 with expert parallel and DeepSeek-V4 (layers of different kinds in one stage)
+//! too; what cannot be cut is refused with the reason.
 //! `interleaved_schedule`'s unit tests check the ticks.
 
 mod common;
@@ -74,6 +75,22 @@ fn dpo_and_grpo_follow_their_curves_on_interleaved_stages() {
             assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), 1e-5, &what);
             assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, &what);
         }
+    }
+}
+
+/// DeepSeek-V4 over 2 × 2 runs: stage 0 holds a sliding, hash-routed layer and a heavily
+/// compressed one (laid out apart: pools of their own), stage 1 two compressed sparse ones,
+/// the stream-mixing head after the second.
+#[test]
+fn deepseek_v4_interleaves_its_layer_kinds() {
+    let base = scratch("vpp-v4-base");
+    let model = deepseek_v4_base_of_4_layers(&base);
+    let one = scratch("vpp-v4-1");
+    sft(1, &one, &[&model]);
+    for (ranks, layout) in [(2, "pp=2,vpp=2"), (4, "dp=2,pp=2,vpp=2,ep=2,zero=1")] {
+        let dir = scratch(&format!("vpp-v4-{layout}"));
+        sft_laid_out(ranks, &dir, layout, &[&model]);
+        assert_v4_follows(&one, &dir, &format!("deepseek_v4, {layout}"));
     }
 }
 

@@ -213,6 +213,19 @@ pub fn deepseek_v4_base(dir: &Path) -> String {
     write_base(dir, &config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1))
 }
 
+/// `deepseek_v4_base` with a fourth layer: compressed sparse attention and a scored MoE.
+#[allow(dead_code)]
+pub fn deepseek_v4_base_of_4_layers(dir: &Path) -> String {
+    let root = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    let fixture = std::fs::read_to_string(root.join("tests/fixtures/tiny_deepseek_v4.json")).unwrap();
+    let mut config: Value = serde_json::from_str(&fixture).unwrap();
+    config["num_hidden_layers"] = 4.into();
+    config["layer_types"].as_array_mut().unwrap().push("compressed_sparse_attention".into());
+    config["mlp_layer_types"].as_array_mut().unwrap().push("moe".into());
+    let config = config.to_string();
+    write_base(dir, &config, &kiln_model::Model::random(&Cpu, kiln_model::Config::parse(&config).unwrap(), 1))
+}
+
 /// A DeepSeek-V4 run in `dir` against the one-process run in `one`: the loss and grad-norm
 /// curves and the eval losses within 1e-5, the same expert loads, and the final checkpoint
 /// within 4e-3 of each tensor's largest value. AdamW's first steps move a weight by about the

@@ -576,8 +576,8 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         plan: &CachePlan,
     ) -> Vec<f32> {
-        if self.decodes_in_chunks(batch, plan) {
-            return self.pipelined_decode(b, batch, cache, plan);
+        if self.generates_in_chunks(batch) {
+            return self.pipelined_generation(b, batch, cache, plan);
         }
         self.forward_layers(b, acts, batch, None, Some((cache, plan)), None);
         let k = plan.logits_at.len();

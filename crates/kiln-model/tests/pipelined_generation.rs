@@ -1,6 +1,7 @@
-//! Generation under pipeline parallel: a decode step's rows, cut into chunks, flow through the
-//! stages (`Model::pipelined_decode`), and every stage returns the one-process generations,
-//! sampled tokens and log-probs alike, over continuous batching with more prompts than slots.
+//! Generation under pipeline parallel: a prefill's prompts and a decode step's rows, cut into
+//! chunks, flow through the stages (`Model::pipelined_generation`), and every stage returns
+//! the one-process generations, sampled tokens and log-probs alike, over continuous batching
+//! with more prompts than slots (the first prefill takes 4 prompts of 1 to 7 tokens, padded).
 
 use kiln_core::Cpu;
 use kiln_dist::Threads;
@@ -36,7 +37,7 @@ fn assert_same(case: &str, got: &[Generation], want: &[Generation]) {
 }
 
 #[test]
-fn decode_steps_cut_into_chunks_through_two_stages_give_the_one_process_generations() {
+fn prefills_and_decode_steps_cut_into_chunks_through_two_stages_give_the_one_process_generations() {
     for case in ["llama", "deepseek_v3"] {
         let want = generate(&Cpu, &mut Model::load(&Cpu, &fixture(case)).unwrap(), &requests(), 4, &mut |_, _| false);
         std::thread::scope(|s| {

@@ -1,5 +1,5 @@
 //! The model's side of interleaved pipeline stages (`interleaved_schedule`): running a pass's
-//! ticks, each stage's task and then the tick's hand-overs in one all-to-all over the stages,
+//! ticks, each stage's tasks and then the tick's hand-overs in one all-to-all over the stages,
 //! for training passes, forward-only passes (`pipelined_nll`) and the idle passes of a
 //! data-parallel peer with nothing to run.
 

@@ -114,7 +114,7 @@ impl Shape {
         }
         let backwards = pass(true);
         let warmup = match order {
-            ChunkOrder::Interleaved => (2 * (p - stage - 1) + (v - 1) * p + more_warmup).min(m * v),
+            ChunkOrder::OneForwardOneBackward => (2 * (p - stage - 1) + (v - 1) * p + more_warmup).min(m * v),
             ChunkOrder::ForwardsFirst | ChunkOrder::Unchunked => m * v,
         };
         let mut tasks = forwards[..warmup].to_vec();
@@ -132,7 +132,7 @@ impl Shape {
         (0..=self.chunks * self.parts)
             .find_map(|more| {
                 let tasks: Vec<Vec<Task>> =
-                    (0..self.stages).map(|s| self.tasks(s, ChunkOrder::Interleaved, false, more)).collect();
+                    (0..self.stages).map(|s| self.tasks(s, ChunkOrder::OneForwardOneBackward, false, more)).collect();
                 self.ticks(&tasks, false)
             })
             .expect("every forward first never waits")
@@ -276,10 +276,10 @@ mod tests {
         let sh = shape(2, 2, 4);
         let f = |part, chunk| Task { backward: false, part, chunk };
         let b = |part, chunk| Task { backward: true, part, chunk };
-        let stage0 = sh.tasks(0, ChunkOrder::Interleaved, false, 0);
+        let stage0 = sh.tasks(0, ChunkOrder::OneForwardOneBackward, false, 0);
         // Warm-up 2·(2 − 0 − 1) + (2 − 1)·2 = 4 forwards, then one forward and one backward.
         assert_eq!(stage0[..8], [f(0, 0), f(0, 1), f(1, 0), f(1, 1), f(0, 2), b(1, 0), f(0, 3), b(1, 1)]);
-        let stage1 = sh.tasks(1, ChunkOrder::Interleaved, false, 0);
+        let stage1 = sh.tasks(1, ChunkOrder::OneForwardOneBackward, false, 0);
         assert_eq!(stage1[..4], [f(0, 0), f(0, 1), f(1, 0), b(1, 0)]);
     }
 

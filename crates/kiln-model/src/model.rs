@@ -1097,10 +1097,10 @@ impl<B: Backend> Model<B> {
     pub fn idle_forward(&mut self, b: &B, order: ChunkOrder) {
         let runs: Vec<Range<usize>> = self.parts(None).map(|v| self.part_layers(v)).collect();
         match (&self.pipeline, order) {
-            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::Interleaved) if pp.parts() > 1 => {
+            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::OneForwardOneBackward) if pp.parts() > 1 => {
                 self.interleaved_idle_forward(b)
             }
-            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::Interleaved) => {
+            (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::OneForwardOneBackward) => {
                 for _ in 0..pp.chunks {
                     self.idle_chunk_forward(b, &runs);
                 }

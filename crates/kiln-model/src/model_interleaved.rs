@@ -23,7 +23,7 @@ pub(crate) fn interleaved_ticks<B: Backend>(pp: &Pipeline<B>, chunks: usize, ord
     let shape = Shape { stages: pp.group.size(), parts: pp.parts(), chunks };
     match order {
         ChunkOrder::ForwardsFirst | ChunkOrder::Unchunked => shape.forwards_then_backwards(),
-        ChunkOrder::Interleaved => [shape.one_forward_one_backward(), Vec::new()],
+        ChunkOrder::OneForwardOneBackward => [shape.one_forward_one_backward(), Vec::new()],
     }
 }
 

@@ -31,7 +31,7 @@ impl PipelineLoss<'_> {
     fn order(&self) -> ChunkOrder {
         match self {
             Self::Nll(Some(_)) => ChunkOrder::ForwardsFirst,
-            Self::Nll(None) | Self::Kl => ChunkOrder::Interleaved,
+            Self::Nll(None) | Self::Kl => ChunkOrder::OneForwardOneBackward,
         }
     }
 }

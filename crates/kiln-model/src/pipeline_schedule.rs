@@ -23,8 +23,9 @@
 /// its peers run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkOrder {
-    /// 1F1B (`one_forward_one_backward`): losses weighted by the batch.
-    Interleaved,
+    /// 1F1B (`one_forward_one_backward`; with interleaved stages, Megatron's interleaved 1F1B):
+    /// losses weighted by the batch.
+    OneForwardOneBackward,
     /// GPipe (`forwards_then_backwards`): losses whose token weights are chosen from every
     /// token's nll after the forwards (`Model::forward_backward_with`).
     ForwardsFirst,
@@ -37,7 +38,7 @@ impl ChunkOrder {
     /// This order's schedule for stage `stage` of `stages` over `chunks` chunks.
     pub fn ops(self, stage: usize, stages: usize, chunks: usize) -> Vec<Op> {
         match self {
-            Self::Interleaved => one_forward_one_backward(stage, stages, chunks),
+            Self::OneForwardOneBackward => one_forward_one_backward(stage, stages, chunks),
             Self::ForwardsFirst => forwards_then_backwards(stage, stages, chunks).concat(),
             Self::Unchunked => forwards_then_backwards(stage, stages, 1).concat(),
         }
@@ -234,7 +235,7 @@ mod tests {
         for stages in 1..6 {
             for chunks in 1..9 {
                 let of = |order: ChunkOrder| (0..stages).map(|s| order.ops(s, stages, chunks)).collect::<Vec<_>>();
-                let (ops, gpipe) = (of(ChunkOrder::Interleaved), of(ChunkOrder::ForwardsFirst));
+                let (ops, gpipe) = (of(ChunkOrder::OneForwardOneBackward), of(ChunkOrder::ForwardsFirst));
                 for schedule in [&ops, &gpipe] {
                     for s in 0..stages {
                         assert_runs_every_chunk(&schedule[s], s, stages, chunks);

@@ -91,7 +91,7 @@ impl<B: Backend> Recipe<B> for Distill<B> {
     fn chunk_order(&self) -> ChunkOrder {
         match self.d.estimator == "sampled" {
             true => ChunkOrder::ForwardsFirst,
-            false => ChunkOrder::Interleaved,
+            false => ChunkOrder::OneForwardOneBackward,
         }
     }
 

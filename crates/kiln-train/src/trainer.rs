@@ -85,7 +85,7 @@ pub trait Recipe<B: Backend> {
     /// The order of a training pass's chunks under pipeline parallel, which idle passes
     /// mirror: 1F1B unless the loss's token weights are chosen after the forwards.
     fn chunk_order(&self) -> ChunkOrder {
-        ChunkOrder::Interleaved
+        ChunkOrder::OneForwardOneBackward
     }
     /// Forward and backward of one micro-batch, gradients into `s.dp`; adds into `tally` and
     /// returns this micro-batch's share of the step's loss.

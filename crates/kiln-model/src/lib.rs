@@ -24,6 +24,7 @@ pub mod param_shards;
 mod part_slots;
 pub mod pipeline;
 pub mod pipeline_schedule;
+mod pipelined_generation;
 mod prompt_pool;
 pub mod quantized;
 pub mod rope;

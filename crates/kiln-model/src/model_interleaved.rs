@@ -32,48 +32,55 @@ pub(crate) fn interleaved_ticks<B: Backend>(pp: &Pipeline<B>, chunks: usize, ord
 pub(crate) struct HandOvers<B: Backend> {
     send: B::Buf,
     received: B::Buf,
-    message_len: usize,
 }
 
 impl<B: Backend> HandOvers<B> {
-    /// Staging for a stage's messages of `message_len` values: it sends and receives at most
-    /// two a tick (a part's output and another's input gradient).
+    /// Staging for a stage's messages of at most `message_len` values: it sends and receives
+    /// at most two a tick (a part's output and another's input gradient).
     pub fn new(b: &B, message_len: usize) -> Self {
-        Self { send: b.zeros(2 * message_len), received: b.zeros(2 * message_len), message_len }
+        Self { send: b.zeros(2 * message_len), received: b.zeros(2 * message_len) }
     }
 
     /// Tick `tick`'s hand-overs of stage `pp.stage()`: `sent`, the messages its tasks
-    /// produced with the buffers holding them (in task order), and those it receives; one
-    /// all-to-all over the stages. Returns each received message and where it lies in
-    /// `self.received` (pieces come in stage order, a stage's in its task order).
+    /// produced with the buffers holding them (in task order), and those it receives, each of
+    /// `len_of` values; one all-to-all over the stages. Returns each received message and
+    /// where it lies in `self.received` (pieces come in stage order, a stage's in its task
+    /// order).
     pub fn exchange(
         &mut self,
         b: &B,
-        pp: &Pipeline<B>,
-        tick: &Tick,
+        (pp, tick): (&Pipeline<B>, &Tick),
         sent: &[(Message, &B::Slice)],
+        len_of: &dyn Fn(&Message) -> usize,
     ) -> Vec<(Message, Range<usize>)> {
-        let (me, stages, len) = (pp.stage(), pp.group.size(), self.message_len);
+        let (me, stages) = (pp.stage(), pp.group.size());
         let mut order: Vec<&(Message, &B::Slice)> = sent.iter().collect();
         order.sort_by_key(|(m, _)| m.to);
-        let mut send_counts = vec![0; stages];
-        for (i, (m, source)) in order.iter().enumerate() {
-            b.copy(b.slice_mut(&mut self.send, i * len..(i + 1) * len), source);
+        let (mut send_counts, mut at) = (vec![0; stages], 0);
+        for (m, source) in order {
+            let len = len_of(m);
+            b.copy(b.slice_mut(&mut self.send, at..at + len), source);
             send_counts[m.to] += len;
+            at += len;
         }
         let mut received: Vec<Message> = tick.messages.iter().filter(|m| m.to == me).copied().collect();
         received.sort_by_key(|m| m.from);
         let mut recv_counts = vec![0; stages];
-        for m in &received {
+        let mut places = Vec::with_capacity(received.len());
+        let mut into = 0;
+        for m in received {
+            let len = len_of(&m);
             recv_counts[m.from] += len;
+            places.push((m, into..into + len));
+            into += len;
         }
         let what = "interleaved pipeline: hand-overs";
-        let send = b.slice(&self.send, 0..order.len() * len);
-        let into = b.slice_mut(&mut self.received, 0..received.len() * len);
+        let send = b.slice(&self.send, 0..at);
+        let recv = b.slice_mut(&mut self.received, 0..into);
         pp.group
-            .all_to_allv(send, &send_counts, into, &recv_counts, what)
+            .all_to_allv(send, &send_counts, recv, &recv_counts, what)
             .unwrap_or_else(|e| panic!("pipeline: {e:#}"));
-        received.into_iter().enumerate().map(|(i, m)| (m, i * len..(i + 1) * len)).collect()
+        places
     }
 
     /// A received message's values.
@@ -112,7 +119,8 @@ impl<B: Backend> Run<'_, B> {
             .filter_map(|t| shape.message(me, *t).map(|m| (m, t)))
             .map(|(m, t)| (m, sent_values(self.acts.peek(t.part, t.chunk), t.backward)))
             .collect();
-        for (m, at) in hand_overs.exchange(b, pp, tick, &sent) {
+        let len = b.len(&self.acts.acts.pools[0][0].layer_inputs[0]);
+        for (m, at) in hand_overs.exchange(b, (pp, tick), &sent, &|_| len) {
             let values = hand_overs.values(b, at);
             if m.gradient {
                 b.copy(dres(self.acts.get(m.part, m.chunk)), values);
@@ -156,7 +164,8 @@ impl<B: Backend> Model<B> {
         let held = ChunkActs::new(b, layout, held, counted, (chunk_rows, seq), (training_layout, false, false));
         let runs: Vec<Range<usize>> = (0..pp.parts()).map(|v| pp.part_layers(v)).collect();
         let mut slots = PartSlots::new(held, (pool_of, &runs), Some(slot_of), chunks.len());
-        let mut hand_overs = HandOvers::new(b, b.len(&slots.acts.pools[0][0].layer_inputs[0]));
+        let message_len = b.len(&slots.acts.pools[0][0].layer_inputs[0]);
+        let mut hand_overs = HandOvers::new(b, message_len);
         for tick in &ticks {
             for t in &tick.tasks[me] {
                 if !pp.part_embeds(t.part) {
@@ -180,7 +189,7 @@ impl<B: Backend> Model<B> {
                 .filter_map(|t| shape.message(me, *t).map(|m| (m, t)))
                 .map(|(m, t)| (m, sent_values(slots.peek(t.part, t.chunk), false)))
                 .collect();
-            for (m, at) in hand_overs.exchange(b, &pp, tick, &sent) {
+            for (m, at) in hand_overs.exchange(b, (&pp, tick), &sent, &|_| message_len) {
                 slots.arrive(b, (m.part, m.chunk), hand_overs.values(b, at));
             }
         }

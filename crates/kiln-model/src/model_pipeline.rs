@@ -3,11 +3,10 @@
 //! (`pipeline_schedule`: 1F1B, or GPipe where the loss's weights need every chunk's forward),
 //! and handing the last stage's results to every stage.
 
-use crate::activations::{Activations, ActivationsPool};
+use crate::activations::Activations;
 use crate::batch::Batch;
 use crate::grad_sink::GradSink;
 use crate::interleaved_schedule::{self, Shape, Tick};
-use crate::kv_cache::{CachePlan, KvCache};
 use crate::model::{Model, WeightsOf};
 use crate::model_interleaved::{interleaved_ticks, HandOvers};
 use crate::part_slots::{part_pools, ChunkActs, PartSlots};
@@ -193,81 +192,6 @@ impl<B: Backend> Model<B> {
         self.forward_chunk = Some(a);
         let mine = if pp.is_last() { b.read(&acts.nll) } else { Vec::new() };
         pp.from_last(b, &mine, batch.rows * seq, "pipeline: nll")
-    }
-
-    /// Whether a generation step runs as `pipelined_generation`: a prefill or decode step of
-    /// several rows under pipeline parallel. Not under expert parallel or ZeRO-3, whose
-    /// per-layer collectives a data-parallel peer with nothing to run meets with one idle
-    /// forward, nor for DeepSeek-V4, whose caches plan a step as a whole, nor over interleaved
-    /// stages.
-    pub(crate) fn generates_in_chunks(&self, batch: &Batch) -> bool {
-        let chunked = self.pipeline.as_ref().is_some_and(|pp| pp.chunks > 1 && pp.parts() == 1);
-        chunked && batch.rows > 1 && self.expert_parallel.is_none() && self.shards.is_none() && !self.is_v4()
-    }
-
-    /// A generation step of `batch` (a prefill of prompts, or a decode step of one token per
-    /// row) under pipeline parallel: its rows, cut into the pipeline's chunks, flow through the
-    /// stages as a forward-only pass's do (stage s runs chunk c while stage s + 1 runs chunk
-    /// c − 1), each chunk's keys and values going into its own sequences' cache rows; the last
-    /// stage computes each chunk's logits as the chunk leaves it. Returns the logits of
-    /// `plan.logits_at` (`[k, vocab]`) on every stage, as `forward_cached` does.
-    pub(crate) fn pipelined_generation(
-        &mut self,
-        b: &B,
-        batch: &Batch,
-        cache: &mut KvCache<B>,
-        plan: &CachePlan,
-    ) -> Vec<f32> {
-        let pp = self.pipeline.clone().expect("a pipeline stage");
-        let seq = batch.seq;
-        let count = pp.chunks.min(batch.rows);
-        let rows: Vec<Range<usize>> = (0..count).map(|c| kiln_dist::shard(batch.rows, c, count)).collect();
-        // Decoding, each token's cached spans (a prompt's and its own), as many per token.
-        let spans = plan.decode.map_or(0, |(starts, _)| starts.len() / batch.rows);
-        let (vocab, last) = (self.whole_config().vocab_size, self.config.num_layers);
-        let mut logits = vec![0.0; if pp.is_last() { plan.logits_at.len() * vocab } else { 0 }];
-        // Decode steps reuse their chunks' activations; a prefill's (of its prompts' length)
-        // are laid out for it, as an unpipelined prefill's are.
-        let mut pool = match plan.decode {
-            Some(_) => self.decode_chunks.take().unwrap_or_else(|| ActivationsPool::new(&self.config, 1, false, false)),
-            None => ActivationsPool::new(&self.config, seq, false, false),
-        };
-        let what = "pipeline: hidden states forward";
-        for op in forwards_then_backwards(pp.stage(), pp.group.size(), count)[0].iter().copied() {
-            match op {
-                Op::RecvForward(c) => pp.recv_prev(b, &mut pool.get(b, rows[c].len()).layer_inputs[0], what),
-                Op::Forward(c) => {
-                    let r = rows[c].clone();
-                    let tokens = r.start * seq..r.end * seq;
-                    let chunk = batch.rows_padded(r.clone(), r.len());
-                    // The chunk's tokens whose logits are asked for, and where they go.
-                    let (wanted, at): (Vec<usize>, Vec<i32>) = (plan.logits_at.iter().enumerate())
-                        .filter(|(_, &t)| tokens.contains(&(t as usize)))
-                        .map(|(i, &t)| (i, t - tokens.start as i32))
-                        .unzip();
-                    let spans = r.start * spans..r.end * spans;
-                    let chunk_plan = CachePlan {
-                        rows: &plan.rows[tokens],
-                        decode: plan.decode.map(|(starts, lengths)| (&starts[spans.clone()], &lengths[spans])),
-                        logits_at: &at,
-                    };
-                    let a = pool.get(b, r.len());
-                    self.forward_layers(b, a, &chunk, None, Some((&mut *cache, &chunk_plan)), Some(0));
-                    if pp.is_last() {
-                        let chunk_logits = self.logits_at(b, a, &at);
-                        for (i, row) in wanted.into_iter().zip(chunk_logits.chunks_exact(vocab)) {
-                            logits[i * vocab..(i + 1) * vocab].copy_from_slice(row);
-                        }
-                    }
-                }
-                Op::SendForward(c) => pp.send_next(b, &pool.get(b, rows[c].len()).layer_inputs[last], what),
-                other => unreachable!("{other:?} in a forward-only schedule"),
-            }
-        }
-        if plan.decode.is_some() {
-            self.decode_chunks = Some(pool);
-        }
-        pp.from_last(b, &logits, plan.logits_at.len() * vocab, "pipeline: logits")
     }
 }
 

@@ -179,7 +179,7 @@ impl<B: Backend> PartSlots<B> {
 }
 
 /// Inputs that arrived before their forward, by (part, chunk), in buffers reused as they go.
-struct Inbox<B: Backend> {
+pub(crate) struct Inbox<B: Backend> {
     waiting: HashMap<(usize, usize), B::Buf>,
     spare: Vec<B::Buf>,
 }
@@ -191,13 +191,25 @@ impl<B: Backend> Default for Inbox<B> {
 }
 
 impl<B: Backend> Inbox<B> {
-    fn put(&mut self, b: &B, at: (usize, usize), values: &B::Slice) {
-        let mut buf = self.spare.pop().unwrap_or_else(|| b.zeros(b.len(values)));
+    /// Keeps a copy of `values`, the input of `at` = (part, chunk).
+    pub fn put(&mut self, b: &B, at: (usize, usize), values: &B::Slice) {
+        let mut buf = match self.spare.iter().position(|s| b.len(s) == b.len(values)) {
+            Some(i) => self.spare.swap_remove(i),
+            None => b.zeros(b.len(values)),
+        };
         b.copy(&mut buf, values);
         self.waiting.insert(at, buf);
     }
 
+    /// The input of `at`, taken out (its buffer back with `spare`).
     fn take(&mut self, at: (usize, usize)) -> B::Buf {
         self.waiting.remove(&at).unwrap_or_else(|| panic!("interleaved pipeline: no input arrived for {at:?}"))
+    }
+
+    /// Copies the input of `at` into `dst`.
+    pub fn take_into(&mut self, b: &B, at: (usize, usize), dst: &mut B::Slice) {
+        let buf = self.take(at);
+        b.copy(dst, &buf);
+        self.spare.push(buf);
     }
 }

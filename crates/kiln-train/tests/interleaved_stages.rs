@@ -5,7 +5,7 @@
 //! one-process curve alone, with data parallel under ZeRO 1-3 (the data-parallel peers'
 //! per-chunk collectives in the ticks' order), tensor parallel and recomputation; its
 //! checkpoints hold the whole model and resume on a plain pipeline; DPO (every forward first)
-//! and GRPO (rollouts through the runs in turn, log-probs on the forward ticks) follow theirs;
+//! and GRPO (rollouts and log-probs on the forward ticks) follow theirs;
 //! DeepSeek-V3 with expert parallel and DeepSeek-V4 (layers of different kinds in one stage)
 //! too; what cannot be cut is refused with the reason.
 //! `interleaved_schedule`'s unit tests check the ticks.

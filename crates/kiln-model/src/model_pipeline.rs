@@ -1,7 +1,9 @@
 //! The model's side of pipeline parallel (`pipeline`): keeping one stage of a whole model,
 //! running a training pass's chunks (its rows) through the stages on a schedule
-//! (`pipeline_schedule`: 1F1B, or GPipe where the loss's weights need every chunk's forward),
-//! and handing the last stage's results to every stage.
+//! (`pipeline_schedule`: 1F1B, or GPipe where the loss's weights need every chunk's forward;
+//! with interleaved stages the ticks of `interleaved_schedule`, run in `model_interleaved`),
+//! and handing the last stage's results to every stage. Generation's chunks:
+//! `pipelined_generation`.
 
 use crate::activations::Activations;
 use crate::batch::Batch;

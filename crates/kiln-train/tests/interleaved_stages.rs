@@ -4,8 +4,9 @@
 //! after the last run), its chunks on the interleaved schedule's ticks, follows the
 //! one-process curve alone, with data parallel under ZeRO 1-3 (the data-parallel peers'
 //! per-chunk collectives in the ticks' order), tensor parallel and recomputation; its
-//! checkpoints hold the whole model and resume on a plain pipeline; DPO (every forward first)
-//! and GRPO (rollouts and log-probs on the forward ticks) follow theirs;
+//! checkpoints hold the whole model and resume on a plain pipeline; every other recipe follows
+//! its curve, DPO (every forward first) and GRPO (rollouts and log-probs on the forward ticks)
+//! also with data parallel;
 //! DeepSeek-V3 with expert parallel and DeepSeek-V4 (layers of different kinds in one stage)
 //! too; what cannot be cut is refused with the reason.
 //! `interleaved_schedule`'s unit tests check the ticks.
@@ -58,12 +59,28 @@ fn interleaved_stages_follow_the_one_process_curve_and_checkpoint_the_whole_mode
 }
 
 #[test]
-fn dpo_and_grpo_follow_their_curves_on_interleaved_stages() {
-    for (recipe, one) in [("dpo", vec!["train.grad_accum=2"]), ("grpo", vec!["grpo.beta=0.04"])] {
+fn every_recipe_follows_its_curve_on_interleaved_stages() {
+    let teacher = scratch("vpp-teacher");
+    deepseek_base(&teacher, 4);
+    let teacher = format!("distill.teacher={:?}", teacher.display().to_string());
+    for (recipe, one) in [
+        ("dpo", vec!["train.grad_accum=2"]),
+        ("grpo", vec!["grpo.beta=0.04"]),
+        ("rm", vec!["train.grad_accum=2"]),
+        ("kto", vec!["train.grad_accum=2"]),
+        ("distill", vec![teacher.as_str()]),
+    ] {
         let one = [&["train.steps=4"], &one[..]].concat();
         let a = scratch(&format!("vpp-{recipe}-1"));
         run(recipe, 1, &a, &one, false);
-        for (ranks, layout) in [(2, "pp=2,vpp=2"), (4, "dp=2,pp=2,vpp=2,zero=2")] {
+        assert!(series(&a, "grad_norm").iter().any(|g| *g > 0.0), "{recipe}: no gradient to compare");
+        // DPO (every forward first) and GRPO (rollouts on the forward ticks) also with data
+        // parallel and ZeRO-2; the reward model's whole micro-batch runs the parts in turn.
+        let mut layouts = vec![(2, "pp=2,vpp=2")];
+        if ["dpo", "grpo"].contains(&recipe) {
+            layouts.push((4, "dp=2,pp=2,vpp=2,zero=2"));
+        }
+        for (ranks, layout) in layouts {
             let b = scratch(&format!("vpp-{recipe}-{layout}"));
             let laid_out = format!("train.layout={layout:?}");
             let mut overrides = [&one[..], &[laid_out.as_str()]].concat();

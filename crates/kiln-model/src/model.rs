@@ -24,7 +24,7 @@ use crate::layers::{gqa, mla, mlp, moe, AttnCtx, CacheCtx};
 use crate::model_pipeline::PipelineLoss;
 use crate::model_share::{ModelShare, RankPart};
 use crate::param_shards::ParamShards;
-use crate::part_slots::ChunkActs;
+use crate::part_slots::{ChunkActs, TickBuffers};
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{ChunkOrder, Op};
 use crate::safetensors_io::{self, RawTensor, StorageDtype};
@@ -84,6 +84,8 @@ pub struct Model<B: Backend> {
     pub(crate) forward_parts: Option<ChunkActs<B>>,
     /// Under pipeline parallel, the activations of a pipelined decode step's chunks, by rows.
     pub(crate) decode_chunks: Option<ActivationsPool<B>>,
+    /// Interleaved stages: the buffers generation's forward ticks hand over through.
+    pub(crate) generation_ticks: TickBuffers<B>,
     rope_table: B::Buf,
     rope_positions: usize,
     /// DeepSeek-V4's rope of compressed layers (`rope_parameters["compress"]`), as `rope_table`.
@@ -288,6 +290,7 @@ impl<B: Backend> Model<B> {
             forward_chunk: None,
             forward_parts: None,
             decode_chunks: None,
+            generation_ticks: TickBuffers::default(),
             rope_table: b.zeros(0),
             rope_positions: 0,
             compress_rope_table: b.zeros(0),

@@ -41,6 +41,11 @@ impl<B: Backend> HandOvers<B> {
         Self { send: b.zeros(2 * message_len), received: b.zeros(2 * message_len) }
     }
 
+    /// Whether it stages messages of `message_len` values.
+    pub fn fits(&self, b: &B, message_len: usize) -> bool {
+        b.len(&self.send) >= 2 * message_len
+    }
+
     /// Tick `tick`'s hand-overs of stage `pp.stage()`: `sent`, the messages its tasks
     /// produced with the buffers holding them (in task order), and those it receives, each of
     /// `len_of` values; one all-to-all over the stages. Returns each received message and
@@ -165,7 +170,7 @@ impl<B: Backend> Model<B> {
         let runs: Vec<Range<usize>> = (0..pp.parts()).map(|v| pp.part_layers(v)).collect();
         let mut slots = PartSlots::new(held, (pool_of, &runs), Some(slot_of), chunks.len());
         let message_len = b.len(&slots.acts.pools[0][0].layer_inputs[0]);
-        let mut hand_overs = HandOvers::new(b, message_len);
+        let mut hand_overs = slots.acts.ticks.hand_overs(b, message_len);
         for tick in &ticks {
             for t in &tick.tasks[me] {
                 if !pp.part_embeds(t.part) {
@@ -193,6 +198,7 @@ impl<B: Backend> Model<B> {
                 slots.arrive(b, (m.part, m.chunk), hand_overs.values(b, at));
             }
         }
+        slots.acts.ticks.keep(hand_overs);
         self.forward_parts = Some(slots.into_acts());
     }
 

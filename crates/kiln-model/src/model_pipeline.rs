@@ -10,7 +10,7 @@ use crate::batch::Batch;
 use crate::grad_sink::GradSink;
 use crate::interleaved_schedule::{self, Shape, Tick};
 use crate::model::{Model, WeightsOf};
-use crate::model_interleaved::{interleaved_ticks, HandOvers};
+use crate::model_interleaved::interleaved_ticks;
 use crate::part_slots::{part_pools, ChunkActs, PartSlots};
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{chunks_in_flight, forwards_then_backwards, ChunkOrder, Op};
@@ -242,8 +242,9 @@ impl<B: Backend> Run<'_, B> {
             Steps::Ops(ops) => ops.iter().for_each(|&op| self.op(model, op, loss, grads)),
             Steps::Ticks(ticks) => {
                 let message_len = self.b.len(&self.acts.acts.pools[0][0].layer_inputs[0]);
-                let mut hand_overs = HandOvers::new(self.b, message_len);
-                ticks.iter().for_each(|tick| self.tick(model, (tick, &mut hand_overs), loss, grads))
+                let mut hand_overs = self.acts.acts.ticks.hand_overs(self.b, message_len);
+                ticks.iter().for_each(|tick| self.tick(model, (tick, &mut hand_overs), loss, grads));
+                self.acts.acts.ticks.keep(hand_overs);
             }
         }
     }

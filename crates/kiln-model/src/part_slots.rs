@@ -7,6 +7,7 @@
 
 use crate::activations::{Activations, GradScratch};
 use crate::config::Config;
+use crate::model_interleaved::HandOvers;
 use crate::pipeline::{run_config, Pipeline};
 use kiln_core::Backend;
 use std::collections::HashMap;
@@ -31,6 +32,37 @@ pub fn part_pools<B: Backend>(config: &Config, pp: &Pipeline<B>) -> Vec<usize> {
 pub struct ChunkActs<B: Backend> {
     pub pools: Vec<Vec<Activations<B>>>,
     scratch: Option<GradScratch<B>>,
+    /// Interleaved stages: the ticks' staging and waiting inputs, kept from pass to pass.
+    pub ticks: TickBuffers<B>,
+}
+
+/// The buffers interleaved ticks hand over through: the all-to-all's staging (`HandOvers`)
+/// and the inputs waiting for their forward (`Inbox`), kept between passes so that a pass
+/// allocates none once the shapes repeat.
+pub(crate) struct TickBuffers<B: Backend> {
+    hand_overs: Option<HandOvers<B>>,
+    pub inbox: Inbox<B>,
+}
+
+impl<B: Backend> Default for TickBuffers<B> {
+    fn default() -> Self {
+        Self { hand_overs: None, inbox: Inbox::default() }
+    }
+}
+
+impl<B: Backend> TickBuffers<B> {
+    /// The staging for messages of at most `message_len` values, taken out (put it back with
+    /// `keep`); laid out anew only when the last one is too small.
+    pub fn hand_overs(&mut self, b: &B, message_len: usize) -> HandOvers<B> {
+        match self.hand_overs.take() {
+            Some(h) if h.fits(b, message_len) => h,
+            _ => HandOvers::new(b, message_len),
+        }
+    }
+
+    pub fn keep(&mut self, hand_overs: HandOvers<B>) {
+        self.hand_overs = Some(hand_overs);
+    }
 }
 
 impl<B: Backend> ChunkActs<B> {
@@ -68,7 +100,7 @@ impl<B: Backend> ChunkActs<B> {
             .collect();
         let here = pools[0][0].sequence.as_ref().map_or(rows * seq, |sp| sp.tokens.len());
         let scratch = backward.then(|| GradScratch::new(b, config, (rows * seq, here)));
-        Self { pools, scratch }
+        Self { pools, scratch, ticks: TickBuffers::default() }
     }
 }
 
@@ -81,7 +113,6 @@ pub struct PartSlots<B: Backend> {
     /// The slot of part v's chunk c at `v · chunks + c`; without, chunk c's is c mod slots.
     slot_of: Option<Vec<usize>>,
     chunks: usize,
-    inbox: Inbox<B>,
 }
 
 impl<B: Backend> PartSlots<B> {
@@ -93,7 +124,7 @@ impl<B: Backend> PartSlots<B> {
         chunks: usize,
     ) -> Self {
         let first_layer = runs.iter().map(|r| r.start).collect();
-        Self { acts, pool_of, first_layer, slot_of, chunks, inbox: Inbox::default() }
+        Self { acts, pool_of, first_layer, slot_of, chunks }
     }
 
     /// The pool and slot of part `part`'s chunk `chunk`.
@@ -136,14 +167,14 @@ impl<B: Backend> PartSlots<B> {
 
     /// Keeps `values`, part `part`'s chunk `chunk`'s input, until its forward.
     pub fn arrive(&mut self, b: &B, (part, chunk): (usize, usize), values: &B::Slice) {
-        self.inbox.put(b, (part, chunk), values);
+        self.acts.ticks.inbox.put(b, (part, chunk), values);
     }
 
     /// Moves the input that arrived for part `part`'s chunk `chunk` into its activations.
     pub fn take_input(&mut self, part: usize, chunk: usize) {
-        let mut input = self.inbox.take((part, chunk));
+        let mut input = self.acts.ticks.inbox.take((part, chunk));
         std::mem::swap(&mut self.get(part, chunk).layer_inputs[0], &mut input);
-        self.inbox.spare.push(input);
+        self.acts.ticks.inbox.spare.push(input);
     }
 
     /// Lends the shared gradient scratch to part `part`'s chunk `chunk` for its backward
@@ -178,7 +209,8 @@ impl<B: Backend> PartSlots<B> {
     }
 }
 
-/// Inputs that arrived before their forward, by (part, chunk), in buffers reused as they go.
+/// Inputs that arrived before their forward, by (part, chunk), in buffers reused as they go
+/// (kept between passes in `TickBuffers`).
 pub(crate) struct Inbox<B: Backend> {
     waiting: HashMap<(usize, usize), B::Buf>,
     spare: Vec<B::Buf>,
@@ -193,9 +225,13 @@ impl<B: Backend> Default for Inbox<B> {
 impl<B: Backend> Inbox<B> {
     /// Keeps a copy of `values`, the input of `at` = (part, chunk).
     pub fn put(&mut self, b: &B, at: (usize, usize), values: &B::Slice) {
+        // Spares of another length (an earlier step's chunks) are let go, not hoarded.
         let mut buf = match self.spare.iter().position(|s| b.len(s) == b.len(values)) {
             Some(i) => self.spare.swap_remove(i),
-            None => b.zeros(b.len(values)),
+            None => {
+                self.spare.clear();
+                b.zeros(b.len(values))
+            }
         };
         b.copy(&mut buf, values);
         self.waiting.insert(at, buf);

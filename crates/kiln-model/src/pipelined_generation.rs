@@ -10,8 +10,6 @@ use crate::batch::Batch;
 use crate::interleaved_schedule::{Message, Shape};
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::model::Model;
-use crate::model_interleaved::HandOvers;
-use crate::part_slots::Inbox;
 use crate::pipeline::Pipeline;
 use crate::pipeline_schedule::{forwards_then_backwards, Op};
 use kiln_core::Backend;
@@ -124,8 +122,9 @@ impl<B: Backend> Model<B> {
         let shape = Shape { stages: pp.group.size(), parts: pp.parts(), chunks: chunks.len() };
         let message_len: Vec<usize> =
             chunks.iter().map(|c| b.len(&pool.get(b, c.rows.len()).layer_inputs[0])).collect();
-        let mut hand_overs = HandOvers::new(b, message_len.iter().copied().max().unwrap_or(0));
-        let mut inbox = Inbox::default();
+        let mut buffers = std::mem::take(&mut self.generation_ticks);
+        let mut hand_overs = buffers.hand_overs(b, message_len.iter().copied().max().unwrap_or(0));
+        let inbox = &mut buffers.inbox;
         for tick in &shape.forwards_then_backwards()[0] {
             let mut sent = None;
             for t in &tick.tasks[me] {
@@ -145,6 +144,8 @@ impl<B: Backend> Model<B> {
                 inbox.put(b, (m.part, m.chunk), hand_overs.values(b, at));
             }
         }
+        buffers.keep(hand_overs);
+        self.generation_ticks = buffers;
     }
 
     /// Chunk `chunk`'s forward through part `part` of this stage, in `a`; after the last

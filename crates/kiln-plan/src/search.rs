@@ -65,6 +65,20 @@ pub fn evaluate(job: &Job, cluster: &Cluster, layout: &Layout) -> Result<Estimat
     Ok(Estimate { layout: *layout, stage_layers, memory, time, usable, fits: reason.is_none(), reason })
 }
 
+/// The most parts a pipeline stage is interleaved into in the search: each halves the bubble
+/// again for twice the hand-overs and more activations in flight on the first stages, and
+/// Megatron-LM's published runs stay within this.
+const MOST_INTERLEAVED_PARTS: usize = 4;
+
+/// Interleavings worth trying: none without a pipeline; with one, up to
+/// `MOST_INTERLEAVED_PARTS` parts a stage while every part keeps a layer.
+fn interleavings(pp: usize, layers: usize) -> std::ops::RangeInclusive<usize> {
+    match pp {
+        1 => 1..=1,
+        _ => 1..=(layers / pp).clamp(1, MOST_INTERLEAVED_PARTS),
+    }
+}
+
 fn divisors(n: usize) -> impl Iterator<Item = usize> {
     (1..=n).filter(move |d| n.is_multiple_of(*d))
 }
@@ -96,10 +110,13 @@ pub fn search(job: &Job, cluster: &Cluster, top: usize) -> Result<Vec<Estimate>>
         for tp in divisors(per_node.min(8)).filter(|tp| m.heads.is_multiple_of(*tp) && devices.is_multiple_of(*tp)) {
             for pp in divisors(devices / tp).filter(|pp| *pp <= m.layers) {
                 let dp = devices / (tp * pp);
-                for ep in divisors(dp).filter(|ep| experts.is_multiple_of(*ep)) {
+                for (ep, vpp) in divisors(dp)
+                    .filter(|ep| experts.is_multiple_of(*ep))
+                    .flat_map(|ep| interleavings(pp, m.layers).map(move |vpp| (ep, vpp)))
+                {
                     for zero in 0..=3 {
                         for recompute in Recompute::ALL {
-                            let layout = Layout { dp, tp, pp, vpp: 1, ep, zero, recompute, sequence_parallel: true };
+                            let layout = Layout { dp, tp, pp, vpp, ep, zero, recompute, sequence_parallel: true };
                             let Ok(e) = evaluate(job, cluster, &layout) else { continue };
                             if e.fits {
                                 fits.push(e);

@@ -11,7 +11,6 @@
 //! and otherwise serves its experts to the ranks that do, until no rank has any left.
 
 use crate::kv_cache::{CachePlan, CacheShape, KvCache, Placement};
-use crate::pipeline_schedule::ChunkOrder;
 use crate::prompt_pool::PromptPool;
 use crate::sampler::{logprob_entropy, sample, SamplingParams};
 use crate::{Activations, ActivationsPool, Batch, CompletionRows, Model};
@@ -162,7 +161,7 @@ pub fn generate_observed<B: Backend>(
             break;
         }
         if prefills.is_empty() && prefilling {
-            model.idle_forward(b, ChunkOrder::Unchunked);
+            model.idle_generation_step(b);
         }
         if !prefills.is_empty() {
             let seq = prefills.iter().map(|at| at.prompt_len).max().expect("not empty");
@@ -202,7 +201,7 @@ pub fn generate_observed<B: Backend>(
         let [decoding] = in_group(model, [!running.is_empty()], "decode round");
         if running.is_empty() {
             if decoding {
-                model.idle_forward(b, ChunkOrder::Unchunked);
+                model.idle_generation_step(b);
             }
             continue;
         }

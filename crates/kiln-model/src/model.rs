@@ -1101,7 +1101,7 @@ impl<B: Backend> Model<B> {
         let runs: Vec<Range<usize>> = self.parts(None).map(|v| self.part_layers(v)).collect();
         match (&self.pipeline, order) {
             (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::OneForwardOneBackward) if pp.parts() > 1 => {
-                self.interleaved_idle_forward(b)
+                self.interleaved_idle_forward(b, pp.chunks)
             }
             (Some(pp), ChunkOrder::ForwardsFirst | ChunkOrder::OneForwardOneBackward) => {
                 for _ in 0..pp.chunks {

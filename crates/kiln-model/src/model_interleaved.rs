@@ -204,9 +204,9 @@ impl<B: Backend> Model<B> {
 
     /// `idle_forward` of a forward-only pass over interleaved stages: this stage's forwards in
     /// their order, each an idle forward of its part's layers.
-    pub(crate) fn interleaved_idle_forward(&mut self, b: &B) {
+    pub(crate) fn interleaved_idle_forward(&mut self, b: &B, chunks: usize) {
         let pp = self.pipeline.clone().expect("a pipeline stage");
-        let shape = Shape { stages: pp.group.size(), parts: pp.parts(), chunks: pp.chunks };
+        let shape = Shape { stages: pp.group.size(), parts: pp.parts(), chunks };
         for task in shape.tasks(pp.stage(), ChunkOrder::ForwardsFirst, true, 0) {
             self.idle_chunk_forward(b, &[pp.part_layers(task.part)]);
         }

@@ -44,11 +44,18 @@ impl<B: Backend> Model<B> {
     }
 
     /// Pipeline parallel: cuts every training pass's rows into `chunks` chunks (fewer for a
-    /// pass with fewer rows, or with `fixed` exactly that many, padded) for the schedule; every
+    /// pass with fewer rows, or with `fixed` exactly that many, padded) for the schedule, and
+    /// generation steps' rows into as many (`set_generation_chunks` sets another count); every
     /// rank of the run must set the same.
     pub fn set_pipeline_chunks(&mut self, chunks: usize, fixed: bool) {
         let pp = self.pipeline.as_mut().expect("a pipeline stage");
-        (pp.chunks, pp.fixed_chunks) = (chunks.max(1), fixed);
+        (pp.chunks, pp.fixed_chunks, pp.generation_chunks) = (chunks.max(1), fixed, chunks.max(1));
+    }
+
+    /// Pipeline parallel: cuts generation steps' rows into `chunks` chunks (see
+    /// `pipelined_generation`); every rank of the run must set the same.
+    pub fn set_generation_chunks(&mut self, chunks: usize) {
+        self.pipeline.as_mut().expect("a pipeline stage").generation_chunks = chunks.max(1);
     }
 
     /// Whether this rank computes the head and the loss: not an earlier pipeline stage.

@@ -47,6 +47,9 @@ pub struct Pipeline<B: Backend> {
     /// ZeRO-3's gathers) whatever their rows.
     pub chunks: usize,
     pub fixed_chunks: bool,
+    /// The chunks a generation step's rows are cut into (at most one per row; under expert
+    /// parallel exactly this many, the chunks beyond the rows empty).
+    pub generation_chunks: usize,
     /// The whole model's config and layout (what checkpoints hold; under expert parallel with
     /// this rank's routed experts), shared by clones.
     pub whole: Arc<Config>,
@@ -64,6 +67,7 @@ impl<B: Backend> Clone for Pipeline<B> {
             stage_layers: self.stage_layers.clone(),
             chunks: self.chunks,
             fixed_chunks: self.fixed_chunks,
+            generation_chunks: self.generation_chunks,
             whole: Arc::clone(&self.whole),
             whole_layout: Arc::clone(&self.whole_layout),
         }
@@ -149,6 +153,7 @@ impl<B: Backend> Pipeline<B> {
             stage_layers,
             chunks: 1,
             fixed_chunks: false,
+            generation_chunks: 1,
             whole: Arc::new(whole.clone()),
             whole_layout: Arc::new(whole_layout),
         })

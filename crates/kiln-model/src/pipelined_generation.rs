@@ -3,7 +3,10 @@
 //! forward-only pass's do (stage s runs chunk c while stage s + 1 runs chunk c − 1; over
 //! interleaved stages on the forward ticks of `interleaved_schedule`), each chunk's keys and
 //! values going into its own sequences' cache rows, the last stage computing each chunk's
-//! logits as the chunk leaves it.
+//! logits as the chunk leaves it. Under expert parallel a stage's data-parallel peers exchange
+//! tokens in every chunk's MoE layers, so each runs the same chunks, those beyond its rows
+//! empty (an idle forward), and a peer with nothing to generate idle chunks
+//! (`idle_generation_step`); under ZeRO-3 the stages run on the model gathered for generation.
 
 use crate::activations::{Activations, ActivationsPool};
 use crate::batch::Batch;
@@ -11,7 +14,7 @@ use crate::interleaved_schedule::{Message, Shape};
 use crate::kv_cache::{CachePlan, KvCache};
 use crate::model::Model;
 use crate::pipeline::Pipeline;
-use crate::pipeline_schedule::{forwards_then_backwards, Op};
+use crate::pipeline_schedule::{forwards_then_backwards, ChunkOrder, Op};
 use kiln_core::Backend;
 use std::ops::Range;
 
@@ -46,13 +49,45 @@ fn chunks(batch: &Batch, plan: &CachePlan, count: usize) -> Vec<Chunk> {
 }
 
 impl<B: Backend> Model<B> {
-    /// Whether a generation step runs as `pipelined_generation`: a prefill or decode step of
-    /// several rows under pipeline parallel. Not under expert parallel or ZeRO-3, whose
-    /// per-layer collectives a data-parallel peer with nothing to run meets with one idle
-    /// forward, nor for DeepSeek-V4, whose caches plan a step as a whole.
+    /// Whether a generation step runs as `pipelined_generation`: a prefill or decode step
+    /// under pipeline parallel, of several rows or, under expert parallel, of any. Not with
+    /// the parameters sharded (ZeRO-3 generates on the gathered model, `Model::unshard`),
+    /// nor for DeepSeek-V4, whose caches plan a step as a whole.
     pub(crate) fn generates_in_chunks(&self, batch: &Batch) -> bool {
-        let chunked = self.pipeline.as_ref().is_some_and(|pp| pp.chunks > 1);
-        chunked && batch.rows > 1 && self.expert_parallel.is_none() && self.shards.is_none() && !self.is_v4()
+        self.chunked_generation() && (batch.rows > 1 || self.expert_parallel.is_some())
+    }
+
+    /// Whether generation under pipeline parallel runs in the pipeline's chunks.
+    fn chunked_generation(&self) -> bool {
+        let chunked = self.pipeline.as_ref().is_some_and(|pp| pp.generation_chunks > 1);
+        chunked && !self.params_sharded() && !self.is_v4()
+    }
+
+    /// The chunks a generation step of `rows` is cut into. Under expert parallel every
+    /// data-parallel peer runs the pipeline's chunks, whatever its rows (the chunks beyond
+    /// them empty, an idle forward), so that their per-layer expert exchanges meet.
+    fn generation_chunks(&self, pp: &Pipeline<B>, rows: usize) -> usize {
+        match self.expert_parallel {
+            Some(_) => pp.generation_chunks,
+            None => pp.generation_chunks.min(rows),
+        }
+    }
+
+    /// What a data-parallel peer runs for a generation step it has no rows in, while another
+    /// runs one: the forwards whose per-layer collectives (expert exchanges, ZeRO-3's
+    /// gathers) the other's step meets, chunk by chunk where it runs in chunks.
+    pub fn idle_generation_step(&mut self, b: &B) {
+        let chunked = self.chunked_generation() && self.expert_parallel.is_some();
+        match self.pipeline.clone().filter(|_| chunked) {
+            Some(pp) if pp.parts() > 1 => self.interleaved_idle_forward(b, pp.generation_chunks),
+            Some(pp) => {
+                let stage = 0..self.config.num_layers;
+                for _ in 0..pp.generation_chunks {
+                    self.idle_chunk_forward(b, std::slice::from_ref(&stage));
+                }
+            }
+            None => self.idle_forward(b, ChunkOrder::Unchunked),
+        }
     }
 
     /// A generation step of `batch` (a prefill of prompts, or a decode step of one token per
@@ -66,7 +101,7 @@ impl<B: Backend> Model<B> {
         plan: &CachePlan,
     ) -> Vec<f32> {
         let pp = self.pipeline.clone().expect("a pipeline stage");
-        let chunks = chunks(batch, plan, pp.chunks.min(batch.rows));
+        let chunks = chunks(batch, plan, self.generation_chunks(&pp, batch.rows));
         let vocab = self.whole_config().vocab_size;
         let mut logits = vec![0.0; if pp.is_last() { plan.logits_at.len() * vocab } else { 0 }];
         // Decode steps reuse their chunks' activations; a prefill's (of its prompts' length)
@@ -96,8 +131,14 @@ impl<B: Backend> Model<B> {
         step: &mut Step<B>,
     ) {
         let (what, last) = ("pipeline: hidden states forward", self.config.num_layers);
+        let layers = 0..last;
         for op in forwards_then_backwards(pp.stage(), pp.group.size(), chunks.len())[0].iter().copied() {
             match op {
+                // An empty chunk is empty on every stage: nothing to hand over.
+                Op::RecvForward(c) | Op::SendForward(c) if chunks[c].rows.is_empty() => {}
+                Op::Forward(c) if chunks[c].rows.is_empty() => {
+                    self.idle_chunk_forward(b, std::slice::from_ref(&layers));
+                }
                 Op::RecvForward(c) => pp.recv_prev(b, &mut pool.get(b, chunks[c].rows.len()).layer_inputs[0], what),
                 Op::Forward(c) => self.generation_chunk(b, pool.get(b, chunks[c].rows.len()), &chunks[c], 0, step),
                 Op::SendForward(c) => pp.send_next(b, &pool.get(b, chunks[c].rows.len()).layer_inputs[last], what),
@@ -120,15 +161,24 @@ impl<B: Backend> Model<B> {
     ) {
         let me = pp.stage();
         let shape = Shape { stages: pp.group.size(), parts: pp.parts(), chunks: chunks.len() };
-        let message_len: Vec<usize> =
-            chunks.iter().map(|c| b.len(&pool.get(b, c.rows.len()).layer_inputs[0])).collect();
+        let message_len: Vec<usize> = (chunks.iter())
+            .map(|c| match c.rows.len() {
+                0 => 0,
+                rows => b.len(&pool.get(b, rows).layer_inputs[0]),
+            })
+            .collect();
         let mut buffers = std::mem::take(&mut self.generation_ticks);
         let mut hand_overs = buffers.hand_overs(b, message_len.iter().copied().max().unwrap_or(0));
         let inbox = &mut buffers.inbox;
         for tick in &shape.forwards_then_backwards()[0] {
             let mut sent = None;
             for t in &tick.tasks[me] {
-                let (run, a) = (pp.part_layers(t.part), pool.get(b, chunks[t.chunk].rows.len()));
+                let run = pp.part_layers(t.part);
+                if chunks[t.chunk].rows.is_empty() {
+                    self.idle_chunk_forward(b, &[run]);
+                    continue;
+                }
+                let a = pool.get(b, chunks[t.chunk].rows.len());
                 if !pp.part_embeds(t.part) {
                     inbox.take_into(b, (t.part, t.chunk), &mut a.layer_inputs[run.start]);
                 }
@@ -141,7 +191,9 @@ impl<B: Backend> Model<B> {
             let source = sent.map(|(m, end)| (m, &*pool.get(b, chunks[m.chunk].rows.len()).layer_inputs[end]));
             let sent: Vec<(Message, &B::Slice)> = source.into_iter().collect();
             for (m, at) in hand_overs.exchange(b, (pp, tick), &sent, &|m| message_len[m.chunk]) {
-                inbox.put(b, (m.part, m.chunk), hand_overs.values(b, at));
+                if !at.is_empty() {
+                    inbox.put(b, (m.part, m.chunk), hand_overs.values(b, at));
+                }
             }
         }
         buffers.keep(hand_overs);

@@ -327,7 +327,9 @@ pub struct TrainSection {
     /// each), which the stages run on a 1F1B schedule: more chunks, a smaller bubble of
     /// (pp − 1) / (chunks + pp − 1), and smaller products. Under ZeRO-2/3 and expert parallel
     /// every pass has exactly this many (short ones padded), as their per-chunk collectives
-    /// need. 0: twice `pp` (there at most the rows of `batch_tokens`).
+    /// need. 0: twice `pp` (there at most the rows of `batch_tokens`). Generation (GRPO's and
+    /// distillation's rollouts) cuts each prefill's prompts and each decode step's sequences
+    /// into as many, at most one row each (under expert parallel exactly as many, some empty).
     #[serde(default)]
     pub pp_chunks: usize,
     /// Pipeline parallel: how the stages cut the layers. "even" (the default: as evenly as

@@ -133,6 +133,22 @@ fn deepseek_v3_interleaves_with_expert_parallel_and_what_cannot_be_cut_is_refuse
             &format!("{what}: the final checkpoint"),
         );
     }
+    // GRPO: generation on the forward ticks in 6 chunks, each part's experts exchanged per
+    // chunk. 3 prompts a step leave one data-parallel rank 2 prompts and 16 sequences, the
+    // other 1 and 8: chunks empty on one and not the other, idle parts meeting the peer's
+    // exchanges; 1 prompt a step leaves one rank idle, its parts' idle chunks on the ticks.
+    // Micro-batches of 8 completions, so that both layouts cut the step's completions into
+    // the same micro-batches (the "grpo" loss averages within one, as TRL's per device).
+    for prompts in ["grpo.prompts_per_step=3", "grpo.prompts_per_step=1"] {
+        let grpo = ["grpo.beta=0.04", prompts, "grpo.micro_batch=8", "train.steps=3"];
+        let (a, b) = (scratch(&format!("vpp-v3-{prompts}-1")), scratch(&format!("vpp-v3-{prompts}-4")));
+        run("grpo", 1, &a, &[&[model.as_str()], &grpo[..]].concat(), false);
+        let laid_out = [model.as_str(), "train.layout=\"dp=2,pp=2,vpp=2,ep=2\"", "train.pp_chunks=6"];
+        run("grpo", 4, &b, &[&laid_out[..], &grpo[..]].concat(), false);
+        let what = format!("deepseek_v3 grpo, {prompts}, dp=2,pp=2,vpp=2,ep=2");
+        assert_same_curve(&series(&a, "loss"), &series(&b, "loss"), 1e-5, &what);
+        assert_same_curve(&series(&a, "grad_norm"), &series(&b, "grad_norm"), 1e-4, &what);
+    }
     let err = sft_error(2, &scratch("vpp-refused"), &[&model, "train.layout=\"pp=2,vpp=3\""], false);
     assert!(err.contains("6 stages") && err.contains("4 layers"), "{err}");
     // Refused when the run file is read, naming it.

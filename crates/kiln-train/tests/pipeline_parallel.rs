@@ -140,19 +140,17 @@ fn every_recipe_follows_its_curve_under_pipeline_parallel() {
         run(recipe, 1, &a, &one, false);
         assert!(series(&a, "grad_norm").iter().any(|g| *g > 0.0), "{recipe}: no gradient to compare");
         // DPO (GPipe order: its weights need every chunk's nll) and GRPO (generation through
-        // the stages, decode steps pipelined in chunks) also with data parallel and ZeRO-2,
-        // and with tensor parallel (a stage's chunks decoded by its tensor group). GRPO's
-        // tp2 x pp2 runs without sequence parallel, whose norm gradients, summed over each
-        // rank's tokens first, round differently: after step 1 one weight of 4 layers' norms
-        // differs by 6e-8 (one f32 step) from the run without it, every other weight agreeing
-        // exactly, and step 2's sampling turns that into a KL 1.7e-4 off (measured).
+        // the stages, prefills and decode steps pipelined in chunks, on the model ZeRO-3
+        // gathers for it) also with data parallel and ZeRO-2 or 3, and with tensor parallel
+        // (a stage's chunks decoded by its tensor group). GRPO's tp2 x pp2 runs without
+        // sequence parallel, whose norm gradients, summed over each rank's tokens first, round
+        // differently: after step 1 one weight of 4 layers' norms differs by 6e-8 (one f32
+        // step) from the run without it, every other weight agreeing exactly, and step 2's
+        // sampling turns that into a KL 1.7e-4 off (measured).
         let mut layouts = vec![(2, "pp=2")];
-        if ["dpo", "grpo"].contains(&recipe) {
-            layouts.push((4, "dp=2,pp=2,zero=2"));
-        }
         match recipe {
-            "dpo" => layouts.push((4, "tp=2,pp=2")),
-            "grpo" => layouts.push((4, "tp=2,pp=2,sp=off")),
+            "dpo" => layouts.extend([(4, "dp=2,pp=2,zero=2"), (4, "tp=2,pp=2")]),
+            "grpo" => layouts.extend([(4, "dp=2,pp=2,zero=3"), (4, "tp=2,pp=2,sp=off")]),
             _ => {}
         }
         for (ranks, layout) in layouts {
@@ -238,10 +236,14 @@ fn deepseek_v3_cuts_into_stages_alone_and_with_expert_and_tensor_parallel() {
     // stages and the data-parallel ranks.
     assert_same_curve(&series(&a, "moe_aux_loss"), &series(&b, "moe_aux_loss"), 1e-5, "the balance loss, pp2 x ep2");
     assert_eq!(steps(&a)[1]["expert_load"], steps(&b)[1]["expert_load"], "expert loads, pp2 x ep2");
-    // DPO (every forward first), GRPO (generation through the stages, each stage's experts
-    // exchanged) and reward modelling (a micro-batch as one chunk). DPO and the reward model
-    // train on 3 pairs, a pair per micro-batch: on every other step one data-parallel rank runs
-    // an idle pass in their order.
+    // DPO (every forward first), GRPO (generation through the stages in 6 chunks, each
+    // stage's experts exchanged per chunk; 3 prompts a step, so one data-parallel rank
+    // prefills 2 prompts and decodes 16 sequences where the other has 1 and 8: chunks empty
+    // on one and not the other, idle forwards meeting the peer's exchanges; 1 prompt a step,
+    // so one rank generates while the other runs idle chunks; micro-batches of 8 completions,
+    // as one process cuts them) and reward modelling (a micro-batch as one chunk). DPO and
+    // the reward model train on 3 pairs, a pair per micro-batch: on every other step one
+    // data-parallel rank runs an idle pass in their order.
     let layout = "train.layout=\"dp=2,pp=2,ep=2\"";
     let pairs = scratch("pp-v3-3-pairs.jsonl");
     let all = std::fs::read_to_string(format!("{EXAMPLES}/preference_train.jsonl")).unwrap();
@@ -249,14 +251,25 @@ fn deepseek_v3_cuts_into_stages_alone_and_with_expert_and_tensor_parallel() {
     std::fs::write(&pairs, rows.join("\n")).unwrap();
     let pairs = format!("data.train={:?}", pairs.display().to_string());
     let (pairs, pair_rows) = (pairs.as_str(), "train.batch_tokens=256");
-    for (recipe, one, four) in [
+    let grpo = |prompts| vec!["grpo.beta=0.04", prompts, "grpo.micro_batch=8"];
+    let runs = [
         ("dpo", vec!["train.grad_accum=2", pairs, pair_rows], vec!["train.grad_accum=1", pairs, pair_rows, layout]),
-        ("grpo", vec!["grpo.beta=0.04"], vec!["grpo.beta=0.04", layout]),
+        (
+            "grpo",
+            grpo("grpo.prompts_per_step=3"),
+            [grpo("grpo.prompts_per_step=3"), vec!["train.pp_chunks=6", layout]].concat(),
+        ),
+        (
+            "grpo",
+            grpo("grpo.prompts_per_step=1"),
+            [grpo("grpo.prompts_per_step=1"), vec!["train.pp_chunks=6", layout]].concat(),
+        ),
         ("rm", vec!["train.grad_accum=2", pairs, pair_rows], vec!["train.grad_accum=1", pairs, pair_rows, layout]),
-    ] {
+    ];
+    for (i, (recipe, one, four)) in runs.into_iter().enumerate() {
+        let (a, b) = (scratch(&format!("pp-v3-{i}-{recipe}-1")), scratch(&format!("pp-v3-{i}-{recipe}-4")));
         let one = [&[model.as_str(), "train.steps=4"], &one[..]].concat();
         let four = [&[model.as_str(), "train.steps=4"], &four[..]].concat();
-        let (a, b) = (scratch(&format!("pp-v3-{recipe}-1")), scratch(&format!("pp-v3-{recipe}-4")));
         run(recipe, 1, &a, &one, false);
         run(recipe, 4, &b, &four, false);
         let what = format!("deepseek_v3 {recipe}, dp=2,pp=2,ep=2");

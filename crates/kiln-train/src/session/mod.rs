@@ -232,6 +232,12 @@ impl<B: Backend> Session<B> {
                 (chunks, _) => chunks,
             };
             model.set_pipeline_chunks(chunks, fixed);
+            // A generation step's rows (every running sequence) are not a micro-batch's: they
+            // are cut into the asked chunks, or twice `pp`, whatever `batch_tokens` holds.
+            model.set_generation_chunks(match t.pp_chunks {
+                0 => 2 * t.pp,
+                chunks => chunks,
+            });
         }
         if comm.is_root() {
             eprintln!("{}", dp.describe_optimizer());

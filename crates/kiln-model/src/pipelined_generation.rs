@@ -51,8 +51,9 @@ fn chunks(batch: &Batch, plan: &CachePlan, count: usize) -> Vec<Chunk> {
 impl<B: Backend> Model<B> {
     /// Whether a generation step runs as `pipelined_generation`: a prefill or decode step
     /// under pipeline parallel, of several rows or, under expert parallel, of any. Not with
-    /// the parameters sharded (ZeRO-3 generates on the gathered model, `Model::unshard`),
-    /// nor for DeepSeek-V4, whose caches plan a step as a whole.
+    /// the parameters sharded (ZeRO-3 generates on the gathered model, `Model::unshard`).
+    /// DeepSeek-V4's caches are planned per forward (`V4Step`), so per chunk: a chunk's
+    /// sequences' sliding rows and compressed entries.
     pub(crate) fn generates_in_chunks(&self, batch: &Batch) -> bool {
         self.chunked_generation() && (batch.rows > 1 || self.expert_parallel.is_some())
     }
@@ -60,7 +61,7 @@ impl<B: Backend> Model<B> {
     /// Whether generation under pipeline parallel runs in the pipeline's chunks.
     fn chunked_generation(&self) -> bool {
         let chunked = self.pipeline.as_ref().is_some_and(|pp| pp.generation_chunks > 1);
-        chunked && !self.params_sharded() && !self.is_v4()
+        chunked && !self.params_sharded()
     }
 
     /// The chunks a generation step of `rows` is cut into. Under expert parallel every

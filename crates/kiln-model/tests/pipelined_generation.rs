@@ -1,7 +1,9 @@
 //! Generation under pipeline parallel: a prefill's prompts and a decode step's rows, cut into
 //! chunks, flow through the stages (`Model::pipelined_generation`), and every stage returns
 //! the one-process generations, sampled tokens and log-probs alike, over continuous batching
-//! with more prompts than slots (the first prefill takes 4 prompts of 1 to 7 tokens, padded).
+//! with more prompts than slots (the first prefill takes 4 prompts of 1 to 7 tokens, padded):
+//! Llama, DeepSeek-V3, and DeepSeek-V4 with a sliding window of 5 and compressed layers of
+//! rates 2 to 8 (entries completed during decode), 2 and 4 hyper-connected streams.
 
 use kiln_core::Cpu;
 use kiln_dist::Threads;
@@ -38,7 +40,7 @@ fn assert_same(case: &str, got: &[Generation], want: &[Generation]) {
 
 #[test]
 fn prefills_and_decode_steps_cut_into_chunks_through_two_stages_give_the_one_process_generations() {
-    for case in ["llama", "deepseek_v3"] {
+    for case in ["llama", "deepseek_v3", "deepseek_v4", "deepseek_v4_hc4"] {
         let want = generate(&Cpu, &mut Model::load(&Cpu, &fixture(case)).unwrap(), &requests(), 4, &mut |_, _| false);
         std::thread::scope(|s| {
             let ranks: Vec<_> = (Threads::new(2, Duration::from_secs(60)).into_iter())

@@ -109,6 +109,8 @@ fn deepseek_v4_interleaves_its_layer_kinds() {
         sft_laid_out(ranks, &dir, layout, &[&model]);
         assert_v4_follows(&one, &dir, &format!("deepseek_v4, {layout}"));
     }
+    // GRPO: generation on the forward ticks, each part's layers' caches written per chunk.
+    assert_v4_grpo_follows(&model, 2, "pp=2,vpp=2", "vpp-v4");
 }
 
 #[test]

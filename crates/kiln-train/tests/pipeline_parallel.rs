@@ -294,9 +294,11 @@ fn deepseek_v4_cuts_into_stages_alone_and_with_expert_parallel() {
         sft_laid_out(ranks, &dir, layout, &[&model]);
         assert_v4_follows(&one, &dir, &format!("deepseek_v4, {layout}"));
     }
-    // GRPO: generation through the stages, each with its layers' caches (sliding window,
-    // compressed entries).
+    // GRPO: generation through the stages in chunks, each with its layers' caches (sliding
+    // window, compressed entries) for its chunk's sequences; and with expert parallel, each
+    // chunk's experts exchanged.
     assert_v4_grpo_follows(&model, 2, "pp=2", "pp-v4");
+    assert_v4_grpo_follows(&model, 4, "dp=2,pp=2,ep=2", "pp-v4");
 }
 
 #[test]

@@ -32,16 +32,22 @@ fn parameter_counts_match_published_totals() {
     within("DeepSeek-V4-Pro active", v4.active, 49e9, 0.03);
 }
 
+/// DeepSeek-V3's pre-training job: 2,048 H800, a batch of 15,360 sequences of 4K tokens, its
+/// pipeline stages balanced.
+fn deepseek_v3_pretraining() -> (Job, Cluster) {
+    let mut job = Job::new(model("deepseek_v3.json"), Method::Sft);
+    job.global_batch_tokens = 15360.0 * 4096.0;
+    job.stage_cut = StageCut::Balanced;
+    (job, Cluster::parse("2048xh800").unwrap())
+}
+
 /// DeepSeek-V3's pre-training: 2,048 H800, PP16, EP64, ZeRO-1 data parallel (DP128), no TP,
 /// sequences of 4K, a batch of 15,360 sequences; 180K H800 GPU-hours per trillion tokens.
 /// Its stages are balanced (the even cut's last stage would carry 3 layers and the head, 1.6
 /// layers' weights, and run 17% behind the others).
 #[test]
 fn deepseek_v3_pretraining_layout_fits_and_its_throughput_is_within_a_quarter() {
-    let mut job = Job::new(model("deepseek_v3.json"), Method::Sft);
-    job.global_batch_tokens = 15360.0 * 4096.0;
-    job.stage_cut = StageCut::Balanced;
-    let cluster = Cluster::parse("2048xh800").unwrap();
+    let (job, cluster) = deepseek_v3_pretraining();
     let layout = Layout::parse("dp=128,tp=1,pp=16,ep=64,zero=1,recompute=selective", 2048).unwrap();
     let e = evaluate(&job, &cluster, &layout).unwrap();
     assert!(e.fits, "{}: {:?}", e.layout, e.reason);
@@ -253,10 +259,7 @@ fn interleaved_stages_trade_activations_and_hand_overs_for_the_bubble() {
 /// no other interleaving of the same layout is faster.
 #[test]
 fn the_search_interleaves_pipelines_where_the_bubble_costs_more_than_the_hand_overs() {
-    let mut job = Job::new(model("deepseek_v3.json"), Method::Sft);
-    job.global_batch_tokens = 15360.0 * 4096.0;
-    job.stage_cut = StageCut::Balanced;
-    let cluster = Cluster::parse("2048xh800").unwrap();
+    let (job, cluster) = deepseek_v3_pretraining();
     let best = &search(&job, &cluster, 1).unwrap()[0];
     assert!(best.layout.pp > 1 && best.layout.vpp > 1, "the fastest layout: {}", best.layout);
     for vpp in (1..=4).filter(|v| *v != best.layout.vpp) {

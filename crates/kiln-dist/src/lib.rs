@@ -57,6 +57,20 @@ pub trait Comm<T: ?Sized + 'static = [f32]>: Send + Sync {
         self.all_reduce_sum(&mut buf, what)?;
         Ok(InFlight::done(buf))
     }
+    /// `reduce_scatter_v_sum` started: `buf` is read (or copied) before it returns, and `out`
+    /// (`counts[rank]` values) is owned until `finish` hands it back holding this rank's piece
+    /// of the sum; as `start_all_gather_v` otherwise (ZeRO's gradients reduced while backward
+    /// computes the layers before them).
+    fn start_reduce_scatter_v_sum(
+        &self,
+        buf: &T,
+        counts: &[usize],
+        mut out: Owned<T>,
+        what: &str,
+    ) -> Result<InFlight<T>> {
+        self.reduce_scatter_v_sum(buf, counts, &mut out, what)?;
+        Ok(InFlight::done(out))
+    }
     /// Waits for a collective this communicator started; its output.
     fn finish(&self, mut started: InFlight<T>, _what: &str) -> Result<Owned<T>> {
         while !started.test() {

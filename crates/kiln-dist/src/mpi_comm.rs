@@ -163,6 +163,16 @@ impl Mpi {
         Ok(())
     }
 
+    /// On the owning thread, `counts` fit a reduce-scatter of `values` into `out` values.
+    fn check_scatter(&self, counts: &[usize], values: usize, out: usize, what: &str) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            counts.len() == self.size() && counts.iter().sum::<usize>() == values && counts[self.rank()] == out,
+            "reduce_scatter_v ({what}): counts {counts:?} do not fit {values} values into {out}"
+        );
+        Ok(())
+    }
+
     /// After a timeout: which ranks answer at all, then abort every process.
     fn give_up(&self, op: &str, what: &str) -> ! {
         let silent = self.silent_ranks(Duration::from_secs(3));
@@ -176,14 +186,14 @@ impl Mpi {
     }
 }
 
-/// A started collective (`MPI_Iallgatherv`, `MPI_Iallreduce`) with what it reads until it
-/// completes.
+/// A started collective (`MPI_Iallgatherv`, `MPI_Iallreduce`, `MPI_Ireduce_scatter`) with
+/// what it reads until it completes.
 struct StartedRequest {
     raw: mpi::ffi::MPI_Request,
     /// The values it sends: a copy, given back to `send_copies` (where it came from there)
     /// once complete.
     send: Vec<f32>,
-    /// A gather's counts and displacements (empty for an all-reduce).
+    /// A gather's counts and displacements, a reduce-scatter's counts (empty for an all-reduce).
     counts: Vec<Count>,
     displs: Vec<Count>,
     send_copies: Option<Arc<SendCopies>>,
@@ -277,15 +287,7 @@ impl Comm for Mpi {
     }
 
     fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
-        self.check_thread();
-        ensure!(
-            counts.len() == self.size()
-                && counts.iter().sum::<usize>() == buf.len()
-                && counts[self.rank()] == out.len(),
-            "reduce_scatter_v ({what}): counts {counts:?} do not fit {} values into {}",
-            buf.len(),
-            out.len()
-        );
+        self.check_scatter(counts, buf.len(), out.len(), what)?;
         // The binding has only the equal-block form; the varying-count one is MPI_Ireduce_scatter.
         let counts: Vec<Count> = counts.iter().map(|&c| c as Count).collect();
         mpi::request::scope(|scope| {
@@ -370,6 +372,34 @@ impl Comm for Mpi {
             );
         }
         Ok(InFlight::pending("all_reduce", request, buf))
+    }
+
+    fn start_reduce_scatter_v_sum(
+        &self,
+        buf: &[f32],
+        counts: &[usize],
+        mut out: Owned<[f32]>,
+        what: &str,
+    ) -> Result<InFlight<[f32]>> {
+        self.check_scatter(counts, buf.len(), out.len(), what)?;
+        let send = (self.send_copies.copy_of(buf), Some(Arc::clone(&self.send_copies)));
+        let counts = counts.iter().map(|&c| c as Count).collect();
+        let mut request = StartedRequest::new(self, send, (counts, Vec::new()));
+        // SAFETY: the request holds the copy MPI sends and the counts, and the `InFlight` the
+        // buffer it writes (boxed: moving it does not move the values), until it completes;
+        // dropped before then, both leak them. Datatype, operation and communicator are live.
+        unsafe {
+            mpi::ffi::MPI_Ireduce_scatter(
+                request.send.as_ptr().cast(),
+                out.as_mut_ptr().cast(),
+                request.counts.as_ptr(),
+                f32::equivalent_datatype().as_raw(),
+                SystemOperation::sum().as_raw(),
+                self.world.as_raw(),
+                &mut request.raw,
+            );
+        }
+        Ok(InFlight::pending("reduce_scatter_v", request, out))
     }
 
     fn finish(&self, mut started: InFlight<[f32]>, what: &str) -> Result<Owned<[f32]>> {

@@ -286,12 +286,14 @@ pub struct TrainSection {
     /// when it is reached.
     #[serde(default = "yes")]
     pub zero3_prefetch: bool,
-    /// Data parallel without ZeRO: start the gradients' all-reduce in buckets during the
-    /// step's last backward, each as soon as backward has completed it (copies of up to 64 MB
-    /// of gradients under way, and MPI's copies of what it sends), for a network that moves
-    /// data while the rank computes; off, they are summed after backward. Off by default: on
-    /// one machine's shared memory the transfer is the rank's own CPU work, which overlap
-    /// cannot hide (bench/README.md). No effect under pipeline parallel.
+    /// Data parallel: start the gradients' reduction during backward, for a network that
+    /// moves data while the rank computes. Without ZeRO and with ZeRO-1, the all-reduce (ZeRO-1:
+    /// reduce-scatter) in buckets during the step's last backward, each as soon as backward
+    /// has completed it (not under pipeline parallel); with ZeRO-2/3, each layer's
+    /// reduce-scatter as backward hands it over, finished before the update. Up to 64 MB of
+    /// gradients under way, as copies MPI sends. Off, they are summed after backward (ZeRO-2/3:
+    /// as each layer is handed over, waiting). Off by default: on one machine's shared memory
+    /// the transfer is the rank's own CPU work, which overlap cannot hide (bench/README.md).
     #[serde(default)]
     pub overlap_grad_reduce: bool,
     /// Expert parallel (MoE models, under mpirun): the routed experts of every MoE layer are

@@ -29,6 +29,7 @@
 use crate::grad_buckets::{GradBuckets, Reached};
 use crate::muon::{self, Matrix, MuonSettings, Scratch};
 use crate::optim::adamw_step;
+use crate::started_reductions::StartedReductions;
 use anyhow::Result;
 use kiln_core::{AdamW as Hyper, Backend};
 use kiln_dist::Comm;
@@ -99,24 +100,65 @@ impl<B: Backend> Space<B> {
     /// ZeRO: sums `data`, the gradients of the flat `segments` laid end to end, over the
     /// space's ranks, each adding the part inside its shard into its summed gradients.
     fn reduce_segments(&mut self, b: &B, data: &B::Slice, segments: &[Range<usize>], what: &str) -> Result<()> {
-        let shards: Vec<Range<usize>> = (0..self.counts.len()).map(|r| self.shard_of(r)).collect();
-        let counts: Vec<usize> =
-            shards.iter().map(|shard| segments.iter().map(|s| overlap(s, shard).len()).sum()).collect();
+        let counts = self.counts_in_shards(segments);
         let (grads, received) = self.shard.as_mut().expect("a sharded space");
-        let received = b.slice_mut(received, 0..counts[self.comm.rank()]);
-        self.comm.reduce_scatter_v_sum(data, &counts, received, what)?;
-        let mut at = 0;
-        for part in segments.iter().map(|s| overlap(s, &self.mine)).filter(|p| !p.is_empty()) {
-            let into = b.slice_mut(grads, part.start - self.mine.start..part.end - self.mine.start);
-            b.add_assign(into, b.slice(received, at..at + part.len()));
-            at += part.len();
-        }
+        let piece = b.slice_mut(received, 0..counts[self.comm.rank()]);
+        self.comm.reduce_scatter_v_sum(data, &counts, piece, what)?;
+        land_in(b, (grads, &self.mine), piece, segments, Landing::Add);
         Ok(())
+    }
+
+    /// ZeRO: the summed gradients of this rank's shard.
+    #[cfg(test)]
+    pub(crate) fn summed_shard(&self) -> &B::Slice {
+        &self.shard.as_ref().expect("a sharded space").0
+    }
+
+    /// ZeRO: how many values of the flat `segments` fall in each rank's shard, in rank order.
+    pub(crate) fn counts_in_shards(&self, segments: &[Range<usize>]) -> Vec<usize> {
+        let shards = self.shards();
+        shards.iter().map(|shard| segments.iter().map(|s| overlap(s, shard).len()).sum()).collect()
+    }
+
+    /// ZeRO: `received`, this rank's piece of a reduction of `segments` (their values inside
+    /// its shard, in order), into its summed gradients.
+    pub(crate) fn land(&mut self, b: &B, received: &B::Slice, segments: &[Range<usize>], landing: Landing) {
+        let (grads, _) = self.shard.as_mut().expect("a sharded space");
+        land_in(b, (grads, &self.mine), received, segments, landing);
     }
 
     /// Rank `r`'s shard of the space.
     fn shard_of(&self, r: usize) -> Range<usize> {
         kiln_dist::shard_in(&self.range, r, self.counts.len())
+    }
+}
+
+/// How a reduction's piece enters a shard's summed gradients: added (ZeRO-2, whose backwards
+/// each reduce their own gradients), or set (ZeRO-1, one reduction of the step's whole ones).
+#[derive(Clone, Copy)]
+pub(crate) enum Landing {
+    Add,
+    Set,
+}
+
+/// `received`, the values of `segments` inside the shard `mine` (in order), into the shard's
+/// summed gradients `grads`.
+fn land_in<B: Backend>(
+    b: &B,
+    (grads, mine): (&mut B::Slice, &Range<usize>),
+    received: &B::Slice,
+    segments: &[Range<usize>],
+    landing: Landing,
+) {
+    let mut at = 0;
+    for part in segments.iter().map(|s| overlap(s, mine)).filter(|p| !p.is_empty()) {
+        let into = b.slice_mut(grads, part.start - mine.start..part.end - mine.start);
+        let from = b.slice(received, at..at + part.len());
+        match landing {
+            Landing::Add => b.add_assign(into, from),
+            Landing::Set => b.copy(into, from),
+        }
+        at += part.len();
     }
 }
 
@@ -226,9 +268,13 @@ pub struct DataParallel<B: Backend> {
     /// Under pipeline parallel, the stages (whose squares add up in `norm`) and, on the first
     /// and last stage of a model with a tied head, the two of them and the embedding's range.
     pipeline: Option<(Ranks<B>, Option<TiedEmbedding<B>>)>,
-    /// The replicated spaces' gradients summed in buckets behind backward (none under
-    /// pipeline parallel, whose chunks complete a layer's gradients only at the last one).
+    /// With whole gradients (ZeRO 0 and 1), their sums started in buckets behind the step's
+    /// last backward (none under pipeline parallel, whose chunks complete a layer's gradients
+    /// only at the last one).
     buckets: Option<GradBuckets<B>>,
+    /// ZeRO-2 and 3: the reductions backward has started and not yet finished (with
+    /// `train.overlap_grad_reduce`; else each is waited for as it starts).
+    reductions: Option<StartedReductions<B>>,
 }
 
 /// The embedding's two copies under pipeline parallel with a tied head: the first stage's
@@ -352,13 +398,18 @@ impl<B: Backend> DataParallel<B> {
             tensor_parallel,
             pipeline,
             buckets: None,
+            reductions: None,
         }
     }
 
-    /// Whether the replicated gradients' all-reduce starts in buckets during the step's last
-    /// backward (`train.overlap_grad_reduce`), where the layout allows it.
+    /// Whether the gradients' reduction starts during backward (`train.overlap_grad_reduce`):
+    /// whole gradients' in buckets during the step's last backward, where the layout allows
+    /// it; ZeRO-2/3's as each backward hands each layer over.
     pub fn overlap_grad_reduce(&mut self, on: bool) {
-        self.buckets = (on && self.pipeline.is_none()).then(|| GradBuckets::new(&self.flat, &self.spaces)).flatten();
+        let whole = self.whole.is_some();
+        let buckets = on && whole && self.pipeline.is_none();
+        self.buckets = buckets.then(|| GradBuckets::new(&self.flat, &self.spaces)).flatten();
+        self.reductions = (on && !whole).then(StartedReductions::default);
     }
 
     /// The next backward is the step's last (no gradients are added after it): its
@@ -373,7 +424,7 @@ impl<B: Backend> DataParallel<B> {
     /// gradients' reduction this rank's backwards have not started.
     pub fn start_reduce(&mut self, b: &B) -> Result<()> {
         match (&mut self.buckets, &mut self.whole) {
-            (Some(buckets), Some(whole)) => buckets.start_rest(b, (whole, &self.spaces), &self.what),
+            (Some(buckets), Some(whole)) => buckets.start_rest(b, (whole, &mut self.spaces), &self.what),
             _ => Ok(()),
         }
     }
@@ -416,12 +467,15 @@ impl<B: Backend> DataParallel<B> {
 
     /// Sums the step's gradients over the ranks (each rank keeping what it updates).
     pub fn reduce(&mut self, b: &B) -> Result<()> {
+        if let Some(reductions) = &mut self.reductions {
+            reductions.finish(b, &mut self.spaces, &self.what)?;
+        }
         let Some(whole) = &mut self.whole else { return Ok(()) };
         if let Some((_, Some(tied))) = &self.pipeline {
             tied.sum(b.slice_mut(&mut whole.flat, tied.range.clone()), &self.what)?;
         }
         if let Some(buckets) = &mut self.buckets {
-            return buckets.finish(b, (whole, &self.spaces), &self.what);
+            return buckets.finish(b, (whole, &mut self.spaces), &self.what);
         }
         for space in &mut self.spaces {
             let grads = b.slice_mut(&mut whole.flat, space.range.clone());
@@ -550,17 +604,22 @@ impl<B: Backend> DataParallel<B> {
 }
 
 /// ZeRO-2: hands the gradients of `segments` of the dense space (or, with `experts`, the
-/// routed experts' space), laid end to end in `data`, to that space's reduction.
+/// routed experts' space), laid end to end in `data`, to that space's reduction: started, with
+/// `reductions`, else waited for.
 fn reduce_part<B: Backend>(
     b: &B,
-    spaces: &mut [Space<B>],
+    (spaces, reductions): (&mut [Space<B>], Option<&mut StartedReductions<B>>),
     (dense, what): (usize, &str),
     data: &B::Slice,
     segments: &[Range<usize>],
     experts: bool,
 ) {
-    let Some(space) = spaces.iter_mut().find(|s| (s.range.start >= dense) == experts) else { return };
-    space.reduce_segments(b, data, segments, what).unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
+    let Some(space) = spaces.iter().position(|s| (s.range.start >= dense) == experts) else { return };
+    match reductions {
+        Some(reductions) => reductions.start(b, (spaces, space), data, segments, what),
+        None => spaces[space].reduce_segments(b, data, segments, what),
+    }
+    .unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
 }
 
 impl<B: Backend> GradSink<B> for DataParallel<B> {
@@ -580,22 +639,24 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
     fn layer_done(&mut self, b: &B, l: usize) {
         if let Some(whole) = &mut self.whole {
             if let Some(buckets) = &mut self.buckets {
-                buckets.reached(b, Reached::Layer(l), (whole, &self.spaces), &self.what);
+                buckets.reached(b, Reached::Layer(l), (whole, &mut self.spaces), &self.what);
             }
             return;
         }
         let (dense, experts) = self.flat.layer(l);
         let at = (self.flat.dense, self.what.as_str());
         let (dense_part, experts_part) = b.split_at_mut(&mut self.scratch, dense.len());
-        reduce_part(b, &mut self.spaces, at, dense_part, &[dense], false);
+        let reduce = (&mut self.spaces[..], self.reductions.as_mut());
+        reduce_part(b, reduce, at, dense_part, &[dense], false);
         if !experts.is_empty() {
-            reduce_part(b, &mut self.spaces, at, b.slice(experts_part, 0..experts.len()), &[experts], true);
+            let reduce = (&mut self.spaces[..], self.reductions.as_mut());
+            reduce_part(b, reduce, at, b.slice(experts_part, 0..experts.len()), &[experts], true);
         }
     }
 
     fn head_done(&mut self, b: &B) {
         if let (Some(buckets), Some(whole)) = (&mut self.buckets, &mut self.whole) {
-            buckets.reached(b, Reached::Head, (whole, &self.spaces), &self.what);
+            buckets.reached(b, Reached::Head, (whole, &mut self.spaces), &self.what);
         }
     }
 
@@ -611,7 +672,7 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
 
     fn outer_done(&mut self, b: &B) {
         if let (Some(buckets), Some(whole)) = (&mut self.buckets, &mut self.whole) {
-            buckets.reached(b, Reached::Embedding, (whole, &self.spaces), &self.what);
+            buckets.reached(b, Reached::Embedding, (whole, &mut self.spaces), &self.what);
         }
         if self.whole.is_none() {
             if let Some((_, Some(tied))) = &self.pipeline {
@@ -619,7 +680,8 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
                 tied.sum(grads, &self.what).unwrap_or_else(|e| panic!("ZeRO-2: {e:#}"));
             }
             let at = (self.flat.dense, self.what.as_str());
-            reduce_part(b, &mut self.spaces, at, &self.outer_scratch, &self.flat.outer(), false);
+            let reduce = (&mut self.spaces[..], self.reductions.as_mut());
+            reduce_part(b, reduce, at, &self.outer_scratch, &self.flat.outer(), false);
             b.fill(&mut self.outer_scratch, 0.0);
         }
     }

@@ -1,13 +1,16 @@
-//! Data parallel with whole gradients on every rank (ZeRO 0): the step's gradients summed over
-//! the ranks in buckets whose all-reduce starts while backward still computes the layers
-//! before them, as PyTorch DDP and Megatron-LM do.
+//! Data parallel with whole gradients on every rank (ZeRO 0 and 1): the step's gradients
+//! summed over the ranks in buckets whose all-reduce (ZeRO-1: reduce-scatter, each rank
+//! receiving the bucket's values inside its shard) starts while backward still computes the
+//! layers before them, as PyTorch DDP and Megatron-LM's distributed optimizer do.
 //!
 //! Backward completes the final norm's and the head's gradients first (`Reached::Head`), then
 //! each layer's, last to first, and the embedding's at its end. A bucket is a run of at most
 //! `BUCKET_VALUES` gradients of one space that one of those points completes: the tail of the
 //! dense space (final norm, head, score), a layer's dense or routed-expert tensors, the
 //! embedding. In the step's last backward (`arm`) each point starts its buckets: the values
-//! are copied into a buffer the started all-reduce owns, and copied back once it is finished.
+//! are copied into a buffer the started all-reduce owns, and copied back once it is finished
+//! (a reduce-scatter sends a copy of them and receives the rank's piece into a buffer of its
+//! own, set into the shard's summed gradients once finished).
 //! Starting more than `IN_FLIGHT_VALUES` values at once first finishes the oldest buckets, so
 //! the copies (and MPI's copy of what it sends) stay within a few hundred MB.
 //!
@@ -16,7 +19,7 @@
 //! collectives. On MPI the all-reduces progress whenever the rank tests them, at each point;
 //! a communicator that cannot start one (`Local`, `Threads`) completes it as it starts.
 
-use crate::data_parallel::Space;
+use crate::data_parallel::{Landing, Space};
 use anyhow::Result;
 use kiln_core::Backend;
 use kiln_dist::{InFlight, Owned};
@@ -27,7 +30,7 @@ use std::ops::Range;
 /// The most values in one bucket (32 MiB of f32).
 const BUCKET_VALUES: usize = 1 << 23;
 /// The most values in buckets under way at once.
-const IN_FLIGHT_VALUES: usize = 1 << 24;
+pub(crate) const IN_FLIGHT_VALUES: usize = 1 << 24;
 
 /// Where backward has got to: the gradients it has completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,7 +75,8 @@ pub struct GradBuckets<B: Backend> {
 }
 
 impl<B: Backend> GradBuckets<B> {
-    /// The buckets of the `spaces` that are summed whole over more than one rank (none: `None`).
+    /// The buckets of the `spaces` summed over more than one rank or reduced into shards (none:
+    /// `None`).
     pub fn new(flat: &FlatLayout, spaces: &[Space<B>]) -> Option<Self> {
         let layers = flat.ranges.layers.len();
         let [embed, tail] = flat.outer();
@@ -83,11 +87,12 @@ impl<B: Backend> GradBuckets<B> {
             points.push((Reached::Layer(l), experts));
         }
         points.push((Reached::Embedding, embed));
-        let summed = |s: &Space<B>| !s.sharded() && s.comm.size() > 1;
         let mut buckets = Vec::new();
         for (point, range) in points.into_iter().filter(|(_, r)| !r.is_empty()) {
             let Some(space) = spaces.iter().position(|s| s.range.contains(&range.start)) else { continue };
-            if !summed(&spaces[space]) {
+            // A replicated space of one rank has its sums already; a sharded one still sets
+            // its shard from a reduction of one rank.
+            if !spaces[space].sharded() && spaces[space].comm.size() == 1 {
                 continue;
             }
             for start in range.clone().step_by(BUCKET_VALUES) {
@@ -116,13 +121,19 @@ impl<B: Backend> GradBuckets<B> {
 
     /// Backward has completed the gradients of `point` (and of every point before it): in an
     /// armed backward, their buckets start, and every bucket under way is tested (progressed).
-    pub fn reached(&mut self, b: &B, point: Reached, (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]), what: &str) {
+    pub fn reached(
+        &mut self,
+        b: &B,
+        point: Reached,
+        (whole, spaces): (&mut FlatGrads<B>, &mut [Space<B>]),
+        what: &str,
+    ) {
         if !self.armed {
             return;
         }
         let order = point.order(self.layers);
         let through = self.buckets.iter().take_while(|bucket| bucket.order <= order).count();
-        self.start_through(b, through, (whole, spaces), what).unwrap_or_else(|e| panic!("gradient all-reduce: {e:#}"));
+        self.start_through(b, through, (whole, spaces), what).unwrap_or_else(|e| panic!("gradient reduction: {e:#}"));
         self.in_flight.iter_mut().for_each(|(_, started)| {
             started.test();
         });
@@ -132,16 +143,16 @@ impl<B: Backend> GradBuckets<B> {
     }
 
     /// Starts every bucket this rank has not started this step.
-    pub fn start_rest(&mut self, b: &B, grads: (&mut FlatGrads<B>, &[Space<B>]), what: &str) -> Result<()> {
+    pub fn start_rest(&mut self, b: &B, grads: (&mut FlatGrads<B>, &mut [Space<B>]), what: &str) -> Result<()> {
         self.armed = false;
         self.start_through(b, self.buckets.len(), grads, what)
     }
 
     /// Starts the rest and finishes them all: every bucket's sum in the gradients.
-    pub fn finish(&mut self, b: &B, (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]), what: &str) -> Result<()> {
-        self.start_rest(b, (&mut *whole, spaces), what)?;
+    pub fn finish(&mut self, b: &B, (whole, spaces): (&mut FlatGrads<B>, &mut [Space<B>]), what: &str) -> Result<()> {
+        self.start_rest(b, (&mut *whole, &mut *spaces), what)?;
         while !self.in_flight.is_empty() {
-            self.finish_oldest(b, (&mut *whole, spaces), what)?;
+            self.finish_oldest(b, (&mut *whole, &mut *spaces), what)?;
         }
         self.next = 0;
         Ok(())
@@ -153,21 +164,28 @@ impl<B: Backend> GradBuckets<B> {
         &mut self,
         b: &B,
         through: usize,
-        (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]),
+        (whole, spaces): (&mut FlatGrads<B>, &mut [Space<B>]),
         what: &str,
     ) -> Result<()> {
         while self.next < through {
             let len = self.buckets[self.next].range.len();
             while !self.in_flight.is_empty() && self.values_in_flight() + len > IN_FLIGHT_VALUES {
-                self.finish_oldest(b, (&mut *whole, spaces), what)?;
+                self.finish_oldest(b, (&mut *whole, &mut *spaces), what)?;
             }
-            let bucket = &self.buckets[self.next];
-            let mut buf = match self.free.iter().position(|f| b.len(f) == len) {
-                Some(i) => self.free.swap_remove(i),
-                None => Box::new(b.zeros(len)),
+            let (space, range) = (&spaces[self.buckets[self.next].space], self.buckets[self.next].range.clone());
+            let values = b.slice(&whole.flat, range.clone());
+            let started = match space.sharded() {
+                true => {
+                    let counts = space.counts_in_shards(&[range]);
+                    let piece = pooled(&mut self.free, b, counts[space.comm.rank()]);
+                    space.comm.start_reduce_scatter_v_sum(values, &counts, piece, what)?
+                }
+                false => {
+                    let mut buf = pooled(&mut self.free, b, len);
+                    b.copy(&mut buf, values);
+                    space.comm.start_all_reduce_sum(buf, what)?
+                }
             };
-            b.copy(&mut buf, b.slice(&whole.flat, bucket.range.clone()));
-            let started = spaces[bucket.space].comm.start_all_reduce_sum(buf, what)?;
             self.in_flight.push_back((self.next, started));
             self.next += 1;
         }
@@ -178,16 +196,35 @@ impl<B: Backend> GradBuckets<B> {
         self.in_flight.iter().map(|(i, _)| self.buckets[*i].range.len()).sum()
     }
 
-    /// Waits for the oldest bucket under way and copies its sum into the gradients.
-    fn finish_oldest(&mut self, b: &B, (whole, spaces): (&mut FlatGrads<B>, &[Space<B>]), what: &str) -> Result<()> {
+    /// Waits for the oldest bucket under way and copies its sum into the gradients (ZeRO-1: the
+    /// rank's piece into its shard's).
+    fn finish_oldest(
+        &mut self,
+        b: &B,
+        (whole, spaces): (&mut FlatGrads<B>, &mut [Space<B>]),
+        what: &str,
+    ) -> Result<()> {
         let (i, started) = self.in_flight.pop_front().expect("a bucket under way");
         let bucket = &self.buckets[i];
-        let sum = spaces[bucket.space].comm.finish(started, what)?;
-        b.copy(b.slice_mut(&mut whole.flat, bucket.range.clone()), &sum);
+        let space = &mut spaces[bucket.space];
+        let sum = space.comm.finish(started, what)?;
+        match space.sharded() {
+            true => space.land(b, &sum, std::slice::from_ref(&bucket.range), Landing::Set),
+            false => b.copy(b.slice_mut(&mut whole.flat, bucket.range.clone()), &sum),
+        }
         // Every step starts the same buckets in the same order, so the buffers the first step
         // allocated (of each length, as many as were under way at once) serve every later one.
         self.free.push(sum);
         Ok(())
+    }
+}
+
+/// A buffer of `len` values from `free` (those of collectives an earlier step finished), or a
+/// new one.
+pub(crate) fn pooled<B: Backend>(free: &mut Vec<Owned<B::Slice>>, b: &B, len: usize) -> Owned<B::Slice> {
+    match free.iter().position(|f| b.len(f) == len) {
+        Some(i) => free.swap_remove(i),
+        None => Box::new(b.zeros(len)),
     }
 }
 
@@ -220,22 +257,22 @@ mod tests {
                 let flat = &flat;
                 s.spawn(move || {
                     let rank = comm.rank() as f32;
-                    let spaces = [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(comm), false, "dense".into())];
+                    let mut spaces = [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(comm), false, "dense".into())];
                     let mut whole = FlatGrads::new(&Cpu, &Arc::new(three_layers()));
                     whole.flat.iter_mut().enumerate().for_each(|(i, g)| *g = (rank + 1.0) * i as f32);
                     let mut buckets = GradBuckets::new(flat, &spaces).expect("a space summed over two ranks");
                     buckets.arm();
                     let points = [Reached::Head, Reached::Layer(2), Reached::Layer(1), Reached::Layer(0)];
                     for (started, point) in points.into_iter().enumerate() {
-                        buckets.reached(&Cpu, point, (&mut whole, &spaces), "test");
+                        buckets.reached(&Cpu, point, (&mut whole, &mut spaces), "test");
                         assert_eq!(buckets.next, started + 1, "{point:?} starts its own bucket only");
                         let open = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| buckets.check_open(point)));
                         assert!(open.is_err(), "{point:?}: its gradients are being summed");
                     }
                     buckets.check_open(Reached::Embedding);
-                    buckets.reached(&Cpu, Reached::Embedding, (&mut whole, &spaces), "test");
+                    buckets.reached(&Cpu, Reached::Embedding, (&mut whole, &mut spaces), "test");
                     assert!(!buckets.armed, "the backward has ended");
-                    buckets.finish(&Cpu, (&mut whole, &spaces), "test").unwrap();
+                    buckets.finish(&Cpu, (&mut whole, &mut spaces), "test").unwrap();
                     for (i, g) in whole.flat.iter().enumerate() {
                         assert_eq!(*g, 3.0 * i as f32, "value {i}: the sum of both ranks'");
                     }
@@ -247,16 +284,45 @@ mod tests {
     }
 
     #[test]
+    fn zero_1_buckets_set_each_ranks_piece_of_the_sums_into_its_shard() {
+        let flat = three_layers();
+        let ranks = Threads::new(2, Duration::from_secs(10));
+        std::thread::scope(|s| {
+            for comm in ranks {
+                let flat = &flat;
+                s.spawn(move || {
+                    let rank = comm.rank() as f32;
+                    let mut spaces = [Space::<Cpu>::new(&Cpu, 0..flat.total, Arc::new(comm), true, "dense".into())];
+                    let mut whole = FlatGrads::new(&Cpu, &Arc::new(three_layers()));
+                    whole.flat.iter_mut().enumerate().for_each(|(i, g)| *g = (rank + 1.0) * i as f32);
+                    let mut buckets = GradBuckets::new(flat, &spaces).expect("a space sharded over two ranks");
+                    buckets.arm();
+                    let points = [Reached::Head, Reached::Layer(2), Reached::Layer(1), Reached::Layer(0)];
+                    for point in points.into_iter().chain([Reached::Embedding]) {
+                        buckets.reached(&Cpu, point, (&mut whole, &mut spaces), "test");
+                    }
+                    buckets.finish(&Cpu, (&mut whole, &mut spaces), "test").unwrap();
+                    let (mine, shard) = (spaces[0].mine.clone(), spaces[0].summed_shard());
+                    assert_eq!(shard.len(), mine.len());
+                    for (g, i) in shard.iter().zip(mine) {
+                        assert_eq!(*g, 3.0 * i as f32, "value {i}: the sum of both ranks'");
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
     fn a_backward_that_is_not_the_last_starts_nothing_and_one_rank_has_no_buckets() {
         let flat = three_layers();
         let alone = [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(Local), false, "dense".into())];
         assert!(GradBuckets::new(&flat, &alone).is_none(), "one rank sums nothing");
         let ranks = Threads::new(2, Duration::from_secs(10));
-        let spaces =
+        let mut spaces =
             [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(ranks.into_iter().next().unwrap()), false, "d".into())];
         let mut buckets = GradBuckets::new(&flat, &spaces).unwrap();
         let mut whole = FlatGrads::new(&Cpu, &Arc::new(three_layers()));
-        buckets.reached(&Cpu, Reached::Layer(2), (&mut whole, &spaces), "test");
+        buckets.reached(&Cpu, Reached::Layer(2), (&mut whole, &mut spaces), "test");
         assert_eq!(buckets.next, 0, "not armed: the step's last backward is still to come");
     }
 }

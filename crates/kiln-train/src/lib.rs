@@ -27,6 +27,7 @@ pub mod rollout;
 pub mod schedule;
 pub mod session;
 pub mod sft;
+mod started_reductions;
 pub mod tensorboard;
 pub mod trainer;
 

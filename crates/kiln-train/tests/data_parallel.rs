@@ -5,8 +5,9 @@
 //! the outer tensors); ZeRO checkpoints resume on other numbers of ranks, other stages and
 //! without ZeRO; expert parallel (alone, with data parallel, recomputation and ZeRO 1 to 3)
 //! gives the one-process curve with each rank holding its share of the experts, for
-//! DeepSeek-V3 and V4; and every recipe follows its one-process curve on two ranks with ZeRO-2
-//! and ZeRO-3, and without ZeRO with the gradients summed in buckets during backward.
+//! DeepSeek-V3 and V4; every layout reduces to the same gradients with the reductions started
+//! during backward; and every recipe follows its one-process curve on two ranks with ZeRO-2
+//! and ZeRO-3, and with the gradients reduced during backward.
 //! `crates/kiln/tests/dp_mpi.rs` runs the same layouts as processes under mpirun.
 
 mod common;
@@ -41,12 +42,13 @@ fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_2_and_3
             assert!((here - want).abs() <= 1e-9 * full, "{what}: weights {here} MB, expected {want}");
         }
     }
-    // The replicated gradients summed in buckets during the step's last backward (each
-    // started as backward completes it) sum to the same.
-    for ranks in [2, 4] {
-        let dir = scratch(&format!("{ranks}-overlap"));
-        sft(ranks, &dir, &["train.overlap_grad_reduce=true"]);
-        let what = format!("{ranks} ranks, gradients summed during backward");
+    // The gradients reduced during backward sum to the same: whole ones in buckets during
+    // the step's last backward (all-reduced, or reduce-scattered into ZeRO-1's shards), ZeRO-2
+    // and 3's each layer's reduce-scatter started as backward hands it over.
+    for (ranks, zero) in [(2, 0), (4, 0), (4, 1), (2, 2), (4, 2), (4, 3)] {
+        let dir = scratch(&format!("{ranks}-zero-{zero}-overlap"));
+        sft(ranks, &dir, &["train.overlap_grad_reduce=true", &format!("train.zero={zero}")]);
+        let what = format!("{ranks} ranks, ZeRO-{zero}, gradients reduced during backward");
         assert_same_curve(&reference, &series(&dir, "loss"), 1e-6, &what);
         assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, &what);
     }
@@ -86,9 +88,12 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
     // Two MoE layers of 8 routed experts, each three 24 x 48 matrices, in f32.
     let routed_mb = (2 * 8 * 3 * 24 * 48 * 4) as f64 / 1e6;
     // Two ranks with ep 2 have one replica of each expert: their moments' space is one rank's.
-    let cases: [(usize, usize, &[&str]); 9] = [
+    let cases: [(usize, usize, &[&str]); 12] = [
         (2, 2, &["train.zero=0"]),
         (4, 2, &["train.overlap_grad_reduce=true"]),
+        (2, 2, &["train.zero=1", "train.overlap_grad_reduce=true"]),
+        (4, 2, &["train.zero=1", "train.overlap_grad_reduce=true"]),
+        (4, 2, &["train.zero=2", "train.overlap_grad_reduce=true"]),
         (2, 2, &["train.zero=2"]),
         (4, 4, &["train.zero=0"]),
         (4, 2, &["train.recompute=true"]),
@@ -119,7 +124,7 @@ fn expert_parallel_gives_the_one_process_curve_alone_and_with_data_parallel() {
             }
             _ => assert!((saved - expected).abs() < 1e-6, "{what}: {saved} MB fewer weights, expected {expected}"),
         }
-        if extra.starts_with("train.zero=") && !extra.ends_with('0') {
+        if extra.starts_with("train.zero=") && !extra.starts_with("train.zero=0") {
             // Everything but the experts sharded over all ranks; each rank's 1/ep of the experts
             // over its ranks/ep replicas: 1/ranks of the moments either way.
             let (full, sharded) = (series(&one, "optimizer_state_mb")[0], series(&dir, "optimizer_state_mb")[0]);
@@ -225,9 +230,15 @@ fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2_an
         let with = |zero: &'static str| two.iter().map(|o| if *o == "train.zero=2" { zero } else { o }).collect();
         let three: Vec<&str> = with("train.zero=3");
         assert_same_recipe(recipe, &format!("{recipe} with ZeRO-3"), &one, &three);
-        // No ZeRO, the gradients summed in buckets during the step's last backward.
+        // No ZeRO, the gradients summed in buckets during the step's last backward; ZeRO-2
+        // (a pair recipe, a rollout one), each layer's reduction started as backward hands it
+        // over.
         let overlap: Vec<&str> = with("train.overlap_grad_reduce=true");
         assert_same_recipe(recipe, &format!("{recipe} with the reduction during backward"), &one, &overlap);
+        if ["dpo", "grpo"].contains(&recipe) {
+            let overlap_2 = [&two[..], &["train.overlap_grad_reduce=true"]].concat();
+            assert_same_recipe(recipe, &format!("{recipe} with ZeRO-2's reductions started"), &one, &overlap_2);
+        }
     }
     // Three prompts a step over two ranks, a completion per micro-batch: the rank with one
     // fewer runs an idle pass, which gathers the ZeRO-3 teacher's shards as its forwards do.

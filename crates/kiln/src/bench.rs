@@ -69,10 +69,15 @@ pub struct TrainArgs {
     /// The optimizer, as `train.optimizer`: adamw, or muon (default settings).
     #[arg(long, default_value = "adamw", value_parser = ["adamw", "muon"])]
     optimizer: String,
-    /// Under mpirun, sum the gradients in buckets during backward instead of after it
+    /// Under mpirun, start the gradients' reduction during backward instead of after it
     /// (`train.overlap_grad_reduce`).
     #[arg(long)]
     overlap: bool,
+    /// Under mpirun, ZeRO stage 0, 1 (AdamW's moments sharded over the ranks, the gradients
+    /// reduce-scattered) or 2 (the gradients sharded too, reduced as backward hands each layer
+    /// over), as `train.zero`.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    zero: u8,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in MiB.
@@ -229,7 +234,7 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
     let mut acts = Activations::new(&b, &c, batch.rows, batch.seq, true, args.recompute);
     let hyper = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: 0 };
     let muon = (args.optimizer == "muon").then(kiln_train::muon::MuonSettings::default);
-    let mut dp = DataParallel::new(&b, &model, (&comm, None), 0, hyper, muon);
+    let mut dp = DataParallel::new(&b, &model, (&comm, None), args.zero, hyper, muon);
     dp.overlap_grad_reduce(args.overlap);
 
     let mut times = Vec::with_capacity(args.steps);
@@ -280,9 +285,16 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
     );
     if comm.size() > 1 {
         let comm_median = comm_times[comm_times.len() / 2];
+        let reduction = match (args.zero, args.overlap) {
+            (0, false) => "gradient all-reduce after backward",
+            (0, true) => "gradient all-reduce after backward (what backward left of the buckets)",
+            (1, false) => "gradient reduce-scatter after backward",
+            (1, true) => "gradient reduce-scatter after backward (what backward left of the buckets)",
+            (_, false) => "ZeRO-2: gradient reduce-scatters after backward (none: backward waits for each)",
+            (_, true) => "ZeRO-2: gradient reduce-scatters after backward (what backward left under way)",
+        };
         println!(
-            "  comm      gradient all-reduce after backward{} median {:.1} ms, {:.1}% of the median step",
-            if args.overlap { " (what backward left of the buckets)" } else { "" },
+            "  comm      {reduction} median {:.1} ms, {:.1}% of the median step",
             comm_median * 1e3,
             100.0 * comm_median / median
         );
@@ -296,8 +308,9 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
     );
     let update = update_times[update_times.len() / 2];
     println!(
-        "  update    {} median {:.1} ms, {:.1}% of the median step",
+        "  update    {}{} median {:.1} ms, {:.1}% of the median step",
         dp.describe_optimizer().trim_start_matches("optimizer: "),
+        if dp.sharded { " on this rank's shard, then the weights' all-gather" } else { "" },
         update * 1e3,
         100.0 * update / median
     );

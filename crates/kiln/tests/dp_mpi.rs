@@ -140,6 +140,11 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_2_and
             (state - full_state / ranks as f64).abs() <= 1e-4 * full_state,
             "{ranks} ranks: {state} MB of {full_state}"
         );
+        // Reduce-scattered in buckets started during the step's last backward
+        // (MPI_Ireduce_scatter), each rank's piece set into its shard.
+        let overlap = scratch(&format!("zero-overlap-{ranks}"));
+        run_ok(ranks, accum, &overlap, &["--set", "train.zero=1", "--set", "train.overlap_grad_reduce=true"]);
+        assert_same_curve(&reference, &losses(&overlap), &format!("{ranks} ranks, ZeRO-1 reduced during backward"));
 
         // ZeRO-2: each layer's gradients are summed over the ranks as backward finishes them,
         // and each rank keeps 1/N of the gradients as well as of the moments.
@@ -155,6 +160,10 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_2_and
             (sharded - full / ranks as f64).abs() <= 1e-4 * full,
             "{ranks} ranks: {sharded} MB of optimizer state and gradients, of {full}"
         );
+        // Each layer's reduce-scatter started as backward hands it over, finished later.
+        let overlap = scratch(&format!("zero2-overlap-{ranks}"));
+        run_ok(ranks, accum, &overlap, &["--set", "train.zero=2", "--set", "train.overlap_grad_reduce=true"]);
+        assert_same_curve(&reference, &losses(&overlap), &format!("{ranks} ranks, ZeRO-2 reduced during backward"));
 
         // ZeRO-3 (given as a layout): the weights too, each rank gathering a layer at a time
         // (without prefetch, whose second layer's buffer is half the demo's 4 layers; the
@@ -622,6 +631,9 @@ fn every_recipe_gives_the_same_curve_on_one_process_and_two_ranks_with_zero_2_an
             let overlap: Vec<String> =
                 two.iter().map(|a| a.replace("train.zero=2", "train.overlap_grad_reduce=true")).collect();
             assert_same_steps(recipe, &a, &recipe_curve(recipe, 2, &overlap));
+            // ZeRO-2's reductions started as backward hands each layer over.
+            let overlap_2 = [two.clone(), set("train.overlap_grad_reduce=true")].concat();
+            assert_same_steps(recipe, &a, &recipe_curve(recipe, 2, &overlap_2));
         }
     }
 }

@@ -8,6 +8,8 @@
 //! `init` picks the implementation from the launcher's environment; keep the returned guard
 //! alive until the program ends (it finalises MPI).
 
+#[cfg(feature = "mpi")]
+mod exchanged_sum;
 mod in_flight;
 mod local;
 #[cfg(feature = "mpi")]

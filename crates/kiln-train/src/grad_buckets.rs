@@ -248,66 +248,61 @@ mod tests {
         FlatLayout::new(&layout(&config))
     }
 
-    #[test]
-    fn each_point_of_backward_starts_its_bucket_and_the_sums_land_in_the_gradients() {
+    /// On each of two ranks (`Threads`): the three-layer model's gradients filled with
+    /// (rank + 1)·i, one space of them over the ranks (`sharded`: ZeRO-1), and its buckets,
+    /// armed, handed to `check`.
+    fn on_two_ranks(sharded: bool, check: impl Fn(GradBuckets<Cpu>, FlatGrads<Cpu>, [Space<Cpu>; 1]) + Sync) {
         let flat = three_layers();
-        let ranks = Threads::new(2, Duration::from_secs(10));
         std::thread::scope(|s| {
-            for comm in ranks {
-                let flat = &flat;
+            for comm in Threads::new(2, Duration::from_secs(10)) {
+                let (flat, check) = (&flat, &check);
                 s.spawn(move || {
                     let rank = comm.rank() as f32;
-                    let mut spaces = [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(comm), false, "dense".into())];
+                    let spaces = [Space::<Cpu>::new(&Cpu, 0..flat.dense, Arc::new(comm), sharded, "dense".into())];
                     let mut whole = FlatGrads::new(&Cpu, &Arc::new(three_layers()));
                     whole.flat.iter_mut().enumerate().for_each(|(i, g)| *g = (rank + 1.0) * i as f32);
-                    let mut buckets = GradBuckets::new(flat, &spaces).expect("a space summed over two ranks");
+                    let mut buckets = GradBuckets::new(flat, &spaces).expect("a space over two ranks");
                     buckets.arm();
-                    let points = [Reached::Head, Reached::Layer(2), Reached::Layer(1), Reached::Layer(0)];
-                    for (started, point) in points.into_iter().enumerate() {
-                        buckets.reached(&Cpu, point, (&mut whole, &mut spaces), "test");
-                        assert_eq!(buckets.next, started + 1, "{point:?} starts its own bucket only");
-                        let open = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| buckets.check_open(point)));
-                        assert!(open.is_err(), "{point:?}: its gradients are being summed");
-                    }
-                    buckets.check_open(Reached::Embedding);
-                    buckets.reached(&Cpu, Reached::Embedding, (&mut whole, &mut spaces), "test");
-                    assert!(!buckets.armed, "the backward has ended");
-                    buckets.finish(&Cpu, (&mut whole, &mut spaces), "test").unwrap();
-                    for (i, g) in whole.flat.iter().enumerate() {
-                        assert_eq!(*g, 3.0 * i as f32, "value {i}: the sum of both ranks'");
-                    }
-                    // The next step's backward adds into every bucket again.
-                    points.into_iter().for_each(|point| buckets.check_open(point));
+                    check(buckets, whole, spaces);
                 });
             }
         });
     }
 
+    const LAYER_POINTS: [Reached; 4] = [Reached::Head, Reached::Layer(2), Reached::Layer(1), Reached::Layer(0)];
+
+    #[test]
+    fn each_point_of_backward_starts_its_bucket_and_the_sums_land_in_the_gradients() {
+        on_two_ranks(false, |mut buckets, mut whole, mut spaces| {
+            for (started, point) in LAYER_POINTS.into_iter().enumerate() {
+                buckets.reached(&Cpu, point, (&mut whole, &mut spaces), "test");
+                assert_eq!(buckets.next, started + 1, "{point:?} starts its own bucket only");
+                let open = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| buckets.check_open(point)));
+                assert!(open.is_err(), "{point:?}: its gradients are being summed");
+            }
+            buckets.check_open(Reached::Embedding);
+            buckets.reached(&Cpu, Reached::Embedding, (&mut whole, &mut spaces), "test");
+            assert!(!buckets.armed, "the backward has ended");
+            buckets.finish(&Cpu, (&mut whole, &mut spaces), "test").unwrap();
+            for (i, g) in whole.flat.iter().enumerate() {
+                assert_eq!(*g, 3.0 * i as f32, "value {i}: the sum of both ranks'");
+            }
+            // The next step's backward adds into every bucket again.
+            LAYER_POINTS.into_iter().for_each(|point| buckets.check_open(point));
+        });
+    }
+
     #[test]
     fn zero_1_buckets_set_each_ranks_piece_of_the_sums_into_its_shard() {
-        let flat = three_layers();
-        let ranks = Threads::new(2, Duration::from_secs(10));
-        std::thread::scope(|s| {
-            for comm in ranks {
-                let flat = &flat;
-                s.spawn(move || {
-                    let rank = comm.rank() as f32;
-                    let mut spaces = [Space::<Cpu>::new(&Cpu, 0..flat.total, Arc::new(comm), true, "dense".into())];
-                    let mut whole = FlatGrads::new(&Cpu, &Arc::new(three_layers()));
-                    whole.flat.iter_mut().enumerate().for_each(|(i, g)| *g = (rank + 1.0) * i as f32);
-                    let mut buckets = GradBuckets::new(flat, &spaces).expect("a space sharded over two ranks");
-                    buckets.arm();
-                    let points = [Reached::Head, Reached::Layer(2), Reached::Layer(1), Reached::Layer(0)];
-                    for point in points.into_iter().chain([Reached::Embedding]) {
-                        buckets.reached(&Cpu, point, (&mut whole, &mut spaces), "test");
-                    }
-                    buckets.finish(&Cpu, (&mut whole, &mut spaces), "test").unwrap();
-                    let (mine, shard) = (spaces[0].mine.clone(), spaces[0].summed_shard());
-                    assert_eq!(shard.len(), mine.len());
-                    for (g, i) in shard.iter().zip(mine) {
-                        assert_eq!(*g, 3.0 * i as f32, "value {i}: the sum of both ranks'");
-                    }
-                });
+        on_two_ranks(true, |mut buckets, mut whole, mut spaces| {
+            for point in LAYER_POINTS.into_iter().chain([Reached::Embedding]) {
+                buckets.reached(&Cpu, point, (&mut whole, &mut spaces), "test");
+            }
+            buckets.finish(&Cpu, (&mut whole, &mut spaces), "test").unwrap();
+            let (mine, shard) = (spaces[0].mine.clone(), spaces[0].summed_shard());
+            assert_eq!(shard.len(), mine.len());
+            for (g, i) in shard.iter().zip(mine) {
+                assert_eq!(*g, 3.0 * i as f32, "value {i}: the sum of both ranks'");
             }
         });
     }

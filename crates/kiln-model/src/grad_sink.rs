@@ -1,8 +1,9 @@
 //! Where backward puts the parameter gradients. Backward visits the layers last to first,
 //! asking for each layer's gradient views just before it and saying when it is done, then
-//! finishes the gradients outside the layers (embedding, final norm, LM head, score). Whole
-//! gradients (`FlatGrads`) are one sink; a sharded one (ZeRO-2) sums each layer's gradients over
-//! the ranks as soon as they are done and keeps its share.
+//! finishes the gradients outside the layers (embedding, final norm, LM head, score); under
+//! pipeline parallel it does so once per chunk of the pass (`chunks_next`). Whole gradients
+//! (`FlatGrads`) are one sink; a sharded one (ZeRO-2) sums each layer's gradients over the
+//! ranks as soon as they are done and keeps its share.
 
 use crate::flat::FlatLayout;
 use crate::weights::{LayerWeights, Weights};
@@ -10,6 +11,10 @@ use kiln_core::Backend;
 use std::sync::Arc;
 
 pub trait GradSink<B: Backend> {
+    /// The coming pass's backward runs in `chunks` chunks (pipeline parallel's schedules; else
+    /// one): each chunk's backward hands every layer of the stage (`layer_done`) and the head
+    /// (`head_done`) over once, and their gradients of the pass are complete at the last.
+    fn chunks_next(&mut self, _: usize) {}
     /// Layer `l`'s gradient views, which its backward adds into.
     fn layer(&mut self, b: &B, l: usize) -> LayerWeights<&mut B::Slice>;
     /// Layer `l`'s gradients of this backward are complete.

@@ -961,6 +961,9 @@ impl<B: Backend> Model<B> {
         let aux =
             sequence.as_ref().map(|sequence| SeqAux { alpha: self.moe_aux_alpha, sequence, weights: &batch.weights });
         let mut aux_loss = 0.0;
+        if part.is_none() {
+            grads.chunks_next(1);
+        }
         for v in self.parts(part).rev() {
             let run = self.part_layers(v);
             let output_grad = self.pipeline.as_ref().filter(|pp| !pp.part_heads(v));
@@ -1130,6 +1133,7 @@ impl<B: Backend> Model<B> {
             None => ChunkOrder::Unchunked.ops(0, 1, 1),
         };
         let chunks = ops.iter().filter(|op| matches!(op, Op::Forward(_))).count();
+        grads.chunks_next(chunks);
         let mut served: Vec<Option<Vec<Option<moe::Served<B>>>>> = (0..chunks).map(|_| None).collect();
         let runs: Vec<Range<usize>> = self.parts(None).map(|v| self.part_layers(v)).collect();
         for op in ops {

@@ -225,6 +225,7 @@ impl<B: Backend> Model<B> {
         let [first, then] = interleaved_ticks(&pp, pp.chunks, order);
         let me = pp.stage();
         let mut served: Vec<Option<Vec<Option<moe::Served<B>>>>> = (0..pp.parts() * pp.chunks).map(|_| None).collect();
+        grads.chunks_next(pp.chunks);
         for &task in first.iter().chain(&then).flat_map(|t| &t.tasks[me]) {
             let (run, at) = (pp.part_layers(task.part), task.part * pp.chunks + task.chunk);
             if task.backward {

@@ -97,6 +97,7 @@ impl<B: Backend> Model<B> {
         let (stage, stages, seq) = (pp.stage(), pp.group.size(), batch.seq);
         let (rows, chunks) = chunks_of(&pp, batch);
         let chunk_rows = chunks[0].rows;
+        grads.chunks_next(chunks.len());
         // GPipe where the loss's weights need every chunk's forward, else 1F1B (interleaved
         // over the parts with interleaved stages); an idle pass of a data-parallel peer
         // (`Model::idle_pass`) runs the same order.

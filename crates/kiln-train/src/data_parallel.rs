@@ -269,8 +269,7 @@ pub struct DataParallel<B: Backend> {
     /// and last stage of a model with a tied head, the two of them and the embedding's range.
     pipeline: Option<(Ranks<B>, Option<TiedEmbedding<B>>)>,
     /// With whole gradients (ZeRO 0 and 1), their sums started in buckets behind the step's
-    /// last backward (none under pipeline parallel, whose chunks complete a layer's gradients
-    /// only at the last one).
+    /// last backward (under pipeline parallel, its last chunk's).
     buckets: Option<GradBuckets<B>>,
     /// ZeRO-2 and 3: the reductions backward has started and not yet finished (with
     /// `train.overlap_grad_reduce`; else each is waited for as it starts).
@@ -407,8 +406,7 @@ impl<B: Backend> DataParallel<B> {
     /// it; ZeRO-2/3's as each backward hands each layer over.
     pub fn overlap_grad_reduce(&mut self, on: bool) {
         let whole = self.whole.is_some();
-        let buckets = on && whole && self.pipeline.is_none();
-        self.buckets = buckets.then(|| GradBuckets::new(&self.flat, &self.spaces)).flatten();
+        self.buckets = (on && whole).then(|| GradBuckets::new(&self.flat, &self.spaces)).flatten();
         self.reductions = (on && !whole).then(StartedReductions::default);
     }
 
@@ -421,12 +419,14 @@ impl<B: Backend> DataParallel<B> {
     }
 
     /// After the step's backwards and before its other collectives: starts whatever of the
-    /// gradients' reduction this rank's backwards have not started.
+    /// gradients' reduction this rank's backwards have not started (under pipeline parallel
+    /// the embedding's, after a tied head's copy is summed with the first stage's).
     pub fn start_reduce(&mut self, b: &B) -> Result<()> {
-        match (&mut self.buckets, &mut self.whole) {
-            (Some(buckets), Some(whole)) => buckets.start_rest(b, (whole, &mut self.spaces), &self.what),
-            _ => Ok(()),
+        let (Some(buckets), Some(whole)) = (&mut self.buckets, &mut self.whole) else { return Ok(()) };
+        if let Some((_, Some(tied))) = &self.pipeline {
+            tied.sum(b.slice_mut(&mut whole.flat, tied.range.clone()), &self.what)?;
         }
+        buckets.start_rest(b, (whole, &mut self.spaces), &self.what)
     }
 
     /// Whether ZeRO stage `zero` over `world` shards the weights (ZeRO-3 on several ranks).
@@ -471,11 +471,11 @@ impl<B: Backend> DataParallel<B> {
             reductions.finish(b, &mut self.spaces, &self.what)?;
         }
         let Some(whole) = &mut self.whole else { return Ok(()) };
-        if let Some((_, Some(tied))) = &self.pipeline {
-            tied.sum(b.slice_mut(&mut whole.flat, tied.range.clone()), &self.what)?;
-        }
         if let Some(buckets) = &mut self.buckets {
             return buckets.finish(b, (whole, &mut self.spaces), &self.what);
+        }
+        if let Some((_, Some(tied))) = &self.pipeline {
+            tied.sum(b.slice_mut(&mut whole.flat, tied.range.clone()), &self.what)?;
         }
         for space in &mut self.spaces {
             let grads = b.slice_mut(&mut whole.flat, space.range.clone());
@@ -623,6 +623,12 @@ fn reduce_part<B: Backend>(
 }
 
 impl<B: Backend> GradSink<B> for DataParallel<B> {
+    fn chunks_next(&mut self, chunks: usize) {
+        if let Some(buckets) = &mut self.buckets {
+            buckets.chunks_next(chunks);
+        }
+    }
+
     fn layer(&mut self, b: &B, l: usize) -> LayerWeights<&mut B::Slice> {
         if let Some(whole) = &mut self.whole {
             if let Some(buckets) = &self.buckets {
@@ -671,7 +677,8 @@ impl<B: Backend> GradSink<B> for DataParallel<B> {
     }
 
     fn outer_done(&mut self, b: &B) {
-        if let (Some(buckets), Some(whole)) = (&mut self.buckets, &mut self.whole) {
+        // Under pipeline parallel the embedding's buckets wait for `start_reduce`.
+        if let (Some(buckets), Some(whole), None) = (&mut self.buckets, &mut self.whole, &self.pipeline) {
             buckets.reached(b, Reached::Embedding, (whole, &mut self.spaces), &self.what);
         }
         if self.whole.is_none() {

@@ -14,9 +14,15 @@
 //! Starting more than `IN_FLIGHT_VALUES` values at once first finishes the oldest buckets, so
 //! the copies (and MPI's copy of what it sends) stay within a few hundred MB.
 //!
-//! Every rank starts the buckets in the same order: a rank whose last backward did not start
-//! them (it had no micro-batch) starts the rest with `start_rest`, before the step's other
-//! collectives. On MPI the all-reduces progress whenever the rank tests them, at each point;
+//! Under pipeline parallel a pass's backward is one per chunk (`chunks_next`), each reaching
+//! the stage's points once: a point is complete at the pass's last chunk, and the schedules
+//! (1F1B, GPipe, interleaved) still complete them in backward's order, a stage's later parts
+//! before its earlier ones. The embedding's buckets start after the backward (`start_rest`),
+//! where a tied head's copy has been summed with the first stage's.
+//!
+//! Every rank starts the buckets in the same order: what a rank's last backward did not start
+//! (it had no micro-batch, or the embedding under pipeline parallel) `start_rest` starts, before
+//! the step's other collectives. On MPI the all-reduces progress whenever the rank tests them, at each point;
 //! a communicator that cannot start one (`Local`, `Threads`) completes it as it starts.
 
 use crate::data_parallel::{Landing, Space};
@@ -66,6 +72,11 @@ struct Bucket {
 pub struct GradBuckets<B: Backend> {
     buckets: Vec<Bucket>,
     layers: usize,
+    /// The chunks of the coming pass's backward (pipeline parallel; else 1).
+    chunks: usize,
+    /// How many chunks of the armed pass have reached each point, by its place in backward's
+    /// order.
+    seen: Vec<usize>,
     /// Buckets before this one have been started this step.
     next: usize,
     in_flight: VecDeque<(usize, InFlight<B::Slice>)>,
@@ -100,13 +111,20 @@ impl<B: Backend> GradBuckets<B> {
                 buckets.push(Bucket { space, range: start..(start + BUCKET_VALUES).min(range.end), order });
             }
         }
+        let (chunks, seen) = (1, vec![0; layers + 2]);
         let (next, in_flight, free, armed) = (0, VecDeque::new(), Vec::new(), false);
-        (!buckets.is_empty()).then_some(Self { buckets, layers, next, in_flight, free, armed })
+        (!buckets.is_empty()).then_some(Self { buckets, layers, chunks, seen, next, in_flight, free, armed })
     }
 
-    /// The next backward is the step's last: it starts the buckets as it completes them.
+    /// The next pass is the step's last: its backward starts the buckets as it completes them.
     pub fn arm(&mut self) {
         self.armed = true;
+        self.seen.fill(0);
+    }
+
+    /// The coming pass's backward runs in `chunks` chunks, each reaching every point once.
+    pub fn chunks_next(&mut self, chunks: usize) {
+        self.chunks = chunks;
     }
 
     /// Panics if gradients are about to be added to values whose sum has started this step.
@@ -119,8 +137,9 @@ impl<B: Backend> GradBuckets<B> {
         );
     }
 
-    /// Backward has completed the gradients of `point` (and of every point before it): in an
-    /// armed backward, their buckets start, and every bucket under way is tested (progressed).
+    /// A chunk's backward has reached `point`; at the pass's last chunk its gradients are
+    /// complete (and those of every point before it): in an armed pass their buckets start,
+    /// and every bucket under way is tested (progressed).
     pub fn reached(
         &mut self,
         b: &B,
@@ -132,7 +151,19 @@ impl<B: Backend> GradBuckets<B> {
             return;
         }
         let order = point.order(self.layers);
+        self.seen[order] += 1;
+        if self.seen[order] < self.chunks {
+            return;
+        }
         let through = self.buckets.iter().take_while(|bucket| bucket.order <= order).count();
+        for bucket in &self.buckets[self.next..through] {
+            // Pipeline parallel's schedules complete the points in backward's order too (a
+            // stage's later parts first): a bucket never starts before its last chunk.
+            assert_eq!(
+                self.seen[bucket.order], self.chunks,
+                "gradients through {point:?} summed before their last chunk's backward"
+            );
+        }
         self.start_through(b, through, (whole, spaces), what).unwrap_or_else(|e| panic!("gradient reduction: {e:#}"));
         self.in_flight.iter_mut().for_each(|(_, started)| {
             started.test();
@@ -148,9 +179,9 @@ impl<B: Backend> GradBuckets<B> {
         self.start_through(b, self.buckets.len(), grads, what)
     }
 
-    /// Starts the rest and finishes them all: every bucket's sum in the gradients.
+    /// Finishes every bucket (all started): each one's sum in the gradients.
     pub fn finish(&mut self, b: &B, (whole, spaces): (&mut FlatGrads<B>, &mut [Space<B>]), what: &str) -> Result<()> {
-        self.start_rest(b, (&mut *whole, &mut *spaces), what)?;
+        assert_eq!(self.next, self.buckets.len(), "the gradients' reduction finished before all of it started");
         while !self.in_flight.is_empty() {
             self.finish_oldest(b, (&mut *whole, &mut *spaces), what)?;
         }
@@ -289,6 +320,26 @@ mod tests {
             }
             // The next step's backward adds into every bucket again.
             LAYER_POINTS.into_iter().for_each(|point| buckets.check_open(point));
+        });
+    }
+
+    #[test]
+    fn under_pipeline_parallel_a_point_starts_its_bucket_at_the_pass_s_last_chunk() {
+        on_two_ranks(false, |mut buckets, mut whole, mut spaces| {
+            buckets.chunks_next(2);
+            let points = [Reached::Head, Reached::Layer(2), Reached::Layer(1)];
+            for point in points {
+                buckets.reached(&Cpu, point, (&mut whole, &mut spaces), "test");
+            }
+            assert_eq!(buckets.next, 0, "the first chunk's backward completes nothing");
+            points.into_iter().for_each(|point| buckets.check_open(point));
+            buckets.reached(&Cpu, Reached::Head, (&mut whole, &mut spaces), "test");
+            assert_eq!(buckets.next, 1, "the second chunk completes the head");
+            // The second chunk completing layer 1 before layer 2 breaks backward's order.
+            let early = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                buckets.reached(&Cpu, Reached::Layer(1), (&mut whole, &mut spaces), "test")
+            }));
+            assert!(early.is_err(), "layer 2's bucket would start before its last chunk");
         });
     }
 

@@ -2,8 +2,9 @@
 //! (`kiln_dist::Threads`, a thread per rank): the demo's Llama (4 layers, tied embedding) cut
 //! into 2 stages of 2 runs each (stage 0 layers 0 and 2, stage 1 layers 1 and 3, the head
 //! after the last run), its chunks on the interleaved schedule's ticks, follows the
-//! one-process curve alone, with data parallel under ZeRO 1-3 (the data-parallel peers'
-//! per-chunk collectives in the ticks' order), tensor parallel and recomputation; its
+//! one-process curve alone, with data parallel under ZeRO 0-3 (the data-parallel peers'
+//! per-chunk collectives in the ticks' order; ZeRO-0's buckets started during the last
+//! chunks' backwards), tensor parallel and recomputation; its
 //! checkpoints hold the whole model and resume on a plain pipeline; every other recipe follows
 //! its curve, DPO (every forward first) and GRPO (rollouts and log-probs on the forward ticks)
 //! also with data parallel;
@@ -26,6 +27,7 @@ fn interleaved_stages_follow_the_one_process_curve_and_checkpoint_the_whole_mode
         (2, "pp=2,vpp=2"),
         (2, "pp=2,vpp=2,recompute=full"),
         (4, "dp=2,pp=2,vpp=2,zero=1"),
+        (4, "dp=2,pp=2,vpp=2,overlap"),
         (4, "dp=2,pp=2,vpp=2,zero=2"),
         (4, "dp=2,pp=2,vpp=2,zero=3"),
         (4, "tp=2,pp=2,vpp=2"),

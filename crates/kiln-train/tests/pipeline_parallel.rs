@@ -29,16 +29,6 @@ fn qwen3_base(dir: &Path) -> String {
     write_base(dir, config, &model)
 }
 
-/// `sft_laid_out` where a trailing `,overlap` on `layout` stands for
-/// `train.overlap_grad_reduce` (ZeRO-2's reductions started as each chunk's backward hands a
-/// layer over, finished before the update).
-fn sft_overlapped(ranks: usize, dir: &Path, layout: &str, extra: &[&str]) {
-    match layout.strip_suffix(",overlap") {
-        Some(layout) => sft_laid_out(ranks, dir, layout, &[extra, &["train.overlap_grad_reduce=true"]].concat()),
-        None => sft_laid_out(ranks, dir, layout, extra),
-    }
-}
-
 #[test]
 fn pipeline_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_model() {
     let one = scratch("pp-1");
@@ -50,6 +40,7 @@ fn pipeline_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_mod
         (4, "pp=4"),
         (2, "pp=2,recompute=full"),
         (4, "dp=2,pp=2,zero=1"),
+        (4, "dp=2,pp=2,zero=1,overlap"),
         (4, "dp=2,pp=2,zero=2"),
         (4, "dp=2,pp=2,zero=2,overlap"),
         (4, "dp=2,pp=2,zero=3"),
@@ -57,7 +48,7 @@ fn pipeline_parallel_follows_the_one_process_curve_and_checkpoints_the_whole_mod
         (8, "dp=2,tp=2,pp=2"),
     ] {
         let dir = scratch(&format!("pp-{layout}"));
-        sft_overlapped(ranks, &dir, layout, &[]);
+        sft_laid_out(ranks, &dir, layout, &[]);
         assert_same_curve(&reference, &series(&dir, "loss"), 1e-5, layout);
         assert_same_curve(&series(&one, "grad_norm"), &series(&dir, "grad_norm"), 1e-5, layout);
         assert_same_curve(&eval_losses(&one), &eval_losses(&dir), 1e-5, &format!("{layout}, eval"));
@@ -203,12 +194,13 @@ fn deepseek_v3_cuts_into_stages_alone_and_with_expert_and_tensor_parallel() {
         (2, "pp=2,recompute=full"),
         (4, "dp=2,pp=2,ep=2"),
         (4, "dp=2,pp=2,ep=2,zero=1"),
+        (4, "dp=2,pp=2,ep=2,zero=1,overlap"),
         (4, "dp=2,pp=2,ep=2,zero=2,overlap"),
         (4, "dp=2,pp=2,zero=2"),
         (8, "dp=2,tp=2,pp=2,ep=2"),
     ] {
         let dir = scratch(&format!("pp-v3-{layout}"));
-        sft_overlapped(ranks, &dir, layout, &[&model]);
+        sft_laid_out(ranks, &dir, layout, &[&model]);
         let what = format!("deepseek_v3, {layout}");
         let (whole, here) = (held(&one, "weights_mb"), held(&dir, "weights_mb"));
         assert!(here < 0.75 * whole, "{what}: rank 0 holds {here} MB of {whole}");

@@ -248,6 +248,7 @@ pub fn train<B: Backend>(args: &TrainArgs, rt: Runtime<B>) -> Result<()> {
         dp.last_backward_next();
         let loss = model.forward_backward(&b, &mut acts, &batch, &mut dp);
         let t_comm = Instant::now();
+        dp.start_reduce(&b)?;
         dp.reduce(&b)?;
         let comm_s = t_comm.elapsed().as_secs_f64();
         b.synchronize();

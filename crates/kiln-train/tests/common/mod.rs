@@ -139,8 +139,12 @@ pub fn write_base(dir: &Path, config: &str, model: &kiln_model::Model<Cpu>) -> S
 }
 
 /// `sft` on `ranks` ranks laid out as `layout`, the 4 micro-batches of a step split over its
-/// data-parallel ranks (`dp`, 1 unless given).
+/// data-parallel ranks (`dp`, 1 unless given); a trailing `,overlap` on `layout` stands for
+/// `train.overlap_grad_reduce` (the gradients' reduction started during backward).
 pub fn sft_laid_out(ranks: usize, dir: &Path, layout: &str, extra: &[&str]) {
+    if let Some(layout) = layout.strip_suffix(",overlap") {
+        return sft_laid_out(ranks, dir, layout, &[extra, &["train.overlap_grad_reduce=true"]].concat());
+    }
     let dp: usize = layout.split(',').find_map(|p| p.strip_prefix("dp=")).map_or(1, |d| d.parse().unwrap());
     let (layout, accum) = (format!("train.layout={layout:?}"), format!("train.grad_accum={}", 4 / dp));
     sft(ranks, dir, &[extra, &[layout.as_str(), accum.as_str()]].concat());

@@ -15,7 +15,7 @@ mod local;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
 #[cfg(feature = "mpi")]
-mod send_copies;
+mod reused_buffers;
 mod threads;
 
 pub use in_flight::{Completion, InFlight, Owned};

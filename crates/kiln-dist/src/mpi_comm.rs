@@ -13,8 +13,8 @@
 //! launcher ends it, or, when the signal was a stop request to every rank, the collective
 //! completes and the run stops after its step as usual.
 
-use crate::exchanged_sum::sum_pieces;
-use crate::send_copies::SendCopies;
+use crate::exchanged_sum::{rounds, sum_pieces, Round};
+use crate::reused_buffers::ReusedBuffers;
 use crate::{Comm, Completion, InFlight, Owned};
 use anyhow::{ensure, Context, Result};
 use mpi::collective::SystemOperation;
@@ -40,14 +40,20 @@ pub struct Mpi {
     timeout: Duration,
     /// MPI runs funneled: only the thread that initialised it may call it.
     owner: ThreadId,
-    /// Copies of the f32 values collectives send, reused (shared with the groups split off).
-    send_copies: Arc<SendCopies>,
+    /// Buffers of the collectives (copies of what they send, a reduce-scatter's pieces),
+    /// reused (shared with the groups split off).
+    reused_buffers: Arc<ReusedBuffers>,
 }
 
 // SAFETY: MPI is initialised with MPI_THREAD_FUNNELED and every method first checks that it
 // runs on the thread that initialised it, so the communicator is never used concurrently.
 unsafe impl Send for Mpi {}
 unsafe impl Sync for Mpi {}
+
+/// The most values a blocking reduce-scatter receives in one round (16 MiB of f32), so its
+/// buffer stays small and is reused, where the pieces of a whole reduction would be as large
+/// as the values reduced.
+const ROUND_VALUES: usize = 1 << 22;
 
 /// Tag of the sign-of-life messages sent after a timeout.
 const ALIVE_TAG: i32 = 0x6b69;
@@ -62,8 +68,38 @@ impl Mpi {
         signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminated))
             .context("cannot watch for SIGTERM")?;
         let owner = std::thread::current().id();
-        let send_copies = Arc::default();
-        Ok((universe, Self { world, terminated, world_ranks, timeout, owner, send_copies }))
+        let reused_buffers = Arc::default();
+        Ok((universe, Self { world, terminated, world_ranks, timeout, owner, reused_buffers }))
+    }
+
+    /// `all_to_allv` sending rank r `sc[r]` values from `send[from[r]..]`.
+    fn all_to_allv_at(
+        &self,
+        send: &[f32],
+        (sc, from): (&[usize], &[usize]),
+        recv: &mut [f32],
+        rc: &[usize],
+        what: &str,
+    ) -> Result<()> {
+        self.check_thread();
+        ensure!(
+            sc.len() == self.size() && from.len() == self.size() && rc.len() == self.size(),
+            "all_to_allv ({what}): one count per rank"
+        );
+        ensure!(
+            sc.iter().zip(from).all(|(&c, &f)| f + c <= send.len()) && rc.iter().sum::<usize>() == recv.len(),
+            "all_to_allv ({what}): counts do not fit the buffers"
+        );
+        let (send_counts, _) = counts_displs(sc);
+        let send_displs = from.iter().map(|&f| f as Count).collect::<Vec<_>>();
+        let (recv_counts, recv_displs) = counts_displs(rc);
+        let send = Partition::new(send, send_counts, send_displs);
+        let mut recv = PartitionMut::new(recv, recv_counts, recv_displs);
+        mpi::request::scope(|scope| {
+            let r = self.world.immediate_all_to_all_varcount_into(scope, &send, &mut recv);
+            self.finish("all_to_allv", what, r);
+        });
+        Ok(())
     }
 
     fn check_thread(&self) {
@@ -191,28 +227,28 @@ impl Mpi {
 /// reads until it completes.
 struct StartedRequest {
     raw: mpi::ffi::MPI_Request,
-    /// The values it sends: a copy, given back to `send_copies` (where it came from there)
+    /// The values it sends: a copy, given back to `reused_buffers` (where it came from there)
     /// once complete.
     send: Vec<f32>,
     /// A gather's counts and displacements, or an all-to-all's send ones (empty for an
     /// all-reduce).
     counts: Vec<Count>,
     displs: Vec<Count>,
-    send_copies: Option<Arc<SendCopies>>,
+    reused_buffers: Option<Arc<ReusedBuffers>>,
     /// The thread that may call MPI (funneled).
     owner: ThreadId,
 }
 
 impl StartedRequest {
-    /// A request not yet started, which will send `send` (a copy from `send_copies`, if given).
+    /// A request not yet started, which will send `send` (a copy from `reused_buffers`, if given).
     fn new(
         mpi: &Mpi,
-        (send, send_copies): (Vec<f32>, Option<Arc<SendCopies>>),
+        (send, reused_buffers): (Vec<f32>, Option<Arc<ReusedBuffers>>),
         (counts, displs): (Vec<Count>, Vec<Count>),
     ) -> Box<Self> {
         // SAFETY: reads the null handle's value.
         let raw = unsafe { mpi::ffi::RSMPI_REQUEST_NULL };
-        Box::new(Self { raw, send, counts, displs, send_copies, owner: mpi.owner })
+        Box::new(Self { raw, send, counts, displs, reused_buffers, owner: mpi.owner })
     }
 
     fn complete(&self) -> bool {
@@ -236,7 +272,7 @@ impl Completion for StartedRequest {
         // SAFETY: a live request, or the null handle once complete (for which MPI_Test says
         // complete).
         unsafe { mpi::ffi::MPI_Test(&mut self.raw, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE) };
-        if let (true, Some(copies)) = (flag != 0, &self.send_copies) {
+        if let (true, Some(copies)) = (flag != 0, &self.reused_buffers) {
             copies.give_back(std::mem::take(&mut self.send));
         }
         flag != 0
@@ -327,19 +363,30 @@ impl Comm for Mpi {
     }
 
     fn all_reduce_sum(&self, buf: &mut [f32], what: &str) -> Result<()> {
-        let send = self.send_copies.copy_of(buf);
+        let send = self.reused_buffers.copy_of(buf);
         self.all_reduce(&send, buf, what)?;
-        self.send_copies.give_back(send);
+        self.reused_buffers.give_back(send);
         Ok(())
     }
 
     /// An exchange of the pieces and a local sum (`exchanged_sum`), faster than Open MPI's own
-    /// reduce-scatter.
+    /// reduce-scatter, in rounds of at most `ROUND_VALUES` values received (a round sends
+    /// each rank the next part of its piece), into a reused buffer.
     fn reduce_scatter_v_sum(&self, buf: &[f32], counts: &[usize], out: &mut [f32], what: &str) -> Result<()> {
         self.check_scatter(counts, buf.len(), out.len(), what)?;
-        let mut pieces = vec![0.0; out.len() * self.size()];
-        self.all_to_allv(buf, counts, &mut pieces, &vec![out.len(); self.size()], what)?;
-        sum_pieces(&pieces, out);
+        let size = self.size();
+        let per_rank = (ROUND_VALUES / size).max(1);
+        let mut pieces = self.reused_buffers.values(out.len().min(per_rank) * size);
+        for Round { at, sent, from } in rounds(counts, per_rank) {
+            let mine = sent[self.rank()];
+            let received = &mut pieces[..mine * size];
+            self.all_to_allv_at(buf, (&sent, &from), received, &vec![mine; size], what)?;
+            if mine > 0 {
+                // Past the end of this rank's piece, its rounds only send.
+                sum_pieces(received, &mut out[at..at + mine]);
+            }
+        }
+        self.reused_buffers.give_back(pieces);
         Ok(())
     }
 
@@ -387,7 +434,7 @@ impl Comm for Mpi {
     fn start_all_reduce_sum(&self, mut buf: Owned<[f32]>, what: &str) -> Result<InFlight<[f32]>> {
         self.check_thread();
         ensure!(buf.len() <= Count::MAX as usize, "all_reduce ({what}): {} values are more than MPI counts", buf.len());
-        let send = (self.send_copies.copy_of(&buf), Some(Arc::clone(&self.send_copies)));
+        let send = (self.reused_buffers.copy_of(&buf), Some(Arc::clone(&self.reused_buffers)));
         let mut request = StartedRequest::new(self, send, (Vec::new(), Vec::new()));
         // SAFETY: the request holds the copy MPI sends, and the `InFlight` the buffer it sums
         // into (boxed: moving it does not move the values), until it completes; dropped before
@@ -414,7 +461,7 @@ impl Comm for Mpi {
         what: &str,
     ) -> Result<InFlight<[f32]>> {
         self.check_scatter(counts, buf.len(), out.len(), what)?;
-        let send = (self.send_copies.copy_of(buf), Some(Arc::clone(&self.send_copies)));
+        let send = (self.reused_buffers.copy_of(buf), Some(Arc::clone(&self.reused_buffers)));
         let mut request = StartedRequest::new(self, send, counts_displs(counts));
         let mut pieces = vec![0.0; out.len() * self.size()];
         let (piece_counts, piece_displs) = counts_displs(&vec![out.len(); self.size()]);
@@ -447,21 +494,10 @@ impl Comm for Mpi {
     }
 
     fn all_to_allv(&self, send: &[f32], sc: &[usize], recv: &mut [f32], rc: &[usize], what: &str) -> Result<()> {
-        self.check_thread();
-        ensure!(sc.len() == self.size() && rc.len() == self.size(), "all_to_allv ({what}): one count per rank");
-        ensure!(
-            sc.iter().sum::<usize>() == send.len() && rc.iter().sum::<usize>() == recv.len(),
-            "all_to_allv ({what}): counts do not add up to the buffers"
-        );
-        let (send_counts, send_displs) = counts_displs(sc);
-        let (recv_counts, recv_displs) = counts_displs(rc);
-        let send = Partition::new(send, send_counts, send_displs);
-        let mut recv = PartitionMut::new(recv, recv_counts, recv_displs);
-        mpi::request::scope(|scope| {
-            let r = self.world.immediate_all_to_all_varcount_into(scope, &send, &mut recv);
-            self.finish("all_to_allv", what, r);
-        });
-        Ok(())
+        ensure!(sc.iter().sum::<usize>() == send.len(), "all_to_allv ({what}): counts do not add up to the buffers");
+        let (_, from) = counts_displs(sc);
+        let from: Vec<usize> = from.into_iter().map(|d| d as usize).collect();
+        self.all_to_allv_at(send, (sc, &from), recv, rc, what)
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64], what: &str) -> Result<()> {
@@ -515,7 +551,7 @@ impl Comm for Mpi {
         let mut world_ranks = vec![0usize; group.size() as usize];
         group.all_gather_into(&self.world_ranks[self.rank()], &mut world_ranks[..]);
         let terminated = Arc::clone(&self.terminated);
-        let (timeout, owner, send_copies) = (self.timeout, self.owner, Arc::clone(&self.send_copies));
-        Ok(Arc::new(Self { world: group, terminated, world_ranks, timeout, owner, send_copies }))
+        let (timeout, owner, reused_buffers) = (self.timeout, self.owner, Arc::clone(&self.reused_buffers));
+        Ok(Arc::new(Self { world: group, terminated, world_ranks, timeout, owner, reused_buffers }))
     }
 }

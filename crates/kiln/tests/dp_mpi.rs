@@ -141,7 +141,8 @@ fn one_two_and_four_ranks_give_the_same_loss_curve_with_and_without_zero_1_2_and
             "{ranks} ranks: {state} MB of {full_state}"
         );
         // Reduce-scattered in buckets started during the step's last backward
-        // (MPI_Ireduce_scatter), each rank's piece set into its shard.
+        // (MPI_Ialltoallv of the pieces, summed once arrived), each rank's piece set into its
+        // shard.
         let overlap = scratch(&format!("zero-overlap-{ranks}"));
         run_ok(ranks, accum, &overlap, &["--set", "train.zero=1", "--set", "train.overlap_grad_reduce=true"]);
         assert_same_curve(&reference, &losses(&overlap), &format!("{ranks} ranks, ZeRO-1 reduced during backward"));

@@ -402,8 +402,8 @@ impl<B: Backend> DataParallel<B> {
     }
 
     /// Whether the gradients' reduction starts during backward (`train.overlap_grad_reduce`):
-    /// whole gradients' in buckets during the step's last backward, where the layout allows
-    /// it; ZeRO-2/3's as each backward hands each layer over.
+    /// whole gradients' in buckets during the step's last backward (under pipeline parallel,
+    /// its last chunks'); ZeRO-2/3's as each backward hands each layer over.
     pub fn overlap_grad_reduce(&mut self, on: bool) {
         let whole = self.whole.is_some();
         self.buckets = (on && whole).then(|| GradBuckets::new(&self.flat, &self.spaces)).flatten();

@@ -20,10 +20,11 @@
 //! before its earlier ones. The embedding's buckets start after the backward (`start_rest`),
 //! where a tied head's copy has been summed with the first stage's.
 //!
-//! Every rank starts the buckets in the same order: what a rank's last backward did not start
-//! (it had no micro-batch, or the embedding under pipeline parallel) `start_rest` starts, before
-//! the step's other collectives. On MPI the all-reduces progress whenever the rank tests them, at each point;
-//! a communicator that cannot start one (`Local`, `Threads`) completes it as it starts.
+//! Every rank starts the buckets in the same order: what a rank's last backward did not
+//! start (it had no micro-batch, or the embedding under pipeline parallel) `start_rest`
+//! starts, before the step's other collectives. On MPI the all-reduces progress whenever
+//! the rank tests them, at each point; a communicator that cannot start one (`Local`,
+//! `Threads`) completes it as it starts.
 
 use crate::data_parallel::{Landing, Space};
 use anyhow::Result;

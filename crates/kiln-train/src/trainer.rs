@@ -135,7 +135,7 @@ pub fn train<B: Backend, R: Recipe<B>>(
         }
         let (forwards, order) = (recipe.forwards_per_micro_step(), recipe.chunk_order());
         s.idle_passes_run(idle, forwards, order, &mut |b| recipe.idle_frozen_forwards(b));
-        s.dp.start_reduce(&s.b)?;
+        s.start_reduce()?;
         sum_over_ranks(s, &mut tally)?;
         let update = s.update(loss, schedule, || plan.describe.clone())?;
         let stats = recipe.stats(&tally, &update);

@@ -40,6 +40,7 @@ fn one_two_and_four_ranks_give_the_same_curve_replicated_and_with_zero_1_2_and_3
             let (full, here) = (held(&one, "weights_mb"), held(&dir, "weights_mb"));
             let want = if zero == 3 { zero_3_weights_mb(ranks) } else { full };
             assert!((here - want).abs() <= 1e-9 * full, "{what}: weights {here} MB, expected {want}");
+            assert_step_times(&dir, &what);
         }
     }
     // The gradients reduced during backward sum to the same: whole ones in buckets during

@@ -87,6 +87,9 @@ pub struct Session<B: Backend> {
     tokens_seen: u64,
     step_seconds: f64,
     non_finite_streak: u32,
+    /// Seconds of the current step spent summing its gradients over the ranks after its
+    /// passes (`start_reduce` and `update`'s reduction: what backward did not hide).
+    grad_reduce_seconds: f64,
     /// Measured: the process's peak resident memory from its start to the model and optimizer
     /// state loaded, reported with the run's first step.
     load_peak_mb: Option<f64>,
@@ -118,7 +121,8 @@ pub struct StepUpdate {
     pub skipped: bool,
     /// The step's loss, summed over the ranks of a data-parallel run.
     pub loss: f64,
-    /// `lr`, `grad_norm`, memory and, for MoE models, the experts' loads and balance loss.
+    /// `lr`, `grad_norm`, memory, the seconds of the gradients' reduction and of the optimizer,
+    /// and, for MoE models, the experts' loads and balance loss.
     pub record: Value,
 }
 
@@ -300,6 +304,7 @@ impl<B: Backend> Session<B> {
             tokens_seen: 0,
             step_seconds: 0.0,
             non_finite_streak: 0,
+            grad_reduce_seconds: 0.0,
             load_peak_mb: crate::resident::peak_mb(),
         })
     }
@@ -335,9 +340,20 @@ impl<B: Backend> Session<B> {
     pub fn begin_step(&mut self) {
         crate::resident::reset_peak();
         self.step_started = Instant::now();
+        self.grad_reduce_seconds = 0.0;
         self.dp.zero_grads(&self.b);
         self.dp.what = format!("gradients at step {}", self.state.step + 1);
         self.model.label_gathers(&format!("weights at step {}", self.state.step + 1));
+    }
+
+    /// After the step's passes and before its other collectives: starts whatever of the
+    /// gradients' reduction backward has not started (`DataParallel::start_reduce`), timed
+    /// with the step's gradient reduction.
+    pub fn start_reduce(&mut self) -> Result<()> {
+        let started = Instant::now();
+        self.dp.start_reduce(&self.b)?;
+        self.grad_reduce_seconds += started.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// Logs the step just updated: the recipe's `fields`, its `tokens` (real, not padding)
@@ -360,7 +376,7 @@ impl<B: Backend> Session<B> {
         merge(
             &mut record,
             &json!({"tokens": tokens, "num_tokens": self.state.num_tokens, "tokens_per_s": tokens as f64 / dt,
-                    "elapsed_s": self.started.elapsed().as_secs_f64()}),
+                    "step_s": dt, "elapsed_s": self.started.elapsed().as_secs_f64()}),
         );
         merge(&mut record, &update.record);
         self.metrics.write(&record)?;
@@ -382,7 +398,10 @@ impl<B: Backend> Session<B> {
     pub fn update(&mut self, loss: f64, schedule: &Schedule, rows: impl Fn() -> String) -> Result<StepUpdate> {
         let loss = self.reduce_scalars(loss)?;
         let b = &self.b;
+        let reducing = Instant::now();
         self.dp.reduce(b)?;
+        self.grad_reduce_seconds += reducing.elapsed().as_secs_f64();
+        let updating = Instant::now();
         let norm = self.dp.norm(b)?;
         let lr = schedule.lr(self.state.step);
         self.state.step += 1;
@@ -405,6 +424,7 @@ impl<B: Backend> Session<B> {
             self.dp.step(b, &mut self.model.params, lr, scale)?;
             self.state.adam_step = self.dp.hyper.step;
         }
+        let optimizer_s = updating.elapsed().as_secs_f64();
         let rate = if skipped { 0.0 } else { self.train.router_bias_rate };
         let expert_load = self.model.update_router_bias(b, rate);
         let aux_loss = std::mem::take(&mut self.model.moe_aux_loss);
@@ -416,6 +436,7 @@ impl<B: Backend> Session<B> {
             "learning_rate": lr, "grad_norm": norm, "weights_mb": (self.model.weights_len(b) * 4) as f64 / 1e6,
             "gradients_mb": self.dp.gradient_bytes() as f64 / 1e6,
             "optimizer_state_mb": self.dp.state_bytes() as f64 / 1e6,
+            "grad_reduce_s": self.grad_reduce_seconds, "optimizer_s": optimizer_s,
         });
         if let Some(peak) = crate::resident::peak_mb() {
             // Measured: the process's peak resident memory over the step.

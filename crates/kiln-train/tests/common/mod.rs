@@ -69,6 +69,20 @@ pub fn steps(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Every step of run `dir` says where its time went: the wait for the gradients' reduction
+/// and the optimizer, each a part of the step's seconds.
+pub fn assert_step_times(dir: &Path, what: &str) {
+    for step in steps(dir) {
+        let n = &step["step"];
+        let at = |key: &str| step[key].as_f64().unwrap_or_else(|| panic!("{what}: no `{key}` at step {n}"));
+        let (whole, reduce, update) = (at("step_s"), at("grad_reduce_s"), at("optimizer_s"));
+        assert!(
+            reduce >= 0.0 && update > 0.0 && reduce + update < whole,
+            "{what}: step {n} of {whole} s: gradient reduction {reduce} s, optimizer {update} s"
+        );
+    }
+}
+
 pub fn series(dir: &Path, key: &str) -> Vec<f64> {
     steps(dir).iter().map(|v| v[key].as_f64().unwrap()).collect()
 }
